@@ -1,0 +1,346 @@
+"""StreetCLIP for geolocation: CLIP plus hierarchical linear probing over candidate countries and cities.
+
+The probe heads are the normalised prompt embeddings times CLIP's logit scale, so `head(image_embedding)` is
+exactly CLIP's zero-shot logit for each prompt. They are built once from the text tower and saved with the model;
+a saved model then infers with the vision tower alone.
+"""
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, CLIPConfig, CLIPModel, PreTrainedTokenizerBase
+from transformers.utils import ModelOutput, logging
+
+from .captions import city_prompts, country_prompts
+from .configuration_streetclip import StreetCLIPConfig
+from .gazetteer import CandidatePlaces
+
+
+logger = logging.get_logger(__name__)
+
+# Hub arguments that both the configuration and the tokenizer must see when `from_pretrained` resolves files.
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+_GEOLOCATION_FIELDS = {field.name for field in fields(StreetCLIPConfig)} - {field.name for field in fields(CLIPConfig)}
+
+
+@dataclass
+class GeolocationOutput(ModelOutput):
+    """
+    Output of [`StreetCLIPForGeolocation`]: the paper's greedy hierarchical decision for each image.
+
+    Args:
+        country_logits (`torch.FloatTensor` of shape `(batch_size, num_countries)`):
+            CLIP logits of the image against every candidate country prompt.
+        city_logits (`torch.FloatTensor` of shape `(batch_size, max_cities_per_country)`):
+            CLIP logits against the city prompts of each image's predicted country; `-inf` where that country has
+            fewer cities than the widest one.
+        city_indices (`torch.LongTensor` of shape `(batch_size, max_cities_per_country)`):
+            Rows of the candidate table that `city_logits` refer to; `-1` for padding.
+        predicted_country (`torch.LongTensor` of shape `(batch_size,)`):
+            Row of the best country in `model.candidate_places`.
+        predicted_city (`torch.LongTensor` of shape `(batch_size,)`):
+            Row of the best city of that country in `model.candidate_places`.
+        predicted_coordinates (`torch.DoubleTensor` of shape `(batch_size, 2)`):
+            Latitude and longitude in degrees of the predicted city.
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            L2-normalised image embeddings, as the heads score them.
+    """
+
+    country_logits: torch.FloatTensor | None = None
+    city_logits: torch.FloatTensor | None = None
+    city_indices: torch.LongTensor | None = None
+    predicted_country: torch.LongTensor | None = None
+    predicted_city: torch.LongTensor | None = None
+    predicted_coordinates: torch.DoubleTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
+class StreetCLIPForGeolocation(CLIPModel):
+    r"""
+    CLIP with country and city probe heads: the StreetCLIP method of hierarchical zero-shot geolocation.
+
+    Loads a plain CLIP checkpoint (such as `geolocal/StreetCLIP`) unchanged, building its heads from the text tower,
+    or a folder saved by this class, which carries its heads and candidate table.
+
+    Example:
+
+    ```python
+    >>> from modeling_streetclip import StreetCLIPForGeolocation
+    >>> model = StreetCLIPForGeolocation.from_pretrained("geolocal/StreetCLIP")  # doctest: +SKIP
+    >>> outputs = model(pixel_values)  # doctest: +SKIP
+    >>> model.candidate_places.city_names[outputs.predicted_city[0]]  # doctest: +SKIP
+    'Paris'
+    ```
+    """
+
+    config_class = StreetCLIPConfig
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: StreetCLIPConfig, vision_only: bool = False):
+        super().__init__(config)
+        self.vision_only = vision_only
+        if vision_only:
+            # The heads already hold everything the text tower would contribute at inference.
+            self.text_model = None
+            self.text_projection = None
+            self._keys_to_ignore_on_load_unexpected.update({r"^text_model\.", r"^text_projection\."})
+        places = None if config.candidate_places is None else CandidatePlaces.from_dict(config.candidate_places)
+        self._install_candidates(places)
+
+    def _install_candidates(self, places: CandidatePlaces | None) -> None:
+        """Size the heads for `places` and index its cities by country (heads are filled by the caller)."""
+        self.candidate_places = places
+        # Tokenised city prompts of countries whose city head is not built yet (see `build_city_heads`).
+        self.pending_city_prompts: dict[int, dict[str, torch.Tensor]] = {}
+        if places is None:
+            # A plain CLIP checkpoint: no heads until `set_candidates` builds them from the text tower.
+            self.country_head = self.city_head = None
+            return
+        device, dtype = self.visual_projection.weight.device, self.visual_projection.weight.dtype
+        self.country_head = nn.Linear(
+            self.projection_dim, places.num_countries, bias=False, device=device, dtype=dtype
+        )
+        self.city_head = nn.Linear(self.projection_dim, places.num_cities, bias=False, device=device, dtype=dtype)
+        # Index tables stay plain CPU tensors: they are data about the candidates, not weights to load or cast, and
+        # float64 coordinates would move a city by kilometres in bfloat16.
+        widest = max(len(rows) for rows in places.cities_by_country)
+        self.city_rows = torch.full((places.num_countries, widest), -1, dtype=torch.long, device="cpu")
+        for country, rows in enumerate(places.cities_by_country):
+            self.city_rows[country, : len(rows)] = torch.tensor(rows, dtype=torch.long, device="cpu")
+        self.city_coordinates = torch.tensor(
+            list(zip(places.city_latitudes, places.city_longitudes, strict=True)), dtype=torch.float64, device="cpu"
+        ).reshape(-1, 2)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *model_args,
+        candidates: CandidatePlaces | None = None,
+        vision_only: bool = False,
+        **kwargs,
+    ):
+        r"""
+        Load a plain CLIP checkpoint (`model_type: "clip"`) or a folder saved by this class, locally or from the Hub.
+
+        Args:
+            candidates ([`CandidatePlaces`], *optional*):
+                Replace the candidate places; heads are rebuilt from the text tower. By default a saved model keeps
+                its own and a plain CLIP checkpoint gets GeoNames' cities of the configured countries.
+            vision_only (`bool`, *optional*, defaults to `False`):
+                Skip the text tower (about a quarter of CLIP's weights); needs a checkpoint with heads.
+            kwargs:
+                Geolocation settings of [`StreetCLIPConfig`] (e.g. `candidate_countries`, `cities_per_country`),
+                and everything [`~PreTrainedModel.from_pretrained`] accepts.
+        """
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        geolocation_settings = {key: kwargs.pop(key) for key in _GEOLOCATION_FIELDS & set(kwargs)}
+        config = kwargs.pop("config", None)
+        if config is None:
+            config, kwargs = AutoConfig.from_pretrained(
+                pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs
+            )
+            kwargs.update(hub_kwargs)
+        if not isinstance(config, StreetCLIPConfig):
+            if not isinstance(config, CLIPConfig):
+                raise ValueError(
+                    f"{pretrained_model_name_or_path!r} holds a {type(config).__name__} (model_type "
+                    f"{config.model_type!r}); StreetCLIPForGeolocation loads CLIP or StreetCLIP checkpoints only."
+                )
+            config = StreetCLIPConfig.from_clip_config(config)
+        if geolocation_settings:
+            # New candidate settings invalidate the saved table: the heads are rebuilt for them below.
+            config = StreetCLIPConfig.from_dict({**config.to_dict(), **geolocation_settings})
+            if {"candidate_countries", "cities_per_country", "min_city_population"} & set(geolocation_settings):
+                candidates = candidates or CandidatePlaces.from_geonames(
+                    config.candidate_countries, config.cities_per_country, config.min_city_population
+                )
+        if candidates is None and config.candidate_places is None:
+            candidates = CandidatePlaces.from_geonames(
+                config.candidate_countries, config.cities_per_country, config.min_city_population
+            )
+        if vision_only and candidates is not None:
+            raise ValueError(
+                f"{pretrained_model_name_or_path!r} has no prompt heads for the requested candidates, and "
+                "vision_only=True leaves no text tower to build them; load with vision_only=False."
+            )
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path,
+            *model_args,
+            config=config,
+            vision_only=vision_only,
+            output_loading_info=True,
+            **kwargs,
+        )
+        heads_missing = any(key.split(".")[0] in ("country_head", "city_head") for key in loading_info["missing_keys"])
+        if heads_missing and vision_only:
+            raise ValueError(
+                f"{pretrained_model_name_or_path!r} lacks its prompt heads, and vision_only=True leaves no text tower "
+                "to rebuild them; load with vision_only=False."
+            )
+        if candidates is not None or heads_missing:
+            tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            model.set_candidates(candidates or model.candidate_places, tokenizer)
+        return (model, loading_info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights, heads and the candidate table; pending city heads are built first so that the folder
+        infers without a text tower."""
+        self.build_city_heads(list(self.pending_city_prompts))
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @torch.no_grad()
+    def set_candidates(
+        self, places: CandidatePlaces, tokenizer: PreTrainedTokenizerBase, build_all_city_heads: bool = False
+    ) -> None:
+        """Replace the candidate places and build their heads from the text tower.
+
+        The country head is built at once (one prompt per country, cheap). City heads are built per country on
+        first use, since encoding every city prompt costs far more than a typical inference session needs; pass
+        `build_all_city_heads=True` (or save the model) to build them all now.
+        """
+        self._require_text_tower("build prompt heads")
+        self._install_candidates(places)
+        self.config.candidate_places = places.to_dict()
+        prompts = country_prompts(self.config.country_prompt_template, places.country_names)
+        self.country_head.weight.copy_(self._encode_prompts(tokenizer(prompts, padding=True, return_tensors="pt")))
+        for country, rows in enumerate(places.cities_by_country):
+            names = [places.city_names[row] for row in rows]
+            prompts = city_prompts(
+                self.config.city_prompt_template, names, [places.country_names[country]] * len(rows)
+            )
+            self.pending_city_prompts[country] = dict(tokenizer(prompts, padding=True, return_tensors="pt"))
+        if build_all_city_heads:
+            self.build_city_heads(list(self.pending_city_prompts))
+
+    @torch.no_grad()
+    def build_city_heads(self, countries: list[int]) -> None:
+        """Encode the city prompts of those `countries` whose city head is still pending (a no-op for the rest)."""
+        pending = [country for country in countries if country in self.pending_city_prompts]
+        if not pending:
+            return
+        self._require_text_tower("build city heads")
+        for country in pending:
+            rows = self.city_rows[country]
+            rows = rows[rows >= 0].to(self.city_head.weight.device)
+            self.city_head.weight[rows] = self._encode_prompts(self.pending_city_prompts.pop(country))
+
+    def restrict_countries(self, countries: list[str]) -> None:
+        """Keep only the given candidate countries (names or ISO codes) and their cities, subsetting the heads;
+        needs no text tower."""
+        kept = [self.candidate_places.country_index(name) for name in countries]
+        if not kept:
+            raise ValueError("restrict_countries needs at least one country.")
+        places, city_rows = self.candidate_places.select(kept)
+        country_weights = self.country_head.weight.data[kept]
+        city_weights = self.city_head.weight.data[city_rows]
+        pending = {
+            new: self.pending_city_prompts[old] for new, old in enumerate(kept) if old in self.pending_city_prompts
+        }
+        self._install_candidates(places)
+        self.country_head.weight.data.copy_(country_weights)
+        self.city_head.weight.data.copy_(city_weights)
+        self.pending_city_prompts = pending
+        self.config.candidate_places = places.to_dict()
+        self.config.candidate_countries = places.country_names
+
+    def _require_text_tower(self, purpose: str) -> None:
+        if self.text_model is None:
+            raise ValueError(f"This model was loaded with vision_only=True; it cannot {purpose} without a text tower.")
+
+    def _encode_prompts(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Normalised prompt embeddings times the logit scale: the rows of a probe head."""
+        device = self.logit_scale.device
+        embeddings = self.get_text_features(**{key: value.to(device) for key, value in tokens.items()}).pooler_output
+        return F.normalize(embeddings, dim=-1) * self.logit_scale.exp()
+
+    def forward(self, pixel_values: torch.FloatTensor, **kwargs) -> GeolocationOutput:
+        r"""
+        The paper's hierarchical decision: best country among all candidates, then best city of that country.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Images as the model's image processor prepares them.
+        """
+        if self.candidate_places is None:
+            raise ValueError("This model has no candidate places; call `set_candidates` first.")
+        image_embeds = F.normalize(self.get_image_features(pixel_values=pixel_values, **kwargs).pooler_output, dim=-1)
+        country_logits = self.country_head(image_embeds)
+        predicted_country = country_logits.argmax(dim=-1)
+        city_logits, city_indices = self.city_logits(image_embeds, predicted_country)
+        predicted_city = city_indices.gather(1, city_logits.argmax(dim=-1, keepdim=True)).squeeze(1)
+        return GeolocationOutput(
+            country_logits=country_logits,
+            city_logits=city_logits,
+            city_indices=city_indices,
+            predicted_country=predicted_country,
+            predicted_city=predicted_city,
+            predicted_coordinates=self.city_coordinates[predicted_city.cpu()].to(predicted_city.device),
+            image_embeds=image_embeds,
+        )
+
+    def city_logits(
+        self, image_embeds: torch.Tensor, countries: torch.LongTensor
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        """Logits of each image against the cities of its country in `countries`, building pending heads first.
+
+        Returns `(logits, city_indices)` of shape `(batch_size, max_cities_per_country)`: padding has index -1 and
+        logit -inf.
+        """
+        self.build_city_heads(countries.unique().tolist())
+        city_indices = self.city_rows[countries.cpu()].to(countries.device)
+        weights = self.city_head.weight[city_indices.clamp(min=0)]
+        logits = torch.einsum("bkd,bd->bk", weights, image_embeds)
+        return logits.masked_fill(city_indices < 0, float("-inf")), city_indices
+
+    @torch.no_grad()
+    def rank_places(
+        self, outputs: GeolocationOutput, top_k: int = 1
+    ) -> tuple[torch.LongTensor, torch.Tensor, torch.Tensor]:
+        """Top-k candidate cities per image: first the paper's greedy decision, then the others ranked by joint
+        probability p(country) * p(city | country).
+
+        Countries are visited in order of p(country) and the search stops once p(country) cannot beat the k-th
+        best joint probability found, so only the city heads that can matter are built.
+
+        Returns:
+            `(city_rows, scores, country_scores)`, each of shape `(batch_size, k)` with `k = min(top_k, num_cities)`.
+        """
+        top_k = min(top_k, self.candidate_places.num_cities)
+        country_probs = outputs.country_logits.float().softmax(dim=-1)
+        greedy_city_probs = outputs.city_logits.float().softmax(dim=-1).max(dim=-1).values
+        city_rows, scores, country_scores = [], [], []
+        for image, greedy_row in enumerate(outputs.predicted_city.tolist()):
+            greedy_country_prob = country_probs[image, outputs.predicted_country[image]].item()
+            ranked = [(greedy_country_prob * greedy_city_probs[image].item(), greedy_row, greedy_country_prob)]
+            others: list[tuple[float, int, float]] = []
+            needed = top_k - 1
+            for country in country_probs[image].argsort(descending=True).tolist() if needed else []:
+                country_prob = country_probs[image, country].item()
+                if len(others) == needed and country_prob <= others[-1][0]:
+                    break  # no city of this or any later country can enter the top k
+                logits, rows = self.city_logits(
+                    outputs.image_embeds[image : image + 1], torch.tensor([country], device=country_probs.device)
+                )
+                city_probs = logits.float().softmax(dim=-1)[0]
+                for row, city_prob in zip(rows[0].tolist(), city_probs.tolist(), strict=True):
+                    if row >= 0 and row != greedy_row:
+                        others.append((country_prob * city_prob, row, country_prob))
+                others.sort(key=lambda entry: entry[0], reverse=True)
+                del others[needed:]
+            ranked += others
+            city_rows.append([row for _, row, _ in ranked])
+            scores.append([score for score, _, _ in ranked])
+            country_scores.append([country_score for _, _, country_score in ranked])
+        device = outputs.country_logits.device
+        return (
+            torch.tensor(city_rows, dtype=torch.long, device=device),
+            torch.tensor(scores, device=device),
+            torch.tensor(country_scores, device=device),
+        )
+
+
+__all__ = ["GeolocationOutput", "StreetCLIPForGeolocation"]
