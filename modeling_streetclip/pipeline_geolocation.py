@@ -2,8 +2,10 @@
 
 from typing import Any
 
+import torch
 from transformers import Pipeline
 
+from .gazetteer import CandidatePlaces
 from .images import load_rgb_image
 
 
@@ -54,24 +56,30 @@ class GeolocationPipeline(Pipeline):
         return {"city_rows": city_rows, "scores": scores, "country_scores": country_scores}
 
     def postprocess(self, model_outputs: dict[str, Any]) -> list[dict[str, Any]]:
-        places = self.model.candidate_places
-        answers = []
-        for row, score, country_score in zip(
-            model_outputs["city_rows"][0].tolist(),
-            model_outputs["scores"][0].tolist(),
-            model_outputs["country_scores"][0].tolist(),
-            strict=True,
-        ):
-            country = places.city_countries[row]
-            answers.append(
-                {
-                    "country": places.country_names[country],
-                    "country_code": places.country_codes[country],
-                    "city": places.city_names[row],
-                    "latitude": places.city_latitudes[row],
-                    "longitude": places.city_longitudes[row],
-                    "score": score,
-                    "country_score": country_score,
-                }
-            )
-        return answers
+        return format_answers(
+            self.model.candidate_places,
+            model_outputs["city_rows"][0],
+            model_outputs["scores"][0],
+            model_outputs["country_scores"][0],
+        )
+
+
+def format_answers(
+    places: CandidatePlaces, city_rows: torch.Tensor, scores: torch.Tensor, country_scores: torch.Tensor
+) -> list[dict[str, Any]]:
+    """One image's ranked answers (from `StreetCLIPForGeolocation.rank_places`) as plain dicts, best first."""
+    answers = []
+    for row, score, country_score in zip(city_rows.tolist(), scores.tolist(), country_scores.tolist(), strict=True):
+        country = places.city_countries[row]
+        answers.append(
+            {
+                "country": places.country_names[country],
+                "country_code": places.country_codes[country],
+                "city": places.city_names[row],
+                "latitude": places.city_latitudes[row],
+                "longitude": places.city_longitudes[row],
+                "score": score,
+                "country_score": country_score,
+            }
+        )
+    return answers
