@@ -265,9 +265,14 @@ class StreetCLIPForGeolocation(CLIPModel):
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
                 Images as the model's image processor prepares them.
         """
+        image_embeds = self.get_image_features(pixel_values=pixel_values, **kwargs).pooler_output
+        return self.locate_embeddings(F.normalize(image_embeds, dim=-1))
+
+    def locate_embeddings(self, image_embeds: torch.Tensor) -> GeolocationOutput:
+        """The hierarchical decision for L2-normalised image embeddings; callers that pool several views of one
+        place (e.g. the headings of a panorama) average and renormalise embeddings, then call this."""
         if self.candidate_places is None:
             raise ValueError("This model has no candidate places; call `set_candidates` first.")
-        image_embeds = F.normalize(self.get_image_features(pixel_values=pixel_values, **kwargs).pooler_output, dim=-1)
         country_logits = self.country_head(image_embeds)
         predicted_country = country_logits.argmax(dim=-1)
         city_logits, city_indices = self.city_logits(image_embeds, predicted_country)
