@@ -54,13 +54,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode.startswith("I;16"):
         pixels = np.asarray(image, dtype=np.float64) / 257.0
-        return Image.fromarray(pixels.round().astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(pixels.round().astype(np.uint8)).convert("RGB")
     if image.mode in ("I", "F"):
         # 32-bit integer and float images have no fixed white point: stretch their range.
         pixels = np.asarray(image, dtype=np.float64)
         low, high = float(pixels.min()), float(pixels.max())
         scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
-        return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(scaled.round().astype(np.uint8)).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -139,10 +139,7 @@ class StreetCLIPForGeolocation(CLIPModel):
         geolocation_settings = {key: kwargs.pop(key) for key in _GEOLOCATION_FIELDS & set(kwargs)}
         config = kwargs.pop("config", None)
         if config is None:
-            config, kwargs = AutoConfig.from_pretrained(
-                pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs
-            )
-            kwargs.update(hub_kwargs)
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if not isinstance(config, StreetCLIPConfig):
             if not isinstance(config, CLIPConfig):
                 raise ValueError(

@@ -1,0 +1,242 @@
+"""StreetCLIPForGeolocation: loading plain CLIP and own folders, heads, candidates, outputs."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SMALL_COUNTRIES, TINY_IMAGE_SIZE, place_in_hub_cache, save_tiny_clip_checkpoint
+from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPModel
+
+from modeling_streetclip import CandidatePlaces, GeolocationOutput, StreetCLIPConfig, StreetCLIPForGeolocation
+from modeling_streetclip.captions import city_prompts, country_prompts
+
+
+@pytest.fixture(scope="module")
+def pixel_values() -> torch.Tensor:
+    return torch.randn(6, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+
+
+def prompt_embeddings(clip_dir, prompts: list[str]) -> torch.Tensor:
+    """Reference head rows: CLIP's own text features of the prompts, normalised, times the logit scale."""
+    clip = CLIPModel.from_pretrained(clip_dir).eval()
+    tokens = AutoTokenizer.from_pretrained(clip_dir)(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        features = clip.get_text_features(**tokens).pooler_output
+    return F.normalize(features, dim=-1) * clip.logit_scale.exp()
+
+
+def test_plain_clip_folder_loads_with_the_papers_candidates(tiny_clip_dir):
+    assert json.loads((tiny_clip_dir / "config.json").read_text())["model_type"] == "clip"
+    model = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir)
+    assert isinstance(model.config, StreetCLIPConfig)
+    assert model.candidate_places.num_countries == 193
+    assert model.country_head.weight.shape == (193, model.config.projection_dim)
+    assert model.city_head.weight.shape == (model.candidate_places.num_cities, model.config.projection_dim)
+
+
+def test_clip_weights_are_loaded_unchanged(tiny_clip_dir):
+    clip = CLIPModel.from_pretrained(tiny_clip_dir)
+    model = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidate_countries=["Kenya"])
+    clip_state = clip.state_dict()
+    for name, tensor in model.state_dict().items():
+        if not name.startswith(("country_head", "city_head")):
+            torch.testing.assert_close(tensor, clip_state[name], msg=name)
+
+
+def test_legacy_pickle_weights_load(tmp_path, tiny_clip_dir):
+    bin_dir = save_tiny_clip_checkpoint(tmp_path / "bin", pickle_weights=True)
+    assert not (bin_dir / "model.safetensors").exists()
+    from_bin = StreetCLIPForGeolocation.from_pretrained(bin_dir, candidate_countries=["Kenya"])
+    from_safetensors = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidate_countries=["Kenya"])
+    torch.testing.assert_close(from_bin.country_head.weight, from_safetensors.country_head.weight)
+
+
+def test_country_head_equals_prompt_embeddings_through_the_text_tower(tiny_clip_dir):
+    model = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir)
+    expected = prompt_embeddings(
+        tiny_clip_dir, country_prompts(model.config.country_prompt_template, model.candidate_places.country_names)
+    )
+    torch.testing.assert_close(model.country_head.weight, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_saved_city_heads_equal_prompt_embeddings_through_the_text_tower(tiny_clip_dir, small_streetclip_dir):
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
+    places = model.candidate_places
+    countries = [places.country_names[country] for country in places.city_countries]
+    expected = prompt_embeddings(
+        tiny_clip_dir, city_prompts(model.config.city_prompt_template, places.city_names, countries)
+    )
+    torch.testing.assert_close(model.city_head.weight, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_city_heads_are_built_lazily_for_predicted_countries_only(tiny_clip_dir, pixel_values):
+    model = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir)
+    assert len(model.pending_city_prompts) == 193
+    outputs = model(pixel_values)
+    predicted = set(outputs.predicted_country.tolist())
+    assert set(range(193)) - set(model.pending_city_prompts) == predicted
+
+
+def test_saved_folder_reloads_with_identical_outputs(tiny_clip_dir, tmp_path, pixel_values):
+    model = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidate_countries=SMALL_COUNTRIES)
+    model.save_pretrained(tmp_path)
+    saved_config = json.loads((tmp_path / "config.json").read_text())
+    assert saved_config["model_type"] == "streetclip"
+    assert saved_config["candidate_places"]["country_names"] == SMALL_COUNTRIES
+    reloaded = StreetCLIPForGeolocation.from_pretrained(tmp_path)
+    assert reloaded.pending_city_prompts == {}
+    before, after = model(pixel_values), reloaded(pixel_values)
+    for name in ("country_logits", "city_logits", "image_embeds"):
+        torch.testing.assert_close(after[name], before[name])
+    assert torch.equal(after.predicted_city, before.predicted_city)
+
+
+def test_vision_only_load_gives_identical_answers_without_a_text_tower(small_streetclip_dir, pixel_values):
+    full = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)
+    vision_only = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
+    assert vision_only.text_model is None and vision_only.text_projection is None
+    assert vision_only.num_parameters() < full.num_parameters()
+    assert not any(name.startswith("text_") for name, _ in vision_only.named_parameters())
+    torch.testing.assert_close(vision_only(pixel_values).country_logits, full(pixel_values).country_logits)
+    assert torch.equal(vision_only(pixel_values).predicted_city, full(pixel_values).predicted_city)
+
+
+def test_vision_only_refuses_a_checkpoint_without_heads(tiny_clip_dir):
+    with pytest.raises(ValueError, match="vision_only=True leaves no text tower"):
+        StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, vision_only=True)
+
+
+def test_loads_by_repo_id_from_the_hub_cache_offline(tmp_path, small_streetclip_dir, tiny_clip_dir):
+    place_in_hub_cache(tiny_clip_dir, tmp_path, "geolocal/StreetCLIP")
+    place_in_hub_cache(small_streetclip_dir, tmp_path, "someone/streetclip-small")
+    script = textwrap.dedent(
+        """
+        import modeling_streetclip
+        from modeling_streetclip import StreetCLIPForGeolocation
+        plain = StreetCLIPForGeolocation.from_pretrained("geolocal/StreetCLIP", candidate_countries=["Kenya"])
+        saved = StreetCLIPForGeolocation.from_pretrained("someone/streetclip-small", vision_only=True)
+        print(plain.candidate_places.country_names, saved.candidate_places.num_countries)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "HF_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == f"['Kenya'] {len(SMALL_COUNTRIES)}"
+
+
+def test_auto_classes_resolve_to_streetclip(small_streetclip_dir):
+    assert isinstance(AutoConfig.from_pretrained(small_streetclip_dir), StreetCLIPConfig)
+    assert isinstance(AutoModel.from_pretrained(small_streetclip_dir), StreetCLIPForGeolocation)
+
+
+def test_custom_candidates_rebuild_heads_from_the_text_tower(tiny_clip_dir, pixel_values):
+    places = CandidatePlaces.from_records(
+        [
+            {"country": "Atlantis", "city": "Poseidonia", "latitude": 31.0, "longitude": -24.0},
+            {"country": "Atlantis", "city": "Tritonis", "latitude": 32.0, "longitude": -25.0},
+            {"country": "Lemuria", "city": "Mu", "latitude": -10.0, "longitude": 80.0},
+        ]
+    )
+    model = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidates=places)
+    expected = prompt_embeddings(
+        tiny_clip_dir, ["A Street View photo in Atlantis.", "A Street View photo in Lemuria."]
+    )
+    torch.testing.assert_close(model.country_head.weight, expected, rtol=1e-4, atol=1e-5)
+    outputs = model(pixel_values)
+    assert set(outputs.predicted_city.tolist()) <= {0, 1, 2}
+    for country, city in zip(outputs.predicted_country.tolist(), outputs.predicted_city.tolist(), strict=True):
+        assert places.city_countries[city] == country
+
+
+def test_restricting_countries_equals_rebuilding_for_them(small_streetclip_dir, tiny_clip_dir, pixel_values):
+    restricted = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
+    restricted.restrict_countries(["Japan", "Kenya"])
+    rebuilt = StreetCLIPForGeolocation.from_pretrained(
+        tiny_clip_dir, candidate_countries=["Japan", "Kenya"], cities_per_country=5
+    )
+    rebuilt.build_city_heads([0, 1])
+    assert restricted.candidate_places == rebuilt.candidate_places
+    torch.testing.assert_close(restricted.country_head.weight, rebuilt.country_head.weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(restricted.city_head.weight, rebuilt.city_head.weight, rtol=1e-4, atol=1e-5)
+    assert torch.equal(restricted(pixel_values).predicted_city, rebuilt(pixel_values).predicted_city)
+
+
+def test_restricting_to_an_unknown_country_lists_close_matches(small_streetclip_dir):
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
+    with pytest.raises(ValueError, match=r"'Kenia' is not a candidate country. Did you mean 'Kenya'"):
+        model.restrict_countries(["Kenia"])
+    assert model.candidate_places.num_countries == len(SMALL_COUNTRIES)
+
+
+def test_forward_returns_the_greedy_hierarchical_decision(small_streetclip_dir, pixel_values):
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)
+    outputs = model(pixel_values)
+    assert isinstance(outputs, GeolocationOutput)
+    assert torch.equal(outputs.predicted_country, outputs.country_logits.argmax(-1))
+    places = model.candidate_places
+    for image, (country, city) in enumerate(
+        zip(outputs.predicted_country.tolist(), outputs.predicted_city.tolist(), strict=True)
+    ):
+        rows = places.cities_by_country[country]
+        scores = model.city_head.weight[rows] @ outputs.image_embeds[image]
+        assert city == rows[int(scores.argmax())]
+        assert outputs.predicted_coordinates[image].tolist() == [
+            places.city_latitudes[city],
+            places.city_longitudes[city],
+        ]
+    assert outputs.predicted_coordinates.dtype == torch.float64
+
+
+def test_ranked_places_start_greedy_then_follow_joint_probability(small_streetclip_dir, pixel_values):
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)
+    outputs = model(pixel_values)
+    rows, scores, country_scores = model.rank_places(outputs, top_k=7)
+    places = model.candidate_places
+    country_probs = outputs.country_logits.softmax(-1)
+    joint = torch.empty(len(pixel_values), places.num_cities)
+    for country, city_rows in enumerate(places.cities_by_country):
+        city_probs = (outputs.image_embeds @ model.city_head.weight[city_rows].T).softmax(-1)
+        joint[:, city_rows] = country_probs[:, [country]] * city_probs
+    for image in range(len(pixel_values)):
+        assert rows[image, 0] == outputs.predicted_city[image]
+        expected_rest = [row for row in joint[image].argsort(descending=True).tolist() if row != rows[image, 0]][:6]
+        assert rows[image, 1:].tolist() == expected_rest
+        torch.testing.assert_close(scores[image], joint[image, rows[image]])
+        assert scores[image].sum() <= 1.0 + 1e-6
+        torch.testing.assert_close(
+            country_scores[image], country_probs[image, [places.city_countries[r] for r in rows[image].tolist()]]
+        )
+
+
+def test_top_k_beyond_the_number_of_cities_returns_every_city(small_streetclip_dir, pixel_values):
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)
+    rows, scores, _ = model.rank_places(model(pixel_values[:1]), top_k=1000)
+    assert sorted(rows[0].tolist()) == list(range(model.candidate_places.num_cities))
+    torch.testing.assert_close(scores[0].sum(), torch.tensor(1.0))
+
+
+def test_gradients_reach_both_towers(tiny_clip_dir, pixel_values):
+    model = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidate_countries=["Kenya"]).train()
+    tokens = AutoTokenizer.from_pretrained(tiny_clip_dir)(["a photo"] * 2, return_tensors="pt")
+    image = model.get_image_features(pixel_values=pixel_values[:2]).pooler_output
+    text = model.get_text_features(**tokens).pooler_output
+    (image * text).sum().backward()
+    assert model.vision_model.embeddings.patch_embedding.weight.grad is not None
+    assert model.text_model.embeddings.token_embedding.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"cities_per_country": 0}, "cities_per_country must be >= 1"),
+        ({"country_prompt_template": "A photo."}, "must contain {country}"),
+    ],
+)
+def test_bad_geolocation_settings_are_refused(settings, message):
+    with pytest.raises(Exception, match=message):
+        StreetCLIPConfig(**settings)

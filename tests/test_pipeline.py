@@ -1,0 +1,203 @@
+"""The "geolocation" pipeline: parity with the paper's method, output format, and every kind of bad input."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL_COUNTRIES, random_photo
+from PIL import Image
+from transformers import CLIPModel, CLIPProcessor, pipeline
+
+import modeling_streetclip
+from modeling_streetclip import GeolocationPipeline, ImageLoadError, StreetCLIPForGeolocation
+
+
+@pytest.fixture(scope="module")
+def geolocator(small_streetclip_dir):
+    return pipeline("geolocation", model=str(small_streetclip_dir))
+
+
+def reference_decision(clip, processor, places, image) -> tuple[str, str]:
+    """The paper's method written plainly: score every country prompt, take the best, then score that country's
+    city prompts and take the best."""
+    country_prompts = [f"A Street View photo in {country}." for country in places.country_names]
+    inputs = processor(text=country_prompts, images=image, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        country = places.country_names[int(clip(**inputs).logits_per_image.argmax())]
+    cities = [places.city_names[row] for row in places.cities_by_country[places.country_names.index(country)]]
+    inputs = processor(
+        text=[f"A Street View photo from {city}." for city in cities], images=image, return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        city = cities[int(clip(**inputs).logits_per_image.argmax())]
+    return country, city
+
+
+def test_first_answer_matches_reference_method(tiny_clip_dir):
+    geolocate = pipeline("geolocation", model=str(tiny_clip_dir))
+    clip = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    processor = CLIPProcessor.from_pretrained(tiny_clip_dir)
+    places = geolocate.model.candidate_places
+    images = [random_photo(seed) for seed in range(24)]
+    answers = geolocate(images, top_k=3, batch_size=8)
+    expected = [reference_decision(clip, processor, places, image) for image in images]
+    assert [(answer[0]["country"], answer[0]["city"]) for answer in answers] == expected
+    assert len({country for country, _ in expected}) > 1, "a degenerate model would make the parity check vacuous"
+
+
+def test_pipeline_task_is_registered_with_transformers():
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    task, implementation, _ = PIPELINE_REGISTRY.check_task("geolocation")
+    assert implementation["impl"] is GeolocationPipeline
+    assert implementation["pt"] == (StreetCLIPForGeolocation,)
+    assert modeling_streetclip.GeolocationPipeline is GeolocationPipeline
+
+
+def test_answer_has_the_documented_fields_and_candidate_values(geolocator):
+    (answer,) = geolocator(random_photo(1))
+    assert set(answer) == {"country", "country_code", "city", "latitude", "longitude", "score", "country_score"}
+    places = geolocator.model.candidate_places
+    assert answer["country"] in SMALL_COUNTRIES
+    country = places.country_index(answer["country"])
+    assert answer["country_code"] == places.country_codes[country]
+    rows = [row for row in places.cities_by_country[country] if places.city_names[row] == answer["city"]]
+    assert (answer["latitude"], answer["longitude"]) == (
+        places.city_latitudes[rows[0]],
+        places.city_longitudes[rows[0]],
+    )
+    assert 0.0 < answer["score"] <= answer["country_score"] <= 1.0
+
+
+def test_top_k_answers_are_ranked_and_scores_sum_to_at_most_one(geolocator):
+    for seed in range(5):
+        answers = geolocator(random_photo(seed), top_k=6)
+        assert len(answers) == 6
+        rest = [answer["score"] for answer in answers[1:]]
+        assert rest == sorted(rest, reverse=True)
+        assert sum(answer["score"] for answer in answers) <= 1.0 + 1e-6
+        assert len({(answer["country"], answer["city"]) for answer in answers}) == 6
+
+
+def test_list_input_gives_one_list_per_image_in_order(geolocator):
+    images = [random_photo(seed) for seed in range(5)]
+    batched = geolocator(images, top_k=2, batch_size=2)
+    assert len(batched) == 5 and all(len(answers) == 2 for answers in batched)
+    for answers, image in zip(batched, images, strict=True):
+        single = geolocator(image, top_k=2)
+        assert [(a["country"], a["city"]) for a in answers] == [(a["country"], a["city"]) for a in single]
+        assert [a["score"] for a in answers] == pytest.approx([a["score"] for a in single], rel=1e-5)
+
+
+def test_paths_and_pil_images_give_the_same_answer(geolocator, tmp_path):
+    image = random_photo(3)
+    image.save(tmp_path / "photo.png")
+    assert geolocator(str(tmp_path / "photo.png")) == geolocator(image)
+
+
+def test_plain_clip_checkpoint_works_through_the_pipeline(tiny_clip_dir):
+    answers = pipeline("geolocation", model=str(tiny_clip_dir))(random_photo(0), top_k=2)
+    assert len(answers) == 2 and answers[0]["country"] in modeling_streetclip.paper_countries()
+
+
+def test_bfloat16_pipeline_gives_answers(small_streetclip_dir):
+    geolocate = pipeline("geolocation", model=str(small_streetclip_dir), dtype=torch.bfloat16, device="cpu")
+    assert geolocate.model.dtype == torch.bfloat16
+    (answer,) = geolocate(random_photo(2))
+    assert answer["country"] in SMALL_COUNTRIES
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 1.5, "3"])
+def test_bad_top_k_is_refused(geolocator, top_k):
+    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+        geolocator(random_photo(0), top_k=top_k)
+
+
+def photo_bytes(image: Image.Image, format: str, **save_kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **save_kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "error", "message"),
+    [
+        ("empty.jpg", b"", ImageLoadError, "is empty"),
+        ("notes.jpg", b"these are field notes, not pixels", ImageLoadError, "not an image format"),
+        ("cut.jpg", photo_bytes(random_photo(0, (64, 64)), "JPEG")[:300], ImageLoadError, "truncated or corrupt"),
+        ("cut.png", photo_bytes(random_photo(0, (64, 64)), "PNG")[:200], ImageLoadError, "truncated or corrupt"),
+    ],
+)
+def test_bad_files_raise_an_error_that_names_the_file(geolocator, tmp_path, name, content, error, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(error, match=message) as raised:
+        geolocator(str(path))
+    assert str(path) in str(raised.value)
+
+
+def test_missing_file_raises_file_not_found_naming_it(geolocator, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        geolocator(str(tmp_path / "missing.jpg"))
+
+
+def test_non_image_input_type_is_refused(geolocator):
+    with pytest.raises(TypeError, match="Expected an image path or a PIL.Image.Image, got int"):
+        geolocator(42)
+
+
+def test_decompression_bomb_is_refused_before_decoding(geolocator, tmp_path, monkeypatch):
+    path = tmp_path / "bomb.png"
+    Image.new("L", (400, 400)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+    with pytest.raises(ImageLoadError, match="too large to decode safely") as raised:
+        geolocator(str(path))
+    assert str(path) in str(raised.value)
+
+
+def mode_images() -> dict[str, Image.Image]:
+    rgb = random_photo(5, (40, 32))
+    sixteen_bit = Image.fromarray((np.arange(32 * 40, dtype=np.uint16).reshape(32, 40) * 50).astype("<u2"))
+    return {
+        "L": rgb.convert("L"),
+        "LA": rgb.convert("LA"),
+        "P": rgb.convert("P"),
+        "RGBA": rgb.convert("RGBA"),
+        "CMYK": rgb.convert("CMYK"),
+        "I;16": sixteen_bit,
+        "I": rgb.convert("I"),
+        "F": rgb.convert("F"),
+        "1": rgb.convert("1"),
+    }
+
+
+@pytest.mark.parametrize("mode", list(mode_images()))
+def test_every_pil_mode_is_geolocated(geolocator, mode):
+    image = mode_images()[mode]
+    assert image.mode == mode
+    rgb = modeling_streetclip.load_rgb_image(image)
+    assert rgb.mode == "RGB" and rgb.size == image.size
+    (answer,) = geolocator(image)
+    assert answer["country"] in SMALL_COUNTRIES
+
+
+def test_sixteen_bit_images_keep_their_brightness():
+    white = Image.fromarray(np.full((4, 4), 65535, dtype="<u2"))
+    assert modeling_streetclip.load_rgb_image(white).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_transparent_pixels_are_composited_on_white():
+    clear = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert modeling_streetclip.load_rgb_image(clear).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied(tmp_path, geolocator):
+    image = Image.new("RGB", (60, 20), (10, 200, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif)
+    assert modeling_streetclip.load_rgb_image(path).size == (20, 60)
+    upright = image.transpose(Image.Transpose.ROTATE_270)
+    assert geolocator(str(path)) == geolocator(upright)
