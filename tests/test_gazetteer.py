@@ -18,7 +18,9 @@ def test_paper_list_has_193_countries():
 
 def test_every_paper_country_resolves_to_at_least_one_city(paper_places):
     assert paper_places.num_countries == 193
-    cityless = [name for name, rows in zip(paper_places.country_names, paper_places.cities_by_country) if not rows]
+    cityless = [
+        name for name, rows in zip(paper_places.country_names, paper_places.cities_by_country, strict=True) if not rows
+    ]
     assert cityless == []
     assert all(len(rows) <= 30 for rows in paper_places.cities_by_country)
 
