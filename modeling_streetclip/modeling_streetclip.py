@@ -80,7 +80,6 @@ class StreetCLIPForGeolocation(CLIPModel):
 
     def __init__(self, config: StreetCLIPConfig, vision_only: bool = False):
         super().__init__(config)
-        self.vision_only = vision_only
         if vision_only:
             # The heads already hold everything the text tower would contribute at inference.
             self.text_model = None
