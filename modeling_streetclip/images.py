@@ -4,6 +4,7 @@ Photos come in every PIL mode and with EXIF orientations; a file with the wrong 
 with a bare traceback, and an image beyond Pillow's decompression-bomb limit must be refused before it is decoded.
 """
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
-ImageInput = str | os.PathLike | Image.Image
+ImageInput = str | os.PathLike | bytes | Image.Image
 
 
 class ImageLoadError(ValueError):
@@ -20,32 +21,44 @@ class ImageLoadError(ValueError):
 
 
 def load_rgb_image(image: ImageInput) -> Image.Image:
-    """Open a path (or take a PIL image), apply its EXIF orientation and convert it to 8-bit RGB."""
+    """Open a path or an encoded file's bytes (or take a PIL image), apply its EXIF orientation and convert it to
+    8-bit RGB.
+
+    Bytes are how a `datasets` image column stores its files, so a dataset's images decode here, with these errors,
+    in whichever worker calls this.
+    """
     if isinstance(image, Image.Image):
         return to_rgb(ImageOps.exif_transpose(image))
-    if not isinstance(image, (str, os.PathLike)):
-        raise TypeError(f"Expected an image path or a PIL.Image.Image, got {type(image).__name__}: {image!r}.")
-    path = Path(image)
-    if not path.is_file():
-        raise FileNotFoundError(f"Image file not found: {str(path)!r}.")
-    if path.stat().st_size == 0:
-        raise ImageLoadError(f"Image file {str(path)!r} is empty (0 bytes).")
+    if isinstance(image, bytes):
+        source, name, size = io.BytesIO(image), f"of {len(image)} bytes", len(image)
+    elif isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"Image file not found: {str(path)!r}.")
+        source, name, size = path, repr(str(path)), path.stat().st_size
+    else:
+        raise TypeError(
+            f"Expected an image path or a PIL.Image.Image, got {type(image).__name__}: {image!r} (an encoded image's "
+            "bytes work too)."
+        )
+    if size == 0:
+        raise ImageLoadError(f"Image file {name} is empty (0 bytes).")
     try:
         with warnings.catch_warnings():
             # Pillow only warns between its limit and twice it; refuse the whole range instead of decoding it.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(source) as opened:
                 opened.load()
                 return to_rgb(ImageOps.exif_transpose(opened))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageLoadError(
-            f"Image file {str(path)!r} is too large to decode safely ({error}). Raise PIL.Image.MAX_IMAGE_PIXELS "
+            f"Image file {name} is too large to decode safely ({error}). Raise PIL.Image.MAX_IMAGE_PIXELS "
             "if you trust it."
         ) from None
     except UnidentifiedImageError:
-        raise ImageLoadError(f"Image file {str(path)!r} is not an image format Pillow can read.") from None
+        raise ImageLoadError(f"Image file {name} is not an image format Pillow can read.") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise ImageLoadError(f"Image file {str(path)!r} is truncated or corrupt: {error}.") from None
+        raise ImageLoadError(f"Image file {name} is truncated or corrupt: {error}.") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -201,3 +201,14 @@ def test_exif_orientation_is_applied(tmp_path, geolocator):
     assert modeling_streetclip.load_rgb_image(path).size == (20, 60)
     upright = image.transpose(Image.Transpose.ROTATE_270)
     assert geolocator(str(path)) == geolocator(upright)
+
+
+def test_encoded_bytes_load_like_the_file_they_came_from(tmp_path):
+    path = tmp_path / "photo.png"
+    random_photo(4).save(path)
+    from_bytes = modeling_streetclip.load_rgb_image(path.read_bytes())
+    assert list(from_bytes.getdata()) == list(modeling_streetclip.load_rgb_image(path).getdata())
+    with pytest.raises(ImageLoadError, match="of 0 bytes is empty"):
+        modeling_streetclip.load_rgb_image(b"")
+    with pytest.raises(ImageLoadError, match="of 5 bytes is not an image format"):
+        modeling_streetclip.load_rgb_image(b"hello")
