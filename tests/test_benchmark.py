@@ -1,0 +1,384 @@
+"""Specification of the benchmark runner `eval/benchmark.py`, its data loading and its figures."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import evaluate
+import numpy as np
+import pytest
+from conftest import SMALL_COUNTRIES, random_photo
+from PIL import Image
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EVAL_DIR = REPO_ROOT / "eval"
+# The runner and its modules are run from the checkout, as the script itself imports them.
+sys.path.insert(0, str(EVAL_DIR))
+
+import benchmark  # noqa: E402
+import benchmark_data  # noqa: E402
+import plots  # noqa: E402
+
+
+METRIC_DIR = EVAL_DIR / "geodesic_accuracy"
+OUTPUT_FILES = ("predictions.csv", "metrics.json", "error_cdf.png", "world_map.png")
+# Good images at places on every continent, one of them next to the antimeridian.
+GOOD_ROWS = [
+    ("paris.jpg", "48.8566", "2.3522"),
+    ("tokyo.png", "35.6762", "139.6503"),
+    ("rio.jpg", "-22.9068", "-43.1729"),
+    ("nairobi.jpg", "-1.2921", "36.8219"),
+    ("sydney.jpg", "-33.8688", "151.2093"),
+    ("toronto.jpg", "43.6532", "-79.3832"),
+    ("suva.jpg", "-18.1416", "178.4419"),
+    ("reykjavik.jpg", "64.1466", "-21.9426"),
+]
+CORRUPT_ROW = ("corrupt.jpg", "51.5074", "-0.1278")
+# The two rows below name image files that do not exist: an error about a missing file would show they were run.
+BAD_COORDINATE_ROW = ("unmeasured.jpg", "north", "2.35")
+SWAPPED_ROW = ("swapped.jpg", "151.2093", "-33.8688")
+ROWS = [*GOOD_ROWS[:3], CORRUPT_ROW, *GOOD_ROWS[3:5], BAD_COORDINATE_ROW, GOOD_ROWS[5], SWAPPED_ROW, *GOOD_ROWS[6:]]
+
+
+def _write_image_folder(folder: Path) -> Path:
+    """Photos for the good rows and a JPEG-named file of garbage; returns the folder."""
+    folder.mkdir(parents=True)
+    for seed, (name, _, _) in enumerate(GOOD_ROWS):
+        random_photo(seed).save(folder / name)
+    (folder / CORRUPT_ROW[0]).write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    return folder
+
+
+def _write_metadata_csv(path: Path, rows, header=("IMG_ID", "LAT", "LON")) -> Path:
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _read_predictions(output_dir: Path) -> list[dict[str, str]]:
+    with (output_dir / "predictions.csv").open(newline="", encoding="utf-8") as file:
+        return list(csv.DictReader(file))
+
+
+def _read_metrics(output_dir: Path) -> dict:
+    return json.loads((output_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def metric():
+    return evaluate.load(str(METRIC_DIR))
+
+
+@pytest.fixture(scope="module")
+def haversine_km(metric):
+    """The metric module's distance function, from the module evaluate loaded, as the runner takes it."""
+    return sys.modules[type(metric).__module__].haversine_km
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    return _write_image_folder(tmp_path_factory.mktemp("benchmark") / "images")
+
+
+@pytest.fixture(scope="module")
+def metadata_csv(image_folder) -> Path:
+    return _write_metadata_csv(image_folder.parent / "tiny_im2gps.csv", ROWS)
+
+
+@pytest.fixture(scope="module")
+def script_run(small_streetclip_dir, image_folder, metadata_csv):
+    """One run of the script as a user starts it, from the repository root; returns the output folder and process."""
+    output_dir = image_folder.parent / "results"
+    command = [
+        sys.executable,
+        str(EVAL_DIR / "benchmark.py"),
+        "--model",
+        str(small_streetclip_dir),
+        "--data",
+        str(metadata_csv),
+        "--image_dir",
+        str(image_folder),
+        "--output_dir",
+        str(output_dir),
+        "--batch_size",
+        "3",
+        "--num_workers",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    process = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr
+    return output_dir, process
+
+
+# The runner end to end, as a script
+
+
+def test_script_writes_every_output_file(script_run):
+    output_dir, _ = script_run
+    assert sorted(path.name for path in output_dir.iterdir()) == sorted(OUTPUT_FILES)
+
+
+def test_predictions_have_one_row_per_input_in_input_order(script_run):
+    rows = _read_predictions(script_run[0])
+    assert [row["id"] for row in rows] == [name for name, _, _ in ROWS]
+    assert list(rows[0]) == benchmark.PREDICTION_COLUMNS
+
+
+def test_scored_rows_hold_a_candidate_city_and_the_metric_modules_distance(script_run, haversine_km):
+    rows = {row["id"]: row for row in _read_predictions(script_run[0])}
+    for name, latitude, longitude in GOOD_ROWS:
+        row = rows[name]
+        assert row["error"] == ""
+        assert (float(row["true_latitude"]), float(row["true_longitude"])) == (float(latitude), float(longitude))
+        assert row["predicted_country"] in SMALL_COUNTRIES and row["predicted_city"]
+        assert 0 < float(row["score"]) <= float(row["country_score"]) <= 1
+        expected = haversine_km(
+            float(latitude), float(longitude), float(row["predicted_latitude"]), float(row["predicted_longitude"])
+        )
+        assert float(row["distance_km"]) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_unreadable_image_is_recorded_with_its_image_error(script_run, image_folder):
+    row = next(row for row in _read_predictions(script_run[0]) if row["id"] == CORRUPT_ROW[0])
+    assert f"Image file {str(image_folder / CORRUPT_ROW[0])!r} is truncated or corrupt" in row["error"]
+    assert row["predicted_latitude"] == row["distance_km"] == ""
+
+
+def test_bad_coordinates_are_recorded_and_never_run_through_the_model(script_run):
+    rows = {row["id"]: row for row in _read_predictions(script_run[0])}
+    assert "'north' is not a number" in rows[BAD_COORDINATE_ROW[0]]["error"]
+    assert "latitude and longitude look swapped" in rows[SWAPPED_ROW[0]]["error"]
+    for name in (BAD_COORDINATE_ROW[0], SWAPPED_ROW[0]):
+        assert "not found" not in rows[name]["error"]
+        assert rows[name]["predicted_latitude"] == ""
+
+
+def test_metrics_equal_the_metric_on_the_scored_rows_only(script_run, metric):
+    rows = [row for row in _read_predictions(script_run[0]) if not row["error"]]
+    expected = metric.compute(
+        predictions=[[float(row["predicted_latitude"]), float(row["predicted_longitude"])] for row in rows],
+        references=[[float(row["true_latitude"]), float(row["true_longitude"])] for row in rows],
+    )
+    metrics = _read_metrics(script_run[0])
+    assert {key: metrics[key] for key in expected} == pytest.approx(expected, rel=1e-12)
+    assert metrics["n"] == len(GOOD_ROWS)
+
+
+def test_metrics_json_counts_failures_and_records_the_run(
+    script_run, small_streetclip_dir, metadata_csv, image_folder
+):
+    metrics = _read_metrics(script_run[0])
+    assert metrics["benchmark"] == "tiny_im2gps"
+    assert metrics["model"] == str(small_streetclip_dir)
+    assert metrics["data"] == str(metadata_csv)
+    assert metrics["image_dir"] == str(image_folder)
+    assert "split" not in metrics
+    assert (metrics["num_inputs"], metrics["num_evaluated"], metrics["num_failed"]) == (len(ROWS), len(GOOD_ROWS), 3)
+    assert (metrics["num_bad_coordinates"], metrics["num_unreadable_images"]) == (2, 1)
+    assert metrics["wall_time_s"] > 0 and metrics["top_k"] == 1
+    assert metrics["thresholds_km"] == [1, 25, 200, 750, 2500]
+    assert (metrics["radius_km"], metrics["inclusive"]) == (6371.0088, True)
+    assert (metrics["num_candidate_countries"], metrics["num_candidate_cities"]) == (len(SMALL_COUNTRIES), 30)
+
+
+def test_figures_are_valid_images_of_real_size(script_run):
+    for name, (min_width, min_height) in (("error_cdf.png", (1000, 600)), ("world_map.png", (1800, 1000))):
+        with Image.open(script_run[0] / name) as image:
+            image.verify()
+        with Image.open(script_run[0] / name) as image:
+            assert image.format == "PNG" and image.width >= min_width and image.height >= min_height
+            # Curves, markers, text and the city silhouette give far more than a blank canvas's few colours.
+            assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50
+
+
+def test_script_reports_progress_swapped_columns_and_scores(script_run):
+    _, process = script_run
+    assert f"{len(GOOD_ROWS) + 1}/{len(GOOD_ROWS) + 1}" in process.stderr
+    assert "columns look swapped" in process.stderr
+    assert f"{len(GOOD_ROWS)} of {len(ROWS)} inputs scored" in process.stdout
+    assert '"acc_2500km"' in process.stdout
+
+
+# The runner's options, through main(argv)
+
+
+def test_limit_takes_the_first_rows_and_top_k_adds_runner_ups(
+    small_streetclip_dir, image_folder, metadata_csv, tmp_path
+):
+    benchmark.main(
+        ["--model", str(small_streetclip_dir), "--data", str(metadata_csv), "--image_dir", str(image_folder)]
+        + ["--output_dir", str(tmp_path), "--limit", "4", "--top_k", "3", "--num_workers", "0", "--device", "cpu"]
+    )
+    rows = _read_predictions(tmp_path)
+    assert [row["id"] for row in rows] == [name for name, _, _ in ROWS[:4]]
+    for row in rows[:3]:
+        runner_ups = json.loads(row["runner_ups"])
+        assert len(runner_ups) == 2 and float(row["score"]) >= runner_ups[0]["score"] >= runner_ups[1]["score"]
+    metrics = _read_metrics(tmp_path)
+    assert (metrics["num_inputs"], metrics["num_evaluated"], metrics["top_k"]) == (4, 3, 3)
+
+
+def test_dataset_saved_to_disk_with_custom_column_names(small_streetclip_dir, image_folder, tmp_path):
+    names = [name for name, _, _ in GOOD_ROWS[:3]] + [CORRUPT_ROW[0]]
+    test_split = datasets.Dataset.from_dict(
+        {
+            "photo": [str(image_folder / name) for name in names],
+            "gt_lat": [48.8566, 35.6762, None, 51.5074],
+            "gt_lon": [2.3522, 139.6503, -43.1729, -0.1278],
+            "key": ["a", "b", "c", "d"],
+        }
+    ).cast_column("photo", datasets.Image())
+    datasets.DatasetDict({"test": test_split}).save_to_disk(tmp_path / "dataset")
+    output_dir = tmp_path / "results"
+    benchmark.main(
+        ["--model", str(small_streetclip_dir), "--data", str(tmp_path / "dataset"), "--split", "test"]
+        + ["--image_column", "photo", "--latitude_column", "gt_lat", "--longitude_column", "gt_lon"]
+        + ["--id_column", "key", "--output_dir", str(output_dir), "--num_workers", "0", "--device", "cpu"]
+    )
+    rows = _read_predictions(output_dir)
+    assert [row["id"] for row in rows] == ["a", "b", "c", "d"]
+    assert [bool(row["error"]) for row in rows] == [False, False, True, True]
+    assert "(column 'gt_lat') is missing" in rows[2]["error"]
+    assert "Image file of 22 bytes is truncated or corrupt" in rows[3]["error"]
+    metrics = _read_metrics(output_dir)
+    assert (metrics["benchmark"], metrics["split"], metrics["num_evaluated"], metrics["num_failed"]) == (
+        "dataset",
+        "test",
+        2,
+        2,
+    )
+    assert "image_dir" not in metrics
+
+
+def test_run_where_every_input_fails_writes_its_outputs_and_exits_nonzero(
+    small_streetclip_dir, image_folder, tmp_path
+):
+    data = _write_metadata_csv(tmp_path / "broken.csv", [CORRUPT_ROW, BAD_COORDINATE_ROW])
+    output_dir = tmp_path / "results"
+    with pytest.raises(SystemExit, match="all 2 failed") as exit_info:
+        benchmark.main(
+            ["--model", str(small_streetclip_dir), "--data", str(data), "--image_dir", str(image_folder)]
+            + ["--output_dir", str(output_dir), "--num_workers", "0", "--device", "cpu"]
+        )
+    assert exit_info.value.code != 0
+    assert sorted(path.name for path in output_dir.iterdir()) == sorted(OUTPUT_FILES)
+    metrics = _read_metrics(output_dir)
+    assert (metrics["n"], metrics["num_evaluated"], metrics["num_failed"]) == (0, 0, 2)
+    assert "acc_25km" not in metrics
+
+
+# Loading benchmark rows
+
+
+@pytest.mark.parametrize(
+    "header",
+    [("IMG_ID", "LAT", "LON"), ("img_id", "lat", "lon"), ("image_id", "latitude", "longitude"), ("id", "Lat", "Lng")],
+)
+def test_csv_columns_are_found_by_their_usual_names(header, image_folder, tmp_path):
+    data = _write_metadata_csv(tmp_path / "meta.csv", GOOD_ROWS[:2], header=header)
+    loaded = benchmark_data.load_benchmark(str(data), image_dir=image_folder)
+    assert [(row.id, row.latitude, row.longitude, row.error) for row in loaded.rows] == [
+        ("paris.jpg", 48.8566, 2.3522, None),
+        ("tokyo.png", 35.6762, 139.6503, None),
+    ]
+    assert list(loaded.images) == [image_folder / "paris.jpg", image_folder / "tokyo.png"]
+
+
+def test_csv_with_a_byte_order_mark_keeps_its_first_column_name(image_folder, tmp_path):
+    data = tmp_path / "excel.csv"
+    data.write_text("IMG_ID,LAT,LON\nparis.jpg,48.8566,2.3522\n", encoding="utf-8-sig")
+    assert benchmark_data.load_benchmark(str(data), image_dir=image_folder).rows[0].id == "paris.jpg"
+
+
+def test_missing_column_error_names_the_file_and_its_columns(image_folder, tmp_path):
+    data = _write_metadata_csv(tmp_path / "meta.csv", GOOD_ROWS[:1], header=("IMG_ID", "LAT", "east"))
+    with pytest.raises(ValueError, match=r"no longitude column .*\['IMG_ID', 'LAT', 'east'\]"):
+        benchmark_data.load_benchmark(str(data), image_dir=image_folder)
+    with pytest.raises(ValueError, match="no latitude column 'lat'"):
+        benchmark_data.load_benchmark(
+            str(data), image_dir=image_folder, columns=benchmark_data.ColumnNames(latitude="lat")
+        )
+
+
+def test_swapped_file_warns_once_and_reads_correctly_with_columns_named_the_other_way(image_folder, tmp_path, caplog):
+    swapped = [(name, longitude, latitude) for name, latitude, longitude in GOOD_ROWS]
+    data = _write_metadata_csv(tmp_path / "isns.csv", swapped)
+    loaded = benchmark_data.load_benchmark(str(data), image_dir=image_folder)
+    # Only the rows whose true longitude exceeds 90 degrees give the swap away; the others look like valid points.
+    assert sum(row.error is not None for row in loaded.rows) == 3
+    [warning] = [record.getMessage() for record in caplog.records if "look swapped" in record.getMessage()]
+    assert "3 of 8 rows" in warning and "read latitude from 'LON' and longitude from 'LAT'" in warning
+    columns = benchmark_data.ColumnNames(latitude="LON", longitude="LAT")
+    fixed = benchmark_data.load_benchmark(str(data), image_dir=image_folder, columns=columns)
+    assert [(row.latitude, row.longitude, row.error) for row in fixed.rows] == [
+        (float(latitude), float(longitude), None) for _, latitude, longitude in GOOD_ROWS
+    ]
+
+
+@pytest.mark.parametrize(
+    ("latitude", "longitude", "message"),
+    [
+        ("", "2.35", "latitude (column 'LAT') is missing"),
+        ("48.85", None, "longitude (column 'LON') is missing"),
+        ("48.85 N", "2.35", "latitude (column 'LAT') '48.85 N' is not a number"),
+        ("nan", "2.35", "latitude (column 'LAT') 'nan' is not a finite number"),
+        ("95.0", "120.0", "latitude (column 'LAT') 95.0 is outside [-90, 90]"),
+        ("45.0", "-181.0", "longitude (column 'LON') -181.0 is outside [-180, 180]"),
+        ("-122.4", "37.8", "latitude and longitude look swapped"),
+    ],
+)
+def test_bad_coordinates_give_an_error_naming_the_value(latitude, longitude, message):
+    row = benchmark_data.checked_row("photo.jpg", latitude, longitude, "LAT", "LON")
+    assert message in row.error
+
+
+def test_coordinates_on_the_edges_of_their_ranges_are_valid():
+    row = benchmark_data.checked_row("pole.jpg", -90, 180.0, "LAT", "LON")
+    assert (row.latitude, row.longitude, row.error) == (-90.0, 180.0, None)
+
+
+def test_csv_needs_an_image_folder_and_no_image_column_and_a_dataset_refuses_a_folder(image_folder, tmp_path):
+    data = _write_metadata_csv(tmp_path / "meta.csv", GOOD_ROWS[:1])
+    with pytest.raises(ValueError, match="give the folder"):
+        benchmark_data.load_benchmark(str(data))
+    with pytest.raises(ValueError, match="names its images by file name in its id column"):
+        benchmark_data.load_benchmark(str(data), image_dir=image_folder, columns=benchmark_data.ColumnNames(image="x"))
+    with pytest.raises(ValueError, match="goes with a metadata CSV only"):
+        benchmark_data.load_benchmark(str(tmp_path / "dataset"), image_dir=image_folder)
+
+
+def test_dataset_without_the_split_or_an_image_column_is_refused(tmp_path):
+    table = datasets.Dataset.from_dict({"image": ["a.jpg"], "lat": [1.0], "lon": [2.0]})
+    datasets.DatasetDict({"validation": table}).save_to_disk(tmp_path / "dataset")
+    with pytest.raises(ValueError, match=r"no split 'test'; it has \['validation'\]"):
+        benchmark_data.load_benchmark(str(tmp_path / "dataset"))
+    with pytest.raises(ValueError, match="'image' of the dataset .* holds Value"):
+        benchmark_data.load_benchmark(str(tmp_path / "dataset"), split="validation")
+
+
+def test_dataset_images_stay_encoded_until_a_worker_decodes_them(image_folder, tmp_path):
+    table = datasets.Dataset.from_dict({"image": [str(image_folder / "paris.jpg")], "lat": [1.0], "lon": [2.0]})
+    table.cast_column("image", datasets.Image()).save_to_disk(tmp_path / "dataset")
+    loaded = benchmark_data.load_benchmark(str(tmp_path / "dataset"))
+    assert loaded.split is None and loaded.rows[0].id == "0"
+    assert loaded.images[0] == (image_folder / "paris.jpg").read_bytes()
+
+
+# Figures
+
+
+def test_pair_across_the_antimeridian_is_drawn_the_short_way_in_two_pieces():
+    segments = plots._pair_segments(np.array([[-18.0, 179.0], [10.0, 0.0]]), np.array([[-17.0, -179.0], [20.0, 30.0]]))
+    assert segments.tolist() == [
+        [[179.0, -18.0], [181.0, -17.0]],
+        [[0.0, 10.0], [30.0, 20.0]],
+        [[-181.0, -18.0], [-179.0, -17.0]],
+    ]
