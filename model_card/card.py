@@ -1,0 +1,293 @@
+"""The model card of a published StreetCLIP: `template.md` filled from a training run and its benchmark results.
+
+Numbers reach the card only from files: the run's saved arguments (`training_args.json`, written by
+`training/pretrain.py` next to the model) and the benchmark runner's `metrics.json` files (`eval/benchmark.py`).
+Where a file is missing the card says so rather than guessing. Benchmark results enter twice from the same values:
+as the card's table and as `model-index` metadata (`EvalResult`s) that `huggingface_hub` parses back.
+"""
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from modeling_streetclip import CandidatePlaces, StreetCLIPConfig
+
+
+TEMPLATE_PATH = Path(__file__).with_name("template.md")
+TRAINING_ARGS_NAME = "training_args.json"
+
+# The Hub has no geolocation task; like image classification, the pipeline maps an image to ranked labels with scores.
+PIPELINE_TAG = "image-classification"
+TAGS = ["streetclip", "clip", "geolocation", "image-geolocation", "zero-shot"]
+# The model-index task of every benchmark row; the geolocation benchmarks (IM2GPS, IM2GPS3K, ...) all score this one.
+TASK_TYPE, TASK_NAME = "image-geolocation", "Image geolocation"
+
+_ACCURACY_KEY = re.compile(r"^acc_(?P<km>\d+(?:\.\d+)?)km$")
+# The geodesic accuracy metric's other outputs, in table order, with their labels on the card.
+_DISTANCE_METRICS = {"median_km": "Median error (km)", "mean_km": "Mean error (km)", "geoscore": "GeoScore"}
+# Training arguments that get a line of their own on the card, in reading order; all recorded ones are listed too.
+_TRAINING_FIELDS = {
+    "model_name_or_path": "Base model",
+    "train_data": "Training data",
+    "mode": "Mode",
+    "lora_r": "LoRA rank",
+    "max_steps": "Steps",
+    "num_train_epochs": "Epochs",
+    "per_device_train_batch_size": "Batch size per device",
+    "gradient_accumulation_steps": "Gradient accumulation steps",
+    "world_size": "Processes",
+    "global_batch_size": "Global batch size",
+    "learning_rate": "Learning rate",
+    "mixed_precision": "Mixed precision",
+    "seed": "Seed",
+}
+# `training/pretrain.py` selects what it trains with these flags; a run may instead record a single `mode` string.
+_MODE_FLAGS = {"use_lora": "lora", "freeze_text_tower": "freeze_text", "freeze_vision_tower": "freeze_vision"}
+# Scoring settings of the metric that change its numbers (see eval/geodesic_accuracy), when a run records them.
+_PROTOCOL_KEYS = ("radius_km", "inclusive")
+# File endings that mark a data or model spec as a local file, even where it would also parse as `namespace/name`.
+_FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".arrow", ".txt", ".tar", ".zip", ".safetensors")
+_NOT_RECORDED = "not recorded"
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """One run of the benchmark runner: the metric values of its `metrics.json` and what they were measured on."""
+
+    name: str
+    source: Path
+    metrics: dict[str, float]
+    data: str | None = None
+    split: str | None = None
+    model: str | None = None
+    num_evaluated: int | None = None
+    num_failed: int | None = None
+    protocol: dict | None = None
+
+
+def hub_repo_id(spec: Any) -> str | None:
+    """`spec` if it names a Hub repo (`namespace/name`), `None` for a local path or anything else.
+
+    Hub metadata (`base_model`, `datasets`) must hold repo ids; a local path there would be rejected or mislead.
+    """
+    if not isinstance(spec, str) or spec.count("/") != 1 or Path(spec).exists() or spec.endswith(_FILE_SUFFIXES):
+        return None
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return None
+    return spec
+
+
+def base_model_of(training_args: Mapping | None, converted_from: str | None) -> str | None:
+    """The Hub id of the checkpoint these weights come from: the run's starting point, or the converted CLIP."""
+    source = training_args.get("model_name_or_path") if training_args else converted_from
+    return hub_repo_id(source)
+
+
+def read_training_args(model_name_or_path: str | Path) -> dict | None:
+    """The arguments `training/pretrain.py` saved next to the model, or `None` where there are none (a Hub id, a
+    plain CLIP checkpoint, a folder saved by other means)."""
+    path = Path(model_name_or_path) / TRAINING_ARGS_NAME
+    if not path.is_file():
+        return None
+    return _read_json_object(path)
+
+
+def read_benchmark_result(path: str | Path, name: str | None = None) -> BenchmarkResult:
+    """Read one `metrics.json` of the benchmark runner; `name` labels its row (by default the file's `benchmark`
+    key, else the name of its data spec)."""
+    path = Path(path)
+    record = _read_json_object(path)
+    metrics = {key: value for key, value in record.items() if _ACCURACY_KEY.match(key) or key in _DISTANCE_METRICS}
+    if not metrics:
+        raise ValueError(
+            f"{str(path)!r} holds no geodesic accuracy metric (acc_<t>km, median_km, mean_km, geoscore); pass the "
+            "metrics.json that eval/benchmark.py writes."
+        )
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{str(path)!r}: {key} must be a finite number, got {value!r}.")
+        if _ACCURACY_KEY.match(key) and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{str(path)!r}: {key}={value!r} must be a fraction between 0 and 1, not a percentage.")
+    data = record.get("data")
+    name = name or record.get("benchmark") or _data_name(data)
+    if not name:
+        raise ValueError(f"{str(path)!r} names no benchmark and no data; label it on the command line as NAME={path}.")
+    return BenchmarkResult(
+        name=str(name),
+        source=path,
+        metrics=metrics,
+        data=None if data is None else str(data),
+        split=record.get("split"),
+        model=record.get("model"),
+        num_evaluated=record.get("num_evaluated", record.get("n")),
+        num_failed=record.get("num_failed"),
+        protocol=_protocol(record, path),
+    )
+
+
+def eval_results(benchmarks: Sequence[BenchmarkResult]) -> list[EvalResult]:
+    """One `EvalResult` per metric value of each benchmark, as the `model-index` metadata holds them."""
+    return [
+        EvalResult(
+            task_type=TASK_TYPE,
+            task_name=TASK_NAME,
+            dataset_type=hub_repo_id(benchmark.data) or benchmark.name,
+            dataset_name=benchmark.name,
+            dataset_split=benchmark.split,
+            metric_type=key,
+            metric_name=_metric_label(key),
+            metric_value=value,
+            metric_args=benchmark.protocol,
+        )
+        for benchmark in benchmarks
+        for key, value in benchmark.metrics.items()
+    ]
+
+
+def build_model_card(
+    config: StreetCLIPConfig,
+    repo_id: str,
+    *,
+    license: str | None = None,
+    converted_from: str | None = None,
+    training_args: Mapping | None = None,
+    benchmarks: Sequence[BenchmarkResult] = (),
+) -> ModelCard:
+    """Fill the card of the model `config` describes, to be published as `repo_id`.
+
+    Args:
+        license: The weights' license; `None` where it could not be determined (the card says so).
+        converted_from: The plain CLIP checkpoint these weights are, unchanged, when publishing converts one.
+        training_args: The run's saved arguments (see [`read_training_args`]); `None` where none were recorded.
+        benchmarks: Results of the benchmark runner (see [`read_benchmark_result`]), one table row each.
+    """
+    labels = [(benchmark.name, benchmark.split) for benchmark in benchmarks]
+    repeated = sorted({label for label in labels if labels.count(label) > 1}, key=str)
+    if repeated:
+        raise ValueError(
+            f"Several metrics files give results for the same benchmark and split: {repeated}; label them apart "
+            "as NAME=FILE."
+        )
+    places = CandidatePlaces.from_dict(config.candidate_places)
+    base_model = base_model_of(training_args, converted_from)
+    train_data = hub_repo_id((training_args or {}).get("train_data"))
+    model_name = repo_id.split("/")[-1]
+    card_data = ModelCardData(
+        model_name=model_name,
+        license=license or "other",
+        library_name="transformers",
+        pipeline_tag=PIPELINE_TAG,
+        tags=TAGS,
+        base_model=base_model,
+        datasets=[train_data] if train_data else None,
+        eval_results=eval_results(benchmarks) or None,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        repo_id=repo_id,
+        model_name=model_name,
+        weights_license=license,
+        base_model=base_model,
+        converted_from=converted_from,
+        config=config,
+        places=places,
+        max_cities_per_country=max(len(rows) for rows in places.cities_by_country),
+        training=_training_lines(training_args),
+        training_args_json=json.dumps(dict(training_args), indent=2, default=str) if training_args else None,
+        evaluation=_evaluation_table(benchmarks),
+        benchmarks=benchmarks,
+    )
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {error}.") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(record).__name__}.")
+    return record
+
+
+def _data_name(data: Any) -> str | None:
+    """A benchmark label from a data spec: a Hub id as it is, a local file or folder by its name."""
+    if not data:
+        return None
+    return hub_repo_id(data) or Path(str(data).rstrip("/")).stem or None
+
+
+def _protocol(record: Mapping, path: Path) -> dict | None:
+    """How distances were scored (radius, inclusive hits), from a `protocol` object or top-level keys."""
+    protocol = record.get("protocol") or {}
+    if not isinstance(protocol, dict):
+        raise ValueError(f"{str(path)!r}: protocol must be a JSON object, got {protocol!r}.")
+    protocol = {**{key: record[key] for key in _PROTOCOL_KEYS if key in record}, **protocol}
+    return protocol or None
+
+
+def _metric_label(key: str) -> str:
+    match = _ACCURACY_KEY.match(key)
+    return f"Accuracy within {match['km']} km" if match else _DISTANCE_METRICS[key]
+
+
+def _training_lines(training_args: Mapping | None) -> list[tuple[str, str]] | None:
+    """(label, value) lines for the highlighted arguments, "not recorded" where the run did not save one."""
+    if training_args is None:
+        return None
+    mode = _training_mode(training_args)
+    recorded = {**training_args, **({"mode": mode} if mode else {})}
+    lines = []
+    for key, label in _TRAINING_FIELDS.items():
+        if key == "lora_r" and "lora" not in (mode or ""):
+            continue  # the rank is a saved default in every other mode, where it means nothing
+        lines.append((label, f"`{recorded[key]}`" if key in recorded else _NOT_RECORDED))
+    return lines
+
+
+def _training_mode(training_args: Mapping) -> str | None:
+    """The recorded training mode: a `mode` argument, else the flags that select one ("full" when none is set)."""
+    if "mode" in training_args:
+        return str(training_args["mode"])
+    if not _MODE_FLAGS.keys() & training_args.keys():
+        return None
+    return ", ".join(mode for flag, mode in _MODE_FLAGS.items() if training_args.get(flag)) or "full"
+
+
+def _evaluation_table(benchmarks: Sequence[BenchmarkResult]) -> dict | None:
+    """The evaluation table as header and rows of strings: accuracies in percent, distances in km."""
+    if not benchmarks:
+        return None
+    thresholds = sorted(
+        {key for benchmark in benchmarks for key in benchmark.metrics if _ACCURACY_KEY.match(key)},
+        key=lambda key: float(_ACCURACY_KEY.match(key)["km"]),
+    )
+    distances = [key for key in _DISTANCE_METRICS if any(key in benchmark.metrics for benchmark in benchmarks)]
+    header = ["Benchmark", "Split", "Images", "Failed"]
+    header += [f"{_ACCURACY_KEY.match(key)['km']} km (%)" for key in thresholds]
+    header += [_DISTANCE_METRICS[key] for key in distances]
+    rows = []
+    for benchmark in benchmarks:
+        cells = [benchmark.name, benchmark.split or "—", _count(benchmark.num_evaluated), _count(benchmark.num_failed)]
+        cells += [_number(benchmark.metrics.get(key), scale=100.0) for key in thresholds]
+        cells += [_number(benchmark.metrics.get(key)) for key in distances]
+        rows.append(cells)
+    return {"header": header, "rows": rows}
+
+
+def _count(value: Any) -> str:
+    return "—" if value is None else str(value)
+
+
+def _number(value: float | None, scale: float = 1.0) -> str:
+    return "—" if value is None else f"{value * scale:.1f}"

@@ -1,0 +1,321 @@
+"""Specification of `model_card/card.py`: the card is filled from real files and its metadata parses back."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from modeling_streetclip import StreetCLIPConfig
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_card"))
+import card as model_card  # noqa: E402
+
+
+REPO_ID = "streetclip-tests/tiny-geolocation"
+IM2GPS = {
+    "acc_1km": 0.0844,
+    "acc_25km": 0.2827,
+    "acc_200km": 0.4515,
+    "acc_750km": 0.7468,
+    "acc_2500km": 0.8819,
+    "median_km": 231.74,
+    "mean_km": 1305.2,
+    "geoscore": 3102.46,
+    "n": 237,
+    "model": "runs/streetclip-lora",
+    "data": "/benchmarks/im2gps.csv",
+    "num_evaluated": 237,
+    "num_failed": 0,
+    "wall_time_s": 41.0,
+    "protocol": {"radius_km": 6371.0088, "inclusive": True},
+}
+IM2GPS3K = {
+    "acc_1km": 0.0107,
+    "acc_25km": 0.2239,
+    "acc_200km": 0.3741,
+    "acc_750km": 0.6133,
+    "acc_2500km": 0.8041,
+    "median_km": 411.9,
+    "mean_km": 1690.0,
+    "geoscore": 2807.3,
+    "n": 2994,
+    "model": "runs/streetclip-lora",
+    "data": "someone/im2gps3k",
+    "split": "test",
+    "num_evaluated": 2994,
+    "num_failed": 3,
+    "wall_time_s": 510.0,
+}
+TRAINING_ARGS = {
+    "model_name_or_path": "geolocal/StreetCLIP",
+    "train_data": "/data/street-photos/train.csv",
+    "max_steps": 2000,
+    "per_device_train_batch_size": 64,
+    "gradient_accumulation_steps": 2,
+    "learning_rate": 1e-05,
+    "mode": "lora",
+    "lora_r": 16,
+    "mixed_precision": "bf16",
+    "seed": 42,
+}
+
+
+@pytest.fixture(scope="module")
+def config(small_streetclip_dir) -> StreetCLIPConfig:
+    return StreetCLIPConfig.from_pretrained(small_streetclip_dir)
+
+
+@pytest.fixture
+def metrics_files(tmp_path) -> dict[str, Path]:
+    files = {}
+    for name, record in (("im2gps", IM2GPS), ("im2gps3k", IM2GPS3K)):
+        path = tmp_path / name / "metrics.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(record))
+        files[name] = path
+    return files
+
+
+@pytest.fixture
+def evaluated_card(config, metrics_files, tmp_path) -> ModelCard:
+    """A card with a training run and two benchmarks, saved and loaded back as the Hub would read it."""
+    benchmarks = [model_card.read_benchmark_result(path) for path in metrics_files.values()]
+    card = model_card.build_model_card(
+        config, REPO_ID, license="cc-by-nc-4.0", training_args=TRAINING_ARGS, benchmarks=benchmarks
+    )
+    card.save(tmp_path / "README.md")
+    return ModelCard.load(tmp_path / "README.md")
+
+
+def _section(card: ModelCard, title: str) -> str:
+    return card.text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _table(section: str) -> list[dict[str, str]]:
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [
+        dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True)) for line in lines[2:]
+    ]
+
+
+# Metadata
+
+
+def test_card_metadata_declares_license_library_pipeline_tags_and_base_model(evaluated_card):
+    data = evaluated_card.data
+    assert data.license == "cc-by-nc-4.0"
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == model_card.PIPELINE_TAG
+    assert {"streetclip", "geolocation"} <= set(data.tags)
+    assert data.base_model == "geolocal/StreetCLIP"
+
+
+def test_model_index_round_trips_every_metric_of_every_metrics_file(evaluated_card):
+    data = evaluated_card.data
+    assert data.model_name == "tiny-geolocation"
+    parsed = {(result.dataset_name, result.metric_type): result for result in data.eval_results}
+    expected = {
+        (name, key): value
+        for name, record in (("im2gps", IM2GPS), ("someone/im2gps3k", IM2GPS3K))
+        for key, value in record.items()
+        if key.startswith("acc_") or key in ("median_km", "mean_km", "geoscore")
+    }
+    assert {key: result.metric_value for key, result in parsed.items()} == expected
+    assert {result.task_type for result in data.eval_results} == {model_card.TASK_TYPE}
+    assert parsed["someone/im2gps3k", "acc_25km"].dataset_type == "someone/im2gps3k"
+    assert parsed["someone/im2gps3k", "acc_25km"].dataset_split == "test"
+    assert parsed["im2gps", "acc_25km"].dataset_type == "im2gps"
+    assert parsed["im2gps", "acc_25km"].metric_args == {"radius_km": 6371.0088, "inclusive": True}
+
+
+def test_local_paths_never_become_hub_metadata(config):
+    args = {**TRAINING_ARGS, "model_name_or_path": "/checkpoints/clip", "train_data": "data/train.csv"}
+    data = model_card.build_model_card(config, REPO_ID, training_args=args).data
+    assert data.base_model is None
+    assert data.datasets is None
+    assert model_card.hub_repo_id("someone/street-photos") == "someone/street-photos"
+    assert model_card.hub_repo_id("/abs/path/to/data") is None
+    assert model_card.hub_repo_id("bad//id") is None
+
+
+def test_hub_training_data_is_declared_as_a_dataset(config):
+    args = {**TRAINING_ARGS, "train_data": "someone/street-photos"}
+    assert model_card.build_model_card(config, REPO_ID, training_args=args).data.datasets == ["someone/street-photos"]
+
+
+# Evaluation
+
+
+def test_evaluation_table_has_one_row_per_metrics_file_matching_its_values(evaluated_card):
+    rows = {row["Benchmark"]: row for row in _table(_section(evaluated_card, "Evaluation"))}
+    assert set(rows) == {"im2gps", "someone/im2gps3k"}
+    for name, record in (("im2gps", IM2GPS), ("someone/im2gps3k", IM2GPS3K)):
+        row = rows[name]
+        for km in (1, 25, 200, 750, 2500):
+            assert float(row[f"{km} km (%)"]) == pytest.approx(100 * record[f"acc_{km}km"], abs=0.05)
+        assert float(row["Median error (km)"]) == pytest.approx(record["median_km"], abs=0.05)
+        assert float(row["Mean error (km)"]) == pytest.approx(record["mean_km"], abs=0.05)
+        assert float(row["GeoScore"]) == pytest.approx(record["geoscore"], abs=0.05)
+        assert int(row["Images"]) == record["num_evaluated"]
+        assert int(row["Failed"]) == record["num_failed"]
+    assert rows["someone/im2gps3k"]["Split"] == "test"
+    assert rows["im2gps"]["Split"] == "—"
+
+
+def test_evaluation_names_the_file_model_data_and_protocol_of_each_row(evaluated_card):
+    section = _section(evaluated_card, "Evaluation")
+    assert "model `runs/streetclip-lora`, data `/benchmarks/im2gps.csv`" in section
+    assert "`radius_km=6371.0088`, `inclusive=True`" in section
+
+
+def test_extra_thresholds_get_columns_in_distance_order_and_missing_values_a_dash(config, tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"acc_0.5km": 0.01, "acc_25km": 0.3, "acc_1km": 0.02, "n": 10, "data": "mine"}))
+    benchmark = model_card.read_benchmark_result(path)
+    card = model_card.build_model_card(config, REPO_ID, benchmarks=[benchmark])
+    [row] = _table(_section(card, "Evaluation"))
+    assert list(row)[4:] == ["0.5 km (%)", "1 km (%)", "25 km (%)"]
+    assert row["Failed"] == "—"
+
+
+def test_card_without_metrics_says_no_evaluation_was_supplied_and_has_no_model_index(config, tmp_path):
+    card = model_card.build_model_card(config, REPO_ID)
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    assert "No evaluation results were supplied" in _section(loaded, "Evaluation")
+    assert "|" not in _section(loaded, "Evaluation")
+    assert loaded.data.eval_results is None
+    assert "model-index" not in loaded.content
+
+
+def test_benchmark_row_is_named_by_argument_then_benchmark_key_then_data(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({**IM2GPS, "benchmark": "IM2GPS"}))
+    assert model_card.read_benchmark_result(path, name="im2gps-val").name == "im2gps-val"
+    assert model_card.read_benchmark_result(path).name == "IM2GPS"
+    path.write_text(json.dumps(IM2GPS3K))
+    assert model_card.read_benchmark_result(path).name == "someone/im2gps3k"
+
+
+def test_protocol_is_read_from_top_level_keys_too(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"acc_25km": 0.2, "data": "x", "radius_km": 6378.137, "inclusive": False}))
+    assert model_card.read_benchmark_result(path).protocol == {"radius_km": 6378.137, "inclusive": False}
+
+
+def test_same_benchmark_and_split_twice_is_refused(config, metrics_files):
+    twice = [model_card.read_benchmark_result(metrics_files["im2gps"])] * 2
+    with pytest.raises(ValueError, match=r"same benchmark and split.*im2gps.*NAME=FILE"):
+        model_card.build_model_card(config, REPO_ID, benchmarks=twice)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "is not valid JSON"),
+        ("[0.2, 0.3]", "must hold a JSON object"),
+        ('{"n": 10, "data": "x"}', "holds no geodesic accuracy metric"),
+        ('{"acc_25km": 28.3, "data": "x"}', "must be a fraction between 0 and 1"),
+        ('{"acc_25km": "high", "data": "x"}', "must be a finite number"),
+        ('{"acc_25km": 0.2}', "names no benchmark and no data"),
+    ],
+)
+def test_bad_metrics_file_is_refused_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "metrics.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as error:
+        model_card.read_benchmark_result(path)
+    assert str(path) in str(error.value)
+
+
+# Training
+
+
+def test_training_section_lists_the_recorded_arguments_and_marks_the_others_not_recorded(evaluated_card):
+    section = _section(evaluated_card, "Training data and procedure")
+    assert "- **Base model:** `geolocal/StreetCLIP`" in section
+    assert "- **Steps:** `2000`" in section
+    assert "- **Batch size per device:** `64`" in section
+    assert "- **Learning rate:** `1e-05`" in section
+    assert "- **Mode:** `lora`" in section
+    assert "- **LoRA rank:** `16`" in section
+    assert "- **Epochs:** not recorded" in section
+    assert json.dumps(TRAINING_ARGS, indent=2) in section
+
+
+def test_lora_rank_is_left_out_when_training_was_not_lora(config):
+    card = model_card.build_model_card(config, REPO_ID, training_args={**TRAINING_ARGS, "mode": "full"})
+    assert "LoRA rank" not in _section(card, "Training data and procedure")
+
+
+def test_mode_is_read_from_the_training_flags_when_no_mode_was_recorded(config):
+    flags = {key: value for key, value in TRAINING_ARGS.items() if key != "mode"}
+    for recorded, mode in (
+        ({"use_lora": True, "freeze_text_tower": False}, "lora"),
+        ({"use_lora": False, "freeze_text_tower": True, "freeze_vision_tower": False}, "freeze_text"),
+        ({"use_lora": False, "freeze_text_tower": False, "freeze_vision_tower": False}, "full"),
+    ):
+        card = model_card.build_model_card(config, REPO_ID, training_args={**flags, **recorded})
+        section = _section(card, "Training data and procedure")
+        assert f"- **Mode:** `{mode}`" in section
+        assert ("LoRA rank" in section) == (mode == "lora")
+    section = _section(
+        model_card.build_model_card(config, REPO_ID, training_args=flags), "Training data and procedure"
+    )
+    assert "- **Mode:** not recorded" in section
+
+
+def test_card_without_training_arguments_says_they_were_not_recorded(config):
+    section = _section(model_card.build_model_card(config, REPO_ID), "Training data and procedure")
+    assert section.strip().startswith("Not recorded")
+
+
+def test_converted_clip_checkpoint_card_says_no_training_was_done_and_names_its_base(config):
+    card = model_card.build_model_card(config, REPO_ID, converted_from="geolocal/StreetCLIP")
+    assert card.data.base_model == "geolocal/StreetCLIP"
+    section = _section(card, "Training data and procedure")
+    assert "`geolocal/StreetCLIP`, unchanged" in section
+    assert "No further training was done here" in section
+
+
+def test_training_arguments_are_read_from_the_model_folder_when_saved_there(tmp_path):
+    assert model_card.read_training_args(tmp_path) is None
+    (tmp_path / model_card.TRAINING_ARGS_NAME).write_text(json.dumps(TRAINING_ARGS))
+    assert model_card.read_training_args(tmp_path) == TRAINING_ARGS
+    assert model_card.read_training_args("geolocal/StreetCLIP") is None
+
+
+# The rest of the card
+
+
+def test_card_covers_use_method_candidates_limits_citation_and_license(evaluated_card, config):
+    text = evaluated_card.text
+    for title in (
+        "How to use",
+        "Method",
+        "Intended use",
+        "Out-of-scope use",
+        "Bias, risks and limitations",
+        "Citation",
+        "License",
+    ):
+        assert f"\n## {title}\n" in text
+    assert f'pipeline("geolocation", model="{REPO_ID}", trust_remote_code=True)' in text
+    assert "pipeline_class=GeolocationPipeline" in text
+    assert config.caption_template in _section(evaluated_card, "Method")
+    assert ", ".join(config.candidate_places["country_names"]) in _section(evaluated_card, "Method")
+    assert "surveillance" in _section(evaluated_card, "Out-of-scope use").lower()
+    assert "City snapping" in _section(evaluated_card, "Bias, risks and limitations")
+    assert "eprint={2302.00275}" in _section(evaluated_card, "Citation")
+    assert "`cc-by-nc-4.0`" in _section(evaluated_card, "License")
+
+
+def test_undetermined_license_is_stated_rather_than_invented(config):
+    card = model_card.build_model_card(config, REPO_ID, converted_from="/checkpoints/clip")
+    assert card.data.license == "other"
+    assert "could not be determined" in _section(card, "License")
+    assert "a base model that was not recorded" in _section(card, "License")
