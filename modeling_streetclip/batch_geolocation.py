@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .images import ImageInput, ImageLoadError, load_rgb_image
@@ -74,6 +75,7 @@ def geolocate_images(
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
+        pin_memory=model.device.type == "cuda",
     )
     for indices, pixel_values, errors in loader:
         records = {index: GeolocationRecord(index, inputs[index], error=error) for index, error in errors.items()}
@@ -87,3 +89,15 @@ def geolocate_images(
                 embeds = outputs.image_embeds[position].float().cpu() if return_embeddings else None
                 records[index] = GeolocationRecord(index, inputs[index], answers=answers, image_embeds=embeds)
         yield from (records[index] for index in sorted(records))
+
+
+@torch.no_grad()
+def pooled_answers(
+    model: StreetCLIPForGeolocation, image_embeds: torch.Tensor, top_k: int = 1
+) -> list[dict[str, Any]]:
+    """Answers for one place seen in several views: the hierarchical decision on the mean of their normalised
+    embeddings (as `return_embeddings=True` keeps them), renormalised."""
+    pooled = F.normalize(image_embeds.mean(dim=0, keepdim=True), dim=-1)
+    outputs = model.locate_embeddings(pooled.to(device=model.device, dtype=model.dtype))
+    city_rows, scores, country_scores = model.rank_places(outputs, top_k=top_k)
+    return format_answers(model.candidate_places, city_rows[0], scores[0], country_scores[0])

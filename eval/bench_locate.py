@@ -1,0 +1,190 @@
+"""Time `streetclip locate`: images/s with decoding in the main process vs in DataLoader workers, and the whole
+command's overhead over the bare vision forward at ViT-L/14-336 scale.
+
+1. 200 generated 640x480 JPEGs and the tiny random model of the tests: images/s at `--workers 0` and `--workers 2`.
+2. A random-weight CLIP at the size of `geolocal/StreetCLIP` (ViT-L/14 at 336 px), saved as a StreetCLIP folder with a
+   small candidate table: the command over a few of those JPEGs against `vision_model` + `visual_projection` on the
+   same images, already preprocessed.
+
+Usage, from the repository root:
+
+    python eval/bench_locate.py [--images 200] [--large_images 16] [--batch_size 8] [--repeats 2] [--skip_large]
+
+It prints figures; it asserts nothing. Both parts call the command's `main` in-process, as the console script does.
+"""
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import redirect_stderr
+from io import StringIO
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+
+# The command runs with torch's default thread count; importing the tests' helpers would pin it to one.
+DEFAULT_THREADS = torch.get_num_threads()
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import (  # noqa: E402  (the tests' tiny checkpoints, reused rather than rebuilt here)
+    SMALL_COUNTRIES,
+    build_tiny_tokenizer,
+    random_photo,
+    save_streetclip_folder,
+    save_tiny_clip_checkpoint,
+)
+
+from modeling_streetclip import StreetCLIPForGeolocation, load_rgb_image  # noqa: E402
+from modeling_streetclip.cli import main as streetclip  # noqa: E402
+
+
+torch.set_num_threads(DEFAULT_THREADS)
+
+
+# geolocal/StreetCLIP is OpenAI CLIP ViT-L/14-336: these are its tower sizes.
+VIT_L_14_336 = {
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "patch_size": 14,
+        "image_size": 336,
+    },
+    "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "projection_dim": 768,
+}
+
+
+def make_photos(folder: Path, count: int, size: tuple[int, int] = (640, 480)) -> list[Path]:
+    """JPEGs with the smooth content of photos (upsampled noise), so that decoding costs what a real photo does."""
+    folder.mkdir(parents=True)
+    paths = []
+    for seed in range(count):
+        path = folder / f"{seed:04d}.jpg"
+        random_photo(seed, (size[0] // 16, size[1] // 16)).resize(size, Image.Resampling.BICUBIC).save(
+            path, quality=90
+        )
+        paths.append(path)
+    return paths
+
+
+def timed_locate(arguments: list) -> float:
+    """Seconds that one whole `streetclip locate` run takes, its progress bar and summary kept off the terminal."""
+    start = time.perf_counter()
+    with redirect_stderr(StringIO()):
+        status = streetclip(["locate", *map(str, arguments)])
+    seconds = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"streetclip locate {arguments} exited with status {status}.")
+    return seconds
+
+
+def save_vit_l_streetclip(folder: Path) -> Path:
+    """A random-weight ViT-L/14-336 CLIP saved as a StreetCLIP folder with heads for six countries of five cities."""
+    tokenizer = build_tiny_tokenizer()
+    special = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    config = CLIPConfig(
+        text_config={**VIT_L_14_336["text_config"], "vocab_size": len(tokenizer), **special},
+        vision_config=VIT_L_14_336["vision_config"],
+        projection_dim=VIT_L_14_336["projection_dim"],
+    )
+    torch.manual_seed(0)
+    clip_dir = folder / "vit-l-clip"
+    CLIPModel(config).save_pretrained(clip_dir)
+    tokenizer.save_pretrained(clip_dir)
+    CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(
+        clip_dir
+    )
+    return save_streetclip_folder(
+        clip_dir, folder / "vit-l-streetclip", candidate_countries=SMALL_COUNTRIES, cities_per_country=5
+    )
+
+
+@torch.no_grad()
+def bare_vision_forward(model_dir: Path, photos: list[Path], batch_size: int) -> tuple[float, Callable[[], float]]:
+    """Seconds to load the model (vision tower only), and a function that times `vision_model` + `visual_projection`
+    over the photos, preprocessed beforehand, in batches of `batch_size`."""
+    start = time.perf_counter()
+    model = StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=True)
+    load_seconds = time.perf_counter() - start
+    image_processor = AutoImageProcessor.from_pretrained(model_dir)
+    pixel_values = image_processor(images=[load_rgb_image(path) for path in photos], return_tensors="pt")
+    batches = pixel_values["pixel_values"].split(batch_size)
+    model.visual_projection(model.vision_model(pixel_values=batches[0][:1]).pooler_output)  # one-off kernel setup
+
+    @torch.no_grad()
+    def forward_seconds() -> float:
+        start = time.perf_counter()
+        for batch in batches:
+            model.visual_projection(model.vision_model(pixel_values=batch).pooler_output)
+        return time.perf_counter() - start
+
+    return load_seconds, forward_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=200, help="640x480 JPEGs for the tiny-model throughput")
+    parser.add_argument("--large_images", type=int, default=16, help="JPEGs for the ViT-L/14-336 overhead")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2, help="alternated runs of each setting; the best counts")
+    parser.add_argument("--skip_large", action="store_true", help="time the tiny model only")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        folder = scratch / "photos"
+        make_photos(folder, args.images)
+        tiny_dir = save_streetclip_folder(
+            save_tiny_clip_checkpoint(scratch / "tiny-clip"),
+            scratch / "tiny-streetclip",
+            candidate_countries=SMALL_COUNTRIES,
+            cities_per_country=5,
+        )
+        # Other processes on the machine skew every figure below: say how busy it was.
+        print(
+            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; torch uses {torch.get_num_threads()} threads"
+        )
+        print(f"tiny model, {args.images} 640x480 JPEGs, batch {args.batch_size}:")
+        # Alternated and repeated, best of each: other load on the machine then skews both sides alike.
+        seconds = {0: math.inf, 2: math.inf}
+        for run in range(args.repeats):
+            for workers in seconds:
+                common = [folder, "--model", tiny_dir, "--batch_size", args.batch_size, "--workers", workers]
+                output = scratch / f"tiny-w{workers}-{run}.jsonl"
+                seconds[workers] = min(seconds[workers], timed_locate([*common, "--output", output]))
+        rates = {workers: args.images / best for workers, best in seconds.items()}
+        for workers, rate in rates.items():
+            print(f"  --workers {workers}: {seconds[workers]:6.2f} s  {rate:7.1f} images/s")
+        print(f"  workers 2 / workers 0: {rates[2] / rates[0]:.2f}x")
+
+        if args.skip_large:
+            return
+        large_dir = save_vit_l_streetclip(scratch)
+        large_photos = make_photos(scratch / "large-photos", args.large_images)
+        load_seconds, forward_seconds = bare_vision_forward(large_dir, large_photos, args.batch_size)
+        command = [*large_photos, "--model", large_dir, "--batch_size", args.batch_size, "--workers", 2]
+        bare_seconds, command_seconds = math.inf, math.inf
+        for run in range(args.repeats):
+            bare_seconds = min(bare_seconds, forward_seconds())
+            command_seconds = min(
+                command_seconds, timed_locate([*command, "--output", scratch / f"vit-l-{run}.jsonl"])
+            )
+        print(f"load average {os.getloadavg()[0]:.1f}")
+        print(f"ViT-L/14-336 (random weights), {args.large_images} 640x480 JPEGs, batch {args.batch_size}:")
+        print(f"  bare vision forward (preprocessed tensors): {bare_seconds:7.2f} s")
+        print(f"  model load (vision tower only):             {load_seconds:7.2f} s")
+        print(f"  streetclip locate, whole command:           {command_seconds:7.2f} s")
+        print(f"  overhead, whole command / bare forward:     {command_seconds / bare_seconds:7.3f}x")
+        print(f"  overhead, command less model load / bare:   {(command_seconds - load_seconds) / bare_seconds:7.3f}x")
+
+
+if __name__ == "__main__":
+    main()

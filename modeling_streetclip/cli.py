@@ -1,0 +1,353 @@
+"""The `streetclip` command: geolocate folders of photos from the shell.
+
+`streetclip locate` runs `geolocate_images` over image files, folders, glob patterns or a list of paths on standard
+input, and streams one record per input (or per group of views of one place) to JSON Lines or CSV, resuming where a
+killed run stopped. This module parses arguments, expands inputs, pools grouped views and maps outcomes to exit
+codes; decoding and batching live in `batch_geolocation`, result files in `records`.
+"""
+
+import argparse
+import glob
+import os
+import re
+import sys
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+from transformers import AutoConfig, AutoImageProcessor
+from transformers.utils import logging
+
+from .batch_geolocation import GeolocationRecord, geolocate_images, pooled_answers
+from .configuration_streetclip import StreetCLIPConfig
+from .modeling_streetclip import StreetCLIPForGeolocation
+from .records import ResultFileError, open_records, resume_records
+
+
+logger = logging.get_logger(__name__)
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
+EXIT_BROKEN_PIPE = 141  # and for one whose reader went away, as in `| head` (128 + SIGPIPE)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Decoding and resizing a photo takes milliseconds of one core: a few workers overlap it with the forward pass, and
+# more workers than cores would only take time from the model.
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+
+class UsageError(ValueError):
+    """A command line that cannot run (bad model, countries file, inputs or options); exits with status 2."""
+
+
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= `minimum`, refused with a message that names the bad value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `streetclip` argument parser, one subcommand per task."""
+    parser = argparse.ArgumentParser(
+        prog="streetclip",
+        description="StreetCLIP: zero-shot image geolocation with CLIP, from the shell.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    locate = commands.add_parser(
+        "locate",
+        help="geolocate image files, folders or glob patterns; one record per input, resumable",
+        description=(
+            "Geolocate photos: the best country among the candidates, then the best city of that country (StreetCLIP's "
+            "hierarchical zero-shot probing). Images are decoded in DataLoader workers and the model runs in "
+            "batches; a progress bar on standard error shows images/s. One record per input streams to --output as "
+            "soon as it is ready: its path and its top_k answers (country, country_code, city, latitude, longitude, "
+            "score, country_score) or an `error` field with the reason."
+        ),
+        epilog=(
+            'Output: JSON Lines ({"path": ..., "answers": [{...}, ...]} or {"path": ..., "error": ...}), or CSV with '
+            "one row per input and rank-suffixed answer columns (path, country_1, country_code_1, city_1, "
+            "latitude_1, longitude_1, score_1, country_score_1, country_2, ..., error). Paths are absolute. "
+            'With --group_by, records carry "group" and its member "paths" (a JSON list in CSV) instead of "path". '
+            "Resume: rerunning the same command with the same --output skips the inputs already recorded (failed "
+            "ones included: delete their records to retry them); a run killed at any moment leaves only complete "
+            "records. Exit status: 0 when every input was geolocated, 1 when some failed (a summary line on "
+            "standard error counts them), 2 on usage errors (unknown model, unreadable countries file, unknown "
+            "country, no inputs, an output file written with other options), 130 when interrupted, 141 when the reader of "
+            "standard output goes away."
+        ),
+    )
+    locate.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUTS",
+        help="image files, folders (their files in formats Pillow reads) or glob patterns such as 'photos/*.jpg'; "
+        "'-' reads paths from standard input, one per line",
+    )
+    locate.add_argument(
+        "--model",
+        default="geolocal/StreetCLIP",
+        help="Hub repo or local folder: a plain CLIP checkpoint, or a folder saved by StreetCLIPForGeolocation "
+        "(loaded without its text tower) (default: %(default)s)",
+    )
+    locate.add_argument(
+        "--top_k", type=_int_at_least(1), default=1, help="answers per input, best first (default: %(default)s)"
+    )
+    locate.add_argument(
+        "--batch_size", type=_int_at_least(1), default=8, help="images per forward pass (default: %(default)s)"
+    )
+    locate.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the model runs; auto picks cuda when available (default: %(default)s)",
+    )
+    locate.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="float32", help="model weight precision (default: %(default)s)"
+    )
+    locate.add_argument(
+        "--workers",
+        type=_int_at_least(0),
+        default=DEFAULT_WORKERS,
+        metavar="N",
+        help="DataLoader worker processes that decode and preprocess images; 0 decodes in the main process "
+        "(default: %(default)s)",
+    )
+    locate.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="result file, FILE.jsonl (JSON Lines) or FILE.csv; appended to and resumed when it exists "
+        "(default: JSON Lines on standard output, without resume)",
+    )
+    locate.add_argument(
+        "--countries",
+        type=Path,
+        metavar="FILE",
+        help="text file of candidate countries, one name (as in the model's candidate list) or ISO code per line; "
+        "restricts the answers to them",
+    )
+    locate.add_argument(
+        "--recursive",
+        action="store_true",
+        help="descend into subfolders of folder inputs, and let '**' in glob patterns match any depth",
+    )
+    locate.add_argument(
+        "--group_by",
+        metavar="REGEX",
+        help="pool views of one place: inputs whose absolute path gives the same capture group 1 of "
+        "re.search(REGEX, path) form a group, answered once from the mean of their image embeddings (e.g. "
+        r"'(pano_\d+)_heading' for the headings of one Street View panorama). An input the REGEX does not match "
+        "is a group of its own; a group with an unreadable view gets an error record",
+    )
+    locate.set_defaults(run=locate_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `streetclip` and return its exit status (argparse itself exits on --help and on malformed options)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (UsageError, ResultFileError) as error:
+        print(f"streetclip {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"streetclip {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Standard output points nowhere now; Python's flush at exit must not fail on it again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+@cache
+def _readable_extensions() -> frozenset[str]:
+    """File extensions of the formats Pillow can open, which decide what a folder contributes."""
+    return frozenset(
+        suffix for suffix, image_format in Image.registered_extensions().items() if image_format in Image.OPEN
+    )
+
+
+def _folder_images(folder: str, recursive: bool) -> list[str]:
+    if recursive:
+        files = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+    else:
+        files = [entry.path for entry in os.scandir(folder) if entry.is_file()]
+    return sorted(path for path in files if os.path.splitext(path)[1].lower() in _readable_extensions())
+
+
+def expand_inputs(arguments: list[str], recursive: bool, stdin: TextIO) -> list[str]:
+    """Absolute paths of the images that files, folders, glob patterns and '-' (paths on `stdin`) name, each once,
+    in order of first mention.
+
+    A named file is an input whatever its extension, so that a path that is missing or not an image gets an error
+    record rather than vanishing; a folder contributes its files in formats Pillow reads. Absolute paths (symlinks
+    kept, unlike `resolve`) are the identity that resume matches records by, whatever the working folder.
+    """
+    paths: dict[str, None] = {}
+    for argument in arguments:
+        if argument == "-":
+            named = [line.rstrip("\r\n") for line in stdin if line.strip()]
+        elif not os.path.lexists(argument) and any(char in argument for char in "*?["):
+            named = sorted(glob.glob(argument, recursive=recursive))
+            if not named:
+                logger.warning(f"streetclip locate: the pattern {argument!r} matches no file.")
+        else:
+            named = [argument]
+        for name in named:
+            for path in _folder_images(name, recursive) if os.path.isdir(name) else [name]:
+                paths.setdefault(os.path.abspath(path), None)
+    return list(paths)
+
+
+def group_views(paths: list[str], pattern: re.Pattern) -> list[tuple[str, list[str]]]:
+    """`(key, member paths)` per place, in order of first appearance: the key is capture group 1 of `pattern`
+    searched in the path; a path it does not match is a group of its own, keyed by the path."""
+    groups: dict[str, list[str]] = {}
+    unmatched = []
+    for path in paths:
+        match = pattern.search(path)
+        key = match.group(1) if match else None
+        if key is None:
+            unmatched.append(path)
+            key = path
+        groups.setdefault(key, []).append(path)
+    if unmatched:
+        logger.warning(
+            f"streetclip locate: --group_by {pattern.pattern!r} does not match {len(unmatched)} of {len(paths)} "
+            f"inputs (e.g. {unmatched[0]!r}); each of them is a group of its own."
+        )
+    return list(groups.items())
+
+
+def _group_pattern(regex: str) -> re.Pattern:
+    try:
+        pattern = re.compile(regex)
+    except re.error as error:
+        raise UsageError(f"--group_by {regex!r} is not a valid regular expression: {error}.") from None
+    if pattern.groups < 1:
+        raise UsageError(f"--group_by {regex!r} has no capture group; put the part naming the place in (...).")
+    return pattern
+
+
+def read_countries(path: Path) -> list[str]:
+    """Candidate country names (or ISO codes), one per line; blank lines are skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read --countries {str(path)!r}: {error}") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise UsageError(f"--countries {str(path)!r} lists no country; write one name per line.")
+    return names
+
+
+def load_model(
+    name: str, device: str, dtype: torch.dtype, countries: list[str] | None
+) -> tuple[StreetCLIPForGeolocation, Any]:
+    """The model and its image processor, on `device`, restricted to `countries` when given."""
+    try:
+        config = AutoConfig.from_pretrained(name)
+        # A saved folder carries its heads and infers without the text tower (a quarter of CLIP's weights); a plain
+        # CLIP checkpoint needs that tower to build them.
+        vision_only = isinstance(config, StreetCLIPConfig) and config.candidate_places is not None
+        model = StreetCLIPForGeolocation.from_pretrained(name, config=config, dtype=dtype, vision_only=vision_only)
+        image_processor = AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot load --model {name!r}: {error}") from None
+    if countries is not None:
+        try:
+            model.restrict_countries(countries)
+        except ValueError as error:
+            raise UsageError(f"--countries: {error}") from None
+    return model.to(device), image_processor
+
+
+def _views_by_group(
+    records: Iterator[GeolocationRecord], groups: list[tuple[str, list[str]]]
+) -> Iterator[tuple[str, list[str], list[GeolocationRecord]]]:
+    """Each group with the records of its views, as soon as its last view is done (records come in input order)."""
+    for key, members in groups:
+        yield key, members, [next(records) for _ in members]
+
+
+def _record(
+    key: str,
+    members: list[str],
+    views: list[GeolocationRecord],
+    grouped: bool,
+    model: StreetCLIPForGeolocation,
+    top_k: int,
+) -> dict[str, Any]:
+    """The output record of one input (or, with `grouped`, of one place from all its views)."""
+    if not grouped:
+        (view,) = views
+        return {"path": key, "answers": view.answers} if view.error is None else {"path": key, "error": view.error}
+    errors = [view.error for view in views if view.error is not None]
+    if errors:
+        return {"group": key, "paths": members, "error": "; ".join(errors)}
+    embeds = torch.stack([view.image_embeds for view in views])
+    return {"group": key, "paths": members, "answers": pooled_answers(model, embeds, top_k)}
+
+
+def locate_command(args: argparse.Namespace) -> int:
+    """`streetclip locate`: geolocate every input not yet recorded in --output, then report and set the status."""
+    grouped = args.group_by is not None
+    pattern = _group_pattern(args.group_by) if grouped else None
+    countries = read_countries(args.countries) if args.countries is not None else None
+    paths = expand_inputs(args.inputs, args.recursive, sys.stdin)
+    if not paths:
+        raise UsageError(f"no inputs: {args.inputs} name no image file.")
+    groups = group_views(paths, pattern) if grouped else [(path, [path]) for path in paths]
+    recorded = resume_records(args.output, grouped, args.top_k) if args.output is not None else {}
+    pending = [(key, members) for key, members in groups if key not in recorded]
+    failed = sum(not recorded[key] for key, _ in groups if key in recorded)
+
+    if pending:
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or auto.")
+        model, image_processor = load_model(args.model, device, DTYPES[args.dtype], countries)
+        views = [path for _, members in pending for path in members]
+        records = geolocate_images(
+            model,
+            image_processor,
+            views,
+            top_k=1 if grouped else args.top_k,  # pooled groups are ranked from their embeddings instead
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            return_embeddings=grouped,
+        )
+        with (
+            open_records(args.output, grouped, args.top_k) as writer,
+            tqdm(total=len(views), unit="img", desc="streetclip locate", file=sys.stderr) as progress,
+        ):
+            for key, members, group_records in _views_by_group(records, pending):
+                record = _record(key, members, group_records, grouped, model, args.top_k)
+                writer.write(record)
+                failed += "error" in record
+                progress.update(len(members))
+
+    noun = "groups" if grouped else "inputs"
+    summary = f"streetclip locate: {len(groups) - failed} of {len(groups)} {noun} geolocated"
+    if failed:
+        summary += f", {failed} failed (see the error field)"
+    if len(groups) > len(pending):
+        summary += f"; {len(groups) - len(pending)} were recorded by an earlier run"
+    print(summary, file=sys.stderr)
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+__all__ = ["main"]

@@ -1,0 +1,440 @@
+"""`streetclip locate`: inputs, output formats, bad files, resume, exit codes, --countries and --group_by.
+
+Most cases call `main` in-process on the tiny saved model (fast); one runs the installed console script to prove the
+entry point and that `main`'s return value becomes the process's exit status.
+"""
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SMALL_COUNTRIES, random_photo
+from transformers import AutoImageProcessor
+
+from modeling_streetclip import StreetCLIPForGeolocation, load_rgb_image
+from modeling_streetclip.cli import build_parser, main
+from modeling_streetclip.pipeline_geolocation import format_answers
+from modeling_streetclip.records import ANSWER_FIELDS
+
+
+PHOTO_SIZE = (32, 24)
+
+
+def make_photos(folder: Path, names: list[str]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / name for name in names]
+    for seed, path in enumerate(paths):
+        random_photo(seed, PHOTO_SIZE).save(path)
+    return paths
+
+
+def make_bad_files(folder: Path) -> dict[str, Path]:
+    """One file for each way a photo collection goes wrong."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.jpg").write_bytes(b"")
+    jpeg = io.BytesIO()
+    random_photo(7, (64, 48)).save(jpeg, format="JPEG")
+    (folder / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (folder / "notes.jpg").write_text("these are field notes, not a photo\n")
+    random_photo(8, PHOTO_SIZE).save(folder / "scan.pdf")  # Pillow writes PDF but cannot read it
+    names = ("empty.jpg", "truncated.jpg", "notes.jpg", "scan.pdf")
+    return {name: folder / name for name in names}
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    status = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def jsonl_records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def assert_same_records(records: list[dict], expected: list[dict]) -> None:
+    """Equal records up to float rounding in the scores (batches may be composed differently)."""
+    assert [sorted(record) for record in records] == [sorted(record) for record in expected]
+    for record, reference in zip(records, expected, strict=True):
+        assert record.get("path") == reference.get("path") and record.get("error") == reference.get("error")
+        for answer, reference_answer in zip(record.get("answers", []), reference.get("answers", []), strict=True):
+            assert answer == pytest.approx(reference_answer)
+
+
+def test_folder_gives_one_jsonl_record_per_image_on_stdout(capsys, tmp_path, small_streetclip_dir):
+    photos = make_photos(tmp_path / "photos", ["b.jpg", "a.png", "c.jpeg"])
+    (tmp_path / "photos" / "labels.csv").write_text("not an image\n")
+
+    status, out, err = run(capsys, "locate", tmp_path / "photos", "--model", small_streetclip_dir, "--workers", 0)
+
+    assert status == 0
+    records = jsonl_records(out)
+    assert [record["path"] for record in records] == sorted(str(path) for path in photos)
+    for record in records:
+        (answer,) = record["answers"]
+        assert set(ANSWER_FIELDS) <= set(answer)
+        assert answer["country"] in SMALL_COUNTRIES
+    assert "streetclip locate: 3 of 3 inputs geolocated" in err
+    assert "img/s" in err
+
+
+def test_recursive_descends_into_subfolders_only_when_asked(capsys, tmp_path, small_streetclip_dir):
+    make_photos(tmp_path / "photos", ["top.jpg"])
+    make_photos(tmp_path / "photos" / "day2", ["deep.jpg"])
+    common = ("--model", small_streetclip_dir, "--workers", 0)
+
+    _, flat, _ = run(capsys, "locate", tmp_path / "photos", *common)
+    _, deep, _ = run(capsys, "locate", tmp_path / "photos", "--recursive", *common)
+
+    assert [Path(record["path"]).name for record in jsonl_records(flat)] == ["top.jpg"]
+    assert [Path(record["path"]).name for record in jsonl_records(deep)] == ["deep.jpg", "top.jpg"]
+
+
+def test_glob_pattern_selects_matching_files(capsys, tmp_path, small_streetclip_dir):
+    make_photos(tmp_path, ["field_1.jpg", "field_2.jpg", "other.jpg"])
+
+    status, out, _ = run(capsys, "locate", tmp_path / "field_*.jpg", "--model", small_streetclip_dir, "--workers", 0)
+
+    assert status == 0
+    assert [Path(record["path"]).name for record in jsonl_records(out)] == ["field_1.jpg", "field_2.jpg"]
+
+
+def test_dash_reads_paths_from_stdin_one_per_line(capsys, monkeypatch, tmp_path, small_streetclip_dir):
+    photos = make_photos(tmp_path, ["one.jpg", "two.jpg"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("two.jpg\n\none.jpg\n"))
+
+    status, out, _ = run(capsys, "locate", "-", "--model", small_streetclip_dir, "--workers", 0)
+
+    assert status == 0
+    assert [record["path"] for record in jsonl_records(out)] == [str(photos[1]), str(photos[0])]
+
+
+def test_input_named_twice_is_recorded_once(capsys, tmp_path, small_streetclip_dir):
+    make_photos(tmp_path, ["a.jpg", "b.jpg"])
+
+    _, out, _ = run(
+        capsys, "locate", tmp_path, tmp_path / "a.jpg", tmp_path / "*.jpg", "--model", small_streetclip_dir
+    )
+
+    assert [Path(record["path"]).name for record in jsonl_records(out)] == ["a.jpg", "b.jpg"]
+
+
+def test_csv_output_has_one_row_per_input_with_rank_suffixed_answer_columns(capsys, tmp_path, small_streetclip_dir):
+    photos = make_photos(tmp_path / "photos", ["a.jpg", "b.jpg"])
+    output = tmp_path / "results.csv"
+
+    status, out, _ = run(
+        capsys, "locate", tmp_path / "photos", "--model", small_streetclip_dir, "--top_k", 3, "--output", output
+    )
+
+    assert status == 0 and out == ""
+    with output.open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["path"] for row in rows] == [str(path) for path in photos]
+    assert list(rows[0]) == ["path"] + [f"{field}_{rank}" for rank in (1, 2, 3) for field in ANSWER_FIELDS] + ["error"]
+    for row in rows:
+        assert row["error"] == ""
+        assert float(row["score_1"]) >= float(row["score_2"]) >= float(row["score_3"])
+
+
+def test_csv_and_jsonl_hold_the_same_answers(capsys, tmp_path, small_streetclip_dir):
+    make_photos(tmp_path / "photos", ["a.jpg", "b.jpg", "c.jpg"])
+    common = ("locate", tmp_path / "photos", "--model", small_streetclip_dir, "--top_k", 2)
+
+    run(capsys, *common, "--output", tmp_path / "results.jsonl")
+    run(capsys, *common, "--output", tmp_path / "results.csv")
+
+    records = jsonl_records((tmp_path / "results.jsonl").read_text())
+    with (tmp_path / "results.csv").open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    for record, row in zip(records, rows, strict=True):
+        for rank, answer in enumerate(record["answers"], start=1):
+            assert row[f"city_{rank}"] == answer["city"]
+            assert float(row[f"latitude_{rank}"]) == answer["latitude"]
+            assert float(row[f"score_{rank}"]) == pytest.approx(answer["score"])
+
+
+def test_bad_files_get_error_records_while_good_ones_are_answered(capsys, tmp_path, small_streetclip_dir):
+    (good,) = make_photos(tmp_path, ["good.jpg"])
+    bad = make_bad_files(tmp_path)
+    missing = tmp_path / "missing.jpg"
+    inputs = [good, *bad.values(), missing]
+
+    status, out, err = run(capsys, "locate", *inputs, "--model", small_streetclip_dir, "--batch_size", 2)
+
+    assert status == 1
+    records = {Path(record["path"]).name: record for record in jsonl_records(out)}
+    assert list(records) == [path.name for path in inputs]
+    assert "answers" in records["good.jpg"] and "error" not in records["good.jpg"]
+    assert "empty" in records["empty.jpg"]["error"]
+    assert "truncated" in records["truncated.jpg"]["error"]
+    assert "not an image format" in records["notes.jpg"]["error"]
+    assert "not an image format" in records["scan.pdf"]["error"]
+    assert "not found" in records["missing.jpg"]["error"]
+    assert all("answers" not in record for name, record in records.items() if name != "good.jpg")
+    assert "streetclip locate: 1 of 6 inputs geolocated, 5 failed (see the error field)" in err
+
+
+@pytest.mark.parametrize("extension", ["jsonl", "csv"])
+def test_rerun_after_a_kill_mid_record_ends_with_every_input_exactly_once(
+    capsys, tmp_path, small_streetclip_dir, extension
+):
+    photos = make_photos(tmp_path / "photos", [f"{index}.jpg" for index in range(7)])
+    (tmp_path / "photos" / "broken.jpg").write_text("not a photo")
+    command = ("locate", tmp_path / "photos", "--model", small_streetclip_dir, "--top_k", 2, "--batch_size", 3)
+    complete = tmp_path / f"complete.{extension}"
+    assert run(capsys, *command, "--output", complete)[0] == 1
+    lines = complete.read_bytes().splitlines(keepends=True)
+    # Killed while writing a record: the header (CSV) and three records made it, then half of the next line.
+    kept = 4 if extension == "csv" else 3
+    killed = tmp_path / f"killed.{extension}"
+    killed.write_bytes(b"".join(lines[:kept]) + lines[kept][: len(lines[kept]) // 2])
+
+    status, _, err = run(capsys, *command, "--output", killed)
+
+    assert status == 1
+    rerun_lines = killed.read_bytes().splitlines(keepends=True)
+    assert rerun_lines[:kept] == lines[:kept]
+    assert len(rerun_lines) == len(lines)
+    if extension == "csv":
+        with killed.open(newline="") as stream:
+            paths = [row["path"] for row in csv.DictReader(stream)]
+    else:
+        paths = [record["path"] for record in jsonl_records(killed.read_text())]
+    assert sorted(paths) == sorted(str(path) for path in [*photos, tmp_path / "photos" / "broken.jpg"])
+    assert "7 of 8 inputs geolocated, 1 failed" in err
+    assert "3 were recorded by an earlier run" in err
+
+
+def test_rerun_of_a_finished_output_changes_nothing_and_keeps_the_status(capsys, tmp_path, small_streetclip_dir):
+    make_photos(tmp_path, ["a.jpg"])
+    (tmp_path / "b.jpg").write_text("not a photo")
+    output = tmp_path / "results.jsonl"
+    command = ("locate", tmp_path, "--model", small_streetclip_dir, "--output", output)
+    assert run(capsys, *command)[0] == 1
+    before = output.read_bytes()
+
+    status, _, err = run(capsys, *command)
+
+    assert status == 1
+    assert output.read_bytes() == before
+    assert "1 of 2 inputs geolocated, 1 failed" in err
+
+
+def test_new_inputs_are_appended_to_an_existing_output(capsys, tmp_path, small_streetclip_dir):
+    make_photos(tmp_path / "photos", ["a.jpg"])
+    output = tmp_path / "results.csv"
+    command = ("locate", tmp_path / "photos", "--model", small_streetclip_dir, "--output", output)
+    run(capsys, *command)
+    random_photo(3, PHOTO_SIZE).save(tmp_path / "photos" / "b.jpg")
+
+    assert run(capsys, *command)[0] == 0
+
+    with output.open(newline="") as stream:
+        assert [Path(row["path"]).name for row in csv.DictReader(stream)] == ["a.jpg", "b.jpg"]
+
+
+def test_workers_decode_in_other_processes_with_the_same_results(capsys, tmp_path, small_streetclip_dir):
+    make_photos(tmp_path, [f"{index}.jpg" for index in range(5)])
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    command = ("locate", tmp_path, "--model", small_streetclip_dir, "--batch_size", 2)
+
+    _, in_process, _ = run(capsys, *command, "--workers", 0)
+    _, with_workers, _ = run(capsys, *command, "--workers", 2)
+
+    assert_same_records(jsonl_records(with_workers), jsonl_records(in_process))
+
+
+def test_countries_file_restricts_the_answers(capsys, tmp_path, small_streetclip_dir):
+    make_photos(tmp_path / "photos", ["a.jpg", "b.jpg"])
+    countries = tmp_path / "countries.txt"
+    countries.write_text("Japan\n\nKE\n")
+
+    status, out, _ = run(
+        capsys, "locate", tmp_path / "photos", "--model", small_streetclip_dir, "--top_k", 4, "--countries", countries
+    )
+
+    assert status == 0
+    answers = [answer for record in jsonl_records(out) for answer in record["answers"]]
+    assert {answer["country"] for answer in answers} <= {"Japan", "Kenya"}
+    assert len(answers) == 8
+
+
+def test_dtype_runs_the_model_in_that_precision(capsys, monkeypatch, tmp_path, small_streetclip_dir):
+    make_photos(tmp_path, ["a.jpg", "b.jpg"])
+    loaded_dtypes = []
+    original = StreetCLIPForGeolocation.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        model = original(cls, *args, **kwargs)
+        loaded_dtypes.append(model.dtype)
+        return model
+
+    monkeypatch.setattr(StreetCLIPForGeolocation, "from_pretrained", classmethod(spy))
+
+    status, out, _ = run(capsys, "locate", tmp_path, "--model", small_streetclip_dir, "--dtype", "bfloat16")
+
+    assert status == 0
+    assert loaded_dtypes == [torch.bfloat16]
+    assert all(record["answers"][0]["country"] in SMALL_COUNTRIES for record in jsonl_records(out))
+
+
+def test_plain_clip_checkpoint_is_loaded_with_its_text_tower(capsys, tmp_path, tiny_clip_dir):
+    make_photos(tmp_path / "photos", ["a.jpg"])
+    countries = tmp_path / "countries.txt"
+    countries.write_text("France\nJapan\n")
+
+    status, out, _ = run(
+        capsys, "locate", tmp_path / "photos", "--model", tiny_clip_dir, "--countries", countries, "--top_k", 2
+    )
+
+    assert status == 0
+    assert {answer["country"] for answer in jsonl_records(out)[0]["answers"]} <= {"France", "Japan"}
+
+
+def test_unknown_country_is_a_usage_error_that_lists_close_matches(capsys, tmp_path, small_streetclip_dir):
+    make_photos(tmp_path, ["a.jpg"])
+    countries = tmp_path / "countries.txt"
+    countries.write_text("Japan\nFrnace\n")
+
+    status, out, err = run(capsys, "locate", tmp_path, "--model", small_streetclip_dir, "--countries", countries)
+
+    assert status == 2 and out == ""
+    assert "streetclip locate: error:" in err
+    assert "'Frnace'" in err and "'France'" in err
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("unknown model", "cannot load --model"),
+        ("unreadable countries file", "cannot read --countries"),
+        ("no inputs", "no inputs"),
+        ("unknown output extension", "use .jsonl (JSON Lines) or .csv"),
+        ("output written with another top_k", "Rerun with the options that wrote it"),
+        ("group_by without a capture group", "has no capture group"),
+        pytest.param(
+            "cuda without a CUDA device",
+            "torch sees no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device"),
+        ),
+    ],
+)
+def test_usage_errors_exit_with_status_two_and_say_what_is_wrong(
+    capsys, tmp_path, small_streetclip_dir, case, expected
+):
+    make_photos(tmp_path / "photos", ["a.jpg"])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "top3.csv").write_text("path," + ",".join(f"{field}_1" for field in ANSWER_FIELDS) + ",error\n")
+    arguments = {
+        "unknown model": ["--model", tmp_path / "no-such-model"],
+        "unreadable countries file": ["--countries", tmp_path / "no-such-file.txt"],
+        "no inputs": [tmp_path / "empty"],
+        "unknown output extension": ["--output", tmp_path / "results.txt"],
+        "output written with another top_k": ["--top_k", 3, "--output", tmp_path / "top3.csv"],
+        "group_by without a capture group": ["--group_by", "pano_[0-9]+"],
+        "cuda without a CUDA device": ["--device", "cuda"],
+    }[case]
+    inputs = [] if case == "no inputs" else [tmp_path / "photos"]
+
+    status, out, err = run(capsys, "locate", *inputs, "--model", small_streetclip_dir, *arguments)
+
+    assert status == 2 and out == ""
+    assert "streetclip locate: error:" in err and expected in err
+
+
+def pooled_reference(model_dir: Path, paths: list[Path], top_k: int) -> list[dict]:
+    """The group answer by its definition: the decision on the renormalised mean of the views' embeddings."""
+    model = StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=True)
+    image_processor = AutoImageProcessor.from_pretrained(model_dir)
+    pixel_values = image_processor(images=[load_rgb_image(path) for path in paths], return_tensors="pt")
+    with torch.no_grad():
+        embeds = model(pixel_values=pixel_values["pixel_values"]).image_embeds
+        outputs = model.locate_embeddings(F.normalize(embeds.mean(dim=0, keepdim=True), dim=-1))
+        city_rows, scores, country_scores = model.rank_places(outputs, top_k=top_k)
+    return format_answers(model.candidate_places, city_rows[0], scores[0], country_scores[0])
+
+
+def test_group_by_answers_once_per_place_from_the_mean_of_its_views(capsys, tmp_path, small_streetclip_dir):
+    names = ["pano1_h0.png", "pano1_h90.png", "pano1_h180.png", "pano2_h0.png", "pano2_h90.png", "lone.png"]
+    photos = dict(zip(names, make_photos(tmp_path, names), strict=True))
+    output = tmp_path / "places.jsonl"
+
+    status, _, err = run(
+        capsys,
+        *("locate", tmp_path, "--model", small_streetclip_dir, "--output", output, "--top_k", 2),
+        *("--group_by", r"(pano\d+)_h\d+", "--batch_size", 2),  # pano1's views span two batches
+    )
+
+    assert status == 0
+    records = jsonl_records(output.read_text())
+    # Groups come in order of first appearance; the folder lists lone.png first.
+    assert [record["group"] for record in records] == [str(photos["lone.png"]), "pano1", "pano2"]
+    pano1 = [photos[name] for name in ("pano1_h0.png", "pano1_h180.png", "pano1_h90.png")]
+    assert records[1]["paths"] == [str(path) for path in pano1]
+    assert_same_records(records[1:2], [{**records[1], "answers": pooled_reference(small_streetclip_dir, pano1, 2)}])
+    assert records[0]["paths"] == [str(photos["lone.png"])]
+    assert "3 of 3 groups geolocated" in err
+
+
+def test_group_with_an_unreadable_view_gets_an_error_record_and_is_recorded_once(
+    capsys, tmp_path, small_streetclip_dir
+):
+    make_photos(tmp_path, ["pano1_h0.png", "pano1_h90.png", "pano2_h0.png"])
+    (tmp_path / "pano2_h90.png").write_bytes(b"")
+    output = tmp_path / "places.csv"
+    command = ("locate", tmp_path, "--model", small_streetclip_dir, "--output", output, "--group_by", r"(pano\d+)_")
+
+    status, _, err = run(capsys, *command)
+    rerun_status, _, _ = run(capsys, *command)
+
+    assert status == rerun_status == 1
+    with output.open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["group"] for row in rows] == ["pano1", "pano2"]
+    assert json.loads(rows[1]["paths"]) == [str(tmp_path / "pano2_h0.png"), str(tmp_path / "pano2_h90.png")]
+    assert rows[0]["error"] == "" and rows[0]["country_1"] in SMALL_COUNTRIES
+    assert "pano2_h90.png" in rows[1]["error"] and rows[1]["country_1"] == ""
+    assert "1 of 2 groups geolocated, 1 failed" in err
+
+
+def test_help_says_what_every_option_does(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["locate", "--help"])
+    help_text = capsys.readouterr().out
+
+    assert exit_info.value.code == 0
+    locate = next(action for action in parser._actions if action.dest == "command").choices["locate"]
+    for action in locate._actions:
+        assert action.help, f"{action.dest} has no help"
+        for option in action.option_strings:
+            assert option in help_text
+    assert "locate" in parser.format_help()
+
+
+def run_console_script(*argv, cwd: Path) -> subprocess.CompletedProcess:
+    script = shutil.which("streetclip", path=os.path.dirname(sys.executable))
+    assert script, "the streetclip console script is not installed next to this Python"
+    return subprocess.run([script, *map(str, argv)], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_console_script_exits_one_when_some_inputs_fail(tmp_path, small_streetclip_dir):
+    make_photos(tmp_path / "photos", ["a.jpg", "b.jpg"])
+    (tmp_path / "photos" / "c.jpg").write_bytes(b"")
+
+    result = run_console_script(
+        "locate", "photos", "--model", small_streetclip_dir, "--output", "out.jsonl", cwd=tmp_path
+    )
+
+    assert result.returncode == 1, result.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 3
+    assert "2 of 3 inputs geolocated, 1 failed" in result.stderr
