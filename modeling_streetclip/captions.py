@@ -4,7 +4,14 @@ Both the inference heads (country and city prompts) and training (synthetic capt
 template change reaches both.
 """
 
-from collections.abc import Sequence
+import bisect
+import hashlib
+import itertools
+import math
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 
 
 def render_template(template: str, **fields: str) -> str:
@@ -27,3 +34,79 @@ def city_prompts(template: str, cities: Sequence[str], countries: Sequence[str])
     return [
         render_template(template, city=city, country=country) for city, country in zip(cities, countries, strict=True)
     ]
+
+
+def template_fields(template: str) -> set[str]:
+    """Names of the place fields a template fills, e.g. `{"city", "region", "country"}` for the paper's caption."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+@dataclass(frozen=True)
+class CaptionMix:
+    """Synthetic training captions: each row draws one of `templates` with the given `probabilities`.
+
+    The paper captions every image with one fine template; mixing in coarser ones (region and country, country only)
+    also teaches the coarse levels directly. The draw is a pure function of `seed` and the row's id, never of batch
+    composition, process count or call order, so a resumed or multi-process run captions every row exactly as a
+    single uninterrupted run does.
+
+    A row that lacks a field of its drawn template (an empty or missing region, say) takes the first listed template
+    whose fields it has, so list templates finest first; a row that no template fits gets `None`.
+    """
+
+    templates: tuple[str, ...]
+    probabilities: tuple[float, ...]
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.templates:
+            raise ValueError("A caption mix needs at least one template.")
+        if len(self.probabilities) != len(self.templates):
+            raise ValueError(
+                f"Got {len(self.templates)} caption templates but {len(self.probabilities)} probabilities "
+                f"{list(self.probabilities)}; give one probability per template."
+            )
+        if any(probability < 0 for probability in self.probabilities) or not math.isclose(
+            sum(self.probabilities), 1.0, abs_tol=1e-6
+        ):
+            raise ValueError(
+                f"Caption template probabilities {list(self.probabilities)} must be non-negative and sum to 1."
+            )
+        fieldless = [
+            template for template, fields in zip(self.templates, self._template_fields, strict=True) if not fields
+        ]
+        if fieldless:
+            raise ValueError(f"These caption templates name no place field such as {{country}}: {fieldless}.")
+
+    def template_indices(self, row_ids: Sequence[int]) -> list[int]:
+        """The template each row draws (before falling back), from a hash of the seed and the row id."""
+        cumulative = list(itertools.accumulate(self.probabilities))
+        indices = []
+        for row_id in row_ids:
+            digest = hashlib.blake2b(f"{self.seed}/{row_id}".encode(), digest_size=8).digest()
+            uniform = int.from_bytes(digest, "little") / 2**64
+            # min(): float rounding can leave the last cumulative probability a hair below 1.
+            indices.append(min(bisect.bisect_right(cumulative, uniform), len(self.templates) - 1))
+        return indices
+
+    @cached_property
+    def _template_fields(self) -> list[set[str]]:
+        return [template_fields(template) for template in self.templates]
+
+    def captions(self, places: Mapping[str, Sequence[str | None]], row_ids: Sequence[int]) -> list[str | None]:
+        """One caption per row from its place names (`places` maps field names to columns aligned with `row_ids`);
+        an empty or `None` name counts as missing."""
+        needed = set().union(*self._template_fields)
+        unknown = needed - set(places)
+        if unknown:
+            raise ValueError(
+                f"Caption templates use {sorted(unknown)}, but the place columns are only {sorted(places)}."
+            )
+        captions = []
+        for row, drawn in enumerate(self.template_indices(row_ids)):
+            names = {field: places[field][row] for field in needed}
+            present = {field for field, name in names.items() if name}
+            fallbacks = (drawn, *range(len(self.templates)))
+            chosen = next((index for index in fallbacks if self._template_fields[index] <= present), None)
+            captions.append(None if chosen is None else render_template(self.templates[chosen], **names))
+        return captions
