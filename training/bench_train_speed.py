@@ -1,0 +1,171 @@
+"""Samples per second of a training step and of the data pipeline alone, at tiny and ViT-B/16 scale, on this machine.
+
+The pipeline (DataLoader workers decoding JPEGs and preprocessing them, collating captions) must outpace the step it
+feeds by a wide margin, so that the accelerator, not the CPU, sets the pace. Models are randomly initialised from
+their configurations (speed does not depend on the weights), so nothing is downloaded:
+
+    python training/bench_train_speed.py                      # both scales
+    python training/bench_train_speed.py --scales tiny --steps 5
+
+It also times the one-off preprocessing (label filling by reverse geocoding, captions, tokens) per row.
+"""
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from contrastive import ContrastiveTowers, contrastive_loss
+from data import GeoCollator, PlaceCaptioner, caption_dataset, load_geo_dataset
+from PIL import Image
+from torch.utils.data import DataLoader
+from transformers import CLIPConfig, CLIPImageProcessorPil
+
+from modeling_streetclip import StreetCLIPConfig, StreetCLIPForGeolocation
+from modeling_streetclip.captions import CaptionMix
+from modeling_streetclip.geocoding import reverse_geocoder
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import build_tiny_clip, build_tiny_tokenizer  # noqa: E402  (CLIP-format, without a download)
+
+
+# Per scale: the CLIP configuration and the per-process batch of its training step.
+SCALES = {
+    # The test suite's tiny CLIP (hidden size 32, 30 px images).
+    "tiny": (lambda: build_tiny_clip(build_tiny_tokenizer()).config, 32),
+    # OpenAI's ViT-B/16: CLIPConfig's text defaults are already its text tower.
+    "vit-b-16": (
+        lambda: CLIPConfig(
+            vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "patch_size": 16},
+            projection_dim=512,
+        ),
+        16,
+    ),
+}
+# Tokens of the paper's caption under CLIP's BPE tokenizer, start and end included.
+CAPTION_TOKENS = 24
+
+
+def write_photos(folder: Path, count: int, size: tuple[int, int]) -> None:
+    """Noise JPEGs (hard to compress, so decoding costs what a photo's does) near random GeoNames places."""
+    rng = np.random.default_rng(0)
+    geocoder = reverse_geocoder()
+    places = rng.integers(0, len(geocoder), count)
+    points = geocoder._tree.data[places]
+    latitudes = np.degrees(np.arcsin(points[:, 2])) + rng.normal(0, 0.05, count)
+    longitudes = np.degrees(np.arctan2(points[:, 1], points[:, 0]))
+    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as metadata:
+        writer = csv.writer(metadata)
+        writer.writerow(["file_name", "latitude", "longitude"])
+        for index in range(count):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{index}.jpg", quality=90)
+            writer.writerow([f"{index}.jpg", np.clip(latitudes[index], -90, 90), longitudes[index]])
+
+
+def time_geocoding(points: int) -> float:
+    rng = np.random.default_rng(0)
+    latitudes = np.degrees(np.arcsin(rng.uniform(-1, 1, points)))
+    longitudes = rng.uniform(-180, 180, points)
+    geocoder = reverse_geocoder()
+    start = time.perf_counter()
+    geocoder.lookup(latitudes, longitudes)
+    return points / (time.perf_counter() - start)
+
+
+def caption_folder(folder: Path, tokenizer) -> tuple:
+    """The captioned data set, and rows per second of the one-off caption map (geocoding, captions, tokens)."""
+    captioner = PlaceCaptioner(
+        CaptionMix((StreetCLIPConfig().caption_template,), (1.0,)), tokenizer, max_length=77, country_names={}
+    )
+    dataset = load_geo_dataset(str(folder), "train", "image")
+    start = time.perf_counter()
+    dataset = caption_dataset(dataset, captioner, "image")
+    return dataset, len(dataset) / (time.perf_counter() - start)
+
+
+def time_loader(dataset, tokenizer, image_size: int, batch_size: int, num_workers: int) -> float:
+    """Samples per second of the DataLoader (decoding, preprocessing, collating) after its first batch."""
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        collate_fn=GeoCollator(processor, tokenizer, "image", []),
+    )
+    batches = iter(loader)
+    next(batches)  # worker start-up is paid once per run, not per step
+    start, samples = time.perf_counter(), 0
+    for batch in batches:
+        samples += batch["pixel_values"].shape[0]
+    return samples / (time.perf_counter() - start)
+
+
+def time_training_step(clip_config: CLIPConfig, batch_size: int, steps: int) -> float:
+    config = StreetCLIPConfig.from_clip_config(clip_config)
+    towers = ContrastiveTowers(StreetCLIPForGeolocation(config)).train()
+    optimizer = torch.optim.AdamW(towers.parameters(), lr=1e-5)
+    image_size = config.vision_config.image_size
+    pixel_values = torch.randn(batch_size, 3, image_size, image_size)
+    input_ids = torch.randint(0, config.text_config.vocab_size - 2, (batch_size, CAPTION_TOKENS))
+    input_ids[:, -1] = config.text_config.eos_token_id
+
+    def step():
+        loss = contrastive_loss(*towers(pixel_values, input_ids, torch.ones_like(input_ids)), torch.arange(batch_size))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()  # the first step allocates optimiser state
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scales", nargs="+", default=list(SCALES), choices=list(SCALES))
+    parser.add_argument("--steps", type=int, default=5, help="Timed training steps per scale.")
+    parser.add_argument("--images", type=int, default=512, help="Photos in the generated image folder.")
+    parser.add_argument("--photo_size", type=int, nargs=2, default=(640, 480), help="Width and height of each photo.")
+    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (the script's default is 4).")
+    parser.add_argument("--geocoding_points", type=int, default=1_000_000)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the training step.")
+    args = parser.parse_args()
+    PartialState()  # the data module logs through accelerate
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+
+    print(f"torch threads: {torch.get_num_threads()}, DataLoader workers: {args.num_workers}")
+    print(f"reverse geocoding: {time_geocoding(args.geocoding_points):,.0f} points/s (uniform over the globe)")
+    tokenizer = build_tiny_tokenizer()
+    with tempfile.TemporaryDirectory() as folder:
+        write_photos(Path(folder), args.images, tuple(args.photo_size))
+        dataset, map_rate = caption_folder(Path(folder), tokenizer)
+        print(f"caption map (geocoding, captions, tokens; once per data set): {map_rate:,.0f} rows/s")
+        for name in args.scales:
+            build_config, batch_size = SCALES[name]
+            clip_config = build_config()
+            image_size = clip_config.vision_config.image_size
+            pipeline_rate = time_loader(dataset, tokenizer, image_size, batch_size, args.num_workers)
+            step_rate = time_training_step(clip_config, batch_size, args.steps)
+            print(
+                f"{name}: training step {step_rate:,.1f} samples/s (batch {batch_size}); data pipeline "
+                f"{pipeline_rate:,.1f} samples/s ({args.photo_size[0]}x{args.photo_size[1]} JPEG -> {image_size} px), "
+                f"{pipeline_rate / step_rate:,.1f}x the step"
+            )
+
+
+if __name__ == "__main__":
+    main()

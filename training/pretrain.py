@@ -1,0 +1,451 @@
+"""Continue CLIP's contrastive pretraining on geo-tagged images with synthetic place captions (StreetCLIP).
+
+Launch it on one CPU, one GPU, or many GPUs and nodes with Accelerate (see training/README.md):
+
+    accelerate launch training/pretrain.py --model_name_or_path openai/clip-vit-large-patch14-336 \\
+        --train_data path/to/imagefolder --output_dir streetclip-run --max_steps 10000
+
+or with every argument in one YAML or JSON file: `accelerate launch training/pretrain.py config.yaml`. The output
+folder ends up holding a `StreetCLIPForGeolocation` (weights, heads rebuilt from the trained text tower, candidate
+table, tokenizer, image processor) that `pipeline("geolocation", model=output_dir)` loads.
+"""
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import evaluate
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from arguments import DataArguments, ModelArguments, TrainingArguments
+from contrastive import ContrastiveTowers, contrastive_loss, gather_across_processes
+from data import GeoCollator, PlaceCaptioner, candidate_country_names, caption_dataset, load_geo_dataset
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoTokenizer, HfArgumentParser, get_scheduler
+
+from modeling_streetclip import CandidatePlaces, StreetCLIPForGeolocation
+
+
+logger = get_logger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GEODESIC_METRIC = REPO_ROOT / "eval" / "geodesic_accuracy"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# A checkpoint is written under this suffix and renamed when complete, so a kill mid-write never damages one.
+PARTIAL_SUFFIX = ".partial"
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Arguments from the command line, or from a single YAML or JSON file holding the same names."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        model_args, data_args, training_args = parser.parse_yaml_file(os.path.abspath(argv[0]))
+    elif len(argv) == 1 and argv[0].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if data_args.streaming and training_args.max_steps is None:
+        raise ValueError("A streamed data set has no length to count epochs in: give --max_steps with --streaming.")
+    return model_args, data_args, training_args
+
+
+def set_trainable_parameters(model: StreetCLIPForGeolocation, args: ModelArguments) -> nn.Module:
+    """Choose what trains: everything, one tower, or LoRA adapters; returns the model to train (a peft model with
+    LoRA). The probe heads never train: they are rebuilt from the text tower for evaluation and saving."""
+    model.requires_grad_(not args.use_lora)
+    for head in (model.country_head, model.city_head):
+        if head is not None:
+            head.requires_grad_(False)
+    if args.freeze_text_tower:
+        model.text_model.requires_grad_(False)
+        model.text_projection.requires_grad_(False)
+    if args.freeze_vision_tower:
+        model.vision_model.requires_grad_(False)
+        model.visual_projection.requires_grad_(False)
+    model.logit_scale.requires_grad_(args.train_logit_scale)
+    if args.use_lora:
+        lora_config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=args.lora_target_modules,
+            bias="none",
+        )
+        model = get_peft_model(model, lora_config)
+        # peft freezes every base weight, the temperature included.
+        model.get_base_model().logit_scale.requires_grad_(args.train_logit_scale)
+    return model
+
+
+def geolocation_model(towers: ContrastiveTowers) -> StreetCLIPForGeolocation:
+    """The StreetCLIP model inside the training wrapper (with LoRA layers in place when training adapters)."""
+    return towers.clip.get_base_model() if isinstance(towers.clip, PeftModel) else towers.clip
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest complete checkpoint; partial ones (left by a kill mid-write) are never candidates."""
+    steps = {
+        int(match.group(1)): path
+        for path in checkpoints_dir.glob("checkpoint-*")
+        if path.is_dir() and (match := CHECKPOINT_PATTERN.match(path.name))
+    }
+    return steps[max(steps)] if steps else None
+
+
+def checkpoint_step(path: Path) -> int:
+    match = CHECKPOINT_PATTERN.match(path.name)
+    if match is None:
+        raise ValueError(f"Checkpoint folder {str(path)!r} is not named checkpoint-<step>, as this script saves them.")
+    return int(match.group(1))
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, total_limit: int | None) -> None:
+    """`accelerator.save_state` into a partial folder, renamed into place once every process has written."""
+    final = checkpoints_dir / f"checkpoint-{step}"
+    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            # Only after resuming from an older checkpoint: replace the stale copy of this step.
+            stale = final.with_name(final.name + ".stale")
+            os.replace(final, stale)
+            os.replace(partial, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(partial, final)
+        logger.info(f"Saved checkpoint {final}")
+        if total_limit is not None:
+            complete = sorted(
+                (path for path in checkpoints_dir.glob("checkpoint-*") if CHECKPOINT_PATTERN.match(path.name)),
+                key=checkpoint_step,
+            )
+            for old in complete[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def log_metrics(accelerator: Accelerator, metrics: dict[str, float], step: int, output_dir: Path) -> None:
+    """To the Accelerate trackers, and to output_dir/log_history.jsonl for scripts that read results back."""
+    accelerator.log(metrics, step=step)
+    if accelerator.is_main_process:
+        with open(output_dir / "log_history.jsonl", "a", encoding="utf-8") as log_file:
+            log_file.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+@torch.no_grad()
+def evaluate_geolocation(
+    accelerator: Accelerator,
+    model: StreetCLIPForGeolocation,
+    dataloader: DataLoader,
+    places: CandidatePlaces,
+    tokenizer,
+    metric,
+) -> dict[str, float]:
+    """Hierarchical geolocation with heads rebuilt from the current text tower: country accuracy and the
+    geodesic metric over the held-out data."""
+    model.eval()
+    model.set_candidates(places, tokenizer)
+    results = {"row_ids": [], "predicted": [], "true": [], "predicted_country": [], "true_country": []}
+    for batch in tqdm(dataloader, desc="Evaluating", leave=False, disable=not accelerator.is_local_main_process):
+        with accelerator.autocast():
+            outputs = model(pixel_values=batch["pixel_values"])
+        gathered = gather_across_processes(
+            batch["row_ids"],
+            outputs.predicted_coordinates,
+            batch["coordinates"],
+            outputs.predicted_country,
+            batch["country_rows"],
+        )
+        for key, values in zip(results, gathered, strict=True):
+            results[key].append(values.cpu().numpy())
+    model.train()
+    # Accelerate repeats a few rows to even out the last batches across processes: count each row once.
+    _, first = np.unique(np.concatenate(results.pop("row_ids")), return_index=True)
+    results = {key: np.concatenate(values)[first] for key, values in results.items()}
+    metrics = metric.compute(predictions=results["predicted"].tolist(), references=results["true"].tolist())
+    metrics["country_accuracy"] = float(np.mean(results["predicted_country"] == results["true_country"]))
+    return {f"eval/{key}": float(value) for key, value in metrics.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    model_args, data_args, training_args = parse_args(argv)
+    output_dir = Path(training_args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=training_args.gradient_accumulation_steps,
+        mixed_precision=training_args.mixed_precision,
+        log_with=None if training_args.report_to == "none" else training_args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # Every process draws the same permutation, so the data is sharded, never duplicated, and resumable; each
+        # process reads its own batches (a streamed set is not dispatched from the main process, which cannot split
+        # batches whose size varies once unreadable images are dropped).
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=training_args.seed, dispatch_batches=False
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    set_seed(training_args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # Model: heads for the requested candidates, built from the starting text tower and rebuilt as it trains.
+    countries = model_args.read_countries()
+    candidate_settings = {"candidate_countries": countries} if countries else {}
+    if model_args.cities_per_country is not None:
+        candidate_settings["cities_per_country"] = model_args.cities_per_country
+    model = StreetCLIPForGeolocation.from_pretrained(model_args.model_name_or_path, **candidate_settings)
+    places = model.candidate_places
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+    if model_args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    towers = ContrastiveTowers(set_trainable_parameters(model, model_args))
+    trainable = sum(parameter.numel() for parameter in towers.parameters() if parameter.requires_grad)
+    total = sum(parameter.numel() for parameter in towers.parameters())
+    logger.info(f"Training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%).")
+
+    # Data: captions and tokens once, in the main process first so that the others reuse its cache.
+    captioner = PlaceCaptioner(
+        data_args.caption_mix(model.config.caption_template, training_args.seed),
+        tokenizer,
+        max_length=model.config.text_config.max_position_embeddings,
+        country_names=candidate_country_names(places.country_names, places.country_codes),
+        latitude_column=data_args.latitude_column,
+        longitude_column=data_args.longitude_column,
+        label_columns={
+            "city": data_args.city_column,
+            "region": data_args.region_column,
+            "country": data_args.country_column,
+        },
+    )
+    with accelerator.main_process_first():
+        train_dataset = load_geo_dataset(
+            data_args.train_data, data_args.train_split, data_args.image_column, data_args.streaming
+        )
+        if data_args.max_train_samples is not None:
+            train_dataset = train_dataset.take(data_args.max_train_samples)
+        train_dataset = caption_dataset(
+            train_dataset, captioner, data_args.image_column, data_args.preprocessing_num_workers, "training data"
+        )
+        eval_dataset = None
+        if data_args.eval_data is not None:
+            eval_dataset = load_geo_dataset(data_args.eval_data, data_args.eval_split, data_args.image_column)
+            if data_args.max_eval_samples is not None:
+                eval_dataset = eval_dataset.take(data_args.max_eval_samples)
+            eval_dataset = caption_dataset(
+                eval_dataset, captioner, data_args.image_column, data_args.preprocessing_num_workers, "eval data"
+            )
+    if data_args.streaming:
+        train_dataset = train_dataset.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
+    collator = GeoCollator(image_processor, tokenizer, data_args.image_column, places.country_codes)
+    train_dataloader = DataLoader(
+        train_dataset,
+        shuffle=not data_args.streaming,
+        batch_size=training_args.per_device_train_batch_size,
+        collate_fn=collator,
+        num_workers=data_args.dataloader_num_workers,
+        persistent_workers=data_args.dataloader_num_workers > 0,
+        drop_last=training_args.dataloader_drop_last,
+    )
+    eval_dataloader = None
+    if eval_dataset is not None:
+        eval_dataloader = DataLoader(
+            eval_dataset,
+            batch_size=training_args.per_device_eval_batch_size,
+            collate_fn=collator,
+            num_workers=data_args.dataloader_num_workers,
+        )
+
+    # Optimiser: AdamW without weight decay on gains, biases and the temperature (CLIP's choice).
+    trainable_parameters = [parameter for parameter in towers.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in trainable_parameters if p.ndim >= 2], "weight_decay": training_args.weight_decay},
+            {"params": [p for p in trainable_parameters if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=training_args.learning_rate,
+        betas=(training_args.adam_beta1, training_args.adam_beta2),
+        eps=training_args.adam_epsilon,
+    )
+    towers, optimizer, train_dataloader = accelerator.prepare(towers, optimizer, train_dataloader)
+    if eval_dataloader is not None:
+        eval_dataloader = accelerator.prepare(eval_dataloader)
+    if data_args.streaming:
+        max_steps, num_epochs = training_args.max_steps, sys.maxsize
+    else:
+        updates_per_epoch = math.ceil(len(train_dataloader) / training_args.gradient_accumulation_steps)
+        max_steps = training_args.max_steps or training_args.num_train_epochs * updates_per_epoch
+        num_epochs = math.ceil(max_steps / updates_per_epoch)
+    warmup_steps = training_args.warmup_steps or math.ceil(training_args.warmup_ratio * max_steps)
+    # Accelerate steps a prepared scheduler once per process and optimiser step, hence the scaling.
+    lr_scheduler = get_scheduler(
+        training_args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    lr_scheduler = accelerator.prepare(lr_scheduler)
+    geolocator = geolocation_model(accelerator.unwrap_model(towers))
+    accelerator.init_trackers(
+        "streetclip-pretrain",
+        config={
+            key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for args in (model_args, data_args, training_args)
+            for key, value in vars(args).items()
+        },
+    )
+    metric = evaluate.load(str(GEODESIC_METRIC)) if eval_dataloader is not None else None
+
+    # Resume: the exact step, and the data position within its epoch.
+    checkpoints_dir = output_dir / "checkpoints"
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    if training_args.resume_from_checkpoint is not None:
+        if training_args.resume_from_checkpoint == "latest":
+            checkpoint = latest_checkpoint(checkpoints_dir)
+            if checkpoint is None:
+                logger.warning(f"No checkpoint in {checkpoints_dir} to resume from; starting a new run.")
+        else:
+            checkpoint = Path(training_args.resume_from_checkpoint)
+            if not checkpoint.is_dir():
+                raise FileNotFoundError(f"--resume_from_checkpoint folder not found: {str(checkpoint)!r}.")
+        if checkpoint is not None:
+            accelerator.load_state(str(checkpoint))
+            global_step = checkpoint_step(checkpoint)
+            completed_batches = global_step * training_args.gradient_accumulation_steps
+            if data_args.streaming:
+                skip_batches = completed_batches
+            else:
+                first_epoch, skip_batches = divmod(completed_batches, len(train_dataloader))
+            logger.info(
+                f"Resumed from {checkpoint} at step {global_step} (epoch {first_epoch}, batch {skip_batches})."
+            )
+
+    total_batch = training_args.per_device_train_batch_size * accelerator.num_processes
+    logger.info(
+        f"Training for {max_steps} steps; contrastive batch {total_batch} "
+        f"({training_args.per_device_train_batch_size} per process x {accelerator.num_processes}), "
+        f"{training_args.gradient_accumulation_steps} micro-batch(es) per step."
+    )
+    if eval_dataloader is not None and training_args.eval_on_start and global_step == 0:
+        log_metrics(
+            accelerator,
+            evaluate_geolocation(accelerator, geolocator, eval_dataloader, places, tokenizer, metric),
+            0,
+            output_dir,
+        )
+    sample_log = None
+    if training_args.record_sample_ids:
+        (output_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
+        sample_log = output_dir / "sample_ids" / f"rank-{accelerator.process_index}.jsonl"
+
+    progress = tqdm(total=max_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    towers.train()
+    step_loss, skipped_rows = 0.0, torch.zeros((), dtype=torch.long, device=accelerator.device)
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_steps:
+            break
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        for batch in batches:
+            skipped_rows += batch["skipped_rows"]
+            if sample_log is not None:
+                with open(sample_log, "a", encoding="utf-8") as sample_file:
+                    sample_file.write(
+                        json.dumps({"step": global_step + 1, "row_ids": batch["row_ids"].tolist()}) + "\n"
+                    )
+            with accelerator.accumulate(towers):
+                image_embeds, text_embeds, logit_scale = towers(
+                    batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+                )
+                image_embeds, text_embeds, caption_keys = gather_across_processes(
+                    image_embeds, text_embeds, batch["caption_keys"]
+                )
+                loss = contrastive_loss(image_embeds, text_embeds, logit_scale, caption_keys)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and training_args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(towers.parameters(), training_args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            step_loss += loss.detach().item() / training_args.gradient_accumulation_steps
+            if not accelerator.sync_gradients:
+                continue
+            with torch.no_grad():
+                geolocator.logit_scale.clamp_(0, math.log(model_args.max_logit_scale))
+            global_step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}")
+            if global_step % training_args.logging_steps == 0 or global_step == max_steps:
+                log_metrics(
+                    accelerator,
+                    {
+                        "train/loss": step_loss,
+                        "train/learning_rate": lr_scheduler.get_last_lr()[0],
+                        "train/logit_scale": geolocator.logit_scale.exp().item(),
+                        "train/epoch": epoch,
+                        "train/skipped_rows": accelerator.reduce(skipped_rows, reduction="sum").item(),
+                    },
+                    global_step,
+                    output_dir,
+                )
+            step_loss = 0.0
+            if global_step % training_args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, checkpoints_dir, global_step, training_args.checkpoints_total_limit)
+            if eval_dataloader is not None and (
+                global_step % training_args.eval_steps == 0 or global_step == max_steps
+            ):
+                log_metrics(
+                    accelerator,
+                    evaluate_geolocation(accelerator, geolocator, eval_dataloader, places, tokenizer, metric),
+                    global_step,
+                    output_dir,
+                )
+            if global_step >= max_steps:
+                break
+    progress.close()
+
+    # The final folder: merged weights, heads from the trained text tower, tokenizer and image processor.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(towers).clip
+        if isinstance(trained, PeftModel):
+            trained = trained.merge_and_unload()
+        trained.set_candidates(places, tokenizer)
+        trained.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        image_processor.save_pretrained(output_dir)
+        logger.info(f"Saved the StreetCLIP model to {output_dir}")
+        if training_args.push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = training_args.hub_model_id or output_dir.resolve().name
+            create_repo(repo_id, exist_ok=True)
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=output_dir,
+                ignore_patterns=["checkpoints/**", "logs/**", "sample_ids/**", "log_history.jsonl"],
+            )
+            logger.info(f"Pushed {output_dir} to the Hub as {repo_id}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
