@@ -1,0 +1,230 @@
+"""Speed, cold start and memory of the geolocation pipeline at StreetCLIP's real scale (ViT-L/14 at 336 px).
+
+Random weights have the real cost. Prints, from one run on this machine:
+- per-image time of `pipeline("geolocation")` at batch 8 over the bare `vision_model` + `visual_projection` forward
+  on already-preprocessed tensors (the physical floor; target <= 1.10x);
+- the naive reference (CLIPModel called with every country prompt, then the chosen country's city prompts,
+  re-encoding text every call) over the pipeline (target >= 2x);
+- cold start: plain CLIP checkpoint to first answer (country head at load, city heads per country on first use),
+  versus building every city head up front, and a saved folder's load (heads stored, vision tower only);
+- peak memory of loading with and without the text tower, each in a fresh process.
+
+Timings interleave the three methods over several rounds and report medians, so drift on a shared machine hits
+all of them alike. Run: `python eval/bench_pipeline.py [--rounds 3] [--batch_size 8]`.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer, pipeline
+
+import modeling_streetclip  # noqa: F401  (registers the "geolocation" task)
+from modeling_streetclip import CandidatePlaces, StreetCLIPForGeolocation
+
+
+# openai/clip-vit-large-patch14-336, the base of geolocal/StreetCLIP.
+VIT_L_14_336 = {
+    "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 336,
+        "patch_size": 14,
+    },
+    "projection_dim": 768,
+}
+
+
+def prompt_tokenizer(places: CandidatePlaces) -> CLIPTokenizer:
+    """A CLIP-format BPE tokenizer trained on the prompts, so prompt lengths (about 10 tokens) match CLIP's own
+    vocabulary, which cannot be downloaded here."""
+    backend = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    texts = [f"a street view photo in {name}." for name in places.country_names]
+    texts += [f"a street view photo from {name}." for name in places.city_names]
+    trainer = trainers.BpeTrainer(
+        vocab_size=8000,
+        end_of_word_suffix="</w>",
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([text.lower() for text in texts], trainer)
+    model = json.loads(backend.to_str())["model"]
+    vocab = dict(model["vocab"])
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(merge) for merge in model["merges"]])
+
+
+def save_random_vit_l(path: Path, tokenizer: CLIPTokenizer) -> None:
+    special = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    config = CLIPConfig(
+        text_config={**VIT_L_14_336["text_config"], "vocab_size": len(tokenizer), **special},
+        vision_config=VIT_L_14_336["vision_config"],
+        projection_dim=VIT_L_14_336["projection_dim"],
+    )
+    CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(path)
+
+
+def memory_after_first_answer(model_dir: Path, vision_only: bool, dtype: str) -> tuple[float, float]:
+    """(weights and heads in MiB, peak resident MiB) of a fresh process that loads the model and answers once.
+
+    Weights stay memory-mapped until touched, so on a CPU in float32 an unused text tower costs address space, not
+    resident memory; a dtype cast or a copy to a GPU materialises every loaded tensor.
+    """
+    code = f"""
+import resource, torch, modeling_streetclip
+model = modeling_streetclip.StreetCLIPForGeolocation.from_pretrained(
+    {str(model_dir)!r}, vision_only={vision_only}, dtype=torch.{dtype})
+with torch.no_grad():
+    model(torch.randn(1, 3, 336, 336, dtype=torch.{dtype}))
+tensors = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+print(tensors / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    tensors_mib, resident_mib = output.split()[-2:]
+    return float(tensors_mib), float(resident_mib)
+
+
+def naive_reference(clip: CLIPModel, processor, places: CandidatePlaces, images: list[Image.Image]) -> list[str]:
+    """The method as often written: CLIPModel re-encodes every prompt on every call."""
+    countries = [f"A Street View photo in {name}." for name in places.country_names]
+    with torch.no_grad():
+        inputs = processor(text=countries, images=images, return_tensors="pt", padding=True)
+        chosen = clip(**inputs).logits_per_image.argmax(dim=-1).tolist()
+        answers = []
+        for image, country in zip(images, chosen, strict=True):
+            rows = places.cities_by_country[country]
+            cities = [f"A Street View photo from {places.city_names[row]}." for row in rows]
+            inputs = processor(text=cities, images=image, return_tensors="pt", padding=True)
+            answers.append(places.city_names[rows[int(clip(**inputs).logits_per_image.argmax())]])
+    return answers
+
+
+def timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def measure_cold_start(plain_dir: Path, saved_dir: Path, image: Image.Image) -> None:
+    """Plain checkpoint to first answer (lazy city heads), all city heads up front, and a saved folder's load."""
+    start = time.perf_counter()
+    model = StreetCLIPForGeolocation.from_pretrained(plain_dir)
+    load_s = time.perf_counter() - start
+    geolocate = pipeline("geolocation", model=model, image_processor=str(plain_dir))
+    first_s = timed(lambda: geolocate(image))
+    print(f"cold start, plain CLIP checkpoint: load + country head {load_s:.1f} s, first answer {first_s:.1f} s")
+    build_all_s = timed(lambda: model.build_city_heads(list(model.pending_city_prompts)))
+    print(f"building all {model.candidate_places.num_cities} city heads up front instead: {build_all_s:.1f} s")
+    save_with_processor(model, plain_dir, saved_dir)
+    saved_load_s = timed(lambda: StreetCLIPForGeolocation.from_pretrained(saved_dir, vision_only=True))
+    print(f"cold start, saved folder (heads stored, vision only): load {saved_load_s:.1f} s")
+
+
+def measure_memory(saved_dir: Path) -> None:
+    for dtype in ("float32", "bfloat16"):
+        full = memory_after_first_answer(saved_dir, vision_only=False, dtype=dtype)
+        vision = memory_after_first_answer(saved_dir, vision_only=True, dtype=dtype)
+        print(
+            f"memory after the first answer, {dtype}: weights {full[0]:.0f} -> {vision[0]:.0f} MiB vision only "
+            f"(saves {full[0] - vision[0]:.0f} MiB); peak resident {full[1]:.0f} -> {vision[1]:.0f} MiB"
+        )
+
+
+def measure_speed(plain_dir: Path, saved_dir: Path, images: list[Image.Image], rounds: int) -> None:
+    """Per-image time of the pipeline, the bare vision forward and the naive reference, interleaved."""
+    geolocate = pipeline("geolocation", model=str(saved_dir))
+    clip = CLIPModel.from_pretrained(plain_dir).eval()
+    processor = CLIPProcessor.from_pretrained(plain_dir)
+    places = geolocate.model.candidate_places
+    pixel_values = geolocate.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def floor():
+        with torch.no_grad():
+            clip.visual_projection(clip.vision_model(pixel_values=pixel_values).pooler_output)
+
+    methods = {
+        "floor": floor,
+        "pipeline": lambda: geolocate(images, batch_size=len(images)),
+        "naive": lambda: naive_reference(clip, processor, places, images),
+    }
+    floor()  # warm-up: first calls pay one-off allocation costs
+    times = {name: [] for name in methods}
+    for round_index in range(rounds):
+        # Rotate the order so that no method always runs first in a round on a shared machine.
+        names = list(methods)[round_index % 3 :] + list(methods)[: round_index % 3]
+        for name in names:
+            times[name].append(timed(methods[name]))
+    per_image = {name: statistics.median(values) / len(images) for name, values in times.items()}
+    print(
+        f"per image at batch {len(images)}: floor {per_image['floor']:.3f} s, "
+        f"pipeline {per_image['pipeline']:.3f} s, naive reference {per_image['naive']:.3f} s"
+    )
+    print(f"pipeline / floor = {per_image['pipeline'] / per_image['floor']:.3f} (target <= 1.10)")
+    print(f"naive / pipeline = {per_image['naive'] / per_image['pipeline']:.2f} (target >= 2)")
+
+
+def save_with_processor(model: StreetCLIPForGeolocation, plain_dir: Path, saved_dir: Path) -> None:
+    model.save_pretrained(saved_dir)
+    CLIPImageProcessorPil.from_pretrained(plain_dir).save_pretrained(saved_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (medians are reported)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument(
+        "--measure",
+        nargs="+",
+        choices=["cold_start", "memory", "speed"],
+        default=["cold_start", "memory", "speed"],
+        help="what to measure; without cold_start the saved folder gets 10 countries, since building all 4321 "
+        "city heads takes minutes and does not change per-image speed or memory",
+    )
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    places = CandidatePlaces.from_geonames()
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) for _ in range(args.batch_size)]
+
+    with tempfile.TemporaryDirectory() as workdir:
+        plain_dir, saved_dir = Path(workdir) / "plain-clip", Path(workdir) / "streetclip"
+        save_random_vit_l(plain_dir, prompt_tokenizer(places))
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ViT-L/14-336 random weights")
+        if "cold_start" in args.measure:
+            measure_cold_start(plain_dir, saved_dir, images[0])
+        else:
+            countries = places.country_names[:10]
+            save_with_processor(
+                StreetCLIPForGeolocation.from_pretrained(plain_dir, candidate_countries=countries),
+                plain_dir,
+                saved_dir,
+            )
+        if "memory" in args.measure:
+            measure_memory(saved_dir)
+        if "speed" in args.measure:
+            measure_speed(plain_dir, saved_dir, images, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
