@@ -229,6 +229,9 @@ def test_short_cpu_run_raises_held_out_country_accuracy_from_chance_to_at_least_
     assert "broken.png' is not an image format Pillow can read" in result.stderr
     assert [entry for entry in read_log(output_dir) if "train/loss" in entry][-1]["train/skipped_rows"] >= 1
     assert list((output_dir / "logs").rglob("events.out.tfevents.*"))
+    recorded = json.loads((output_dir / "training_args.json").read_text())
+    assert recorded["completed_steps"] == recorded["max_steps"] == 40
+    assert recorded["world_size"] == 1 and recorded["global_batch_size"] == recorded["per_device_train_batch_size"]
 
 
 def test_killed_run_resumes_at_its_step_and_continues_the_data_order(tiny_clip_dir, geo_data, tmp_path):
@@ -325,6 +328,25 @@ def test_lora_run_with_accumulation_and_checkpointing_saves_merged_attention_upd
     assert all(name.endswith(".weight") for name in changed)
     answer = pipeline("geolocation", model=str(output_dir))(str(geo_data["eval"] / "Japan-0-0.png"))[0]
     assert answer["country"] in PLACES
+    # The model card is filled from this run's own record, not from defaults.
+    publish = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "model_card" / "publish.py"),
+            str(output_dir),
+            "me/lora-run",
+            "--dry_run",
+            str(tmp_path / "repo"),
+        ],
+        env=script_env(geo_data),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert publish.returncode == 0, publish.stderr
+    card = (tmp_path / "repo" / "README.md").read_text()
+    for line in ("- **Mode:** `lora`", "- **Steps:** `3`", "- **Global batch size:** `16`", "- **LoRA rank:** `16`"):
+        assert line in card
 
 
 @pytest.fixture

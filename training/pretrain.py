@@ -10,6 +10,7 @@ folder ends up holding a `StreetCLIPForGeolocation` (weights, heads rebuilt from
 table, tokenizer, image processor) that `pipeline("geolocation", model=output_dir)` loads.
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -432,6 +433,19 @@ def main(argv: list[str] | None = None) -> None:
         trained.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
         image_processor.save_pretrained(output_dir)
+        # What the model card's training section reports (model_card/card.py reads these names).
+        run_record = {
+            **dataclasses.asdict(model_args),
+            **dataclasses.asdict(data_args),
+            **dataclasses.asdict(training_args),
+            "max_steps": max_steps,
+            "completed_steps": global_step,
+            "world_size": accelerator.num_processes,
+            "global_batch_size": training_args.per_device_train_batch_size
+            * accelerator.num_processes
+            * training_args.gradient_accumulation_steps,
+        }
+        (output_dir / "training_args.json").write_text(json.dumps(run_record, indent=2) + "\n")
         logger.info(f"Saved the StreetCLIP model to {output_dir}")
         if training_args.push_to_hub:
             from huggingface_hub import create_repo, upload_folder
