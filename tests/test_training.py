@@ -548,3 +548,30 @@ def test_countries_file_errors_name_the_file(tmp_path):
     empty.write_text("# nothing\n\n", encoding="utf-8")
     with pytest.raises(ValueError, match="lists no country"):
         ModelArguments("clip", countries=str(empty)).read_countries()
+
+
+def test_push_to_hub_publishes_through_publish_py_and_keeps_the_model_when_it_fails(tiny_clip_dir, geo_data, tmp_path):
+    output_dir = tmp_path / "pushed"
+    args = pretrain_args(tiny_clip_dir, geo_data, output_dir, max_steps=1, push_to_hub=True, hub_model_id="me/run")
+    # Offline, the upload fails: the run must say so, and the trained folder must stay usable.
+    result = subprocess.run(
+        [sys.executable, str(TRAINING_DIR / "pretrain.py"), *args],
+        env=script_env(geo_data),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert "Upload to me/run failed" in result.stderr
+    assert f"but pushing it failed (see above). Retry with: python model_card/publish.py {output_dir} me/run" in (
+        result.stderr
+    )
+    assert (
+        pipeline("geolocation", model=str(output_dir))(str(geo_data["eval"] / "Japan-0-0.png"))[0]["country"] in PLACES
+    )
+
+
+def test_push_to_hub_without_a_repo_id_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
+        parse_args(["--model_name_or_path", "m", "--train_data", "d", "--output_dir", "o", "--push_to_hub"])

@@ -197,9 +197,12 @@ class TrainingArguments:
             "data order and sharding."
         },
     )
-    push_to_hub: bool = field(default=False, metadata={"help": "Upload the final folder to the Hub."})
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "Publish the final folder with model_card/publish.py (card, code for trust_remote_code)."},
+    )
     hub_model_id: str | None = field(
-        default=None, metadata={"help": "Hub repo for --push_to_hub; default: the output folder's name."}
+        default=None, metadata={"help": "Hub repo NAMESPACE/NAME for --push_to_hub (required with it)."}
     )
 
     def __post_init__(self):
@@ -217,3 +220,7 @@ class TrainingArguments:
             raise ValueError(f"--max_steps must be >= 1, got {self.max_steps}.")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError(
+                "--push_to_hub needs --hub_model_id NAMESPACE/NAME, checked now rather than after training."
+            )

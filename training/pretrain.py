@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +43,7 @@ logger = get_logger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GEODESIC_METRIC = REPO_ROOT / "eval" / "geodesic_accuracy"
+PUBLISH_SCRIPT = REPO_ROOT / "model_card" / "publish.py"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # A checkpoint is written under this suffix and renamed when complete, so a kill mid-write never damages one.
 PARTIAL_SUFFIX = ".partial"
@@ -448,16 +450,15 @@ def main(argv: list[str] | None = None) -> None:
         (output_dir / "training_args.json").write_text(json.dumps(run_record, indent=2) + "\n")
         logger.info(f"Saved the StreetCLIP model to {output_dir}")
         if training_args.push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
-
-            repo_id = training_args.hub_model_id or output_dir.resolve().name
-            create_repo(repo_id, exist_ok=True)
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=output_dir,
-                ignore_patterns=["checkpoints/**", "logs/**", "sample_ids/**", "log_history.jsonl"],
-            )
-            logger.info(f"Pushed {output_dir} to the Hub as {repo_id}")
+            # The same repository model_card/publish.py makes: card, custom code and config for trust_remote_code.
+            command = [sys.executable, str(PUBLISH_SCRIPT), str(output_dir), training_args.hub_model_id]
+            if subprocess.run(command).returncode != 0:
+                accelerator.end_training()
+                sys.exit(
+                    f"Training finished and {output_dir} is saved, but pushing it failed (see above). Retry with: "
+                    f"python {PUBLISH_SCRIPT.relative_to(REPO_ROOT)} {output_dir} {training_args.hub_model_id}"
+                )
+            logger.info(f"Pushed {output_dir} to the Hub as {training_args.hub_model_id}")
     accelerator.end_training()
 
 
