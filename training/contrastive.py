@@ -1,5 +1,5 @@
 """CLIP's contrastive objective for synthetic-caption pretraining: the towers behind one forward, the batch gathered
-across processes, and the symmetric loss with identical captions as shared positives.
+across processes, and the symmetric loss over de-duplicated captions.
 
 Every batch is a zero-shot classification over the places in it (the paper's point), so the batch is the global one:
 image and text embeddings of all processes are gathered before the logits, and a run on N processes computes the
