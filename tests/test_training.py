@@ -575,3 +575,28 @@ def test_push_to_hub_publishes_through_publish_py_and_keeps_the_model_when_it_fa
 def test_push_to_hub_without_a_repo_id_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
         parse_args(["--model_name_or_path", "m", "--train_data", "d", "--output_dir", "o", "--push_to_hub"])
+
+
+def test_epochs_count_the_batches_of_the_filtered_data(tiny_clip_dir, geo_data, tmp_path):
+    output_dir = tmp_path / "epochs"
+    run_pretrain(
+        pretrain_args(tiny_clip_dir, geo_data, output_dir, num_train_epochs=2, per_device_train_batch_size=16),
+        geo_data,
+    )
+    recorded = json.loads((output_dir / "training_args.json").read_text())
+    good_rows = (
+        96 + 1
+    )  # write_geo_imagefolder's 96 photos plus its unreadable one; the two bad coordinates are dropped
+    assert recorded["completed_steps"] == recorded["max_steps"] == 2 * (good_rows // 16)
+
+
+def test_streamed_data_trains_in_bfloat16_mixed_precision(tiny_clip_dir, geo_data, tmp_path):
+    output_dir = tmp_path / "streamed"
+    run_pretrain(
+        pretrain_args(tiny_clip_dir, geo_data, output_dir, streaming=True, max_steps=2, mixed_precision="bf16"),
+        geo_data,
+    )
+    assert sorted(train_losses(output_dir)) == [1, 2]
+    assert all(math.isfinite(loss) for loss in train_losses(output_dir).values())
+    answer = pipeline("geolocation", model=str(output_dir))(str(geo_data["eval"] / "Japan-0-0.png"))[0]
+    assert answer["country"] in PLACES
