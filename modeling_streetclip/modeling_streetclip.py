@@ -185,6 +185,8 @@ class StreetCLIPForGeolocation(CLIPModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights, heads and the candidate table; pending city heads are built first so that the folder
         infers without a text tower."""
+        # Without its text tower the folder would reload with a random one, and heads rebuilt from it would be noise.
+        self._require_text_tower("be saved")
         self.build_city_heads(list(self.pending_city_prompts))
         return super().save_pretrained(save_directory, *args, **kwargs)
 

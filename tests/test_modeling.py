@@ -106,6 +106,13 @@ def test_vision_only_load_gives_identical_answers_without_a_text_tower(small_str
     assert torch.equal(vision_only(pixel_values).predicted_city, full(pixel_values).predicted_city)
 
 
+def test_vision_only_model_refuses_to_save_a_folder_without_its_text_tower(small_streetclip_dir, tmp_path):
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
+    with pytest.raises(ValueError, match="loaded with vision_only=True; it cannot be saved without a text tower"):
+        model.save_pretrained(tmp_path / "slim")
+    assert not (tmp_path / "slim").exists()
+
+
 def test_vision_only_refuses_a_checkpoint_without_heads(tiny_clip_dir):
     with pytest.raises(ValueError, match="vision_only=True leaves no text tower"):
         StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, vision_only=True)
