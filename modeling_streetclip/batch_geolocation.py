@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .images import ImageInput, ImageLoadError, load_rgb_image
-from .modeling_streetclip import StreetCLIPForGeolocation
+from .modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
 from .pipeline_geolocation import format_answers
 
 
@@ -81,11 +81,9 @@ def geolocate_images(
         records = {index: GeolocationRecord(index, inputs[index], error=error) for index, error in errors.items()}
         if pixel_values is not None:
             outputs = model(pixel_values=pixel_values.to(device=model.device, dtype=model.dtype))
-            city_rows, scores, country_scores = model.rank_places(outputs, top_k=top_k)
-            for position, index in enumerate(indices):
-                answers = format_answers(
-                    model.candidate_places, city_rows[position], scores[position], country_scores[position]
-                )
+            for position, (index, answers) in enumerate(
+                zip(indices, ranked_answers(model, outputs, top_k), strict=True)
+            ):
                 embeds = outputs.image_embeds[position].float().cpu() if return_embeddings else None
                 records[index] = GeolocationRecord(index, inputs[index], answers=answers, image_embeds=embeds)
         yield from (records[index] for index in sorted(records))
@@ -99,5 +97,12 @@ def pooled_answers(
     embeddings (as `return_embeddings=True` keeps them), renormalised."""
     pooled = F.normalize(image_embeds.mean(dim=0, keepdim=True), dim=-1)
     outputs = model.locate_embeddings(pooled.to(device=model.device, dtype=model.dtype))
-    city_rows, scores, country_scores = model.rank_places(outputs, top_k=top_k)
-    return format_answers(model.candidate_places, city_rows[0], scores[0], country_scores[0])
+    return ranked_answers(model, outputs, top_k)[0]
+
+
+def ranked_answers(
+    model: StreetCLIPForGeolocation, outputs: GeolocationOutput, top_k: int
+) -> list[list[dict[str, Any]]]:
+    """Each image's `top_k` answers in the pipeline's format, the paper's greedy decision first."""
+    ranked = model.rank_places(outputs, top_k=top_k)
+    return [format_answers(model.candidate_places, *image) for image in zip(*ranked, strict=True)]
