@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor
 
 from modeling_streetclip import StreetCLIPForGeolocation
-from modeling_streetclip.batch_geolocation import geolocate_images
+from modeling_streetclip.cli.batch_geolocation import geolocate_images
 
 
 METRIC_DIR = Path(__file__).resolve().parent / "geodesic_accuracy"

@@ -6,22 +6,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import benchmark
+import benchmark_data
 import datasets
 import evaluate
 import numpy as np
+import plots
 import pytest
-from conftest import SMALL_COUNTRIES, random_photo
 from PIL import Image
+
+from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EVAL_DIR = REPO_ROOT / "eval"
-# The runner and its modules are run from the checkout, as the script itself imports them.
-sys.path.insert(0, str(EVAL_DIR))
-
-import benchmark  # noqa: E402
-import benchmark_data  # noqa: E402
-import plots  # noqa: E402
 
 
 METRIC_DIR = EVAL_DIR / "geodesic_accuracy"

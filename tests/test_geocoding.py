@@ -4,8 +4,7 @@ import math
 
 import numpy as np
 import pytest
-
-from modeling_streetclip.geocoding import reverse_geocoder, valid_coordinates
+from geocoding import reverse_geocoder, valid_coordinates
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,13 @@
 """Specification of `model_card/card.py`: the card is filled from real files and its metadata parses back."""
 
 import json
-import sys
 from pathlib import Path
 
+import card as model_card
 import pytest
 from huggingface_hub import ModelCard
 
 from modeling_streetclip import StreetCLIPConfig
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_card"))
-import card as model_card  # noqa: E402
 
 
 REPO_ID = "streetclip-tests/tiny-geolocation"

@@ -9,11 +9,16 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMALL_COUNTRIES, TINY_IMAGE_SIZE, place_in_hub_cache, save_tiny_clip_checkpoint
 from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPModel
 
 from modeling_streetclip import CandidatePlaces, GeolocationOutput, StreetCLIPConfig, StreetCLIPForGeolocation
 from modeling_streetclip.captions import city_prompts, country_prompts
+from modeling_streetclip.testing_utils import (
+    SMALL_COUNTRIES,
+    TINY_IMAGE_SIZE,
+    place_in_hub_cache,
+    save_tiny_clip_checkpoint,
+)
 
 
 @pytest.fixture(scope="module")

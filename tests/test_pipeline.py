@@ -5,12 +5,12 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_COUNTRIES, random_photo
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor, pipeline
 
 import modeling_streetclip
 from modeling_streetclip import GeolocationPipeline, ImageLoadError, StreetCLIPForGeolocation
+from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo
 
 
 @pytest.fixture(scope="module")

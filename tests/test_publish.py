@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import httpx2
+import publish
 import pytest
 import torch
-from conftest import SMALL_COUNTRIES, place_in_hub_cache, random_photo
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from huggingface_hub.utils import hf_raise_for_status
 from PIL import Image
@@ -20,10 +20,7 @@ from transformers import pipeline
 
 import modeling_streetclip
 from modeling_streetclip import GeolocationPipeline, paper_countries
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_card"))
-import publish  # noqa: E402
+from modeling_streetclip.testing_utils import SMALL_COUNTRIES, place_in_hub_cache, random_photo
 
 
 REPO_ID = "streetclip-tests/tiny-geolocation"

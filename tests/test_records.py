@@ -2,7 +2,7 @@
 
 import pytest
 
-from modeling_streetclip.records import ResultFileError, open_records, resume_records
+from modeling_streetclip.cli.records import ResultFileError, open_records, resume_records
 
 
 ANSWER = {

@@ -21,23 +21,21 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator, PartialState
-from conftest import save_streetclip_folder
+from arguments import DataArguments, ModelArguments
+from contrastive import ContrastiveTowers, contrastive_loss, gather_across_processes
+from data import GeoCollator, PlaceCaptioner, caption_dataset, caption_key, load_geo_dataset
 from PIL import Image
+from pretrain import PARTIAL_SUFFIX, latest_checkpoint, parse_args, save_checkpoint, set_trainable_parameters
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoTokenizer, pipeline
 
 import modeling_streetclip
 from modeling_streetclip.captions import CaptionMix
+from modeling_streetclip.testing_utils import save_streetclip_folder
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAINING_DIR = REPO_ROOT / "training"
-sys.path.insert(0, str(TRAINING_DIR))
-
-from arguments import DataArguments, ModelArguments  # noqa: E402
-from contrastive import ContrastiveTowers, contrastive_loss, gather_across_processes  # noqa: E402
-from data import GeoCollator, PlaceCaptioner, caption_dataset, caption_key, load_geo_dataset  # noqa: E402
-from pretrain import PARTIAL_SUFFIX, latest_checkpoint, parse_args, save_checkpoint, set_trainable_parameters  # noqa: E402
 
 
 # Two well-separated cities in each of six countries: colour encodes the country, stripe direction the city.

@@ -23,11 +23,11 @@ import datasets
 import numpy as np
 import torch
 from accelerate.logging import get_logger
+from geocoding import reverse_geocoder, valid_coordinates
 from PIL import Image
 
 from modeling_streetclip.captions import CaptionMix
 from modeling_streetclip.gazetteer import geonames_country_names, resolve_country_code
-from modeling_streetclip.geocoding import reverse_geocoder, valid_coordinates
 from modeling_streetclip.images import ImageLoadError, load_rgb_image
 
 

@@ -18,7 +18,7 @@ from functools import cache
 
 import numpy as np
 
-from .gazetteer import geonames_country_names
+from modeling_streetclip.gazetteer import geonames_country_names
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class ReverseGeocoder:
     Example:
 
     ```python
-    >>> from modeling_streetclip.geocoding import reverse_geocoder
+    >>> from geocoding import reverse_geocoder
     >>> labels = reverse_geocoder().lookup([48.8566, -33.8688], [2.3522, 151.2093])
     >>> labels.city, labels.region, labels.country
     (['Paris', 'Sydney'], ['Île-de-France', 'New South Wales'], ['France', 'Australia'])

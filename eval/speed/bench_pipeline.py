@@ -10,7 +10,7 @@ Random weights have the real cost. Prints, from one run on this machine:
 - peak memory of loading with and without the text tower, each in a fresh process.
 
 Timings interleave the three methods over several rounds and report medians, so drift on a shared machine hits
-all of them alike. Run: `python eval/bench_pipeline.py [--rounds 3] [--batch_size 8]`.
+all of them alike. Run: `python eval/speed/bench_pipeline.py [--rounds 3] [--batch_size 8]`.
 """
 
 import argparse

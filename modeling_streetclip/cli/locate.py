@@ -6,6 +6,8 @@ killed run stopped. This module parses arguments, expands inputs, pools grouped 
 codes; decoding and batching live in `batch_geolocation`, result files in `records`.
 """
 
+from __future__ import annotations
+
 import argparse
 import glob
 import os
@@ -14,57 +16,31 @@ import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import torch
-from PIL import Image
-from tqdm import tqdm
-from transformers import AutoConfig, AutoImageProcessor
 from transformers.utils import logging
 
-from .batch_geolocation import GeolocationRecord, geolocate_images, pooled_answers
-from .configuration_streetclip import StreetCLIPConfig
-from .modeling_streetclip import StreetCLIPForGeolocation
-from .records import ResultFileError, open_records, resume_records
+from . import EXIT_OK, EXIT_SOME_FAILED, UsageError, int_at_least
+
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..modeling_streetclip import StreetCLIPForGeolocation
+    from .batch_geolocation import GeolocationRecord
 
 
 logger = logging.get_logger(__name__)
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
-EXIT_INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
-EXIT_BROKEN_PIPE = 141  # and for one whose reader went away, as in `| head` (128 + SIGPIPE)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Weight precisions by name; torch is imported only once a command runs.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # Decoding and resizing a photo takes milliseconds of one core: a few workers overlap it with the forward pass, and
 # more workers than cores would only take time from the model.
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
-class UsageError(ValueError):
-    """A command line that cannot run (bad model, countries file, inputs or options); exits with status 2."""
-
-
-def _int_at_least(minimum: int):
-    """An argparse type: an integer >= `minimum`, refused with a message that names the bad value."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The `streetclip` argument parser, one subcommand per task."""
-    parser = argparse.ArgumentParser(
-        prog="streetclip",
-        description="StreetCLIP: zero-shot image geolocation with CLIP, from the shell.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Add the `locate` subcommand to the `streetclip` parser."""
     locate = commands.add_parser(
         "locate",
         help="geolocate image files, folders or glob patterns; one record per input, resumable",
@@ -102,10 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(loaded without its text tower) (default: %(default)s)",
     )
     locate.add_argument(
-        "--top_k", type=_int_at_least(1), default=1, help="answers per input, best first (default: %(default)s)"
+        "--top_k", type=int_at_least(1), default=1, help="answers per input, best first (default: %(default)s)"
     )
     locate.add_argument(
-        "--batch_size", type=_int_at_least(1), default=8, help="images per forward pass (default: %(default)s)"
+        "--batch_size", type=int_at_least(1), default=8, help="images per forward pass (default: %(default)s)"
     )
     locate.add_argument(
         "--device",
@@ -114,11 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the model runs; auto picks cuda when available (default: %(default)s)",
     )
     locate.add_argument(
-        "--dtype", choices=tuple(DTYPES), default="float32", help="model weight precision (default: %(default)s)"
+        "--dtype", choices=DTYPE_NAMES, default="float32", help="model weight precision (default: %(default)s)"
     )
     locate.add_argument(
         "--workers",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=DEFAULT_WORKERS,
         metavar="N",
         help="DataLoader worker processes that decode and preprocess images; 0 decodes in the main process "
@@ -152,29 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         "is a group of its own; a group with an unreadable view gets an error record",
     )
     locate.set_defaults(run=locate_command)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `streetclip` and return its exit status (argparse itself exits on --help and on malformed options)."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except (UsageError, ResultFileError) as error:
-        print(f"streetclip {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"streetclip {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # Standard output points nowhere now; Python's flush at exit must not fail on it again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
 
 
 @cache
 def _readable_extensions() -> frozenset[str]:
     """File extensions of the formats Pillow can open, which decide what a folder contributes."""
+    from PIL import Image
+
     return frozenset(
         suffix for suffix, image_format in Image.registered_extensions().items() if image_format in Image.OPEN
     )
@@ -258,6 +218,11 @@ def load_model(
     name: str, device: str, dtype: torch.dtype, countries: list[str] | None
 ) -> tuple[StreetCLIPForGeolocation, Any]:
     """The model and its image processor, on `device`, restricted to `countries` when given."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    from ..configuration_streetclip import StreetCLIPConfig
+    from ..modeling_streetclip import StreetCLIPForGeolocation
+
     try:
         config = AutoConfig.from_pretrained(name)
         # A saved folder carries its heads and infers without the text tower (a quarter of CLIP's weights); a plain
@@ -298,12 +263,25 @@ def _record(
     errors = [view.error for view in views if view.error is not None]
     if errors:
         return {"group": key, "paths": members, "error": "; ".join(errors)}
+    import torch
+
+    from .batch_geolocation import pooled_answers
+
     embeds = torch.stack([view.image_embeds for view in views])
     return {"group": key, "paths": members, "answers": pooled_answers(model, embeds, top_k)}
 
 
 def locate_command(args: argparse.Namespace) -> int:
     """`streetclip locate`: geolocate every input not yet recorded in --output, then report and set the status."""
+    # Imported here, not at the top, so that `streetclip --help` answers without loading torch.
+    import torch
+    from tqdm import tqdm
+
+    from .. import register_with_transformers
+    from .batch_geolocation import geolocate_images
+    from .records import open_records, resume_records
+
+    register_with_transformers()
     grouped = args.group_by is not None
     pattern = _group_pattern(args.group_by) if grouped else None
     countries = read_countries(args.countries) if args.countries is not None else None
@@ -319,7 +297,7 @@ def locate_command(args: argparse.Namespace) -> int:
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or auto.")
-        model, image_processor = load_model(args.model, device, DTYPES[args.dtype], countries)
+        model, image_processor = load_model(args.model, device, getattr(torch, args.dtype), countries)
         views = [path for _, members in pending for path in members]
         records = geolocate_images(
             model,
@@ -350,4 +328,4 @@ def locate_command(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-__all__ = ["main"]
+__all__ = ["add_parser", "expand_inputs", "group_views", "locate_command", "read_countries"]

@@ -2,7 +2,7 @@
 
 Usage, from the repository root:
 
-    python eval/bench_geodesic_accuracy.py [--pairs 1000000] [--loop-pairs 100000]
+    python eval/speed/bench_geodesic_accuracy.py [--pairs 1000000] [--loop-pairs 100000]
 
 It prints figures; it asserts nothing.
 """

@@ -4,8 +4,8 @@ The pipeline (DataLoader workers decoding JPEGs and preprocessing them, collatin
 feeds by a wide margin, so that the accelerator, not the CPU, sets the pace. Models are randomly initialised from
 their configurations (speed does not depend on the weights), so nothing is downloaded:
 
-    python training/bench_train_speed.py                      # both scales
-    python training/bench_train_speed.py --scales tiny --steps 5
+    PYTHONPATH=training python eval/speed/bench_train_speed.py                      # both scales
+    PYTHONPATH=training python eval/speed/bench_train_speed.py --scales tiny --steps 5
 
 It also times the one-off preprocessing (label filling by reverse geocoding, captions, tokens) per row.
 """
@@ -13,7 +13,6 @@ It also times the one-off preprocessing (label filling by reverse geocoding, cap
 import argparse
 import csv
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,17 +22,14 @@ import torch
 from accelerate import PartialState
 from contrastive import ContrastiveTowers, contrastive_loss
 from data import GeoCollator, PlaceCaptioner, caption_dataset, load_geo_dataset
+from geocoding import reverse_geocoder
 from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import CLIPConfig, CLIPImageProcessorPil
 
 from modeling_streetclip import StreetCLIPConfig, StreetCLIPForGeolocation
 from modeling_streetclip.captions import CaptionMix
-from modeling_streetclip.geocoding import reverse_geocoder
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import build_tiny_clip, build_tiny_tokenizer  # noqa: E402  (CLIP-format, without a download)
+from modeling_streetclip.testing_utils import build_tiny_clip, build_tiny_tokenizer
 
 
 # Per scale: the CLIP configuration and the per-process batch of its training step.

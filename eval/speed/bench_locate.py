@@ -8,7 +8,7 @@ command's overhead over the bare vision forward at ViT-L/14-336 scale.
 
 Usage, from the repository root:
 
-    python eval/bench_locate.py [--images 200] [--large_images 16] [--batch_size 8] [--repeats 2] [--skip_large]
+    python eval/speed/bench_locate.py [--images 200] [--large_images 16] [--batch_size 8] [--repeats 2] [--skip_large]
 
 It prints figures; it asserts nothing. Both parts call the command's `main` in-process, as the console script does.
 """
@@ -16,7 +16,6 @@ It prints figures; it asserts nothing. Both parts call the command's `main` in-p
 import argparse
 import math
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,23 +27,15 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-
-# The command runs with torch's default thread count; importing the tests' helpers would pin it to one.
-DEFAULT_THREADS = torch.get_num_threads()
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import (  # noqa: E402  (the tests' tiny checkpoints, reused rather than rebuilt here)
+from modeling_streetclip import StreetCLIPForGeolocation, load_rgb_image
+from modeling_streetclip.cli import main as streetclip
+from modeling_streetclip.testing_utils import (
     SMALL_COUNTRIES,
     build_tiny_tokenizer,
     random_photo,
     save_streetclip_folder,
     save_tiny_clip_checkpoint,
 )
-
-from modeling_streetclip import StreetCLIPForGeolocation, load_rgb_image  # noqa: E402
-from modeling_streetclip.cli import main as streetclip  # noqa: E402
-
-
-torch.set_num_threads(DEFAULT_THREADS)
 
 
 # geolocal/StreetCLIP is OpenAI CLIP ViT-L/14-336: these are its tower sizes.
