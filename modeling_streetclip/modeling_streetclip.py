@@ -224,7 +224,9 @@ class StreetCLIPForGeolocation(CLIPModel):
         for country in pending:
             rows = self.city_rows[country]
             rows = rows[rows >= 0].to(self.city_head.weight.device)
-            self.city_head.weight[rows] = self._encode_prompts(self.pending_city_prompts.pop(country))
+            # Under autocast (bf16 or fp16 evaluation in training) the text tower answers in the autocast dtype.
+            embeddings = self._encode_prompts(self.pending_city_prompts.pop(country))
+            self.city_head.weight[rows] = embeddings.to(self.city_head.weight.dtype)
 
     def restrict_countries(self, countries: list[str]) -> None:
         """Keep only the given candidate countries (names or ISO codes) and their cities, subsetting the heads;
