@@ -494,6 +494,36 @@ def test_bad_rows_are_dropped_before_training_with_a_logged_count(captioner, tmp
     )
 
 
+@pytest.mark.parametrize(
+    ("column", "cell"),
+    [("latitude", "abc"), ("longitude", "abc"), ("latitude", ""), ("latitude", "nan")],
+    ids=["text-latitude", "text-longitude", "empty", "nan"],
+)
+def test_a_non_number_coordinate_cell_drops_its_row_and_the_rest_still_train(
+    captioner, tiny_clip_dir, tmp_path, caplog, column, cell
+):
+    """One text cell types a whole CSV column as text; the cleaned coordinates must still reach the collator as
+    numbers (it died with "too many dimensions 'str'")."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("g1.png", "g2.png"):
+        place_photo(0, 0, rng).save(folder / name)
+    bad = {"latitude": "48.1", "longitude": "2.2", column: cell}
+    (folder / "metadata.csv").write_text(
+        f"file_name,latitude,longitude\ng1.png,48.8566,2.3522\ng2.png,{bad['latitude']},{bad['longitude']}\n",
+        encoding="utf-8",
+    )
+    with caplog.at_level(logging.WARNING):
+        rows = caption_dataset(load_geo_dataset(str(folder), "train", "image"), captioner, "image")
+    assert "Skipping 1 of 2 rows of the data: 1 with missing coordinates." in caplog.text
+    assert rows.features["latitude"] == rows.features["longitude"] == datasets.Value("float64")
+    collator = GeoCollator(AutoImageProcessor.from_pretrained(tiny_clip_dir), captioner.tokenizer, "image", ["FR"])
+    batch = collator([rows[index] for index in range(len(rows))])
+    assert batch["coordinates"].tolist() == [[48.8566, 2.3522]]
+    assert batch["row_ids"].tolist() == [0]
+
+
 def test_collator_drops_unreadable_images_and_counts_them(captioner, tiny_clip_dir, geo_data):
     dataset = load_geo_dataset(str(geo_data["train"]), "train", "image")
     rows = caption_dataset(dataset.select(range(94, 99)), captioner, "image")

@@ -35,18 +35,21 @@ logger = get_logger(__name__)
 # The collator runs in DataLoader workers, which may be spawned without accelerate's process state.
 worker_logger = logging.getLogger(__name__)
 
-# Columns that the caption map writes; every other source column except the image is dropped from the cache.
 PLACE_FIELDS = ("city", "region", "country")
-MAPPED_COLUMNS = (
-    "latitude",
-    "longitude",
-    *PLACE_FIELDS,
-    "country_code",
-    "caption",
-    "caption_key",
-    "input_ids",
-    "row_id",
-    "skip_reason",
+# The columns that the caption map writes, typed explicitly; every other source column except the image is dropped
+# from the cache. Left to itself, `datasets` keeps a source column's type wherever the new values cast to it, so one
+# text cell ("abc") in a CSV's latitude column would keep the cleaned coordinates as text, which the collator cannot
+# turn into a tensor.
+MAPPED_FEATURES = datasets.Features(
+    {
+        "latitude": datasets.Value("float64"),
+        "longitude": datasets.Value("float64"),
+        **{name: datasets.Value("string") for name in (*PLACE_FIELDS, "country_code", "caption")},
+        "caption_key": datasets.Value("int64"),
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "row_id": datasets.Value("int64"),
+        "skip_reason": datasets.Value("string"),
+    }
 )
 
 
@@ -178,6 +181,7 @@ def caption_dataset(
         batched=True,
         with_indices=True,
         remove_columns=remove,
+        features=datasets.Features({image_column: dataset.features[image_column], **MAPPED_FEATURES}),
         num_proc=num_proc,
         desc=f"Captioning {description}",
     )
