@@ -442,6 +442,10 @@ def main(argv: list[str] | None = None) -> None:
             **dataclasses.asdict(training_args),
             "max_steps": max_steps,
             "completed_steps": global_step,
+            # Optimiser steps per pass over the data, for the card's epochs; a streamed data set has no length.
+            "updates_per_epoch": None if data_args.streaming else updates_per_epoch,
+            # What the run used, whether it came from --mixed_precision or `accelerate launch`/`accelerate config`.
+            "mixed_precision": accelerator.mixed_precision,
             "world_size": accelerator.num_processes,
             "global_batch_size": training_args.per_device_train_batch_size
             * accelerator.num_processes
