@@ -490,7 +490,7 @@ def test_bad_rows_are_dropped_before_training_with_a_logged_count(captioner, tmp
     assert kept["row_id"] == [0]
     assert (
         "Skipping 3 of 4 rows of the toy data: 1 with missing coordinates, 1 with latitude out of range (latitude and "
-        "longitude look swapped), 1 with coordinates out of range." in caplog.text
+        "longitude look swapped), 1 with latitude out of range." in caplog.text
     )
 
 

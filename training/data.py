@@ -16,17 +16,18 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
 from accelerate.logging import get_logger
-from geocoding import reverse_geocoder, valid_coordinates
+from geocoding import reverse_geocoder
 from PIL import Image
 
 from modeling_streetclip.captions import CaptionMix
+from modeling_streetclip.coordinates import coordinate_problem, valid_coordinates
+from modeling_streetclip.dataset_sources import open_dataset
 from modeling_streetclip.gazetteer import geonames_country_names, resolve_country_code
 from modeling_streetclip.images import ImageLoadError, load_rgb_image
 
@@ -58,24 +59,10 @@ def load_geo_dataset(
 ) -> datasets.Dataset | datasets.IterableDataset:
     """One split of a Hub or local data set, or of an image folder, with its images left encoded.
 
-    A source with a single split uses it whatever `split` says, since an image folder's only split is `train`.
+    A source with a single split uses it whatever `split` says, since an image folder's only split is `train`
+    (`modeling_streetclip.dataset_sources.open_dataset`, which the benchmark runner also reads data sets with).
     """
-    path = Path(source)
-    if path.is_dir() and (path / "dataset_info.json").is_file():
-        dataset = datasets.load_from_disk(str(path))
-        if streaming and isinstance(dataset, datasets.Dataset):
-            dataset = dataset.to_iterable_dataset()
-    elif path.is_dir():
-        dataset = datasets.load_dataset("imagefolder", data_dir=str(path), streaming=streaming)
-    else:
-        dataset = datasets.load_dataset(source, streaming=streaming)
-    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        if split in dataset:
-            dataset = dataset[split]
-        elif len(dataset) == 1:
-            dataset = next(iter(dataset.values()))
-        else:
-            raise ValueError(f"{source!r} has no split {split!r}; its splits are {sorted(dataset)}.")
+    dataset, _ = open_dataset(source, split, streaming=streaming)
     if dataset.column_names is not None and image_column not in dataset.column_names:
         raise ValueError(
             f"{source!r} has no image column {image_column!r}; its columns are {dataset.column_names}. "
@@ -283,13 +270,9 @@ def _as_label(value) -> str:
 
 
 def _skip_reason(latitude: float, longitude: float, caption: str | None) -> str:
-    if math.isnan(latitude) or math.isnan(longitude):
-        return "missing coordinates"
-    if abs(latitude) > 90 and abs(longitude) <= 90:
-        # The IM2GPS metadata trap: latitude and longitude columns swapped.
-        return "latitude out of range (latitude and longitude look swapped)"
-    if abs(latitude) > 90 or abs(longitude) > 180:
-        return "coordinates out of range"
+    problem = coordinate_problem(latitude, longitude)
+    if problem is not None:
+        return problem.value
     if caption is None:
         return "no caption template fits its place labels"
     return ""

@@ -18,6 +18,7 @@ from functools import cache
 
 import numpy as np
 
+from modeling_streetclip.coordinates import valid_coordinates
 from modeling_streetclip.gazetteer import geonames_country_names
 
 
@@ -95,11 +96,6 @@ class ReverseGeocoder:
             country=self._country[nearest].tolist(),
             country_code=self._country_code[nearest].tolist(),
         )
-
-
-def valid_coordinates(latitudes: np.ndarray, longitudes: np.ndarray) -> np.ndarray:
-    """Mask of points whose latitude lies in [-90, 90] and longitude in [-180, 180] (NaN is invalid)."""
-    return (np.abs(latitudes) <= 90.0) & (np.abs(longitudes) <= 180.0)
 
 
 @cache
