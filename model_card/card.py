@@ -4,8 +4,13 @@ Numbers reach the card only from files: the run's saved arguments (`training_arg
 `training/pretrain.py` next to the model) and the benchmark runner's `metrics.json` files (`eval/benchmark.py`).
 Where a file is missing the card says so rather than guessing. Benchmark results enter twice from the same values:
 as the card's table and as `model-index` metadata (`EvalResult`s) that `huggingface_hub` parses back.
+
+Every value the template prints is escaped as markdown text unless it is already [`Markdown`] (a code span from the
+`code` filter, a link from `hub_link`, a fenced block): names and paths from files and command lines reach the card,
+and a newline or `|` in one must not break a table, nor `<script>` pass through as HTML.
 """
 
+import html
 import json
 import math
 import re
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
@@ -24,7 +30,9 @@ from modeling_streetclip import CandidatePlaces, StreetCLIPConfig
 TEMPLATE_PATH = Path(__file__).with_name("template.md")
 TRAINING_ARGS_NAME = "training_args.json"
 
-# The Hub has no geolocation task; like image classification, the pipeline maps an image to ranked labels with scores.
+# The Hub has no geolocation task. Image classification is the closest interface: an image in, `top_k` ranked labels
+# with a `score` out, from labels stored with the model. Zero-shot image classification would fit how the heads are
+# built, but that task takes `candidate_labels` with each call, which this pipeline does not (model_card/README.md).
 PIPELINE_TAG = "image-classification"
 TAGS = ["streetclip", "clip", "geolocation", "image-geolocation", "zero-shot"]
 # The model-index task of every benchmark row; the geolocation benchmarks (IM2GPS, IM2GPS3K, ...) all score this one.
@@ -33,14 +41,16 @@ TASK_TYPE, TASK_NAME = "image-geolocation", "Image geolocation"
 _ACCURACY_KEY = re.compile(r"^acc_(?P<km>\d+(?:\.\d+)?)km$")
 # The geodesic accuracy metric's other outputs, in table order, with their labels on the card.
 _DISTANCE_METRICS = {"median_km": "Median error (km)", "mean_km": "Mean error (km)", "geoscore": "GeoScore"}
-# Training arguments that get a line of their own on the card, in reading order; all recorded ones are listed too.
+# Training facts that get a line of their own on the card, in reading order; all recorded arguments are listed too.
+# `steps` and `epochs` are derived from what the run did (`completed_steps`, `updates_per_epoch`), not from the
+# requested `--max_steps` and `--num_train_epochs`, one of which a run ignores.
 _TRAINING_FIELDS = {
     "model_name_or_path": "Base model",
     "train_data": "Training data",
     "mode": "Mode",
     "lora_r": "LoRA rank",
-    "max_steps": "Steps",
-    "num_train_epochs": "Epochs",
+    "steps": "Steps",
+    "epochs": "Epochs",
     "per_device_train_batch_size": "Batch size per device",
     "gradient_accumulation_steps": "Gradient accumulation steps",
     "world_size": "Processes",
@@ -56,6 +66,62 @@ _PROTOCOL_KEYS = ("radius_km", "inclusive")
 # File endings that mark a data or model spec as a local file, even where it would also parse as `namespace/name`.
 _FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".arrow", ".txt", ".tar", ".zip", ".safetensors")
 _NOT_RECORDED = "not recorded"
+# Markdown syntax that a character starts anywhere in a line: backslash escapes, code, emphasis, links and images,
+# table cells, strikethrough and math. `&`, `<` and `>` become HTML entities instead, which also hold inside HTML.
+_INLINE_SYNTAX = re.compile(r"([\\`*_\[\]|~$])")
+# Syntax that only the start of a line makes: a heading or bullet marker followed by a space or the line's end, a line
+# of only `=` or `-` (setext underline, thematic break), and an ordered-list number, escaped after its digits.
+_LINE_START_MARKER = re.compile(r"^(?:#+|[-+])(?: |$)|^[=-]+$")
+_ORDERED_LIST_NUMBER = re.compile(r"^\d{1,9}(?=[.)](?: |$))")
+# Where `hub_link` points for each kind of Hub repository.
+_HUB_URL_PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+
+
+class Markdown(str):
+    """Text already written as markdown, which the card's template prints as it is; everything else is escaped."""
+
+
+def markdown_text(value: Any) -> Markdown:
+    """`value` as markdown that renders as its literal text on one line, in a paragraph, a list or a table cell.
+
+    Line breaks and runs of whitespace become one space (a line break would end a table row or a list item),
+    markdown syntax is backslash-escaped, and `&`, `<`, `>` become HTML entities, so no value can add HTML, links,
+    headings or table cells to the card.
+    """
+    text = html.escape(" ".join(str(value).split()), quote=False)
+    text = _INLINE_SYNTAX.sub(r"\\\1", text)
+    if _LINE_START_MARKER.match(text):
+        return Markdown(f"\\{text}")
+    number = _ORDERED_LIST_NUMBER.match(text)
+    return Markdown(f"{text[: number.end()]}\\{text[number.end() :]}" if number else text)
+
+
+def markdown_code(value: Any) -> Markdown:
+    """`value` as an inline code span, shown verbatim whatever backticks or HTML it holds, on one line.
+
+    The fence is one backtick longer than the longest run inside, as CommonMark requires, and padded with a space
+    where the value starts or ends with a backtick or space. A `|` is not escaped: do not put code spans in tables.
+    """
+    text = " ".join(line for line in str(value).splitlines() if line)
+    if not text:
+        return Markdown('`""`')
+    fence = "`" * (_longest_backtick_run(text) + 1)
+    pad = " " if text[0] in "` " or text[-1] in "` " else ""
+    return Markdown(f"{fence}{pad}{text}{pad}{fence}")
+
+
+def markdown_fenced_block(text: str, language: str = "") -> Markdown:
+    """`text` as a fenced code block whose fence no line of `text` can close."""
+    fence = "`" * max(3, _longest_backtick_run(text) + 1)
+    return Markdown(f"{fence}{language}\n{text}\n{fence}")
+
+
+def hub_link(repo_id: str, kind: str = "model") -> Markdown:
+    """A markdown link to a Hub repository of `kind` ("model", "dataset" or "space"), labelled with its id."""
+    if kind not in _HUB_URL_PREFIXES:
+        raise ValueError(f"kind must be one of {sorted(_HUB_URL_PREFIXES)}, got {kind!r}.")
+    _validate_repo_id(repo_id)
+    return Markdown(f"[{markdown_text(repo_id)}](https://huggingface.co/{_HUB_URL_PREFIXES[kind]}{repo_id})")
 
 
 @dataclass(frozen=True)
@@ -87,10 +153,19 @@ def hub_repo_id(spec: Any) -> str | None:
     return spec
 
 
-def base_model_of(training_args: Mapping | None, converted_from: str | None) -> str | None:
-    """The Hub id of the checkpoint these weights come from: the run's starting point, or the converted CLIP."""
+def base_model_source(training_args: Mapping | None, converted_from: str | None) -> str | None:
+    """The checkpoint these weights come from, as recorded: the run's starting point, or the converted CLIP.
+
+    Every part of the card that names the base model (the metadata, the introduction, training, license) reads it
+    from here, so none of them can say it was not recorded while another names it.
+    """
     source = training_args.get("model_name_or_path") if training_args else converted_from
-    return hub_repo_id(source)
+    return None if source is None else str(source)
+
+
+def base_model_of(training_args: Mapping | None, converted_from: str | None) -> str | None:
+    """The Hub id of the checkpoint these weights come from; `None` where it is a local path or unknown."""
+    return hub_repo_id(base_model_source(training_args, converted_from))
 
 
 def read_training_args(model_name_or_path: str | Path) -> dict | None:
@@ -178,8 +253,10 @@ def build_model_card(
             f"Several metrics files give results for the same benchmark and split: {repeated}; label them apart "
             "as NAME=FILE."
         )
+    _validate_repo_id(repo_id)
     places = CandidatePlaces.from_dict(config.candidate_places)
-    base_model = base_model_of(training_args, converted_from)
+    base_source = base_model_source(training_args, converted_from)
+    base_model = hub_repo_id(base_source)
     train_data = hub_repo_id((training_args or {}).get("train_data"))
     model_name = repo_id.split("/")[-1]
     card_data = ModelCardData(
@@ -192,22 +269,64 @@ def build_model_card(
         datasets=[train_data] if train_data else None,
         eval_results=eval_results(benchmarks) or None,
     )
-    return ModelCard.from_template(
+    return render_model_card(
         card_data,
-        template_path=str(TEMPLATE_PATH),
-        repo_id=repo_id,
+        # A valid repo id holds only letters, digits, `-`, `_`, `.` and one `/`: safe verbatim in code and URLs.
+        repo_id=Markdown(repo_id),
         model_name=model_name,
         weights_license=license,
-        base_model=base_model,
+        base_model=_repo_reference(base_source, "model"),
+        base_model_id=base_model,
         converted_from=converted_from,
         config=config,
         places=places,
         max_cities_per_country=max(len(rows) for rows in places.cities_by_country),
         training=_training_lines(training_args),
-        training_args_json=json.dumps(dict(training_args), indent=2, default=str) if training_args else None,
+        training_args_json=(
+            markdown_fenced_block(json.dumps(dict(training_args), indent=2, default=str), "json")
+            if training_args
+            else None
+        ),
         evaluation=_evaluation_table(benchmarks),
         benchmarks=benchmarks,
     )
+
+
+def render_model_card(card_data: ModelCardData, template_path: Path = TEMPLATE_PATH, **values: Any) -> ModelCard:
+    """Fill the Jinja template at `template_path` with `values`, escaping every printed value that is not `Markdown`.
+
+    `huggingface_hub`'s `ModelCard.from_template` prints values raw; this renders the same way (the YAML metadata as
+    `card_data`) with escaping by default, so a value added to the template later is safe without a second thought.
+    The template has the filters `code` ([`markdown_code`]) and `hub_link` ([`hub_link`]), and every name it uses
+    must be given.
+    """
+    environment = jinja2.Environment(finalize=_escape_unless_markdown, undefined=jinja2.StrictUndefined)
+    environment.filters.update(code=markdown_code, hub_link=hub_link)
+    template = environment.from_string(Path(template_path).read_text(encoding="utf-8"))
+    return ModelCard(template.render(card_data=Markdown(card_data.to_yaml()), **values))
+
+
+def _escape_unless_markdown(value: Any) -> Markdown:
+    return value if isinstance(value, Markdown) else markdown_text(value)
+
+
+def _validate_repo_id(repo_id: str) -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"{repo_id!r} is not a Hub repository id NAMESPACE/NAME: {error}") from None
+
+
+def _repo_reference(spec: Any, kind: str) -> Markdown | None:
+    """A recorded model or data spec as the card shows it: a link for a Hub id, a code span for a local path."""
+    if spec is None:
+        return None
+    repo_id = hub_repo_id(spec)
+    return hub_link(repo_id, kind) if repo_id else markdown_code(spec)
+
+
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
 
 
 def _read_json_object(path: Path) -> dict:
@@ -241,18 +360,65 @@ def _metric_label(key: str) -> str:
     return f"Accuracy within {match['km']} km" if match else _DISTANCE_METRICS[key]
 
 
-def _training_lines(training_args: Mapping | None) -> list[tuple[str, str]] | None:
-    """(label, value) lines for the highlighted arguments, "not recorded" where the run did not save one."""
+def _training_lines(training_args: Mapping | None) -> list[tuple[str, Markdown]] | None:
+    """(label, value) lines for the highlighted training facts, "not recorded" where the run did not save one."""
     if training_args is None:
         return None
     mode = _training_mode(training_args)
-    recorded = {**training_args, **({"mode": mode} if mode else {})}
-    lines = []
-    for key, label in _TRAINING_FIELDS.items():
-        if key == "lora_r" and "lora" not in (mode or ""):
-            continue  # the rank is a saved default in every other mode, where it means nothing
-        lines.append((label, f"`{recorded[key]}`" if key in recorded else _NOT_RECORDED))
-    return lines
+    values = {
+        key: markdown_code(value)
+        for key, value in training_args.items()
+        if key in _TRAINING_FIELDS and value is not None
+    }
+    values.update(
+        model_name_or_path=_repo_reference(training_args.get("model_name_or_path"), "model"),
+        train_data=_repo_reference(training_args.get("train_data"), "dataset"),
+        mode=None if mode is None else markdown_code(mode),
+        steps=_steps(training_args),
+        epochs=_epochs(training_args),
+    )
+    return [
+        (label, values.get(key) or markdown_text(_NOT_RECORDED))
+        for key, label in _TRAINING_FIELDS.items()
+        # The LoRA rank is a saved default in every other mode, where it means nothing.
+        if key != "lora_r" or "lora" in (mode or "")
+    ]
+
+
+def _steps(training_args: Mapping) -> Markdown | None:
+    """The optimiser steps the run completed, and the planned number where it stopped short of it."""
+    completed = _recorded_count(training_args, "completed_steps")
+    if completed is None:
+        return None
+    planned = _recorded_count(training_args, "max_steps")
+    if planned is None or planned == completed:
+        return markdown_code(completed)
+    return Markdown(f"{markdown_code(completed)} of {markdown_code(planned)} planned")
+
+
+def _epochs(training_args: Mapping) -> Markdown | None:
+    """Passes over the training data: the completed steps over the optimiser steps one pass takes.
+
+    `num_train_epochs` is what was asked for and is ignored when `max_steps` is given; a streamed data set has no
+    length, so its passes are not counted.
+    """
+    if training_args.get("streaming"):
+        return markdown_text("not counted (streamed data)")
+    completed = _recorded_count(training_args, "completed_steps")
+    per_epoch = _recorded_count(training_args, "updates_per_epoch")
+    if completed is None or not per_epoch:
+        return None
+    return markdown_code(f"{completed / per_epoch:.2f}".rstrip("0").rstrip("."))
+
+
+def _recorded_count(training_args: Mapping, key: str) -> int | None:
+    """A whole-number field of the run record; `None` where it was not recorded."""
+    value = training_args.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"training_args.json: {key} must be a whole number >= 0, got {value!r}.")
+    return value
 
 
 def _training_mode(training_args: Mapping) -> str | None:

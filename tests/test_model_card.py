@@ -6,6 +6,7 @@ from pathlib import Path
 import card as model_card
 import pytest
 from huggingface_hub import ModelCard
+from markdown_it import MarkdownIt
 
 from modeling_streetclip import StreetCLIPConfig
 
@@ -45,18 +46,28 @@ IM2GPS3K = {
     "num_failed": 3,
     "wall_time_s": 510.0,
 }
+# A run record as training/pretrain.py writes it: the arguments, then what the run did. `num_train_epochs` is the
+# argument's default, ignored because `--max_steps` was given: 2000 steps of 250 per pass over the data are 8 epochs.
 TRAINING_ARGS = {
     "model_name_or_path": "geolocal/StreetCLIP",
     "train_data": "/data/street-photos/train.csv",
+    "streaming": False,
+    "num_train_epochs": 1,
     "max_steps": 2000,
+    "completed_steps": 2000,
+    "updates_per_epoch": 250,
     "per_device_train_batch_size": 64,
     "gradient_accumulation_steps": 2,
+    "world_size": 1,
+    "global_batch_size": 128,
     "learning_rate": 1e-05,
     "mode": "lora",
     "lora_r": 16,
     "mixed_precision": "bf16",
     "seed": 42,
 }
+# The CommonMark parser with GitHub's tables, as the Hub renders cards (raw HTML on, as the Hub allows it).
+MARKDOWN = MarkdownIt("commonmark").enable("table")
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +101,33 @@ def _section(card: ModelCard, title: str) -> str:
     return card.text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
+def _rendered(inline) -> str:
+    """The text a reader sees for one parsed inline token: escapes resolved, code spans as their content."""
+    return "".join(child.content for child in inline.children if child.type in ("text", "code_inline"))
+
+
 def _table(section: str) -> list[dict[str, str]]:
-    lines = [line for line in section.splitlines() if line.startswith("|")]
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    return [
-        dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True)) for line in lines[2:]
-    ]
+    """The rows of the section's table as a markdown parser reads them, by header, as rendered text."""
+    tokens = MARKDOWN.parse(section)
+    rows, cells, header = [], [], None
+    for index, token in enumerate(tokens):
+        if token.type in ("th_open", "td_open"):
+            cells.append(_rendered(tokens[index + 1]))
+        elif token.type == "tr_close":
+            if header is None:
+                header = cells
+            else:
+                rows.append(dict(zip(header, cells, strict=True)))
+            cells = []
+    return rows
+
+
+def _training_line(card: ModelCard, label: str) -> str:
+    """The rendered value of one `- **Label:** value` line of the training section."""
+    for token in MARKDOWN.parse(_section(card, "Training data and procedure")):
+        if token.type == "inline" and token.content.startswith(f"**{label}:** "):
+            return _rendered(token).removeprefix(f"{label}: ")
+    raise AssertionError(f"no {label!r} line in the training section")
 
 
 # Metadata
@@ -231,16 +263,72 @@ def test_bad_metrics_file_is_refused_naming_the_file(tmp_path, content, message)
 # Training
 
 
-def test_training_section_lists_the_recorded_arguments_and_marks_the_others_not_recorded(evaluated_card):
-    section = _section(evaluated_card, "Training data and procedure")
-    assert "- **Base model:** `geolocal/StreetCLIP`" in section
-    assert "- **Steps:** `2000`" in section
-    assert "- **Batch size per device:** `64`" in section
-    assert "- **Learning rate:** `1e-05`" in section
-    assert "- **Mode:** `lora`" in section
-    assert "- **LoRA rank:** `16`" in section
-    assert "- **Epochs:** not recorded" in section
-    assert json.dumps(TRAINING_ARGS, indent=2) in section
+def test_training_section_lists_the_recorded_arguments_and_marks_the_others_not_recorded(config, evaluated_card):
+    assert _training_line(evaluated_card, "Base model") == "geolocal/StreetCLIP"
+    assert _training_line(evaluated_card, "Training data") == "/data/street-photos/train.csv"
+    assert _training_line(evaluated_card, "Steps") == "2000"
+    assert _training_line(evaluated_card, "Batch size per device") == "64"
+    assert _training_line(evaluated_card, "Processes") == "1"
+    assert _training_line(evaluated_card, "Global batch size") == "128"
+    assert _training_line(evaluated_card, "Learning rate") == "1e-05"
+    assert _training_line(evaluated_card, "Mode") == "lora"
+    assert _training_line(evaluated_card, "LoRA rank") == "16"
+    assert _training_line(evaluated_card, "Mixed precision") == "bf16"
+    assert json.dumps(TRAINING_ARGS, indent=2) in _section(evaluated_card, "Training data and procedure")
+    sparse = {key: value for key, value in TRAINING_ARGS.items() if key not in ("seed", "world_size")}
+    card = model_card.build_model_card(config, REPO_ID, training_args=sparse)
+    assert _training_line(card, "Seed") == _training_line(card, "Processes") == "not recorded"
+
+
+@pytest.mark.parametrize(
+    ("completed", "max_steps", "per_epoch", "steps", "epochs"),
+    [
+        # The issue's run: 60 steps over 3 optimiser steps per pass, logged as epoch 19 (counted from 0).
+        (60, 60, 3, "60", "20"),
+        (7, 7, 3, "7", "2.33"),
+        (1, 1, 4, "1", "0.25"),
+        # A run that ended before its planned steps (a streamed or filtered data set ran out).
+        (45, 60, 3, "45 of 60 planned", "15"),
+    ],
+)
+def test_epochs_are_counted_from_the_steps_run_not_the_requested_epochs(
+    config, completed, max_steps, per_epoch, steps, epochs
+):
+    record = {
+        **TRAINING_ARGS,
+        "num_train_epochs": 1,
+        "max_steps": max_steps,
+        "completed_steps": completed,
+        "updates_per_epoch": per_epoch,
+    }
+    card = model_card.build_model_card(config, REPO_ID, training_args=record)
+    assert _training_line(card, "Steps") == steps
+    assert _training_line(card, "Epochs") == epochs
+
+
+def test_epochs_of_streamed_or_unrecorded_runs_are_not_guessed(config):
+    streamed = {**TRAINING_ARGS, "streaming": True, "updates_per_epoch": None}
+    card = model_card.build_model_card(config, REPO_ID, training_args=streamed)
+    assert _training_line(card, "Epochs") == "not counted (streamed data)"
+    older = {key: value for key, value in TRAINING_ARGS.items() if key not in ("completed_steps", "updates_per_epoch")}
+    card = model_card.build_model_card(config, REPO_ID, training_args=older)
+    assert _training_line(card, "Epochs") == _training_line(card, "Steps") == "not recorded"
+
+
+@pytest.mark.parametrize("value", ["60", 2.5, True, -1])
+def test_a_run_record_with_a_bad_step_count_is_refused_naming_the_field(config, value):
+    with pytest.raises(ValueError, match=r"completed_steps must be a whole number >= 0, got"):
+        model_card.build_model_card(config, REPO_ID, training_args={**TRAINING_ARGS, "completed_steps": value})
+
+
+def test_mixed_precision_off_reads_no_and_an_unrecorded_value_never_reads_none(config):
+    card = model_card.build_model_card(config, REPO_ID, training_args={**TRAINING_ARGS, "mixed_precision": "no"})
+    assert _training_line(card, "Mixed precision") == "no"
+    # An older record holds the argument (null: "whatever `accelerate config` says"), not what the run used.
+    card = model_card.build_model_card(config, REPO_ID, training_args={**TRAINING_ARGS, "mixed_precision": None})
+    assert _training_line(card, "Mixed precision") == "not recorded"
+    section = _section(card, "Training data and procedure").split("<details>")[0]
+    assert "None" not in section
 
 
 def test_lora_rank_is_left_out_when_training_was_not_lora(config):
@@ -274,8 +362,25 @@ def test_converted_clip_checkpoint_card_says_no_training_was_done_and_names_its_
     card = model_card.build_model_card(config, REPO_ID, converted_from="geolocal/StreetCLIP")
     assert card.data.base_model == "geolocal/StreetCLIP"
     section = _section(card, "Training data and procedure")
-    assert "`geolocal/StreetCLIP`, unchanged" in section
+    assert "[geolocal/StreetCLIP](https://huggingface.co/geolocal/StreetCLIP), unchanged" in section
     assert "No further training was done here" in section
+
+
+@pytest.mark.parametrize(
+    ("training_args", "converted_from", "reference"),
+    [
+        (TRAINING_ARGS, None, "[geolocal/StreetCLIP](https://huggingface.co/geolocal/StreetCLIP)"),
+        ({**TRAINING_ARGS, "model_name_or_path": "/checkpoints/clip"}, None, "`/checkpoints/clip`"),
+        (None, "/checkpoints/clip", "`/checkpoints/clip`"),
+    ],
+)
+def test_every_section_names_the_same_recorded_base_model(config, training_args, converted_from, reference):
+    card = model_card.build_model_card(config, REPO_ID, training_args=training_args, converted_from=converted_from)
+    assert f"derived from {reference}" in card.text.split("\n## ", 1)[0]
+    assert f"derived from {reference} and inherit" in _section(card, "License")
+    if training_args is not None:
+        assert f"- **Base model:** {reference}\n" in _section(card, "Training data and procedure")
+    assert "not recorded" not in _section(card, "License")
 
 
 def test_training_arguments_are_read_from_the_model_folder_when_saved_there(tmp_path):
@@ -314,4 +419,138 @@ def test_undetermined_license_is_stated_rather_than_invented(config):
     card = model_card.build_model_card(config, REPO_ID, converted_from="/checkpoints/clip")
     assert card.data.license == "other"
     assert "could not be determined" in _section(card, "License")
-    assert "a base model that was not recorded" in _section(card, "License")
+    unknown_base = model_card.build_model_card(config, REPO_ID, training_args={"seed": 1})
+    assert "a base model that was not recorded" in _section(unknown_base, "License")
+    assert _training_line(unknown_base, "Base model") == "not recorded"
+
+
+def test_pipeline_tag_is_the_closest_hub_task_and_the_readme_says_why():
+    # The pipeline takes an image and `top_k` and ranks labels stored with the model, as image classification does;
+    # zero-shot image classification would want `candidate_labels` with every call.
+    assert model_card.PIPELINE_TAG == "image-classification"
+    readme = (Path(model_card.__file__).parent / "README.md").read_text(encoding="utf-8")
+    assert "`pipeline_tag: image-classification`" in readme
+    assert "zero-shot-image-classification" in readme
+
+
+# Hostile values: names and paths from files and command lines render as their literal text and change nothing else
+
+HOSTILE = [
+    "im2gps\n| injected | row |\n\n## Injected heading",
+    "<script>alert(1)</script>",
+    '<img src="x" onerror="alert(1)">',
+    "a | b || c",
+    "[click](javascript:alert(1)) ![x](https://evil.example/x.png)",
+    "**bold** _em_ ~~gone~~ $x$ \\ back\\slash",
+    "# heading",
+    "- item",
+    "1. item",
+    "===",
+    "&lt;entity&gt; &amp; &#60;",
+    "`code` ``two`` ```fence```",
+    "line\r\nbreak\rand\u2028separator",
+]
+
+
+def _structure(text: str) -> list[tuple[str, str]]:
+    """Every token a markdown parser makes of `text`, block and inline, as (type, tag): the card's shape."""
+    shape = []
+    for token in MARKDOWN.parse(text):
+        shape.append((token.type, token.tag))
+        shape += [(child.type, child.tag) for child in token.children or ()]
+    return shape
+
+
+def _card_with(config, tmp_path, value: str) -> ModelCard:
+    """A card in which every value that comes from a file or command line is `value`, saved and loaded back."""
+    tmp_path.mkdir()
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(
+        json.dumps({**IM2GPS, "model": value, "data": value, "split": value, "protocol": {value: value}}),
+        encoding="utf-8",
+    )
+    training_args = {
+        **TRAINING_ARGS,
+        "model_name_or_path": value,
+        "train_data": value,
+        "mode": value,
+        "mixed_precision": value,
+        "seed": value,
+    }
+    card = model_card.build_model_card(
+        config,
+        REPO_ID,
+        license=value,
+        training_args=training_args,
+        benchmarks=[model_card.read_benchmark_result(metrics, name=value)],
+    )
+    card.save(tmp_path / "README.md")
+    return ModelCard.load(tmp_path / "README.md")
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_values_render_as_their_text_and_leave_the_card_shape_alone(config, tmp_path, value):
+    hostile = _card_with(config, tmp_path / "hostile", value)
+    benign = _card_with(config, tmp_path / "benign", "x")
+    assert _structure(hostile.text) == _structure(benign.text)
+    shown = " ".join(value.split())
+    [row] = _table(_section(hostile, "Evaluation"))
+    assert (row["Benchmark"], row["Split"]) == (shown, shown)
+    assert _training_line(hostile, "Training data") == shown
+    assert _training_line(hostile, "Mixed precision") == shown
+    assert _training_line(hostile, "Base model") == shown
+    assert "<script>" not in MARKDOWN.render(hostile.text)
+    assert "<img" not in MARKDOWN.render(hostile.text)
+    # The metadata keeps the value exactly: YAML quotes what markdown would misread.
+    assert {result.dataset_name for result in hostile.data.eval_results} == {value}
+    assert hostile.data.license == value
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_candidate_names_and_prompt_templates_render_as_their_text(config, value):
+    places = {**config.candidate_places, "country_names": [value, *config.candidate_places["country_names"][1:]]}
+    hostile = StreetCLIPConfig.from_dict({**config.to_dict(), "candidate_places": places, "caption_template": value})
+    card = model_card.build_model_card(hostile, REPO_ID)
+    benign = model_card.build_model_card(config, REPO_ID)
+    assert _structure(card.text) == _structure(benign.text)
+    countries = [token for token in MARKDOWN.parse(_section(card, "Method")) if token.type == "inline"][-1]
+    assert _rendered(countries).startswith(" ".join(value.split()) + ", ")
+
+
+@pytest.mark.parametrize(
+    ("value", "span"),
+    [
+        ("plain", "`plain`"),
+        ("a`b", "``a`b``"),
+        ("`edge`", "`` `edge` ``"),
+        ("x ``` y", "````x ``` y````"),
+        ("two\nlines", "`two lines`"),
+        ("", '`""`'),
+    ],
+)
+def test_code_spans_fence_longer_than_any_backtick_run_inside(value, span):
+    assert model_card.markdown_code(value) == span
+    [inline] = [token for token in MARKDOWN.parse(f"see {span} here") if token.type == "inline"]
+    if value:
+        assert [child.content for child in inline.children if child.type == "code_inline"] == [
+            " ".join(value.split("\n"))
+        ]
+
+
+def test_training_arguments_json_block_cannot_be_closed_by_a_value(config):
+    value = "x\n```\n<script>alert(1)</script>"
+    card = model_card.build_model_card(config, REPO_ID, training_args={**TRAINING_ARGS, "note": value})
+    [block] = [token for token in MARKDOWN.parse(card.text) if token.type == "fence" and token.info == "json"]
+    assert json.loads(block.content)["note"] == value
+
+
+def test_a_repo_id_that_is_not_a_hub_id_is_refused(config):
+    with pytest.raises(ValueError, match=r"'bad\"id/x' is not a Hub repository id"):
+        model_card.build_model_card(config, 'bad"id/x')
+
+
+def test_hub_links_go_to_the_right_kind_of_repository():
+    assert model_card.hub_link("someone/demo", "space") == "[someone/demo](https://huggingface.co/spaces/someone/demo)"
+    assert model_card.hub_link("someone/data", "dataset").endswith("(https://huggingface.co/datasets/someone/data)")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        model_card.hub_link("someone/demo", "notebook")
