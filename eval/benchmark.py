@@ -9,31 +9,37 @@ Usage, from the repository root:
 It writes predictions.csv (one row per input: the answer or the reason it failed), metrics.json (the
 geodesic_accuracy metric over the inputs that could be scored, with the run's settings and counts),
 error_cdf.png and world_map.png. An input with bad coordinates or an unreadable image is recorded and left out of
-the metric; the run exits with status 1 when no input at all could be scored, after writing every file.
+the metric; the run exits with status 1 when no input at all could be scored, after writing every file. An
+invocation that cannot run (a missing or malformed data file, an unwritable output folder, an unknown model, a
+device that is not there) stops with a one-line message and status 2 before the model loads.
 """
 
 import argparse
 import csv
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import evaluate
 import numpy as np
 import torch
-from benchmark_data import BenchmarkRow, ColumnNames, load_benchmark
-from plots import plot_error_cdf, plot_world_map
+from benchmark_data import DEFAULT_CSV_ENCODING, BenchmarkRow, ColumnNames, load_benchmark
+from plots import plot_error_cdf, plot_world_map, run_title
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor
 
-from modeling_streetclip import StreetCLIPForGeolocation
+from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip.cli import EXIT_USAGE, UsageError, int_at_least
 from modeling_streetclip.cli.batch_geolocation import geolocate_images
 
 
 METRIC_DIR = Path(__file__).resolve().parent / "geodesic_accuracy"
 # Names of the metric's default thresholds (1, 25, 200, 750, 2500 km), from IM2GPS.
 LEVEL_NAMES = ("street", "city", "region", "country", "continent")
+# The thresholds the figures' titles quote: the columns of the StreetCLIP paper's tables.
+TITLE_THRESHOLDS_KM = (25, 200, 750, 2500)
+OUTPUT_FILES = ("predictions.csv", "metrics.json", "error_cdf.png", "world_map.png")
 PREDICTION_COLUMNS = [
     "id",
     "true_latitude",
@@ -51,30 +57,44 @@ PREDICTION_COLUMNS = [
 ]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The runner's argument parser; its name heads every error message (`benchmark.py: error: ...`)."""
+    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="StreetCLIP or plain CLIP checkpoint: a folder or Hub id")
-    parser.add_argument("--data", required=True, help="a metadata CSV (IMG_ID,LAT,LON) or a datasets Hub id/folder")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="a metadata CSV (IMG_ID,LAT,LON) or a datasets Hub id or folder (save_to_disk, or an image folder)",
+    )
     parser.add_argument("--output_dir", required=True, type=Path, help="folder for the four output files")
     parser.add_argument("--image_dir", type=Path, help="folder of the images a metadata CSV names (CSV only)")
-    parser.add_argument("--split", default="test", help="dataset split to read (datasets only)")
+    parser.add_argument(
+        "--split", default="test", help="dataset split to read; a dataset with one split is read whatever this says"
+    )
     parser.add_argument("--id_column", help="column of image ids (default: IMG_ID, img_id, id, ... when present)")
     parser.add_argument("--image_column", help="dataset column of images (default: image, img, photo, jpg)")
     parser.add_argument("--latitude_column", help="column of true latitudes (default: LAT, lat or latitude)")
     parser.add_argument("--longitude_column", help="column of true longitudes (default: LON, lon, lng, longitude)")
-    parser.add_argument("--limit", type=_positive_int, help="score only the first N rows")
-    parser.add_argument("--top_k", type=_positive_int, default=1, help="answers per image; the first is scored")
-    parser.add_argument("--batch_size", type=_positive_int, default=32, help="images per forward pass")
-    parser.add_argument("--num_workers", type=int, default=4, help="DataLoader processes decoding images (0: none)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+    parser.add_argument(
+        "--encoding",
+        default=DEFAULT_CSV_ENCODING,
+        help="text encoding of a metadata CSV, e.g. latin-1 or cp1252 (default: %(default)s, byte-order mark or not)",
+    )
+    parser.add_argument(
+        "--allow_outside_image_dir",
+        action="store_true",
+        help="read CSV ids that are absolute paths or climb out of --image_dir with '..' (refused by default)",
+    )
+    parser.add_argument("--limit", type=int_at_least(1), help="score only the first N rows")
+    parser.add_argument("--top_k", type=int_at_least(1), default=1, help="answers per image; the first is scored")
+    parser.add_argument("--batch_size", type=int_at_least(1), default=32, help="images per forward pass")
+    parser.add_argument(
+        "--num_workers", type=int_at_least(0), default=4, help="DataLoader processes decoding images (0: none)"
+    )
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto picks cuda when torch sees one"
+    )
+    return parser
 
 
 def prediction_line(
@@ -98,8 +118,74 @@ def prediction_line(
     return line
 
 
+def resolve_device(requested: str) -> str:
+    """The device to run on: `auto` is cuda when torch sees one; an explicit cuda that is not there is refused."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or auto.")
+    return requested
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create `output_dir` and check that every output file can be written there, before any model loads: a run
+    that finds out only at the end would lose all its results."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {str(output_dir)!r} is a file; give a folder for {', '.join(OUTPUT_FILES)}.")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+        for name in OUTPUT_FILES:
+            path = output_dir / name
+            if path.exists() and not path.is_file():
+                raise UsageError(f"--output_dir holds {str(path)!r}, which is not a file; move it out of the way.")
+            if path.exists():
+                # Opened for appending, so that nothing is written: only whether it could be.
+                path.open("ab").close()
+    except OSError as error:
+        raise UsageError(f"cannot write the results to --output_dir {str(output_dir)!r}: {error}") from None
+
+
+def load_model(name: str, device: str) -> tuple[StreetCLIPForGeolocation, object]:
+    """The model on `device` and its image processor; a name that does not load is a usage error."""
+    try:
+        image_processor = StreetCLIPProcessor.from_pretrained(name).image_processor
+        # A saved folder with heads loads without its text tower, as `streetclip locate` loads it.
+        model = StreetCLIPForGeolocation.from_pretrained(name, vision_only="auto")
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot load --model {name!r}: {error}") from None
+    return model.to(device), image_processor
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    """Run the benchmark; exits with status 2 and a one-line message on an invocation that cannot run."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except UsageError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def run(args: argparse.Namespace) -> None:
+    """Check the invocation (device, outputs, data), then geolocate every scorable input and write the outputs."""
+    device = resolve_device(args.device)
+    prepare_output_dir(args.output_dir)
+    try:
+        benchmark = load_benchmark(
+            args.data,
+            image_dir=args.image_dir,
+            split=args.split,
+            columns=ColumnNames(args.id_column, args.image_column, args.latitude_column, args.longitude_column),
+            limit=args.limit,
+            encoding=args.encoding,
+            allow_outside_image_dir=args.allow_outside_image_dir,
+        )
+    except (OSError, ValueError, ImportError) as error:
+        # Every message names the file or dataset at fault, as do those of `datasets` for a Hub id.
+        raise UsageError(str(error)) from None
     metric = evaluate.load(str(METRIC_DIR))
     # The module evaluate imported the metric from: per-row distances come from the very function that scores them.
     geodesic = sys.modules[type(metric).__module__]
@@ -109,16 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         "radius_km": geodesic.EARTH_RADIUS_KM,
         "inclusive": True,
     }
-
-    benchmark = load_benchmark(
-        args.data,
-        image_dir=args.image_dir,
-        split=args.split,
-        columns=ColumnNames(args.id_column, args.image_column, args.latitude_column, args.longitude_column),
-        limit=args.limit,
-    )
-    model = StreetCLIPForGeolocation.from_pretrained(args.model).to(args.device)
-    image_processor = AutoImageProcessor.from_pretrained(args.model)
+    model, image_processor = load_model(args.model, device)
 
     start = time.perf_counter()
     positions, images = benchmark.scorable()
@@ -142,7 +219,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     distance_of = dict(zip(evaluated, distances.tolist(), strict=True))
 
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     with (args.output_dir / "predictions.csv").open("w", newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=PREDICTION_COLUMNS)
         writer.writeheader()
@@ -170,14 +246,16 @@ def main(argv: list[str] | None = None) -> None:
         **protocol,
         "num_candidate_countries": model.candidate_places.num_countries,
         "num_candidate_cities": model.candidate_places.num_cities,
-        "device": args.device,
+        "device": device,
         "batch_size": args.batch_size,
     }
     (args.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
     levels = dict(zip(LEVEL_NAMES, protocol["thresholds_km"], strict=True))
-    plot_error_cdf(distances, levels, args.output_dir / "error_cdf.png", title=benchmark.name)
-    plot_world_map(truths, predictions, args.output_dir / "world_map.png", title=benchmark.name)
+    accuracies = {threshold: results[f"acc_{threshold}km"] for threshold in TITLE_THRESHOLDS_KM if evaluated}
+    title = run_title(benchmark.name, args.model, len(evaluated), accuracies)
+    plot_error_cdf(distances, levels, args.output_dir / "error_cdf.png", title=title)
+    plot_world_map(truths, predictions, args.output_dir / "world_map.png", title=title)
 
     print(json.dumps(results, indent=2))
     print(f"{len(evaluated)} of {len(benchmark.rows)} inputs scored; outputs in {args.output_dir}")

@@ -3,19 +3,25 @@
 
 Benchmark files are messy: the widely copied ISNs IM2GPS metadata have their LAT and LON columns swapped, rows lose
 values, images go missing. A row whose coordinates cannot be scored carries the reason instead of stopping the run,
-and a dataset's images stay encoded until a DataLoader worker decodes them.
+and a dataset's images stay encoded until a DataLoader worker decodes them. A file that cannot be read as one
+benchmark (an unterminated quote, a column given twice, an image id given twice or naming a file outside the image
+folder, text in another encoding) is refused as a whole, with the line at fault, before any model runs.
 """
 
+import codecs
 import csv
-import itertools
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import datasets
+import pyarrow.compute as pc
 from transformers.utils import logging
 
+from modeling_streetclip.coordinates import CoordinateProblem, coordinate_problem
+from modeling_streetclip.dataset_sources import open_dataset
 from modeling_streetclip.images import ImageInput
 
 
@@ -28,8 +34,9 @@ CSV_ID_COLUMNS = (*ID_COLUMNS, "image", "path")
 IMAGE_COLUMNS = ("image", "img", "photo", "jpg")
 LATITUDE_COLUMNS = ("lat", "latitude")
 LONGITUDE_COLUMNS = ("lon", "lng", "long", "longitude")
-# How a row's error ends when its columns look swapped; the file-level warning counts these rows.
-SWAPPED_COLUMNS = "latitude and longitude look swapped"
+# What metadata CSVs are read as unless told otherwise; a byte-order mark (spreadsheet exports start with one) is
+# dropped, so that it does not rename the first column.
+DEFAULT_CSV_ENCODING = "utf-8"
 
 
 @dataclass
@@ -86,6 +93,10 @@ class _DatasetImages(Sequence):
         image = self.encoded[index][self.column]
         return image["bytes"] if image["bytes"] is not None else image["path"]
 
+    def paths(self) -> list[str | None]:
+        """The path or file name each image was stored under (None where none is), read without the bytes."""
+        return pc.struct_field(self.encoded.with_format("arrow")[self.column], "path").to_pylist()
+
 
 @dataclass(frozen=True)
 class ColumnNames:
@@ -103,6 +114,8 @@ def load_benchmark(
     split: str = "test",
     columns: ColumnNames = ColumnNames(),
     limit: int | None = None,
+    encoding: str = DEFAULT_CSV_ENCODING,
+    allow_outside_image_dir: bool = False,
 ) -> Benchmark:
     """Read the first `limit` rows (all when None) of a metadata CSV, whose images lie in `image_dir`, or of a
     `datasets` dataset (a Hub id or a local folder; `split` chooses among its splits)."""
@@ -114,7 +127,7 @@ def load_benchmark(
                 f"An image column ({columns.image!r}) is for datasets; the metadata CSV {data!r} names its images by "
                 "file name in its id column."
             )
-        return load_metadata_csv(data, image_dir, columns, limit)
+        return load_metadata_csv(data, image_dir, columns, limit, encoding, allow_outside_image_dir)
     if image_dir is not None:
         raise ValueError(
             f"An image folder ({str(image_dir)!r}) goes with a metadata CSV only; the dataset {data!r} holds its "
@@ -124,43 +137,106 @@ def load_benchmark(
 
 
 def load_metadata_csv(
-    csv_path: str | Path, image_dir: str | Path, columns: ColumnNames = ColumnNames(), limit: int | None = None
+    csv_path: str | Path,
+    image_dir: str | Path,
+    columns: ColumnNames = ColumnNames(),
+    limit: int | None = None,
+    encoding: str = DEFAULT_CSV_ENCODING,
+    allow_outside_image_dir: bool = False,
 ) -> Benchmark:
-    """Rows of an IM2GPS-style metadata CSV (`IMG_ID,LAT,LON`): the id is the image's file name in `image_dir`."""
+    """Rows of an IM2GPS-style metadata CSV (`IMG_ID,LAT,LON`): the id is the image's file name in `image_dir`.
+
+    Ids that leave `image_dir` (absolute paths, `..`) are refused unless `allow_outside_image_dir`: a benchmark file
+    from elsewhere must not make the runner read files outside the folder it was pointed at.
+    """
     csv_path, image_dir = Path(csv_path), Path(image_dir)
     if not csv_path.is_file():
         raise FileNotFoundError(f"Metadata CSV not found: {str(csv_path)!r}.")
     if not image_dir.is_dir():
         raise NotADirectoryError(f"Image folder not found: {str(image_dir)!r}.")
     source = f"metadata CSV {str(csv_path)!r}"
-    # utf-8-sig: spreadsheet programs start their CSV exports with a byte-order mark, which would rename IMG_ID.
-    with csv_path.open(newline="", encoding="utf-8-sig") as file:
-        reader = csv.DictReader(file)
-        available = reader.fieldnames or []
-        id_column = find_column(available, columns.id, CSV_ID_COLUMNS, "image id", source)
-        latitude_column = find_column(available, columns.latitude, LATITUDE_COLUMNS, "latitude", source)
-        longitude_column = find_column(available, columns.longitude, LONGITUDE_COLUMNS, "longitude", source)
-        records = list(itertools.islice(reader, limit))
-    rows = [
-        checked_row(
-            (record[id_column] or "").strip(),
-            record[latitude_column],
-            record[longitude_column],
-            latitude_column,
-            longitude_column,
-        )
-        for record in records
-    ]
+    header, records = read_csv_records(csv_path, encoding, limit)
+    id_column = find_column(header, columns.id, CSV_ID_COLUMNS, "image id", source)
+    latitude_column = find_column(header, columns.latitude, LATITUDE_COLUMNS, "latitude", source)
+    longitude_column = find_column(header, columns.longitude, LONGITUDE_COLUMNS, "longitude", source)
+    positions = [header.index(column) for column in (id_column, latitude_column, longitude_column)]
+    rows, lines = [], []
+    for line, fields in records:
+        row_id, latitude, longitude = (fields[index] if index < len(fields) else None for index in positions)
+        row_id = (row_id or "").strip()
+        if row_id:
+            rows.append(checked_row(row_id, latitude, longitude, latitude_column, longitude_column))
+        else:
+            rows.append(BenchmarkRow(row_id, None, None, f"the image id (column {id_column!r}) is missing"))
+        lines.append(f"line {line}")
+    refuse_repeated_ids(rows, lines, source)
+    if not allow_outside_image_dir:
+        refuse_ids_outside_image_dir(rows, lines, source, image_dir)
     warn_if_columns_look_swapped(rows, source, latitude_column, longitude_column)
     return Benchmark(name=csv_path.stem, rows=rows, images=[image_dir / row.id for row in rows])
+
+
+def read_csv_records(
+    csv_path: Path, encoding: str = DEFAULT_CSV_ENCODING, limit: int | None = None
+) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header of a CSV and its first `limit` records (all when None), each with the line it starts on.
+
+    Refused, naming the line: text that is not in `encoding`, and a quote that runs over a line break or to the end
+    of the file. Metadata fields never hold a line break, and an unterminated quote would otherwise swallow the
+    rows that follow it into one field without a word.
+    """
+    source = f"metadata CSV {str(csv_path)!r}"
+    raw = csv_path.read_bytes()
+    try:
+        codec = codecs.lookup(encoding).name
+    except LookupError:
+        raise ValueError(f"Unknown text encoding {encoding!r} for the {source}; e.g. utf-8 or latin-1.") from None
+    try:
+        text = raw.decode("utf-8-sig" if codec == "utf-8" else codec)
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"The {source} is not {encoding} text: byte {raw[error.start]:#04x} on line {line} cannot be decoded. "
+            "Save it as UTF-8, or name its encoding (--encoding, e.g. latin-1 or cp1252)."
+        ) from None
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    records: list[tuple[int, list[str]]] = []
+    start = 1
+    try:
+        for fields in reader:
+            if any("\n" in field or "\r" in field for field in fields):
+                raise ValueError(
+                    f"The {source} has a quoted field that runs from line {start} over a line break to line "
+                    f"{reader.line_num}: is a quote left open? Metadata fields hold no line breaks; close the quote."
+                )
+            if fields and header is None:
+                header = fields
+            elif fields:
+                records.append((start, fields))
+                if limit is not None and len(records) >= limit:
+                    break
+            start = reader.line_num + 1
+    except csv.Error as error:
+        raise ValueError(
+            f"The {source} is not valid CSV in the record starting on line {start}: {error} (is a quote left open?)."
+        ) from None
+    if header is None:
+        raise ValueError(
+            f"The {source} is empty; expected a header line such as IMG_ID,LAT,LON and one row per image."
+        )
+    return header, records
 
 
 def load_benchmark_dataset(
     data: str, split: str = "test", columns: ColumnNames = ColumnNames(), limit: int | None = None
 ) -> Benchmark:
-    """Rows of a `datasets` dataset with an `Image` column and latitude and longitude columns; ids come from an id
-    column where one is found, else they are row numbers."""
-    dataset, split = _open_dataset(data, split)
+    """Rows of a `datasets` dataset with an `Image` column and latitude and longitude columns.
+
+    Ids come from an id column where one is found; else from the images' file names (relative to `data` when it is
+    an image folder), when every image has its own; else they are row numbers.
+    """
+    dataset, split = open_dataset(data, split)
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     source = f"dataset {data!r}" + (f" (split {split!r})" if split else "")
@@ -174,56 +250,79 @@ def load_benchmark_dataset(
     latitude_column = find_column(available, columns.latitude, LATITUDE_COLUMNS, "latitude", source)
     longitude_column = find_column(available, columns.longitude, LONGITUDE_COLUMNS, "longitude", source)
     id_column = find_column(available, columns.id, ID_COLUMNS, "id", source, required=False)
-    ids = [str(value) for value in dataset[id_column]] if id_column else [str(row) for row in range(len(dataset))]
+    images = _DatasetImages(dataset, image_column)
+    if id_column:
+        ids = [str(value) for value in dataset[id_column]]
+    else:
+        ids = _file_name_ids(images.paths(), Path(data)) or [str(row) for row in range(len(dataset))]
     rows = [
         checked_row(row_id, latitude, longitude, latitude_column, longitude_column)
         for row_id, latitude, longitude in zip(ids, dataset[latitude_column], dataset[longitude_column], strict=True)
     ]
+    refuse_repeated_ids(rows, [f"row {row}" for row in range(len(rows))], source)
     warn_if_columns_look_swapped(rows, source, latitude_column, longitude_column)
     name = Path(data).name if Path(data).exists() else data
-    return Benchmark(name=name, rows=rows, images=_DatasetImages(dataset, image_column), split=split)
+    return Benchmark(name=name, rows=rows, images=images, split=split)
 
 
-def _open_dataset(data: str, split: str) -> tuple[datasets.Dataset, str | None]:
-    """The dataset and the split it came from: a folder written by `save_to_disk`, else anything `load_dataset`
-    reads (a Hub id, a local data folder). A dataset saved without splits has no split to report."""
-    folder = Path(data)
-    saved = (folder / datasets.config.DATASET_STATE_JSON_FILENAME).is_file() or (
-        folder / datasets.config.DATASETDICT_JSON_FILENAME
-    ).is_file()
-    if not saved:
-        return datasets.load_dataset(data, split=split), split
-    loaded = datasets.load_from_disk(data)
-    if not isinstance(loaded, datasets.DatasetDict):
-        return loaded, None
-    if split not in loaded:
-        raise ValueError(f"The dataset saved in {data!r} has no split {split!r}; it has {sorted(loaded)}.")
-    return loaded[split], split
+def _file_name_ids(paths: list[str | None], folder: Path) -> list[str] | None:
+    """Ids from the images' stored paths: relative to `folder` for an image folder's files, else the file name;
+    None when an image has no path or two share one, since ids must tell every row apart."""
+    root = folder.resolve() if folder.is_dir() else None
+    ids = []
+    for path in paths:
+        if not path:
+            return None
+        stored = Path(path)
+        if root is not None and stored.is_absolute() and stored.resolve().is_relative_to(root):
+            ids.append(stored.resolve().relative_to(root).as_posix())
+        else:
+            ids.append(stored.name)
+    return ids if len(set(ids)) == len(ids) else None
 
 
 def find_column(
     columns: Sequence[str], requested: str | None, usual: Sequence[str], role: str, source: str, required: bool = True
 ) -> str | None:
-    """The column to read for `role`: the requested one, which must exist, else the first of its usual names."""
+    """The column to read for `role`: the requested one, which must exist, else the first of its usual names.
+
+    A name that several columns share (`LAT` twice, or `LAT` and `lat` when found by its usual name) is refused: one
+    of them would be read and the other ignored without a word.
+    """
     if requested is not None:
         if requested not in columns:
             raise ValueError(f"The {source} has no {role} column {requested!r}; its columns are {list(columns)}.")
+        _refuse_shared_name(columns, [requested], role, source)
         return requested
-    by_lower_name = {column.lower(): column for column in columns}
-    found = next((by_lower_name[name] for name in usual if name in by_lower_name), None)
-    if found is None and required:
+    for name in usual:
+        matches = [column for column in columns if column.lower() == name]
+        if matches:
+            _refuse_shared_name(columns, matches, role, source)
+            return matches[0]
+    if required:
         raise ValueError(
             f"The {source} has no {role} column under a usual name ({', '.join(usual)}); its columns are "
             f"{list(columns)}. Name the {role} column."
         )
-    return found
+    return None
+
+
+def _refuse_shared_name(columns: Sequence[str], matches: Sequence[str], role: str, source: str) -> None:
+    positions = [position for position, column in enumerate(columns, start=1) if column in matches]
+    if len(positions) > 1:
+        names = ", ".join(f"{columns[position - 1]!r} (column {position})" for position in positions)
+        raise ValueError(
+            f"The {source} has {len(positions)} columns that could be its {role}: {names}. Rename or remove all but "
+            "one, or name the one to read."
+        )
 
 
 def checked_row(
     row_id: str, latitude: object, longitude: object, latitude_column: str, longitude_column: str
 ) -> BenchmarkRow:
-    """A row with its coordinates as floats, or with an error naming the value that is missing, not a number, not
-    finite, out of range, or where latitude and longitude look swapped."""
+    """A row with its coordinates as floats, or with an error naming the value that is missing, not a number or not
+    finite, or the coordinates' problem (`coordinate_problem`: out of range, or latitude and longitude look
+    swapped)."""
     values = {}
     for role, column, value in (("latitude", latitude_column, latitude), ("longitude", longitude_column, longitude)):
         text = str(value).strip() if value is not None else ""
@@ -236,17 +335,49 @@ def checked_row(
         if not math.isfinite(values[role]):
             return BenchmarkRow(row_id, None, None, f"{role} (column {column!r}) {text!r} is not a finite number")
     lat, lon = values["latitude"], values["longitude"]
+    problem = coordinate_problem(lat, lon)
     error = None
-    if abs(lat) > 90 and abs(lon) <= 90:
-        error = (
-            f"latitude (column {latitude_column!r}) {lat!r} is outside [-90, 90] but longitude (column "
-            f"{longitude_column!r}) {lon!r} is inside it: {SWAPPED_COLUMNS}"
+    if problem is not None:
+        error = problem.describe(
+            lat, lon, f"latitude (column {latitude_column!r})", f"longitude (column {longitude_column!r})"
         )
-    elif abs(lat) > 90:
-        error = f"latitude (column {latitude_column!r}) {lat!r} is outside [-90, 90]"
-    elif abs(lon) > 180:
-        error = f"longitude (column {longitude_column!r}) {lon!r} is outside [-180, 180]"
     return BenchmarkRow(row_id, lat, lon, error)
+
+
+def refuse_repeated_ids(rows: Sequence[BenchmarkRow], places: Sequence[str], source: str) -> None:
+    """Refuse a benchmark that lists an image id twice: the image would count twice in the metric, and the rows of
+    predictions.csv could no longer be told apart by id. `places[i]` says where `rows[i]` is ("line 3", "row 2")."""
+    seen: dict[str, str] = {}
+    repeated = []
+    for row, place in zip(rows, places, strict=True):
+        if row.id and row.id in seen:
+            repeated.append((row.id, seen[row.id], place))
+        seen.setdefault(row.id, place)
+    if repeated:
+        row_id, first, again = repeated[0]
+        more = f" ({len(repeated) - 1} more rows repeat an earlier id)" if len(repeated) > 1 else ""
+        raise ValueError(
+            f"The {source} lists the image id {row_id!r} twice, on {first} and on {again}{more}. Each image is scored "
+            "once: remove the repeated rows."
+        )
+
+
+def refuse_ids_outside_image_dir(
+    rows: Sequence[BenchmarkRow], places: Sequence[str], source: str, image_dir: Path
+) -> None:
+    """Refuse ids that are absolute paths or climb out with `..`: they name files outside `image_dir`."""
+    outside = [
+        (row.id, place)
+        for row, place in zip(rows, places, strict=True)
+        if PurePath(row.id).is_absolute() or ".." in PurePath(row.id).parts
+    ]
+    if outside:
+        row_id, place = outside[0]
+        raise ValueError(
+            f"The {source} names {len(outside)} image(s) outside the image folder {str(image_dir)!r}, first "
+            f"{row_id!r} on {place}; ids are file names inside that folder. If the file is trusted and the paths are "
+            "meant, allow them with --allow_outside_image_dir."
+        )
 
 
 def warn_if_columns_look_swapped(
@@ -254,7 +385,10 @@ def warn_if_columns_look_swapped(
 ) -> None:
     """Say once per file when rows look swapped: a swapped file also has rows whose swap stays in range, which would
     be scored at the wrong place without a word."""
-    swapped = sum(row.error is not None and row.error.endswith(SWAPPED_COLUMNS) for row in rows)
+    swapped = sum(
+        row.latitude is not None and coordinate_problem(row.latitude, row.longitude) is CoordinateProblem.LOOK_SWAPPED
+        for row in rows
+    )
     if swapped:
         logger.warning(
             f"{swapped} of {len(rows)} rows of the {source} have a latitude outside [-90, 90] and a longitude inside "

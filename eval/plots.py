@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
 
@@ -27,11 +28,25 @@ AXIAL_TILT_DEG = 23.44
 LAND_CITY_POPULATION = 5000
 DPI = 150
 TRUTH_COLOR, PREDICTION_COLOR = "#1b7837", "#c51b7d"
+# Marker area (points²) of one image on the world map; a point where k images stack gets k times the area.
+MARKER_AREA = 16.0
+# Translucent markers, so that neighbouring stacks that touch still show each other.
+MARKER_ALPHA = 0.55
+# Points equal to this many decimal places of a degree (0.01° is about 1 km) are one stack on the map.
+STACK_DECIMALS = 2
 
 
-def plot_error_cdf(distances_km: np.ndarray, levels_km: Mapping[str, float], path: str | Path, title: str) -> None:
-    """Save the cumulative share of images against error distance (log km), with the named thresholds marked:
-    the accuracy at a threshold is where the curve crosses its line."""
+def run_title(benchmark: str, model: str, n: int, accuracies: Mapping[float, float]) -> str:
+    """The two-line title both figures carry, so that two runs' figures can be told apart: what was run on what,
+    then n and the accuracy (a fraction) at each threshold in km."""
+    scores = ", ".join(f"acc@{threshold:g} km {accuracy:.1%}" for threshold, accuracy in accuracies.items())
+    return f"{benchmark}, model {model}\nn = {n}" + (f": {scores}" if scores else ": no image scored")
+
+
+def plot_error_cdf(distances_km: np.ndarray, levels_km: Mapping[str, float], path: str | Path, title: str) -> Figure:
+    """Save (and return) the cumulative share of images against error distance (log km), with the named thresholds
+    marked: the accuracy at a threshold is where the curve crosses its line. `title` heads the figure (see
+    `run_title`)."""
     distances = np.sort(np.maximum(np.asarray(distances_km, dtype=np.float64), MIN_PLOTTED_KM))
     shares = np.arange(1, distances.size + 1) / max(distances.size, 1)
     figure = Figure(figsize=(8, 5), layout="constrained")
@@ -57,14 +72,21 @@ def plot_error_cdf(distances_km: np.ndarray, levels_km: Mapping[str, float], pat
     axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     axes.set_xlabel("error distance (km, log scale)")
     axes.set_ylabel("share of images within distance")
-    axes.set_title(f"{title}: error distance, {distances.size} images", pad=30)
+    figure.suptitle(title)
+    axes.set_title(f"error distance, {distances.size} images", pad=30)
     axes.grid(True, which="major", alpha=0.3)
     figure.savefig(path, dpi=DPI)
+    return figure
 
 
-def plot_world_map(truths: np.ndarray, predictions: np.ndarray, path: str | Path, title: str) -> None:
-    """Save an equirectangular world map with each image's true point, its predicted point and a line joining
-    them; `truths` and `predictions` are (n, 2) arrays of [latitude, longitude] in degrees, row by row."""
+def plot_world_map(truths: np.ndarray, predictions: np.ndarray, path: str | Path, title: str) -> Figure:
+    """Save (and return) an equirectangular world map with each image's true point, its predicted point and a line
+    joining them; `truths` and `predictions` are (n, 2) arrays of [latitude, longitude] in degrees, row by row.
+
+    Predictions are candidate cities, so many images share one predicted point, and benchmarks photograph the same
+    places: each distinct point is drawn once with an area proportional to the images there, translucent so that
+    near neighbours show through.
+    """
     truths = np.asarray(truths, dtype=np.float64).reshape(-1, 2)
     predictions = np.asarray(predictions, dtype=np.float64).reshape(-1, 2)
     figure = Figure(figsize=(14, 7.6), layout="constrained")
@@ -85,10 +107,23 @@ def plot_world_map(truths: np.ndarray, predictions: np.ndarray, path: str | Path
             label="truth to prediction",
         )
     )
-    axes.scatter(truths[:, 1], truths[:, 0], s=16, marker="o", color=TRUTH_COLOR, label="truth", zorder=3)
-    axes.scatter(
-        predictions[:, 1], predictions[:, 0], s=22, marker="x", color=PREDICTION_COLOR, label="prediction", zorder=4
-    )
+    largest = 1
+    for points, marker, color, label, zorder in (
+        (truths, "o", TRUTH_COLOR, "truth", 3),
+        (predictions, "x", PREDICTION_COLOR, "prediction", 4),
+    ):
+        places, counts = stacked_points(points)
+        largest = max(largest, int(counts.max(initial=1)))
+        axes.scatter(
+            places[:, 1],
+            places[:, 0],
+            s=MARKER_AREA * counts,
+            marker=marker,
+            color=color,
+            alpha=MARKER_ALPHA,
+            label=label,
+            zorder=zorder,
+        )
     axes.set_xlim(-180, 180)
     axes.set_ylim(-90, 90)
     axes.set_aspect("equal")
@@ -97,9 +132,60 @@ def plot_world_map(truths: np.ndarray, predictions: np.ndarray, path: str | Path
     axes.grid(True, color="#dddddd", linewidth=0.5)
     axes.set_xlabel("longitude (°)")
     axes.set_ylabel("latitude (°)")
-    axes.set_title(f"{title}: {len(truths)} images (grey dots: GeoNames cities; dotted: tropics and polar circles)")
-    axes.legend(loc="lower left", fontsize=9)
+    figure.suptitle(title)
+    axes.set_title(
+        f"{len(truths)} images (marker area: images at one point; grey dots: GeoNames cities; dotted: tropics and "
+        "polar circles)"
+    )
+    # The legend's markers are all drawn at one image's size; a second legend gives the scale of the stacks.
+    kinds = axes.legend(loc="lower left", fontsize=9)
+    for handle in kinds.legend_handles:
+        if hasattr(handle, "set_sizes"):
+            handle.set_sizes([MARKER_AREA])
+    if largest > 1:
+        axes.add_artist(kinds)
+        scale = [
+            Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="",
+                color="#777777",
+                alpha=MARKER_ALPHA,
+                markersize=np.sqrt(MARKER_AREA * count),
+            )
+            for count in _legend_counts(largest)
+        ]
+        axes.legend(
+            scale,
+            [f"{count} image{'s' if count > 1 else ''}" for count in _legend_counts(largest)],
+            loc="lower right",
+            fontsize=9,
+            title="images at one point",
+            title_fontsize=9,
+            labelspacing=1.5,
+            borderpad=1.0,
+        )
     figure.savefig(path, dpi=DPI)
+    return figure
+
+
+def stacked_points(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct points of an (n, 2) array of [latitude, longitude], each with the number of rows there: points
+    closer than `STACK_DECIMALS` decimal places of a degree (about 1 km) count as one, drawn at their mean."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if not len(points):
+        return points, np.zeros(0, dtype=np.int64)
+    _, inverse, counts = np.unique(np.round(points, STACK_DECIMALS), axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    means = np.stack([np.bincount(inverse, weights=points[:, axis]) / counts for axis in range(2)], axis=1)
+    return means, counts
+
+
+def _legend_counts(largest: int) -> list[int]:
+    """Counts for the marker-scale legend: one image, the largest stack, and one between when they are far apart."""
+    middle = round(np.sqrt(largest))
+    return sorted({1, middle, largest})
 
 
 def _pair_segments(truths: np.ndarray, predictions: np.ndarray) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,11 @@ import benchmark
 import benchmark_data
 import datasets
 import evaluate
+import matplotlib.legend
 import numpy as np
 import plots
 import pytest
+import torch
 from PIL import Image
 
 from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo
@@ -273,6 +276,94 @@ def test_run_where_every_input_fails_writes_its_outputs_and_exits_nonzero(
     assert "acc_25km" not in metrics
 
 
+# Invocation errors: one line naming the input, exit status 2, before any model loads
+
+
+def _usage_error(capsys, argv: list[str]) -> str:
+    """The message of a run that must stop as a usage error: exit status 2 and one line on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(argv)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("benchmark.py: error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Make loading the model fail loudly: the checks under test must come first."""
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the invocation was checked")
+
+    monkeypatch.setattr(benchmark, "load_model", load_model)
+
+
+def test_missing_csv_gives_one_line_and_exit_status_2_from_the_command_line(tmp_path):
+    command = [sys.executable, str(EVAL_DIR / "benchmark.py"), "--model", "unused", "--data", "missing.csv"]
+    command += ["--image_dir", str(tmp_path), "--output_dir", str(tmp_path / "results")]
+    process = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines()[-1] == ("benchmark.py: error: Metadata CSV not found: 'missing.csv'.")
+    assert "Traceback" not in process.stderr
+
+
+def test_invocation_errors_are_one_line_usage_errors(capsys, no_model_loading, image_folder, metadata_csv, tmp_path):
+    two_splits = _two_split_dataset(tmp_path)
+    capsys.readouterr()
+    base = ["--model", "unused", "--output_dir", str(tmp_path / "results"), "--device", "cpu"]
+    csv_args = ["--data", str(metadata_csv), "--image_dir", str(image_folder)]
+    assert "Metadata CSV not found: " in _usage_error(capsys, base + ["--data", "x.csv", "--image_dir", "."])
+    assert "Image folder not found: 'nowhere'" in _usage_error(
+        capsys, base + ["--data", str(metadata_csv), "--image_dir", "nowhere"]
+    )
+    assert "Unknown text encoding 'klingon'" in _usage_error(capsys, base + csv_args + ["--encoding", "klingon"])
+    assert "no split 'test'" in _usage_error(capsys, base + ["--data", str(two_splits)])
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(base + csv_args + ["--limit", "0"])
+    assert exit_info.value.code == 2 and "--limit: must be an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+def _two_split_dataset(tmp_path: Path) -> Path:
+    table = datasets.Dataset.from_dict({"image": ["a.jpg"], "lat": [1.0], "lon": [2.0]})
+    datasets.DatasetDict({"train": table, "validation": table}).save_to_disk(tmp_path / "two_splits")
+    return tmp_path / "two_splits"
+
+
+def test_unknown_model_is_a_usage_error(capsys, image_folder, metadata_csv, tmp_path):
+    message = _usage_error(
+        capsys,
+        ["--model", str(tmp_path / "no-model"), "--data", str(metadata_csv), "--image_dir", str(image_folder)]
+        + ["--output_dir", str(tmp_path / "results"), "--device", "cpu"],
+    )
+    assert f"cannot load --model {str(tmp_path / 'no-model')!r}" in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_usage_error(capsys, no_model_loading, image_folder, metadata_csv, tmp_path):
+    message = _usage_error(
+        capsys,
+        ["--model", "unused", "--data", str(metadata_csv), "--image_dir", str(image_folder)]
+        + ["--output_dir", str(tmp_path / "results"), "--device", "cuda"],
+    )
+    assert "--device cuda, but torch sees no CUDA device" in message
+
+
+def test_outputs_are_checked_before_the_data_and_the_model_load(capsys, no_model_loading, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("an earlier result\n")
+    base = ["--model", "unused", "--data", "x.csv", "--image_dir", ".", "--device", "cpu"]
+    assert f"--output_dir {str(taken)!r} is a file" in _usage_error(capsys, base + ["--output_dir", str(taken)])
+    assert taken.read_text() == "an earlier result\n"
+    assert "cannot write the results to --output_dir" in _usage_error(
+        capsys, base + ["--output_dir", str(taken / "results")]
+    )
+    blocked = tmp_path / "blocked"
+    (blocked / "world_map.png").mkdir(parents=True)
+    message = _usage_error(capsys, base + ["--output_dir", str(blocked)])
+    assert f"holds {str(blocked / 'world_map.png')!r}, which is not a file" in message
+
+
 # Loading benchmark rows
 
 
@@ -355,8 +446,8 @@ def test_csv_needs_an_image_folder_and_no_image_column_and_a_dataset_refuses_a_f
 
 def test_dataset_without_the_split_or_an_image_column_is_refused(tmp_path):
     table = datasets.Dataset.from_dict({"image": ["a.jpg"], "lat": [1.0], "lon": [2.0]})
-    datasets.DatasetDict({"validation": table}).save_to_disk(tmp_path / "dataset")
-    with pytest.raises(ValueError, match=r"no split 'test'; it has \['validation'\]"):
+    datasets.DatasetDict({"validation": table, "train": table}).save_to_disk(tmp_path / "dataset")
+    with pytest.raises(ValueError, match=r"no split 'test'; its splits are \['train', 'validation'\]"):
         benchmark_data.load_benchmark(str(tmp_path / "dataset"))
     with pytest.raises(ValueError, match="'image' of the dataset .* holds Value"):
         benchmark_data.load_benchmark(str(tmp_path / "dataset"), split="validation")
@@ -366,8 +457,146 @@ def test_dataset_images_stay_encoded_until_a_worker_decodes_them(image_folder, t
     table = datasets.Dataset.from_dict({"image": [str(image_folder / "paris.jpg")], "lat": [1.0], "lon": [2.0]})
     table.cast_column("image", datasets.Image()).save_to_disk(tmp_path / "dataset")
     loaded = benchmark_data.load_benchmark(str(tmp_path / "dataset"))
-    assert loaded.split is None and loaded.rows[0].id == "0"
+    assert loaded.split is None and loaded.rows[0].id == "paris.jpg"
     assert loaded.images[0] == (image_folder / "paris.jpg").read_bytes()
+
+
+def test_dataset_images_sharing_a_file_name_get_row_numbers_as_ids(image_folder, tmp_path):
+    paths = [str(image_folder / "paris.jpg"), str(image_folder / "paris.jpg"), str(image_folder / "rio.jpg")]
+    table = datasets.Dataset.from_dict({"image": paths, "lat": [1.0, 2.0, 3.0], "lon": [2.0, 3.0, 4.0]})
+    table.cast_column("image", datasets.Image()).save_to_disk(tmp_path / "dataset")
+    assert [row.id for row in benchmark_data.load_benchmark(str(tmp_path / "dataset")).rows] == ["0", "1", "2"]
+
+
+def test_dataset_with_a_repeated_id_is_refused_naming_both_rows(image_folder, tmp_path):
+    images = [str(image_folder / name) for name, _, _ in GOOD_ROWS[:3]]
+    table = datasets.Dataset.from_dict({"image": images, "lat": [1.0] * 3, "lon": [2.0] * 3, "id": [7, 8, 7]})
+    table.cast_column("image", datasets.Image()).save_to_disk(tmp_path / "dataset")
+    with pytest.raises(ValueError, match="lists the image id '7' twice, on row 0 and on row 2"):
+        benchmark_data.load_benchmark(str(tmp_path / "dataset"))
+
+
+# Metadata CSVs that cannot be read as one benchmark are refused, naming the line
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        # The quote opened on line 3 runs to the end: without a check, rio.jpg and sydney.jpg vanish into one field.
+        (
+            'paris.jpg,48.8566,2.3522\ntokyo.png,"35.6762,139.6503\nrio.jpg,-22.9068,-43.1729\n',
+            "not valid CSV in the record starting on line 3: unexpected end of data (is a quote left open?)",
+        ),
+        # Closed again on the next line: two rows merged into one.
+        (
+            'paris.jpg,"48.8566,2.3522\ntokyo.png,35.6762",139.6503\nrio.jpg,-22.9068,-43.1729\n',
+            "quoted field that runs from line 2 over a line break to line 3: is a quote left open?",
+        ),
+        ('paris.jpg,48.8566,2.3522\ntokyo.png,"35.6762"x,139.6503\n', "record starting on line 3: ',' expected"),
+    ],
+)
+def test_csv_with_an_unterminated_quote_is_refused_naming_the_line(body, message, image_folder, tmp_path):
+    data = tmp_path / "quoted.csv"
+    data.write_text("IMG_ID,LAT,LON\n" + body)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        benchmark_data.load_benchmark(str(data), image_dir=image_folder)
+
+
+def test_csv_listing_an_image_twice_is_refused_naming_both_lines(image_folder, tmp_path):
+    data = _write_metadata_csv(tmp_path / "meta.csv", [GOOD_ROWS[0], GOOD_ROWS[1], GOOD_ROWS[0], GOOD_ROWS[1]])
+    with pytest.raises(ValueError, match=r"lists the image id 'paris.jpg' twice, on line 2 and on line 4 \(1 more"):
+        benchmark_data.load_benchmark(str(data), image_dir=image_folder)
+
+
+def test_csv_with_a_column_given_twice_is_refused_naming_both(image_folder, tmp_path):
+    data = _write_metadata_csv(tmp_path / "meta.csv", [(*GOOD_ROWS[0], "0.0")], header=("IMG_ID", "LAT", "LON", "LAT"))
+    for columns in (benchmark_data.ColumnNames(), benchmark_data.ColumnNames(latitude="LAT")):
+        with pytest.raises(
+            ValueError, match=r"2 columns that could be its latitude: 'LAT' \(column 2\), 'LAT' \(column 4"
+        ):
+            benchmark_data.load_benchmark(str(data), image_dir=image_folder, columns=columns)
+
+
+def test_csv_columns_differing_only_in_case_must_be_chosen_by_name(image_folder, tmp_path):
+    data = _write_metadata_csv(tmp_path / "meta.csv", [(*GOOD_ROWS[0], "0.0")], header=("IMG_ID", "LAT", "LON", "lat"))
+    with pytest.raises(ValueError, match="'LAT' \\(column 2\\), 'lat' \\(column 4\\)"):
+        benchmark_data.load_benchmark(str(data), image_dir=image_folder)
+    chosen = benchmark_data.load_benchmark(
+        str(data), image_dir=image_folder, columns=benchmark_data.ColumnNames(latitude="lat")
+    )
+    assert chosen.rows[0].latitude == 0.0
+
+
+@pytest.mark.parametrize("outside", ["../secret/x.png", "/etc/hostname", "sub/../../x.png"])
+def test_csv_ids_outside_the_image_folder_are_refused_unless_allowed(outside, image_folder, tmp_path):
+    data = _write_metadata_csv(tmp_path / "meta.csv", [GOOD_ROWS[0], (outside, "1.0", "2.0")])
+    with pytest.raises(
+        ValueError, match=f"names 1 image\\(s\\) outside the image folder .*first {re.escape(repr(outside))} on line 3"
+    ):
+        benchmark_data.load_benchmark(str(data), image_dir=image_folder)
+    allowed = benchmark_data.load_benchmark(str(data), image_dir=image_folder, allow_outside_image_dir=True)
+    assert allowed.images[1] == image_folder / outside
+
+
+def test_latin1_csv_error_names_the_file_the_line_and_the_option(image_folder, tmp_path):
+    data = tmp_path / "latin1.csv"
+    data.write_bytes("IMG_ID,LAT,LON\nparis.jpg,48.8566,2.3522\ncafé.jpg,48.85,2.35\n".encode("latin-1"))
+    with pytest.raises(ValueError) as error:
+        benchmark_data.load_benchmark(str(data), image_dir=image_folder)
+    assert str(data) in str(error.value)
+    assert "is not utf-8 text: byte 0xe9 on line 3" in str(error.value) and "--encoding" in str(error.value)
+    loaded = benchmark_data.load_benchmark(str(data), image_dir=image_folder, encoding="latin-1")
+    assert [row.id for row in loaded.rows] == ["paris.jpg", "café.jpg"]
+
+
+def test_csv_row_without_an_id_is_recorded_not_run(image_folder, tmp_path):
+    data = _write_metadata_csv(tmp_path / "meta.csv", [GOOD_ROWS[0], ("", "1.0", "2.0"), (" ", "1.0", "2.0")])
+    rows = benchmark_data.load_benchmark(str(data), image_dir=image_folder).rows
+    assert [row.error for row in rows] == [None, *["the image id (column 'IMG_ID') is missing"] * 2]
+
+
+# Image folders, the format training reads
+
+
+@pytest.fixture(scope="module")
+def geo_image_folder(image_folder) -> Path:
+    """An image folder as training takes it: images, one in a subfolder, and a metadata.csv."""
+    folder = image_folder.parent / "geo_eval"
+    (folder / "sub").mkdir(parents=True)
+    for name, target in (("paris.jpg", "paris.jpg"), ("tokyo.png", "tokyo.png"), ("rio.jpg", "sub/rio.jpg")):
+        (folder / target).write_bytes((image_folder / name).read_bytes())
+    (folder / "metadata.csv").write_text(
+        "file_name,latitude,longitude\nparis.jpg,48.8566,2.3522\ntokyo.png,35.6762,139.6503\nsub/rio.jpg,-22.9068,-43.1729\n"
+    )
+    return folder
+
+
+def test_image_folder_runs_from_its_only_split_with_file_names_as_ids(
+    small_streetclip_dir, geo_image_folder, tmp_path, monkeypatch
+):
+    titles = []
+
+    def recording(plot):
+        def wrapper(*args, title):
+            titles.append(title)
+            return plot(*args, title=title)
+
+        return wrapper
+
+    monkeypatch.setattr(benchmark, "plot_error_cdf", recording(plots.plot_error_cdf))
+    monkeypatch.setattr(benchmark, "plot_world_map", recording(plots.plot_world_map))
+    benchmark.main(
+        ["--model", str(small_streetclip_dir), "--data", str(geo_image_folder), "--output_dir", str(tmp_path)]
+        + ["--num_workers", "0", "--device", "cpu"]
+    )
+    rows = _read_predictions(tmp_path)
+    assert sorted(row["id"] for row in rows) == ["paris.jpg", "sub/rio.jpg", "tokyo.png"]
+    assert all(row["error"] == "" for row in rows)
+    metrics = _read_metrics(tmp_path)
+    assert (metrics["benchmark"], metrics["split"], metrics["n"]) == ("geo_eval", "train", 3)
+    # Both figures name the model, n and the accuracies, so that two runs' figures can be told apart.
+    accuracies = ", ".join(f"acc@{km} km {metrics[f'acc_{km}km']:.1%}" for km in (25, 200, 750, 2500))
+    assert titles == [f"geo_eval, model {small_streetclip_dir}\nn = 3: {accuracies}"] * 2
 
 
 # Figures
@@ -380,3 +609,39 @@ def test_pair_across_the_antimeridian_is_drawn_the_short_way_in_two_pieces():
         [[0.0, 10.0], [30.0, 20.0]],
         [[-181.0, -18.0], [-179.0, -17.0]],
     ]
+
+
+def test_points_at_one_place_are_stacked_and_counted():
+    places = np.array([[48.8566, 2.3522], [35.6762, 139.6503], [-22.9068, -43.1729]])
+    # 24 images at three places, a few metres apart at most (as photos of one square are).
+    points = np.repeat(places, [12, 8, 4], axis=0) + np.linspace(0, 0.001, 24)[:, None]
+    stacked, counts = plots.stacked_points(points)
+    assert sorted(counts.tolist()) == [4, 8, 12]
+    assert stacked[np.argmax(counts)] == pytest.approx(places[0], abs=1e-3)
+    assert plots.stacked_points(np.empty((0, 2)))[1].size == 0
+
+
+def test_world_map_draws_each_stack_with_an_area_proportional_to_its_images(tmp_path):
+    truths = np.repeat([[48.8566, 2.3522], [-33.8688, 151.2093]], [5, 1], axis=0)
+    predictions = np.repeat([[35.6762, 139.6503]], 6, axis=0)
+    figure = plots.plot_world_map(truths, predictions, tmp_path / "map.png", title="run title")
+    truth_markers, prediction_markers = (
+        collection for collection in figure.axes[0].collections if collection.get_label() in ("truth", "prediction")
+    )
+    assert sorted(truth_markers.get_sizes().tolist()) == [plots.MARKER_AREA, 5 * plots.MARKER_AREA]
+    assert prediction_markers.get_sizes().tolist() == [6 * plots.MARKER_AREA]
+    assert 0 < truth_markers.get_alpha() < 1
+    assert figure.get_suptitle() == "run title"
+    # A second legend gives the marker scale, up to the largest stack.
+    assert "6 images" in [
+        text.get_text() for legend in figure.axes[0].findobj(matplotlib.legend.Legend) for text in legend.get_texts()
+    ]
+
+
+def test_run_title_names_the_model_n_and_each_accuracy():
+    title = plots.run_title("im2gps", "geolocal/StreetCLIP", 237, {25: 0.283, 200: 0.451, 750: 0.747, 2500: 0.882})
+    assert title == (
+        "im2gps, model geolocal/StreetCLIP\nn = 237: acc@25 km 28.3%, acc@200 km 45.1%, acc@750 km 74.7%, "
+        "acc@2500 km 88.2%"
+    )
+    assert plots.run_title("im2gps", "m", 0, {}) == "im2gps, model m\nn = 0: no image scored"

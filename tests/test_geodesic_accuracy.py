@@ -249,6 +249,20 @@ def test_bad_prediction_rows_are_named_as_predictions(metric):
     assert "swapped" in message
 
 
+def test_the_metrics_standalone_point_check_agrees_with_the_packages_rule():
+    # The metric keeps its own copy of `modeling_streetclip.coordinates` to stay publishable on its own; the two
+    # must accept the same pairs and call the same pairs swapped.
+    from modeling_streetclip.coordinates import CoordinateProblem, coordinate_problem
+
+    values = [-200.0, -180.5, -180.0, -95.0, -90.0, -45.0, 0.0, 89.9, 90.0, 90.1, 179.9, 180.0, 181.0, math.nan]
+    for lat in values:
+        for lon in values:
+            problem = coordinate_problem(lat, lon)
+            message = geodesic._point_problem([lat, lon], lat, lon)
+            assert (message is None) == (problem is None), (lat, lon, message, problem)
+            assert ("swapped" in (message or "")) == (problem is CoordinateProblem.LOOK_SWAPPED), (lat, lon)
+
+
 def test_a_bare_pair_instead_of_a_list_of_pairs_is_explained(metric):
     message = _error(metric, predictions=PARIS, references=LONDON)
     assert message.startswith("predictions[0] is 48.8566; expected a [lat, lon] pair")
