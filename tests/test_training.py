@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import card as model_card
 import datasets
 import numpy as np
 import pytest
@@ -618,6 +619,22 @@ def test_epochs_count_the_batches_of_the_filtered_data(tiny_clip_dir, geo_data, 
     assert recorded["completed_steps"] == recorded["max_steps"] == 2 * (good_rows // 16)
 
 
+def test_model_card_counts_the_epochs_and_the_precision_the_run_used(tiny_clip_dir, geo_data, tmp_path):
+    # --max_steps over several passes: the card read the ignored --num_train_epochs (1) and precision "None" before.
+    output_dir = tmp_path / "card"
+    run_pretrain(pretrain_args(tiny_clip_dir, geo_data, output_dir, max_steps=13), geo_data)
+    recorded = model_card.read_training_args(output_dir)
+    assert recorded["completed_steps"] == 13 and recorded["num_train_epochs"] == 1
+    assert recorded["mixed_precision"] == "no"
+    last_epoch = read_log(output_dir)[-1]["train/epoch"]  # counted from 0, as the "epoch 19" of 20
+    assert last_epoch == math.ceil(13 / recorded["updates_per_epoch"]) - 1 >= 1
+    config = modeling_streetclip.StreetCLIPConfig.from_pretrained(output_dir)
+    card = model_card.build_model_card(config, "someone/run", training_args=recorded).text
+    epochs = f"{13 / recorded['updates_per_epoch']:.2f}".rstrip("0").rstrip(".")
+    assert f"- **Epochs:** `{epochs}`\n" in card
+    assert "- **Mixed precision:** `no`\n" in card
+
+
 def test_streamed_data_trains_in_bfloat16_mixed_precision(tiny_clip_dir, geo_data, tmp_path):
     output_dir = tmp_path / "streamed"
     run_pretrain(
@@ -626,5 +643,7 @@ def test_streamed_data_trains_in_bfloat16_mixed_precision(tiny_clip_dir, geo_dat
     )
     assert sorted(train_losses(output_dir)) == [1, 2]
     assert all(math.isfinite(loss) for loss in train_losses(output_dir).values())
+    recorded = json.loads((output_dir / "training_args.json").read_text())
+    assert recorded["mixed_precision"] == "bf16" and recorded["updates_per_epoch"] is None
     answer = pipeline("geolocation", model=str(output_dir))(str(geo_data["eval"] / "Japan-0-0.png"))[0]
     assert answer["country"] in PLACES
