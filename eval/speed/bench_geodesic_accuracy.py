@@ -17,7 +17,7 @@ import evaluate
 import numpy as np
 
 
-METRIC_DIR = Path(__file__).resolve().parent / "geodesic_accuracy"
+METRIC_DIR = Path(__file__).resolve().parents[1] / "geodesic_accuracy"
 
 
 def random_points(rng: np.random.Generator, n: int) -> np.ndarray:
