@@ -237,6 +237,7 @@ def build_model_card(
     converted_from: str | None = None,
     training_args: Mapping | None = None,
     benchmarks: Sequence[BenchmarkResult] = (),
+    space: str | None = None,
 ) -> ModelCard:
     """Fill the card of the model `config` describes, to be published as `repo_id`.
 
@@ -245,6 +246,7 @@ def build_model_card(
         converted_from: The plain CLIP checkpoint these weights are, unchanged, when publishing converts one.
         training_args: The run's saved arguments (see [`read_training_args`]); `None` where none were recorded.
         benchmarks: Results of the benchmark runner (see [`read_benchmark_result`]), one table row each.
+        space: The Hub Space of the demo that serves this model (`publish.py --space`), which the card links to.
     """
     labels = [(benchmark.name, benchmark.split) for benchmark in benchmarks]
     repeated = sorted({label for label in labels if labels.count(label) > 1}, key=str)
@@ -289,6 +291,7 @@ def build_model_card(
         ),
         evaluation=_evaluation_table(benchmarks),
         benchmarks=benchmarks,
+        space=hub_link(space, "space") if space else None,
     )
 
 
