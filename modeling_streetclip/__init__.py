@@ -1,8 +1,8 @@
 """StreetCLIP for Hugging Face: zero-shot image geolocation with CLIP.
 
-Importing this package registers the `"geolocation"` pipeline task and the `streetclip` configuration and model with
-the Auto classes. The public names load on first use (PEP 562), so that the `streetclip` command can answer `--help`
-without importing torch, which takes seconds; its commands register before they load a model.
+Importing this package registers the `"geolocation"` pipeline task and the `streetclip` configuration, model and
+processor with the Auto classes. The public names load on first use (PEP 562), so that the `streetclip` command can
+answer `--help` without importing torch, which takes seconds; its commands register before they load a model.
 """
 
 import importlib
@@ -14,21 +14,28 @@ from typing import TYPE_CHECKING
 # Public name -> the module of this package that defines it.
 _EXPORTS = {
     "CandidatePlaces": "gazetteer",
+    "CandidatePrompts": "processing_streetclip",
     "GeolocationOutput": "modeling_streetclip",
     "GeolocationPipeline": "pipeline_geolocation",
     "ImageLoadError": "images",
+    "RankedPlaces": "modeling_streetclip",
     "StreetCLIPConfig": "configuration_streetclip",
     "StreetCLIPForGeolocation": "modeling_streetclip",
+    "StreetCLIPProcessor": "processing_streetclip",
+    "format_answers": "gazetteer",
     "load_rgb_image": "images",
     "paper_countries": "gazetteer",
+    "read_country_list": "gazetteer",
+    "resolve_country_name": "gazetteer",
 }
 
 if TYPE_CHECKING:
     from .configuration_streetclip import StreetCLIPConfig
-    from .gazetteer import CandidatePlaces, paper_countries
+    from .gazetteer import CandidatePlaces, format_answers, paper_countries, read_country_list, resolve_country_name
     from .images import ImageLoadError, load_rgb_image
-    from .modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
+    from .modeling_streetclip import GeolocationOutput, RankedPlaces, StreetCLIPForGeolocation
     from .pipeline_geolocation import GeolocationPipeline
+    from .processing_streetclip import CandidatePrompts, StreetCLIPProcessor
 
 
 def __getattr__(name: str):
@@ -38,17 +45,19 @@ def __getattr__(name: str):
 
 
 def register_with_transformers() -> None:
-    """Register the `"geolocation"` task with `transformers.pipeline` and the config and model with the Auto classes
-    (idempotent)."""
-    from transformers import AutoConfig, AutoModel
+    """Register the `"geolocation"` task with `transformers.pipeline` and the config, model and processor with the
+    Auto classes (idempotent)."""
+    from transformers import AutoConfig, AutoModel, AutoProcessor
     from transformers.pipelines import PIPELINE_REGISTRY
 
     from .configuration_streetclip import StreetCLIPConfig
     from .modeling_streetclip import StreetCLIPForGeolocation
     from .pipeline_geolocation import GeolocationPipeline
+    from .processing_streetclip import StreetCLIPProcessor
 
     AutoConfig.register(StreetCLIPConfig.model_type, StreetCLIPConfig, exist_ok=True)
     AutoModel.register(StreetCLIPConfig, StreetCLIPForGeolocation, exist_ok=True)
+    AutoProcessor.register(StreetCLIPConfig, StreetCLIPProcessor, exist_ok=True)
     PIPELINE_REGISTRY.register_pipeline(
         "geolocation", pipeline_class=GeolocationPipeline, pt_model=StreetCLIPForGeolocation, type="image"
     )
@@ -60,12 +69,18 @@ if os.path.splitext(os.path.basename(getattr(sys, "argv", [""])[0]))[0] != "stre
 
 __all__ = [
     "CandidatePlaces",
+    "CandidatePrompts",
     "GeolocationOutput",
     "GeolocationPipeline",
     "ImageLoadError",
+    "RankedPlaces",
     "StreetCLIPConfig",
     "StreetCLIPForGeolocation",
+    "StreetCLIPProcessor",
+    "format_answers",
     "load_rgb_image",
     "paper_countries",
+    "read_country_list",
     "register_with_transformers",
+    "resolve_country_name",
 ]

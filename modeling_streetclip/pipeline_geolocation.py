@@ -1,12 +1,19 @@
 """The `"geolocation"` pipeline: photo in; country, city and coordinates out."""
 
+import shutil
+import sys
+from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import Pipeline
+from transformers.dynamic_module_utils import get_relative_import_files
 
-from .gazetteer import CandidatePlaces
+from .gazetteer import format_answers
 from .images import load_rgb_image
+from .processing_streetclip import StreetCLIPProcessor
+
+
+TASK = "geolocation"
 
 
 class GeolocationPipeline(Pipeline):
@@ -30,15 +37,35 @@ class GeolocationPipeline(Pipeline):
     ```
 
     This pipeline is loaded from [`pipeline`] with the task identifier `"geolocation"`. It accepts an image path, a
-    `PIL.Image.Image`, or a list of them (giving a list of lists), and `top_k`, `batch_size`, `device` and `dtype`.
+    `PIL.Image.Image`, or a list of them (giving a list of lists), and `top_k`, `batch_size`, `device` and `dtype`;
+    any other keyword argument is refused. `save_pretrained` writes a folder that every loader accepts, with or
+    without this package installed.
     """
 
-    _load_processor = False
-    _load_image_processor = True
+    _load_processor = True
+    _load_image_processor = False
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def _sanitize_parameters(self, top_k: int | None = None, **kwargs):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.processor is not None:
+            # A plain CLIP checkpoint gives transformers' CLIPProcessor: the same parts, with this model's templates.
+            self.processor = StreetCLIPProcessor.from_parts(self.processor, self.model.config)
+            self.image_processor = self.image_processor or self.processor.image_processor
+        if self.image_processor is None:
+            raise TypeError(
+                "GeolocationPipeline needs processor=StreetCLIPProcessor.from_pretrained(...) (or at least an "
+                "image_processor) along with a model object; pipeline() loads it when given the model's folder or id."
+            )
+
+    def _sanitize_parameters(self, top_k: int | None = None, **unknown):
+        if unknown:
+            # As a Python function would: a misspelt option must not answer as if it had not been given.
+            raise TypeError(
+                f"GeolocationPipeline got an unexpected keyword argument {next(iter(unknown))!r}; it accepts top_k "
+                "(and pipeline's batch_size, num_workers, device and dtype)."
+            )
         forward_params = {}
         if top_k is not None:
             if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
@@ -52,8 +79,7 @@ class GeolocationPipeline(Pipeline):
 
     def _forward(self, model_inputs: dict[str, Any], top_k: int = 1) -> dict[str, Any]:
         outputs = self.model(pixel_values=model_inputs["pixel_values"])
-        city_rows, scores, country_scores = self.model.rank_places(outputs, top_k=top_k)
-        return {"city_rows": city_rows, "scores": scores, "country_scores": country_scores}
+        return self.model.rank_places(outputs, top_k=top_k)._asdict()
 
     def postprocess(self, model_outputs: dict[str, Any]) -> list[dict[str, Any]]:
         return format_answers(
@@ -63,23 +89,45 @@ class GeolocationPipeline(Pipeline):
             model_outputs["country_scores"][0],
         )
 
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Write a complete folder (see `save_shareable_folder`): with the package installed every loader runs the
+        installed classes; without it, `trust_remote_code=True` runs the code saved in the folder."""
+        if self.processor is None:
+            raise ValueError(
+                "This pipeline was built with an image_processor but no processor, so it has no tokenizer or "
+                "templates to save and the folder would be incomplete; build it with "
+                "processor=StreetCLIPProcessor.from_pretrained(...)."
+            )
+        save_shareable_folder(self.model, self.processor, save_directory, **kwargs)
 
-def format_answers(
-    places: CandidatePlaces, city_rows: torch.Tensor, scores: torch.Tensor, country_scores: torch.Tensor
-) -> list[dict[str, Any]]:
-    """One image's ranked answers (from `StreetCLIPForGeolocation.rank_places`) as plain dicts, best first."""
-    answers = []
-    for row, score, country_score in zip(city_rows.tolist(), scores.tolist(), country_scores.tolist(), strict=True):
-        country = places.city_countries[row]
-        answers.append(
-            {
-                "country": places.country_names[country],
-                "country_code": places.country_codes[country],
-                "city": places.city_names[row],
-                "latitude": places.city_latitudes[row],
-                "longitude": places.city_longitudes[row],
-                "score": score,
-                "country_score": country_score,
-            }
-        )
-    return answers
+
+def save_shareable_folder(model, processor: StreetCLIPProcessor, save_directory, **kwargs) -> None:
+    """Save `model` (heads and candidates) and `processor` with the code files and config entries (`auto_map`,
+    `custom_pipelines`) that let `trust_remote_code=True` load the folder without this package.
+
+    `GeolocationPipeline.save_pretrained` writes exactly this; `model_card/publish.py` adds the model card and
+    uploads it. All the code goes in or none would do: a partial copy fails only for someone without the package.
+    """
+    folder = Path(save_directory)
+    config = model.config
+    config.auto_map = {"AutoConfig": _class_reference(type(config)), "AutoModel": _class_reference(type(model))}
+    # Remote pipelines name their model classes on the `transformers` module; AutoModel then follows `auto_map`.
+    config.custom_pipelines = {
+        TASK: {"impl": _class_reference(GeolocationPipeline), "pt": ["AutoModel"], "type": "image"}
+    }
+    processor.auto_map = {"AutoProcessor": _class_reference(type(processor))}
+    model.save_pretrained(folder, **kwargs)
+    processor.save_pretrained(folder, **kwargs)
+    # The files `trust_remote_code=True` imports, with what they import relatively, found as transformers finds them.
+    for cls in (type(config), type(model), type(processor), GeolocationPipeline):
+        module_file = sys.modules[cls.__module__].__file__
+        for code_file in (module_file, *get_relative_import_files(module_file)):
+            shutil.copyfile(code_file, folder / Path(code_file).name)
+
+
+def _class_reference(cls: type) -> str:
+    """`module.Class`, as `auto_map` and `custom_pipelines` name code inside a repository folder (flat, no package)."""
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+
+__all__ = ["GeolocationPipeline", "save_shareable_folder"]

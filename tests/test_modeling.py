@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -9,9 +10,17 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPModel
 
-from modeling_streetclip import CandidatePlaces, GeolocationOutput, StreetCLIPConfig, StreetCLIPForGeolocation
+from modeling_streetclip import (
+    CandidatePlaces,
+    GeolocationOutput,
+    RankedPlaces,
+    StreetCLIPConfig,
+    StreetCLIPForGeolocation,
+    StreetCLIPProcessor,
+)
 from modeling_streetclip.captions import city_prompts, country_prompts
 from modeling_streetclip.testing_utils import (
     SMALL_COUNTRIES,
@@ -49,7 +58,7 @@ def test_clip_weights_are_loaded_unchanged(tiny_clip_dir):
     model = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidate_countries=["Kenya"])
     clip_state = clip.state_dict()
     for name, tensor in model.state_dict().items():
-        if not name.startswith(("country_head", "city_head")):
+        if not name.startswith(("country_head", "city_head", "candidate_checksum")):
             torch.testing.assert_close(tensor, clip_state[name], msg=name)
 
 
@@ -146,14 +155,19 @@ def test_auto_classes_resolve_to_streetclip(small_streetclip_dir):
     assert isinstance(AutoModel.from_pretrained(small_streetclip_dir), StreetCLIPForGeolocation)
 
 
-def test_custom_candidates_rebuild_heads_from_the_text_tower(tiny_clip_dir, pixel_values):
-    places = CandidatePlaces.from_records(
+def atlantis_places() -> CandidatePlaces:
+    """A custom table of three cities in two made-up countries."""
+    return CandidatePlaces.from_records(
         [
             {"country": "Atlantis", "city": "Poseidonia", "latitude": 31.0, "longitude": -24.0},
             {"country": "Atlantis", "city": "Tritonis", "latitude": 32.0, "longitude": -25.0},
             {"country": "Lemuria", "city": "Mu", "latitude": -10.0, "longitude": 80.0},
         ]
     )
+
+
+def test_custom_candidates_rebuild_heads_from_the_text_tower(tiny_clip_dir, pixel_values):
+    places = atlantis_places()
     model = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidates=places)
     expected = prompt_embeddings(
         tiny_clip_dir, ["A Street View photo in Atlantis.", "A Street View photo in Lemuria."]
@@ -180,7 +194,9 @@ def test_restricting_countries_equals_rebuilding_for_them(small_streetclip_dir, 
 
 def test_restricting_to_an_unknown_country_lists_close_matches(small_streetclip_dir):
     model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
-    with pytest.raises(ValueError, match=r"'Kenia' is not a candidate country. Did you mean 'Kenya'"):
+    with pytest.raises(
+        ValueError, match=r"'Kenia' is not one of the 6 candidate countries of this model. Did you mean 'Kenya'"
+    ):
         model.restrict_countries(["Kenia"])
     assert model.candidate_places.num_countries == len(SMALL_COUNTRIES)
 
@@ -207,7 +223,9 @@ def test_forward_returns_the_greedy_hierarchical_decision(small_streetclip_dir, 
 def test_ranked_places_start_greedy_then_follow_joint_probability(small_streetclip_dir, pixel_values):
     model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)
     outputs = model(pixel_values)
-    rows, scores, country_scores = model.rank_places(outputs, top_k=7)
+    ranked = model.rank_places(outputs, top_k=7)
+    assert isinstance(ranked, RankedPlaces)
+    rows, scores, country_scores = ranked.city_rows, ranked.scores, ranked.country_scores
     places = model.candidate_places
     country_probs = outputs.country_logits.softmax(-1)
     joint = torch.empty(len(pixel_values), places.num_cities)
@@ -252,3 +270,118 @@ def test_gradients_reach_both_towers(tiny_clip_dir, pixel_values):
 def test_bad_geolocation_settings_are_refused(settings, message):
     with pytest.raises(Exception, match=message):
         StreetCLIPConfig(**settings)
+
+
+# Loading rules: countries by any spelling, vision_only="auto", templates, the candidate table's checksum
+
+
+def test_candidate_countries_given_by_iso_code_or_another_spelling_become_the_papers_names(tiny_clip_dir):
+    model = StreetCLIPForGeolocation.from_pretrained(
+        tiny_clip_dir, candidate_countries=["JP", "Czechia", "ke"], cities_per_country=2
+    )
+    papers_names = ["Japan", "Czech Republic", "Kenya"]
+    assert model.candidate_places.country_names == model.config.candidate_countries == papers_names
+    expected = prompt_embeddings(tiny_clip_dir, [f"A Street View photo in {name}." for name in papers_names])
+    torch.testing.assert_close(model.country_head.weight, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_candidate_country_fails_with_close_matches_before_any_weights_load(tiny_clip_dir, monkeypatch):
+    monkeypatch.setattr(CLIPModel, "from_pretrained", classmethod(lambda *_, **__: pytest.fail("weights loaded")))
+    with pytest.raises(ValueError, match=r"Unknown country 'Frnace'.*Did you mean 'France'"):
+        StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidate_countries=["Japan", "Frnace"])
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "settings", "keeps_text_tower"),
+    [
+        ("small_streetclip_dir", {}, False),
+        ("small_streetclip_dir", {"cities_per_country": 2}, True),
+        ("small_streetclip_dir", {"country_prompt_template": "A photo taken in {country}."}, True),
+        ("tiny_clip_dir", {"candidate_countries": ["Kenya"]}, True),
+    ],
+)
+def test_vision_only_auto_drops_the_text_tower_exactly_when_no_head_needs_building(
+    request, checkpoint, settings, keeps_text_tower
+):
+    model = StreetCLIPForGeolocation.from_pretrained(
+        request.getfixturevalue(checkpoint), vision_only="auto", **settings
+    )
+    assert (model.text_model is not None) == keeps_text_tower
+    assert model.country_head is not None and model.pending_city_prompts.keys() <= set(range(6))
+
+
+def test_vision_only_accepts_only_true_false_or_auto(small_streetclip_dir):
+    with pytest.raises(ValueError, match="vision_only must be True, False or 'auto', got 'yes'"):
+        StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only="yes")
+
+
+def test_a_new_prompt_template_rebuilds_the_heads_of_a_saved_folder_and_is_recorded(
+    small_streetclip_dir, tiny_clip_dir
+):
+    template = "A photo taken in {country}."
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, country_prompt_template=template)
+    expected = prompt_embeddings(tiny_clip_dir, [template.format(country=name) for name in SMALL_COUNTRIES])
+    torch.testing.assert_close(model.country_head.weight, expected, rtol=1e-4, atol=1e-5)
+    assert model.config.country_prompt_template == template
+
+
+def test_set_candidates_takes_the_processor_or_prompts_it_tokenised_alike(tiny_clip_dir):
+    processor = StreetCLIPProcessor.from_pretrained(tiny_clip_dir)
+    places = atlantis_places()
+    from_processor = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidate_countries=["Kenya"])
+    from_processor.set_candidates(places, processor, build_all_city_heads=True)
+    from_tokens = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidate_countries=["Kenya"])
+    from_tokens.set_candidates(places, processor.candidate_prompts(places), build_all_city_heads=True)
+    torch.testing.assert_close(from_tokens.country_head.weight, from_processor.country_head.weight)
+    torch.testing.assert_close(from_tokens.city_head.weight, from_processor.city_head.weight)
+    assert from_tokens.candidate_places == places
+
+
+def test_prompts_tokenised_for_another_table_are_refused(tiny_clip_dir):
+    processor = StreetCLIPProcessor.from_pretrained(tiny_clip_dir)
+    model = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidate_countries=["Kenya"])
+    places = atlantis_places()
+    with pytest.raises(ValueError, match=r"tokenised for 1 countries with \[2\] cities, but the candidate table"):
+        model.set_candidates(places, processor.candidate_prompts(places.select([0])[0]))
+    assert model.candidate_places.country_names == ["Kenya"]
+
+
+def test_reordered_candidate_table_in_a_saved_folder_is_refused_naming_the_folder(small_streetclip_dir, tmp_path):
+    folder = shutil.copytree(small_streetclip_dir, tmp_path / "edited")
+    config = json.loads((folder / "config.json").read_text())
+    cities = config["candidate_places"]["city_names"]
+    cities[0], cities[1] = cities[1], cities[0]  # two cities of the first country: same sizes, wrong rows
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="is not the one its prompt heads were built for") as raised:
+        StreetCLIPForGeolocation.from_pretrained(folder, vision_only=True)
+    assert str(folder) in str(raised.value)
+
+
+def test_folder_saved_before_checksums_were_kept_loads_and_is_checksummed_from_then_on(
+    small_streetclip_dir, tmp_path, pixel_values
+):
+    folder = shutil.copytree(small_streetclip_dir, tmp_path / "older")
+    weights = load_file(folder / "model.safetensors")
+    del weights["candidate_checksum"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    model = StreetCLIPForGeolocation.from_pretrained(folder)
+    expected = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)
+    assert torch.equal(model(pixel_values).predicted_city, expected(pixel_values).predicted_city)
+    model.save_pretrained(tmp_path / "resaved")
+    assert int(load_file(tmp_path / "resaved" / "model.safetensors")["candidate_checksum"]) == (
+        model.candidate_places.checksum()
+    )
+
+
+def test_model_folder_without_processor_files_names_the_folder_and_the_fix_when_heads_must_be_built(
+    small_streetclip_dir, tmp_path
+):
+    folder = tmp_path / "model-only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(small_streetclip_dir / name, folder / name)
+    with pytest.raises(OSError, match="holds no image processor or tokenizer files") as raised:
+        StreetCLIPForGeolocation.from_pretrained(folder, cities_per_country=2)
+    assert f"StreetCLIPProcessor.from_pretrained(CHECKPOINT_IT_CAME_FROM).save_pretrained({str(folder)!r})" in str(
+        raised.value
+    )

@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor, pipeline
 
 import modeling_streetclip
-from modeling_streetclip import GeolocationPipeline, ImageLoadError, StreetCLIPForGeolocation
+from modeling_streetclip import GeolocationPipeline, ImageLoadError, StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo
 
 
@@ -106,6 +106,38 @@ def test_bfloat16_pipeline_gives_answers(small_streetclip_dir):
     assert geolocate.model.dtype == torch.bfloat16
     (answer,) = geolocate(random_photo(2))
     assert answer["country"] in SMALL_COUNTRIES
+
+
+@pytest.mark.parametrize("option", [{"topk": 5}, {"decision": "joint"}, {"top_k": 2, "countries": ["Japan"]}])
+def test_unknown_keyword_arguments_are_refused_naming_them(geolocator, option):
+    unknown = next(name for name in option if name != "top_k")
+    with pytest.raises(TypeError, match=f"got an unexpected keyword argument '{unknown}'"):
+        geolocator(random_photo(0), **option)
+
+
+def test_unknown_keyword_argument_of_the_pipeline_factory_is_refused(small_streetclip_dir):
+    with pytest.raises(TypeError, match="got an unexpected keyword argument 'topk'"):
+        pipeline("geolocation", model=str(small_streetclip_dir), topk=3)
+
+
+def test_pipeline_holds_the_streetclip_processor_of_its_folder_or_of_a_plain_clip_checkpoint(
+    geolocator, tiny_clip_dir
+):
+    assert type(geolocator.processor) is StreetCLIPProcessor
+    assert geolocator.image_processor is geolocator.processor.image_processor
+    plain = pipeline("geolocation", model=str(tiny_clip_dir))
+    assert type(plain.processor) is StreetCLIPProcessor
+    assert plain.processor.country_prompt_template == plain.model.config.country_prompt_template
+
+
+def test_pipeline_built_from_a_model_and_an_image_processor_answers_but_refuses_an_incomplete_save(
+    geolocator, tmp_path
+):
+    bare = GeolocationPipeline(model=geolocator.model, image_processor=geolocator.image_processor, device="cpu")
+    assert bare(random_photo(4), top_k=2) == geolocator(random_photo(4), top_k=2)
+    with pytest.raises(ValueError, match="no tokenizer or templates to save"):
+        bare.save_pretrained(tmp_path / "incomplete")
+    assert not (tmp_path / "incomplete").exists()
 
 
 @pytest.mark.parametrize("top_k", [0, -1, 1.5, "3"])

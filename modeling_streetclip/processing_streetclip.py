@@ -1,0 +1,164 @@
+"""Processor of StreetCLIP: CLIP's image processor and tokenizer, plus the templates that turn places into text.
+
+Everything textual that the model sees goes through here: the country and city probe prompts its heads are built
+from, and the synthetic training captions. Head building, the pipeline and the training script all take their text
+from a `StreetCLIPProcessor`, so a template lives with the tokenizer that reads it and is saved beside it.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers import ProcessorMixin
+from transformers.utils import cached_file
+
+from .captions import city_prompts, country_prompts
+from .configuration_streetclip import HUB_KWARGS, StreetCLIPConfig, validate_prompt_templates
+from .gazetteer import CandidatePlaces
+
+
+# Files that hold an image processor or a tokenizer; a folder with none of them has only a model.
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
+
+
+@dataclass
+class CandidatePrompts:
+    """The tokenised probe prompts of one candidate table: what `StreetCLIPForGeolocation.set_candidates` encodes
+    into the heads, with the templates they were rendered from.
+
+    `countries` holds one row per candidate country; `cities[i]` one row per candidate city of country `i`, in the
+    table's order. Each is a tokenizer output (`input_ids`, `attention_mask`) as PyTorch tensors.
+    """
+
+    country_prompt_template: str
+    city_prompt_template: str
+    countries: dict
+    cities: list[dict]
+
+    def check_matches(self, places: CandidatePlaces) -> None:
+        """Refuse prompts tokenised for another table, whose rows would land on the wrong places."""
+        sizes = [len(tokens["input_ids"]) for tokens in self.cities]
+        expected = [len(rows) for rows in places.cities_by_country]
+        if len(self.countries["input_ids"]) != places.num_countries or sizes != expected:
+            raise ValueError(
+                f"These prompts were tokenised for {len(self.countries['input_ids'])} countries with {sizes} cities, "
+                f"but the candidate table has {places.num_countries} countries with {expected} cities; tokenise them "
+                "from this table with `processor.candidate_prompts(places)`."
+            )
+
+
+class StreetCLIPProcessor(ProcessorMixin):
+    r"""
+    Joins CLIP's image processor and tokenizer with StreetCLIP's templates: the country and city probe prompts of
+    hierarchical geolocation and the synthetic training caption.
+
+    Called like [`CLIPProcessor`] (`processor(images=..., text=...)`), it also renders and tokenises the prompts of a
+    candidate table ([`~StreetCLIPProcessor.candidate_prompts`]); training draws its captions from `caption_template`
+    (see [`CaptionMix`]) and tokenises them with [`~StreetCLIPProcessor.tokenize`]. `save_pretrained` writes the image
+    processor and templates to `processor_config.json` and the tokenizer files beside them; `from_pretrained` of a
+    plain CLIP folder (such as `geolocal/StreetCLIP`) gives one with [`StreetCLIPConfig`]'s default templates.
+
+    Args:
+        image_processor ([`CLIPImageProcessor`]):
+            Resizes, crops and normalises photos for the vision tower.
+        tokenizer ([`CLIPTokenizer`]):
+            Tokenises prompts and captions for the text tower.
+        country_prompt_template (`str`, *optional*):
+            Country probe prompt with `{country}`; defaults to [`StreetCLIPConfig`]'s, the paper's.
+        city_prompt_template (`str`, *optional*):
+            City probe prompt with `{city}` (and optionally `{country}`); defaults to the paper's.
+        caption_template (`str`, *optional*):
+            Default synthetic training caption over `{city}`, `{region}` and `{country}`; defaults to the paper's.
+
+    Example:
+
+    ```python
+    >>> from modeling_streetclip import CandidatePlaces, StreetCLIPProcessor
+    >>> processor = StreetCLIPProcessor.from_pretrained("geolocal/StreetCLIP")  # doctest: +SKIP
+    >>> processor.render_country_prompts(["Japan"])  # doctest: +SKIP
+    ['A Street View photo in Japan.']
+    ```
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        country_prompt_template: str = StreetCLIPConfig.country_prompt_template,
+        city_prompt_template: str = StreetCLIPConfig.city_prompt_template,
+        caption_template: str = StreetCLIPConfig.caption_template,
+        **kwargs,
+    ):
+        validate_prompt_templates(country_prompt_template, city_prompt_template)
+        self.country_prompt_template = country_prompt_template
+        self.city_prompt_template = city_prompt_template
+        self.caption_template = caption_template
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "StreetCLIPProcessor":
+        """Load from a folder or Hub repo holding processor files (a StreetCLIP folder or a plain CLIP checkpoint);
+        template keyword arguments replace the saved ones.
+
+        A folder that holds a model but none of the files of an image processor or tokenizer is refused with its name
+        and the command that completes it, rather than transformers' generic error.
+        """
+        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+        found = [
+            cached_file(
+                pretrained_model_name_or_path,
+                name,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+                **hub_kwargs,
+            )
+            for name in _PROCESSOR_FILES
+        ]
+        if not any(found):
+            raise OSError(
+                f"{str(pretrained_model_name_or_path)!r} holds no image processor or tokenizer files "
+                f"({', '.join(_PROCESSOR_FILES)}). A folder written by `model.save_pretrained` needs the processor "
+                "saved next to it: `StreetCLIPProcessor.from_pretrained(CHECKPOINT_IT_CAME_FROM).save_pretrained("
+                f"{str(pretrained_model_name_or_path)!r})`, with `geolocal/StreetCLIP` for the published model."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_parts(cls, processor, config: StreetCLIPConfig) -> "StreetCLIPProcessor":
+        """This processor from any processor with an image processor and a tokenizer (transformers' `CLIPProcessor`
+        of a plain CLIP checkpoint), with the templates recorded in `config`; a `StreetCLIPProcessor` is returned
+        as it is."""
+        if isinstance(processor, cls):
+            return processor
+        return cls(
+            processor.image_processor,
+            processor.tokenizer,
+            country_prompt_template=config.country_prompt_template,
+            city_prompt_template=config.city_prompt_template,
+            caption_template=config.caption_template,
+        )
+
+    def render_country_prompts(self, countries: Sequence[str]) -> list[str]:
+        """One country probe prompt per country name, e.g. `A Street View photo in France.`"""
+        return country_prompts(self.country_prompt_template, countries)
+
+    def render_city_prompts(self, cities: Sequence[str], countries: Sequence[str]) -> list[str]:
+        """One city probe prompt per city, with its country for templates that name it."""
+        return city_prompts(self.city_prompt_template, cities, countries)
+
+    def tokenize(self, texts: Sequence[str], **kwargs) -> dict:
+        """Tokenise texts for the text tower: padded to the longest and truncated at its context length, as PyTorch
+        tensors unless `kwargs` say otherwise."""
+        return self.tokenizer(list(texts), **{"padding": True, "truncation": True, "return_tensors": "pt", **kwargs})
+
+    def candidate_prompts(self, places: CandidatePlaces) -> CandidatePrompts:
+        """Tokenised country prompts of every candidate country and city prompts of each country's cities."""
+        countries = dict(self.tokenize(self.render_country_prompts(places.country_names)))
+        cities = []
+        for country, rows in enumerate(places.cities_by_country):
+            names = [places.city_names[row] for row in rows]
+            prompts = self.render_city_prompts(names, [places.country_names[country]] * len(rows))
+            cities.append(dict(self.tokenize(prompts)))
+        return CandidatePrompts(self.country_prompt_template, self.city_prompt_template, countries, cities)
+
+
+__all__ = ["CandidatePrompts", "StreetCLIPProcessor"]
