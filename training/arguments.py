@@ -4,9 +4,9 @@ Parsed with `HfArgumentParser`, from the command line or from one YAML or JSON f
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from modeling_streetclip.captions import CaptionMix
+from modeling_streetclip.gazetteer import read_country_list
 
 
 @dataclass
@@ -63,17 +63,9 @@ class ModelArguments:
             raise ValueError("--freeze_text_tower and --freeze_vision_tower together leave nothing to train.")
 
     def read_countries(self) -> list[str] | None:
-        """The candidate countries listed in `countries`, one per line, skipping blanks and `#` comments."""
-        if self.countries is None:
-            return None
-        path = Path(self.countries)
-        if not path.is_file():
-            raise FileNotFoundError(f"--countries file not found: {str(path)!r}.")
-        names = [line.split("#")[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        names = [name for name in names if name]
-        if not names:
-            raise ValueError(f"--countries file {str(path)!r} lists no country.")
-        return names
+        """The candidate countries listed in `countries` by name or ISO code (`#` comments allowed), resolved to the
+        paper's names; an unknown one fails with close matches before any model loads."""
+        return None if self.countries is None else read_country_list(self.countries)
 
 
 @dataclass

@@ -7,7 +7,8 @@ Launch it on one CPU, one GPU, or many GPUs and nodes with Accelerate (see train
 
 or with every argument in one YAML or JSON file: `accelerate launch training/pretrain.py config.yaml`. The output
 folder ends up holding a `StreetCLIPForGeolocation` (weights, heads rebuilt from the trained text tower, candidate
-table, tokenizer, image processor) that `pipeline("geolocation", model=output_dir)` loads.
+table) and its `StreetCLIPProcessor` (image processor, tokenizer, templates) that `pipeline("geolocation",
+model=output_dir)` loads.
 """
 
 import dataclasses
@@ -34,9 +35,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, AutoTokenizer, HfArgumentParser, get_scheduler
+from transformers import HfArgumentParser, get_scheduler
 
-from modeling_streetclip import CandidatePlaces, StreetCLIPForGeolocation
+from modeling_streetclip import CandidatePlaces, CandidatePrompts, StreetCLIPForGeolocation, StreetCLIPProcessor
 
 
 logger = get_logger(__name__)
@@ -157,13 +158,13 @@ def evaluate_geolocation(
     model: StreetCLIPForGeolocation,
     dataloader: DataLoader,
     places: CandidatePlaces,
-    tokenizer,
+    prompts: CandidatePrompts,
     metric,
 ) -> dict[str, float]:
     """Hierarchical geolocation with heads rebuilt from the current text tower: country accuracy and the
     geodesic metric over the held-out data."""
     model.eval()
-    model.set_candidates(places, tokenizer)
+    model.set_candidates(places, prompts)
     results = {"row_ids": [], "predicted": [], "true": [], "predicted_country": [], "true_country": []}
     for batch in tqdm(dataloader, desc="Evaluating", leave=False, disable=not accelerator.is_local_main_process):
         with accelerator.autocast():
@@ -212,10 +213,14 @@ def main(argv: list[str] | None = None) -> None:
     candidate_settings = {"candidate_countries": countries} if countries else {}
     if model_args.cities_per_country is not None:
         candidate_settings["cities_per_country"] = model_args.cities_per_country
-    model = StreetCLIPForGeolocation.from_pretrained(model_args.model_name_or_path, **candidate_settings)
+    # All text (probe prompts, captions) goes through the processor, which is saved with the final model.
+    processor = StreetCLIPProcessor.from_pretrained(model_args.model_name_or_path)
+    model = StreetCLIPForGeolocation.from_pretrained(
+        model_args.model_name_or_path, processor=processor, **candidate_settings
+    )
     places = model.candidate_places
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+    prompts = processor.candidate_prompts(places)  # tokenised once, encoded again at every evaluation
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
     if model_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     towers = ContrastiveTowers(set_trainable_parameters(model, model_args))
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Data: captions and tokens once, in the main process first so that the others reuse its cache.
     captioner = PlaceCaptioner(
-        data_args.caption_mix(model.config.caption_template, training_args.seed),
+        data_args.caption_mix(processor.caption_template, training_args.seed),
         tokenizer,
         max_length=model.config.text_config.max_position_embeddings,
         country_names=candidate_country_names(places.country_names, places.country_codes),
@@ -348,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     if eval_dataloader is not None and training_args.eval_on_start and global_step == 0:
         log_metrics(
             accelerator,
-            evaluate_geolocation(accelerator, geolocator, eval_dataloader, places, tokenizer, metric),
+            evaluate_geolocation(accelerator, geolocator, eval_dataloader, places, prompts, metric),
             0,
             output_dir,
         )
@@ -417,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
             ):
                 log_metrics(
                     accelerator,
-                    evaluate_geolocation(accelerator, geolocator, eval_dataloader, places, tokenizer, metric),
+                    evaluate_geolocation(accelerator, geolocator, eval_dataloader, places, prompts, metric),
                     global_step,
                     output_dir,
                 )
@@ -425,16 +430,15 @@ def main(argv: list[str] | None = None) -> None:
                 break
     progress.close()
 
-    # The final folder: merged weights, heads from the trained text tower, tokenizer and image processor.
+    # The final folder: merged weights, heads from the trained text tower, and the processor.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(towers).clip
         if isinstance(trained, PeftModel):
             trained = trained.merge_and_unload()
-        trained.set_candidates(places, tokenizer)
+        trained.set_candidates(places, prompts)
         trained.save_pretrained(output_dir)
-        tokenizer.save_pretrained(output_dir)
-        image_processor.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
         # What the model card's training section reports (model_card/card.py reads these names).
         run_record = {
             **dataclasses.asdict(model_args),
