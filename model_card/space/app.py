@@ -135,7 +135,8 @@ class Geolocator:
         images = importlib.import_module(f"{pipeline_class.__module__.rpartition('.')[0]}.images")
         self.load_rgb_image = images.load_rgb_image
         self.image_errors = (OSError, images.ImageLoadError)
-        self.model_name = model
+        # A Hub id names the model; a local folder's path would only name this machine's file system.
+        self.display_name = Path(model).name if Path(model).exists() else model
         self.country_names = list(loaded.candidate_places.country_names)
 
     def locate(self, paths: Sequence[str], top_k: int, countries: Sequence[str] = ()) -> list[PhotoResult]:
@@ -279,7 +280,7 @@ def build_demo(geolocator: Geolocator) -> gr.Blocks:
 
     with gr.Blocks(title="StreetCLIP: where was this photo taken?", analytics_enabled=False) as demo:
         gr.Markdown(
-            f"# Where was this photo taken?\nStreetCLIP ({html.escape(geolocator.model_name)}) picks the most likely "
+            f"# Where was this photo taken?\nStreetCLIP (`{geolocator.display_name}`) picks the most likely "
             "country among its candidates, then the most likely city of that country. Drop one photo to see its "
             "best answers, or several to see each photo's best answer. Outdoor street-level photos work best."
         )

@@ -1,0 +1,623 @@
+"""Specification of the Gradio demo `model_card/space/app.py` and of its publishing as a Space.
+
+The app runs in three ways here: its functions in this process; the command `python model_card/space/app.py` as a
+server, once for this module, driven through its API by `gradio_client` and through its page by headless Chromium
+(Debian's `chromium` and `chromium-driver`, which `.ci/run` installs); and, as published by `publish.py --space`, in a
+process that cannot import this package, as on a Space.
+"""
+
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import publish
+import pytest
+from card import build_model_card
+from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl, SpaceCard
+from PIL import Image
+from transformers import AutoConfig, pipeline
+
+from modeling_streetclip import GeolocationPipeline, StreetCLIPForGeolocation
+from modeling_streetclip.cli.batch_geolocation import geolocate_images
+from modeling_streetclip.testing_utils import place_in_hub_cache, random_photo
+
+
+gr = pytest.importorskip("gradio", reason="the demo needs the [demo] extra: pip install -e '.[demo]'")
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE_DIR = ROOT / "model_card" / "space"
+APP_PATH = SPACE_DIR / "app.py"
+REPO_ID = "streetclip-tests/tiny-geolocation"
+SPACE_ID = "streetclip-tests/tiny-geolocation-demo"
+# Set to 1 to rewrite the README's screenshot from the browser test.
+SCREENSHOT_ENV = "STREETCLIP_UPDATE_SCREENSHOT"
+SCREENSHOT_PATH = ROOT / "docs" / "space-screenshot.png"
+# The command starts in seconds; on a loaded two-core machine, importing torch, transformers and gradio can take long.
+SERVER_START_TIMEOUT_S = 240
+PAGE_TIMEOUT_S = 90
+TEXT_FIELDS = ("country", "country_code", "city")
+NUMBER_FIELDS = ("latitude", "longitude", "score", "country_score")
+
+
+def _load_app(path: Path = APP_PATH):
+    spec = importlib.util.spec_from_file_location("streetclip_space_app", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+app = _load_app()
+
+
+@pytest.fixture(scope="module")
+def geolocator(small_streetclip_dir):
+    return app.Geolocator(str(small_streetclip_dir))
+
+
+@pytest.fixture(scope="module")
+def reference(small_streetclip_dir) -> GeolocationPipeline:
+    """The package's own pipeline on the served model: the answers the app must show."""
+    return pipeline("geolocation", model=str(small_streetclip_dir))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict[str, Path]:
+    """Two photos and a file that is not an image, as a user would drop them."""
+    folder = tmp_path_factory.mktemp("photos")
+    paths = {"street": folder / "street.png", "square": folder / "square.jpg", "broken": folder / "broken.jpg"}
+    random_photo(1, size=(96, 72)).save(paths["street"])
+    random_photo(2, size=(64, 80)).save(paths["square"])
+    paths["broken"].write_bytes(b"these bytes are no JPEG")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def cli_error(reference):
+    """The message `streetclip locate` records for a file it cannot read."""
+
+    def error_of(path: Path) -> str:
+        (record,) = geolocate_images(reference.model, reference.image_processor, [str(path)])
+        return record.error
+
+    return error_of
+
+
+def _assert_same_answers(shown: list[dict], expected: list[dict]) -> None:
+    assert len(shown) == len(expected)
+    for answer, reference_answer in zip(shown, expected, strict=True):
+        assert {field: answer[field] for field in TEXT_FIELDS} == {
+            field: reference_answer[field] for field in TEXT_FIELDS
+        }
+        for field in NUMBER_FIELDS:
+            assert float(answer[field]) == pytest.approx(reference_answer[field], abs=1e-6)
+
+
+def _pin_pixels(image: Image.Image, tolerance: int = 12) -> int:
+    """How many pixels of `image` have the colour of a best-answer pin."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    return int((np.abs(pixels - np.array(app.PIN_COLOR)).max(axis=-1) <= tolerance).sum())
+
+
+# Choosing and loading the model
+
+
+def test_model_comes_from_argument_then_environment_then_space_readme(tmp_path, monkeypatch):
+    readme = tmp_path / "README.md"
+    readme.write_text("---\nsdk: gradio\nmodels:\n- org/from-readme\n---\n# demo\n")
+    monkeypatch.setenv(app.MODEL_ENV, "org/from-environment")
+    assert app.resolve_model("org/from-argument", readme) == "org/from-argument"
+    assert app.resolve_model(None, readme) == "org/from-environment"
+    monkeypatch.delenv(app.MODEL_ENV)
+    assert app.resolve_model(None, readme) == "org/from-readme"
+
+
+def test_no_model_anywhere_names_every_way_to_give_one(tmp_path, monkeypatch):
+    monkeypatch.delenv(app.MODEL_ENV, raising=False)
+    readme = tmp_path / "README.md"
+    readme.write_text("---\nsdk: gradio\n---\n# demo\n")
+    with pytest.raises(ValueError, match=r"--model.*STREETCLIP_MODEL.*models:"):
+        app.resolve_model(None, readme)
+    # The README in the checkout names no model: publish.py fills it in for a Space.
+    with pytest.raises(ValueError, match="No model to serve"):
+        app.resolve_model(None)
+
+
+def test_saved_folder_is_served_without_its_text_tower_and_plain_clip_with_it(geolocator, tiny_clip_dir):
+    assert geolocator.pipeline.model.text_model is None
+    plain = app.Geolocator(str(tiny_clip_dir))
+    assert plain.pipeline.model.text_model is not None
+    assert len(plain.country_names) == 193
+
+
+def test_command_with_an_unloadable_model_says_so_and_exits_2(tmp_path, capsys):
+    assert app.main(["--model", str(tmp_path / "missing")]) == 2
+    assert "cannot load the model" in capsys.readouterr().err
+
+
+# Answers, errors, table and map
+
+
+def test_answers_are_the_pipelines_and_a_bad_file_gets_the_cli_message_while_the_rest_are_answered(
+    geolocator, reference, photos, cli_error
+):
+    results = geolocator.locate([str(photos["street"]), str(photos["broken"]), str(photos["square"])], top_k=3)
+    assert [(result.number, result.name) for result in results] == [
+        (1, "street.png"),
+        (2, "broken.jpg"),
+        (3, "square.jpg"),
+    ]
+    _assert_same_answers(results[0].answers, reference(str(photos["street"]), top_k=3))
+    _assert_same_answers(results[2].answers, reference(str(photos["square"]), top_k=3))
+    assert results[1].answers is None
+    assert results[1].error == cli_error(photos["broken"])
+    assert "broken.jpg" in results[1].error and "not an image format" in results[1].error
+    page_error = app.errors_html(results)
+    assert "1 of 3 files could not be read" in page_error
+    assert "<b>2. broken.jpg</b>" in page_error
+
+
+def test_country_restriction_answers_as_restrict_countries_and_leaves_the_served_model_whole(
+    geolocator, reference, small_streetclip_dir, photos
+):
+    everywhere = geolocator.locate([str(photos["street"])], top_k=4)[0].answers
+    restricted = geolocator.locate([str(photos["street"])], top_k=4, countries=["Kenya", "Japan"])[0].answers
+
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)
+    model.restrict_countries(["Kenya", "Japan"])
+    expected = GeolocationPipeline(model=model, processor=reference.processor)(str(photos["street"]), top_k=4)
+    _assert_same_answers(restricted, expected)
+    assert {answer["country"] for answer in restricted} <= {"Kenya", "Japan"}
+    # The served model keeps every candidate, and the restricted copy shares its vision tower.
+    assert geolocator.pipeline.model.candidate_places.num_countries == 6
+    _assert_same_answers(geolocator.locate([str(photos["street"])], top_k=4)[0].answers, everywhere)
+    restricted_model = geolocator._restricted(("Japan", "Kenya")).model
+    assert restricted_model.vision_model is geolocator.pipeline.model.vision_model
+
+
+def test_table_has_a_row_per_answer_with_the_pipelines_fields(geolocator, photos):
+    results = geolocator.locate([str(photos["street"]), str(photos["square"])], top_k=2)
+    table = app.answers_table(results)
+    assert list(table.columns) == ["photo", "file", "rank", *results[0].answers[0]]
+    assert table[["photo", "file", "rank"]].values.tolist() == [
+        [1, "street.png", 1],
+        [1, "street.png", 2],
+        [2, "square.jpg", 1],
+        [2, "square.jpg", 2],
+    ]
+    assert table["city"].tolist() == [answer["city"] for result in results for answer in result.answers]
+    assert list(app.answers_table([]).columns) == ["photo", "file", "rank"]
+
+
+def _answer(city: str, latitude: float, longitude: float, score: float) -> dict:
+    return {
+        "country": "X",
+        "country_code": "XX",
+        "city": city,
+        "latitude": latitude,
+        "longitude": longitude,
+        "score": score,
+        "country_score": 0.5,
+    }
+
+
+def _color_at(image: Image.Image, latitude: float, longitude: float) -> tuple[int, int, int]:
+    x, y = app._pixel(latitude, longitude, image.width)
+    return image.getpixel((int(x), int(y)))
+
+
+def test_map_of_one_photo_pins_every_answer_shaded_by_score_with_the_best_in_full_colour():
+    answers = [_answer("Best", 10.0, 20.0, 0.6), _answer("Second", -30.0, -60.0, 0.3), _answer("Third", 50, 100, 0.1)]
+    world = app.draw_map([app.PhotoResult(1, "photo.png", answers=answers)])
+    assert _pin_pixels(app.draw_map([])) == 0
+    assert _color_at(world, 10.0, 20.0) == app.PIN_COLOR
+    second, third = _color_at(world, -30.0, -60.0), _color_at(world, 50.0, 100.0)
+    assert second == app._blend(app.PIN_FAINT_COLOR, app.PIN_COLOR, 0.5)
+    assert third == app._blend(app.PIN_FAINT_COLOR, app.PIN_COLOR, 1 / 6)
+    # A pin's area grows with its score.
+    pixels = np.asarray(world)
+    assert (pixels == second).all(axis=-1).sum() > (pixels == third).all(axis=-1).sum() > 0
+
+
+def test_map_of_several_photos_pins_each_photos_best_answer_only():
+    results = [
+        app.PhotoResult(1, "a.png", answers=[_answer("A", 10.0, 20.0, 0.5), _answer("A2", -30.0, -60.0, 0.4)]),
+        app.PhotoResult(2, "b.png", error="unreadable"),
+        app.PhotoResult(3, "c.png", answers=[_answer("C", 40.0, -100.0, 0.2), _answer("C2", 50.0, 100.0, 0.1)]),
+    ]
+    world = app.draw_map(results)
+    assert _color_at(world, 10.0, 20.0) == app.PIN_COLOR
+    assert _color_at(world, 40.0, -100.0) == app.PIN_COLOR
+    base = app.draw_map([])
+    for latitude, longitude in ((-30.0, -60.0), (50.0, 100.0)):
+        assert _color_at(world, latitude, longitude) == _color_at(base, latitude, longitude)
+
+
+# Publishing the Space
+
+
+def test_space_requirements_are_the_packages_inference_dependencies():
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    lines = (SPACE_DIR / "requirements.txt").read_text().splitlines()
+    requirements = [line for line in lines if line.strip() and not line.startswith("#")]
+    assert requirements == pyproject["project"]["dependencies"]
+    extras = pyproject["project"]["optional-dependencies"]
+    assert {re.split("[<>=~!]", requirement)[0] for requirement in extras["demo"]} >= {
+        "gradio",
+        "gradio_client",
+        "selenium",
+    }
+    included = {extra for requirement in extras["dev"] for extra in re.findall(r"^streetclip\[(.*)\]", requirement)}
+    assert "demo" in ",".join(included).split(",")
+
+
+def test_space_readme_pins_the_gradio_sdk_it_was_tested_with():
+    metadata = SpaceCard.load(SPACE_DIR / "README.md").data
+    assert (metadata.sdk, metadata.app_file) == ("gradio", "app.py")
+    assert metadata.sdk_version == gr.__version__
+
+
+@pytest.fixture(scope="module")
+def published(small_streetclip_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """`publish.py --space --dry_run`: the model repository's folder and the Space's."""
+    folder = tmp_path_factory.mktemp("published") / "repo"
+    assert publish.main([str(small_streetclip_dir), REPO_ID, "--space", SPACE_ID, "--dry_run", str(folder)]) == 0
+    return folder, publish.space_dry_run(folder)
+
+
+def test_dry_run_writes_the_space_beside_the_repo_serving_the_model(published):
+    repo, space = published
+    assert space == repo.with_name("repo-space")
+    assert sorted(path.name for path in space.iterdir()) == ["README.md", "app.py", "requirements.txt"]
+    assert not any(path.name == "app.py" for path in repo.iterdir())
+    assert (space / "app.py").read_bytes() == APP_PATH.read_bytes()
+    assert (space / "requirements.txt").read_bytes() == (SPACE_DIR / "requirements.txt").read_bytes()
+    card = SpaceCard.load(space / "README.md")
+    assert card.data.models == [REPO_ID]
+    assert card.data.sdk == "gradio"
+    assert card.text == SpaceCard.load(SPACE_DIR / "README.md").text
+    assert _load_app(space / "app.py").resolve_model(None, space / "README.md") == REPO_ID
+
+
+def test_model_card_links_to_the_space_only_when_there_is_one(published, small_streetclip_dir):
+    card = ModelCard.load(published[0] / "README.md")
+    assert f"[{SPACE_ID}](https://huggingface.co/spaces/{SPACE_ID})" in card.text
+    config = AutoConfig.from_pretrained(small_streetclip_dir)
+    assert "huggingface.co/spaces" not in build_model_card(config, REPO_ID).text
+
+
+# Runs in a fresh interpreter that cannot import this package, in the Space's folder, as the Space runs: the app must
+# find its model in its README and its code in the model repository. Prints the answers as JSON.
+SPACE_PROCESS_SCRIPT = """
+import json, sys
+sys.modules["modeling_streetclip"] = None  # an import of it now raises ImportError, as if it were not installed
+sys.path.insert(0, ".")
+import app
+geolocator = app.Geolocator(app.resolve_model(None))
+results = geolocator.locate(sys.argv[1:], top_k=3, countries=["Japan", "Kenya"])
+print(json.dumps({
+    "pipeline_class": type(geolocator.pipeline).__module__,
+    "text_model": geolocator.pipeline.model.text_model is not None,
+    "results": [{"answers": result.answers, "error": result.error} for result in results],
+}))
+"""
+
+
+def test_published_space_runs_on_the_model_repos_code_without_the_package(
+    published, small_streetclip_dir, reference, photos, cli_error, tmp_path
+):
+    repo, space = published
+    cache = tmp_path / "hub"
+    place_in_hub_cache(repo, cache, REPO_ID)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_CACHE": str(cache),
+        "PYTHONPATH": "",
+    }
+    env.pop(app.MODEL_ENV, None)
+    child = subprocess.run(
+        [sys.executable, "-c", SPACE_PROCESS_SCRIPT, str(photos["street"]), str(photos["broken"])],
+        env=env,
+        cwd=space,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-4000:]
+    ran = json.loads(child.stdout.strip().splitlines()[-1])
+    assert ran["pipeline_class"].startswith("transformers_modules.")
+    assert ran["text_model"] is False
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)
+    model.restrict_countries(["Japan", "Kenya"])
+    expected = GeolocationPipeline(model=model, processor=reference.processor)(str(photos["street"]), top_k=3)
+    street, broken = ran["results"]
+    _assert_same_answers(street["answers"], expected)
+    assert broken["error"] == cli_error(photos["broken"])
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> list[tuple[str, dict]]:
+    """Records the Hub calls of an upload, in order; each uploaded folder's files are read before it vanishes."""
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        files = {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+        calls.append(("upload_folder", {**kwargs, "files": files}))
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/{'1' * 40}",
+            commit_message=kwargs["commit_message"],
+            commit_description="",
+            oid="1" * 40,
+        )
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def test_upload_publishes_the_model_then_a_gradio_space_with_the_dry_run_files(
+    small_streetclip_dir, published, fake_hub, capsys
+):
+    assert publish.main([str(small_streetclip_dir), REPO_ID, "--space", SPACE_ID]) == 0
+    (_, model_repo), (_, model_upload), (_, space_repo), (_, space_upload) = fake_hub
+    assert (model_repo["repo_id"], model_upload["repo_id"]) == (REPO_ID, REPO_ID)
+    assert space_repo == {
+        "repo_id": SPACE_ID,
+        "repo_type": "space",
+        "space_sdk": "gradio",
+        "private": None,
+        "exist_ok": True,
+    }
+    assert (space_upload["repo_id"], space_upload["repo_type"]) == (SPACE_ID, "space")
+    dry_run_space = published[1]
+    assert space_upload["files"] == {path.name: path.read_bytes() for path in dry_run_space.iterdir()}
+    assert f"https://huggingface.co/spaces/{SPACE_ID}" in capsys.readouterr().out
+
+
+def test_failed_space_upload_says_the_model_is_published_and_exits_1(
+    small_streetclip_dir, fake_hub, monkeypatch, capsys
+):
+    recording_upload = HfApi.upload_folder
+
+    def refuse_spaces(self, **kwargs):
+        if kwargs.get("repo_type") == "space":
+            raise OSError("403 Forbidden: no write access to spaces")
+        return recording_upload(self, **kwargs)
+
+    monkeypatch.setattr(HfApi, "upload_folder", refuse_spaces)
+    assert publish.main([str(small_streetclip_dir), REPO_ID, "--space", SPACE_ID]) == 1
+    error = capsys.readouterr().err
+    assert f"The model is published, but the upload of the Space {SPACE_ID} failed" in error
+    assert "403 Forbidden" in error
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--space", "no-namespace"], "--space must be a Hub repository id"),
+        (["--space", SPACE_ID, "--revision", "v1"], "--space serves the main branch"),
+    ],
+)
+def test_bad_space_arguments_are_refused(small_streetclip_dir, extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        publish.parse_args([str(small_streetclip_dir), REPO_ID, *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dry_run_refuses_a_non_empty_space_folder(small_streetclip_dir, tmp_path, capsys):
+    (tmp_path / "repo-space").mkdir()
+    (tmp_path / "repo-space" / "keep.txt").write_text("someone's work")
+    with pytest.raises(SystemExit):
+        publish.parse_args(
+            [str(small_streetclip_dir), REPO_ID, "--space", SPACE_ID, "--dry_run", str(tmp_path / "repo")]
+        )
+    assert "repo-space" in capsys.readouterr().err
+    assert (tmp_path / "repo-space" / "keep.txt").read_text() == "someone's work"
+
+
+# The running app: its API and its page
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(small_streetclip_dir, tmp_path_factory):
+    """`python model_card/space/app.py --model DIR`, listening where GRADIO_SERVER_NAME and _PORT say; its URL."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {
+        **os.environ,
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, str(APP_PATH), "--model", str(small_streetclip_dir)],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"app.py did not answer at {url} in {SERVER_START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}"
+                )
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_api_answers_with_the_map_table_and_errors(server, reference, photos):
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    world, table, errors = client.predict(
+        [handle_file(str(photos["street"])), handle_file(str(photos["broken"]))],
+        3,
+        [],
+        api_name="/geolocate",
+    )
+    rows = [dict(zip(table["headers"], row, strict=True)) for row in table["data"]]
+    assert [row["file"] for row in rows] == ["street.png"] * 3
+    _assert_same_answers(rows, reference(str(photos["street"]), top_k=3))
+    assert "broken.jpg" in errors and "is not an image format Pillow can read" in errors
+    assert _pin_pixels(Image.open(world)) > 0
+
+    # A country restriction is one more input.
+    _, table, _ = client.predict([handle_file(str(photos["square"]))], 2, ["Brazil"], api_name="/geolocate")
+    assert {row[table["headers"].index("country")] for row in table["data"]} == {"Brazil"}
+
+
+def _chromium() -> tuple[str, str] | None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium and its driver from the system (Debian's `chromium` and `chromium-driver`), never a
+    downloaded browser."""
+    found = _chromium()
+    if found is None:
+        pytest.skip(
+            "Chromium or chromedriver not found; install them with `apt-get install -y chromium chromium-driver`"
+        )
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    # Root in CI has no user namespace sandbox; /dev/shm is small in containers.
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(found[1]), options=options)
+    driver.set_page_load_timeout(PAGE_TIMEOUT_S)
+    yield driver
+    driver.quit()
+
+
+def _open_page(browser, url: str):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url)
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(
+        expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#photos input[type=file]"))
+    )
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(
+        expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#map img"))
+    )
+
+
+def _upload(browser, *paths: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.find_element(By.CSS_SELECTOR, "#photos input[type=file]").send_keys("\n".join(map(str, paths)))
+
+
+def _table_rows(browser) -> list[dict[str, str]]:
+    """The answers table as the page shows it: Gradio draws the header as a table and the rows as ARIA grid rows."""
+    from selenium.webdriver.common.by import By
+
+    headers = [cell.text.strip() for cell in browser.find_elements(By.CSS_SELECTOR, "#answers thead th")]
+    return [
+        dict(
+            zip(
+                headers,
+                [cell.text.strip() for cell in row.find_elements(By.CSS_SELECTOR, "[role=gridcell]")],
+                strict=True,
+            )
+        )
+        for row in browser.find_elements(By.XPATH, "//*[@id='answers']//*[@role='row'][*[@role='gridcell']]")
+    ]
+
+
+def _map_screenshot(browser) -> Image.Image:
+    from selenium.webdriver.common.by import By
+
+    return Image.open(io.BytesIO(browser.find_element(By.CSS_SELECTOR, "#map img").screenshot_as_png))
+
+
+def test_page_answers_an_uploaded_photo_as_the_pipeline_and_pins_it(server, browser, reference, photos):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _open_page(browser, server)
+    assert _pin_pixels(_map_screenshot(browser)) == 0
+    _upload(browser, photos["street"])
+    expected = reference(str(photos["street"]), top_k=app.DEFAULT_TOP_K)
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(lambda driver: len(_table_rows(driver)) == len(expected))
+    rows = _table_rows(browser)
+    assert [row["file"] for row in rows] == ["street.png"] * len(expected)
+    assert [row["rank"] for row in rows] == [str(rank) for rank in range(1, len(expected) + 1)]
+    _assert_same_answers(rows, expected)
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(lambda driver: _pin_pixels(_map_screenshot(driver)) > 50)
+
+    # Everything the page loaded came from the app itself: no CDN, no tile server.
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(entry => entry.name)")
+    assert loaded and all(name.startswith(server) for name in loaded)
+
+    if os.environ.get(SCREENSHOT_ENV) == "1":
+        SCREENSHOT_PATH.parent.mkdir(exist_ok=True)
+        page = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")
+        # A palette of 128 colours keeps the PNG near 60 kB; octree quantisation keeps the pins' colour.
+        page.quantize(128, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(
+            SCREENSHOT_PATH, optimize=True
+        )
+        assert _pin_pixels(Image.open(SCREENSHOT_PATH)) > 50
+
+
+def test_page_shows_a_bad_files_error_and_answers_the_other_photo(server, browser, reference, photos, cli_error):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _open_page(browser, server)
+    _upload(browser, photos["broken"], photos["square"])
+    message = cli_error(photos["broken"]).split("' ")[-1]  # the reason; the page names the upload's own copy
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(lambda driver: message in driver.find_element(By.ID, "errors").text)
+    assert "1. broken.jpg" in browser.find_element(By.ID, "errors").text
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(lambda driver: len(_table_rows(driver)) == app.DEFAULT_TOP_K)
+    rows = _table_rows(browser)
+    assert {row["file"] for row in rows} == {"square.jpg"}
+    _assert_same_answers(rows, reference(str(photos["square"]), top_k=app.DEFAULT_TOP_K))
