@@ -12,23 +12,20 @@ DIR and uploads nothing. MODEL itself is only read, never written.
 """
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from card import base_model_of, build_model_card, hub_repo_id, read_benchmark_result, read_training_args
 from huggingface_hub import HfApi, ModelCard
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-from transformers.dynamic_module_utils import get_relative_import_files
+from transformers import AutoConfig
 from transformers.utils import logging
 
-from modeling_streetclip import GeolocationPipeline, StreetCLIPConfig, StreetCLIPForGeolocation
+from modeling_streetclip import StreetCLIPConfig, StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip.pipeline_geolocation import save_shareable_folder
 
 
 logger = logging.get_logger(__name__)
-
-TASK = "geolocation"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,33 +78,12 @@ def base_model_license(base_model: str | None) -> str | None:
         return None
 
 
-def class_reference(cls: type) -> str:
-    """`module.Class` as `auto_map` and `custom_pipelines` name code inside a repository (flat, no package)."""
-    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
-
-
-def write_repo_folder(model: StreetCLIPForGeolocation, model_name_or_path: str, folder: Path, card: ModelCard) -> None:
-    """Write everything the repository holds into `folder`: weights, config, processor, code and card.
-
-    The model's config gains the `auto_map` and `custom_pipelines` entries that point `trust_remote_code=True` at the
-    copied code files.
-    """
-    model.config.auto_map = {
-        "AutoConfig": class_reference(StreetCLIPConfig),
-        "AutoModel": class_reference(StreetCLIPForGeolocation),
-    }
-    # Remote pipelines name their model classes on the `transformers` module; AutoModel then follows `auto_map`.
-    model.config.custom_pipelines = {
-        TASK: {"impl": class_reference(GeolocationPipeline), "pt": ["AutoModel"], "type": "image"}
-    }
-    model.save_pretrained(folder)
-    AutoImageProcessor.from_pretrained(model_name_or_path).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(model_name_or_path).save_pretrained(folder)
-    # The files `trust_remote_code=True` loads, with what they import relatively, found as transformers finds them.
-    for cls in (StreetCLIPConfig, StreetCLIPForGeolocation, GeolocationPipeline):
-        module_file = sys.modules[cls.__module__].__file__
-        for code_file in (module_file, *get_relative_import_files(module_file)):
-            shutil.copyfile(code_file, folder / Path(code_file).name)
+def write_repo_folder(
+    model: StreetCLIPForGeolocation, processor: StreetCLIPProcessor, folder: Path, card: ModelCard
+) -> None:
+    """Write everything the repository holds into `folder`: the folder `GeolocationPipeline.save_pretrained` writes
+    (weights, config, processor and the code for `trust_remote_code=True`), and the card."""
+    save_shareable_folder(model, processor, folder)
     card.save(folder / "README.md")
 
 
@@ -129,7 +105,14 @@ def main(argv: list[str] | None = None) -> int:
 
     config = AutoConfig.from_pretrained(args.model)
     converted_from = None if isinstance(config, StreetCLIPConfig) else args.model
-    model = StreetCLIPForGeolocation.from_pretrained(args.model, config=config)
+    try:
+        # The processor first: a model folder saved without one fails before the weights load. The text tower
+        # stays, as a repository without it would reload with a random one.
+        processor = StreetCLIPProcessor.from_pretrained(args.model)
+        model = StreetCLIPForGeolocation.from_pretrained(args.model, config=config, processor=processor)
+    except (OSError, ValueError) as error:
+        print(f"publish.py: error: cannot load MODEL {args.model!r}: {error}", file=sys.stderr)
+        return 2
     training_args = read_training_args(args.model)
     card = build_model_card(
         model.config,
@@ -142,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dry_run is not None:
         args.dry_run.mkdir(parents=True, exist_ok=True)
-        write_repo_folder(model, args.model, args.dry_run, card)
+        write_repo_folder(model, processor, args.dry_run, card)
         print(f"Wrote the repository folder for {args.repo_id} to {args.dry_run}; nothing was uploaded.")
         return 0
 
     with tempfile.TemporaryDirectory(prefix="streetclip-publish-") as staging:
-        write_repo_folder(model, args.model, Path(staging), card)
+        write_repo_folder(model, processor, Path(staging), card)
         try:
             commit_url = upload(Path(staging), args)
         except OSError as error:  # HTTP, authentication, offline and missing-token errors of huggingface_hub

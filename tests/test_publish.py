@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx2
+import huggingface_hub.constants
 import publish
 import pytest
 import torch
@@ -27,6 +28,7 @@ REPO_ID = "streetclip-tests/tiny-geolocation"
 CODE_FILES = {
     "configuration_streetclip.py",
     "modeling_streetclip.py",
+    "processing_streetclip.py",
     "pipeline_geolocation.py",
     "gazetteer.py",
     "captions.py",
@@ -76,6 +78,7 @@ print(json.dumps({
     "model_class": type(model).__module__ + "." + type(model).__name__,
     "config_class": type(config).__module__ + "." + type(config).__name__,
     "pipeline_class": type(geolocate).__module__ + "." + type(geolocate).__name__,
+    "processor_class": type(geolocate.processor).__module__ + "." + type(geolocate.processor).__name__,
     "predicted_city": outputs.predicted_city.tolist(),
     "predicted_coordinates": outputs.predicted_coordinates.tolist(),
 }))
@@ -122,7 +125,7 @@ def photo_paths(tmp_path) -> list[str]:
 
 def test_repo_folder_holds_safetensors_weights_config_processor_code_and_card(repo_folder):
     names = {path.name for path in repo_folder.iterdir()}
-    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= names
+    assert {"model.safetensors", "config.json", "processor_config.json", "README.md"} <= names
     assert {"tokenizer.json", "tokenizer_config.json"} <= names
     assert CODE_FILES <= names
     assert not [name for name in names if name.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
@@ -138,6 +141,8 @@ def test_repo_config_maps_auto_classes_and_geolocation_pipeline_to_repo_code(rep
     assert config["custom_pipelines"] == {
         "geolocation": {"impl": "pipeline_geolocation.GeolocationPipeline", "pt": ["AutoModel"], "type": "image"}
     }
+    processor_config = json.loads((repo_folder / "processor_config.json").read_text())
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_streetclip.StreetCLIPProcessor"}
 
 
 def test_repo_carries_candidate_table_and_probe_heads(repo_folder):
@@ -165,7 +170,7 @@ def test_repo_readme_is_the_card_for_the_repo(repo_folder):
 
 
 def test_repo_loads_by_id_offline_in_a_process_without_the_package_and_answers_as_the_package_does(
-    repo_folder, small_streetclip_dir, photo_paths, tmp_path
+    repo_folder, small_streetclip_dir, photo_paths, tmp_path, monkeypatch
 ):
     cache = tmp_path / "hub"
     place_in_hub_cache(repo_folder, cache, REPO_ID)
@@ -190,6 +195,18 @@ def test_repo_loads_by_id_offline_in_a_process_without_the_package_and_answers_a
     assert remote["model_class"].endswith("modeling_streetclip.StreetCLIPForGeolocation")
     assert remote["config_class"].endswith("configuration_streetclip.StreetCLIPConfig")
     assert remote["pipeline_class"].endswith("pipeline_geolocation.GeolocationPipeline")
+    assert remote["processor_class"].startswith("transformers_modules.")
+    assert remote["processor_class"].endswith("processing_streetclip.StreetCLIPProcessor")
+
+    # The same repo id, offline, here where the package is installed: no trust_remote_code, the installed classes,
+    # and the very same answers.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    installed = pipeline("geolocation", model=REPO_ID)
+    assert type(installed) is GeolocationPipeline and type(installed.model).__module__.startswith(
+        "modeling_streetclip."
+    )
+    assert installed(photo_paths, top_k=3) == remote["answers"]
 
     local = pipeline("geolocation", model=str(small_streetclip_dir))
     expected = local(photo_paths, top_k=3)
@@ -210,7 +227,8 @@ def test_repo_loads_by_id_offline_in_a_process_without_the_package_and_answers_a
 
 
 def test_repo_runs_with_the_installed_package_without_remote_code(repo_folder, small_streetclip_dir, photo_paths):
-    geolocate = pipeline("geolocation", model=str(repo_folder), pipeline_class=GeolocationPipeline)
+    geolocate = pipeline("geolocation", model=str(repo_folder))
+    assert type(geolocate) is GeolocationPipeline
     assert type(geolocate.model).__module__ == "modeling_streetclip.modeling_streetclip"
     assert geolocate(photo_paths, top_k=2) == pipeline("geolocation", model=str(small_streetclip_dir))(
         photo_paths, top_k=2
