@@ -1,10 +1,14 @@
 """Tiny random CLIP checkpoints and photos for tests and speed scripts, built without any download.
 
 They mirror the published `geolocal/StreetCLIP` layout (a plain CLIP folder: config.json, weights, tokenizer and
-image-processor files) at hidden size 32, so the loading code a user runs is exercised in milliseconds. transformers
+image-processor files) at hidden size 32, so the loading code a user runs is exercised in milliseconds; the speed
+scripts build the same layout at ViT-L/14-336 scale. The synthetic geo set (`PLACES`, `place_photo`,
+`write_geo_imagefolder`) is what a tiny model learns in tests that need answers that are not near-ties. transformers
 ships its own `testing_utils`; this is ours, importable by tests and by the scripts under `eval/speed/` alike.
 """
 
+import colorsys
+import csv
 import shutil
 from pathlib import Path
 
@@ -20,6 +24,29 @@ from .modeling_streetclip import StreetCLIPForGeolocation
 # Six well-separated countries keep candidate tables small where a test does not need the paper's 193.
 SMALL_COUNTRIES = ["France", "Japan", "Brazil", "Kenya", "Australia", "Canada"]
 TINY_IMAGE_SIZE = 30
+# openai/clip-vit-large-patch14-336, the base of geolocal/StreetCLIP: its real scale, for the speed scripts.
+VIT_L_14_336 = {
+    "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 336,
+        "patch_size": 14,
+    },
+    "projection_dim": 768,
+}
+# The synthetic geo set: two well-separated cities in each of six countries; in its photos colour encodes the
+# country, stripe direction the city, so a tiny model can learn it in a minute and then answers without near-ties.
+PLACES = {
+    "France": [("Paris", 48.8566, 2.3522), ("Lyon", 45.7640, 4.8357)],
+    "Japan": [("Tokyo", 35.6762, 139.6503), ("Osaka", 34.6937, 135.5023)],
+    "Brazil": [("Sao Paulo", -23.5505, -46.6333), ("Rio de Janeiro", -22.9068, -43.1729)],
+    "Kenya": [("Nairobi", -1.2921, 36.8219), ("Mombasa", -4.0435, 39.6682)],
+    "Australia": [("Sydney", -33.8688, 151.2093), ("Melbourne", -37.8136, 144.9631)],
+    "Canada": [("Toronto", 43.6532, -79.3832), ("Vancouver", 49.2827, -123.1207)],
+}
 
 
 def build_tiny_tokenizer() -> CLIPTokenizer:
@@ -82,6 +109,25 @@ def save_tiny_clip_checkpoint(path: Path, seed: int = 0, pickle_weights: bool = 
     return path
 
 
+def save_random_vit_l(path: Path, tokenizer: CLIPTokenizer | None = None, seed: int = 0) -> Path:
+    """Save a plain CLIP checkpoint folder of ViT-L/14 at 336 px with random weights: the real cost, no download.
+
+    `tokenizer` defaults to the tiny byte-level one, whose longer prompts only slow the one-off head building.
+    """
+    tokenizer = tokenizer or build_tiny_tokenizer()
+    special = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    config = CLIPConfig(
+        text_config={**VIT_L_14_336["text_config"], "vocab_size": len(tokenizer), **special},
+        vision_config=VIT_L_14_336["vision_config"],
+        projection_dim=VIT_L_14_336["projection_dim"],
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(path)
+    return path
+
+
 def place_in_hub_cache(folder: Path, cache_dir: Path, repo_id: str, revision: str = "0" * 40) -> Path:
     """Lay `folder` out as the Hugging Face cache holds a downloaded repo (`models--ORG--NAME/snapshots/REV`)."""
     repo_dir = cache_dir / f"models--{repo_id.replace('/', '--')}"
@@ -95,6 +141,55 @@ def random_photo(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
     """A deterministic random RGB photo."""
     pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     return Image.fromarray(pixels)
+
+
+def place_photo(country: int, city: int, rng: np.random.Generator) -> Image.Image:
+    """A noisy photo of the synthetic geo set whose hue identifies the country (index into `PLACES`) and whose
+    stripe direction identifies the city (0 or 1)."""
+    base = np.array(colorsys.hsv_to_rgb(country / len(PLACES), 0.8, 0.9)) * 255
+    rows, columns = np.mgrid[0:TINY_IMAGE_SIZE, 0:TINY_IMAGE_SIZE]
+    stripes = ((columns if city == 0 else rows) // 3) % 2
+    pixels = base * (0.6 + 0.4 * stripes[..., None]) + rng.normal(0, 20, (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def write_geo_imagefolder(folder: Path, photos_per_city: int, seed: int, bad_rows: bool = False) -> Path:
+    """The synthetic geo set as an imagefolder with metadata.csv (files named `{country}-{city index}-{number}.png`);
+    half the rows carry place labels, the rest must be geocoded. `bad_rows` adds an unreadable photo, one without
+    coordinates and one with latitude and longitude swapped."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for country_index, (country, cities) in enumerate(PLACES.items()):
+        for city_index, (city, latitude, longitude) in enumerate(cities):
+            for number in range(photos_per_city):
+                name = f"{country}-{city_index}-{number}.png"
+                place_photo(country_index, city_index, rng).save(folder / name)
+                labelled = rng.random() < 0.5
+                rows.append(
+                    {
+                        "file_name": name,
+                        "latitude": latitude + rng.normal(0, 0.05),
+                        "longitude": longitude + rng.normal(0, 0.05),
+                        "city": city if labelled else "",
+                        "region": "",
+                        "country": country if labelled else "",
+                    }
+                )
+    if bad_rows:
+        (folder / "broken.png").write_bytes(b"not a png")
+        place_photo(0, 0, rng).save(folder / "no-coordinates.png")
+        place_photo(0, 0, rng).save(folder / "swapped.png")
+        rows += [
+            {"file_name": "broken.png", "latitude": 48.0, "longitude": 2.0},
+            {"file_name": "no-coordinates.png", "latitude": "", "longitude": ""},
+            {"file_name": "swapped.png", "latitude": 151.2, "longitude": -33.8},
+        ]
+    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as metadata:
+        writer = csv.DictWriter(metadata, fieldnames=list(rows[0]), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
 
 
 def save_streetclip_folder(clip_dir: Path, path: Path, **from_pretrained_kwargs) -> Path:

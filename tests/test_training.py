@@ -5,7 +5,6 @@ The end-to-end checks run the script as users do, in subprocesses (a few seconds
 and a small generated image folder whose colours depend on the country and stripes on the city.
 """
 
-import colorsys
 import csv
 import json
 import logging
@@ -25,78 +24,22 @@ from accelerate import Accelerator, PartialState
 from arguments import DataArguments, ModelArguments
 from contrastive import ContrastiveTowers, contrastive_loss, gather_across_processes
 from data import GeoCollator, PlaceCaptioner, caption_dataset, caption_key, load_geo_dataset
-from PIL import Image
 from pretrain import PARTIAL_SUFFIX, latest_checkpoint, parse_args, save_checkpoint, set_trainable_parameters
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoTokenizer, pipeline
 
 import modeling_streetclip
 from modeling_streetclip.captions import CaptionMix
-from modeling_streetclip.testing_utils import save_streetclip_folder
+from modeling_streetclip.testing_utils import PLACES, place_photo, save_streetclip_folder, write_geo_imagefolder
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAINING_DIR = REPO_ROOT / "training"
 
 
-# Two well-separated cities in each of six countries: colour encodes the country, stripe direction the city.
-PLACES = {
-    "France": [("Paris", 48.8566, 2.3522), ("Lyon", 45.7640, 4.8357)],
-    "Japan": [("Tokyo", 35.6762, 139.6503), ("Osaka", 34.6937, 135.5023)],
-    "Brazil": [("Sao Paulo", -23.5505, -46.6333), ("Rio de Janeiro", -22.9068, -43.1729)],
-    "Kenya": [("Nairobi", -1.2921, 36.8219), ("Mombasa", -4.0435, 39.6682)],
-    "Australia": [("Sydney", -33.8688, 151.2093), ("Melbourne", -37.8136, 144.9631)],
-    "Canada": [("Toronto", 43.6532, -79.3832), ("Vancouver", 49.2827, -123.1207)],
-}
 PAPER_TEMPLATE = modeling_streetclip.StreetCLIPConfig().caption_template
 COUNTRY_TEMPLATE = "A Street View photo in {country}."
 IMAGE_SIZE = 30
-
-
-def place_photo(country: int, city: int, rng: np.random.Generator) -> Image.Image:
-    """A noisy photo whose hue identifies the country and whose stripe direction identifies the city."""
-    base = np.array(colorsys.hsv_to_rgb(country / len(PLACES), 0.8, 0.9)) * 255
-    rows, columns = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
-    stripes = ((columns if city == 0 else rows) // 3) % 2
-    pixels = base * (0.6 + 0.4 * stripes[..., None]) + rng.normal(0, 20, (IMAGE_SIZE, IMAGE_SIZE, 3))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def write_geo_imagefolder(folder: Path, photos_per_city: int, seed: int, bad_rows: bool = False) -> Path:
-    """An imagefolder with metadata.csv; half the rows carry place labels, the rest must be geocoded."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    rows = []
-    for country_index, (country, cities) in enumerate(PLACES.items()):
-        for city_index, (city, latitude, longitude) in enumerate(cities):
-            for number in range(photos_per_city):
-                name = f"{country}-{city_index}-{number}.png"
-                place_photo(country_index, city_index, rng).save(folder / name)
-                labelled = rng.random() < 0.5
-                rows.append(
-                    {
-                        "file_name": name,
-                        "latitude": latitude + rng.normal(0, 0.05),
-                        "longitude": longitude + rng.normal(0, 0.05),
-                        "city": city if labelled else "",
-                        "region": "",
-                        "country": country if labelled else "",
-                    }
-                )
-    if bad_rows:
-        (folder / "broken.png").write_bytes(b"not a png")
-        place_photo(0, 0, rng).save(folder / "no-coordinates.png")
-        place_photo(0, 0, rng).save(folder / "swapped.png")
-        rows += [
-            {"file_name": "broken.png", "latitude": 48.0, "longitude": 2.0},
-            {"file_name": "no-coordinates.png", "latitude": "", "longitude": ""},
-            {"file_name": "swapped.png", "latitude": 151.2, "longitude": -33.8},
-        ]
-    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as metadata:
-        writer = csv.DictWriter(metadata, fieldnames=list(rows[0]), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -25,32 +25,17 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, CLIPConfig, CLIPImageProcessorPil, CLIPModel
+from transformers import AutoImageProcessor
 
 from modeling_streetclip import StreetCLIPForGeolocation, load_rgb_image
 from modeling_streetclip.cli import main as streetclip
 from modeling_streetclip.testing_utils import (
     SMALL_COUNTRIES,
-    build_tiny_tokenizer,
     random_photo,
+    save_random_vit_l,
     save_streetclip_folder,
     save_tiny_clip_checkpoint,
 )
-
-
-# geolocal/StreetCLIP is OpenAI CLIP ViT-L/14-336: these are its tower sizes.
-VIT_L_14_336 = {
-    "vision_config": {
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "patch_size": 14,
-        "image_size": 336,
-    },
-    "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
-    "projection_dim": 768,
-}
 
 
 def make_photos(folder: Path, count: int, size: tuple[int, int] = (640, 480)) -> list[Path]:
@@ -79,22 +64,11 @@ def timed_locate(arguments: list) -> float:
 
 def save_vit_l_streetclip(folder: Path) -> Path:
     """A random-weight ViT-L/14-336 CLIP saved as a StreetCLIP folder with heads for six countries of five cities."""
-    tokenizer = build_tiny_tokenizer()
-    special = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    config = CLIPConfig(
-        text_config={**VIT_L_14_336["text_config"], "vocab_size": len(tokenizer), **special},
-        vision_config=VIT_L_14_336["vision_config"],
-        projection_dim=VIT_L_14_336["projection_dim"],
-    )
-    torch.manual_seed(0)
-    clip_dir = folder / "vit-l-clip"
-    CLIPModel(config).save_pretrained(clip_dir)
-    tokenizer.save_pretrained(clip_dir)
-    CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(
-        clip_dir
-    )
     return save_streetclip_folder(
-        clip_dir, folder / "vit-l-streetclip", candidate_countries=SMALL_COUNTRIES, cities_per_country=5
+        save_random_vit_l(folder / "vit-l-clip"),
+        folder / "vit-l-streetclip",
+        candidate_countries=SMALL_COUNTRIES,
+        cities_per_country=5,
     )
 
 

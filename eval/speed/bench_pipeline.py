@@ -26,25 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer, pipeline
+from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer, pipeline
 
 import modeling_streetclip  # noqa: F401  (registers the "geolocation" task)
 from modeling_streetclip import CandidatePlaces, StreetCLIPForGeolocation
-
-
-# openai/clip-vit-large-patch14-336, the base of geolocal/StreetCLIP.
-VIT_L_14_336 = {
-    "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
-    "vision_config": {
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "image_size": 336,
-        "patch_size": 14,
-    },
-    "projection_dim": 768,
-}
+from modeling_streetclip.testing_utils import save_random_vit_l
 
 
 def prompt_tokenizer(places: CandidatePlaces) -> CLIPTokenizer:
@@ -71,18 +57,6 @@ def prompt_tokenizer(places: CandidatePlaces) -> CLIPTokenizer:
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=[tuple(merge) for merge in model["merges"]])
-
-
-def save_random_vit_l(path: Path, tokenizer: CLIPTokenizer) -> None:
-    special = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    config = CLIPConfig(
-        text_config={**VIT_L_14_336["text_config"], "vocab_size": len(tokenizer), **special},
-        vision_config=VIT_L_14_336["vision_config"],
-        projection_dim=VIT_L_14_336["projection_dim"],
-    )
-    CLIPModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(path)
 
 
 def memory_after_first_answer(model_dir: Path, vision_only: bool, dtype: str) -> tuple[float, float]:
