@@ -1,0 +1,138 @@
+"""Int8 inference on the CPU: the vision tower with int8 weights and dynamic int8 activations.
+
+Nearly all of StreetCLIP's inference time is the vision tower's linear layers (q, k, v, out, fc1, fc2 of each of
+ViT-L's 24 layers). [`Int8DynamicConfig`] quantizes exactly those with PyTorch's dynamic quantization: weights are
+stored as int8 once, at load; each activation is quantized to int8 on the fly with its own scale, so there is no
+calibration set to choose. The country and city heads, the visual projection and the text tower stay in float32.
+
+It is registered as a transformers quantization method, so the usual entry points take it unchanged:
+
+```python
+>>> from modeling_streetclip import StreetCLIPForGeolocation
+>>> from modeling_streetclip.quantization import Int8DynamicConfig
+>>> model = StreetCLIPForGeolocation.from_pretrained(path, quantization_config=Int8DynamicConfig())  # doctest: +SKIP
+>>> pipeline("geolocation", model=path, model_kwargs={"quantization_config": Int8DynamicConfig()})  # doctest: +SKIP
+```
+
+and `streetclip locate --quantize int8` on the command line.
+
+Why this route and not transformers' `TorchAoConfig`: both were measured at ViT-L/14-336 on a 2-core Xeon
+(`eval/speed/bench_quantized.py`, figures in the README). torchao 0.18's int8 linear runs eagerly no faster than
+float32 on the CPU (its speed needs `torch.compile`), and a checkpoint it saves does not reload (CLIP's top-level
+`logit_scale` breaks its safetensors loader); PyTorch's dynamic quantization halves the vision forward eagerly.
+
+A quantized model cannot be saved: its packed int8 weights have no safetensors form, so `save_pretrained` refuses
+(transformers raises a `ValueError`). Save the float32 model and quantize again at load, which takes seconds.
+"""
+
+import warnings
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils import logging
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+
+logger = logging.get_logger(__name__)
+
+QUANT_METHOD = "streetclip_int8_dynamic"
+# The modules whose linear layers are quantized. The visual projection (0.3% of the vision FLOPs) stays float32 with
+# the heads: the model reads its weight's dtype and device to size heads when candidates change.
+QUANTIZED_MODULES = ("vision_model",)
+# CPU back ends of PyTorch that have int8 dynamic linear kernels, best first.
+INT8_ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
+
+
+@register_quantization_config(QUANT_METHOD)
+class Int8DynamicConfig(QuantizationConfigMixin):
+    """
+    Quantize StreetCLIP's vision tower to int8 weights with dynamic int8 activations, for CPU inference.
+
+    Pass it as `quantization_config` to [`StreetCLIPForGeolocation.from_pretrained`] (or in a pipeline's
+    `model_kwargs`). The model must load in float32 on the CPU; the heads and the text tower are not quantized.
+    """
+
+    def __init__(self, **kwargs):
+        self.quant_method = QUANT_METHOD
+
+
+def int8_engine() -> str:
+    """The quantized back end PyTorch will run int8 linear layers on, chosen from `INT8_ENGINES`.
+
+    Raises:
+        ImportError: this PyTorch build has no int8 CPU back end, or no longer ships `torch.ao.quantization`.
+    """
+    if not hasattr(getattr(torch, "ao", None), "quantization") or not hasattr(
+        torch.ao.quantization, "quantize_dynamic"
+    ):
+        raise ImportError(
+            f"int8 quantization needs torch.ao.quantization.quantize_dynamic, which PyTorch {torch.__version__} "
+            "does not ship; install a PyTorch that has it (2.4 to 2.13 do), or run in float32 or bfloat16."
+        )
+    supported = torch.backends.quantized.supported_engines
+    if torch.backends.quantized.engine in INT8_ENGINES:
+        return torch.backends.quantized.engine
+    for engine in INT8_ENGINES:
+        if engine in supported:
+            return engine
+    raise ImportError(
+        f"int8 quantization needs a quantized CPU back end ({', '.join(INT8_ENGINES)}); this PyTorch build "
+        f"({torch.__version__}) has only {supported}. Run in float32 or bfloat16 instead."
+    )
+
+
+def quantize_vision_tower(model: nn.Module) -> None:
+    """Replace, in place, the linear layers of `model`'s `QUANTIZED_MODULES` by int8 dynamic ones."""
+    torch.backends.quantized.engine = int8_engine()
+    with warnings.catch_warnings():
+        # PyTorch announces that torch.ao.quantization and its quantized tensors will move to torchao (see the
+        # README's speed section); `int8_engine` turns their absence into a clear error, so the announcement would
+        # only be noise on every load.
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.* are deprecated")
+        for name in QUANTIZED_MODULES:
+            # Linear layers only: the position embedding has no dynamic int8 form worth having.
+            torch.ao.quantization.quantize_dynamic(getattr(model, name), {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+@register_quantizer(QUANT_METHOD)
+class Int8DynamicQuantizer(HfQuantizer):
+    """Applies [`Int8DynamicConfig`] after the float32 weights are loaded (there is no int8 checkpoint format)."""
+
+    requires_calibration = False
+
+    def validate_environment(self, device_map=None, **kwargs):
+        int8_engine()
+        devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
+        if devices - {None, "cpu", torch.device("cpu")}:
+            raise ValueError(
+                f"int8 dynamic quantization runs on the CPU only, got device_map={device_map!r}; load on the CPU, "
+                "or use bfloat16 on a GPU."
+            )
+
+    def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        if dtype not in (None, "auto", torch.float32):
+            raise ValueError(
+                f"int8 dynamic quantization computes in float32, got dtype={dtype}; load with torch.float32 (the "
+                "default), or use that dtype without quantization."
+            )
+        return torch.float32
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        quantize_vision_tower(model)
+        return model
+
+    def is_serializable(self) -> bool:
+        logger.warning(
+            "An int8 dynamically quantized StreetCLIP cannot be saved: its packed int8 weights have no safetensors "
+            "form. Save the float32 model and pass `quantization_config=Int8DynamicConfig()` when loading it."
+        )
+        return False
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+__all__ = ["Int8DynamicConfig", "Int8DynamicQuantizer", "int8_engine", "quantize_vision_tower"]
