@@ -43,6 +43,14 @@ def _is_saved_dataset(path: str | Path) -> bool:
     ).is_file()
 
 
+def _names_a_missing_folder(source: str) -> bool:
+    """Whether `source` can only be a local path (absolute, `./`, `../`, `~`, or more parts than ORG/NAME) and
+    nothing is there: `datasets` would report it as a malformed Hub id."""
+    path = Path(source).expanduser()
+    local = path.is_absolute() or source.startswith((".", "~")) or len(path.parts) > 2
+    return local and not path.exists()
+
+
 def open_dataset(
     source: str | Path, split: str, streaming: bool = False
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, str | None]:
@@ -55,6 +63,10 @@ def open_dataset(
     """
     datasets = _import_datasets()
     source = str(source)
+    if _names_a_missing_folder(source):
+        raise FileNotFoundError(
+            f"No data set folder at {source!r}; give an existing folder, or a Hub id such as ORG/NAME."
+        )
     if _is_saved_dataset(source):
         loaded = datasets.load_from_disk(source)
     else:

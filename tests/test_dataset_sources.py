@@ -62,3 +62,9 @@ def test_missing_datasets_package_names_the_extras_that_install_it(monkeypatch, 
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match=r"streetclip\[train\]'.*streetclip\[eval\]'"):
         open_dataset(tmp_path, "test")
+
+
+@pytest.mark.parametrize("source", ["./missing", "../missing", "/nowhere/data", "~/no/such/data", "a/b/c"])
+def test_a_path_to_a_missing_folder_is_not_taken_for_a_hub_id(source):
+    with pytest.raises(FileNotFoundError, match=f"No data set folder at {source!r}"):
+        open_dataset(source, "test")
