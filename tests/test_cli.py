@@ -21,7 +21,7 @@ from transformers import AutoImageProcessor
 from modeling_streetclip import StreetCLIPForGeolocation, load_rgb_image
 from modeling_streetclip.cli import build_parser, main
 from modeling_streetclip.cli.records import ANSWER_FIELDS
-from modeling_streetclip.pipeline_geolocation import format_answers
+from modeling_streetclip.gazetteer import format_answers
 from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo
 
 

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ..gazetteer import format_answers
 from ..images import ImageInput, ImageLoadError, load_rgb_image
 from ..modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
-from ..pipeline_geolocation import format_answers
 
 
 @dataclass

@@ -111,8 +111,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--countries",
         type=Path,
         metavar="FILE",
-        help="text file of candidate countries, one name (as in the model's candidate list) or ISO code per line; "
-        "restricts the answers to them",
+        help="text file of candidate countries, one name or ISO code per line ('#' starts a comment); restricts "
+        "the answers to them",
     )
     locate.add_argument(
         "--recursive",
@@ -203,33 +203,27 @@ def _group_pattern(regex: str) -> re.Pattern:
 
 
 def read_countries(path: Path) -> list[str]:
-    """Candidate country names (or ISO codes), one per line; blank lines are skipped."""
+    """The countries of a --countries file (see `gazetteer.read_country_list`), checked before any model loads."""
+    from ..gazetteer import read_country_list
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
+        return read_country_list(path)
+    except OSError as error:
         raise UsageError(f"cannot read --countries {str(path)!r}: {error}") from None
-    names = [line.strip() for line in text.splitlines() if line.strip()]
-    if not names:
-        raise UsageError(f"--countries {str(path)!r} lists no country; write one name per line.")
-    return names
+    except ValueError as error:
+        raise UsageError(f"--countries: {error}") from None
 
 
 def load_model(
     name: str, device: str, dtype: torch.dtype, countries: list[str] | None
 ) -> tuple[StreetCLIPForGeolocation, Any]:
     """The model and its image processor, on `device`, restricted to `countries` when given."""
-    from transformers import AutoConfig, AutoImageProcessor
-
-    from ..configuration_streetclip import StreetCLIPConfig
     from ..modeling_streetclip import StreetCLIPForGeolocation
+    from ..processing_streetclip import StreetCLIPProcessor
 
     try:
-        config = AutoConfig.from_pretrained(name)
-        # A saved folder carries its heads and infers without the text tower (a quarter of CLIP's weights); a plain
-        # CLIP checkpoint needs that tower to build them.
-        vision_only = isinstance(config, StreetCLIPConfig) and config.candidate_places is not None
-        model = StreetCLIPForGeolocation.from_pretrained(name, config=config, dtype=dtype, vision_only=vision_only)
-        image_processor = AutoImageProcessor.from_pretrained(name)
+        image_processor = StreetCLIPProcessor.from_pretrained(name).image_processor
+        model = StreetCLIPForGeolocation.from_pretrained(name, dtype=dtype, vision_only="auto")
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot load --model {name!r}: {error}") from None
     if countries is not None:
