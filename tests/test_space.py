@@ -557,21 +557,26 @@ def _upload(browser, *paths: Path) -> None:
     browser.find_element(By.CSS_SELECTOR, "#photos input[type=file]").send_keys("\n".join(map(str, paths)))
 
 
-def _table_rows(browser) -> list[dict[str, str]]:
-    """The answers table as the page shows it: Gradio draws the header as a table and the rows as ARIA grid rows."""
+def _wait_for_rows(browser, count: int) -> list[dict[str, str]]:
+    """The answers table once the page shows `count` complete rows. Gradio draws the header as a table and the rows
+    as ARIA grid rows, and redraws both as an answer arrives: a half-drawn table counts as not there yet."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
-    headers = [cell.text.strip() for cell in browser.find_elements(By.CSS_SELECTOR, "#answers thead th")]
-    return [
-        dict(
-            zip(
-                headers,
-                [cell.text.strip() for cell in row.find_elements(By.CSS_SELECTOR, "[role=gridcell]")],
-                strict=True,
-            )
-        )
-        for row in browser.find_elements(By.XPATH, "//*[@id='answers']//*[@role='row'][*[@role='gridcell']]")
-    ]
+    def complete_rows(driver) -> list[dict[str, str]] | None:
+        headers = [cell.text.strip() for cell in driver.find_elements(By.CSS_SELECTOR, "#answers thead th")]
+        rows = [
+            [cell.text.strip() for cell in row.find_elements(By.CSS_SELECTOR, "[role=gridcell]")]
+            for row in driver.find_elements(By.XPATH, "//*[@id='answers']//*[@role='row'][*[@role='gridcell']]")
+        ]
+        if len(rows) != count or any(len(cells) != len(headers) for cells in rows):
+            return None
+        return [dict(zip(headers, cells, strict=True)) for cells in rows]
+
+    return WebDriverWait(browser, PAGE_TIMEOUT_S, ignored_exceptions=(StaleElementReferenceException,)).until(
+        complete_rows
+    )
 
 
 def _map_screenshot(browser) -> Image.Image:
@@ -587,8 +592,7 @@ def test_page_answers_an_uploaded_photo_as_the_pipeline_and_pins_it(server, brow
     assert _pin_pixels(_map_screenshot(browser)) == 0
     _upload(browser, photos["street"])
     expected = reference(str(photos["street"]), top_k=app.DEFAULT_TOP_K)
-    WebDriverWait(browser, PAGE_TIMEOUT_S).until(lambda driver: len(_table_rows(driver)) == len(expected))
-    rows = _table_rows(browser)
+    rows = _wait_for_rows(browser, len(expected))
     assert [row["file"] for row in rows] == ["street.png"] * len(expected)
     assert [row["rank"] for row in rows] == [str(rank) for rank in range(1, len(expected) + 1)]
     _assert_same_answers(rows, expected)
@@ -617,7 +621,6 @@ def test_page_shows_a_bad_files_error_and_answers_the_other_photo(server, browse
     message = cli_error(photos["broken"]).split("' ")[-1]  # the reason; the page names the upload's own copy
     WebDriverWait(browser, PAGE_TIMEOUT_S).until(lambda driver: message in driver.find_element(By.ID, "errors").text)
     assert "1. broken.jpg" in browser.find_element(By.ID, "errors").text
-    WebDriverWait(browser, PAGE_TIMEOUT_S).until(lambda driver: len(_table_rows(driver)) == app.DEFAULT_TOP_K)
-    rows = _table_rows(browser)
+    rows = _wait_for_rows(browser, app.DEFAULT_TOP_K)
     assert {row["file"] for row in rows} == {"square.jpg"}
     _assert_same_answers(rows, reference(str(photos["square"]), top_k=app.DEFAULT_TOP_K))
