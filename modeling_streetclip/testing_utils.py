@@ -9,7 +9,12 @@ ships its own `testing_utils`; this is ours, importable by tests and by the scri
 
 import colorsys
 import csv
+import json
+import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +140,41 @@ def place_in_hub_cache(folder: Path, cache_dir: Path, repo_id: str, revision: st
     (repo_dir / "refs").mkdir(parents=True)
     (repo_dir / "refs" / "main").write_text(revision)
     return repo_dir
+
+
+# Prepended to the scripts of `run_as_hub_user`: their `import modeling_streetclip` then raises ImportError.
+_WITHOUT_THIS_PACKAGE = 'import sys\nsys.modules["modeling_streetclip"] = None\n'
+
+
+def run_as_hub_user(
+    script: str, args: Sequence[str], repos: Mapping[str, Path], workdir: Path, cwd: Path | None = None
+) -> dict:
+    """Run the Python source `script` with `args` as someone who never installed this package: a fresh interpreter
+    that cannot import it, with the Hub offline and each folder of `repos` (Hub id -> folder) in its Hub cache, as
+    if downloaded (the cache is `workdir / "hub"`, for callers that load the same ids). Returns the JSON object the
+    script prints last; a failing script raises with its standard error.
+    """
+    cache = workdir / "hub"
+    for repo_id, folder in repos.items():
+        place_in_hub_cache(folder, cache, repo_id)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(workdir / "hf-home"),
+        "HF_HUB_CACHE": str(cache),
+        "PYTHONPATH": "",
+    }
+    child = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_THIS_PACKAGE + script, *args],
+        env=env,
+        cwd=cwd or workdir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if child.returncode != 0:
+        raise RuntimeError(f"The script exited with status {child.returncode}:\n{child.stderr[-4000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def random_photo(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:

@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from transformers import pipeline
 
 import modeling_streetclip
 from modeling_streetclip import GeolocationPipeline, paper_countries
-from modeling_streetclip.testing_utils import SMALL_COUNTRIES, place_in_hub_cache, random_photo
+from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo, run_as_hub_user
 
 
 REPO_ID = "streetclip-tests/tiny-geolocation"
@@ -172,25 +171,8 @@ def test_repo_readme_is_the_card_for_the_repo(repo_folder):
 def test_repo_loads_by_id_offline_in_a_process_without_the_package_and_answers_as_the_package_does(
     repo_folder, small_streetclip_dir, photo_paths, tmp_path, monkeypatch
 ):
-    cache = tmp_path / "hub"
-    place_in_hub_cache(repo_folder, cache, REPO_ID)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf-home"),
-        "HF_HUB_CACHE": str(cache),
-        "PYTHONPATH": "",
-    }
-    child = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS_SCRIPT, REPO_ID, *photo_paths],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert child.returncode == 0, child.stderr[-4000:]
-    remote = json.loads(child.stdout.strip().splitlines()[-1])
+    remote = run_as_hub_user(FRESH_PROCESS_SCRIPT, [REPO_ID, *photo_paths], {REPO_ID: repo_folder}, tmp_path)
+    cache = tmp_path / "hub"  # where run_as_hub_user laid the repo out
     assert remote["model_class"].startswith("transformers_modules.")
     assert remote["model_class"].endswith("modeling_streetclip.StreetCLIPForGeolocation")
     assert remote["config_class"].endswith("configuration_streetclip.StreetCLIPConfig")

@@ -8,7 +8,6 @@ process that cannot import this package, as on a Space.
 
 import importlib.util
 import io
-import json
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ from transformers import AutoConfig, pipeline
 
 from modeling_streetclip import GeolocationPipeline, StreetCLIPForGeolocation
 from modeling_streetclip.cli.batch_geolocation import geolocate_images
-from modeling_streetclip.testing_utils import place_in_hub_cache, random_photo
+from modeling_streetclip.testing_utils import random_photo, run_as_hub_user
 
 
 gr = pytest.importorskip("gradio", reason="the demo needs the [demo] extra: pip install -e '.[demo]'")
@@ -301,7 +300,6 @@ def test_model_card_links_to_the_space_only_when_there_is_one(published, small_s
 # find its model in its README and its code in the model repository. Prints the answers as JSON.
 SPACE_PROCESS_SCRIPT = """
 import json, sys
-sys.modules["modeling_streetclip"] = None  # an import of it now raises ImportError, as if it were not installed
 sys.path.insert(0, ".")
 import app
 geolocator = app.Geolocator(app.resolve_model(None))
@@ -315,29 +313,13 @@ print(json.dumps({
 
 
 def test_published_space_runs_on_the_model_repos_code_without_the_package(
-    published, small_streetclip_dir, reference, photos, cli_error, tmp_path
+    published, small_streetclip_dir, reference, photos, cli_error, tmp_path, monkeypatch
 ):
     repo, space = published
-    cache = tmp_path / "hub"
-    place_in_hub_cache(repo, cache, REPO_ID)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf-home"),
-        "HF_HUB_CACHE": str(cache),
-        "PYTHONPATH": "",
-    }
-    env.pop(app.MODEL_ENV, None)
-    child = subprocess.run(
-        [sys.executable, "-c", SPACE_PROCESS_SCRIPT, str(photos["street"]), str(photos["broken"])],
-        env=env,
-        cwd=space,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    monkeypatch.delenv(app.MODEL_ENV, raising=False)  # the Space must find its model in its README
+    ran = run_as_hub_user(
+        SPACE_PROCESS_SCRIPT, [str(photos["street"]), str(photos["broken"])], {REPO_ID: repo}, tmp_path, cwd=space
     )
-    assert child.returncode == 0, child.stderr[-4000:]
-    ran = json.loads(child.stdout.strip().splitlines()[-1])
     assert ran["pipeline_class"].startswith("transformers_modules.")
     assert ran["text_model"] is False
     model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)

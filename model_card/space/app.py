@@ -123,7 +123,7 @@ def load_geolocation_code(model: str) -> tuple[Any, type, type, bool]:
 
 
 class Geolocator:
-    """The model, loaded once, and the answers for a request's photos, `top_k` and country restriction."""
+    """The model, loaded once, and the answers for a request's photos, options and country restriction."""
 
     def __init__(self, model: str):
         config, model_class, pipeline_class, remote_code = load_geolocation_code(model)
@@ -139,9 +139,10 @@ class Geolocator:
         self.display_name = Path(model).name if Path(model).exists() else model
         self.country_names = list(loaded.candidate_places.country_names)
 
-    def locate(self, paths: Sequence[str], top_k: int, countries: Sequence[str] = ()) -> list[PhotoResult]:
-        """Each file's `top_k` answers among `countries` (all candidates when empty); a file that is not a readable
-        image gets its error and the others are answered all the same."""
+    def locate(self, paths: Sequence[str], countries: Sequence[str] = (), **options: Any) -> list[PhotoResult]:
+        """Each file's answers among `countries` (all candidates when empty); a file that is not a readable image gets
+        its error and the others are answered all the same. `options` go to the pipeline as they are: `top_k`, and
+        whatever else it accepts, so that an option of the pipeline is one more input of the page."""
         results, images = [], []
         for number, path in enumerate(paths, start=1):
             result = PhotoResult(number, Path(path).name)
@@ -152,7 +153,7 @@ class Geolocator:
             results.append(result)
         if images:
             pipeline = self._restricted(tuple(sorted(countries))) if countries else self.pipeline
-            answers = pipeline([image for _, image in images], top_k=int(top_k))
+            answers = pipeline([image for _, image in images], **options)
             for (result, _), photo_answers in zip(images, answers, strict=True):
                 result.answers = photo_answers
         return results
@@ -275,7 +276,7 @@ def build_demo(geolocator: Geolocator) -> gr.Blocks:
     """The page: photos, `top_k` and a country restriction in; the map, the answers table and file errors out."""
 
     def geolocate(files: list[str] | None, top_k: int, countries: list[str] | None):
-        results = geolocator.locate(files or [], top_k, countries or [])
+        results = geolocator.locate(files or [], countries or [], top_k=int(top_k))
         return draw_map(results), answers_table(results), errors_html(results)
 
     with gr.Blocks(title="StreetCLIP: where was this photo taken?", analytics_enabled=False) as demo:
