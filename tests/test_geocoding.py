@@ -1,10 +1,12 @@
 """Offline reverse geocoding: the nearest GeoNames place by great-circle distance, for whole columns at once."""
 
 import math
+import re
+import sys
 
 import numpy as np
 import pytest
-from geocoding import reverse_geocoder, valid_coordinates
+from geocoding import ReverseGeocoder, reverse_geocoder, valid_coordinates
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +71,10 @@ def test_valid_coordinates_rejects_missing_and_out_of_range_points():
 def test_an_empty_batch_gives_empty_columns(geocoder):
     labels = geocoder.lookup([], [])
     assert labels.city == labels.region == labels.country == labels.country_code == []
+
+
+@pytest.mark.parametrize("missing", ["reverse_geocode", "scipy.spatial"])
+def test_a_missing_geocoding_package_names_the_train_extra(monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
+    with pytest.raises(ImportError, match=re.escape('the [train] extra installs: pip install "streetclip[train]"')):
+        ReverseGeocoder()

@@ -10,9 +10,12 @@ import json
 import logging
 import math
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import card as model_card
@@ -20,12 +23,24 @@ import datasets
 import numpy as np
 import pytest
 import torch
+import yaml
 from accelerate import Accelerator, PartialState
 from arguments import DataArguments, ModelArguments
 from contrastive import ContrastiveTowers, contrastive_loss, gather_across_processes
 from data import GeoCollator, PlaceCaptioner, caption_dataset, caption_key, load_geo_dataset
-from pretrain import PARTIAL_SUFFIX, latest_checkpoint, parse_args, save_checkpoint, set_trainable_parameters
+from pretrain import (
+    PARTIAL_SUFFIX,
+    RUN_STATE_NAME,
+    complete_checkpoints,
+    drop_records_after,
+    parse_args,
+    resume_candidates,
+    resume_from,
+    save_checkpoint,
+    set_trainable_parameters,
+)
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor, AutoTokenizer, pipeline
 
 import modeling_streetclip
@@ -91,8 +106,13 @@ def pretrain_args(tiny_clip_dir, geo_data, output_dir, **overrides) -> list[str]
 
 
 def run_pretrain(
-    args: list[str], geo_data, launcher: tuple[str, ...] = (sys.executable,), **extra_env: str
+    args: list[str],
+    geo_data,
+    launcher: tuple[str, ...] = (sys.executable,),
+    succeeds: bool = True,
+    **extra_env: str,
 ) -> subprocess.CompletedProcess:
+    """Run training/pretrain.py as users do; unless told it should fail, check that it succeeded."""
     result = subprocess.run(
         [*launcher, str(TRAINING_DIR / "pretrain.py"), *args],
         env=script_env(geo_data, **extra_env),
@@ -101,7 +121,10 @@ def run_pretrain(
         text=True,
         timeout=600,
     )
-    assert result.returncode == 0, f"pretrain.py failed:\n{result.stderr[-5000:]}"
+    if succeeds:
+        assert result.returncode == 0, f"pretrain.py failed:\n{result.stderr[-5000:]}"
+    else:
+        assert result.returncode != 0, "pretrain.py succeeded where it should have failed"
     return result
 
 
@@ -114,9 +137,18 @@ def train_losses(output_dir: Path) -> dict[int, float]:
 
 
 def sample_ids_by_step(output_dir: Path, rank: int = 0) -> dict[int, list[int]]:
-    """Row ids of each step's batch on one process; a step re-run after a resume keeps its last record."""
-    lines = (output_dir / "sample_ids" / f"rank-{rank}.jsonl").read_text().splitlines()
-    return {record["step"]: record["row_ids"] for record in map(json.loads, lines)}
+    """Row ids of each step's batch on one process, which records every step once, resumed or not."""
+    records = [
+        json.loads(line) for line in (output_dir / "sample_ids" / f"rank-{rank}.jsonl").read_text().splitlines()
+    ]
+    steps = [record["step"] for record in records]
+    assert len(steps) == len(set(steps)), f"steps recorded twice: {steps}"
+    return {record["step"]: record["row_ids"] for record in records}
+
+
+def logged_steps(output_dir: Path, key: str = "train/loss") -> list[int]:
+    """The steps of log_history.jsonl that carry `key`, in file order (a resumed run must not repeat any)."""
+    return [entry["step"] for entry in read_log(output_dir) if key in entry]
 
 
 def country_accuracy(model_dir: Path, folder: Path) -> float:
@@ -199,9 +231,10 @@ def test_killed_run_resumes_at_its_step_and_continues_the_data_order(tiny_clip_d
             break
     killed.communicate()
     assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed after its first checkpoint"
-    checkpoint = latest_checkpoint(resumed_dir / "checkpoints")
+    checkpoints = complete_checkpoints(resumed_dir / "checkpoints")
     killed_at = max(sample_ids_by_step(resumed_dir))
-    assert checkpoint is not None and killed_at < 30
+    assert checkpoints and killed_at < 30
+    checkpoint = checkpoints[-1]
     print(f"killed after step {killed_at}; resuming from {checkpoint.name}")
 
     result = run_pretrain(
@@ -211,9 +244,138 @@ def test_killed_run_resumes_at_its_step_and_continues_the_data_order(tiny_clip_d
     assert f"Resumed from {checkpoint} at step {resumed_step}" in result.stderr
     reference_losses, resumed_losses = train_losses(reference_dir), train_losses(resumed_dir)
     assert max(resumed_losses) == max(reference_losses) == 30
+    assert logged_steps(resumed_dir) == list(range(1, 31))
     # Every step, before and after the kill, drew the same rows as the uninterrupted run.
     assert sample_ids_by_step(resumed_dir) == sample_ids_by_step(reference_dir)
     assert resumed_losses[30] == pytest.approx(reference_losses[30], rel=1e-4)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_and_the_resumed_log_and_counts_carry_on(
+    tiny_clip_dir, geo_data, tmp_path
+):
+    """The latest checkpoint truncated and the previous one's random states corrupt: the run resumes from the previous
+    one and says both; log_history.jsonl then holds each step once, and train/skipped_rows counts on from the
+    checkpoint instead of restarting at 0."""
+    output_dir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    # Seed 0 draws the unreadable broken.png into step 2, before the first checkpoint.
+    options = {"max_steps": 6, "checkpointing_steps": 3, "per_device_train_batch_size": 16, "seed": 0}
+    run_pretrain(pretrain_args(tiny_clip_dir, geo_data, output_dir, record_sample_ids=True, **options), geo_data)
+    first_log = read_log(output_dir)
+    assert json.loads((checkpoints / "checkpoint-3" / RUN_STATE_NAME).read_text()) == {"skipped_rows": 1}
+    optimizer_state = checkpoints / "checkpoint-6" / "optimizer.bin"
+    optimizer_state.write_bytes(optimizer_state.read_bytes()[: optimizer_state.stat().st_size // 2])
+    (checkpoints / "checkpoint-3" / "random_states_0.pkl").write_bytes(b"not a pickle")
+
+    result = run_pretrain(
+        pretrain_args(
+            tiny_clip_dir, geo_data, output_dir, resume_from_checkpoint="latest", record_sample_ids=True, **options
+        ),
+        geo_data,
+    )
+    assert f"Checkpoint {checkpoints / 'checkpoint-6'} cannot be loaded (" in result.stderr
+    assert f"falling back to the previous complete one, {checkpoints / 'checkpoint-3'}." in result.stderr
+    assert f"The random states in {checkpoints / 'checkpoint-3' / 'random_states_0.pkl'} cannot be restored" in (
+        result.stderr
+    )
+    assert f"Resumed from {checkpoints / 'checkpoint-3'} at step 3" in result.stderr
+    assert logged_steps(output_dir) == [1, 2, 3, 4, 5, 6]
+    assert sorted(sample_ids_by_step(output_dir)) == [1, 2, 3, 4, 5, 6]
+
+    def skipped_rows(log):
+        return {entry["step"]: entry["train/skipped_rows"] for entry in log if "train/loss" in entry}
+
+    assert skipped_rows(read_log(output_dir)) == skipped_rows(first_log)
+    assert skipped_rows(first_log)[6] == 1
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+def test_every_precision_trains_and_evaluates_from_the_start(tiny_clip_dir, geo_data, tmp_path, precision):
+    """bf16 runs died at their first evaluation, which builds the city heads under autocast. On a CPU, accelerate
+    computes fp16 runs in float32, which the script says; on a GPU they run in fp16."""
+    output_dir = tmp_path / precision
+    result = run_pretrain(
+        pretrain_args(
+            tiny_clip_dir,
+            geo_data,
+            output_dir,
+            eval_data=geo_data["eval"],
+            max_steps=2,
+            eval_steps=1,
+            eval_on_start=True,
+            checkpointing_steps=1,
+            mixed_precision=precision,
+        ),
+        geo_data,
+    )
+    assert logged_steps(output_dir, "eval/country_accuracy") == [0, 1, 2]
+    assert sorted(train_losses(output_dir)) == [1, 2]
+    assert all(math.isfinite(loss) for loss in train_losses(output_dir).values())
+    assert json.loads((output_dir / "training_args.json").read_text())["mixed_precision"] == precision
+    assert ("fp16 mixed precision needs a GPU" in result.stderr) == (
+        precision == "fp16" and not torch.cuda.is_available()
+    )
+    answer = pipeline("geolocation", model=str(output_dir))(str(geo_data["eval"] / "Japan-0-0.png"))[0]
+    assert answer["country"] in PLACES
+
+
+def test_the_readme_training_command_runs_as_printed_on_tiny_data(tiny_clip_dir, geo_data, tmp_path):
+    """training/README.md's launch command, with only its paths and sizes made tiny: `accelerate launch`, bf16,
+    evaluation and checkpoints as printed."""
+    readme = (TRAINING_DIR / "README.md").read_text(encoding="utf-8")
+    command = readme.split("One CPU or one GPU:\n\n```bash\n", 1)[1].split("```", 1)[0]
+    words = shlex.split(command.replace("\\\n", " "))
+    assert words[:3] == ["accelerate", "launch", "training/pretrain.py"]
+    args = words[3:]
+    output_dir = tmp_path / "streetclip-run"
+    tiny = {
+        "--model_name_or_path": tiny_clip_dir,
+        "--train_data": geo_data["train"],
+        "--eval_data": geo_data["eval"],
+        "--countries": geo_data["countries"],
+        "--output_dir": output_dir,
+        "--max_steps": 2,
+        "--per_device_train_batch_size": 8,
+        "--checkpointing_steps": 1,
+        "--eval_steps": 1,
+    }
+    for option, value in tiny.items():
+        assert option in args, f"the README's command no longer has {option}"
+        args[args.index(option) + 1] = str(value)
+    assert args[args.index("--mixed_precision") + 1] == "bf16"
+    run_pretrain(args, geo_data, launcher=(sys.executable, "-m", "accelerate.commands.launch"))
+    assert logged_steps(output_dir, "eval/country_accuracy") == [1, 2]
+    assert [path.name for path in complete_checkpoints(output_dir / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]
+    assert json.loads((output_dir / "training_args.json").read_text())["mixed_precision"] == "bf16"
+
+
+@pytest.mark.parametrize("config_name", ["example_config.yaml", "streetclip_recipe.yaml"])
+def test_the_shipped_configs_run_as_printed_on_tiny_data(tiny_clip_dir, geo_data, tmp_path, config_name):
+    """Each YAML file in training/, with only its paths and sizes made tiny (the paper's 193 countries stay)."""
+    config = yaml.safe_load((TRAINING_DIR / config_name).read_text(encoding="utf-8"))
+    output_dir = tmp_path / "run"
+    paths = {
+        "model_name_or_path": str(tiny_clip_dir),
+        "train_data": str(geo_data["train"]),
+        "output_dir": str(output_dir),
+    }
+    for key, value in paths.items():
+        assert key in config, f"{config_name} no longer sets {key}"
+        config[key] = value
+    if "eval_data" in config:
+        config["eval_data"] = str(geo_data["eval"])
+    # Sizes for 97 tiny images on two cores; a setting the file leaves out keeps the script's default.
+    tiny = {"max_steps": 2, "checkpointing_steps": 1, "eval_steps": 1, "dataloader_num_workers": 0}
+    config.update({key: value for key, value in tiny.items() if key in config})
+    config_path = tmp_path / config_name
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    run_pretrain([str(config_path)], geo_data)
+    recorded = json.loads((output_dir / "training_args.json").read_text())
+    assert recorded["completed_steps"] == recorded["max_steps"] >= 2
+    assert recorded["learning_rate"] == config["learning_rate"]
+    if config.get("eval_on_start"):
+        assert logged_steps(output_dir, "eval/country_accuracy") == [0, 1, 2]
+    geolocate = pipeline("geolocation", model=str(output_dir))
+    assert len(geolocate.model.candidate_places.country_names) == 193
 
 
 def test_two_processes_shard_the_data_and_match_the_one_process_loss(tiny_clip_dir, geo_data, tmp_path):
@@ -247,7 +409,7 @@ def test_lora_run_with_accumulation_and_checkpointing_saves_merged_attention_upd
     tiny_clip_dir, geo_data, tmp_path
 ):
     output_dir = tmp_path / "lora"
-    run_pretrain(
+    result = run_pretrain(
         pretrain_args(
             tiny_clip_dir,
             geo_data,
@@ -262,6 +424,8 @@ def test_lora_run_with_accumulation_and_checkpointing_saves_merged_attention_upd
         ),
         geo_data,
     )
+    # Neither transformers' renamed checkpointing methods nor peft's use of them warn at every run.
+    assert "checkpointing` is deprecated" not in result.stderr
     base = load_file(tiny_clip_dir / "model.safetensors")
     trained = load_file(output_dir / "model.safetensors")
     assert not any("lora" in name for name in trained)
@@ -369,11 +533,11 @@ def test_gathering_on_one_process_keeps_the_local_batch():
     assert gathered_embeddings is embeddings and gathered_keys is keys
 
 
-def test_latest_checkpoint_ignores_partial_folders_left_by_a_kill(tmp_path):
+def test_complete_checkpoints_ignore_partial_folders_left_by_a_kill(tmp_path):
     for name in ("checkpoint-3", "checkpoint-12", f"checkpoint-15{PARTIAL_SUFFIX}", "checkpoint-9"):
         (tmp_path / name).mkdir()
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-12"
-    assert latest_checkpoint(tmp_path / "missing") is None
+    assert complete_checkpoints(tmp_path) == [tmp_path / f"checkpoint-{step}" for step in (3, 9, 12)]
+    assert complete_checkpoints(tmp_path / "missing") == []
 
 
 def test_checkpoints_replace_partial_leftovers_and_keep_the_newest(tmp_path):
@@ -388,8 +552,174 @@ def test_checkpoints_replace_partial_leftovers_and_keep_the_newest(tmp_path):
     assert not (tmp_path / "checkpoint-4" / "half-written.bin").exists()
     with torch.no_grad():
         model.weight.zero_()
-    accelerator.load_state(str(latest_checkpoint(tmp_path)))
+    accelerator.load_state(str(complete_checkpoints(tmp_path)[-1]))
     assert model.weight.abs().sum() > 0
+
+
+def test_a_checkpoint_save_logs_one_line(tmp_path, caplog):
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    with caplog.at_level(logging.INFO):
+        assert save_checkpoint(accelerator, tmp_path, 1, total_limit=None)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"[RANK 0] Saved checkpoint {tmp_path / 'checkpoint-1'}"
+    ]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs a POSIX file-size limit")
+@pytest.mark.parametrize(
+    ("limit", "error"),
+    [(100_000, "SafetensorError"), (300_000, "RuntimeError")],
+    ids=["weights-file", "optimizer-file"],
+)
+def test_a_checkpoint_write_that_fails_keeps_the_older_checkpoints_and_the_run_going(tmp_path, caplog, limit, error):
+    """A real failing write, as on a full disk: the file-size limit stops the weights file (safetensors) or the
+    optimiser state (torch.save, which said only "basic_ios::clear" on a full disk) part-way."""
+    import resource
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(256, 256)  # 263 kB of weights, and after a step twice that of optimiser state
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model(torch.ones(1, 256)).sum().backward()
+    optimizer.step()
+    assert save_checkpoint(accelerator, tmp_path, 2, total_limit=1, run_state={"skipped_rows": 1})
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        with caplog.at_level(logging.ERROR):
+            saved = save_checkpoint(accelerator, tmp_path, 4, total_limit=1)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert not saved
+    assert f"Could not write checkpoint {tmp_path / 'checkpoint-4'} ({error}: " in caplog.text
+    assert "The older checkpoints are intact, and training goes on" in caplog.text
+    assert [path.name for path in tmp_path.iterdir()] == ["checkpoint-2"]
+    assert json.loads((tmp_path / "checkpoint-2" / RUN_STATE_NAME).read_text()) == {"skipped_rows": 1}
+    # With room again, the next checkpoint saves, and only then does the limit retire the older one.
+    assert save_checkpoint(accelerator, tmp_path, 6, total_limit=1)
+    assert complete_checkpoints(tmp_path) == [tmp_path / "checkpoint-6"]
+
+
+@pytest.fixture
+def saved_checkpoints(tmp_path):
+    """An accelerator with a model, optimiser and scheduler prepared, as in the script, and checkpoints at steps 2
+    and 4 whose weights differ: (accelerator, model, checkpoints folder, weights saved at step 2)."""
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(8, 8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    checkpoints = tmp_path / "checkpoints"
+    save_checkpoint(accelerator, checkpoints, 2, total_limit=None, run_state={"skipped_rows": 3})
+    at_step_2 = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    save_checkpoint(accelerator, checkpoints, 4, total_limit=None, run_state={"skipped_rows": 5})
+    return accelerator, model, checkpoints, at_step_2
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.bin", "scheduler.bin"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_and_says_so(saved_checkpoints, caplog, damaged):
+    accelerator, model, checkpoints, at_step_2 = saved_checkpoints
+    truncate(checkpoints / "checkpoint-4" / damaged)
+    with caplog.at_level(logging.WARNING):
+        checkpoint, run_state = resume_from(accelerator, resume_candidates("latest", checkpoints))
+    assert (checkpoint, run_state) == (checkpoints / "checkpoint-2", {"skipped_rows": 3})
+    assert torch.equal(model.weight, at_step_2)
+    assert f"Checkpoint {checkpoints / 'checkpoint-4'} cannot be loaded (" in caplog.text
+    assert f"falling back to the previous complete one, {checkpoints / 'checkpoint-2'}." in caplog.text
+
+
+def test_a_damaged_checkpoint_with_nothing_to_fall_back_to_is_refused_naming_it(saved_checkpoints):
+    accelerator, _, checkpoints, _ = saved_checkpoints
+    for step in (2, 4):
+        truncate(checkpoints / f"checkpoint-{step}" / "model.safetensors")
+    for resume in ("latest", str(checkpoints / "checkpoint-4")):
+        # `latest` tries checkpoint-4, then checkpoint-2; a named folder is never swapped for another.
+        named = "checkpoint-2" if resume == "latest" else "checkpoint-4"
+        with pytest.raises(ValueError, match=f"Cannot resume from checkpoint '.*{named}': a file in it is damaged"):
+            resume_from(accelerator, resume_candidates(resume, checkpoints))
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda path: path.write_bytes(b"not a pickle"),
+        lambda path: path.write_bytes(path.read_bytes()[:100]),
+        lambda path: torch.save({"step": 0}, path),
+        lambda path: path.unlink(),
+    ],
+    ids=["garbage", "truncated", "incomplete", "missing"],
+)
+def test_random_states_that_cannot_be_restored_are_warned_about(saved_checkpoints, caplog, corrupt):
+    """accelerate skips them with an INFO line only, and the resume silently stops being exact."""
+    accelerator, _, checkpoints, _ = saved_checkpoints
+    states = checkpoints / "checkpoint-4" / "random_states_0.pkl"
+    corrupt(states)
+    with caplog.at_level(logging.WARNING):
+        checkpoint, _ = resume_from(accelerator, resume_candidates("latest", checkpoints))
+    assert checkpoint == checkpoints / "checkpoint-4"
+    assert f"The random states in {states} cannot be restored" in caplog.text
+
+
+def test_intact_random_states_restore_without_a_warning(saved_checkpoints, caplog):
+    accelerator, _, checkpoints, _ = saved_checkpoints
+    with caplog.at_level(logging.WARNING):
+        resume_from(accelerator, resume_candidates("latest", checkpoints))
+    assert not caplog.records
+
+
+def test_resuming_from_anything_but_a_checkpoint_of_this_script_is_refused(tmp_path):
+    output_dir = tmp_path / "run"
+    (output_dir / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"is a training output folder, not a checkpoint: .*checkpoint-3"):
+        resume_candidates(str(output_dir), output_dir / "checkpoints")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        resume_candidates(str(tmp_path / "missing"), output_dir / "checkpoints")
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(ValueError, match="is not named checkpoint-<step>"):
+        resume_candidates(str(tmp_path / "weights"), output_dir / "checkpoints")
+    with pytest.raises(
+        ValueError, match="not a checkpoint saved by this script: it has no optimizer.bin or scheduler"
+    ):
+        resume_candidates(str(output_dir / "checkpoints" / "checkpoint-3"), output_dir / "checkpoints")
+    assert resume_candidates(None, output_dir / "checkpoints") == []
+    assert resume_candidates("latest", tmp_path / "no-checkpoints-yet") == []
+
+
+def test_a_bad_resume_folder_is_refused_before_the_model_loads(geo_data, tmp_path):
+    """Given the output folder instead of one of its checkpoints, the run used to load the model and the data, and
+    then fail on a state_dict error."""
+    output_dir = tmp_path / "run"
+    (output_dir / "checkpoints").mkdir(parents=True)
+    result = run_pretrain(
+        [
+            *("--model_name_or_path", str(tmp_path / "no-such-model"), "--train_data", str(tmp_path / "no-data")),
+            *("--output_dir", str(output_dir), "--resume_from_checkpoint", str(output_dir)),
+        ],
+        geo_data,
+        succeeds=False,
+    )
+    assert f"--resume_from_checkpoint '{output_dir}' is a training output folder, not a checkpoint" in result.stderr
+    assert "no-such-model" not in result.stderr
+
+
+def test_a_resumed_run_drops_the_log_records_it_is_about_to_write_again(tmp_path):
+    log = tmp_path / "log_history.jsonl"
+    records = [{"step": step, "train/loss": 1.0 / step} for step in (1, 2, 3, 4)]
+    # A kill mid-write can leave a cut-off last line.
+    log.write_text("".join(json.dumps(record) + "\n" for record in records) + '{"step": 5, "tra', encoding="utf-8")
+    drop_records_after(log, 2)
+    assert [json.loads(line) for line in log.read_text().splitlines()] == records[:2]
+    drop_records_after(tmp_path / "absent.jsonl", 2)
+    assert not (tmp_path / "absent.jsonl").exists()
 
 
 @pytest.fixture
@@ -513,6 +843,120 @@ def test_example_config_parses_and_streaming_needs_max_steps(monkeypatch):
         parse_args(["--model_name_or_path", "m", "--train_data", "d", "--output_dir", "o", "--streaming"])
 
 
+def test_the_streetclip_recipe_holds_the_published_hyperparameters(monkeypatch):
+    """training/streetclip_recipe.yaml: the recipe on geolocal/StreetCLIP's model card, which the defaults are not."""
+    monkeypatch.chdir(REPO_ROOT)
+    model_args, data_args, training_args = parse_args([str(TRAINING_DIR / "streetclip_recipe.yaml")])
+    assert model_args.model_name_or_path == "openai/clip-vit-large-patch14-336"
+    assert len(model_args.read_countries()) == 193
+    recipe = (
+        training_args.learning_rate,
+        training_args.num_train_epochs,
+        training_args.per_device_train_batch_size,
+        training_args.gradient_accumulation_steps,
+    )
+    assert recipe == (1e-6, 3, 32, 12)
+    assert training_args.max_steps is None  # the epochs decide
+    assert data_args.caption_mix(PAPER_TEMPLATE, training_args.seed).templates == (PAPER_TEMPLATE,)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("num_train_epochs", "0", "--num_train_epochs must be at least 1, got 0"),
+        ("max_logit_scale", "0", "--max_logit_scale must be at least 1"),
+        ("max_logit_scale", "nan", "--max_logit_scale must be at least 1"),
+        ("warmup_ratio", "5", "--warmup_ratio is a share of the training steps, in [0, 1]; got 5.0"),
+        ("warmup_steps", "-1", "--warmup_steps must be at least 0, got -1"),
+        ("learning_rate", "0", "--learning_rate must be positive, got 0.0"),
+        ("adam_beta2", "1", "--adam_beta2 must be in [0, 1), got 1.0"),
+        ("checkpoints_total_limit", "0", "--checkpoints_total_limit must be at least 1, got 0"),
+        ("lora_dropout", "1", "--lora_dropout must be in [0, 1), got 1.0"),
+        ("cities_per_country", "0", "--cities_per_country must be at least 1, got 0"),
+        ("max_train_samples", "0", "--max_train_samples must be at least 1, got 0"),
+        ("dataloader_num_workers", "-1", "--dataloader_num_workers must be at least 0, got -1"),
+    ],
+)
+def test_out_of_range_arguments_are_refused_at_start_up_naming_the_option(option, value, message):
+    """`--num_train_epochs 0` trained nothing and exited 0; `--max_logit_scale 0` failed after step 1 with "math
+    domain error"; `--warmup_ratio 5` was accepted."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_args(["--model_name_or_path", "m", "--train_data", "d", "--output_dir", "o", f"--{option}", value])
+
+
+def test_default_dataloader_workers_start_no_more_processes_than_there_are_cores():
+    """Four workers on two cores made torch warn at every run."""
+    workers = DataArguments(train_data="x").dataloader_num_workers
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batches = list(DataLoader(list(range(8)), batch_size=2, num_workers=workers))
+    assert len(batches) == 4 and 1 <= workers <= 4
+
+
+def test_lora_on_a_checkpointed_model_hides_peft_deprecation_warning_there_only(tiny_streetclip, tiny_clip_dir):
+    tiny_streetclip.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    filters = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        set_trainable_parameters(tiny_streetclip, ModelArguments(str(tiny_clip_dir), use_lora=True))
+    assert not [warning for warning in caught if "is_gradient_checkpointing" in str(warning.message)]
+    assert warnings.filters == filters  # nothing was silenced beyond that call
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_city_heads_built_under_autocast_match_those_built_in_float32(tiny_clip_dir, dtype):
+    """Mixed-precision evaluation runs the model under autocast, where it builds city heads lazily: the text tower
+    then answers in the autocast dtype, which could not be written into the float32 head."""
+    reference, model = (
+        modeling_streetclip.StreetCLIPForGeolocation.from_pretrained(
+            tiny_clip_dir, candidate_countries=list(PLACES), cities_per_country=2
+        )
+        for _ in range(2)
+    )
+    pixel_values = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=dtype):
+        outputs = model(pixel_values=pixel_values)
+        model.build_city_heads(list(range(len(PLACES))))
+    reference.build_city_heads(list(range(len(PLACES))))
+    assert torch.isfinite(outputs.predicted_coordinates).all()
+    assert model.city_head.weight.dtype == torch.float32
+    torch.testing.assert_close(model.city_head.weight, reference.city_head.weight, atol=0.03, rtol=0.03)
+
+
+# The packages only the [train] extra installs (pyyaml comes with transformers).
+TRAIN_EXTRA = ("accelerate", "datasets", "evaluate", "peft", "tensorboard", "reverse_geocode", "scipy")
+
+
+@pytest.mark.parametrize(
+    ("missing", "how"),
+    [(TRAIN_EXTRA, "import"), (TRAIN_EXTRA, "script"), (("peft",), "script"), (("datasets",), "import")],
+    ids=["no-extra-import", "no-extra-script", "no-peft-script", "no-datasets-import"],
+)
+def test_without_the_train_extra_the_script_says_which_extra_to_install(tmp_path, missing, how):
+    """`pip install streetclip` leaves out training's packages: importing the script or running it must name the
+    extra to install, not fail deep inside an import."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        f"import sys\n\nfor name in {missing!r}:\n    sys.modules[name] = None  # as if not installed\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), str(TRAINING_DIR), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = ["-c", "import pretrain"] if how == "import" else [str(TRAINING_DIR / "pretrain.py"), "--help"]
+    result = subprocess.run(
+        [sys.executable, *command], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    named = re.search(
+        r'needs the \[train\] extra, which installs (\w+): pip install "streetclip\[train\]"', result.stderr
+    )
+    assert named and named.group(1) in missing, result.stderr[-2000:]
+    if how == "script":
+        assert "Traceback" not in result.stderr
+
+
 def test_countries_file_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         ModelArguments("clip", countries=str(tmp_path / "missing.txt")).read_countries()
@@ -526,15 +970,7 @@ def test_push_to_hub_publishes_through_publish_py_and_keeps_the_model_when_it_fa
     output_dir = tmp_path / "pushed"
     args = pretrain_args(tiny_clip_dir, geo_data, output_dir, max_steps=1, push_to_hub=True, hub_model_id="me/run")
     # Offline, the upload fails: the run must say so, and the trained folder must stay usable.
-    result = subprocess.run(
-        [sys.executable, str(TRAINING_DIR / "pretrain.py"), *args],
-        env=script_env(geo_data),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode != 0
+    result = run_pretrain(args, geo_data, succeeds=False)
     assert "Upload to me/run failed" in result.stderr
     assert f"but pushing it failed (see above). Retry with: python model_card/publish.py {output_dir} me/run" in (
         result.stderr

@@ -3,10 +3,24 @@
 Parsed with `HfArgumentParser`, from the command line or from one YAML or JSON file holding the same names.
 """
 
+import os
 from dataclasses import dataclass, field
 
 from modeling_streetclip.captions import CaptionMix
 from modeling_streetclip.gazetteer import read_country_list
+
+
+# DataLoader workers decode the images; more workers than the cores this process may use only take time from the
+# model, and torch warns about them. The count is the one torch's warning compares against.
+AVAILABLE_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _check_at_least(arguments, names: tuple[str, ...], minimum: float) -> None:
+    """Refuse, naming the option, any of `names` below `minimum` (an unset optional one is fine)."""
+    for name in names:
+        value = getattr(arguments, name)
+        if value is not None and not value >= minimum:  # `not >=` also refuses NaN
+            raise ValueError(f"--{name} must be at least {minimum}, got {value}.")
 
 
 @dataclass
@@ -55,6 +69,15 @@ class ModelArguments:
     )
 
     def __post_init__(self):
+        _check_at_least(self, ("cities_per_country", "lora_r"), 1)
+        if not self.max_logit_scale >= 1:
+            # The temperature's logit scale is clamped to [1, max] (its logarithm to [0, log max]).
+            raise ValueError(
+                f"--max_logit_scale must be at least 1 (the logit scale is clamped to [1, max]; CLIP uses 100), "
+                f"got {self.max_logit_scale}."
+            )
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if self.use_lora and (self.freeze_text_tower or self.freeze_vision_tower):
             raise ValueError(
                 "--use_lora already freezes the base weights; drop --freeze_text_tower/--freeze_vision_tower."
@@ -117,8 +140,18 @@ class DataArguments:
         default=None, metadata={"help": "Processes for the caption map (datasets' num_proc)."}
     )
     dataloader_num_workers: int = field(
-        default=4, metadata={"help": "DataLoader worker processes per training process: they decode the images."}
+        default=min(4, AVAILABLE_CORES),
+        metadata={
+            "help": "DataLoader worker processes per training process: they decode the images. Default: 4, or the "
+            "number of available cores where fewer."
+        },
     )
+
+    def __post_init__(self):
+        _check_at_least(
+            self, ("shuffle_buffer_size", "max_train_samples", "max_eval_samples", "preprocessing_num_workers"), 1
+        )
+        _check_at_least(self, ("dataloader_num_workers",), 0)
 
     def caption_mix(self, default_template: str, seed: int) -> CaptionMix:
         """The caption templates and their probabilities, validated; the model's caption template by default."""
@@ -198,18 +231,29 @@ class TrainingArguments:
     )
 
     def __post_init__(self):
-        for name in (
-            "per_device_train_batch_size",
-            "per_device_eval_batch_size",
-            "gradient_accumulation_steps",
-            "checkpointing_steps",
-            "eval_steps",
-            "logging_steps",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"--max_steps must be >= 1, got {self.max_steps}.")
+        _check_at_least(
+            self,
+            (
+                "per_device_train_batch_size",
+                "per_device_eval_batch_size",
+                "gradient_accumulation_steps",
+                "num_train_epochs",
+                "max_steps",
+                "checkpointing_steps",
+                "checkpoints_total_limit",
+                "eval_steps",
+                "logging_steps",
+            ),
+            1,
+        )
+        _check_at_least(self, ("warmup_steps", "weight_decay", "max_grad_norm"), 0)
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"--warmup_ratio is a share of the training steps, in [0, 1]; got {self.warmup_ratio}.")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
         if self.push_to_hub and not self.hub_model_id:

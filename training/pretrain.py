@@ -16,28 +16,54 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import subprocess
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import evaluate
 import numpy as np
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
-from arguments import DataArguments, ModelArguments, TrainingArguments
-from contrastive import ContrastiveTowers, contrastive_loss, gather_across_processes
-from data import GeoCollator, PlaceCaptioner, candidate_country_names, caption_dataset, load_geo_dataset
-from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
 from modeling_streetclip import CandidatePlaces, CandidatePrompts, StreetCLIPForGeolocation, StreetCLIPProcessor
+
+
+try:
+    import evaluate
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.logging import get_logger
+    from accelerate.utils import (
+        OPTIMIZER_NAME,
+        RNG_STATE_NAME,
+        SCHEDULER_NAME,
+        ProjectConfiguration,
+        load,
+        set_seed,
+    )
+    from arguments import DataArguments, ModelArguments, TrainingArguments
+    from contrastive import ContrastiveTowers, contrastive_loss, gather_across_processes
+    from data import GeoCollator, PlaceCaptioner, candidate_country_names, caption_dataset, load_geo_dataset
+    from peft import LoraConfig, PeftModel, get_peft_model
+except ModuleNotFoundError as error:
+    # `pip install streetclip` installs inference only; training needs the packages of the [train] extra.
+    if (error.name or "").partition(".")[0] not in ("accelerate", "datasets", "evaluate", "peft", "scipy"):
+        raise
+    message = (
+        f"training/pretrain.py needs the [train] extra, which installs {error.name}: "
+        'pip install "streetclip[train]" (in a checkout: pip install -e ".[train]").'
+    )
+    if __name__ == "__main__":
+        sys.exit(message)
+    raise ModuleNotFoundError(message, name=error.name) from error
 
 
 logger = get_logger(__name__)
@@ -48,6 +74,17 @@ PUBLISH_SCRIPT = REPO_ROOT / "model_card" / "publish.py"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # A checkpoint is written under this suffix and renamed when complete, so a kill mid-write never damages one.
 PARTIAL_SUFFIX = ".partial"
+# The script's own counters in each checkpoint, next to accelerate's files, so that they carry on after a resume.
+RUN_STATE_NAME = "run_state.json"
+# Files every checkpoint of this script holds (accelerate's names): a folder without them is not one.
+CHECKPOINT_FILES = (f"{OPTIMIZER_NAME}.bin", f"{SCHEDULER_NAME}.bin")
+# What a failed checkpoint write raises: OSError from Python, RuntimeError from torch.save (a full disk reads
+# "basic_ios::clear" or "PytorchStreamWriter failed writing file") and SafetensorError from the weights file.
+CHECKPOINT_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+# What reading a truncated or damaged checkpoint file raises, in the same libraries (and pickle for torch.load).
+CHECKPOINT_READ_ERRORS = (*CHECKPOINT_WRITE_ERRORS, EOFError, KeyError, ValueError, pickle.UnpicklingError)
+# The random states accelerate restores from random_states_<process>.pkl.
+RANDOM_STATE_KEYS = frozenset({"random_state", "numpy_random_seed", "torch_manual_seed"})
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
@@ -87,7 +124,10 @@ def set_trainable_parameters(model: StreetCLIPForGeolocation, args: ModelArgumen
             target_modules=args.lora_target_modules,
             bias="none",
         )
-        model = get_peft_model(model, lora_config)
+        with warnings.catch_warnings():
+            # peft reads `is_gradient_checkpointing`, which transformers 5 renamed `is_activation_checkpointing`.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = get_peft_model(model, lora_config)
         # peft freezes every base weight, the temperature included.
         model.get_base_model().logit_scale.requires_grad_(args.train_logit_scale)
     return model
@@ -98,14 +138,14 @@ def geolocation_model(towers: ContrastiveTowers) -> StreetCLIPForGeolocation:
     return towers.clip.get_base_model() if isinstance(towers.clip, PeftModel) else towers.clip
 
 
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest complete checkpoint; partial ones (left by a kill mid-write) are never candidates."""
+def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """The complete checkpoints, oldest first; partial ones (left by a kill mid-write) are never among them."""
     steps = {
         int(match.group(1)): path
         for path in checkpoints_dir.glob("checkpoint-*")
         if path.is_dir() and (match := CHECKPOINT_PATTERN.match(path.name))
     }
-    return steps[max(steps)] if steps else None
+    return [steps[step] for step in sorted(steps)]
 
 
 def checkpoint_step(path: Path) -> int:
@@ -115,15 +155,161 @@ def checkpoint_step(path: Path) -> int:
     return int(match.group(1))
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, total_limit: int | None) -> None:
-    """`accelerator.save_state` into a partial folder, renamed into place once every process has written."""
+def resume_candidates(resume_from_checkpoint: str | None, checkpoints_dir: Path) -> list[Path]:
+    """The checkpoints to resume from, in the order to try them, checked at start-up before anything loads.
+
+    `latest` gives every complete checkpoint, newest first, so that a damaged one falls back to the one before it; a
+    folder gives itself alone, once it is known to be a checkpoint of this script (not, say, the output folder).
+    """
+    if resume_from_checkpoint is None:
+        return []
+    if resume_from_checkpoint == "latest":
+        return complete_checkpoints(checkpoints_dir)[::-1]
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint folder not found: {str(path)!r}.")
+    if (path / "checkpoints").is_dir():
+        saved = complete_checkpoints(path / "checkpoints")
+        example = f"e.g. {str(saved[-1])!r}" if saved else "it holds none yet"
+        raise ValueError(
+            f"--resume_from_checkpoint {str(path)!r} is a training output folder, not a checkpoint: give one of the "
+            f"checkpoints in its checkpoints/ folder ({example}), or `--resume_from_checkpoint latest --output_dir "
+            f"{path}`."
+        )
+    checkpoint_step(path)
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    if missing:
+        raise ValueError(
+            f"--resume_from_checkpoint {str(path)!r} is not a checkpoint saved by this script: it has no "
+            f"{' or '.join(missing)}."
+        )
+    return [path]
+
+
+def resume_from(accelerator: Accelerator, candidates: list[Path]) -> tuple[Path, dict]:
+    """Load the first of `candidates` that loads, warning for each damaged one passed over; returns it with the
+    script's own run state. A damaged checkpoint with nothing older to fall back to stops the run, naming it."""
+    if not candidates:
+        raise ValueError("resume_from needs at least one checkpoint to try.")
+    for position, checkpoint in enumerate(candidates):
+        try:
+            with quiet_accelerate_checkpointing():
+                accelerator.load_state(str(checkpoint))
+        except CHECKPOINT_READ_ERRORS as error:
+            problem = f"{type(error).__name__}: {error}"
+            if position + 1 == len(candidates):
+                newer = "; the newer ones cannot be loaded either" if position else ""
+                raise ValueError(
+                    f"Cannot resume from checkpoint {str(checkpoint)!r}: a file in it is damaged or truncated "
+                    f"({problem}){newer}."
+                ) from error
+            logger.warning(
+                f"Checkpoint {checkpoint} cannot be loaded ({problem}); falling back to the previous complete one, "
+                f"{candidates[position + 1]}."
+            )
+            continue
+        warn_if_random_states_unreadable(checkpoint, accelerator.process_index)
+        return checkpoint, read_run_state(checkpoint)
+
+
+def warn_if_random_states_unreadable(checkpoint: Path, process_index: int) -> None:
+    """accelerate skips random states it cannot read with an INFO line only; the resume is then no longer exact
+    (dropout and other random draws differ from an uninterrupted run), which deserves a warning."""
+    path = checkpoint / f"{RNG_STATE_NAME}_{process_index}.pkl"
+    try:
+        # The loader accelerate restores them with, so that this check fails exactly when the restore did.
+        states = load(path)
+        missing = RANDOM_STATE_KEYS - set(states)
+    except (*CHECKPOINT_READ_ERRORS, TypeError) as error:
+        problem = f"{type(error).__name__}: {error}"
+    else:
+        if not missing:
+            return
+        problem = f"it lacks {sorted(missing)}"
+    logger.warning(
+        f"The random states in {path} cannot be restored ({problem}); the run goes on with fresh ones, so its random "
+        "draws differ from those of an uninterrupted run.",
+        main_process_only=False,
+    )
+
+
+def read_run_state(checkpoint: Path) -> dict:
+    """The script's counters saved with a checkpoint (`train/skipped_rows`), or none, with a warning, when missing."""
+    path = checkpoint / RUN_STATE_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        logger.warning(f"Cannot read {path} ({error}); train/skipped_rows counts again from 0.")
+        return {}
+
+
+def drop_records_after(log_path: Path, step: int) -> None:
+    """Keep only the records of steps up to `step` in a JSON-lines log that a resumed run is about to extend: the
+    steps after its checkpoint are trained, and logged, again."""
+    if not log_path.is_file():
+        return
+    kept = []
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        try:
+            record_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill mid-write
+        if record_step <= step:
+            kept.append(line + "\n")
+    rewritten = log_path.with_name(log_path.name + PARTIAL_SUFFIX)
+    rewritten.write_text("".join(kept), encoding="utf-8")
+    os.replace(rewritten, log_path)
+
+
+@contextmanager
+def quiet_accelerate_checkpointing() -> Iterator[None]:
+    """accelerate logs an INFO line per file it saves or loads; the script logs one line per checkpoint instead."""
+    quieted = [logging.getLogger(name) for name in ("accelerate.accelerator", "accelerate.checkpointing")]
+    levels = [each.level for each in quieted]
+    for each in quieted:
+        each.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for each, level in zip(quieted, levels, strict=True):
+            each.setLevel(level)
+
+
+def save_checkpoint(
+    accelerator: Accelerator, checkpoints_dir: Path, step: int, total_limit: int | None, run_state: dict | None = None
+) -> bool:
+    """`accelerator.save_state` and the script's `run_state` into a partial folder, renamed into place once every
+    process has written; returns whether the checkpoint was saved.
+
+    A write that fails (a full disk) must not cost the run: the partial folder goes, the older checkpoints stay, and
+    training goes on, to save again at its next checkpoint step.
+    """
     final = checkpoints_dir / f"checkpoint-{step}"
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
+    failed = False
+    try:
+        with quiet_accelerate_checkpointing():
+            accelerator.save_state(str(partial))
+        if accelerator.is_main_process:
+            (partial / RUN_STATE_NAME).write_text(json.dumps(run_state or {}) + "\n", encoding="utf-8")
+    except CHECKPOINT_WRITE_ERRORS as error:
+        failed = True
+        free_mb = shutil.disk_usage(checkpoints_dir.parent).free / 2**20
+        logger.error(
+            f"Could not write checkpoint {final} ({type(error).__name__}: {error}); {free_mb:.1f} MB are free on "
+            "its disk. The older checkpoints are intact, and training goes on to save at the next checkpoint step.",
+            main_process_only=False,
+        )
+    # Every process learns whether any write failed (this also waits for all of them): only a whole one is renamed.
+    if accelerator.reduce(torch.tensor(int(failed), device=accelerator.device), reduction="sum").item():
+        if accelerator.is_main_process:
+            # A leftover would be ignored by resuming and replaced by the next save; removing it frees the disk.
+            shutil.rmtree(partial, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return False
     if accelerator.is_main_process:
         if final.exists():
             # Only after resuming from an older checkpoint: replace the stale copy of this step.
@@ -135,13 +321,10 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, 
             os.replace(partial, final)
         logger.info(f"Saved checkpoint {final}")
         if total_limit is not None:
-            complete = sorted(
-                (path for path in checkpoints_dir.glob("checkpoint-*") if CHECKPOINT_PATTERN.match(path.name)),
-                key=checkpoint_step,
-            )
-            for old in complete[:-total_limit]:
+            for old in complete_checkpoints(checkpoints_dir)[:-total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
+    return True
 
 
 def log_metrics(accelerator: Accelerator, metrics: dict[str, float], step: int, output_dir: Path) -> None:
@@ -190,6 +373,8 @@ def evaluate_geolocation(
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, training_args = parse_args(argv)
     output_dir = Path(training_args.output_dir)
+    checkpoints_dir = output_dir / "checkpoints"
+    checkpoints_to_try = resume_candidates(training_args.resume_from_checkpoint, checkpoints_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=training_args.gradient_accumulation_steps,
         mixed_precision=training_args.mixed_precision,
@@ -204,6 +389,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
+        logger.warning(
+            "fp16 mixed precision needs a GPU: on the CPU, accelerate computes in float32 (bf16 runs there)."
+        )
     set_seed(training_args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +411,11 @@ def main(argv: list[str] | None = None) -> None:
     prompts = processor.candidate_prompts(places)  # tokenised once, encoded again at every evaluation
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     if model_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed gradient checkpointing to activation checkpointing; its first releases lack the name.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     towers = ContrastiveTowers(set_trainable_parameters(model, model_args))
     trainable = sum(parameter.numel() for parameter in towers.parameters() if parameter.requires_grad)
     total = sum(parameter.numel() for parameter in towers.parameters())
@@ -294,6 +487,12 @@ def main(argv: list[str] | None = None) -> None:
     towers, optimizer, train_dataloader = accelerator.prepare(towers, optimizer, train_dataloader)
     if eval_dataloader is not None:
         eval_dataloader = accelerator.prepare(eval_dataloader)
+    if not data_args.streaming and len(train_dataloader) == 0:
+        raise ValueError(
+            f"--train_data {data_args.train_data!r} leaves {len(train_dataset)} usable rows, fewer than one batch of "
+            f"--per_device_train_batch_size {training_args.per_device_train_batch_size} for each of "
+            f"{accelerator.num_processes} process(es), and --dataloader_drop_last drops incomplete batches."
+        )
     if data_args.streaming:
         max_steps, num_epochs = training_args.max_steps, sys.maxsize
     else:
@@ -320,29 +519,25 @@ def main(argv: list[str] | None = None) -> None:
     )
     metric = evaluate.load(str(GEODESIC_METRIC)) if eval_dataloader is not None else None
 
-    # Resume: the exact step, and the data position within its epoch.
-    checkpoints_dir = output_dir / "checkpoints"
-    global_step, first_epoch, skip_batches = 0, 0, 0
-    if training_args.resume_from_checkpoint is not None:
-        if training_args.resume_from_checkpoint == "latest":
-            checkpoint = latest_checkpoint(checkpoints_dir)
-            if checkpoint is None:
-                logger.warning(f"No checkpoint in {checkpoints_dir} to resume from; starting a new run.")
+    # Resume: the exact step, the data position within its epoch, and the logs and counts up to that step.
+    global_step, first_epoch, skip_batches, skipped_before = 0, 0, 0, 0
+    sample_log = output_dir / "sample_ids" / f"rank-{accelerator.process_index}.jsonl"
+    if training_args.resume_from_checkpoint == "latest" and not checkpoints_to_try:
+        logger.warning(f"No checkpoint in {checkpoints_dir} to resume from; starting a new run.")
+    if checkpoints_to_try:
+        checkpoint, run_state = resume_from(accelerator, checkpoints_to_try)
+        global_step = checkpoint_step(checkpoint)
+        skipped_before = int(run_state.get("skipped_rows", 0))
+        completed_batches = global_step * training_args.gradient_accumulation_steps
+        if data_args.streaming:
+            skip_batches = completed_batches
         else:
-            checkpoint = Path(training_args.resume_from_checkpoint)
-            if not checkpoint.is_dir():
-                raise FileNotFoundError(f"--resume_from_checkpoint folder not found: {str(checkpoint)!r}.")
-        if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
-            global_step = checkpoint_step(checkpoint)
-            completed_batches = global_step * training_args.gradient_accumulation_steps
-            if data_args.streaming:
-                skip_batches = completed_batches
-            else:
-                first_epoch, skip_batches = divmod(completed_batches, len(train_dataloader))
-            logger.info(
-                f"Resumed from {checkpoint} at step {global_step} (epoch {first_epoch}, batch {skip_batches})."
-            )
+            first_epoch, skip_batches = divmod(completed_batches, len(train_dataloader))
+        if accelerator.is_main_process:
+            drop_records_after(output_dir / "log_history.jsonl", global_step)
+        drop_records_after(sample_log, global_step)
+        accelerator.wait_for_everyone()
+        logger.info(f"Resumed from {checkpoint} at step {global_step} (epoch {first_epoch}, batch {skip_batches}).")
 
     total_batch = training_args.per_device_train_batch_size * accelerator.num_processes
     logger.info(
@@ -357,14 +552,17 @@ def main(argv: list[str] | None = None) -> None:
             0,
             output_dir,
         )
-    sample_log = None
     if training_args.record_sample_ids:
-        (output_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
-        sample_log = output_dir / "sample_ids" / f"rank-{accelerator.process_index}.jsonl"
+        sample_log.parent.mkdir(parents=True, exist_ok=True)
 
     progress = tqdm(total=max_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     towers.train()
     step_loss, skipped_rows = 0.0, torch.zeros((), dtype=torch.long, device=accelerator.device)
+
+    def skipped_so_far() -> int:
+        """Rows dropped by the collators of all processes, since the start of the run (not of this resume)."""
+        return skipped_before + int(accelerator.reduce(skipped_rows, reduction="sum").item())
+
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_steps:
             break
@@ -374,7 +572,7 @@ def main(argv: list[str] | None = None) -> None:
             batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
         for batch in batches:
             skipped_rows += batch["skipped_rows"]
-            if sample_log is not None:
+            if training_args.record_sample_ids:
                 with open(sample_log, "a", encoding="utf-8") as sample_file:
                     sample_file.write(
                         json.dumps({"step": global_step + 1, "row_ids": batch["row_ids"].tolist()}) + "\n"
@@ -409,14 +607,20 @@ def main(argv: list[str] | None = None) -> None:
                         "train/learning_rate": lr_scheduler.get_last_lr()[0],
                         "train/logit_scale": geolocator.logit_scale.exp().item(),
                         "train/epoch": epoch,
-                        "train/skipped_rows": accelerator.reduce(skipped_rows, reduction="sum").item(),
+                        "train/skipped_rows": skipped_so_far(),
                     },
                     global_step,
                     output_dir,
                 )
             step_loss = 0.0
             if global_step % training_args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, checkpoints_dir, global_step, training_args.checkpoints_total_limit)
+                save_checkpoint(
+                    accelerator,
+                    checkpoints_dir,
+                    global_step,
+                    training_args.checkpoints_total_limit,
+                    {"skipped_rows": skipped_so_far()},
+                )
             if eval_dataloader is not None and (
                 global_step % training_args.eval_steps == 0 or global_step == max_steps
             ):
