@@ -5,6 +5,8 @@ entry point and that `main`'s return value becomes the process's exit status.
 """
 
 import csv
+import errno
+import inspect
 import io
 import json
 import os
@@ -20,7 +22,7 @@ from transformers import AutoImageProcessor
 
 from modeling_streetclip import StreetCLIPForGeolocation, load_rgb_image
 from modeling_streetclip.cli import build_parser, main
-from modeling_streetclip.cli.records import ANSWER_FIELDS
+from modeling_streetclip.cli.records import ANSWER_FIELDS, options_path
 from modeling_streetclip.gazetteer import format_answers
 from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo
 
@@ -197,6 +199,7 @@ def test_rerun_after_a_kill_mid_record_ends_with_every_input_exactly_once(
     kept = 4 if extension == "csv" else 3
     killed = tmp_path / f"killed.{extension}"
     killed.write_bytes(b"".join(lines[:kept]) + lines[kept][: len(lines[kept]) // 2])
+    shutil.copy(options_path(complete), options_path(killed))  # the killed run had recorded its options too
 
     status, _, err = run(capsys, *command, "--output", killed)
 
@@ -319,7 +322,8 @@ def test_unknown_country_is_a_usage_error_that_lists_close_matches(capsys, tmp_p
         ("unreadable countries file", "cannot read --countries"),
         ("no inputs", "no inputs"),
         ("unknown output extension", "use .jsonl (JSON Lines) or .csv"),
-        ("output written with another top_k", "Rerun with the options that wrote it"),
+        ("output without a record of its options", "record of the options that wrote it is missing"),
+        ("overwrite without an output", "--overwrite needs --output"),
         ("group_by without a capture group", "has no capture group"),
         pytest.param(
             "cuda without a CUDA device",
@@ -339,7 +343,8 @@ def test_usage_errors_exit_with_status_two_and_say_what_is_wrong(
         "unreadable countries file": ["--countries", tmp_path / "no-such-file.txt"],
         "no inputs": [tmp_path / "empty"],
         "unknown output extension": ["--output", tmp_path / "results.txt"],
-        "output written with another top_k": ["--top_k", 3, "--output", tmp_path / "top3.csv"],
+        "output without a record of its options": ["--top_k", 3, "--output", tmp_path / "top3.csv"],
+        "overwrite without an output": ["--overwrite"],
         "group_by without a capture group": ["--group_by", "pano_[0-9]+"],
         "cuda without a CUDA device": ["--device", "cuda"],
     }[case]
@@ -438,3 +443,306 @@ def test_console_script_exits_one_when_some_inputs_fail(tmp_path, small_streetcl
     assert result.returncode == 1, result.stderr
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 3
     assert "2 of 3 inputs geolocated, 1 failed" in result.stderr
+
+
+def csv_rows(path: Path) -> list[dict]:
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as stream:
+        return list(csv.DictReader(stream))
+
+
+@pytest.mark.parametrize("extension", ["jsonl", "csv"])
+def test_rerun_with_other_options_stops_naming_them_and_overwrite_starts_afresh(
+    capsys, tmp_path, small_streetclip_dir, extension
+):
+    make_photos(tmp_path / "photos", ["a.jpg", "b.jpg"])
+    countries = tmp_path / "countries.txt"
+    countries.write_text("Japan\n")
+    output = tmp_path / f"answers.{extension}"
+    command = ("locate", tmp_path / "photos", "--model", small_streetclip_dir, "--output", output, "--workers", 0)
+    assert run(capsys, *command)[0] == 0
+    before = output.read_bytes()
+
+    for changed, named in [
+        (["--countries", countries], "--countries was not given, now ['Japan']"),
+        (["--top_k", 2], "--top_k was 1, now 2"),
+        (["--dtype", "bfloat16"], "--dtype was 'float32', now 'bfloat16'"),
+        (["--group_by", "(a)"], "--group_by was not given, now '(a)'"),
+    ]:
+        status, out, err = run(capsys, *command, *changed)
+        assert status == 2 and out == "", changed
+        assert "written with other options" in err and named in err and "--overwrite" in err, err
+        assert output.read_bytes() == before
+
+    status, _, err = run(capsys, *command, "--countries", countries, "--overwrite")
+
+    assert status == 0 and "earlier run" not in err
+    if extension == "csv":
+        assert [row["country_1"] for row in csv_rows(output)] == ["Japan", "Japan"]
+    else:
+        assert [record["answers"][0]["country"] for record in jsonl_records(output.read_text())] == ["Japan", "Japan"]
+    assert json.loads(options_path(output).read_text())["options"]["countries"] == ["Japan"]
+    status, _, err = run(capsys, *command, "--countries", countries)  # the new options resume the new file
+    assert status == 0 and "2 were recorded by an earlier run" in err
+
+
+def test_a_relative_model_path_resumes_what_its_absolute_path_wrote(
+    capsys, monkeypatch, tmp_path, small_streetclip_dir
+):
+    make_photos(tmp_path, ["a.jpg"])
+    output = tmp_path / "answers.jsonl"
+    assert run(capsys, "locate", tmp_path, "--model", small_streetclip_dir, "--output", output)[0] == 0
+    monkeypatch.chdir(small_streetclip_dir.parent)
+
+    status, _, err = run(capsys, "locate", tmp_path, "--model", small_streetclip_dir.name, "--output", output)
+
+    assert status == 0 and "1 were recorded by an earlier run" in err
+
+
+def test_a_second_run_on_an_output_being_written_exits_two(capsys, monkeypatch, tmp_path, small_streetclip_dir):
+    fcntl = pytest.importorskip("fcntl")
+    make_photos(tmp_path, ["a.jpg"])
+    output = tmp_path / "answers.jsonl"
+    output.write_text("")
+    monkeypatch.setattr("modeling_streetclip.cli.locate.load_model", model_must_not_load)
+
+    with output.open("a") as first_run:
+        fcntl.flock(first_run.fileno(), fcntl.LOCK_EX)  # as a running `streetclip locate` holds it
+        status, out, err = run(capsys, "locate", tmp_path, "--model", small_streetclip_dir, "--output", output)
+
+    assert status == 2 and out == ""
+    assert f"another run is writing {str(output)!r}" in err
+    assert output.read_text() == ""
+
+
+def model_must_not_load(*args, **kwargs):
+    raise AssertionError("the model loaded before the output was checked")
+
+
+@pytest.mark.parametrize("case", ["folder", "read-only file", "device"])
+def test_an_output_that_cannot_be_written_fails_before_the_model_loads(
+    capsys, monkeypatch, tmp_path, small_streetclip_dir, case
+):
+    make_photos(tmp_path / "photos", ["a.jpg"])
+    output = tmp_path / "answers.jsonl"
+    if case == "folder":
+        output.mkdir()
+        expected = "is a folder"
+    elif case == "device":
+        output.symlink_to("/dev/full")  # resume once read it without end, as a file
+        expected = "not a regular file"
+    else:
+        output.write_text("")
+        real_open = os.open
+
+        def read_only(path, flags, *args):  # as root, chmod does not stop a write; the system's refusal is this
+            if Path(path) == output and flags & (os.O_RDWR | os.O_WRONLY):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(os, "open", read_only)
+        expected = "cannot open --output"
+    monkeypatch.setattr("modeling_streetclip.cli.locate.load_model", model_must_not_load)
+
+    status, out, err = run(capsys, "locate", tmp_path / "photos", "--model", small_streetclip_dir, "--output", output)
+
+    assert status == 2 and out == ""
+    assert "streetclip locate: error:" in err and expected in err and str(output) in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def failing_writes(monkeypatch, output: Path, fail_on: bytes, error: int | None):
+    """Make the system's writes to `output` short (7 bytes at most), and, when `error` is set, fail with it halfway
+    through the first write whose data holds `fail_on`, as a disk that fills up does."""
+    real_write = os.write
+    target = os.stat(output)
+
+    def write(fd, data):
+        written_to = os.fstat(fd)
+        if (written_to.st_dev, written_to.st_ino) != (target.st_dev, target.st_ino):
+            return real_write(fd, data)
+        if error is not None and fail_on in bytes(data):
+            real_write(fd, bytes(data)[: len(data) // 2])
+            raise OSError(error, os.strerror(error))
+        return real_write(fd, bytes(data)[:7])
+
+    monkeypatch.setattr(os, "write", write)
+
+
+@pytest.mark.parametrize("extension", ["jsonl", "csv"])
+def test_a_full_disk_stops_the_run_with_exit_two_and_leaves_the_file_resumable(
+    capsys, monkeypatch, tmp_path, small_streetclip_dir, extension
+):
+    photos = make_photos(tmp_path / "photos", ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    output = tmp_path / f"answers.{extension}"
+    output.write_text("")
+    command = ("locate", tmp_path / "photos", "--model", small_streetclip_dir, "--output", output, "--batch_size", 1)
+    failing_writes(monkeypatch, output, fail_on=b"c.jpg", error=errno.ENOSPC)
+
+    status, out, err = run(capsys, *command)
+
+    assert status == 2 and out == ""
+    assert f"cannot write to --output {str(output)!r}: No space left on device" in err
+    assert err.strip().splitlines()[-1].startswith("streetclip locate: error: cannot write to --output")
+    kept = csv_rows(output) if extension == "csv" else jsonl_records(output.read_text())
+    assert [Path(record["path"]).name for record in kept] == ["a.jpg", "b.jpg"]  # whole records, nothing after
+
+    monkeypatch.undo()  # space freed
+    status, _, err = run(capsys, *command)
+
+    assert status == 0 and "2 were recorded by an earlier run" in err
+    records = csv_rows(output) if extension == "csv" else jsonl_records(output.read_text())
+    assert [record["path"] for record in records] == [str(path) for path in photos]
+
+
+def test_short_writes_still_give_whole_records(capsys, monkeypatch, tmp_path, small_streetclip_dir):
+    make_photos(tmp_path / "photos", ["a.jpg", "b.jpg"])
+    command = ("locate", tmp_path / "photos", "--model", small_streetclip_dir, "--top_k", 3)
+    reference = tmp_path / "reference.csv"
+    run(capsys, *command, "--output", reference)
+    output = tmp_path / "answers.csv"
+    output.write_text("")
+    failing_writes(monkeypatch, output, fail_on=b"", error=None)
+
+    assert run(capsys, *command, "--output", output)[0] == 0
+
+    assert output.read_bytes() == reference.read_bytes()
+
+
+def test_a_carriage_return_in_a_file_name_stays_in_its_csv_row_and_resumes(capsys, tmp_path, small_streetclip_dir):
+    photos = make_photos(tmp_path / "photos", ["a\rb.jpg", "c.jpg"])
+    output = tmp_path / "answers.csv"
+    command = ("locate", tmp_path / "photos", "--model", small_streetclip_dir, "--output", output)
+    assert run(capsys, *command)[0] == 0
+    before = output.read_bytes()
+
+    status, _, err = run(capsys, *command)
+
+    assert status == 0 and "2 were recorded by an earlier run" in err
+    assert output.read_bytes() == before
+    assert sorted(row["path"] for row in csv_rows(output)) == sorted(str(path) for path in photos)
+
+
+def test_spreadsheet_formulas_in_csv_cells_are_written_as_text_and_resume(capsys, tmp_path, small_streetclip_dir):
+    make_photos(tmp_path, ["=1+1_h0.png", "=1+1_h90.png", "@sum_h0.png"])
+    output = tmp_path / "places.csv"
+    command = ("locate", tmp_path, "--model", small_streetclip_dir, "--output", output, "--group_by", r"/([^/]+)_h\d")
+    assert run(capsys, *command)[0] == 0
+
+    status, _, err = run(capsys, *command)
+
+    assert status == 0 and "2 were recorded by an earlier run" in err
+    rows = csv_rows(output)
+    assert [row["group"] for row in rows] == ["'=1+1", "'@sum"]
+    assert all(not cell.startswith(("=", "+", "@")) for row in rows for cell in row.values())
+    assert all(isinstance(float(row["latitude_1"]), float) for row in rows)  # numbers, negative ones too, stay numbers
+
+
+def test_an_unreadable_input_folder_exits_two_and_an_unreadable_subfolder_is_skipped_with_a_warning(
+    capsys, caplog, monkeypatch, tmp_path, small_streetclip_dir
+):
+    make_photos(tmp_path / "photos", ["a.jpg"])
+    make_photos(tmp_path / "photos" / "private", ["b.jpg"])
+    real_scandir = os.scandir
+    locked = {str(tmp_path / "photos"), str(tmp_path / "photos" / "private")}
+
+    def scandir(path="."):  # as root, chmod does not stop a read; the system's refusal is this
+        if not isinstance(path, int) and os.fspath(path) in locked:  # an int is a folder's file descriptor
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    status, out, err = run(capsys, "locate", tmp_path / "photos", "--model", small_streetclip_dir)
+    assert status == 2 and out == ""
+    assert f"cannot read the folder {str(tmp_path / 'photos')!r}: Permission denied" in err
+
+    locked.remove(str(tmp_path / "photos"))
+    status, out, err = run(capsys, "locate", tmp_path / "photos", "--recursive", "--model", small_streetclip_dir)
+    assert status == 0
+    assert [Path(record["path"]).name for record in jsonl_records(out)] == ["a.jpg"]
+    assert f"skipping the folder {str(tmp_path / 'photos' / 'private')!r}: Permission denied" in caplog.text
+
+
+def test_an_empty_folder_among_the_inputs_is_named_in_a_warning(capsys, caplog, tmp_path, small_streetclip_dir):
+    make_photos(tmp_path / "photos", ["a.jpg"])
+    (tmp_path / "empty").mkdir()
+
+    status, out, _ = run(capsys, "locate", tmp_path / "photos", tmp_path / "empty", "--model", small_streetclip_dir)
+
+    assert status == 0 and len(jsonl_records(out)) == 1
+    assert f"the folder {str(tmp_path / 'empty')!r} holds no image file" in caplog.text
+
+
+def test_a_url_input_gets_an_error_record_that_says_urls_are_not_fetched(capsys, tmp_path, small_streetclip_dir):
+    make_photos(tmp_path, ["a.jpg"])
+    url = "https://example.com/street.jpg?size=large"
+
+    status, out, _ = run(capsys, "locate", tmp_path / "a.jpg", url, "--model", small_streetclip_dir)
+
+    assert status == 1
+    _, record = jsonl_records(out)
+    assert record["path"] == url and "URLs are not fetched" in record["error"]
+
+
+def broken_model_folders(source: Path, root: Path) -> dict[str, Path]:
+    """A copy of a saved StreetCLIP folder for each way a model folder arrives broken."""
+
+    def edited(name, edit):
+        folder = root / name
+        shutil.copytree(source, folder)
+        edit(folder)
+        return folder
+
+    def edit_config(edit):
+        def apply(folder):
+            config = json.loads((folder / "config.json").read_text())
+            edit(config)
+            (folder / "config.json").write_text(json.dumps(config))
+
+        return apply
+
+    def truncate(folder):
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    def drop_last_country(config):  # the heads keep their sizes: one country row too many
+        places = config["candidate_places"]
+        last = len(places["country_names"]) - 1
+        keep = [row for row, country in enumerate(places["city_countries"]) if country != last]
+        for column in ("city_countries", "city_latitudes", "city_longitudes", "city_names"):
+            places[column] = [places[column][row] for row in keep]
+        for column in ("country_names", "country_codes"):
+            places[column] = places[column][:last]
+        config["candidate_countries"] = config["candidate_countries"][:last]
+
+    return {
+        "truncated weights": edited("truncated", truncate),
+        "garbage weights": edited(
+            "garbage", lambda folder: (folder / "model.safetensors").write_bytes(b"\0junk" * 99)
+        ),
+        "heads of other sizes": edited("heads", edit_config(drop_last_country)),
+        "malformed candidate table": edited("table", edit_config(lambda config: config.update(candidate_places="x"))),
+    }
+
+
+def test_a_broken_model_folder_exits_two_naming_it(capsys, tmp_path, small_streetclip_dir):
+    make_photos(tmp_path / "photos", ["a.jpg"])
+
+    for case, folder in broken_model_folders(small_streetclip_dir, tmp_path).items():
+        status, out, err = run(capsys, "locate", tmp_path / "photos", "--model", folder)
+
+        assert status == 2 and out == "", case
+        assert f"streetclip locate: error: cannot load --model {str(folder)!r}" in err, case
+
+
+def test_batch_and_worker_defaults_have_one_home_and_workers_fit_the_cores():
+    from modeling_streetclip.cli import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS
+    from modeling_streetclip.cli.batch_geolocation import geolocate_images
+
+    args = build_parser().parse_args(["locate", "photo.jpg"])
+
+    assert (
+        args.batch_size == DEFAULT_BATCH_SIZE == inspect.signature(geolocate_images).parameters["batch_size"].default
+    )
+    assert args.workers == DEFAULT_NUM_WORKERS
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert 1 <= DEFAULT_NUM_WORKERS <= cores

@@ -1,8 +1,13 @@
-"""Result files: whatever moment a run is killed at, resuming keeps exactly the complete records."""
+"""Result files: whatever moment a run is killed at, or whatever fails under it, resuming keeps exactly the complete
+records, and a file is only ever added to by one run at a time with the options that wrote it."""
+
+import json
+import os
+import tracemalloc
 
 import pytest
 
-from modeling_streetclip.cli.records import ResultFileError, open_records, resume_records
+from modeling_streetclip.cli.records import ResultFileError, open_records, options_path, spreadsheet_safe
 
 
 ANSWER = {
@@ -14,12 +19,25 @@ ANSWER = {
     "score": 0.25,
     "country_score": 0.5,
 }
+OPTIONS = {"model": "/models/streetclip", "top_k": 1, "countries": None}
 
 
-def write_records(path, records, grouped=False, top_k=1):
-    with open_records(path, grouped=grouped, top_k=top_k) as writer:
+def write_records(path, records, grouped=False, top_k=1, options=OPTIONS):
+    with open_records(path, grouped=grouped, top_k=top_k, options=options) as writer:
         for record in records:
             writer.write(record)
+
+
+def resume(path, grouped=False, top_k=1, options=OPTIONS) -> dict[str, bool]:
+    """What a rerun finds recorded (cutting off a partial last record, as it does)."""
+    with open_records(path, grouped=grouped, top_k=top_k, options=options) as writer:
+        return writer.recorded
+
+
+def written_by_another_program(path, content: str):
+    """A file with `content`, and the options record a run of this command would have left beside it."""
+    path.write_text(content)
+    options_path(path).write_text(json.dumps({"options": {"model": "/models/streetclip", "top_k": 1}}))
 
 
 @pytest.mark.parametrize("extension", ["jsonl", "csv"])
@@ -29,8 +47,9 @@ def test_a_kill_at_any_byte_leaves_a_file_that_resumes_to_the_complete_records(t
         {"path": "/photos/a.jpg", "answers": [ANSWER]},
         {"path": "/photos/b.jpg", "error": "Image file '/photos/b.jpg' is empty (0 bytes)."},
         {"path": "/photos/c\nd.jpg", "answers": [ANSWER]},  # a newline in a name: a quoted multi-line CSV field
+        {"path": "/photos/e\rf.jpg", "answers": [ANSWER]},  # and a carriage return
     ]
-    with open_records(path, grouped=False, top_k=1) as writer:
+    with open_records(path, grouped=False, top_k=1, options=OPTIONS) as writer:
         ends = [path.stat().st_size]  # where the CSV header, then each record, is complete
         for record in records:
             writer.write(record)
@@ -39,28 +58,29 @@ def test_a_kill_at_any_byte_leaves_a_file_that_resumes_to_the_complete_records(t
 
     for cut in range(len(data) + 1):
         path.write_bytes(data[:cut])
-        recorded = resume_records(path, grouped=False, top_k=1)
+        recorded = resume(path)
         kept = sum(end <= cut for end in ends[1:])
         assert list(recorded) == [record["path"] for record in records[:kept]], f"cut at byte {cut}"
-        assert path.read_bytes() == (data[: ends[kept]] if cut >= ends[0] else b""), f"cut at byte {cut}"
+        assert path.read_bytes() == (data[: ends[kept]] if cut >= ends[0] else data[: ends[0]]), f"cut at byte {cut}"
 
 
 def test_recorded_keys_say_which_records_failed(tmp_path):
     path = tmp_path / "results.csv"
     write_records(path, [{"path": "/a.jpg", "answers": [ANSWER]}, {"path": "/b.jpg", "error": "unreadable"}])
 
-    assert resume_records(path, grouped=False, top_k=1) == {"/a.jpg": True, "/b.jpg": False}
+    assert resume(path) == {"/a.jpg": True, "/b.jpg": False}
 
 
 def test_a_killed_header_is_rewritten_before_the_first_record(tmp_path):
     path = tmp_path / "results.csv"
+    write_records(path, [])
     path.write_text("path,coun")
 
-    assert resume_records(path, grouped=False, top_k=1) == {}
+    assert resume(path) == {}
     write_records(path, [{"path": "/a.jpg", "answers": [ANSWER]}])
 
     assert path.read_text().splitlines()[0].startswith("path,country_1,")
-    assert resume_records(path, grouped=False, top_k=1) == {"/a.jpg": True}
+    assert resume(path) == {"/a.jpg": True}
 
 
 @pytest.mark.parametrize("extension", ["jsonl", "csv"])
@@ -70,7 +90,7 @@ def test_file_names_that_are_not_utf8_round_trip(tmp_path, extension):
 
     write_records(path, [{"path": name, "answers": [ANSWER]}])
 
-    assert resume_records(path, grouped=False, top_k=1) == {name: True}
+    assert resume(path) == {name: True}
 
 
 def test_group_records_keep_their_member_paths(tmp_path):
@@ -80,7 +100,7 @@ def test_group_records_keep_their_member_paths(tmp_path):
     )
 
     assert path.read_text().splitlines()[1].startswith('pano1,"[""/p/pano1_h0.jpg"", ""/p/pano1_h90.jpg""]",Japan,')
-    assert resume_records(path, grouped=True, top_k=1) == {"pano1": True}
+    assert resume(path, grouped=True) == {"pano1": True}
 
 
 @pytest.mark.parametrize(
@@ -93,8 +113,104 @@ def test_group_records_keep_their_member_paths(tmp_path):
 )
 def test_a_file_another_run_wrote_is_refused_rather_than_mixed_into(tmp_path, name, content, message):
     path = tmp_path / name
-    path.write_text(content)
+    written_by_another_program(path, content)
 
     with pytest.raises(ResultFileError, match=message):
-        resume_records(path, grouped=False, top_k=1)
+        resume(path, options={"model": "/models/streetclip", "top_k": 1})
     assert path.read_text() == content
+
+
+def test_options_are_recorded_beside_the_file_and_a_change_is_named(tmp_path):
+    path = tmp_path / "results.jsonl"
+    write_records(path, [{"path": "/a.jpg", "answers": [ANSWER]}], options={**OPTIONS, "countries": ["JP", "FR"]})
+    content = path.read_bytes()
+
+    assert json.loads(options_path(path).read_text())["options"] == {**OPTIONS, "countries": ["JP", "FR"]}
+    assert resume(path, options={**OPTIONS, "countries": ["JP", "FR"]}) == {"/a.jpg": True}
+    with pytest.raises(ResultFileError, match=r"--countries was \['JP', 'FR'\], now not given\)"):
+        resume(path)
+    with pytest.raises(ResultFileError, match=r"--countries was .*, now \['JP'\]; --top_k was 1, now 3"):
+        resume(path, top_k=3, options={**OPTIONS, "countries": ["JP"], "top_k": 3})
+    assert path.read_bytes() == content
+
+
+def test_an_option_added_later_with_none_for_its_default_keeps_older_files_resumable(tmp_path):
+    path = tmp_path / "results.jsonl"
+    write_records(path, [{"path": "/a.jpg", "answers": [ANSWER]}])
+
+    assert resume(path, options={**OPTIONS, "decision": None}) == {"/a.jpg": True}
+    with pytest.raises(ResultFileError, match="--decision was not given, now 'joint'"):
+        resume(path, options={**OPTIONS, "decision": "joint"})
+
+
+def test_a_file_without_its_options_record_is_refused_and_overwrite_starts_afresh(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"path": "/a.jpg", "answers": []}\n')
+
+    with pytest.raises(ResultFileError, match="the record of the options that wrote it is missing"):
+        resume(path)
+    with open_records(path, grouped=False, top_k=1, options=OPTIONS, overwrite=True) as writer:
+        assert writer.recorded == {}
+    assert path.read_text() == ""
+    assert json.loads(options_path(path).read_text())["options"] == {"model": "/models/streetclip", "top_k": 1}
+
+
+def test_a_second_writer_of_the_same_file_is_refused_while_the_first_holds_it(tmp_path):
+    pytest.importorskip("fcntl")
+    path = tmp_path / "results.jsonl"
+
+    with open_records(path, grouped=False, top_k=1, options=OPTIONS) as first:
+        first.write({"path": "/a.jpg", "answers": [ANSWER]})
+        with pytest.raises(ResultFileError, match=f"another run is writing {str(path)!r}"):
+            resume(path)
+        first.write({"path": "/b.jpg", "answers": [ANSWER]})
+
+    assert resume(path) == {"/a.jpg": True, "/b.jpg": True}
+
+
+@pytest.mark.parametrize("extension", ["jsonl", "csv"])
+def test_resume_streams_the_file_instead_of_reading_it_whole(tmp_path, extension):
+    path = tmp_path / f"results.{extension}"
+    long_error = "x" * 100_000
+    write_records(path, [{"path": f"/{index}.jpg", "error": long_error} for index in range(100)])
+    assert path.stat().st_size > 10_000_000
+
+    tracemalloc.start()
+    try:
+        recorded = resume(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert len(recorded) == 100
+    assert peak < 2_000_000  # a few lines at a time; the whole file would be 10 MB of bytes and as much text
+
+
+def test_spreadsheet_formulas_become_text_and_read_back_as_written(tmp_path):
+    dangerous = ['=HYPERLINK("http://x")', "+1", "-1+2", "@SUM(A1)", "\tcmd", "\rcmd", "'quoted"]
+
+    assert [spreadsheet_safe(value) for value in dangerous] == ["'" + value for value in dangerous]
+    assert [spreadsheet_safe(value) for value in ("/photos/a.jpg", "Osaka", -33.9, 0.25, "")] == [
+        "/photos/a.jpg",
+        "Osaka",
+        -33.9,
+        0.25,
+        "",
+    ]
+    path = tmp_path / "places.csv"
+    write_records(path, [{"group": key, "paths": [], "answers": [ANSWER]} for key in dangerous], grouped=True)
+
+    assert resume(path, grouped=True) == dict.fromkeys(dangerous, True)
+    assert "\n=" not in path.read_text() and ",=" not in path.read_text()
+
+
+@pytest.mark.parametrize("kind", ["folder", "device"])
+def test_an_output_that_is_not_a_regular_file_is_refused(tmp_path, kind):
+    path = tmp_path / "results.jsonl"
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(os.devnull)
+
+    with pytest.raises(ResultFileError, match="is a folder" if kind == "folder" else "is not a regular file"):
+        resume(path)

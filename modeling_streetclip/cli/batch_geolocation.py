@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..gazetteer import format_answers
 from ..images import ImageInput, ImageLoadError, load_rgb_image
 from ..modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
+from . import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS
 
 
 @dataclass
@@ -59,13 +60,14 @@ def geolocate_images(
     image_processor,
     inputs: Sequence[ImageInput],
     top_k: int = 1,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     num_workers: int = 0,
     return_embeddings: bool = False,
 ) -> Iterator[GeolocationRecord]:
     """Yield one `GeolocationRecord` per input, in input order, as soon as its batch is done.
 
-    Answers have the pipeline's format (see `GeolocationPipeline`). `return_embeddings` keeps each image's
+    Answers have the pipeline's format (see `GeolocationPipeline`). `num_workers=0` decodes in this process, as a
+    library call should unless asked; commands pass `DEFAULT_NUM_WORKERS`. `return_embeddings` keeps each image's
     normalised embedding, for callers that pool views of one place.
     """
     if batch_size < 1:
@@ -106,3 +108,13 @@ def ranked_answers(
     """Each image's `top_k` answers in the pipeline's format, the paper's greedy decision first."""
     ranked = model.rank_places(outputs, top_k=top_k)
     return [format_answers(model.candidate_places, *image) for image in zip(*ranked, strict=True)]
+
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_NUM_WORKERS",
+    "GeolocationRecord",
+    "geolocate_images",
+    "pooled_answers",
+    "ranked_answers",
+]
