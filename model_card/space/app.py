@@ -192,8 +192,8 @@ def errors_html(results: Sequence[PhotoResult]) -> str:
     return f"<p>{len(failed)} of {len(results)} files could not be read:</p><ul>{items}</ul>"
 
 
-def _pixel(latitude: float, longitude: float, width: int) -> tuple[float, float]:
-    """Equirectangular position of a point on a map `width` pixels wide."""
+def _pixel(latitude: float | np.ndarray, longitude: float | np.ndarray, width: int) -> tuple[Any, Any]:
+    """Equirectangular position (x, y) of a point, or of arrays of points, on a map `width` pixels wide."""
     return (longitude + 180.0) / 360.0 * width, (90.0 - latitude) / 180.0 * width / 2
 
 
