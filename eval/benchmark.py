@@ -30,8 +30,9 @@ from plots import plot_error_cdf, plot_world_map, run_title
 from tqdm.auto import tqdm
 
 from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
-from modeling_streetclip.cli import EXIT_USAGE, UsageError, int_at_least
+from modeling_streetclip.cli import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS, EXIT_USAGE, UsageError, int_at_least
 from modeling_streetclip.cli.batch_geolocation import geolocate_images
+from modeling_streetclip.cli.records import spreadsheet_safe
 
 
 METRIC_DIR = Path(__file__).resolve().parent / "geodesic_accuracy"
@@ -87,9 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--limit", type=int_at_least(1), help="score only the first N rows")
     parser.add_argument("--top_k", type=int_at_least(1), default=1, help="answers per image; the first is scored")
-    parser.add_argument("--batch_size", type=int_at_least(1), default=32, help="images per forward pass")
     parser.add_argument(
-        "--num_workers", type=int_at_least(0), default=4, help="DataLoader processes decoding images (0: none)"
+        "--batch_size",
+        type=int_at_least(1),
+        default=DEFAULT_BATCH_SIZE,
+        help="images per forward pass (default: %(default)s, as streetclip locate)",
+    )
+    parser.add_argument(
+        "--num_workers",
+        type=int_at_least(0),
+        default=DEFAULT_NUM_WORKERS,
+        help="DataLoader processes decoding images; 0 decodes in the main process (default: %(default)s, at most the "
+        "usable cores, as streetclip locate)",
     )
     parser.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto picks cuda when torch sees one"
@@ -100,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
 def prediction_line(
     row: BenchmarkRow, answers: list[dict] | None = None, distance_km: float | None = None, error: str | None = None
 ) -> dict:
-    """One row of predictions.csv: the truth, then the first answer and its distance, or the error."""
+    """One row of predictions.csv: the truth, then the first answer and its distance, or the error.
+
+    Text cells that a spreadsheet would evaluate (an id such as `=HYPERLINK(...)`) are written as text; numbers are
+    left as they are.
+    """
     line = {"id": row.id, "true_latitude": row.latitude, "true_longitude": row.longitude, "error": error}
     if answers:
         best, *runner_ups = answers
@@ -115,7 +129,7 @@ def prediction_line(
             "country_score": best["country_score"],
             "runner_ups": json.dumps(runner_ups, ensure_ascii=False) if runner_ups else None,
         }
-    return line
+    return {column: spreadsheet_safe(value) for column, value in line.items()}
 
 
 def resolve_device(requested: str) -> str:

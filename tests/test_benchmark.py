@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from modeling_streetclip.cli import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS
 from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo
 
 
@@ -274,6 +275,29 @@ def test_run_where_every_input_fails_writes_its_outputs_and_exits_nonzero(
     metrics = _read_metrics(output_dir)
     assert (metrics["n"], metrics["num_evaluated"], metrics["num_failed"]) == (0, 0, 2)
     assert "acc_25km" not in metrics
+
+
+def test_ids_that_spreadsheets_would_evaluate_are_written_as_text(small_streetclip_dir, image_folder, tmp_path):
+    formulas = ['=HYPERLINK("http://example.com","x").jpg', "+1.jpg", "-2.jpg", "@3.jpg"]
+    data = _write_metadata_csv(tmp_path / "meta.csv", [GOOD_ROWS[2], *[(name, "1.0", "2.0") for name in formulas]])
+    output_dir = tmp_path / "results"
+    benchmark.main(
+        ["--model", str(small_streetclip_dir), "--data", str(data), "--image_dir", str(image_folder)]
+        + ["--output_dir", str(output_dir), "--num_workers", "0", "--device", "cpu"]
+    )
+    rows = _read_predictions(output_dir)
+    assert [row["id"] for row in rows] == ["rio.jpg", *[f"'{name}" for name in formulas]]
+    # Numbers stay numbers: Rio's negative coordinates are not taken for formulas.
+    assert (rows[0]["true_latitude"], rows[0]["true_longitude"]) == ("-22.9068", "-43.1729")
+    assert rows[0]["error"] == "" and all(
+        not rows[0][column].startswith("'") for column in ("predicted_latitude", "predicted_longitude", "distance_km")
+    )
+    assert all("not found" in row["error"] for row in rows[1:])
+
+
+def test_batch_size_and_workers_default_to_the_commands_shared_defaults():
+    args = benchmark.build_parser().parse_args(["--model", "m", "--data", "d.csv", "--output_dir", "o"])
+    assert (args.batch_size, args.num_workers) == (DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS)
 
 
 # Invocation errors: one line naming the input, exit status 2, before any model loads
