@@ -28,6 +28,7 @@ from accelerate import Accelerator, PartialState
 from arguments import DataArguments, ModelArguments
 from contrastive import ContrastiveTowers, contrastive_loss, gather_across_processes
 from data import GeoCollator, PlaceCaptioner, caption_dataset, caption_key, load_geo_dataset
+from PIL import Image
 from pretrain import (
     PARTIAL_SUFFIX,
     RUN_STATE_NAME,
@@ -811,6 +812,26 @@ def test_collator_drops_unreadable_images_and_counts_them(captioner, tiny_clip_d
     assert batch["country_rows"].tolist() == [0, 0]
     assert batch["skipped_rows"].item() == 1
     assert batch["input_ids"].shape[0] == batch["attention_mask"].shape[0] == 2
+
+
+@pytest.mark.parametrize("size", [(1, 2000), (2000, 1)], ids=["1xN", "Nx1"])
+def test_an_image_of_extreme_aspect_ratio_is_skipped_as_a_bad_row(captioner, tiny_clip_dir, tmp_path, caplog, size):
+    """Resizing the short edge of a 1 x 20,000 px PNG (490 bytes) to 336 px takes gigabytes: such an image killed the
+    run with a MemoryError. The collator, in the DataLoader worker, must drop it as one bad row, naming the file."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    place_photo(0, 0, np.random.default_rng(0)).save(folder / "photo.png")
+    Image.new("RGB", size, (90, 120, 60)).save(folder / "sliver.png")
+    (folder / "metadata.csv").write_text(
+        "file_name,latitude,longitude\nphoto.png,48.8566,2.3522\nsliver.png,48.8566,2.3522\n", encoding="utf-8"
+    )
+    rows = caption_dataset(load_geo_dataset(str(folder), "train", "image"), captioner, "image")
+    collator = GeoCollator(AutoImageProcessor.from_pretrained(tiny_clip_dir), captioner.tokenizer, "image", ["FR"])
+    with caplog.at_level(logging.WARNING):
+        batch = collator([rows[index] for index in range(len(rows))])
+    assert batch["row_ids"].tolist() == [0] and batch["skipped_rows"].item() == 1
+    assert "Skipping row 1: Image file " in caplog.text and "sliver.png" in caplog.text
+    assert "aspect ratio" in caplog.text
 
 
 def test_arguments_are_read_from_a_yaml_file(tmp_path, geo_data):
