@@ -1,7 +1,7 @@
 """Prompt and caption synthesis: the one place where place names become text.
 
-Both the inference heads (country and city prompts) and training (synthetic captions) render their text here, so a
-template change reaches both.
+Both the inference heads (country, region and city prompts) and training (synthetic captions) render their text
+here, so a template change reaches both.
 """
 
 import bisect
@@ -27,6 +27,14 @@ def render_template(template: str, **fields: str) -> str:
 def country_prompts(template: str, countries: Sequence[str]) -> list[str]:
     """One probe prompt per candidate country, e.g. `A Street View photo in France.`"""
     return [render_template(template, country=country) for country in countries]
+
+
+def region_prompts(template: str, regions: Sequence[str], countries: Sequence[str]) -> list[str]:
+    """One probe prompt per candidate region with its country, e.g. `A Street View photo in Bavaria, Germany.`"""
+    return [
+        render_template(template, region=region, country=country)
+        for region, country in zip(regions, countries, strict=True)
+    ]
 
 
 def city_prompts(template: str, cities: Sequence[str], countries: Sequence[str]) -> list[str]:

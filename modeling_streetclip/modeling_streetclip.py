@@ -1,4 +1,5 @@
-"""StreetCLIP for geolocation: CLIP plus hierarchical linear probing over candidate countries and cities.
+"""StreetCLIP for geolocation: CLIP plus hierarchical linear probing over candidate countries, optional regions, and
+cities.
 
 The probe heads are the normalised prompt embeddings times CLIP's logit scale, so `head(image_embedding)` is
 exactly CLIP's zero-shot logit for each prompt. They are built once from the text tower and saved with the model;
@@ -8,6 +9,7 @@ a saved model then infers with the vision tower alone.
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,16 +20,19 @@ from .configuration_streetclip import (
     CANDIDATE_SETTINGS,
     GEOLOCATION_SETTINGS,
     HUB_KWARGS,
+    PAPER_LEVELS,
     PROMPT_SETTINGS,
+    REGION_LEVELS,
     StreetCLIPConfig,
+    validate_decision,
 )
-from .gazetteer import CandidatePlaces, resolve_country_name
+from .gazetteer import CandidatePlaces, great_circle_km, resolve_country_name
 from .processing_streetclip import CandidatePrompts, StreetCLIPProcessor
 
 
 logger = logging.get_logger(__name__)
 
-_HEAD_NAMES = ("country_head", "city_head")
+_HEAD_NAMES = ("country_head", "region_head", "city_head")
 
 
 @dataclass
@@ -39,18 +44,26 @@ class GeolocationOutput(ModelOutput):
         country_logits (`torch.FloatTensor` of shape `(batch_size, num_countries)`):
             CLIP logits of the image against every candidate country prompt.
         city_logits (`torch.FloatTensor` of shape `(batch_size, max_cities_per_country)`):
-            CLIP logits against the city prompts of each image's predicted country; `-inf` where that country has
-            fewer cities than the widest one.
+            CLIP logits against the city prompts of each image's predicted country (with a region level: of its
+            predicted region); `-inf` elsewhere and where that country has fewer cities than the widest one.
         city_indices (`torch.LongTensor` of shape `(batch_size, max_cities_per_country)`):
-            Rows of the candidate table that `city_logits` refer to; `-1` for padding.
+            Rows of the candidate table that `city_logits` refer to (the predicted country's cities); `-1` for
+            padding.
         predicted_country (`torch.LongTensor` of shape `(batch_size,)`):
             Row of the best country in `model.candidate_places`.
         predicted_city (`torch.LongTensor` of shape `(batch_size,)`):
-            Row of the best city of that country in `model.candidate_places`.
+            Row of the best city of that country (or region) in `model.candidate_places`.
         predicted_coordinates (`torch.DoubleTensor` of shape `(batch_size, 2)`):
             Latitude and longitude in degrees of the predicted city.
         image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
             L2-normalised image embeddings, as the heads score them.
+        region_logits (`torch.FloatTensor` of shape `(batch_size, max_regions_per_country)`, *optional*):
+            With a region level: CLIP logits against the region prompts of each image's predicted country; `-inf`
+            for padding.
+        region_indices (`torch.LongTensor` of shape `(batch_size, max_regions_per_country)`, *optional*):
+            Region rows of the candidate table that `region_logits` refer to; `-1` for padding.
+        predicted_region (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            With a region level: row of the best region of the predicted country.
     """
 
     country_logits: torch.FloatTensor | None = None
@@ -60,20 +73,33 @@ class GeolocationOutput(ModelOutput):
     predicted_city: torch.LongTensor | None = None
     predicted_coordinates: torch.DoubleTensor | None = None
     image_embeds: torch.FloatTensor | None = None
+    region_logits: torch.FloatTensor | None = None
+    region_indices: torch.LongTensor | None = None
+    predicted_region: torch.LongTensor | None = None
 
 
 class RankedPlaces(NamedTuple):
     """Top-k candidate cities per image from [`StreetCLIPForGeolocation.rank_places`], each of shape
-    `(batch_size, k)`: the first column is the paper's greedy decision, the rest follow joint probability."""
+    `(batch_size, k)`, ordered by the decision rule, each answer carrying the number that rule sorts by (`scores`).
+
+    - `"greedy"` (the paper's): countries by p(country), then regions by p(region | country), then cities by
+      p(city | country or region); `scores` is that last p(city | ...), and the first answer is the paper's decision.
+    - `"joint"`: by the joint probability, which is then `scores`.
+    - `"expected_distance"`: by the expected great-circle distance in km to the true place under the joint posterior,
+      smallest first; `scores` holds that distance.
+    """
 
     city_rows: torch.LongTensor  # rows of `model.candidate_places`
-    scores: torch.Tensor  # joint probability p(country) * p(city | country)
+    scores: torch.Tensor  # what the decision rule orders by (see above)
     country_scores: torch.Tensor  # p(country) of each answer's country
+    joint_probabilities: torch.Tensor  # p(country) * p(region | country) * p(city | ...)
+    region_scores: torch.Tensor  # p(region | country) of each answer's region; 1 without a region level
 
 
 class StreetCLIPForGeolocation(CLIPModel):
     r"""
-    CLIP with country and city probe heads: the StreetCLIP method of hierarchical zero-shot geolocation.
+    CLIP with country (optionally region) and city probe heads: the StreetCLIP method of hierarchical zero-shot
+    geolocation.
 
     Loads a plain CLIP checkpoint (such as `geolocal/StreetCLIP`) unchanged, building its heads from the text tower,
     or a folder saved by this class, which carries its heads and candidate table.
@@ -106,29 +132,44 @@ class StreetCLIPForGeolocation(CLIPModel):
         self._install_candidates(places)
 
     def _install_candidates(self, places: CandidatePlaces | None) -> None:
-        """Size the heads for `places` and index its cities by country (heads are filled by the caller)."""
+        """Size the heads for `places` and index its cities (and regions) by country (heads are filled by the
+        caller). A table with regions gets a region head: the table decides the levels."""
         self.candidate_places = places
-        # Tokenised city prompts of countries whose city head is not built yet (see `build_city_heads`).
-        self.pending_city_prompts: dict[int, dict[str, torch.Tensor]] = {}
+        # Tokenised city and region prompts, with their number of templates, of countries whose heads below the
+        # country level are not built yet (see `build_city_heads`).
+        self.pending_city_prompts: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
+        self.pending_region_prompts: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
+        self.country_head = self.region_head = self.city_head = None
         if places is None:
             # A plain CLIP checkpoint: no heads until `set_candidates` builds them from the text tower.
-            self.country_head = self.city_head = None
             return
         device, dtype = self.visual_projection.weight.device, self.visual_projection.weight.dtype
-        self.country_head = nn.Linear(
-            self.projection_dim, places.num_countries, bias=False, device=device, dtype=dtype
-        )
-        self.city_head = nn.Linear(self.projection_dim, places.num_cities, bias=False, device=device, dtype=dtype)
+
+        def head(rows: int) -> nn.Linear:
+            return nn.Linear(self.projection_dim, rows, bias=False, device=device, dtype=dtype)
+
+        self.country_head = head(places.num_countries)
+        self.city_head = head(places.num_cities)
         self.candidate_checksum = torch.tensor(places.checksum(), dtype=torch.long, device=device)
         # Index tables stay plain CPU tensors: they are data about the candidates, not weights to load or cast, and
         # float64 coordinates would move a city by kilometres in bfloat16.
-        widest = max(len(rows) for rows in places.cities_by_country)
-        self.city_rows = torch.full((places.num_countries, widest), -1, dtype=torch.long, device="cpu")
-        for country, rows in enumerate(places.cities_by_country):
-            self.city_rows[country, : len(rows)] = torch.tensor(rows, dtype=torch.long, device="cpu")
+        self.city_rows = _padded_rows(places.cities_by_country)
         self.city_coordinates = torch.tensor(
             list(zip(places.city_latitudes, places.city_longitudes, strict=True)), dtype=torch.float64, device="cpu"
         ).reshape(-1, 2)
+        if places.has_regions:
+            self.region_head = head(places.num_regions)
+            self.region_rows = _padded_rows(places.regions_by_country)
+            # Where each city's region sits among its country's regions: the column of `region_rows` it refers to.
+            slot = {row: column for regions in places.regions_by_country for column, row in enumerate(regions)}
+            self.city_region_slots = _padded_rows(
+                [[slot[places.city_regions[row]] for row in rows] for rows in places.cities_by_country]
+            )
+
+    @property
+    def uses_regions(self) -> bool:
+        """Whether this model decides a first-level region between the country and the city."""
+        return self.region_head is not None
 
     @classmethod
     def from_pretrained(
@@ -155,8 +196,9 @@ class StreetCLIPForGeolocation(CLIPModel):
                 requested candidates. `"auto"` skips it exactly when nothing needs building: the loading rule of the
                 command line and the benchmark runner.
             kwargs:
-                Geolocation settings of [`StreetCLIPConfig`] (`candidate_countries` by name or ISO code,
-                `cities_per_country`, `min_city_population` and the templates), and everything
+                Geolocation settings of [`StreetCLIPConfig`] (`candidate_countries` by name or ISO code, `levels`,
+                the candidate table's `city_allocation`, `cities_per_country`, `city_budget`, `min_city_population`
+                and `city_merge_radius_km`, the templates and `expected_distance_candidates`), and everything
                 [`~PreTrainedModel.from_pretrained`] accepts.
         """
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
@@ -229,10 +271,11 @@ class StreetCLIPForGeolocation(CLIPModel):
         """Replace the candidate places and build their heads from the text tower.
 
         `prompts` is the processor that renders and tokenises them, or prompts it tokenised already
-        (`processor.candidate_prompts(places)`); the configuration records their templates. The country head is built
-        at once (one prompt per country, cheap). City heads are built per country on first use, since encoding every
-        city prompt costs far more than a typical inference session needs; pass `build_all_city_heads=True` (or save
-        the model) to build them all now.
+        (`processor.candidate_prompts(places)`); the configuration records their templates, and its `levels` follow
+        the table (a table with regions gives the region level). The country head is built at once (one prompt per
+        country, cheap). Region and city heads are built per country on first use, since encoding every city prompt
+        costs far more than a typical inference session needs; pass `build_all_city_heads=True` (or save the model)
+        to build them all now.
         """
         self._require_text_tower("build prompt heads")
         if not isinstance(prompts, CandidatePrompts):
@@ -240,43 +283,61 @@ class StreetCLIPForGeolocation(CLIPModel):
         prompts.check_matches(places)
         self._install_candidates(places)
         self.config.candidate_places = places.to_dict()
+        self.config.levels = list(REGION_LEVELS if places.has_regions else PAPER_LEVELS)
         self.config.country_prompt_template = prompts.country_prompt_template
         self.config.city_prompt_template = prompts.city_prompt_template
-        self.country_head.weight.copy_(self._encode_prompts(prompts.countries))
-        self.pending_city_prompts = dict(enumerate(prompts.cities))
+        if places.has_regions:
+            self.config.region_prompt_template = prompts.region_prompt_template
+        self.country_head.weight.copy_(self._encode_prompts(prompts.countries, prompts.num_templates("country")))
+        self.pending_city_prompts = {
+            country: (tokens, prompts.num_templates("city")) for country, tokens in enumerate(prompts.cities)
+        }
+        self.pending_region_prompts = {
+            country: (tokens, prompts.num_templates("region")) for country, tokens in enumerate(prompts.regions)
+        }
         if build_all_city_heads:
             self.build_city_heads(list(self.pending_city_prompts))
 
     @torch.no_grad()
     def build_city_heads(self, countries: list[int]) -> None:
-        """Encode the city prompts of those `countries` whose city head is still pending (a no-op for the rest)."""
+        """Encode the city (and region) prompts of those `countries` whose heads below the country level are still
+        pending (a no-op for the rest)."""
         pending = [country for country in countries if country in self.pending_city_prompts]
         if not pending:
             return
         self._require_text_tower("build city heads")
         for country in pending:
-            rows = self.city_rows[country]
-            rows = rows[rows >= 0].to(self.city_head.weight.device)
-            # Under autocast (bf16 or fp16 evaluation in training) the text tower answers in the autocast dtype.
-            embeddings = self._encode_prompts(self.pending_city_prompts.pop(country))
-            self.city_head.weight[rows] = embeddings.to(self.city_head.weight.dtype)
+            levels = [(self.city_head, self.city_rows, self.pending_city_prompts)]
+            if self.uses_regions:
+                levels.append((self.region_head, self.region_rows, self.pending_region_prompts))
+            for head, padded_rows, prompts in levels:
+                rows = padded_rows[country]
+                rows = rows[rows >= 0].to(head.weight.device)
+                # Under autocast (bf16 or fp16 evaluation in training) the text tower answers in the autocast dtype.
+                embeddings = self._encode_prompts(*prompts.pop(country))
+                head.weight[rows] = embeddings.to(head.weight.dtype)
 
     def restrict_countries(self, countries: list[str]) -> None:
-        """Keep only the given candidate countries (names or ISO codes) and their cities, subsetting the heads;
-        needs no text tower."""
+        """Keep only the given candidate countries (names or ISO codes) with their regions and cities, subsetting the
+        heads; needs no text tower."""
         kept = [self.candidate_places.country_index(name) for name in countries]
         if not kept:
             raise ValueError("restrict_countries needs at least one country.")
-        places, city_rows = self.candidate_places.select(kept)
-        country_weights = self.country_head.weight.data[kept]
-        city_weights = self.city_head.weight.data[city_rows]
-        pending = {
-            new: self.pending_city_prompts[old] for new, old in enumerate(kept) if old in self.pending_city_prompts
+        places, city_rows, region_rows = self.candidate_places.select(kept)
+        weights = {
+            "country_head": self.country_head.weight.data[kept],
+            "city_head": self.city_head.weight.data[city_rows],
         }
+        if self.uses_regions:
+            weights["region_head"] = self.region_head.weight.data[region_rows]
+        pending = [
+            {new: prompts[old] for new, old in enumerate(kept) if old in prompts}
+            for prompts in (self.pending_city_prompts, self.pending_region_prompts)
+        ]
         self._install_candidates(places)
-        self.country_head.weight.data.copy_(country_weights)
-        self.city_head.weight.data.copy_(city_weights)
-        self.pending_city_prompts = pending
+        for name, weight in weights.items():
+            getattr(self, name).weight.data.copy_(weight)
+        self.pending_city_prompts, self.pending_region_prompts = pending
         self.config.candidate_places = places.to_dict()
         self.config.candidate_countries = places.country_names
 
@@ -284,15 +345,21 @@ class StreetCLIPForGeolocation(CLIPModel):
         if self.text_model is None:
             raise ValueError(f"This model was loaded with vision_only=True; it cannot {purpose} without a text tower.")
 
-    def _encode_prompts(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Normalised prompt embeddings times the logit scale: the rows of a probe head."""
+    def _encode_prompts(self, tokens: dict[str, torch.Tensor], num_templates: int = 1) -> torch.Tensor:
+        """The rows of a probe head: normalised prompt embeddings times the logit scale. With a prompt ensembles
+        (`num_templates` blocks of rows, one per template), each place's row is the normalised mean of its
+        templates' normalised embeddings, as CLIP builds its ImageNet classifier."""
         device = self.logit_scale.device
         embeddings = self.get_text_features(**{key: value.to(device) for key, value in tokens.items()}).pooler_output
-        return F.normalize(embeddings, dim=-1) * self.logit_scale.exp()
+        embeddings = F.normalize(embeddings, dim=-1)
+        if num_templates > 1:
+            embeddings = F.normalize(embeddings.unflatten(0, (num_templates, -1)).mean(dim=0), dim=-1)
+        return embeddings * self.logit_scale.exp()
 
     def forward(self, pixel_values: torch.FloatTensor, **kwargs) -> GeolocationOutput:
         r"""
-        The paper's hierarchical decision: best country among all candidates, then best city of that country.
+        The paper's hierarchical decision: best country among all candidates, then (with a region level) the best
+        region of that country, then the best city of that country (or region).
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
@@ -308,10 +375,17 @@ class StreetCLIPForGeolocation(CLIPModel):
             raise ValueError("This model has no candidate places; call `set_candidates` first.")
         country_logits = self.country_head(image_embeds)
         predicted_country = country_logits.argmax(dim=-1)
-        # This may write weights inside a forward pass: the city heads of countries predicted for the first time are
-        # encoded now, because a plain CLIP checkpoint would otherwise spend minutes encoding ~6000 city prompts on
-        # load while a session needs few of them. Saving builds the rest, so saved folders never do this.
+        # This may write weights inside a forward pass: the region and city heads of countries predicted for the
+        # first time are encoded now, because a plain CLIP checkpoint would otherwise spend minutes encoding ~6000
+        # city prompts on load while a session needs few of them. Saving builds the rest, so saved folders never do.
         city_logits, city_indices = self.score_cities(image_embeds, predicted_country)
+        region_logits = region_indices = predicted_region = None
+        if self.uses_regions:
+            region_logits, region_indices = self.score_regions(image_embeds, predicted_country)
+            slot = region_logits.argmax(dim=-1, keepdim=True)
+            predicted_region = region_indices.gather(1, slot).squeeze(1)
+            outside = self.city_region_slots[predicted_country.cpu()].to(slot.device) != slot
+            city_logits = city_logits.masked_fill(outside, float("-inf"))
         predicted_city = city_indices.gather(1, city_logits.argmax(dim=-1, keepdim=True)).squeeze(1)
         return GeolocationOutput(
             country_logits=country_logits,
@@ -321,6 +395,9 @@ class StreetCLIPForGeolocation(CLIPModel):
             predicted_city=predicted_city,
             predicted_coordinates=self.city_coordinates[predicted_city.cpu()].to(predicted_city.device),
             image_embeds=image_embeds,
+            region_logits=region_logits,
+            region_indices=region_indices,
+            predicted_region=predicted_region,
         )
 
     def score_cities(
@@ -331,56 +408,151 @@ class StreetCLIPForGeolocation(CLIPModel):
         Returns `(logits, city_indices)` of shape `(batch_size, max_cities_per_country)`: padding has index -1 and
         logit -inf.
         """
+        return self._score_rows(self.city_head, self.city_rows, image_embeds, countries)
+
+    def score_regions(
+        self, image_embeds: torch.Tensor, countries: torch.LongTensor
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        """Logits of each image against the regions of its country in `countries` (a model with a region level),
+        building pending heads first; shaped and padded as `score_cities`."""
+        return self._score_rows(self.region_head, self.region_rows, image_embeds, countries)
+
+    def _score_rows(
+        self, head: nn.Linear, padded_rows: torch.LongTensor, image_embeds: torch.Tensor, countries: torch.LongTensor
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
         self.build_city_heads(countries.unique().tolist())
-        city_indices = self.city_rows[countries.cpu()].to(countries.device)
-        weights = self.city_head.weight[city_indices.clamp(min=0)]
+        indices = padded_rows[countries.cpu()].to(countries.device)
+        weights = head.weight[indices.clamp(min=0)]
         logits = torch.einsum("bkd,bd->bk", weights, image_embeds)
-        return logits.masked_fill(city_indices < 0, float("-inf")), city_indices
+        return logits.masked_fill(indices < 0, float("-inf")), indices
 
     @torch.no_grad()
-    def rank_places(self, outputs: GeolocationOutput, top_k: int = 1) -> RankedPlaces:
-        """Top-k candidate cities per image: first the paper's greedy decision, then the others ranked by joint
-        probability p(country) * p(city | country).
+    def rank_places(self, outputs: GeolocationOutput, top_k: int = 1, decision: str = "greedy") -> RankedPlaces:
+        """Top-k candidate cities per image under a decision rule, each answer carrying the number the rule sorts by.
 
-        Countries are visited in order of p(country) and the search stops once p(country) cannot beat the k-th
-        best joint probability found, so only the city heads that can matter are built.
+        - `"greedy"` (the paper's, the default): countries by p(country), then regions by p(region | country), then
+          cities by p(city | country or region); the first answer is the paper's decision (`outputs.predicted_city`).
+        - `"joint"`: by p(country) * p(region | country) * p(city | ...).
+        - `"expected_distance"`: the Bayes decision for distance-thresholded accuracy. Under the joint posterior over
+          the `config.expected_distance_candidates` most probable cities (or `top_k`, if more), renormalised, each of
+          them is ranked by its expected great-circle distance to the true place, smallest first.
+
+        Countries are visited in order of p(country), and the search stops once the rule has its answers (greedy) or
+        p(country) cannot beat the answers found (the others, since no city is more probable than its country), so
+        only the heads that can matter are built.
 
         Returns:
-            [`RankedPlaces`] of `(city_rows, scores, country_scores)`, each of shape `(batch_size, k)` with
-            `k = min(top_k, num_cities)`.
+            [`RankedPlaces`], each field of shape `(batch_size, k)` with `k = min(top_k, num_cities)`.
         """
-        top_k = min(top_k, self.candidate_places.num_cities)
-        country_probs = outputs.country_logits.float().softmax(dim=-1)
-        greedy_city_probs = outputs.city_logits.float().softmax(dim=-1).max(dim=-1).values
-        city_rows, scores, country_scores = [], [], []
-        for image, greedy_row in enumerate(outputs.predicted_city.tolist()):
-            greedy_country_prob = country_probs[image, outputs.predicted_country[image]].item()
-            ranked = [(greedy_country_prob * greedy_city_probs[image].item(), greedy_row, greedy_country_prob)]
-            others: list[tuple[float, int, float]] = []
-            needed = top_k - 1
-            for country in country_probs[image].argsort(descending=True).tolist() if needed else []:
-                country_prob = country_probs[image, country].item()
-                if len(others) == needed and country_prob <= others[-1][0]:
-                    break  # no city of this or any later country can enter the top k
-                logits, rows = self.score_cities(
-                    outputs.image_embeds[image : image + 1], torch.tensor([country], device=country_probs.device)
-                )
-                city_probs = logits.float().softmax(dim=-1)[0]
-                for row, city_prob in zip(rows[0].tolist(), city_probs.tolist(), strict=True):
-                    if row >= 0 and row != greedy_row:
-                        others.append((country_prob * city_prob, row, country_prob))
-                others.sort(key=lambda entry: entry[0], reverse=True)
-                del others[needed:]
-            ranked += others
-            city_rows.append([row for _, row, _ in ranked])
-            scores.append([score for score, _, _ in ranked])
-            country_scores.append([country_score for _, _, country_score in ranked])
-        device = outputs.country_logits.device
+        validate_decision(decision)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
+        places = self.candidate_places
+        top_k = min(top_k, places.num_cities)
+        wanted = top_k
+        if decision == "expected_distance":
+            wanted = min(max(top_k, self.config.expected_distance_candidates), places.num_cities)
+        country_logits = outputs.country_logits.float()
+        country_log_probs = country_logits.log_softmax(dim=-1)
+        # Sorted on logits, not probabilities, so that ties break as `argmax` breaks them in `forward`.
+        country_order = country_logits.argsort(dim=-1, descending=True, stable=True)
+        batch = torch.arange(len(country_order), device=country_order.device)
+        pool: dict[str, torch.Tensor] | None = None
+        for step in range(places.num_countries):
+            found = self._country_candidates(outputs.image_embeds, country_order[:, step], country_log_probs, step)
+            pool = found if pool is None else {key: torch.cat([pool[key], found[key]], dim=1) for key in pool}
+            # Keep the `wanted` best so far by the rule's key; padding (rows -1) sorts last.
+            sort_key = pool["greedy_key"] if decision == "greedy" else -pool["joint"]
+            order = sort_key.masked_fill(pool["rows"] < 0, float("inf")).argsort(dim=-1, stable=True)[:, :wanted]
+            pool = {key: value.gather(1, order) for key, value in pool.items()}
+            if pool["rows"].shape[1] < wanted or bool((pool["rows"] < 0).any()):
+                continue  # not enough cities yet in some image
+            if step + 1 == places.num_countries or decision == "greedy":
+                break
+            next_country = country_log_probs[batch, country_order[:, step + 1]]
+            if bool((pool["joint"][:, -1] >= next_country).all()):
+                break
+        if decision == "expected_distance":
+            pool, scores = self._by_expected_distance(pool)
+        else:
+            scores = (pool["city"] if decision == "greedy" else pool["joint"]).exp()
         return RankedPlaces(
-            city_rows=torch.tensor(city_rows, dtype=torch.long, device=device),
-            scores=torch.tensor(scores, device=device),
-            country_scores=torch.tensor(country_scores, device=device),
+            city_rows=pool["rows"][:, :top_k],
+            scores=scores[:, :top_k],
+            country_scores=pool["country"][:, :top_k].exp(),
+            joint_probabilities=pool["joint"][:, :top_k].exp(),
+            region_scores=pool["region"][:, :top_k].exp(),
         )
+
+    def _country_candidates(
+        self, image_embeds: torch.Tensor, countries: torch.LongTensor, country_log_probs: torch.Tensor, step: int
+    ) -> dict[str, torch.Tensor]:
+        """Every city of each image's country in `countries` (the `step`-th most probable for that image), as
+        columns of shape `(batch_size, max_cities_per_country)`: `rows` (-1 for padding), the log-probabilities
+        `country`, `region` (0 without a region level), `city` (conditional on its region, or country) and `joint`,
+        and `greedy_key`, the city's place in the greedy order (smaller first)."""
+        city_logits, rows = self.score_cities(image_embeds, countries)
+        city_logits = city_logits.float()
+        padding = rows < 0
+        country = country_log_probs.gather(1, countries[:, None]).expand_as(city_logits)
+        # Greedy order inside a country, as `forward` decides: by region logit (ties to the region listed first),
+        # then by city logit (ties to the city listed first); each stable sort keeps the order of the one before.
+        within = city_logits.argsort(dim=-1, descending=True, stable=True)
+        if self.uses_regions:
+            region_logits, _ = self.score_regions(image_embeds, countries)
+            region_logits = region_logits.float()
+            slots = self.city_region_slots[countries.cpu()].to(rows.device).clamp(min=0)
+            region = region_logits.log_softmax(dim=-1).gather(1, slots)
+            # log p(city | region): a log-softmax over the cities of each region, which share a slot.
+            peak = torch.full_like(region_logits, float("-inf")).scatter_reduce(1, slots, city_logits, "amax")
+            mass = torch.zeros_like(region_logits).scatter_add(1, slots, (city_logits - peak.gather(1, slots)).exp())
+            city = city_logits - (peak + mass.log()).gather(1, slots)
+            for key in (slots, -region_logits.gather(1, slots)):
+                within = within.gather(1, key.gather(1, within).argsort(dim=-1, stable=True))
+        else:
+            region = torch.zeros_like(city_logits)
+            city = city_logits.log_softmax(dim=-1)
+        position = torch.empty_like(within).scatter_(1, within, torch.arange(within.shape[1]).expand_as(within))
+        greedy_key = step * within.shape[1] + position.double()
+        return {
+            "rows": rows,
+            "country": country,
+            "region": region.masked_fill(padding, float("-inf")),
+            "city": city.masked_fill(padding, float("-inf")),
+            "joint": (country + region + city).masked_fill(padding, float("-inf")),
+            "greedy_key": greedy_key,
+        }
+
+    def _by_expected_distance(self, pool: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The pooled candidates of each image reordered by their expected great-circle distance in km (smallest
+        first) under the joint posterior over the pool, renormalised, with those distances."""
+        posterior = pool["joint"].softmax(dim=-1).double().cpu().numpy()
+        coordinates = self.city_coordinates[pool["rows"].cpu()].numpy()
+        expected = np.stack(
+            [
+                expected_distances_km(probabilities, points[:, 0], points[:, 1])
+                for probabilities, points in zip(posterior, coordinates, strict=True)
+            ]
+        )
+        expected = torch.from_numpy(expected).to(pool["joint"].device)
+        order = expected.argsort(dim=-1, stable=True)
+        return {key: value.gather(1, order) for key, value in pool.items()}, expected.gather(1, order)
+
+
+def expected_distances_km(probabilities: np.ndarray, latitudes: np.ndarray, longitudes: np.ndarray) -> np.ndarray:
+    """For each of n candidate places, the expected great-circle distance in km from it to the true place, when the
+    true place is candidate j with probability `probabilities[j]`: the risk that the `"expected_distance"` decision
+    minimises."""
+    distances = great_circle_km(latitudes[:, None], longitudes[:, None], latitudes[None, :], longitudes[None, :])
+    return distances @ probabilities
+
+
+def _padded_rows(groups: list[list[int]]) -> torch.LongTensor:
+    """Rows of each group (cities or regions of each country) as a CPU tensor, padded with -1 to the widest."""
+    padded = torch.full((len(groups), max(map(len, groups), default=0)), -1, dtype=torch.long, device="cpu")
+    for index, rows in enumerate(groups):
+        padded[index, : len(rows)] = torch.tensor(rows, dtype=torch.long, device="cpu")
+    return padded
 
 
 def _prompt_processor(source, config: StreetCLIPConfig, hub_kwargs: dict) -> StreetCLIPProcessor:
@@ -388,6 +560,7 @@ def _prompt_processor(source, config: StreetCLIPConfig, hub_kwargs: dict) -> Str
     return StreetCLIPProcessor.from_pretrained(
         source,
         country_prompt_template=config.country_prompt_template,
+        region_prompt_template=config.region_prompt_template,
         city_prompt_template=config.city_prompt_template,
         caption_template=config.caption_template,
         **hub_kwargs,
@@ -409,4 +582,4 @@ def _vision_only(vision_only: bool | str, build_heads: bool, source) -> bool:
     return vision_only
 
 
-__all__ = ["GeolocationOutput", "RankedPlaces", "StreetCLIPForGeolocation"]
+__all__ = ["GeolocationOutput", "RankedPlaces", "StreetCLIPForGeolocation", "expected_distances_km"]

@@ -8,6 +8,7 @@ from typing import Any
 from transformers import Pipeline
 from transformers.dynamic_module_utils import get_relative_import_files
 
+from .configuration_streetclip import validate_decision
 from .gazetteer import format_answers
 from .images import load_rgb_image
 from .processing_streetclip import StreetCLIPProcessor
@@ -19,11 +20,21 @@ TASK = "geolocation"
 class GeolocationPipeline(Pipeline):
     """
     Geolocate photos zero-shot with StreetCLIP's hierarchical probing: the best country among the candidates, then
-    the best city of that country, whose coordinates are the answer.
+    (for a model with a region level) the best region of that country, then the best city of that country or region,
+    whose coordinates are the answer.
 
-    Each image gives a list of `top_k` dicts, best first, with `country`, `country_code`, `city`, `latitude`,
-    `longitude`, `score` (joint probability p(country) * p(city | country)) and `country_score` (p(country)). The
-    first dict is exactly the paper's greedy decision; the others are ranked by joint probability.
+    Each image gives a list of `top_k` dicts, ordered by the decision rule, each with `country`, `country_code`,
+    `city`, `latitude`, `longitude`, `score` (the number the rule orders by), `country_score` (p(country)) and
+    `joint_probability` (p(country) * p(city | country), times p(region | country) with a region level, where the
+    dicts also carry `region` and `region_score`). `decision=` picks the rule:
+
+    - `"greedy"` (the default, the paper's): countries by p(country), then cities by p(city | country) within a
+      country (with regions: regions by p(region | country), then cities by p(city | region)); `score` is that
+      p(city | ...). The first dict is exactly the paper's decision.
+    - `"joint"`: by joint probability, which is `score`.
+    - `"expected_distance"`: by the expected great-circle distance in km to the true place under the joint
+      posterior over the most probable cities (`config.expected_distance_candidates`); `score` is that distance, so
+      it grows down the list: the Bayes decision for distance-thresholded accuracy.
 
     Example:
 
@@ -33,12 +44,12 @@ class GeolocationPipeline(Pipeline):
     >>> geolocate = pipeline("geolocation", model="geolocal/StreetCLIP")  # doctest: +SKIP
     >>> geolocate("photo.jpg", top_k=2)  # doctest: +SKIP
     [{'country': 'France', 'country_code': 'FR', 'city': 'Paris', 'latitude': 48.85341, 'longitude': 2.3488,
-      'score': 0.41, 'country_score': 0.63}, {...}]
+      'score': 0.65, 'country_score': 0.63, 'joint_probability': 0.41}, {...}]
     ```
 
     This pipeline is loaded from [`pipeline`] with the task identifier `"geolocation"`. It accepts an image path, a
-    `PIL.Image.Image`, or a list of them (giving a list of lists), and `top_k`, `batch_size`, `device` and `dtype`;
-    any other keyword argument is refused. `save_pretrained` writes a folder that every loader accepts, with or
+    `PIL.Image.Image`, or a list of them (giving a list of lists), and `top_k`, `decision`, `batch_size`, `device`
+    and `dtype`; any other keyword argument is refused. `save_pretrained` writes a folder that every loader accepts, with or
     without this package installed.
     """
 
@@ -59,34 +70,34 @@ class GeolocationPipeline(Pipeline):
                 "image_processor) along with a model object; pipeline() loads it when given the model's folder or id."
             )
 
-    def _sanitize_parameters(self, top_k: int | None = None, **unknown):
+    def _sanitize_parameters(self, top_k: int | None = None, decision: str | None = None, **unknown):
         if unknown:
             # As a Python function would: a misspelt option must not answer as if it had not been given.
             raise TypeError(
                 f"GeolocationPipeline got an unexpected keyword argument {next(iter(unknown))!r}; it accepts top_k "
-                "(and pipeline's batch_size, num_workers, device and dtype)."
+                "and decision (and pipeline's batch_size, num_workers, device and dtype)."
             )
         forward_params = {}
         if top_k is not None:
             if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
                 raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
             forward_params["top_k"] = top_k
+        if decision is not None:
+            forward_params["decision"] = validate_decision(decision)
         return {}, forward_params, {}
 
     def preprocess(self, image) -> dict[str, Any]:
         inputs = self.image_processor(images=load_rgb_image(image), return_tensors="pt")
         return {"pixel_values": inputs["pixel_values"].to(self.dtype)}
 
-    def _forward(self, model_inputs: dict[str, Any], top_k: int = 1) -> dict[str, Any]:
+    def _forward(self, model_inputs: dict[str, Any], top_k: int = 1, decision: str = "greedy") -> dict[str, Any]:
         outputs = self.model(pixel_values=model_inputs["pixel_values"])
-        return self.model.rank_places(outputs, top_k=top_k)._asdict()
+        return self.model.rank_places(outputs, top_k=top_k, decision=decision)._asdict()
 
     def postprocess(self, model_outputs: dict[str, Any]) -> list[dict[str, Any]]:
+        # The columns of `RankedPlaces`, whose names are `format_answers`' parameters.
         return format_answers(
-            self.model.candidate_places,
-            model_outputs["city_rows"][0],
-            model_outputs["scores"][0],
-            model_outputs["country_scores"][0],
+            self.model.candidate_places, **{name: column[0] for name, column in model_outputs.items()}
         )
 
     def save_pretrained(self, save_directory, **kwargs) -> None:

@@ -1,18 +1,18 @@
 """Processor of StreetCLIP: CLIP's image processor and tokenizer, plus the templates that turn places into text.
 
-Everything textual that the model sees goes through here: the country and city probe prompts its heads are built
-from, and the synthetic training captions. Head building, the pipeline and the training script all take their text
+Everything textual that the model sees goes through here: the country, region and city probe prompts its heads are
+built from, and the synthetic training captions. Head building, the pipeline and the training script all take their text
 from a `StreetCLIPProcessor`, so a template lives with the tokenizer that reads it and is saved beside it.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import ProcessorMixin
 from transformers.utils import cached_file
 
-from .captions import city_prompts, country_prompts
-from .configuration_streetclip import HUB_KWARGS, StreetCLIPConfig, validate_prompt_templates
+from .captions import city_prompts, country_prompts, region_prompts
+from .configuration_streetclip import HUB_KWARGS, StreetCLIPConfig, template_list, validate_prompt_templates
 from .gazetteer import CandidatePlaces
 
 
@@ -25,31 +25,50 @@ class CandidatePrompts:
     """The tokenised probe prompts of one candidate table: what `StreetCLIPForGeolocation.set_candidates` encodes
     into the heads, with the templates they were rendered from.
 
-    `countries` holds one row per candidate country; `cities[i]` one row per candidate city of country `i`, in the
-    table's order. Each is a tokenizer output (`input_ids`, `attention_mask`) as PyTorch tensors.
+    `countries` holds the prompts of every candidate country; `cities[i]` those of the candidate cities of country
+    `i`, in the table's order, and `regions[i]` those of its regions (an empty list for a table without a region
+    level). Each is a tokenizer output (`input_ids`, `attention_mask`) as PyTorch tensors. A level whose template is
+    a list (a prompt ensemble) has one block of rows per template, template after template: `num_templates(level)`
+    rows per place.
     """
 
-    country_prompt_template: str
-    city_prompt_template: str
+    country_prompt_template: str | list[str]
+    city_prompt_template: str | list[str]
     countries: dict
     cities: list[dict]
+    region_prompt_template: str | list[str] | None = None
+    regions: list[dict] = field(default_factory=list)
+
+    def num_templates(self, level: str) -> int:
+        """How many templates render each place of `level` (`"country"`, `"region"` or `"city"`)."""
+        return len(template_list(getattr(self, f"{level}_prompt_template")))
 
     def check_matches(self, places: CandidatePlaces) -> None:
         """Refuse prompts tokenised for another table, whose rows would land on the wrong places."""
-        sizes = [len(tokens["input_ids"]) for tokens in self.cities]
-        expected = [len(rows) for rows in places.cities_by_country]
-        if len(self.countries["input_ids"]) != places.num_countries or sizes != expected:
+        got = (
+            len(self.countries["input_ids"]),
+            [len(tokens["input_ids"]) for tokens in self.cities],
+            [len(tokens["input_ids"]) for tokens in self.regions],
+        )
+        expected = (
+            places.num_countries * self.num_templates("country"),
+            [len(rows) * self.num_templates("city") for rows in places.cities_by_country],
+            [len(rows) * self.num_templates("region") for rows in places.regions_by_country]
+            if places.has_regions
+            else [],
+        )
+        if got != expected:
             raise ValueError(
-                f"These prompts were tokenised for {len(self.countries['input_ids'])} countries with {sizes} cities, "
-                f"but the candidate table has {places.num_countries} countries with {expected} cities; tokenise them "
-                "from this table with `processor.candidate_prompts(places)`."
+                f"These prompts were tokenised for {got[0]} country rows with {got[1]} city rows and {got[2]} region "
+                f"rows, but the candidate table and templates need {expected[0]}, {expected[1]} and {expected[2]}; "
+                "tokenise them from this table with `processor.candidate_prompts(places)`."
             )
 
 
 class StreetCLIPProcessor(ProcessorMixin):
     r"""
-    Joins CLIP's image processor and tokenizer with StreetCLIP's templates: the country and city probe prompts of
-    hierarchical geolocation and the synthetic training caption.
+    Joins CLIP's image processor and tokenizer with StreetCLIP's templates: the country, region and city probe
+    prompts of hierarchical geolocation and the synthetic training caption.
 
     Called like [`CLIPProcessor`] (`processor(images=..., text=...)`), it also renders and tokenises the prompts of a
     candidate table ([`~StreetCLIPProcessor.candidate_prompts`]); training draws its captions from `caption_template`
@@ -62,9 +81,12 @@ class StreetCLIPProcessor(ProcessorMixin):
             Resizes, crops and normalises photos for the vision tower.
         tokenizer ([`CLIPTokenizer`]):
             Tokenises prompts and captions for the text tower.
-        country_prompt_template (`str`, *optional*):
-            Country probe prompt with `{country}`; defaults to [`StreetCLIPConfig`]'s, the paper's.
-        city_prompt_template (`str`, *optional*):
+        country_prompt_template (`str` or `list[str]`, *optional*):
+            Country probe prompt with `{country}`; defaults to [`StreetCLIPConfig`]'s, the paper's. A list of templates
+            is a prompt ensemble (so for the other levels).
+        region_prompt_template (`str` or `list[str]`, *optional*):
+            Region probe prompt with `{region}` (and optionally `{country}`), for models with a region level.
+        city_prompt_template (`str` or `list[str]`, *optional*):
             City probe prompt with `{city}` (and optionally `{country}`); defaults to the paper's.
         caption_template (`str`, *optional*):
             Default synthetic training caption over `{city}`, `{region}` and `{country}`; defaults to the paper's.
@@ -83,13 +105,15 @@ class StreetCLIPProcessor(ProcessorMixin):
         self,
         image_processor=None,
         tokenizer=None,
-        country_prompt_template: str = StreetCLIPConfig.country_prompt_template,
-        city_prompt_template: str = StreetCLIPConfig.city_prompt_template,
+        country_prompt_template: str | list[str] = StreetCLIPConfig.country_prompt_template,
+        city_prompt_template: str | list[str] = StreetCLIPConfig.city_prompt_template,
         caption_template: str = StreetCLIPConfig.caption_template,
+        region_prompt_template: str | list[str] = StreetCLIPConfig.region_prompt_template,
         **kwargs,
     ):
-        validate_prompt_templates(country_prompt_template, city_prompt_template)
+        validate_prompt_templates(country_prompt_template, city_prompt_template, region_prompt_template)
         self.country_prompt_template = country_prompt_template
+        self.region_prompt_template = region_prompt_template
         self.city_prompt_template = city_prompt_template
         self.caption_template = caption_template
         super().__init__(image_processor, tokenizer, **kwargs)
@@ -135,15 +159,34 @@ class StreetCLIPProcessor(ProcessorMixin):
             country_prompt_template=config.country_prompt_template,
             city_prompt_template=config.city_prompt_template,
             caption_template=config.caption_template,
+            region_prompt_template=config.region_prompt_template,
         )
 
     def render_country_prompts(self, countries: Sequence[str]) -> list[str]:
-        """One country probe prompt per country name, e.g. `A Street View photo in France.`"""
-        return country_prompts(self.country_prompt_template, countries)
+        """One country probe prompt per country name, e.g. `A Street View photo in France.`; with a prompt ensemble,
+        one block of such prompts per template, template after template."""
+        return [
+            prompt
+            for template in template_list(self.country_prompt_template)
+            for prompt in country_prompts(template, countries)
+        ]
+
+    def render_region_prompts(self, regions: Sequence[str], countries: Sequence[str]) -> list[str]:
+        """One region probe prompt per region, with its country (one block per template of an ensemble)."""
+        return [
+            prompt
+            for template in template_list(self.region_prompt_template)
+            for prompt in region_prompts(template, regions, countries)
+        ]
 
     def render_city_prompts(self, cities: Sequence[str], countries: Sequence[str]) -> list[str]:
-        """One city probe prompt per city, with its country for templates that name it."""
-        return city_prompts(self.city_prompt_template, cities, countries)
+        """One city probe prompt per city, with its country for templates that name it (one block per template of an
+        ensemble)."""
+        return [
+            prompt
+            for template in template_list(self.city_prompt_template)
+            for prompt in city_prompts(template, cities, countries)
+        ]
 
     def tokenize(self, texts: Sequence[str], **kwargs) -> dict:
         """Tokenise texts for the text tower: padded to the longest and truncated at its context length, as PyTorch
@@ -151,14 +194,27 @@ class StreetCLIPProcessor(ProcessorMixin):
         return self.tokenizer(list(texts), **{"padding": True, "truncation": True, "return_tensors": "pt", **kwargs})
 
     def candidate_prompts(self, places: CandidatePlaces) -> CandidatePrompts:
-        """Tokenised country prompts of every candidate country and city prompts of each country's cities."""
+        """Tokenised country prompts of every candidate country, and the city prompts (and, for a table with a region
+        level, region prompts) of each country's places."""
         countries = dict(self.tokenize(self.render_country_prompts(places.country_names)))
-        cities = []
-        for country, rows in enumerate(places.cities_by_country):
-            names = [places.city_names[row] for row in rows]
-            prompts = self.render_city_prompts(names, [places.country_names[country]] * len(rows))
-            cities.append(dict(self.tokenize(prompts)))
-        return CandidatePrompts(self.country_prompt_template, self.city_prompt_template, countries, cities)
+        cities, regions = [], []
+        for country, name in enumerate(places.country_names):
+            rows = places.cities_by_country[country]
+            cities.append(
+                dict(self.tokenize(self.render_city_prompts([places.city_names[r] for r in rows], [name] * len(rows))))
+            )
+            if places.has_regions:
+                rows = places.regions_by_country[country]
+                prompts = self.render_region_prompts([places.region_names[r] for r in rows], [name] * len(rows))
+                regions.append(dict(self.tokenize(prompts)))
+        return CandidatePrompts(
+            self.country_prompt_template,
+            self.city_prompt_template,
+            countries,
+            cities,
+            region_prompt_template=self.region_prompt_template,
+            regions=regions,
+        )
 
 
 __all__ = ["CandidatePrompts", "StreetCLIPProcessor"]

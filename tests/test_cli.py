@@ -364,8 +364,8 @@ def pooled_reference(model_dir: Path, paths: list[Path], top_k: int) -> list[dic
     with torch.no_grad():
         embeds = model(pixel_values=pixel_values["pixel_values"]).image_embeds
         outputs = model.locate_embeddings(F.normalize(embeds.mean(dim=0, keepdim=True), dim=-1))
-        city_rows, scores, country_scores = model.rank_places(outputs, top_k=top_k)
-    return format_answers(model.candidate_places, city_rows[0], scores[0], country_scores[0])
+        ranked = model.rank_places(outputs, top_k=top_k)
+    return format_answers(model.candidate_places, *(column[0] for column in ranked))
 
 
 def test_group_by_answers_once_per_place_from_the_mean_of_its_views(capsys, tmp_path, small_streetclip_dir):

@@ -83,11 +83,12 @@ def test_unknown_country_names_close_matches():
 
 def test_selecting_countries_keeps_each_city_with_its_country_and_reports_the_old_rows():
     places = CandidatePlaces.from_geonames(["France", "Japan", "Brazil"], cities_per_country=3)
-    japan_only, old_rows = places.select([places.country_index("JP")])
+    japan_only, old_rows, old_regions = places.select([places.country_index("JP")])
     assert japan_only.country_names == ["Japan"]
     assert japan_only.city_names == ["Tokyo", "Yokohama", "Osaka"]
     assert japan_only.city_countries == [0, 0, 0]
     assert old_rows == [3, 4, 5]
+    assert old_regions == [] and not japan_only.has_regions
 
 
 def test_candidate_country_is_found_by_name_code_or_another_spelling_and_an_unknown_one_lists_close_matches():

