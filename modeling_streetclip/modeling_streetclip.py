@@ -512,7 +512,9 @@ class StreetCLIPForGeolocation(CLIPModel):
         else:
             region = torch.zeros_like(city_logits)
             city = city_logits.log_softmax(dim=-1)
-        position = torch.empty_like(within).scatter_(1, within, torch.arange(within.shape[1]).expand_as(within))
+        position = torch.empty_like(within).scatter_(
+            1, within, torch.arange(within.shape[1], device=within.device).expand_as(within)
+        )
         greedy_key = step * within.shape[1] + position.double()
         return {
             "rows": rows,
