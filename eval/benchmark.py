@@ -5,6 +5,11 @@ Usage, from the repository root:
     python eval/benchmark.py --model geolocal/StreetCLIP --data im2gps3k_places365.csv --image_dir im2gps3k/ \\
         --output_dir results/im2gps3k
     python eval/benchmark.py --model geolocal/StreetCLIP --data ORG/DATASET --split test --output_dir results/ds
+    accelerate launch --num_processes 8 eval/benchmark.py --model geolocal/StreetCLIP --data ORG/DATASET ...
+
+On several processes (GPUs, machines), each runs the model on its share of the batches and the predictions are
+gathered with `gather_for_metrics` (see `geolocate_images`); the main process alone computes the metric and writes
+the files, which are those of a one-process run.
 
 It writes predictions.csv (one row per input: the answer or the reason it failed), metrics.json (the
 geodesic_accuracy metric over the inputs that could be scored, with the run's settings and counts),
@@ -25,13 +30,23 @@ from pathlib import Path
 import evaluate
 import numpy as np
 import torch
-from benchmark_data import DEFAULT_CSV_ENCODING, BenchmarkRow, ColumnNames, load_benchmark
+from accelerate import Accelerator
+from benchmark_data import DEFAULT_CSV_ENCODING, Benchmark, BenchmarkRow, ColumnNames, load_benchmark
 from plots import plot_error_cdf, plot_world_map, run_title
 from tqdm.auto import tqdm
 
 from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
-from modeling_streetclip.cli import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS, EXIT_USAGE, UsageError, int_at_least
+from modeling_streetclip.cli import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_NUM_WORKERS,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_USAGE,
+    UsageError,
+    int_at_least,
+)
 from modeling_streetclip.cli.batch_geolocation import geolocate_images
+from modeling_streetclip.cli.distributed import make_accelerator, on_every_process, on_main_process, quiet_unless_main
 from modeling_streetclip.cli.records import spreadsheet_safe
 
 
@@ -132,15 +147,6 @@ def prediction_line(
     return {column: spreadsheet_safe(value) for column, value in line.items()}
 
 
-def resolve_device(requested: str) -> str:
-    """The device to run on: `auto` is cuda when torch sees one; an explicit cuda that is not there is refused."""
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or auto.")
-    return requested
-
-
 def prepare_output_dir(output_dir: Path) -> None:
     """Create `output_dir` and check that every output file can be written there, before any model loads: a run
     that finds out only at the end would lose all its results."""
@@ -161,7 +167,7 @@ def prepare_output_dir(output_dir: Path) -> None:
         raise UsageError(f"cannot write the results to --output_dir {str(output_dir)!r}: {error}") from None
 
 
-def load_model(name: str, device: str) -> tuple[StreetCLIPForGeolocation, object]:
+def load_model(name: str, device: str | torch.device) -> tuple[StreetCLIPForGeolocation, object]:
     """The model on `device` and its image processor; a name that does not load is a usage error."""
     try:
         image_processor = StreetCLIPProcessor.from_pretrained(name).image_processor
@@ -177,29 +183,78 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        run(args)
+        accelerator = make_accelerator(args.device)
+        status = quiet_unless_main(accelerator, lambda: run(args, accelerator))
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
+    if status:
+        raise SystemExit(status)
 
 
-def run(args: argparse.Namespace) -> None:
-    """Check the invocation (device, outputs, data), then geolocate every scorable input and write the outputs."""
-    device = resolve_device(args.device)
-    prepare_output_dir(args.output_dir)
-    try:
-        benchmark = load_benchmark(
-            args.data,
-            image_dir=args.image_dir,
-            split=args.split,
-            columns=ColumnNames(args.id_column, args.image_column, args.latitude_column, args.longitude_column),
-            limit=args.limit,
-            encoding=args.encoding,
-            allow_outside_image_dir=args.allow_outside_image_dir,
-        )
-    except (OSError, ValueError, ImportError) as error:
-        # Every message names the file or dataset at fault, as do those of `datasets` for a Hub id.
-        raise UsageError(str(error)) from None
+def run(args: argparse.Namespace, accelerator: Accelerator) -> int:
+    """Check the invocation (outputs, data), then geolocate every scorable input across the processes and, on the
+    main process, write the outputs; returns the exit status (every process returns the same)."""
+    on_main_process(accelerator, lambda: prepare_output_dir(args.output_dir))
+
+    def read_benchmark() -> Benchmark:
+        try:
+            return load_benchmark(
+                args.data,
+                image_dir=args.image_dir,
+                split=args.split,
+                columns=ColumnNames(args.id_column, args.image_column, args.latitude_column, args.longitude_column),
+                limit=args.limit,
+                encoding=args.encoding,
+                allow_outside_image_dir=args.allow_outside_image_dir,
+            )
+        except (OSError, ValueError, ImportError) as error:
+            # Every message names the file or dataset at fault, as do those of `datasets` for a Hub id.
+            raise UsageError(str(error)) from None
+
+    # Every process reads the benchmark (the main one first: a Hub dataset downloads once) and indexes its images.
+    benchmark = on_every_process(accelerator, read_benchmark, main_process_first=True)
+    model, image_processor = on_every_process(
+        accelerator, lambda: load_model(args.model, accelerator.device), main_process_first=True
+    )
+
+    start = time.perf_counter()
+    positions, images = benchmark.scorable()
+    answers: dict[int, list[dict]] = {}
+    image_errors: dict[int, str] = {}
+    records = geolocate_images(
+        model,
+        image_processor,
+        images,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        accelerator=accelerator,
+    )
+    main = accelerator.is_main_process
+    for record in tqdm(records, total=len(positions), desc=benchmark.name, unit="image", disable=not main):
+        if record.error is None:
+            answers[positions[record.index]] = record.answers
+        else:
+            image_errors[positions[record.index]] = record.error
+    wall_time_s = time.perf_counter() - start
+    if not main:
+        # Every process holds every record (gathered); the main process alone scores them and writes the files.
+        return EXIT_SOME_FAILED if not answers else EXIT_OK
+    return write_results(args, accelerator, benchmark, model, positions, answers, image_errors, wall_time_s)
+
+
+def write_results(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    benchmark: Benchmark,
+    model: StreetCLIPForGeolocation,
+    positions: list[int],
+    answers: dict[int, list[dict]],
+    image_errors: dict[int, str],
+    wall_time_s: float,
+) -> int:
+    """Score the answers once and write predictions.csv, metrics.json and the figures; the exit status."""
     metric = evaluate.load(str(METRIC_DIR))
     # The module evaluate imported the metric from: per-row distances come from the very function that scores them.
     geodesic = sys.modules[type(metric).__module__]
@@ -209,21 +264,6 @@ def run(args: argparse.Namespace) -> None:
         "radius_km": geodesic.EARTH_RADIUS_KM,
         "inclusive": True,
     }
-    model, image_processor = load_model(args.model, device)
-
-    start = time.perf_counter()
-    positions, images = benchmark.scorable()
-    answers: dict[int, list[dict]] = {}
-    image_errors: dict[int, str] = {}
-    records = geolocate_images(
-        model, image_processor, images, top_k=args.top_k, batch_size=args.batch_size, num_workers=args.num_workers
-    )
-    for record in tqdm(records, total=len(positions), desc=benchmark.name, unit="image"):
-        if record.error is None:
-            answers[positions[record.index]] = record.answers
-        else:
-            image_errors[positions[record.index]] = record.error
-    wall_time_s = time.perf_counter() - start
 
     evaluated = sorted(answers)
     truths = np.array([[benchmark.rows[i].latitude, benchmark.rows[i].longitude] for i in evaluated]).reshape(-1, 2)
@@ -260,7 +300,8 @@ def run(args: argparse.Namespace) -> None:
         **protocol,
         "num_candidate_countries": model.candidate_places.num_countries,
         "num_candidate_cities": model.candidate_places.num_cities,
-        "device": device,
+        "device": accelerator.device.type,
+        "num_processes": accelerator.num_processes,
         "batch_size": args.batch_size,
     }
     (args.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -274,10 +315,13 @@ def run(args: argparse.Namespace) -> None:
     print(json.dumps(results, indent=2))
     print(f"{len(evaluated)} of {len(benchmark.rows)} inputs scored; outputs in {args.output_dir}")
     if not evaluated:
-        raise SystemExit(
+        print(
             f"No input could be scored: all {len(benchmark.rows)} failed. The reason for each is in "
-            f"{args.output_dir / 'predictions.csv'}."
+            f"{args.output_dir / 'predictions.csv'}.",
+            file=sys.stderr,
         )
+        return EXIT_SOME_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -16,22 +16,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
-import datasets
-import pyarrow.compute as pc
 from transformers.utils import logging
 
 from modeling_streetclip.coordinates import CoordinateProblem, coordinate_problem
-from modeling_streetclip.dataset_sources import open_dataset
+from modeling_streetclip.dataset_sources import (
+    ID_COLUMNS,
+    EncodedImages,
+    find_column,
+    find_image_column,
+    open_dataset,
+    row_ids,
+)
 from modeling_streetclip.images import ImageInput
 
 
 logger = logging.get_logger(__name__)
 
-# Column names recognised without being named, compared case-insensitively, first match wins. IM2GPS and IM2GPS3K
-# metadata use IMG_ID, LAT, LON; other benchmarks write the names out.
-ID_COLUMNS = ("img_id", "image_id", "id", "key", "file_name", "filename")
+# Column names recognised without being named, compared case-insensitively, first match wins (ids and images by
+# those of `dataset_sources`). IM2GPS and IM2GPS3K metadata use IMG_ID, LAT, LON; other benchmarks write the names out.
 CSV_ID_COLUMNS = (*ID_COLUMNS, "image", "path")
-IMAGE_COLUMNS = ("image", "img", "photo", "jpg")
 LATITUDE_COLUMNS = ("lat", "latitude")
 LONGITUDE_COLUMNS = ("lon", "lng", "long", "longitude")
 # What metadata CSVs are read as unless told otherwise; a byte-order mark (spreadsheet exports start with one) is
@@ -76,26 +79,6 @@ class _Selection(Sequence):
 
     def __getitem__(self, index: int):
         return self.items[self.positions[index]]
-
-
-class _DatasetImages(Sequence):
-    """A dataset's image column as encoded bytes (or a path where it stores no bytes), so that decoding, and its
-    errors, happen in `load_rgb_image` inside the DataLoader workers rather than when the main process indexes."""
-
-    def __init__(self, dataset: datasets.Dataset, column: str):
-        self.column = column
-        self.encoded = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
-
-    def __len__(self) -> int:
-        return len(self.encoded)
-
-    def __getitem__(self, index: int) -> ImageInput:
-        image = self.encoded[index][self.column]
-        return image["bytes"] if image["bytes"] is not None else image["path"]
-
-    def paths(self) -> list[str | None]:
-        """The path or file name each image was stored under (None where none is), read without the bytes."""
-        return pc.struct_field(self.encoded.with_format("arrow")[self.column], "path").to_pylist()
 
 
 @dataclass(frozen=True)
@@ -241,20 +224,11 @@ def load_benchmark_dataset(
         dataset = dataset.select(range(min(limit, len(dataset))))
     source = f"dataset {data!r}" + (f" (split {split!r})" if split else "")
     available = dataset.column_names
-    image_column = find_column(available, columns.image, IMAGE_COLUMNS, "image", source)
-    if not isinstance(dataset.features[image_column], datasets.Image):
-        raise ValueError(
-            f"Column {image_column!r} of the {source} holds {dataset.features[image_column]!r}, not images; name the "
-            "image column, or cast it with `dataset.cast_column(column, datasets.Image())`."
-        )
+    image_column = find_image_column(dataset, columns.image, source)
     latitude_column = find_column(available, columns.latitude, LATITUDE_COLUMNS, "latitude", source)
     longitude_column = find_column(available, columns.longitude, LONGITUDE_COLUMNS, "longitude", source)
-    id_column = find_column(available, columns.id, ID_COLUMNS, "id", source, required=False)
-    images = _DatasetImages(dataset, image_column)
-    if id_column:
-        ids = [str(value) for value in dataset[id_column]]
-    else:
-        ids = _file_name_ids(images.paths(), Path(data)) or [str(row) for row in range(len(dataset))]
+    images = EncodedImages(dataset, image_column)
+    ids, _ = row_ids(dataset, images, columns.id, data, source)
     rows = [
         checked_row(row_id, latitude, longitude, latitude_column, longitude_column)
         for row_id, latitude, longitude in zip(ids, dataset[latitude_column], dataset[longitude_column], strict=True)
@@ -263,58 +237,6 @@ def load_benchmark_dataset(
     warn_if_columns_look_swapped(rows, source, latitude_column, longitude_column)
     name = Path(data).name if Path(data).exists() else data
     return Benchmark(name=name, rows=rows, images=images, split=split)
-
-
-def _file_name_ids(paths: list[str | None], folder: Path) -> list[str] | None:
-    """Ids from the images' stored paths: relative to `folder` for an image folder's files, else the file name;
-    None when an image has no path or two share one, since ids must tell every row apart."""
-    root = folder.resolve() if folder.is_dir() else None
-    ids = []
-    for path in paths:
-        if not path:
-            return None
-        stored = Path(path)
-        if root is not None and stored.is_absolute() and stored.resolve().is_relative_to(root):
-            ids.append(stored.resolve().relative_to(root).as_posix())
-        else:
-            ids.append(stored.name)
-    return ids if len(set(ids)) == len(ids) else None
-
-
-def find_column(
-    columns: Sequence[str], requested: str | None, usual: Sequence[str], role: str, source: str, required: bool = True
-) -> str | None:
-    """The column to read for `role`: the requested one, which must exist, else the first of its usual names.
-
-    A name that several columns share (`LAT` twice, or `LAT` and `lat` when found by its usual name) is refused: one
-    of them would be read and the other ignored without a word.
-    """
-    if requested is not None:
-        if requested not in columns:
-            raise ValueError(f"The {source} has no {role} column {requested!r}; its columns are {list(columns)}.")
-        _refuse_shared_name(columns, [requested], role, source)
-        return requested
-    for name in usual:
-        matches = [column for column in columns if column.lower() == name]
-        if matches:
-            _refuse_shared_name(columns, matches, role, source)
-            return matches[0]
-    if required:
-        raise ValueError(
-            f"The {source} has no {role} column under a usual name ({', '.join(usual)}); its columns are "
-            f"{list(columns)}. Name the {role} column."
-        )
-    return None
-
-
-def _refuse_shared_name(columns: Sequence[str], matches: Sequence[str], role: str, source: str) -> None:
-    positions = [position for position, column in enumerate(columns, start=1) if column in matches]
-    if len(positions) > 1:
-        names = ", ".join(f"{columns[position - 1]!r} (column {position})" for position in positions)
-        raise ValueError(
-            f"The {source} has {len(positions)} columns that could be its {role}: {names}. Rename or remove all but "
-            "one, or name the one to read."
-        )
 
 
 def checked_row(

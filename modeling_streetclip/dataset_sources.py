@@ -5,10 +5,16 @@ A source is a folder written by `save_to_disk` (a `Dataset` or a `DatasetDict`),
 An image folder's only split is `train`, whatever it holds, so a source with a single split is read whatever split
 was asked for. `datasets` comes with the `[train]` and `[eval]` extras, not with inference, so it is imported only
 when a data set is opened.
+
+The columns a reader needs (images, ids) are found here too, by the same names for the benchmark runner and for
+`streetclip locate --dataset`, and a dataset's images are handed out still encoded, to be decoded by
+`images.load_rgb_image` in whichever DataLoader worker uses them.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,8 +24,15 @@ from transformers.utils import logging
 if TYPE_CHECKING:
     import datasets
 
+    from .images import ImageInput
+
 
 logger = logging.get_logger(__name__)
+
+# Column names recognised without being named, compared case-insensitively, first match wins. IM2GPS and IM2GPS3K
+# metadata use IMG_ID; other benchmarks and collections write the names out.
+ID_COLUMNS = ("img_id", "image_id", "id", "key", "file_name", "filename")
+IMAGE_COLUMNS = ("image", "img", "photo", "jpg")
 
 
 def _import_datasets():
@@ -86,4 +99,127 @@ def open_dataset(
     return loaded, chosen
 
 
-__all__ = ["open_dataset"]
+def find_column(
+    columns: Sequence[str], requested: str | None, usual: Sequence[str], role: str, source: str, required: bool = True
+) -> str | None:
+    """The column to read for `role`: the requested one, which must exist, else the first of its usual names.
+
+    A name that several columns share (`LAT` twice, or `LAT` and `lat` when found by its usual name) is refused: one
+    of them would be read and the other ignored without a word.
+    """
+    if requested is not None:
+        if requested not in columns:
+            raise ValueError(f"The {source} has no {role} column {requested!r}; its columns are {list(columns)}.")
+        _refuse_shared_name(columns, [requested], role, source)
+        return requested
+    for name in usual:
+        matches = [column for column in columns if column.lower() == name]
+        if matches:
+            _refuse_shared_name(columns, matches, role, source)
+            return matches[0]
+    if required:
+        raise ValueError(
+            f"The {source} has no {role} column under a usual name ({', '.join(usual)}); its columns are "
+            f"{list(columns)}. Name the {role} column."
+        )
+    return None
+
+
+def _refuse_shared_name(columns: Sequence[str], matches: Sequence[str], role: str, source: str) -> None:
+    positions = [position for position, column in enumerate(columns, start=1) if column in matches]
+    if len(positions) > 1:
+        names = ", ".join(f"{columns[position - 1]!r} (column {position})" for position in positions)
+        raise ValueError(
+            f"The {source} has {len(positions)} columns that could be its {role}: {names}. Rename or remove all but "
+            "one, or name the one to read."
+        )
+
+
+def find_image_column(dataset: datasets.Dataset | datasets.IterableDataset, requested: str | None, source: str) -> str:
+    """The column of `dataset` holding its images (`requested`, else one of IMAGE_COLUMNS), which must be an
+    `Image` feature where the dataset declares its features (a streamed one may not)."""
+    datasets = _import_datasets()
+    column = find_column(dataset.column_names or [], requested, IMAGE_COLUMNS, "image", source)
+    feature = (dataset.features or {}).get(column)
+    if feature is not None and not isinstance(feature, datasets.Image):
+        raise ValueError(
+            f"Column {column!r} of the {source} holds {feature!r}, not images; name the image column, or cast it "
+            "with `dataset.cast_column(column, datasets.Image())`."
+        )
+    return column
+
+
+class EncodedImages(Sequence):
+    """A dataset's image column as encoded bytes (or a path where it stores no bytes), so that decoding, and its
+    errors, happen in `load_rgb_image` inside the DataLoader workers rather than when the main process indexes."""
+
+    def __init__(self, dataset: datasets.Dataset, column: str):
+        datasets = _import_datasets()
+        self.column = column
+        self.encoded = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, index: int) -> ImageInput:
+        return encoded_image(self.encoded[index][self.column])
+
+    def select(self, rows: Sequence[int]) -> EncodedImages:
+        """The images of `rows` only, in that order (`Dataset.select`: an index mapping, nothing is copied)."""
+        selected = copy.copy(self)
+        selected.encoded = self.encoded.select(rows)
+        return selected
+
+    def paths(self) -> list[str | None]:
+        """The path or file name each image was stored under (None where none is), read without the bytes."""
+        import pyarrow.compute as pc
+
+        return pc.struct_field(self.encoded.with_format("arrow")[self.column], "path").to_pylist()
+
+
+def encoded_image(value: dict) -> ImageInput:
+    """What `load_rgb_image` reads for one undecoded `Image` value: its bytes, or its path where it has no bytes."""
+    return value["bytes"] if value["bytes"] is not None else value["path"]
+
+
+def row_ids(
+    dataset: datasets.Dataset, images: EncodedImages, requested: str | None, data: str | Path, source: str
+) -> tuple[list[str], str | None]:
+    """An id per row, as text, and the column they come from (None where no column holds them).
+
+    Ids come from the `requested` column, else from a column with one of ID_COLUMNS' names; else from the images'
+    file names (relative to `data` when it is an image folder), when every image has its own; else they are row
+    numbers.
+    """
+    column = find_column(dataset.column_names, requested, ID_COLUMNS, "id", source, required=False)
+    if column is not None:
+        return [str(value) for value in dataset[column]], column
+    return file_name_ids(images.paths(), Path(data)) or [str(row) for row in range(len(dataset))], None
+
+
+def file_name_ids(paths: list[str | None], folder: Path) -> list[str] | None:
+    """Ids from the images' stored paths: relative to `folder` for an image folder's files, else the file name;
+    None when an image has no path or two share one, since ids must tell every row apart."""
+    root = folder.resolve() if folder.is_dir() else None
+    ids = []
+    for path in paths:
+        if not path:
+            return None
+        stored = Path(path)
+        if root is not None and stored.is_absolute() and stored.resolve().is_relative_to(root):
+            ids.append(stored.resolve().relative_to(root).as_posix())
+        else:
+            ids.append(stored.name)
+    return ids if len(set(ids)) == len(ids) else None
+
+
+__all__ = [
+    "ID_COLUMNS",
+    "IMAGE_COLUMNS",
+    "EncodedImages",
+    "encoded_image",
+    "find_column",
+    "find_image_column",
+    "open_dataset",
+    "row_ids",
+]

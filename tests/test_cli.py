@@ -321,7 +321,7 @@ def test_unknown_country_is_a_usage_error_that_lists_close_matches(capsys, tmp_p
         ("unknown model", "cannot load --model"),
         ("unreadable countries file", "cannot read --countries"),
         ("no inputs", "no inputs"),
-        ("unknown output extension", "use .jsonl (JSON Lines) or .csv"),
+        ("unknown output extension", "use .jsonl (JSON Lines), .csv or .parquet"),
         ("output without a record of its options", "record of the options that wrote it is missing"),
         ("overwrite without an output", "--overwrite needs --output"),
         ("group_by without a capture group", "has no capture group"),

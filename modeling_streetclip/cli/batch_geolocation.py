@@ -1,12 +1,15 @@
-"""Geolocate many image files: decoding in DataLoader workers, the model in batches, one result per input.
+"""Geolocate many image files: decoding in DataLoader workers, the model in batches, one result per input, on one
+process or many.
 
 A collection of photos always holds a few bad files; each one becomes an error record for that input while the rest
-of the run goes on. The CLI and the benchmark runner both stream their records from here.
+of the run goes on. The CLI and the benchmark runner both stream their records from here. Under `accelerate launch`
+or `torchrun`, Accelerate's sharded DataLoader hands each process every N-th batch and `gather_for_metrics` gives
+every process all N batches of each step, in input order, so callers see the same records as on one process.
 """
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,10 @@ from ..gazetteer import format_answers
 from ..images import ImageInput, ImageLoadError, load_rgb_image
 from ..modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
 from . import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS
+
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 @dataclass
@@ -63,12 +70,19 @@ def geolocate_images(
     batch_size: int = DEFAULT_BATCH_SIZE,
     num_workers: int = 0,
     return_embeddings: bool = False,
+    accelerator: "Accelerator | None" = None,
 ) -> Iterator[GeolocationRecord]:
     """Yield one `GeolocationRecord` per input, in input order, as soon as its batch is done.
 
     Answers have the pipeline's format (see `GeolocationPipeline`). `num_workers=0` decodes in this process, as a
     library call should unless asked; commands pass `DEFAULT_NUM_WORKERS`. `return_embeddings` keeps each image's
     normalised embedding, for callers that pool views of one place.
+
+    With an `accelerator` of several processes, every process must call this with the same `inputs`: each runs the
+    model on its share of the batches only (`Accelerator.prepare_data_loader`: batch i goes to process i mod N, the
+    last ones padded so that all have as many), and every process yields the records of all inputs, gathered batch
+    by batch with `gather_for_metrics`, which drops the padding. Batches are the ones a single process forms, so the
+    answers are the same.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -79,16 +93,41 @@ def geolocate_images(
         collate_fn=_collate,
         pin_memory=model.device.type == "cuda",
     )
-    for indices, pixel_values, errors in loader:
-        records = {index: GeolocationRecord(index, inputs[index], error=error) for index, error in errors.items()}
-        if pixel_values is not None:
-            outputs = model(pixel_values=pixel_values.to(device=model.device, dtype=model.dtype))
-            for position, (index, answers) in enumerate(
-                zip(indices, ranked_answers(model, outputs, top_k), strict=True)
-            ):
-                embeds = outputs.image_embeds[position].float().cpu() if return_embeddings else None
-                records[index] = GeolocationRecord(index, inputs[index], answers=answers, image_embeds=embeds)
-        yield from (records[index] for index in sorted(records))
+    if accelerator is None:
+        for batch in loader:
+            yield from _batch_records(model, inputs, batch, top_k, return_embeddings)
+        return
+    # The model's own device decides where pixels go (a quantized model stays on the CPU beside a GPU).
+    loader = accelerator.prepare_data_loader(loader, device_placement=False)
+    try:
+        for batch in loader:
+            # Inputs stay behind (a dataset's are encoded images): every process holds them already.
+            mine = [
+                replace(record, input=None)
+                for record in _batch_records(model, inputs, batch, top_k, return_embeddings)
+            ]
+            for record in accelerator.gather_for_metrics(mine, use_gather_object=True):
+                yield replace(record, input=inputs[record.index])
+    finally:
+        loader.end()  # a run stopped early (a failed write) must not leave the loader in Accelerate's shared state
+
+
+def _batch_records(
+    model: StreetCLIPForGeolocation,
+    inputs: Sequence[ImageInput],
+    batch: tuple[list[int], torch.Tensor | None, dict[int, str]],
+    top_k: int,
+    return_embeddings: bool,
+) -> list[GeolocationRecord]:
+    """The records of one collated batch, in input order: answers for the decoded images, errors for the others."""
+    indices, pixel_values, errors = batch
+    records = {index: GeolocationRecord(index, inputs[index], error=error) for index, error in errors.items()}
+    if pixel_values is not None:
+        outputs = model(pixel_values=pixel_values.to(device=model.device, dtype=model.dtype))
+        for position, (index, answers) in enumerate(zip(indices, ranked_answers(model, outputs, top_k), strict=True)):
+            embeds = outputs.image_embeds[position].float().cpu() if return_embeddings else None
+            records[index] = GeolocationRecord(index, inputs[index], answers=answers, image_embeds=embeds)
+    return [records[index] for index in sorted(records)]
 
 
 @torch.no_grad()

@@ -1,9 +1,11 @@
-"""The `streetclip` command: geolocate folders of photos from the shell.
+"""The `streetclip` command: geolocate folders of photos, or the images of a dataset, from the shell.
 
-`streetclip locate` runs `geolocate_images` over image files, folders, glob patterns or a list of paths on standard
-input, and streams one record per input (or per group of views of one place) to JSON Lines or CSV, resuming where a
-killed run stopped. This module parses arguments, expands inputs, pools grouped views and maps outcomes to exit
-codes; decoding and batching live in `batch_geolocation`, result files in `records`.
+`streetclip locate` runs `geolocate_images` over image files, folders, glob patterns, a list of paths on standard
+input or the image column of a `datasets` dataset, and streams one record per input (or per group of views of one
+place) to JSON Lines, CSV or Parquet, resuming where a killed run stopped. Under `accelerate launch` or `torchrun`
+the processes share the batches (see `batch_geolocation`) and the main process alone plans the run, holds the
+output and writes every record (see `distributed`). This module parses arguments, expands inputs, pools grouped
+views and maps outcomes to exit codes; decoding and batching live in `batch_geolocation`, result files in `records`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -24,10 +28,11 @@ from . import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS, EXIT_OK, EXIT_SOME_FAILED
 
 if TYPE_CHECKING:
     import torch
+    from accelerate import Accelerator
 
     from ..modeling_streetclip import StreetCLIPForGeolocation
     from .batch_geolocation import GeolocationRecord
-    from .records import RecordWriter
+    from .records import ParquetRecordWriter, RecordWriter
 
 
 # The standard library's logger: `transformers.utils.logging.get_logger` returns this same logger for a name outside
@@ -37,31 +42,47 @@ logger = logging.getLogger(__name__)
 # Weight precisions by name; torch is imported only once a command runs.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 QUANTIZATION_NAMES = ("int8",)
+# The split --dataset reads unless told: the only split of an image folder, and the usual one of a photo collection.
+DEFAULT_SPLIT = "train"
+# --streaming reads this many batches per process at a time on the main process, which hands them to the others:
+# enough to keep every process busy for a while, little enough to hold in memory (encoded images).
+STREAM_BLOCK_BATCHES = 16
+# The record field of a dataset row whose ids do not come from a column (file names, row numbers).
+DEFAULT_ID_FIELD = "id"
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Add the `locate` subcommand to the `streetclip` parser."""
     locate = commands.add_parser(
         "locate",
-        help="geolocate image files, folders or glob patterns; one record per input, resumable",
+        help="geolocate image files, folders, glob patterns or a dataset; one record per input, resumable",
         description=(
             "Geolocate photos: the best country among the candidates, then the best city of that country (StreetCLIP's "
             "hierarchical zero-shot probing). Images are decoded in DataLoader workers and the model runs in "
             "batches; a progress bar on standard error shows images/s. One record per input streams to --output as "
-            "soon as it is ready: its path and its top_k answers (country, country_code, city, latitude, longitude, "
-            "score, country_score) or an `error` field with the reason."
+            "soon as it is ready: its path (or dataset id) and its top_k answers (country, country_code, city, "
+            "latitude, longitude, score, country_score) or an `error` field with the reason. Runs unchanged on many "
+            "processes, GPUs or machines: `accelerate launch [--num_processes N] -m modeling_streetclip.cli locate "
+            "...` or `torchrun --nproc_per_node N -m modeling_streetclip.cli locate ...`; the processes share the "
+            "batches, the main process writes every record, shows one progress bar for all, and the answers are those "
+            "of one process."
         ),
         epilog=(
             'Output: JSON Lines ({"path": ..., "answers": [{...}, ...]} or {"path": ..., "error": ...}), or CSV with '
             "one row per input and rank-suffixed answer columns (path, country_1, country_code_1, city_1, "
             "latitude_1, longitude_1, score_1, country_score_1, country_2, ..., error). Paths are absolute. "
-            'With --group_by, records carry "group" and its member "paths" (a JSON list in CSV) instead of "path". '
-            "CSV cells that a spreadsheet would run as a formula (starting with = + - @) start with an apostrophe. "
+            'With --group_by, records carry "group" and its member "paths" (a JSON list in CSV) instead of "path"; '
+            "with --dataset, the row's id under the id column's name (or \"id\" for file names and row numbers). "
+            "Parquet (FILE.parquet): one row per input, answers as a list of structs, null where the error is; "
+            "it loads with datasets.load_dataset('parquet', data_files=FILE). CSV cells that a spreadsheet would run as a formula (starting with = + - @) start with an apostrophe. "
             "Resume: rerunning the same command with the same --output skips the inputs already recorded (failed "
             "ones included: delete their records to retry them); a run killed at any moment leaves only complete "
             "records. The options that shape answers (--model, --countries, --top_k, --group_by, --dtype, "
             "--quantize) are recorded in FILE.options.json; a rerun with others stops, naming them, and "
-            "--overwrite starts afresh. One run at a time writes a FILE. Exit status: 0 when every input was "
+            "--overwrite starts afresh. One run at a time writes a FILE; a run on several processes resumes what "
+            "a run on any number wrote, and a process killed at any moment stops the others with it (the launcher's "
+            "doing), leaving only complete records. A Parquet FILE is written in parts, in FILE.parts/, merged into "
+            "FILE when the run ends. Exit status, of every process: 0 when every input was "
             "geolocated, 1 when some failed (a summary line on standard error counts them), 2 on usage errors "
             "(unknown or broken model, unreadable countries file or folder, unknown country, no inputs, an output "
             "that is not a writable file, written with other options or by another run now, a write that failed, "
@@ -71,10 +92,36 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     locate.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         metavar="INPUTS",
         help="image files, folders (their files in formats Pillow reads) or glob patterns such as 'photos/*.jpg'; "
-        "'-' reads paths from standard input, one per line",
+        "'-' reads paths from standard input, one per line (or --dataset instead)",
+    )
+    locate.add_argument(
+        "--dataset",
+        metavar="NAME_OR_PATH",
+        help="geolocate the images of a datasets dataset instead of INPUTS: a Hub id, a folder written by "
+        "save_to_disk, or an image folder (needs the datasets package: pip install 'streetclip[eval]')",
+    )
+    locate.add_argument(
+        "--split",
+        default=DEFAULT_SPLIT,
+        help="the --dataset split to read; a dataset with one split is read whatever this says (default: %(default)s)",
+    )
+    locate.add_argument(
+        "--image_column", help="the --dataset column of images (default: image, img, photo or jpg, when present)"
+    )
+    locate.add_argument(
+        "--id_column",
+        help="the --dataset column whose values name each record, under the column's name (default: img_id, "
+        "image_id, id, key, file_name or filename when present; else the image file names when each has its own, "
+        'else the row numbers, under "id"; with --streaming, the row numbers)',
+    )
+    locate.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read the --dataset as it is used instead of downloading or loading it first; the main process "
+        "reads it and hands each block of rows to the others",
     )
     locate.add_argument(
         "--model",
@@ -104,7 +151,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--quantize",
         choices=QUANTIZATION_NAMES,
         help="int8: the vision tower with int8 weights and dynamic int8 activations, heads in float32; runs on the "
-        "CPU in float32 (--device auto then picks the CPU), about twice as fast there as float32",
+        "CPU in float32 (--device auto then picks the CPU), about 2.4x as fast as float32 there; on CPUs with AMX "
+        "(lscpu: amx_bf16) --dtype bfloat16 is faster still (see the README's speed table)",
     )
     locate.add_argument(
         "--workers",
@@ -118,7 +166,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--output",
         type=Path,
         metavar="FILE",
-        help="result file, FILE.jsonl (JSON Lines) or FILE.csv; appended to and resumed when it exists "
+        help="result file, FILE.jsonl (JSON Lines), FILE.csv or FILE.parquet; added to and resumed when it exists "
         "(default: JSON Lines on standard output, without resume)",
     )
     locate.add_argument(
@@ -336,17 +384,20 @@ def _views_by_group(
 
 
 def _record(
+    key_field: str,
     key: str,
-    members: list[str],
+    members: list,
     views: list[GeolocationRecord],
     grouped: bool,
     model: StreetCLIPForGeolocation,
     top_k: int,
 ) -> dict[str, Any]:
-    """The output record of one input (or, with `grouped`, of one place from all its views)."""
+    """The output record of one input (or, with `grouped`, of one place from all its views), keyed by `key_field`."""
     if not grouped:
         (view,) = views
-        return {"path": key, "answers": view.answers} if view.error is None else {"path": key, "error": view.error}
+        return (
+            {key_field: key, "answers": view.answers} if view.error is None else {key_field: key, "error": view.error}
+        )
     errors = [view.error for view in views if view.error is not None]
     if errors:
         return {"group": key, "paths": members, "error": "; ".join(errors)}
@@ -358,27 +409,162 @@ def _record(
     return {"group": key, "paths": members, "answers": pooled_answers(model, embeds, top_k)}
 
 
-def _locate_pending(
-    args: argparse.Namespace,
-    pending: list[tuple[str, list[str]]],
-    grouped: bool,
-    countries: list[str] | None,
-    writer: RecordWriter,
-) -> int:
-    """Load the model, geolocate the pending groups' views and write one record per group; the number that failed."""
-    import torch
-    from tqdm import tqdm
+@dataclass
+class _Plan:
+    """What the main process found to do, handed to every process: the field naming records, the pending work as
+    (key, members) pairs (member paths, or for a dataset the row number), and the counts for the summary."""
 
+    key_field: str
+    pending: list[tuple[str, list]]
+    total: int = 0  # inputs (or groups) named, pending or not; a stream counts as it goes
+    failed_before: int = 0  # of those recorded by an earlier run, the ones that failed
+
+
+@dataclass
+class _DatasetSource:
+    """A --dataset as every process opens it: its images still encoded, and the columns to read."""
+
+    dataset: Any  # datasets.Dataset, or an IterableDataset with --streaming
+    image_column: str
+    id_column: str | None
+    name: str
+
+
+def _open_dataset_source(args: argparse.Namespace) -> _DatasetSource:
+    """Open --dataset (on every process: each reads its own rows of a memory-mapped dataset) and find its columns."""
+    from ..dataset_sources import ID_COLUMNS, find_column, find_image_column, open_dataset
+
+    try:
+        dataset, split = open_dataset(args.dataset, args.split, streaming=args.streaming)
+        name = f"--dataset {args.dataset!r}" + (f" (split {split!r})" if split else "")
+        image_column = find_image_column(dataset, args.image_column, name)
+        columns = dataset.column_names or []
+        id_column = find_column(columns, args.id_column, ID_COLUMNS, "id", name, required=False)
+    except (OSError, ValueError, ImportError) as error:
+        raise UsageError(f"cannot read --dataset {args.dataset!r}: {error}") from None
+    key_field = id_column or DEFAULT_ID_FIELD
+    if key_field in ("answers", "error"):
+        raise UsageError(
+            f"the id column {key_field!r} of {name} has the name of a record field; rename it, or name another "
+            "column with --id_column."
+        )
+    return _DatasetSource(dataset, image_column, id_column, name)
+
+
+def _dataset_keys(source: _DatasetSource, args: argparse.Namespace) -> list[str]:
+    """The record key of every row of a (map-style) dataset, each once (see `dataset_sources.row_ids`)."""
+    from ..dataset_sources import EncodedImages, row_ids
+
+    ids, _ = row_ids(
+        source.dataset, EncodedImages(source.dataset, source.image_column), source.id_column, args.dataset, source.name
+    )
+    first_row: dict[str, int] = {}
+    for row, key in enumerate(ids):
+        if first_row.setdefault(key, row) != row:
+            raise UsageError(
+                f"{source.name} has the id {key!r} on rows {first_row[key]} and {row}; records are resumed by id, so "
+                "each must be unique. Name a unique column with --id_column."
+            )
+    return ids
+
+
+def _plan(
+    args: argparse.Namespace,
+    countries: list[str] | None,
+    source: _DatasetSource | None,
+    stack: ExitStack,
+) -> tuple[_Plan, RecordWriter | ParquetRecordWriter]:
+    """On the main process: the inputs, the output opened (locked, checked against the options that wrote it,
+    resumed; kept open by `stack`) and what is left to do."""
+    from .records import open_records
+
+    grouped = args.group_by is not None
+    if source is None:
+        paths = expand_inputs(args.inputs, args.recursive, sys.stdin)
+        if not paths:
+            raise UsageError(f"no inputs: {args.inputs} name no image file.")
+        groups = group_views(paths, _group_pattern(args.group_by)) if grouped else [(path, [path]) for path in paths]
+        key_field = "group" if grouped else "path"
+    else:
+        key_field = source.id_column or DEFAULT_ID_FIELD
+        groups = [] if args.streaming else [(key, [row]) for row, key in enumerate(_dataset_keys(source, args))]
+    options = answer_options(args, countries)
+    writer = stack.enter_context(open_records(args.output, grouped, args.top_k, options, args.overwrite, key_field))
+    pending = [(key, members) for key, members in groups if key not in writer.recorded]
+    failed_before = sum(not writer.recorded[key] for key, _ in groups if key in writer.recorded)
+    return _Plan(key_field, pending, len(groups), failed_before), writer
+
+
+def _stream_blocks(
+    source: _DatasetSource, recorded: dict[str, bool], plan: _Plan, rows_per_block: int
+) -> Iterator[list[tuple[str, Any]]]:
+    """On the main process: the rows of a streamed dataset not yet recorded, as blocks of (key, encoded image);
+    counts every row in `plan`. A key met twice is refused, since records are resumed by key."""
+    import datasets
+
+    from ..dataset_sources import encoded_image
+
+    stream = source.dataset.cast_column(source.image_column, datasets.Image(decode=False))
+    seen: set[str] = set()
+    block: list[tuple[str, Any]] = []
+    for row, example in enumerate(stream):
+        key = str(example[source.id_column]) if source.id_column else str(row)
+        if key in seen:
+            raise UsageError(
+                f"{source.name} has the id {key!r} twice (again on row {row}); records are resumed by id, so each "
+                "must be unique. Name a unique column with --id_column."
+            )
+        seen.add(key)
+        plan.total += 1
+        if key in recorded:
+            plan.failed_before += not recorded[key]
+            continue
+        block.append((key, encoded_image(example[source.image_column])))
+        if len(block) == rows_per_block:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def _load_on_every_process(
+    args: argparse.Namespace, accelerator: Accelerator, countries: list[str] | None, quantization: Any
+) -> tuple[StreetCLIPForGeolocation, Any]:
+    """The model and its image processor on this process's device; the main process loads first, so that a model
+    from the Hub is downloaded once, and a model that fails to load anywhere stops every process."""
+    import torch
+
+    from .distributed import on_every_process
+
+    device = "cpu" if quantization is not None else accelerator.device
+    if not accelerator.is_main_process:
+        # One set of loading bars is enough; the main process shows it.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    return on_every_process(
+        accelerator,
+        lambda: load_model(args.model, device, getattr(torch, args.dtype), countries, quantization),
+        main_process_first=True,
+    )
+
+
+def _geolocate(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    model_and_processor: tuple[StreetCLIPForGeolocation, Any],
+    key_field: str,
+    pending: list[tuple[str, list]],
+    views: Sequence,
+    writer: RecordWriter | ParquetRecordWriter | None,
+    progress: Any,
+) -> int:
+    """Geolocate the pending groups' views across the processes; the main process (which has the `writer`) writes
+    one record per group and advances the `progress` bar by its views. Returns how many records failed."""
     from .batch_geolocation import geolocate_images
 
-    quantization = quantization_config_for(args.quantize, args.device, args.dtype)
-    # A quantized model runs on the CPU (checked above), so auto picks it then.
-    use_cuda = torch.cuda.is_available() and quantization is None
-    device = args.device if args.device != "auto" else ("cuda" if use_cuda else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or auto.")
-    model, image_processor = load_model(args.model, device, getattr(torch, args.dtype), countries, quantization)
-    views = [path for _, members in pending for path in members]
+    model, image_processor = model_and_processor
+    grouped = args.group_by is not None
     records = geolocate_images(
         model,
         image_processor,
@@ -387,47 +573,121 @@ def _locate_pending(
         batch_size=args.batch_size,
         num_workers=args.workers,
         return_embeddings=grouped,
+        accelerator=accelerator,
     )
     failed = 0
-    with tqdm(total=len(views), unit="img", desc="streetclip locate", file=sys.stderr) as progress:
-        for key, members, group_records in _views_by_group(records, pending):
-            record = _record(key, members, group_records, grouped, model, args.top_k)
-            writer.write(record)
-            failed += "error" in record
-            progress.update(len(members))
+    for key, members, group_records in _views_by_group(records, pending):
+        if writer is None:
+            continue  # another process: it ran its share of the batches, and the main process records them
+        record = _record(key_field, key, members, group_records, grouped, model, args.top_k)
+        writer.write(record)
+        failed += "error" in record
+        progress.update(len(members))
     return failed
 
 
-def locate_command(args: argparse.Namespace) -> int:
-    """`streetclip locate`: geolocate every input not yet recorded in --output, then report and set the status."""
-    # Imported here, not at the top, so that `streetclip --help` answers without loading torch.
-    from .. import register_with_transformers
-    from .records import open_records
-
-    register_with_transformers()
-    grouped = args.group_by is not None
-    pattern = _group_pattern(args.group_by) if grouped else None
-    countries = read_countries(args.countries) if args.countries is not None else None
-    paths = expand_inputs(args.inputs, args.recursive, sys.stdin)
-    if not paths:
-        raise UsageError(f"no inputs: {args.inputs} name no image file.")
-    groups = group_views(paths, pattern) if grouped else [(path, [path]) for path in paths]
+def _check_invocation(args: argparse.Namespace) -> None:
+    """Refuse combinations of inputs and options that cannot run, before anything is read."""
+    if args.dataset is None and not args.inputs:
+        raise UsageError("no inputs: give image files, folders or patterns, or --dataset NAME_OR_PATH.")
+    if args.dataset is not None:
+        if args.inputs:
+            raise UsageError(f"give either INPUTS ({args.inputs}) or --dataset {args.dataset!r}, not both.")
+        for option in ("group_by", "recursive"):
+            if getattr(args, option):
+                raise UsageError(f"--{option} applies to file inputs; --dataset rows are answered one by one.")
+    elif args.streaming or args.image_column or args.id_column:
+        raise UsageError("--streaming, --image_column and --id_column apply to --dataset.")
     if args.overwrite and args.output is None:
         raise UsageError("--overwrite needs --output: standard output has nothing to overwrite.")
-    # Opened (locked, checked against the options that wrote it, resumed) before the model loads, so that an output
-    # this run cannot use stops it at once.
-    with open_records(args.output, grouped, args.top_k, answer_options(args, countries), args.overwrite) as writer:
-        pending = [(key, members) for key, members in groups if key not in writer.recorded]
-        failed = sum(not writer.recorded[key] for key, _ in groups if key in writer.recorded)
-        if pending:
-            failed += _locate_pending(args, pending, grouped, countries, writer)
 
-    noun = "groups" if grouped else "inputs"
-    summary = f"streetclip locate: {len(groups) - failed} of {len(groups)} {noun} geolocated"
+
+def locate_command(args: argparse.Namespace) -> int:
+    """`streetclip locate`: geolocate every input not yet recorded in --output, then report and set the status, on
+    one process or on every process a launcher started."""
+    # Imported here, not at the top, so that `streetclip --help` answers without loading torch.
+    from .. import register_with_transformers
+    from .distributed import make_accelerator, quiet_unless_main
+
+    register_with_transformers()
+    quantization = quantization_config_for(args.quantize, args.device, args.dtype)
+    accelerator = make_accelerator(args.device, cpu_only=quantization is not None)
+    return quiet_unless_main(accelerator, lambda: _locate(args, accelerator, quantization))
+
+
+def _locate(args: argparse.Namespace, accelerator: Accelerator, quantization: Any) -> int:
+    from tqdm import tqdm
+
+    from .distributed import on_every_process, on_main_process
+
+    _check_invocation(args)
+    if args.group_by is not None:
+        _group_pattern(args.group_by)
+    countries = read_countries(args.countries) if args.countries is not None else None
+    source = None
+    if args.dataset is not None:
+        source = on_every_process(accelerator, lambda: _open_dataset_source(args), main_process_first=True)
+    main = accelerator.is_main_process
+    with ExitStack() as stack:
+        writer = None
+
+        def plan_on_main() -> _Plan:
+            nonlocal writer
+            plan, writer = _plan(args, countries, source, stack)
+            return plan
+
+        # Planned (output opened, locked, checked, resumed) before the model loads, so that an output this run cannot
+        # use stops it at once.
+        plan = on_main_process(accelerator, plan_on_main)
+
+        def progress_bar(total: int | None) -> tqdm:
+            """One bar, on the main process, counting the images of every process."""
+            return stack.enter_context(
+                tqdm(total=total, unit="img", desc="streetclip locate", file=sys.stderr, disable=not main)
+            )
+
+        failed = processed = 0
+        if args.streaming:
+            rows_per_block = args.batch_size * accelerator.num_processes * STREAM_BLOCK_BATCHES
+            blocks = _stream_blocks(source, writer.recorded, plan, rows_per_block) if main else None
+            block = on_main_process(accelerator, lambda: next(blocks, None))
+            model = _load_on_every_process(args, accelerator, countries, quantization) if block else None
+            progress = progress_bar(None)  # a stream's length is unknown
+            while block:
+                pending = [(key, [row]) for row, (key, _) in enumerate(block)]
+                views = [image for _, image in block]
+                failed += _geolocate(args, accelerator, model, plan.key_field, pending, views, writer, progress)
+                processed += len(block)
+                block = on_main_process(accelerator, lambda: next(blocks, None))
+        elif plan.pending:
+            model = _load_on_every_process(args, accelerator, countries, quantization)
+            if source is None:
+                views = [path for _, members in plan.pending for path in members]
+            else:
+                from ..dataset_sources import EncodedImages
+
+                views = EncodedImages(source.dataset, source.image_column).select([row for _, (row,) in plan.pending])
+            progress = progress_bar(len(views))
+            failed = _geolocate(args, accelerator, model, plan.key_field, plan.pending, views, writer, progress)
+            processed = len(plan.pending)
+
+        def finish() -> int:
+            stack.close()  # the output's last records, and for Parquet the merge, before the summary counts them
+            return _summarize(args, plan, processed, failed)
+
+        return on_main_process(accelerator, finish)
+
+
+def _summarize(args: argparse.Namespace, plan: _Plan, processed: int, failed_now: int) -> int:
+    """Print the summary of the whole run (every process's inputs, and those recorded before) and return the exit
+    status."""
+    failed = plan.failed_before + failed_now
+    noun = "groups" if args.group_by is not None else "inputs"
+    summary = f"streetclip locate: {plan.total - failed} of {plan.total} {noun} geolocated"
     if failed:
         summary += f", {failed} failed (see the error field)"
-    if len(groups) > len(pending):
-        summary += f"; {len(groups) - len(pending)} were recorded by an earlier run"
+    if plan.total > processed:
+        summary += f"; {plan.total - processed} were recorded by an earlier run"
     print(summary, file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 

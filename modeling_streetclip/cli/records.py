@@ -1,4 +1,4 @@
-"""Result files of `streetclip locate`: JSON Lines or CSV, one complete record per line, resumable after a kill.
+"""Result files of `streetclip locate`: JSON Lines, CSV or Parquet, resumable after a kill.
 
 A record counts as written once its closing newline is. `open_records` takes an exclusive lock on the file (a second
 run on the same output stops at once), checks that the options which shape answers are those that wrote it, cuts off
@@ -7,13 +7,19 @@ rerun of the same command skips them and every input ends up in the file exactly
 whole (a short write is continued, a failed one is cut off again and stops the run), and fsyncs every
 FSYNC_INTERVAL_S.
 
-A record is a dict: `path` (or, for pooled views, `group` and its member `paths`), then either `answers` (the
-pipeline's dicts, best first) or `error`. CSV flattens the answers into rank-suffixed columns (`country_1`, `city_1`,
+A record is a dict: its key, `path` (or, for pooled views, `group` and its member `paths`; for the rows of a dataset,
+the id column, named as there), then either `answers` (the pipeline's dicts, best first) or `error`. CSV flattens the answers into rank-suffixed columns (`country_1`, `city_1`,
 ..., `country_2`, ...), one row per record, so that a row is a whole record and resuming never meets half an answer
 list. Text cells that a spreadsheet would take for a formula are written as text (see `spreadsheet_safe`).
 
 The options that wrote a file live beside it, in OUTPUT.options.json (a sidecar rather than a first record, so that
 every line of OUTPUT stays a record and every CSV reader sees a plain table).
+
+Parquet has no lines to append: a file is whole only once its footer is written. So a Parquet run writes its records
+as complete part files, one every FSYNC_INTERVAL_S (or PARQUET_PART_ROWS records), into the folder
+OUTPUT.parts/, which it holds the lock on; closing the writer merges OUTPUT and the parts into a new OUTPUT (each
+part a row group, renamed into place) and removes the folder. A killed run leaves its parts; the rerun reads their
+keys with those of OUTPUT, and merges them all when it ends. See `ParquetRecordWriter`.
 """
 
 import csv
@@ -21,6 +27,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import stat
 import sys
 import time
@@ -39,6 +46,9 @@ ANSWER_FIELDS = ("country", "country_code", "city", "latitude", "longitude", "sc
 # A record written to the file survives a killed process; fsync guards against a crashed machine too, at a cost
 # (milliseconds per call) that a million-record run cannot pay per record.
 FSYNC_INTERVAL_S = 10.0
+# A Parquet part is written at least every FSYNC_INTERVAL_S, and sooner after this many records: a row group of
+# 10,000 small records is a few hundred kB, large enough to read fast, small enough to hold in memory.
+PARQUET_PART_ROWS = 10_000
 # File names that are not valid UTF-8 reach Python as surrogate escapes; they round-trip as the bytes they are.
 _ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
 # First characters that make a spreadsheet evaluate a cell (OWASP, "CSV Injection"), and the apostrophe that
@@ -117,7 +127,8 @@ class _JsonLines:
             if not isinstance(record, dict) or self.key not in record:
                 raise ResultFileError(
                     f"{str(path)!r} line {number} has no {self.key!r} field: it was written by another kind of run "
-                    "(with or without --group_by). Write to a new --output file."
+                    "(with or without --group_by, from files or from a --dataset with another id column). Write to a "
+                    "new --output file."
                 )
             recorded[record[self.key]] = "error" not in record
         return recorded, lines.end
@@ -170,8 +181,9 @@ class _Csv:
                 raise ResultFileError(f"{str(path)!r} row {reader.line_num} is malformed CSV ({error}).") from None
             if reader.line_num == 1 and row != self.columns:
                 raise ResultFileError(
-                    f"{str(path)!r} has the columns {row}, but this run writes {self.columns} (the options --top_k "
-                    "and --group_by decide them). Rerun with the options that wrote it, or write to a new file."
+                    f"{str(path)!r} has the columns {row}, but this run writes {self.columns} (the options --top_k, "
+                    "--group_by and --dataset's id column decide them). Rerun with the options that wrote it, or write "
+                    "to a new file."
                 )
             if len(row) != len(self.columns):
                 raise ResultFileError(
@@ -184,16 +196,16 @@ class _Csv:
         return recorded, complete
 
 
-def _file_format(path: Path | None, grouped: bool, top_k: int) -> _JsonLines | _Csv:
-    """The format of an output file by its extension; standard output (`path=None`) gets JSON Lines."""
-    key = "group" if grouped else "path"
+def _file_format(path: Path | None, key: str, top_k: int) -> _JsonLines | _Csv:
+    """The line format of an output file by its extension; standard output (`path=None`) gets JSON Lines."""
     suffix = ".jsonl" if path is None else path.suffix.lower()
     if suffix == ".jsonl":
         return _JsonLines(key)
     if suffix == ".csv":
         return _Csv(key, top_k)
     raise ResultFileError(
-        f"Cannot tell the format of --output {str(path)!r} from its extension; use .jsonl (JSON Lines) or .csv."
+        f"Cannot tell the format of --output {str(path)!r} from its extension; use .jsonl (JSON Lines), .csv or "
+        ".parquet."
     )
 
 
@@ -332,31 +344,27 @@ def open_records(
     top_k: int,
     options: dict[str, Any] | None = None,
     overwrite: bool = False,
-) -> RecordWriter:
-    """A writer that appends to `path`, resuming what an earlier run with the same `options` wrote there; standard
+    key: str | None = None,
+) -> "RecordWriter | ParquetRecordWriter":
+    """A writer that adds to `path`, resuming what an earlier run with the same `options` wrote there; standard
     output (`path=None`) gets JSON Lines, without resume.
 
     Everything that could stop the run at the file is checked here, before a model loads: the extension, the folder,
     that `path` is a regular file this process may write, that no other run holds it, and that the options recorded
     beside it (see `options_path`) equal `options` (options whose value is None are left out, so that an option added
     later, with None meaning the earlier behaviour, keeps older files resumable). `overwrite` empties the file
-    instead. A new or emptied file starts with its options sidecar and the CSV header.
+    instead. A new or emptied file starts with its options sidecar and the CSV header. `key` names the field that
+    identifies a record: `path` by default, `group` when `grouped`, a dataset's id column for its rows.
     """
-    file_format = _file_format(path, grouped, top_k)
+    key = key or ("group" if grouped else "path")
+    if path is not None and path.suffix.lower() == ".parquet":
+        _check_output_path(path)
+        return ParquetRecordWriter.open(path, key, grouped, _recordable(options), overwrite)
+    file_format = _file_format(path, key, top_k)
     if path is None:
         return RecordWriter(file_format)
-    options = json.loads(json.dumps({name: value for name, value in (options or {}).items() if value is not None}))
-    if not path.parent.is_dir():
-        raise ResultFileError(f"The folder of --output {str(path)!r} does not exist.")
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        mode = None
-    if mode is not None and not stat.S_ISREG(mode):
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a device, pipe or socket)"
-        raise ResultFileError(
-            f"--output {str(path)!r} is {kind}; results need a regular file, new or written by this command."
-        )
+    options = _recordable(options)
+    _check_output_path(path)
     try:
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     except OSError as error:
@@ -388,6 +396,269 @@ def open_records(
     return writer
 
 
+def _recordable(options: dict[str, Any] | None) -> dict[str, Any]:
+    """`options` as the sidecar records them: without the None values, as JSON gives them back (tuples as lists)."""
+    return json.loads(json.dumps({name: value for name, value in (options or {}).items() if value is not None}))
+
+
+def _check_output_path(path: Path) -> None:
+    """Refuse an output whose folder is missing, or that exists and is not a regular file."""
+    if not path.parent.is_dir():
+        raise ResultFileError(f"The folder of --output {str(path)!r} does not exist.")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a device, pipe or socket)"
+        raise ResultFileError(
+            f"--output {str(path)!r} is {kind}; results need a regular file, new or written by this command."
+        )
+
+
+def _storable(text: str) -> str:
+    """`text` as Arrow can store it (valid UTF-8): the raw bytes of a file name that is not UTF-8, which reach
+    Python as surrogate escapes, are written as backslash escapes (\\xff); other text is unchanged."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class _StoredKeys(dict):
+    """{key: succeeded} as a Parquet file stores its keys; a key is looked up by its stored form (`_storable`)."""
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(_storable(key) if isinstance(key, str) else key)
+
+    def __getitem__(self, key: str) -> bool:
+        return super().__getitem__(_storable(key))
+
+
+def _import_parquet():
+    """pyarrow and its Parquet module, or a ResultFileError naming the extras that provide them."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as error:
+        raise ResultFileError(
+            f"Parquet output needs the `pyarrow` package ({error}); install it with `pip install pyarrow`, or with "
+            "the evaluation extra: `pip install 'streetclip[eval]'`. JSON Lines and CSV need nothing more."
+        ) from None
+    return pa, pq
+
+
+def parquet_schema(key: str, grouped: bool):
+    """The Parquet schema of `streetclip locate` records: the key, member `paths` for groups, `answers` as a list of
+    structs with ANSWER_FIELDS (null for a failed input) and `error` (null for a geolocated one)."""
+    pa, _ = _import_parquet()
+    answer = pa.struct(
+        [
+            (field, pa.string() if field in ("country", "country_code", "city") else pa.float64())
+            for field in ANSWER_FIELDS
+        ]
+    )
+    paths = [("paths", pa.list_(pa.string()))] if grouped else []
+    return pa.schema([(key, pa.string()), *paths, ("answers", pa.list_(answer)), ("error", pa.string())])
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ParquetRecordWriter:
+    """Writes records to a Parquet file through complete part files, merged into it by `close`.
+
+    Records gather in memory and go to OUTPUT.parts/part-NNNNNN.parquet (written as .tmp, then renamed, so that a
+    part is whole or absent) every FSYNC_INTERVAL_S or PARQUET_PART_ROWS records; a kill loses at most those
+    unwritten records, which the rerun does again. `close` merges OUTPUT and the parts into OUTPUT.parts/merged.tmp,
+    renames it over OUTPUT and removes the folder; a part left behind by a kill between those two steps holds only
+    keys that OUTPUT holds, and the next `open` deletes it. The lock is on the parts folder, which lives exactly as
+    long as a run. `recorded` holds the keys of OUTPUT and of the parts, as {key: succeeded}.
+    """
+
+    def __init__(self, path: Path, key: str, grouped: bool, lock_fd: int, parts: Path):
+        self.path = path
+        self.key = key
+        self.grouped = grouped
+        self.schema = parquet_schema(key, grouped)
+        self.lock_fd: int | None = lock_fd
+        self.parts = parts
+        self.name = f"--output {str(path)!r}"
+        self.recorded: dict[str, bool] = _StoredKeys()
+        self.rows: list[dict[str, Any]] = []
+        self.next_part = 0
+        self.last_flush = time.monotonic()
+        self.failed = False
+
+    @classmethod
+    def open(cls, path: Path, key: str, grouped: bool, options: dict[str, Any], overwrite: bool):
+        """Lock `path`'s parts folder, check the options and columns of what is there, and read its keys."""
+        _import_parquet()
+        parts = path.with_name(path.name + ".parts")
+        created = not parts.exists()
+        try:
+            parts.mkdir(exist_ok=True)
+            fd = os.open(parts, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as error:
+            raise ResultFileError(
+                f"cannot open --output {str(path)!r} for writing: {str(parts)!r}: {error.strerror or error}."
+            ) from None
+        try:
+            _lock(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            if not parts.is_dir() or os.stat(parts).st_ino != os.fstat(fd).st_ino:
+                raise ResultFileError(
+                    f"another run has just finished writing {str(path)!r}; rerun the command to resume it."
+                )
+            writer = cls(path, key, grouped, fd, parts)
+            if overwrite:
+                path.unlink(missing_ok=True)
+                for leftover in parts.iterdir():
+                    leftover.unlink()
+            for temporary in parts.glob("*.tmp"):
+                temporary.unlink()  # cut off by a kill while being written
+            if path.exists() or any(parts.glob("part-*.parquet")):
+                _check_options(path, options)
+                writer._read_recorded()
+            else:
+                _write_options(path, options)
+        except BaseException as error:
+            if created:
+                shutil.rmtree(parts, ignore_errors=True)  # a run refused at the start leaves nothing behind
+            os.close(fd)
+            if isinstance(error, OSError):
+                raise ResultFileError(f"cannot prepare --output {str(path)!r}: {error}.") from None
+            raise
+        return writer
+
+    def _read_keys(self, file: Path) -> dict[str, bool]:
+        """{key: succeeded} of one Parquet file this command wrote, after checking its columns."""
+        _, pq = _import_parquet()
+        try:
+            schema = pq.read_schema(file)
+            if not schema.equals(self.schema, check_metadata=False):
+                raise ResultFileError(
+                    f"{str(file)!r} has the columns {schema.names}, but this run writes {self.schema.names} (the "
+                    "options --group_by and --dataset's id column decide them). Rerun with the options that wrote "
+                    "it, or write to a new file."
+                )
+            table = pq.read_table(file, columns=[self.key, "error"])
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
+            if isinstance(error, ResultFileError):
+                raise
+            raise ResultFileError(
+                f"{str(file)!r} is not a Parquet file this command wrote ({error}). Write to a new --output file."
+            ) from None
+        keys = table.column(self.key).to_pylist()
+        return dict(zip(keys, (error is None for error in table.column("error").to_pylist()), strict=True))
+
+    def _read_recorded(self) -> None:
+        merged = self._read_keys(self.path) if self.path.exists() else {}
+        self.recorded.update(merged)
+        for part in sorted(self.parts.glob("part-*.parquet")):
+            keys = self._read_keys(part)
+            self.next_part = max(self.next_part, int(part.stem.removeprefix("part-")) + 1)
+            if keys and all(key in merged for key in keys):
+                part.unlink()  # merged into the file by a run killed before it removed its parts
+                continue
+            repeated = [key for key in keys if key in self.recorded]
+            if repeated:
+                raise ResultFileError(
+                    f"{str(part)!r} repeats {len(repeated)} record(s) that {str(self.path)!r} or another part holds "
+                    f"(e.g. {repeated[0]!r}); it was not written by this command's runs. Move it away to resume."
+                )
+            self.recorded.update(keys)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Add one record; it reaches the disk with the next part (see the class)."""
+        self.rows.append(record)
+        if len(self.rows) >= PARQUET_PART_ROWS or time.monotonic() - self.last_flush >= FSYNC_INTERVAL_S:
+            self.flush()
+
+    def _table(self, records: list[dict[str, Any]]):
+        pa, _ = _import_parquet()
+        columns: dict[str, list] = {self.key: [_storable(record[self.key]) for record in records]}
+        if self.grouped:
+            columns["paths"] = [[_storable(path) for path in record["paths"]] for record in records]
+        columns["answers"] = [
+            [{field: answer[field] for field in ANSWER_FIELDS} for answer in record["answers"]]
+            if "answers" in record
+            else None
+            for record in records
+        ]
+        columns["error"] = [_storable(record["error"]) if "error" in record else None for record in records]
+        return pa.Table.from_pydict(columns, schema=self.schema)
+
+    def flush(self) -> None:
+        """Write the records gathered so far as the next part file, whole or not at all."""
+        self.last_flush = time.monotonic()
+        if not self.rows:
+            return
+        _, pq = _import_parquet()
+        part = self.parts / f"part-{self.next_part:06d}.parquet"
+        temporary = part.with_name(part.name + ".tmp")
+        try:
+            pq.write_table(self._table(self.rows), temporary)
+            _fsync(temporary)
+            os.replace(temporary, part)
+        except OSError as error:
+            self.failed = True
+            temporary.unlink(missing_ok=True)
+            raise ResultFileError(
+                f"cannot write to {self.name}: {error.strerror or error}; the records written before are kept in "
+                f"{str(self.parts)!r}. Rerun the same command to resume once the cause is fixed."
+            ) from None
+        self.next_part += 1
+        self.rows = []
+
+    def _merge(self) -> None:
+        """Replace the file by one holding its row groups and then every part's, and remove the parts."""
+        _, pq = _import_parquet()
+        sources = ([self.path] if self.path.exists() else []) + sorted(self.parts.glob("part-*.parquet"))
+        if sources != [self.path]:
+            temporary = self.parts / "merged.tmp"
+            with pq.ParquetWriter(temporary, self.schema) as merged:
+                for source in sources:
+                    file = pq.ParquetFile(source)
+                    for group in range(file.num_row_groups):
+                        merged.write_table(file.read_row_group(group))
+            _fsync(temporary)
+            os.replace(temporary, self.path)
+            _fsync(self.path.parent)
+        shutil.rmtree(self.parts)
+
+    def close(self) -> None:
+        """Write the last records, merge everything into the file and release the lock; after a failed write, only
+        release it (the parts stay for the rerun)."""
+        if self.lock_fd is None:
+            return
+        try:
+            if not self.failed:
+                self.flush()
+                try:
+                    self._merge()
+                except OSError as error:
+                    raise ResultFileError(
+                        f"cannot write to {self.name}: {error.strerror or error}; the records are kept in "
+                        f"{str(self.parts)!r}. Rerun the same command to merge them once the cause is fixed."
+                    ) from None
+        finally:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    def __enter__(self) -> "ParquetRecordWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 def _lock(fd: int, path: Path) -> None:
     """Hold an exclusive lock on the open output until it is closed (the system drops it if the process dies)."""
     if fcntl is None:
@@ -402,9 +673,11 @@ def _lock(fd: int, path: Path) -> None:
 
 __all__ = [
     "ANSWER_FIELDS",
+    "ParquetRecordWriter",
     "RecordWriter",
     "ResultFileError",
     "open_records",
     "options_path",
+    "parquet_schema",
     "spreadsheet_safe",
 ]

@@ -1,0 +1,102 @@
+"""One command on one process or many: the Accelerate plumbing that `streetclip locate` and eval/benchmark.py share.
+
+Launched by `accelerate launch` or `torchrun`, every process runs the same command. Some steps belong to one process
+only (reading standard input, holding the output file, printing), some to all (loading the model); these helpers
+make sure that either way every process learns the outcome, so that an error stops all of them with one message
+from the main process instead of leaving the others waiting for it. The work itself is split in
+`batch_geolocation.geolocate_images`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, TypeVar
+
+from . import UsageError
+from .records import ResultFileError
+
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+T = TypeVar("T")
+# The errors a command reports in one line and exits 2 for; they cross between processes (they pickle).
+COMMAND_ERRORS = (UsageError, ResultFileError)
+
+
+def make_accelerator(device: str, cpu_only: bool = False) -> Accelerator:
+    """The `Accelerator` of this process, on `device` ("auto", "cpu" or "cuda"); `cpu_only` for a model that runs on
+    the CPU whatever the machine has (int8).
+
+    Without a GPU, "auto" asks Accelerate for the CPU explicitly: that is what makes a launcher's processes one
+    process group (over gloo) without `ACCELERATE_USE_CPU=1`, instead of N separate single-process runs.
+    """
+    import torch
+    from accelerate import Accelerator
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or auto.")
+    accelerator = Accelerator(cpu=cpu_only or device == "cpu" or not torch.cuda.is_available())
+    # Launchers say how many processes they started; a mismatch would have each run every input alone.
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise UsageError(
+            f"the launcher started {launched} processes, but Accelerate joined {accelerator.num_processes}; "
+            "check the launcher's settings (accelerate config) or run a single process."
+        )
+    return accelerator
+
+
+def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T:
+    """Run `work` on the main process only and return its result on every process.
+
+    A command error there (`COMMAND_ERRORS`) is raised on every process, so that none waits for a result that will
+    not come; the caller's main process reports it.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    outcome: list = [None, None]
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = work()
+        except COMMAND_ERRORS as error:
+            outcome[1] = error
+    broadcast_object_list(outcome)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
+def on_every_process(accelerator: Accelerator, work: Callable[[], T], main_process_first: bool = False) -> T:
+    """Run `work` on every process (on the main one first with `main_process_first`, e.g. to download a model once)
+    and return its result; if it fails with a command error on any process, raise the first such error on all."""
+    from accelerate.utils import gather_object
+
+    error = result = None
+    with accelerator.main_process_first() if main_process_first else nullcontext():
+        try:
+            result = work()
+        except COMMAND_ERRORS as caught:
+            error = caught
+    errors = [caught for caught in gather_object([error]) if caught is not None]
+    if errors:
+        raise errors[0]
+    return result
+
+
+def quiet_unless_main(accelerator: Accelerator, command: Callable[[], int]) -> int:
+    """Run `command` and return its status; a command error on a process other than the main one gives status 2
+    without a message, since the main process reports the same error (see `on_main_process`)."""
+    from . import EXIT_USAGE
+
+    try:
+        return command()
+    except COMMAND_ERRORS:
+        if accelerator.is_main_process:
+            raise
+        return EXIT_USAGE
+
+
+__all__ = ["COMMAND_ERRORS", "make_accelerator", "on_every_process", "on_main_process", "quiet_unless_main"]
