@@ -48,6 +48,7 @@ from modeling_streetclip.cli import (
 from modeling_streetclip.cli.batch_geolocation import geolocate_images
 from modeling_streetclip.cli.distributed import make_accelerator, on_every_process, on_main_process, quiet_unless_main
 from modeling_streetclip.cli.records import spreadsheet_safe
+from modeling_streetclip.configuration_streetclip import DECISIONS
 
 
 METRIC_DIR = Path(__file__).resolve().parent / "geodesic_accuracy"
@@ -65,9 +66,11 @@ PREDICTION_COLUMNS = [
     "distance_km",
     "predicted_country",
     "predicted_country_code",
+    "predicted_region",
     "predicted_city",
     "score",
     "country_score",
+    "joint_probability",
     "runner_ups",
     "error",
 ]
@@ -104,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int_at_least(1), help="score only the first N rows")
     parser.add_argument("--top_k", type=int_at_least(1), default=1, help="answers per image; the first is scored")
     parser.add_argument(
+        "--decision",
+        choices=DECISIONS,
+        default="greedy",
+        help="the rule that picks and orders the answers: greedy (the paper's), joint or expected_distance "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--batch_size",
         type=int_at_least(1),
         default=DEFAULT_BATCH_SIZE,
@@ -139,9 +149,11 @@ def prediction_line(
             "distance_km": distance_km,
             "predicted_country": best["country"],
             "predicted_country_code": best["country_code"],
+            "predicted_region": best.get("region"),  # a model with a region level only
             "predicted_city": best["city"],
             "score": best["score"],
             "country_score": best["country_score"],
+            "joint_probability": best["joint_probability"],
             "runner_ups": json.dumps(runner_ups, ensure_ascii=False) if runner_ups else None,
         }
     return {column: spreadsheet_safe(value) for column, value in line.items()}
@@ -230,6 +242,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> int:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         accelerator=accelerator,
+        decision=args.decision,
     )
     main = accelerator.is_main_process
     for record in tqdm(records, total=len(positions), desc=benchmark.name, unit="image", disable=not main):
@@ -297,8 +310,11 @@ def write_results(
         "num_unreadable_images": len(image_errors),
         "wall_time_s": round(wall_time_s, 3),
         "top_k": args.top_k,
+        "decision": args.decision,
         **protocol,
+        "levels": list(model.config.levels),
         "num_candidate_countries": model.candidate_places.num_countries,
+        "num_candidate_regions": model.candidate_places.num_regions,
         "num_candidate_cities": model.candidate_places.num_cities,
         "device": accelerator.device.type,
         "num_processes": accelerator.num_processes,

@@ -141,7 +141,7 @@ def test_scored_rows_hold_a_candidate_city_and_the_metric_modules_distance(scrip
         assert row["error"] == ""
         assert (float(row["true_latitude"]), float(row["true_longitude"])) == (float(latitude), float(longitude))
         assert row["predicted_country"] in SMALL_COUNTRIES and row["predicted_city"]
-        assert 0 < float(row["score"]) <= float(row["country_score"]) <= 1
+        assert 0 < float(row["joint_probability"]) <= float(row["country_score"]) <= 1
         expected = haversine_km(
             float(latitude), float(longitude), float(row["predicted_latitude"]), float(row["predicted_longitude"])
         )

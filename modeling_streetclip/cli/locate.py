@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 # Weight precisions by name; torch is imported only once a command runs.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 QUANTIZATION_NAMES = ("int8",)
+# The decision rules of `configuration_streetclip.DECISIONS`, named here so that `--help` need not import transformers.
+DECISION_NAMES = ("greedy", "joint", "expected_distance")
 # The split --dataset reads unless told: the only split of an image folder, and the usual one of a photo collection.
 DEFAULT_SPLIT = "train"
 # --streaming reads this many batches per process at a time on the main process, which hands them to the others:
@@ -61,7 +63,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "hierarchical zero-shot probing). Images are decoded in DataLoader workers and the model runs in "
             "batches; a progress bar on standard error shows images/s. One record per input streams to --output as "
             "soon as it is ready: its path (or dataset id) and its top_k answers (country, country_code, city, "
-            "latitude, longitude, score, country_score) or an `error` field with the reason. Runs unchanged on many "
+            "latitude, longitude, score, country_score, joint_probability; region and region_score for a model with a "
+            "region level), ordered by --decision, or an `error` field with the reason. Runs unchanged on many "
             "processes, GPUs or machines: `accelerate launch [--num_processes N] -m modeling_streetclip.cli locate "
             "...` or `torchrun --nproc_per_node N -m modeling_streetclip.cli locate ...`; the processes share the "
             "batches, the main process writes every record, shows one progress bar for all, and the answers are those "
@@ -70,14 +73,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         epilog=(
             'Output: JSON Lines ({"path": ..., "answers": [{...}, ...]} or {"path": ..., "error": ...}), or CSV with '
             "one row per input and rank-suffixed answer columns (path, country_1, country_code_1, city_1, "
-            "latitude_1, longitude_1, score_1, country_score_1, country_2, ..., error). Paths are absolute. "
+            "latitude_1, longitude_1, score_1, country_score_1, joint_probability_1, with region_1 and "
+            "region_score_1 empty for a model without a region level, country_2, ..., error). Paths are absolute. "
             'With --group_by, records carry "group" and its member "paths" (a JSON list in CSV) instead of "path"; '
             "with --dataset, the row's id under the id column's name (or \"id\" for file names and row numbers). "
             "Parquet (FILE.parquet): one row per input, answers as a list of structs, null where the error is; "
             "it loads with datasets.load_dataset('parquet', data_files=FILE). CSV cells that a spreadsheet would run as a formula (starting with = + - @) start with an apostrophe. "
             "Resume: rerunning the same command with the same --output skips the inputs already recorded (failed "
             "ones included: delete their records to retry them); a run killed at any moment leaves only complete "
-            "records. The options that shape answers (--model, --countries, --top_k, --group_by, --dtype, "
+            "records. The options that shape answers (--model, --countries, --top_k, --decision, --group_by, --dtype, "
             "--quantize) are recorded in FILE.options.json; a rerun with others stops, naming them, and "
             "--overwrite starts afresh. One run at a time writes a FILE; a run on several processes resumes what "
             "a run on any number wrote, and a process killed at any moment stops the others with it (the launcher's "
@@ -130,7 +134,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "(loaded without its text tower) (default: %(default)s)",
     )
     locate.add_argument(
-        "--top_k", type=int_at_least(1), default=1, help="answers per input, best first (default: %(default)s)"
+        "--top_k",
+        type=int_at_least(1),
+        default=1,
+        help="answers per input, in --decision's order (default: %(default)s)",
+    )
+    locate.add_argument(
+        "--decision",
+        choices=DECISION_NAMES,
+        default="greedy",
+        help="how answers are chosen and ordered: greedy (the paper's: countries by p(country), then cities by "
+        "p(city | country), score = p(city | country)), joint (by joint probability, the score) or "
+        "expected_distance (by the expected distance in km to the true place under the joint posterior, the score, "
+        "smallest first) (default: %(default)s)",
     )
     locate.add_argument(
         "--batch_size",
@@ -369,6 +385,8 @@ def answer_options(args: argparse.Namespace, countries: list[str] | None) -> dic
         "model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
         "countries": countries,
         "top_k": args.top_k,
+        # The paper's rule is what files written before --decision hold.
+        "decision": None if args.decision == "greedy" else args.decision,
         "group_by": args.group_by,
         "dtype": args.dtype,
         "quantize": args.quantize,
@@ -391,6 +409,7 @@ def _record(
     grouped: bool,
     model: StreetCLIPForGeolocation,
     top_k: int,
+    decision: str,
 ) -> dict[str, Any]:
     """The output record of one input (or, with `grouped`, of one place from all its views), keyed by `key_field`."""
     if not grouped:
@@ -406,7 +425,7 @@ def _record(
     from .batch_geolocation import pooled_answers
 
     embeds = torch.stack([view.image_embeds for view in views])
-    return {"group": key, "paths": members, "answers": pooled_answers(model, embeds, top_k)}
+    return {"group": key, "paths": members, "answers": pooled_answers(model, embeds, top_k, decision)}
 
 
 @dataclass
@@ -574,12 +593,13 @@ def _geolocate(
         num_workers=args.workers,
         return_embeddings=grouped,
         accelerator=accelerator,
+        decision=args.decision,
     )
     failed = 0
     for key, members, group_records in _views_by_group(records, pending):
         if writer is None:
             continue  # another process: it ran its share of the batches, and the main process records them
-        record = _record(key_field, key, members, group_records, grouped, model, args.top_k)
+        record = _record(key_field, key, members, group_records, grouped, model, args.top_k, args.decision)
         writer.write(record)
         failed += "error" in record
         progress.update(len(members))

@@ -42,7 +42,20 @@ except ImportError:  # Windows: runs on one output are not locked against each o
     fcntl = None
 
 # The answer fields of the pipeline contract (see `GeolocationPipeline`), in CSV column order.
-ANSWER_FIELDS = ("country", "country_code", "city", "latitude", "longitude", "score", "country_score")
+ANSWER_FIELDS = (
+    "country",
+    "country_code",
+    "region",
+    "city",
+    "latitude",
+    "longitude",
+    "score",
+    "country_score",
+    "region_score",
+    "joint_probability",
+)
+# The answer fields only a model with a region level gives; other answers leave them empty (CSV) or null (Parquet).
+REGION_FIELDS = ("region", "region_score")
 # A record written to the file survives a killed process; fsync guards against a crashed machine too, at a cost
 # (milliseconds per call) that a million-record run cannot pay per record.
 FSYNC_INTERVAL_S = 10.0
@@ -161,8 +174,8 @@ class _Csv:
         values = [record[self.key]] + ([json.dumps(record["paths"])] if self.key == "group" else [])
         answers = record.get("answers", [])
         for rank in range(self.top_k):
-            answer = answers[rank] if rank < len(answers) else dict.fromkeys(ANSWER_FIELDS, "")
-            values += [answer[field] for field in ANSWER_FIELDS]
+            answer = answers[rank] if rank < len(answers) else {}
+            values += [answer.get(field, "") for field in ANSWER_FIELDS]
         values.append(record.get("error", ""))
         return self._row(values)
 
@@ -451,7 +464,7 @@ def parquet_schema(key: str, grouped: bool):
     pa, _ = _import_parquet()
     answer = pa.struct(
         [
-            (field, pa.string() if field in ("country", "country_code", "city") else pa.float64())
+            (field, pa.string() if field in ("country", "country_code", "region", "city") else pa.float64())
             for field in ANSWER_FIELDS
         ]
     )
@@ -587,7 +600,7 @@ class ParquetRecordWriter:
         if self.grouped:
             columns["paths"] = [[_storable(path) for path in record["paths"]] for record in records]
         columns["answers"] = [
-            [{field: answer[field] for field in ANSWER_FIELDS} for answer in record["answers"]]
+            [{field: answer.get(field) for field in ANSWER_FIELDS} for answer in record["answers"]]
             if "answers" in record
             else None
             for record in records
@@ -673,6 +686,7 @@ def _lock(fd: int, path: Path) -> None:
 
 __all__ = [
     "ANSWER_FIELDS",
+    "REGION_FIELDS",
     "ParquetRecordWriter",
     "RecordWriter",
     "ResultFileError",

@@ -1,0 +1,193 @@
+"""The ceiling of a candidate table: the best accuracy any model could reach when it can only answer with a city.
+
+StreetCLIP answers with one of its candidate cities, so a photo whose nearest candidate lies 300 km away can never be
+placed within 200 km. For a candidate configuration (the settings of `StreetCLIPConfig`) and the true coordinates of
+a benchmark, this prints the share of images whose nearest candidate lies within 1, 25, 200, 750 and 2500 km, and the
+number of prompts the configuration costs. Distances come from the `geodesic_accuracy` metric, which scores the
+nearest candidates as if a model had predicted them.
+
+Usage, from the repository root:
+
+    python eval/candidate_ceiling.py --data ../shared/data/reference-predictions/im2gps3k__ISNs_M-fstar-S3.csv
+    python eval/candidate_ceiling.py --data im2gps.csv --data im2gps3k.csv --recommended
+    python eval/candidate_ceiling.py --data im2gps3k.csv --city_allocation sqrt_population --city_budget 5000 \\
+        --city_merge_radius_km 15
+
+A data file is a CSV with latitude and longitude columns (`gt_lat`/`gt_long` of the ISNs reference predictions,
+`LAT`/`LON` of IM2GPS metadata, or named with --latitude_column and --longitude_column). Reading stops at the first
+row whose coordinates are not numbers, since the reference predictions end with a summary block.
+"""
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import evaluate
+import numpy as np
+from benchmark_data import LATITUDE_COLUMNS, LONGITUDE_COLUMNS, read_csv_records
+from huggingface_hub.errors import StrictDataclassError
+
+from modeling_streetclip import CandidatePlaces, StreetCLIPConfig, read_country_list
+from modeling_streetclip.cli import EXIT_USAGE, UsageError, int_at_least
+from modeling_streetclip.configuration_streetclip import (
+    CITY_ALLOCATIONS,
+    RECOMMENDED_CANDIDATE_SETTINGS,
+    REGION_LEVELS,
+)
+from modeling_streetclip.coordinates import coordinate_problem
+from modeling_streetclip.dataset_sources import find_column
+
+
+METRIC_DIR = Path(__file__).resolve().parent / "geodesic_accuracy"
+# The ISNs reference predictions name the truth gt_lat and gt_long; metadata files use the benchmark runner's names.
+TRUTH_LATITUDE_COLUMNS = ("gt_lat", *LATITUDE_COLUMNS)
+TRUTH_LONGITUDE_COLUMNS = ("gt_long", "gt_lon", *LONGITUDE_COLUMNS)
+# Candidates compared with the truths at once: bounds the distance matrix to a few tens of MB.
+CANDIDATE_CHUNK = 2048
+
+
+@dataclass
+class Truths:
+    """The true coordinates of one benchmark file, as an (n, 2) array of [lat, lon], and where reading stopped."""
+
+    name: str
+    points: np.ndarray
+    stopped_at: str | None = None
+
+
+def read_truths(path: Path, latitude_column: str | None = None, longitude_column: str | None = None) -> Truths:
+    """The true coordinates of a CSV, up to its first row whose coordinates are not numbers (a summary block).
+
+    A row whose numbers are not a point on Earth (a latitude beyond ±90°, columns that look swapped) is refused,
+    naming its line: it would silently move the ceiling.
+    """
+    source = f"data file {str(path)!r}"
+    header, records = read_csv_records(path)
+    latitude_name = find_column(header, latitude_column, TRUTH_LATITUDE_COLUMNS, "latitude", source)
+    longitude_name = find_column(header, longitude_column, TRUTH_LONGITUDE_COLUMNS, "longitude", source)
+    positions = (header.index(latitude_name), header.index(longitude_name))
+    points, stopped_at = [], None
+    for line, fields in records:
+        try:
+            latitude, longitude = (float(fields[index]) for index in positions)
+        except (ValueError, IndexError):
+            stopped_at = f"line {line}"
+            break
+        problem = coordinate_problem(latitude, longitude)
+        if problem is not None:
+            described = problem.describe(latitude, longitude, repr(latitude_name), repr(longitude_name))
+            raise ValueError(f"The {source}, line {line}: {described}.")
+        points.append((latitude, longitude))
+    if not points:
+        raise ValueError(f"The {source} has no row of coordinates in {latitude_name!r} and {longitude_name!r}.")
+    return Truths(path.stem, np.array(points), stopped_at)
+
+
+def nearest_candidates(places: CandidatePlaces, points: np.ndarray, geodesic) -> np.ndarray:
+    """For each [lat, lon] of `points`, the coordinates of its nearest candidate city, by the metric's distance."""
+    candidates = np.column_stack([places.city_latitudes, places.city_longitudes])
+    best_km = np.full(len(points), np.inf)
+    best = np.zeros_like(points)
+    for start in range(0, len(candidates), CANDIDATE_CHUNK):
+        chunk = candidates[start : start + CANDIDATE_CHUNK]
+        distances = geodesic.haversine_km(points[:, :1], points[:, 1:], chunk[None, :, 0], chunk[None, :, 1])
+        nearest = distances.argmin(axis=1)
+        closer = distances[np.arange(len(points)), nearest] < best_km
+        best_km[closer] = distances[closer, nearest[closer]]
+        best[closer] = chunk[nearest[closer]]
+    return best
+
+
+def ceiling(places: CandidatePlaces, truths: np.ndarray, metric) -> dict:
+    """The metric's result (`acc_1km` ... `acc_2500km`, `median_km`, ...) for a model that always answered with the
+    candidate nearest to the truth: the best any model with these candidates can score."""
+    geodesic = sys.modules[type(metric).__module__]
+    return metric.compute(predictions=nearest_candidates(places, truths, geodesic), references=truths)
+
+
+def prompt_counts(places: CandidatePlaces) -> dict[str, int]:
+    """How many prompts a table costs at each level (one template per level), and in all."""
+    counts = {"countries": places.num_countries, "regions": places.num_regions, "cities": places.num_cities}
+    return counts | {"prompts": sum(counts.values())}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--data", required=True, action="append", type=Path, help="CSV of true coordinates; repeat for several"
+    )
+    parser.add_argument("--latitude_column", help="column of true latitudes (default: gt_lat, LAT, lat or latitude)")
+    parser.add_argument("--longitude_column", help="column of true longitudes (default: gt_long, LON, lon, ...)")
+    candidates = parser.add_argument_group(
+        "candidates", "the StreetCLIPConfig settings of the table (defaults: the paper's, or --recommended's)"
+    )
+    candidates.add_argument(
+        "--recommended",
+        action="store_true",
+        help=f"start from the recommended table {RECOMMENDED_CANDIDATE_SETTINGS}; the options below override it",
+    )
+    candidates.add_argument("--countries", type=Path, metavar="FILE", help="candidate countries, one per line")
+    candidates.add_argument("--levels", nargs="+", choices=REGION_LEVELS, help="e.g. country region city")
+    candidates.add_argument("--city_allocation", choices=CITY_ALLOCATIONS)
+    candidates.add_argument("--cities_per_country", type=int_at_least(1))
+    candidates.add_argument("--city_budget", type=int_at_least(1))
+    candidates.add_argument("--min_city_population", type=int_at_least(0))
+    candidates.add_argument("--city_merge_radius_km", type=float)
+    return parser
+
+
+def candidate_settings(args: argparse.Namespace) -> dict:
+    """The StreetCLIPConfig settings the options name: --recommended's or the paper's, then the explicit ones."""
+    settings = dict(RECOMMENDED_CANDIDATE_SETTINGS) if args.recommended else {}
+    for name in ("levels", "city_allocation", "cities_per_country", "city_budget", "min_city_population"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    if args.city_merge_radius_km is not None:
+        settings["city_merge_radius_km"] = args.city_merge_radius_km
+    if args.countries is not None:
+        settings["candidate_countries"] = read_country_list(args.countries)
+    return settings
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Build the table, score its ceiling on every data file, print a Markdown table and return its rows."""
+    try:
+        truths = [read_truths(path, args.latitude_column, args.longitude_column) for path in args.data]
+        settings = candidate_settings(args)
+        places = CandidatePlaces.from_config(StreetCLIPConfig(**settings))
+    # A setting the configuration refuses (levels out of order, say) comes as its StrictDataclassError.
+    except (OSError, ValueError, ImportError, StrictDataclassError) as error:
+        raise UsageError(str(error)) from None
+    metric = evaluate.load(str(METRIC_DIR))
+    counts = prompt_counts(places)
+    print(f"candidates: {settings or 'the paper table'}; " + ", ".join(f"{n} {level}" for level, n in counts.items()))
+    print("| data | images | city prompts | prompts | ceiling at 1 / 25 / 200 / 750 / 2500 km (%) |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for truth in truths:
+        result = ceiling(places, truth.points, metric)
+        accuracies = [100 * result[f"acc_{threshold}km"] for threshold in (1, 25, 200, 750, 2500)]
+        print(
+            f"| {truth.name} | {len(truth.points)} | {counts['cities']:,} | {counts['prompts']:,} | "
+            + " / ".join(f"{accuracy:.1f}" for accuracy in accuracies)
+            + " |"
+        )
+        if truth.stopped_at:
+            print(f"  ({truth.name}: stopped at {truth.stopped_at}, the first row without numeric coordinates)")
+        rows.append({"data": truth.name, "n": len(truth.points), **counts, **result})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except UsageError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+if __name__ == "__main__":
+    main()

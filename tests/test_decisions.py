@@ -1,0 +1,363 @@
+"""Decision rules (greedy, joint, expected distance) against brute-force references, and prompt ensembles."""
+
+import math
+import sys
+from pathlib import Path
+
+import evaluate
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer, CLIPModel
+
+from modeling_streetclip import (
+    CandidatePlaces,
+    GeolocationOutput,
+    RankedPlaces,
+    StreetCLIPForGeolocation,
+    StreetCLIPProcessor,
+)
+from modeling_streetclip.configuration_streetclip import DECISIONS, REGION_LEVELS
+from modeling_streetclip.modeling_streetclip import expected_distances_km
+from modeling_streetclip.testing_utils import SMALL_COUNTRIES, TINY_IMAGE_SIZE, save_streetclip_folder
+
+
+@pytest.fixture(scope="module")
+def haversine_km():
+    """The metric's own distance, as the references measure with."""
+    metric = evaluate.load(str(Path(__file__).resolve().parents[1] / "eval" / "geodesic_accuracy"))
+    return sys.modules[type(metric).__module__].haversine_km
+
+
+@pytest.fixture(scope="module")
+def region_dir(tiny_clip_dir, tmp_path_factory) -> Path:
+    """A saved folder with the region level: SMALL_COUNTRIES, 8 cities each, grouped by GeoNames region."""
+    return save_streetclip_folder(
+        tiny_clip_dir,
+        tmp_path_factory.mktemp("region-streetclip"),
+        candidate_countries=SMALL_COUNTRIES,
+        cities_per_country=8,
+        levels=list(REGION_LEVELS),
+    )
+
+
+@pytest.fixture(params=["two_levels", "region_level"])
+def model(request, small_streetclip_dir, region_dir) -> StreetCLIPForGeolocation:
+    folder = small_streetclip_dir if request.param == "two_levels" else region_dir
+    return StreetCLIPForGeolocation.from_pretrained(folder, vision_only=True)
+
+
+@pytest.fixture(scope="module")
+def pixel_values() -> torch.Tensor:
+    return torch.randn(6, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+
+
+def brute_force(model: StreetCLIPForGeolocation, image_embeds: torch.Tensor, haversine_km) -> list[dict]:
+    """For each image, every city's probabilities and its order under each rule, computed city by city from the
+    heads, without any of the model's search."""
+    places = model.candidate_places
+    results = []
+    for embed in image_embeds:
+        country_logits = model.country_head.weight @ embed
+        city_logits = model.city_head.weight @ embed
+        region_logits = model.region_head.weight @ embed if places.has_regions else None
+        cities = []
+        for row in range(places.num_cities):
+            country = places.city_countries[row]
+            p_country = country_logits.softmax(-1)[country].item()
+            if places.has_regions:
+                region = places.city_regions[row]
+                siblings = places.regions_by_country[country]
+                p_region = region_logits[siblings].softmax(-1)[siblings.index(region)].item()
+                parent_cities = places.cities_by_region[region]
+                region_key = (-region_logits[region].item(), siblings.index(region))
+            else:
+                p_region, parent_cities, region_key = 1.0, places.cities_by_country[country], ()
+            p_city = city_logits[parent_cities].softmax(-1)[parent_cities.index(row)].item()
+            position = places.cities_by_country[country].index(row)
+            cities.append(
+                {
+                    "row": row,
+                    "country": p_country,
+                    "region": p_region,
+                    "city": p_city,
+                    "joint": p_country * p_region * p_city,
+                    "greedy_key": (
+                        -country_logits[country].item(),
+                        country,
+                        *region_key,
+                        -city_logits[row].item(),
+                        position,
+                    ),
+                }
+            )
+        by_joint = sorted(cities, key=lambda city: -city["joint"])
+        pool = by_joint[: min(model.config.expected_distance_candidates, len(cities))]
+        total = sum(city["joint"] for city in pool)
+        for candidate in pool:
+            # The O(n^2) definition: the posterior-weighted distance from this candidate to every candidate.
+            candidate["expected_km"] = sum(
+                other["joint"]
+                / total
+                * float(
+                    haversine_km(
+                        places.city_latitudes[candidate["row"]],
+                        places.city_longitudes[candidate["row"]],
+                        places.city_latitudes[other["row"]],
+                        places.city_longitudes[other["row"]],
+                    )
+                )
+                for other in pool
+            )
+        results.append(
+            {
+                "greedy": sorted(cities, key=lambda city: city["greedy_key"]),
+                "joint": by_joint,
+                "expected_distance": sorted(pool, key=lambda city: city["expected_km"]),
+            }
+        )
+    return results
+
+
+SCORE_OF = {"greedy": "city", "joint": "joint", "expected_distance": "expected_km"}
+
+
+@pytest.mark.parametrize("top_k", [1, 3, None])
+@pytest.mark.parametrize("decision", DECISIONS)
+def test_each_rule_matches_a_brute_force_reference(model, pixel_values, decision, top_k, haversine_km):
+    outputs = model(pixel_values)
+    references = brute_force(model, outputs.image_embeds, haversine_km)
+    # None: every answer the rule ranks (all cities; the posterior's candidates for expected distance).
+    top_k = top_k or len(references[0][decision])
+    ranked = model.rank_places(outputs, top_k=top_k, decision=decision)
+    assert isinstance(ranked, RankedPlaces)
+    for image, reference in enumerate(references):
+        expected = reference[decision][:top_k]
+        assert ranked.city_rows[image].tolist() == [city["row"] for city in expected]
+        for field, key in (
+            ("scores", SCORE_OF[decision]),
+            ("country_scores", "country"),
+            ("region_scores", "region"),
+            ("joint_probabilities", "joint"),
+        ):
+            torch.testing.assert_close(
+                getattr(ranked, field)[image].double(),
+                torch.tensor([city[key] for city in expected], dtype=torch.float64),
+                rtol=1e-4,
+                atol=1e-6,
+                msg=f"{decision}: {field} of image {image}",
+            )
+
+
+@pytest.mark.parametrize("decision", DECISIONS)
+def test_answers_are_monotone_in_the_rules_criterion(model, decision):
+    pixel_values = torch.randn(16, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(2))
+    ranked = model.rank_places(model(pixel_values), top_k=12, decision=decision)
+    places = model.candidate_places
+    for image in range(len(pixel_values)):
+        scores = ranked.scores[image].tolist()
+        if decision == "greedy":
+            # Countries by p(country); inside one, regions by p(region | country), then cities by p(city | ...).
+            keys = [
+                (country, places.city_regions[row] if places.has_regions else 0, region, score)
+                for row, country, region, score in zip(
+                    ranked.city_rows[image].tolist(),
+                    ranked.country_scores[image].tolist(),
+                    ranked.region_scores[image].tolist(),
+                    scores,
+                    strict=True,
+                )
+            ]
+            countries = [key[0] for key in keys]
+            assert countries == sorted(countries, reverse=True)
+            for before, after in zip(keys, keys[1:], strict=False):
+                if before[0] == after[0]:
+                    assert before[2] >= after[2]
+                    if before[1] == after[1]:
+                        assert before[3] >= after[3]
+        elif decision == "joint":
+            assert scores == sorted(scores, reverse=True)
+        else:
+            assert scores == sorted(scores)
+
+
+def test_greedy_first_answer_is_the_forward_decision_and_the_rest_follow_its_country(model, pixel_values):
+    outputs = model(pixel_values)
+    places = model.candidate_places
+    widest = max(len(rows) for rows in places.cities_by_country)
+    ranked = model.rank_places(outputs, top_k=widest + 3)
+    assert torch.equal(ranked.city_rows[:, 0], outputs.predicted_city)
+    for image, rows in enumerate(ranked.city_rows.tolist()):
+        first_country = places.city_countries[rows[0]]
+        count = len(places.cities_by_country[first_country])
+        assert [places.city_countries[row] for row in rows[:count]] == [first_country] * count
+        assert places.city_countries[rows[count]] != first_country
+        if places.has_regions:
+            assert places.city_regions[rows[0]] == int(outputs.predicted_region[image])
+
+
+def test_greedy_ties_between_regions_break_as_the_forward_decision_does(tiny_clip_dir):
+    # Two regions of one name have identical prompts, so identical logits: the first listed wins in `forward`, and
+    # must win in the ranking too, even where the other holds the city with the higher logit.
+    places = CandidatePlaces(
+        country_names=["Japan"],
+        country_codes=["JP"],
+        city_names=["A", "B", "C"],
+        city_countries=[0, 0, 0],
+        city_latitudes=[35.0, 34.0, 33.0],
+        city_longitudes=[139.0, 135.0, 131.0],
+        region_names=["Twin", "Twin"],
+        region_countries=[0, 0],
+        city_regions=[0, 1, 1],
+    )
+    model = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidates=places)
+    model.build_city_heads([0])
+    embeds = F.normalize(torch.randn(1, model.projection_dim), dim=-1)
+    model.city_head.weight.data = torch.stack([embeds[0], 10 * embeds[0], -embeds[0]])
+    outputs = model.locate_embeddings(embeds)
+    assert outputs.predicted_region.tolist() == [0] and outputs.predicted_city.tolist() == [0]
+    assert model.rank_places(outputs, top_k=3).city_rows.tolist() == [[0, 1, 2]]
+
+
+def test_expected_distance_is_the_bayes_decision_on_a_hand_made_posterior_where_joint_differs(
+    tiny_clip_dir, haversine_km
+):
+    # Paris is the single most probable city, but Tokyo and Osaka, 400 km apart, hold more mass together: a guess
+    # between them is expected to land far closer to the truth than Paris.
+    places = CandidatePlaces.from_records(
+        [
+            {"country": "France", "city": "Paris", "latitude": 48.8566, "longitude": 2.3522},
+            {"country": "Japan", "city": "Tokyo", "latitude": 35.6762, "longitude": 139.6503},
+            {"country": "Japan", "city": "Osaka", "latitude": 34.6937, "longitude": 135.5023},
+        ]
+    )
+    model = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidates=places)
+    model.build_city_heads([0, 1])
+    model.city_head.weight.data.zero_()  # p(city | country) uniform: 1/2 each in Japan
+    posterior = [0.4, 0.3, 0.3]
+    outputs = GeolocationOutput(
+        country_logits=torch.tensor([[math.log(0.4), math.log(0.6)]]),
+        image_embeds=F.normalize(torch.randn(1, model.projection_dim), dim=-1),
+    )
+    joint = model.rank_places(outputs, top_k=3, decision="joint")
+    assert joint.city_rows[0].tolist()[0] == 0
+    torch.testing.assert_close(joint.scores[0], torch.tensor([0.4, 0.3, 0.3]))
+
+    expected_km = [
+        sum(
+            weight * float(haversine_km(places.city_latitudes[i], places.city_longitudes[i], latitude, longitude))
+            for weight, latitude, longitude in zip(
+                posterior, places.city_latitudes, places.city_longitudes, strict=True
+            )
+        )
+        for i in range(3)
+    ]
+    order = sorted(range(3), key=expected_km.__getitem__)
+    ranked = model.rank_places(outputs, top_k=3, decision="expected_distance")
+    assert ranked.city_rows[0].tolist() == order
+    assert order[0] != 0, "the hand-made posterior must separate the two rules"
+    torch.testing.assert_close(ranked.scores[0].double(), torch.tensor(sorted(expected_km), dtype=torch.float64))
+    torch.testing.assert_close(ranked.joint_probabilities[0], torch.tensor([posterior[i] for i in order]))
+    (only,) = model.rank_places(outputs, top_k=1, decision="expected_distance").city_rows[0].tolist()
+    assert only == order[0], "the decision considers the posterior's candidates, not only the top_k answers"
+
+
+def test_expected_distances_equal_the_explicit_double_sum(haversine_km):
+    probabilities = torch.tensor([0.5, 0.2, 0.2, 0.1], dtype=torch.float64).numpy()
+    latitudes = torch.tensor([0.0, 10.0, -45.0, 80.0], dtype=torch.float64).numpy()
+    longitudes = torch.tensor([0.0, 170.0, -60.0, 20.0], dtype=torch.float64).numpy()
+    explicit = [
+        sum(
+            probabilities[j] * haversine_km(latitudes[i], longitudes[i], latitudes[j], longitudes[j]) for j in range(4)
+        )
+        for i in range(4)
+    ]
+    torch.testing.assert_close(
+        torch.from_numpy(expected_distances_km(probabilities, latitudes, longitudes)),
+        torch.tensor(explicit, dtype=torch.float64),
+    )
+
+
+def test_the_posterior_of_expected_distance_spans_the_configured_number_of_candidates(
+    small_streetclip_dir, pixel_values
+):
+    few = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, expected_distance_candidates=1)
+    # With one candidate, the posterior is that city alone: its expected distance is 0 and it is the joint's best.
+    ranked = few.rank_places(few(pixel_values), top_k=1, decision="expected_distance")
+    assert ranked.scores.eq(0).all()
+    assert torch.equal(ranked.city_rows, few.rank_places(few(pixel_values), top_k=1, decision="joint").city_rows)
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"decision": "nearest"}, "Unknown decision rule 'nearest'"),
+        ({"top_k": 0}, "top_k must be a positive integer, got 0"),
+    ],
+)
+def test_bad_rank_options_are_refused(small_streetclip_dir, pixel_values, options, error):
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
+    with pytest.raises(ValueError, match=error):
+        model.rank_places(model(pixel_values), **options)
+
+
+ENSEMBLE = {
+    "country_prompt_template": ["A Street View photo in {country}.", "A road in {country}."],
+    "city_prompt_template": ["A Street View photo from {city}.", "Streets of {city}, {country}.", "{city}."],
+}
+
+
+def ensemble_rows(clip_dir, templates: list[str], **places) -> torch.Tensor:
+    """Head rows by their definition: per place, the normalised mean of CLIP's normalised text features of each
+    template's prompt, times the logit scale."""
+    clip = CLIPModel.from_pretrained(clip_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(clip_dir)
+    names = list(zip(*places.values(), strict=True))
+    rows = []
+    for values in names:
+        fields = dict(zip(places, values, strict=True))
+        prompts = [template.format(**fields) for template in templates]
+        with torch.no_grad():
+            features = clip.get_text_features(**tokenizer(prompts, padding=True, return_tensors="pt")).pooler_output
+        rows.append(F.normalize(F.normalize(features, dim=-1).mean(dim=0), dim=-1))
+    return torch.stack(rows) * clip.logit_scale.exp()
+
+
+def test_prompt_ensembles_give_the_normalised_mean_of_normalised_template_embeddings(tiny_clip_dir, tmp_path):
+    model = StreetCLIPForGeolocation.from_pretrained(
+        tiny_clip_dir, candidate_countries=["Kenya", "Japan"], cities_per_country=3, **ENSEMBLE
+    )
+    places = model.candidate_places
+    torch.testing.assert_close(
+        model.country_head.weight,
+        ensemble_rows(tiny_clip_dir, ENSEMBLE["country_prompt_template"], country=places.country_names),
+    )
+    model.build_city_heads([0, 1])
+    countries = [places.country_names[country] for country in places.city_countries]
+    torch.testing.assert_close(
+        model.city_head.weight,
+        ensemble_rows(tiny_clip_dir, ENSEMBLE["city_prompt_template"], city=places.city_names, country=countries),
+    )
+    # The configuration records the ensembles, and a saved folder keeps them.
+    model.save_pretrained(tmp_path)
+    StreetCLIPProcessor.from_pretrained(tiny_clip_dir, **ENSEMBLE).save_pretrained(tmp_path)
+    reloaded = StreetCLIPForGeolocation.from_pretrained(tmp_path, vision_only=True)
+    assert reloaded.config.city_prompt_template == ENSEMBLE["city_prompt_template"]
+    assert StreetCLIPProcessor.from_pretrained(tmp_path).country_prompt_template == ENSEMBLE["country_prompt_template"]
+    torch.testing.assert_close(reloaded.city_head.weight, model.city_head.weight)
+
+
+@pytest.mark.parametrize(
+    ("templates", "message"),
+    [
+        ({"city_prompt_template": []}, "city_prompt_template is an empty list"),
+        (
+            {"country_prompt_template": ["In {country}.", "A photo."]},
+            "country_prompt_template='A photo.' must contain",
+        ),
+        ({"region_prompt_template": "In {country}."}, "region_prompt_template='In {country}.' must contain {region}"),
+    ],
+)
+def test_ensembles_with_a_template_missing_its_place_are_refused(tiny_clip_dir, templates, message):
+    with pytest.raises(ValueError, match=message):
+        StreetCLIPProcessor.from_pretrained(tiny_clip_dir, **templates)
