@@ -55,10 +55,13 @@ class _PreprocessedImages(Dataset):
 
 
 def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
+    """A batch: its indices in the sampler's order (Accelerate pads a last batch with indices from the start, and
+    `gather_for_metrics` cuts the padding off by position), those of the decoded images with their pixels stacked,
+    and the errors of the others."""
     good = [(index, pixels) for index, pixels, _ in items if pixels is not None]
     pixel_values = torch.stack([pixels for _, pixels in good]) if good else None
     errors = {index: error for index, _, error in items if error is not None}
-    return [index for index, _ in good], pixel_values, errors
+    return [index for index, _, _ in items], [index for index, _ in good], pixel_values, errors
 
 
 @torch.no_grad()
@@ -116,13 +119,13 @@ def geolocate_images(
 def _batch_records(
     model: StreetCLIPForGeolocation,
     inputs: Sequence[ImageInput],
-    batch: tuple[list[int], torch.Tensor | None, dict[int, str]],
+    batch: tuple[list[int], list[int], torch.Tensor | None, dict[int, str]],
     top_k: int,
     return_embeddings: bool,
     decision: str,
 ) -> list[GeolocationRecord]:
-    """The records of one collated batch, in input order: answers for the decoded images, errors for the others."""
-    indices, pixel_values, errors = batch
+    """The records of one collated batch, in its order: answers for the decoded images, errors for the others."""
+    order, indices, pixel_values, errors = batch
     records = {index: GeolocationRecord(index, inputs[index], error=error) for index, error in errors.items()}
     if pixel_values is not None:
         outputs = model(pixel_values=pixel_values.to(device=model.device, dtype=model.dtype))
@@ -130,7 +133,7 @@ def _batch_records(
         for position, (index, answers) in enumerate(zip(indices, answers_per_image, strict=True)):
             embeds = outputs.image_embeds[position].float().cpu() if return_embeddings else None
             records[index] = GeolocationRecord(index, inputs[index], answers=answers, image_embeds=embeds)
-    return [records[index] for index in sorted(records)]
+    return [records[index] for index in order]
 
 
 @torch.no_grad()
