@@ -209,6 +209,7 @@ def _answer(city: str, latitude: float, longitude: float, score: float) -> dict:
         "longitude": longitude,
         "score": score,
         "country_score": 0.5,
+        "joint_probability": score,  # what pins are sized and shaded by
     }
 
 
@@ -228,6 +229,14 @@ def test_map_of_one_photo_pins_every_answer_shaded_by_score_with_the_best_in_ful
     # A pin's area grows with its score.
     pixels = np.asarray(world)
     assert (pixels == second).all(axis=-1).sum() > (pixels == third).all(axis=-1).sum() > 0
+
+
+def test_pins_follow_the_joint_probability_not_the_rules_score():
+    # Under expected_distance, `score` is a distance in km (smallest first): the best pin must not be the faint one.
+    best = {**_answer("Best", 10.0, 20.0, 0.6), "score": 120.0}
+    second = {**_answer("Second", -30.0, -60.0, 0.3), "score": 900.0}
+    world = app.draw_map([app.PhotoResult(1, "photo.png", answers=[best, second])])
+    assert _color_at(world, -30.0, -60.0) == app._blend(app.PIN_FAINT_COLOR, app.PIN_COLOR, 0.5)
 
 
 def test_map_of_several_photos_pins_each_photos_best_answer_only():

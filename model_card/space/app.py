@@ -60,7 +60,9 @@ GRATICULE_STEP_DEG = 30
 LAND_CITY_POPULATION = 5000
 LAND_DOT_PX = 1.5
 # The best answer's colour is the benchmark maps' prediction colour; weaker answers fade toward the faint one in
-# proportion to their score, and their radius grows with the square root of it (pin area with score).
+# proportion to their joint probability, and their radius grows with the square root of it (pin area with
+# probability). The joint probability, not `score`: under some decision rules `score` is a conditional probability or
+# a distance, which would not compare across countries or grow with confidence.
 PIN_COLOR = (197, 27, 125)
 PIN_FAINT_COLOR = (246, 208, 230)
 PIN_OUTLINE_COLOR = (40, 40, 40)
@@ -222,30 +224,31 @@ def _base_map(width: int) -> Image.Image:
 
 
 def draw_map(results: Sequence[PhotoResult]) -> Image.Image:
-    """The world map of the answers: for one photo a pin per answer, sized and shaded by score, with the best one
-    outlined and labelled; for several photos one outlined pin per photo's best answer, labelled with the numbers of
-    the photos it answers."""
+    """The world map of the answers: for one photo a pin per answer, sized and shaded by its joint probability, with
+    the best one outlined and labelled; for several photos one outlined pin per photo's best answer, labelled with
+    the numbers of the photos it answers."""
     answered = [result for result in results if result.answers]
     # (answer, label): a labelled pin is a best answer, drawn in the full colour with a heavy outline.
     if len(answered) == 1:
         pins = [(answer, "best" if rank == 0 else None) for rank, answer in enumerate(answered[0].answers)]
     else:
-        # Photos answered with the same city share one pin, sized by the strongest of their scores.
+        # Photos answered with the same city share one pin, sized by the strongest of their probabilities.
         places: dict[tuple[float, float], tuple[dict[str, Any], list[str]]] = {}
         for result in answered:
             best = result.answers[0]
             place = (best["latitude"], best["longitude"])
             strongest, numbers = places.get(place, (best, []))
-            places[place] = (max(strongest, best, key=lambda answer: answer["score"]), [*numbers, str(result.number)])
+            strongest = max(strongest, best, key=lambda answer: answer["joint_probability"])
+            places[place] = (strongest, [*numbers, str(result.number)])
         pins = [(best, ", ".join(numbers)) for best, numbers in places.values()]
     scale = SUPERSAMPLE
     image = _base_map(MAP_WIDTH * scale).copy()
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=LABEL_SIZE_PX * scale)
-    top_score = max((answer["score"] for answer, _ in pins), default=0.0)
+    top_score = max((answer["joint_probability"] for answer, _ in pins), default=0.0)
     # Weakest first, so that stronger pins and every label are drawn over them.
-    for answer, label in sorted(pins, key=lambda pin: (pin[1] is not None, pin[0]["score"])):
-        share = answer["score"] / top_score if top_score > 0 else 1.0
+    for answer, label in sorted(pins, key=lambda pin: (pin[1] is not None, pin[0]["joint_probability"])):
+        share = answer["joint_probability"] / top_score if top_score > 0 else 1.0
         radius = (PIN_RADIUS_PX[0] + (PIN_RADIUS_PX[1] - PIN_RADIUS_PX[0]) * share**0.5) * scale
         color = PIN_COLOR if label is not None else _blend(PIN_FAINT_COLOR, PIN_COLOR, share)
         x, y = _pixel(answer["latitude"], answer["longitude"], MAP_WIDTH * scale)
