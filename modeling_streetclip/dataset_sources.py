@@ -213,6 +213,30 @@ def file_name_ids(paths: list[str | None], folder: Path) -> list[str] | None:
     return ids if len(set(ids)) == len(ids) else None
 
 
+def open_csv_with_images(
+    csv_path: str | Path, image_dir: str | Path, image_column: str | None = None
+) -> datasets.Dataset:
+    """A CSV file whose rows name image files in `image_dir` (the IM2GPS layout: `IMG_ID,LAT,LON`), as a dataset
+    whose image column holds those files, undecoded, and whose other columns are the CSV's.
+
+    The image column is `image_column`, else the first of ID_COLUMNS, IMAGE_COLUMNS and `path` that the CSV has; a
+    file it names is looked for in `image_dir` (an absolute path is taken as it is) and read only when used, so that
+    a missing one is that row's error.
+    """
+    datasets = _import_datasets()
+    csv_path, image_dir = Path(csv_path), Path(image_dir)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"CSV file not found: {str(csv_path)!r}.")
+    if not image_dir.is_dir():
+        raise NotADirectoryError(f"Image folder not found: {str(image_dir)!r}.")
+    dataset = datasets.Dataset.from_csv(str(csv_path))
+    source = f"CSV {str(csv_path)!r}"
+    column = find_column(dataset.column_names, image_column, (*ID_COLUMNS, *IMAGE_COLUMNS, "path"), "image", source)
+    paths = [None if name is None else str(image_dir / str(name)) for name in dataset[column]]
+    dataset = dataset.remove_columns(column).add_column(column, paths)
+    return dataset.cast_column(column, datasets.Image(decode=False))
+
+
 __all__ = [
     "ID_COLUMNS",
     "IMAGE_COLUMNS",
@@ -220,6 +244,7 @@ __all__ = [
     "encoded_image",
     "find_column",
     "find_image_column",
+    "open_csv_with_images",
     "open_dataset",
     "row_ids",
 ]

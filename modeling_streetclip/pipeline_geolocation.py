@@ -1,5 +1,6 @@
 """The `"geolocation"` pipeline: photo in; country, city and coordinates out."""
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from transformers import Pipeline
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from .configuration_streetclip import validate_decision
+from .gallery import GALLERY_DECISIONS, GeoGallery, check_decision, format_gallery_answers, rank_gallery_places
 from .gazetteer import format_answers
 from .images import load_rgb_image
 from .processing_streetclip import StreetCLIPProcessor
@@ -35,6 +37,11 @@ class GeolocationPipeline(Pipeline):
     - `"expected_distance"`: by the expected great-circle distance in km to the true place under the joint
       posterior over the most probable cities (`config.expected_distance_candidates`); `score` is that distance, so
       it grows down the list: the Bayes decision for distance-thresholded accuracy.
+    - `"gallery"` and `"hybrid"`, with `gallery=` (a folder or Hub dataset repo that `streetclip index build` wrote, or
+      a `GeoGallery`): the nearest gallery photos vote (a kernel vote on the sphere; `"hybrid"` restricts and weights
+      it by the zero-shot country posterior; see `modeling_streetclip.gallery`). The answer is a photo's place, so it
+      can be closer than any candidate city; `city` and `country` are those of the candidate city nearest it, and
+      `gallery_row` and `similarity` name the photo. With a gallery, `"gallery"` is the default rule.
 
     Example:
 
@@ -48,9 +55,9 @@ class GeolocationPipeline(Pipeline):
     ```
 
     This pipeline is loaded from [`pipeline`] with the task identifier `"geolocation"`. It accepts an image path, a
-    `PIL.Image.Image`, or a list of them (giving a list of lists), and `top_k`, `decision`, `batch_size`, `device`
-    and `dtype`; any other keyword argument is refused. `save_pretrained` writes a folder that every loader accepts, with or
-    without this package installed.
+    `PIL.Image.Image`, or a list of them (giving a list of lists), and `top_k`, `decision`, `gallery`, `batch_size`,
+    `device` and `dtype`; any other keyword argument is refused. `save_pretrained` writes a folder that every loader
+    accepts, with or without this package installed (a gallery is not part of it: pass `gallery=` again).
     """
 
     _load_processor = True
@@ -70,12 +77,14 @@ class GeolocationPipeline(Pipeline):
                 "image_processor) along with a model object; pipeline() loads it when given the model's folder or id."
             )
 
-    def _sanitize_parameters(self, top_k: int | None = None, decision: str | None = None, **unknown):
+    def _sanitize_parameters(
+        self, top_k: int | None = None, decision: str | None = None, gallery: Any = None, **unknown
+    ):
         if unknown:
             # As a Python function would: a misspelt option must not answer as if it had not been given.
             raise TypeError(
-                f"GeolocationPipeline got an unexpected keyword argument {next(iter(unknown))!r}; it accepts top_k "
-                "and decision (and pipeline's batch_size, num_workers, device and dtype)."
+                f"GeolocationPipeline got an unexpected keyword argument {next(iter(unknown))!r}; it accepts top_k, "
+                "decision and gallery (and pipeline's batch_size, num_workers, device and dtype)."
             )
         forward_params = {}
         if top_k is not None:
@@ -83,22 +92,48 @@ class GeolocationPipeline(Pipeline):
                 raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
             forward_params["top_k"] = top_k
         if decision is not None:
-            forward_params["decision"] = validate_decision(decision)
+            forward_params["decision"] = decision if decision in GALLERY_DECISIONS else validate_decision(decision)
+        if gallery is not None:
+            forward_params["gallery"] = self._checked_gallery(gallery)
         return {}, forward_params, {}
+
+    def _checked_gallery(self, gallery: "str | os.PathLike | GeoGallery") -> GeoGallery:
+        """The gallery `gallery` names, loaded and checked against this pipeline's model once (a gallery embedded by
+        another model is refused)."""
+        # `Pipeline.__init__` calls `_sanitize_parameters` before this class's `__init__` body could set the cache.
+        cache = self.__dict__.setdefault("_galleries", {})
+        key = id(gallery) if isinstance(gallery, GeoGallery) else os.fspath(gallery)
+        if key not in cache:
+            loaded = gallery if isinstance(gallery, GeoGallery) else GeoGallery.load(gallery)
+            image_processor = self.image_processor or getattr(self.processor, "image_processor", None)
+            loaded.check_model(self.model, image_processor, self.model.name_or_path)
+            cache[key] = loaded
+        return cache[key]
 
     def preprocess(self, image) -> dict[str, Any]:
         inputs = self.image_processor(images=load_rgb_image(image), return_tensors="pt")
         return {"pixel_values": inputs["pixel_values"].to(self.dtype)}
 
-    def _forward(self, model_inputs: dict[str, Any], top_k: int = 1, decision: str = "greedy") -> dict[str, Any]:
+    def _forward(
+        self,
+        model_inputs: dict[str, Any],
+        top_k: int = 1,
+        decision: str | None = None,
+        gallery: GeoGallery | None = None,
+    ) -> dict[str, Any]:
+        decision = decision or ("gallery" if gallery is not None else "greedy")
+        check_decision(decision, gallery)
         outputs = self.model(pixel_values=model_inputs["pixel_values"])
+        if decision in GALLERY_DECISIONS:
+            return rank_gallery_places(self.model, outputs, gallery, decision, top_k)._asdict()
         return self.model.rank_places(outputs, top_k=top_k, decision=decision)._asdict()
 
     def postprocess(self, model_outputs: dict[str, Any]) -> list[dict[str, Any]]:
-        # The columns of `RankedPlaces`, whose names are `format_answers`' parameters.
-        return format_answers(
-            self.model.candidate_places, **{name: column[0] for name, column in model_outputs.items()}
-        )
+        # The columns of `RankedPlaces` (or `GalleryRankedPlaces`), whose names are the formatter's parameters.
+        columns = {name: column[0] for name, column in model_outputs.items()}
+        if "gallery_rows" in columns:
+            return format_gallery_answers(self.model.candidate_places, **columns)
+        return format_answers(self.model.candidate_places, **columns)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """Write a complete folder (see `save_shareable_folder`): with the package installed every loader runs the

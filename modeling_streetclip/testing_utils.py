@@ -133,9 +133,12 @@ def save_random_vit_l(path: Path, tokenizer: CLIPTokenizer | None = None, seed: 
     return path
 
 
-def place_in_hub_cache(folder: Path, cache_dir: Path, repo_id: str, revision: str = "0" * 40) -> Path:
-    """Lay `folder` out as the Hugging Face cache holds a downloaded repo (`models--ORG--NAME/snapshots/REV`)."""
-    repo_dir = cache_dir / f"models--{repo_id.replace('/', '--')}"
+def place_in_hub_cache(
+    folder: Path, cache_dir: Path, repo_id: str, revision: str = "0" * 40, repo_type: str = "model"
+) -> Path:
+    """Lay `folder` out as the Hugging Face cache holds a downloaded repo (`models--ORG--NAME/snapshots/REV`, or
+    `datasets--...` for `repo_type="dataset"`)."""
+    repo_dir = cache_dir / f"{repo_type}s--{repo_id.replace('/', '--')}"
     shutil.copytree(folder, repo_dir / "snapshots" / revision)
     (repo_dir / "refs").mkdir(parents=True)
     (repo_dir / "refs" / "main").write_text(revision)

@@ -50,10 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="streetclip",
         description="StreetCLIP: zero-shot image geolocation with CLIP, from the shell.",
     )
-    from . import locate  # after the names above, which the subcommand modules import
+    from . import index, locate  # after the names above, which the subcommand modules import
 
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     locate.add_parser(commands)
+    index.add_parser(commands)
     return parser
 
 

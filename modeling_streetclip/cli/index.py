@@ -1,0 +1,222 @@
+"""`streetclip index build`: turn a geo-tagged photo collection into a retrieval gallery for `--gallery`.
+
+This module parses arguments and maps outcomes to exit codes; building (decoding in DataLoader workers, shards,
+resume, the FAISS index) lives in `modeling_streetclip.gallery_build`, the gallery itself in
+`modeling_streetclip.gallery`. Like every subcommand, it imports torch, datasets and faiss only once it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS, EXIT_OK, EXIT_SOME_FAILED, UsageError, int_at_least
+
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Add the `index` subcommand (with its own subcommand, `build`) to the `streetclip` parser."""
+    # The gallery module imports numpy alone at first, so --help shows its defaults without waiting for torch.
+    from ..gallery import DEFAULT_INDEX, DEFAULT_SHARD_SIZE, VoteSettings
+
+    defaults = VoteSettings()
+    index = commands.add_parser(
+        "index",
+        help="build a retrieval gallery of geo-tagged photos, for `locate --gallery` and decisions gallery/hybrid",
+        description="Retrieval galleries: geo-tagged photos embedded by a model and indexed with FAISS.",
+    )
+    actions = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    build = actions.add_parser(
+        "build",
+        help="embed a photo collection with a model into a gallery folder (resumable)",
+        description=(
+            "Embed every photo of DATA with the vision tower of --model and write a gallery to --output: a datasets "
+            "folder (save_to_disk) of L2-normalised embeddings with latitude, longitude and the source's other "
+            "columns, a FAISS index (index.faiss), gallery.json naming the model, and bad_rows.jsonl listing the "
+            "rows skipped (unreadable images, coordinates that are not a point on Earth) with the reason. Images "
+            "are decoded in DataLoader workers; a progress bar on standard error shows images/s."
+        ),
+        epilog=(
+            "Resume: rows are written in shards of --shard_size as they are embedded; rerunning the same command "
+            "after a kill continues after the last complete shard, embedding no row twice (a rerun with other data, "
+            "columns or another model stops, naming what differs; --overwrite starts afresh). Index: 'Flat' is exact "
+            "search, right up to about 100,000 rows; 'auto' picks the documented default for the gallery's size "
+            "(IVF{nlist},SQ8 beyond 100,000 rows: about 0.73 GiB per million 768-d rows); 'IVF1024,PQ64' is about "
+            "14 times smaller and loses neighbours (see README, 'Limits'). Exit status: 0 when every row was "
+            "embedded, 1 when some were skipped (see bad_rows.jsonl), 2 on usage errors (unknown model or data, "
+            "missing columns, a folder that holds something else, a FAISS index string FAISS cannot build), 130 when "
+            "interrupted."
+        ),
+    )
+    build.add_argument(
+        "data",
+        metavar="DATA",
+        help="geo-tagged photos: an image folder with metadata.csv (file_name,latitude,longitude,...), a "
+        "save_to_disk folder, a folder of Parquet or CSV files, a Hub dataset id, or a CSV file naming images in "
+        "--image_dir",
+    )
+    build.add_argument("--model", required=True, help="Hub repo or local folder, as for `streetclip locate`")
+    build.add_argument("--output", required=True, type=Path, metavar="FOLDER", help="the gallery folder to write")
+    build.add_argument(
+        "--index",
+        default=DEFAULT_INDEX,
+        metavar="FACTORY",
+        help="FAISS index factory string, or 'auto' for the default by size (default: %(default)s, exact search)",
+    )
+    build.add_argument(
+        "--nprobe", type=int_at_least(1), help="inverted lists an IVF index probes per search (default: 1/64 of them)"
+    )
+    build.add_argument(
+        "--train_size",
+        type=int_at_least(1),
+        help="rows, sampled at random, that train an IVF or PQ index (default: 64 per list, at least 65,536)",
+    )
+    build.add_argument("--image_dir", type=Path, help="folder of the images that a CSV DATA names (CSV only)")
+    build.add_argument("--split", default="train", help="split of DATA to read (default: %(default)s)")
+    build.add_argument("--streaming", action="store_true", help="stream DATA instead of loading it")
+    build.add_argument(
+        "--image_column", help="column of images (default: image, img, photo or jpg; file_name for CSV)"
+    )
+    build.add_argument("--latitude_column", default="latitude", help="column of latitudes (default: %(default)s)")
+    build.add_argument("--longitude_column", default="longitude", help="column of longitudes (default: %(default)s)")
+    build.add_argument(
+        "--batch_size",
+        type=int_at_least(1),
+        default=DEFAULT_BATCH_SIZE,
+        help="images per forward pass (default: %(default)s)",
+    )
+    build.add_argument(
+        "--workers",
+        type=int_at_least(0),
+        default=DEFAULT_NUM_WORKERS,
+        metavar="N",
+        help="DataLoader worker processes decoding images; 0 decodes in the main process (default: %(default)s)",
+    )
+    build.add_argument(
+        "--shard_size",
+        type=int_at_least(1),
+        default=DEFAULT_SHARD_SIZE,
+        help="rows per shard written as the build goes; a kill loses at most one (default: %(default)s)",
+    )
+    build.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the model runs; auto picks cuda when available (default: %(default)s)",
+    )
+    build.add_argument(
+        "--dtype", choices=DTYPE_NAMES, default="float32", help="model weight precision (default: %(default)s)"
+    )
+    build.add_argument(
+        "--overwrite", action="store_true", help="delete a gallery or unfinished build in --output and start afresh"
+    )
+    vote = build.add_argument_group("vote settings stored as the gallery's defaults (see README, 'Retrieval')")
+    vote.add_argument(
+        "--neighbors",
+        type=int_at_least(1),
+        default=defaults.num_neighbors,
+        help="photos retrieved per query (default: %(default)s)",
+    )
+    vote.add_argument(
+        "--radius_km",
+        type=_positive_float,
+        default=defaults.radius_km,
+        help="kernel radius: photos closer than this support each other (default: %(default)s)",
+    )
+    vote.add_argument(
+        "--temperature",
+        type=_positive_float,
+        default=defaults.temperature,
+        help="similarity weights exp((s - s_best) / T) (default: %(default)s)",
+    )
+    vote.add_argument(
+        "--hybrid_countries",
+        type=int_at_least(1),
+        default=defaults.hybrid_countries,
+        help="decision hybrid: photos of this many most probable countries vote (default: %(default)s)",
+    )
+    build.set_defaults(run=build_command)
+
+
+def _open_data(args: argparse.Namespace):
+    """The dataset that DATA names (a CSV file with --image_dir, else any `open_dataset` source); its problems are
+    usage errors."""
+    from ..dataset_sources import open_csv_with_images
+
+    is_csv = Path(args.data).suffix.lower() == ".csv"
+    if is_csv != (args.image_dir is not None):
+        raise UsageError(
+            "a CSV DATA names image files: give the folder that holds them with --image_dir"
+            if is_csv
+            else f"--image_dir goes with a CSV file only; {args.data!r} holds its images itself."
+        )
+    if not is_csv:
+        return args.data
+    try:
+        return open_csv_with_images(args.data, args.image_dir, args.image_column)
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from None
+
+
+def build_command(args: argparse.Namespace) -> int:
+    """`streetclip index build`: embed DATA into a gallery at --output, then report and set the status."""
+    import torch
+
+    from .. import register_with_transformers
+    from ..gallery import GalleryModelError, VoteSettings
+    from ..gallery_build import build_gallery
+    from .locate import load_model
+
+    register_with_transformers()
+    data = _open_data(args)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or auto.")
+    model, image_processor = load_model(args.model, device, getattr(torch, args.dtype), countries=None)
+    settings = VoteSettings(args.neighbors, args.radius_km, args.temperature, args.hybrid_countries)
+    try:
+        result = build_gallery(
+            model,
+            image_processor,
+            data,
+            args.output,
+            model_name=args.model,
+            index=args.index,
+            nprobe=args.nprobe,
+            train_size=args.train_size,
+            split=args.split,
+            streaming=args.streaming,
+            image_column=None if Path(args.data).suffix.lower() == ".csv" else args.image_column,
+            latitude_column=args.latitude_column,
+            longitude_column=args.longitude_column,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            shard_size=args.shard_size,
+            settings=settings,
+            overwrite=args.overwrite,
+        )
+    except (OSError, ValueError, ImportError, GalleryModelError) as error:
+        raise UsageError(str(error)) from None
+    summary = f"streetclip index build: {len(result.gallery):,} photos in the gallery {str(args.output)!r}"
+    if result.resumed_rows:
+        summary += f" ({result.resumed_rows:,} source rows done by an earlier run, {result.embedded_rows:,} now)"
+    if result.bad_rows:
+        summary += f"; {len(result.bad_rows):,} rows skipped (see {str(args.output / 'bad_rows.jsonl')!r})"
+    print(summary, file=sys.stderr)
+    return EXIT_SOME_FAILED if result.bad_rows else EXIT_OK
+
+
+__all__ = ["add_parser", "build_command"]

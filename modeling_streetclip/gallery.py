@@ -1,0 +1,722 @@
+"""Geolocation by retrieval: a gallery of geo-tagged photo embeddings searched with FAISS, and the two decisions that
+turn the nearest photos into answers.
+
+Zero-shot StreetCLIP can never come closer than its nearest candidate city. A gallery can: the answer is the place of
+a photo like the query. A gallery is a folder (or a Hub dataset repo holding one):
+
+- `dataset/`: a `datasets.Dataset` written by `save_to_disk`, one row per photo: `embedding` (the L2-normalised image
+  embedding of the model's vision tower, float32), `latitude`, `longitude`, `source_row` (its row in the data it was
+  built from), `image_path` (where the source stored the file, if it did) and every other column of the source
+  (labels such as `city` or `country`, kept as they were);
+- `index.faiss`: the FAISS index over `embedding`, attached and saved with `datasets`' own `add_faiss_index` and
+  `save_faiss_index`, searched by inner product (cosine, since the embeddings are normalised);
+- `gallery.json`: the model it was built with (its name, and its embeddings of a few fixed probe images, which any
+  user of the gallery must reproduce: see `check_model`), the index factory string, the counts, and the default
+  vote settings;
+- `bad_rows.jsonl`: the source rows that were skipped, each with the reason.
+
+Building (`GeoGallery.build`, `streetclip index build`) lives in `gallery_build`; this module loads, searches and
+decides.
+
+The decisions (`decision=` in the pipeline, `--decision` of the commands):
+
+- `"gallery"`, a kernel vote on the sphere. The `k = num_neighbors` nearest photos i, with cosine similarity s_i to
+  the query, weigh w_i = exp((s_i - s_1) / temperature), s_1 being the best similarity. Each neighbour j gathers the
+  support S_j = sum_i w_i K(d_ij), where d_ij is the great-circle distance and K the Epanechnikov kernel
+  K(d) = 1 - (d / radius_km)^2 for d < radius_km, 0 beyond. The answer is the neighbour with the largest support
+  (ties to the more similar); its `score` is S_j / sum_i w_i, the share of the neighbours' weight that supports it.
+  A lone best match is thus outvoted by a group of nearly as good matches that agree on a place, and within that
+  group the photo nearest its middle wins. Further answers are the next best neighbours at least `radius_km` from
+  every answer before them, so that `top_k` answers are distinct places (fewer come back when the k neighbours hold
+  fewer).
+- `"hybrid"`, the vote restricted and weighted by the zero-shot country posterior p(country): only neighbours in the
+  `hybrid_countries` most probable countries vote, each weight multiplied by its country's probability. A
+  neighbour's country is that of its nearest candidate city. When no neighbour lies in those countries, all vote,
+  still weighted by p(country), so that the answer still comes from the gallery.
+
+Every answer has the pipeline's fields; its `latitude` and `longitude` are the chosen photo's, `city` and `country`
+those of the candidate city nearest to it (never looked up by name), and `gallery_row` and `similarity` name the
+photo.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+
+# torch, datasets, faiss and the gazetteer (which brings transformers) are imported where they are used, so that the
+# `streetclip` command can show this module's defaults in --help at once.
+if TYPE_CHECKING:
+    import datasets
+    import torch
+
+    from .gazetteer import CandidatePlaces
+
+
+# The decisions a gallery adds to those of the candidate places.
+GALLERY_DECISIONS = ("gallery", "hybrid")
+# Files and columns of a gallery folder (see the module docstring).
+GALLERY_FILE = "gallery.json"
+DATASET_FOLDER = "dataset"
+INDEX_FILE = "index.faiss"
+BAD_ROWS_FILE = "bad_rows.jsonl"
+EMBEDDING_COLUMN = "embedding"
+FORMAT_VERSION = 1
+# Source rows per shard of a build (`gallery_build`): a kill loses at most this much work (seconds on a GPU, a few
+# minutes on a CPU at ViT-L), and a million rows make about a thousand files of 3 MB.
+DEFAULT_SHARD_SIZE = 1024
+# Exact search: every query scans every row. Right up to about 100,000 rows (a few ms per query on two cores), and
+# the only index whose results are exact; `recommended_index` chooses for larger galleries.
+DEFAULT_INDEX = "Flat"
+# Rows per inverted list that `recommended_index` aims at: nlist ~ sqrt(rows) keeps both the coarse search (nlist
+# centroids) and the scan of the probed lists short, and trains in seconds to minutes on a CPU.
+ROWS_PER_LIST_SQRT = 1.0
+# Probing 1/64 of the lists (16 of 1024) reached recall@10 >= 0.9 against exact search on the clustered benchmark
+# (eval/speed/bench_gallery_index.py); fewer lists lose neighbours that sit near a list boundary.
+PROBED_LIST_FRACTION = 1 / 64
+# faiss warns below 39 training points per centroid; 64 gives k-means some slack at little cost, and 2**16 points
+# (at least) train PQ's 256-centroid sub-quantizers.
+TRAIN_POINTS_PER_LIST = 64
+MIN_TRAIN_POINTS = 2**16
+# Bytes per row that an IVF index adds to its codes: the 64-bit id of each row in its list.
+IVF_ID_BYTES = 8
+# Below this many rows exact search is fast enough that compression buys nothing but lost neighbours.
+EXACT_SEARCH_MAX_ROWS = 100_000
+# PQ code sizes (bytes per row) that `index_for_memory` tries, largest (most accurate) first; each must divide the
+# embedding size (768 for ViT-L/14, 512 for ViT-B) to be usable.
+PQ_CODE_SIZES = (384, 256, 192, 128, 96, 64, 48, 32, 16, 8)
+# A gallery's probe embeddings and the user's model's must agree to this cosine, for every probe image. The same
+# weights in bfloat16, float16 or int8 agree to better than 0.99 (tests/test_gallery.py); another checkpoint, even a
+# short fine-tune of the same one, lands far below.
+FINGERPRINT_MIN_COSINE = 0.99
+# Fixed probe images: random blocks, so that resizing by any image processor keeps them recognisable.
+PROBE_IMAGES = 4
+PROBE_BLOCKS = 8
+PROBE_SIZE = 64
+
+
+def import_faiss():
+    """The `faiss` module, or an ImportError naming the extra that provides it."""
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError(
+            f"Galleries need FAISS ({error}); install it with the gallery extra: `pip install 'streetclip[gallery]'` "
+            "(faiss-cpu and datasets)."
+        ) from None
+    return faiss
+
+
+def import_datasets():
+    """The `datasets` module, or an ImportError naming the extra that provides it."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError(
+            f"Galleries are `datasets` datasets ({error}); install the gallery extra: `pip install "
+            "'streetclip[gallery]'`."
+        ) from None
+    return datasets
+
+
+@dataclass(frozen=True)
+class VoteSettings:
+    """How the nearest gallery photos vote (see the module docstring for the rule). The defaults are reasoned, not
+    tuned on a benchmark: tune them on held-out photos of your gallery's kind."""
+
+    # Photos retrieved per image: enough that a group of agreeing matches can outvote one stray match, few enough
+    # that weak matches from elsewhere carry little weight (and the vote costs microseconds).
+    num_neighbors: int = 16
+    # Photos closer than this support each other. The Epanechnikov kernel of radius 10 km has a standard deviation of
+    # 10 / sqrt(5) = 4.5 km, close to the Gaussian kernel of sigma 4 km that Vo et al. found best for kNN on IM2GPS
+    # ("Revisiting IM2GPS in the Deep Learning Era", ICCV 2017): photos of one district pool, those of a city's far
+    # ends do not, and answers stay on a photo's spot.
+    radius_km: float = 10.0
+    # Similarity weights exp((s - s_best) / temperature): a neighbour 0.05 less similar weighs e times less. CLIP's
+    # own 0.01 would let the single best match decide alone.
+    temperature: float = 0.05
+    # `"hybrid"`: the photos of this many most probable zero-shot countries vote. Three covers the confusions of
+    # neighbouring countries that zero-shot makes most often.
+    hybrid_countries: int = 3
+
+    def __post_init__(self):
+        for name in ("num_neighbors", "hybrid_countries"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"VoteSettings.{name} must be an integer >= 1, got {value!r}.")
+        for name in ("radius_km", "temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"VoteSettings.{name} must be a finite number > 0, got {value!r}.")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> VoteSettings:
+        """Settings from a dict (as `gallery.json` stores them); unknown names are refused, naming the known ones."""
+        known = {field.name for field in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"Unknown vote settings {sorted(unknown)}; known: {sorted(known)}.")
+        return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The decisions, as pure functions of the neighbours.
+
+
+def kernel_vote(
+    similarities: npt.ArrayLike,
+    latitudes: npt.ArrayLike,
+    longitudes: npt.ArrayLike,
+    settings: VoteSettings,
+    top_k: int = 1,
+    scale: npt.ArrayLike | None = None,
+) -> list[tuple[int, float]]:
+    """The `"gallery"` vote among one image's neighbours: `(position, score)` of up to `top_k` answers, best first.
+
+    `similarities`, `latitudes` and `longitudes` describe the neighbours (any order); `scale` multiplies each
+    neighbour's weight (the hybrid's country probabilities; 0 leaves a neighbour out). Positions index the inputs.
+    See the module docstring for the rule.
+    """
+    similarities = np.asarray(similarities, dtype=np.float64)
+    latitudes = np.asarray(latitudes, dtype=np.float64)
+    longitudes = np.asarray(longitudes, dtype=np.float64)
+    weights = np.ones_like(similarities) if scale is None else np.asarray(scale, dtype=np.float64).copy()
+    voters = np.isfinite(similarities) & (weights > 0)
+    if not voters.any():
+        return []
+    weights[voters] *= np.exp((similarities[voters] - similarities[voters].max()) / settings.temperature)
+    weights[~voters] = 0.0
+    from .gazetteer import great_circle_km
+
+    distances = great_circle_km(latitudes[:, None], longitudes[:, None], latitudes[None, :], longitudes[None, :])
+    kernel = np.clip(1.0 - (distances / settings.radius_km) ** 2, 0.0, None)
+    support = kernel @ weights / weights.sum()
+    # Most support first, then most similar; neighbours that do not vote are not answers either.
+    order = [position for position in np.lexsort((-similarities, -support)) if voters[position]]
+    answers: list[int] = []
+    for position in order:
+        if all(distances[position, earlier] >= settings.radius_km for earlier in answers):
+            answers.append(position)
+            if len(answers) == top_k:
+                break
+    return [(int(position), float(support[position])) for position in answers]
+
+
+def hybrid_scale(
+    neighbor_countries: npt.ArrayLike, country_probabilities: npt.ArrayLike, hybrid_countries: int
+) -> np.ndarray:
+    """The `"hybrid"` weights of one image's neighbours: p(country) for neighbours in the `hybrid_countries` most
+    probable countries, 0 for the others; p(country) for every neighbour when none lies in those countries.
+
+    `neighbor_countries` holds each neighbour's country row, `country_probabilities` the zero-shot posterior over the
+    candidate countries.
+    """
+    neighbor_countries = np.asarray(neighbor_countries, dtype=np.int64)
+    probabilities = np.asarray(country_probabilities, dtype=np.float64)
+    # Stable on ties, so that equal probabilities keep the table's order.
+    top = np.argsort(-probabilities, kind="stable")[:hybrid_countries]
+    scale = probabilities[neighbor_countries]
+    restricted = np.where(np.isin(neighbor_countries, top), scale, 0.0)
+    return restricted if restricted.any() else scale
+
+
+def unit_vectors(latitudes: npt.ArrayLike, longitudes: npt.ArrayLike) -> np.ndarray:
+    """Points in degrees as unit vectors in 3-D, shape `(n, 3)`: the largest dot product is the smallest
+    great-circle distance."""
+    phi = np.radians(np.asarray(latitudes, dtype=np.float64))
+    lam = np.radians(np.asarray(longitudes, dtype=np.float64))
+    return np.stack([np.cos(phi) * np.cos(lam), np.cos(phi) * np.sin(lam), np.sin(phi)], axis=-1)
+
+
+def nearest_city_rows(places: CandidatePlaces, latitudes: npt.ArrayLike, longitudes: npt.ArrayLike) -> np.ndarray:
+    """Row of the candidate city nearest (by great-circle distance) to each point: how answers and neighbours get a
+    city and a country from their coordinates, never from a name."""
+    cities = unit_vectors(places.city_latitudes, places.city_longitudes)
+    return (unit_vectors(latitudes, longitudes) @ cities.T).argmax(axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Which model a gallery belongs to.
+
+
+def probe_images() -> list:
+    """The fixed probe images whose embeddings fingerprint a model (seeded random blocks, scaled up)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(20230101)
+    images = []
+    for _ in range(PROBE_IMAGES):
+        blocks = rng.integers(0, 256, size=(PROBE_BLOCKS, PROBE_BLOCKS, 3), dtype=np.uint8)
+        images.append(Image.fromarray(blocks).resize((PROBE_SIZE, PROBE_SIZE), Image.Resampling.NEAREST))
+    return images
+
+
+def image_embeddings(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """L2-normalised image embeddings of the vision tower, exactly as `StreetCLIPForGeolocation.forward` scores them
+    (and as any CLIP model gives them), without touching the probe heads."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=pixel_values.to(device=model.device, dtype=model.dtype))
+    return F.normalize(getattr(features, "pooler_output", features).float(), dim=-1)
+
+
+def model_fingerprint(model, image_processor) -> np.ndarray:
+    """The model's embeddings of the probe images, shape `(PROBE_IMAGES, dim)`: what a gallery records of the model
+    that built it, since names change (a local copy of a Hub repo) while embeddings do not."""
+    pixel_values = image_processor(images=probe_images(), return_tensors="pt")["pixel_values"]
+    return image_embeddings(model, pixel_values).cpu().numpy()
+
+
+def fingerprint_agreement(recorded: npt.ArrayLike, actual: npt.ArrayLike) -> float:
+    """The smallest cosine between the two models' embeddings of the same probe image (-1 when the sizes differ)."""
+    recorded = np.asarray(recorded, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64)
+    if recorded.shape != actual.shape:
+        return -1.0
+    norms = np.linalg.norm(recorded, axis=-1) * np.linalg.norm(actual, axis=-1)
+    return float(((recorded * actual).sum(axis=-1) / norms).min())
+
+
+class GalleryModelError(ValueError):
+    """A gallery used with a model other than the one its embeddings come from."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Index choice.
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """A FAISS index for a gallery: its factory string, how many inverted lists a search probes (None without lists),
+    how many rows train it (None: none needed) and about how many bytes it takes in memory."""
+
+    factory: str
+    nprobe: int | None
+    train_size: int | None
+    memory_bytes: int
+
+
+def _num_lists(num_rows: int) -> int:
+    """Inverted lists for `num_rows`: the power of two nearest ROWS_PER_LIST_SQRT * sqrt(rows), at most one list per
+    39 rows (faiss' minimum of training points per centroid)."""
+    target = max(1.0, ROWS_PER_LIST_SQRT * math.sqrt(num_rows))
+    lists = 2 ** round(math.log2(target))
+    return max(1, min(lists, num_rows // 39))
+
+
+def probed_lists(lists: int) -> int:
+    """Inverted lists a search probes by default: PROBED_LIST_FRACTION of `lists`, at least one."""
+    return max(1, round(lists * PROBED_LIST_FRACTION))
+
+
+def training_rows(lists: int | None, num_rows: int) -> int:
+    """Rows that train an index with `lists` inverted lists (None: codes only, such as PQ): TRAIN_POINTS_PER_LIST
+    per list, at least MIN_TRAIN_POINTS, at most all."""
+    return min(num_rows, max(TRAIN_POINTS_PER_LIST * (lists or 1), MIN_TRAIN_POINTS))
+
+
+def ivf_choice(num_rows: int, dim: int, codes: str, code_bytes: int) -> IndexChoice:
+    """The IVF index `IVF{nlist},{codes}` for `num_rows` rows of `dim` floats, whose codes take `code_bytes` each."""
+    lists = _num_lists(num_rows)
+    return IndexChoice(
+        factory=f"IVF{lists},{codes}",
+        nprobe=probed_lists(lists),
+        train_size=training_rows(lists, num_rows),
+        memory_bytes=num_rows * (code_bytes + IVF_ID_BYTES) + lists * dim * 4,
+    )
+
+
+def recommended_index(num_rows: int, dim: int) -> IndexChoice:
+    """The documented default by size: exact search (`Flat`) up to EXACT_SEARCH_MAX_ROWS rows, `IVF{nlist},SQ8`
+    beyond (one byte per dimension, about 0.73 GiB per million 768-d rows, recall@10 >= 0.9 on clustered data)."""
+    if num_rows <= EXACT_SEARCH_MAX_ROWS:
+        return IndexChoice(DEFAULT_INDEX, None, None, num_rows * dim * 4)
+    return ivf_choice(num_rows, dim, "SQ8", dim)
+
+
+def index_for_memory(num_rows: int, dim: int, max_bytes: int) -> IndexChoice:
+    """The most accurate index for `num_rows` rows of `dim` floats that fits in `max_bytes`, as LAION's autofaiss
+    chooses: exact search for small galleries, else IVF with 8-bit scalar codes, 4-bit ones, then product quantization
+    with the largest code that fits (recall falls with the code: see README, "Limits").
+
+    A budget too small even for 8-byte PQ codes is refused, naming the smallest that would do.
+    """
+    if num_rows < 1 or dim < 1:
+        raise ValueError(f"index_for_memory needs at least one row and one dimension, got {num_rows} x {dim}.")
+    candidates = []
+    if num_rows <= EXACT_SEARCH_MAX_ROWS:
+        candidates.append(IndexChoice(DEFAULT_INDEX, None, None, num_rows * dim * 4))
+    candidates.append(ivf_choice(num_rows, dim, "SQ8", dim))
+    candidates.append(ivf_choice(num_rows, dim, "SQ4", math.ceil(dim / 2)))
+    candidates += [ivf_choice(num_rows, dim, f"PQ{m}", m) for m in PQ_CODE_SIZES if m < dim / 2 and dim % m == 0]
+    for choice in candidates:
+        if choice.memory_bytes <= max_bytes:
+            return choice
+    smallest = candidates[-1]
+    raise ValueError(
+        f"No index holds {num_rows:,} rows of {dim} dimensions in {max_bytes:,} bytes; the smallest, "
+        f"{smallest.factory!r}, needs about {smallest.memory_bytes:,}."
+    )
+
+
+def set_nprobe(faiss_index, nprobe: int) -> None:
+    """Set how many inverted lists a search probes, wherever the index keeps them (plain, pre-transformed, refined)."""
+    faiss = import_faiss()
+    faiss.ParameterSpace().set_index_parameter(faiss_index, "nprobe", nprobe)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The gallery.
+
+
+@dataclass
+class GalleryInfo:
+    """The contents of `gallery.json`."""
+
+    model: str
+    model_fingerprint: list[list[float]]
+    embedding_dim: int
+    index: str
+    nprobe: int | None
+    num_rows: int
+    num_bad_rows: int
+    source: str
+    vote: dict[str, Any]
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def read(cls, folder: Path) -> GalleryInfo:
+        path = folder / GALLERY_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{str(folder)!r} is not a gallery: it has no {GALLERY_FILE}. Build one with `streetclip index build "
+                "DATA --model MODEL --output FOLDER` (an unfinished build resumes when run again)."
+            )
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+            info = cls(**values)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{str(path)!r} is not a gallery description this version reads: {error}") from None
+        if info.format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"{str(path)!r} has format_version {info.format_version}; this version reads {FORMAT_VERSION}."
+            )
+        return info
+
+    def write(self, folder: Path) -> None:
+        """Write `gallery.json` atomically: its presence marks a complete gallery."""
+        write_json_atomically(folder / GALLERY_FILE, asdict(self))
+
+
+def write_json_atomically(path: Path, value: Any) -> None:
+    """Write `value` as JSON to `path` through a temporary file renamed over it, so that a kill leaves the old file
+    or the new one, never half of one."""
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", encoding="utf-8") as stream:
+        json.dump(value, stream, indent=2)
+        stream.write("\n")
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+class GeoGallery:
+    """A gallery of geo-tagged photo embeddings with its FAISS index; see the module docstring.
+
+    Example:
+
+    ```python
+    >>> from modeling_streetclip import GeoGallery, StreetCLIPForGeolocation, StreetCLIPProcessor
+    >>> from transformers import pipeline
+    >>> model = StreetCLIPForGeolocation.from_pretrained("geolocal/StreetCLIP")  # doctest: +SKIP
+    >>> processor = StreetCLIPProcessor.from_pretrained("geolocal/StreetCLIP")  # doctest: +SKIP
+    >>> GeoGallery.build(model, processor, "my_photos/", "my-gallery")  # doctest: +SKIP
+    >>> geolocate = pipeline("geolocation", model="geolocal/StreetCLIP", gallery="my-gallery")  # doctest: +SKIP
+    >>> geolocate("photo.jpg", decision="hybrid")  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(self, folder: Path, dataset: datasets.Dataset, info: GalleryInfo, settings: VoteSettings):
+        self.folder = folder
+        self.dataset = dataset
+        self.info = info
+        self.settings = settings
+        # Through Arrow: `datasets`' numpy format would hand float64 columns over as float32 (metres off).
+        coordinates = dataset.with_format("arrow", columns=["latitude", "longitude"])[:]
+        self.latitudes = coordinates["latitude"].to_numpy().astype(np.float64)
+        self.longitudes = coordinates["longitude"].to_numpy().astype(np.float64)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __repr__(self) -> str:
+        return (
+            f"GeoGallery({str(self.folder)!r}, rows={len(self)}, model={self.info.model!r}, index={self.info.index!r})"
+        )
+
+    @property
+    def faiss_index(self):
+        """The FAISS index object itself (to tune search parameters beyond `nprobe`)."""
+        return self.dataset.get_index(EMBEDDING_COLUMN).faiss_index
+
+    @classmethod
+    def build(cls, model, processor, data, output_dir: str | os.PathLike, **kwargs) -> GeoGallery:
+        """Embed every photo of `data` with `model` and write a gallery to `output_dir`, resuming an unfinished
+        build there; see `gallery_build.build_gallery` for the arguments and the folder written."""
+        # Written `from . import`, which transformers does not follow: a folder saved for `trust_remote_code` carries
+        # this module (searching needs it) but not the build machinery, which needs the installed package.
+        from . import gallery_build
+
+        return gallery_build.build_gallery(model, processor, data, output_dir, **kwargs).gallery
+
+    @classmethod
+    def load(
+        cls,
+        path_or_repo: str | os.PathLike,
+        nprobe: int | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        **vote_settings,
+    ) -> GeoGallery:
+        """A gallery from its folder, or from a Hub dataset repo (ORG/NAME) that `push_to_hub` wrote.
+
+        `nprobe` overrides how many inverted lists an IVF index probes (more: higher recall, slower search);
+        `vote_settings` override the gallery's `VoteSettings` (`num_neighbors=32`, `radius_km=5`, ...).
+        """
+        datasets = import_datasets()
+        import_faiss()
+        from .dataset_sources import _names_a_missing_folder
+
+        name = os.fspath(path_or_repo)
+        folder = Path(name).expanduser()
+        if _names_a_missing_folder(name) or folder.is_file():
+            raise FileNotFoundError(f"No gallery folder at {name!r}; give a gallery folder or a Hub id ORG/NAME.")
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(name, repo_type="dataset", revision=revision, token=token))
+        info = GalleryInfo.read(folder)
+        settings = replace(VoteSettings.from_dict(info.vote), **vote_settings)
+        dataset = datasets.load_from_disk(str(folder / DATASET_FOLDER))
+        if len(dataset) != info.num_rows:
+            raise ValueError(
+                f"{str(folder)!r}: {GALLERY_FILE} counts {info.num_rows} rows but {DATASET_FOLDER}/ holds "
+                f"{len(dataset)}; the folder was edited or assembled from two builds. Build it again."
+            )
+        # datasets refuses an index whose size differs from the dataset's, naming both.
+        dataset.load_faiss_index(EMBEDDING_COLUMN, str(folder / INDEX_FILE))
+        gallery = cls(folder, dataset, info, settings)
+        nprobe = nprobe if nprobe is not None else info.nprobe
+        if nprobe is not None:
+            set_nprobe(gallery.faiss_index, nprobe)
+        return gallery
+
+    def search(self, embeddings: npt.ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `k` nearest rows of each L2-normalised embedding: `(similarities, rows)`, each of shape
+        `(num_queries, k)`, best first; rows are -1 (similarity -inf) where the index returns fewer than `k`."""
+        queries = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32).reshape(-1, self.info.embedding_dim))
+        scores, rows = self.dataset.search_batch(EMBEDDING_COLUMN, queries, k=min(k, len(self)))
+        scores = np.where(rows >= 0, scores, -np.inf)
+        return scores, rows
+
+    def check_model(self, model, image_processor, model_name: str | None = None) -> None:
+        """Refuse a model whose embeddings are not those this gallery was built with, naming both models; a model
+        that agrees (the same weights in another precision, a copy under another name) passes."""
+        actual = model_fingerprint(model, image_processor)
+        agreement = fingerprint_agreement(self.info.model_fingerprint, actual)
+        if agreement < FINGERPRINT_MIN_COSINE:
+            name = model_name or getattr(model, "name_or_path", "") or "this model"
+            dims = (
+                f"its embeddings have {actual.shape[-1]} dimensions, the gallery's {self.info.embedding_dim}"
+                if actual.shape[-1] != self.info.embedding_dim
+                else f"they embed the same probe images differently (cosine {agreement:.3f} < "
+                f"{FINGERPRINT_MIN_COSINE})"
+            )
+            raise GalleryModelError(
+                f"The gallery {str(self.folder)!r} was built with the model {self.info.model!r}, not with "
+                f"{name!r}: {dims}, so its neighbours would be meaningless. Use the gallery with the model that built "
+                f"it, or build one with this model: `streetclip index build DATA --model {name} --output FOLDER`."
+            )
+
+    def push_to_hub(
+        self, repo_id: str, private: bool | None = None, token: str | bool | None = None, revision: str | None = None
+    ) -> str:
+        """Upload the gallery folder as a Hub dataset repo (created if needed); `GeoGallery.load(repo_id)` and
+        `pipeline(..., gallery=repo_id)` read it back. Returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            repo_type="dataset",
+            folder_path=self.folder,
+            revision=revision,
+            allow_patterns=[GALLERY_FILE, INDEX_FILE, BAD_ROWS_FILE, f"{DATASET_FOLDER}/*"],
+            commit_message=f"Gallery of {len(self):,} photos embedded by {self.info.model}",
+        )
+        return str(commit)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Answers.
+
+
+class GalleryRankedPlaces(NamedTuple):
+    """Answers per image under a gallery decision, each field of shape `(batch_size, top_k)`, best first; an image
+    whose neighbours hold fewer distinct places than `top_k` is padded with `city_rows` -1.
+
+    The first five fields are those of `RankedPlaces`, for the candidate city nearest each chosen photo (`scores` is
+    the share of the vote, see the module docstring); the others say where the photo is and which it is.
+    """
+
+    city_rows: torch.LongTensor
+    scores: torch.Tensor
+    country_scores: torch.Tensor
+    joint_probabilities: torch.Tensor
+    region_scores: torch.Tensor
+    latitudes: torch.Tensor
+    longitudes: torch.Tensor
+    gallery_rows: torch.LongTensor
+    similarities: torch.Tensor
+
+
+def check_decision(decision: str, gallery: GeoGallery | None) -> None:
+    """Refuse a gallery decision without a gallery, saying how to give one."""
+    if decision in GALLERY_DECISIONS and gallery is None:
+        raise ValueError(
+            f"decision={decision!r} votes among the nearest photos of a gallery; give one: "
+            "pipeline(..., gallery=FOLDER_OR_REPO) or --gallery FOLDER_OR_REPO (build it with `streetclip index build`)."
+        )
+
+
+def rank_gallery_places(model, outputs, gallery: GeoGallery, decision: str, top_k: int = 1) -> GalleryRankedPlaces:
+    """Each image's `top_k` answers under `decision` (`"gallery"` or `"hybrid"`, see the module docstring), from the
+    model's outputs: the normalised `image_embeds` search the gallery, `country_logits` give p(country).
+
+    An answer's place is the candidate city nearest the chosen photo; its probabilities are the zero-shot ones of
+    that city (computed as `rank_places` computes them), so every answer has the pipeline's fields.
+    """
+    import torch
+
+    if decision not in GALLERY_DECISIONS:
+        raise ValueError(f"rank_gallery_places decides {', '.join(GALLERY_DECISIONS)}, not {decision!r}.")
+    places = model.candidate_places
+    settings = gallery.settings
+    similarities, rows = gallery.search(outputs.image_embeds.float().cpu().numpy(), settings.num_neighbors)
+    country_log_probs = outputs.country_logits.float().log_softmax(dim=-1)
+    country_probabilities = country_log_probs.exp().cpu().numpy()
+    city_countries = np.asarray(places.city_countries)
+    columns = {name: np.zeros((len(rows), top_k)) for name in GalleryRankedPlaces._fields}
+    columns["city_rows"] -= 1
+    for image, (image_similarities, image_rows) in enumerate(zip(similarities, rows, strict=True)):
+        found = image_rows >= 0
+        image_similarities, image_rows = image_similarities[found], image_rows[found]
+        latitudes, longitudes = gallery.latitudes[image_rows], gallery.longitudes[image_rows]
+        neighbor_cities = nearest_city_rows(places, latitudes, longitudes)
+        scale = None
+        if decision == "hybrid":
+            scale = hybrid_scale(
+                city_countries[neighbor_cities], country_probabilities[image], settings.hybrid_countries
+            )
+        for rank, (position, score) in enumerate(
+            kernel_vote(image_similarities, latitudes, longitudes, settings, top_k=top_k, scale=scale)
+        ):
+            city = int(neighbor_cities[position])
+            probabilities = _city_probabilities(model, outputs.image_embeds[image], country_log_probs[image], city)
+            for name, value in {
+                "city_rows": city,
+                "scores": score,
+                **probabilities,
+                "latitudes": latitudes[position],
+                "longitudes": longitudes[position],
+                "gallery_rows": image_rows[position],
+                "similarities": image_similarities[position],
+            }.items():
+                columns[name][image, rank] = value
+    device = outputs.country_logits.device
+    return GalleryRankedPlaces(
+        **{
+            name: torch.as_tensor(
+                values, dtype=torch.long if name in ("city_rows", "gallery_rows") else torch.float64, device=device
+            )
+            for name, values in columns.items()
+        }
+    )
+
+
+def _city_probabilities(model, image_embeds: torch.Tensor, country_log_probs: torch.Tensor, city: int) -> dict:
+    """p(country), p(region | country) and the joint probability of one candidate city for one image, as
+    `StreetCLIPForGeolocation.rank_places` computes them."""
+    import torch
+
+    country = model.candidate_places.city_countries[city]
+    countries = torch.tensor([country], device=image_embeds.device)
+    # The candidates of that one country, with every probability the ranking rules use.
+    found = model._country_candidates(image_embeds[None], countries, country_log_probs[None], 0)
+    column = int((found["rows"][0] == city).nonzero()[0, 0])
+    return {
+        "country_scores": float(found["country"][0, column].exp()),
+        "joint_probabilities": float(found["joint"][0, column].exp()),
+        "region_scores": float(found["region"][0, column].exp()),
+    }
+
+
+def format_gallery_answers(places: CandidatePlaces, **columns) -> list[dict[str, Any]]:
+    """One image's answers (a row of each field of `GalleryRankedPlaces`) as the pipeline's dicts, padding dropped:
+    `format_answers`' fields, with the photo's coordinates, plus `gallery_row` and `similarity`."""
+    from .gazetteer import format_answers
+
+    kept = columns["city_rows"] >= 0
+    columns = {name: column[kept] for name, column in columns.items()}
+    answers = format_answers(places, **{name: columns[name] for name in ("city_rows", *_RANKED_FIELDS)})
+    for answer, latitude, longitude, row, similarity in zip(
+        answers,
+        columns["latitudes"].tolist(),
+        columns["longitudes"].tolist(),
+        columns["gallery_rows"].tolist(),
+        columns["similarities"].tolist(),
+        strict=True,
+    ):
+        answer |= {"latitude": latitude, "longitude": longitude, "gallery_row": row, "similarity": similarity}
+    return answers
+
+
+# The probability columns that `format_answers` takes besides the city rows.
+_RANKED_FIELDS = ("scores", "country_scores", "joint_probabilities", "region_scores")
+
+
+__all__ = [
+    "BAD_ROWS_FILE",
+    "DEFAULT_INDEX",
+    "GALLERY_DECISIONS",
+    "GALLERY_FILE",
+    "GalleryInfo",
+    "GalleryModelError",
+    "GeoGallery",
+    "IndexChoice",
+    "VoteSettings",
+    "GalleryRankedPlaces",
+    "check_decision",
+    "format_gallery_answers",
+    "rank_gallery_places",
+    "hybrid_scale",
+    "import_faiss",
+    "index_for_memory",
+    "kernel_vote",
+    "model_fingerprint",
+    "nearest_city_rows",
+    "probed_lists",
+    "recommended_index",
+    "training_rows",
+]

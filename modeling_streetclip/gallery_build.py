@@ -1,0 +1,695 @@
+"""Building a gallery: geo-tagged photos in; their embeddings, coordinates and labels out, resumable after a kill.
+
+Rows are read in source order and decoded in DataLoader workers (a bad image, or coordinates that are not a point on
+Earth, become that row's error, recorded and skipped as `streetclip locate` does); the model embeds them in batches.
+As batches finish, consecutive rows are written to a shard, `shards/rows-{start}-{end}.arrow` in the gallery folder:
+an Arrow stream file written under a temporary name and renamed, so that a shard is whole or absent. The shards
+present are the record of progress: a rerun after a kill starts after the last of them and embeds no row twice.
+`build.json` records what shapes the rows (the source, its columns, the model's fingerprint), so that a rerun with
+others stops instead of mixing two builds. Once every row is embedded the shards are joined into the gallery
+(`save_to_disk`), the FAISS index is trained and added through `datasets`' `add_faiss_index`, and `gallery.json`,
+written last, marks the gallery complete; then the shards go.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .cli import DEFAULT_BATCH_SIZE
+from .coordinates import coordinate_problem
+from .gallery import (
+    BAD_ROWS_FILE,
+    DATASET_FOLDER,
+    DEFAULT_INDEX,
+    DEFAULT_SHARD_SIZE,
+    EMBEDDING_COLUMN,
+    FINGERPRINT_MIN_COSINE,
+    GALLERY_FILE,
+    INDEX_FILE,
+    GalleryInfo,
+    GalleryModelError,
+    GeoGallery,
+    VoteSettings,
+    fingerprint_agreement,
+    image_embeddings,
+    import_datasets,
+    import_faiss,
+    model_fingerprint,
+    probed_lists,
+    recommended_index,
+    set_nprobe,
+    training_rows,
+    write_json_atomically,
+)
+from .images import ImageLoadError, load_rgb_image
+
+
+if TYPE_CHECKING:
+    import datasets
+    import pyarrow as pa
+
+
+logger = logging.get_logger(__name__)
+
+SHARDS_FOLDER = "shards"
+BUILD_FILE = "build.json"
+# `--index auto`: the documented default for the gallery's size (`gallery.recommended_index`).
+AUTO_INDEX = "auto"
+# Columns every gallery row has; a source column of the same name (other than the coordinates read) is refused.
+GALLERY_COLUMNS = ("source_row", EMBEDDING_COLUMN, "latitude", "longitude", "image_path")
+# The shard column that holds a skipped row's reason (null for rows embedded), dropped from the gallery.
+ERROR_COLUMN = "error"
+# Rows handed to `add_faiss_index` at a time: 64k x 768 float32 is 200 MB.
+ADD_BATCH_ROWS = 65_536
+# Seed of the sample an IVF or PQ index is trained on, so that a rebuild gives the same index.
+TRAIN_SAMPLE_SEED = 0
+# Errors that make one image unreadable (as `streetclip locate` records them), not the build.
+_IMAGE_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError, ImageLoadError, TypeError)
+
+
+@dataclass
+class GalleryBuild:
+    """What `build_gallery` did: the gallery, the rows embedded by this call, the source rows an earlier
+    (interrupted) call had done, and every skipped row (`source_row`, `image_path`, `error`)."""
+
+    gallery: GeoGallery
+    embedded_rows: int
+    resumed_rows: int
+    bad_rows: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """The source columns a build reads: the image, the coordinates, and the labels it keeps as they are."""
+
+    image: str
+    latitude: str
+    longitude: str
+    labels: tuple[str, ...]
+
+
+def build_gallery(
+    model,
+    processor,
+    data: str | os.PathLike | datasets.Dataset | datasets.IterableDataset,
+    output_dir: str | os.PathLike,
+    model_name: str | None = None,
+    index: str = DEFAULT_INDEX,
+    nprobe: int | None = None,
+    train_size: int | None = None,
+    split: str = "train",
+    streaming: bool = False,
+    image_column: str | None = None,
+    latitude_column: str = "latitude",
+    longitude_column: str = "longitude",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    num_workers: int = 0,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    settings: VoteSettings | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> GalleryBuild:
+    """Embed every photo of `data` with `model` and write a gallery to `output_dir` (see `gallery` for its layout),
+    resuming an unfinished build there.
+
+    Args:
+        model: a `StreetCLIPForGeolocation` (or any CLIP model with `get_image_features`), on the device to run on.
+        processor: its `StreetCLIPProcessor`, or an image processor.
+        data: a `datasets` dataset (streamed or not), or a source that `dataset_sources.open_dataset` opens: a
+            `save_to_disk` folder, an image folder with `metadata.csv`, a folder of CSV or Parquet files, a Hub id.
+        output_dir: the gallery folder: new or empty, or holding an unfinished build of the same source and model.
+        model_name: recorded in `gallery.json` (default: the model's `name_or_path`).
+        index: a FAISS factory string (`"Flat"`: exact; `"IVF1024,SQ8"`, `"IVF1024,PQ64"`: compressed) or `"auto"`
+            (`recommended_index` for the gallery's size).
+        nprobe: inverted lists an IVF index probes per search (default: 1/64 of them, at least 1).
+        train_size: rows, sampled at random, that train an index that needs training (default: 64 per list, at least
+            65,536, at most all).
+        split, streaming: which split of a source to read, and whether to stream it.
+        image_column: the column of images (default: image, img, photo or jpg).
+        latitude_column, longitude_column: the columns of coordinates in degrees, stored as `latitude`, `longitude`.
+        batch_size, num_workers: images per forward pass, and DataLoader processes decoding them (0: this process).
+        shard_size: source rows per shard; a kill loses at most one shard of work.
+        settings: the vote settings stored as the gallery's defaults (default: `VoteSettings()`).
+        overwrite: delete a gallery (or an unfinished build) in `output_dir` first and start afresh.
+        progress: show a tqdm bar on standard error.
+    """
+    datasets = import_datasets()
+    faiss = import_faiss()
+    folder = Path(output_dir)
+    image_processor = getattr(processor, "image_processor", processor)
+    fingerprint = model_fingerprint(model, image_processor)
+    dim = fingerprint.shape[-1]
+    if index != AUTO_INDEX:
+        _check_factory(faiss, index, dim)
+    source_name = os.fspath(data) if isinstance(data, (str, os.PathLike)) else _describe(data)
+    if isinstance(data, (str, os.PathLike)):
+        from .dataset_sources import open_dataset
+
+        data, split = open_dataset(data, split, streaming=streaming)
+    columns = _find_columns(data, image_column, latitude_column, longitude_column, source_name)
+    _prepare_folder(folder, overwrite)
+    options = {
+        "model": model_name or getattr(model, "name_or_path", "") or type(model).__name__,
+        "source": source_name,
+        "split": split,
+        **{f"{role}_column": name for role, name in asdict(columns).items() if role != "labels"},
+    }
+    _check_or_record_build(folder, options, fingerprint)
+
+    shards = folder / SHARDS_FOLDER
+    done = _completed_rows(shards)
+    total = len(data) if isinstance(data, datasets.Dataset) else _known_rows(data)
+    label_features = _label_features(data, columns)
+    embedded = 0
+    if total is None or done < total:
+        embedded = _embed_rows(
+            model,
+            image_processor,
+            data,
+            columns,
+            label_features,
+            shards,
+            start=done,
+            total=total,
+            dim=dim,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            shard_size=shard_size,
+            progress=progress,
+        )
+    gallery, bad_rows = _finish(folder, options, fingerprint, label_features, index, nprobe, train_size, settings)
+    return GalleryBuild(gallery=gallery, embedded_rows=embedded, resumed_rows=done, bad_rows=bad_rows)
+
+
+def _describe(data) -> str:
+    """A name for a dataset passed as an object: the folders or Hub files it came from, else its class."""
+    files = getattr(data, "cache_files", None) or []
+    if files:
+        return str(Path(files[0]["filename"]).parent)
+    return getattr(getattr(data, "info", None), "dataset_name", None) or type(data).__name__
+
+
+def _check_factory(faiss, factory: str, dim: int) -> None:
+    """Refuse a factory string FAISS cannot build, before any photo is embedded."""
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"index {factory!r} is not a FAISS factory string for {dim}-d embeddings ({message}); e.g. 'Flat', "
+            f"'IVF1024,SQ8', 'IVF1024,PQ64' (PQ's code count must divide {dim}), or '{AUTO_INDEX}'."
+        ) from None
+
+
+def _find_columns(
+    data, image_column: str | None, latitude_column: str, longitude_column: str, source: str
+) -> _Columns:
+    """The columns to read; a streamed source that does not declare its columns is checked on its first row."""
+    from .dataset_sources import find_image_column
+
+    names = data.column_names
+    if names is None:
+        names = list(next(iter(data.take(1))).keys())
+    datasets = import_datasets()
+    declared = [name for name, feature in (data.features or {}).items() if isinstance(feature, datasets.Image)]
+    if image_column is None and len(declared) == 1:
+        image = declared[0]  # the one column of images, whatever its name (a CSV's IMG_ID, say)
+    else:
+        image = find_image_column(data, image_column, source) if data.column_names else image_column or "image"
+    for role, name in (("image", image), ("latitude", latitude_column), ("longitude", longitude_column)):
+        if name not in names:
+            raise ValueError(
+                f"The data {source!r} has no {role} column {name!r}; its columns are {names}. Name it with "
+                f"--{role}_column."
+            )
+    used = {image, latitude_column, longitude_column}
+    clashes = [name for name in names if name in GALLERY_COLUMNS + (ERROR_COLUMN,) and name not in used]
+    if clashes:
+        raise ValueError(
+            f"The data {source!r} has columns named {clashes}, which a gallery uses for its own; rename them "
+            "(`dataset.rename_column`) before building."
+        )
+    labels = tuple(name for name in names if name not in used)
+    return _Columns(image, latitude_column, longitude_column, labels)
+
+
+def _label_features(data, columns: _Columns) -> datasets.Features | None:
+    """The `datasets` features of the label columns, None where the source does not declare them (a streamed JSON
+    file, say): then the first shard's inferred types are kept for all."""
+    datasets = import_datasets()
+    if data.features is None:
+        return None
+    return datasets.Features({name: data.features[name] for name in columns.labels})
+
+
+def _known_rows(data) -> int | None:
+    """The number of rows of a streamed dataset, where its metadata records it."""
+    splits = getattr(getattr(data, "info", None), "splits", None) or {}
+    split = getattr(data, "split", None)
+    if split is not None and str(split) in splits:
+        return splits[str(split)].num_examples or None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The build folder.
+
+
+def _prepare_folder(folder: Path, overwrite: bool) -> None:
+    """Make `folder` ready: new, empty, or holding an unfinished build; with `overwrite`, a gallery or build there
+    is deleted first (its own files only). A complete gallery, or a folder holding other files, is refused."""
+    gallery_parts = (GALLERY_FILE, DATASET_FOLDER, INDEX_FILE, BAD_ROWS_FILE, SHARDS_FOLDER, BUILD_FILE)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"The gallery output {str(folder)!r} is a file; give a folder.")
+    if overwrite and folder.is_dir():
+        for name in gallery_parts:
+            path = folder / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    if (folder / GALLERY_FILE).exists():
+        raise FileExistsError(
+            f"{str(folder)!r} already holds a complete gallery; pass --overwrite (overwrite=True) to build it again, "
+            "or give another folder."
+        )
+    if folder.is_dir() and not (folder / BUILD_FILE).exists():
+        others = sorted(path.name for path in folder.iterdir())
+        if others:
+            raise FileExistsError(
+                f"{str(folder)!r} holds other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); "
+                "a gallery needs a new or empty folder."
+            )
+    (folder / SHARDS_FOLDER).mkdir(parents=True, exist_ok=True)
+
+
+def _check_or_record_build(folder: Path, options: dict[str, Any], fingerprint: np.ndarray) -> None:
+    """Record what shapes this build's rows in `build.json`, or, resuming, refuse a build with other options or
+    another model, naming what differs."""
+    path = folder / BUILD_FILE
+    if not path.exists():
+        write_json_atomically(path, {"options": options, "model_fingerprint": fingerprint.tolist()})
+        return
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        recorded_options, recorded_fingerprint = recorded["options"], recorded["model_fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"cannot read the unfinished build's options from {str(path)!r} ({error}); pass --overwrite to start "
+            "afresh."
+        ) from None
+    if fingerprint_agreement(recorded_fingerprint, fingerprint) < FINGERPRINT_MIN_COSINE:
+        raise GalleryModelError(
+            f"{str(folder)!r} holds an unfinished build embedded by the model {recorded_options.get('model')!r}, "
+            f"whose embeddings differ from those of {options['model']!r}; resume with that model, or pass "
+            "--overwrite to start afresh."
+        )
+    differing = [
+        f"{name} was {recorded_options.get(name)!r}, now {options.get(name)!r}"
+        for name in sorted(options.keys() - {"model"})
+        if recorded_options.get(name) != options.get(name)
+    ]
+    if differing:
+        raise ValueError(
+            f"{str(folder)!r} holds an unfinished build of other data ({'; '.join(differing)}); rerun with the "
+            "options that started it to resume, or pass --overwrite to start afresh."
+        )
+
+
+def _shard_name(start: int, end: int) -> str:
+    return f"rows-{start:012d}-{end:012d}.arrow"
+
+
+def _shard_paths(shards: Path) -> list[tuple[int, int, Path]]:
+    """The complete shards, as (first row, row after the last, path), in row order; temporary files that a kill left
+    behind are deleted."""
+    found = []
+    for path in shards.iterdir():
+        if path.suffix == ".tmp":
+            path.unlink()  # a shard cut off while it was written: its rows are embedded again
+            continue
+        parts = path.stem.split("-")
+        if len(parts) != 3 or parts[0] != "rows" or not (parts[1].isdigit() and parts[2].isdigit()):
+            raise ValueError(f"{str(path)!r} is not a gallery shard; the shards folder holds only the build's own.")
+        found.append((int(parts[1]), int(parts[2]), path))
+    return sorted(found)
+
+
+def _completed_rows(shards: Path) -> int:
+    """The number of source rows the shards cover, from row 0 without a gap (as builds write them)."""
+    end = 0
+    for start, stop, path in _shard_paths(shards):
+        if start != end:
+            raise ValueError(
+                f"The shards in {str(shards)!r} do not follow each other ({path.name} starts at row {start}, the "
+                f"rows before end at {end}); pass --overwrite to start afresh."
+            )
+        end = stop
+    return end
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading and embedding rows.
+
+
+def _as_float(value: Any) -> float:
+    """A coordinate cell as a float; text that is not a number, and empty cells, are NaN (missing)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+class _RowPreparer:
+    """Turns one source row into `(row, pixels or None, latitude, longitude, image path, labels, error)`, in the
+    DataLoader worker: coordinates first (a row without them is not worth decoding), then the image."""
+
+    def __init__(self, image_processor, columns: _Columns):
+        self.image_processor = image_processor
+        self.columns = columns
+
+    def __call__(self, row_number: int, row: dict[str, Any]) -> tuple:
+        from .dataset_sources import encoded_image
+
+        columns = self.columns
+        latitude, longitude = _as_float(row[columns.latitude]), _as_float(row[columns.longitude])
+        value = row[columns.image]
+        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        labels = {name: row[name] for name in columns.labels}
+        problem = coordinate_problem(latitude, longitude)
+        if problem is not None:
+            error = problem.describe(
+                row[columns.latitude],
+                row[columns.longitude],
+                f"latitude (column {columns.latitude!r})",
+                f"longitude (column {columns.longitude!r})",
+            )
+            return row_number, None, latitude, longitude, path, labels, error
+        try:
+            if value is None:
+                raise ImageLoadError(f"Row {row_number} has no image (column {columns.image!r} is empty).")
+            image = load_rgb_image(encoded_image(value) if isinstance(value, dict) else value)
+        except _IMAGE_ERRORS as error:
+            return row_number, None, latitude, longitude, path, labels, str(error)
+        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return row_number, pixels, latitude, longitude, path, labels, None
+
+
+class _MapRows(Dataset):
+    """Source rows `start`, `start + 1`, ... of a map-style dataset, prepared one per item."""
+
+    def __init__(self, data, start: int, prepare: _RowPreparer):
+        self.data = data
+        self.start = start
+        self.prepare = prepare
+
+    def __len__(self) -> int:
+        return len(self.data) - self.start
+
+    def __getitem__(self, index: int) -> tuple:
+        return self.prepare(self.start + index, self.data[self.start + index])
+
+
+class _StreamedRows(IterableDataset):
+    """The rows of a streamed dataset from `start` on, prepared, such that a DataLoader returns them in order.
+
+    Each of W workers reads the whole stream in batches (`IterableDataset.iter`, which unlike iterating the dataset
+    itself does not hand each worker only some of its files) and prepares the batches b with b % W equal to its id;
+    the DataLoader takes one batch from each worker in turn, so batches come back in stream order, which resume relies
+    on. Reading is cheap next to decoding, which each row gets once.
+    """
+
+    def __init__(self, data, start: int, batch_size: int, prepare: _RowPreparer):
+        self.data = data
+        self.start = start
+        self.batch_size = batch_size
+        self.prepare = prepare
+
+    def __iter__(self) -> Iterator[tuple]:
+        worker = get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        stream = self.data.skip(self.start) if self.start else self.data
+        row_number = self.start
+        for batch_number, batch in enumerate(stream.iter(batch_size=self.batch_size)):
+            size = len(next(iter(batch.values())))
+            if batch_number % workers == worker_id:
+                for position in range(size):
+                    row = {name: values[position] for name, values in batch.items()}
+                    yield self.prepare(row_number + position, row)
+            row_number += size
+
+
+def _collate(items: list[tuple]) -> list[tuple]:
+    """Keep the prepared rows as they are; pixels are stacked for the good ones where the batch is used."""
+    return items
+
+
+def _embed_rows(
+    model,
+    image_processor,
+    data,
+    columns: _Columns,
+    label_features: datasets.Features | None,
+    shards: Path,
+    start: int,
+    total: int | None,
+    dim: int,
+    batch_size: int,
+    num_workers: int,
+    shard_size: int,
+    progress: bool,
+) -> int:
+    """Embed the source rows from `start` on, writing a shard whenever `shard_size` rows are done (and at the end);
+    returns the number of rows embedded."""
+    datasets = import_datasets()
+    if batch_size < 1 or shard_size < 1 or num_workers < 0:
+        raise ValueError(
+            f"batch_size and shard_size must be >= 1 and num_workers >= 0, got {batch_size}, {shard_size} and "
+            f"{num_workers}."
+        )
+    # Decoding belongs to the workers, where an unreadable image is one row's error (a stream that declares no
+    # features hands its image files over undecoded anyway).
+    encoded = data.cast_column(columns.image, datasets.Image(decode=False)) if data.features is not None else data
+    prepare = _RowPreparer(image_processor, columns)
+    if isinstance(encoded, datasets.Dataset):
+        rows = _MapRows(encoded, start, prepare)
+        loader = DataLoader(rows, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    else:
+        rows = _StreamedRows(encoded, start, batch_size, prepare)
+        loader = DataLoader(rows, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    writer = _ShardWriter(shards, dim, label_features)
+    embedded = 0
+    with tqdm(
+        total=total, initial=start, unit="img", desc="streetclip index build", file=sys.stderr, disable=not progress
+    ) as bar:
+        for items in loader:
+            good = [position for position, item in enumerate(items) if item[1] is not None]
+            embeddings = np.full((len(items), dim), np.nan, dtype=np.float32)
+            if good:
+                pixel_values = torch.stack([items[position][1] for position in good])
+                embeddings[good] = image_embeddings(model, pixel_values).cpu().numpy()
+            writer.add(items, embeddings)
+            embedded += len(good)
+            if writer.pending_rows >= shard_size:
+                writer.flush()
+            bar.update(len(items))
+        writer.flush()
+    return embedded
+
+
+class _ShardWriter:
+    """Collects prepared rows with their embeddings and writes them as one shard file (see the module docstring)."""
+
+    def __init__(self, shards: Path, dim: int, label_features: datasets.Features | None):
+        self.shards = shards
+        self.dim = dim
+        self.label_schema = label_features.arrow_schema if label_features is not None else None
+        self.label_features = label_features
+        self.items: list[tuple] = []
+        self.embeddings: list[np.ndarray] = []
+
+    @property
+    def pending_rows(self) -> int:
+        return len(self.items)
+
+    def add(self, items: list[tuple], embeddings: np.ndarray) -> None:
+        if self.items and items and items[0][0] != self.items[-1][0] + 1:
+            raise RuntimeError(f"rows arrived out of order: {items[0][0]} after {self.items[-1][0]}")
+        self.items += items
+        self.embeddings.append(embeddings)
+
+    def flush(self) -> None:
+        """Write the collected rows as one shard, atomically; nothing when none are collected."""
+        if not self.items:
+            return
+        import pyarrow as pa
+
+        table = self._table(pa)
+        start, end = self.items[0][0], self.items[-1][0] + 1
+        path = self.shards / _shard_name(start, end)
+        temporary = path.with_name(path.name + ".tmp")
+        with open(temporary, "wb") as stream:
+            with pa.ipc.new_stream(stream, table.schema) as arrow:
+                arrow.write_table(table)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+        self.items, self.embeddings = [], []
+
+    def _table(self, pa) -> pa.Table:
+        embeddings = np.concatenate(self.embeddings)
+        missing = np.isnan(embeddings).any(axis=1)
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), self.dim, mask=pa.array(missing))
+        label_rows = [item[5] for item in self.items]
+        if self.label_features is not None:
+            label_rows = [self.label_features.encode_example(row) for row in label_rows]
+        elif self.label_schema is None:
+            # Undeclared label types: those the first shard inferred hold for all, so that the shards join.
+            written = _shard_paths(self.shards)
+            if written:
+                schema = _read_shard(written[0][2]).schema
+                self.label_schema = pa.schema([schema.field(name) for name in label_rows[0]])
+        labels = pa.Table.from_pylist(label_rows, schema=self.label_schema)
+        self.label_schema = labels.schema
+        columns = {
+            "source_row": pa.array([item[0] for item in self.items], pa.int64()),
+            EMBEDDING_COLUMN: vectors,
+            "latitude": pa.array([item[2] for item in self.items], pa.float64()),
+            "longitude": pa.array([item[3] for item in self.items], pa.float64()),
+            "image_path": pa.array([item[4] for item in self.items], pa.string()),
+            **{name: labels.column(name) for name in labels.column_names},
+            ERROR_COLUMN: pa.array([item[6] for item in self.items], pa.string()),
+        }
+        return pa.table(columns)
+
+
+def _read_shard(path: Path) -> pa.Table:
+    """A shard, memory-mapped: joining a million rows copies nothing until the gallery is saved."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Finishing: the gallery dataset, its index, gallery.json.
+
+
+def _finish(
+    folder: Path,
+    options: dict[str, Any],
+    fingerprint: np.ndarray,
+    label_features: datasets.Features | None,
+    index: str,
+    nprobe: int | None,
+    train_size: int | None,
+    settings: VoteSettings | None,
+) -> tuple[GeoGallery, list[dict[str, Any]]]:
+    """Join the shards into the gallery, index it and write `gallery.json`; then delete the shards and `build.json`.
+    A kill in here loses nothing: the shards stay until `gallery.json` is written."""
+    datasets = import_datasets()
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    shards = [path for _, _, path in _shard_paths(folder / SHARDS_FOLDER)]
+    if not shards:
+        raise ValueError(f"The data {options['source']!r} has no rows; a gallery needs at least one photo.")
+    table = pa.concat_tables([_read_shard(path) for path in shards], promote_options="permissive")
+    failed = pc.is_valid(table.column(ERROR_COLUMN)).to_numpy(zero_copy_only=False)
+    bad_rows = (
+        table.filter(pa.array(failed)).select(["source_row", "image_path", ERROR_COLUMN]).to_pylist()
+        if failed.any()
+        else []
+    )
+    good = np.flatnonzero(~failed)
+    if not len(good):
+        raise ValueError(
+            f"No row of {options['source']!r} could be embedded ({len(bad_rows)} skipped; first: "
+            f"{bad_rows[0][ERROR_COLUMN]})."
+        )
+    dim = fingerprint.shape[-1]
+    table = table.drop_columns([ERROR_COLUMN])
+    features = datasets.Features.from_arrow_schema(table.schema)
+    features[EMBEDDING_COLUMN] = datasets.List(datasets.Value("float32"), length=dim)
+    features.update(label_features or {})  # declared types (a ClassLabel's names) where Arrow keeps only integers
+    rows = datasets.Dataset(datasets.table.InMemoryTable(table), info=datasets.DatasetInfo(features=features))
+    rows = rows.select(good)
+    dataset_folder = folder / DATASET_FOLDER
+    temporary = folder / f"{DATASET_FOLDER}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    shutil.rmtree(dataset_folder, ignore_errors=True)
+    rows.save_to_disk(str(temporary))
+    os.replace(temporary, dataset_folder)
+    gallery_rows = datasets.load_from_disk(str(dataset_folder))
+    factory, nprobe = attach_index(gallery_rows, dim, index, nprobe, train_size)
+    index_temporary = folder / f"{INDEX_FILE}.tmp"
+    gallery_rows.save_faiss_index(EMBEDDING_COLUMN, str(index_temporary))
+    os.replace(index_temporary, folder / INDEX_FILE)
+    with open(folder / BAD_ROWS_FILE, "w", encoding="utf-8") as stream:
+        for row in bad_rows:
+            stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+    info = GalleryInfo(
+        model=options["model"],
+        model_fingerprint=fingerprint.tolist(),
+        embedding_dim=dim,
+        index=factory,
+        nprobe=nprobe,
+        num_rows=len(gallery_rows),
+        num_bad_rows=len(bad_rows),
+        source=options["source"],
+        vote=asdict(settings or VoteSettings()),
+    )
+    info.write(folder)
+    shutil.rmtree(folder / SHARDS_FOLDER)
+    (folder / BUILD_FILE).unlink()
+    return GeoGallery(folder, gallery_rows, info, settings or VoteSettings()), bad_rows
+
+
+def attach_index(
+    rows: datasets.Dataset, dim: int, index: str, nprobe: int | None = None, train_size: int | None = None
+) -> tuple[str, int | None]:
+    """Build the FAISS index `index` (a factory string, or `"auto"`) over `rows[EMBEDDING_COLUMN]` with `datasets`'
+    `add_faiss_index`, training it first on a random sample where it needs training; returns the factory string
+    used and the lists it probes (None without inverted lists)."""
+    faiss = import_faiss()
+    num_rows = len(rows)
+    factory = recommended_index(num_rows, dim).factory if index == AUTO_INDEX else index
+    _check_factory(faiss, factory, dim)
+    faiss_index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    try:
+        lists = faiss.extract_index_ivf(faiss_index).nlist
+    except RuntimeError:
+        lists = None
+    if not faiss_index.is_trained:
+        wanted = min(train_size or training_rows(lists, num_rows), num_rows)
+        sample = np.sort(np.random.default_rng(TRAIN_SAMPLE_SEED).choice(num_rows, size=wanted, replace=False))
+        vectors = rows.with_format("numpy", columns=[EMBEDDING_COLUMN])[sample][EMBEDDING_COLUMN]
+        try:
+            faiss_index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+        except RuntimeError as error:
+            raise ValueError(
+                f"Cannot train the index {factory!r} on {wanted:,} of the gallery's {num_rows:,} rows "
+                f"({str(error).strip().splitlines()[-1]}); choose an index with fewer lists (IVF{{n}} needs at least "
+                f"39 rows per list), or 'Flat'. The embeddings are kept: rerun with another --index to finish."
+            ) from None
+    nprobe = (nprobe or probed_lists(lists)) if lists is not None else None
+    if nprobe is not None:
+        set_nprobe(faiss_index, nprobe)
+    rows.add_faiss_index(EMBEDDING_COLUMN, custom_index=faiss_index, batch_size=ADD_BATCH_ROWS)
+    return factory, nprobe
+
+
+__all__ = ["AUTO_INDEX", "GalleryBuild", "attach_index", "build_gallery"]

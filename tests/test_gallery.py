@@ -1,0 +1,708 @@
+"""Retrieval galleries: building (resumable, bad rows recorded), saving and loading (folders and Hub repos), searching
+against a brute-force NumPy search, the model check, the `"gallery"` and `"hybrid"` decisions against hand-written
+references, the `streetclip index build` command, and an end-to-end check that a gallery of training photos beats
+zero-shot at street level.
+"""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPModel, pipeline
+
+import modeling_streetclip
+from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor, gallery_build
+from modeling_streetclip.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, main
+from modeling_streetclip.gallery import (
+    BAD_ROWS_FILE,
+    FINGERPRINT_MIN_COSINE,
+    GALLERY_FILE,
+    GalleryModelError,
+    GeoGallery,
+    VoteSettings,
+    hybrid_scale,
+    image_embeddings,
+    index_for_memory,
+    kernel_vote,
+    model_fingerprint,
+    nearest_city_rows,
+    recommended_index,
+)
+from modeling_streetclip.gallery_build import SHARDS_FOLDER, build_gallery
+from modeling_streetclip.gazetteer import EARTH_RADIUS_KM, CandidatePlaces, great_circle_km
+from modeling_streetclip.testing_utils import (
+    PLACES,
+    place_in_hub_cache,
+    place_photo,
+    run_as_hub_user,
+    save_tiny_clip_checkpoint,
+    write_geo_imagefolder,
+)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Degrees of longitude per km on the equator, where hand-made neighbours are laid out so that distances are exact.
+DEGREES_PER_KM = 180 / (math.pi * EARTH_RADIUS_KM)
+GOOD_ROWS = 2 * 2 * len(PLACES)  # write_geo_imagefolder(photos_per_city=2)
+BAD_ROWS = 3  # its bad_rows: an unreadable file, no coordinates, swapped coordinates
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """The synthetic geo set as an image folder: 24 good rows, then 3 bad ones."""
+    return write_geo_imagefolder(tmp_path_factory.mktemp("photos") / "data", photos_per_city=2, seed=0, bad_rows=True)
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(small_streetclip_dir):
+    return (
+        StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True),
+        StreetCLIPProcessor.from_pretrained(small_streetclip_dir),
+    )
+
+
+@pytest.fixture(scope="module")
+def built(model_and_processor, photos, tmp_path_factory):
+    model, processor = model_and_processor
+    return build_gallery(
+        model, processor, str(photos), tmp_path_factory.mktemp("gallery") / "g", batch_size=5, progress=False
+    )
+
+
+def metadata(folder: Path) -> dict[str, dict]:
+    with open(folder / "metadata.csv", encoding="utf-8") as stream:
+        return {row["file_name"]: row for row in csv.DictReader(stream)}
+
+
+def query_photos(count: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [place_photo(index % len(PLACES), index % 2, rng) for index in range(count)]
+
+
+def equator(km: float) -> float:
+    """The longitude of a point `km` east of (0, 0) along the equator."""
+    return km * DEGREES_PER_KM
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The decisions, on hand-made neighbours.
+
+
+def reference_vote(similarities, longitudes_km, settings: VoteSettings, scale=None) -> list[tuple[int, float]]:
+    """The documented kernel vote written out with loops, for neighbours on the equator (positions in km)."""
+    n = len(similarities)
+    scale = scale if scale is not None else [1.0] * n
+    best = max(s for s, c in zip(similarities, scale, strict=True) if c > 0)
+    weights = [c * math.exp((s - best) / settings.temperature) for s, c in zip(similarities, scale, strict=True)]
+    supports = []
+    for j in range(n):
+        support = 0.0
+        for i in range(n):
+            distance = abs(longitudes_km[i] - longitudes_km[j])
+            if distance < settings.radius_km:
+                support += weights[i] * (1 - (distance / settings.radius_km) ** 2)
+        supports.append(support / sum(weights))
+    order = sorted((j for j in range(n) if weights[j] > 0), key=lambda j: (-supports[j], -similarities[j]))
+    answers = []
+    for j in order:
+        if all(abs(longitudes_km[j] - longitudes_km[a]) >= settings.radius_km for a in answers):
+            answers.append(j)
+    return [(j, supports[j]) for j in answers]
+
+
+def assert_same_votes(votes: list[tuple[int, float]], expected: list[tuple[int, float]]) -> None:
+    assert [position for position, _ in votes] == [position for position, _ in expected]
+    assert [score for _, score in votes] == pytest.approx([score for _, score in expected], rel=1e-9)
+
+
+def test_kernel_vote_lets_a_group_of_agreeing_photos_outvote_the_single_nearest_one():
+    settings = VoteSettings(radius_km=10.0, temperature=0.05)
+    # Neighbour 0 is the most similar but alone, 500 km away; 1-3 are nearly as similar and within 4 km of each other.
+    similarities = [0.90, 0.88, 0.87, 0.87]
+    positions_km = [500.0, 2.0, 0.0, 4.0]
+    votes = kernel_vote(similarities, [0.0] * 4, [equator(km) for km in positions_km], settings, top_k=2)
+    assert_same_votes(votes, reference_vote(similarities, positions_km, settings)[:2])
+    assert [position for position, _ in votes] == [1, 0]
+    # The middle of the group wins, and the lone best match comes second as a distinct place.
+    assert votes[0][0] != int(np.argmax(similarities))
+
+
+def test_kernel_vote_keeps_top_k_answers_a_radius_apart_and_returns_fewer_when_the_places_run_out():
+    settings = VoteSettings(radius_km=10.0)
+    positions_km = [0.0, 3.0, 50.0, 52.0]
+    votes = kernel_vote([0.9, 0.89, 0.8, 0.79], [0.0] * 4, [equator(km) for km in positions_km], settings, top_k=5)
+    chosen = [positions_km[position] for position, _ in votes]
+    assert len(votes) == 2  # two places among four photos
+    assert abs(chosen[0] - chosen[1]) >= settings.radius_km
+    assert_same_votes(votes, reference_vote([0.9, 0.89, 0.8, 0.79], positions_km, settings))
+
+
+def test_kernel_vote_breaks_equal_support_by_similarity_and_ignores_missing_neighbours():
+    settings = VoteSettings()
+    # Two photos at one spot support each other equally; the more similar one is the answer. -inf marks a neighbour
+    # that the index did not return.
+    votes = kernel_vote([0.7, 0.8, -np.inf], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], settings, top_k=3)
+    assert_same_votes(votes, [(1, 1.0)])
+
+
+def test_hybrid_keeps_the_top_countries_neighbours_scaled_by_their_probability_and_can_overturn_the_gallery_vote():
+    settings = VoteSettings(radius_km=10.0, temperature=0.05, hybrid_countries=1)
+    # Photos 0-1 in country 0 are the most similar; 2-3 in country 1 less so, but zero-shot is sure of country 1.
+    similarities = [0.90, 0.89, 0.84, 0.84]
+    positions_km = [0.0, 1.0, 1000.0, 1001.0]
+    countries = [0, 0, 1, 1]
+    probabilities = [0.1, 0.85, 0.05]
+    scale = hybrid_scale(countries, probabilities, settings.hybrid_countries)
+    assert scale.tolist() == [0.0, 0.0, 0.85, 0.85]
+    longitudes = [equator(km) for km in positions_km]
+    gallery = kernel_vote(similarities, [0.0] * 4, longitudes, settings)
+    hybrid = kernel_vote(similarities, [0.0] * 4, longitudes, settings, scale=scale)
+    assert gallery[0][0] in (0, 1) and hybrid[0][0] in (2, 3)
+    assert_same_votes(hybrid, reference_vote(similarities, positions_km, settings, scale.tolist())[:1])
+    # With two countries allowed, both groups vote, each weighted by its country's probability.
+    two = hybrid_scale(countries, probabilities, 2)
+    assert two.tolist() == [0.1, 0.1, 0.85, 0.85]
+
+
+def test_hybrid_lets_every_neighbour_vote_when_none_lies_in_the_top_countries():
+    scale = hybrid_scale([2, 2, 0], [0.05, 0.9, 0.05], hybrid_countries=1)
+    assert scale.tolist() == [0.05, 0.05, 0.05]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"num_neighbors": 0},
+        {"radius_km": 0},
+        {"radius_km": float("inf")},
+        {"temperature": -1},
+        {"hybrid_countries": 1.5},
+    ],
+)
+def test_vote_settings_refuse_values_that_cannot_vote(settings):
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        VoteSettings(**settings)
+
+
+def test_nearest_city_rows_match_a_brute_force_great_circle_search():
+    places = CandidatePlaces.from_records(
+        [
+            {"country": country, "city": city, "latitude": latitude, "longitude": longitude}
+            for country, cities in PLACES.items()
+            for city, latitude, longitude in cities
+        ]
+    )
+    rng = np.random.default_rng(0)
+    latitudes, longitudes = rng.uniform(-80, 80, 200), rng.uniform(-180, 180, 200)
+    distances = great_circle_km(
+        latitudes[:, None], longitudes[:, None], np.array(places.city_latitudes), np.array(places.city_longitudes)
+    )
+    assert nearest_city_rows(places, latitudes, longitudes).tolist() == distances.argmin(axis=1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Index choice.
+
+
+def test_recommended_index_is_exact_for_small_galleries_and_ivf_sq8_within_a_gib_for_a_million_rows():
+    small = recommended_index(50_000, 768)
+    assert (small.factory, small.nprobe, small.train_size) == ("Flat", None, None)
+    large = recommended_index(1_000_000, 768)
+    assert large.factory == "IVF1024,SQ8" and large.nprobe == 16
+    assert large.memory_bytes <= 2**30
+    assert large.train_size == 65_536
+
+
+def test_index_for_memory_picks_the_most_accurate_index_that_fits_and_refuses_a_budget_nothing_fits():
+    assert index_for_memory(50_000, 768, 2**30).factory == "Flat"
+    assert index_for_memory(1_000_000, 768, 2**30).factory == "IVF1024,SQ8"
+    assert index_for_memory(1_000_000, 768, 500 * 2**20).factory == "IVF1024,SQ4"
+    lean = index_for_memory(1_000_000, 768, 120 * 2**20)
+    assert lean.factory == "IVF1024,PQ96" and lean.memory_bytes <= 120 * 2**20
+    assert index_for_memory(1_000_000, 512, 120 * 2**20).factory == "IVF1024,PQ64"  # 96 does not divide 512
+    with pytest.raises(ValueError, match="needs about"):
+        index_for_memory(1_000_000, 768, 2**20)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building, saving, loading, searching.
+
+
+def test_a_built_gallery_reloads_and_searches_as_a_brute_force_numpy_search(built, model_and_processor, photos):
+    model, processor = model_and_processor
+    gallery = GeoGallery.load(built.gallery.folder)
+    assert len(gallery) == GOOD_ROWS and gallery.info.index == "Flat"
+    rows = gallery.dataset.with_format("numpy")[:]
+    # Each row holds its photo's embedding, coordinates and labels.
+    by_name = metadata(photos)
+    names = [Path(path).name for path in rows["image_path"]]
+    images = [Image.open(photos / name) for name in names]
+    pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    np.testing.assert_allclose(rows["embedding"], image_embeddings(model, pixel_values).numpy(), atol=1e-5)
+    np.testing.assert_allclose(rows["latitude"], [float(by_name[name]["latitude"]) for name in names])
+    assert list(gallery.dataset["city"]) == [by_name[name]["city"] or None for name in names]
+    # Queries answer as brute force does: the same similarities, and rows whose similarity is what search says.
+    queries = image_embeddings(
+        model, processor.image_processor(images=query_photos(6, seed=5), return_tensors="pt")["pixel_values"]
+    ).numpy()
+    similarities, found = gallery.search(queries, k=5)
+    brute = queries @ rows["embedding"].T
+    np.testing.assert_allclose(similarities, -np.sort(-brute, axis=1)[:, :5], atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(brute, found, axis=1), similarities, atol=1e-5)
+
+
+def test_bad_rows_are_recorded_with_their_reason_and_skipped(built):
+    folder = built.gallery.folder
+    recorded = [json.loads(line) for line in (folder / BAD_ROWS_FILE).read_text().splitlines()]
+    reasons = {Path(row["image_path"]).name: row["error"] for row in recorded}
+    assert set(reasons) == {"broken.png", "no-coordinates.png", "swapped.png"}
+    assert "not an image format Pillow can read" in reasons["broken.png"]
+    assert "missing" in reasons["no-coordinates.png"]
+    assert "look swapped" in reasons["swapped.png"]
+    assert built.bad_rows == recorded
+    info = json.loads((folder / GALLERY_FILE).read_text())
+    assert (info["num_rows"], info["num_bad_rows"]) == (GOOD_ROWS, BAD_ROWS)
+    assert not (folder / SHARDS_FOLDER).exists() and not (folder / "build.json").exists()
+
+
+def test_a_build_killed_mid_way_resumes_and_embeds_every_row_exactly_once(
+    model_and_processor, photos, tmp_path, monkeypatch
+):
+    model, processor = model_and_processor
+    folder = tmp_path / "g"
+    embedded: list[int] = []
+    real = gallery_build.image_embeddings
+
+    def killed_at_the_third_batch(model, pixel_values):
+        if len(embedded) == 2:
+            raise KeyboardInterrupt  # as Ctrl-C, or a kill, between two batches
+        embedded.append(len(pixel_values))
+        return real(model, pixel_values)
+
+    monkeypatch.setattr(gallery_build, "image_embeddings", killed_at_the_third_batch)
+    options = {"batch_size": 4, "shard_size": 4, "progress": False}
+    with pytest.raises(KeyboardInterrupt):
+        build_gallery(model, processor, str(photos), folder, **options)
+    shards = sorted(path.name for path in (folder / SHARDS_FOLDER).iterdir())
+    assert shards == ["rows-000000000000-000000000004.arrow", "rows-000000000004-000000000008.arrow"]
+    assert not (folder / GALLERY_FILE).exists()
+    # A shard that a kill cut off while it was written is left under its temporary name, and is embedded again.
+    (folder / SHARDS_FOLDER / "rows-000000000008-000000000012.arrow.tmp").write_bytes(b"half a shard")
+
+    first_run = list(embedded)
+    embedded.clear()
+    monkeypatch.setattr(
+        gallery_build, "image_embeddings", lambda model, pixels: embedded.append(len(pixels)) or real(model, pixels)
+    )
+    result = build_gallery(model, processor, str(photos), folder, **options)
+    assert result.resumed_rows == 8
+    assert sum(first_run) + sum(embedded) == GOOD_ROWS
+    assert result.embedded_rows == sum(embedded) == GOOD_ROWS - 8
+    assert sorted(result.gallery.dataset["source_row"]) == list(range(GOOD_ROWS))
+    assert len(result.bad_rows) == BAD_ROWS
+
+
+def test_a_streamed_build_with_workers_writes_the_rows_of_a_loaded_one_in_the_same_order(
+    built, model_and_processor, photos, tmp_path
+):
+    model, processor = model_and_processor
+    streamed = build_gallery(
+        model, processor, str(photos), tmp_path / "g", streaming=True, batch_size=3, num_workers=2, progress=False
+    )
+    assert streamed.gallery.dataset["source_row"] == built.gallery.dataset["source_row"]
+    np.testing.assert_allclose(
+        np.asarray(streamed.gallery.dataset["embedding"]), np.asarray(built.gallery.dataset["embedding"]), atol=1e-6
+    )
+    assert streamed.bad_rows == built.bad_rows
+
+
+def test_an_unfinished_build_is_not_resumed_with_other_data_or_another_model(
+    model_and_processor, photos, tmp_path, tiny_clip_dir
+):
+    model, processor = model_and_processor
+    folder = tmp_path / "g"
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt_after_first_shard(model, processor, photos, folder)
+    other_photos = write_geo_imagefolder(tmp_path / "other-photos", photos_per_city=1, seed=3)
+    with pytest.raises(ValueError, match=f"holds an unfinished build of other data \\(source was '{photos}', now"):
+        build_gallery(model, processor, str(other_photos), folder, progress=False)
+    other = CLIPModel.from_pretrained(save_tiny_clip_checkpoint(tmp_path / "other", seed=1))
+    with pytest.raises(GalleryModelError, match="resume with that model, or pass --overwrite"):
+        build_gallery(other, processor, str(photos), folder, progress=False)
+    # --overwrite starts afresh, with any model.
+    fresh = build_gallery(other, processor, str(photos), folder, overwrite=True, progress=False)
+    assert fresh.resumed_rows == 0 and len(fresh.gallery) == GOOD_ROWS
+
+
+def _interrupt_after_first_shard(model, processor, photos, folder):
+    """Run a build that stops (KeyboardInterrupt) once its first shard is written."""
+    real = gallery_build._ShardWriter.flush
+
+    def flush_then_stop(self):
+        real(self)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gallery_build._ShardWriter, "flush", flush_then_stop)
+        build_gallery(model, processor, str(photos), folder, batch_size=4, shard_size=4, progress=False)
+
+
+def test_an_ivf_index_is_trained_saved_with_its_probes_and_searched(model_and_processor, photos, tmp_path):
+    model, processor = model_and_processor
+    result = build_gallery(model, processor, str(photos), tmp_path / "g", index="IVF2,SQ8", nprobe=2, progress=False)
+    gallery = GeoGallery.load(result.gallery.folder)
+    assert (gallery.info.index, gallery.info.nprobe) == ("IVF2,SQ8", 2)
+    assert gallery.faiss_index.nprobe == 2 and gallery.faiss_index.ntotal == GOOD_ROWS
+    assert GeoGallery.load(result.gallery.folder, nprobe=1).faiss_index.nprobe == 1
+    embeddings = np.asarray(gallery.dataset["embedding"], dtype=np.float32)
+    similarities, rows = gallery.search(embeddings[:3], k=4)
+    assert (rows >= 0).all()
+    # SQ8 keeps similarities to about 1e-2; with every list probed, the best row found is within that of the truth.
+    assert similarities[:, 0] == pytest.approx((embeddings[:3] @ embeddings.T).max(axis=1), abs=1e-2)
+
+
+def test_a_gallery_from_another_model_is_refused_and_the_same_model_in_bfloat16_is_not(
+    built, small_streetclip_dir, tiny_clip_dir, tmp_path
+):
+    other_dir = save_tiny_clip_checkpoint(tmp_path / "other", seed=1)
+    with pytest.raises(GalleryModelError, match="was built with the model .* not with .*other"):
+        pipeline("geolocation", model=str(other_dir), gallery=str(built.gallery.folder))
+    bfloat16 = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True, dtype=torch.bfloat16)
+    processor = StreetCLIPProcessor.from_pretrained(small_streetclip_dir)
+    agreement = modeling_streetclip.gallery.fingerprint_agreement(
+        built.gallery.info.model_fingerprint, model_fingerprint(bfloat16, processor.image_processor)
+    )
+    assert agreement >= FINGERPRINT_MIN_COSINE
+    built.gallery.check_model(bfloat16, processor.image_processor)
+
+
+def test_a_missing_or_damaged_gallery_is_refused_naming_the_folder(built, tmp_path):
+    with pytest.raises(FileNotFoundError, match="No gallery folder at"):
+        GeoGallery.load(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no gallery.json"):
+        GeoGallery.load(tmp_path / "empty")
+
+
+def test_a_gallery_loads_from_a_hub_dataset_repo_and_pushes_as_one(built, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    place_in_hub_cache(built.gallery.folder, cache, "someone/photos", repo_type="dataset")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    loaded = GeoGallery.load("someone/photos")
+    assert len(loaded) == GOOD_ROWS and loaded.info.model == built.gallery.info.model
+
+    calls = {}
+
+    class RecordingApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, **kwargs):
+            calls["create_repo"] = (repo_id, kwargs)
+
+        def upload_folder(self, **kwargs):
+            calls["upload_folder"] = kwargs
+            return "https://huggingface.co/datasets/someone/photos/commit/0"
+
+    monkeypatch.setattr("huggingface_hub.HfApi", RecordingApi)
+    assert built.gallery.push_to_hub("someone/photos", private=True).endswith("/commit/0")
+    assert calls["create_repo"] == ("someone/photos", {"repo_type": "dataset", "private": True, "exist_ok": True})
+    upload = calls["upload_folder"]
+    assert upload["repo_type"] == "dataset" and upload["folder_path"] == built.gallery.folder
+    assert set(upload["allow_patterns"]) == {"gallery.json", "index.faiss", "bad_rows.jsonl", "dataset/*"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pipeline with a gallery.
+
+
+def test_pipeline_gallery_answers_carry_the_photo_its_nearest_candidate_city_and_distinct_places(
+    built, small_streetclip_dir, photos
+):
+    geolocate = pipeline("geolocation", model=str(small_streetclip_dir), gallery=str(built.gallery.folder))
+    image = str(photos / "Japan-1-0.png")
+    default, explicit = geolocate(image, top_k=3), geolocate(image, top_k=3, decision="gallery")
+    assert default == explicit  # with a gallery, "gallery" is the default rule
+    places = geolocate.model.candidate_places
+    gallery = built.gallery
+    for answer in explicit:
+        row = gallery.dataset[answer["gallery_row"]]
+        assert (answer["latitude"], answer["longitude"]) == (row["latitude"], row["longitude"])
+        city = int(nearest_city_rows(places, [answer["latitude"]], [answer["longitude"]])[0])
+        assert (answer["city"], answer["country"]) == (
+            places.city_names[city],
+            places.country_names[places.city_countries[city]],
+        )
+        assert {"score", "country_score", "joint_probability", "similarity"} <= answer.keys()
+    coordinates = [(answer["latitude"], answer["longitude"]) for answer in explicit]
+    for first in range(len(coordinates)):
+        for second in range(first + 1, len(coordinates)):
+            assert great_circle_km(*coordinates[first], *coordinates[second]) >= gallery.settings.radius_km
+    hybrid = geolocate([image, image], top_k=2, decision="hybrid", batch_size=2)
+    assert hybrid[0] == hybrid[1] and hybrid[0][0].keys() == explicit[0].keys()
+    assert geolocate(image, decision="greedy")[0].keys().isdisjoint({"gallery_row", "similarity"})
+
+
+HUB_USER_SCRIPT = """
+import json, sys
+from transformers import pipeline
+
+repo_id, gallery, image = sys.argv[1:]
+geolocate = pipeline("geolocation", model=repo_id, trust_remote_code=True, gallery=gallery)
+print(json.dumps({"answers": geolocate(image, top_k=2, decision="hybrid"), "class": type(geolocate).__module__}))
+"""
+
+
+def test_a_saved_pipeline_folder_searches_galleries_for_users_without_the_package(
+    built, small_streetclip_dir, photos, tmp_path
+):
+    geolocate = pipeline("geolocation", model=str(small_streetclip_dir), gallery=str(built.gallery.folder))
+    repo = tmp_path / "repo"
+    geolocate.save_pretrained(repo)
+    # The search and the decisions travel with the folder; building galleries needs the package.
+    assert (repo / "gallery.py").is_file() and not (repo / "gallery_build.py").exists()
+    image = str(photos / "Kenya-0-1.png")
+    remote = run_as_hub_user(
+        HUB_USER_SCRIPT, ["org/model", str(built.gallery.folder), image], {"org/model": repo}, tmp_path
+    )
+    assert remote["class"].startswith("transformers_modules.")
+    assert remote["answers"] == geolocate(image, top_k=2, decision="hybrid")
+
+
+def test_pipeline_refuses_a_gallery_decision_without_a_gallery(small_streetclip_dir, photos):
+    geolocate = pipeline("geolocation", model=str(small_streetclip_dir))
+    with pytest.raises(ValueError, match="decision='hybrid' votes among the nearest photos of a gallery"):
+        geolocate(str(photos / "Japan-1-0.png"), decision="hybrid")
+    with pytest.raises(ValueError, match="Unknown decision rule 'nearest'"):
+        geolocate(str(photos / "Japan-1-0.png"), decision="nearest")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command.
+
+
+def test_index_build_command_writes_a_gallery_names_skipped_rows_and_exits_1(
+    small_streetclip_dir, photos, tmp_path, capsys
+):
+    output = tmp_path / "g"
+    args = ["index", "build", str(photos), "--model", str(small_streetclip_dir), "--output", str(output)]
+    assert main([*args, "--workers", "0", "--neighbors", "8", "--radius_km", "5"]) == EXIT_SOME_FAILED
+    assert f"{GOOD_ROWS} photos in the gallery" in capsys.readouterr().err
+    gallery = GeoGallery.load(output)
+    assert (gallery.settings.num_neighbors, gallery.settings.radius_km) == (8, 5.0)
+    assert main([*args, "--workers", "0"]) == EXIT_USAGE
+    assert "already holds a complete gallery; pass --overwrite" in capsys.readouterr().err
+
+
+def test_index_build_reads_a_csv_with_an_image_folder(small_streetclip_dir, photos, tmp_path, capsys):
+    table = tmp_path / "photos.csv"
+    rows = list(metadata(photos).values())[:5]
+    with open(table, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["IMG_ID", "LAT", "LON"])
+        writer.writerows([[row["file_name"], row["latitude"], row["longitude"]] for row in rows])
+    output = tmp_path / "g"
+    status = main(
+        [
+            "index",
+            "build",
+            str(table),
+            "--image_dir",
+            str(photos),
+            "--model",
+            str(small_streetclip_dir),
+            "--output",
+            str(output),
+            "--latitude_column",
+            "LAT",
+            "--longitude_column",
+            "LON",
+            "--workers",
+            "0",
+        ]
+    )
+    assert status == EXIT_OK, capsys.readouterr().err
+    gallery = GeoGallery.load(output)
+    assert [Path(path).name for path in gallery.dataset["image_path"]] == [row["file_name"] for row in rows]
+    assert gallery.dataset["latitude"] == pytest.approx([float(row["latitude"]) for row in rows])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--index", "IVF,Nonsense"], "is not a FAISS factory string for 16-d embeddings"),
+        (["--image_dir", "."], "--image_dir goes with a CSV file only"),
+        (["--image_column", "photo"], "has no image column 'photo'"),
+    ],
+)
+def test_index_build_refuses_a_bad_invocation_before_embedding_anything(
+    small_streetclip_dir, photos, tmp_path, capsys, extra, message
+):
+    output = tmp_path / "g"
+    args = ["index", "build", str(photos), "--model", str(small_streetclip_dir), "--output", str(output), *extra]
+    assert main(args) == EXIT_USAGE
+    assert message in capsys.readouterr().err
+    assert not (output / SHARDS_FOLDER).exists() or not any((output / SHARDS_FOLDER).iterdir())
+
+
+def test_index_build_refuses_a_folder_that_holds_other_files(small_streetclip_dir, photos, tmp_path, capsys):
+    output = tmp_path / "g"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    args = ["index", "build", str(photos), "--model", str(small_streetclip_dir), "--output", str(output)]
+    assert main([*args, "--overwrite"]) == EXIT_USAGE
+    assert "holds other files (notes.txt)" in capsys.readouterr().err
+    assert (output / "notes.txt").read_text() == "mine"
+
+
+def test_streetclip_help_lists_index_and_shows_the_library_defaults():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.argv[0] = 'streetclip'; from modeling_streetclip.cli import main; "
+            "sys.exit(main(['index', 'build', '--help']))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    defaults = VoteSettings()
+    for option, value in (("--neighbors", defaults.num_neighbors), ("--radius_km", defaults.radius_km)):
+        assert f"(default: {value})" in result.stdout.split(option, 1)[1]
+    assert "torch" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Learnability: a gallery of training photos answers at street level, where zero-shot cannot.
+
+SPOTS_PER_CITY = 3
+SPOT_DISTANCES_KM = (6.0, 7.5, 9.0)  # from the city centre: no candidate city lies within 1 km of a spot
+SPOT_JITTER_KM = 0.1  # photos of one spot are taken within about this of it
+SPOT_FRAMES = ([255, 255, 255], [0, 0, 0], [255, 0, 255])
+FRAME_WIDTH = 4
+
+
+def spot_photo(country: int, city: int, spot: int, rng: np.random.Generator) -> Image.Image:
+    """A photo of the synthetic geo set (hue: country, stripes: city) in the frame of one of its city's spots."""
+    pixels = np.asarray(place_photo(country, city, rng)).copy()
+    for edge in (np.s_[:FRAME_WIDTH], np.s_[-FRAME_WIDTH:]):
+        pixels[edge] = SPOT_FRAMES[spot]
+        pixels[:, edge] = SPOT_FRAMES[spot]
+    return Image.fromarray(pixels)
+
+
+def write_spot_folder(folder: Path, photos_per_spot: int, seed: int) -> list[dict]:
+    """An image folder of photos taken at three spots around each city of PLACES, labelled with city and country."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for country_index, (country, cities) in enumerate(PLACES.items()):
+        for city_index, (city, latitude, longitude) in enumerate(cities):
+            for spot in range(SPOTS_PER_CITY):
+                angle = 2 * math.pi * spot / SPOTS_PER_CITY + country_index + city_index
+                north, east = (SPOT_DISTANCES_KM[spot] * f(angle) for f in (math.sin, math.cos))
+                spot_latitude = latitude + north * DEGREES_PER_KM
+                spot_longitude = longitude + east * DEGREES_PER_KM / math.cos(math.radians(latitude))
+                for number in range(photos_per_spot):
+                    name = f"{country}-{city_index}-{spot}-{number}.png"
+                    spot_photo(country_index, city_index, spot, rng).save(folder / name)
+                    rows.append(
+                        {
+                            "file_name": name,
+                            "latitude": spot_latitude + rng.normal(0, SPOT_JITTER_KM) * DEGREES_PER_KM,
+                            "longitude": spot_longitude + rng.normal(0, SPOT_JITTER_KM) * DEGREES_PER_KM,
+                            "city": city,
+                            "region": "",
+                            "country": country,
+                        }
+                    )
+    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def test_a_briefly_trained_model_with_a_gallery_of_training_photos_beats_zero_shot_at_1_km(tiny_clip_dir, tmp_path):
+    """About 30 s: 20 training steps of the tiny model, a gallery of its 144 training photos, 72 held-out photos."""
+    train_rows = write_spot_folder(tmp_path / "train", photos_per_spot=4, seed=0)
+    held_out = write_spot_folder(tmp_path / "held-out", photos_per_spot=2, seed=1)
+    (tmp_path / "countries.txt").write_text("\n".join(PLACES) + "\n", encoding="utf-8")
+    run = tmp_path / "run"
+    # as tests/test_training.py runs the script: two caption templates, so that the tiny text tower learns countries
+    paper, country = modeling_streetclip.StreetCLIPConfig().caption_template, "A Street View photo in {country}."
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "training" / "pretrain.py"),
+            "--model_name_or_path",
+            str(tiny_clip_dir),
+            "--train_data",
+            str(tmp_path / "train"),
+            "--countries",
+            str(tmp_path / "countries.txt"),
+            "--cities_per_country",
+            "2",
+            "--output_dir",
+            str(run),
+            "--per_device_train_batch_size",
+            "16",
+            "--learning_rate",
+            "1e-3",
+            "--max_steps",
+            "20",
+            "--checkpointing_steps",
+            "1000",
+            "--dataloader_num_workers",
+            "0",
+            "--report_to",
+            "none",
+            "--caption_templates",
+            paper,
+            country,
+            "--caption_template_probabilities",
+            "0.5",
+            "0.5",
+        ],
+        env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = StreetCLIPForGeolocation.from_pretrained(run, vision_only=True)
+    processor = StreetCLIPProcessor.from_pretrained(run)
+    built = build_gallery(model, processor, str(tmp_path / "train"), tmp_path / "gallery", progress=False)
+    assert len(built.gallery) == len(train_rows)
+
+    truth = np.array([[row["latitude"], row["longitude"]] for row in held_out])
+    places = model.candidate_places
+    to_candidates = great_circle_km(
+        truth[:, :1], truth[:, 1:], np.array(places.city_latitudes), np.array(places.city_longitudes)
+    )
+    assert to_candidates.min() > 1.0  # zero-shot answers a candidate city, so it cannot be right at 1 km
+
+    geolocate = pipeline("geolocation", model=model, processor=processor, gallery=built.gallery)
+    paths = [str(tmp_path / "held-out" / row["file_name"]) for row in held_out]
+    accuracy = {}
+    for decision in ("greedy", "gallery", "hybrid"):
+        answers = [image[0] for image in geolocate(paths, decision=decision)]
+        predicted = np.array([[answer["latitude"], answer["longitude"]] for answer in answers])
+        accuracy[decision] = float(np.mean(great_circle_km(*truth.T, *predicted.T) <= 1.0))
+    print(f"held-out accuracy at 1 km over {len(held_out)} photos of {len(held_out) // 2} spots: {accuracy}")
+    # A random gallery photo is at the right spot with probability 1/36; 0.9 of 72 cannot come by chance.
+    assert accuracy["greedy"] == 0.0
+    assert accuracy["gallery"] >= 0.9
+    assert accuracy["hybrid"] >= 0.5
