@@ -8,17 +8,23 @@ import shutil
 from pathlib import Path
 
 import benchmark
+import card
 import publish
 import pytest
 import torch
 from safetensors import safe_open
 from transformers import pipeline
 
-from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip import CandidatePlaces, StreetCLIPConfig, StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.cli import main as streetclip
 from modeling_streetclip.cli.locate import DECISION_NAMES
 from modeling_streetclip.cli.records import ANSWER_FIELDS, options_path
-from modeling_streetclip.configuration_streetclip import DECISIONS, PAPER_LEVELS, REGION_LEVELS
+from modeling_streetclip.configuration_streetclip import (
+    DECISIONS,
+    PAPER_LEVELS,
+    RECOMMENDED_CANDIDATE_SETTINGS,
+    REGION_LEVELS,
+)
 from modeling_streetclip.testing_utils import (
     SMALL_COUNTRIES,
     TINY_IMAGE_SIZE,
@@ -268,3 +274,20 @@ def test_a_published_region_model_answers_without_the_package_as_with_it(region_
                 assert remote_answer.keys() == local_answer.keys()
                 for key, value in local_answer.items():
                     assert remote_answer[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-5))
+
+
+def test_model_card_describes_the_region_level_the_decision_rules_and_the_candidate_rule(region_dir):
+    config = StreetCLIPForGeolocation.from_pretrained(region_dir, vision_only=True).config
+    text = card.build_model_card(config, "org/regions").text
+    places = CandidatePlaces.from_dict(config.candidate_places)
+    assert "first-level\n  regions (GeoNames admin1: states, provinces) of the best country, " in text
+    assert f"{places.num_regions} in all" in text and "`region_head`" in text
+    assert "`A Street View photo in {region}, {country}.`" in text
+    assert "`region_score` (p(region | country))" in text and '`"expected_distance"` by the expected distance' in text
+    assert "square root" not in text and "merged" not in text  # the paper's table, as this model has it
+
+    recommended = StreetCLIPConfig(**RECOMMENDED_CANDIDATE_SETTINGS, candidate_places=places.to_dict())
+    text = card.build_model_card(recommended, "org/recommended").text
+    assert "square root of each one's urban population" in text
+    assert "merged into the most populous candidate within\n  25 km" in text
+    assert "first-level\n  regions" in text
