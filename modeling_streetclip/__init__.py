@@ -63,8 +63,10 @@ def register_with_transformers() -> None:
     )
 
 
-# The console script imports this package on its way to `cli`; everyone else gets the registration on import.
-if os.path.splitext(os.path.basename(getattr(sys, "argv", [""])[0]))[0] != "streetclip":
+# The console script imports this package on its way to `cli`, and so does `python -m modeling_streetclip.cli` (what
+# `accelerate launch -m` and `torchrun -m` run), while argv[0] is still "-m"; everyone else gets the registration on
+# import.
+if os.path.splitext(os.path.basename(getattr(sys, "argv", [""])[0]))[0] not in ("streetclip", "-m"):
     register_with_transformers()
 
 __all__ = [

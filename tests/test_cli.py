@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 import torch.nn.functional as F
@@ -746,3 +747,197 @@ def test_batch_and_worker_defaults_have_one_home_and_workers_fit_the_cores():
     assert args.workers == DEFAULT_NUM_WORKERS
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert 1 <= DEFAULT_NUM_WORKERS <= cores
+
+
+def test_help_under_python_m_imports_neither_torch_nor_accelerate(tmp_path):
+    """`accelerate launch -m modeling_streetclip.cli` and `torchrun -m` run the package as `python -m` does: its
+    `--help` must answer as fast as the console script's."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "modeling_streetclip.cli", "locate", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 0 and "--dataset" in result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert {"torch", "accelerate", "transformers", "datasets"}.isdisjoint(imported)
+
+
+# Inputs from a dataset
+
+
+def encoded(path: Path) -> dict:
+    return {"bytes": path.read_bytes(), "path": None}
+
+
+def answers_by_path(capsys, paths: list[Path], model: Path) -> dict[str, list[dict]]:
+    """The answers of each photo when named by its path, the reference for the same images read from a dataset."""
+    _, out, _ = run(capsys, "locate", *paths, "--model", model, "--workers", 0)
+    return {Path(record["path"]).name: record.get("answers") for record in jsonl_records(out)}
+
+
+def test_dataset_saved_to_disk_gives_one_record_per_row_under_its_id_column(capsys, tmp_path, small_streetclip_dir):
+    photos = make_photos(tmp_path / "photos", ["a.jpg", "b.png", "c.jpg"])
+    features = datasets.Features({"photo_key": datasets.Value("string"), "image": datasets.Image()})
+    rows = {"photo_key": ["k-a", "k-b", "k-bad", "k-c"], "image": [encoded(photos[0]), encoded(photos[1])]}
+    rows["image"] += [{"bytes": b"not an image", "path": None}, encoded(photos[2])]
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "saved")
+    output = tmp_path / "answers.jsonl"
+    command = ("locate", "--dataset", tmp_path / "saved", "--id_column", "photo_key", "--output", output)
+
+    status, _, err = run(capsys, *command, "--model", small_streetclip_dir, "--workers", 0, "--batch_size", 2)
+
+    assert status == 1 and "3 of 4 inputs geolocated, 1 failed" in err
+    records = jsonl_records(output.read_text())
+    assert [record["photo_key"] for record in records] == ["k-a", "k-b", "k-bad", "k-c"]
+    assert "is not an image format" in records[2]["error"] and "path" not in records[0]
+    reference = answers_by_path(capsys, photos, small_streetclip_dir)
+    for record, name in zip([*records[:2], records[3]], ["a.jpg", "b.png", "c.jpg"], strict=True):
+        for answer, expected in zip(record["answers"], reference[name], strict=True):
+            assert answer == pytest.approx(expected)
+
+    status, _, err = run(capsys, *command, "--model", small_streetclip_dir, "--workers", 0)
+    assert status == 1 and "4 were recorded by an earlier run" in err
+    assert len(output.read_text().splitlines()) == 4
+
+
+def test_image_folder_dataset_names_its_records_by_file_name(capsys, tmp_path, small_streetclip_dir):
+    photos = make_photos(tmp_path / "folder", ["b.jpg", "a.png", "c.jpeg"])
+    output = tmp_path / "answers.csv"
+
+    status, _, err = run(
+        capsys, "locate", "--dataset", tmp_path / "folder", "--model", small_streetclip_dir, "--output", output
+    )
+
+    assert status == 0 and "3 of 3 inputs geolocated" in err
+    rows = csv_rows(output)
+    assert sorted(row["id"] for row in rows) == ["a.png", "b.jpg", "c.jpeg"]
+    reference = answers_by_path(capsys, photos, small_streetclip_dir)
+    assert {row["id"]: row["city_1"] for row in rows} == {
+        name: answers[0]["city"] for name, answers in reference.items()
+    }
+
+
+def test_streamed_dataset_is_resumed_by_its_id_column(capsys, tmp_path, small_streetclip_dir):
+    photos = make_photos(tmp_path / "photos", [f"{index}.jpg" for index in range(5)])
+    features = datasets.Features({"image_id": datasets.Value("int64"), "image": datasets.Image()})
+    rows = {"image_id": [10 + index for index in range(5)], "image": [encoded(photo) for photo in photos]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "saved")
+    output = tmp_path / "answers.jsonl"
+    command = ("locate", "--dataset", tmp_path / "saved", "--streaming", "--output", output, "--batch_size", 2)
+    assert run(capsys, *command, "--model", small_streetclip_dir, "--workers", 0)[0] == 0
+    complete = jsonl_records(output.read_text())
+    assert [record["image_id"] for record in complete] == ["10", "11", "12", "13", "14"]
+    output.write_text("".join(line + "\n" for line in output.read_text().splitlines()[:3]))  # killed after three
+
+    status, _, err = run(capsys, *command, "--model", small_streetclip_dir, "--workers", 0)
+
+    assert status == 0 and "5 of 5 inputs geolocated; 3 were recorded by an earlier run" in err
+    resumed = jsonl_records(output.read_text())
+    assert resumed[:3] == complete[:3] and [record["image_id"] for record in resumed] == ["10", "11", "12", "13", "14"]
+    assert_same_records(resumed, complete)  # the last two, now in a batch of their own
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["photos", "--dataset", "saved"], "give either INPUTS"),
+        ([], "no inputs: give image files, folders or patterns, or --dataset"),
+        (["--dataset", "saved", "--group_by", "(x)"], "--group_by applies to file inputs"),
+        (["photos", "--streaming"], "--streaming, --image_column and --id_column apply to --dataset"),
+        (["--dataset", "./no-such-folder"], "cannot read --dataset './no-such-folder': No data set folder"),
+        (["--dataset", "saved", "--id_column", "nope"], "has no id column 'nope'; its columns are ['image']"),
+        (["--dataset", "saved", "--image_column", "nope"], "has no image column 'nope'"),
+    ],
+)
+def test_dataset_usage_errors_exit_two_naming_the_problem(
+    capsys, monkeypatch, tmp_path, small_streetclip_dir, arguments, expected
+):
+    make_photos(tmp_path / "photos", ["a.jpg"])
+    datasets.Dataset.from_dict({"image": [encoded(tmp_path / "photos" / "a.jpg")]}).cast_column(
+        "image", datasets.Image()
+    ).save_to_disk(tmp_path / "saved")
+    monkeypatch.chdir(tmp_path)
+
+    status, out, err = run(capsys, "locate", *arguments, "--model", small_streetclip_dir)
+
+    assert status == 2 and out == ""
+    assert "streetclip locate: error:" in err and expected in err
+
+
+# Parquet output
+
+
+def test_parquet_output_loads_with_datasets_and_holds_the_jsonl_records(capsys, tmp_path, small_streetclip_dir):
+    make_photos(tmp_path / "photos", ["a.jpg", "b.jpg", "c.jpg"])
+    (tmp_path / "photos" / "d.jpg").write_text("not a photo")
+    command = ("locate", tmp_path / "photos", "--model", small_streetclip_dir, "--top_k", 2, "--workers", 0)
+    run(capsys, *command, "--output", tmp_path / "answers.jsonl")
+
+    status, _, err = run(capsys, *command, "--output", tmp_path / "answers.parquet")
+
+    assert status == 1 and "3 of 4 inputs geolocated, 1 failed" in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "answers.jsonl",
+        "answers.jsonl.options.json",
+        "answers.parquet",
+        "answers.parquet.options.json",
+        "photos",
+    ]
+    loaded = datasets.load_dataset("parquet", data_files=str(tmp_path / "answers.parquet"), split="train")
+    expected = jsonl_records((tmp_path / "answers.jsonl").read_text())
+    assert loaded.column_names == ["path", "answers", "error"] and len(loaded) == 4
+    for row, record in zip(loaded, expected, strict=True):
+        assert row["path"] == record["path"] and row["error"] == record.get("error")
+        if row["answers"] is not None:
+            assert [{k: v for k, v in answer.items() if v is not None} for answer in row["answers"]] == [
+                {k: v for k, v in answer.items() if k in ANSWER_FIELDS} for answer in record["answers"]
+            ]
+    assert row["answers"] is None and "not an image format" in row["error"]
+
+
+# `streetclip locate`, except that it writes a Parquet part every two records and is SIGKILLed after the second.
+KILL_AFTER_TWO_PARTS = """
+import os, signal, sys
+
+from modeling_streetclip.cli import main, records
+
+records.PARQUET_PART_ROWS = 2
+flush = records.ParquetRecordWriter.flush
+
+
+def flush_then_die(writer):
+    flush(writer)
+    if writer.next_part == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+records.ParquetRecordWriter.flush = flush_then_die
+sys.exit(main())
+"""
+
+
+def test_a_parquet_run_killed_mid_way_is_completed_by_a_rerun(capsys, monkeypatch, tmp_path, small_streetclip_dir):
+    make_photos(tmp_path / "photos", [f"{index}.jpg" for index in range(7)])
+    (tmp_path / "photos" / "bad.jpg").write_text("not a photo")
+    (tmp_path / "killer.py").write_text(KILL_AFTER_TWO_PARTS)
+    output = tmp_path / "answers.parquet"
+    command = ["locate", "photos", "--model", str(small_streetclip_dir), "--output", str(output), "--workers", "0"]
+    command += ["--batch_size", "2"]
+
+    killed = subprocess.run(
+        [sys.executable, "killer.py", *command], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+
+    assert killed.returncode == -9, killed.stderr
+    assert not output.exists()
+    parts = tmp_path / "answers.parquet.parts"
+    assert sorted(part.name for part in parts.iterdir()) == ["part-000000.parquet", "part-000001.parquet"]
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run(capsys, *command)
+    assert status == 1 and "7 of 8 inputs geolocated, 1 failed (see the error field); 4 were recorded" in err
+    loaded = datasets.load_dataset("parquet", data_files=str(output), split="train")
+    assert sorted(loaded["path"]) == sorted(str(path) for path in (tmp_path / "photos").iterdir())
+    assert not parts.exists()

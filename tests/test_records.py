@@ -7,6 +7,7 @@ import tracemalloc
 
 import pytest
 
+from modeling_streetclip.cli import records
 from modeling_streetclip.cli.records import ResultFileError, open_records, options_path, spreadsheet_safe
 
 
@@ -83,14 +84,17 @@ def test_a_killed_header_is_rewritten_before_the_first_record(tmp_path):
     assert resume(path) == {"/a.jpg": True}
 
 
-@pytest.mark.parametrize("extension", ["jsonl", "csv"])
+@pytest.mark.parametrize("extension", ["jsonl", "csv", "parquet"])
 def test_file_names_that_are_not_utf8_round_trip(tmp_path, extension):
     path = tmp_path / f"results.{extension}"
     name = "/photos/caf\udce9.jpg"  # how Python spells a Latin-1 file name on a UTF-8 system
 
     write_records(path, [{"path": name, "answers": [ANSWER]}])
 
-    assert resume(path) == {name: True}
+    recorded = resume(path)
+    assert len(recorded) == 1 and name in recorded and recorded[name] is True
+    if extension == "parquet":  # Arrow text is UTF-8: the byte is written as an escape, and found by it
+        assert parquet_rows(path)[0]["path"] == "/photos/caf\\xe9.jpg"
 
 
 def test_group_records_keep_their_member_paths(tmp_path):
@@ -214,3 +218,103 @@ def test_an_output_that_is_not_a_regular_file_is_refused(tmp_path, kind):
 
     with pytest.raises(ResultFileError, match="is a folder" if kind == "folder" else "is not a regular file"):
         resume(path)
+
+
+# Parquet: complete part files while a run goes, one file once it ends
+
+
+def parquet_rows(path) -> list[dict]:
+    pq = pytest.importorskip("pyarrow.parquet")
+    return pq.read_table(path).to_pylist()
+
+
+def test_parquet_holds_one_row_per_record_with_answers_as_a_list_of_structs(tmp_path):
+    path = tmp_path / "answers.parquet"
+    write_records(path, [{"path": "/a.jpg", "answers": [ANSWER, ANSWER]}, {"path": "/b.jpg", "error": "unreadable"}])
+
+    answer = {field: ANSWER.get(field) for field in records.ANSWER_FIELDS}
+    assert parquet_rows(path) == [
+        {"path": "/a.jpg", "answers": [answer, answer], "error": None},
+        {"path": "/b.jpg", "answers": None, "error": "unreadable"},
+    ]
+    assert not (tmp_path / "answers.parquet.parts").exists()
+    assert json.loads(options_path(path).read_text())["options"] == {"model": "/models/streetclip", "top_k": 1}
+    assert resume(path) == {"/a.jpg": True, "/b.jpg": False}
+
+
+def test_parquet_parts_left_by_a_kill_are_resumed_and_merged_after_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(records, "PARQUET_PART_ROWS", 2)
+    path = tmp_path / "answers.parquet"
+    write_records(path, [{"path": "/a.jpg", "answers": [ANSWER]}])
+    writer = open_records(path, grouped=False, top_k=1, options=OPTIONS)
+    for name in ("/b.jpg", "/c.jpg", "/d.jpg"):
+        writer.write({"path": name, "error": "unreadable"})
+    os.close(writer.lock_fd)  # killed: the system drops the lock, nothing else happens; /d.jpg was not written yet
+
+    parts = tmp_path / "answers.parquet.parts"
+    assert [part.name for part in parts.iterdir()] == ["part-000000.parquet"]
+    assert resume(path) == {"/a.jpg": True, "/b.jpg": False, "/c.jpg": False}
+    assert [row["path"] for row in parquet_rows(path)] == ["/a.jpg", "/b.jpg", "/c.jpg"]
+    assert not parts.exists()
+
+
+def test_a_part_that_a_killed_merge_left_behind_is_dropped_not_counted_twice(tmp_path):
+    path = tmp_path / "answers.parquet"
+    write_records(path, [{"path": "/a.jpg", "answers": [ANSWER]}, {"path": "/b.jpg", "error": "unreadable"}])
+    parts = tmp_path / "answers.parquet.parts"
+    parts.mkdir()
+    (parts / "part-000003.parquet").write_bytes(path.read_bytes())  # merged into the file, then the kill
+    (parts / "merged.tmp").write_bytes(path.read_bytes()[:100])  # and a merge cut short
+
+    assert resume(path) == {"/a.jpg": True, "/b.jpg": False}
+    assert [row["path"] for row in parquet_rows(path)] == ["/a.jpg", "/b.jpg"]
+    assert not parts.exists()
+
+
+@pytest.mark.parametrize("kind", ["grouped", "another program"])
+def test_a_parquet_file_of_another_kind_is_refused_and_left_as_it_is(tmp_path, kind):
+    path = tmp_path / "answers.parquet"
+    if kind == "grouped":
+        write_records(path, [{"group": "pano1", "paths": ["/p1.jpg"], "answers": [ANSWER]}], grouped=True)
+        message = r"has the columns \['group', 'paths', 'answers', 'error'\], but this run writes \['path'"
+    else:
+        written_by_another_program(path, "not parquet")
+        message = "is not a Parquet file this command wrote"
+    content = path.read_bytes()
+
+    with pytest.raises(ResultFileError, match=message):
+        resume(path, options={"model": "/models/streetclip", "top_k": 1})
+    assert path.read_bytes() == content
+    assert not (tmp_path / "answers.parquet.parts").exists()
+
+
+def test_a_second_writer_of_a_parquet_file_is_refused_while_the_first_holds_it(tmp_path):
+    pytest.importorskip("fcntl")
+    path = tmp_path / "answers.parquet"
+
+    with open_records(path, grouped=False, top_k=1, options=OPTIONS) as first:
+        first.write({"path": "/a.jpg", "answers": [ANSWER]})
+        with pytest.raises(ResultFileError, match=f"another run is writing {str(path)!r}"):
+            resume(path)
+
+    assert resume(path) == {"/a.jpg": True}
+
+
+def test_a_failed_part_write_stops_the_run_and_keeps_the_parts_before_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(records, "PARQUET_PART_ROWS", 1)
+    path = tmp_path / "answers.parquet"
+    real_replace = os.replace
+
+    def full_disk_on_the_second_part(source, destination):
+        if str(destination).endswith("part-000001.parquet"):
+            raise OSError(28, "No space left on device")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(records.os, "replace", full_disk_on_the_second_part)
+    with pytest.raises(ResultFileError, match="No space left on device; the records written before are kept"):
+        write_records(path, [{"path": "/a.jpg", "answers": [ANSWER]}, {"path": "/b.jpg", "answers": [ANSWER]}])
+    monkeypatch.setattr(records.os, "replace", real_replace)
+
+    assert not path.exists()
+    assert sorted(part.name for part in (tmp_path / "answers.parquet.parts").iterdir()) == ["part-000000.parquet"]
+    assert resume(path) == {"/a.jpg": True}
