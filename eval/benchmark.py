@@ -47,8 +47,10 @@ from modeling_streetclip.cli import (
 )
 from modeling_streetclip.cli.batch_geolocation import geolocate_images
 from modeling_streetclip.cli.distributed import make_accelerator, on_every_process, on_main_process, quiet_unless_main
+from modeling_streetclip.cli.index import load_gallery
 from modeling_streetclip.cli.records import spreadsheet_safe
 from modeling_streetclip.configuration_streetclip import DECISIONS
+from modeling_streetclip.gallery import GALLERY_DECISIONS
 
 
 METRIC_DIR = Path(__file__).resolve().parent / "geodesic_accuracy"
@@ -108,10 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top_k", type=int_at_least(1), default=1, help="answers per image; the first is scored")
     parser.add_argument(
         "--decision",
-        choices=DECISIONS,
-        default="greedy",
-        help="the rule that picks and orders the answers: greedy (the paper's), joint or expected_distance "
-        "(default: %(default)s)",
+        choices=(*DECISIONS, *GALLERY_DECISIONS),
+        help="the rule that picks and orders the answers: greedy (the paper's), joint or expected_distance, or with "
+        "--gallery, gallery or hybrid (default: greedy, and gallery with --gallery)",
+    )
+    parser.add_argument(
+        "--gallery",
+        metavar="FOLDER_OR_REPO",
+        help="a retrieval gallery built with --model by `streetclip index build`, for --decision gallery or hybrid",
     )
     parser.add_argument(
         "--batch_size",
@@ -207,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace, accelerator: Accelerator) -> int:
     """Check the invocation (outputs, data), then geolocate every scorable input across the processes and, on the
     main process, write the outputs; returns the exit status (every process returns the same)."""
+    args.decision = args.decision or ("gallery" if args.gallery is not None else "greedy")
+    if args.decision in GALLERY_DECISIONS and args.gallery is None:
+        raise UsageError(f"--decision {args.decision} votes among the photos of a gallery; give it with --gallery.")
     on_main_process(accelerator, lambda: prepare_output_dir(args.output_dir))
 
     def read_benchmark() -> Benchmark:
@@ -229,6 +238,13 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> int:
     model, image_processor = on_every_process(
         accelerator, lambda: load_model(args.model, accelerator.device), main_process_first=True
     )
+    gallery = None
+    if args.gallery is not None:
+        gallery = on_every_process(
+            accelerator,
+            lambda: load_gallery(args.gallery, model, image_processor, args.model),
+            main_process_first=True,
+        )
 
     start = time.perf_counter()
     positions, images = benchmark.scorable()
@@ -243,6 +259,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> int:
         num_workers=args.num_workers,
         accelerator=accelerator,
         decision=args.decision,
+        gallery=gallery,
     )
     main = accelerator.is_main_process
     for record in tqdm(records, total=len(positions), desc=benchmark.name, unit="image", disable=not main):
@@ -311,6 +328,7 @@ def write_results(
         "wall_time_s": round(wall_time_s, 3),
         "top_k": args.top_k,
         "decision": args.decision,
+        **({"gallery": args.gallery} if args.gallery else {}),
         **protocol,
         "levels": list(model.config.levels),
         "num_candidate_countries": model.candidate_places.num_countries,

@@ -565,6 +565,48 @@ def test_index_build_refuses_a_folder_that_holds_other_files(small_streetclip_di
     assert (output / "notes.txt").read_text() == "mine"
 
 
+def test_locate_with_a_gallery_records_the_photo_and_refuses_to_resume_with_another_gallery(
+    built, small_streetclip_dir, photos, tmp_path, capsys
+):
+    output = tmp_path / "answers.jsonl"
+    images = [str(photos / "France-0-0.png"), str(photos / "Canada-1-1.png")]
+    args = ["locate", *images, "--model", str(small_streetclip_dir), "--workers", "0", "--output", str(output)]
+    assert main([*args, "--gallery", str(built.gallery.folder), "--top_k", "2"]) == EXIT_OK
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    expected = pipeline("geolocation", model=str(small_streetclip_dir), gallery=built.gallery)(images, top_k=2)
+    for record, answers in zip(records, expected, strict=True):
+        for written, answer in zip(record["answers"], answers, strict=True):
+            # The same answers as the pipeline's, to float noise (a batch of two against batches of one).
+            assert written.keys() == answer.keys()
+            assert written == {
+                key: pytest.approx(value, rel=1e-5) if isinstance(value, float) else value
+                for key, value in answer.items()
+            }
+    options = json.loads(output.with_name(output.name + ".options.json").read_text())["options"]
+    assert (options["decision"], options["gallery"]) == ("gallery", str(built.gallery.folder))
+    capsys.readouterr()
+    assert main([*args, "--top_k", "2"]) == EXIT_USAGE  # the same file, without the gallery
+    assert "--gallery was" in capsys.readouterr().err
+    assert main([*args, "--decision", "hybrid", "--overwrite"]) == EXIT_USAGE
+    assert "--decision hybrid votes among the photos of a gallery; give it with --gallery" in capsys.readouterr().err
+
+
+def test_benchmark_with_a_gallery_of_its_own_photos_finds_each_at_0_km(small_streetclip_dir, photos, tmp_path):
+    import benchmark
+
+    gallery = tmp_path / "g"
+    build = ["index", "build", str(photos), "--model", str(small_streetclip_dir), "--output", str(gallery)]
+    assert main([*build, "--workers", "0", "--neighbors", "1"]) == EXIT_SOME_FAILED
+    output_dir = tmp_path / "results"
+    benchmark.main(
+        ["--model", str(small_streetclip_dir), "--data", str(photos), "--output_dir", str(output_dir)]
+        + ["--gallery", str(gallery), "--num_workers", "0", "--device", "cpu"]
+    )
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert (metrics["decision"], metrics["gallery"]) == ("gallery", str(gallery))
+    assert metrics["num_evaluated"] == GOOD_ROWS and metrics["acc_1km"] == 1.0 and metrics["median_km"] == 0.0
+
+
 def test_streetclip_help_lists_index_and_shows_the_library_defaults():
     result = subprocess.run(
         [

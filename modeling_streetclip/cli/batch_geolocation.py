@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ..gallery import GALLERY_DECISIONS, GeoGallery, check_decision, format_gallery_answers, rank_gallery_places
 from ..gazetteer import format_answers
 from ..images import ImageInput, ImageLoadError, load_rgb_image
 from ..modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
@@ -75,12 +76,14 @@ def geolocate_images(
     return_embeddings: bool = False,
     accelerator: "Accelerator | None" = None,
     decision: str = "greedy",
+    gallery: GeoGallery | None = None,
 ) -> Iterator[GeolocationRecord]:
     """Yield one `GeolocationRecord` per input, in input order, as soon as its batch is done.
 
     Answers have the pipeline's format (see `GeolocationPipeline`), ordered by the `decision` rule. `num_workers=0`
     decodes in this process, as a library call should unless asked; commands pass `DEFAULT_NUM_WORKERS`.
-    `return_embeddings` keeps each image's normalised embedding, for callers that pool views of one place.
+    `return_embeddings` keeps each image's normalised embedding, for callers that pool views of one place. The
+    decisions `"gallery"` and `"hybrid"` search `gallery` (see `modeling_streetclip.gallery`).
 
     With an `accelerator` of several processes, every process must call this with the same `inputs`: each runs the
     model on its share of the batches only (`Accelerator.prepare_data_loader`: batch i goes to process i mod N, the
@@ -99,7 +102,7 @@ def geolocate_images(
     )
     if accelerator is None:
         for batch in loader:
-            yield from _batch_records(model, inputs, batch, top_k, return_embeddings, decision)
+            yield from _batch_records(model, inputs, batch, top_k, return_embeddings, decision, gallery)
         return
     # The model's own device decides where pixels go (a quantized model stays on the CPU beside a GPU).
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
@@ -108,7 +111,7 @@ def geolocate_images(
             # Inputs stay behind (a dataset's are encoded images): every process holds them already.
             mine = [
                 replace(record, input=None)
-                for record in _batch_records(model, inputs, batch, top_k, return_embeddings, decision)
+                for record in _batch_records(model, inputs, batch, top_k, return_embeddings, decision, gallery)
             ]
             for record in accelerator.gather_for_metrics(mine, use_gather_object=True):
                 yield replace(record, input=inputs[record.index])
@@ -123,13 +126,14 @@ def _batch_records(
     top_k: int,
     return_embeddings: bool,
     decision: str,
+    gallery: GeoGallery | None = None,
 ) -> list[GeolocationRecord]:
     """The records of one collated batch, in its order: answers for the decoded images, errors for the others."""
     order, indices, pixel_values, errors = batch
     records = {index: GeolocationRecord(index, inputs[index], error=error) for index, error in errors.items()}
     if pixel_values is not None:
         outputs = model(pixel_values=pixel_values.to(device=model.device, dtype=model.dtype))
-        answers_per_image = ranked_answers(model, outputs, top_k, decision)
+        answers_per_image = ranked_answers(model, outputs, top_k, decision, gallery)
         for position, (index, answers) in enumerate(zip(indices, answers_per_image, strict=True)):
             embeds = outputs.image_embeds[position].float().cpu() if return_embeddings else None
             records[index] = GeolocationRecord(index, inputs[index], answers=answers, image_embeds=embeds)
@@ -138,20 +142,36 @@ def _batch_records(
 
 @torch.no_grad()
 def pooled_answers(
-    model: StreetCLIPForGeolocation, image_embeds: torch.Tensor, top_k: int = 1, decision: str = "greedy"
+    model: StreetCLIPForGeolocation,
+    image_embeds: torch.Tensor,
+    top_k: int = 1,
+    decision: str = "greedy",
+    gallery: GeoGallery | None = None,
 ) -> list[dict[str, Any]]:
     """Answers for one place seen in several views: the hierarchical decision on the mean of their normalised
     embeddings (as `return_embeddings=True` keeps them), renormalised."""
     pooled = F.normalize(image_embeds.mean(dim=0, keepdim=True), dim=-1)
     outputs = model.locate_embeddings(pooled.to(device=model.device, dtype=model.dtype))
-    return ranked_answers(model, outputs, top_k, decision)[0]
+    return ranked_answers(model, outputs, top_k, decision, gallery)[0]
 
 
 def ranked_answers(
-    model: StreetCLIPForGeolocation, outputs: GeolocationOutput, top_k: int, decision: str = "greedy"
+    model: StreetCLIPForGeolocation,
+    outputs: GeolocationOutput,
+    top_k: int,
+    decision: str = "greedy",
+    gallery: GeoGallery | None = None,
 ) -> list[list[dict[str, Any]]]:
     """Each image's `top_k` answers in the pipeline's format, ordered by the `decision` rule (see
-    `StreetCLIPForGeolocation.rank_places`; under the default, the paper's greedy decision first)."""
+    `StreetCLIPForGeolocation.rank_places`; under the default, the paper's greedy decision first, and
+    `gallery.rank_gallery_places` for the rules that search `gallery`)."""
+    check_decision(decision, gallery)
+    if decision in GALLERY_DECISIONS:
+        ranked = rank_gallery_places(model, outputs, gallery, decision, top_k)
+        return [
+            format_gallery_answers(model.candidate_places, **dict(zip(ranked._fields, image, strict=True)))
+            for image in zip(*ranked, strict=True)
+        ]
     ranked = model.rank_places(outputs, top_k=top_k, decision=decision)
     return [format_answers(model.candidate_places, *image) for image in zip(*ranked, strict=True)]
 

@@ -171,6 +171,19 @@ def _open_data(args: argparse.Namespace):
         raise UsageError(str(error)) from None
 
 
+def load_gallery(name: str, model, image_processor, model_name: str):
+    """The gallery that `--gallery` names (a folder or a Hub dataset repo), checked against the loaded model; every
+    problem is a usage error that names it."""
+    from ..gallery import GalleryModelError, GeoGallery
+
+    try:
+        gallery = GeoGallery.load(name)
+        gallery.check_model(model, image_processor, model_name)
+    except (OSError, ValueError, ImportError, GalleryModelError) as error:
+        raise UsageError(f"--gallery {name!r}: {error}") from None
+    return gallery
+
+
 def build_command(args: argparse.Namespace) -> int:
     """`streetclip index build`: embed DATA into a gallery at --output, then report and set the status."""
     import torch
@@ -219,4 +232,4 @@ def build_command(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if result.bad_rows else EXIT_OK
 
 
-__all__ = ["add_parser", "build_command"]
+__all__ = ["add_parser", "build_command", "load_gallery"]

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
 
+    from ..gallery import GeoGallery
     from ..modeling_streetclip import StreetCLIPForGeolocation
     from .batch_geolocation import GeolocationRecord
     from .records import ParquetRecordWriter, RecordWriter
@@ -81,8 +82,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "it loads with datasets.load_dataset('parquet', data_files=FILE). CSV cells that a spreadsheet would run as a formula (starting with = + - @) start with an apostrophe. "
             "Resume: rerunning the same command with the same --output skips the inputs already recorded (failed "
             "ones included: delete their records to retry them); a run killed at any moment leaves only complete "
-            "records. The options that shape answers (--model, --countries, --top_k, --decision, --group_by, --dtype, "
-            "--quantize) are recorded in FILE.options.json; a rerun with others stops, naming them, and "
+            "records. The options that shape answers (--model, --countries, --top_k, --decision, --gallery, --group_by, "
+            "--dtype, --quantize) are recorded in FILE.options.json; a rerun with others stops, naming them, and "
             "--overwrite starts afresh. One run at a time writes a FILE; a run on several processes resumes what "
             "a run on any number wrote, and a process killed at any moment stops the others with it (the launcher's "
             "doing), leaving only complete records. A Parquet FILE is written in parts, in FILE.parts/, merged into "
@@ -139,14 +140,23 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=1,
         help="answers per input, in --decision's order (default: %(default)s)",
     )
+    from ..gallery import GALLERY_DECISIONS  # numpy only: --help stays quick
+
     locate.add_argument(
         "--decision",
-        choices=DECISION_NAMES,
-        default="greedy",
+        choices=(*DECISION_NAMES, *GALLERY_DECISIONS),
         help="how answers are chosen and ordered: greedy (the paper's: countries by p(country), then cities by "
-        "p(city | country), score = p(city | country)), joint (by joint probability, the score) or "
+        "p(city | country), score = p(city | country)), joint (by joint probability, the score), "
         "expected_distance (by the expected distance in km to the true place under the joint posterior, the score, "
-        "smallest first) (default: %(default)s)",
+        "smallest first), or with --gallery: gallery (a vote of the nearest gallery photos; the answer is a photo's "
+        "place) or hybrid (that vote restricted to the most probable zero-shot countries and weighted by them) "
+        "(default: greedy, and gallery with --gallery)",
+    )
+    locate.add_argument(
+        "--gallery",
+        metavar="FOLDER_OR_REPO",
+        help="a retrieval gallery built with this model by `streetclip index build` (a folder or a Hub dataset repo) "
+        "for --decision gallery or hybrid; answers then add gallery_row and similarity. Each process loads it",
     )
     locate.add_argument(
         "--batch_size",
@@ -387,6 +397,7 @@ def answer_options(args: argparse.Namespace, countries: list[str] | None) -> dic
         "top_k": args.top_k,
         # The paper's rule is what files written before --decision hold.
         "decision": None if args.decision == "greedy" else args.decision,
+        "gallery": os.path.abspath(args.gallery) if args.gallery and os.path.isdir(args.gallery) else args.gallery,
         "group_by": args.group_by,
         "dtype": args.dtype,
         "quantize": args.quantize,
@@ -410,6 +421,7 @@ def _record(
     model: StreetCLIPForGeolocation,
     top_k: int,
     decision: str,
+    gallery: GeoGallery | None = None,
 ) -> dict[str, Any]:
     """The output record of one input (or, with `grouped`, of one place from all its views), keyed by `key_field`."""
     if not grouped:
@@ -425,7 +437,7 @@ def _record(
     from .batch_geolocation import pooled_answers
 
     embeds = torch.stack([view.image_embeds for view in views])
-    return {"group": key, "paths": members, "answers": pooled_answers(model, embeds, top_k, decision)}
+    return {"group": key, "paths": members, "answers": pooled_answers(model, embeds, top_k, decision, gallery)}
 
 
 @dataclass
@@ -548,9 +560,10 @@ def _stream_blocks(
 
 def _load_on_every_process(
     args: argparse.Namespace, accelerator: Accelerator, countries: list[str] | None, quantization: Any
-) -> tuple[StreetCLIPForGeolocation, Any]:
-    """The model and its image processor on this process's device; the main process loads first, so that a model
-    from the Hub is downloaded once, and a model that fails to load anywhere stops every process."""
+) -> tuple[StreetCLIPForGeolocation, Any, GeoGallery | None]:
+    """The model, its image processor and the --gallery (None without one) on this process's device; the main
+    process loads first, so that a model or gallery from the Hub is downloaded once, and one that fails to load
+    anywhere stops every process."""
     import torch
 
     from .distributed import on_every_process
@@ -561,17 +574,21 @@ def _load_on_every_process(
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    return on_every_process(
-        accelerator,
-        lambda: load_model(args.model, device, getattr(torch, args.dtype), countries, quantization),
-        main_process_first=True,
-    )
+
+    def load() -> tuple[StreetCLIPForGeolocation, Any, GeoGallery | None]:
+        from .index import load_gallery
+
+        model, image_processor = load_model(args.model, device, getattr(torch, args.dtype), countries, quantization)
+        gallery = None if args.gallery is None else load_gallery(args.gallery, model, image_processor, args.model)
+        return model, image_processor, gallery
+
+    return on_every_process(accelerator, load, main_process_first=True)
 
 
 def _geolocate(
     args: argparse.Namespace,
     accelerator: Accelerator,
-    model_and_processor: tuple[StreetCLIPForGeolocation, Any],
+    model_and_processor: tuple[StreetCLIPForGeolocation, Any, GeoGallery | None],
     key_field: str,
     pending: list[tuple[str, list]],
     views: Sequence,
@@ -582,7 +599,7 @@ def _geolocate(
     one record per group and advances the `progress` bar by its views. Returns how many records failed."""
     from .batch_geolocation import geolocate_images
 
-    model, image_processor = model_and_processor
+    model, image_processor, gallery = model_and_processor
     grouped = args.group_by is not None
     records = geolocate_images(
         model,
@@ -594,12 +611,13 @@ def _geolocate(
         return_embeddings=grouped,
         accelerator=accelerator,
         decision=args.decision,
+        gallery=gallery,
     )
     failed = 0
     for key, members, group_records in _views_by_group(records, pending):
         if writer is None:
             continue  # another process: it ran its share of the batches, and the main process records them
-        record = _record(key_field, key, members, group_records, grouped, model, args.top_k, args.decision)
+        record = _record(key_field, key, members, group_records, grouped, model, args.top_k, args.decision, gallery)
         writer.write(record)
         failed += "error" in record
         progress.update(len(members))
@@ -620,6 +638,11 @@ def _check_invocation(args: argparse.Namespace) -> None:
         raise UsageError("--streaming, --image_column and --id_column apply to --dataset.")
     if args.overwrite and args.output is None:
         raise UsageError("--overwrite needs --output: standard output has nothing to overwrite.")
+    args.decision = args.decision or ("gallery" if args.gallery is not None else "greedy")
+    from ..gallery import GALLERY_DECISIONS
+
+    if args.decision in GALLERY_DECISIONS and args.gallery is None:
+        raise UsageError(f"--decision {args.decision} votes among the photos of a gallery; give it with --gallery.")
 
 
 def locate_command(args: argparse.Namespace) -> int:
