@@ -17,11 +17,13 @@ _EXPORTS = {
     "CandidatePrompts": "processing_streetclip",
     "GeolocationOutput": "modeling_streetclip",
     "GeolocationPipeline": "pipeline_geolocation",
+    "GeoGallery": "gallery",
     "ImageLoadError": "images",
     "RankedPlaces": "modeling_streetclip",
     "StreetCLIPConfig": "configuration_streetclip",
     "StreetCLIPForGeolocation": "modeling_streetclip",
     "StreetCLIPProcessor": "processing_streetclip",
+    "VoteSettings": "gallery",
     "format_answers": "gazetteer",
     "load_rgb_image": "images",
     "paper_countries": "gazetteer",
@@ -31,6 +33,7 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from .configuration_streetclip import StreetCLIPConfig
+    from .gallery import GeoGallery, VoteSettings
     from .gazetteer import CandidatePlaces, format_answers, paper_countries, read_country_list, resolve_country_name
     from .images import ImageLoadError, load_rgb_image
     from .modeling_streetclip import GeolocationOutput, RankedPlaces, StreetCLIPForGeolocation
@@ -74,11 +77,13 @@ __all__ = [
     "CandidatePrompts",
     "GeolocationOutput",
     "GeolocationPipeline",
+    "GeoGallery",
     "ImageLoadError",
     "RankedPlaces",
     "StreetCLIPConfig",
     "StreetCLIPForGeolocation",
     "StreetCLIPProcessor",
+    "VoteSettings",
     "format_answers",
     "load_rgb_image",
     "paper_countries",
