@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -70,6 +71,8 @@ INDEX_FILE = "index.faiss"
 BAD_ROWS_FILE = "bad_rows.jsonl"
 EMBEDDING_COLUMN = "embedding"
 FORMAT_VERSION = 1
+# `index="auto"`, `--index auto`: the documented default for the gallery's size (`recommended_index`).
+AUTO_INDEX = "auto"
 # Source rows per shard of a build (`gallery_build`): a kill loses at most this much work (seconds on a GPU, a few
 # minutes on a CPU at ViT-L), and a million rows make about a thousand files of 3 MB.
 DEFAULT_SHARD_SIZE = 1024
@@ -86,6 +89,8 @@ PROBED_LIST_FRACTION = 1 / 64
 # (at least) train PQ's 256-centroid sub-quantizers.
 TRAIN_POINTS_PER_LIST = 64
 MIN_TRAIN_POINTS = 2**16
+# Seed of the sample an index is trained on, so that a rebuild gives the same index.
+TRAIN_SAMPLE_SEED = 0
 # Bytes per row that an IVF index adds to its codes: the 64-bit id of each row in its list.
 IVF_ID_BYTES = 8
 # Below this many rows exact search is fast enough that compression buys nothing but lost neighbours.
@@ -373,6 +378,59 @@ def set_nprobe(faiss_index, nprobe: int) -> None:
     """Set how many inverted lists a search probes, wherever the index keeps them (plain, pre-transformed, refined)."""
     faiss = import_faiss()
     faiss.ParameterSpace().set_index_parameter(faiss_index, "nprobe", nprobe)
+
+
+def check_factory(factory: str, dim: int) -> None:
+    """Refuse a factory string FAISS cannot build for `dim`-d rows, naming it (before any photo is embedded)."""
+    faiss = import_faiss()
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"index {factory!r} is not a FAISS factory string for {dim}-d embeddings ({message}); e.g. 'Flat', "
+            f"'IVF1024,SQ8', 'IVF1024,PQ64' (PQ's code count must divide {dim}), or {AUTO_INDEX!r}."
+        ) from None
+
+
+def trained_index(
+    factory: str,
+    dim: int,
+    num_rows: int,
+    read_rows: Callable[[np.ndarray], np.ndarray],
+    nprobe: int | None = None,
+    train_size: int | None = None,
+) -> tuple[Any, int | None]:
+    """An empty FAISS index `factory` for `dim`-d rows compared by inner product, ready for the `num_rows` rows to be
+    added, and the inverted lists it probes (None without lists).
+
+    An index that needs training (IVF, PQ, SQ) is trained on `train_size` rows (default: `training_rows`) drawn at
+    random with a fixed seed and read by `read_rows(sorted positions)`, so that a rebuild gives the same index; an
+    IVF index probes `nprobe` lists (default: `probed_lists`). Both galleries and eval/speed/bench_gallery_index.py
+    build their indexes here.
+    """
+    faiss = import_faiss()
+    check_factory(factory, dim)
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    try:
+        lists = faiss.extract_index_ivf(index).nlist
+    except RuntimeError:  # no inverted lists in this index
+        lists = None
+    if not index.is_trained:
+        wanted = min(train_size or training_rows(lists, num_rows), num_rows)
+        sample = np.sort(np.random.default_rng(TRAIN_SAMPLE_SEED).choice(num_rows, size=wanted, replace=False))
+        try:
+            index.train(np.ascontiguousarray(read_rows(sample), dtype=np.float32))
+        except RuntimeError as error:
+            raise ValueError(
+                f"Cannot train the index {factory!r} on {wanted:,} of {num_rows:,} rows "
+                f"({str(error).strip().splitlines()[-1]}); choose an index with fewer lists (IVF{{n}} needs at least "
+                "39 rows per list), or 'Flat'."
+            ) from None
+    nprobe = (nprobe or probed_lists(lists)) if lists is not None else None
+    if nprobe is not None:
+        set_nprobe(index, nprobe)
+    return index, nprobe
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -697,6 +755,7 @@ _RANKED_FIELDS = ("scores", "country_scores", "joint_probabilities", "region_sco
 
 
 __all__ = [
+    "AUTO_INDEX",
     "BAD_ROWS_FILE",
     "DEFAULT_INDEX",
     "GALLERY_DECISIONS",
@@ -706,6 +765,7 @@ __all__ = [
     "GeoGallery",
     "IndexChoice",
     "VoteSettings",
+    "check_factory",
     "GalleryRankedPlaces",
     "check_decision",
     "format_gallery_answers",
@@ -718,5 +778,6 @@ __all__ = [
     "nearest_city_rows",
     "probed_lists",
     "recommended_index",
+    "trained_index",
     "training_rows",
 ]

@@ -31,6 +31,7 @@ from transformers.utils import logging
 from .cli import DEFAULT_BATCH_SIZE
 from .coordinates import coordinate_problem
 from .gallery import (
+    AUTO_INDEX,
     BAD_ROWS_FILE,
     DATASET_FOLDER,
     DEFAULT_INDEX,
@@ -43,15 +44,14 @@ from .gallery import (
     GalleryModelError,
     GeoGallery,
     VoteSettings,
+    check_factory,
     fingerprint_agreement,
     image_embeddings,
     import_datasets,
     import_faiss,
     model_fingerprint,
-    probed_lists,
     recommended_index,
-    set_nprobe,
-    training_rows,
+    trained_index,
     write_json_atomically,
 )
 from .images import ImageLoadError, load_rgb_image
@@ -66,16 +66,12 @@ logger = logging.get_logger(__name__)
 
 SHARDS_FOLDER = "shards"
 BUILD_FILE = "build.json"
-# `--index auto`: the documented default for the gallery's size (`gallery.recommended_index`).
-AUTO_INDEX = "auto"
 # Columns every gallery row has; a source column of the same name (other than the coordinates read) is refused.
 GALLERY_COLUMNS = ("source_row", EMBEDDING_COLUMN, "latitude", "longitude", "image_path")
 # The shard column that holds a skipped row's reason (null for rows embedded), dropped from the gallery.
 ERROR_COLUMN = "error"
 # Rows handed to `add_faiss_index` at a time: 64k x 768 float32 is 200 MB.
 ADD_BATCH_ROWS = 65_536
-# Seed of the sample an IVF or PQ index is trained on, so that a rebuild gives the same index.
-TRAIN_SAMPLE_SEED = 0
 # Errors that make one image unreadable (as `streetclip locate` records them), not the build.
 _IMAGE_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError, ImageLoadError, TypeError)
 
@@ -147,13 +143,13 @@ def build_gallery(
         progress: show a tqdm bar on standard error.
     """
     datasets = import_datasets()
-    faiss = import_faiss()
+    import_faiss()  # missing, it would stop the build only after every photo is embedded
     folder = Path(output_dir)
     image_processor = getattr(processor, "image_processor", processor)
     fingerprint = model_fingerprint(model, image_processor)
     dim = fingerprint.shape[-1]
     if index != AUTO_INDEX:
-        _check_factory(faiss, index, dim)
+        check_factory(index, dim)
     source_name = os.fspath(data) if isinstance(data, (str, os.PathLike)) else _describe(data)
     if isinstance(data, (str, os.PathLike)):
         from .dataset_sources import open_dataset
@@ -200,18 +196,6 @@ def _describe(data) -> str:
     if files:
         return str(Path(files[0]["filename"]).parent)
     return getattr(getattr(data, "info", None), "dataset_name", None) or type(data).__name__
-
-
-def _check_factory(faiss, factory: str, dim: int) -> None:
-    """Refuse a factory string FAISS cannot build, before any photo is embedded."""
-    try:
-        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as error:
-        message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"index {factory!r} is not a FAISS factory string for {dim}-d embeddings ({message}); e.g. 'Flat', "
-            f"'IVF1024,SQ8', 'IVF1024,PQ64' (PQ's code count must divide {dim}), or '{AUTO_INDEX}'."
-        ) from None
 
 
 def _find_columns(
@@ -662,34 +646,16 @@ def attach_index(
     rows: datasets.Dataset, dim: int, index: str, nprobe: int | None = None, train_size: int | None = None
 ) -> tuple[str, int | None]:
     """Build the FAISS index `index` (a factory string, or `"auto"`) over `rows[EMBEDDING_COLUMN]` with `datasets`'
-    `add_faiss_index`, training it first on a random sample where it needs training; returns the factory string
-    used and the lists it probes (None without inverted lists)."""
-    faiss = import_faiss()
-    num_rows = len(rows)
-    factory = recommended_index(num_rows, dim).factory if index == AUTO_INDEX else index
-    _check_factory(faiss, factory, dim)
-    faiss_index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    try:
-        lists = faiss.extract_index_ivf(faiss_index).nlist
-    except RuntimeError:
-        lists = None
-    if not faiss_index.is_trained:
-        wanted = min(train_size or training_rows(lists, num_rows), num_rows)
-        sample = np.sort(np.random.default_rng(TRAIN_SAMPLE_SEED).choice(num_rows, size=wanted, replace=False))
-        vectors = rows.with_format("numpy", columns=[EMBEDDING_COLUMN])[sample][EMBEDDING_COLUMN]
-        try:
-            faiss_index.train(np.ascontiguousarray(vectors, dtype=np.float32))
-        except RuntimeError as error:
-            raise ValueError(
-                f"Cannot train the index {factory!r} on {wanted:,} of the gallery's {num_rows:,} rows "
-                f"({str(error).strip().splitlines()[-1]}); choose an index with fewer lists (IVF{{n}} needs at least "
-                f"39 rows per list), or 'Flat'. The embeddings are kept: rerun with another --index to finish."
-            ) from None
-    nprobe = (nprobe or probed_lists(lists)) if lists is not None else None
-    if nprobe is not None:
-        set_nprobe(faiss_index, nprobe)
+    `add_faiss_index`, trained first where it needs training (see `gallery.trained_index`); returns the factory
+    string used and the lists it probes (None without inverted lists). A training failure keeps the embeddings: a
+    rerun with another index finishes the build."""
+    factory = recommended_index(len(rows), dim).factory if index == AUTO_INDEX else index
+    numpy_rows = rows.with_format("numpy", columns=[EMBEDDING_COLUMN])
+    faiss_index, nprobe = trained_index(
+        factory, dim, len(rows), lambda positions: numpy_rows[positions][EMBEDDING_COLUMN], nprobe, train_size
+    )
     rows.add_faiss_index(EMBEDDING_COLUMN, custom_index=faiss_index, batch_size=ADD_BATCH_ROWS)
     return factory, nprobe
 
 
-__all__ = ["AUTO_INDEX", "GalleryBuild", "attach_index", "build_gallery"]
+__all__ = ["GalleryBuild", "attach_index", "build_gallery"]
