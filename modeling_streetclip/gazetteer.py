@@ -184,26 +184,17 @@ class CandidatePlaces:
     @cached_property
     def cities_by_country(self) -> list[list[int]]:
         """City rows of each country, in table order (most populous first for GeoNames tables)."""
-        rows = [[] for _ in self.country_names]
-        for row, country in enumerate(self.city_countries):
-            rows[country].append(row)
-        return rows
+        return _rows_by_group(self.city_countries, self.num_countries)
 
     @cached_property
     def regions_by_country(self) -> list[list[int]]:
         """Region rows of each country, in table order (empty lists without a region level)."""
-        rows = [[] for _ in self.country_names]
-        for row, country in enumerate(self.region_countries):
-            rows[country].append(row)
-        return rows
+        return _rows_by_group(self.region_countries, self.num_countries)
 
     @cached_property
     def cities_by_region(self) -> list[list[int]]:
         """City rows of each region, in table order."""
-        rows = [[] for _ in self.region_names]
-        for row, region in enumerate(self.city_regions):
-            rows[region].append(row)
-        return rows
+        return _rows_by_group(self.city_regions, self.num_regions)
 
     def country_index(self, name: str) -> int:
         """Row of a candidate country by its name, its ISO code, or any spelling `resolve_country_name` knows (such
@@ -383,6 +374,14 @@ class CandidatePlaces:
             city_merge_radius_km=config.city_merge_radius_km,
             regions=config.uses_regions,
         )
+
+
+def _rows_by_group(groups: Sequence[int], num_groups: int) -> list[list[int]]:
+    """For each of `num_groups` groups, the rows whose entry in `groups` names it, in order."""
+    rows = [[] for _ in range(num_groups)]
+    for row, group in enumerate(groups):
+        rows[group].append(row)
+    return rows
 
 
 def merge_nearby_cities(cities: Sequence[Mapping], radius_km: float) -> list[Mapping]:

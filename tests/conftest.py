@@ -36,3 +36,15 @@ def small_streetclip_dir(tiny_clip_dir, tmp_path_factory) -> Path:
         candidate_countries=SMALL_COUNTRIES,
         cities_per_country=5,
     )
+
+
+@pytest.fixture(scope="session")
+def region_streetclip_dir(tiny_clip_dir, tmp_path_factory) -> Path:
+    """A saved StreetCLIP folder with the region level: SMALL_COUNTRIES, 8 cities each, grouped by GeoNames region."""
+    return save_streetclip_folder(
+        tiny_clip_dir,
+        tmp_path_factory.mktemp("region-streetclip"),
+        candidate_countries=SMALL_COUNTRIES,
+        cities_per_country=8,
+        levels=["country", "region", "city"],
+    )

@@ -17,9 +17,9 @@ from modeling_streetclip import (
     StreetCLIPForGeolocation,
     StreetCLIPProcessor,
 )
-from modeling_streetclip.configuration_streetclip import DECISIONS, REGION_LEVELS
+from modeling_streetclip.configuration_streetclip import DECISIONS
 from modeling_streetclip.modeling_streetclip import expected_distances_km
-from modeling_streetclip.testing_utils import SMALL_COUNTRIES, TINY_IMAGE_SIZE, save_streetclip_folder
+from modeling_streetclip.testing_utils import TINY_IMAGE_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +29,9 @@ def haversine_km():
     return sys.modules[type(metric).__module__].haversine_km
 
 
-@pytest.fixture(scope="module")
-def region_dir(tiny_clip_dir, tmp_path_factory) -> Path:
-    """A saved folder with the region level: SMALL_COUNTRIES, 8 cities each, grouped by GeoNames region."""
-    return save_streetclip_folder(
-        tiny_clip_dir,
-        tmp_path_factory.mktemp("region-streetclip"),
-        candidate_countries=SMALL_COUNTRIES,
-        cities_per_country=8,
-        levels=list(REGION_LEVELS),
-    )
-
-
 @pytest.fixture(params=["two_levels", "region_level"])
-def model(request, small_streetclip_dir, region_dir) -> StreetCLIPForGeolocation:
-    folder = small_streetclip_dir if request.param == "two_levels" else region_dir
+def model(request, small_streetclip_dir, region_streetclip_dir) -> StreetCLIPForGeolocation:
+    folder = small_streetclip_dir if request.param == "two_levels" else region_streetclip_dir
     return StreetCLIPForGeolocation.from_pretrained(folder, vision_only=True)
 
 

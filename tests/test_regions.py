@@ -30,20 +30,7 @@ from modeling_streetclip.testing_utils import (
     TINY_IMAGE_SIZE,
     random_photo,
     run_as_hub_user,
-    save_streetclip_folder,
 )
-
-
-@pytest.fixture(scope="module")
-def region_dir(tiny_clip_dir, tmp_path_factory) -> Path:
-    """A saved folder with the region level: SMALL_COUNTRIES, 8 cities each, grouped by GeoNames region."""
-    return save_streetclip_folder(
-        tiny_clip_dir,
-        tmp_path_factory.mktemp("region-streetclip"),
-        candidate_countries=SMALL_COUNTRIES,
-        cities_per_country=8,
-        levels=list(REGION_LEVELS),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +65,8 @@ def test_region_heads_are_built_lazily_for_the_predicted_countries_only(tiny_cli
     assert set(model.pending_city_prompts) == set(model.pending_region_prompts)
 
 
-def test_the_region_decision_restricts_the_cities(region_dir, pixel_values):
-    model = StreetCLIPForGeolocation.from_pretrained(region_dir, vision_only=True)
+def test_the_region_decision_restricts_the_cities(region_streetclip_dir, pixel_values):
+    model = StreetCLIPForGeolocation.from_pretrained(region_streetclip_dir, vision_only=True)
     places = model.candidate_places
     embeds = model(pixel_values).image_embeds[:1]
     country = int(model.locate_embeddings(embeds).predicted_country[0])
@@ -96,27 +83,29 @@ def test_the_region_decision_restricts_the_cities(region_dir, pixel_values):
     assert outputs.city_logits[0][outputs.city_indices[0] >= 0].isfinite().sum() == len(in_region)
 
 
-def test_saved_folder_carries_the_region_head_table_and_checksum(region_dir, tmp_path):
-    config = json.loads((region_dir / "config.json").read_text())
+def test_saved_folder_carries_the_region_head_table_and_checksum(region_streetclip_dir, tmp_path):
+    config = json.loads((region_streetclip_dir / "config.json").read_text())
     assert config["levels"] == list(REGION_LEVELS)
     table = config["candidate_places"]
     assert {"region_names", "region_countries", "city_regions"} <= set(table)
-    with safe_open(region_dir / "model.safetensors", "pt") as weights:
+    with safe_open(region_streetclip_dir / "model.safetensors", "pt") as weights:
         assert weights.get_tensor("region_head.weight").shape[0] == len(table["region_names"])
     # A region renamed apart from the head it was built for is caught on load.
-    edited = shutil.copytree(region_dir, tmp_path / "edited")
+    edited = shutil.copytree(region_streetclip_dir, tmp_path / "edited")
     table["region_names"][0] = "Atlantis"
     (edited / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="checksums differ"):
         StreetCLIPForGeolocation.from_pretrained(edited)
 
 
-def test_saved_folder_reloads_with_identical_answers_and_vision_only_too(region_dir, tiny_clip_dir, pixel_values):
+def test_saved_folder_reloads_with_identical_answers_and_vision_only_too(
+    region_streetclip_dir, tiny_clip_dir, pixel_values
+):
     built = StreetCLIPForGeolocation.from_pretrained(
         tiny_clip_dir, candidate_countries=SMALL_COUNTRIES, cities_per_country=8, levels=list(REGION_LEVELS)
     )
-    full = StreetCLIPForGeolocation.from_pretrained(region_dir)
-    vision = StreetCLIPForGeolocation.from_pretrained(region_dir, vision_only=True)
+    full = StreetCLIPForGeolocation.from_pretrained(region_streetclip_dir)
+    vision = StreetCLIPForGeolocation.from_pretrained(region_streetclip_dir, vision_only=True)
     assert vision.text_model is None and vision.uses_regions
     with torch.no_grad():
         outputs = [model(pixel_values) for model in (built, full, vision)]
@@ -132,8 +121,10 @@ def test_saved_folder_reloads_with_identical_answers_and_vision_only_too(region_
     assert torch.equal(outputs[2].predicted_region, outputs[0].predicted_region)
 
 
-def test_restricting_countries_keeps_their_regions_and_region_heads(region_dir, tiny_clip_dir, pixel_values):
-    model = StreetCLIPForGeolocation.from_pretrained(region_dir, vision_only=True)
+def test_restricting_countries_keeps_their_regions_and_region_heads(
+    region_streetclip_dir, tiny_clip_dir, pixel_values
+):
+    model = StreetCLIPForGeolocation.from_pretrained(region_streetclip_dir, vision_only=True)
     model.restrict_countries(["Japan", "BR"])
     rebuilt = StreetCLIPForGeolocation.from_pretrained(
         tiny_clip_dir, candidate_countries=["Japan", "Brazil"], cities_per_country=8, levels=list(REGION_LEVELS)
@@ -144,8 +135,8 @@ def test_restricting_countries_keeps_their_regions_and_region_heads(region_dir, 
     assert torch.equal(model(pixel_values).predicted_region, rebuilt(pixel_values).predicted_region)
 
 
-def test_pipeline_answers_name_the_region_and_its_probability(region_dir, photos):
-    geolocate = pipeline("geolocation", model=str(region_dir))
+def test_pipeline_answers_name_the_region_and_its_probability(region_streetclip_dir, photos):
+    geolocate = pipeline("geolocation", model=str(region_streetclip_dir))
     places = geolocate.model.candidate_places
     for answers in geolocate([str(path) for path in photos], top_k=4):
         for answer in answers:
@@ -166,13 +157,13 @@ def test_decision_names_of_the_command_line_are_the_configurations():
 
 
 def test_locate_takes_a_decision_and_a_region_model_and_writes_the_region_columns(
-    capsys, tmp_path, region_dir, photos
+    capsys, tmp_path, region_streetclip_dir, photos
 ):
     output = tmp_path / "answers.csv"
     arguments = [
         *map(str, photos),
         "--model",
-        str(region_dir),
+        str(region_streetclip_dir),
         "--top_k",
         "3",
         "--workers",
@@ -183,7 +174,7 @@ def test_locate_takes_a_decision_and_a_region_model_and_writes_the_region_column
     assert streetclip(["locate", *arguments, "--decision", "joint"]) == 0
     with output.open(newline="") as file:
         rows = list(csv.DictReader(file))
-    expected = pipeline("geolocation", model=str(region_dir))(
+    expected = pipeline("geolocation", model=str(region_streetclip_dir))(
         [str(path) for path in photos], top_k=3, decision="joint"
     )
     for row, answers in zip(rows, expected, strict=True):
@@ -220,13 +211,15 @@ def test_pooled_views_follow_the_decision_too(capsys, tmp_path, small_streetclip
     assert scores == sorted(scores) and len(scores) == 4
 
 
-def test_benchmark_runner_scores_a_region_model_under_a_decision_and_records_it(tmp_path, region_dir, photos):
+def test_benchmark_runner_scores_a_region_model_under_a_decision_and_records_it(
+    tmp_path, region_streetclip_dir, photos
+):
     metadata = tmp_path / "benchmark.csv"
     metadata.write_text("IMG_ID,LAT,LON\n" + "".join(f"{path.name},48.85,2.35\n" for path in photos))
     output_dir = tmp_path / "results"
     benchmark.main(
         [
-            "--model", str(region_dir), "--data", str(metadata), "--image_dir", str(photos[0].parent),
+            "--model", str(region_streetclip_dir), "--data", str(metadata), "--image_dir", str(photos[0].parent),
             "--output_dir", str(output_dir), "--num_workers", "0", "--top_k", "2", "--decision", "expected_distance",
         ]
     )  # fmt: skip
@@ -235,7 +228,7 @@ def test_benchmark_runner_scores_a_region_model_under_a_decision_and_records_it(
     assert metrics["num_candidate_regions"] > len(SMALL_COUNTRIES) and metrics["n"] == len(photos)
     with (output_dir / "predictions.csv").open(newline="") as file:
         rows = list(csv.DictReader(file))
-    expected = pipeline("geolocation", model=str(region_dir))(
+    expected = pipeline("geolocation", model=str(region_streetclip_dir))(
         [str(path) for path in photos], top_k=2, decision="expected_distance"
     )
     assert [row["predicted_city"] for row in rows] == [answers[0]["city"] for answers in expected]
@@ -253,17 +246,17 @@ print(json.dumps({decision: geolocate(images, top_k=3, decision=decision) for de
 """
 
 
-def test_a_published_region_model_answers_without_the_package_as_with_it(region_dir, photos, tmp_path):
+def test_a_published_region_model_answers_without_the_package_as_with_it(region_streetclip_dir, photos, tmp_path):
     repo = tmp_path / "repo"
-    assert publish.main([str(region_dir), "org/regions", "--dry_run", str(repo)]) == 0
+    assert publish.main([str(region_streetclip_dir), "org/regions", "--dry_run", str(repo)]) == 0
     assert "region_head.weight" in safe_open(repo / "model.safetensors", "pt").keys()
     assert (
         StreetCLIPProcessor.from_pretrained(repo).region_prompt_template
-        == StreetCLIPProcessor.from_pretrained(region_dir).region_prompt_template
+        == StreetCLIPProcessor.from_pretrained(region_streetclip_dir).region_prompt_template
     )
     images = [str(path) for path in photos]
     remote = run_as_hub_user(PUBLISHED_REGION_SCRIPT, ["org/regions", *images], {"org/regions": repo}, tmp_path)
-    local = pipeline("geolocation", model=str(region_dir))
+    local = pipeline("geolocation", model=str(region_streetclip_dir))
     for decision, answers in remote.items():
         expected = local(images, top_k=3, decision=decision)
         for remote_answers, local_answers in zip(answers, expected, strict=True):
@@ -276,8 +269,8 @@ def test_a_published_region_model_answers_without_the_package_as_with_it(region_
                     assert remote_answer[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-5))
 
 
-def test_model_card_describes_the_region_level_the_decision_rules_and_the_candidate_rule(region_dir):
-    config = StreetCLIPForGeolocation.from_pretrained(region_dir, vision_only=True).config
+def test_model_card_describes_the_region_level_the_decision_rules_and_the_candidate_rule(region_streetclip_dir):
+    config = StreetCLIPForGeolocation.from_pretrained(region_streetclip_dir, vision_only=True).config
     text = card.build_model_card(config, "org/regions").text
     places = CandidatePlaces.from_dict(config.candidate_places)
     assert "first-level\n  regions (GeoNames admin1: states, provinces) of the best country, " in text
