@@ -42,6 +42,19 @@ VIT_L_14_336 = {
     },
     "projection_dim": 768,
 }
+# OpenAI's CLIP ViT-B/16 at 224 px, the size below StreetCLIP's that speed figures also quote.
+VIT_B_16 = {
+    "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8},
+    "vision_config": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "image_size": 224,
+        "patch_size": 16,
+    },
+    "projection_dim": 512,
+}
 # The synthetic geo set: two well-separated cities in each of six countries; in its photos colour encodes the
 # country, stripe direction the city, so a tiny model can learn it in a minute and then answers without near-ties.
 PLACES = {
@@ -119,17 +132,26 @@ def save_random_vit_l(path: Path, tokenizer: CLIPTokenizer | None = None, seed: 
 
     `tokenizer` defaults to the tiny byte-level one, whose longer prompts only slow the one-off head building.
     """
+    return save_random_clip(path, VIT_L_14_336, tokenizer, seed)
+
+
+def save_random_clip(path: Path, preset: dict, tokenizer: CLIPTokenizer | None = None, seed: int = 0) -> Path:
+    """Save a plain CLIP checkpoint folder of the size `preset` gives (VIT_L_14_336, VIT_B_16) with random weights,
+    the tokenizer (by default the tiny one) and an image processor at the preset's image size."""
     tokenizer = tokenizer or build_tiny_tokenizer()
     special = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     config = CLIPConfig(
-        text_config={**VIT_L_14_336["text_config"], "vocab_size": len(tokenizer), **special},
-        vision_config=VIT_L_14_336["vision_config"],
-        projection_dim=VIT_L_14_336["projection_dim"],
+        text_config={**preset["text_config"], "vocab_size": len(tokenizer), **special},
+        vision_config=preset["vision_config"],
+        projection_dim=preset["projection_dim"],
     )
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(path)
+    size = preset["vision_config"]["image_size"]
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
+        path
+    )
     return path
 
 

@@ -159,9 +159,10 @@ def test_a_file_without_its_options_record_is_refused_and_overwrite_starts_afres
     assert json.loads(options_path(path).read_text())["options"] == {"model": "/models/streetclip", "top_k": 1}
 
 
-def test_a_second_writer_of_the_same_file_is_refused_while_the_first_holds_it(tmp_path):
+@pytest.mark.parametrize("extension", ["jsonl", "parquet"])
+def test_a_second_writer_of_the_same_file_is_refused_while_the_first_holds_it(tmp_path, extension):
     pytest.importorskip("fcntl")
-    path = tmp_path / "results.jsonl"
+    path = tmp_path / f"results.{extension}"
 
     with open_records(path, grouped=False, top_k=1, options=OPTIONS) as first:
         first.write({"path": "/a.jpg", "answers": [ANSWER]})
@@ -286,18 +287,6 @@ def test_a_parquet_file_of_another_kind_is_refused_and_left_as_it_is(tmp_path, k
         resume(path, options={"model": "/models/streetclip", "top_k": 1})
     assert path.read_bytes() == content
     assert not (tmp_path / "answers.parquet.parts").exists()
-
-
-def test_a_second_writer_of_a_parquet_file_is_refused_while_the_first_holds_it(tmp_path):
-    pytest.importorskip("fcntl")
-    path = tmp_path / "answers.parquet"
-
-    with open_records(path, grouped=False, top_k=1, options=OPTIONS) as first:
-        first.write({"path": "/a.jpg", "answers": [ANSWER]})
-        with pytest.raises(ResultFileError, match=f"another run is writing {str(path)!r}"):
-            resume(path)
-
-    assert resume(path) == {"/a.jpg": True}
 
 
 def test_a_failed_part_write_stops_the_run_and_keeps_the_parts_before_it(tmp_path, monkeypatch):

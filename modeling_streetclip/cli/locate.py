@@ -694,8 +694,9 @@ def _locate(args: argparse.Namespace, accelerator: Accelerator, quantization: An
             rows_per_block = args.batch_size * accelerator.num_processes * STREAM_BLOCK_BATCHES
             blocks = _stream_blocks(source, writer.recorded, plan, rows_per_block) if main else None
             block = on_main_process(accelerator, lambda: next(blocks, None))
-            model = _load_on_every_process(args, accelerator, countries, quantization) if block else None
-            progress = progress_bar(None)  # a stream's length is unknown
+            if block:  # (else everything was recorded before: no model to load, no bar to show)
+                model = _load_on_every_process(args, accelerator, countries, quantization)
+                progress = progress_bar(None)  # a stream's length is unknown
             while block:
                 pending = [(key, [row]) for row, (key, _) in enumerate(block)]
                 views = [image for _, image in block]
