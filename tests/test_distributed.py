@@ -215,3 +215,10 @@ def test_benchmark_on_two_processes_writes_the_metrics_and_predictions_of_one(ph
         for score in scores[:2]:
             assert float(row[score] or "nan") == pytest.approx(float(reference[score] or "nan"), rel=1e-5, nan_ok=True)
     assert result.stdout.count("inputs scored; outputs in") == 1  # printed by the main process alone
+
+
+def test_a_usage_error_stops_both_processes_and_is_reported_once(photos, small_streetclip_dir, tmp_path):
+    result = launch(*locate_args(photos, small_streetclip_dir, tmp_path / "answers.txt"), cwd=tmp_path)
+
+    assert result.returncode == 1 and "exitcode  : 2" in result.stderr
+    assert result.stderr.count("streetclip locate: error: Cannot tell the format of --output") == 1

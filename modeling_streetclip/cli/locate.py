@@ -664,9 +664,10 @@ def _locate(args: argparse.Namespace, accelerator: Accelerator, quantization: An
     from .distributed import on_every_process, on_main_process
 
     _check_invocation(args)
-    if args.group_by is not None:
-        _group_pattern(args.group_by)
-    countries = read_countries(args.countries) if args.countries is not None else None
+    # Read where the output is written (the other machines of a run may not have the file); shared with all.
+    countries = on_main_process(
+        accelerator, lambda: read_countries(args.countries) if args.countries is not None else None
+    )
     source = None
     if args.dataset is not None:
         source = on_every_process(accelerator, lambda: _open_dataset_source(args), main_process_first=True)
