@@ -1,0 +1,262 @@
+"""GPU check at StreetCLIP's real scale (ViT-L/14 at 336 px, random weights): float32, bfloat16 and float16.
+
+Prints, compactly, one line per precision:
+- images/s of the bare vision forward (`vision_model` + `visual_projection` on tensors already on the device) and of
+  `pipeline("geolocation")` on in-memory 640x480 photos (preprocessing in DataLoader workers), both at batch 64,
+  and their ratio (target in bfloat16: pipeline >= 0.80 of the bare forward);
+- the peak GPU memory allocated while that precision ran;
+- agreement of the first answer's country and city with float32, and the mean cosine of the image embeddings.
+Before them, the attention implementation the vision tower uses (SDPA expected), and the device.
+
+Answers are compared where they are learned, not near-ties: the heads are a linear probe fitted in float32 on the
+synthetic geo set's photos (six countries, two cities each; centred class means of the image embeddings), and the
+agreement is measured on held-out photos of that set; the probe's own float32 accuracy is printed beside it. The
+script exits 1 when bfloat16 answers disagree with float32's on more than 2% of them, 2 on a usage error.
+
+Run on the GPU machine as `bash eval/speed/gpu_check.sh` (it adds a timeout). `--device cpu` is a dry run of the
+same code on the tiny test model (the tests run `--device cpu --steps 1`); `--size vit-l` forces the real scale.
+"""
+
+import argparse
+import gc
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from PIL import Image
+from transformers import pipeline
+
+import modeling_streetclip  # noqa: F401  (registers the "geolocation" task)
+from modeling_streetclip import CandidatePlaces, StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip.testing_utils import PLACES, place_photo, save_random_vit_l, save_tiny_clip_checkpoint
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+# The issue's targets: bfloat16 answers agree with float32's, and the pipeline keeps up with the bare forward.
+MIN_COUNTRY_AGREEMENT = 0.98
+MIN_PIPELINE_SHARE = 0.80
+# CLIP's largest logit scale: the probe's logits are then as peaked as a trained StreetCLIP's.
+PROBE_LOGIT_SCALE = 100.0
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
+    parser.add_argument("--steps", type=int, default=10, help="timed batches per measurement (default: 10)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument(
+        "--size", choices=("vit-l", "tiny"), help="model size; default vit-l on a GPU, the tiny test model on a CPU"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="pipeline DataLoader workers that preprocess photos (default: min(8, CPU count))",
+    )
+    parser.add_argument(
+        "--agreement_photos_per_city", type=int, default=17, help="held-out photos per city (default 17: 204 photos)"
+    )
+    parser.add_argument("--probe_photos_per_city", type=int, default=8, help="photos per city that fit the probe")
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}, but torch {torch.__version__} sees no CUDA device; use --device cpu.")
+    for name in ("steps", "batch_size", "agreement_photos_per_city", "probe_photos_per_city"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    args.size = args.size or ("vit-l" if args.device.startswith("cuda") else "tiny")
+    return args
+
+
+def geo_photos(photos_per_city: int, seed: int) -> tuple[list[Image.Image], list[int], list[int]]:
+    """Photos of the synthetic geo set with their country index and city row (in `probe_places` order)."""
+    rng = np.random.default_rng(seed)
+    photos, countries, city_rows = [], [], []
+    for country, cities in enumerate(PLACES.values()):
+        for city in range(len(cities)):
+            for _ in range(photos_per_city):
+                photos.append(place_photo(country, city, rng))
+                countries.append(country)
+                city_rows.append(2 * country + city)
+    return photos, countries, city_rows
+
+
+def probe_places() -> CandidatePlaces:
+    return CandidatePlaces.from_records(
+        {"country": country, "city": city, "latitude": latitude, "longitude": longitude}
+        for country, cities in PLACES.items()
+        for city, latitude, longitude in cities
+    )
+
+
+def embed(model: StreetCLIPForGeolocation, pixel_values: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """L2-normalised image embeddings in float32, in batches."""
+    with torch.no_grad():
+        parts = [
+            model.visual_projection(model.vision_model(pixel_values=batch).pooler_output).float()
+            for batch in pixel_values.split(batch_size)
+        ]
+    return F.normalize(torch.cat(parts), dim=-1)
+
+
+def save_probe_model(workdir: Path, size: str, device: str, photos_per_city: int, batch_size: int) -> Path:
+    """A random-weight CLIP saved as a StreetCLIP folder whose heads are a probe fitted on the synthetic geo set.
+
+    Each head row is the normalised class mean of the float32 image embeddings minus the mean over all photos:
+    random features share a large common direction, and removing it leaves the part that tells classes apart.
+    """
+    plain = save_random_vit_l(workdir / "clip") if size == "vit-l" else save_tiny_clip_checkpoint(workdir / "clip")
+    processor = StreetCLIPProcessor.from_pretrained(plain)
+    places = probe_places()
+    model = StreetCLIPForGeolocation.from_pretrained(plain, candidates=places).to(device)
+    model.build_city_heads(list(model.pending_city_prompts))  # now, or saving would overwrite the probe's rows
+    photos, countries, city_rows = geo_photos(photos_per_city, seed=0)
+    pixel_values = processor.image_processor(images=photos, return_tensors="pt")["pixel_values"].to(device)
+    embeds = embed(model, pixel_values, batch_size)
+    centre = embeds.mean(dim=0)
+    with torch.no_grad():
+        for head, labels in ((model.country_head, countries), (model.city_head, city_rows)):
+            labels = torch.tensor(labels, device=device)
+            for row in range(head.weight.shape[0]):
+                head.weight[row] = F.normalize(embeds[labels == row].mean(dim=0) - centre, dim=0) * PROBE_LOGIT_SCALE
+    model.save_pretrained(workdir / "probe")
+    processor.save_pretrained(workdir / "probe")
+    return workdir / "probe"
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def images_per_second(run: Callable[[], object], images: int, device: str) -> float:
+    """Throughput of `run`, which handles `images` images, with the device's queued work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    return images / (time.perf_counter() - start)
+
+
+def check_dtype(model_dir: Path, dtype: str, args: argparse.Namespace, inputs: dict) -> dict:
+    """Load `dtype` without the text tower on the device, time the bare forward and the pipeline, and answer the
+    held-out photos; returns the figures."""
+    if args.device.startswith("cuda"):
+        gc.collect()  # the previous precision's pipeline may sit in a reference cycle, holding its model
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=True, dtype=getattr(torch, dtype))
+    model = model.to(args.device)
+    geolocate = pipeline("geolocation", model=model, processor=inputs["processor"], device=args.device)
+    batch = inputs["batch"].to(args.device, model.dtype)
+
+    def bare() -> None:
+        with torch.no_grad():
+            for _ in range(args.steps):
+                model.visual_projection(model.vision_model(pixel_values=batch).pooler_output)
+
+    def run_pipeline(photos: list[Image.Image]) -> list:
+        return geolocate(photos, batch_size=args.batch_size, num_workers=args.workers)
+
+    embeds = embed(model, batch, args.batch_size).cpu()  # also the warm-up of the bare forward
+    run_pipeline(inputs["timing_photos"][: args.batch_size])  # warm-up: workers, allocations
+    bare_rate = images_per_second(bare, args.steps * args.batch_size, args.device)
+    pipeline_rate = images_per_second(
+        lambda: run_pipeline(inputs["timing_photos"]), len(inputs["timing_photos"]), args.device
+    )
+    answers = [image_answers[0] for image_answers in run_pipeline(inputs["agreement_photos"])]
+    peak = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None
+    return {
+        "attention": model.vision_model.config._attn_implementation,
+        "bare": bare_rate,
+        "pipeline": pipeline_rate,
+        "peak_mib": peak,
+        "embeds": embeds,
+        "countries": [answer["country"] for answer in answers],
+        "cities": [answer["city"] for answer in answers],
+    }
+
+
+def main() -> int:
+    args = parse_args()
+    transformers.utils.logging.disable_progress_bar()  # keep the log to the figures
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor()
+    print(
+        f"device {args.device}: {device_name or 'cpu'}; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; model {args.size} (random weights), batch {args.batch_size}, {args.steps} "
+        f"timed batches, {args.workers} pipeline workers; float32 matmul precision "
+        f"{torch.get_float32_matmul_precision()!r}",
+        flush=True,
+    )
+    rng = np.random.default_rng(0)
+    timing_photos = [
+        Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
+        for _ in range(args.steps * args.batch_size)
+    ]
+    agreement_photos, truth_countries, truth_cities = geo_photos(args.agreement_photos_per_city, seed=1)
+    with tempfile.TemporaryDirectory() as workdir:
+        start = time.perf_counter()
+        model_dir = save_probe_model(
+            Path(workdir), args.size, args.device, args.probe_photos_per_city, args.batch_size
+        )
+        processor = StreetCLIPProcessor.from_pretrained(model_dir)
+        inputs = {
+            "processor": processor,
+            "batch": processor.image_processor(images=timing_photos[: args.batch_size], return_tensors="pt")[
+                "pixel_values"
+            ],
+            "timing_photos": timing_photos,
+            "agreement_photos": agreement_photos,
+        }
+        print(f"built and saved the probe model in {time.perf_counter() - start:.0f} s", flush=True)
+        print(
+            f"{'dtype':<9} {'bare img/s':>10} {'pipe img/s':>10} {'pipe/bare':>9} {'peak MiB':>9} "
+            f"{'country=':>8} {'city=':>6} {'emb cos':>8}",
+            flush=True,
+        )
+        results = {}
+        for dtype in DTYPES:
+            result = results[dtype] = check_dtype(model_dir, dtype, args, inputs)
+            reference = results["float32"]
+            result["country_agreement"] = np.mean(np.array(result["countries"]) == np.array(reference["countries"]))
+            city_agreement = np.mean(np.array(result["cities"]) == np.array(reference["cities"]))
+            cosine = F.cosine_similarity(result["embeds"], reference["embeds"]).mean().item()
+            peak = f"{result['peak_mib']:9.0f}" if result["peak_mib"] is not None else f"{'n/a':>9}"
+            print(
+                f"{dtype:<9} {result['bare']:10.2f} {result['pipeline']:10.2f} "
+                f"{result['pipeline'] / result['bare']:9.2f} {peak} {result['country_agreement']:8.3f} "
+                f"{city_agreement:6.3f} {cosine:8.5f}",
+                flush=True,
+            )
+    places = probe_places()
+    truth = np.array([places.country_names[index] for index in truth_countries])
+    country_accuracy = np.mean(truth == np.array(results["float32"]["countries"]))
+    truth = np.array([places.city_names[row] for row in truth_cities])
+    city_accuracy = np.mean(truth == np.array(results["float32"]["cities"]))
+    print(
+        f"attention implementation (vision tower): {results['float32']['attention']}; probe accuracy in float32 on "
+        f"{len(agreement_photos)} held-out photos: country {country_accuracy:.3f}, city {city_accuracy:.3f}"
+    )
+    agreement = results["bfloat16"]["country_agreement"]
+    share = results["bfloat16"]["pipeline"] / results["bfloat16"]["bare"]
+    agrees = agreement >= MIN_COUNTRY_AGREEMENT
+    print(
+        f"CHECK bfloat16 first-answer country agrees with float32: {agreement:.3f} >= {MIN_COUNTRY_AGREEMENT}: "
+        f"{'PASS' if agrees else 'FAIL'}"
+    )
+    print(
+        f"TARGET bfloat16 pipeline / bare forward: {share:.2f} >= {MIN_PIPELINE_SHARE}: "
+        f"{'MET' if share >= MIN_PIPELINE_SHARE else 'NOT MET'}"
+    )
+    return 0 if agrees else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
