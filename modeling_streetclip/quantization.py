@@ -16,13 +16,18 @@ It is registered as a transformers quantization method, so the usual entry point
 
 and `streetclip locate --quantize int8` on the command line.
 
-Why this route and not transformers' `TorchAoConfig`: both were measured at ViT-L/14-336 on a 2-core Xeon
-(`eval/speed/bench_quantized.py`, figures in the README). torchao 0.18's int8 linear runs eagerly no faster than
-float32 on the CPU (its speed needs `torch.compile`), and a checkpoint it saves does not reload (CLIP's top-level
-`logit_scale` breaks its safetensors loader); PyTorch's dynamic quantization halves the vision forward eagerly.
+Why this route and not transformers' `TorchAoConfig`: both were measured at ViT-L/14-336, batch 8, on a 2-core Xeon
+(`eval/speed/bench_quantized.py`; figures in the README). Eagerly, the pipeline took 0.42x the bare float32 vision
+forward with PyTorch's dynamic quantization and 0.72x with torchao 0.18's int8 (whose speed on the CPU needs
+`torch.compile`). `TorchAoConfig` also cannot load a CLIP model (transformers asks it for `get_input_embeddings`,
+which `CLIPModel` lacks), and a CLIP checkpoint that torchao saves does not reload (its safetensors loader breaks
+on the top-level `logit_scale`).
+
+PyTorch announces that `torch.ao.quantization` will give way to torchao; when a PyTorch without it is installed,
+loading says so (`ImportError`) instead of failing deep inside.
 
 A quantized model cannot be saved: its packed int8 weights have no safetensors form, so `save_pretrained` refuses
-(transformers raises a `ValueError`). Save the float32 model and quantize again at load, which takes seconds.
+(transformers raises a `ValueError`). Save the float32 model and quantize again at load (10 s at ViT-L there).
 """
 
 import warnings
@@ -53,8 +58,11 @@ class Int8DynamicConfig(QuantizationConfigMixin):
     `model_kwargs`). The model must load in float32 on the CPU; the heads and the text tower are not quantized.
     """
 
-    def __init__(self, **kwargs):
-        self.quant_method = QUANT_METHOD
+    def __init__(self, quant_method: str = QUANT_METHOD):
+        # `quant_method` is the one key of its dict form (`to_dict`/`from_dict`); anything else is a mistake.
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"Int8DynamicConfig is quant_method {QUANT_METHOD!r}, got {quant_method!r}.")
+        self.quant_method = quant_method
 
 
 def int8_engine() -> str:

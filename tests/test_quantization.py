@@ -112,6 +112,16 @@ def test_loading_int8_in_another_dtype_or_on_a_gpu_is_refused(small_streetclip_d
         )
 
 
+def test_config_round_trips_through_its_dict_and_refuses_unknown_settings():
+    assert Int8DynamicConfig.from_dict(Int8DynamicConfig().to_dict()).to_dict() == {
+        "quant_method": "streetclip_int8_dynamic"
+    }
+    with pytest.raises(TypeError, match="bits"):
+        Int8DynamicConfig(bits=4)
+    with pytest.raises(ValueError, match="got 'torchao'"):
+        Int8DynamicConfig(quant_method="torchao")
+
+
 def test_torch_without_int8_kernels_gets_a_clear_import_error(small_streetclip_dir, monkeypatch):
     monkeypatch.setattr(quantization, "INT8_ENGINES", ("no_such_engine",))
     with pytest.raises(ImportError, match=r"needs a quantized CPU back end \(no_such_engine\)"):

@@ -1,12 +1,13 @@
 """GPU check at StreetCLIP's real scale (ViT-L/14 at 336 px, random weights): float32, bfloat16 and float16.
 
-Prints, compactly, one line per precision:
+Prints, compactly: the device and versions; how fast one CPU process preprocesses photos (the pipeline's
+DataLoader workers multiply it); then one line per precision with
 - images/s of the bare vision forward (`vision_model` + `visual_projection` on tensors already on the device) and of
   `pipeline("geolocation")` on in-memory 640x480 photos (preprocessing in DataLoader workers), both at batch 64,
   and their ratio (target in bfloat16: pipeline >= 0.80 of the bare forward);
 - the peak GPU memory allocated while that precision ran;
-- agreement of the first answer's country and city with float32, and the mean cosine of the image embeddings.
-Before them, the attention implementation the vision tower uses (SDPA expected), and the device.
+- agreement of the first answer's country and city with float32, and the mean cosine of the image embeddings;
+and last the attention implementation of the vision tower (SDPA expected), the probe's accuracy, and the verdicts.
 
 Answers are compared where they are learned, not near-ties: the heads are a linear probe fitted in float32 on the
 synthetic geo set's photos (six countries, two cities each; centred class means of the image embeddings), and the
@@ -216,6 +217,10 @@ def main() -> int:
             "agreement_photos": agreement_photos,
         }
         print(f"built and saved the probe model in {time.perf_counter() - start:.0f} s", flush=True)
+        # What one CPU process preprocesses: the pipeline's ceiling is about this times its workers.
+        photos = timing_photos[: args.batch_size]
+        preprocess_rate = images_per_second(lambda: processor.image_processor(images=photos), len(photos), "cpu")
+        print(f"preprocessing 640x480 photos in one process: {preprocess_rate:.0f} img/s", flush=True)
         print(
             f"{'dtype':<9} {'bare img/s':>10} {'pipe img/s':>10} {'pipe/bare':>9} {'peak MiB':>9} "
             f"{'country=':>8} {'city=':>6} {'emb cos':>8}",
