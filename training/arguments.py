@@ -3,16 +3,11 @@
 Parsed with `HfArgumentParser`, from the command line or from one YAML or JSON file holding the same names.
 """
 
-import os
 from dataclasses import dataclass, field
 
 from modeling_streetclip.captions import CaptionMix
+from modeling_streetclip.cli import DEFAULT_NUM_WORKERS
 from modeling_streetclip.gazetteer import read_country_list
-
-
-# DataLoader workers decode the images; more workers than the cores this process may use only take time from the
-# model, and torch warns about them. The count is the one torch's warning compares against.
-AVAILABLE_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _check_at_least(arguments, names: tuple[str, ...], minimum: float) -> None:
@@ -140,7 +135,8 @@ class DataArguments:
         default=None, metadata={"help": "Processes for the caption map (datasets' num_proc)."}
     )
     dataloader_num_workers: int = field(
-        default=min(4, AVAILABLE_CORES),
+        # The rule inference uses too: at most 4, and never more than the cores this process may use.
+        default=DEFAULT_NUM_WORKERS,
         metadata={
             "help": "DataLoader worker processes per training process: they decode the images. Default: 4, or the "
             "number of available cores where fewer."
