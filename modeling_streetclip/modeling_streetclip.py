@@ -205,6 +205,8 @@ class StreetCLIPForGeolocation(CLIPModel):
         settings = {key: kwargs.pop(key) for key in GEOLOCATION_SETTINGS & kwargs.keys()}
         if settings.get("candidate_countries") is not None:
             settings["candidate_countries"] = [resolve_country_name(name) for name in settings["candidate_countries"]]
+        if "levels" in settings:
+            settings["levels"] = list(settings["levels"])  # the PAPER_LEVELS and REGION_LEVELS tuples, say
         config = StreetCLIPConfig.from_checkpoint(
             pretrained_model_name_or_path, kwargs.pop("config", None), **hub_kwargs
         )

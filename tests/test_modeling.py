@@ -241,6 +241,13 @@ def test_gradients_reach_both_towers(tiny_clip_dir, pixel_values):
     [
         ({"cities_per_country": 0}, "cities_per_country must be >= 1"),
         ({"country_prompt_template": "A photo."}, "must contain {country}"),
+        ({"region_prompt_template": ["In {region}.", "In {country}."]}, "must contain {region}"),
+        ({"levels": ["country", "city", "region"]}, r"levels must be \['country', 'city'\] \(the paper's\) or"),
+        ({"city_allocation": "uniform"}, "city_allocation must be one of per_country, sqrt_population"),
+        ({"city_budget": 0}, "city_budget must be >= 1"),
+        ({"city_merge_radius_km": -1}, "city_merge_radius_km must be >= 0"),
+        ({"city_merge_radius_km": float("nan")}, "city_merge_radius_km must be >= 0"),
+        ({"expected_distance_candidates": 0}, "expected_distance_candidates must be >= 1"),
     ],
 )
 def test_bad_geolocation_settings_are_refused(settings, message):

@@ -56,8 +56,9 @@ def test_the_paper_two_levels_are_the_default(tiny_clip_dir):
 
 def test_region_heads_are_built_lazily_for_the_predicted_countries_only(tiny_clip_dir, pixel_values):
     model = StreetCLIPForGeolocation.from_pretrained(
-        tiny_clip_dir, candidate_countries=SMALL_COUNTRIES, cities_per_country=8, levels=list(REGION_LEVELS)
+        tiny_clip_dir, candidate_countries=SMALL_COUNTRIES, cities_per_country=8, levels=REGION_LEVELS
     )
+    assert model.config.levels == list(REGION_LEVELS) and model.uses_regions
     assert set(model.pending_region_prompts) == set(range(len(SMALL_COUNTRIES)))
     outputs = model(pixel_values)
     predicted = set(outputs.predicted_country.tolist())
