@@ -35,6 +35,7 @@ from modeling_streetclip.gallery import (
     model_fingerprint,
     nearest_city_rows,
     recommended_index,
+    trained_index,
 )
 from modeling_streetclip.gallery_build import SHARDS_FOLDER, build_gallery
 from modeling_streetclip.gazetteer import EARTH_RADIUS_KM, CandidatePlaces, great_circle_km
@@ -230,6 +231,19 @@ def test_index_for_memory_picks_the_most_accurate_index_that_fits_and_refuses_a_
     assert index_for_memory(1_000_000, 512, 120 * 2**20).factory == "IVF1024,PQ64"  # 96 does not divide 512
     with pytest.raises(ValueError, match="needs about"):
         index_for_memory(1_000_000, 768, 2**20)
+
+
+def test_trained_index_is_trained_probed_and_spared_the_polysemous_training_that_search_never_uses():
+    import faiss
+
+    rows = np.random.default_rng(0).standard_normal((2_000, 16), dtype=np.float32)
+    index, nprobe = trained_index("IVF8,PQ4", 16, len(rows), lambda positions: rows[positions])
+    assert index.is_trained and index.ntotal == 0 and nprobe == 1
+    assert not faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training
+    flat, no_lists = trained_index("Flat", 16, len(rows), lambda positions: rows[positions])
+    assert no_lists is None and flat.is_trained
+    with pytest.raises(ValueError, match="'IVF8,PQ5' is not a FAISS factory string for 16-d embeddings"):
+        trained_index("IVF8,PQ5", 16, len(rows), lambda positions: rows[positions])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

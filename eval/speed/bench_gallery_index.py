@@ -1,0 +1,215 @@
+"""Gallery indexes at scale: build time, memory, per-query latency at batch 64 and recall@10 against exact search, on
+synthetic galleries of 1,000,000 rows of dimension 768; and the gallery's share of the pipeline's per-image time at
+ViT-L/14-336.
+
+The galleries:
+- clustered, a stand-in for photos of places: 10,000 random unit centres, each row 0.8 * centre + 0.6 * noise,
+  renormalised (the noise a random unit vector, nearly orthogonal to the centre in 768 dimensions), so that a row's
+  cosine to its centre is about 0.8;
+- uniform: random unit vectors, the worst case for any compressed index.
+Queries are new rows drawn the same way, searched in batches of 64. The indexes are exact search (`Flat`), the
+documented default for the size (`gallery.recommended_index`: IVF1024,SQ8 at a million rows) and the lean options
+(`IVF1024,PQ{m}`), each built by `gallery.trained_index` as galleries build theirs. Memory is the serialised index
+(`faiss.serialize_index`: the codes, the ids and the coarse centroids); for `Flat`, rows x dimension x 4 bytes, its
+only content. Targets at 1M clustered rows, default index: recall@10 >= 0.9, <= 1 GiB, <= 5 ms per query.
+
+`--pipeline` also times, at ViT-L/14-336 with random weights (built here, no download), the pipeline per image at
+batch 8 (vision forward and the greedy decision) and the gallery decision per image (search of the 1M-row clustered
+gallery under the default index, the kernel vote, naming the nearest candidate city); target: the gallery adds at
+most 15% to the pipeline's time.
+
+Run: `python eval/speed/bench_gallery_index.py [--rows 1000000] [--queries 1000] [--galleries clustered uniform]
+[--lean PQ64 PQ96] [--pipeline]`. Timings are of this machine (`torch.get_num_threads()` and faiss' OpenMP threads
+are printed); a million rows take about 3 GiB per copy, and the script holds two.
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from modeling_streetclip.gallery import recommended_index, trained_index
+
+
+CLUSTERS = 10_000
+CENTRE_WEIGHT, NOISE_WEIGHT = 0.8, 0.6  # 0.8^2 + 0.6^2 = 1: cosine ~0.8 to the centre before renormalising
+QUERY_BATCH = 64
+RECALL_AT = 10
+# Rows drawn and added per step, to bound the temporary float64-free memory of generation (256 MB at 768-d).
+CHUNK_ROWS = 1 << 16
+
+
+def unit_rows(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
+    rows = rng.standard_normal((count, dim), dtype=np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows
+
+
+def gallery_rows(kind: str, count: int, dim: int, rng: np.random.Generator, centres: np.ndarray | None) -> np.ndarray:
+    """`count` rows of the `kind` gallery (see the module docstring), float32, unit length."""
+    rows = np.empty((count, dim), dtype=np.float32)
+    for start in range(0, count, CHUNK_ROWS):
+        size = min(CHUNK_ROWS, count - start)
+        chunk = unit_rows(rng, size, dim)
+        if kind == "clustered":
+            chunk = CENTRE_WEIGHT * centres[rng.integers(0, len(centres), size)] + NOISE_WEIGHT * chunk
+            chunk /= np.linalg.norm(chunk, axis=1, keepdims=True)
+        rows[start : start + size] = chunk
+    return rows
+
+
+def search_in_batches(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    """The ids of the `k` nearest rows of every query, searched `QUERY_BATCH` at a time, and the seconds per query
+    (the median batch, so that one slow batch on a shared machine does not decide)."""
+    found, seconds = [], []
+    for start in range(0, len(queries), QUERY_BATCH):
+        batch = queries[start : start + QUERY_BATCH]
+        begin = time.perf_counter()
+        _, ids = index.search(batch, k)
+        seconds.append((time.perf_counter() - begin) / len(batch))
+        found.append(ids)
+    return np.concatenate(found), statistics.median(seconds)
+
+
+def build(factory: str, rows: np.ndarray) -> tuple[object, int | None, float]:
+    """The index `factory` over `rows`, trained and added as a gallery does, its probed lists and its build seconds."""
+    begin = time.perf_counter()
+    index, nprobe = trained_index(factory, rows.shape[1], len(rows), lambda positions: rows[positions])
+    for start in range(0, len(rows), CHUNK_ROWS):
+        index.add(rows[start : start + CHUNK_ROWS])
+    return index, nprobe, time.perf_counter() - begin
+
+
+def index_bytes(factory: str, index, rows: np.ndarray) -> int:
+    if factory == "Flat":
+        return rows.nbytes  # an IndexFlat holds exactly the rows
+    return faiss.serialize_index(index).nbytes
+
+
+def recall(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean share of each query's exact `RECALL_AT` nearest rows that the index found among its own."""
+    return float(np.mean([len(set(a) & set(b)) / RECALL_AT for a, b in zip(found, exact, strict=True)]))
+
+
+def measure_gallery(kind: str, args: argparse.Namespace) -> None:
+    rng = np.random.default_rng(0)
+    centres = unit_rows(rng, CLUSTERS, args.dim) if kind == "clustered" else None
+    begin = time.perf_counter()
+    rows = gallery_rows(kind, args.rows, args.dim, rng, centres)
+    queries = gallery_rows(kind, args.queries, args.dim, rng, centres)
+    print(
+        f"\n{kind}: {args.rows:,} rows x {args.dim}, {args.queries:,} queries (generated in "
+        f"{time.perf_counter() - begin:.0f} s)"
+    )
+    default = recommended_index(args.rows, args.dim).factory
+    lists = default.split(",")[0] if default != "Flat" else "IVF1024"
+    factories = ["Flat", *([default] if default != "Flat" else []), *(f"{lists},{lean}" for lean in args.lean)]
+    exact = None
+    for factory in factories:
+        index, nprobe, build_s = build(factory, rows)
+        found, per_query_s = search_in_batches(index, queries, RECALL_AT)
+        if exact is None:
+            exact = found  # Flat comes first: exact search is the reference
+        memory = index_bytes(factory, index, rows)
+        probes = f", nprobe {nprobe}" if nprobe else ""
+        print(
+            f"  {factory:<16} build {build_s:7.1f} s   memory {memory / 2**30:6.3f} GiB   "
+            f"{per_query_s * 1e3:7.3f} ms/query at batch {QUERY_BATCH}   recall@{RECALL_AT} "
+            f"{recall(found, exact):.3f}{probes}"
+        )
+        del index
+
+
+def measure_pipeline_share(args: argparse.Namespace) -> None:
+    """Per-image time of the pipeline (greedy) and of the gallery decision on a 1M-row clustered gallery."""
+    import datasets
+    import pyarrow as pa
+    import torch
+    from transformers import pipeline
+
+    from modeling_streetclip import StreetCLIPForGeolocation
+    from modeling_streetclip.gallery import GalleryInfo, GeoGallery, VoteSettings, rank_gallery_places
+    from modeling_streetclip.gallery_build import attach_index
+    from modeling_streetclip.testing_utils import random_photo, save_random_vit_l
+
+    rng = np.random.default_rng(1)
+    rows = gallery_rows("clustered", args.rows, args.dim, rng, unit_rows(rng, CLUSTERS, args.dim))
+    latitudes = np.degrees(np.arcsin(rng.uniform(-1, 1, args.rows)))
+    longitudes = rng.uniform(-180, 180, args.rows)
+    table = pa.table(
+        {
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), args.dim),
+            "latitude": latitudes,
+            "longitude": longitudes,
+        }
+    )
+    dataset = datasets.Dataset(datasets.table.InMemoryTable(table))
+    begin = time.perf_counter()
+    factory, nprobe = attach_index(dataset, args.dim, "auto")
+    print(
+        f"\npipeline share: gallery of {args.rows:,} clustered rows, {factory} (nprobe {nprobe}) built in "
+        f"{time.perf_counter() - begin:.0f} s"
+    )
+    info = GalleryInfo("synthetic", [], args.dim, factory, nprobe, args.rows, 0, "synthetic", {})
+    gallery = GeoGallery(Path("synthetic"), dataset, info, VoteSettings())
+
+    with tempfile.TemporaryDirectory() as workdir:
+        plain = save_random_vit_l(Path(workdir) / "vit-l")
+        model = StreetCLIPForGeolocation.from_pretrained(plain)  # the paper's 193 countries, heads built here
+        geolocate = pipeline("geolocation", model=model, image_processor=str(plain))
+        images = [random_photo(seed, (640, 480)) for seed in range(args.batch_size)]
+        pixel_values = geolocate.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            outputs = model(pixel_values=pixel_values)
+        geolocate(images, batch_size=len(images))  # warm-up: the city heads these images need
+        rank_gallery_places(model, outputs, gallery, "gallery")
+        pipeline_s, gallery_s = [], []
+        for _ in range(args.rounds):
+            begin = time.perf_counter()
+            geolocate(images, batch_size=len(images))
+            pipeline_s.append((time.perf_counter() - begin) / len(images))
+            begin = time.perf_counter()
+            rank_gallery_places(model, outputs, gallery, "gallery")
+            gallery_s.append((time.perf_counter() - begin) / len(images))
+    pipeline_image, gallery_image = statistics.median(pipeline_s), statistics.median(gallery_s)
+    print(
+        f"  per image at batch {args.batch_size}: pipeline (greedy) {pipeline_image * 1e3:.1f} ms, gallery decision "
+        f"{gallery_image * 1e3:.2f} ms = {100 * gallery_image / pipeline_image:.1f}% of the pipeline (target <= 15%)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--queries", type=int, default=1_000)
+    parser.add_argument("--galleries", nargs="*", choices=["clustered", "uniform"], default=["clustered", "uniform"])
+    parser.add_argument("--lean", nargs="*", default=["PQ64", "PQ96"], help="PQ code sizes tried as lean options")
+    parser.add_argument("--pipeline", action="store_true", help="also measure the gallery's share at ViT-L/14-336")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per pipeline call (--pipeline)")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds of --pipeline (medians are reported)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="faiss' OpenMP threads (default: one per core; on a machine shared with other "
+        "work, fewer avoids OpenMP's busy waiting)",
+    )
+    args = parser.parse_args()
+    import torch
+
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+
+    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads; torch {torch.get_num_threads()}")
+    for kind in args.galleries:
+        measure_gallery(kind, args)
+    if args.pipeline:
+        measure_pipeline_share(args)
+
+
+if __name__ == "__main__":
+    main()
