@@ -12,9 +12,7 @@ import sys
 from pathlib import Path
 
 from . import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS, EXIT_OK, EXIT_SOME_FAILED, UsageError, int_at_least
-
-
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+from .locate import DTYPE_NAMES
 
 
 def _positive_float(text: str) -> float:
@@ -191,14 +189,16 @@ def build_command(args: argparse.Namespace) -> int:
     from .. import register_with_transformers
     from ..gallery import GalleryModelError, VoteSettings
     from ..gallery_build import build_gallery
+    from .distributed import make_accelerator
     from .locate import load_model
 
     register_with_transformers()
+    accelerator = make_accelerator(args.device)
+    if accelerator.num_processes > 1:
+        # Every process would write the same folder; one GPU embeds millions of photos in hours.
+        raise UsageError("streetclip index build runs on one process; start it without accelerate launch or torchrun.")
     data = _open_data(args)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or auto.")
-    model, image_processor = load_model(args.model, device, getattr(torch, args.dtype), countries=None)
+    model, image_processor = load_model(args.model, accelerator.device, getattr(torch, args.dtype), countries=None)
     settings = VoteSettings(args.neighbors, args.radius_km, args.temperature, args.hybrid_countries)
     try:
         result = build_gallery(
