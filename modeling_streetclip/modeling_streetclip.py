@@ -301,12 +301,12 @@ class StreetCLIPForGeolocation(CLIPModel):
             self.build_city_heads(list(self.pending_city_prompts))
 
     @torch.no_grad()
-    def build_city_heads(self, countries: list[int]) -> None:
+    def build_city_heads(self, countries: list[int]) -> bool:
         """Encode the city (and region) prompts of those `countries` whose heads below the country level are still
-        pending (a no-op for the rest)."""
+        pending (a no-op for the rest); whether any head was built."""
         pending = [country for country in countries if country in self.pending_city_prompts]
         if not pending:
-            return
+            return False
         self._require_text_tower("build city heads")
         for country in pending:
             levels = [(self.city_head, self.city_rows, self.pending_city_prompts)]
@@ -318,6 +318,7 @@ class StreetCLIPForGeolocation(CLIPModel):
                 # Under autocast (bf16 or fp16 evaluation in training) the text tower answers in the autocast dtype.
                 embeddings = self._encode_prompts(*prompts.pop(country))
                 head.weight[rows] = embeddings.to(head.weight.dtype)
+        return True
 
     def restrict_countries(self, countries: list[str]) -> None:
         """Keep only the given candidate countries (names or ISO codes) with their regions and cities, subsetting the
@@ -410,22 +411,38 @@ class StreetCLIPForGeolocation(CLIPModel):
         Returns `(logits, city_indices)` of shape `(batch_size, max_cities_per_country)`: padding has index -1 and
         logit -inf.
         """
-        return self._score_rows(self.city_head, self.city_rows, image_embeds, countries)
+        return self._score_rows("city", image_embeds, countries)
 
     def score_regions(
         self, image_embeds: torch.Tensor, countries: torch.LongTensor
     ) -> tuple[torch.Tensor, torch.LongTensor]:
         """Logits of each image against the regions of its country in `countries` (a model with a region level),
         building pending heads first; shaped and padded as `score_cities`."""
-        return self._score_rows(self.region_head, self.region_rows, image_embeds, countries)
+        return self._score_rows("region", image_embeds, countries)
+
+    def _head_logits(self, image_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The images' logits against every row of the city (and region) head: one matrix product, which the
+        ranking reads country after country instead of multiplying again at each."""
+        logits = {"city": image_embeds @ self.city_head.weight.T}
+        if self.uses_regions:
+            logits["region"] = image_embeds @ self.region_head.weight.T
+        return logits
 
     def _score_rows(
-        self, head: nn.Linear, padded_rows: torch.LongTensor, image_embeds: torch.Tensor, countries: torch.LongTensor
+        self,
+        level: str,
+        image_embeds: torch.Tensor,
+        countries: torch.LongTensor,
+        head_logits: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.LongTensor]:
-        self.build_city_heads(countries.unique().tolist())
+        """The `level` ("city" or "region") logits of each image's country, padded; read from `head_logits` when
+        given. `forward` and the ranking both take them from the whole head's product, so that their numbers, and
+        so their ties, are the same."""
+        if self.build_city_heads(countries.unique().tolist()) or head_logits is None:
+            head_logits = self._head_logits(image_embeds)
+        padded_rows = self.city_rows if level == "city" else self.region_rows
         indices = padded_rows[countries.cpu()].to(countries.device)
-        weights = head.weight[indices.clamp(min=0)]
-        logits = torch.einsum("bkd,bd->bk", weights, image_embeds)
+        logits = head_logits[level].gather(1, indices.clamp(min=0))
         return logits.masked_fill(indices < 0, float("-inf")), indices
 
     @torch.no_grad()
@@ -460,8 +477,12 @@ class StreetCLIPForGeolocation(CLIPModel):
         country_order = country_logits.argsort(dim=-1, descending=True, stable=True)
         batch = torch.arange(len(country_order), device=country_order.device)
         pool: dict[str, torch.Tensor] | None = None
+        head_logits = None
         for step in range(places.num_countries):
-            found = self._country_candidates(outputs.image_embeds, country_order[:, step], country_log_probs, step)
+            countries = country_order[:, step]
+            if self.build_city_heads(countries.unique().tolist()) or head_logits is None:
+                head_logits = self._head_logits(outputs.image_embeds)
+            found = self._country_candidates(outputs.image_embeds, countries, country_log_probs, step, head_logits)
             pool = found if pool is None else {key: torch.cat([pool[key], found[key]], dim=1) for key in pool}
             # Keep the `wanted` best so far by the rule's key; padding (rows -1) sorts last.
             sort_key = pool["greedy_key"] if decision == "greedy" else -pool["joint"]
@@ -487,13 +508,18 @@ class StreetCLIPForGeolocation(CLIPModel):
         )
 
     def _country_candidates(
-        self, image_embeds: torch.Tensor, countries: torch.LongTensor, country_log_probs: torch.Tensor, step: int
+        self,
+        image_embeds: torch.Tensor,
+        countries: torch.LongTensor,
+        country_log_probs: torch.Tensor,
+        step: int,
+        head_logits: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
         """Every city of each image's country in `countries` (the `step`-th most probable for that image), as
         columns of shape `(batch_size, max_cities_per_country)`: `rows` (-1 for padding), the log-probabilities
         `country`, `region` (0 without a region level), `city` (conditional on its region, or country) and `joint`,
         and `greedy_key`, the city's place in the greedy order (smaller first)."""
-        city_logits, rows = self.score_cities(image_embeds, countries)
+        city_logits, rows = self._score_rows("city", image_embeds, countries, head_logits)
         city_logits = city_logits.float()
         padding = rows < 0
         country = country_log_probs.gather(1, countries[:, None]).expand_as(city_logits)
@@ -501,7 +527,7 @@ class StreetCLIPForGeolocation(CLIPModel):
         # then by city logit (ties to the city listed first); each stable sort keeps the order of the one before.
         within = city_logits.argsort(dim=-1, descending=True, stable=True)
         if self.uses_regions:
-            region_logits, _ = self.score_regions(image_embeds, countries)
+            region_logits, _ = self._score_rows("region", image_embeds, countries, head_logits)
             region_logits = region_logits.float()
             slots = self.city_region_slots[countries.cpu()].to(rows.device).clamp(min=0)
             region = region_logits.log_softmax(dim=-1).gather(1, slots)
