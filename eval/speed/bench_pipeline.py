@@ -2,15 +2,17 @@
 
 Random weights have the real cost. Prints, from one run on this machine:
 - per-image time of `pipeline("geolocation")` at batch 8 over the bare `vision_model` + `visual_projection` forward
-  on already-preprocessed tensors (the physical floor; target <= 1.10x);
+  on already-preprocessed tensors (the physical floor; target <= 1.10x), under each decision rule of `--decisions`,
+  with the hierarchy of `--levels` and, with `--recommended`, the recommended candidate table;
 - the naive reference (CLIPModel called with every country prompt, then the chosen country's city prompts,
   re-encoding text every call) over the pipeline (target >= 2x);
 - cold start: plain CLIP checkpoint to first answer (country head at load, city heads per country on first use),
   versus building every city head up front, and a saved folder's load (heads stored, vision tower only);
 - peak memory of loading with and without the text tower, each in a fresh process.
 
-Timings interleave the three methods over several rounds and report medians, so drift on a shared machine hits
-all of them alike. Run: `python eval/speed/bench_pipeline.py [--rounds 3] [--batch_size 8]`.
+Timings interleave the methods over several rounds and report medians, so drift on a shared machine hits
+all of them alike. Run: `python eval/speed/bench_pipeline.py [--rounds 3] [--batch_size 8] [--decisions greedy joint
+expected_distance] [--levels country region city] [--recommended]`.
 """
 
 import argparse
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,8 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer, pipeline
 
 import modeling_streetclip  # noqa: F401  (registers the "geolocation" task)
-from modeling_streetclip import CandidatePlaces, StreetCLIPForGeolocation
+from modeling_streetclip import CandidatePlaces, StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip.configuration_streetclip import DECISIONS, RECOMMENDED_CANDIDATE_SETTINGS, REGION_LEVELS
 from modeling_streetclip.testing_utils import save_random_vit_l
 
 
@@ -105,7 +109,7 @@ def measure_cold_start(plain_dir: Path, saved_dir: Path, image: Image.Image) -> 
     start = time.perf_counter()
     model = StreetCLIPForGeolocation.from_pretrained(plain_dir)
     load_s = time.perf_counter() - start
-    geolocate = pipeline("geolocation", model=model, image_processor=str(plain_dir))
+    geolocate = pipeline("geolocation", model=model, processor=StreetCLIPProcessor.from_pretrained(plain_dir))
     first_s = timed(lambda: geolocate(image))
     print(f"cold start, plain CLIP checkpoint: load + country head {load_s:.1f} s, first answer {first_s:.1f} s")
     build_all_s = timed(lambda: model.build_city_heads(list(model.pending_city_prompts)))
@@ -125,14 +129,18 @@ def measure_memory(saved_dir: Path) -> None:
         )
 
 
-def measure_speed(plain_dir: Path, images: list[Image.Image], rounds: int) -> None:
-    """Per-image time of the pipeline, the bare vision forward and the naive reference, interleaved.
+def measure_speed(
+    plain_dir: Path, images: list[Image.Image], rounds: int, decisions: list[str], settings: dict
+) -> None:
+    """Per-image time of the pipeline under each decision rule, the bare vision forward and the naive reference,
+    interleaved.
 
     The floor runs the pipeline's own model instance, so both time the same weights in the same memory; the model
-    has the paper's 193 countries, and a warm-up call builds the city heads these images need.
+    has the paper's 193 countries (and the candidate `settings`), and a warm-up call builds the region and city heads
+    these images need.
     """
-    model = StreetCLIPForGeolocation.from_pretrained(plain_dir)
-    geolocate = pipeline("geolocation", model=model, image_processor=str(plain_dir))
+    model = StreetCLIPForGeolocation.from_pretrained(plain_dir, **settings)
+    geolocate = pipeline("geolocation", model=model, processor=StreetCLIPProcessor.from_pretrained(plain_dir))
     clip = CLIPModel.from_pretrained(plain_dir).eval()
     processor = CLIPProcessor.from_pretrained(plain_dir)
     pixel_values = geolocate.image_processor(images=images, return_tensors="pt")["pixel_values"]
@@ -141,26 +149,29 @@ def measure_speed(plain_dir: Path, images: list[Image.Image], rounds: int) -> No
         with torch.no_grad():
             model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output)
 
-    methods = {
-        "floor": floor,
-        "pipeline": lambda: geolocate(images, batch_size=len(images)),
-        "naive": lambda: naive_reference(clip, processor, model.candidate_places, images),
-    }
+    methods = {"floor": floor}
+    for decision in decisions:
+        methods[f"pipeline {decision}"] = partial(geolocate, images, batch_size=len(images), decision=decision)
+    methods["naive"] = lambda: naive_reference(clip, processor, model.candidate_places, images)
     for method in methods.values():
-        method()  # warm-up: one-off allocations, and the city heads of the predicted countries
+        method()  # warm-up: one-off allocations, and the heads of the countries each rule visits
     times = {name: [] for name in methods}
     for round_index in range(rounds):
         # Rotate the order so that no method always runs first in a round on a shared machine.
-        names = list(methods)[round_index % 3 :] + list(methods)[: round_index % 3]
-        for name in names:
+        shift = round_index % len(methods)
+        for name in list(methods)[shift:] + list(methods)[:shift]:
             times[name].append(timed(methods[name]))
     per_image = {name: statistics.median(values) / len(images) for name, values in times.items()}
+    places = model.candidate_places
     print(
-        f"per image at batch {len(images)}: floor {per_image['floor']:.3f} s, "
-        f"pipeline {per_image['pipeline']:.3f} s, naive reference {per_image['naive']:.3f} s"
+        f"{places.num_countries} countries, {places.num_regions} regions, {places.num_cities} cities; per image at "
+        f"batch {len(images)}: " + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in per_image.items())
     )
-    print(f"pipeline / floor = {per_image['pipeline'] / per_image['floor']:.3f} (target <= 1.10)")
-    print(f"naive / pipeline = {per_image['naive'] / per_image['pipeline']:.2f} (target >= 2)")
+    for decision in decisions:
+        ratio = per_image[f"pipeline {decision}"] / per_image["floor"]
+        print(f"pipeline {decision} / floor = {ratio:.3f} (target <= 1.10)")
+    first = f"pipeline {decisions[0]}"
+    print(f"naive / {first} = {per_image['naive'] / per_image[first]:.2f} (target >= 2)")
 
 
 def save_with_processor(model: StreetCLIPForGeolocation, plain_dir: Path, saved_dir: Path) -> None:
@@ -180,7 +191,19 @@ def main() -> None:
         help="what to measure; without cold_start the memory check's saved folder gets 10 countries, since "
         "building all 4321 city heads takes minutes and does not change memory",
     )
+    parser.add_argument(
+        "--decisions", nargs="+", choices=DECISIONS, default=["greedy"], help="the rules whose pipelines are timed"
+    )
+    parser.add_argument(
+        "--levels", nargs="+", choices=REGION_LEVELS, help="the hierarchy timed (default: the paper's two levels)"
+    )
+    parser.add_argument(
+        "--recommended", action="store_true", help="time the recommended candidate table instead of the paper's"
+    )
     args = parser.parse_args()
+    settings = dict(RECOMMENDED_CANDIDATE_SETTINGS) if args.recommended else {}
+    if args.levels:
+        settings["levels"] = args.levels
     torch.manual_seed(0)
     places = CandidatePlaces.from_geonames()
     rng = np.random.default_rng(0)
@@ -202,7 +225,7 @@ def main() -> None:
         if "memory" in args.measure:
             measure_memory(saved_dir)
         if "speed" in args.measure:
-            measure_speed(plain_dir, images, args.rounds)
+            measure_speed(plain_dir, images, args.rounds, args.decisions, settings)
 
 
 if __name__ == "__main__":
