@@ -154,6 +154,7 @@ class StreetCLIPForGeolocation(CLIPModel):
         # Index tables stay plain CPU tensors: they are data about the candidates, not weights to load or cast, and
         # float64 coordinates would move a city by kilometres in bfloat16.
         self.city_rows = _padded_rows(places.cities_by_country)
+        self.city_countries = torch.tensor(places.city_countries, dtype=torch.long, device="cpu")
         self.city_coordinates = torch.tensor(
             list(zip(places.city_latitudes, places.city_longitudes, strict=True)), dtype=torch.float64, device="cpu"
         ).reshape(-1, 2)
@@ -165,6 +166,8 @@ class StreetCLIPForGeolocation(CLIPModel):
             self.city_region_slots = _padded_rows(
                 [[slot[places.city_regions[row]] for row in rows] for rows in places.cities_by_country]
             )
+            self.city_region_rows = torch.tensor(places.city_regions, dtype=torch.long, device="cpu")
+            self.region_countries = torch.tensor(places.region_countries, dtype=torch.long, device="cpu")
 
     @property
     def uses_regions(self) -> bool:
@@ -429,20 +432,14 @@ class StreetCLIPForGeolocation(CLIPModel):
         return logits
 
     def _score_rows(
-        self,
-        level: str,
-        image_embeds: torch.Tensor,
-        countries: torch.LongTensor,
-        head_logits: dict[str, torch.Tensor] | None = None,
+        self, level: str, image_embeds: torch.Tensor, countries: torch.LongTensor
     ) -> tuple[torch.Tensor, torch.LongTensor]:
-        """The `level` ("city" or "region") logits of each image's country, padded; read from `head_logits` when
-        given. `forward` and the ranking both take them from the whole head's product, so that their numbers, and
-        so their ties, are the same."""
-        if self.build_city_heads(countries.unique().tolist()) or head_logits is None:
-            head_logits = self._head_logits(image_embeds)
+        """The `level` ("city" or "region") logits of each image's country, padded. `forward` and the ranking both
+        read them from the whole head's product, so that their numbers, and so their ties, are the same."""
+        self.build_city_heads(countries.unique().tolist())
         padded_rows = self.city_rows if level == "city" else self.region_rows
         indices = padded_rows[countries.cpu()].to(countries.device)
-        logits = head_logits[level].gather(1, indices.clamp(min=0))
+        logits = self._head_logits(image_embeds)[level].gather(1, indices.clamp(min=0))
         return logits.masked_fill(indices < 0, float("-inf")), indices
 
     @torch.no_grad()
@@ -477,12 +474,12 @@ class StreetCLIPForGeolocation(CLIPModel):
         country_order = country_logits.argsort(dim=-1, descending=True, stable=True)
         batch = torch.arange(len(country_order), device=country_order.device)
         pool: dict[str, torch.Tensor] | None = None
-        head_logits = None
+        scores = None
         for step in range(places.num_countries):
             countries = country_order[:, step]
-            if self.build_city_heads(countries.unique().tolist()) or head_logits is None:
-                head_logits = self._head_logits(outputs.image_embeds)
-            found = self._country_candidates(outputs.image_embeds, countries, country_log_probs, step, head_logits)
+            if self.build_city_heads(countries.unique().tolist()) or scores is None:
+                scores = self._level_scores(outputs.image_embeds)
+            found = self._country_candidates(scores, countries, country_log_probs, step)
             pool = found if pool is None else {key: torch.cat([pool[key], found[key]], dim=1) for key in pool}
             # Keep the `wanted` best so far by the rule's key; padding (rows -1) sorts last.
             sort_key = pool["greedy_key"] if decision == "greedy" else -pool["joint"]
@@ -507,39 +504,57 @@ class StreetCLIPForGeolocation(CLIPModel):
             region_scores=pool["region"][:, :top_k].exp(),
         )
 
+    def _level_scores(self, image_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The logits of every city (and region) and their log-probabilities given their parent (the region, or the
+        country; the country for a region), each of shape `(batch_size, rows)`.
+
+        Computed once per ranking, for the whole table: each level's softmax within its parents is a few tensor
+        operations, where one per visited country would cost, on a busy CPU, a thread wake-up each. Rows whose head
+        is still pending hold whatever their head holds, which only ever reaches their own parent's numbers; the
+        ranking reads a country's rows only once its heads are built.
+        """
+        places = self.candidate_places
+        logits = {level: values.float() for level, values in self._head_logits(image_embeds).items()}
+        device = image_embeds.device
+        scores = {"city_logits": logits["city"]}
+        if self.uses_regions:
+            region_countries = self.region_countries.to(device)
+            scores["region_logits"] = logits["region"]
+            scores["region"] = _log_softmax_within(logits["region"], region_countries, places.num_countries)
+            parents, num_parents = self.city_region_rows.to(device), places.num_regions
+        else:
+            parents, num_parents = self.city_countries.to(device), places.num_countries
+        scores["city"] = _log_softmax_within(logits["city"], parents, num_parents)
+        return scores
+
     def _country_candidates(
         self,
-        image_embeds: torch.Tensor,
+        scores: dict[str, torch.Tensor],
         countries: torch.LongTensor,
         country_log_probs: torch.Tensor,
         step: int,
-        head_logits: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        """Every city of each image's country in `countries` (the `step`-th most probable for that image), as
-        columns of shape `(batch_size, max_cities_per_country)`: `rows` (-1 for padding), the log-probabilities
-        `country`, `region` (0 without a region level), `city` (conditional on its region, or country) and `joint`,
-        and `greedy_key`, the city's place in the greedy order (smaller first)."""
-        city_logits, rows = self._score_rows("city", image_embeds, countries, head_logits)
-        city_logits = city_logits.float()
+        """Every city of each image's country in `countries` (the `step`-th most probable for that image), read from
+        `_level_scores` as columns of shape `(batch_size, max_cities_per_country)`: `rows` (-1 for padding), the
+        log-probabilities `country`, `region` (0 without a region level), `city` (given its region, or country) and
+        `joint`, and `greedy_key`, the city's place in the greedy order (smaller first)."""
+        rows = self.city_rows[countries.cpu()].to(countries.device)
         padding = rows < 0
+        cities = rows.clamp(min=0)
+        city_logits = scores["city_logits"].gather(1, cities).masked_fill(padding, float("-inf"))
         country = country_log_probs.gather(1, countries[:, None]).expand_as(city_logits)
         # Greedy order inside a country, as `forward` decides: by region logit (ties to the region listed first),
         # then by city logit (ties to the city listed first); each stable sort keeps the order of the one before.
         within = city_logits.argsort(dim=-1, descending=True, stable=True)
         if self.uses_regions:
-            region_logits, _ = self._score_rows("region", image_embeds, countries, head_logits)
-            region_logits = region_logits.float()
+            regions = self.city_region_rows[cities.cpu()].to(rows.device)
+            region = scores["region"].gather(1, regions)
             slots = self.city_region_slots[countries.cpu()].to(rows.device).clamp(min=0)
-            region = region_logits.log_softmax(dim=-1).gather(1, slots)
-            # log p(city | region): a log-softmax over the cities of each region, which share a slot.
-            peak = torch.full_like(region_logits, float("-inf")).scatter_reduce(1, slots, city_logits, "amax")
-            mass = torch.zeros_like(region_logits).scatter_add(1, slots, (city_logits - peak.gather(1, slots)).exp())
-            city = city_logits - (peak + mass.log()).gather(1, slots)
-            for key in (slots, -region_logits.gather(1, slots)):
+            for key in (slots, -scores["region_logits"].gather(1, regions)):
                 within = within.gather(1, key.gather(1, within).argsort(dim=-1, stable=True))
         else:
             region = torch.zeros_like(city_logits)
-            city = city_logits.log_softmax(dim=-1)
+        city = scores["city"].gather(1, cities)
         position = torch.empty_like(within).scatter_(
             1, within, torch.arange(within.shape[1], device=within.device).expand_as(within)
         )
@@ -575,6 +590,16 @@ def expected_distances_km(probabilities: np.ndarray, latitudes: np.ndarray, long
     minimises."""
     distances = great_circle_km(latitudes[:, None], longitudes[:, None], latitudes[None, :], longitudes[None, :])
     return distances @ probabilities
+
+
+def _log_softmax_within(logits: torch.Tensor, groups: torch.LongTensor, num_groups: int) -> torch.Tensor:
+    """`logits` of shape `(batch_size, rows)` as log-probabilities within each group of rows (`groups[i]` is row
+    i's): a log-softmax per group, all groups at once."""
+    index = groups.expand_as(logits)
+    peak = logits.new_full((len(logits), num_groups), float("-inf")).scatter_reduce(1, index, logits, "amax")
+    shifted = logits - peak.gather(1, index)
+    mass = torch.zeros_like(peak).scatter_add(1, index, shifted.exp())
+    return shifted - mass.log().gather(1, index)
 
 
 def _padded_rows(groups: list[list[int]]) -> torch.LongTensor:
