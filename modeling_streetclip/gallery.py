@@ -669,8 +669,8 @@ def rank_gallery_places(model, outputs, gallery: GeoGallery, decision: str, top_
     """Each image's `top_k` answers under `decision` (`"gallery"` or `"hybrid"`, see the module docstring), from the
     model's outputs: the normalised `image_embeds` search the gallery, `country_logits` give p(country).
 
-    An answer's place is the candidate city nearest the chosen photo; its probabilities are the zero-shot ones of
-    that city (computed as `rank_places` computes them), so every answer has the pipeline's fields.
+    An answer's place is the candidate city nearest the chosen photo, with that city's zero-shot probabilities
+    (`StreetCLIPForGeolocation.place_probabilities`), so that every answer has the pipeline's fields.
     """
     import torch
 
@@ -679,11 +679,11 @@ def rank_gallery_places(model, outputs, gallery: GeoGallery, decision: str, top_
     places = model.candidate_places
     settings = gallery.settings
     similarities, rows = gallery.search(outputs.image_embeds.float().cpu().numpy(), settings.num_neighbors)
-    country_log_probs = outputs.country_logits.float().log_softmax(dim=-1)
-    country_probabilities = country_log_probs.exp().cpu().numpy()
+    country_probabilities = outputs.country_logits.float().softmax(dim=-1).cpu().numpy()
     city_countries = np.asarray(places.city_countries)
-    columns = {name: np.zeros((len(rows), top_k)) for name in GalleryRankedPlaces._fields}
-    columns["city_rows"] -= 1
+    columns = {name: np.zeros((len(rows), top_k)) for name in ("scores", "latitudes", "longitudes", "similarities")}
+    city_rows = np.full((len(rows), top_k), -1)
+    gallery_rows = np.full((len(rows), top_k), -1)
     for image, (image_similarities, image_rows) in enumerate(zip(similarities, rows, strict=True)):
         found = image_rows >= 0
         image_similarities, image_rows = image_similarities[found], image_rows[found]
@@ -697,44 +697,23 @@ def rank_gallery_places(model, outputs, gallery: GeoGallery, decision: str, top_
         for rank, (position, score) in enumerate(
             kernel_vote(image_similarities, latitudes, longitudes, settings, top_k=top_k, scale=scale)
         ):
-            city = int(neighbor_cities[position])
-            probabilities = _city_probabilities(model, outputs.image_embeds[image], country_log_probs[image], city)
-            for name, value in {
-                "city_rows": city,
-                "scores": score,
-                **probabilities,
-                "latitudes": latitudes[position],
-                "longitudes": longitudes[position],
-                "gallery_rows": image_rows[position],
-                "similarities": image_similarities[position],
-            }.items():
-                columns[name][image, rank] = value
+            city_rows[image, rank] = neighbor_cities[position]
+            gallery_rows[image, rank] = image_rows[position]
+            columns["scores"][image, rank] = score
+            columns["latitudes"][image, rank] = latitudes[position]
+            columns["longitudes"][image, rank] = longitudes[position]
+            columns["similarities"][image, rank] = image_similarities[position]
     device = outputs.country_logits.device
+    city_rows = torch.as_tensor(city_rows, device=device)
+    probabilities = model.place_probabilities(outputs, city_rows)
     return GalleryRankedPlaces(
-        **{
-            name: torch.as_tensor(
-                values, dtype=torch.long if name in ("city_rows", "gallery_rows") else torch.float64, device=device
-            )
-            for name, values in columns.items()
-        }
+        city_rows=city_rows,
+        country_scores=probabilities["country_scores"],
+        joint_probabilities=probabilities["joint_probabilities"],
+        region_scores=probabilities["region_scores"],
+        gallery_rows=torch.as_tensor(gallery_rows, device=device),
+        **{name: torch.as_tensor(values, dtype=torch.float64, device=device) for name, values in columns.items()},
     )
-
-
-def _city_probabilities(model, image_embeds: torch.Tensor, country_log_probs: torch.Tensor, city: int) -> dict:
-    """p(country), p(region | country) and the joint probability of one candidate city for one image, as
-    `StreetCLIPForGeolocation.rank_places` computes them."""
-    import torch
-
-    country = model.candidate_places.city_countries[city]
-    countries = torch.tensor([country], device=image_embeds.device)
-    # The candidates of that one country, with every probability the ranking rules use.
-    found = model._country_candidates(image_embeds[None], countries, country_log_probs[None], 0)
-    column = int((found["rows"][0] == city).nonzero()[0, 0])
-    return {
-        "country_scores": float(found["country"][0, column].exp()),
-        "joint_probabilities": float(found["joint"][0, column].exp()),
-        "region_scores": float(found["region"][0, column].exp()),
-    }
 
 
 def format_gallery_answers(places: CandidatePlaces, **columns) -> list[dict[str, Any]]:

@@ -504,6 +504,24 @@ class StreetCLIPForGeolocation(CLIPModel):
             region_scores=pool["region"][:, :top_k].exp(),
         )
 
+    @torch.no_grad()
+    def place_probabilities(self, outputs: GeolocationOutput, city_rows: torch.LongTensor) -> dict[str, torch.Tensor]:
+        """The zero-shot probabilities of given candidate cities, as `rank_places` gives them for its answers:
+        `country_scores` (p(country)), `region_scores` (p(region | country), 1 without a region level) and
+        `joint_probabilities`, each of the shape of `city_rows` (one row of cities per image; -1 entries, padding,
+        get meaningless numbers). For callers that choose cities by another rule, such as a gallery's vote.
+        """
+        rows = city_rows.clamp(min=0)
+        countries = self.city_countries[rows.cpu()].to(rows.device)
+        self.build_city_heads(countries.unique().tolist())
+        scores = self._level_scores(outputs.image_embeds)
+        country = outputs.country_logits.float().log_softmax(dim=-1).gather(1, countries)
+        region = torch.zeros_like(country)
+        if self.uses_regions:
+            region = scores["region"].gather(1, self.city_region_rows[rows.cpu()].to(rows.device))
+        joint = country + region + scores["city"].gather(1, rows)
+        return {"country_scores": country.exp(), "region_scores": region.exp(), "joint_probabilities": joint.exp()}
+
     def _level_scores(self, image_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
         """The logits of every city (and region) and their log-probabilities given their parent (the region, or the
         country; the country for a region), each of shape `(batch_size, rows)`.

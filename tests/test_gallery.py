@@ -41,6 +41,7 @@ from modeling_streetclip.gallery_build import SHARDS_FOLDER, build_gallery
 from modeling_streetclip.gazetteer import EARTH_RADIUS_KM, CandidatePlaces, great_circle_km
 from modeling_streetclip.testing_utils import (
     PLACES,
+    SMALL_COUNTRIES,
     place_in_hub_cache,
     place_photo,
     run_as_hub_user,
@@ -491,6 +492,22 @@ def test_a_saved_pipeline_folder_searches_galleries_for_users_without_the_packag
     )
     assert remote["class"].startswith("transformers_modules.")
     assert remote["answers"] == geolocate(image, top_k=2, decision="hybrid")
+
+
+@pytest.mark.parametrize("levels", [["country", "city"], ["country", "region", "city"]])
+def test_place_probabilities_are_those_rank_places_gives_its_own_answers(tiny_clip_dir, model_and_processor, levels):
+    _, processor = model_and_processor
+    model = StreetCLIPForGeolocation.from_pretrained(
+        tiny_clip_dir, candidate_countries=SMALL_COUNTRIES, cities_per_country=8, levels=levels
+    )
+    pixel_values = processor.image_processor(images=query_photos(3, seed=9), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        outputs = model(pixel_values=pixel_values)
+    for decision in ("greedy", "joint"):
+        ranked = model.rank_places(outputs, top_k=4, decision=decision)
+        probabilities = model.place_probabilities(outputs, ranked.city_rows)
+        for name in ("country_scores", "region_scores", "joint_probabilities"):
+            torch.testing.assert_close(probabilities[name], getattr(ranked, name).float(), rtol=1e-5, atol=1e-7)
 
 
 def test_pipeline_refuses_a_gallery_decision_without_a_gallery(small_streetclip_dir, photos):
