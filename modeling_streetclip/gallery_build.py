@@ -55,6 +55,7 @@ from .gallery import (
     write_json_atomically,
 )
 from .images import ImageLoadError, load_rgb_image
+from .pixels import normalized_pixels, resized_pixels
 
 
 if TYPE_CHECKING:
@@ -388,7 +389,7 @@ class _RowPreparer:
             image = load_rgb_image(encoded_image(value) if isinstance(value, dict) else value)
         except _IMAGE_ERRORS as error:
             return row_number, None, latitude, longitude, path, labels, str(error)
-        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        pixels = resized_pixels(self.image_processor, image)[0]
         return row_number, pixels, latitude, longitude, path, labels, None
 
 
@@ -483,7 +484,8 @@ def _embed_rows(
             good = [position for position, item in enumerate(items) if item[1] is not None]
             embeddings = np.full((len(items), dim), np.nan, dtype=np.float32)
             if good:
-                pixel_values = torch.stack([items[position][1] for position in good])
+                pixel_values = torch.stack([items[position][1] for position in good]).to(model.device)
+                pixel_values = normalized_pixels(image_processor, pixel_values, model.dtype)
                 embeddings[good] = image_embeddings(model, pixel_values).cpu().numpy()
             writer.add(items, embeddings)
             embedded += len(good)

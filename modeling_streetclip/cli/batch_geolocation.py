@@ -19,6 +19,7 @@ from ..gallery import GALLERY_DECISIONS, GeoGallery, check_decision, format_gall
 from ..gazetteer import format_answers
 from ..images import ImageInput, ImageLoadError, load_rgb_image
 from ..modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
+from ..pixels import normalized_pixels, resized_pixels
 from . import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS
 
 
@@ -52,7 +53,7 @@ class _PreprocessedImages(Dataset):
             image = load_rgb_image(self.inputs[index])
         except (FileNotFoundError, IsADirectoryError, PermissionError, ImageLoadError, TypeError) as error:
             return index, None, str(error)
-        return index, self.image_processor(images=image, return_tensors="pt")["pixel_values"][0], None
+        return index, resized_pixels(self.image_processor, image)[0], None
 
 
 def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
@@ -102,7 +103,9 @@ def geolocate_images(
     )
     if accelerator is None:
         for batch in loader:
-            yield from _batch_records(model, inputs, batch, top_k, return_embeddings, decision, gallery)
+            yield from _batch_records(
+                model, image_processor, inputs, batch, top_k, return_embeddings, decision, gallery
+            )
         return
     # The model's own device decides where pixels go (a quantized model stays on the CPU beside a GPU).
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
@@ -111,7 +114,9 @@ def geolocate_images(
             # Inputs stay behind (a dataset's are encoded images): every process holds them already.
             mine = [
                 replace(record, input=None)
-                for record in _batch_records(model, inputs, batch, top_k, return_embeddings, decision, gallery)
+                for record in _batch_records(
+                    model, image_processor, inputs, batch, top_k, return_embeddings, decision, gallery
+                )
             ]
             for record in accelerator.gather_for_metrics(mine, use_gather_object=True):
                 yield replace(record, input=inputs[record.index])
@@ -121,6 +126,7 @@ def geolocate_images(
 
 def _batch_records(
     model: StreetCLIPForGeolocation,
+    image_processor,
     inputs: Sequence[ImageInput],
     batch: tuple[list[int], list[int], torch.Tensor | None, dict[int, str]],
     top_k: int,
@@ -132,7 +138,8 @@ def _batch_records(
     order, indices, pixel_values, errors = batch
     records = {index: GeolocationRecord(index, inputs[index], error=error) for index, error in errors.items()}
     if pixel_values is not None:
-        outputs = model(pixel_values=pixel_values.to(device=model.device, dtype=model.dtype))
+        pixel_values = pixel_values.to(model.device, non_blocking=True)
+        outputs = model(pixel_values=normalized_pixels(image_processor, pixel_values, model.dtype))
         answers_per_image = ranked_answers(model, outputs, top_k, decision, gallery)
         for position, (index, answers) in enumerate(zip(indices, answers_per_image, strict=True)):
             embeds = outputs.image_embeds[position].float().cpu() if return_embeddings else None
