@@ -1,10 +1,11 @@
 """GPU check at StreetCLIP's real scale (ViT-L/14 at 336 px, random weights): float32, bfloat16 and float16.
 
-Prints, compactly: the device and versions; how fast one CPU process preprocesses photos (the pipeline's
-DataLoader workers multiply it); then one line per precision with
+Prints, compactly: the device and versions; how fast one CPU process preprocesses photos, in full and in the
+pipeline's 8-bit resize and crop (its DataLoader workers multiply that), and whether the rest of preprocessing, done on
+the device, gives the image processor's pixel values exactly; then one line per precision with
 - images/s of the bare vision forward (`vision_model` + `visual_projection` on tensors already on the device) and of
-  `pipeline("geolocation")` on in-memory 640x480 photos (preprocessing in DataLoader workers), both at batch 64,
-  and their ratio (target in bfloat16: pipeline >= 0.80 of the bare forward);
+  `pipeline("geolocation")` on in-memory 640x480 photos (one call over all of them, DataLoader workers started by
+  it included), both at batch 64, and their ratio (target in bfloat16: pipeline >= 0.80 of the bare forward);
 - the peak GPU memory allocated while that precision ran;
 - agreement of the first answer's country and city with float32, and the mean cosine of the image embeddings;
 and last the attention implementation of the vision tower (SDPA expected), the probe's accuracy, and the verdicts.
@@ -37,6 +38,7 @@ from transformers import pipeline
 
 import modeling_streetclip  # noqa: F401  (registers the "geolocation" task)
 from modeling_streetclip import CandidatePlaces, StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip.pixels import normalized_pixels, resized_pixels
 from modeling_streetclip.testing_utils import PLACES, place_photo, save_random_vit_l, save_tiny_clip_checkpoint
 
 
@@ -51,7 +53,13 @@ PROBE_LOGIT_SCALE = 100.0
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
-    parser.add_argument("--steps", type=int, default=10, help="timed batches per measurement (default: 10)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=40,
+        help="timed batches per measurement (default: 40; the pipeline's call then lasts long enough that starting its "
+        "workers is a small part of it, as in a run over many photos)",
+    )
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument(
         "--size", choices=("vit-l", "tiny"), help="model size; default vit-l on a GPU, the tiny test model on a CPU"
@@ -217,10 +225,18 @@ def main() -> int:
             "agreement_photos": agreement_photos,
         }
         print(f"built and saved the probe model in {time.perf_counter() - start:.0f} s", flush=True)
-        # What one CPU process preprocesses: the pipeline's ceiling is about this times its workers.
-        photos = timing_photos[: args.batch_size]
-        preprocess_rate = images_per_second(lambda: processor.image_processor(images=photos), len(photos), "cpu")
-        print(f"preprocessing 640x480 photos in one process: {preprocess_rate:.0f} img/s", flush=True)
+        # What one CPU process preprocesses: the pipeline's ceiling is about the 8-bit rate times its workers.
+        photos, image_processor = timing_photos[: args.batch_size], processor.image_processor
+        full_rate = images_per_second(lambda: image_processor(images=photos), len(photos), "cpu")
+        resized_rate = images_per_second(lambda: resized_pixels(image_processor, photos), len(photos), "cpu")
+        on_device = normalized_pixels(image_processor, resized_pixels(image_processor, photos).to(args.device))
+        exact = torch.equal(on_device.cpu(), inputs["batch"])
+        print(
+            f"preprocessing 640x480 photos in one process: {full_rate:.0f} img/s in full, {resized_rate:.0f} img/s "
+            f"resized and cropped in 8 bits (the pipeline's workers); normalised on {args.device}, the image "
+            f"processor's pixel values exactly: {exact}",
+            flush=True,
+        )
         print(
             f"{'dtype':<9} {'bare img/s':>10} {'pipe img/s':>10} {'pipe/bare':>9} {'peak MiB':>9} "
             f"{'country=':>8} {'city=':>6} {'emb cos':>8}",
