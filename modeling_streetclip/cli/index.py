@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS, EXIT_OK, EXIT_SOME_FAILED, UsageError, int_at_least
-from .locate import DTYPE_NAMES
+from .locate import add_placement_arguments
 
 
 def _positive_float(text: str) -> float:
@@ -109,19 +109,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=DEFAULT_SHARD_SIZE,
         help="rows per shard written as the build goes; a kill loses at most one (default: %(default)s)",
     )
-    build.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where the model runs; auto picks cuda when available (default: %(default)s)",
-    )
-    build.add_argument(
-        "--dtype", choices=DTYPE_NAMES, default="float32", help="model weight precision (default: %(default)s)"
-    )
+    add_placement_arguments(build)
     build.add_argument(
         "--overwrite", action="store_true", help="delete a gallery or unfinished build in --output and start afresh"
     )
-    vote = build.add_argument_group("vote settings stored as the gallery's defaults (see README, 'Retrieval')")
+    vote = build.add_argument_group(
+        "vote settings stored as the gallery's defaults (see README, 'Geolocation by retrieval')"
+    )
     vote.add_argument(
         "--neighbors",
         type=int_at_least(1),

@@ -164,15 +164,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=DEFAULT_BATCH_SIZE,
         help="images per forward pass (default: %(default)s)",
     )
-    locate.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where the model runs; auto picks cuda when available (default: %(default)s)",
-    )
-    locate.add_argument(
-        "--dtype", choices=DTYPE_NAMES, default="float32", help="model weight precision (default: %(default)s)"
-    )
+    add_placement_arguments(locate)
     locate.add_argument(
         "--quantize",
         choices=QUANTIZATION_NAMES,
@@ -224,6 +216,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 @cache
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype, alike in every command that runs the model."""
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the model runs; auto picks cuda when available (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPE_NAMES, default="float32", help="model weight precision (default: %(default)s)"
+    )
+
+
 def _readable_extensions() -> frozenset[str]:
     """File extensions of the formats Pillow can open, which decide what a folder contributes."""
     from PIL import Image
