@@ -437,6 +437,32 @@ def test_a_gallery_loads_from_a_hub_dataset_repo_and_pushes_as_one(built, tmp_pa
     assert set(upload["allow_patterns"]) == {"gallery.json", "index.faiss", "bad_rows.jsonl", "dataset/*"}
 
 
+def readme_gallery_snippet() -> str:
+    """The README's Python block that builds a gallery, as printed."""
+    blocks = (REPO_ROOT / "README.md").read_text(encoding="utf-8").split("```python\n")[1:]
+    (snippet,) = [block.split("```")[0] for block in blocks if "GeoGallery.build(" in block]
+    return snippet
+
+
+def test_readme_gallery_snippet_runs_as_printed(model_and_processor, small_streetclip_dir, tmp_path, monkeypatch):
+    """With the README's names in place (its earlier blocks' `model` and `processor`, the folder they save, photos),
+    the block builds a gallery, answers from it and pushes it, the upload recorded instead of sent."""
+    write_geo_imagefolder(tmp_path / "geo_photos", photos_per_city=1, seed=3)
+    StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir).save_pretrained(tmp_path / "streetclip-with-heads")
+    StreetCLIPProcessor.from_pretrained(small_streetclip_dir).save_pretrained(tmp_path / "streetclip-with-heads")
+    place_photo(0, 0, np.random.default_rng(4)).save(tmp_path / "photo.jpg")
+    pushed = []
+    monkeypatch.setattr(GeoGallery, "push_to_hub", lambda gallery, repo_id: pushed.append((gallery.folder, repo_id)))
+    monkeypatch.chdir(tmp_path)
+    model, processor = model_and_processor
+    namespace = {"model": model, "processor": processor, "pipeline": pipeline}
+    exec(readme_gallery_snippet(), namespace)
+    assert len(namespace["gallery"]) == 2 * len(PLACES)
+    answers = namespace["geolocate"]("photo.jpg", decision="hybrid", top_k=3)
+    assert answers and all({"gallery_row", "similarity", "latitude", "longitude"} <= set(answer) for answer in answers)
+    assert pushed == [(namespace["gallery"].folder, "ORG/my-gallery")]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The pipeline with a gallery.
 
