@@ -38,6 +38,7 @@ from pretrain import (
     resume_candidates,
     resume_from,
     save_checkpoint,
+    save_final_model,
     set_trainable_parameters,
 )
 from safetensors.torch import load_file
@@ -45,6 +46,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor, AutoTokenizer, pipeline
 
 import modeling_streetclip
+from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.captions import CaptionMix
 from modeling_streetclip.testing_utils import PLACES, place_photo, save_streetclip_folder, write_geo_imagefolder
 
@@ -985,6 +987,57 @@ def test_countries_file_errors_name_the_file(tmp_path):
     empty.write_text("# nothing\n\n", encoding="utf-8")
     with pytest.raises(ValueError, match="lists no country"):
         ModelArguments("clip", countries=str(empty)).read_countries()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs a POSIX file-size limit")
+def test_a_final_save_that_fails_leaves_nothing_half_written_and_says_why(small_streetclip_dir, tmp_path):
+    """A real failing write, as on a full disk (a file-size limit stops the weights file part-way)."""
+    import resource
+
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)
+    processor = StreetCLIPProcessor.from_pretrained(small_streetclip_dir)
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    (output_dir / "log_history.jsonl").write_text("{}\n")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        problem = save_final_model(model, processor, output_dir)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert problem is not None and "MB are free on its disk" in problem
+    assert [path.name for path in output_dir.iterdir()] == ["log_history.jsonl"]  # no partial weights, no leftovers
+    assert save_final_model(model, processor, output_dir) is None
+    assert not (output_dir / f"final-model{PARTIAL_SUFFIX}").exists()
+    assert pipeline("geolocation", model=str(output_dir))(place_photo(0, 0, np.random.default_rng(0)), top_k=1)
+
+
+def test_a_run_whose_final_save_fails_exits_naming_the_checkpoint_that_resumes_it(tiny_clip_dir, geo_data, tmp_path):
+    """The final save fails (ENOSPC injected into its weights file only): the run exits non-zero naming the intact
+    checkpoint, and the command it names, rerun, saves the trained model."""
+    output_dir = tmp_path / "run"
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import errno, os, safetensors.torch\n"
+        "save_file = safetensors.torch.save_file\n"
+        "def failing_save_file(tensors, filename, *args, **kwargs):\n"
+        "    if 'final-model' in str(filename):\n"
+        "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))\n"
+        "    return save_file(tensors, filename, *args, **kwargs)\n"
+        "safetensors.torch.save_file = failing_save_file\n"
+    )
+    args = pretrain_args(tiny_clip_dir, geo_data, output_dir, max_steps=2, checkpointing_steps=2)
+    result = run_pretrain(args, geo_data, succeeds=False, PYTHONPATH=str(inject))
+    assert f"Training finished (2 steps), but the final model could not be saved to {output_dir} (OSError: " in (
+        result.stderr
+    )
+    assert f"The latest checkpoint, {output_dir / 'checkpoints' / 'checkpoint-2'}, is intact" in result.stderr
+    assert not (output_dir / "model.safetensors").exists()
+    run_pretrain([*args, "--resume_from_checkpoint", "latest"], geo_data)
+    assert pipeline("geolocation", model=str(output_dir))(str(geo_data["eval"] / "Japan-0-0.png"))[0]["country"]
 
 
 def test_push_to_hub_publishes_through_publish_py_and_keeps_the_model_when_it_fails(tiny_clip_dir, geo_data, tmp_path):

@@ -370,6 +370,25 @@ def evaluate_geolocation(
     return {f"eval/{key}": float(value) for key, value in metrics.items()}
 
 
+def save_final_model(model: StreetCLIPForGeolocation, processor: StreetCLIPProcessor, output_dir: Path) -> str | None:
+    """Save `model` and `processor` into `output_dir` all or nothing: written to a partial folder first, its files
+    moved in only once every one is complete, so that a full disk never leaves a folder that loaders half-read.
+    Returns None when saved, else what went wrong (with the free space), the partial folder removed."""
+    partial = output_dir / f"final-model{PARTIAL_SUFFIX}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        model.save_pretrained(partial)
+        processor.save_pretrained(partial)
+    except CHECKPOINT_WRITE_ERRORS as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        free_mb = shutil.disk_usage(output_dir).free / 2**20
+        return f"{type(error).__name__}: {error}; {free_mb:.1f} MB are free on its disk"
+    for path in partial.iterdir():
+        os.replace(path, output_dir / path.name)
+    partial.rmdir()
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, training_args = parse_args(argv)
     output_dir = Path(training_args.output_dir)
@@ -641,8 +660,20 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(trained, PeftModel):
             trained = trained.merge_and_unload()
         trained.set_candidates(places, prompts)
-        trained.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
+        problem = save_final_model(trained, processor, output_dir)
+        if problem is not None:
+            accelerator.end_training()
+            latest = complete_checkpoints(checkpoints_dir)
+            sys.exit(
+                f"Training finished ({global_step} steps), but the final model could not be saved to {output_dir} "
+                f"({problem}); nothing half-written was left there. "
+                + (
+                    f"The latest checkpoint, {latest[-1]}, is intact: free some space and rerun the same command with "
+                    "--resume_from_checkpoint latest, which trains from it to the end and saves."
+                    if latest
+                    else "No checkpoint was saved (--checkpointing_steps): free some space and train again."
+                )
+            )
         # What the model card's training section reports (model_card/card.py reads these names).
         run_record = {
             **dataclasses.asdict(model_args),
