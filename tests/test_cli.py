@@ -483,7 +483,7 @@ def test_rerun_with_other_options_stops_naming_them_and_overwrite_starts_afresh(
         assert [record["answers"][0]["country"] for record in jsonl_records(output.read_text())] == ["Japan", "Japan"]
     assert json.loads(options_path(output).read_text())["options"]["countries"] == ["Japan"]
     status, _, err = run(capsys, *command, "--countries", countries)  # the new options resume the new file
-    assert status == 0 and "2 were recorded by an earlier run" in err
+    assert status == 0 and "2 were recorded by an earlier run" in err, err
 
 
 def test_a_relative_model_path_resumes_what_its_absolute_path_wrote(
@@ -590,7 +590,7 @@ def test_a_full_disk_stops_the_run_with_exit_two_and_leaves_the_file_resumable(
     monkeypatch.undo()  # space freed
     status, _, err = run(capsys, *command)
 
-    assert status == 0 and "2 were recorded by an earlier run" in err
+    assert status == 0 and "2 were recorded by an earlier run" in err, err
     records = csv_rows(output) if extension == "csv" else jsonl_records(output.read_text())
     assert [record["path"] for record in records] == [str(path) for path in photos]
 
@@ -618,7 +618,7 @@ def test_a_carriage_return_in_a_file_name_stays_in_its_csv_row_and_resumes(capsy
 
     status, _, err = run(capsys, *command)
 
-    assert status == 0 and "2 were recorded by an earlier run" in err
+    assert status == 0 and "2 were recorded by an earlier run" in err, err
     assert output.read_bytes() == before
     assert sorted(row["path"] for row in csv_rows(output)) == sorted(str(path) for path in photos)
 
@@ -631,7 +631,7 @@ def test_spreadsheet_formulas_in_csv_cells_are_written_as_text_and_resume(capsys
 
     status, _, err = run(capsys, *command)
 
-    assert status == 0 and "2 were recorded by an earlier run" in err
+    assert status == 0 and "2 were recorded by an earlier run" in err, err
     rows = csv_rows(output)
     assert [row["group"] for row in rows] == ["'=1+1", "'@sum"]
     assert all(not cell.startswith(("=", "+", "@")) for row in rows for cell in row.values())

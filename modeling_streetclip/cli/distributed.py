@@ -88,15 +88,29 @@ def on_every_process(accelerator: Accelerator, work: Callable[[], T], main_proce
 
 def quiet_unless_main(accelerator: Accelerator, command: Callable[[], int]) -> int:
     """Run `command` and return its status; a command error on a process other than the main one gives status 2
-    without a message, since the main process reports the same error (see `on_main_process`)."""
+    without a message, since the main process reports the same error (see `on_main_process`).
+
+    Every process then leaves the process group together (a barrier, then `end_training`): one that exits while a
+    peer still holds its connections can make the peer abort (SIGABRT) instead of returning its own status. Command
+    errors reach every process alike, so all of them come to the barrier.
+    """
     from . import EXIT_USAGE
 
+    error = None
     try:
-        return command()
-    except COMMAND_ERRORS:
-        if accelerator.is_main_process:
-            raise
-        return EXIT_USAGE
+        status = command()
+    except COMMAND_ERRORS as caught:
+        error, status = caught, EXIT_USAGE
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if error is not None and accelerator.is_main_process:
+        try:
+            raise error
+        finally:
+            # As `except ... as` does: this frame, in the error's traceback, must not keep the error (and through it
+            # the command's frames, with the output file and its lock) alive until a garbage collection.
+            error = None
+    return status
 
 
 __all__ = ["COMMAND_ERRORS", "make_accelerator", "on_every_process", "on_main_process", "quiet_unless_main"]

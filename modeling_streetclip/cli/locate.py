@@ -17,7 +17,7 @@ import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -619,13 +619,18 @@ def _geolocate(
         gallery=gallery,
     )
     failed = 0
-    for key, members, group_records in _views_by_group(records, pending):
-        if writer is None:
-            continue  # another process: it ran its share of the batches, and the main process records them
-        record = _record(key_field, key, members, group_records, grouped, model, args.top_k, args.decision, gallery)
-        writer.write(record)
-        failed += "error" in record
-        progress.update(len(members))
+    # Closed on a failed write too: its DataLoader workers, forked while the output was open, share the file's lock
+    # and must stop before a rerun can take it.
+    with closing(records):
+        for key, members, group_records in _views_by_group(records, pending):
+            if writer is None:
+                continue  # another process: it ran its share of the batches, and the main process records them
+            record = _record(
+                key_field, key, members, group_records, grouped, model, args.top_k, args.decision, gallery
+            )
+            writer.write(record)
+            failed += "error" in record
+            progress.update(len(members))
     return failed
 
 
