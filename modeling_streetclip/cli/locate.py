@@ -215,7 +215,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     locate.set_defaults(run=locate_command)
 
 
-@cache
 def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     """--device and --dtype, alike in every command that runs the model."""
     parser.add_argument(
@@ -229,6 +228,7 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@cache
 def _readable_extensions() -> frozenset[str]:
     """File extensions of the formats Pillow can open, which decide what a folder contributes."""
     from PIL import Image
