@@ -1003,14 +1003,15 @@ def test_a_final_save_that_fails_leaves_nothing_half_written_and_says_why(small_
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
     try:
-        problem = save_final_model(model, processor, output_dir)
+        problem = save_final_model(model, processor, {"completed_steps": 3}, output_dir)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, handler)
     assert problem is not None and "MB are free on its disk" in problem
     assert [path.name for path in output_dir.iterdir()] == ["log_history.jsonl"]  # no partial weights, no leftovers
-    assert save_final_model(model, processor, output_dir) is None
+    assert save_final_model(model, processor, {"completed_steps": 3}, output_dir) is None
     assert not (output_dir / f"final-model{PARTIAL_SUFFIX}").exists()
+    assert json.loads((output_dir / "training_args.json").read_text()) == {"completed_steps": 3}
     assert pipeline("geolocation", model=str(output_dir))(place_photo(0, 0, np.random.default_rng(0)), top_k=1)
 
 

@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -370,15 +371,19 @@ def evaluate_geolocation(
     return {f"eval/{key}": float(value) for key, value in metrics.items()}
 
 
-def save_final_model(model: StreetCLIPForGeolocation, processor: StreetCLIPProcessor, output_dir: Path) -> str | None:
-    """Save `model` and `processor` into `output_dir` all or nothing: written to a partial folder first, its files
-    moved in only once every one is complete, so that a full disk never leaves a folder that loaders half-read.
-    Returns None when saved, else what went wrong (with the free space), the partial folder removed."""
+def save_final_model(
+    model: StreetCLIPForGeolocation, processor: StreetCLIPProcessor, run_record: dict[str, Any], output_dir: Path
+) -> str | None:
+    """Save `model`, `processor` and `run_record` (as training_args.json, which the model card reads) into
+    `output_dir` all or nothing: written to a partial folder first, its files moved in only once every one is
+    complete, so that a full disk never leaves a folder that loaders half-read. Returns None when saved, else what
+    went wrong (with the free space), the partial folder removed."""
     partial = output_dir / f"final-model{PARTIAL_SUFFIX}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
         model.save_pretrained(partial)
         processor.save_pretrained(partial)
+        (partial / "training_args.json").write_text(json.dumps(run_record, indent=2) + "\n")
     except CHECKPOINT_WRITE_ERRORS as error:
         shutil.rmtree(partial, ignore_errors=True)
         free_mb = shutil.disk_usage(output_dir).free / 2**20
@@ -660,20 +665,6 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(trained, PeftModel):
             trained = trained.merge_and_unload()
         trained.set_candidates(places, prompts)
-        problem = save_final_model(trained, processor, output_dir)
-        if problem is not None:
-            accelerator.end_training()
-            latest = complete_checkpoints(checkpoints_dir)
-            sys.exit(
-                f"Training finished ({global_step} steps), but the final model could not be saved to {output_dir} "
-                f"({problem}); nothing half-written was left there. "
-                + (
-                    f"The latest checkpoint, {latest[-1]}, is intact: free some space and rerun the same command with "
-                    "--resume_from_checkpoint latest, which trains from it to the end and saves."
-                    if latest
-                    else "No checkpoint was saved (--checkpointing_steps): free some space and train again."
-                )
-            )
         # What the model card's training section reports (model_card/card.py reads these names).
         run_record = {
             **dataclasses.asdict(model_args),
@@ -690,7 +681,20 @@ def main(argv: list[str] | None = None) -> None:
             * accelerator.num_processes
             * training_args.gradient_accumulation_steps,
         }
-        (output_dir / "training_args.json").write_text(json.dumps(run_record, indent=2) + "\n")
+        problem = save_final_model(trained, processor, run_record, output_dir)
+        if problem is not None:
+            accelerator.end_training()
+            latest = complete_checkpoints(checkpoints_dir)
+            sys.exit(
+                f"Training finished ({global_step} steps), but the final model could not be saved to {output_dir} "
+                f"({problem}); nothing half-written was left there. "
+                + (
+                    f"The latest checkpoint, {latest[-1]}, is intact: free some space and rerun the same command with "
+                    "--resume_from_checkpoint latest, which trains from it to the end and saves."
+                    if latest
+                    else "No checkpoint was saved (--checkpointing_steps): free some space and train again."
+                )
+            )
         logger.info(f"Saved the StreetCLIP model to {output_dir}")
         if training_args.push_to_hub:
             # The same repository model_card/publish.py makes: card, custom code and config for trust_remote_code.
