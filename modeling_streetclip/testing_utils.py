@@ -208,6 +208,16 @@ def random_photo(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+def save_random_photos(folder: Path, names: Sequence[str], size: tuple[int, int] = (48, 40)) -> list[Path]:
+    """Save `random_photo(i, size)` as `folder / names[i]` for each name (the format follows the extension), creating
+    the folder; returns the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / name for name in names]
+    for seed, path in enumerate(paths):
+        random_photo(seed, size).save(path)
+    return paths
+
+
 def place_photo(country: int, city: int, rng: np.random.Generator) -> Image.Image:
     """A noisy photo of the synthetic geo set whose hue identifies the country (index into `PLACES`) and whose
     stripe direction identifies the city (0 or 1)."""

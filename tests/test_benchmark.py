@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from modeling_streetclip.cli import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS
-from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo
+from modeling_streetclip.testing_utils import SMALL_COUNTRIES, save_random_photos
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +49,7 @@ ROWS = [*GOOD_ROWS[:3], CORRUPT_ROW, *GOOD_ROWS[3:5], BAD_COORDINATE_ROW, GOOD_R
 def _write_image_folder(folder: Path) -> Path:
     """Photos for the good rows and a JPEG-named file of garbage; returns the folder."""
     folder.mkdir(parents=True)
-    for seed, (name, _, _) in enumerate(GOOD_ROWS):
-        random_photo(seed).save(folder / name)
+    save_random_photos(folder, [name for name, _, _ in GOOD_ROWS])
     (folder / CORRUPT_ROW[0]).write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
     return folder
 

@@ -25,18 +25,14 @@ from modeling_streetclip import StreetCLIPForGeolocation, load_rgb_image
 from modeling_streetclip.cli import build_parser, main
 from modeling_streetclip.cli.records import ANSWER_FIELDS, REGION_FIELDS, options_path
 from modeling_streetclip.gazetteer import format_answers
-from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo
+from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo, save_random_photos
 
 
 PHOTO_SIZE = (32, 24)
 
 
 def make_photos(folder: Path, names: list[str]) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / name for name in names]
-    for seed, path in enumerate(paths):
-        random_photo(seed, PHOTO_SIZE).save(path)
-    return paths
+    return save_random_photos(folder, names, PHOTO_SIZE)
 
 
 def make_bad_files(folder: Path) -> dict[str, Path]:

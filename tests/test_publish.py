@@ -20,7 +20,7 @@ from transformers import pipeline
 
 import modeling_streetclip
 from modeling_streetclip import GeolocationPipeline, paper_countries
-from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo, run_as_hub_user
+from modeling_streetclip.testing_utils import SMALL_COUNTRIES, run_as_hub_user, save_random_photos
 
 
 REPO_ID = "streetclip-tests/tiny-geolocation"
@@ -111,12 +111,7 @@ def model_copy(small_streetclip_dir, tmp_path) -> Path:
 
 @pytest.fixture
 def photo_paths(tmp_path) -> list[str]:
-    paths = []
-    for seed in range(3):
-        path = tmp_path / f"photo-{seed}.png"
-        random_photo(seed).save(path)
-        paths.append(str(path))
-    return paths
+    return [str(path) for path in save_random_photos(tmp_path, [f"photo-{seed}.png" for seed in range(3)])]
 
 
 # The folder

@@ -28,19 +28,14 @@ from modeling_streetclip.configuration_streetclip import (
 from modeling_streetclip.testing_utils import (
     SMALL_COUNTRIES,
     TINY_IMAGE_SIZE,
-    random_photo,
     run_as_hub_user,
+    save_random_photos,
 )
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("photos")
-    paths = []
-    for seed in range(4):
-        paths.append(folder / f"photo-{seed}.png")
-        random_photo(seed).save(paths[-1])
-    return paths
+    return save_random_photos(tmp_path_factory.mktemp("photos"), [f"photo-{seed}.png" for seed in range(4)])
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from modeling_streetclip import (
     format_answers,
 )
 from modeling_streetclip.cli import main as streetclip
-from modeling_streetclip.testing_utils import SMALL_COUNTRIES, place_in_hub_cache, random_photo
+from modeling_streetclip.testing_utils import SMALL_COUNTRIES, place_in_hub_cache, random_photo, save_random_photos
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,12 +42,7 @@ CONSUMERS = ("pipeline", "vision_only", "auto_classes", "streetclip_locate", "be
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("photos")
-    paths = []
-    for seed in range(3):
-        paths.append(folder / f"photo-{seed}.png")
-        random_photo(seed).save(paths[-1])
-    return paths
+    return save_random_photos(tmp_path_factory.mktemp("photos"), [f"photo-{seed}.png" for seed in range(3)])
 
 
 @pytest.fixture(scope="module")
