@@ -196,6 +196,15 @@ class CandidatePlaces:
         """City rows of each region, in table order."""
         return _rows_by_group(self.city_regions, self.num_regions)
 
+    @cached_property
+    def city_labels(self) -> list[str]:
+        """Each city's label as image-classification clients show it: `"Paris, France"`, or `"Paris, Île-de-France,
+        France"` with a region level; `config.id2label` and every answer's `label` read this one list."""
+        parts = [self.city_names, [self.country_names[country] for country in self.city_countries]]
+        if self.has_regions:
+            parts.insert(1, [self.region_names[region] for region in self.city_regions])
+        return [", ".join(names) for names in zip(*parts, strict=True)]
+
     def country_index(self, name: str) -> int:
         """Row of a candidate country by its name, its ISO code, or any spelling `resolve_country_name` knows (such
         as `Czechia` for the paper's `Czech Republic`); a name that is not a candidate lists close matches."""
