@@ -1,9 +1,8 @@
 """Image loading for geolocation inputs: every file problem becomes an error that names the file.
 
 Photos come in every PIL mode and with EXIF orientations; a file with the wrong content must not crash a batch run
-with a bare traceback. Two kinds of image are refused before they cost memory: one beyond Pillow's
-decompression-bomb limit (before it is decoded), and one whose aspect ratio exceeds `MAX_ASPECT_RATIO` (before the
-image processor resizes it).
+with a bare traceback. An image beyond Pillow's decompression-bomb limit is refused before it is decoded; any shape
+that decodes within it is accepted (`pixels.central_region` keeps a strip's resize within bounds).
 """
 
 import io
@@ -18,12 +17,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageInput = str | os.PathLike | bytes | Image.Image
 
-# CLIP's image processor scales the short edge to its input size S (336 px for StreetCLIP) before cropping, so an
-# image of aspect ratio r becomes S x (r * S) pixels, 12 bytes each once in float32: a 1 x 20,000 px PNG of 490 bytes
-# would take 27 GB at S = 336. Bounding r bounds that at 12 * S * S * r bytes (27 MB at S = 336 and r = 20) while
-# every photo, wide panoramas (about 2:1 to 10:1) included, passes. As Pillow's MAX_IMAGE_PIXELS, it is read at each
-# call: raise it for trusted images of a more extreme shape.
-MAX_ASPECT_RATIO = 20.0
 # "scheme://" at the start: a URL, which this loader does not fetch (inference never needs the network).
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -52,7 +45,11 @@ def load_rgb_image(image: ImageInput) -> Image.Image:
         source, name, size = io.BytesIO(image), f"Image file of {len(image)} bytes", len(image)
     elif isinstance(image, (str, os.PathLike)):
         path = Path(image)
-        if not path.is_file():
+        try:
+            is_file = path.is_file()
+        except OSError as error:  # a name longer than the file system allows, for one
+            raise ImageLoadError(f"Image file {str(path)!r} cannot be looked up: {error.strerror or error}.") from None
+        if not is_file:
             if looks_like_url(os.fspath(image)):
                 raise ImageLoadError(
                     f"Image URLs are not fetched: {os.fspath(image)!r}. Download the file and pass its path, its "
@@ -72,7 +69,7 @@ def load_rgb_image(image: ImageInput) -> Image.Image:
             # Pillow only warns between its limit and twice it; refuse the whole range instead of decoding it.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as opened:
-                _check_shape(opened.size, name)  # from the header, before decoding and long before resizing
+                _check_shape(opened.size, name)  # from the header, before decoding
                 opened.load()
                 return to_rgb(ImageOps.exif_transpose(opened), name)
     except ImageLoadError:
@@ -88,17 +85,10 @@ def load_rgb_image(image: ImageInput) -> Image.Image:
 
 
 def _check_shape(size: tuple[int, int], name: str) -> None:
-    """Refuse an image without pixels, or one whose aspect ratio exceeds MAX_ASPECT_RATIO (see there why)."""
+    """Refuse an image without pixels, which no image processor can resize."""
     width, height = size
     if width < 1 or height < 1:
         raise ImageLoadError(f"{name} has no pixels ({width} x {height}).")
-    ratio = max(width, height) / min(width, height)
-    if ratio > MAX_ASPECT_RATIO:
-        raise ImageLoadError(
-            f"{name} is {width} x {height} px, an aspect ratio of {ratio:,.1f}:1: resizing its short edge to the "
-            f"model's input size would take more memory than any photo needs (at most {MAX_ASPECT_RATIO:g}:1 is "
-            "accepted). Crop it, or raise modeling_streetclip.images.MAX_ASPECT_RATIO if you trust it."
-        )
 
 
 def to_rgb(image: Image.Image, name: str = "The image") -> Image.Image:

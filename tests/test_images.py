@@ -1,5 +1,6 @@
-"""Image loading: images that would cost unbounded memory, float images with holes and URLs are refused with an error
-that names the input and the reason, before they reach the image processor."""
+"""Image loading: every image that decodes within Pillow's limit loads, whatever its shape, and answers within bounded
+memory; float images with holes, URLs and paths the file system cannot look up are refused with an error that names
+the input and the reason, before they reach the image processor."""
 
 import json
 import shutil
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 from transformers import pipeline
 
-from modeling_streetclip import ImageLoadError, images, load_rgb_image
+from modeling_streetclip import ImageLoadError, load_rgb_image
 from modeling_streetclip.testing_utils import random_photo
 
 
@@ -21,29 +22,32 @@ SLIVERS = {"1xN": (1, 200_000), "Nx1": (200_000, 1)}
 
 @pytest.mark.parametrize("shape", list(SLIVERS))
 @pytest.mark.parametrize("given_as", ["path", "bytes", "PIL image"])
-def test_an_image_of_extreme_aspect_ratio_is_refused_naming_it_and_the_reason(tmp_path, shape, given_as):
+def test_an_image_of_extreme_aspect_ratio_loads_as_it_is(tmp_path, shape, given_as):
     path = tmp_path / "sliver.png"
     Image.new("RGB", SLIVERS[shape], (90, 120, 60)).save(path)
     source = {"path": path, "bytes": path.read_bytes(), "PIL image": Image.open(path)}[given_as]
 
-    with pytest.raises(ImageLoadError, match=r"an aspect ratio of 200,000\.0:1") as raised:
-        load_rgb_image(source)
-
-    assert "at most 20:1 is accepted" in str(raised.value) and "MAX_ASPECT_RATIO" in str(raised.value)
-    if given_as == "path":
-        assert str(path) in str(raised.value)
+    assert load_rgb_image(source).size == SLIVERS[shape]
 
 
-def test_wide_panoramas_pass_and_the_budget_can_be_raised_for_trusted_images(monkeypatch):
-    panorama = random_photo(0, (400, 40))  # 10:1
-    assert load_rgb_image(panorama).size == (400, 40)
-    sliver = Image.new("RGB", (1, 50), (0, 0, 0))
-    with pytest.raises(ImageLoadError, match="aspect ratio"):
-        load_rgb_image(sliver)
+@pytest.mark.parametrize("size", [(2000, 60), (1, 5000)], ids=["panorama-2000x60", "sliver-1x5000"])
+def test_a_panorama_and_a_sliver_answer_through_the_pipeline(tmp_path, small_streetclip_dir, size):
+    path = tmp_path / "strip.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    geolocate = pipeline("geolocation", model=str(small_streetclip_dir))
 
-    monkeypatch.setattr(images, "MAX_ASPECT_RATIO", 50.0)
+    answers = geolocate(str(path), top_k=2)
 
-    assert load_rgb_image(sliver).size == (1, 50)
+    assert len(answers) == 2 and all(0 <= answer["score"] <= 1 for answer in answers)
+
+
+def test_a_file_name_longer_than_the_file_system_allows_is_an_image_load_error(tmp_path):
+    path = tmp_path / ("x" * 300 + ".jpg")  # over the 255 bytes a name may have on Linux and macOS file systems
+
+    with pytest.raises(ImageLoadError, match="cannot be looked up: File name too long") as raised:
+        load_rgb_image(path)
+
+    assert str(path) in str(raised.value)
 
 
 def test_an_image_without_pixels_is_refused():
@@ -83,9 +87,7 @@ def test_the_pipeline_says_urls_are_not_fetched_instead_of_not_found(small_stree
 
 # Runs `streetclip locate` twice in one process whose address space is capped: over a model folder whose image
 # processor resizes to 32 px, then to 336 px (both crop to the tiny model's input). The cap is what the imports mapped
-# (torch's builds differ in that) plus 1 GiB: the command needs about 0.5 GiB more, while, before the aspect-ratio
-# budget, resizing the 1 x 200,000 px PNG asked for 2.4 GB (32 px) or 27 GB (336 px) and killed the run with a
-# MemoryError and no record.
+# (torch's builds differ in that) plus 1 GiB; resizing a 1 x 200,000 px PNG whole would ask for gigabytes.
 LIMITED_RUN = """
 import json, resource, sys
 import modeling_streetclip.cli.batch_geolocation
@@ -98,10 +100,11 @@ print(json.dumps(statuses))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc; RLIMIT_AS caps the address space on Linux"
 )
-def test_slivers_get_error_records_under_a_memory_limit_at_32_and_336_px(tmp_path, small_streetclip_dir):
+def test_slivers_answer_under_a_memory_limit_at_32_and_336_px(tmp_path, small_streetclip_dir):
     models = []
     for size in (32, 336):
         folder = tmp_path / f"model-{size}px"
@@ -125,10 +128,8 @@ def test_slivers_get_error_records_under_a_memory_limit_at_32_and_336_px(tmp_pat
         timeout=300,
     )
 
-    assert result.returncode == 0 and json.loads(result.stdout) == [1, 1], result.stderr[-3000:]
+    assert result.returncode == 0 and json.loads(result.stdout) == [0, 0], result.stderr[-3000:]
     for model in models:
         records = [json.loads(line) for line in Path(model + ".jsonl").read_text().splitlines()]
         assert [record["path"] for record in records] == [str(path) for path in inputs]
-        for record, sliver in zip(records[:2], SLIVERS, strict=True):
-            assert f"{sliver}.png" in record["error"] and "aspect ratio of 200,000.0:1" in record["error"]
-        assert "answers" in records[-1]
+        assert all("answers" in record for record in records), records

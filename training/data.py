@@ -30,6 +30,7 @@ from modeling_streetclip.coordinates import coordinate_problem, valid_coordinate
 from modeling_streetclip.dataset_sources import open_dataset
 from modeling_streetclip.gazetteer import geonames_country_names, resolve_country_code
 from modeling_streetclip.images import ImageLoadError, load_rgb_image
+from modeling_streetclip.pixels import normalized_pixels, resized_pixels
 
 
 logger = get_logger(__name__)
@@ -204,7 +205,8 @@ class GeoCollator:
                 continue
             kept.append(row)
         if kept:
-            pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            # The processor's pixel values, with a strip's kept centre cut before it is resized.
+            pixel_values = normalized_pixels(self.image_processor, resized_pixels(self.image_processor, images))
             tokens = self.tokenizer.pad({"input_ids": [row["input_ids"] for row in kept]}, return_tensors="pt")
         else:
             # A batch of only bad rows still has to reach the training step, which every process takes together.
