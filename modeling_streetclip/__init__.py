@@ -1,12 +1,13 @@
 """StreetCLIP for Hugging Face: zero-shot image geolocation with CLIP.
 
 Importing this package registers the `"geolocation"` pipeline task and the `streetclip` configuration, model and
-processor with the Auto classes. The public names load on first use (PEP 562), so that the `streetclip` command can
-answer `--help` without importing torch, which takes seconds; its commands register before they load a model.
+processor with the Auto classes, however the process started. The public names load on first use (PEP 562) and the
+registration waits until transformers is imported (at once if it already is), so that the `streetclip` command, which
+imports this package on its way to `cli`, answers `--help` without importing torch, which takes seconds.
 """
 
 import importlib
-import os
+import importlib.abc
 import sys
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ _EXPORTS = {
     "GeolocationPipeline": "pipeline_geolocation",
     "GeoGallery": "gallery",
     "ImageLoadError": "images",
+    "RECOMMENDED_CANDIDATE_SETTINGS": "configuration_streetclip",
     "RankedPlaces": "modeling_streetclip",
     "StreetCLIPConfig": "configuration_streetclip",
     "StreetCLIPForGeolocation": "modeling_streetclip",
@@ -32,7 +34,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from .configuration_streetclip import StreetCLIPConfig
+    from .configuration_streetclip import RECOMMENDED_CANDIDATE_SETTINGS, StreetCLIPConfig
     from .gallery import GeoGallery, VoteSettings
     from .gazetteer import CandidatePlaces, format_answers, paper_countries, read_country_list, resolve_country_name
     from .images import ImageLoadError, load_rgb_image
@@ -49,7 +51,10 @@ def __getattr__(name: str):
 
 def register_with_transformers() -> None:
     """Register the `"geolocation"` task with `transformers.pipeline` and the config, model and processor with the
-    Auto classes (idempotent)."""
+    Auto classes (idempotent); importing the package does it by itself once transformers is imported."""
+    _registration.done = True
+    if _registration in sys.meta_path:
+        sys.meta_path.remove(_registration)
     from transformers import AutoConfig, AutoModel, AutoProcessor
     from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -66,11 +71,62 @@ def register_with_transformers() -> None:
     )
 
 
-# The console script imports this package on its way to `cli`, and so does `python -m modeling_streetclip.cli` (what
-# `accelerate launch -m` and `torchrun -m` run), while argv[0] is still "-m"; everyone else gets the registration on
-# import.
-if os.path.splitext(os.path.basename(getattr(sys, "argv", [""])[0]))[0] not in ("streetclip", "-m"):
+class _RegisterOnceImported(importlib.abc.MetaPathFinder):
+    """Calls `register_with_transformers` as soon as transformers is imported and no module of this package is halfway
+    through its own import.
+
+    Registering imports this package's modules, which import transformers; a module that imports transformers first
+    is still running, so the registration waits for it to finish. The finder hands out the other finders' specs with
+    their loaders wrapped, and leaves `sys.meta_path` once the registration has run.
+    """
+
+    def __init__(self):
+        self.done = False
+        self.running = 0  # modules of this package being executed
+
+    def find_spec(self, fullname, path, target=None):
+        if self.done or (fullname != "transformers" and not fullname.startswith(f"{__name__}.")):
+            return None
+        # The spec the finders after this one give, as the import system would have asked them.
+        finders = (finder for finder in sys.meta_path if finder is not self and hasattr(finder, "find_spec"))
+        spec = next(filter(None, (finder.find_spec(fullname, path, target) for finder in finders)), None)
+        if spec is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _NotifyingLoader(spec.loader, self, counted=fullname != "transformers")
+        return spec
+
+    def module_executed(self) -> None:
+        if not self.done and not self.running and "transformers" in sys.modules:
+            register_with_transformers()
+
+
+class _NotifyingLoader(importlib.abc.Loader):
+    """A module's own loader, which tells the finder when the module has run; the module keeps the original, and
+    everything else (`get_code`, which `python -m` runs, resources) is the original's."""
+
+    def __init__(self, loader: importlib.abc.Loader, finder: _RegisterOnceImported, counted: bool):
+        self.loader, self.finder, self.counted = loader, finder, counted
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__spec__.loader = module.__loader__ = self.loader
+        self.finder.running += self.counted
+        try:
+            self.loader.exec_module(module)
+        finally:
+            self.finder.running -= self.counted
+        self.finder.module_executed()
+
+
+_registration = _RegisterOnceImported()
+if "transformers" in sys.modules:
     register_with_transformers()
+else:
+    sys.meta_path.insert(0, _registration)
 
 __all__ = [
     "CandidatePlaces",
@@ -79,6 +135,7 @@ __all__ = [
     "GeolocationPipeline",
     "GeoGallery",
     "ImageLoadError",
+    "RECOMMENDED_CANDIDATE_SETTINGS",
     "RankedPlaces",
     "StreetCLIPConfig",
     "StreetCLIPForGeolocation",

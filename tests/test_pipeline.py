@@ -1,6 +1,11 @@
 """The "geolocation" pipeline: parity with the paper's method, output format, and every kind of bad input."""
 
 import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +58,50 @@ def test_pipeline_task_is_registered_with_transformers():
     assert implementation["impl"] is GeolocationPipeline
     assert implementation["pt"] == (StreetCLIPForGeolocation,)
     assert modeling_streetclip.GeolocationPipeline is GeolocationPipeline
+
+
+# An application that imports this package and is run as `python -m myapp.serve`, importing the package (or one of
+# its modules) before or after transformers; `serve` prints what transformers then knows of it.
+APPLICATION_IMPORTS = {
+    "package_then_transformers": "import modeling_streetclip\n",
+    "transformers_then_package": "import transformers\nimport modeling_streetclip\n",
+    "a_module_that_imports_transformers": "from modeling_streetclip.pipeline_geolocation import GeolocationPipeline\n",
+}
+APPLICATION_SERVE = """
+import json
+from transformers import AutoConfig, AutoProcessor
+from transformers.pipelines import PIPELINE_REGISTRY
+
+_, pipeline, _ = PIPELINE_REGISTRY.check_task("geolocation")
+print(json.dumps([pipeline["impl"].__name__, type(AutoConfig.for_model("streetclip")).__name__]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("imports", list(APPLICATION_IMPORTS))
+def test_an_application_run_with_python_m_gets_the_task_however_it_imports_the_package(tmp_path, imports):
+    (tmp_path / "myapp").mkdir()
+    (tmp_path / "myapp" / "__init__.py").write_text(APPLICATION_IMPORTS[imports])
+    (tmp_path / "myapp" / "serve.py").write_text(APPLICATION_SERVE)
+    result = subprocess.run(
+        [sys.executable, "-m", "myapp.serve"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == ["GeolocationPipeline", "StreetCLIPConfig"]
+
+
+def test_the_recommended_candidate_settings_are_exported_where_the_readme_imports_them():
+    from modeling_streetclip.configuration_streetclip import RECOMMENDED_CANDIDATE_SETTINGS
+
+    assert modeling_streetclip.RECOMMENDED_CANDIDATE_SETTINGS is RECOMMENDED_CANDIDATE_SETTINGS
+    assert "RECOMMENDED_CANDIDATE_SETTINGS" in modeling_streetclip.__all__
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert "from modeling_streetclip import RECOMMENDED_CANDIDATE_SETTINGS" in readme
 
 
 def test_answer_has_the_documented_fields_and_candidate_values(geolocator):
