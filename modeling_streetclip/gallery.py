@@ -24,11 +24,12 @@ The decisions (`decision=` in the pipeline, `--decision` of the commands):
   the query, weigh w_i = exp((s_i - s_1) / temperature), s_1 being the best similarity. Each neighbour j gathers the
   support S_j = sum_i w_i K(d_ij), where d_ij is the great-circle distance and K the Epanechnikov kernel
   K(d) = 1 - (d / radius_km)^2 for d < radius_km, 0 beyond. The answer is the neighbour with the largest support
-  (ties to the more similar); its `score` is S_j / sum_i w_i, the share of the neighbours' weight that supports it.
+  (ties to the more similar); its `score` is S_j / sum_i w_i, the share of the neighbours' weight that supports it
+  (a probability in [0, 1], as image-classification clients read `score`).
   A lone best match is thus outvoted by a group of nearly as good matches that agree on a place, and within that
   group the photo nearest its middle wins. Further answers are the next best neighbours at least `radius_km` from
   every answer before them, so that `top_k` answers are distinct places (fewer come back when the k neighbours hold
-  fewer).
+  fewer, and never more than k).
 - `"hybrid"`, the vote restricted and weighted by the zero-shot country posterior p(country): only neighbours in the
   `hybrid_countries` most probable countries vote, each weight multiplied by its country's probability. A
   neighbour's country is that of its nearest candidate city. When no neighbour lies in those countries, all vote,
@@ -106,6 +107,8 @@ FINGERPRINT_MIN_COSINE = 0.99
 PROBE_IMAGES = 4
 PROBE_BLOCKS = 8
 PROBE_SIZE = 64
+# Probe embeddings are L2-normalised in float32; a recorded one whose norm is further from 1 was not written by a build.
+FINGERPRINT_NORM_TOLERANCE = 1e-3
 
 
 def import_faiss():
@@ -203,7 +206,8 @@ def kernel_vote(
 
     distances = great_circle_km(latitudes[:, None], longitudes[:, None], latitudes[None, :], longitudes[None, :])
     kernel = np.clip(1.0 - (distances / settings.radius_km) ** 2, 0.0, None)
-    support = kernel @ weights / weights.sum()
+    # A share of the weight, so in [0, 1]; clipped against rounding, since clients read it as a probability.
+    support = np.clip(kernel @ weights / weights.sum(), 0.0, 1.0)
     # Most support first, then most similar; neighbours that do not vote are not answers either.
     order = [position for position in np.lexsort((-similarities, -support)) if voters[position]]
     answers: list[int] = []
@@ -283,17 +287,42 @@ def model_fingerprint(model, image_processor) -> np.ndarray:
 
 
 def fingerprint_agreement(recorded: npt.ArrayLike, actual: npt.ArrayLike) -> float:
-    """The smallest cosine between the two models' embeddings of the same probe image (-1 when the sizes differ)."""
+    """The smallest cosine between the two models' embeddings of the same probe image; -1 when the sizes differ or
+    either holds a vector that is not a unit vector (zeros or NaN would otherwise agree with anything)."""
     recorded = np.asarray(recorded, dtype=np.float64)
     actual = np.asarray(actual, dtype=np.float64)
-    if recorded.shape != actual.shape:
+    if recorded.shape != actual.shape or recorded.ndim != 2:
         return -1.0
-    norms = np.linalg.norm(recorded, axis=-1) * np.linalg.norm(actual, axis=-1)
-    return float(((recorded * actual).sum(axis=-1) / norms).min())
+    if fingerprint_problem(recorded, recorded.shape[1]) or fingerprint_problem(actual, actual.shape[1]):
+        return -1.0
+    return float((recorded * actual).sum(axis=-1).min())
+
+
+def fingerprint_problem(fingerprint: Any, dim: int) -> str | None:
+    """Why `fingerprint` is not a model's embeddings of the probe images (PROBE_IMAGES finite unit vectors of `dim`
+    numbers), or None when it is one."""
+    try:
+        values = np.asarray(fingerprint, dtype=np.float64)
+    except (TypeError, ValueError):
+        return "it is not a table of numbers"
+    if values.ndim != 2 or len(values) != PROBE_IMAGES:
+        return f"its shape is {values.shape}, not ({PROBE_IMAGES}, {dim})"
+    if values.shape[1] != dim:
+        return f"its vectors have {values.shape[1]} numbers, while embedding_dim is {dim}"
+    if not np.isfinite(values).all():
+        return "it holds NaN or infinite values"
+    norms = np.linalg.norm(values, axis=-1)
+    if np.abs(norms - 1.0).max() > FINGERPRINT_NORM_TOLERANCE:
+        return f"its vectors are not unit vectors (norms {np.round(norms, 4).tolist()})"
+    return None
 
 
 class GalleryModelError(ValueError):
     """A gallery used with a model other than the one its embeddings come from."""
+
+
+class GalleryFileError(ValueError):
+    """A gallery file that is damaged, truncated, or contradicts the rest of its folder; the message names it."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -374,23 +403,69 @@ def index_for_memory(num_rows: int, dim: int, max_bytes: int) -> IndexChoice:
     )
 
 
+def inverted_lists(faiss_index) -> int | None:
+    """How many inverted lists `faiss_index` searches (wherever it keeps them: plain, pre-transformed, refined), None
+    for an index without them (exact search, HNSW)."""
+    faiss = import_faiss()
+    try:
+        return faiss.extract_index_ivf(faiss_index).nlist
+    except RuntimeError:
+        return None
+
+
+def check_nprobe(nprobe: Any, lists: int | None, index: str, name: str = "nprobe") -> None:
+    """Refuse an `nprobe` that cannot apply to the index `index` with `lists` inverted lists (None: none), naming
+    `name` (the option or file that gave it): it must be an integer from 1 to `lists`, and only an index with inverted
+    lists has any to probe. None (the default) always passes."""
+    if nprobe is None:
+        return
+    if not isinstance(nprobe, int) or isinstance(nprobe, bool) or nprobe < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {nprobe!r}.")
+    if lists is None:
+        raise ValueError(
+            f"{name}={nprobe} does not apply to the index {index!r}: it has no inverted lists to probe (exact search "
+            "scans every row). nprobe goes with an IVF index such as 'IVF1024,SQ8'; leave it unset otherwise."
+        )
+    if nprobe > lists:
+        raise ValueError(f"{name} must be at most the {lists} inverted lists of the index {index!r}, got {nprobe}.")
+
+
 def set_nprobe(faiss_index, nprobe: int) -> None:
     """Set how many inverted lists a search probes, wherever the index keeps them (plain, pre-transformed, refined)."""
     faiss = import_faiss()
     faiss.ParameterSpace().set_index_parameter(faiss_index, "nprobe", nprobe)
 
 
-def check_factory(factory: str, dim: int) -> None:
-    """Refuse a factory string FAISS cannot build for `dim`-d rows, naming it (before any photo is embedded)."""
+def check_factory(factory: str, dim: int) -> int | None:
+    """Refuse a factory string FAISS cannot build for `dim`-d rows, or whose index refuses rows added without ids
+    (as `datasets` adds them), naming it, before any photo is embedded; returns the index's inverted lists (None
+    without any)."""
     faiss = import_faiss()
     try:
-        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
         message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise ValueError(
             f"index {factory!r} is not a FAISS factory string for {dim}-d embeddings ({message}); e.g. 'Flat', "
             f"'IVF1024,SQ8', 'IVF1024,PQ64' (PQ's code count must divide {dim}), or {AUTO_INDEX!r}."
         ) from None
+    # An IDMap takes rows only with ids of the caller's (`add_with_ids`); a gallery's rows are numbered by their
+    # position, so such an index would fail only once every photo is embedded. An index ready as built shows any
+    # other refusal by adding one row.
+    problem = None
+    if isinstance(faiss.downcast_index(index), faiss.IndexIDMap):
+        problem = "an IDMap takes rows only with ids of its own (add_with_ids), while a gallery numbers them itself"
+    elif index.is_trained:
+        try:
+            index.add(np.zeros((1, dim), dtype=np.float32))
+        except RuntimeError as error:
+            problem = f"it refuses rows ({str(error).strip().splitlines()[-1]})"
+    if problem is not None:
+        raise ValueError(
+            f"index {factory!r} cannot hold a gallery: {problem}. Give an index without an IDMap prefix, e.g. "
+            "'Flat' or 'IVF1024,SQ8'."
+        )
+    return inverted_lists(index)
 
 
 def trained_index(
@@ -406,17 +481,14 @@ def trained_index(
 
     An index that needs training (IVF, PQ, SQ) is trained on `train_size` rows (default: `training_rows`) drawn at
     random with a fixed seed and read by `read_rows(sorted positions)`, so that a rebuild gives the same index; an
-    IVF index probes `nprobe` lists (default: `probed_lists`). Both galleries and eval/speed/bench_gallery_index.py
-    build their indexes here.
+    IVF index probes `nprobe` lists (default: `probed_lists`; `check_nprobe` refuses it for an index without lists).
+    Both galleries and eval/speed/bench_gallery_index.py build their indexes here.
     """
     faiss = import_faiss()
-    check_factory(factory, dim)
+    lists = check_factory(factory, dim)
+    check_nprobe(nprobe, lists, factory)
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    try:
-        ivf = faiss.extract_index_ivf(index)
-        lists = ivf.nlist
-    except RuntimeError:  # no inverted lists in this index
-        ivf, lists = None, None
+    ivf = faiss.extract_index_ivf(index) if lists is not None else None
     for part in (index, ivf):
         part = faiss.downcast_index(part) if part is not None else None
         # The factory asks PQ codes for polysemous training, which only polysemous search uses (galleries do not):
@@ -471,28 +543,83 @@ class GalleryInfo:
             values = json.loads(path.read_text(encoding="utf-8"))
             info = cls(**values)
         except (ValueError, TypeError) as error:
-            raise ValueError(f"{str(path)!r} is not a gallery description this version reads: {error}") from None
+            raise GalleryFileError(f"{str(path)!r} is not a gallery description this version reads: {error}") from None
         if info.format_version != FORMAT_VERSION:
-            raise ValueError(
-                f"{str(path)!r} has format_version {info.format_version}; this version reads {FORMAT_VERSION}."
+            raise GalleryFileError(
+                f"{str(path)!r} has format_version {info.format_version!r}; this version reads {FORMAT_VERSION}."
             )
+        problems = info.problems()
+        if problems:
+            raise damaged_file(path, "; ".join(problems))
         return info
+
+    def problems(self) -> list[str]:
+        """What in this description no build writes (each naming the field and what is accepted); empty when none."""
+        problems = [
+            f"{name} must be text, got {getattr(self, name)!r}"
+            for name in ("model", "index", "source")
+            if not isinstance(getattr(self, name), str)
+        ]
+        for name, minimum in (("embedding_dim", 1), ("num_rows", 1), ("num_bad_rows", 0)):
+            if not _is_count(getattr(self, name), minimum):
+                problems.append(f"{name} must be an integer >= {minimum}, got {getattr(self, name)!r}")
+        if self.nprobe is not None and not _is_count(self.nprobe, 1):
+            problems.append(f"nprobe must be null or an integer >= 1, got {self.nprobe!r}")
+        if _is_count(self.embedding_dim, 1):
+            problem = fingerprint_problem(self.model_fingerprint, self.embedding_dim)
+            if problem is not None:
+                problems.append(f"model_fingerprint is not a model's embeddings of the probe images: {problem}")
+        try:
+            VoteSettings.from_dict(self.vote)
+        except (ValueError, TypeError, AttributeError) as error:
+            problems.append(f"vote: {error}")
+        return problems
 
     def write(self, folder: Path) -> None:
         """Write `gallery.json` atomically: its presence marks a complete gallery."""
         write_json_atomically(folder / GALLERY_FILE, asdict(self))
 
 
+def _is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def damaged_file(path: Path, problem: str) -> GalleryFileError:
+    """The error for a gallery file that no build wrote as it is, naming it and saying how to get a sound one."""
+    return GalleryFileError(
+        f"{str(path)!r} is damaged or was edited: {problem.rstrip('.')}. Build the gallery again (`streetclip index "
+        "build DATA --model MODEL --output FOLDER --overwrite`), or download it again."
+    )
+
+
 def write_json_atomically(path: Path, value: Any) -> None:
-    """Write `value` as JSON to `path` through a temporary file renamed over it, so that a kill leaves the old file
-    or the new one, never half of one."""
+    """Write `value` as standard JSON (NaN and infinities refused) to `path` through a temporary file renamed over
+    it, so that a kill leaves the old file or the new one, never half of one."""
     temporary = path.with_name(path.name + ".tmp")
     with temporary.open("w", encoding="utf-8") as stream:
-        json.dump(value, stream, indent=2)
+        json.dump(value, stream, indent=2, allow_nan=False)
         stream.write("\n")
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(temporary, path)
+
+
+def _check_rows(folder: Path, dataset: datasets.Dataset, info: GalleryInfo) -> None:
+    """Refuse a `dataset/` that does not match `gallery.json` (its row count, its columns, its embeddings' size)."""
+    path = folder / DATASET_FOLDER
+    if len(dataset) != info.num_rows:
+        raise damaged_file(
+            path, f"it holds {len(dataset)} rows while {GALLERY_FILE} counts {info.num_rows} (edited, or two builds)"
+        )
+    missing = [name for name in (EMBEDDING_COLUMN, "latitude", "longitude") if name not in dataset.column_names]
+    if missing:
+        raise damaged_file(path, f"it has no column {missing[0]!r}")
+    length = getattr(dataset.features[EMBEDDING_COLUMN], "length", None)
+    if length != info.embedding_dim:
+        raise damaged_file(
+            folder / GALLERY_FILE,
+            f"embedding_dim is {info.embedding_dim}, while the embeddings in {DATASET_FOLDER}/ have {length} numbers",
+        )
 
 
 class GeoGallery:
@@ -573,23 +700,62 @@ class GeoGallery:
         info = GalleryInfo.read(folder)
         settings = replace(VoteSettings.from_dict(info.vote), **vote_settings)
         dataset = datasets.load_from_disk(str(folder / DATASET_FOLDER))
-        if len(dataset) != info.num_rows:
-            raise ValueError(
-                f"{str(folder)!r}: {GALLERY_FILE} counts {info.num_rows} rows but {DATASET_FOLDER}/ holds "
-                f"{len(dataset)}; the folder was edited or assembled from two builds. Build it again."
-            )
-        # datasets refuses an index whose size differs from the dataset's, naming both.
-        dataset.load_faiss_index(EMBEDDING_COLUMN, str(folder / INDEX_FILE))
+        _check_rows(folder, dataset, info)
+        index_path = folder / INDEX_FILE
+        if not index_path.is_file():
+            raise damaged_file(index_path, "it is missing")
+        try:
+            dataset.load_faiss_index(EMBEDDING_COLUMN, str(index_path))
+        except (RuntimeError, MemoryError) as error:
+            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            raise damaged_file(index_path, f"FAISS cannot read it ({reason})") from None
+        except ValueError as error:  # datasets refuses an index whose size differs from the dataset's
+            raise damaged_file(index_path, str(error)) from None
         gallery = cls(folder, dataset, info, settings)
+        faiss_index = gallery.faiss_index
+        if faiss_index.d != info.embedding_dim:
+            raise damaged_file(
+                index_path, f"it holds {faiss_index.d}-d vectors, while {GALLERY_FILE} says {info.embedding_dim}"
+            )
+        lists = inverted_lists(faiss_index)
+        try:
+            check_nprobe(info.nprobe, lists, info.index)
+        except ValueError as error:
+            raise damaged_file(folder / GALLERY_FILE, str(error)) from None
+        check_nprobe(nprobe, lists, info.index)
+        gallery._check_coordinates()
         nprobe = nprobe if nprobe is not None else info.nprobe
         if nprobe is not None:
-            set_nprobe(gallery.faiss_index, nprobe)
+            set_nprobe(faiss_index, nprobe)
         return gallery
+
+    def _check_coordinates(self) -> None:
+        """Refuse rows whose coordinates are not a point on Earth (a build records such rows as bad instead), naming
+        the first and the count: their answers would carry NaN, infinities or impossible places."""
+        from .coordinates import coordinate_problem, valid_coordinates
+
+        bad = np.flatnonzero(~valid_coordinates(self.latitudes, self.longitudes))
+        if len(bad):
+            row = int(bad[0])
+            latitude, longitude = float(self.latitudes[row]), float(self.longitudes[row])
+            reason = coordinate_problem(latitude, longitude).describe(latitude, longitude)
+            raise damaged_file(
+                self.folder / DATASET_FOLDER,
+                f"{len(bad):,} of its {len(self):,} rows have coordinates that are not a point on Earth (row {row}: "
+                f"{reason})",
+            )
 
     def search(self, embeddings: npt.ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The `k` nearest rows of each L2-normalised embedding: `(similarities, rows)`, each of shape
-        `(num_queries, k)`, best first; rows are -1 (similarity -inf) where the index returns fewer than `k`."""
-        queries = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32).reshape(-1, self.info.embedding_dim))
+        `(num_queries, min(k, len(self)))`, best first; rows are -1 (similarity -inf) where the index returns fewer."""
+        queries = np.asarray(embeddings, dtype=np.float32)
+        if queries.shape[-1] != self.info.embedding_dim:
+            raise GalleryModelError(
+                f"The gallery {str(self.folder)!r} holds {self.info.embedding_dim}-d embeddings of the model "
+                f"{self.info.model!r}; these queries have {queries.shape[-1]} dimensions. Search it with that model's "
+                "embeddings (see check_model)."
+            )
+        queries = np.ascontiguousarray(queries.reshape(-1, self.info.embedding_dim))
         scores, rows = self.dataset.search_batch(EMBEDDING_COLUMN, queries, k=min(k, len(self)))
         scores = np.where(rows >= 0, scores, -np.inf)
         return scores, rows
@@ -638,8 +804,8 @@ class GeoGallery:
 
 
 class GalleryRankedPlaces(NamedTuple):
-    """Answers per image under a gallery decision, each field of shape `(batch_size, top_k)`, best first; an image
-    whose neighbours hold fewer distinct places than `top_k` is padded with `city_rows` -1.
+    """Answers per image under a gallery decision, each field of shape `(batch_size, min(top_k, num_neighbors))`,
+    best first; an image whose neighbours hold fewer distinct places is padded with `city_rows` -1.
 
     The first five fields are those of `RankedPlaces`, for the candidate city nearest each chosen photo (`scores` is
     the share of the vote, see the module docstring); the others say where the photo is and which it is.
@@ -678,6 +844,8 @@ def rank_gallery_places(model, outputs, gallery: GeoGallery, decision: str, top_
         raise ValueError(f"rank_gallery_places decides {', '.join(GALLERY_DECISIONS)}, not {decision!r}.")
     places = model.candidate_places
     settings = gallery.settings
+    # The vote's answers are distinct neighbours, so no more than num_neighbors can come back.
+    top_k = min(top_k, settings.num_neighbors, len(gallery))
     similarities, rows = gallery.search(outputs.image_embeds.float().cpu().numpy(), settings.num_neighbors)
     country_probabilities = outputs.country_logits.float().softmax(dim=-1).cpu().numpy()
     city_countries = np.asarray(places.city_countries)
@@ -746,12 +914,14 @@ __all__ = [
     "DEFAULT_INDEX",
     "GALLERY_DECISIONS",
     "GALLERY_FILE",
+    "GalleryFileError",
     "GalleryInfo",
     "GalleryModelError",
     "GeoGallery",
     "IndexChoice",
     "VoteSettings",
     "check_factory",
+    "check_nprobe",
     "GalleryRankedPlaces",
     "check_decision",
     "format_gallery_answers",
@@ -759,6 +929,7 @@ __all__ = [
     "hybrid_scale",
     "import_faiss",
     "index_for_memory",
+    "inverted_lists",
     "kernel_vote",
     "model_fingerprint",
     "nearest_city_rows",

@@ -7,8 +7,9 @@ an Arrow stream file written under a temporary name and renamed, so that a shard
 present are the record of progress: a rerun after a kill starts after the last of them and embeds no row twice.
 `build.json` records what shapes the rows (the source, its columns, the model's fingerprint), so that a rerun with
 others stops instead of mixing two builds. Once every row is embedded the shards are joined into the gallery
-(`save_to_disk`), the FAISS index is trained and added through `datasets`' `add_faiss_index`, and `gallery.json`,
-written last, marks the gallery complete; then the shards go.
+(`save_to_disk`; a row whose id or image file repeats an earlier row's is recorded and skipped there), the FAISS index
+is trained and added through `datasets`' `add_faiss_index`, and `gallery.json`, written last, marks the gallery
+complete; then the shards go.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from .gallery import (
     GeoGallery,
     VoteSettings,
     check_factory,
+    check_nprobe,
     fingerprint_agreement,
     image_embeddings,
     import_datasets,
@@ -90,12 +92,14 @@ class GalleryBuild:
 
 @dataclass(frozen=True)
 class _Columns:
-    """The source columns a build reads: the image, the coordinates, and the labels it keeps as they are."""
+    """The source columns a build reads: the image, the coordinates, and the labels it keeps as they are, one of which
+    may hold the rows' ids (None: a row is known by its image file)."""
 
     image: str
     latitude: str
     longitude: str
     labels: tuple[str, ...]
+    id: str | None = None
 
 
 def build_gallery(
@@ -131,7 +135,8 @@ def build_gallery(
         model_name: recorded in `gallery.json` (default: the model's `name_or_path`).
         index: a FAISS factory string (`"Flat"`: exact; `"IVF1024,SQ8"`, `"IVF1024,PQ64"`: compressed) or `"auto"`
             (`recommended_index` for the gallery's size).
-        nprobe: inverted lists an IVF index probes per search (default: 1/64 of them, at least 1).
+        nprobe: inverted lists an IVF index probes per search (default: 1/64 of them, at least 1); refused for an
+            index without inverted lists, such as `Flat`.
         train_size: rows, sampled at random, that train an index that needs training (default: 64 per list, at least
             65,536, at most all).
         split, streaming: which split of a source to read, and whether to stream it.
@@ -150,25 +155,30 @@ def build_gallery(
     fingerprint = model_fingerprint(model, image_processor)
     dim = fingerprint.shape[-1]
     if index != AUTO_INDEX:
-        check_factory(index, dim)
+        check_nprobe(nprobe, check_factory(index, dim), index)
     source_name = os.fspath(data) if isinstance(data, (str, os.PathLike)) else _describe(data)
     if isinstance(data, (str, os.PathLike)):
         from .dataset_sources import open_dataset
 
         data, split = open_dataset(data, split, streaming=streaming)
+    total = len(data) if isinstance(data, datasets.Dataset) else _known_rows(data)
+    if index == AUTO_INDEX and nprobe is not None and total is not None:
+        # Bad rows only shrink a gallery, so a source small enough for exact search gives an exact index.
+        choice = recommended_index(total, dim)
+        if choice.nprobe is None:
+            check_nprobe(nprobe, None, f"{AUTO_INDEX} ({choice.factory} for {total:,} rows)")
     columns = _find_columns(data, image_column, latitude_column, longitude_column, source_name)
     _prepare_folder(folder, overwrite)
     options = {
         "model": model_name or getattr(model, "name_or_path", "") or type(model).__name__,
         "source": source_name,
         "split": split,
-        **{f"{role}_column": name for role, name in asdict(columns).items() if role != "labels"},
+        **{f"{role}_column": name for role, name in asdict(columns).items() if role not in ("labels", "id")},
     }
     _check_or_record_build(folder, options, fingerprint)
 
     shards = folder / SHARDS_FOLDER
     done = _completed_rows(shards)
-    total = len(data) if isinstance(data, datasets.Dataset) else _known_rows(data)
     label_features = _label_features(data, columns)
     embedded = 0
     if total is None or done < total:
@@ -187,7 +197,9 @@ def build_gallery(
             shard_size=shard_size,
             progress=progress,
         )
-    gallery, bad_rows = _finish(folder, options, fingerprint, label_features, index, nprobe, train_size, settings)
+    gallery, bad_rows = _finish(
+        folder, options, fingerprint, label_features, columns.id, index, nprobe, train_size, settings
+    )
     return GalleryBuild(gallery=gallery, embedded_rows=embedded, resumed_rows=done, bad_rows=bad_rows)
 
 
@@ -203,7 +215,7 @@ def _find_columns(
     data, image_column: str | None, latitude_column: str, longitude_column: str, source: str
 ) -> _Columns:
     """The columns to read; a streamed source that does not declare its columns is checked on its first row."""
-    from .dataset_sources import find_image_column
+    from .dataset_sources import ID_COLUMNS, find_column, find_image_column
 
     names = data.column_names
     if names is None:
@@ -228,7 +240,9 @@ def _find_columns(
             "(`dataset.rename_column`) before building."
         )
     labels = tuple(name for name in names if name not in used)
-    return _Columns(image, latitude_column, longitude_column, labels)
+    # Ids as the benchmark and `streetclip locate` read them: a column under a usual name.
+    id_column = find_column(labels, None, ID_COLUMNS, "id", f"data {source!r}", required=False)
+    return _Columns(image, latitude_column, longitude_column, labels, id_column)
 
 
 def _label_features(data, columns: _Columns) -> datasets.Features | None:
@@ -579,6 +593,7 @@ def _finish(
     options: dict[str, Any],
     fingerprint: np.ndarray,
     label_features: datasets.Features | None,
+    id_column: str | None,
     index: str,
     nprobe: int | None,
     train_size: int | None,
@@ -594,6 +609,7 @@ def _finish(
     if not shards:
         raise ValueError(f"The data {options['source']!r} has no rows; a gallery needs at least one photo.")
     table = pa.concat_tables([_read_shard(path) for path in shards], promote_options="permissive")
+    table = _record_repeats(table, id_column, options["source"])
     failed = pc.is_valid(table.column(ERROR_COLUMN)).to_numpy(zero_copy_only=False)
     bad_rows = (
         table.filter(pa.array(failed)).select(["source_row", "image_path", ERROR_COLUMN]).to_pylist()
@@ -626,7 +642,7 @@ def _finish(
     os.replace(index_temporary, folder / INDEX_FILE)
     with open(folder / BAD_ROWS_FILE, "w", encoding="utf-8") as stream:
         for row in bad_rows:
-            stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+            stream.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
     info = GalleryInfo(
         model=options["model"],
         model_fingerprint=fingerprint.tolist(),
@@ -642,6 +658,36 @@ def _finish(
     shutil.rmtree(folder / SHARDS_FOLDER)
     (folder / BUILD_FILE).unlink()
     return GeoGallery(folder, gallery_rows, info, settings or VoteSettings()), bad_rows
+
+
+def _record_repeats(table: pa.Table, id_column: str | None, source: str) -> pa.Table:
+    """Mark as bad every embedded row whose id (the `id_column`'s value, else its image file) an earlier embedded row
+    has: a photo listed twice would vote twice, and the benchmark refuses repeated ids likewise."""
+    import pyarrow as pa
+
+    keys = table.column(id_column or "image_path").to_pylist()
+    errors = table.column(ERROR_COLUMN).to_pylist()
+    source_rows = table.column("source_row").to_pylist()
+    what = f"id (column {id_column!r})" if id_column else "image file"
+    first: dict[str, int] = {}
+    repeats = 0
+    for position, (key, error) in enumerate(zip(keys, errors, strict=True)):
+        if error is not None or key is None or key == "":
+            continue
+        earlier = first.setdefault(str(key), position)
+        if earlier != position:
+            errors[position] = (
+                f"repeats the {what} {key!r} of source row {source_rows[earlier]}; each photo goes into the gallery "
+                "once"
+            )
+            repeats += 1
+    if not repeats:
+        return table
+    logger.warning(
+        f"{repeats:,} rows of {source!r} repeat the {what} of an earlier row; each photo is kept once, the repeats are "
+        f"listed in {BAD_ROWS_FILE}."
+    )
+    return table.set_column(table.schema.get_field_index(ERROR_COLUMN), ERROR_COLUMN, pa.array(errors, pa.string()))
 
 
 def attach_index(

@@ -8,10 +8,12 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -25,15 +27,19 @@ from modeling_streetclip.gallery import (
     BAD_ROWS_FILE,
     FINGERPRINT_MIN_COSINE,
     GALLERY_FILE,
+    PROBE_IMAGES,
+    GalleryFileError,
     GalleryModelError,
     GeoGallery,
     VoteSettings,
+    check_factory,
     hybrid_scale,
     image_embeddings,
     index_for_memory,
     kernel_vote,
     model_fingerprint,
     nearest_city_rows,
+    rank_gallery_places,
     recommended_index,
     trained_index,
 )
@@ -407,6 +413,153 @@ def test_a_missing_or_damaged_gallery_is_refused_naming_the_folder(built, tmp_pa
         GeoGallery.load(tmp_path / "empty")
 
 
+def gallery_copy(built, tmp_path: Path, **gallery_json) -> Path:
+    """A copy of the built gallery, with `gallery_json` replacing fields of its gallery.json."""
+    folder = Path(shutil.copytree(built.gallery.folder, tmp_path / "copy"))
+    if gallery_json:
+        info = json.loads((folder / GALLERY_FILE).read_text()) | gallery_json
+        (folder / GALLERY_FILE).write_text(json.dumps(info))
+    return folder
+
+
+def locate_with_gallery(model_dir: Path, gallery: Path, image: Path, output: Path, *extra: str) -> int:
+    return main(
+        ["locate", str(image), "--model", str(model_dir), "--gallery", str(gallery), "--output", str(output)]
+        + ["--workers", "0", *extra]
+    )
+
+
+def flip_a_header_byte(data: bytes) -> bytes:
+    # Bytes 8-15 of a FAISS file hold its row count, which the stored codes then contradict.
+    return data[:10] + bytes([data[10] ^ 0xFF]) + data[11:]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda data: data[: len(data) // 2], lambda data: b"", flip_a_header_byte],
+    ids=["truncated", "empty", "bit-flipped"],
+)
+def test_a_damaged_index_file_is_refused_naming_it_and_locate_exits_2(
+    built, small_streetclip_dir, photos, tmp_path, capsys, damage
+):
+    folder = gallery_copy(built, tmp_path)
+    index = folder / "index.faiss"
+    index.write_bytes(damage(index.read_bytes()))
+    with pytest.raises(GalleryFileError, match=r"index\.faiss' is damaged or was edited: FAISS cannot read it"):
+        GeoGallery.load(folder)
+    output = tmp_path / "answers.jsonl"
+    assert locate_with_gallery(small_streetclip_dir, folder, photos / "France-0-0.png", output) == EXIT_USAGE
+    assert f"--gallery {str(folder)!r}: {str(index)!r} is damaged" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_benchmark_exits_2_naming_a_damaged_index_file(built, small_streetclip_dir, photos, tmp_path, capsys):
+    import benchmark
+
+    folder = gallery_copy(built, tmp_path)
+    (folder / "index.faiss").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(
+            ["--model", str(small_streetclip_dir), "--data", str(photos), "--output_dir", str(tmp_path / "results")]
+            + ["--gallery", str(folder), "--num_workers", "0", "--device", "cpu"]
+        )
+    assert exit_info.value.code == EXIT_USAGE
+    assert "index.faiss' is damaged or was edited" in capsys.readouterr().err
+
+
+def test_nprobe_applies_only_to_an_index_with_inverted_lists_with_one_rule_everywhere(
+    built, model_and_processor, small_streetclip_dir, photos, tmp_path, capsys
+):
+    folder = built.gallery.folder  # built with index Flat, exact search
+    with pytest.raises(ValueError, match="nprobe=4 does not apply to the index 'Flat': it has no inverted lists"):
+        GeoGallery.load(folder, nprobe=4)
+    with pytest.raises(ValueError, match="nprobe must be an integer >= 1, got 0"):
+        GeoGallery.load(folder, nprobe=0)
+    model, processor = model_and_processor
+    with pytest.raises(ValueError, match="nprobe=4 does not apply to the index 'Flat'"):
+        build_gallery(model, processor, str(photos), tmp_path / "flat", index="Flat", nprobe=4, progress=False)
+    assert not (tmp_path / "flat").exists()  # refused before any photo is embedded
+    # A gallery.json that no build wrote: a file error naming it, and a usage error from locate.
+    for nprobe, message in ((-5, "nprobe must be null or an integer >= 1, got -5"), (4, "does not apply")):
+        copy = gallery_copy(built, tmp_path / str(nprobe), nprobe=nprobe)
+        with pytest.raises(GalleryFileError, match=f"gallery.json' is damaged or was edited: .*{message}"):
+            GeoGallery.load(copy)
+        output = tmp_path / f"answers{nprobe}.jsonl"
+        assert locate_with_gallery(small_streetclip_dir, copy, photos / "France-0-0.png", output) == EXIT_USAGE
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("latitude", [float("nan"), float("inf"), 235.0])
+def test_gallery_coordinates_that_are_not_a_point_on_earth_are_refused_on_load(built, tmp_path, latitude):
+    folder = gallery_copy(built, tmp_path)
+    dataset = datasets.load_from_disk(str(folder / "dataset"))
+    edited = dataset.map(
+        lambda row, position: {"latitude": latitude if position == 3 else row["latitude"]}, with_indices=True
+    )
+    edited.save_to_disk(str(tmp_path / "edited"))
+    shutil.rmtree(folder / "dataset")
+    shutil.move(tmp_path / "edited", folder / "dataset")
+    with pytest.raises(
+        GalleryFileError,
+        match=r"dataset' is damaged or was edited: 1 of its 24 rows have coordinates "
+        r"that are not a point on Earth \(row 3: latitude",
+    ):
+        GeoGallery.load(folder)
+
+
+@pytest.mark.parametrize("fingerprint", [0.0, float("nan")], ids=["zeros", "nan"])
+def test_a_fingerprint_that_is_no_model_s_embeddings_is_refused_and_never_agrees(
+    built, model_and_processor, tmp_path, fingerprint
+):
+    recorded = np.full_like(np.asarray(built.gallery.info.model_fingerprint), fingerprint)
+    # Such a gallery would otherwise pass the model check of any model: refused on load.
+    folder = gallery_copy(built, tmp_path, model_fingerprint=recorded.tolist())
+    with pytest.raises(GalleryFileError, match="model_fingerprint is not a model's embeddings of the probe images"):
+        GeoGallery.load(folder)
+    model, processor = model_and_processor
+    actual = model_fingerprint(model, processor.image_processor)
+    assert modeling_streetclip.gallery.fingerprint_agreement(recorded, actual) == -1.0
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        modeling_streetclip.gallery.write_json_atomically(tmp_path / "nan.json", {"x": float("nan")})
+
+
+def test_an_embedding_dim_that_disagrees_with_the_gallery_is_refused_on_load_and_in_search(built, tmp_path):
+    dim = built.gallery.info.embedding_dim
+    with pytest.raises(GalleryFileError, match=f"its vectors have {dim} numbers, while embedding_dim is 64"):
+        GeoGallery.load(gallery_copy(built, tmp_path / "a", embedding_dim=64))
+    # Fingerprint edited to agree: the embeddings stored in the dataset still tell.
+    unit = np.eye(PROBE_IMAGES, 64).tolist()
+    with pytest.raises(GalleryFileError, match=f"embedding_dim is 64, while the embeddings in dataset/ have {dim}"):
+        GeoGallery.load(gallery_copy(built, tmp_path / "b", embedding_dim=64, model_fingerprint=unit))
+    with pytest.raises(GalleryModelError, match=f"holds {dim}-d embeddings .* these queries have 64 dimensions"):
+        built.gallery.search(np.zeros((2, 64), dtype=np.float32), k=3)
+
+
+@pytest.mark.parametrize("factory", ["IDMap,Flat", "IDMap2,Flat", "IDMap,IVF4,Flat"])
+def test_an_index_that_cannot_add_rows_is_refused_before_embedding(factory):
+    with pytest.raises(ValueError, match=f"index {factory!r} cannot hold a gallery: an IDMap takes rows only"):
+        check_factory(factory, 16)
+    assert check_factory("IVF4,SQ8", 16) == 4 and check_factory("Flat", 16) is None
+
+
+def test_a_photo_listed_twice_goes_into_the_gallery_once_and_is_recorded_as_a_bad_row(
+    model_and_processor, photos, tmp_path, caplog
+):
+    source = Path(shutil.copytree(photos, tmp_path / "photos"))
+    lines = (source / "metadata.csv").read_text().splitlines()
+    (source / "metadata.csv").write_text("\n".join([*lines, lines[1], lines[2]]) + "\n")
+    model, processor = model_and_processor
+    with caplog.at_level("WARNING"):
+        result = build_gallery(model, processor, str(source), tmp_path / "g", progress=False)
+    assert len(result.gallery) == GOOD_ROWS
+    repeats = [row for row in result.bad_rows if "repeats the image file" in row["error"]]
+    first = lines[1].split(",")[0]
+    assert [row["source_row"] for row in repeats] == [GOOD_ROWS + BAD_ROWS, GOOD_ROWS + BAD_ROWS + 1]
+    assert repeats[0]["error"].endswith(f"{first}' of source row 0; each photo goes into the gallery once")
+    assert "2 rows of" in caplog.text and "repeat the image file of an earlier row" in caplog.text
+    assert len(set(result.gallery.dataset["image_path"])) == GOOD_ROWS
+
+
 def test_a_gallery_loads_from_a_hub_dataset_repo_and_pushes_as_one(built, tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     place_in_hub_cache(built.gallery.folder, cache, "someone/photos", repo_type="dataset")
@@ -492,6 +645,35 @@ def test_pipeline_gallery_answers_carry_the_photo_its_nearest_candidate_city_and
     hybrid = geolocate([image, image], top_k=2, decision="hybrid", batch_size=2)
     assert hybrid[0] == hybrid[1] and hybrid[0][0].keys() == explicit[0].keys()
     assert geolocate(image, decision="greedy")[0].keys().isdisjoint({"gallery_row", "similarity"})
+
+
+def test_top_k_is_capped_at_the_answers_a_gallery_can_give(built, small_streetclip_dir, photos):
+    geolocate = pipeline("geolocation", model=str(small_streetclip_dir), gallery=built.gallery)
+    image = str(photos / "Japan-1-0.png")
+    # Each answer is a distinct neighbour: never more than num_neighbors, and no table sized by top_k.
+    answers = geolocate(image, top_k=10**6)
+    assert answers == geolocate(image, top_k=built.gallery.settings.num_neighbors)
+    inputs = geolocate.image_processor(images=[Image.open(image)], return_tensors="pt")
+    with torch.no_grad():
+        outputs = geolocate.model(**inputs)
+    ranked = rank_gallery_places(geolocate.model, outputs, built.gallery, "gallery", top_k=10**6)
+    assert ranked.city_rows.shape == (1, built.gallery.settings.num_neighbors)
+
+
+@pytest.mark.parametrize("decision", ["gallery", "hybrid"])
+def test_gallery_scores_are_vote_shares_that_image_classification_clients_read(
+    built, small_streetclip_dir, photos, decision
+):
+    from huggingface_hub import ImageClassificationOutputElement
+
+    geolocate = pipeline("geolocation", model=str(small_streetclip_dir), gallery=built.gallery)
+    for answers in geolocate(
+        [str(photos / "Japan-1-0.png"), str(photos / "Kenya-0-1.png")], top_k=3, decision=decision
+    ):
+        parsed = ImageClassificationOutputElement.parse_obj_as_list(json.dumps(answers))
+        assert [element.score for element in parsed] == [answer["score"] for answer in answers]
+        assert all(0.0 <= element.score <= 1.0 for element in parsed)
+        assert all(element.label for element in parsed)
 
 
 HUB_USER_SCRIPT = """
@@ -600,6 +782,10 @@ def test_index_build_reads_a_csv_with_an_image_folder(small_streetclip_dir, phot
         (["--index", "IVF,Nonsense"], "is not a FAISS factory string for 16-d embeddings"),
         (["--image_dir", "."], "--image_dir goes with a CSV file only"),
         (["--image_column", "photo"], "has no image column 'photo'"),
+        (["--index", "IDMap,Flat"], "index 'IDMap,Flat' cannot hold a gallery: an IDMap takes rows only with ids"),
+        (["--index", "Flat", "--nprobe", "4"], "nprobe=4 does not apply to the index 'Flat'"),
+        (["--index", "auto", "--nprobe", "4"], "nprobe=4 does not apply to the index 'auto (Flat for 27 rows)'"),
+        (["--index", "IVF2,Flat", "--nprobe", "3"], "nprobe must be at most the 2 inverted lists"),
     ],
 )
 def test_index_build_refuses_a_bad_invocation_before_embedding_anything(

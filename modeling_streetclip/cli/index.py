@@ -44,7 +44,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "Embed every photo of DATA with the vision tower of --model and write a gallery to --output: a datasets "
             "folder (save_to_disk) of L2-normalised embeddings with latitude, longitude and the source's other "
             "columns, a FAISS index (index.faiss), gallery.json naming the model, and bad_rows.jsonl listing the "
-            "rows skipped (unreadable images, coordinates that are not a point on Earth) with the reason. Images "
+            "rows skipped (unreadable images, coordinates that are not a point on Earth, a photo or id listed again) "
+            "with the reason. Images "
             "are decoded in DataLoader workers; a progress bar on standard error shows images/s."
         ),
         epilog=(
@@ -75,7 +76,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="FAISS index factory string, or 'auto' for the default by size (default: %(default)s, exact search)",
     )
     build.add_argument(
-        "--nprobe", type=int_at_least(1), help="inverted lists an IVF index probes per search (default: 1/64 of them)"
+        "--nprobe",
+        type=int_at_least(1),
+        help="inverted lists an IVF index probes per search (default: 1/64 of them); refused for an index without "
+        "inverted lists, such as Flat",
     )
     build.add_argument(
         "--train_size",
