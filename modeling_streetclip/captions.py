@@ -15,12 +15,19 @@ from functools import cached_property
 
 
 def render_template(template: str, **fields: str) -> str:
-    """Fill `template` with place names; a field the template needs but was not given is a clear error."""
+    """Fill `template` with place names; a field the template needs but was not given, or a template that
+    `str.format` cannot read (a lone brace, a positional field), is a `ValueError` naming the template."""
     try:
         return template.format(**fields)
     except KeyError as error:
         raise ValueError(
             f"Template {template!r} uses {{{error.args[0]}}}, but only {sorted(fields)} are available."
+        ) from None
+    except (IndexError, ValueError, AttributeError, TypeError) as error:
+        accepted = ", ".join(f"{{{name}}}" for name in sorted(fields))
+        raise ValueError(
+            f"Template {template!r} is not a str.format template over {accepted}: {error}. Write a literal brace "
+            "as {{ or }}."
         ) from None
 
 
@@ -37,10 +44,21 @@ def region_prompts(template: str, regions: Sequence[str], countries: Sequence[st
     ]
 
 
-def city_prompts(template: str, cities: Sequence[str], countries: Sequence[str]) -> list[str]:
-    """One probe prompt per candidate city; the country is available to templates that want to disambiguate."""
+def city_prompts(
+    template: str, cities: Sequence[str], countries: Sequence[str], qualified: Sequence[bool] | None = None
+) -> list[str]:
+    """One probe prompt per candidate city; the country is available to templates that want to disambiguate.
+
+    A city whose `qualified` entry is true is named with its country (`London, Canada`) where the template does not
+    name `{country}` itself, so that one name in two countries gives two prompts.
+    """
+    qualified = [False] * len(cities) if qualified is None else qualified
+    names_country = "country" in template_fields(template)
     return [
-        render_template(template, city=city, country=country) for city, country in zip(cities, countries, strict=True)
+        render_template(
+            template, city=f"{city}, {country}" if qualify and not names_country else city, country=country
+        )
+        for city, country, qualify in zip(cities, countries, qualified, strict=True)
     ]
 
 

@@ -6,6 +6,8 @@ from dataclasses import field
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, CLIPConfig
 
+from .captions import render_template
+
 
 # Hub arguments that every file of a checkpoint (configuration, weights, processor) is resolved with.
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
@@ -22,7 +24,9 @@ CANDIDATE_SETTINGS = frozenset(
         "levels",
     }
 )
-PROMPT_SETTINGS = frozenset({"country_prompt_template", "region_prompt_template", "city_prompt_template"})
+PROMPT_SETTINGS = frozenset(
+    {"country_prompt_template", "region_prompt_template", "city_prompt_template", "qualify_ambiguous_cities"}
+)
 # The settings `StreetCLIPForGeolocation.from_pretrained` accepts as keyword arguments. The candidate table itself is
 # not among them: it is given as `candidates=`, which also rebuilds the heads for it.
 GEOLOCATION_SETTINGS = CANDIDATE_SETTINGS | PROMPT_SETTINGS | {"caption_template", "expected_distance_candidates"}
@@ -41,25 +45,50 @@ def template_list(template: str | Sequence[str]) -> list[str]:
     return [template] if isinstance(template, str) else list(template)
 
 
+# Two places of one level that every probe template must tell apart: a template that renders both alike (no field,
+# or a field written with doubled braces) would give every candidate the same prompt, and so a useless head.
+_SAMPLE_PLACES = (
+    {"country": "France", "region": "Bavaria", "city": "Lyon"},
+    {"country": "Japan", "region": "Kansai", "city": "Osaka"},
+)
+
+
 def validate_prompt_templates(
     country_prompt_template: str | Sequence[str],
     city_prompt_template: str | Sequence[str],
     region_prompt_template: str | Sequence[str] | None = None,
 ) -> None:
-    """Refuse probe templates that would render the same prompt for every candidate (and so a useless head), and
-    empty ensembles."""
-    levels = [
-        ("country_prompt_template", country_prompt_template, "{country}"),
-        ("city_prompt_template", city_prompt_template, "{city}"),
-    ]
+    """Refuse probe templates that `str.format` cannot fill, or that would render the same prompt for every candidate
+    (and so a useless head), and empty ensembles.
+
+    Each template is rendered for two places that differ only at its own level (two countries; two regions or two
+    cities of one country), and the two prompts must differ; this is what a head needs, where looking for the text
+    `{country}` would also pass `{{country}}`, a literal.
+    """
+    # The fields each level may use: its own place and the places above it.
+    levels = [("country_prompt_template", country_prompt_template, "country", ("country",))]
     if region_prompt_template is not None:
-        levels.append(("region_prompt_template", region_prompt_template, "{region}"))
-    for name, templates, place in levels:
+        levels.append(("region_prompt_template", region_prompt_template, "region", ("region", "country")))
+    levels.append(("city_prompt_template", city_prompt_template, "city", ("city", "country")))
+    for name, templates, place, fields in levels:
+        accepted = ", ".join(f"{{{field}}}" for field in fields)
         if not template_list(templates):
-            raise ValueError(f"{name} is an empty list; give a template or a list of templates with {place}.")
+            raise ValueError(f"{name} is an empty list; give a template or a list of templates with {{{place}}}.")
         for template in template_list(templates):
-            if not isinstance(template, str) or place not in template:
-                raise ValueError(f"{name}={template!r} must contain {place}.")
+            if not isinstance(template, str):
+                raise ValueError(f"{name}={template!r} is not a string; give a template with {{{place}}}.")
+            # Two places of one parent: only this level's name changes between them.
+            first, second = ({field: sample[field] for field in fields} for sample in _SAMPLE_PLACES)
+            second = {**first, place: second[place]}
+            try:
+                prompts = {render_template(template, **first), render_template(template, **second)}
+            except ValueError as error:
+                raise ValueError(f"{name}: {error}") from None
+            if len(prompts) == 1:
+                raise ValueError(
+                    f"{name}={template!r} must contain {{{place}}} as a format field: it renders {prompts.pop()!r} "
+                    f"for every {place}. Fields it may use: {accepted}."
+                )
 
 
 def validate_decision(decision: str) -> str:
@@ -93,6 +122,11 @@ class StreetCLIPConfig(CLIPConfig):
         city_prompt_template (`str` or `list[str]`, *optional*, defaults to `"A Street View photo from {city}."`):
             The paper's city probe prompt, scored among the chosen country's (or region's) cities; it may also name
             `{country}`.
+        qualify_ambiguous_cities (`bool`, *optional*, defaults to `False`):
+            Name a candidate city together with its country (`"A Street View photo from London, Canada."`) when its
+            name is also a candidate city of another country (London, Victoria, Córdoba, Perth...). The paper's prompt
+            (`False`) encodes such a name as the same text in each country's head. Only those cities' prompts change,
+            and only with a city template that does not already name `{country}`.
         caption_template (`str`, *optional*):
             The synthetic training caption, `"A Street View photo close to the town of {city} in the region of
             {region} in {country}."` in the paper. It differs from all inference prompts on purpose.
@@ -148,6 +182,7 @@ class StreetCLIPConfig(CLIPConfig):
     country_prompt_template: str | list[str] = "A Street View photo in {country}."
     region_prompt_template: str | list[str] = "A Street View photo in {region}, {country}."
     city_prompt_template: str | list[str] = "A Street View photo from {city}."
+    qualify_ambiguous_cities: bool = False
     caption_template: str = "A Street View photo close to the town of {city} in the region of {region} in {country}."
     levels: list[str] = field(default_factory=lambda: list(PAPER_LEVELS))
     candidate_countries: list[str] | None = None
@@ -162,6 +197,11 @@ class StreetCLIPConfig(CLIPConfig):
     def validate_geolocation(self):
         """Reject settings that would only fail later, deep inside head building."""
         validate_prompt_templates(self.country_prompt_template, self.city_prompt_template, self.region_prompt_template)
+        if self.candidate_countries is not None and not self.candidate_countries:
+            raise ValueError(
+                "StreetCLIPConfig.candidate_countries is an empty list; give at least one country name or ISO code, "
+                "or None for the paper's 193 countries."
+            )
         if tuple(self.levels) not in (PAPER_LEVELS, REGION_LEVELS):
             raise ValueError(
                 f"StreetCLIPConfig.levels must be {list(PAPER_LEVELS)} (the paper's) or {list(REGION_LEVELS)}, got "

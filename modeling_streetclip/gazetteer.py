@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -105,6 +106,8 @@ class CandidatePlaces:
     city_regions: list[int] = field(default_factory=list)
 
     def __post_init__(self):
+        if not self.country_names:
+            raise ValueError("CandidatePlaces needs at least one candidate country; this table has none.")
         if len(self.country_codes) != len(self.country_names):
             raise ValueError(
                 f"CandidatePlaces has {len(self.country_names)} country names but {len(self.country_codes)} codes."
@@ -205,9 +208,20 @@ class CandidatePlaces:
             parts.insert(1, [self.region_names[region] for region in self.city_regions])
         return [", ".join(names) for names in zip(*parts, strict=True)]
 
+    @cached_property
+    def ambiguous_city_rows(self) -> list[bool]:
+        """For each city, whether its name (in any letter case) is also a city of another candidate country: the
+        rows whose prompts `qualify_ambiguous_cities` names with their country."""
+        countries_by_name: dict[str, set[int]] = defaultdict(set)
+        for name, country in zip(self.city_names, self.city_countries, strict=True):
+            countries_by_name[name.casefold()].add(country)
+        return [len(countries_by_name[name.casefold()]) > 1 for name in self.city_names]
+
     def country_index(self, name: str) -> int:
         """Row of a candidate country by its name, its ISO code, or any spelling `resolve_country_name` knows (such
         as `Czechia` for the paper's `Czech Republic`); a name that is not a candidate lists close matches."""
+        if not isinstance(name, str):
+            raise TypeError(f"A country is given by its name or ISO 3166-1 alpha-2 code as a string, not {name!r}.")
         if name in self.country_names:
             return self.country_names.index(name)
         if name.upper() in self.country_codes:
@@ -265,8 +279,9 @@ class CandidatePlaces:
     @classmethod
     def from_records(cls, records: Iterable[Mapping]) -> "CandidatePlaces":
         """Build a custom table from rows with `country`, `city`, `latitude`, `longitude` (and optional
-        `country_code`); countries appear in order of first mention. Rows that all give a `region` build a table
-        with a region level, regions in order of first mention within their country."""
+        `country_code`, resolved from the country's name by `resolve_country_code` when not given, empty for a
+        name it does not know); countries appear in order of first mention. Rows that all give a `region` build a
+        table with a region level, regions in order of first mention within their country."""
         country_rows: dict[str, int] = {}
         region_rows: dict[tuple[int, str], int] = {}
         codes: list[str] = []
@@ -292,7 +307,7 @@ class CandidatePlaces:
             country = str(record["country"])
             if country not in country_rows:
                 country_rows[country] = len(country_rows)
-                codes.append(str(record.get("country_code") or ""))
+                codes.append(str(record.get("country_code") or "") or _country_code_or_empty(country))
             columns["city_names"].append(str(record["city"]))
             columns["city_countries"].append(country_rows[country])
             columns["city_latitudes"].append(float(record["latitude"]))
@@ -332,7 +347,7 @@ class CandidatePlaces:
         `"sqrt_population"` shares `city_budget` slots by `allocate_city_slots`. `regions=True` groups the cities by
         their GeoNames first-level region (see `geonames_region_names`).
         """
-        countries = paper_countries() if countries is None else [resolve_country_name(name) for name in countries]
+        countries = paper_countries() if countries is None else resolve_country_names(countries)
         codes = [resolve_country_code(name) for name in countries]
         table = max(floor for floor in _GEONAMES_CITY_TABLES if floor <= max(min_city_population, 500))
         cities_by_code = _cities_by_country_code(table)
@@ -519,15 +534,25 @@ def format_answers(
     country_scores: "torch.Tensor",
     joint_probabilities: "torch.Tensor",
     region_scores: "torch.Tensor",
+    expected_distances_km: "torch.Tensor | None" = None,
 ) -> list[dict[str, Any]]:
     """One image's ranked answers (a row of each field of `StreetCLIPForGeolocation.rank_places`) as plain dicts, in
     the decision rule's order: the pipeline's output format, read from the table so that every city keeps its own
-    country, region and coordinates. `region` and `region_score` are there when the table has a region level."""
+    country, region and coordinates.
+
+    `label` (`CandidatePlaces.city_labels`) and `score`, a probability, are what image-classification clients read.
+    `region` and `region_score` are there when the table has a region level; `expected_distance_km` when the rule
+    (`"expected_distance"`) orders by it."""
     answers = []
-    columns = (city_rows, scores, country_scores, joint_probabilities, region_scores)
-    for row, score, country_score, joint, region_score in zip(*(column.tolist() for column in columns), strict=True):
+    columns = [column.tolist() for column in (city_rows, scores, country_scores, joint_probabilities, region_scores)]
+    distances = [None] * len(city_rows) if expected_distances_km is None else expected_distances_km.tolist()
+    for row, score, country_score, joint, region_score, distance in zip(*columns, distances, strict=True):
         country = places.city_countries[row]
-        answer = {"country": places.country_names[country], "country_code": places.country_codes[country]}
+        answer = {
+            "label": places.city_labels[row],
+            "country": places.country_names[country],
+            "country_code": places.country_codes[country],
+        }
         if places.has_regions:
             answer["region"] = places.region_names[places.city_regions[row]]
         answer |= {
@@ -540,6 +565,8 @@ def format_answers(
         if places.has_regions:
             answer["region_score"] = region_score
         answer["joint_probability"] = joint
+        if distance is not None:
+            answer["expected_distance_km"] = distance
         answers.append(answer)
     return answers
 
@@ -575,8 +602,10 @@ def resolve_country_name(name: str) -> str:
     """The paper's name of a country given by any name or ISO 3166-1 alpha-2 code (`JP`, `Czechia`, `Japan`), or
     GeoNames' name for a country outside the paper's list; the one place where user input names a country.
 
-    An unknown name raises `ValueError` with close matches.
+    An unknown name raises `ValueError` with close matches; anything but a string raises `TypeError`.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"A country is given by its name or ISO 3166-1 alpha-2 code as a string, not {name!r}.")
     name = name.strip()
     if name in _paper_names_by_code().values():
         return name
@@ -584,16 +613,65 @@ def resolve_country_name(name: str) -> str:
     return _paper_names_by_code().get(code) or geonames_country_names()[code]
 
 
+def resolve_country_names(names: Sequence[str], option: str = "candidate_countries") -> list[str]:
+    """`resolve_country_name` of every entry of a list of countries (the `option` a user gave), refusing an empty
+    list, an entry that is not a string, an unknown country and one country named twice, each naming the entry."""
+    if isinstance(names, str):
+        raise TypeError(f"{option} must be a list of country names or ISO codes, not the string {names!r}.")
+    resolved: dict[str, int] = {}
+    for position, entry in enumerate(names):
+        try:
+            name = resolve_country_name(entry)
+        except TypeError:
+            raise TypeError(
+                f"{option}[{position}] is {entry!r}; give country names or ISO 3166-1 alpha-2 codes as strings."
+            ) from None
+        except ValueError as error:
+            raise ValueError(f"{option}[{position}]: {error}") from None
+        if name in resolved:
+            raise ValueError(f"{option}[{position}] {entry!r} names {name} again ({option}[{resolved[name]}]).")
+        resolved[name] = position
+    if not resolved:
+        raise ValueError(
+            f"{option} is empty; give at least one country name or ISO code, or None for the paper's 193 countries."
+        )
+    return list(resolved)
+
+
+def _country_code_or_empty(name: str) -> str:
+    """The ISO code of a country name `resolve_country_code` knows, or `""` for a custom country (or without the
+    gazetteer package, which a custom table does not need)."""
+    try:
+        return resolve_country_code(name)
+    except (ValueError, ImportError):
+        return ""
+
+
+# A country list is a few kilobytes; reading stops well above that rather than filling memory from a device or a
+# runaway file.
+MAX_COUNTRY_LIST_BYTES = 1 << 20
+
+
 def read_country_list(path: str | os.PathLike) -> list[str]:
     """The countries a text file lists, one name or ISO code per line (blank lines and `#` comments skipped),
     resolved to the paper's names by `resolve_country_name`.
 
-    A missing or unreadable file raises `OSError`; a file that is not UTF-8, lists no country, or names an unknown
-    country or one country twice raises `ValueError` naming the file and line, before any model is loaded.
+    A missing or unreadable file raises `OSError`; a path that is not a regular file (a device, a pipe, a folder) or
+    is larger than `MAX_COUNTRY_LIST_BYTES`, a file that is not UTF-8, lists no country, or names an unknown country
+    or one country twice raises `ValueError` naming the file (and line), before any model is loaded.
     """
     path = Path(path)
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise ValueError(f"{str(path)!r} is not a regular file; give a text file with one country per line.")
+    with path.open("rb") as file:
+        data = file.read(MAX_COUNTRY_LIST_BYTES + 1)
+    if len(data) > MAX_COUNTRY_LIST_BYTES:
+        raise ValueError(
+            f"{str(path)!r} is larger than {MAX_COUNTRY_LIST_BYTES:,} bytes; a country list has one country name or "
+            "ISO code per line."
+        )
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"{str(path)!r} is not UTF-8 text: {error.reason} at byte {error.start}.") from None
     first_line: dict[str, int] = {}

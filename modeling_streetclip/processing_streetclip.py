@@ -29,7 +29,8 @@ class CandidatePrompts:
     `i`, in the table's order, and `regions[i]` those of its regions (an empty list for a table without a region
     level). Each is a tokenizer output (`input_ids`, `attention_mask`) as PyTorch tensors. A level whose template is
     a list (a prompt ensemble) has one block of rows per template, template after template: `num_templates(level)`
-    rows per place.
+    rows per place. `qualify_ambiguous_cities` records whether city names shared with another country were rendered
+    with their country.
     """
 
     country_prompt_template: str | list[str]
@@ -38,6 +39,7 @@ class CandidatePrompts:
     cities: list[dict]
     region_prompt_template: str | list[str] | None = None
     regions: list[dict] = field(default_factory=list)
+    qualify_ambiguous_cities: bool = False
 
     def num_templates(self, level: str) -> int:
         """How many templates render each place of `level` (`"country"`, `"region"` or `"city"`)."""
@@ -88,6 +90,9 @@ class StreetCLIPProcessor(ProcessorMixin):
             Region probe prompt with `{region}` (and optionally `{country}`), for models with a region level.
         city_prompt_template (`str` or `list[str]`, *optional*):
             City probe prompt with `{city}` (and optionally `{country}`); defaults to the paper's.
+        qualify_ambiguous_cities (`bool`, *optional*, defaults to `False`):
+            Render a city whose name is also a candidate city of another country as `{city}, {country}` (see
+            [`StreetCLIPConfig`]); the paper's prompts leave it as it is.
         caption_template (`str`, *optional*):
             Default synthetic training caption over `{city}`, `{region}` and `{country}`; defaults to the paper's.
 
@@ -109,12 +114,16 @@ class StreetCLIPProcessor(ProcessorMixin):
         city_prompt_template: str | list[str] = StreetCLIPConfig.city_prompt_template,
         caption_template: str = StreetCLIPConfig.caption_template,
         region_prompt_template: str | list[str] = StreetCLIPConfig.region_prompt_template,
+        qualify_ambiguous_cities: bool = StreetCLIPConfig.qualify_ambiguous_cities,
         **kwargs,
     ):
         validate_prompt_templates(country_prompt_template, city_prompt_template, region_prompt_template)
+        if not isinstance(qualify_ambiguous_cities, bool):
+            raise ValueError(f"qualify_ambiguous_cities must be True or False, got {qualify_ambiguous_cities!r}.")
         self.country_prompt_template = country_prompt_template
         self.region_prompt_template = region_prompt_template
         self.city_prompt_template = city_prompt_template
+        self.qualify_ambiguous_cities = qualify_ambiguous_cities
         self.caption_template = caption_template
         super().__init__(image_processor, tokenizer, **kwargs)
 
@@ -160,6 +169,7 @@ class StreetCLIPProcessor(ProcessorMixin):
             city_prompt_template=config.city_prompt_template,
             caption_template=config.caption_template,
             region_prompt_template=config.region_prompt_template,
+            qualify_ambiguous_cities=config.qualify_ambiguous_cities,
         )
 
     def render_country_prompts(self, countries: Sequence[str]) -> list[str]:
@@ -179,13 +189,17 @@ class StreetCLIPProcessor(ProcessorMixin):
             for prompt in region_prompts(template, regions, countries)
         ]
 
-    def render_city_prompts(self, cities: Sequence[str], countries: Sequence[str]) -> list[str]:
+    def render_city_prompts(
+        self, cities: Sequence[str], countries: Sequence[str], ambiguous: Sequence[bool] | None = None
+    ) -> list[str]:
         """One city probe prompt per city, with its country for templates that name it (one block per template of an
-        ensemble)."""
+        ensemble). With `qualify_ambiguous_cities`, the cities that `ambiguous` marks (a name shared with another
+        candidate country: `CandidatePlaces.ambiguous_city_rows`) are named with their country."""
+        qualified = ambiguous if self.qualify_ambiguous_cities else None
         return [
             prompt
             for template in template_list(self.city_prompt_template)
-            for prompt in city_prompts(template, cities, countries)
+            for prompt in city_prompts(template, cities, countries, qualified)
         ]
 
     def tokenize(self, texts: Sequence[str], **kwargs) -> dict:
@@ -200,9 +214,12 @@ class StreetCLIPProcessor(ProcessorMixin):
         cities, regions = [], []
         for country, name in enumerate(places.country_names):
             rows = places.cities_by_country[country]
-            cities.append(
-                dict(self.tokenize(self.render_city_prompts([places.city_names[r] for r in rows], [name] * len(rows))))
+            prompts = self.render_city_prompts(
+                [places.city_names[row] for row in rows],
+                [name] * len(rows),
+                [places.ambiguous_city_rows[row] for row in rows],
             )
+            cities.append(dict(self.tokenize(prompts)))
             if places.has_regions:
                 rows = places.regions_by_country[country]
                 prompts = self.render_region_prompts([places.region_names[r] for r in rows], [name] * len(rows))
@@ -214,6 +231,7 @@ class StreetCLIPProcessor(ProcessorMixin):
             cities,
             region_prompt_template=self.region_prompt_template,
             regions=regions,
+            qualify_ambiguous_cities=self.qualify_ambiguous_cities,
         )
 
 

@@ -1,12 +1,14 @@
 """Candidate places from GeoNames: the paper's 193 countries, their cities, and custom tables."""
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from huggingface_hub.errors import StrictDataclassError
 
-from modeling_streetclip import StreetCLIPConfig, gazetteer
+from modeling_streetclip import StreetCLIPConfig, StreetCLIPForGeolocation, gazetteer
 from modeling_streetclip.gazetteer import (
     CandidatePlaces,
     allocate_city_slots,
@@ -16,6 +18,7 @@ from modeling_streetclip.gazetteer import (
     read_country_list,
     resolve_country_code,
     resolve_country_name,
+    resolve_country_names,
 )
 
 
@@ -125,6 +128,24 @@ def test_custom_records_build_a_table_per_country():
     assert places.cities_by_country == [[0, 2], [1]]
 
 
+def test_custom_records_without_codes_get_them_from_the_country_names():
+    places = CandidatePlaces.from_records(
+        [
+            {"country": "France", "city": "Paris", "latitude": 48.86, "longitude": 2.35},
+            {"country": "Japan", "city": "Tokyo", "latitude": 35.68, "longitude": 139.65},
+            {"country": "Czechia", "city": "Prague", "latitude": 50.09, "longitude": 14.42},
+            {"country": "Atlantis", "city": "Poseidonia", "latitude": 31.0, "longitude": -24.0},
+        ]
+    )
+    assert places.country_codes == ["FR", "JP", "CZ", ""]
+    assert places.country_names == ["France", "Japan", "Czechia", "Atlantis"], "custom names are kept as written"
+
+
+def test_a_table_without_countries_is_refused():
+    with pytest.raises(ValueError, match="needs at least one candidate country"):
+        CandidatePlaces(country_names=[], country_codes=[])
+
+
 @pytest.mark.parametrize(
     ("record", "message"),
     [
@@ -156,6 +177,55 @@ def test_bad_custom_records_are_refused_with_the_row(record, message):
 )
 def test_country_names_and_iso_codes_resolve_to_the_papers_names(given, papers_name):
     assert resolve_country_name(given) == papers_name
+
+
+@pytest.mark.parametrize(
+    ("countries", "error", "message"),
+    [
+        ([], ValueError, r"candidate_countries is empty; give at least one country name or ISO code, or None"),
+        ([None], TypeError, r"candidate_countries\[0\] is None; give country names or ISO 3166-1 alpha-2 codes"),
+        (["Japan", 7], TypeError, r"candidate_countries\[1\] is 7"),
+        (["Japan", "Frnace"], ValueError, r"candidate_countries\[1\]: Unknown country 'Frnace'.*'France'"),
+        (
+            ["JP", "Japan"],
+            ValueError,
+            r"candidate_countries\[1\] 'Japan' names Japan again \(candidate_countries\[0\]\)",
+        ),
+        ("Japan", TypeError, "must be a list of country names or ISO codes, not the string 'Japan'"),
+    ],
+)
+def test_bad_country_lists_are_refused_naming_the_entry(countries, error, message):
+    with pytest.raises(error, match=message):
+        resolve_country_names(countries)
+    with pytest.raises(error, match=message):
+        CandidatePlaces.from_geonames(countries)
+
+
+@pytest.mark.parametrize(
+    ("countries", "error", "message"),
+    [
+        ([], ValueError, r"candidate_countries is empty"),
+        ([None], TypeError, r"candidate_countries\[0\] is None"),
+    ],
+)
+def test_loading_with_an_empty_or_none_country_list_is_refused_before_the_weights(
+    tiny_clip_dir, countries, error, message
+):
+    with pytest.raises(error, match=message):
+        StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidate_countries=countries)
+
+
+def test_a_configuration_with_no_candidate_country_is_refused():
+    with pytest.raises(StrictDataclassError, match="candidate_countries is an empty list"):
+        StreetCLIPConfig(candidate_countries=[])
+
+
+def test_a_country_that_is_not_a_string_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match="as a string, not None"):
+        resolve_country_name(None)
+    places = CandidatePlaces.from_geonames(["Japan"], cities_per_country=1)
+    with pytest.raises(TypeError, match="as a string, not None"):
+        places.country_index(None)
 
 
 def test_every_paper_country_resolves_to_itself():
@@ -199,6 +269,32 @@ def test_bad_country_list_files_are_refused_naming_the_file_and_line(tmp_path, c
     with pytest.raises(ValueError, match=message) as raised:
         read_country_list(path)
     assert str(path) in str(raised.value)
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "folder", "fifo"])
+def test_country_lists_that_are_not_regular_files_are_refused_unread(tmp_path, special):
+    if special == "folder":
+        path = tmp_path
+    elif special == "fifo":
+        path = tmp_path / "countries.fifo"
+        os.mkfifo(path)  # opening it would block until a writer came
+    else:
+        path = Path(special)
+    with pytest.raises(
+        ValueError, match="is not a regular file; give a text file with one country per line"
+    ) as raised:
+        read_country_list(path)
+    assert str(path) in str(raised.value)
+
+
+def test_a_country_list_larger_than_the_bound_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(gazetteer, "MAX_COUNTRY_LIST_BYTES", 16)
+    path = tmp_path / "countries.txt"
+    path.write_text("Japan\nFrance\nKenya\n")  # 19 bytes
+    with pytest.raises(ValueError, match="countries.txt' is larger than 16 bytes"):
+        read_country_list(path)
+    path.write_text("Japan\nFrance\n")
+    assert read_country_list(path) == ["Japan", "France"]
 
 
 def test_missing_country_list_file_is_an_os_error_naming_it(tmp_path):

@@ -5,9 +5,11 @@ import shutil
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoProcessor, AutoTokenizer, CLIPProcessor
 
 from modeling_streetclip import CandidatePlaces, StreetCLIPConfig, StreetCLIPProcessor
+from modeling_streetclip.configuration_streetclip import PROMPT_SETTINGS
 from modeling_streetclip.testing_utils import random_photo
 
 
@@ -60,11 +62,107 @@ def test_template_keyword_arguments_replace_the_saved_ones(small_streetclip_dir)
     [
         ({"country_prompt_template": "A photo."}, "country_prompt_template='A photo.' must contain {country}"),
         ({"city_prompt_template": "A photo in {country}."}, "must contain {city}"),
+        ({"city_prompt_template": ["From {city}.", None]}, "city_prompt_template=None is not a string"),
     ],
 )
 def test_a_probe_template_without_its_place_is_refused(tiny_clip_dir, templates, message):
     with pytest.raises(ValueError, match=message):
         StreetCLIPProcessor.from_pretrained(tiny_clip_dir, **templates)
+
+
+@pytest.mark.parametrize(
+    ("templates", "message"),
+    [
+        # Doubled braces are a literal: every country would get the prompt "In {country}.".
+        ({"country_prompt_template": "In {{country}}."}, r"must contain \{country\} .*renders 'In \{country\}.' for"),
+        (
+            {"city_prompt_template": "From {{city}}, {country}."},
+            r"city_prompt_template=.*renders 'From \{city\}, France.'",
+        ),
+        ({"country_prompt_template": "{country} {"}, r"country_prompt_template: Template '\{country\} \{' is not a"),
+        ({"country_prompt_template": "{0}{country}"}, r"country_prompt_template: Template '\{0\}\{country\}' is not"),
+        (
+            {"region_prompt_template": "{region} in {state}"},
+            r"region_prompt_template: .*uses \{state\}.*'country', 'region'",
+        ),
+    ],
+)
+def test_templates_are_checked_by_rendering_them_and_errors_name_the_option(templates, message):
+    with pytest.raises(StrictDataclassError, match=message):  # the configuration's validator wraps the ValueError
+        StreetCLIPConfig(**templates)
+    with pytest.raises(ValueError, match=message):
+        StreetCLIPProcessor(**templates)
+
+
+def test_country_qualified_city_prompts_change_only_the_names_shared_by_two_countries(tiny_clip_dir):
+    places = CandidatePlaces.from_records(
+        [
+            {"country": "United Kingdom", "city": "London", "latitude": 51.51, "longitude": -0.13},
+            {"country": "United Kingdom", "city": "Leeds", "latitude": 53.80, "longitude": -1.55},
+            {"country": "Canada", "city": "London", "latitude": 42.98, "longitude": -81.23},
+            {"country": "Canada", "city": "Toronto", "latitude": 43.65, "longitude": -79.38},
+            {"country": "Australia", "city": "perth", "latitude": -31.95, "longitude": 115.86},
+            {"country": "United Kingdom", "city": "Perth", "latitude": 56.40, "longitude": -3.43},
+        ]
+    )
+    assert places.ambiguous_city_rows == [True, False, True, False, True, True]
+    paper = StreetCLIPProcessor.from_pretrained(tiny_clip_dir)
+    qualified = StreetCLIPProcessor.from_pretrained(tiny_clip_dir, qualify_ambiguous_cities=True)
+    assert not paper.qualify_ambiguous_cities, "off by default: the paper's prompts"
+
+    def city_prompts(processor):
+        return {
+            country: processor.render_city_prompts(
+                [places.city_names[row] for row in rows],
+                [country] * len(rows),
+                [places.ambiguous_city_rows[row] for row in rows],
+            )
+            for country, rows in zip(places.country_names, places.cities_by_country, strict=True)
+        }
+
+    assert city_prompts(paper)["Canada"] == ["A Street View photo from London.", "A Street View photo from Toronto."]
+    assert city_prompts(qualified) == {
+        "United Kingdom": [
+            "A Street View photo from London, United Kingdom.",
+            "A Street View photo from Leeds.",
+            "A Street View photo from Perth, United Kingdom.",
+        ],
+        "Canada": ["A Street View photo from London, Canada.", "A Street View photo from Toronto."],
+        "Australia": ["A Street View photo from perth, Australia."],
+    }
+    changed = [
+        before != after
+        for country in places.country_names
+        for before, after in zip(city_prompts(paper)[country], city_prompts(qualified)[country], strict=True)
+    ]
+    assert sum(changed) == sum(places.ambiguous_city_rows) == 4
+    # The tokenised prompts that build the heads follow the option, and record it.
+    prompts = qualified.candidate_prompts(places)
+    assert prompts.qualify_ambiguous_cities
+    assert torch.equal(
+        prompts.cities[1]["input_ids"],
+        qualified.tokenize(["A Street View photo from London, Canada.", "A Street View photo from Toronto."])[
+            "input_ids"
+        ],
+    )
+    # A template that names the country already is left as it is.
+    with_country = StreetCLIPProcessor.from_pretrained(
+        tiny_clip_dir, city_prompt_template="A photo in {city}, {country}.", qualify_ambiguous_cities=True
+    )
+    assert with_country.render_city_prompts(["London"], ["Canada"], [True]) == ["A photo in London, Canada."]
+
+
+def test_qualified_prompts_are_a_prompt_setting_saved_with_the_processor(tiny_clip_dir, tmp_path):
+    assert "qualify_ambiguous_cities" in PROMPT_SETTINGS, "changing it rebuilds the heads"
+    StreetCLIPProcessor.from_pretrained(tiny_clip_dir, qualify_ambiguous_cities=True).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "processor_config.json").read_text())["qualify_ambiguous_cities"] is True
+    assert StreetCLIPProcessor.from_pretrained(tmp_path).qualify_ambiguous_cities is True
+    config = StreetCLIPConfig(qualify_ambiguous_cities=True)
+    assert StreetCLIPProcessor.from_parts(
+        CLIPProcessor.from_pretrained(tiny_clip_dir), config
+    ).qualify_ambiguous_cities
+    with pytest.raises(ValueError, match="qualify_ambiguous_cities must be True or False, got 'yes'"):
+        StreetCLIPProcessor.from_pretrained(tiny_clip_dir, qualify_ambiguous_cities="yes")
 
 
 def test_candidate_prompts_are_the_rendered_prompts_tokenised_country_by_country(tiny_clip_dir):
