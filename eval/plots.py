@@ -5,6 +5,7 @@ leave no global state. The map needs no tiles, shapes or downloads: GeoNames' ci
 already a dependency) are drawn faintly as a silhouette of the inhabited land.
 """
 
+import textwrap
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -27,6 +28,11 @@ AXIAL_TILT_DEG = 23.44
 # cities5000 (about 69,000 places) outlines the continents and loads in under a second; cities15000 leaves gaps.
 LAND_CITY_POPULATION = 5000
 DPI = 150
+# The share of a figure's width that a title line may take: the rest is margin.
+TITLE_WIDTH_SHARE = 0.96
+# The map's figure is taller than its 2:1 frame needs: constrained layout lets the labels of a fixed-aspect axes fall
+# outside a figure of nearly the axes' own shape, so it gets room to spare (for a title of many lines too).
+MAP_FIGURE_SIZE = (14, 10)
 TRUTH_COLOR, PREDICTION_COLOR = "#1b7837", "#c51b7d"
 # Marker area (points²) of one image on the world map; a point where k images stack gets k times the area.
 MARKER_AREA = 16.0
@@ -72,7 +78,7 @@ def plot_error_cdf(distances_km: np.ndarray, levels_km: Mapping[str, float], pat
     axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     axes.set_xlabel("error distance (km, log scale)")
     axes.set_ylabel("share of images within distance")
-    figure.suptitle(title)
+    set_wrapped_suptitle(figure, title)
     axes.set_title(f"error distance, {distances.size} images", pad=30)
     axes.grid(True, which="major", alpha=0.3)
     figure.savefig(path, dpi=DPI)
@@ -89,7 +95,7 @@ def plot_world_map(truths: np.ndarray, predictions: np.ndarray, path: str | Path
     """
     truths = np.asarray(truths, dtype=np.float64).reshape(-1, 2)
     predictions = np.asarray(predictions, dtype=np.float64).reshape(-1, 2)
-    figure = Figure(figsize=(14, 7.6), layout="constrained")
+    figure = Figure(figsize=MAP_FIGURE_SIZE, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     land_latitudes, land_longitudes = _land_points()
@@ -126,13 +132,13 @@ def plot_world_map(truths: np.ndarray, predictions: np.ndarray, path: str | Path
         )
     axes.set_xlim(-180, 180)
     axes.set_ylim(-90, 90)
-    axes.set_aspect("equal")
+    axes.set_aspect("equal", anchor="N")  # under the title; the room to spare falls below, where saving trims it
     axes.set_xticks(np.arange(-180, 181, 30))
     axes.set_yticks(np.arange(-90, 91, 30))
     axes.grid(True, color="#dddddd", linewidth=0.5)
     axes.set_xlabel("longitude (°)")
     axes.set_ylabel("latitude (°)")
-    figure.suptitle(title)
+    set_wrapped_suptitle(figure, title)
     axes.set_title(
         f"{len(truths)} images (marker area: images at one point; grey dots: GeoNames cities; dotted: tropics and "
         "polar circles)"
@@ -166,8 +172,29 @@ def plot_world_map(truths: np.ndarray, predictions: np.ndarray, path: str | Path
             labelspacing=1.5,
             borderpad=1.0,
         )
-    figure.savefig(path, dpi=DPI)
+    figure.savefig(path, dpi=DPI, bbox_inches="tight")
     return figure
+
+
+def set_wrapped_suptitle(figure: Figure, title: str) -> None:
+    """Head `figure` with `title`, each line wrapped to the figure's width (a name longer than a line is broken):
+    model and data names can be of any length, and a line wider than the figure is cut off on both sides."""
+    text = figure.suptitle("")
+    renderer = figure.canvas.get_renderer()
+    room = TITLE_WIDTH_SHARE * figure.bbox.width
+
+    def fits(lines: list[str]) -> bool:
+        text.set_text("\n".join(lines))
+        return text.get_window_extent(renderer).width <= room
+
+    wrapped = []
+    for line in title.splitlines():
+        # The most characters per line that fit, measured as drawn: glyph widths differ too much to count them.
+        width = len(line)
+        while width > 1 and not fits(textwrap.wrap(line, width)):
+            width -= 1
+        wrapped.extend(textwrap.wrap(line, width) or [""])
+    text.set_text("\n".join(wrapped))
 
 
 def stacked_points(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
