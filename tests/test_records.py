@@ -1,6 +1,8 @@
 """Result files: whatever moment a run is killed at, or whatever fails under it, resuming keeps exactly the complete
 records, and a file is only ever added to by one run at a time with the options that wrote it."""
 
+import csv
+import io
 import json
 import os
 import tracemalloc
@@ -84,17 +86,36 @@ def test_a_killed_header_is_rewritten_before_the_first_record(tmp_path):
     assert resume(path) == {"/a.jpg": True}
 
 
+def stored_paths(path) -> list[str]:
+    """The `path` column of a result file, read as UTF-8 by each format's ordinary reader."""
+    if path.suffix == ".parquet":
+        return [row["path"] for row in parquet_rows(path)]
+    text = path.read_bytes().decode("utf-8")  # strict: every format is valid UTF-8
+    if path.suffix == ".csv":
+        return [row["path"] for row in csv.DictReader(io.StringIO(text, newline=""))]
+    return [json.loads(line)["path"] for line in text.splitlines()]
+
+
 @pytest.mark.parametrize("extension", ["jsonl", "csv", "parquet"])
-def test_file_names_that_are_not_utf8_round_trip(tmp_path, extension):
+def test_file_names_that_are_not_utf8_are_stored_alike_as_backslash_escapes_and_resume(tmp_path, extension):
     path = tmp_path / f"results.{extension}"
     name = "/photos/caf\udce9.jpg"  # how Python spells a Latin-1 file name on a UTF-8 system
+    error = f"Image file {name!r} is empty (0 bytes)."
 
-    write_records(path, [{"path": name, "answers": [ANSWER]}])
+    write_records(path, [{"path": name, "answers": [ANSWER]}, {"path": name + "2", "error": error}])
 
+    assert stored_paths(path) == ["/photos/caf\\xe9.jpg", "/photos/caf\\xe9.jpg2"]
     recorded = resume(path)
-    assert len(recorded) == 1 and name in recorded and recorded[name] is True
-    if extension == "parquet":  # Arrow text is UTF-8: the byte is written as an escape, and found by it
-        assert parquet_rows(path)[0]["path"] == "/photos/caf\\xe9.jpg"
+    assert len(recorded) == 2 and name in recorded and recorded[name] is True and recorded[name + "2"] is False
+
+
+def test_raw_bytes_in_an_older_file_are_found_by_their_escaped_spelling(tmp_path):
+    path = tmp_path / "results.csv"
+    write_records(path, [])
+    with path.open("ab") as file:  # as the previous version wrote a non-UTF-8 name: its raw bytes
+        file.write(b"/photos/caf\xe9.jpg" + b"," * (len(records.ANSWER_FIELDS) + 1) + b"\r\n")
+
+    assert "/photos/caf\udce9.jpg" in resume(path)
 
 
 def test_group_records_keep_their_member_paths(tmp_path):
@@ -189,6 +210,45 @@ def test_resume_streams_the_file_instead_of_reading_it_whole(tmp_path, extension
 
     assert len(recorded) == 100
     assert peak < 2_000_000  # a few lines at a time; the whole file would be 10 MB of bytes and as much text
+
+
+@pytest.mark.parametrize("extension", ["jsonl", "csv"])
+def test_an_endless_last_record_is_cut_off_in_bounded_memory_saying_how_many_bytes_went(
+    tmp_path, monkeypatch, caplog, extension
+):
+    monkeypatch.setattr(records, "MAX_RECORD_BYTES", 1_000_000)
+    path = tmp_path / f"results.{extension}"
+    write_records(path, [{"path": "/a.jpg", "answers": [ANSWER]}])
+    complete = path.stat().st_size
+    with path.open("ab") as file:  # 16 MB without a newline: what a run killed in a giant write would leave
+        for _ in range(16):
+            file.write(b"x" * 1_000_000)
+
+    tracemalloc.start()
+    try:
+        recorded = resume(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert recorded == {"/a.jpg": True} and path.stat().st_size == complete
+    assert peak < 4_000_000  # a line of at most MAX_RECORD_BYTES at a time, never the 16 MB tail
+    assert f"ends in an incomplete record (16,000,000 bytes after the last complete one, at byte {complete:,})" in (
+        caplog.text
+    )
+
+
+def test_a_complete_line_longer_than_any_record_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(records, "MAX_RECORD_BYTES", 1000)
+    path = tmp_path / "results.jsonl"
+    write_records(path, [{"path": "/a.jpg", "answers": [ANSWER]}])
+    with path.open("ab") as file:
+        file.write(b'{"path": "/b.jpg", "error": "' + b"x" * 5000 + b'"}\n')
+    content = path.read_bytes()
+
+    with pytest.raises(ResultFileError, match="has a line of over 1,000 bytes"):
+        resume(path)
+    assert path.read_bytes() == content
 
 
 def test_spreadsheet_formulas_become_text_and_read_back_as_written(tmp_path):

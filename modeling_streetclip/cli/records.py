@@ -12,6 +12,10 @@ the id column, named as there), then either `answers` (the pipeline's dicts, bes
 ..., `country_2`, ...), one row per record, so that a row is a whole record and resuming never meets half an answer
 list. Text cells that a spreadsheet would take for a formula are written as text (see `spreadsheet_safe`).
 
+Every format holds valid UTF-8, with one spelling of a file name whose bytes are not UTF-8 (Python hands such a name
+over with surrogate escapes): each such byte as a backslash escape, `\\xff` (see `storable`). Resume finds an input
+by that spelling.
+
 The options that wrote a file live beside it, in OUTPUT.options.json (a sidecar rather than a first record, so that
 every line of OUTPUT stays a record and every CSV reader sees a plain table).
 
@@ -26,6 +30,7 @@ import csv
 import errno
 import io
 import json
+import logging
 import os
 import shutil
 import stat
@@ -62,12 +67,21 @@ FSYNC_INTERVAL_S = 10.0
 # A Parquet part is written at least every FSYNC_INTERVAL_S, and sooner after this many records: a row group of
 # 10,000 small records is a few hundred kB, large enough to read fast, small enough to hold in memory.
 PARQUET_PART_ROWS = 10_000
-# File names that are not valid UTF-8 reach Python as surrogate escapes; they round-trip as the bytes they are.
-_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
+# The longest line a resumed file may hold. A record with top_k answers over the largest candidate table, or a
+# group of many thousand views, stays far below it; a longer line is the unfinished tail of a killed run (or not a
+# record at all), and reading it whole could take any amount of memory.
+MAX_RECORD_BYTES = 64 * 1024 * 1024
 # First characters that make a spreadsheet evaluate a cell (OWASP, "CSV Injection"), and the apostrophe that
 # `spreadsheet_safe` puts before them; a cell starting with an apostrophe gets one too, so that the escape reverses.
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _TEXT_MARK = "'"
+
+
+logger = logging.getLogger(__name__)
+
+
+# How a recorded option that is no command-line option of its own is named in messages.
+_OPTION_LABELS = {"model_weights": "the fingerprint of --model's weights"}
 
 
 class ResultFileError(ValueError):
@@ -91,25 +105,69 @@ def _from_spreadsheet_safe(cell: str) -> str:
     return cell[1:] if cell.startswith(_TEXT_MARK) else cell
 
 
+def storable(text: str) -> str:
+    """`text` as result files hold it, valid UTF-8: the bytes of a file name that are not UTF-8, which reach Python
+    as surrogate escapes, become backslash escapes (`\\xff`), alike in JSON Lines, CSV and Parquet; other text is
+    unchanged."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _storable_record(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with its key, member paths and error `storable` (answers hold candidate names, valid already)."""
+    stored = dict(record)
+    for field, value in record.items():
+        if isinstance(value, str):
+            stored[field] = storable(value)
+    if "paths" in record:
+        stored["paths"] = [storable(path) for path in record["paths"]]
+    return stored
+
+
+class _StoredKeys(dict):
+    """{key: succeeded} as a file stores its keys; a key is looked up by its stored form (`storable`)."""
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(storable(key) if isinstance(key, str) else key)
+
+    def __getitem__(self, key: str) -> bool:
+        return super().__getitem__(storable(key))
+
+
 class _Lines:
-    """The complete (newline-terminated) lines of a binary stream, decoded, read one at a time.
+    """The complete (newline-terminated) lines of a binary stream, decoded, read one at a time, each within
+    MAX_RECORD_BYTES of memory.
 
     `end` is the byte offset just after the last line handed out; `exhausted` says that nothing complete follows it
-    (the stream ended, or a partial line without its newline is all that is left).
+    (the stream ended, or a partial line without its newline is all that is left, however long). A complete line
+    longer than MAX_RECORD_BYTES is refused: no run of this command writes one.
     """
 
-    def __init__(self, stream: BinaryIO):
+    def __init__(self, stream: BinaryIO, path: Path):
         self.stream = stream
+        self.path = path
         self.end = 0
         self.exhausted = False
 
     def __iter__(self) -> Iterator[str]:
-        for line in self.stream:
+        while line := self.stream.readline(MAX_RECORD_BYTES):
             if not line.endswith(b"\n"):
+                if len(line) == MAX_RECORD_BYTES and self._newline_follows():
+                    raise ResultFileError(
+                        f"{str(self.path)!r} has a line of over {MAX_RECORD_BYTES:,} bytes after byte {self.end:,}; "
+                        "no record this command writes is that long. Write to a new --output file."
+                    )
                 break
             self.end += len(line)
-            yield line.decode(**_ENCODING)
+            # Older files may hold a name's raw bytes; `storable` keys find them.
+            yield line.decode("utf-8", "surrogateescape")
         self.exhausted = True
+
+    def _newline_follows(self) -> bool:
+        """Whether the rest of the stream holds a newline, read a block at a time."""
+        while block := self.stream.read(1024 * 1024):
+            if b"\n" in block:
+                return True
+        return False
 
 
 class _JsonLines:
@@ -126,7 +184,7 @@ class _JsonLines:
 
     def read(self, lines: _Lines, path: Path) -> tuple[dict[str, bool], int]:
         """The records of `lines` as {key: succeeded}, and the byte offset where the complete records end."""
-        recorded = {}
+        recorded = _StoredKeys()
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -137,13 +195,13 @@ class _JsonLines:
                     f"{str(path)!r} line {number} is not a JSON record ({error}); resume needs a file this command "
                     "wrote. Write to a new --output file."
                 ) from None
-            if not isinstance(record, dict) or self.key not in record:
+            if not isinstance(record, dict) or not isinstance(record.get(self.key), str):
                 raise ResultFileError(
                     f"{str(path)!r} line {number} has no {self.key!r} field: it was written by another kind of run "
                     "(with or without --group_by, from files or from a --dataset with another id column). Write to a "
                     "new --output file."
                 )
-            recorded[record[self.key]] = "error" not in record
+            recorded[storable(record[self.key])] = "error" not in record
         return recorded, lines.end
 
 
@@ -182,7 +240,7 @@ class _Csv:
     def read(self, lines: _Lines, path: Path) -> tuple[dict[str, bool], int]:
         """The records of `lines` as {key: succeeded}, and the byte offset where the complete records end."""
         reader = csv.reader(lines, strict=True)
-        recorded, complete = {}, 0
+        recorded, complete = _StoredKeys(), 0
         while True:
             try:
                 row = next(reader)
@@ -204,7 +262,7 @@ class _Csv:
                     f"{len(self.columns)}; resume needs a file this command wrote. Write to a new --output file."
                 )
             if reader.line_num > 1:
-                recorded[_from_spreadsheet_safe(row[0])] = row[-1] == ""
+                recorded[storable(_from_spreadsheet_safe(row[0]))] = row[-1] == ""
             complete = lines.end
         return recorded, complete
 
@@ -245,7 +303,8 @@ def _check_options(path: Path, options: dict[str, Any]) -> None:
     differing = [name for name in sorted(recorded.keys() | options.keys()) if recorded.get(name) != options.get(name)]
     if differing:
         changes = "; ".join(
-            f"--{name} was {_shown(recorded.get(name))}, now {_shown(options.get(name))}" for name in differing
+            f"{_OPTION_LABELS.get(name, '--' + name)} was {_shown(recorded.get(name))}, now {_shown(options.get(name))}"
+            for name in differing
         )
         raise ResultFileError(
             f"{str(path)!r} was written with other options ({changes}). Rerun with the options that wrote it to "
@@ -286,14 +345,14 @@ class RecordWriter:
         self.fd = fd
         self.path = path
         self.name = "standard output" if fd is None else f"--output {str(path)!r}"
-        self.recorded: dict[str, bool] = {}
+        self.recorded: dict[str, bool] = _StoredKeys()
         self.size = os.fstat(fd).st_size if fd is not None else 0
         self.last_sync = time.monotonic()
         self.unsynced = False  # bytes written since the last fsync
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record; it is whole in the file (or not there at all) when this returns or raises."""
-        self._write(self.file_format.format(record).encode(**_ENCODING))
+        self._write(self.file_format.format(_storable_record(record)).encode("utf-8"))
 
     def _write(self, data: bytes) -> None:
         if self.fd is None:
@@ -392,14 +451,20 @@ def open_records(
         writer = RecordWriter(file_format, fd, path)
         with os.fdopen(os.dup(fd), "rb") as stream:  # a duplicate shares the offset, which appends ignore
             stream.seek(0)
-            writer.recorded, complete = file_format.read(_Lines(stream), path)
+            writer.recorded, complete = file_format.read(_Lines(stream, path), path)
         if complete < writer.size:
-            os.ftruncate(fd, complete)  # a partial record, or a CSV header, cut off by a kill
+            # A partial record, or a CSV header, cut off by a kill: said, since the bytes go.
+            logger.warning(
+                f"streetclip locate: {str(path)!r} ends in an incomplete record ({writer.size - complete:,} bytes "
+                f"after the last complete one, at byte {complete:,}), as a killed run leaves it; it is cut off and "
+                "its input done again."
+            )
+            os.ftruncate(fd, complete)
             writer.size = complete
         if complete == 0:
             if not recorded_options:  # (a file checked above has them recorded already)
                 _write_options(path, options)
-            writer._write(file_format.header().encode(**_ENCODING))
+            writer._write(file_format.header().encode("utf-8"))
     except OSError as error:
         os.close(fd)
         raise ResultFileError(f"cannot prepare --output {str(path)!r}: {error}.") from None
@@ -427,22 +492,6 @@ def _check_output_path(path: Path) -> None:
         raise ResultFileError(
             f"--output {str(path)!r} is {kind}; results need a regular file, new or written by this command."
         )
-
-
-def _storable(text: str) -> str:
-    """`text` as Arrow can store it (valid UTF-8): the raw bytes of a file name that is not UTF-8, which reach
-    Python as surrogate escapes, are written as backslash escapes (\\xff); other text is unchanged."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-class _StoredKeys(dict):
-    """{key: succeeded} as a Parquet file stores its keys; a key is looked up by its stored form (`_storable`)."""
-
-    def __contains__(self, key: object) -> bool:
-        return super().__contains__(_storable(key) if isinstance(key, str) else key)
-
-    def __getitem__(self, key: str) -> bool:
-        return super().__getitem__(_storable(key))
 
 
 def _import_parquet():
@@ -596,16 +645,16 @@ class ParquetRecordWriter:
 
     def _table(self, records: list[dict[str, Any]]):
         pa, _ = _import_parquet()
-        columns: dict[str, list] = {self.key: [_storable(record[self.key]) for record in records]}
+        columns: dict[str, list] = {self.key: [storable(record[self.key]) for record in records]}
         if self.grouped:
-            columns["paths"] = [[_storable(path) for path in record["paths"]] for record in records]
+            columns["paths"] = [[storable(path) for path in record["paths"]] for record in records]
         columns["answers"] = [
             [{field: answer.get(field) for field in ANSWER_FIELDS} for answer in record["answers"]]
             if "answers" in record
             else None
             for record in records
         ]
-        columns["error"] = [_storable(record["error"]) if "error" in record else None for record in records]
+        columns["error"] = [storable(record["error"]) if "error" in record else None for record in records]
         return pa.Table.from_pydict(columns, schema=self.schema)
 
     def flush(self) -> None:
