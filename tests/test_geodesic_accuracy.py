@@ -4,8 +4,13 @@ import ast
 import csv
 import doctest
 import importlib.util
+import json
 import math
 import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -61,6 +66,40 @@ def test_module_imports_only_numpy_datasets_evaluate():
     }
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported == {"numpy", "datasets", "evaluate"}
+
+
+# Run as a Space runs it: `python app.py` in a copy of the folder named otherwise, with evaluate's widget stubbed
+# (it needs the Gradio 3 that the card's `sdk_version` pins). It prints the loaded module's answer and any module of
+# the host project that loading imported.
+SPACE_RUN = """
+import json, runpy, sys
+import evaluate.utils
+launched = []
+evaluate.utils.launch_gradio_widget = launched.append
+runpy.run_path("app.py", run_name="__main__")
+results = launched[0].compute(predictions=[[48.8566, 2.3522]], references=[[51.5074, -0.1278]])
+host = sorted(name for name in sys.modules if name.split(".")[0] in {"modeling_streetclip", "benchmark", "plots"})
+print(json.dumps({"name": launched[0].name, "results": results, "host_modules": host}))
+"""
+
+
+@pytest.mark.slow
+def test_the_folder_runs_as_an_evaluate_space_from_its_own_folder(tmp_path):
+    space = tmp_path / "app"  # where a Space's files are, whatever the metric's name
+    shutil.copytree(METRIC_DIR, space, ignore=shutil.ignore_patterns("__pycache__"))
+    assert {"app.py", "README.md", "requirements.txt", "geodesic_accuracy.py"} <= {p.name for p in space.iterdir()}
+    requirements = (space / "requirements.txt").read_text().split()
+    assert [line.split(">")[0] for line in requirements] == ["evaluate", "numpy"]
+    environment = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+
+    run = subprocess.run(
+        [sys.executable, "-c", SPACE_RUN], cwd=space, env=environment, capture_output=True, text=True, timeout=300
+    )
+
+    assert run.returncode == 0, run.stderr[-3000:]
+    output = json.loads(run.stdout.splitlines()[-1])
+    assert output["name"] == "geodesic_accuracy" and output["host_modules"] == []
+    assert output["results"]["acc_750km"] == 1.0 and output["results"]["n"] == 1
 
 
 def test_docstring_examples_show_real_output(monkeypatch):
@@ -275,6 +314,21 @@ def test_length_mismatch_names_the_first_unmatched_row(metric):
 
 def test_empty_input_is_rejected(metric):
     assert "predictions and references are empty" in _error(metric, predictions=[], references=[])
+
+
+@pytest.mark.parametrize(
+    "references, expected",
+    [
+        ([LONDON, [True, False]], "references[1] is [True, False], with the boolean True, which is not a coordinate"),
+        ([[10.0, np.False_], LONDON], "references[0] is [10.0, np.False_], with the boolean np.False_"),
+        (np.array([[True, False], [False, True]]), "references[0] is [True, False], with the boolean True"),
+    ],
+    ids=["python", "numpy-scalar", "numpy-array"],
+)
+def test_booleans_are_refused_naming_the_row_instead_of_scored_as_1_or_0(metric, references, expected):
+    assert expected in _error(metric, predictions=[PARIS, PARIS], references=references)
+    with pytest.raises(ValueError, match=r"^prediction is \[True, 2.0\], with the boolean True"):
+        metric.add(prediction=[True, 2.0], reference=LONDON)
 
 
 def test_add_names_the_bad_pair(metric):

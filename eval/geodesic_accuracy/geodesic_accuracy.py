@@ -180,6 +180,8 @@ def _row_problem(row: object) -> str | None:
     for value in row:
         if value is None:  # a missing value, reported by the finiteness check
             continue
+        if isinstance(value, (bool, np.bool_)):
+            return f"is {row!r}, with the boolean {value!r}, which is not a coordinate; {_PAIR_HINT}"
         try:
             float(value)
         except (TypeError, ValueError):
@@ -218,7 +220,7 @@ def _as_coordinates(rows: list, name: str, indexed: bool = True) -> np.ndarray:
         points = np.asarray(rows, dtype=np.float64)
     except (TypeError, ValueError):
         points = None
-    if points is None or points.ndim != 2 or points.shape[1] != 2:
+    if points is None or points.ndim != 2 or points.shape[1] != 2 or _holds_booleans(rows):
         for i, row in enumerate(rows):
             problem = _row_problem(row)
             if problem is not None:
@@ -232,6 +234,16 @@ def _as_coordinates(rows: list, name: str, indexed: bool = True) -> np.ndarray:
     i = int(np.argmax(bad))
     problem = _point_problem(rows[i], float(points[i, 0]), float(points[i, 1]))
     raise ValueError(f"{name}[{i}] {problem}" if indexed else f"{name} {problem}")
+
+
+def _holds_booleans(rows: list) -> bool:
+    """Whether any value of (n, 2) rows is a boolean, which numpy would score as the coordinate 1 or 0.
+
+    A scan of Python values, as cheap as `datasets` encoding them in `add_batch`; an array is judged by its dtype.
+    """
+    if isinstance(rows, np.ndarray) and rows.dtype != object:
+        return rows.dtype == np.bool_
+    return any(isinstance(value, (bool, np.bool_)) for row in rows for value in row)
 
 
 def _as_point_pairs(predictions: list, references: list) -> tuple[np.ndarray, np.ndarray]:
