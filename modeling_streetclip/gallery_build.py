@@ -661,8 +661,12 @@ def _finish(
 
 
 def _record_repeats(table: pa.Table, id_column: str | None, source: str) -> pa.Table:
-    """Mark as bad every embedded row whose id (the `id_column`'s value, else its image file) an earlier embedded row
-    has: a photo listed twice would vote twice, and the benchmark refuses repeated ids likewise."""
+    """Mark as bad every embedded row whose id (the `id_column`'s value) or, without ids, whose image file on disk an
+    earlier embedded row has: a photo listed twice would vote twice, and the benchmark refuses repeated ids likewise.
+
+    A stored image's path is only a name (two photos of a Parquet file may share `image.jpg`), so without ids a
+    repeated path counts only where it names a file on disk, as an image folder's and a CSV's rows do.
+    """
     import pyarrow as pa
 
     keys = table.column(id_column or "image_path").to_pylist()
@@ -675,7 +679,7 @@ def _record_repeats(table: pa.Table, id_column: str | None, source: str) -> pa.T
         if error is not None or key is None or key == "":
             continue
         earlier = first.setdefault(str(key), position)
-        if earlier != position:
+        if earlier != position and (id_column or os.path.isfile(key)):
             errors[position] = (
                 f"repeats the {what} {key!r} of source row {source_rows[earlier]}; each photo goes into the gallery "
                 "once"
