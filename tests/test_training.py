@@ -816,6 +816,22 @@ def test_collator_drops_unreadable_images_and_counts_them(captioner, tiny_clip_d
     assert batch["input_ids"].shape[0] == batch["attention_mask"].shape[0] == 2
 
 
+def test_a_row_without_an_image_is_dropped_from_its_batch_and_counted(captioner, tiny_clip_dir, tmp_path, caplog):
+    """A `datasets` row whose image is None raised a TypeError from the image loader and stopped the run."""
+    photo = tmp_path / "photo.png"
+    place_photo(0, 0, np.random.default_rng(0)).save(photo)
+    source = datasets.Dataset.from_dict(
+        {"image": [str(photo), None], "latitude": [48.8566, 48.8566], "longitude": [2.3522, 2.3522]}
+    ).cast_column("image", datasets.Image())
+    source.save_to_disk(tmp_path / "data")
+    rows = caption_dataset(load_geo_dataset(str(tmp_path / "data"), "train", "image"), captioner, "image")
+    collator = GeoCollator(AutoImageProcessor.from_pretrained(tiny_clip_dir), captioner.tokenizer, "image", ["FR"])
+    with caplog.at_level(logging.WARNING):
+        batch = collator([rows[0], rows[1]])
+    assert batch["row_ids"].tolist() == [0] and batch["skipped_rows"].item() == 1
+    assert "Skipping row 1: The row has no image (its image cell is empty)." in caplog.text
+
+
 @pytest.mark.parametrize("size", [(1, 2000), (2000, 1)], ids=["1xN", "Nx1"])
 def test_an_image_of_extreme_aspect_ratio_trains_on_its_centre(captioner, tiny_clip_dir, tmp_path, size):
     """Resizing the short edge of a 1 x 20,000 px PNG (490 bytes) to 336 px takes gigabytes: such an image killed the

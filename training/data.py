@@ -230,10 +230,13 @@ class GeoCollator:
         }
 
 
-def decode_image(value: Mapping | str | Image.Image) -> Image.Image:
-    """An RGB image from a `datasets` image value (`{"bytes", "path"}` left encoded), a path or a PIL image."""
+def decode_image(value: Mapping | str | Image.Image | None) -> Image.Image:
+    """An RGB image from a `datasets` image value (`{"bytes", "path"}` left encoded), a path or a PIL image; a row
+    without one (an empty cell) is an `ImageLoadError`, a bad row like an unreadable file."""
     if isinstance(value, Mapping):
-        value = value["path"] if value.get("bytes") is None else value["bytes"]
+        value = value.get("path") if value.get("bytes") is None else value["bytes"]
+    if value is None:
+        raise ImageLoadError("The row has no image (its image cell is empty).")
     return load_rgb_image(value)
 
 
