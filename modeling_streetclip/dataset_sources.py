@@ -70,8 +70,8 @@ def open_dataset(
     """One split of the data set at `source` and the name of the split it is, None for a `Dataset` saved without
     splits.
 
-    `split` is read when the source has it; a source with a single split is read whatever `split` says (logged when
-    the names differ); a source with several splits but not `split` is refused, naming its splits. `streaming` gives
+    `split` is read when the source has it; a source with a single split is read whatever `split` says (an info
+    message when the names differ: an image folder's only split is `train`, whatever it holds); a source with several splits but not `split` is refused, naming its splits. `streaming` gives
     an `IterableDataset` that reads rows as they are used, also for a folder written by `save_to_disk`.
     """
     datasets = _import_datasets()
@@ -90,7 +90,7 @@ def open_dataset(
             chosen = split
         elif len(loaded) == 1:
             chosen = next(iter(loaded))
-            logger.warning(f"{source!r} has no split {split!r}; reading its only split, {chosen!r}.")
+            logger.info(f"{source!r} has no split {split!r}; reading its only split, {chosen!r}.")
         else:
             raise ValueError(f"{source!r} has no split {split!r}; its splits are {sorted(loaded)}.")
         loaded = loaded[chosen]
@@ -177,8 +177,11 @@ class EncodedImages(Sequence):
         return pc.struct_field(self.encoded.with_format("arrow")[self.column], "path").to_pylist()
 
 
-def encoded_image(value: dict) -> ImageInput:
-    """What `load_rgb_image` reads for one undecoded `Image` value: its bytes, or its path where it has no bytes."""
+def encoded_image(value: dict | None) -> ImageInput | None:
+    """What `load_rgb_image` reads for one undecoded `Image` value: its bytes, or its path where it has no bytes;
+    None for a row without an image, which readers record as that row's error."""
+    if value is None:
+        return None
     return value["bytes"] if value["bytes"] is not None else value["path"]
 
 

@@ -161,13 +161,14 @@ def test_csv_and_jsonl_hold_the_same_answers(capsys, tmp_path, small_streetclip_
             assert float(row[f"score_{rank}"]) == pytest.approx(answer["score"])
 
 
-def test_bad_files_get_error_records_while_good_ones_are_answered(capsys, tmp_path, small_streetclip_dir):
+def test_bad_files_get_error_records_while_good_ones_are_answered(capsys, monkeypatch, tmp_path, small_streetclip_dir):
     (good,) = make_photos(tmp_path, ["good.jpg"])
     bad = make_bad_files(tmp_path)
-    missing = tmp_path / "missing.jpg"
+    missing = tmp_path / "missing.jpg"  # listed on standard input: one vanished file of a long list
     inputs = [good, *bad.values(), missing]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{path}\n" for path in inputs)))
 
-    status, out, err = run(capsys, "locate", *inputs, "--model", small_streetclip_dir, "--batch_size", 2)
+    status, out, err = run(capsys, "locate", "-", "--model", small_streetclip_dir, "--batch_size", 2)
 
     assert status == 1
     records = {Path(record["path"]).name: record for record in jsonl_records(out)}
@@ -362,7 +363,8 @@ def pooled_reference(model_dir: Path, paths: list[Path], top_k: int) -> list[dic
         embeds = model(pixel_values=pixel_values["pixel_values"]).image_embeds
         outputs = model.locate_embeddings(F.normalize(embeds.mean(dim=0, keepdim=True), dim=-1))
         ranked = model.rank_places(outputs, top_k=top_k)
-    return format_answers(model.candidate_places, *(column[0] for column in ranked))
+    columns = {name: column[0] for name, column in ranked._asdict().items() if column is not None}
+    return format_answers(model.candidate_places, **columns)
 
 
 def test_group_by_answers_once_per_place_from_the_mean_of_its_views(capsys, tmp_path, small_streetclip_dir):
@@ -937,3 +939,239 @@ def test_a_parquet_run_killed_mid_way_is_completed_by_a_rerun(capsys, monkeypatc
     loaded = datasets.load_dataset("parquet", data_files=str(output), split="train")
     assert sorted(loaded["path"]) == sorted(str(path) for path in (tmp_path / "photos").iterdir())
     assert not parts.exists()
+
+
+# Inputs and models that cannot be used, named at once; rows and paths that fail, recorded
+
+
+def fail_if_a_model_loads(monkeypatch) -> None:
+    from modeling_streetclip.cli import locate
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(locate, "load_model", load_model)
+
+
+def test_a_missing_input_path_exits_two_before_the_model_loads(capsys, monkeypatch, tmp_path):
+    (photo,) = make_photos(tmp_path, ["a.jpg"])
+    fail_if_a_model_loads(monkeypatch)
+    output = tmp_path / "answers.jsonl"
+
+    status, out, err = run(capsys, "locate", photo, tmp_path / "phtoos", "--output", output)
+
+    assert status == 2 and out == ""
+    assert f"streetclip locate: error: no such file or folder: {str(tmp_path / 'phtoos')!r}" in err
+    assert not output.exists() or output.read_text() == ""
+
+
+def test_a_name_too_long_for_the_file_system_gets_an_error_record_from_arguments_and_stdin(
+    capsys, monkeypatch, tmp_path, small_streetclip_dir
+):
+    (photo,) = make_photos(tmp_path, ["a.jpg"])
+    long_name = str(tmp_path / ("x" * 300 + ".jpg"))  # over the 255 bytes a file name may have
+    common = ("--model", small_streetclip_dir, "--workers", 0)
+
+    from_arguments = run(capsys, "locate", photo, long_name, *common)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{photo}\n{long_name}\n"))
+    from_stdin = run(capsys, "locate", "-", *common)
+
+    for status, out, err in (from_arguments, from_stdin):
+        assert status == 1 and "1 of 2 inputs geolocated, 1 failed" in err
+        records = jsonl_records(out)
+        assert [record["path"] for record in records] == [str(photo), long_name]
+        assert "answers" in records[0] and "too long" in records[1]["error"]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["loaded", "streamed"])
+def test_a_dataset_row_without_an_image_gets_an_error_record_and_the_rerun_goes_on(
+    capsys, tmp_path, small_streetclip_dir, streaming
+):
+    photos = make_photos(tmp_path / "photos", ["a.jpg", "b.jpg"])
+    features = datasets.Features({"key": datasets.Value("string"), "image": datasets.Image()})
+    rows = {"key": ["a", "none", "b"], "image": [encoded(photos[0]), None, encoded(photos[1])]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "saved")
+    output = tmp_path / "answers.jsonl"
+    command = ["locate", "--dataset", tmp_path / "saved", "--id_column", "key", "--output", output]
+    command += ["--model", small_streetclip_dir, "--workers", 0] + (["--streaming"] if streaming else [])
+
+    status, _, err = run(capsys, *command)
+
+    assert status == 1 and "2 of 3 inputs geolocated, 1 failed" in err
+    records = jsonl_records(output.read_text())
+    assert [record["key"] for record in records] == ["a", "none", "b"]
+    assert records[1] == {"key": "none", "error": "no image: the row's image is empty (None)."}
+    status, _, err = run(capsys, *command)
+    assert status == 1 and "3 were recorded by an earlier run" in err
+    assert len(output.read_text().splitlines()) == 3
+
+
+def test_streaming_and_not_streaming_do_not_share_an_output_whose_ids_they_spell_differently(
+    capsys, tmp_path, small_streetclip_dir
+):
+    make_photos(tmp_path / "folder", ["b.jpg", "a.png"])
+    output = tmp_path / "answers.jsonl"
+    command = ("locate", "--dataset", tmp_path / "folder", "--output", output, "--model", small_streetclip_dir)
+    assert run(capsys, *command, "--workers", 0)[0] == 0
+    content = output.read_bytes()
+    assert sorted(record["id"] for record in jsonl_records(content.decode())) == ["a.png", "b.jpg"]  # file names
+
+    status, _, err = run(capsys, *command, "--workers", 0, "--streaming")  # which names rows by number
+
+    assert status == 2 and "--streaming was not given, now True" in err
+    assert output.read_bytes() == content  # not 4 records for 2 inputs
+
+
+def test_weights_swapped_in_a_model_folder_stop_the_resume_naming_both_fingerprints(
+    capsys, tmp_path, small_streetclip_dir
+):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(small_streetclip_dir, model)
+    make_photos(tmp_path / "photos", ["a.jpg"])
+    output = tmp_path / "answers.jsonl"
+    command = ("locate", tmp_path / "photos", "--model", model, "--output", output, "--workers", 0)
+    assert run(capsys, *command)[0] == 0
+    before = json.loads(options_path(output).read_text())["options"]["model_weights"]
+    weights = load_file(model / "model.safetensors")  # another training step: the same shapes, other values
+    save_file({name: tensor + 0.01 for name, tensor in weights.items()}, model / "model.safetensors")
+    make_photos(tmp_path / "photos", ["b.jpg"])
+
+    status, _, err = run(capsys, *command)
+
+    assert status == 2
+    assert f"the fingerprint of --model's weights was {before!r}, now '" in err
+    after = err.split(", now '")[1][:16]
+    assert len(before) == len(after) == 16 and after != before
+    assert len(output.read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["device", "folder", "huge"])
+def test_a_countries_file_that_is_not_a_small_regular_file_is_refused(capsys, monkeypatch, tmp_path, kind):
+    make_photos(tmp_path, ["a.jpg"])
+    fail_if_a_model_loads(monkeypatch)
+    countries = {"device": Path("/dev/zero"), "folder": tmp_path, "huge": tmp_path / "countries.txt"}[kind]
+    if kind == "huge":
+        with countries.open("wb") as file:
+            file.truncate(2_000_000)  # sparse: no disk used
+
+    status, _, err = run(capsys, "locate", tmp_path / "a.jpg", "--countries", countries)
+
+    assert status == 2 and f"--countries {str(countries)!r}" in err
+    assert {"device": "not a regular file", "folder": "is a folder", "huge": "holds 2,000,000 bytes"}[kind] in err
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        ({"size": {"shortest_edge": -5}}, "has size.shortest_edge = -5; image sizes are positive integers"),
+        ({"crop_size": {"height": 0, "width": 0}}, "has crop_size.height = 0"),
+        ({"crop_size": {"height": 20, "width": 20}}, "gives 20 x 20 pixels, but the model takes 30 x 30"),
+    ],
+)
+def test_an_image_processor_config_without_usable_sizes_exits_two_naming_the_file_and_value(
+    capsys, tmp_path, small_streetclip_dir, edit, expected
+):
+    model = tmp_path / "model"
+    shutil.copytree(small_streetclip_dir, model)
+    config_file = model / "preprocessor_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | edit))
+    make_photos(tmp_path / "photos", ["a.jpg"])
+
+    status, out, err = run(capsys, "locate", tmp_path / "photos", "--model", model, "--workers", 0)
+
+    assert status == 2 and out == ""
+    assert f"streetclip locate: error: cannot use --model {str(model)!r}: {str(config_file)!r} {expected}" in err
+
+
+@pytest.fixture
+def empty_hub_cache(monkeypatch, tmp_path):
+    """A Hugging Face cache with nothing in it, for this test alone."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+
+def test_a_hub_model_offline_and_not_in_the_cache_is_named_as_such(capsys, monkeypatch, tmp_path, empty_hub_cache):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    fail_if_a_model_loads_from_the_hub(monkeypatch)
+    make_photos(tmp_path / "photos", ["a.jpg"])
+
+    status, out, err = run(capsys, "locate", tmp_path / "photos")  # the default --model, from the Hub
+
+    assert status == 2 and out == ""
+    assert "cannot load --model 'geolocal/StreetCLIP': it is not a local folder nor in the Hugging Face cache" in err
+    assert "offline mode (HF_HUB_OFFLINE)" in err and "Give --model a local folder" in err
+
+
+def test_a_hub_model_not_in_the_cache_while_the_hub_cannot_be_reached_is_named_after_one_try(
+    capsys, monkeypatch, tmp_path, empty_hub_cache
+):
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import httpx
+
+    tries = []
+
+    def unreachable(url, **kwargs):
+        tries.append(url)
+        raise httpx.ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", unreachable)
+    fail_if_a_model_loads_from_the_hub(monkeypatch)
+    make_photos(tmp_path / "photos", ["a.jpg"])
+
+    status, out, err = run(capsys, "locate", tmp_path / "photos")
+
+    assert status == 2 and out == "" and len(tries) == 1
+    assert "the Hugging Face Hub (https://huggingface.co) cannot be reached (" in err
+    assert "and the model is not in its cache" in err and "Give --model a local folder" in err
+
+
+def fail_if_a_model_loads_from_the_hub(monkeypatch) -> None:
+    from modeling_streetclip.processing_streetclip import StreetCLIPProcessor
+
+    def from_pretrained(*args, **kwargs):
+        raise AssertionError("the loaders were asked")
+
+    monkeypatch.setattr(StreetCLIPProcessor, "from_pretrained", from_pretrained)
+
+
+@pytest.mark.slow
+def test_the_default_model_offline_fails_at_once_from_the_shell(tmp_path):
+    make_photos(tmp_path / "photos", ["a.jpg"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    env.pop("HF_HUB_CACHE", None)
+    script = shutil.which("streetclip", path=os.path.dirname(sys.executable))
+
+    result = subprocess.run(
+        [script, "locate", "photos", "--output", "out.jsonl"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert "cannot load --model 'geolocal/StreetCLIP': it is not a local folder nor in the Hugging Face cache" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr and "Retrying" not in result.stderr
+
+
+# Quiet by default
+
+
+def test_a_default_run_hides_the_libraries_loading_output_and_verbose_shows_it(capsys, tmp_path, small_streetclip_dir):
+    for name in ("quiet", "verbose"):
+        make_photos(tmp_path / name, ["a.jpg", "b.jpg"])  # two folders: datasets prepares each once
+    common = ("--model", small_streetclip_dir, "--workers", 0)
+
+    quiet_status, _, quiet = run(capsys, "locate", "--dataset", tmp_path / "quiet", *common)
+    verbose_status, _, verbose = run(capsys, "locate", "--dataset", tmp_path / "verbose", *common, "--verbose")
+
+    assert quiet_status == verbose_status == 0
+    for noise in ("Loading weights", "Generating train split"):
+        assert noise not in quiet and noise in verbose
+    for output in (quiet, verbose):  # the command's own bar and summary, either way
+        assert "streetclip locate: 100%" in output and "2 of 2 inputs geolocated" in output

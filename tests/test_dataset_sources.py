@@ -1,13 +1,14 @@
 """Specification of `modeling_streetclip.dataset_sources.open_dataset`, which training and the benchmark runner
 both open their data sets with."""
 
+import logging
 import sys
 
 import datasets
 import pytest
 from PIL import Image
 
-from modeling_streetclip.dataset_sources import open_dataset
+from modeling_streetclip.dataset_sources import EncodedImages, encoded_image, open_dataset
 
 
 def _table(n: int = 3) -> datasets.Dataset:
@@ -26,10 +27,25 @@ def image_folder(tmp_path):
 
 
 def test_image_folder_is_read_from_its_only_split_whatever_split_is_asked(image_folder, caplog):
-    dataset, split = open_dataset(image_folder, "test")
+    with caplog.at_level(logging.INFO, logger="modeling_streetclip"):
+        dataset, split = open_dataset(image_folder, "test")
     assert split == "train" and len(dataset) == 3
     assert dataset.column_names == ["image", "latitude", "longitude"]
-    assert "has no split 'test'; reading its only split, 'train'" in caplog.text
+    # Every evaluation folder would say so: an info message, which commands show with --verbose only.
+    (record,) = [record for record in caplog.records if "has no split" in record.message]
+    assert record.levelno == logging.INFO
+    assert "has no split 'test'; reading its only split, 'train'" in record.message
+
+
+def test_a_row_without_an_image_is_handed_out_as_none(tmp_path):
+    photo = tmp_path / "a.png"
+    Image.new("RGB", (4, 4), "red").save(photo)
+    dataset = datasets.Dataset.from_dict({"image": [str(photo), None]}).cast_column("image", datasets.Image())
+
+    images = EncodedImages(dataset, "image")
+
+    assert isinstance(images[0], bytes | str) and images[1] is None
+    assert encoded_image(None) is None
 
 
 def test_saved_dataset_dict_gives_the_split_asked_for_and_refuses_a_missing_one(tmp_path):

@@ -5,8 +5,11 @@ once. Exit statuses are shared by every subcommand: 0 all done, 1 some inputs fa
 """
 
 import argparse
+import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 from .records import ResultFileError
 
@@ -44,6 +47,66 @@ def int_at_least(minimum: int):
     return parse
 
 
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    """--verbose, alike in every command that loads a model or a dataset (see `verbosity`)."""
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show the libraries' loading bars (transformers' weights, datasets' files and splits) and this "
+        "package's notes on how inputs were read; without it, only the command's own progress bar, warnings and "
+        "errors are shown (and Hub downloads, with their bars)",
+    )
+
+
+@contextmanager
+def verbosity(verbose: bool) -> Iterator[None]:
+    """Hide the loading bars of transformers and datasets and this package's info messages unless `verbose`, for
+    the duration of a command; the previous settings come back afterwards (commands also run in-process).
+
+    Hub downloads keep their bars either way: a download of a large model is long, and its bar is the only sign of
+    progress. A command's own progress bar and summary are not library output and always show.
+    """
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    try:
+        import datasets
+    except ImportError:  # inference without the [eval] or [train] extra: no datasets bars to hide
+        datasets = None
+
+    def show_bars(transformers_bars: bool, datasets_bars: bool, hub_bars: bool) -> None:
+        (
+            transformers_logging.enable_progress_bar
+            if transformers_bars
+            else transformers_logging.disable_progress_bar
+        )()
+        if datasets is not None:
+            (datasets.enable_progress_bars if datasets_bars else datasets.disable_progress_bars)()
+        # Last: transformers switches the Hub's bars along with its own.
+        (hub_utils.enable_progress_bars if hub_bars else hub_utils.disable_progress_bars)()
+
+    saved = (
+        transformers_logging.is_progress_bar_enabled(),
+        datasets is not None and datasets.is_progress_bar_enabled(),
+        not hub_utils.are_progress_bars_disabled(),
+    )
+    package_logger = logging.getLogger(__package__.rpartition(".")[0])
+    saved_level = package_logger.level
+    # The package's loggers have no handler of their own, and the root's last resort shows warnings only.
+    handler = logging.StreamHandler(sys.stderr) if verbose else None
+    if handler is not None:
+        package_logger.addHandler(handler)
+        package_logger.setLevel(logging.INFO)
+    show_bars(verbose, verbose, saved[2])
+    try:
+        yield
+    finally:
+        show_bars(*saved)
+        if handler is not None:
+            package_logger.removeHandler(handler)
+            package_logger.setLevel(saved_level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `streetclip` argument parser, one subcommand per task."""
     parser = argparse.ArgumentParser(
@@ -62,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run `streetclip` and return its exit status (argparse itself exits on --help and on malformed options)."""
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with verbosity(args.verbose) if hasattr(args, "verbose") else nullcontext():
+            return args.run(args)
     except (UsageError, ResultFileError) as error:
         print(f"streetclip {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -82,7 +146,9 @@ __all__ = [
     "EXIT_SOME_FAILED",
     "EXIT_USAGE",
     "UsageError",
+    "add_verbose_argument",
     "build_parser",
     "int_at_least",
     "main",
+    "verbosity",
 ]

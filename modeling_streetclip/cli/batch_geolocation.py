@@ -49,9 +49,13 @@ class _PreprocessedImages(Dataset):
         return len(self.inputs)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        image = self.inputs[index]
+        if image is None:  # a dataset row without an image
+            return index, None, "no image: the row's image is empty (None)."
         try:
-            image = load_rgb_image(self.inputs[index])
-        except (FileNotFoundError, IsADirectoryError, PermissionError, ImageLoadError, TypeError) as error:
+            image = load_rgb_image(image)
+        # OSError: any failure to look up or read the file (missing, a folder, no permission, a name too long).
+        except (OSError, ImageLoadError, TypeError) as error:
             return index, None, str(error)
         return index, resized_pixels(self.image_processor, image)[0], None
 
@@ -180,7 +184,12 @@ def ranked_answers(
             for image in zip(*ranked, strict=True)
         ]
     ranked = model.rank_places(outputs, top_k=top_k, decision=decision)
-    return [format_answers(model.candidate_places, *image) for image in zip(*ranked, strict=True)]
+    # Fields a rule does not fill (None) stay out, as the pipeline's postprocess leaves them.
+    columns = {name: column for name, column in ranked._asdict().items() if column is not None}
+    return [
+        format_answers(model.candidate_places, **{name: column[image] for name, column in columns.items()})
+        for image in range(len(ranked.city_rows))
+    ]
 
 
 __all__ = [

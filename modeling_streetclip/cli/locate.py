@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import logging
 import os
 import re
+import stat
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, closing
@@ -23,7 +25,15 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from . import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS, EXIT_OK, EXIT_SOME_FAILED, UsageError, int_at_least
+from . import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_NUM_WORKERS,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    UsageError,
+    add_verbose_argument,
+    int_at_least,
+)
 
 
 if TYPE_CHECKING:
@@ -52,6 +62,11 @@ DEFAULT_SPLIT = "train"
 STREAM_BLOCK_BATCHES = 16
 # The record field of a dataset row whose ids do not come from a column (file names, row numbers).
 DEFAULT_ID_FIELD = "id"
+# A --countries file lists at most a few hundred short lines; anything far larger is not one (and /dev/zero never ends).
+MAX_COUNTRIES_FILE_BYTES = 1024 * 1024
+# The files of a model folder whose content shapes answers (configs, candidate tables, weights): a change to any of them
+# between two runs on one --output is refused (see `model_fingerprint`).
+FINGERPRINTED_SUFFIXES = (".json", ".safetensors", ".bin")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -66,10 +81,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "soon as it is ready: its path (or dataset id) and its top_k answers (country, country_code, city, "
             "latitude, longitude, score, country_score, joint_probability; region and region_score for a model with a "
             "region level), ordered by --decision, or an `error` field with the reason. Runs unchanged on many "
-            "processes, GPUs or machines: `accelerate launch [--num_processes N] -m modeling_streetclip.cli locate "
+            "processes, GPUs or machines: `accelerate launch -q [--num_processes N] -m modeling_streetclip.cli locate "
             "...` or `torchrun --nproc_per_node N -m modeling_streetclip.cli locate ...`; the processes share the "
             "batches, the main process writes every record, shows one progress bar for all, and the answers are those "
-            "of one process."
+            "of one process. Give accelerate launch -q (--quiet): without it, a run that exits non-zero (some input "
+            "failed) ends in the launcher's traceback, which since Accelerate 1.16 repeats everything this command "
+            "wrote to standard error. Accelerate's note that some values 'were not passed to `accelerate launch`' "
+            "comes from the launcher before this command starts: pass --num_processes, --num_machines, "
+            "--mixed_precision and --dynamo_backend (and --num_cpu_threads_per_process with --cpu), or write a "
+            "default config once with `accelerate config default`."
         ),
         epilog=(
             'Output: JSON Lines ({"path": ..., "answers": [{...}, ...]} or {"path": ..., "error": ...}), or CSV with '
@@ -78,18 +98,24 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "region_score_1 empty for a model without a region level, country_2, ..., error). Paths are absolute. "
             'With --group_by, records carry "group" and its member "paths" (a JSON list in CSV) instead of "path"; '
             "with --dataset, the row's id under the id column's name (or \"id\" for file names and row numbers). "
+            "Every format is valid UTF-8: a byte of a file name that is not UTF-8 is written as a backslash escape, "
+            "\\xff (Python's backslashreplace), the same in JSON Lines, CSV and Parquet; resume finds the file by it. "
             "Parquet (FILE.parquet): one row per input, answers as a list of structs, null where the error is; "
             "it loads with datasets.load_dataset('parquet', data_files=FILE). CSV cells that a spreadsheet would run as a formula (starting with = + - @) start with an apostrophe. "
             "Resume: rerunning the same command with the same --output skips the inputs already recorded (failed "
             "ones included: delete their records to retry them); a run killed at any moment leaves only complete "
-            "records. The options that shape answers (--model, --countries, --top_k, --decision, --gallery, --group_by, "
-            "--dtype, --quantize) are recorded in FILE.options.json; a rerun with others stops, naming them, and "
-            "--overwrite starts afresh. One run at a time writes a FILE; a run on several processes resumes what "
+            "records; an incomplete last record is cut off, saying how many bytes went. The options that shape answers "
+            "(--model, with a fingerprint of a model folder's weight and config files, --countries, --top_k, "
+            "--decision, --gallery, --group_by, --dtype, --quantize, and --streaming for a --dataset whose records "
+            "are named by file name or row number) are recorded in FILE.options.json; a rerun with others stops, "
+            "naming them, and --overwrite starts afresh. One run at a time writes a FILE; a run on several processes resumes what "
             "a run on any number wrote, and a process killed at any moment stops the others with it (the launcher's "
             "doing), leaving only complete records. A Parquet FILE is written in parts, in FILE.parts/, merged into "
             "FILE when the run ends. Exit status, of every process: 0 when every input was "
             "geolocated, 1 when some failed (a summary line on standard error counts them), 2 on usage errors "
-            "(unknown or broken model, unreadable countries file or folder, unknown country, no inputs, an output "
+            "(unknown or broken model, a model neither in a local folder nor in the Hub cache while the Hub cannot be "
+            "reached, unreadable countries file or folder, unknown country, no inputs, an input path that does not "
+            "exist, an output "
             "that is not a writable file, written with other options or by another run now, a write that failed, "
             "e.g. on a full disk: the complete records are kept), 130 when interrupted, 141 when the reader of "
             "standard output goes away."
@@ -100,7 +126,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         nargs="*",
         metavar="INPUTS",
         help="image files, folders (their files in formats Pillow reads) or glob patterns such as 'photos/*.jpg'; "
-        "'-' reads paths from standard input, one per line (or --dataset instead)",
+        "'-' reads paths from standard input, one per line (or --dataset instead). A path named here that does not "
+        "exist stops the run at once (status 2); one read from standard input gets an error record",
     )
     locate.add_argument(
         "--dataset",
@@ -120,7 +147,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--id_column",
         help="the --dataset column whose values name each record, under the column's name (default: img_id, "
         "image_id, id, key, file_name or filename when present; else the image file names when each has its own, "
-        'else the row numbers, under "id"; with --streaming, the row numbers)',
+        'else the row numbers, under "id"; with --streaming, the row numbers, so that an --output written with '
+        "--streaming is resumed only with it, and one written without it only without it)",
     )
     locate.add_argument(
         "--streaming",
@@ -132,7 +160,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--model",
         default="geolocal/StreetCLIP",
         help="Hub repo or local folder: a plain CLIP checkpoint, or a folder saved by StreetCLIPForGeolocation "
-        "(loaded without its text tower) (default: %(default)s)",
+        "(loaded without its text tower). The default is downloaded from the Hugging Face Hub on first use and read "
+        "from its cache after; offline, give a local folder (default: %(default)s)",
     )
     locate.add_argument(
         "--top_k",
@@ -212,6 +241,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         r"'(pano_\d+)_heading' for the headings of one Street View panorama). An input the REGEX does not match "
         "is a group of its own; a group with an unreadable view gets an error record",
     )
+    add_verbose_argument(locate)
     locate.set_defaults(run=locate_command)
 
 
@@ -265,10 +295,12 @@ def expand_inputs(arguments: list[str], recursive: bool, stdin: TextIO) -> list[
     """Absolute paths of the images that files, folders, glob patterns and '-' (paths on `stdin`) name, each once,
     in order of first mention.
 
-    A named file is an input whatever its extension, so that a path that is missing or not an image gets an error
-    record rather than vanishing; so is a URL, kept as written, whose record says that URLs are not fetched. A folder
-    contributes its files in formats Pillow reads (a folder without any gets a warning). Absolute paths (symlinks
-    kept, unlike `resolve`) are the identity that resume matches records by, whatever the working folder.
+    A named file is an input whatever its extension, so that a file that is not an image gets an error record
+    rather than vanishing; so is a path read from `stdin` that is missing, and a URL, kept as written, whose record
+    says that URLs are not fetched. A path in `arguments` that does not exist is a usage error, found before any
+    model loads (a mistyped folder). A folder contributes its files in formats Pillow reads (a folder without any gets
+    a warning). Absolute paths (symlinks kept, unlike `resolve`) are the identity that resume matches records by,
+    whatever the working folder.
     """
     from ..images import looks_like_url
 
@@ -281,6 +313,8 @@ def expand_inputs(arguments: list[str], recursive: bool, stdin: TextIO) -> list[
             if not named:
                 logger.warning(f"streetclip locate: the pattern {argument!r} matches no file.")
         else:
+            if not looks_like_url(argument):
+                _check_named_path(argument)
             named = [argument]
         for name in named:
             if os.path.isdir(name):
@@ -294,6 +328,21 @@ def expand_inputs(arguments: list[str], recursive: bool, stdin: TextIO) -> list[
             else:
                 paths.setdefault(os.path.abspath(name), None)
     return list(paths)
+
+
+def _check_named_path(argument: str) -> None:
+    """Refuse a path named on the command line that does not exist; one that cannot be looked up for another reason
+    (a name longer than the file system allows, a folder without search permission) stays an input, whose error
+    record gives the reason."""
+    try:
+        os.lstat(argument)
+    except FileNotFoundError:
+        raise UsageError(
+            f"no such file or folder: {argument!r}; give image files, folders or glob patterns, or '-' to read paths "
+            "from standard input."
+        ) from None
+    except OSError:
+        pass
 
 
 def group_views(paths: list[str], pattern: re.Pattern) -> list[tuple[str, list[str]]]:
@@ -327,15 +376,28 @@ def _group_pattern(regex: str) -> re.Pattern:
 
 
 def read_countries(path: Path) -> list[str]:
-    """The countries of a --countries file (see `gazetteer.read_country_list`), checked before any model loads."""
+    """The countries of a --countries file (see `gazetteer.read_country_list`), checked before any model loads.
+
+    Only a regular file of at most MAX_COUNTRIES_FILE_BYTES is read: a device such as /dev/zero, or a pipe, could
+    hold any amount of text.
+    """
     from ..gazetteer import read_country_list
 
     try:
-        return read_country_list(path)
+        status = os.stat(path)
+        if stat.S_ISREG(status.st_mode) and status.st_size <= MAX_COUNTRIES_FILE_BYTES:
+            return read_country_list(path)
     except OSError as error:
         raise UsageError(f"cannot read --countries {str(path)!r}: {error}") from None
     except ValueError as error:
         raise UsageError(f"--countries: {error}") from None
+    if not stat.S_ISREG(status.st_mode):
+        kind = "a folder" if stat.S_ISDIR(status.st_mode) else "not a regular file (a device, pipe or socket)"
+        raise UsageError(f"--countries {str(path)!r} is {kind}; give a text file with one country per line.")
+    raise UsageError(
+        f"--countries {str(path)!r} holds {status.st_size:,} bytes, where a list of countries, one per line, takes a "
+        f"few kB (at most {MAX_COUNTRIES_FILE_BYTES:,} bytes are read); is it the right file?"
+    )
 
 
 def quantization_config_for(quantize: str | None, device: str, dtype: str) -> Any:
@@ -363,6 +425,7 @@ def load_model(
     from ..modeling_streetclip import StreetCLIPForGeolocation
     from ..processing_streetclip import StreetCLIPProcessor
 
+    _check_model_reachable(name)
     try:
         image_processor = StreetCLIPProcessor.from_pretrained(name).image_processor
         model = StreetCLIPForGeolocation.from_pretrained(
@@ -382,6 +445,7 @@ def load_model(
         StrictDataclassError,
     ) as error:
         raise UsageError(f"cannot load --model {name!r}: {error}") from None
+    check_image_processor(image_processor, model.config.vision_config.image_size, name)
     if countries is not None:
         try:
             model.restrict_countries(countries)
@@ -390,14 +454,93 @@ def load_model(
     return model.to(device), image_processor
 
 
+def _check_model_reachable(name: str) -> None:
+    """Stop at once, naming the cause, when --model is neither a local folder nor in the Hub cache and the Hub cannot
+    be reached (offline mode, no network): the loaders would retry file after file for minutes, then blame the files.
+
+    The Hub is asked once, for the model's config, without retries; what it answers (a missing or gated repo) is left
+    to the loaders to report.
+    """
+    if os.path.isdir(name):
+        return
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.utils import httpx
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except HFValidationError:
+        raise UsageError(
+            f"cannot load --model {name!r}: there is no folder by that name, and it is not a Hub id (ORG/NAME)."
+        ) from None
+    if isinstance(cached, str):
+        return
+    advice = (
+        "Give --model a local folder that holds a saved model (e.g. written by `save_pretrained`), or run once where "
+        "the Hub can be reached to fill the cache"
+    )
+    if constants.is_offline_mode():
+        raise UsageError(
+            f"cannot load --model {name!r}: it is not a local folder nor in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and offline mode (HF_HUB_OFFLINE) keeps the Hub from being asked. {advice}."
+        )
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except httpx.TransportError as error:
+        raise UsageError(
+            f"cannot load --model {name!r}: the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({error}), "
+            f"and the model is not in its cache ({constants.HF_HUB_CACHE}). {advice}."
+        ) from None
+    except HfHubHTTPError:
+        pass
+
+
+def check_image_processor(image_processor, image_size: int, name: str) -> None:
+    """Refuse an image processor config that cannot give the model its `image_size` x `image_size` pixels (a size or
+    crop that is not a positive integer, another size), naming the file and the value, before any image is read."""
+    source = _image_processor_file(name)
+    sizes = {"size": image_processor.size or {}}
+    if image_processor.do_center_crop:
+        sizes["crop_size"] = image_processor.crop_size or {}
+    for field, size in sizes.items():
+        for key in ("height", "width", "shortest_edge", "longest_edge"):
+            value = size.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UsageError(
+                    f"cannot use --model {name!r}: {source} has {field}.{key} = {value!r}; image sizes are positive "
+                    "integers of pixels."
+                )
+    final = sizes.get("crop_size") if image_processor.do_center_crop else sizes["size"]
+    if not image_processor.do_resize and not image_processor.do_center_crop:
+        final = {}
+    shape = (final.get("height"), final.get("width"))
+    if shape != (image_size, image_size):
+        given = f"{shape[0]} x {shape[1]} pixels" if None not in shape else "images of varying shape"
+        raise UsageError(
+            f"cannot use --model {name!r}: {source} gives {given}, but the model takes {image_size} x {image_size} "
+            "(set crop_size, with do_center_crop, to that size)."
+        )
+
+
+def _image_processor_file(name: str) -> str:
+    """Where the image processor settings of --model `name` were read from, for messages."""
+    for file_name in ("processor_config.json", "preprocessor_config.json"):
+        if os.path.isfile(os.path.join(name, file_name)):
+            return repr(os.path.join(name, file_name))
+    return f"the image processor config of {name!r}"
+
+
 def answer_options(args: argparse.Namespace, countries: list[str] | None) -> dict[str, Any]:
     """The options that shape the answers, recorded beside an --output file (see `records.open_records`) so that a
     rerun with other options stops instead of mixing its answers into the file. None stands for an option not given
     and is not recorded: an option added later (a decision rule, a gallery) joins this dict with None for its
     default, and files written before it stay resumable. A local model folder is recorded by its absolute path, as
-    inputs are, so that a rerun from another working folder matches."""
+    inputs are, so that a rerun from another working folder matches, and by the fingerprint of its files, so that a
+    rerun with other weights in the same folder stops instead of mixing two models' answers in one file."""
+    local_model = os.path.isdir(args.model)
     return {
-        "model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
+        "model": os.path.abspath(args.model) if local_model else args.model,
+        "model_weights": model_fingerprint(args.model) if local_model else None,
         "countries": countries,
         "top_k": args.top_k,
         # The paper's rule is what files written before --decision hold.
@@ -407,6 +550,23 @@ def answer_options(args: argparse.Namespace, countries: list[str] | None) -> dic
         "dtype": args.dtype,
         "quantize": args.quantize,
     }
+
+
+def model_fingerprint(folder: str) -> str:
+    """A short SHA-256 of the files of a model folder that shape answers (FINGERPRINTED_SUFFIXES: configs, candidate
+    tables, weights), names and contents. Reading the weights costs about as long as loading them; a hash of their
+    headers alone would miss weights of another seed or training step, whose shapes are the same."""
+    digest = hashlib.sha256()
+    try:
+        files = sorted(entry for entry in Path(folder).iterdir() if entry.suffix in FINGERPRINTED_SUFFIXES)
+        for file in files:
+            if file.is_file():
+                with file.open("rb") as stream:
+                    digest.update(file.name.encode("utf-8", "surrogateescape") + b"\0")
+                    digest.update(hashlib.file_digest(stream, "sha256").digest())
+    except OSError as error:
+        raise UsageError(f"cannot read --model {folder!r}: {error}") from None
+    return digest.hexdigest()[:16]
 
 
 def _views_by_group(
@@ -524,7 +684,13 @@ def _plan(
     else:
         key_field = source.id_column or DEFAULT_ID_FIELD
         groups = [] if args.streaming else [(key, [row]) for row, key in enumerate(_dataset_keys(source, args))]
-    options = answer_options(args, countries)
+    options = None
+    if args.output is not None:  # (standard output resumes nothing: no options to record, no weights to hash)
+        options = answer_options(args, countries)
+        if source is not None and source.id_column is None:
+            # Rows are named by file name or row number without --streaming and by row number with it: a file
+            # written one way is resumed only the same way.
+            options["streaming"] = args.streaming or None
     writer = stack.enter_context(open_records(args.output, grouped, args.top_k, options, args.overwrite, key_field))
     pending = [(key, members) for key, members in groups if key not in writer.recorded]
     failed_before = sum(not writer.recorded[key] for key, _ in groups if key in writer.recorded)
