@@ -35,7 +35,7 @@ from benchmark_data import DEFAULT_CSV_ENCODING, Benchmark, BenchmarkRow, Column
 from plots import plot_error_cdf, plot_world_map, run_title
 from tqdm.auto import tqdm
 
-from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip import StreetCLIPForGeolocation
 from modeling_streetclip.cli import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_NUM_WORKERS,
@@ -43,11 +43,14 @@ from modeling_streetclip.cli import (
     EXIT_SOME_FAILED,
     EXIT_USAGE,
     UsageError,
+    add_verbose_argument,
     int_at_least,
+    verbosity,
 )
 from modeling_streetclip.cli.batch_geolocation import geolocate_images
 from modeling_streetclip.cli.distributed import make_accelerator, on_every_process, on_main_process, quiet_unless_main
 from modeling_streetclip.cli.index import load_gallery
+from modeling_streetclip.cli.locate import load_model
 from modeling_streetclip.cli.records import spreadsheet_safe
 from modeling_streetclip.configuration_streetclip import DECISIONS
 from modeling_streetclip.gallery import GALLERY_DECISIONS
@@ -135,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto picks cuda when torch sees one"
     )
+    add_verbose_argument(parser)
     return parser
 
 
@@ -185,24 +189,14 @@ def prepare_output_dir(output_dir: Path) -> None:
         raise UsageError(f"cannot write the results to --output_dir {str(output_dir)!r}: {error}") from None
 
 
-def load_model(name: str, device: str | torch.device) -> tuple[StreetCLIPForGeolocation, object]:
-    """The model on `device` and its image processor; a name that does not load is a usage error."""
-    try:
-        image_processor = StreetCLIPProcessor.from_pretrained(name).image_processor
-        # A saved folder with heads loads without its text tower, as `streetclip locate` loads it.
-        model = StreetCLIPForGeolocation.from_pretrained(name, vision_only="auto")
-    except (OSError, ValueError) as error:
-        raise UsageError(f"cannot load --model {name!r}: {error}") from None
-    return model.to(device), image_processor
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark; exits with status 2 and a one-line message on an invocation that cannot run."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        accelerator = make_accelerator(args.device)
-        status = quiet_unless_main(accelerator, lambda: run(args, accelerator))
+        with verbosity(args.verbose):
+            accelerator = make_accelerator(args.device)
+            status = quiet_unless_main(accelerator, lambda: run(args, accelerator))
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
@@ -235,8 +229,11 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> int:
 
     # Every process reads the benchmark (the main one first: a Hub dataset downloads once) and indexes its images.
     benchmark = on_every_process(accelerator, read_benchmark, main_process_first=True)
+    # As `streetclip locate` loads it: a saved folder with heads without its text tower, its processor checked.
     model, image_processor = on_every_process(
-        accelerator, lambda: load_model(args.model, accelerator.device), main_process_first=True
+        accelerator,
+        lambda: load_model(args.model, accelerator.device, torch.float32, countries=None),
+        main_process_first=True,
     )
     gallery = None
     if args.gallery is not None:

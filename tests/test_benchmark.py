@@ -3,6 +3,7 @@
 import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -257,6 +258,42 @@ def test_dataset_saved_to_disk_with_custom_column_names(small_streetclip_dir, im
         2,
     )
     assert "image_dir" not in metrics
+
+
+def test_a_dataset_row_without_an_image_is_one_error_row(small_streetclip_dir, image_folder, tmp_path):
+    photos = [str(image_folder / name) for name, _, _ in GOOD_ROWS[:2]]
+    test_split = datasets.Dataset.from_dict(
+        {"image": [photos[0], None, photos[1]], "lat": [48.8566, 1.0, 35.6762], "lon": [2.3522, 2.0, 139.6503]}
+    ).cast_column("image", datasets.Image())
+    test_split.save_to_disk(tmp_path / "dataset")
+    output_dir = tmp_path / "results"
+
+    benchmark.main(
+        ["--model", str(small_streetclip_dir), "--data", str(tmp_path / "dataset"), "--output_dir", str(output_dir)]
+        + ["--num_workers", "0", "--device", "cpu"]
+    )
+
+    rows = _read_predictions(output_dir)
+    assert [row["error"] for row in rows] == ["", "no image: the row's image is empty (None).", ""]
+    assert (_read_metrics(output_dir)["num_evaluated"], _read_metrics(output_dir)["num_unreadable_images"]) == (2, 1)
+
+
+def test_an_image_processor_config_without_usable_sizes_is_a_usage_error(
+    capsys, small_streetclip_dir, image_folder, metadata_csv, tmp_path
+):
+    model = tmp_path / "model"
+    shutil.copytree(small_streetclip_dir, model)
+    config_file = model / "preprocessor_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"size": {"shortest_edge": -5}}))
+
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(
+            ["--model", str(model), "--data", str(metadata_csv), "--image_dir", str(image_folder)]
+            + ["--output_dir", str(tmp_path / "results"), "--num_workers", "0", "--device", "cpu"]
+        )
+
+    assert exit_info.value.code == 2
+    assert f"{str(config_file)!r} has size.shortest_edge = -5" in capsys.readouterr().err
 
 
 def test_run_where_every_input_fails_writes_its_outputs_and_exits_one(
@@ -621,6 +658,23 @@ def test_image_folder_runs_from_its_only_split_with_file_names_as_ids(
     # Both figures name the model, n and the accuracies, so that two runs' figures can be told apart.
     accuracies = ", ".join(f"acc@{km} km {metrics[f'acc_{km}km']:.1%}" for km in (25, 200, 750, 2500))
     assert titles == [f"geo_eval, model {small_streetclip_dir}\nn = 3: {accuracies}"] * 2
+
+
+def test_a_default_run_hides_loading_bars_and_split_notes_that_verbose_shows(
+    capsys, small_streetclip_dir, geo_image_folder, tmp_path
+):
+    outputs = {}
+    for flags in ([], ["--verbose"]):
+        data = shutil.copytree(geo_image_folder, tmp_path / f"data{len(flags)}")  # datasets prepares each once
+        benchmark.main(
+            ["--model", str(small_streetclip_dir), "--data", str(data), "--output_dir", str(tmp_path / "results")]
+            + ["--num_workers", "0", "--device", "cpu", *flags]
+        )
+        outputs[bool(flags)] = capsys.readouterr().err
+
+    for noise in ("has no split 'test'; reading its only split, 'train'", "Loading weights", "Generating train split"):
+        assert noise not in outputs[False] and noise in outputs[True]
+    assert "data0: 100%" in outputs[False]  # the runner's own progress bar stays
 
 
 # Figures
