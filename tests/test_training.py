@@ -6,6 +6,7 @@ and a small generated image folder whose colours depend on the country and strip
 """
 
 import csv
+import io
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from pretrain import (
     RUN_STATE_NAME,
     complete_checkpoints,
     drop_records_after,
+    follow_schedule,
     parse_args,
     resume_candidates,
     resume_from,
@@ -43,7 +45,7 @@ from pretrain import (
 )
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
-from transformers import AutoImageProcessor, AutoTokenizer, pipeline
+from transformers import AutoImageProcessor, AutoTokenizer, get_scheduler, pipeline
 
 import modeling_streetclip
 from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
@@ -131,6 +133,32 @@ def run_pretrain(
     return result
 
 
+def write_unreadable_rows(folder: Path) -> Path:
+    """Two rows whose images cannot be read, a text file named .jpg and a truncated JPEG, added to `folder`'s
+    metadata.csv (created if missing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "notes.jpg").write_text("not a photo\n", encoding="utf-8")
+    encoded = io.BytesIO()
+    place_photo(1, 0, np.random.default_rng(0)).save(encoded, format="JPEG")
+    (folder / "cut.jpg").write_bytes(encoded.getvalue()[:200])
+    metadata = folder / "metadata.csv"
+    rows = metadata.read_text(encoding="utf-8") if metadata.exists() else "file_name,latitude,longitude\n"
+    metadata.write_text(rows + "notes.jpg,48.8566,2.3522\ncut.jpg,35.6762,139.6503\n", encoding="utf-8")
+    return folder
+
+
+def schedule_rates(max_steps: int, learning_rate: float, warmup_steps: int) -> list[float]:
+    """The rate each step of a run trains at under the script's default cosine schedule, step 1 first."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=learning_rate)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
+    rates = []
+    for _ in range(max_steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
 def read_log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "log_history.jsonl").read_text().splitlines()]
 
@@ -165,6 +193,7 @@ def country_accuracy(model_dir: Path, folder: Path) -> float:
     )
 
 
+@pytest.mark.slow
 def test_short_cpu_run_raises_held_out_country_accuracy_from_chance_to_at_least_0_8(tiny_clip_dir, geo_data, tmp_path):
     """The slowest check here (about a minute on two cores): 40 steps of the tiny model."""
     before_dir = save_streetclip_folder(
@@ -211,6 +240,7 @@ def test_short_cpu_run_raises_held_out_country_accuracy_from_chance_to_at_least_
     assert recorded["world_size"] == 1 and recorded["global_batch_size"] == recorded["per_device_train_batch_size"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_at_its_step_and_continues_the_data_order(tiny_clip_dir, geo_data, tmp_path):
     options = {"max_steps": 30, "checkpointing_steps": 3, "record_sample_ids": True}
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
@@ -253,6 +283,7 @@ def test_killed_run_resumes_at_its_step_and_continues_the_data_order(tiny_clip_d
     assert resumed_losses[30] == pytest.approx(reference_losses[30], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_falls_back_and_the_resumed_log_and_counts_carry_on(
     tiny_clip_dir, geo_data, tmp_path
 ):
@@ -264,7 +295,11 @@ def test_a_damaged_latest_checkpoint_falls_back_and_the_resumed_log_and_counts_c
     options = {"max_steps": 6, "checkpointing_steps": 3, "per_device_train_batch_size": 16, "seed": 0}
     run_pretrain(pretrain_args(tiny_clip_dir, geo_data, output_dir, record_sample_ids=True, **options), geo_data)
     first_log = read_log(output_dir)
-    assert json.loads((checkpoints / "checkpoint-3" / RUN_STATE_NAME).read_text()) == {"skipped_rows": 1}
+    assert json.loads((checkpoints / "checkpoint-3" / RUN_STATE_NAME).read_text()) == {
+        "skipped_rows": 1,
+        "skipped_batches": 0,
+        "max_steps": 6,
+    }
     optimizer_state = checkpoints / "checkpoint-6" / "optimizer.bin"
     optimizer_state.write_bytes(optimizer_state.read_bytes()[: optimizer_state.stat().st_size // 2])
     (checkpoints / "checkpoint-3" / "random_states_0.pkl").write_bytes(b"not a pickle")
@@ -291,6 +326,31 @@ def test_a_damaged_latest_checkpoint_falls_back_and_the_resumed_log_and_counts_c
     assert skipped_rows(first_log)[6] == 1
 
 
+@pytest.mark.slow
+def test_a_run_resumed_with_a_larger_max_steps_trains_on_along_the_longer_schedule(tiny_clip_dir, geo_data, tmp_path):
+    """Extending a finished 4-step run to 6 steps restored the 4-step cosine's last rate, 0, for step 5. The log
+    gives the rate each step trained at."""
+    output_dir = tmp_path / "run"
+    options = {"checkpointing_steps": 2, "use_lora": True}
+    run_pretrain(pretrain_args(tiny_clip_dir, geo_data, output_dir, max_steps=4, **options), geo_data)
+    result = run_pretrain(
+        pretrain_args(tiny_clip_dir, geo_data, output_dir, max_steps=6, resume_from_checkpoint="latest", **options),
+        geo_data,
+    )
+    assert f"{output_dir / 'checkpoints' / 'checkpoint-4'} was saved by a run of 4 steps; this run trains to 6" in (
+        result.stderr
+    )
+    log = {entry["step"]: entry for entry in read_log(output_dir)}
+    assert sorted(log) == [1, 2, 3, 4, 5, 6]
+    # 5% warmup rounds up to one step in both runs.
+    first_run, extended = schedule_rates(4, 1e-3, warmup_steps=1), schedule_rates(6, 1e-3, warmup_steps=1)
+    assert [log[step]["train/learning_rate"] for step in (1, 2, 3, 4)] == pytest.approx(first_run)
+    assert [log[step]["train/learning_rate"] for step in (5, 6)] == pytest.approx(extended[4:])
+    assert min(extended[4:]) > 0
+    assert log[5]["train/logit_scale"] != log[4]["train/logit_scale"], "step 5 did not train"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
 def test_every_precision_trains_and_evaluates_from_the_start(tiny_clip_dir, geo_data, tmp_path, precision):
     """bf16 runs died at their first evaluation, which builds the city heads under autocast. On a CPU, accelerate
@@ -321,6 +381,7 @@ def test_every_precision_trains_and_evaluates_from_the_start(tiny_clip_dir, geo_
     assert answer["country"] in PLACES
 
 
+@pytest.mark.slow
 def test_the_readme_training_command_runs_as_printed_on_tiny_data(tiny_clip_dir, geo_data, tmp_path):
     """training/README.md's launch command, with only its paths and sizes made tiny: `accelerate launch`, bf16,
     evaluation and checkpoints as printed."""
@@ -351,6 +412,7 @@ def test_the_readme_training_command_runs_as_printed_on_tiny_data(tiny_clip_dir,
     assert json.loads((output_dir / "training_args.json").read_text())["mixed_precision"] == "bf16"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_name", ["example_config.yaml", "streetclip_recipe.yaml"])
 def test_the_shipped_configs_run_as_printed_on_tiny_data(tiny_clip_dir, geo_data, tmp_path, config_name):
     """Each YAML file in training/, with only its paths and sizes made tiny (the paper's 193 countries stay)."""
@@ -381,6 +443,7 @@ def test_the_shipped_configs_run_as_printed_on_tiny_data(tiny_clip_dir, geo_data
     assert len(geolocate.model.candidate_places.country_names) == 193
 
 
+@pytest.mark.slow
 def test_two_processes_shard_the_data_and_match_the_one_process_loss(tiny_clip_dir, geo_data, tmp_path):
     """Two gloo processes with 4 images each against one process with 8: the same global batches and losses."""
     options = {"max_steps": 4, "checkpointing_steps": 100, "record_sample_ids": True}
@@ -408,6 +471,81 @@ def test_two_processes_shard_the_data_and_match_the_one_process_loss(tiny_clip_d
         assert double_losses[step] == pytest.approx(loss, abs=1e-4)
 
 
+TWO_PROCESSES = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
+def test_batches_without_a_readable_image_are_skipped_counted_and_leave_the_model_as_it_was(
+    tiny_clip_dir, geo_data, tmp_path, processes
+):
+    """A text file and a truncated JPEG, two per step in all: the run died reshaping an empty batch. Now each step is
+    skipped on every process alike, counted and logged, and makes no update (weight decay would otherwise move the
+    weights on zero gradients)."""
+    output_dir = tmp_path / "run"
+    args = pretrain_args(
+        tiny_clip_dir,
+        geo_data,
+        output_dir,
+        train_data=write_unreadable_rows(tmp_path / "unreadable"),
+        per_device_train_batch_size=2 // processes,
+        max_steps=2,
+        checkpointing_steps=100,
+    )
+    launcher = (sys.executable,) if processes == 1 else TWO_PROCESSES
+    result = run_pretrain(args, geo_data, launcher=launcher, ACCELERATE_USE_CPU="1")
+    log = read_log(output_dir)
+    assert [(entry["step"], entry["train/skipped_batches"], entry["train/skipped_rows"]) for entry in log] == [
+        (1, 1, 2),
+        (2, 2, 4),
+    ]
+    assert not [entry for entry in log if "train/loss" in entry]
+    assert "Step 1: no image of its batch could be read, on any process; the batch is skipped" in result.stderr
+    assert "Trained 2 steps; 4 rows were dropped from their batches (train/skipped_rows) and 2 batches with no " in (
+        result.stderr
+    )
+    before, after = load_file(tiny_clip_dir / "model.safetensors"), load_file(output_dir / "model.safetensors")
+    assert before.keys() <= after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+@pytest.mark.slow
+def test_a_process_without_a_readable_image_trains_on_with_the_other_and_matches_one_process(
+    tiny_clip_dir, geo_data, tmp_path
+):
+    """Two photos and two unreadable files, a global batch of 4: in some steps one process has nothing readable while
+    the other has both photos. It must still take part in the gather and the gradient sync (a hang otherwise), and
+    the losses must stay those of one process reading the same batches."""
+    folder = tmp_path / "half-readable"
+    folder.mkdir()
+    place_photo(0, 0, np.random.default_rng(0)).save(folder / "paris.png")
+    place_photo(1, 0, np.random.default_rng(1)).save(folder / "tokyo.png")
+    (folder / "metadata.csv").write_text(
+        "file_name,latitude,longitude\nparis.png,48.8566,2.3522\ntokyo.png,35.6762,139.6503\n", encoding="utf-8"
+    )
+    write_unreadable_rows(folder)
+    options = {"train_data": folder, "max_steps": 6, "checkpointing_steps": 100, "record_sample_ids": True}
+    single_dir, double_dir = tmp_path / "one-process", tmp_path / "two-processes"
+    run_pretrain(
+        pretrain_args(tiny_clip_dir, geo_data, single_dir, per_device_train_batch_size=4, **options), geo_data
+    )
+    run_pretrain(
+        pretrain_args(tiny_clip_dir, geo_data, double_dir, per_device_train_batch_size=2, **options),
+        geo_data,
+        launcher=TWO_PROCESSES,
+        ACCELERATE_USE_CPU="1",
+    )
+    rank0, rank1 = sample_ids_by_step(double_dir, 0), sample_ids_by_step(double_dir, 1)
+    one_sided = [step for step in rank0 if not rank0[step] or not rank1[step]]
+    print("rows per step and process:", [(rank0[step], rank1[step]) for step in sorted(rank0)])
+    assert one_sided, "no step left a process without a readable image; choose another seed"
+    single_losses, double_losses = train_losses(single_dir), train_losses(double_dir)
+    assert list(double_losses) == list(range(1, 7))
+    for step, loss in single_losses.items():
+        assert double_losses[step] == pytest.approx(loss, abs=1e-4)
+
+
+@pytest.mark.slow
 def test_lora_run_with_accumulation_and_checkpointing_saves_merged_attention_updates_only(
     tiny_clip_dir, geo_data, tmp_path
 ):
@@ -530,6 +668,21 @@ def test_a_batch_of_only_unreadable_images_gives_a_zero_loss_that_reaches_the_pa
     assert loss.item() == 0.0 and scale.grad.item() == 0.0
 
 
+def test_the_towers_take_an_empty_batch_and_still_reach_every_parameter(tiny_streetclip, tiny_clip_dir):
+    """A process whose images were all unreadable runs the towers on nothing: CLIP cannot, and DDP's gradient sync
+    waits for a gradient of every parameter from every process."""
+    towers = ContrastiveTowers(set_trainable_parameters(tiny_streetclip, ModelArguments(str(tiny_clip_dir))))
+    image_embeds, text_embeds, logit_scale = towers(
+        torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE), torch.empty(0, 1, dtype=torch.long), torch.empty(0, 1)
+    )
+    projection = tiny_streetclip.config.projection_dim
+    assert image_embeds.shape == text_embeds.shape == (0, projection)
+    contrastive_loss(image_embeds, text_embeds, logit_scale, torch.empty(0, dtype=torch.long)).backward()
+    trainable = [(name, parameter) for name, parameter in towers.named_parameters() if parameter.requires_grad]
+    assert trainable and not [name for name, parameter in trainable if parameter.grad is None]
+    assert all(torch.equal(parameter.grad, torch.zeros_like(parameter)) for _, parameter in trainable)
+
+
 def test_gathering_on_one_process_keeps_the_local_batch():
     embeddings, keys = torch.ones(3, 2), torch.arange(3)
     gathered_embeddings, gathered_keys = gather_across_processes(embeddings, keys)
@@ -633,7 +786,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_and_says_so(
     accelerator, model, checkpoints, at_step_2 = saved_checkpoints
     truncate(checkpoints / "checkpoint-4" / damaged)
     with caplog.at_level(logging.WARNING):
-        checkpoint, run_state = resume_from(accelerator, resume_candidates("latest", checkpoints))
+        checkpoint, run_state = resume_from(accelerator, resume_candidates("latest", checkpoints), model)
     assert (checkpoint, run_state) == (checkpoints / "checkpoint-2", {"skipped_rows": 3})
     assert torch.equal(model.weight, at_step_2)
     assert f"Checkpoint {checkpoints / 'checkpoint-4'} cannot be loaded (" in caplog.text
@@ -641,14 +794,60 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_and_says_so(
 
 
 def test_a_damaged_checkpoint_with_nothing_to_fall_back_to_is_refused_naming_it(saved_checkpoints):
-    accelerator, _, checkpoints, _ = saved_checkpoints
+    accelerator, model, checkpoints, _ = saved_checkpoints
     for step in (2, 4):
         truncate(checkpoints / f"checkpoint-{step}" / "model.safetensors")
     for resume in ("latest", str(checkpoints / "checkpoint-4")):
         # `latest` tries checkpoint-4, then checkpoint-2; a named folder is never swapped for another.
         named = "checkpoint-2" if resume == "latest" else "checkpoint-4"
         with pytest.raises(ValueError, match=f"Cannot resume from checkpoint '.*{named}': a file in it is damaged"):
-            resume_from(accelerator, resume_candidates(resume, checkpoints))
+            resume_from(accelerator, resume_candidates(resume, checkpoints), model)
+
+
+def test_a_checkpoint_of_another_model_size_is_refused_naming_a_parameter_and_both_shapes(saved_checkpoints):
+    """It was reported as damaged or truncated, though its files are intact; nothing is loaded."""
+    _, _, checkpoints, _ = saved_checkpoints
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(16, 8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    weights = model.weight.detach().clone()
+    for resume, named in (("latest", "checkpoint-4"), (str(checkpoints / "checkpoint-2"), "checkpoint-2")):
+        with pytest.raises(ValueError) as refused:
+            resume_from(accelerator, resume_candidates(resume, checkpoints), model)
+        assert str(refused.value).startswith(
+            f"Cannot resume from checkpoint '{checkpoints / named}': it holds the weights of a model of another size "
+            "(its parameter 'weight' has shape [8, 8] in model.safetensors, and [8, 16] in the model of this run); "
+            "its files are intact."
+        )
+        assert "damaged" not in str(refused.value)
+    assert torch.equal(model.weight, weights)
+
+
+def test_a_restored_scheduler_follows_the_schedule_of_the_resuming_run():
+    """A finished 4-step cosine is at rate 0; restored into a 6-step run (with another peak rate), it must give step 5
+    the 6-step schedule's rate and then go on along that schedule."""
+
+    def cosine(max_steps: int, learning_rate: float):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=learning_rate)
+        return get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=max_steps)
+
+    saved, resumed, reference = cosine(4, 1e-3), cosine(6, 2e-3), cosine(6, 2e-3)
+    for scheduler, steps in ((saved, 4), (reference, 4)):
+        for _ in range(steps):
+            scheduler.optimizer.step()
+            scheduler.step()
+    assert saved.get_last_lr() == [0.0]
+    resumed.optimizer.load_state_dict(saved.optimizer.state_dict())
+    resumed.load_state_dict(saved.state_dict())
+    follow_schedule(resumed, 2e-3, 4)
+    for _ in range(2):
+        assert resumed.get_last_lr() == pytest.approx(reference.get_last_lr())
+        assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(reference.get_last_lr()[0])
+        assert resumed.get_last_lr()[0] > 0
+        for scheduler in (resumed, reference):
+            scheduler.optimizer.step()
+            scheduler.step()
 
 
 @pytest.mark.parametrize(
@@ -663,19 +862,19 @@ def test_a_damaged_checkpoint_with_nothing_to_fall_back_to_is_refused_naming_it(
 )
 def test_random_states_that_cannot_be_restored_are_warned_about(saved_checkpoints, caplog, corrupt):
     """accelerate skips them with an INFO line only, and the resume silently stops being exact."""
-    accelerator, _, checkpoints, _ = saved_checkpoints
+    accelerator, model, checkpoints, _ = saved_checkpoints
     states = checkpoints / "checkpoint-4" / "random_states_0.pkl"
     corrupt(states)
     with caplog.at_level(logging.WARNING):
-        checkpoint, _ = resume_from(accelerator, resume_candidates("latest", checkpoints))
+        checkpoint, _ = resume_from(accelerator, resume_candidates("latest", checkpoints), model)
     assert checkpoint == checkpoints / "checkpoint-4"
     assert f"The random states in {states} cannot be restored" in caplog.text
 
 
 def test_intact_random_states_restore_without_a_warning(saved_checkpoints, caplog):
-    accelerator, _, checkpoints, _ = saved_checkpoints
+    accelerator, model, checkpoints, _ = saved_checkpoints
     with caplog.at_level(logging.WARNING):
-        resume_from(accelerator, resume_candidates("latest", checkpoints))
+        resume_from(accelerator, resume_candidates("latest", checkpoints), model)
     assert not caplog.records
 
 
@@ -697,6 +896,7 @@ def test_resuming_from_anything_but_a_checkpoint_of_this_script_is_refused(tmp_p
     assert resume_candidates("latest", tmp_path / "no-checkpoints-yet") == []
 
 
+@pytest.mark.slow
 def test_a_bad_resume_folder_is_refused_before_the_model_loads(geo_data, tmp_path):
     """Given the output folder instead of one of its checkpoints, the run used to load the model and the data, and
     then fail on a state_dict error."""
@@ -966,6 +1166,7 @@ def test_city_heads_built_under_autocast_match_those_built_in_float32(tiny_clip_
 TRAIN_EXTRA = ("accelerate", "datasets", "evaluate", "peft", "tensorboard", "reverse_geocode", "scipy")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("missing", "how"),
     [(TRAIN_EXTRA, "import"), (TRAIN_EXTRA, "script"), (("peft",), "script"), (("datasets",), "import")],
@@ -1031,6 +1232,7 @@ def test_a_final_save_that_fails_leaves_nothing_half_written_and_says_why(small_
     assert pipeline("geolocation", model=str(output_dir))(place_photo(0, 0, np.random.default_rng(0)), top_k=1)
 
 
+@pytest.mark.slow
 def test_a_run_whose_final_save_fails_exits_naming_the_checkpoint_that_resumes_it(tiny_clip_dir, geo_data, tmp_path):
     """The final save fails (ENOSPC injected into its weights file only): the run exits non-zero naming the intact
     checkpoint, and the command it names, rerun, saves the trained model."""
@@ -1057,6 +1259,7 @@ def test_a_run_whose_final_save_fails_exits_naming_the_checkpoint_that_resumes_i
     assert pipeline("geolocation", model=str(output_dir))(str(geo_data["eval"] / "Japan-0-0.png"))[0]["country"]
 
 
+@pytest.mark.slow
 def test_push_to_hub_publishes_through_publish_py_and_keeps_the_model_when_it_fails(tiny_clip_dir, geo_data, tmp_path):
     output_dir = tmp_path / "pushed"
     args = pretrain_args(tiny_clip_dir, geo_data, output_dir, max_steps=1, push_to_hub=True, hub_model_id="me/run")
@@ -1076,6 +1279,7 @@ def test_push_to_hub_without_a_repo_id_is_refused_before_training(tmp_path):
         parse_args(["--model_name_or_path", "m", "--train_data", "d", "--output_dir", "o", "--push_to_hub"])
 
 
+@pytest.mark.slow
 def test_epochs_count_the_batches_of_the_filtered_data(tiny_clip_dir, geo_data, tmp_path):
     output_dir = tmp_path / "epochs"
     run_pretrain(
@@ -1089,6 +1293,7 @@ def test_epochs_count_the_batches_of_the_filtered_data(tiny_clip_dir, geo_data, 
     assert recorded["completed_steps"] == recorded["max_steps"] == 2 * (good_rows // 16)
 
 
+@pytest.mark.slow
 def test_model_card_counts_the_epochs_and_the_precision_the_run_used(tiny_clip_dir, geo_data, tmp_path):
     # --max_steps over several passes: the card read the ignored --num_train_epochs (1) and precision "None" before.
     output_dir = tmp_path / "card"
@@ -1105,6 +1310,7 @@ def test_model_card_counts_the_epochs_and_the_precision_the_run_used(tiny_clip_d
     assert "- **Mixed precision:** `no`\n" in card
 
 
+@pytest.mark.slow
 def test_streamed_data_trains_in_bfloat16_mixed_precision(tiny_clip_dir, geo_data, tmp_path):
     output_dir = tmp_path / "streamed"
     run_pretrain(

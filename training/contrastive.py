@@ -23,10 +23,29 @@ class ContrastiveTowers(nn.Module):
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """L2-normalised image and text embeddings, and the logit scale (the exponentiated temperature)."""
-        image_embeds = self.clip.get_image_features(pixel_values=pixel_values).pooler_output
-        text_embeds = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-        return F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1), self.clip.logit_scale.exp()
+        """L2-normalised image and text embeddings, and the logit scale (the exponentiated temperature).
+
+        An empty batch (every image of a process unreadable) gives no rows that still depend on every parameter,
+        since DDP's gradient sync waits for each process to use them all.
+        """
+        rows = len(pixel_values)
+        image_embeds = self.clip.get_image_features(pixel_values=at_least_one_row(pixel_values)).pooler_output
+        text_embeds = self.clip.get_text_features(
+            input_ids=at_least_one_row(input_ids), attention_mask=at_least_one_row(attention_mask, fill=1)
+        ).pooler_output
+        return (
+            F.normalize(image_embeds[:rows], dim=-1),
+            F.normalize(text_embeds[:rows], dim=-1),
+            self.clip.logit_scale.exp(),
+        )
+
+
+def at_least_one_row(batch: torch.Tensor, fill: int = 0) -> torch.Tensor:
+    """`batch`, or one row of `fill` standing in for it when it has none, to be cut off from the outputs again: CLIP
+    cannot run on an empty batch (its attention reshapes with -1), yet a process with nothing readable still has to
+    take part in the collectives of a step. The stand-in must keep activations finite (an all-masked text would
+    not), so that the zero gradients it passes back stay zero."""
+    return batch if len(batch) else batch.new_full((1, *batch.shape[1:]), fill)
 
 
 def gather_across_processes(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

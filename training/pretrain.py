@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
@@ -45,13 +46,14 @@ try:
     from accelerate.utils import (
         OPTIMIZER_NAME,
         RNG_STATE_NAME,
+        SAFE_WEIGHTS_NAME,
         SCHEDULER_NAME,
         ProjectConfiguration,
         load,
         set_seed,
     )
     from arguments import DataArguments, ModelArguments, TrainingArguments
-    from contrastive import ContrastiveTowers, contrastive_loss, gather_across_processes
+    from contrastive import ContrastiveTowers, at_least_one_row, contrastive_loss, gather_across_processes
     from data import GeoCollator, PlaceCaptioner, candidate_country_names, caption_dataset, load_geo_dataset
     from peft import LoraConfig, PeftModel, get_peft_model
 except ModuleNotFoundError as error:
@@ -187,12 +189,22 @@ def resume_candidates(resume_from_checkpoint: str | None, checkpoints_dir: Path)
     return [path]
 
 
-def resume_from(accelerator: Accelerator, candidates: list[Path]) -> tuple[Path, dict]:
-    """Load the first of `candidates` that loads, warning for each damaged one passed over; returns it with the
-    script's own run state. A damaged checkpoint with nothing older to fall back to stops the run, naming it."""
+def resume_from(accelerator: Accelerator, candidates: list[Path], model: nn.Module) -> tuple[Path, dict]:
+    """Load the first of `candidates` that loads into the prepared `model` (and the optimiser and scheduler), warning
+    for each damaged one passed over; returns it with the script's own run state. A damaged checkpoint with nothing
+    older to fall back to stops the run, naming it; so does one saved from a model of another size, whose files are
+    intact and whose older siblings would not fit either."""
     if not candidates:
         raise ValueError("resume_from needs at least one checkpoint to try.")
     for position, checkpoint in enumerate(candidates):
+        mismatch = shape_mismatch(checkpoint, model)
+        if mismatch is not None:
+            raise ValueError(
+                f"Cannot resume from checkpoint {str(checkpoint)!r}: it holds the weights of a model of another size "
+                f"({mismatch}); its files are intact. Resume with the model and the settings it was trained with "
+                "(--model_name_or_path, --countries, --cities_per_country, --use_lora and --lora_*), or train this "
+                "model in another --output_dir."
+            )
         try:
             with quiet_accelerate_checkpointing():
                 accelerator.load_state(str(checkpoint))
@@ -211,6 +223,26 @@ def resume_from(accelerator: Accelerator, candidates: list[Path]) -> tuple[Path,
             continue
         warn_if_random_states_unreadable(checkpoint, accelerator.process_index)
         return checkpoint, read_run_state(checkpoint)
+
+
+def shape_mismatch(checkpoint: Path, model: nn.Module) -> str | None:
+    """A parameter of `checkpoint` whose saved shape differs from `model`'s, described, or None; read from the
+    weights file's header, without loading any weight. A file whose header cannot be read is left to the load, which
+    reports it as damaged."""
+    path = checkpoint / SAFE_WEIGHTS_NAME
+    shapes = {name: list(value.shape) for name, value in model.state_dict().items()}
+    try:
+        with safe_open(path, framework="pt") as saved:
+            for name in saved.keys():
+                saved_shape = saved.get_slice(name).get_shape()
+                if name in shapes and saved_shape != shapes[name]:
+                    return (
+                        f"its parameter {name!r} has shape {saved_shape} in {path.name}, and {shapes[name]} in the "
+                        "model of this run"
+                    )
+    except (OSError, SafetensorError):
+        return None
+    return None
 
 
 def warn_if_random_states_unreadable(checkpoint: Path, process_index: int) -> None:
@@ -235,13 +267,30 @@ def warn_if_random_states_unreadable(checkpoint: Path, process_index: int) -> No
 
 
 def read_run_state(checkpoint: Path) -> dict:
-    """The script's counters saved with a checkpoint (`train/skipped_rows`), or none, with a warning, when missing."""
+    """The script's counters saved with a checkpoint (`train/skipped_rows`, `train/skipped_batches`) and the length
+    of the run that saved it, or none, with a warning, when missing."""
     path = checkpoint / RUN_STATE_NAME
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        logger.warning(f"Cannot read {path} ({error}); train/skipped_rows counts again from 0.")
+        logger.warning(
+            f"Cannot read {path} ({error}); train/skipped_rows and train/skipped_batches count again from 0."
+        )
         return {}
+
+
+def follow_schedule(lr_scheduler: LRScheduler, learning_rate: float, step: int) -> None:
+    """Put a scheduler that a checkpoint restored at `step` of this run's schedule, peaking at `learning_rate`.
+
+    A checkpoint restores the scheduler's step and the rate it had reached, but not its schedule: transformers'
+    schedules are closures, which `LambdaLR` does not save, so the schedule is this run's. The restored rate is the
+    saving run's, though: a run resumed with a larger --max_steps (or another --learning_rate or warmup) would take
+    its first step at that rate, 0 at the end of a cosine decay, and then follow the new schedule.
+    """
+    state = lr_scheduler.state_dict()
+    state.update(base_lrs=[learning_rate] * len(state["base_lrs"]), last_epoch=step - 1)
+    lr_scheduler.load_state_dict(state)
+    lr_scheduler.step()  # sets every parameter group's rate for `step`, as the scheduler computes it
 
 
 def drop_records_after(log_path: Path, step: int) -> None:
@@ -351,13 +400,14 @@ def evaluate_geolocation(
     model.set_candidates(places, prompts)
     results = {"row_ids": [], "predicted": [], "true": [], "predicted_country": [], "true_country": []}
     for batch in tqdm(dataloader, desc="Evaluating", leave=False, disable=not accelerator.is_local_main_process):
+        rows = len(batch["row_ids"])  # none when every image of the batch was unreadable; the gather still runs
         with accelerator.autocast():
-            outputs = model(pixel_values=batch["pixel_values"])
+            outputs = model(pixel_values=at_least_one_row(batch["pixel_values"]))
         gathered = gather_across_processes(
             batch["row_ids"],
-            outputs.predicted_coordinates,
+            outputs.predicted_coordinates[:rows],
             batch["coordinates"],
-            outputs.predicted_country,
+            outputs.predicted_country[:rows],
             batch["country_rows"],
         )
         for key, values in zip(results, gathered, strict=True):
@@ -544,14 +594,22 @@ def main(argv: list[str] | None = None) -> None:
     metric = evaluate.load(str(GEODESIC_METRIC)) if eval_dataloader is not None else None
 
     # Resume: the exact step, the data position within its epoch, and the logs and counts up to that step.
-    global_step, first_epoch, skip_batches, skipped_before = 0, 0, 0, 0
+    global_step, first_epoch, skip_batches, run_state = 0, 0, 0, {}
     sample_log = output_dir / "sample_ids" / f"rank-{accelerator.process_index}.jsonl"
     if training_args.resume_from_checkpoint == "latest" and not checkpoints_to_try:
         logger.warning(f"No checkpoint in {checkpoints_dir} to resume from; starting a new run.")
     if checkpoints_to_try:
-        checkpoint, run_state = resume_from(accelerator, checkpoints_to_try)
+        checkpoint, run_state = resume_from(accelerator, checkpoints_to_try, towers)
         global_step = checkpoint_step(checkpoint)
-        skipped_before = int(run_state.get("skipped_rows", 0))
+        # Accelerate steps the scheduler once per process and optimiser step.
+        follow_schedule(lr_scheduler.scheduler, training_args.learning_rate, global_step * accelerator.num_processes)
+        saved_max_steps = run_state.get("max_steps", max_steps)
+        if saved_max_steps != max_steps:
+            logger.info(
+                f"{checkpoint} was saved by a run of {saved_max_steps} steps; this run trains to {max_steps}: the "
+                f"learning-rate schedule ({training_args.lr_scheduler_type}, warmup_steps={warmup_steps}) is that "
+                f"of {max_steps} steps, at {lr_scheduler.get_last_lr()[0]:.3g} for step {global_step + 1}."
+            )
         completed_batches = global_step * training_args.gradient_accumulation_steps
         if data_args.streaming:
             skip_batches = completed_batches
@@ -581,11 +639,15 @@ def main(argv: list[str] | None = None) -> None:
 
     progress = tqdm(total=max_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     towers.train()
-    step_loss, skipped_rows = 0.0, torch.zeros((), dtype=torch.long, device=accelerator.device)
+    skipped_rows = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    # Micro-batches whose global batch held no readable image: the same count on every process.
+    skipped_batches = int(run_state.get("skipped_batches", 0))
+    # The current optimiser step's rows over all processes and micro-batches, and its micro-batch losses.
+    step_rows, step_losses = 0, []
 
     def skipped_so_far() -> int:
         """Rows dropped by the collators of all processes, since the start of the run (not of this resume)."""
-        return skipped_before + int(accelerator.reduce(skipped_rows, reduction="sum").item())
+        return int(run_state.get("skipped_rows", 0)) + int(accelerator.reduce(skipped_rows, reduction="sum").item())
 
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_steps:
@@ -601,6 +663,8 @@ def main(argv: list[str] | None = None) -> None:
                     sample_file.write(
                         json.dumps({"step": global_step + 1, "row_ids": batch["row_ids"].tolist()}) + "\n"
                     )
+            # Every process runs the same collectives whatever its batch holds (an empty one runs the towers on a
+            # stand-in row), so that one process's unreadable images never leave the others waiting.
             with accelerator.accumulate(towers):
                 image_embeds, text_embeds, logit_scale = towers(
                     batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
@@ -610,40 +674,49 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 loss = contrastive_loss(image_embeds, text_embeds, logit_scale, caption_keys)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and training_args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(towers.parameters(), training_args.max_grad_norm)
-                optimizer.step()
+                step_rows += len(caption_keys)
+                # A step without a readable image makes no update: AdamW's momentum and weight decay would still
+                # move the weights on zero gradients.
+                if step_rows:
+                    if accelerator.sync_gradients and training_args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(towers.parameters(), training_args.max_grad_norm)
+                    optimizer.step()
+                learning_rate = lr_scheduler.get_last_lr()[0]  # the rate this step trains at, for the log
                 lr_scheduler.step()
                 optimizer.zero_grad()
-            step_loss += loss.detach().item() / training_args.gradient_accumulation_steps
+            if len(caption_keys):
+                step_losses.append(loss.detach().item())
+            else:
+                skipped_batches += 1
+                logger.warning(
+                    f"Step {global_step + 1}: no image of its batch could be read, on any process; the batch is "
+                    "skipped (train/skipped_batches)."
+                )
             if not accelerator.sync_gradients:
                 continue
             with torch.no_grad():
                 geolocator.logit_scale.clamp_(0, math.log(model_args.max_logit_scale))
             global_step += 1
             progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}")
+            metrics = {
+                "train/learning_rate": learning_rate,
+                "train/logit_scale": geolocator.logit_scale.exp().item(),
+                "train/epoch": epoch,
+                "train/skipped_batches": skipped_batches,
+            }
+            if step_losses:  # a step whose every batch was skipped has no loss
+                metrics["train/loss"] = sum(step_losses) / len(step_losses)
+                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+            step_rows, step_losses = 0, []
             if global_step % training_args.logging_steps == 0 or global_step == max_steps:
-                log_metrics(
-                    accelerator,
-                    {
-                        "train/loss": step_loss,
-                        "train/learning_rate": lr_scheduler.get_last_lr()[0],
-                        "train/logit_scale": geolocator.logit_scale.exp().item(),
-                        "train/epoch": epoch,
-                        "train/skipped_rows": skipped_so_far(),
-                    },
-                    global_step,
-                    output_dir,
-                )
-            step_loss = 0.0
+                log_metrics(accelerator, {**metrics, "train/skipped_rows": skipped_so_far()}, global_step, output_dir)
             if global_step % training_args.checkpointing_steps == 0:
                 save_checkpoint(
                     accelerator,
                     checkpoints_dir,
                     global_step,
                     training_args.checkpoints_total_limit,
-                    {"skipped_rows": skipped_so_far()},
+                    {"skipped_rows": skipped_so_far(), "skipped_batches": skipped_batches, "max_steps": max_steps},
                 )
             if eval_dataloader is not None and (
                 global_step % training_args.eval_steps == 0 or global_step == max_steps
@@ -657,6 +730,10 @@ def main(argv: list[str] | None = None) -> None:
             if global_step >= max_steps:
                 break
     progress.close()
+    logger.info(
+        f"Trained {global_step} steps; {skipped_so_far()} rows were dropped from their batches (train/skipped_rows) "
+        f"and {skipped_batches} batches with no readable image were skipped (train/skipped_batches)."
+    )
 
     # The final folder: merged weights, heads from the trained text tower, and the processor.
     accelerator.wait_for_everyone()
