@@ -17,8 +17,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import weakref
 from pathlib import Path
 
+import httpx
 import numpy as np
 import publish
 import pytest
@@ -94,14 +96,18 @@ def cli_error(reference):
     return error_of
 
 
-def _assert_same_answers(shown: list[dict], expected: list[dict]) -> None:
+def _assert_same_answers(shown: list[dict], expected: list[dict], as_table: bool = False) -> None:
+    """`shown` answers are the `expected` ones: as the pipeline gives them, or as the table rounds them."""
     assert len(shown) == len(expected)
     for answer, reference_answer in zip(shown, expected, strict=True):
         assert {field: answer[field] for field in TEXT_FIELDS} == {
             field: reference_answer[field] for field in TEXT_FIELDS
         }
         for field in NUMBER_FIELDS:
-            assert float(answer[field]) == pytest.approx(reference_answer[field], abs=1e-6)
+            if as_table:
+                assert float(answer[field]) == app.shown_number(field, reference_answer[field])
+            else:
+                assert float(answer[field]) == pytest.approx(reference_answer[field], abs=1e-6)
 
 
 def _pin_pixels(image: Image.Image, tolerance: int = 12) -> int:
@@ -198,6 +204,74 @@ def test_table_has_a_row_per_answer_with_the_pipelines_fields(geolocator, photos
     ]
     assert table["city"].tolist() == [answer["city"] for result in results for answer in result.answers]
     assert list(app.answers_table([]).columns) == ["photo", "file", "rank"]
+
+
+def test_table_shows_probabilities_to_four_significant_digits_and_coordinates_to_four_decimals(geolocator, photos):
+    assert app.shown_number("score", 0.09364717453718185) == 0.09365
+    assert app.shown_number("joint_probability", 0.000123456) == 0.0001235
+    assert app.shown_number("latitude", 35.67623456) == 35.6762
+    results = geolocator.locate([str(photos["street"]), str(photos["square"])], top_k=3)
+    table = app.answers_table(results)
+    answers = [answer for result in results for answer in result.answers]
+    for field in table.columns[table.dtypes == np.float64]:
+        shown = table[field].tolist()
+        assert shown == [app.shown_number(field, answer[field]) for answer in answers]
+        # Not the float's seventeen digits: at most four significant ones (four decimals for a coordinate).
+        digits = [f"{value:.15g}".lstrip("-0.").replace(".", "").split("e")[0] for value in shown]
+        if field not in app.COORDINATE_FIELDS:
+            assert max(len(value) for value in digits) <= app.SIGNIFICANT_DIGITS, (field, shown)
+    assert all(round(value, 4) == value for value in table["latitude"])
+
+
+def test_photos_are_decoded_one_at_a_time_each_released_before_the_next(geolocator, photos, monkeypatch):
+    decode, decoded, alive_at_each_decode = geolocator.load_rgb_image, [], []
+
+    def tracked_decode(path):
+        alive_at_each_decode.append(sum(reference() is not None for reference in decoded))
+        image = decode(path)
+        decoded.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(geolocator, "load_rgb_image", tracked_decode)
+    results = geolocator.locate([str(photos["street"]), str(photos["square"]), str(photos["street"])], top_k=1)
+    assert alive_at_each_decode == [0, 0, 0] and all(result.answers for result in results)
+
+
+def test_more_photos_than_the_maximum_are_refused_naming_the_maximum(geolocator, photos):
+    with pytest.raises(ValueError, match=rf"^{app.MAX_PHOTOS + 1} photos in one request; at most {app.MAX_PHOTOS} "):
+        geolocator.locate([str(photos["street"])] * (app.MAX_PHOTOS + 1))
+    assert len(geolocator.locate([str(photos["street"])] * app.MAX_PHOTOS, top_k=1)) == app.MAX_PHOTOS
+    readme = (SPACE_DIR / "README.md").read_text()
+    assert f"at most {app.MAX_PHOTOS} photos per request" in readme and f'"{app.MAX_FILE_SIZE}"' in readme
+
+
+def test_a_country_given_twice_or_by_code_and_name_is_one_restriction(geolocator, photos):
+    once = geolocator.locate([str(photos["street"])], ["Brazil"], top_k=3)[0].answers
+    for countries in (["Brazil", "Brazil"], ["BR", "Brazil"]):
+        _assert_same_answers(geolocator.locate([str(photos["street"])], countries, top_k=3)[0].answers, once)
+    assert geolocator._candidate_names(["BR", "Brazil", "Kenya"]) == ("Brazil", "Kenya")
+    with pytest.raises(ValueError, match="'Atlantis' is not one of the 6 candidate countries"):
+        geolocator.locate([str(photos["street"])], ["Atlantis"])
+
+
+def test_the_page_deletes_stored_uploads_once_they_are_old(geolocator, photos, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    monkeypatch.setattr(app, "CACHE_CHECK_EVERY_S", 1)
+    monkeypatch.setattr(app, "CACHE_MAX_AGE_S", 1)
+    demo = app.build_demo(geolocator)
+    _, url, _ = demo.launch(
+        prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), max_file_size=app.MAX_FILE_SIZE
+    )
+    try:
+        uploaded = httpx.post(f"{url}gradio_api/upload", files={"files": ("a.png", photos["street"].read_bytes())})
+        (stored,) = map(Path, uploaded.json())
+        assert stored.is_file() and stored.is_relative_to(tmp_path)
+        deadline = time.monotonic() + 30
+        while stored.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not stored.exists()
+    finally:
+        demo.close()
 
 
 def _answer(city: str, latitude: float, longitude: float, score: float) -> dict:
@@ -440,7 +514,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(small_streetclip_dir, tmp_path_factory):
+def server_cache(tmp_path_factory) -> Path:
+    """The folder where the server's Gradio stores uploads and answers (its GRADIO_TEMP_DIR)."""
+    return tmp_path_factory.mktemp("gradio-cache")
+
+
+@pytest.fixture(scope="module")
+def server(small_streetclip_dir, server_cache, tmp_path_factory):
     """`python model_card/space/app.py --model DIR`, listening where GRADIO_SERVER_NAME and _PORT say; its URL."""
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
@@ -449,6 +529,7 @@ def server(small_streetclip_dir, tmp_path_factory):
         "GRADIO_SERVER_NAME": "127.0.0.1",
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_TEMP_DIR": str(server_cache),
     }
     with log.open("w") as output:
         process = subprocess.Popen(
@@ -495,13 +576,35 @@ def test_api_answers_with_the_map_table_and_errors(server, reference, photos):
     )
     rows = [dict(zip(table["headers"], row, strict=True)) for row in table["data"]]
     assert [row["file"] for row in rows] == ["street.png"] * 3
-    _assert_same_answers(rows, reference(str(photos["street"]), top_k=3))
+    _assert_same_answers(rows, reference(str(photos["street"]), top_k=3), as_table=True)
     assert "broken.jpg" in errors and "is not an image format Pillow can read" in errors
     assert _pin_pixels(Image.open(world)) > 0
 
-    # A country restriction is one more input.
-    _, table, _ = client.predict([handle_file(str(photos["square"]))], 2, ["Brazil"], api_name="/geolocate")
-    assert {row[table["headers"].index("country")] for row in table["data"]} == {"Brazil"}
+    # A country restriction is one more input; a country given twice is that country.
+    for countries in (["Brazil"], ["Brazil", "Brazil"]):
+        _, table, _ = client.predict([handle_file(str(photos["square"]))], 2, countries, api_name="/geolocate")
+        assert {row[table["headers"].index("country")] for row in table["data"]} == {"Brazil"}
+
+
+def test_api_errors_carry_their_message(server, photos):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(server, verbose=False)
+    too_many = [handle_file(str(photos["street"]))] * (app.MAX_PHOTOS + 1)
+    with pytest.raises(AppError, match=f"{app.MAX_PHOTOS + 1} photos in one request; at most {app.MAX_PHOTOS}"):
+        client.predict(too_many, 1, [], api_name="/geolocate")
+
+
+def test_an_upload_over_the_size_limit_is_refused_and_not_stored(server, server_cache, photos):
+    limit = 20 * 1024 * 1024
+    assert app.MAX_FILE_SIZE == "20mb"
+    refused = httpx.post(f"{server}gradio_api/upload", files={"files": ("big.jpg", os.urandom(limit + 1))}, timeout=60)
+    assert refused.status_code == 413 and "maximum allowed size" in refused.text
+    accepted = httpx.post(f"{server}gradio_api/upload", files={"files": ("ok.png", photos["street"].read_bytes())})
+    assert accepted.status_code == 200
+    stored = [path.stat().st_size for path in server_cache.rglob("*") if path.is_file()]
+    assert stored and max(stored) <= limit
 
 
 def _chromium() -> tuple[str, str] | None:
@@ -591,7 +694,7 @@ def test_page_answers_an_uploaded_photo_as_the_pipeline_and_pins_it(server, brow
     rows = _wait_for_rows(browser, len(expected))
     assert [row["file"] for row in rows] == ["street.png"] * len(expected)
     assert [row["rank"] for row in rows] == [str(rank) for rank in range(1, len(expected) + 1)]
-    _assert_same_answers(rows, expected)
+    _assert_same_answers(rows, expected, as_table=True)
     WebDriverWait(browser, PAGE_TIMEOUT_S).until(lambda driver: _pin_pixels(_map_screenshot(driver)) > 50)
 
     # Everything the page loaded came from the app itself: no CDN, no tile server.
@@ -619,4 +722,4 @@ def test_page_shows_a_bad_files_error_and_answers_the_other_photo(server, browse
     assert "1. broken.jpg" in browser.find_element(By.ID, "errors").text
     rows = _wait_for_rows(browser, app.DEFAULT_TOP_K)
     assert {row["file"] for row in rows} == {"square.jpg"}
-    _assert_same_answers(rows, reference(str(photos["square"]), top_k=app.DEFAULT_TOP_K))
+    _assert_same_answers(rows, reference(str(photos["square"]), top_k=app.DEFAULT_TOP_K), as_table=True)

