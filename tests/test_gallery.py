@@ -5,6 +5,7 @@ zero-shot at street level.
 """
 
 import csv
+import io
 import json
 import math
 import os
@@ -560,6 +561,38 @@ def test_a_photo_listed_twice_goes_into_the_gallery_once_and_is_recorded_as_a_ba
     assert len(set(result.gallery.dataset["image_path"])) == GOOD_ROWS
 
 
+def test_repeated_ids_are_recorded_but_stored_images_that_share_a_name_are_distinct_photos(
+    model_and_processor, tmp_path
+):
+    def png(photo: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        photo.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    rng = np.random.default_rng(3)
+    photos = [{"bytes": png(place_photo(index, 0, rng)), "path": "image.png"} for index in range(3)]
+    data = datasets.Dataset.from_dict(
+        {"image": photos, "latitude": [48.8, 35.6, -1.3], "longitude": [2.3, 139.6, 36.8], "id": ["a", "b", "a"]},
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "latitude": datasets.Value("float64"),
+                "longitude": datasets.Value("float64"),
+                "id": datasets.Value("string"),
+            }
+        ),
+    )
+    model, processor = model_and_processor
+    with_ids = build_gallery(model, processor, data, tmp_path / "ids", progress=False)
+    assert len(with_ids.gallery) == 2
+    assert [row["error"] for row in with_ids.bad_rows] == [
+        "repeats the id (column 'id') 'a' of source row 0; each photo goes into the gallery once"
+    ]
+    # Without ids, a stored image's path is only a name: three photos called image.png stay three.
+    without_ids = build_gallery(model, processor, data.remove_columns("id"), tmp_path / "names", progress=False)
+    assert len(without_ids.gallery) == 3 and not without_ids.bad_rows
+
+
 def test_a_gallery_loads_from_a_hub_dataset_repo_and_pushes_as_one(built, tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     place_in_hub_cache(built.gallery.folder, cache, "someone/photos", repo_type="dataset")
@@ -741,6 +774,20 @@ def test_index_build_command_writes_a_gallery_names_skipped_rows_and_exits_1(
     assert (gallery.settings.num_neighbors, gallery.settings.radius_km) == (8, 5.0)
     assert main([*args, "--workers", "0"]) == EXIT_USAGE
     assert "already holds a complete gallery; pass --overwrite" in capsys.readouterr().err
+
+
+def test_index_build_shows_only_its_own_bar_and_summary_unless_verbose(small_streetclip_dir, photos, tmp_path, capfd):
+    # A folder datasets has not seen, so that reading it would show its file and split bars.
+    source = shutil.copytree(photos, tmp_path / "photos")
+    args = ["index", "build", str(source), "--model", str(small_streetclip_dir), "--workers", "0"]
+    assert main([*args, "--output", str(tmp_path / "quiet")]) == EXIT_SOME_FAILED
+    quiet = capfd.readouterr().err
+    assert "streetclip index build: 100%" in quiet and f"{GOOD_ROWS} photos in the gallery" in quiet
+    for noise in ("Loading weights", "Downloading data", "Generating train split", "Saving the dataset", "0/1"):
+        assert noise not in quiet
+    assert main([*args, "--output", str(tmp_path / "verbose"), "--verbose"]) == EXIT_SOME_FAILED
+    verbose = capfd.readouterr().err
+    assert "Loading weights" in verbose and "Saving the dataset" in verbose and "1/1" in verbose
 
 
 def test_index_build_reads_a_csv_with_an_image_folder(small_streetclip_dir, photos, tmp_path, capsys):

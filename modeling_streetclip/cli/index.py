@@ -11,7 +11,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS, EXIT_OK, EXIT_SOME_FAILED, UsageError, int_at_least
+from . import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_NUM_WORKERS,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    UsageError,
+    add_verbose_argument,
+    int_at_least,
+)
 from .locate import add_placement_arguments
 
 
@@ -114,6 +122,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="rows per shard written as the build goes; a kill loses at most one (default: %(default)s)",
     )
     add_placement_arguments(build)
+    add_verbose_argument(build)
     build.add_argument(
         "--overwrite", action="store_true", help="delete a gallery or unfinished build in --output and start afresh"
     )
