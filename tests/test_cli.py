@@ -442,6 +442,9 @@ def test_console_script_exits_one_when_some_inputs_fail(tmp_path, small_streetcl
     assert result.returncode == 1, result.stderr
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 3
     assert "2 of 3 inputs geolocated, 1 failed" in result.stderr
+    # Nothing but the command's own bar and summary (transformers' handler writes to the real standard error, which
+    # only a separate process shows): no loading bars, no note of a second registration with transformers.
+    assert "Loading weights" not in result.stderr and "already registered" not in result.stderr
 
 
 def csv_rows(path: Path) -> list[dict]:

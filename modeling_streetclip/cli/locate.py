@@ -824,11 +824,10 @@ def _check_invocation(args: argparse.Namespace) -> None:
 def locate_command(args: argparse.Namespace) -> int:
     """`streetclip locate`: geolocate every input not yet recorded in --output, then report and set the status, on
     one process or on every process a launcher started."""
-    # Imported here, not at the top, so that `streetclip --help` answers without loading torch.
-    from .. import register_with_transformers
+    # Imported here, not at the top, so that `streetclip --help` answers without loading torch. (The package registers
+    # itself with transformers once transformers is imported; registering again would warn on every run.)
     from .distributed import make_accelerator, quiet_unless_main
 
-    register_with_transformers()
     quantization = quantization_config_for(args.quantize, args.device, args.dtype)
     accelerator = make_accelerator(args.device, cpu_only=quantization is not None)
     return quiet_unless_main(accelerator, lambda: _locate(args, accelerator, quantization))
