@@ -55,7 +55,7 @@ def register_with_transformers() -> None:
     _registration.done = True
     if _registration in sys.meta_path:
         sys.meta_path.remove(_registration)
-    from transformers import AutoConfig, AutoModel, AutoProcessor
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoProcessor
     from transformers.pipelines import PIPELINE_REGISTRY
 
     from .configuration_streetclip import StreetCLIPConfig
@@ -65,6 +65,7 @@ def register_with_transformers() -> None:
 
     AutoConfig.register(StreetCLIPConfig.model_type, StreetCLIPConfig, exist_ok=True)
     AutoModel.register(StreetCLIPConfig, StreetCLIPForGeolocation, exist_ok=True)
+    AutoModelForImageClassification.register(StreetCLIPConfig, StreetCLIPForGeolocation, exist_ok=True)
     AutoProcessor.register(StreetCLIPConfig, StreetCLIPProcessor, exist_ok=True)
     PIPELINE_REGISTRY.register_pipeline(
         "geolocation", pipeline_class=GeolocationPipeline, pt_model=StreetCLIPForGeolocation, type="image"

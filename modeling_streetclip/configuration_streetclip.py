@@ -162,8 +162,7 @@ class StreetCLIPConfig(CLIPConfig):
             The `"expected_distance"` decision minimises the expected great-circle distance under the joint posterior
             restricted to this many most probable cities (or `top_k`, if larger), renormalised. The tail beyond a few
             dozen cities holds little mass spread over the whole world, so including it mostly pulls every answer
-            toward the middle of the candidates; and gathering it would build every lazy city head. 50 keeps the
-            pairwise distances at 2,500 per image.
+            toward the middle of the candidates. 50 keeps the pairwise distances at 2,500 per image.
         candidate_places (`dict`, *optional*):
             The resolved candidate table (see [`CandidatePlaces`]), written when heads are built so that a saved
             model infers without the gazetteer package; `None` until then.

@@ -6,6 +6,7 @@ exactly CLIP's zero-shot logit for each prompt. They are built once from the tex
 a saved model then infers with the vision tower alone.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -13,8 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPModel
-from transformers.utils import ModelOutput, logging
+from transformers import AutoConfig, CLIPModel
+from transformers import initialization as init
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
 
 from .configuration_streetclip import (
     CANDIDATE_SETTINGS,
@@ -26,74 +29,86 @@ from .configuration_streetclip import (
     StreetCLIPConfig,
     validate_decision,
 )
-from .gazetteer import CandidatePlaces, great_circle_km, resolve_country_name
+from .gazetteer import CandidatePlaces, great_circle_km, resolve_country_names
 from .processing_streetclip import CandidatePrompts, StreetCLIPProcessor
 
 
 logger = logging.get_logger(__name__)
 
 _HEAD_NAMES = ("country_head", "region_head", "city_head")
+# Prompts per text-tower call when heads are built: bounds the activations' memory (about 1 GB at ViT-L/14's text
+# width) while keeping each call large enough to run at full speed.
+_PROMPTS_PER_BATCH = 1024
 
 
 @dataclass
 class GeolocationOutput(ModelOutput):
     """
-    Output of [`StreetCLIPForGeolocation`]: the paper's greedy hierarchical decision for each image.
+    Output of [`StreetCLIPForGeolocation`]: every level's logits over the whole candidate table, the paper's greedy
+    hierarchical decision for each image, and (on request) the vision tower's hidden states and attentions.
 
     Args:
+        logits (`torch.FloatTensor` of shape `(batch_size, num_cities)`):
+            Log joint probability of every candidate city: log p(country) + log p(region | country) (with a region
+            level) + log p(city | region or country), each a softmax of CLIP logits within its parent. Its softmax
+            is the joint probability itself, so image-classification clients rank cities by it
+            (`config.id2label` names them).
         country_logits (`torch.FloatTensor` of shape `(batch_size, num_countries)`):
             CLIP logits of the image against every candidate country prompt.
-        city_logits (`torch.FloatTensor` of shape `(batch_size, max_cities_per_country)`):
-            CLIP logits against the city prompts of each image's predicted country (with a region level: of its
-            predicted region); `-inf` elsewhere and where that country has fewer cities than the widest one.
-        city_indices (`torch.LongTensor` of shape `(batch_size, max_cities_per_country)`):
-            Rows of the candidate table that `city_logits` refer to (the predicted country's cities); `-1` for
-            padding.
+        city_logits (`torch.FloatTensor` of shape `(batch_size, num_cities)`):
+            CLIP logits against every candidate city prompt.
         predicted_country (`torch.LongTensor` of shape `(batch_size,)`):
             Row of the best country in `model.candidate_places`.
         predicted_city (`torch.LongTensor` of shape `(batch_size,)`):
-            Row of the best city of that country (or region) in `model.candidate_places`.
+            Row of the best city of that country (with a region level: of its best region).
         predicted_coordinates (`torch.DoubleTensor` of shape `(batch_size, 2)`):
             Latitude and longitude in degrees of the predicted city.
         image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
             L2-normalised image embeddings, as the heads score them.
-        region_logits (`torch.FloatTensor` of shape `(batch_size, max_regions_per_country)`, *optional*):
-            With a region level: CLIP logits against the region prompts of each image's predicted country; `-inf`
-            for padding.
-        region_indices (`torch.LongTensor` of shape `(batch_size, max_regions_per_country)`, *optional*):
-            Region rows of the candidate table that `region_logits` refer to; `-1` for padding.
+        region_logits (`torch.FloatTensor` of shape `(batch_size, num_regions)`, *optional*):
+            With a region level: CLIP logits against every candidate region prompt.
         predicted_region (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             With a region level: row of the best region of the predicted country.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The vision tower's hidden states: the embeddings and each layer's output, each of shape
+            `(batch_size, num_patches + 1, hidden_size)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            The vision tower's attention weights of each layer, of shape
+            `(batch_size, num_heads, num_patches + 1, num_patches + 1)`.
     """
 
+    logits: torch.FloatTensor | None = None
     country_logits: torch.FloatTensor | None = None
     city_logits: torch.FloatTensor | None = None
-    city_indices: torch.LongTensor | None = None
     predicted_country: torch.LongTensor | None = None
     predicted_city: torch.LongTensor | None = None
     predicted_coordinates: torch.DoubleTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     region_logits: torch.FloatTensor | None = None
-    region_indices: torch.LongTensor | None = None
     predicted_region: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class RankedPlaces(NamedTuple):
     """Top-k candidate cities per image from [`StreetCLIPForGeolocation.rank_places`], each of shape
-    `(batch_size, k)`, ordered by the decision rule, each answer carrying the number that rule sorts by (`scores`).
+    `(batch_size, k)`, ordered by the decision rule.
 
     - `"greedy"` (the paper's): countries by p(country), then regions by p(region | country), then cities by
       p(city | country or region); `scores` is that last p(city | ...), and the first answer is the paper's decision.
     - `"joint"`: by the joint probability, which is then `scores`.
     - `"expected_distance"`: by the expected great-circle distance in km to the true place under the joint posterior,
-      smallest first; `scores` holds that distance.
+      smallest first, given in `expected_distances_km`; `scores` is the joint probability.
+
+    `scores` is thus a probability in [0, 1] under every rule, as image-classification clients read it.
     """
 
     city_rows: torch.LongTensor  # rows of `model.candidate_places`
-    scores: torch.Tensor  # what the decision rule orders by (see above)
+    scores: torch.Tensor  # a probability (see above)
     country_scores: torch.Tensor  # p(country) of each answer's country
     joint_probabilities: torch.Tensor  # p(country) * p(region | country) * p(city | ...)
     region_scores: torch.Tensor  # p(region | country) of each answer's region; 1 without a region level
+    expected_distances_km: torch.Tensor | None = None  # what `"expected_distance"` orders by; None under the others
 
 
 class StreetCLIPForGeolocation(CLIPModel):
@@ -117,6 +132,7 @@ class StreetCLIPForGeolocation(CLIPModel):
 
     config_class = StreetCLIPConfig
     main_input_name = "pixel_values"
+    input_modalities = ("image",)
 
     def __init__(self, config: StreetCLIPConfig, vision_only: bool = False):
         super().__init__(config)
@@ -132,13 +148,9 @@ class StreetCLIPForGeolocation(CLIPModel):
         self._install_candidates(places)
 
     def _install_candidates(self, places: CandidatePlaces | None) -> None:
-        """Size the heads for `places` and index its cities (and regions) by country (heads are filled by the
-        caller). A table with regions gets a region head: the table decides the levels."""
+        """Size the heads for `places` and index its cities (and regions) by parent (heads are filled by the caller).
+        A table with regions gets a region head: the table decides the levels."""
         self.candidate_places = places
-        # Tokenised city and region prompts, with their number of templates, of countries whose heads below the
-        # country level are not built yet (see `build_city_heads`).
-        self.pending_city_prompts: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
-        self.pending_region_prompts: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
         self.country_head = self.region_head = self.city_head = None
         if places is None:
             # A plain CLIP checkpoint: no heads until `set_candidates` builds them from the text tower.
@@ -150,29 +162,39 @@ class StreetCLIPForGeolocation(CLIPModel):
 
         self.country_head = head(places.num_countries)
         self.city_head = head(places.num_cities)
-        self.candidate_checksum = torch.tensor(places.checksum(), dtype=torch.long, device=device)
-        # Index tables stay plain CPU tensors: they are data about the candidates, not weights to load or cast, and
-        # float64 coordinates would move a city by kilometres in bfloat16.
-        self.city_rows = _padded_rows(places.cities_by_country)
-        self.city_countries = torch.tensor(places.city_countries, dtype=torch.long, device="cpu")
+        if places.has_regions:
+            self.region_head = head(places.num_regions)
+        # Index buffers follow the model's device, and being integers, never its dtype; `_init_weights` refills them
+        # when the model is built on the meta device, as `from_pretrained` does.
+        for name, value in _candidate_buffers(places).items():
+            self.register_buffer(name, value.to(device), persistent=name == "candidate_checksum")
+        # Coordinates stay a float64 CPU tensor, outside the buffers: bfloat16 would move a city by kilometres.
         self.city_coordinates = torch.tensor(
             list(zip(places.city_latitudes, places.city_longitudes, strict=True)), dtype=torch.float64, device="cpu"
         ).reshape(-1, 2)
-        if places.has_regions:
-            self.region_head = head(places.num_regions)
-            self.region_rows = _padded_rows(places.regions_by_country)
-            # Where each city's region sits among its country's regions: the column of `region_rows` it refers to.
-            slot = {row: column for regions in places.regions_by_country for column, row in enumerate(regions)}
-            self.city_region_slots = _padded_rows(
-                [[slot[places.city_regions[row]] for row in rows] for rows in places.cities_by_country]
-            )
-            self.city_region_rows = torch.tensor(places.city_regions, dtype=torch.long, device="cpu")
-            self.region_countries = torch.tensor(places.region_countries, dtype=torch.long, device="cpu")
+        # The labels of image-classification clients (`pipeline("image-classification")`), one per city.
+        self.config.id2label = dict(enumerate(places.city_labels))
+        self.config.label2id = {label: row for row, label in self.config.id2label.items()}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # `CLIPModel.__init__` initialises weights before this class has its candidates.
+        places = getattr(self, "candidate_places", None)
+        if module is self and places is not None:
+            for name, value in _candidate_buffers(places).items():
+                init.copy_(getattr(self, name), value)
 
     @property
     def uses_regions(self) -> bool:
         """Whether this model decides a first-level region between the country and the city."""
         return self.region_head is not None
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The vision tower's patch embedding: this model's input is pixels (as `CLIPVisionModelWithProjection`'s)."""
+        return self.vision_model.embeddings.patch_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.vision_model.embeddings.patch_embedding = value
 
     @classmethod
     def from_pretrained(
@@ -201,18 +223,27 @@ class StreetCLIPForGeolocation(CLIPModel):
             kwargs:
                 Geolocation settings of [`StreetCLIPConfig`] (`candidate_countries` by name or ISO code, `levels`,
                 the candidate table's `city_allocation`, `cities_per_country`, `city_budget`, `min_city_population`
-                and `city_merge_radius_km`, the templates and `expected_distance_candidates`), and everything
+                and `city_merge_radius_km`, the templates and `expected_distance_candidates`), other configuration
+                attributes to override (`output_hidden_states=True`, say), and everything
                 [`~PreTrainedModel.from_pretrained`] accepts.
         """
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
         settings = {key: kwargs.pop(key) for key in GEOLOCATION_SETTINGS & kwargs.keys()}
         if settings.get("candidate_countries") is not None:
-            settings["candidate_countries"] = [resolve_country_name(name) for name in settings["candidate_countries"]]
+            settings["candidate_countries"] = resolve_country_names(settings["candidate_countries"])
         if "levels" in settings:
             settings["levels"] = list(settings["levels"])  # the PAPER_LEVELS and REGION_LEVELS tuples, say
-        config = StreetCLIPConfig.from_checkpoint(
-            pretrained_model_name_or_path, kwargs.pop("config", None), **hub_kwargs
-        )
+        config = kwargs.pop("config", None)
+        if config is None:
+            # Configuration attributes among the keyword arguments override the checkpoint's, as they do for every
+            # transformers model. The dtype is a loading instruction (which transformers also takes aside before the
+            # configuration reads the rest), and the Hub arguments go on to the weights.
+            loading = {key: kwargs.pop(key) for key in ("dtype", "torch_dtype") if key in kwargs}
+            config, kwargs = AutoConfig.from_pretrained(
+                pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs
+            )
+            kwargs |= hub_kwargs | loading
+        config = StreetCLIPConfig.from_checkpoint(pretrained_model_name_or_path, config, **hub_kwargs)
         config, changed = config.with_geolocation_settings(**settings)
         if candidates is None and (config.candidate_places is None or changed & CANDIDATE_SETTINGS):
             candidates = CandidatePlaces.from_config(config)
@@ -236,7 +267,8 @@ class StreetCLIPForGeolocation(CLIPModel):
 
     def _check_saved_heads(self, loading_info: dict, source) -> bool:
         """Whether the checkpoint lacks its heads (so they must be built); saved heads whose candidate table was
-        changed apart from them are refused, naming `source`."""
+        changed apart from them are refused, naming `source`. A folder saved before checksums were kept gets its
+        table's checksum from `_init_weights`, and keeps it from now on."""
         missing = {key.split(".")[0] for key in loading_info["missing_keys"]}
         if missing & set(_HEAD_NAMES):
             if self.text_model is None:
@@ -245,11 +277,7 @@ class StreetCLIPForGeolocation(CLIPModel):
                     "them; load with vision_only=False."
                 )
             return True
-        checksum = self.candidate_places.checksum()
-        if "candidate_checksum" in missing:
-            # A folder saved before checksums were kept: its heads are taken as they are, and checksummed from now on.
-            self.candidate_checksum = torch.tensor(checksum, dtype=torch.long, device=self.country_head.weight.device)
-        elif int(self.candidate_checksum) != checksum:
+        if int(self.candidate_checksum) != self.candidate_places.checksum():
             raise ValueError(
                 f"{str(source)!r}: the candidate table in its config.json (`candidate_places`) is not the one its "
                 "prompt heads were built for (their checksums differ), so answers would name the wrong places. The "
@@ -259,28 +287,37 @@ class StreetCLIPForGeolocation(CLIPModel):
         return False
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights, heads and the candidate table; pending city heads are built first so that the folder
-        infers without a text tower. The processor is saved on its own (`processor.save_pretrained`)."""
+        """Save weights, heads and the candidate table. The processor is saved on its own
+        (`processor.save_pretrained`)."""
         # Without its text tower the folder would reload with a random one, and heads rebuilt from it would be noise.
         self._require_text_tower("be saved")
-        self.build_city_heads(list(self.pending_city_prompts))
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def to(self, *args, **kwargs):
+        """`nn.Module.to`, refusing to cast a quantized model: its quantized layers compute in the dtype they were
+        loaded for, and would fail at inference."""
+        dtype = kwargs.get("dtype", next((arg for arg in args if isinstance(arg, torch.dtype)), None))
+        self._refuse_quantized_cast(dtype)
+        return super().to(*args, **kwargs)
+
+    def bfloat16(self):
+        self._refuse_quantized_cast(torch.bfloat16)
+        return super().bfloat16()
+
+    def _refuse_quantized_cast(self, dtype: torch.dtype | None) -> None:
+        if getattr(self, "is_quantized", False) and dtype is not None and dtype != self.dtype:
+            raise ValueError(
+                f"This model is quantized ({self.config.quantization_config.quant_method}) and computes in "
+                f"{self.dtype}; it cannot be cast to {dtype}. Load the unquantized model with dtype={dtype} instead."
+            )
+
     @torch.no_grad()
-    def set_candidates(
-        self,
-        places: CandidatePlaces,
-        prompts: StreetCLIPProcessor | CandidatePrompts,
-        build_all_city_heads: bool = False,
-    ) -> None:
-        """Replace the candidate places and build their heads from the text tower.
+    def set_candidates(self, places: CandidatePlaces, prompts: StreetCLIPProcessor | CandidatePrompts) -> None:
+        """Replace the candidate places and build all their heads from the text tower, in one batched pass.
 
         `prompts` is the processor that renders and tokenises them, or prompts it tokenised already
         (`processor.candidate_prompts(places)`); the configuration records their templates, and its `levels` follow
-        the table (a table with regions gives the region level). The country head is built at once (one prompt per
-        country, cheap). Region and city heads are built per country on first use, since encoding every city prompt
-        costs far more than a typical inference session needs; pass `build_all_city_heads=True` (or save the model)
-        to build them all now.
+        the table (a table with regions gives the region level).
         """
         self._require_text_tower("build prompt heads")
         if not isinstance(prompts, CandidatePrompts):
@@ -291,59 +328,87 @@ class StreetCLIPForGeolocation(CLIPModel):
         self.config.levels = list(REGION_LEVELS if places.has_regions else PAPER_LEVELS)
         self.config.country_prompt_template = prompts.country_prompt_template
         self.config.city_prompt_template = prompts.city_prompt_template
+        self.config.qualify_ambiguous_cities = prompts.qualify_ambiguous_cities
         if places.has_regions:
             self.config.region_prompt_template = prompts.region_prompt_template
-        self.country_head.weight.copy_(self._encode_prompts(prompts.countries, prompts.num_templates("country")))
-        self.pending_city_prompts = {
-            country: (tokens, prompts.num_templates("city")) for country, tokens in enumerate(prompts.cities)
-        }
-        self.pending_region_prompts = {
-            country: (tokens, prompts.num_templates("region")) for country, tokens in enumerate(prompts.regions)
-        }
-        if build_all_city_heads:
-            self.build_city_heads(list(self.pending_city_prompts))
+        levels = [
+            (self.country_head, [prompts.countries], [list(range(places.num_countries))], "country"),
+            (self.city_head, prompts.cities, places.cities_by_country, "city"),
+        ]
+        if places.has_regions:
+            levels.append((self.region_head, prompts.regions, places.regions_by_country, "region"))
+        groups = [
+            (tokens, prompts.num_templates(level)) for _, token_groups, _, level in levels for tokens in token_groups
+        ]
+        embeddings = iter(self._encode_prompt_groups(groups))
+        for head, token_groups, row_groups, _ in levels:
+            rows = torch.tensor([row for group in row_groups for row in group], dtype=torch.long)
+            weight = torch.cat([next(embeddings) for _ in token_groups])
+            head.weight[rows.to(head.weight.device)] = weight.to(head.weight.dtype)
 
-    @torch.no_grad()
-    def build_city_heads(self, countries: list[int]) -> bool:
-        """Encode the city (and region) prompts of those `countries` whose heads below the country level are still
-        pending (a no-op for the rest); whether any head was built."""
-        pending = [country for country in countries if country in self.pending_city_prompts]
-        if not pending:
-            return False
-        self._require_text_tower("build city heads")
-        for country in pending:
-            levels = [(self.city_head, self.city_rows, self.pending_city_prompts)]
-            if self.uses_regions:
-                levels.append((self.region_head, self.region_rows, self.pending_region_prompts))
-            for head, padded_rows, prompts in levels:
-                rows = padded_rows[country]
-                rows = rows[rows >= 0].to(head.weight.device)
-                # Under autocast (bf16 or fp16 evaluation in training) the text tower answers in the autocast dtype.
-                embeddings = self._encode_prompts(*prompts.pop(country))
-                head.weight[rows] = embeddings.to(head.weight.dtype)
-        return True
+    def _encode_prompt_groups(self, groups: list[tuple[dict[str, torch.Tensor], int]]) -> list[torch.Tensor]:
+        """Head rows of each group of tokenised prompts (`(tokens, num_templates)`; a group with several templates
+        holds one block of rows per template): normalised prompt embeddings times the logit scale. With a prompt
+        ensemble, each place's row is the normalised mean of its templates' normalised embeddings, as CLIP builds
+        its ImageNet classifier.
+
+        All groups share the text-tower calls: prompts are sorted by length and encoded `_PROMPTS_PER_BATCH` at a
+        time, each call cut to its longest prompt (the text tower is causal and pools at the end token, so the
+        padding after it changes nothing).
+        """
+        width = max(tokens["input_ids"].shape[1] for tokens, _ in groups)
+        pad = self.config.text_config.pad_token_id or 0
+        input_ids = torch.cat(
+            [F.pad(tokens["input_ids"], (0, width - tokens["input_ids"].shape[1]), value=pad) for tokens, _ in groups]
+        )
+        attention_mask = torch.cat(
+            [
+                F.pad(tokens["attention_mask"], (0, width - tokens["attention_mask"].shape[1]), value=0)
+                for tokens, _ in groups
+            ]
+        )
+        lengths = attention_mask.sum(dim=1)
+        order = lengths.argsort(descending=True, stable=True)
+        device = self.logit_scale.device
+        features = torch.empty(len(input_ids), self.projection_dim, dtype=torch.float32, device=device)
+        for batch in order.split(_PROMPTS_PER_BATCH):
+            longest = int(lengths[batch].max())
+            encoded = self.get_text_features(
+                input_ids=input_ids[batch, :longest].to(device),
+                attention_mask=attention_mask[batch, :longest].to(device),
+                return_dict=True,
+            ).pooler_output
+            # Under autocast (bf16 or fp16 evaluation in training) the text tower answers in the autocast dtype.
+            features[batch.to(device)] = F.normalize(encoded.float(), dim=-1)
+        rows = []
+        sizes = [len(tokens["input_ids"]) for tokens, _ in groups]
+        for block, (_, num_templates) in zip(features.split(sizes), groups, strict=True):
+            if num_templates > 1:
+                block = F.normalize(block.unflatten(0, (num_templates, -1)).mean(dim=0), dim=-1)
+            rows.append(block * self.logit_scale.exp().float())
+        return rows
 
     def restrict_countries(self, countries: list[str]) -> None:
         """Keep only the given candidate countries (names or ISO codes) with their regions and cities, subsetting the
-        heads; needs no text tower."""
+        heads; needs no text tower. To restrict one call only, pass `country_rows` to `rank_places` instead."""
         kept = [self.candidate_places.country_index(name) for name in countries]
         if not kept:
             raise ValueError("restrict_countries needs at least one country.")
         places, city_rows, region_rows = self.candidate_places.select(kept)
-        weights = {
-            "country_head": self.country_head.weight.data[kept],
-            "city_head": self.city_head.weight.data[city_rows],
-        }
+        weights = {"country_head": kept, "city_head": city_rows}
         if self.uses_regions:
-            weights["region_head"] = self.region_head.weight.data[region_rows]
-        pending = [
-            {new: prompts[old] for new, old in enumerate(kept) if old in prompts}
-            for prompts in (self.pending_city_prompts, self.pending_region_prompts)
-        ]
+            weights["region_head"] = region_rows
+        for name in weights:
+            if getattr(self, name).weight.device.type == "meta":
+                raise ValueError(
+                    f"restrict_countries cannot subset {name}: it is offloaded (device_map), so its weights are not "
+                    "in memory. Load without offloading the heads, or restrict each call with "
+                    "`rank_places(..., country_rows=...)`."
+                )
+        weights = {name: getattr(self, name).weight.data[rows] for name, rows in weights.items()}
         self._install_candidates(places)
         for name, weight in weights.items():
             getattr(self, name).weight.data.copy_(weight)
-        self.pending_city_prompts, self.pending_region_prompts = pending
         self.config.candidate_places = places.to_dict()
         self.config.candidate_countries = places.country_names
 
@@ -351,100 +416,95 @@ class StreetCLIPForGeolocation(CLIPModel):
         if self.text_model is None:
             raise ValueError(f"This model was loaded with vision_only=True; it cannot {purpose} without a text tower.")
 
-    def _encode_prompts(self, tokens: dict[str, torch.Tensor], num_templates: int = 1) -> torch.Tensor:
-        """The rows of a probe head: normalised prompt embeddings times the logit scale. With a prompt ensembles
-        (`num_templates` blocks of rows, one per template), each place's row is the normalised mean of its
-        templates' normalised embeddings, as CLIP builds its ImageNet classifier."""
-        device = self.logit_scale.device
-        embeddings = self.get_text_features(**{key: value.to(device) for key, value in tokens.items()}).pooler_output
-        embeddings = F.normalize(embeddings, dim=-1)
-        if num_templates > 1:
-            embeddings = F.normalize(embeddings.unflatten(0, (num_templates, -1)).mean(dim=0), dim=-1)
-        return embeddings * self.logit_scale.exp()
-
-    def forward(self, pixel_values: torch.FloatTensor, **kwargs) -> GeolocationOutput:
+    @can_return_tuple
+    def forward(self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]) -> GeolocationOutput:
         r"""
-        The paper's hierarchical decision: best country among all candidates, then (with a region level) the best
-        region of that country, then the best city of that country (or region).
+        Every level's logits over the whole candidate table, and the paper's hierarchical decision: best country
+        among all candidates, then (with a region level) the best region of that country, then the best city of that
+        country (or region). Shapes depend on the batch only, so the forward exports (`torch.export`); ranking more
+        answers is `rank_places`' job.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
                 Images as the model's image processor prepares them.
         """
-        image_embeds = self.get_image_features(pixel_values=pixel_values, **kwargs).pooler_output
-        return self.locate_embeddings(F.normalize(image_embeds, dim=-1))
+        for name in ("output_hidden_states", "output_attentions"):
+            # Set on this model's configuration (`from_pretrained(..., output_hidden_states=True)`), they reach the
+            # vision tower, whose own configuration is a sub-configuration.
+            if getattr(self.config, name):
+                kwargs.setdefault(name, True)
+        vision_outputs = self.get_image_features(pixel_values=pixel_values, return_dict=True, **kwargs)
+        outputs = self.locate_embeddings(F.normalize(vision_outputs.pooler_output, dim=-1))
+        return GeolocationOutput(
+            **outputs, hidden_states=vision_outputs.hidden_states, attentions=vision_outputs.attentions
+        )
 
     def locate_embeddings(self, image_embeds: torch.Tensor) -> GeolocationOutput:
-        """The hierarchical decision for L2-normalised image embeddings; callers that pool several views of one
-        place (e.g. the headings of a panorama) average and renormalise embeddings, then call this."""
+        """The logits and the hierarchical decision for L2-normalised image embeddings; callers that pool several
+        views of one place (e.g. the headings of a panorama) average and renormalise embeddings, then call this."""
         if self.candidate_places is None:
             raise ValueError("This model has no candidate places; call `set_candidates` first.")
+        # The heads are called as modules, so that Accelerate's hooks bring offloaded weights in.
         country_logits = self.country_head(image_embeds)
+        city_logits = self.city_head(image_embeds)
+        region_logits = self.region_head(image_embeds) if self.uses_regions else None
+        # The greedy decision as argmaxes over masked rows: ties go to the row listed first, as in the ranking.
         predicted_country = country_logits.argmax(dim=-1)
-        # This may write weights inside a forward pass: the region and city heads of countries predicted for the
-        # first time are encoded now, because a plain CLIP checkpoint would otherwise spend minutes encoding ~6000
-        # city prompts on load while a session needs few of them. Saving builds the rest, so saved folders never do.
-        city_logits, city_indices = self.score_cities(image_embeds, predicted_country)
-        region_logits = region_indices = predicted_region = None
+        city_parents, predicted_parent, predicted_region = self.city_countries, predicted_country, None
         if self.uses_regions:
-            region_logits, region_indices = self.score_regions(image_embeds, predicted_country)
-            slot = region_logits.argmax(dim=-1, keepdim=True)
-            predicted_region = region_indices.gather(1, slot).squeeze(1)
-            outside = self.city_region_slots[predicted_country.cpu()].to(slot.device) != slot
-            city_logits = city_logits.masked_fill(outside, float("-inf"))
-        predicted_city = city_indices.gather(1, city_logits.argmax(dim=-1, keepdim=True)).squeeze(1)
+            outside = self.region_countries != predicted_country[:, None]
+            predicted_region = region_logits.masked_fill(outside, float("-inf")).argmax(dim=-1)
+            city_parents, predicted_parent = self.city_regions, predicted_region
+        outside = city_parents != predicted_parent[:, None]
+        predicted_city = city_logits.masked_fill(outside, float("-inf")).argmax(dim=-1)
         return GeolocationOutput(
+            logits=self._log_probabilities(country_logits, region_logits, city_logits)["joint"],
             country_logits=country_logits,
             city_logits=city_logits,
-            city_indices=city_indices,
             predicted_country=predicted_country,
             predicted_city=predicted_city,
             predicted_coordinates=self.city_coordinates[predicted_city.cpu()].to(predicted_city.device),
             image_embeds=image_embeds,
             region_logits=region_logits,
-            region_indices=region_indices,
             predicted_region=predicted_region,
         )
 
-    def score_cities(
-        self, image_embeds: torch.Tensor, countries: torch.LongTensor
-    ) -> tuple[torch.Tensor, torch.LongTensor]:
-        """Logits of each image against the cities of its country in `countries`, building pending heads first.
-
-        Returns `(logits, city_indices)` of shape `(batch_size, max_cities_per_country)`: padding has index -1 and
-        logit -inf.
-        """
-        return self._score_rows("city", image_embeds, countries)
-
-    def score_regions(
-        self, image_embeds: torch.Tensor, countries: torch.LongTensor
-    ) -> tuple[torch.Tensor, torch.LongTensor]:
-        """Logits of each image against the regions of its country in `countries` (a model with a region level),
-        building pending heads first; shaped and padded as `score_cities`."""
-        return self._score_rows("region", image_embeds, countries)
-
-    def _head_logits(self, image_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The images' logits against every row of the city (and region) head: one matrix product, which the
-        ranking reads country after country instead of multiplying again at each."""
-        logits = {"city": image_embeds @ self.city_head.weight.T}
+    def _log_probabilities(
+        self,
+        country_logits: torch.Tensor,
+        region_logits: torch.Tensor | None,
+        city_logits: torch.Tensor,
+        country_rows: Sequence[int] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Each city's log-probabilities, of shape `(batch_size, num_cities)`: `country` (log p(country), over
+        `country_rows` only when given, the others -inf), `region` (log p(region | country), 0 without a region
+        level), `city` (log p(city | region or country)) and `joint`, their sum. Each level is a softmax within its
+        parents, for the whole table at once: a few tensor operations."""
+        places = self.candidate_places
+        country_logits = country_logits.float()
+        if country_rows is not None:
+            allowed = torch.zeros(places.num_countries, dtype=torch.bool, device=country_logits.device)
+            allowed[list(country_rows)] = True
+            country_logits = country_logits.masked_fill(~allowed, float("-inf"))
+        country = country_logits.log_softmax(dim=-1)[:, self.city_countries]
         if self.uses_regions:
-            logits["region"] = image_embeds @ self.region_head.weight.T
-        return logits
-
-    def _score_rows(
-        self, level: str, image_embeds: torch.Tensor, countries: torch.LongTensor
-    ) -> tuple[torch.Tensor, torch.LongTensor]:
-        """The `level` ("city" or "region") logits of each image's country, padded. `forward` and the ranking both
-        read them from the whole head's product, so that their numbers, and so their ties, are the same."""
-        self.build_city_heads(countries.unique().tolist())
-        padded_rows = self.city_rows if level == "city" else self.region_rows
-        indices = padded_rows[countries.cpu()].to(countries.device)
-        logits = self._head_logits(image_embeds)[level].gather(1, indices.clamp(min=0))
-        return logits.masked_fill(indices < 0, float("-inf")), indices
+            region = _log_softmax_within(region_logits.float(), self.region_countries, places.num_countries)
+            region = region[:, self.city_regions]
+            city = _log_softmax_within(city_logits.float(), self.city_regions, places.num_regions)
+        else:
+            region = torch.zeros_like(country)
+            city = _log_softmax_within(city_logits.float(), self.city_countries, places.num_countries)
+        return {"country": country, "region": region, "city": city, "joint": country + region + city}
 
     @torch.no_grad()
-    def rank_places(self, outputs: GeolocationOutput, top_k: int = 1, decision: str = "greedy") -> RankedPlaces:
-        """Top-k candidate cities per image under a decision rule, each answer carrying the number the rule sorts by.
+    def rank_places(
+        self,
+        outputs: GeolocationOutput,
+        top_k: int = 1,
+        decision: str = "greedy",
+        country_rows: Sequence[int] | None = None,
+    ) -> RankedPlaces:
+        """Top-k candidate cities per image under a decision rule.
 
         - `"greedy"` (the paper's, the default): countries by p(country), then regions by p(region | country), then
           cities by p(city | country or region); the first answer is the paper's decision (`outputs.predicted_city`).
@@ -453,153 +513,117 @@ class StreetCLIPForGeolocation(CLIPModel):
           the `config.expected_distance_candidates` most probable cities (or `top_k`, if more), renormalised, each of
           them is ranked by its expected great-circle distance to the true place, smallest first.
 
-        Countries are visited in order of p(country), and the search stops once the rule has its answers (greedy) or
-        p(country) cannot beat the answers found (the others, since no city is more probable than its country), so
-        only the heads that can matter are built.
+        `country_rows` (rows of `model.candidate_places.country_names`) restricts the answers to those countries,
+        with p(country) renormalised over them: the answers of a model restricted with `restrict_countries`, without
+        changing this one.
 
         Returns:
-            [`RankedPlaces`], each field of shape `(batch_size, k)` with `k = min(top_k, num_cities)`.
+            [`RankedPlaces`], each field of shape `(batch_size, k)` with `k = min(top_k, cities of the countries)`.
         """
         validate_decision(decision)
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
+        country_rows = self._checked_country_rows(country_rows)
         places = self.candidate_places
-        top_k = min(top_k, places.num_cities)
-        wanted = top_k
-        if decision == "expected_distance":
-            wanted = min(max(top_k, self.config.expected_distance_candidates), places.num_cities)
-        country_logits = outputs.country_logits.float()
-        country_log_probs = country_logits.log_softmax(dim=-1)
-        # Sorted on logits, not probabilities, so that ties break as `argmax` breaks them in `forward`.
-        country_order = country_logits.argsort(dim=-1, descending=True, stable=True)
-        batch = torch.arange(len(country_order), device=country_order.device)
-        pool: dict[str, torch.Tensor] | None = None
-        scores = None
-        for step in range(places.num_countries):
-            countries = country_order[:, step]
-            if self.build_city_heads(countries.unique().tolist()) or scores is None:
-                scores = self._level_scores(outputs.image_embeds)
-            found = self._country_candidates(scores, countries, country_log_probs, step)
-            pool = found if pool is None else {key: torch.cat([pool[key], found[key]], dim=1) for key in pool}
-            # Keep the `wanted` best so far by the rule's key; padding (rows -1) sorts last.
-            sort_key = pool["greedy_key"] if decision == "greedy" else -pool["joint"]
-            order = sort_key.masked_fill(pool["rows"] < 0, float("inf")).argsort(dim=-1, stable=True)[:, :wanted]
-            pool = {key: value.gather(1, order) for key, value in pool.items()}
-            if pool["rows"].shape[1] < wanted or bool((pool["rows"] < 0).any()):
-                continue  # not enough cities yet in some image
-            if step + 1 == places.num_countries or decision == "greedy":
-                break
-            next_country = country_log_probs[batch, country_order[:, step + 1]]
-            if bool((pool["joint"][:, -1] >= next_country).all()):
-                break
-        if decision == "expected_distance":
-            pool, scores = self._by_expected_distance(pool)
-        else:
-            scores = (pool["city"] if decision == "greedy" else pool["joint"]).exp()
-        return RankedPlaces(
-            city_rows=pool["rows"][:, :top_k],
-            scores=scores[:, :top_k],
-            country_scores=pool["country"][:, :top_k].exp(),
-            joint_probabilities=pool["joint"][:, :top_k].exp(),
-            region_scores=pool["region"][:, :top_k].exp(),
+        levels = self._log_probabilities(
+            outputs.country_logits, outputs.region_logits, outputs.city_logits, country_rows
         )
+        num_cities = places.num_cities
+        if country_rows is not None:
+            num_cities = sum(len(places.cities_by_country[row]) for row in country_rows)
+        top_k = min(top_k, num_cities)
+        expected = None
+        if decision == "greedy":
+            order = self._greedy_order(outputs, levels["country"])[:, :top_k]
+        else:
+            # Stable: ties go to the row listed first.
+            order = levels["joint"].argsort(dim=-1, descending=True, stable=True)
+            if decision == "expected_distance":
+                pool = order[:, : min(max(top_k, self.config.expected_distance_candidates), num_cities)]
+                reorder, expected = self._by_expected_distance(pool, levels["joint"].gather(1, pool))
+                order, expected = pool.gather(1, reorder)[:, :top_k], expected[:, :top_k]
+            order = order[:, :top_k]
+        ranked = {name: values.gather(1, order).exp() for name, values in levels.items()}
+        return RankedPlaces(
+            city_rows=order,
+            scores=ranked["city"] if decision == "greedy" else ranked["joint"],
+            country_scores=ranked["country"],
+            joint_probabilities=ranked["joint"],
+            region_scores=ranked["region"],
+            expected_distances_km=expected,
+        )
+
+    def _checked_country_rows(self, country_rows: Sequence[int] | None) -> list[int] | None:
+        """`country_rows` as a list, refusing an empty one and rows that are not candidate countries."""
+        if country_rows is None:
+            return None
+        country_rows = list(country_rows)
+        num_countries = self.candidate_places.num_countries
+        if not country_rows:
+            raise ValueError("country_rows is empty; give at least one row of model.candidate_places.country_names.")
+        for row in country_rows:
+            if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < num_countries:
+                raise ValueError(
+                    f"country_rows holds {row!r}, which is not a row of the {num_countries} candidate countries "
+                    "(integers from 0); find a country's row with `model.candidate_places.country_index(name)`."
+                )
+        return country_rows
+
+    def _greedy_order(self, outputs: GeolocationOutput, country_log_probs: torch.Tensor) -> torch.LongTensor:
+        """Every city row of each image in the greedy order, as `forward` decides: by country logit (cities of
+        countries left out, whose `country_log_probs` are -inf, last), then region logit (ties to the region listed
+        first), then city logit (ties to the city listed first)."""
+        country_logits = outputs.country_logits.float()[:, self.city_countries]
+        keys = [-outputs.city_logits.float()]  # least significant first: each stable sort keeps the order before it
+        if self.uses_regions:
+            keys += [self.city_regions.expand_as(keys[0]), -outputs.region_logits.float()[:, self.city_regions]]
+        keys += [self.city_countries.expand_as(keys[0]), -country_logits, country_log_probs.isinf()]
+        order = torch.arange(keys[0].shape[1], device=keys[0].device).expand_as(keys[0])
+        for key in keys:
+            order = order.gather(1, key.gather(1, order).argsort(dim=-1, stable=True))
+        return order
 
     @torch.no_grad()
-    def place_probabilities(self, outputs: GeolocationOutput, city_rows: torch.LongTensor) -> dict[str, torch.Tensor]:
-        """The zero-shot probabilities of given candidate cities, as `rank_places` gives them for its answers:
-        `country_scores` (p(country)), `region_scores` (p(region | country), 1 without a region level) and
-        `joint_probabilities`, each of the shape of `city_rows` (one row of cities per image; -1 entries, padding,
-        get meaningless numbers). For callers that choose cities by another rule, such as a gallery's vote.
-        """
-        rows = city_rows.clamp(min=0)
-        countries = self.city_countries[rows.cpu()].to(rows.device)
-        self.build_city_heads(countries.unique().tolist())
-        scores = self._level_scores(outputs.image_embeds)
-        country = outputs.country_logits.float().log_softmax(dim=-1).gather(1, countries)
-        region = torch.zeros_like(country)
-        if self.uses_regions:
-            region = scores["region"].gather(1, self.city_region_rows[rows.cpu()].to(rows.device))
-        joint = country + region + scores["city"].gather(1, rows)
-        return {"country_scores": country.exp(), "region_scores": region.exp(), "joint_probabilities": joint.exp()}
-
-    def _level_scores(self, image_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The logits of every city (and region) and their log-probabilities given their parent (the region, or the
-        country; the country for a region), each of shape `(batch_size, rows)`.
-
-        Computed once per ranking, for the whole table: each level's softmax within its parents is a few tensor
-        operations, where one per visited country would cost, on a busy CPU, a thread wake-up each. Rows whose head
-        is still pending hold whatever their head holds, which only ever reaches their own parent's numbers; the
-        ranking reads a country's rows only once its heads are built.
-        """
-        places = self.candidate_places
-        logits = {level: values.float() for level, values in self._head_logits(image_embeds).items()}
-        device = image_embeds.device
-        scores = {"city_logits": logits["city"]}
-        if self.uses_regions:
-            region_countries = self.region_countries.to(device)
-            scores["region_logits"] = logits["region"]
-            scores["region"] = _log_softmax_within(logits["region"], region_countries, places.num_countries)
-            parents, num_parents = self.city_region_rows.to(device), places.num_regions
-        else:
-            parents, num_parents = self.city_countries.to(device), places.num_countries
-        scores["city"] = _log_softmax_within(logits["city"], parents, num_parents)
-        return scores
-
-    def _country_candidates(
+    def place_probabilities(
         self,
-        scores: dict[str, torch.Tensor],
-        countries: torch.LongTensor,
-        country_log_probs: torch.Tensor,
-        step: int,
+        outputs: GeolocationOutput,
+        city_rows: torch.LongTensor,
+        country_rows: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Every city of each image's country in `countries` (the `step`-th most probable for that image), read from
-        `_level_scores` as columns of shape `(batch_size, max_cities_per_country)`: `rows` (-1 for padding), the
-        log-probabilities `country`, `region` (0 without a region level), `city` (given its region, or country) and
-        `joint`, and `greedy_key`, the city's place in the greedy order (smaller first)."""
-        rows = self.city_rows[countries.cpu()].to(countries.device)
-        padding = rows < 0
-        cities = rows.clamp(min=0)
-        city_logits = scores["city_logits"].gather(1, cities).masked_fill(padding, float("-inf"))
-        country = country_log_probs.gather(1, countries[:, None]).expand_as(city_logits)
-        # Greedy order inside a country, as `forward` decides: by region logit (ties to the region listed first),
-        # then by city logit (ties to the city listed first); each stable sort keeps the order of the one before.
-        within = city_logits.argsort(dim=-1, descending=True, stable=True)
-        if self.uses_regions:
-            regions = self.city_region_rows[cities.cpu()].to(rows.device)
-            region = scores["region"].gather(1, regions)
-            slots = self.city_region_slots[countries.cpu()].to(rows.device).clamp(min=0)
-            for key in (slots, -scores["region_logits"].gather(1, regions)):
-                within = within.gather(1, key.gather(1, within).argsort(dim=-1, stable=True))
-        else:
-            region = torch.zeros_like(city_logits)
-        city = scores["city"].gather(1, cities)
-        position = torch.empty_like(within).scatter_(
-            1, within, torch.arange(within.shape[1], device=within.device).expand_as(within)
+        """The zero-shot probabilities of given candidate cities, as `rank_places` gives them for its answers:
+        `country_scores` (p(country), renormalised over `country_rows` when given), `region_scores`
+        (p(region | country), 1 without a region level) and `joint_probabilities`, each of the shape of `city_rows`
+        (one row of cities per image; -1 entries, padding, get meaningless numbers). For callers that choose cities
+        by another rule, such as a gallery's vote.
+        """
+        levels = self._log_probabilities(
+            outputs.country_logits,
+            outputs.region_logits,
+            outputs.city_logits,
+            self._checked_country_rows(country_rows),
         )
-        greedy_key = step * within.shape[1] + position.double()
+        rows = city_rows.clamp(min=0)
         return {
-            "rows": rows,
-            "country": country,
-            "region": region.masked_fill(padding, float("-inf")),
-            "city": city.masked_fill(padding, float("-inf")),
-            "joint": (country + region + city).masked_fill(padding, float("-inf")),
-            "greedy_key": greedy_key,
+            f"{name}_scores" if name != "joint" else "joint_probabilities": levels[name].gather(1, rows).exp()
+            for name in ("country", "region", "joint")
         }
 
-    def _by_expected_distance(self, pool: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The pooled candidates of each image reordered by their expected great-circle distance in km (smallest
-        first) under the joint posterior over the pool, renormalised, with those distances."""
-        posterior = pool["joint"].softmax(dim=-1).double().cpu().numpy()
-        coordinates = self.city_coordinates[pool["rows"].cpu()].numpy()
+    def _by_expected_distance(
+        self, rows: torch.LongTensor, joint_log_probs: torch.Tensor
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        """The order of each image's candidate `rows` by their expected great-circle distance in km (smallest first)
+        under the joint posterior over them, renormalised, and those distances in that order."""
+        posterior = joint_log_probs.softmax(dim=-1).double().cpu().numpy()
+        coordinates = self.city_coordinates[rows.cpu()].numpy()
         expected = np.stack(
             [
                 expected_distances_km(probabilities, points[:, 0], points[:, 1])
                 for probabilities, points in zip(posterior, coordinates, strict=True)
             ]
         )
-        expected = torch.from_numpy(expected).to(pool["joint"].device)
+        expected = torch.from_numpy(expected).to(rows.device)
         order = expected.argsort(dim=-1, stable=True)
-        return {key: value.gather(1, order) for key, value in pool.items()}, expected.gather(1, order)
+        return order, expected.gather(1, order)
 
 
 def expected_distances_km(probabilities: np.ndarray, latitudes: np.ndarray, longitudes: np.ndarray) -> np.ndarray:
@@ -610,22 +634,27 @@ def expected_distances_km(probabilities: np.ndarray, latitudes: np.ndarray, long
     return distances @ probabilities
 
 
+def _candidate_buffers(places: CandidatePlaces) -> dict[str, torch.Tensor]:
+    """The buffers a candidate table gives a model, on the CPU: its checksum (saved with the heads) and the parent of
+    each city (and region), which the softmax within parents and the greedy decision group rows by."""
+    buffers = {
+        "candidate_checksum": torch.tensor(places.checksum(), dtype=torch.long, device="cpu"),
+        "city_countries": torch.tensor(places.city_countries, dtype=torch.long, device="cpu"),
+    }
+    if places.has_regions:
+        buffers["region_countries"] = torch.tensor(places.region_countries, dtype=torch.long, device="cpu")
+        buffers["city_regions"] = torch.tensor(places.city_regions, dtype=torch.long, device="cpu")
+    return buffers
+
+
 def _log_softmax_within(logits: torch.Tensor, groups: torch.LongTensor, num_groups: int) -> torch.Tensor:
     """`logits` of shape `(batch_size, rows)` as log-probabilities within each group of rows (`groups[i]` is row
     i's): a log-softmax per group, all groups at once."""
     index = groups.expand_as(logits)
-    peak = logits.new_full((len(logits), num_groups), float("-inf")).scatter_reduce(1, index, logits, "amax")
+    peak = logits.new_full((logits.shape[0], num_groups), float("-inf")).scatter_reduce(1, index, logits, "amax")
     shifted = logits - peak.gather(1, index)
     mass = torch.zeros_like(peak).scatter_add(1, index, shifted.exp())
     return shifted - mass.log().gather(1, index)
-
-
-def _padded_rows(groups: list[list[int]]) -> torch.LongTensor:
-    """Rows of each group (cities or regions of each country) as a CPU tensor, padded with -1 to the widest."""
-    padded = torch.full((len(groups), max(map(len, groups), default=0)), -1, dtype=torch.long, device="cpu")
-    for index, rows in enumerate(groups):
-        padded[index, : len(rows)] = torch.tensor(rows, dtype=torch.long, device="cpu")
-    return padded
 
 
 def _prompt_processor(source, config: StreetCLIPConfig, hub_kwargs: dict) -> StreetCLIPProcessor:
@@ -635,6 +664,7 @@ def _prompt_processor(source, config: StreetCLIPConfig, hub_kwargs: dict) -> Str
         country_prompt_template=config.country_prompt_template,
         region_prompt_template=config.region_prompt_template,
         city_prompt_template=config.city_prompt_template,
+        qualify_ambiguous_cities=config.qualify_ambiguous_cities,
         caption_template=config.caption_template,
         **hub_kwargs,
     )

@@ -158,7 +158,12 @@ def save_shareable_folder(model, processor: StreetCLIPProcessor, save_directory,
     """
     folder = Path(save_directory)
     config = model.config
-    config.auto_map = {"AutoConfig": _class_reference(type(config)), "AutoModel": _class_reference(type(model))}
+    config.auto_map = {
+        "AutoConfig": _class_reference(type(config)),
+        "AutoModel": _class_reference(type(model)),
+        # What `pipeline("image-classification", model=repo, trust_remote_code=True)` loads: the model's `logits`.
+        "AutoModelForImageClassification": _class_reference(type(model)),
+    }
     # Remote pipelines name their model classes on the `transformers` module; AutoModel then follows `auto_map`.
     config.custom_pipelines = {
         TASK: {"impl": _class_reference(GeolocationPipeline), "pt": ["AutoModel"], "type": "image"}

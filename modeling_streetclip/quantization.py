@@ -28,6 +28,8 @@ loading says so (`ImportError`) instead of failing deep inside.
 
 A quantized model cannot be saved: its packed int8 weights have no safetensors form, so `save_pretrained` refuses
 (transformers raises a `ValueError`). Save the float32 model and quantize again at load (10 s at ViT-L there).
+Loading it in another dtype (`dtype=torch.bfloat16`, also through a pipeline) raises `Int8DtypeError`, and so does
+casting it afterwards (`.to(torch.bfloat16)`, a `ValueError`): its int8 layers compute in float32.
 """
 
 import warnings
@@ -63,6 +65,11 @@ class Int8DynamicConfig(QuantizationConfigMixin):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"Int8DynamicConfig is quant_method {QUANT_METHOD!r}, got {quant_method!r}.")
         self.quant_method = quant_method
+
+
+class Int8DtypeError(Exception):
+    """Loading int8 in a dtype other than float32. Not a `ValueError`: transformers' `pipeline` retries a load that
+    raises one in float32, which would quietly answer in another dtype than the one asked for."""
 
 
 def int8_engine() -> str:
@@ -121,7 +128,7 @@ class Int8DynamicQuantizer(HfQuantizer):
 
     def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         if dtype not in (None, "auto", torch.float32):
-            raise ValueError(
+            raise Int8DtypeError(
                 f"int8 dynamic quantization computes in float32, got dtype={dtype}; load with torch.float32 (the "
                 "default), or use that dtype without quantization."
             )
@@ -143,4 +150,4 @@ class Int8DynamicQuantizer(HfQuantizer):
         return False
 
 
-__all__ = ["Int8DynamicConfig", "Int8DynamicQuantizer", "int8_engine", "quantize_vision_tower"]
+__all__ = ["Int8DtypeError", "Int8DynamicConfig", "Int8DynamicQuantizer", "int8_engine", "quantize_vision_tower"]

@@ -1,5 +1,6 @@
 """Decision rules (greedy, joint, expected distance) against brute-force references, and prompt ensembles."""
 
+import copy
 import math
 import sys
 from pathlib import Path
@@ -107,7 +108,7 @@ def brute_force(model: StreetCLIPForGeolocation, image_embeds: torch.Tensor, hav
     return results
 
 
-SCORE_OF = {"greedy": "city", "joint": "joint", "expected_distance": "expected_km"}
+SCORE_OF = {"greedy": "city", "joint": "joint", "expected_distance": "joint"}
 
 
 @pytest.mark.parametrize("top_k", [1, 3, None])
@@ -135,6 +136,15 @@ def test_each_rule_matches_a_brute_force_reference(model, pixel_values, decision
                 atol=1e-6,
                 msg=f"{decision}: {field} of image {image}",
             )
+        if decision == "expected_distance":
+            torch.testing.assert_close(
+                ranked.expected_distances_km[image],
+                torch.tensor([city["expected_km"] for city in expected], dtype=torch.float64),
+                rtol=1e-4,
+                atol=1e-6,
+            )
+        else:
+            assert ranked.expected_distances_km is None
 
 
 @pytest.mark.parametrize("decision", DECISIONS)
@@ -166,7 +176,10 @@ def test_answers_are_monotone_in_the_rules_criterion(model, decision):
         elif decision == "joint":
             assert scores == sorted(scores, reverse=True)
         else:
-            assert scores == sorted(scores)
+            distances = ranked.expected_distances_km[image].tolist()
+            assert distances == sorted(distances)
+        # Under every rule `scores` is a probability, as image-classification clients read it.
+        assert all(0 <= score <= 1 for score in scores)
 
 
 def test_greedy_first_answer_is_the_forward_decision_and_the_rest_follow_its_country(model, pixel_values):
@@ -199,7 +212,6 @@ def test_greedy_ties_between_regions_break_as_the_forward_decision_does(tiny_cli
         city_regions=[0, 1, 1],
     )
     model = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidates=places)
-    model.build_city_heads([0])
     # The text tower encodes the two prompts in one padded batch, where a row's kernel can differ in the last bit;
     # the tie under test is between equal rows, so make them equal.
     model.region_head.weight.data[1] = model.region_head.weight.data[0]
@@ -223,12 +235,10 @@ def test_expected_distance_is_the_bayes_decision_on_a_hand_made_posterior_where_
         ]
     )
     model = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidates=places)
-    model.build_city_heads([0, 1])
-    model.city_head.weight.data.zero_()  # p(city | country) uniform: 1/2 each in Japan
     posterior = [0.4, 0.3, 0.3]
     outputs = GeolocationOutput(
         country_logits=torch.tensor([[math.log(0.4), math.log(0.6)]]),
-        image_embeds=F.normalize(torch.randn(1, model.projection_dim), dim=-1),
+        city_logits=torch.zeros(1, 3),  # p(city | country) uniform: 1/2 each in Japan
     )
     joint = model.rank_places(outputs, top_k=3, decision="joint")
     assert joint.city_rows[0].tolist()[0] == 0
@@ -247,8 +257,9 @@ def test_expected_distance_is_the_bayes_decision_on_a_hand_made_posterior_where_
     ranked = model.rank_places(outputs, top_k=3, decision="expected_distance")
     assert ranked.city_rows[0].tolist() == order
     assert order[0] != 0, "the hand-made posterior must separate the two rules"
-    torch.testing.assert_close(ranked.scores[0].double(), torch.tensor(sorted(expected_km), dtype=torch.float64))
+    torch.testing.assert_close(ranked.expected_distances_km[0], torch.tensor(sorted(expected_km), dtype=torch.float64))
     torch.testing.assert_close(ranked.joint_probabilities[0], torch.tensor([posterior[i] for i in order]))
+    torch.testing.assert_close(ranked.scores, ranked.joint_probabilities)
     (only,) = model.rank_places(outputs, top_k=1, decision="expected_distance").city_rows[0].tolist()
     assert only == order[0], "the decision considers the posterior's candidates, not only the top_k answers"
 
@@ -275,7 +286,7 @@ def test_the_posterior_of_expected_distance_spans_the_configured_number_of_candi
     few = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, expected_distance_candidates=1)
     # With one candidate, the posterior is that city alone: its expected distance is 0 and it is the joint's best.
     ranked = few.rank_places(few(pixel_values), top_k=1, decision="expected_distance")
-    assert ranked.scores.eq(0).all()
+    assert ranked.expected_distances_km.eq(0).all()
     assert torch.equal(ranked.city_rows, few.rank_places(few(pixel_values), top_k=1, decision="joint").city_rows)
 
 
@@ -290,6 +301,45 @@ def test_bad_rank_options_are_refused(small_streetclip_dir, pixel_values, option
     model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
     with pytest.raises(ValueError, match=error):
         model.rank_places(model(pixel_values), **options)
+
+
+@pytest.mark.parametrize("decision", DECISIONS)
+def test_country_rows_give_the_answers_of_a_model_restricted_to_those_countries(model, pixel_values, decision):
+    countries = ["Kenya", "JP", "Brazil"]
+    rows = [model.candidate_places.country_index(name) for name in countries]
+    restricted = copy.deepcopy(model)
+    restricted.restrict_countries(countries)
+    # The restricted table lists those countries' cities in that order: map its rows back to this model's.
+    _, city_rows, _ = model.candidate_places.select(rows)
+    outputs, expected_outputs = model(pixel_values), restricted(pixel_values)
+    ranked = model.rank_places(outputs, top_k=7, decision=decision, country_rows=rows)
+    expected = restricted.rank_places(expected_outputs, top_k=7, decision=decision)
+    assert ranked.city_rows.tolist() == [[city_rows[row] for row in image] for image in expected.city_rows.tolist()]
+    for field in RankedPlaces._fields[1:]:
+        if getattr(expected, field) is not None:
+            torch.testing.assert_close(getattr(ranked, field), getattr(expected, field), rtol=1e-4, atol=1e-6)
+    probabilities = model.place_probabilities(outputs, ranked.city_rows, country_rows=rows)
+    torch.testing.assert_close(probabilities["country_scores"], expected.country_scores, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(probabilities["joint_probabilities"], expected.joint_probabilities)
+    assert ranked.country_scores.sum() > model.rank_places(outputs, top_k=7, decision=decision).country_scores.sum()
+
+
+def test_top_k_under_country_rows_is_capped_at_their_cities(small_streetclip_dir, pixel_values):
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
+    kenya = model.candidate_places.country_index("Kenya")
+    ranked = model.rank_places(model(pixel_values), top_k=100, decision="joint", country_rows=[kenya])
+    assert sorted(ranked.city_rows[0].tolist()) == model.candidate_places.cities_by_country[kenya]
+    torch.testing.assert_close(ranked.country_scores, torch.ones_like(ranked.country_scores))
+
+
+@pytest.mark.parametrize(
+    ("country_rows", "error"),
+    [([], "country_rows is empty"), ([0, 99], "holds 99, which is not a row"), (["Kenya"], "holds 'Kenya'")],
+)
+def test_bad_country_rows_are_refused(small_streetclip_dir, pixel_values, country_rows, error):
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
+    with pytest.raises(ValueError, match=error):
+        model.rank_places(model(pixel_values), country_rows=country_rows)
 
 
 ENSEMBLE = {
@@ -323,7 +373,6 @@ def test_prompt_ensembles_give_the_normalised_mean_of_normalised_template_embedd
         model.country_head.weight,
         ensemble_rows(tiny_clip_dir, ENSEMBLE["country_prompt_template"], country=places.country_names),
     )
-    model.build_city_heads([0, 1])
     countries = [places.country_names[country] for country in places.city_countries]
     torch.testing.assert_close(
         model.city_head.weight,

@@ -1,18 +1,21 @@
 """StreetCLIPForGeolocation: loading plain CLIP and own folders, heads, candidates, outputs."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPModel
+from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPModel, pipeline
 
+import modeling_streetclip.modeling_streetclip as modeling
 from modeling_streetclip import (
     CandidatePlaces,
     GeolocationOutput,
@@ -25,6 +28,8 @@ from modeling_streetclip.testing_utils import (
     SMALL_COUNTRIES,
     TINY_IMAGE_SIZE,
     place_in_hub_cache,
+    run_as_hub_user,
+    save_random_photos,
     save_tiny_clip_checkpoint,
 )
 
@@ -87,12 +92,27 @@ def test_saved_city_heads_equal_prompt_embeddings_through_the_text_tower(tiny_cl
     torch.testing.assert_close(model.city_head.weight, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_city_heads_are_built_lazily_for_predicted_countries_only(tiny_clip_dir, pixel_values):
+def test_a_plain_clip_checkpoint_builds_every_head_at_load_in_batched_text_tower_calls(
+    tiny_clip_dir, pixel_values, monkeypatch
+):
+    calls = []
+    real = StreetCLIPForGeolocation.get_text_features
+    monkeypatch.setattr(
+        StreetCLIPForGeolocation, "get_text_features", lambda self, **kw: calls.append(1) or real(self, **kw)
+    )
     model = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir)
-    assert len(model.pending_city_prompts) == 193
-    outputs = model(pixel_values)
-    predicted = set(outputs.predicted_country.tolist())
-    assert set(range(193)) - set(model.pending_city_prompts) == predicted
+    places = model.candidate_places
+    prompts = places.num_countries + places.num_cities
+    assert len(calls) == math.ceil(prompts / modeling._PROMPTS_PER_BATCH) < places.num_countries
+    countries = [places.country_names[country] for country in places.city_countries]
+    expected = prompt_embeddings(
+        tiny_clip_dir, city_prompts(model.config.city_prompt_template, places.city_names, countries)
+    )
+    torch.testing.assert_close(model.city_head.weight, expected, rtol=1e-4, atol=1e-5)
+    # Inference never needs the text tower again: the forward has no side effect.
+    model.text_model = None
+    assert model(pixel_values).logits.shape == (len(pixel_values), places.num_cities)
+    assert len(calls) == math.ceil(prompts / modeling._PROMPTS_PER_BATCH)
 
 
 def test_saved_folder_reloads_with_identical_outputs(tiny_clip_dir, tmp_path, pixel_values):
@@ -102,9 +122,8 @@ def test_saved_folder_reloads_with_identical_outputs(tiny_clip_dir, tmp_path, pi
     assert saved_config["model_type"] == "streetclip"
     assert saved_config["candidate_places"]["country_names"] == SMALL_COUNTRIES
     reloaded = StreetCLIPForGeolocation.from_pretrained(tmp_path)
-    assert reloaded.pending_city_prompts == {}
     before, after = model(pixel_values), reloaded(pixel_values)
-    for name in ("country_logits", "city_logits", "image_embeds"):
+    for name in ("logits", "country_logits", "city_logits", "image_embeds"):
         torch.testing.assert_close(after[name], before[name])
     assert torch.equal(after.predicted_city, before.predicted_city)
 
@@ -154,6 +173,64 @@ def test_auto_classes_resolve_to_streetclip(small_streetclip_dir):
     assert isinstance(AutoModel.from_pretrained(small_streetclip_dir), StreetCLIPForGeolocation)
 
 
+IMAGE_CLASSIFICATION_SCRIPT = """
+import json, sys
+from transformers import pipeline
+
+classify = pipeline("image-classification", model=sys.argv[1], trust_remote_code=True)
+print(json.dumps({"model": type(classify.model).__module__, "answers": classify(sys.argv[2:], top_k=5)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[str]:
+    return [str(path) for path in save_random_photos(tmp_path_factory.mktemp("photos"), ["a.png", "b.jpg", "c.png"])]
+
+
+def save_region_model(source: Path, folder: Path, way: str) -> Path:
+    """`source` saved as a user saves it: `model.save_pretrained` + `processor.save_pretrained`, or
+    `pipe.save_pretrained` (the folder that publishing uploads, with its code for `trust_remote_code`)."""
+    model = StreetCLIPForGeolocation.from_pretrained(source)
+    processor = StreetCLIPProcessor.from_pretrained(source)
+    if way == "pipeline":
+        pipeline("geolocation", model=model, processor=processor).save_pretrained(folder)
+    else:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    return folder
+
+
+def assert_joint_answers(answers: list[list[dict]], folder: Path, photos: list[str]) -> None:
+    """`answers` of the image-classification pipeline are the geolocation pipeline's under `decision="joint"`."""
+    expected = pipeline("geolocation", model=str(folder))(photos, top_k=5, decision="joint")
+    for image_answers, image_expected in zip(answers, expected, strict=True):
+        assert [answer["label"] for answer in image_answers] == [answer["label"] for answer in image_expected]
+        assert [answer["score"] for answer in image_answers] == pytest.approx(
+            [answer["joint_probability"] for answer in image_expected], abs=1e-5
+        )
+
+
+@pytest.mark.parametrize("way", ["model_and_processor", "pipeline"])
+def test_the_stock_image_classification_pipeline_answers_the_joint_top_k_with_labels(
+    region_streetclip_dir, tmp_path, photos, way
+):
+    folder = save_region_model(region_streetclip_dir, tmp_path, way)
+    classify = pipeline("image-classification", model=str(folder))
+    assert type(classify.model) is StreetCLIPForGeolocation
+    answers = classify(photos, top_k=5)
+    assert all(len(image_answers) == 5 for image_answers in answers)
+    assert_joint_answers(answers, folder, photos)
+    assert answers[0][0]["label"].count(", ") == 2  # "City, Region, Country"
+
+
+@pytest.mark.slow
+def test_the_stock_image_classification_pipeline_answers_without_the_package(region_streetclip_dir, tmp_path, photos):
+    folder = save_region_model(region_streetclip_dir, tmp_path / "saved", "pipeline")
+    remote = run_as_hub_user(IMAGE_CLASSIFICATION_SCRIPT, ["org/geo", *photos], {"org/geo": folder}, tmp_path)
+    assert remote["model"].startswith("transformers_modules.")
+    assert_joint_answers(remote["answers"], folder, photos)
+
+
 def atlantis_places() -> CandidatePlaces:
     """A custom table of three cities in two made-up countries."""
     return CandidatePlaces.from_records(
@@ -184,7 +261,6 @@ def test_restricting_countries_equals_rebuilding_for_them(small_streetclip_dir, 
     rebuilt = StreetCLIPForGeolocation.from_pretrained(
         tiny_clip_dir, candidate_countries=["Japan", "Kenya"], cities_per_country=5
     )
-    rebuilt.build_city_heads([0, 1])
     assert restricted.candidate_places == rebuilt.candidate_places
     torch.testing.assert_close(restricted.country_head.weight, rebuilt.country_head.weight, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(restricted.city_head.weight, rebuilt.city_head.weight, rtol=1e-4, atol=1e-5)
@@ -290,7 +366,7 @@ def test_vision_only_auto_drops_the_text_tower_exactly_when_no_head_needs_buildi
         request.getfixturevalue(checkpoint), vision_only="auto", **settings
     )
     assert (model.text_model is not None) == keeps_text_tower
-    assert model.country_head is not None and model.pending_city_prompts.keys() <= set(range(6))
+    assert model.country_head is not None and model.city_head is not None
 
 
 def test_vision_only_accepts_only_true_false_or_auto(small_streetclip_dir):
@@ -312,9 +388,9 @@ def test_set_candidates_takes_the_processor_or_prompts_it_tokenised_alike(tiny_c
     processor = StreetCLIPProcessor.from_pretrained(tiny_clip_dir)
     places = atlantis_places()
     from_processor = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidate_countries=["Kenya"])
-    from_processor.set_candidates(places, processor, build_all_city_heads=True)
+    from_processor.set_candidates(places, processor)
     from_tokens = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidate_countries=["Kenya"])
-    from_tokens.set_candidates(places, processor.candidate_prompts(places), build_all_city_heads=True)
+    from_tokens.set_candidates(places, processor.candidate_prompts(places))
     torch.testing.assert_close(from_tokens.country_head.weight, from_processor.country_head.weight)
     torch.testing.assert_close(from_tokens.city_head.weight, from_processor.city_head.weight)
     assert from_tokens.candidate_places == places
@@ -368,3 +444,88 @@ def test_model_folder_without_processor_files_names_the_folder_and_the_fix_when_
     assert f"StreetCLIPProcessor.from_pretrained(CHECKPOINT_IT_CAME_FROM).save_pretrained({str(folder)!r})" in str(
         raised.value
     )
+
+
+# Conformance with transformers: outputs, configuration overrides, Accelerate's loading paths, the meta device
+
+
+def test_logits_are_log_joint_probabilities_over_the_whole_table_labelled_by_id2label(
+    region_streetclip_dir, pixel_values
+):
+    model = StreetCLIPForGeolocation.from_pretrained(region_streetclip_dir, vision_only=True)
+    places = model.candidate_places
+    outputs = model(pixel_values)
+    assert outputs.logits.shape == (len(pixel_values), places.num_cities)
+    torch.testing.assert_close(outputs.logits.exp().sum(dim=-1), torch.ones(len(pixel_values)))
+    ranked = model.rank_places(outputs, top_k=places.num_cities, decision="joint")
+    torch.testing.assert_close(outputs.logits.exp().gather(1, ranked.city_rows), ranked.joint_probabilities)
+    assert model.config.id2label == dict(enumerate(places.city_labels))
+    assert model.config.label2id[places.city_labels[3]] == 3
+
+
+def test_return_dict_false_gives_the_outputs_as_a_tuple(small_streetclip_dir, pixel_values):
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
+    as_tuple = model(pixel_values, return_dict=False)
+    as_output = model(pixel_values)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(as_output)
+    for value, expected in zip(as_tuple, as_output.values(), strict=True):
+        torch.testing.assert_close(value, expected)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"output_hidden_states": True}, {"output_attentions": True}, {"return_dict": False}],
+    ids=["hidden_states", "attentions", "tuple"],
+)
+def test_configuration_overrides_in_from_pretrained_work_as_for_clip(small_streetclip_dir, pixel_values, overrides):
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, **overrides)
+    clip = CLIPModel.from_pretrained(small_streetclip_dir, **overrides)
+    (name, value), layers = next(iter(overrides.items())), model.config.vision_config.num_hidden_layers
+    assert getattr(model.config, name) == getattr(clip.config, name) == value
+    with torch.no_grad():
+        outputs = model(pixel_values)
+    if name == "return_dict":
+        assert isinstance(outputs, tuple)
+    elif name == "output_hidden_states":
+        assert len(outputs.hidden_states) == layers + 1
+    else:
+        assert len(outputs.attentions) == layers
+        assert outputs.attentions[0].shape[:2] == (len(pixel_values), model.config.vision_config.num_attention_heads)
+
+
+def test_heads_offloaded_to_disk_give_the_answers_of_the_plain_load(region_streetclip_dir, tmp_path, pixel_values):
+    plain = StreetCLIPForGeolocation.from_pretrained(region_streetclip_dir)
+    device_map = {
+        **dict.fromkeys(["text_model", "vision_model", "text_projection", "visual_projection"], "cpu"),
+        **dict.fromkeys(["logit_scale", "candidate_checksum"], "cpu"),
+        **dict.fromkeys(["country_head", "region_head", "city_head"], "disk"),
+    }
+    offloaded = StreetCLIPForGeolocation.from_pretrained(
+        region_streetclip_dir, device_map=device_map, offload_folder=tmp_path
+    )
+    assert {offloaded.hf_device_map[name] for name in ("country_head", "region_head", "city_head")} == {"disk"}
+    assert offloaded.city_head.weight.device.type == "meta"  # in memory only while a forward runs
+    with torch.no_grad():
+        expected, outputs = plain(pixel_values), offloaded(pixel_values)
+    for name in ("logits", "country_logits", "region_logits", "city_logits"):
+        torch.testing.assert_close(outputs[name], expected[name])
+    for decision in ("greedy", "joint", "expected_distance"):
+        assert torch.equal(
+            offloaded.rank_places(outputs, top_k=5, decision=decision).city_rows,
+            plain.rank_places(expected, top_k=5, decision=decision).city_rows,
+        )
+    with pytest.raises(ValueError, match="cannot subset country_head: it is offloaded"):
+        offloaded.restrict_countries(["Japan"])
+
+
+def test_a_model_built_on_the_meta_device_gets_its_buffers_from_init_weights(small_streetclip_dir, pixel_values):
+    config = StreetCLIPConfig.from_pretrained(small_streetclip_dir)
+    reference = StreetCLIPForGeolocation(config)
+    with torch.device("meta"):
+        model = StreetCLIPForGeolocation(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    buffers = dict(reference.named_buffers())
+    assert {"candidate_checksum", "city_countries"} <= buffers.keys()
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, buffers[name]), name

@@ -17,7 +17,7 @@ from transformers import pipeline
 import modeling_streetclip.quantization as quantization
 from modeling_streetclip import StreetCLIPConfig, StreetCLIPForGeolocation
 from modeling_streetclip.cli import main
-from modeling_streetclip.quantization import Int8DynamicConfig
+from modeling_streetclip.quantization import Int8DtypeError, Int8DynamicConfig
 from modeling_streetclip.testing_utils import (
     PLACES,
     SMALL_COUNTRIES,
@@ -68,8 +68,6 @@ def test_heads_built_from_a_plain_clip_checkpoint_are_the_float32_ones(tiny_clip
         tiny_clip_dir, quantization_config=Int8DynamicConfig(), **settings
     )
     assert_only_the_vision_tower_is_int8(model)
-    model.build_city_heads(list(model.pending_city_prompts))
-    reference.build_city_heads(list(reference.pending_city_prompts))
     assert torch.equal(model.country_head.weight, reference.country_head.weight)
     assert torch.equal(model.city_head.weight, reference.city_head.weight)
     with torch.no_grad():
@@ -99,17 +97,42 @@ def test_saving_a_quantized_model_is_refused_before_anything_is_written(small_st
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "error", "message"),
     [
-        ({"dtype": torch.bfloat16}, "computes in float32, got dtype=torch.bfloat16"),
-        ({"device_map": "cuda"}, "runs on the CPU only"),
+        ({"dtype": torch.bfloat16}, Int8DtypeError, "computes in float32, got dtype=torch.bfloat16"),
+        ({"device_map": "cuda"}, ValueError, "runs on the CPU only"),
     ],
 )
-def test_loading_int8_in_another_dtype_or_on_a_gpu_is_refused(small_streetclip_dir, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_loading_int8_in_another_dtype_or_on_a_gpu_is_refused(small_streetclip_dir, kwargs, error, message):
+    with pytest.raises(error, match=message):
         StreetCLIPForGeolocation.from_pretrained(
             small_streetclip_dir, quantization_config=Int8DynamicConfig(), **kwargs
         )
+
+
+def test_a_pipeline_asked_for_int8_in_bfloat16_refuses_instead_of_falling_back_to_float32(small_streetclip_dir):
+    with pytest.raises(Int8DtypeError, match="computes in float32, got dtype=torch.bfloat16"):
+        pipeline(
+            "geolocation",
+            model=str(small_streetclip_dir),
+            model_kwargs={"quantization_config": Int8DynamicConfig()},
+            dtype=torch.bfloat16,
+        )
+
+
+@pytest.mark.parametrize(
+    "cast", [lambda m: m.to(torch.bfloat16), lambda m: m.to(dtype=torch.float16), lambda m: m.bfloat16()]
+)
+def test_casting_an_int8_model_to_half_precision_is_refused_and_leaves_it_working(small_streetclip_dir, cast):
+    model = StreetCLIPForGeolocation.from_pretrained(
+        small_streetclip_dir, vision_only=True, quantization_config=Int8DynamicConfig()
+    )
+    with pytest.raises(ValueError, match=r"quantized \(streetclip_int8_dynamic\) and computes in torch.float32"):
+        cast(model)
+    assert_only_the_vision_tower_is_int8(model)
+    assert model.to(torch.float32).to("cpu") is model
+    with torch.no_grad():
+        assert model(pixels()).logits.dtype == torch.float32
 
 
 def test_config_round_trips_through_its_dict_and_refuses_unknown_settings():

@@ -12,8 +12,9 @@ import card
 import publish
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
-from transformers import pipeline
+from transformers import AutoTokenizer, CLIPModel, pipeline
 
 from modeling_streetclip import CandidatePlaces, StreetCLIPConfig, StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.cli import main as streetclip
@@ -49,16 +50,20 @@ def test_the_paper_two_levels_are_the_default(tiny_clip_dir):
     assert model.region_head is None and not model.candidate_places.has_regions
 
 
-def test_region_heads_are_built_lazily_for_the_predicted_countries_only(tiny_clip_dir, pixel_values):
+def test_region_heads_of_every_country_are_built_at_load(tiny_clip_dir):
     model = StreetCLIPForGeolocation.from_pretrained(
         tiny_clip_dir, candidate_countries=SMALL_COUNTRIES, cities_per_country=8, levels=REGION_LEVELS
     )
     assert model.config.levels == list(REGION_LEVELS) and model.uses_regions
-    assert set(model.pending_region_prompts) == set(range(len(SMALL_COUNTRIES)))
-    outputs = model(pixel_values)
-    predicted = set(outputs.predicted_country.tolist())
-    assert set(model.pending_region_prompts) == set(range(len(SMALL_COUNTRIES))) - predicted
-    assert set(model.pending_city_prompts) == set(model.pending_region_prompts)
+    places = model.candidate_places
+    clip = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    prompts = StreetCLIPProcessor.from_pretrained(tiny_clip_dir).render_region_prompts(
+        places.region_names, [places.country_names[country] for country in places.region_countries]
+    )
+    tokens = AutoTokenizer.from_pretrained(tiny_clip_dir)(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = F.normalize(clip.get_text_features(**tokens).pooler_output, dim=-1) * clip.logit_scale.exp()
+    torch.testing.assert_close(model.region_head.weight, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_the_region_decision_restricts_the_cities(region_streetclip_dir, pixel_values):
@@ -76,7 +81,7 @@ def test_the_region_decision_restricts_the_cities(region_streetclip_dir, pixel_v
     in_region = places.cities_by_region[other]
     assert int(outputs.predicted_city[0]) == in_region[int((model.city_head.weight[in_region] @ embeds[0]).argmax())]
     assert int(outputs.predicted_city[0]) != best_in_country
-    assert outputs.city_logits[0][outputs.city_indices[0] >= 0].isfinite().sum() == len(in_region)
+    assert set(model.rank_places(outputs, top_k=len(in_region)).city_rows[0].tolist()) == set(in_region)
 
 
 def test_saved_folder_carries_the_region_head_table_and_checksum(region_streetclip_dir, tmp_path):
@@ -125,7 +130,6 @@ def test_restricting_countries_keeps_their_regions_and_region_heads(
     rebuilt = StreetCLIPForGeolocation.from_pretrained(
         tiny_clip_dir, candidate_countries=["Japan", "Brazil"], cities_per_country=8, levels=list(REGION_LEVELS)
     )
-    rebuilt.build_city_heads([0, 1])
     assert model.candidate_places == rebuilt.candidate_places
     torch.testing.assert_close(model.region_head.weight, rebuilt.region_head.weight)
     assert torch.equal(model(pixel_values).predicted_region, rebuilt(pixel_values).predicted_region)
@@ -203,8 +207,8 @@ def test_pooled_views_follow_the_decision_too(capsys, tmp_path, small_streetclip
     arguments = [*map(str, photos), "--model", str(small_streetclip_dir), "--workers", "0", "--top_k", "4"]
     assert streetclip(["locate", *arguments, "--group_by", r"(photo)-\d", "--decision", "expected_distance"]) == 0
     (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    scores = [answer["score"] for answer in record["answers"]]
-    assert scores == sorted(scores) and len(scores) == 4
+    distances = [answer["expected_distance_km"] for answer in record["answers"]]
+    assert distances == sorted(distances) and len(distances) == 4
 
 
 def test_benchmark_runner_scores_a_region_model_under_a_decision_and_records_it(

@@ -128,7 +128,6 @@ def save_probe_model(workdir: Path, size: str, device: str, photos_per_city: int
     processor = StreetCLIPProcessor.from_pretrained(plain)
     places = probe_places()
     model = StreetCLIPForGeolocation.from_pretrained(plain, candidates=places).to(device)
-    model.build_city_heads(list(model.pending_city_prompts))  # now, or saving would overwrite the probe's rows
     photos, countries, city_rows = geo_photos(photos_per_city, seed=0)
     pixel_values = processor.image_processor(images=photos, return_tensors="pt")["pixel_values"].to(device)
     embeds = embed(model, pixel_values, batch_size)
