@@ -785,6 +785,9 @@ def test_index_build_shows_only_its_own_bar_and_summary_unless_verbose(small_str
     assert "streetclip index build: 100%" in quiet and f"{GOOD_ROWS} photos in the gallery" in quiet
     for noise in ("Loading weights", "Downloading data", "Generating train split", "Saving the dataset", "0/1"):
         assert noise not in quiet
+    # Every line is the command's own: its bar (redrawn after carriage returns) and its summary.
+    lines = [line.strip("\r") for line in quiet.split("\n") if line.strip()]
+    assert all(line.startswith("streetclip index build: ") for line in lines), quiet
     assert main([*args, "--output", str(tmp_path / "verbose"), "--verbose"]) == EXIT_SOME_FAILED
     verbose = capfd.readouterr().err
     assert "Loading weights" in verbose and "Saving the dataset" in verbose and "1/1" in verbose

@@ -193,13 +193,11 @@ def build_command(args: argparse.Namespace) -> int:
     """`streetclip index build`: embed DATA into a gallery at --output, then report and set the status."""
     import torch
 
-    from .. import register_with_transformers
     from ..gallery import GalleryModelError, VoteSettings
     from ..gallery_build import build_gallery
     from .distributed import make_accelerator
     from .locate import load_model
 
-    register_with_transformers()
     accelerator = make_accelerator(args.device)
     if accelerator.num_processes > 1:
         # Every process would write the same folder; one GPU embeds millions of photos in hours.
