@@ -168,6 +168,18 @@ def test_an_option_added_later_with_none_for_its_default_keeps_older_files_resum
         resume(path, options={**OPTIONS, "decision": "joint"})
 
 
+def test_a_change_of_model_weights_is_named_with_both_fingerprints(tmp_path):
+    path = tmp_path / "results.jsonl"
+    write_records(path, [{"path": "/a.jpg", "answers": [ANSWER]}], options={**OPTIONS, "model_weights": "0123abcd"})
+
+    with pytest.raises(ResultFileError, match="the fingerprint of --model's weights was '0123abcd', now 'ffff0000'"):
+        resume(path, options={**OPTIONS, "model_weights": "ffff0000"})
+    older = tmp_path / "older.jsonl"  # written before weights were fingerprinted
+    write_records(older, [{"path": "/a.jpg", "answers": [ANSWER]}])
+    with pytest.raises(ResultFileError, match="the fingerprint of --model's weights was not recorded, now 'ffff0000'"):
+        resume(older, options={**OPTIONS, "model_weights": "ffff0000"})
+
+
 def test_a_file_without_its_options_record_is_refused_and_overwrite_starts_afresh(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text('{"path": "/a.jpg", "answers": []}\n')

@@ -303,7 +303,8 @@ def _check_options(path: Path, options: dict[str, Any]) -> None:
     differing = [name for name in sorted(recorded.keys() | options.keys()) if recorded.get(name) != options.get(name)]
     if differing:
         changes = "; ".join(
-            f"{_OPTION_LABELS.get(name, '--' + name)} was {_shown(recorded.get(name))}, now {_shown(options.get(name))}"
+            f"{_OPTION_LABELS.get(name, '--' + name)} was {_shown(recorded.get(name), name)}, now "
+            f"{_shown(options.get(name), name)}"
             for name in differing
         )
         raise ResultFileError(
@@ -312,10 +313,11 @@ def _check_options(path: Path, options: dict[str, Any]) -> None:
         )
 
 
-def _shown(value: Any) -> str:
-    """An option's value for a one-line message: "not given" for a missing one, long lists cut short."""
+def _shown(value: Any, name: str) -> str:
+    """An option's value for a one-line message: "not given" for a missing one ("not recorded" for one that is not
+    an option of its own, which an earlier version did not record), long lists cut short."""
     if value is None:
-        return "not given"
+        return "not recorded" if name in _OPTION_LABELS else "not given"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
