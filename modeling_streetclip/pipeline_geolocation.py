@@ -3,16 +3,18 @@
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 from transformers import Pipeline
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from .configuration_streetclip import validate_decision
 from .gallery import GALLERY_DECISIONS, GeoGallery, check_decision, format_gallery_answers, rank_gallery_places
 from .gazetteer import format_answers
-from .images import load_rgb_image
+from .images import ImageLoadError, load_rgb_image
 from .pixels import normalized_pixels, resized_pixels
 from .processing_streetclip import StreetCLIPProcessor
 
@@ -26,23 +28,11 @@ class GeolocationPipeline(Pipeline):
     (for a model with a region level) the best region of that country, then the best city of that country or region,
     whose coordinates are the answer.
 
-    Each image gives a list of `top_k` dicts, ordered by the decision rule, each with `country`, `country_code`,
-    `city`, `latitude`, `longitude`, `score` (the number the rule orders by), `country_score` (p(country)) and
-    `joint_probability` (p(country) * p(city | country), times p(region | country) with a region level, where the
-    dicts also carry `region` and `region_score`). `decision=` picks the rule:
-
-    - `"greedy"` (the default, the paper's): countries by p(country), then cities by p(city | country) within a
-      country (with regions: regions by p(region | country), then cities by p(city | region)); `score` is that
-      p(city | ...). The first dict is exactly the paper's decision.
-    - `"joint"`: by joint probability, which is `score`.
-    - `"expected_distance"`: by the expected great-circle distance in km to the true place under the joint
-      posterior over the most probable cities (`config.expected_distance_candidates`); `score` is that distance, so
-      it grows down the list: the Bayes decision for distance-thresholded accuracy.
-    - `"gallery"` and `"hybrid"`, with `gallery=` (a folder or Hub dataset repo that `streetclip index build` wrote, or
-      a `GeoGallery`): the nearest gallery photos vote (a kernel vote on the sphere; `"hybrid"` restricts and weights
-      it by the zero-shot country posterior; see `modeling_streetclip.gallery`). The answer is a photo's place, so it
-      can be closer than any candidate city; `city` and `country` are those of the candidate city nearest it, and
-      `gallery_row` and `similarity` name the photo. With a gallery, `"gallery"` is the default rule.
+    Each image gives a list of `top_k` dicts, ordered by the decision rule, each with `label` (`"Paris, France"`),
+    `country`, `country_code`, `city`, `latitude`, `longitude`, `score` (a probability, see `decision` in
+    `__call__`), `country_score` (p(country)) and `joint_probability` (p(country) * p(city | country), times
+    p(region | country) with a region level, where the dicts also carry `region` and `region_score`). `label` and
+    `score` make them image-classification answers, as the Hub's clients and widget read them.
 
     Example:
 
@@ -51,14 +41,13 @@ class GeolocationPipeline(Pipeline):
     >>> from transformers import pipeline
     >>> geolocate = pipeline("geolocation", model="geolocal/StreetCLIP")  # doctest: +SKIP
     >>> geolocate("photo.jpg", top_k=2)  # doctest: +SKIP
-    [{'country': 'France', 'country_code': 'FR', 'city': 'Paris', 'latitude': 48.85341, 'longitude': 2.3488,
-      'score': 0.65, 'country_score': 0.63, 'joint_probability': 0.41}, {...}]
+    [{'label': 'Paris, France', 'country': 'France', 'country_code': 'FR', 'city': 'Paris', 'latitude': 48.85341,
+      'longitude': 2.3488, 'score': 0.65, 'country_score': 0.63, 'joint_probability': 0.41}, {...}]
     ```
 
-    This pipeline is loaded from [`pipeline`] with the task identifier `"geolocation"`. It accepts an image path, a
-    `PIL.Image.Image`, or a list of them (giving a list of lists), and `top_k`, `decision`, `gallery`, `batch_size`,
-    `device` and `dtype`; any other keyword argument is refused. `save_pretrained` writes a folder that every loader
-    accepts, with or without this package installed (a gallery is not part of it: pass `gallery=` again).
+    This pipeline is loaded from [`pipeline`] with the task identifier `"geolocation"`. `save_pretrained` writes a
+    folder that every loader accepts, with or without this package installed (a gallery is not part of it: pass
+    `gallery=` again).
     """
 
     _load_processor = True
@@ -78,16 +67,77 @@ class GeolocationPipeline(Pipeline):
                 "image_processor) along with a model object; pipeline() loads it when given the model's folder or id."
             )
 
+    def __call__(self, inputs, **kwargs):
+        """
+        Geolocate the image(s) given as inputs.
+
+        Args:
+            inputs (`str`, `bytes`, `PIL.Image.Image` or a list of them):
+                A path to an image file, an `http://` or `https://` URL, an encoded image's bytes, or a PIL image. A
+                list gives a list of answer lists, one per image, in order.
+            top_k (`int`, *optional*, defaults to 1):
+                The number of answers per image (at most the number of candidate cities).
+            decision (`str`, *optional*, defaults to `"greedy"`, or `"gallery"` with a gallery):
+                The rule that chooses and orders the answers; each answer carries the number it orders by.
+
+                - `"greedy"` (the paper's): countries by p(country), then (with a region level) regions by
+                  p(region | country), then cities by p(city | country or region) within each; `score` is that
+                  p(city | ...). The first answer is exactly the paper's decision.
+                - `"joint"`: by the joint probability, which is `score`.
+                - `"expected_distance"`: by `expected_distance_km`, the expected great-circle distance to the true
+                  place under the joint posterior over the `config.expected_distance_candidates` most probable
+                  cities, smallest first (the Bayes decision for distance-thresholded accuracy); `score` is the
+                  joint probability.
+                - `"gallery"` and `"hybrid"` (with `gallery`): the nearest gallery photos vote (a kernel vote on the
+                  sphere; `"hybrid"` restricts and weights it by the zero-shot country posterior, see
+                  `modeling_streetclip.gallery`); `score` is the answer's share of the vote. The answer is a photo's
+                  place, so it can be closer than any candidate city; `label`, `city` and `country` are those of the
+                  candidate city nearest it, and `gallery_row` and `similarity` name the photo.
+            candidate_countries (`list[str]`, *optional*):
+                Answer only among these candidate countries of the model (names or ISO 3166-1 alpha-2 codes), with
+                p(country) renormalised over them: the answers of a model restricted with
+                `model.restrict_countries(...)`, for this call only. Not with the gallery decisions, whose votes
+                are not limited to candidate countries.
+            gallery (`str`, `os.PathLike` or `GeoGallery`, *optional*):
+                A folder or Hub dataset repo that `streetclip index build` wrote, or a loaded `GeoGallery`, for the
+                gallery decisions; checked once against this pipeline's model.
+            function_to_apply (`str`, *optional*, defaults to `"softmax"`):
+                The Hub's image-classification parameter. Every `score` is already a probability from softmaxes over
+                the candidates, so `"softmax"` is the only value; `"sigmoid"` and `"none"` are refused with the
+                reason.
+            timeout (`float`, *optional*, defaults to None):
+                The maximum time in seconds to wait for fetching an image from a URL. If None, no timeout is set and
+                the call may block forever.
+
+        Return:
+            For one image, a list of `top_k` dicts, best first (see the class docstring for their keys); for a list
+            of images, one such list per image.
+        """
+        return super().__call__(inputs, **kwargs)
+
     def _sanitize_parameters(
-        self, top_k: int | None = None, decision: str | None = None, gallery: Any = None, **unknown
+        self,
+        top_k: int | None = None,
+        decision: str | None = None,
+        gallery: Any = None,
+        candidate_countries: Sequence[str] | None = None,
+        function_to_apply: str | None = None,
+        timeout: float | None = None,
+        **unknown,
     ):
         if unknown:
             # As a Python function would: a misspelt option must not answer as if it had not been given.
             raise TypeError(
                 f"GeolocationPipeline got an unexpected keyword argument {next(iter(unknown))!r}; it accepts top_k, "
-                "decision and gallery (and pipeline's batch_size, num_workers, device and dtype)."
+                "decision, candidate_countries, gallery, function_to_apply and timeout (and pipeline's batch_size, "
+                "num_workers, device and dtype)."
             )
-        forward_params = {}
+        _check_function_to_apply(function_to_apply)
+        preprocess_params, forward_params = {}, {}
+        if timeout is not None:
+            if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+                raise ValueError(f"timeout must be a positive number of seconds (or None for none), got {timeout!r}.")
+            preprocess_params["timeout"] = timeout
         if top_k is not None:
             if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
                 raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
@@ -96,7 +146,20 @@ class GeolocationPipeline(Pipeline):
             forward_params["decision"] = decision if decision in GALLERY_DECISIONS else validate_decision(decision)
         if gallery is not None:
             forward_params["gallery"] = self._checked_gallery(gallery)
-        return {}, forward_params, {}
+        if candidate_countries is not None:
+            forward_params["country_rows"] = self._country_rows(candidate_countries)
+        return preprocess_params, forward_params, {}
+
+    def _country_rows(self, countries: Sequence[str]) -> list[int]:
+        """Rows of the model's candidate countries named in `countries`, by name or ISO code."""
+        if isinstance(countries, str) or not isinstance(countries, Sequence):
+            raise TypeError(
+                f"candidate_countries must be a list of country names or ISO codes, such as ['JP', 'Kenya'], got "
+                f"{countries!r}."
+            )
+        if not countries:
+            raise ValueError("candidate_countries is empty; give at least one of the model's candidate countries.")
+        return [self.model.candidate_places.country_index(name) for name in countries]
 
     def _checked_gallery(self, gallery: "str | os.PathLike | GeoGallery") -> GeoGallery:
         """The gallery `gallery` names, loaded and checked against this pipeline's model once (a gallery embedded by
@@ -111,9 +174,9 @@ class GeolocationPipeline(Pipeline):
             cache[key] = loaded
         return cache[key]
 
-    def preprocess(self, image) -> dict[str, Any]:
+    def preprocess(self, image, timeout: float | None = None) -> dict[str, Any]:
         # 8-bit pixels: a quarter of float32's bytes to carry from DataLoader workers to the device (see `pixels`).
-        return {"pixel_values": resized_pixels(self.image_processor, load_rgb_image(image))}
+        return {"pixel_values": resized_pixels(self.image_processor, _load_image(image, timeout))}
 
     def _forward(
         self,
@@ -121,14 +184,23 @@ class GeolocationPipeline(Pipeline):
         top_k: int = 1,
         decision: str | None = None,
         gallery: GeoGallery | None = None,
+        country_rows: list[int] | None = None,
     ) -> dict[str, Any]:
         decision = decision or ("gallery" if gallery is not None else "greedy")
+        if decision in GALLERY_DECISIONS and country_rows is not None:
+            raise ValueError(
+                f"candidate_countries does not apply to decision={decision!r}: the gallery's photos vote wherever "
+                "they are. Use decision='greedy', 'joint' or 'expected_distance' with candidate_countries, or a "
+                "gallery of those countries' photos."
+            )
         check_decision(decision, gallery)
         pixel_values = normalized_pixels(self.image_processor, model_inputs["pixel_values"], self.model.dtype)
         outputs = self.model(pixel_values=pixel_values)
         if decision in GALLERY_DECISIONS:
             return rank_gallery_places(self.model, outputs, gallery, decision, top_k)._asdict()
-        return self.model.rank_places(outputs, top_k=top_k, decision=decision)._asdict()
+        ranked = self.model.rank_places(outputs, top_k=top_k, decision=decision, country_rows=country_rows)
+        # Fields a rule does not fill (`expected_distances_km` but under its rule) stay out of the batch.
+        return {name: column for name, column in ranked._asdict().items() if column is not None}
 
     def postprocess(self, model_outputs: dict[str, Any]) -> list[dict[str, Any]]:
         # The columns of `RankedPlaces` (or `GalleryRankedPlaces`), whose names are the formatter's parameters.
@@ -147,6 +219,39 @@ class GeolocationPipeline(Pipeline):
                 "processor=StreetCLIPProcessor.from_pretrained(...)."
             )
         save_shareable_folder(self.model, self.processor, save_directory, **kwargs)
+
+
+def _check_function_to_apply(function_to_apply: str | None) -> None:
+    """Accept the Hub's `function_to_apply` where it describes what the pipeline does (`"softmax"`), and refuse the
+    others with the reason: the scores are probabilities over mutually exclusive places."""
+    name = function_to_apply.lower() if isinstance(function_to_apply, str) else function_to_apply
+    if name in (None, "softmax"):
+        return
+    if name in ("sigmoid", "none"):
+        raise ValueError(
+            f"function_to_apply={function_to_apply!r} does not apply to geolocation: a photo is taken in one place, so "
+            "every score is a probability from softmaxes over the candidate places (function_to_apply='softmax'). "
+            "For unnormalised numbers, read the model's outputs: `logits` holds the log joint probabilities."
+        )
+    raise ValueError(
+        f"Unknown function_to_apply {function_to_apply!r}; the Hub's values are 'softmax', 'sigmoid' and 'none', of "
+        "which geolocation answers with 'softmax'."
+    )
+
+
+def _load_image(image, timeout: float | None):
+    """`load_rgb_image`'s RGB image, after fetching an `http(s)://` URL as transformers' `load_image` does (with
+    `timeout`), so that a fetched image meets the same checks as a file; errors name the URL."""
+    if not (isinstance(image, str) and image.startswith(("http://", "https://"))):
+        return load_rgb_image(image)
+    try:
+        response = httpx.get(image, timeout=timeout, follow_redirects=True)
+        response.raise_for_status()
+        return load_rgb_image(response.content)
+    except httpx.HTTPError as error:
+        raise ImageLoadError(f"Could not fetch the image URL {image!r}: {error}") from error
+    except ImageLoadError as error:
+        raise ImageLoadError(f"The image at {image!r}: {error}") from error
 
 
 def save_shareable_folder(model, processor: StreetCLIPProcessor, save_directory, **kwargs) -> None:

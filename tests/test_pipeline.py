@@ -5,6 +5,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +110,7 @@ def test_the_recommended_candidate_settings_are_exported_where_the_readme_import
 def test_answer_has_the_documented_fields_and_candidate_values(geolocator):
     (answer,) = geolocator(random_photo(1))
     assert set(answer) == {
+        "label",
         "country",
         "country_code",
         "city",
@@ -125,6 +129,7 @@ def test_answer_has_the_documented_fields_and_candidate_values(geolocator):
         places.city_latitudes[rows[0]],
         places.city_longitudes[rows[0]],
     )
+    assert answer["label"] == places.city_labels[rows[0]] == f"{answer['city']}, {answer['country']}"
     # Under the default (greedy) rule, `score` is p(city | country) and the joint probability is their product.
     assert 0.0 < answer["joint_probability"] <= answer["country_score"] <= 1.0
     assert 0.0 < answer["score"] <= 1.0
@@ -139,16 +144,19 @@ def test_top_k_answers_follow_the_decision_rules_own_order(geolocator, decision)
         assert len({(answer["country"], answer["city"]) for answer in answers}) == 8
         assert sum(answer["joint_probability"] for answer in answers) <= 1.0 + 1e-6
         scores = [answer["score"] for answer in answers]
+        assert all(0.0 <= score <= 1.0 for score in scores)  # a probability under every rule
         if decision == "greedy":
             # Countries by p(country), then cities by p(city | country) inside each country.
             keys = [(answer["country_score"], answer["score"]) for answer in answers]
             assert keys == sorted(keys, reverse=True)
         elif decision == "joint":
             assert scores == sorted(scores, reverse=True)
-            assert scores == [answer["joint_probability"] for answer in answers]
         else:
-            assert scores == sorted(scores)  # expected distance in km: smallest first
-            assert scores[0] > 0
+            distances = [answer["expected_distance_km"] for answer in answers]
+            assert distances == sorted(distances) and distances[0] > 0  # in km, smallest first
+        if decision != "greedy":
+            assert scores == [answer["joint_probability"] for answer in answers]
+        assert ("expected_distance_km" in answers[0]) == (decision == "expected_distance")
 
 
 def test_default_decision_is_greedy_and_its_first_answer_is_the_papers(geolocator):
@@ -196,6 +204,14 @@ def test_bfloat16_pipeline_gives_answers(small_streetclip_dir):
     assert answer["country"] in SMALL_COUNTRIES
 
 
+def test_model_kwargs_override_the_models_configuration_and_the_answers_stay(small_streetclip_dir, geolocator):
+    verbose = pipeline("geolocation", model=str(small_streetclip_dir), model_kwargs={"output_hidden_states": True})
+    assert verbose.model.config.output_hidden_states is True
+    assert verbose([random_photo(2), random_photo(3)], top_k=3) == geolocator(
+        [random_photo(2), random_photo(3)], top_k=3
+    )
+
+
 @pytest.mark.parametrize("option", [{"topk": 5}, {"rule": "joint"}, {"top_k": 2, "countries": ["Japan"]}])
 def test_unknown_keyword_arguments_are_refused_naming_them(geolocator, option):
     unknown = next(name for name in option if name != "top_k")
@@ -226,6 +242,125 @@ def test_pipeline_built_from_a_model_and_an_image_processor_answers_but_refuses_
     with pytest.raises(ValueError, match="no tokenizer or templates to save"):
         bare.save_pretrained(tmp_path / "incomplete")
     assert not (tmp_path / "incomplete").exists()
+
+
+@pytest.fixture(scope="module")
+def restricted_geolocator(small_streetclip_dir, geolocator):
+    """The small model restricted to Japan and Kenya with `restrict_countries`, as a pipeline."""
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
+    model.restrict_countries(["Japan", "Kenya"])
+    return pipeline("geolocation", model=model, processor=geolocator.processor, device="cpu")
+
+
+@pytest.mark.parametrize("decision", ["greedy", "joint", "expected_distance"])
+def test_candidate_countries_on_a_call_answer_as_a_model_restricted_to_them(
+    geolocator, restricted_geolocator, decision
+):
+    before = geolocator(random_photo(6), top_k=4, decision=decision)
+    images = [random_photo(seed) for seed in range(4)]
+    restricted = geolocator(images, top_k=4, decision=decision, candidate_countries=["JP", "Kenya"])
+    expected = restricted_geolocator(images, top_k=4, decision=decision)
+    for got, want in zip(restricted, expected, strict=True):
+        assert [answer["label"] for answer in got] == [answer["label"] for answer in want]
+        assert {answer["country"] for answer in got} <= {"Japan", "Kenya"}
+        for key in set(want[0]) - {"label", "country", "country_code", "city"}:
+            assert [answer[key] for answer in got] == pytest.approx(
+                [answer[key] for answer in want], rel=1e-6, abs=1e-6
+            ), key
+    # The call restricted nothing for good: the pipeline's model keeps every candidate.
+    assert geolocator.model.candidate_places.country_names == SMALL_COUNTRIES
+    assert geolocator(random_photo(6), top_k=4, decision=decision) == before
+
+
+@pytest.mark.parametrize(
+    ("countries", "error", "message"),
+    [
+        (["JP", "Atlantis"], ValueError, "'Atlantis' is not one of the 6 candidate countries of this model"),
+        (["Germany"], ValueError, "'Germany' is not one of the 6 candidate countries"),
+        ([], ValueError, "candidate_countries is empty"),
+        ("JP", TypeError, "candidate_countries must be a list of country names or ISO codes"),
+    ],
+)
+def test_bad_candidate_countries_are_refused_naming_them(geolocator, countries, error, message):
+    with pytest.raises(error, match=message):
+        geolocator(random_photo(0), candidate_countries=countries)
+
+
+@pytest.mark.parametrize("decision", ["gallery", "hybrid"])
+def test_candidate_countries_are_refused_with_the_gallery_decisions_saying_why(geolocator, decision):
+    with pytest.raises(ValueError, match=f"candidate_countries does not apply to decision='{decision}'"):
+        geolocator(random_photo(0), decision=decision, candidate_countries=["JP"])
+
+
+@pytest.mark.parametrize("function_to_apply", ["softmax", "SOFTMAX", None])
+def test_function_to_apply_softmax_is_what_the_pipeline_does(geolocator, function_to_apply):
+    assert geolocator(random_photo(3), top_k=3, function_to_apply=function_to_apply) == geolocator(
+        random_photo(3), top_k=3
+    )
+
+
+@pytest.mark.parametrize(
+    ("function_to_apply", "message"),
+    [("sigmoid", "does not apply to geolocation"), ("none", "does not apply to geolocation"), ("tanh", "Unknown")],
+)
+def test_other_functions_to_apply_are_refused_with_the_reason(geolocator, function_to_apply, message):
+    with pytest.raises(ValueError, match=message):
+        geolocator(random_photo(0), function_to_apply=function_to_apply)
+
+
+@pytest.fixture(scope="module")
+def photo_server():
+    """A local HTTP server: `/photo.png`, `/notes.png` (not an image), `/slow.png` (answers after a second); 404
+    elsewhere."""
+    photo = photo_bytes(random_photo(3), "PNG")
+    files = {"/photo.png": photo, "/slow.png": photo, "/notes.png": b"these are field notes, not pixels"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/slow.png":
+                time.sleep(1)
+            if self.path not in files:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(files[self.path])))
+            self.end_headers()
+            self.wfile.write(files[self.path])
+
+        def log_message(self, *args):
+            pass  # no access log on the test's stderr
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_image_url_is_fetched_and_answers_as_the_image(geolocator, photo_server):
+    assert geolocator(f"{photo_server}/photo.png", top_k=2, timeout=30) == geolocator(random_photo(3), top_k=2)
+
+
+@pytest.mark.parametrize(
+    ("path", "timeout", "message"),
+    [("/slow.png", 0.1, "Could not fetch the image URL .*timed out"), ("/gone.png", 30, "Could not fetch.*404")],
+)
+def test_a_url_that_cannot_be_fetched_in_time_raises_naming_it(geolocator, photo_server, path, timeout, message):
+    with pytest.raises(ImageLoadError, match=message) as raised:
+        geolocator(f"{photo_server}{path}", timeout=timeout)
+    assert repr(f"{photo_server}{path}") in str(raised.value)
+
+
+def test_a_fetched_file_that_is_not_an_image_raises_naming_the_url(geolocator, photo_server):
+    with pytest.raises(ImageLoadError, match="not an image format") as raised:
+        geolocator(f"{photo_server}/notes.png")
+    assert repr(f"{photo_server}/notes.png") in str(raised.value)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, "5", True])
+def test_bad_timeout_is_refused(geolocator, timeout):
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        geolocator(random_photo(0), timeout=timeout)
 
 
 @pytest.mark.parametrize("top_k", [0, -1, 1.5, "3"])

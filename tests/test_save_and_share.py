@@ -128,7 +128,11 @@ def answers_from_model(model: StreetCLIPForGeolocation, image_processor, photos:
     pixels = image_processor(images=[Image.open(path).convert("RGB") for path in photos], return_tensors="pt")
     with torch.no_grad():
         ranked = model.rank_places(model(pixel_values=pixels["pixel_values"]), top_k=TOP_K)
-    return [format_answers(model.candidate_places, *image) for image in zip(*ranked, strict=True)]
+    columns = {name: column for name, column in ranked._asdict().items() if column is not None}
+    return [
+        format_answers(model.candidate_places, **{name: column[image] for name, column in columns.items()})
+        for image in range(len(photos))
+    ]
 
 
 class ConsumerFailed(Exception):
