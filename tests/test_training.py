@@ -1143,23 +1143,25 @@ def test_lora_on_a_checkpointed_model_hides_peft_deprecation_warning_there_only(
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_city_heads_built_under_autocast_match_those_built_in_float32(tiny_clip_dir, dtype):
-    """Mixed-precision evaluation runs the model under autocast, where it builds city heads lazily: the text tower
-    then answers in the autocast dtype, which could not be written into the float32 head."""
+def test_heads_built_under_autocast_match_those_built_in_float32(tiny_clip_dir, dtype):
+    """Mixed-precision training may set the candidates under autocast: the text tower then answers in the autocast
+    dtype, which could not be written into the float32 heads."""
     reference, model = (
         modeling_streetclip.StreetCLIPForGeolocation.from_pretrained(
             tiny_clip_dir, candidate_countries=list(PLACES), cities_per_country=2
         )
         for _ in range(2)
     )
+    processor = StreetCLIPProcessor.from_pretrained(tiny_clip_dir)
     pixel_values = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=dtype):
+        model.set_candidates(model.candidate_places, processor)
         outputs = model(pixel_values=pixel_values)
-        model.build_city_heads(list(range(len(PLACES))))
-    reference.build_city_heads(list(range(len(PLACES))))
     assert torch.isfinite(outputs.predicted_coordinates).all()
-    assert model.city_head.weight.dtype == torch.float32
-    torch.testing.assert_close(model.city_head.weight, reference.city_head.weight, atol=0.03, rtol=0.03)
+    for head in ("country_head", "city_head"):
+        weight = getattr(model, head).weight
+        assert weight.dtype == torch.float32
+        torch.testing.assert_close(weight, getattr(reference, head).weight, atol=0.03, rtol=0.03)
 
 
 # The packages only the [train] extra installs (pyyaml comes with transformers).
