@@ -4,7 +4,9 @@ StreetCLIP answers with one of its candidate cities, so a photo whose nearest ca
 placed within 200 km. For a candidate configuration (the settings of `StreetCLIPConfig`) and the true coordinates of
 a benchmark, this prints the share of images whose nearest candidate lies within 1, 25, 200, 750 and 2500 km, and the
 number of prompts the configuration costs. Distances come from the `geodesic_accuracy` metric, which scores the
-nearest candidates as if a model had predicted them.
+nearest candidates as if a model had predicted them. It then lists the pairs of candidates of different countries
+that lie within the city-level threshold of each other (Rafah in Egypt and in Palestine, Laredo and Nuevo Laredo):
+the cities' coordinates cannot tell them apart at that level, so only the country head can.
 
 Usage, from the repository root:
 
@@ -45,6 +47,8 @@ TRUTH_LATITUDE_COLUMNS = ("gt_lat", *LATITUDE_COLUMNS)
 TRUTH_LONGITUDE_COLUMNS = ("gt_long", "gt_lon", *LONGITUDE_COLUMNS)
 # Candidates compared with the truths at once: bounds the distance matrix to a few tens of MB.
 CANDIDATE_CHUNK = 2048
+# Candidates of two countries closer than this are listed: the IM2GPS city-level threshold.
+CROSS_BORDER_KM = 25.0
 
 
 @dataclass
@@ -104,6 +108,28 @@ def ceiling(places: CandidatePlaces, truths: np.ndarray, metric) -> dict:
     candidate nearest to the truth: the best any model with these candidates can score."""
     geodesic = sys.modules[type(metric).__module__]
     return metric.compute(predictions=nearest_candidates(places, truths, geodesic), references=truths)
+
+
+def cross_border_pairs(places: CandidatePlaces, geodesic, radius_km: float = CROSS_BORDER_KM) -> list[dict]:
+    """Every pair of candidate cities of different countries within `radius_km` of each other, nearest first: the
+    places where a photo's city-level answer depends on the country head alone."""
+    # Sorted by latitude, each city is compared only with the cities after it whose latitude lies within the radius
+    # (a great circle is at least as long as its difference in latitude): linear in the table, not quadratic.
+    order = np.argsort(places.city_latitudes, kind="stable")
+    latitudes = np.asarray(places.city_latitudes)[order]
+    longitudes = np.asarray(places.city_longitudes)[order]
+    countries = np.asarray(places.city_countries)[order]
+    margin = np.degrees(radius_km / geodesic.EARTH_RADIUS_KM)
+    ends = np.searchsorted(latitudes, latitudes + margin, side="right")
+    pairs = []
+    for row in range(places.num_cities):
+        others = np.arange(row + 1, ends[row])
+        others = others[countries[others] != countries[row]]
+        distances = geodesic.haversine_km(latitudes[row], longitudes[row], latitudes[others], longitudes[others])
+        for other, km in zip(others[distances <= radius_km], distances[distances <= radius_km], strict=True):
+            first, second = sorted((order[row], order[other]))
+            pairs.append({"km": float(km), "cities": (places.city_labels[first], places.city_labels[second])})
+    return sorted(pairs, key=lambda pair: (pair["km"], pair["cities"]))
 
 
 def prompt_counts(places: CandidatePlaces) -> dict[str, int]:
@@ -176,6 +202,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         if truth.stopped_at:
             print(f"  ({truth.name}: stopped at {truth.stopped_at}, the first row without numeric coordinates)")
         rows.append({"data": truth.name, "n": len(truth.points), **counts, **result})
+    pairs = cross_border_pairs(places, sys.modules[type(metric).__module__])
+    print(
+        f"\n{len(pairs)} pairs of candidates of different countries lie within {CROSS_BORDER_KM:g} km of each other; "
+        "only the country head tells them apart:"
+    )
+    for pair in pairs:
+        print(f"  {pair['km']:5.1f} km  {pair['cities'][0]}  |  {pair['cities'][1]}")
     return rows
 
 

@@ -149,8 +149,10 @@ class StreetCLIPConfig(CLIPConfig):
             The number of city prompts that `city_allocation="sqrt_population"` shares out; at least one per country.
             6000 is about 1.4 times the paper's 4,300 or so, still a fraction of a second to score per image.
         min_city_population (`int`, *optional*, defaults to 15000):
-            GeoNames population floor for candidate cities (its `cities15000` table); a country with no city above it
-            falls back to its most populous smaller places so that every country has at least one.
+            GeoNames population floor for candidate cities (its `cities15000` table); a country's capital is a candidate
+            whatever its size (Belmopan, Valletta), and a country with no city above the floor falls back to its most
+            populous smaller places so that every country has at least one. GeoNames rows that
+            `modeling_streetclip.geonames_audit` finds misplaced or listed twice are left out.
         city_merge_radius_km (`int` or `float`, *optional*, defaults to 0):
             GeoNames lists parts of cities as places of their own (Brooklyn beside New York City, Paris' arrondissements,
             Tokyo's wards). A radius above 0 merges every candidate city lying within it of a more populous candidate

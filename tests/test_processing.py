@@ -8,7 +8,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoProcessor, AutoTokenizer, CLIPProcessor
 
-from modeling_streetclip import CandidatePlaces, StreetCLIPConfig, StreetCLIPProcessor
+from modeling_streetclip import CandidatePlaces, StreetCLIPConfig, StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.configuration_streetclip import PROMPT_SETTINGS
 from modeling_streetclip.testing_utils import random_photo
 
@@ -194,3 +194,27 @@ def test_folder_without_processor_files_is_refused_with_its_name_and_the_fix(sma
     with pytest.raises(OSError, match="holds no image processor or tokenizer files") as raised:
         StreetCLIPProcessor.from_pretrained(folder)
     assert f"save_pretrained({str(folder)!r})" in str(raised.value)
+
+
+def test_loading_with_qualified_prompts_gives_each_shared_name_its_own_head_row(tiny_clip_dir, tmp_path):
+    places = CandidatePlaces.from_records(
+        [
+            {"country": "United Kingdom", "city": "London", "latitude": 51.51, "longitude": -0.13},
+            {"country": "United Kingdom", "city": "Leeds", "latitude": 53.80, "longitude": -1.55},
+            {"country": "Canada", "city": "London", "latitude": 42.98, "longitude": -81.23},
+            {"country": "Canada", "city": "Leeds", "latitude": 45.63, "longitude": -71.33},
+        ]
+    )
+
+    def city_rows(qualify):
+        model = StreetCLIPForGeolocation.from_pretrained(
+            tiny_clip_dir, candidates=places, qualify_ambiguous_cities=qualify
+        )
+        model.save_pretrained(tmp_path / str(qualify))  # builds every city head
+        assert model.config.qualify_ambiguous_cities is qualify
+        return model.city_head.weight[: places.num_cities].detach()
+
+    paper, qualified = city_rows(False), city_rows(True)
+    # The paper's prompts encode "London" alike in both countries; qualified, each country has its own.
+    assert torch.equal(paper[0], paper[2])
+    assert not torch.allclose(qualified[0], qualified[2])
