@@ -221,8 +221,7 @@ class CandidatePlaces:
     def country_index(self, name: str) -> int:
         """Row of a candidate country by its name, its ISO code, or any spelling `resolve_country_name` knows (such
         as `Czechia` for the paper's `Czech Republic`); a name that is not a candidate lists close matches."""
-        if not isinstance(name, str):
-            raise TypeError(f"A country is given by its name or ISO 3166-1 alpha-2 code as a string, not {name!r}.")
+        _require_country_string(name)
         if name in self.country_names:
             return self.country_names.index(name)
         if name.upper() in self.country_codes:
@@ -644,13 +643,17 @@ def resolve_country_name(name: str) -> str:
 
     An unknown name raises `ValueError` with close matches; anything but a string raises `TypeError`.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"A country is given by its name or ISO 3166-1 alpha-2 code as a string, not {name!r}.")
+    _require_country_string(name)
     name = name.strip()
     if name in _paper_names_by_code().values():
         return name
     code = resolve_country_code(name)
     return _paper_names_by_code().get(code) or geonames_country_names()[code]
+
+
+def _require_country_string(name: Any) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"A country is given by its name or ISO 3166-1 alpha-2 code as a string, not {name!r}.")
 
 
 def resolve_country_names(names: Sequence[str], option: str = "candidate_countries") -> list[str]:
