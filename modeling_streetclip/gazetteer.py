@@ -430,7 +430,13 @@ def _first_cities(cities: Sequence[Mapping], count: int, capital: Mapping | None
 def capital_city(code: str, cities: Sequence[Mapping]) -> Mapping | None:
     """The row of `cities` (GeoNames cities of the country with ISO code `code`) that is its capital, by the capital's
     name in GeoNames' country table: a row of that name, else one that has it among its alternate names (Astana for
-    `Nur-Sultan`), the most populous first; None where none matches. Names are compared in any case and accents."""
+    `Nur-Sultan`), the most populous first; None where none matches. Names are compared in any case and accents.
+
+    GeoNames marks two more rows of the paper's countries as capitals (PPLC), below the population floor: Lobamba,
+    Eswatini's royal and legislative seat (its country table names Mbabane, a candidate already), and Liberpolis, 63
+    people, the capital that the micronation Liberland claims on land Croatia holds. They are not a country's capital
+    here and, like any place, need the floor.
+    """
     capital = _folded(_geonames().get_countries().get(code, {}).get("capital") or "")
     if not capital:
         return None
