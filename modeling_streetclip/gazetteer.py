@@ -667,24 +667,31 @@ def resolve_country_names(names: Sequence[str], option: str = "candidate_countri
     list, an entry that is not a string, an unknown country and one country named twice, each naming the entry."""
     if isinstance(names, str):
         raise TypeError(f"{option} must be a list of country names or ISO codes, not the string {names!r}.")
-    resolved: dict[str, int] = {}
-    for position, entry in enumerate(names):
-        try:
-            name = resolve_country_name(entry)
-        except TypeError:
-            raise TypeError(
-                f"{option}[{position}] is {entry!r}; give country names or ISO 3166-1 alpha-2 codes as strings."
-            ) from None
-        except ValueError as error:
-            raise ValueError(f"{option}[{position}]: {error}") from None
-        if name in resolved:
-            raise ValueError(f"{option}[{position}] {entry!r} names {name} again ({option}[{resolved[name]}]).")
-        resolved[name] = position
+    resolved = _resolve_entries((f"{option}[{position}]", entry) for position, entry in enumerate(names))
     if not resolved:
         raise ValueError(
             f"{option} is empty; give at least one country name or ISO code, or None for the paper's 193 countries."
         )
-    return list(resolved)
+    return resolved
+
+
+def _resolve_entries(entries: Iterable[tuple[str, Any]]) -> list[str]:
+    """`resolve_country_name` of each `(where, entry)`, in order; an entry that is not a string, unknown, or a
+    country named before is refused with `where` (`candidate_countries[2]`, `'countries.txt', line 3`)."""
+    first: dict[str, str] = {}
+    for where, entry in entries:
+        try:
+            name = resolve_country_name(entry)
+        except TypeError:
+            raise TypeError(
+                f"{where} is {entry!r}; give country names or ISO 3166-1 alpha-2 codes as strings."
+            ) from None
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        if name in first:
+            raise ValueError(f"{where}: {entry!r} names {name} again ({first[name]}).")
+        first[name] = where
+    return list(first)
 
 
 def _country_code_or_empty(name: str) -> str:
@@ -723,21 +730,11 @@ def read_country_list(path: str | os.PathLike) -> list[str]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"{str(path)!r} is not UTF-8 text: {error.reason} at byte {error.start}.") from None
-    first_line: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        entry = line.split("#")[0].strip()
-        if not entry:
-            continue
-        try:
-            name = resolve_country_name(entry)
-        except ValueError as error:
-            raise ValueError(f"{str(path)!r}, line {number}: {error}") from None
-        if name in first_line:
-            raise ValueError(f"{str(path)!r}, line {number}: {entry!r} names {name} again (line {first_line[name]}).")
-        first_line[name] = number
-    if not first_line:
+    lines = ((number, line.split("#")[0].strip()) for number, line in enumerate(text.splitlines(), start=1))
+    countries = _resolve_entries((f"{str(path)!r}, line {number}", entry) for number, entry in lines if entry)
+    if not countries:
         raise ValueError(f"{str(path)!r} lists no country; write one country name or ISO code per line.")
-    return list(first_line)
+    return countries
 
 
 @cache

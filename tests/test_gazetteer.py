@@ -237,7 +237,7 @@ def test_country_names_and_iso_codes_resolve_to_the_papers_names(given, papers_n
         (
             ["JP", "Japan"],
             ValueError,
-            r"candidate_countries\[1\] 'Japan' names Japan again \(candidate_countries\[0\]\)",
+            r"candidate_countries\[1\]: 'Japan' names Japan again \(candidate_countries\[0\]\)",
         ),
         ("Japan", TypeError, "must be a list of country names or ISO codes, not the string 'Japan'"),
     ],
@@ -306,7 +306,7 @@ def test_country_list_file_skips_comments_and_blanks_and_resolves_codes(tmp_path
     ("content", "message"),
     [
         ("Japan\nFrnace\n", r"countries.txt', line 2: Unknown country 'Frnace'.*Did you mean 'France'"),
-        ("JP\n# again\nJapan\n", r"line 3: 'Japan' names Japan again \(line 1\)"),
+        ("JP\n# again\nJapan\n", r"line 3: 'Japan' names Japan again \('.*countries.txt', line 1\)"),
         ("# nothing yet\n\n", "lists no country; write one country name or ISO code per line"),
         (b"Espa\xf1a\n", "is not UTF-8 text"),
     ],
