@@ -176,8 +176,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         choices=(*DECISION_NAMES, *GALLERY_DECISIONS),
         help="how answers are chosen and ordered: greedy (the paper's: countries by p(country), then cities by "
         "p(city | country), score = p(city | country)), joint (by joint probability, the score), "
-        "expected_distance (by the expected distance in km to the true place under the joint posterior, the score, "
-        "smallest first), or with --gallery: gallery (a vote of the nearest gallery photos; the answer is a photo's "
+        "expected_distance (by expected_distance_km, the expected distance to the true place under the joint "
+        "posterior, smallest first; score = joint probability), or with --gallery: gallery (a vote of the nearest gallery photos; the answer is a photo's "
         "place) or hybrid (that vote restricted to the most probable zero-shot countries and weighted by them) "
         "(default: greedy, and gallery with --gallery)",
     )
