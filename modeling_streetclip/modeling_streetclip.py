@@ -135,23 +135,33 @@ class StreetCLIPForGeolocation(CLIPModel):
     input_modalities = ("image",)
 
     def __init__(self, config: StreetCLIPConfig, vision_only: bool = False):
-        super().__init__(config)
+        super().__init__(config)  # CLIP's towers, then `post_init` below adds the heads
         if vision_only:
             # The heads already hold everything the text tower would contribute at inference.
             self.text_model = None
             self.text_projection = None
             self._keys_to_ignore_on_load_unexpected.update({r"^text_model\.", r"^text_projection\."})
-        # Saved with the heads, whose rows follow the candidate table: a table changed apart from them is caught on
-        # load (see `from_pretrained`).
-        self.register_buffer("candidate_checksum", None)
-        places = None if config.candidate_places is None else CandidatePlaces.from_dict(config.candidate_places)
+
+    def post_init(self) -> None:
+        """Add the heads and buffers of the configuration's candidate table, then let transformers initialise every
+        weight: `CLIPModel.__init__` ends here, and the heads must exist by then to be initialised with the rest."""
+        places = (
+            None if self.config.candidate_places is None else CandidatePlaces.from_dict(self.config.candidate_places)
+        )
         self._install_candidates(places)
+        super().post_init()
 
     def _install_candidates(self, places: CandidatePlaces | None) -> None:
         """Size the heads for `places` and index its cities (and regions) by parent (heads are filled by the caller).
         A table with regions gets a region head: the table decides the levels."""
         self.candidate_places = places
         self.country_head = self.region_head = self.city_head = None
+        for name in _CANDIDATE_BUFFERS:
+            if hasattr(self, name):
+                delattr(self, name)
+        # Saved with the heads, whose rows follow the candidate table: a table changed apart from them is caught on
+        # load (see `from_pretrained`).
+        self.register_buffer("candidate_checksum", None)
         if places is None:
             # A plain CLIP checkpoint: no heads until `set_candidates` builds them from the text tower.
             return
@@ -178,11 +188,11 @@ class StreetCLIPForGeolocation(CLIPModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        # `CLIPModel.__init__` initialises weights before this class has its candidates.
-        places = getattr(self, "candidate_places", None)
-        if module is self and places is not None:
-            for name, value in _candidate_buffers(places).items():
-                init.copy_(getattr(self, name), value)
+        if module is self:
+            init.constant_(self.logit_scale, self.config.logit_scale_init_value)  # which CLIP's own leaves out
+            if self.candidate_places is not None:
+                for name, value in _candidate_buffers(self.candidate_places).items():
+                    init.copy_(getattr(self, name), value)
 
     @property
     def uses_regions(self) -> bool:
@@ -260,9 +270,24 @@ class StreetCLIPForGeolocation(CLIPModel):
             output_loading_info=True,
             **kwargs,
         )
-        if build_heads or model._check_saved_heads(loading_info, pretrained_model_name_or_path):
-            processor = processor or _prompt_processor(pretrained_model_name_or_path, config, hub_kwargs)
+        if build_heads:
             model.set_candidates(candidates or model.candidate_places, processor)
+        elif model._check_saved_heads(loading_info, pretrained_model_name_or_path):
+            reason = "the weights came as a state_dict, with no folder to read a processor from."
+            if processor is None and pretrained_model_name_or_path is not None:
+                try:
+                    processor = _prompt_processor(pretrained_model_name_or_path, config, hub_kwargs)
+                except OSError as error:
+                    reason = str(error)
+            if processor is None:
+                # As transformers leaves any missing weight: initialised, with a warning (here, how to rebuild).
+                logger.warning(
+                    f"{str(pretrained_model_name_or_path)!r} lacks its prompt heads, and they cannot be rebuilt: "
+                    f"{reason} Until they are, its answers are meaningless; rebuild them with "
+                    "`model.set_candidates(model.candidate_places, StreetCLIPProcessor.from_pretrained(...))`."
+                )
+            else:
+                model.set_candidates(model.candidate_places, processor)
         return (model, loading_info) if output_loading_info else model
 
     def _check_saved_heads(self, loading_info: dict, source) -> bool:
@@ -632,6 +657,10 @@ def expected_distances_km(probabilities: np.ndarray, latitudes: np.ndarray, long
     minimises."""
     distances = great_circle_km(latitudes[:, None], longitudes[:, None], latitudes[None, :], longitudes[None, :])
     return distances @ probabilities
+
+
+# The buffers `_candidate_buffers` gives, with or without a region level.
+_CANDIDATE_BUFFERS = ("candidate_checksum", "city_countries", "region_countries", "city_regions")
 
 
 def _candidate_buffers(places: CandidatePlaces) -> dict[str, torch.Tensor]:

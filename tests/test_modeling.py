@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPModel, pipeline
+from transformers.testing_utils import CaptureLogger
 
 import modeling_streetclip.modeling_streetclip as modeling
 from modeling_streetclip import (
@@ -430,6 +431,27 @@ def test_folder_saved_before_checksums_were_kept_loads_and_is_checksummed_from_t
     assert int(load_file(tmp_path / "resaved" / "model.safetensors")["candidate_checksum"]) == (
         model.candidate_places.checksum()
     )
+
+
+def test_a_folder_whose_heads_are_missing_rebuilds_them_from_its_processor_or_loads_with_a_warning(
+    small_streetclip_dir, tmp_path
+):
+    folder = shutil.copytree(small_streetclip_dir, tmp_path / "headless")
+    weights = load_file(folder / "model.safetensors")
+    for name in ("country_head.weight", "city_head.weight"):
+        del weights[name]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    expected = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)
+    rebuilt = StreetCLIPForGeolocation.from_pretrained(folder)
+    torch.testing.assert_close(rebuilt.city_head.weight, expected.city_head.weight, rtol=1e-4, atol=1e-5)
+    for path in folder.iterdir():
+        if path.name not in ("config.json", "model.safetensors"):
+            path.unlink()
+    with CaptureLogger(modeling.logger) as captured:
+        model = StreetCLIPForGeolocation.from_pretrained(folder)
+    assert f"{str(folder)!r} lacks its prompt heads, and they cannot be rebuilt" in captured.out
+    assert "holds no image processor or tokenizer files" in captured.out and "model.set_candidates(" in captured.out
+    assert model.city_head.weight.shape == expected.city_head.weight.shape
 
 
 def test_model_folder_without_processor_files_names_the_folder_and_the_fix_when_heads_must_be_built(
