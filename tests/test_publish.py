@@ -131,6 +131,7 @@ def test_repo_config_maps_auto_classes_and_geolocation_pipeline_to_repo_code(rep
     assert config["auto_map"] == {
         "AutoConfig": "configuration_streetclip.StreetCLIPConfig",
         "AutoModel": "modeling_streetclip.StreetCLIPForGeolocation",
+        "AutoModelForImageClassification": "modeling_streetclip.StreetCLIPForGeolocation",
     }
     assert config["custom_pipelines"] == {
         "geolocation": {"impl": "pipeline_geolocation.GeolocationPipeline", "pt": ["AutoModel"], "type": "image"}
