@@ -109,7 +109,10 @@ def local_fixture(url: str) -> str:
         return url
     path = cache_dir() / "fixture-photo.png"
     if not path.is_file():
-        random_photo(0, size=(640, 480)).save(path)
+        # Written whole, then renamed: a parallel worker sees no file or all of it.
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as file:
+            random_photo(0, size=(640, 480)).save(file, format="PNG")
+        os.replace(file.name, path)
     return str(path)
 
 
