@@ -36,6 +36,8 @@ from .processing_streetclip import CandidatePrompts, StreetCLIPProcessor
 logger = logging.get_logger(__name__)
 
 _HEAD_NAMES = ("country_head", "region_head", "city_head")
+# Keyword arguments of `from_pretrained` that are also configuration attributes but that the loading applies itself.
+_LOADING_INSTRUCTIONS = ("dtype", "torch_dtype", "attn_implementation", "experts_implementation")
 # Prompts per text-tower call when heads are built: bounds the activations' memory (about 1 GB at ViT-L/14's text
 # width) while keeping each call large enough to run at full speed.
 _PROMPTS_PER_BATCH = 1024
@@ -246,9 +248,9 @@ class StreetCLIPForGeolocation(CLIPModel):
         config = kwargs.pop("config", None)
         if config is None:
             # Configuration attributes among the keyword arguments override the checkpoint's, as they do for every
-            # transformers model. The dtype is a loading instruction (which transformers also takes aside before the
-            # configuration reads the rest), and the Hub arguments go on to the weights.
-            loading = {key: kwargs.pop(key) for key in ("dtype", "torch_dtype") if key in kwargs}
+            # transformers model. The dtype and attention implementation are loading instructions (which transformers
+            # also takes aside before the configuration reads the rest), and the Hub arguments go on to the weights.
+            loading = {key: kwargs.pop(key) for key in _LOADING_INSTRUCTIONS if key in kwargs}
             config, kwargs = AutoConfig.from_pretrained(
                 pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs
             )

@@ -515,6 +515,14 @@ def test_configuration_overrides_in_from_pretrained_work_as_for_clip(small_stree
         assert outputs.attentions[0].shape[:2] == (len(pixel_values), model.config.vision_config.num_attention_heads)
 
 
+def test_loading_instructions_survive_the_conversion_of_a_plain_clip_checkpoint(tiny_clip_dir):
+    model = StreetCLIPForGeolocation.from_pretrained(
+        tiny_clip_dir, candidate_countries=["Kenya"], attn_implementation="eager", dtype=torch.bfloat16
+    )
+    assert model.config._attn_implementation == model.config.vision_config._attn_implementation == "eager"
+    assert model.dtype == model.city_head.weight.dtype == torch.bfloat16
+
+
 def test_heads_offloaded_to_disk_give_the_answers_of_the_plain_load(region_streetclip_dir, tmp_path, pixel_values):
     plain = StreetCLIPForGeolocation.from_pretrained(region_streetclip_dir)
     device_map = {
