@@ -151,6 +151,7 @@ def test_vision_only_refuses_a_checkpoint_without_heads(tiny_clip_dir):
         StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, vision_only=True)
 
 
+@pytest.mark.slow
 def test_loads_by_repo_id_from_the_hub_cache_offline(tmp_path, small_streetclip_dir, tiny_clip_dir):
     place_in_hub_cache(tiny_clip_dir, tmp_path, "geolocal/StreetCLIP")
     place_in_hub_cache(small_streetclip_dir, tmp_path, "someone/streetclip-small")

@@ -238,6 +238,7 @@ def trained_geo_model(tiny_clip_dir, tmp_path_factory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow
 def test_int8_first_answers_agree_with_float32_on_a_trained_model(trained_geo_model, tmp_path):
     """204 held-out photos of the synthetic geo set: the first answer's country agrees on at least 98%."""
     folder = write_geo_imagefolder(tmp_path / "eval", photos_per_city=17, seed=1)

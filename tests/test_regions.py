@@ -246,6 +246,7 @@ print(json.dumps({decision: geolocate(images, top_k=3, decision=decision) for de
 """
 
 
+@pytest.mark.slow
 def test_a_published_region_model_answers_without_the_package_as_with_it(region_streetclip_dir, photos, tmp_path):
     repo = tmp_path / "repo"
     assert publish.main([str(region_streetclip_dir), "org/regions", "--dry_run", str(repo)]) == 0
