@@ -23,7 +23,7 @@ from transformers import AutoImageProcessor
 
 from modeling_streetclip import StreetCLIPForGeolocation, load_rgb_image
 from modeling_streetclip.cli import build_parser, main
-from modeling_streetclip.cli.records import ANSWER_FIELDS, REGION_FIELDS, options_path
+from modeling_streetclip.cli.records import ANSWER_FIELDS, DECISION_FIELDS, REGION_FIELDS, options_path
 from modeling_streetclip.gazetteer import format_answers
 from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo, save_random_photos
 
@@ -78,7 +78,7 @@ def test_folder_gives_one_jsonl_record_per_image_on_stdout(capsys, tmp_path, sma
     assert [record["path"] for record in records] == sorted(str(path) for path in photos)
     for record in records:
         (answer,) = record["answers"]
-        assert set(ANSWER_FIELDS) - set(REGION_FIELDS) <= set(answer)
+        assert set(ANSWER_FIELDS) - set(REGION_FIELDS) - set(DECISION_FIELDS) <= set(answer)
         assert answer["country"] in SMALL_COUNTRIES
     assert "streetclip locate: 3 of 3 inputs geolocated" in err
     assert "img/s" in err

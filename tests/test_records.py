@@ -14,6 +14,7 @@ from modeling_streetclip.cli.records import ResultFileError, open_records, optio
 
 
 ANSWER = {
+    "label": "Osaka, Japan",
     "country": "Japan",
     "country_code": "JP",
     "city": "Osaka",
@@ -82,7 +83,7 @@ def test_a_killed_header_is_rewritten_before_the_first_record(tmp_path):
     assert resume(path) == {}
     write_records(path, [{"path": "/a.jpg", "answers": [ANSWER]}])
 
-    assert path.read_text().splitlines()[0].startswith("path,country_1,")
+    assert path.read_text().splitlines()[0].startswith("path,label_1,country_1,")
     assert resume(path) == {"/a.jpg": True}
 
 
@@ -124,7 +125,11 @@ def test_group_records_keep_their_member_paths(tmp_path):
         path, [{"group": "pano1", "paths": ["/p/pano1_h0.jpg", "/p/pano1_h90.jpg"], "answers": [ANSWER]}], True
     )
 
-    assert path.read_text().splitlines()[1].startswith('pano1,"[""/p/pano1_h0.jpg"", ""/p/pano1_h90.jpg""]",Japan,')
+    assert (
+        path.read_text()
+        .splitlines()[1]
+        .startswith('pano1,"[""/p/pano1_h0.jpg"", ""/p/pano1_h90.jpg""]","Osaka, Japan",Japan,')
+    )
     assert resume(path, grouped=True) == {"pano1": True}
 
 

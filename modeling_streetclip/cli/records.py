@@ -48,6 +48,7 @@ except ImportError:  # Windows: runs on one output are not locked against each o
 
 # The answer fields of the pipeline contract (see `GeolocationPipeline`), in CSV column order.
 ANSWER_FIELDS = (
+    "label",
     "country",
     "country_code",
     "region",
@@ -58,9 +59,12 @@ ANSWER_FIELDS = (
     "country_score",
     "region_score",
     "joint_probability",
+    "expected_distance_km",
 )
-# The answer fields only a model with a region level gives; other answers leave them empty (CSV) or null (Parquet).
+# The answer fields only a model with a region level gives, and the one only the expected-distance decision gives;
+# other answers leave them empty (CSV) or null (Parquet).
 REGION_FIELDS = ("region", "region_score")
+DECISION_FIELDS = ("expected_distance_km",)
 # A record written to the file survives a killed process; fsync guards against a crashed machine too, at a cost
 # (milliseconds per call) that a million-record run cannot pay per record.
 FSYNC_INTERVAL_S = 10.0
@@ -515,7 +519,7 @@ def parquet_schema(key: str, grouped: bool):
     pa, _ = _import_parquet()
     answer = pa.struct(
         [
-            (field, pa.string() if field in ("country", "country_code", "region", "city") else pa.float64())
+            (field, pa.string() if field in ("label", "country", "country_code", "region", "city") else pa.float64())
             for field in ANSWER_FIELDS
         ]
     )
@@ -738,6 +742,7 @@ def _lock(fd: int, path: Path) -> None:
 __all__ = [
     "ANSWER_FIELDS",
     "REGION_FIELDS",
+    "DECISION_FIELDS",
     "ParquetRecordWriter",
     "RecordWriter",
     "ResultFileError",
