@@ -36,22 +36,18 @@ from plots import plot_error_cdf, plot_world_map, run_title
 from tqdm.auto import tqdm
 
 from modeling_streetclip import StreetCLIPForGeolocation
-from modeling_streetclip.cli import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_NUM_WORKERS,
-    EXIT_OK,
-    EXIT_SOME_FAILED,
-    EXIT_USAGE,
-    UsageError,
+from modeling_streetclip.app import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError
+from modeling_streetclip.app.arguments import (
+    add_batch_arguments,
+    add_placement_arguments,
     add_verbose_argument,
     int_at_least,
     verbosity,
 )
-from modeling_streetclip.cli.batch_geolocation import geolocate_images
-from modeling_streetclip.cli.distributed import make_accelerator, on_every_process, on_main_process, quiet_unless_main
-from modeling_streetclip.cli.index import load_gallery
-from modeling_streetclip.cli.locate import load_model
-from modeling_streetclip.cli.records import spreadsheet_safe
+from modeling_streetclip.app.batch import geolocate_images
+from modeling_streetclip.app.distributed import make_accelerator, on_every_process, on_main_process, quiet_unless_main
+from modeling_streetclip.app.loading import load_gallery, load_model
+from modeling_streetclip.app.records import spreadsheet_safe
 from modeling_streetclip.configuration_streetclip import DECISIONS
 from modeling_streetclip.gallery import GALLERY_DECISIONS
 
@@ -122,22 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FOLDER_OR_REPO",
         help="a retrieval gallery built with --model by `streetclip index build`, for --decision gallery or hybrid",
     )
-    parser.add_argument(
-        "--batch_size",
-        type=int_at_least(1),
-        default=DEFAULT_BATCH_SIZE,
-        help="images per forward pass (default: %(default)s, as streetclip locate)",
-    )
-    parser.add_argument(
-        "--num_workers",
-        type=int_at_least(0),
-        default=DEFAULT_NUM_WORKERS,
-        help="DataLoader processes decoding images; 0 decodes in the main process (default: %(default)s, at most the "
-        "usable cores, as streetclip locate)",
-    )
-    parser.add_argument(
-        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto picks cuda when torch sees one"
-    )
+    add_batch_arguments(parser)
+    add_placement_arguments(parser)
     add_verbose_argument(parser)
     return parser
 
@@ -232,7 +214,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> int:
     # As `streetclip locate` loads it: a saved folder with heads without its text tower, its processor checked.
     model, image_processor = on_every_process(
         accelerator,
-        lambda: load_model(args.model, accelerator.device, torch.float32, countries=None),
+        lambda: load_model(args.model, accelerator.device, getattr(torch, args.dtype), countries=None),
         main_process_first=True,
     )
     gallery = None
@@ -332,6 +314,7 @@ def write_results(
         "num_candidate_regions": model.candidate_places.num_regions,
         "num_candidate_cities": model.candidate_places.num_cities,
         "device": accelerator.device.type,
+        "dtype": args.dtype,
         "num_processes": accelerator.num_processes,
         "batch_size": args.batch_size,
     }

@@ -18,8 +18,7 @@ from pathlib import Path, PurePath
 
 from transformers.utils import logging
 
-from modeling_streetclip.coordinates import CoordinateProblem, coordinate_problem
-from modeling_streetclip.dataset_sources import (
+from modeling_streetclip.app.sources import (
     ID_COLUMNS,
     EncodedImages,
     find_column,
@@ -27,6 +26,7 @@ from modeling_streetclip.dataset_sources import (
     open_dataset,
     row_ids,
 )
+from modeling_streetclip.coordinates import CoordinateProblem, coordinate_problem
 from modeling_streetclip.images import ImageInput
 
 

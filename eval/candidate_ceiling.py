@@ -31,14 +31,15 @@ from benchmark_data import LATITUDE_COLUMNS, LONGITUDE_COLUMNS, read_csv_records
 from huggingface_hub.errors import StrictDataclassError
 
 from modeling_streetclip import CandidatePlaces, StreetCLIPConfig, read_country_list
-from modeling_streetclip.cli import EXIT_USAGE, UsageError, int_at_least
+from modeling_streetclip.app import EXIT_USAGE, UsageError
+from modeling_streetclip.app.arguments import int_at_least
+from modeling_streetclip.app.sources import find_column
 from modeling_streetclip.configuration_streetclip import (
     CITY_ALLOCATIONS,
     RECOMMENDED_CANDIDATE_SETTINGS,
     REGION_LEVELS,
 )
 from modeling_streetclip.coordinates import coordinate_problem
-from modeling_streetclip.dataset_sources import find_column
 
 
 METRIC_DIR = Path(__file__).resolve().parent / "geodesic_accuracy"

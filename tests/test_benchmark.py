@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_streetclip.cli import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS
+from modeling_streetclip.app import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS
 from modeling_streetclip.testing_utils import SMALL_COUNTRIES, save_random_photos
 
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from transformers import AutoImageProcessor
 
 from modeling_streetclip import StreetCLIPForGeolocation, load_rgb_image
+from modeling_streetclip.app.records import ANSWER_FIELDS, DECISION_FIELDS, REGION_FIELDS, options_path
 from modeling_streetclip.cli import build_parser, main
-from modeling_streetclip.cli.records import ANSWER_FIELDS, DECISION_FIELDS, REGION_FIELDS, options_path
 from modeling_streetclip.gazetteer import format_answers
 from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo, save_random_photos
 
@@ -71,7 +71,7 @@ def test_folder_gives_one_jsonl_record_per_image_on_stdout(capsys, tmp_path, sma
     photos = make_photos(tmp_path / "photos", ["b.jpg", "a.png", "c.jpeg"])
     (tmp_path / "photos" / "labels.csv").write_text("not an image\n")
 
-    status, out, err = run(capsys, "locate", tmp_path / "photos", "--model", small_streetclip_dir, "--workers", 0)
+    status, out, err = run(capsys, "locate", tmp_path / "photos", "--model", small_streetclip_dir, "--num_workers", 0)
 
     assert status == 0
     records = jsonl_records(out)
@@ -87,7 +87,7 @@ def test_folder_gives_one_jsonl_record_per_image_on_stdout(capsys, tmp_path, sma
 def test_recursive_descends_into_subfolders_only_when_asked(capsys, tmp_path, small_streetclip_dir):
     make_photos(tmp_path / "photos", ["top.jpg"])
     make_photos(tmp_path / "photos" / "day2", ["deep.jpg"])
-    common = ("--model", small_streetclip_dir, "--workers", 0)
+    common = ("--model", small_streetclip_dir, "--num_workers", 0)
 
     _, flat, _ = run(capsys, "locate", tmp_path / "photos", *common)
     _, deep, _ = run(capsys, "locate", tmp_path / "photos", "--recursive", *common)
@@ -99,7 +99,9 @@ def test_recursive_descends_into_subfolders_only_when_asked(capsys, tmp_path, sm
 def test_glob_pattern_selects_matching_files(capsys, tmp_path, small_streetclip_dir):
     make_photos(tmp_path, ["field_1.jpg", "field_2.jpg", "other.jpg"])
 
-    status, out, _ = run(capsys, "locate", tmp_path / "field_*.jpg", "--model", small_streetclip_dir, "--workers", 0)
+    status, out, _ = run(
+        capsys, "locate", tmp_path / "field_*.jpg", "--model", small_streetclip_dir, "--num_workers", 0
+    )
 
     assert status == 0
     assert [Path(record["path"]).name for record in jsonl_records(out)] == ["field_1.jpg", "field_2.jpg"]
@@ -110,7 +112,7 @@ def test_dash_reads_paths_from_stdin_one_per_line(capsys, monkeypatch, tmp_path,
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "stdin", io.StringIO("two.jpg\n\none.jpg\n"))
 
-    status, out, _ = run(capsys, "locate", "-", "--model", small_streetclip_dir, "--workers", 0)
+    status, out, _ = run(capsys, "locate", "-", "--model", small_streetclip_dir, "--num_workers", 0)
 
     assert status == 0
     assert [record["path"] for record in jsonl_records(out)] == [str(photos[1]), str(photos[0])]
@@ -248,8 +250,8 @@ def test_workers_decode_in_other_processes_with_the_same_results(capsys, tmp_pat
     (tmp_path / "bad.jpg").write_bytes(b"")
     command = ("locate", tmp_path, "--model", small_streetclip_dir, "--batch_size", 2)
 
-    _, in_process, _ = run(capsys, *command, "--workers", 0)
-    _, with_workers, _ = run(capsys, *command, "--workers", 2)
+    _, in_process, _ = run(capsys, *command, "--num_workers", 0)
+    _, with_workers, _ = run(capsys, *command, "--num_workers", 2)
 
     assert_same_records(jsonl_records(with_workers), jsonl_records(in_process))
 
@@ -460,7 +462,7 @@ def test_rerun_with_other_options_stops_naming_them_and_overwrite_starts_afresh(
     countries = tmp_path / "countries.txt"
     countries.write_text("Japan\n")
     output = tmp_path / f"answers.{extension}"
-    command = ("locate", tmp_path / "photos", "--model", small_streetclip_dir, "--output", output, "--workers", 0)
+    command = ("locate", tmp_path / "photos", "--model", small_streetclip_dir, "--output", output, "--num_workers", 0)
     assert run(capsys, *command)[0] == 0
     before = output.read_bytes()
 
@@ -737,15 +739,15 @@ def test_a_broken_model_folder_exits_two_naming_it(capsys, tmp_path, small_stree
 
 
 def test_batch_and_worker_defaults_have_one_home_and_workers_fit_the_cores():
-    from modeling_streetclip.cli import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS
-    from modeling_streetclip.cli.batch_geolocation import geolocate_images
+    from modeling_streetclip.app import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS
+    from modeling_streetclip.app.batch import geolocate_images
 
     args = build_parser().parse_args(["locate", "photo.jpg"])
 
     assert (
         args.batch_size == DEFAULT_BATCH_SIZE == inspect.signature(geolocate_images).parameters["batch_size"].default
     )
-    assert args.workers == DEFAULT_NUM_WORKERS
+    assert args.num_workers == DEFAULT_NUM_WORKERS
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert 1 <= DEFAULT_NUM_WORKERS <= cores
 
@@ -775,7 +777,7 @@ def encoded(path: Path) -> dict:
 
 def answers_by_path(capsys, paths: list[Path], model: Path) -> dict[str, list[dict]]:
     """The answers of each photo when named by its path, the reference for the same images read from a dataset."""
-    _, out, _ = run(capsys, "locate", *paths, "--model", model, "--workers", 0)
+    _, out, _ = run(capsys, "locate", *paths, "--model", model, "--num_workers", 0)
     return {Path(record["path"]).name: record.get("answers") for record in jsonl_records(out)}
 
 
@@ -788,7 +790,7 @@ def test_dataset_saved_to_disk_gives_one_record_per_row_under_its_id_column(caps
     output = tmp_path / "answers.jsonl"
     command = ("locate", "--dataset", tmp_path / "saved", "--id_column", "photo_key", "--output", output)
 
-    status, _, err = run(capsys, *command, "--model", small_streetclip_dir, "--workers", 0, "--batch_size", 2)
+    status, _, err = run(capsys, *command, "--model", small_streetclip_dir, "--num_workers", 0, "--batch_size", 2)
 
     assert status == 1 and "3 of 4 inputs geolocated, 1 failed" in err
     records = jsonl_records(output.read_text())
@@ -799,7 +801,7 @@ def test_dataset_saved_to_disk_gives_one_record_per_row_under_its_id_column(caps
         for answer, expected in zip(record["answers"], reference[name], strict=True):
             assert answer == pytest.approx(expected)
 
-    status, _, err = run(capsys, *command, "--model", small_streetclip_dir, "--workers", 0)
+    status, _, err = run(capsys, *command, "--model", small_streetclip_dir, "--num_workers", 0)
     assert status == 1 and "4 were recorded by an earlier run" in err
     assert len(output.read_text().splitlines()) == 4
 
@@ -828,12 +830,12 @@ def test_streamed_dataset_is_resumed_by_its_id_column(capsys, tmp_path, small_st
     datasets.Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "saved")
     output = tmp_path / "answers.jsonl"
     command = ("locate", "--dataset", tmp_path / "saved", "--streaming", "--output", output, "--batch_size", 2)
-    assert run(capsys, *command, "--model", small_streetclip_dir, "--workers", 0)[0] == 0
+    assert run(capsys, *command, "--model", small_streetclip_dir, "--num_workers", 0)[0] == 0
     complete = jsonl_records(output.read_text())
     assert [record["image_id"] for record in complete] == ["10", "11", "12", "13", "14"]
     output.write_text("".join(line + "\n" for line in output.read_text().splitlines()[:3]))  # killed after three
 
-    status, _, err = run(capsys, *command, "--model", small_streetclip_dir, "--workers", 0)
+    status, _, err = run(capsys, *command, "--model", small_streetclip_dir, "--num_workers", 0)
 
     assert status == 0 and "5 of 5 inputs geolocated; 3 were recorded by an earlier run" in err
     resumed = jsonl_records(output.read_text())
@@ -874,7 +876,7 @@ def test_dataset_usage_errors_exit_two_naming_the_problem(
 def test_parquet_output_loads_with_datasets_and_holds_the_jsonl_records(capsys, tmp_path, small_streetclip_dir):
     make_photos(tmp_path / "photos", ["a.jpg", "b.jpg", "c.jpg"])
     (tmp_path / "photos" / "d.jpg").write_text("not a photo")
-    command = ("locate", tmp_path / "photos", "--model", small_streetclip_dir, "--top_k", 2, "--workers", 0)
+    command = ("locate", tmp_path / "photos", "--model", small_streetclip_dir, "--top_k", 2, "--num_workers", 0)
     run(capsys, *command, "--output", tmp_path / "answers.jsonl")
 
     status, _, err = run(capsys, *command, "--output", tmp_path / "answers.parquet")
@@ -903,7 +905,8 @@ def test_parquet_output_loads_with_datasets_and_holds_the_jsonl_records(capsys, 
 KILL_AFTER_TWO_PARTS = """
 import os, signal, sys
 
-from modeling_streetclip.cli import main, records
+from modeling_streetclip.app import records
+from modeling_streetclip.cli import main
 
 records.PARQUET_PART_ROWS = 2
 flush = records.ParquetRecordWriter.flush
@@ -925,7 +928,7 @@ def test_a_parquet_run_killed_mid_way_is_completed_by_a_rerun(capsys, monkeypatc
     (tmp_path / "photos" / "bad.jpg").write_text("not a photo")
     (tmp_path / "killer.py").write_text(KILL_AFTER_TWO_PARTS)
     output = tmp_path / "answers.parquet"
-    command = ["locate", "photos", "--model", str(small_streetclip_dir), "--output", str(output), "--workers", "0"]
+    command = ["locate", "photos", "--model", str(small_streetclip_dir), "--output", str(output), "--num_workers", "0"]
     command += ["--batch_size", "2"]
 
     killed = subprocess.run(
@@ -973,7 +976,7 @@ def test_a_name_too_long_for_the_file_system_gets_an_error_record_from_arguments
 ):
     (photo,) = make_photos(tmp_path, ["a.jpg"])
     long_name = str(tmp_path / ("x" * 300 + ".jpg"))  # over the 255 bytes a file name may have
-    common = ("--model", small_streetclip_dir, "--workers", 0)
+    common = ("--model", small_streetclip_dir, "--num_workers", 0)
 
     from_arguments = run(capsys, "locate", photo, long_name, *common)
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{photo}\n{long_name}\n"))
@@ -996,7 +999,7 @@ def test_a_dataset_row_without_an_image_gets_an_error_record_and_the_rerun_goes_
     datasets.Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "saved")
     output = tmp_path / "answers.jsonl"
     command = ["locate", "--dataset", tmp_path / "saved", "--id_column", "key", "--output", output]
-    command += ["--model", small_streetclip_dir, "--workers", 0] + (["--streaming"] if streaming else [])
+    command += ["--model", small_streetclip_dir, "--num_workers", 0] + (["--streaming"] if streaming else [])
 
     status, _, err = run(capsys, *command)
 
@@ -1015,11 +1018,11 @@ def test_streaming_and_not_streaming_do_not_share_an_output_whose_ids_they_spell
     make_photos(tmp_path / "folder", ["b.jpg", "a.png"])
     output = tmp_path / "answers.jsonl"
     command = ("locate", "--dataset", tmp_path / "folder", "--output", output, "--model", small_streetclip_dir)
-    assert run(capsys, *command, "--workers", 0)[0] == 0
+    assert run(capsys, *command, "--num_workers", 0)[0] == 0
     content = output.read_bytes()
     assert sorted(record["id"] for record in jsonl_records(content.decode())) == ["a.png", "b.jpg"]  # file names
 
-    status, _, err = run(capsys, *command, "--workers", 0, "--streaming")  # which names rows by number
+    status, _, err = run(capsys, *command, "--num_workers", 0, "--streaming")  # which names rows by number
 
     assert status == 2 and "--streaming was not given, now True" in err
     assert output.read_bytes() == content  # not 4 records for 2 inputs
@@ -1034,7 +1037,7 @@ def test_weights_swapped_in_a_model_folder_stop_the_resume_naming_both_fingerpri
     shutil.copytree(small_streetclip_dir, model)
     make_photos(tmp_path / "photos", ["a.jpg"])
     output = tmp_path / "answers.jsonl"
-    command = ("locate", tmp_path / "photos", "--model", model, "--output", output, "--workers", 0)
+    command = ("locate", tmp_path / "photos", "--model", model, "--output", output, "--num_workers", 0)
     assert run(capsys, *command)[0] == 0
     before = json.loads(options_path(output).read_text())["options"]["model_weights"]
     weights = load_file(model / "model.safetensors")  # another training step: the same shapes, other values
@@ -1082,7 +1085,7 @@ def test_an_image_processor_config_without_usable_sizes_exits_two_naming_the_fil
     config_file.write_text(json.dumps(json.loads(config_file.read_text()) | edit))
     make_photos(tmp_path / "photos", ["a.jpg"])
 
-    status, out, err = run(capsys, "locate", tmp_path / "photos", "--model", model, "--workers", 0)
+    status, out, err = run(capsys, "locate", tmp_path / "photos", "--model", model, "--num_workers", 0)
 
     assert status == 2 and out == ""
     assert f"streetclip locate: error: cannot use --model {str(model)!r}: {str(config_file)!r} {expected}" in err
@@ -1168,7 +1171,7 @@ def test_the_default_model_offline_fails_at_once_from_the_shell(tmp_path):
 def test_a_default_run_hides_the_libraries_loading_output_and_verbose_shows_it(capsys, tmp_path, small_streetclip_dir):
     for name in ("quiet", "verbose"):
         make_photos(tmp_path / name, ["a.jpg", "b.jpg"])  # two folders: datasets prepares each once
-    common = ("--model", small_streetclip_dir, "--workers", 0)
+    common = ("--model", small_streetclip_dir, "--num_workers", 0)
 
     quiet_status, _, quiet = run(capsys, "locate", "--dataset", tmp_path / "quiet", *common)
     verbose_status, _, verbose = run(capsys, "locate", "--dataset", tmp_path / "verbose", *common, "--verbose")

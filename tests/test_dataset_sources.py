@@ -1,4 +1,4 @@
-"""Specification of `modeling_streetclip.dataset_sources.open_dataset`, which training and the benchmark runner
+"""Specification of `modeling_streetclip.app.sources.open_dataset`, which training and the benchmark runner
 both open their data sets with."""
 
 import logging
@@ -8,7 +8,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from modeling_streetclip.dataset_sources import EncodedImages, encoded_image, open_dataset
+from modeling_streetclip.app.sources import EncodedImages, encoded_image, open_dataset
 
 
 def _table(n: int = 3) -> datasets.Dataset:

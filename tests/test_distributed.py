@@ -19,8 +19,8 @@ from pathlib import Path
 import benchmark
 import pytest
 
+from modeling_streetclip.app.records import options_path
 from modeling_streetclip.cli import main
-from modeling_streetclip.cli.records import options_path
 from modeling_streetclip.testing_utils import random_photo
 
 
@@ -33,10 +33,11 @@ GOOD_PHOTOS = 36
 KILL_RANK_1 = """
 import os, signal, sys
 
-from modeling_streetclip.cli import batch_geolocation, main
+from modeling_streetclip.app import batch
+from modeling_streetclip.cli import main
 
 batches = 0
-run_batch = batch_geolocation._batch_records
+run_batch = batch._batch_records
 
 
 def run_batch_or_die(*args, **kwargs):
@@ -47,7 +48,7 @@ def run_batch_or_die(*args, **kwargs):
     return run_batch(*args, **kwargs)
 
 
-batch_geolocation._batch_records = run_batch_or_die
+batch._batch_records = run_batch_or_die
 sys.exit(main())
 """
 
@@ -111,7 +112,7 @@ def photos(tmp_path_factory) -> Path:
 
 
 def locate_args(photos: Path, model: Path, output: Path) -> list:
-    return ["locate", photos, "--model", model, "--output", output, "--batch_size", BATCH_SIZE, "--workers", 0]
+    return ["locate", photos, "--model", model, "--output", output, "--batch_size", BATCH_SIZE, "--num_workers", 0]
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,10 @@ from PIL import Image
 from transformers import CLIPModel, pipeline
 
 import modeling_streetclip
-from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor, gallery_build
-from modeling_streetclip.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, main
+from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip.app import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, gallery_build
+from modeling_streetclip.app.gallery_build import SHARDS_FOLDER, build_gallery
+from modeling_streetclip.cli import main
 from modeling_streetclip.gallery import (
     BAD_ROWS_FILE,
     FINGERPRINT_MIN_COSINE,
@@ -44,7 +46,6 @@ from modeling_streetclip.gallery import (
     recommended_index,
     trained_index,
 )
-from modeling_streetclip.gallery_build import SHARDS_FOLDER, build_gallery
 from modeling_streetclip.gazetteer import EARTH_RADIUS_KM, CandidatePlaces, great_circle_km
 from modeling_streetclip.testing_utils import (
     PLACES,
@@ -426,7 +427,7 @@ def gallery_copy(built, tmp_path: Path, **gallery_json) -> Path:
 def locate_with_gallery(model_dir: Path, gallery: Path, image: Path, output: Path, *extra: str) -> int:
     return main(
         ["locate", str(image), "--model", str(model_dir), "--gallery", str(gallery), "--output", str(output)]
-        + ["--workers", "0", *extra]
+        + ["--num_workers", "0", *extra]
     )
 
 
@@ -626,7 +627,7 @@ def test_a_gallery_loads_from_a_hub_dataset_repo_and_pushes_as_one(built, tmp_pa
 def readme_gallery_snippet() -> str:
     """The README's Python block that builds a gallery, as printed."""
     blocks = (REPO_ROOT / "README.md").read_text(encoding="utf-8").split("```python\n")[1:]
-    (snippet,) = [block.split("```")[0] for block in blocks if "GeoGallery.build(" in block]
+    (snippet,) = [block.split("```")[0] for block in blocks if "build_gallery(" in block]
     return snippet
 
 
@@ -768,18 +769,18 @@ def test_index_build_command_writes_a_gallery_names_skipped_rows_and_exits_1(
 ):
     output = tmp_path / "g"
     args = ["index", "build", str(photos), "--model", str(small_streetclip_dir), "--output", str(output)]
-    assert main([*args, "--workers", "0", "--neighbors", "8", "--radius_km", "5"]) == EXIT_SOME_FAILED
+    assert main([*args, "--num_workers", "0", "--neighbors", "8", "--radius_km", "5"]) == EXIT_SOME_FAILED
     assert f"{GOOD_ROWS} photos in the gallery" in capsys.readouterr().err
     gallery = GeoGallery.load(output)
     assert (gallery.settings.num_neighbors, gallery.settings.radius_km) == (8, 5.0)
-    assert main([*args, "--workers", "0"]) == EXIT_USAGE
+    assert main([*args, "--num_workers", "0"]) == EXIT_USAGE
     assert "already holds a complete gallery; pass --overwrite" in capsys.readouterr().err
 
 
 def test_index_build_shows_only_its_own_bar_and_summary_unless_verbose(small_streetclip_dir, photos, tmp_path, capfd):
     # A folder datasets has not seen, so that reading it would show its file and split bars.
     source = shutil.copytree(photos, tmp_path / "photos")
-    args = ["index", "build", str(source), "--model", str(small_streetclip_dir), "--workers", "0"]
+    args = ["index", "build", str(source), "--model", str(small_streetclip_dir), "--num_workers", "0"]
     assert main([*args, "--output", str(tmp_path / "quiet")]) == EXIT_SOME_FAILED
     quiet = capfd.readouterr().err
     assert "streetclip index build: 100%" in quiet and f"{GOOD_ROWS} photos in the gallery" in quiet
@@ -816,7 +817,7 @@ def test_index_build_reads_a_csv_with_an_image_folder(small_streetclip_dir, phot
             "LAT",
             "--longitude_column",
             "LON",
-            "--workers",
+            "--num_workers",
             "0",
         ]
     )
@@ -863,7 +864,7 @@ def test_locate_with_a_gallery_records_the_photo_and_refuses_to_resume_with_anot
 ):
     output = tmp_path / "answers.jsonl"
     images = [str(photos / "France-0-0.png"), str(photos / "Canada-1-1.png")]
-    args = ["locate", *images, "--model", str(small_streetclip_dir), "--workers", "0", "--output", str(output)]
+    args = ["locate", *images, "--model", str(small_streetclip_dir), "--num_workers", "0", "--output", str(output)]
     assert main([*args, "--gallery", str(built.gallery.folder), "--top_k", "2"]) == EXIT_OK
     records = [json.loads(line) for line in output.read_text().splitlines()]
     expected = pipeline("geolocation", model=str(small_streetclip_dir), gallery=built.gallery)(images, top_k=2)
@@ -889,7 +890,7 @@ def test_benchmark_with_a_gallery_of_its_own_photos_finds_each_at_0_km(small_str
 
     gallery = tmp_path / "g"
     build = ["index", "build", str(photos), "--model", str(small_streetclip_dir), "--output", str(gallery)]
-    assert main([*build, "--workers", "0", "--neighbors", "1"]) == EXIT_SOME_FAILED
+    assert main([*build, "--num_workers", "0", "--neighbors", "1"]) == EXIT_SOME_FAILED
     output_dir = tmp_path / "results"
     benchmark.main(
         ["--model", str(small_streetclip_dir), "--data", str(photos), "--output_dir", str(output_dir)]

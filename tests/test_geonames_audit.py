@@ -2,10 +2,9 @@
 
 import json
 
+import geonames_audit
 import pytest
-
-from modeling_streetclip import geonames_audit
-from modeling_streetclip.geonames_audit import audit_geonames_cities, rejected_file_contents
+from geonames_audit import audit_geonames_cities, rejected_file_contents
 
 
 def city(geonameid, name, latitude, longitude, population=50_000, country="AA", region="01", alternatenames=()):
@@ -94,7 +93,7 @@ def test_the_shipped_rejections_are_what_the_check_finds_today():
     shipped = json.loads(geonames_audit.REJECTED_FILE.read_text(encoding="utf-8"))
     assert shipped == rejected_file_contents(audit_geonames_cities()), (
         "GeoNames or reverse_geocode changed what the check finds: review the difference and rewrite the file with "
-        "`python -m modeling_streetclip.geonames_audit` (add rows a person kept to REVIEWED_KEPT)."
+        "`python eval/geonames_audit.py` (add rows a person kept to REVIEWED_KEPT)."
     )
     rejected = {row["name"]: row for row in shipped["rejected"]}
     assert {"Suginami", "Shinagawa", "Kotō", "Aihara", "New South Memphis"} <= set(rejected)

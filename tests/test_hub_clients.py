@@ -17,7 +17,7 @@ from huggingface_hub import (
 from transformers import pipeline
 
 from modeling_streetclip import GeolocationPipeline, StreetCLIPForGeolocation, StreetCLIPProcessor
-from modeling_streetclip.gallery_build import build_gallery
+from modeling_streetclip.app.gallery_build import build_gallery
 from modeling_streetclip.testing_utils import random_photo, write_geo_imagefolder
 
 

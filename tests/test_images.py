@@ -91,11 +91,11 @@ def test_the_pipeline_says_urls_are_not_fetched_instead_of_not_found(small_stree
 # (torch's builds differ in that) plus 1 GiB; resizing a 1 x 200,000 px PNG whole would ask for gigabytes.
 LIMITED_RUN = """
 import json, resource, sys
-import modeling_streetclip.cli.batch_geolocation
+import modeling_streetclip.app.batch
 from modeling_streetclip.cli import main
 mapped = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:"))
 resource.setrlimit(resource.RLIMIT_AS, (mapped + 2**30, mapped + 2**30))
-statuses = [main(["locate", *sys.argv[2:], "--model", model, "--workers", "0", "--output", model + ".jsonl"])
+statuses = [main(["locate", *sys.argv[2:], "--model", model, "--num_workers", "0", "--output", model + ".jsonl"])
             for model in json.loads(sys.argv[1])]
 print(json.dumps(statuses))
 """

@@ -158,7 +158,7 @@ def test_torch_without_dynamic_quantization_gets_a_clear_import_error(monkeypatc
 
 
 def run_locate(capsys, *argv) -> tuple[int, list[dict], str]:
-    status = main(["locate", *map(str, argv), "--workers", "0"])
+    status = main(["locate", *map(str, argv), "--num_workers", "0"])
     captured = capsys.readouterr()
     return status, [json.loads(line) for line in captured.out.splitlines()], captured.err
 

@@ -9,8 +9,8 @@ import tracemalloc
 
 import pytest
 
-from modeling_streetclip.cli import records
-from modeling_streetclip.cli.records import ResultFileError, open_records, options_path, spreadsheet_safe
+from modeling_streetclip.app import records
+from modeling_streetclip.app.records import ResultFileError, open_records, options_path, spreadsheet_safe
 
 
 ANSWER = {

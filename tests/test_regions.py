@@ -17,9 +17,9 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, CLIPModel, pipeline
 
 from modeling_streetclip import CandidatePlaces, StreetCLIPConfig, StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip.app.records import ANSWER_FIELDS, DECISION_FIELDS, options_path
 from modeling_streetclip.cli import main as streetclip
 from modeling_streetclip.cli.locate import DECISION_NAMES
-from modeling_streetclip.cli.records import ANSWER_FIELDS, DECISION_FIELDS, options_path
 from modeling_streetclip.configuration_streetclip import (
     DECISIONS,
     PAPER_LEVELS,
@@ -166,7 +166,7 @@ def test_locate_takes_a_decision_and_a_region_model_and_writes_the_region_column
         str(region_streetclip_dir),
         "--top_k",
         "3",
-        "--workers",
+        "--num_workers",
         "0",
         "--output",
         str(output),
@@ -194,7 +194,7 @@ def test_locate_with_the_default_rule_records_no_decision_so_earlier_files_stay_
     capsys, tmp_path, small_streetclip_dir, photos
 ):
     output = tmp_path / "answers.jsonl"
-    arguments = [str(photos[0]), "--model", str(small_streetclip_dir), "--workers", "0", "--output", str(output)]
+    arguments = [str(photos[0]), "--model", str(small_streetclip_dir), "--num_workers", "0", "--output", str(output)]
     assert streetclip(["locate", *arguments]) == 0
     assert "decision" not in json.loads(options_path(output).read_text())["options"]
     (record,) = [json.loads(line) for line in output.read_text().splitlines()]
@@ -204,7 +204,7 @@ def test_locate_with_the_default_rule_records_no_decision_so_earlier_files_stay_
 
 
 def test_pooled_views_follow_the_decision_too(capsys, tmp_path, small_streetclip_dir, photos):
-    arguments = [*map(str, photos), "--model", str(small_streetclip_dir), "--workers", "0", "--top_k", "4"]
+    arguments = [*map(str, photos), "--model", str(small_streetclip_dir), "--num_workers", "0", "--top_k", "4"]
     assert streetclip(["locate", *arguments, "--group_by", r"(photo)-\d", "--decision", "expected_distance"]) == 0
     (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     distances = [answer["expected_distance_km"] for answer in record["answers"]]

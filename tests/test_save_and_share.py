@@ -158,7 +158,7 @@ def consume(consumer: str, folder: Path, photos: list[Path], work: Path, capsys)
         return answers_from_model(model, processor.image_processor, photos)
     if consumer == "streetclip_locate":
         output = work / "answers.jsonl"
-        argv = ["locate", *map(str, photos), "--model", str(folder), "--top_k", str(TOP_K), "--workers", "0"]
+        argv = ["locate", *map(str, photos), "--model", str(folder), "--top_k", str(TOP_K), "--num_workers", "0"]
         if status := streetclip([*argv, "--output", str(output)]):
             raise ConsumerFailed(status, capsys.readouterr().err)
         records = {record["path"]: record["answers"] for record in map(json.loads, output.read_text().splitlines())}

@@ -32,7 +32,7 @@ from PIL import Image
 from transformers import AutoConfig, pipeline
 
 from modeling_streetclip import GeolocationPipeline, StreetCLIPForGeolocation
-from modeling_streetclip.cli.batch_geolocation import geolocate_images
+from modeling_streetclip.app.batch import geolocate_images
 from modeling_streetclip.testing_utils import random_photo, run_as_hub_user
 
 

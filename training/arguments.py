@@ -5,8 +5,8 @@ Parsed with `HfArgumentParser`, from the command line or from one YAML or JSON f
 
 from dataclasses import dataclass, field
 
+from modeling_streetclip.app import DEFAULT_NUM_WORKERS
 from modeling_streetclip.captions import CaptionMix
-from modeling_streetclip.cli import DEFAULT_NUM_WORKERS
 from modeling_streetclip.gazetteer import read_country_list
 
 

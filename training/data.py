@@ -25,9 +25,9 @@ from accelerate.logging import get_logger
 from geocoding import reverse_geocoder
 from PIL import Image
 
+from modeling_streetclip.app.sources import open_dataset
 from modeling_streetclip.captions import CaptionMix
 from modeling_streetclip.coordinates import coordinate_problem, valid_coordinates
-from modeling_streetclip.dataset_sources import open_dataset
 from modeling_streetclip.gazetteer import geonames_country_names, resolve_country_code
 from modeling_streetclip.images import ImageLoadError, load_rgb_image
 from modeling_streetclip.pixels import normalized_pixels, resized_pixels
@@ -61,7 +61,7 @@ def load_geo_dataset(
     """One split of a Hub or local data set, or of an image folder, with its images left encoded.
 
     A source with a single split uses it whatever `split` says, since an image folder's only split is `train`
-    (`modeling_streetclip.dataset_sources.open_dataset`, which the benchmark runner also reads data sets with).
+    (`modeling_streetclip.app.sources.open_dataset`, which the benchmark runner also reads data sets with).
     """
     dataset, _ = open_dataset(source, split, streaming=streaming)
     if dataset.column_names is not None and image_column not in dataset.column_names:

@@ -16,9 +16,9 @@ makes worse; the gathers cost something. On a machine with N GPUs, each process 
 Usage, from the repository root:
 
     python eval/speed/bench_distributed.py [--scales tiny vit-b-16] [--configs 1x2 1x1 2x1] [--images 2048 128]
-        [--batch_size 16] [--workers 1] [--repeats 2] [--device cpu] [--dtype float32]
+        [--batch_size 16] [--num_workers 1] [--repeats 2] [--device cpu] [--dtype float32]
     python eval/speed/bench_distributed.py --device cuda --dtype bfloat16 --scales vit-b-16 vit-l-14-336 \
-        --configs 1x16 --batch_size 64 --workers 8   # one GPU; compare with --device cpu on the same machine
+        --configs 1x16 --batch_size 64 --num_workers 8   # one GPU; compare with --device cpu on the same machine
 
 It prints figures; it asserts nothing.
 """
@@ -76,7 +76,7 @@ def run_locate(config: tuple[int, int], photos: Path, model: Path, output: Path,
     if processes > 1:
         command += ["torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m"]
     command += ["modeling_streetclip.cli", "locate", str(photos), "--model", str(model), "--output", str(output)]
-    command += ["--batch_size", str(args.batch_size), "--workers", str(args.workers), "--device", args.device]
+    command += ["--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers), "--device", args.device]
     command += ["--dtype", args.dtype]
     output.unlink(missing_ok=True)
     Path(str(output) + ".options.json").unlink(missing_ok=True)
@@ -103,7 +103,7 @@ def main() -> None:
         "--images", nargs=2, type=int, default=None, metavar=("TINY", "LARGER"), help="images per long run"
     )
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers per process")
+    parser.add_argument("--num_workers", type=int, default=1, help="DataLoader workers per process")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -138,7 +138,7 @@ def main() -> None:
                 print(
                     f"{scale:>13} {args.device} {args.dtype} {processes} process(es) x {threads} thread(s): "
                     f"{rate:8.1f} img/s ({', '.join(f'{value:.1f}' for value in measured)}), {rate / baseline:.2f}x "
-                    f"{args.configs[0]}; {images} images, batch {args.batch_size}, {args.workers} worker(s) per "
+                    f"{args.configs[0]}; {images} images, batch {args.batch_size}, {args.num_workers} worker(s) per "
                     "process",
                     flush=True,
                 )

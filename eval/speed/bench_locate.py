@@ -1,7 +1,7 @@
 """Time `streetclip locate`: images/s with decoding in the main process vs in DataLoader workers, and the whole
 command's overhead over the bare vision forward at ViT-L/14-336 scale.
 
-1. 200 generated 640x480 JPEGs and the tiny random model of the tests: images/s at `--workers 0` and `--workers 2`.
+1. 200 generated 640x480 JPEGs and the tiny random model of the tests: images/s at `--num_workers 0` and `--num_workers 2`.
 2. A random-weight CLIP at the size of `geolocal/StreetCLIP` (ViT-L/14 at 336 px), saved as a StreetCLIP folder with a
    small candidate table: the command over a few of those JPEGs against `vision_model` + `visual_projection` on the
    same images, already preprocessed.
@@ -122,12 +122,12 @@ def main() -> None:
         seconds = {0: math.inf, 2: math.inf}
         for run in range(args.repeats):
             for workers in seconds:
-                common = [folder, "--model", tiny_dir, "--batch_size", args.batch_size, "--workers", workers]
+                common = [folder, "--model", tiny_dir, "--batch_size", args.batch_size, "--num_workers", workers]
                 output = scratch / f"tiny-w{workers}-{run}.jsonl"
                 seconds[workers] = min(seconds[workers], timed_locate([*common, "--output", output]))
         rates = {workers: args.images / best for workers, best in seconds.items()}
         for workers, rate in rates.items():
-            print(f"  --workers {workers}: {seconds[workers]:6.2f} s  {rate:7.1f} images/s")
+            print(f"  --num_workers {workers}: {seconds[workers]:6.2f} s  {rate:7.1f} images/s")
         print(f"  workers 2 / workers 0: {rates[2] / rates[0]:.2f}x")
 
         if args.skip_large:
@@ -135,7 +135,7 @@ def main() -> None:
         large_dir = save_vit_l_streetclip(scratch)
         large_photos = make_photos(scratch / "large-photos", args.large_images)
         load_seconds, forward_seconds = bare_vision_forward(large_dir, large_photos, args.batch_size)
-        command = [*large_photos, "--model", large_dir, "--batch_size", args.batch_size, "--workers", 2]
+        command = [*large_photos, "--model", large_dir, "--batch_size", args.batch_size, "--num_workers", 2]
         bare_seconds, command_seconds = math.inf, math.inf
         for run in range(args.repeats):
             bare_seconds = min(bare_seconds, forward_seconds())

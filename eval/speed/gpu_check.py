@@ -40,7 +40,7 @@ from transformers import pipeline
 
 import modeling_streetclip  # noqa: F401  (registers the "geolocation" task)
 from modeling_streetclip import CandidatePlaces, StreetCLIPForGeolocation, StreetCLIPProcessor
-from modeling_streetclip.cli import DEFAULT_NUM_WORKERS
+from modeling_streetclip.app import DEFAULT_NUM_WORKERS
 from modeling_streetclip.pixels import normalized_pixels, resized_pixels
 from modeling_streetclip.testing_utils import PLACES, place_photo, save_random_vit_l, save_tiny_clip_checkpoint
 
@@ -68,7 +68,7 @@ def parse_args() -> argparse.Namespace:
         "--size", choices=("vit-l", "tiny"), help="model size; default vit-l on a GPU, the tiny test model on a CPU"
     )
     parser.add_argument(
-        "--workers",
+        "--num_workers",
         type=int,
         default=DEFAULT_NUM_WORKERS,
         help=f"pipeline DataLoader workers that preprocess photos (default: streetclip locate's, here {DEFAULT_NUM_WORKERS})",
@@ -174,7 +174,7 @@ def check_dtype(model_dir: Path, dtype: str, args: argparse.Namespace, inputs: d
                 model.visual_projection(model.vision_model(pixel_values=batch).pooler_output)
 
     def run_pipeline(photos: list[Image.Image]) -> list:
-        return geolocate(photos, batch_size=args.batch_size, num_workers=args.workers)
+        return geolocate(photos, batch_size=args.batch_size, num_workers=args.num_workers)
 
     embeds = embed(model, batch, args.batch_size).cpu()  # also the warm-up of the bare forward
     run_pipeline(inputs["timing_photos"][: args.batch_size])  # warm-up: workers, allocations
@@ -209,7 +209,7 @@ def main() -> int:
     print(
         f"device {args.device}: {device_name or 'cpu'}; torch {torch.__version__}, transformers "
         f"{transformers.__version__}; model {args.size} (random weights), batch {args.batch_size}, {args.steps} "
-        f"timed batches, {args.workers} pipeline workers; float32 matmul precision "
+        f"timed batches, {args.num_workers} pipeline workers; float32 matmul precision "
         f"{torch.get_float32_matmul_precision()!r}",
         flush=True,
     )

@@ -1,7 +1,7 @@
 """`streetclip index build`: turn a geo-tagged photo collection into a retrieval gallery for `--gallery`.
 
 This module parses arguments and maps outcomes to exit codes; building (decoding in DataLoader workers, shards,
-resume, the FAISS index) lives in `modeling_streetclip.gallery_build`, the gallery itself in
+resume, the FAISS index) lives in `modeling_streetclip.app.gallery_build`, the gallery itself in
 `modeling_streetclip.gallery`. Like every subcommand, it imports torch, datasets and faiss only once it runs.
 """
 
@@ -11,16 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_NUM_WORKERS,
-    EXIT_OK,
-    EXIT_SOME_FAILED,
-    UsageError,
-    add_verbose_argument,
-    int_at_least,
-)
-from .locate import add_placement_arguments
+from ..app import DEFAULT_SHARD_SIZE, EXIT_OK, EXIT_SOME_FAILED, UsageError
+from ..app.arguments import add_batch_arguments, add_placement_arguments, add_verbose_argument, int_at_least
 
 
 def _positive_float(text: str) -> float:
@@ -36,7 +28,7 @@ def _positive_float(text: str) -> float:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Add the `index` subcommand (with its own subcommand, `build`) to the `streetclip` parser."""
     # The gallery module imports numpy alone at first, so --help shows its defaults without waiting for torch.
-    from ..gallery import DEFAULT_INDEX, DEFAULT_SHARD_SIZE, VoteSettings
+    from ..gallery import DEFAULT_INDEX, VoteSettings
 
     defaults = VoteSettings()
     index = commands.add_parser(
@@ -102,19 +94,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--latitude_column", default="latitude", help="column of latitudes (default: %(default)s)")
     build.add_argument("--longitude_column", default="longitude", help="column of longitudes (default: %(default)s)")
-    build.add_argument(
-        "--batch_size",
-        type=int_at_least(1),
-        default=DEFAULT_BATCH_SIZE,
-        help="images per forward pass (default: %(default)s)",
-    )
-    build.add_argument(
-        "--workers",
-        type=int_at_least(0),
-        default=DEFAULT_NUM_WORKERS,
-        metavar="N",
-        help="DataLoader worker processes decoding images; 0 decodes in the main process (default: %(default)s)",
-    )
+    add_batch_arguments(build)
     build.add_argument(
         "--shard_size",
         type=int_at_least(1),
@@ -159,7 +139,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def _open_data(args: argparse.Namespace):
     """The dataset that DATA names (a CSV file with --image_dir, else any `open_dataset` source); its problems are
     usage errors."""
-    from ..dataset_sources import open_csv_with_images
+    from ..app.sources import open_csv_with_images
 
     is_csv = Path(args.data).suffix.lower() == ".csv"
     if is_csv != (args.image_dir is not None):
@@ -176,27 +156,14 @@ def _open_data(args: argparse.Namespace):
         raise UsageError(str(error)) from None
 
 
-def load_gallery(name: str, model, image_processor, model_name: str):
-    """The gallery that `--gallery` names (a folder or a Hub dataset repo), checked against the loaded model; every
-    problem is a usage error that names it."""
-    from ..gallery import GalleryModelError, GeoGallery
-
-    try:
-        gallery = GeoGallery.load(name)
-        gallery.check_model(model, image_processor, model_name)
-    except (OSError, ValueError, ImportError, GalleryModelError) as error:
-        raise UsageError(f"--gallery {name!r}: {error}") from None
-    return gallery
-
-
 def build_command(args: argparse.Namespace) -> int:
     """`streetclip index build`: embed DATA into a gallery at --output, then report and set the status."""
     import torch
 
+    from ..app.distributed import make_accelerator
+    from ..app.gallery_build import build_gallery
+    from ..app.loading import load_model
     from ..gallery import GalleryModelError, VoteSettings
-    from ..gallery_build import build_gallery
-    from .distributed import make_accelerator
-    from .locate import load_model
 
     accelerator = make_accelerator(args.device)
     if accelerator.num_processes > 1:
@@ -221,7 +188,7 @@ def build_command(args: argparse.Namespace) -> int:
             latitude_column=args.latitude_column,
             longitude_column=args.longitude_column,
             batch_size=args.batch_size,
-            num_workers=args.workers,
+            num_workers=args.num_workers,
             shard_size=args.shard_size,
             settings=settings,
             overwrite=args.overwrite,
@@ -237,4 +204,4 @@ def build_command(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if result.bad_rows else EXIT_OK
 
 
-__all__ = ["add_parser", "build_command", "load_gallery"]
+__all__ = ["add_parser", "build_command"]

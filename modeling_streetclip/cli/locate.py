@@ -3,16 +3,16 @@
 `streetclip locate` runs `geolocate_images` over image files, folders, glob patterns, a list of paths on standard
 input or the image column of a `datasets` dataset, and streams one record per input (or per group of views of one
 place) to JSON Lines, CSV or Parquet, resuming where a killed run stopped. Under `accelerate launch` or `torchrun`
-the processes share the batches (see `batch_geolocation`) and the main process alone plans the run, holds the
-output and writes every record (see `distributed`). This module parses arguments, expands inputs, pools grouped
-views and maps outcomes to exit codes; decoding and batching live in `batch_geolocation`, result files in `records`.
+the processes share the batches (see `app.batch`) and the main process alone plans the run, holds the output and
+writes every record (see `app.distributed`). This module parses arguments, expands inputs, pools grouped views and
+maps outcomes to exit codes; decoding and batching live in `app.batch`, result files in `app.records`, model loading
+in `app.loading`.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import logging
 import os
 import re
@@ -25,33 +25,24 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from . import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_NUM_WORKERS,
-    EXIT_OK,
-    EXIT_SOME_FAILED,
-    UsageError,
-    add_verbose_argument,
-    int_at_least,
-)
+from ..app import EXIT_OK, EXIT_SOME_FAILED, UsageError
+from ..app.arguments import add_batch_arguments, add_placement_arguments, add_verbose_argument, int_at_least
+from ..app.loading import load_gallery, load_model, model_fingerprint, quantization_config_for
 
 
 if TYPE_CHECKING:
-    import torch
     from accelerate import Accelerator
 
+    from ..app.batch import GeolocationRecord
+    from ..app.records import ParquetRecordWriter, RecordWriter
     from ..gallery import GeoGallery
     from ..modeling_streetclip import StreetCLIPForGeolocation
-    from .batch_geolocation import GeolocationRecord
-    from .records import ParquetRecordWriter, RecordWriter
 
 
 # The standard library's logger: `transformers.utils.logging.get_logger` returns this same logger for a name outside
 # transformers' own, but importing it takes transformers along, which `streetclip --help` must not wait for.
 logger = logging.getLogger(__name__)
 
-# Weight precisions by name; torch is imported only once a command runs.
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 QUANTIZATION_NAMES = ("int8",)
 # The decision rules of `configuration_streetclip.DECISIONS`, named here so that `--help` need not import transformers.
 DECISION_NAMES = ("greedy", "joint", "expected_distance")
@@ -64,9 +55,6 @@ STREAM_BLOCK_BATCHES = 16
 DEFAULT_ID_FIELD = "id"
 # A --countries file lists at most a few hundred short lines; anything far larger is not one (and /dev/zero never ends).
 MAX_COUNTRIES_FILE_BYTES = 1024 * 1024
-# The files of a model folder whose content shapes answers (configs, candidate tables, weights): a change to any of them
-# between two runs on one --output is refused (see `model_fingerprint`).
-FINGERPRINTED_SUFFIXES = (".json", ".safetensors", ".bin")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -187,12 +175,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="a retrieval gallery built with this model by `streetclip index build` (a folder or a Hub dataset repo) "
         "for --decision gallery or hybrid; answers then add gallery_row and similarity. Each process loads it",
     )
-    locate.add_argument(
-        "--batch_size",
-        type=int_at_least(1),
-        default=DEFAULT_BATCH_SIZE,
-        help="images per forward pass (default: %(default)s)",
-    )
+    add_batch_arguments(locate)
     add_placement_arguments(locate)
     locate.add_argument(
         "--quantize",
@@ -200,14 +183,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="int8: the vision tower with int8 weights and dynamic int8 activations, heads in float32; runs on the "
         "CPU in float32 (--device auto then picks the CPU), about 2.4x as fast as float32 there; on CPUs with AMX "
         "(lscpu: amx_bf16) --dtype bfloat16 is faster still (see the README's speed table)",
-    )
-    locate.add_argument(
-        "--workers",
-        type=int_at_least(0),
-        default=DEFAULT_NUM_WORKERS,
-        metavar="N",
-        help="DataLoader worker processes that decode and preprocess images; 0 decodes in the main process "
-        "(default: %(default)s)",
     )
     locate.add_argument(
         "--output",
@@ -243,19 +218,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     add_verbose_argument(locate)
     locate.set_defaults(run=locate_command)
-
-
-def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
-    """--device and --dtype, alike in every command that runs the model."""
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where the model runs; auto picks cuda when available (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--dtype", choices=DTYPE_NAMES, default="float32", help="model weight precision (default: %(default)s)"
-    )
 
 
 @cache
@@ -400,136 +362,6 @@ def read_countries(path: Path) -> list[str]:
     )
 
 
-def quantization_config_for(quantize: str | None, device: str, dtype: str) -> Any:
-    """The quantization config that `--quantize` names (None without it), after checking that `--device` and
-    `--dtype` allow it."""
-    if quantize is None:
-        return None
-    if device == "cuda":
-        raise UsageError(f"--quantize {quantize} runs on the CPU; drop --device cuda, or use --dtype bfloat16 there.")
-    if dtype != "float32":
-        raise UsageError(f"--quantize {quantize} computes in float32; drop --dtype {dtype}.")
-    from ..quantization import Int8DynamicConfig
-
-    return Int8DynamicConfig()
-
-
-def load_model(
-    name: str, device: str, dtype: torch.dtype, countries: list[str] | None, quantization_config: Any = None
-) -> tuple[StreetCLIPForGeolocation, Any]:
-    """The model and its image processor, on `device`, restricted to `countries` when given, quantized as
-    `quantization_config` says when given."""
-    from huggingface_hub.errors import StrictDataclassError
-    from safetensors import SafetensorError
-
-    from ..modeling_streetclip import StreetCLIPForGeolocation
-    from ..processing_streetclip import StreetCLIPProcessor
-
-    _check_model_reachable(name)
-    try:
-        image_processor = StreetCLIPProcessor.from_pretrained(name).image_processor
-        model = StreetCLIPForGeolocation.from_pretrained(
-            name, dtype=dtype, vision_only="auto", quantization_config=quantization_config
-        )
-    # A broken folder fails in many ways: unreadable JSON or weights (OSError, ValueError, SafetensorError), a
-    # malformed candidate table (StrictDataclassError, TypeError, KeyError), heads whose sizes do not match it
-    # (RuntimeError). ImportError: the quantization route is unavailable.
-    except (
-        OSError,
-        ValueError,
-        ImportError,
-        TypeError,
-        KeyError,
-        RuntimeError,
-        SafetensorError,
-        StrictDataclassError,
-    ) as error:
-        raise UsageError(f"cannot load --model {name!r}: {error}") from None
-    check_image_processor(image_processor, model.config.vision_config.image_size, name)
-    if countries is not None:
-        try:
-            model.restrict_countries(countries)
-        except ValueError as error:
-            raise UsageError(f"--countries: {error}") from None
-    return model.to(device), image_processor
-
-
-def _check_model_reachable(name: str) -> None:
-    """Stop at once, naming the cause, when --model is neither a local folder nor in the Hub cache and the Hub cannot
-    be reached (offline mode, no network): the loaders would retry file after file for minutes, then blame the files.
-
-    The Hub is asked once, for the model's config, without retries; what it answers (a missing or gated repo) is left
-    to the loaders to report.
-    """
-    if os.path.isdir(name):
-        return
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-    from huggingface_hub.utils import httpx
-
-    try:
-        cached = try_to_load_from_cache(name, "config.json")
-    except HFValidationError:
-        raise UsageError(
-            f"cannot load --model {name!r}: there is no folder by that name, and it is not a Hub id (ORG/NAME)."
-        ) from None
-    if isinstance(cached, str):
-        return
-    advice = (
-        "Give --model a local folder that holds a saved model (e.g. written by `save_pretrained`), or run once where "
-        "the Hub can be reached to fill the cache"
-    )
-    if constants.is_offline_mode():
-        raise UsageError(
-            f"cannot load --model {name!r}: it is not a local folder nor in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}), and offline mode (HF_HUB_OFFLINE) keeps the Hub from being asked. {advice}."
-        )
-    try:
-        get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except httpx.TransportError as error:
-        raise UsageError(
-            f"cannot load --model {name!r}: the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({error}), "
-            f"and the model is not in its cache ({constants.HF_HUB_CACHE}). {advice}."
-        ) from None
-    except HfHubHTTPError:
-        pass
-
-
-def check_image_processor(image_processor, image_size: int, name: str) -> None:
-    """Refuse an image processor config that cannot give the model its `image_size` x `image_size` pixels (a size or
-    crop that is not a positive integer, another size), naming the file and the value, before any image is read."""
-    source = _image_processor_file(name)
-    sizes = {"size": image_processor.size or {}}
-    if image_processor.do_center_crop:
-        sizes["crop_size"] = image_processor.crop_size or {}
-    for field, size in sizes.items():
-        for key in ("height", "width", "shortest_edge", "longest_edge"):
-            value = size.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise UsageError(
-                    f"cannot use --model {name!r}: {source} has {field}.{key} = {value!r}; image sizes are positive "
-                    "integers of pixels."
-                )
-    final = sizes.get("crop_size") if image_processor.do_center_crop else sizes["size"]
-    if not image_processor.do_resize and not image_processor.do_center_crop:
-        final = {}
-    shape = (final.get("height"), final.get("width"))
-    if shape != (image_size, image_size):
-        given = f"{shape[0]} x {shape[1]} pixels" if None not in shape else "images of varying shape"
-        raise UsageError(
-            f"cannot use --model {name!r}: {source} gives {given}, but the model takes {image_size} x {image_size} "
-            "(set crop_size, with do_center_crop, to that size)."
-        )
-
-
-def _image_processor_file(name: str) -> str:
-    """Where the image processor settings of --model `name` were read from, for messages."""
-    for file_name in ("processor_config.json", "preprocessor_config.json"):
-        if os.path.isfile(os.path.join(name, file_name)):
-            return repr(os.path.join(name, file_name))
-    return f"the image processor config of {name!r}"
-
-
 def answer_options(args: argparse.Namespace, countries: list[str] | None) -> dict[str, Any]:
     """The options that shape the answers, recorded beside an --output file (see `records.open_records`) so that a
     rerun with other options stops instead of mixing its answers into the file. None stands for an option not given
@@ -550,23 +382,6 @@ def answer_options(args: argparse.Namespace, countries: list[str] | None) -> dic
         "dtype": args.dtype,
         "quantize": args.quantize,
     }
-
-
-def model_fingerprint(folder: str) -> str:
-    """A short SHA-256 of the files of a model folder that shape answers (FINGERPRINTED_SUFFIXES: configs, candidate
-    tables, weights), names and contents. Reading the weights costs about as long as loading them; a hash of their
-    headers alone would miss weights of another seed or training step, whose shapes are the same."""
-    digest = hashlib.sha256()
-    try:
-        files = sorted(entry for entry in Path(folder).iterdir() if entry.suffix in FINGERPRINTED_SUFFIXES)
-        for file in files:
-            if file.is_file():
-                with file.open("rb") as stream:
-                    digest.update(file.name.encode("utf-8", "surrogateescape") + b"\0")
-                    digest.update(hashlib.file_digest(stream, "sha256").digest())
-    except OSError as error:
-        raise UsageError(f"cannot read --model {folder!r}: {error}") from None
-    return digest.hexdigest()[:16]
 
 
 def _views_by_group(
@@ -599,7 +414,7 @@ def _record(
         return {"group": key, "paths": members, "error": "; ".join(errors)}
     import torch
 
-    from .batch_geolocation import pooled_answers
+    from ..app.batch import pooled_answers
 
     embeds = torch.stack([view.image_embeds for view in views])
     return {"group": key, "paths": members, "answers": pooled_answers(model, embeds, top_k, decision, gallery)}
@@ -628,7 +443,7 @@ class _DatasetSource:
 
 def _open_dataset_source(args: argparse.Namespace) -> _DatasetSource:
     """Open --dataset (on every process: each reads its own rows of a memory-mapped dataset) and find its columns."""
-    from ..dataset_sources import ID_COLUMNS, find_column, find_image_column, open_dataset
+    from ..app.sources import ID_COLUMNS, find_column, find_image_column, open_dataset
 
     try:
         dataset, split = open_dataset(args.dataset, args.split, streaming=args.streaming)
@@ -648,8 +463,8 @@ def _open_dataset_source(args: argparse.Namespace) -> _DatasetSource:
 
 
 def _dataset_keys(source: _DatasetSource, args: argparse.Namespace) -> list[str]:
-    """The record key of every row of a (map-style) dataset, each once (see `dataset_sources.row_ids`)."""
-    from ..dataset_sources import EncodedImages, row_ids
+    """The record key of every row of a (map-style) dataset, each once (see `app.sources.row_ids`)."""
+    from ..app.sources import EncodedImages, row_ids
 
     ids, _ = row_ids(
         source.dataset, EncodedImages(source.dataset, source.image_column), source.id_column, args.dataset, source.name
@@ -672,7 +487,7 @@ def _plan(
 ) -> tuple[_Plan, RecordWriter | ParquetRecordWriter]:
     """On the main process: the inputs, the output opened (locked, checked against the options that wrote it,
     resumed; kept open by `stack`) and what is left to do."""
-    from .records import open_records
+    from ..app.records import open_records
 
     grouped = args.group_by is not None
     if source is None:
@@ -704,7 +519,7 @@ def _stream_blocks(
     counts every row in `plan`. A key met twice is refused, since records are resumed by key."""
     import datasets
 
-    from ..dataset_sources import encoded_image
+    from ..app.sources import encoded_image
 
     stream = source.dataset.cast_column(source.image_column, datasets.Image(decode=False))
     seen: set[str] = set()
@@ -737,7 +552,7 @@ def _load_on_every_process(
     anywhere stops every process."""
     import torch
 
-    from .distributed import on_every_process
+    from ..app.distributed import on_every_process
 
     device = "cpu" if quantization is not None else accelerator.device
     if not accelerator.is_main_process:
@@ -747,8 +562,6 @@ def _load_on_every_process(
         transformers_logging.disable_progress_bar()
 
     def load() -> tuple[StreetCLIPForGeolocation, Any, GeoGallery | None]:
-        from .index import load_gallery
-
         model, image_processor = load_model(args.model, device, getattr(torch, args.dtype), countries, quantization)
         gallery = None if args.gallery is None else load_gallery(args.gallery, model, image_processor, args.model)
         return model, image_processor, gallery
@@ -768,7 +581,7 @@ def _geolocate(
 ) -> int:
     """Geolocate the pending groups' views across the processes; the main process (which has the `writer`) writes
     one record per group and advances the `progress` bar by its views. Returns how many records failed."""
-    from .batch_geolocation import geolocate_images
+    from ..app.batch import geolocate_images
 
     model, image_processor, gallery = model_and_processor
     grouped = args.group_by is not None
@@ -778,7 +591,7 @@ def _geolocate(
         views,
         top_k=1 if grouped else args.top_k,  # pooled groups are ranked from their embeddings instead
         batch_size=args.batch_size,
-        num_workers=args.workers,
+        num_workers=args.num_workers,
         return_embeddings=grouped,
         accelerator=accelerator,
         decision=args.decision,
@@ -826,7 +639,7 @@ def locate_command(args: argparse.Namespace) -> int:
     one process or on every process a launcher started."""
     # Imported here, not at the top, so that `streetclip --help` answers without loading torch. (The package registers
     # itself with transformers once transformers is imported; registering again would warn on every run.)
-    from .distributed import make_accelerator, quiet_unless_main
+    from ..app.distributed import make_accelerator, quiet_unless_main
 
     quantization = quantization_config_for(args.quantize, args.device, args.dtype)
     accelerator = make_accelerator(args.device, cpu_only=quantization is not None)
@@ -836,7 +649,7 @@ def locate_command(args: argparse.Namespace) -> int:
 def _locate(args: argparse.Namespace, accelerator: Accelerator, quantization: Any) -> int:
     from tqdm import tqdm
 
-    from .distributed import on_every_process, on_main_process
+    from ..app.distributed import on_every_process, on_main_process
 
     _check_invocation(args)
     # Read where the output is written (the other machines of a run may not have the file); shared with all.
@@ -884,7 +697,7 @@ def _locate(args: argparse.Namespace, accelerator: Accelerator, quantization: An
             if source is None:
                 views = [path for _, members in plan.pending for path in members]
             else:
-                from ..dataset_sources import EncodedImages
+                from ..app.sources import EncodedImages
 
                 views = EncodedImages(source.dataset, source.image_column).select([row for _, (row,) in plan.pending])
             progress = progress_bar(len(views))

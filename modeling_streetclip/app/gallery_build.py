@@ -29,14 +29,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .cli import DEFAULT_BATCH_SIZE
-from .coordinates import coordinate_problem
-from .gallery import (
+from ..coordinates import coordinate_problem
+from ..gallery import (
     AUTO_INDEX,
     BAD_ROWS_FILE,
     DATASET_FOLDER,
     DEFAULT_INDEX,
-    DEFAULT_SHARD_SIZE,
     EMBEDDING_COLUMN,
     FINGERPRINT_MIN_COSINE,
     GALLERY_FILE,
@@ -56,8 +54,9 @@ from .gallery import (
     trained_index,
     write_json_atomically,
 )
-from .images import ImageLoadError, load_rgb_image
-from .pixels import normalized_pixels, resized_pixels
+from ..images import ImageLoadError, load_rgb_image
+from ..pixels import normalized_pixels, resized_pixels
+from . import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE
 
 
 if TYPE_CHECKING:
@@ -129,7 +128,7 @@ def build_gallery(
     Args:
         model: a `StreetCLIPForGeolocation` (or any CLIP model with `get_image_features`), on the device to run on.
         processor: its `StreetCLIPProcessor`, or an image processor.
-        data: a `datasets` dataset (streamed or not), or a source that `dataset_sources.open_dataset` opens: a
+        data: a `datasets` dataset (streamed or not), or a source that `sources.open_dataset` opens: a
             `save_to_disk` folder, an image folder with `metadata.csv`, a folder of CSV or Parquet files, a Hub id.
         output_dir: the gallery folder: new or empty, or holding an unfinished build of the same source and model.
         model_name: recorded in `gallery.json` (default: the model's `name_or_path`).
@@ -158,7 +157,7 @@ def build_gallery(
         check_nprobe(nprobe, check_factory(index, dim), index)
     source_name = os.fspath(data) if isinstance(data, (str, os.PathLike)) else _describe(data)
     if isinstance(data, (str, os.PathLike)):
-        from .dataset_sources import open_dataset
+        from .sources import open_dataset
 
         data, split = open_dataset(data, split, streaming=streaming)
     total = len(data) if isinstance(data, datasets.Dataset) else _known_rows(data)
@@ -215,7 +214,7 @@ def _find_columns(
     data, image_column: str | None, latitude_column: str, longitude_column: str, source: str
 ) -> _Columns:
     """The columns to read; a streamed source that does not declare its columns is checked on its first row."""
-    from .dataset_sources import ID_COLUMNS, find_column, find_image_column
+    from .sources import ID_COLUMNS, find_column, find_image_column
 
     names = data.column_names
     if names is None:
@@ -381,7 +380,7 @@ class _RowPreparer:
         self.columns = columns
 
     def __call__(self, row_number: int, row: dict[str, Any]) -> tuple:
-        from .dataset_sources import encoded_image
+        from .sources import encoded_image
 
         columns = self.columns
         latitude, longitude = _as_float(row[columns.latitude]), _as_float(row[columns.longitude])

@@ -4,7 +4,7 @@ Launched by `accelerate launch` or `torchrun`, every process runs the same comma
 only (reading standard input, holding the output file, printing), some to all (loading the model); these helpers
 make sure that either way every process learns the outcome, so that an error stops all of them with one message
 from the main process instead of leaving the others waiting for it. The work itself is split in
-`batch_geolocation.geolocate_images`.
+`batch.geolocate_images`.
 """
 
 from __future__ import annotations

