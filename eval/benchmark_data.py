@@ -26,7 +26,7 @@ from modeling_streetclip.app.sources import (
     open_dataset,
     row_ids,
 )
-from modeling_streetclip.coordinates import CoordinateProblem, coordinate_problem
+from modeling_streetclip.geodesy import CoordinateProblem, coordinate_problem
 from modeling_streetclip.images import ImageInput
 
 

@@ -39,7 +39,7 @@ from modeling_streetclip.configuration_streetclip import (
     RECOMMENDED_CANDIDATE_SETTINGS,
     REGION_LEVELS,
 )
-from modeling_streetclip.coordinates import coordinate_problem
+from modeling_streetclip.geodesy import coordinate_problem
 
 
 METRIC_DIR = Path(__file__).resolve().parent / "geodesic_accuracy"

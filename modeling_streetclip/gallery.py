@@ -53,6 +53,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from .geodesy import coordinate_problem, great_circle_km, unit_vectors, valid_coordinates
+
 
 # torch, datasets, faiss and the gazetteer (which brings transformers) are imported where they are used, so that the
 # `streetclip` command can show this module's defaults in --help at once.
@@ -199,8 +201,6 @@ def kernel_vote(
         return []
     weights[voters] *= np.exp((similarities[voters] - similarities[voters].max()) / settings.temperature)
     weights[~voters] = 0.0
-    from .gazetteer import great_circle_km
-
     distances = great_circle_km(latitudes[:, None], longitudes[:, None], latitudes[None, :], longitudes[None, :])
     kernel = np.clip(1.0 - (distances / settings.radius_km) ** 2, 0.0, None)
     # A share of the weight, so in [0, 1]; clipped against rounding, since clients read it as a probability.
@@ -232,14 +232,6 @@ def hybrid_scale(
     scale = probabilities[neighbor_countries]
     restricted = np.where(np.isin(neighbor_countries, top), scale, 0.0)
     return restricted if restricted.any() else scale
-
-
-def unit_vectors(latitudes: npt.ArrayLike, longitudes: npt.ArrayLike) -> np.ndarray:
-    """Points in degrees as unit vectors in 3-D, shape `(n, 3)`: the largest dot product is the smallest
-    great-circle distance."""
-    phi = np.radians(np.asarray(latitudes, dtype=np.float64))
-    lam = np.radians(np.asarray(longitudes, dtype=np.float64))
-    return np.stack([np.cos(phi) * np.cos(lam), np.cos(phi) * np.sin(lam), np.sin(phi)], axis=-1)
 
 
 def nearest_city_rows(places: CandidatePlaces, latitudes: npt.ArrayLike, longitudes: npt.ArrayLike) -> np.ndarray:
@@ -726,8 +718,6 @@ class GeoGallery:
     def _check_coordinates(self) -> None:
         """Refuse rows whose coordinates are not a point on Earth (a build records such rows as bad instead), naming
         the first and the count: their answers would carry NaN, infinities or impossible places."""
-        from .coordinates import coordinate_problem, valid_coordinates
-
         bad = np.flatnonzero(~valid_coordinates(self.latitudes, self.longitudes))
         if len(bad):
             row = int(bad[0])

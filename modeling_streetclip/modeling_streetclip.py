@@ -29,7 +29,8 @@ from .configuration_streetclip import (
     StreetCLIPConfig,
     validate_decision,
 )
-from .gazetteer import CandidatePlaces, great_circle_km, resolve_country_names
+from .gazetteer import CandidatePlaces, resolve_country_names
+from .geodesy import great_circle_km
 from .processing_streetclip import CandidatePrompts, StreetCLIPProcessor
 
 

@@ -46,7 +46,8 @@ from modeling_streetclip.gallery import (
     recommended_index,
     trained_index,
 )
-from modeling_streetclip.gazetteer import EARTH_RADIUS_KM, CandidatePlaces, great_circle_km
+from modeling_streetclip.gazetteer import CandidatePlaces
+from modeling_streetclip.geodesy import EARTH_RADIUS_KM, great_circle_km
 from modeling_streetclip.testing_utils import (
     PLACES,
     SMALL_COUNTRIES,

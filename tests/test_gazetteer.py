@@ -13,7 +13,6 @@ from modeling_streetclip.configuration_streetclip import RECOMMENDED_CANDIDATE_S
 from modeling_streetclip.gazetteer import (
     CandidatePlaces,
     allocate_city_slots,
-    great_circle_km,
     merge_nearby_cities,
     paper_countries,
     read_country_list,
@@ -21,6 +20,7 @@ from modeling_streetclip.gazetteer import (
     resolve_country_name,
     resolve_country_names,
 )
+from modeling_streetclip.geodesy import great_circle_km
 
 
 @pytest.fixture(scope="module")

@@ -289,9 +289,9 @@ def test_bad_prediction_rows_are_named_as_predictions(metric):
 
 
 def test_the_metrics_standalone_point_check_agrees_with_the_packages_rule():
-    # The metric keeps its own copy of `modeling_streetclip.coordinates` to stay publishable on its own; the two
+    # The metric keeps its own copy of `modeling_streetclip.geodesy`'s coordinate rule to stay publishable on its own; the two
     # must accept the same pairs and call the same pairs swapped.
-    from modeling_streetclip.coordinates import CoordinateProblem, coordinate_problem
+    from modeling_streetclip.geodesy import CoordinateProblem, coordinate_problem
 
     values = [-200.0, -180.5, -180.0, -95.0, -90.0, -45.0, 0.0, 89.9, 90.0, 90.1, 179.9, 180.0, 181.0, math.nan]
     for lat in values:

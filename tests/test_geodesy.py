@@ -1,11 +1,11 @@
-"""Specification of `modeling_streetclip.coordinates`: the one rule of what makes a [lat, lon] pair a point on Earth."""
+"""Specification of `modeling_streetclip.geodesy`: the one rule of what makes a [lat, lon] pair a point on Earth."""
 
 import math
 
 import numpy as np
 import pytest
 
-from modeling_streetclip.coordinates import CoordinateProblem, coordinate_problem, valid_coordinates
+from modeling_streetclip.geodesy import CoordinateProblem, coordinate_problem, valid_coordinates
 
 
 @pytest.mark.parametrize(

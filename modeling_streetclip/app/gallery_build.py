@@ -29,7 +29,6 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..coordinates import coordinate_problem
 from ..gallery import (
     AUTO_INDEX,
     BAD_ROWS_FILE,
@@ -54,6 +53,7 @@ from ..gallery import (
     trained_index,
     write_json_atomically,
 )
+from ..geodesy import coordinate_problem
 from ..images import ImageLoadError, load_rgb_image
 from ..pixels import normalized_pixels, resized_pixels
 from . import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE

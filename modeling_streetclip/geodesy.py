@@ -1,0 +1,102 @@
+"""Geometry on the Earth's sphere: great-circle distances, points as unit vectors, and what makes a (latitude,
+longitude) pair in degrees a point on Earth (and why a pair is not one).
+
+Training, the benchmark runner and galleries read coordinates from other people's files, and all must drop the same
+rows for the same reasons. The best known mistake gets its own verdict: the widely copied ISNs IM2GPS metadata have
+their latitude and longitude columns swapped, which shows where a "latitude" lies beyond ±90° while its "longitude"
+would be a valid latitude. (The `geodesic_accuracy` metric keeps its own copy of these rules, since it is published
+on the Hub as a standalone module that imports nothing from this package.)
+"""
+
+import math
+from enum import Enum
+
+import numpy as np
+import numpy.typing as npt
+
+
+# IUGG mean Earth radius, as the geodesic_accuracy metric measures with.
+EARTH_RADIUS_KM = 6371.0088
+MAX_ABS_LATITUDE = 90.0
+MAX_ABS_LONGITUDE = 180.0
+
+
+class CoordinateProblem(Enum):
+    """Why a pair is not a point on Earth; each value is a short reason that can be counted over many rows."""
+
+    MISSING = "missing coordinates"
+    LOOK_SWAPPED = "latitude out of range (latitude and longitude look swapped)"
+    LATITUDE_OUT_OF_RANGE = "latitude out of range"
+    LONGITUDE_OUT_OF_RANGE = "longitude out of range"
+
+    def describe(
+        self, latitude: float, longitude: float, latitude_name: str = "latitude", longitude_name: str = "longitude"
+    ) -> str:
+        """The reason for one pair, naming its values; `latitude_name` and `longitude_name` say where they came
+        from (e.g. "latitude (column 'LAT')")."""
+        if self is CoordinateProblem.MISSING:
+            return f"{latitude_name} {latitude!r} or {longitude_name} {longitude!r} is missing or not finite"
+        if self is CoordinateProblem.LOOK_SWAPPED:
+            return (
+                f"{latitude_name} {latitude!r} is outside [-90, 90] but {longitude_name} {longitude!r} is inside it: "
+                "latitude and longitude look swapped"
+            )
+        if self is CoordinateProblem.LATITUDE_OUT_OF_RANGE:
+            return f"{latitude_name} {latitude!r} is outside [-90, 90]"
+        return f"{longitude_name} {longitude!r} is outside [-180, 180]"
+
+
+def coordinate_problem(latitude: float, longitude: float) -> CoordinateProblem | None:
+    """Why `(latitude, longitude)` in degrees is not a point on Earth, or None when it is one.
+
+    NaN and infinities are `MISSING` (an empty cell read as a number is NaN). A latitude beyond ±90° whose longitude
+    lies within ±90° is `LOOK_SWAPPED` rather than merely out of range, so that a swapped file says so.
+    """
+    if not (math.isfinite(latitude) and math.isfinite(longitude)):
+        return CoordinateProblem.MISSING
+    if abs(latitude) > MAX_ABS_LATITUDE:
+        if abs(longitude) <= MAX_ABS_LATITUDE:
+            return CoordinateProblem.LOOK_SWAPPED
+        return CoordinateProblem.LATITUDE_OUT_OF_RANGE
+    if abs(longitude) > MAX_ABS_LONGITUDE:
+        return CoordinateProblem.LONGITUDE_OUT_OF_RANGE
+    return None
+
+
+def valid_coordinates(latitudes: npt.ArrayLike, longitudes: npt.ArrayLike) -> np.ndarray:
+    """Mask of the pairs that are points on Earth, vectorised for whole columns: True exactly where
+    `coordinate_problem` is None (NaN compares false, so it is invalid)."""
+    latitudes = np.asarray(latitudes, dtype=np.float64)
+    longitudes = np.asarray(longitudes, dtype=np.float64)
+    return (np.abs(latitudes) <= MAX_ABS_LATITUDE) & (np.abs(longitudes) <= MAX_ABS_LONGITUDE)
+
+
+def great_circle_km(lat1: npt.ArrayLike, lon1: npt.ArrayLike, lat2: npt.ArrayLike, lon2: npt.ArrayLike) -> np.ndarray:
+    """Great-circle distance in km between points in degrees, broadcast over numpy arrays: the haversine of the
+    geodesic_accuracy metric, on the same sphere.
+
+    The metric (`eval/geodesic_accuracy`) is published on its own and imports nothing from this package, and the
+    package never imports from `eval/`; this copy serves what the package itself measures (merging nearby candidates,
+    the expected-distance decision), and a test holds the two to the same values.
+    """
+    phi1, lam1, phi2, lam2 = (np.radians(np.asarray(x, dtype=np.float64)) for x in (lat1, lon1, lat2, lon2))
+    a = np.sin((phi2 - phi1) / 2) ** 2 + np.cos(phi1) * np.cos(phi2) * np.sin((lam2 - lam1) / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+
+
+def unit_vectors(latitudes: npt.ArrayLike, longitudes: npt.ArrayLike) -> np.ndarray:
+    """Points in degrees as unit vectors in 3-D, shape `(n, 3)`: the largest dot product is the smallest
+    great-circle distance."""
+    phi = np.radians(np.asarray(latitudes, dtype=np.float64))
+    lam = np.radians(np.asarray(longitudes, dtype=np.float64))
+    return np.stack([np.cos(phi) * np.cos(lam), np.cos(phi) * np.sin(lam), np.sin(phi)], axis=-1)
+
+
+__all__ = [
+    "EARTH_RADIUS_KM",
+    "CoordinateProblem",
+    "coordinate_problem",
+    "great_circle_km",
+    "unit_vectors",
+    "valid_coordinates",
+]
