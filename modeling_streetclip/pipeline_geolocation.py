@@ -11,9 +11,9 @@ import httpx
 from transformers import Pipeline
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from .configuration_streetclip import validate_decision
-from .gallery import GALLERY_DECISIONS, GeoGallery, check_decision, format_gallery_answers, rank_gallery_places
-from .gazetteer import format_answers
+from .answers import format_answers
+from .decisions import rank, validate_decision
+from .gallery import GeoGallery
 from .images import ImageLoadError, load_rgb_image
 from .pixels import normalized_pixels, resized_pixels
 from .processing_streetclip import StreetCLIPProcessor
@@ -143,7 +143,7 @@ class GeolocationPipeline(Pipeline):
                 raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
             forward_params["top_k"] = top_k
         if decision is not None:
-            forward_params["decision"] = decision if decision in GALLERY_DECISIONS else validate_decision(decision)
+            forward_params["decision"] = validate_decision(decision)
         if gallery is not None:
             forward_params["gallery"] = self._checked_gallery(gallery)
         if candidate_countries is not None:
@@ -186,27 +186,14 @@ class GeolocationPipeline(Pipeline):
         gallery: GeoGallery | None = None,
         country_rows: list[int] | None = None,
     ) -> dict[str, Any]:
-        decision = decision or ("gallery" if gallery is not None else "greedy")
-        if decision in GALLERY_DECISIONS and country_rows is not None:
-            raise ValueError(
-                f"candidate_countries does not apply to decision={decision!r}: the gallery's photos vote wherever "
-                "they are. Use decision='greedy', 'joint' or 'expected_distance' with candidate_countries, or a "
-                "gallery of those countries' photos."
-            )
-        check_decision(decision, gallery)
         pixel_values = normalized_pixels(self.image_processor, model_inputs["pixel_values"], self.model.dtype)
         outputs = self.model(pixel_values=pixel_values)
-        if decision in GALLERY_DECISIONS:
-            return rank_gallery_places(self.model, outputs, gallery, decision, top_k)._asdict()
-        ranked = self.model.rank_places(outputs, top_k=top_k, decision=decision, country_rows=country_rows)
-        # Fields a rule does not fill (`expected_distances_km` but under its rule) stay out of the batch.
-        return {name: column for name, column in ranked._asdict().items() if column is not None}
+        # Ranked here, a batch at a time on the model's device; `postprocess` formats each image's rows.
+        return rank(self.model, outputs, top_k, decision, gallery, country_rows)
 
     def postprocess(self, model_outputs: dict[str, Any]) -> list[dict[str, Any]]:
-        # The columns of `RankedPlaces` (or `GalleryRankedPlaces`), whose names are the formatter's parameters.
+        # One image's columns of `decisions.rank`, whose names are the formatter's parameters.
         columns = {name: column[0] for name, column in model_outputs.items()}
-        if "gallery_rows" in columns:
-            return format_gallery_answers(self.model.candidate_places, **columns)
         return format_answers(self.model.candidate_places, **columns)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from transformers import AutoImageProcessor
 
 from modeling_streetclip import StreetCLIPForGeolocation, load_rgb_image
+from modeling_streetclip.answers import format_answers
 from modeling_streetclip.app.records import ANSWER_FIELDS, DECISION_FIELDS, REGION_FIELDS, options_path
 from modeling_streetclip.cli import build_parser, main
-from modeling_streetclip.gazetteer import format_answers
+from modeling_streetclip.decisions import rank_places
 from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo, save_random_photos
 
 
@@ -364,7 +365,7 @@ def pooled_reference(model_dir: Path, paths: list[Path], top_k: int) -> list[dic
     with torch.no_grad():
         embeds = model(pixel_values=pixel_values["pixel_values"]).image_embeds
         outputs = model.locate_embeddings(F.normalize(embeds.mean(dim=0, keepdim=True), dim=-1))
-        ranked = model.rank_places(outputs, top_k=top_k)
+        ranked = rank_places(model, outputs, top_k=top_k)
     columns = {name: column[0] for name, column in ranked._asdict().items() if column is not None}
     return format_answers(model.candidate_places, **columns)
 

@@ -18,8 +18,7 @@ from modeling_streetclip import (
     StreetCLIPForGeolocation,
     StreetCLIPProcessor,
 )
-from modeling_streetclip.configuration_streetclip import DECISIONS
-from modeling_streetclip.modeling_streetclip import expected_distances_km
+from modeling_streetclip.decisions import ZERO_SHOT_DECISIONS, expected_distances_km, place_probabilities, rank_places
 from modeling_streetclip.testing_utils import TINY_IMAGE_SIZE
 
 
@@ -112,13 +111,13 @@ SCORE_OF = {"greedy": "city", "joint": "joint", "expected_distance": "joint"}
 
 
 @pytest.mark.parametrize("top_k", [1, 3, None])
-@pytest.mark.parametrize("decision", DECISIONS)
+@pytest.mark.parametrize("decision", ZERO_SHOT_DECISIONS)
 def test_each_rule_matches_a_brute_force_reference(model, pixel_values, decision, top_k, haversine_km):
     outputs = model(pixel_values)
     references = brute_force(model, outputs.image_embeds, haversine_km)
     # None: every answer the rule ranks (all cities; the posterior's candidates for expected distance).
     top_k = top_k or len(references[0][decision])
-    ranked = model.rank_places(outputs, top_k=top_k, decision=decision)
+    ranked = rank_places(model, outputs, top_k=top_k, decision=decision)
     assert isinstance(ranked, RankedPlaces)
     for image, reference in enumerate(references):
         expected = reference[decision][:top_k]
@@ -147,10 +146,10 @@ def test_each_rule_matches_a_brute_force_reference(model, pixel_values, decision
             assert ranked.expected_distances_km is None
 
 
-@pytest.mark.parametrize("decision", DECISIONS)
+@pytest.mark.parametrize("decision", ZERO_SHOT_DECISIONS)
 def test_answers_are_monotone_in_the_rules_criterion(model, decision):
     pixel_values = torch.randn(16, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(2))
-    ranked = model.rank_places(model(pixel_values), top_k=12, decision=decision)
+    ranked = rank_places(model, model(pixel_values), top_k=12, decision=decision)
     places = model.candidate_places
     for image in range(len(pixel_values)):
         scores = ranked.scores[image].tolist()
@@ -186,7 +185,7 @@ def test_greedy_first_answer_is_the_forward_decision_and_the_rest_follow_its_cou
     outputs = model(pixel_values)
     places = model.candidate_places
     widest = max(len(rows) for rows in places.cities_by_country)
-    ranked = model.rank_places(outputs, top_k=widest + 3)
+    ranked = rank_places(model, outputs, top_k=widest + 3)
     assert torch.equal(ranked.city_rows[:, 0], outputs.predicted_city)
     for image, rows in enumerate(ranked.city_rows.tolist()):
         first_country = places.city_countries[rows[0]]
@@ -219,7 +218,7 @@ def test_greedy_ties_between_regions_break_as_the_forward_decision_does(tiny_cli
     model.city_head.weight.data = torch.stack([embeds[0], 10 * embeds[0], -embeds[0]])
     outputs = model.locate_embeddings(embeds)
     assert outputs.predicted_region.tolist() == [0] and outputs.predicted_city.tolist() == [0]
-    assert model.rank_places(outputs, top_k=3).city_rows.tolist() == [[0, 1, 2]]
+    assert rank_places(model, outputs, top_k=3).city_rows.tolist() == [[0, 1, 2]]
 
 
 def test_expected_distance_is_the_bayes_decision_on_a_hand_made_posterior_where_joint_differs(
@@ -240,7 +239,7 @@ def test_expected_distance_is_the_bayes_decision_on_a_hand_made_posterior_where_
         country_logits=torch.tensor([[math.log(0.4), math.log(0.6)]]),
         city_logits=torch.zeros(1, 3),  # p(city | country) uniform: 1/2 each in Japan
     )
-    joint = model.rank_places(outputs, top_k=3, decision="joint")
+    joint = rank_places(model, outputs, top_k=3, decision="joint")
     assert joint.city_rows[0].tolist()[0] == 0
     torch.testing.assert_close(joint.scores[0], torch.tensor([0.4, 0.3, 0.3]))
 
@@ -254,13 +253,13 @@ def test_expected_distance_is_the_bayes_decision_on_a_hand_made_posterior_where_
         for i in range(3)
     ]
     order = sorted(range(3), key=expected_km.__getitem__)
-    ranked = model.rank_places(outputs, top_k=3, decision="expected_distance")
+    ranked = rank_places(model, outputs, top_k=3, decision="expected_distance")
     assert ranked.city_rows[0].tolist() == order
     assert order[0] != 0, "the hand-made posterior must separate the two rules"
     torch.testing.assert_close(ranked.expected_distances_km[0], torch.tensor(sorted(expected_km), dtype=torch.float64))
     torch.testing.assert_close(ranked.joint_probabilities[0], torch.tensor([posterior[i] for i in order]))
     torch.testing.assert_close(ranked.scores, ranked.joint_probabilities)
-    (only,) = model.rank_places(outputs, top_k=1, decision="expected_distance").city_rows[0].tolist()
+    (only,) = rank_places(model, outputs, top_k=1, decision="expected_distance").city_rows[0].tolist()
     assert only == order[0], "the decision considers the posterior's candidates, not only the top_k answers"
 
 
@@ -285,9 +284,9 @@ def test_the_posterior_of_expected_distance_spans_the_configured_number_of_candi
 ):
     few = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, expected_distance_candidates=1)
     # With one candidate, the posterior is that city alone: its expected distance is 0 and it is the joint's best.
-    ranked = few.rank_places(few(pixel_values), top_k=1, decision="expected_distance")
+    ranked = rank_places(few, few(pixel_values), top_k=1, decision="expected_distance")
     assert ranked.expected_distances_km.eq(0).all()
-    assert torch.equal(ranked.city_rows, few.rank_places(few(pixel_values), top_k=1, decision="joint").city_rows)
+    assert torch.equal(ranked.city_rows, rank_places(few, few(pixel_values), top_k=1, decision="joint").city_rows)
 
 
 @pytest.mark.parametrize(
@@ -300,10 +299,10 @@ def test_the_posterior_of_expected_distance_spans_the_configured_number_of_candi
 def test_bad_rank_options_are_refused(small_streetclip_dir, pixel_values, options, error):
     model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
     with pytest.raises(ValueError, match=error):
-        model.rank_places(model(pixel_values), **options)
+        rank_places(model, model(pixel_values), **options)
 
 
-@pytest.mark.parametrize("decision", DECISIONS)
+@pytest.mark.parametrize("decision", ZERO_SHOT_DECISIONS)
 def test_country_rows_give_the_answers_of_a_model_restricted_to_those_countries(model, pixel_values, decision):
     countries = ["Kenya", "JP", "Brazil"]
     rows = [model.candidate_places.country_index(name) for name in countries]
@@ -312,22 +311,22 @@ def test_country_rows_give_the_answers_of_a_model_restricted_to_those_countries(
     # The restricted table lists those countries' cities in that order: map its rows back to this model's.
     _, city_rows, _ = model.candidate_places.select(rows)
     outputs, expected_outputs = model(pixel_values), restricted(pixel_values)
-    ranked = model.rank_places(outputs, top_k=7, decision=decision, country_rows=rows)
-    expected = restricted.rank_places(expected_outputs, top_k=7, decision=decision)
+    ranked = rank_places(model, outputs, top_k=7, decision=decision, country_rows=rows)
+    expected = rank_places(restricted, expected_outputs, top_k=7, decision=decision)
     assert ranked.city_rows.tolist() == [[city_rows[row] for row in image] for image in expected.city_rows.tolist()]
     for field in RankedPlaces._fields[1:]:
         if getattr(expected, field) is not None:
             torch.testing.assert_close(getattr(ranked, field), getattr(expected, field), rtol=1e-4, atol=1e-6)
-    probabilities = model.place_probabilities(outputs, ranked.city_rows, country_rows=rows)
+    probabilities = place_probabilities(model, outputs, ranked.city_rows, country_rows=rows)
     torch.testing.assert_close(probabilities["country_scores"], expected.country_scores, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(probabilities["joint_probabilities"], expected.joint_probabilities)
-    assert ranked.country_scores.sum() > model.rank_places(outputs, top_k=7, decision=decision).country_scores.sum()
+    assert ranked.country_scores.sum() > rank_places(model, outputs, top_k=7, decision=decision).country_scores.sum()
 
 
 def test_top_k_under_country_rows_is_capped_at_their_cities(small_streetclip_dir, pixel_values):
     model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
     kenya = model.candidate_places.country_index("Kenya")
-    ranked = model.rank_places(model(pixel_values), top_k=100, decision="joint", country_rows=[kenya])
+    ranked = rank_places(model, model(pixel_values), top_k=100, decision="joint", country_rows=[kenya])
     assert sorted(ranked.city_rows[0].tolist()) == model.candidate_places.cities_by_country[kenya]
     torch.testing.assert_close(ranked.country_scores, torch.ones_like(ranked.country_scores))
 
@@ -339,7 +338,7 @@ def test_top_k_under_country_rows_is_capped_at_their_cities(small_streetclip_dir
 def test_bad_country_rows_are_refused(small_streetclip_dir, pixel_values, country_rows, error):
     model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
     with pytest.raises(ValueError, match=error):
-        model.rank_places(model(pixel_values), country_rows=country_rows)
+        rank_places(model, model(pixel_values), country_rows=country_rows)
 
 
 ENSEMBLE = {

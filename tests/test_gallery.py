@@ -26,6 +26,7 @@ from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.app import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, gallery_build
 from modeling_streetclip.app.gallery_build import SHARDS_FOLDER, build_gallery
 from modeling_streetclip.cli import main
+from modeling_streetclip.decisions import place_probabilities, rank_gallery_places, rank_places
 from modeling_streetclip.gallery import (
     BAD_ROWS_FILE,
     FINGERPRINT_MIN_COSINE,
@@ -42,7 +43,6 @@ from modeling_streetclip.gallery import (
     kernel_vote,
     model_fingerprint,
     nearest_city_rows,
-    rank_gallery_places,
     recommended_index,
     trained_index,
 )
@@ -747,8 +747,8 @@ def test_place_probabilities_are_those_rank_places_gives_its_own_answers(tiny_cl
     with torch.no_grad():
         outputs = model(pixel_values=pixel_values)
     for decision in ("greedy", "joint"):
-        ranked = model.rank_places(outputs, top_k=4, decision=decision)
-        probabilities = model.place_probabilities(outputs, ranked.city_rows)
+        ranked = rank_places(model, outputs, top_k=4, decision=decision)
+        probabilities = place_probabilities(model, outputs, ranked.city_rows)
         for name in ("country_scores", "region_scores", "joint_probabilities"):
             torch.testing.assert_close(probabilities[name], getattr(ranked, name).float(), rtol=1e-5, atol=1e-7)
 

@@ -25,6 +25,7 @@ from modeling_streetclip import (
     StreetCLIPProcessor,
 )
 from modeling_streetclip.captions import city_prompts, country_prompts
+from modeling_streetclip.decisions import rank_places
 from modeling_streetclip.testing_utils import (
     SMALL_COUNTRIES,
     TINY_IMAGE_SIZE,
@@ -299,7 +300,7 @@ def test_forward_returns_the_greedy_hierarchical_decision(small_streetclip_dir, 
 
 def test_top_k_beyond_the_number_of_cities_returns_every_city(small_streetclip_dir, pixel_values):
     model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)
-    ranked = model.rank_places(model(pixel_values[:1]), top_k=1000)
+    ranked = rank_places(model, model(pixel_values[:1]), top_k=1000)
     assert sorted(ranked.city_rows[0].tolist()) == list(range(model.candidate_places.num_cities))
     torch.testing.assert_close(ranked.joint_probabilities[0].sum(), torch.tensor(1.0))
 
@@ -480,7 +481,7 @@ def test_logits_are_log_joint_probabilities_over_the_whole_table_labelled_by_id2
     outputs = model(pixel_values)
     assert outputs.logits.shape == (len(pixel_values), places.num_cities)
     torch.testing.assert_close(outputs.logits.exp().sum(dim=-1), torch.ones(len(pixel_values)))
-    ranked = model.rank_places(outputs, top_k=places.num_cities, decision="joint")
+    ranked = rank_places(model, outputs, top_k=places.num_cities, decision="joint")
     torch.testing.assert_close(outputs.logits.exp().gather(1, ranked.city_rows), ranked.joint_probabilities)
     assert model.config.id2label == dict(enumerate(places.city_labels))
     assert model.config.label2id[places.city_labels[3]] == 3
@@ -542,8 +543,8 @@ def test_heads_offloaded_to_disk_give_the_answers_of_the_plain_load(region_stree
         torch.testing.assert_close(outputs[name], expected[name])
     for decision in ("greedy", "joint", "expected_distance"):
         assert torch.equal(
-            offloaded.rank_places(outputs, top_k=5, decision=decision).city_rows,
-            plain.rank_places(expected, top_k=5, decision=decision).city_rows,
+            rank_places(offloaded, outputs, top_k=5, decision=decision).city_rows,
+            rank_places(plain, expected, top_k=5, decision=decision).city_rows,
         )
     with pytest.raises(ValueError, match="cannot subset country_head: it is offloaded"):
         offloaded.restrict_countries(["Japan"])

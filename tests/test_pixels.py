@@ -9,6 +9,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, CLIPImageProcessor, pipeline
 
 from modeling_streetclip import StreetCLIPForGeolocation
+from modeling_streetclip.decisions import rank_places
 from modeling_streetclip.images import load_rgb_image
 from modeling_streetclip.pixels import MAX_RESIZED_CROPS, central_region, normalized_pixels, resized_pixels
 
@@ -68,7 +69,7 @@ def test_the_pipeline_carries_8_bit_pixels_and_answers_as_the_processor_s_pixel_
     image_processor = AutoImageProcessor.from_pretrained(small_streetclip_dir)
     with torch.no_grad():
         outputs = model(pixel_values=image_processor(images=images, return_tensors="pt")["pixel_values"])
-    expected = model.rank_places(outputs, top_k=3)
+    expected = rank_places(model, outputs, top_k=3)
     answers = geolocate(images, top_k=3, batch_size=3)
     for image, image_answers in enumerate(answers):
         assert [answer["city"] for answer in image_answers] == [

@@ -18,14 +18,14 @@ from transformers import AutoTokenizer, CLIPModel, pipeline
 
 from modeling_streetclip import CandidatePlaces, StreetCLIPConfig, StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.app.records import ANSWER_FIELDS, DECISION_FIELDS, options_path
+from modeling_streetclip.cli import build_parser
 from modeling_streetclip.cli import main as streetclip
-from modeling_streetclip.cli.locate import DECISION_NAMES
 from modeling_streetclip.configuration_streetclip import (
-    DECISIONS,
     PAPER_LEVELS,
     RECOMMENDED_CANDIDATE_SETTINGS,
     REGION_LEVELS,
 )
+from modeling_streetclip.decisions import DECISIONS, ZERO_SHOT_DECISIONS, rank_places
 from modeling_streetclip.testing_utils import (
     SMALL_COUNTRIES,
     TINY_IMAGE_SIZE,
@@ -81,7 +81,7 @@ def test_the_region_decision_restricts_the_cities(region_streetclip_dir, pixel_v
     in_region = places.cities_by_region[other]
     assert int(outputs.predicted_city[0]) == in_region[int((model.city_head.weight[in_region] @ embeds[0]).argmax())]
     assert int(outputs.predicted_city[0]) != best_in_country
-    assert set(model.rank_places(outputs, top_k=len(in_region)).city_rows[0].tolist()) == set(in_region)
+    assert set(rank_places(model, outputs, top_k=len(in_region)).city_rows[0].tolist()) == set(in_region)
 
 
 def test_saved_folder_carries_the_region_head_table_and_checksum(region_streetclip_dir, tmp_path):
@@ -110,9 +110,9 @@ def test_saved_folder_reloads_with_identical_answers_and_vision_only_too(
     assert vision.text_model is None and vision.uses_regions
     with torch.no_grad():
         outputs = [model(pixel_values) for model in (built, full, vision)]
-    for decision in DECISIONS:
+    for decision in ZERO_SHOT_DECISIONS:
         ranked = [
-            model.rank_places(out, top_k=5, decision=decision)
+            rank_places(model, out, top_k=5, decision=decision)
             for model, out in zip((built, full, vision), outputs, strict=True)
         ]
         for other in ranked[1:]:
@@ -152,8 +152,11 @@ def test_pipeline_answers_name_the_region_and_its_probability(region_streetclip_
     assert set(ANSWER_FIELDS) - set(DECISION_FIELDS) == set(answers[0])
 
 
-def test_decision_names_of_the_command_line_are_the_configurations():
-    assert DECISION_NAMES == DECISIONS
+def test_decision_choices_of_the_command_line_are_the_decision_rules():
+    for decision in DECISIONS:
+        assert build_parser().parse_args(["locate", "photo.jpg", "--decision", decision]).decision == decision
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["locate", "photo.jpg", "--decision", "nearest"])
 
 
 def test_locate_takes_a_decision_and_a_region_model_and_writes_the_region_columns(

@@ -30,6 +30,7 @@ from modeling_streetclip import (
     format_answers,
 )
 from modeling_streetclip.cli import main as streetclip
+from modeling_streetclip.decisions import rank_places
 from modeling_streetclip.testing_utils import SMALL_COUNTRIES, place_in_hub_cache, random_photo, save_random_photos
 
 
@@ -127,7 +128,7 @@ def saved_folders(small_model, tiny_clip_dir, tmp_path_factory) -> dict[str, Pat
 def answers_from_model(model: StreetCLIPForGeolocation, image_processor, photos: list[Path]) -> list[list[dict]]:
     pixels = image_processor(images=[Image.open(path).convert("RGB") for path in photos], return_tensors="pt")
     with torch.no_grad():
-        ranked = model.rank_places(model(pixel_values=pixels["pixel_values"]), top_k=TOP_K)
+        ranked = rank_places(model, model(pixel_values=pixels["pixel_values"]), top_k=TOP_K)
     columns = {name: column for name, column in ranked._asdict().items() if column is not None}
     return [
         format_answers(model.candidate_places, **{name: column[image] for name, column in columns.items()})

@@ -145,7 +145,8 @@ def measure_pipeline_share(args: argparse.Namespace) -> None:
 
     from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
     from modeling_streetclip.app.gallery_build import attach_index
-    from modeling_streetclip.gallery import GalleryInfo, GeoGallery, VoteSettings, rank_gallery_places
+    from modeling_streetclip.decisions import rank_gallery_places
+    from modeling_streetclip.gallery import GalleryInfo, GeoGallery, VoteSettings
     from modeling_streetclip.testing_utils import random_photo, save_random_vit_l
 
     rng = np.random.default_rng(1)

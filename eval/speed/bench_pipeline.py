@@ -33,7 +33,8 @@ from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTo
 
 import modeling_streetclip  # noqa: F401  (registers the "geolocation" task)
 from modeling_streetclip import CandidatePlaces, StreetCLIPForGeolocation, StreetCLIPProcessor
-from modeling_streetclip.configuration_streetclip import DECISIONS, RECOMMENDED_CANDIDATE_SETTINGS, REGION_LEVELS
+from modeling_streetclip.configuration_streetclip import RECOMMENDED_CANDIDATE_SETTINGS, REGION_LEVELS
+from modeling_streetclip.decisions import ZERO_SHOT_DECISIONS
 from modeling_streetclip.testing_utils import save_random_vit_l
 
 
@@ -193,7 +194,11 @@ def main() -> None:
         "building all 4321 city heads takes minutes and does not change memory",
     )
     parser.add_argument(
-        "--decisions", nargs="+", choices=DECISIONS, default=["greedy"], help="the rules whose pipelines are timed"
+        "--decisions",
+        nargs="+",
+        choices=ZERO_SHOT_DECISIONS,
+        default=["greedy"],
+        help="the rules whose pipelines are timed",
     )
     parser.add_argument(
         "--levels", nargs="+", choices=REGION_LEVELS, help="the hierarchy timed (default: the paper's two levels)"

@@ -1,5 +1,6 @@
 """The command-line options that `streetclip locate`, `streetclip index build` and eval/benchmark.py share, declared
-once: `--batch_size`, `--num_workers`, `--device`, `--dtype` and `--verbose` (with what it does, `verbosity`).
+once: `--batch_size`, `--num_workers`, `--device`, `--dtype`, `--decision` with `--gallery`, and `--verbose` (with
+what it does, `verbosity`).
 
 Nothing here imports torch or transformers before a command runs, so that `--help` answers at once.
 """
@@ -10,7 +11,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from . import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS
+from ..decisions import DECISIONS, check_decision, default_decision
+from . import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS, UsageError
 
 
 # Weight precisions by name; torch is imported only once a command runs.
@@ -61,6 +63,39 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=DTYPE_NAMES, default="float32", help="model weight precision (default: %(default)s)"
     )
+
+
+def add_decision_arguments(parser: argparse.ArgumentParser) -> None:
+    """--decision and --gallery, alike in every command that answers (see `decision_from`)."""
+    parser.add_argument(
+        "--decision",
+        choices=DECISIONS,
+        help="how answers are chosen and ordered: greedy (the paper's: countries by p(country), then cities by "
+        "p(city | country), score = p(city | country)), joint (by joint probability, the score), "
+        "expected_distance (by expected_distance_km, the expected distance to the true place under the joint "
+        "posterior, smallest first; score = joint probability), or with --gallery: gallery (a vote of the nearest "
+        "gallery photos; the answer is a photo's place) or hybrid (that vote restricted to the most probable "
+        "zero-shot countries and weighted by them) (default: greedy, and gallery with --gallery)",
+    )
+    parser.add_argument(
+        "--gallery",
+        metavar="FOLDER_OR_REPO",
+        help="a retrieval gallery built with --model by `streetclip index build` (a folder or a Hub dataset repo) "
+        "for --decision gallery or hybrid; answers then add gallery_row and similarity. Each process loads it",
+    )
+
+
+def decision_from(args: argparse.Namespace) -> str:
+    """The rule that --decision names, or the default one (`decisions.default_decision`); a gallery rule without
+    --gallery is a usage error, found before anything loads."""
+    decision = args.decision or default_decision(args.gallery)
+    try:
+        check_decision(decision, args.gallery)
+    except ValueError:
+        raise UsageError(
+            f"--decision {decision} votes among the photos of a gallery; give it with --gallery."
+        ) from None
+    return decision
 
 
 def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
@@ -126,8 +161,10 @@ def verbosity(verbose: bool) -> Iterator[None]:
 __all__ = [
     "DTYPE_NAMES",
     "add_batch_arguments",
+    "add_decision_arguments",
     "add_placement_arguments",
     "add_verbose_argument",
+    "decision_from",
     "int_at_least",
     "verbosity",
 ]

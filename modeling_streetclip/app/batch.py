@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..gallery import GALLERY_DECISIONS, GeoGallery, check_decision, format_gallery_answers, rank_gallery_places
-from ..gazetteer import format_answers
+from ..decisions import rank_answers
+from ..gallery import GeoGallery
 from ..images import ImageInput, ImageLoadError, load_rgb_image
-from ..modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
+from ..modeling_streetclip import StreetCLIPForGeolocation
 from ..pixels import normalized_pixels, resized_pixels
 from . import DEFAULT_BATCH_SIZE
 
@@ -80,7 +80,7 @@ def geolocate_images(
     num_workers: int = 0,
     return_embeddings: bool = False,
     accelerator: "Accelerator | None" = None,
-    decision: str = "greedy",
+    decision: str | None = None,
     gallery: GeoGallery | None = None,
 ) -> Iterator[GeolocationRecord]:
     """Yield one `GeolocationRecord` per input, in input order, as soon as its batch is done.
@@ -135,7 +135,7 @@ def _batch_records(
     batch: tuple[list[int], list[int], torch.Tensor | None, dict[int, str]],
     top_k: int,
     return_embeddings: bool,
-    decision: str,
+    decision: str | None,
     gallery: GeoGallery | None = None,
 ) -> list[GeolocationRecord]:
     """The records of one collated batch, in its order: answers for the decoded images, errors for the others."""
@@ -144,7 +144,7 @@ def _batch_records(
     if pixel_values is not None:
         pixel_values = pixel_values.to(model.device, non_blocking=True)
         outputs = model(pixel_values=normalized_pixels(image_processor, pixel_values, model.dtype))
-        answers_per_image = ranked_answers(model, outputs, top_k, decision, gallery)
+        answers_per_image = rank_answers(model, outputs, top_k, decision, gallery)
         for position, (index, answers) in enumerate(zip(indices, answers_per_image, strict=True)):
             embeds = outputs.image_embeds[position].float().cpu() if return_embeddings else None
             records[index] = GeolocationRecord(index, inputs[index], answers=answers, image_embeds=embeds)
@@ -156,45 +156,18 @@ def pooled_answers(
     model: StreetCLIPForGeolocation,
     image_embeds: torch.Tensor,
     top_k: int = 1,
-    decision: str = "greedy",
+    decision: str | None = None,
     gallery: GeoGallery | None = None,
 ) -> list[dict[str, Any]]:
     """Answers for one place seen in several views: the hierarchical decision on the mean of their normalised
     embeddings (as `return_embeddings=True` keeps them), renormalised."""
     pooled = F.normalize(image_embeds.mean(dim=0, keepdim=True), dim=-1)
     outputs = model.locate_embeddings(pooled.to(device=model.device, dtype=model.dtype))
-    return ranked_answers(model, outputs, top_k, decision, gallery)[0]
-
-
-def ranked_answers(
-    model: StreetCLIPForGeolocation,
-    outputs: GeolocationOutput,
-    top_k: int,
-    decision: str = "greedy",
-    gallery: GeoGallery | None = None,
-) -> list[list[dict[str, Any]]]:
-    """Each image's `top_k` answers in the pipeline's format, ordered by the `decision` rule (see
-    `StreetCLIPForGeolocation.rank_places`; under the default, the paper's greedy decision first, and
-    `gallery.rank_gallery_places` for the rules that search `gallery`)."""
-    check_decision(decision, gallery)
-    if decision in GALLERY_DECISIONS:
-        ranked = rank_gallery_places(model, outputs, gallery, decision, top_k)
-        return [
-            format_gallery_answers(model.candidate_places, **dict(zip(ranked._fields, image, strict=True)))
-            for image in zip(*ranked, strict=True)
-        ]
-    ranked = model.rank_places(outputs, top_k=top_k, decision=decision)
-    # Fields a rule does not fill (None) stay out, as the pipeline's postprocess leaves them.
-    columns = {name: column for name, column in ranked._asdict().items() if column is not None}
-    return [
-        format_answers(model.candidate_places, **{name: column[image] for name, column in columns.items()})
-        for image in range(len(ranked.city_rows))
-    ]
+    return rank_answers(model, outputs, top_k, decision, gallery)[0]
 
 
 __all__ = [
     "GeolocationRecord",
     "geolocate_images",
     "pooled_answers",
-    "ranked_answers",
 ]

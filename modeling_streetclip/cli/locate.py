@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..app import EXIT_OK, EXIT_SOME_FAILED, UsageError
-from ..app.arguments import add_batch_arguments, add_placement_arguments, add_verbose_argument, int_at_least
+from ..app.arguments import (
+    add_batch_arguments,
+    add_decision_arguments,
+    add_placement_arguments,
+    add_verbose_argument,
+    decision_from,
+    int_at_least,
+)
 from ..app.loading import load_gallery, load_model, model_fingerprint, quantization_config_for
 
 
@@ -44,8 +51,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 QUANTIZATION_NAMES = ("int8",)
-# The decision rules of `configuration_streetclip.DECISIONS`, named here so that `--help` need not import transformers.
-DECISION_NAMES = ("greedy", "joint", "expected_distance")
 # The split --dataset reads unless told: the only split of an image folder, and the usual one of a photo collection.
 DEFAULT_SPLIT = "train"
 # --streaming reads this many batches per process at a time on the main process, which hands them to the others:
@@ -157,24 +162,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=1,
         help="answers per input, in --decision's order (default: %(default)s)",
     )
-    from ..gallery import GALLERY_DECISIONS  # numpy only: --help stays quick
-
-    locate.add_argument(
-        "--decision",
-        choices=(*DECISION_NAMES, *GALLERY_DECISIONS),
-        help="how answers are chosen and ordered: greedy (the paper's: countries by p(country), then cities by "
-        "p(city | country), score = p(city | country)), joint (by joint probability, the score), "
-        "expected_distance (by expected_distance_km, the expected distance to the true place under the joint "
-        "posterior, smallest first; score = joint probability), or with --gallery: gallery (a vote of the nearest gallery photos; the answer is a photo's "
-        "place) or hybrid (that vote restricted to the most probable zero-shot countries and weighted by them) "
-        "(default: greedy, and gallery with --gallery)",
-    )
-    locate.add_argument(
-        "--gallery",
-        metavar="FOLDER_OR_REPO",
-        help="a retrieval gallery built with this model by `streetclip index build` (a folder or a Hub dataset repo) "
-        "for --decision gallery or hybrid; answers then add gallery_row and similarity. Each process loads it",
-    )
+    add_decision_arguments(locate)
     add_batch_arguments(locate)
     add_placement_arguments(locate)
     locate.add_argument(
@@ -627,11 +615,7 @@ def _check_invocation(args: argparse.Namespace) -> None:
         raise UsageError("--streaming, --image_column and --id_column apply to --dataset.")
     if args.overwrite and args.output is None:
         raise UsageError("--overwrite needs --output: standard output has nothing to overwrite.")
-    args.decision = args.decision or ("gallery" if args.gallery is not None else "greedy")
-    from ..gallery import GALLERY_DECISIONS
-
-    if args.decision in GALLERY_DECISIONS and args.gallery is None:
-        raise UsageError(f"--decision {args.decision} votes among the photos of a gallery; give it with --gallery.")
+    args.decision = decision_from(args)
 
 
 def locate_command(args: argparse.Namespace) -> int:

@@ -1,0 +1,80 @@
+"""The one answer formatter: one image's ranked rows of the candidate table (and, under a gallery decision, the photos
+chosen) as the pipeline's plain dicts, which every entry point returns or writes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+
+if TYPE_CHECKING:
+    import torch
+
+    from .gazetteer import CandidatePlaces
+
+
+def format_answers(
+    places: CandidatePlaces,
+    city_rows: torch.Tensor,
+    scores: torch.Tensor,
+    country_scores: torch.Tensor,
+    joint_probabilities: torch.Tensor,
+    region_scores: torch.Tensor,
+    expected_distances_km: torch.Tensor | None = None,
+    latitudes: torch.Tensor | None = None,
+    longitudes: torch.Tensor | None = None,
+    gallery_rows: torch.Tensor | None = None,
+    similarities: torch.Tensor | None = None,
+) -> list[dict[str, Any]]:
+    """One image's ranked answers (a row of each field of `decisions.RankedPlaces` or `GalleryRankedPlaces`) as plain
+    dicts, in the decision rule's order: the pipeline's output format, read from the table so that every city keeps
+    its own country, region and coordinates.
+
+    `label` (`CandidatePlaces.city_labels`) and `score`, a probability, are what image-classification clients read.
+    `region` and `region_score` are there when the table has a region level; `expected_distance_km` when the rule
+    (`"expected_distance"`) orders by it. Under a gallery rule, each answer's `latitude` and `longitude` are the chosen
+    photo's, `gallery_row` and `similarity` name it, and rows padded with `city_rows` -1 (a vote that found fewer
+    distinct places than asked for) are left out.
+    """
+    columns = {
+        "score": scores,
+        "country_score": country_scores,
+        "joint_probability": joint_probabilities,
+        "region_score": region_scores,
+        "expected_distance_km": expected_distances_km,
+        "latitude": latitudes,
+        "longitude": longitudes,
+        "gallery_row": gallery_rows,
+        "similarity": similarities,
+    }
+    values = {name: column.tolist() for name, column in columns.items() if column is not None}
+    answers = []
+    for rank, row in enumerate(city_rows.tolist()):
+        if row < 0:
+            continue
+        value = {name: column[rank] for name, column in values.items()}
+        country = places.city_countries[row]
+        answer = {
+            "label": places.city_labels[row],
+            "country": places.country_names[country],
+            "country_code": places.country_codes[country],
+        }
+        if places.has_regions:
+            answer["region"] = places.region_names[places.city_regions[row]]
+        answer |= {
+            "city": places.city_names[row],
+            "latitude": value.get("latitude", places.city_latitudes[row]),
+            "longitude": value.get("longitude", places.city_longitudes[row]),
+            "score": value["score"],
+            "country_score": value["country_score"],
+        }
+        if places.has_regions:
+            answer["region_score"] = value["region_score"]
+        answer["joint_probability"] = value["joint_probability"]
+        for name in ("expected_distance_km", "gallery_row", "similarity"):
+            if name in value:
+                answer[name] = value[name]
+        answers.append(answer)
+    return answers
+
+
+__all__ = ["format_answers"]

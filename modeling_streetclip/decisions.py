@@ -1,0 +1,367 @@
+"""Decision rules: how a model's outputs become ranked answers, chosen in one place for every entry point.
+
+`rank` chooses the rule (the default, `default_decision`, is the gallery vote with a gallery and the paper's greedy
+rule without), checks it and ranks a batch of outputs; `format_answers` (in `answers`) turns one image's ranked rows
+into the pipeline's dicts; `rank_answers` does both. The batch engine (`streetclip locate`, eval/benchmark.py) calls
+`rank_answers`; the pipeline (and the Space, through it) calls `rank` in `_forward`, batched on the model's device,
+and `format_answers` in `postprocess`, per image, as transformers splits a pipeline's work.
+
+The rules (`decision=` of the pipeline, `--decision` of the commands):
+
+- `"greedy"` (the paper's): countries by p(country), then regions by p(region | country), then cities by
+  p(city | country or region); `score` is that last p(city | ...), and the first answer is the paper's decision.
+- `"joint"`: by the joint probability p(country) * p(region | country) * p(city | ...), which is then `score`.
+- `"expected_distance"`: the Bayes decision for distance-thresholded accuracy: under the joint posterior over the
+  `config.expected_distance_candidates` most probable cities (or `top_k`, if more), renormalised, each of them by its
+  expected great-circle distance to the true place, smallest first; `score` is the joint probability.
+- `"gallery"` and `"hybrid"`, with a retrieval gallery: a kernel vote of the nearest gallery photos on the sphere,
+  restricted and weighted by the zero-shot country posterior for `"hybrid"` (see `gallery` for the rule); `score` is
+  the answer's share of the vote.
+
+`score` is thus a probability in [0, 1] under every rule, as image-classification clients read it. This module
+imports torch only when it ranks, so that the `streetclip` command can list the rules in `--help` at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from .answers import format_answers
+from .gallery import hybrid_scale, kernel_vote, nearest_city_rows
+from .geodesy import great_circle_km
+
+
+if TYPE_CHECKING:
+    import torch
+
+    from .gallery import GeoGallery
+    from .modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
+
+
+# The rules that rank the candidate table by the heads' probabilities, and those that vote among a gallery's photos.
+ZERO_SHOT_DECISIONS = ("greedy", "joint", "expected_distance")
+GALLERY_DECISIONS = ("gallery", "hybrid")
+DECISIONS = ZERO_SHOT_DECISIONS + GALLERY_DECISIONS
+
+
+class RankedPlaces(NamedTuple):
+    """Top-k candidate cities per image under a zero-shot rule (`rank_places`), each of shape `(batch_size, k)`,
+    ordered by the rule (see the module docstring)."""
+
+    city_rows: torch.LongTensor  # rows of `model.candidate_places`
+    scores: torch.Tensor  # a probability (see the module docstring)
+    country_scores: torch.Tensor  # p(country) of each answer's country
+    joint_probabilities: torch.Tensor  # p(country) * p(region | country) * p(city | ...)
+    region_scores: torch.Tensor  # p(region | country) of each answer's region; 1 without a region level
+    expected_distances_km: torch.Tensor | None = None  # what `"expected_distance"` orders by; None under the others
+
+
+class GalleryRankedPlaces(NamedTuple):
+    """Answers per image under a gallery rule (`rank_gallery_places`), each field of shape
+    `(batch_size, min(top_k, num_neighbors))`, best first; an image whose neighbours hold fewer distinct places is
+    padded with `city_rows` -1.
+
+    The first five fields are those of `RankedPlaces`, for the candidate city nearest each chosen photo (`scores` is
+    the share of the vote, see `gallery`); the others say where the photo is and which it is.
+    """
+
+    city_rows: torch.LongTensor
+    scores: torch.Tensor
+    country_scores: torch.Tensor
+    joint_probabilities: torch.Tensor
+    region_scores: torch.Tensor
+    latitudes: torch.Tensor
+    longitudes: torch.Tensor
+    gallery_rows: torch.LongTensor
+    similarities: torch.Tensor
+
+
+def default_decision(gallery: GeoGallery | str | None) -> str:
+    """The rule used when none is named: the gallery vote with a gallery (or a gallery's name, as a command takes
+    it), the paper's greedy rule without."""
+    return "gallery" if gallery is not None else "greedy"
+
+
+def validate_decision(decision: str) -> str:
+    """`decision` when it names a rule of `DECISIONS`; otherwise a `ValueError` listing them."""
+    if decision not in DECISIONS:
+        raise ValueError(f"Unknown decision rule {decision!r}; choose one of {', '.join(DECISIONS)}.")
+    return decision
+
+
+def check_decision(decision: str, gallery: GeoGallery | str | None) -> None:
+    """Refuse an unknown rule, and a gallery rule without a gallery, saying how to give one."""
+    validate_decision(decision)
+    if decision in GALLERY_DECISIONS and gallery is None:
+        raise ValueError(
+            f"decision={decision!r} votes among the nearest photos of a gallery; give one: "
+            "pipeline(..., gallery=FOLDER_OR_REPO) or --gallery FOLDER_OR_REPO (build it with `streetclip index build`)."
+        )
+
+
+def rank(
+    model: StreetCLIPForGeolocation,
+    outputs: GeolocationOutput,
+    top_k: int = 1,
+    decision: str | None = None,
+    gallery: GeoGallery | None = None,
+    country_rows: Sequence[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Each image's `top_k` answers under `decision` (default: `default_decision(gallery)`), as batched columns named
+    as `format_answers`' parameters, each of shape `(batch_size, k)`; columns a rule does not fill are left out.
+
+    `country_rows` (what the pipeline's `candidate_countries` resolves to) restricts a zero-shot rule to those
+    countries (see `rank_places`); the gallery rules refuse it, since the photos vote wherever they are.
+    """
+    decision = default_decision(gallery) if decision is None else decision
+    if decision in GALLERY_DECISIONS and country_rows is not None:
+        raise ValueError(
+            f"candidate_countries does not apply to decision={decision!r}: the gallery's photos vote wherever they "
+            "are. Use decision='greedy', 'joint' or 'expected_distance' with candidate_countries, or a gallery of "
+            "those countries' photos."
+        )
+    check_decision(decision, gallery)
+    if decision in GALLERY_DECISIONS:
+        ranked = rank_gallery_places(model, outputs, gallery, decision, top_k)
+    else:
+        ranked = rank_places(model, outputs, top_k=top_k, decision=decision, country_rows=country_rows)
+    return {name: column for name, column in ranked._asdict().items() if column is not None}
+
+
+def rank_answers(
+    model: StreetCLIPForGeolocation,
+    outputs: GeolocationOutput,
+    top_k: int = 1,
+    decision: str | None = None,
+    gallery: GeoGallery | None = None,
+    country_rows: Sequence[int] | None = None,
+) -> list[list[dict[str, Any]]]:
+    """Each image's `top_k` answers in the pipeline's format, best first under `decision` (see `rank`)."""
+    columns = rank(model, outputs, top_k, decision, gallery, country_rows)
+    return [
+        format_answers(model.candidate_places, **{name: column[image] for name, column in columns.items()})
+        for image in range(len(columns["city_rows"]))
+    ]
+
+
+def rank_places(
+    model: StreetCLIPForGeolocation,
+    outputs: GeolocationOutput,
+    top_k: int = 1,
+    decision: str = "greedy",
+    country_rows: Sequence[int] | None = None,
+) -> RankedPlaces:
+    """Top-k candidate cities per image under a zero-shot rule (`"greedy"`, `"joint"` or `"expected_distance"`, see
+    the module docstring); under the default, the first answer is the paper's decision (`outputs.predicted_city`).
+
+    `country_rows` (rows of `model.candidate_places.country_names`) restricts the answers to those countries, with
+    p(country) renormalised over them: the answers of a model restricted with `restrict_countries`, without changing
+    this one.
+
+    Returns:
+        [`RankedPlaces`], each field of shape `(batch_size, k)` with `k = min(top_k, cities of the countries)`.
+    """
+    import torch
+
+    if validate_decision(decision) not in ZERO_SHOT_DECISIONS:
+        raise ValueError(f"rank_places decides {', '.join(ZERO_SHOT_DECISIONS)}, not {decision!r}; see rank.")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
+    country_rows = _checked_country_rows(model, country_rows)
+    places = model.candidate_places
+    with torch.no_grad():
+        levels = model.log_probabilities(
+            outputs.country_logits, outputs.region_logits, outputs.city_logits, country_rows
+        )
+        num_cities = places.num_cities
+        if country_rows is not None:
+            num_cities = sum(len(places.cities_by_country[row]) for row in country_rows)
+        top_k = min(top_k, num_cities)
+        expected = None
+        if decision == "greedy":
+            order = _greedy_order(model, outputs, levels["country"])[:, :top_k]
+        else:
+            # Stable: ties go to the row listed first.
+            order = levels["joint"].argsort(dim=-1, descending=True, stable=True)
+            if decision == "expected_distance":
+                pool = order[:, : min(max(top_k, model.config.expected_distance_candidates), num_cities)]
+                reorder, expected = _by_expected_distance(model, pool, levels["joint"].gather(1, pool))
+                order, expected = pool.gather(1, reorder)[:, :top_k], expected[:, :top_k]
+            order = order[:, :top_k]
+        ranked = {name: values.gather(1, order).exp() for name, values in levels.items()}
+    return RankedPlaces(
+        city_rows=order,
+        scores=ranked["city"] if decision == "greedy" else ranked["joint"],
+        country_scores=ranked["country"],
+        joint_probabilities=ranked["joint"],
+        region_scores=ranked["region"],
+        expected_distances_km=expected,
+    )
+
+
+def place_probabilities(
+    model: StreetCLIPForGeolocation,
+    outputs: GeolocationOutput,
+    city_rows: torch.LongTensor,
+    country_rows: Sequence[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The zero-shot probabilities of given candidate cities, as `rank_places` gives them for its answers:
+    `country_scores` (p(country), renormalised over `country_rows` when given), `region_scores`
+    (p(region | country), 1 without a region level) and `joint_probabilities`, each of the shape of `city_rows`
+    (one row of cities per image; -1 entries, padding, get meaningless numbers). For rules that choose cities
+    otherwise, such as a gallery's vote.
+    """
+    import torch
+
+    with torch.no_grad():
+        levels = model.log_probabilities(
+            outputs.country_logits,
+            outputs.region_logits,
+            outputs.city_logits,
+            _checked_country_rows(model, country_rows),
+        )
+        rows = city_rows.clamp(min=0)
+        return {
+            f"{name}_scores" if name != "joint" else "joint_probabilities": levels[name].gather(1, rows).exp()
+            for name in ("country", "region", "joint")
+        }
+
+
+def rank_gallery_places(
+    model: StreetCLIPForGeolocation, outputs: GeolocationOutput, gallery: GeoGallery, decision: str, top_k: int = 1
+) -> GalleryRankedPlaces:
+    """Each image's `top_k` answers under `decision` (`"gallery"` or `"hybrid"`, see `gallery`), from the model's
+    outputs: the normalised `image_embeds` search the gallery, `country_logits` give p(country).
+
+    An answer's place is the candidate city nearest the chosen photo, with that city's zero-shot probabilities
+    (`place_probabilities`), so that every answer has the pipeline's fields.
+    """
+    import torch
+
+    if decision not in GALLERY_DECISIONS:
+        raise ValueError(f"rank_gallery_places decides {', '.join(GALLERY_DECISIONS)}, not {decision!r}.")
+    places = model.candidate_places
+    settings = gallery.settings
+    # The vote's answers are distinct neighbours, so no more than num_neighbors can come back.
+    top_k = min(top_k, settings.num_neighbors, len(gallery))
+    similarities, rows = gallery.search(outputs.image_embeds.float().cpu().numpy(), settings.num_neighbors)
+    country_probabilities = outputs.country_logits.float().softmax(dim=-1).cpu().numpy()
+    city_countries = np.asarray(places.city_countries)
+    columns = {name: np.zeros((len(rows), top_k)) for name in ("scores", "latitudes", "longitudes", "similarities")}
+    city_rows = np.full((len(rows), top_k), -1)
+    gallery_rows = np.full((len(rows), top_k), -1)
+    for image, (image_similarities, image_rows) in enumerate(zip(similarities, rows, strict=True)):
+        found = image_rows >= 0
+        image_similarities, image_rows = image_similarities[found], image_rows[found]
+        latitudes, longitudes = gallery.latitudes[image_rows], gallery.longitudes[image_rows]
+        neighbor_cities = nearest_city_rows(places, latitudes, longitudes)
+        scale = None
+        if decision == "hybrid":
+            scale = hybrid_scale(
+                city_countries[neighbor_cities], country_probabilities[image], settings.hybrid_countries
+            )
+        for position_rank, (position, score) in enumerate(
+            kernel_vote(image_similarities, latitudes, longitudes, settings, top_k=top_k, scale=scale)
+        ):
+            city_rows[image, position_rank] = neighbor_cities[position]
+            gallery_rows[image, position_rank] = image_rows[position]
+            columns["scores"][image, position_rank] = score
+            columns["latitudes"][image, position_rank] = latitudes[position]
+            columns["longitudes"][image, position_rank] = longitudes[position]
+            columns["similarities"][image, position_rank] = image_similarities[position]
+    device = outputs.country_logits.device
+    city_rows = torch.as_tensor(city_rows, device=device)
+    probabilities = place_probabilities(model, outputs, city_rows)
+    return GalleryRankedPlaces(
+        city_rows=city_rows,
+        country_scores=probabilities["country_scores"],
+        joint_probabilities=probabilities["joint_probabilities"],
+        region_scores=probabilities["region_scores"],
+        gallery_rows=torch.as_tensor(gallery_rows, device=device),
+        **{name: torch.as_tensor(values, dtype=torch.float64, device=device) for name, values in columns.items()},
+    )
+
+
+def expected_distances_km(probabilities: np.ndarray, latitudes: np.ndarray, longitudes: np.ndarray) -> np.ndarray:
+    """For each of n candidate places, the expected great-circle distance in km from it to the true place, when the
+    true place is candidate j with probability `probabilities[j]`: the risk that the `"expected_distance"` decision
+    minimises."""
+    distances = great_circle_km(latitudes[:, None], longitudes[:, None], latitudes[None, :], longitudes[None, :])
+    return distances @ probabilities
+
+
+def _checked_country_rows(model: StreetCLIPForGeolocation, country_rows: Sequence[int] | None) -> list[int] | None:
+    """`country_rows` as a list, refusing an empty one and rows that are not candidate countries."""
+    if country_rows is None:
+        return None
+    country_rows = list(country_rows)
+    num_countries = model.candidate_places.num_countries
+    if not country_rows:
+        raise ValueError("country_rows is empty; give at least one row of model.candidate_places.country_names.")
+    for row in country_rows:
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < num_countries:
+            raise ValueError(
+                f"country_rows holds {row!r}, which is not a row of the {num_countries} candidate countries "
+                "(integers from 0); find a country's row with `model.candidate_places.country_index(name)`."
+            )
+    return country_rows
+
+
+def _greedy_order(
+    model: StreetCLIPForGeolocation, outputs: GeolocationOutput, country_log_probs: torch.Tensor
+) -> torch.LongTensor:
+    """Every city row of each image in the greedy order, as the model's `forward` decides: by country logit (cities
+    of countries left out, whose `country_log_probs` are -inf, last), then region logit (ties to the region listed
+    first), then city logit (ties to the city listed first)."""
+    import torch
+
+    country_logits = outputs.country_logits.float()[:, model.city_countries]
+    keys = [-outputs.city_logits.float()]  # least significant first: each stable sort keeps the order before it
+    if model.uses_regions:
+        keys += [model.city_regions.expand_as(keys[0]), -outputs.region_logits.float()[:, model.city_regions]]
+    keys += [model.city_countries.expand_as(keys[0]), -country_logits, country_log_probs.isinf()]
+    order = torch.arange(keys[0].shape[1], device=keys[0].device).expand_as(keys[0])
+    for key in keys:
+        order = order.gather(1, key.gather(1, order).argsort(dim=-1, stable=True))
+    return order
+
+
+def _by_expected_distance(
+    model: StreetCLIPForGeolocation, rows: torch.LongTensor, joint_log_probs: torch.Tensor
+) -> tuple[torch.LongTensor, torch.Tensor]:
+    """The order of each image's candidate `rows` by their expected great-circle distance in km (smallest first)
+    under the joint posterior over them, renormalised, and those distances in that order."""
+    import torch
+
+    posterior = joint_log_probs.softmax(dim=-1).double().cpu().numpy()
+    coordinates = model.city_coordinates[rows.cpu()].numpy()
+    expected = np.stack(
+        [
+            expected_distances_km(probabilities, points[:, 0], points[:, 1])
+            for probabilities, points in zip(posterior, coordinates, strict=True)
+        ]
+    )
+    expected = torch.from_numpy(expected).to(rows.device)
+    order = expected.argsort(dim=-1, stable=True)
+    return order, expected.gather(1, order)
+
+
+__all__ = [
+    "DECISIONS",
+    "GALLERY_DECISIONS",
+    "GalleryRankedPlaces",
+    "RankedPlaces",
+    "ZERO_SHOT_DECISIONS",
+    "check_decision",
+    "default_decision",
+    "expected_distances_km",
+    "place_probabilities",
+    "rank",
+    "rank_answers",
+    "rank_gallery_places",
+    "rank_places",
+    "validate_decision",
+]
