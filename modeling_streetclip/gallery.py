@@ -56,13 +56,13 @@ import numpy.typing as npt
 from .geodesy import coordinate_problem, great_circle_km, unit_vectors, valid_coordinates
 
 
-# torch, datasets, faiss and the gazetteer (which brings transformers) are imported where they are used, so that the
+# torch, datasets and faiss are imported where they are used, so that the
 # `streetclip` command can show this module's defaults in --help at once.
 if TYPE_CHECKING:
     import datasets
     import torch
 
-    from .gazetteer import CandidatePlaces
+    from .candidates import CandidatePlaces
 
 
 # Files and columns of a gallery folder (see the module docstring).

@@ -17,6 +17,7 @@ from transformers import initialization as init
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
 
+from .candidates import CandidatePlaces
 from .configuration_streetclip import (
     CANDIDATE_SETTINGS,
     GEOLOCATION_SETTINGS,
@@ -26,7 +27,7 @@ from .configuration_streetclip import (
     REGION_LEVELS,
     StreetCLIPConfig,
 )
-from .gazetteer import CandidatePlaces, resolve_country_names
+from .countries import resolve_country_names
 from .processing_streetclip import CandidatePrompts, StreetCLIPProcessor
 
 

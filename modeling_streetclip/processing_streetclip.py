@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from transformers import ProcessorMixin
 from transformers.utils import cached_file
 
+from .candidates import CandidatePlaces
 from .captions import city_prompts, country_prompts, region_prompts
 from .configuration_streetclip import HUB_KWARGS, StreetCLIPConfig, template_list, validate_prompt_templates
-from .gazetteer import CandidatePlaces
 
 
 # Files that hold an image processor or a tokenizer; a folder with none of them has only a model.

@@ -25,6 +25,7 @@ import modeling_streetclip
 from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.app import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, gallery_build
 from modeling_streetclip.app.gallery_build import SHARDS_FOLDER, build_gallery
+from modeling_streetclip.candidates import CandidatePlaces
 from modeling_streetclip.cli import main
 from modeling_streetclip.decisions import place_probabilities, rank_gallery_places, rank_places
 from modeling_streetclip.gallery import (
@@ -46,7 +47,6 @@ from modeling_streetclip.gallery import (
     recommended_index,
     trained_index,
 )
-from modeling_streetclip.gazetteer import CandidatePlaces
 from modeling_streetclip.geodesy import EARTH_RADIUS_KM, great_circle_km
 from modeling_streetclip.testing_utils import (
     PLACES,

@@ -29,7 +29,9 @@ CODE_FILES = {
     "modeling_streetclip.py",
     "processing_streetclip.py",
     "pipeline_geolocation.py",
-    "gazetteer.py",
+    "candidates.py",
+    "countries.py",
+    "geonames.py",
     "captions.py",
     "images.py",
 }

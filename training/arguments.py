@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from modeling_streetclip.app import DEFAULT_NUM_WORKERS
 from modeling_streetclip.captions import CaptionMix
-from modeling_streetclip.gazetteer import read_country_list
+from modeling_streetclip.countries import read_country_list
 
 
 def _check_at_least(arguments, names: tuple[str, ...], minimum: float) -> None:

@@ -27,8 +27,9 @@ from PIL import Image
 
 from modeling_streetclip.app.sources import open_dataset
 from modeling_streetclip.captions import CaptionMix
-from modeling_streetclip.gazetteer import geonames_country_names, resolve_country_code
+from modeling_streetclip.countries import resolve_country_code
 from modeling_streetclip.geodesy import coordinate_problem, valid_coordinates
+from modeling_streetclip.geonames import geonames_country_names
 from modeling_streetclip.images import ImageLoadError, load_rgb_image
 from modeling_streetclip.pixels import normalized_pixels, resized_pixels
 

@@ -18,8 +18,8 @@ from functools import cache
 
 import numpy as np
 
-from modeling_streetclip.gazetteer import geonames_country_names
 from modeling_streetclip.geodesy import valid_coordinates
+from modeling_streetclip.geonames import geonames_country_names
 
 
 @dataclass(frozen=True)

@@ -326,12 +326,12 @@ def _group_pattern(regex: str) -> re.Pattern:
 
 
 def read_countries(path: Path) -> list[str]:
-    """The countries of a --countries file (see `gazetteer.read_country_list`), checked before any model loads.
+    """The countries of a --countries file (see `countries.read_country_list`), checked before any model loads.
 
     Only a regular file of at most MAX_COUNTRIES_FILE_BYTES is read: a device such as /dev/zero, or a pipe, could
     hold any amount of text.
     """
-    from ..gazetteer import read_country_list
+    from ..countries import read_country_list
 
     try:
         status = os.stat(path)

