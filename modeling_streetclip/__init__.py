@@ -18,14 +18,14 @@ _EXPORTS = {
     "CandidatePrompts": "processing_streetclip",
     "GeolocationOutput": "modeling_streetclip",
     "GeolocationPipeline": "pipeline_geolocation",
-    "GeoGallery": "gallery",
+    "GeoGallery": "gallery_store",
     "ImageLoadError": "images",
     "RECOMMENDED_CANDIDATE_SETTINGS": "configuration_streetclip",
     "RankedPlaces": "decisions",
     "StreetCLIPConfig": "configuration_streetclip",
     "StreetCLIPForGeolocation": "modeling_streetclip",
     "StreetCLIPProcessor": "processing_streetclip",
-    "VoteSettings": "gallery",
+    "VoteSettings": "gallery_vote",
     "format_answers": "answers",
     "load_rgb_image": "images",
     "paper_countries": "countries",
@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from .configuration_streetclip import RECOMMENDED_CANDIDATE_SETTINGS, StreetCLIPConfig
     from .countries import paper_countries, read_country_list, resolve_country_name
     from .decisions import RankedPlaces
-    from .gallery import GeoGallery, VoteSettings
+    from .gallery_store import GeoGallery
+    from .gallery_vote import VoteSettings
     from .images import ImageLoadError, load_rgb_image
     from .modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
     from .pipeline_geolocation import GeolocationPipeline

@@ -15,7 +15,7 @@ The rules (`decision=` of the pipeline, `--decision` of the commands):
   `config.expected_distance_candidates` most probable cities (or `top_k`, if more), renormalised, each of them by its
   expected great-circle distance to the true place, smallest first; `score` is the joint probability.
 - `"gallery"` and `"hybrid"`, with a retrieval gallery: a kernel vote of the nearest gallery photos on the sphere,
-  restricted and weighted by the zero-shot country posterior for `"hybrid"` (see `gallery` for the rule); `score` is
+  restricted and weighted by the zero-shot country posterior for `"hybrid"` (see `gallery_vote` for the rule); `score` is
   the answer's share of the vote.
 
 `score` is thus a probability in [0, 1] under every rule, as image-classification clients read it. This module
@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from .answers import format_answers
-from .gallery import hybrid_scale, kernel_vote, nearest_city_rows
+from .gallery_vote import hybrid_scale, kernel_vote, nearest_city_rows
 from .geodesy import great_circle_km
 
 
 if TYPE_CHECKING:
     import torch
 
-    from .gallery import GeoGallery
+    from .gallery_store import GeoGallery
     from .modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
 
 
@@ -65,7 +65,7 @@ class GalleryRankedPlaces(NamedTuple):
     padded with `city_rows` -1.
 
     The first five fields are those of `RankedPlaces`, for the candidate city nearest each chosen photo (`scores` is
-    the share of the vote, see `gallery`); the others say where the photo is and which it is.
+    the share of the vote, see `gallery_vote`); the others say where the photo is and which it is.
     """
 
     city_rows: torch.LongTensor
@@ -233,7 +233,7 @@ def place_probabilities(
 def rank_gallery_places(
     model: StreetCLIPForGeolocation, outputs: GeolocationOutput, gallery: GeoGallery, decision: str, top_k: int = 1
 ) -> GalleryRankedPlaces:
-    """Each image's `top_k` answers under `decision` (`"gallery"` or `"hybrid"`, see `gallery`), from the model's
+    """Each image's `top_k` answers under `decision` (`"gallery"` or `"hybrid"`, see `gallery_vote`), from the model's
     outputs: the normalised `image_embeds` search the gallery, `country_logits` give p(country).
 
     An answer's place is the candidate city nearest the chosen photo, with that city's zero-shot probabilities

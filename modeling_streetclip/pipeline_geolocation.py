@@ -13,7 +13,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 from .answers import format_answers
 from .decisions import rank, validate_decision
-from .gallery import GeoGallery
+from .gallery_store import GeoGallery
 from .images import ImageLoadError, load_rgb_image
 from .pixels import normalized_pixels, resized_pixels
 from .processing_streetclip import StreetCLIPProcessor
@@ -90,7 +90,7 @@ class GeolocationPipeline(Pipeline):
                   joint probability.
                 - `"gallery"` and `"hybrid"` (with `gallery`): the nearest gallery photos vote (a kernel vote on the
                   sphere; `"hybrid"` restricts and weights it by the zero-shot country posterior, see
-                  `modeling_streetclip.gallery`); `score` is the answer's share of the vote. The answer is a photo's
+                  `modeling_streetclip.gallery_vote`); `score` is the answer's share of the vote. The answer is a photo's
                   place, so it can be closer than any candidate city; `label`, `city` and `country` are those of the
                   candidate city nearest it, and `gallery_row` and `similarity` name the photo.
             candidate_countries (`list[str]`, *optional*):

@@ -28,7 +28,8 @@ from modeling_streetclip.app.gallery_build import SHARDS_FOLDER, build_gallery
 from modeling_streetclip.candidates import CandidatePlaces
 from modeling_streetclip.cli import main
 from modeling_streetclip.decisions import place_probabilities, rank_gallery_places, rank_places
-from modeling_streetclip.gallery import (
+from modeling_streetclip.gallery_index import check_factory, index_for_memory, recommended_index, trained_index
+from modeling_streetclip.gallery_store import (
     BAD_ROWS_FILE,
     FINGERPRINT_MIN_COSINE,
     GALLERY_FILE,
@@ -36,17 +37,10 @@ from modeling_streetclip.gallery import (
     GalleryFileError,
     GalleryModelError,
     GeoGallery,
-    VoteSettings,
-    check_factory,
-    hybrid_scale,
     image_embeddings,
-    index_for_memory,
-    kernel_vote,
     model_fingerprint,
-    nearest_city_rows,
-    recommended_index,
-    trained_index,
 )
+from modeling_streetclip.gallery_vote import VoteSettings, hybrid_scale, kernel_vote, nearest_city_rows
 from modeling_streetclip.geodesy import EARTH_RADIUS_KM, great_circle_km
 from modeling_streetclip.testing_utils import (
     PLACES,
@@ -401,7 +395,7 @@ def test_a_gallery_from_another_model_is_refused_and_the_same_model_in_bfloat16_
         pipeline("geolocation", model=str(other_dir), gallery=str(built.gallery.folder))
     bfloat16 = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True, dtype=torch.bfloat16)
     processor = StreetCLIPProcessor.from_pretrained(small_streetclip_dir)
-    agreement = modeling_streetclip.gallery.fingerprint_agreement(
+    agreement = modeling_streetclip.gallery_store.fingerprint_agreement(
         built.gallery.info.model_fingerprint, model_fingerprint(bfloat16, processor.image_processor)
     )
     assert agreement >= FINGERPRINT_MIN_COSINE
@@ -521,9 +515,9 @@ def test_a_fingerprint_that_is_no_model_s_embeddings_is_refused_and_never_agrees
         GeoGallery.load(folder)
     model, processor = model_and_processor
     actual = model_fingerprint(model, processor.image_processor)
-    assert modeling_streetclip.gallery.fingerprint_agreement(recorded, actual) == -1.0
+    assert modeling_streetclip.gallery_store.fingerprint_agreement(recorded, actual) == -1.0
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
-        modeling_streetclip.gallery.write_json_atomically(tmp_path / "nan.json", {"x": float("nan")})
+        modeling_streetclip.gallery_store.write_json_atomically(tmp_path / "nan.json", {"x": float("nan")})
 
 
 def test_an_embedding_dim_that_disagrees_with_the_gallery_is_refused_on_load_and_in_search(built, tmp_path):
@@ -728,7 +722,10 @@ def test_a_saved_pipeline_folder_searches_galleries_for_users_without_the_packag
     repo = tmp_path / "repo"
     geolocate.save_pretrained(repo)
     # The search and the decisions travel with the folder; building galleries needs the package.
-    assert (repo / "gallery.py").is_file() and not (repo / "gallery_build.py").exists()
+    assert {"gallery_store.py", "gallery_vote.py", "gallery_index.py", "decisions.py"} <= {
+        path.name for path in repo.iterdir()
+    }
+    assert not (repo / "gallery_build.py").exists()
     image = str(photos / "Kenya-0-1.png")
     remote = run_as_hub_user(
         HUB_USER_SCRIPT, ["org/model", str(built.gallery.folder), image], {"org/model": repo}, tmp_path

@@ -34,7 +34,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from modeling_streetclip.gallery import recommended_index, trained_index
+from modeling_streetclip.gallery_index import recommended_index, trained_index
 
 
 CLUSTERS = 10_000
@@ -146,7 +146,8 @@ def measure_pipeline_share(args: argparse.Namespace) -> None:
     from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
     from modeling_streetclip.app.gallery_build import attach_index
     from modeling_streetclip.decisions import rank_gallery_places
-    from modeling_streetclip.gallery import GalleryInfo, GeoGallery, VoteSettings
+    from modeling_streetclip.gallery_store import GalleryInfo, GeoGallery
+    from modeling_streetclip.gallery_vote import VoteSettings
     from modeling_streetclip.testing_utils import random_photo, save_random_vit_l
 
     rng = np.random.default_rng(1)

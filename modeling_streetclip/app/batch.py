@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..decisions import rank_answers
-from ..gallery import GeoGallery
+from ..gallery_store import GeoGallery
 from ..images import ImageInput, ImageLoadError, load_rgb_image
 from ..modeling_streetclip import StreetCLIPForGeolocation
 from ..pixels import normalized_pixels, resized_pixels
@@ -88,7 +88,8 @@ def geolocate_images(
     Answers have the pipeline's format (see `GeolocationPipeline`), ordered by the `decision` rule. `num_workers=0`
     decodes in this process, as a library call should unless asked; commands pass `DEFAULT_NUM_WORKERS`.
     `return_embeddings` keeps each image's normalised embedding, for callers that pool views of one place. The
-    decisions `"gallery"` and `"hybrid"` search `gallery` (see `modeling_streetclip.gallery`).
+    decisions `"gallery"` and `"hybrid"` search `gallery` (see `modeling_streetclip.gallery_vote`); without a
+    `decision`, the default rule is `decisions.default_decision(gallery)`.
 
     With an `accelerator` of several processes, every process must call this with the same `inputs`: each runs the
     model on its share of the batches only (`Accelerator.prepare_data_loader`: batch i goes to process i mod N, the

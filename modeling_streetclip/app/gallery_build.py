@@ -29,11 +29,18 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..gallery import (
+from ..gallery_index import (
     AUTO_INDEX,
+    DEFAULT_INDEX,
+    check_factory,
+    check_nprobe,
+    import_faiss,
+    recommended_index,
+    trained_index,
+)
+from ..gallery_store import (
     BAD_ROWS_FILE,
     DATASET_FOLDER,
-    DEFAULT_INDEX,
     EMBEDDING_COLUMN,
     FINGERPRINT_MIN_COSINE,
     GALLERY_FILE,
@@ -41,18 +48,13 @@ from ..gallery import (
     GalleryInfo,
     GalleryModelError,
     GeoGallery,
-    VoteSettings,
-    check_factory,
-    check_nprobe,
     fingerprint_agreement,
     image_embeddings,
     import_datasets,
-    import_faiss,
     model_fingerprint,
-    recommended_index,
-    trained_index,
     write_json_atomically,
 )
+from ..gallery_vote import VoteSettings
 from ..geodesy import coordinate_problem
 from ..images import ImageLoadError, load_rgb_image
 from ..pixels import normalized_pixels, resized_pixels
@@ -122,7 +124,7 @@ def build_gallery(
     overwrite: bool = False,
     progress: bool = True,
 ) -> GalleryBuild:
-    """Embed every photo of `data` with `model` and write a gallery to `output_dir` (see `gallery` for its layout),
+    """Embed every photo of `data` with `model` and write a gallery to `output_dir` (see `gallery_store` for its layout),
     resuming an unfinished build there.
 
     Args:
@@ -697,7 +699,7 @@ def attach_index(
     rows: datasets.Dataset, dim: int, index: str, nprobe: int | None = None, train_size: int | None = None
 ) -> tuple[str, int | None]:
     """Build the FAISS index `index` (a factory string, or `"auto"`) over `rows[EMBEDDING_COLUMN]` with `datasets`'
-    `add_faiss_index`, trained first where it needs training (see `gallery.trained_index`); returns the factory
+    `add_faiss_index`, trained first where it needs training (see `gallery_index.trained_index`); returns the factory
     string used and the lists it probes (None without inverted lists). A training failure keeps the embeddings: a
     rerun with another index finishes the build."""
     factory = recommended_index(len(rows), dim).factory if index == AUTO_INDEX else index

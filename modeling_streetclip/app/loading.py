@@ -18,7 +18,7 @@ from . import UsageError
 if TYPE_CHECKING:
     import torch
 
-    from ..gallery import GeoGallery
+    from ..gallery_store import GeoGallery
     from ..modeling_streetclip import StreetCLIPForGeolocation
 
 
@@ -160,7 +160,7 @@ def _image_processor_file(name: str) -> str:
 def load_gallery(name: str, model, image_processor, model_name: str) -> GeoGallery:
     """The gallery that `--gallery` names (a folder or a Hub dataset repo), checked against the loaded model; every
     problem is a usage error that names it."""
-    from ..gallery import GalleryModelError, GeoGallery
+    from ..gallery_store import GalleryModelError, GeoGallery
 
     try:
         gallery = GeoGallery.load(name)

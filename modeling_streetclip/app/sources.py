@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from transformers.utils import logging
 
-from ..gallery import names_a_missing_folder
+from ..gallery_store import names_a_missing_folder
 
 
 if TYPE_CHECKING:

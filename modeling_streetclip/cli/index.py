@@ -2,7 +2,7 @@
 
 This module parses arguments and maps outcomes to exit codes; building (decoding in DataLoader workers, shards,
 resume, the FAISS index) lives in `modeling_streetclip.app.gallery_build`, the gallery itself in
-`modeling_streetclip.gallery`. Like every subcommand, it imports torch, datasets and faiss only once it runs.
+`modeling_streetclip.gallery_store`. Like every subcommand, it imports torch, datasets and faiss only once it runs.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def _positive_float(text: str) -> float:
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Add the `index` subcommand (with its own subcommand, `build`) to the `streetclip` parser."""
-    # The gallery module imports numpy alone at first, so --help shows its defaults without waiting for torch.
-    from ..gallery import DEFAULT_INDEX, VoteSettings
+    # The gallery modules import numpy alone at first, so --help shows their defaults without waiting for torch.
+    from ..gallery_index import DEFAULT_INDEX
+    from ..gallery_vote import VoteSettings
 
     defaults = VoteSettings()
     index = commands.add_parser(
@@ -163,7 +164,8 @@ def build_command(args: argparse.Namespace) -> int:
     from ..app.distributed import make_accelerator
     from ..app.gallery_build import build_gallery
     from ..app.loading import load_model
-    from ..gallery import GalleryModelError, VoteSettings
+    from ..gallery_store import GalleryModelError
+    from ..gallery_vote import VoteSettings
 
     accelerator = make_accelerator(args.device)
     if accelerator.num_processes > 1:

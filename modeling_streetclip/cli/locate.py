@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from ..app.batch import GeolocationRecord
     from ..app.records import ParquetRecordWriter, RecordWriter
-    from ..gallery import GeoGallery
+    from ..gallery_store import GeoGallery
     from ..modeling_streetclip import StreetCLIPForGeolocation
 
 

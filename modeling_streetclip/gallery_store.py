@@ -1,0 +1,442 @@
+"""Geolocation by retrieval: a gallery of geo-tagged photo embeddings searched with FAISS, loaded and checked
+against the model that searches it.
+
+Zero-shot StreetCLIP can never come closer than its nearest candidate city. A gallery can: the answer is the place of
+a photo like the query. A gallery is a folder (or a Hub dataset repo holding one):
+
+- `dataset/`: a `datasets.Dataset` written by `save_to_disk`, one row per photo: `embedding` (the L2-normalised image
+  embedding of the model's vision tower, float32), `latitude`, `longitude`, `source_row` (its row in the data it was
+  built from), `image_path` (where the source stored the file, if it did) and every other column of the source
+  (labels such as `city` or `country`, kept as they were);
+- `index.faiss`: the FAISS index over `embedding`, attached and saved with `datasets`' own `add_faiss_index` and
+  `save_faiss_index`, searched by inner product (cosine, since the embeddings are normalised);
+- `gallery.json`: the model it was built with (its name, and its embeddings of a few fixed probe images, which any
+  user of the gallery must reproduce: see `check_model`), the index factory string, the counts, and the default
+  vote settings;
+- `bad_rows.jsonl`: the source rows that were skipped, each with the reason.
+
+Building (`streetclip index build`, `modeling_streetclip.app.gallery_build.build_gallery`) belongs to the
+application, which a folder saved for `trust_remote_code` does not carry; this module loads and searches, the
+index lives in `gallery_index`, and the vote that turns the nearest photos into answers in `gallery_vote`.
+
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .gallery_index import check_nprobe, import_faiss, inverted_lists, set_nprobe
+from .gallery_vote import VoteSettings
+from .geodesy import coordinate_problem, valid_coordinates
+
+
+# torch and datasets are imported where they are used, so that the `streetclip` command can show this module's
+# defaults in --help at once.
+if TYPE_CHECKING:
+    import datasets
+    import torch
+
+
+# Files and columns of a gallery folder (see the module docstring).
+GALLERY_FILE = "gallery.json"
+DATASET_FOLDER = "dataset"
+INDEX_FILE = "index.faiss"
+BAD_ROWS_FILE = "bad_rows.jsonl"
+EMBEDDING_COLUMN = "embedding"
+FORMAT_VERSION = 1
+# A gallery's probe embeddings and the user's model's must agree to this cosine, for every probe image. The same
+# weights in bfloat16, float16 or int8 agree to better than 0.99 (tests/test_gallery.py); another checkpoint, even a
+# short fine-tune of the same one, lands far below.
+FINGERPRINT_MIN_COSINE = 0.99
+# Fixed probe images: random blocks, so that resizing by any image processor keeps them recognisable.
+PROBE_IMAGES = 4
+PROBE_BLOCKS = 8
+PROBE_SIZE = 64
+# Probe embeddings are L2-normalised in float32; a recorded one whose norm is further from 1 was not written by a build.
+FINGERPRINT_NORM_TOLERANCE = 1e-3
+
+
+def import_datasets():
+    """The `datasets` module, or an ImportError naming the extra that provides it."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError(
+            f"Galleries are `datasets` datasets ({error}); install the gallery extra: `pip install "
+            "'streetclip[gallery]'`."
+        ) from None
+    return datasets
+
+
+def probe_images() -> list:
+    """The fixed probe images whose embeddings fingerprint a model (seeded random blocks, scaled up)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(20230101)
+    images = []
+    for _ in range(PROBE_IMAGES):
+        blocks = rng.integers(0, 256, size=(PROBE_BLOCKS, PROBE_BLOCKS, 3), dtype=np.uint8)
+        images.append(Image.fromarray(blocks).resize((PROBE_SIZE, PROBE_SIZE), Image.Resampling.NEAREST))
+    return images
+
+
+def image_embeddings(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """L2-normalised image embeddings of the vision tower, exactly as `StreetCLIPForGeolocation.forward` scores them
+    (and as any CLIP model gives them), without touching the probe heads."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=pixel_values.to(device=model.device, dtype=model.dtype))
+    return F.normalize(getattr(features, "pooler_output", features).float(), dim=-1)
+
+
+def model_fingerprint(model, image_processor) -> np.ndarray:
+    """The model's embeddings of the probe images, shape `(PROBE_IMAGES, dim)`: what a gallery records of the model
+    that built it, since names change (a local copy of a Hub repo) while embeddings do not."""
+    pixel_values = image_processor(images=probe_images(), return_tensors="pt")["pixel_values"]
+    return image_embeddings(model, pixel_values).cpu().numpy()
+
+
+def fingerprint_agreement(recorded: npt.ArrayLike, actual: npt.ArrayLike) -> float:
+    """The smallest cosine between the two models' embeddings of the same probe image; -1 when the sizes differ or
+    either holds a vector that is not a unit vector (zeros or NaN would otherwise agree with anything)."""
+    recorded = np.asarray(recorded, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64)
+    if recorded.shape != actual.shape or recorded.ndim != 2:
+        return -1.0
+    if fingerprint_problem(recorded, recorded.shape[1]) or fingerprint_problem(actual, actual.shape[1]):
+        return -1.0
+    return float((recorded * actual).sum(axis=-1).min())
+
+
+def fingerprint_problem(fingerprint: Any, dim: int) -> str | None:
+    """Why `fingerprint` is not a model's embeddings of the probe images (PROBE_IMAGES finite unit vectors of `dim`
+    numbers), or None when it is one."""
+    try:
+        values = np.asarray(fingerprint, dtype=np.float64)
+    except (TypeError, ValueError):
+        return "it is not a table of numbers"
+    if values.ndim != 2 or len(values) != PROBE_IMAGES:
+        return f"its shape is {values.shape}, not ({PROBE_IMAGES}, {dim})"
+    if values.shape[1] != dim:
+        return f"its vectors have {values.shape[1]} numbers, while embedding_dim is {dim}"
+    if not np.isfinite(values).all():
+        return "it holds NaN or infinite values"
+    norms = np.linalg.norm(values, axis=-1)
+    if np.abs(norms - 1.0).max() > FINGERPRINT_NORM_TOLERANCE:
+        return f"its vectors are not unit vectors (norms {np.round(norms, 4).tolist()})"
+    return None
+
+
+class GalleryModelError(ValueError):
+    """A gallery used with a model other than the one its embeddings come from."""
+
+
+class GalleryFileError(ValueError):
+    """A gallery file that is damaged, truncated, or contradicts the rest of its folder; the message names it."""
+
+
+@dataclass
+class GalleryInfo:
+    """The contents of `gallery.json`."""
+
+    model: str
+    model_fingerprint: list[list[float]]
+    embedding_dim: int
+    index: str
+    nprobe: int | None
+    num_rows: int
+    num_bad_rows: int
+    source: str
+    vote: dict[str, Any]
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def read(cls, folder: Path) -> GalleryInfo:
+        path = folder / GALLERY_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{str(folder)!r} is not a gallery: it has no {GALLERY_FILE}. Build one with `streetclip index build "
+                "DATA --model MODEL --output FOLDER` (an unfinished build resumes when run again)."
+            )
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+            info = cls(**values)
+        except (ValueError, TypeError) as error:
+            raise GalleryFileError(f"{str(path)!r} is not a gallery description this version reads: {error}") from None
+        if info.format_version != FORMAT_VERSION:
+            raise GalleryFileError(
+                f"{str(path)!r} has format_version {info.format_version!r}; this version reads {FORMAT_VERSION}."
+            )
+        problems = info.problems()
+        if problems:
+            raise damaged_file(path, "; ".join(problems))
+        return info
+
+    def problems(self) -> list[str]:
+        """What in this description no build writes (each naming the field and what is accepted); empty when none."""
+        problems = [
+            f"{name} must be text, got {getattr(self, name)!r}"
+            for name in ("model", "index", "source")
+            if not isinstance(getattr(self, name), str)
+        ]
+        for name, minimum in (("embedding_dim", 1), ("num_rows", 1), ("num_bad_rows", 0)):
+            if not _is_count(getattr(self, name), minimum):
+                problems.append(f"{name} must be an integer >= {minimum}, got {getattr(self, name)!r}")
+        if self.nprobe is not None and not _is_count(self.nprobe, 1):
+            problems.append(f"nprobe must be null or an integer >= 1, got {self.nprobe!r}")
+        if _is_count(self.embedding_dim, 1):
+            problem = fingerprint_problem(self.model_fingerprint, self.embedding_dim)
+            if problem is not None:
+                problems.append(f"model_fingerprint is not a model's embeddings of the probe images: {problem}")
+        try:
+            VoteSettings.from_dict(self.vote)
+        except (ValueError, TypeError, AttributeError) as error:
+            problems.append(f"vote: {error}")
+        return problems
+
+    def write(self, folder: Path) -> None:
+        """Write `gallery.json` atomically: its presence marks a complete gallery."""
+        write_json_atomically(folder / GALLERY_FILE, asdict(self))
+
+
+def _is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def damaged_file(path: Path, problem: str) -> GalleryFileError:
+    """The error for a gallery file that no build wrote as it is, naming it and saying how to get a sound one."""
+    return GalleryFileError(
+        f"{str(path)!r} is damaged or was edited: {problem.rstrip('.')}. Build the gallery again (`streetclip index "
+        "build DATA --model MODEL --output FOLDER --overwrite`), or download it again."
+    )
+
+
+def write_json_atomically(path: Path, value: Any) -> None:
+    """Write `value` as standard JSON (NaN and infinities refused) to `path` through a temporary file renamed over
+    it, so that a kill leaves the old file or the new one, never half of one."""
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", encoding="utf-8") as stream:
+        json.dump(value, stream, indent=2, allow_nan=False)
+        stream.write("\n")
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+def names_a_missing_folder(source: str) -> bool:
+    """Whether `source` can only be a local path (absolute, `./`, `../`, `~`, or more parts than ORG/NAME) and
+    nothing is there: `datasets` would report it as a malformed Hub id."""
+    path = Path(source).expanduser()
+    local = path.is_absolute() or source.startswith((".", "~")) or len(path.parts) > 2
+    return local and not path.exists()
+
+
+def _check_rows(folder: Path, dataset: datasets.Dataset, info: GalleryInfo) -> None:
+    """Refuse a `dataset/` that does not match `gallery.json` (its row count, its columns, its embeddings' size)."""
+    path = folder / DATASET_FOLDER
+    if len(dataset) != info.num_rows:
+        raise damaged_file(
+            path, f"it holds {len(dataset)} rows while {GALLERY_FILE} counts {info.num_rows} (edited, or two builds)"
+        )
+    missing = [name for name in (EMBEDDING_COLUMN, "latitude", "longitude") if name not in dataset.column_names]
+    if missing:
+        raise damaged_file(path, f"it has no column {missing[0]!r}")
+    length = getattr(dataset.features[EMBEDDING_COLUMN], "length", None)
+    if length != info.embedding_dim:
+        raise damaged_file(
+            folder / GALLERY_FILE,
+            f"embedding_dim is {info.embedding_dim}, while the embeddings in {DATASET_FOLDER}/ have {length} numbers",
+        )
+
+
+class GeoGallery:
+    """A gallery of geo-tagged photo embeddings with its FAISS index; see the module docstring.
+
+    Example:
+
+    ```python
+    >>> from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
+    >>> from modeling_streetclip.app.gallery_build import build_gallery
+    >>> from transformers import pipeline
+    >>> model = StreetCLIPForGeolocation.from_pretrained("geolocal/StreetCLIP")  # doctest: +SKIP
+    >>> processor = StreetCLIPProcessor.from_pretrained("geolocal/StreetCLIP")  # doctest: +SKIP
+    >>> build_gallery(model, processor, "my_photos/", "my-gallery")  # doctest: +SKIP
+    >>> geolocate = pipeline("geolocation", model="geolocal/StreetCLIP", gallery="my-gallery")  # doctest: +SKIP
+    >>> geolocate("photo.jpg", decision="hybrid")  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(self, folder: Path, dataset: datasets.Dataset, info: GalleryInfo, settings: VoteSettings):
+        self.folder = folder
+        self.dataset = dataset
+        self.info = info
+        self.settings = settings
+        # Through Arrow: `datasets`' numpy format would hand float64 columns over as float32 (metres off).
+        coordinates = dataset.with_format("arrow", columns=["latitude", "longitude"])[:]
+        self.latitudes = coordinates["latitude"].to_numpy().astype(np.float64)
+        self.longitudes = coordinates["longitude"].to_numpy().astype(np.float64)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __repr__(self) -> str:
+        return (
+            f"GeoGallery({str(self.folder)!r}, rows={len(self)}, model={self.info.model!r}, index={self.info.index!r})"
+        )
+
+    @property
+    def faiss_index(self):
+        """The FAISS index object itself (to tune search parameters beyond `nprobe`)."""
+        return self.dataset.get_index(EMBEDDING_COLUMN).faiss_index
+
+    @classmethod
+    def load(
+        cls,
+        path_or_repo: str | os.PathLike,
+        nprobe: int | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        **vote_settings,
+    ) -> GeoGallery:
+        """A gallery from its folder, or from a Hub dataset repo (ORG/NAME) that `push_to_hub` wrote.
+
+        `nprobe` overrides how many inverted lists an IVF index probes (more: higher recall, slower search);
+        `vote_settings` override the gallery's `VoteSettings` (`num_neighbors=32`, `radius_km=5`, ...).
+        """
+        datasets = import_datasets()
+        import_faiss()
+        name = os.fspath(path_or_repo)
+        folder = Path(name).expanduser()
+        if names_a_missing_folder(name) or folder.is_file():
+            raise FileNotFoundError(f"No gallery folder at {name!r}; give a gallery folder or a Hub id ORG/NAME.")
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(name, repo_type="dataset", revision=revision, token=token))
+        info = GalleryInfo.read(folder)
+        settings = replace(VoteSettings.from_dict(info.vote), **vote_settings)
+        dataset = datasets.load_from_disk(str(folder / DATASET_FOLDER))
+        _check_rows(folder, dataset, info)
+        index_path = folder / INDEX_FILE
+        if not index_path.is_file():
+            raise damaged_file(index_path, "it is missing")
+        try:
+            dataset.load_faiss_index(EMBEDDING_COLUMN, str(index_path))
+        except (RuntimeError, MemoryError) as error:
+            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            raise damaged_file(index_path, f"FAISS cannot read it ({reason})") from None
+        except ValueError as error:  # datasets refuses an index whose size differs from the dataset's
+            raise damaged_file(index_path, str(error)) from None
+        gallery = cls(folder, dataset, info, settings)
+        faiss_index = gallery.faiss_index
+        if faiss_index.d != info.embedding_dim:
+            raise damaged_file(
+                index_path, f"it holds {faiss_index.d}-d vectors, while {GALLERY_FILE} says {info.embedding_dim}"
+            )
+        lists = inverted_lists(faiss_index)
+        try:
+            check_nprobe(info.nprobe, lists, info.index)
+        except ValueError as error:
+            raise damaged_file(folder / GALLERY_FILE, str(error)) from None
+        check_nprobe(nprobe, lists, info.index)
+        gallery._check_coordinates()
+        nprobe = nprobe if nprobe is not None else info.nprobe
+        if nprobe is not None:
+            set_nprobe(faiss_index, nprobe)
+        return gallery
+
+    def _check_coordinates(self) -> None:
+        """Refuse rows whose coordinates are not a point on Earth (a build records such rows as bad instead), naming
+        the first and the count: their answers would carry NaN, infinities or impossible places."""
+        bad = np.flatnonzero(~valid_coordinates(self.latitudes, self.longitudes))
+        if len(bad):
+            row = int(bad[0])
+            latitude, longitude = float(self.latitudes[row]), float(self.longitudes[row])
+            reason = coordinate_problem(latitude, longitude).describe(latitude, longitude)
+            raise damaged_file(
+                self.folder / DATASET_FOLDER,
+                f"{len(bad):,} of its {len(self):,} rows have coordinates that are not a point on Earth (row {row}: "
+                f"{reason})",
+            )
+
+    def search(self, embeddings: npt.ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `k` nearest rows of each L2-normalised embedding: `(similarities, rows)`, each of shape
+        `(num_queries, min(k, len(self)))`, best first; rows are -1 (similarity -inf) where the index returns fewer."""
+        queries = np.asarray(embeddings, dtype=np.float32)
+        if queries.shape[-1] != self.info.embedding_dim:
+            raise GalleryModelError(
+                f"The gallery {str(self.folder)!r} holds {self.info.embedding_dim}-d embeddings of the model "
+                f"{self.info.model!r}; these queries have {queries.shape[-1]} dimensions. Search it with that model's "
+                "embeddings (see check_model)."
+            )
+        queries = np.ascontiguousarray(queries.reshape(-1, self.info.embedding_dim))
+        scores, rows = self.dataset.search_batch(EMBEDDING_COLUMN, queries, k=min(k, len(self)))
+        scores = np.where(rows >= 0, scores, -np.inf)
+        return scores, rows
+
+    def check_model(self, model, image_processor, model_name: str | None = None) -> None:
+        """Refuse a model whose embeddings are not those this gallery was built with, naming both models; a model
+        that agrees (the same weights in another precision, a copy under another name) passes."""
+        actual = model_fingerprint(model, image_processor)
+        agreement = fingerprint_agreement(self.info.model_fingerprint, actual)
+        if agreement < FINGERPRINT_MIN_COSINE:
+            name = model_name or getattr(model, "name_or_path", "") or "this model"
+            dims = (
+                f"its embeddings have {actual.shape[-1]} dimensions, the gallery's {self.info.embedding_dim}"
+                if actual.shape[-1] != self.info.embedding_dim
+                else f"they embed the same probe images differently (cosine {agreement:.3f} < "
+                f"{FINGERPRINT_MIN_COSINE})"
+            )
+            raise GalleryModelError(
+                f"The gallery {str(self.folder)!r} was built with the model {self.info.model!r}, not with "
+                f"{name!r}: {dims}, so its neighbours would be meaningless. Use the gallery with the model that built "
+                f"it, or build one with this model: `streetclip index build DATA --model {name} --output FOLDER`."
+            )
+
+    def push_to_hub(
+        self, repo_id: str, private: bool | None = None, token: str | bool | None = None, revision: str | None = None
+    ) -> str:
+        """Upload the gallery folder as a Hub dataset repo (created if needed); `GeoGallery.load(repo_id)` and
+        `pipeline(..., gallery=repo_id)` read it back. Returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            repo_type="dataset",
+            folder_path=self.folder,
+            revision=revision,
+            allow_patterns=[GALLERY_FILE, INDEX_FILE, BAD_ROWS_FILE, f"{DATASET_FOLDER}/*"],
+            commit_message=f"Gallery of {len(self):,} photos embedded by {self.info.model}",
+        )
+        return str(commit)
+
+
+__all__ = [
+    "BAD_ROWS_FILE",
+    "DATASET_FOLDER",
+    "EMBEDDING_COLUMN",
+    "FINGERPRINT_MIN_COSINE",
+    "GALLERY_FILE",
+    "INDEX_FILE",
+    "GalleryFileError",
+    "GalleryInfo",
+    "GalleryModelError",
+    "GeoGallery",
+    "fingerprint_agreement",
+    "image_embeddings",
+    "import_datasets",
+    "model_fingerprint",
+    "names_a_missing_folder",
+    "write_json_atomically",
+]
