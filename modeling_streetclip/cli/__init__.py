@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from ..app import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 from ..app.arguments import verbosity
 from ..app.records import ResultFileError
-from . import index, locate
+from . import export, index, locate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     locate.add_parser(commands)
     index.add_parser(commands)
+    export.add_parser(commands)
     return parser
 
 

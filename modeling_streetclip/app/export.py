@@ -1,0 +1,232 @@
+"""ONNX graphs of a geolocation model, in the layout transformers.js loads from a Hub repository.
+
+`save_onnx_folder` writes, beside the model's config.json (candidate table and `id2label`) and processor files:
+
+- `onnx/model.onnx`: the vision tower and every head, float32, with a dynamic batch axis. Outputs `image_embeds`
+  (L2-normalised), `country_logits`, `region_logits` (with a region level), `city_logits`, and `logits`: the log
+  joint probability of every candidate city, computed inside the graph, so `softmax(logits)` is the joint ranking.
+- `onnx/model_quantized.onnx`: the same graph with int8 weights in the vision encoder's linear layers and int8
+  activations quantized on the fly (`onnxruntime.quantization.quantize_dynamic`): the layers that PyTorch's int8
+  route (`quantization.Int8DynamicConfig`) quantizes; the heads and the projection stay float32.
+
+The graphs need neither the text tower nor PyTorch to run: onnxruntime in Python, onnxruntime-web in a browser
+(`model_card/web/`), transformers.js.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+
+if TYPE_CHECKING:
+    import onnx
+
+    from ..modeling_streetclip import StreetCLIPForGeolocation
+    from ..processing_streetclip import StreetCLIPProcessor
+
+
+ONNX_FOLDER = "onnx"
+GRAPH_FILE = "model.onnx"
+QUANTIZED_GRAPH_FILE = "model_quantized.onnx"
+INPUT_NAME = "pixel_values"
+# ONNX Runtime (Python and web) and transformers.js run opset 18 graphs; LayerNormalization needs at least 17.
+OPSET_VERSION = 18
+# What `pip` installs the exporter's packages with; named by every error about them.
+ONNX_EXTRA = 'pip install "streetclip[onnx]"'
+# The packages the export needs: onnxscript is what torch's exporter builds graphs with.
+ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+# A graph is one protobuf file, as the browser fetches it; protobuf cannot hold more than 2 GiB.
+MAX_GRAPH_BYTES = 2**31
+
+
+@dataclass(frozen=True)
+class OnnxGraphs:
+    """The graphs `export_onnx` wrote, and the names of their outputs, in order."""
+
+    model: Path
+    quantized: Path
+    output_names: tuple[str, ...]
+
+
+def require_onnx() -> None:
+    """Raise an `ImportError` naming the extra to install when a package of the export is missing."""
+    missing = []
+    for name in ONNX_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ImportError(
+            f"The ONNX export needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed; "
+            f"install the extra: {ONNX_EXTRA}"
+        )
+
+
+def output_names(model: StreetCLIPForGeolocation) -> tuple[str, ...]:
+    """The graph's outputs for `model`: `region_logits` only when its candidate table has a region level."""
+    region = ("region_logits",) if model.uses_regions else ()
+    return ("image_embeds", "country_logits", *region, "city_logits", "logits")
+
+
+class _GraphModule(nn.Module):
+    """The forward that the graph records: pixels in, the outputs of `output_names` out (the greedy decision and the
+    coordinates are left out; they are a few argmaxes over these outputs and the candidate table)."""
+
+    def __init__(self, model: StreetCLIPForGeolocation):
+        super().__init__()
+        self.model = model
+        self.names = output_names(model)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.model(pixel_values=pixel_values)
+        return tuple(outputs[name] for name in self.names)
+
+
+def export_onnx(model: StreetCLIPForGeolocation, onnx_dir: str | Path) -> OnnxGraphs:
+    """Write `model.onnx` and `model_quantized.onnx` of `model` (float32, with its candidate heads) into `onnx_dir`,
+    and check both with `onnx.checker`."""
+    require_onnx()
+    import onnx
+
+    _check_exportable(model)
+    onnx_dir = Path(onnx_dir)
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    module = _GraphModule(model).eval()
+    size = model.config.vision_config.image_size
+    # Two images, so that the batch axis is not specialised to 1.
+    example = torch.zeros(2, 3, size, size, dtype=torch.float32)
+    # torch's dynamo exporter, not the TorchScript one (deprecated): half the nodes, no If nodes from Python shape
+    # checks, static head sizes, and the module path of every node, which picks the layers to quantize below.
+    program = torch.onnx.export(
+        module,
+        (example,),
+        dynamo=True,
+        opset_version=OPSET_VERSION,
+        input_names=[INPUT_NAME],
+        output_names=list(module.names),
+        dynamic_shapes=({0: torch.export.Dim("batch_size", min=1)},),
+        external_data=False,
+        verbose=False,
+    )
+    graph = program.model_proto
+    quantized_nodes = _encoder_linear_nodes(graph)
+    _strip_node_metadata(graph)
+    if graph.ByteSize() >= MAX_GRAPH_BYTES:
+        raise ValueError(
+            f"The graph of this model takes {graph.ByteSize() / 2**30:.1f} GiB, more than one ONNX file can hold "
+            "(2 GiB); the export writes single-file graphs, as browsers load them."
+        )
+    paths = OnnxGraphs(onnx_dir / GRAPH_FILE, onnx_dir / QUANTIZED_GRAPH_FILE, module.names)
+    onnx.save_model(graph, paths.model)
+    onnx.checker.check_model(str(paths.model), full_check=True)
+    _quantize(paths.model, paths.quantized, quantized_nodes)
+    onnx.checker.check_model(str(paths.quantized), full_check=True)
+    return paths
+
+
+def save_onnx_folder(
+    model: StreetCLIPForGeolocation, processor: StreetCLIPProcessor, folder: str | Path
+) -> OnnxGraphs:
+    """Write the folder transformers.js loads: config.json (with the candidate table and `id2label`), the processor
+    files (tokenizer, processor_config.json, and preprocessor_config.json, which transformers.js and the web page
+    read), and the graphs in `onnx/` (see `export_onnx`). The config and processor load with transformers as they
+    are; the weights are only in the graphs."""
+    folder = Path(folder)
+    graphs = export_onnx(model, folder / ONNX_FOLDER)
+    model.config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    return graphs
+
+
+def _check_exportable(model: StreetCLIPForGeolocation) -> None:
+    """Refuse a model the graph cannot be exported from, naming what to load instead."""
+    if model.candidate_places is None:
+        raise ValueError("This model has no candidate places, so it has no heads to export; call `set_candidates`.")
+    if getattr(model, "is_quantized", False):
+        raise ValueError(
+            "This model is quantized with PyTorch's int8 layers, which ONNX cannot hold; export the float32 model "
+            "(the export writes an int8 graph of its own, model_quantized.onnx)."
+        )
+    if model.dtype != torch.float32:
+        raise ValueError(
+            f"This model computes in {model.dtype}; export it in float32 (load with dtype=torch.float32): the graph "
+            "is float32, and its int8 twin is quantized from it."
+        )
+
+
+def _encoder_linear_nodes(graph: onnx.ModelProto) -> list[str]:
+    """Names of the MatMul nodes of the vision encoder's linear layers (q, k, v, out, fc1, fc2 of every layer),
+    found by the module path that the exporter records on each node."""
+    initializers = {initializer.name for initializer in graph.graph.initializer}
+    names = []
+    for node in graph.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in initializers:
+            continue
+        metadata = {entry.key: entry.value for entry in node.metadata_props}
+        scopes = ast.literal_eval(metadata.get("pkg.torch.onnx.name_scopes", "[]"))
+        if any(scope.endswith(".vision_model.encoder") for scope in scopes):
+            names.append(node.name)
+    return names
+
+
+def _strip_node_metadata(graph: onnx.ModelProto) -> None:
+    """Drop the exporter's notes on every node (Python stack traces with this machine's paths, module classes):
+    a published graph should not carry them, and they are a third of a small graph's bytes."""
+    for node in graph.graph.node:
+        del node.metadata_props[:]
+    for value in (*graph.graph.input, *graph.graph.output, *graph.graph.value_info):
+        del value.metadata_props[:]
+
+
+def _quantize(source: Path, target: Path, nodes: list[str]) -> None:
+    """Int8 weights for `nodes` of the graph at `source`, with activations quantized at run time, written to
+    `target`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if not nodes:
+        raise ValueError(f"{source} has no vision encoder layers to quantize; it was not exported by `export_onnx`.")
+    advice = _WithoutPreprocessingAdvice()
+    logging.getLogger().addFilter(advice)
+    try:
+        quantize_dynamic(
+            source,
+            target,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=nodes,
+            extra_options={"MatMulConstBOnly": True},
+            use_external_data_format=False,
+        )
+    finally:
+        logging.getLogger().removeFilter(advice)
+
+
+class _WithoutPreprocessingAdvice(logging.Filter):
+    """Drop the quantizer's advice to run `quant_pre_process` first: its symbolic shape inference fails on these
+    graphs (at Expand), and quantizing the weights of MatMul nodes needs no shapes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+__all__ = [
+    "GRAPH_FILE",
+    "INPUT_NAME",
+    "ONNX_EXTRA",
+    "ONNX_FOLDER",
+    "QUANTIZED_GRAPH_FILE",
+    "OnnxGraphs",
+    "export_onnx",
+    "output_names",
+    "require_onnx",
+    "save_onnx_folder",
+]
