@@ -238,6 +238,8 @@ def build_model_card(
     training_args: Mapping | None = None,
     benchmarks: Sequence[BenchmarkResult] = (),
     space: str | None = None,
+    onnx: bool = False,
+    web_space: str | None = None,
 ) -> ModelCard:
     """Fill the card of the model `config` describes, to be published as `repo_id`.
 
@@ -247,6 +249,8 @@ def build_model_card(
         training_args: The run's saved arguments (see [`read_training_args`]); `None` where none were recorded.
         benchmarks: Results of the benchmark runner (see [`read_benchmark_result`]), one table row each.
         space: The Hub Space of the demo that serves this model (`publish.py --space`), which the card links to.
+        onnx: Whether the repository holds the ONNX graphs (`publish.py --onnx`), which the card says how to run.
+        web_space: The static Space that runs them in the browser (`publish.py --web_space`), which it links to.
     """
     labels = [(benchmark.name, benchmark.split) for benchmark in benchmarks]
     repeated = sorted({label for label in labels if labels.count(label) > 1}, key=str)
@@ -292,6 +296,8 @@ def build_model_card(
         evaluation=_evaluation_table(benchmarks),
         benchmarks=benchmarks,
         space=hub_link(space, "space") if space else None,
+        onnx=onnx,
+        web_space=hub_link(web_space, "space") if web_space else None,
     )
 
 

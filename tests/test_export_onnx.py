@@ -1,0 +1,281 @@
+"""`streetclip export` and `modeling_streetclip.app.export`: ONNX graphs in transformers.js's layout that give the
+PyTorch model's outputs without PyTorch, an int8 twin, and the errors of a command line that cannot run."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoProcessor
+
+from modeling_streetclip import StreetCLIPConfig, StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip.cli import main
+from modeling_streetclip.testing_utils import SMALL_COUNTRIES, TINY_IMAGE_SIZE
+
+
+onnx = pytest.importorskip("onnx", reason='the ONNX export needs the [onnx] extra: pip install "streetclip[onnx]"')
+ort = pytest.importorskip(
+    "onnxruntime", reason='the ONNX export needs the [onnx] extra: pip install "streetclip[onnx]"'
+)
+
+from modeling_streetclip.app.export import (  # noqa: E402  (after the skip: it needs the extra)
+    GRAPH_FILE,
+    ONNX_EXTRA,
+    ONNX_FOLDER,
+    QUANTIZED_GRAPH_FILE,
+    export_onnx,
+    output_names,
+    save_onnx_folder,
+)
+
+
+# The float32 graph and the eager model run the same float32 arithmetic in other kernels and summation orders: on the
+# tiny models they differ by about 2e-6 in logits. 1e-4 leaves room for other CPUs' kernels and is still a hundred
+# times finer than the 1e-2 that separates answers worth telling apart.
+FLOAT32_TOLERANCE = 1e-4
+
+
+def pixels(batch_size: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=generator)
+
+
+def run_graph(path: Path, pixel_values: torch.Tensor) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(None, {"pixel_values": pixel_values.numpy()}), strict=True))
+
+
+@pytest.fixture(
+    scope="module", params=["small_streetclip_dir", "region_streetclip_dir"], ids=["two_levels", "regions"]
+)
+def exported(request, tmp_path_factory) -> tuple[StreetCLIPForGeolocation, Path]:
+    """A saved model, loaded as the command loads it, and the folder `save_onnx_folder` wrote for it."""
+    source = request.getfixturevalue(request.param)
+    model = StreetCLIPForGeolocation.from_pretrained(source, vision_only=True)
+    folder = tmp_path_factory.mktemp("onnx-export")
+    save_onnx_folder(model, StreetCLIPProcessor.from_pretrained(source), folder)
+    return model, folder
+
+
+# The graphs
+
+
+def test_graph_gives_the_pytorch_outputs_at_any_batch_size(exported):
+    model, folder = exported
+    graph = onnx.load(folder / ONNX_FOLDER / GRAPH_FILE)
+    onnx.checker.check_model(graph, full_check=True)
+    assert [value.name for value in graph.graph.input] == ["pixel_values"]
+    assert [value.name for value in graph.graph.output] == list(output_names(model))
+    assert ("region_logits" in output_names(model)) == model.uses_regions
+    for batch_size in (1, 4):
+        outputs = run_graph(folder / ONNX_FOLDER / GRAPH_FILE, pixels(batch_size, seed=batch_size))
+        with torch.no_grad():
+            expected = model(pixels(batch_size, seed=batch_size))
+        for name, value in outputs.items():
+            assert value.shape == tuple(expected[name].shape), name
+            np.testing.assert_allclose(value, expected[name].numpy(), rtol=0, atol=FLOAT32_TOLERANCE, err_msg=name)
+        # `logits` are log joint probabilities: their softmax is the joint ranking the pipeline gives.
+        np.testing.assert_allclose(np.exp(outputs["logits"]).sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_int8_graph_quantizes_the_vision_encoder_linear_layers_and_keeps_the_heads_float32(exported):
+    model, folder = exported
+    quantized = onnx.load(folder / ONNX_FOLDER / QUANTIZED_GRAPH_FILE)
+    onnx.checker.check_model(quantized, full_check=True)
+    operators = [node.op_type for node in quantized.graph.node]
+    # q, k, v, out, fc1 and fc2 of every layer; attention's two products of activations stay float32.
+    assert operators.count("MatMulInteger") == 6 * model.config.vision_config.num_hidden_layers
+    weights = {item.name: onnx.numpy_helper.to_array(item) for item in quantized.graph.initializer}
+    heads = {"country_head", "city_head", "visual_projection"} | ({"region_head"} if model.uses_regions else set())
+    for head in heads:
+        # The quantizer turns the heads' Gemm into a MatMul with the weight transposed; float32 either way.
+        (weight,) = [value for name, value in weights.items() if name.startswith(f"model.{head}.weight")]
+        expected = getattr(model, head).weight.detach().numpy()
+        np.testing.assert_array_equal(weight if weight.shape == expected.shape else weight.T, expected)
+    assert (folder / ONNX_FOLDER / QUANTIZED_GRAPH_FILE).stat().st_size < (
+        folder / ONNX_FOLDER / GRAPH_FILE
+    ).stat().st_size
+
+    outputs = run_graph(folder / ONNX_FOLDER / QUANTIZED_GRAPH_FILE, pixels(4, seed=0))
+    with torch.no_grad():
+        expected = model(pixels(4, seed=0))
+    assert [value.shape for value in outputs.values()] == [tuple(expected[name].shape) for name in outputs]
+    cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(outputs["image_embeds"]), expected.image_embeds)
+    assert cosine.min() > 0.99
+
+
+def test_graphs_hold_no_text_tower_and_no_paths_of_this_machine(exported):
+    _, folder = exported
+    for name in (GRAPH_FILE, QUANTIZED_GRAPH_FILE):
+        graph = onnx.load(folder / ONNX_FOLDER / name)
+        assert not [item.name for item in graph.graph.initializer if "text" in item.name]
+        assert not [node.name for node in graph.graph.node if node.metadata_props]
+        assert str(Path(__file__).parents[1]).encode() not in (folder / ONNX_FOLDER / name).read_bytes()
+
+
+# The folder
+
+
+def test_folder_has_transformers_js_layout_and_its_config_and_processor_load_with_transformers(exported):
+    model, folder = exported
+    assert {path.name for path in (folder / ONNX_FOLDER).iterdir()} == {GRAPH_FILE, QUANTIZED_GRAPH_FILE}
+    assert {"config.json", "preprocessor_config.json", "processor_config.json", "tokenizer.json"} <= {
+        path.name for path in folder.iterdir()
+    }
+    assert not list(folder.glob("*.safetensors"))  # the weights are in the graphs
+    config = AutoConfig.from_pretrained(folder)
+    assert isinstance(config, StreetCLIPConfig)
+    assert config.candidate_places == model.config.candidate_places
+    assert config.id2label == model.config.id2label and len(config.id2label) == model.candidate_places.num_cities
+    processor = AutoProcessor.from_pretrained(folder)
+    assert isinstance(processor, StreetCLIPProcessor)
+    assert processor.image_processor.crop_size == {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+    assert preprocessor["image_processor_type"] == "CLIPImageProcessor" and preprocessor["resample"] == 3
+
+
+def test_a_model_with_its_text_tower_exports_the_same_graph(small_streetclip_dir, tmp_path):
+    full = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)
+    graphs = export_onnx(full, tmp_path)
+    outputs = run_graph(graphs.model, pixels(2, seed=3))
+    with torch.no_grad():
+        expected = full(pixels(2, seed=3))
+    np.testing.assert_allclose(outputs["logits"], expected.logits.numpy(), rtol=0, atol=FLOAT32_TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    ("prepare", "message"),
+    [
+        (lambda model: model.to(torch.bfloat16), "computes in torch.bfloat16; export it in float32"),
+        (lambda model: setattr(model, "is_quantized", True), "quantized with PyTorch's int8 layers"),
+    ],
+    ids=["bfloat16", "int8"],
+)
+def test_a_model_not_in_float32_is_refused_before_anything_is_written(
+    small_streetclip_dir, tmp_path, prepare, message
+):
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
+    prepare(model)
+    with pytest.raises(ValueError, match=message):
+        export_onnx(model, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+
+
+# The command
+
+
+def run_export(capsys, *argv) -> tuple[int, str, str]:
+    status = main(["export", *map(str, argv)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_command_writes_the_folder_and_prints_each_graph(small_streetclip_dir, tmp_path, capsys):
+    status, out, err = run_export(capsys, small_streetclip_dir, "--output", tmp_path / "web")
+    assert status == 0, err
+    printed = [line.split("\t")[0] for line in out.splitlines()]
+    assert printed == [str(tmp_path / "web" / ONNX_FOLDER / name) for name in (GRAPH_FILE, QUANTIZED_GRAPH_FILE)]
+    outputs = run_graph(tmp_path / "web" / ONNX_FOLDER / GRAPH_FILE, pixels(2, seed=5))
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
+    with torch.no_grad():
+        expected = model(pixels(2, seed=5))
+    np.testing.assert_allclose(outputs["logits"], expected.logits.numpy(), rtol=0, atol=FLOAT32_TOLERANCE)
+    assert AutoConfig.from_pretrained(tmp_path / "web").candidate_places["country_names"] == SMALL_COUNTRIES
+
+    # A second export into the same folder needs --overwrite.
+    status, _, err = run_export(capsys, small_streetclip_dir, "--output", tmp_path / "web")
+    assert status == 2 and "--overwrite" in err
+    before = (tmp_path / "web" / ONNX_FOLDER / GRAPH_FILE).stat().st_mtime_ns
+    assert run_export(capsys, small_streetclip_dir, "--output", tmp_path / "web", "--overwrite")[0] == 0
+    assert (tmp_path / "web" / ONNX_FOLDER / GRAPH_FILE).stat().st_mtime_ns != before
+
+
+@pytest.mark.parametrize("package", ["onnx", "onnxruntime", "onnxscript"])
+def test_command_without_the_extra_names_it_and_exits_2(small_streetclip_dir, tmp_path, capsys, monkeypatch, package):
+    monkeypatch.setitem(sys.modules, package, None)  # importing it now raises ImportError
+    status, out, err = run_export(capsys, small_streetclip_dir, "--output", tmp_path / "web")
+    assert status == 2 and not out
+    assert f"needs {package}" in err and ONNX_EXTRA in err
+    assert not (tmp_path / "web").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "output", "message"),
+    [
+        ("missing", "new", "cannot load --model"),
+        ("small", "file", "is a file"),
+        ("not_a_model", "new", "cannot load --model"),
+    ],
+)
+def test_command_with_unusable_input_says_why_and_exits_2(
+    small_streetclip_dir, tmp_path, capsys, model, output, message
+):
+    models = {"missing": tmp_path / "missing", "small": small_streetclip_dir, "not_a_model": tmp_path}
+    outputs = {"new": tmp_path / "web", "file": tmp_path / "file.txt"}
+    (tmp_path / "file.txt").write_text("not a folder")
+    status, out, err = run_export(capsys, models[model], "--output", outputs[output])
+    assert status == 2 and not out
+    assert message in err
+    assert not (tmp_path / "web").exists()
+
+
+# Publishing
+
+
+def test_published_repo_holds_the_graphs_and_the_cards_onnxruntime_code_runs_on_them(
+    small_streetclip_dir, tmp_path, monkeypatch, capsys
+):
+    import huggingface_hub
+    import publish
+    from huggingface_hub import ModelCard
+    from PIL import Image
+    from transformers import pipeline
+
+    from modeling_streetclip.testing_utils import random_photo
+
+    repo_id = "streetclip-tests/tiny-geolocation"
+    folder = tmp_path / "repo"
+    assert publish.main([str(small_streetclip_dir), repo_id, "--onnx", "--dry_run", str(folder)]) == 0
+    assert {GRAPH_FILE, QUANTIZED_GRAPH_FILE} <= {path.name for path in (folder / ONNX_FOLDER).iterdir()}
+    assert (folder / "preprocessor_config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert "AutoModelForImageClassification" in json.loads((folder / "config.json").read_text())["auto_map"]
+
+    card = ModelCard.load(folder / "README.md").text
+    section = card[card.index("### ONNX") :]
+    code = section[
+        section.index("```python\n") + len("```python\n") : section.index("\n```", section.index("```python"))
+    ]
+    # The repository, as the Hub would serve it: its folder.
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(Path(repo) / name))
+    monkeypatch.chdir(tmp_path)
+    random_photo(0, size=(64, 48)).save(tmp_path / "photo.jpg")
+    code = code.replace(f'"{repo_id}"', repr(str(folder)))
+
+    def printed_labels(code: str) -> list[str]:
+        capsys.readouterr()
+        exec(compile(code, "card", "exec"), {})
+        return [line.rsplit(" ", 1)[0] for line in capsys.readouterr().out.splitlines()]
+
+    assert len(printed_labels(code)) == 3
+    # On the float32 graph, the very answers of the pipeline (the int8 one may swap the near-ties of random weights).
+    expected = pipeline("geolocation", model=str(small_streetclip_dir))(
+        Image.open(tmp_path / "photo.jpg"), top_k=3, decision="joint"
+    )
+    labels = printed_labels(code.replace(QUANTIZED_GRAPH_FILE, GRAPH_FILE))
+    assert labels == [answer["label"] for answer in expected]
+    assert 'dtype: "q8"' in section and f'from_pretrained("{repo_id}"' in section
+
+
+def test_publish_onnx_without_the_extra_says_what_to_install_before_loading(
+    small_streetclip_dir, tmp_path, capsys, monkeypatch
+):
+    import publish
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setattr(publish, "StreetCLIPForGeolocation", None)  # loading would fail loudly
+    assert publish.main([str(small_streetclip_dir), "org/name", "--onnx", "--dry_run", str(tmp_path / "repo")]) == 2
+    assert ONNX_EXTRA in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
