@@ -1,0 +1,69 @@
+// An offline world map: an equirectangular canvas with a graticule, the candidate cities as grey dots (at a few
+// hundred cities they trace the inhabited world) and the answers as numbered pins. No tile server is ever asked.
+
+export const PIN_COLOR = "#e4572e";
+const BEST_PIN_RADIUS = 7;
+const PIN_RADIUS = 4;
+
+export class WorldMap {
+  constructor(canvas, table) {
+    this.canvas = canvas;
+    this.context = canvas.getContext("2d");
+    this.table = table;
+    this.background = this.#drawBackground();
+  }
+
+  #point(latitude, longitude) {
+    return [((longitude + 180) / 360) * this.canvas.width, ((90 - latitude) / 180) * this.canvas.height];
+  }
+
+  #drawBackground() {
+    const { context, canvas, table } = this;
+    context.fillStyle = "#dde8f0";
+    context.fillRect(0, 0, canvas.width, canvas.height);
+    context.strokeStyle = "#c3d3df";
+    context.lineWidth = 1;
+    for (let longitude = -180; longitude <= 180; longitude += 30) {
+      const [x] = this.#point(0, longitude);
+      context.beginPath();
+      context.moveTo(x, 0);
+      context.lineTo(x, canvas.height);
+      context.stroke();
+    }
+    for (let latitude = -90; latitude <= 90; latitude += 30) {
+      const [, y] = this.#point(latitude, 0);
+      context.beginPath();
+      context.moveTo(0, y);
+      context.lineTo(canvas.width, y);
+      context.stroke();
+    }
+    context.fillStyle = "#7d8b96";
+    table.city_latitudes.forEach((latitude, row) => {
+      const [x, y] = this.#point(latitude, table.city_longitudes[row]);
+      context.fillRect(x - 1, y - 1, 2, 2);
+    });
+    return context.getImageData(0, 0, canvas.width, canvas.height);
+  }
+
+  // Pins for each photo's answers (`photos`: [{number, answers}]): the first answer large and numbered.
+  show(photos) {
+    const { context } = this;
+    context.putImageData(this.background, 0, 0);
+    for (const { number, answers } of photos) {
+      answers.forEach((answer, rank) => {
+        const [x, y] = this.#point(answer.latitude, answer.longitude);
+        context.beginPath();
+        context.arc(x, y, rank === 0 ? BEST_PIN_RADIUS : PIN_RADIUS, 0, 2 * Math.PI);
+        context.fillStyle = PIN_COLOR;
+        context.globalAlpha = rank === 0 ? 1 : 0.55;
+        context.fill();
+        context.globalAlpha = 1;
+        if (rank === 0) {
+          context.fillStyle = "#1b1b1b";
+          context.font = "bold 12px sans-serif";
+          context.fillText(String(number), x + BEST_PIN_RADIUS + 2, y + 4);
+        }
+      });
+    }
+  }
+}
