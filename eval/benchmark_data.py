@@ -33,7 +33,7 @@ from modeling_streetclip.images import ImageInput
 logger = logging.get_logger(__name__)
 
 # Column names recognised without being named, compared case-insensitively, first match wins (ids and images by
-# those of `dataset_sources`). IM2GPS and IM2GPS3K metadata use IMG_ID, LAT, LON; other benchmarks write the names out.
+# those of `app.sources`). IM2GPS and IM2GPS3K metadata use IMG_ID, LAT, LON; other benchmarks write the names out.
 CSV_ID_COLUMNS = (*ID_COLUMNS, "image", "path")
 LATITUDE_COLUMNS = ("lat", "latitude")
 LONGITUDE_COLUMNS = ("lon", "lng", "long", "longitude")

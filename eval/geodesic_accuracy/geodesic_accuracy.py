@@ -23,7 +23,7 @@ import numpy.typing as npt
 # with `evaluate.load` by people who never install the package. So the project's haversine lives here, not in the
 # package (the benchmark runner computes its per-row distances with `haversine_km`, taken from the module evaluate
 # loaded), and `_point_problem` is a copy of the package's rule of what makes a [lat, lon] pair a point on Earth
-# (`modeling_streetclip.coordinates`, used by training and the benchmark runner). Change both copies together.
+# (`modeling_streetclip.geodesy`, used by training and the benchmark runner). Change both copies together.
 
 _DESCRIPTION = """
 Geodesic accuracy scores image geolocation: for each image, the great-circle distance between the
@@ -191,7 +191,7 @@ def _row_problem(row: object) -> str | None:
 
 def _point_problem(row: object, lat: float, lon: float) -> str | None:
     """Say why a numeric [lat, lon] pair is not a point on Earth, or return None when it is one."""
-    # A standalone copy of `modeling_streetclip.coordinates.coordinate_problem` (see the note at the imports).
+    # A standalone copy of `modeling_streetclip.geodesy.coordinate_problem` (see the note at the imports).
     if not (np.isfinite(lat) and np.isfinite(lon)):
         return f"is {row!r}, with a missing or non-finite value; {_PAIR_HINT}"
     if abs(lat) > 90:

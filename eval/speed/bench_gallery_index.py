@@ -10,8 +10,8 @@ The galleries:
 Queries are new rows drawn the same way, searched in batches of 64. On the clustered gallery, "same centre@10" is the
 share of the 10 rows found that belong to the query's own centre: what geolocation needs (photos of the same place),
 where recall@10 also asks for their exact order among a hundred near-equal rows. The indexes are exact search (`Flat`), the
-documented default for the size (`gallery.recommended_index`: IVF1024,SQ8 at a million rows) and the lean options
-(`IVF1024,PQ{m}`), each built by `gallery.trained_index` as galleries build theirs. Memory is the serialised index
+documented default for the size (`gallery_index.recommended_index`: IVF1024,SQ8 at a million rows) and the lean options
+(`IVF1024,PQ{m}`), each built by `gallery_index.trained_index` as galleries build theirs. Memory is the serialised index
 (`faiss.serialize_index`: the codes, the ids and the coarse centroids); for `Flat`, rows x dimension x 4 bytes, its
 only content. Targets at 1M clustered rows, default index: recall@10 >= 0.9, <= 1 GiB, <= 5 ms per query.
 
