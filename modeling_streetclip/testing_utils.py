@@ -4,17 +4,24 @@ They mirror the published `geolocal/StreetCLIP` layout (a plain CLIP folder: con
 image-processor files) at hidden size 32, so the loading code a user runs is exercised in milliseconds; the speed
 scripts build the same layout at ViT-L/14-336 scale. The synthetic geo set (`PLACES`, `place_photo`,
 `write_geo_imagefolder`) is what a tiny model learns in tests that need answers that are not near-ties. transformers
-ships its own `testing_utils`; this is ours, importable by tests and by the scripts under `eval/speed/` alike.
+ships its own `testing_utils`; this is ours, importable by tests and by the scripts under `eval/speed/` alike. The
+in-browser page (`model_card/web/`) is served and driven in headless Chromium from here too, and a tiny model is
+trained with `training/pretrain.py`: those need the checkout.
 """
 
 import colorsys
+import contextlib
 import csv
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+import urllib.parse
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +30,7 @@ from PIL import Image
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
+from .configuration_streetclip import StreetCLIPConfig
 from .modeling_streetclip import StreetCLIPForGeolocation
 
 
@@ -274,3 +282,181 @@ def save_streetclip_folder(clip_dir: Path, path: Path, **from_pretrained_kwargs)
     AutoImageProcessor.from_pretrained(clip_dir).save_pretrained(path)
     AutoTokenizer.from_pretrained(clip_dir).save_pretrained(path)
     return path
+
+
+# The in-browser page (model_card/web/): tests and eval/speed/bench_onnx.py serve it with a model beside it and open it
+# in headless Chromium.
+WEB_DIR = Path(__file__).resolve().parents[1] / "model_card" / "web"
+# Headers under which the page is cross-origin isolated, as its Space serves it, so WebAssembly may use threads.
+CROSS_ORIGIN_ISOLATION = {
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Embedder-Policy": "require-corp",
+    "Cross-Origin-Resource-Policy": "cross-origin",
+}
+WEB_PAGE_TIMEOUT_S = 120
+
+
+def install_web_dependencies(folder: Path = WEB_DIR) -> Path:
+    """Install the page's npm packages from its lockfile (`npm ci`) unless `folder/node_modules` holds them already;
+    parallel test workers take turns (a file lock). Raises FileNotFoundError when npm is not installed."""
+    from filelock import FileLock
+
+    lock = json.loads((folder / "package-lock.json").read_text(encoding="utf-8"))
+    wanted = {
+        path: package["version"] for path, package in lock["packages"].items() if path.startswith("node_modules/")
+    }
+
+    def installed() -> bool:
+        for path, version in wanted.items():
+            manifest = folder / path / "package.json"
+            if not manifest.is_file() or json.loads(manifest.read_text(encoding="utf-8"))["version"] != version:
+                return False
+        return True
+
+    if installed():
+        return folder
+    npm = shutil.which("npm")
+    if npm is None:
+        raise FileNotFoundError(f"npm is not installed; the page's packages install with `npm ci --prefix {folder}`.")
+    with FileLock(folder / "node_modules.lock"):
+        if not installed():
+            command = [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"]
+            subprocess.run(command, cwd=folder, check=True, capture_output=True, timeout=600)
+    return folder
+
+
+@dataclass
+class ServedFolders:
+    """Where `serve_folders` listens (`url`, ending in /) and every request it got, as (method, path)."""
+
+    url: str = ""
+    requests: list[tuple[str, str]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def serve_folders(routes: Mapping[str, Path]) -> Iterator[ServedFolders]:
+    """Serve folders over HTTP on 127.0.0.1 at a free port, in a thread: `routes` maps URL prefixes (`"/"`,
+    `"/model/"`) to folders, the longest prefix first. Responses are cross-origin isolated; requests are recorded."""
+    served = ServedFolders()
+    prefixes = sorted(routes, key=len, reverse=True)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, ".mjs": "text/javascript"}
+
+        def translate_path(self, path: str) -> str:
+            path = urllib.parse.urlsplit(path).path
+            prefix = next((prefix for prefix in prefixes if path.startswith(prefix)), None)
+            if prefix is None:
+                return ""  # no file: 404
+            self.directory = str(routes[prefix])
+            return super().translate_path("/" + path[len(prefix) :])
+
+        def end_headers(self) -> None:
+            for name, value in CROSS_ORIGIN_ISOLATION.items():
+                self.send_header(name, value)
+            super().end_headers()
+
+        def log_request(self, code="-", size="-") -> None:
+            served.requests.append((self.command, urllib.parse.urlsplit(self.path).path))
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    served.url = f"http://127.0.0.1:{server.server_address[1]}/"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield served
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def headless_chromium():
+    """Headless Chromium and its driver from the system (Debian's `chromium` and `chromium-driver`), never a
+    downloaded browser, recording its network requests (see `requested_urls`). Raises FileNotFoundError without
+    them."""
+    browser, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not browser or not driver:
+        raise FileNotFoundError(
+            "Chromium or chromedriver not found; install them with `apt-get install -y chromium chromium-driver`"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    # Root in CI has no user namespace sandbox; /dev/shm is small in containers.
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    chromium = webdriver.Chrome(service=Service(driver), options=options)
+    chromium.set_page_load_timeout(WEB_PAGE_TIMEOUT_S)
+    return chromium
+
+
+def requested_urls(chromium) -> list[str]:
+    """Every URL the browser requested since the last call (DevTools' network events), the page's own and any
+    other's."""
+    urls = []
+    for entry in chromium.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+def _page_phase(chromium) -> str:
+    return chromium.execute_script("return document.getElementById('status').dataset.phase")
+
+
+def open_web_page(chromium, url: str) -> None:
+    """Open the page at `url` and wait until its model is loaded (or failed to load)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium.get(url)
+    WebDriverWait(chromium, WEB_PAGE_TIMEOUT_S).until(lambda driver: _page_phase(driver) in ("ready", "error"))
+
+
+def drop_photos(chromium, paths: Sequence[Path], timeout: float = WEB_PAGE_TIMEOUT_S) -> None:
+    """Choose `paths` in the page's file input, as a user does, and wait until the page has answered them all."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # The page marks the end of each batch; clear the last one's mark first.
+    chromium.execute_script("document.getElementById('status').dataset.phase = 'busy'")
+    chromium.find_element(By.ID, "photos").send_keys("\n".join(str(path) for path in paths))
+    WebDriverWait(chromium, timeout).until(lambda driver: _page_phase(driver) == "done")
+
+
+def train_geo_model(root: Path, clip_dir: Path | None = None) -> Path:
+    """The tiny CLIP (`clip_dir`, by default a fresh one) after 40 steps of `training/pretrain.py` on the synthetic
+    geo set (about a minute): a model whose answers are learned, not the near-ties of random weights, so that the
+    agreement of two ways of running it means something. Needs the checkout; returns the trained model's folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    clip_dir = clip_dir or save_tiny_clip_checkpoint(root / "clip")
+    countries = root / "countries.txt"
+    countries.write_text("\n".join(PLACES) + "\n", encoding="utf-8")
+    arguments = {
+        "model_name_or_path": clip_dir,
+        "train_data": write_geo_imagefolder(root / "train", photos_per_city=8, seed=0),
+        "countries": countries,
+        "cities_per_country": 2,
+        "output_dir": root / "run",
+        "max_steps": 40,
+        "per_device_train_batch_size": 16,
+        "learning_rate": 1e-3,
+        "checkpointing_steps": 100,
+        "dataloader_num_workers": 0,
+        "report_to": "none",
+    }
+    checkout = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(checkout / "training" / "pretrain.py")]
+    command += [item for name, value in arguments.items() for item in (f"--{name}", str(value))]
+    # A tiny text tower cannot carry the fine caption over to the country prompt alone: mix in the coarse one.
+    command += ["--caption_templates", StreetCLIPConfig().caption_template, "A Street View photo in {country}."]
+    command += ["--caption_template_probabilities", "0.5", "0.5"]
+    environment = {**os.environ, "HF_DATASETS_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, env=environment, cwd=checkout, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError(f"training/pretrain.py failed with status {result.returncode}:\n{result.stderr[-5000:]}")
+    return root / "run"

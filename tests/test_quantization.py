@@ -3,9 +3,6 @@ as float32 on a model that has learned something, through every entry point a us
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +12,18 @@ from torch import nn
 from transformers import pipeline
 
 import modeling_streetclip.quantization as quantization
-from modeling_streetclip import StreetCLIPConfig, StreetCLIPForGeolocation
+from modeling_streetclip import StreetCLIPForGeolocation
 from modeling_streetclip.cli import main
 from modeling_streetclip.quantization import Int8DtypeError, Int8DynamicConfig
 from modeling_streetclip.testing_utils import (
-    PLACES,
     SMALL_COUNTRIES,
     TINY_IMAGE_SIZE,
     random_photo,
+    train_geo_model,
     write_geo_imagefolder,
 )
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DynamicInt8Linear = torch.ao.nn.quantized.dynamic.Linear
 
 
@@ -208,34 +204,9 @@ def test_cli_quantize_without_int8_kernels_is_a_usage_error(capsys, monkeypatch,
 
 @pytest.fixture(scope="module")
 def trained_geo_model(tiny_clip_dir, tmp_path_factory) -> Path:
-    """The tiny CLIP after 40 steps on the synthetic geo set, as in the training tests (about a minute): a model
-    whose answers are learned, not the near-ties of random weights, so that agreement means something."""
-    root = tmp_path_factory.mktemp("trained-geo")
-    countries = root / "countries.txt"
-    countries.write_text("\n".join(PLACES) + "\n", encoding="utf-8")
-    template = StreetCLIPConfig().caption_template
-    # A tiny text tower cannot carry the fine caption over to the country prompt alone: mix in the coarse one.
-    arguments = {
-        "model_name_or_path": tiny_clip_dir,
-        "train_data": write_geo_imagefolder(root / "train", photos_per_city=8, seed=0),
-        "countries": countries,
-        "cities_per_country": 2,
-        "output_dir": root / "run",
-        "max_steps": 40,
-        "per_device_train_batch_size": 16,
-        "learning_rate": 1e-3,
-        "checkpointing_steps": 100,
-        "dataloader_num_workers": 0,
-        "report_to": "none",
-    }
-    command = [sys.executable, str(REPO_ROOT / "training" / "pretrain.py")]
-    command += [item for name, value in arguments.items() for item in (f"--{name}", str(value))]
-    command += ["--caption_templates", template, "A Street View photo in {country}."]
-    command += ["--caption_template_probabilities", "0.5", "0.5"]
-    environment = {**os.environ, "HF_DATASETS_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, env=environment, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"pretrain.py failed:\n{result.stderr[-5000:]}"
-    return root / "run"
+    """The tiny CLIP after 40 steps on the synthetic geo set (about a minute): a model whose answers are learned, not
+    the near-ties of random weights, so that agreement means something."""
+    return train_geo_model(tmp_path_factory.mktemp("trained-geo"), tiny_clip_dir)
 
 
 @pytest.mark.slow
