@@ -12,7 +12,10 @@ from transformers import AutoConfig, AutoProcessor
 
 from modeling_streetclip import StreetCLIPConfig, StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.cli import main
-from modeling_streetclip.testing_utils import SMALL_COUNTRIES, TINY_IMAGE_SIZE
+from modeling_streetclip.decisions import rank_answers
+from modeling_streetclip.images import load_rgb_image
+from modeling_streetclip.pixels import normalized_pixels, resized_pixels
+from modeling_streetclip.testing_utils import SMALL_COUNTRIES, TINY_IMAGE_SIZE, train_geo_model, write_geo_imagefolder
 
 
 onnx = pytest.importorskip("onnx", reason='the ONNX export needs the [onnx] extra: pip install "streetclip[onnx]"')
@@ -26,6 +29,7 @@ from modeling_streetclip.app.export import (  # noqa: E402  (after the skip: it 
     ONNX_FOLDER,
     QUANTIZED_GRAPH_FILE,
     export_onnx,
+    graph_outputs,
     output_names,
     save_onnx_folder,
 )
@@ -44,8 +48,7 @@ def pixels(batch_size: int, seed: int) -> torch.Tensor:
 
 def run_graph(path: Path, pixel_values: torch.Tensor) -> dict[str, np.ndarray]:
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    names = [output.name for output in session.get_outputs()]
-    return dict(zip(names, session.run(None, {"pixel_values": pixel_values.numpy()}), strict=True))
+    return {name: value.numpy() for name, value in graph_outputs(session, pixel_values.numpy()).items()}
 
 
 @pytest.fixture(
@@ -105,6 +108,41 @@ def test_int8_graph_quantizes_the_vision_encoder_linear_layers_and_keeps_the_hea
     assert [value.shape for value in outputs.values()] == [tuple(expected[name].shape) for name in outputs]
     cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(outputs["image_embeds"]), expected.image_embeds)
     assert cosine.min() > 0.99
+
+
+@pytest.mark.slow
+def test_int8_graph_first_answers_agree_with_the_float32_graphs_on_a_trained_model(tmp_path):
+    """204 held-out photos of the synthetic geo set, ranked by the package's own rule on each graph's outputs: the
+    int8 graph's first country agrees with the float32 graph's on at least 98%, and the float32 graph answers as
+    PyTorch does."""
+    model_dir = train_geo_model(tmp_path / "trained")
+    model = StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=True)
+    processor = StreetCLIPProcessor.from_pretrained(model_dir)
+    save_onnx_folder(model, processor, tmp_path / "onnx")
+    paths = sorted(write_geo_imagefolder(tmp_path / "eval", photos_per_city=17, seed=1).glob("*.png"))
+    images = [load_rgb_image(path) for path in paths]
+    pixel_values = normalized_pixels(processor.image_processor, resized_pixels(processor.image_processor, images))
+    answers = {
+        name: rank_answers(
+            model, graph_outputs(ort.InferenceSession(tmp_path / "onnx" / ONNX_FOLDER / name), pixel_values.numpy())
+        )
+        for name in (GRAPH_FILE, QUANTIZED_GRAPH_FILE)
+    }
+    with torch.no_grad():
+        reference = rank_answers(model, model(pixel_values))
+    truth = [path.name.split("-")[0] for path in paths]
+    accuracy = np.mean([answer[0]["country"] == country for answer, country in zip(reference, truth, strict=True)])
+    agreement = np.mean(
+        [
+            ours[0]["country"] == theirs[0]["country"]
+            for ours, theirs in zip(answers[QUANTIZED_GRAPH_FILE], answers[GRAPH_FILE], strict=True)
+        ]
+    )
+    print(f"{len(paths)} photos: float32 country accuracy {accuracy:.3f}, int8 graph agreement {agreement:.3f}")
+    assert len(paths) >= 200
+    assert accuracy >= 0.8, "the model did not learn the geo set, so agreement would mean nothing"
+    assert [answer[0]["label"] for answer in answers[GRAPH_FILE]] == [answer[0]["label"] for answer in reference]
+    assert agreement >= 0.98
 
 
 def test_graphs_hold_no_text_tower_and_no_paths_of_this_machine(exported):

@@ -27,9 +27,11 @@ from torch import nn
 
 
 if TYPE_CHECKING:
+    import numpy as np
     import onnx
+    import onnxruntime
 
-    from ..modeling_streetclip import StreetCLIPForGeolocation
+    from ..modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
     from ..processing_streetclip import StreetCLIPProcessor
 
 
@@ -148,6 +150,16 @@ def save_onnx_folder(
     return graphs
 
 
+def graph_outputs(session: onnxruntime.InferenceSession, pixel_values: np.ndarray) -> GeolocationOutput:
+    """Run an exported graph on `pixel_values` (float32, as the image processor prepares them): its outputs as the
+    model's own `GeolocationOutput`, which `decisions.rank_answers` ranks as it ranks the model's."""
+    from ..modeling_streetclip import GeolocationOutput
+
+    names = [output.name for output in session.get_outputs()]
+    outputs = session.run(names, {INPUT_NAME: pixel_values})
+    return GeolocationOutput(**{name: torch.from_numpy(value) for name, value in zip(names, outputs, strict=True)})
+
+
 def _check_exportable(model: StreetCLIPForGeolocation) -> None:
     """Refuse a model the graph cannot be exported from, naming what to load instead."""
     if model.candidate_places is None:
@@ -226,6 +238,7 @@ __all__ = [
     "QUANTIZED_GRAPH_FILE",
     "OnnxGraphs",
     "export_onnx",
+    "graph_outputs",
     "output_names",
     "require_onnx",
     "save_onnx_folder",
