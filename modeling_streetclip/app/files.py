@@ -1,0 +1,87 @@
+"""Writing a file or a folder whole or not at all, the one way the application replaces what it has written.
+
+Hand-written: no maintained library renames both files and folders into place with fsync (atomicwrites, now
+archived, did files only).
+"""
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+TEMPORARY_SUFFIX = ".tmp"
+# A folder cannot be renamed over a folder that holds files: the old one moves aside under this suffix first.
+REPLACED_SUFFIX = ".old"
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` (`path` + ".tmp") to write a file or a folder to; when the block ends
+    without an error, flush it to disk and rename it over `path`, so that readers and a kill at any moment see the old
+    `path` or the new one, never part of one. On an error (in the block or in the rename) the temporary is removed and
+    `path` is left as it was.
+
+    A temporary left by a killed writer is removed first. A folder replaces an existing folder in two renames (the
+    old one goes to `path` + ".old", then is deleted); a kill between them leaves the old folder there.
+    """
+    path = Path(path)
+    temporary = path.with_name(path.name + TEMPORARY_SUFFIX)
+    _remove(temporary)
+    try:
+        yield temporary
+        move_into_place(temporary, path)
+    except BaseException:
+        _remove(temporary)
+        raise
+
+
+def move_into_place(temporary: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Flush the file or folder `temporary` to disk and rename it over `path` (see `atomic_write`), for writers that
+    cannot work inside one `with` block (several processes writing one folder)."""
+    temporary, path = Path(temporary), Path(path)
+    _sync_tree(temporary)
+    if path.is_dir() and not path.is_symlink():
+        replaced = path.with_name(path.name + REPLACED_SUFFIX)
+        _remove(replaced)
+        os.replace(path, replaced)
+        os.replace(temporary, path)
+        shutil.rmtree(replaced)
+    else:
+        os.replace(temporary, path)
+    _sync(path.parent)
+
+
+def _sync_tree(path: Path) -> None:
+    """fsync a file, or every file and folder under a folder, so that a crash after the rename cannot lose them."""
+    if path.is_dir():
+        for root, _, names in os.walk(path):
+            for name in names:
+                _sync(Path(root, name))
+            _sync(Path(root))
+    else:
+        _sync(path)
+
+
+def _sync(path: Path) -> None:
+    if path.is_dir():
+        if not hasattr(os, "O_DIRECTORY"):
+            return  # Windows: a folder cannot be opened to fsync, and its entries are written through
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    else:
+        fd = os.open(path, os.O_RDWR)  # (Windows fsyncs only what it may write)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+__all__ = ["atomic_write", "move_into_place"]
