@@ -19,11 +19,12 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from transformers import AutoImageProcessor
 
 from modeling_streetclip import StreetCLIPForGeolocation, load_rgb_image
 from modeling_streetclip.answers import format_answers
-from modeling_streetclip.app.records import ANSWER_FIELDS, DECISION_FIELDS, REGION_FIELDS, options_path
+from modeling_streetclip.app.records import ANSWER_FIELDS, DECISION_FIELDS, REGION_FIELDS, lock_path, options_path
 from modeling_streetclip.cli import build_parser, main
 from modeling_streetclip.decisions import rank_places
 from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo, save_random_photos
@@ -504,14 +505,12 @@ def test_a_relative_model_path_resumes_what_its_absolute_path_wrote(
 
 
 def test_a_second_run_on_an_output_being_written_exits_two(capsys, monkeypatch, tmp_path, small_streetclip_dir):
-    fcntl = pytest.importorskip("fcntl")
     make_photos(tmp_path, ["a.jpg"])
     output = tmp_path / "answers.jsonl"
     output.write_text("")
     monkeypatch.setattr("modeling_streetclip.cli.locate.load_model", model_must_not_load)
 
-    with output.open("a") as first_run:
-        fcntl.flock(first_run.fileno(), fcntl.LOCK_EX)  # as a running `streetclip locate` holds it
+    with FileLock(lock_path(output)):  # as a running `streetclip locate` holds it
         status, out, err = run(capsys, "locate", tmp_path, "--model", small_streetclip_dir, "--output", output)
 
     assert status == 2 and out == ""
@@ -885,8 +884,10 @@ def test_parquet_output_loads_with_datasets_and_holds_the_jsonl_records(capsys, 
     assert status == 1 and "3 of 4 inputs geolocated, 1 failed" in err
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "answers.jsonl",
+        "answers.jsonl.lock",
         "answers.jsonl.options.json",
         "answers.parquet",
+        "answers.parquet.lock",
         "answers.parquet.options.json",
         "photos",
     ]

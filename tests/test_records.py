@@ -199,7 +199,6 @@ def test_a_file_without_its_options_record_is_refused_and_overwrite_starts_afres
 
 @pytest.mark.parametrize("extension", ["jsonl", "parquet"])
 def test_a_second_writer_of_the_same_file_is_refused_while_the_first_holds_it(tmp_path, extension):
-    pytest.importorskip("fcntl")
     path = tmp_path / f"results.{extension}"
 
     with open_records(path, grouped=False, top_k=1, options=OPTIONS) as first:
@@ -327,7 +326,7 @@ def test_parquet_parts_left_by_a_kill_are_resumed_and_merged_after_the_file(tmp_
     writer = open_records(path, grouped=False, top_k=1, options=OPTIONS)
     for name in ("/b.jpg", "/c.jpg", "/d.jpg"):
         writer.write({"path": name, "error": "unreadable"})
-    os.close(writer.lock_fd)  # killed: the system drops the lock, nothing else happens; /d.jpg was not written yet
+    writer.lock.release()  # killed: the system drops the lock, nothing else happens; /d.jpg was not written yet
 
     parts = tmp_path / "answers.parquet.parts"
     assert [part.name for part in parts.iterdir()] == ["part-000000.parquet"]

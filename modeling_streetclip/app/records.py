@@ -1,30 +1,16 @@
-"""Result files of `streetclip locate`: JSON Lines, CSV or Parquet, resumable after a kill.
+"""Result files of `streetclip locate`: JSON Lines, CSV or Parquet, resumable after a kill at any moment.
 
-A record counts as written once its closing newline is. `open_records` takes an exclusive lock on the file (a second
-run on the same output stops at once), checks that the options which shape answers are those that wrote it, cuts off
-a partial last record (the trace of a killed run) and returns a writer that knows the keys already recorded, so a
-rerun of the same command skips them and every input ends up in the file exactly once. The writer writes each record
-whole (a short write is continued, a failed one is cut off again and stops the run), and fsyncs every
-FSYNC_INTERVAL_S.
-
-A record is a dict: its key, `path` (or, for pooled views, `group` and its member `paths`; for the rows of a dataset,
-the id column, named as there), then either `answers` (the pipeline's dicts, best first) or `error`. CSV flattens the answers into rank-suffixed columns (`country_1`, `city_1`,
-..., `country_2`, ...), one row per record, so that a row is a whole record and resuming never meets half an answer
-list. Text cells that a spreadsheet would take for a formula are written as text (see `spreadsheet_safe`).
-
-Every format holds valid UTF-8, with one spelling of a file name whose bytes are not UTF-8 (Python hands such a name
-over with surrogate escapes): each such byte as a backslash escape, `\\xff` (see `storable`). Resume finds an input
-by that spelling.
-
-The options that wrote a file live beside it, in OUTPUT.options.json (a sidecar rather than a first record, so that
-every line of OUTPUT stays a record and every CSV reader sees a plain table).
-
-Parquet has no lines to append: a file is whole only once its footer is written. So a Parquet run writes its records
-as complete part files, one every FSYNC_INTERVAL_S (or PARQUET_PART_ROWS records), into the folder
-OUTPUT.parts/, which it holds the lock on; closing the writer merges OUTPUT and the parts into a new OUTPUT (each
-part a row group, renamed into place) and removes the folder. A killed run leaves its parts; the rerun reads their
-keys with those of OUTPUT, and merges them all when it ends. See `ParquetRecordWriter`.
+A record is a dict: its key (`path`; `group` and its member `paths` for pooled views; a dataset's id column), then
+`answers` (the pipeline's dicts, best first) or `error`. A JSON Lines or CSV record counts as written once its closing
+newline is; CSV flattens the answers into rank-suffixed columns (`country_1`, ..., `country_2`, ...), so that a row is
+a whole record. `open_records` locks the output (OUTPUT.lock), checks that the options which shape answers are those
+recorded beside it (OUTPUT.options.json, a sidecar so that every line of OUTPUT stays a record), cuts off a partial
+last record and returns a writer that knows the keys already recorded. Parquet is whole only once its footer is
+written, so a run writes complete part files into OUTPUT.parts/ and merges them into OUTPUT when it ends (see
+`ParquetRecordWriter`). Every format holds valid UTF-8 (see `storable`).
 """
+
+from __future__ import annotations
 
 import csv
 import errno
@@ -40,11 +26,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from filelock import FileLock, Timeout
 
-try:
-    import fcntl
-except ImportError:  # Windows: runs on one output are not locked against each other there
-    fcntl = None
+from . import import_optional
+from .files import atomic_write
+
 
 # The answer fields of the pipeline contract (see `GeolocationPipeline`), in CSV column order.
 ANSWER_FIELDS = (
@@ -61,31 +47,24 @@ ANSWER_FIELDS = (
     "joint_probability",
     "expected_distance_km",
 )
-# The answer fields only a model with a region level gives, and the one only the expected-distance decision gives;
-# other answers leave them empty (CSV) or null (Parquet).
+# Answer fields that only a model with a region level, or only the expected-distance decision, fills.
 REGION_FIELDS = ("region", "region_score")
 DECISION_FIELDS = ("expected_distance_km",)
-# A record written to the file survives a killed process; fsync guards against a crashed machine too, at a cost
-# (milliseconds per call) that a million-record run cannot pay per record.
+_TEXT_FIELDS = ("label", "country", "country_code", "region", "city")
+# fsync guards against a crashed machine, at a cost per call that a run cannot pay per record.
 FSYNC_INTERVAL_S = 10.0
-# A Parquet part is written at least every FSYNC_INTERVAL_S, and sooner after this many records: a row group of
-# 10,000 small records is a few hundred kB, large enough to read fast, small enough to hold in memory.
+# A Parquet part is written every FSYNC_INTERVAL_S, or sooner after this many records (a row group fast to read).
 PARQUET_PART_ROWS = 10_000
-# The longest line a resumed file may hold. A record with top_k answers over the largest candidate table, or a
-# group of many thousand views, stays far below it; a longer line is the unfinished tail of a killed run (or not a
-# record at all), and reading it whole could take any amount of memory.
+# No record this command writes comes near this; a longer line is a killed run's tail, or not a record at all.
 MAX_RECORD_BYTES = 64 * 1024 * 1024
-# First characters that make a spreadsheet evaluate a cell (OWASP, "CSV Injection"), and the apostrophe that
-# `spreadsheet_safe` puts before them; a cell starting with an apostrophe gets one too, so that the escape reverses.
+# First characters that make a spreadsheet evaluate a cell (OWASP, "CSV Injection"), and the mark that escapes them.
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _TEXT_MARK = "'"
+# How a recorded option that is no command-line option of its own is named in messages.
+_OPTION_LABELS = {"model_weights": "the fingerprint of --model's weights"}
 
 
 logger = logging.getLogger(__name__)
-
-
-# How a recorded option that is no command-line option of its own is named in messages.
-_OPTION_LABELS = {"model_weights": "the fingerprint of --model's weights"}
 
 
 class ResultFileError(ValueError):
@@ -95,33 +74,23 @@ class ResultFileError(ValueError):
 def spreadsheet_safe(value: Any) -> Any:
     """A CSV cell that spreadsheets show as text instead of evaluating (OWASP's defence against CSV injection).
 
-    A string that starts with `= + - @`, a tab or a carriage return gets a leading apostrophe, which spreadsheets
-    hide; so does one that starts with an apostrophe, so that reading a cell back (drop one leading apostrophe) gives
-    the value exactly. Numbers and other values pass unchanged: `-33.9` stays a number.
+    A string that starts with `= + - @`, a tab, a carriage return or an apostrophe gets a leading apostrophe, so that
+    dropping one on reading gives the value exactly; numbers pass unchanged (`-33.9` stays a number).
     """
     if isinstance(value, str) and value.startswith((*_FORMULA_STARTS, _TEXT_MARK)):
         return _TEXT_MARK + value
     return value
 
 
-def _from_spreadsheet_safe(cell: str) -> str:
-    """The value that `spreadsheet_safe` wrote as `cell`."""
-    return cell[1:] if cell.startswith(_TEXT_MARK) else cell
-
-
 def storable(text: str) -> str:
-    """`text` as result files hold it, valid UTF-8: the bytes of a file name that are not UTF-8, which reach Python
-    as surrogate escapes, become backslash escapes (`\\xff`), alike in JSON Lines, CSV and Parquet; other text is
-    unchanged."""
+    """`text` as valid UTF-8: the bytes of a file name that are not UTF-8 (surrogate escapes in Python) become
+    backslash escapes (`\\xff`), alike in every format; resume finds an input by that spelling."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _storable_record(record: dict[str, Any]) -> dict[str, Any]:
     """`record` with its key, member paths and error `storable` (answers hold candidate names, valid already)."""
-    stored = dict(record)
-    for field, value in record.items():
-        if isinstance(value, str):
-            stored[field] = storable(value)
+    stored = {field: storable(value) if isinstance(value, str) else value for field, value in record.items()}
     if "paths" in record:
         stored["paths"] = [storable(path) for path in record["paths"]]
     return stored
@@ -138,12 +107,9 @@ class _StoredKeys(dict):
 
 
 class _Lines:
-    """The complete (newline-terminated) lines of a binary stream, decoded, read one at a time, each within
-    MAX_RECORD_BYTES of memory.
+    """The complete (newline-terminated) lines of a binary stream, decoded, one at a time within MAX_RECORD_BYTES.
 
-    `end` is the byte offset just after the last line handed out; `exhausted` says that nothing complete follows it
-    (the stream ended, or a partial line without its newline is all that is left, however long). A complete line
-    longer than MAX_RECORD_BYTES is refused: no run of this command writes one.
+    `end` is the byte offset just after the last line handed out; `exhausted` says that nothing complete follows it.
     """
 
     def __init__(self, stream: BinaryIO, path: Path):
@@ -162,12 +128,10 @@ class _Lines:
                     )
                 break
             self.end += len(line)
-            # Older files may hold a name's raw bytes; `storable` keys find them.
-            yield line.decode("utf-8", "surrogateescape")
+            yield line.decode("utf-8", "surrogateescape")  # older files may hold a name's raw bytes
         self.exhausted = True
 
     def _newline_follows(self) -> bool:
-        """Whether the rest of the stream holds a newline, read a block at a time."""
         while block := self.stream.read(1024 * 1024):
             if b"\n" in block:
                 return True
@@ -213,8 +177,8 @@ class _Csv:
     """A header row, then one row per record: the key, member paths (a JSON list) for groups, `top_k` rank-suffixed
     answer column sets (empty where a record has fewer answers) and `error`.
 
-    Rows end in CRLF, as RFC 4180 has it: with that terminator the csv module quotes every field holding a CR or LF,
-    so a file name with a carriage return stays inside its row.
+    Rows end in CRLF, as RFC 4180 has it: the csv module then quotes every field holding a CR or LF, so that a file
+    name with a carriage return stays inside its row.
     """
 
     def __init__(self, key: str, top_k: int):
@@ -266,7 +230,8 @@ class _Csv:
                     f"{len(self.columns)}; resume needs a file this command wrote. Write to a new --output file."
                 )
             if reader.line_num > 1:
-                recorded[storable(_from_spreadsheet_safe(row[0]))] = row[-1] == ""
+                cell = row[0]
+                recorded[storable(cell[1:] if cell.startswith(_TEXT_MARK) else cell)] = row[-1] == ""
             complete = lines.end
         return recorded, complete
 
@@ -287,6 +252,11 @@ def _file_format(path: Path | None, key: str, top_k: int) -> _JsonLines | _Csv:
 def options_path(path: Path) -> Path:
     """The sidecar file that records the options which wrote `path`: `path` + ".options.json"."""
     return path.with_name(path.name + ".options.json")
+
+
+def lock_path(path: Path) -> Path:
+    """The file a run holds locked while it writes `path`: `path` + ".lock" (left in place, as lock files are)."""
+    return path.with_name(path.name + ".lock")
 
 
 def _check_options(path: Path, options: dict[str, Any]) -> None:
@@ -318,8 +288,8 @@ def _check_options(path: Path, options: dict[str, Any]) -> None:
 
 
 def _shown(value: Any, name: str) -> str:
-    """An option's value for a one-line message: "not given" for a missing one ("not recorded" for one that is not
-    an option of its own, which an earlier version did not record), long lists cut short."""
+    """An option's value for a one-line message: "not given" ("not recorded" for one that is not an option of its
+    own, which an earlier version did not record), long lists cut short."""
     if value is None:
         return "not recorded" if name in _OPTION_LABELS else "not given"
     text = repr(value)
@@ -327,31 +297,44 @@ def _shown(value: Any, name: str) -> str:
 
 
 def _write_options(path: Path, options: dict[str, Any]) -> None:
-    """Record `options` beside `path`, atomically (a temporary file renamed over the sidecar)."""
-    sidecar = options_path(path)
-    temporary = sidecar.with_name(sidecar.name + ".tmp")
-    with temporary.open("w", encoding="utf-8") as stream:
-        json.dump({"written_by": "streetclip locate", "options": options}, stream, indent=2)
-        stream.write("\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, sidecar)
+    with atomic_write(options_path(path)) as temporary:
+        text = json.dumps({"written_by": "streetclip locate", "options": options}, indent=2)
+        temporary.write_text(text + "\n", encoding="utf-8")
 
 
-class RecordWriter:
-    """Appends records to an output file (a locked file descriptor) or to standard output, each record whole.
+class _Writer:
+    """What both writers share: the keys an earlier run recorded, as {key: succeeded}, the lock, and `with`."""
 
-    `recorded` holds the keys an earlier run wrote to the file, as {key: succeeded}. A write that fails (a full disk,
-    an I/O error) cuts the file back to its last complete record and raises `ResultFileError`, so that the run stops
-    with the file resumable.
+    def __init__(self, path: Path | None, lock: FileLock | None = None):
+        self.path = path
+        self.lock = lock
+        self.name = "standard output" if path is None else f"--output {str(path)!r}"
+        self.recorded: dict[str, bool] = _StoredKeys()
+        self.failed = False  # a write failed, or the file was refused: closing writes nothing more
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class RecordWriter(_Writer):
+    """Appends records to an output file (an open file descriptor) or to standard output, each record whole.
+
+    A write that fails (a full disk, an I/O error) cuts the file back to its last complete record and raises
+    `ResultFileError`, so that the run stops with the file resumable.
     """
 
-    def __init__(self, file_format: _JsonLines | _Csv, fd: int | None = None, path: Path | None = None):
+    def __init__(self, file_format: _JsonLines | _Csv, path: Path | None = None, fd: int | None = None, lock=None):
+        super().__init__(path, lock)
         self.file_format = file_format
         self.fd = fd
-        self.path = path
-        self.name = "standard output" if fd is None else f"--output {str(path)!r}"
-        self.recorded: dict[str, bool] = _StoredKeys()
         self.size = os.fstat(fd).st_size if fd is not None else 0
         self.last_sync = time.monotonic()
         self.unsynced = False  # bytes written since the last fsync
@@ -382,22 +365,18 @@ class RecordWriter:
                 os.fsync(self.fd)
                 self.last_sync, self.unsynced = time.monotonic(), False
         except OSError as error:
-            self._fail(error)
+            try:
+                os.ftruncate(self.fd, self.size)  # cut off the part of the record that made it
+            except OSError:
+                pass  # the next run's resume cuts the partial line off instead
+            raise ResultFileError(
+                f"cannot write to {self.name}: {error.strerror or error}; the {self.size:,} bytes of complete "
+                "records before it are kept. Rerun the same command to resume once the cause is fixed."
+            ) from None
         self.size += len(data)
 
-    def _fail(self, error: OSError) -> None:
-        """Cut off the part of a record that made it before `error`, then stop the run naming the file."""
-        try:
-            os.ftruncate(self.fd, self.size)
-        except OSError:
-            pass  # the next run's resume cuts the partial line off instead
-        raise ResultFileError(
-            f"cannot write to {self.name}: {error.strerror or error}; the {self.size:,} bytes of complete records "
-            "before it are kept. Rerun the same command to resume once the cause is fixed."
-        ) from None
-
     def close(self) -> None:
-        """Flush the records to disk and release the file (and its lock)."""
+        """Flush the records to disk and release the file and its lock."""
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
@@ -408,12 +387,32 @@ class RecordWriter:
             raise ResultFileError(f"cannot write to {self.name}: {error.strerror or error}.") from None
         finally:
             os.close(fd)
+            super().close()
 
-    def __enter__(self) -> "RecordWriter":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def resume(self, options: dict[str, Any], overwrite: bool) -> None:
+        """Empty the file (`overwrite`) or check its options and read its keys, cutting off a partial last record;
+        a new or emptied file starts with its options sidecar and its header."""
+        recorded_options = not overwrite and self.size > 0
+        if overwrite:
+            os.ftruncate(self.fd, 0)
+            self.size = 0
+        elif recorded_options:
+            _check_options(self.path, options)
+        with os.fdopen(os.dup(self.fd), "rb") as stream:  # a duplicate shares the offset, which appends ignore
+            stream.seek(0)
+            self.recorded, complete = self.file_format.read(_Lines(stream, self.path), self.path)
+        if complete < self.size:
+            logger.warning(
+                f"streetclip locate: {str(self.path)!r} ends in an incomplete record ({self.size - complete:,} bytes "
+                f"after the last complete one, at byte {complete:,}), as a killed run leaves it; it is cut off and "
+                "its input done again."
+            )
+            os.ftruncate(self.fd, complete)
+            self.size = complete
+        if complete == 0:
+            if not recorded_options:
+                _write_options(self.path, options)
+            self._write(self.file_format.header().encode("utf-8"))
 
 
 def open_records(
@@ -423,66 +422,48 @@ def open_records(
     options: dict[str, Any] | None = None,
     overwrite: bool = False,
     key: str | None = None,
-) -> "RecordWriter | ParquetRecordWriter":
+) -> RecordWriter | ParquetRecordWriter:
     """A writer that adds to `path`, resuming what an earlier run with the same `options` wrote there; standard
     output (`path=None`) gets JSON Lines, without resume.
 
     Everything that could stop the run at the file is checked here, before a model loads: the extension, the folder,
     that `path` is a regular file this process may write, that no other run holds it, and that the options recorded
-    beside it (see `options_path`) equal `options` (options whose value is None are left out, so that an option added
-    later, with None meaning the earlier behaviour, keeps older files resumable). `overwrite` empties the file
-    instead. A new or emptied file starts with its options sidecar and the CSV header. `key` names the field that
+    beside it equal `options` (None values are left out, so that an option added later, with None meaning the earlier
+    behaviour, keeps older files resumable). `overwrite` empties the file instead. `key` names the field that
     identifies a record: `path` by default, `group` when `grouped`, a dataset's id column for its rows.
     """
     key = key or ("group" if grouped else "path")
-    if path is not None and path.suffix.lower() == ".parquet":
-        _check_output_path(path)
-        return ParquetRecordWriter.open(path, key, grouped, _recordable(options), overwrite)
-    file_format = _file_format(path, key, top_k)
+    parquet = path is not None and path.suffix.lower() == ".parquet"
+    file_format = None if parquet else _file_format(path, key, top_k)
     if path is None:
         return RecordWriter(file_format)
-    options = _recordable(options)
+    if parquet:
+        install = "`pip install pyarrow` or `pip install 'streetclip[eval]'` (JSON Lines and CSV need nothing more)"
+        import_optional("pyarrow.parquet", "Parquet output", install, ResultFileError)
+    # As the sidecar records them: without the None values, as JSON gives them back (tuples as lists).
+    options = json.loads(json.dumps({name: value for name, value in (options or {}).items() if value is not None}))
     _check_output_path(path)
+    lock = _lock(path)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        if parquet:
+            writer = ParquetRecordWriter(path, key, grouped, lock)
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+            writer = RecordWriter(file_format, path, fd, lock)
     except OSError as error:
+        lock.release()
         raise ResultFileError(f"cannot open --output {str(path)!r} for writing: {error.strerror or error}.") from None
     try:
-        _lock(fd, path)
-        recorded_options = not overwrite and os.fstat(fd).st_size > 0
-        if overwrite:
-            os.ftruncate(fd, 0)
-        elif recorded_options:
-            _check_options(path, options)
-        writer = RecordWriter(file_format, fd, path)
-        with os.fdopen(os.dup(fd), "rb") as stream:  # a duplicate shares the offset, which appends ignore
-            stream.seek(0)
-            writer.recorded, complete = file_format.read(_Lines(stream, path), path)
-        if complete < writer.size:
-            # A partial record, or a CSV header, cut off by a kill: said, since the bytes go.
-            logger.warning(
-                f"streetclip locate: {str(path)!r} ends in an incomplete record ({writer.size - complete:,} bytes "
-                f"after the last complete one, at byte {complete:,}), as a killed run leaves it; it is cut off and "
-                "its input done again."
-            )
-            os.ftruncate(fd, complete)
-            writer.size = complete
-        if complete == 0:
-            if not recorded_options:  # (a file checked above has them recorded already)
-                _write_options(path, options)
-            writer._write(file_format.header().encode("utf-8"))
+        writer.resume(options, overwrite)
     except OSError as error:
-        os.close(fd)
+        writer.failed = True
+        writer.close()
         raise ResultFileError(f"cannot prepare --output {str(path)!r}: {error}.") from None
     except BaseException:
-        os.close(fd)
+        writer.failed = True  # refused: release the file, write nothing
+        writer.close()
         raise
     return writer
-
-
-def _recordable(options: dict[str, Any] | None) -> dict[str, Any]:
-    """`options` as the sidecar records them: without the None values, as JSON gives them back (tuples as lists)."""
-    return json.loads(json.dumps({name: value for name, value in (options or {}).items() if value is not None}))
 
 
 def _check_output_path(path: Path) -> None:
@@ -500,114 +481,63 @@ def _check_output_path(path: Path) -> None:
         )
 
 
-def _import_parquet():
-    """pyarrow and its Parquet module, or a ResultFileError naming the extras that provide them."""
+def _lock(path: Path) -> FileLock:
+    """Lock `path` for this run (through `lock_path`); the system drops the lock of a killed process."""
+    lock = FileLock(lock_path(path), timeout=0)
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as error:
+        lock.acquire()
+    except Timeout:
         raise ResultFileError(
-            f"Parquet output needs the `pyarrow` package ({error}); install it with `pip install pyarrow`, or with "
-            "the evaluation extra: `pip install 'streetclip[eval]'`. JSON Lines and CSV need nothing more."
+            f"another run is writing {str(path)!r}; wait for it to finish, or write to another --output file."
         ) from None
-    return pa, pq
+    except OSError as error:
+        raise ResultFileError(f"cannot lock --output {str(path)!r}: {error.strerror or error}.") from None
+    return lock
 
 
-def parquet_schema(key: str, grouped: bool):
-    """The Parquet schema of `streetclip locate` records: the key, member `paths` for groups, `answers` as a list of
-    structs with ANSWER_FIELDS (null for a failed input) and `error` (null for a geolocated one)."""
-    pa, _ = _import_parquet()
-    answer = pa.struct(
-        [
-            (field, pa.string() if field in ("label", "country", "country_code", "region", "city") else pa.float64())
-            for field in ANSWER_FIELDS
-        ]
-    )
-    paths = [("paths", pa.list_(pa.string()))] if grouped else []
-    return pa.schema([(key, pa.string()), *paths, ("answers", pa.list_(answer)), ("error", pa.string())])
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file (or a folder's entries) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class ParquetRecordWriter:
+class ParquetRecordWriter(_Writer):
     """Writes records to a Parquet file through complete part files, merged into it by `close`.
 
-    Records gather in memory and go to OUTPUT.parts/part-NNNNNN.parquet (written as .tmp, then renamed, so that a
-    part is whole or absent) every FSYNC_INTERVAL_S or PARQUET_PART_ROWS records; a kill loses at most those
-    unwritten records, which the rerun does again. `close` merges OUTPUT and the parts into OUTPUT.parts/merged.tmp,
-    renames it over OUTPUT and removes the folder; a part left behind by a kill between those two steps holds only
-    keys that OUTPUT holds, and the next `open` deletes it. The lock is on the parts folder, which lives exactly as
-    long as a run. `recorded` holds the keys of OUTPUT and of the parts, as {key: succeeded}.
+    Records gather in memory and go to OUTPUT.parts/part-NNNNNN.parquet (whole or absent: `atomic_write`) every
+    FSYNC_INTERVAL_S or PARQUET_PART_ROWS records; a kill loses at most those unwritten records, which the rerun does
+    again. `close` merges OUTPUT and the parts into a new OUTPUT and removes the folder; a part left behind by a kill
+    between those two steps holds only keys that OUTPUT holds, and the next run deletes it.
     """
 
-    def __init__(self, path: Path, key: str, grouped: bool, lock_fd: int, parts: Path):
-        self.path = path
+    def __init__(self, path: Path, key: str, grouped: bool, lock: FileLock):
+        import pyarrow as pa
+
+        super().__init__(path, lock)
         self.key = key
         self.grouped = grouped
-        self.schema = parquet_schema(key, grouped)
-        self.lock_fd: int | None = lock_fd
-        self.parts = parts
-        self.name = f"--output {str(path)!r}"
-        self.recorded: dict[str, bool] = _StoredKeys()
+        self.parts = path.with_name(path.name + ".parts")
+        answer = pa.struct(
+            [(field, pa.string() if field in _TEXT_FIELDS else pa.float64()) for field in ANSWER_FIELDS]
+        )
+        paths = [("paths", pa.list_(pa.string()))] if grouped else []
+        self.schema = pa.schema([(key, pa.string()), *paths, ("answers", pa.list_(answer)), ("error", pa.string())])
         self.rows: list[dict[str, Any]] = []
         self.next_part = 0
         self.last_flush = time.monotonic()
-        self.failed = False
 
-    @classmethod
-    def open(cls, path: Path, key: str, grouped: bool, options: dict[str, Any], overwrite: bool):
-        """Lock `path`'s parts folder, check the options and columns of what is there, and read its keys."""
-        _import_parquet()
-        parts = path.with_name(path.name + ".parts")
-        created = not parts.exists()
-        try:
-            parts.mkdir(exist_ok=True)
-            fd = os.open(parts, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as error:
-            raise ResultFileError(
-                f"cannot open --output {str(path)!r} for writing: {str(parts)!r}: {error.strerror or error}."
-            ) from None
-        try:
-            _lock(fd, path)
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            if not parts.is_dir() or os.stat(parts).st_ino != os.fstat(fd).st_ino:
-                raise ResultFileError(
-                    f"another run has just finished writing {str(path)!r}; rerun the command to resume it."
-                )
-            writer = cls(path, key, grouped, fd, parts)
-            if overwrite:
-                path.unlink(missing_ok=True)
-                for leftover in parts.iterdir():
-                    leftover.unlink()
-            for temporary in parts.glob("*.tmp"):
-                temporary.unlink()  # cut off by a kill while being written
-            if path.exists() or any(parts.glob("part-*.parquet")):
-                _check_options(path, options)
-                writer._read_recorded()
-            else:
-                _write_options(path, options)
-        except BaseException as error:
-            if created:
-                shutil.rmtree(parts, ignore_errors=True)  # a run refused at the start leaves nothing behind
-            os.close(fd)
-            if isinstance(error, OSError):
-                raise ResultFileError(f"cannot prepare --output {str(path)!r}: {error}.") from None
-            raise
-        return writer
+    def resume(self, options: dict[str, Any], overwrite: bool) -> None:
+        """Start afresh (`overwrite`), or check the options and columns of what is there and read its keys."""
+        if overwrite:
+            self.path.unlink(missing_ok=True)
+            shutil.rmtree(self.parts, ignore_errors=True)
+        if self.path.exists() or self._parts():
+            _check_options(self.path, options)
+            self._read_recorded()
+        else:
+            _write_options(self.path, options)
+
+    def _parts(self) -> list[Path]:
+        return sorted(self.parts.glob("part-*.parquet"))
 
     def _read_keys(self, file: Path) -> dict[str, bool]:
         """{key: succeeded} of one Parquet file this command wrote, after checking its columns."""
-        _, pq = _import_parquet()
+        import pyarrow.parquet as pq
+
         try:
             schema = pq.read_schema(file)
             if not schema.equals(self.schema, check_metadata=False):
@@ -629,7 +559,7 @@ class ParquetRecordWriter:
     def _read_recorded(self) -> None:
         merged = self._read_keys(self.path) if self.path.exists() else {}
         self.recorded.update(merged)
-        for part in sorted(self.parts.glob("part-*.parquet")):
+        for part in self._parts():
             keys = self._read_keys(part)
             self.next_part = max(self.next_part, int(part.stem.removeprefix("part-")) + 1)
             if keys and all(key in merged for key in keys):
@@ -650,7 +580,8 @@ class ParquetRecordWriter:
             self.flush()
 
     def _table(self, records: list[dict[str, Any]]):
-        pa, _ = _import_parquet()
+        import pyarrow as pa
+
         columns: dict[str, list] = {self.key: [storable(record[self.key]) for record in records]}
         if self.grouped:
             columns["paths"] = [[storable(path) for path in record["paths"]] for record in records]
@@ -665,19 +596,17 @@ class ParquetRecordWriter:
 
     def flush(self) -> None:
         """Write the records gathered so far as the next part file, whole or not at all."""
+        import pyarrow.parquet as pq
+
         self.last_flush = time.monotonic()
         if not self.rows:
             return
-        _, pq = _import_parquet()
-        part = self.parts / f"part-{self.next_part:06d}.parquet"
-        temporary = part.with_name(part.name + ".tmp")
         try:
-            pq.write_table(self._table(self.rows), temporary)
-            _fsync(temporary)
-            os.replace(temporary, part)
+            self.parts.mkdir(exist_ok=True)
+            with atomic_write(self.parts / f"part-{self.next_part:06d}.parquet") as temporary:
+                pq.write_table(self._table(self.rows), temporary)
         except OSError as error:
             self.failed = True
-            temporary.unlink(missing_ok=True)
             raise ResultFileError(
                 f"cannot write to {self.name}: {error.strerror or error}; the records written before are kept in "
                 f"{str(self.parts)!r}. Rerun the same command to resume once the cause is fixed."
@@ -687,24 +616,21 @@ class ParquetRecordWriter:
 
     def _merge(self) -> None:
         """Replace the file by one holding its row groups and then every part's, and remove the parts."""
-        _, pq = _import_parquet()
-        sources = ([self.path] if self.path.exists() else []) + sorted(self.parts.glob("part-*.parquet"))
+        import pyarrow.parquet as pq
+
+        sources = ([self.path] if self.path.exists() else []) + self._parts()
         if sources != [self.path]:
-            temporary = self.parts / "merged.tmp"
-            with pq.ParquetWriter(temporary, self.schema) as merged:
+            with atomic_write(self.path) as temporary, pq.ParquetWriter(temporary, self.schema) as merged:
                 for source in sources:
                     file = pq.ParquetFile(source)
                     for group in range(file.num_row_groups):
                         merged.write_table(file.read_row_group(group))
-            _fsync(temporary)
-            os.replace(temporary, self.path)
-            _fsync(self.path.parent)
-        shutil.rmtree(self.parts)
+        shutil.rmtree(self.parts, ignore_errors=True)
 
     def close(self) -> None:
         """Write the last records, merge everything into the file and release the lock; after a failed write, only
         release it (the parts stay for the rerun)."""
-        if self.lock_fd is None:
+        if self.lock is None:
             return
         try:
             if not self.failed:
@@ -717,26 +643,7 @@ class ParquetRecordWriter:
                         f"{str(self.parts)!r}. Rerun the same command to merge them once the cause is fixed."
                     ) from None
         finally:
-            os.close(self.lock_fd)
-            self.lock_fd = None
-
-    def __enter__(self) -> "ParquetRecordWriter":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-
-def _lock(fd: int, path: Path) -> None:
-    """Hold an exclusive lock on the open output until it is closed (the system drops it if the process dies)."""
-    if fcntl is None:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ResultFileError(
-            f"another run is writing {str(path)!r}; wait for it to finish, or write to another --output file."
-        ) from None
+            super().close()
 
 
 __all__ = [
@@ -746,8 +653,8 @@ __all__ = [
     "ParquetRecordWriter",
     "RecordWriter",
     "ResultFileError",
+    "lock_path",
     "open_records",
     "options_path",
-    "parquet_schema",
     "spreadsheet_safe",
 ]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from transformers.utils import logging
 
 from ..gallery_store import names_a_missing_folder
+from . import import_optional
 
 
 if TYPE_CHECKING:
@@ -38,15 +39,11 @@ IMAGE_COLUMNS = ("image", "img", "photo", "jpg")
 
 
 def _import_datasets():
-    """The `datasets` module, or an ImportError that names the extras providing it."""
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError(
-            f"Reading data sets needs the `datasets` package ({error}); install it with the training or evaluation "
-            "extra: `pip install 'streetclip[train]'` or `pip install 'streetclip[eval]'`."
-        ) from None
-    return datasets
+    return import_optional(
+        "datasets",
+        "Reading data sets",
+        "the training or evaluation extra: `pip install 'streetclip[train]'` or `pip install 'streetclip[eval]'`",
+    )
 
 
 def _is_saved_dataset(path: str | Path) -> bool:
