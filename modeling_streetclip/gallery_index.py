@@ -1,8 +1,8 @@
-"""The FAISS index of a gallery: which index fits a gallery's size or a memory budget, checking a factory string
-before any photo is embedded, how many inverted lists a search probes, and training an index on a sample.
+"""The FAISS index of a gallery: which index suits its size or a memory budget, checking a factory string before any
+photo is embedded, how many inverted lists a search probes, and training on a sample.
 
-Galleries (`gallery_store`) and their building (`app.gallery_build`) use it; faiss is imported only when an index is
-made or read, so that the `streetclip` command can show this module's defaults in --help at once.
+faiss (and transformers, for `requires_backends`) are imported only where an index is made or read, so that
+`streetclip --help` shows these defaults at once.
 """
 
 from __future__ import annotations
@@ -14,49 +14,30 @@ from typing import Any
 
 import numpy as np
 
+from .gallery_vote import is_count
 
-# `index="auto"`, `--index auto`: the documented default for the gallery's size (`recommended_index`).
+
+# `index="auto"`: the documented default for the gallery's size (`recommended_index`).
 AUTO_INDEX = "auto"
-# Exact search: every query scans every row. Right up to about 100,000 rows (a few ms per query on two cores), and
-# the only index whose results are exact; `recommended_index` chooses for larger galleries.
+# Exact search, the only index whose results are exact; fast enough up to EXACT_SEARCH_MAX_ROWS rows.
 DEFAULT_INDEX = "Flat"
-# Rows per inverted list that `recommended_index` aims at: nlist ~ sqrt(rows) keeps both the coarse search (nlist
-# centroids) and the scan of the probed lists short, and trains in seconds to minutes on a CPU.
-ROWS_PER_LIST_SQRT = 1.0
-# Probing 1/64 of the lists (16 of 1024) reached recall@10 >= 0.9 against exact search on the clustered benchmark
-# (eval/speed/bench_gallery_index.py); fewer lists lose neighbours that sit near a list boundary.
+EXACT_SEARCH_MAX_ROWS = 100_000
+# Probing 1/64 of the lists reached recall@10 >= 0.9 on the clustered benchmark (eval/speed/bench_gallery_index.py).
 PROBED_LIST_FRACTION = 1 / 64
-# faiss warns below 39 training points per centroid; 64 gives k-means some slack at little cost, and 2**16 points
-# (at least) train PQ's 256-centroid sub-quantizers.
+# k-means wants >= 39 points per centroid (64 gives slack); PQ's 256-centroid sub-quantizers want 2**16 points.
 TRAIN_POINTS_PER_LIST = 64
 MIN_TRAIN_POINTS = 2**16
-# Seed of the sample an index is trained on, so that a rebuild gives the same index.
-TRAIN_SAMPLE_SEED = 0
-# Bytes per row that an IVF index adds to its codes: the 64-bit id of each row in its list.
+TRAIN_SAMPLE_SEED = 0  # a rebuild gives the same index
+# An IVF index stores each row's 64-bit id beside its code.
 IVF_ID_BYTES = 8
-# Below this many rows exact search is fast enough that compression buys nothing but lost neighbours.
-EXACT_SEARCH_MAX_ROWS = 100_000
-# PQ code sizes (bytes per row) that `index_for_memory` tries, largest (most accurate) first; each must divide the
-# embedding size (768 for ViT-L/14, 512 for ViT-B) to be usable.
+# PQ code sizes (bytes per row) `index_for_memory` tries, most accurate first; usable where they divide the dimension.
 PQ_CODE_SIZES = (384, 256, 192, 128, 96, 64, 48, 32, 16, 8)
-
-
-def import_faiss():
-    """The `faiss` module, or an ImportError naming the extra that provides it."""
-    try:
-        import faiss
-    except ImportError as error:
-        raise ImportError(
-            f"Galleries need FAISS ({error}); install it with the gallery extra: `pip install 'streetclip[gallery]'` "
-            "(faiss-cpu and datasets)."
-        ) from None
-    return faiss
 
 
 @dataclass(frozen=True)
 class IndexChoice:
-    """A FAISS index for a gallery: its factory string, how many inverted lists a search probes (None without lists),
-    how many rows train it (None: none needed) and about how many bytes it takes in memory."""
+    """A FAISS factory string, the lists a search probes (None without lists), the rows that train it (None: no
+    training) and about how many bytes it takes in memory."""
 
     factory: str
     nprobe: int | None
@@ -64,73 +45,58 @@ class IndexChoice:
     memory_bytes: int
 
 
-def _num_lists(num_rows: int) -> int:
-    """Inverted lists for `num_rows`: the power of two nearest ROWS_PER_LIST_SQRT * sqrt(rows), at most one list per
-    39 rows (faiss' minimum of training points per centroid)."""
-    target = max(1.0, ROWS_PER_LIST_SQRT * math.sqrt(num_rows))
-    lists = 2 ** round(math.log2(target))
-    return max(1, min(lists, num_rows // 39))
-
-
 def probed_lists(lists: int) -> int:
-    """Inverted lists a search probes by default: PROBED_LIST_FRACTION of `lists`, at least one."""
     return max(1, round(lists * PROBED_LIST_FRACTION))
 
 
 def training_rows(lists: int | None, num_rows: int) -> int:
-    """Rows that train an index with `lists` inverted lists (None: codes only, such as PQ): TRAIN_POINTS_PER_LIST
-    per list, at least MIN_TRAIN_POINTS, at most all."""
+    """TRAIN_POINTS_PER_LIST per list, at least MIN_TRAIN_POINTS, at most all rows."""
     return min(num_rows, max(TRAIN_POINTS_PER_LIST * (lists or 1), MIN_TRAIN_POINTS))
 
 
-def ivf_choice(num_rows: int, dim: int, codes: str, code_bytes: int) -> IndexChoice:
-    """The IVF index `IVF{nlist},{codes}` for `num_rows` rows of `dim` floats, whose codes take `code_bytes` each."""
-    lists = _num_lists(num_rows)
-    return IndexChoice(
-        factory=f"IVF{lists},{codes}",
-        nprobe=probed_lists(lists),
-        train_size=training_rows(lists, num_rows),
-        memory_bytes=num_rows * (code_bytes + IVF_ID_BYTES) + lists * dim * 4,
-    )
+def _ivf_choice(num_rows: int, dim: int, codes: str, code_bytes: int) -> IndexChoice:
+    """`IVF{lists},{codes}` with the power of two nearest sqrt(rows) lists (short coarse and fine scans alike), at
+    most one per 39 rows."""
+    lists = max(1, min(2 ** round(math.log2(max(1.0, math.sqrt(num_rows)))), num_rows // 39))
+    memory = num_rows * (code_bytes + IVF_ID_BYTES) + lists * dim * 4
+    return IndexChoice(f"IVF{lists},{codes}", probed_lists(lists), training_rows(lists, num_rows), memory)
 
 
 def recommended_index(num_rows: int, dim: int) -> IndexChoice:
-    """The documented default by size: exact search (`Flat`) up to EXACT_SEARCH_MAX_ROWS rows, `IVF{nlist},SQ8`
-    beyond (one byte per dimension, about 0.73 GiB per million 768-d rows, recall@10 >= 0.9 on clustered data)."""
+    """The documented default: `Flat` up to EXACT_SEARCH_MAX_ROWS rows, `IVF{lists},SQ8` beyond (a byte a dimension)."""
     if num_rows <= EXACT_SEARCH_MAX_ROWS:
         return IndexChoice(DEFAULT_INDEX, None, None, num_rows * dim * 4)
-    return ivf_choice(num_rows, dim, "SQ8", dim)
+    return _ivf_choice(num_rows, dim, "SQ8", dim)
 
 
+# The choice autofaiss makes, written here: autofaiss 2.18 requires numpy<2, and this package needs numpy>=2.4.
 def index_for_memory(num_rows: int, dim: int, max_bytes: int) -> IndexChoice:
-    """The most accurate index for `num_rows` rows of `dim` floats that fits in `max_bytes`, as LAION's autofaiss
-    chooses: exact search for small galleries, else IVF with 8-bit scalar codes, 4-bit ones, then product quantization
-    with the largest code that fits (recall falls with the code: see README, "Limits").
-
-    A budget too small even for 8-byte PQ codes is refused, naming the smallest that would do.
-    """
+    """The most accurate index for `num_rows` rows of `dim` floats within `max_bytes`: exact search for small
+    galleries, else IVF with 8-bit scalar codes, 4-bit ones, then the largest PQ code that fits; a budget too small
+    for any is refused, naming the smallest."""
     if num_rows < 1 or dim < 1:
         raise ValueError(f"index_for_memory needs at least one row and one dimension, got {num_rows} x {dim}.")
-    candidates = []
-    if num_rows <= EXACT_SEARCH_MAX_ROWS:
-        candidates.append(IndexChoice(DEFAULT_INDEX, None, None, num_rows * dim * 4))
-    candidates.append(ivf_choice(num_rows, dim, "SQ8", dim))
-    candidates.append(ivf_choice(num_rows, dim, "SQ4", math.ceil(dim / 2)))
-    candidates += [ivf_choice(num_rows, dim, f"PQ{m}", m) for m in PQ_CODE_SIZES if m < dim / 2 and dim % m == 0]
+    candidates = [recommended_index(num_rows, dim)] if num_rows <= EXACT_SEARCH_MAX_ROWS else []
+    candidates += [_ivf_choice(num_rows, dim, "SQ8", dim), _ivf_choice(num_rows, dim, "SQ4", math.ceil(dim / 2))]
+    candidates += [_ivf_choice(num_rows, dim, f"PQ{m}", m) for m in PQ_CODE_SIZES if m < dim / 2 and dim % m == 0]
     for choice in candidates:
         if choice.memory_bytes <= max_bytes:
             return choice
-    smallest = candidates[-1]
     raise ValueError(
         f"No index holds {num_rows:,} rows of {dim} dimensions in {max_bytes:,} bytes; the smallest, "
-        f"{smallest.factory!r}, needs about {smallest.memory_bytes:,}."
+        f"{candidates[-1].factory!r}, needs about {candidates[-1].memory_bytes:,}."
     )
 
 
+def faiss_reason(error: Exception) -> str:
+    """FAISS' own reason, without its C++ trace."""
+    return str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+
+
 def inverted_lists(faiss_index) -> int | None:
-    """How many inverted lists `faiss_index` searches (wherever it keeps them: plain, pre-transformed, refined), None
-    for an index without them (exact search, HNSW)."""
-    faiss = import_faiss()
+    """How many inverted lists `faiss_index` searches (plain, pre-transformed or refined), None without any."""
+    import faiss
+
     try:
         return faiss.extract_index_ivf(faiss_index).nlist
     except RuntimeError:
@@ -138,12 +104,11 @@ def inverted_lists(faiss_index) -> int | None:
 
 
 def check_nprobe(nprobe: Any, lists: int | None, index: str, name: str = "nprobe") -> None:
-    """Refuse an `nprobe` that cannot apply to the index `index` with `lists` inverted lists (None: none), naming
-    `name` (the option or file that gave it): it must be an integer from 1 to `lists`, and only an index with inverted
-    lists has any to probe. None (the default) always passes."""
+    """Refuse an `nprobe` (given as `name`) that cannot apply to the index `index` with `lists` inverted lists (None:
+    none): an integer from 1 to `lists`, for an index with lists only. None always passes."""
     if nprobe is None:
         return
-    if not isinstance(nprobe, int) or isinstance(nprobe, bool) or nprobe < 1:
+    if not is_count(nprobe):
         raise ValueError(f"{name} must be an integer >= 1, got {nprobe!r}.")
     if lists is None:
         raise ValueError(
@@ -155,27 +120,26 @@ def check_nprobe(nprobe: Any, lists: int | None, index: str, name: str = "nprobe
 
 
 def set_nprobe(faiss_index, nprobe: int) -> None:
-    """Set how many inverted lists a search probes, wherever the index keeps them (plain, pre-transformed, refined)."""
-    faiss = import_faiss()
+    """Set how many inverted lists a search probes, wherever the index keeps them."""
+    import faiss
+
     faiss.ParameterSpace().set_index_parameter(faiss_index, "nprobe", nprobe)
 
 
 def check_factory(factory: str, dim: int) -> int | None:
-    """Refuse a factory string FAISS cannot build for `dim`-d rows, or whose index refuses rows added without ids
-    (as `datasets` adds them), naming it, before any photo is embedded; returns the index's inverted lists (None
-    without any)."""
-    faiss = import_faiss()
+    """Refuse, naming it, a factory string FAISS cannot build for `dim`-d rows or whose index refuses rows added
+    without ids (as `datasets` adds them), before any photo is embedded; returns its inverted lists (None: none)."""
+    import faiss
+
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
-        message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise ValueError(
-            f"index {factory!r} is not a FAISS factory string for {dim}-d embeddings ({message}); e.g. 'Flat', "
-            f"'IVF1024,SQ8', 'IVF1024,PQ64' (PQ's code count must divide {dim}), or {AUTO_INDEX!r}."
+            f"index {factory!r} is not a FAISS factory string for {dim}-d embeddings ({faiss_reason(error)}); e.g. "
+            f"'Flat', 'IVF1024,SQ8', 'IVF1024,PQ64' (PQ's code count must divide {dim}), or {AUTO_INDEX!r}."
         ) from None
-    # An IDMap takes rows only with ids of the caller's (`add_with_ids`); a gallery's rows are numbered by their
-    # position, so such an index would fail only once every photo is embedded. An index ready as built shows any
-    # other refusal by adding one row.
+    # An IDMap fails only once every photo is embedded; any other refusal shows on one row added to an index ready
+    # as built.
     problem = None
     if isinstance(faiss.downcast_index(index), faiss.IndexIDMap):
         problem = "an IDMap takes rows only with ids of its own (add_with_ids), while a gallery numbers them itself"
@@ -183,7 +147,7 @@ def check_factory(factory: str, dim: int) -> int | None:
         try:
             index.add(np.zeros((1, dim), dtype=np.float32))
         except RuntimeError as error:
-            problem = f"it refuses rows ({str(error).strip().splitlines()[-1]})"
+            problem = f"it refuses rows ({faiss_reason(error)})"
     if problem is not None:
         raise ValueError(
             f"index {factory!r} cannot hold a gallery: {problem}. Give an index without an IDMap prefix, e.g. "
@@ -200,35 +164,33 @@ def trained_index(
     nprobe: int | None = None,
     train_size: int | None = None,
 ) -> tuple[Any, int | None]:
-    """An empty FAISS index `factory` for `dim`-d rows compared by inner product, ready for the `num_rows` rows to be
-    added, and the inverted lists it probes (None without lists).
+    """An empty index `factory` for `num_rows` rows of `dim` floats compared by inner product, trained where it needs
+    it on `train_size` rows (default `training_rows`) drawn at random and read by `read_rows(sorted positions)`, and
+    the lists it probes: `nprobe` (default `probed_lists`; None without lists)."""
+    from transformers.utils import requires_backends
 
-    An index that needs training (IVF, PQ, SQ) is trained on `train_size` rows (default: `training_rows`) drawn at
-    random with a fixed seed and read by `read_rows(sorted positions)`, so that a rebuild gives the same index; an
-    IVF index probes `nprobe` lists (default: `probed_lists`; `check_nprobe` refuses it for an index without lists).
-    Both galleries and eval/speed/bench_gallery_index.py build their indexes here.
-    """
-    faiss = import_faiss()
+    requires_backends(trained_index, "faiss")
+    import faiss
+
     lists = check_factory(factory, dim)
     check_nprobe(nprobe, lists, factory)
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(index) if lists is not None else None
-    for part in (index, ivf):
-        part = faiss.downcast_index(part) if part is not None else None
-        # The factory asks PQ codes for polysemous training, which only polysemous search uses (galleries do not):
-        # minutes of annealing for nothing (250 s of a 260 s PQ64 training on 20,000 rows here).
+    # Polysemous training serves only polysemous search, which galleries never use: IVF16,PQ16 on 5,000 rows of
+    # 128-d trains in 1.9 s without it, 72 s with it (one core).
+    for part in map(faiss.downcast_index, [index] + ([faiss.extract_index_ivf(index)] if lists else [])):
         if hasattr(part, "do_polysemous_training"):
             part.do_polysemous_training = False
     if not index.is_trained:
+        # Not `add_faiss_index(train_size=)`, which trains on the first rows: on rows in place order that cut
+        # recall@10 from 0.88 to 0.54 (IVF64,SQ8, 50,000 rows of 500 places) against a random sample.
         wanted = min(train_size or training_rows(lists, num_rows), num_rows)
         sample = np.sort(np.random.default_rng(TRAIN_SAMPLE_SEED).choice(num_rows, size=wanted, replace=False))
         try:
             index.train(np.ascontiguousarray(read_rows(sample), dtype=np.float32))
         except RuntimeError as error:
             raise ValueError(
-                f"Cannot train the index {factory!r} on {wanted:,} of {num_rows:,} rows "
-                f"({str(error).strip().splitlines()[-1]}); choose an index with fewer lists (IVF{{n}} needs at least "
-                "39 rows per list), or 'Flat'."
+                f"Cannot train the index {factory!r} on {wanted:,} of {num_rows:,} rows ({faiss_reason(error)}); "
+                "choose an index with fewer lists (IVF{n} needs at least 39 rows per list), or 'Flat'."
             ) from None
     nprobe = (nprobe or probed_lists(lists)) if lists is not None else None
     if nprobe is not None:
@@ -242,10 +204,9 @@ __all__ = [
     "IndexChoice",
     "check_factory",
     "check_nprobe",
-    "import_faiss",
+    "faiss_reason",
     "index_for_memory",
     "inverted_lists",
-    "ivf_choice",
     "probed_lists",
     "recommended_index",
     "set_nprobe",

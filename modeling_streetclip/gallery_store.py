@@ -1,125 +1,100 @@
-"""Geolocation by retrieval: a gallery of geo-tagged photo embeddings searched with FAISS, loaded and checked
-against the model that searches it.
+"""Geolocation by retrieval: a gallery of geo-tagged photo embeddings, searched with FAISS and checked against the
+model that searches it. Zero-shot answers are candidate cities; a gallery's are the places of photos like the query.
 
-Zero-shot StreetCLIP can never come closer than its nearest candidate city. A gallery can: the answer is the place of
-a photo like the query. A gallery is a folder (or a Hub dataset repo holding one):
+A gallery is a folder (or a Hub dataset repo holding one):
 
-- `dataset/`: a `datasets.Dataset` written by `save_to_disk`, one row per photo: `embedding` (the L2-normalised image
-  embedding of the model's vision tower, float32), `latitude`, `longitude`, `source_row` (its row in the data it was
-  built from), `image_path` (where the source stored the file, if it did) and every other column of the source
-  (labels such as `city` or `country`, kept as they were);
-- `index.faiss`: the FAISS index over `embedding`, attached and saved with `datasets`' own `add_faiss_index` and
-  `save_faiss_index`, searched by inner product (cosine, since the embeddings are normalised);
-- `gallery.json`: the model it was built with (its name, and its embeddings of a few fixed probe images, which any
-  user of the gallery must reproduce: see `check_model`), the index factory string, the counts, and the default
-  vote settings;
-- `bad_rows.jsonl`: the source rows that were skipped, each with the reason.
+- `dataset/`: a `datasets.Dataset` (`save_to_disk`), one row per photo: `embedding` (the L2-normalised image embedding,
+  float32), `latitude`, `longitude`, `source_row`, `image_path` and the source's other columns (labels, kept as is);
+- `index.faiss`: the FAISS index over `embedding` (`datasets`' `add_faiss_index` / `save_faiss_index`), searched by
+  inner product, which is cosine for normalised embeddings;
+- `gallery.json`: the model (its name, and its embeddings of fixed probe images, which users must reproduce: see
+  `check_model`), the index factory string, the counts and the default vote settings;
+- `bad_rows.jsonl`: the source rows skipped, each with the reason.
 
-Building (`streetclip index build`, `modeling_streetclip.app.gallery_build.build_gallery`) belongs to the
-application, which a folder saved for `trust_remote_code` does not carry; this module loads and searches, the
-index lives in `gallery_index`, and the vote that turns the nearest photos into answers in `gallery_vote`.
-
+Building belongs to the application (`modeling_streetclip.app.gallery_build`), which a folder saved for
+`trust_remote_code` does not carry.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from .gallery_index import check_nprobe, import_faiss, inverted_lists, set_nprobe
-from .gallery_vote import VoteSettings
+from .gallery_index import check_nprobe, faiss_reason, inverted_lists, set_nprobe
+from .gallery_vote import VoteSettings, is_count
 from .geodesy import coordinate_problem, valid_coordinates
 
 
-# torch and datasets are imported where they are used, so that the `streetclip` command can show this module's
-# defaults in --help at once.
+# torch, transformers and datasets are imported where used: `streetclip --help` shows these defaults at once.
 if TYPE_CHECKING:
     import datasets
     import torch
 
 
-# Files and columns of a gallery folder (see the module docstring).
 GALLERY_FILE = "gallery.json"
 DATASET_FOLDER = "dataset"
 INDEX_FILE = "index.faiss"
 BAD_ROWS_FILE = "bad_rows.jsonl"
 EMBEDDING_COLUMN = "embedding"
 FORMAT_VERSION = 1
-# A gallery's probe embeddings and the user's model's must agree to this cosine, for every probe image. The same
-# weights in bfloat16, float16 or int8 agree to better than 0.99 (tests/test_gallery.py); another checkpoint, even a
+# The same weights in bfloat16, float16 or int8 agree to better than this on every probe; another checkpoint, even a
 # short fine-tune of the same one, lands far below.
 FINGERPRINT_MIN_COSINE = 0.99
-# Fixed probe images: random blocks, so that resizing by any image processor keeps them recognisable.
+# Fixed probe images: seeded random blocks, which any image processor's resizing keeps recognisable.
 PROBE_IMAGES = 4
 PROBE_BLOCKS = 8
 PROBE_SIZE = 64
-# Probe embeddings are L2-normalised in float32; a recorded one whose norm is further from 1 was not written by a build.
+# Recorded probe embeddings are unit vectors in float32; one further from norm 1 was not written by a build.
 FINGERPRINT_NORM_TOLERANCE = 1e-3
 
 
-def import_datasets():
-    """The `datasets` module, or an ImportError naming the extra that provides it."""
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError(
-            f"Galleries are `datasets` datasets ({error}); install the gallery extra: `pip install "
-            "'streetclip[gallery]'`."
-        ) from None
-    return datasets
+class GalleryModelError(ValueError):
+    """A gallery used with a model other than the one its embeddings come from."""
 
 
-def probe_images() -> list:
-    """The fixed probe images whose embeddings fingerprint a model (seeded random blocks, scaled up)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(20230101)
-    images = []
-    for _ in range(PROBE_IMAGES):
-        blocks = rng.integers(0, 256, size=(PROBE_BLOCKS, PROBE_BLOCKS, 3), dtype=np.uint8)
-        images.append(Image.fromarray(blocks).resize((PROBE_SIZE, PROBE_SIZE), Image.Resampling.NEAREST))
-    return images
+class GalleryFileError(ValueError):
+    """A gallery file that is damaged, truncated, or contradicts the rest of its folder; the message names it."""
 
 
 def image_embeddings(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """L2-normalised image embeddings of the vision tower, exactly as `StreetCLIPForGeolocation.forward` scores them
-    (and as any CLIP model gives them), without touching the probe heads."""
+    """L2-normalised image embeddings in the model's dtype, as `StreetCLIPForGeolocation.forward` computes them
+    (any CLIP model with `get_image_features` gives them)."""
     import torch
     import torch.nn.functional as F
 
     with torch.no_grad():
         features = model.get_image_features(pixel_values=pixel_values.to(device=model.device, dtype=model.dtype))
-    return F.normalize(getattr(features, "pooler_output", features).float(), dim=-1)
+    return F.normalize(features.pooler_output, dim=-1)
+
+
+def stored_embeddings(image_embeds: torch.Tensor) -> np.ndarray:
+    """Image embeddings as galleries store them: float32 unit vectors, renormalised since a bfloat16 model's are
+    unit vectors only to its rounding."""
+    import torch.nn.functional as F
+
+    return F.normalize(image_embeds.float(), dim=-1).cpu().numpy()
 
 
 def model_fingerprint(model, image_processor) -> np.ndarray:
-    """The model's embeddings of the probe images, shape `(PROBE_IMAGES, dim)`: what a gallery records of the model
-    that built it, since names change (a local copy of a Hub repo) while embeddings do not."""
-    pixel_values = image_processor(images=probe_images(), return_tensors="pt")["pixel_values"]
-    return image_embeddings(model, pixel_values).cpu().numpy()
+    """The model's embeddings of the probe images, `(PROBE_IMAGES, dim)`: what a gallery records of its model, since
+    names change (a local copy of a Hub repo) while embeddings do not."""
+    from PIL import Image
 
-
-def fingerprint_agreement(recorded: npt.ArrayLike, actual: npt.ArrayLike) -> float:
-    """The smallest cosine between the two models' embeddings of the same probe image; -1 when the sizes differ or
-    either holds a vector that is not a unit vector (zeros or NaN would otherwise agree with anything)."""
-    recorded = np.asarray(recorded, dtype=np.float64)
-    actual = np.asarray(actual, dtype=np.float64)
-    if recorded.shape != actual.shape or recorded.ndim != 2:
-        return -1.0
-    if fingerprint_problem(recorded, recorded.shape[1]) or fingerprint_problem(actual, actual.shape[1]):
-        return -1.0
-    return float((recorded * actual).sum(axis=-1).min())
+    rng = np.random.default_rng(20230101)
+    blocks = [rng.integers(0, 256, (PROBE_BLOCKS, PROBE_BLOCKS, 3), dtype=np.uint8) for _ in range(PROBE_IMAGES)]
+    probes = [Image.fromarray(block).resize((PROBE_SIZE, PROBE_SIZE), Image.Resampling.NEAREST) for block in blocks]
+    pixel_values = image_processor(images=probes, return_tensors="pt")["pixel_values"]
+    return stored_embeddings(image_embeddings(model, pixel_values))
 
 
 def fingerprint_problem(fingerprint: Any, dim: int) -> str | None:
-    """Why `fingerprint` is not a model's embeddings of the probe images (PROBE_IMAGES finite unit vectors of `dim`
-    numbers), or None when it is one."""
+    """Why `fingerprint` is not PROBE_IMAGES finite unit vectors of `dim` numbers, None when it is."""
     try:
         values = np.asarray(fingerprint, dtype=np.float64)
     except (TypeError, ValueError):
@@ -136,12 +111,23 @@ def fingerprint_problem(fingerprint: Any, dim: int) -> str | None:
     return None
 
 
-class GalleryModelError(ValueError):
-    """A gallery used with a model other than the one its embeddings come from."""
+def fingerprint_agreement(recorded: npt.ArrayLike, actual: npt.ArrayLike) -> float:
+    """The smallest cosine between two models' embeddings of the same probe image; -1 when the shapes differ or either
+    is not unit vectors (zeros or NaN would otherwise agree with anything)."""
+    recorded, actual = np.asarray(recorded, dtype=np.float64), np.asarray(actual, dtype=np.float64)
+    if recorded.shape != actual.shape or recorded.ndim != 2:
+        return -1.0
+    if fingerprint_problem(recorded, recorded.shape[1]) or fingerprint_problem(actual, actual.shape[1]):
+        return -1.0
+    return float((recorded * actual).sum(axis=-1).min())
 
 
-class GalleryFileError(ValueError):
-    """A gallery file that is damaged, truncated, or contradicts the rest of its folder; the message names it."""
+def damaged_file(path: Path, problem: str) -> GalleryFileError:
+    """The error for a gallery file that no build wrote as it is, naming it and saying how to get a sound one."""
+    return GalleryFileError(
+        f"{str(path)!r} is damaged or was edited: {problem.rstrip('.')}. Build the gallery again (`streetclip index "
+        "build DATA --model MODEL --output FOLDER --overwrite`), or download it again."
+    )
 
 
 @dataclass
@@ -168,8 +154,7 @@ class GalleryInfo:
                 "DATA --model MODEL --output FOLDER` (an unfinished build resumes when run again)."
             )
         try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-            info = cls(**values)
+            info = cls(**json.loads(path.read_text(encoding="utf-8")))
         except (ValueError, TypeError) as error:
             raise GalleryFileError(f"{str(path)!r} is not a gallery description this version reads: {error}") from None
         if info.format_version != FORMAT_VERSION:
@@ -182,18 +167,18 @@ class GalleryInfo:
         return info
 
     def problems(self) -> list[str]:
-        """What in this description no build writes (each naming the field and what is accepted); empty when none."""
+        """What in this description no build writes, each naming the field and what is accepted."""
         problems = [
             f"{name} must be text, got {getattr(self, name)!r}"
             for name in ("model", "index", "source")
             if not isinstance(getattr(self, name), str)
         ]
         for name, minimum in (("embedding_dim", 1), ("num_rows", 1), ("num_bad_rows", 0)):
-            if not _is_count(getattr(self, name), minimum):
+            if not is_count(getattr(self, name), minimum):
                 problems.append(f"{name} must be an integer >= {minimum}, got {getattr(self, name)!r}")
-        if self.nprobe is not None and not _is_count(self.nprobe, 1):
+        if self.nprobe is not None and not is_count(self.nprobe):
             problems.append(f"nprobe must be null or an integer >= 1, got {self.nprobe!r}")
-        if _is_count(self.embedding_dim, 1):
+        if is_count(self.embedding_dim):
             problem = fingerprint_problem(self.model_fingerprint, self.embedding_dim)
             if problem is not None:
                 problems.append(f"model_fingerprint is not a model's embeddings of the probe images: {problem}")
@@ -202,34 +187,6 @@ class GalleryInfo:
         except (ValueError, TypeError, AttributeError) as error:
             problems.append(f"vote: {error}")
         return problems
-
-    def write(self, folder: Path) -> None:
-        """Write `gallery.json` atomically: its presence marks a complete gallery."""
-        write_json_atomically(folder / GALLERY_FILE, asdict(self))
-
-
-def _is_count(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def damaged_file(path: Path, problem: str) -> GalleryFileError:
-    """The error for a gallery file that no build wrote as it is, naming it and saying how to get a sound one."""
-    return GalleryFileError(
-        f"{str(path)!r} is damaged or was edited: {problem.rstrip('.')}. Build the gallery again (`streetclip index "
-        "build DATA --model MODEL --output FOLDER --overwrite`), or download it again."
-    )
-
-
-def write_json_atomically(path: Path, value: Any) -> None:
-    """Write `value` as standard JSON (NaN and infinities refused) to `path` through a temporary file renamed over
-    it, so that a kill leaves the old file or the new one, never half of one."""
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", encoding="utf-8") as stream:
-        json.dump(value, stream, indent=2, allow_nan=False)
-        stream.write("\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
 
 
 def names_a_missing_folder(source: str) -> bool:
@@ -241,7 +198,7 @@ def names_a_missing_folder(source: str) -> bool:
 
 
 def _check_rows(folder: Path, dataset: datasets.Dataset, info: GalleryInfo) -> None:
-    """Refuse a `dataset/` that does not match `gallery.json` (its row count, its columns, its embeddings' size)."""
+    """Refuse a `dataset/` that contradicts `gallery.json`: its row count, its columns, its embeddings' size."""
     path = folder / DATASET_FOLDER
     if len(dataset) != info.num_rows:
         raise damaged_file(
@@ -259,28 +216,12 @@ def _check_rows(folder: Path, dataset: datasets.Dataset, info: GalleryInfo) -> N
 
 
 class GeoGallery:
-    """A gallery of geo-tagged photo embeddings with its FAISS index; see the module docstring.
-
-    Example:
-
-    ```python
-    >>> from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
-    >>> from modeling_streetclip.app.gallery_build import build_gallery
-    >>> from transformers import pipeline
-    >>> model = StreetCLIPForGeolocation.from_pretrained("geolocal/StreetCLIP")  # doctest: +SKIP
-    >>> processor = StreetCLIPProcessor.from_pretrained("geolocal/StreetCLIP")  # doctest: +SKIP
-    >>> build_gallery(model, processor, "my_photos/", "my-gallery")  # doctest: +SKIP
-    >>> geolocate = pipeline("geolocation", model="geolocal/StreetCLIP", gallery="my-gallery")  # doctest: +SKIP
-    >>> geolocate("photo.jpg", decision="hybrid")  # doctest: +SKIP
-    ```
-    """
+    """A gallery of geo-tagged photo embeddings with its FAISS index (see the module docstring); README's "Retrieval
+    galleries" builds one and geolocates with it."""
 
     def __init__(self, folder: Path, dataset: datasets.Dataset, info: GalleryInfo, settings: VoteSettings):
-        self.folder = folder
-        self.dataset = dataset
-        self.info = info
-        self.settings = settings
-        # Through Arrow: `datasets`' numpy format would hand float64 columns over as float32 (metres off).
+        self.folder, self.dataset, self.info, self.settings = folder, dataset, info, settings
+        # Through Arrow: `datasets`' numpy format hands float64 columns over as float32 (metres off).
         coordinates = dataset.with_format("arrow", columns=["latitude", "longitude"])[:]
         self.latitudes = coordinates["latitude"].to_numpy().astype(np.float64)
         self.longitudes = coordinates["longitude"].to_numpy().astype(np.float64)
@@ -295,7 +236,7 @@ class GeoGallery:
 
     @property
     def faiss_index(self):
-        """The FAISS index object itself (to tune search parameters beyond `nprobe`)."""
+        """The FAISS index object (to tune search parameters beyond `nprobe`)."""
         return self.dataset.get_index(EMBEDDING_COLUMN).faiss_index
 
     @classmethod
@@ -312,8 +253,11 @@ class GeoGallery:
         `nprobe` overrides how many inverted lists an IVF index probes (more: higher recall, slower search);
         `vote_settings` override the gallery's `VoteSettings` (`num_neighbors=32`, `radius_km=5`, ...).
         """
-        datasets = import_datasets()
-        import_faiss()
+        from transformers.utils import requires_backends
+
+        requires_backends(cls, ["datasets", "faiss"])
+        import datasets
+
         name = os.fspath(path_or_repo)
         folder = Path(name).expanduser()
         if names_a_missing_folder(name) or folder.is_file():
@@ -326,37 +270,36 @@ class GeoGallery:
         settings = replace(VoteSettings.from_dict(info.vote), **vote_settings)
         dataset = datasets.load_from_disk(str(folder / DATASET_FOLDER))
         _check_rows(folder, dataset, info)
+        gallery = cls(folder, dataset, info, settings)
+        gallery._check_coordinates()
         index_path = folder / INDEX_FILE
         if not index_path.is_file():
             raise damaged_file(index_path, "it is missing")
         try:
-            dataset.load_faiss_index(EMBEDDING_COLUMN, str(index_path))
+            gallery.dataset.load_faiss_index(EMBEDDING_COLUMN, str(index_path))
         except (RuntimeError, MemoryError) as error:
-            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-            raise damaged_file(index_path, f"FAISS cannot read it ({reason})") from None
+            raise damaged_file(index_path, f"FAISS cannot read it ({faiss_reason(error)})") from None
         except ValueError as error:  # datasets refuses an index whose size differs from the dataset's
             raise damaged_file(index_path, str(error)) from None
-        gallery = cls(folder, dataset, info, settings)
-        faiss_index = gallery.faiss_index
-        if faiss_index.d != info.embedding_dim:
+        if gallery.faiss_index.d != info.embedding_dim:
             raise damaged_file(
-                index_path, f"it holds {faiss_index.d}-d vectors, while {GALLERY_FILE} says {info.embedding_dim}"
+                index_path,
+                f"it holds {gallery.faiss_index.d}-d vectors, while {GALLERY_FILE} says {info.embedding_dim}",
             )
-        lists = inverted_lists(faiss_index)
+        lists = inverted_lists(gallery.faiss_index)
         try:
             check_nprobe(info.nprobe, lists, info.index)
         except ValueError as error:
             raise damaged_file(folder / GALLERY_FILE, str(error)) from None
         check_nprobe(nprobe, lists, info.index)
-        gallery._check_coordinates()
         nprobe = nprobe if nprobe is not None else info.nprobe
         if nprobe is not None:
-            set_nprobe(faiss_index, nprobe)
+            set_nprobe(gallery.faiss_index, nprobe)
         return gallery
 
     def _check_coordinates(self) -> None:
-        """Refuse rows whose coordinates are not a point on Earth (a build records such rows as bad instead), naming
-        the first and the count: their answers would carry NaN, infinities or impossible places."""
+        """Refuse rows whose coordinates are not a point on Earth (a build records such rows as bad), naming the first
+        and the count: their answers would carry NaN or impossible places."""
         bad = np.flatnonzero(~valid_coordinates(self.latitudes, self.longitudes))
         if len(bad):
             row = int(bad[0])
@@ -369,8 +312,8 @@ class GeoGallery:
             )
 
     def search(self, embeddings: npt.ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The `k` nearest rows of each L2-normalised embedding: `(similarities, rows)`, each of shape
-        `(num_queries, min(k, len(self)))`, best first; rows are -1 (similarity -inf) where the index returns fewer."""
+        """The `k` nearest rows of each L2-normalised embedding: `(similarities, rows)`, each `(num_queries,
+        min(k, len(self)))`, best first; rows are -1 (similarity -inf) where the index returns fewer."""
         queries = np.asarray(embeddings, dtype=np.float32)
         if queries.shape[-1] != self.info.embedding_dim:
             raise GalleryModelError(
@@ -380,12 +323,11 @@ class GeoGallery:
             )
         queries = np.ascontiguousarray(queries.reshape(-1, self.info.embedding_dim))
         scores, rows = self.dataset.search_batch(EMBEDDING_COLUMN, queries, k=min(k, len(self)))
-        scores = np.where(rows >= 0, scores, -np.inf)
-        return scores, rows
+        return np.where(rows >= 0, scores, -np.inf), rows
 
     def check_model(self, model, image_processor, model_name: str | None = None) -> None:
-        """Refuse a model whose embeddings are not those this gallery was built with, naming both models; a model
-        that agrees (the same weights in another precision, a copy under another name) passes."""
+        """Refuse a model whose embeddings are not those this gallery was built with, naming both; the same weights in
+        another precision, or a copy under another name, pass."""
         actual = model_fingerprint(model, image_processor)
         agreement = fingerprint_agreement(self.info.model_fingerprint, actual)
         if agreement < FINGERPRINT_MIN_COSINE:
@@ -405,8 +347,8 @@ class GeoGallery:
     def push_to_hub(
         self, repo_id: str, private: bool | None = None, token: str | bool | None = None, revision: str | None = None
     ) -> str:
-        """Upload the gallery folder as a Hub dataset repo (created if needed); `GeoGallery.load(repo_id)` and
-        `pipeline(..., gallery=repo_id)` read it back. Returns the commit URL."""
+        """Upload the gallery folder as a Hub dataset repo (created if needed), which `GeoGallery.load(repo_id)` and
+        `pipeline(..., gallery=repo_id)` read; returns the commit URL."""
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
@@ -435,8 +377,7 @@ __all__ = [
     "GeoGallery",
     "fingerprint_agreement",
     "image_embeddings",
-    "import_datasets",
     "model_fingerprint",
+    "stored_embeddings",
     "names_a_missing_folder",
-    "write_json_atomically",
 ]

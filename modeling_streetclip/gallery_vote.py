@@ -1,26 +1,14 @@
 """How the nearest gallery photos vote: the rules of the decisions `"gallery"` and `"hybrid"` (see `decisions`), as
-pure functions of the neighbours (numpy only), and the settings a gallery stores as its defaults.
+pure numpy functions of the neighbours, and the settings a gallery stores as its defaults.
 
-The rules (`decision=` in the pipeline, `--decision` of the commands):
-
-- `"gallery"`, a kernel vote on the sphere. The `k = num_neighbors` nearest photos i, with cosine similarity s_i to
-  the query, weigh w_i = exp((s_i - s_1) / temperature), s_1 being the best similarity. Each neighbour j gathers the
-  support S_j = sum_i w_i K(d_ij), where d_ij is the great-circle distance and K the Epanechnikov kernel
-  K(d) = 1 - (d / radius_km)^2 for d < radius_km, 0 beyond. The answer is the neighbour with the largest support
-  (ties to the more similar); its `score` is S_j / sum_i w_i, the share of the neighbours' weight that supports it
-  (a probability in [0, 1], as image-classification clients read `score`).
-  A lone best match is thus outvoted by a group of nearly as good matches that agree on a place, and within that
-  group the photo nearest its middle wins. Further answers are the next best neighbours at least `radius_km` from
-  every answer before them, so that `top_k` answers are distinct places (fewer come back when the k neighbours hold
-  fewer, and never more than k).
-- `"hybrid"`, the vote restricted and weighted by the zero-shot country posterior p(country): only neighbours in the
-  `hybrid_countries` most probable countries vote, each weight multiplied by its country's probability. A
-  neighbour's country is that of its nearest candidate city. When no neighbour lies in those countries, all vote,
-  still weighted by p(country), so that the answer still comes from the gallery.
-
-Every answer has the pipeline's fields; its `latitude` and `longitude` are the chosen photo's, `city` and `country`
-those of the candidate city nearest to it (never looked up by name), and `gallery_row` and `similarity` name the
-photo.
+- `"gallery"`, a kernel vote on the sphere. Neighbour i, of cosine similarity s_i, weighs w_i = exp((s_i - s_1) /
+  temperature), s_1 being the best. Neighbour j gathers the support S_j = sum_i w_i K(d_ij), with d_ij the
+  great-circle distance and K(d) = max(0, 1 - (d / radius_km)^2) the Epanechnikov kernel. The answer is the neighbour
+  of most support (ties to the more similar), scored S_j / sum_i w_i, a share in [0, 1]: a lone best match is
+  outvoted by a group of nearly as good ones that agree on a place. Further answers are the next best neighbours at
+  least `radius_km` from every answer before them, so that answers are distinct places.
+- `"hybrid"`: only neighbours in the `hybrid_countries` most probable zero-shot countries vote, each weight times
+  its country's probability (all vote, so weighted, when none lies in those countries).
 """
 
 from __future__ import annotations
@@ -39,31 +27,30 @@ if TYPE_CHECKING:
     from .candidates import CandidatePlaces
 
 
+def is_count(value: Any, minimum: int = 1) -> bool:
+    """Whether `value` is an integer (not a bool) of at least `minimum`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 @dataclass(frozen=True)
 class VoteSettings:
-    """How the nearest gallery photos vote (see the module docstring for the rule). The defaults are reasoned, not
-    tuned on a benchmark: tune them on held-out photos of your gallery's kind."""
+    """How the nearest gallery photos vote (see the module docstring). The defaults are reasoned, not tuned: tune them
+    on held-out photos of your gallery's kind."""
 
-    # Photos retrieved per image: enough that a group of agreeing matches can outvote one stray match, few enough
-    # that weak matches from elsewhere carry little weight (and the vote costs microseconds).
+    # Enough neighbours for a group of agreeing matches to outvote one stray match.
     num_neighbors: int = 16
-    # Photos closer than this support each other. The Epanechnikov kernel of radius 10 km has a standard deviation of
-    # 10 / sqrt(5) = 4.5 km, close to the Gaussian kernel of sigma 4 km that Vo et al. found best for kNN on IM2GPS
-    # ("Revisiting IM2GPS in the Deep Learning Era", ICCV 2017): photos of one district pool, those of a city's far
-    # ends do not, and answers stay on a photo's spot.
+    # Epanechnikov of radius 10 km has the spread (4.5 km) of the Gaussian kernel Vo et al. found best for kNN on
+    # IM2GPS ("Revisiting IM2GPS in the Deep Learning Era", ICCV 2017): one district pools, a city's far ends do not.
     radius_km: float = 10.0
-    # Similarity weights exp((s - s_best) / temperature): a neighbour 0.05 less similar weighs e times less. CLIP's
-    # own 0.01 would let the single best match decide alone.
+    # A neighbour 0.05 less similar weighs e times less; CLIP's own 0.01 would let the best match decide alone.
     temperature: float = 0.05
-    # `"hybrid"`: the photos of this many most probable zero-shot countries vote. Three covers the confusions of
-    # neighbouring countries that zero-shot makes most often.
+    # Three countries cover the neighbouring-country confusions zero-shot makes most often.
     hybrid_countries: int = 3
 
     def __post_init__(self):
         for name in ("num_neighbors", "hybrid_countries"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"VoteSettings.{name} must be an integer >= 1, got {value!r}.")
+            if not is_count(getattr(self, name)):
+                raise ValueError(f"VoteSettings.{name} must be an integer >= 1, got {getattr(self, name)!r}.")
         for name in ("radius_km", "temperature"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -71,11 +58,10 @@ class VoteSettings:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> VoteSettings:
-        """Settings from a dict (as `gallery.json` stores them); unknown names are refused, naming the known ones."""
+        """Settings as `gallery.json` stores them; unknown names are refused, naming the known ones."""
         known = {field.name for field in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"Unknown vote settings {sorted(unknown)}; known: {sorted(known)}.")
+        if set(values) - known:
+            raise ValueError(f"Unknown vote settings {sorted(set(values) - known)}; known: {sorted(known)}.")
         return cls(**values)
 
 
@@ -89,9 +75,8 @@ def kernel_vote(
 ) -> list[tuple[int, float]]:
     """The `"gallery"` vote among one image's neighbours: `(position, score)` of up to `top_k` answers, best first.
 
-    `similarities`, `latitudes` and `longitudes` describe the neighbours (any order); `scale` multiplies each
-    neighbour's weight (the hybrid's country probabilities; 0 leaves a neighbour out). Positions index the inputs.
-    See the module docstring for the rule.
+    `scale` multiplies each neighbour's weight (the hybrid's country probabilities; 0 leaves one out); a -inf
+    similarity marks a neighbour the index did not return.
     """
     similarities = np.asarray(similarities, dtype=np.float64)
     latitudes = np.asarray(latitudes, dtype=np.float64)
@@ -104,13 +89,11 @@ def kernel_vote(
     weights[~voters] = 0.0
     distances = great_circle_km(latitudes[:, None], longitudes[:, None], latitudes[None, :], longitudes[None, :])
     kernel = np.clip(1.0 - (distances / settings.radius_km) ** 2, 0.0, None)
-    # A share of the weight, so in [0, 1]; clipped against rounding, since clients read it as a probability.
+    # Clipped against rounding: clients read the share as a probability.
     support = np.clip(kernel @ weights / weights.sum(), 0.0, 1.0)
-    # Most support first, then most similar; neighbours that do not vote are not answers either.
-    order = [position for position in np.lexsort((-similarities, -support)) if voters[position]]
     answers: list[int] = []
-    for position in order:
-        if all(distances[position, earlier] >= settings.radius_km for earlier in answers):
+    for position in np.lexsort((-similarities, -support)):
+        if voters[position] and all(distances[position, earlier] >= settings.radius_km for earlier in answers):
             answers.append(position)
             if len(answers) == top_k:
                 break
@@ -120,26 +103,21 @@ def kernel_vote(
 def hybrid_scale(
     neighbor_countries: npt.ArrayLike, country_probabilities: npt.ArrayLike, hybrid_countries: int
 ) -> np.ndarray:
-    """The `"hybrid"` weights of one image's neighbours: p(country) for neighbours in the `hybrid_countries` most
-    probable countries, 0 for the others; p(country) for every neighbour when none lies in those countries.
-
-    `neighbor_countries` holds each neighbour's country row, `country_probabilities` the zero-shot posterior over the
-    candidate countries.
-    """
+    """The `"hybrid"` weights of one image's neighbours (given as country rows): p(country) in the `hybrid_countries`
+    most probable countries, 0 elsewhere; p(country) for all when none lies in those countries."""
     neighbor_countries = np.asarray(neighbor_countries, dtype=np.int64)
     probabilities = np.asarray(country_probabilities, dtype=np.float64)
-    # Stable on ties, so that equal probabilities keep the table's order.
-    top = np.argsort(-probabilities, kind="stable")[:hybrid_countries]
+    top = np.argsort(-probabilities, kind="stable")[:hybrid_countries]  # stable: ties keep the table's order
     scale = probabilities[neighbor_countries]
     restricted = np.where(np.isin(neighbor_countries, top), scale, 0.0)
     return restricted if restricted.any() else scale
 
 
 def nearest_city_rows(places: CandidatePlaces, latitudes: npt.ArrayLike, longitudes: npt.ArrayLike) -> np.ndarray:
-    """Row of the candidate city nearest (by great-circle distance) to each point: how answers and neighbours get a
-    city and a country from their coordinates, never from a name."""
+    """Row of the candidate city nearest to each point: answers get their city and country from coordinates, never
+    from a name."""
     cities = unit_vectors(places.city_latitudes, places.city_longitudes)
     return (unit_vectors(latitudes, longitudes) @ cities.T).argmax(axis=-1)
 
 
-__all__ = ["VoteSettings", "hybrid_scale", "kernel_vote", "nearest_city_rows"]
+__all__ = ["VoteSettings", "hybrid_scale", "is_count", "kernel_vote", "nearest_city_rows"]

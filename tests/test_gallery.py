@@ -23,7 +23,7 @@ from transformers import CLIPModel, pipeline
 
 import modeling_streetclip
 from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
-from modeling_streetclip.app import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, gallery_build
+from modeling_streetclip.app import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, batch, gallery_build
 from modeling_streetclip.app.gallery_build import SHARDS_FOLDER, build_gallery
 from modeling_streetclip.candidates import CandidatePlaces
 from modeling_streetclip.cli import main
@@ -297,7 +297,7 @@ def test_a_build_killed_mid_way_resumes_and_embeds_every_row_exactly_once(
     model, processor = model_and_processor
     folder = tmp_path / "g"
     embedded: list[int] = []
-    real = gallery_build.image_embeddings
+    real = batch.image_embeddings
 
     def killed_at_the_third_batch(model, pixel_values):
         if len(embedded) == 2:
@@ -305,7 +305,7 @@ def test_a_build_killed_mid_way_resumes_and_embeds_every_row_exactly_once(
         embedded.append(len(pixel_values))
         return real(model, pixel_values)
 
-    monkeypatch.setattr(gallery_build, "image_embeddings", killed_at_the_third_batch)
+    monkeypatch.setattr(batch, "image_embeddings", killed_at_the_third_batch)
     options = {"batch_size": 4, "shard_size": 4, "progress": False}
     with pytest.raises(KeyboardInterrupt):
         build_gallery(model, processor, str(photos), folder, **options)
@@ -318,7 +318,7 @@ def test_a_build_killed_mid_way_resumes_and_embeds_every_row_exactly_once(
     first_run = list(embedded)
     embedded.clear()
     monkeypatch.setattr(
-        gallery_build, "image_embeddings", lambda model, pixels: embedded.append(len(pixels)) or real(model, pixels)
+        batch, "image_embeddings", lambda model, pixels: embedded.append(len(pixels)) or real(model, pixels)
     )
     result = build_gallery(model, processor, str(photos), folder, **options)
     assert result.resumed_rows == 8
@@ -326,6 +326,67 @@ def test_a_build_killed_mid_way_resumes_and_embeds_every_row_exactly_once(
     assert result.embedded_rows == sum(embedded) == GOOD_ROWS - 8
     assert sorted(result.gallery.dataset["source_row"]) == list(range(GOOD_ROWS))
     assert len(result.bad_rows) == BAD_ROWS
+
+
+def test_locating_and_gallery_building_embed_through_the_batch_engine_s_one_loop(
+    model_and_processor, photos, tmp_path, monkeypatch
+):
+    model, processor = model_and_processor
+    calls = []
+    real = batch.embedded_batches
+
+    def recorded(model, image_processor, loader):
+        calls.append(len(calls))
+        yield from real(model, image_processor, loader)
+
+    monkeypatch.setattr(batch, "embedded_batches", recorded)
+    monkeypatch.setattr(gallery_build, "embedded_batches", recorded)
+    images = [str(photos / "France-0-0.png"), str(photos / "broken.png")]
+    records = list(batch.geolocate_images(model, processor.image_processor, images, return_embeddings=True))
+    build_gallery(model, processor, str(photos), tmp_path / "g", progress=False)
+    assert len(calls) == 2
+    # The loop's embeddings are the forward pass's, so the answers are the pipeline's.
+    pixel_values = processor.image_processor(images=Image.open(images[0]), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(records[0].image_embeds, model(pixel_values=pixel_values).image_embeds[0])
+    assert records[1].answers is None and "not an image format Pillow can read" in records[1].error
+
+
+def test_a_missing_faiss_or_datasets_is_named_before_anything_is_embedded_or_read(
+    built, model_and_processor, photos, tmp_path, monkeypatch
+):
+    from transformers.utils import import_utils
+
+    model, processor = model_and_processor
+    for backend in ("faiss", "datasets"):
+        with monkeypatch.context() as patch:
+            patch.setitem(import_utils.BACKENDS_MAPPING, backend, (lambda: False, f"{{0}} requires {backend}. "))
+            with pytest.raises(ImportError, match=f"build_gallery requires {backend}"):
+                build_gallery(model, processor, str(photos), tmp_path / "g", progress=False)
+            assert not (tmp_path / "g").exists()
+            with pytest.raises(ImportError, match=f"GeoGallery requires {backend}"):
+                GeoGallery.load(built.gallery.folder)
+
+
+def test_a_build_stopped_while_saving_its_index_leaves_no_partial_file_and_finishes_when_rerun(
+    model_and_processor, photos, tmp_path, monkeypatch
+):
+    model, processor = model_and_processor
+    folder = tmp_path / "g"
+
+    def half_written(self, column, path):
+        Path(path).write_bytes(b"half an index")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(datasets.Dataset, "save_faiss_index", half_written)
+        with pytest.raises(KeyboardInterrupt):
+            build_gallery(model, processor, str(photos), folder, progress=False)
+    assert not list(folder.glob("*.tmp")) and not (folder / "index.faiss").exists()
+    assert not (folder / GALLERY_FILE).exists()  # the shards stay: nothing is embedded again
+    result = build_gallery(model, processor, str(photos), folder, progress=False)
+    assert (result.embedded_rows, result.resumed_rows) == (0, GOOD_ROWS + BAD_ROWS)
+    assert len(GeoGallery.load(folder)) == GOOD_ROWS
 
 
 def test_a_streamed_build_with_workers_writes_the_rows_of_a_loaded_one_in_the_same_order(
@@ -517,7 +578,7 @@ def test_a_fingerprint_that_is_no_model_s_embeddings_is_refused_and_never_agrees
     actual = model_fingerprint(model, processor.image_processor)
     assert modeling_streetclip.gallery_store.fingerprint_agreement(recorded, actual) == -1.0
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
-        modeling_streetclip.gallery_store.write_json_atomically(tmp_path / "nan.json", {"x": float("nan")})
+        gallery_build.write_json(tmp_path / "nan.json", {"x": float("nan")})
 
 
 def test_an_embedding_dim_that_disagrees_with_the_gallery_is_refused_on_load_and_in_search(built, tmp_path):
@@ -715,6 +776,7 @@ print(json.dumps({"answers": geolocate(image, top_k=2, decision="hybrid"), "clas
 """
 
 
+@pytest.mark.slow
 def test_a_saved_pipeline_folder_searches_galleries_for_users_without_the_package(
     built, small_streetclip_dir, photos, tmp_path
 ):
@@ -899,6 +961,7 @@ def test_benchmark_with_a_gallery_of_its_own_photos_finds_each_at_0_km(small_str
     assert metrics["num_evaluated"] == GOOD_ROWS and metrics["acc_1km"] == 1.0 and metrics["median_km"] == 0.0
 
 
+@pytest.mark.slow
 def test_streetclip_help_lists_index_and_shows_the_library_defaults():
     result = subprocess.run(
         [
@@ -968,6 +1031,7 @@ def write_spot_folder(folder: Path, photos_per_spot: int, seed: int) -> list[dic
     return rows
 
 
+@pytest.mark.slow
 def test_a_briefly_trained_model_with_a_gallery_of_training_photos_beats_zero_shot_at_1_km(tiny_clip_dir, tmp_path):
     """About 30 s: 20 training steps of the tiny model, a gallery of its 144 training photos, 72 held-out photos."""
     train_rows = write_spot_folder(tmp_path / "train", photos_per_spot=4, seed=0)

@@ -1,22 +1,22 @@
-"""Geolocate many image files: decoding in DataLoader workers, the model in batches, one result per input, on one
-process or many.
+"""The batch engine: photos decoded in DataLoader workers, embedded in batches on the model's device, one result per
+input, on one process or many.
 
-A collection of photos always holds a few bad files; each one becomes an error record for that input while the rest
-of the run goes on. The CLI and the benchmark runner both stream their records from here. Under `accelerate launch`
-or `torchrun`, Accelerate's sharded DataLoader hands each process every N-th batch and `gather_for_metrics` gives
-every process all N batches of each step, in input order, so callers see the same records as on one process.
+Every collection holds a few bad files; each becomes its input's error while the run goes on. `embedded_batches` is
+the one embedding loop, shared by `geolocate_images` (the CLI and the benchmark) and gallery building. Under
+`accelerate launch` or `torchrun`, each process runs every N-th batch and `gather_for_metrics` gives every process
+all records of each step, in input order.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..decisions import rank_answers
-from ..gallery_store import GeoGallery
+from ..gallery_store import GeoGallery, image_embeddings
 from ..images import ImageInput, ImageLoadError, load_rgb_image
 from ..modeling_streetclip import StreetCLIPForGeolocation
 from ..pixels import normalized_pixels, resized_pixels
@@ -25,6 +25,43 @@ from . import DEFAULT_BATCH_SIZE
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+
+class PixelBatch(NamedTuple):
+    """A collated batch: every item's index in the sampler's order (Accelerate pads a last batch with items from the
+    start, which `gather_for_metrics` cuts off by position), the decoded items' indices with their 8-bit pixels
+    stacked, the others' errors, and each item's other fields."""
+
+    order: list[int]
+    decoded: list[int]
+    pixel_values: torch.Tensor | None
+    errors: dict[int, str]
+    fields: list[Any]
+
+
+def collate_pixels(items: list[tuple[int, torch.Tensor | None, str | None, Any]]) -> PixelBatch:
+    """Collate `(index, resized pixels or None, error or None, fields)` items, as `embedded_batches` reads them."""
+    good = [(index, pixels) for index, pixels, _, _ in items if pixels is not None]
+    return PixelBatch(
+        order=[item[0] for item in items],
+        decoded=[index for index, _ in good],
+        pixel_values=torch.stack([pixels for _, pixels in good]) if good else None,
+        errors={index: error for index, _, error, _ in items if error is not None},
+        fields=[item[3] for item in items],
+    )
+
+
+def embedded_batches(
+    model, image_processor, loader: Iterable[PixelBatch]
+) -> Iterator[tuple[PixelBatch, torch.Tensor | None]]:
+    """Each batch of `loader` with the image embeddings of its decoded items (None: none decoded), normalised on the
+    model's device as `forward` does: the one embedding loop of locating and gallery building."""
+    for batch in loader:
+        embeds = None
+        if batch.pixel_values is not None:
+            pixel_values = batch.pixel_values.to(model.device, non_blocking=True)
+            embeds = image_embeddings(model, normalized_pixels(image_processor, pixel_values, model.dtype))
+        yield batch, embeds
 
 
 @dataclass
@@ -39,7 +76,7 @@ class GeolocationRecord:
 
 
 class _PreprocessedImages(Dataset):
-    """Loads and preprocesses one input per item; a bad input yields its error message instead of pixels."""
+    """Loads and resizes one input per item; a bad input yields its error message instead of pixels."""
 
     def __init__(self, inputs: Sequence[ImageInput], image_processor):
         self.inputs = inputs
@@ -48,26 +85,15 @@ class _PreprocessedImages(Dataset):
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        image = self.inputs[index]
-        if image is None:  # a dataset row without an image
-            return index, None, "no image: the row's image is empty (None)."
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None, None]:
+        if self.inputs[index] is None:  # a dataset row without an image
+            return index, None, "no image: the row's image is empty (None).", None
         try:
-            image = load_rgb_image(image)
+            image = load_rgb_image(self.inputs[index])
         # OSError: any failure to look up or read the file (missing, a folder, no permission, a name too long).
         except (OSError, ImageLoadError, TypeError) as error:
-            return index, None, str(error)
-        return index, resized_pixels(self.image_processor, image)[0], None
-
-
-def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
-    """A batch: its indices in the sampler's order (Accelerate pads a last batch with indices from the start, and
-    `gather_for_metrics` cuts the padding off by position), those of the decoded images with their pixels stacked,
-    and the errors of the others."""
-    good = [(index, pixels) for index, pixels, _ in items if pixels is not None]
-    pixel_values = torch.stack([pixels for _, pixels in good]) if good else None
-    errors = {index: error for index, _, error in items if error is not None}
-    return [index for index, _, _ in items], [index for index, _ in good], pixel_values, errors
+            return index, None, str(error), None
+        return index, resized_pixels(self.image_processor, image)[0], None, None
 
 
 @torch.no_grad()
@@ -85,17 +111,13 @@ def geolocate_images(
 ) -> Iterator[GeolocationRecord]:
     """Yield one `GeolocationRecord` per input, in input order, as soon as its batch is done.
 
-    Answers have the pipeline's format (see `GeolocationPipeline`), ordered by the `decision` rule. `num_workers=0`
-    decodes in this process, as a library call should unless asked; commands pass `DEFAULT_NUM_WORKERS`.
-    `return_embeddings` keeps each image's normalised embedding, for callers that pool views of one place. The
-    decisions `"gallery"` and `"hybrid"` search `gallery` (see `modeling_streetclip.gallery_vote`); without a
-    `decision`, the default rule is `decisions.default_decision(gallery)`.
+    Answers have the pipeline's format, ranked by `decisions.rank_answers` under `decision` (default:
+    `decisions.default_decision(gallery)`). `num_workers=0` decodes in this process, as a library call should unless
+    asked. `return_embeddings` keeps each image's normalised embedding, for callers that pool views of one place.
 
-    With an `accelerator` of several processes, every process must call this with the same `inputs`: each runs the
-    model on its share of the batches only (`Accelerator.prepare_data_loader`: batch i goes to process i mod N, the
-    last ones padded so that all have as many), and every process yields the records of all inputs, gathered batch
-    by batch with `gather_for_metrics`, which drops the padding. Batches are the ones a single process forms, so the
-    answers are the same.
+    With an `accelerator` of several processes, every process calls this with the same `inputs`, runs the model on
+    batch i when i mod N is its rank (`prepare_data_loader`, the last ones padded), and yields the records of all
+    inputs, gathered batch by batch (`gather_for_metrics` drops the padding): the answers of one process.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -103,25 +125,21 @@ def geolocate_images(
         _PreprocessedImages(inputs, image_processor),
         batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=collate_pixels,
         pin_memory=model.device.type == "cuda",
     )
     if accelerator is None:
-        for batch in loader:
-            yield from _batch_records(
-                model, image_processor, inputs, batch, top_k, return_embeddings, decision, gallery
-            )
+        for batch, embeds in embedded_batches(model, image_processor, loader):
+            yield from _batch_records(model, inputs, batch, embeds, top_k, return_embeddings, decision, gallery)
         return
     # The model's own device decides where pixels go (a quantized model stays on the CPU beside a GPU).
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
     try:
-        for batch in loader:
+        for batch, embeds in embedded_batches(model, image_processor, loader):
             # Inputs stay behind (a dataset's are encoded images): every process holds them already.
             mine = [
                 replace(record, input=None)
-                for record in _batch_records(
-                    model, image_processor, inputs, batch, top_k, return_embeddings, decision, gallery
-                )
+                for record in _batch_records(model, inputs, batch, embeds, top_k, return_embeddings, decision, gallery)
             ]
             for record in accelerator.gather_for_metrics(mine, use_gather_object=True):
                 yield replace(record, input=inputs[record.index])
@@ -131,25 +149,22 @@ def geolocate_images(
 
 def _batch_records(
     model: StreetCLIPForGeolocation,
-    image_processor,
     inputs: Sequence[ImageInput],
-    batch: tuple[list[int], list[int], torch.Tensor | None, dict[int, str]],
+    batch: PixelBatch,
+    image_embeds: torch.Tensor | None,
     top_k: int,
     return_embeddings: bool,
     decision: str | None,
     gallery: GeoGallery | None = None,
 ) -> list[GeolocationRecord]:
-    """The records of one collated batch, in its order: answers for the decoded images, errors for the others."""
-    order, indices, pixel_values, errors = batch
-    records = {index: GeolocationRecord(index, inputs[index], error=error) for index, error in errors.items()}
-    if pixel_values is not None:
-        pixel_values = pixel_values.to(model.device, non_blocking=True)
-        outputs = model(pixel_values=normalized_pixels(image_processor, pixel_values, model.dtype))
-        answers_per_image = rank_answers(model, outputs, top_k, decision, gallery)
-        for position, (index, answers) in enumerate(zip(indices, answers_per_image, strict=True)):
-            embeds = outputs.image_embeds[position].float().cpu() if return_embeddings else None
+    """The records of one batch, in its order: answers for the decoded images, errors for the others."""
+    records = {index: GeolocationRecord(index, inputs[index], error=error) for index, error in batch.errors.items()}
+    if image_embeds is not None:
+        answers_per_image = rank_answers(model, model.locate_embeddings(image_embeds), top_k, decision, gallery)
+        for position, (index, answers) in enumerate(zip(batch.decoded, answers_per_image, strict=True)):
+            embeds = image_embeds[position].float().cpu() if return_embeddings else None
             records[index] = GeolocationRecord(index, inputs[index], answers=answers, image_embeds=embeds)
-    return [records[index] for index in order]
+    return [records[index] for index in batch.order]
 
 
 @torch.no_grad()
@@ -160,8 +175,8 @@ def pooled_answers(
     decision: str | None = None,
     gallery: GeoGallery | None = None,
 ) -> list[dict[str, Any]]:
-    """Answers for one place seen in several views: the hierarchical decision on the mean of their normalised
-    embeddings (as `return_embeddings=True` keeps them), renormalised."""
+    """Answers for one place seen in several views: the decision on the mean of their normalised embeddings (as
+    `return_embeddings=True` keeps them), renormalised."""
     pooled = F.normalize(image_embeds.mean(dim=0, keepdim=True), dim=-1)
     outputs = model.locate_embeddings(pooled.to(device=model.device, dtype=model.dtype))
     return rank_answers(model, outputs, top_k, decision, gallery)[0]
@@ -169,6 +184,9 @@ def pooled_answers(
 
 __all__ = [
     "GeolocationRecord",
+    "PixelBatch",
+    "collate_pixels",
+    "embedded_batches",
     "geolocate_images",
     "pooled_answers",
 ]

@@ -1,15 +1,12 @@
 """Building a gallery: geo-tagged photos in; their embeddings, coordinates and labels out, resumable after a kill.
 
-Rows are read in source order and decoded in DataLoader workers (a bad image, or coordinates that are not a point on
-Earth, become that row's error, recorded and skipped as `streetclip locate` does); the model embeds them in batches.
-As batches finish, consecutive rows are written to a shard, `shards/rows-{start}-{end}.arrow` in the gallery folder:
-an Arrow stream file written under a temporary name and renamed, so that a shard is whole or absent. The shards
-present are the record of progress: a rerun after a kill starts after the last of them and embeds no row twice.
-`build.json` records what shapes the rows (the source, its columns, the model's fingerprint), so that a rerun with
-others stops instead of mixing two builds. Once every row is embedded the shards are joined into the gallery
-(`save_to_disk`; a row whose id or image file repeats an earlier row's is recorded and skipped there), the FAISS index
-is trained and added through `datasets`' `add_faiss_index`, and `gallery.json`, written last, marks the gallery
-complete; then the shards go.
+Rows are read in source order and decoded in DataLoader workers (an unreadable image, or coordinates that are not a
+point on Earth, become that row's recorded error) and embedded by the batch engine's loop (`batch.embedded_batches`).
+Consecutive rows go to shards, `shards/rows-{start}-{end}.arrow`, each written whole or not at all: the shards present
+are the record of progress, and a rerun starts after the last. `build.json` records what shapes the rows (source,
+columns, model fingerprint), so that a rerun with others stops instead of mixing two builds. At the end the shards are
+joined into the gallery (a row repeating an earlier row's id or image file is recorded and skipped), indexed with
+`datasets`' `add_faiss_index`, and `gallery.json`, written last, marks it complete.
 """
 
 from __future__ import annotations
@@ -27,17 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
-from transformers.utils import logging
+from transformers.utils import logging, requires_backends
 
-from ..gallery_index import (
-    AUTO_INDEX,
-    DEFAULT_INDEX,
-    check_factory,
-    check_nprobe,
-    import_faiss,
-    recommended_index,
-    trained_index,
-)
+from ..gallery_index import AUTO_INDEX, DEFAULT_INDEX, check_factory, check_nprobe, recommended_index, trained_index
 from ..gallery_store import (
     BAD_ROWS_FILE,
     DATASET_FOLDER,
@@ -49,16 +38,16 @@ from ..gallery_store import (
     GalleryModelError,
     GeoGallery,
     fingerprint_agreement,
-    image_embeddings,
-    import_datasets,
     model_fingerprint,
-    write_json_atomically,
+    stored_embeddings,
 )
 from ..gallery_vote import VoteSettings
 from ..geodesy import coordinate_problem
 from ..images import ImageLoadError, load_rgb_image
-from ..pixels import normalized_pixels, resized_pixels
+from ..pixels import resized_pixels
 from . import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE
+from .batch import PixelBatch, collate_pixels, embedded_batches
+from .files import atomic_write
 
 
 if TYPE_CHECKING:
@@ -72,18 +61,18 @@ SHARDS_FOLDER = "shards"
 BUILD_FILE = "build.json"
 # Columns every gallery row has; a source column of the same name (other than the coordinates read) is refused.
 GALLERY_COLUMNS = ("source_row", EMBEDDING_COLUMN, "latitude", "longitude", "image_path")
-# The shard column that holds a skipped row's reason (null for rows embedded), dropped from the gallery.
+# The shard column of a skipped row's reason (null for rows embedded), dropped from the gallery.
 ERROR_COLUMN = "error"
 # Rows handed to `add_faiss_index` at a time: 64k x 768 float32 is 200 MB.
 ADD_BATCH_ROWS = 65_536
-# Errors that make one image unreadable (as `streetclip locate` records them), not the build.
+# Errors that make one image unreadable, not the build.
 _IMAGE_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError, ImageLoadError, TypeError)
 
 
 @dataclass
 class GalleryBuild:
-    """What `build_gallery` did: the gallery, the rows embedded by this call, the source rows an earlier
-    (interrupted) call had done, and every skipped row (`source_row`, `image_path`, `error`)."""
+    """What `build_gallery` did: the gallery, the rows this call embedded, the rows an interrupted call had done, and
+    every skipped row (`source_row`, `image_path`, `error`)."""
 
     gallery: GeoGallery
     embedded_rows: int
@@ -93,14 +82,21 @@ class GalleryBuild:
 
 @dataclass(frozen=True)
 class _Columns:
-    """The source columns a build reads: the image, the coordinates, and the labels it keeps as they are, one of which
-    may hold the rows' ids (None: a row is known by its image file)."""
+    """The source columns a build reads: image, coordinates, the labels kept as they are, and the labels' id column
+    (None: a row is known by its image file)."""
 
     image: str
     latitude: str
     longitude: str
     labels: tuple[str, ...]
     id: str | None = None
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write `value` to `path` as standard JSON (NaN and infinities refused), whole or not at all."""
+    text = json.dumps(value, indent=2, allow_nan=False) + "\n"
+    with atomic_write(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def build_gallery(
@@ -124,33 +120,36 @@ def build_gallery(
     overwrite: bool = False,
     progress: bool = True,
 ) -> GalleryBuild:
-    """Embed every photo of `data` with `model` and write a gallery to `output_dir` (see `gallery_store` for its layout),
+    """Embed every photo of `data` with `model` and write a gallery to `output_dir` (layout: `gallery_store`),
     resuming an unfinished build there.
 
     Args:
         model: a `StreetCLIPForGeolocation` (or any CLIP model with `get_image_features`), on the device to run on.
-        processor: its `StreetCLIPProcessor`, or an image processor.
-        data: a `datasets` dataset (streamed or not), or a source that `sources.open_dataset` opens: a
-            `save_to_disk` folder, an image folder with `metadata.csv`, a folder of CSV or Parquet files, a Hub id.
-        output_dir: the gallery folder: new or empty, or holding an unfinished build of the same source and model.
+        processor: its processor, or an image processor.
+        data: a `datasets` dataset (streamed or not), or a source `sources.open_dataset` opens (a `save_to_disk`
+            folder, an image folder with `metadata.csv`, a folder of CSV or Parquet files, a Hub id).
+        output_dir: new or empty, or holding an unfinished build of the same source and model.
         model_name: recorded in `gallery.json` (default: the model's `name_or_path`).
         index: a FAISS factory string (`"Flat"`: exact; `"IVF1024,SQ8"`, `"IVF1024,PQ64"`: compressed) or `"auto"`
-            (`recommended_index` for the gallery's size).
-        nprobe: inverted lists an IVF index probes per search (default: 1/64 of them, at least 1); refused for an
-            index without inverted lists, such as `Flat`.
-        train_size: rows, sampled at random, that train an index that needs training (default: 64 per list, at least
-            65,536, at most all).
-        split, streaming: which split of a source to read, and whether to stream it.
-        image_column: the column of images (default: image, img, photo or jpg).
-        latitude_column, longitude_column: the columns of coordinates in degrees, stored as `latitude`, `longitude`.
-        batch_size, num_workers: images per forward pass, and DataLoader processes decoding them (0: this process).
+            (`gallery_index.recommended_index` for the gallery's size).
+        nprobe, train_size: inverted lists an IVF index probes, and rows that train an index needing it (defaults:
+            `gallery_index.trained_index`).
+        split, streaming, image_column, latitude_column, longitude_column: what to read of the source.
+        batch_size, num_workers: images per forward pass, and DataLoader processes decoding them (0: this one).
         shard_size: source rows per shard; a kill loses at most one shard of work.
         settings: the vote settings stored as the gallery's defaults (default: `VoteSettings()`).
-        overwrite: delete a gallery (or an unfinished build) in `output_dir` first and start afresh.
+        overwrite: delete a gallery or an unfinished build in `output_dir` first.
         progress: show a tqdm bar on standard error.
     """
-    datasets = import_datasets()
-    import_faiss()  # missing, it would stop the build only after every photo is embedded
+    # Checked first: a missing faiss would otherwise stop the build once every photo is embedded.
+    requires_backends(build_gallery, ["datasets", "faiss"])
+    import datasets
+
+    if batch_size < 1 or shard_size < 1 or num_workers < 0:
+        raise ValueError(
+            f"batch_size and shard_size must be >= 1 and num_workers >= 0, got {batch_size}, {shard_size} and "
+            f"{num_workers}."
+        )
     folder = Path(output_dir)
     image_processor = getattr(processor, "image_processor", processor)
     fingerprint = model_fingerprint(model, image_processor)
@@ -163,65 +162,77 @@ def build_gallery(
 
         data, split = open_dataset(data, split, streaming=streaming)
     total = len(data) if isinstance(data, datasets.Dataset) else _known_rows(data)
-    if index == AUTO_INDEX and nprobe is not None and total is not None:
-        # Bad rows only shrink a gallery, so a source small enough for exact search gives an exact index.
-        choice = recommended_index(total, dim)
-        if choice.nprobe is None:
-            check_nprobe(nprobe, None, f"{AUTO_INDEX} ({choice.factory} for {total:,} rows)")
+    if index == AUTO_INDEX and total is not None and recommended_index(total, dim).nprobe is None:
+        # Bad rows only shrink a gallery: a source small enough for exact search gives an exact index.
+        check_nprobe(nprobe, None, f"{AUTO_INDEX} ({recommended_index(total, dim).factory} for {total:,} rows)")
     columns = _find_columns(data, image_column, latitude_column, longitude_column, source_name)
     _prepare_folder(folder, overwrite)
     options = {
         "model": model_name or getattr(model, "name_or_path", "") or type(model).__name__,
         "source": source_name,
         "split": split,
-        **{f"{role}_column": name for role, name in asdict(columns).items() if role not in ("labels", "id")},
+        **{f"{role}_column": getattr(columns, role) for role in ("image", "latitude", "longitude")},
     }
     _check_or_record_build(folder, options, fingerprint)
-
-    shards = folder / SHARDS_FOLDER
-    done = _completed_rows(shards)
-    label_features = _label_features(data, columns)
+    label_features = (
+        datasets.Features({name: data.features[name] for name in columns.labels}) if data.features else None
+    )
+    done = _completed_rows(folder / SHARDS_FOLDER)
     embedded = 0
     if total is None or done < total:
-        embedded = _embed_rows(
-            model,
-            image_processor,
-            data,
-            columns,
-            label_features,
-            shards,
-            start=done,
-            total=total,
-            dim=dim,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            shard_size=shard_size,
-            progress=progress,
+        # Images reach the workers still encoded, where an unreadable one is its row's error.
+        if data.features is not None:
+            data = data.cast_column(columns.image, datasets.Image(decode=False))
+        prepare = _RowPreparer(image_processor, columns)
+        rows = (
+            _MapRows(data, done, prepare)
+            if isinstance(data, datasets.Dataset)
+            else _StreamedRows(data, done, batch_size, prepare)
         )
+        loader = DataLoader(rows, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_pixels)
+        writer = _ShardWriter(folder / SHARDS_FOLDER, label_features)
+        bar = tqdm(
+            total=total, initial=done, unit="img", desc="streetclip index build", file=sys.stderr, disable=not progress
+        )
+        with bar:
+            for batch, embeds in embedded_batches(model, image_processor, loader):
+                writer.add(batch, embeds, dim)
+                embedded += len(batch.decoded)
+                if len(writer.rows) >= shard_size:
+                    writer.flush()
+                bar.update(len(batch.order))
+            writer.flush()
+    settings = settings or VoteSettings()
     gallery, bad_rows = _finish(
-        folder, options, fingerprint, label_features, columns.id, index, nprobe, train_size, settings
+        folder, options, fingerprint, label_features, columns.id, settings, index, nprobe, train_size
     )
     return GalleryBuild(gallery=gallery, embedded_rows=embedded, resumed_rows=done, bad_rows=bad_rows)
 
 
 def _describe(data) -> str:
-    """A name for a dataset passed as an object: the folders or Hub files it came from, else its class."""
+    """A name for a dataset passed as an object: the folder or Hub files it came from, else its class."""
     files = getattr(data, "cache_files", None) or []
     if files:
         return str(Path(files[0]["filename"]).parent)
     return getattr(getattr(data, "info", None), "dataset_name", None) or type(data).__name__
 
 
+def _known_rows(data) -> int | None:
+    """The number of rows of a streamed dataset, where its metadata records it."""
+    splits = getattr(getattr(data, "info", None), "splits", None) or {}
+    split = getattr(data, "split", None)
+    return (splits[str(split)].num_examples or None) if split is not None and str(split) in splits else None
+
+
 def _find_columns(
     data, image_column: str | None, latitude_column: str, longitude_column: str, source: str
 ) -> _Columns:
     """The columns to read; a streamed source that does not declare its columns is checked on its first row."""
+    import datasets
+
     from .sources import ID_COLUMNS, find_column, find_image_column
 
-    names = data.column_names
-    if names is None:
-        names = list(next(iter(data.take(1))).keys())
-    datasets = import_datasets()
+    names = data.column_names or list(next(iter(data.take(1))).keys())
     declared = [name for name, feature in (data.features or {}).items() if isinstance(feature, datasets.Image)]
     if image_column is None and len(declared) == 1:
         image = declared[0]  # the one column of images, whatever its name (a CSV's IMG_ID, say)
@@ -234,74 +245,46 @@ def _find_columns(
                 f"--{role}_column."
             )
     used = {image, latitude_column, longitude_column}
-    clashes = [name for name in names if name in GALLERY_COLUMNS + (ERROR_COLUMN,) and name not in used]
+    clashes = [name for name in names if name in (*GALLERY_COLUMNS, ERROR_COLUMN) and name not in used]
     if clashes:
         raise ValueError(
             f"The data {source!r} has columns named {clashes}, which a gallery uses for its own; rename them "
             "(`dataset.rename_column`) before building."
         )
     labels = tuple(name for name in names if name not in used)
-    # Ids as the benchmark and `streetclip locate` read them: a column under a usual name.
     id_column = find_column(labels, None, ID_COLUMNS, "id", f"data {source!r}", required=False)
     return _Columns(image, latitude_column, longitude_column, labels, id_column)
 
 
-def _label_features(data, columns: _Columns) -> datasets.Features | None:
-    """The `datasets` features of the label columns, None where the source does not declare them (a streamed JSON
-    file, say): then the first shard's inferred types are kept for all."""
-    datasets = import_datasets()
-    if data.features is None:
-        return None
-    return datasets.Features({name: data.features[name] for name in columns.labels})
-
-
-def _known_rows(data) -> int | None:
-    """The number of rows of a streamed dataset, where its metadata records it."""
-    splits = getattr(getattr(data, "info", None), "splits", None) or {}
-    split = getattr(data, "split", None)
-    if split is not None and str(split) in splits:
-        return splits[str(split)].num_examples or None
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The build folder.
-
-
 def _prepare_folder(folder: Path, overwrite: bool) -> None:
-    """Make `folder` ready: new, empty, or holding an unfinished build; with `overwrite`, a gallery or build there
-    is deleted first (its own files only). A complete gallery, or a folder holding other files, is refused."""
-    gallery_parts = (GALLERY_FILE, DATASET_FOLDER, INDEX_FILE, BAD_ROWS_FILE, SHARDS_FOLDER, BUILD_FILE)
+    """Make `folder` ready: new, empty, or holding an unfinished build; `overwrite` first deletes a gallery or build
+    there (its own files only). A complete gallery, or a folder holding other files, is refused."""
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"The gallery output {str(folder)!r} is a file; give a folder.")
     if overwrite and folder.is_dir():
-        for name in gallery_parts:
+        for name in (GALLERY_FILE, DATASET_FOLDER, INDEX_FILE, BAD_ROWS_FILE, SHARDS_FOLDER, BUILD_FILE):
             path = folder / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if (folder / GALLERY_FILE).exists():
         raise FileExistsError(
             f"{str(folder)!r} already holds a complete gallery; pass --overwrite (overwrite=True) to build it again, "
             "or give another folder."
         )
-    if folder.is_dir() and not (folder / BUILD_FILE).exists():
-        others = sorted(path.name for path in folder.iterdir())
-        if others:
-            raise FileExistsError(
-                f"{str(folder)!r} holds other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); "
-                "a gallery needs a new or empty folder."
-            )
+    others = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
+    if others and not (folder / BUILD_FILE).exists():
+        raise FileExistsError(
+            f"{str(folder)!r} holds other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); "
+            "a gallery needs a new or empty folder."
+        )
     (folder / SHARDS_FOLDER).mkdir(parents=True, exist_ok=True)
 
 
 def _check_or_record_build(folder: Path, options: dict[str, Any], fingerprint: np.ndarray) -> None:
-    """Record what shapes this build's rows in `build.json`, or, resuming, refuse a build with other options or
-    another model, naming what differs."""
+    """Record what shapes this build's rows in `build.json`, or, resuming, refuse other options or another model,
+    naming what differs."""
     path = folder / BUILD_FILE
     if not path.exists():
-        write_json_atomically(path, {"options": options, "model_fingerprint": fingerprint.tolist()})
+        write_json(path, {"options": options, "model_fingerprint": fingerprint.tolist()})
         return
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
@@ -329,17 +312,13 @@ def _check_or_record_build(folder: Path, options: dict[str, Any], fingerprint: n
         )
 
 
-def _shard_name(start: int, end: int) -> str:
-    return f"rows-{start:012d}-{end:012d}.arrow"
-
-
 def _shard_paths(shards: Path) -> list[tuple[int, int, Path]]:
-    """The complete shards, as (first row, row after the last, path), in row order; temporary files that a kill left
-    behind are deleted."""
+    """The complete shards as (first row, row after the last, path), in row order; a shard a kill cut off while it
+    was written (a temporary) is deleted, and its rows are embedded again."""
     found = []
     for path in shards.iterdir():
         if path.suffix == ".tmp":
-            path.unlink()  # a shard cut off while it was written: its rows are embedded again
+            path.unlink()
             continue
         parts = path.stem.split("-")
         if len(parts) != 3 or parts[0] != "rows" or not (parts[1].isdigit() and parts[2].isdigit()):
@@ -361,12 +340,16 @@ def _completed_rows(shards: Path) -> int:
     return end
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Reading and embedding rows.
+def _read_shard(path: Path) -> pa.Table:
+    """A shard, memory-mapped: joining a million rows copies nothing until the gallery is saved."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all()
 
 
 def _as_float(value: Any) -> float:
-    """A coordinate cell as a float; text that is not a number, and empty cells, are NaN (missing)."""
+    """A coordinate cell as a float; empty cells and text that is not a number are NaN (missing)."""
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -374,8 +357,8 @@ def _as_float(value: Any) -> float:
 
 
 class _RowPreparer:
-    """Turns one source row into `(row, pixels or None, latitude, longitude, image path, labels, error)`, in the
-    DataLoader worker: coordinates first (a row without them is not worth decoding), then the image."""
+    """One source row as the batch engine's item, in a DataLoader worker: `(row, pixels or None, error or None,
+    (latitude, longitude, image path, labels))`; coordinates first (a row without them is not worth decoding)."""
 
     def __init__(self, image_processor, columns: _Columns):
         self.image_processor = image_processor
@@ -388,7 +371,7 @@ class _RowPreparer:
         latitude, longitude = _as_float(row[columns.latitude]), _as_float(row[columns.longitude])
         value = row[columns.image]
         path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
-        labels = {name: row[name] for name in columns.labels}
+        fields = (latitude, longitude, path, {name: row[name] for name in columns.labels})
         problem = coordinate_problem(latitude, longitude)
         if problem is not None:
             error = problem.describe(
@@ -397,24 +380,21 @@ class _RowPreparer:
                 f"latitude (column {columns.latitude!r})",
                 f"longitude (column {columns.longitude!r})",
             )
-            return row_number, None, latitude, longitude, path, labels, error
+            return row_number, None, error, fields
         try:
             if value is None:
                 raise ImageLoadError(f"Row {row_number} has no image (column {columns.image!r} is empty).")
             image = load_rgb_image(encoded_image(value) if isinstance(value, dict) else value)
         except _IMAGE_ERRORS as error:
-            return row_number, None, latitude, longitude, path, labels, str(error)
-        pixels = resized_pixels(self.image_processor, image)[0]
-        return row_number, pixels, latitude, longitude, path, labels, None
+            return row_number, None, str(error), fields
+        return row_number, resized_pixels(self.image_processor, image)[0], None, fields
 
 
 class _MapRows(Dataset):
     """Source rows `start`, `start + 1`, ... of a map-style dataset, prepared one per item."""
 
     def __init__(self, data, start: int, prepare: _RowPreparer):
-        self.data = data
-        self.start = start
-        self.prepare = prepare
+        self.data, self.start, self.prepare = data, start, prepare
 
     def __len__(self) -> int:
         return len(self.data) - self.start
@@ -426,167 +406,85 @@ class _MapRows(Dataset):
 class _StreamedRows(IterableDataset):
     """The rows of a streamed dataset from `start` on, prepared, such that a DataLoader returns them in order.
 
-    Each of W workers reads the whole stream in batches (`IterableDataset.iter`, which unlike iterating the dataset
-    itself does not hand each worker only some of its files) and prepares the batches b with b % W equal to its id;
-    the DataLoader takes one batch from each worker in turn, so batches come back in stream order, which resume relies
-    on. Reading is cheap next to decoding, which each row gets once.
+    Each of W workers reads the whole stream in batches (`IterableDataset.iter`, which, unlike iterating the dataset,
+    does not hand each worker only some of its files) and prepares the batches b with b % W equal to its id; the
+    DataLoader takes a batch from each worker in turn, so batches come back in stream order, which resuming needs.
     """
 
     def __init__(self, data, start: int, batch_size: int, prepare: _RowPreparer):
-        self.data = data
-        self.start = start
-        self.batch_size = batch_size
-        self.prepare = prepare
+        self.data, self.start, self.batch_size, self.prepare = data, start, batch_size, prepare
 
     def __iter__(self) -> Iterator[tuple]:
         worker = get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
-        stream = self.data.skip(self.start) if self.start else self.data
         row_number = self.start
-        for batch_number, batch in enumerate(stream.iter(batch_size=self.batch_size)):
+        for batch_number, batch in enumerate(self.data.skip(self.start).iter(batch_size=self.batch_size)):
             size = len(next(iter(batch.values())))
             if batch_number % workers == worker_id:
                 for position in range(size):
-                    row = {name: values[position] for name, values in batch.items()}
-                    yield self.prepare(row_number + position, row)
+                    yield self.prepare(
+                        row_number + position, {name: values[position] for name, values in batch.items()}
+                    )
             row_number += size
 
 
-def _collate(items: list[tuple]) -> list[tuple]:
-    """Keep the prepared rows as they are; pixels are stacked for the good ones where the batch is used."""
-    return items
-
-
-def _embed_rows(
-    model,
-    image_processor,
-    data,
-    columns: _Columns,
-    label_features: datasets.Features | None,
-    shards: Path,
-    start: int,
-    total: int | None,
-    dim: int,
-    batch_size: int,
-    num_workers: int,
-    shard_size: int,
-    progress: bool,
-) -> int:
-    """Embed the source rows from `start` on, writing a shard whenever `shard_size` rows are done (and at the end);
-    returns the number of rows embedded."""
-    datasets = import_datasets()
-    if batch_size < 1 or shard_size < 1 or num_workers < 0:
-        raise ValueError(
-            f"batch_size and shard_size must be >= 1 and num_workers >= 0, got {batch_size}, {shard_size} and "
-            f"{num_workers}."
-        )
-    # Decoding belongs to the workers, where an unreadable image is one row's error (a stream that declares no
-    # features hands its image files over undecoded anyway).
-    encoded = data.cast_column(columns.image, datasets.Image(decode=False)) if data.features is not None else data
-    prepare = _RowPreparer(image_processor, columns)
-    if isinstance(encoded, datasets.Dataset):
-        rows = _MapRows(encoded, start, prepare)
-        loader = DataLoader(rows, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
-    else:
-        rows = _StreamedRows(encoded, start, batch_size, prepare)
-        loader = DataLoader(rows, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
-    writer = _ShardWriter(shards, dim, label_features)
-    embedded = 0
-    with tqdm(
-        total=total, initial=start, unit="img", desc="streetclip index build", file=sys.stderr, disable=not progress
-    ) as bar:
-        for items in loader:
-            good = [position for position, item in enumerate(items) if item[1] is not None]
-            embeddings = np.full((len(items), dim), np.nan, dtype=np.float32)
-            if good:
-                pixel_values = torch.stack([items[position][1] for position in good]).to(model.device)
-                pixel_values = normalized_pixels(image_processor, pixel_values, model.dtype)
-                embeddings[good] = image_embeddings(model, pixel_values).cpu().numpy()
-            writer.add(items, embeddings)
-            embedded += len(good)
-            if writer.pending_rows >= shard_size:
-                writer.flush()
-            bar.update(len(items))
-        writer.flush()
-    return embedded
-
-
 class _ShardWriter:
-    """Collects prepared rows with their embeddings and writes them as one shard file (see the module docstring)."""
+    """Collects embedded rows and writes them as one shard, whole or not at all."""
 
-    def __init__(self, shards: Path, dim: int, label_features: datasets.Features | None):
+    def __init__(self, shards: Path, label_features: datasets.Features | None):
         self.shards = shards
-        self.dim = dim
-        self.label_schema = label_features.arrow_schema if label_features is not None else None
         self.label_features = label_features
-        self.items: list[tuple] = []
+        self.label_schema = label_features.arrow_schema if label_features is not None else None
+        self.rows: list[tuple[int, str | None, tuple]] = []
         self.embeddings: list[np.ndarray] = []
 
-    @property
-    def pending_rows(self) -> int:
-        return len(self.items)
-
-    def add(self, items: list[tuple], embeddings: np.ndarray) -> None:
-        if self.items and items and items[0][0] != self.items[-1][0] + 1:
-            raise RuntimeError(f"rows arrived out of order: {items[0][0]} after {self.items[-1][0]}")
-        self.items += items
-        self.embeddings.append(embeddings)
+    def add(self, batch: PixelBatch, embeds: torch.Tensor | None, dim: int) -> None:
+        if self.rows and batch.order and batch.order[0] != self.rows[-1][0] + 1:
+            raise RuntimeError(f"rows arrived out of order: {batch.order[0]} after {self.rows[-1][0]}")
+        vectors = np.full((len(batch.order), dim), np.nan, dtype=np.float32)
+        if embeds is not None:
+            vectors[[index not in batch.errors for index in batch.order]] = stored_embeddings(embeds)
+        self.rows += [
+            (index, batch.errors.get(index), fields) for index, fields in zip(batch.order, batch.fields, strict=True)
+        ]
+        self.embeddings.append(vectors)
 
     def flush(self) -> None:
-        """Write the collected rows as one shard, atomically; nothing when none are collected."""
-        if not self.items:
+        """Write the collected rows as one shard; nothing when none are collected."""
+        if not self.rows:
             return
         import pyarrow as pa
 
         table = self._table(pa)
-        start, end = self.items[0][0], self.items[-1][0] + 1
-        path = self.shards / _shard_name(start, end)
-        temporary = path.with_name(path.name + ".tmp")
-        with open(temporary, "wb") as stream:
-            with pa.ipc.new_stream(stream, table.schema) as arrow:
-                arrow.write_table(table)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-        self.items, self.embeddings = [], []
+        path = self.shards / f"rows-{self.rows[0][0]:012d}-{self.rows[-1][0] + 1:012d}.arrow"
+        with atomic_write(path) as temporary, pa.ipc.new_stream(str(temporary), table.schema) as stream:
+            stream.write_table(table)
+        self.rows, self.embeddings = [], []
 
     def _table(self, pa) -> pa.Table:
-        embeddings = np.concatenate(self.embeddings)
-        missing = np.isnan(embeddings).any(axis=1)
-        vectors = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), self.dim, mask=pa.array(missing))
-        label_rows = [item[5] for item in self.items]
+        vectors = np.concatenate(self.embeddings)
+        missing = pa.array(np.isnan(vectors).any(axis=1))
+        embeddings = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1], mask=missing)
+        labels = [fields[3] for _, _, fields in self.rows]
         if self.label_features is not None:
-            label_rows = [self.label_features.encode_example(row) for row in label_rows]
-        elif self.label_schema is None:
+            labels = [self.label_features.encode_example(row) for row in labels]
+        elif self.label_schema is None and _shard_paths(self.shards):
             # Undeclared label types: those the first shard inferred hold for all, so that the shards join.
-            written = _shard_paths(self.shards)
-            if written:
-                schema = _read_shard(written[0][2]).schema
-                self.label_schema = pa.schema([schema.field(name) for name in label_rows[0]])
-        labels = pa.Table.from_pylist(label_rows, schema=self.label_schema)
+            schema = _read_shard(_shard_paths(self.shards)[0][2]).schema
+            self.label_schema = pa.schema([schema.field(name) for name in labels[0]])
+        labels = pa.Table.from_pylist(labels, schema=self.label_schema)
         self.label_schema = labels.schema
+        field = [fields for _, _, fields in self.rows]
         columns = {
-            "source_row": pa.array([item[0] for item in self.items], pa.int64()),
-            EMBEDDING_COLUMN: vectors,
-            "latitude": pa.array([item[2] for item in self.items], pa.float64()),
-            "longitude": pa.array([item[3] for item in self.items], pa.float64()),
-            "image_path": pa.array([item[4] for item in self.items], pa.string()),
+            "source_row": pa.array([row for row, _, _ in self.rows], pa.int64()),
+            EMBEDDING_COLUMN: embeddings,
+            "latitude": pa.array([fields[0] for fields in field], pa.float64()),
+            "longitude": pa.array([fields[1] for fields in field], pa.float64()),
+            "image_path": pa.array([fields[2] for fields in field], pa.string()),
             **{name: labels.column(name) for name in labels.column_names},
-            ERROR_COLUMN: pa.array([item[6] for item in self.items], pa.string()),
+            ERROR_COLUMN: pa.array([error for _, error, _ in self.rows], pa.string()),
         }
         return pa.table(columns)
-
-
-def _read_shard(path: Path) -> pa.Table:
-    """A shard, memory-mapped: joining a million rows copies nothing until the gallery is saved."""
-    import pyarrow as pa
-
-    with pa.memory_map(str(path)) as source:
-        return pa.ipc.open_stream(source).read_all()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Finishing: the gallery dataset, its index, gallery.json.
 
 
 def _finish(
@@ -595,14 +493,14 @@ def _finish(
     fingerprint: np.ndarray,
     label_features: datasets.Features | None,
     id_column: str | None,
+    settings: VoteSettings,
     index: str,
     nprobe: int | None,
     train_size: int | None,
-    settings: VoteSettings | None,
 ) -> tuple[GeoGallery, list[dict[str, Any]]]:
-    """Join the shards into the gallery, index it and write `gallery.json`; then delete the shards and `build.json`.
-    A kill in here loses nothing: the shards stay until `gallery.json` is written."""
-    datasets = import_datasets()
+    """Join the shards into the gallery, index it, write `gallery.json`, then delete the shards and `build.json`: a
+    kill in here loses nothing, since the shards stay until `gallery.json` is written."""
+    import datasets
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -612,13 +510,8 @@ def _finish(
     table = pa.concat_tables([_read_shard(path) for path in shards], promote_options="permissive")
     table = _record_repeats(table, id_column, options["source"])
     failed = pc.is_valid(table.column(ERROR_COLUMN)).to_numpy(zero_copy_only=False)
-    bad_rows = (
-        table.filter(pa.array(failed)).select(["source_row", "image_path", ERROR_COLUMN]).to_pylist()
-        if failed.any()
-        else []
-    )
-    good = np.flatnonzero(~failed)
-    if not len(good):
+    bad_rows = table.filter(pa.array(failed)).select(["source_row", "image_path", ERROR_COLUMN]).to_pylist()
+    if failed.all():
         raise ValueError(
             f"No row of {options['source']!r} could be embedded ({len(bad_rows)} skipped; first: "
             f"{bad_rows[0][ERROR_COLUMN]})."
@@ -629,21 +522,15 @@ def _finish(
     features[EMBEDDING_COLUMN] = datasets.List(datasets.Value("float32"), length=dim)
     features.update(label_features or {})  # declared types (a ClassLabel's names) where Arrow keeps only integers
     rows = datasets.Dataset(datasets.table.InMemoryTable(table), info=datasets.DatasetInfo(features=features))
-    rows = rows.select(good)
-    dataset_folder = folder / DATASET_FOLDER
-    temporary = folder / f"{DATASET_FOLDER}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    shutil.rmtree(dataset_folder, ignore_errors=True)
-    rows.save_to_disk(str(temporary))
-    os.replace(temporary, dataset_folder)
-    gallery_rows = datasets.load_from_disk(str(dataset_folder))
+    with atomic_write(folder / DATASET_FOLDER) as temporary:
+        rows.select(np.flatnonzero(~failed)).save_to_disk(str(temporary))
+    gallery_rows = datasets.load_from_disk(str(folder / DATASET_FOLDER))
     factory, nprobe = attach_index(gallery_rows, dim, index, nprobe, train_size)
-    index_temporary = folder / f"{INDEX_FILE}.tmp"
-    gallery_rows.save_faiss_index(EMBEDDING_COLUMN, str(index_temporary))
-    os.replace(index_temporary, folder / INDEX_FILE)
-    with open(folder / BAD_ROWS_FILE, "w", encoding="utf-8") as stream:
-        for row in bad_rows:
-            stream.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+    with atomic_write(folder / INDEX_FILE) as temporary:
+        gallery_rows.save_faiss_index(EMBEDDING_COLUMN, str(temporary))
+    with atomic_write(folder / BAD_ROWS_FILE) as temporary:
+        lines = [json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in bad_rows]
+        temporary.write_text("".join(lines), encoding="utf-8")
     info = GalleryInfo(
         model=options["model"],
         model_fingerprint=fingerprint.tolist(),
@@ -653,21 +540,18 @@ def _finish(
         num_rows=len(gallery_rows),
         num_bad_rows=len(bad_rows),
         source=options["source"],
-        vote=asdict(settings or VoteSettings()),
+        vote=asdict(settings),
     )
-    info.write(folder)
+    write_json(folder / GALLERY_FILE, asdict(info))  # last: its presence marks a complete gallery
     shutil.rmtree(folder / SHARDS_FOLDER)
     (folder / BUILD_FILE).unlink()
-    return GeoGallery(folder, gallery_rows, info, settings or VoteSettings()), bad_rows
+    return GeoGallery(folder, gallery_rows, info, settings), bad_rows
 
 
 def _record_repeats(table: pa.Table, id_column: str | None, source: str) -> pa.Table:
-    """Mark as bad every embedded row whose id (the `id_column`'s value) or, without ids, whose image file on disk an
-    earlier embedded row has: a photo listed twice would vote twice, and the benchmark refuses repeated ids likewise.
-
-    A stored image's path is only a name (two photos of a Parquet file may share `image.jpg`), so without ids a
-    repeated path counts only where it names a file on disk, as an image folder's and a CSV's rows do.
-    """
+    """Mark as bad every embedded row whose id, or without ids whose image file on disk, an earlier embedded row has:
+    a photo listed twice would vote twice. A stored image's path is only a name (two photos of a Parquet file may
+    share `image.jpg`), so without ids a repeated path counts only where it names a file on disk."""
     import pyarrow as pa
 
     keys = table.column(id_column or "image_path").to_pylist()
@@ -698,10 +582,9 @@ def _record_repeats(table: pa.Table, id_column: str | None, source: str) -> pa.T
 def attach_index(
     rows: datasets.Dataset, dim: int, index: str, nprobe: int | None = None, train_size: int | None = None
 ) -> tuple[str, int | None]:
-    """Build the FAISS index `index` (a factory string, or `"auto"`) over `rows[EMBEDDING_COLUMN]` with `datasets`'
-    `add_faiss_index`, trained first where it needs training (see `gallery_index.trained_index`); returns the factory
-    string used and the lists it probes (None without inverted lists). A training failure keeps the embeddings: a
-    rerun with another index finishes the build."""
+    """Index `rows[EMBEDDING_COLUMN]` with `index` (a factory string, or `"auto"`) through `datasets`'
+    `add_faiss_index`, trained first by `gallery_index.trained_index`; returns the factory string and the lists it
+    probes (None: none). A training failure keeps the embeddings: a rerun with another index finishes the build."""
     factory = recommended_index(len(rows), dim).factory if index == AUTO_INDEX else index
     numpy_rows = rows.with_format("numpy", columns=[EMBEDDING_COLUMN])
     faiss_index, nprobe = trained_index(
@@ -711,4 +594,4 @@ def attach_index(
     return factory, nprobe
 
 
-__all__ = ["GalleryBuild", "attach_index", "build_gallery"]
+__all__ = ["GalleryBuild", "attach_index", "build_gallery", "write_json"]
