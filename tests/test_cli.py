@@ -508,7 +508,7 @@ def test_a_second_run_on_an_output_being_written_exits_two(capsys, monkeypatch, 
     make_photos(tmp_path, ["a.jpg"])
     output = tmp_path / "answers.jsonl"
     output.write_text("")
-    monkeypatch.setattr("modeling_streetclip.cli.locate.load_model", model_must_not_load)
+    monkeypatch.setattr("modeling_streetclip.app.loading.load_model", model_must_not_load)
 
     with FileLock(lock_path(output)):  # as a running `streetclip locate` holds it
         status, out, err = run(capsys, "locate", tmp_path, "--model", small_streetclip_dir, "--output", output)
@@ -545,7 +545,7 @@ def test_an_output_that_cannot_be_written_fails_before_the_model_loads(
 
         monkeypatch.setattr(os, "open", read_only)
         expected = "cannot open --output"
-    monkeypatch.setattr("modeling_streetclip.cli.locate.load_model", model_must_not_load)
+    monkeypatch.setattr("modeling_streetclip.app.loading.load_model", model_must_not_load)
 
     status, out, err = run(capsys, "locate", tmp_path / "photos", "--model", small_streetclip_dir, "--output", output)
 
@@ -870,6 +870,21 @@ def test_dataset_usage_errors_exit_two_naming_the_problem(
     assert "streetclip locate: error:" in err and expected in err
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_dataset_id_met_twice_exits_two_naming_both_rows(capsys, monkeypatch, tmp_path, streaming):
+    make_photos(tmp_path / "photos", ["a.jpg"])
+    image = encoded(tmp_path / "photos" / "a.jpg")
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image()})
+    rows = {"id": ["x", "y", "x"], "image": [image] * 3}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "saved")
+    fail_if_a_model_loads(monkeypatch)
+    command = ["locate", "--dataset", tmp_path / "saved", "--output", tmp_path / "answers.jsonl"]
+
+    status, _, err = run(capsys, *command, *(["--streaming"] if streaming else []))
+
+    assert status == 2 and "has the id 'x' on rows 0 and 2; records are resumed by id, so each must be unique" in err
+
+
 # Parquet output
 
 
@@ -953,12 +968,12 @@ def test_a_parquet_run_killed_mid_way_is_completed_by_a_rerun(capsys, monkeypatc
 
 
 def fail_if_a_model_loads(monkeypatch) -> None:
-    from modeling_streetclip.cli import locate
+    from modeling_streetclip.app import loading
 
     def load_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(locate, "load_model", load_model)
+    monkeypatch.setattr(loading, "load_model", load_model)
 
 
 def test_a_missing_input_path_exits_two_before_the_model_loads(capsys, monkeypatch, tmp_path):

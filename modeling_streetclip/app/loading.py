@@ -17,6 +17,7 @@ from . import UsageError
 
 if TYPE_CHECKING:
     import torch
+    from accelerate import Accelerator
 
     from ..gallery_store import GeoGallery
     from ..modeling_streetclip import StreetCLIPForGeolocation
@@ -170,6 +171,33 @@ def load_gallery(name: str, model, image_processor, model_name: str) -> GeoGalle
     return gallery
 
 
+def load_on_every_process(
+    accelerator: Accelerator,
+    name: str,
+    dtype: str,
+    gallery: str | None = None,
+    countries: list[str] | None = None,
+    quantization_config: Any = None,
+) -> tuple[StreetCLIPForGeolocation, Any, GeoGallery | None]:
+    """The model, its image processor and the `gallery` (None without one) on every process's device (the CPU for an
+    int8 model); the main process loads first, so that a download happens once, and shows the only loading bars. A
+    failure on any process stops all of them (see `distributed.on_every_process`)."""
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    from .distributed import on_every_process
+
+    if not accelerator.is_main_process:
+        transformers_logging.disable_progress_bar()
+    device = "cpu" if quantization_config is not None else accelerator.device
+
+    def load() -> tuple[StreetCLIPForGeolocation, Any, GeoGallery | None]:
+        model, image_processor = load_model(name, device, getattr(torch, dtype), countries, quantization_config)
+        return model, image_processor, None if gallery is None else load_gallery(gallery, model, image_processor, name)
+
+    return on_every_process(accelerator, load, main_process_first=True)
+
+
 def model_fingerprint(folder: str) -> str:
     """A short SHA-256 of the files of a model folder that shape answers (FINGERPRINTED_SUFFIXES: configs, candidate
     tables, weights), names and contents. Reading the weights costs about as long as loading them; a hash of their
@@ -192,6 +220,7 @@ __all__ = [
     "check_image_processor",
     "load_gallery",
     "load_model",
+    "load_on_every_process",
     "model_fingerprint",
     "quantization_config_for",
 ]

@@ -1,27 +1,23 @@
-"""Open one split of a data set named by a path or a Hub id, the same way for training and for the benchmark runner.
+"""Data sets by path or Hub id, read alike by training, the benchmark runner, gallery builds and `streetclip locate
+--dataset`: one split of a source, its image and id columns found by the same names, and its images handed out still
+encoded, to be decoded by `images.load_rgb_image` in whichever DataLoader worker uses them.
 
-A source is a folder written by `save_to_disk` (a `Dataset` or a `DatasetDict`), any other local folder that
-`datasets.load_dataset` reads (an image folder with a `metadata.csv`, a folder of Parquet or CSV files), or a Hub id.
-An image folder's only split is `train`, whatever it holds, so a source with a single split is read whatever split
-was asked for. `datasets` comes with the `[train]` and `[eval]` extras, not with inference, so it is imported only
-when a data set is opened.
-
-The columns a reader needs (images, ids) are found here too, by the same names for the benchmark runner and for
-`streetclip locate --dataset`, and a dataset's images are handed out still encoded, to be decoded by
-`images.load_rgb_image` in whichever DataLoader worker uses them.
+A source is a folder written by `save_to_disk`, any other folder `datasets.load_dataset` reads (an image folder with
+a `metadata.csv`, Parquet or CSV files), or a Hub id.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from transformers.utils import logging
 
 from ..gallery_store import names_a_missing_folder
-from . import import_optional
+from . import UsageError, import_optional
 
 
 if TYPE_CHECKING:
@@ -36,42 +32,30 @@ logger = logging.get_logger(__name__)
 # metadata use IMG_ID; other benchmarks and collections write the names out.
 ID_COLUMNS = ("img_id", "image_id", "id", "key", "file_name", "filename")
 IMAGE_COLUMNS = ("image", "img", "photo", "jpg")
-
-
-def _import_datasets():
-    return import_optional(
-        "datasets",
-        "Reading data sets",
-        "the training or evaluation extra: `pip install 'streetclip[train]'` or `pip install 'streetclip[eval]'`",
-    )
-
-
-def _is_saved_dataset(path: str | Path) -> bool:
-    """Whether `path` is a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
-    datasets = _import_datasets()
-    folder = Path(path)
-    return (folder / datasets.config.DATASET_STATE_JSON_FILENAME).is_file() or (
-        folder / datasets.config.DATASETDICT_JSON_FILENAME
-    ).is_file()
+# The record field of a dataset row whose ids do not come from a column (file names, row numbers).
+DEFAULT_ID_FIELD = "id"
+_DATASETS_EXTRAS = (
+    "the training or evaluation extra: `pip install 'streetclip[train]'` or `pip install 'streetclip[eval]'`"
+)
 
 
 def open_dataset(
     source: str | Path, split: str, streaming: bool = False
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, str | None]:
-    """One split of the data set at `source` and the name of the split it is, None for a `Dataset` saved without
-    splits.
+    """One split of the data set at `source`, and the split's name (None for a `Dataset` saved without splits).
 
-    `split` is read when the source has it; a source with a single split is read whatever `split` says (an info
-    message when the names differ: an image folder's only split is `train`, whatever it holds); a source with several splits but not `split` is refused, naming its splits. `streaming` gives
-    an `IterableDataset` that reads rows as they are used, also for a folder written by `save_to_disk`.
+    A source with a single split is read whatever `split` says (an image folder's only split is `train`, whatever it
+    holds); one with several splits but not `split` is refused, naming them. `streaming` gives an `IterableDataset`
+    that reads rows as they are used, also for a folder written by `save_to_disk`.
     """
-    datasets = _import_datasets()
+    datasets = import_optional("datasets", "Reading data sets", _DATASETS_EXTRAS)
     source = str(source)
     if names_a_missing_folder(source):
         raise FileNotFoundError(
             f"No data set folder at {source!r}; give an existing folder, or a Hub id such as ORG/NAME."
         )
-    if _is_saved_dataset(source):
+    saved_files = (datasets.config.DATASET_STATE_JSON_FILENAME, datasets.config.DATASETDICT_JSON_FILENAME)
+    if any(Path(source, name).is_file() for name in saved_files):  # written by `save_to_disk`
         loaded = datasets.load_from_disk(source)
     else:
         loaded = datasets.load_dataset(source, streaming=streaming)
@@ -101,22 +85,20 @@ def find_column(
     if requested is not None:
         if requested not in columns:
             raise ValueError(f"The {source} has no {role} column {requested!r}; its columns are {list(columns)}.")
-        _refuse_shared_name(columns, [requested], role, source)
-        return requested
-    for name in usual:
-        matches = [column for column in columns if column.lower() == name]
-        if matches:
-            _refuse_shared_name(columns, matches, role, source)
-            return matches[0]
-    if required:
-        raise ValueError(
-            f"The {source} has no {role} column under a usual name ({', '.join(usual)}); its columns are "
-            f"{list(columns)}. Name the {role} column."
-        )
-    return None
-
-
-def _refuse_shared_name(columns: Sequence[str], matches: Sequence[str], role: str, source: str) -> None:
+        matches = [requested]
+    else:
+        matches = []
+        for name in usual:
+            matches = [column for column in columns if column.lower() == name]
+            if matches:
+                break
+        if not matches:
+            if not required:
+                return None
+            raise ValueError(
+                f"The {source} has no {role} column under a usual name ({', '.join(usual)}); its columns are "
+                f"{list(columns)}. Name the {role} column."
+            )
     positions = [position for position, column in enumerate(columns, start=1) if column in matches]
     if len(positions) > 1:
         names = ", ".join(f"{columns[position - 1]!r} (column {position})" for position in positions)
@@ -124,12 +106,14 @@ def _refuse_shared_name(columns: Sequence[str], matches: Sequence[str], role: st
             f"The {source} has {len(positions)} columns that could be its {role}: {names}. Rename or remove all but "
             "one, or name the one to read."
         )
+    return matches[0]
 
 
 def find_image_column(dataset: datasets.Dataset | datasets.IterableDataset, requested: str | None, source: str) -> str:
     """The column of `dataset` holding its images (`requested`, else one of IMAGE_COLUMNS), which must be an
     `Image` feature where the dataset declares its features (a streamed one may not)."""
-    datasets = _import_datasets()
+    import datasets
+
     column = find_column(dataset.column_names or [], requested, IMAGE_COLUMNS, "image", source)
     feature = (dataset.features or {}).get(column)
     if feature is not None and not isinstance(feature, datasets.Image):
@@ -145,7 +129,8 @@ class EncodedImages(Sequence):
     errors, happen in `load_rgb_image` inside the DataLoader workers rather than when the main process indexes."""
 
     def __init__(self, dataset: datasets.Dataset, column: str):
-        datasets = _import_datasets()
+        import datasets
+
         self.column = column
         self.encoded = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
 
@@ -188,10 +173,10 @@ def row_ids(
     column = find_column(dataset.column_names, requested, ID_COLUMNS, "id", source, required=False)
     if column is not None:
         return [str(value) for value in dataset[column]], column
-    return file_name_ids(images.paths(), Path(data)) or [str(row) for row in range(len(dataset))], None
+    return _file_name_ids(images.paths(), Path(data)) or [str(row) for row in range(len(dataset))], None
 
 
-def file_name_ids(paths: list[str | None], folder: Path) -> list[str] | None:
+def _file_name_ids(paths: list[str | None], folder: Path) -> list[str] | None:
     """Ids from the images' stored paths: relative to `folder` for an image folder's files, else the file name;
     None when an image has no path or two share one, since ids must tell every row apart."""
     root = folder.resolve() if folder.is_dir() else None
@@ -217,7 +202,7 @@ def open_csv_with_images(
     file it names is looked for in `image_dir` (an absolute path is taken as it is) and read only when used, so that
     a missing one is that row's error.
     """
-    datasets = _import_datasets()
+    datasets = import_optional("datasets", "Reading data sets", _DATASETS_EXTRAS)
     csv_path, image_dir = Path(csv_path), Path(image_dir)
     if not csv_path.is_file():
         raise FileNotFoundError(f"CSV file not found: {str(csv_path)!r}.")
@@ -231,9 +216,77 @@ def open_csv_with_images(
     return dataset.cast_column(column, datasets.Image(decode=False))
 
 
+@dataclass
+class DatasetSource:
+    """The images of a dataset that `streetclip locate --dataset` reads, still encoded, and the columns that name
+    its records; every problem is a `UsageError`."""
+
+    dataset: Any  # datasets.Dataset, or an IterableDataset when streamed
+    image_column: str
+    id_column: str | None
+    name: str
+    data: str
+
+    @classmethod
+    def open(cls, data: str, split: str, streaming: bool, image_column: str | None, id_column: str | None):
+        """Open the `split` of `data` and find its image and id columns."""
+        try:
+            dataset, chosen = open_dataset(data, split, streaming=streaming)
+            name = f"--dataset {data!r}" + (f" (split {chosen!r})" if chosen else "")
+            image_column = find_image_column(dataset, image_column, name)
+            id_column = find_column(dataset.column_names or [], id_column, ID_COLUMNS, "id", name, required=False)
+        except (OSError, ValueError, ImportError) as error:
+            raise UsageError(f"cannot read --dataset {data!r}: {error}") from None
+        source = cls(dataset, image_column, id_column, name, data)
+        if source.key_field in ("answers", "error"):
+            raise UsageError(
+                f"the id column {source.key_field!r} of {name} has the name of a record field; rename it, or name "
+                "another column with --id_column."
+            )
+        return source
+
+    @property
+    def key_field(self) -> str:
+        """The record field that holds a row's id: the id column's name, else DEFAULT_ID_FIELD."""
+        return self.id_column or DEFAULT_ID_FIELD
+
+    def keys(self) -> list[str]:
+        """The id of every row of a map-style dataset (see `row_ids`), each once."""
+        images = EncodedImages(self.dataset, self.image_column)
+        ids, _ = row_ids(self.dataset, images, self.id_column, self.data, self.name)
+        first_rows: dict[str, int] = {}
+        for row, key in enumerate(ids):
+            self._check_unique(first_rows, key, row)
+        return ids
+
+    def images(self, rows: Sequence[int]) -> EncodedImages:
+        """The encoded images of `rows` of a map-style dataset."""
+        return EncodedImages(self.dataset, self.image_column).select(rows)
+
+    def stream(self) -> Iterator[tuple[str, ImageInput | None]]:
+        """(id, encoded image) of every row of a streamed dataset, ids being the id column's or the row numbers."""
+        import datasets
+
+        first_rows: dict[str, int] = {}
+        examples = self.dataset.cast_column(self.image_column, datasets.Image(decode=False))
+        for row, example in enumerate(examples):
+            key = str(example[self.id_column]) if self.id_column else str(row)
+            self._check_unique(first_rows, key, row)
+            yield key, encoded_image(example[self.image_column])
+
+    def _check_unique(self, first_rows: dict[str, int], key: str, row: int) -> None:
+        if first_rows.setdefault(key, row) != row:
+            raise UsageError(
+                f"{self.name} has the id {key!r} on rows {first_rows[key]} and {row}; records are resumed by id, so "
+                "each must be unique. Name a unique column with --id_column."
+            )
+
+
 __all__ = [
+    "DEFAULT_ID_FIELD",
     "ID_COLUMNS",
     "IMAGE_COLUMNS",
+    "DatasetSource",
     "EncodedImages",
     "encoded_image",
     "find_column",

@@ -1,0 +1,154 @@
+"""What `streetclip locate` is asked to read: image paths from files, folders, glob patterns and standard input, views
+grouped by place, and the --countries file; every problem found before a model loads is a `UsageError`."""
+
+import glob
+import logging
+import os
+import re
+import stat
+from functools import cache
+from pathlib import Path
+from typing import TextIO
+
+from . import UsageError
+
+
+logger = logging.getLogger(__name__)
+
+# A --countries file lists at most a few hundred short lines; anything far larger is not one (and /dev/zero never ends).
+MAX_COUNTRIES_FILE_BYTES = 1024 * 1024
+
+
+@cache
+def _readable_extensions() -> frozenset[str]:
+    """File extensions of the formats Pillow can open, which decide what a folder contributes."""
+    from PIL import Image
+
+    return frozenset(suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN)
+
+
+def _folder_images(folder: str, recursive: bool) -> list[str]:
+    """The files of `folder` (and with `recursive` of its subfolders) in formats Pillow reads, sorted; an unreadable
+    subfolder is skipped with a warning, an unreadable `folder` is a usage error."""
+
+    def unreadable(error: OSError) -> None:
+        if error.filename == folder:
+            raise error
+        logger.warning(f"streetclip locate: skipping the folder {error.filename!r}: {error.strerror}.")
+
+    try:
+        if recursive:
+            walk = os.walk(folder, onerror=unreadable)
+            files = [os.path.join(root, name) for root, _, names in walk for name in names]
+        else:
+            files = [entry.path for entry in os.scandir(folder) if entry.is_file()]
+    except OSError as error:
+        raise UsageError(f"cannot read the folder {folder!r}: {error.strerror or error}.") from None
+    return sorted(path for path in files if os.path.splitext(path)[1].lower() in _readable_extensions())
+
+
+def expand_inputs(arguments: list[str], recursive: bool, stdin: TextIO) -> list[str]:
+    """Absolute paths of the images that files, folders, glob patterns and '-' (paths on `stdin`) name, each once,
+    in order of first mention.
+
+    A named file is an input whatever its extension, so that one that is not an image gets an error record; so are
+    a missing path read from `stdin` and a URL (kept as written; its record says URLs are not fetched). A missing path
+    in `arguments` is a usage error (a mistyped folder). Absolute paths, symlinks kept, are what resume matches
+    records by, whatever the working folder.
+    """
+    from ..images import looks_like_url
+
+    paths: dict[str, None] = {}
+    for argument in arguments:
+        if argument == "-":
+            named = [line.rstrip("\r\n") for line in stdin if line.strip()]
+        elif not os.path.lexists(argument) and not looks_like_url(argument) and any(c in argument for c in "*?["):
+            named = sorted(glob.glob(argument, recursive=recursive))
+            if not named:
+                logger.warning(f"streetclip locate: the pattern {argument!r} matches no file.")
+        else:
+            if not looks_like_url(argument):
+                _check_named_path(argument)
+            named = [argument]
+        for name in named:
+            if os.path.isdir(name):
+                images = _folder_images(name, recursive)
+                if not images:
+                    subfolders = "" if recursive else " (--recursive descends into subfolders)"
+                    logger.warning(f"streetclip locate: the folder {name!r} holds no image file{subfolders}.")
+                paths.update(dict.fromkeys(map(os.path.abspath, images)))
+            elif looks_like_url(name) and not os.path.lexists(name):
+                paths.setdefault(name, None)
+            else:
+                paths.setdefault(os.path.abspath(name), None)
+    return list(paths)
+
+
+def _check_named_path(argument: str) -> None:
+    """Refuse a named path that does not exist; one that cannot be looked up for another reason (too long a name, a
+    folder without search permission) stays an input, whose error record gives the reason."""
+    try:
+        os.lstat(argument)
+    except FileNotFoundError:
+        raise UsageError(
+            f"no such file or folder: {argument!r}; give image files, folders or glob patterns, or '-' to read paths "
+            "from standard input."
+        ) from None
+    except OSError:
+        pass
+
+
+def group_pattern(regex: str) -> re.Pattern:
+    """The compiled --group_by `regex`, which must have a capture group (the part naming the place)."""
+    try:
+        pattern = re.compile(regex)
+    except re.error as error:
+        raise UsageError(f"--group_by {regex!r} is not a valid regular expression: {error}.") from None
+    if pattern.groups < 1:
+        raise UsageError(f"--group_by {regex!r} has no capture group; put the part naming the place in (...).")
+    return pattern
+
+
+def group_views(paths: list[str], pattern: re.Pattern) -> list[tuple[str, list[str]]]:
+    """`(key, member paths)` per place, in order of first appearance: the key is capture group 1 of `pattern`
+    searched in the path; a path it does not match is a group of its own, keyed by the path."""
+    groups: dict[str, list[str]] = {}
+    unmatched = []
+    for path in paths:
+        match = pattern.search(path)
+        key = match.group(1) if match else None
+        if key is None:
+            unmatched.append(path)
+            key = path
+        groups.setdefault(key, []).append(path)
+    if unmatched:
+        logger.warning(
+            f"streetclip locate: --group_by {pattern.pattern!r} does not match {len(unmatched)} of {len(paths)} "
+            f"inputs (e.g. {unmatched[0]!r}); each of them is a group of its own."
+        )
+    return list(groups.items())
+
+
+def read_countries(path: Path) -> list[str]:
+    """The countries of a --countries file (see `countries.read_country_list`); only a regular file of at most
+    MAX_COUNTRIES_FILE_BYTES is read, since a device or a pipe could hold any amount of text."""
+    from ..countries import read_country_list
+
+    try:
+        status = os.stat(path)
+        if stat.S_ISREG(status.st_mode) and status.st_size <= MAX_COUNTRIES_FILE_BYTES:
+            return read_country_list(path)
+    except OSError as error:
+        raise UsageError(f"cannot read --countries {str(path)!r}: {error}") from None
+    except ValueError as error:
+        raise UsageError(f"--countries: {error}") from None
+    if not stat.S_ISREG(status.st_mode):
+        kind = "a folder" if stat.S_ISDIR(status.st_mode) else "not a regular file (a device, pipe or socket)"
+        raise UsageError(f"--countries {str(path)!r} is {kind}; give a text file with one country per line.")
+    raise UsageError(
+        f"--countries {str(path)!r} holds {status.st_size:,} bytes, where a list of countries, one per line, takes a "
+        f"few kB (at most {MAX_COUNTRIES_FILE_BYTES:,} bytes are read); is it the right file?"
+    )
+
+
+__all__ = ["expand_inputs", "group_pattern", "group_views", "read_countries"]
