@@ -403,6 +403,28 @@ def test_a_streamed_build_with_workers_writes_the_rows_of_a_loaded_one_in_the_sa
     assert streamed.bad_rows == built.bad_rows
 
 
+def test_a_stream_without_declared_types_keeps_labels_whose_types_settle_in_a_later_shard(
+    model_and_processor, photos, tmp_path
+):
+    names = sorted(metadata(photos))[:6]
+    notes = [None, None, "kerb", None, "tram", None]  # the first shard holds no text, the second some
+    counts = [1, 2, 3, 4, 5.5, 6]  # integers until the third shard
+
+    def rows():
+        for name, note, count in zip(names, notes, counts, strict=True):
+            row = metadata(photos)[name]
+            yield {"image": str(photos / name), "latitude": row["latitude"], "longitude": row["longitude"]} | {
+                "note": note,
+                "count": count,
+            }
+
+    data = datasets.IterableDataset.from_generator(rows)
+    assert data.features is None
+    model, processor = model_and_processor
+    result = build_gallery(model, processor, data, tmp_path / "g", shard_size=2, batch_size=2, progress=False)
+    assert result.gallery.dataset["note"] == notes and result.gallery.dataset["count"] == counts
+
+
 def test_an_unfinished_build_is_not_resumed_with_other_data_or_another_model(
     model_and_processor, photos, tmp_path, tiny_clip_dir
 ):

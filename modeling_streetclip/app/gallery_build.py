@@ -1,7 +1,7 @@
 """Building a gallery: geo-tagged photos in; their embeddings, coordinates and labels out, resumable after a kill.
 
-Rows are read in source order and decoded in DataLoader workers (an unreadable image, or coordinates that are not a
-point on Earth, become that row's recorded error) and embedded by the batch engine's loop (`batch.embedded_batches`).
+Rows are read in source order, decoded in DataLoader workers (an unreadable image, or coordinates that are not a point
+on Earth, become that row's recorded error) and embedded by the batch engine's loop (`batch.embedded_batches`).
 Consecutive rows go to shards, `shards/rows-{start}-{end}.arrow`, each written whole or not at all: the shards present
 are the record of progress, and a rerun starts after the last. `build.json` records what shapes the rows (source,
 columns, model fingerprint), so that a rerun with others stops instead of mixing two builds. At the end the shards are
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 logger = logging.get_logger(__name__)
 
 SHARDS_FOLDER = "shards"
+SHARD_NAME = re.compile(r"rows-(\d+)-(\d+)\.arrow")
 BUILD_FILE = "build.json"
 # Columns every gallery row has; a source column of the same name (other than the coordinates read) is refused.
 GALLERY_COLUMNS = ("source_row", EMBEDDING_COLUMN, "latitude", "longitude", "image_path")
@@ -124,16 +126,14 @@ def build_gallery(
     resuming an unfinished build there.
 
     Args:
-        model: a `StreetCLIPForGeolocation` (or any CLIP model with `get_image_features`), on the device to run on.
+        model: a `StreetCLIPForGeolocation` or any CLIP model with `get_image_features`, on its device.
         processor: its processor, or an image processor.
         data: a `datasets` dataset (streamed or not), or a source `sources.open_dataset` opens (a `save_to_disk`
             folder, an image folder with `metadata.csv`, a folder of CSV or Parquet files, a Hub id).
         output_dir: new or empty, or holding an unfinished build of the same source and model.
         model_name: recorded in `gallery.json` (default: the model's `name_or_path`).
-        index: a FAISS factory string (`"Flat"`: exact; `"IVF1024,SQ8"`, `"IVF1024,PQ64"`: compressed) or `"auto"`
-            (`gallery_index.recommended_index` for the gallery's size).
-        nprobe, train_size: inverted lists an IVF index probes, and rows that train an index needing it (defaults:
-            `gallery_index.trained_index`).
+        index, nprobe, train_size: a FAISS factory string (`"Flat"`: exact; `"IVF1024,SQ8"`: compressed) or `"auto"`
+            (`recommended_index`), the lists an IVF index probes, the rows that train it (see `trained_index`).
         split, streaming, image_column, latitude_column, longitude_column: what to read of the source.
         batch_size, num_workers: images per forward pass, and DataLoader processes decoding them (0: this one).
         shard_size: source rows per shard; a kill loses at most one shard of work.
@@ -150,7 +150,7 @@ def build_gallery(
             f"batch_size and shard_size must be >= 1 and num_workers >= 0, got {batch_size}, {shard_size} and "
             f"{num_workers}."
         )
-    folder = Path(output_dir)
+    folder, shards = Path(output_dir), Path(output_dir) / SHARDS_FOLDER
     image_processor = getattr(processor, "image_processor", processor)
     fingerprint = model_fingerprint(model, image_processor)
     dim = fingerprint.shape[-1]
@@ -174,38 +174,29 @@ def build_gallery(
         **{f"{role}_column": getattr(columns, role) for role in ("image", "latitude", "longitude")},
     }
     _check_or_record_build(folder, options, fingerprint)
-    label_features = (
-        datasets.Features({name: data.features[name] for name in columns.labels}) if data.features else None
-    )
-    done = _completed_rows(folder / SHARDS_FOLDER)
-    embedded = 0
+    labels = None if data.features is None else datasets.Features({n: data.features[n] for n in columns.labels})
+    done, embedded = _completed_rows(shards), 0
     if total is None or done < total:
         # Images reach the workers still encoded, where an unreadable one is its row's error.
         if data.features is not None:
             data = data.cast_column(columns.image, datasets.Image(decode=False))
         prepare = _RowPreparer(image_processor, columns)
-        rows = (
-            _MapRows(data, done, prepare)
-            if isinstance(data, datasets.Dataset)
-            else _StreamedRows(data, done, batch_size, prepare)
-        )
+        is_map = isinstance(data, datasets.Dataset)
+        rows = _MapRows(data, done, prepare) if is_map else _StreamedRows(data, done, batch_size, prepare)
         loader = DataLoader(rows, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_pixels)
-        writer = _ShardWriter(folder / SHARDS_FOLDER, label_features)
-        bar = tqdm(
+        writer = _ShardWriter(shards, dim, labels)
+        with tqdm(
             total=total, initial=done, unit="img", desc="streetclip index build", file=sys.stderr, disable=not progress
-        )
-        with bar:
+        ) as bar:
             for batch, embeds in embedded_batches(model, image_processor, loader):
-                writer.add(batch, embeds, dim)
+                writer.add(batch, embeds)
                 embedded += len(batch.decoded)
                 if len(writer.rows) >= shard_size:
                     writer.flush()
                 bar.update(len(batch.order))
             writer.flush()
     settings = settings or VoteSettings()
-    gallery, bad_rows = _finish(
-        folder, options, fingerprint, label_features, columns.id, settings, index, nprobe, train_size
-    )
+    gallery, bad_rows = _finish(folder, options, fingerprint, labels, columns.id, settings, index, nprobe, train_size)
     return GalleryBuild(gallery=gallery, embedded_rows=embedded, resumed_rows=done, bad_rows=bad_rows)
 
 
@@ -220,8 +211,8 @@ def _describe(data) -> str:
 def _known_rows(data) -> int | None:
     """The number of rows of a streamed dataset, where its metadata records it."""
     splits = getattr(getattr(data, "info", None), "splits", None) or {}
-    split = getattr(data, "split", None)
-    return (splits[str(split)].num_examples or None) if split is not None and str(split) in splits else None
+    split = str(getattr(data, "split", None))
+    return (splits[split].num_examples or None) if split in splits else None
 
 
 def _find_columns(
@@ -232,7 +223,9 @@ def _find_columns(
 
     from .sources import ID_COLUMNS, find_column, find_image_column
 
-    names = data.column_names or list(next(iter(data.take(1))).keys())
+    names = data.column_names
+    if names is None:
+        names = list(next(iter(data.take(1))).keys())
     declared = [name for name, feature in (data.features or {}).items() if isinstance(feature, datasets.Image)]
     if image_column is None and len(declared) == 1:
         image = declared[0]  # the one column of images, whatever its name (a CSV's IMG_ID, say)
@@ -263,8 +256,10 @@ def _prepare_folder(folder: Path, overwrite: bool) -> None:
         raise NotADirectoryError(f"The gallery output {str(folder)!r} is a file; give a folder.")
     if overwrite and folder.is_dir():
         for name in (GALLERY_FILE, DATASET_FOLDER, INDEX_FILE, BAD_ROWS_FILE, SHARDS_FOLDER, BUILD_FILE):
-            path = folder / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            if (folder / name).is_dir():
+                shutil.rmtree(folder / name)
+            else:
+                (folder / name).unlink(missing_ok=True)
     if (folder / GALLERY_FILE).exists():
         raise FileExistsError(
             f"{str(folder)!r} already holds a complete gallery; pass --overwrite (overwrite=True) to build it again, "
@@ -312,32 +307,31 @@ def _check_or_record_build(folder: Path, options: dict[str, Any], fingerprint: n
         )
 
 
-def _shard_paths(shards: Path) -> list[tuple[int, int, Path]]:
-    """The complete shards as (first row, row after the last, path), in row order; a shard a kill cut off while it
-    was written (a temporary) is deleted, and its rows are embedded again."""
-    found = []
-    for path in shards.iterdir():
+def _shard_paths(shards: Path) -> list[Path]:
+    """The complete shards in row order, checked to follow each other from row 0; a shard a kill cut off while it was
+    written (a temporary) is deleted, and its rows are embedded again."""
+    found, end = [], 0
+    for path in sorted(shards.iterdir()):  # zero-padded names: in row order
+        match = SHARD_NAME.fullmatch(path.name)
         if path.suffix == ".tmp":
             path.unlink()
-            continue
-        parts = path.stem.split("-")
-        if len(parts) != 3 or parts[0] != "rows" or not (parts[1].isdigit() and parts[2].isdigit()):
+        elif match is None:
             raise ValueError(f"{str(path)!r} is not a gallery shard; the shards folder holds only the build's own.")
-        found.append((int(parts[1]), int(parts[2]), path))
-    return sorted(found)
+        elif int(match[1]) != end:
+            raise ValueError(
+                f"The shards in {str(shards)!r} do not follow each other ({path.name} starts at row {int(match[1])}, "
+                f"the rows before end at {end}); pass --overwrite to start afresh."
+            )
+        else:
+            found.append(path)
+            end = int(match[2])
+    return found
 
 
 def _completed_rows(shards: Path) -> int:
-    """The number of source rows the shards cover, from row 0 without a gap (as builds write them)."""
-    end = 0
-    for start, stop, path in _shard_paths(shards):
-        if start != end:
-            raise ValueError(
-                f"The shards in {str(shards)!r} do not follow each other ({path.name} starts at row {start}, the "
-                f"rows before end at {end}); pass --overwrite to start afresh."
-            )
-        end = stop
-    return end
+    """The number of source rows the shards cover."""
+    paths = _shard_paths(shards)
+    return int(SHARD_NAME.fullmatch(paths[-1].name)[2]) if paths else 0
 
 
 def _read_shard(path: Path) -> pa.Table:
@@ -356,13 +350,13 @@ def _as_float(value: Any) -> float:
         return float("nan")
 
 
+@dataclass
 class _RowPreparer:
     """One source row as the batch engine's item, in a DataLoader worker: `(row, pixels or None, error or None,
     (latitude, longitude, image path, labels))`; coordinates first (a row without them is not worth decoding)."""
 
-    def __init__(self, image_processor, columns: _Columns):
-        self.image_processor = image_processor
-        self.columns = columns
+    image_processor: Any
+    columns: _Columns
 
     def __call__(self, row_number: int, row: dict[str, Any]) -> tuple:
         from .sources import encoded_image
@@ -374,13 +368,8 @@ class _RowPreparer:
         fields = (latitude, longitude, path, {name: row[name] for name in columns.labels})
         problem = coordinate_problem(latitude, longitude)
         if problem is not None:
-            error = problem.describe(
-                row[columns.latitude],
-                row[columns.longitude],
-                f"latitude (column {columns.latitude!r})",
-                f"longitude (column {columns.longitude!r})",
-            )
-            return row_number, None, error, fields
+            names = f"latitude (column {columns.latitude!r})", f"longitude (column {columns.longitude!r})"
+            return row_number, None, problem.describe(row[columns.latitude], row[columns.longitude], *names), fields
         try:
             if value is None:
                 raise ImageLoadError(f"Row {row_number} has no image (column {columns.image!r} is empty).")
@@ -390,11 +379,13 @@ class _RowPreparer:
         return row_number, resized_pixels(self.image_processor, image)[0], None, fields
 
 
+@dataclass
 class _MapRows(Dataset):
     """Source rows `start`, `start + 1`, ... of a map-style dataset, prepared one per item."""
 
-    def __init__(self, data, start: int, prepare: _RowPreparer):
-        self.data, self.start, self.prepare = data, start, prepare
+    data: Any
+    start: int
+    prepare: _RowPreparer
 
     def __len__(self) -> int:
         return len(self.data) - self.start
@@ -403,6 +394,7 @@ class _MapRows(Dataset):
         return self.prepare(self.start + index, self.data[self.start + index])
 
 
+@dataclass
 class _StreamedRows(IterableDataset):
     """The rows of a streamed dataset from `start` on, prepared, such that a DataLoader returns them in order.
 
@@ -411,8 +403,10 @@ class _StreamedRows(IterableDataset):
     DataLoader takes a batch from each worker in turn, so batches come back in stream order, which resuming needs.
     """
 
-    def __init__(self, data, start: int, batch_size: int, prepare: _RowPreparer):
-        self.data, self.start, self.batch_size, self.prepare = data, start, batch_size, prepare
+    data: Any
+    start: int
+    batch_size: int
+    prepare: _RowPreparer
 
     def __iter__(self) -> Iterator[tuple]:
         worker = get_worker_info()
@@ -431,23 +425,21 @@ class _StreamedRows(IterableDataset):
 class _ShardWriter:
     """Collects embedded rows and writes them as one shard, whole or not at all."""
 
-    def __init__(self, shards: Path, label_features: datasets.Features | None):
-        self.shards = shards
-        self.label_features = label_features
-        self.label_schema = label_features.arrow_schema if label_features is not None else None
+    def __init__(self, shards: Path, dim: int, label_features: datasets.Features | None):
+        self.shards, self.dim, self.label_features = shards, dim, label_features
         self.rows: list[tuple[int, str | None, tuple]] = []
         self.embeddings: list[np.ndarray] = []
 
-    def add(self, batch: PixelBatch, embeds: torch.Tensor | None, dim: int) -> None:
+    def add(self, batch: PixelBatch, embeds: torch.Tensor | None) -> None:
         if self.rows and batch.order and batch.order[0] != self.rows[-1][0] + 1:
             raise RuntimeError(f"rows arrived out of order: {batch.order[0]} after {self.rows[-1][0]}")
-        vectors = np.full((len(batch.order), dim), np.nan, dtype=np.float32)
+        vectors = np.full((len(batch.order), self.dim), np.nan, dtype=np.float32)
         if embeds is not None:
             vectors[[index not in batch.errors for index in batch.order]] = stored_embeddings(embeds)
+        self.embeddings.append(vectors)
         self.rows += [
             (index, batch.errors.get(index), fields) for index, fields in zip(batch.order, batch.fields, strict=True)
         ]
-        self.embeddings.append(vectors)
 
     def flush(self) -> None:
         """Write the collected rows as one shard; nothing when none are collected."""
@@ -455,36 +447,30 @@ class _ShardWriter:
             return
         import pyarrow as pa
 
-        table = self._table(pa)
+        rows, errors, fields = zip(*self.rows, strict=True)
+        latitudes, longitudes, paths, labels = zip(*fields, strict=True)
+        if self.label_features is not None:
+            labels = [self.label_features.encode_example(row) for row in labels]
+        # Undeclared label types are inferred per shard; `_finish` promotes them (null to text, int to float).
+        schema = self.label_features.arrow_schema if self.label_features is not None else None
+        labels = pa.Table.from_pylist(list(labels), schema=schema)
+        vectors = np.concatenate(self.embeddings)
+        missing = pa.array(np.isnan(vectors).any(axis=1))
+        table = pa.table(
+            {
+                "source_row": pa.array(rows, pa.int64()),
+                EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), self.dim, mask=missing),
+                "latitude": pa.array(latitudes, pa.float64()),
+                "longitude": pa.array(longitudes, pa.float64()),
+                "image_path": pa.array(paths, pa.string()),
+                **{name: labels.column(name) for name in labels.column_names},
+                ERROR_COLUMN: pa.array(errors, pa.string()),
+            }
+        )
         path = self.shards / f"rows-{self.rows[0][0]:012d}-{self.rows[-1][0] + 1:012d}.arrow"
         with atomic_write(path) as temporary, pa.ipc.new_stream(str(temporary), table.schema) as stream:
             stream.write_table(table)
         self.rows, self.embeddings = [], []
-
-    def _table(self, pa) -> pa.Table:
-        vectors = np.concatenate(self.embeddings)
-        missing = pa.array(np.isnan(vectors).any(axis=1))
-        embeddings = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1], mask=missing)
-        labels = [fields[3] for _, _, fields in self.rows]
-        if self.label_features is not None:
-            labels = [self.label_features.encode_example(row) for row in labels]
-        elif self.label_schema is None and _shard_paths(self.shards):
-            # Undeclared label types: those the first shard inferred hold for all, so that the shards join.
-            schema = _read_shard(_shard_paths(self.shards)[0][2]).schema
-            self.label_schema = pa.schema([schema.field(name) for name in labels[0]])
-        labels = pa.Table.from_pylist(labels, schema=self.label_schema)
-        self.label_schema = labels.schema
-        field = [fields for _, _, fields in self.rows]
-        columns = {
-            "source_row": pa.array([row for row, _, _ in self.rows], pa.int64()),
-            EMBEDDING_COLUMN: embeddings,
-            "latitude": pa.array([fields[0] for fields in field], pa.float64()),
-            "longitude": pa.array([fields[1] for fields in field], pa.float64()),
-            "image_path": pa.array([fields[2] for fields in field], pa.string()),
-            **{name: labels.column(name) for name in labels.column_names},
-            ERROR_COLUMN: pa.array([error for _, error, _ in self.rows], pa.string()),
-        }
-        return pa.table(columns)
 
 
 def _finish(
@@ -504,7 +490,7 @@ def _finish(
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    shards = [path for _, _, path in _shard_paths(folder / SHARDS_FOLDER)]
+    shards = _shard_paths(folder / SHARDS_FOLDER)
     if not shards:
         raise ValueError(f"The data {options['source']!r} has no rows; a gallery needs at least one photo.")
     table = pa.concat_tables([_read_shard(path) for path in shards], promote_options="permissive")
@@ -560,16 +546,15 @@ def _record_repeats(table: pa.Table, id_column: str | None, source: str) -> pa.T
     what = f"id (column {id_column!r})" if id_column else "image file"
     first: dict[str, int] = {}
     repeats = 0
-    for position, (key, error) in enumerate(zip(keys, errors, strict=True)):
-        if error is not None or key is None or key == "":
-            continue
-        earlier = first.setdefault(str(key), position)
-        if earlier != position and (id_column or os.path.isfile(key)):
-            errors[position] = (
-                f"repeats the {what} {key!r} of source row {source_rows[earlier]}; each photo goes into the gallery "
-                "once"
-            )
-            repeats += 1
+    for position, key in enumerate(keys):
+        if errors[position] is None and key not in (None, "") and (id_column or os.path.isfile(key)):
+            earlier = first.setdefault(str(key), position)
+            if earlier != position:
+                errors[position] = (
+                    f"repeats the {what} {key!r} of source row {source_rows[earlier]}; each photo goes into the "
+                    "gallery once"
+                )
+                repeats += 1
     if not repeats:
         return table
     logger.warning(
