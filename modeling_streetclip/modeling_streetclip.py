@@ -1,9 +1,9 @@
 """StreetCLIP for geolocation: CLIP plus hierarchical linear probing over candidate countries, optional regions, and
 cities.
 
-The probe heads are the normalised prompt embeddings times CLIP's logit scale, so `head(image_embedding)` is
-exactly CLIP's zero-shot logit for each prompt. They are built once from the text tower and saved with the model;
-a saved model then infers with the vision tower alone.
+Each head's rows are normalised prompt embeddings times CLIP's logit scale, so `head(image_embeds)` is CLIP's
+zero-shot logit for each prompt. Built once from the text tower and saved, they let a saved model infer with the
+vision tower alone.
 """
 
 from collections.abc import Sequence
@@ -34,10 +34,9 @@ from .processing_streetclip import CandidatePrompts, StreetCLIPProcessor
 logger = logging.get_logger(__name__)
 
 _HEAD_NAMES = ("country_head", "region_head", "city_head")
-# Keyword arguments of `from_pretrained` that are also configuration attributes but that the loading applies itself.
+# Keyword arguments of `from_pretrained` that are configuration attributes, but that the loading applies itself.
 _LOADING_INSTRUCTIONS = ("dtype", "torch_dtype", "attn_implementation", "experts_implementation")
-# Prompts per text-tower call when heads are built: bounds the activations' memory (about 1 GB at ViT-L/14's text
-# width) while keeping each call large enough to run at full speed.
+# Prompts per text-tower call when heads are built: bounds the activations' memory, yet runs each call at full speed.
 _PROMPTS_PER_BATCH = 1024
 
 
@@ -50,9 +49,8 @@ class GeolocationOutput(ModelOutput):
     Args:
         logits (`torch.FloatTensor` of shape `(batch_size, num_cities)`):
             Log joint probability of every candidate city: log p(country) + log p(region | country) (with a region
-            level) + log p(city | region or country), each a softmax of CLIP logits within its parent. Its softmax
-            is the joint probability itself, so image-classification clients rank cities by it
-            (`config.id2label` names them).
+            level) + log p(city | region or country), each a softmax within its parent. Image-classification clients
+            rank cities by it, named by `config.id2label`.
         country_logits (`torch.FloatTensor` of shape `(batch_size, num_countries)`):
             CLIP logits of the image against every candidate country prompt.
         city_logits (`torch.FloatTensor` of shape `(batch_size, num_cities)`):
@@ -70,11 +68,9 @@ class GeolocationOutput(ModelOutput):
         predicted_region (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             With a region level: row of the best region of the predicted country.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-            The vision tower's hidden states: the embeddings and each layer's output, each of shape
-            `(batch_size, num_patches + 1, hidden_size)`.
+            The vision tower's embeddings and each layer's output, of shape `(batch_size, num_patches + 1, hidden_size)`.
         attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
-            The vision tower's attention weights of each layer, of shape
-            `(batch_size, num_heads, num_patches + 1, num_patches + 1)`.
+            The vision tower's attention weights of each layer.
     """
 
     logits: torch.FloatTensor | None = None
@@ -92,20 +88,16 @@ class GeolocationOutput(ModelOutput):
 
 class StreetCLIPForGeolocation(CLIPModel):
     r"""
-    CLIP with country (optionally region) and city probe heads: the StreetCLIP method of hierarchical zero-shot
-    geolocation.
-
-    Loads a plain CLIP checkpoint (such as `geolocal/StreetCLIP`) unchanged, building its heads from the text tower,
-    or a folder saved by this class, which carries its heads and candidate table.
+    CLIP with country (optionally region) and city probe heads: StreetCLIP's hierarchical zero-shot geolocation. Loads
+    a plain CLIP checkpoint (such as `geolocal/StreetCLIP`), building its heads from the text tower, or a folder saved
+    by this class, which carries its heads and candidate table.
 
     Example:
 
     ```python
-    >>> from modeling_streetclip import StreetCLIPForGeolocation
-    >>> model = StreetCLIPForGeolocation.from_pretrained("geolocal/StreetCLIP")  # doctest: +SKIP
-    >>> outputs = model(pixel_values)  # doctest: +SKIP
-    >>> model.candidate_places.city_names[outputs.predicted_city[0]]  # doctest: +SKIP
-    'Paris'
+    model = StreetCLIPForGeolocation.from_pretrained("geolocal/StreetCLIP", candidate_countries=["FR", "JP"])
+    outputs = model(pixel_values)
+    model.candidate_places.city_labels[outputs.predicted_city[0]]  # 'Paris, France'
     ```
     """
 
@@ -122,27 +114,23 @@ class StreetCLIPForGeolocation(CLIPModel):
             self._keys_to_ignore_on_load_unexpected.update({r"^text_model\.", r"^text_projection\."})
 
     def post_init(self) -> None:
-        """Add the heads and buffers of the configuration's candidate table, then let transformers initialise every
-        weight: `CLIPModel.__init__` ends here, and the heads must exist by then to be initialised with the rest."""
-        places = (
-            None if self.config.candidate_places is None else CandidatePlaces.from_dict(self.config.candidate_places)
-        )
-        self._install_candidates(places)
+        """Add the heads and buffers of the configuration's candidate table before transformers initialises every
+        weight (`CLIPModel.__init__` ends here)."""
+        places = self.config.candidate_places
+        self._install_candidates(None if places is None else CandidatePlaces.from_dict(places))
         super().post_init()
 
     def _install_candidates(self, places: CandidatePlaces | None) -> None:
-        """Size the heads for `places` and index its cities (and regions) by parent (heads are filled by the caller).
-        A table with regions gets a region head: the table decides the levels."""
+        """Size the heads for `places` (a table with regions gets a region head) and index its rows by parent; the
+        caller fills the heads."""
         self.candidate_places = places
         self.country_head = self.region_head = self.city_head = None
         for name in _CANDIDATE_BUFFERS:
             if hasattr(self, name):
                 delattr(self, name)
-        # Saved with the heads, whose rows follow the candidate table: a table changed apart from them is caught on
-        # load (see `from_pretrained`).
+        # Saved with the heads, whose rows follow the table: a table changed apart from them is refused on load.
         self.register_buffer("candidate_checksum", None)
-        if places is None:
-            # A plain CLIP checkpoint: no heads until `set_candidates` builds them from the text tower.
+        if places is None:  # a plain CLIP checkpoint, until `set_candidates`
             return
         device, dtype = self.visual_projection.weight.device, self.visual_projection.weight.dtype
 
@@ -153,15 +141,13 @@ class StreetCLIPForGeolocation(CLIPModel):
         self.city_head = head(places.num_cities)
         if places.has_regions:
             self.region_head = head(places.num_regions)
-        # Index buffers follow the model's device, and being integers, never its dtype; `_init_weights` refills them
-        # when the model is built on the meta device, as `from_pretrained` does.
+        # Integer buffers follow the model's device, never its dtype; `_init_weights` refills them on the meta device.
         for name, value in _candidate_buffers(places).items():
             self.register_buffer(name, value.to(device), persistent=name == "candidate_checksum")
-        # Coordinates stay a float64 CPU tensor, outside the buffers: bfloat16 would move a city by kilometres.
+        # A float64 CPU tensor outside the buffers: bfloat16 would move a city by kilometres.
         self.city_coordinates = torch.tensor(
             list(zip(places.city_latitudes, places.city_longitudes, strict=True)), dtype=torch.float64, device="cpu"
         ).reshape(-1, 2)
-        # The labels of image-classification clients (`pipeline("image-classification")`), one per city.
         self.config.id2label = dict(enumerate(places.city_labels))
         self.config.label2id = {label: row for row, label in self.config.id2label.items()}
 
@@ -179,7 +165,7 @@ class StreetCLIPForGeolocation(CLIPModel):
         return self.region_head is not None
 
     def get_input_embeddings(self) -> nn.Module:
-        """The vision tower's patch embedding: this model's input is pixels (as `CLIPVisionModelWithProjection`'s)."""
+        """The vision tower's patch embedding: this model's input is pixels."""
         return self.vision_model.embeddings.patch_embedding
 
     def set_input_embeddings(self, value: nn.Module) -> None:
@@ -200,21 +186,18 @@ class StreetCLIPForGeolocation(CLIPModel):
 
         Args:
             candidates ([`CandidatePlaces`], *optional*):
-                Replace the candidate places; heads are rebuilt from the text tower. By default a saved model keeps
-                its own and a plain CLIP checkpoint gets GeoNames' cities of the configured countries.
+                Replace the candidate places, rebuilding the heads. By default a saved model keeps its own, and a plain
+                CLIP checkpoint gets GeoNames' cities of the configured countries.
             processor ([`StreetCLIPProcessor`], *optional*):
-                Renders and tokenises the prompts when heads are built; by default the checkpoint's own, with the
-                configuration's templates. Its templates win over the configuration's.
+                Renders and tokenises the prompts when heads are built (its templates win); by default the
+                checkpoint's own, with the configuration's templates.
             vision_only (`bool` or `"auto"`, *optional*, defaults to `False`):
-                Skip the text tower (about a quarter of CLIP's weights); needs a checkpoint with heads for the
-                requested candidates. `"auto"` skips it exactly when nothing needs building: the loading rule of the
-                command line and the benchmark runner.
+                Skip the text tower (about a quarter of CLIP's weights); needs heads for the requested candidates.
+                `"auto"` skips it exactly when nothing needs building.
             kwargs:
-                Geolocation settings of [`StreetCLIPConfig`] (`candidate_countries` by name or ISO code, `levels`,
-                the candidate table's `city_allocation`, `cities_per_country`, `city_budget`, `min_city_population`
-                and `city_merge_radius_km`, the templates and `expected_distance_candidates`), other configuration
-                attributes to override (`output_hidden_states=True`, say), and everything
-                [`~PreTrainedModel.from_pretrained`] accepts.
+                Geolocation settings of [`StreetCLIPConfig`] (countries by name or ISO code), other configuration
+                attributes to override (`output_hidden_states=True`), and what [`~PreTrainedModel.from_pretrained`]
+                accepts.
         """
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
         settings = {key: kwargs.pop(key) for key in GEOLOCATION_SETTINGS & kwargs.keys()}
@@ -224,9 +207,8 @@ class StreetCLIPForGeolocation(CLIPModel):
             settings["levels"] = list(settings["levels"])  # the PAPER_LEVELS and REGION_LEVELS tuples, say
         config = kwargs.pop("config", None)
         if config is None:
-            # Configuration attributes among the keyword arguments override the checkpoint's, as they do for every
-            # transformers model. The dtype and attention implementation are loading instructions (which transformers
-            # also takes aside before the configuration reads the rest), and the Hub arguments go on to the weights.
+            # Configuration attributes among the keyword arguments override the checkpoint's, as for every
+            # transformers model; loading instructions and Hub arguments go on to the weights.
             loading = {key: kwargs.pop(key) for key in _LOADING_INSTRUCTIONS if key in kwargs}
             config, kwargs = AutoConfig.from_pretrained(
                 pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs
@@ -238,8 +220,10 @@ class StreetCLIPForGeolocation(CLIPModel):
             candidates = CandidatePlaces.from_config(config)
         build_heads = candidates is not None or bool(changed & PROMPT_SETTINGS)
         vision_only = _vision_only(vision_only, build_heads, pretrained_model_name_or_path)
-        if build_heads and processor is None:  # loaded before the weights, so that a folder without one fails fast
-            processor = _prompt_processor(pretrained_model_name_or_path, config, hub_kwargs)
+        if build_heads and processor is None:  # before the weights, so that a folder without one fails fast
+            processor = StreetCLIPProcessor.from_pretrained(
+                pretrained_model_name_or_path, **config.text_settings(), **hub_kwargs
+            )
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path,
@@ -251,11 +235,13 @@ class StreetCLIPForGeolocation(CLIPModel):
         )
         if build_heads:
             model.set_candidates(candidates or model.candidate_places, processor)
-        elif model._check_saved_heads(loading_info, pretrained_model_name_or_path):
+        elif model._lacks_saved_heads(loading_info, pretrained_model_name_or_path):
             reason = "the weights came as a state_dict, with no folder to read a processor from."
             if processor is None and pretrained_model_name_or_path is not None:
                 try:
-                    processor = _prompt_processor(pretrained_model_name_or_path, config, hub_kwargs)
+                    processor = StreetCLIPProcessor.from_pretrained(
+                        pretrained_model_name_or_path, **config.text_settings(), **hub_kwargs
+                    )
                 except OSError as error:
                     reason = str(error)
             if processor is None:
@@ -269,10 +255,9 @@ class StreetCLIPForGeolocation(CLIPModel):
                 model.set_candidates(model.candidate_places, processor)
         return (model, loading_info) if output_loading_info else model
 
-    def _check_saved_heads(self, loading_info: dict, source) -> bool:
-        """Whether the checkpoint lacks its heads (so they must be built); saved heads whose candidate table was
-        changed apart from them are refused, naming `source`. A folder saved before checksums were kept gets its
-        table's checksum from `_init_weights`, and keeps it from now on."""
+    def _lacks_saved_heads(self, loading_info: dict, source) -> bool:
+        """Whether the checkpoint lacks its heads, which must then be built; saved heads whose candidate table was
+        changed apart from them are refused, naming `source`."""
         missing = {key.split(".")[0] for key in loading_info["missing_keys"]}
         if missing & set(_HEAD_NAMES):
             if self.text_model is None:
@@ -291,15 +276,18 @@ class StreetCLIPForGeolocation(CLIPModel):
         return False
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights, heads and the candidate table. The processor is saved on its own
-        (`processor.save_pretrained`)."""
+        """Save weights, heads and candidate table, with the code and `auto_map` for `trust_remote_code=True`; the
+        processor saves itself (`processor.save_pretrained`)."""
         # Without its text tower the folder would reload with a random one, and heads rebuilt from it would be noise.
         self._require_text_tower("be saved")
+        # `register_for_auto_class` records one Auto class per model; the image-classification pipeline needs this one.
+        auto_map = getattr(self.config, "auto_map", None) or {}
+        reference = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+        self.config.auto_map = {**auto_map, "AutoModelForImageClassification": reference}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def to(self, *args, **kwargs):
-        """`nn.Module.to`, refusing to cast a quantized model: its quantized layers compute in the dtype they were
-        loaded for, and would fail at inference."""
+        """`nn.Module.to`, refusing to cast a quantized model: its layers compute in the dtype they were loaded for."""
         dtype = kwargs.get("dtype", next((arg for arg in args if isinstance(arg, torch.dtype)), None))
         self._refuse_quantized_cast(dtype)
         return super().to(*args, **kwargs)
@@ -319,9 +307,8 @@ class StreetCLIPForGeolocation(CLIPModel):
     def set_candidates(self, places: CandidatePlaces, prompts: StreetCLIPProcessor | CandidatePrompts) -> None:
         """Replace the candidate places and build all their heads from the text tower, in one batched pass.
 
-        `prompts` is the processor that renders and tokenises them, or prompts it tokenised already
-        (`processor.candidate_prompts(places)`); the configuration records their templates, and its `levels` follow
-        the table (a table with regions gives the region level).
+        `prompts` is the processor that renders and tokenises them, or its `candidate_prompts(places)`; the
+        configuration records their templates, and its `levels` follow the table.
         """
         self._require_text_tower("build prompt heads")
         if not isinstance(prompts, CandidatePrompts):
@@ -351,25 +338,16 @@ class StreetCLIPForGeolocation(CLIPModel):
             head.weight[rows.to(head.weight.device)] = weight.to(head.weight.dtype)
 
     def _encode_prompt_groups(self, groups: list[tuple[dict[str, torch.Tensor], int]]) -> list[torch.Tensor]:
-        """Head rows of each group of tokenised prompts (`(tokens, num_templates)`; a group with several templates
-        holds one block of rows per template): normalised prompt embeddings times the logit scale. With a prompt
-        ensemble, each place's row is the normalised mean of its templates' normalised embeddings, as CLIP builds
-        its ImageNet classifier.
+        """Head rows of each group of tokenised prompts `(tokens, num_templates)`: normalised prompt embeddings times
+        the logit scale; with a prompt ensemble (one block of rows per template), the normalised mean of each place's.
 
-        All groups share the text-tower calls: prompts are sorted by length and encoded `_PROMPTS_PER_BATCH` at a
-        time, each call cut to its longest prompt (the text tower is causal and pools at the end token, so the
-        padding after it changes nothing).
+        All groups share the text-tower calls, prompts sorted by length and each call cut to its longest prompt (the
+        text tower is causal and pools at the end token, so the padding after it changes nothing).
         """
         width = max(tokens["input_ids"].shape[1] for tokens, _ in groups)
-        pad = self.config.text_config.pad_token_id or 0
-        input_ids = torch.cat(
-            [F.pad(tokens["input_ids"], (0, width - tokens["input_ids"].shape[1]), value=pad) for tokens, _ in groups]
-        )
-        attention_mask = torch.cat(
-            [
-                F.pad(tokens["attention_mask"], (0, width - tokens["attention_mask"].shape[1]), value=0)
-                for tokens, _ in groups
-            ]
+        input_ids, attention_mask = (
+            torch.cat([F.pad(tokens[key], (0, width - tokens[key].shape[1]), value=value) for tokens, _ in groups])
+            for key, value in (("input_ids", self.config.text_config.pad_token_id or 0), ("attention_mask", 0))
         )
         lengths = attention_mask.sum(dim=1)
         order = lengths.argsort(descending=True, stable=True)
@@ -394,7 +372,7 @@ class StreetCLIPForGeolocation(CLIPModel):
 
     def restrict_countries(self, countries: list[str]) -> None:
         """Keep only the given candidate countries (names or ISO codes) with their regions and cities, subsetting the
-        heads; needs no text tower. To restrict one call only, pass `country_rows` to `decisions.rank_places` instead."""
+        heads; needs no text tower. For one call only, pass `country_rows` to `decisions.rank_places` instead."""
         kept = [self.candidate_places.country_index(name) for name in countries]
         if not kept:
             raise ValueError("restrict_countries needs at least one country.")
@@ -423,18 +401,16 @@ class StreetCLIPForGeolocation(CLIPModel):
     @can_return_tuple
     def forward(self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]) -> GeolocationOutput:
         r"""
-        Every level's logits over the whole candidate table, and the paper's hierarchical decision: best country
-        among all candidates, then (with a region level) the best region of that country, then the best city of that
-        country (or region). Shapes depend on the batch only, so the forward exports (`torch.export`); ranking more
-        answers is the job of `decisions.rank_answers`.
+        Every level's logits over the whole candidate table, and the paper's hierarchical decision: the best country,
+        then (with a region level) its best region, then the best city of that country or region. Shapes depend on
+        the batch only, so the forward exports (`torch.export`); `decisions.rank_answers` ranks more answers.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
                 Images as the model's image processor prepares them.
         """
         for name in ("output_hidden_states", "output_attentions"):
-            # Set on this model's configuration (`from_pretrained(..., output_hidden_states=True)`), they reach the
-            # vision tower, whose own configuration is a sub-configuration.
+            # Set on this model's configuration, they must reach the vision tower, whose configuration is its own.
             if getattr(self.config, name):
                 kwargs.setdefault(name, True)
         vision_outputs = self.get_image_features(pixel_values=pixel_values, return_dict=True, **kwargs)
@@ -444,11 +420,11 @@ class StreetCLIPForGeolocation(CLIPModel):
         )
 
     def locate_embeddings(self, image_embeds: torch.Tensor) -> GeolocationOutput:
-        """The logits and the hierarchical decision for L2-normalised image embeddings; callers that pool several
-        views of one place (e.g. the headings of a panorama) average and renormalise embeddings, then call this."""
+        """The logits and the hierarchical decision for L2-normalised image embeddings (several views of one place,
+        such as a panorama's headings, can be averaged and renormalised first)."""
         if self.candidate_places is None:
             raise ValueError("This model has no candidate places; call `set_candidates` first.")
-        # The heads are called as modules, so that Accelerate's hooks bring offloaded weights in.
+        # Heads called as modules, so that Accelerate's hooks bring offloaded weights in.
         country_logits = self.country_head(image_embeds)
         city_logits = self.city_head(image_embeds)
         region_logits = self.region_head(image_embeds) if self.uses_regions else None
@@ -480,11 +456,9 @@ class StreetCLIPForGeolocation(CLIPModel):
         city_logits: torch.Tensor,
         country_rows: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Each city's log-probabilities, of shape `(batch_size, num_cities)`: `country` (log p(country), over
-        `country_rows` only when given, the others -inf), `region` (log p(region | country), 0 without a region
-        level), `city` (log p(city | region or country)) and `joint`, their sum. Each level is a softmax within its
-        parents, for the whole table at once: a few tensor operations. `forward` takes `logits` from it, and the
-        decision rules (`decisions`) rank by it."""
+        """Each city's log-probabilities, of shape `(batch_size, num_cities)`: `country` (over `country_rows` only
+        when given, the others -inf), `region` (0 without a region level), `city` (within its region or country) and
+        `joint`, their sum; each level a softmax within its parents, for the whole table at once."""
         places = self.candidate_places
         country_logits = country_logits.float()
         if country_rows is not None:
@@ -507,8 +481,7 @@ _CANDIDATE_BUFFERS = ("candidate_checksum", "city_countries", "region_countries"
 
 
 def _candidate_buffers(places: CandidatePlaces) -> dict[str, torch.Tensor]:
-    """The buffers a candidate table gives a model, on the CPU: its checksum (saved with the heads) and the parent of
-    each city (and region), which the softmax within parents and the greedy decision group rows by."""
+    """A table's buffers, on the CPU: its checksum and the parent of each city (and region)."""
     buffers = {
         "candidate_checksum": torch.tensor(places.checksum(), dtype=torch.long, device="cpu"),
         "city_countries": torch.tensor(places.city_countries, dtype=torch.long, device="cpu"),
@@ -521,25 +494,12 @@ def _candidate_buffers(places: CandidatePlaces) -> dict[str, torch.Tensor]:
 
 def _log_softmax_within(logits: torch.Tensor, groups: torch.LongTensor, num_groups: int) -> torch.Tensor:
     """`logits` of shape `(batch_size, rows)` as log-probabilities within each group of rows (`groups[i]` is row
-    i's): a log-softmax per group, all groups at once."""
+    i's), all groups at once."""
     index = groups.expand_as(logits)
     peak = logits.new_full((logits.shape[0], num_groups), float("-inf")).scatter_reduce(1, index, logits, "amax")
     shifted = logits - peak.gather(1, index)
     mass = torch.zeros_like(peak).scatter_add(1, index, shifted.exp())
     return shifted - mass.log().gather(1, index)
-
-
-def _prompt_processor(source, config: StreetCLIPConfig, hub_kwargs: dict) -> StreetCLIPProcessor:
-    """The checkpoint's processor with the configuration's templates, to build heads that match the configuration."""
-    return StreetCLIPProcessor.from_pretrained(
-        source,
-        country_prompt_template=config.country_prompt_template,
-        region_prompt_template=config.region_prompt_template,
-        city_prompt_template=config.city_prompt_template,
-        qualify_ambiguous_cities=config.qualify_ambiguous_cities,
-        caption_template=config.caption_template,
-        **hub_kwargs,
-    )
 
 
 def _vision_only(vision_only: bool | str, build_heads: bool, source) -> bool:
@@ -556,5 +516,8 @@ def _vision_only(vision_only: bool | str, build_heads: bool, source) -> bool:
         )
     return vision_only
 
+
+# `save_pretrained` writes `auto_map` and copies the code, for `trust_remote_code=True` without this package.
+StreetCLIPForGeolocation.register_for_auto_class("AutoModel")
 
 __all__ = ["GeolocationOutput", "StreetCLIPForGeolocation"]

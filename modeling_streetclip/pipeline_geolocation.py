@@ -1,15 +1,11 @@
 """The `"geolocation"` pipeline: photo in; country, city and coordinates out."""
 
 import os
-import shutil
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import httpx
-from transformers import Pipeline
-from transformers.dynamic_module_utils import get_relative_import_files
+from transformers import AutoModel, Pipeline
 
 from .answers import format_answers
 from .decisions import rank, validate_decision
@@ -37,17 +33,16 @@ class GeolocationPipeline(Pipeline):
     Example:
 
     ```python
-    >>> import modeling_streetclip  # registers the task
-    >>> from transformers import pipeline
-    >>> geolocate = pipeline("geolocation", model="geolocal/StreetCLIP")  # doctest: +SKIP
-    >>> geolocate("photo.jpg", top_k=2)  # doctest: +SKIP
-    [{'label': 'Paris, France', 'country': 'France', 'country_code': 'FR', 'city': 'Paris', 'latitude': 48.85341,
-      'longitude': 2.3488, 'score': 0.65, 'country_score': 0.63, 'joint_probability': 0.41}, {...}]
+    import modeling_streetclip  # registers the task
+    from transformers import pipeline
+
+    geolocate = pipeline("geolocation", model="geolocal/StreetCLIP")
+    geolocate("photo.jpg", top_k=2)
+    # [{'label': 'Paris, France', 'country': 'France', 'country_code': 'FR', 'city': 'Paris', 'latitude': 48.85341,
+    #   'longitude': 2.3488, 'score': 0.65, 'country_score': 0.63, 'joint_probability': 0.41}, {...}]
     ```
 
-    This pipeline is loaded from [`pipeline`] with the task identifier `"geolocation"`. `save_pretrained` writes a
-    folder that every loader accepts, with or without this package installed (a gallery is not part of it: pass
-    `gallery=` again).
+    This pipeline is loaded from [`pipeline`] with the task identifier `"geolocation"`.
     """
 
     _load_processor = True
@@ -197,15 +192,21 @@ class GeolocationPipeline(Pipeline):
         return format_answers(self.model.candidate_places, **columns)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
-        """Write a complete folder (see `save_shareable_folder`): with the package installed every loader runs the
-        installed classes; without it, `trust_remote_code=True` runs the code saved in the folder."""
+        """Write a folder that every loader accepts: with this package installed they run its classes, without it
+        `trust_remote_code=True` runs the code saved in the folder. A gallery is not part of it: pass `gallery=` again.
+        """
         if self.processor is None:
             raise ValueError(
                 "This pipeline was built with an image_processor but no processor, so it has no tokenizer or "
                 "templates to save and the folder would be incomplete; build it with "
                 "processor=StreetCLIPProcessor.from_pretrained(...)."
             )
-        save_shareable_folder(self.model, self.processor, save_directory, **kwargs)
+        # Saved `custom_pipelines` name the model class, which a remote load looks up on the `transformers` module:
+        # AutoModel is there, and follows `auto_map`. Set here, as a pipeline from remote code was never registered.
+        self._registered_impl = {TASK: {"impl": type(self), "pt": (AutoModel,), "type": "image"}}
+        super().save_pretrained(save_directory, **kwargs)
+        # `Pipeline.save_pretrained` saves the tokenizer and image processor, but not a processor with its templates.
+        self.processor.save_pretrained(save_directory, **kwargs)
 
 
 def _check_function_to_apply(function_to_apply: str | None) -> None:
@@ -241,38 +242,4 @@ def _load_image(image, timeout: float | None):
         raise ImageLoadError(f"The image at {image!r}: {error}") from error
 
 
-def save_shareable_folder(model, processor: StreetCLIPProcessor, save_directory, **kwargs) -> None:
-    """Save `model` (heads and candidates) and `processor` with the code files and config entries (`auto_map`,
-    `custom_pipelines`) that let `trust_remote_code=True` load the folder without this package.
-
-    `GeolocationPipeline.save_pretrained` writes exactly this; `model_card/publish.py` adds the model card and
-    uploads it. All the code goes in or none would do: a partial copy fails only for someone without the package.
-    """
-    folder = Path(save_directory)
-    config = model.config
-    config.auto_map = {
-        "AutoConfig": _class_reference(type(config)),
-        "AutoModel": _class_reference(type(model)),
-        # What `pipeline("image-classification", model=repo, trust_remote_code=True)` loads: the model's `logits`.
-        "AutoModelForImageClassification": _class_reference(type(model)),
-    }
-    # Remote pipelines name their model classes on the `transformers` module; AutoModel then follows `auto_map`.
-    config.custom_pipelines = {
-        TASK: {"impl": _class_reference(GeolocationPipeline), "pt": ["AutoModel"], "type": "image"}
-    }
-    processor.auto_map = {"AutoProcessor": _class_reference(type(processor))}
-    model.save_pretrained(folder, **kwargs)
-    processor.save_pretrained(folder, **kwargs)
-    # The files `trust_remote_code=True` imports, with what they import relatively, found as transformers finds them.
-    for cls in (type(config), type(model), type(processor), GeolocationPipeline):
-        module_file = sys.modules[cls.__module__].__file__
-        for code_file in (module_file, *get_relative_import_files(module_file)):
-            shutil.copyfile(code_file, folder / Path(code_file).name)
-
-
-def _class_reference(cls: type) -> str:
-    """`module.Class`, as `auto_map` and `custom_pipelines` name code inside a repository folder (flat, no package)."""
-    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
-
-
-__all__ = ["GeolocationPipeline", "save_shareable_folder"]
+__all__ = ["GeolocationPipeline"]

@@ -1,9 +1,5 @@
-"""Processor of StreetCLIP: CLIP's image processor and tokenizer, plus the templates that turn places into text.
-
-Everything textual that the model sees goes through here: the country, region and city probe prompts its heads are
-built from, and the synthetic training captions. Head building, the pipeline and the training script all take their text
-from a `StreetCLIPProcessor`, so a template lives with the tokenizer that reads it and is saved beside it.
-"""
+"""Processor of StreetCLIP: CLIP's image processor and tokenizer, plus the templates that turn places into the text
+the model sees (probe prompts for the heads, captions for training), saved beside the tokenizer that reads them."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,15 +18,12 @@ _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokeni
 
 @dataclass
 class CandidatePrompts:
-    """The tokenised probe prompts of one candidate table: what `StreetCLIPForGeolocation.set_candidates` encodes
+    """The tokenised probe prompts of one candidate table, which `StreetCLIPForGeolocation.set_candidates` encodes
     into the heads, with the templates they were rendered from.
 
-    `countries` holds the prompts of every candidate country; `cities[i]` those of the candidate cities of country
-    `i`, in the table's order, and `regions[i]` those of its regions (an empty list for a table without a region
-    level). Each is a tokenizer output (`input_ids`, `attention_mask`) as PyTorch tensors. A level whose template is
-    a list (a prompt ensemble) has one block of rows per template, template after template: `num_templates(level)`
-    rows per place. `qualify_ambiguous_cities` records whether city names shared with another country were rendered
-    with their country.
+    Tokenizer outputs (`input_ids`, `attention_mask`): `countries` for every candidate country, `cities[i]` and
+    `regions[i]` (empty without a region level) for those of country `i`, in table order. A prompt ensemble has one
+    block of rows per template, template after template.
     """
 
     country_prompt_template: str | list[str]
@@ -69,40 +62,24 @@ class CandidatePrompts:
 
 class StreetCLIPProcessor(ProcessorMixin):
     r"""
-    Joins CLIP's image processor and tokenizer with StreetCLIP's templates: the country, region and city probe
-    prompts of hierarchical geolocation and the synthetic training caption.
-
-    Called like [`CLIPProcessor`] (`processor(images=..., text=...)`), it also renders and tokenises the prompts of a
-    candidate table ([`~StreetCLIPProcessor.candidate_prompts`]); training draws its captions from `caption_template`
-    (see [`CaptionMix`]) and tokenises them with [`~StreetCLIPProcessor.tokenize`]. `save_pretrained` writes the image
-    processor and templates to `processor_config.json` and the tokenizer files beside them; `from_pretrained` of a
-    plain CLIP folder (such as `geolocal/StreetCLIP`) gives one with [`StreetCLIPConfig`]'s default templates.
+    Joins CLIP's image processor and tokenizer with StreetCLIP's templates. Called like [`CLIPProcessor`], it also
+    renders and tokenises the prompts of a candidate table ([`~StreetCLIPProcessor.candidate_prompts`]) and training's
+    captions ([`~StreetCLIPProcessor.tokenize`]). A plain CLIP folder (`geolocal/StreetCLIP`) loads with
+    [`StreetCLIPConfig`]'s default templates.
 
     Args:
         image_processor ([`CLIPImageProcessor`]):
             Resizes, crops and normalises photos for the vision tower.
         tokenizer ([`CLIPTokenizer`]):
             Tokenises prompts and captions for the text tower.
-        country_prompt_template (`str` or `list[str]`, *optional*):
-            Country probe prompt with `{country}`; defaults to [`StreetCLIPConfig`]'s, the paper's. A list of templates
-            is a prompt ensemble (so for the other levels).
-        region_prompt_template (`str` or `list[str]`, *optional*):
-            Region probe prompt with `{region}` (and optionally `{country}`), for models with a region level.
-        city_prompt_template (`str` or `list[str]`, *optional*):
-            City probe prompt with `{city}` (and optionally `{country}`); defaults to the paper's.
-        qualify_ambiguous_cities (`bool`, *optional*, defaults to `False`):
-            Render a city whose name is also a candidate city of another country as `{city}, {country}` (see
-            [`StreetCLIPConfig`]); the paper's prompts leave it as it is.
-        caption_template (`str`, *optional*):
-            Default synthetic training caption over `{city}`, `{region}` and `{country}`; defaults to the paper's.
+        country_prompt_template, region_prompt_template, city_prompt_template, qualify_ambiguous_cities, caption_template:
+            The probe prompts and training caption, as [`StreetCLIPConfig`] documents them (its defaults too).
 
     Example:
 
     ```python
-    >>> from modeling_streetclip import CandidatePlaces, StreetCLIPProcessor
-    >>> processor = StreetCLIPProcessor.from_pretrained("geolocal/StreetCLIP")  # doctest: +SKIP
-    >>> processor.render_country_prompts(["Japan"])  # doctest: +SKIP
-    ['A Street View photo in Japan.']
+    processor = StreetCLIPProcessor.from_pretrained("geolocal/StreetCLIP")
+    processor.render_country_prompts(["Japan"])  # ['A Street View photo in Japan.']
     ```
     """
 
@@ -129,12 +106,8 @@ class StreetCLIPProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "StreetCLIPProcessor":
-        """Load from a folder or Hub repo holding processor files (a StreetCLIP folder or a plain CLIP checkpoint);
-        template keyword arguments replace the saved ones.
-
-        A folder that holds a model but none of the files of an image processor or tokenizer is refused with its name
-        and the command that completes it, rather than transformers' generic error.
-        """
+        """Load from a StreetCLIP folder or a plain CLIP checkpoint; template keyword arguments replace the saved
+        ones. A folder without processor files is refused with its name and the command that completes it."""
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
         found = [
             cached_file(
@@ -157,24 +130,14 @@ class StreetCLIPProcessor(ProcessorMixin):
 
     @classmethod
     def from_parts(cls, processor, config: StreetCLIPConfig) -> "StreetCLIPProcessor":
-        """This processor from any processor with an image processor and a tokenizer (transformers' `CLIPProcessor`
-        of a plain CLIP checkpoint), with the templates recorded in `config`; a `StreetCLIPProcessor` is returned
-        as it is."""
+        """This processor from any with an image processor and a tokenizer (the `CLIPProcessor` of a plain CLIP
+        checkpoint) and the templates `config` records; a `StreetCLIPProcessor` is returned as it is."""
         if isinstance(processor, cls):
             return processor
-        return cls(
-            processor.image_processor,
-            processor.tokenizer,
-            country_prompt_template=config.country_prompt_template,
-            city_prompt_template=config.city_prompt_template,
-            caption_template=config.caption_template,
-            region_prompt_template=config.region_prompt_template,
-            qualify_ambiguous_cities=config.qualify_ambiguous_cities,
-        )
+        return cls(processor.image_processor, processor.tokenizer, **config.text_settings())
 
     def render_country_prompts(self, countries: Sequence[str]) -> list[str]:
-        """One country probe prompt per country name, e.g. `A Street View photo in France.`; with a prompt ensemble,
-        one block of such prompts per template, template after template."""
+        """One country probe prompt per country name (one block per template of an ensemble)."""
         return [
             prompt
             for template in template_list(self.country_prompt_template)
@@ -192,9 +155,8 @@ class StreetCLIPProcessor(ProcessorMixin):
     def render_city_prompts(
         self, cities: Sequence[str], countries: Sequence[str], ambiguous: Sequence[bool] | None = None
     ) -> list[str]:
-        """One city probe prompt per city, with its country for templates that name it (one block per template of an
-        ensemble). With `qualify_ambiguous_cities`, the cities that `ambiguous` marks (a name shared with another
-        candidate country: `CandidatePlaces.ambiguous_city_rows`) are named with their country."""
+        """One city probe prompt per city, with its country (one block per template of an ensemble); with
+        `qualify_ambiguous_cities`, the cities `ambiguous` marks are named with their country."""
         qualified = ambiguous if self.qualify_ambiguous_cities else None
         return [
             prompt
@@ -202,14 +164,19 @@ class StreetCLIPProcessor(ProcessorMixin):
             for prompt in city_prompts(template, cities, countries, qualified)
         ]
 
+    def save_pretrained(self, save_directory, **kwargs) -> list[str]:
+        saved = super().save_pretrained(save_directory, **kwargs)
+        # transformers sets `auto_map` on a registered processor while saving it, and `from_pretrained` drops it: off
+        # again, as transformers takes it off the tokenizer, so that a saved processor equals the one loaded back.
+        self.__dict__.pop("auto_map", None)
+        return saved
+
     def tokenize(self, texts: Sequence[str], **kwargs) -> dict:
-        """Tokenise texts for the text tower: padded to the longest and truncated at its context length, as PyTorch
-        tensors unless `kwargs` say otherwise."""
+        """Tokenise texts for the text tower: padded, truncated, as PyTorch tensors unless `kwargs` say otherwise."""
         return self.tokenizer(list(texts), **{"padding": True, "truncation": True, "return_tensors": "pt", **kwargs})
 
     def candidate_prompts(self, places: CandidatePlaces) -> CandidatePrompts:
-        """Tokenised country prompts of every candidate country, and the city prompts (and, for a table with a region
-        level, region prompts) of each country's places."""
+        """The tokenised prompts of every candidate country, and of each country's cities (and regions)."""
         countries = dict(self.tokenize(self.render_country_prompts(places.country_names)))
         cities, regions = [], []
         for country, name in enumerate(places.country_names):
@@ -234,5 +201,8 @@ class StreetCLIPProcessor(ProcessorMixin):
             qualify_ambiguous_cities=self.qualify_ambiguous_cities,
         )
 
+
+# `save_pretrained` writes `auto_map` and copies the code, for `trust_remote_code=True` without this package.
+StreetCLIPProcessor.register_for_auto_class()
 
 __all__ = ["CandidatePrompts", "StreetCLIPProcessor"]

@@ -180,8 +180,11 @@ IMAGE_CLASSIFICATION_SCRIPT = """
 import json, sys
 from transformers import pipeline
 
-classify = pipeline("image-classification", model=sys.argv[1], trust_remote_code=True)
-print(json.dumps({"model": type(classify.model).__module__, "answers": classify(sys.argv[2:], top_k=5)}))
+answers = {}
+for repo_id in ("org/saved-model", "org/saved-pipeline"):
+    classify = pipeline("image-classification", model=repo_id, trust_remote_code=True)
+    answers[repo_id] = {"model": type(classify.model).__module__, "answers": classify(sys.argv[1:], top_k=5)}
+print(json.dumps(answers))
 """
 
 
@@ -228,10 +231,15 @@ def test_the_stock_image_classification_pipeline_answers_the_joint_top_k_with_la
 
 @pytest.mark.slow
 def test_the_stock_image_classification_pipeline_answers_without_the_package(region_streetclip_dir, tmp_path, photos):
-    folder = save_region_model(region_streetclip_dir, tmp_path / "saved", "pipeline")
-    remote = run_as_hub_user(IMAGE_CLASSIFICATION_SCRIPT, ["org/geo", *photos], {"org/geo": folder}, tmp_path)
-    assert remote["model"].startswith("transformers_modules.")
-    assert_joint_answers(remote["answers"], folder, photos)
+    """Both ways of saving carry the code and `auto_map` that `trust_remote_code=True` needs."""
+    folders = {
+        "org/saved-model": save_region_model(region_streetclip_dir, tmp_path / "model", "model_and_processor"),
+        "org/saved-pipeline": save_region_model(region_streetclip_dir, tmp_path / "pipeline", "pipeline"),
+    }
+    remote = run_as_hub_user(IMAGE_CLASSIFICATION_SCRIPT, photos, folders, tmp_path)
+    for repo_id, folder in folders.items():
+        assert remote[repo_id]["model"].startswith("transformers_modules."), repo_id
+        assert_joint_answers(remote[repo_id]["answers"], folder, photos)
 
 
 def atlantis_places() -> CandidatePlaces:
