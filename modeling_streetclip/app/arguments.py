@@ -1,9 +1,5 @@
 """The command-line options that `streetclip locate`, `streetclip index build` and eval/benchmark.py share, declared
-once: `--batch_size`, `--num_workers`, `--device`, `--dtype`, `--decision` with `--gallery`, and `--verbose` (with
-what it does, `verbosity`).
-
-Nothing here imports torch or transformers before a command runs, so that `--help` answers at once.
-"""
+once, without importing torch or transformers (so that `--help` answers at once)."""
 
 import argparse
 import logging
@@ -15,7 +11,6 @@ from ..decisions import DECISIONS, check_decision, default_decision
 from . import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS, UsageError
 
 
-# Weight precisions by name; torch is imported only once a command runs.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -35,7 +30,7 @@ def int_at_least(minimum: int):
 
 
 def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
-    """--batch_size and --num_workers, alike in every command that runs images through the model."""
+    """--batch_size and --num_workers."""
     parser.add_argument(
         "--batch_size",
         type=int_at_least(1),
@@ -47,47 +42,43 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
         type=int_at_least(0),
         default=DEFAULT_NUM_WORKERS,
         metavar="N",
-        help="DataLoader worker processes that decode and preprocess images; 0 decodes in the main process "
-        "(default: %(default)s, at most the cores this process may use)",
+        help="DataLoader processes that decode images; 0 decodes in this one (default: %(default)s, at most the cores)",
     )
 
 
 def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
-    """--device and --dtype, alike in every command that runs the model."""
+    """--device and --dtype."""
     parser.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
-        help="where the model runs; auto picks cuda when available (default: %(default)s)",
+        help="auto picks cuda when available (default: %(default)s)",
     )
     parser.add_argument(
-        "--dtype", choices=DTYPE_NAMES, default="float32", help="model weight precision (default: %(default)s)"
+        "--dtype", choices=DTYPE_NAMES, default="float32", help="weight precision (default: %(default)s)"
     )
 
 
 def add_decision_arguments(parser: argparse.ArgumentParser) -> None:
-    """--decision and --gallery, alike in every command that answers (see `decision_from`)."""
+    """--decision and --gallery (see `decision_from`)."""
     parser.add_argument(
         "--decision",
         choices=DECISIONS,
-        help="how answers are chosen and ordered: greedy (the paper's: countries by p(country), then cities by "
-        "p(city | country), score = p(city | country)), joint (by joint probability, the score), "
-        "expected_distance (by expected_distance_km, the expected distance to the true place under the joint "
-        "posterior, smallest first; score = joint probability), or with --gallery: gallery (a vote of the nearest "
-        "gallery photos; the answer is a photo's place) or hybrid (that vote restricted to the most probable "
-        "zero-shot countries and weighted by them) (default: greedy, and gallery with --gallery)",
+        help="how answers are chosen and ordered: greedy (the paper's: country, then city within it), joint (by joint "
+        "probability), expected_distance (smallest expected distance to the true place first), or with --gallery: "
+        "gallery (a vote of the nearest gallery photos) or hybrid (that vote within the most probable countries) "
+        "(default: greedy, and gallery with --gallery)",
     )
     parser.add_argument(
         "--gallery",
         metavar="FOLDER_OR_REPO",
-        help="a retrieval gallery built with --model by `streetclip index build` (a folder or a Hub dataset repo) "
-        "for --decision gallery or hybrid; answers then add gallery_row and similarity. Each process loads it",
+        help="a gallery built with --model by `streetclip index build` (a folder or a Hub dataset repo); answers "
+        "then add gallery_row and similarity",
     )
 
 
 def decision_from(args: argparse.Namespace) -> str:
-    """The rule that --decision names, or the default one (`decisions.default_decision`); a gallery rule without
-    --gallery is a usage error, found before anything loads."""
+    """The rule --decision names, or `decisions.default_decision`; a gallery rule without --gallery is a usage error."""
     decision = args.decision or default_decision(args.gallery)
     try:
         check_decision(decision, args.gallery)
@@ -99,38 +90,32 @@ def decision_from(args: argparse.Namespace) -> str:
 
 
 def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
-    """--verbose, alike in every command that loads a model or a dataset (see `verbosity`)."""
+    """--verbose (see `verbosity`)."""
     parser.add_argument(
         "--verbose",
         action="store_true",
-        help="also show the libraries' loading bars (transformers' weights, datasets' files and splits) and this "
-        "package's notes on how inputs were read; without it, only the command's own progress bar, warnings and "
-        "errors are shown (and Hub downloads, with their bars)",
+        help="also show the libraries' loading bars and this package's notes on how inputs were read",
     )
 
 
 @contextmanager
 def verbosity(verbose: bool) -> Iterator[None]:
-    """Hide the loading bars of transformers and datasets and this package's info messages unless `verbose`, for
-    the duration of a command; the previous settings come back afterwards (commands also run in-process).
-
-    Hub downloads keep their bars either way: a download of a large model is long, and its bar is the only sign of
-    progress. A command's own progress bar and summary are not library output and always show.
-    """
+    """Hide the loading bars of transformers and datasets and this package's info messages unless `verbose`, for the
+    duration of a command (which may run in-process), restoring the settings afterwards. Hub downloads keep their
+    bars: a long download's bar is its only sign of progress."""
     import huggingface_hub.utils as hub_utils
     from transformers.utils import logging as transformers_logging
 
     try:
         import datasets
-    except ImportError:  # inference without the [eval] or [train] extra: no datasets bars to hide
+    except ImportError:  # no datasets bars to hide
         datasets = None
 
     def show_bars(transformers_bars: bool, datasets_bars: bool, hub_bars: bool) -> None:
-        (
-            transformers_logging.enable_progress_bar
-            if transformers_bars
-            else transformers_logging.disable_progress_bar
-        )()
+        if transformers_bars:
+            transformers_logging.enable_progress_bar()
+        else:
+            transformers_logging.disable_progress_bar()
         if datasets is not None:
             (datasets.enable_progress_bars if datasets_bars else datasets.disable_progress_bars)()
         # Last: transformers switches the Hub's bars along with its own.
@@ -143,9 +128,8 @@ def verbosity(verbose: bool) -> Iterator[None]:
     )
     package_logger = logging.getLogger(__package__.rpartition(".")[0])
     saved_level = package_logger.level
-    # The package's loggers have no handler of their own, and the root's last resort shows warnings only.
-    handler = logging.StreamHandler(sys.stderr) if verbose else None
-    if handler is not None:
+    handler = logging.StreamHandler(sys.stderr)  # the package's loggers have none, and the root shows warnings only
+    if verbose:
         package_logger.addHandler(handler)
         package_logger.setLevel(logging.INFO)
     show_bars(verbose, verbose, saved[2])
@@ -153,9 +137,8 @@ def verbosity(verbose: bool) -> Iterator[None]:
         yield
     finally:
         show_bars(*saved)
-        if handler is not None:
-            package_logger.removeHandler(handler)
-            package_logger.setLevel(saved_level)
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(saved_level)
 
 
 __all__ = [

@@ -1,11 +1,6 @@
-"""One command on one process or many: the Accelerate plumbing that `streetclip locate` and eval/benchmark.py share.
-
-Launched by `accelerate launch` or `torchrun`, every process runs the same command. Some steps belong to one process
-only (reading standard input, holding the output file, printing), some to all (loading the model); these helpers
-make sure that either way every process learns the outcome, so that an error stops all of them with one message
-from the main process instead of leaving the others waiting for it. The work itself is split in
-`batch.geolocate_images`.
-"""
+"""One command on one process or many (`accelerate launch`, `torchrun`): every process runs the same command, and
+these helpers make every process learn the outcome of a step that runs on one or on all, so that an error stops all of
+them with one message from the main process instead of leaving the others waiting."""
 
 from __future__ import annotations
 
@@ -14,7 +9,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, TypeVar
 
-from . import UsageError
+from . import EXIT_USAGE, UsageError
 from .records import ResultFileError
 
 
@@ -27,11 +22,10 @@ COMMAND_ERRORS = (UsageError, ResultFileError)
 
 
 def make_accelerator(device: str, cpu_only: bool = False) -> Accelerator:
-    """The `Accelerator` of this process, on `device` ("auto", "cpu" or "cuda"); `cpu_only` for a model that runs on
-    the CPU whatever the machine has (int8).
+    """The `Accelerator` of this process on `device` ("auto", "cpu" or "cuda"); `cpu_only` for an int8 model.
 
-    Without a GPU, "auto" asks Accelerate for the CPU explicitly: that is what makes a launcher's processes one
-    process group (over gloo) without `ACCELERATE_USE_CPU=1`, instead of N separate single-process runs.
+    Without a GPU, "auto" asks for the CPU explicitly: that makes a launcher's processes one process group (gloo)
+    without `ACCELERATE_USE_CPU=1`, instead of N separate single-process runs.
     """
     import torch
     from accelerate import Accelerator
@@ -39,8 +33,7 @@ def make_accelerator(device: str, cpu_only: bool = False) -> Accelerator:
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or auto.")
     accelerator = Accelerator(cpu=cpu_only or device == "cpu" or not torch.cuda.is_available())
-    # Launchers say how many processes they started; a mismatch would have each run every input alone.
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # a mismatch would have each process run every input
     if accelerator.num_processes != launched:
         raise UsageError(
             f"the launcher started {launched} processes, but Accelerate joined {accelerator.num_processes}; "
@@ -50,11 +43,8 @@ def make_accelerator(device: str, cpu_only: bool = False) -> Accelerator:
 
 
 def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T:
-    """Run `work` on the main process only and return its result on every process.
-
-    A command error there (`COMMAND_ERRORS`) is raised on every process, so that none waits for a result that will
-    not come; the caller's main process reports it.
-    """
+    """Run `work` on the main process only and return its result on every process; a command error there is raised
+    on every process."""
     from accelerate.utils import broadcast_object_list
 
     outcome: list = [None, None]
@@ -70,8 +60,8 @@ def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T:
 
 
 def on_every_process(accelerator: Accelerator, work: Callable[[], T], main_process_first: bool = False) -> T:
-    """Run `work` on every process (on the main one first with `main_process_first`, e.g. to download a model once)
-    and return its result; if it fails with a command error on any process, raise the first such error on all."""
+    """Run `work` on every process (on the main one first with `main_process_first`, e.g. to download once) and
+    return its result; a command error on any process is raised on all."""
     from accelerate.utils import gather_object
 
     error = result = None
@@ -87,15 +77,11 @@ def on_every_process(accelerator: Accelerator, work: Callable[[], T], main_proce
 
 
 def quiet_unless_main(accelerator: Accelerator, command: Callable[[], int]) -> int:
-    """Run `command` and return its status; a command error on a process other than the main one gives status 2
-    without a message, since the main process reports the same error (see `on_main_process`).
+    """Run `command` and return its status; a command error gives status 2, and its message on the main process only.
 
     Every process then leaves the process group together (a barrier, then `end_training`): one that exits while a
-    peer still holds its connections can make the peer abort (SIGABRT) instead of returning its own status. Command
-    errors reach every process alike, so all of them come to the barrier.
+    peer still holds its connections can make the peer abort instead of returning its own status.
     """
-    from . import EXIT_USAGE
-
     error = None
     try:
         status = command()
@@ -107,8 +93,8 @@ def quiet_unless_main(accelerator: Accelerator, command: Callable[[], int]) -> i
         try:
             raise error
         finally:
-            # As `except ... as` does: this frame, in the error's traceback, must not keep the error (and through it
-            # the command's frames, with the output file and its lock) alive until a garbage collection.
+            # As `except ... as` does: this frame must not keep the error, and through it the output file's lock,
+            # alive until a garbage collection.
             error = None
     return status
 

@@ -1,9 +1,6 @@
-"""Loading what a command runs: the model and its image processor (checked before any image is read), its
-quantization, a retrieval gallery checked against it, and a fingerprint of a model folder's files.
-
-`streetclip locate`, `streetclip index build` and eval/benchmark.py load alike through here; every problem is a
-`UsageError` that names the option and the cause.
-"""
+"""Loading what `streetclip locate`, `streetclip index build` and eval/benchmark.py run: the model and its image
+processor (checked before any image is read), a gallery checked against it, and a fingerprint of a model folder; every
+problem is a `UsageError` that names the option and the cause."""
 
 from __future__ import annotations
 
@@ -23,14 +20,12 @@ if TYPE_CHECKING:
     from ..modeling_streetclip import StreetCLIPForGeolocation
 
 
-# The files of a model folder whose content shapes answers (configs, candidate tables, weights): a change to any of them
-# between two runs on one --output is refused (see `model_fingerprint`).
+# The files of a model folder that shape answers (configs, candidate tables, weights; see `model_fingerprint`).
 FINGERPRINTED_SUFFIXES = (".json", ".safetensors", ".bin")
 
 
 def quantization_config_for(quantize: str | None, device: str, dtype: str) -> Any:
-    """The quantization config that `--quantize` names (None without it), after checking that `--device` and
-    `--dtype` allow it."""
+    """The quantization config `--quantize` names (None without it), if `--device` and `--dtype` allow it."""
     if quantize is None:
         return None
     if device == "cuda":
@@ -45,33 +40,24 @@ def quantization_config_for(quantize: str | None, device: str, dtype: str) -> An
 def load_model(
     name: str, device: str, dtype: torch.dtype, countries: list[str] | None, quantization_config: Any = None
 ) -> tuple[StreetCLIPForGeolocation, Any]:
-    """The model and its image processor, on `device`, restricted to `countries` when given, quantized as
-    `quantization_config` says when given."""
+    """The model and its image processor on `device`, restricted to `countries` and quantized when asked."""
     from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
     from ..modeling_streetclip import StreetCLIPForGeolocation
     from ..processing_streetclip import StreetCLIPProcessor
 
+    # A broken folder fails in many ways: unreadable JSON or weights (OSError, ValueError, SafetensorError), a
+    # malformed candidate table (StrictDataclassError, TypeError, KeyError), heads whose sizes do not match it
+    # (RuntimeError); ImportError: the quantization route is unavailable.
+    bad = (OSError, ValueError, ImportError, TypeError, KeyError, RuntimeError, SafetensorError, StrictDataclassError)
     _check_model_reachable(name)
     try:
         image_processor = StreetCLIPProcessor.from_pretrained(name).image_processor
         model = StreetCLIPForGeolocation.from_pretrained(
             name, dtype=dtype, vision_only="auto", quantization_config=quantization_config
         )
-    # A broken folder fails in many ways: unreadable JSON or weights (OSError, ValueError, SafetensorError), a
-    # malformed candidate table (StrictDataclassError, TypeError, KeyError), heads whose sizes do not match it
-    # (RuntimeError). ImportError: the quantization route is unavailable.
-    except (
-        OSError,
-        ValueError,
-        ImportError,
-        TypeError,
-        KeyError,
-        RuntimeError,
-        SafetensorError,
-        StrictDataclassError,
-    ) as error:
+    except bad as error:
         raise UsageError(f"cannot load --model {name!r}: {error}") from None
     check_image_processor(image_processor, model.config.vision_config.image_size, name)
     if countries is not None:
@@ -83,12 +69,8 @@ def load_model(
 
 
 def _check_model_reachable(name: str) -> None:
-    """Stop at once, naming the cause, when --model is neither a local folder nor in the Hub cache and the Hub cannot
-    be reached (offline mode, no network): the loaders would retry file after file for minutes, then blame the files.
-
-    The Hub is asked once, for the model's config, without retries; what it answers (a missing or gated repo) is left
-    to the loaders to report.
-    """
+    """Stop at once when --model is neither a local folder nor cached and the Hub cannot be reached: the loaders
+    would retry file after file for minutes, then blame the files. What the Hub answers is left to the loaders."""
     if os.path.isdir(name):
         return
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
@@ -124,8 +106,8 @@ def _check_model_reachable(name: str) -> None:
 
 
 def check_image_processor(image_processor, image_size: int, name: str) -> None:
-    """Refuse an image processor config that cannot give the model its `image_size` x `image_size` pixels (a size or
-    crop that is not a positive integer, another size), naming the file and the value, before any image is read."""
+    """Refuse an image processor config that cannot give the model `image_size` x `image_size` pixels, naming the file
+    and the value, before any image is read."""
     source = _image_processor_file(name)
     sizes = {"size": image_processor.size or {}}
     if image_processor.do_center_crop:
@@ -151,7 +133,6 @@ def check_image_processor(image_processor, image_size: int, name: str) -> None:
 
 
 def _image_processor_file(name: str) -> str:
-    """Where the image processor settings of --model `name` were read from, for messages."""
     for file_name in ("processor_config.json", "preprocessor_config.json"):
         if os.path.isfile(os.path.join(name, file_name)):
             return repr(os.path.join(name, file_name))
@@ -159,8 +140,7 @@ def _image_processor_file(name: str) -> str:
 
 
 def load_gallery(name: str, model, image_processor, model_name: str) -> GeoGallery:
-    """The gallery that `--gallery` names (a folder or a Hub dataset repo), checked against the loaded model; every
-    problem is a usage error that names it."""
+    """The gallery `--gallery` names (a folder or a Hub dataset repo), checked against the loaded model."""
     from ..gallery_store import GalleryModelError, GeoGallery
 
     try:
@@ -179,9 +159,8 @@ def load_on_every_process(
     countries: list[str] | None = None,
     quantization_config: Any = None,
 ) -> tuple[StreetCLIPForGeolocation, Any, GeoGallery | None]:
-    """The model, its image processor and the `gallery` (None without one) on every process's device (the CPU for an
-    int8 model); the main process loads first, so that a download happens once, and shows the only loading bars. A
-    failure on any process stops all of them (see `distributed.on_every_process`)."""
+    """The model, its image processor and the `gallery` (or None) on every process's device (the CPU for int8); the
+    main process loads first, so that a download happens once, and shows the only loading bars."""
     import torch
     from transformers.utils import logging as transformers_logging
 
@@ -199,9 +178,8 @@ def load_on_every_process(
 
 
 def model_fingerprint(folder: str) -> str:
-    """A short SHA-256 of the files of a model folder that shape answers (FINGERPRINTED_SUFFIXES: configs, candidate
-    tables, weights), names and contents. Reading the weights costs about as long as loading them; a hash of their
-    headers alone would miss weights of another seed or training step, whose shapes are the same."""
+    """A short SHA-256 of the names and contents of a model folder's FINGERPRINTED_SUFFIXES files; the weights are
+    read whole, since their headers alone are the same for another seed or training step."""
     digest = hashlib.sha256()
     try:
         files = sorted(entry for entry in Path(folder).iterdir() if entry.suffix in FINGERPRINTED_SUFFIXES)

@@ -1,13 +1,9 @@
 """Result files of `streetclip locate`: JSON Lines, CSV or Parquet, resumable after a kill at any moment.
 
-A record is a dict: its key (`path`; `group` and its member `paths` for pooled views; a dataset's id column), then
-`answers` (the pipeline's dicts, best first) or `error`. A JSON Lines or CSV record counts as written once its closing
-newline is; CSV flattens the answers into rank-suffixed columns (`country_1`, ..., `country_2`, ...), so that a row is
-a whole record. `open_records` locks the output (OUTPUT.lock), checks that the options which shape answers are those
-recorded beside it (OUTPUT.options.json, a sidecar so that every line of OUTPUT stays a record), cuts off a partial
-last record and returns a writer that knows the keys already recorded. Parquet is whole only once its footer is
-written, so a run writes complete part files into OUTPUT.parts/ and merges them into OUTPUT when it ends (see
-`ParquetRecordWriter`). Every format holds valid UTF-8 (see `storable`).
+A record is its key (`path`; `group` and member `paths`; a dataset's id column), then `answers` (best first) or
+`error`. A JSON Lines or CSV record counts once its closing newline is written; a CSV row is a whole record, answers in
+rank-suffixed columns. `open_records` locks OUTPUT (OUTPUT.lock), checks the options recorded in OUTPUT.options.json,
+cuts off a partial last record and returns a writer that knows the keys already recorded.
 """
 
 from __future__ import annotations
@@ -47,7 +43,7 @@ ANSWER_FIELDS = (
     "joint_probability",
     "expected_distance_km",
 )
-# Answer fields that only a model with a region level, or only the expected-distance decision, fills.
+# Answer fields only a model with a region level, or only the expected-distance decision, fills.
 REGION_FIELDS = ("region", "region_score")
 DECISION_FIELDS = ("expected_distance_km",)
 _TEXT_FIELDS = ("label", "country", "country_code", "region", "city")
@@ -72,19 +68,16 @@ class ResultFileError(ValueError):
 
 
 def spreadsheet_safe(value: Any) -> Any:
-    """A CSV cell that spreadsheets show as text instead of evaluating (OWASP's defence against CSV injection).
-
-    A string that starts with `= + - @`, a tab, a carriage return or an apostrophe gets a leading apostrophe, so that
-    dropping one on reading gives the value exactly; numbers pass unchanged (`-33.9` stays a number).
-    """
+    """A CSV cell that spreadsheets show as text instead of evaluating (OWASP's defence against CSV injection): a
+    leading apostrophe before a formula start or an apostrophe, dropped again on reading; numbers pass unchanged."""
     if isinstance(value, str) and value.startswith((*_FORMULA_STARTS, _TEXT_MARK)):
         return _TEXT_MARK + value
     return value
 
 
 def storable(text: str) -> str:
-    """`text` as valid UTF-8: the bytes of a file name that are not UTF-8 (surrogate escapes in Python) become
-    backslash escapes (`\\xff`), alike in every format; resume finds an input by that spelling."""
+    """`text` as valid UTF-8, alike in every format: a file name's bytes that are not (surrogate escapes in Python)
+    become backslash escapes (`\\xff`), the spelling resume finds an input by."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
@@ -107,10 +100,8 @@ class _StoredKeys(dict):
 
 
 class _Lines:
-    """The complete (newline-terminated) lines of a binary stream, decoded, one at a time within MAX_RECORD_BYTES.
-
-    `end` is the byte offset just after the last line handed out; `exhausted` says that nothing complete follows it.
-    """
+    """The complete lines of a binary stream, one at a time within MAX_RECORD_BYTES; `end` is the byte offset after
+    the last one handed out, `exhausted` says that nothing complete follows it."""
 
     def __init__(self, stream: BinaryIO, path: Path):
         self.stream = stream
@@ -174,12 +165,8 @@ class _JsonLines:
 
 
 class _Csv:
-    """A header row, then one row per record: the key, member paths (a JSON list) for groups, `top_k` rank-suffixed
-    answer column sets (empty where a record has fewer answers) and `error`.
-
-    Rows end in CRLF, as RFC 4180 has it: the csv module then quotes every field holding a CR or LF, so that a file
-    name with a carriage return stays inside its row.
-    """
+    """A header, then a row per record: the key, member paths (a JSON list) for groups, `top_k` rank-suffixed answer
+    columns and `error`. Rows end in CRLF (RFC 4180), so the csv module quotes a field holding a CR or LF."""
 
     def __init__(self, key: str, top_k: int):
         self.key = key
@@ -206,7 +193,6 @@ class _Csv:
         return self._row(values)
 
     def read(self, lines: _Lines, path: Path) -> tuple[dict[str, bool], int]:
-        """The records of `lines` as {key: succeeded}, and the byte offset where the complete records end."""
         reader = csv.reader(lines, strict=True)
         recorded, complete = _StoredKeys(), 0
         while True:
@@ -288,8 +274,7 @@ def _check_options(path: Path, options: dict[str, Any]) -> None:
 
 
 def _shown(value: Any, name: str) -> str:
-    """An option's value for a one-line message: "not given" ("not recorded" for one that is not an option of its
-    own, which an earlier version did not record), long lists cut short."""
+    """An option's value for a message; "not recorded" for one an earlier version did not record."""
     if value is None:
         return "not recorded" if name in _OPTION_LABELS else "not given"
     text = repr(value)
@@ -303,7 +288,7 @@ def _write_options(path: Path, options: dict[str, Any]) -> None:
 
 
 class _Writer:
-    """What both writers share: the keys an earlier run recorded, as {key: succeeded}, the lock, and `with`."""
+    """What both writers share: the keys recorded before, as {key: succeeded}, the lock, and `with`."""
 
     def __init__(self, path: Path | None, lock: FileLock | None = None):
         self.path = path
@@ -325,11 +310,8 @@ class _Writer:
 
 
 class RecordWriter(_Writer):
-    """Appends records to an output file (an open file descriptor) or to standard output, each record whole.
-
-    A write that fails (a full disk, an I/O error) cuts the file back to its last complete record and raises
-    `ResultFileError`, so that the run stops with the file resumable.
-    """
+    """Appends whole records to an output file (an open descriptor) or standard output; a failed write cuts the file
+    back to its last complete record and raises `ResultFileError`, leaving it resumable."""
 
     def __init__(self, file_format: _JsonLines | _Csv, path: Path | None = None, fd: int | None = None, lock=None):
         super().__init__(path, lock)
@@ -390,8 +372,7 @@ class RecordWriter(_Writer):
             super().close()
 
     def resume(self, options: dict[str, Any], overwrite: bool) -> None:
-        """Empty the file (`overwrite`) or check its options and read its keys, cutting off a partial last record;
-        a new or emptied file starts with its options sidecar and its header."""
+        """Empty the file (`overwrite`) or check its options and read its keys, cutting off a partial last record."""
         recorded_options = not overwrite and self.size > 0
         if overwrite:
             os.ftruncate(self.fd, 0)
@@ -423,14 +404,11 @@ def open_records(
     overwrite: bool = False,
     key: str | None = None,
 ) -> RecordWriter | ParquetRecordWriter:
-    """A writer that adds to `path`, resuming what an earlier run with the same `options` wrote there; standard
-    output (`path=None`) gets JSON Lines, without resume.
+    """A writer that adds to `path`, resuming what a run with the same `options` wrote there (standard output when
+    `path` is None: JSON Lines, no resume); `overwrite` empties it instead. `key` names the records' key field.
 
-    Everything that could stop the run at the file is checked here, before a model loads: the extension, the folder,
-    that `path` is a regular file this process may write, that no other run holds it, and that the options recorded
-    beside it equal `options` (None values are left out, so that an option added later, with None meaning the earlier
-    behaviour, keeps older files resumable). `overwrite` empties the file instead. `key` names the field that
-    identifies a record: `path` by default, `group` when `grouped`, a dataset's id column for its rows.
+    Everything that could stop the run at the file is checked here, before a model loads. Options whose value is None
+    are not recorded, so that an option added later, None meaning the earlier behaviour, keeps older files resumable.
     """
     key = key or ("group" if grouped else "path")
     parquet = path is not None and path.suffix.lower() == ".parquet"
@@ -496,12 +474,11 @@ def _lock(path: Path) -> FileLock:
 
 
 class ParquetRecordWriter(_Writer):
-    """Writes records to a Parquet file through complete part files, merged into it by `close`.
+    """Writes records to a Parquet file (whole only once its footer is) through part files, merged into it by `close`.
 
-    Records gather in memory and go to OUTPUT.parts/part-NNNNNN.parquet (whole or absent: `atomic_write`) every
-    FSYNC_INTERVAL_S or PARQUET_PART_ROWS records; a kill loses at most those unwritten records, which the rerun does
-    again. `close` merges OUTPUT and the parts into a new OUTPUT and removes the folder; a part left behind by a kill
-    between those two steps holds only keys that OUTPUT holds, and the next run deletes it.
+    Records go to OUTPUT.parts/part-NNNNNN.parquet every FSYNC_INTERVAL_S or PARQUET_PART_ROWS records, so a kill
+    loses at most those. `close` merges OUTPUT and the parts into a new OUTPUT and removes the folder; a part a kill
+    left between the two holds only keys OUTPUT holds, and the next run deletes it.
     """
 
     def __init__(self, path: Path, key: str, grouped: bool, lock: FileLock):
@@ -521,7 +498,6 @@ class ParquetRecordWriter(_Writer):
         self.last_flush = time.monotonic()
 
     def resume(self, options: dict[str, Any], overwrite: bool) -> None:
-        """Start afresh (`overwrite`), or check the options and columns of what is there and read its keys."""
         if overwrite:
             self.path.unlink(missing_ok=True)
             shutil.rmtree(self.parts, ignore_errors=True)
@@ -535,7 +511,6 @@ class ParquetRecordWriter(_Writer):
         return sorted(self.parts.glob("part-*.parquet"))
 
     def _read_keys(self, file: Path) -> dict[str, bool]:
-        """{key: succeeded} of one Parquet file this command wrote, after checking its columns."""
         import pyarrow.parquet as pq
 
         try:
@@ -628,8 +603,7 @@ class ParquetRecordWriter(_Writer):
         shutil.rmtree(self.parts, ignore_errors=True)
 
     def close(self) -> None:
-        """Write the last records, merge everything into the file and release the lock; after a failed write, only
-        release it (the parts stay for the rerun)."""
+        """Write the last records, merge everything into the file and release the lock (only that after a failure)."""
         if self.lock is None:
             return
         try:

@@ -42,31 +42,25 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "build",
         help="embed a photo collection with a model into a gallery folder (resumable)",
         description=(
-            "Embed every photo of DATA with the vision tower of --model and write a gallery to --output: a datasets "
-            "folder (save_to_disk) of L2-normalised embeddings with latitude, longitude and the source's other "
-            "columns, a FAISS index (index.faiss), gallery.json naming the model, and bad_rows.jsonl listing the "
-            "rows skipped (unreadable images, coordinates that are not a point on Earth, a photo or id listed again) "
-            "with the reason. Images "
-            "are decoded in DataLoader workers; a progress bar on standard error shows images/s."
+            "Embed every photo of DATA with the vision tower of --model into a gallery at --output: a datasets "
+            "folder of L2-normalised embeddings with latitude, longitude and the source's other columns, a FAISS "
+            "index (index.faiss), gallery.json naming the model, and bad_rows.jsonl listing the rows skipped "
+            "(unreadable images, coordinates not on Earth, a photo or id listed again) with the reason."
         ),
         epilog=(
-            "Resume: rows are written in shards of --shard_size as they are embedded; rerunning the same command "
-            "after a kill continues after the last complete shard, embedding no row twice (a rerun with other data, "
-            "columns or another model stops, naming what differs; --overwrite starts afresh). Index: 'Flat' is exact "
-            "search, right up to about 100,000 rows; 'auto' picks the documented default for the gallery's size "
-            "(IVF{nlist},SQ8 beyond 100,000 rows: about 0.73 GiB per million 768-d rows); 'IVF1024,PQ64' is about "
-            "14 times smaller and loses neighbours (see README, 'Limits'). Exit status: 0 when every row was "
-            "embedded, 1 when some were skipped (see bad_rows.jsonl), 2 on usage errors (unknown model or data, "
-            "missing columns, a folder that holds something else, a FAISS index string FAISS cannot build), 130 when "
-            "interrupted."
+            "Resume: rows are written in shards of --shard_size; rerunning the same command after a kill continues "
+            "after the last complete shard (other data, columns or model stop it, naming what differs; --overwrite "
+            "starts afresh). Index: 'Flat' is exact, right up to about 100,000 rows; 'auto' picks the default for the "
+            "size (IVF{nlist},SQ8 beyond); see README, 'Limits'. Exit status: 0 every row embedded, 1 some skipped "
+            "(see bad_rows.jsonl), 2 usage error (unknown model or data, missing columns, a folder holding something "
+            "else, an index FAISS cannot build), 130 interrupted."
         ),
     )
     build.add_argument(
         "data",
         metavar="DATA",
-        help="geo-tagged photos: an image folder with metadata.csv (file_name,latitude,longitude,...), a "
-        "save_to_disk folder, a folder of Parquet or CSV files, a Hub dataset id, or a CSV file naming images in "
-        "--image_dir",
+        help="geo-tagged photos: an image folder with metadata.csv (file_name,latitude,longitude,...), a save_to_disk "
+        "folder, Parquet or CSV files, a Hub dataset id, or a CSV file naming images in --image_dir",
     )
     build.add_argument("--model", required=True, help="Hub repo or local folder, as for `streetclip locate`")
     build.add_argument("--output", required=True, type=Path, metavar="FOLDER", help="the gallery folder to write")
@@ -74,18 +68,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--index",
         default=DEFAULT_INDEX,
         metavar="FACTORY",
-        help="FAISS index factory string, or 'auto' for the default by size (default: %(default)s, exact search)",
+        help="FAISS index factory, or 'auto' (default: %(default)s)",
     )
     build.add_argument(
-        "--nprobe",
-        type=int_at_least(1),
-        help="inverted lists an IVF index probes per search (default: 1/64 of them); refused for an index without "
-        "inverted lists, such as Flat",
+        "--nprobe", type=int_at_least(1), help="lists an IVF index probes per search (default: 1/64 of them)"
     )
     build.add_argument(
         "--train_size",
         type=int_at_least(1),
-        help="rows, sampled at random, that train an IVF or PQ index (default: 64 per list, at least 65,536)",
+        help="rows that train an IVF or PQ index (default: 64 per list, >= 65,536)",
     )
     build.add_argument("--image_dir", type=Path, help="folder of the images that a CSV DATA names (CSV only)")
     build.add_argument("--split", default="train", help="split of DATA to read (default: %(default)s)")
@@ -104,17 +95,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     add_placement_arguments(build)
     add_verbose_argument(build)
-    build.add_argument(
-        "--overwrite", action="store_true", help="delete a gallery or unfinished build in --output and start afresh"
-    )
+    build.add_argument("--overwrite", action="store_true", help="delete what --output holds and start afresh")
     vote = build.add_argument_group(
-        "vote settings stored as the gallery's defaults (see README, 'Geolocation by retrieval')"
+        "vote settings stored as the gallery's defaults (README, 'Geolocation by retrieval')"
     )
     vote.add_argument(
         "--neighbors",
         type=int_at_least(1),
         default=defaults.num_neighbors,
-        help="photos retrieved per query (default: %(default)s)",
+        help="photos retrieved (default: %(default)s)",
     )
     vote.add_argument(
         "--radius_km",

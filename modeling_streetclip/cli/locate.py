@@ -53,125 +53,79 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="geolocate image files, folders, glob patterns or a dataset; one record per input, resumable",
         description=(
             "Geolocate photos: the best country among the candidates, then the best city of that country (StreetCLIP's "
-            "hierarchical zero-shot probing), in batches, with images decoded in DataLoader workers and a progress "
-            "bar on standard error. One record per input streams to --output: its path (or dataset id) and its top_k "
-            "answers (country, country_code, city, latitude, longitude, score, country_score, joint_probability; "
-            "region and region_score with a region level), ordered by --decision, or an `error` field with the "
-            "reason. On many processes, GPUs or machines: `accelerate launch -q -m modeling_streetclip.cli locate "
-            "...` or `torchrun --nproc_per_node N -m modeling_streetclip.cli locate ...`; the processes share the "
-            "batches and the main process writes every record. Give accelerate launch -q (without it, a non-zero exit "
-            "ends in the launcher's traceback, which repeats this command's standard error) and --num_processes, "
-            "--num_machines, --mixed_precision and --dynamo_backend (or run `accelerate config default` once), "
-            "which it otherwise notes it defaulted."
+            "hierarchical zero-shot probing), in batches. One record per input streams to --output: its path (or "
+            "dataset id) and its top_k answers, ordered by --decision, or an `error` with the reason. On many "
+            "processes, GPUs or machines: `accelerate launch -q -m modeling_streetclip.cli locate ...` or `torchrun "
+            "--nproc_per_node N -m modeling_streetclip.cli locate ...`; the main process writes every record. (Without "
+            "-q, a non-zero exit ends in Accelerate's traceback; pass --num_processes, --num_machines, "
+            "--mixed_precision and --dynamo_backend, or run `accelerate config default`, to silence its defaults note.)"
         ),
         epilog=(
-            'Output: JSON Lines ({"path": ..., "answers": [{...}, ...]} or {"path": ..., "error": ...}); CSV, one row '
-            "per input with rank-suffixed answer columns (path, country_1, ..., region_1 empty without a region level, "
-            "country_2, ..., error), cells a spreadsheet would run as a formula (= + - @) starting with an apostrophe; "
-            "or Parquet (FILE.parquet), answers as a list of structs, null where the error is, which loads with "
-            "datasets.load_dataset('parquet', data_files=FILE). Paths are absolute; with --group_by, records carry "
-            '"group" and its member "paths" instead; with --dataset, the row\'s id under the id column\'s name ("id" '
-            "for file names and row numbers). A byte of a file name that is not UTF-8 is written as a backslash "
-            "escape, \\xff, in every format. Resume: rerunning the same command on the same --output skips the "
-            "inputs already recorded (failed ones too: delete their records to retry them); a run killed at any moment "
-            "leaves only complete records, and an incomplete last record is cut off. The options that shape answers "
-            "(--model, with a fingerprint of a model folder's files, --countries, --top_k, --decision, --gallery, "
-            "--group_by, --dtype, --quantize, and --streaming for dataset rows named by file name or row number) are "
-            "recorded in FILE.options.json; a rerun with others stops, naming them, and --overwrite starts afresh. One "
-            "run at a time writes a FILE (it holds FILE.lock), on any number of processes. A Parquet FILE is written "
-            "in parts, in FILE.parts/, merged when the run ends. Exit status, of every process: 0 when every input "
-            "was geolocated, 1 when some failed (counted on standard error), 2 on usage errors (a model, countries "
-            "file, input, option or output that cannot be used, a model the Hub cannot give while it is not cached, "
-            "an output written with other options or by another run now, a failed write: the complete records are "
-            "kept), 130 when interrupted, 141 when the reader of standard output goes away."
+            'Output: JSON Lines ({"path": ..., "answers": [{...}, ...]} or {"path": ..., "error": ...}); CSV, a row per '
+            "input with rank-suffixed answer columns (path, country_1, ..., country_2, ..., error; cells starting "
+            "with = + - @ get an apostrophe); or Parquet, answers as a list of structs (datasets.load_dataset("
+            "'parquet', data_files=FILE) loads it). Paths are absolute; --group_by records have \"group\" and "
+            '"paths"; --dataset records the id column (or "id"). Non-UTF-8 bytes of a name are written as \\xff. '
+            "Resume: the same command on the same --output skips the inputs recorded (failed ones too); a kill "
+            "leaves only complete records. The options that shape answers are recorded in FILE.options.json; a "
+            "rerun with others stops, naming them (--overwrite starts afresh). One run at a time holds FILE.lock. "
+            "Parquet is written in parts (FILE.parts/) merged at the end. Exit status, of every process: 0 all "
+            "geolocated, 1 some failed, 2 usage error (a model, file, input, option or output that cannot be used, a "
+            "failed write: complete records are kept), 130 interrupted, 141 standard output closed."
         ),
     )
     locate.add_argument(
         "inputs",
         nargs="*",
         metavar="INPUTS",
-        help="image files, folders (their files in formats Pillow reads) or glob patterns such as 'photos/*.jpg'; "
-        "'-' reads paths from standard input, one per line. A named path that does not exist stops the run (status "
-        "2); one read from standard input gets an error record",
+        help="image files, folders or glob patterns ('photos/*.jpg'); '-' reads paths from standard input. A named "
+        "path that does not exist stops the run; a missing one read from standard input gets an error record",
     )
     locate.add_argument(
         "--dataset",
         metavar="NAME_OR_PATH",
-        help="geolocate the images of a datasets dataset instead of INPUTS: a Hub id, a folder written by "
-        "save_to_disk, or an image folder (needs the datasets package: pip install 'streetclip[eval]')",
+        help="the images of a dataset instead: a Hub id, a save_to_disk or an image folder (needs streetclip[eval])",
     )
-    locate.add_argument(
-        "--split",
-        default="train",
-        help="the --dataset split to read; a dataset with one split is read whatever this says (default: %(default)s)",
-    )
-    locate.add_argument(
-        "--image_column", help="the --dataset column of images (default: image, img, photo or jpg, when present)"
-    )
+    locate.add_argument("--split", default="train", help="the --dataset split (its only one if it has one)")
+    locate.add_argument("--image_column", help="the --dataset image column (default: image, img, photo or jpg)")
     locate.add_argument(
         "--id_column",
-        help="the --dataset column whose values name each record (default: img_id, image_id, id, key, file_name or "
-        'filename when present; else the image file names when unique, else the row numbers, under "id"; with '
-        "--streaming, the row numbers)",
+        help="the --dataset column naming records (default: img_id, image_id, id, key, file_name or filename; else "
+        'file names, else row numbers, under "id"; row numbers with --streaming)',
     )
-    locate.add_argument(
-        "--streaming",
-        action="store_true",
-        help="read the --dataset as it is used instead of downloading it first; the main process reads it and "
-        "hands each block of rows to the others",
-    )
+    locate.add_argument("--streaming", action="store_true", help="read the --dataset as it goes, not downloaded first")
     locate.add_argument(
         "--model",
         default="geolocal/StreetCLIP",
-        help="Hub repo or local folder: a plain CLIP checkpoint, or a folder saved by StreetCLIPForGeolocation "
-        "(loaded without its text tower); offline, give a local folder (default: %(default)s)",
+        help="Hub repo or local folder, a CLIP or StreetCLIPForGeolocation checkpoint (default: %(default)s)",
     )
-    locate.add_argument(
-        "--top_k",
-        type=int_at_least(1),
-        default=1,
-        help="answers per input, in --decision's order (default: %(default)s)",
-    )
+    locate.add_argument("--top_k", type=int_at_least(1), default=1, help="answers per input (default: %(default)s)")
     add_decision_arguments(locate)
     add_batch_arguments(locate)
     add_placement_arguments(locate)
     locate.add_argument(
         "--quantize",
         choices=("int8",),
-        help="int8: the vision tower with int8 weights and dynamic int8 activations, on the CPU in float32 (--device "
-        "auto then picks the CPU); on CPUs with AMX, --dtype bfloat16 is faster still (see the README's speed table)",
+        help="an int8 vision tower, on the CPU in float32 (with AMX, --dtype bfloat16 is faster: README, speed)",
     )
     locate.add_argument(
         "--output",
         type=Path,
         metavar="FILE",
-        help="result file, FILE.jsonl (JSON Lines), FILE.csv or FILE.parquet; added to and resumed when it exists "
-        "(default: JSON Lines on standard output, without resume)",
+        help="FILE.jsonl, FILE.csv or FILE.parquet, resumed when it exists (default: JSON Lines on standard output)",
+    )
+    locate.add_argument("--overwrite", action="store_true", help="empty --output and start afresh instead of resuming")
+    locate.add_argument(
+        "--countries", type=Path, metavar="FILE", help="restrict answers to the countries a file lists, one per line"
     )
     locate.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="empty --output first and start afresh, instead of resuming it (needed to change its options)",
-    )
-    locate.add_argument(
-        "--countries",
-        type=Path,
-        metavar="FILE",
-        help="text file of candidate countries, one name or ISO code per line ('#' starts a comment); restricts "
-        "the answers to them",
-    )
-    locate.add_argument(
-        "--recursive",
-        action="store_true",
-        help="descend into subfolders of folder inputs, and let '**' in glob patterns match any depth",
+        "--recursive", action="store_true", help="descend into subfolders; '**' in a glob pattern matches any depth"
     )
     locate.add_argument(
         "--group_by",
         metavar="REGEX",
-        help="pool views of one place: inputs whose absolute path gives the same capture group 1 of "
-        "re.search(REGEX, path) are answered once from the mean of their image embeddings (e.g. "
-        r"'(pano_\d+)_heading' for the headings of one panorama); an input it does not match is a group of its own, "
-        "and a group with an unreadable view gets an error record",
+        help="answer the views of one place once: paths with the same capture group 1 of REGEX (e.g. "
+        r"'(pano_\d+)_heading') pool their embeddings; an unmatched path is a group of its own",
     )
     add_verbose_argument(locate)
     locate.set_defaults(run=locate_command)
