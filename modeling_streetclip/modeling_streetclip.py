@@ -256,8 +256,8 @@ class StreetCLIPForGeolocation(CLIPModel):
         return (model, loading_info) if output_loading_info else model
 
     def _lacks_saved_heads(self, loading_info: dict, source) -> bool:
-        """Whether the checkpoint lacks its heads, which must then be built; saved heads whose candidate table was
-        changed apart from them are refused, naming `source`."""
+        """Whether the checkpoint lacks its heads, which must then be built; saved heads without the checksum of their
+        candidate table, or whose table was changed apart from them, are refused, naming `source`."""
         missing = {key.split(".")[0] for key in loading_info["missing_keys"]}
         if missing & set(_HEAD_NAMES):
             if self.text_model is None:
@@ -266,12 +266,12 @@ class StreetCLIPForGeolocation(CLIPModel):
                     "them; load with vision_only=False."
                 )
             return True
-        if int(self.candidate_checksum) != self.candidate_places.checksum():
+        if "candidate_checksum" in missing or int(self.candidate_checksum) != self.candidate_places.checksum():
             raise ValueError(
                 f"{str(source)!r}: the candidate table in its config.json (`candidate_places`) is not the one its "
-                "prompt heads were built for (their checksums differ), so answers would name the wrong places. The "
-                "folder was edited or assembled from two saves: save it again from the model that built the heads, "
-                "or rebuild them with `from_pretrained(..., candidates=CandidatePlaces.from_dict(...))`."
+                "prompt heads were built for (their checksums differ, or it has none), so answers would name the "
+                "wrong places. The folder was edited or assembled from two saves: save it again from the model that "
+                "built the heads, or rebuild them with `from_pretrained(..., candidates=CandidatePlaces.from_dict(...))`."
             )
         return False
 
