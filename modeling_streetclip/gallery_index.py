@@ -198,18 +198,4 @@ def trained_index(
     return index, nprobe
 
 
-__all__ = [
-    "AUTO_INDEX",
-    "DEFAULT_INDEX",
-    "IndexChoice",
-    "check_factory",
-    "check_nprobe",
-    "faiss_reason",
-    "index_for_memory",
-    "inverted_lists",
-    "probed_lists",
-    "recommended_index",
-    "set_nprobe",
-    "trained_index",
-    "training_rows",
-]
+__all__ = ["IndexChoice", "check_factory", "check_nprobe", "index_for_memory", "recommended_index", "trained_index"]

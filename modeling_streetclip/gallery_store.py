@@ -1,18 +1,14 @@
 """Geolocation by retrieval: a gallery of geo-tagged photo embeddings, searched with FAISS and checked against the
-model that searches it. Zero-shot answers are candidate cities; a gallery's are the places of photos like the query.
+model that searches it. A gallery is a folder (or a Hub dataset repo holding one):
 
-A gallery is a folder (or a Hub dataset repo holding one):
-
-- `dataset/`: a `datasets.Dataset` (`save_to_disk`), one row per photo: `embedding` (the L2-normalised image embedding,
-  float32), `latitude`, `longitude`, `source_row`, `image_path` and the source's other columns (labels, kept as is);
-- `index.faiss`: the FAISS index over `embedding` (`datasets`' `add_faiss_index` / `save_faiss_index`), searched by
-  inner product, which is cosine for normalised embeddings;
+- `dataset/`: a `datasets.Dataset` (`save_to_disk`), one row per photo: `embedding` (L2-normalised, float32),
+  `latitude`, `longitude`, `source_row`, `image_path` and the source's other columns (labels, kept as they are);
+- `index.faiss`: the FAISS index over `embedding` (`add_faiss_index`), by inner product: cosine for unit vectors;
 - `gallery.json`: the model (its name, and its embeddings of fixed probe images, which users must reproduce: see
   `check_model`), the index factory string, the counts and the default vote settings;
 - `bad_rows.jsonl`: the source rows skipped, each with the reason.
 
-Building belongs to the application (`modeling_streetclip.app.gallery_build`), which a folder saved for
-`trust_remote_code` does not carry.
+Building belongs to the application (`app.gallery_build`), which a folder saved for `trust_remote_code` omits.
 """
 
 from __future__ import annotations
@@ -46,10 +42,8 @@ FORMAT_VERSION = 1
 # The same weights in bfloat16, float16 or int8 agree to better than this on every probe; another checkpoint, even a
 # short fine-tune of the same one, lands far below.
 FINGERPRINT_MIN_COSINE = 0.99
-# Fixed probe images: seeded random blocks, which any image processor's resizing keeps recognisable.
-PROBE_IMAGES = 4
-PROBE_BLOCKS = 8
-PROBE_SIZE = 64
+# Fixed probe images: seeded random blocks (8 x 8 scaled to 64 px), which any processor's resizing keeps recognisable.
+PROBE_IMAGES, PROBE_BLOCKS, PROBE_SIZE = 4, 8, 64
 # Recorded probe embeddings are unit vectors in float32; one further from norm 1 was not written by a build.
 FINGERPRINT_NORM_TOLERANCE = 1e-3
 
@@ -112,14 +106,12 @@ def fingerprint_problem(fingerprint: Any, dim: int) -> str | None:
 
 
 def fingerprint_agreement(recorded: npt.ArrayLike, actual: npt.ArrayLike) -> float:
-    """The smallest cosine between two models' embeddings of the same probe image; -1 when the shapes differ or either
-    is not unit vectors (zeros or NaN would otherwise agree with anything)."""
-    recorded, actual = np.asarray(recorded, dtype=np.float64), np.asarray(actual, dtype=np.float64)
-    if recorded.shape != actual.shape or recorded.ndim != 2:
+    """The smallest cosine between two models' embeddings of the same probe image; -1 when either is not probe
+    embeddings of the same size (zeros or NaN would otherwise agree with anything)."""
+    dim = np.shape(actual)[-1]
+    if fingerprint_problem(recorded, dim) or fingerprint_problem(actual, dim):
         return -1.0
-    if fingerprint_problem(recorded, recorded.shape[1]) or fingerprint_problem(actual, actual.shape[1]):
-        return -1.0
-    return float((recorded * actual).sum(axis=-1).min())
+    return float((np.asarray(recorded) * np.asarray(actual)).sum(axis=-1).min())
 
 
 def damaged_file(path: Path, problem: str) -> GalleryFileError:
@@ -364,20 +356,4 @@ class GeoGallery:
         return str(commit)
 
 
-__all__ = [
-    "BAD_ROWS_FILE",
-    "DATASET_FOLDER",
-    "EMBEDDING_COLUMN",
-    "FINGERPRINT_MIN_COSINE",
-    "GALLERY_FILE",
-    "INDEX_FILE",
-    "GalleryFileError",
-    "GalleryInfo",
-    "GalleryModelError",
-    "GeoGallery",
-    "fingerprint_agreement",
-    "image_embeddings",
-    "model_fingerprint",
-    "stored_embeddings",
-    "names_a_missing_folder",
-]
+__all__ = ["GalleryFileError", "GalleryInfo", "GalleryModelError", "GeoGallery", "model_fingerprint"]

@@ -160,7 +160,9 @@ def _batch_records(
     """The records of one batch, in its order: answers for the decoded images, errors for the others."""
     records = {index: GeolocationRecord(index, inputs[index], error=error) for index, error in batch.errors.items()}
     if image_embeds is not None:
-        answers_per_image = rank_answers(model, model.locate_embeddings(image_embeds), top_k, decision, gallery)
+        answers_per_image = rank_answers(
+            model, model.locate_embeddings(image_embeds), top_k=top_k, decision=decision, gallery=gallery
+        )
         for position, (index, answers) in enumerate(zip(batch.decoded, answers_per_image, strict=True)):
             embeds = image_embeds[position].float().cpu() if return_embeddings else None
             records[index] = GeolocationRecord(index, inputs[index], answers=answers, image_embeds=embeds)
@@ -179,7 +181,7 @@ def pooled_answers(
     `return_embeddings=True` keeps them), renormalised."""
     pooled = F.normalize(image_embeds.mean(dim=0, keepdim=True), dim=-1)
     outputs = model.locate_embeddings(pooled.to(device=model.device, dtype=model.dtype))
-    return rank_answers(model, outputs, top_k, decision, gallery)[0]
+    return rank_answers(model, outputs, top_k=top_k, decision=decision, gallery=gallery)[0]
 
 
 __all__ = [

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 from transformers.utils import logging, requires_backends
 
@@ -180,9 +180,9 @@ def build_gallery(
         # Images reach the workers still encoded, where an unreadable one is its row's error.
         if data.features is not None:
             data = data.cast_column(columns.image, datasets.Image(decode=False))
-        prepare = _RowPreparer(image_processor, columns)
         is_map = isinstance(data, datasets.Dataset)
-        rows = _MapRows(data, done, prepare) if is_map else _StreamedRows(data, done, batch_size, prepare)
+        rest = data.select(range(done, total)).to_iterable_dataset() if is_map else data.skip(done)
+        rows = _SourceRows(rest, done, batch_size, image_processor, columns)
         loader = DataLoader(rows, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_pixels)
         writer = _ShardWriter(shards, dim, labels)
         with tqdm(
@@ -351,14 +351,37 @@ def _as_float(value: Any) -> float:
 
 
 @dataclass
-class _RowPreparer:
-    """One source row as the batch engine's item, in a DataLoader worker: `(row, pixels or None, error or None,
-    (latitude, longitude, image path, labels))`; coordinates first (a row without them is not worth decoding)."""
+class _SourceRows(IterableDataset):
+    """The source rows from `first_row` on (`rows` starts there), each prepared in a DataLoader worker as the batch
+    engine's item `(row, pixels or None, error or None, (latitude, longitude, image path, labels))`, in source order.
 
+    Each of W workers reads every batch (`IterableDataset.iter`, which, unlike iterating the dataset, does not hand a
+    worker only some of its files) and prepares the batches b with b % W equal to its id; the DataLoader takes a batch
+    from each worker in turn, so batches come back in source order, which resuming needs. Reading is cheap next to
+    decoding, which each row gets once.
+    """
+
+    rows: datasets.IterableDataset
+    first_row: int
+    batch_size: int
     image_processor: Any
     columns: _Columns
 
-    def __call__(self, row_number: int, row: dict[str, Any]) -> tuple:
+    def __iter__(self) -> Iterator[tuple]:
+        worker = get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        row_number = self.first_row
+        for batch_number, batch in enumerate(self.rows.iter(batch_size=self.batch_size)):
+            size = len(next(iter(batch.values())))
+            if batch_number % workers == worker_id:
+                for position in range(size):
+                    yield self._prepare(
+                        row_number + position, {name: values[position] for name, values in batch.items()}
+                    )
+            row_number += size
+
+    def _prepare(self, row_number: int, row: dict[str, Any]) -> tuple:
+        """Coordinates first (a row without them is not worth decoding), then the image."""
         from .sources import encoded_image
 
         columns = self.columns
@@ -377,49 +400,6 @@ class _RowPreparer:
         except _IMAGE_ERRORS as error:
             return row_number, None, str(error), fields
         return row_number, resized_pixels(self.image_processor, image)[0], None, fields
-
-
-@dataclass
-class _MapRows(Dataset):
-    """Source rows `start`, `start + 1`, ... of a map-style dataset, prepared one per item."""
-
-    data: Any
-    start: int
-    prepare: _RowPreparer
-
-    def __len__(self) -> int:
-        return len(self.data) - self.start
-
-    def __getitem__(self, index: int) -> tuple:
-        return self.prepare(self.start + index, self.data[self.start + index])
-
-
-@dataclass
-class _StreamedRows(IterableDataset):
-    """The rows of a streamed dataset from `start` on, prepared, such that a DataLoader returns them in order.
-
-    Each of W workers reads the whole stream in batches (`IterableDataset.iter`, which, unlike iterating the dataset,
-    does not hand each worker only some of its files) and prepares the batches b with b % W equal to its id; the
-    DataLoader takes a batch from each worker in turn, so batches come back in stream order, which resuming needs.
-    """
-
-    data: Any
-    start: int
-    batch_size: int
-    prepare: _RowPreparer
-
-    def __iter__(self) -> Iterator[tuple]:
-        worker = get_worker_info()
-        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
-        row_number = self.start
-        for batch_number, batch in enumerate(self.data.skip(self.start).iter(batch_size=self.batch_size)):
-            size = len(next(iter(batch.values())))
-            if batch_number % workers == worker_id:
-                for position in range(size):
-                    yield self.prepare(
-                        row_number + position, {name: values[position] for name, values in batch.items()}
-                    )
-            row_number += size
 
 
 class _ShardWriter:
