@@ -38,8 +38,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def move_into_place(temporary: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Flush the file or folder `temporary` to disk and rename it over `path` (see `atomic_write`), for writers that
-    cannot work inside one `with` block (several processes writing one folder)."""
+    """Flush `temporary` to disk and rename it over `path` (see `atomic_write`), for writers that cannot work in one
+    `with` block (processes writing one folder)."""
     temporary, path = Path(temporary), Path(path)
     _sync_tree(temporary)
     if path.is_dir() and not path.is_symlink():
@@ -54,7 +54,7 @@ def move_into_place(temporary: str | os.PathLike, path: str | os.PathLike) -> No
 
 
 def _sync_tree(path: Path) -> None:
-    """fsync a file, or every file and folder under a folder, so that a crash after the rename cannot lose them."""
+    """fsync a file, or every file and folder under a folder."""
     if path.is_dir():
         for root, _, names in os.walk(path):
             for name in names:

@@ -1,5 +1,5 @@
-"""What `streetclip locate` is asked to read: image paths from files, folders, glob patterns and standard input, views
-grouped by place, and the --countries file; every problem found before a model loads is a `UsageError`."""
+"""What `streetclip locate` is asked to read: image paths from files, folders, patterns and standard input, views
+grouped by place, and the --countries file; problems are `UsageError`s, found before a model loads."""
 
 import glob
 import logging
@@ -21,15 +21,14 @@ MAX_COUNTRIES_FILE_BYTES = 1024 * 1024
 
 @cache
 def _readable_extensions() -> frozenset[str]:
-    """File extensions of the formats Pillow can open, which decide what a folder contributes."""
     from PIL import Image
 
     return frozenset(suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN)
 
 
 def _folder_images(folder: str, recursive: bool) -> list[str]:
-    """The files of `folder` (and with `recursive` of its subfolders) in formats Pillow reads, sorted; an unreadable
-    subfolder is skipped with a warning, an unreadable `folder` is a usage error."""
+    """The files of `folder` (and with `recursive` its subfolders) in formats Pillow reads, sorted; an unreadable
+    subfolder is skipped with a warning."""
 
     def unreadable(error: OSError) -> None:
         if error.filename == folder:
@@ -48,13 +47,11 @@ def _folder_images(folder: str, recursive: bool) -> list[str]:
 
 
 def expand_inputs(arguments: list[str], recursive: bool, stdin: TextIO) -> list[str]:
-    """Absolute paths of the images that files, folders, glob patterns and '-' (paths on `stdin`) name, each once,
-    in order of first mention.
+    """Absolute paths (symlinks kept: what resume matches records by) of the images that files, folders, glob
+    patterns and '-' (paths on `stdin`) name, each once, in order of first mention.
 
-    A named file is an input whatever its extension, so that one that is not an image gets an error record; so are
-    a missing path read from `stdin` and a URL (kept as written; its record says URLs are not fetched). A missing path
-    in `arguments` is a usage error (a mistyped folder). Absolute paths, symlinks kept, are what resume matches
-    records by, whatever the working folder.
+    A named file is an input whatever its extension, and so are a missing path read from `stdin` and a URL: their
+    records say what is wrong. A missing path in `arguments` is a usage error (a mistyped folder).
     """
     from ..images import looks_like_url
 
@@ -85,8 +82,7 @@ def expand_inputs(arguments: list[str], recursive: bool, stdin: TextIO) -> list[
 
 
 def _check_named_path(argument: str) -> None:
-    """Refuse a named path that does not exist; one that cannot be looked up for another reason (too long a name, a
-    folder without search permission) stays an input, whose error record gives the reason."""
+    """Refuse a named path that does not exist; one that cannot be looked up for another reason stays an input."""
     try:
         os.lstat(argument)
     except FileNotFoundError:
@@ -99,7 +95,7 @@ def _check_named_path(argument: str) -> None:
 
 
 def group_pattern(regex: str) -> re.Pattern:
-    """The compiled --group_by `regex`, which must have a capture group (the part naming the place)."""
+    """The compiled --group_by `regex`, which must have a capture group."""
     try:
         pattern = re.compile(regex)
     except re.error as error:

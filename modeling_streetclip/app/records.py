@@ -554,23 +554,9 @@ class ParquetRecordWriter(_Writer):
         if len(self.rows) >= PARQUET_PART_ROWS or time.monotonic() - self.last_flush >= FSYNC_INTERVAL_S:
             self.flush()
 
-    def _table(self, records: list[dict[str, Any]]):
-        import pyarrow as pa
-
-        columns: dict[str, list] = {self.key: [storable(record[self.key]) for record in records]}
-        if self.grouped:
-            columns["paths"] = [[storable(path) for path in record["paths"]] for record in records]
-        columns["answers"] = [
-            [{field: answer.get(field) for field in ANSWER_FIELDS} for answer in record["answers"]]
-            if "answers" in record
-            else None
-            for record in records
-        ]
-        columns["error"] = [storable(record["error"]) if "error" in record else None for record in records]
-        return pa.Table.from_pydict(columns, schema=self.schema)
-
     def flush(self) -> None:
         """Write the records gathered so far as the next part file, whole or not at all."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.last_flush = time.monotonic()
@@ -579,7 +565,9 @@ class ParquetRecordWriter(_Writer):
         try:
             self.parts.mkdir(exist_ok=True)
             with atomic_write(self.parts / f"part-{self.next_part:06d}.parquet") as temporary:
-                pq.write_table(self._table(self.rows), temporary)
+                # Absent answer fields (a region level, a decision's) are null; a gallery's extra ones are left out.
+                table = pa.Table.from_pylist([_storable_record(row) for row in self.rows], schema=self.schema)
+                pq.write_table(table, temporary)
         except OSError as error:
             self.failed = True
             raise ResultFileError(

@@ -1,10 +1,6 @@
-"""Data sets by path or Hub id, read alike by training, the benchmark runner, gallery builds and `streetclip locate
---dataset`: one split of a source, its image and id columns found by the same names, and its images handed out still
-encoded, to be decoded by `images.load_rgb_image` in whichever DataLoader worker uses them.
-
-A source is a folder written by `save_to_disk`, any other folder `datasets.load_dataset` reads (an image folder with
-a `metadata.csv`, Parquet or CSV files), or a Hub id.
-"""
+"""Data sets by path (`save_to_disk`, image or data-file folders) or Hub id, read alike by training, the benchmark,
+gallery builds and `streetclip locate --dataset`: one split, its columns found by the same names, its images handed
+out still encoded, to be decoded in whichever DataLoader worker uses them."""
 
 from __future__ import annotations
 
@@ -44,9 +40,8 @@ def open_dataset(
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, str | None]:
     """One split of the data set at `source`, and the split's name (None for a `Dataset` saved without splits).
 
-    A source with a single split is read whatever `split` says (an image folder's only split is `train`, whatever it
-    holds); one with several splits but not `split` is refused, naming them. `streaming` gives an `IterableDataset`
-    that reads rows as they are used, also for a folder written by `save_to_disk`.
+    A source with a single split is read whatever `split` says (an image folder's only split is `train`); one with
+    several but not `split` is refused. `streaming` gives an `IterableDataset`, also for a `save_to_disk` folder.
     """
     datasets = import_optional("datasets", "Reading data sets", _DATASETS_EXTRAS)
     source = str(source)
@@ -77,11 +72,8 @@ def open_dataset(
 def find_column(
     columns: Sequence[str], requested: str | None, usual: Sequence[str], role: str, source: str, required: bool = True
 ) -> str | None:
-    """The column to read for `role`: the requested one, which must exist, else the first of its usual names.
-
-    A name that several columns share (`LAT` twice, or `LAT` and `lat` when found by its usual name) is refused: one
-    of them would be read and the other ignored without a word.
-    """
+    """The column to read for `role`: the requested one, which must exist, else the first of its usual names. A name
+    several columns share (`LAT` twice, `LAT` and `lat`) is refused: one would be read, the other silently ignored."""
     if requested is not None:
         if requested not in columns:
             raise ValueError(f"The {source} has no {role} column {requested!r}; its columns are {list(columns)}.")
@@ -110,8 +102,7 @@ def find_column(
 
 
 def find_image_column(dataset: datasets.Dataset | datasets.IterableDataset, requested: str | None, source: str) -> str:
-    """The column of `dataset` holding its images (`requested`, else one of IMAGE_COLUMNS), which must be an
-    `Image` feature where the dataset declares its features (a streamed one may not)."""
+    """The image column of `dataset` (`requested`, else one of IMAGE_COLUMNS), an `Image` feature where declared."""
     import datasets
 
     column = find_column(dataset.column_names or [], requested, IMAGE_COLUMNS, "image", source)
@@ -125,8 +116,8 @@ def find_image_column(dataset: datasets.Dataset | datasets.IterableDataset, requ
 
 
 class EncodedImages(Sequence):
-    """A dataset's image column as encoded bytes (or a path where it stores no bytes), so that decoding, and its
-    errors, happen in `load_rgb_image` inside the DataLoader workers rather than when the main process indexes."""
+    """A dataset's image column as encoded bytes (or paths), so that decoding and its errors happen in the DataLoader
+    workers rather than when the main process indexes."""
 
     def __init__(self, dataset: datasets.Dataset, column: str):
         import datasets
@@ -164,12 +155,8 @@ def encoded_image(value: dict | None) -> ImageInput | None:
 def row_ids(
     dataset: datasets.Dataset, images: EncodedImages, requested: str | None, data: str | Path, source: str
 ) -> tuple[list[str], str | None]:
-    """An id per row, as text, and the column they come from (None where no column holds them).
-
-    Ids come from the `requested` column, else from a column with one of ID_COLUMNS' names; else from the images'
-    file names (relative to `data` when it is an image folder), when every image has its own; else they are row
-    numbers.
-    """
+    """An id per row, as text, and the column they come from (None if none): the `requested` column, else one of
+    ID_COLUMNS, else the images' file names (relative to an image folder `data`) when unique, else row numbers."""
     column = find_column(dataset.column_names, requested, ID_COLUMNS, "id", source, required=False)
     if column is not None:
         return [str(value) for value in dataset[column]], column
@@ -177,8 +164,7 @@ def row_ids(
 
 
 def _file_name_ids(paths: list[str | None], folder: Path) -> list[str] | None:
-    """Ids from the images' stored paths: relative to `folder` for an image folder's files, else the file name;
-    None when an image has no path or two share one, since ids must tell every row apart."""
+    """Ids from the images' stored paths (relative to `folder`, else file names); None unless every row has its own."""
     root = folder.resolve() if folder.is_dir() else None
     ids = []
     for path in paths:
@@ -195,13 +181,9 @@ def _file_name_ids(paths: list[str | None], folder: Path) -> list[str] | None:
 def open_csv_with_images(
     csv_path: str | Path, image_dir: str | Path, image_column: str | None = None
 ) -> datasets.Dataset:
-    """A CSV file whose rows name image files in `image_dir` (the IM2GPS layout: `IMG_ID,LAT,LON`), as a dataset
-    whose image column holds those files, undecoded, and whose other columns are the CSV's.
-
-    The image column is `image_column`, else the first of ID_COLUMNS, IMAGE_COLUMNS and `path` that the CSV has; a
-    file it names is looked for in `image_dir` (an absolute path is taken as it is) and read only when used, so that
-    a missing one is that row's error.
-    """
+    """A CSV file whose rows name image files in `image_dir` (IM2GPS: `IMG_ID,LAT,LON`), as a dataset of its columns
+    whose image column (`image_column`, else the first of ID_COLUMNS, IMAGE_COLUMNS and `path`) holds those files,
+    undecoded: a missing one is that row's error."""
     datasets = import_optional("datasets", "Reading data sets", _DATASETS_EXTRAS)
     csv_path, image_dir = Path(csv_path), Path(image_dir)
     if not csv_path.is_file():
@@ -218,8 +200,7 @@ def open_csv_with_images(
 
 @dataclass
 class DatasetSource:
-    """The images of a dataset that `streetclip locate --dataset` reads, still encoded, and the columns that name
-    its records; every problem is a `UsageError`."""
+    """The dataset `streetclip locate --dataset` reads, and its columns; every problem is a `UsageError`."""
 
     dataset: Any  # datasets.Dataset, or an IterableDataset when streamed
     image_column: str
@@ -247,11 +228,10 @@ class DatasetSource:
 
     @property
     def key_field(self) -> str:
-        """The record field that holds a row's id: the id column's name, else DEFAULT_ID_FIELD."""
         return self.id_column or DEFAULT_ID_FIELD
 
     def keys(self) -> list[str]:
-        """The id of every row of a map-style dataset (see `row_ids`), each once."""
+        """The id of every row of a map-style dataset (see `row_ids`), each unique."""
         images = EncodedImages(self.dataset, self.image_column)
         ids, _ = row_ids(self.dataset, images, self.id_column, self.data, self.name)
         first_rows: dict[str, int] = {}
@@ -260,11 +240,10 @@ class DatasetSource:
         return ids
 
     def images(self, rows: Sequence[int]) -> EncodedImages:
-        """The encoded images of `rows` of a map-style dataset."""
         return EncodedImages(self.dataset, self.image_column).select(rows)
 
     def stream(self) -> Iterator[tuple[str, ImageInput | None]]:
-        """(id, encoded image) of every row of a streamed dataset, ids being the id column's or the row numbers."""
+        """(id, encoded image) of every row of a streamed dataset; the ids are the id column's, else row numbers."""
         import datasets
 
         first_rows: dict[str, int] = {}

@@ -1,18 +1,15 @@
-"""The `streetclip` command: geolocation from the shell, one subcommand per task (as `transformers/cli/` is laid out).
-
-This package holds argument parsing and the commands only; what they run lives in `modeling_streetclip.app`.
-Subcommand modules import torch and transformers only when their command runs, so `streetclip --help` answers at
-once. Exit statuses are shared by every subcommand (see `app`): 0 all done, 1 some inputs failed, 2 usage error.
-"""
+"""The `streetclip` command, one subcommand per task (as `transformers/cli/` is laid out): argument parsing and the
+commands only, what they run lives in `modeling_streetclip.app`. Subcommands import torch only when they run, so that
+`streetclip --help` answers at once."""
 
 import argparse
 import os
 import sys
 from contextlib import nullcontext
 
-from ..app import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
+from ..app import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USAGE
 from ..app.arguments import verbosity
-from ..app.records import ResultFileError
+from ..app.distributed import COMMAND_ERRORS
 from . import export, index, locate
 
 
@@ -35,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with verbosity(args.verbose) if hasattr(args, "verbose") else nullcontext():
             return args.run(args)
-    except (UsageError, ResultFileError) as error:
+    except COMMAND_ERRORS as error:
         print(f"streetclip {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
