@@ -1,25 +1,10 @@
 """Decision rules: how a model's outputs become ranked answers, chosen in one place for every entry point.
 
-`rank` chooses the rule (the default, `default_decision`, is the gallery vote with a gallery and the paper's greedy
-rule without), checks it and ranks a batch of outputs; `format_answers` (in `answers`) turns one image's ranked rows
-into the pipeline's dicts; `rank_answers` does both. The batch engine (`streetclip locate`, eval/benchmark.py) calls
-`rank_answers`; the pipeline (and the Space, through it) calls `rank` in `_forward`, batched on the model's device,
-and `format_answers` in `postprocess`, per image, as transformers splits a pipeline's work.
-
-The rules (`decision=` of the pipeline, `--decision` of the commands):
-
-- `"greedy"` (the paper's): countries by p(country), then regions by p(region | country), then cities by
-  p(city | country or region); `score` is that last p(city | ...), and the first answer is the paper's decision.
-- `"joint"`: by the joint probability p(country) * p(region | country) * p(city | ...), which is then `score`.
-- `"expected_distance"`: the Bayes decision for distance-thresholded accuracy: under the joint posterior over the
-  `config.expected_distance_candidates` most probable cities (or `top_k`, if more), renormalised, each of them by its
-  expected great-circle distance to the true place, smallest first; `score` is the joint probability.
-- `"gallery"` and `"hybrid"`, with a retrieval gallery: a kernel vote of the nearest gallery photos on the sphere,
-  restricted and weighted by the zero-shot country posterior for `"hybrid"` (see `gallery_vote` for the rule); `score` is
-  the answer's share of the vote.
-
-`score` is thus a probability in [0, 1] under every rule, as image-classification clients read it. This module
-imports torch only when it ranks, so that the `streetclip` command can list the rules in `--help` at once.
+`rank` chooses, checks and applies the rule to a batch of outputs; `rank_answers` also formats each image's answers
+(`answers.format_answers`). The batch engine and the benchmark call `rank_answers`; the pipeline calls `rank` in
+`_forward`, batched on the model's device, and `format_answers` in `postprocess`. The rules and the number each
+answer's `score` holds (always a probability) are documented in `GeolocationPipeline.__call__`. Torch is imported
+only to rank, so that the `streetclip` command lists the rules in `--help` at once.
 """
 
 from __future__ import annotations
@@ -48,25 +33,20 @@ DECISIONS = ZERO_SHOT_DECISIONS + GALLERY_DECISIONS
 
 
 class RankedPlaces(NamedTuple):
-    """Top-k candidate cities per image under a zero-shot rule (`rank_places`), each of shape `(batch_size, k)`,
-    ordered by the rule (see the module docstring)."""
+    """Top-k candidate cities per image under a zero-shot rule (`rank_places`), each of shape `(batch_size, k)`."""
 
     city_rows: torch.LongTensor  # rows of `model.candidate_places`
-    scores: torch.Tensor  # a probability (see the module docstring)
-    country_scores: torch.Tensor  # p(country) of each answer's country
+    scores: torch.Tensor  # the rule's probability (see `GeolocationPipeline.__call__`)
+    country_scores: torch.Tensor  # p(country)
     joint_probabilities: torch.Tensor  # p(country) * p(region | country) * p(city | ...)
-    region_scores: torch.Tensor  # p(region | country) of each answer's region; 1 without a region level
+    region_scores: torch.Tensor  # p(region | country); 1 without a region level
     expected_distances_km: torch.Tensor | None = None  # what `"expected_distance"` orders by; None under the others
 
 
 class GalleryRankedPlaces(NamedTuple):
-    """Answers per image under a gallery rule (`rank_gallery_places`), each field of shape
-    `(batch_size, min(top_k, num_neighbors))`, best first; an image whose neighbours hold fewer distinct places is
-    padded with `city_rows` -1.
-
-    The first five fields are those of `RankedPlaces`, for the candidate city nearest each chosen photo (`scores` is
-    the share of the vote, see `gallery_vote`); the others say where the photo is and which it is.
-    """
+    """Answers per image under a gallery rule (`rank_gallery_places`), each of shape `(batch_size, k)`, padded with
+    `city_rows` -1 where the neighbours hold fewer distinct places: `RankedPlaces`' fields for the candidate city
+    nearest each chosen photo (`scores`: its share of the vote), and where and which that photo is."""
 
     city_rows: torch.LongTensor
     scores: torch.Tensor
@@ -80,8 +60,8 @@ class GalleryRankedPlaces(NamedTuple):
 
 
 def default_decision(gallery: GeoGallery | str | None) -> str:
-    """The rule used when none is named: the gallery vote with a gallery (or a gallery's name, as a command takes
-    it), the paper's greedy rule without."""
+    """The rule used when none is named: the gallery vote with a gallery (or its name), the paper's greedy rule
+    without."""
     return "gallery" if gallery is not None else "greedy"
 
 
@@ -110,12 +90,9 @@ def rank(
     gallery: GeoGallery | None = None,
     country_rows: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Each image's `top_k` answers under `decision` (default: `default_decision(gallery)`), as batched columns named
-    as `format_answers`' parameters, each of shape `(batch_size, k)`; columns a rule does not fill are left out.
-
-    `country_rows` (what the pipeline's `candidate_countries` resolves to) restricts a zero-shot rule to those
-    countries (see `rank_places`); the gallery rules refuse it, since the photos vote wherever they are.
-    """
+    """Each image's `top_k` answers under `decision` (default: `default_decision(gallery)`), as batched columns of
+    shape `(batch_size, k)` named as `format_answers`' parameters (those a rule does not fill are left out).
+    `country_rows` restricts a zero-shot rule to those countries (see `rank_places`); the gallery rules refuse it."""
     decision = default_decision(gallery) if decision is None else decision
     if decision in GALLERY_DECISIONS and country_rows is not None:
         raise ValueError(
@@ -131,16 +108,9 @@ def rank(
     return {name: column for name, column in ranked._asdict().items() if column is not None}
 
 
-def rank_answers(
-    model: StreetCLIPForGeolocation,
-    outputs: GeolocationOutput,
-    top_k: int = 1,
-    decision: str | None = None,
-    gallery: GeoGallery | None = None,
-    country_rows: Sequence[int] | None = None,
-) -> list[list[dict[str, Any]]]:
-    """Each image's `top_k` answers in the pipeline's format, best first under `decision` (see `rank`)."""
-    columns = rank(model, outputs, top_k, decision, gallery, country_rows)
+def rank_answers(model: StreetCLIPForGeolocation, outputs: GeolocationOutput, **options) -> list[list[dict[str, Any]]]:
+    """Each image's answers in the pipeline's format, best first: `rank`'s, which takes the same `options`."""
+    columns = rank(model, outputs, **options)
     return [
         format_answers(model.candidate_places, **{name: column[image] for name, column in columns.items()})
         for image in range(len(columns["city_rows"]))
@@ -154,12 +124,9 @@ def rank_places(
     decision: str = "greedy",
     country_rows: Sequence[int] | None = None,
 ) -> RankedPlaces:
-    """Top-k candidate cities per image under a zero-shot rule (`"greedy"`, `"joint"` or `"expected_distance"`, see
-    the module docstring); under the default, the first answer is the paper's decision (`outputs.predicted_city`).
-
-    `country_rows` (rows of `model.candidate_places.country_names`) restricts the answers to those countries, with
-    p(country) renormalised over them: the answers of a model restricted with `restrict_countries`, without changing
-    this one.
+    """Top-k candidate cities per image under a zero-shot rule; under `"greedy"`, the first answer is the paper's
+    decision (`outputs.predicted_city`). `country_rows` (rows of `model.candidate_places.country_names`) restricts
+    the answers to those countries, p(country) renormalised over them, as `model.restrict_countries` would.
 
     Returns:
         [`RankedPlaces`], each field of shape `(batch_size, k)` with `k = min(top_k, cities of the countries)`.
@@ -208,12 +175,8 @@ def place_probabilities(
     city_rows: torch.LongTensor,
     country_rows: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The zero-shot probabilities of given candidate cities, as `rank_places` gives them for its answers:
-    `country_scores` (p(country), renormalised over `country_rows` when given), `region_scores`
-    (p(region | country), 1 without a region level) and `joint_probabilities`, each of the shape of `city_rows`
-    (one row of cities per image; -1 entries, padding, get meaningless numbers). For rules that choose cities
-    otherwise, such as a gallery's vote.
-    """
+    """`country_scores`, `region_scores` and `joint_probabilities` of given candidate cities (one row per image;
+    padding with -1 gets meaningless numbers), as `rank_places` gives them, for rules that choose cities otherwise."""
     import torch
 
     with torch.no_grad():
@@ -233,12 +196,9 @@ def place_probabilities(
 def rank_gallery_places(
     model: StreetCLIPForGeolocation, outputs: GeolocationOutput, gallery: GeoGallery, decision: str, top_k: int = 1
 ) -> GalleryRankedPlaces:
-    """Each image's `top_k` answers under `decision` (`"gallery"` or `"hybrid"`, see `gallery_vote`), from the model's
-    outputs: the normalised `image_embeds` search the gallery, `country_logits` give p(country).
-
-    An answer's place is the candidate city nearest the chosen photo, with that city's zero-shot probabilities
-    (`place_probabilities`), so that every answer has the pipeline's fields.
-    """
+    """Each image's `top_k` answers under `"gallery"` or `"hybrid"` (see `gallery_vote`): `image_embeds` search the
+    gallery, `country_logits` give p(country), and each answer is named by the candidate city nearest its photo,
+    with that city's zero-shot probabilities (`place_probabilities`)."""
     import torch
 
     if decision not in GALLERY_DECISIONS:
@@ -286,9 +246,8 @@ def rank_gallery_places(
 
 
 def expected_distances_km(probabilities: np.ndarray, latitudes: np.ndarray, longitudes: np.ndarray) -> np.ndarray:
-    """For each of n candidate places, the expected great-circle distance in km from it to the true place, when the
-    true place is candidate j with probability `probabilities[j]`: the risk that the `"expected_distance"` decision
-    minimises."""
+    """Each candidate's expected great-circle distance in km to the true place, which is candidate j with probability
+    `probabilities[j]`: the risk that `"expected_distance"` minimises."""
     distances = great_circle_km(latitudes[:, None], longitudes[:, None], latitudes[None, :], longitudes[None, :])
     return distances @ probabilities
 
@@ -313,9 +272,8 @@ def _checked_country_rows(model: StreetCLIPForGeolocation, country_rows: Sequenc
 def _greedy_order(
     model: StreetCLIPForGeolocation, outputs: GeolocationOutput, country_log_probs: torch.Tensor
 ) -> torch.LongTensor:
-    """Every city row of each image in the greedy order, as the model's `forward` decides: by country logit (cities
-    of countries left out, whose `country_log_probs` are -inf, last), then region logit (ties to the region listed
-    first), then city logit (ties to the city listed first)."""
+    """Every city row of each image in the greedy order of the model's `forward`: by country logit (countries left
+    out, whose `country_log_probs` are -inf, last), then region logit, then city logit, ties to the row listed first."""
     import torch
 
     country_logits = outputs.country_logits.float()[:, model.city_countries]
@@ -332,8 +290,8 @@ def _greedy_order(
 def _by_expected_distance(
     model: StreetCLIPForGeolocation, rows: torch.LongTensor, joint_log_probs: torch.Tensor
 ) -> tuple[torch.LongTensor, torch.Tensor]:
-    """The order of each image's candidate `rows` by their expected great-circle distance in km (smallest first)
-    under the joint posterior over them, renormalised, and those distances in that order."""
+    """Each image's candidate `rows` ordered by expected great-circle distance (smallest first) under the joint
+    posterior over them, renormalised, and those distances in that order."""
     import torch
 
     posterior = joint_log_probs.softmax(dim=-1).double().cpu().numpy()
@@ -347,21 +305,3 @@ def _by_expected_distance(
     expected = torch.from_numpy(expected).to(rows.device)
     order = expected.argsort(dim=-1, stable=True)
     return order, expected.gather(1, order)
-
-
-__all__ = [
-    "DECISIONS",
-    "GALLERY_DECISIONS",
-    "GalleryRankedPlaces",
-    "RankedPlaces",
-    "ZERO_SHOT_DECISIONS",
-    "check_decision",
-    "default_decision",
-    "expected_distances_km",
-    "place_probabilities",
-    "rank",
-    "rank_answers",
-    "rank_gallery_places",
-    "rank_places",
-    "validate_decision",
-]
