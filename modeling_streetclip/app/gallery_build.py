@@ -84,14 +84,15 @@ class GalleryBuild:
 
 @dataclass(frozen=True)
 class _Columns:
-    """The source columns a build reads: image, coordinates, the labels kept as they are, and the labels' id column
-    (None: a row is known by its image file)."""
+    """The source columns a build reads: image, coordinates, the labels kept as they are, the labels' declared types
+    (None: undeclared) and their id column (None: a row is known by its image file)."""
 
     image: str
     latitude: str
     longitude: str
     labels: tuple[str, ...]
-    id: str | None = None
+    features: datasets.Features | None
+    id: str | None
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -150,7 +151,7 @@ def build_gallery(
             f"batch_size and shard_size must be >= 1 and num_workers >= 0, got {batch_size}, {shard_size} and "
             f"{num_workers}."
         )
-    folder, shards = Path(output_dir), Path(output_dir) / SHARDS_FOLDER
+    folder = Path(output_dir)
     image_processor = getattr(processor, "image_processor", processor)
     fingerprint = model_fingerprint(model, image_processor)
     dim = fingerprint.shape[-1]
@@ -166,16 +167,14 @@ def build_gallery(
         # Bad rows only shrink a gallery: a source small enough for exact search gives an exact index.
         check_nprobe(nprobe, None, f"{AUTO_INDEX} ({recommended_index(total, dim).factory} for {total:,} rows)")
     columns = _find_columns(data, image_column, latitude_column, longitude_column, source_name)
-    _prepare_folder(folder, overwrite)
     options = {
         "model": model_name or getattr(model, "name_or_path", "") or type(model).__name__,
         "source": source_name,
         "split": split,
         **{f"{role}_column": getattr(columns, role) for role in ("image", "latitude", "longitude")},
     }
-    _check_or_record_build(folder, options, fingerprint)
-    labels = None if data.features is None else datasets.Features({n: data.features[n] for n in columns.labels})
-    done, embedded = _completed_rows(shards), 0
+    _start_or_resume(folder, overwrite, options, fingerprint)
+    done, embedded = _shards(folder)[1], 0
     if total is None or done < total:
         # Images reach the workers still encoded, where an unreadable one is its row's error.
         if data.features is not None:
@@ -184,7 +183,7 @@ def build_gallery(
         rest = data.select(range(done, total)).to_iterable_dataset() if is_map else data.skip(done)
         rows = _SourceRows(rest, done, batch_size, image_processor, columns)
         loader = DataLoader(rows, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_pixels)
-        writer = _ShardWriter(shards, dim, labels)
+        writer = _ShardWriter(folder / SHARDS_FOLDER, dim, columns.features)
         with tqdm(
             total=total, initial=done, unit="img", desc="streetclip index build", file=sys.stderr, disable=not progress
         ) as bar:
@@ -196,7 +195,7 @@ def build_gallery(
                 bar.update(len(batch.order))
             writer.flush()
     settings = settings or VoteSettings()
-    gallery, bad_rows = _finish(folder, options, fingerprint, labels, columns.id, settings, index, nprobe, train_size)
+    gallery, bad_rows = _finish(folder, options, fingerprint, columns, settings, index, nprobe, train_size)
     return GalleryBuild(gallery=gallery, embedded_rows=embedded, resumed_rows=done, bad_rows=bad_rows)
 
 
@@ -245,13 +244,16 @@ def _find_columns(
             "(`dataset.rename_column`) before building."
         )
     labels = tuple(name for name in names if name not in used)
+    features = None if data.features is None else datasets.Features({name: data.features[name] for name in labels})
     id_column = find_column(labels, None, ID_COLUMNS, "id", f"data {source!r}", required=False)
-    return _Columns(image, latitude_column, longitude_column, labels, id_column)
+    return _Columns(image, latitude_column, longitude_column, labels, features, id_column)
 
 
-def _prepare_folder(folder: Path, overwrite: bool) -> None:
-    """Make `folder` ready: new, empty, or holding an unfinished build; `overwrite` first deletes a gallery or build
-    there (its own files only). A complete gallery, or a folder holding other files, is refused."""
+def _start_or_resume(folder: Path, overwrite: bool, options: dict[str, Any], fingerprint: np.ndarray) -> None:
+    """Start a build in `folder` (new or empty; `overwrite` first deletes a gallery or build there, its own files
+    only) and record in `build.json` what shapes its rows, or resume the unfinished build there, refusing other options
+    or another model, naming what differs. A complete gallery, or a folder holding other files, is refused."""
+    path = folder / BUILD_FILE
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"The gallery output {str(folder)!r} is a file; give a folder.")
     if overwrite and folder.is_dir():
@@ -266,19 +268,13 @@ def _prepare_folder(folder: Path, overwrite: bool) -> None:
             "or give another folder."
         )
     others = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
-    if others and not (folder / BUILD_FILE).exists():
-        raise FileExistsError(
-            f"{str(folder)!r} holds other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); "
-            "a gallery needs a new or empty folder."
-        )
-    (folder / SHARDS_FOLDER).mkdir(parents=True, exist_ok=True)
-
-
-def _check_or_record_build(folder: Path, options: dict[str, Any], fingerprint: np.ndarray) -> None:
-    """Record what shapes this build's rows in `build.json`, or, resuming, refuse other options or another model,
-    naming what differs."""
-    path = folder / BUILD_FILE
     if not path.exists():
+        if others:
+            raise FileExistsError(
+                f"{str(folder)!r} holds other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); "
+                "a gallery needs a new or empty folder."
+            )
+        (folder / SHARDS_FOLDER).mkdir(parents=True)
         write_json(path, {"options": options, "model_fingerprint": fingerprint.tolist()})
         return
     try:
@@ -305,13 +301,14 @@ def _check_or_record_build(folder: Path, options: dict[str, Any], fingerprint: n
             f"{str(folder)!r} holds an unfinished build of other data ({'; '.join(differing)}); rerun with the "
             "options that started it to resume, or pass --overwrite to start afresh."
         )
+    (folder / SHARDS_FOLDER).mkdir(exist_ok=True)
 
 
-def _shard_paths(shards: Path) -> list[Path]:
-    """The complete shards in row order, checked to follow each other from row 0; a shard a kill cut off while it was
-    written (a temporary) is deleted, and its rows are embedded again."""
+def _shards(folder: Path) -> tuple[list[Path], int]:
+    """The complete shards of the build in `folder`, in row order, and the number of rows they cover; a shard a kill
+    cut off while it was written (a temporary) is deleted, and its rows are embedded again."""
     found, end = [], 0
-    for path in sorted(shards.iterdir()):  # zero-padded names: in row order
+    for path in sorted((folder / SHARDS_FOLDER).iterdir()):  # zero-padded names: in row order
         match = SHARD_NAME.fullmatch(path.name)
         if path.suffix == ".tmp":
             path.unlink()
@@ -319,19 +316,13 @@ def _shard_paths(shards: Path) -> list[Path]:
             raise ValueError(f"{str(path)!r} is not a gallery shard; the shards folder holds only the build's own.")
         elif int(match[1]) != end:
             raise ValueError(
-                f"The shards in {str(shards)!r} do not follow each other ({path.name} starts at row {int(match[1])}, "
-                f"the rows before end at {end}); pass --overwrite to start afresh."
+                f"The shards in {str(path.parent)!r} do not follow each other ({path.name} starts at row "
+                f"{int(match[1])}, the rows before end at {end}); pass --overwrite to start afresh."
             )
         else:
             found.append(path)
             end = int(match[2])
-    return found
-
-
-def _completed_rows(shards: Path) -> int:
-    """The number of source rows the shards cover."""
-    paths = _shard_paths(shards)
-    return int(SHARD_NAME.fullmatch(paths[-1].name)[2]) if paths else 0
+    return found, end
 
 
 def _read_shard(path: Path) -> pa.Table:
@@ -457,8 +448,7 @@ def _finish(
     folder: Path,
     options: dict[str, Any],
     fingerprint: np.ndarray,
-    label_features: datasets.Features | None,
-    id_column: str | None,
+    columns: _Columns,
     settings: VoteSettings,
     index: str,
     nprobe: int | None,
@@ -470,11 +460,11 @@ def _finish(
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    shards = _shard_paths(folder / SHARDS_FOLDER)
+    shards = _shards(folder)[0]
     if not shards:
         raise ValueError(f"The data {options['source']!r} has no rows; a gallery needs at least one photo.")
     table = pa.concat_tables([_read_shard(path) for path in shards], promote_options="permissive")
-    table = _record_repeats(table, id_column, options["source"])
+    table = _record_repeats(table, columns.id, options["source"])
     failed = pc.is_valid(table.column(ERROR_COLUMN)).to_numpy(zero_copy_only=False)
     bad_rows = table.filter(pa.array(failed)).select(["source_row", "image_path", ERROR_COLUMN]).to_pylist()
     if failed.all():
@@ -486,7 +476,7 @@ def _finish(
     table = table.drop_columns([ERROR_COLUMN])
     features = datasets.Features.from_arrow_schema(table.schema)
     features[EMBEDDING_COLUMN] = datasets.List(datasets.Value("float32"), length=dim)
-    features.update(label_features or {})  # declared types (a ClassLabel's names) where Arrow keeps only integers
+    features.update(columns.features or {})  # declared types (a ClassLabel's names) where Arrow keeps only integers
     rows = datasets.Dataset(datasets.table.InMemoryTable(table), info=datasets.DatasetInfo(features=features))
     with atomic_write(folder / DATASET_FOLDER) as temporary:
         rows.select(np.flatnonzero(~failed)).save_to_disk(str(temporary))
