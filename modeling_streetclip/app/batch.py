@@ -1,10 +1,6 @@
-"""The batch engine: photos decoded in DataLoader workers, embedded in batches on the model's device, one result per
-input, on one process or many.
-
-Every collection holds a few bad files; each becomes its input's error while the run goes on. `embedded_batches` is
-the one embedding loop, shared by `geolocate_images` (the CLI and the benchmark) and gallery building. Under
-`accelerate launch` or `torchrun`, each process runs every N-th batch and `gather_for_metrics` gives every process
-all records of each step, in input order.
+"""The batch engine: photos decoded in DataLoader workers and embedded in batches on the model's device
+(`embedded_batches`, which gallery building shares), one result per input, on one process or many. A bad file becomes
+its input's error while the run goes on.
 """
 
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,9 +24,8 @@ if TYPE_CHECKING:
 
 
 class PixelBatch(NamedTuple):
-    """A collated batch: every item's index in the sampler's order (Accelerate pads a last batch with items from the
-    start, which `gather_for_metrics` cuts off by position), the decoded items' indices with their 8-bit pixels
-    stacked, the others' errors, and each item's other fields."""
+    """A collated batch: every item's index in order (`gather_for_metrics` cuts Accelerate's padding off by position),
+    the decoded items' indices with their 8-bit pixels stacked, the others' errors, and each item's other fields."""
 
     order: list[int]
     decoded: list[int]
@@ -111,13 +106,10 @@ def geolocate_images(
 ) -> Iterator[GeolocationRecord]:
     """Yield one `GeolocationRecord` per input, in input order, as soon as its batch is done.
 
-    Answers have the pipeline's format, ranked by `decisions.rank_answers` under `decision` (default:
-    `decisions.default_decision(gallery)`). `num_workers=0` decodes in this process, as a library call should unless
-    asked. `return_embeddings` keeps each image's normalised embedding, for callers that pool views of one place.
-
-    With an `accelerator` of several processes, every process calls this with the same `inputs`, runs the model on
-    batch i when i mod N is its rank (`prepare_data_loader`, the last ones padded), and yields the records of all
-    inputs, gathered batch by batch (`gather_for_metrics` drops the padding): the answers of one process.
+    Answers are ranked by `decisions.rank_answers` under `decision`. `num_workers=0` decodes in this process, as a
+    library call should unless asked. `return_embeddings` keeps each image's normalised embedding, to pool views.
+    With an `accelerator` of N processes, every process calls this with the same `inputs`, runs batch i when i mod N
+    is its rank, and yields the records of all inputs, gathered batch by batch: the answers of one process.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -184,11 +176,4 @@ def pooled_answers(
     return rank_answers(model, outputs, top_k=top_k, decision=decision, gallery=gallery)[0]
 
 
-__all__ = [
-    "GeolocationRecord",
-    "PixelBatch",
-    "collate_pixels",
-    "embedded_batches",
-    "geolocate_images",
-    "pooled_answers",
-]
+__all__ = ["GeolocationRecord", "collate_pixels", "embedded_batches", "geolocate_images", "pooled_answers"]
