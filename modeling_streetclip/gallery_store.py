@@ -33,10 +33,7 @@ if TYPE_CHECKING:
     import torch
 
 
-GALLERY_FILE = "gallery.json"
-DATASET_FOLDER = "dataset"
-INDEX_FILE = "index.faiss"
-BAD_ROWS_FILE = "bad_rows.jsonl"
+GALLERY_FILE, DATASET_FOLDER, INDEX_FILE, BAD_ROWS_FILE = "gallery.json", "dataset", "index.faiss", "bad_rows.jsonl"
 EMBEDDING_COLUMN = "embedding"
 FORMAT_VERSION = 1
 # The same weights in bfloat16, float16 or int8 agree to better than this on every probe; another checkpoint, even a

@@ -58,9 +58,7 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger(__name__)
 
-SHARDS_FOLDER = "shards"
-SHARD_NAME = re.compile(r"rows-(\d+)-(\d+)\.arrow")
-BUILD_FILE = "build.json"
+SHARDS_FOLDER, SHARD_NAME, BUILD_FILE = "shards", re.compile(r"rows-(\d+)-(\d+)\.arrow"), "build.json"
 # Columns every gallery row has; a source column of the same name (other than the coordinates read) is refused.
 GALLERY_COLUMNS = ("source_row", EMBEDDING_COLUMN, "latitude", "longitude", "image_path")
 # The shard column of a skipped row's reason (null for rows embedded), dropped from the gallery.
@@ -231,11 +229,7 @@ def _find_columns(
     else:
         image = find_image_column(data, image_column, source) if data.column_names else image_column or "image"
     for role, name in (("image", image), ("latitude", latitude_column), ("longitude", longitude_column)):
-        if name not in names:
-            raise ValueError(
-                f"The data {source!r} has no {role} column {name!r}; its columns are {names}. Name it with "
-                f"--{role}_column."
-            )
+        find_column(names, name, (), role, f"data {source!r}")  # it exists, and no other column shares its name
     used = {image, latitude_column, longitude_column}
     clashes = [name for name in names if name in (*GALLERY_COLUMNS, ERROR_COLUMN) and name not in used]
     if clashes:
