@@ -435,6 +435,7 @@ def run_console_script(*argv, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([script, *map(str, argv)], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_console_script_exits_one_when_some_inputs_fail(tmp_path, small_streetclip_dir):
     make_photos(tmp_path / "photos", ["a.jpg", "b.jpg"])
     (tmp_path / "photos" / "c.jpg").write_bytes(b"")
@@ -752,6 +753,7 @@ def test_batch_and_worker_defaults_have_one_home_and_workers_fit_the_cores():
     assert 1 <= DEFAULT_NUM_WORKERS <= cores
 
 
+@pytest.mark.slow
 def test_help_under_python_m_imports_neither_torch_nor_accelerate(tmp_path):
     """`accelerate launch -m modeling_streetclip.cli` and `torchrun -m` run the package as `python -m` does: its
     `--help` must answer as fast as the console script's."""
@@ -940,6 +942,7 @@ sys.exit(main())
 """
 
 
+@pytest.mark.slow
 def test_a_parquet_run_killed_mid_way_is_completed_by_a_rerun(capsys, monkeypatch, tmp_path, small_streetclip_dir):
     make_photos(tmp_path / "photos", [f"{index}.jpg" for index in range(7)])
     (tmp_path / "photos" / "bad.jpg").write_text("not a photo")

@@ -24,6 +24,8 @@ from modeling_streetclip.cli import main
 from modeling_streetclip.testing_utils import random_photo
 
 
+pytestmark = pytest.mark.slow  # every case launches Python processes
+
 REPO = Path(__file__).resolve().parents[1]
 # Two images a batch: 40 inputs make 10 steps of two batches, so a process can die with work done and work left.
 BATCH_SIZE = 2

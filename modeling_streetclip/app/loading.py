@@ -59,7 +59,7 @@ def load_model(
         )
     except bad as error:
         raise UsageError(f"cannot load --model {name!r}: {error}") from None
-    check_image_processor(image_processor, model.config.vision_config.image_size, name)
+    _check_image_processor(image_processor, model.config.vision_config.image_size, name)
     if countries is not None:
         try:
             model.restrict_countries(countries)
@@ -105,7 +105,7 @@ def _check_model_reachable(name: str) -> None:
         pass
 
 
-def check_image_processor(image_processor, image_size: int, name: str) -> None:
+def _check_image_processor(image_processor, image_size: int, name: str) -> None:
     """Refuse an image processor config that cannot give the model `image_size` x `image_size` pixels, naming the file
     and the value, before any image is read."""
     source = _image_processor_file(name)
@@ -193,12 +193,4 @@ def model_fingerprint(folder: str) -> str:
     return digest.hexdigest()[:16]
 
 
-__all__ = [
-    "FINGERPRINTED_SUFFIXES",
-    "check_image_processor",
-    "load_gallery",
-    "load_model",
-    "load_on_every_process",
-    "model_fingerprint",
-    "quantization_config_for",
-]
+__all__ = ["load_gallery", "load_model", "load_on_every_process", "model_fingerprint", "quantization_config_for"]
