@@ -1,12 +1,16 @@
 """Offline reverse geocoding: the nearest GeoNames place by great-circle distance, for whole columns at once."""
 
+import doctest
 import math
 import re
 import sys
 
+import geocoding
 import numpy as np
 import pytest
-from geocoding import ReverseGeocoder, reverse_geocoder, valid_coordinates
+from geocoding import ReverseGeocoder, reverse_geocoder
+
+from modeling_streetclip.geodesy import valid_coordinates
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +24,11 @@ def test_known_cities_resolve_to_city_region_and_country(geocoder):
     assert labels.region == ["Île-de-France", "New South Wales", "Tokyo"]
     assert labels.country == ["France", "Australia", "Japan"]
     assert labels.country_code == ["FR", "AU", "JP"]
+
+
+def test_the_docstring_example_runs():
+    results = doctest.testmod(geocoding)
+    assert results.attempted and not results.failed
 
 
 def test_points_on_either_side_of_the_antimeridian_find_the_same_place(geocoder):

