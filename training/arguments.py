@@ -1,9 +1,7 @@
-"""Command-line arguments of `training/pretrain.py`: every training hyper-parameter, with its default and reason.
+"""Arguments of `training/pretrain.py`: every training hyper-parameter with its default and reason, parsed by
+`HfArgumentParser` from the command line or from one YAML or JSON file."""
 
-Parsed with `HfArgumentParser`, from the command line or from one YAML or JSON file holding the same names.
-"""
-
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field
 
 from modeling_streetclip.app import DEFAULT_NUM_WORKERS
 from modeling_streetclip.captions import CaptionMix
@@ -18,55 +16,45 @@ def _check_at_least(arguments, names: tuple[str, ...], minimum: float) -> None:
             raise ValueError(f"--{name} must be at least {minimum}, got {value}.")
 
 
+def _help(text: str, **kwargs) -> Field:
+    """A field with its `--help` text."""
+    return field(metadata={"help": text}, **kwargs)
+
+
 @dataclass
 class ModelArguments:
     """Which checkpoint to continue from, which of its parameters train, and which candidates its heads hold."""
 
-    model_name_or_path: str = field(
-        metadata={"help": "A CLIP checkpoint (e.g. openai/clip-vit-large-patch14-336) or a StreetCLIP folder."}
+    model_name_or_path: str = _help(
+        "A CLIP checkpoint (e.g. openai/clip-vit-large-patch14-336) or a StreetCLIP folder."
     )
-    countries: str | None = field(
+    countries: str | None = _help(
+        "A text file with one candidate country per line (names or ISO codes): those that evaluation chooses among and "
+        "the saved heads hold. Default: the model's own (the paper's 193 for a plain CLIP checkpoint).",
         default=None,
-        metadata={
-            "help": "A text file with one candidate country per line (names or ISO codes): the countries that "
-            "evaluation chooses among and that the saved heads hold. Default: the model's own candidates (the "
-            "paper's 193 for a plain CLIP checkpoint)."
-        },
     )
-    cities_per_country: int | None = field(
-        default=None, metadata={"help": "Candidate cities per country in the heads; default: the model config's."}
+    cities_per_country: int | None = _help(
+        "Candidate cities per country in the heads; default: the config's.", default=None
     )
-    freeze_text_tower: bool = field(
-        default=False, metadata={"help": "Train without updating the text encoder and its projection."}
-    )
-    freeze_vision_tower: bool = field(
-        default=False, metadata={"help": "Train without updating the image encoder and its projection."}
-    )
-    use_lora: bool = field(
-        default=False,
-        metadata={"help": "Train LoRA adapters (peft) instead of the full weights; they are merged before saving."},
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank; 16 adapts CLIP well at a fraction of a percent."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (alpha / r scales the update)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, against overfitting."})
-    lora_target_modules: list[str] = field(
+    freeze_text_tower: bool = _help("Train without updating the text encoder and its projection.", default=False)
+    freeze_vision_tower: bool = _help("Train without updating the image encoder and its projection.", default=False)
+    use_lora: bool = _help("Train LoRA adapters (peft), merged before saving, instead of all weights.", default=False)
+    lora_r: int = _help("LoRA rank; 16 adapts CLIP well at a fraction of a percent.", default=16)
+    lora_alpha: int = _help("LoRA scaling numerator (alpha / r scales the update).", default=32)
+    lora_dropout: float = _help("Dropout on the LoRA input, against overfitting.", default=0.05)
+    lora_target_modules: list[str] = _help(
+        "Modules that get adapters: CLIP's attention projections in both towers.",
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
-        metadata={"help": "Module names that get adapters: CLIP's attention projections in both towers."},
     )
-    train_logit_scale: bool = field(
-        default=True, metadata={"help": "Learn CLIP's temperature, as CLIP's own pretraining does."}
-    )
-    max_logit_scale: float = field(
-        default=100.0, metadata={"help": "CLIP clamps its logit scale at 100 to keep training stable."}
-    )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, more time."}
+    train_logit_scale: bool = _help("Learn CLIP's temperature, as CLIP's own pretraining does.", default=True)
+    max_logit_scale: float = _help("CLIP clamps its logit scale at 100 to keep training stable.", default=100.0)
+    gradient_checkpointing: bool = _help(
+        "Recompute activations in the backward pass: less memory, more time.", default=False
     )
 
     def __post_init__(self):
         _check_at_least(self, ("cities_per_country", "lora_r"), 1)
         if not self.max_logit_scale >= 1:
-            # The temperature's logit scale is clamped to [1, max] (its logarithm to [0, log max]).
             raise ValueError(
                 f"--max_logit_scale must be at least 1 (the logit scale is clamped to [1, max]; CLIP uses 100), "
                 f"got {self.max_logit_scale}."
@@ -81,8 +69,8 @@ class ModelArguments:
             raise ValueError("--freeze_text_tower and --freeze_vision_tower together leave nothing to train.")
 
     def read_countries(self) -> list[str] | None:
-        """The candidate countries listed in `countries` by name or ISO code (`#` comments allowed), resolved to the
-        paper's names; an unknown one fails with close matches before any model loads."""
+        """The countries listed in `countries` (names or ISO codes, `#` comments), resolved to the paper's names; an
+        unknown one fails with close matches before any model loads."""
         return None if self.countries is None else read_country_list(self.countries)
 
 
@@ -90,57 +78,37 @@ class ModelArguments:
 class DataArguments:
     """Where the geo-tagged images come from, which columns hold what, and how captions are synthesised."""
 
-    train_data: str = field(
-        metadata={
-            "help": "A `datasets` Hub id or local path (a saved dataset, or an image folder with metadata.csv: "
-            "file_name,latitude,longitude[,city,region,country])."
-        }
+    train_data: str = _help(
+        "A `datasets` Hub id or local path (a saved dataset, or an image folder with metadata.csv: "
+        "file_name,latitude,longitude[,city,region,country])."
     )
-    train_split: str = field(default="train", metadata={"help": "Split of --train_data to train on."})
-    eval_data: str | None = field(default=None, metadata={"help": "Held-out data, in the same formats."})
-    eval_split: str = field(
-        default="test", metadata={"help": "Split of --eval_data; a source with a single split uses that one."}
+    train_split: str = _help("Split of --train_data to train on.", default="train")
+    eval_data: str | None = _help("Held-out data, in the same formats.", default=None)
+    eval_split: str = _help("Split of --eval_data; a source with a single split uses that one.", default="test")
+    streaming: bool = _help("Stream the training data instead of downloading it (needs --max_steps).", default=False)
+    shuffle_buffer_size: int = _help("Shuffle buffer of a streamed data set (others shuffle fully).", default=10_000)
+    image_column: str = _help("Column with the image (imagefolder's name).", default="image")
+    latitude_column: str = _help("Column with the latitude in degrees.", default="latitude")
+    longitude_column: str = _help("Column with the longitude in degrees.", default="longitude")
+    city_column: str = _help("Optional column with the city (OSV-5M: city).", default="city")
+    region_column: str = _help("Optional column with the first-level region (OSV-5M: region).", default="region")
+    country_column: str = _help(
+        "Optional column with the country name or ISO code (OSV-5M: codes).", default="country"
     )
-    streaming: bool = field(
-        default=False,
-        metadata={"help": "Stream the training data instead of downloading it first (needs --max_steps)."},
-    )
-    shuffle_buffer_size: int = field(
-        default=10_000, metadata={"help": "Shuffle buffer of a streamed data set (a map-style one shuffles fully)."}
-    )
-    image_column: str = field(default="image", metadata={"help": "Column with the image (imagefolder's name)."})
-    latitude_column: str = field(default="latitude", metadata={"help": "Column with the latitude in degrees."})
-    longitude_column: str = field(default="longitude", metadata={"help": "Column with the longitude in degrees."})
-    city_column: str = field(default="city", metadata={"help": "Optional column with the city (OSV-5M: city)."})
-    region_column: str = field(
-        default="region", metadata={"help": "Optional column with the first-level region (OSV-5M: region)."}
-    )
-    country_column: str = field(
-        default="country", metadata={"help": "Optional column with the country name or ISO code (OSV-5M: codes)."}
-    )
-    caption_templates: list[str] | None = field(
+    caption_templates: list[str] | None = _help(
+        "Caption templates over {city}, {region} and {country}, finest first; default: the config's "
+        "`caption_template`, the paper's.",
         default=None,
-        metadata={
-            "help": "Caption templates over {city}, {region} and {country}, finest first; default: the model "
-            "config's `caption_template`, the paper's `A Street View photo close to the town of {city} in the "
-            "region of {region} in {country}.`"
-        },
     )
-    caption_template_probabilities: list[float] | None = field(
-        default=None, metadata={"help": "Probability of each caption template (summing to 1); default: equal."}
+    caption_template_probabilities: list[float] | None = _help(
+        "Probability of each caption template (summing to 1); default: equal.", default=None
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N rows only."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N rows only."})
-    preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Processes for the caption map (datasets' num_proc)."}
-    )
-    dataloader_num_workers: int = field(
-        # The rule inference uses too: at most 4, and never more than the cores this process may use.
+    max_train_samples: int | None = _help("Train on the first N rows only.", default=None)
+    max_eval_samples: int | None = _help("Evaluate on the first N rows only.", default=None)
+    preprocessing_num_workers: int | None = _help("Processes for the caption map (datasets' num_proc).", default=None)
+    dataloader_num_workers: int = _help(
+        "DataLoader workers per training process, decoding the images: 4, or the available cores if fewer.",
         default=DEFAULT_NUM_WORKERS,
-        metadata={
-            "help": "DataLoader worker processes per training process: they decode the images. Default: 4, or the "
-            "number of available cores where fewer."
-        },
     )
 
     def __post_init__(self):
@@ -160,88 +128,50 @@ class DataArguments:
 class TrainingArguments:
     """Optimisation, checkpointing, evaluation and logging of the run."""
 
-    output_dir: str = field(
-        metadata={"help": "Where the final StreetCLIP folder, checkpoints/ and logs/ go."},
+    output_dir: str = _help("Where the final StreetCLIP folder, checkpoints/ and logs/ go.")
+    seed: int = _help("Seed of initialisation, data order and caption draws.", default=42)
+    per_device_train_batch_size: int = _help(
+        "Images per process and step; the contrastive batch is this times processes.", default=32
     )
-    seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order and caption draws."})
-    per_device_train_batch_size: int = field(
-        default=32, metadata={"help": "Images per process and step; the contrastive batch is this times processes."}
+    per_device_eval_batch_size: int = _help("Images per process in evaluation.", default=64)
+    gradient_accumulation_steps: int = _help(
+        "Micro-batches per optimiser step (each micro-batch is its own contrastive batch).", default=1
     )
-    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Images per process in evaluation."})
-    gradient_accumulation_steps: int = field(
-        default=1,
-        metadata={"help": "Micro-batches per optimiser step (each micro-batch is its own contrastive batch)."},
+    learning_rate: float = _help("Peak AdamW learning rate (full fine-tuning).", default=1e-5)
+    weight_decay: float = _help("AdamW weight decay of matrices (CLIP's); none on gains and biases.", default=0.2)
+    adam_beta1: float = _help("AdamW beta1 (CLIP's value).", default=0.9)
+    adam_beta2: float = _help("AdamW beta2 (CLIP's value, steadier than 0.999).", default=0.98)
+    adam_epsilon: float = _help("AdamW epsilon (CLIP's value).", default=1e-6)
+    max_grad_norm: float = _help("Gradient clipping norm; 0 disables clipping.", default=1.0)
+    lr_scheduler_type: str = _help("transformers scheduler name: cosine decay after the warmup.", default="cosine")
+    warmup_steps: int = _help("Linear warmup steps; overrides --warmup_ratio when > 0.", default=0)
+    warmup_ratio: float = _help("Warmup as a share of the steps: shields the pretrained weights.", default=0.05)
+    num_train_epochs: int = _help("Epochs over the training data, unless --max_steps.", default=1)
+    max_steps: int | None = _help("Optimiser steps; overrides --num_train_epochs.", default=None)
+    dataloader_drop_last: bool = _help(
+        "Drop the last incomplete batch: a tiny contrastive batch is weak.", default=True
     )
-    learning_rate: float = field(default=1e-5, metadata={"help": "Peak AdamW learning rate (full fine-tuning)."})
-    weight_decay: float = field(
-        default=0.2, metadata={"help": "AdamW weight decay of matrices (CLIP's value); none on gains and biases."}
+    mixed_precision: str | None = _help("no, fp16 or bf16; default: the `accelerate config` choice.", default=None)
+    checkpointing_steps: int = _help("Save the full training state every N steps.", default=500)
+    checkpoints_total_limit: int | None = _help("Keep only the newest N checkpoints; default: all.", default=None)
+    resume_from_checkpoint: str | None = _help(
+        "A checkpoint folder, or `latest` for the newest complete one in output_dir/checkpoints.", default=None
     )
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 (CLIP's value)."})
-    adam_beta2: float = field(default=0.98, metadata={"help": "AdamW beta2 (CLIP's value, steadier than 0.999)."})
-    adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon (CLIP's value)."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 disables clipping."})
-    lr_scheduler_type: str = field(
-        default="cosine", metadata={"help": "transformers scheduler name: cosine decay after the warmup."}
-    )
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps; overrides --warmup_ratio when > 0."})
-    warmup_ratio: float = field(
-        default=0.05, metadata={"help": "Warmup as a share of the optimiser steps: shields the pretrained weights."}
-    )
-    num_train_epochs: int = field(default=1, metadata={"help": "Epochs over the training data, unless --max_steps."})
-    max_steps: int | None = field(default=None, metadata={"help": "Optimiser steps; overrides --num_train_epochs."})
-    dataloader_drop_last: bool = field(
-        default=True, metadata={"help": "Drop the last incomplete batch: a tiny contrastive batch is a weak signal."}
-    )
-    mixed_precision: str | None = field(
-        default=None, metadata={"help": "no, fp16 or bf16; default: the `accelerate config` choice."}
-    )
-    checkpointing_steps: int = field(default=500, metadata={"help": "Save the full training state every N steps."})
-    checkpoints_total_limit: int | None = field(
-        default=None, metadata={"help": "Keep only the newest N checkpoints; default: keep all."}
-    )
-    resume_from_checkpoint: str | None = field(
-        default=None,
-        metadata={"help": "A checkpoint folder, or `latest` for the newest complete one in output_dir/checkpoints."},
-    )
-    eval_steps: int = field(default=500, metadata={"help": "Evaluate on --eval_data every N steps and at the end."})
-    eval_on_start: bool = field(
-        default=False, metadata={"help": "Also evaluate before the first step, for a baseline."}
-    )
-    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
-    report_to: str = field(
-        default="tensorboard", metadata={"help": "Accelerate trackers: tensorboard, wandb, all or none."}
-    )
-    record_sample_ids: bool = field(
+    eval_steps: int = _help("Evaluate on --eval_data every N steps and at the end.", default=500)
+    eval_on_start: bool = _help("Also evaluate before the first step, for a baseline.", default=False)
+    logging_steps: int = _help("Log the training loss every N steps.", default=10)
+    report_to: str = _help("Accelerate trackers: tensorboard, wandb, all or none.", default="tensorboard")
+    record_sample_ids: bool = _help(
+        "Write each micro-batch's row ids per process to output_dir/sample_ids/, to audit order and sharding.",
         default=False,
-        metadata={
-            "help": "Write the row ids of every micro-batch per process to output_dir/sample_ids/, to audit "
-            "data order and sharding."
-        },
     )
-    push_to_hub: bool = field(
-        default=False,
-        metadata={"help": "Publish the final folder with model_card/publish.py (card, code for trust_remote_code)."},
-    )
-    hub_model_id: str | None = field(
-        default=None, metadata={"help": "Hub repo NAMESPACE/NAME for --push_to_hub (required with it)."}
-    )
+    push_to_hub: bool = _help("Publish the final folder with model_card/publish.py.", default=False)
+    hub_model_id: str | None = _help("Hub repo NAMESPACE/NAME for --push_to_hub (required with it).", default=None)
 
     def __post_init__(self):
-        _check_at_least(
-            self,
-            (
-                "per_device_train_batch_size",
-                "per_device_eval_batch_size",
-                "gradient_accumulation_steps",
-                "num_train_epochs",
-                "max_steps",
-                "checkpointing_steps",
-                "checkpoints_total_limit",
-                "eval_steps",
-                "logging_steps",
-            ),
-            1,
-        )
+        batches = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+        steps = ("num_train_epochs", "max_steps", "checkpointing_steps", "eval_steps", "logging_steps")
+        _check_at_least(self, (*batches, *steps, "checkpoints_total_limit"), 1)
         _check_at_least(self, ("warmup_steps", "weight_decay", "max_grad_norm"), 0)
         if not self.learning_rate > 0:
             raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")

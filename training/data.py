@@ -1,13 +1,8 @@
 """Training data: geo-tagged images in, captioned and tokenised rows out, images decoded in DataLoader workers.
 
-Sources are anything `datasets` loads: a Hub id or local dataset (OSV-5M's columns `country`, `region`, `city`, with
-ISO codes for countries) or an image folder with a `metadata.csv` (`file_name,latitude,longitude[,city,region,
-country]`). Missing place labels are filled from the coordinates by the nearest GeoNames place; captions come from
-`modeling_streetclip.captions.CaptionMix` in a batched `datasets.map`, which also tokenises. Images stay encoded
-until the collator, which runs in the DataLoader workers.
-
-Bad rows never stop an epoch: rows with missing or out-of-range coordinates (or that no caption template fits) are
-dropped before training, and images that cannot be read are dropped from their batch; both are counted and logged.
+Missing place labels are filled from the coordinates by the nearest GeoNames place, and captions drawn, in a batched
+`datasets.map`. Bad rows never stop an epoch: rows without valid coordinates (or that no caption template fits) are
+dropped before training, and unreadable images are dropped from their batch; both are counted and logged.
 """
 
 import hashlib
@@ -27,7 +22,7 @@ from PIL import Image
 
 from modeling_streetclip.app.sources import open_dataset
 from modeling_streetclip.captions import CaptionMix
-from modeling_streetclip.countries import resolve_country_code
+from modeling_streetclip.countries import country_code_or_empty
 from modeling_streetclip.geodesy import coordinate_problem, valid_coordinates
 from modeling_streetclip.geonames import geonames_country_names
 from modeling_streetclip.images import ImageLoadError, load_rgb_image
@@ -39,10 +34,8 @@ logger = get_logger(__name__)
 worker_logger = logging.getLogger(__name__)
 
 PLACE_FIELDS = ("city", "region", "country")
-# The columns that the caption map writes, typed explicitly; every other source column except the image is dropped
-# from the cache. Left to itself, `datasets` keeps a source column's type wherever the new values cast to it, so one
-# text cell ("abc") in a CSV's latitude column would keep the cleaned coordinates as text, which the collator cannot
-# turn into a tensor.
+# The columns the caption map writes, typed: left to itself, `datasets` would keep a CSV's latitude column as text
+# when one cell is text, and the collator could not make a tensor of the cleaned coordinates.
 MAPPED_FEATURES = datasets.Features(
     {
         "latitude": datasets.Value("float64"),
@@ -59,18 +52,14 @@ MAPPED_FEATURES = datasets.Features(
 def load_geo_dataset(
     source: str, split: str, image_column: str, streaming: bool = False
 ) -> datasets.Dataset | datasets.IterableDataset:
-    """One split of a Hub or local data set, or of an image folder, with its images left encoded.
-
-    A source with a single split uses it whatever `split` says, since an image folder's only split is `train`
-    (`modeling_streetclip.app.sources.open_dataset`, which the benchmark runner also reads data sets with).
-    """
+    """One split of a Hub or local data set, or of an image folder (a single split is used whatever `split` says),
+    with its images left encoded for the DataLoader workers."""
     dataset, _ = open_dataset(source, split, streaming=streaming)
     if dataset.column_names is not None and image_column not in dataset.column_names:
         raise ValueError(
             f"{source!r} has no image column {image_column!r}; its columns are {dataset.column_names}. "
             "Name the image column with --image_column."
         )
-    # Decoding belongs to the DataLoader workers, where an unreadable image can be skipped instead of crashing.
     return dataset.cast_column(image_column, datasets.Image(decode=False))
 
 
@@ -78,9 +67,8 @@ class PlaceCaptioner:
     """The batched `datasets.map` function: cleans coordinates, fills missing place labels from them, draws a
     caption per row and tokenises it.
 
-    Every country is named by its ISO code: `country_names` (e.g. the candidate list's spelling) where it has the
-    code, else GeoNames' current name, so that captions and the country probe prompts name a country the same way
-    and an OSV-5M code becomes a name.
+    A country is named through its ISO code, by `country_names` (the candidate list's spelling) or else GeoNames, so
+    that captions and the country prompts agree and an OSV-5M code becomes a name.
     """
 
     def __init__(
@@ -89,35 +77,33 @@ class PlaceCaptioner:
         tokenizer,
         max_length: int,
         country_names: Mapping[str, str],
-        latitude_column: str = "latitude",
-        longitude_column: str = "longitude",
-        label_columns: Mapping[str, str] | None = None,
+        columns: Mapping[str, str] | None = None,
     ):
+        """`columns` maps "latitude", "longitude" and the place fields to the data's column names, if others."""
         self.caption_mix = caption_mix
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.country_names = {**geonames_country_names(), **country_names}
-        self.latitude_column = latitude_column
-        self.longitude_column = longitude_column
-        self.label_columns = dict(label_columns or {field: field for field in PLACE_FIELDS})
+        self.columns = {field: field for field in ("latitude", "longitude", *PLACE_FIELDS)} | dict(columns or {})
 
     def __call__(self, batch: Mapping[str, list], row_ids: list[int]) -> dict[str, list]:
         size = len(row_ids)
-        for column in (self.latitude_column, self.longitude_column):
-            if column not in batch:
+        for field in ("latitude", "longitude"):
+            if self.columns[field] not in batch:
                 raise ValueError(
-                    f"The data has no {column!r} column; its columns are {sorted(batch)}. Name the coordinate "
-                    "columns with --latitude_column and --longitude_column."
+                    f"The data has no {self.columns[field]!r} column; its columns are {sorted(batch)}. Name the "
+                    "coordinate columns with --latitude_column and --longitude_column."
                 )
-        latitudes = np.array([_as_float(value) for value in batch[self.latitude_column]], dtype=np.float64)
-        longitudes = np.array([_as_float(value) for value in batch[self.longitude_column]], dtype=np.float64)
+        latitudes, longitudes = (
+            np.array([_as_float(value) for value in batch[self.columns[field]]], dtype=np.float64)
+            for field in ("latitude", "longitude")
+        )
         valid = valid_coordinates(latitudes, longitudes)
         given = {
-            field: [_as_label(value) for value in batch.get(column, [None] * size)]
-            for field, column in self.label_columns.items()
+            field: [_as_label(value) for value in batch.get(self.columns[field], [None] * size)]
+            for field in PLACE_FIELDS
         }
-        # Geocoding every valid row costs microseconds per row and also supplies a country code where the given
-        # country name is unknown to GeoNames.
+        # Every valid row, labelled or not: it costs microseconds and gives a code where GeoNames lacks the name.
         geocoded = reverse_geocoder().lookup(latitudes[valid], longitudes[valid])
         geocoded_rows = np.cumsum(valid) - 1
         places = {field: [""] * size for field in PLACE_FIELDS}
@@ -157,10 +143,8 @@ def caption_dataset(
     num_proc: int | None = None,
     description: str = "data",
 ) -> datasets.Dataset | datasets.IterableDataset:
-    """Apply the caption map; a map-style data set also loses its bad rows here, with their count logged.
-
-    Row ids are positions in the source, taken before any shuffling, so a row keeps its caption in every epoch.
-    """
+    """Apply the caption map; a map-style data set also loses its bad rows here, with their count logged. Row ids are
+    positions in the source, so a row keeps its caption in every epoch."""
     remove = [column for column in dataset.column_names or [] if column != image_column]
     if isinstance(dataset, datasets.IterableDataset):
         # Streamed rows are only seen in the workers; the collator drops and counts the bad ones there.
@@ -185,8 +169,8 @@ def caption_dataset(
 
 
 class GeoCollator:
-    """Decodes and preprocesses the images of a batch in the DataLoader worker, pads the captions, and drops rows
-    whose image cannot be read (or that the caption map marked bad), reporting their number as `skipped_rows`."""
+    """Decodes and preprocesses a batch's images in the DataLoader worker and pads its captions, dropping rows whose
+    image cannot be read (or that the caption map marked bad) and counting them as `skipped_rows`."""
 
     def __init__(self, image_processor, tokenizer, image_column: str, country_codes: Sequence[str]):
         self.image_processor = image_processor
@@ -206,7 +190,6 @@ class GeoCollator:
                 continue
             kept.append(row)
         if kept:
-            # The processor's pixel values, with a strip's kept centre cut before it is resized.
             pixel_values = normalized_pixels(self.image_processor, resized_pixels(self.image_processor, images))
             tokens = self.tokenizer.pad({"input_ids": [row["input_ids"] for row in kept]}, return_tensors="pt")
         else:
@@ -232,8 +215,8 @@ class GeoCollator:
 
 
 def decode_image(value: Mapping | str | Image.Image | None) -> Image.Image:
-    """An RGB image from a `datasets` image value (`{"bytes", "path"}` left encoded), a path or a PIL image; a row
-    without one (an empty cell) is an `ImageLoadError`, a bad row like an unreadable file."""
+    """An RGB image from a `datasets` image value left encoded, a path or a PIL image; an empty cell is an
+    `ImageLoadError`, like an unreadable file."""
     if isinstance(value, Mapping):
         value = value.get("path") if value.get("bytes") is None else value["bytes"]
     if value is None:
@@ -242,25 +225,13 @@ def decode_image(value: Mapping | str | Image.Image | None) -> Image.Image:
 
 
 def caption_key(caption: str) -> int:
-    """A stable 64-bit id of a caption, equal in every process (unlike `hash`), to find identical captions in a
-    batch gathered across processes."""
+    """A 64-bit id of a caption, equal in every process (unlike `hash`), to find identical captions in a batch
+    gathered across processes."""
     return int.from_bytes(hashlib.blake2b(caption.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def candidate_country_names(country_names: Sequence[str], country_codes: Sequence[str]) -> dict[str, str]:
-    """ISO code to the candidate list's spelling of each country, for `PlaceCaptioner`."""
-    return {code: name for name, code in zip(country_names, country_codes, strict=True) if code}
-
-
-@cache
-def _country_code(name: str) -> str:
-    """ISO code of a country name or code, or "" for a name GeoNames does not know (the coordinates decide then)."""
-    if not name:
-        return ""
-    try:
-        return resolve_country_code(name)
-    except ValueError:
-        return ""
+# Called per row; an unknown name (the coordinates decide then) costs a search for close matches.
+_country_code = cache(country_code_or_empty)
 
 
 def _as_float(value) -> float:

@@ -1,14 +1,10 @@
 """Continue CLIP's contrastive pretraining on geo-tagged images with synthetic place captions (StreetCLIP).
 
-Launch it on one CPU, one GPU, or many GPUs and nodes with Accelerate (see training/README.md):
-
     accelerate launch training/pretrain.py --model_name_or_path openai/clip-vit-large-patch14-336 \\
         --train_data path/to/imagefolder --output_dir streetclip-run --max_steps 10000
 
-or with every argument in one YAML or JSON file: `accelerate launch training/pretrain.py config.yaml`. The output
-folder ends up holding a `StreetCLIPForGeolocation` (weights, heads rebuilt from the trained text tower, candidate
-table) and its `StreetCLIPProcessor` (image processor, tokenizer, templates) that `pipeline("geolocation",
-model=output_dir)` loads.
+or `accelerate launch training/pretrain.py config.yaml` (training/README.md). The output folder holds a
+`StreetCLIPForGeolocation` and its processor, which `pipeline("geolocation", model=output_dir)` loads.
 """
 
 import dataclasses
@@ -22,8 +18,6 @@ import shutil
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
 from modeling_streetclip import CandidatePlaces, CandidatePrompts, StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip.app.files import atomic_write
 
 
 try:
@@ -54,8 +49,8 @@ try:
     )
     from arguments import DataArguments, ModelArguments, TrainingArguments
     from contrastive import ContrastiveTowers, at_least_one_row, contrastive_loss, gather_across_processes
-    from data import GeoCollator, PlaceCaptioner, candidate_country_names, caption_dataset, load_geo_dataset
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from data import PLACE_FIELDS, GeoCollator, PlaceCaptioner, caption_dataset, load_geo_dataset
+    from peft import LoraConfig, get_peft_model
 except ModuleNotFoundError as error:
     # `pip install streetclip` installs inference only; training needs the packages of the [train] extra.
     if (error.name or "").partition(".")[0] not in ("accelerate", "datasets", "evaluate", "peft", "scipy"):
@@ -74,17 +69,13 @@ logger = get_logger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GEODESIC_METRIC = REPO_ROOT / "eval" / "geodesic_accuracy"
 PUBLISH_SCRIPT = REPO_ROOT / "model_card" / "publish.py"
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-# A checkpoint is written under this suffix and renamed when complete, so a kill mid-write never damages one.
-PARTIAL_SUFFIX = ".partial"
-# The script's own counters in each checkpoint, next to accelerate's files, so that they carry on after a resume.
+# Accelerate's automatic checkpoint naming, with the iteration set to the step.
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)$")
+# The script's counters, written into a checkpoint once every process has saved: they mark it complete.
 RUN_STATE_NAME = "run_state.json"
-# Files every checkpoint of this script holds (accelerate's names): a folder without them is not one.
-CHECKPOINT_FILES = (f"{OPTIMIZER_NAME}.bin", f"{SCHEDULER_NAME}.bin")
-# What a failed checkpoint write raises: OSError from Python, RuntimeError from torch.save (a full disk reads
-# "basic_ios::clear" or "PytorchStreamWriter failed writing file") and SafetensorError from the weights file.
+CHECKPOINT_FILES = (f"{OPTIMIZER_NAME}.bin", f"{SCHEDULER_NAME}.bin", RUN_STATE_NAME)
+# A failed write: OSError, RuntimeError from torch.save (a full disk reads "basic_ios::clear") or SafetensorError.
 CHECKPOINT_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
-# What reading a truncated or damaged checkpoint file raises, in the same libraries (and pickle for torch.load).
 CHECKPOINT_READ_ERRORS = (*CHECKPOINT_WRITE_ERRORS, EOFError, KeyError, ValueError, pickle.UnpicklingError)
 # The random states accelerate restores from random_states_<process>.pkl.
 RANDOM_STATE_KEYS = frozenset({"random_state", "numpy_random_seed", "torch_manual_seed"})
@@ -106,8 +97,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
 
 
 def set_trainable_parameters(model: StreetCLIPForGeolocation, args: ModelArguments) -> nn.Module:
-    """Choose what trains: everything, one tower, or LoRA adapters; returns the model to train (a peft model with
-    LoRA). The probe heads never train: they are rebuilt from the text tower for evaluation and saving."""
+    """Choose what trains: everything, one tower, or LoRA adapters (then returns the peft model). The probe heads
+    never train: they are rebuilt from the text tower for evaluation and saving."""
     model.requires_grad_(not args.use_lora)
     for head in (model.country_head, model.city_head):
         if head is not None:
@@ -131,39 +122,23 @@ def set_trainable_parameters(model: StreetCLIPForGeolocation, args: ModelArgumen
             # peft reads `is_gradient_checkpointing`, which transformers 5 renamed `is_activation_checkpointing`.
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             model = get_peft_model(model, lora_config)
-        # peft freezes every base weight, the temperature included.
-        model.get_base_model().logit_scale.requires_grad_(args.train_logit_scale)
+        model.get_base_model().logit_scale.requires_grad_(args.train_logit_scale)  # peft froze it
     return model
 
 
-def geolocation_model(towers: ContrastiveTowers) -> StreetCLIPForGeolocation:
-    """The StreetCLIP model inside the training wrapper (with LoRA layers in place when training adapters)."""
-    return towers.clip.get_base_model() if isinstance(towers.clip, PeftModel) else towers.clip
-
-
 def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    """The complete checkpoints, oldest first; partial ones (left by a kill mid-write) are never among them."""
-    steps = {
-        int(match.group(1)): path
-        for path in checkpoints_dir.glob("checkpoint-*")
-        if path.is_dir() and (match := CHECKPOINT_PATTERN.match(path.name))
-    }
+    """The complete checkpoints, oldest first: one that a kill or a full disk cut short lacks its run state."""
+    steps = {}
+    for path in checkpoints_dir.glob("checkpoint_*"):
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match and all((path / name).is_file() for name in CHECKPOINT_FILES):
+            steps[int(match.group(1))] = path
     return [steps[step] for step in sorted(steps)]
 
 
-def checkpoint_step(path: Path) -> int:
-    match = CHECKPOINT_PATTERN.match(path.name)
-    if match is None:
-        raise ValueError(f"Checkpoint folder {str(path)!r} is not named checkpoint-<step>, as this script saves them.")
-    return int(match.group(1))
-
-
 def resume_candidates(resume_from_checkpoint: str | None, checkpoints_dir: Path) -> list[Path]:
-    """The checkpoints to resume from, in the order to try them, checked at start-up before anything loads.
-
-    `latest` gives every complete checkpoint, newest first, so that a damaged one falls back to the one before it; a
-    folder gives itself alone, once it is known to be a checkpoint of this script (not, say, the output folder).
-    """
+    """The checkpoints to resume from, in the order to try them, checked before anything loads: `latest` gives every
+    complete one, newest first (a damaged one falls back to the one before); a folder gives itself alone."""
     if resume_from_checkpoint is None:
         return []
     if resume_from_checkpoint == "latest":
@@ -179,7 +154,8 @@ def resume_candidates(resume_from_checkpoint: str | None, checkpoints_dir: Path)
             f"checkpoints in its checkpoints/ folder ({example}), or `--resume_from_checkpoint latest --output_dir "
             f"{path}`."
         )
-    checkpoint_step(path)
+    if CHECKPOINT_PATTERN.match(path.name) is None:
+        raise ValueError(f"Checkpoint folder {str(path)!r} is not named checkpoint_<step>, as this script saves them.")
     missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
     if missing:
         raise ValueError(
@@ -190,12 +166,9 @@ def resume_candidates(resume_from_checkpoint: str | None, checkpoints_dir: Path)
 
 
 def resume_from(accelerator: Accelerator, candidates: list[Path], model: nn.Module) -> tuple[Path, dict]:
-    """Load the first of `candidates` that loads into the prepared `model` (and the optimiser and scheduler), warning
-    for each damaged one passed over; returns it with the script's own run state. A damaged checkpoint with nothing
-    older to fall back to stops the run, naming it; so does one saved from a model of another size, whose files are
-    intact and whose older siblings would not fit either."""
-    if not candidates:
-        raise ValueError("resume_from needs at least one checkpoint to try.")
+    """Load the first of `candidates` that loads into the prepared `model`, optimiser and scheduler, warning for each
+    damaged one passed over; returns it and its run state. A damaged checkpoint with nothing older to fall back to
+    stops the run, and so does one of a model of another size (its older siblings would not fit either)."""
     for position, checkpoint in enumerate(candidates):
         mismatch = shape_mismatch(checkpoint, model)
         if mismatch is not None:
@@ -206,8 +179,8 @@ def resume_from(accelerator: Accelerator, candidates: list[Path], model: nn.Modu
                 "model in another --output_dir."
             )
         try:
-            with quiet_accelerate_checkpointing():
-                accelerator.load_state(str(checkpoint))
+            run_state = json.loads((checkpoint / RUN_STATE_NAME).read_text(encoding="utf-8"))
+            accelerator.load_state(str(checkpoint))
         except CHECKPOINT_READ_ERRORS as error:
             problem = f"{type(error).__name__}: {error}"
             if position + 1 == len(candidates):
@@ -222,43 +195,39 @@ def resume_from(accelerator: Accelerator, candidates: list[Path], model: nn.Modu
             )
             continue
         warn_if_random_states_unreadable(checkpoint, accelerator.process_index)
-        return checkpoint, read_run_state(checkpoint)
+        return checkpoint, run_state
+    raise ValueError("resume_from needs at least one checkpoint to try.")
 
 
 def shape_mismatch(checkpoint: Path, model: nn.Module) -> str | None:
-    """A parameter of `checkpoint` whose saved shape differs from `model`'s, described, or None; read from the
-    weights file's header, without loading any weight. A file whose header cannot be read is left to the load, which
-    reports it as damaged."""
+    """A parameter whose shape in `checkpoint` differs from `model`'s, described, read from the weights file's header
+    alone; None if all fit, or if the header cannot be read (the load then reports the file as damaged)."""
     path = checkpoint / SAFE_WEIGHTS_NAME
     shapes = {name: list(value.shape) for name, value in model.state_dict().items()}
     try:
         with safe_open(path, framework="pt") as saved:
-            for name in saved.keys():
-                saved_shape = saved.get_slice(name).get_shape()
-                if name in shapes and saved_shape != shapes[name]:
-                    return (
-                        f"its parameter {name!r} has shape {saved_shape} in {path.name}, and {shapes[name]} in the "
-                        "model of this run"
-                    )
+            saved_shapes = {name: saved.get_slice(name).get_shape() for name in saved.keys()}
     except (OSError, SafetensorError):
         return None
+    for name, shape in saved_shapes.items():
+        if name in shapes and shape != shapes[name]:
+            return (
+                f"its parameter {name!r} has shape {shape} in {path.name}, and {shapes[name]} in the model of this run"
+            )
     return None
 
 
 def warn_if_random_states_unreadable(checkpoint: Path, process_index: int) -> None:
-    """accelerate skips random states it cannot read with an INFO line only; the resume is then no longer exact
-    (dropout and other random draws differ from an uninterrupted run), which deserves a warning."""
+    """accelerate skips random states it cannot read with an INFO line; the run's random draws then differ from an
+    uninterrupted run's, which deserves a warning."""
     path = checkpoint / f"{RNG_STATE_NAME}_{process_index}.pkl"
     try:
-        # The loader accelerate restores them with, so that this check fails exactly when the restore did.
-        states = load(path)
-        missing = RANDOM_STATE_KEYS - set(states)
+        missing = RANDOM_STATE_KEYS - set(load(path))  # accelerate's own loader, so this fails when its restore did
+        problem = f"it lacks {sorted(missing)}" if missing else None
     except (*CHECKPOINT_READ_ERRORS, TypeError) as error:
         problem = f"{type(error).__name__}: {error}"
-    else:
-        if not missing:
-            return
-        problem = f"it lacks {sorted(missing)}"
+    if problem is None:
+        return
     logger.warning(
         f"The random states in {path} cannot be restored ({problem}); the run goes on with fresh ones, so its random "
         "draws differ from those of an uninterrupted run.",
@@ -266,115 +235,70 @@ def warn_if_random_states_unreadable(checkpoint: Path, process_index: int) -> No
     )
 
 
-def read_run_state(checkpoint: Path) -> dict:
-    """The script's counters saved with a checkpoint (`train/skipped_rows`, `train/skipped_batches`) and the length
-    of the run that saved it, or none, with a warning, when missing."""
-    path = checkpoint / RUN_STATE_NAME
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        logger.warning(
-            f"Cannot read {path} ({error}); train/skipped_rows and train/skipped_batches count again from 0."
-        )
-        return {}
-
-
 def follow_schedule(lr_scheduler: LRScheduler, learning_rate: float, step: int) -> None:
-    """Put a scheduler that a checkpoint restored at `step` of this run's schedule, peaking at `learning_rate`.
+    """Put a scheduler restored from a checkpoint at `step` of this run's schedule, peaking at `learning_rate`.
 
-    A checkpoint restores the scheduler's step and the rate it had reached, but not its schedule: transformers'
-    schedules are closures, which `LambdaLR` does not save, so the schedule is this run's. The restored rate is the
-    saving run's, though: a run resumed with a larger --max_steps (or another --learning_rate or warmup) would take
-    its first step at that rate, 0 at the end of a cosine decay, and then follow the new schedule.
+    transformers' schedules are closures, which `LambdaLR` does not save: the checkpoint restores the step and the
+    saving run's last rate, so a run resumed with a larger --max_steps would otherwise take its next step at the end
+    rate of the shorter schedule (0 for a cosine).
     """
     state = lr_scheduler.state_dict()
     state.update(base_lrs=[learning_rate] * len(state["base_lrs"]), last_epoch=step - 1)
     lr_scheduler.load_state_dict(state)
-    lr_scheduler.step()  # sets every parameter group's rate for `step`, as the scheduler computes it
+    lr_scheduler.step()  # sets every parameter group's rate for `step`
 
 
 def drop_records_after(log_path: Path, step: int) -> None:
-    """Keep only the records of steps up to `step` in a JSON-lines log that a resumed run is about to extend: the
-    steps after its checkpoint are trained, and logged, again."""
+    """Keep only the records of steps up to `step` in a JSON-lines log that a resumed run is about to extend."""
     if not log_path.is_file():
         return
     kept = []
     for line in log_path.read_text(encoding="utf-8").splitlines():
         try:
-            record_step = json.loads(line)["step"]
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a kill mid-write
-        if record_step <= step:
-            kept.append(line + "\n")
-    rewritten = log_path.with_name(log_path.name + PARTIAL_SUFFIX)
-    rewritten.write_text("".join(kept), encoding="utf-8")
-    os.replace(rewritten, log_path)
+    with atomic_write(log_path) as rewritten:
+        rewritten.write_text("".join(kept), encoding="utf-8")
 
 
-@contextmanager
-def quiet_accelerate_checkpointing() -> Iterator[None]:
-    """accelerate logs an INFO line per file it saves or loads; the script logs one line per checkpoint instead."""
-    quieted = [logging.getLogger(name) for name in ("accelerate.accelerator", "accelerate.checkpointing")]
-    levels = [each.level for each in quieted]
-    for each in quieted:
-        each.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for each, level in zip(quieted, levels, strict=True):
-            each.setLevel(level)
-
-
-def save_checkpoint(
-    accelerator: Accelerator, checkpoints_dir: Path, step: int, total_limit: int | None, run_state: dict | None = None
-) -> bool:
-    """`accelerator.save_state` and the script's `run_state` into a partial folder, renamed into place once every
-    process has written; returns whether the checkpoint was saved.
-
-    A write that fails (a full disk) must not cost the run: the partial folder goes, the older checkpoints stay, and
-    training goes on, to save again at its next checkpoint step.
-    """
-    final = checkpoints_dir / f"checkpoint-{step}"
-    partial = final.with_name(final.name + PARTIAL_SUFFIX)
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
+def save_checkpoint(accelerator: Accelerator, step: int, run_state: dict) -> bool:
+    """`accelerator.save_state` into checkpoints/checkpoint_<step>, then `run_state`, which marks it complete; returns
+    whether it was saved. A failed write (a full disk) removes the folder and lets training go on, to save again at
+    the next checkpoint step."""
+    checkpoint = Path(accelerator.project_dir, "checkpoints", f"checkpoint_{step}")
+    if accelerator.is_main_process and checkpoint.exists():
+        shutil.rmtree(checkpoint)  # left incomplete by a kill, or stale after resuming from an older checkpoint
     accelerator.wait_for_everyone()
-    failed = False
+    accelerator.project_configuration.iteration = step  # accelerate names the folder after it
+    error = None
     try:
-        with quiet_accelerate_checkpointing():
-            accelerator.save_state(str(partial))
-        if accelerator.is_main_process:
-            (partial / RUN_STATE_NAME).write_text(json.dumps(run_state or {}) + "\n", encoding="utf-8")
-    except CHECKPOINT_WRITE_ERRORS as error:
-        failed = True
-        free_mb = shutil.disk_usage(checkpoints_dir.parent).free / 2**20
+        accelerator.save_state()
+    except CHECKPOINT_WRITE_ERRORS as caught:
+        error = caught
+    # Every process learns whether any write failed, which also waits for all of them to finish theirs.
+    failed = bool(accelerator.reduce(torch.tensor(int(error is not None), device=accelerator.device)).item())
+    if accelerator.is_main_process and not failed:
+        try:
+            with atomic_write(checkpoint / RUN_STATE_NAME) as path:
+                path.write_text(json.dumps(run_state) + "\n", encoding="utf-8")
+        except OSError as caught:
+            error, failed = caught, True
+    if error is not None:
+        free_mb = shutil.disk_usage(accelerator.project_dir).free / 2**20
         logger.error(
-            f"Could not write checkpoint {final} ({type(error).__name__}: {error}); {free_mb:.1f} MB are free on "
+            f"Could not write checkpoint {checkpoint} ({type(error).__name__}: {error}); {free_mb:.1f} MB are free on "
             "its disk. The older checkpoints are intact, and training goes on to save at the next checkpoint step.",
             main_process_only=False,
         )
-    # Every process learns whether any write failed (this also waits for all of them): only a whole one is renamed.
-    if accelerator.reduce(torch.tensor(int(failed), device=accelerator.device), reduction="sum").item():
-        if accelerator.is_main_process:
-            # A leftover would be ignored by resuming and replaced by the next save; removing it frees the disk.
-            shutil.rmtree(partial, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        return False
     if accelerator.is_main_process:
-        if final.exists():
-            # Only after resuming from an older checkpoint: replace the stale copy of this step.
-            stale = final.with_name(final.name + ".stale")
-            os.replace(final, stale)
-            os.replace(partial, final)
-            shutil.rmtree(stale)
+        if failed:
+            shutil.rmtree(checkpoint, ignore_errors=True)
         else:
-            os.replace(partial, final)
-        logger.info(f"Saved checkpoint {final}")
-        if total_limit is not None:
-            for old in complete_checkpoints(checkpoints_dir)[:-total_limit]:
-                shutil.rmtree(old)
+            logger.info(f"Saved checkpoint {checkpoint}")
     accelerator.wait_for_everyone()
-    return True
+    return not failed
 
 
 def log_metrics(accelerator: Accelerator, metrics: dict[str, float], step: int, output_dir: Path) -> None:
@@ -392,18 +316,19 @@ def evaluate_geolocation(
     dataloader: DataLoader,
     places: CandidatePlaces,
     prompts: CandidatePrompts,
-    metric,
+    metric: evaluate.EvaluationModule,
 ) -> dict[str, float]:
-    """Hierarchical geolocation with heads rebuilt from the current text tower: country accuracy and the
-    geodesic metric over the held-out data."""
+    """Country accuracy and the geodesic metric on the held-out data, with heads rebuilt from the current text
+    tower."""
     model.eval()
     model.set_candidates(places, prompts)
     results = {"row_ids": [], "predicted": [], "true": [], "predicted_country": [], "true_country": []}
     for batch in tqdm(dataloader, desc="Evaluating", leave=False, disable=not accelerator.is_local_main_process):
-        rows = len(batch["row_ids"])  # none when every image of the batch was unreadable; the gather still runs
+        rows = len(batch["row_ids"])  # 0 when no image of the batch was readable; the gather still runs
         with accelerator.autocast():
             outputs = model(pixel_values=at_least_one_row(batch["pixel_values"]))
         gathered = gather_across_processes(
+            accelerator,
             batch["row_ids"],
             outputs.predicted_coordinates[:rows],
             batch["coordinates"],
@@ -424,44 +349,47 @@ def evaluate_geolocation(
 def save_final_model(
     model: StreetCLIPForGeolocation, processor: StreetCLIPProcessor, run_record: dict[str, Any], output_dir: Path
 ) -> str | None:
-    """Save `model`, `processor` and `run_record` (as training_args.json, which the model card reads) into
-    `output_dir` all or nothing: written to a partial folder first, its files moved in only once every one is
-    complete, so that a full disk never leaves a folder that loaders half-read. Returns None when saved, else what
-    went wrong (with the free space), the partial folder removed."""
-    partial = output_dir / f"final-model{PARTIAL_SUFFIX}"
-    shutil.rmtree(partial, ignore_errors=True)
+    """Save `model`, `processor` and `run_record` (training_args.json, which the model card reads) into `output_dir`
+    all or nothing, so that a full disk never leaves a folder that loaders half-read. Returns None when saved, else
+    what went wrong, with the free space."""
+    staged = output_dir / "final-model"
     try:
-        model.save_pretrained(partial)
-        processor.save_pretrained(partial)
-        (partial / "training_args.json").write_text(json.dumps(run_record, indent=2) + "\n")
+        with atomic_write(staged) as folder:
+            model.save_pretrained(folder)
+            processor.save_pretrained(folder)
+            (folder / "training_args.json").write_text(json.dumps(run_record, indent=2) + "\n", encoding="utf-8")
     except CHECKPOINT_WRITE_ERRORS as error:
-        shutil.rmtree(partial, ignore_errors=True)
         free_mb = shutil.disk_usage(output_dir).free / 2**20
         return f"{type(error).__name__}: {error}; {free_mb:.1f} MB are free on its disk"
-    for path in partial.iterdir():
+    for path in staged.iterdir():
         os.replace(path, output_dir / path.name)
-    partial.rmdir()
+    staged.rmdir()
     return None
 
 
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, training_args = parse_args(argv)
     output_dir = Path(training_args.output_dir)
-    checkpoints_dir = output_dir / "checkpoints"
-    checkpoints_to_try = resume_candidates(training_args.resume_from_checkpoint, checkpoints_dir)
+    checkpoints_to_try = resume_candidates(training_args.resume_from_checkpoint, output_dir / "checkpoints")
     accelerator = Accelerator(
         gradient_accumulation_steps=training_args.gradient_accumulation_steps,
         mixed_precision=training_args.mixed_precision,
         log_with=None if training_args.report_to == "none" else training_args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        # Every process draws the same permutation, so the data is sharded, never duplicated, and resumable; each
-        # process reads its own batches (a streamed set is not dispatched from the main process, which cannot split
-        # batches whose size varies once unreadable images are dropped).
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir),
+            logging_dir=str(output_dir / "logs"),
+            automatic_checkpoint_naming=True,
+            total_limit=training_args.checkpoints_total_limit,
+        ),
+        # Every process draws the same permutation, so the data is sharded, never duplicated, and resumable. Each
+        # reads its own batches: the main process cannot split batches whose size varies with unreadable images.
         dataloader_config=DataLoaderConfiguration(
             use_seedable_sampler=True, data_seed=training_args.seed, dispatch_batches=False
         ),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    for name in ("accelerate.accelerator", "accelerate.checkpointing"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # a line per file saved; the script logs one per checkpoint
     logger.info(accelerator.state, main_process_only=False)
     if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
         logger.warning(
@@ -471,25 +399,19 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    # Model: heads for the requested candidates, built from the starting text tower and rebuilt as it trains.
+    # Model: heads for the requested candidates; all text (prompts, captions) goes through the processor.
     countries = model_args.read_countries()
     candidate_settings = {"candidate_countries": countries} if countries else {}
     if model_args.cities_per_country is not None:
         candidate_settings["cities_per_country"] = model_args.cities_per_country
-    # All text (probe prompts, captions) goes through the processor, which is saved with the final model.
     processor = StreetCLIPProcessor.from_pretrained(model_args.model_name_or_path)
     model = StreetCLIPForGeolocation.from_pretrained(
         model_args.model_name_or_path, processor=processor, **candidate_settings
     )
     places = model.candidate_places
     prompts = processor.candidate_prompts(places)  # tokenised once, encoded again at every evaluation
-    tokenizer, image_processor = processor.tokenizer, processor.image_processor
     if model_args.gradient_checkpointing:
-        # transformers 5 renamed gradient checkpointing to activation checkpointing; its first releases lack the name.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     towers = ContrastiveTowers(set_trainable_parameters(model, model_args))
     trainable = sum(parameter.numel() for parameter in towers.parameters() if parameter.requires_grad)
     total = sum(parameter.numel() for parameter in towers.parameters())
@@ -498,37 +420,41 @@ def main(argv: list[str] | None = None) -> None:
     # Data: captions and tokens once, in the main process first so that the others reuse its cache.
     captioner = PlaceCaptioner(
         data_args.caption_mix(processor.caption_template, training_args.seed),
-        tokenizer,
+        processor.tokenizer,
         max_length=model.config.text_config.max_position_embeddings,
-        country_names=candidate_country_names(places.country_names, places.country_codes),
-        latitude_column=data_args.latitude_column,
-        longitude_column=data_args.longitude_column,
-        label_columns={
-            "city": data_args.city_column,
-            "region": data_args.region_column,
-            "country": data_args.country_column,
+        # The candidate list's spelling of each country, so that captions and the country prompts agree.
+        country_names={
+            code: name for code, name in zip(places.country_codes, places.country_names, strict=True) if code
         },
+        columns={field: getattr(data_args, f"{field}_column") for field in ("latitude", "longitude", *PLACE_FIELDS)},
     )
-    with accelerator.main_process_first():
-        train_dataset = load_geo_dataset(
-            data_args.train_data, data_args.train_split, data_args.image_column, data_args.streaming
+
+    def captioned(source: str, split: str, max_samples: int | None, streaming: bool, description: str):
+        dataset = load_geo_dataset(source, split, data_args.image_column, streaming)
+        if max_samples is not None:
+            dataset = dataset.take(max_samples)
+        return caption_dataset(
+            dataset, captioner, data_args.image_column, data_args.preprocessing_num_workers, description
         )
-        if data_args.max_train_samples is not None:
-            train_dataset = train_dataset.take(data_args.max_train_samples)
-        train_dataset = caption_dataset(
-            train_dataset, captioner, data_args.image_column, data_args.preprocessing_num_workers, "training data"
+
+    with accelerator.main_process_first():
+        train_dataset = captioned(
+            data_args.train_data,
+            data_args.train_split,
+            data_args.max_train_samples,
+            data_args.streaming,
+            "training data",
         )
         eval_dataset = None
         if data_args.eval_data is not None:
-            eval_dataset = load_geo_dataset(data_args.eval_data, data_args.eval_split, data_args.image_column)
-            if data_args.max_eval_samples is not None:
-                eval_dataset = eval_dataset.take(data_args.max_eval_samples)
-            eval_dataset = caption_dataset(
-                eval_dataset, captioner, data_args.image_column, data_args.preprocessing_num_workers, "eval data"
+            eval_dataset = captioned(
+                data_args.eval_data, data_args.eval_split, data_args.max_eval_samples, False, "eval data"
             )
     if data_args.streaming:
         train_dataset = train_dataset.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
-    collator = GeoCollator(image_processor, tokenizer, data_args.image_column, places.country_codes)
+    collator = GeoCollator(
+        processor.image_processor, processor.tokenizer, data_args.image_column, places.country_codes
+    )
     train_dataloader = DataLoader(
         train_dataset,
         shuffle=not data_args.streaming,
@@ -547,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
             num_workers=data_args.dataloader_num_workers,
         )
 
-    # Optimiser: AdamW without weight decay on gains, biases and the temperature (CLIP's choice).
+    # AdamW without weight decay on gains, biases and the temperature (CLIP's choice).
     trainable_parameters = [parameter for parameter in towers.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(
         [
@@ -568,7 +494,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{accelerator.num_processes} process(es), and --dataloader_drop_last drops incomplete batches."
         )
     if data_args.streaming:
-        max_steps, num_epochs = training_args.max_steps, sys.maxsize
+        max_steps, num_epochs, updates_per_epoch = training_args.max_steps, sys.maxsize, None
     else:
         updates_per_epoch = math.ceil(len(train_dataloader) / training_args.gradient_accumulation_steps)
         max_steps = training_args.max_steps or training_args.num_train_epochs * updates_per_epoch
@@ -582,7 +508,6 @@ def main(argv: list[str] | None = None) -> None:
         num_training_steps=max_steps * accelerator.num_processes,
     )
     lr_scheduler = accelerator.prepare(lr_scheduler)
-    geolocator = geolocation_model(accelerator.unwrap_model(towers))
     accelerator.init_trackers(
         "streetclip-pretrain",
         config={
@@ -597,18 +522,17 @@ def main(argv: list[str] | None = None) -> None:
     global_step, first_epoch, skip_batches, run_state = 0, 0, 0, {}
     sample_log = output_dir / "sample_ids" / f"rank-{accelerator.process_index}.jsonl"
     if training_args.resume_from_checkpoint == "latest" and not checkpoints_to_try:
-        logger.warning(f"No checkpoint in {checkpoints_dir} to resume from; starting a new run.")
+        logger.warning(f"No checkpoint in {output_dir / 'checkpoints'} to resume from; starting a new run.")
     if checkpoints_to_try:
         checkpoint, run_state = resume_from(accelerator, checkpoints_to_try, towers)
-        global_step = checkpoint_step(checkpoint)
-        # Accelerate steps the scheduler once per process and optimiser step.
+        global_step = int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
         follow_schedule(lr_scheduler.scheduler, training_args.learning_rate, global_step * accelerator.num_processes)
-        saved_max_steps = run_state.get("max_steps", max_steps)
-        if saved_max_steps != max_steps:
+        if run_state["max_steps"] != max_steps:
             logger.info(
-                f"{checkpoint} was saved by a run of {saved_max_steps} steps; this run trains to {max_steps}: the "
-                f"learning-rate schedule ({training_args.lr_scheduler_type}, warmup_steps={warmup_steps}) is that "
-                f"of {max_steps} steps, at {lr_scheduler.get_last_lr()[0]:.3g} for step {global_step + 1}."
+                f"{checkpoint} was saved by a run of {run_state['max_steps']} steps; this run trains to "
+                f"{max_steps}: the learning-rate schedule ({training_args.lr_scheduler_type}, warmup_steps="
+                f"{warmup_steps}) is that of {max_steps} steps, at {lr_scheduler.get_last_lr()[0]:.3g} for step "
+                f"{global_step + 1}."
             )
         completed_batches = global_step * training_args.gradient_accumulation_steps
         if data_args.streaming:
@@ -621,19 +545,14 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.wait_for_everyone()
         logger.info(f"Resumed from {checkpoint} at step {global_step} (epoch {first_epoch}, batch {skip_batches}).")
 
-    total_batch = training_args.per_device_train_batch_size * accelerator.num_processes
     logger.info(
-        f"Training for {max_steps} steps; contrastive batch {total_batch} "
-        f"({training_args.per_device_train_batch_size} per process x {accelerator.num_processes}), "
+        f"Training for {max_steps} steps; contrastive batch "
+        f"{training_args.per_device_train_batch_size} per process x {accelerator.num_processes}, "
         f"{training_args.gradient_accumulation_steps} micro-batch(es) per step."
     )
     if eval_dataloader is not None and training_args.eval_on_start and global_step == 0:
-        log_metrics(
-            accelerator,
-            evaluate_geolocation(accelerator, geolocator, eval_dataloader, places, prompts, metric),
-            0,
-            output_dir,
-        )
+        metrics = evaluate_geolocation(accelerator, model, eval_dataloader, places, prompts, metric)
+        log_metrics(accelerator, metrics, 0, output_dir)
     if training_args.record_sample_ids:
         sample_log.parent.mkdir(parents=True, exist_ok=True)
 
@@ -641,13 +560,13 @@ def main(argv: list[str] | None = None) -> None:
     towers.train()
     skipped_rows = torch.zeros((), dtype=torch.long, device=accelerator.device)
     # Micro-batches whose global batch held no readable image: the same count on every process.
-    skipped_batches = int(run_state.get("skipped_batches", 0))
+    skipped_batches = run_state.get("skipped_batches", 0)
     # The current optimiser step's rows over all processes and micro-batches, and its micro-batch losses.
     step_rows, step_losses = 0, []
 
     def skipped_so_far() -> int:
-        """Rows dropped by the collators of all processes, since the start of the run (not of this resume)."""
-        return int(run_state.get("skipped_rows", 0)) + int(accelerator.reduce(skipped_rows, reduction="sum").item())
+        """Rows dropped by the collators of all processes since the start of the run (not of this resume)."""
+        return run_state.get("skipped_rows", 0) + int(accelerator.reduce(skipped_rows, reduction="sum").item())
 
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_steps:
@@ -670,7 +589,7 @@ def main(argv: list[str] | None = None) -> None:
                     batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
                 )
                 image_embeds, text_embeds, caption_keys = gather_across_processes(
-                    image_embeds, text_embeds, batch["caption_keys"]
+                    accelerator, image_embeds, text_embeds, batch["caption_keys"]
                 )
                 loss = contrastive_loss(image_embeds, text_embeds, logit_scale, caption_keys)
                 accelerator.backward(loss)
@@ -695,12 +614,12 @@ def main(argv: list[str] | None = None) -> None:
             if not accelerator.sync_gradients:
                 continue
             with torch.no_grad():
-                geolocator.logit_scale.clamp_(0, math.log(model_args.max_logit_scale))
+                model.logit_scale.clamp_(0, math.log(model_args.max_logit_scale))
             global_step += 1
             progress.update(1)
             metrics = {
                 "train/learning_rate": learning_rate,
-                "train/logit_scale": geolocator.logit_scale.exp().item(),
+                "train/logit_scale": model.logit_scale.exp().item(),
                 "train/epoch": epoch,
                 "train/skipped_batches": skipped_batches,
             }
@@ -711,22 +630,13 @@ def main(argv: list[str] | None = None) -> None:
             if global_step % training_args.logging_steps == 0 or global_step == max_steps:
                 log_metrics(accelerator, {**metrics, "train/skipped_rows": skipped_so_far()}, global_step, output_dir)
             if global_step % training_args.checkpointing_steps == 0:
-                save_checkpoint(
-                    accelerator,
-                    checkpoints_dir,
-                    global_step,
-                    training_args.checkpoints_total_limit,
-                    {"skipped_rows": skipped_so_far(), "skipped_batches": skipped_batches, "max_steps": max_steps},
-                )
+                counts = {"skipped_rows": skipped_so_far(), "skipped_batches": skipped_batches}
+                save_checkpoint(accelerator, global_step, {**counts, "max_steps": max_steps})
             if eval_dataloader is not None and (
                 global_step % training_args.eval_steps == 0 or global_step == max_steps
             ):
-                log_metrics(
-                    accelerator,
-                    evaluate_geolocation(accelerator, geolocator, eval_dataloader, places, prompts, metric),
-                    global_step,
-                    output_dir,
-                )
+                metrics = evaluate_geolocation(accelerator, model, eval_dataloader, places, prompts, metric)
+                log_metrics(accelerator, metrics, global_step, output_dir)
             if global_step >= max_steps:
                 break
     progress.close()
@@ -738,10 +648,9 @@ def main(argv: list[str] | None = None) -> None:
     # The final folder: merged weights, heads from the trained text tower, and the processor.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        trained = accelerator.unwrap_model(towers).clip
-        if isinstance(trained, PeftModel):
-            trained = trained.merge_and_unload()
-        trained.set_candidates(places, prompts)
+        if model_args.use_lora:
+            accelerator.unwrap_model(towers).clip.merge_and_unload()  # into `model`, the base of the peft model
+        model.set_candidates(places, prompts)
         # What the model card's training section reports (model_card/card.py reads these names).
         run_record = {
             **dataclasses.asdict(model_args),
@@ -749,19 +658,18 @@ def main(argv: list[str] | None = None) -> None:
             **dataclasses.asdict(training_args),
             "max_steps": max_steps,
             "completed_steps": global_step,
-            # Optimiser steps per pass over the data, for the card's epochs; a streamed data set has no length.
-            "updates_per_epoch": None if data_args.streaming else updates_per_epoch,
-            # What the run used, whether it came from --mixed_precision or `accelerate launch`/`accelerate config`.
+            "updates_per_epoch": updates_per_epoch,  # for the card's epochs; None for a streamed data set
+            # From --mixed_precision or from `accelerate launch`/`accelerate config`.
             "mixed_precision": accelerator.mixed_precision,
             "world_size": accelerator.num_processes,
             "global_batch_size": training_args.per_device_train_batch_size
             * accelerator.num_processes
             * training_args.gradient_accumulation_steps,
         }
-        problem = save_final_model(trained, processor, run_record, output_dir)
+        problem = save_final_model(model, processor, run_record, output_dir)
         if problem is not None:
             accelerator.end_training()
-            latest = complete_checkpoints(checkpoints_dir)
+            latest = complete_checkpoints(output_dir / "checkpoints")
             sys.exit(
                 f"Training finished ({global_step} steps), but the final model could not be saved to {output_dir} "
                 f"({problem}); nothing half-written was left there. "
@@ -774,7 +682,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         logger.info(f"Saved the StreetCLIP model to {output_dir}")
         if training_args.push_to_hub:
-            # The same repository model_card/publish.py makes: card, custom code and config for trust_remote_code.
+            # The repository model_card/publish.py makes: card, custom code and config for trust_remote_code.
             command = [sys.executable, str(PUBLISH_SCRIPT), str(output_dir), training_args.hub_model_id]
             if subprocess.run(command).returncode != 0:
                 accelerator.end_training()
