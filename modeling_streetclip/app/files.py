@@ -23,34 +23,28 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     `path` or the new one, never part of one. On an error (in the block or in the rename) the temporary is removed and
     `path` is left as it was.
 
-    A temporary left by a killed writer is removed first. A folder replaces an existing folder in two renames (the
-    old one goes to `path` + ".old", then is deleted); a kill between them leaves the old folder there.
+    A temporary left by a killed writer is removed first, so writers of one `path` must take turns. A folder replaces
+    an existing folder in two renames (the old one goes to `path` + ".old", then is deleted); a kill between them
+    leaves the old folder there.
     """
     path = Path(path)
     temporary = path.with_name(path.name + TEMPORARY_SUFFIX)
     _remove(temporary)
     try:
         yield temporary
-        move_into_place(temporary, path)
+        _sync_tree(temporary)
+        if path.is_dir() and not path.is_symlink():
+            replaced = path.with_name(path.name + REPLACED_SUFFIX)
+            _remove(replaced)
+            os.replace(path, replaced)
+            os.replace(temporary, path)
+            shutil.rmtree(replaced)
+        else:
+            os.replace(temporary, path)
+        _sync(path.parent)
     except BaseException:
         _remove(temporary)
         raise
-
-
-def move_into_place(temporary: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Flush `temporary` to disk and rename it over `path` (see `atomic_write`), for writers that cannot work in one
-    `with` block (processes writing one folder)."""
-    temporary, path = Path(temporary), Path(path)
-    _sync_tree(temporary)
-    if path.is_dir() and not path.is_symlink():
-        replaced = path.with_name(path.name + REPLACED_SUFFIX)
-        _remove(replaced)
-        os.replace(path, replaced)
-        os.replace(temporary, path)
-        shutil.rmtree(replaced)
-    else:
-        os.replace(temporary, path)
-    _sync(path.parent)
 
 
 def _sync_tree(path: Path) -> None:
@@ -70,7 +64,7 @@ def _sync(path: Path) -> None:
             return  # Windows: a folder cannot be opened to fsync, and its entries are written through
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     else:
-        fd = os.open(path, os.O_RDWR)  # (Windows fsyncs only what it may write)
+        fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows fsyncs only what it may write
     try:
         os.fsync(fd)
     finally:
@@ -84,4 +78,4 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-__all__ = ["atomic_write", "move_into_place"]
+__all__ = ["atomic_write"]
