@@ -1,15 +1,18 @@
 """StreetCLIP for Hugging Face: zero-shot image geolocation with CLIP.
 
 Importing this package registers the `"geolocation"` pipeline task and the `streetclip` configuration, model and
-processor with the Auto classes, however the process started. The public names load on first use (PEP 562) and the
-registration waits until transformers is imported (at once if it already is), so that the `streetclip` command, which
-imports this package on its way to `cli`, answers `--help` without importing torch, which takes seconds.
+processor with the Auto classes, however the process started. Public names load on first use (PEP 562) and the
+registration waits until transformers is imported, so that the `streetclip` command answers `--help` without torch.
 """
 
 import importlib
 import importlib.abc
+import importlib.metadata
 import sys
 from typing import TYPE_CHECKING
+
+
+__version__ = importlib.metadata.version("streetclip")
 
 
 # Public name -> the module of this package that defines it.
@@ -77,13 +80,9 @@ def register_with_transformers() -> None:
 
 
 class _RegisterOnceImported(importlib.abc.MetaPathFinder):
-    """Calls `register_with_transformers` as soon as transformers is imported and no module of this package is halfway
-    through its own import.
-
-    Registering imports this package's modules, which import transformers; a module that imports transformers first
-    is still running, so the registration waits for it to finish. The finder hands out the other finders' specs with
-    their loaders wrapped, and leaves `sys.meta_path` once the registration has run.
-    """
+    """Calls `register_with_transformers` once transformers is imported and no module of this package is halfway
+    through its own import (registering imports them all). It hands out the other finders' specs with their loaders
+    wrapped, and leaves `sys.meta_path` once the registration has run."""
 
     def __init__(self):
         self.done = False
@@ -105,8 +104,8 @@ class _RegisterOnceImported(importlib.abc.MetaPathFinder):
 
 
 class _NotifyingLoader(importlib.abc.Loader):
-    """A module's own loader, which tells the finder when the module has run; the module keeps the original, and
-    everything else (`get_code`, which `python -m` runs, resources) is the original's."""
+    """A module's loader that tells the finder when the module has run; everything else (`get_code`, which
+    `python -m` runs, resources) and the module itself keep the original."""
 
     def __init__(self, loader: importlib.abc.Loader, finder: _RegisterOnceImported, counted: bool):
         self.loader, self.finder, self.counted = loader, finder, counted
@@ -134,6 +133,7 @@ else:
     sys.meta_path.insert(0, _registration)
 
 __all__ = [
+    "__version__",
     "CandidatePlaces",
     "CandidatePrompts",
     "GeolocationOutput",

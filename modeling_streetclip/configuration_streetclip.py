@@ -137,7 +137,9 @@ class StreetCLIPConfig(CLIPConfig):
     >>> config = StreetCLIPConfig(candidate_countries=["France", "Japan"], cities_per_country=10)
     >>> config.country_prompt_template.format(country="Japan")
     'A Street View photo in Japan.'
-    ```"""
+
+    ```
+    """
 
     model_type = "streetclip"
 

@@ -1,5 +1,6 @@
 """The "geolocation" pipeline: parity with the paper's method, output format, and every kind of bad input."""
 
+import doctest
 import io
 import json
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -17,7 +19,13 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor, pipeline
 
 import modeling_streetclip
-from modeling_streetclip import GeolocationPipeline, ImageLoadError, StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip import (
+    GeolocationPipeline,
+    ImageLoadError,
+    StreetCLIPForGeolocation,
+    StreetCLIPProcessor,
+    configuration_streetclip,
+)
 from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo
 
 
@@ -105,6 +113,18 @@ def test_the_recommended_candidate_settings_are_exported_where_the_readme_import
     assert "RECOMMENDED_CANDIDATE_SETTINGS" in modeling_streetclip.__all__
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert "from modeling_streetclip import RECOMMENDED_CANDIDATE_SETTINGS" in readme
+
+
+def test_the_package_version_is_the_one_pyproject_declares():
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    assert modeling_streetclip.__version__ == pyproject["project"]["version"]
+    assert "__version__" in modeling_streetclip.__all__
+
+
+@pytest.mark.parametrize("module", [configuration_streetclip], ids=lambda module: module.__name__)
+def test_the_docstring_examples_run_as_written(module):
+    results = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert results.attempted > 0 and results.failed == 0
 
 
 def test_answer_has_the_documented_fields_and_candidate_values(geolocator):
