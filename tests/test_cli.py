@@ -4,6 +4,7 @@ Most cases call `main` in-process on the tiny saved model (fast); one runs the i
 entry point and that `main`'s return value becomes the process's exit status.
 """
 
+import argparse
 import csv
 import errno
 import inspect
@@ -751,6 +752,24 @@ def test_batch_and_worker_defaults_have_one_home_and_workers_fit_the_cores():
     assert args.num_workers == DEFAULT_NUM_WORKERS
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert 1 <= DEFAULT_NUM_WORKERS <= cores
+
+
+def test_locate_index_build_and_the_benchmark_declare_the_shared_options_alike():
+    import benchmark
+
+    def options(parser: argparse.ArgumentParser) -> dict[str, tuple]:
+        shared = ("--batch_size", "--num_workers", "--device", "--dtype", "--verbose")
+        return {
+            action.option_strings[0]: (action.default, action.choices, action.help, action.metavar)
+            for action in parser._actions
+            if action.option_strings and action.option_strings[0] in shared
+        }
+
+    commands = next(action for action in build_parser()._actions if action.dest == "command").choices
+    build = next(action for action in commands["index"]._actions if action.dest == "index_command").choices["build"]
+    locate = options(commands["locate"])
+
+    assert len(locate) == 5 and locate == options(build) == options(benchmark.build_parser())
 
 
 @pytest.mark.slow

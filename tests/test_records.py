@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import sys
 import tracemalloc
 
 import pytest
@@ -383,3 +384,11 @@ def test_a_failed_part_write_stops_the_run_and_keeps_the_parts_before_it(tmp_pat
     assert not path.exists()
     assert sorted(part.name for part in (tmp_path / "answers.parquet.parts").iterdir()) == ["part-000000.parquet"]
     assert resume(path) == {"/a.jpg": True}
+
+
+def test_parquet_without_pyarrow_is_refused_naming_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+
+    with pytest.raises(ResultFileError, match=r"Parquet output needs the `pyarrow` package .*pip install pyarrow"):
+        resume(tmp_path / "answers.parquet")
+    assert list(tmp_path.iterdir()) == []  # refused before the file, its lock or its options were touched
