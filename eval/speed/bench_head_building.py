@@ -1,18 +1,12 @@
-"""Building the prompt heads of a plain CLIP checkpoint, and saving and reloading the result: the tiny test model and
-StreetCLIP's real scale (ViT-L/14 at 336 px, random weights, which cost what trained ones do).
+"""Building the prompt heads of a plain CLIP checkpoint, and saving and reloading the result, for the tiny test model
+and at StreetCLIP's real scale (ViT-L/14 at 336 px, random weights, which cost what trained ones do).
 
-Prints, for each size, from one run on this machine:
-- the load of the plain checkpoint with the paper's candidates (193 countries, their 30 most populous cities): the
-  configuration, the GeoNames table, the weights, and every country and city head built from the text tower in one
-  batched pass; with the number of prompts and their mean length in tokens;
-- the first `save_pretrained` of that model (nothing is left to build);
-- the load of the saved folder, with its text tower and without (`vision_only=True`).
+Prints, for each size: the load of the plain checkpoint with the paper's candidates, every head built from the text
+tower (with the number of prompts and their mean length in tokens); the first `save_pretrained`; and the load of the
+saved folder with and without its text tower. The tiny byte-level tokenizer makes prompts three to four times
+longer than CLIP's BPE (which cannot be downloaded here), so the ViT-L head building is an upper bound.
 
-Both sizes use the tiny byte-level tokenizer (CLIP's vocabulary cannot be downloaded here): one token per byte makes
-the paper's prompts three to four times longer than CLIP's BPE does (about 10 tokens), so the ViT-L head building is
-an upper bound.
-
-Run: `python eval/speed/bench_head_building.py [--sizes tiny vit-l] [--workdir DIR]`.
+    python eval/speed/bench_head_building.py [--sizes tiny vit-l] [--workdir DIR]
 """
 
 import argparse
@@ -21,7 +15,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-import torch
+from timing import machine_line, seconds
 
 from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.testing_utils import save_random_vit_l, save_tiny_clip_checkpoint
@@ -30,30 +24,23 @@ from modeling_streetclip.testing_utils import save_random_vit_l, save_tiny_clip_
 BUILDERS = {"tiny": save_tiny_clip_checkpoint, "vit-l": save_random_vit_l}
 
 
-def timed(function):
-    """`function()`'s result and the seconds it took."""
-    start = time.perf_counter()
-    result = function()
-    return result, time.perf_counter() - start
-
-
 def measure(size: str, workdir: Path) -> None:
     plain = BUILDERS[size](workdir / f"{size}-clip")
-    model, load_s = timed(lambda: StreetCLIPForGeolocation.from_pretrained(plain))
+    start = time.perf_counter()
+    model = StreetCLIPForGeolocation.from_pretrained(plain)
+    load_s = time.perf_counter() - start
     prompts = StreetCLIPProcessor.from_pretrained(plain).candidate_prompts(model.candidate_places)
     masks = [prompts.countries["attention_mask"], *(tokens["attention_mask"] for tokens in prompts.cities)]
     count = sum(len(mask) for mask in masks)
     mean_tokens = sum(int(mask.sum()) for mask in masks) / count
     print(
-        f"{size}: plain checkpoint load, every head built: {load_s:.1f} s "
-        f"({count} prompts of {mean_tokens:.0f} tokens on average)"
+        f"{size}: plain checkpoint load, every head built: {load_s:.1f} s ({count} prompts, {mean_tokens:.0f} tokens)"
     )
     saved = workdir / f"{size}-streetclip"
-    _, save_s = timed(partial(model.save_pretrained, saved))
-    print(f"{size}: first save_pretrained: {save_s:.1f} s")
+    print(f"{size}: first save_pretrained: {seconds(partial(model.save_pretrained, saved)):.1f} s")
     del model  # one ViT-L in memory at a time
-    _, reload_s = timed(lambda: StreetCLIPForGeolocation.from_pretrained(saved))
-    _, vision_s = timed(lambda: StreetCLIPForGeolocation.from_pretrained(saved, vision_only=True))
+    reload_s = seconds(lambda: StreetCLIPForGeolocation.from_pretrained(saved))
+    vision_s = seconds(lambda: StreetCLIPForGeolocation.from_pretrained(saved, vision_only=True))
     print(f"{size}: saved folder load: {reload_s:.1f} s, vision only {vision_s:.1f} s")
 
 
@@ -62,7 +49,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", choices=list(BUILDERS), default=list(BUILDERS))
     parser.add_argument("--workdir", type=Path, help="where the checkpoints are written (default: a temporary one)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(machine_line())
     with tempfile.TemporaryDirectory() as temporary:
         workdir = args.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)

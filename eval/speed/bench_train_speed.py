@@ -1,13 +1,10 @@
-"""Samples per second of a training step and of the data pipeline alone, at tiny and ViT-B/16 scale, on this machine.
+"""Samples per second of a training step and of the data pipeline alone, at tiny and ViT-B/16 scale.
 
-The pipeline (DataLoader workers decoding JPEGs and preprocessing them, collating captions) must outpace the step it
-feeds by a wide margin, so that the accelerator, not the CPU, sets the pace. Models are randomly initialised from
-their configurations (speed does not depend on the weights), so nothing is downloaded:
+The data pipeline (DataLoader workers decoding and preprocessing JPEGs, collating captions) must outpace the step it
+feeds by a wide margin (target >= 5x), so that the accelerator, not the CPU, sets the pace. Models have random
+weights, which cost what trained ones do. It also times the one-off caption map and reverse geocoding per row.
 
-    PYTHONPATH=training python eval/speed/bench_train_speed.py                      # both scales
-    PYTHONPATH=training python eval/speed/bench_train_speed.py --scales tiny --steps 5
-
-It also times the one-off preprocessing (label filling by reverse geocoding, captions, tokens) per row.
+    PYTHONPATH=training python eval/speed/bench_train_speed.py [--scales tiny vit-b-16] [--steps 5]
 """
 
 import argparse
@@ -24,6 +21,7 @@ from contrastive import ContrastiveTowers, contrastive_loss
 from data import GeoCollator, PlaceCaptioner, caption_dataset, load_geo_dataset
 from geocoding import reverse_geocoder
 from PIL import Image
+from timing import seconds
 from torch.utils.data import DataLoader
 from transformers import CLIPConfig, CLIPImageProcessorPil
 
@@ -68,12 +66,9 @@ def write_photos(folder: Path, count: int, size: tuple[int, int]) -> None:
 
 def time_geocoding(points: int) -> float:
     rng = np.random.default_rng(0)
-    latitudes = np.degrees(np.arcsin(rng.uniform(-1, 1, points)))
-    longitudes = rng.uniform(-180, 180, points)
+    latitudes, longitudes = np.degrees(np.arcsin(rng.uniform(-1, 1, points))), rng.uniform(-180, 180, points)
     geocoder = reverse_geocoder()
-    start = time.perf_counter()
-    geocoder.lookup(latitudes, longitudes)
-    return points / (time.perf_counter() - start)
+    return points / seconds(lambda: geocoder.lookup(latitudes, longitudes))
 
 
 def caption_folder(folder: Path, tokenizer) -> tuple:
@@ -123,14 +118,11 @@ def time_training_step(clip_config: CLIPConfig, batch_size: int, steps: int) -> 
         optimizer.zero_grad()
 
     step()  # the first step allocates optimiser state
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * batch_size / (time.perf_counter() - start)
+    return steps * batch_size / seconds(lambda: [step() for _ in range(steps)])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scales", nargs="+", default=list(SCALES), choices=list(SCALES))
     parser.add_argument("--steps", type=int, default=5, help="Timed training steps per scale.")
     parser.add_argument("--images", type=int, default=512, help="Photos in the generated image folder.")

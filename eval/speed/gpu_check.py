@@ -1,25 +1,17 @@
 """GPU check at StreetCLIP's real scale (ViT-L/14 at 336 px, random weights): float32, bfloat16 and float16.
 
-Prints, compactly: the device and versions; how fast one CPU process preprocesses photos, in full and in the
-pipeline's 8-bit resize and crop (its DataLoader workers multiply that), and whether the rest of preprocessing, done on
-the device, gives the image processor's pixel values exactly; then one line per precision with
-- images/s of the bare vision forward (`vision_model` + `visual_projection` on tensors already on the device) and of
-  `pipeline("geolocation")` on in-memory 640x480 photos, both at batch 64: of one call over all the photos, and in
-  steady state, from two calls (over all and over a quarter), whose difference cancels what a call pays once (forking
-  its DataLoader workers, about 50 ms each on an H200 host from a process holding the photos and a CUDA context, and
-  waiting for the first batch); the ratios of both to the bare forward (target in bfloat16: >= 0.80, judged in steady
-  state, the rate of a run over many photos; the whole call's ratio is printed beside it);
-- the peak GPU memory allocated while that precision ran;
-- agreement of the first answer's country and city with float32, and the mean cosine of the image embeddings;
-and last the attention implementation of the vision tower (SDPA expected), the probe's accuracy, and the verdicts.
+Prints the device and versions; how fast one CPU process preprocesses photos, in full and in the pipeline's 8-bit
+resize and crop (its DataLoader workers multiply that), and how far the rest of preprocessing, done on the device,
+lies from the image processor's pixel values; then per precision the images/s of the bare vision forward and of
+`pipeline("geolocation")` on in-memory 640x480 photos at batch 64, over one call and in steady state (the difference
+of a call over all the photos and one over a quarter, which cancels what a call pays once: forking workers, the first
+batch), with their ratios to the bare forward (target in bfloat16: >= 0.80 in steady state); the peak GPU memory; and
+the agreement of first answers with float32's. Answers are compared where they are learned, not on near-ties: the
+heads are a linear probe fitted in float32 on the synthetic geo set, scored on held-out photos of it. Exits 1 when
+bfloat16 countries disagree with float32's on more than 2% of them, 2 on a usage error.
 
-Answers are compared where they are learned, not near-ties: the heads are a linear probe fitted in float32 on the
-synthetic geo set's photos (six countries, two cities each; centred class means of the image embeddings), and the
-agreement is measured on held-out photos of that set; the probe's own float32 accuracy is printed beside it. The
-script exits 1 when bfloat16 answers disagree with float32's on more than 2% of them, 2 on a usage error.
-
-Run on the GPU machine as `bash eval/speed/gpu_check.sh` (it adds a timeout). `--device cpu` is a dry run of the
-same code on the tiny test model (the tests run `--device cpu --steps 1`); `--size vit-l` forces the real scale.
+Run on the GPU machine as `bash eval/speed/gpu_check.sh` (it adds a timeout); `--device cpu` is a dry run on the tiny
+test model (the tests run `--device cpu --steps 1`), `--size vit-l` forces the real scale.
 """
 
 import argparse
@@ -36,11 +28,12 @@ import torch
 import torch.nn.functional as F
 import transformers
 from PIL import Image
+from timing import noise_photos, seconds, vision_forward
 from transformers import pipeline
 
-import modeling_streetclip  # noqa: F401  (registers the "geolocation" task)
 from modeling_streetclip import CandidatePlaces, StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.app import DEFAULT_NUM_WORKERS
+from modeling_streetclip.app.arguments import int_at_least
 from modeling_streetclip.pixels import normalized_pixels, resized_pixels
 from modeling_streetclip.testing_utils import PLACES, place_photo, save_random_vit_l, save_tiny_clip_checkpoint
 
@@ -58,12 +51,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
     parser.add_argument(
         "--steps",
-        type=int,
+        type=int_at_least(1),
         default=40,
-        help="timed batches per measurement (default: 40; the pipeline's call then lasts long enough that starting its "
-        "workers is a small part of it, as in a run over many photos)",
+        help="timed batches per measurement (default: 40, so that starting the pipeline's workers is a small part)",
     )
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int_at_least(1), default=64)
     parser.add_argument(
         "--size", choices=("vit-l", "tiny"), help="model size; default vit-l on a GPU, the tiny test model on a CPU"
     )
@@ -74,15 +66,17 @@ def parse_args() -> argparse.Namespace:
         help=f"pipeline DataLoader workers that preprocess photos (default: streetclip locate's, here {DEFAULT_NUM_WORKERS})",
     )
     parser.add_argument(
-        "--agreement_photos_per_city", type=int, default=17, help="held-out photos per city (default 17: 204 photos)"
+        "--agreement_photos_per_city",
+        type=int_at_least(1),
+        default=17,
+        help="held-out photos per city (default 17: 204 photos)",
     )
-    parser.add_argument("--probe_photos_per_city", type=int, default=8, help="photos per city that fit the probe")
+    parser.add_argument(
+        "--probe_photos_per_city", type=int_at_least(1), default=8, help="photos per city that fit the probe"
+    )
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}, but torch {torch.__version__} sees no CUDA device; use --device cpu.")
-    for name in ("steps", "batch_size", "agreement_photos_per_city", "probe_photos_per_city"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     args.size = args.size or ("vit-l" if args.device.startswith("cuda") else "tiny")
     return args
 
@@ -109,21 +103,13 @@ def probe_places() -> CandidatePlaces:
 
 
 def embed(model: StreetCLIPForGeolocation, pixel_values: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """L2-normalised image embeddings in float32, in batches."""
-    with torch.no_grad():
-        parts = [
-            model.visual_projection(model.vision_model(pixel_values=batch).pooler_output).float()
-            for batch in pixel_values.split(batch_size)
-        ]
-    return F.normalize(torch.cat(parts), dim=-1)
+    return torch.cat([vision_forward(model, batch) for batch in pixel_values.split(batch_size)])
 
 
 def save_probe_model(workdir: Path, size: str, device: str, photos_per_city: int, batch_size: int) -> Path:
-    """A random-weight CLIP saved as a StreetCLIP folder whose heads are a probe fitted on the synthetic geo set.
-
-    Each head row is the normalised class mean of the float32 image embeddings minus the mean over all photos:
-    random features share a large common direction, and removing it leaves the part that tells classes apart.
-    """
+    """A random-weight CLIP saved as a StreetCLIP folder whose heads are a probe fitted on the synthetic geo set: each
+    row the class mean of the image embeddings less the mean over all photos (random features share a large common
+    direction, and removing it leaves what tells classes apart)."""
     plain = save_random_vit_l(workdir / "clip") if size == "vit-l" else save_tiny_clip_checkpoint(workdir / "clip")
     processor = StreetCLIPProcessor.from_pretrained(plain)
     places = probe_places()
@@ -142,18 +128,11 @@ def save_probe_model(workdir: Path, size: str, device: str, photos_per_city: int
     return workdir / "probe"
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def images_per_second(run: Callable[[], object], images: int, device: str) -> float:
     """Throughput of `run`, which handles `images` images, with the device's queued work included."""
-    synchronize(device)
-    start = time.perf_counter()
-    run()
-    synchronize(device)
-    return images / (time.perf_counter() - start)
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    synchronize()
+    return images / seconds(lambda: (run(), synchronize()))
 
 
 def check_dtype(model_dir: Path, dtype: str, args: argparse.Namespace, inputs: dict) -> dict:
@@ -169,9 +148,8 @@ def check_dtype(model_dir: Path, dtype: str, args: argparse.Namespace, inputs: d
     batch = inputs["batch"].to(args.device, model.dtype)
 
     def bare() -> None:
-        with torch.no_grad():
-            for _ in range(args.steps):
-                model.visual_projection(model.vision_model(pixel_values=batch).pooler_output)
+        for _ in range(args.steps):
+            vision_forward(model, batch)
 
     def run_pipeline(photos: list[Image.Image]) -> list:
         return geolocate(photos, batch_size=args.batch_size, num_workers=args.num_workers)
@@ -213,11 +191,7 @@ def main() -> int:
         f"{torch.get_float32_matmul_precision()!r}",
         flush=True,
     )
-    rng = np.random.default_rng(0)
-    timing_photos = [
-        Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
-        for _ in range(args.steps * args.batch_size)
-    ]
+    timing_photos = noise_photos(args.steps * args.batch_size)
     agreement_photos, truth_countries, truth_cities = geo_photos(args.agreement_photos_per_city, seed=1)
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()

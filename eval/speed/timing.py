@@ -1,0 +1,142 @@
+"""What the speed scripts share: the photos they time, a small StreetCLIP folder at any scale, the bare vision forward
+they compare with, interleaved timing, `streetclip locate` in its own process, and a fresh process's memory."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from modeling_streetclip import StreetCLIPForGeolocation
+from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo, save_streetclip_folder
+
+
+PHOTO_SIZE = (640, 480)
+
+
+def machine_line() -> str:
+    """torch, its threads and how busy the machine is: other jobs skew every figure."""
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores"
+    )
+
+
+def noise_photos(count: int, seed: int = 0) -> list[Image.Image]:
+    """640x480 photos of noise, in memory."""
+    rng = np.random.default_rng(seed)
+    shape = (PHOTO_SIZE[1], PHOTO_SIZE[0], 3)
+    return [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(count)]
+
+
+def write_jpegs(folder: Path, count: int) -> list[Path]:
+    """640x480 JPEGs of upsampled noise, smooth as photos are, so that decoding one costs what a photo's does."""
+    folder.mkdir(parents=True)
+    paths = [folder / f"{seed:05d}.jpg" for seed in range(count)]
+    for seed, path in enumerate(paths):
+        photo = random_photo(seed, (PHOTO_SIZE[0] // 16, PHOTO_SIZE[1] // 16))
+        photo.resize(PHOTO_SIZE, Image.Resampling.BICUBIC).save(path, quality=90)
+    return paths
+
+
+def save_small_streetclip(clip_dir: Path, path: Path) -> Path:
+    """`clip_dir` saved as a StreetCLIP folder of six countries with five cities each: heads that cost nothing beside
+    the towers, and are quick to build."""
+    return save_streetclip_folder(clip_dir, path, candidate_countries=SMALL_COUNTRIES, cities_per_country=5)
+
+
+@torch.no_grad()
+def vision_forward(model: StreetCLIPForGeolocation, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The bare `vision_model` + `visual_projection` on preprocessed pixels, the floor a pipeline is compared with;
+    L2-normalised float32 embeddings."""
+    embeds = model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output)
+    return F.normalize(embeds.float(), dim=-1)
+
+
+def seconds(function: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(methods: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds of each method over `rounds`, after a warm-up call each; the order rotates every round, so that
+    drift on a shared machine hits every method alike."""
+    for method in methods.values():
+        method()
+    names = list(methods)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(seconds(methods[name]))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def locate_seconds(
+    photos: Sequence[Path], model_dir: Path, output: Path, *options: object, processes: int = 1, threads: int = 0
+) -> float:
+    """Wall seconds of one `streetclip locate` over `photos` in its own process (under torchrun for several
+    `processes`; `threads` sets OMP_NUM_THREADS), writing `output` afresh."""
+    command = [sys.executable, "-m"]
+    if processes > 1:
+        command += ["torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m"]
+    command += ["modeling_streetclip.cli", "locate", *map(str, photos), "--model", str(model_dir)]
+    command += ["--output", str(output), *map(str, options)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    output.unlink(missing_ok=True)
+    output.with_name(output.name + ".options.json").unlink(missing_ok=True)
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:6])} ... exited with {result.returncode}:\n{result.stderr[-3000:]}")
+    return elapsed
+
+
+def locate_rate(photos: Sequence[Path], short: int, model_dir: Path, output: Path, *options, **placement) -> float:
+    """Images/s of `streetclip locate` once it runs: a run over `photos` less one over the first `short`, so that
+    start-up (imports, process group, model loading) cancels out."""
+    long_s = locate_seconds(photos, model_dir, output, *options, **placement)
+    short_s = locate_seconds(photos[:short], model_dir, output, *options, **placement)
+    return (len(photos) - short) / max(long_s - short_s, 1e-9)
+
+
+_MEMORY_CHILD = """
+import json, sys, torch
+from pathlib import Path
+from modeling_streetclip import StreetCLIPForGeolocation
+from modeling_streetclip.quantization import Int8DynamicConfig
+model_dir, vision_only, dtype, int8, batch_size = sys.argv[1:]
+kwargs = {"quantization_config": Int8DynamicConfig()} if int8 == "1" else {"dtype": getattr(torch, dtype)}
+model = StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=vision_only == "1", **kwargs)
+size = model.config.vision_config.image_size
+with torch.no_grad():
+    model(torch.randn(int(batch_size), 3, size, size, dtype=model.dtype))
+tensors = [value for value in model.state_dict().values() if isinstance(value, torch.Tensor)]
+status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+keys = {"peak": "VmHWM", "total": "VmRSS", "anonymous": "RssAnon", "file": "RssFile"}
+figures = {name: int(status[key].split()[0]) / 1024 for name, key in keys.items()}
+print(json.dumps({"weights": sum(t.numel() * t.element_size() for t in tensors) / 2**20, **figures}))
+"""
+
+
+def memory_after_one_batch(
+    model_dir: Path, batch_size: int = 1, vision_only: bool = True, dtype: str = "float32", int8: bool = False
+) -> dict[str, float]:
+    """MiB of a fresh process that loads the model and answers one batch: its weights and heads, its peak resident
+    memory (VmHWM, which unlike getrusage is not inherited across fork and exec), and after the batch its total,
+    anonymous and file-backed parts (float32 weights stay memory-mapped from the safetensors file)."""
+    arguments = [str(model_dir), str(int(vision_only)), dtype, str(int(int8)), str(batch_size)]
+    result = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, *arguments], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"measuring the memory of {arguments} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.splitlines()[-1])
