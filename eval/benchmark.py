@@ -1,22 +1,14 @@
 """Run a geolocation model over a benchmark and write its predictions, metrics and figures.
 
-Usage, from the repository root:
-
     python eval/benchmark.py --model geolocal/StreetCLIP --data im2gps3k_places365.csv --image_dir im2gps3k/ \\
         --output_dir results/im2gps3k
-    python eval/benchmark.py --model geolocal/StreetCLIP --data ORG/DATASET --split test --output_dir results/ds
     accelerate launch --num_processes 8 eval/benchmark.py --model geolocal/StreetCLIP --data ORG/DATASET ...
 
-On several processes (GPUs, machines), each runs the model on its share of the batches and the predictions are
-gathered with `gather_for_metrics` (see `geolocate_images`); the main process alone computes the metric and writes
-the files, which are those of a one-process run.
-
-It writes predictions.csv (one row per input: the answer or the reason it failed), metrics.json (the
-geodesic_accuracy metric over the inputs that could be scored, with the run's settings and counts),
-error_cdf.png and world_map.png. An input with bad coordinates or an unreadable image is recorded and left out of
-the metric; the run exits with status 1 when no input at all could be scored, after writing every file. An
-invocation that cannot run (a missing or malformed data file, an unwritable output folder, an unknown model, a
-device that is not there) stops with a one-line message and status 2 before the model loads.
+It writes predictions.csv (one row per input: the answer, or why it failed), metrics.json (the geodesic_accuracy
+metric over the inputs that could be scored, with the run's settings and counts), error_cdf.png and world_map.png.
+The model runs through the batch engine of `streetclip locate`, on every process's share of the batches; the main
+process alone scores and writes. It exits 1 when no input could be scored, after writing every file, and 2 with a
+one-line message, before the model loads, on an invocation that cannot run (eval/README.md).
 """
 
 import argparse
@@ -58,23 +50,10 @@ LEVEL_NAMES = ("street", "city", "region", "country", "continent")
 # The thresholds the figures' titles quote: the columns of the StreetCLIP paper's tables.
 TITLE_THRESHOLDS_KM = (25, 200, 750, 2500)
 OUTPUT_FILES = ("predictions.csv", "metrics.json", "error_cdf.png", "world_map.png")
-PREDICTION_COLUMNS = [
-    "id",
-    "true_latitude",
-    "true_longitude",
-    "predicted_latitude",
-    "predicted_longitude",
-    "distance_km",
-    "predicted_country",
-    "predicted_country_code",
-    "predicted_region",
-    "predicted_city",
-    "score",
-    "country_score",
-    "joint_probability",
-    "runner_ups",
-    "error",
-]
+PREDICTION_COLUMNS = (
+    "id true_latitude true_longitude predicted_latitude predicted_longitude distance_km predicted_country "
+    "predicted_country_code predicted_region predicted_city score country_score joint_probability runner_ups error"
+).split()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,11 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 def prediction_line(
     row: BenchmarkRow, answers: list[dict] | None = None, distance_km: float | None = None, error: str | None = None
 ) -> dict:
-    """One row of predictions.csv: the truth, then the first answer and its distance, or the error.
-
-    Text cells that a spreadsheet would evaluate (an id such as `=HYPERLINK(...)`) are written as text; numbers are
-    left as they are.
-    """
+    """One row of predictions.csv: the truth, then the first answer and its distance, or the error; text cells that a
+    spreadsheet would evaluate (an id such as `=HYPERLINK(...)`) are written as text."""
     line = {"id": row.id, "true_latitude": row.latitude, "true_longitude": row.longitude, "error": error}
     if answers:
         best, *runner_ups = answers

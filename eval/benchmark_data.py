@@ -1,11 +1,10 @@
 """Benchmark rows for the runner: an id, the true coordinates and the image of each input, from a metadata CSV
 (IM2GPS style) or a `datasets` dataset.
 
-Benchmark files are messy: the widely copied ISNs IM2GPS metadata have their LAT and LON columns swapped, rows lose
-values, images go missing. A row whose coordinates cannot be scored carries the reason instead of stopping the run,
-and a dataset's images stay encoded until a DataLoader worker decodes them. A file that cannot be read as one
-benchmark (an unterminated quote, a column given twice, an image id given twice or naming a file outside the image
-folder, text in another encoding) is refused as a whole, with the line at fault, before any model runs.
+Benchmark files are messy (the widely copied ISNs IM2GPS metadata have LAT and LON swapped): a row whose coordinates
+cannot be scored carries the reason instead of stopping the run, while a file that cannot be read as one benchmark is
+refused as a whole, naming the line at fault, before any model runs. A dataset's images stay encoded until a
+DataLoader worker decodes them.
 """
 
 import codecs
@@ -16,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
+from torch.utils.data import Subset
 from transformers.utils import logging
 
 from modeling_streetclip.app.sources import (
@@ -33,12 +33,11 @@ from modeling_streetclip.images import ImageInput
 logger = logging.get_logger(__name__)
 
 # Column names recognised without being named, compared case-insensitively, first match wins (ids and images by
-# those of `app.sources`). IM2GPS and IM2GPS3K metadata use IMG_ID, LAT, LON; other benchmarks write the names out.
+# those of `app.sources`): IM2GPS metadata use IMG_ID, LAT, LON.
 CSV_ID_COLUMNS = (*ID_COLUMNS, "image", "path")
 LATITUDE_COLUMNS = ("lat", "latitude")
 LONGITUDE_COLUMNS = ("lon", "lng", "long", "longitude")
-# What metadata CSVs are read as unless told otherwise; a byte-order mark (spreadsheet exports start with one) is
-# dropped, so that it does not rename the first column.
+# A byte-order mark (spreadsheet exports start with one) is dropped, so that it does not rename the first column.
 DEFAULT_CSV_ENCODING = "utf-8"
 
 
@@ -61,24 +60,11 @@ class Benchmark:
     images: Sequence[ImageInput]
     split: str | None = None
 
-    def scorable(self) -> tuple[list[int], Sequence[ImageInput]]:
-        """Positions of the rows whose coordinates can be scored, and their images: the inputs worth a model run."""
+    def scorable(self) -> tuple[list[int], Subset]:
+        """Positions of the rows whose coordinates can be scored, and their images (read only when indexed): the
+        inputs worth a model run."""
         positions = [position for position, row in enumerate(self.rows) if row.error is None]
-        return positions, _Selection(self.images, positions)
-
-
-class _Selection(Sequence):
-    """Some items of a sequence, in the given order, without reading the others (images decode only when used)."""
-
-    def __init__(self, items: Sequence, positions: list[int]):
-        self.items = items
-        self.positions = positions
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, index: int):
-        return self.items[self.positions[index]]
+        return positions, Subset(self.images, positions)
 
 
 @dataclass(frozen=True)
@@ -127,11 +113,8 @@ def load_metadata_csv(
     encoding: str = DEFAULT_CSV_ENCODING,
     allow_outside_image_dir: bool = False,
 ) -> Benchmark:
-    """Rows of an IM2GPS-style metadata CSV (`IMG_ID,LAT,LON`): the id is the image's file name in `image_dir`.
-
-    Ids that leave `image_dir` (absolute paths, `..`) are refused unless `allow_outside_image_dir`: a benchmark file
-    from elsewhere must not make the runner read files outside the folder it was pointed at.
-    """
+    """Rows of an IM2GPS-style metadata CSV (`IMG_ID,LAT,LON`): the id is the image's file name in `image_dir`, which
+    ids may leave (absolute paths, `..`) only with `allow_outside_image_dir`."""
     csv_path, image_dir = Path(csv_path), Path(image_dir)
     if not csv_path.is_file():
         raise FileNotFoundError(f"Metadata CSV not found: {str(csv_path)!r}.")
@@ -164,9 +147,8 @@ def read_csv_records(
 ) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The header of a CSV and its first `limit` records (all when None), each with the line it starts on.
 
-    Refused, naming the line: text that is not in `encoding`, and a quote that runs over a line break or to the end
-    of the file. Metadata fields never hold a line break, and an unterminated quote would otherwise swallow the
-    rows that follow it into one field without a word.
+    Refused, naming the line: text not in `encoding`, and a quote that runs over a line break or to the end of the
+    file (metadata fields hold no line breaks; an open quote would swallow the rows after it without a word).
     """
     source = f"metadata CSV {str(csv_path)!r}"
     raw = csv_path.read_bytes()
@@ -214,11 +196,8 @@ def read_csv_records(
 def load_benchmark_dataset(
     data: str, split: str = "test", columns: ColumnNames = ColumnNames(), limit: int | None = None
 ) -> Benchmark:
-    """Rows of a `datasets` dataset with an `Image` column and latitude and longitude columns.
-
-    Ids come from an id column where one is found; else from the images' file names (relative to `data` when it is
-    an image folder), when every image has its own; else they are row numbers.
-    """
+    """Rows of a `datasets` dataset with an `Image` column and latitude and longitude columns; ids from an id
+    column, else the images' file names when every image has its own, else row numbers."""
     dataset, split = open_dataset(data, split)
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
@@ -267,8 +246,8 @@ def checked_row(
 
 
 def refuse_repeated_ids(rows: Sequence[BenchmarkRow], places: Sequence[str], source: str) -> None:
-    """Refuse a benchmark that lists an image id twice: the image would count twice in the metric, and the rows of
-    predictions.csv could no longer be told apart by id. `places[i]` says where `rows[i]` is ("line 3", "row 2")."""
+    """Refuse a benchmark that lists an image id twice (it would count twice in the metric, and predictions.csv
+    rows could no longer be told apart); `places[i]` says where `rows[i]` is ("line 3", "row 2")."""
     seen: dict[str, str] = {}
     repeated = []
     for row, place in zip(rows, places, strict=True):

@@ -1,23 +1,16 @@
 """The ceiling of a candidate table: the best accuracy any model could reach when it can only answer with a city.
 
-StreetCLIP answers with one of its candidate cities, so a photo whose nearest candidate lies 300 km away can never be
-placed within 200 km. For a candidate configuration (the settings of `StreetCLIPConfig`) and the true coordinates of
-a benchmark, this prints the share of images whose nearest candidate lies within 1, 25, 200, 750 and 2500 km, and the
-number of prompts the configuration costs. Distances come from the `geodesic_accuracy` metric, which scores the
-nearest candidates as if a model had predicted them. It then lists the pairs of candidates of different countries
-that lie within the city-level threshold of each other (Rafah in Egypt and in Palestine, Laredo and Nuevo Laredo):
-the cities' coordinates cannot tell them apart at that level, so only the country head can.
+For a candidate configuration (the settings of `StreetCLIPConfig`) and the true coordinates of a benchmark, prints the
+share of images whose nearest candidate lies within 1, 25, 200, 750 and 2500 km (scored by the `geodesic_accuracy`
+metric as if a model had predicted it) and the prompts the table costs; then the pairs of candidates of different
+countries within the city-level threshold of each other (Rafah in Egypt and in Palestine), which only the country
+head tells apart.
 
-Usage, from the repository root:
-
-    python eval/candidate_ceiling.py --data ../shared/data/reference-predictions/im2gps3k__ISNs_M-fstar-S3.csv
-    python eval/candidate_ceiling.py --data im2gps.csv --data im2gps3k.csv --recommended
-    python eval/candidate_ceiling.py --data im2gps3k.csv --city_allocation sqrt_population --city_budget 5000 \\
-        --city_merge_radius_km 15
+    python eval/candidate_ceiling.py --data im2gps.csv --data im2gps3k.csv [--recommended] [--city_budget 5000] ...
 
 A data file is a CSV with latitude and longitude columns (`gt_lat`/`gt_long` of the ISNs reference predictions,
-`LAT`/`LON` of IM2GPS metadata, or named with --latitude_column and --longitude_column). Reading stops at the first
-row whose coordinates are not numbers, since the reference predictions end with a summary block.
+`LAT`/`LON` of IM2GPS metadata, or --latitude_column and --longitude_column); reading stops at the first row whose
+coordinates are not numbers, where the reference predictions' summary block starts.
 """
 
 import argparse
@@ -39,6 +32,7 @@ from modeling_streetclip.configuration_streetclip import (
     RECOMMENDED_CANDIDATE_SETTINGS,
     REGION_LEVELS,
 )
+from modeling_streetclip.gallery_vote import nearest_city_rows
 from modeling_streetclip.geodesy import coordinate_problem
 
 
@@ -46,8 +40,6 @@ METRIC_DIR = Path(__file__).resolve().parent / "geodesic_accuracy"
 # The ISNs reference predictions name the truth gt_lat and gt_long; metadata files use the benchmark runner's names.
 TRUTH_LATITUDE_COLUMNS = ("gt_lat", *LATITUDE_COLUMNS)
 TRUTH_LONGITUDE_COLUMNS = ("gt_long", "gt_lon", *LONGITUDE_COLUMNS)
-# Candidates compared with the truths at once: bounds the distance matrix to a few tens of MB.
-CANDIDATE_CHUNK = 2048
 # Candidates of two countries closer than this are listed: the IM2GPS city-level threshold.
 CROSS_BORDER_KM = 25.0
 
@@ -62,11 +54,8 @@ class Truths:
 
 
 def read_truths(path: Path, latitude_column: str | None = None, longitude_column: str | None = None) -> Truths:
-    """The true coordinates of a CSV, up to its first row whose coordinates are not numbers (a summary block).
-
-    A row whose numbers are not a point on Earth (a latitude beyond ±90°, columns that look swapped) is refused,
-    naming its line: it would silently move the ceiling.
-    """
+    """The true coordinates of a CSV, up to its first row whose coordinates are not numbers (a summary block); a row
+    that is not a point on Earth is refused, naming its line, since it would silently move the ceiling."""
     source = f"data file {str(path)!r}"
     header, records = read_csv_records(path)
     latitude_name = find_column(header, latitude_column, TRUTH_LATITUDE_COLUMNS, "latitude", source)
@@ -89,26 +78,12 @@ def read_truths(path: Path, latitude_column: str | None = None, longitude_column
     return Truths(path.stem, np.array(points), stopped_at)
 
 
-def nearest_candidates(places: CandidatePlaces, points: np.ndarray, geodesic) -> np.ndarray:
-    """For each [lat, lon] of `points`, the coordinates of its nearest candidate city, by the metric's distance."""
-    candidates = np.column_stack([places.city_latitudes, places.city_longitudes])
-    best_km = np.full(len(points), np.inf)
-    best = np.zeros_like(points)
-    for start in range(0, len(candidates), CANDIDATE_CHUNK):
-        chunk = candidates[start : start + CANDIDATE_CHUNK]
-        distances = geodesic.haversine_km(points[:, :1], points[:, 1:], chunk[None, :, 0], chunk[None, :, 1])
-        nearest = distances.argmin(axis=1)
-        closer = distances[np.arange(len(points)), nearest] < best_km
-        best_km[closer] = distances[closer, nearest[closer]]
-        best[closer] = chunk[nearest[closer]]
-    return best
-
-
 def ceiling(places: CandidatePlaces, truths: np.ndarray, metric) -> dict:
     """The metric's result (`acc_1km` ... `acc_2500km`, `median_km`, ...) for a model that always answered with the
     candidate nearest to the truth: the best any model with these candidates can score."""
-    geodesic = sys.modules[type(metric).__module__]
-    return metric.compute(predictions=nearest_candidates(places, truths, geodesic), references=truths)
+    rows = nearest_city_rows(places, truths[:, 0], truths[:, 1])
+    nearest = np.column_stack([places.city_latitudes, places.city_longitudes])[rows]
+    return metric.compute(predictions=nearest, references=truths)
 
 
 def cross_border_pairs(places: CandidatePlaces, geodesic, radius_km: float = CROSS_BORDER_KM) -> list[dict]:

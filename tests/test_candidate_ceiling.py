@@ -46,13 +46,12 @@ def test_ceiling_scores_the_nearest_candidate_of_every_truth(metric):
     assert [result[f"acc_{t}km"] for t in (1, 25, 200, 750, 2500)] == [0.2, 0.4, 0.4, 0.8, 0.8]
 
 
-def test_nearest_candidate_is_found_across_chunks_of_candidates(metric, monkeypatch):
-    monkeypatch.setattr(candidate_ceiling, "CANDIDATE_CHUNK", 1)
-    geodesic = sys.modules[type(metric).__module__]
-    places = two_city_places()
+def test_the_ceiling_answers_each_truth_with_its_nearest_candidate(metric):
     truths = np.array([[35.0, 139.0], [48.0, 2.0]])
-    nearest = candidate_ceiling.nearest_candidates(places, truths, geodesic)
-    assert nearest.tolist() == [[35.6762, 139.6503], [48.8566, 2.3522]]
+    result = candidate_ceiling.ceiling(two_city_places(), truths, metric)
+    haversine_km = sys.modules[type(metric).__module__].haversine_km
+    nearest_km = haversine_km(truths[:, 0], truths[:, 1], [35.6762, 48.8566], [139.6503, 2.3522])
+    assert result["mean_km"] == pytest.approx(nearest_km.mean())
 
 
 def test_truths_stop_at_the_summary_block_and_count_what_was_read(tmp_path):
