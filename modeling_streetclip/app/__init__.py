@@ -28,11 +28,8 @@ class UsageError(ValueError):
 
 
 def import_optional(name: str, needed_for: str, install: str, error: type[Exception] = ImportError) -> ModuleType:
-    """The module `name` of an optional dependency, or `error` saying what needs it and how to install it.
-
-    Not transformers' `requires_backends`: its messages say `pip install <package>`, not the extra that brings it at a
-    supported version, and it knows no pyarrow.
-    """
+    """The module `name` of an optional dependency, or `error` saying what needs it and how to install it. (Not
+    transformers' `requires_backends`: it says `pip install <package>`, not which extra, and knows no pyarrow.)"""
     try:
         return importlib.import_module(name)
     except ImportError as missing:

@@ -1,9 +1,5 @@
-"""`streetclip index build`: turn a geo-tagged photo collection into a retrieval gallery for `--gallery`.
-
-This module parses arguments and maps outcomes to exit codes; building (decoding in DataLoader workers, shards,
-resume, the FAISS index) lives in `modeling_streetclip.app.gallery_build`, the gallery itself in
-`modeling_streetclip.gallery_store`. Like every subcommand, it imports torch, datasets and faiss only once it runs.
-"""
+"""`streetclip index build`: a geo-tagged photo collection into a retrieval gallery for `--gallery`. Its arguments
+and outcome only: building lives in `app.gallery_build`, the gallery in `gallery_store`."""
 
 from __future__ import annotations
 
@@ -127,8 +123,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _open_data(args: argparse.Namespace):
-    """The dataset that DATA names (a CSV file with --image_dir, else any `open_dataset` source); its problems are
-    usage errors."""
+    """The dataset DATA names: a CSV file with --image_dir, else any `open_dataset` source."""
     from ..app.sources import open_csv_with_images
 
     is_csv = Path(args.data).suffix.lower() == ".csv"

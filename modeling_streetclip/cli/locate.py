@@ -1,15 +1,10 @@
-"""`streetclip locate`: geolocate image files, folders, glob patterns, paths on standard input or the images of a
-dataset, one record per input (or per group of views of one place), resumable.
-
-This module parses arguments and runs the command: the main process plans the run and writes every record, the
-batches are shared by every process a launcher started (see `app.distributed`). Inputs are expanded in
-`app.inputs`, datasets read in `app.sources`, images batched in `app.batch`, result files kept in `app.records`.
-"""
+"""`streetclip locate`: its arguments, and the run. The main process plans it and writes every record; the batches
+are shared by every process a launcher started (`app.distributed`). Inputs are expanded in `app.inputs`, datasets
+read in `app.sources`, images batched in `app.batch`, result files kept in `app.records`."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -37,10 +32,6 @@ if TYPE_CHECKING:
     from ..app.records import ParquetRecordWriter, RecordWriter
     from ..app.sources import DatasetSource
 
-
-# The standard library's logger: transformers' `get_logger` gives the same one, but importing transformers would slow
-# down `streetclip --help`.
-logger = logging.getLogger(__name__)
 
 # --streaming reads this many batches per process at a time on the main process, which hands them to the others.
 STREAM_BLOCK_BATCHES = 16
