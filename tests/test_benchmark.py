@@ -1,12 +1,16 @@
 """Specification of the benchmark runner `eval/benchmark.py`, its data loading and its figures."""
 
+import contextlib
 import csv
+import io
 import json
+import logging
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import benchmark
 import benchmark_data
@@ -95,32 +99,23 @@ def metadata_csv(image_folder) -> Path:
 
 @pytest.fixture(scope="module")
 def script_run(small_streetclip_dir, image_folder, metadata_csv):
-    """One run of the script as a user starts it, from the repository root; returns the output folder and process."""
+    """One run of the runner's `main`, as the command line calls it; returns the output folder and what it printed
+    (the command line itself runs in `test_missing_csv_gives_one_line_and_exit_status_2_from_the_command_line`)."""
     output_dir = image_folder.parent / "results"
-    command = [
-        sys.executable,
-        str(EVAL_DIR / "benchmark.py"),
-        "--model",
-        str(small_streetclip_dir),
-        "--data",
-        str(metadata_csv),
-        "--image_dir",
-        str(image_folder),
-        "--output_dir",
-        str(output_dir),
-        "--batch_size",
-        "3",
-        "--num_workers",
-        "1",
-        "--device",
-        "cpu",
-    ]
-    process = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert process.returncode == 0, process.stderr
-    return output_dir, process
+    arguments = ["--model", str(small_streetclip_dir), "--data", str(metadata_csv), "--image_dir", str(image_folder)]
+    arguments += ["--output_dir", str(output_dir), "--batch_size", "3", "--num_workers", "1", "--device", "cpu"]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    warnings = logging.StreamHandler(stderr)  # where a command's warnings go: pytest's log capture takes them here
+    logging.getLogger().addHandler(warnings)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            benchmark.main(arguments)
+    finally:
+        logging.getLogger().removeHandler(warnings)
+    return output_dir, SimpleNamespace(stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
-# The runner end to end, as a script
+# The runner end to end
 
 
 def test_script_writes_every_output_file(script_run):
@@ -360,6 +355,7 @@ def no_model_loading(monkeypatch):
     monkeypatch.setattr(benchmark, "load_model", load_model)
 
 
+@pytest.mark.slow
 def test_missing_csv_gives_one_line_and_exit_status_2_from_the_command_line(tmp_path):
     command = [sys.executable, str(EVAL_DIR / "benchmark.py"), "--model", "unused", "--data", "missing.csv"]
     command += ["--image_dir", str(tmp_path), "--output_dir", str(tmp_path / "results")]

@@ -219,6 +219,7 @@ def _score_shard(process_id: int, experiment_id: str, cache_dir: str, prediction
     return metric.compute(thresholds_km=[100])
 
 
+@pytest.mark.slow
 def test_distributed_evaluation_gathers_all_shards_on_process_zero(metric, tmp_path):
     predictions, references = (
         [PARIS, [0.0, 0.0], [1.0, 2.0], [10.0, 10.0]],

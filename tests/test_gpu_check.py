@@ -28,6 +28,7 @@ def test_script_is_valid_bash():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_cpu_dry_run_prints_every_figure_and_passes_the_agreement_check():
     result = run_check("--device", "cpu", "--steps", "1")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -63,12 +64,14 @@ def test_missing_install_is_named_with_the_command_that_fixes_it(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.slow
 def test_cuda_without_a_gpu_is_a_usage_error():
     result = run_check("--device", "cuda")
     assert result.returncode == 2
     assert "sees no CUDA device; use --device cpu" in result.stderr
 
 
+@pytest.mark.slow
 def test_timeout_stops_the_run_and_says_so():
     result = run_check("--device", "cpu", "--steps", "1", GPU_CHECK_TIMEOUT_S="1")
     assert result.returncode == 124

@@ -255,6 +255,7 @@ def test_a_country_given_twice_or_by_code_and_name_is_one_restriction(geolocator
         geolocator.locate([str(photos["street"])], ["Atlantis"])
 
 
+@pytest.mark.slow
 def test_the_page_deletes_stored_uploads_once_they_are_old(geolocator, photos, tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
     monkeypatch.setattr(app, "CACHE_CHECK_EVERY_S", 1)
@@ -406,6 +407,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_published_space_runs_on_the_model_repos_code_without_the_package(
     published, small_streetclip_dir, reference, photos, cli_error, tmp_path, monkeypatch
 ):
@@ -571,6 +573,7 @@ def server(small_streetclip_dir, server_cache, tmp_path_factory):
             process.kill()
 
 
+@pytest.mark.slow
 def test_api_answers_with_the_map_table_and_errors(server, reference, photos):
     from gradio_client import Client, handle_file
 
@@ -593,6 +596,7 @@ def test_api_answers_with_the_map_table_and_errors(server, reference, photos):
         assert {row[table["headers"].index("country")] for row in table["data"]} == {"Brazil"}
 
 
+@pytest.mark.slow
 def test_api_errors_carry_their_message(server, photos):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
@@ -603,6 +607,7 @@ def test_api_errors_carry_their_message(server, photos):
         client.predict(too_many, 1, [], api_name="/geolocate")
 
 
+@pytest.mark.slow
 def test_an_upload_over_the_size_limit_is_refused_and_not_stored(server, server_cache, photos):
     limit = 20 * 1024 * 1024
     assert app.MAX_FILE_SIZE == "20mb"
@@ -691,6 +696,7 @@ def _map_screenshot(browser) -> Image.Image:
     return Image.open(io.BytesIO(browser.find_element(By.CSS_SELECTOR, "#map img").screenshot_as_png))
 
 
+@pytest.mark.slow
 def test_page_answers_an_uploaded_photo_as_the_pipeline_and_pins_it(server, browser, reference, photos):
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -718,6 +724,7 @@ def test_page_answers_an_uploaded_photo_as_the_pipeline_and_pins_it(server, brow
         assert _pin_pixels(Image.open(SCREENSHOT_PATH)) > 50
 
 
+@pytest.mark.slow
 def test_page_shows_a_bad_files_error_and_answers_the_other_photo(server, browser, reference, photos, cli_error):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
