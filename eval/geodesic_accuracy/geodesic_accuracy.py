@@ -19,11 +19,9 @@ import numpy as np
 import numpy.typing as npt
 
 
-# This module imports nothing from the streetclip package, on purpose: it is pushed to the Hub as it is and loaded
-# with `evaluate.load` by people who never install the package. So the project's haversine lives here, not in the
-# package (the benchmark runner computes its per-row distances with `haversine_km`, taken from the module evaluate
-# loaded), and `_point_problem` is a copy of the package's rule of what makes a [lat, lon] pair a point on Earth
-# (`modeling_streetclip.geodesy`, used by training and the benchmark runner). Change both copies together.
+# This module imports nothing from the streetclip package: it is pushed to the Hub as it is. So `_point_problem` is a
+# copy of the package's rule of what makes a [lat, lon] pair a point on Earth (`modeling_streetclip.geodesy`); change
+# both together. The benchmark runner takes its per-row distances from `haversine_km` here.
 
 _DESCRIPTION = """
 Geodesic accuracy scores image geolocation: for each image, the great-circle distance between the
@@ -191,7 +189,6 @@ def _row_problem(row: object) -> str | None:
 
 def _point_problem(row: object, lat: float, lon: float) -> str | None:
     """Say why a numeric [lat, lon] pair is not a point on Earth, or return None when it is one."""
-    # A standalone copy of `modeling_streetclip.geodesy.coordinate_problem` (see the note at the imports).
     if not (np.isfinite(lat) and np.isfinite(lon)):
         return f"is {row!r}, with a missing or non-finite value; {_PAIR_HINT}"
     if abs(lat) > 90:

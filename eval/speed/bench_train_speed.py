@@ -27,21 +27,13 @@ from transformers import CLIPConfig, CLIPImageProcessorPil
 
 from modeling_streetclip import StreetCLIPConfig, StreetCLIPForGeolocation
 from modeling_streetclip.captions import CaptionMix
-from modeling_streetclip.testing_utils import build_tiny_clip, build_tiny_tokenizer
+from modeling_streetclip.testing_utils import VIT_B_16, build_tiny_clip, build_tiny_tokenizer
 
 
 # Per scale: the CLIP configuration and the per-process batch of its training step.
 SCALES = {
-    # The test suite's tiny CLIP (hidden size 32, 30 px images).
     "tiny": (lambda: build_tiny_clip(build_tiny_tokenizer()).config, 32),
-    # OpenAI's ViT-B/16: CLIPConfig's text defaults are already its text tower.
-    "vit-b-16": (
-        lambda: CLIPConfig(
-            vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "patch_size": 16},
-            projection_dim=512,
-        ),
-        16,
-    ),
+    "vit-b-16": (lambda: CLIPConfig(**VIT_B_16), 16),
 }
 # Tokens of the paper's caption under CLIP's BPE tokenizer, start and end included.
 CAPTION_TOKENS = 24

@@ -58,8 +58,7 @@ MAX_FILE_SIZE = "20mb"
 # Gradio deletes the uploads and answers it stored once they are this old, checking this often (seconds).
 CACHE_MAX_AGE_S = 600
 CACHE_CHECK_EVERY_S = 300
-# The table's numbers: probabilities to four significant digits (a float's other digits are noise to a reader), and
-# coordinates to four decimals of a degree, about ten metres.
+# The table's numbers: probabilities to four significant digits, coordinates to four decimals (about ten metres).
 SIGNIFICANT_DIGITS = 4
 COORDINATE_DECIMALS = 4
 COORDINATE_FIELDS = ("latitude", "longitude")
@@ -104,9 +103,8 @@ def resolve_model(argument: str | None, readme: Path = SPACE_README) -> str:
 
 
 def load_geolocation_code(model: str) -> tuple[Any, type, type, bool]:
-    """The model's configuration, its model and pipeline classes, and whether they are remote code: the installed
-    package's where it is installed, else those of the model repository's own code (as `trust_remote_code=True`
-    loads them)."""
+    """The model's configuration, model and pipeline classes, and whether they are the repository's remote code
+    (where the package is not installed) rather than the package's."""
     try:
         import modeling_streetclip
     except ImportError:
@@ -148,13 +146,9 @@ class Geolocator:
         self.country_names = list(loaded.candidate_places.country_names)
 
     def locate(self, paths: Sequence[str], countries: Sequence[str] = (), **options: Any) -> list[PhotoResult]:
-        """Each file's answers among `countries` (all candidates when empty); a file that is not a readable image gets
-        its error and the others are answered all the same. `options` go to the pipeline as they are: `top_k`, and
-        whatever else it accepts, so that an option of the pipeline is one more input of the page.
-
-        Photos are decoded one at a time and each is released before the next, so a request holds one decoded photo,
-        not all of them. More than `MAX_PHOTOS` paths, or a country that is not a candidate, is a `ValueError`.
-        """
+        """Each file's answers among `countries` (all candidates when empty), with `options` passed to the pipeline;
+        a file that is not a readable image gets its error. Photos are decoded one at a time, each released before
+        the next. More than `MAX_PHOTOS` paths, or a country that is not a candidate, is a `ValueError`."""
         if len(paths) > MAX_PHOTOS:
             raise ValueError(f"{len(paths)} photos in one request; at most {MAX_PHOTOS} are located at a time.")
         pipeline = self._restricted(self._candidate_names(countries)) if countries else self.pipeline
@@ -172,15 +166,15 @@ class Geolocator:
         return results
 
     def _candidate_names(self, countries: Sequence[str]) -> tuple[str, ...]:
-        """The candidate names that `countries` (names or ISO codes) resolve to, sorted and each once: a country
-        given twice, or by name and by code, is one restriction and one cached copy."""
+        """The candidate names that `countries` (names or ISO codes) resolve to, sorted and each once, so that one
+        restriction is one cached copy."""
         places = self.pipeline.model.candidate_places
         return tuple(sorted({places.country_names[places.country_index(country)] for country in countries}))
 
     @lru_cache(maxsize=RESTRICTION_CACHE_SIZE)  # noqa: B019 -- one Geolocator lives as long as the app
     def _restricted(self, countries: tuple[str, ...]):
-        """A pipeline over a copy of the model restricted to `countries`; the copy shares the towers (all but the
-        heads), so a restriction costs the size of its heads, and the served model is never changed."""
+        """A pipeline over a copy of the model restricted to `countries`, sharing its towers: a restriction costs its
+        heads, and the served model is never changed."""
         model = self.pipeline.model
         towers = (model.vision_model, model.visual_projection, model.text_model, model.text_projection)
         restricted = copy.deepcopy(model, memo={id(tower): tower for tower in towers if tower is not None})
@@ -204,7 +198,7 @@ def answers_table(results: Sequence[PhotoResult]) -> pd.DataFrame:
 
 def shown_number(field: str, value: float) -> float:
     """`value` of the answers' `field` as the table shows it: a coordinate to `COORDINATE_DECIMALS` decimals, any
-    other number (a probability, a distance) to `SIGNIFICANT_DIGITS` significant digits."""
+    other number to `SIGNIFICANT_DIGITS` significant digits."""
     if field in COORDINATE_FIELDS:
         return round(value, COORDINATE_DECIMALS)
     return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
