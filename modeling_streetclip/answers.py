@@ -1,5 +1,4 @@
-"""The one answer formatter: one image's ranked rows of the candidate table (and, under a gallery decision, the photos
-chosen) as the pipeline's plain dicts, which every entry point returns or writes."""
+"""The one answer formatter: one image's ranked rows as the pipeline's plain dicts, which every entry point returns."""
 
 from __future__ import annotations
 
@@ -26,14 +25,9 @@ def format_answers(
     similarities: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """One image's ranked answers (a row of each field of `decisions.RankedPlaces` or `GalleryRankedPlaces`) as plain
-    dicts, in the decision rule's order: the pipeline's output format, read from the table so that every city keeps
-    its own country, region and coordinates.
-
-    `label` (`CandidatePlaces.city_labels`) and `score`, a probability, are what image-classification clients read.
-    `region` and `region_score` are there when the table has a region level; `expected_distance_km` when the rule
-    (`"expected_distance"`) orders by it. Under a gallery rule, each answer's `latitude` and `longitude` are the chosen
-    photo's, `gallery_row` and `similarity` name it, and rows padded with `city_rows` -1 (a vote that found fewer
-    distinct places than asked for) are left out.
+    dicts, each city's country, region and coordinates read from the table. `region` and `region_score` come with a
+    region level, `expected_distance_km` with the rule that orders by it; under a gallery rule, `latitude` and
+    `longitude` are the chosen photo's, `gallery_row` and `similarity` name it, and padding rows (-1) are left out.
     """
     columns = {
         "score": scores,
@@ -75,6 +69,3 @@ def format_answers(
                 answer[name] = value[name]
         answers.append(answer)
     return answers
-
-
-__all__ = ["format_answers"]

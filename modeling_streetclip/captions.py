@@ -28,30 +28,41 @@ def render_template(template: str, **fields: str) -> str:
         ) from None
 
 
-def country_prompts(template: str, countries: Sequence[str]) -> list[str]:
-    """One probe prompt per candidate country, e.g. `A Street View photo in France.`"""
-    return [render_template(template, country=country) for country in countries]
+def template_list(template: str | Sequence[str]) -> list[str]:
+    """The templates of one level as a list: a single template, or the templates of a prompt ensemble."""
+    return [template] if isinstance(template, str) else list(template)
 
 
-def region_prompts(template: str, regions: Sequence[str], countries: Sequence[str]) -> list[str]:
-    """One probe prompt per candidate region with its country, e.g. `A Street View photo in Bavaria, Germany.`"""
+def country_prompts(template: str | Sequence[str], countries: Sequence[str]) -> list[str]:
+    """One probe prompt per candidate country (`A Street View photo in France.`), one block per template."""
+    return [render_template(each, country=country) for each in template_list(template) for country in countries]
+
+
+def region_prompts(template: str | Sequence[str], regions: Sequence[str], countries: Sequence[str]) -> list[str]:
+    """One probe prompt per candidate region with its country, one block per template."""
     return [
-        render_template(template, region=region, country=country)
+        render_template(each, region=region, country=country)
+        for each in template_list(template)
         for region, country in zip(regions, countries, strict=True)
     ]
 
 
 def city_prompts(
-    template: str, cities: Sequence[str], countries: Sequence[str], qualified: Sequence[bool] | None = None
+    template: str | Sequence[str],
+    cities: Sequence[str],
+    countries: Sequence[str],
+    qualified: Sequence[bool] | None = None,
 ) -> list[str]:
-    """One probe prompt per candidate city. A city whose `qualified` entry is true is named with its country
-    (`London, Canada`) where the template does not name `{country}` itself: one name in two countries, two prompts."""
+    """One probe prompt per candidate city, one block per template. A city whose `qualified` entry is true is named
+    with its country (`London, Canada`) where the template does not name `{country}`: a namesake, another prompt."""
     qualified = [False] * len(cities) if qualified is None else qualified
-    names_country = "country" in template_fields(template)
     return [
         render_template(
-            template, city=f"{city}, {country}" if qualify and not names_country else city, country=country
+            each,
+            city=f"{city}, {country}" if qualify and "country" not in template_fields(each) else city,
+            country=country,
         )
+        for each in template_list(template)
         for city, country, qualify in zip(cities, countries, qualified, strict=True)
     ]
 

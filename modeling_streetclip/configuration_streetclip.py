@@ -6,7 +6,7 @@ from dataclasses import field
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, CLIPConfig
 
-from .captions import render_template
+from .captions import render_template, template_list
 
 
 # Hub arguments that every file of a checkpoint (configuration, weights, processor) is resolved with.
@@ -34,11 +34,6 @@ PAPER_LEVELS = ("country", "city")
 REGION_LEVELS = ("country", "region", "city")
 # How the city slots of a GeoNames table are shared among its countries (see `CandidatePlaces.from_geonames`).
 CITY_ALLOCATIONS = ("per_country", "sqrt_population")
-
-
-def template_list(template: str | Sequence[str]) -> list[str]:
-    """The templates of one level as a list: a single template, or the templates of a prompt ensemble."""
-    return [template] if isinstance(template, str) else list(template)
 
 
 # Two places of each level, which a template must render apart.
@@ -254,6 +249,5 @@ __all__ = [
     "StreetCLIPConfig",
     "TABLE_SETTINGS",
     "TEXT_SETTINGS",
-    "template_list",
     "validate_prompt_templates",
 ]

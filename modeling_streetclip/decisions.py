@@ -179,12 +179,10 @@ def place_probabilities(
     padding with -1 gets meaningless numbers), as `rank_places` gives them, for rules that choose cities otherwise."""
     import torch
 
+    country_rows = _checked_country_rows(model, country_rows)
     with torch.no_grad():
         levels = model.log_probabilities(
-            outputs.country_logits,
-            outputs.region_logits,
-            outputs.city_logits,
-            _checked_country_rows(model, country_rows),
+            outputs.country_logits, outputs.region_logits, outputs.city_logits, country_rows
         )
         rows = city_rows.clamp(min=0)
         return {
@@ -247,9 +245,11 @@ def rank_gallery_places(
 
 def expected_distances_km(probabilities: np.ndarray, latitudes: np.ndarray, longitudes: np.ndarray) -> np.ndarray:
     """Each candidate's expected great-circle distance in km to the true place, which is candidate j with probability
-    `probabilities[j]`: the risk that `"expected_distance"` minimises."""
-    distances = great_circle_km(latitudes[:, None], longitudes[:, None], latitudes[None, :], longitudes[None, :])
-    return distances @ probabilities
+    `probabilities[..., j]`: the risk that `"expected_distance"` minimises (leading dimensions are batches)."""
+    distances = great_circle_km(
+        latitudes[..., :, None], longitudes[..., :, None], latitudes[..., None, :], longitudes[..., None, :]
+    )
+    return (distances @ probabilities[..., None])[..., 0]
 
 
 def _checked_country_rows(model: StreetCLIPForGeolocation, country_rows: Sequence[int] | None) -> list[int] | None:
@@ -295,13 +295,7 @@ def _by_expected_distance(
     import torch
 
     posterior = joint_log_probs.softmax(dim=-1).double().cpu().numpy()
-    coordinates = model.city_coordinates[rows.cpu()].numpy()
-    expected = np.stack(
-        [
-            expected_distances_km(probabilities, points[:, 0], points[:, 1])
-            for probabilities, points in zip(posterior, coordinates, strict=True)
-        ]
-    )
-    expected = torch.from_numpy(expected).to(rows.device)
+    points = model.city_coordinates[rows.cpu()].numpy()
+    expected = torch.from_numpy(expected_distances_km(posterior, points[..., 0], points[..., 1])).to(rows.device)
     order = expected.argsort(dim=-1, stable=True)
     return order, expected.gather(1, order)

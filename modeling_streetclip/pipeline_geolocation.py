@@ -20,14 +20,10 @@ TASK = "geolocation"
 
 class GeolocationPipeline(Pipeline):
     """
-    Geolocate photos zero-shot with StreetCLIP's hierarchical probing: the best country among the candidates, then
-    (for a model with a region level) the best region of that country, then the best city of that country or region,
-    whose coordinates are the answer.
-
-    Each image gives a list of `top_k` dicts, ordered by the decision rule, each with `label` (`"Paris, France"`),
-    `country`, `country_code`, `city`, `latitude`, `longitude`, `score` (a probability, see `decision` in
-    `__call__`), `country_score` (p(country)) and `joint_probability` (p(country) * p(city | country), times
-    p(region | country) with a region level, where the dicts also carry `region` and `region_score`). `label` and
+    Geolocate photos zero-shot with StreetCLIP's hierarchical probing: the best country, its best region (with a region
+    level), then the best city, whose coordinates are the answer. Each image gives `top_k` dicts with `label` (`"Paris,
+    France"`), `country`, `country_code`, `city`, `latitude`, `longitude`, `score` (a probability, by the `decision`),
+    `country_score` (p(country)) and `joint_probability` (and with regions, `region` and `region_score`): `label` and
     `score` make them image-classification answers, as the Hub's clients and widget read them.
 
     Example:
@@ -68,45 +64,35 @@ class GeolocationPipeline(Pipeline):
 
         Args:
             inputs (`str`, `bytes`, `PIL.Image.Image` or a list of them):
-                A path to an image file, an `http://` or `https://` URL, an encoded image's bytes, or a PIL image. A
-                list gives a list of answer lists, one per image, in order.
+                An image file's path, an `http(s)://` URL, an encoded image's bytes, or a PIL image; a list gives one
+                answer list per image.
             top_k (`int`, *optional*, defaults to 1):
                 The number of answers per image (at most the number of candidate cities).
             decision (`str`, *optional*, defaults to `"greedy"`, or `"gallery"` with a gallery):
-                The rule that chooses and orders the answers; each answer carries the number it orders by.
+                The rule that chooses and orders the answers:
 
-                - `"greedy"` (the paper's): countries by p(country), then (with a region level) regions by
-                  p(region | country), then cities by p(city | country or region) within each; `score` is that
-                  p(city | ...). The first answer is exactly the paper's decision.
+                - `"greedy"` (the paper's): countries by p(country), then regions by p(region | country), then cities
+                  by p(city | country or region), which is `score`; the first answer is the paper's decision.
                 - `"joint"`: by the joint probability, which is `score`.
                 - `"expected_distance"`: by `expected_distance_km`, the expected great-circle distance to the true
                   place under the joint posterior over the `config.expected_distance_candidates` most probable
-                  cities, smallest first (the Bayes decision for distance-thresholded accuracy); `score` is the
-                  joint probability.
-                - `"gallery"` and `"hybrid"` (with `gallery`): the nearest gallery photos vote (a kernel vote on the
-                  sphere; `"hybrid"` restricts and weights it by the zero-shot country posterior, see
-                  `modeling_streetclip.gallery_vote`); `score` is the answer's share of the vote. The answer is a photo's
-                  place, so it can be closer than any candidate city; `label`, `city` and `country` are those of the
-                  candidate city nearest it, and `gallery_row` and `similarity` name the photo.
+                  cities (the Bayes decision for distance-thresholded accuracy); `score` is the joint probability.
+                - `"gallery"` and `"hybrid"`: a kernel vote of the nearest `gallery` photos (`"hybrid"` weighted by
+                  p(country), see `gallery_vote`); `score` is the answer's share of the vote. The answer is a photo's
+                  place, named by the candidate city nearest it; `gallery_row` and `similarity` name the photo.
             candidate_countries (`list[str]`, *optional*):
-                Answer only among these candidate countries of the model (names or ISO 3166-1 alpha-2 codes), with
-                p(country) renormalised over them: the answers of a model restricted with
-                `model.restrict_countries(...)`, for this call only. Not with the gallery decisions, whose votes
-                are not limited to candidate countries.
+                Answer only among these of the model's countries (names or ISO codes), p(country) renormalised
+                over them, as `model.restrict_countries` would for this call only; not with the gallery decisions.
             gallery (`str`, `os.PathLike` or `GeoGallery`, *optional*):
-                A folder or Hub dataset repo that `streetclip index build` wrote, or a loaded `GeoGallery`, for the
-                gallery decisions; checked once against this pipeline's model.
+                A folder or Hub dataset repo that `streetclip index build` wrote, or a loaded `GeoGallery`.
             function_to_apply (`str`, *optional*, defaults to `"softmax"`):
-                The Hub's image-classification parameter. Every `score` is already a probability from softmaxes over
-                the candidates, so `"softmax"` is the only value; `"sigmoid"` and `"none"` are refused with the
-                reason.
+                The Hub's image-classification parameter; every `score` is a probability from softmaxes over the
+                candidates, so `"sigmoid"` and `"none"` are refused.
             timeout (`float`, *optional*, defaults to None):
-                The maximum time in seconds to wait for fetching an image from a URL. If None, no timeout is set and
-                the call may block forever.
+                The maximum time in seconds to wait for an image URL; None waits forever.
 
         Return:
-            For one image, a list of `top_k` dicts, best first (see the class docstring for their keys); for a list
-            of images, one such list per image.
+            For one image, a list of `top_k` dicts, best first; for a list of images, one such list per image.
         """
         return super().__call__(inputs, **kwargs)
 
@@ -157,8 +143,7 @@ class GeolocationPipeline(Pipeline):
         return [self.model.candidate_places.country_index(name) for name in countries]
 
     def _checked_gallery(self, gallery: "str | os.PathLike | GeoGallery") -> GeoGallery:
-        """The gallery `gallery` names, loaded and checked against this pipeline's model once (a gallery embedded by
-        another model is refused)."""
+        """The gallery `gallery` names, loaded and checked against this pipeline's model once."""
         # `Pipeline.__init__` calls `_sanitize_parameters` before this class's `__init__` body could set the cache.
         cache = self.__dict__.setdefault("_galleries", {})
         key = id(gallery) if isinstance(gallery, GeoGallery) else os.fspath(gallery)
@@ -192,9 +177,8 @@ class GeolocationPipeline(Pipeline):
         return format_answers(self.model.candidate_places, **columns)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
-        """Write a folder that every loader accepts: with this package installed they run its classes, without it
-        `trust_remote_code=True` runs the code saved in the folder. A gallery is not part of it: pass `gallery=` again.
-        """
+        """Write a folder that every loader accepts, with this package or (`trust_remote_code=True`) without it. A
+        gallery is not part of it."""
         if self.processor is None:
             raise ValueError(
                 "This pipeline was built with an image_processor but no processor, so it has no tokenizer or "
@@ -210,8 +194,7 @@ class GeolocationPipeline(Pipeline):
 
 
 def _check_function_to_apply(function_to_apply: str | None) -> None:
-    """Accept the Hub's `function_to_apply` where it describes what the pipeline does (`"softmax"`), and refuse the
-    others with the reason: the scores are probabilities over mutually exclusive places."""
+    """Accept the Hub's `function_to_apply` where it describes the scores (`"softmax"`); refuse the others, saying why."""
     name = function_to_apply.lower() if isinstance(function_to_apply, str) else function_to_apply
     if name in (None, "softmax"):
         return
@@ -228,8 +211,8 @@ def _check_function_to_apply(function_to_apply: str | None) -> None:
 
 
 def _load_image(image, timeout: float | None):
-    """`load_rgb_image`'s RGB image, after fetching an `http(s)://` URL as transformers' `load_image` does (with
-    `timeout`), so that a fetched image meets the same checks as a file; errors name the URL."""
+    """`load_rgb_image`'s image, an `http(s)://` URL fetched first (as transformers' `load_image` does, with
+    `timeout`) so that it meets the same checks as a file; errors name the URL."""
     if not (isinstance(image, str) and image.startswith(("http://", "https://"))):
         return load_rgb_image(image)
     try:

@@ -8,8 +8,8 @@ from transformers import ProcessorMixin
 from transformers.utils import cached_file
 
 from .candidates import CandidatePlaces
-from .captions import city_prompts, country_prompts, region_prompts
-from .configuration_streetclip import HUB_KWARGS, StreetCLIPConfig, template_list, validate_prompt_templates
+from .captions import city_prompts, country_prompts, region_prompts, template_list
+from .configuration_streetclip import HUB_KWARGS, StreetCLIPConfig, validate_prompt_templates
 
 
 # Files that hold an image processor or a tokenizer; a folder with none of them has only a model.
@@ -138,31 +138,19 @@ class StreetCLIPProcessor(ProcessorMixin):
 
     def render_country_prompts(self, countries: Sequence[str]) -> list[str]:
         """One country probe prompt per country name (one block per template of an ensemble)."""
-        return [
-            prompt
-            for template in template_list(self.country_prompt_template)
-            for prompt in country_prompts(template, countries)
-        ]
+        return country_prompts(self.country_prompt_template, countries)
 
     def render_region_prompts(self, regions: Sequence[str], countries: Sequence[str]) -> list[str]:
         """One region probe prompt per region, with its country (one block per template of an ensemble)."""
-        return [
-            prompt
-            for template in template_list(self.region_prompt_template)
-            for prompt in region_prompts(template, regions, countries)
-        ]
+        return region_prompts(self.region_prompt_template, regions, countries)
 
     def render_city_prompts(
         self, cities: Sequence[str], countries: Sequence[str], ambiguous: Sequence[bool] | None = None
     ) -> list[str]:
-        """One city probe prompt per city, with its country (one block per template of an ensemble); with
-        `qualify_ambiguous_cities`, the cities `ambiguous` marks are named with their country."""
+        """One city probe prompt per city (one block per template of an ensemble); with `qualify_ambiguous_cities`,
+        the cities `ambiguous` marks are named with their country."""
         qualified = ambiguous if self.qualify_ambiguous_cities else None
-        return [
-            prompt
-            for template in template_list(self.city_prompt_template)
-            for prompt in city_prompts(template, cities, countries, qualified)
-        ]
+        return city_prompts(self.city_prompt_template, cities, countries, qualified)
 
     def save_pretrained(self, save_directory, **kwargs) -> list[str]:
         saved = super().save_pretrained(save_directory, **kwargs)
