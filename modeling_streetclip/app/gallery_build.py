@@ -180,7 +180,10 @@ def build_gallery(
         is_map = isinstance(data, datasets.Dataset)
         rest = data.select(range(done, total)).to_iterable_dataset() if is_map else data.skip(done)
         rows = _SourceRows(rest, done, batch_size, image_processor, columns)
-        loader = DataLoader(rows, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_pixels)
+        pin = model.device.type == "cuda"
+        loader = DataLoader(
+            rows, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_pixels, pin_memory=pin
+        )
         writer = _ShardWriter(folder / SHARDS_FOLDER, dim, columns.features)
         with tqdm(
             total=total, initial=done, unit="img", desc="streetclip index build", file=sys.stderr, disable=not progress
