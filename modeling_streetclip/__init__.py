@@ -1,9 +1,8 @@
 """StreetCLIP for Hugging Face: zero-shot image geolocation with CLIP.
 
-Importing this package registers the `"geolocation"` pipeline task and the `streetclip` configuration, model and
-processor with the Auto classes, however the process started. Public names load on first use (PEP 562) and the
-registration waits until transformers is imported, so that the `streetclip` command answers `--help` without torch.
-"""
+Importing this package registers the `"geolocation"` task and the `streetclip` config, model and processor with
+transformers, however the process started; names load on first use (PEP 562) and registration waits until
+transformers is imported, so that `streetclip --help` runs without torch."""
 
 import importlib
 import importlib.abc
@@ -57,8 +56,7 @@ def __getattr__(name: str):
 
 
 def register_with_transformers() -> None:
-    """Register the `"geolocation"` task with `transformers.pipeline` and the config, model and processor with the
-    Auto classes (idempotent); importing the package does it by itself once transformers is imported."""
+    """Register the `"geolocation"` task and the Auto classes (idempotent; importing the package does it)."""
     _registration.done = True
     if _registration in sys.meta_path:
         sys.meta_path.remove(_registration)
@@ -81,8 +79,7 @@ def register_with_transformers() -> None:
 
 class _RegisterOnceImported(importlib.abc.MetaPathFinder):
     """Calls `register_with_transformers` once transformers is imported and no module of this package is halfway
-    through its own import (registering imports them all). It hands out the other finders' specs with their loaders
-    wrapped, and leaves `sys.meta_path` once the registration has run."""
+    through its import (registering imports them all), by wrapping the loaders of those modules."""
 
     def __init__(self):
         self.done = False
@@ -104,8 +101,7 @@ class _RegisterOnceImported(importlib.abc.MetaPathFinder):
 
 
 class _NotifyingLoader(importlib.abc.Loader):
-    """A module's loader that tells the finder when the module has run; everything else (`get_code`, which
-    `python -m` runs, resources) and the module itself keep the original."""
+    """A module's loader that tells the finder when the module has run; all else is the original's."""
 
     def __init__(self, loader: importlib.abc.Loader, finder: _RegisterOnceImported, counted: bool):
         self.loader, self.finder, self.counted = loader, finder, counted

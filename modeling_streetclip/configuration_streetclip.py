@@ -26,7 +26,7 @@ PROMPT_SETTINGS = frozenset(
 )
 # What a processor takes from a configuration: the templates its heads were built with.
 TEXT_SETTINGS = PROMPT_SETTINGS | {"caption_template"}
-# The settings `StreetCLIPForGeolocation.from_pretrained` accepts as keyword arguments (a table itself is `candidates=`).
+# The settings `StreetCLIPForGeolocation.from_pretrained` accepts as keyword arguments.
 GEOLOCATION_SETTINGS = CANDIDATE_SETTINGS | TEXT_SETTINGS | {"expected_distance_candidates"}
 
 # The paper's hierarchy, and the one with GeoNames' first-level regions (states, provinces) in the middle.
@@ -48,9 +48,8 @@ def validate_prompt_templates(
     city_prompt_template: str | Sequence[str],
     region_prompt_template: str | Sequence[str] | None = None,
 ) -> None:
-    """Refuse empty ensembles, templates that `str.format` cannot fill, and templates that render the same prompt for
-    every candidate (a useless head). Each template renders two places that differ at its own level only, which also
-    catches `{{country}}`, a literal that a search for `{country}` would pass."""
+    """Refuse empty ensembles and templates that `str.format` cannot fill or that render every candidate alike: each
+    renders two places that differ at its own level (which also catches a literal `{{country}}`)."""
     # The fields each level may use: its own place and the places above it.
     levels = [("country_prompt_template", country_prompt_template, "country", ("country",))]
     if region_prompt_template is not None:
@@ -78,18 +77,17 @@ def validate_prompt_templates(
 
 @strict
 class StreetCLIPConfig(CLIPConfig):
-    r"""
-    Configuration of [`StreetCLIPForGeolocation`]: a [`CLIPConfig`] plus the prompts and candidate places of
+    r"""Configuration of [`StreetCLIPForGeolocation`]: a [`CLIPConfig`] plus the prompts and candidate places of
     hierarchical zero-shot geolocation (Haas & Alberti, 2023); a plain CLIP one converts with `from_clip_config`.
 
     Args:
         country_prompt_template (`str` or `list[str]`, *optional*, defaults to `"A Street View photo in {country}."`):
-            The paper's country probe prompt. A list is an ensemble: each head row is the normalised mean of its
-            templates' normalised embeddings (CLIP's ImageNet practice); so for the other levels.
-        region_prompt_template (`str` or `list[str]`, *optional*, defaults to `"A Street View photo in {region}, {country}."`):
-            The region probe prompt, used when `levels` has `"region"`.
+            The paper's country probe prompt; a list is an ensemble, each head row the normalised mean of its
+            templates' embeddings (CLIP's ImageNet practice). So for the other levels.
+        region_prompt_template (`str` or `list[str]`, *optional*):
+            The region probe prompt, for `levels` with `"region"`: `"A Street View photo in {region}, {country}."`.
         city_prompt_template (`str` or `list[str]`, *optional*, defaults to `"A Street View photo from {city}."`):
-            The paper's city probe prompt, scored among the chosen country's (or region's) cities.
+            The paper's city probe prompt.
         qualify_ambiguous_cities (`bool`, *optional*, defaults to `False`):
             Name a city with its country (`"London, Canada"`) when another candidate country has a namesake.
         caption_template (`str`, *optional*):
@@ -99,17 +97,15 @@ class StreetCLIPConfig(CLIPConfig):
         candidate_countries (`list[str]`, *optional*):
             Names of the candidate countries; `None` means the paper's 193 (appendix B.3.1).
         city_allocation (`str`, *optional*, defaults to `"per_country"`):
-            `"per_country"`, the paper's: each country's `cities_per_country` most populous cities;
-            `"sqrt_population"`: `city_budget` slots shared by the square root of each country's urban population.
-        cities_per_country (`int`, *optional*, defaults to 30):
-            The paper's number of cities per country.
-        city_budget (`int`, *optional*, defaults to 6000):
-            City slots that `"sqrt_population"` shares, at least one per country.
+            `"per_country"` (the paper's: `cities_per_country` each) or `"sqrt_population"` (`city_budget` slots shared
+            by the square root of each country's urban population).
+        cities_per_country, city_budget (`int`, *optional*, defaults to 30 and 6000):
+            The slots of each allocation; `"sqrt_population"` gives every country at least one.
         min_city_population (`int`, *optional*, defaults to 15000):
             GeoNames population floor for candidate cities; capitals are candidates whatever their size.
         city_merge_radius_km (`int` or `float`, *optional*, defaults to 0):
             Merge a candidate city within this radius of a more populous one of its country (Brooklyn into New York);
-            0 keeps GeoNames' rows, as the paper does; 25 (the IM2GPS city threshold) is recommended.
+            0 is the paper's table, 25 (the IM2GPS city threshold) the recommended one.
         expected_distance_candidates (`int`, *optional*, defaults to 50):
             The most probable cities that `"expected_distance"` weighs; the tail would pull answers to the middle.
         candidate_places (`dict`, *optional*):
@@ -201,8 +197,7 @@ class StreetCLIPConfig(CLIPConfig):
     def from_checkpoint(
         cls, pretrained_model_name_or_path, config: CLIPConfig | None = None, **hub_kwargs
     ) -> "StreetCLIPConfig":
-        """The configuration of a StreetCLIP checkpoint, or of a plain CLIP one converted; `config` replaces the
-        checkpoint's own. Other model types are refused."""
+        """A StreetCLIP checkpoint's configuration, or a plain CLIP one's converted; `config` replaces its own."""
         if config is None:
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if isinstance(config, StreetCLIPConfig):
@@ -215,8 +210,7 @@ class StreetCLIPConfig(CLIPConfig):
         return cls.from_clip_config(config)
 
     def with_geolocation_settings(self, **settings) -> tuple["StreetCLIPConfig", set[str]]:
-        """A validated copy with `settings` (of `GEOLOCATION_SETTINGS`) applied, and the names of those that changed a
-        value, which tell whether the heads must be rebuilt; the saved candidate table is kept."""
+        """A validated copy with `settings` applied, and the names of those that changed a value (and so the heads)."""
         changed = {name for name, value in settings.items() if getattr(self, name) != value}
         if not changed:
             return self, changed

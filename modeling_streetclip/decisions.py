@@ -78,7 +78,8 @@ def check_decision(decision: str, gallery: GeoGallery | str | None) -> None:
     if decision in GALLERY_DECISIONS and gallery is None:
         raise ValueError(
             f"decision={decision!r} votes among the nearest photos of a gallery; give one: "
-            "pipeline(..., gallery=FOLDER_OR_REPO) or --gallery FOLDER_OR_REPO (build it with `streetclip index build`)."
+            "pipeline(..., gallery=FOLDER_OR_REPO) or --gallery FOLDER_OR_REPO (build it with "
+            "`streetclip index build`)."
         )
 
 
@@ -272,8 +273,8 @@ def _checked_country_rows(model: StreetCLIPForGeolocation, country_rows: Sequenc
 def _greedy_order(
     model: StreetCLIPForGeolocation, outputs: GeolocationOutput, country_log_probs: torch.Tensor
 ) -> torch.LongTensor:
-    """Every city row of each image in the greedy order of the model's `forward`: by country logit (countries left
-    out, whose `country_log_probs` are -inf, last), then region logit, then city logit, ties to the row listed first."""
+    """Every city row of each image in the greedy order of `forward`: by country logit (countries left out, with
+    `country_log_probs` -inf, last), then region logit, then city logit, ties to the row listed first."""
     import torch
 
     country_logits = outputs.country_logits.float()[:, model.city_countries]

@@ -218,8 +218,8 @@ def geonames_region_names() -> dict[tuple[str, str], str]:
     except ImportError:
         raise ImportError(
             "The region level names GeoNames' first-level regions with the `reverse_geocode` package: "
-            "`pip install reverse_geocode` (it is in the `streetclip[train]` extra). A model saved with a region level "
-            "carries its regions and does not need it."
+            "`pip install reverse_geocode` (it is in the `streetclip[train]` extra). A model saved with a region "
+            "level carries its regions and does not need it."
         ) from None
     cities = list(geonames_cache(1000).get_cities().values())
     matches = reverse_geocode.search([(city["latitude"], city["longitude"]) for city in cities])

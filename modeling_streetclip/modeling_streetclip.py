@@ -38,30 +38,21 @@ _PROMPTS_PER_BATCH = 1024
 
 @dataclass
 class GeolocationOutput(ModelOutput):
-    """
-    Output of [`StreetCLIPForGeolocation`]: every level's logits over the candidate table and the paper's greedy
-    hierarchical decision for each image.
+    """Output of [`StreetCLIPForGeolocation`]: every level's logits and the paper's greedy hierarchical decision.
 
     Args:
         logits (`torch.FloatTensor` of shape `(batch_size, num_cities)`):
-            Log joint probability of every candidate city (each level a softmax within its parent), which
-            image-classification clients rank, named by `config.id2label`.
-        country_logits (`torch.FloatTensor` of shape `(batch_size, num_countries)`):
-            CLIP logits of the image against every candidate country prompt.
-        city_logits (`torch.FloatTensor` of shape `(batch_size, num_cities)`):
-            CLIP logits against every candidate city prompt.
-        predicted_country (`torch.LongTensor` of shape `(batch_size,)`):
-            Row of the best country in `model.candidate_places`.
-        predicted_city (`torch.LongTensor` of shape `(batch_size,)`):
-            Row of the best city of that country (with a region level: of its best region).
+            Log joint probability of every candidate city, which image-classification clients rank (`config.id2label`).
+        country_logits, city_logits (`torch.FloatTensor` of shape `(batch_size, num_countries or num_cities)`):
+            CLIP logits against every candidate country and city prompt.
+        predicted_country, predicted_city (`torch.LongTensor` of shape `(batch_size,)`):
+            Rows in `model.candidate_places` of the best country, and of the best city within it (or its best region).
         predicted_coordinates (`torch.DoubleTensor` of shape `(batch_size, 2)`):
             Latitude and longitude in degrees of the predicted city.
         image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
             L2-normalised image embeddings, as the heads score them.
-        region_logits (`torch.FloatTensor` of shape `(batch_size, num_regions)`, *optional*):
-            With a region level: CLIP logits against every candidate region prompt.
-        predicted_region (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-            With a region level: row of the best region of the predicted country.
+        region_logits, predicted_region (*optional*):
+            The same for regions, with a region level.
         hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*):
             The vision tower's, with `output_hidden_states=True` or `output_attentions=True`.
     """
@@ -171,8 +162,7 @@ class StreetCLIPForGeolocation(CLIPModel):
         vision_only: bool | str = False,
         **kwargs,
     ):
-        r"""
-        Load a plain CLIP checkpoint or a folder saved by this class.
+        r"""Load a plain CLIP checkpoint or a folder saved by this class.
 
         Args:
             candidates ([`CandidatePlaces`], *optional*):
@@ -182,8 +172,7 @@ class StreetCLIPForGeolocation(CLIPModel):
             vision_only (`bool` or `"auto"`, *optional*, defaults to `False`):
                 Skip the text tower, which only builds heads; `"auto"` skips it when nothing needs building.
             kwargs:
-                [`StreetCLIPConfig`]'s geolocation settings, other configuration overrides, and what
-                [`~PreTrainedModel.from_pretrained`] accepts.
+                [`StreetCLIPConfig`] settings and overrides, and what [`~PreTrainedModel.from_pretrained`] accepts.
         """
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
         settings = {key: kwargs.pop(key) for key in GEOLOCATION_SETTINGS & kwargs.keys()}
@@ -250,8 +239,7 @@ class StreetCLIPForGeolocation(CLIPModel):
         return (model, loading_info) if output_loading_info else model
 
     def _lacks_saved_heads(self, loading_info: dict, source) -> bool:
-        """Whether the checkpoint lacks its heads, which must then be built; saved heads without the checksum of their
-        candidate table, or whose table was changed apart from them, are refused, naming `source`."""
+        """Whether the heads must be built; saved heads without their table's checksum, or another one, are refused."""
         missing = {key.split(".")[0] for key in loading_info["missing_keys"]}
         if missing & set(_HEAD_NAMES):
             if self.text_model is None:
@@ -265,7 +253,8 @@ class StreetCLIPForGeolocation(CLIPModel):
                 f"{str(source)!r}: the candidate table in its config.json (`candidate_places`) is not the one its "
                 "prompt heads were built for (their checksums differ, or it has none), so answers would name the "
                 "wrong places. The folder was edited or assembled from two saves: save it again from the model that "
-                "built the heads, or rebuild them with `from_pretrained(..., candidates=CandidatePlaces.from_dict(...))`."
+                "built the heads, or rebuild them with "
+                "`from_pretrained(..., candidates=CandidatePlaces.from_dict(...))`."
             )
         return False
 
@@ -298,8 +287,8 @@ class StreetCLIPForGeolocation(CLIPModel):
 
     @torch.no_grad()
     def set_candidates(self, places: CandidatePlaces, prompts: StreetCLIPProcessor | CandidatePrompts) -> None:
-        """Replace the candidate places and build all their heads from the text tower, in one batched pass; `prompts`
-        is the processor or its `candidate_prompts(places)`, whose templates the configuration records."""
+        """Replace the candidate places and build their heads from the text tower in one batched pass; `prompts` is the
+        processor or its `candidate_prompts(places)`."""
         self._require_text_tower("build prompt heads")
         if not isinstance(prompts, CandidatePrompts):
             prompts = prompts.candidate_prompts(places)
@@ -328,9 +317,9 @@ class StreetCLIPForGeolocation(CLIPModel):
             head.weight[rows.to(head.weight.device)] = weight.to(head.weight.dtype)
 
     def _encode_prompt_groups(self, groups: list[tuple[dict[str, torch.Tensor], int]]) -> list[torch.Tensor]:
-        """Head rows of each group of tokenised prompts `(tokens, num_templates)`: normalised embeddings times the logit
-        scale, averaged over an ensemble's templates. The groups share text-tower calls, prompts sorted by length and
-        each call cut to its longest (the tower is causal and pools at the end token, so the padding after is inert)."""
+        """Head rows of each group `(tokens, num_templates)`: normalised embeddings times the logit scale, an
+        ensemble's averaged. Prompts are sorted by length, each call cut to its longest (the tower pools at the end).
+        """
         width = max(tokens["input_ids"].shape[1] for tokens, _ in groups)
         input_ids, attention_mask = (
             torch.cat([F.pad(tokens[key], (0, width - tokens[key].shape[1]), value=value) for tokens, _ in groups])
@@ -358,8 +347,8 @@ class StreetCLIPForGeolocation(CLIPModel):
         return rows
 
     def restrict_countries(self, countries: list[str]) -> None:
-        """Keep only the given candidate countries (names or ISO codes) with their regions and cities, subsetting the
-        heads; needs no text tower. For one call only, pass `country_rows` to `decisions.rank_places` instead."""
+        """Keep only the given countries (names or ISO codes) with their places, subsetting the heads; for one call
+        only, pass `country_rows` to `decisions.rank_places` instead."""
         kept = [self.candidate_places.country_index(name) for name in countries]
         if not kept:
             raise ValueError("restrict_countries needs at least one country.")
@@ -441,8 +430,8 @@ class StreetCLIPForGeolocation(CLIPModel):
         city_logits: torch.Tensor,
         country_rows: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Each city's log-probabilities `(batch_size, num_cities)`: `country` (over `country_rows` when given),
-        `region` (0 without a region level), `city` and `joint`, their sum; each a softmax within its parents."""
+        """Each city's log-probabilities: `country` (over `country_rows` when given), `region`, `city` and `joint`,
+        their sum; each level a softmax within its parents."""
         places = self.candidate_places
         country_logits = country_logits.float()
         if country_rows is not None:
@@ -477,8 +466,7 @@ def _candidate_buffers(places: CandidatePlaces) -> dict[str, torch.Tensor]:
 
 
 def _log_softmax_within(logits: torch.Tensor, groups: torch.LongTensor, num_groups: int) -> torch.Tensor:
-    """`logits` of shape `(batch_size, rows)` as log-probabilities within each group of rows (`groups[i]` is row
-    i's), all groups at once."""
+    """Log-softmax of `logits` `(batch_size, rows)` within each group of rows (`groups[i]` is row i's)."""
     index = groups.expand_as(logits)
     peak = logits.new_full((logits.shape[0], num_groups), float("-inf")).scatter_reduce(1, index, logits, "amax")
     shifted = logits - peak.gather(1, index)

@@ -19,12 +19,10 @@ TASK = "geolocation"
 
 
 class GeolocationPipeline(Pipeline):
-    """
-    Geolocate photos zero-shot with StreetCLIP's hierarchical probing: the best country, its best region (with a region
-    level), then the best city, whose coordinates are the answer. Each image gives `top_k` dicts with `label` (`"Paris,
-    France"`), `country`, `country_code`, `city`, `latitude`, `longitude`, `score` (a probability, by the `decision`),
-    `country_score` (p(country)) and `joint_probability` (and with regions, `region` and `region_score`): `label` and
-    `score` make them image-classification answers, as the Hub's clients and widget read them.
+    """Geolocate photos zero-shot with StreetCLIP's hierarchical probing (task `"geolocation"`). Each image gives
+    `top_k` dicts with `label` (`"Paris, France"`), `country`, `country_code`, `city`, `latitude`, `longitude`,
+    `score` (a probability), `country_score`, `joint_probability` and, with regions, `region` and `region_score`:
+    `label` and `score` make them image-classification answers, as the Hub's clients read them.
 
     Example:
 
@@ -34,11 +32,7 @@ class GeolocationPipeline(Pipeline):
 
     geolocate = pipeline("geolocation", model="geolocal/StreetCLIP")
     geolocate("photo.jpg", top_k=2)
-    # [{'label': 'Paris, France', 'country': 'France', 'country_code': 'FR', 'city': 'Paris', 'latitude': 48.85341,
-    #   'longitude': 2.3488, 'score': 0.65, 'country_score': 0.63, 'joint_probability': 0.41}, {...}]
     ```
-
-    This pipeline is loaded from [`pipeline`] with the task identifier `"geolocation"`.
     """
 
     _load_processor = True
@@ -59,35 +53,32 @@ class GeolocationPipeline(Pipeline):
             )
 
     def __call__(self, inputs, **kwargs):
-        """
-        Geolocate the image(s) given as inputs.
+        """Geolocate the image(s) given as inputs.
 
         Args:
             inputs (`str`, `bytes`, `PIL.Image.Image` or a list of them):
-                An image file's path, an `http(s)://` URL, an encoded image's bytes, or a PIL image; a list gives one
-                answer list per image.
+                An image file's path, an `http(s)://` URL, an encoded image's bytes, or a PIL image.
             top_k (`int`, *optional*, defaults to 1):
                 The number of answers per image (at most the number of candidate cities).
             decision (`str`, *optional*, defaults to `"greedy"`, or `"gallery"` with a gallery):
                 The rule that chooses and orders the answers:
 
-                - `"greedy"` (the paper's): countries by p(country), then regions by p(region | country), then cities
-                  by p(city | country or region), which is `score`; the first answer is the paper's decision.
+                - `"greedy"` (the paper's): countries by p(country), then regions, then cities by p(city | country or
+                  region), which is `score`; the first answer is the paper's decision.
                 - `"joint"`: by the joint probability, which is `score`.
                 - `"expected_distance"`: by `expected_distance_km`, the expected great-circle distance to the true
-                  place under the joint posterior over the `config.expected_distance_candidates` most probable
-                  cities (the Bayes decision for distance-thresholded accuracy); `score` is the joint probability.
+                  place under the joint posterior over the `config.expected_distance_candidates` most probable cities
+                  (the Bayes decision for distance-thresholded accuracy); `score` is the joint probability.
                 - `"gallery"` and `"hybrid"`: a kernel vote of the nearest `gallery` photos (`"hybrid"` weighted by
-                  p(country), see `gallery_vote`); `score` is the answer's share of the vote. The answer is a photo's
-                  place, named by the candidate city nearest it; `gallery_row` and `similarity` name the photo.
+                  p(country)); `score` is the answer's share of the vote, its place a photo's, named by the nearest
+                  candidate city, and `gallery_row` and `similarity` name the photo.
             candidate_countries (`list[str]`, *optional*):
-                Answer only among these of the model's countries (names or ISO codes), p(country) renormalised
-                over them, as `model.restrict_countries` would for this call only; not with the gallery decisions.
+                Answer only among these of the model's countries (names or ISO codes), as `restrict_countries` would
+                for this call only; not with the gallery decisions.
             gallery (`str`, `os.PathLike` or `GeoGallery`, *optional*):
                 A folder or Hub dataset repo that `streetclip index build` wrote, or a loaded `GeoGallery`.
             function_to_apply (`str`, *optional*, defaults to `"softmax"`):
-                The Hub's image-classification parameter; every `score` is a probability from softmaxes over the
-                candidates, so `"sigmoid"` and `"none"` are refused.
+                The Hub's parameter; scores are probabilities from softmaxes, so `"sigmoid"` and `"none"` are refused.
             timeout (`float`, *optional*, defaults to None):
                 The maximum time in seconds to wait for an image URL; None waits forever.
 
@@ -177,8 +168,7 @@ class GeolocationPipeline(Pipeline):
         return format_answers(self.model.candidate_places, **columns)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
-        """Write a folder that every loader accepts, with this package or (`trust_remote_code=True`) without it. A
-        gallery is not part of it."""
+        """Write a folder that loads with this package, or without it with `trust_remote_code=True` (no gallery)."""
         if self.processor is None:
             raise ValueError(
                 "This pipeline was built with an image_processor but no processor, so it has no tokenizer or "
@@ -194,14 +184,14 @@ class GeolocationPipeline(Pipeline):
 
 
 def _check_function_to_apply(function_to_apply: str | None) -> None:
-    """Accept the Hub's `function_to_apply` where it describes the scores (`"softmax"`); refuse the others, saying why."""
+    """Accept the Hub's `function_to_apply` where it describes the scores (`"softmax"`); refuse the others."""
     name = function_to_apply.lower() if isinstance(function_to_apply, str) else function_to_apply
     if name in (None, "softmax"):
         return
     if name in ("sigmoid", "none"):
         raise ValueError(
-            f"function_to_apply={function_to_apply!r} does not apply to geolocation: a photo is taken in one place, so "
-            "every score is a probability from softmaxes over the candidate places (function_to_apply='softmax'). "
+            f"function_to_apply={function_to_apply!r} does not apply to geolocation: a photo is taken in one place, "
+            "so every score is a probability from softmaxes over the candidate places (function_to_apply='softmax'). "
             "For unnormalised numbers, read the model's outputs: `logits` holds the log joint probabilities."
         )
     raise ValueError(
@@ -211,8 +201,7 @@ def _check_function_to_apply(function_to_apply: str | None) -> None:
 
 
 def _load_image(image, timeout: float | None):
-    """`load_rgb_image`'s image, an `http(s)://` URL fetched first (as transformers' `load_image` does, with
-    `timeout`) so that it meets the same checks as a file; errors name the URL."""
+    """`load_rgb_image`'s image, a URL fetched first (with `timeout`); errors name the URL."""
     if not (isinstance(image, str) and image.startswith(("http://", "https://"))):
         return load_rgb_image(image)
     try:

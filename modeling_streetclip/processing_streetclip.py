@@ -1,5 +1,4 @@
-"""Processor of StreetCLIP: CLIP's image processor and tokenizer, plus the templates that turn places into the text
-the model sees (probe prompts for the heads, captions for training), saved beside the tokenizer that reads them."""
+"""Processor of StreetCLIP: CLIP's image processor and tokenizer, plus the templates that turn places into text."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,13 +17,8 @@ _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokeni
 
 @dataclass
 class CandidatePrompts:
-    """The tokenised probe prompts of one candidate table, which `StreetCLIPForGeolocation.set_candidates` encodes
-    into the heads, with the templates they were rendered from.
-
-    Tokenizer outputs (`input_ids`, `attention_mask`): `countries` for every candidate country, `cities[i]` and
-    `regions[i]` (empty without a region level) for those of country `i`, in table order. A prompt ensemble has one
-    block of rows per template, template after template.
-    """
+    """The tokenised probe prompts of one candidate table, with the templates they were rendered from: `countries`, and
+    `cities[i]` and `regions[i]` (empty without regions) of country `i`; an ensemble has a block per template."""
 
     country_prompt_template: str | list[str]
     city_prompt_template: str | list[str]
@@ -61,26 +55,17 @@ class CandidatePrompts:
 
 
 class StreetCLIPProcessor(ProcessorMixin):
-    r"""
-    Joins CLIP's image processor and tokenizer with StreetCLIP's templates. Called like [`CLIPProcessor`], it also
-    renders and tokenises the prompts of a candidate table ([`~StreetCLIPProcessor.candidate_prompts`]) and training's
-    captions ([`~StreetCLIPProcessor.tokenize`]). A plain CLIP folder (`geolocal/StreetCLIP`) loads with
-    [`StreetCLIPConfig`]'s default templates.
+    r"""Joins CLIP's image processor and tokenizer with StreetCLIP's templates; called like [`CLIPProcessor`], it also
+    renders and tokenises a candidate table's prompts. A plain CLIP folder loads with the default templates.
 
     Args:
         image_processor ([`CLIPImageProcessor`]):
             Resizes, crops and normalises photos for the vision tower.
         tokenizer ([`CLIPTokenizer`]):
             Tokenises prompts and captions for the text tower.
-        country_prompt_template, region_prompt_template, city_prompt_template, qualify_ambiguous_cities, caption_template:
-            The probe prompts and training caption, as [`StreetCLIPConfig`] documents them (its defaults too).
-
-    Example:
-
-    ```python
-    processor = StreetCLIPProcessor.from_pretrained("geolocal/StreetCLIP")
-    processor.render_country_prompts(["Japan"])  # ['A Street View photo in Japan.']
-    ```
+        country_prompt_template, region_prompt_template, city_prompt_template, qualify_ambiguous_cities,
+        caption_template:
+            As [`StreetCLIPConfig`] documents them, with its defaults.
     """
 
     def __init__(
@@ -106,8 +91,7 @@ class StreetCLIPProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "StreetCLIPProcessor":
-        """Load from a StreetCLIP folder or a plain CLIP checkpoint; template keyword arguments replace the saved
-        ones. A folder without processor files is refused with its name and the command that completes it."""
+        """Load from a StreetCLIP or plain CLIP folder; a folder without processor files is refused with the fix."""
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
         found = [
             cached_file(
@@ -130,8 +114,7 @@ class StreetCLIPProcessor(ProcessorMixin):
 
     @classmethod
     def from_parts(cls, processor, config: StreetCLIPConfig) -> "StreetCLIPProcessor":
-        """This processor from any with an image processor and a tokenizer (the `CLIPProcessor` of a plain CLIP
-        checkpoint) and the templates `config` records; a `StreetCLIPProcessor` is returned as it is."""
+        """This processor from a `CLIPProcessor`'s parts and `config`'s templates (or `processor` itself)."""
         if isinstance(processor, cls):
             return processor
         return cls(processor.image_processor, processor.tokenizer, **config.text_settings())
@@ -147,8 +130,8 @@ class StreetCLIPProcessor(ProcessorMixin):
     def render_city_prompts(
         self, cities: Sequence[str], countries: Sequence[str], ambiguous: Sequence[bool] | None = None
     ) -> list[str]:
-        """One city probe prompt per city (one block per template of an ensemble); with `qualify_ambiguous_cities`,
-        the cities `ambiguous` marks are named with their country."""
+        """One city probe prompt per city (a block per template); with `qualify_ambiguous_cities`, those `ambiguous`
+        marks are named with their country."""
         qualified = ambiguous if self.qualify_ambiguous_cities else None
         return city_prompts(self.city_prompt_template, cities, countries, qualified)
 
