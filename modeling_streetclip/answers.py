@@ -24,11 +24,8 @@ def format_answers(
     gallery_rows: torch.Tensor | None = None,
     similarities: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
-    """One image's ranked answers (a row of each field of `decisions.RankedPlaces` or `GalleryRankedPlaces`) as plain
-    dicts, each city's country, region and coordinates read from the table. `region` and `region_score` come with a
-    region level, `expected_distance_km` with the rule that orders by it; under a gallery rule, `latitude` and
-    `longitude` are the chosen photo's, `gallery_row` and `similarity` name it, and padding rows (-1) are left out.
-    """
+    """One image's ranked rows (of `RankedPlaces` or `GalleryRankedPlaces`) as the pipeline's dicts, each place read
+    from the table; a gallery answer's coordinates are its photo's, and padding rows (-1) are left out."""
     columns = {
         "score": scores,
         "country_score": country_scores,

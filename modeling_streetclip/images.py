@@ -1,5 +1,4 @@
-"""Image loading for geolocation inputs: every PIL mode and EXIF orientation to RGB, and every file problem an error
-that names the file, so that one bad file cannot crash a batch run with a bare traceback."""
+"""Image loading: every PIL mode and EXIF orientation to RGB, every file problem an error that names the file."""
 
 import io
 import os
@@ -27,9 +26,8 @@ def looks_like_url(text: str) -> bool:
 
 
 def load_rgb_image(image: ImageInput) -> Image.Image:
-    """Open a path or an encoded file's bytes (as a `datasets` image column stores them), or take a PIL image, and
-    return it in its EXIF orientation as 8-bit RGB. An image beyond Pillow's decompression-bomb limit is refused
-    before it is decoded; URLs are refused (download the file first)."""
+    """A path, an encoded file's bytes or a PIL image as 8-bit RGB in its EXIF orientation; URLs and images beyond
+    Pillow's decompression-bomb limit are refused."""
     if isinstance(image, Image.Image):
         _check_shape(image.size, "The PIL image")
         return to_rgb(ImageOps.exif_transpose(image), "The PIL image")
@@ -84,8 +82,7 @@ def _check_shape(size: tuple[int, int], name: str) -> None:
 
 
 def to_rgb(image: Image.Image, name: str = "The image") -> Image.Image:
-    """8-bit RGB from any PIL mode: transparency over white, 16-bit scaled, 32-bit and float stretched to 0..255. A
-    float image with NaN or infinite pixels is refused: stretching it would give a black image, and still an answer."""
+    """8-bit RGB from any PIL mode; float images with NaN or infinite pixels are refused (they would come out black)."""
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I;16"):

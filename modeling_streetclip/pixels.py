@@ -1,11 +1,6 @@
 """Pixel values in two halves: the image processor's resize and crop where photos are decoded (8-bit, a quarter of
-float32's bytes to carry from DataLoader workers to the device), its rescale and normalisation where the model runs.
-`normalized_pixels(processor, resized_pixels(processor, image))` equals `processor(images=image)["pixel_values"]`
-bit for bit for CLIP's processor (the tests hold it to that).
-
-CLIP's processor scales the short edge before it crops, so a one-pixel-wide strip of a few hundred bytes can ask for
-gigabytes; beyond `MAX_RESIZED_CROPS` crops' worth of pixels, the kept centre is cut from the photo first.
-"""
+float32's bytes to carry to the device), its rescale and normalisation where the model runs, together bit for bit
+the processor's. Beyond `MAX_RESIZED_CROPS` crops' worth of pixels, a strip's kept centre is cut out first."""
 
 import numpy as np
 import torch
@@ -20,19 +15,16 @@ MAX_RESIZED_CROPS = 20
 
 
 def resized_pixels(image_processor, images) -> torch.Tensor:
-    """`image_processor`'s output for `images` without its rescale and normalisation: a `(batch, channels, height,
-    width)` tensor, uint8 for 8-bit images (RGB photos). PIL images too elongated to resize whole are cut to their
-    kept centre first (`central_region`)."""
+    """`image_processor`'s output for `images` without rescale and normalisation: uint8 for RGB photos."""
     images = images if isinstance(images, (list, tuple)) else [images]
     images = [central_region(image_processor, image) if isinstance(image, Image.Image) else image for image in images]
     return image_processor(images=images, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
 
 
 def central_region(image_processor, image: Image.Image) -> Image.Image:
-    """`image` as it is, unless resizing its short edge whole would exceed `MAX_RESIZED_CROPS` crops of pixels: then
-    only the region that the processor's resize-then-crop keeps, resized as the processor would resize it (Pillow
-    samples a fractional box at the whole photo's scale, so the pixels match within 8-bit rounding). Along the long
-    side the region spans at least the short edge, so that the processor finds the short edge at its size."""
+    """`image`, or where resizing it whole would exceed `MAX_RESIZED_CROPS` crops, the region the processor's crop
+    keeps, resized as the processor would (Pillow samples the box at the whole photo's scale: within 8-bit rounding).
+    """
     # `.get` and `[]` read both the processor's SizeDict and a plain dict assigned to it.
     size, crop = image_processor.size, image_processor.crop_size
     shortest_edge = size.get("shortest_edge")
@@ -64,9 +56,8 @@ def central_region(image_processor, image: Image.Image) -> Image.Image:
 
 
 def normalized_pixels(image_processor, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Finish what `resized_pixels` left out, on `pixels`' device, and cast to `dtype` (the model's). 8-bit pixels
-    go through a table of each channel's 256 values computed as the processor does (float64, then float32): exact,
-    with no float64 on the device (MPS has none); other pixels are computed in float32."""
+    """Finish what `resized_pixels` left out, on `pixels`' device, in `dtype`; 8-bit pixels through an exact table of
+    each channel's 256 values (no float64 on the device, which MPS lacks)."""
     if pixels.dtype == torch.uint8:
         table = _normalized(image_processor, torch.arange(256, dtype=torch.float64).expand(pixels.shape[-3], 1, 256))
         offsets = torch.arange(pixels.shape[-3], device=pixels.device).view(-1, 1, 1) * 256

@@ -1,13 +1,8 @@
 """Int8 inference on the CPU: the vision tower's linear layers with int8 weights and dynamic int8 activations.
 
-Registered as a transformers quantization method, so `from_pretrained(..., quantization_config=Int8DynamicConfig())`,
-a pipeline's `model_kwargs` and `streetclip locate --quantize int8` take it. The heads, the visual projection and the
-text tower stay float32. PyTorch's dynamic quantization rather than `TorchAoConfig`, which cannot load a CLIP model
-(it asks for `get_input_embeddings`, which `CLIPModel` lacks) and runs slower eagerly (README, "Speed and precision").
-
-A quantized model cannot be saved (packed int8 weights have no safetensors form): save the float32 model and
-quantize again at load. It computes in float32, so loading or casting it to another dtype is refused.
-"""
+A transformers quantization method (`quantization_config=Int8DynamicConfig()`); the heads and the text tower stay
+float32. PyTorch's dynamic quantization rather than `TorchAoConfig`, slower eagerly (README, "Speed and precision").
+A quantized model cannot be saved, and computes in float32 only."""
 
 import warnings
 
@@ -29,8 +24,7 @@ INT8_ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
 
 @register_quantization_config(QUANT_METHOD)
 class Int8DynamicConfig(QuantizationConfigMixin):
-    """Quantize StreetCLIP's vision tower to int8 for CPU inference; pass it as `quantization_config` to
-    [`StreetCLIPForGeolocation.from_pretrained`] (or in a pipeline's `model_kwargs`), loading in float32 on the CPU."""
+    """Quantize the vision tower to int8 for CPU inference, as `from_pretrained`'s `quantization_config`."""
 
     def __init__(self, quant_method: str = QUANT_METHOD):
         # `quant_method` is the one key of its dict form (`to_dict`/`from_dict`); anything else is a mistake.
@@ -40,13 +34,11 @@ class Int8DynamicConfig(QuantizationConfigMixin):
 
 
 class Int8DtypeError(Exception):
-    """Loading int8 in a dtype other than float32. Not a `ValueError`: transformers' `pipeline` retries a load that
-    raises one in float32, which would quietly answer in another dtype than the one asked for."""
+    """Int8 in another dtype than float32; not a `ValueError`, which `pipeline` would retry in float32."""
 
 
 def int8_engine() -> str:
-    """The quantized back end, from `INT8_ENGINES`, that PyTorch will run int8 linear layers on; `ImportError` when
-    this PyTorch has none or no longer ships `torch.ao.quantization`."""
+    """The PyTorch back end for int8 linear layers, of `INT8_ENGINES`; `ImportError` where there is none."""
     if not hasattr(getattr(torch, "ao", None), "quantization") or not hasattr(
         torch.ao.quantization, "quantize_dynamic"
     ):
