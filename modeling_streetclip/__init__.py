@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 __version__ = importlib.metadata.version("streetclip")
 
 
-# Public name -> the module of this package that defines it.
+# Public name -> the module that defines it.
 _EXPORTS = {
     "CandidatePlaces": "candidates",
     "CandidatePrompts": "processing_streetclip",

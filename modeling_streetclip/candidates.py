@@ -141,7 +141,7 @@ class CandidatePlaces:
 
     @cached_property
     def ambiguous_city_rows(self) -> list[bool]:
-        """Whether another candidate country has a city of each city's name (in any case): `qualify_ambiguous_cities`."""
+        """Whether another candidate country has a city of each city's name: `qualify_ambiguous_cities`."""
         countries_by_name: dict[str, set[int]] = defaultdict(set)
         for name, country in zip(self.city_names, self.city_countries, strict=True):
             countries_by_name[name.casefold()].add(country)
@@ -167,7 +167,7 @@ class CandidatePlaces:
         )
 
     def select(self, country_rows: Sequence[int]) -> tuple["CandidatePlaces", list[int], list[int]]:
-        """The sub-table of the given country rows, with the old rows of its cities and regions (to subset the heads)."""
+        """The sub-table of the given country rows, with the old rows of its cities and regions (for the heads)."""
         new_country = {old: new for new, old in enumerate(country_rows)}
         city_rows = [row for old in country_rows for row in self.cities_by_country[old]]
         region_rows = [row for old in country_rows for row in self.regions_by_country[old]]
@@ -194,7 +194,7 @@ class CandidatePlaces:
         return data
 
     def checksum(self) -> int:
-        """A 63-bit digest of the table, saved with the heads so that a table edited apart from them is caught on load."""
+        """A 63-bit digest of the table, saved with the heads so that a table edited apart from them is caught."""
         text = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=True)
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
@@ -209,13 +209,8 @@ class CandidatePlaces:
         country_rows: dict[str, int] = {}
         region_rows: dict[tuple[int, str], int] = {}
         codes: list[str] = []
-        columns = {
-            "city_names": [],
-            "city_countries": [],
-            "city_latitudes": [],
-            "city_longitudes": [],
-            "city_regions": [],
-        }
+        city_columns = ("city_names", "city_countries", "city_latitudes", "city_longitudes", "city_regions")
+        columns = {name: [] for name in city_columns}
         records = list(records)
         with_region = [bool(record.get("region")) for record in records]
         if any(with_region) and not all(with_region):

@@ -24,9 +24,7 @@ CANDIDATE_SETTINGS = frozenset({*TABLE_SETTINGS, "candidate_countries", "levels"
 PROMPT_SETTINGS = frozenset(
     {"country_prompt_template", "region_prompt_template", "city_prompt_template", "qualify_ambiguous_cities"}
 )
-# What a processor takes from a configuration: the templates its heads were built with.
 TEXT_SETTINGS = PROMPT_SETTINGS | {"caption_template"}
-# The settings `StreetCLIPForGeolocation.from_pretrained` accepts as keyword arguments.
 GEOLOCATION_SETTINGS = CANDIDATE_SETTINGS | TEXT_SETTINGS | {"expected_distance_candidates"}
 
 # The paper's hierarchy, and the one with GeoNames' first-level regions (states, provinces) in the middle.
@@ -231,17 +229,4 @@ RECOMMENDED_CANDIDATE_SETTINGS = {
 # `save_pretrained` writes `auto_map` and copies the code, for `trust_remote_code=True` without this package.
 StreetCLIPConfig.register_for_auto_class()
 
-__all__ = [
-    "CANDIDATE_SETTINGS",
-    "CITY_ALLOCATIONS",
-    "GEOLOCATION_SETTINGS",
-    "HUB_KWARGS",
-    "PAPER_LEVELS",
-    "PROMPT_SETTINGS",
-    "RECOMMENDED_CANDIDATE_SETTINGS",
-    "REGION_LEVELS",
-    "StreetCLIPConfig",
-    "TABLE_SETTINGS",
-    "TEXT_SETTINGS",
-    "validate_prompt_templates",
-]
+__all__ = ["RECOMMENDED_CANDIDATE_SETTINGS", "StreetCLIPConfig"]

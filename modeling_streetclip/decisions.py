@@ -56,7 +56,7 @@ class GalleryRankedPlaces(NamedTuple):
 
 
 def default_decision(gallery: GeoGallery | str | None) -> str:
-    """The rule used when none is named: the gallery vote with a gallery (or its name), else the paper's greedy rule."""
+    """The rule used when none is named: the gallery vote with a gallery (or its name), else the paper's greedy one."""
     return "gallery" if gallery is not None else "greedy"
 
 
@@ -141,7 +141,6 @@ def rank_places(
         if decision == "greedy":
             order = _greedy_order(model, outputs, levels["country"])[:, :top_k]
         else:
-            # Stable: ties go to the row listed first.
             order = levels["joint"].argsort(dim=-1, descending=True, stable=True)
             if decision == "expected_distance":
                 pool = order[:, : min(max(top_k, model.config.expected_distance_candidates), num_cities)]

@@ -61,11 +61,9 @@ def geonames_table(
             raise ValueError(f"GeoNames lists no city in {countries[index]!r} (ISO code {code}).")
         # Everyone in the country's places counts, districts merged below included: they are where people live.
         urban_populations.append(sum(city["population"] for city in candidates))
-        kept.append(
-            merge_nearby_cities(candidates, city_merge_radius_km, keep=capital)
-            if city_merge_radius_km > 0
-            else candidates
-        )
+        if city_merge_radius_km > 0:
+            candidates = merge_nearby_cities(candidates, city_merge_radius_km, keep=capital)
+        kept.append(candidates)
         capitals.append(capital)
     if city_allocation == "per_country":
         slots = [min(len(cities), cities_per_country) for cities in kept]

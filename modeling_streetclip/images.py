@@ -82,7 +82,7 @@ def _check_shape(size: tuple[int, int], name: str) -> None:
 
 
 def to_rgb(image: Image.Image, name: str = "The image") -> Image.Image:
-    """8-bit RGB from any PIL mode; float images with NaN or infinite pixels are refused (they would come out black)."""
+    """8-bit RGB from any PIL mode; float images with NaN or infinite pixels are refused (they would turn black)."""
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I;16"):

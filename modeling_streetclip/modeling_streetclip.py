@@ -4,6 +4,7 @@ text tower and saved, so that a saved model infers with the vision tower alone."
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -114,10 +115,7 @@ class StreetCLIPForGeolocation(CLIPModel):
         if places is None:  # a plain CLIP checkpoint, until `set_candidates`
             return
         device, dtype = self.visual_projection.weight.device, self.visual_projection.weight.dtype
-
-        def head(rows: int) -> nn.Linear:
-            return nn.Linear(self.projection_dim, rows, bias=False, device=device, dtype=dtype)
-
+        head = partial(nn.Linear, self.projection_dim, bias=False, device=device, dtype=dtype)
         self.country_head = head(places.num_countries)
         self.city_head = head(places.num_cities)
         if places.has_regions:
@@ -449,7 +447,6 @@ class StreetCLIPForGeolocation(CLIPModel):
         return {"country": country, "region": region, "city": city, "joint": country + region + city}
 
 
-# The buffers `_candidate_buffers` gives, with or without a region level.
 _CANDIDATE_BUFFERS = ("candidate_checksum", "city_countries", "region_countries", "city_regions")
 
 

@@ -146,7 +146,6 @@ class GeolocationPipeline(Pipeline):
         return cache[key]
 
     def preprocess(self, image, timeout: float | None = None) -> dict[str, Any]:
-        # 8-bit pixels: a quarter of float32's bytes to carry from DataLoader workers to the device (see `pixels`).
         return {"pixel_values": resized_pixels(self.image_processor, _load_image(image, timeout))}
 
     def _forward(
@@ -163,7 +162,6 @@ class GeolocationPipeline(Pipeline):
         return rank(self.model, outputs, top_k, decision, gallery, country_rows)
 
     def postprocess(self, model_outputs: dict[str, Any]) -> list[dict[str, Any]]:
-        # One image's columns of `decisions.rank`, whose names are the formatter's parameters.
         columns = {name: column[0] for name, column in model_outputs.items()}
         return format_answers(self.model.candidate_places, **columns)
 
@@ -186,18 +184,17 @@ class GeolocationPipeline(Pipeline):
 def _check_function_to_apply(function_to_apply: str | None) -> None:
     """Accept the Hub's `function_to_apply` where it describes the scores (`"softmax"`); refuse the others."""
     name = function_to_apply.lower() if isinstance(function_to_apply, str) else function_to_apply
-    if name in (None, "softmax"):
-        return
     if name in ("sigmoid", "none"):
         raise ValueError(
             f"function_to_apply={function_to_apply!r} does not apply to geolocation: a photo is taken in one place, "
             "so every score is a probability from softmaxes over the candidate places (function_to_apply='softmax'). "
             "For unnormalised numbers, read the model's outputs: `logits` holds the log joint probabilities."
         )
-    raise ValueError(
-        f"Unknown function_to_apply {function_to_apply!r}; the Hub's values are 'softmax', 'sigmoid' and 'none', of "
-        "which geolocation answers with 'softmax'."
-    )
+    if name not in (None, "softmax"):
+        raise ValueError(
+            f"Unknown function_to_apply {function_to_apply!r}; the Hub's values are 'softmax', 'sigmoid' and 'none', "
+            "of which geolocation answers with 'softmax'."
+        )
 
 
 def _load_image(image, timeout: float | None):

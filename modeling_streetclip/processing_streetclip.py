@@ -93,17 +93,11 @@ class StreetCLIPProcessor(ProcessorMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "StreetCLIPProcessor":
         """Load from a StreetCLIP or plain CLIP folder; a folder without processor files is refused with the fix."""
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-        found = [
-            cached_file(
-                pretrained_model_name_or_path,
-                name,
-                _raise_exceptions_for_missing_entries=False,
-                _raise_exceptions_for_connection_errors=False,
-                **hub_kwargs,
-            )
-            for name in _PROCESSOR_FILES
-        ]
-        if not any(found):
+        hub_kwargs |= {
+            "_raise_exceptions_for_missing_entries": False,
+            "_raise_exceptions_for_connection_errors": False,
+        }
+        if not any(cached_file(pretrained_model_name_or_path, name, **hub_kwargs) for name in _PROCESSOR_FILES):
             raise OSError(
                 f"{str(pretrained_model_name_or_path)!r} holds no image processor or tokenizer files "
                 f"({', '.join(_PROCESSOR_FILES)}). A folder written by `model.save_pretrained` needs the processor "
