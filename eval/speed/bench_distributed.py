@@ -1,14 +1,16 @@
-"""Time `streetclip locate` on one process and on several (torchrun): images/s at each model size.
+"""Time `streetclip locate`: images/s on one process and on several (torchrun), with decoding in the main process or
+in DataLoader workers, at each model size, and against the bare vision forward.
 
-A configuration is PROCESSESxTHREADS: that many processes, each with that many torch threads (OMP_NUM_THREADS); by
-default one process with all the usable cores, one with a single thread, and one process per core with a thread each.
-Each run is the real command in a fresh process group over generated 640x480 JPEGs, with a random-weight model of six
-countries of five cities; the rate is that of a run over --images less one over a batch per process, so that start-up
-cancels out. Configurations alternate within each repeat, so that other jobs slow them alike: compare the ratios of
-one run.
+A configuration is PxT[xW]: P processes, each with T torch threads (OMP_NUM_THREADS) and W DataLoader workers (by
+default --num_workers); by default one process with all the usable cores, one with a single thread, and one process
+per core with a thread each. Each run is the real command in a fresh process group over generated 640x480 JPEGs, with
+a random-weight model of six countries of five cities; the rate is that of a run over --images less one over a batch
+per process, so that start-up cancels out. Configurations alternate within each repeat, so that other jobs slow them
+alike: compare the ratios of one run. `--bare` adds the bare vision forward over the same photos, in this process.
 
-    python eval/speed/bench_distributed.py [--scales tiny vit-b-16] [--configs 1x2 1x1 2x1] [--images 2048 128]
-        [--batch_size 16] [--num_workers 1] [--repeats 2] [--device cpu] [--dtype float32]
+    python eval/speed/bench_distributed.py [--scales tiny vit-b-16 vit-l-14-336] [--configs 1x2 1x1 2x1] [--bare]
+        [--images 2048 128] [--batch_size 16] [--num_workers 1] [--repeats 2] [--device cpu] [--dtype float32]
+    python eval/speed/bench_distributed.py --scales tiny --configs 1x2x0 1x2x2 --images 200 16 --batch_size 8
 """
 
 import argparse
@@ -17,8 +19,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from timing import locate_rate, machine_line, save_small_streetclip, write_jpegs
+import torch
+from timing import locate_rate, machine_line, save_small_streetclip, seconds, vision_forward, write_jpegs
+from transformers import AutoImageProcessor
 
+from modeling_streetclip import StreetCLIPForGeolocation, load_rgb_image
 from modeling_streetclip.testing_utils import VIT_B_16, VIT_L_14_336, save_random_clip, save_tiny_clip_checkpoint
 
 
@@ -29,6 +34,18 @@ SCALES = {
 }
 
 
+def bare_rate(model_dir: Path, photos: list[Path], args: argparse.Namespace) -> float:
+    """Images/s of the bare vision forward over `photos`, preprocessed beforehand, in batches."""
+    model = StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=True, dtype=getattr(torch, args.dtype))
+    model = model.to(args.device)
+    images = [load_rgb_image(path) for path in photos]
+    pixels = AutoImageProcessor.from_pretrained(model_dir)(images=images, return_tensors="pt")["pixel_values"]
+    batches = pixels.to(model.device, model.dtype).split(args.batch_size)
+    synchronize = torch.cuda.synchronize if args.device == "cuda" else lambda: None
+    vision_forward(model, batches[0][:1])  # one-off kernel setup
+    return len(photos) / seconds(lambda: ([vision_forward(model, batch) for batch in batches], synchronize()))
+
+
 def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,9 +54,10 @@ def main() -> None:
         "--configs",
         nargs="+",
         default=list(dict.fromkeys([f"1x{cores}", "1x1", f"{cores}x1"])),
-        metavar="PxT",
-        help="processes x threads per process (default: %(default)s, from the usable cores)",
+        metavar="PxT[xW]",
+        help="processes x threads per process [x workers per process] (default: %(default)s, from the usable cores)",
     )
+    parser.add_argument("--bare", action="store_true", help="also time the bare vision forward over the photos")
     parser.add_argument("--images", nargs=2, type=int, metavar=("TINY", "LARGER"), help="images per long run")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_workers", type=int, default=1, help="DataLoader workers per process")
@@ -47,12 +65,16 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = parser.parse_args()
-    configs = [tuple(int(part) for part in text.split("x")) for text in args.configs]
+    try:
+        configs = [(*map(int, text.split("x")), args.num_workers)[:3] for text in args.configs]
+    except ValueError:
+        configs = []
+    if len(configs) != len(args.configs) or any(len(config) < 3 for config in configs):
+        parser.error(f"--configs are PxT or PxTxW, whole numbers joined by x; got {args.configs}")
     counts = args.images or ((2048, 128) if args.device == "cpu" else (4096, 2048))
     # A batch per process in the short run, so that all of the long run's extra images are steady-state work.
-    short = args.batch_size * max(processes for processes, _ in configs)
-    options = ("--batch_size", args.batch_size, "--num_workers", args.num_workers, "--device", args.device)
-    options += ("--dtype", args.dtype)
+    short = args.batch_size * max(processes for processes, _, _ in configs)
+    options = ("--batch_size", args.batch_size, "--device", args.device, "--dtype", args.dtype)
     print(machine_line())
     with tempfile.TemporaryDirectory() as workdir:
         root = Path(workdir)
@@ -60,20 +82,23 @@ def main() -> None:
             images = counts[0] if scale == "tiny" else counts[1]
             photos = write_jpegs(root / scale / "photos", images)
             model = save_small_streetclip(SCALES[scale](root / scale / "clip"), root / scale / "streetclip")
-            rates: dict[tuple[int, int], list[float]] = {config: [] for config in configs}
+            rates: dict[tuple[int, int, int], list[float]] = {config: [] for config in configs}
             for _ in range(args.repeats):
-                for processes, threads in configs:
+                for processes, threads, workers in configs:
                     output = root / scale / "answers.jsonl"
-                    rate = locate_rate(photos, short, model, output, *options, processes=processes, threads=threads)
-                    rates[processes, threads].append(rate)
+                    run = (photos, short, model, output, *options, "--num_workers", workers)
+                    rates[processes, threads, workers].append(locate_rate(*run, processes=processes, threads=threads))
+            setting = f"{images} images, batch {args.batch_size}"
+            if args.bare:
+                rate = bare_rate(model, photos[short:], args)
+                print(f"{scale:>13} {args.device} {args.dtype} bare vision forward: {rate:8.1f} img/s; {setting}")
             baseline = statistics.median(rates[configs[0]])
-            for (processes, threads), measured in rates.items():
+            for (processes, threads, workers), measured in rates.items():
                 rate = statistics.median(measured)
                 print(
-                    f"{scale:>13} {args.device} {args.dtype} {processes} process(es) x {threads} thread(s): "
-                    f"{rate:8.1f} img/s ({', '.join(f'{value:.1f}' for value in measured)}), {rate / baseline:.2f}x "
-                    f"{args.configs[0]}; {images} images, batch {args.batch_size}, {args.num_workers} worker(s) per "
-                    "process",
+                    f"{scale:>13} {args.device} {args.dtype} {processes} process(es) x {threads} thread(s), "
+                    f"{workers} worker(s) each: {rate:8.1f} img/s ({', '.join(f'{value:.1f}' for value in measured)}), "
+                    f"{rate / baseline:.2f}x {args.configs[0]}; {setting}",
                     flush=True,
                 )
 

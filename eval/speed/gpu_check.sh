@@ -13,7 +13,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 3
 limit_s="${GPU_CHECK_TIMEOUT_S:-270}"
 python="${PYTHON:-python}"
 
-if ! "$python" -c "import modeling_streetclip, transformers, torch" 2>/dev/null; then
+# Found, not imported: importing torch and transformers takes seconds, and the check imports them next anyway.
+find_modules='import importlib.util, sys; sys.exit(not all(map(importlib.util.find_spec, sys.argv[1:])))'
+if ! "$python" -c "$find_modules" modeling_streetclip transformers torch 2>/dev/null; then
     echo "gpu_check: the streetclip package is not importable by $(command -v "$python" || echo "$python");" \
         "install the project first: pip install -e \".[dev]\"" >&2
     exit 3
