@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.axes import Axes
 
 
-# cities5000 (about 69,000 places) outlines the continents and loads in about a second; cities15000 leaves gaps.
+# cities5000 (about 69,000 places) outlines the continents; cities15000 leaves gaps.
 LAND_CITY_POPULATION = 5000
 # Earth's axial tilt in degrees: the latitude of the tropics, and 90 minus that of the polar circles.
 AXIAL_TILT_DEG = 23.44
