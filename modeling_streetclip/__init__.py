@@ -14,45 +14,46 @@ from typing import TYPE_CHECKING
 __version__ = importlib.metadata.version("streetclip")
 
 
-# Public name -> the module that defines it.
+# The public names of each module, loaded on first use.
 _EXPORTS = {
-    "CandidatePlaces": "candidates",
-    "CandidatePrompts": "processing_streetclip",
-    "GeolocationOutput": "modeling_streetclip",
-    "GeolocationPipeline": "pipeline_geolocation",
-    "GeoGallery": "gallery_store",
-    "ImageLoadError": "images",
-    "RECOMMENDED_CANDIDATE_SETTINGS": "configuration_streetclip",
-    "RankedPlaces": "decisions",
-    "StreetCLIPConfig": "configuration_streetclip",
-    "StreetCLIPForGeolocation": "modeling_streetclip",
-    "StreetCLIPProcessor": "processing_streetclip",
-    "VoteSettings": "gallery_vote",
-    "format_answers": "answers",
-    "load_rgb_image": "images",
-    "paper_countries": "countries",
-    "read_country_list": "countries",
-    "resolve_country_name": "countries",
+    "answers": ["format_answers"],
+    "candidates": ["CandidatePlaces"],
+    "configuration_streetclip": ["RECOMMENDED_CANDIDATE_SETTINGS", "StreetCLIPConfig"],
+    "countries": ["paper_countries", "read_country_list", "resolve_country_name"],
+    "decisions": ["RankedPlaces"],
+    "gallery_store": ["GeoGallery"],
+    "gallery_vote": ["VoteSettings"],
+    "images": ["ImageLoadError", "load_rgb_image"],
+    "modeling_streetclip": ["GeolocationOutput", "StreetCLIPForGeolocation"],
+    "pipeline_geolocation": ["GeolocationPipeline"],
+    "processing_streetclip": ["CandidatePrompts", "StreetCLIPProcessor"],
 }
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
-if TYPE_CHECKING:
-    from .answers import format_answers
-    from .candidates import CandidatePlaces
-    from .configuration_streetclip import RECOMMENDED_CANDIDATE_SETTINGS, StreetCLIPConfig
-    from .countries import paper_countries, read_country_list, resolve_country_name
-    from .decisions import RankedPlaces
-    from .gallery_store import GeoGallery
-    from .gallery_vote import VoteSettings
-    from .images import ImageLoadError, load_rgb_image
-    from .modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
-    from .pipeline_geolocation import GeolocationPipeline
-    from .processing_streetclip import CandidatePrompts, StreetCLIPProcessor
+if TYPE_CHECKING:  # the same names, for type checkers (`x as x`: re-exported)
+    from .answers import format_answers as format_answers
+    from .candidates import CandidatePlaces as CandidatePlaces
+    from .configuration_streetclip import RECOMMENDED_CANDIDATE_SETTINGS as RECOMMENDED_CANDIDATE_SETTINGS
+    from .configuration_streetclip import StreetCLIPConfig as StreetCLIPConfig
+    from .countries import paper_countries as paper_countries
+    from .countries import read_country_list as read_country_list
+    from .countries import resolve_country_name as resolve_country_name
+    from .decisions import RankedPlaces as RankedPlaces
+    from .gallery_store import GeoGallery as GeoGallery
+    from .gallery_vote import VoteSettings as VoteSettings
+    from .images import ImageLoadError as ImageLoadError
+    from .images import load_rgb_image as load_rgb_image
+    from .modeling_streetclip import GeolocationOutput as GeolocationOutput
+    from .modeling_streetclip import StreetCLIPForGeolocation as StreetCLIPForGeolocation
+    from .pipeline_geolocation import GeolocationPipeline as GeolocationPipeline
+    from .processing_streetclip import CandidatePrompts as CandidatePrompts
+    from .processing_streetclip import StreetCLIPProcessor as StreetCLIPProcessor
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
+    if name not in _MODULE_OF:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
 
 
 def register_with_transformers() -> None:
@@ -128,24 +129,4 @@ if "transformers" in sys.modules:
 else:
     sys.meta_path.insert(0, _registration)
 
-__all__ = [
-    "__version__",
-    "CandidatePlaces",
-    "CandidatePrompts",
-    "GeolocationOutput",
-    "GeolocationPipeline",
-    "GeoGallery",
-    "ImageLoadError",
-    "RECOMMENDED_CANDIDATE_SETTINGS",
-    "RankedPlaces",
-    "StreetCLIPConfig",
-    "StreetCLIPForGeolocation",
-    "StreetCLIPProcessor",
-    "VoteSettings",
-    "format_answers",
-    "load_rgb_image",
-    "paper_countries",
-    "read_country_list",
-    "register_with_transformers",
-    "resolve_country_name",
-]
+__all__ = ["__version__", "register_with_transformers", *_MODULE_OF]

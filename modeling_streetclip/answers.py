@@ -26,11 +26,12 @@ def format_answers(
 ) -> list[dict[str, Any]]:
     """One image's ranked rows (of `RankedPlaces` or `GalleryRankedPlaces`) as the pipeline's dicts, each place read
     from the table; a gallery answer's coordinates are its photo's, and padding rows (-1) are left out."""
+    # In the order answers list them, after the place's own fields.
     columns = {
         "score": scores,
         "country_score": country_scores,
+        "region_score": region_scores if places.has_regions else None,
         "joint_probability": joint_probabilities,
-        "region_score": region_scores,
         "expected_distance_km": expected_distances_km,
         "latitude": latitudes,
         "longitude": longitudes,
@@ -42,7 +43,6 @@ def format_answers(
     for rank, row in enumerate(city_rows.tolist()):
         if row < 0:
             continue
-        value = {name: column[rank] for name, column in values.items()}
         country = places.city_countries[row]
         answer = {
             "label": places.city_labels[row],
@@ -53,16 +53,8 @@ def format_answers(
             answer["region"] = places.region_names[places.city_regions[row]]
         answer |= {
             "city": places.city_names[row],
-            "latitude": value.get("latitude", places.city_latitudes[row]),
-            "longitude": value.get("longitude", places.city_longitudes[row]),
-            "score": value["score"],
-            "country_score": value["country_score"],
+            "latitude": places.city_latitudes[row],
+            "longitude": places.city_longitudes[row],
         }
-        if places.has_regions:
-            answer["region_score"] = value["region_score"]
-        answer["joint_probability"] = value["joint_probability"]
-        for name in ("expected_distance_km", "gallery_row", "similarity"):
-            if name in value:
-                answer[name] = value[name]
-        answers.append(answer)
+        answers.append(answer | {name: column[rank] for name, column in values.items()})
     return answers

@@ -155,12 +155,10 @@ class StreetCLIPConfig(CLIPConfig):
                 f"StreetCLIPConfig.city_allocation must be one of {', '.join(CITY_ALLOCATIONS)}, got "
                 f"{self.city_allocation!r}."
             )
-        for name in ("cities_per_country", "city_budget", "expected_distance_candidates"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"StreetCLIPConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("min_city_population", "city_merge_radius_km"):
-            if not getattr(self, name) >= 0:  # `not >=` also refuses NaN
-                raise ValueError(f"StreetCLIPConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        minimums = {"cities_per_country": 1, "city_budget": 1, "expected_distance_candidates": 1}
+        for name, minimum in (minimums | {"min_city_population": 0, "city_merge_radius_km": 0}).items():
+            if not getattr(self, name) >= minimum:  # `not >=` also refuses NaN
+                raise ValueError(f"StreetCLIPConfig.{name} must be >= {minimum}, got {getattr(self, name)}.")
 
     @property
     def uses_regions(self) -> bool:

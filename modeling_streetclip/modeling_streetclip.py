@@ -201,10 +201,11 @@ class StreetCLIPForGeolocation(CLIPModel):
                 f"{str(pretrained_model_name_or_path)!r} has no prompt heads for the requested candidates, and "
                 "vision_only=True leaves no text tower to build them; load with vision_only=False (or 'auto')."
             )
+        load_processor = partial(
+            StreetCLIPProcessor.from_pretrained, pretrained_model_name_or_path, **config.text_settings(), **hub_kwargs
+        )
         if build_heads and processor is None:  # before the weights, so that a folder without one fails fast
-            processor = StreetCLIPProcessor.from_pretrained(
-                pretrained_model_name_or_path, **config.text_settings(), **hub_kwargs
-            )
+            processor = load_processor()
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path,
@@ -220,9 +221,7 @@ class StreetCLIPForGeolocation(CLIPModel):
             reason = "the weights came as a state_dict, with no folder to read a processor from."
             if processor is None and pretrained_model_name_or_path is not None:
                 try:
-                    processor = StreetCLIPProcessor.from_pretrained(
-                        pretrained_model_name_or_path, **config.text_settings(), **hub_kwargs
-                    )
+                    processor = load_processor()
                 except OSError as error:
                     reason = str(error)
             if processor is None:
@@ -294,11 +293,8 @@ class StreetCLIPForGeolocation(CLIPModel):
         self._install_candidates(places)
         self.config.candidate_places = places.to_dict()
         self.config.levels = list(REGION_LEVELS if places.has_regions else PAPER_LEVELS)
-        self.config.country_prompt_template = prompts.country_prompt_template
-        self.config.city_prompt_template = prompts.city_prompt_template
-        self.config.qualify_ambiguous_cities = prompts.qualify_ambiguous_cities
-        if places.has_regions:
-            self.config.region_prompt_template = prompts.region_prompt_template
+        for name in PROMPT_SETTINGS - (set() if places.has_regions else {"region_prompt_template"}):
+            setattr(self.config, name, getattr(prompts, name))  # the templates the heads encode
         levels = [
             (self.country_head, [prompts.countries], [list(range(places.num_countries))], "country"),
             (self.city_head, prompts.cities, places.cities_by_country, "city"),
@@ -452,14 +448,10 @@ _CANDIDATE_BUFFERS = ("candidate_checksum", "city_countries", "region_countries"
 
 def _candidate_buffers(places: CandidatePlaces) -> dict[str, torch.Tensor]:
     """A table's buffers, on the CPU: its checksum and each city's (and region's) parent."""
-    buffers = {
-        "candidate_checksum": torch.tensor(places.checksum(), dtype=torch.long, device="cpu"),
-        "city_countries": torch.tensor(places.city_countries, dtype=torch.long, device="cpu"),
-    }
+    values = {"candidate_checksum": places.checksum(), "city_countries": places.city_countries}
     if places.has_regions:
-        buffers["region_countries"] = torch.tensor(places.region_countries, dtype=torch.long, device="cpu")
-        buffers["city_regions"] = torch.tensor(places.city_regions, dtype=torch.long, device="cpu")
-    return buffers
+        values |= {"region_countries": places.region_countries, "city_regions": places.city_regions}
+    return {name: torch.tensor(value, dtype=torch.long, device="cpu") for name, value in values.items()}
 
 
 def _log_softmax_within(logits: torch.Tensor, groups: torch.LongTensor, num_groups: int) -> torch.Tensor:

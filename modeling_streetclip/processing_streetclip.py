@@ -8,7 +8,7 @@ from transformers.utils import cached_file
 
 from .candidates import CandidatePlaces
 from .captions import city_prompts, country_prompts, region_prompts, template_list
-from .configuration_streetclip import HUB_KWARGS, StreetCLIPConfig, validate_prompt_templates
+from .configuration_streetclip import HUB_KWARGS, PROMPT_SETTINGS, StreetCLIPConfig, validate_prompt_templates
 
 
 # Files that hold an image processor or a tokenizer; a folder with none of them has only a model.
@@ -156,15 +156,8 @@ class StreetCLIPProcessor(ProcessorMixin):
                 rows = places.regions_by_country[country]
                 prompts = self.render_region_prompts([places.region_names[r] for r in rows], [name] * len(rows))
                 regions.append(dict(self.tokenize(prompts)))
-        return CandidatePrompts(
-            self.country_prompt_template,
-            self.city_prompt_template,
-            countries,
-            cities,
-            region_prompt_template=self.region_prompt_template,
-            regions=regions,
-            qualify_ambiguous_cities=self.qualify_ambiguous_cities,
-        )
+        templates = {name: getattr(self, name) for name in PROMPT_SETTINGS}
+        return CandidatePrompts(countries=countries, cities=cities, regions=regions, **templates)
 
 
 # `save_pretrained` writes `auto_map` and copies the code, for `trust_remote_code=True` without this package.

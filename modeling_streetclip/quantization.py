@@ -47,11 +47,9 @@ def int8_engine() -> str:
             "does not ship; install a PyTorch that has it (2.4 to 2.13 do), or run in float32 or bfloat16."
         )
     supported = torch.backends.quantized.supported_engines
-    if torch.backends.quantized.engine in INT8_ENGINES:
-        return torch.backends.quantized.engine
-    for engine in INT8_ENGINES:
-        if engine in supported:
-            return engine
+    engines = (torch.backends.quantized.engine, *INT8_ENGINES)  # the one set, if it has int8 kernels
+    if engine := next((engine for engine in engines if engine in INT8_ENGINES and engine in supported), None):
+        return engine
     raise ImportError(
         f"int8 quantization needs a quantized CPU back end ({', '.join(INT8_ENGINES)}); this PyTorch build "
         f"({torch.__version__}) has only {supported}. Run in float32 or bfloat16 instead."
