@@ -6,6 +6,7 @@ server, once for this module, driven through its API by `gradio_client` and thro
 process that cannot import this package, as on a Space.
 """
 
+import ast
 import importlib.util
 import io
 import os
@@ -365,6 +366,15 @@ def published(small_streetclip_dir, tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("published") / "repo"
     assert publish.main([str(small_streetclip_dir), REPO_ID, "--space", SPACE_ID, "--dry_run", str(folder)]) == 0
     return folder, publish.space_dry_run(folder)
+
+
+def test_the_map_module_imports_nothing_from_the_package():
+    """publish.py copies it beside the Space's app, where the package is not installed."""
+    tree = ast.parse(Path(world_map.__file__).read_text(encoding="utf-8"))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and not node.level}
+    relative = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level]
+    assert not relative and not {name for name in imported if name.startswith("modeling_streetclip")}
 
 
 def test_dry_run_writes_the_space_beside_the_repo_serving_the_model(published):
