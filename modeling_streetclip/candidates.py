@@ -187,11 +187,7 @@ class CandidatePlaces:
 
     def to_dict(self) -> dict:
         """The table as plain lists (a configuration's `candidate_places`), with region columns only if it has them."""
-        data = asdict(self)
-        if not self.has_regions:
-            for column in _REGION_COLUMNS:
-                del data[column]
-        return data
+        return {key: value for key, value in asdict(self).items() if self.has_regions or key not in _REGION_COLUMNS}
 
     def checksum(self) -> int:
         """A 63-bit digest of the table, saved with the heads so that a table edited apart from them is caught."""

@@ -4,7 +4,7 @@ from collections.abc import Sequence
 from dataclasses import field
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, CLIPConfig
+from transformers import CLIPConfig, PretrainedConfig
 
 from .captions import render_template, template_list
 
@@ -190,12 +190,8 @@ class StreetCLIPConfig(CLIPConfig):
         return cls.from_dict(values)
 
     @classmethod
-    def from_checkpoint(
-        cls, pretrained_model_name_or_path, config: CLIPConfig | None = None, **hub_kwargs
-    ) -> "StreetCLIPConfig":
-        """A StreetCLIP checkpoint's configuration, or a plain CLIP one's converted; `config` replaces its own."""
-        if config is None:
-            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+    def from_checkpoint(cls, pretrained_model_name_or_path, config: PretrainedConfig) -> "StreetCLIPConfig":
+        """A checkpoint's configuration as StreetCLIP's: its own, or a plain CLIP one converted; others are refused."""
         if isinstance(config, StreetCLIPConfig):
             return config
         if not isinstance(config, CLIPConfig):

@@ -1,7 +1,5 @@
-"""Decision rules: how a model's outputs become ranked answers, chosen in one place for every entry point.
-
-`rank` applies a rule to a batch of outputs, on the model's device; `rank_answers` also formats the answers. The
-rules are documented in `GeolocationPipeline.__call__`. Torch is imported only to rank, for `streetclip --help`."""
+"""Decision rules (documented in `GeolocationPipeline.__call__`): how a model's outputs become ranked answers, in one
+place for every entry point. Torch is imported only to rank, so that `streetclip --help` lists the rules at once."""
 
 from __future__ import annotations
 
@@ -205,9 +203,8 @@ def rank_gallery_places(
         neighbor_cities = nearest_city_rows(places, latitudes, longitudes)
         scale = None
         if decision == "hybrid":
-            scale = hybrid_scale(
-                city_countries[neighbor_cities], country_probabilities[image], settings.hybrid_countries
-            )
+            countries = city_countries[neighbor_cities]
+            scale = hybrid_scale(countries, country_probabilities[image], settings.hybrid_countries)
         for position_rank, (position, score) in enumerate(
             kernel_vote(image_similarities, latitudes, longitudes, settings, top_k=top_k, scale=scale)
         ):
@@ -219,13 +216,10 @@ def rank_gallery_places(
             columns["similarities"][image, position_rank] = image_similarities[position]
     device = outputs.country_logits.device
     city_rows = torch.as_tensor(city_rows, device=device)
-    probabilities = place_probabilities(model, outputs, city_rows)
     return GalleryRankedPlaces(
         city_rows=city_rows,
-        country_scores=probabilities["country_scores"],
-        joint_probabilities=probabilities["joint_probabilities"],
-        region_scores=probabilities["region_scores"],
         gallery_rows=torch.as_tensor(gallery_rows, device=device),
+        **place_probabilities(model, outputs, city_rows),
         **{name: torch.as_tensor(values, dtype=torch.float64, device=device) for name, values in columns.items()},
     )
 

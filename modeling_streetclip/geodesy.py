@@ -27,16 +27,14 @@ class CoordinateProblem(Enum):
         self, latitude: float, longitude: float, latitude_name: str = "latitude", longitude_name: str = "longitude"
     ) -> str:
         """The reason for one pair, naming its values and where they came from (`latitude (column 'LAT')`)."""
-        if self is CoordinateProblem.MISSING:
-            return f"{latitude_name} {latitude!r} or {longitude_name} {longitude!r} is missing or not finite"
-        if self is CoordinateProblem.LOOK_SWAPPED:
-            return (
-                f"{latitude_name} {latitude!r} is outside [-90, 90] but {longitude_name} {longitude!r} is inside it: "
-                "latitude and longitude look swapped"
-            )
-        if self is CoordinateProblem.LATITUDE_OUT_OF_RANGE:
-            return f"{latitude_name} {latitude!r} is outside [-90, 90]"
-        return f"{longitude_name} {longitude!r} is outside [-180, 180]"
+        lat, lon = f"{latitude_name} {latitude!r}", f"{longitude_name} {longitude!r}"
+        return {
+            CoordinateProblem.MISSING: f"{lat} or {lon} is missing or not finite",
+            CoordinateProblem.LOOK_SWAPPED: f"{lat} is outside [-90, 90] but {lon} is inside it: "
+            "latitude and longitude look swapped",
+            CoordinateProblem.LATITUDE_OUT_OF_RANGE: f"{lat} is outside [-90, 90]",
+            CoordinateProblem.LONGITUDE_OUT_OF_RANGE: f"{lon} is outside [-180, 180]",
+        }[self]
 
 
 def coordinate_problem(latitude: float, longitude: float) -> CoordinateProblem | None:

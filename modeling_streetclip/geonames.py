@@ -129,17 +129,12 @@ def merge_nearby_cities(cities: Sequence[Mapping], radius_km: float, keep: Mappi
     longitudes = np.empty(len(cities))
     for city in cities:
         name = city["name"].casefold()
-        if city is not keep and name in names:
-            continue
-        if (
-            city is not keep
-            and kept
-            and great_circle_km(
+        if city is not keep and kept:
+            distances = great_circle_km(
                 city["latitude"], city["longitude"], latitudes[: len(kept)], longitudes[: len(kept)]
-            ).min()
-            <= radius_km
-        ):
-            continue
+            )
+            if name in names or distances.min() <= radius_km:
+                continue
         latitudes[len(kept)], longitudes[len(kept)] = city["latitude"], city["longitude"]
         kept.append(city)
         names.add(name)

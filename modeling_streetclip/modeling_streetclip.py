@@ -30,7 +30,6 @@ from .processing_streetclip import CandidatePrompts, StreetCLIPProcessor
 
 logger = logging.get_logger(__name__)
 
-_HEAD_NAMES = ("country_head", "region_head", "city_head")
 # Keyword arguments of `from_pretrained` that are configuration attributes, but that the loading applies itself.
 _LOADING_INSTRUCTIONS = ("dtype", "torch_dtype", "attn_implementation", "experts_implementation")
 # Prompts per text-tower call when heads are built: bounds the activations' memory, yet runs each call at full speed.
@@ -72,18 +71,9 @@ class GeolocationOutput(ModelOutput):
 
 
 class StreetCLIPForGeolocation(CLIPModel):
-    r"""
-    CLIP with country (optionally region) and city probe heads. Loads a plain CLIP checkpoint (`geolocal/StreetCLIP`),
-    building its heads from the text tower, or a folder saved by this class, which carries them.
-
-    Example:
-
-    ```python
-    model = StreetCLIPForGeolocation.from_pretrained("geolocal/StreetCLIP", candidate_countries=["FR", "JP"])
-    outputs = model(pixel_values)
-    model.candidate_places.city_labels[outputs.predicted_city[0]]  # 'Paris, France'
-    ```
-    """
+    """CLIP with country (optionally region) and city probe heads. Loads a plain CLIP checkpoint, building its heads
+    from the text tower (`from_pretrained("geolocal/StreetCLIP", candidate_countries=["FR", "JP"])`), or a folder
+    saved by this class; `model.candidate_places.city_labels[outputs.predicted_city]` names the answers."""
 
     config_class = StreetCLIPConfig
     main_input_name = "pixel_values"
@@ -187,7 +177,7 @@ class StreetCLIPForGeolocation(CLIPModel):
                 pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs
             )
             kwargs |= hub_kwargs | loading
-        config = StreetCLIPConfig.from_checkpoint(pretrained_model_name_or_path, config, **hub_kwargs)
+        config = StreetCLIPConfig.from_checkpoint(pretrained_model_name_or_path, config)
         config, changed = config.with_geolocation_settings(**settings)
         if candidates is None and (config.candidate_places is None or changed & CANDIDATE_SETTINGS):
             candidates = CandidatePlaces.from_config(config)
@@ -238,7 +228,7 @@ class StreetCLIPForGeolocation(CLIPModel):
     def _lacks_saved_heads(self, loading_info: dict, source) -> bool:
         """Whether the heads must be built; saved heads without their table's checksum, or another one, are refused."""
         missing = {key.split(".")[0] for key in loading_info["missing_keys"]}
-        if missing & set(_HEAD_NAMES):
+        if missing & {"country_head", "region_head", "city_head"}:
             if self.text_model is None:
                 raise ValueError(
                     f"{str(source)!r} lacks its prompt heads, and vision_only=True leaves no text tower to rebuild "

@@ -29,7 +29,6 @@ class GeolocationPipeline(Pipeline):
     ```python
     import modeling_streetclip  # registers the task
     from transformers import pipeline
-
     geolocate = pipeline("geolocation", model="geolocal/StreetCLIP")
     geolocate("photo.jpg", top_k=2)
     ```
@@ -63,8 +62,8 @@ class GeolocationPipeline(Pipeline):
             decision (`str`, *optional*, defaults to `"greedy"`, or `"gallery"` with a gallery):
                 The rule that chooses and orders the answers:
 
-                - `"greedy"` (the paper's): countries by p(country), then regions, then cities by p(city | country or
-                  region), which is `score`; the first answer is the paper's decision.
+                - `"greedy"` (the paper's): by country, then region, then city, each by p(place | parent); `score` is
+                  the city's. The first answer is the paper's decision.
                 - `"joint"`: by the joint probability, which is `score`.
                 - `"expected_distance"`: by `expected_distance_km`, the expected great-circle distance to the true
                   place under the joint posterior over the `config.expected_distance_candidates` most probable cities
@@ -148,18 +147,10 @@ class GeolocationPipeline(Pipeline):
     def preprocess(self, image, timeout: float | None = None) -> dict[str, Any]:
         return {"pixel_values": resized_pixels(self.image_processor, _load_image(image, timeout))}
 
-    def _forward(
-        self,
-        model_inputs: dict[str, Any],
-        top_k: int = 1,
-        decision: str | None = None,
-        gallery: GeoGallery | None = None,
-        country_rows: list[int] | None = None,
-    ) -> dict[str, Any]:
+    def _forward(self, model_inputs: dict[str, Any], **ranking) -> dict[str, Any]:
         pixel_values = normalized_pixels(self.image_processor, model_inputs["pixel_values"], self.model.dtype)
-        outputs = self.model(pixel_values=pixel_values)
         # Ranked here, a batch at a time on the model's device; `postprocess` formats each image's rows.
-        return rank(self.model, outputs, top_k, decision, gallery, country_rows)
+        return rank(self.model, self.model(pixel_values=pixel_values), **ranking)
 
     def postprocess(self, model_outputs: dict[str, Any]) -> list[dict[str, Any]]:
         columns = {name: column[0] for name, column in model_outputs.items()}

@@ -59,10 +59,8 @@ class StreetCLIPProcessor(ProcessorMixin):
     renders and tokenises a candidate table's prompts. A plain CLIP folder loads with the default templates.
 
     Args:
-        image_processor ([`CLIPImageProcessor`]):
-            Resizes, crops and normalises photos for the vision tower.
-        tokenizer ([`CLIPTokenizer`]):
-            Tokenises prompts and captions for the text tower.
+        image_processor, tokenizer ([`CLIPImageProcessor`], [`CLIPTokenizer`]):
+            CLIP's, for the vision tower's photos and the text tower's prompts and captions.
         country_prompt_template, region_prompt_template, city_prompt_template, qualify_ambiguous_cities,
         caption_template:
             As [`StreetCLIPConfig`] documents them, with its defaults.

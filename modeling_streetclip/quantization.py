@@ -1,8 +1,6 @@
-"""Int8 inference on the CPU: the vision tower's linear layers with int8 weights and dynamic int8 activations.
-
-A transformers quantization method (`quantization_config=Int8DynamicConfig()`); the heads and the text tower stay
-float32. PyTorch's dynamic quantization rather than `TorchAoConfig`, slower eagerly (README, "Speed and precision").
-A quantized model cannot be saved, and computes in float32 only."""
+"""Int8 inference on the CPU: the vision tower's linear layers with int8 weights and dynamic int8 activations, as a
+transformers quantization method (`quantization_config=Int8DynamicConfig()`). PyTorch's dynamic quantization, as
+`TorchAoConfig` is slower eagerly (README, "Speed and precision"). A quantized model cannot be saved."""
 
 import warnings
 
