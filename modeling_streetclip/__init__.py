@@ -1,8 +1,7 @@
 """StreetCLIP for Hugging Face: zero-shot image geolocation with CLIP.
 
-Importing this package registers the `"geolocation"` task and the `streetclip` config, model and processor with
-transformers, however the process started; names load on first use (PEP 562) and registration waits until
-transformers is imported, so that `streetclip --help` runs without torch."""
+Importing this package registers the `"geolocation"` task and the `streetclip` classes with transformers however the
+process started; names load on first use (PEP 562) and registration waits for transformers: `--help` needs no torch."""
 
 import importlib
 import importlib.abc

@@ -46,14 +46,11 @@ def region_prompts(template: str | Sequence[str], regions: Sequence[str], countr
 
 
 def city_prompts(
-    template: str | Sequence[str],
-    cities: Sequence[str],
-    countries: Sequence[str],
-    qualified: Sequence[bool] | None = None,
+    template: str | Sequence[str], cities: Sequence[str], countries: Sequence[str], qualified: Sequence[bool] = ()
 ) -> list[str]:
     """One probe prompt per candidate city, a block per template; `qualified` cities are named with their country
     (`London, Canada`) where the template does not name `{country}`."""
-    qualified = [False] * len(cities) if qualified is None else qualified
+    qualified = qualified or [False] * len(cities)
     return [
         render_template(
             each,

@@ -25,8 +25,7 @@ def paper_countries() -> list[str]:
 
 def _country_aliases() -> dict[str, str]:
     """Names the paper (or a user) writes differently from GeoNames, mapped to ISO 3166-1 alpha-2 codes."""
-    text = resources.files(__package__).joinpath("data/country_aliases.json").read_text(encoding="utf-8")
-    return json.loads(text)
+    return json.loads(resources.files(__package__).joinpath("data/country_aliases.json").read_text(encoding="utf-8"))
 
 
 def close_matches_hint(name: str, known: Iterable[str]) -> str:

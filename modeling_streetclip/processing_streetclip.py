@@ -120,11 +120,11 @@ class StreetCLIPProcessor(ProcessorMixin):
         return region_prompts(self.region_prompt_template, regions, countries)
 
     def render_city_prompts(
-        self, cities: Sequence[str], countries: Sequence[str], ambiguous: Sequence[bool] | None = None
+        self, cities: Sequence[str], countries: Sequence[str], ambiguous: Sequence[bool] = ()
     ) -> list[str]:
         """One city probe prompt per city (a block per template); with `qualify_ambiguous_cities`, those `ambiguous`
         marks are named with their country."""
-        qualified = ambiguous if self.qualify_ambiguous_cities else None
+        qualified = ambiguous if self.qualify_ambiguous_cities else ()
         return city_prompts(self.city_prompt_template, cities, countries, qualified)
 
     def save_pretrained(self, save_directory, **kwargs) -> list[str]:

@@ -69,8 +69,6 @@ def quantize_vision_tower(model: nn.Module) -> None:
 class Int8DynamicQuantizer(HfQuantizer):
     """Applies [`Int8DynamicConfig`] after the float32 weights are loaded (there is no int8 checkpoint format)."""
 
-    requires_calibration = False
-
     def validate_environment(self, device_map=None, **kwargs):
         int8_engine()
         devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
