@@ -1,9 +1,6 @@
 """CLIP's contrastive objective for synthetic-caption pretraining: both towers behind one forward, the batch gathered
-across processes, and the symmetric loss over de-duplicated captions.
-
-Every batch is a zero-shot classification over the places in it, so the loss is over the global batch: a run on N
-processes computes the loss that one process computes with N times the batch.
-"""
+across processes (a run on N processes computes the loss of one process with N times the batch), and the symmetric
+loss over de-duplicated captions."""
 
 import torch
 import torch.nn.functional as F

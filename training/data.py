@@ -20,7 +20,7 @@ from accelerate.logging import get_logger
 from geocoding import reverse_geocoder
 from PIL import Image
 
-from modeling_streetclip.app.sources import open_dataset
+from modeling_streetclip.app.sources import encoded_image, open_dataset
 from modeling_streetclip.captions import CaptionMix
 from modeling_streetclip.countries import country_code_or_empty
 from modeling_streetclip.geodesy import coordinate_problem, valid_coordinates
@@ -217,11 +217,10 @@ class GeoCollator:
 def decode_image(value: Mapping | str | Image.Image | None) -> Image.Image:
     """An RGB image from a `datasets` image value left encoded, a path or a PIL image; an empty cell is an
     `ImageLoadError`, like an unreadable file."""
-    if isinstance(value, Mapping):
-        value = value.get("path") if value.get("bytes") is None else value["bytes"]
-    if value is None:
+    image = encoded_image(value) if isinstance(value, Mapping) else value
+    if image is None:
         raise ImageLoadError("The row has no image (its image cell is empty).")
-    return load_rgb_image(value)
+    return load_rgb_image(image)
 
 
 def caption_key(caption: str) -> int:

@@ -38,15 +38,8 @@ try:
     import evaluate
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.logging import get_logger
-    from accelerate.utils import (
-        OPTIMIZER_NAME,
-        RNG_STATE_NAME,
-        SAFE_WEIGHTS_NAME,
-        SCHEDULER_NAME,
-        ProjectConfiguration,
-        load,
-        set_seed,
-    )
+    from accelerate.utils import ProjectConfiguration, load, set_seed
+    from accelerate.utils.constants import OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_WEIGHTS_NAME, SCHEDULER_NAME
     from arguments import DataArguments, ModelArguments, TrainingArguments
     from contrastive import ContrastiveTowers, at_least_one_row, contrastive_loss, gather_across_processes
     from data import PLACE_FIELDS, GeoCollator, PlaceCaptioner, caption_dataset, load_geo_dataset
@@ -77,7 +70,6 @@ CHECKPOINT_FILES = (f"{OPTIMIZER_NAME}.bin", f"{SCHEDULER_NAME}.bin", RUN_STATE_
 # A failed write: OSError, RuntimeError from torch.save (a full disk reads "basic_ios::clear") or SafetensorError.
 CHECKPOINT_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 CHECKPOINT_READ_ERRORS = (*CHECKPOINT_WRITE_ERRORS, EOFError, KeyError, ValueError, pickle.UnpicklingError)
-# The random states accelerate restores from random_states_<process>.pkl.
 RANDOM_STATE_KEYS = frozenset({"random_state", "numpy_random_seed", "torch_manual_seed"})
 
 
@@ -85,10 +77,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     """Arguments from the command line, or from a single YAML or JSON file holding the same names."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        model_args, data_args, training_args = parser.parse_yaml_file(os.path.abspath(argv[0]))
-    elif len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        parse_file = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        model_args, data_args, training_args = parse_file(os.path.abspath(argv[0]))
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if data_args.streaming and training_args.max_steps is None:
@@ -111,12 +102,9 @@ def set_trainable_parameters(model: StreetCLIPForGeolocation, args: ModelArgumen
         model.visual_projection.requires_grad_(False)
     model.logit_scale.requires_grad_(args.train_logit_scale)
     if args.use_lora:
+        targets, dropout = args.lora_target_modules, args.lora_dropout
         lora_config = LoraConfig(
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            target_modules=args.lora_target_modules,
-            bias="none",
+            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=dropout, target_modules=targets
         )
         with warnings.catch_warnings():
             # peft reads `is_gradient_checkpointing`, which transformers 5 renamed `is_activation_checkpointing`.
@@ -194,7 +182,7 @@ def resume_from(accelerator: Accelerator, candidates: list[Path], model: nn.Modu
                 f"{candidates[position + 1]}."
             )
             continue
-        warn_if_random_states_unreadable(checkpoint, accelerator.process_index)
+        warn_if_random_states_unreadable(checkpoint / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl")
         return checkpoint, run_state
     raise ValueError("resume_from needs at least one checkpoint to try.")
 
@@ -217,31 +205,26 @@ def shape_mismatch(checkpoint: Path, model: nn.Module) -> str | None:
     return None
 
 
-def warn_if_random_states_unreadable(checkpoint: Path, process_index: int) -> None:
+def warn_if_random_states_unreadable(path: Path) -> None:
     """accelerate skips random states it cannot read with an INFO line; the run's random draws then differ from an
     uninterrupted run's, which deserves a warning."""
-    path = checkpoint / f"{RNG_STATE_NAME}_{process_index}.pkl"
     try:
         missing = RANDOM_STATE_KEYS - set(load(path))  # accelerate's own loader, so this fails when its restore did
         problem = f"it lacks {sorted(missing)}" if missing else None
     except (*CHECKPOINT_READ_ERRORS, TypeError) as error:
         problem = f"{type(error).__name__}: {error}"
-    if problem is None:
-        return
-    logger.warning(
-        f"The random states in {path} cannot be restored ({problem}); the run goes on with fresh ones, so its random "
-        "draws differ from those of an uninterrupted run.",
-        main_process_only=False,
-    )
+    if problem is not None:
+        logger.warning(
+            f"The random states in {path} cannot be restored ({problem}); the run goes on with fresh ones, so its "
+            "random draws differ from those of an uninterrupted run.",
+            main_process_only=False,
+        )
 
 
 def follow_schedule(lr_scheduler: LRScheduler, learning_rate: float, step: int) -> None:
-    """Put a scheduler restored from a checkpoint at `step` of this run's schedule, peaking at `learning_rate`.
-
-    transformers' schedules are closures, which `LambdaLR` does not save: the checkpoint restores the step and the
-    saving run's last rate, so a run resumed with a larger --max_steps would otherwise take its next step at the end
-    rate of the shorter schedule (0 for a cosine).
-    """
+    """Put a scheduler restored from a checkpoint at `step` of this run's schedule, peaking at `learning_rate`:
+    transformers' schedules are closures, which `LambdaLR` does not save, so a run resumed with a larger --max_steps
+    would otherwise go on from the shorter schedule's last rate (0 for a cosine)."""
     state = lr_scheduler.state_dict()
     state.update(base_lrs=[learning_rate] * len(state["base_lrs"]), last_epoch=step - 1)
     lr_scheduler.load_state_dict(state)
@@ -283,22 +266,24 @@ def save_checkpoint(accelerator: Accelerator, step: int, run_state: dict) -> boo
         try:
             with atomic_write(checkpoint / RUN_STATE_NAME) as path:
                 path.write_text(json.dumps(run_state) + "\n", encoding="utf-8")
+            logger.info(f"Saved checkpoint {checkpoint}")
         except OSError as caught:
             error, failed = caught, True
     if error is not None:
-        free_mb = shutil.disk_usage(accelerator.project_dir).free / 2**20
         logger.error(
-            f"Could not write checkpoint {checkpoint} ({type(error).__name__}: {error}); {free_mb:.1f} MB are free on "
-            "its disk. The older checkpoints are intact, and training goes on to save at the next checkpoint step.",
+            f"Could not write checkpoint {checkpoint} ({write_failure(error, checkpoint.parent)}). The older "
+            "checkpoints are intact, and training goes on to save at the next checkpoint step.",
             main_process_only=False,
         )
-    if accelerator.is_main_process:
-        if failed:
-            shutil.rmtree(checkpoint, ignore_errors=True)
-        else:
-            logger.info(f"Saved checkpoint {checkpoint}")
+    if accelerator.is_main_process and failed:
+        shutil.rmtree(checkpoint, ignore_errors=True)
     accelerator.wait_for_everyone()
     return not failed
+
+
+def write_failure(error: Exception, folder: Path) -> str:
+    """A failed write described, with the free space on the disk of `folder`."""
+    return f"{type(error).__name__}: {error}; {shutil.disk_usage(folder).free / 2**20:.1f} MB are free on its disk"
 
 
 def log_metrics(accelerator: Accelerator, metrics: dict[str, float], step: int, output_dir: Path) -> None:
@@ -318,8 +303,7 @@ def evaluate_geolocation(
     prompts: CandidatePrompts,
     metric: evaluate.EvaluationModule,
 ) -> dict[str, float]:
-    """Country accuracy and the geodesic metric on the held-out data, with heads rebuilt from the current text
-    tower."""
+    """Country accuracy and the geodesic metric on the held-out data, with heads rebuilt from the text tower."""
     model.eval()
     model.set_candidates(places, prompts)
     results = {"row_ids": [], "predicted": [], "true": [], "predicted_country": [], "true_country": []}
@@ -327,13 +311,9 @@ def evaluate_geolocation(
         rows = len(batch["row_ids"])  # 0 when no image of the batch was readable; the gather still runs
         with accelerator.autocast():
             outputs = model(pixel_values=at_least_one_row(batch["pixel_values"]))
+        predicted, predicted_country = outputs.predicted_coordinates[:rows], outputs.predicted_country[:rows]
         gathered = gather_across_processes(
-            accelerator,
-            batch["row_ids"],
-            outputs.predicted_coordinates[:rows],
-            batch["coordinates"],
-            outputs.predicted_country[:rows],
-            batch["country_rows"],
+            accelerator, batch["row_ids"], predicted, batch["coordinates"], predicted_country, batch["country_rows"]
         )
         for key, values in zip(results, gathered, strict=True):
             results[key].append(values.cpu().numpy())
@@ -351,7 +331,7 @@ def save_final_model(
 ) -> str | None:
     """Save `model`, `processor` and `run_record` (training_args.json, which the model card reads) into `output_dir`
     all or nothing, so that a full disk never leaves a folder that loaders half-read. Returns None when saved, else
-    what went wrong, with the free space."""
+    what went wrong."""
     staged = output_dir / "final-model"
     try:
         with atomic_write(staged) as folder:
@@ -359,8 +339,7 @@ def save_final_model(
             processor.save_pretrained(folder)
             (folder / "training_args.json").write_text(json.dumps(run_record, indent=2) + "\n", encoding="utf-8")
     except CHECKPOINT_WRITE_ERRORS as error:
-        free_mb = shutil.disk_usage(output_dir).free / 2**20
-        return f"{type(error).__name__}: {error}; {free_mb:.1f} MB are free on its disk"
+        return write_failure(error, output_dir)
     for path in staged.iterdir():
         os.replace(path, output_dir / path.name)
     staged.rmdir()
@@ -429,10 +408,11 @@ def main(argv: list[str] | None = None) -> None:
         columns={field: getattr(data_args, f"{field}_column") for field in ("latitude", "longitude", *PLACE_FIELDS)},
     )
 
-    def captioned(source: str, split: str, max_samples: int | None, streaming: bool, description: str):
-        dataset = load_geo_dataset(source, split, data_args.image_column, streaming)
-        if max_samples is not None:
-            dataset = dataset.take(max_samples)
+    def captioned(
+        data: str, split: str, max_samples: int | None, streaming: bool = False, description: str = "eval data"
+    ):
+        dataset = load_geo_dataset(data, split, data_args.image_column, streaming)
+        dataset = dataset if max_samples is None else dataset.take(max_samples)
         return caption_dataset(
             dataset, captioner, data_args.image_column, data_args.preprocessing_num_workers, description
         )
@@ -445,32 +425,28 @@ def main(argv: list[str] | None = None) -> None:
             data_args.streaming,
             "training data",
         )
-        eval_dataset = None
         if data_args.eval_data is not None:
-            eval_dataset = captioned(
-                data_args.eval_data, data_args.eval_split, data_args.max_eval_samples, False, "eval data"
-            )
+            eval_dataset = captioned(data_args.eval_data, data_args.eval_split, data_args.max_eval_samples)
     if data_args.streaming:
         train_dataset = train_dataset.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
     collator = GeoCollator(
         processor.image_processor, processor.tokenizer, data_args.image_column, places.country_codes
     )
+    workers = data_args.dataloader_num_workers
     train_dataloader = DataLoader(
         train_dataset,
         shuffle=not data_args.streaming,
         batch_size=training_args.per_device_train_batch_size,
         collate_fn=collator,
-        num_workers=data_args.dataloader_num_workers,
-        persistent_workers=data_args.dataloader_num_workers > 0,
+        num_workers=workers,
+        persistent_workers=workers > 0,
         drop_last=training_args.dataloader_drop_last,
     )
     eval_dataloader = None
-    if eval_dataset is not None:
+    if data_args.eval_data is not None:
+        eval_batch_size = training_args.per_device_eval_batch_size
         eval_dataloader = DataLoader(
-            eval_dataset,
-            batch_size=training_args.per_device_eval_batch_size,
-            collate_fn=collator,
-            num_workers=data_args.dataloader_num_workers,
+            eval_dataset, batch_size=eval_batch_size, collate_fn=collator, num_workers=workers
         )
 
     # AdamW without weight decay on gains, biases and the temperature (CLIP's choice).
@@ -508,12 +484,13 @@ def main(argv: list[str] | None = None) -> None:
         num_training_steps=max_steps * accelerator.num_processes,
     )
     lr_scheduler = accelerator.prepare(lr_scheduler)
+    # Trackers take numbers and text, not lists.
+    hyperparameters = {**vars(model_args), **vars(data_args), **vars(training_args)}
     accelerator.init_trackers(
         "streetclip-pretrain",
         config={
             key: value if isinstance(value, (int, float, str, bool)) else str(value)
-            for args in (model_args, data_args, training_args)
-            for key, value in vars(args).items()
+            for key, value in hyperparameters.items()
         },
     )
     metric = evaluate.load(str(GEODESIC_METRIC)) if eval_dataloader is not None else None
@@ -529,10 +506,9 @@ def main(argv: list[str] | None = None) -> None:
         follow_schedule(lr_scheduler.scheduler, training_args.learning_rate, global_step * accelerator.num_processes)
         if run_state["max_steps"] != max_steps:
             logger.info(
-                f"{checkpoint} was saved by a run of {run_state['max_steps']} steps; this run trains to "
-                f"{max_steps}: the learning-rate schedule ({training_args.lr_scheduler_type}, warmup_steps="
-                f"{warmup_steps}) is that of {max_steps} steps, at {lr_scheduler.get_last_lr()[0]:.3g} for step "
-                f"{global_step + 1}."
+                f"{checkpoint} was saved by a run of {run_state['max_steps']} steps; this run trains to {max_steps}: "
+                f"the learning-rate schedule ({training_args.lr_scheduler_type}, warmup_steps={warmup_steps}) is "
+                f"that of {max_steps} steps, at {lr_scheduler.get_last_lr()[0]:.3g} for step {global_step + 1}."
             )
         completed_batches = global_step * training_args.gradient_accumulation_steps
         if data_args.streaming:
@@ -546,9 +522,8 @@ def main(argv: list[str] | None = None) -> None:
         logger.info(f"Resumed from {checkpoint} at step {global_step} (epoch {first_epoch}, batch {skip_batches}).")
 
     logger.info(
-        f"Training for {max_steps} steps; contrastive batch "
-        f"{training_args.per_device_train_batch_size} per process x {accelerator.num_processes}, "
-        f"{training_args.gradient_accumulation_steps} micro-batch(es) per step."
+        f"Training for {max_steps} steps; contrastive batch {training_args.per_device_train_batch_size} per process x "
+        f"{accelerator.num_processes}, {training_args.gradient_accumulation_steps} micro-batch(es) per step."
     )
     if eval_dataloader is not None and training_args.eval_on_start and global_step == 0:
         metrics = evaluate_geolocation(accelerator, model, eval_dataloader, places, prompts, metric)
@@ -659,8 +634,7 @@ def main(argv: list[str] | None = None) -> None:
             "max_steps": max_steps,
             "completed_steps": global_step,
             "updates_per_epoch": updates_per_epoch,  # for the card's epochs; None for a streamed data set
-            # From --mixed_precision or from `accelerate launch`/`accelerate config`.
-            "mixed_precision": accelerator.mixed_precision,
+            "mixed_precision": accelerator.mixed_precision,  # whether from --mixed_precision or `accelerate config`
             "world_size": accelerator.num_processes,
             "global_batch_size": training_args.per_device_train_batch_size
             * accelerator.num_processes
