@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import CommitInfo, HfApi, RepoUrl
 
 from modeling_streetclip.testing_utils import SMALL_COUNTRIES, save_streetclip_folder, save_tiny_clip_checkpoint
 
@@ -48,3 +49,28 @@ def region_streetclip_dir(tiny_clip_dir, tmp_path_factory) -> Path:
         cities_per_country=8,
         levels=["country", "region", "city"],
     )
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> list[tuple[str, dict]]:
+    """Records the Hub calls of an upload, in order; each uploaded folder's files are read before it vanishes."""
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        files = {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+        calls.append(("upload_folder", {**kwargs, "files": files}))
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/{'1' * 40}",
+            commit_message=kwargs["commit_message"],
+            commit_description="",
+            oid="1" * 40,
+        )
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls

@@ -26,7 +26,7 @@ import numpy as np
 import publish
 import pytest
 from card import build_model_card
-from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl, SpaceCard
+from huggingface_hub import HfApi, ModelCard, SpaceCard
 from packaging.requirements import Requirement
 from packaging.version import Version
 from PIL import Image
@@ -435,31 +435,6 @@ def test_published_space_runs_on_the_model_repos_code_without_the_package(
     street, broken = ran["results"]
     _assert_same_answers(street["answers"], expected)
     assert broken["error"] == cli_error(photos["broken"])
-
-
-@pytest.fixture
-def fake_hub(monkeypatch) -> list[tuple[str, dict]]:
-    """Records the Hub calls of an upload, in order; each uploaded folder's files are read before it vanishes."""
-    calls = []
-
-    def create_repo(self, repo_id, **kwargs):
-        calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, **kwargs):
-        folder = Path(kwargs["folder_path"])
-        files = {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
-        calls.append(("upload_folder", {**kwargs, "files": files}))
-        return CommitInfo(
-            commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/{'1' * 40}",
-            commit_message=kwargs["commit_message"],
-            commit_description="",
-            oid="1" * 40,
-        )
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    return calls
 
 
 def test_upload_publishes_the_model_then_a_gradio_space_with_the_dry_run_files(

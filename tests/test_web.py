@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import publish
 import pytest
-from huggingface_hub import CommitInfo, HfApi, RepoUrl, SpaceCard
+from huggingface_hub import SpaceCard
 from PIL import Image
 from transformers import pipeline
 
@@ -277,30 +277,6 @@ def test_page_reads_pixel_values_bit_for_bit_as_the_pipeline(server, browser, ex
 
 
 # Publishing as a static Space
-
-
-@pytest.fixture
-def fake_hub(monkeypatch):
-    calls = []
-
-    def create_repo(self, repo_id, **kwargs):
-        calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, **kwargs):
-        folder = Path(kwargs["folder_path"])
-        files = {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
-        calls.append(("upload_folder", {**kwargs, "files": files}))
-        return CommitInfo(
-            commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/{'1' * 40}",
-            commit_message=kwargs["commit_message"],
-            commit_description="",
-            oid="1" * 40,
-        )
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    return calls
 
 
 @pytest.mark.slow
