@@ -20,6 +20,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from subprocess import PIPE
 
 import card as model_card
 import datasets
@@ -134,14 +135,18 @@ def run_pretrain(
     **extra_env: str,
 ) -> subprocess.CompletedProcess:
     """Run training/pretrain.py as users do; unless told it should fail, check that it succeeded."""
-    result = subprocess.run(
-        [*launcher, str(TRAINING_DIR / "pretrain.py"), *args],
-        env=script_env(geo_data, **extra_env),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    command = [*launcher, str(TRAINING_DIR / "pretrain.py"), *args]
+    env = script_env(geo_data, **extra_env)
+    # A session of its own, so that a hung run's workers die with their launcher.
+    with subprocess.Popen(
+        command, env=env, cwd=REPO_ROOT, stdout=PIPE, stderr=PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"pretrain.py ran past 300 s; its log so far:\n{process.communicate()[1][-5000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if succeeds:
         assert result.returncode == 0, f"pretrain.py failed:\n{result.stderr[-5000:]}"
     else:
