@@ -37,6 +37,14 @@ class CoordinateProblem(Enum):
         }[self]
 
 
+def coordinate_value(value: object) -> float:
+    """A coordinate cell as a float; empty cells and text that is not a number are NaN (missing)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def coordinate_problem(latitude: float, longitude: float) -> CoordinateProblem | None:
     """Why `(latitude, longitude)` is not a point on Earth, or None; swapped columns get their own verdict."""
     if not (math.isfinite(latitude) and math.isfinite(longitude)):

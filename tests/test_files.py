@@ -1,10 +1,11 @@
-"""Specification of `modeling_streetclip.app.files.atomic_write`: a file or folder is replaced whole or not at all."""
+"""Specification of `modeling_streetclip.app.files`: a file or folder is replaced whole or not at all."""
 
+import json
 import os
 
 import pytest
 
-from modeling_streetclip.app.files import atomic_write
+from modeling_streetclip.app.files import atomic_write, write_json
 
 
 def test_a_file_is_replaced_by_what_the_block_wrote_and_flushed_to_disk(tmp_path, monkeypatch):
@@ -68,3 +69,14 @@ def test_a_temporary_left_by_a_killed_writer_is_removed_first(tmp_path, kind):
         temporary.write_text("whole")
 
     assert path.read_text() == "whole" and not leftover.exists()
+
+
+def test_json_is_written_whole_and_values_json_cannot_hold_are_refused_before_the_old_file_is_touched(tmp_path):
+    path = tmp_path / "gallery.json"
+    write_json(path, {"rows": 3, "name": "Zürich"})
+    assert json.loads(path.read_text(encoding="utf-8")) == {"rows": 3, "name": "Zürich"}
+
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        write_json(path, {"rows": float("nan")})
+    assert json.loads(path.read_text(encoding="utf-8")) == {"rows": 3, "name": "Zürich"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gallery.json"]

@@ -7,7 +7,6 @@ dropped before training, and unreadable images are dropped from their batch; bot
 
 import hashlib
 import logging
-import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from functools import cache
@@ -23,7 +22,7 @@ from PIL import Image
 from modeling_streetclip.app.sources import encoded_image, open_dataset
 from modeling_streetclip.captions import CaptionMix
 from modeling_streetclip.countries import country_code_or_empty
-from modeling_streetclip.geodesy import coordinate_problem, valid_coordinates
+from modeling_streetclip.geodesy import coordinate_problem, coordinate_value, valid_coordinates
 from modeling_streetclip.geonames import geonames_country_names
 from modeling_streetclip.images import ImageLoadError, load_rgb_image
 from modeling_streetclip.pixels import normalized_pixels, resized_pixels
@@ -95,7 +94,7 @@ class PlaceCaptioner:
                     "coordinate columns with --latitude_column and --longitude_column."
                 )
         latitudes, longitudes = (
-            np.array([_as_float(value) for value in batch[self.columns[field]]], dtype=np.float64)
+            np.array([coordinate_value(value) for value in batch[self.columns[field]]], dtype=np.float64)
             for field in ("latitude", "longitude")
         )
         valid = valid_coordinates(latitudes, longitudes)
@@ -231,13 +230,6 @@ def caption_key(caption: str) -> int:
 
 # Called per row; an unknown name (the coordinates decide then) costs a search for close matches.
 _country_code = cache(country_code_or_empty)
-
-
-def _as_float(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _as_label(value) -> str:

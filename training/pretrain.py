@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
 from modeling_streetclip import CandidatePlaces, CandidatePrompts, StreetCLIPForGeolocation, StreetCLIPProcessor
-from modeling_streetclip.app.files import atomic_write
+from modeling_streetclip.app.files import atomic_write, write_json
 
 
 try:
@@ -264,8 +264,7 @@ def save_checkpoint(accelerator: Accelerator, step: int, run_state: dict) -> boo
     failed = bool(accelerator.reduce(torch.tensor(int(error is not None), device=accelerator.device)).item())
     if accelerator.is_main_process and not failed:
         try:
-            with atomic_write(checkpoint / RUN_STATE_NAME) as path:
-                path.write_text(json.dumps(run_state) + "\n", encoding="utf-8")
+            write_json(checkpoint / RUN_STATE_NAME, run_state)
             logger.info(f"Saved checkpoint {checkpoint}")
         except OSError as caught:
             error, failed = caught, True

@@ -4,11 +4,13 @@ Hand-written: no maintained library renames both files and folders into place wi
 archived, did files only).
 """
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 TEMPORARY_SUFFIX = ".tmp"
@@ -47,6 +49,13 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """Write `value` to `path` as standard JSON (NaN and infinities refused), whole or not at all."""
+    text = json.dumps(value, indent=2, allow_nan=False) + "\n"
+    with atomic_write(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
 def _sync_tree(path: Path) -> None:
     """fsync a file, or every file and folder under a folder."""
     if path.is_dir():
@@ -78,4 +87,4 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "write_json"]

@@ -43,12 +43,12 @@ from ..gallery_store import (
     stored_embeddings,
 )
 from ..gallery_vote import VoteSettings
-from ..geodesy import coordinate_problem
+from ..geodesy import coordinate_problem, coordinate_value
 from ..images import ImageLoadError, load_rgb_image
 from ..pixels import resized_pixels
 from . import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE
 from .batch import PixelBatch, collate_pixels, embedded_batches
-from .files import atomic_write
+from .files import atomic_write, write_json
 
 
 if TYPE_CHECKING:
@@ -91,13 +91,6 @@ class _Columns:
     labels: tuple[str, ...]
     features: datasets.Features | None
     id: str | None
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write `value` to `path` as standard JSON (NaN and infinities refused), whole or not at all."""
-    text = json.dumps(value, indent=2, allow_nan=False) + "\n"
-    with atomic_write(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
 
 
 def build_gallery(
@@ -330,14 +323,6 @@ def _read_shard(path: Path) -> pa.Table:
         return pa.ipc.open_stream(source).read_all()
 
 
-def _as_float(value: Any) -> float:
-    """A coordinate cell as a float; empty cells and text that is not a number are NaN (missing)."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
 @dataclass
 class _SourceRows(IterableDataset):
     """The source rows from `first_row` on (`rows` starts there), each prepared in a DataLoader worker as the batch
@@ -373,7 +358,7 @@ class _SourceRows(IterableDataset):
         from .sources import encoded_image
 
         columns = self.columns
-        latitude, longitude = _as_float(row[columns.latitude]), _as_float(row[columns.longitude])
+        latitude, longitude = coordinate_value(row[columns.latitude]), coordinate_value(row[columns.longitude])
         value = row[columns.image]
         path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
         fields = (latitude, longitude, path, {name: row[name] for name in columns.labels})
@@ -546,4 +531,4 @@ def attach_index(
     return factory, nprobe
 
 
-__all__ = ["GalleryBuild", "attach_index", "build_gallery", "write_json"]
+__all__ = ["GalleryBuild", "attach_index", "build_gallery"]
