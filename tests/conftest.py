@@ -3,13 +3,20 @@
 The builders live in `modeling_streetclip.testing_utils`, shared with the speed scripts.
 """
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from huggingface_hub import CommitInfo, HfApi, RepoUrl
 
-from modeling_streetclip.testing_utils import SMALL_COUNTRIES, save_streetclip_folder, save_tiny_clip_checkpoint
+from modeling_streetclip.testing_utils import (
+    SMALL_COUNTRIES,
+    save_streetclip_folder,
+    save_tiny_clip_checkpoint,
+    train_geo_model,
+)
 
 
 # Tiny models run many small matmuls; on few cores, threading them costs more than it saves.
@@ -74,3 +81,17 @@ def fake_hub(monkeypatch) -> list[tuple[str, dict]]:
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     return calls
+
+
+@pytest.fixture(scope="session")
+def trained_geo_model(tmp_path_factory) -> Path:
+    """The tiny CLIP after 40 steps on the synthetic geo set (`train_geo_model`): trained once per session, by
+    whichever pytest-xdist worker asks first (the others wait for it). Tests must not change it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, which every worker shares
+    done = root / "trained-geo.done"
+    with FileLock(root / "trained-geo.lock"):
+        if not done.exists():
+            done.write_text(str(train_geo_model(root / "trained-geo")), encoding="utf-8")
+    return Path(done.read_text(encoding="utf-8"))

@@ -19,7 +19,6 @@ from modeling_streetclip.testing_utils import (
     SMALL_COUNTRIES,
     TINY_IMAGE_SIZE,
     random_photo,
-    train_geo_model,
     write_geo_imagefolder,
 )
 
@@ -200,13 +199,6 @@ def test_cli_quantize_without_int8_kernels_is_a_usage_error(capsys, monkeypatch,
     )
     assert status == 2 and not records
     assert "int8 quantization needs a quantized CPU back end" in err
-
-
-@pytest.fixture(scope="module")
-def trained_geo_model(tiny_clip_dir, tmp_path_factory) -> Path:
-    """The tiny CLIP after 40 steps on the synthetic geo set (about a minute): a model whose answers are learned, not
-    the near-ties of random weights, so that agreement means something."""
-    return train_geo_model(tmp_path_factory.mktemp("trained-geo"), tiny_clip_dir)
 
 
 @pytest.mark.slow
