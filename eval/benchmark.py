@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from modeling_streetclip import StreetCLIPForGeolocation
 from modeling_streetclip.app import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError
 from modeling_streetclip.app.arguments import (
+    add_backend_arguments,
     add_batch_arguments,
     add_decision_arguments,
     add_placement_arguments,
@@ -40,7 +41,7 @@ from modeling_streetclip.app.arguments import (
 )
 from modeling_streetclip.app.batch import geolocate_images
 from modeling_streetclip.app.distributed import make_accelerator, on_every_process, on_main_process, quiet_unless_main
-from modeling_streetclip.app.loading import load_gallery, load_model
+from modeling_streetclip.app.loading import graph_file_for, load_gallery, load_model, quantization_config_for
 from modeling_streetclip.app.records import spreadsheet_safe
 
 
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_decision_arguments(parser)
     add_batch_arguments(parser)
     add_placement_arguments(parser)
+    add_backend_arguments(parser)
     add_verbose_argument(parser)
     return parser
 
@@ -143,8 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         with verbosity(args.verbose):
-            accelerator = make_accelerator(args.device)
-            status = quiet_unless_main(accelerator, lambda: run(args, accelerator))
+            quantization = quantization_config_for(args.quantize, args.device, args.dtype, args.backend)
+            accelerator = make_accelerator(args.device, cpu_only=quantization is not None or args.backend != "torch")
+            status = quiet_unless_main(accelerator, lambda: run(args, accelerator, quantization))
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(status)
 
 
-def run(args: argparse.Namespace, accelerator: Accelerator) -> int:
+def run(args: argparse.Namespace, accelerator: Accelerator, quantization: object = None) -> int:
     """Check the invocation (outputs, data), then geolocate every scorable input across the processes and, on the
     main process, write the outputs; returns the exit status (every process returns the same)."""
     args.decision = decision_from(args)
@@ -176,9 +179,10 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> int:
     # Every process reads the benchmark (the main one first: a Hub dataset downloads once) and indexes its images.
     benchmark = on_every_process(accelerator, read_benchmark, main_process_first=True)
     # As `streetclip locate` loads it: a saved folder with heads without its text tower, its processor checked.
+    graph = graph_file_for(args.backend, args.quantize)
     model, image_processor = on_every_process(
         accelerator,
-        lambda: load_model(args.model, accelerator.device, getattr(torch, args.dtype), countries=None),
+        lambda: load_model(args.model, accelerator.device, getattr(torch, args.dtype), None, quantization, graph),
         main_process_first=True,
     )
     gallery = None
@@ -279,6 +283,8 @@ def write_results(
         "num_candidate_cities": model.candidate_places.num_cities,
         "device": accelerator.device.type,
         "dtype": args.dtype,
+        "backend": args.backend,
+        **({"quantize": args.quantize} if args.quantize else {}),
         "num_processes": accelerator.num_processes,
         "batch_size": args.batch_size,
     }

@@ -223,6 +223,29 @@ def test_limit_takes_the_first_rows_and_top_k_adds_runner_ups(
     assert (metrics["num_inputs"], metrics["num_evaluated"], metrics["top_k"]) == (4, 3, 3)
 
 
+def test_onnx_runtime_backend_scores_the_graph_as_the_pytorch_model(
+    script_run, small_streetclip_dir, image_folder, metadata_csv, tmp_path
+):
+    pytest.importorskip(
+        "onnxruntime", reason='the ONNX backend needs the [onnx] extra: pip install "streetclip[onnx]"'
+    )
+    from modeling_streetclip.cli import main as streetclip
+
+    assert streetclip(["export", str(small_streetclip_dir), "--output", str(tmp_path / "export")]) == 0
+    benchmark.main(
+        ["--model", str(tmp_path / "export"), "--data", str(metadata_csv), "--image_dir", str(image_folder)]
+        + ["--output_dir", str(tmp_path / "results"), "--num_workers", "0", "--backend", "onnxruntime"]
+    )
+    metrics, expected = _read_metrics(tmp_path / "results"), _read_metrics(script_run[0])
+    assert (metrics["backend"], expected["backend"]) == ("onnxruntime", "torch")
+    assert metrics["num_evaluated"] == expected["num_evaluated"] == len(GOOD_ROWS)
+    assert metrics["median_km"] == pytest.approx(expected["median_km"])
+    predictions = _read_predictions(tmp_path / "results")
+    assert [row["predicted_city"] for row in predictions] == [
+        row["predicted_city"] for row in _read_predictions(script_run[0])
+    ]
+
+
 def test_dataset_saved_to_disk_with_custom_column_names(small_streetclip_dir, image_folder, tmp_path):
     names = [name for name, _, _ in GOOD_ROWS[:3]] + [CORRUPT_ROW[0]]
     test_split = datasets.Dataset.from_dict(

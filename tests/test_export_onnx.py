@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig, AutoProcessor, pipeline
 
 from modeling_streetclip import StreetCLIPConfig, StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip.app.gallery_build import build_gallery
 from modeling_streetclip.cli import main
-from modeling_streetclip.decisions import rank_answers
+from modeling_streetclip.decisions import DECISIONS, GALLERY_DECISIONS, rank_answers
 from modeling_streetclip.images import load_rgb_image
 from modeling_streetclip.pixels import normalized_pixels, resized_pixels
-from modeling_streetclip.testing_utils import SMALL_COUNTRIES, TINY_IMAGE_SIZE, train_geo_model, write_geo_imagefolder
+from modeling_streetclip.testing_utils import SMALL_COUNTRIES, TINY_IMAGE_SIZE, write_geo_imagefolder
 
 
 onnx = pytest.importorskip("onnx", reason='the ONNX export needs the [onnx] extra: pip install "streetclip[onnx]"')
@@ -28,6 +29,7 @@ from modeling_streetclip.app.export import (  # noqa: E402  (after the skip: it 
     ONNX_EXTRA,
     ONNX_FOLDER,
     QUANTIZED_GRAPH_FILE,
+    OnnxRuntimeModel,
     export_onnx,
     graph_outputs,
     output_names,
@@ -111,13 +113,12 @@ def test_int8_graph_quantizes_the_vision_encoder_linear_layers_and_keeps_the_hea
 
 
 @pytest.mark.slow
-def test_int8_graph_first_answers_agree_with_the_float32_graphs_on_a_trained_model(tmp_path):
+def test_int8_graph_first_answers_agree_with_the_float32_graphs_on_a_trained_model(trained_geo_model, tmp_path):
     """204 held-out photos of the synthetic geo set, ranked by the package's own rule on each graph's outputs: the
     int8 graph's first country agrees with the float32 graph's on at least 98%, and the float32 graph answers as
     PyTorch does."""
-    model_dir = train_geo_model(tmp_path / "trained")
-    model = StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=True)
-    processor = StreetCLIPProcessor.from_pretrained(model_dir)
+    model = StreetCLIPForGeolocation.from_pretrained(trained_geo_model, vision_only=True)
+    processor = StreetCLIPProcessor.from_pretrained(trained_geo_model)
     save_onnx_folder(model, processor, tmp_path / "onnx")
     paths = sorted(write_geo_imagefolder(tmp_path / "eval", photos_per_city=17, seed=1).glob("*.png"))
     images = [load_rgb_image(path) for path in paths]
@@ -258,6 +259,109 @@ def test_command_with_unusable_input_says_why_and_exits_2(
     assert status == 2 and not out
     assert message in err
     assert not (tmp_path / "web").exists()
+
+
+# The ONNX Runtime backend
+
+
+@pytest.fixture(scope="module")
+def backend_files(small_streetclip_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """The small model's export folder (graphs, config and processor; no weights), photos, and a gallery built with
+    the PyTorch model."""
+    root = tmp_path_factory.mktemp("backend")
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
+    processor = StreetCLIPProcessor.from_pretrained(small_streetclip_dir)
+    save_onnx_folder(model, processor, root / "export")
+    photos = write_geo_imagefolder(root / "photos", photos_per_city=1, seed=3)
+    gallery_photos = write_geo_imagefolder(root / "gallery-photos", photos_per_city=2, seed=0)
+    gallery = build_gallery(model, processor, str(gallery_photos), root / "gallery", batch_size=8, progress=False)
+    return root / "export", photos, gallery.gallery.folder
+
+
+def locate(capsys, model: Path, *options: str) -> tuple[int, list[dict], str]:
+    """`streetclip locate` in-process: its status, its JSON Lines records and its standard error."""
+    capsys.readouterr()
+    status = main(["locate", "--model", str(model), "--num_workers", "0", "--batch_size", "5", *options])
+    out, err = capsys.readouterr()
+    return status, [json.loads(line) for line in out.splitlines()], err
+
+
+@pytest.mark.parametrize("decision", DECISIONS)
+def test_locate_on_onnx_runtime_answers_as_on_pytorch_under_every_decision_rule(
+    small_streetclip_dir, backend_files, capsys, decision
+):
+    export, photos, gallery = backend_files
+    options = [str(photos), "--decision", decision, "--top_k", "3"]
+    options += ["--gallery", str(gallery)] if decision in GALLERY_DECISIONS else []
+    status, expected, _ = locate(capsys, small_streetclip_dir, *options)
+    assert status == 0 and len(expected) == 12
+    status, records, _ = locate(capsys, export, *options, "--backend", "onnxruntime")
+    assert status == 0
+    assert_close(records, expected)
+
+
+def assert_close(actual, expected) -> None:
+    """Equal records, but for numbers: probabilities within FLOAT32_TOLERANCE, kilometres as closely, relatively."""
+    if isinstance(expected, dict):
+        assert actual.keys() == expected.keys()
+        for key, value in expected.items():
+            assert_close(actual[key], value)
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected)
+        for item, value in zip(actual, expected, strict=True):
+            assert_close(item, value)
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, abs=FLOAT32_TOLERANCE, rel=1e-6)
+    else:
+        assert actual == expected
+
+
+def test_locate_on_the_int8_graph_gives_the_answers_of_the_pipeline_on_it(backend_files, capsys):
+    export, photos, _ = backend_files
+    status, records, _ = locate(capsys, export, str(photos), "--backend", "onnxruntime", "--quantize", "int8")
+    assert status == 0
+    processor = StreetCLIPProcessor.from_pretrained(export)
+    geolocator = pipeline(
+        "geolocation", model=OnnxRuntimeModel.from_export(export, QUANTIZED_GRAPH_FILE), processor=processor
+    )
+    # In the same batches: int8 activations are quantized with the range of their whole batch.
+    expected = geolocator([record["path"] for record in records], batch_size=5)
+    assert [record["answers"] for record in records] == expected
+
+
+@pytest.mark.parametrize("options", [[], ["--quantize", "int8"]], ids=["float32", "int8"])
+def test_locate_without_the_graph_names_its_path_and_the_export_command(
+    small_streetclip_dir, backend_files, capsys, options
+):
+    _, photos, _ = backend_files
+    status, records, err = locate(capsys, small_streetclip_dir, str(photos), "--backend", "onnxruntime", *options)
+    graph = QUANTIZED_GRAPH_FILE if options else GRAPH_FILE
+    assert status == 2 and not records
+    assert str(small_streetclip_dir / ONNX_FOLDER / graph) in err and "streetclip export" in err
+
+
+def test_locate_without_onnxruntime_names_the_extra(backend_files, capsys, monkeypatch):
+    export, photos, _ = backend_files
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # importing it now raises ImportError
+    status, records, err = locate(capsys, export, str(photos), "--backend", "onnxruntime")
+    assert status == 2 and not records
+    assert "needs onnxruntime" in err and ONNX_EXTRA in err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--group_by", "(.*)"], "--group_by pools embeddings"),
+        (["--countries", "COUNTRIES"], "--countries: the ONNX graph scores every candidate country"),
+        (["--dtype", "bfloat16"], "--backend onnxruntime computes in float32"),
+    ],
+)
+def test_locate_on_onnx_runtime_refuses_what_the_graph_cannot_do(backend_files, capsys, tmp_path, options, message):
+    export, photos, _ = backend_files
+    (tmp_path / "countries.txt").write_text("France\n")
+    options = [str(tmp_path / "countries.txt") if option == "COUNTRIES" else option for option in options]
+    status, records, err = locate(capsys, export, str(photos), "--backend", "onnxruntime", *options)
+    assert status == 2 and not records and message in err
 
 
 # Publishing

@@ -335,9 +335,9 @@ def test_locating_and_gallery_building_embed_through_the_batch_engine_s_one_loop
     calls = []
     real = batch.embedded_batches
 
-    def recorded(model, image_processor, loader):
+    def recorded(model, image_processor, loader, **options):
         calls.append(len(calls))
-        yield from real(model, image_processor, loader)
+        yield from real(model, image_processor, loader, **options)
 
     monkeypatch.setattr(batch, "embedded_batches", recorded)
     monkeypatch.setattr(gallery_build, "embedded_batches", recorded)

@@ -59,6 +59,23 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """--backend and --quantize."""
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="torch runs the model's weights; onnxruntime runs the graph MODEL/onnx/model.onnx that `streetclip "
+        "export` writes, on the CPU (needs streetclip[onnx]) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=("int8",),
+        help="an int8 vision tower, on the CPU in float32 (with AMX, --dtype bfloat16 is faster: README, speed); "
+        "with --backend onnxruntime, the int8 graph MODEL/onnx/model_quantized.onnx",
+    )
+
+
 def add_decision_arguments(parser: argparse.ArgumentParser) -> None:
     """--decision and --gallery (see `decision_from`)."""
     parser.add_argument(
@@ -143,6 +160,7 @@ def verbosity(verbose: bool) -> Iterator[None]:
 
 __all__ = [
     "DTYPE_NAMES",
+    "add_backend_arguments",
     "add_batch_arguments",
     "add_decision_arguments",
     "add_placement_arguments",

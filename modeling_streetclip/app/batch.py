@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..decisions import rank_answers
 from ..gallery_store import GeoGallery, image_embeddings
 from ..images import ImageInput, ImageLoadError, load_rgb_image
-from ..modeling_streetclip import StreetCLIPForGeolocation
+from ..modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
 from ..pixels import normalized_pixels, resized_pixels
 from . import DEFAULT_BATCH_SIZE
 
@@ -47,16 +47,18 @@ def collate_pixels(items: list[tuple[int, torch.Tensor | None, str | None, Any]]
 
 
 def embedded_batches(
-    model, image_processor, loader: Iterable[PixelBatch]
-) -> Iterator[tuple[PixelBatch, torch.Tensor | None]]:
+    model, image_processor, loader: Iterable[PixelBatch], locate: bool = False
+) -> Iterator[tuple[PixelBatch, Any]]:
     """Each batch of `loader` with the image embeddings of its decoded items (None: none decoded), normalised on the
-    model's device as `forward` does: the one embedding loop of locating and gallery building."""
+    model's device as `forward` does, or with `locate` the model's outputs (`forward`, which an ONNX graph may run):
+    the one loop of locating and gallery building."""
     for batch in loader:
-        embeds = None
+        result = None
         if batch.pixel_values is not None:
             pixel_values = batch.pixel_values.to(model.device, non_blocking=True)
-            embeds = image_embeddings(model, normalized_pixels(image_processor, pixel_values, model.dtype))
-        yield batch, embeds
+            pixel_values = normalized_pixels(image_processor, pixel_values, model.dtype)
+            result = model(pixel_values=pixel_values) if locate else image_embeddings(model, pixel_values)
+        yield batch, result
 
 
 @dataclass
@@ -121,17 +123,19 @@ def geolocate_images(
         pin_memory=model.device.type == "cuda",
     )
     if accelerator is None:
-        for batch, embeds in embedded_batches(model, image_processor, loader):
-            yield from _batch_records(model, inputs, batch, embeds, top_k, return_embeddings, decision, gallery)
+        for batch, outputs in embedded_batches(model, image_processor, loader, locate=True):
+            yield from _batch_records(model, inputs, batch, outputs, top_k, return_embeddings, decision, gallery)
         return
     # The model's own device decides where pixels go (a quantized model stays on the CPU beside a GPU).
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
     try:
-        for batch, embeds in embedded_batches(model, image_processor, loader):
+        for batch, outputs in embedded_batches(model, image_processor, loader, locate=True):
             # Inputs stay behind (a dataset's are encoded images): every process holds them already.
             mine = [
                 replace(record, input=None)
-                for record in _batch_records(model, inputs, batch, embeds, top_k, return_embeddings, decision, gallery)
+                for record in _batch_records(
+                    model, inputs, batch, outputs, top_k, return_embeddings, decision, gallery
+                )
             ]
             for record in accelerator.gather_for_metrics(mine, use_gather_object=True):
                 yield replace(record, input=inputs[record.index])
@@ -143,7 +147,7 @@ def _batch_records(
     model: StreetCLIPForGeolocation,
     inputs: Sequence[ImageInput],
     batch: PixelBatch,
-    image_embeds: torch.Tensor | None,
+    outputs: GeolocationOutput | None,
     top_k: int,
     return_embeddings: bool,
     decision: str | None,
@@ -151,12 +155,10 @@ def _batch_records(
 ) -> list[GeolocationRecord]:
     """The records of one batch, in its order: answers for the decoded images, errors for the others."""
     records = {index: GeolocationRecord(index, inputs[index], error=error) for index, error in batch.errors.items()}
-    if image_embeds is not None:
-        answers_per_image = rank_answers(
-            model, model.locate_embeddings(image_embeds), top_k=top_k, decision=decision, gallery=gallery
-        )
+    if outputs is not None:
+        answers_per_image = rank_answers(model, outputs, top_k=top_k, decision=decision, gallery=gallery)
         for position, (index, answers) in enumerate(zip(batch.decoded, answers_per_image, strict=True)):
-            embeds = image_embeds[position].float().cpu() if return_embeddings else None
+            embeds = outputs.image_embeds[position].float().cpu() if return_embeddings else None
             records[index] = GeolocationRecord(index, inputs[index], answers=answers, image_embeds=embeds)
     return [records[index] for index in batch.order]
 

@@ -10,12 +10,14 @@
   route (`quantization.Int8DynamicConfig`) quantizes; the heads and the projection stay float32.
 
 The graphs need neither the text tower nor PyTorch to run: onnxruntime in Python, onnxruntime-web in a browser
-(`model_card/web/`), transformers.js.
+(`model_card/web/`), transformers.js. `OnnxRuntimeModel` runs one where the PyTorch model would (`--backend
+onnxruntime`), its answers ranked by the same `decisions.rank_answers`.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import importlib
 import logging
 from dataclasses import dataclass
@@ -24,6 +26,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..configuration_streetclip import StreetCLIPConfig
+from ..modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
 
 
 if TYPE_CHECKING:
@@ -31,7 +37,6 @@ if TYPE_CHECKING:
     import onnx
     import onnxruntime
 
-    from ..modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
     from ..processing_streetclip import StreetCLIPProcessor
 
 
@@ -58,17 +63,18 @@ class OnnxGraphs:
     output_names: tuple[str, ...]
 
 
-def require_onnx() -> None:
-    """Raise an `ImportError` naming the extra to install when a package of the export is missing."""
+def require_onnx(packages: tuple[str, ...] = ONNX_PACKAGES, purpose: str = "The ONNX export") -> None:
+    """Raise an `ImportError` naming the extra to install when one of `packages` (by default the export's) is
+    missing."""
     missing = []
-    for name in ONNX_PACKAGES:
+    for name in packages:
         try:
             importlib.import_module(name)
         except ImportError:
             missing.append(name)
     if missing:
         raise ImportError(
-            f"The ONNX export needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed; "
+            f"{purpose} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed; "
             f"install the extra: {ONNX_EXTRA}"
         )
 
@@ -153,11 +159,68 @@ def save_onnx_folder(
 def graph_outputs(session: onnxruntime.InferenceSession, pixel_values: np.ndarray) -> GeolocationOutput:
     """Run an exported graph on `pixel_values` (float32, as the image processor prepares them): its outputs as the
     model's own `GeolocationOutput`, which `decisions.rank_answers` ranks as it ranks the model's."""
-    from ..modeling_streetclip import GeolocationOutput
-
     names = [output.name for output in session.get_outputs()]
     outputs = session.run(names, {INPUT_NAME: pixel_values})
     return GeolocationOutput(**{name: torch.from_numpy(value) for name, value in zip(names, outputs, strict=True)})
+
+
+class OnnxRuntimeModel(StreetCLIPForGeolocation):
+    """The model with its forward run by an exported graph in ONNX Runtime (`--backend onnxruntime`): the batch engine,
+    the pipeline, the gallery check and `decisions.rank_answers` take it for the PyTorch model. Of that model it keeps
+    the candidate table (its vision tower has no layers, its heads are never called): the graph holds the weights."""
+
+    def __init__(self, config: StreetCLIPConfig, graph: str | Path):
+        require_onnx(("onnxruntime",), "Running an ONNX graph")
+        import onnxruntime
+
+        config = copy.deepcopy(config)
+        config.vision_config.num_hidden_layers = config.text_config.num_hidden_layers = 0
+        super().__init__(config, vision_only=True)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the threads PyTorch would compute with
+        self.session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        sizes = {output.name: output.shape[-1] for output in self.session.get_outputs()}
+        places = self.candidate_places
+        expected = {"image_embeds": config.projection_dim, "country_logits": places.num_countries}
+        expected |= {"region_logits": places.num_regions} if self.uses_regions else {}
+        expected |= {"city_logits": places.num_cities, "logits": places.num_cities}
+        if sizes != expected:
+            raise ValueError(
+                f"The graph {str(graph)!r} gives outputs of sizes {sizes}, but the config.json beside it describes "
+                f"{expected}: they come from different models. Export the graph again with `streetclip export`."
+            )
+
+    @classmethod
+    def from_export(cls, name_or_path: str | Path, graph_file: str = GRAPH_FILE) -> OnnxRuntimeModel:
+        """The graph `onnx/{graph_file}` of a folder or Hub repo written by `streetclip export` (or `publish.py
+        --onnx`), with the config beside it."""
+        from transformers.utils import cached_file
+
+        try:
+            graph = cached_file(str(name_or_path), f"{ONNX_FOLDER}/{graph_file}")
+        except OSError:
+            raise FileNotFoundError(
+                f"{Path(name_or_path, ONNX_FOLDER, graph_file)} does not exist: ONNX Runtime runs the graphs that "
+                f"`streetclip export {name_or_path} --output DIR` writes into DIR; give that DIR as the model."
+            ) from None
+        return cls(StreetCLIPConfig.from_pretrained(name_or_path), graph)
+
+    def restrict_countries(self, countries: list[str]) -> None:
+        raise ValueError(
+            "the ONNX graph scores every candidate country; restrict them with the PyTorch model (--backend torch)."
+        )
+
+    def locate_embeddings(self, image_embeds: torch.Tensor) -> GeolocationOutput:
+        raise ValueError(
+            "the ONNX graph locates pixels, not embeddings (such as pooled views); use the PyTorch model."
+        )
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs) -> GeolocationOutput:
+        return graph_outputs(self.session, pixel_values.detach().float().cpu().numpy())
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """The graph's (normalised) image embeddings, which galleries are checked and searched with."""
+        return BaseModelOutputWithPooling(pooler_output=self(pixel_values).image_embeds)
 
 
 def _check_exportable(model: StreetCLIPForGeolocation) -> None:
@@ -237,6 +300,7 @@ __all__ = [
     "ONNX_FOLDER",
     "QUANTIZED_GRAPH_FILE",
     "OnnxGraphs",
+    "OnnxRuntimeModel",
     "export_onnx",
     "graph_outputs",
     "output_names",

@@ -24,23 +24,44 @@ if TYPE_CHECKING:
 FINGERPRINTED_SUFFIXES = (".json", ".safetensors", ".bin")
 
 
-def quantization_config_for(quantize: str | None, device: str, dtype: str) -> Any:
-    """The quantization config `--quantize` names (None without it), if `--device` and `--dtype` allow it."""
-    if quantize is None:
+def quantization_config_for(quantize: str | None, device: str, dtype: str, backend: str = "torch") -> Any:
+    """The quantization config `--quantize` names (None without it, and with ONNX Runtime, whose int8 graph is
+    quantized already), if `--device` and `--dtype` allow it and the backend."""
+    if quantize is None and backend == "torch":
         return None
+    option = f"--quantize {quantize}" if backend == "torch" else f"--backend {backend}"
     if device == "cuda":
-        raise UsageError(f"--quantize {quantize} runs on the CPU; drop --device cuda, or use --dtype bfloat16 there.")
+        raise UsageError(
+            f"{option} runs on the CPU; drop --device cuda, or use --backend torch --dtype bfloat16 there."
+        )
     if dtype != "float32":
-        raise UsageError(f"--quantize {quantize} computes in float32; drop --dtype {dtype}.")
+        raise UsageError(f"{option} computes in float32; drop --dtype {dtype}.")
+    if backend != "torch":
+        return None
     from ..quantization import Int8DynamicConfig
 
     return Int8DynamicConfig()
 
 
+def graph_file_for(backend: str, quantize: str | None) -> str | None:
+    """The graph of MODEL/onnx/ that `--backend onnxruntime` runs (the int8 one with `--quantize`); None for torch."""
+    if backend == "torch":
+        return None
+    from .export import GRAPH_FILE, QUANTIZED_GRAPH_FILE
+
+    return GRAPH_FILE if quantize is None else QUANTIZED_GRAPH_FILE
+
+
 def load_model(
-    name: str, device: str, dtype: torch.dtype, countries: list[str] | None, quantization_config: Any = None
+    name: str,
+    device: str,
+    dtype: torch.dtype,
+    countries: list[str] | None,
+    quantization_config: Any = None,
+    graph: str | None = None,
 ) -> tuple[StreetCLIPForGeolocation, Any]:
-    """The model and its image processor on `device`, restricted to `countries` and quantized when asked."""
+    """The model and its image processor on `device`, restricted to `countries` and quantized when asked; with a
+    `graph` file of `onnx/`, the model that runs it in ONNX Runtime."""
     from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
@@ -54,9 +75,14 @@ def load_model(
     _check_model_reachable(name)
     try:
         image_processor = StreetCLIPProcessor.from_pretrained(name).image_processor
-        model = StreetCLIPForGeolocation.from_pretrained(
-            name, dtype=dtype, vision_only="auto", quantization_config=quantization_config
-        )
+        if graph is not None:
+            from .export import OnnxRuntimeModel
+
+            model = OnnxRuntimeModel.from_export(name, graph)
+        else:
+            model = StreetCLIPForGeolocation.from_pretrained(
+                name, dtype=dtype, vision_only="auto", quantization_config=quantization_config
+            )
     except bad as error:
         raise UsageError(f"cannot load --model {name!r}: {error}") from None
     _check_image_processor(image_processor, model.config.vision_config.image_size, name)
@@ -158,9 +184,10 @@ def load_on_every_process(
     gallery: str | None = None,
     countries: list[str] | None = None,
     quantization_config: Any = None,
+    graph: str | None = None,
 ) -> tuple[StreetCLIPForGeolocation, Any, GeoGallery | None]:
-    """The model, its image processor and the `gallery` (or None) on every process's device (the CPU for int8); the
-    main process loads first, so that a download happens once, and shows the only loading bars."""
+    """The model, its image processor and the `gallery` (or None) on every process's device (the CPU for int8 and
+    for an ONNX `graph`); the main process loads first, so that a download happens once, and shows the only bars."""
     import torch
     from transformers.utils import logging as transformers_logging
 
@@ -168,10 +195,10 @@ def load_on_every_process(
 
     if not accelerator.is_main_process:
         transformers_logging.disable_progress_bar()
-    device = "cpu" if quantization_config is not None else accelerator.device
+    device = "cpu" if quantization_config is not None or graph is not None else accelerator.device
 
     def load() -> tuple[StreetCLIPForGeolocation, Any, GeoGallery | None]:
-        model, image_processor = load_model(name, device, getattr(torch, dtype), countries, quantization_config)
+        model, image_processor = load_model(name, device, getattr(torch, dtype), countries, quantization_config, graph)
         return model, image_processor, None if gallery is None else load_gallery(gallery, model, image_processor, name)
 
     return on_every_process(accelerator, load, main_process_first=True)
@@ -193,4 +220,11 @@ def model_fingerprint(folder: str) -> str:
     return digest.hexdigest()[:16]
 
 
-__all__ = ["load_gallery", "load_model", "load_on_every_process", "model_fingerprint", "quantization_config_for"]
+__all__ = [
+    "graph_file_for",
+    "load_gallery",
+    "load_model",
+    "load_on_every_process",
+    "model_fingerprint",
+    "quantization_config_for",
+]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..app import EXIT_OK, EXIT_SOME_FAILED, UsageError
 from ..app.arguments import (
+    add_backend_arguments,
     add_batch_arguments,
     add_decision_arguments,
     add_placement_arguments,
@@ -22,7 +23,7 @@ from ..app.arguments import (
     decision_from,
     int_at_least,
 )
-from ..app.loading import load_on_every_process, model_fingerprint, quantization_config_for
+from ..app.loading import graph_file_for, load_on_every_process, model_fingerprint, quantization_config_for
 
 
 if TYPE_CHECKING:
@@ -94,11 +95,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_decision_arguments(locate)
     add_batch_arguments(locate)
     add_placement_arguments(locate)
-    locate.add_argument(
-        "--quantize",
-        choices=("int8",),
-        help="an int8 vision tower, on the CPU in float32 (with AMX, --dtype bfloat16 is faster: README, speed)",
-    )
+    add_backend_arguments(locate)
     locate.add_argument(
         "--output",
         type=Path,
@@ -138,6 +135,7 @@ def answer_options(args: argparse.Namespace, countries: list[str] | None) -> dic
         "group_by": args.group_by,
         "dtype": args.dtype,
         "quantize": args.quantize,
+        "backend": None if args.backend == "torch" else args.backend,  # what files written before it hold
     }
 
 
@@ -287,6 +285,11 @@ def _check_invocation(args: argparse.Namespace) -> None:
         raise UsageError("--streaming, --image_column and --id_column apply to --dataset.")
     if args.overwrite and args.output is None:
         raise UsageError("--overwrite needs --output: standard output has nothing to overwrite.")
+    if args.group_by is not None and args.backend != "torch":
+        raise UsageError(
+            "--group_by pools embeddings through the model's heads, which the ONNX graph holds inside; "
+            "use --backend torch."
+        )
     args.decision = decision_from(args)
 
 
@@ -296,8 +299,8 @@ def locate_command(args: argparse.Namespace) -> int:
     # Imported here, so that `streetclip --help` answers without loading torch.
     from ..app.distributed import make_accelerator, quiet_unless_main
 
-    quantization = quantization_config_for(args.quantize, args.device, args.dtype)
-    accelerator = make_accelerator(args.device, cpu_only=quantization is not None)
+    quantization = quantization_config_for(args.quantize, args.device, args.dtype, args.backend)
+    accelerator = make_accelerator(args.device, cpu_only=quantization is not None or args.backend != "torch")
     return quiet_unless_main(accelerator, lambda: _locate(args, accelerator, quantization))
 
 
@@ -349,8 +352,9 @@ def _locate(args: argparse.Namespace, accelerator: Accelerator, quantization: An
         model_and_processor = progress = None
         for pending, views in blocks():
             if model_and_processor is None:  # (nothing pending: no model to load, no bar to show)
+                graph = graph_file_for(args.backend, args.quantize)
                 model_and_processor = load_on_every_process(
-                    accelerator, args.model, args.dtype, args.gallery, countries, quantization
+                    accelerator, args.model, args.dtype, args.gallery, countries, quantization, graph
                 )
                 total = None if args.streaming else len(views)  # a stream's length is unknown
                 bar = tqdm(total=total, unit="img", desc="streetclip locate", file=sys.stderr, disable=not main)
