@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
+
+
+# The radii of `within_km`: the geodesic_accuracy metric's DEFAULT_THRESHOLDS_KM (a test holds them equal).
+CONFIDENCE_RADII_KM = (1, 25, 200, 750, 2500)
 
 
 if TYPE_CHECKING:
@@ -18,6 +23,9 @@ def format_answers(
     country_scores: torch.Tensor,
     joint_probabilities: torch.Tensor,
     region_scores: torch.Tensor,
+    within_km: torch.Tensor | None = None,
+    radius_km: torch.Tensor | None = None,
+    calibrated: torch.Tensor | None = None,
     expected_distances_km: torch.Tensor | None = None,
     latitudes: torch.Tensor | None = None,
     longitudes: torch.Tensor | None = None,
@@ -32,6 +40,9 @@ def format_answers(
         "country_score": country_scores,
         "region_score": region_scores if places.has_regions else None,
         "joint_probability": joint_probabilities,
+        "within_km": within_km,
+        "radius_km": radius_km,
+        "calibrated": calibrated,
         "expected_distance_km": expected_distances_km,
         "latitude": latitudes,
         "longitude": longitudes,
@@ -39,6 +50,11 @@ def format_answers(
         "similarity": similarities,
     }
     values = {name: column.tolist() for name, column in columns.items() if column is not None}
+    if "within_km" in values:
+        values["within_km"] = [
+            dict(zip(map(str, CONFIDENCE_RADII_KM), row, strict=True)) for row in values["within_km"]
+        ]
+        values["radius_km"] = [None if math.isinf(radius) else radius for radius in values["radius_km"]]
     answers = []
     for rank, row in enumerate(city_rows.tolist()):
         if row < 0:

@@ -1,5 +1,6 @@
 """Configuration of StreetCLIP: CLIP's configuration plus every geolocation setting."""
 
+import math
 from collections.abc import Sequence
 from dataclasses import field
 
@@ -25,7 +26,8 @@ PROMPT_SETTINGS = frozenset(
     {"country_prompt_template", "region_prompt_template", "city_prompt_template", "qualify_ambiguous_cities"}
 )
 TEXT_SETTINGS = PROMPT_SETTINGS | {"caption_template"}
-GEOLOCATION_SETTINGS = CANDIDATE_SETTINGS | TEXT_SETTINGS | {"expected_distance_candidates"}
+DECISION_SETTINGS = {"expected_distance_candidates", "decision_radius_km", "confidence_level", "calibration"}
+GEOLOCATION_SETTINGS = CANDIDATE_SETTINGS | TEXT_SETTINGS | DECISION_SETTINGS
 
 # The paper's hierarchy, and the one with GeoNames' first-level regions (states, provinces) in the middle.
 PAPER_LEVELS = ("country", "city")
@@ -106,6 +108,14 @@ class StreetCLIPConfig(CLIPConfig):
             0 is the paper's table, 25 (the IM2GPS city threshold) the recommended one.
         expected_distance_candidates (`int`, *optional*, defaults to 50):
             The most probable cities that `"expected_distance"` weighs; the tail would pull answers to the middle.
+            `"expected_distance"` and `"within_km"` choose the first answers among them.
+        decision_radius_km (`int` or `float`, *optional*, defaults to 25):
+            The radius whose accuracy `"within_km"` maximises: IM2GPS's city level.
+        confidence_level (`float`, *optional*, defaults to 0.9):
+            The probability that an answer's `radius_km` holds: the smallest radius with `within_km` at least this.
+        calibration (`dict`, *optional*):
+            `{"temperatures": {level: T}}`, written by `streetclip calibrate`: `within_km` divides each level's
+            logits by its temperature, fitted on labelled photos; None leaves the raw posterior.
         candidate_places (`dict`, *optional*):
             The candidate table ([`CandidatePlaces`]), written when heads are built.
 
@@ -135,6 +145,9 @@ class StreetCLIPConfig(CLIPConfig):
     min_city_population: int = 15000
     city_merge_radius_km: int | float = 0
     expected_distance_candidates: int = 50
+    decision_radius_km: int | float = 25
+    confidence_level: float = 0.9
+    calibration: dict | None = None
     candidate_places: dict | None = None
 
     def validate_geolocation(self):
@@ -159,6 +172,22 @@ class StreetCLIPConfig(CLIPConfig):
         for name, minimum in (minimums | {"min_city_population": 0, "city_merge_radius_km": 0}).items():
             if not getattr(self, name) >= minimum:  # `not >=` also refuses NaN
                 raise ValueError(f"StreetCLIPConfig.{name} must be >= {minimum}, got {getattr(self, name)}.")
+        if not (0 < self.decision_radius_km < math.inf and 0 < self.confidence_level < 1):
+            raise ValueError(
+                "StreetCLIPConfig.decision_radius_km must be a finite number of km > 0 and confidence_level a "
+                f"probability strictly between 0 and 1, got {self.decision_radius_km} and {self.confidence_level}."
+            )
+        if self.calibration is not None:
+            temperatures = self.calibration.get("temperatures")
+            if not isinstance(temperatures, dict) or set(temperatures) != set(self.levels):
+                raise ValueError(
+                    f"StreetCLIPConfig.calibration must hold 'temperatures' for the levels {list(self.levels)}, got "
+                    f"{self.calibration!r}; write it with `streetclip calibrate`."
+                )
+            if not all(isinstance(value, (int, float)) and 0 < value < math.inf for value in temperatures.values()):
+                raise ValueError(
+                    f"StreetCLIPConfig.calibration temperatures must be > 0 and finite, got {temperatures}."
+                )
 
     @property
     def uses_regions(self) -> bool:

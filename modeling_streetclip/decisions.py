@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from .answers import format_answers
-from .gallery_vote import hybrid_scale, kernel_vote, nearest_city_rows
-from .geodesy import great_circle_km
+from .answers import CONFIDENCE_RADII_KM, format_answers
+from .gallery_vote import hybrid_scale, kernel_vote, nearest_city_rows, vote_weights
+from .geodesy import EARTH_RADIUS_KM, great_circle_km, unit_vectors
 
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 # The rules that rank the candidate table by the heads' probabilities, and those that vote among a gallery's photos.
-ZERO_SHOT_DECISIONS = ("greedy", "joint", "expected_distance")
+ZERO_SHOT_DECISIONS = ("greedy", "joint", "expected_distance", "within_km")
 GALLERY_DECISIONS = ("gallery", "hybrid")
 DECISIONS = ZERO_SHOT_DECISIONS + GALLERY_DECISIONS
 
@@ -34,6 +34,9 @@ class RankedPlaces(NamedTuple):
     country_scores: torch.Tensor  # p(country)
     joint_probabilities: torch.Tensor  # p(country) * p(region | country) * p(city | ...)
     region_scores: torch.Tensor  # p(region | country); 1 without a region level
+    within_km: torch.Tensor | None = None  # (batch_size, k, len(CONFIDENCE_RADII_KM)): posterior mass within each
+    radius_km: torch.Tensor | None = None  # the smallest radius holding `config.confidence_level`; inf for none
+    calibrated: torch.Tensor | None = None  # whether `within_km` went through `config.calibration`
     expected_distances_km: torch.Tensor | None = None  # what `"expected_distance"` orders by; None under the others
 
 
@@ -51,6 +54,9 @@ class GalleryRankedPlaces(NamedTuple):
     longitudes: torch.Tensor
     gallery_rows: torch.LongTensor
     similarities: torch.Tensor
+    within_km: torch.Tensor  # the vote's share within each radius of the answer
+    radius_km: torch.Tensor
+    calibrated: torch.Tensor
 
 
 def default_decision(gallery: GeoGallery | str | None) -> str:
@@ -90,7 +96,7 @@ def rank(
     if decision in GALLERY_DECISIONS and country_rows is not None:
         raise ValueError(
             f"candidate_countries does not apply to decision={decision!r}: the gallery's photos vote wherever they "
-            "are. Use decision='greedy', 'joint' or 'expected_distance' with candidate_countries, or a gallery of "
+            f"are. Use a zero-shot decision ({', '.join(ZERO_SHOT_DECISIONS)}) with candidate_countries, or a gallery of "
             "those countries' photos."
         )
     check_decision(decision, gallery)
@@ -135,25 +141,72 @@ def rank_places(
         if country_rows is not None:
             num_cities = sum(len(places.cities_by_country[row]) for row in country_rows)
         top_k = min(top_k, num_cities)
-        expected = None
+        posterior, calibrated = confidence_posterior(model, outputs, levels, country_rows)
+        expected, scores = None, None
         if decision == "greedy":
             order = _greedy_order(model, outputs, levels["country"])[:, :top_k]
         else:
             order = levels["joint"].argsort(dim=-1, descending=True, stable=True)
-            if decision == "expected_distance":
-                pool = order[:, : min(max(top_k, model.config.expected_distance_candidates), num_cities)]
-                reorder, expected = _by_expected_distance(model, pool, levels["joint"].gather(1, pool))
-                order, expected = pool.gather(1, reorder)[:, :top_k], expected[:, :top_k]
+            if decision in ("expected_distance", "within_km"):
+                order, criterion = _by_criterion(model, order, levels["joint"], posterior, decision, top_k, num_cities)
+                criterion = criterion[:, :top_k]
+                expected, scores = (criterion, None) if decision == "expected_distance" else (None, criterion)
             order = order[:, :top_k]
         ranked = {name: values.gather(1, order).exp() for name, values in levels.items()}
+        within = within_km(model, model.city_coordinates[order.cpu()].to(posterior.device), posterior)
     return RankedPlaces(
         city_rows=order,
-        scores=ranked["city"] if decision == "greedy" else ranked["joint"],
+        scores=ranked["city"] if decision == "greedy" else ranked["joint"] if scores is None else scores,
         country_scores=ranked["country"],
         joint_probabilities=ranked["joint"],
         region_scores=ranked["region"],
+        **_confidence(model, within, calibrated),
         expected_distances_km=expected,
     )
+
+
+def confidence_posterior(
+    model: StreetCLIPForGeolocation,
+    outputs: GeolocationOutput,
+    levels: dict[str, torch.Tensor],
+    country_rows: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """The probability of each candidate city `(batch_size, cities)` that `within_km` sums: the joint posterior, with
+    each level's logits divided by its temperature in `config.calibration` (and whether one was stored)."""
+    calibration = model.config.calibration
+    if not calibration:
+        return levels["joint"].exp(), False
+    temperatures = calibration["temperatures"]
+    region_logits = outputs.region_logits.float() / temperatures["region"] if model.uses_regions else None
+    country_logits, city_logits = (outputs.country_logits.float(), outputs.city_logits.float())
+    scaled = (country_logits / temperatures["country"], region_logits, city_logits / temperatures["city"])
+    return model.log_probabilities(*scaled, country_rows)["joint"].exp(), True
+
+
+def within_km(
+    model: StreetCLIPForGeolocation, points: torch.Tensor, posterior: torch.Tensor, radii=CONFIDENCE_RADII_KM
+) -> torch.Tensor:
+    """The posterior mass of the candidate cities within each radius of each point `(batch_size, k, 2)` (degrees),
+    shape `(batch_size, k, len(radii))`: by the cosine of the central angle, as d <= r where cos(d/R) >= cos(r/R)."""
+    import torch
+
+    cities = torch.from_numpy(unit_vectors(*model.city_coordinates.T.numpy())).to(posterior.device)
+    answers = torch.from_numpy(unit_vectors(points[..., 0].cpu().numpy(), points[..., 1].cpu().numpy()))
+    cosines = answers.to(posterior.device) @ cities.T
+    bounds = torch.cos(torch.tensor(radii, dtype=torch.float64) / EARTH_RADIUS_KM).tolist()
+    mass = posterior.double()[:, :, None]
+    return torch.stack([((cosines >= bound).double() @ mass)[..., 0] for bound in bounds], dim=-1).clamp(0, 1)
+
+
+def _confidence(model: StreetCLIPForGeolocation, within: torch.Tensor, calibrated: bool) -> dict[str, torch.Tensor]:
+    """`within_km`, the smallest radius whose mass reaches `config.confidence_level` (inf where none does), and the
+    `calibrated` flag, as columns of the answers."""
+    import torch
+
+    reached = within >= model.config.confidence_level
+    radii = torch.tensor(CONFIDENCE_RADII_KM, dtype=torch.float64, device=within.device)
+    radius = torch.where(reached.any(dim=-1), radii[reached.int().argmax(dim=-1)], float("inf"))
+    return {"within_km": within, "radius_km": radius, "calibrated": torch.full_like(radius, calibrated).bool()}
 
 
 def place_probabilities(
@@ -194,6 +247,7 @@ def rank_gallery_places(
     country_probabilities = outputs.country_logits.float().softmax(dim=-1).cpu().numpy()
     city_countries = np.asarray(places.city_countries)
     columns = {name: np.zeros((len(rows), top_k)) for name in ("scores", "latitudes", "longitudes", "similarities")}
+    within = np.zeros((len(rows), top_k, len(CONFIDENCE_RADII_KM)))
     city_rows = np.full((len(rows), top_k), -1)
     gallery_rows = np.full((len(rows), top_k), -1)
     for image, (image_similarities, image_rows) in enumerate(zip(similarities, rows, strict=True)):
@@ -205,9 +259,12 @@ def rank_gallery_places(
         if decision == "hybrid":
             countries = city_countries[neighbor_cities]
             scale = hybrid_scale(countries, country_probabilities[image], settings.hybrid_countries)
-        for position_rank, (position, score) in enumerate(
-            kernel_vote(image_similarities, latitudes, longitudes, settings, top_k=top_k, scale=scale)
-        ):
+        answers = kernel_vote(image_similarities, latitudes, longitudes, settings, top_k=top_k, scale=scale)
+        weights = vote_weights(image_similarities, settings, scale)
+        for position_rank, (position, score) in enumerate(answers):
+            distances = great_circle_km(latitudes[position], longitudes[position], latitudes, longitudes)
+            shares = [weights[distances <= radius].sum() / weights.sum() for radius in CONFIDENCE_RADII_KM]
+            within[image, position_rank] = np.clip(shares, 0.0, 1.0)
             city_rows[image, position_rank] = neighbor_cities[position]
             gallery_rows[image, position_rank] = image_rows[position]
             columns["scores"][image, position_rank] = score
@@ -221,14 +278,25 @@ def rank_gallery_places(
         gallery_rows=torch.as_tensor(gallery_rows, device=device),
         **place_probabilities(model, outputs, city_rows),
         **{name: torch.as_tensor(values, dtype=torch.float64, device=device) for name, values in columns.items()},
+        **_confidence(model, torch.as_tensor(within, device=device), calibrated=False),
     )
 
 
-def expected_distances_km(probabilities: np.ndarray, latitudes: np.ndarray, longitudes: np.ndarray) -> np.ndarray:
-    """Each candidate's expected great-circle distance in km to the true place, candidate j with probability
-    `probabilities[..., j]` (leading dimensions are batches): what `"expected_distance"` minimises."""
+def expected_distances_km(
+    probabilities: np.ndarray,
+    latitudes: np.ndarray,
+    longitudes: np.ndarray,
+    answers: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Each answer's expected great-circle distance in km to the true place, candidate j with probability
+    `probabilities[..., j]` at `(latitudes, longitudes)[..., j]` (leading dimensions are batches); the answers are
+    `(latitudes, longitudes)` of shape `(..., k)`, by default the candidates themselves."""
+    answer_latitudes, answer_longitudes = answers or (latitudes, longitudes)
     distances = great_circle_km(
-        latitudes[..., :, None], longitudes[..., :, None], latitudes[..., None, :], longitudes[..., None, :]
+        answer_latitudes[..., :, None],
+        answer_longitudes[..., :, None],
+        latitudes[..., None, :],
+        longitudes[..., None, :],
     )
     return (distances @ probabilities[..., None])[..., 0]
 
@@ -268,14 +336,33 @@ def _greedy_order(
     return order
 
 
-def _by_expected_distance(
-    model: StreetCLIPForGeolocation, rows: torch.LongTensor, joint_log_probs: torch.Tensor
+def _by_criterion(
+    model: StreetCLIPForGeolocation,
+    order: torch.LongTensor,
+    joint_log_probs: torch.Tensor,
+    posterior: torch.Tensor,
+    decision: str,
+    top_k: int,
+    num_cities: int,
 ) -> tuple[torch.LongTensor, torch.Tensor]:
-    """Each image's `rows` by expected distance under their renormalised joint posterior, and those distances."""
+    """The `config.expected_distance_candidates` most probable cities of `order` by the rule's criterion (the expected
+    distance under their renormalised joint, or the `posterior` mass within `config.decision_radius_km`), then the
+    next most probable up to `top_k`, so that no answer depends on `top_k`; rows and criterion `(batch_size, pool)`."""
     import torch
 
-    posterior = joint_log_probs.softmax(dim=-1).double().cpu().numpy()
-    points = model.city_coordinates[rows.cpu()].numpy()
-    expected = torch.from_numpy(expected_distances_km(posterior, points[..., 0], points[..., 1])).to(rows.device)
-    order = expected.argsort(dim=-1, stable=True)
-    return order, expected.gather(1, order)
+    candidates = min(model.config.expected_distance_candidates, num_cities)
+    pool = order[:, : max(top_k, candidates)]
+    points = model.city_coordinates[pool.cpu()].numpy()
+    if decision == "expected_distance":
+        weighed = order[:, :candidates]
+        weights = joint_log_probs.gather(1, weighed).softmax(dim=-1).double().cpu().numpy()
+        cities = model.city_coordinates[weighed.cpu()].numpy()
+        expected = expected_distances_km(weights, cities[..., 0], cities[..., 1], (points[..., 0], points[..., 1]))
+        criterion = torch.from_numpy(expected).to(pool.device)
+    else:
+        radius = (model.config.decision_radius_km,)
+        criterion = -within_km(model, torch.from_numpy(points), posterior, radius)[..., 0].to(pool.device)
+    reorder = torch.arange(pool.shape[1], device=pool.device).repeat(len(pool), 1)
+    reorder[:, :candidates] = criterion[:, :candidates].argsort(dim=-1, stable=True)
+    criterion = criterion.gather(1, reorder)
+    return pool.gather(1, reorder), criterion if decision == "expected_distance" else -criterion

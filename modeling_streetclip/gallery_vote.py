@@ -81,12 +81,10 @@ def kernel_vote(
     similarities = np.asarray(similarities, dtype=np.float64)
     latitudes = np.asarray(latitudes, dtype=np.float64)
     longitudes = np.asarray(longitudes, dtype=np.float64)
-    weights = np.ones_like(similarities) if scale is None else np.asarray(scale, dtype=np.float64).copy()
-    voters = np.isfinite(similarities) & (weights > 0)
+    weights = vote_weights(similarities, settings, scale)
+    voters = weights > 0
     if not voters.any():
         return []
-    weights[voters] *= np.exp((similarities[voters] - similarities[voters].max()) / settings.temperature)
-    weights[~voters] = 0.0
     distances = great_circle_km(latitudes[:, None], longitudes[:, None], latitudes[None, :], longitudes[None, :])
     kernel = np.clip(1.0 - (distances / settings.radius_km) ** 2, 0.0, None)
     # Clipped against rounding: clients read the share as a probability.
@@ -98,6 +96,20 @@ def kernel_vote(
             if len(answers) == top_k:
                 break
     return [(int(position), float(support[position])) for position in answers]
+
+
+def vote_weights(
+    similarities: npt.ArrayLike, settings: VoteSettings, scale: npt.ArrayLike | None = None
+) -> np.ndarray:
+    """Each neighbour's weight in `kernel_vote` (0 for those that do not vote): the vote's mass, which `within_km`
+    sums under the gallery decisions."""
+    similarities = np.asarray(similarities, dtype=np.float64)
+    weights = np.ones_like(similarities) if scale is None else np.asarray(scale, dtype=np.float64).copy()
+    voters = np.isfinite(similarities) & (weights > 0)
+    if voters.any():
+        weights[voters] *= np.exp((similarities[voters] - similarities[voters].max()) / settings.temperature)
+    weights[~voters] = 0.0
+    return weights
 
 
 def hybrid_scale(
@@ -120,4 +132,4 @@ def nearest_city_rows(places: CandidatePlaces, latitudes: npt.ArrayLike, longitu
     return (unit_vectors(latitudes, longitudes) @ cities.T).argmax(axis=-1)
 
 
-__all__ = ["VoteSettings", "hybrid_scale", "is_count", "kernel_vote", "nearest_city_rows"]
+__all__ = ["VoteSettings", "hybrid_scale", "is_count", "kernel_vote", "nearest_city_rows", "vote_weights"]

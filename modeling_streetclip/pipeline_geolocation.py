@@ -22,7 +22,10 @@ class GeolocationPipeline(Pipeline):
     """Geolocate photos zero-shot with StreetCLIP's hierarchical probing (task `"geolocation"`). Each image gives
     `top_k` dicts with `label` (`"Paris, France"`), `country`, `country_code`, `city`, `latitude`, `longitude`,
     `score` (a probability), `country_score`, `joint_probability` and, with regions, `region` and `region_score`:
-    `label` and `score` make them image-classification answers, as the Hub's clients read them.
+    `label` and `score` make them image-classification answers, as the Hub's clients read them. `within_km` holds the
+    probability that the true place lies within 1, 25, 200, 750 and 2500 km of the answer (keys `"1"` ... `"2500"`),
+    `radius_km` the smallest of those radii holding `config.confidence_level` (None if none does), and `calibrated`
+    whether they went through `config.calibration` (`streetclip calibrate`) or are the raw posterior.
 
     Example:
 
@@ -67,7 +70,11 @@ class GeolocationPipeline(Pipeline):
                 - `"joint"`: by the joint probability, which is `score`.
                 - `"expected_distance"`: by `expected_distance_km`, the expected great-circle distance to the true
                   place under the joint posterior over the `config.expected_distance_candidates` most probable cities
-                  (the Bayes decision for distance-thresholded accuracy); `score` is the joint probability.
+                  (the Bayes decision for the mean error, not for accuracy within a distance); `score` is the joint
+                  probability.
+                - `"within_km"`: by the posterior mass within `config.decision_radius_km` (25) of the answer, which is
+                  `score`: the Bayes decision for accuracy within that distance. Both rules choose among the
+                  `expected_distance_candidates` most probable cities; answers beyond them follow by joint probability.
                 - `"gallery"` and `"hybrid"`: a kernel vote of the nearest `gallery` photos (`"hybrid"` weighted by
                   p(country)); `score` is the answer's share of the vote, its place a photo's, named by the nearest
                   candidate city, and `gallery_row` and `similarity` name the photo.

@@ -934,7 +934,8 @@ def test_parquet_output_loads_with_datasets_and_holds_the_jsonl_records(capsys, 
         assert row["path"] == record["path"] and row["error"] == record.get("error")
         if row["answers"] is not None:
             assert [{k: v for k, v in answer.items() if v is not None} for answer in row["answers"]] == [
-                {k: v for k, v in answer.items() if k in ANSWER_FIELDS} for answer in record["answers"]
+                {k: v for k, v in answer.items() if k in ANSWER_FIELDS and v is not None}
+                for answer in record["answers"]
             ]
     assert row["answers"] is None and "not an image format" in row["error"]
 

@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 import evaluate
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoTokenizer, CLIPModel
 
 from modeling_streetclip import (
@@ -18,7 +20,14 @@ from modeling_streetclip import (
     StreetCLIPForGeolocation,
     StreetCLIPProcessor,
 )
-from modeling_streetclip.decisions import ZERO_SHOT_DECISIONS, expected_distances_km, place_probabilities, rank_places
+from modeling_streetclip.answers import CONFIDENCE_RADII_KM
+from modeling_streetclip.decisions import (
+    ZERO_SHOT_DECISIONS,
+    expected_distances_km,
+    place_probabilities,
+    rank_places,
+    within_km,
+)
 from modeling_streetclip.testing_utils import TINY_IMAGE_SIZE
 
 
@@ -44,6 +53,9 @@ def brute_force(model: StreetCLIPForGeolocation, image_embeds: torch.Tensor, hav
     """For each image, every city's probabilities and its order under each rule, computed city by city from the
     heads, without any of the model's search."""
     places = model.candidate_places
+    latitudes, longitudes = np.array(places.city_latitudes), np.array(places.city_longitudes)
+    distances = haversine_km(latitudes[:, None], longitudes[:, None], latitudes[None, :], longitudes[None, :])
+    decision_radius = CONFIDENCE_RADII_KM.index(model.config.decision_radius_km)
     results = []
     for embed in image_embeds:
         country_logits = model.country_head.weight @ embed
@@ -80,6 +92,13 @@ def brute_force(model: StreetCLIPForGeolocation, image_embeds: torch.Tensor, hav
                 }
             )
         by_joint = sorted(cities, key=lambda city: -city["joint"])
+        for city in cities:
+            # The mass of every city within each radius of this one: what its `within_km` holds.
+            city["within"] = [
+                sum(other["joint"] for other in cities if distances[city["row"], other["row"]] <= radius)
+                for radius in CONFIDENCE_RADII_KM
+            ]
+            city["within_decision_radius"] = city["within"][decision_radius]
         pool = by_joint[: min(model.config.expected_distance_candidates, len(cities))]
         total = sum(city["joint"] for city in pool)
         for candidate in pool:
@@ -102,12 +121,13 @@ def brute_force(model: StreetCLIPForGeolocation, image_embeds: torch.Tensor, hav
                 "greedy": sorted(cities, key=lambda city: city["greedy_key"]),
                 "joint": by_joint,
                 "expected_distance": sorted(pool, key=lambda city: city["expected_km"]),
+                "within_km": sorted(pool, key=lambda city: -city["within_decision_radius"]),
             }
         )
     return results
 
 
-SCORE_OF = {"greedy": "city", "joint": "joint", "expected_distance": "joint"}
+SCORE_OF = {"greedy": "city", "joint": "joint", "expected_distance": "joint", "within_km": "within_decision_radius"}
 
 
 @pytest.mark.parametrize("top_k", [1, 3, None])
@@ -135,6 +155,9 @@ def test_each_rule_matches_a_brute_force_reference(model, pixel_values, decision
                 atol=1e-6,
                 msg=f"{decision}: {field} of image {image}",
             )
+        torch.testing.assert_close(
+            ranked.within_km[image], torch.tensor([city["within"] for city in expected], dtype=torch.float64)
+        )
         if decision == "expected_distance":
             torch.testing.assert_close(
                 ranked.expected_distances_km[image],
@@ -174,11 +197,22 @@ def test_answers_are_monotone_in_the_rules_criterion(model, decision):
                         assert before[3] >= after[3]
         elif decision == "joint":
             assert scores == sorted(scores, reverse=True)
-        else:
+        elif decision == "expected_distance":
             distances = ranked.expected_distances_km[image].tolist()
             assert distances == sorted(distances)
+        else:
+            assert scores == sorted(scores, reverse=True)
         # Under every rule `scores` is a probability, as image-classification clients read it.
         assert all(0 <= score <= 1 for score in scores)
+    # Under every rule the mass within a radius of an answer grows with the radius, and `radius_km` is the first
+    # radius whose mass reaches the configured level.
+    within = ranked.within_km
+    assert (within.diff(dim=-1) >= 0).all() and ((within >= 0) & (within <= 1)).all()
+    reached = within >= model.config.confidence_level
+    for answer, radius in zip(reached.flatten(0, 1).tolist(), ranked.radius_km.flatten().tolist(), strict=True):
+        expected = next((r for r, hit in zip(CONFIDENCE_RADII_KM, answer, strict=True) if hit), None)
+        assert (radius if not math.isinf(radius) else None) == expected
+    assert not ranked.calibrated.any()
 
 
 def test_greedy_first_answer_is_the_forward_decision_and_the_rest_follow_its_country(model, pixel_values):
@@ -316,7 +350,9 @@ def test_country_rows_give_the_answers_of_a_model_restricted_to_those_countries(
     assert ranked.city_rows.tolist() == [[city_rows[row] for row in image] for image in expected.city_rows.tolist()]
     for field in RankedPlaces._fields[1:]:
         if getattr(expected, field) is not None:
-            torch.testing.assert_close(getattr(ranked, field), getattr(expected, field), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(
+                getattr(ranked, field), getattr(expected, field), rtol=1e-4, atol=1e-6, equal_nan=True
+            )
     probabilities = place_probabilities(model, outputs, ranked.city_rows, country_rows=rows)
     torch.testing.assert_close(probabilities["country_scores"], expected.country_scores, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(probabilities["joint_probabilities"], expected.joint_probabilities)
@@ -400,3 +436,91 @@ def test_prompt_ensembles_give_the_normalised_mean_of_normalised_template_embedd
 def test_ensembles_with_a_template_missing_its_place_are_refused(tiny_clip_dir, templates, message):
     with pytest.raises(ValueError, match=message):
         StreetCLIPProcessor.from_pretrained(tiny_clip_dir, **templates)
+
+
+def test_confidence_radii_are_the_metrics_thresholds():
+    geodesic = evaluate.load(str(Path(__file__).resolve().parents[1] / "eval" / "geodesic_accuracy"))
+    assert CONFIDENCE_RADII_KM == sys.modules[type(geodesic).__module__].DEFAULT_THRESHOLDS_KM
+
+
+def test_within_km_is_the_bayes_decision_where_joint_and_expected_distance_differ(tiny_clip_dir, haversine_km):
+    # The issue's counterexample, with C's mass shared with a neighbour 10 km away: B is the most probable city, A in
+    # the middle is the nearest on average, yet C's 25 km holds the most mass.
+    longitudes = {"A": 0.0, "B": -5.4, "C": 5.4, "C2": 5.49}
+    posterior = [0.2, 0.38, 0.32, 0.10]
+    countries = ["France", "Japan", "Kenya", "Brazil"]
+    records = [
+        {"country": country, "city": city, "latitude": 0.0, "longitude": longitude}
+        for country, (city, longitude) in zip(countries, longitudes.items(), strict=True)
+    ]
+    model = StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, candidates=CandidatePlaces.from_records(records))
+    outputs = GeolocationOutput(
+        country_logits=torch.tensor([posterior]).log(), city_logits=torch.zeros(1, 4)
+    )  # one city per country: the joint is p(country)
+    lon = np.array(list(longitudes.values()))
+    distances = haversine_km(0.0, lon[:, None], 0.0, lon[None, :])
+    within_25 = [sum(p for p, d in zip(posterior, row, strict=True) if d <= 25) for row in distances]
+    expected_km = distances @ np.array(posterior)
+    best = {
+        "joint": int(np.argmax(posterior)),
+        "expected_distance": int(np.argmin(expected_km)),
+        "within_km": int(np.argmax(within_25)),
+    }
+    assert len(set(best.values())) == 3, "the hand-made posterior must separate the three rules"
+    for decision, row in best.items():
+        ranked = rank_places(model, outputs, top_k=4, decision=decision)
+        assert ranked.city_rows[0, 0] == row, decision
+    ranked = rank_places(model, outputs, top_k=4, decision="within_km")
+    order = sorted(range(4), key=lambda i: -within_25[i])
+    assert ranked.city_rows[0].tolist() == order
+    torch.testing.assert_close(ranked.scores[0], torch.tensor([within_25[i] for i in order], dtype=torch.float64))
+    torch.testing.assert_close(ranked.scores, ranked.within_km[..., CONFIDENCE_RADII_KM.index(25)])
+
+
+@pytest.mark.parametrize("decision", ZERO_SHOT_DECISIONS)
+def test_first_answers_do_not_depend_on_top_k(small_streetclip_dir, pixel_values, decision):
+    # With a pool of 3, the rules that weigh a pool (expected distance, within_km) once widened it with top_k.
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, expected_distance_candidates=3)
+    outputs = model(pixel_values)
+    every = rank_places(model, outputs, top_k=model.candidate_places.num_cities, decision=decision)
+    for top_k in (1, 2, 3, 7):
+        ranked = rank_places(model, outputs, top_k=top_k, decision=decision)
+        assert torch.equal(ranked.city_rows, every.city_rows[:, :top_k])
+        torch.testing.assert_close(ranked.scores, every.scores[:, :top_k])
+
+
+def test_a_stored_calibration_divides_each_levels_logits_by_its_temperature(region_streetclip_dir, pixel_values):
+    temperatures = {"country": 2.0, "region": 0.5, "city": 3.0}
+    model = StreetCLIPForGeolocation.from_pretrained(region_streetclip_dir, vision_only=True)
+    calibrated = StreetCLIPForGeolocation.from_pretrained(
+        region_streetclip_dir, vision_only=True, calibration={"temperatures": temperatures}
+    )
+    outputs = model(pixel_values)
+    raw, scaled = rank_places(model, outputs, top_k=4), rank_places(calibrated, outputs, top_k=4)
+    assert torch.equal(raw.city_rows, scaled.city_rows) and torch.equal(raw.scores, scaled.scores)
+    assert scaled.calibrated.all() and not raw.calibrated.any()
+    # The reference: the uncalibrated model's within_km of logits divided by hand.
+    divided = GeolocationOutput(
+        country_logits=outputs.country_logits / 2.0,
+        region_logits=outputs.region_logits / 0.5,
+        city_logits=outputs.city_logits / 3.0,
+    )
+    points = model.city_coordinates[scaled.city_rows]
+    posterior = model.log_probabilities(divided.country_logits, divided.region_logits, divided.city_logits)
+    torch.testing.assert_close(scaled.within_km, within_km(model, points, posterior["joint"].exp()))
+    assert not torch.allclose(scaled.within_km, raw.within_km)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"calibration": {"temperatures": {"country": 1.0}}}, "must hold 'temperatures' for the levels"),
+        ({"calibration": {"temperatures": {"country": 1.0, "city": 0.0}}}, "temperatures must be > 0"),
+        ({"confidence_level": 1.0}, "confidence_level a probability strictly between 0 and 1"),
+        ({"decision_radius_km": float("nan")}, "decision_radius_km must be a finite number"),
+    ],
+)
+def test_bad_confidence_settings_are_refused(small_streetclip_dir, settings, message):
+    # The configuration's validator raises a ValueError, which strict dataclasses wrap.
+    with pytest.raises(StrictDataclassClassValidationError, match=message):
+        StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True, **settings)

@@ -139,7 +139,11 @@ def test_answer_has_the_documented_fields_and_candidate_values(geolocator):
         "score",
         "country_score",
         "joint_probability",
+        "within_km",
+        "radius_km",
+        "calibrated",
     }
+    assert list(answer["within_km"]) == ["1", "25", "200", "750", "2500"] and answer["calibrated"] is False
     places = geolocator.model.candidate_places
     assert answer["country"] in SMALL_COUNTRIES
     country = places.country_index(answer["country"])
@@ -272,7 +276,7 @@ def restricted_geolocator(small_streetclip_dir, geolocator):
     return pipeline("geolocation", model=model, processor=geolocator.processor, device="cpu")
 
 
-@pytest.mark.parametrize("decision", ["greedy", "joint", "expected_distance"])
+@pytest.mark.parametrize("decision", ["greedy", "joint", "expected_distance", "within_km"])
 def test_candidate_countries_on_a_call_answer_as_a_model_restricted_to_them(
     geolocator, restricted_geolocator, decision
 ):
@@ -283,10 +287,13 @@ def test_candidate_countries_on_a_call_answer_as_a_model_restricted_to_them(
     for got, want in zip(restricted, expected, strict=True):
         assert [answer["label"] for answer in got] == [answer["label"] for answer in want]
         assert {answer["country"] for answer in got} <= {"Japan", "Kenya"}
-        for key in set(want[0]) - {"label", "country", "country_code", "city"}:
+        for key in set(want[0]) - {"label", "country", "country_code", "city", "within_km", "radius_km"}:
             assert [answer[key] for answer in got] == pytest.approx(
                 [answer[key] for answer in want], rel=1e-6, abs=1e-6
             ), key
+        for mine, theirs in zip(got, want, strict=True):
+            assert mine["within_km"] == pytest.approx(theirs["within_km"], rel=1e-6, abs=1e-6)
+            assert mine["radius_km"] == theirs["radius_km"]
     # The call restricted nothing for good: the pipeline's model keeps every candidate.
     assert geolocator.model.candidate_places.country_names == SMALL_COUNTRIES
     assert geolocator(random_photo(6), top_k=4, decision=decision) == before

@@ -82,7 +82,8 @@ def add_decision_arguments(parser: argparse.ArgumentParser) -> None:
         "--decision",
         choices=DECISIONS,
         help="how answers are chosen and ordered: greedy (the paper's: country, then city within it), joint (by joint "
-        "probability), expected_distance (smallest expected distance to the true place first), or with --gallery: "
+        "probability), expected_distance (smallest expected distance first: least mean error), within_km (most "
+        "probability within the model's decision_radius_km, 25: most accuracy at that distance), or with --gallery: "
         "gallery (a vote of the nearest gallery photos) or hybrid (that vote within the most probable countries) "
         "(default: greedy, and gallery with --gallery)",
     )

@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 
 from filelock import FileLock, Timeout
 
+from ..answers import CONFIDENCE_RADII_KM
 from . import import_optional
 from .files import atomic_write
 
@@ -41,6 +42,9 @@ ANSWER_FIELDS = (
     "country_score",
     "region_score",
     "joint_probability",
+    "within_km",
+    "radius_km",
+    "calibrated",
     "expected_distance_km",
 )
 # Answer fields only a model with a region level, or only the expected-distance decision, fills.
@@ -79,6 +83,11 @@ def storable(text: str) -> str:
     """`text` as valid UTF-8, alike in every format: a file name's bytes that are not (surrogate escapes in Python)
     become backslash escapes (`\\xff`), the spelling resume finds an input by."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell's value: a dict as a JSON object, anything else as it is."""
+    return json.dumps(value) if isinstance(value, dict) else value
 
 
 def _storable_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -188,7 +197,8 @@ class _Csv:
         answers = record.get("answers", [])
         for rank in range(self.top_k):
             answer = answers[rank] if rank < len(answers) else {}
-            values += [answer.get(field, "") for field in ANSWER_FIELDS]
+            # `within_km` is a dict keyed by radius: a JSON object in its cell.
+            values += [_cell(answer.get(field, "")) for field in ANSWER_FIELDS]
         values.append(record.get("error", ""))
         return self._row(values)
 
@@ -488,9 +498,9 @@ class ParquetRecordWriter(_Writer):
         self.key = key
         self.grouped = grouped
         self.parts = path.with_name(path.name + ".parts")
-        answer = pa.struct(
-            [(field, pa.string() if field in _TEXT_FIELDS else pa.float64()) for field in ANSWER_FIELDS]
-        )
+        types = {"within_km": pa.struct([(str(radius), pa.float64()) for radius in CONFIDENCE_RADII_KM])}
+        types |= {"calibrated": pa.bool_()} | dict.fromkeys(_TEXT_FIELDS, pa.string())
+        answer = pa.struct([(field, types.get(field, pa.float64())) for field in ANSWER_FIELDS])
         paths = [("paths", pa.list_(pa.string()))] if grouped else []
         self.schema = pa.schema([(key, pa.string()), *paths, ("answers", pa.list_(answer)), ("error", pa.string())])
         self.rows: list[dict[str, Any]] = []
