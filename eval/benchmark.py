@@ -5,7 +5,7 @@
     accelerate launch --num_processes 8 eval/benchmark.py --model geolocal/StreetCLIP --data ORG/DATASET ...
 
 It writes predictions.csv (one row per input: the answer, or why it failed), metrics.json (the geodesic_accuracy
-metric over the inputs that could be scored, with the run's settings and counts), error_cdf.png and world_map.png.
+metric over the inputs that could be scored, with the run's settings and counts), error_cdf.png, world_map.png and reliability.png.
 The model runs through the batch engine of `streetclip locate`, on every process's share of the batches; the main
 process alone scores and writes. It exits 1 when no input could be scored, after writing every file, and 2 with a
 one-line message, before the model loads, on an invocation that cannot run (eval/README.md).
@@ -23,11 +23,11 @@ import evaluate
 import numpy as np
 import torch
 from accelerate import Accelerator
-from benchmark_data import DEFAULT_CSV_ENCODING, Benchmark, BenchmarkRow, ColumnNames, load_benchmark
-from plots import plot_error_cdf, plot_world_map, run_title
+from plots import plot_error_cdf, plot_reliability, plot_world_map, run_title
 from tqdm.auto import tqdm
 
 from modeling_streetclip import StreetCLIPForGeolocation
+from modeling_streetclip.answers import CONFIDENCE_RADII_KM
 from modeling_streetclip.app import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError
 from modeling_streetclip.app.arguments import (
     add_backend_arguments,
@@ -40,6 +40,14 @@ from modeling_streetclip.app.arguments import (
     verbosity,
 )
 from modeling_streetclip.app.batch import geolocate_images
+from modeling_streetclip.app.benchmark_data import (
+    DEFAULT_CSV_ENCODING,
+    Benchmark,
+    BenchmarkRow,
+    ColumnNames,
+    load_benchmark,
+)
+from modeling_streetclip.app.calibration import answer_hits, radius_errors
 from modeling_streetclip.app.distributed import make_accelerator, on_every_process, on_main_process, quiet_unless_main
 from modeling_streetclip.app.loading import graph_file_for, load_gallery, load_model, quantization_config_for
 from modeling_streetclip.app.records import spreadsheet_safe
@@ -50,10 +58,11 @@ METRIC_DIR = Path(__file__).resolve().parent / "geodesic_accuracy"
 LEVEL_NAMES = ("street", "city", "region", "country", "continent")
 # The thresholds the figures' titles quote: the columns of the StreetCLIP paper's tables.
 TITLE_THRESHOLDS_KM = (25, 200, 750, 2500)
-OUTPUT_FILES = ("predictions.csv", "metrics.json", "error_cdf.png", "world_map.png")
+OUTPUT_FILES = ("predictions.csv", "metrics.json", "error_cdf.png", "world_map.png", "reliability.png")
 PREDICTION_COLUMNS = (
     "id true_latitude true_longitude predicted_latitude predicted_longitude distance_km predicted_country "
-    "predicted_country_code predicted_region predicted_city score country_score joint_probability runner_ups error"
+    "predicted_country_code predicted_region predicted_city score country_score joint_probability within_km radius_km "
+    "calibrated runner_ups error"
 ).split()
 
 
@@ -66,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a metadata CSV (IMG_ID,LAT,LON) or a datasets Hub id or folder (save_to_disk, or an image folder)",
     )
-    parser.add_argument("--output_dir", required=True, type=Path, help="folder for the four output files")
+    parser.add_argument("--output_dir", required=True, type=Path, help="folder for the five output files")
     parser.add_argument("--image_dir", type=Path, help="folder of the images a metadata CSV names (CSV only)")
     parser.add_argument(
         "--split", default="test", help="dataset split to read; a dataset with one split is read whatever this says"
@@ -114,6 +123,9 @@ def prediction_line(
             "score": best["score"],
             "country_score": best["country_score"],
             "joint_probability": best["joint_probability"],
+            "within_km": json.dumps(best["within_km"]),
+            "radius_km": best["radius_km"],
+            "calibrated": best["calibrated"],
             "runner_ups": json.dumps(runner_ups, ensure_ascii=False) if runner_ups else None,
         }
     return {column: spreadsheet_safe(value) for column, value in line.items()}
@@ -260,6 +272,11 @@ def write_results(
                 writer.writerow(prediction_line(row, error=row.error or image_errors[position]))
 
     results = metric.compute(predictions=predictions, references=truths, **protocol) if evaluated else {"n": 0}
+    # The first answers' confidence against the truth: calibration error per radius, and its reliability diagram.
+    within, hits = np.zeros((0, len(CONFIDENCE_RADII_KM))), np.zeros((0, len(CONFIDENCE_RADII_KM)), dtype=bool)
+    if evaluated:
+        within, hits = answer_hits([answers[i][0] for i in evaluated], truths)
+        results["calibration"] = radius_errors(within, hits) | {"calibrated": answers[evaluated[0]][0]["calibrated"]}
     summary = {
         **results,
         "benchmark": benchmark.name,
@@ -295,6 +312,7 @@ def write_results(
     title = run_title(benchmark.name, args.model, len(evaluated), accuracies)
     plot_error_cdf(distances, levels, args.output_dir / "error_cdf.png", title=title)
     plot_world_map(truths, predictions, args.output_dir / "world_map.png", title=title)
+    plot_reliability(within, hits, list(CONFIDENCE_RADII_KM), args.output_dir / "reliability.png", title=title)
 
     print(json.dumps(results, indent=2))
     print(f"{len(evaluated)} of {len(benchmark.rows)} inputs scored; outputs in {args.output_dir}")

@@ -1,4 +1,5 @@
-"""Figures of a benchmark run: the error-distance CDF and a world map of every truth and prediction.
+"""Figures of a benchmark run: the error-distance CDF, a world map of every truth and prediction, and the reliability
+diagram of the answers' confidence.
 
 Both render on a bare `Figure` with the Agg canvas, never through pyplot, so they need no display and leave no global
 state. The map is the package's offline one (`modeling_streetclip.app.world_map`), which the demo Space draws too.
@@ -15,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
+from modeling_streetclip.app.calibration import calibration_errors
 from modeling_streetclip.app.world_map import GRATICULE_STEP_DEG, draw_world
 
 
@@ -160,6 +162,38 @@ def plot_world_map(truths: np.ndarray, predictions: np.ndarray, path: str | Path
             borderpad=1.0,
         )
     figure.savefig(path, dpi=DPI, bbox_inches="tight")
+    return figure
+
+
+def plot_reliability(
+    within: np.ndarray, hits: np.ndarray, radii_km: list[float], path: str | Path, title: str, num_bins: int = 10
+) -> Figure:
+    """Save (and return) the reliability diagram of `within_km` `(n, radii)` against whether the truth lay within
+    each radius `hits`: mean confidence against the observed share in `num_bins` equal-mass bins per radius. Points
+    below the diagonal are over-confident; the legend gives each radius' ECE."""
+    figure = Figure(figsize=(7, 6.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8, label="perfectly calibrated")
+    for column, radius in enumerate(radii_km if len(within) else []):
+        order = np.argsort(within[:, column], kind="stable")
+        bins = [part for part in np.array_split(order, num_bins) if len(part)]
+        confidence = np.array([within[part, column].mean() for part in bins])
+        observed = np.array([hits[part, column].mean() for part in bins])
+        ece = calibration_errors(within[:, column], hits[:, column], num_bins)["ece"]
+        axes.plot(confidence, observed, marker="o", label=f"within {radius:g} km (ECE {ece:.3f})")
+    axes.set_xlim(0.0, 1.0)
+    axes.set_ylim(0.0, 1.0)
+    axes.set_aspect("equal")
+    axes.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    axes.set_xlabel("stated confidence: within_km of the first answer (bin mean)")
+    axes.set_ylabel("observed share of true places within the radius")
+    axes.legend(loc="upper left", fontsize=8)
+    axes.grid(True, alpha=0.3)
+    set_wrapped_suptitle(figure, title)
+    axes.set_title(f"reliability, {len(within)} images, {num_bins} equal-mass bins: below the line is over-confident")
+    figure.savefig(path, dpi=DPI)
     return figure
 
 

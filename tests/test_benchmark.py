@@ -13,7 +13,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import benchmark
-import benchmark_data
 import datasets
 import evaluate
 import matplotlib.legend
@@ -23,7 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_streetclip.app import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS
+from modeling_streetclip.answers import CONFIDENCE_RADII_KM
+from modeling_streetclip.app import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS, benchmark_data
 from modeling_streetclip.testing_utils import SMALL_COUNTRIES, save_random_photos
 
 
@@ -32,7 +32,7 @@ EVAL_DIR = REPO_ROOT / "eval"
 
 
 METRIC_DIR = EVAL_DIR / "geodesic_accuracy"
-OUTPUT_FILES = ("predictions.csv", "metrics.json", "error_cdf.png", "world_map.png")
+OUTPUT_FILES = ("predictions.csv", "metrics.json", "error_cdf.png", "world_map.png", "reliability.png")
 # Good images at places on every continent, one of them next to the antimeridian.
 GOOD_ROWS = [
     ("paris.jpg", "48.8566", "2.3522"),
@@ -742,3 +742,32 @@ def test_run_title_names_the_model_n_and_each_accuracy():
         "acc@2500 km 88.2%"
     )
     assert plots.run_title("im2gps", "m", 0, {}) == "im2gps, model m\nn = 0: no image scored"
+
+
+def test_metrics_json_holds_ece_and_brier_per_radius_of_the_first_answers_confidence(script_run):
+    rows = [row for row in _read_predictions(script_run[0]) if not row["error"]]
+    within = np.array([[json.loads(row["within_km"])[str(r)] for r in CONFIDENCE_RADII_KM] for row in rows])
+    hits = np.array([[float(row["distance_km"]) <= r for r in CONFIDENCE_RADII_KM] for row in rows])
+    calibration = _read_metrics(script_run[0])["calibration"]
+    assert calibration["calibrated"] is False and all(row["calibrated"] == "False" for row in rows)
+    for column, radius in enumerate(CONFIDENCE_RADII_KM):
+        # By hand: 10 equal-mass bins of the sorted confidences (fewer photos than bins: one photo a bin).
+        order = np.argsort(within[:, column], kind="stable")
+        parts = [part for part in np.array_split(order, 10) if len(part)]
+        ece = sum(len(p) * abs(within[p, column].mean() - hits[p, column].mean()) for p in parts) / len(rows)
+        assert calibration["ece"][str(radius)] == pytest.approx(ece)
+        assert calibration["brier"][str(radius)] == pytest.approx(np.mean((within[:, column] - hits[:, column]) ** 2))
+
+
+def test_the_reliability_diagram_labels_its_axes_and_names_the_run(tmp_path):
+    within = np.array([[0.1, 0.9], [0.4, 0.8], [0.7, 0.95]])
+    hits = np.array([[False, True], [True, True], [True, False]])
+    figure = plots.plot_reliability(within, hits, [200, 750], tmp_path / "reliability.png", title="im2gps, model m")
+    (axes,) = figure.axes
+    assert "confidence" in axes.get_xlabel() and "observed share" in axes.get_ylabel()
+    assert figure._suptitle.get_text() == "im2gps, model m"
+    assert [text.get_text() for text in axes.get_legend().get_texts()][1:] == [
+        "within 200 km (ECE 0.333)",
+        "within 750 km (ECE 0.417)",  # |0.8 - 1| + |0.9 - 1| + |0.95 - 0|, over 3
+    ]
+    assert (tmp_path / "reliability.png").stat().st_size > 0

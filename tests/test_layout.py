@@ -100,7 +100,7 @@ def test_the_walk_sees_the_imports_it_checks(graph):
     """The rules below mean something only if the walk finds imports where there are some, lazy ones included."""
     assert f"{PACKAGE}.decisions" in graph[f"{PACKAGE}.pipeline_geolocation"]
     assert f"{PACKAGE}.app.batch" in graph[f"{PACKAGE}.cli.locate"]  # imported inside a function
-    assert f"{PACKAGE}.app.sources" in graph["eval.benchmark_data"]
+    assert f"{PACKAGE}.app.sources" in graph[f"{PACKAGE}.app.benchmark_data"]
     assert {f"{PACKAGE}.cli.index", f"{PACKAGE}.cli.locate"} <= graph[COMMAND_LINE]  # `from . import index, locate`
 
 

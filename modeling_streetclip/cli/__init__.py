@@ -10,7 +10,7 @@ from contextlib import nullcontext
 from ..app import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USAGE
 from ..app.arguments import verbosity
 from ..app.distributed import COMMAND_ERRORS
-from . import export, index, locate
+from . import calibrate, export, index, locate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     locate.add_parser(commands)
     index.add_parser(commands)
     export.add_parser(commands)
+    calibrate.add_parser(commands)
     return parser
 
 

@@ -18,7 +18,9 @@ from pathlib import Path, PurePath
 from torch.utils.data import Subset
 from transformers.utils import logging
 
-from modeling_streetclip.app.sources import (
+from ..geodesy import CoordinateProblem, coordinate_problem
+from ..images import ImageInput
+from .sources import (
     ID_COLUMNS,
     EncodedImages,
     find_column,
@@ -26,8 +28,6 @@ from modeling_streetclip.app.sources import (
     open_dataset,
     row_ids,
 )
-from modeling_streetclip.geodesy import CoordinateProblem, coordinate_problem
-from modeling_streetclip.images import ImageInput
 
 
 logger = logging.get_logger(__name__)

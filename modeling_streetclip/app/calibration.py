@@ -1,0 +1,146 @@
+"""Calibration of `within_km`: a temperature per level fitted on labelled photos (`streetclip calibrate`), and the
+calibration error of the confidences (ECE over equal-mass bins, Brier score) that it and the benchmark report."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..answers import CONFIDENCE_RADII_KM
+from ..decisions import rank_answers
+from ..gallery_vote import nearest_city_rows
+from ..geodesy import great_circle_km
+from . import UsageError
+from .batch import geolocate_images
+
+
+if TYPE_CHECKING:
+    from ..modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
+    from .benchmark_data import Benchmark
+
+# Equal-mass bins of the expected calibration error (ECE): each holds a tenth of the photos, as Guo et al. (2017).
+NUM_BINS = 10
+# With the default hold-out of 0.3, 30 photos to measure on (3 a bin) and 70 to fit three temperatures on.
+MIN_PHOTOS = 100
+
+
+def calibration_errors(confidences: np.ndarray, hits: np.ndarray, num_bins: int = NUM_BINS) -> dict[str, float]:
+    """ECE over `num_bins` equal-mass bins of the confidences (the mean gap between confidence and accuracy, each bin
+    weighed by its share) and the Brier score (mean squared error of the confidence)."""
+    order = np.argsort(confidences, kind="stable")
+    confidences, hits = np.asarray(confidences, dtype=np.float64)[order], np.asarray(hits, dtype=np.float64)[order]
+    bins = [part for part in np.array_split(np.arange(len(confidences)), num_bins) if len(part)]
+    ece = sum(len(part) * abs(confidences[part].mean() - hits[part].mean()) for part in bins) / len(confidences)
+    return {"ece": float(ece), "brier": float(np.mean((confidences - hits) ** 2))}
+
+
+def radius_errors(within: np.ndarray, hits: np.ndarray) -> dict[str, dict[str, float]]:
+    """`calibration_errors` at each radius of `CONFIDENCE_RADII_KM`, keyed `"ece"`/`"brier"`, then by the radius."""
+    errors = [calibration_errors(within[:, i], hits[:, i]) for i in range(len(CONFIDENCE_RADII_KM))]
+    return {
+        name: {str(r): error[name] for r, error in zip(CONFIDENCE_RADII_KM, errors, strict=True)}
+        for name in ("ece", "brier")
+    }
+
+
+def answer_hits(answers: Sequence[dict[str, Any]], truths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first answers' `within_km` and whether the truth `(n, 2)` lies within each radius, both `(n, radii)`."""
+    within = np.array([[answer["within_km"][str(r)] for r in CONFIDENCE_RADII_KM] for answer in answers])
+    points = np.array([[answer["latitude"], answer["longitude"]] for answer in answers])
+    distances = great_circle_km(points[:, 0], points[:, 1], truths[:, 0], truths[:, 1])
+    return within.reshape(-1, len(CONFIDENCE_RADII_KM)), distances[:, None] <= np.array(CONFIDENCE_RADII_KM)
+
+
+def fit_temperatures(model: StreetCLIPForGeolocation, outputs: GeolocationOutput, truths: np.ndarray) -> dict:
+    """Each level's temperature minimising the negative log-likelihood of the candidate city nearest each truth; as the
+    joint is a sum of the levels' log-probabilities, this fits them all at once (L-BFGS over their logarithms)."""
+    device = outputs.country_logits.device
+    targets = torch.as_tensor(nearest_city_rows(model.candidate_places, truths[:, 0], truths[:, 1]), device=device)
+    logits = {level: getattr(outputs, f"{level}_logits").detach().float() for level in model.config.levels}
+    log_temperatures = torch.zeros(len(logits), device=device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_temperatures], max_iter=200, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        optimizer.zero_grad()
+        scaled = {level: values / t.exp() for (level, values), t in zip(logits.items(), log_temperatures, strict=True)}
+        joint = model.log_probabilities(scaled["country"], scaled.get("region"), scaled["city"])["joint"]
+        value = -joint.gather(1, targets[:, None]).mean()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    return {level: float(t.exp()) for level, t in zip(logits, log_temperatures.detach(), strict=True)}
+
+
+def calibrate(
+    model: StreetCLIPForGeolocation,
+    image_processor,
+    benchmark: Benchmark,
+    holdout: float = 0.3,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Fit the temperatures on all but a `holdout` share of `benchmark`'s photos and set them on `model.config`; the
+    report: the temperatures, the photo counts and the held-out ECE and Brier per radius before and after."""
+    bad = [row for row in benchmark.rows if row.error is not None]
+    if bad:
+        named = "; ".join(f"{row.id!r}: {row.error}" for row in bad[:5])
+        raise UsageError(
+            f"{len(bad)} of the {len(benchmark.rows)} rows have no valid coordinates ({named}); fix them."
+        )
+    if len(benchmark.rows) < MIN_PHOTOS:
+        raise UsageError(
+            f"{benchmark.name} has {len(benchmark.rows)} labelled photos; calibrating needs at least {MIN_PHOTOS}, part "
+            f"held out to measure the calibration error on."
+        )
+    records = list(
+        geolocate_images(model, image_processor, benchmark.images, batch_size=batch_size, return_embeddings=True)
+    )
+    unreadable = [benchmark.rows[record.index].id for record in records if record.error is not None]
+    if unreadable:
+        raise UsageError(f"{len(unreadable)} photos could not be read, among them {unreadable[:5]}; fix or drop them.")
+    truths = np.array([[row.latitude, row.longitude] for row in benchmark.rows])
+    embeds = torch.stack([record.image_embeds for record in records]).to(model.device, model.dtype)
+    with torch.no_grad():
+        outputs = model.locate_embeddings(embeds)
+    positions = list(range(len(truths)))
+    random.Random(seed).shuffle(positions)
+    held_out, fitting = positions[: round(holdout * len(positions))], positions[round(holdout * len(positions)) :]
+    if not held_out or not fitting:
+        raise UsageError(f"--holdout {holdout} leaves no photos to {'measure' if not held_out else 'fit'} on.")
+
+    def errors(rows: list[int]) -> dict:
+        answers = [answers[0] for answers in rank_answers(model, _select(outputs, rows))]
+        return radius_errors(*answer_hits(answers, truths[rows]))
+
+    before = errors(held_out)
+    temperatures = fit_temperatures(model, _select(outputs, fitting), truths[fitting])
+    model.config.calibration = {"temperatures": temperatures}
+    return {
+        "temperatures": temperatures,
+        "num_photos": len(truths),
+        "num_fitted": len(fitting),
+        "num_held_out": len(held_out),
+        "held_out_before": before,
+        "held_out_after": errors(held_out),
+    }
+
+
+def _select(outputs: GeolocationOutput, rows: list[int]) -> GeolocationOutput:
+    """The outputs of the images `rows` only."""
+    return type(outputs)(**{name: value[rows] for name, value in outputs.items() if value is not None})
+
+
+__all__ = [
+    "MIN_PHOTOS",
+    "NUM_BINS",
+    "answer_hits",
+    "calibrate",
+    "calibration_errors",
+    "fit_temperatures",
+    "radius_errors",
+]

@@ -1,0 +1,105 @@
+"""`streetclip calibrate` and the calibration error: refusals, the stored calibration through every loader, and the
+error it removes on the synthetic geo world."""
+
+import json
+
+import numpy as np
+import pytest
+from transformers import pipeline
+
+from modeling_streetclip import CandidatePlaces, StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip.app.benchmark_data import load_benchmark
+from modeling_streetclip.app.calibration import MIN_PHOTOS, answer_hits, calibration_errors, radius_errors
+from modeling_streetclip.cli import main as streetclip
+from modeling_streetclip.decisions import rank_answers
+from modeling_streetclip.testing_utils import PLACES, random_photo, train_geo_model, write_geo_imagefolder
+
+
+def test_ece_and_brier_are_the_equal_mass_bin_gap_and_the_squared_error():
+    confidences = np.array([0.9, 0.1, 0.8, 0.2])
+    hits = np.array([True, False, False, True])
+    errors = calibration_errors(confidences, hits, num_bins=2)
+    # Bins {0.1, 0.2} (mean 0.15, share hit 0.5) and {0.8, 0.9} (0.85 and 0.5), each half the photos.
+    assert errors["ece"] == pytest.approx(0.5 * 0.35 + 0.5 * 0.35)
+    assert errors["brier"] == pytest.approx((0.01 + 0.01 + 0.64 + 0.64) / 4)
+
+
+def run(capsys, *arguments) -> tuple[int, str, str]:
+    status = streetclip(["calibrate", *map(str, arguments)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_calibrate_refuses_fewer_photos_than_the_minimum_naming_it(capsys, tmp_path, small_streetclip_dir):
+    photos = write_geo_imagefolder(tmp_path / "photos", photos_per_city=2, seed=0)
+    status, _, err = run(capsys, "--model", small_streetclip_dir, "--data", photos, "--output", tmp_path / "out")
+    assert status == 2 and f"has 24 labelled photos; calibrating needs at least {MIN_PHOTOS}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibrate_refuses_rows_without_valid_coordinates_naming_them(capsys, tmp_path, small_streetclip_dir):
+    photos = write_geo_imagefolder(tmp_path / "photos", photos_per_city=9, seed=0, bad_rows=True)
+    status, _, err = run(capsys, "--model", small_streetclip_dir, "--data", photos, "--output", tmp_path / "out")
+    assert status == 2 and "2 of the 111 rows have no valid coordinates" in err
+    assert "'swapped.png'" in err and "look swapped" in err and "'no-coordinates.png'" in err
+
+
+@pytest.mark.parametrize("holdout", ["0", "1.5"])
+def test_calibrate_refuses_a_holdout_that_is_not_a_share(capsys, tmp_path, small_streetclip_dir, holdout):
+    arguments = ("--model", small_streetclip_dir, "--data", tmp_path, "--output", tmp_path / "out")
+    status, _, err = run(capsys, *arguments, "--holdout", holdout)
+    assert status == 2 and "--holdout must be a share strictly between 0 and 1" in err
+
+
+@pytest.mark.slow
+def test_the_calibration_survives_every_save_path_and_vision_only_loading(capsys, tmp_path, small_streetclip_dir):
+    photos = write_geo_imagefolder(tmp_path / "photos", photos_per_city=9, seed=0)
+    status, out, _ = run(capsys, "--model", small_streetclip_dir, "--data", photos, "--output", tmp_path / "cal")
+    assert status == 0 and "ECE before" in out
+    report = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert report["num_held_out"] == 32 and set(report["held_out_after"]["ece"]) == {"1", "25", "200", "750", "2500"}
+    model = StreetCLIPForGeolocation.from_pretrained(tmp_path / "cal")
+    assert model.config.calibration == {"temperatures": report["temperatures"]}
+    model.save_pretrained(tmp_path / "saved")
+    StreetCLIPProcessor.from_pretrained(tmp_path / "cal").save_pretrained(tmp_path / "saved")
+    geolocate = pipeline("geolocation", model=str(tmp_path / "cal"))
+    geolocate.save_pretrained(tmp_path / "pipe")
+    image = random_photo(3)
+    answers = geolocate(image, top_k=2)
+    assert all(answer["calibrated"] for answer in answers)
+    for folder in ("saved", "pipe"):
+        assert pipeline("geolocation", model=str(tmp_path / folder))(image, top_k=2) == answers
+    vision = StreetCLIPForGeolocation.from_pretrained(tmp_path / "saved", vision_only=True)
+    pixel_values = geolocate.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    for mine, theirs in zip(rank_answers(vision, vision(pixel_values), top_k=2)[0], answers, strict=True):
+        assert mine["label"] == theirs["label"] and mine["calibrated"] and mine["radius_km"] == theirs["radius_km"]
+        assert mine["within_km"] == pytest.approx(theirs["within_km"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_calibration_lowers_the_held_out_error_on_the_synthetic_world(capsys, tmp_path):
+    # The candidates are the world's own cities, so that a hit within 200 km is the right city.
+    trained = train_geo_model(tmp_path / "trained")
+    places = CandidatePlaces.from_records(
+        [
+            {"country": c, "city": n, "latitude": la, "longitude": lo}
+            for c, cities in PLACES.items()
+            for n, la, lo in cities
+        ]
+    )
+    StreetCLIPForGeolocation.from_pretrained(trained, candidates=places).save_pretrained(tmp_path / "model")
+    StreetCLIPProcessor.from_pretrained(trained).save_pretrained(tmp_path / "model")
+    fit = write_geo_imagefolder(tmp_path / "fit", photos_per_city=15, seed=11)
+    held_out = load_benchmark(str(write_geo_imagefolder(tmp_path / "held-out", photos_per_city=25, seed=12)))
+    assert run(capsys, "--model", tmp_path / "model", "--data", fit, "--output", tmp_path / "cal")[0] == 0
+
+    def errors(folder) -> dict:
+        geolocate = pipeline("geolocation", model=str(folder))
+        answers = [answers[0] for answers in geolocate(list(held_out.images), batch_size=32)]
+        truths = np.array([[row.latitude, row.longitude] for row in held_out.rows])
+        return radius_errors(*answer_hits(answers, truths))["ece"]
+
+    before, after = errors(tmp_path / "model"), errors(tmp_path / "cal")
+    print(json.dumps({"before": before, "after": after}))
+    for radius in ("200", "750"):
+        assert after[radius] < before[radius]
