@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
-from modeling_streetclip.app.calibration import calibration_errors
+from modeling_streetclip.app.calibration import calibration_errors, equal_mass_bins
 from modeling_streetclip.app.world_map import GRATICULE_STEP_DEG, draw_world
 
 
@@ -176,8 +176,7 @@ def plot_reliability(
     axes = figure.add_subplot()
     axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8, label="perfectly calibrated")
     for column, radius in enumerate(radii_km if len(within) else []):
-        order = np.argsort(within[:, column], kind="stable")
-        bins = [part for part in np.array_split(order, num_bins) if len(part)]
+        bins = equal_mass_bins(within[:, column], num_bins)
         confidence = np.array([within[part, column].mean() for part in bins])
         observed = np.array([hits[part, column].mean() for part in bins])
         ece = calibration_errors(within[:, column], hits[:, column], num_bins)["ece"]

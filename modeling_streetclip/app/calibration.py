@@ -26,14 +26,24 @@ if TYPE_CHECKING:
 NUM_BINS = 10
 # With the default hold-out of 0.3, 30 photos to measure on (3 a bin) and 70 to fit three temperatures on.
 MIN_PHOTOS = 100
+# A confidence is stated to a hundredth of a percent: finer differences are noise that must not split ties.
+CONFIDENCE_DECIMALS = 4
+
+
+def equal_mass_bins(confidences: np.ndarray, num_bins: int = NUM_BINS) -> list[np.ndarray]:
+    """Indices of `confidences` in up to `num_bins` bins of about equal size, split at their quantiles. Confidences
+    equal to `CONFIDENCE_DECIMALS` share a bin: splitting ties would order them by something other than confidence."""
+    confidences = np.round(np.asarray(confidences, dtype=np.float64), CONFIDENCE_DECIMALS)
+    edges = np.unique(np.quantile(confidences, np.linspace(0, 1, num_bins + 1)[1:-1])) if len(confidences) else []
+    which = np.searchsorted(edges, confidences, side="left")
+    return [part for part in (np.flatnonzero(which == b) for b in range(len(edges) + 1)) if len(part)]
 
 
 def calibration_errors(confidences: np.ndarray, hits: np.ndarray, num_bins: int = NUM_BINS) -> dict[str, float]:
-    """ECE over `num_bins` equal-mass bins of the confidences (the mean gap between confidence and accuracy, each bin
-    weighed by its share) and the Brier score (mean squared error of the confidence)."""
-    order = np.argsort(confidences, kind="stable")
-    confidences, hits = np.asarray(confidences, dtype=np.float64)[order], np.asarray(hits, dtype=np.float64)[order]
-    bins = [part for part in np.array_split(np.arange(len(confidences)), num_bins) if len(part)]
+    """ECE over `equal_mass_bins` (the gap between mean confidence and accuracy, each bin weighed by its share) and
+    the Brier score (mean squared error of the confidence)."""
+    confidences, hits = np.asarray(confidences, dtype=np.float64), np.asarray(hits, dtype=np.float64)
+    bins = equal_mass_bins(confidences, num_bins)
     ece = sum(len(part) * abs(confidences[part].mean() - hits[part].mean()) for part in bins) / len(confidences)
     return {"ece": float(ece), "brier": float(np.mean((confidences - hits) ** 2))}
 
@@ -141,6 +151,7 @@ __all__ = [
     "answer_hits",
     "calibrate",
     "calibration_errors",
+    "equal_mass_bins",
     "fit_temperatures",
     "radius_errors",
 ]
