@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoProcessor, pipeline
 
 from modeling_streetclip import StreetCLIPConfig, StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.app.gallery_build import build_gallery
+from modeling_streetclip.candidates import CandidatePlaces
 from modeling_streetclip.cli import main
 from modeling_streetclip.decisions import DECISIONS, GALLERY_DECISIONS, rank_answers
 from modeling_streetclip.images import load_rgb_image
@@ -346,6 +347,14 @@ def test_locate_without_onnxruntime_names_the_extra(backend_files, capsys, monke
     status, records, err = locate(capsys, export, str(photos), "--backend", "onnxruntime")
     assert status == 2 and not records
     assert "needs onnxruntime" in err and ONNX_EXTRA in err
+
+
+def test_a_graph_exported_for_another_candidate_table_is_refused(backend_files):
+    export, _, _ = backend_files
+    config = StreetCLIPConfig.from_pretrained(export)
+    config.candidate_places = CandidatePlaces.from_dict(config.candidate_places).select([0])[0].to_dict()
+    with pytest.raises(ValueError, match="come from different models. Export the graph again"):
+        OnnxRuntimeModel(config, export / ONNX_FOLDER / GRAPH_FILE)
 
 
 @pytest.mark.parametrize(

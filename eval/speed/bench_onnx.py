@@ -14,7 +14,8 @@ Prints, from one run on this machine:
   core) at ViT-B/16, float32 and int8 graphs.
 
 Run: `python eval/speed/bench_onnx.py [--rounds 2] [--batch_size 8] [--skip_speed] [--skip_agreement]
-[--skip_browser]`. The browser part needs Chromium, chromedriver and npm (it installs the page's packages with `npm ci` once).
+[--skip_browser]`. The browser part needs Chromium, chromedriver and npm (it installs the page's packages with
+`npm ci` once).
 """
 
 import argparse
