@@ -123,6 +123,7 @@ class BenchmarkResult:
     num_evaluated: int | None = None
     num_failed: int | None = None
     protocol: dict | None = None
+    calibration: dict | None = None  # metrics.json's ECE and Brier of `within_km` per radius, when it has them
 
 
 def hub_repo_id(spec: Any) -> str | None:
@@ -187,6 +188,7 @@ def read_benchmark_result(path: str | Path, name: str | None = None) -> Benchmar
         num_evaluated=record.get("num_evaluated", record.get("n")),
         num_failed=record.get("num_failed"),
         protocol=_protocol(record, path),
+        calibration=record.get("calibration") if isinstance(record.get("calibration"), dict) else None,
     )
 
 
@@ -273,6 +275,7 @@ def build_model_card(
             else None
         ),
         evaluation=_evaluation_table(benchmarks),
+        calibration=_calibration_table(benchmarks),
         benchmarks=benchmarks,
         space=hub_link(space, "space") if space else None,
         onnx=onnx,
@@ -429,6 +432,21 @@ def _evaluation_table(benchmarks: Sequence[BenchmarkResult]) -> dict | None:
         cells += [_number(benchmark.metrics.get(key), scale=100.0) for key in thresholds]
         cells += [_number(benchmark.metrics.get(key)) for key in distances]
         rows.append(cells)
+    return {"header": header, "rows": rows}
+
+
+def _calibration_table(benchmarks: Sequence[BenchmarkResult]) -> dict | None:
+    """The ECE of `within_km` at each radius, in percentage points, for the benchmarks whose metrics have it."""
+    measured = [benchmark for benchmark in benchmarks if benchmark.calibration and "ece" in benchmark.calibration]
+    if not measured:
+        return None
+    radii = sorted({radius for benchmark in measured for radius in benchmark.calibration["ece"]}, key=float)
+    header = ["Benchmark", "Split", "Calibrated", *(f"ECE {radius} km (pp)" for radius in radii)]
+    rows = [
+        [benchmark.name, benchmark.split or "—", "yes" if benchmark.calibration.get("calibrated") else "no"]
+        + [_number(benchmark.calibration["ece"].get(radius), scale=100.0) for radius in radii]
+        for benchmark in measured
+    ]
     return {"header": header, "rows": rows}
 
 

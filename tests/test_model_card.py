@@ -210,6 +210,24 @@ def test_extra_thresholds_get_columns_in_distance_order_and_missing_values_a_das
     assert row["Failed"] == "—"
 
 
+def test_the_card_shows_the_ece_table_when_the_metrics_have_one_and_says_so_nowhere_else(
+    config, metrics_files, evaluated_card, tmp_path
+):
+    ece = {"1": 0.61, "25": 0.2, "200": 0.0412, "750": 0.0304, "2500": 0.012}
+    path = tmp_path / "calibrated" / "metrics.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({**IM2GPS, "calibration": {"ece": ece, "brier": ece, "calibrated": True}}))
+    benchmarks = [model_card.read_benchmark_result(path, name="im2gps-calibrated")]
+    benchmarks.append(model_card.read_benchmark_result(metrics_files["im2gps3k"]))
+    section = _section(model_card.build_model_card(config, REPO_ID, benchmarks=benchmarks), "Evaluation")
+    (row,) = _table(section.split("How honest the confidence is", 1)[1])
+    assert row["Benchmark"] == "im2gps-calibrated" and row["Calibrated"] == "yes"
+    assert {km: float(row[f"ECE {km} km (pp)"]) for km in ece} == pytest.approx(
+        {km: 100 * value for km, value in ece.items()}, abs=0.05
+    )
+    assert "How honest the confidence is" not in _section(evaluated_card, "Evaluation")
+
+
 def test_card_without_metrics_says_no_evaluation_was_supplied_and_has_no_model_index(config, tmp_path):
     card = model_card.build_model_card(config, REPO_ID)
     card.save(tmp_path / "README.md")
