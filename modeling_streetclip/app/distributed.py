@@ -42,16 +42,18 @@ def make_accelerator(device: str, cpu_only: bool = False) -> Accelerator:
     return accelerator
 
 
-def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T:
-    """Run `work` on the main process only and return its result on every process; a command error there is raised
-    on every process."""
+def on_main_process(
+    accelerator: Accelerator, work: Callable[[], T], errors: tuple[type[Exception], ...] = COMMAND_ERRORS
+) -> T:
+    """Run `work` on the main process only and return its result on every process; an error of `errors` (by default
+    a command error) there is raised on every process."""
     from accelerate.utils import broadcast_object_list
 
     outcome: list = [None, None]
     if accelerator.is_main_process:
         try:
             outcome[0] = work()
-        except COMMAND_ERRORS as error:
+        except errors as error:
             outcome[1] = error
     broadcast_object_list(outcome)
     if outcome[1] is not None:

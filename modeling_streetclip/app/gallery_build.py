@@ -2,24 +2,29 @@
 
 Rows are read in source order, decoded in DataLoader workers (an unreadable image, or coordinates that are not a point
 on Earth, become that row's recorded error) and embedded by the batch engine's loop (`batch.embedded_batches`).
-Consecutive rows go to shards, `shards/rows-{start}-{end}.arrow`, each written whole or not at all: the shards present
-are the record of progress, and a rerun starts after the last. `build.json` records what shapes the rows (source,
-columns, model fingerprint), so that a rerun with others stops instead of mixing two builds. At the end the shards are
-joined into the gallery (a row repeating an earlier row's id or image file is recorded and skipped), indexed with
-`datasets`' `add_faiss_index`, and `gallery.json`, written last, marks it complete.
+Runs of consecutive rows go to shards, `shards/rows-{start}-{end}.arrow`, each written whole or not at all: the
+shards present are the record of progress, and a rerun embeds only the rows no shard holds. Under a launcher the rows
+are cut into chunks of `shard_size` and process r embeds chunks r, r + N, ... into shards of its own: no embedding
+crosses between processes, and since shards are keyed by rows, not by process, a rerun resumes with any number of
+processes. `build.json` records what shapes the rows (source, columns, model fingerprint), so that a rerun with others
+stops instead of mixing two builds. At the end the main process joins the shards into the gallery (a row repeating an
+earlier row's id or image file is recorded and skipped), indexes it with `datasets`' `add_faiss_index`, and
+`gallery.json`, written last, marks it complete.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
 import re
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -54,6 +59,7 @@ from .files import atomic_write, write_json
 if TYPE_CHECKING:
     import datasets
     import pyarrow as pa
+    from accelerate import Accelerator
 
 
 logger = logging.get_logger(__name__)
@@ -67,14 +73,18 @@ ERROR_COLUMN = "error"
 ADD_BATCH_ROWS = 65_536
 # Errors that make one image unreadable, not the build.
 _IMAGE_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError, ImageLoadError, TypeError)
+# Errors of a build step on the main process that every process of a launch raises with it.
+BUILD_ERRORS = (OSError, ValueError, ImportError)
+T = TypeVar("T")
 
 
 @dataclass
 class GalleryBuild:
     """What `build_gallery` did: the gallery, the rows this call embedded, the rows an interrupted call had done, and
-    every skipped row (`source_row`, `image_path`, `error`)."""
+    every skipped row (`source_row`, `image_path`, `error`); under a launcher, the gallery and skipped rows are the
+    main process's (None and [] elsewhere)."""
 
-    gallery: GeoGallery
+    gallery: GeoGallery | None
     embedded_rows: int
     resumed_rows: int
     bad_rows: list[dict[str, Any]]
@@ -113,6 +123,7 @@ def build_gallery(
     settings: VoteSettings | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    accelerator: Accelerator | None = None,
 ) -> GalleryBuild:
     """Embed every photo of `data` with `model` and write a gallery to `output_dir` (layout: `gallery_store`),
     resuming an unfinished build there.
@@ -132,6 +143,8 @@ def build_gallery(
         settings: the vote settings stored as the gallery's defaults (default: `VoteSettings()`).
         overwrite: delete a gallery or an unfinished build in `output_dir` first.
         progress: show a tqdm bar on standard error.
+        accelerator: under a launcher, every process calls with the same arguments and embeds its own chunks of rows
+            (see the module docstring); the main process writes the gallery.
     """
     # Checked first: a missing faiss would otherwise stop the build once every photo is embedded.
     requires_backends(build_gallery, ["datasets", "faiss"])
@@ -164,22 +177,34 @@ def build_gallery(
         "split": split,
         **{f"{role}_column": getattr(columns, role) for role in ("image", "latitude", "longitude")},
     }
-    _start_or_resume(folder, overwrite, options, fingerprint)
-    done, embedded = _shards(folder)[1], 0
-    if total is None or done < total:
+
+    def start() -> list[tuple[int, int]]:
+        _start_or_resume(folder, overwrite, options, fingerprint)
+        return [(start, end) for start, end, _ in _shards(folder)]
+
+    covered = _on_main(accelerator, start)
+    rank, processes = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    plan = _RowPlan(*_pending_chunks(covered, total, shard_size), rank, processes, shard_size)
+    embedded = 0
+    if plan.chunks or plan.tail_start is not None:
         # Images reach the workers still encoded, where an unreadable one is its row's error.
         if data.features is not None:
             data = data.cast_column(columns.image, datasets.Image(decode=False))
-        is_map = isinstance(data, datasets.Dataset)
-        rest = data.select(range(done, total)).to_iterable_dataset() if is_map else data.skip(done)
-        rows = _SourceRows(rest, done, batch_size, image_processor, columns)
+        numbers = None
+        if isinstance(data, datasets.Dataset):
+            numbers = plan.own_rows()
+            data = data.select(numbers).to_iterable_dataset()
+        else:
+            data = data.skip(plan.first_row)
+        rows = _SourceRows(data, plan, numbers, batch_size, image_processor, columns)
         pin = model.device.type == "cuda"
-        loader = DataLoader(
-            rows, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_pixels, pin_memory=pin
-        )
+        # Workers yield whole batches (batch_size=None), each of consecutive rows, in turn: source order is kept.
+        loader = DataLoader(rows, batch_size=None, num_workers=num_workers, collate_fn=collate_pixels, pin_memory=pin)
         writer = _ShardWriter(folder / SHARDS_FOLDER, dim, columns.features)
+        own_total = None if numbers is None else len(numbers)
+        show = progress and (accelerator is None or accelerator.is_main_process)
         with tqdm(
-            total=total, initial=done, unit="img", desc="streetclip index build", file=sys.stderr, disable=not progress
+            total=own_total, unit="img", desc="streetclip index build", file=sys.stderr, disable=not show
         ) as bar:
             for batch, embeds in embedded_batches(model, image_processor, loader):
                 writer.add(batch, embeds)
@@ -188,9 +213,32 @@ def build_gallery(
                     writer.flush()
                 bar.update(len(batch.order))
             writer.flush()
+    if accelerator is not None:
+        from accelerate.utils import gather_object
+
+        embedded = sum(gather_object([embedded]))
     settings = settings or VoteSettings()
-    gallery, bad_rows = _finish(folder, options, fingerprint, columns, settings, index, nprobe, train_size)
-    return GalleryBuild(gallery=gallery, embedded_rows=embedded, resumed_rows=done, bad_rows=bad_rows)
+    finished: dict[str, Any] = {"gallery": None, "bad_rows": []}
+
+    def finish() -> None:
+        finished["gallery"], finished["bad_rows"] = _finish(
+            folder, options, fingerprint, columns, settings, index, nprobe, train_size, total
+        )
+
+    _on_main(accelerator, finish)
+    resumed = sum(end - start for start, end in covered)
+    return GalleryBuild(
+        finished["gallery"], embedded_rows=embedded, resumed_rows=resumed, bad_rows=finished["bad_rows"]
+    )
+
+
+def _on_main(accelerator: Accelerator | None, work: Callable[[], T]) -> T:
+    """`work()` here, or on the main process of a launch, whose errors every process then raises."""
+    if accelerator is None:
+        return work()
+    from .distributed import on_main_process
+
+    return on_main_process(accelerator, work, errors=BUILD_ERRORS)
 
 
 def _describe(data) -> str:
@@ -294,25 +342,70 @@ def _start_or_resume(folder: Path, overwrite: bool, options: dict[str, Any], fin
     (folder / SHARDS_FOLDER).mkdir(exist_ok=True)
 
 
-def _shards(folder: Path) -> tuple[list[Path], int]:
-    """The complete shards of the build in `folder`, in row order, and the number of rows they cover; a shard a kill
+def _shards(folder: Path) -> list[tuple[int, int, Path]]:
+    """The complete shards of the build in `folder` as `(first row, end row, path)`, in row order; a shard a kill
     cut off while it was written (a temporary) is deleted, and its rows are embedded again."""
-    found, end = [], 0
+    found: list[tuple[int, int, Path]] = []
     for path in sorted((folder / SHARDS_FOLDER).iterdir()):  # zero-padded names: in row order
         match = SHARD_NAME.fullmatch(path.name)
         if path.suffix == ".tmp":
             path.unlink()
         elif match is None:
             raise ValueError(f"{str(path)!r} is not a gallery shard; the shards folder holds only the build's own.")
-        elif int(match[1]) != end:
+        elif found and int(match[1]) < found[-1][1]:
             raise ValueError(
-                f"The shards in {str(path.parent)!r} do not follow each other ({path.name} starts at row "
-                f"{int(match[1])}, the rows before end at {end}); pass --overwrite to start afresh."
+                f"The shards in {str(path.parent)!r} overlap ({path.name} starts at row {int(match[1])}, before the "
+                f"end of {found[-1][2].name}); pass --overwrite to start afresh."
             )
         else:
-            found.append(path)
-            end = int(match[2])
-    return found, end
+            found.append((int(match[1]), int(match[2]), path))
+    return found
+
+
+def _pending_chunks(
+    covered: list[tuple[int, int]], total: int | None, shard_size: int
+) -> tuple[list[tuple[int, int]], int | None]:
+    """The rows no shard covers, as chunks of at most `shard_size` rows, and the first row of a stream's open end
+    (None when `total` is known); chunk boundaries follow `shard_size`, so that chunks line up across reruns."""
+    chunks, end = [], 0
+    for start, stop in [*covered, (total, total)] if total is not None else covered:
+        while end < start:
+            chunks.append((end, min((end // shard_size + 1) * shard_size, start)))
+            end = chunks[-1][1]
+        end = stop
+    return chunks, end if total is None else None
+
+
+@dataclass(frozen=True)
+class _RowPlan:
+    """The rows a process embeds: chunks `rank`, `rank + processes`, ... of the pending ones, then of a stream's open
+    end (cut from `tail_start` into chunks of `shard_size`)."""
+
+    chunks: list[tuple[int, int]]
+    tail_start: int | None
+    rank: int
+    processes: int
+    shard_size: int
+
+    @property
+    def first_row(self) -> int:
+        return min([start for start, _ in self.chunks] + [self.tail_start] * (self.tail_start is not None))
+
+    def own_rows(self) -> range | list[int]:
+        """The pending rows of this process, where the source's length is known."""
+        mine = self.chunks[self.rank :: self.processes]
+        if len(mine) == 1:
+            return range(*mine[0])  # `Dataset.select` reads a range of consecutive rows without an indices mapping
+        return [row for start, end in mine for row in range(start, end)]
+
+    def owns(self, row: int) -> bool:
+        position = bisect.bisect_right(self.chunks, (row, float("inf"))) - 1
+        if position >= 0 and row < self.chunks[position][1]:
+            return position % self.processes == self.rank
+        if self.tail_start is None or row < self.tail_start:
+            return False
+        chunk = len(self.chunks) + (row - self.tail_start) // self.shard_size
+        return chunk % self.processes == self.rank
 
 
 def _read_shard(path: Path) -> pa.Table:
@@ -325,33 +418,41 @@ def _read_shard(path: Path) -> pa.Table:
 
 @dataclass
 class _SourceRows(IterableDataset):
-    """The source rows from `first_row` on (`rows` starts there), each prepared in a DataLoader worker as the batch
-    engine's item `(row, pixels or None, error or None, (latitude, longitude, image path, labels))`, in source order.
+    """The rows of `plan` in batches, each prepared in a DataLoader worker as a list of the batch engine's items
+    `(row, pixels or None, error or None, (latitude, longitude, image path, labels))`, in source order.
 
-    Each of W workers reads every batch (`IterableDataset.iter`, which, unlike iterating the dataset, does not hand a
-    worker only some of its files) and prepares the batches b with b % W equal to its id; the DataLoader takes a batch
-    from each worker in turn, so batches come back in source order, which resuming needs. Reading is cheap next to
-    decoding, which each row gets once.
+    `rows` holds the source rows from `plan.first_row` on, or with `numbers` exactly the rows numbered there. A batch
+    holds at most `batch_size` consecutive rows. Each of W workers reads every row (`IterableDataset.iter`, which,
+    unlike iterating the dataset, does not hand a worker only some of its files) and prepares the batches b with
+    b % W equal to its id; the DataLoader takes a batch from each worker in turn, so batches come back in source order,
+    which resuming needs. Reading is cheap next to decoding, which each row gets once.
     """
 
     rows: datasets.IterableDataset
-    first_row: int
+    plan: _RowPlan
+    numbers: Sequence[int] | None
     batch_size: int
     image_processor: Any
     columns: _Columns
 
-    def __iter__(self) -> Iterator[tuple]:
+    def __iter__(self) -> Iterator[list[tuple]]:
         worker = get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
-        row_number = self.first_row
-        for batch_number, batch in enumerate(self.rows.iter(batch_size=self.batch_size)):
-            size = len(next(iter(batch.values())))
-            if batch_number % workers == worker_id:
-                for position in range(size):
-                    yield self._prepare(
-                        row_number + position, {name: values[position] for name, values in batch.items()}
-                    )
-            row_number += size
+        numbers = iter(self.numbers) if self.numbers is not None else itertools.count(self.plan.first_row)
+        group: list[tuple[int, dict[str, Any]]] = []
+        batches = 0
+        for read in self.rows.iter(batch_size=self.batch_size):
+            for values in zip(*read.values(), strict=True):
+                row = next(numbers)
+                if self.numbers is None and not self.plan.owns(row):
+                    continue
+                if group and (len(group) == self.batch_size or row != group[-1][0] + 1):
+                    if batches % workers == worker_id:
+                        yield [self._prepare(*item) for item in group]
+                    group, batches = [], batches + 1
+                group.append((row, dict(zip(read.keys(), values, strict=True))))
+        if group and batches % workers == worker_id:
+            yield [self._prepare(*item) for item in group]
 
     def _prepare(self, row_number: int, row: dict[str, Any]) -> tuple:
         """Coordinates first (a row without them is not worth decoding), then the image."""
@@ -384,8 +485,9 @@ class _ShardWriter:
         self.embeddings: list[np.ndarray] = []
 
     def add(self, batch: PixelBatch, embeds: torch.Tensor | None) -> None:
+        """Collect a batch of consecutive rows; collected rows they do not follow are written first."""
         if self.rows and batch.order and batch.order[0] != self.rows[-1][0] + 1:
-            raise RuntimeError(f"rows arrived out of order: {batch.order[0]} after {self.rows[-1][0]}")
+            self.flush()
         vectors = np.full((len(batch.order), self.dim), np.nan, dtype=np.float32)
         if embeds is not None:
             vectors[[index not in batch.errors for index in batch.order]] = stored_embeddings(embeds)
@@ -435,6 +537,7 @@ def _finish(
     index: str,
     nprobe: int | None,
     train_size: int | None,
+    total: int | None,
 ) -> tuple[GeoGallery, list[dict[str, Any]]]:
     """Join the shards into the gallery, index it, write `gallery.json`, then delete the shards and `build.json`: a
     kill in here loses nothing, since the shards stay until `gallery.json` is written."""
@@ -442,10 +545,15 @@ def _finish(
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    shards = _shards(folder)[0]
+    shards = _shards(folder)
     if not shards:
         raise ValueError(f"The data {options['source']!r} has no rows; a gallery needs at least one photo.")
-    table = pa.concat_tables([_read_shard(path) for path in shards], promote_options="permissive")
+    missing = _pending_chunks([(start, end) for start, end, _ in shards], total, shards[-1][1])[0]
+    if missing:
+        raise RuntimeError(
+            f"The shards in {str(folder / SHARDS_FOLDER)!r} lack rows {missing[0]}; rerun to embed them."
+        )
+    table = pa.concat_tables([_read_shard(path) for _, _, path in shards], promote_options="permissive")
     table = _record_repeats(table, columns.id, options["source"])
     failed = pc.is_valid(table.column(ERROR_COLUMN)).to_numpy(zero_copy_only=False)
     bad_rows = table.filter(pa.array(failed)).select(["source_row", "image_path", ERROR_COLUMN]).to_pylist()

@@ -44,10 +44,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "(unreadable images, coordinates not on Earth, a photo or id listed again) with the reason."
         ),
         epilog=(
-            "Resume: rows are written in shards of --shard_size; rerunning the same command after a kill continues "
-            "after the last complete shard (other data, columns or model stop it, naming what differs; --overwrite "
-            "starts afresh). Index: 'Flat' is exact, right up to about 100,000 rows; 'auto' picks the default for the "
-            "size (IVF{nlist},SQ8 beyond); see README, 'Limits'. Exit status: 0 every row embedded, 1 some skipped "
+            "Resume: rows are written in shards of --shard_size; rerunning the same command after a kill embeds only "
+            "the rows no complete shard holds (other data, columns or model stop it, naming what differs; "
+            "--overwrite starts afresh), on any number of processes: under accelerate launch or torchrun each embeds "
+            "its own chunks of --shard_size rows and the main one writes the gallery. Index: 'Flat' is exact, right "
+            "up to about 100,000 rows; 'auto' picks the default for the size (IVF{nlist},SQ8 beyond); see README, 'Limits'. Exit status: 0 every row embedded, 1 some skipped "
             "(see bad_rows.jsonl), 2 usage error (unknown model or data, missing columns, a folder holding something "
             "else, an index FAISS cannot build), 130 interrupted."
         ),
@@ -142,21 +143,22 @@ def _open_data(args: argparse.Namespace):
 
 
 def build_command(args: argparse.Namespace) -> int:
-    """`streetclip index build`: embed DATA into a gallery at --output, then report and set the status."""
-    import torch
-
-    from ..app.distributed import make_accelerator
-    from ..app.gallery_build import build_gallery
-    from ..app.loading import load_model
-    from ..gallery_store import GalleryModelError
-    from ..gallery_vote import VoteSettings
+    """`streetclip index build`: embed DATA into a gallery at --output, then report and set the status, on one process
+    or on every process a launcher started (each embeds its own rows; the main one writes the gallery)."""
+    from ..app.distributed import make_accelerator, quiet_unless_main
 
     accelerator = make_accelerator(args.device)
-    if accelerator.num_processes > 1:
-        # Every process would write the same folder; one GPU embeds millions of photos in hours.
-        raise UsageError("streetclip index build runs on one process; start it without accelerate launch or torchrun.")
-    data = _open_data(args)
-    model, image_processor = load_model(args.model, accelerator.device, getattr(torch, args.dtype), countries=None)
+    return quiet_unless_main(accelerator, lambda: _build(args, accelerator))
+
+
+def _build(args: argparse.Namespace, accelerator) -> int:
+    from ..app.distributed import on_every_process
+    from ..app.gallery_build import build_gallery
+    from ..app.loading import load_on_every_process
+    from ..gallery_vote import VoteSettings
+
+    data = on_every_process(accelerator, lambda: _open_data(args))
+    model, image_processor, _ = load_on_every_process(accelerator, args.model, args.dtype)
     settings = VoteSettings(args.neighbors, args.radius_km, args.temperature, args.hybrid_countries)
     try:
         result = build_gallery(
@@ -178,9 +180,12 @@ def build_command(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             settings=settings,
             overwrite=args.overwrite,
+            accelerator=accelerator,
         )
-    except (OSError, ValueError, ImportError, GalleryModelError) as error:
+    except (OSError, ValueError, ImportError) as error:  # GalleryModelError is a ValueError
         raise UsageError(str(error)) from None
+    if not accelerator.is_main_process:
+        return EXIT_OK  # the launcher reports the main process's status
     summary = f"streetclip index build: {len(result.gallery):,} photos in the gallery {str(args.output)!r}"
     if result.resumed_rows:
         summary += f" ({result.resumed_rows:,} source rows done by an earlier run, {result.embedded_rows:,} now)"

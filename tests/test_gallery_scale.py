@@ -1,0 +1,174 @@
+"""Galleries at scale: `streetclip index build` on two processes (torchrun on the CPU, gloo), killed and resumed on one
+process or two, against a build on one; streamed sources (a Hub-style data folder, WebDataset tar shards); the
+chunks each process embeds.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip.app import EXIT_SOME_FAILED, gallery_build
+from modeling_streetclip.app.gallery_build import SHARD_NAME, SHARDS_FOLDER, _pending_chunks, _RowPlan, build_gallery
+from modeling_streetclip.cli import main
+from modeling_streetclip.gallery_store import BAD_ROWS_FILE, GeoGallery
+from modeling_streetclip.testing_utils import write_geo_imagefolder
+
+
+# Run as the script of every process: `streetclip`, logging the rows each batch embeds to EMBED_LOG/{rank}-{pid}.txt;
+# the process of rank KILL_RANK kills itself (SIGKILL: no cleanup of any kind) once it has written two shards.
+LOGGED_BUILD = """
+import os, signal, sys
+from pathlib import Path
+
+from modeling_streetclip.app import gallery_build
+from modeling_streetclip.cli import main
+
+log = Path(os.environ["EMBED_LOG"]) / f"{os.environ.get('RANK', '0')}-{os.getpid()}.txt"
+real_batches, real_flush = gallery_build.embedded_batches, gallery_build._ShardWriter.flush
+flushes = 0
+
+
+def logged_batches(*args, **kwargs):
+    for batch, embeds in real_batches(*args, **kwargs):
+        with log.open("a") as stream:
+            stream.write("".join(f"{row}\\n" for row in batch.decoded))
+        yield batch, embeds
+
+
+def flush_or_die(self):
+    global flushes
+    flushes += bool(self.rows)
+    real_flush(self)
+    if flushes == 2 and os.environ.get("KILL_RANK") == os.environ.get("RANK"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+gallery_build.embedded_batches = logged_batches
+gallery_build._ShardWriter.flush = flush_or_die
+sys.exit(main())
+"""
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """The synthetic geo set as an image folder: 24 good rows and 3 bad ones."""
+    return write_geo_imagefolder(tmp_path_factory.mktemp("photos") / "data", photos_per_city=2, seed=0, bad_rows=True)
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(small_streetclip_dir):
+    return (
+        StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True),
+        StreetCLIPProcessor.from_pretrained(small_streetclip_dir),
+    )
+
+
+@pytest.fixture(scope="module")
+def one_process(model_and_processor, photos, tmp_path_factory) -> Path:
+    """A gallery built on this one process, the reference."""
+    folder = tmp_path_factory.mktemp("one-process") / "g"
+    build_gallery(*model_and_processor, str(photos), folder, batch_size=2, progress=False)
+    return folder
+
+
+def assert_same_gallery(folder: Path, reference: Path) -> None:
+    """The same rows in the same order, the same bad rows, and embeddings within 1e-5."""
+    gallery, expected = GeoGallery.load(folder), GeoGallery.load(reference)
+    assert gallery.dataset["source_row"] == expected.dataset["source_row"]
+    assert gallery.dataset["image_path"] == expected.dataset["image_path"]
+    np.testing.assert_allclose(
+        np.asarray(gallery.dataset["embedding"]), np.asarray(expected.dataset["embedding"]), atol=1e-5
+    )
+    assert (folder / BAD_ROWS_FILE).read_text() == (reference / BAD_ROWS_FILE).read_text()
+
+
+def logged_rows(folder: Path) -> list[int]:
+    return [int(line) for path in folder.glob("*.txt") for line in path.read_text().split()]
+
+
+def logging_batches(real, log: Path):
+    """`embedded_batches` that also appends the rows each batch embeds to `log/0.txt`."""
+
+    def logged(*args, **kwargs):
+        for batch, embeds in real(*args, **kwargs):
+            with (log / "0.txt").open("a") as stream:
+                stream.write("".join(f"{row}\n" for row in batch.decoded))
+            yield batch, embeds
+
+    return logged
+
+
+def shard_rows(folder: Path) -> set[int]:
+    """The source rows the shards in `folder` hold, by their names."""
+    matches = [SHARD_NAME.fullmatch(path.name) for path in (folder / SHARDS_FOLDER).iterdir()]
+    return {row for match in matches if match for row in range(int(match[1]), int(match[2]))}
+
+
+def launch(*argv, script: Path, log: Path, kill_rank: str = "", cwd: Path) -> subprocess.CompletedProcess:
+    """Two processes under torchrun (a free port: `--standalone`) running `script`."""
+    log.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EMBED_LOG": str(log), "KILL_RANK": kill_rank}
+    return subprocess.run(
+        command + [str(arg) for arg in argv], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.slow
+def test_a_build_on_two_processes_killed_mid_way_resumes_on_one_or_two_as_a_build_on_one(
+    small_streetclip_dir, photos, one_process, tmp_path, monkeypatch
+):
+    script = tmp_path / "logged_build.py"
+    script.write_text(LOGGED_BUILD)
+    killed = tmp_path / "killed"
+    args = ["index", "build", photos, "--model", small_streetclip_dir, "--output", killed]
+    args += ["--batch_size", 2, "--shard_size", 2, "--num_workers", 0]
+    result = launch(*args, script=script, log=tmp_path / "log-killed", kill_rank="1", cwd=tmp_path)
+
+    assert result.returncode != 0 and "SIGKILL" in result.stderr, result.stderr[-3000:]
+    good = set(GeoGallery.load(one_process).dataset["source_row"])
+    done = shard_rows(killed)
+    assert 4 <= len(done) < len(good)  # the killed process's two shards, and what the other wrote
+    assert not (killed / "gallery.json").exists()
+
+    for processes in (1, 2):
+        output = tmp_path / f"rerun-{processes}"
+        shutil.copytree(killed, output)
+        rerun = [*args[:6], output, *args[7:]]
+        log = tmp_path / f"log-{processes}"
+        if processes == 1:
+            log.mkdir()
+            monkeypatch.setattr(
+                gallery_build, "embedded_batches", logging_batches(gallery_build.embedded_batches, log)
+            )
+            assert main([str(arg) for arg in rerun]) == EXIT_SOME_FAILED
+        else:
+            result = launch(*rerun, script=script, log=log, cwd=tmp_path)
+            assert result.returncode == 1 and "exitcode  : 2" not in result.stderr, result.stderr[-3000:]
+            assert result.stderr.count(f"{len(good)} photos in the gallery") == 1
+        embedded = logged_rows(log)
+        # Every good row the killed run left unwritten is embedded once, and no other.
+        assert sorted(embedded) == sorted(good - done)
+        assert_same_gallery(output, one_process)
+
+
+def test_every_pending_row_goes_to_one_process_in_chunks_that_line_up_across_reruns():
+    # Shards of an earlier run hold rows 0-4 and 8-10 of 23; chunks of 4 end on multiples of 4.
+    chunks, tail = _pending_chunks([(0, 4), (8, 10)], 23, 4)
+    assert (chunks, tail) == ([(4, 8), (10, 12), (12, 16), (16, 20), (20, 23)], None)
+    plans = [_RowPlan(chunks, tail, rank, 2, 4) for rank in range(2)]
+    assert list(plans[0].own_rows()) == [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22]
+    for row in range(30):
+        assert sum(plan.owns(row) for plan in plans) == (4 <= row < 8 or 10 <= row < 23)
+    # A stream of unknown length: the gaps, then chunks from the end of the last shard on, taken in turn.
+    chunks, tail = _pending_chunks([(0, 4), (8, 10)], None, 4)
+    assert (chunks, tail) == ([(4, 8)], 10)
+    plans = [_RowPlan(chunks, tail, rank, 2, 4) for rank in range(2)]
+    assert [row for row in range(24) if plans[1].owns(row)] == [10, 11, 12, 13, 18, 19, 20, 21]
+    assert [row for row in range(24) if plans[0].owns(row)] == [4, 5, 6, 7, 14, 15, 16, 17, 22, 23]
