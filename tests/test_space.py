@@ -331,6 +331,49 @@ def test_map_of_several_photos_pins_each_photos_best_answer_only():
         assert _color_at(world, latitude, longitude) == _color_at(base, latitude, longitude)
 
 
+def test_confidence_is_said_in_words_and_past_a_continent_is_not_confident():
+    assert app.PhotoResult(1, "a.png", answers=[{}], region_km=419.6).confidence() == "90% within 420 km"
+    far = app.PhotoResult(1, "a.png", answers=[{}], region_km=2500.0, level=0.8)
+    assert far.confidence() == "not confident: 80% only within 2,500 km"
+    assert "<b>1. a.png</b>: not confident: 80% only within 2,500 km" in app.confidence_html([far])
+    assert app.confidence_html([app.PhotoResult(2, "b.png", error="unreadable")]) == ""
+
+
+def test_the_region_holds_the_configured_share_of_the_posterior_the_heat_layer_draws(geolocator, photos):
+    (result,) = geolocator.locate([str(photos["street"])], top_k=3)
+    model = geolocator.pipeline.model
+    assert result.heat.shape == (model.candidate_places.num_cities, 3) and result.heat[:, 2].sum() == pytest.approx(1)
+    best = result.answers[0]
+    distances = world_map_distances(best, result.heat)
+    level = model.config.confidence_level
+    assert result.heat[distances <= result.region_km, 2].sum() >= level - 1e-9
+    assert result.heat[distances < result.region_km, 2].sum() < level
+    # The answers' own `within_km` agrees: the region is no wider than the first radius that reaches the level.
+    if best["radius_km"] is not None:
+        assert result.region_km <= best["radius_km"]
+
+
+def world_map_distances(answer: dict, heat: np.ndarray) -> np.ndarray:
+    from modeling_streetclip.geodesy import great_circle_km
+
+    return great_circle_km(answer["latitude"], answer["longitude"], heat[:, 0], heat[:, 1])
+
+
+def test_map_of_one_photo_shades_the_posterior_and_circles_its_region():
+    answers = [_answer("Best", 10.0, 20.0, 0.6), _answer("Second", -30.0, -60.0, 0.3)]
+    heat = np.array([[10.0, 20.0, 0.6], [-30.0, -60.0, 0.3], [45.0, -100.0, 0.1], [-60.0, 120.0, 1e-6]])
+    result = app.PhotoResult(1, "photo.png", answers=answers, heat=heat, region_km=1500.0)
+    world, base = app.draw_map([result]), app.draw_map([])
+    assert _color_at(world, 45.0, -100.0) != _color_at(base, 45.0, -100.0)  # a candidate with mass is shaded
+    assert _color_at(world, -60.0, 120.0) == _color_at(base, -60.0, 120.0)  # one with almost none is not
+    circle = np.asarray(world, dtype=np.int16) - np.array([8, 81, 156])  # REGION_COLOR
+    assert (np.abs(circle).max(axis=-1) <= 12).sum() > 100
+    latitudes, longitudes = app.circle_points(10.0, 20.0, 1500.0)
+    assert np.allclose(
+        world_map_distances({"latitude": 10.0, "longitude": 20.0}, np.column_stack([latitudes, longitudes])), 1500.0
+    )
+
+
 # Publishing the Space
 
 
@@ -563,7 +606,7 @@ def test_api_answers_with_the_map_table_and_errors(server, reference, photos):
     from gradio_client import Client, handle_file
 
     client = Client(server, verbose=False)
-    world, table, errors = client.predict(
+    world, table, errors, confidence = client.predict(
         [handle_file(str(photos["street"])), handle_file(str(photos["broken"]))],
         3,
         [],
@@ -574,10 +617,11 @@ def test_api_answers_with_the_map_table_and_errors(server, reference, photos):
     _assert_same_answers(rows, reference(str(photos["street"]), top_k=3), as_table=True)
     assert "broken.jpg" in errors and "is not an image format Pillow can read" in errors
     assert _pin_pixels(Image.open(world)) > 0
+    assert "<b>1. street.png</b>: " in confidence and " within " in confidence
 
     # A country restriction is one more input; a country given twice is that country.
     for countries in (["Brazil"], ["Brazil", "Brazil"]):
-        _, table, _ = client.predict([handle_file(str(photos["square"]))], 2, countries, api_name="/geolocate")
+        _, table, _, _ = client.predict([handle_file(str(photos["square"]))], 2, countries, api_name="/geolocate")
         assert {row[table["headers"].index("country")] for row in table["data"]} == {"Brazil"}
 
 
@@ -683,6 +727,7 @@ def _map_screenshot(browser) -> Image.Image:
 
 @pytest.mark.slow
 def test_page_answers_an_uploaded_photo_as_the_pipeline_and_pins_it(server, browser, reference, photos):
+    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     _open_page(browser, server)
@@ -694,6 +739,11 @@ def test_page_answers_an_uploaded_photo_as_the_pipeline_and_pins_it(server, brow
     assert [row["rank"] for row in rows] == [str(rank) for rank in range(1, len(expected) + 1)]
     _assert_same_answers(rows, expected, as_table=True)
     WebDriverWait(browser, PAGE_TIMEOUT_S).until(lambda driver: _pin_pixels(_map_screenshot(driver)) > 50)
+    # The confidence in words, and the region's circle on the map.
+    words = browser.find_element(By.ID, "confidence").text
+    assert re.search(r"street\.png: (not confident: )?90% (only )?within [\d,]+ km", words), words
+    region = np.asarray(_map_screenshot(browser).convert("RGB"), dtype=np.int16) - np.array([8, 81, 156])
+    assert (np.abs(region).max(axis=-1) <= 12).sum() > 50
 
     # Everything the page loaded came from the app itself: no CDN, no tile server.
     loaded = browser.execute_script("return performance.getEntriesByType('resource').map(entry => entry.name)")

@@ -27,6 +27,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 import pandas as pd
+import torch
 from huggingface_hub.repocard import metadata_load
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -73,6 +74,14 @@ PIN_FAINT_COLOR = (246, 208, 230)
 PIN_OUTLINE_COLOR = (40, 40, 40)
 PIN_RADIUS_PX = (4.0, 11.0)
 LABEL_SIZE_PX = 13
+# The posterior's heat layer: each candidate city a dot, more opaque and redder with its share of the largest mass;
+# cities under this share are left out, so that the map is not a haze of every candidate.
+HEAT_COLORMAP = "YlOrRd"
+HEAT_MIN_SHARE = 0.01
+HEAT_DOT_PX = 7.0
+REGION_COLOR = "#08519c"
+# Beyond the metric's continent level (2500 km) an answer says little more than "somewhere on Earth".
+CONFIDENT_RADIUS_KM = 2500.0
 
 ANSWER_COLUMNS = ("photo", "file", "rank")
 
@@ -85,6 +94,20 @@ class PhotoResult:
     name: str
     answers: list[dict[str, Any]] | None = None
     error: str | None = None
+    heat: np.ndarray | None = None  # (candidates, 3): latitude, longitude and posterior mass
+    region_km: float | None = None  # radius of the smallest circle around the best answer holding `level` of the mass
+    level: float = 0.9
+
+    def confidence(self) -> str:
+        """The best answer's confidence in words: "90% within 420 km", or "not confident: ..." past a continent."""
+        if self.region_km is None:
+            return ""
+        share, radius = f"{self.level:.0%}", f"{max(self.region_km, 1.0):,.0f} km"
+        return (
+            f"{share} within {radius}"
+            if self.region_km < CONFIDENT_RADIUS_KM
+            else f"not confident: {share} only within {radius}"
+        )
 
 
 def resolve_model(argument: str | None, readme: Path = SPACE_README) -> str:
@@ -137,13 +160,18 @@ class Geolocator:
         loaded = model_class.from_pretrained(model, config=config, vision_only="auto").eval()
         processor = AutoProcessor.from_pretrained(model, trust_remote_code=remote_code)
         self.pipeline = pipeline_class(model=loaded, processor=processor)
-        # The library's image loading, from the same code as the pipeline, so that a bad file gets the CLI's message.
-        images = importlib.import_module(f"{pipeline_class.__module__.rpartition('.')[0]}.images")
+        # The library's image loading, from the same code as the pipeline, so that a bad file gets the CLI's message;
+        # its decision rules and geometry, to draw the posterior the answers come from.
+        package = pipeline_class.__module__.rpartition(".")[0]
+        images, self.decisions, self.geodesy, self.pixels = (
+            importlib.import_module(f"{package}.{name}") for name in ("images", "decisions", "geodesy", "pixels")
+        )
         self.load_rgb_image = images.load_rgb_image
         self.image_errors = (OSError, images.ImageLoadError)
         # A Hub id names the model; a local folder's path would only name this machine's file system.
         self.display_name = Path(model).name if Path(model).exists() else model
         self.country_names = list(loaded.candidate_places.country_names)
+        self.level = loaded.config.confidence_level
 
     def locate(self, paths: Sequence[str], countries: Sequence[str] = (), **options: Any) -> list[PhotoResult]:
         """Each file's answers among `countries` (all candidates when empty), with `options` passed to the pipeline;
@@ -161,9 +189,28 @@ class Geolocator:
             except self.image_errors as error:
                 result.error = str(error)
                 continue
-            result.answers = pipeline(image, **options)
+            self._answer(pipeline, image, result, options)
             del image  # before the next photo is decoded
         return results
+
+    @torch.no_grad()
+    def _answer(self, pipeline, image: Image.Image, result: PhotoResult, options: dict[str, Any]) -> None:
+        """The pipeline's answers (its own three steps, so that one forward pass gives them and the posterior), the
+        posterior over the candidates and the radius around the best answer that holds `confidence_level` of it."""
+        model = pipeline.model
+        pixels = pipeline.preprocess(image)["pixel_values"]
+        outputs = model(pixel_values=self.pixels.normalized_pixels(pipeline.image_processor, pixels, model.dtype))
+        result.answers = pipeline.postprocess(self.decisions.rank(model, outputs, **options))
+        levels = model.log_probabilities(outputs.country_logits, outputs.region_logits, outputs.city_logits)
+        mass = self.decisions.confidence_posterior(model, outputs, levels)[0][0].double().cpu().numpy()
+        points = model.city_coordinates.numpy()
+        result.heat = np.column_stack([points, mass])
+        best = result.answers[0]
+        distances = self.geodesy.great_circle_km(best["latitude"], best["longitude"], points[:, 0], points[:, 1])
+        order = np.argsort(distances, kind="stable")
+        result.level = model.config.confidence_level
+        reached = np.flatnonzero(np.cumsum(mass[order]) >= result.level)
+        result.region_km = float(distances[order][reached[0]] if len(reached) else distances.max())
 
     def _candidate_names(self, countries: Sequence[str]) -> tuple[str, ...]:
         """The candidate names that `countries` (names or ISO codes) resolve to, sorted and each once, so that one
@@ -239,6 +286,30 @@ def draw_map(results: Sequence[PhotoResult]) -> Image.Image:
     axes = figure.add_axes((0.0, 0.0, 1.0, 1.0))
     axes.set_axis_off()
     draw_world(axes)
+    heat = [result.heat for result in answered if result.heat is not None]
+    if heat:
+        # Several photos: the mean of their posteriors, each over the same candidates (or its own restriction).
+        points = np.concatenate(heat)
+        shares = points[:, 2] / len(heat) / max(points[:, 2].max() / len(heat), 1e-300)
+        shown = shares >= HEAT_MIN_SHARE
+        order = np.argsort(shares[shown])
+        axes.scatter(
+            points[shown, 1][order],
+            points[shown, 0][order],
+            s=HEAT_DOT_PX**2,
+            c=shares[shown][order],
+            cmap=HEAT_COLORMAP,
+            vmin=0.0,
+            vmax=1.0,
+            alpha=0.35 + 0.6 * shares[shown][order],
+            linewidths=0,
+            zorder=1,
+        )
+    if len(answered) == 1 and answered[0].region_km is not None:
+        best = answered[0].answers[0]
+        latitudes, longitudes = circle_points(best["latitude"], best["longitude"], answered[0].region_km)
+        axes.plot(longitudes, latitudes, color=REGION_COLOR, linewidth=2, linestyle="--", zorder=1.5)
+        pins[0] = (pins[0][0], f"best: {answered[0].confidence()}")
     top_score = max((answer["joint_probability"] for answer, _ in pins), default=0.0)
     # Weakest first, so that stronger pins and every label are drawn over them.
     for answer, label in sorted(pins, key=lambda pin: (pin[1] is not None, pin[0]["joint_probability"])):
@@ -268,6 +339,29 @@ def draw_map(results: Sequence[PhotoResult]) -> Image.Image:
     return Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert("RGB")
 
 
+def circle_points(latitude: float, longitude: float, radius_km: float, steps: int = 361) -> tuple[np.ndarray, ...]:
+    """Latitudes and longitudes of the circle of `radius_km` around a point on the sphere, broken (NaN) where it
+    crosses the map's edge at 180 degrees."""
+    angle = min(radius_km / 6371.0088, np.pi)
+    phi, lam = np.radians(latitude), np.radians(longitude)
+    bearings = np.linspace(0, 2 * np.pi, steps)
+    lat = np.arcsin(np.sin(phi) * np.cos(angle) + np.cos(phi) * np.sin(angle) * np.cos(bearings))
+    lon = lam + np.arctan2(np.sin(bearings) * np.sin(angle) * np.cos(phi), np.cos(angle) - np.sin(phi) * np.sin(lat))
+    lat, lon = np.degrees(lat), (np.degrees(lon) + 180) % 360 - 180
+    lon[np.flatnonzero(np.abs(np.diff(lon)) > 180) + 1] = np.nan
+    return lat, lon
+
+
+def confidence_html(results: Sequence[PhotoResult]) -> str:
+    """Each answered photo's confidence in words, as HTML."""
+    items = "".join(
+        f"<li><b>{result.number}. {html.escape(result.name)}</b>: {html.escape(result.confidence())}</li>"
+        for result in results
+        if result.answers and result.region_km is not None
+    )
+    return f"<p>How sure, around each best answer:</p><ul>{items}</ul>" if items else ""
+
+
 def _blend(low: tuple[int, int, int], high: tuple[int, int, int], share: float) -> tuple[int, int, int]:
     return tuple(round(a + (b - a) * share) for a, b in zip(low, high, strict=True))
 
@@ -280,7 +374,7 @@ def build_demo(geolocator: Geolocator) -> gr.Blocks:
             results = geolocator.locate(files or [], countries or [], top_k=int(top_k))
         except ValueError as error:  # the request's own mistake: shown on the page and in the API's error event
             raise gr.Error(str(error)) from None
-        return draw_map(results), answers_table(results), errors_html(results)
+        return draw_map(results), answers_table(results), errors_html(results), confidence_html(results)
 
     with gr.Blocks(
         title="StreetCLIP: where was this photo taken?",
@@ -291,7 +385,8 @@ def build_demo(geolocator: Geolocator) -> gr.Blocks:
             f"# Where was this photo taken?\nStreetCLIP (`{geolocator.display_name}`) picks the most likely "
             "country among its candidates, then the most likely city of that country. Drop one photo to see its "
             f"best answers, or up to {MAX_PHOTOS} to see each photo's best answer (at most {MAX_FILE_SIZE.upper()} "
-            "each). Outdoor street-level photos work best."
+            "each). Outdoor street-level photos work best. The map shades the model's probability over its candidate "
+            f"cities, and for one photo circles the region around the best answer that holds {geolocator.level:.0%} of it."
         )
         with gr.Row():
             with gr.Column(scale=1):
@@ -307,6 +402,7 @@ def build_demo(geolocator: Geolocator) -> gr.Blocks:
                 )
                 locate = gr.Button("Locate", variant="primary", elem_id="locate")
                 errors = gr.HTML(elem_id="errors")
+                confidence = gr.HTML(elem_id="confidence")
             with gr.Column(scale=2):
                 world = gr.Image(
                     value=draw_map([]),
@@ -323,7 +419,7 @@ def build_demo(geolocator: Geolocator) -> gr.Blocks:
             triggers=[photos.upload, locate.click],
             fn=geolocate,
             inputs=[photos, top_k, countries],
-            outputs=[world, table, errors],
+            outputs=[world, table, errors, confidence],
             api_name="geolocate",
         )
     return demo
