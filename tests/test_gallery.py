@@ -23,6 +23,7 @@ from transformers import CLIPModel, pipeline
 
 import modeling_streetclip
 from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip.answers import CONFIDENCE_RADII_KM
 from modeling_streetclip.app import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, batch, gallery_build
 from modeling_streetclip.app.gallery_build import SHARDS_FOLDER, build_gallery
 from modeling_streetclip.candidates import CandidatePlaces
@@ -1124,3 +1125,33 @@ def test_a_briefly_trained_model_with_a_gallery_of_training_photos_beats_zero_sh
     assert accuracy["greedy"] == 0.0
     assert accuracy["gallery"] >= 0.9
     assert accuracy["hybrid"] >= 0.5
+
+
+@pytest.mark.parametrize("decision", ["gallery", "hybrid"])
+def test_gallery_within_km_is_the_votes_share_within_each_radius_of_the_answer(built, model_and_processor, decision):
+    model, processor = model_and_processor
+    gallery = built.gallery
+    pixel_values = processor.image_processor(images=query_photos(4, seed=5), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        outputs = model(pixel_values=pixel_values)
+    ranked = rank_gallery_places(model, outputs, gallery, decision, top_k=3)
+    similarities, rows = gallery.search(outputs.image_embeds.numpy(), gallery.settings.num_neighbors)
+    countries = outputs.country_logits.softmax(dim=-1).numpy()
+    for image in range(len(pixel_values)):
+        latitudes, longitudes = gallery.latitudes[rows[image]], gallery.longitudes[rows[image]]
+        scale = None
+        if decision == "hybrid":
+            neighbours = np.asarray(model.candidate_places.city_countries)[
+                nearest_city_rows(model.candidate_places, latitudes, longitudes)
+            ]
+            scale = hybrid_scale(neighbours, countries[image], gallery.settings.hybrid_countries)
+        # The vote's weights, as `kernel_vote` gives them: exp((s - best) / temperature), times the hybrid's scale.
+        weights = np.exp((similarities[image] - similarities[image].max()) / gallery.settings.temperature)
+        weights = weights * (1.0 if scale is None else scale)
+        for rank, row in enumerate(ranked.gallery_rows[image].tolist()):
+            if row < 0:
+                continue
+            distances = great_circle_km(gallery.latitudes[row], gallery.longitudes[row], latitudes, longitudes)
+            expected = [weights[distances <= radius].sum() / weights.sum() for radius in CONFIDENCE_RADII_KM]
+            torch.testing.assert_close(ranked.within_km[image, rank], torch.tensor(expected, dtype=torch.float64))
+    assert (ranked.within_km.diff(dim=-1) >= 0).all() and not ranked.calibrated.any()
