@@ -18,7 +18,13 @@ from modeling_streetclip.app.calibration import (
 )
 from modeling_streetclip.cli import main as streetclip
 from modeling_streetclip.decisions import rank_answers
-from modeling_streetclip.testing_utils import PLACES, random_photo, train_geo_model, write_geo_imagefolder
+from modeling_streetclip.testing_utils import (
+    PLACES,
+    random_photo,
+    run_as_hub_user,
+    train_geo_model,
+    write_geo_imagefolder,
+)
 
 
 def test_ece_and_brier_are_the_equal_mass_bin_gap_and_the_squared_error():
@@ -57,6 +63,14 @@ def test_calibrate_refuses_a_holdout_that_is_not_a_share(capsys, tmp_path, small
     assert status == 2 and "--holdout must be a share strictly between 0 and 1" in err
 
 
+REMOTE_SCRIPT = """
+import json, sys
+from transformers import pipeline
+geolocate = pipeline("geolocation", model=sys.argv[1], trust_remote_code=True)
+print(json.dumps({"answers": geolocate(sys.argv[2], top_k=2)}))
+"""
+
+
 @pytest.mark.slow
 def test_the_calibration_survives_every_save_path_and_vision_only_loading(capsys, tmp_path, small_streetclip_dir):
     photos = write_geo_imagefolder(tmp_path / "photos", photos_per_city=9, seed=0)
@@ -75,6 +89,17 @@ def test_the_calibration_survives_every_save_path_and_vision_only_loading(capsys
     assert all(answer["calibrated"] for answer in answers)
     for folder in ("saved", "pipe"):
         assert pipeline("geolocation", model=str(tmp_path / folder))(image, top_k=2) == answers
+    # Without the package, the repository's own code reads the calibration from config.json.
+    image.save(tmp_path / "photo.png")
+    remote = run_as_hub_user(
+        REMOTE_SCRIPT,
+        ["someone/calibrated", str(tmp_path / "photo.png")],
+        {"someone/calibrated": tmp_path / "pipe"},
+        tmp_path / "user",
+    )
+    assert [answer["label"] for answer in remote["answers"]] == [answer["label"] for answer in answers]
+    for mine, theirs in zip(remote["answers"], answers, strict=True):
+        assert mine["calibrated"] and mine["within_km"] == pytest.approx(theirs["within_km"], abs=1e-6)
     vision = StreetCLIPForGeolocation.from_pretrained(tmp_path / "saved", vision_only=True)
     pixel_values = geolocate.image_processor(images=[image], return_tensors="pt")["pixel_values"]
     for mine, theirs in zip(rank_answers(vision, vision(pixel_values), top_k=2)[0], answers, strict=True):
