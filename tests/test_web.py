@@ -48,6 +48,8 @@ TOP_K = 5
 PROBABILITY_TOLERANCE = 1e-4
 TEXT_FIELDS = ("label", "country", "country_code", "region", "city")
 NUMBER_FIELDS = ("latitude", "longitude", "score", "country_score", "region_score", "joint_probability")
+# The pipeline's confidence fields (issue 22), which the page does not compute yet.
+CONFIDENCE_FIELDS = {"within_km", "radius_km", "calibrated"}
 # The page's own files that a visit fetches, and the model's (served under /model/).
 PAGE_FILES = {
     "/",
@@ -149,7 +151,7 @@ def set_decision(browser, decision: str, top_k: int = TOP_K) -> None:
 def assert_same_answers(shown: list[dict], expected: list[dict]) -> None:
     assert [answer["label"] for answer in shown] == [answer["label"] for answer in expected]
     for answer, reference in zip(shown, expected, strict=True):
-        assert set(answer) - {"photo", "rank"} == set(reference)
+        assert set(answer) - {"photo", "rank"} == set(reference) - CONFIDENCE_FIELDS
         for field in TEXT_FIELDS:
             assert answer.get(field) == reference.get(field), field
         for field in NUMBER_FIELDS:
