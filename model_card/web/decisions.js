@@ -99,14 +99,17 @@ export function rankAnswers(table, outputs, decision, topK) {
   } else if (decision === "joint") {
     order = byJoint.slice(0, k);
   } else {
-    // The Bayes decision for distance-thresholded accuracy: the expected great-circle distance to the true place
-    // under the joint posterior over the most probable cities, renormalised; smallest first.
-    const pool = byJoint.slice(0, Math.min(Math.max(k, table.expectedDistanceCandidates), table.numCities));
-    const mass = pool.reduce((sum, row) => sum + joint[row], 0);
+    // The Bayes decision for the mean error: the expected great-circle distance to the true place under the joint
+    // posterior over the most probable cities, renormalised; smallest first among them, then the next most probable
+    // by joint probability, so that no answer depends on topK (as `decisions._by_criterion`).
+    const candidates = Math.min(table.expectedDistanceCandidates, table.numCities);
+    const weighed = byJoint.slice(0, candidates);
+    const pool = byJoint.slice(0, Math.max(k, candidates));
+    const mass = weighed.reduce((sum, row) => sum + joint[row], 0);
     const expected = new Map(
       pool.map((row) => [
         row,
-        pool.reduce(
+        weighed.reduce(
           (sum, other) =>
             sum +
             (joint[other] / mass) *
@@ -116,7 +119,8 @@ export function rankAnswers(table, outputs, decision, topK) {
       ]),
     );
     const position = new Map(pool.map((row, index) => [row, index]));
-    order = [...pool].sort((a, b) => expected.get(a) - expected.get(b) || position.get(a) - position.get(b)).slice(0, k);
+    const chosen = [...weighed].sort((a, b) => expected.get(a) - expected.get(b) || position.get(a) - position.get(b));
+    order = chosen.concat(pool.slice(candidates)).slice(0, k);
     distances = order.map((row) => expected.get(row));
   }
   return order.map((row, rank) => {
