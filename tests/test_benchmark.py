@@ -246,6 +246,26 @@ def test_onnx_runtime_backend_scores_the_graph_as_the_pytorch_model(
     ]
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_quantize_int8_scores_the_int8_model_of_either_backend(
+    small_streetclip_dir, image_folder, metadata_csv, tmp_path, backend
+):
+    pytest.importorskip("onnxruntime", reason='the int8 graph needs the [onnx] extra: pip install "streetclip[onnx]"')
+    from modeling_streetclip.cli import main as streetclip
+
+    model = small_streetclip_dir
+    if backend == "onnxruntime":
+        model = tmp_path / "export"
+        assert streetclip(["export", str(small_streetclip_dir), "--output", str(model)]) == 0
+    benchmark.main(
+        ["--model", str(model), "--data", str(metadata_csv), "--image_dir", str(image_folder), "--quantize", "int8"]
+        + ["--output_dir", str(tmp_path / "results"), "--num_workers", "0", "--backend", backend]
+    )
+    metrics = _read_metrics(tmp_path / "results")
+    assert (metrics["backend"], metrics["quantize"], metrics["device"]) == (backend, "int8", "cpu")
+    assert metrics["num_evaluated"] == len(GOOD_ROWS)
+
+
 def test_dataset_saved_to_disk_with_custom_column_names(small_streetclip_dir, image_folder, tmp_path):
     names = [name for name, _, _ in GOOD_ROWS[:3]] + [CORRUPT_ROW[0]]
     test_split = datasets.Dataset.from_dict(
