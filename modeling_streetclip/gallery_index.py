@@ -24,6 +24,9 @@ DEFAULT_INDEX = "Flat"
 EXACT_SEARCH_MAX_ROWS = 100_000
 # Probing 1/64 of the lists reached recall@10 >= 0.9 on the clustered benchmark (eval/speed/bench_gallery_index.py).
 PROBED_LIST_FRACTION = 1 / 64
+# Search time grows with the rows the probed lists hold: beyond about a million rows, fewer lists are probed, so that a
+# query scans about this many rows whatever the gallery's size (eval/README.md, the 5M-row figures).
+SCANNED_ROWS_PER_QUERY = 20_000
 # k-means wants >= 39 points per centroid (64 gives slack); PQ's 256-centroid sub-quantizers want 2**16 points.
 TRAIN_POINTS_PER_LIST = 64
 MIN_TRAIN_POINTS = 2**16
@@ -45,8 +48,12 @@ class IndexChoice:
     memory_bytes: int
 
 
-def probed_lists(lists: int) -> int:
-    return max(1, round(lists * PROBED_LIST_FRACTION))
+def probed_lists(lists: int, num_rows: int | None = None) -> int:
+    """PROBED_LIST_FRACTION of the lists, fewer where they hold more than SCANNED_ROWS_PER_QUERY of `num_rows`."""
+    probes = lists * PROBED_LIST_FRACTION
+    if num_rows:
+        probes = min(probes, lists * SCANNED_ROWS_PER_QUERY / num_rows)
+    return max(1, round(probes))
 
 
 def training_rows(lists: int | None, num_rows: int) -> int:
@@ -59,7 +66,7 @@ def _ivf_choice(num_rows: int, dim: int, codes: str, code_bytes: int) -> IndexCh
     most one per 39 rows."""
     lists = max(1, min(2 ** round(math.log2(max(1.0, math.sqrt(num_rows)))), num_rows // 39))
     memory = num_rows * (code_bytes + IVF_ID_BYTES) + lists * dim * 4
-    return IndexChoice(f"IVF{lists},{codes}", probed_lists(lists), training_rows(lists, num_rows), memory)
+    return IndexChoice(f"IVF{lists},{codes}", probed_lists(lists, num_rows), training_rows(lists, num_rows), memory)
 
 
 def recommended_index(num_rows: int, dim: int) -> IndexChoice:
@@ -192,7 +199,7 @@ def trained_index(
                 f"Cannot train the index {factory!r} on {wanted:,} of {num_rows:,} rows ({faiss_reason(error)}); "
                 "choose an index with fewer lists (IVF{n} needs at least 39 rows per list), or 'Flat'."
             ) from None
-    nprobe = (nprobe or probed_lists(lists)) if lists is not None else None
+    nprobe = (nprobe or probed_lists(lists, num_rows)) if lists is not None else None
     if nprobe is not None:
         set_nprobe(index, nprobe)
     return index, nprobe

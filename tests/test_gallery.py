@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -375,12 +376,12 @@ def test_a_build_stopped_while_saving_its_index_leaves_no_partial_file_and_finis
     model, processor = model_and_processor
     folder = tmp_path / "g"
 
-    def half_written(self, column, path):
+    def half_written(index, path):
         Path(path).write_bytes(b"half an index")
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(datasets.Dataset, "save_faiss_index", half_written)
+        patch.setattr(faiss, "write_index", half_written)
         with pytest.raises(KeyboardInterrupt):
             build_gallery(model, processor, str(photos), folder, progress=False)
     assert not list(folder.glob("*.tmp")) and not (folder / "index.faiss").exists()
@@ -446,14 +447,14 @@ def test_an_unfinished_build_is_not_resumed_with_other_data_or_another_model(
 
 def _interrupt_after_first_shard(model, processor, photos, folder):
     """Run a build that stops (KeyboardInterrupt) once its first shard is written."""
-    real = gallery_build._ShardWriter.flush
+    real = gallery_build.ShardWriter.flush
 
     def flush_then_stop(self):
         real(self)
         raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gallery_build._ShardWriter, "flush", flush_then_stop)
+        patch.setattr(gallery_build.ShardWriter, "flush", flush_then_stop)
         build_gallery(model, processor, str(photos), folder, batch_size=4, shard_size=4, progress=False)
 
 
@@ -872,7 +873,7 @@ def test_index_build_shows_only_its_own_bar_and_summary_unless_verbose(small_str
     assert all(line.startswith("streetclip index build: ") for line in lines), quiet
     assert main([*args, "--output", str(tmp_path / "verbose"), "--verbose"]) == EXIT_SOME_FAILED
     verbose = capfd.readouterr().err
-    assert "Loading weights" in verbose and "Saving the dataset" in verbose and "1/1" in verbose
+    assert "Loading weights" in verbose
 
 
 def test_index_build_reads_a_csv_with_an_image_folder(small_streetclip_dir, photos, tmp_path, capsys):

@@ -4,6 +4,7 @@ chunks each process embeds.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,10 +17,12 @@ from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.app import EXIT_SOME_FAILED, gallery_build
 from modeling_streetclip.app.gallery_build import SHARD_NAME, SHARDS_FOLDER, _pending_chunks, _RowPlan, build_gallery
 from modeling_streetclip.cli import main
+from modeling_streetclip.gallery_index import SCANNED_ROWS_PER_QUERY, recommended_index
 from modeling_streetclip.gallery_store import BAD_ROWS_FILE, GeoGallery
 from modeling_streetclip.testing_utils import write_geo_imagefolder
 
 
+REPO = Path(__file__).resolve().parents[1]
 # Run as the script of every process: `streetclip`, logging the rows each batch embeds to EMBED_LOG/{rank}-{pid}.txt;
 # the process of rank KILL_RANK kills itself (SIGKILL: no cleanup of any kind) once it has written two shards.
 LOGGED_BUILD = """
@@ -30,7 +33,7 @@ from modeling_streetclip.app import gallery_build
 from modeling_streetclip.cli import main
 
 log = Path(os.environ["EMBED_LOG"]) / f"{os.environ.get('RANK', '0')}-{os.getpid()}.txt"
-real_batches, real_flush = gallery_build.embedded_batches, gallery_build._ShardWriter.flush
+real_batches, real_flush = gallery_build.embedded_batches, gallery_build.ShardWriter.flush
 flushes = 0
 
 
@@ -50,7 +53,7 @@ def flush_or_die(self):
 
 
 gallery_build.embedded_batches = logged_batches
-gallery_build._ShardWriter.flush = flush_or_die
+gallery_build.ShardWriter.flush = flush_or_die
 sys.exit(main())
 """
 
@@ -172,3 +175,23 @@ def test_every_pending_row_goes_to_one_process_in_chunks_that_line_up_across_rer
     plans = [_RowPlan(chunks, tail, rank, 2, 4) for rank in range(2)]
     assert [row for row in range(24) if plans[1].owns(row)] == [10, 11, 12, 13, 18, 19, 20, 21]
     assert [row for row in range(24) if plans[0].owns(row)] == [4, 5, 6, 7, 14, 15, 16, 17, 22, 23]
+
+
+def test_the_default_index_for_five_million_rows_fits_4_gib_and_scans_a_bounded_number_of_rows():
+    choice = recommended_index(5_000_000, 768)
+    assert (choice.factory, choice.nprobe) == ("IVF2048,SQ8", 8)
+    assert choice.memory_bytes <= 4 * 2**30
+    assert choice.nprobe * 5_000_000 / 2048 <= 1.05 * SCANNED_ROWS_PER_QUERY
+    assert recommended_index(1_000_000, 768).nprobe == 16  # a million rows: 1/64 of the lists, as measured
+
+
+@pytest.mark.slow
+def test_the_scale_benchmark_builds_through_the_build_s_own_join_and_prints_its_figures(tmp_path):
+    command = [sys.executable, str(REPO / "eval/speed/bench_gallery_index.py"), "--build", "--rows", "3000"]
+    command += ["--queries", "64", "--threads", "1", "--workdir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "joined (dataset written, Flat trained and filled" in result.stdout
+    assert re.search(r"ms/query at batch 64 \(target <= 5\); peak resident memory \d+\.\d+ GiB", result.stdout)
+    assert "recall@10 1.000 (target >= 0.9)" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # the gallery is deleted

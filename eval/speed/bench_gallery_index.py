@@ -15,6 +15,14 @@ documented default for the size (`gallery_index.recommended_index`: IVF1024,SQ8 
 (`faiss.serialize_index`: the codes, the ids and the coarse centroids); for `Flat`, rows x dimension x 4 bytes, its
 only content. Targets at 1M clustered rows, default index: recall@10 >= 0.9, <= 1 GiB, <= 5 ms per query.
 
+`--build` skips the model and the in-memory comparison: it writes the clustered rows, generated in chunks that are
+never all in memory, as `streetclip index build`'s shards, joins them by the build's own last step
+(`gallery_build.join_shards`: the dataset, and the default index for the size trained and filled) in a process of its
+own, then loads the gallery (`GeoGallery.load`) in another and searches it; it prints the build's time and both
+processes' peak resident memory, the index's size, the latency at batch 64, and recall@10 against an exact search by
+brute force over the regenerated rows. Targets at 5,000,000 clustered rows (`--build --rows 5000000`; about 16 GB of
+disk twice over, in `--workdir`): build peak <= 8 GiB, index <= 4 GiB, <= 5 ms per query, recall@10 >= 0.9.
+
 `--pipeline` also times, at ViT-L/14-336 with random weights (built here, no download), the pipeline per image at
 batch 8 (vision forward and the greedy decision) and the gallery decision per image (search of the 1M-row clustered
 gallery under the default index, the kernel vote, naming the nearest candidate city); target: the gallery adds at
@@ -26,9 +34,13 @@ are printed); a million rows take about 3 GiB per copy, and the script holds two
 """
 
 import argparse
+import multiprocessing
+import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import faiss
@@ -66,6 +78,122 @@ def gallery_rows(
             chunk /= np.linalg.norm(chunk, axis=1, keepdims=True)
         rows[start : start + size] = chunk
     return rows, labels
+
+
+def clustered_chunks(count: int, dim: int, seed: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """The clustered gallery as `(first row, rows, centres)` in chunks of CHUNK_ROWS, each drawn from its own seed,
+    so that the exact search draws them again instead of keeping them."""
+    centres = unit_rows(np.random.default_rng(seed), CLUSTERS, dim)
+    for start in range(0, count, CHUNK_ROWS):
+        rows, labels = gallery_rows(
+            "clustered", min(CHUNK_ROWS, count - start), dim, np.random.default_rng([seed, start]), centres
+        )
+        yield start, rows, labels
+
+
+def peak_memory_gib() -> float:
+    """This process's peak resident memory (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def build_through_gallery_build(folder: Path, rows: int, dim: int) -> dict:
+    """Write the clustered rows as the build's shards (DEFAULT_SHARD_SIZE rows each) and join them as the build does."""
+    import torch
+
+    from modeling_streetclip.app import DEFAULT_SHARD_SIZE
+    from modeling_streetclip.app.batch import PixelBatch
+    from modeling_streetclip.app.gallery_build import SHARDS_FOLDER, ShardWriter, join_shards
+    from modeling_streetclip.gallery_store import INDEX_FILE, PROBE_IMAGES
+    from modeling_streetclip.gallery_vote import VoteSettings
+
+    begin = time.perf_counter()
+    writer = ShardWriter(folder / SHARDS_FOLDER, dim, None)
+    writer.shards.mkdir(parents=True)
+    for start, chunk, _ in clustered_chunks(rows, dim):
+        for offset in range(0, len(chunk), DEFAULT_SHARD_SIZE):
+            part = chunk[offset : offset + DEFAULT_SHARD_SIZE]
+            order = list(range(start + offset, start + offset + len(part)))
+            writer.add(PixelBatch(order, order, None, {}, [(0.0, 0.0, None, {})] * len(part)), torch.from_numpy(part))
+            writer.flush()
+    shards_s = time.perf_counter() - begin
+    fingerprint = unit_rows(np.random.default_rng(1), PROBE_IMAGES, dim)
+    options = {"model": "synthetic", "source": f"{rows:,} synthetic clustered rows"}
+    gallery, _ = join_shards(folder, options, fingerprint, VoteSettings())
+    return {
+        "shards_s": shards_s,
+        "join_s": time.perf_counter() - begin - shards_s,
+        "index": gallery.info.index,
+        "nprobe": gallery.info.nprobe,
+        "index_gib": (folder / INDEX_FILE).stat().st_size / 2**30,
+        "peak_gib": peak_memory_gib(),
+    }
+
+
+def search_gallery(folder: Path, queries: np.ndarray) -> dict:
+    """Load the gallery in this (fresh) process and search it in batches."""
+    from modeling_streetclip.gallery_store import GeoGallery
+
+    begin = time.perf_counter()
+    gallery = GeoGallery.load(folder)
+    load_s = time.perf_counter() - begin
+    found, per_query_s = search_in_batches(gallery, queries, RECALL_AT)
+    return {"found": found, "load_s": load_s, "per_query_s": per_query_s, "peak_gib": peak_memory_gib()}
+
+
+def exact_search(queries: np.ndarray, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact `RECALL_AT` nearest rows of every query, by brute force over the regenerated chunks, and every row's
+    centre."""
+    best_scores = np.full((len(queries), RECALL_AT), -np.inf, dtype=np.float32)
+    best_rows = np.zeros((len(queries), RECALL_AT), dtype=np.int64)
+    labels = np.empty(rows, dtype=np.int64)
+    for start, chunk, chunk_labels in clustered_chunks(rows, dim):
+        labels[start : start + len(chunk)] = chunk_labels
+        scores = np.concatenate([best_scores, queries @ chunk.T], axis=1)
+        candidates = np.concatenate(
+            [best_rows, np.broadcast_to(np.arange(start, start + len(chunk)), (len(queries), len(chunk)))], axis=1
+        )
+        top = np.argpartition(-scores, RECALL_AT, axis=1)[:, :RECALL_AT]
+        best_scores, best_rows = np.take_along_axis(scores, top, 1), np.take_along_axis(candidates, top, 1)
+    return best_rows, labels
+
+
+def measure_build(args: argparse.Namespace) -> None:
+    """`--build`: the default index through the build's own path at `--rows`, each step's memory its own process's."""
+    centres = unit_rows(np.random.default_rng(0), CLUSTERS, args.dim)
+    queries, query_labels = gallery_rows(
+        "clustered", args.queries, args.dim, np.random.default_rng([0, 2**40]), centres
+    )
+    print(
+        f"\nbuild: {args.rows:,} clustered rows x {args.dim} through gallery_build.join_shards, {args.queries:,} queries"
+    )
+    spawn = multiprocessing.get_context("spawn")  # a fresh process: its peak memory is its own
+    with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+        folder = Path(workdir) / "gallery"
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            built = pool.submit(build_through_gallery_build, folder, args.rows, args.dim).result()
+        print(
+            f"  build: shards written in {built['shards_s']:.0f} s, joined (dataset written, {built['index']} trained "
+            f"and filled, nprobe {built['nprobe']}) in {built['join_s']:.0f} s; peak resident memory "
+            f"{built['peak_gib']:.2f} GiB (target <= 8); index {built['index_gib']:.3f} GiB (target <= 4)",
+            flush=True,
+        )
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            searched = pool.submit(search_gallery, folder, queries).result()
+    print(
+        f"  search (GeoGallery.load in a fresh process, loaded in {searched['load_s']:.0f} s): "
+        f"{searched['per_query_s'] * 1e3:.3f} ms/query at batch {QUERY_BATCH} (target <= 5); peak resident memory "
+        f"{searched['peak_gib']:.2f} GiB",
+        flush=True,
+    )
+    begin = time.perf_counter()
+    sample = min(args.recall_queries, args.queries)
+    exact, labels = exact_search(queries[:sample], args.rows, args.dim)
+    found = searched["found"][:sample]
+    print(
+        f"  recall@{RECALL_AT} {recall(found, exact):.3f} (target >= 0.9), same centre@{RECALL_AT} "
+        f"{np.mean(labels[found] == query_labels[:sample, None]):.3f}, over {sample:,} queries; exact search by brute "
+        f"force in {time.perf_counter() - begin:.0f} s"
+    )
 
 
 def search_in_batches(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]:
@@ -204,6 +332,11 @@ def main() -> None:
     parser.add_argument("--galleries", nargs="*", choices=["clustered", "uniform"], default=["clustered", "uniform"])
     parser.add_argument("--lean", nargs="*", default=["PQ64", "PQ96"], help="PQ code sizes tried as lean options")
     parser.add_argument("--pipeline", action="store_true", help="also measure the gallery's share at ViT-L/14-336")
+    parser.add_argument(
+        "--build", action="store_true", help="only the default index, through the build's own path (see above)"
+    )
+    parser.add_argument("--recall_queries", type=int, default=500, help="--build: queries searched exactly too")
+    parser.add_argument("--workdir", help="folder for --build's gallery (default: the system's temporary folder)")
     parser.add_argument("--batch_size", type=int, default=8, help="images per pipeline call (--pipeline)")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds of --pipeline (medians are reported)")
     parser.add_argument(
@@ -219,6 +352,9 @@ def main() -> None:
         faiss.omp_set_num_threads(args.threads)
 
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads; torch {torch.get_num_threads()}")
+    if args.build:
+        measure_build(args)
+        return
     for kind in args.galleries:
         measure_gallery(kind, args)
     if args.pipeline:

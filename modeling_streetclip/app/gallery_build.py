@@ -200,7 +200,7 @@ def build_gallery(
         pin = model.device.type == "cuda"
         # Workers yield whole batches (batch_size=None), each of consecutive rows, in turn: source order is kept.
         loader = DataLoader(rows, batch_size=None, num_workers=num_workers, collate_fn=collate_pixels, pin_memory=pin)
-        writer = _ShardWriter(folder / SHARDS_FOLDER, dim, columns.features)
+        writer = ShardWriter(folder / SHARDS_FOLDER, dim, columns.features)
         own_total = None if numbers is None else len(numbers)
         show = progress and (accelerator is None or accelerator.is_main_process)
         with tqdm(
@@ -221,8 +221,8 @@ def build_gallery(
     finished: dict[str, Any] = {"gallery": None, "bad_rows": []}
 
     def finish() -> None:
-        finished["gallery"], finished["bad_rows"] = _finish(
-            folder, options, fingerprint, columns, settings, index, nprobe, train_size, total
+        finished["gallery"], finished["bad_rows"] = join_shards(
+            folder, options, fingerprint, settings, index, nprobe, train_size, total, columns.id, columns.features
         )
 
     _on_main(accelerator, finish)
@@ -408,11 +408,11 @@ class _RowPlan:
         return chunk % self.processes == self.rank
 
 
-def _read_shard(path: Path) -> pa.Table:
-    """A shard, memory-mapped: joining a million rows copies nothing until the gallery is saved."""
+def _read_shard(path: Path, mapped: bool = True) -> pa.Table:
+    """A shard, memory-mapped (only the columns used are read), or read into memory freed with the table."""
     import pyarrow as pa
 
-    with pa.memory_map(str(path)) as source:
+    with pa.memory_map(str(path)) if mapped else pa.OSFile(str(path)) as source:
         return pa.ipc.open_stream(source).read_all()
 
 
@@ -476,7 +476,7 @@ class _SourceRows(IterableDataset):
         return row_number, resized_pixels(self.image_processor, image)[0], None, fields
 
 
-class _ShardWriter:
+class ShardWriter:
     """Collects embedded rows and writes them as one shard, whole or not at all."""
 
     def __init__(self, shards: Path, dim: int, label_features: datasets.Features | None):
@@ -528,52 +528,93 @@ class _ShardWriter:
         self.rows, self.embeddings = [], []
 
 
-def _finish(
+def join_shards(
     folder: Path,
     options: dict[str, Any],
     fingerprint: np.ndarray,
-    columns: _Columns,
     settings: VoteSettings,
-    index: str,
-    nprobe: int | None,
-    train_size: int | None,
-    total: int | None,
+    index: str = AUTO_INDEX,
+    nprobe: int | None = None,
+    train_size: int | None = None,
+    total: int | None = None,
+    id_column: str | None = None,
+    label_features: datasets.Features | None = None,
 ) -> tuple[GeoGallery, list[dict[str, Any]]]:
-    """Join the shards into the gallery, index it, write `gallery.json`, then delete the shards and `build.json`: a
-    kill in here loses nothing, since the shards stay until `gallery.json` is written."""
-    import datasets
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    """Join the shards of the build in `folder` into the gallery, index it, write `gallery.json`, then delete the
+    shards and `build.json`: a kill in here loses nothing, since the shards stay until `gallery.json` is written. The
+    build's last step, also for embeddings made elsewhere (`eval/speed/bench_gallery_index.py`).
 
-    shards = _shards(folder)
-    if not shards:
+    Embeddings are read shard by shard, twice (a training sample, then the rows written and added to the index), and
+    never through a memory map, whose pages would all count as this process's memory: millions of rows fit.
+    """
+    import datasets
+    import faiss
+    import pyarrow as pa
+
+    found = _shards(folder)
+    if not found:
         raise ValueError(f"The data {options['source']!r} has no rows; a gallery needs at least one photo.")
-    missing = _pending_chunks([(start, end) for start, end, _ in shards], total, shards[-1][1])[0]
+    missing = _pending_chunks([(start, end) for start, end, _ in found], total, found[-1][1])[0]
     if missing:
-        raise RuntimeError(
-            f"The shards in {str(folder / SHARDS_FOLDER)!r} lack rows {missing[0]}; rerun to embed them."
-        )
-    table = pa.concat_tables([_read_shard(path) for _, _, path in shards], promote_options="permissive")
-    table = _record_repeats(table, columns.id, options["source"])
-    failed = pc.is_valid(table.column(ERROR_COLUMN)).to_numpy(zero_copy_only=False)
-    bad_rows = table.filter(pa.array(failed)).select(["source_row", "image_path", ERROR_COLUMN]).to_pylist()
+        raise RuntimeError(f"The shards in {str(folder / SHARDS_FOLDER)!r} lack rows {missing[0]}; rerun to build.")
+    shards = [path for _, _, path in found]
+    mapped = [_read_shard(path) for path in shards]
+    # Of the memory-mapped shards, these columns alone are read: the embeddings' pages are never touched here.
+    small = ["source_row", "image_path", *([id_column] if id_column else []), ERROR_COLUMN]
+    kept = pa.concat_tables([table.select(small) for table in mapped], promote_options="permissive").combine_chunks()
+    errors = _record_repeats(kept, id_column, options["source"])
+    failed = np.array([error is not None for error in errors])
+    bad = np.flatnonzero(failed)
+    bad_rows = [
+        row | {ERROR_COLUMN: errors[position]}
+        for position, row in zip(bad, kept.select(small[:2]).take(bad).to_pylist(), strict=True)
+    ]
     if failed.all():
         raise ValueError(
             f"No row of {options['source']!r} could be embedded ({len(bad_rows)} skipped; first: "
             f"{bad_rows[0][ERROR_COLUMN]})."
         )
-    dim = fingerprint.shape[-1]
-    table = table.drop_columns([ERROR_COLUMN])
-    features = datasets.Features.from_arrow_schema(table.schema)
+    dim, num_rows = fingerprint.shape[-1], int((~failed).sum())
+    keeps = np.split(~failed, [end for _, end, _ in found[:-1]])  # each shard's rows that go into the gallery
+
+    def good_rows(shard: int) -> pa.Table:
+        return _read_shard(shards[shard], mapped=False).filter(pa.array(keeps[shard])).drop_columns([ERROR_COLUMN])
+
+    schema = pa.unify_schemas([table.schema for table in mapped], promote_options="permissive")
+    features = datasets.Features.from_arrow_schema(schema.remove(schema.get_field_index(ERROR_COLUMN)))
     features[EMBEDDING_COLUMN] = datasets.List(datasets.Value("float32"), length=dim)
-    features.update(columns.features or {})  # declared types (a ClassLabel's names) where Arrow keeps only integers
-    rows = datasets.Dataset(datasets.table.InMemoryTable(table), info=datasets.DatasetInfo(features=features))
+    features.update(label_features or {})  # declared types (a ClassLabel's names) where Arrow keeps only integers
+    factory = recommended_index(num_rows, dim).factory if index == AUTO_INDEX else index
+    starts = np.concatenate([[0], np.cumsum([keep.sum() for keep in keeps])])
+
+    def read_rows(positions: np.ndarray) -> np.ndarray:
+        """The embeddings of the gallery rows at sorted `positions`, from the shards that hold them."""
+        shard_of = np.searchsorted(starts, positions, side="right") - 1
+        parts = [
+            _embeddings(good_rows(shard), dim)[positions[shard_of == shard] - starts[shard]]
+            for shard in np.unique(shard_of)
+        ]
+        return np.concatenate(parts)
+
+    faiss_index, nprobe = trained_index(factory, dim, num_rows, read_rows, nprobe, train_size)
     with atomic_write(folder / DATASET_FOLDER) as temporary:
-        rows.select(np.flatnonzero(~failed)).save_to_disk(str(temporary))
-    gallery_rows = datasets.load_from_disk(str(folder / DATASET_FOLDER))
-    factory, nprobe = attach_index(gallery_rows, dim, index, nprobe, train_size)
+        # The folder `save_to_disk` writes, written here as the rows go: `save_to_disk` would read them all through
+        # a memory map.
+        temporary.mkdir()
+        data_file = "data-00000-of-00001.arrow"
+        with datasets.arrow_writer.ArrowWriter(features=features, path=str(temporary / data_file)) as writer:
+            for shard in range(len(shards)):
+                rows = good_rows(shard)
+                writer.write_table(rows)
+                faiss_index.add(_embeddings(rows, dim))
+            writer.finalize()
+        datasets.DatasetInfo(features=features).write_to_directory(str(temporary))
+        state = {"_data_files": [{"filename": data_file}], "_fingerprint": os.urandom(8).hex(), "_split": None}
+        state |= {"_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False}
+        write_json(temporary / datasets.config.DATASET_STATE_JSON_FILENAME, state)
     with atomic_write(folder / INDEX_FILE) as temporary:
-        gallery_rows.save_faiss_index(EMBEDDING_COLUMN, str(temporary))
+        faiss.write_index(faiss_index, str(temporary))
+    del faiss_index  # read back below: one copy at a time
     with atomic_write(folder / BAD_ROWS_FILE) as temporary:
         lines = [json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in bad_rows]
         temporary.write_text("".join(lines), encoding="utf-8")
@@ -583,23 +624,30 @@ def _finish(
         embedding_dim=dim,
         index=factory,
         nprobe=nprobe,
-        num_rows=len(gallery_rows),
+        num_rows=num_rows,
         num_bad_rows=len(bad_rows),
         source=options["source"],
         vote=asdict(settings),
     )
     write_json(folder / GALLERY_FILE, asdict(info))  # last: its presence marks a complete gallery
     shutil.rmtree(folder / SHARDS_FOLDER)
-    (folder / BUILD_FILE).unlink()
+    (folder / BUILD_FILE).unlink(missing_ok=True)
+    gallery_rows = datasets.load_from_disk(str(folder / DATASET_FOLDER))
+    gallery_rows.load_faiss_index(EMBEDDING_COLUMN, str(folder / INDEX_FILE))
     return GeoGallery(folder, gallery_rows, info, settings), bad_rows
 
 
-def _record_repeats(table: pa.Table, id_column: str | None, source: str) -> pa.Table:
-    """Mark as bad every embedded row whose id, or without ids whose image file on disk, an earlier embedded row has:
-    a photo listed twice would vote twice. A stored image's path is only a name (two photos of a Parquet file may
-    share `image.jpg`), so without ids a repeated path counts only where it names a file on disk."""
-    import pyarrow as pa
+def _embeddings(rows: pa.Table, dim: int) -> np.ndarray:
+    """The embeddings of rows that all have one, as a float32 array."""
+    values = rows.column(EMBEDDING_COLUMN).combine_chunks().flatten()
+    return values.to_numpy(zero_copy_only=False).reshape(-1, dim)
 
+
+def _record_repeats(table: pa.Table, id_column: str | None, source: str) -> list[str | None]:
+    """Each row's error: its own, or for an embedded row whose id, or without ids whose image file on disk, an
+    earlier embedded row has, that it repeats it (a photo listed twice would vote twice). A stored image's path is
+    only a name (two photos of a Parquet file may share `image.jpg`), so without ids a repeated path counts only where
+    it names a file on disk."""
     keys = table.column(id_column or "image_path").to_pylist()
     errors = table.column(ERROR_COLUMN).to_pylist()
     source_rows = table.column("source_row").to_pylist()
@@ -615,13 +663,12 @@ def _record_repeats(table: pa.Table, id_column: str | None, source: str) -> pa.T
                     "gallery once"
                 )
                 repeats += 1
-    if not repeats:
-        return table
-    logger.warning(
-        f"{repeats:,} rows of {source!r} repeat the {what} of an earlier row; each photo is kept once, the repeats are "
-        f"listed in {BAD_ROWS_FILE}."
-    )
-    return table.set_column(table.schema.get_field_index(ERROR_COLUMN), ERROR_COLUMN, pa.array(errors, pa.string()))
+    if repeats:
+        logger.warning(
+            f"{repeats:,} rows of {source!r} repeat the {what} of an earlier row; each photo is kept once, the "
+            f"repeats are listed in {BAD_ROWS_FILE}."
+        )
+    return errors
 
 
 def attach_index(
@@ -639,4 +686,4 @@ def attach_index(
     return factory, nprobe
 
 
-__all__ = ["GalleryBuild", "attach_index", "build_gallery"]
+__all__ = ["GalleryBuild", "ShardWriter", "attach_index", "build_gallery", "join_shards"]
