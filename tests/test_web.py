@@ -8,6 +8,7 @@ checkout (`npm ci`), and the tests skip where npm cannot be run.
 """
 
 import base64
+import importlib.util
 import io
 import json
 import shutil
@@ -46,10 +47,22 @@ TOP_K = 5
 # The page computes the ranking in float64 from the graph's float32 outputs, the pipeline in float32 from PyTorch's:
 # they agree to about 1e-6; the issue asks for 1e-4.
 PROBABILITY_TOLERANCE = 1e-4
-TEXT_FIELDS = ("label", "country", "country_code", "region", "city")
-NUMBER_FIELDS = ("latitude", "longitude", "score", "country_score", "region_score", "joint_probability")
-# The pipeline's confidence fields (issue 22), which the page does not compute yet.
-CONFIDENCE_FIELDS = {"within_km", "radius_km", "calibrated"}
+# A stored calibration (temperatures per level and monotone maps for two radii) and decision settings other than the
+# defaults, which the page must read from config.json: a pool of 3 cities for expected_distance and within_km, below
+# TOP_K, so that the answers after it come by joint probability.
+CALIBRATED_SETTINGS = {
+    "calibration": {
+        "temperatures": {"country": 2.0, "region": 0.5, "city": 1.5},
+        "within_km": {
+            "25": {"x": [0.0, 0.2, 0.2, 1.0], "y": [0.05, 0.3, 0.4, 0.9]},
+            "750": {"x": [0.2, 0.4], "y": [0.3, 0.9]},
+        },
+    },
+    "confidence_level": 0.6,
+    "decision_radius_km": 750,
+    "expected_distance_candidates": 3,
+}
+REGION_COLOR = (8, 81, 156)  # the circle around one photo's best answer, the Space's REGION_COLOR
 # The page's own files that a visit fetches, and the model's (served under /model/).
 PAGE_FILES = {
     "/",
@@ -74,11 +87,17 @@ def web_dependencies() -> Path:
         pytest.skip(str(error))
 
 
-@pytest.fixture(
-    scope="module", params=["small_streetclip_dir", "region_streetclip_dir"], ids=["two_levels", "regions"]
-)
-def model_dir(request) -> Path:
-    return request.getfixturevalue(request.param)
+@pytest.fixture(scope="module", params=["two_levels", "regions", "calibrated"])
+def model_dir(request, tmp_path_factory) -> Path:
+    if request.param != "calibrated":
+        return request.getfixturevalue(
+            {"two_levels": "small_streetclip_dir", "regions": "region_streetclip_dir"}[request.param]
+        )
+    # The region model with CALIBRATED_SETTINGS stored in its config.json, as `streetclip calibrate` writes it.
+    source, folder = request.getfixturevalue("region_streetclip_dir"), tmp_path_factory.mktemp("calibrated")
+    StreetCLIPForGeolocation.from_pretrained(source, **CALIBRATED_SETTINGS).save_pretrained(folder)
+    StreetCLIPProcessor.from_pretrained(source).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +138,13 @@ def photos(tmp_path_factory) -> dict[str, Path]:
 
 
 def shown_answers(browser) -> dict[str, list[dict]]:
-    """The answers table, per file: each cell's full value (`data-value`) where it shows a number."""
+    """The answers table, per file: each cell's full value (its `data-value`, JSON) where it shows other than text."""
     rows = browser.execute_script(
         """
         const table = document.getElementById("answers");
         const headers = [...table.tHead.rows[0].cells].map((cell) => cell.textContent);
-        return [...table.tBodies[0].rows].map((row) =>
-          Object.fromEntries([...row.cells].map((cell, i) => [headers[i], cell.dataset.value ?? cell.textContent])));
+        return [...table.tBodies[0].rows].map((row) => Object.fromEntries([...row.cells].map((cell, i) =>
+          [headers[i], cell.dataset.value === undefined ? cell.textContent : JSON.parse(cell.dataset.value)])));
         """
     )
     answers: dict[str, list[dict]] = {}
@@ -149,16 +168,19 @@ def set_decision(browser, decision: str, top_k: int = TOP_K) -> None:
 
 
 def assert_same_answers(shown: list[dict], expected: list[dict]) -> None:
+    """Every field of every answer as the pipeline's: text, flags and radii equal, numbers within the tolerance (a
+    distance relative to its size), `within_km` radius by radius."""
     assert [answer["label"] for answer in shown] == [answer["label"] for answer in expected]
     for answer, reference in zip(shown, expected, strict=True):
-        assert set(answer) - {"photo", "rank"} == set(reference) - CONFIDENCE_FIELDS
-        for field in TEXT_FIELDS:
-            assert answer.get(field) == reference.get(field), field
-        for field in NUMBER_FIELDS:
-            if field in reference:
-                assert float(answer[field]) == pytest.approx(reference[field], abs=PROBABILITY_TOLERANCE), field
-        if "expected_distance_km" in reference:
-            assert float(answer["expected_distance_km"]) == pytest.approx(reference["expected_distance_km"], rel=1e-4)
+        answer = {field: value for field, value in answer.items() if field not in ("photo", "rank")}
+        assert set(answer) == set(reference)
+        for field, value in reference.items():
+            if field == "expected_distance_km":
+                assert answer[field] == pytest.approx(value, rel=PROBABILITY_TOLERANCE), field
+            elif isinstance(value, (dict, float)):
+                assert answer[field] == pytest.approx(value, abs=PROBABILITY_TOLERANCE), field
+            else:
+                assert answer[field] == value, field
 
 
 # Answers
@@ -190,13 +212,57 @@ def test_page_answers_dropped_photos_as_the_pipelines_joint_top_k_and_fetches_on
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("decision", ["greedy", "expected_distance"])
-def test_page_ranks_by_the_other_decision_rules_as_the_pipeline(server, browser, model_dir, photos, decision):
+@pytest.mark.parametrize("decision", ["greedy", "expected_distance", "within_km"])
+def test_page_ranks_by_the_other_decision_rules_as_the_pipeline(request, server, browser, model_dir, photos, decision):
+    open_web_page(browser, server.url)
+    drop_photos(browser, [photos["street.png"], photos["tall.png"]])
+    set_decision(browser, decision)
+    reference = pipeline("geolocation", model=str(model_dir))
+    shown = shown_answers(browser)
+    for name in ("street.png", "tall.png"):
+        assert_same_answers(shown[name], reference(str(photos[name]), top_k=TOP_K, decision=decision))
+    calibrated = request.node.callspec.params["model_dir"] == "calibrated"
+    assert {answer["calibrated"] for answer in shown["street.png"]} == {calibrated}
+
+
+def load_space_app():
+    """The Space's app.py (which imports gradio), as tests/test_space.py loads it."""
+    spec = importlib.util.spec_from_file_location("streetclip_space_app", WEB_DIR.parent / "space" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def region_pixels(browser) -> int:
+    """How many pixels of the map are the colour of the confidence region's circle."""
+    return browser.execute_script(
+        """
+        const canvas = document.getElementById("map");
+        const { data } = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
+        let count = 0;
+        for (let i = 0; i < data.length; i += 4) {
+          if (Math.max(...arguments[0].map((value, j) => Math.abs(data[i + j] - value))) <= 12) count += 1;
+        }
+        return count;
+        """,
+        list(REGION_COLOR),
+    )
+
+
+@pytest.mark.slow
+def test_page_says_how_sure_in_the_spaces_words_and_circles_one_photos_region(server, browser, model_dir, photos):
+    from selenium.webdriver.common.by import By
+
     open_web_page(browser, server.url)
     drop_photos(browser, [photos["street.png"]])
-    set_decision(browser, decision, top_k=3)
-    expected = pipeline("geolocation", model=str(model_dir))(str(photos["street.png"]), top_k=3, decision=decision)
-    assert_same_answers(shown_answers(browser)["street.png"], expected)
+    assert region_pixels(browser) > 100
+    set_decision(browser, "within_km")
+    drop_photos(browser, [photos["tall.png"]])
+    assert region_pixels(browser) == 0  # several photos: pins only, as the Space draws them
+    shown = [item.text for item in browser.find_elements(By.CSS_SELECTOR, "#confidence li")]
+    space = load_space_app().Geolocator(str(model_dir))
+    results = space.locate([str(photos["street.png"]), str(photos["tall.png"])], top_k=1, decision="within_km")
+    assert shown == [f"{number}. {result.name}: {result.confidence()}" for number, result in enumerate(results, 1)]
 
 
 @pytest.mark.slow

@@ -3,18 +3,18 @@
 // and one graph); no photo, pixel or answer is ever sent anywhere.
 
 import * as ort from "./node_modules/onnxruntime-web/dist/ort.wasm.min.mjs";
-import { CandidateTable, DECISIONS, rankAnswers } from "./decisions.js";
+import { CandidateTable, DECISIONS, confidenceRegion, rankAnswers } from "./decisions.js";
 import { WorldMap } from "./map.js";
 import { decodeImage, imageSettings, pixelValues } from "./preprocess.js";
 
 // The runtime's WebAssembly files, served beside the page (never from a CDN).
 ort.env.wasm.wasmPaths = new URL("./node_modules/onnxruntime-web/dist/", import.meta.url).href;
 
-const NUMBER_DIGITS = { latitude: 4, longitude: 4, expected_distance_km: 1 };
+const NUMBER_DIGITS = { latitude: 4, longitude: 4, expected_distance_km: 1, radius_km: 0 };
 const PROBABILITY_DIGITS = 4;
 
 const elements = Object.fromEntries(
-  ["status", "photos", "drop", "decision", "top_k", "map", "errors", "answers"].map((id) => [id, document.getElementById(id)]),
+  ["status", "photos", "drop", "decision", "top_k", "map", "errors", "confidence", "answers"].map((id) => [id, document.getElementById(id)]),
 );
 const state = { model: null, photos: [], errors: [] };
 
@@ -86,23 +86,44 @@ async function addPhotos(files) {
   });
 }
 
+// A cell shows `text`; any value other than text is kept whole, as JSON, in its data-value.
 function cell(row, text, value) {
   const td = row.insertCell();
   td.textContent = text;
-  if (value !== undefined) td.dataset.value = String(value);
+  if (value !== undefined && typeof value !== "string") td.dataset.value = JSON.stringify(value);
   return td;
 }
 
 function shown(field, value) {
-  if (typeof value !== "number") return value;
-  return value.toFixed(NUMBER_DIGITS[field] ?? PROBABILITY_DIGITS);
+  if (typeof value === "number") return value.toFixed(NUMBER_DIGITS[field] ?? PROBABILITY_DIGITS);
+  if (value === null) return "none";
+  if (typeof value === "object") {
+    return Object.entries(value)
+      .map(([radius, mass]) => `${radius} km: ${mass.toFixed(PROBABILITY_DIGITS)}`)
+      .join(", ");
+  }
+  return String(value);
+}
+
+function listItems(list, items) {
+  list.replaceChildren(
+    ...items.map((text) => {
+      const item = document.createElement("li");
+      item.textContent = text;
+      return item;
+    }),
+  );
 }
 
 function render() {
   const decision = elements.decision.value;
   const topK = Math.max(1, Number.parseInt(elements.top_k.value, 10) || 1);
-  const ranked = state.photos.map((photo) => ({ ...photo, answers: rankAnswers(state.model.table, photo.outputs, decision, topK) }));
-  state.model.map.show(ranked);
+  const { table: places, map } = state.model;
+  const ranked = state.photos.map((photo) => {
+    const answers = rankAnswers(places, photo.outputs, decision, topK);
+    return { ...photo, answers, region: confidenceRegion(places, photo.outputs, answers[0]) };
+  });
+  map.show(ranked);
   const table = elements.answers;
   table.tHead.replaceChildren();
   table.tBodies[0].replaceChildren();
@@ -116,17 +137,13 @@ function render() {
         cell(row, String(photo.number));
         cell(row, photo.name);
         cell(row, String(rank + 1));
-        for (const field of fields) cell(row, shown(field, answer[field]), typeof answer[field] === "number" ? answer[field] : undefined);
+        for (const field of fields) cell(row, shown(field, answer[field]), answer[field]);
       });
     }
   }
-  elements.errors.replaceChildren(
-    ...state.errors.map(({ number, name, message }) => {
-      const item = document.createElement("li");
-      item.textContent = `${number}. ${name}: ${message}`;
-      return item;
-    }),
-  );
+  // How sure, around each best answer, in the Space's words.
+  listItems(elements.confidence, ranked.map(({ number, name, region }) => `${number}. ${name}: ${region.words}`));
+  listItems(elements.errors, state.errors.map(({ number, name, message }) => `${number}. ${name}: ${message}`));
 }
 
 async function main() {

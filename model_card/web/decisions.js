@@ -1,10 +1,14 @@
 // The decision rules that need only the graph's outputs and the candidate table of config.json, ranked as the Python
-// package's `decisions.rank_places` ranks them, with the fields of `answers.format_answers`. Ties go to the row listed
-// first.
+// package's `decisions.rank_places` ranks them, with the fields of `answers.format_answers` and the confidence of
+// `decisions._confidence`. Ties go to the row listed first.
 
-export const DECISIONS = ["joint", "greedy", "expected_distance"];
+export const DECISIONS = ["joint", "greedy", "expected_distance", "within_km"];
 // geodesy.EARTH_RADIUS_KM: the sphere of the geodesic_accuracy metric.
-const EARTH_RADIUS_KM = 6371.0088;
+export const EARTH_RADIUS_KM = 6371.0088;
+// answers.CONFIDENCE_RADII_KM: the keys of each answer's `within_km`.
+const CONFIDENCE_RADII_KM = [1, 25, 200, 750, 2500];
+// The Space's CONFIDENT_RADIUS_KM: beyond the metric's continent level an answer says little more than "on Earth".
+const CONFIDENT_RADIUS_KM = 2500;
 
 // The candidate table of config.json, with each city's region (or country, without a region level) as its parent.
 export class CandidateTable {
@@ -19,6 +23,11 @@ export class CandidateTable {
     this.labels = this.city_names.map((_, row) => config.id2label?.[row] ?? this.#label(row));
     // config.expected_distance_candidates: the most probable cities among which the expected distance is weighed.
     this.expectedDistanceCandidates = config.expected_distance_candidates ?? 50;
+    // The other decision settings of StreetCLIPConfig, with its defaults (config.json leaves defaults out).
+    this.decisionRadiusKm = config.decision_radius_km ?? 25;
+    this.confidenceLevel = config.confidence_level ?? 0.9;
+    this.calibration = config.calibration?.temperatures ? config.calibration : null;
+    this.unitVectors = this.city_latitudes.map((latitude, row) => unitVector(latitude, this.city_longitudes[row]));
   }
 
   #label(row) {
@@ -62,6 +71,81 @@ function jointProbabilities(logits) {
   return Array.from(logits, (value) => Math.exp(value - peak) / mass);
 }
 
+// The probability of each city that `within_km` sums, as `decisions.confidence_posterior`: the joint posterior, with
+// each level's logits divided by its temperature in config.calibration when one is stored.
+function confidencePosterior(table, outputs) {
+  const temperatures = table.calibration?.temperatures;
+  const scaled = (name, level) =>
+    outputs[name] && temperatures ? outputs[name].map((value) => value / temperatures[level]) : outputs[name];
+  const level = levels(table, {
+    country_logits: scaled("country_logits", "country"),
+    region_logits: scaled("region_logits", "region"),
+    city_logits: scaled("city_logits", "city"),
+  });
+  return level.country.map((country, row) => Math.exp(country + level.region[row] + level.city[row]));
+}
+
+function unitVector(latitude, longitude) {
+  const [phi, lambda] = [(latitude * Math.PI) / 180, (longitude * Math.PI) / 180];
+  return [Math.cos(phi) * Math.cos(lambda), Math.cos(phi) * Math.sin(lambda), Math.sin(phi)];
+}
+
+// The posterior mass of the cities within each radius of city `row`, as `decisions.within_km`: d <= r where the cosine
+// of the central angle is at least cos(r / R).
+function massWithin(table, row, posterior, radii) {
+  const [x, y, z] = table.unitVectors[row];
+  const cosines = table.unitVectors.map(([u, v, w]) => x * u + y * v + z * w);
+  return radii.map((radius) => {
+    const bound = Math.cos(radius / EARTH_RADIUS_KM);
+    const mass = cosines.reduce((sum, cosine, other) => (cosine >= bound ? sum + posterior[other] : sum), 0);
+    return Math.min(Math.max(mass, 0), 1);
+  });
+}
+
+// numpy.interp: linear between knots, the end values beyond them.
+function interpolate(value, { x, y }) {
+  if (value < x[0]) return y[0];
+  const j = x.findLastIndex((knot) => knot <= value);
+  if (j === x.length - 1 || x[j] === value) return y[j];
+  return ((y[j + 1] - y[j]) / (x[j + 1] - x[j])) * (value - x[j]) + y[j];
+}
+
+// `within_km`, `radius_km` and `calibrated` of an answer at city `row`, as `decisions._confidence`: each radius' mass
+// through the calibration's monotone map if it has one, kept non-decreasing with the radius by a running maximum.
+function confidence(table, row, posterior) {
+  const maps = table.calibration?.within_km;
+  let within = massWithin(table, row, posterior, CONFIDENCE_RADII_KM);
+  if (maps) {
+    let peak = -Infinity;
+    within = within.map((mass, i) => {
+      const knots = maps[CONFIDENCE_RADII_KM[i]];
+      return (peak = Math.max(peak, knots ? interpolate(mass, knots) : mass));
+    });
+  }
+  const reached = within.findIndex((mass) => mass >= table.confidenceLevel);
+  return {
+    within_km: Object.fromEntries(CONFIDENCE_RADII_KM.map((radius, i) => [String(radius), within[i]])),
+    radius_km: reached < 0 ? null : CONFIDENCE_RADII_KM[reached],
+    calibrated: table.calibration !== null,
+  };
+}
+
+// The radius of the smallest circle around an answer that holds `config.confidence_level` of the posterior (the
+// farthest city's distance where none does), and the words the Space says it in, as the Space's `PhotoResult`.
+export function confidenceRegion(table, outputs, answer) {
+  const posterior = confidencePosterior(table, outputs);
+  const { latitude, longitude } = answer;
+  const distances = table.city_latitudes.map((other, row) => haversineKm(latitude, longitude, other, table.city_longitudes[row]));
+  const order = [...distances.keys()].sort((a, b) => distances[a] - distances[b] || a - b);
+  let mass = 0;
+  const reached = order.find((row) => (mass += posterior[row]) >= table.confidenceLevel);
+  const radiusKm = reached === undefined ? Math.max(...distances) : distances[reached];
+  const share = `${(table.confidenceLevel * 100).toFixed(0)}%`;
+  const radius = `${Math.max(radiusKm, 1).toLocaleString("en-US", { maximumFractionDigits: 0 })} km`;
+  const words = radiusKm < CONFIDENT_RADIUS_KM ? `${share} within ${radius}` : `not confident: ${share} only within ${radius}`;
+  return { radiusKm, words };
+}
+
 function haversineKm(lat1, lon1, lat2, lon2) {
   const radians = Math.PI / 180;
   const a =
@@ -90,38 +174,35 @@ export function rankAnswers(table, outputs, decision, topK) {
   if (!DECISIONS.includes(decision)) throw new Error(`Unknown decision ${decision}; this page ranks by ${DECISIONS.join(", ")}.`);
   const level = levels(table, outputs);
   const joint = jointProbabilities(outputs.logits);
+  const posterior = confidencePosterior(table, outputs);
   const k = Math.min(topK, table.numCities);
   const byJoint = [...Array(table.numCities).keys()].sort((a, b) => joint[b] - joint[a] || a - b);
   let order;
-  let distances = null;
+  let criterion = null;
   if (decision === "greedy") {
     order = greedyOrder(table, outputs).slice(0, k);
   } else if (decision === "joint") {
     order = byJoint.slice(0, k);
   } else {
-    // The Bayes decision for the mean error: the expected great-circle distance to the true place under the joint
-    // posterior over the most probable cities, renormalised; smallest first among them, then the next most probable
-    // by joint probability, so that no answer depends on topK (as `decisions._by_criterion`).
+    // As `decisions._by_criterion`: the most probable cities ordered by the rule's criterion, then the next most
+    // probable by joint probability, so that no answer depends on topK. "expected_distance" (the Bayes decision for
+    // the mean error) weighs the great-circle distance by their renormalised joint posterior, smallest first;
+    // "within_km" takes the posterior mass within config.decision_radius_km, largest first.
     const candidates = Math.min(table.expectedDistanceCandidates, table.numCities);
     const weighed = byJoint.slice(0, candidates);
     const pool = byJoint.slice(0, Math.max(k, candidates));
     const mass = weighed.reduce((sum, row) => sum + joint[row], 0);
-    const expected = new Map(
-      pool.map((row) => [
-        row,
-        weighed.reduce(
-          (sum, other) =>
-            sum +
-            (joint[other] / mass) *
-              haversineKm(table.city_latitudes[row], table.city_longitudes[row], table.city_latitudes[other], table.city_longitudes[other]),
-          0,
-        ),
-      ]),
-    );
+    const lat = table.city_latitudes;
+    const lon = table.city_longitudes;
+    const value =
+      decision === "expected_distance"
+        ? (row) => weighed.reduce((sum, other) => sum + (joint[other] / mass) * haversineKm(lat[row], lon[row], lat[other], lon[other]), 0)
+        : (row) => -massWithin(table, row, posterior, [table.decisionRadiusKm])[0];
+    const values = new Map(pool.map((row) => [row, value(row)]));
     const position = new Map(pool.map((row, index) => [row, index]));
-    const chosen = [...weighed].sort((a, b) => expected.get(a) - expected.get(b) || position.get(a) - position.get(b));
+    const chosen = [...weighed].sort((a, b) => values.get(a) - values.get(b) || position.get(a) - position.get(b));
     order = chosen.concat(pool.slice(candidates)).slice(0, k);
-    distances = order.map((row) => expected.get(row));
+    criterion = order.map((row) => Math.abs(values.get(row)));
   }
   return order.map((row, rank) => {
     const country = table.city_countries[row];
@@ -131,12 +212,13 @@ export function rankAnswers(table, outputs, decision, topK) {
       city: table.city_names[row],
       latitude: table.city_latitudes[row],
       longitude: table.city_longitudes[row],
-      score: decision === "greedy" ? Math.exp(level.city[row]) : joint[row],
+      score: decision === "greedy" ? Math.exp(level.city[row]) : decision === "within_km" ? criterion[rank] : joint[row],
       country_score: Math.exp(level.country[row]),
     });
     if (table.hasRegions) answer.region_score = Math.exp(level.region[row]);
     answer.joint_probability = joint[row];
-    if (distances) answer.expected_distance_km = distances[rank];
+    Object.assign(answer, confidence(table, row, posterior));
+    if (decision === "expected_distance") answer.expected_distance_km = criterion[rank];
     return answer;
   });
 }

@@ -1,7 +1,13 @@
 // An offline world map: an equirectangular canvas with a graticule, the candidate cities as grey dots (at a few
-// hundred cities they trace the inhabited world) and the answers as numbered pins. No tile server is ever asked.
+// hundred cities they trace the inhabited world), the answers as numbered pins and, for one photo, the circle around its
+// best answer that holds config.confidence_level of the posterior, as the Space draws it. No tile server is asked.
+
+import { EARTH_RADIUS_KM } from "./decisions.js";
 
 export const PIN_COLOR = "#e4572e";
+// The Space's REGION_COLOR.
+const REGION_COLOR = "#08519c";
+const CIRCLE_STEPS = 361;
 const BEST_PIN_RADIUS = 7;
 const PIN_RADIUS = 4;
 
@@ -45,10 +51,39 @@ export class WorldMap {
     return context.getImageData(0, 0, canvas.width, canvas.height);
   }
 
-  // Pins for each photo's answers (`photos`: [{number, answers}]): the first answer large and numbered.
+  // The circle of `radiusKm` around a point on the sphere, dashed, broken where it crosses the map's edge.
+  #drawCircle(latitude, longitude, radiusKm) {
+    const { context } = this;
+    const angle = Math.min(radiusKm / EARTH_RADIUS_KM, Math.PI);
+    const [phi, lambda] = [(latitude * Math.PI) / 180, (longitude * Math.PI) / 180];
+    context.beginPath();
+    let previous = null;
+    for (let step = 0; step < CIRCLE_STEPS; step += 1) {
+      const bearing = (2 * Math.PI * step) / (CIRCLE_STEPS - 1);
+      const pointPhi = Math.asin(Math.sin(phi) * Math.cos(angle) + Math.cos(phi) * Math.sin(angle) * Math.cos(bearing));
+      const pointLambda = lambda + Math.atan2(Math.sin(bearing) * Math.sin(angle) * Math.cos(phi), Math.cos(angle) - Math.sin(phi) * Math.sin(pointPhi));
+      const pointLongitude = ((((pointLambda * 180) / Math.PI + 180) % 360) + 360) % 360 - 180;
+      const [x, y] = this.#point((pointPhi * 180) / Math.PI, pointLongitude);
+      if (previous === null || Math.abs(pointLongitude - previous) > 180) context.moveTo(x, y);
+      else context.lineTo(x, y);
+      previous = pointLongitude;
+    }
+    context.strokeStyle = REGION_COLOR;
+    context.lineWidth = 2;
+    context.setLineDash([6, 4]);
+    context.stroke();
+    context.setLineDash([]);
+  }
+
+  // Pins for each photo's answers (`photos`: [{number, answers, region}]): the first answer large and numbered, and
+  // for one photo the circle of its region.
   show(photos) {
     const { context } = this;
     context.putImageData(this.background, 0, 0);
+    if (photos.length === 1) {
+      const [{ answers, region }] = photos;
+      this.#drawCircle(answers[0].latitude, answers[0].longitude, region.radiusKm);
+    }
     for (const { number, answers } of photos) {
       answers.forEach((answer, rank) => {
         const [x, y] = this.#point(answer.latitude, answer.longitude);
