@@ -632,9 +632,8 @@ def join_shards(
     write_json(folder / GALLERY_FILE, asdict(info))  # last: its presence marks a complete gallery
     shutil.rmtree(folder / SHARDS_FOLDER)
     (folder / BUILD_FILE).unlink(missing_ok=True)
-    gallery_rows = datasets.load_from_disk(str(folder / DATASET_FOLDER))
-    gallery_rows.load_faiss_index(EMBEDDING_COLUMN, str(folder / INDEX_FILE))
-    return GeoGallery(folder, gallery_rows, info, settings), bad_rows
+    # Loaded as a user loads it: `GeoGallery` copies its dataset, which must not hold the index yet.
+    return GeoGallery.load(folder), bad_rows
 
 
 def _embeddings(rows: pa.Table, dim: int) -> np.ndarray:
