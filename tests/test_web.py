@@ -23,6 +23,7 @@ from PIL import Image
 from transformers import pipeline
 
 from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip.decisions import ZERO_SHOT_DECISIONS
 from modeling_streetclip.images import load_rgb_image
 from modeling_streetclip.pixels import normalized_pixels, resized_pixels
 from modeling_streetclip.testing_utils import (
@@ -202,6 +203,9 @@ def test_page_answers_dropped_photos_as_the_pipelines_joint_top_k_and_fetches_on
     for name, answers in zip(names, expected, strict=True):
         assert_same_answers(shown[name], answers)
     assert [row["rank"] for row in shown["street.png"]] == [str(rank) for rank in range(1, TOP_K + 1)]
+    # It offers every zero-shot rule of the package, and no other.
+    options = browser.execute_script("return [...document.getElementById('decision').options].map((o) => o.value)")
+    assert sorted(options) == sorted(ZERO_SHOT_DECISIONS)
 
     # Photos never leave the page: the browser asked for nothing but the page's files and the model's, all with GET.
     urls = requested_urls(browser)
