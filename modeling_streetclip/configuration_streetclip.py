@@ -114,8 +114,9 @@ class StreetCLIPConfig(CLIPConfig):
         confidence_level (`float`, *optional*, defaults to 0.9):
             The probability that an answer's `radius_km` holds: the smallest radius with `within_km` at least this.
         calibration (`dict`, *optional*):
-            `{"temperatures": {level: T}}`, written by `streetclip calibrate`: `within_km` divides each level's
-            logits by its temperature, fitted on labelled photos; None leaves the raw posterior.
+            `{"temperatures": {level: T}, "within_km": {radius: {"x": [...], "y": [...]}}}`, written by `streetclip
+            calibrate`: `within_km` divides each level's logits by its temperature, then maps each radius' mass through
+            its monotone map (optional), both fitted on labelled photos; None leaves the raw posterior.
         candidate_places (`dict`, *optional*):
             The candidate table ([`CandidatePlaces`]), written when heads are built.
 
@@ -183,6 +184,15 @@ class StreetCLIPConfig(CLIPConfig):
                 raise ValueError(
                     f"StreetCLIPConfig.calibration must hold 'temperatures' for the levels {list(self.levels)}, got "
                     f"{self.calibration!r}; write it with `streetclip calibrate`."
+                )
+            maps = self.calibration.get("within_km") or {}
+            if not all(
+                isinstance(knots, dict) and len(knots.get("x", ())) == len(knots.get("y", ())) > 0
+                for knots in maps.values()
+            ):
+                raise ValueError(
+                    f"StreetCLIPConfig.calibration['within_km'] must map radii to knots {{'x': [...], 'y': [...]}} of "
+                    f"equal, non-zero length, got {maps!r}."
                 )
             if not all(isinstance(value, (int, float)) and 0 < value < math.inf for value in temperatures.values()):
                 raise ValueError(

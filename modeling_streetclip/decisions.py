@@ -199,10 +199,17 @@ def within_km(
 
 
 def _confidence(model: StreetCLIPForGeolocation, within: torch.Tensor, calibrated: bool) -> dict[str, torch.Tensor]:
-    """`within_km`, the smallest radius whose mass reaches `config.confidence_level` (inf where none does), and the
-    `calibrated` flag, as columns of the answers."""
+    """`within_km` (through the calibration's monotone maps, if it has them), the smallest radius whose mass reaches
+    `config.confidence_level` (inf where none does), and the `calibrated` flag, as columns of the answers."""
     import torch
 
+    maps = (model.config.calibration or {}).get("within_km") if calibrated else None
+    if maps:
+        # Each radius through its monotone map; the running maximum keeps the mass non-decreasing with the radius.
+        columns = [within[..., i].cpu().numpy() for i in range(len(CONFIDENCE_RADII_KM))]
+        knots = [maps.get(str(radius)) for radius in CONFIDENCE_RADII_KM]
+        mapped = [c if k is None else np.interp(c, k["x"], k["y"]) for c, k in zip(columns, knots, strict=True)]
+        within = torch.from_numpy(np.stack(mapped, axis=-1)).to(within.device).cummax(dim=-1).values
     reached = within >= model.config.confidence_level
     radii = torch.tensor(CONFIDENCE_RADII_KM, dtype=torch.float64, device=within.device)
     radius = torch.where(reached.any(dim=-1), radii[reached.int().argmax(dim=-1)], float("inf"))

@@ -14,6 +14,7 @@ from modeling_streetclip.app.calibration import (
     answer_hits,
     calibration_errors,
     equal_mass_bins,
+    isotonic_map,
     radius_errors,
 )
 from modeling_streetclip.cli import main as streetclip
@@ -79,7 +80,7 @@ def test_the_calibration_survives_every_save_path_and_vision_only_loading(capsys
     report = json.loads((tmp_path / "cal" / "calibration.json").read_text())
     assert report["num_held_out"] == 32 and set(report["held_out_after"]["ece"]) == {"1", "25", "200", "750", "2500"}
     model = StreetCLIPForGeolocation.from_pretrained(tmp_path / "cal")
-    assert model.config.calibration == {"temperatures": report["temperatures"]}
+    assert model.config.calibration == {"temperatures": report["temperatures"], "within_km": report["within_km"]}
     model.save_pretrained(tmp_path / "saved")
     StreetCLIPProcessor.from_pretrained(tmp_path / "cal").save_pretrained(tmp_path / "saved")
     geolocate = pipeline("geolocation", model=str(tmp_path / "cal"))
@@ -142,3 +143,13 @@ def test_equal_confidences_share_a_bin_so_that_ties_are_not_ordered_by_their_out
     hits = np.arange(100) < 50
     assert calibration_errors(confidences, hits)["ece"] == pytest.approx(0.0, abs=1e-8)
     assert [len(part) for part in equal_mass_bins(np.arange(20) / 20)] == [2] * 10
+
+
+def test_the_monotone_map_is_the_least_squares_non_decreasing_fit_of_the_hits():
+    confidences = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.6])
+    hits = np.array([0, 1, 0, 0, 1, 1, 0])
+    knots = isotonic_map(confidences, hits)
+    fitted = np.interp(confidences, knots["x"], knots["y"])
+    # Pooling adjacent violators: 0.2-0.4 pool to 1/3, and the two photos at 0.6 to 1/2 before 0.5's 1 pools them.
+    np.testing.assert_allclose(fitted, [0, 1 / 3, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 2 / 3])
+    assert np.all(np.diff(knots["y"]) >= 0) and np.all(np.diff(knots["x"]) >= 0)

@@ -524,3 +524,23 @@ def test_bad_confidence_settings_are_refused(small_streetclip_dir, settings, mes
     # The configuration's validator raises a ValueError, which strict dataclasses wrap.
     with pytest.raises(StrictDataclassClassValidationError, match=message):
         StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True, **settings)
+
+
+def test_a_stored_monotone_map_takes_each_radius_mass_and_keeps_it_non_decreasing(small_streetclip_dir, pixel_values):
+    temperatures = {"country": 1.0, "city": 1.0}
+    maps = {"1": {"x": [0.0, 1.0], "y": [0.0, 0.0]}, "200": {"x": [0.0, 1.0], "y": [0.0, 0.01]}}
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir, vision_only=True)
+    mapped = StreetCLIPForGeolocation.from_pretrained(
+        small_streetclip_dir, vision_only=True, calibration={"temperatures": temperatures, "within_km": maps}
+    )
+    outputs = model(pixel_values)
+    raw, ranked = rank_places(model, outputs, top_k=3), rank_places(mapped, outputs, top_k=3)
+    assert ranked.within_km[..., 0].eq(0).all()  # 1 km: mapped to 0
+    torch.testing.assert_close(ranked.within_km[..., 1], raw.within_km[..., 1])  # 25 km: no map, identity
+    # 200 km maps below 25 km's mass: the running maximum lifts it back, so that the mass never falls with radius.
+    torch.testing.assert_close(ranked.within_km[..., 2], raw.within_km[..., 1])
+    torch.testing.assert_close(ranked.within_km[..., 3:], raw.within_km[..., 3:])
+    with pytest.raises(StrictDataclassClassValidationError, match="must map radii to knots"):
+        StreetCLIPForGeolocation.from_pretrained(
+            small_streetclip_dir, calibration={"temperatures": temperatures, "within_km": {"1": {"x": [0.0]}}}
+        )

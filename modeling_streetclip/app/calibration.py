@@ -94,8 +94,9 @@ def calibrate(
     seed: int = 0,
     batch_size: int = 32,
 ) -> dict[str, Any]:
-    """Fit the temperatures on all but a `holdout` share of `benchmark`'s photos and set them on `model.config`; the
-    report: the temperatures, the photo counts and the held-out ECE and Brier per radius before and after."""
+    """Fit the temperatures, then a monotone map per radius, on all but a `holdout` share of `benchmark`'s photos and
+    set them on `model.config`; the report: the temperatures, the photo counts and the held-out ECE and Brier per
+    radius before, with the temperatures only, and after."""
     bad = [row for row in benchmark.rows if row.error is not None]
     if bad:
         named = "; ".join(f"{row.id!r}: {row.error}" for row in bad[:5])
@@ -123,20 +124,47 @@ def calibrate(
     if not held_out or not fitting:
         raise UsageError(f"--holdout {holdout} leaves no photos to {'measure' if not held_out else 'fit'} on.")
 
-    def errors(rows: list[int]) -> dict:
-        answers = [answers[0] for answers in rank_answers(model, _select(outputs, rows))]
-        return radius_errors(*answer_hits(answers, truths[rows]))
+    def hits(rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        return answer_hits([answers[0] for answers in rank_answers(model, _select(outputs, rows))], truths[rows])
 
-    before = errors(held_out)
+    before = radius_errors(*hits(held_out))
     temperatures = fit_temperatures(model, _select(outputs, fitting), truths[fitting])
     model.config.calibration = {"temperatures": temperatures}
+    with_temperatures = radius_errors(*hits(held_out))
+    # What the temperatures leave (a candidate city is a point, so its mass is not the chance of a photo within 1 km
+    # of it), a monotone map per radius takes up, fitted on the same photos.
+    within, hit = hits(fitting)
+    maps = {str(r): isotonic_map(within[:, i], hit[:, i]) for i, r in enumerate(CONFIDENCE_RADII_KM)}
+    model.config.calibration = {"temperatures": temperatures, "within_km": maps}
     return {
         "temperatures": temperatures,
+        "within_km": maps,
         "num_photos": len(truths),
         "num_fitted": len(fitting),
         "num_held_out": len(held_out),
         "held_out_before": before,
-        "held_out_after": errors(held_out),
+        "held_out_temperatures_only": with_temperatures,
+        "held_out_after": radius_errors(*hits(held_out)),
+    }
+
+
+def isotonic_map(confidences: np.ndarray, hits: np.ndarray) -> dict[str, list[float]]:
+    """The non-decreasing map from confidence to the share of hits closest to them in squared error (isotonic
+    regression by pooling adjacent violators), as knots `{"x": [...], "y": [...]}` that `within_km` interpolates:
+    a few lines that spare a dependency on scikit-learn, whose `IsotonicRegression` fits the same map."""
+    values, inverse = np.unique(np.round(confidences, CONFIDENCE_DECIMALS), return_inverse=True)
+    sums, counts = np.bincount(inverse, weights=hits.astype(np.float64)), np.bincount(inverse).astype(np.float64)
+    blocks: list[list[float]] = []  # [sum of hits, photos, first value, last value], means non-decreasing
+    for value, total, count in zip(values, sums, counts, strict=True):
+        blocks.append([total, count, value, value])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count, _, last = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+            blocks[-1][3] = last
+    return {
+        "x": [float(value) for block in blocks for value in (block[2], block[3])],
+        "y": [float(block[0] / block[1]) for block in blocks for _ in range(2)],
     }
 
 
@@ -152,6 +180,7 @@ __all__ = [
     "calibrate",
     "calibration_errors",
     "equal_mass_bins",
+    "isotonic_map",
     "fit_temperatures",
     "radius_errors",
 ]

@@ -23,7 +23,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="fit the temperatures that make within_km's confidences honest, on labelled photos",
         description=(
             "Fit one temperature per level (country, region, city) by the negative log-likelihood of the candidate "
-            "city nearest each photo's true place, on all but a held-out share of DATA; print the expected "
+            "city nearest each photo's true place, then a monotone map per radius (isotonic regression) of within_km "
+            "to the share of photos within it, on all but a held-out share of DATA; print the expected "
             "calibration error (ECE, 10 equal-mass bins) and Brier score of within_km at each radius on the held-out "
             f"photos, before and after; and write DIR: the model with the temperatures in config.json "
             f"(`calibration`), its processor, and {REPORT_FILE}. DATA is read as eval/benchmark.py reads it."
@@ -77,10 +78,11 @@ def calibrate_command(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot write --output {str(args.output)!r}: {error}") from None
     temperatures = ", ".join(f"{level} {value:.3f}" for level, value in report["temperatures"].items())
     print(f"temperatures: {temperatures} (fitted on {report['num_fitted']} photos)")
-    print(f"held out: {report['num_held_out']} photos\nradius_km\tECE before\tECE after\tBrier before\tBrier after")
-    before, after = report["held_out_before"], report["held_out_after"]
+    print(f"held out: {report['num_held_out']} photos; ECE and Brier before, with the temperatures only, and after")
+    print("radius_km\tECE before\tECE temps\tECE after\tBrier before\tBrier temps\tBrier after")
+    before, temperatures_only, after = (report[f"held_out_{key}"] for key in ("before", "temperatures_only", "after"))
     for radius in before["ece"]:
-        values = (before["ece"], after["ece"], before["brier"], after["brier"])
+        values = [errors[name] for name in ("ece", "brier") for errors in (before, temperatures_only, after)]
         print(radius + "".join(f"\t{value[radius]:.4f}" for value in values))
     print(f"calibrated model and {REPORT_FILE} in {args.output}")
     return EXIT_OK
