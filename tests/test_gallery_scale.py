@@ -3,23 +3,27 @@ process or two, against a build on one; streamed sources (a Hub-style data folde
 chunks each process embeds.
 """
 
+import io
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.app import EXIT_SOME_FAILED, gallery_build
 from modeling_streetclip.app.gallery_build import SHARD_NAME, SHARDS_FOLDER, _pending_chunks, _RowPlan, build_gallery
 from modeling_streetclip.cli import main
 from modeling_streetclip.gallery_index import SCANNED_ROWS_PER_QUERY, recommended_index
-from modeling_streetclip.gallery_store import BAD_ROWS_FILE, GeoGallery
-from modeling_streetclip.testing_utils import write_geo_imagefolder
+from modeling_streetclip.gallery_store import BAD_ROWS_FILE, GeoGallery, image_embeddings
+from modeling_streetclip.testing_utils import PLACES, place_photo, write_geo_imagefolder
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,8 +155,8 @@ def test_a_build_on_two_processes_killed_mid_way_resumes_on_one_or_two_as_a_buil
                 gallery_build, "embedded_batches", logging_batches(gallery_build.embedded_batches, log)
             )
             assert main([str(arg) for arg in rerun]) == EXIT_SOME_FAILED
-        else:
-            result = launch(*rerun, script=script, log=log, cwd=tmp_path)
+        else:  # streamed: the rows of each process are found in one pass over the source, without its length
+            result = launch(*rerun, "--streaming", script=script, log=log, cwd=tmp_path)
             assert result.returncode == 1 and "exitcode  : 2" not in result.stderr, result.stderr[-3000:]
             assert result.stderr.count(f"{len(good)} photos in the gallery") == 1
         embedded = logged_rows(log)
@@ -195,3 +199,63 @@ def test_the_scale_benchmark_builds_through_the_build_s_own_join_and_prints_its_
     assert re.search(r"ms/query at batch 64 \(target <= 5\); peak resident memory \d+\.\d+ GiB", result.stdout)
     assert "recall@10 1.000 (target >= 0.9)" in result.stdout
     assert list(tmp_path.iterdir()) == []  # the gallery is deleted
+
+
+def write_webdataset(folder: Path, samples_per_shard: int) -> list[dict]:
+    """Two WebDataset tar shards of the synthetic geo set, `{key}.jpg` and `{key}.json` (its coordinates and country)
+    per sample; in the second shard one sample has no coordinates and one a latitude of 120. Returns the metadata."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    written = []
+    for shard in range(2):
+        with tarfile.open(folder / f"shard-{shard:05d}.tar", "w") as tar:
+            for number in range(samples_per_shard):
+                country, city = number % len(PLACES), number % 2
+                name, latitude, longitude = list(PLACES.values())[country][city]
+                meta = {"latitude": latitude, "longitude": longitude, "country": list(PLACES)[country]}
+                if shard == 1 and number == 1:
+                    meta = {"country": meta["country"]}
+                elif shard == 1 and number == 2:
+                    meta["latitude"] = 120.0
+                jpeg = io.BytesIO()
+                place_photo(country, city, rng).save(jpeg, format="JPEG")
+                key = f"s{shard}-{number:03d}"
+                for extension, data in (("jpg", jpeg.getvalue()), ("json", json.dumps(meta).encode())):
+                    member = tarfile.TarInfo(f"{key}.{extension}")
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+                written.append({"key": key, **meta, "jpeg": jpeg.getvalue()})
+    return written
+
+
+def test_webdataset_tar_shards_stream_into_the_gallery_of_the_same_shards_loaded_whole(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    samples = write_webdataset(tmp_path / "shards", samples_per_shard=5)
+    options = {"latitude_column": "json.latitude", "longitude_column": "json.longitude", "progress": False}
+    options |= {"batch_size": 3, "shard_size": 4}
+    streamed = build_gallery(model, processor, str(tmp_path / "shards"), tmp_path / "s", streaming=True, **options)
+    loaded = build_gallery(model, processor, str(tmp_path / "shards"), tmp_path / "l", **options)
+
+    good = [sample["key"] for sample in samples if "latitude" in sample and sample["latitude"] <= 90]
+    assert streamed.gallery.dataset["__key__"] == loaded.gallery.dataset["__key__"] == good
+    reasons = {samples[row["source_row"]]["key"]: row["error"] for row in streamed.bad_rows}
+    assert reasons.keys() == {"s1-001", "s1-002"}
+    assert "(column 'json.longitude') None is missing" in reasons["s1-001"]
+    assert "latitude (column 'json.latitude') 120.0 is outside [-90, 90]" in reasons["s1-002"]
+    assert streamed.bad_rows == loaded.bad_rows
+    embeddings = np.asarray(streamed.gallery.dataset["embedding"])
+    np.testing.assert_allclose(embeddings, np.asarray(loaded.gallery.dataset["embedding"]), atol=1e-6)
+    first = processor.image_processor(images=Image.open(io.BytesIO(samples[0]["jpeg"])), return_tensors="pt")
+    np.testing.assert_allclose(embeddings[0], image_embeddings(model, first["pixel_values"])[0].numpy(), atol=1e-5)
+    assert streamed.gallery.dataset["json"][0]["country"] == samples[0]["country"]  # the other fields stay
+
+
+def test_index_build_streams_webdataset_shards_given_the_coordinates_inside_each_sample_s_json(
+    small_streetclip_dir, tmp_path, capsys
+):
+    write_webdataset(tmp_path / "shards", samples_per_shard=3)
+    args = ["index", "build", tmp_path / "shards", "--model", small_streetclip_dir, "--output", tmp_path / "g"]
+    args += ["--streaming", "--latitude_column", "json.latitude", "--longitude_column", "json.longitude"]
+    assert main([str(arg) for arg in [*args, "--num_workers", "0"]]) == EXIT_SOME_FAILED
+    assert "4 photos in the gallery" in capsys.readouterr().err
+    assert len((tmp_path / "g" / BAD_ROWS_FILE).read_text().splitlines()) == 2

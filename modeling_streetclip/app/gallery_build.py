@@ -273,7 +273,8 @@ def _find_columns(
     else:
         image = find_image_column(data, image_column, source) if data.column_names else image_column or "image"
     for role, name in (("image", image), ("latitude", latitude_column), ("longitude", longitude_column)):
-        find_column(names, name, (), role, f"data {source!r}")  # it exists, and no other column shares its name
+        column = name if name in names else name.split(".")[0]  # `json.latitude`: a field of the column `json`
+        find_column(names, column, (), role, f"data {source!r}")  # it exists, and no other column shares its name
     used = {image, latitude_column, longitude_column}
     clashes = [name for name in names if name in (*GALLERY_COLUMNS, ERROR_COLUMN) and name not in used]
     if clashes:
@@ -459,14 +460,15 @@ class _SourceRows(IterableDataset):
         from .sources import encoded_image
 
         columns = self.columns
-        latitude, longitude = coordinate_value(row[columns.latitude]), coordinate_value(row[columns.longitude])
+        given = _field(row, columns.latitude), _field(row, columns.longitude)
+        latitude, longitude = coordinate_value(given[0]), coordinate_value(given[1])
         value = row[columns.image]
         path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
         fields = (latitude, longitude, path, {name: row[name] for name in columns.labels})
         problem = coordinate_problem(latitude, longitude)
         if problem is not None:
             names = f"latitude (column {columns.latitude!r})", f"longitude (column {columns.longitude!r})"
-            return row_number, None, problem.describe(row[columns.latitude], row[columns.longitude], *names), fields
+            return row_number, None, problem.describe(*given, *names), fields
         try:
             if value is None:
                 raise ImageLoadError(f"Row {row_number} has no image (column {columns.image!r} is empty).")
@@ -474,6 +476,17 @@ class _SourceRows(IterableDataset):
         except _IMAGE_ERRORS as error:
             return row_number, None, str(error), fields
         return row_number, resized_pixels(self.image_processor, image)[0], None, fields
+
+
+def _field(row: dict[str, Any], name: str) -> Any:
+    """The value of column `name`, or for `a.b` of field `b` of the struct column `a` (a WebDataset sample's `json`);
+    None where a row lacks the field."""
+    if name in row:
+        return row[name]
+    value = row
+    for part in name.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 class ShardWriter:

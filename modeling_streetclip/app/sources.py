@@ -26,7 +26,7 @@ logger = logging.get_logger(__name__)
 
 # Column names recognised without being named, compared case-insensitively, first match wins. IM2GPS and IM2GPS3K
 # metadata use IMG_ID; other benchmarks and collections write the names out.
-ID_COLUMNS = ("img_id", "image_id", "id", "key", "file_name", "filename")
+ID_COLUMNS = ("img_id", "image_id", "id", "key", "__key__", "file_name", "filename")  # __key__: a WebDataset's
 IMAGE_COLUMNS = ("image", "img", "photo", "jpg")
 # The record field of a dataset row whose ids do not come from a column (file names, row numbers).
 DEFAULT_ID_FIELD = "id"

@@ -57,7 +57,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "data",
         metavar="DATA",
         help="geo-tagged photos: an image folder with metadata.csv (file_name,latitude,longitude,...), a save_to_disk "
-        "folder, Parquet or CSV files, a Hub dataset id, or a CSV file naming images in --image_dir",
+        "folder, Parquet or CSV files, WebDataset tar shards (.tar files: --latitude_column json.latitude), a Hub dataset "
+        "id, or a CSV file naming images in --image_dir",
     )
     build.add_argument("--model", required=True, help="Hub repo or local folder, as for `streetclip locate`")
     build.add_argument("--output", required=True, type=Path, metavar="FOLDER", help="the gallery folder to write")
@@ -81,7 +82,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--image_column", help="column of images (default: image, img, photo or jpg; file_name for CSV)"
     )
-    build.add_argument("--latitude_column", default="latitude", help="column of latitudes (default: %(default)s)")
+    build.add_argument(
+        "--latitude_column",
+        default="latitude",
+        help="column of latitudes, or COLUMN.FIELD for a field of a struct column such as a WebDataset sample's json "
+        "(default: %(default)s)",
+    )
     build.add_argument("--longitude_column", default="longitude", help="column of longitudes (default: %(default)s)")
     add_batch_arguments(build)
     build.add_argument(
