@@ -270,7 +270,9 @@ def test_a_published_region_model_answers_without_the_package_as_with_it(region_
             for remote_answer, local_answer in zip(remote_answers, local_answers, strict=True):
                 assert remote_answer.keys() == local_answer.keys()
                 for key, value in local_answer.items():
-                    assert remote_answer[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-5))
+                    assert remote_answer[key] == (
+                        value if isinstance(value, str) or value is None else pytest.approx(value, rel=1e-5)
+                    )
 
 
 def test_model_card_describes_the_region_level_the_decision_rules_and_the_candidate_rule(region_streetclip_dir):
