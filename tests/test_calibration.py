@@ -4,6 +4,7 @@ error it removes on the synthetic geo world."""
 import json
 
 import numpy as np
+import publish
 import pytest
 from transformers import pipeline
 
@@ -88,7 +89,8 @@ def test_the_calibration_survives_every_save_path_and_vision_only_loading(capsys
     image = random_photo(3)
     answers = geolocate(image, top_k=2)
     assert all(answer["calibrated"] for answer in answers)
-    for folder in ("saved", "pipe"):
+    assert publish.main([str(tmp_path / "cal"), "org/calibrated", "--dry_run", str(tmp_path / "published")]) == 0
+    for folder in ("saved", "pipe", "published"):
         assert pipeline("geolocation", model=str(tmp_path / folder))(image, top_k=2) == answers
     # Without the package, the repository's own code reads the calibration from config.json.
     image.save(tmp_path / "photo.png")
