@@ -1,5 +1,6 @@
-"""Calibration of `within_km`: a temperature per level fitted on labelled photos (`streetclip calibrate`), and the
-calibration error of the confidences (ECE over equal-mass bins, Brier score) that it and the benchmark report."""
+"""Calibration of `within_km`: a temperature per level and a monotone map per radius, fitted on labelled photos
+(`streetclip calibrate`), and the calibration error (ECE over equal-mass bins, Brier score) it and the benchmark report.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
     from ..modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
     from .benchmark_data import Benchmark
 
-# Equal-mass bins of the expected calibration error (ECE): each holds a tenth of the photos, as Guo et al. (2017).
+# Equal-mass bins of the expected calibration error (ECE), each a tenth of the photos (Nixon et al., 2019): equal-width
+# bins would leave the sparse middle of a peaked confidence nearly empty.
 NUM_BINS = 10
 # With the default hold-out of 0.3, 30 photos to measure on (3 a bin) and 70 to fit three temperatures on.
 MIN_PHOTOS = 100
