@@ -82,6 +82,7 @@ HEAT_DOT_PX = 7.0
 REGION_COLOR = "#08519c"
 # Beyond the metric's continent level (2500 km) an answer says little more than "somewhere on Earth".
 CONFIDENT_RADIUS_KM = 2500.0
+EARTH_RADIUS_KM = 6371.0088  # the package's `geodesy.EARTH_RADIUS_KM`, which a Space without it cannot import
 
 ANSWER_COLUMNS = ("photo", "file", "rank")
 
@@ -288,9 +289,9 @@ def draw_map(results: Sequence[PhotoResult]) -> Image.Image:
     draw_world(axes)
     heat = [result.heat for result in answered if result.heat is not None]
     if heat:
-        # Several photos: the mean of their posteriors, each over the same candidates (or its own restriction).
+        # Several photos: every photo's posterior, drawn over each other, shaded against the largest mass of all.
         points = np.concatenate(heat)
-        shares = points[:, 2] / len(heat) / max(points[:, 2].max() / len(heat), 1e-300)
+        shares = points[:, 2] / max(points[:, 2].max(), 1e-300)
         shown = shares >= HEAT_MIN_SHARE
         order = np.argsort(shares[shown])
         axes.scatter(
@@ -342,7 +343,7 @@ def draw_map(results: Sequence[PhotoResult]) -> Image.Image:
 def circle_points(latitude: float, longitude: float, radius_km: float, steps: int = 361) -> tuple[np.ndarray, ...]:
     """Latitudes and longitudes of the circle of `radius_km` around a point on the sphere, broken (NaN) where it
     crosses the map's edge at 180 degrees."""
-    angle = min(radius_km / 6371.0088, np.pi)
+    angle = min(radius_km / EARTH_RADIUS_KM, np.pi)
     phi, lam = np.radians(latitude), np.radians(longitude)
     bearings = np.linspace(0, 2 * np.pi, steps)
     lat = np.arcsin(np.sin(phi) * np.cos(angle) + np.cos(phi) * np.sin(angle) * np.cos(bearings))
