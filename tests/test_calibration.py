@@ -58,6 +58,16 @@ def test_calibrate_refuses_rows_without_valid_coordinates_naming_them(capsys, tm
     assert "'swapped.png'" in err and "look swapped" in err and "'no-coordinates.png'" in err
 
 
+def test_calibrate_refuses_photos_that_cannot_be_read_naming_them(capsys, tmp_path, small_streetclip_dir):
+    photos = write_geo_imagefolder(tmp_path / "photos", photos_per_city=9, seed=0)
+    (photos / "broken.png").write_bytes(b"not a png")
+    with open(photos / "metadata.csv", "a", encoding="utf-8") as metadata:
+        metadata.write("broken.png,48.0,2.0,,,\n")
+    status, _, err = run(capsys, "--model", small_streetclip_dir, "--data", photos, "--output", tmp_path / "out")
+    assert status == 2 and "1 photos could not be read, among them ['broken.png']" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("holdout", ["0", "1.5"])
 def test_calibrate_refuses_a_holdout_that_is_not_a_share(capsys, tmp_path, small_streetclip_dir, holdout):
     arguments = ("--model", small_streetclip_dir, "--data", tmp_path, "--output", tmp_path / "out")
