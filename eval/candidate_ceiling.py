@@ -20,12 +20,12 @@ from pathlib import Path
 
 import evaluate
 import numpy as np
-from benchmark_data import LATITUDE_COLUMNS, LONGITUDE_COLUMNS, read_csv_records
 from huggingface_hub.errors import StrictDataclassError
 
 from modeling_streetclip import CandidatePlaces, StreetCLIPConfig, read_country_list
 from modeling_streetclip.app import EXIT_USAGE, UsageError
 from modeling_streetclip.app.arguments import int_at_least
+from modeling_streetclip.app.benchmark_data import LATITUDE_COLUMNS, LONGITUDE_COLUMNS, read_csv_records
 from modeling_streetclip.app.sources import find_column
 from modeling_streetclip.configuration_streetclip import (
     CITY_ALLOCATIONS,

@@ -90,7 +90,12 @@ def assert_same_answers(records: list[dict], expected: list[dict]) -> None:
     ]
     for record, reference in zip(records, expected, strict=True):
         for answer, expected_answer in zip(record.get("answers", []), reference.get("answers", []), strict=True):
-            assert answer == pytest.approx(expected_answer)  # strings exactly, numbers to 1e-6
+            # Strings exactly, numbers (and the masses of `within_km`, a dict approx takes whole) to 1e-6.
+            assert answer.keys() == expected_answer.keys()
+            assert answer == {
+                key: pytest.approx(value) if isinstance(value, (float, dict)) else value
+                for key, value in expected_answer.items()
+            }
 
 
 def progress_totals(stderr: str) -> list[str]:
