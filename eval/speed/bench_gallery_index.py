@@ -23,6 +23,11 @@ processes' peak resident memory, the index's size, the latency at batch 64, and 
 brute force over the regenerated rows. Targets at 5,000,000 clustered rows (`--build --rows 5000000`; about 16 GB of
 disk twice over, in `--workdir`): build peak <= 8 GiB, index <= 4 GiB, <= 5 ms per query, recall@10 >= 0.9.
 
+`--throughput` times `streetclip index build` itself (images/s of embedding, decoding and writing shards, start-up
+cancelled out by a run over a batch per process) on one process with all the cores, one with one thread, and one
+process per core (torchrun), over generated 640x480 JPEGs, with the tiny test model and with ViT-B/16 (random weights,
+six countries: the heads play no part in building).
+
 `--pipeline` also times, at ViT-L/14-336 with random weights (built here, no download), the pipeline per image at
 batch 8 (vision forward and the greedy decision) and the gallery decision per image (search of the 1M-row clustered
 gallery under the default index, the kernel vote, naming the nearest candidate city); target: the gallery adds at
@@ -34,8 +39,11 @@ are printed); a million rows take about 3 GiB per copy, and the script holds two
 """
 
 import argparse
+import csv
 import multiprocessing
+import os
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -45,6 +53,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from timing import command_seconds, machine_line, save_small_streetclip, write_jpegs
 
 from modeling_streetclip.gallery_index import recommended_index, trained_index
 
@@ -204,6 +213,50 @@ def measure_build(args: argparse.Namespace) -> None:
     )
 
 
+def write_photo_folder(folder: Path, count: int) -> Path:
+    """`count` JPEGs with a metadata.csv of points on Earth: an image folder `index build` reads."""
+    photos = write_jpegs(folder, count)
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["file_name", "latitude", "longitude"])
+        writer.writerows([path.name, rng.uniform(-80, 80), rng.uniform(-180, 180)] for path in photos)
+    return folder
+
+
+def measure_throughput(args: argparse.Namespace) -> None:
+    """`--throughput`: images/s of `streetclip index build` at each model size, on one process and on several."""
+    from modeling_streetclip.testing_utils import VIT_B_16, save_random_clip, save_tiny_clip_checkpoint
+
+    scales = {
+        "tiny": (save_tiny_clip_checkpoint, 1024),
+        "vit-b-16": (lambda path: save_random_clip(path, VIT_B_16), 64),
+    }
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    configs = list(dict.fromkeys([(1, cores), (1, 1), (cores, 1)]))
+    short = args.batch_size * max(processes for processes, _ in configs)  # a batch per process
+    print(f"\n{machine_line()}")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+        root = Path(workdir)
+        for scale, (save_clip, images) in scales.items():
+            model = save_small_streetclip(save_clip(root / scale / "clip"), root / scale / "streetclip")
+            folders = {count: write_photo_folder(root / scale / str(count), count) for count in (images, short)}
+            for processes, threads in configs:
+                seconds = {}
+                for count, folder in folders.items():
+                    output = root / scale / "gallery"
+                    shutil.rmtree(output, ignore_errors=True)
+                    arguments = ["index", "build", folder, "--model", model, "--output", output]
+                    arguments += ["--batch_size", args.batch_size, "--num_workers", 1, "--device", "cpu"]
+                    seconds[count] = command_seconds(arguments, processes=processes, threads=threads)
+                rate = (images - short) / max(seconds[images] - seconds[short], 1e-9)
+                print(
+                    f"  index build, {scale}, {processes} process(es) x {threads} thread(s), 1 worker each: "
+                    f"{rate:.1f} img/s ({images} images, batch {args.batch_size})",
+                    flush=True,
+                )
+
+
 def search_in_batches(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]:
     """The ids of the `k` nearest rows of every query, searched `QUERY_BATCH` at a time, and the seconds per query
     (the median batch, so that one slow batch on a shared machine does not decide)."""
@@ -343,9 +396,10 @@ def main() -> None:
     parser.add_argument(
         "--build", action="store_true", help="only the default index, through the build's own path (see above)"
     )
+    parser.add_argument("--throughput", action="store_true", help="images/s of `streetclip index build` (see above)")
     parser.add_argument("--recall_queries", type=int, default=500, help="--build: queries searched exactly too")
     parser.add_argument("--workdir", help="folder for --build's gallery (default: the system's temporary folder)")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per pipeline call (--pipeline)")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per call (--pipeline, --throughput)")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds of --pipeline (medians are reported)")
     parser.add_argument(
         "--threads",
@@ -360,8 +414,11 @@ def main() -> None:
         faiss.omp_set_num_threads(args.threads)
 
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads; torch {torch.get_num_threads()}")
-    if args.build:
-        measure_build(args)
+    if args.build or args.throughput:
+        if args.build:
+            measure_build(args)
+        if args.throughput:
+            measure_throughput(args)
         return
     for kind in args.galleries:
         measure_gallery(kind, args)

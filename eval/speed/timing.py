@@ -86,14 +86,19 @@ def locate_seconds(
 ) -> float:
     """Wall seconds of one `streetclip locate` over `photos` in its own process (under torchrun for several
     `processes`; `threads` sets OMP_NUM_THREADS), writing `output` afresh."""
+    output.unlink(missing_ok=True)
+    output.with_name(output.name + ".options.json").unlink(missing_ok=True)
+    arguments = ["locate", *photos, "--model", model_dir, "--output", output, *options]
+    return command_seconds(arguments, processes=processes, threads=threads)
+
+
+def command_seconds(arguments: Sequence[object], processes: int = 1, threads: int = 0) -> float:
+    """Wall seconds of one `streetclip` command in its own process, or under torchrun for several `processes`."""
     command = [sys.executable, "-m"]
     if processes > 1:
         command += ["torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m"]
-    command += ["modeling_streetclip.cli", "locate", *map(str, photos), "--model", str(model_dir)]
-    command += ["--output", str(output), *map(str, options)]
+    command += ["modeling_streetclip.cli", *map(str, arguments)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    output.unlink(missing_ok=True)
-    output.with_name(output.name + ".options.json").unlink(missing_ok=True)
     start = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
