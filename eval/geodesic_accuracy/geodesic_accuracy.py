@@ -1,61 +1,40 @@
 # Copyright 2025 The streetclip developers.
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
+# SPDX-License-Identifier: Apache-2.0
 """Geodesic accuracy: the share of predicted points within 1, 25, 200, 750 and 2500 km of the truth."""
 
 import datasets
 import evaluate
 import numpy as np
-import numpy.typing as npt
+from numpy.typing import ArrayLike
 
 
-# This module imports nothing from the streetclip package: it is pushed to the Hub as it is. So `_point_problem` is a
-# copy of the package's rule of what makes a [lat, lon] pair a point on Earth (`modeling_streetclip.geodesy`); change
-# both together. The benchmark runner takes its per-row distances from `haversine_km` here.
+# This module imports nothing from the streetclip package, so that it can be pushed to the Hub as it is:
+# `_point_problem` copies the package's rule of what a point on Earth is (`modeling_streetclip.geodesy`).
 
 _DESCRIPTION = """
-Geodesic accuracy scores image geolocation: for each image, the great-circle distance between the
-predicted point and the true point, both given as `[latitude, longitude]` in degrees. It reports the
-share of images whose prediction lies within each distance threshold, by default the street (1 km),
-city (25 km), region (200 km), country (750 km) and continent (2500 km) levels introduced with IM2GPS
-(Hays & Efros, 2008) and used by IM2GPS3K, ISNs, StreetCLIP and most later work; it also reports the
-median and mean distance and the mean GeoGuessr-style score 5000 * exp(-d / 1492.7 km) used by PIGEON.
-
-Distances are haversine distances on a sphere of radius 6371.0088 km (the IUGG mean Earth radius) and
-a prediction counts as a hit when d <= threshold. Papers differ on both choices: PIGEON uses a radius
-of 6378.137 km and d < threshold; OSV-5M and PLONK use 6371 km and d < threshold; GeoCLIP and G3
-use an ellipsoidal (WGS-84) geodesic. Pass `radius_km=` and `inclusive=` to match a spherical
-protocol; the ellipsoidal one differs from any sphere by up to about 0.5 % of the distance, which
-can move points that lie close to a threshold.
+Geodesic accuracy scores image geolocation. For each image it takes the great-circle distance d between the predicted
+and the true point, both `[latitude, longitude]` in degrees, by the haversine formula on a sphere of radius
+6371.0088 km (the IUGG mean Earth radius). It reports the share of images with d <= threshold at the street (1 km),
+city (25 km), region (200 km), country (750 km) and continent (2500 km) levels of IM2GPS (Hays & Efros, 2008), the
+median and mean d, and the mean GeoGuessr score 5000 * exp(-d / 1492.7 km) of PIGEON. Papers differ on the radius and
+the inequality (PIGEON: 6378.137 km and d < threshold; OSV-5M and PLONK: 6371 km and d < threshold): `radius_km=` and
+`inclusive=` match them.
 """
 
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (`list` of `[float, float]`): predicted `[latitude, longitude]` pairs, in degrees.
     references (`list` of `[float, float]`): true `[latitude, longitude]` pairs, in degrees, one per prediction.
-    thresholds_km (`list` of `float`, *optional*): distance thresholds in km that replace the default
+    thresholds_km (`list` of `float`, *optional*): thresholds in km that replace the default
         `[1, 25, 200, 750, 2500]`; each gives a key `acc_{t}km` (1 -> `acc_1km`, 0.5 -> `acc_0.5km`).
-    radius_km (`float`, *optional*, defaults to 6371.0088): radius of the sphere the distances are
-        measured on; 6378.137 matches PIGEON, 6371 matches OSV-5M and PLONK.
-    inclusive (`bool`, *optional*, defaults to `True`): a hit is `d <= t` when True and `d < t` when
-        False (PIGEON, OSV-5M, PLONK).
+    radius_km (`float`, *optional*, defaults to 6371.0088): radius of the sphere the distances are measured on.
+    inclusive (`bool`, *optional*, defaults to `True`): a hit is `d <= t` when True and `d < t` when False.
 
 Returns:
-    acc_1km, acc_25km, acc_200km, acc_750km, acc_2500km (`float`): share of pairs within each
-        threshold, between 0 and 1 (one key per entry of `thresholds_km` when it is given).
-    median_km (`float`): median distance in km.
-    mean_km (`float`): mean distance in km.
-    geoscore (`float`): mean of 5000 * exp(-d / 1492.7 km), between 0 and 5000.
+    acc_1km, acc_25km, acc_200km, acc_750km, acc_2500km (`float`): share of pairs within each threshold, from 0 to 1
+        (one key per entry of `thresholds_km` when it is given).
+    median_km, mean_km (`float`): median and mean distance in km.
+    geoscore (`float`): mean of 5000 * exp(-d / 1492.7 km), from 0 to 5000.
     n (`int`): number of pairs scored.
 
 Examples:
@@ -114,7 +93,7 @@ _CITATION = r"""
 EARTH_RADIUS_KM = 6371.0088
 # Street, city, region, country and continent levels of IM2GPS.
 DEFAULT_THRESHOLDS_KM = (1.0, 25.0, 200.0, 750.0, 2500.0)
-# GeoGuessr's score curve, as used by PIGEON: 5000 points at 0 km, decaying with a 1492.7 km scale.
+# GeoGuessr's score curve, as PIGEON uses it: 5000 points at 0 km, decaying with a 1492.7 km scale.
 GEOSCORE_MAX = 5000.0
 GEOSCORE_SCALE_KM = 1492.7
 _OPTIONS = ("thresholds_km", "radius_km", "inclusive")
@@ -122,16 +101,11 @@ _PAIR_HINT = "expected a [lat, lon] pair in degrees, e.g. [48.8566, 2.3522]"
 
 
 def haversine_km(
-    lat1: npt.ArrayLike,
-    lon1: npt.ArrayLike,
-    lat2: npt.ArrayLike,
-    lon2: npt.ArrayLike,
-    radius_km: float = EARTH_RADIUS_KM,
+    lat1: ArrayLike, lon1: ArrayLike, lat2: ArrayLike, lon2: ArrayLike, radius_km: float = EARTH_RADIUS_KM
 ) -> np.ndarray:
     """Great-circle distance in km between points given in degrees, vectorised over numpy arrays.
 
-    The arcsine form with `a` clipped to [0, 1] stays accurate for nearly identical and nearly
-    antipodal points, where the arccos form loses precision or returns NaN.
+    The arcsine form, `a` clipped to [0, 1], stays accurate for nearly identical and nearly antipodal points.
     """
     phi1, lam1, phi2, lam2 = (np.radians(np.asarray(x, dtype=np.float64)) for x in (lat1, lon1, lat2, lon2))
     a = np.sin((phi2 - phi1) / 2) ** 2 + np.cos(phi1) * np.cos(phi2) * np.sin((lam2 - lam1) / 2) ** 2
@@ -139,7 +113,7 @@ def haversine_km(
 
 
 def _threshold_key(threshold_km: float) -> str:
-    """Name a threshold's result so that 1 and 1.0 both give `acc_1km`, and 0.5 gives `acc_0.5km`."""
+    """1 and 1.0 both give `acc_1km`; 0.5 gives `acc_0.5km`."""
     value = float(threshold_km)
     return f"acc_{int(value) if value.is_integer() else value!r}km"
 
@@ -147,17 +121,16 @@ def _threshold_key(threshold_km: float) -> str:
 def _checked_options(
     thresholds_km: list[float] | None = None, radius_km: float = EARTH_RADIUS_KM, inclusive: bool = True
 ) -> list[float]:
-    """Validate the compute options and return the thresholds to use, so mistakes fail with a clear message."""
-    if thresholds_km is None:
-        thresholds = list(DEFAULT_THRESHOLDS_KM)
-    else:
+    """Validate the compute options and return the thresholds to use."""
+    thresholds = list(DEFAULT_THRESHOLDS_KM)
+    if thresholds_km is not None:
         try:
             thresholds = [float(t) for t in np.atleast_1d(np.asarray(thresholds_km, dtype=object)).ravel()]
         except (TypeError, ValueError):
             raise ValueError(f"thresholds_km must be a list of distances in km, got {thresholds_km!r}") from None
-        for i, t in enumerate(thresholds):
-            if not np.isfinite(t) or t < 0:
-                raise ValueError(f"thresholds_km[{i}] is {t!r}; thresholds must be finite distances >= 0 km")
+    for i, t in enumerate(thresholds):
+        if not np.isfinite(t) or t < 0:
+            raise ValueError(f"thresholds_km[{i}] is {t!r}; thresholds must be finite distances >= 0 km")
     if isinstance(radius_km, bool) or not isinstance(radius_km, (int, float, np.number)):
         raise ValueError(f"radius_km must be a number of km, got {radius_km!r}")
     if not np.isfinite(radius_km) or radius_km <= 0:
@@ -168,7 +141,7 @@ def _checked_options(
 
 
 def _row_problem(row: object) -> str | None:
-    """Say why one row is not a pair of numbers, or return None when it is one (ranges are checked apart)."""
+    """Why one row is not a pair of numbers, or None (ranges are checked by `_point_problem`)."""
     if isinstance(row, np.ndarray):
         row = row.tolist()
     if isinstance(row, (str, bytes)) or not hasattr(row, "__len__"):
@@ -176,10 +149,10 @@ def _row_problem(row: object) -> str | None:
     if len(row) != 2:
         return f"is {row!r}, of length {len(row)}; {_PAIR_HINT}"
     for value in row:
-        if value is None:  # a missing value, reported by the finiteness check
-            continue
         if isinstance(value, (bool, np.bool_)):
             return f"is {row!r}, with the boolean {value!r}, which is not a coordinate; {_PAIR_HINT}"
+        if value is None:  # missing, reported by `_point_problem`
+            continue
         try:
             float(value)
         except (TypeError, ValueError):
@@ -188,16 +161,15 @@ def _row_problem(row: object) -> str | None:
 
 
 def _point_problem(row: object, lat: float, lon: float) -> str | None:
-    """Say why a numeric [lat, lon] pair is not a point on Earth, or return None when it is one."""
+    """Why a numeric [lat, lon] pair is not a point on Earth, or None."""
     if not (np.isfinite(lat) and np.isfinite(lon)):
         return f"is {row!r}, with a missing or non-finite value; {_PAIR_HINT}"
+    if abs(lat) > 90 and abs(lon) <= 90:  # the widely copied ISNs metadata files carry exactly this mistake
+        return (
+            f"has latitude {lat!r} outside [-90, 90]; its longitude {lon!r} would be a valid latitude"
+            " (columns may be swapped: [lat, lon] expected)"
+        )
     if abs(lat) > 90:
-        if abs(lon) <= 90:
-            # The widely copied ISNs metadata files carry exactly this mistake.
-            return (
-                f"has latitude {lat!r} outside [-90, 90]; its longitude {lon!r} would be a valid latitude"
-                " (columns may be swapped: [lat, lon] expected)"
-            )
         return f"has latitude {lat!r} outside [-90, 90]; {_PAIR_HINT}"
     if abs(lon) > 180:
         return f"has longitude {lon!r} outside [-180, 180]; {_PAIR_HINT}"
@@ -205,10 +177,8 @@ def _point_problem(row: object, lat: float, lon: float) -> str | None:
 
 
 def _as_coordinates(rows: list, name: str, indexed: bool = True) -> np.ndarray:
-    """Turn rows of [lat, lon] into an (n, 2) float array, naming the first row that is not a point on Earth.
-
-    `indexed=False` names a single pair (`prediction`) instead of a row of a list (`predictions[3]`).
-    """
+    """Rows of [lat, lon] as an (n, 2) float array, naming the first row that is not a point on Earth
+    (`predictions[3]`, or `prediction` when not `indexed`)."""
     if isinstance(rows, (str, bytes)) or not hasattr(rows, "__len__"):
         raise ValueError(f"{name} must be a list of [lat, lon] pairs, got {rows!r}")
     if len(rows) == 0:
@@ -223,8 +193,7 @@ def _as_coordinates(rows: list, name: str, indexed: bool = True) -> np.ndarray:
             if problem is not None:
                 raise ValueError(f"{name}[{i}] {problem}" if indexed else f"{name} {problem}")
         raise ValueError(f"{name} must be a list of [lat, lon] pairs; {_PAIR_HINT}")
-
-    # Vectorised screen first, so valid input of any size costs a few array passes.
+    # A vectorised screen first, so that valid input of any size costs a few array passes.
     bad = ~np.isfinite(points).all(axis=1) | (np.abs(points[:, 0]) > 90) | (np.abs(points[:, 1]) > 180)
     if not bad.any():
         return points
@@ -234,17 +203,14 @@ def _as_coordinates(rows: list, name: str, indexed: bool = True) -> np.ndarray:
 
 
 def _holds_booleans(rows: list) -> bool:
-    """Whether any value of (n, 2) rows is a boolean, which numpy would score as the coordinate 1 or 0.
-
-    A scan of Python values, as cheap as `datasets` encoding them in `add_batch`; an array is judged by its dtype.
-    """
+    """Whether any value is a boolean, which numpy would score as the coordinate 1 or 0."""
     if isinstance(rows, np.ndarray) and rows.dtype != object:
         return rows.dtype == np.bool_
     return any(isinstance(value, (bool, np.bool_)) for row in rows for value in row)
 
 
 def _as_point_pairs(predictions: list, references: list) -> tuple[np.ndarray, np.ndarray]:
-    """Check both inputs and that they pair up one to one, returning them as (n, 2) arrays."""
+    """Both inputs checked and paired one to one, as (n, 2) arrays."""
     predicted = _as_coordinates(predictions, "predictions")
     true = _as_coordinates(references, "references")
     if len(predicted) != len(true):
@@ -274,25 +240,22 @@ class GeodesicAccuracy(evaluate.Metric):
         )
 
     def add_batch(self, *, predictions=None, references=None, **kwargs) -> None:
-        """Add a batch, checked now: a bad row fails here, named by its index in this batch, not after the whole run."""
-        # datasets encodes plain Python floats much faster than numpy scalars.
-        if isinstance(predictions, np.ndarray):
-            predictions = predictions.tolist()
-        if isinstance(references, np.ndarray):
-            references = references.tolist()
+        """Check a batch now: a bad row fails here, named by its index in this batch, not after the whole run."""
         if predictions is None or references is None:
             raise ValueError("geodesic_accuracy needs both predictions and references, one [lat, lon] pair each")
+        # datasets encodes plain Python floats much faster than numpy scalars.
+        predictions, references = (x.tolist() if isinstance(x, np.ndarray) else x for x in (predictions, references))
         _as_point_pairs(predictions, references)
         super().add_batch(predictions=predictions, references=references, **kwargs)
 
     def add(self, *, prediction=None, reference=None, **kwargs) -> None:
-        """Add one pair, checked now: evaluate buffers single pairs, so it would only fail later, in compute."""
+        """Check one pair now: evaluate buffers single pairs, so it would only fail later, in compute."""
         _as_coordinates([prediction], "prediction", indexed=False)
         _as_coordinates([reference], "reference", indexed=False)
         super().add(prediction=prediction, reference=reference, **kwargs)
 
     def compute(self, *, predictions=None, references=None, **kwargs) -> dict | None:
-        """Check the options before evaluate consumes the added batches, so a typo does not lose them."""
+        """Check the options before evaluate consumes the added batches, so that a typo does not lose them."""
         unknown = sorted(set(kwargs) - set(_OPTIONS))
         if unknown:
             raise TypeError(f"geodesic_accuracy got unknown option(s) {unknown}; it accepts {list(_OPTIONS)}")
@@ -307,12 +270,10 @@ class GeodesicAccuracy(evaluate.Metric):
         radius_km: float = EARTH_RADIUS_KM,
         inclusive: bool = True,
     ) -> dict:
-        """Score all pairs; a pure function of its inputs."""
         thresholds = _checked_options(thresholds_km, radius_km, inclusive)
         predicted, true = _as_point_pairs(predictions, references)
         if len(predicted) == 0:
             raise ValueError("predictions and references are empty; expected at least one [lat, lon] pair each")
-
         distances = haversine_km(predicted[:, 0], predicted[:, 1], true[:, 0], true[:, 1], radius_km=radius_km)
         is_hit = np.less_equal if inclusive else np.less
         results = {_threshold_key(t): float(np.mean(is_hit(distances, t))) for t in thresholds}
