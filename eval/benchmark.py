@@ -1,14 +1,11 @@
-"""Run a geolocation model over a benchmark and write its predictions, metrics and figures.
+"""Run a geolocation model over a benchmark and write its predictions, metrics and figures (eval/README.md).
 
     python eval/benchmark.py --model geolocal/StreetCLIP --data im2gps3k_places365.csv --image_dir im2gps3k/ \\
         --output_dir results/im2gps3k
     accelerate launch --num_processes 8 eval/benchmark.py --model geolocal/StreetCLIP --data ORG/DATASET ...
 
-It writes predictions.csv (one row per input: the answer, or why it failed), metrics.json (the geodesic_accuracy
-metric over the inputs that could be scored, with the run's settings and counts), error_cdf.png, world_map.png and reliability.png.
-The model runs through the batch engine of `streetclip locate`, on every process's share of the batches; the main
-process alone scores and writes. It exits 1 when no input could be scored, after writing every file, and 2 with a
-one-line message, before the model loads, on an invocation that cannot run (eval/README.md).
+Exits 1 when no input could be scored (after writing every file), 2 on an invocation that cannot run (before the
+model loads).
 """
 
 import argparse
@@ -17,6 +14,7 @@ import json
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import evaluate
@@ -54,9 +52,9 @@ from modeling_streetclip.app.records import spreadsheet_safe
 
 
 METRIC_DIR = Path(__file__).resolve().parent / "geodesic_accuracy"
-# Names of the metric's default thresholds (1, 25, 200, 750, 2500 km), from IM2GPS.
+# The names of the metric's default thresholds (1, 25, 200, 750, 2500 km), from IM2GPS.
 LEVEL_NAMES = ("street", "city", "region", "country", "continent")
-# The thresholds the figures' titles quote: the columns of the StreetCLIP paper's tables.
+# The figures' titles quote the columns of the StreetCLIP paper's tables.
 TITLE_THRESHOLDS_KM = (25, 200, 750, 2500)
 OUTPUT_FILES = ("predictions.csv", "metrics.json", "error_cdf.png", "world_map.png", "reliability.png")
 PREDICTION_COLUMNS = (
@@ -67,7 +65,6 @@ PREDICTION_COLUMNS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The runner's argument parser; its name heads every error message (`benchmark.py: error: ...`)."""
     parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="StreetCLIP or plain CLIP checkpoint: a folder or Hub id")
     parser.add_argument(
@@ -80,10 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--split", default="test", help="dataset split to read; a dataset with one split is read whatever this says"
     )
-    parser.add_argument("--id_column", help="column of image ids (default: IMG_ID, img_id, id, ... when present)")
-    parser.add_argument("--image_column", help="dataset column of images (default: image, img, photo, jpg)")
-    parser.add_argument("--latitude_column", help="column of true latitudes (default: LAT, lat or latitude)")
-    parser.add_argument("--longitude_column", help="column of true longitudes (default: LON, lon, lng, longitude)")
+    for name, help in (
+        ("id", "column of image ids (default: IMG_ID, img_id, id, ... when present)"),
+        ("image", "dataset column of images (default: image, img, photo, jpg)"),
+        ("latitude", "column of true latitudes (default: LAT, lat or latitude)"),
+        ("longitude", "column of true longitudes (default: LON, lon, lng, longitude)"),
+    ):
+        parser.add_argument(f"--{name}_column", help=help)
     parser.add_argument(
         "--encoding",
         default=DEFAULT_CSV_ENCODING,
@@ -107,33 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
 def prediction_line(
     row: BenchmarkRow, answers: list[dict] | None = None, distance_km: float | None = None, error: str | None = None
 ) -> dict:
-    """One row of predictions.csv: the truth, then the first answer and its distance, or the error; text cells that a
+    """One row of predictions.csv: the truth, then the first answer and its distance, or the error; cells that a
     spreadsheet would evaluate (an id such as `=HYPERLINK(...)`) are written as text."""
     line = {"id": row.id, "true_latitude": row.latitude, "true_longitude": row.longitude, "error": error}
     if answers:
         best, *runner_ups = answers
+        # `region` only from a model with a region level.
+        places = ("latitude", "longitude", "country", "country_code", "region", "city")
+        line |= {f"predicted_{key}": best.get(key) for key in places}
+        line |= {key: best[key] for key in ("score", "country_score", "joint_probability", "radius_km", "calibrated")}
         line |= {
-            "predicted_latitude": best["latitude"],
-            "predicted_longitude": best["longitude"],
             "distance_km": distance_km,
-            "predicted_country": best["country"],
-            "predicted_country_code": best["country_code"],
-            "predicted_region": best.get("region"),  # a model with a region level only
-            "predicted_city": best["city"],
-            "score": best["score"],
-            "country_score": best["country_score"],
-            "joint_probability": best["joint_probability"],
             "within_km": json.dumps(best["within_km"]),
-            "radius_km": best["radius_km"],
-            "calibrated": best["calibrated"],
             "runner_ups": json.dumps(runner_ups, ensure_ascii=False) if runner_ups else None,
         }
     return {column: spreadsheet_safe(value) for column, value in line.items()}
 
 
 def prepare_output_dir(output_dir: Path) -> None:
-    """Create `output_dir` and check that every output file can be written there, before any model loads: a run
-    that finds out only at the end would lose all its results."""
+    """Create `output_dir` and check that every output file can be written there before the model loads, not at the
+    end of the run."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir {str(output_dir)!r} is a file; give a folder for {', '.join(OUTPUT_FILES)}.")
     try:
@@ -145,14 +138,12 @@ def prepare_output_dir(output_dir: Path) -> None:
             if path.exists() and not path.is_file():
                 raise UsageError(f"--output_dir holds {str(path)!r}, which is not a file; move it out of the way.")
             if path.exists():
-                # Opened for appending, so that nothing is written: only whether it could be.
-                path.open("ab").close()
+                path.open("ab").close()  # appending writes nothing: only whether it could be written
     except OSError as error:
         raise UsageError(f"cannot write the results to --output_dir {str(output_dir)!r}: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the benchmark; exits with status 2 and a one-line message on an invocation that cannot run."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -168,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace, accelerator: Accelerator, quantization: object = None) -> int:
-    """Check the invocation (outputs, data), then geolocate every scorable input across the processes and, on the
-    main process, write the outputs; returns the exit status (every process returns the same)."""
+    """Check the outputs and data, geolocate every scorable input across the processes and, on the main process,
+    write the outputs; the exit status (the same on every process)."""
     args.decision = decision_from(args)
     on_main_process(accelerator, lambda: prepare_output_dir(args.output_dir))
 
@@ -184,26 +175,21 @@ def run(args: argparse.Namespace, accelerator: Accelerator, quantization: object
                 encoding=args.encoding,
                 allow_outside_image_dir=args.allow_outside_image_dir,
             )
-        except (OSError, ValueError, ImportError) as error:
-            # Every message names the file or dataset at fault, as do those of `datasets` for a Hub id.
+        except (OSError, ValueError, ImportError) as error:  # each names the file or dataset at fault
             raise UsageError(str(error)) from None
 
-    # Every process reads the benchmark (the main one first: a Hub dataset downloads once) and indexes its images.
-    benchmark = on_every_process(accelerator, read_benchmark, main_process_first=True)
+    # Every process loads; the main process first, so that a Hub download happens once.
+    on_each = partial(on_every_process, accelerator, main_process_first=True)
+    benchmark = on_each(read_benchmark)
     # As `streetclip locate` loads it: a saved folder with heads without its text tower, its processor checked.
     graph = graph_file_for(args.backend, args.quantize)
-    model, image_processor = on_every_process(
-        accelerator,
-        lambda: load_model(args.model, accelerator.device, getattr(torch, args.dtype), None, quantization, graph),
-        main_process_first=True,
+    dtype = getattr(torch, args.dtype)
+    model, image_processor = on_each(
+        lambda: load_model(args.model, accelerator.device, dtype, None, quantization, graph)
     )
     gallery = None
     if args.gallery is not None:
-        gallery = on_every_process(
-            accelerator,
-            lambda: load_gallery(args.gallery, model, image_processor, args.model),
-            main_process_first=True,
-        )
+        gallery = on_each(lambda: load_gallery(args.gallery, model, image_processor, args.model))
 
     start = time.perf_counter()
     positions, images = benchmark.scorable()
@@ -245,21 +231,17 @@ def write_results(
 ) -> int:
     """Score the answers once and write predictions.csv, metrics.json and the figures; the exit status."""
     metric = evaluate.load(str(METRIC_DIR))
-    # The module evaluate imported the metric from: per-row distances come from the very function that scores them.
+    # The module evaluate loaded: per-row distances come from the very function that scores them.
     geodesic = sys.modules[type(metric).__module__]
-    # The metric's defaults, passed explicitly so that metrics.json records the protocol the numbers were computed with.
-    protocol = {
-        "thresholds_km": list(geodesic.DEFAULT_THRESHOLDS_KM),
-        "radius_km": geodesic.EARTH_RADIUS_KM,
-        "inclusive": True,
-    }
+    # The metric's defaults, passed explicitly so that metrics.json records the protocol of its numbers.
+    protocol = dict(
+        thresholds_km=list(geodesic.DEFAULT_THRESHOLDS_KM), radius_km=geodesic.EARTH_RADIUS_KM, inclusive=True
+    )
 
     evaluated = sorted(answers)
     truths = np.array([[benchmark.rows[i].latitude, benchmark.rows[i].longitude] for i in evaluated]).reshape(-1, 2)
     predictions = np.array([[answers[i][0]["latitude"], answers[i][0]["longitude"]] for i in evaluated]).reshape(-1, 2)
-    distances = geodesic.haversine_km(
-        truths[:, 0], truths[:, 1], predictions[:, 0], predictions[:, 1], protocol["radius_km"]
-    )
+    distances = geodesic.haversine_km(*truths.T, *predictions.T, protocol["radius_km"])
     distance_of = dict(zip(evaluated, distances.tolist(), strict=True))
 
     with (args.output_dir / "predictions.csv").open("w", newline="", encoding="utf-8") as file:
