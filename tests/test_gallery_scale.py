@@ -165,6 +165,24 @@ def test_a_build_on_two_processes_killed_mid_way_resumes_on_one_or_two_as_a_buil
         assert_same_gallery(output, one_process)
 
 
+@pytest.mark.slow
+def test_a_process_that_owns_no_rows_joins_a_two_process_build_with_decoding_workers(
+    small_streetclip_dir, photos, one_process, tmp_path
+):
+    # One chunk of the default shard size holds every row: the second process owns none, and once crashed on it
+    # (an empty dataset cannot be streamed) while the first waited for it forever.
+    script = tmp_path / "logged_build.py"
+    script.write_text(LOGGED_BUILD)
+    output, log = tmp_path / "g", tmp_path / "log"
+    args = ["index", "build", photos, "--model", small_streetclip_dir, "--output", output, "--num_workers", 1]
+    result = launch(*args, script=script, log=log, cwd=tmp_path)
+
+    assert result.returncode == EXIT_SOME_FAILED, result.stderr[-3000:]
+    assert [path.name.split("-")[0] for path in log.glob("*.txt")] == ["0"]
+    assert sorted(logged_rows(log)) == sorted(GeoGallery.load(one_process).dataset["source_row"])
+    assert_same_gallery(output, one_process)
+
+
 def test_every_pending_row_goes_to_one_process_in_chunks_that_line_up_across_reruns():
     # Shards of an earlier run hold rows 0-4 and 8-10 of 23; chunks of 4 end on multiples of 4.
     chunks, tail = _pending_chunks([(0, 4), (8, 10)], 23, 4)

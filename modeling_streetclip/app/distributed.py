@@ -61,20 +61,25 @@ def on_main_process(
     return outcome[0]
 
 
-def on_every_process(accelerator: Accelerator, work: Callable[[], T], main_process_first: bool = False) -> T:
+def on_every_process(
+    accelerator: Accelerator,
+    work: Callable[[], T],
+    main_process_first: bool = False,
+    errors: tuple[type[Exception], ...] = COMMAND_ERRORS,
+) -> T:
     """Run `work` on every process (on the main one first with `main_process_first`, e.g. to download once) and
-    return its result; a command error on any process is raised on all."""
+    return its result; an error of `errors` (by default a command error) on any process is raised on all."""
     from accelerate.utils import gather_object
 
     error = result = None
     with accelerator.main_process_first() if main_process_first else nullcontext():
         try:
             result = work()
-        except COMMAND_ERRORS as caught:
+        except errors as caught:
             error = caught
-    errors = [caught for caught in gather_object([error]) if caught is not None]
-    if errors:
-        raise errors[0]
+    raised = [caught for caught in gather_object([error]) if caught is not None]
+    if raised:
+        raise raised[0]
     return result
 
 

@@ -185,14 +185,17 @@ def build_gallery(
     covered = _on_main(accelerator, start)
     rank, processes = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     plan = _RowPlan(*_pending_chunks(covered, total, shard_size), rank, processes, shard_size)
-    embedded = 0
-    if plan.chunks or plan.tail_start is not None:
+    numbers = plan.own_rows() if isinstance(data, datasets.Dataset) else None
+
+    def embed(data) -> int:
+        """Embed this process's rows into shards; the number of rows embedded (a process may own none)."""
+        pending = bool(numbers) if numbers is not None else bool(plan.chunks) or plan.tail_start is not None
+        if not pending:
+            return 0
         # Images reach the workers still encoded, where an unreadable one is its row's error.
         if data.features is not None:
             data = data.cast_column(columns.image, datasets.Image(decode=False))
-        numbers = None
-        if isinstance(data, datasets.Dataset):
-            numbers = plan.own_rows()
+        if numbers is not None:
             data = data.select(numbers).to_iterable_dataset()
         else:
             data = data.skip(plan.first_row)
@@ -201,7 +204,7 @@ def build_gallery(
         # Workers yield whole batches (batch_size=None), each of consecutive rows, in turn: source order is kept.
         loader = DataLoader(rows, batch_size=None, num_workers=num_workers, collate_fn=collate_pixels, pin_memory=pin)
         writer = ShardWriter(folder / SHARDS_FOLDER, dim, columns.features)
-        own_total = None if numbers is None else len(numbers)
+        own_total, embedded = None if numbers is None else len(numbers), 0
         show = progress and (accelerator is None or accelerator.is_main_process)
         with tqdm(
             total=own_total, unit="img", desc="streetclip index build", file=sys.stderr, disable=not show
@@ -213,10 +216,17 @@ def build_gallery(
                     writer.flush()
                 bar.update(len(batch.order))
             writer.flush()
-    if accelerator is not None:
+        return embedded
+
+    if accelerator is None:
+        embedded = embed(data)
+    else:
         from accelerate.utils import gather_object
 
-        embedded = sum(gather_object([embedded]))
+        from .distributed import on_every_process
+
+        # An error on one process stops every process, instead of leaving the others waiting in the gather.
+        embedded = sum(gather_object([on_every_process(accelerator, lambda: embed(data), errors=BUILD_ERRORS)]))
     settings = settings or VoteSettings()
     finished: dict[str, Any] = {"gallery": None, "bad_rows": []}
 
