@@ -12,8 +12,7 @@ from .captions import render_template, template_list
 
 # Hub arguments that every file of a checkpoint (configuration, weights, processor) is resolved with.
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-# Settings that decide which candidate places the heads hold (a GeoNames table's, and which countries and levels), and
-# which prompts they encode: changing either means rebuilding the heads from the text tower.
+# Settings that choose the candidate places, or the prompts the heads encode: changing one rebuilds the heads.
 TABLE_SETTINGS = (
     "cities_per_country",
     "min_city_population",
@@ -35,7 +34,6 @@ REGION_LEVELS = ("country", "region", "city")
 # How the city slots of a GeoNames table are shared among its countries (see `CandidatePlaces.from_geonames`).
 CITY_ALLOCATIONS = ("per_country", "sqrt_population")
 
-
 # Two places of each level, which a template must render apart.
 _SAMPLE_PLACES = (
     {"country": "France", "region": "Bavaria", "city": "Lyon"},
@@ -48,22 +46,20 @@ def validate_prompt_templates(
     city_prompt_template: str | Sequence[str],
     region_prompt_template: str | Sequence[str] | None = None,
 ) -> None:
-    """Refuse empty ensembles and templates that `str.format` cannot fill or that render every candidate alike: each
-    renders two places that differ at its own level (which also catches a literal `{{country}}`)."""
-    # The fields each level may use: its own place and the places above it.
+    """Refuse empty ensembles and templates that `str.format` cannot fill or that render two places of their level
+    alike (which also catches a literal `{{country}}`)."""
     levels = [("country_prompt_template", country_prompt_template, "country", ("country",))]
     if region_prompt_template is not None:
         levels.append(("region_prompt_template", region_prompt_template, "region", ("region", "country")))
     levels.append(("city_prompt_template", city_prompt_template, "city", ("city", "country")))
-    for name, templates, place, fields in levels:
-        accepted = ", ".join(f"{{{field}}}" for field in fields)
+    for name, templates, place, fields in levels:  # each level may use its own place and those above it
         if not template_list(templates):
             raise ValueError(f"{name} is an empty list; give a template or a list of templates with {{{place}}}.")
+        first = {field: _SAMPLE_PLACES[0][field] for field in fields}
+        second = {**first, place: _SAMPLE_PLACES[1][place]}
         for template in template_list(templates):
             if not isinstance(template, str):
                 raise ValueError(f"{name}={template!r} is not a string; give a template with {{{place}}}.")
-            first, second = ({field: sample[field] for field in fields} for sample in _SAMPLE_PLACES)
-            second = {**first, place: second[place]}
             try:
                 prompts = {render_template(template, **first), render_template(template, **second)}
             except ValueError as error:
@@ -71,7 +67,7 @@ def validate_prompt_templates(
             if len(prompts) == 1:
                 raise ValueError(
                     f"{name}={template!r} must contain {{{place}}} as a format field: it renders {prompts.pop()!r} "
-                    f"for every {place}. Fields it may use: {accepted}."
+                    f"for every {place}. Fields it may use: {', '.join(f'{{{field}}}' for field in fields)}."
                 )
 
 
@@ -81,44 +77,30 @@ class StreetCLIPConfig(CLIPConfig):
     hierarchical zero-shot geolocation (Haas & Alberti, 2023); a plain CLIP one converts with `from_clip_config`.
 
     Args:
-        country_prompt_template (`str` or `list[str]`, *optional*, defaults to `"A Street View photo in {country}."`):
-            The paper's country probe prompt; a list is an ensemble, each head row the normalised mean of its
-            templates' embeddings (CLIP's ImageNet practice). So for the other levels.
-        region_prompt_template (`str` or `list[str]`, *optional*):
-            The region probe prompt, for `levels` with `"region"`: `"A Street View photo in {region}, {country}."`.
-        city_prompt_template (`str` or `list[str]`, *optional*, defaults to `"A Street View photo from {city}."`):
-            The paper's city probe prompt.
-        qualify_ambiguous_cities (`bool`, *optional*, defaults to `False`):
+        country_prompt_template (`str` or `list[str]`, defaults to `"A Street View photo in {country}."`):
+            The paper's country prompt; a list is an ensemble (each head row the normalised mean), so for all levels.
+        region_prompt_template (`str` or `list[str]`, defaults to `"A Street View photo in {region}, {country}."`):
+            The region prompt, for `levels` with `"region"`.
+        city_prompt_template (`str` or `list[str]`, defaults to `"A Street View photo from {city}."`):
+            The paper's city prompt.
+        qualify_ambiguous_cities (`bool`, defaults to `False`):
             Name a city with its country (`"London, Canada"`) when another candidate country has a namesake.
-        caption_template (`str`, *optional*):
-            The paper's synthetic training caption over `{city}`, `{region}` and `{country}`.
-        levels (`list[str]`, *optional*, defaults to `["country", "city"]`):
-            The paper's levels, or `["country", "region", "city"]` with GeoNames' first-level regions.
-        candidate_countries (`list[str]`, *optional*):
-            Names of the candidate countries; `None` means the paper's 193 (appendix B.3.1).
-        city_allocation (`str`, *optional*, defaults to `"per_country"`):
-            `"per_country"` (the paper's: `cities_per_country` each) or `"sqrt_population"` (`city_budget` slots shared
-            by the square root of each country's urban population).
-        cities_per_country, city_budget (`int`, *optional*, defaults to 30 and 6000):
-            The slots of each allocation; `"sqrt_population"` gives every country at least one.
-        min_city_population (`int`, *optional*, defaults to 15000):
-            GeoNames population floor for candidate cities; capitals are candidates whatever their size.
-        city_merge_radius_km (`int` or `float`, *optional*, defaults to 0):
-            Merge a candidate city within this radius of a more populous one of its country (Brooklyn into New York);
-            0 is the paper's table, 25 (the IM2GPS city threshold) the recommended one.
-        expected_distance_candidates (`int`, *optional*, defaults to 50):
-            The most probable cities that `"expected_distance"` weighs; the tail would pull answers to the middle.
-            `"expected_distance"` and `"within_km"` choose the first answers among them.
-        decision_radius_km (`int` or `float`, *optional*, defaults to 25):
-            The radius whose accuracy `"within_km"` maximises: IM2GPS's city level.
-        confidence_level (`float`, *optional*, defaults to 0.9):
-            The probability that an answer's `radius_km` holds: the smallest radius with `within_km` at least this.
+        caption_template (`str`): The paper's synthetic training caption over `{city}`, `{region}` and `{country}`.
+        levels (`list[str]`, defaults to `["country", "city"]`): The paper's, or `["country", "region", "city"]`.
+        candidate_countries (`list[str]`, *optional*): Candidate country names; `None` is the paper's 193.
+        city_allocation (`str`, defaults to `"per_country"`):
+            `"per_country"` (the paper's) or `"sqrt_population"` (`city_budget` shared by root urban population).
+        cities_per_country, city_budget (`int`, defaults to 30 and 6000): The slots of each allocation.
+        min_city_population (`int`, defaults to 15000): GeoNames population floor; capitals always count.
+        city_merge_radius_km (`float`, defaults to 0):
+            Merge a city within this radius of a more populous one of its country; 25 is recommended, 0 the paper's.
+        expected_distance_candidates (`int`, defaults to 50):
+            The most probable cities that `"expected_distance"` and `"within_km"` choose among.
+        decision_radius_km (`float`, defaults to 25): The radius whose accuracy `"within_km"` maximises (IM2GPS city).
+        confidence_level (`float`, defaults to 0.9): The probability that an answer's `radius_km` holds.
         calibration (`dict`, *optional*):
-            `{"temperatures": {level: T}, "within_km": {radius: {"x": [...], "y": [...]}}}`, written by `streetclip
-            calibrate`: `within_km` divides each level's logits by its temperature, then maps each radius' mass through
-            its monotone map (optional), both fitted on labelled photos; None leaves the raw posterior.
-        candidate_places (`dict`, *optional*):
-            The candidate table ([`CandidatePlaces`]), written when heads are built.
+            Per-level `"temperatures"` and per-radius `"within_km"` monotone maps, written by `streetclip calibrate`.
+        candidate_places (`dict`, *optional*): The candidate table ([`CandidatePlaces`]), written with the heads.
 
     Example:
 
@@ -207,7 +189,7 @@ class StreetCLIPConfig(CLIPConfig):
     @property
     def custom_pipelines(self) -> dict:
         """The saved `custom_pipelines` less the tasks registered in this process: `pipeline()` refuses any task a
-        config lists unless `trust_remote_code` is set, even a registered one (transformers/pipelines/__init__.py)."""
+        config lists unless `trust_remote_code` is set, even a registered one."""
         from transformers.pipelines import PIPELINE_REGISTRY
 
         declared = self.__dict__.get("custom_pipelines") or {}
@@ -215,8 +197,7 @@ class StreetCLIPConfig(CLIPConfig):
 
     @custom_pipelines.setter
     def custom_pipelines(self, value: dict) -> None:
-        # Under its own name, so that `to_dict` (a copy of `__dict__`) writes it to config.json as set.
-        self.__dict__["custom_pipelines"] = value
+        self.__dict__["custom_pipelines"] = value  # so that `to_dict` (a copy of `__dict__`) saves it as set
 
     @classmethod
     def from_clip_config(cls, clip_config: CLIPConfig, **geolocation_settings) -> "StreetCLIPConfig":
@@ -225,8 +206,7 @@ class StreetCLIPConfig(CLIPConfig):
         values.pop("model_type", None)
         if values.get("dtype") == "auto":
             values.pop("dtype")  # a loading instruction that `pipeline` leaves on the config, not a dtype
-        values.update(geolocation_settings)
-        return cls.from_dict(values)
+        return cls.from_dict(values | geolocation_settings)
 
     @classmethod
     def from_checkpoint(cls, pretrained_model_name_or_path, config: PretrainedConfig) -> "StreetCLIPConfig":
@@ -243,9 +223,7 @@ class StreetCLIPConfig(CLIPConfig):
     def with_geolocation_settings(self, **settings) -> tuple["StreetCLIPConfig", set[str]]:
         """A validated copy with `settings` applied, and the names of those that changed a value (and so the heads)."""
         changed = {name for name, value in settings.items() if getattr(self, name) != value}
-        if not changed:
-            return self, changed
-        return type(self).from_dict({**self.to_dict(), **settings}), changed
+        return (type(self).from_dict({**self.to_dict(), **settings}) if changed else self), changed
 
     def text_settings(self) -> dict:
         """The templates this configuration records, as a processor takes them."""

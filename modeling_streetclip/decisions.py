@@ -1,5 +1,5 @@
-"""Decision rules (documented in `GeolocationPipeline.__call__`): how a model's outputs become ranked answers, in one
-place for every entry point. Torch is imported only to rank, so that `streetclip --help` lists the rules at once."""
+"""Decision rules (documented in `GeolocationPipeline.__call__`): how a model's outputs become ranked answers, for
+every entry point. Torch is imported only to rank, so that `streetclip --help` lists the rules at once."""
 
 from __future__ import annotations
 
@@ -73,8 +73,7 @@ def validate_decision(decision: str) -> str:
 
 def check_decision(decision: str, gallery: GeoGallery | str | None) -> None:
     """Refuse an unknown rule, and a gallery rule without a gallery, saying how to give one."""
-    validate_decision(decision)
-    if decision in GALLERY_DECISIONS and gallery is None:
+    if validate_decision(decision) in GALLERY_DECISIONS and gallery is None:
         raise ValueError(
             f"decision={decision!r} votes among the nearest photos of a gallery; give one: "
             "pipeline(..., gallery=FOLDER_OR_REPO) or --gallery FOLDER_OR_REPO (build it with "
@@ -131,12 +130,9 @@ def rank_places(
         raise ValueError(f"rank_places decides {', '.join(ZERO_SHOT_DECISIONS)}, not {decision!r}; see rank.")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
-    country_rows = _checked_country_rows(model, country_rows)
-    places = model.candidate_places
+    places, country_rows = model.candidate_places, None if country_rows is None else list(country_rows)
     with torch.no_grad():
-        levels = model.log_probabilities(
-            outputs.country_logits, outputs.region_logits, outputs.city_logits, country_rows
-        )
+        levels = _log_probabilities(model, outputs, country_rows)
         num_cities = places.num_cities
         if country_rows is not None:
             num_cities = sum(len(places.cities_by_country[row]) for row in country_rows)
@@ -173,14 +169,13 @@ def confidence_posterior(
 ) -> tuple[torch.Tensor, bool]:
     """The probability of each candidate city `(batch_size, cities)` that `within_km` sums: the joint posterior, with
     each level's logits divided by its temperature in `config.calibration` (and whether one was stored)."""
-    calibration = model.config.calibration
-    if not calibration:
+    if not model.config.calibration:
         return levels["joint"].exp(), False
-    temperatures = calibration["temperatures"]
+    temperatures = model.config.calibration["temperatures"]
     region_logits = outputs.region_logits.float() / temperatures["region"] if model.uses_regions else None
-    country_logits, city_logits = (outputs.country_logits.float(), outputs.city_logits.float())
-    scaled = (country_logits / temperatures["country"], region_logits, city_logits / temperatures["city"])
-    return model.log_probabilities(*scaled, country_rows)["joint"].exp(), True
+    country_logits = outputs.country_logits.float() / temperatures["country"]
+    city_logits = outputs.city_logits.float() / temperatures["city"]
+    return model.log_probabilities(country_logits, region_logits, city_logits, country_rows)["joint"].exp(), True
 
 
 def within_km(
@@ -190,9 +185,8 @@ def within_km(
     shape `(batch_size, k, len(radii))`: by the cosine of the central angle, as d <= r where cos(d/R) >= cos(r/R)."""
     import torch
 
-    cities = torch.from_numpy(unit_vectors(*model.city_coordinates.T.numpy())).to(posterior.device)
     answers = torch.from_numpy(unit_vectors(points[..., 0].cpu().numpy(), points[..., 1].cpu().numpy()))
-    cosines = answers.to(posterior.device) @ cities.T
+    cosines = answers.to(posterior.device) @ model.city_vectors.to(posterior.device).T
     bounds = torch.cos(torch.tensor(radii, dtype=torch.float64) / EARTH_RADIUS_KM).tolist()
     mass = posterior.double()[:, :, None]
     return torch.stack([((cosines >= bound).double() @ mass)[..., 0] for bound in bounds], dim=-1).clamp(0, 1)
@@ -225,11 +219,8 @@ def place_probabilities(
     """`rank_places`' probabilities of given cities `(batch_size, k)` (-1 padding gets meaningless numbers)."""
     import torch
 
-    country_rows = _checked_country_rows(model, country_rows)
     with torch.no_grad():
-        levels = model.log_probabilities(
-            outputs.country_logits, outputs.region_logits, outputs.city_logits, country_rows
-        )
+        levels = _log_probabilities(model, outputs, None if country_rows is None else list(country_rows))
         rows = city_rows.clamp(min=0)
         return {
             f"{name}_scores" if name != "joint" else "joint_probabilities": levels[name].gather(1, rows).exp()
@@ -308,21 +299,20 @@ def expected_distances_km(
     return (distances @ probabilities[..., None])[..., 0]
 
 
-def _checked_country_rows(model: StreetCLIPForGeolocation, country_rows: Sequence[int] | None) -> list[int] | None:
-    """`country_rows` as a list, refusing an empty one and rows that are not candidate countries."""
-    if country_rows is None:
-        return None
-    country_rows = list(country_rows)
+def _log_probabilities(
+    model: StreetCLIPForGeolocation, outputs: GeolocationOutput, country_rows: list[int] | None
+) -> dict[str, torch.Tensor]:
+    """`model.log_probabilities` of `outputs`, refusing `country_rows` that are empty or not candidate countries."""
     num_countries = model.candidate_places.num_countries
-    if not country_rows:
+    if country_rows == []:
         raise ValueError("country_rows is empty; give at least one row of model.candidate_places.country_names.")
-    for row in country_rows:
+    for row in country_rows or ():
         if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < num_countries:
             raise ValueError(
                 f"country_rows holds {row!r}, which is not a row of the {num_countries} candidate countries "
                 "(integers from 0); find a country's row with `model.candidate_places.country_index(name)`."
             )
-    return country_rows
+    return model.log_probabilities(outputs.country_logits, outputs.region_logits, outputs.city_logits, country_rows)
 
 
 def _greedy_order(

@@ -25,6 +25,7 @@ from .configuration_streetclip import (
     StreetCLIPConfig,
 )
 from .countries import resolve_country_names
+from .geodesy import unit_vectors
 from .processing_streetclip import CandidatePrompts, StreetCLIPProcessor
 
 
@@ -34,6 +35,7 @@ logger = logging.get_logger(__name__)
 _LOADING_INSTRUCTIONS = ("dtype", "torch_dtype", "attn_implementation", "experts_implementation")
 # Prompts per text-tower call when heads are built: bounds the activations' memory, yet runs each call at full speed.
 _PROMPTS_PER_BATCH = 1024
+_CANDIDATE_BUFFERS = ("candidate_checksum", "city_countries", "region_countries", "city_regions")
 
 
 @dataclass
@@ -43,18 +45,12 @@ class GeolocationOutput(ModelOutput):
     Args:
         logits (`torch.FloatTensor` of shape `(batch_size, num_cities)`):
             Log joint probability of every candidate city, which image-classification clients rank (`config.id2label`).
-        country_logits, city_logits (`torch.FloatTensor` of shape `(batch_size, num_countries or num_cities)`):
-            CLIP logits against every candidate country and city prompt.
-        predicted_country, predicted_city (`torch.LongTensor` of shape `(batch_size,)`):
-            Rows in `model.candidate_places` of the best country, and of the best city within it (or its best region).
-        predicted_coordinates (`torch.DoubleTensor` of shape `(batch_size, 2)`):
-            Latitude and longitude in degrees of the predicted city.
-        image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
-            L2-normalised image embeddings, as the heads score them.
-        region_logits, predicted_region (*optional*):
-            The same for regions, with a region level.
-        hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*):
-            The vision tower's, with `output_hidden_states=True` or `output_attentions=True`.
+        country_logits, city_logits, region_logits (`torch.FloatTensor`): CLIP logits against each level's prompts.
+        predicted_country, predicted_city, predicted_region (`torch.LongTensor` of shape `(batch_size,)`):
+            Rows in `model.candidate_places` of the best country, then of the best region and city within it.
+        predicted_coordinates (`torch.DoubleTensor` of shape `(batch_size, 2)`): The predicted city's, in degrees.
+        image_embeds (`torch.FloatTensor`): L2-normalised image embeddings, as the heads score them.
+        hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*): The vision tower's, when asked for.
     """
 
     logits: torch.FloatTensor | None = None
@@ -81,10 +77,8 @@ class StreetCLIPForGeolocation(CLIPModel):
 
     def __init__(self, config: StreetCLIPConfig, vision_only: bool = False):
         super().__init__(config)  # CLIP's towers, then `post_init` below adds the heads
-        if vision_only:
-            # The heads already hold everything the text tower would contribute at inference.
-            self.text_model = None
-            self.text_projection = None
+        if vision_only:  # the heads already hold everything the text tower would contribute at inference
+            self.text_model = self.text_projection = None
             self._keys_to_ignore_on_load_unexpected.update({r"^text_model\.", r"^text_projection\."})
 
     def post_init(self) -> None:
@@ -106,17 +100,16 @@ class StreetCLIPForGeolocation(CLIPModel):
             return
         device, dtype = self.visual_projection.weight.device, self.visual_projection.weight.dtype
         head = partial(nn.Linear, self.projection_dim, bias=False, device=device, dtype=dtype)
-        self.country_head = head(places.num_countries)
-        self.city_head = head(places.num_cities)
+        self.country_head, self.city_head = head(places.num_countries), head(places.num_cities)
         if places.has_regions:
             self.region_head = head(places.num_regions)
         # Integer buffers follow the model's device, never its dtype; `_init_weights` refills them on the meta device.
         for name, value in _candidate_buffers(places).items():
             self.register_buffer(name, value.to(device), persistent=name == "candidate_checksum")
-        # A float64 CPU tensor outside the buffers: bfloat16 would move a city by kilometres.
-        self.city_coordinates = torch.tensor(
-            list(zip(places.city_latitudes, places.city_longitudes, strict=True)), dtype=torch.float64, device="cpu"
-        ).reshape(-1, 2)
+        # Float64 CPU tensors outside the buffers: bfloat16 would move a city by kilometres.
+        coordinates = list(zip(places.city_latitudes, places.city_longitudes, strict=True))
+        self.city_coordinates = torch.tensor(coordinates, dtype=torch.float64, device="cpu").reshape(-1, 2)
+        self.city_vectors = torch.from_numpy(unit_vectors(*self.city_coordinates.T.numpy()))  # for `within_km`
         self.config.id2label = dict(enumerate(places.city_labels))
         self.config.label2id = {label: row for row, label in self.config.id2label.items()}
 
@@ -162,6 +155,7 @@ class StreetCLIPForGeolocation(CLIPModel):
             kwargs:
                 [`StreetCLIPConfig`] settings and overrides, and what [`~PreTrainedModel.from_pretrained`] accepts.
         """
+        source = str(pretrained_model_name_or_path)
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
         settings = {key: kwargs.pop(key) for key in GEOLOCATION_SETTINGS & kwargs.keys()}
         if settings.get("candidate_countries") is not None:
@@ -188,8 +182,8 @@ class StreetCLIPForGeolocation(CLIPModel):
             raise ValueError(f"vision_only must be True, False or 'auto', got {vision_only!r}.")
         elif vision_only and build_heads:
             raise ValueError(
-                f"{str(pretrained_model_name_or_path)!r} has no prompt heads for the requested candidates, and "
-                "vision_only=True leaves no text tower to build them; load with vision_only=False (or 'auto')."
+                f"{source!r} has no prompt heads for the requested candidates, and vision_only=True leaves no text "
+                "tower to build them; load with vision_only=False (or 'auto')."
             )
         load_processor = partial(
             StreetCLIPProcessor.from_pretrained, pretrained_model_name_or_path, **config.text_settings(), **hub_kwargs
@@ -207,41 +201,39 @@ class StreetCLIPForGeolocation(CLIPModel):
         )
         if build_heads:
             model.set_candidates(candidates or model.candidate_places, processor)
-        elif model._lacks_saved_heads(loading_info, pretrained_model_name_or_path):
+        elif model._lacks_saved_heads(loading_info, source):
             reason = "the weights came as a state_dict, with no folder to read a processor from."
             if processor is None and pretrained_model_name_or_path is not None:
                 try:
                     processor = load_processor()
                 except OSError as error:
                     reason = str(error)
-            if processor is None:
-                # As transformers leaves any missing weight: initialised, with a warning (here, how to rebuild).
+            if processor is None:  # as transformers leaves a missing weight: initialised, with a warning
                 logger.warning(
-                    f"{str(pretrained_model_name_or_path)!r} lacks its prompt heads, and they cannot be rebuilt: "
-                    f"{reason} Until they are, its answers are meaningless; rebuild them with "
+                    f"{source!r} lacks its prompt heads, and they cannot be rebuilt: {reason} Until they are, its "
+                    "answers are meaningless; rebuild them with "
                     "`model.set_candidates(model.candidate_places, StreetCLIPProcessor.from_pretrained(...))`."
                 )
             else:
                 model.set_candidates(model.candidate_places, processor)
         return (model, loading_info) if output_loading_info else model
 
-    def _lacks_saved_heads(self, loading_info: dict, source) -> bool:
+    def _lacks_saved_heads(self, loading_info: dict, source: str) -> bool:
         """Whether the heads must be built; saved heads without their table's checksum, or another one, are refused."""
         missing = {key.split(".")[0] for key in loading_info["missing_keys"]}
         if missing & {"country_head", "region_head", "city_head"}:
             if self.text_model is None:
                 raise ValueError(
-                    f"{str(source)!r} lacks its prompt heads, and vision_only=True leaves no text tower to rebuild "
-                    "them; load with vision_only=False."
+                    f"{source!r} lacks its prompt heads, and vision_only=True leaves no text tower to rebuild them; "
+                    "load with vision_only=False."
                 )
             return True
         if "candidate_checksum" in missing or int(self.candidate_checksum) != self.candidate_places.checksum():
             raise ValueError(
-                f"{str(source)!r}: the candidate table in its config.json (`candidate_places`) is not the one its "
+                f"{source!r}: the candidate table in its config.json (`candidate_places`) is not the one its "
                 "prompt heads were built for (their checksums differ, or it has none), so answers would name the "
                 "wrong places. The folder was edited or assembled from two saves: save it again from the model that "
-                "built the heads, or rebuild them with "
-                "`from_pretrained(..., candidates=CandidatePlaces.from_dict(...))`."
+                "built the heads, or rebuild them with `from_pretrained(..., candidates=CandidatePlaces.from_dict(...))`."
             )
         return False
 
@@ -250,15 +242,14 @@ class StreetCLIPForGeolocation(CLIPModel):
         # Without its text tower the folder would reload with a random one, and heads rebuilt from it would be noise.
         self._require_text_tower("be saved")
         # `register_for_auto_class` records one Auto class per model; the image-classification pipeline needs this one.
-        auto_map = getattr(self.config, "auto_map", None) or {}
         reference = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+        auto_map = getattr(self.config, "auto_map", None) or {}
         self.config.auto_map = {**auto_map, "AutoModelForImageClassification": reference}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def to(self, *args, **kwargs):
         """`nn.Module.to`, refusing to cast a quantized model: its layers compute in the dtype they were loaded for."""
-        dtype = kwargs.get("dtype", next((arg for arg in args if isinstance(arg, torch.dtype)), None))
-        self._refuse_quantized_cast(dtype)
+        self._refuse_quantized_cast(kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None)))
         return super().to(*args, **kwargs)
 
     def bfloat16(self):
@@ -271,6 +262,10 @@ class StreetCLIPForGeolocation(CLIPModel):
                 f"This model is quantized ({self.config.quantization_config.quant_method}) and computes in "
                 f"{self.dtype}; it cannot be cast to {dtype}. Load the unquantized model with dtype={dtype} instead."
             )
+
+    def _require_text_tower(self, purpose: str) -> None:
+        if self.text_model is None:
+            raise ValueError(f"This model was loaded with vision_only=True; it cannot {purpose} without a text tower.")
 
     @torch.no_grad()
     def set_candidates(self, places: CandidatePlaces, prompts: StreetCLIPProcessor | CandidatePrompts) -> None:
@@ -286,7 +281,7 @@ class StreetCLIPForGeolocation(CLIPModel):
         for name in PROMPT_SETTINGS - (set() if places.has_regions else {"region_prompt_template"}):
             setattr(self.config, name, getattr(prompts, name))  # the templates the heads encode
         levels = [
-            (self.country_head, [prompts.countries], [list(range(places.num_countries))], "country"),
+            (self.country_head, [prompts.countries], [range(places.num_countries)], "country"),
             (self.city_head, prompts.cities, places.cities_by_country, "city"),
         ]
         if places.has_regions:
@@ -302,18 +297,16 @@ class StreetCLIPForGeolocation(CLIPModel):
 
     def _encode_prompt_groups(self, groups: list[tuple[dict[str, torch.Tensor], int]]) -> list[torch.Tensor]:
         """Head rows of each group `(tokens, num_templates)`: normalised embeddings times the logit scale, an
-        ensemble's averaged. Prompts are sorted by length, each call cut to its longest (the tower pools at the end).
-        """
+        ensemble's averaged. Prompts are sorted by length, each call cut to its longest (the tower pools at the end)."""
         width = max(tokens["input_ids"].shape[1] for tokens, _ in groups)
         input_ids, attention_mask = (
             torch.cat([F.pad(tokens[key], (0, width - tokens[key].shape[1]), value=value) for tokens, _ in groups])
             for key, value in (("input_ids", self.config.text_config.pad_token_id or 0), ("attention_mask", 0))
         )
-        lengths = attention_mask.sum(dim=1)
-        order = lengths.argsort(descending=True, stable=True)
+        lengths, sizes = attention_mask.sum(dim=1), [len(tokens["input_ids"]) for tokens, _ in groups]
         device = self.logit_scale.device
         features = torch.empty(len(input_ids), self.projection_dim, dtype=torch.float32, device=device)
-        for batch in order.split(_PROMPTS_PER_BATCH):
+        for batch in lengths.argsort(descending=True, stable=True).split(_PROMPTS_PER_BATCH):
             longest = int(lengths[batch].max())
             encoded = self.get_text_features(
                 input_ids=input_ids[batch, :longest].to(device),
@@ -323,7 +316,6 @@ class StreetCLIPForGeolocation(CLIPModel):
             # Under autocast (bf16 or fp16 evaluation in training) the text tower answers in the autocast dtype.
             features[batch.to(device)] = F.normalize(encoded.float(), dim=-1)
         rows = []
-        sizes = [len(tokens["input_ids"]) for tokens, _ in groups]
         for block, (_, num_templates) in zip(features.split(sizes), groups, strict=True):
             if num_templates > 1:
                 block = F.normalize(block.unflatten(0, (num_templates, -1)).mean(dim=0), dim=-1)
@@ -337,26 +329,22 @@ class StreetCLIPForGeolocation(CLIPModel):
         if not kept:
             raise ValueError("restrict_countries needs at least one country.")
         places, city_rows, region_rows = self.candidate_places.select(kept)
-        weights = {"country_head": kept, "city_head": city_rows}
-        if self.uses_regions:
-            weights["region_head"] = region_rows
-        for name in weights:
+        rows = {"country_head": kept, "city_head": city_rows} | (
+            {"region_head": region_rows} if self.uses_regions else {}
+        )
+        for name in rows:
             if getattr(self, name).weight.device.type == "meta":
                 raise ValueError(
                     f"restrict_countries cannot subset {name}: it is offloaded (device_map), so its weights are not "
                     "in memory. Load without offloading the heads, or restrict each call with "
                     "`decisions.rank_places(model, outputs, country_rows=...)`."
                 )
-        weights = {name: getattr(self, name).weight.data[rows] for name, rows in weights.items()}
+        weights = {name: getattr(self, name).weight.data[head_rows] for name, head_rows in rows.items()}
         self._install_candidates(places)
         for name, weight in weights.items():
             getattr(self, name).weight.data.copy_(weight)
         self.config.candidate_places = places.to_dict()
         self.config.candidate_countries = places.country_names
-
-    def _require_text_tower(self, purpose: str) -> None:
-        if self.text_model is None:
-            raise ValueError(f"This model was loaded with vision_only=True; it cannot {purpose} without a text tower.")
 
     @can_return_tuple
     def forward(self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]) -> GeolocationOutput:
@@ -383,8 +371,7 @@ class StreetCLIPForGeolocation(CLIPModel):
         if self.candidate_places is None:
             raise ValueError("This model has no candidate places; call `set_candidates` first.")
         # Heads called as modules, so that Accelerate's hooks bring offloaded weights in.
-        country_logits = self.country_head(image_embeds)
-        city_logits = self.city_head(image_embeds)
+        country_logits, city_logits = self.country_head(image_embeds), self.city_head(image_embeds)
         region_logits = self.region_head(image_embeds) if self.uses_regions else None
         # The greedy decision as argmaxes over masked rows: ties go to the row listed first, as in the ranking.
         predicted_country = country_logits.argmax(dim=-1)
@@ -431,9 +418,6 @@ class StreetCLIPForGeolocation(CLIPModel):
             region = torch.zeros_like(country)
             city = _log_softmax_within(city_logits.float(), self.city_countries, places.num_countries)
         return {"country": country, "region": region, "city": city, "joint": country + region + city}
-
-
-_CANDIDATE_BUFFERS = ("candidate_checksum", "city_countries", "region_countries", "city_regions")
 
 
 def _candidate_buffers(places: CandidatePlaces) -> dict[str, torch.Tensor]:
