@@ -1,16 +1,10 @@
-"""Time `streetclip locate`: images/s on one process and on several (torchrun), with decoding in the main process or
-in DataLoader workers, at each model size, and against the bare vision forward.
-
-A configuration is PxT[xW]: P processes, each with T torch threads (OMP_NUM_THREADS) and W DataLoader workers (by
-default --num_workers); by default one process with all the usable cores, one with a single thread, and one process
-per core with a thread each. Each run is the real command in a fresh process group over generated 640x480 JPEGs, with
-a random-weight model of six countries of five cities; the rate is that of a run over --images less one over a batch
-per process, so that start-up cancels out. Configurations alternate within each repeat, so that other jobs slow them
-alike: compare the ratios of one run. `--bare` adds the bare vision forward over the same photos, in this process.
+"""Images/s of `streetclip locate`, the real command in a fresh process group, on one process and several (torchrun),
+for each PxT[xW] configuration (P processes of T threads and W DataLoader workers) and model size, over generated
+640x480 JPEGs; `--bare` adds the bare vision forward. Configurations alternate within each repeat, so that other jobs
+slow them alike: compare the ratios of one run.
 
     python eval/speed/bench_distributed.py [--scales tiny vit-b-16 vit-l-14-336] [--configs 1x2 1x1 2x1] [--bare]
         [--images 2048 128] [--batch_size 16] [--num_workers 1] [--repeats 2] [--device cpu] [--dtype float32]
-    python eval/speed/bench_distributed.py --scales tiny --configs 1x2x0 1x2x2 --images 200 16 --batch_size 8
 """
 
 import argparse

@@ -1,10 +1,6 @@
-"""Building the prompt heads of a plain CLIP checkpoint, and saving and reloading the result, for the tiny test model
-and at StreetCLIP's real scale (ViT-L/14 at 336 px, random weights, which cost what trained ones do).
-
-Prints, for each size: the load of the plain checkpoint with the paper's candidates, every head built from the text
-tower (with the number of prompts and their mean length in tokens); the first `save_pretrained`; and the load of the
-saved folder with and without its text tower. The tiny byte-level tokenizer makes prompts three to four times
-longer than CLIP's BPE (which cannot be downloaded here), so the ViT-L head building is an upper bound.
+"""Building every prompt head of a plain CLIP checkpoint, the first save and the saved folder's load, for the tiny test
+model and at StreetCLIP's real scale (ViT-L/14 at 336 px, random weights). The tiny byte-level tokenizer makes prompts
+three to four times longer than CLIP's BPE, so the ViT-L head building is an upper bound.
 
     python eval/speed/bench_head_building.py [--sizes tiny vit-l] [--workdir DIR]
 """

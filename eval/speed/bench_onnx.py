@@ -1,35 +1,19 @@
 """ONNX Runtime against PyTorch on the CPU, and the model in a browser: the graphs of `streetclip export` at
-StreetCLIP's real scale (ViT-L/14 at 336 px, random weights, which cost what trained ones do).
+StreetCLIP's real scale (ViT-L/14 at 336 px, random weights, which cost what trained ones do); eval/README.md lists
+the figures and their targets. The browser part needs Chromium, chromedriver and npm (it runs `npm ci` once).
 
-Prints, from one run on this machine:
-- seconds to export ViT-L/14-336 and the size of both graphs;
-- per image at one batch size (8 by default), interleaved over rounds (medians): the bare PyTorch float32 vision
-  forward (the floor), the ONNX Runtime float32 pipeline (target: at most 1.0x the floor), PyTorch's int8
-  `pipeline("geolocation")` (`Int8DynamicConfig`) and the ONNX Runtime int8 pipeline (target: at most 0.8x
-  PyTorch's int8 pipeline). A pipeline here is what a user runs: `pipeline("geolocation")` from photos (640 x 480)
-  to answers; on a graph, with the model `--backend onnxruntime` runs (`app.export.OnnxRuntimeModel`);
-- the first answers of the int8 graph against the float32 graph's on the tiny model trained on the synthetic geo set
-  (204 held-out photos; target: at least 98% of first countries agree), and the float32 graph's against PyTorch's;
-- photos per second in headless Chromium (`model_card/web/`, onnxruntime-web's WebAssembly back end, one thread per
-  core) at ViT-B/16, float32 and int8 graphs.
-
-Run: `python eval/speed/bench_onnx.py [--rounds 2] [--batch_size 8] [--skip_speed] [--skip_agreement]
-[--skip_browser]`. The browser part needs Chromium, chromedriver and npm (it installs the page's packages with
-`npm ci` once).
+    python eval/speed/bench_onnx.py [--rounds 2] [--batch_size 8] [--skip_speed] [--skip_agreement] [--skip_browser]
 """
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
-import torch
 from PIL import Image
+from timing import interleaved_medians, machine_line, noise_photos, save_small_streetclip, seconds, vision_forward
 from transformers import pipeline
 
 import modeling_streetclip  # noqa: F401  (registers the "geolocation" task)
@@ -41,10 +25,8 @@ from modeling_streetclip.app.export import (
     OnnxRuntimeModel,
     save_onnx_folder,
 )
-from modeling_streetclip.pixels import normalized_pixels, resized_pixels
 from modeling_streetclip.quantization import Int8DynamicConfig
 from modeling_streetclip.testing_utils import (
-    SMALL_COUNTRIES,
     VIT_B_16,
     WEB_DIR,
     drop_photos,
@@ -54,7 +36,6 @@ from modeling_streetclip.testing_utils import (
     random_photo,
     save_random_clip,
     save_random_vit_l,
-    save_streetclip_folder,
     serve_folders,
     train_geo_model,
     write_geo_imagefolder,
@@ -66,39 +47,11 @@ def graph_pipeline(folder: Path, graph: str, processor: StreetCLIPProcessor):
     return pipeline("geolocation", model=OnnxRuntimeModel.from_export(folder, graph), processor=processor)
 
 
-def timed(function: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
-
-
-def interleaved_medians(methods: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds of each method over `rounds`, the order rotated every round so that drift on a shared machine
-    hits all of them alike (after one warm-up call each)."""
-    for method in methods.values():
-        method()
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    names = list(methods)
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            times[name].append(timed(methods[name]))
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def measure_speed(workdir: Path, batch_size: int, rounds: int) -> None:
-    # Six countries of five cities: the heads' size is noise next to ViT-L, and building few heads is quick.
-    model_dir = save_streetclip_folder(
-        save_random_vit_l(workdir / "clip"),
-        workdir / "streetclip",
-        candidate_countries=SMALL_COUNTRIES,
-        cities_per_country=5,
-    )
+    model_dir = save_small_streetclip(save_random_vit_l(workdir / "clip"), workdir / "streetclip")
     processor = StreetCLIPProcessor.from_pretrained(model_dir)
     model = StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=True)
-    start = time.perf_counter()
-    save_onnx_folder(model, processor, workdir / "onnx-export")
-    export_seconds = time.perf_counter() - start
+    export_seconds = seconds(lambda: save_onnx_folder(model, processor, workdir / "onnx-export"))
     graphs = workdir / "onnx-export" / ONNX_FOLDER
     sizes = {name: (graphs / name).stat().st_size / 2**20 for name in (GRAPH_FILE, QUANTIZED_GRAPH_FILE)}
     print(
@@ -106,44 +59,37 @@ def measure_speed(workdir: Path, batch_size: int, rounds: int) -> None:
         f"{QUANTIZED_GRAPH_FILE} {sizes[QUANTIZED_GRAPH_FILE]:.0f} MiB"
     )
 
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) for _ in range(batch_size)]
-    image_processor = processor.image_processor
-    pixel_values = normalized_pixels(image_processor, resized_pixels(image_processor, images))
+    images = noise_photos(batch_size)
+    pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
     int8_model = StreetCLIPForGeolocation.from_pretrained(
         model_dir, vision_only=True, quantization_config=Int8DynamicConfig()
     )
     torch_int8 = pipeline("geolocation", model=int8_model, processor=processor)
     onnx_float32 = graph_pipeline(workdir / "onnx-export", GRAPH_FILE, processor)
     onnx_int8 = graph_pipeline(workdir / "onnx-export", QUANTIZED_GRAPH_FILE, processor)
-
-    def floor() -> torch.Tensor:
-        with torch.no_grad():
-            return model.get_image_features(pixel_values=pixel_values).pooler_output
-
     methods = {
-        "PyTorch float32 bare forward": floor,
+        "PyTorch float32 bare forward": lambda: vision_forward(model, pixel_values),
         "ONNX Runtime float32 pipeline": lambda: onnx_float32(images, batch_size=len(images)),
         "PyTorch int8 pipeline": lambda: torch_int8(images, batch_size=len(images)),
         "ONNX Runtime int8 pipeline": lambda: onnx_int8(images, batch_size=len(images)),
     }
-    per_image = {name: seconds / batch_size for name, seconds in interleaved_medians(methods, rounds).items()}
+    per_image = {name: median / batch_size for name, median in interleaved_medians(methods, rounds).items()}
     print(f"per image at batch {batch_size}, median of {rounds} rounds:")
     ratios = {
         "ONNX Runtime float32 pipeline": ("PyTorch float32 bare forward", 1.0),
         "ONNX Runtime int8 pipeline": ("PyTorch int8 pipeline", 0.8),
     }
-    for name, seconds in per_image.items():
-        line = f"  {name:<32} {seconds:7.3f} s"
+    for name, time_s in per_image.items():
+        line = f"  {name:<32} {time_s:7.3f} s"
         if name in ratios:
             reference, target = ratios[name]
-            line += f"  {seconds / per_image[reference]:5.2f}x {reference} (target <= {target})"
+            line += f"  {time_s / per_image[reference]:5.2f}x {reference} (target <= {target})"
         print(line)
 
 
 def measure_agreement(workdir: Path) -> None:
-    """First answers of the int8 graph against the float32 graph's (and the float32 graph's against PyTorch's) on
-    204 held-out photos of the synthetic geo set, with the tiny model trained on it."""
+    """First answers of the int8 graph against the float32 graph's, and the float32 graph's against PyTorch's, on
+    held-out photos of the synthetic geo set, with the tiny model trained on it."""
     model_dir = train_geo_model(workdir / "trained")
     model = StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=True)
     processor = StreetCLIPProcessor.from_pretrained(model_dir)
@@ -175,19 +121,13 @@ def measure_agreement(workdir: Path) -> None:
 
 def measure_browser(workdir: Path, photos: int) -> None:
     """Photos per second of the page in headless Chromium at ViT-B/16 (after one photo of warm-up)."""
-    model_dir = save_streetclip_folder(
-        save_random_clip(workdir / "clip-b16", VIT_B_16),
-        workdir / "streetclip-b16",
-        candidate_countries=SMALL_COUNTRIES,
-        cities_per_country=5,
-    )
+    model_dir = save_small_streetclip(save_random_clip(workdir / "clip-b16", VIT_B_16), workdir / "streetclip-b16")
     model = StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=True)
     save_onnx_folder(model, StreetCLIPProcessor.from_pretrained(model_dir), workdir / "web-model")
     install_web_dependencies()
-    paths = []
-    for seed in range(photos + 1):
-        paths.append(workdir / f"photo-{seed}.png")
-        random_photo(seed, size=(640, 480)).save(paths[-1])
+    paths = [workdir / f"photo-{seed}.png" for seed in range(photos + 1)]
+    for seed, path in enumerate(paths):
+        random_photo(seed, size=(640, 480)).save(path)
     threads = os.cpu_count()
     print(f"headless Chromium, onnxruntime-web (WebAssembly, {threads} threads), ViT-B/16 at 224 px:")
     with serve_folders({"/": WEB_DIR, "/model/": workdir / "web-model"}) as served:
@@ -215,10 +155,7 @@ def main() -> None:
     parser.add_argument("--skip_agreement", action="store_true", help="skip training the tiny model and its agreement")
     parser.add_argument("--skip_browser", action="store_true", help="skip the browser's photos per second")
     args = parser.parse_args()
-    print(
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}, "
-        f"{os.cpu_count()} cores"
-    )
+    print(f"{machine_line()}; onnxruntime {onnxruntime.__version__}")
     with tempfile.TemporaryDirectory() as workdir:
         if not args.skip_speed:
             measure_speed(Path(workdir), args.batch_size, args.rounds)

@@ -1,10 +1,5 @@
-"""Speed, cold start and memory of the geolocation pipeline at StreetCLIP's real scale (ViT-L/14 at 336 px, random
-weights, which cost what trained ones do).
-
-Prints the per-image time of `pipeline("geolocation")` under each rule of `--decisions` over the bare vision forward
-(target <= 1.10x) and of the naive reference, CLIP re-encoding every prompt on every call (target >= 2x the
-pipeline); the cold start from a plain checkpoint (every head built at load) and a saved folder's load; and the
-memory of a fresh process with and without the text tower.
+"""Speed, cold start and memory of `pipeline("geolocation")` at StreetCLIP's real scale (ViT-L/14 at 336 px, random
+weights, which cost what trained ones do), against the bare vision forward and the naive CLIP reference.
 
     python eval/speed/bench_pipeline.py [--rounds 3] [--batch_size 8] [--measure cold_start memory speed]
         [--decisions greedy joint expected_distance] [--levels country region city] [--recommended]

@@ -1,12 +1,6 @@
-"""Below the float32 floor on the CPU: int8, bfloat16 and float16 inference at StreetCLIP's real scale (ViT-L/14 at
-336 px, random weights, which cost what trained ones do).
-
-Prints the per-image time of the bare float32 vision forward (the floor) and of `pipeline("geolocation")` in each
-variant: float32, int8 (`Int8DynamicConfig`, the package's route), torchao's int8 (the route compared against, when
-torchao is installed), bfloat16 and float16, as ratios to the floor (target for int8: <= 0.60); each variant's image
-embedding cosine with float32's (target for int8: >= 0.99); load times; and the resident memory of a fresh process
-that answers one batch in float32, int8 and bfloat16. Random weights lack the activation outliers of trained CLIP,
-so answers' agreement is measured on a trained model in `tests/test_quantization.py`.
+"""Below the float32 floor on the CPU: int8 (ours, and torchao's when installed), bfloat16 and float16 inference at
+StreetCLIP's real scale (ViT-L/14 at 336 px, random weights): time, embedding cosine with float32, load time and memory.
+Random weights lack trained CLIP's activation outliers: `tests/test_quantization.py` checks answers on a trained model.
 
     python eval/speed/bench_quantized.py [--rounds 2] [--batch_size 8] [--variants ...] [--skip_memory]
 """

@@ -1,8 +1,6 @@
-"""Samples per second of a training step and of the data pipeline alone, at tiny and ViT-B/16 scale.
-
-The data pipeline (DataLoader workers decoding and preprocessing JPEGs, collating captions) must outpace the step it
-feeds by a wide margin (target >= 5x), so that the accelerator, not the CPU, sets the pace. Models have random
-weights, which cost what trained ones do. It also times the one-off caption map and reverse geocoding per row.
+"""Samples per second of a training step and of the data pipeline alone (target >= 5x the step, so that the
+accelerator sets the pace), at tiny and ViT-B/16 scale with random weights; and the one-off caption map and reverse
+geocoding.
 
     PYTHONPATH=training python eval/speed/bench_train_speed.py [--scales tiny vit-b-16] [--steps 5]
 """

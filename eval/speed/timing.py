@@ -1,5 +1,5 @@
-"""What the speed scripts share: the photos they time, a small StreetCLIP folder at any scale, the bare vision forward
-they compare with, interleaved timing, `streetclip locate` in its own process, and a fresh process's memory."""
+"""What the speed scripts share: photos, a small StreetCLIP folder, the bare vision forward, interleaved timing,
+`streetclip` commands in their own process, and a fresh process's memory."""
 
 import json
 import os
@@ -48,15 +48,15 @@ def write_jpegs(folder: Path, count: int) -> list[Path]:
 
 
 def save_small_streetclip(clip_dir: Path, path: Path) -> Path:
-    """`clip_dir` saved as a StreetCLIP folder of six countries with five cities each: heads that cost nothing beside
-    the towers, and are quick to build."""
+    """`clip_dir` as a StreetCLIP folder of six countries of five cities: heads that are quick to build and cost nothing
+    beside the towers."""
     return save_streetclip_folder(clip_dir, path, candidate_countries=SMALL_COUNTRIES, cities_per_country=5)
 
 
 @torch.no_grad()
 def vision_forward(model: StreetCLIPForGeolocation, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The bare `vision_model` + `visual_projection` on preprocessed pixels, the floor a pipeline is compared with;
-    L2-normalised float32 embeddings."""
+    """The bare `vision_model` + `visual_projection`, the floor a pipeline is compared with: normalised float32
+    embeddings."""
     embeds = model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output)
     return F.normalize(embeds.float(), dim=-1)
 
@@ -84,8 +84,7 @@ def interleaved_medians(methods: dict[str, Callable[[], object]], rounds: int) -
 def locate_seconds(
     photos: Sequence[Path], model_dir: Path, output: Path, *options: object, processes: int = 1, threads: int = 0
 ) -> float:
-    """Wall seconds of one `streetclip locate` over `photos` in its own process (under torchrun for several
-    `processes`; `threads` sets OMP_NUM_THREADS), writing `output` afresh."""
+    """Wall seconds of one `streetclip locate` over `photos`, writing `output` afresh (see `command_seconds`)."""
     output.unlink(missing_ok=True)
     output.with_name(output.name + ".options.json").unlink(missing_ok=True)
     arguments = ["locate", *photos, "--model", model_dir, "--output", output, *options]
@@ -93,7 +92,8 @@ def locate_seconds(
 
 
 def command_seconds(arguments: Sequence[object], processes: int = 1, threads: int = 0) -> float:
-    """Wall seconds of one `streetclip` command in its own process, or under torchrun for several `processes`."""
+    """Wall seconds of one `streetclip` command in its own process, under torchrun for several `processes`;
+    `threads` sets OMP_NUM_THREADS."""
     command = [sys.executable, "-m"]
     if processes > 1:
         command += ["torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m"]
@@ -108,7 +108,7 @@ def command_seconds(arguments: Sequence[object], processes: int = 1, threads: in
 
 
 def locate_rate(photos: Sequence[Path], short: int, model_dir: Path, output: Path, *options, **placement) -> float:
-    """Images/s of `streetclip locate` once it runs: a run over `photos` less one over the first `short`, so that
+    """Images/s of `streetclip locate` once started: a run over `photos` less one over the first `short`, so that
     start-up (imports, process group, model loading) cancels out."""
     long_s = locate_seconds(photos, model_dir, output, *options, **placement)
     short_s = locate_seconds(photos[:short], model_dir, output, *options, **placement)
@@ -137,9 +137,8 @@ print(json.dumps({"weights": sum(t.numel() * t.element_size() for t in tensors) 
 def memory_after_one_batch(
     model_dir: Path, batch_size: int = 1, vision_only: bool = True, dtype: str = "float32", int8: bool = False
 ) -> dict[str, float]:
-    """MiB of a fresh process that loads the model and answers one batch: its weights and heads, its peak resident
-    memory (VmHWM, which unlike getrusage is not inherited across fork and exec), and after the batch its total,
-    anonymous and file-backed parts (float32 weights stay memory-mapped from the safetensors file)."""
+    """MiB of a fresh process that loads the model and answers one batch: weights and heads, peak resident memory
+    (VmHWM: unlike getrusage, not inherited across fork and exec), and its total, anonymous and file-backed parts."""
     arguments = [str(model_dir), str(int(vision_only)), dtype, str(int(int8)), str(batch_size)]
     result = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, *arguments], capture_output=True, text=True)
     if result.returncode != 0:
