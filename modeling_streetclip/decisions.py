@@ -71,6 +71,13 @@ def validate_decision(decision: str) -> str:
     return decision
 
 
+def check_top_k(top_k: int) -> int:
+    """`top_k` when it is a positive integer; otherwise a `ValueError`."""
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
+    return top_k
+
+
 def check_decision(decision: str, gallery: GeoGallery | str | None) -> None:
     """Refuse an unknown rule, and a gallery rule without a gallery, saying how to give one."""
     if validate_decision(decision) in GALLERY_DECISIONS and gallery is None:
@@ -128,8 +135,7 @@ def rank_places(
 
     if validate_decision(decision) not in ZERO_SHOT_DECISIONS:
         raise ValueError(f"rank_places decides {', '.join(ZERO_SHOT_DECISIONS)}, not {decision!r}; see rank.")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
+    check_top_k(top_k)
     places, country_rows = model.candidate_places, None if country_rows is None else list(country_rows)
     with torch.no_grad():
         levels = _log_probabilities(model, outputs, country_rows)

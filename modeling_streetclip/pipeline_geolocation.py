@@ -8,7 +8,7 @@ import httpx
 from transformers import AutoModel, Pipeline
 
 from .answers import format_answers
-from .decisions import rank, validate_decision
+from .decisions import check_top_k, rank, validate_decision
 from .gallery_store import GeoGallery
 from .images import ImageLoadError, load_rgb_image
 from .pixels import normalized_pixels, resized_pixels
@@ -21,11 +21,10 @@ TASK = "geolocation"
 class GeolocationPipeline(Pipeline):
     """Geolocate photos zero-shot with StreetCLIP's hierarchical probing (task `"geolocation"`). Each image gives
     `top_k` dicts with `label` (`"Paris, France"`), `country`, `country_code`, `city`, `latitude`, `longitude`,
-    `score` (a probability), `country_score`, `joint_probability` and, with regions, `region` and `region_score`:
-    `label` and `score` make them image-classification answers, as the Hub's clients read them. `within_km` holds the
-    probability that the true place lies within 1, 25, 200, 750 and 2500 km of the answer (keys `"1"` ... `"2500"`),
-    `radius_km` the smallest of those radii holding `config.confidence_level` (None if none does), and `calibrated`
-    whether they went through `config.calibration` (`streetclip calibrate`) or are the raw posterior.
+    `score` (a probability), `country_score`, `joint_probability` and, with regions, `region` and `region_score`
+    (`label` and `score` make them image-classification answers). `within_km` holds the probability that the true
+    place lies within 1, 25, 200, 750 and 2500 km of the answer, `radius_km` the smallest of those holding
+    `config.confidence_level` (None if none does), and `calibrated` whether `config.calibration` mapped them.
 
     Example:
 
@@ -65,28 +64,23 @@ class GeolocationPipeline(Pipeline):
             decision (`str`, *optional*, defaults to `"greedy"`, or `"gallery"` with a gallery):
                 The rule that chooses and orders the answers:
 
-                - `"greedy"` (the paper's): by country, then region, then city, each by p(place | parent); `score` is
-                  the city's. The first answer is the paper's decision.
+                - `"greedy"` (the paper's): by country, then region, then city; `score` is p(city | parent).
                 - `"joint"`: by the joint probability, which is `score`.
-                - `"expected_distance"`: by `expected_distance_km`, the expected great-circle distance to the true
-                  place under the joint posterior over the `config.expected_distance_candidates` most probable cities
-                  (the Bayes decision for the mean error, not for accuracy within a distance); `score` is the joint
-                  probability.
-                - `"within_km"`: by the posterior mass within `config.decision_radius_km` (25) of the answer, which is
-                  `score`: the Bayes decision for accuracy within that distance. Both rules choose among the
-                  `expected_distance_candidates` most probable cities; answers beyond them follow by joint probability.
+                - `"expected_distance"`: by `expected_distance_km`, the expected distance to the true place under the
+                  joint posterior (the Bayes decision for the mean error); `score` is the joint probability.
+                - `"within_km"`: by `score`, the posterior mass within `config.decision_radius_km` of the answer (the
+                  Bayes decision for accuracy within it). Both rules choose among the
+                  `config.expected_distance_candidates` most probable cities; later answers follow by joint probability.
                 - `"gallery"` and `"hybrid"`: a kernel vote of the nearest `gallery` photos (`"hybrid"` weighted by
                   p(country)); `score` is the answer's share of the vote, its place a photo's, named by the nearest
                   candidate city, and `gallery_row` and `similarity` name the photo.
             candidate_countries (`list[str]`, *optional*):
-                Answer only among these of the model's countries (names or ISO codes), as `restrict_countries` would
-                for this call only; not with the gallery decisions.
+                Answer only among these countries (names or ISO codes), for this call; not with the gallery rules.
             gallery (`str`, `os.PathLike` or `GeoGallery`, *optional*):
                 A folder or Hub dataset repo that `streetclip index build` wrote, or a loaded `GeoGallery`.
             function_to_apply (`str`, *optional*, defaults to `"softmax"`):
                 The Hub's parameter; scores are probabilities from softmaxes, so `"sigmoid"` and `"none"` are refused.
-            timeout (`float`, *optional*, defaults to None):
-                The maximum time in seconds to wait for an image URL; None waits forever.
+            timeout (`float`, *optional*): Seconds to wait for an image URL; None waits forever.
 
         Return:
             For one image, a list of `top_k` dicts, best first; for a list of images, one such list per image.
@@ -103,29 +97,22 @@ class GeolocationPipeline(Pipeline):
         timeout: float | None = None,
         **unknown,
     ):
-        if unknown:
-            # As a Python function would: a misspelt option must not answer as if it had not been given.
+        if unknown:  # as a Python function would: a misspelt option must not answer as if it had not been given
             raise TypeError(
                 f"GeolocationPipeline got an unexpected keyword argument {next(iter(unknown))!r}; it accepts top_k, "
                 "decision, candidate_countries, gallery, function_to_apply and timeout (and pipeline's batch_size, "
                 "num_workers, device and dtype)."
             )
         _check_function_to_apply(function_to_apply)
-        preprocess_params, forward_params = {}, {}
-        if timeout is not None:
-            if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
-                raise ValueError(f"timeout must be a positive number of seconds (or None for none), got {timeout!r}.")
-            preprocess_params["timeout"] = timeout
-        if top_k is not None:
-            if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-                raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
-            forward_params["top_k"] = top_k
-        if decision is not None:
-            forward_params["decision"] = validate_decision(decision)
-        if gallery is not None:
-            forward_params["gallery"] = self._checked_gallery(gallery)
-        if candidate_countries is not None:
-            forward_params["country_rows"] = self._country_rows(candidate_countries)
+        if timeout is not None and (
+            not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0
+        ):
+            raise ValueError(f"timeout must be a positive number of seconds (or None for none), got {timeout!r}.")
+        given = {"top_k": top_k, "decision": decision, "gallery": gallery, "country_rows": candidate_countries}
+        checks = {"top_k": check_top_k, "decision": validate_decision}
+        checks |= {"gallery": self._checked_gallery, "country_rows": self._country_rows}
+        forward_params = {name: checks[name](value) for name, value in given.items() if value is not None}
+        preprocess_params = {} if timeout is None else {"timeout": timeout}
         return preprocess_params, forward_params, {}
 
     def _country_rows(self, countries: Sequence[str]) -> list[int]:
@@ -160,8 +147,9 @@ class GeolocationPipeline(Pipeline):
         return rank(self.model, self.model(pixel_values=pixel_values), **ranking)
 
     def postprocess(self, model_outputs: dict[str, Any]) -> list[dict[str, Any]]:
-        columns = {name: column[0] for name, column in model_outputs.items()}
-        return format_answers(self.model.candidate_places, **columns)
+        return format_answers(
+            self.model.candidate_places, **{name: column[0] for name, column in model_outputs.items()}
+        )
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """Write a folder that loads with this package, or without it with `trust_remote_code=True` (no gallery)."""
