@@ -119,18 +119,14 @@ class StreetCLIPProcessor(ProcessorMixin):
         """One region probe prompt per region, with its country (one block per template of an ensemble)."""
         return region_prompts(self.region_prompt_template, regions, countries)
 
-    def render_city_prompts(
-        self, cities: Sequence[str], countries: Sequence[str], ambiguous: Sequence[bool] = ()
-    ) -> list[str]:
-        """One city probe prompt per city (a block per template); with `qualify_ambiguous_cities`, those `ambiguous`
-        marks are named with their country."""
+    def render_city_prompts(self, cities: Sequence[str], countries: Sequence[str], ambiguous=()) -> list[str]:
+        """One city probe prompt per city (a block per template); `ambiguous` ones named with their country, if set."""
         qualified = ambiguous if self.qualify_ambiguous_cities else ()
         return city_prompts(self.city_prompt_template, cities, countries, qualified)
 
     def save_pretrained(self, save_directory, **kwargs) -> list[str]:
         saved = super().save_pretrained(save_directory, **kwargs)
-        # transformers sets `auto_map` on a registered processor while saving it, and `from_pretrained` drops it: off
-        # again, as transformers takes it off the tokenizer, so that a saved processor equals the one loaded back.
+        # Saving a registered processor sets `auto_map`, which loading drops: off again, so it equals the one reloaded.
         self.__dict__.pop("auto_map", None)
         return saved
 
@@ -144,12 +140,8 @@ class StreetCLIPProcessor(ProcessorMixin):
         cities, regions = [], []
         for country, name in enumerate(places.country_names):
             rows = places.cities_by_country[country]
-            prompts = self.render_city_prompts(
-                [places.city_names[row] for row in rows],
-                [name] * len(rows),
-                [places.ambiguous_city_rows[row] for row in rows],
-            )
-            cities.append(dict(self.tokenize(prompts)))
+            names, ambiguous = [places.city_names[r] for r in rows], [places.ambiguous_city_rows[r] for r in rows]
+            cities.append(dict(self.tokenize(self.render_city_prompts(names, [name] * len(rows), ambiguous))))
             if places.has_regions:
                 rows = places.regions_by_country[country]
                 prompts = self.render_region_prompts([places.region_names[r] for r in rows], [name] * len(rows))
