@@ -51,6 +51,9 @@ def test_cpu_dry_run_prints_every_figure_and_passes_the_agreement_check():
     assert "TARGET bfloat16 pipeline / bare forward in steady state: nan >= 0.8: NOT MET (one call over 64 photos" in (
         result.stdout
     )
+    build = next(line for line in lines if line.startswith("index build, bfloat16, 1 process"))
+    assert float(build.split(": ")[1].split()[0]) > 0  # one command over 64 JPEGs, its start-up included
+    assert build.endswith("of 64 JPEGs (start-up included), nan img/s in steady state")  # one batch: no steady state
     assert "Loading weights" not in result.stderr  # progress bars would crowd out the figures
 
 

@@ -8,7 +8,8 @@ of a call over all the photos and one over a quarter, which cancels what a call 
 batch), with their ratios to the bare forward (target in bfloat16: >= 0.80 in steady state); the peak GPU memory; and
 the agreement of first answers with float32's. Answers are compared where they are learned, not on near-ties: the
 heads are a linear probe fitted in float32 on the synthetic geo set, scored on held-out photos of it. Exits 1 when
-bfloat16 countries disagree with float32's on more than 2% of them, 2 on a usage error.
+bfloat16 countries disagree with float32's on more than 2% of them, 2 on a usage error. Last, `streetclip index
+build` in bfloat16 over as many 640x480 JPEGs: images/s over one command (start-up included) and in steady state.
 
 Run on the GPU machine as `bash eval/speed/gpu_check.sh` (it adds a timeout); `--device cpu` is a dry run on the tiny
 test model (the tests run `--device cpu --steps 1`), `--size vit-l` forces the real scale.
@@ -27,8 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
+from bench_gallery_index import write_photo_folder
 from PIL import Image
-from timing import noise_photos, seconds, vision_forward
+from timing import command_seconds, noise_photos, seconds, vision_forward
 from transformers import pipeline
 
 from modeling_streetclip import CandidatePlaces, StreetCLIPForGeolocation, StreetCLIPProcessor
@@ -180,6 +182,20 @@ def check_dtype(model_dir: Path, dtype: str, args: argparse.Namespace, inputs: d
     }
 
 
+def build_rates(model_dir: Path, workdir: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """Images/s of `streetclip index build` in bfloat16, over one command and in steady state (as the pipeline's)."""
+    count = args.steps * args.batch_size
+    quarter = max(args.batch_size, count // 4)
+    took = {}
+    for photos in dict.fromkeys([count, quarter]):
+        folder = write_photo_folder(workdir / f"photos-{photos}", photos)
+        arguments = ["index", "build", folder, "--model", model_dir, "--output", workdir / f"gallery-{photos}"]
+        arguments += ["--batch_size", args.batch_size, "--num_workers", args.num_workers, "--dtype", "bfloat16"]
+        took[photos] = command_seconds([*arguments, "--device", "cuda" if args.device.startswith("cuda") else "cpu"])
+    steady = (count - quarter) / (took[count] - took[quarter]) if count > quarter else float("nan")
+    return count / took[count], steady
+
+
 def main() -> int:
     args = parse_args()
     transformers.utils.logging.disable_progress_bar()  # keep the log to the figures
@@ -241,6 +257,13 @@ def main() -> int:
                 f"{city_agreement:6.3f} {cosine:8.5f}",
                 flush=True,
             )
+        call_rate, steady_rate = build_rates(model_dir, Path(workdir), args)
+        print(
+            f"index build, bfloat16, 1 process, {args.num_workers} workers, batch {args.batch_size}: {call_rate:.1f} "
+            f"img/s over one command of {len(timing_photos):,} JPEGs (start-up included), {steady_rate:.1f} img/s "
+            "in steady state",
+            flush=True,
+        )
     places = probe_places()
     truth = np.array([places.country_names[index] for index in truth_countries])
     country_accuracy = np.mean(truth == np.array(results["float32"]["countries"]))
