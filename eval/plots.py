@@ -1,8 +1,6 @@
 """Figures of a benchmark run: the error-distance CDF, a world map of every truth and prediction, and the reliability
-diagram of the answers' confidence.
-
-Both render on a bare `Figure` with the Agg canvas, never through pyplot, so they need no display and leave no global
-state. The map is the package's offline one (`modeling_streetclip.app.world_map`), which the demo Space draws too.
+diagram of the answers' confidence. They draw on a bare `Figure` with the Agg canvas, never through pyplot (no display,
+no global state); the map is the package's offline one (`modeling_streetclip.app.world_map`), which the Space draws too.
 """
 
 import textwrap
@@ -10,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
@@ -20,61 +19,54 @@ from modeling_streetclip.app.calibration import calibration_errors, equal_mass_b
 from modeling_streetclip.app.world_map import GRATICULE_STEP_DEG, draw_world
 
 
-# A log axis has no zero: errors below this are drawn at it (finer than any threshold of the metric).
+# A log axis has no zero: smaller errors are drawn at this (finer than any threshold of the metric).
 MIN_PLOTTED_KM = 0.1
 # Just past half the Earth's circumference (about 20,015 km), the largest error there is.
 MAX_PLOTTED_KM = 21_000.0
 DPI = 150
 # The share of a figure's width that a title line may take: the rest is margin.
 TITLE_WIDTH_SHARE = 0.96
-# The map's figure is taller than its 2:1 frame needs: constrained layout lets the labels of a fixed-aspect axes fall
-# outside a figure of nearly the axes' own shape, so it gets room to spare (for a title of many lines too).
+# Taller than the map's 2:1 frame: constrained layout lets the labels of a fixed-aspect axes fall outside a figure of
+# nearly the axes' own shape, and a title may take many lines.
 MAP_FIGURE_SIZE = (14, 10)
 TRUTH_COLOR, PREDICTION_COLOR = "#1b7837", "#c51b7d"
-# Marker area (points²) of one image on the world map; a point where k images stack gets k times the area.
+# Marker area (points²) of one image on the map; k images at one point get k times the area, translucent, so that
+# neighbouring stacks show through.
 MARKER_AREA = 16.0
-# Translucent markers, so that neighbouring stacks that touch still show each other.
 MARKER_ALPHA = 0.55
 # Points equal to this many decimal places of a degree (0.01° is about 1 km) are one stack on the map.
 STACK_DECIMALS = 2
 
 
 def run_title(benchmark: str, model: str, n: int, accuracies: Mapping[float, float]) -> str:
-    """The two-line title both figures carry, so that two runs' figures can be told apart: what was run on what,
-    then n and the accuracy (a fraction) at each threshold in km."""
+    """The two-line title of every figure, so that two runs' figures can be told apart: what ran on what, then n and
+    the accuracy (a fraction) at each threshold in km."""
     scores = ", ".join(f"acc@{threshold:g} km {accuracy:.1%}" for threshold, accuracy in accuracies.items())
     return f"{benchmark}, model {model}\nn = {n}" + (f": {scores}" if scores else ": no image scored")
 
 
+def _new_figure(size: tuple[float, float]) -> tuple[Figure, Axes]:
+    figure = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
+
+
 def plot_error_cdf(distances_km: np.ndarray, levels_km: Mapping[str, float], path: str | Path, title: str) -> Figure:
-    """Save (and return) the cumulative share of images against error distance (log km), with the named thresholds
-    marked: the accuracy at a threshold is where the curve crosses its line. `title` heads the figure (see
-    `run_title`)."""
+    """Save (and return) the share of images within each error distance (log km), with the named thresholds marked:
+    the accuracy at a threshold is where the curve crosses its line."""
     distances = np.sort(np.maximum(np.asarray(distances_km, dtype=np.float64), MIN_PLOTTED_KM))
     shares = np.arange(1, distances.size + 1) / max(distances.size, 1)
-    figure = Figure(figsize=(8, 5), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, axes = _new_figure((8, 5))
     axes.step(np.concatenate([[MIN_PLOTTED_KM], distances]), np.concatenate([[0.0], shares]), where="post")
     for name, threshold in levels_km.items():
         axes.axvline(threshold, color="grey", linestyle="--", linewidth=0.8)
         # Above the frame, where no curve can run through the label.
-        axes.text(
-            threshold,
-            1.01,
-            f"{name}\n{threshold:g} km",
-            transform=axes.get_xaxis_transform(),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    axes.set_xscale("log")
-    axes.set_xlim(MIN_PLOTTED_KM, MAX_PLOTTED_KM)
-    axes.set_ylim(0.0, 1.0)
+        label = f"{name}\n{threshold:g} km"
+        axes.text(threshold, 1.01, label, transform=axes.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
+    axes.set(xscale="log", xlim=(MIN_PLOTTED_KM, MAX_PLOTTED_KM), ylim=(0.0, 1.0))
     axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-    axes.set_xlabel("error distance (km, log scale)")
-    axes.set_ylabel("share of images within distance")
+    axes.set(xlabel="error distance (km, log scale)", ylabel="share of images within distance")
     set_wrapped_suptitle(figure, title)
     axes.set_title(f"error distance, {distances.size} images", pad=30)
     axes.grid(True, which="major", alpha=0.3)
@@ -83,83 +75,46 @@ def plot_error_cdf(distances_km: np.ndarray, levels_km: Mapping[str, float], pat
 
 
 def plot_world_map(truths: np.ndarray, predictions: np.ndarray, path: str | Path, title: str) -> Figure:
-    """Save (and return) an equirectangular world map with each image's true point, its predicted point and a line
-    joining them; `truths` and `predictions` are (n, 2) arrays of [latitude, longitude] in degrees, row by row.
-
-    Predictions are candidate cities, so many images share one predicted point, and benchmarks photograph the same
-    places: each distinct point is drawn once with an area proportional to the images there, translucent so that
-    near neighbours show through.
-    """
+    """Save (and return) a world map with each image's true point, its predicted point and a line joining them, from
+    (n, 2) arrays of [latitude, longitude] in degrees. Many images share a point (predictions are candidate cities,
+    benchmarks photograph the same places): each point is drawn once, its area proportional to its images."""
     truths = np.asarray(truths, dtype=np.float64).reshape(-1, 2)
     predictions = np.asarray(predictions, dtype=np.float64).reshape(-1, 2)
-    figure = Figure(figsize=MAP_FIGURE_SIZE, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, axes = _new_figure(MAP_FIGURE_SIZE)
     draw_world(axes)
+    segments = _pair_segments(truths, predictions)
     axes.add_collection(
-        LineCollection(
-            _pair_segments(truths, predictions),
-            colors="#555555",
-            linewidths=0.6,
-            alpha=0.5,
-            label="truth to prediction",
-        )
+        LineCollection(segments, colors="#555555", linewidths=0.6, alpha=0.5, label="truth to prediction")
     )
     largest = 1
-    for points, marker, color, label, zorder in (
-        (truths, "o", TRUTH_COLOR, "truth", 3),
-        (predictions, "x", PREDICTION_COLOR, "prediction", 4),
-    ):
+    kinds = ((truths, "o", TRUTH_COLOR, "truth"), (predictions, "x", PREDICTION_COLOR, "prediction"))
+    for zorder, (points, marker, color, label) in enumerate(kinds, start=3):
         places, counts = stacked_points(points)
         largest = max(largest, int(counts.max(initial=1)))
-        axes.scatter(
-            places[:, 1],
-            places[:, 0],
-            s=MARKER_AREA * counts,
-            marker=marker,
-            color=color,
-            alpha=MARKER_ALPHA,
-            label=label,
-            zorder=zorder,
-        )
+        style = {"marker": marker, "color": color, "alpha": MARKER_ALPHA, "label": label, "zorder": zorder}
+        axes.scatter(places[:, 1], places[:, 0], s=MARKER_AREA * counts, **style)
     axes.set_anchor("N")  # under the title; the room to spare falls below, where saving trims it
-    axes.set_xticks(np.arange(-180, 181, GRATICULE_STEP_DEG))
-    axes.set_yticks(np.arange(-90, 91, GRATICULE_STEP_DEG))
-    axes.set_xlabel("longitude (°)")
-    axes.set_ylabel("latitude (°)")
+    axes.set(xticks=np.arange(-180, 181, GRATICULE_STEP_DEG), yticks=np.arange(-90, 91, GRATICULE_STEP_DEG))
+    axes.set(xlabel="longitude (°)", ylabel="latitude (°)")
     set_wrapped_suptitle(figure, title)
     axes.set_title(
         f"{len(truths)} images (marker area: images at one point; grey dots: GeoNames cities; dotted: tropics and "
         "polar circles)"
     )
-    # The legend's markers are all drawn at one image's size; a second legend gives the scale of the stacks.
-    kinds = axes.legend(loc="lower left", fontsize=9)
-    for handle in kinds.legend_handles:
+    # The legend draws every marker at one image's size; a second legend gives the scale of the stacks.
+    legend = axes.legend(loc="lower left", fontsize=9)
+    for handle in legend.legend_handles:
         if hasattr(handle, "set_sizes"):
             handle.set_sizes([MARKER_AREA])
     if largest > 1:
-        axes.add_artist(kinds)
-        scale = [
-            Line2D(
-                [],
-                [],
-                marker="o",
-                linestyle="",
-                color="#777777",
-                alpha=MARKER_ALPHA,
-                markersize=np.sqrt(MARKER_AREA * count),
-            )
-            for count in _legend_counts(largest)
-        ]
+        axes.add_artist(legend)
+        counts = sorted({1, round(np.sqrt(largest)), largest})  # one image, the largest stack and one between
+        style = {"marker": "o", "linestyle": "", "color": "#777777", "alpha": MARKER_ALPHA}
+        handles = [Line2D([], [], markersize=np.sqrt(MARKER_AREA * count), **style) for count in counts]
+        labels = [f"{count} image{'s' if count > 1 else ''}" for count in counts]
+        fonts = {"fontsize": 9, "title_fontsize": 9}
         axes.legend(
-            scale,
-            [f"{count} image{'s' if count > 1 else ''}" for count in _legend_counts(largest)],
-            loc="lower right",
-            fontsize=9,
-            title="images at one point",
-            title_fontsize=9,
-            labelspacing=1.5,
-            borderpad=1.0,
+            handles, labels, loc="lower right", title="images at one point", labelspacing=1.5, borderpad=1, **fonts
         )
     figure.savefig(path, dpi=DPI, bbox_inches="tight")
     return figure
@@ -169,11 +124,9 @@ def plot_reliability(
     within: np.ndarray, hits: np.ndarray, radii_km: list[float], path: str | Path, title: str, num_bins: int = 10
 ) -> Figure:
     """Save (and return) the reliability diagram of `within_km` `(n, radii)` against whether the truth lay within
-    each radius `hits`: mean confidence against the observed share in `num_bins` equal-mass bins per radius. Points
-    below the diagonal are over-confident; the legend gives each radius' ECE."""
-    figure = Figure(figsize=(7, 6.5), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    each radius (`hits`): mean confidence against the observed share in `num_bins` equal-mass bins per radius, with
+    each radius' ECE in the legend."""
+    figure, axes = _new_figure((7, 6.5))
     axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8, label="perfectly calibrated")
     for column, radius in enumerate(radii_km if len(within) else []):
         bins = equal_mass_bins(within[:, column], num_bins)
@@ -181,9 +134,7 @@ def plot_reliability(
         observed = np.array([hits[part, column].mean() for part in bins])
         ece = calibration_errors(within[:, column], hits[:, column], num_bins)["ece"]
         axes.plot(confidence, observed, marker="o", label=f"within {radius:g} km (ECE {ece:.3f})")
-    axes.set_xlim(0.0, 1.0)
-    axes.set_ylim(0.0, 1.0)
-    axes.set_aspect("equal")
+    axes.set(xlim=(0.0, 1.0), ylim=(0.0, 1.0), aspect="equal")
     axes.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     axes.set_xlabel("stated confidence: within_km of the first answer (bin mean)")
@@ -198,14 +149,13 @@ def plot_reliability(
 
 def set_wrapped_suptitle(figure: Figure, title: str) -> None:
     """Head `figure` with `title`, each line wrapped to the figure's width (a name longer than a line is broken):
-    model and data names can be of any length, and a line wider than the figure is cut off on both sides."""
+    names can be of any length, and a line wider than the figure is cut off on both sides."""
     text = figure.suptitle("")
     renderer = figure.canvas.get_renderer()
-    room = TITLE_WIDTH_SHARE * figure.bbox.width
 
     def fits(lines: list[str]) -> bool:
         text.set_text("\n".join(lines))
-        return text.get_window_extent(renderer).width <= room
+        return text.get_window_extent(renderer).width <= TITLE_WIDTH_SHARE * figure.bbox.width
 
     wrapped = []
     for line in title.splitlines():
@@ -218,8 +168,8 @@ def set_wrapped_suptitle(figure: Figure, title: str) -> None:
 
 
 def stacked_points(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct points of an (n, 2) array of [latitude, longitude], each with the number of rows there: points
-    closer than `STACK_DECIMALS` decimal places of a degree (about 1 km) count as one, drawn at their mean."""
+    """The distinct points of (n, 2) [latitude, longitude] rows, at their mean, and the number of rows at each: rows
+    equal to `STACK_DECIMALS` decimal places of a degree (about 1 km) are one point."""
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     if not len(points):
         return points, np.zeros(0, dtype=np.int64)
@@ -229,24 +179,12 @@ def stacked_points(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return means, counts
 
 
-def _legend_counts(largest: int) -> list[int]:
-    """Counts for the marker-scale legend: one image, the largest stack, and one between when they are far apart."""
-    middle = round(np.sqrt(largest))
-    return sorted({1, middle, largest})
-
-
 def _pair_segments(truths: np.ndarray, predictions: np.ndarray) -> np.ndarray:
-    """Segments from each truth to its prediction the short way round in longitude: a pair whose short way crosses
-    the antimeridian gets two pieces, one leaving each edge of the map, which the axes clip at ±180°."""
-    latitudes, longitudes = truths[:, 0], truths[:, 1]
-    predicted_latitudes, predicted_longitudes = predictions[:, 0], predictions[:, 1]
+    """(lon, lat) segments from each truth to its prediction the short way round: a pair whose short way crosses the
+    antimeridian is drawn twice, leaving each edge of the map, which the axes clip at ±180°."""
+    pairs = np.stack([truths[:, ::-1], predictions[:, ::-1]], axis=1)
     # The prediction's longitude unwrapped to within 180° of the truth's, possibly beyond ±180.
-    ends = longitudes + (predicted_longitudes - longitudes + 180) % 360 - 180
-    pieces = [
-        np.stack([np.column_stack([longitudes, latitudes]), np.column_stack([ends, predicted_latitudes])], axis=1)
-    ]
-    crossing = np.abs(ends) > 180
-    shift = predicted_longitudes[crossing] - ends[crossing]
-    starts = np.column_stack([longitudes[crossing] + shift, latitudes[crossing]])
-    pieces.append(np.stack([starts, predictions[crossing][:, ::-1]], axis=1))
-    return np.concatenate(pieces)
+    pairs[:, 1, 0] = pairs[:, 0, 0] + (pairs[:, 1, 0] - pairs[:, 0, 0] + 180) % 360 - 180
+    wrapped = pairs[np.abs(pairs[:, 1, 0]) > 180]
+    wrapped[..., 0] -= 360 * np.sign(wrapped[:, 1:, 0])
+    return np.concatenate([pairs, wrapped])
