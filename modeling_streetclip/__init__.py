@@ -1,7 +1,6 @@
-"""StreetCLIP for Hugging Face: zero-shot image geolocation with CLIP.
-
-Importing this package registers the `"geolocation"` task and the `streetclip` classes with transformers however the
-process started; names load on first use (PEP 562) and registration waits for transformers: `--help` needs no torch."""
+"""StreetCLIP for Hugging Face: zero-shot image geolocation with CLIP. Importing it registers the `"geolocation"` task
+and the `streetclip` classes with transformers once transformers is imported; names load on first use (PEP 562), so
+`--help` needs no torch."""
 
 import importlib
 import importlib.abc
@@ -11,7 +10,6 @@ from typing import TYPE_CHECKING
 
 
 __version__ = importlib.metadata.version("streetclip")
-
 
 # The public names of each module, loaded on first use.
 _EXPORTS = {
@@ -79,7 +77,7 @@ def register_with_transformers() -> None:
 
 class _RegisterOnceImported(importlib.abc.MetaPathFinder):
     """Calls `register_with_transformers` once transformers is imported and no module of this package is halfway
-    through its import (registering imports them all), by wrapping the loaders of those modules."""
+    through its import (registering imports them all), by wrapping their loaders."""
 
     def __init__(self):
         self.done = False
@@ -88,7 +86,6 @@ class _RegisterOnceImported(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         if self.done or (fullname != "transformers" and not fullname.startswith(f"{__name__}.")):
             return None
-        # The spec the finders after this one give, as the import system would have asked them.
         finders = (finder for finder in sys.meta_path if finder is not self and hasattr(finder, "find_spec"))
         spec = next(filter(None, (finder.find_spec(fullname, path, target) for finder in finders)), None)
         if spec is not None and hasattr(spec.loader, "exec_module"):

@@ -91,22 +91,16 @@ class CaptionMix:
             raise ValueError(
                 f"Caption template probabilities {list(self.probabilities)} must be non-negative and sum to 1."
             )
-        fieldless = [
-            template for template, fields in zip(self.templates, self._template_fields, strict=True) if not fields
-        ]
-        if fieldless:
+        if fieldless := [template for template in self.templates if not template_fields(template)]:
             raise ValueError(f"These caption templates name no place field such as {{country}}: {fieldless}.")
 
     def template_indices(self, row_ids: Sequence[int]) -> list[int]:
         """The template each row draws (before falling back), from a hash of the seed and the row id."""
         cumulative = list(itertools.accumulate(self.probabilities))
-        indices = []
-        for row_id in row_ids:
-            digest = hashlib.blake2b(f"{self.seed}/{row_id}".encode(), digest_size=8).digest()
-            uniform = int.from_bytes(digest, "little") / 2**64
-            # min(): float rounding can leave the last cumulative probability a hair below 1.
-            indices.append(min(bisect.bisect_right(cumulative, uniform), len(self.templates) - 1))
-        return indices
+        digests = (hashlib.blake2b(f"{self.seed}/{row_id}".encode(), digest_size=8).digest() for row_id in row_ids)
+        uniforms = (int.from_bytes(digest, "little") / 2**64 for digest in digests)
+        # min(): float rounding can leave the last cumulative probability a hair below 1.
+        return [min(bisect.bisect_right(cumulative, uniform), len(self.templates) - 1) for uniform in uniforms]
 
     @cached_property
     def _template_fields(self) -> list[set[str]]:
@@ -116,8 +110,7 @@ class CaptionMix:
         """One caption per row from `places` (field name -> column aligned with `row_ids`); empty names count as
         missing."""
         needed = set().union(*self._template_fields)
-        unknown = needed - set(places)
-        if unknown:
+        if unknown := needed - set(places):
             raise ValueError(
                 f"Caption templates use {sorted(unknown)}, but the place columns are only {sorted(places)}."
             )

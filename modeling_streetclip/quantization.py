@@ -1,6 +1,5 @@
-"""Int8 inference on the CPU: the vision tower's linear layers with int8 weights and dynamic int8 activations, as a
-transformers quantization method (`quantization_config=Int8DynamicConfig()`). PyTorch's dynamic quantization, as
-`TorchAoConfig` is slower eagerly (README, "Speed and precision"). A quantized model cannot be saved."""
+"""Int8 CPU inference: the vision tower's linear layers with int8 weights and dynamic int8 activations, as a
+transformers quantization method (`quantization_config=Int8DynamicConfig()`); a quantized model cannot be saved."""
 
 import warnings
 
@@ -14,8 +13,6 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 logger = logging.get_logger(__name__)
 
 QUANT_METHOD = "streetclip_int8_dynamic"
-# Nearly all inference time is here; the visual projection stays float32 with the heads, which are sized from it.
-QUANTIZED_MODULES = ("vision_model",)
 # CPU back ends of PyTorch that have int8 dynamic linear kernels, best first.
 INT8_ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
 
@@ -37,9 +34,7 @@ class Int8DtypeError(Exception):
 
 def int8_engine() -> str:
     """The PyTorch back end for int8 linear layers, of `INT8_ENGINES`; `ImportError` where there is none."""
-    if not hasattr(getattr(torch, "ao", None), "quantization") or not hasattr(
-        torch.ao.quantization, "quantize_dynamic"
-    ):
+    if not hasattr(getattr(getattr(torch, "ao", None), "quantization", None), "quantize_dynamic"):
         raise ImportError(
             f"int8 quantization needs torch.ao.quantization.quantize_dynamic, which PyTorch {torch.__version__} "
             "does not ship; install a PyTorch that has it (2.4 to 2.13 do), or run in float32 or bfloat16."
@@ -55,14 +50,13 @@ def int8_engine() -> str:
 
 
 def quantize_vision_tower(model: nn.Module) -> None:
-    """Replace, in place, the linear layers of `model`'s `QUANTIZED_MODULES` by int8 dynamic ones."""
+    """Replace, in place, the linear layers of `model.vision_model`, nearly all inference time, by int8 dynamic ones;
+    the visual projection stays float32 with the heads, which are sized from it."""
     torch.backends.quantized.engine = int8_engine()
     with warnings.catch_warnings():
         # The announced move to torchao: `int8_engine` already turns its absence into a clear error.
-        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
-        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.* are deprecated")
-        for name in QUANTIZED_MODULES:
-            torch.ao.quantization.quantize_dynamic(getattr(model, name), {nn.Linear}, dtype=torch.qint8, inplace=True)
+        warnings.filterwarnings("ignore", message=r"torch\.(ao\.quantization is|quantize_per_tensor.* are) deprecated")
+        torch.ao.quantization.quantize_dynamic(model.vision_model, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 @register_quantizer(QUANT_METHOD)
