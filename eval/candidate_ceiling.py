@@ -1,16 +1,10 @@
 """The ceiling of a candidate table: the best accuracy any model could reach when it can only answer with a city.
 
-For a candidate configuration (the settings of `StreetCLIPConfig`) and the true coordinates of a benchmark, prints the
-share of images whose nearest candidate lies within 1, 25, 200, 750 and 2500 km (scored by the `geodesic_accuracy`
-metric as if a model had predicted it) and the prompts the table costs; then the pairs of candidates of different
-countries within the city-level threshold of each other (Rafah in Egypt and in Palestine), which only the country
-head tells apart.
+Prints, per benchmark file of true coordinates, the `geodesic_accuracy` of the candidate nearest each truth and the
+prompts the table costs; then the candidates of different countries within the city-level threshold of each other
+(Rafah in Egypt and in Palestine), which only the country head tells apart (eval/README.md).
 
     python eval/candidate_ceiling.py --data im2gps.csv --data im2gps3k.csv [--recommended] [--city_budget 5000] ...
-
-A data file is a CSV with latitude and longitude columns (`gt_lat`/`gt_long` of the ISNs reference predictions,
-`LAT`/`LON` of IM2GPS metadata, or --latitude_column and --longitude_column); reading stops at the first row whose
-coordinates are not numbers, where the reference predictions' summary block starts.
 """
 
 import argparse
@@ -46,7 +40,7 @@ CROSS_BORDER_KM = 25.0
 
 @dataclass
 class Truths:
-    """The true coordinates of one benchmark file, as an (n, 2) array of [lat, lon], and where reading stopped."""
+    """The true coordinates of one benchmark file, (n, 2) [lat, lon], and where reading stopped."""
 
     name: str
     points: np.ndarray
@@ -54,8 +48,8 @@ class Truths:
 
 
 def read_truths(path: Path, latitude_column: str | None = None, longitude_column: str | None = None) -> Truths:
-    """The true coordinates of a CSV, up to its first row whose coordinates are not numbers (a summary block); a row
-    that is not a point on Earth is refused, naming its line, since it would silently move the ceiling."""
+    """The true coordinates of a CSV up to its first row whose coordinates are not numbers (the summary block of the
+    ISNs reference predictions); a row that is not a point on Earth is refused, naming its line."""
     source = f"data file {str(path)!r}"
     header, records = read_csv_records(path)
     latitude_name = find_column(header, latitude_column, TRUTH_LATITUDE_COLUMNS, "latitude", source)
@@ -79,16 +73,14 @@ def read_truths(path: Path, latitude_column: str | None = None, longitude_column
 
 
 def ceiling(places: CandidatePlaces, truths: np.ndarray, metric) -> dict:
-    """The metric's result (`acc_1km` ... `acc_2500km`, `median_km`, ...) for a model that always answered with the
-    candidate nearest to the truth: the best any model with these candidates can score."""
+    """The metric's result for a model that always answers with the candidate nearest to the truth."""
     rows = nearest_city_rows(places, truths[:, 0], truths[:, 1])
     nearest = np.column_stack([places.city_latitudes, places.city_longitudes])[rows]
     return metric.compute(predictions=nearest, references=truths)
 
 
 def cross_border_pairs(places: CandidatePlaces, geodesic, radius_km: float = CROSS_BORDER_KM) -> list[dict]:
-    """Every pair of candidate cities of different countries within `radius_km` of each other, nearest first: the
-    places where a photo's city-level answer depends on the country head alone."""
+    """Every pair of candidate cities of different countries within `radius_km` of each other, nearest first."""
     # Sorted by latitude, each city is compared only with the cities after it whose latitude lies within the radius
     # (a great circle is at least as long as its difference in latitude): linear in the table, not quadratic.
     order = np.argsort(places.city_latitudes, kind="stable")
@@ -142,11 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
 def candidate_settings(args: argparse.Namespace) -> dict:
     """The StreetCLIPConfig settings the options name: --recommended's or the paper's, then the explicit ones."""
     settings = dict(RECOMMENDED_CANDIDATE_SETTINGS) if args.recommended else {}
-    for name in ("levels", "city_allocation", "cities_per_country", "city_budget", "min_city_population"):
-        if getattr(args, name) is not None:
-            settings[name] = getattr(args, name)
-    if args.city_merge_radius_km is not None:
-        settings["city_merge_radius_km"] = args.city_merge_radius_km
+    names = (
+        "levels",
+        "city_allocation",
+        "cities_per_country",
+        "city_budget",
+        "min_city_population",
+        "city_merge_radius_km",
+    )
+    settings |= {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.countries is not None:
         settings["candidate_countries"] = read_country_list(args.countries)
     return settings
@@ -169,12 +165,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for truth in truths:
         result = ceiling(places, truth.points, metric)
-        accuracies = [100 * result[f"acc_{threshold}km"] for threshold in (1, 25, 200, 750, 2500)]
-        print(
-            f"| {truth.name} | {len(truth.points)} | {counts['cities']:,} | {counts['prompts']:,} | "
-            + " / ".join(f"{accuracy:.1f}" for accuracy in accuracies)
-            + " |"
-        )
+        accuracies = " / ".join(f"{100 * result[f'acc_{km}km']:.1f}" for km in (1, 25, 200, 750, 2500))
+        print(f"| {truth.name} | {len(truth.points)} | {counts['cities']:,} | {counts['prompts']:,} | {accuracies} |")
         if truth.stopped_at:
             print(f"  ({truth.name}: stopped at {truth.stopped_at}, the first row without numeric coordinates)")
         rows.append({"data": truth.name, "n": len(truth.points), **counts, **result})
