@@ -1,41 +1,17 @@
-"""Gallery indexes at scale: build time, memory, per-query latency at batch 64 and recall@10 against exact search, on
-synthetic galleries of 1,000,000 rows of dimension 768; and the gallery's share of the pipeline's per-image time at
-ViT-L/14-336.
+"""Gallery indexes at scale, on synthetic galleries of unit rows (dimension 768); eval/README.md has the figures.
 
-The galleries:
-- clustered, a stand-in for photos of places: 10,000 random unit centres, each row 0.8 * centre + 0.6 * noise,
-  renormalised (the noise a random unit vector, nearly orthogonal to the centre in 768 dimensions), so that a row's
-  cosine to its centre is about 0.8;
-- uniform: random unit vectors, the worst case for any compressed index.
-Queries are new rows drawn the same way, searched in batches of 64. On the clustered gallery, "same centre@10" is the
-share of the 10 rows found that belong to the query's own centre: what geolocation needs (photos of the same place),
-where recall@10 also asks for their exact order among a hundred near-equal rows. The indexes are exact search (`Flat`), the
-documented default for the size (`gallery_index.recommended_index`: IVF1024,SQ8 at a million rows) and the lean options
-(`IVF1024,PQ{m}`), each built by `gallery_index.trained_index` as galleries build theirs. Memory is the serialised index
-(`faiss.serialize_index`: the codes, the ids and the coarse centroids); for `Flat`, rows x dimension x 4 bytes, its
-only content. Targets at 1M clustered rows, default index: recall@10 >= 0.9, <= 1 GiB, <= 5 ms per query.
-
-`--build` skips the model and the in-memory comparison: it writes the clustered rows, generated in chunks that are
-never all in memory, as `streetclip index build`'s shards, joins them by the build's own last step
-(`gallery_build.join_shards`: the dataset, and the default index for the size trained and filled) in a process of its
-own, then loads the gallery (`GeoGallery.load`) in another and searches it; it prints the build's time and both
-processes' peak resident memory, the index's size, the latency at batch 64, and recall@10 against an exact search by
-brute force over the regenerated rows. Targets at 5,000,000 clustered rows (`--build --rows 5000000`; about 16 GB of
-disk twice over, in `--workdir`): build peak <= 8 GiB, index <= 4 GiB, <= 5 ms per query, recall@10 >= 0.9.
-
-`--throughput` times `streetclip index build` itself (images/s of embedding, decoding and writing shards, start-up
-cancelled out by a run over a batch per process) on one process with all the cores, one with one thread, and one
-process per core (torchrun), over generated 640x480 JPEGs, with the tiny test model and with ViT-B/16 (random weights,
-six countries: the heads play no part in building).
-
-`--pipeline` also times, at ViT-L/14-336 with random weights (built here, no download), the pipeline per image at
-batch 8 (vision forward and the greedy decision) and the gallery decision per image (search of the 1M-row clustered
-gallery under the default index, the kernel vote, naming the nearest candidate city); target: the gallery adds at
-most 15% to the pipeline's time.
-
-Run: `python eval/speed/bench_gallery_index.py [--rows 1000000] [--queries 1000] [--galleries clustered uniform]
-[--lean PQ64 PQ96] [--pipeline]`. Timings are of this machine (`torch.get_num_threads()` and faiss' OpenMP threads
-are printed); a million rows take about 3 GiB per copy, and the script holds two.
+- default: 1,000,000 rows, clustered (10,000 random centres, each row 0.8 * centre + 0.6 * noise, renormalised: a
+  stand-in for photos of places) and uniform (the worst case for compression). Per index (exact `Flat`, the default
+  for the size from `gallery_index.recommended_index`, the lean `IVF,PQ{m}`): build time, serialised size, ms per
+  query at batch 64, recall@10 against `Flat` and, when clustered, "same centre@10" (what geolocation needs).
+- `--build`: no model; the clustered rows written as `streetclip index build`'s shards and joined by its own last
+  step (`gallery_build.join_shards`) in one process, the gallery loaded and searched in another: each step's time and
+  peak resident memory, the index's size, ms per query and recall@10 against brute force (`--rows 5000000` needs
+  about 16 GB of disk twice over in `--workdir`).
+- `--throughput`: images/s of `streetclip index build` over 640x480 JPEGs, the tiny model and ViT-B/16 (random
+  weights), on one process with every core, one with one thread and one process per core (torchrun); a run over a
+  batch per process is subtracted, which cancels start-up.
+- `--pipeline`: at ViT-L/14-336 (random weights), the gallery decision's share of the pipeline's time per image.
 """
 
 import argparse
@@ -53,7 +29,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from timing import command_seconds, machine_line, save_small_streetclip, write_jpegs
+from timing import command_seconds, interleaved_medians, machine_line, save_small_streetclip, write_jpegs
 
 from modeling_streetclip.gallery_index import recommended_index, trained_index
 
@@ -208,7 +184,7 @@ def measure_build(args: argparse.Namespace) -> None:
     found = searched["found"][:sample]
     print(
         f"  recall@{RECALL_AT} {recall(found, exact):.3f} (target >= 0.9), same centre@{RECALL_AT} "
-        f"{np.mean(labels[found] == query_labels[:sample, None]):.3f}, over {sample:,} queries; exact search by brute "
+        f"{same_centre(labels, found, query_labels[:sample]):.3f}, over {sample:,} queries; exact search by brute "
         f"force in {time.perf_counter() - begin:.0f} s"
     )
 
@@ -290,6 +266,11 @@ def recall(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b)) / RECALL_AT for a, b in zip(found, exact, strict=True)]))
 
 
+def same_centre(labels: np.ndarray, found: np.ndarray, query_labels: np.ndarray) -> float:
+    """Share of the rows found that belong to their query's centre: of a place, what geolocation needs."""
+    return float(np.mean(labels[found] == query_labels[:, None]))
+
+
 def measure_gallery(kind: str, args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     centres = unit_rows(rng, CLUSTERS, args.dim) if kind == "clustered" else None
@@ -311,12 +292,7 @@ def measure_gallery(kind: str, args: argparse.Namespace) -> None:
             exact = found  # Flat comes first: exact search is the reference
         memory = index_bytes(factory, index, rows)
         probes = f", nprobe {nprobe}" if nprobe else ""
-        # What geolocation needs of a clustered gallery: that the photos found are of the query's place.
-        same = (
-            f"   same centre@{RECALL_AT} {np.mean(labels[found] == query_labels[:, None]):.3f}"
-            if kind == "clustered"
-            else ""
-        )
+        same = "" if labels is None else f"   same centre@{RECALL_AT} {same_centre(labels, found, query_labels):.3f}"
         print(
             f"  {factory:<16} build {build_s:7.1f} s   memory {memory / 2**30:6.3f} GiB   "
             f"{per_query_s * 1e3:7.3f} ms/query at batch {QUERY_BATCH}   recall@{RECALL_AT} "
@@ -343,13 +319,8 @@ def measure_pipeline_share(args: argparse.Namespace) -> None:
     rows, _ = gallery_rows("clustered", args.rows, args.dim, rng, unit_rows(rng, CLUSTERS, args.dim))
     latitudes = np.degrees(np.arcsin(rng.uniform(-1, 1, args.rows)))
     longitudes = rng.uniform(-180, 180, args.rows)
-    table = pa.table(
-        {
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), args.dim),
-            "latitude": latitudes,
-            "longitude": longitudes,
-        }
-    )
+    embeddings = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), args.dim)
+    table = pa.table({"embedding": embeddings, "latitude": latitudes, "longitude": longitudes})
     dataset = datasets.Dataset(datasets.table.InMemoryTable(table))
     begin = time.perf_counter()
     factory, nprobe = attach_index(dataset, args.dim, "auto")
@@ -368,17 +339,12 @@ def measure_pipeline_share(args: argparse.Namespace) -> None:
         pixel_values = geolocate.image_processor(images=images, return_tensors="pt")["pixel_values"]
         with torch.no_grad():
             outputs = model(pixel_values=pixel_values)
-        geolocate(images, batch_size=len(images))  # warm-up: the city heads these images need
-        rank_gallery_places(model, outputs, gallery, "gallery")
-        pipeline_s, gallery_s = [], []
-        for _ in range(args.rounds):
-            begin = time.perf_counter()
-            geolocate(images, batch_size=len(images))
-            pipeline_s.append((time.perf_counter() - begin) / len(images))
-            begin = time.perf_counter()
-            rank_gallery_places(model, outputs, gallery, "gallery")
-            gallery_s.append((time.perf_counter() - begin) / len(images))
-    pipeline_image, gallery_image = statistics.median(pipeline_s), statistics.median(gallery_s)
+        methods = {
+            "pipeline": lambda: geolocate(images, batch_size=len(images)),
+            "gallery": lambda: rank_gallery_places(model, outputs, gallery, "gallery"),
+        }
+        medians = interleaved_medians(methods, args.rounds)  # after a warm-up each: the city heads the images need
+    pipeline_image, gallery_image = medians["pipeline"] / len(images), medians["gallery"] / len(images)
     print(
         f"  per image at batch {args.batch_size}: pipeline (greedy) {pipeline_image * 1e3:.1f} ms, gallery decision "
         f"{gallery_image * 1e3:.2f} ms = {100 * gallery_image / pipeline_image:.1f}% of the pipeline (target <= 15%)"
@@ -393,20 +359,13 @@ def main() -> None:
     parser.add_argument("--galleries", nargs="*", choices=["clustered", "uniform"], default=["clustered", "uniform"])
     parser.add_argument("--lean", nargs="*", default=["PQ64", "PQ96"], help="PQ code sizes tried as lean options")
     parser.add_argument("--pipeline", action="store_true", help="also measure the gallery's share at ViT-L/14-336")
-    parser.add_argument(
-        "--build", action="store_true", help="only the default index, through the build's own path (see above)"
-    )
+    parser.add_argument("--build", action="store_true", help="the default index through the build's own path")
     parser.add_argument("--throughput", action="store_true", help="images/s of `streetclip index build` (see above)")
     parser.add_argument("--recall_queries", type=int, default=500, help="--build: queries searched exactly too")
     parser.add_argument("--workdir", help="folder for --build's gallery (default: the system's temporary folder)")
     parser.add_argument("--batch_size", type=int, default=8, help="images per call (--pipeline, --throughput)")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds of --pipeline (medians are reported)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="faiss' OpenMP threads (default: one per core; on a machine shared with other "
-        "work, fewer avoids OpenMP's busy waiting)",
-    )
+    parser.add_argument("--threads", type=int, help="faiss' OpenMP threads (fewer avoids busy waiting when shared)")
     args = parser.parse_args()
     import torch
 

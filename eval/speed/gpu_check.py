@@ -1,18 +1,12 @@
-"""GPU check at StreetCLIP's real scale (ViT-L/14 at 336 px, random weights): float32, bfloat16 and float16.
+"""GPU check at StreetCLIP's real scale (ViT-L/14 at 336 px, random weights) in float32, bfloat16 and float16.
 
-Prints the device and versions; how fast one CPU process preprocesses photos, in full and in the pipeline's 8-bit
-resize and crop (its DataLoader workers multiply that), and how far the rest of preprocessing, done on the device,
-lies from the image processor's pixel values; then per precision the images/s of the bare vision forward and of
-`pipeline("geolocation")` on in-memory 640x480 photos at batch 64, over one call and in steady state (the difference
-of a call over all the photos and one over a quarter, which cancels what a call pays once: forking workers, the first
-batch), with their ratios to the bare forward (target in bfloat16: >= 0.80 in steady state); the peak GPU memory; and
-the agreement of first answers with float32's. Answers are compared where they are learned, not on near-ties: the
-heads are a linear probe fitted in float32 on the synthetic geo set, scored on held-out photos of it. Exits 1 when
-bfloat16 countries disagree with float32's on more than 2% of them, 2 on a usage error. Last, `streetclip index
-build` in bfloat16 over as many 640x480 JPEGs: images/s over one command (start-up included) and in steady state.
-
-Run on the GPU machine as `bash eval/speed/gpu_check.sh` (it adds a timeout); `--device cpu` is a dry run on the tiny
-test model (the tests run `--device cpu --steps 1`), `--size vit-l` forces the real scale.
+Prints one process's preprocessing rate and how far on-device normalisation lies from the image processor's; per
+precision, images/s of the bare vision forward and of `pipeline("geolocation")` at batch 64, over one call and in
+steady state (a call over all photos less one over a quarter, which cancels starting workers), peak GPU memory, and
+agreement of first answers with float32's on held-out photos of a probe fitted in float32 on the synthetic geo set;
+last, `streetclip index build` in bfloat16 over as many 640x480 JPEGs, over one command and in steady state. Exits 1
+when bfloat16 countries disagree with float32's on more than 2%, 2 on a usage error. Run as `bash
+eval/speed/gpu_check.sh` (it adds a timeout); `--device cpu` is a dry run on the tiny test model.
 """
 
 import argparse
@@ -51,31 +45,12 @@ PROBE_LOGIT_SCALE = 100.0
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
-    parser.add_argument(
-        "--steps",
-        type=int_at_least(1),
-        default=40,
-        help="timed batches per measurement (default: 40, so that starting the pipeline's workers is a small part)",
-    )
+    parser.add_argument("--steps", type=int_at_least(1), default=40, help="timed batches per measurement")
     parser.add_argument("--batch_size", type=int_at_least(1), default=64)
-    parser.add_argument(
-        "--size", choices=("vit-l", "tiny"), help="model size; default vit-l on a GPU, the tiny test model on a CPU"
-    )
-    parser.add_argument(
-        "--num_workers",
-        type=int,
-        default=DEFAULT_NUM_WORKERS,
-        help=f"pipeline DataLoader workers that preprocess photos (default: streetclip locate's, here {DEFAULT_NUM_WORKERS})",
-    )
-    parser.add_argument(
-        "--agreement_photos_per_city",
-        type=int_at_least(1),
-        default=17,
-        help="held-out photos per city (default 17: 204 photos)",
-    )
-    parser.add_argument(
-        "--probe_photos_per_city", type=int_at_least(1), default=8, help="photos per city that fit the probe"
-    )
+    parser.add_argument("--size", choices=("vit-l", "tiny"), help="default: vit-l on a GPU, tiny on a CPU")
+    parser.add_argument("--num_workers", type=int, default=DEFAULT_NUM_WORKERS, help="as streetclip locate's")
+    parser.add_argument("--agreement_photos_per_city", type=int_at_least(1), default=17, help="held-out photos")
+    parser.add_argument("--probe_photos_per_city", type=int_at_least(1), default=8, help="photos that fit the probe")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}, but torch {torch.__version__} sees no CUDA device; use --device cpu.")
@@ -130,11 +105,16 @@ def save_probe_model(workdir: Path, size: str, device: str, photos_per_city: int
     return workdir / "probe"
 
 
-def images_per_second(run: Callable[[], object], images: int, device: str) -> float:
-    """Throughput of `run`, which handles `images` images, with the device's queued work included."""
+def synchronized_seconds(run: Callable[[], object], device: str) -> float:
+    """Seconds of `run` with the device's queued work included."""
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     synchronize()
-    return images / seconds(lambda: (run(), synchronize()))
+    return seconds(lambda: (run(), synchronize()))
+
+
+def steady_rate(images: int, part: int, images_s: float, part_s: float) -> float:
+    """Images/s once running: what a call over `images` adds to one over `part`; nan when they are one batch."""
+    return (images - part) / (images_s - part_s) if images > part and images_s > part_s else float("nan")
 
 
 def check_dtype(model_dir: Path, dtype: str, args: argparse.Namespace, inputs: dict) -> dict:
@@ -158,23 +138,18 @@ def check_dtype(model_dir: Path, dtype: str, args: argparse.Namespace, inputs: d
 
     embeds = embed(model, batch, args.batch_size).cpu()  # also the warm-up of the bare forward
     run_pipeline(inputs["timing_photos"][: args.batch_size])  # warm-up: workers, allocations
-    bare_rate = images_per_second(bare, args.steps * args.batch_size, args.device)
+    bare_s = synchronized_seconds(bare, args.device)
     photos = inputs["timing_photos"]
     quarter = photos[: max(args.batch_size, len(photos) // 4)]
-    pipeline_rate = images_per_second(lambda: run_pipeline(photos), len(photos), args.device)
-    quarter_rate = images_per_second(lambda: run_pipeline(quarter), len(quarter), args.device)
-    # What the longer call adds over the shorter: the rate of the pipeline once it runs, without what a call pays once.
-    steady_seconds = len(photos) / pipeline_rate - len(quarter) / quarter_rate
-    # (Undefined when both calls are one batch, as in the dry run's single step: printed as nan.)
-    extra = len(photos) - len(quarter)
-    steady_rate = extra / steady_seconds if extra > 0 and steady_seconds > 0 else float("nan")
+    photos_s = synchronized_seconds(lambda: run_pipeline(photos), args.device)
+    quarter_s = synchronized_seconds(lambda: run_pipeline(quarter), args.device)
     answers = [image_answers[0] for image_answers in run_pipeline(inputs["agreement_photos"])]
     peak = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None
     return {
         "attention": model.vision_model.config._attn_implementation,
-        "bare": bare_rate,
-        "pipeline": pipeline_rate,
-        "steady": steady_rate,
+        "bare": args.steps * args.batch_size / bare_s,
+        "pipeline": len(photos) / photos_s,
+        "steady": steady_rate(len(photos), len(quarter), photos_s, quarter_s),
         "peak_mib": peak,
         "embeds": embeds,
         "countries": [answer["country"] for answer in answers],
@@ -192,8 +167,7 @@ def build_rates(model_dir: Path, workdir: Path, args: argparse.Namespace) -> tup
         arguments = ["index", "build", folder, "--model", model_dir, "--output", workdir / f"gallery-{photos}"]
         arguments += ["--batch_size", args.batch_size, "--num_workers", args.num_workers, "--dtype", "bfloat16"]
         took[photos] = command_seconds([*arguments, "--device", "cuda" if args.device.startswith("cuda") else "cpu"])
-    steady = (count - quarter) / (took[count] - took[quarter]) if count > quarter else float("nan")
-    return count / took[count], steady
+    return count / took[count], steady_rate(count, quarter, took[count], took.get(quarter, took[count]))
 
 
 def main() -> int:
@@ -215,19 +189,14 @@ def main() -> int:
             Path(workdir), args.size, args.device, args.probe_photos_per_city, args.batch_size
         )
         processor = StreetCLIPProcessor.from_pretrained(model_dir)
-        inputs = {
-            "processor": processor,
-            "batch": processor.image_processor(images=timing_photos[: args.batch_size], return_tensors="pt")[
-                "pixel_values"
-            ],
-            "timing_photos": timing_photos,
-            "agreement_photos": agreement_photos,
-        }
+        batch = processor.image_processor(images=timing_photos[: args.batch_size], return_tensors="pt")
+        inputs = {"processor": processor, "batch": batch["pixel_values"], "timing_photos": timing_photos}
+        inputs["agreement_photos"] = agreement_photos
         print(f"built and saved the probe model in {time.perf_counter() - start:.0f} s", flush=True)
         # What one CPU process preprocesses: the pipeline's ceiling is about the 8-bit rate times its workers.
         photos, image_processor = timing_photos[: args.batch_size], processor.image_processor
-        full_rate = images_per_second(lambda: image_processor(images=photos), len(photos), "cpu")
-        resized_rate = images_per_second(lambda: resized_pixels(image_processor, photos), len(photos), "cpu")
+        full_rate = len(photos) / seconds(lambda: image_processor(images=photos))
+        resized_rate = len(photos) / seconds(lambda: resized_pixels(image_processor, photos))
         on_device = normalized_pixels(image_processor, resized_pixels(image_processor, photos).to(args.device))
         difference = (on_device.cpu() - inputs["batch"]).abs().max().item()
         print(
@@ -257,10 +226,10 @@ def main() -> int:
                 f"{city_agreement:6.3f} {cosine:8.5f}",
                 flush=True,
             )
-        call_rate, steady_rate = build_rates(model_dir, Path(workdir), args)
+        build_call, build_steady = build_rates(model_dir, Path(workdir), args)
         print(
-            f"index build, bfloat16, 1 process, {args.num_workers} workers, batch {args.batch_size}: {call_rate:.1f} "
-            f"img/s over one command of {len(timing_photos):,} JPEGs (start-up included), {steady_rate:.1f} img/s "
+            f"index build, bfloat16, 1 process, {args.num_workers} workers, batch {args.batch_size}: {build_call:.1f} "
+            f"img/s over one command of {len(timing_photos):,} JPEGs (start-up included), {build_steady:.1f} img/s "
             "in steady state",
             flush=True,
         )
