@@ -1,9 +1,6 @@
 """The application around the model's core: the batch engine, result files, distributed runs, data sources, gallery
-building and model loading that the `streetclip` command, the benchmark runner and training share.
-
-It imports the core; the core never imports it, so a folder saved for `trust_remote_code` carries none of it. This
-module holds what every entry point shares and `--help` shows, without importing torch.
-"""
+building and model loading. The core never imports it; this module holds the exit codes and defaults every entry point
+shares, without importing torch, so that `--help` answers at once."""
 
 import importlib
 import os
@@ -28,25 +25,11 @@ class UsageError(ValueError):
 
 
 def import_optional(name: str, needed_for: str, install: str, error: type[Exception] = ImportError) -> ModuleType:
-    """The module `name` of an optional dependency, or `error` saying what needs it and how to install it. (Not
-    transformers' `requires_backends`: it says `pip install <package>`, not which extra, and knows no pyarrow.)"""
+    """The module `name` of an optional dependency, or `error` saying what needs it and which extra installs it.
+    (Not transformers' `requires_backends`: its messages name no extra, and it knows no pyarrow.)"""
     try:
         return importlib.import_module(name)
     except ImportError as missing:
         raise error(
             f"{needed_for} needs the `{name.partition('.')[0]}` package ({missing}); install it with {install}."
         ) from None
-
-
-__all__ = [
-    "DEFAULT_BATCH_SIZE",
-    "DEFAULT_NUM_WORKERS",
-    "DEFAULT_SHARD_SIZE",
-    "EXIT_BROKEN_PIPE",
-    "EXIT_INTERRUPTED",
-    "EXIT_OK",
-    "EXIT_SOME_FAILED",
-    "EXIT_USAGE",
-    "UsageError",
-    "import_optional",
-]

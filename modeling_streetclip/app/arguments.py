@@ -1,5 +1,5 @@
 """The command-line options that `streetclip locate`, `streetclip index build` and eval/benchmark.py share, declared
-once, without importing torch or transformers (so that `--help` answers at once)."""
+once, without importing torch (so that `--help` answers at once)."""
 
 import argparse
 import logging
@@ -19,12 +19,11 @@ def int_at_least(minimum: int):
 
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            if int(text) >= minimum:
+                return int(text)
         except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
-        return value
+            pass
+        raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
 
     return parse
 
@@ -82,10 +81,10 @@ def add_decision_arguments(parser: argparse.ArgumentParser) -> None:
         "--decision",
         choices=DECISIONS,
         help="how answers are chosen and ordered: greedy (the paper's: country, then city within it), joint (by joint "
-        "probability), expected_distance (smallest expected distance first: least mean error), within_km (most "
-        "probability within the model's decision_radius_km, 25: most accuracy at that distance), or with --gallery: "
-        "gallery (a vote of the nearest gallery photos) or hybrid (that vote within the most probable countries) "
-        "(default: greedy, and gallery with --gallery)",
+        "probability), expected_distance (the Bayes rule for the mean error: least expected great-circle distance "
+        "under the posterior), within_km (most probability within the model's decision_radius_km, 25: most accuracy "
+        "at that distance), or with --gallery: gallery (a vote of the nearest gallery photos) or hybrid (that vote "
+        "within the most probable countries) (default: greedy, and gallery with --gallery)",
     )
     parser.add_argument(
         "--gallery",
@@ -118,11 +117,10 @@ def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
 
 @contextmanager
 def verbosity(verbose: bool) -> Iterator[None]:
-    """Hide the loading bars of transformers and datasets and this package's info messages unless `verbose`, for the
-    duration of a command (which may run in-process), restoring the settings afterwards. Hub downloads keep their
-    bars: a long download's bar is its only sign of progress."""
+    """Hide the loading bars of transformers and datasets and this package's info messages unless `verbose`, while a
+    command runs (perhaps in-process); Hub downloads keep their bars, a long download's only sign of progress."""
     import huggingface_hub.utils as hub_utils
-    from transformers.utils import logging as transformers_logging
+    from transformers.utils import logging as hf_logging
 
     try:
         import datasets
@@ -130,17 +128,14 @@ def verbosity(verbose: bool) -> Iterator[None]:
         datasets = None
 
     def show_bars(transformers_bars: bool, datasets_bars: bool, hub_bars: bool) -> None:
-        if transformers_bars:
-            transformers_logging.enable_progress_bar()
-        else:
-            transformers_logging.disable_progress_bar()
+        (hf_logging.enable_progress_bar if transformers_bars else hf_logging.disable_progress_bar)()
         if datasets is not None:
             (datasets.enable_progress_bars if datasets_bars else datasets.disable_progress_bars)()
         # Last: transformers switches the Hub's bars along with its own.
         (hub_utils.enable_progress_bars if hub_bars else hub_utils.disable_progress_bars)()
 
     saved = (
-        transformers_logging.is_progress_bar_enabled(),
+        hf_logging.is_progress_bar_enabled(),
         datasets is not None and datasets.is_progress_bar_enabled(),
         not hub_utils.are_progress_bars_disabled(),
     )
@@ -157,16 +152,3 @@ def verbosity(verbose: bool) -> Iterator[None]:
         show_bars(*saved)
         package_logger.removeHandler(handler)
         package_logger.setLevel(saved_level)
-
-
-__all__ = [
-    "DTYPE_NAMES",
-    "add_backend_arguments",
-    "add_batch_arguments",
-    "add_decision_arguments",
-    "add_placement_arguments",
-    "add_verbose_argument",
-    "decision_from",
-    "int_at_least",
-    "verbosity",
-]

@@ -27,8 +27,7 @@ def _readable_extensions() -> frozenset[str]:
 
 
 def _folder_images(folder: str, recursive: bool) -> list[str]:
-    """The files of `folder` (and with `recursive` its subfolders) in formats Pillow reads, sorted; an unreadable
-    subfolder is skipped with a warning."""
+    """The files of `folder` (and with `recursive` its subfolders) Pillow reads, sorted; unreadable subfolders warn."""
 
     def unreadable(error: OSError) -> None:
         if error.filename == folder:
@@ -47,12 +46,9 @@ def _folder_images(folder: str, recursive: bool) -> list[str]:
 
 
 def expand_inputs(arguments: list[str], recursive: bool, stdin: TextIO) -> list[str]:
-    """Absolute paths (symlinks kept: what resume matches records by) of the images that files, folders, glob
-    patterns and '-' (paths on `stdin`) name, each once, in order of first mention.
-
-    A named file is an input whatever its extension, and so are a missing path read from `stdin` and a URL: their
-    records say what is wrong. A missing path in `arguments` is a usage error (a mistyped folder).
-    """
+    """Absolute paths (symlinks kept: resume matches records by them) of the images that files, folders, glob
+    patterns and '-' (paths on `stdin`) name, each once, in order of first mention. A named file, a URL and a missing
+    path from `stdin` are inputs whose records say what is wrong; a missing path in `arguments` is a usage error."""
     from ..images import looks_like_url
 
     paths: dict[str, None] = {}
@@ -71,8 +67,8 @@ def expand_inputs(arguments: list[str], recursive: bool, stdin: TextIO) -> list[
             if os.path.isdir(name):
                 images = _folder_images(name, recursive)
                 if not images:
-                    subfolders = "" if recursive else " (--recursive descends into subfolders)"
-                    logger.warning(f"streetclip locate: the folder {name!r} holds no image file{subfolders}.")
+                    hint = "" if recursive else " (--recursive descends into subfolders)"
+                    logger.warning(f"streetclip locate: the folder {name!r} holds no image file{hint}.")
                 paths.update(dict.fromkeys(map(os.path.abspath, images)))
             elif looks_like_url(name) and not os.path.lexists(name):
                 paths.setdefault(name, None)
@@ -112,7 +108,7 @@ def group_views(paths: list[str], pattern: re.Pattern) -> list[tuple[str, list[s
     unmatched = []
     for path in paths:
         match = pattern.search(path)
-        key = match.group(1) if match else None
+        key = match and match.group(1)
         if key is None:
             unmatched.append(path)
             key = path
@@ -126,8 +122,8 @@ def group_views(paths: list[str], pattern: re.Pattern) -> list[tuple[str, list[s
 
 
 def read_countries(path: Path) -> list[str]:
-    """The countries of a --countries file (see `countries.read_country_list`); only a regular file of at most
-    MAX_COUNTRIES_FILE_BYTES is read, since a device or a pipe could hold any amount of text."""
+    """The countries of a --countries file (`countries.read_country_list`): a regular file of at most
+    MAX_COUNTRIES_FILE_BYTES, since a device or a pipe could hold any amount of text."""
     from ..countries import read_country_list
 
     try:
@@ -145,6 +141,3 @@ def read_countries(path: Path) -> list[str]:
         f"--countries {str(path)!r} holds {status.st_size:,} bytes, where a list of countries, one per line, takes a "
         f"few kB (at most {MAX_COUNTRIES_FILE_BYTES:,} bytes are read); is it the right file?"
     )
-
-
-__all__ = ["expand_inputs", "group_pattern", "group_views", "read_countries"]

@@ -1,6 +1,5 @@
-"""Loading what `streetclip locate`, `streetclip index build` and eval/benchmark.py run: the model and its image
-processor (checked before any image is read), a gallery checked against it, and a fingerprint of a model folder; every
-problem is a `UsageError` that names the option and the cause."""
+"""Loading what `streetclip locate`, `index build` and eval/benchmark.py run: the model and its image processor, a
+gallery checked against them, and a model folder's fingerprint; every problem is a `UsageError` naming the option."""
 
 from __future__ import annotations
 
@@ -25,8 +24,8 @@ FINGERPRINTED_SUFFIXES = (".json", ".safetensors", ".bin")
 
 
 def quantization_config_for(quantize: str | None, device: str, dtype: str, backend: str = "torch") -> Any:
-    """The quantization config `--quantize` names (None without it, and with ONNX Runtime, whose int8 graph is
-    quantized already), if `--device` and `--dtype` allow it and the backend."""
+    """The quantization config `--quantize` names, if `--device` and `--dtype` allow it; None without it, and with ONNX
+    Runtime, whose int8 graph is quantized already."""
     if quantize is None and backend == "torch":
         return None
     option = f"--quantize {quantize}" if backend == "torch" else f"--backend {backend}"
@@ -68,9 +67,8 @@ def load_model(
     from ..modeling_streetclip import StreetCLIPForGeolocation
     from ..processing_streetclip import StreetCLIPProcessor
 
-    # A broken folder fails in many ways: unreadable JSON or weights (OSError, ValueError, SafetensorError), a
-    # malformed candidate table (StrictDataclassError, TypeError, KeyError), heads whose sizes do not match it
-    # (RuntimeError); ImportError: the quantization route is unavailable.
+    # Unreadable files (OSError, ValueError, SafetensorError), a malformed candidate table (StrictDataclassError,
+    # TypeError, KeyError), heads that do not match it (RuntimeError), no quantization route (ImportError).
     bad = (OSError, ValueError, ImportError, TypeError, KeyError, RuntimeError, SafetensorError, StrictDataclassError)
     _check_model_reachable(name)
     try:
@@ -134,7 +132,8 @@ def _check_model_reachable(name: str) -> None:
 def _check_image_processor(image_processor, image_size: int, name: str) -> None:
     """Refuse an image processor config that cannot give the model `image_size` x `image_size` pixels, naming the file
     and the value, before any image is read."""
-    source = _image_processor_file(name)
+    files = [os.path.join(name, file) for file in ("processor_config.json", "preprocessor_config.json")]
+    source = next((repr(file) for file in files if os.path.isfile(file)), f"the image processor config of {name!r}")
     sizes = {"size": image_processor.size or {}}
     if image_processor.do_center_crop:
         sizes["crop_size"] = image_processor.crop_size or {}
@@ -146,9 +145,9 @@ def _check_image_processor(image_processor, image_size: int, name: str) -> None:
                     f"cannot use --model {name!r}: {source} has {field}.{key} = {value!r}; image sizes are positive "
                     "integers of pixels."
                 )
-    final = sizes.get("crop_size") if image_processor.do_center_crop else sizes["size"]
-    if not image_processor.do_resize and not image_processor.do_center_crop:
-        final = {}
+    final = (
+        sizes.get("crop_size", sizes["size"]) if image_processor.do_resize or image_processor.do_center_crop else {}
+    )
     shape = (final.get("height"), final.get("width"))
     if shape != (image_size, image_size):
         given = f"{shape[0]} x {shape[1]} pixels" if None not in shape else "images of varying shape"
@@ -156,13 +155,6 @@ def _check_image_processor(image_processor, image_size: int, name: str) -> None:
             f"cannot use --model {name!r}: {source} gives {given}, but the model takes {image_size} x {image_size} "
             "(set crop_size, with do_center_crop, to that size)."
         )
-
-
-def _image_processor_file(name: str) -> str:
-    for file_name in ("processor_config.json", "preprocessor_config.json"):
-        if os.path.isfile(os.path.join(name, file_name)):
-            return repr(os.path.join(name, file_name))
-    return f"the image processor config of {name!r}"
 
 
 def load_gallery(name: str, model, image_processor, model_name: str) -> GeoGallery:
@@ -218,13 +210,3 @@ def model_fingerprint(folder: str) -> str:
     except OSError as error:
         raise UsageError(f"cannot read --model {folder!r}: {error}") from None
     return digest.hexdigest()[:16]
-
-
-__all__ = [
-    "graph_file_for",
-    "load_gallery",
-    "load_model",
-    "load_on_every_process",
-    "model_fingerprint",
-    "quantization_config_for",
-]

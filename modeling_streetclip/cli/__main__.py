@@ -1,4 +1,4 @@
-"""`python -m modeling_streetclip.cli`, the same as the `streetclip` command (and what `accelerate launch -m` runs)."""
+"""`python -m modeling_streetclip.cli`, the `streetclip` command (what `accelerate launch -m` runs)."""
 
 import sys
 
