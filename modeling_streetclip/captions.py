@@ -107,8 +107,7 @@ class CaptionMix:
         return [template_fields(template) for template in self.templates]
 
     def captions(self, places: Mapping[str, Sequence[str | None]], row_ids: Sequence[int]) -> list[str | None]:
-        """One caption per row from `places` (field name -> column aligned with `row_ids`); empty names count as
-        missing."""
+        """One caption per row from `places` (field name -> column aligned with `row_ids`); empty names are missing."""
         needed = set().union(*self._template_fields)
         if unknown := needed - set(places):
             raise ValueError(

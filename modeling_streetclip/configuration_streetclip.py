@@ -188,8 +188,7 @@ class StreetCLIPConfig(CLIPConfig):
 
     @property
     def custom_pipelines(self) -> dict:
-        """The saved `custom_pipelines` less the tasks registered in this process: `pipeline()` refuses any task a
-        config lists unless `trust_remote_code` is set, even a registered one."""
+        """The saved `custom_pipelines` less this process's tasks, which `pipeline()` refuses without `trust_remote_code`."""
         from transformers.pipelines import PIPELINE_REGISTRY
 
         declared = self.__dict__.get("custom_pipelines") or {}

@@ -269,8 +269,7 @@ class StreetCLIPForGeolocation(CLIPModel):
 
     @torch.no_grad()
     def set_candidates(self, places: CandidatePlaces, prompts: StreetCLIPProcessor | CandidatePrompts) -> None:
-        """Replace the candidate places and build their heads from the text tower in one batched pass; `prompts` is the
-        processor or its `candidate_prompts(places)`."""
+        """Replace the candidate places and build their heads from `prompts`: a processor or its `candidate_prompts`."""
         self._require_text_tower("build prompt heads")
         if not isinstance(prompts, CandidatePrompts):
             prompts = prompts.candidate_prompts(places)
@@ -323,8 +322,7 @@ class StreetCLIPForGeolocation(CLIPModel):
         return rows
 
     def restrict_countries(self, countries: list[str]) -> None:
-        """Keep only the given countries (names or ISO codes) with their places, subsetting the heads; for one call
-        only, pass `country_rows` to `decisions.rank_places` instead."""
+        """Keep only `countries` (names or ISO codes) and their places, subsetting the heads (for one call: `country_rows`)."""
         kept = [self.candidate_places.country_index(name) for name in countries]
         if not kept:
             raise ValueError("restrict_countries needs at least one country.")
@@ -401,8 +399,7 @@ class StreetCLIPForGeolocation(CLIPModel):
         city_logits: torch.Tensor,
         country_rows: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Each city's log-probabilities: `country` (over `country_rows` when given), `region`, `city` and `joint`,
-        their sum; each level a softmax within its parents."""
+        """Each city's log-probabilities `country` (over `country_rows`), `region` and `city` within parents, and `joint`."""
         places = self.candidate_places
         country_logits = country_logits.float()
         if country_rows is not None:

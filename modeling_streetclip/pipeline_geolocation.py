@@ -20,11 +20,10 @@ TASK = "geolocation"
 
 class GeolocationPipeline(Pipeline):
     """Geolocate photos zero-shot with StreetCLIP's hierarchical probing (task `"geolocation"`). Each image gives
-    `top_k` dicts with `label` (`"Paris, France"`), `country`, `country_code`, `city`, `latitude`, `longitude`,
-    `score` (a probability), `country_score`, `joint_probability` and, with regions, `region` and `region_score`
-    (`label` and `score` make them image-classification answers). `within_km` holds the probability that the true
-    place lies within 1, 25, 200, 750 and 2500 km of the answer, `radius_km` the smallest of those holding
-    `config.confidence_level` (None if none does), and `calibrated` whether `config.calibration` mapped them.
+    `top_k` dicts, best first, with the place (`label`, `country`, `country_code`, `city`, `latitude`, `longitude`),
+    its probabilities (`score`, `country_score`, `joint_probability`), the confidence (`within_km`, `radius_km`,
+    `calibrated`; README, "Quickstart") and, with regions, `region` and `region_score`; `label` and `score` make them
+    image-classification answers.
 
     Example:
 
@@ -62,18 +61,11 @@ class GeolocationPipeline(Pipeline):
             top_k (`int`, *optional*, defaults to 1):
                 The number of answers per image (at most the number of candidate cities).
             decision (`str`, *optional*, defaults to `"greedy"`, or `"gallery"` with a gallery):
-                The rule that chooses and orders the answers:
-
-                - `"greedy"` (the paper's): by country, then region, then city; `score` is p(city | parent).
-                - `"joint"`: by the joint probability, which is `score`.
-                - `"expected_distance"`: by `expected_distance_km`, the expected distance to the true place under the
-                  joint posterior (the Bayes decision for the mean error); `score` is the joint probability.
-                - `"within_km"`: by `score`, the posterior mass within `config.decision_radius_km` of the answer (the
-                  Bayes decision for accuracy within it). Both rules choose among the
-                  `config.expected_distance_candidates` most probable cities; later answers follow by joint probability.
-                - `"gallery"` and `"hybrid"`: a kernel vote of the nearest `gallery` photos (`"hybrid"` weighted by
-                  p(country)); `score` is the answer's share of the vote, its place a photo's, named by the nearest
-                  candidate city, and `gallery_row` and `similarity` name the photo.
+                The rule that chooses and orders the answers (README, "Quickstart"): `"greedy"` (the paper's: country,
+                region, then city), `"joint"` (joint probability), `"expected_distance"` (least expected distance
+                to the true place), `"within_km"` (most probability within `config.decision_radius_km`), or
+                `"gallery"` and `"hybrid"` (a kernel vote of the nearest `gallery` photos; `"hybrid"` weighs them by
+                p(country), and `gallery_row` and `similarity` name the photo).
             candidate_countries (`list[str]`, *optional*):
                 Answer only among these countries (names or ISO codes), for this call; not with the gallery rules.
             gallery (`str`, `os.PathLike` or `GeoGallery`, *optional*):

@@ -59,11 +59,9 @@ class StreetCLIPProcessor(ProcessorMixin):
     renders and tokenises a candidate table's prompts. A plain CLIP folder loads with the default templates.
 
     Args:
-        image_processor, tokenizer ([`CLIPImageProcessor`], [`CLIPTokenizer`]):
-            CLIP's, for the vision tower's photos and the text tower's prompts and captions.
+        image_processor, tokenizer ([`CLIPImageProcessor`], [`CLIPTokenizer`]): CLIP's.
         country_prompt_template, region_prompt_template, city_prompt_template, qualify_ambiguous_cities,
-        caption_template:
-            As [`StreetCLIPConfig`] documents them, with its defaults.
+        caption_template: As [`StreetCLIPConfig`] documents them, with its defaults.
     """
 
     def __init__(
