@@ -1,18 +1,6 @@
-"""ONNX graphs of a geolocation model, in the layout transformers.js loads from a Hub repository.
-
-`save_onnx_folder` writes, beside the model's config.json (candidate table and `id2label`) and processor files:
-
-- `onnx/model.onnx`: the vision tower and every head, float32, with a dynamic batch axis. Outputs `image_embeds`
-  (L2-normalised), `country_logits`, `region_logits` (with a region level), `city_logits`, and `logits`: the log
-  joint probability of every candidate city, computed inside the graph, so `softmax(logits)` is the joint ranking.
-- `onnx/model_quantized.onnx`: the same graph with int8 weights in the vision encoder's linear layers and int8
-  activations quantized on the fly (`onnxruntime.quantization.quantize_dynamic`): the layers that PyTorch's int8
-  route (`quantization.Int8DynamicConfig`) quantizes; the heads and the projection stay float32.
-
-The graphs need neither the text tower nor PyTorch to run: onnxruntime in Python, onnxruntime-web in a browser
-(`model_card/web/`), transformers.js. `OnnxRuntimeModel` runs one where the PyTorch model would (`--backend
-onnxruntime`), its answers ranked by the same `decisions.rank_answers`.
-"""
+"""ONNX graphs of a geolocation model, in the layout transformers.js loads from a Hub repository (`save_onnx_folder`),
+and `OnnxRuntimeModel`, which runs one where the PyTorch model would (`--backend onnxruntime`). The graphs need
+neither the text tower nor PyTorch: onnxruntime, onnxruntime-web (`model_card/web/`) and transformers.js run them."""
 
 from __future__ import annotations
 
@@ -46,7 +34,6 @@ QUANTIZED_GRAPH_FILE = "model_quantized.onnx"
 INPUT_NAME = "pixel_values"
 # ONNX Runtime (Python and web) and transformers.js run opset 18 graphs; LayerNormalization needs at least 17.
 OPSET_VERSION = 18
-# What `pip` installs the exporter's packages with; named by every error about them.
 ONNX_EXTRA = 'pip install "streetclip[onnx]"'
 # The packages the export needs: onnxscript is what torch's exporter builds graphs with.
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
@@ -65,7 +52,7 @@ class OnnxGraphs:
 
 def require_onnx(packages: tuple[str, ...] = ONNX_PACKAGES, purpose: str = "The ONNX export") -> None:
     """Raise an `ImportError` naming the extra to install when one of `packages` (by default the export's) is
-    missing."""
+    missing. (Not `requires_backends`: it knows none of them, and names no extra.)"""
     missing = []
     for name in packages:
         try:
@@ -86,8 +73,8 @@ def output_names(model: StreetCLIPForGeolocation) -> tuple[str, ...]:
 
 
 class _GraphModule(nn.Module):
-    """The forward that the graph records: pixels in, the outputs of `output_names` out (the greedy decision and the
-    coordinates are left out; they are a few argmaxes over these outputs and the candidate table)."""
+    """The forward that the graph records: pixels in, the outputs of `output_names` out (decisions and coordinates are
+    left to `decisions.rank_answers`)."""
 
     def __init__(self, model: StreetCLIPForGeolocation):
         super().__init__()
@@ -100,8 +87,9 @@ class _GraphModule(nn.Module):
 
 
 def export_onnx(model: StreetCLIPForGeolocation, onnx_dir: str | Path) -> OnnxGraphs:
-    """Write `model.onnx` and `model_quantized.onnx` of `model` (float32, with its candidate heads) into `onnx_dir`,
-    and check both with `onnx.checker`."""
+    """Write `model.onnx` (the vision tower and every head, float32, any batch) and `model_quantized.onnx` (int8 weights
+    in the vision encoder's linear layers, as `quantization.Int8DynamicConfig` has them) into `onnx_dir`, and check both
+    with `onnx.checker`. The graph's `logits` are the log joint probability of every candidate city."""
     require_onnx()
     import onnx
 
@@ -110,8 +98,7 @@ def export_onnx(model: StreetCLIPForGeolocation, onnx_dir: str | Path) -> OnnxGr
     onnx_dir.mkdir(parents=True, exist_ok=True)
     module = _GraphModule(model).eval()
     size = model.config.vision_config.image_size
-    # Two images, so that the batch axis is not specialised to 1.
-    example = torch.zeros(2, 3, size, size, dtype=torch.float32)
+    example = torch.zeros(2, 3, size, size, dtype=torch.float32)  # two, so that the batch axis is not fixed to 1
     # torch's dynamo exporter, not the TorchScript one (deprecated): half the nodes, no If nodes from Python shape
     # checks, static head sizes, and the module path of every node, which picks the layers to quantize below.
     program = torch.onnx.export(
@@ -144,10 +131,8 @@ def export_onnx(model: StreetCLIPForGeolocation, onnx_dir: str | Path) -> OnnxGr
 def save_onnx_folder(
     model: StreetCLIPForGeolocation, processor: StreetCLIPProcessor, folder: str | Path
 ) -> OnnxGraphs:
-    """Write the folder transformers.js loads: config.json (with the candidate table and `id2label`), the processor
-    files (tokenizer, processor_config.json, and preprocessor_config.json, which transformers.js and the web page
-    read), and the graphs in `onnx/` (see `export_onnx`). The config and processor load with transformers as they
-    are; the weights are only in the graphs."""
+    """Write the folder transformers.js loads: config.json (candidate table, `id2label`), the processor files (with
+    preprocessor_config.json, which transformers.js and the web page read) and the graphs in `onnx/` (`export_onnx`)."""
     folder = Path(folder)
     graphs = export_onnx(model, folder / ONNX_FOLDER)
     model.config.save_pretrained(folder)
@@ -157,17 +142,15 @@ def save_onnx_folder(
 
 
 def graph_outputs(session: onnxruntime.InferenceSession, pixel_values: np.ndarray) -> GeolocationOutput:
-    """Run an exported graph on `pixel_values` (float32, as the image processor prepares them): its outputs as the
-    model's own `GeolocationOutput`, which `decisions.rank_answers` ranks as it ranks the model's."""
+    """Run an exported graph on `pixel_values` (float32): its outputs as the model's `GeolocationOutput`."""
     names = [output.name for output in session.get_outputs()]
     outputs = session.run(names, {INPUT_NAME: pixel_values})
     return GeolocationOutput(**{name: torch.from_numpy(value) for name, value in zip(names, outputs, strict=True)})
 
 
 class OnnxRuntimeModel(StreetCLIPForGeolocation):
-    """The model with its forward run by an exported graph in ONNX Runtime (`--backend onnxruntime`): the batch engine,
-    the pipeline, the gallery check and `decisions.rank_answers` take it for the PyTorch model. Of that model it keeps
-    the candidate table (its vision tower has no layers, its heads are never called): the graph holds the weights."""
+    """The model with its forward run by an exported graph in ONNX Runtime: the batch engine, the pipeline and the
+    gallery take it for the PyTorch model. It keeps that model's candidate table; the graph holds the weights."""
 
     def __init__(self, config: StreetCLIPConfig, graph: str | Path):
         require_onnx(("onnxruntime",), "Running an ONNX graph")
@@ -192,8 +175,7 @@ class OnnxRuntimeModel(StreetCLIPForGeolocation):
 
     @classmethod
     def from_export(cls, name_or_path: str | Path, graph_file: str = GRAPH_FILE) -> OnnxRuntimeModel:
-        """The graph `onnx/{graph_file}` of a folder or Hub repo written by `streetclip export` (or `publish.py
-        --onnx`), with the config beside it."""
+        """The graph `onnx/{graph_file}` of a folder or Hub repo written by `streetclip export`, with its config."""
         from transformers.utils import cached_file
 
         try:
@@ -219,7 +201,6 @@ class OnnxRuntimeModel(StreetCLIPForGeolocation):
         return graph_outputs(self.session, pixel_values.detach().float().cpu().numpy())
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        """The graph's (normalised) image embeddings, which galleries are checked and searched with."""
         return BaseModelOutputWithPooling(pooler_output=self(pixel_values).image_embeds)
 
 
@@ -240,8 +221,7 @@ def _check_exportable(model: StreetCLIPForGeolocation) -> None:
 
 
 def _encoder_linear_nodes(graph: onnx.ModelProto) -> list[str]:
-    """Names of the MatMul nodes of the vision encoder's linear layers (q, k, v, out, fc1, fc2 of every layer),
-    found by the module path that the exporter records on each node."""
+    """The MatMul nodes of the vision encoder's linear layers, by the module path the exporter records on each."""
     initializers = {initializer.name for initializer in graph.graph.initializer}
     names = []
     for node in graph.graph.node:
@@ -255,8 +235,7 @@ def _encoder_linear_nodes(graph: onnx.ModelProto) -> list[str]:
 
 
 def _strip_node_metadata(graph: onnx.ModelProto) -> None:
-    """Drop the exporter's notes on every node (Python stack traces with this machine's paths, module classes):
-    a published graph should not carry them, and they are a third of a small graph's bytes."""
+    """Drop the exporter's notes (stack traces with this machine's paths): a third of a small graph's bytes."""
     for node in graph.graph.node:
         del node.metadata_props[:]
     for value in (*graph.graph.input, *graph.graph.output, *graph.graph.value_info):
@@ -264,13 +243,16 @@ def _strip_node_metadata(graph: onnx.ModelProto) -> None:
 
 
 def _quantize(source: Path, target: Path, nodes: list[str]) -> None:
-    """Int8 weights for `nodes` of the graph at `source`, with activations quantized at run time, written to
-    `target`."""
+    """Int8 weights for `nodes` of the graph at `source`, activations quantized at run time, written to `target`."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if not nodes:
         raise ValueError(f"{source} has no vision encoder layers to quantize; it was not exported by `export_onnx`.")
-    advice = _WithoutPreprocessingAdvice()
+
+    def advice(record: logging.LogRecord) -> bool:
+        """Drop the advice to run `quant_pre_process`: it fails on these graphs, and MatMul weights need no shapes."""
+        return "pre-processing before quantization" not in record.getMessage()
+
     logging.getLogger().addFilter(advice)
     try:
         quantize_dynamic(
@@ -283,27 +265,3 @@ def _quantize(source: Path, target: Path, nodes: list[str]) -> None:
         )
     finally:
         logging.getLogger().removeFilter(advice)
-
-
-class _WithoutPreprocessingAdvice(logging.Filter):
-    """Drop the quantizer's advice to run `quant_pre_process` first: its symbolic shape inference fails on these
-    graphs (at Expand), and quantizing the weights of MatMul nodes needs no shapes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-processing before quantization" not in record.getMessage()
-
-
-__all__ = [
-    "GRAPH_FILE",
-    "INPUT_NAME",
-    "ONNX_EXTRA",
-    "ONNX_FOLDER",
-    "QUANTIZED_GRAPH_FILE",
-    "OnnxGraphs",
-    "OnnxRuntimeModel",
-    "export_onnx",
-    "graph_outputs",
-    "output_names",
-    "require_onnx",
-    "save_onnx_folder",
-]

@@ -1,6 +1,6 @@
 """Data sets by path (`save_to_disk`, image or data-file folders) or Hub id, read alike by training, the benchmark,
-gallery builds and `streetclip locate --dataset`: one split, its columns found by the same names, its images handed
-out still encoded, to be decoded in whichever DataLoader worker uses them."""
+gallery builds and `streetclip locate --dataset`: one split, columns found by the same names, images still encoded
+(decoded in the DataLoader worker that uses them)."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger(__name__)
 
-# Column names recognised without being named, compared case-insensitively, first match wins. IM2GPS and IM2GPS3K
-# metadata use IMG_ID; other benchmarks and collections write the names out.
-ID_COLUMNS = ("img_id", "image_id", "id", "key", "__key__", "file_name", "filename")  # __key__: a WebDataset's
+# Column names recognised without being named, compared case-insensitively, first match wins (IM2GPS: IMG_ID;
+# a WebDataset: __key__).
+ID_COLUMNS = ("img_id", "image_id", "id", "key", "__key__", "file_name", "filename")
 IMAGE_COLUMNS = ("image", "img", "photo", "jpg")
 # The record field of a dataset row whose ids do not come from a column (file names, row numbers).
 DEFAULT_ID_FIELD = "id"
@@ -38,11 +38,8 @@ _DATASETS_EXTRAS = (
 def open_dataset(
     source: str | Path, split: str, streaming: bool = False
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, str | None]:
-    """One split of the data set at `source`, and the split's name (None for a `Dataset` saved without splits).
-
-    A source with a single split is read whatever `split` says (an image folder's only split is `train`); one with
-    several but not `split` is refused. `streaming` gives an `IterableDataset`, also for a `save_to_disk` folder.
-    """
+    """One split of the data set at `source`, and its name (None for a `Dataset` saved without splits). A single split
+    is read whatever `split` says (an image folder's is `train`); `streaming` gives an `IterableDataset`."""
     datasets = import_optional("datasets", "Reading data sets", _DATASETS_EXTRAS)
     source = str(source)
     if names_a_missing_folder(source):
@@ -79,14 +76,10 @@ def find_column(
             raise ValueError(f"The {source} has no {role} column {requested!r}; its columns are {list(columns)}.")
         matches = [requested]
     else:
-        matches = []
-        for name in usual:
-            matches = [column for column in columns if column.lower() == name]
-            if matches:
-                break
+        matches = next(filter(None, ([c for c in columns if c.lower() == name] for name in usual)), [])
+        if not matches and not required:
+            return None
         if not matches:
-            if not required:
-                return None
             raise ValueError(
                 f"The {source} has no {role} column under a usual name ({', '.join(usual)}); its columns are "
                 f"{list(columns)}. Name the {role} column."
@@ -116,8 +109,7 @@ def find_image_column(dataset: datasets.Dataset | datasets.IterableDataset, requ
 
 
 class EncodedImages(Sequence):
-    """A dataset's image column as encoded bytes (or paths), so that decoding and its errors happen in the DataLoader
-    workers rather than when the main process indexes."""
+    """A dataset's image column as encoded bytes (or paths): decoding and its errors happen in the DataLoader workers."""
 
     def __init__(self, dataset: datasets.Dataset, column: str):
         import datasets
@@ -145,11 +137,9 @@ class EncodedImages(Sequence):
 
 
 def encoded_image(value: dict | None) -> ImageInput | None:
-    """What `load_rgb_image` reads for one undecoded `Image` value: its bytes, or its path where it has no bytes;
-    None for a row without an image, which readers record as that row's error."""
-    if value is None:
-        return None
-    return value["bytes"] if value["bytes"] is not None else value["path"]
+    """What `load_rgb_image` reads for one undecoded `Image` value: its bytes, else its path; None for a row without an
+    image (that row's error)."""
+    return None if value is None else value["bytes"] if value["bytes"] is not None else value["path"]
 
 
 def row_ids(
@@ -165,25 +155,21 @@ def row_ids(
 
 def _file_name_ids(paths: list[str | None], folder: Path) -> list[str] | None:
     """Ids from the images' stored paths (relative to `folder`, else file names); None unless every row has its own."""
+    if not all(paths):
+        return None
     root = folder.resolve() if folder.is_dir() else None
     ids = []
-    for path in paths:
-        if not path:
-            return None
-        stored = Path(path)
-        if root is not None and stored.is_absolute() and stored.resolve().is_relative_to(root):
-            ids.append(stored.resolve().relative_to(root).as_posix())
-        else:
-            ids.append(stored.name)
+    for stored in map(Path, paths):
+        inside = root is not None and stored.is_absolute() and stored.resolve().is_relative_to(root)
+        ids.append(stored.resolve().relative_to(root).as_posix() if inside else stored.name)
     return ids if len(set(ids)) == len(ids) else None
 
 
 def open_csv_with_images(
     csv_path: str | Path, image_dir: str | Path, image_column: str | None = None
 ) -> datasets.Dataset:
-    """A CSV file whose rows name image files in `image_dir` (IM2GPS: `IMG_ID,LAT,LON`), as a dataset of its columns
-    whose image column (`image_column`, else the first of ID_COLUMNS, IMAGE_COLUMNS and `path`) holds those files,
-    undecoded: a missing one is that row's error."""
+    """A CSV file whose rows name image files in `image_dir` (IM2GPS: `IMG_ID,LAT,LON`) as a dataset whose image column
+    (`image_column`, else the first of ID_COLUMNS, IMAGE_COLUMNS and `path`) holds them undecoded."""
     datasets = import_optional("datasets", "Reading data sets", _DATASETS_EXTRAS)
     csv_path, image_dir = Path(csv_path), Path(image_dir)
     if not csv_path.is_file():
@@ -259,18 +245,3 @@ class DatasetSource:
                 f"{self.name} has the id {key!r} on rows {first_rows[key]} and {row}; records are resumed by id, so "
                 "each must be unique. Name a unique column with --id_column."
             )
-
-
-__all__ = [
-    "DEFAULT_ID_FIELD",
-    "ID_COLUMNS",
-    "IMAGE_COLUMNS",
-    "DatasetSource",
-    "EncodedImages",
-    "encoded_image",
-    "find_column",
-    "find_image_column",
-    "open_csv_with_images",
-    "open_dataset",
-    "row_ids",
-]

@@ -1,7 +1,5 @@
-"""`streetclip calibrate --model M --data DATA --output DIR`: a copy of the model whose `within_km` is calibrated.
-
-This module parses arguments and prints; the fit and its measurement live in `modeling_streetclip.app.calibration`.
-"""
+"""`streetclip calibrate --model M --data DATA --output DIR`: a copy of the model whose `within_km` is calibrated (the
+fit and its measurement are `app.calibration`)."""
 
 from __future__ import annotations
 
@@ -53,7 +51,6 @@ def calibrate_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--holdout must be a share strictly between 0 and 1, got {args.holdout}.")
     if args.output.exists() and not args.output.is_dir():
         raise UsageError(f"--output {str(args.output)!r} is a file; name a folder for the calibrated model.")
-
     from ..app.benchmark_data import load_benchmark
     from ..app.calibration import calibrate
     from ..modeling_streetclip import StreetCLIPForGeolocation
@@ -86,6 +83,3 @@ def calibrate_command(args: argparse.Namespace) -> int:
         print(radius + "".join(f"\t{value[radius]:.4f}" for value in values))
     print(f"calibrated model and {REPORT_FILE} in {args.output}")
     return EXIT_OK
-
-
-__all__ = ["add_parser", "calibrate_command"]

@@ -1,8 +1,5 @@
-"""`streetclip export MODEL --output DIR`: the model as ONNX graphs in transformers.js's layout.
-
-This module parses arguments and maps outcomes to exit codes; the export itself lives in `modeling_streetclip.app.export`.
-Like every subcommand, it imports torch and the ONNX packages only once it runs.
-"""
+"""`streetclip export MODEL --output DIR`: the model as ONNX graphs in transformers.js's layout (the export itself is
+`app.export`); torch and the ONNX packages are imported only once it runs."""
 
 from __future__ import annotations
 
@@ -43,7 +40,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def export_command(args: argparse.Namespace) -> int:
     """Run `streetclip export`."""
-    from ..app.export import GRAPH_FILE, ONNX_FOLDER, QUANTIZED_GRAPH_FILE, require_onnx
+    import torch
+
+    from ..app.export import GRAPH_FILE, ONNX_FOLDER, QUANTIZED_GRAPH_FILE, require_onnx, save_onnx_folder
+    from ..app.loading import load_model
+    from ..processing_streetclip import StreetCLIPProcessor
 
     try:
         require_onnx()
@@ -51,20 +52,13 @@ def export_command(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     if args.output.exists() and not args.output.is_dir():
         raise UsageError(f"--output {str(args.output)!r} is a file; name a folder (new, or one to add the graphs to).")
-    existing = [args.output / ONNX_FOLDER / name for name in (GRAPH_FILE, QUANTIZED_GRAPH_FILE)]
-    existing = [path for path in existing if path.exists()]
+    graphs = [args.output / ONNX_FOLDER / name for name in (GRAPH_FILE, QUANTIZED_GRAPH_FILE)]
+    existing = [path for path in graphs if path.exists()]
     if existing and not args.overwrite:
         raise UsageError(
             f"--output {str(args.output)!r} already holds {', '.join(str(path) for path in existing)}; pass "
             "--overwrite to replace them, or name another folder."
         )
-
-    import torch
-
-    from ..app.export import save_onnx_folder
-    from ..app.loading import load_model
-    from ..processing_streetclip import StreetCLIPProcessor
-
     model, _ = load_model(args.model, "cpu", torch.float32, countries=None)
     processor = StreetCLIPProcessor.from_pretrained(args.model)
     try:
@@ -74,6 +68,3 @@ def export_command(args: argparse.Namespace) -> int:
     for path in (graphs.model, graphs.quantized):
         print(f"{path}\t{path.stat().st_size / 2**20:.1f} MiB")
     return EXIT_OK
-
-
-__all__ = ["add_parser", "export_command"]
