@@ -1,11 +1,6 @@
 """Benchmark rows for the runner: an id, the true coordinates and the image of each input, from a metadata CSV
-(IM2GPS style) or a `datasets` dataset.
-
-Benchmark files are messy (the widely copied ISNs IM2GPS metadata have LAT and LON swapped): a row whose coordinates
-cannot be scored carries the reason instead of stopping the run, while a file that cannot be read as one benchmark is
-refused as a whole, naming the line at fault, before any model runs. A dataset's images stay encoded until a
-DataLoader worker decodes them.
-"""
+(IM2GPS style) or a `datasets` dataset. A row whose coordinates cannot be scored carries the reason; a file that cannot
+be read as one benchmark is refused, naming the line at fault, before any model runs."""
 
 import codecs
 import csv
@@ -20,20 +15,12 @@ from transformers.utils import logging
 
 from ..geodesy import CoordinateProblem, coordinate_problem
 from ..images import ImageInput
-from .sources import (
-    ID_COLUMNS,
-    EncodedImages,
-    find_column,
-    find_image_column,
-    open_dataset,
-    row_ids,
-)
+from .sources import ID_COLUMNS, EncodedImages, find_column, find_image_column, open_dataset, row_ids
 
 
 logger = logging.get_logger(__name__)
 
-# Column names recognised without being named, compared case-insensitively, first match wins (ids and images by
-# those of `app.sources`): IM2GPS metadata use IMG_ID, LAT, LON.
+# Column names recognised without being named, compared case-insensitively, first match wins (IM2GPS: IMG_ID,LAT,LON).
 CSV_ID_COLUMNS = (*ID_COLUMNS, "image", "path")
 LATITUDE_COLUMNS = ("lat", "latitude")
 LONGITUDE_COLUMNS = ("lon", "lng", "long", "longitude")
@@ -61,15 +48,14 @@ class Benchmark:
     split: str | None = None
 
     def scorable(self) -> tuple[list[int], Subset]:
-        """Positions of the rows whose coordinates can be scored, and their images (read only when indexed): the
-        inputs worth a model run."""
+        """Positions of the rows whose coordinates can be scored, and their images: the inputs worth a model run."""
         positions = [position for position, row in enumerate(self.rows) if row.error is None]
         return positions, Subset(self.images, positions)
 
 
 @dataclass(frozen=True)
 class ColumnNames:
-    """The columns to read; a column left as None is found by its usual names, compared case-insensitively."""
+    """The columns to read; one left as None is found by its usual names."""
 
     id: str | None = None
     image: str | None = None
@@ -86,8 +72,8 @@ def load_benchmark(
     encoding: str = DEFAULT_CSV_ENCODING,
     allow_outside_image_dir: bool = False,
 ) -> Benchmark:
-    """Read the first `limit` rows (all when None) of a metadata CSV, whose images lie in `image_dir`, or of a
-    `datasets` dataset (a Hub id or a local folder; `split` chooses among its splits)."""
+    """The first `limit` rows (all when None) of a metadata CSV whose images lie in `image_dir`, or of the `split` of a
+    `datasets` dataset (a Hub id or a local folder)."""
     if Path(data).suffix.lower() == ".csv":
         if image_dir is None:
             raise ValueError(f"The metadata CSV {data!r} names image files; give the folder that holds them.")
@@ -113,8 +99,8 @@ def load_metadata_csv(
     encoding: str = DEFAULT_CSV_ENCODING,
     allow_outside_image_dir: bool = False,
 ) -> Benchmark:
-    """Rows of an IM2GPS-style metadata CSV (`IMG_ID,LAT,LON`): the id is the image's file name in `image_dir`, which
-    ids may leave (absolute paths, `..`) only with `allow_outside_image_dir`."""
+    """Rows of an IM2GPS-style metadata CSV: the id is the image's file name in `image_dir`, which ids may leave
+    (absolute paths, `..`) only with `allow_outside_image_dir`."""
     csv_path, image_dir = Path(csv_path), Path(image_dir)
     if not csv_path.is_file():
         raise FileNotFoundError(f"Metadata CSV not found: {str(csv_path)!r}.")
@@ -126,15 +112,13 @@ def load_metadata_csv(
     latitude_column = find_column(header, columns.latitude, LATITUDE_COLUMNS, "latitude", source)
     longitude_column = find_column(header, columns.longitude, LONGITUDE_COLUMNS, "longitude", source)
     positions = [header.index(column) for column in (id_column, latitude_column, longitude_column)]
-    rows, lines = [], []
-    for line, fields in records:
+    rows = []
+    for _, fields in records:
         row_id, latitude, longitude = (fields[index] if index < len(fields) else None for index in positions)
         row_id = (row_id or "").strip()
-        if row_id:
-            rows.append(checked_row(row_id, latitude, longitude, latitude_column, longitude_column))
-        else:
-            rows.append(BenchmarkRow(row_id, None, None, f"the image id (column {id_column!r}) is missing"))
-        lines.append(f"line {line}")
+        missing = BenchmarkRow(row_id, None, None, f"the image id (column {id_column!r}) is missing")
+        rows.append(checked_row(row_id, latitude, longitude, latitude_column, longitude_column) if row_id else missing)
+    lines = [f"line {line}" for line, _ in records]
     refuse_repeated_ids(rows, lines, source)
     if not allow_outside_image_dir:
         refuse_ids_outside_image_dir(rows, lines, source, image_dir)
@@ -145,11 +129,8 @@ def load_metadata_csv(
 def read_csv_records(
     csv_path: Path, encoding: str = DEFAULT_CSV_ENCODING, limit: int | None = None
 ) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """The header of a CSV and its first `limit` records (all when None), each with the line it starts on.
-
-    Refused, naming the line: text not in `encoding`, and a quote that runs over a line break or to the end of the
-    file (metadata fields hold no line breaks; an open quote would swallow the rows after it without a word).
-    """
+    """The header of a CSV and its first `limit` records (all when None), each with the line it starts on. Text not in
+    `encoding` and a quote run over a line break (an open quote would swallow the rows after it) are refused."""
     source = f"metadata CSV {str(csv_path)!r}"
     raw = csv_path.read_bytes()
     try:
@@ -196,17 +177,14 @@ def read_csv_records(
 def load_benchmark_dataset(
     data: str, split: str = "test", columns: ColumnNames = ColumnNames(), limit: int | None = None
 ) -> Benchmark:
-    """Rows of a `datasets` dataset with an `Image` column and latitude and longitude columns; ids from an id
-    column, else the images' file names when every image has its own, else row numbers."""
+    """Rows of a `datasets` dataset with an `Image` column and latitude and longitude columns (ids: see `row_ids`)."""
     dataset, split = open_dataset(data, split)
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     source = f"dataset {data!r}" + (f" (split {split!r})" if split else "")
-    available = dataset.column_names
-    image_column = find_image_column(dataset, columns.image, source)
-    latitude_column = find_column(available, columns.latitude, LATITUDE_COLUMNS, "latitude", source)
-    longitude_column = find_column(available, columns.longitude, LONGITUDE_COLUMNS, "longitude", source)
-    images = EncodedImages(dataset, image_column)
+    images = EncodedImages(dataset, find_image_column(dataset, columns.image, source))
+    latitude_column = find_column(dataset.column_names, columns.latitude, LATITUDE_COLUMNS, "latitude", source)
+    longitude_column = find_column(dataset.column_names, columns.longitude, LONGITUDE_COLUMNS, "longitude", source)
     ids, _ = row_ids(dataset, images, columns.id, data, source)
     rows = [
         checked_row(row_id, latitude, longitude, latitude_column, longitude_column)
@@ -221,9 +199,8 @@ def load_benchmark_dataset(
 def checked_row(
     row_id: str, latitude: object, longitude: object, latitude_column: str, longitude_column: str
 ) -> BenchmarkRow:
-    """A row with its coordinates as floats, or with an error naming the value that is missing, not a number or not
-    finite, or the coordinates' problem (`coordinate_problem`: out of range, or latitude and longitude look
-    swapped)."""
+    """A row with its coordinates as floats, or with an error naming the value that is missing, not a finite number,
+    or out of range (`coordinate_problem`)."""
     values = {}
     for role, column, value in (("latitude", latitude_column, latitude), ("longitude", longitude_column, longitude)):
         text = str(value).strip() if value is not None else ""
@@ -237,28 +214,21 @@ def checked_row(
             return BenchmarkRow(row_id, None, None, f"{role} (column {column!r}) {text!r} is not a finite number")
     lat, lon = values["latitude"], values["longitude"]
     problem = coordinate_problem(lat, lon)
-    error = None
-    if problem is not None:
-        error = problem.describe(
-            lat, lon, f"latitude (column {latitude_column!r})", f"longitude (column {longitude_column!r})"
-        )
-    return BenchmarkRow(row_id, lat, lon, error)
+    names = f"latitude (column {latitude_column!r})", f"longitude (column {longitude_column!r})"
+    return BenchmarkRow(row_id, lat, lon, None if problem is None else problem.describe(lat, lon, *names))
 
 
 def refuse_repeated_ids(rows: Sequence[BenchmarkRow], places: Sequence[str], source: str) -> None:
-    """Refuse a benchmark that lists an image id twice (it would count twice in the metric, and predictions.csv
-    rows could no longer be told apart); `places[i]` says where `rows[i]` is ("line 3", "row 2")."""
-    seen: dict[str, str] = {}
-    repeated = []
-    for row, place in zip(rows, places, strict=True):
-        if row.id and row.id in seen:
-            repeated.append((row.id, seen[row.id], place))
-        seen.setdefault(row.id, place)
+    """Refuse an image id listed twice (it would count twice, and predictions.csv rows could not be told apart);
+    `places[i]` says where `rows[i]` is ("line 3", "row 2")."""
+    first: dict[str, str] = {}
+    pairs = zip(rows, places, strict=True)
+    repeated = [(row.id, place) for row, place in pairs if row.id and first.setdefault(row.id, place) != place]
     if repeated:
-        row_id, first, again = repeated[0]
+        row_id, again = repeated[0]
         more = f" ({len(repeated) - 1} more rows repeat an earlier id)" if len(repeated) > 1 else ""
         raise ValueError(
-            f"The {source} lists the image id {row_id!r} twice, on {first} and on {again}{more}. Each image is scored "
+            f"The {source} lists the image id {row_id!r} twice, on {first[row_id]} and on {again}{more}. Each image is scored "
             "once: remove the repeated rows."
         )
 
@@ -284,8 +254,7 @@ def refuse_ids_outside_image_dir(
 def warn_if_columns_look_swapped(
     rows: Sequence[BenchmarkRow], source: str, latitude_column: str, longitude_column: str
 ) -> None:
-    """Say once per file when rows look swapped: a swapped file also has rows whose swap stays in range, which would
-    be scored at the wrong place without a word."""
+    """Warn once per file when rows look swapped: its rows whose swap stays in range would be scored wrongly."""
     swapped = sum(
         row.latitude is not None and coordinate_problem(row.latitude, row.longitude) is CoordinateProblem.LOOK_SWAPPED
         for row in rows
