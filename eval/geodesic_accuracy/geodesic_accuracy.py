@@ -42,21 +42,16 @@ Examples:
 
     >>> import evaluate
     >>> geodesic_accuracy = evaluate.load("eval/geodesic_accuracy")
-    >>> results = geodesic_accuracy.compute(
-    ...     predictions=[[48.8566, 2.3522], [40.7580, -73.9855]],
-    ...     references=[[51.5074, -0.1278], [40.7336, -74.0027]],
-    ... )
+    >>> predictions = [[48.8566, 2.3522], [40.7580, -73.9855]]
+    >>> references = [[51.5074, -0.1278], [40.7336, -74.0027]]
+    >>> results = geodesic_accuracy.compute(predictions=predictions, references=references)
     >>> print({key: round(value, 2) for key, value in results.items()})
     {'acc_1km': 0.0, 'acc_25km': 0.5, 'acc_200km': 0.5, 'acc_750km': 1.0, 'acc_2500km': 1.0, 'median_km': 173.32, 'mean_km': 173.32, 'geoscore': 4480.87, 'n': 2}
 
     PIGEON's protocol, with other thresholds:
 
     >>> results = geodesic_accuracy.compute(
-    ...     predictions=[[48.8566, 2.3522], [40.7580, -73.9855]],
-    ...     references=[[51.5074, -0.1278], [40.7336, -74.0027]],
-    ...     thresholds_km=[5, 500],
-    ...     radius_km=6378.137,
-    ...     inclusive=False,
+    ...     predictions=predictions, references=references, thresholds_km=[5, 500], radius_km=6378.137, inclusive=False
     ... )
     >>> print({key: round(value, 2) for key, value in results.items()})
     {'acc_5km': 0.5, 'acc_500km': 1.0, 'median_km': 173.51, 'mean_km': 173.51, 'geoscore': 4480.36, 'n': 2}
@@ -103,19 +98,11 @@ _PAIR_HINT = "expected a [lat, lon] pair in degrees, e.g. [48.8566, 2.3522]"
 def haversine_km(
     lat1: ArrayLike, lon1: ArrayLike, lat2: ArrayLike, lon2: ArrayLike, radius_km: float = EARTH_RADIUS_KM
 ) -> np.ndarray:
-    """Great-circle distance in km between points given in degrees, vectorised over numpy arrays.
-
-    The arcsine form, `a` clipped to [0, 1], stays accurate for nearly identical and nearly antipodal points.
-    """
+    """Great-circle distance in km between points in degrees, vectorised over numpy arrays; the arcsine form, `a`
+    clipped to [0, 1], stays accurate for nearly identical and nearly antipodal points."""
     phi1, lam1, phi2, lam2 = (np.radians(np.asarray(x, dtype=np.float64)) for x in (lat1, lon1, lat2, lon2))
     a = np.sin((phi2 - phi1) / 2) ** 2 + np.cos(phi1) * np.cos(phi2) * np.sin((lam2 - lam1) / 2) ** 2
     return 2 * radius_km * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
-
-
-def _threshold_key(threshold_km: float) -> str:
-    """1 and 1.0 both give `acc_1km`; 0.5 gives `acc_0.5km`."""
-    value = float(threshold_km)
-    return f"acc_{int(value) if value.is_integer() else value!r}km"
 
 
 def _checked_options(
@@ -276,7 +263,10 @@ class GeodesicAccuracy(evaluate.Metric):
             raise ValueError("predictions and references are empty; expected at least one [lat, lon] pair each")
         distances = haversine_km(predicted[:, 0], predicted[:, 1], true[:, 0], true[:, 1], radius_km=radius_km)
         is_hit = np.less_equal if inclusive else np.less
-        results = {_threshold_key(t): float(np.mean(is_hit(distances, t))) for t in thresholds}
+        # 1 and 1.0 both give `acc_1km`; 0.5 gives `acc_0.5km`.
+        results = {
+            f"acc_{int(t) if t.is_integer() else t!r}km": float(np.mean(is_hit(distances, t))) for t in thresholds
+        }
         results["median_km"] = float(np.median(distances))
         results["mean_km"] = float(np.mean(distances))
         results["geoscore"] = float(np.mean(GEOSCORE_MAX * np.exp(-distances / GEOSCORE_SCALE_KM)))
