@@ -188,7 +188,7 @@ class StreetCLIPConfig(CLIPConfig):
 
     @property
     def custom_pipelines(self) -> dict:
-        """The saved `custom_pipelines` less this process's tasks, which `pipeline()` refuses without `trust_remote_code`."""
+        """The saved `custom_pipelines` less this process's tasks, which `pipeline()` refuses without remote code."""
         from transformers.pipelines import PIPELINE_REGISTRY
 
         declared = self.__dict__.get("custom_pipelines") or {}

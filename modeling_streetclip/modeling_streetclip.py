@@ -233,7 +233,8 @@ class StreetCLIPForGeolocation(CLIPModel):
                 f"{source!r}: the candidate table in its config.json (`candidate_places`) is not the one its "
                 "prompt heads were built for (their checksums differ, or it has none), so answers would name the "
                 "wrong places. The folder was edited or assembled from two saves: save it again from the model that "
-                "built the heads, or rebuild them with `from_pretrained(..., candidates=CandidatePlaces.from_dict(...))`."
+                "built the heads, or rebuild them with "
+                "`from_pretrained(..., candidates=CandidatePlaces.from_dict(...))`."
             )
         return False
 
@@ -269,7 +270,7 @@ class StreetCLIPForGeolocation(CLIPModel):
 
     @torch.no_grad()
     def set_candidates(self, places: CandidatePlaces, prompts: StreetCLIPProcessor | CandidatePrompts) -> None:
-        """Replace the candidate places and build their heads from `prompts`: a processor or its `candidate_prompts`."""
+        """Replace the candidate places, building heads from `prompts` (a processor or its `candidate_prompts`)."""
         self._require_text_tower("build prompt heads")
         if not isinstance(prompts, CandidatePrompts):
             prompts = prompts.candidate_prompts(places)
@@ -296,7 +297,8 @@ class StreetCLIPForGeolocation(CLIPModel):
 
     def _encode_prompt_groups(self, groups: list[tuple[dict[str, torch.Tensor], int]]) -> list[torch.Tensor]:
         """Head rows of each group `(tokens, num_templates)`: normalised embeddings times the logit scale, an
-        ensemble's averaged. Prompts are sorted by length, each call cut to its longest (the tower pools at the end)."""
+        ensemble's averaged. Prompts are sorted by length, each call cut to its longest (the tower pools at the end).
+        """
         width = max(tokens["input_ids"].shape[1] for tokens, _ in groups)
         input_ids, attention_mask = (
             torch.cat([F.pad(tokens[key], (0, width - tokens[key].shape[1]), value=value) for tokens, _ in groups])
@@ -322,7 +324,7 @@ class StreetCLIPForGeolocation(CLIPModel):
         return rows
 
     def restrict_countries(self, countries: list[str]) -> None:
-        """Keep only `countries` (names or ISO codes) and their places, subsetting the heads (for one call: `country_rows`)."""
+        """Keep only `countries` (names or ISO codes) subsetting the heads (per call: `country_rows`)."""
         kept = [self.candidate_places.country_index(name) for name in countries]
         if not kept:
             raise ValueError("restrict_countries needs at least one country.")
@@ -399,7 +401,8 @@ class StreetCLIPForGeolocation(CLIPModel):
         city_logits: torch.Tensor,
         country_rows: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Each city's log-probabilities `country` (over `country_rows`), `region` and `city` within parents, and `joint`."""
+        """Each city's log-probabilities: `country` (over `country_rows`), `region` and `city` (each within its
+        parent), and their sum `joint`."""
         places = self.candidate_places
         country_logits = country_logits.float()
         if country_rows is not None:
