@@ -1,6 +1,5 @@
-"""Calibration of `within_km`: a temperature per level and a monotone map per radius, fitted on labelled photos
-(`streetclip calibrate`), and the calibration error (ECE over equal-mass bins, Brier score) it and the benchmark report.
-"""
+"""Calibration of `within_km` (`streetclip calibrate`): a temperature per level and a monotone map per radius, fitted
+on labelled photos, and the calibration error (ECE over equal-mass bins, Brier score) it and the benchmark report."""
 
 from __future__ import annotations
 
@@ -33,8 +32,8 @@ CONFIDENCE_DECIMALS = 4
 
 
 def equal_mass_bins(confidences: np.ndarray, num_bins: int = NUM_BINS) -> list[np.ndarray]:
-    """Indices of `confidences` in up to `num_bins` bins of about equal size, split at their quantiles. Confidences
-    equal to `CONFIDENCE_DECIMALS` share a bin: splitting ties would order them by something other than confidence."""
+    """Indices of `confidences` in up to `num_bins` bins of about equal size, split at their quantiles; ties (to
+    `CONFIDENCE_DECIMALS`) share a bin, since splitting them would order them by something else."""
     confidences = np.round(np.asarray(confidences, dtype=np.float64), CONFIDENCE_DECIMALS)
     edges = np.unique(np.quantile(confidences, np.linspace(0, 1, num_bins + 1)[1:-1])) if len(confidences) else []
     which = np.searchsorted(edges, confidences, side="left")
@@ -42,8 +41,7 @@ def equal_mass_bins(confidences: np.ndarray, num_bins: int = NUM_BINS) -> list[n
 
 
 def calibration_errors(confidences: np.ndarray, hits: np.ndarray, num_bins: int = NUM_BINS) -> dict[str, float]:
-    """ECE over `equal_mass_bins` (the gap between mean confidence and accuracy, each bin weighed by its share) and
-    the Brier score (mean squared error of the confidence)."""
+    """ECE over `equal_mass_bins` (mean |confidence - accuracy|, each bin weighed by its share) and the Brier score."""
     confidences, hits = np.asarray(confidences, dtype=np.float64), np.asarray(hits, dtype=np.float64)
     bins = equal_mass_bins(confidences, num_bins)
     ece = sum(len(part) * abs(confidences[part].mean() - hits[part].mean()) for part in bins) / len(confidences)
@@ -68,8 +66,8 @@ def answer_hits(answers: Sequence[dict[str, Any]], truths: np.ndarray) -> tuple[
 
 
 def fit_temperatures(model: StreetCLIPForGeolocation, outputs: GeolocationOutput, truths: np.ndarray) -> dict:
-    """Each level's temperature minimising the negative log-likelihood of the candidate city nearest each truth; as the
-    joint is a sum of the levels' log-probabilities, this fits them all at once (L-BFGS over their logarithms)."""
+    """Each level's temperature minimising the negative log-likelihood of the candidate city nearest each truth, all at
+    once (the joint sums the levels' log-probabilities), by L-BFGS over their logarithms."""
     device = outputs.country_logits.device
     targets = torch.as_tensor(nearest_city_rows(model.candidate_places, truths[:, 0], truths[:, 1]), device=device)
     logits = {level: getattr(outputs, f"{level}_logits").detach().float() for level in model.config.levels}
@@ -97,8 +95,8 @@ def calibrate(
     batch_size: int = 32,
 ) -> dict[str, Any]:
     """Fit the temperatures, then a monotone map per radius, on all but a `holdout` share of `benchmark`'s photos and
-    set them on `model.config`; the report: the temperatures, the photo counts and the held-out ECE and Brier per
-    radius before, with the temperatures only, and after."""
+    set them on `model.config`; return them with the held-out ECE and Brier per radius before, with the temperatures
+    only, and after."""
     bad = [row for row in benchmark.rows if row.error is not None]
     if bad:
         named = "; ".join(f"{row.id!r}: {row.error}" for row in bad[:5])
@@ -122,7 +120,8 @@ def calibrate(
         outputs = model.locate_embeddings(embeds)
     positions = list(range(len(truths)))
     random.Random(seed).shuffle(positions)
-    held_out, fitting = positions[: round(holdout * len(positions))], positions[round(holdout * len(positions)) :]
+    cut = round(holdout * len(positions))
+    held_out, fitting = positions[:cut], positions[cut:]
     if not held_out or not fitting:
         raise UsageError(f"--holdout {holdout} leaves no photos to {'measure' if not held_out else 'fit'} on.")
 
@@ -133,8 +132,7 @@ def calibrate(
     temperatures = fit_temperatures(model, _select(outputs, fitting), truths[fitting])
     model.config.calibration = {"temperatures": temperatures}
     with_temperatures = radius_errors(*hits(held_out))
-    # What the temperatures leave (a candidate city is a point, so its mass is not the chance of a photo within 1 km
-    # of it), a monotone map per radius takes up, fitted on the same photos.
+    # A monotone map per radius takes up what temperatures cannot (a city's mass is not the chance of a photo within 1 km).
     within, hit = hits(fitting)
     maps = {str(r): isotonic_map(within[:, i], hit[:, i]) for i, r in enumerate(CONFIDENCE_RADII_KM)}
     model.config.calibration = {"temperatures": temperatures, "within_km": maps}
@@ -151,9 +149,9 @@ def calibrate(
 
 
 def isotonic_map(confidences: np.ndarray, hits: np.ndarray) -> dict[str, list[float]]:
-    """The non-decreasing map from confidence to the share of hits closest to them in squared error (isotonic
-    regression by pooling adjacent violators), as knots `{"x": [...], "y": [...]}` that `within_km` interpolates:
-    a few lines that spare a dependency on scikit-learn, whose `IsotonicRegression` fits the same map."""
+    """The non-decreasing map from confidence to share of hits closest in squared error (isotonic regression by pooling
+    adjacent violators; scikit-learn's `IsotonicRegression` fits the same, but is not a dependency), as knots
+    `{"x": [...], "y": [...]}` that `within_km` interpolates."""
     values, inverse = np.unique(np.round(confidences, CONFIDENCE_DECIMALS), return_inverse=True)
     sums, counts = np.bincount(inverse, weights=hits.astype(np.float64)), np.bincount(inverse).astype(np.float64)
     blocks: list[list[float]] = []  # [sum of hits, photos, first value, last value], means non-decreasing
@@ -171,18 +169,4 @@ def isotonic_map(confidences: np.ndarray, hits: np.ndarray) -> dict[str, list[fl
 
 
 def _select(outputs: GeolocationOutput, rows: list[int]) -> GeolocationOutput:
-    """The outputs of the images `rows` only."""
     return type(outputs)(**{name: value[rows] for name, value in outputs.items() if value is not None})
-
-
-__all__ = [
-    "MIN_PHOTOS",
-    "NUM_BINS",
-    "answer_hits",
-    "calibrate",
-    "calibration_errors",
-    "equal_mass_bins",
-    "isotonic_map",
-    "fit_temperatures",
-    "radius_errors",
-]

@@ -1,6 +1,5 @@
 """`streetclip locate`: its arguments, and the run. The main process plans it and writes every record; the batches
-are shared by every process a launcher started (`app.distributed`). Inputs are expanded in `app.inputs`, datasets
-read in `app.sources`, images batched in `app.batch`, result files kept in `app.records`."""
+are shared by every process a launcher started (`app.distributed`)."""
 
 from __future__ import annotations
 
@@ -10,6 +9,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,13 +44,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "locate",
         help="geolocate image files, folders, glob patterns or a dataset; one record per input, resumable",
         description=(
-            "Geolocate photos: the best country among the candidates, then the best city of that country (StreetCLIP's "
-            "hierarchical zero-shot probing), in batches. One record per input streams to --output: its path (or "
-            "dataset id) and its top_k answers, ordered by --decision, or an `error` with the reason. On many "
-            "processes, GPUs or machines: `accelerate launch -q -m modeling_streetclip.cli locate ...` or `torchrun "
-            "--nproc_per_node N -m modeling_streetclip.cli locate ...`; the main process writes every record. (Without "
-            "-q, a non-zero exit ends in Accelerate's traceback; pass --num_processes, --num_machines, "
-            "--mixed_precision and --dynamo_backend, or run `accelerate config default`, to silence its defaults note.)"
+            "Geolocate photos: the best country among the candidates, then its best city (StreetCLIP's hierarchical "
+            "zero-shot probing), in batches. One record per input streams to --output: its path (or dataset id) and "
+            "its top_k answers, ordered by --decision, or an `error`. On many processes, GPUs or machines: `accelerate "
+            "launch -q -m modeling_streetclip.cli locate ...` or `torchrun --nproc_per_node N -m "
+            "modeling_streetclip.cli locate ...` (without -q, a non-zero exit ends in Accelerate's traceback; "
+            "--num_processes, --num_machines, --mixed_precision and --dynamo_backend silence its defaults note)."
         ),
         epilog=(
             'Output: JSON Lines ({"path": ..., "answers": [{...}, ...]} or {"path": ..., "error": ...}); CSV, a row per '
@@ -120,10 +119,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def answer_options(args: argparse.Namespace, countries: list[str] | None) -> dict[str, Any]:
-    """The options that shape the answers, recorded beside an --output file (see `records.open_records`), so that a
-    rerun with others stops instead of mixing answers. None stands for an option not given, and is not recorded, so
-    that files written before an option existed stay resumable. A local model folder is recorded by its absolute path
-    and by the fingerprint of its files, so that other weights in the same folder are noticed."""
+    """The options that shape the answers, recorded beside an --output file so that a rerun with others stops instead
+    of mixing answers (None: not recorded, as in files written before the option). A local model folder adds the
+    fingerprint of its files, so that other weights in the same folder are noticed."""
     local_model = os.path.isdir(args.model)
     return {
         "model": os.path.abspath(args.model) if local_model else args.model,
@@ -148,31 +146,25 @@ def _record(
     model_and_processor: tuple,
 ) -> dict[str, Any]:
     """The output record of one input, or with --group_by of one place from all its views."""
-    if args.group_by is None:
-        (view,) = views
-        return (
-            {key_field: key, "answers": view.answers} if view.error is None else {key_field: key, "error": view.error}
-        )
+    record = {key_field: key} if args.group_by is None else {"group": key, "paths": members}
     errors = [view.error for view in views if view.error is not None]
     if errors:
-        return {"group": key, "paths": members, "error": "; ".join(errors)}
+        return record | {"error": "; ".join(errors)}
+    if args.group_by is None:
+        return record | {"answers": views[0].answers}
     import torch
 
     from ..app.batch import pooled_answers
 
     model, _, gallery = model_and_processor
     embeds = torch.stack([view.image_embeds for view in views])
-    return {
-        "group": key,
-        "paths": members,
-        "answers": pooled_answers(model, embeds, args.top_k, args.decision, gallery),
-    }
+    return record | {"answers": pooled_answers(model, embeds, args.top_k, args.decision, gallery)}
 
 
 @dataclass
 class _Plan:
-    """What the main process found to do, handed to every process: the field naming records, the pending work as
-    (key, members) pairs (member paths, or a dataset's row number), and the counts for the summary."""
+    """What the main process found to do, handed to every process: the field naming records, the pending (key,
+    members) pairs (member paths, or a dataset's row number), and the counts for the summary."""
 
     key_field: str
     pending: list[tuple[str, list]]
@@ -183,8 +175,8 @@ class _Plan:
 def _plan(
     args: argparse.Namespace, countries: list[str] | None, source: DatasetSource | None, stack: ExitStack
 ) -> tuple[_Plan, RecordWriter | ParquetRecordWriter]:
-    """On the main process: the inputs, the output opened (locked, checked against the options that wrote it,
-    resumed; kept open by `stack`) and what is left to do."""
+    """On the main process: the inputs, the output opened (locked, checked, resumed; kept open by `stack`) and what
+    is left to do."""
     from ..app.inputs import expand_inputs, group_pattern, group_views
     from ..app.records import open_records
 
@@ -201,8 +193,7 @@ def _plan(
     options = None
     if args.output is not None:  # (standard output resumes nothing: no options to record, no weights to hash)
         options = answer_options(args, countries)
-        if source is not None and source.id_column is None:
-            # Rows named by file name or row number without --streaming and by row number with it.
+        if source is not None and source.id_column is None:  # rows named by row number with --streaming
             options["streaming"] = args.streaming or None
     writer = stack.enter_context(open_records(args.output, grouped, args.top_k, options, args.overwrite, key_field))
     pending = [(key, members) for key, members in groups if key not in writer.recorded]
@@ -213,19 +204,18 @@ def _plan(
 def _stream_blocks(
     source: DatasetSource, recorded: dict[str, bool], plan: _Plan, rows_per_block: int
 ) -> Iterator[list[tuple[str, Any]]]:
-    """On the main process: the rows of a streamed dataset not yet recorded, as blocks of (key, encoded image);
+    """On the main process: the rows of a streamed dataset not yet recorded, in blocks of (key, encoded image);
     counts every row in `plan`."""
-    block: list[tuple[str, Any]] = []
-    for key, image in source.stream():
-        plan.total += 1
-        if key in recorded:
-            plan.failed_before += not recorded[key]
-            continue
-        block.append((key, image))
-        if len(block) == rows_per_block:
-            yield block
-            block = []
-    if block:
+
+    def unrecorded() -> Iterator[tuple[str, Any]]:
+        for key, image in source.stream():
+            plan.total += 1
+            plan.failed_before += key in recorded and not recorded[key]
+            if key not in recorded:
+                yield key, image
+
+    rows = unrecorded()
+    while block := list(islice(rows, rows_per_block)):
         yield block
 
 
@@ -240,7 +230,7 @@ def _geolocate(
     progress: Any,
 ) -> int:
     """Geolocate the pending groups' views across the processes; the main process (which has the `writer`) writes
-    one record per group and advances the `progress` bar by its views. Returns how many records failed."""
+    one record per group and advances `progress`. Returns how many records failed."""
     from ..app.batch import geolocate_images
 
     model, image_processor, gallery = model_and_processor
@@ -258,8 +248,7 @@ def _geolocate(
         gallery=gallery,
     )
     failed = 0
-    # Closed on a failed write too, so that its DataLoader workers stop with the run.
-    with closing(records):
+    with closing(records):  # on a failed write too, so that its DataLoader workers stop with the run
         for key, members in pending:
             group_records = [next(records) for _ in members]  # records come in input order
             if writer is None:
@@ -278,9 +267,8 @@ def _check_invocation(args: argparse.Namespace) -> None:
     if args.dataset is not None:
         if args.inputs:
             raise UsageError(f"give either INPUTS ({args.inputs}) or --dataset {args.dataset!r}, not both.")
-        for option in ("group_by", "recursive"):
-            if getattr(args, option):
-                raise UsageError(f"--{option} applies to file inputs; --dataset rows are answered one by one.")
+        if given := next((option for option in ("group_by", "recursive") if getattr(args, option)), None):
+            raise UsageError(f"--{given} applies to file inputs; --dataset rows are answered one by one.")
     elif args.streaming or args.image_column or args.id_column:
         raise UsageError("--streaming, --image_column and --id_column apply to --dataset.")
     if args.overwrite and args.output is None:
@@ -296,7 +284,6 @@ def _check_invocation(args: argparse.Namespace) -> None:
 def locate_command(args: argparse.Namespace) -> int:
     """`streetclip locate`: geolocate every input not yet recorded in --output, then report and set the status, on
     one process or on every process a launcher started."""
-    # Imported here, so that `streetclip --help` answers without loading torch.
     from ..app.distributed import make_accelerator, quiet_unless_main
 
     quantization = quantization_config_for(args.quantize, args.device, args.dtype, args.backend)
@@ -313,9 +300,7 @@ def _locate(args: argparse.Namespace, accelerator: Accelerator, quantization: An
 
     _check_invocation(args)
     # Read where the output is written (the other machines of a run may not have the file); shared with all.
-    countries = on_main_process(
-        accelerator, lambda: None if args.countries is None else read_countries(args.countries)
-    )
+    countries = on_main_process(accelerator, lambda: args.countries and read_countries(args.countries))
     source = None
     if args.dataset is not None:  # opened on every process, each reading its own rows
         source = on_every_process(
@@ -337,7 +322,7 @@ def _locate(args: argparse.Namespace, accelerator: Accelerator, quantization: An
         plan = on_main_process(accelerator, plan_on_main)
 
         def blocks() -> Iterator[tuple[list[tuple[str, list]], Sequence]]:
-            """The pending work as (groups, their views): a streamed dataset's in blocks, read by the main process."""
+            """The pending (groups, their views): a streamed dataset's in blocks, read by the main process."""
             if args.streaming:
                 rows_per_block = args.batch_size * accelerator.num_processes * STREAM_BLOCK_BATCHES
                 stream = _stream_blocks(source, writer.recorded, plan, rows_per_block) if main else None
@@ -372,8 +357,7 @@ def _locate(args: argparse.Namespace, accelerator: Accelerator, quantization: An
 
 
 def _summarize(args: argparse.Namespace, plan: _Plan, processed: int, failed_now: int) -> int:
-    """Print the summary of the whole run (every process's inputs, and those recorded before) and return the exit
-    status."""
+    """Print the summary of the whole run (with the inputs recorded before) and return the exit status."""
     failed = plan.failed_before + failed_now
     noun = "groups" if args.group_by is not None else "inputs"
     summary = f"streetclip locate: {plan.total - failed} of {plan.total} {noun} geolocated"
@@ -383,6 +367,3 @@ def _summarize(args: argparse.Namespace, plan: _Plan, processed: int, failed_now
         summary += f"; {plan.total - processed} were recorded by an earlier run"
     print(summary, file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK
-
-
-__all__ = ["add_parser", "answer_options", "locate_command"]
