@@ -36,6 +36,8 @@ TRUTH_LATITUDE_COLUMNS = ("gt_lat", *LATITUDE_COLUMNS)
 TRUTH_LONGITUDE_COLUMNS = ("gt_long", "gt_lon", *LONGITUDE_COLUMNS)
 # Candidates of two countries closer than this are listed: the IM2GPS city-level threshold.
 CROSS_BORDER_KM = 25.0
+# The options named after the StreetCLIPConfig setting they give (--countries names a file).
+SETTINGS = "levels city_allocation cities_per_country city_budget min_city_population city_merge_radius_km".split()
 
 
 @dataclass
@@ -134,15 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 def candidate_settings(args: argparse.Namespace) -> dict:
     """The StreetCLIPConfig settings the options name: --recommended's or the paper's, then the explicit ones."""
     settings = dict(RECOMMENDED_CANDIDATE_SETTINGS) if args.recommended else {}
-    names = (
-        "levels",
-        "city_allocation",
-        "cities_per_country",
-        "city_budget",
-        "min_city_population",
-        "city_merge_radius_km",
-    )
-    settings |= {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    settings |= {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
     if args.countries is not None:
         settings["candidate_countries"] = read_country_list(args.countries)
     return settings
