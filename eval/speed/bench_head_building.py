@@ -7,11 +7,10 @@ three to four times longer than CLIP's BPE, so the ViT-L head building is an upp
 
 import argparse
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
-from timing import machine_line, seconds
+from timing import machine_line, seconds, timed
 
 from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.testing_utils import save_random_vit_l, save_tiny_clip_checkpoint
@@ -22,9 +21,7 @@ BUILDERS = {"tiny": save_tiny_clip_checkpoint, "vit-l": save_random_vit_l}
 
 def measure(size: str, workdir: Path) -> None:
     plain = BUILDERS[size](workdir / f"{size}-clip")
-    start = time.perf_counter()
-    model = StreetCLIPForGeolocation.from_pretrained(plain)
-    load_s = time.perf_counter() - start
+    model, load_s = timed(lambda: StreetCLIPForGeolocation.from_pretrained(plain))
     prompts = StreetCLIPProcessor.from_pretrained(plain).candidate_prompts(model.candidate_places)
     masks = [prompts.countries["attention_mask"], *(tokens["attention_mask"] for tokens in prompts.cities)]
     count = sum(len(mask) for mask in masks)

@@ -28,25 +28,18 @@ def prompt_tokenizer(places: CandidatePlaces) -> CLIPTokenizer:
     """A CLIP-format BPE tokenizer trained on the prompts, so that they are as long as under CLIP's own vocabulary
     (about 10 tokens), which cannot be downloaded here."""
     backend = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
+    words = pre_tokenizers.Split(Regex(r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"), behavior="removed", invert=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
     texts = [f"a street view photo in {name}." for name in places.country_names]
     texts += [f"a street view photo from {name}." for name in places.city_names]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
-        vocab_size=8000,
-        end_of_word_suffix="</w>",
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=8000, end_of_word_suffix="</w>", initial_alphabet=alphabet, show_progress=False
     )
     backend.train_from_iterator([text.lower() for text in texts], trainer)
     model = json.loads(backend.to_str())["model"]
-    vocab = dict(model["vocab"])
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
+    size = len(model["vocab"])
+    vocab = {**model["vocab"], "<|startoftext|>": size, "<|endoftext|>": size + 1}
     return CLIPTokenizer(vocab=vocab, merges=[tuple(merge) for merge in model["merges"]])
 
 
@@ -76,10 +69,8 @@ def measure_cold_start(plain_dir: Path, saved_dir: Path, image: Image.Image) -> 
     load_s = time.perf_counter() - start
     geolocate = pipeline("geolocation", model=model, processor=StreetCLIPProcessor.from_pretrained(plain_dir))
     first_s = seconds(lambda: geolocate(image))
-    cities = model.candidate_places.num_cities
-    print(
-        f"cold start, plain CLIP checkpoint: load + all {cities} city heads {load_s:.1f} s, first answer {first_s:.1f} s"
-    )
+    heads = f"load + all {model.candidate_places.num_cities} city heads {load_s:.1f} s"
+    print(f"cold start, plain CLIP checkpoint: {heads}, first answer {first_s:.1f} s")
     save_folder(model, plain_dir, saved_dir)
     saved_s = seconds(lambda: StreetCLIPForGeolocation.from_pretrained(saved_dir, vision_only=True))
     print(f"cold start, saved folder (heads stored, vision only): load {saved_s:.1f} s")

@@ -7,7 +7,7 @@ Random weights lack trained CLIP's activation outliers: `tests/test_quantization
 
 import argparse
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from timing import (
     memory_after_one_batch,
     noise_photos,
     save_small_streetclip,
+    timed,
     vision_forward,
 )
 from transformers import pipeline
@@ -53,11 +54,10 @@ def measure_speed(model_dir: Path, variants: list[str], batch_size: int, rounds:
     images = noise_photos(batch_size)
     methods, embeddings, load_seconds = {}, {}, {}
     for variant in variants:
-        start = time.perf_counter()
-        model = load_variant(model_dir, variant)
+        model, load_s = timed(partial(load_variant, model_dir, variant))
         if model is None:
             continue
-        load_seconds[variant] = time.perf_counter() - start
+        load_seconds[variant] = load_s
         geolocate = pipeline("geolocation", model=model, processor=StreetCLIPProcessor.from_pretrained(model_dir))
         pixel_values = geolocate.image_processor(images=images, return_tensors="pt")["pixel_values"]
         embeddings[variant] = vision_forward(model, pixel_values.to(model.dtype))

@@ -9,7 +9,6 @@ import argparse
 import csv
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from contrastive import ContrastiveTowers, contrastive_loss
 from data import GeoCollator, PlaceCaptioner, caption_dataset, load_geo_dataset
 from geocoding import reverse_geocoder
 from PIL import Image
-from timing import seconds
+from timing import seconds, timed
 from torch.utils.data import DataLoader
 from transformers import CLIPConfig, CLIPImageProcessorPil
 
@@ -66,30 +65,22 @@ def caption_folder(folder: Path, tokenizer) -> tuple:
     captioner = PlaceCaptioner(
         CaptionMix((StreetCLIPConfig().caption_template,), (1.0,)), tokenizer, max_length=77, country_names={}
     )
-    dataset = load_geo_dataset(str(folder), "train", "image")
-    start = time.perf_counter()
-    dataset = caption_dataset(dataset, captioner, "image")
-    return dataset, len(dataset) / (time.perf_counter() - start)
+    raw = load_geo_dataset(str(folder), "train", "image")
+    dataset, map_s = timed(lambda: caption_dataset(raw, captioner, "image"))
+    return dataset, len(dataset) / map_s
 
 
 def time_loader(dataset, tokenizer, image_size: int, batch_size: int, num_workers: int) -> float:
     """Samples per second of the DataLoader (decoding, preprocessing, collating) after its first batch."""
-    processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    square = {"height": image_size, "width": image_size}
+    processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=square)
+    collate = GeoCollator(processor, tokenizer, "image", [])
+    batches = iter(
+        DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=collate)
     )
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=True,
-        num_workers=num_workers,
-        collate_fn=GeoCollator(processor, tokenizer, "image", []),
-    )
-    batches = iter(loader)
     next(batches)  # worker start-up is paid once per run, not per step
-    start, samples = time.perf_counter(), 0
-    for batch in batches:
-        samples += batch["pixel_values"].shape[0]
-    return samples / (time.perf_counter() - start)
+    samples, loop_s = timed(lambda: sum(batch["pixel_values"].shape[0] for batch in batches))
+    return samples / loop_s
 
 
 def time_training_step(clip_config: CLIPConfig, batch_size: int, steps: int) -> float:

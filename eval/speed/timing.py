@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -20,21 +21,19 @@ from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo, sav
 
 
 PHOTO_SIZE = (640, 480)
+T = TypeVar("T")
 
 
 def machine_line() -> str:
     """torch, its threads and how busy the machine is: other jobs skew every figure."""
-    return (
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f} on "
-        f"{os.cpu_count()} cores"
-    )
+    load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads; {load}"
 
 
 def noise_photos(count: int, seed: int = 0) -> list[Image.Image]:
     """640x480 photos of noise, in memory."""
     rng = np.random.default_rng(seed)
-    shape = (PHOTO_SIZE[1], PHOTO_SIZE[0], 3)
-    return [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(count)]
+    return [Image.fromarray(rng.integers(0, 256, (*PHOTO_SIZE[::-1], 3), dtype=np.uint8)) for _ in range(count)]
 
 
 def write_jpegs(folder: Path, count: int) -> list[Path]:
@@ -61,10 +60,14 @@ def vision_forward(model: StreetCLIPForGeolocation, pixel_values: torch.Tensor) 
     return F.normalize(embeds.float(), dim=-1)
 
 
-def seconds(function: Callable[[], object]) -> float:
+def timed(function: Callable[[], T]) -> tuple[T, float]:
+    """What `function()` returns, and the wall seconds it took."""
     start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
+    return function(), time.perf_counter() - start
+
+
+def seconds(function: Callable[[], object]) -> float:
+    return timed(function)[1]
 
 
 def interleaved_medians(methods: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -79,16 +82,6 @@ def interleaved_medians(methods: dict[str, Callable[[], object]], rounds: int) -
         for name in names[shift:] + names[:shift]:
             times[name].append(seconds(methods[name]))
     return {name: statistics.median(values) for name, values in times.items()}
-
-
-def locate_seconds(
-    photos: Sequence[Path], model_dir: Path, output: Path, *options: object, processes: int = 1, threads: int = 0
-) -> float:
-    """Wall seconds of one `streetclip locate` over `photos`, writing `output` afresh (see `command_seconds`)."""
-    output.unlink(missing_ok=True)
-    output.with_name(output.name + ".options.json").unlink(missing_ok=True)
-    arguments = ["locate", *photos, "--model", model_dir, "--output", output, *options]
-    return command_seconds(arguments, processes=processes, threads=threads)
 
 
 def command_seconds(arguments: Sequence[object], processes: int = 1, threads: int = 0) -> float:
@@ -109,10 +102,15 @@ def command_seconds(arguments: Sequence[object], processes: int = 1, threads: in
 
 def locate_rate(photos: Sequence[Path], short: int, model_dir: Path, output: Path, *options, **placement) -> float:
     """Images/s of `streetclip locate` once started: a run over `photos` less one over the first `short`, so that
-    start-up (imports, process group, model loading) cancels out."""
-    long_s = locate_seconds(photos, model_dir, output, *options, **placement)
-    short_s = locate_seconds(photos[:short], model_dir, output, *options, **placement)
-    return (len(photos) - short) / max(long_s - short_s, 1e-9)
+    start-up (imports, process group, model loading) cancels out; `placement` goes to `command_seconds`."""
+
+    def run(count: int) -> float:
+        output.unlink(missing_ok=True)
+        output.with_name(output.name + ".options.json").unlink(missing_ok=True)
+        arguments = ["locate", *photos[:count], "--model", model_dir, "--output", output, *options]
+        return command_seconds(arguments, **placement)
+
+    return (len(photos) - short) / max(run(len(photos)) - run(short), 1e-9)
 
 
 _MEMORY_CHILD = """
