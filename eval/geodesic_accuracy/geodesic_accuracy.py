@@ -128,23 +128,22 @@ def _checked_options(
 
 
 def _row_problem(row: object) -> str | None:
-    """Why one row is not a pair of numbers, or None (ranges are checked by `_point_problem`)."""
+    """Why one row is not a [lat, lon] point on Earth, or None."""
     if isinstance(row, np.ndarray):
         row = row.tolist()
     if isinstance(row, (str, bytes)) or not hasattr(row, "__len__"):
         return f"is {row!r}; {_PAIR_HINT}"
     if len(row) != 2:
         return f"is {row!r}, of length {len(row)}; {_PAIR_HINT}"
+    coordinates = []
     for value in row:
         if isinstance(value, (bool, np.bool_)):
             return f"is {row!r}, with the boolean {value!r}, which is not a coordinate; {_PAIR_HINT}"
-        if value is None:  # missing, reported by `_point_problem`
-            continue
         try:
-            float(value)
+            coordinates.append(np.nan if value is None else float(value))  # None is missing, like NaN
         except (TypeError, ValueError):
             return f"is {row!r}, with the non-numeric value {value!r}; {_PAIR_HINT}"
-    return None
+    return _point_problem(row, *coordinates)
 
 
 def _point_problem(row: object, lat: float, lon: float) -> str | None:
@@ -173,20 +172,16 @@ def _as_coordinates(rows: list, name: str, indexed: bool = True) -> np.ndarray:
     try:
         points = np.asarray(rows, dtype=np.float64)
     except (TypeError, ValueError):
-        points = None
-    if points is None or points.ndim != 2 or points.shape[1] != 2 or _holds_booleans(rows):
-        for i, row in enumerate(rows):
-            problem = _row_problem(row)
-            if problem is not None:
-                raise ValueError(f"{name}[{i}] {problem}" if indexed else f"{name} {problem}")
-        raise ValueError(f"{name} must be a list of [lat, lon] pairs; {_PAIR_HINT}")
-    # A vectorised screen first, so that valid input of any size costs a few array passes.
-    bad = ~np.isfinite(points).all(axis=1) | (np.abs(points[:, 0]) > 90) | (np.abs(points[:, 1]) > 180)
-    if not bad.any():
-        return points
-    i = int(np.argmax(bad))
-    problem = _point_problem(rows[i], float(points[i, 0]), float(points[i, 1]))
-    raise ValueError(f"{name}[{i}] {problem}" if indexed else f"{name} {problem}")
+        points = np.empty((0, 0))
+    # A vectorised check first, so that valid input of any size costs a few array passes (NaN fails `<=` too).
+    if points.ndim == 2 and points.shape[1] == 2 and not _holds_booleans(rows):
+        if (np.abs(points) <= (90, 180)).all():
+            return points
+    for i, row in enumerate(rows):
+        problem = _row_problem(row)
+        if problem is not None:
+            raise ValueError(f"{name}[{i}] {problem}" if indexed else f"{name} {problem}")
+    raise ValueError(f"{name} must be a list of [lat, lon] pairs; {_PAIR_HINT}")
 
 
 def _holds_booleans(rows: list) -> bool:
