@@ -43,11 +43,10 @@ MAX_GRAPH_BYTES = 2**31
 
 @dataclass(frozen=True)
 class OnnxGraphs:
-    """The graphs `export_onnx` wrote, and the names of their outputs, in order."""
+    """The graphs `export_onnx` wrote."""
 
     model: Path
     quantized: Path
-    output_names: tuple[str, ...]
 
 
 def require_onnx(packages: tuple[str, ...] = ONNX_PACKAGES, purpose: str = "The ONNX export") -> None:
@@ -120,7 +119,7 @@ def export_onnx(model: StreetCLIPForGeolocation, onnx_dir: str | Path) -> OnnxGr
             f"The graph of this model takes {graph.ByteSize() / 2**30:.1f} GiB, more than one ONNX file can hold "
             "(2 GiB); the export writes single-file graphs, as browsers load them."
         )
-    paths = OnnxGraphs(onnx_dir / GRAPH_FILE, onnx_dir / QUANTIZED_GRAPH_FILE, module.names)
+    paths = OnnxGraphs(onnx_dir / GRAPH_FILE, onnx_dir / QUANTIZED_GRAPH_FILE)
     onnx.save_model(graph, paths.model)
     onnx.checker.check_model(str(paths.model), full_check=True)
     _quantize(paths.model, paths.quantized, quantized_nodes)

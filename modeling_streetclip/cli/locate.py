@@ -48,8 +48,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "zero-shot probing), in batches. One record per input streams to --output: its path (or dataset id) and "
             "its top_k answers, ordered by --decision, or an `error`. On many processes, GPUs or machines: `accelerate "
             "launch -q -m modeling_streetclip.cli locate ...` or `torchrun --nproc_per_node N -m "
-            "modeling_streetclip.cli locate ...` (without -q, a non-zero exit ends in Accelerate's traceback; "
-            "--num_processes, --num_machines, --mixed_precision and --dynamo_backend silence its defaults note)."
+            "modeling_streetclip.cli locate ...`; the main process writes every record. (Without -q, a non-zero exit "
+            "ends in Accelerate's traceback; --num_processes, --num_machines, --mixed_precision and --dynamo_backend, "
+            "or `accelerate config default`, silence its defaults note.)"
         ),
         epilog=(
             'Output: JSON Lines ({"path": ..., "answers": [{...}, ...]} or {"path": ..., "error": ...}); CSV, a row per '
@@ -58,11 +59,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "'parquet', data_files=FILE) loads it). Paths are absolute; --group_by records have \"group\" and "
             '"paths"; --dataset records the id column (or "id"). Non-UTF-8 bytes of a name are written as \\xff. '
             "Resume: the same command on the same --output skips the inputs recorded (failed ones too); a kill "
-            "leaves only complete records. The options that shape answers are recorded in FILE.options.json; a "
-            "rerun with others stops, naming them (--overwrite starts afresh). One run at a time holds FILE.lock. "
-            "Parquet is written in parts (FILE.parts/) merged at the end. Exit status, of every process: 0 all "
-            "geolocated, 1 some failed, 2 usage error (a model, file, input, option or output that cannot be used, a "
-            "failed write: complete records are kept), 130 interrupted, 141 standard output closed."
+            "leaves only complete records. FILE.options.json records the options that shape answers; a rerun with "
+            "others stops, naming them (--overwrite starts afresh). One run at a time holds FILE.lock. Parquet is "
+            "written in parts (FILE.parts/) merged at the end. Exit status, of every process: 0 all geolocated, 1 some "
+            "failed, 2 usage error (an unusable model, file, input, option or output, a failed write: complete records "
+            "are kept), 130 interrupted, 141 standard output closed."
         ),
     )
     locate.add_argument(
