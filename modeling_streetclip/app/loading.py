@@ -201,8 +201,7 @@ def model_fingerprint(folder: str) -> str:
     read whole, since their headers alone are the same for another seed or training step."""
     digest = hashlib.sha256()
     try:
-        files = sorted(entry for entry in Path(folder).iterdir() if entry.suffix in FINGERPRINTED_SUFFIXES)
-        for file in files:
+        for file in sorted(entry for entry in Path(folder).iterdir() if entry.suffix in FINGERPRINTED_SUFFIXES):
             if file.is_file():
                 with file.open("rb") as stream:
                     digest.update(file.name.encode("utf-8", "surrogateescape") + b"\0")

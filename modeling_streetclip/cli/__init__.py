@@ -1,6 +1,5 @@
-"""The `streetclip` command, one subcommand per task (as `transformers/cli/` is laid out): argument parsing and the
-commands only, what they run lives in `modeling_streetclip.app`. Subcommands import torch only when they run, so that
-`streetclip --help` answers at once."""
+"""The `streetclip` command, one subcommand per task (as in `transformers/cli/`): argument parsing and the commands
+only; what they run lives in `app/`, and torch is imported only when one runs, so that `--help` answers at once."""
 
 import argparse
 import os
@@ -16,8 +15,7 @@ from . import calibrate, export, index, locate
 def build_parser() -> argparse.ArgumentParser:
     """The `streetclip` argument parser, one subcommand per task."""
     parser = argparse.ArgumentParser(
-        prog="streetclip",
-        description="StreetCLIP: zero-shot image geolocation with CLIP, from the shell.",
+        prog="streetclip", description="StreetCLIP: zero-shot image geolocation with CLIP, from the shell."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     locate.add_parser(commands)
