@@ -26,17 +26,7 @@ from tqdm.auto import tqdm
 
 from modeling_streetclip import StreetCLIPForGeolocation
 from modeling_streetclip.answers import CONFIDENCE_RADII_KM
-from modeling_streetclip.app import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError
-from modeling_streetclip.app.arguments import (
-    add_backend_arguments,
-    add_batch_arguments,
-    add_decision_arguments,
-    add_placement_arguments,
-    add_verbose_argument,
-    decision_from,
-    int_at_least,
-    verbosity,
-)
+from modeling_streetclip.app import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError, arguments
 from modeling_streetclip.app.batch import geolocate_images
 from modeling_streetclip.app.benchmark_data import (
     DEFAULT_CSV_ENCODING,
@@ -94,13 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read CSV ids that are absolute paths or climb out of --image_dir with '..' (refused by default)",
     )
-    parser.add_argument("--limit", type=int_at_least(1), help="score only the first N rows")
-    parser.add_argument("--top_k", type=int_at_least(1), default=1, help="answers per image; the first is scored")
-    add_decision_arguments(parser)
-    add_batch_arguments(parser)
-    add_placement_arguments(parser)
-    add_backend_arguments(parser)
-    add_verbose_argument(parser)
+    parser.add_argument("--limit", type=arguments.int_at_least(1), help="score only the first N rows")
+    parser.add_argument("--top_k", type=arguments.int_at_least(1), default=1, help="answers per image, first scored")
+    arguments.add_decision_arguments(parser)
+    arguments.add_batch_arguments(parser)
+    arguments.add_placement_arguments(parser)
+    arguments.add_backend_arguments(parser)
+    arguments.add_verbose_argument(parser)
     return parser
 
 
@@ -145,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with verbosity(args.verbose):
+        with arguments.verbosity(args.verbose):
             quantization = quantization_config_for(args.quantize, args.device, args.dtype, args.backend)
             accelerator = make_accelerator(args.device, cpu_only=quantization is not None or args.backend != "torch")
             status = quiet_unless_main(accelerator, lambda: run(args, accelerator, quantization))
@@ -159,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace, accelerator: Accelerator, quantization: object = None) -> int:
     """Check the outputs and data, geolocate every scorable input across the processes and, on the main process,
     write the outputs; the exit status (the same on every process)."""
-    args.decision = decision_from(args)
+    args.decision = arguments.decision_from(args)
     on_main_process(accelerator, lambda: prepare_output_dir(args.output_dir))
 
     def read_benchmark() -> Benchmark:

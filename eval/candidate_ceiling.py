@@ -16,16 +16,12 @@ import evaluate
 import numpy as np
 from huggingface_hub.errors import StrictDataclassError
 
-from modeling_streetclip import CandidatePlaces, StreetCLIPConfig, read_country_list
+from modeling_streetclip import RECOMMENDED_CANDIDATE_SETTINGS, CandidatePlaces, StreetCLIPConfig, read_country_list
 from modeling_streetclip.app import EXIT_USAGE, UsageError
 from modeling_streetclip.app.arguments import int_at_least
 from modeling_streetclip.app.benchmark_data import LATITUDE_COLUMNS, LONGITUDE_COLUMNS, read_csv_records
 from modeling_streetclip.app.sources import find_column
-from modeling_streetclip.configuration_streetclip import (
-    CITY_ALLOCATIONS,
-    RECOMMENDED_CANDIDATE_SETTINGS,
-    REGION_LEVELS,
-)
+from modeling_streetclip.configuration_streetclip import CITY_ALLOCATIONS, REGION_LEVELS
 from modeling_streetclip.gallery_vote import nearest_city_rows
 from modeling_streetclip.geodesy import coordinate_problem
 

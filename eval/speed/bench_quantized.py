@@ -10,17 +10,9 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
+import timing
 import torch
 import torch.nn.functional as F
-from timing import (
-    interleaved_medians,
-    machine_line,
-    memory_after_one_batch,
-    noise_photos,
-    save_small_streetclip,
-    timed,
-    vision_forward,
-)
 from transformers import pipeline
 
 from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
@@ -33,12 +25,11 @@ VARIANTS = ("float32", "int8", "torchao_int8", "bfloat16", "float16")
 
 def load_variant(model_dir: Path, variant: str) -> StreetCLIPForGeolocation | None:
     """The saved model without its text tower, as `variant` runs it; None when the variant's package is missing."""
-    if variant == "int8":
-        return StreetCLIPForGeolocation.from_pretrained(
-            model_dir, vision_only=True, quantization_config=Int8DynamicConfig()
-        )
     if variant != "torchao_int8":
-        return StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=True, dtype=getattr(torch, variant))
+        kwargs = (
+            {"quantization_config": Int8DynamicConfig()} if variant == "int8" else {"dtype": getattr(torch, variant)}
+        )
+        return StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=True, **kwargs)
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     except ImportError:
@@ -51,20 +42,20 @@ def load_variant(model_dir: Path, variant: str) -> StreetCLIPForGeolocation | No
 
 
 def measure_speed(model_dir: Path, variants: list[str], batch_size: int, rounds: int) -> None:
-    images = noise_photos(batch_size)
+    images = timing.noise_photos(batch_size)
     methods, embeddings, load_seconds = {}, {}, {}
     for variant in variants:
-        model, load_s = timed(partial(load_variant, model_dir, variant))
+        model, load_s = timing.timed(partial(load_variant, model_dir, variant))
         if model is None:
             continue
         load_seconds[variant] = load_s
         geolocate = pipeline("geolocation", model=model, processor=StreetCLIPProcessor.from_pretrained(model_dir))
         pixel_values = geolocate.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        embeddings[variant] = vision_forward(model, pixel_values.to(model.dtype))
+        embeddings[variant] = timing.vision_forward(model, pixel_values.to(model.dtype))
         if variant == "float32":
-            methods["float32 floor"] = lambda model=model, pixels=pixel_values: vision_forward(model, pixels)
+            methods["float32 floor"] = lambda model=model, pixels=pixel_values: timing.vision_forward(model, pixels)
         methods[f"{variant} pipeline"] = lambda geolocate=geolocate: geolocate(images, batch_size=len(images))
-    per_image = {name: median / batch_size for name, median in interleaved_medians(methods, rounds).items()}
+    per_image = {name: median / batch_size for name, median in timing.interleaved_medians(methods, rounds).items()}
     print(f"per image at batch {batch_size}, median of {rounds} rounds (ratio to the float32 floor):")
     for name, seconds in per_image.items():
         target = " (target <= 0.60)" if name == "int8 pipeline" else ""
@@ -85,16 +76,17 @@ def main() -> None:
     parser.add_argument("--skip_memory", action="store_true", help="skip the fresh-process memory figures")
     args = parser.parse_args()
     variants = ["float32", *(variant for variant in args.variants if variant != "float32")]  # float32 is the floor
-    print(f"{machine_line()}; quantized engine {torch.backends.quantized.engine}; ViT-L/14-336 random weights")
+    print(f"{timing.machine_line()}; quantized engine {torch.backends.quantized.engine}; ViT-L/14-336 random weights")
     with tempfile.TemporaryDirectory() as workdir:
-        model_dir = save_small_streetclip(save_random_vit_l(Path(workdir) / "clip"), Path(workdir) / "streetclip")
+        clip_dir = save_random_vit_l(Path(workdir) / "clip")
+        model_dir = timing.save_small_streetclip(clip_dir, Path(workdir) / "streetclip")
         measure_speed(model_dir, variants, args.batch_size, args.rounds)
         if args.skip_memory:
             return
         print(f"resident memory of a fresh process, vision tower only, one batch of {args.batch_size} (MiB):")
         for variant in ("float32", "int8", "bfloat16"):
             dtype = "float32" if variant == "int8" else variant
-            memory = memory_after_one_batch(model_dir, args.batch_size, dtype=dtype, int8=variant == "int8")
+            memory = timing.memory_after_one_batch(model_dir, args.batch_size, dtype=dtype, int8=variant == "int8")
             print(
                 f"  {variant:<9} peak {memory['peak']:6.0f}; after the batch {memory['total']:6.0f} = "
                 f"{memory['anonymous']:5.0f} anonymous + {memory['file']:5.0f} file-backed (memory-mapped weights)"
