@@ -24,7 +24,6 @@ from accelerate import Accelerator
 from plots import plot_error_cdf, plot_reliability, plot_world_map, run_title
 from tqdm.auto import tqdm
 
-from modeling_streetclip import StreetCLIPForGeolocation
 from modeling_streetclip.answers import CONFIDENCE_RADII_KM
 from modeling_streetclip.app import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError, arguments
 from modeling_streetclip.app.batch import geolocate_images
@@ -148,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace, accelerator: Accelerator, quantization: object = None) -> int:
     """Check the outputs and data, geolocate every scorable input across the processes and, on the main process,
-    write the outputs; the exit status (the same on every process)."""
+    score the answers and write predictions.csv, metrics.json and the figures; the exit status (the same on every
+    process)."""
     args.decision = arguments.decision_from(args)
     on_main_process(accelerator, lambda: prepare_output_dir(args.output_dir))
 
@@ -183,17 +183,8 @@ def run(args: argparse.Namespace, accelerator: Accelerator, quantization: object
     positions, images = benchmark.scorable()
     answers: dict[int, list[dict]] = {}
     image_errors: dict[int, str] = {}
-    records = geolocate_images(
-        model,
-        image_processor,
-        images,
-        top_k=args.top_k,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        accelerator=accelerator,
-        decision=args.decision,
-        gallery=gallery,
-    )
+    settings = {name: getattr(args, name) for name in ("top_k", "batch_size", "num_workers", "decision")}
+    records = geolocate_images(model, image_processor, images, accelerator=accelerator, gallery=gallery, **settings)
     main = accelerator.is_main_process
     for record in tqdm(records, total=len(positions), desc=benchmark.name, unit="image", disable=not main):
         if record.error is None:
@@ -204,20 +195,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator, quantization: object
     if not main:
         # Every process holds every record (gathered); the main process alone scores them and writes the files.
         return EXIT_SOME_FAILED if not answers else EXIT_OK
-    return write_results(args, accelerator, benchmark, model, positions, answers, image_errors, wall_time_s)
 
-
-def write_results(
-    args: argparse.Namespace,
-    accelerator: Accelerator,
-    benchmark: Benchmark,
-    model: StreetCLIPForGeolocation,
-    positions: list[int],
-    answers: dict[int, list[dict]],
-    image_errors: dict[int, str],
-    wall_time_s: float,
-) -> int:
-    """Score the answers once and write predictions.csv, metrics.json and the figures; the exit status."""
     metric = evaluate.load(str(METRIC_DIR))
     # The module evaluate loaded: per-row distances come from the very function that scores them.
     geodesic = sys.modules[type(metric).__module__]

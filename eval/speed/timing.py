@@ -92,9 +92,7 @@ def command_seconds(arguments: Sequence[object], processes: int = 1, threads: in
         command += ["torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m"]
     command += ["modeling_streetclip.cli", *map(str, arguments)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    start = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
+    result, elapsed = timed(lambda: subprocess.run(command, env=env, capture_output=True, text=True))
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:6])} ... exited with {result.returncode}:\n{result.stderr[-3000:]}")
     return elapsed
