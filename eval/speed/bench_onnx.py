@@ -16,8 +16,7 @@ from PIL import Image
 from timing import interleaved_medians, machine_line, noise_photos, save_small_streetclip, seconds, vision_forward
 from transformers import pipeline
 
-import modeling_streetclip  # noqa: F401  (registers the "geolocation" task)
-from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor, testing_utils
 from modeling_streetclip.app.export import (
     GRAPH_FILE,
     ONNX_FOLDER,
@@ -26,20 +25,6 @@ from modeling_streetclip.app.export import (
     save_onnx_folder,
 )
 from modeling_streetclip.quantization import Int8DynamicConfig
-from modeling_streetclip.testing_utils import (
-    VIT_B_16,
-    WEB_DIR,
-    drop_photos,
-    headless_chromium,
-    install_web_dependencies,
-    open_web_page,
-    random_photo,
-    save_random_clip,
-    save_random_vit_l,
-    serve_folders,
-    train_geo_model,
-    write_geo_imagefolder,
-)
 
 
 def graph_pipeline(folder: Path, graph: str, processor: StreetCLIPProcessor):
@@ -48,16 +33,13 @@ def graph_pipeline(folder: Path, graph: str, processor: StreetCLIPProcessor):
 
 
 def measure_speed(workdir: Path, batch_size: int, rounds: int) -> None:
-    model_dir = save_small_streetclip(save_random_vit_l(workdir / "clip"), workdir / "streetclip")
+    model_dir = save_small_streetclip(testing_utils.save_random_vit_l(workdir / "clip"), workdir / "streetclip")
     processor = StreetCLIPProcessor.from_pretrained(model_dir)
     model = StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=True)
     export_seconds = seconds(lambda: save_onnx_folder(model, processor, workdir / "onnx-export"))
     graphs = workdir / "onnx-export" / ONNX_FOLDER
-    sizes = {name: (graphs / name).stat().st_size / 2**20 for name in (GRAPH_FILE, QUANTIZED_GRAPH_FILE)}
-    print(
-        f"export of ViT-L/14-336: {export_seconds:.0f} s; {GRAPH_FILE} {sizes[GRAPH_FILE]:.0f} MiB, "
-        f"{QUANTIZED_GRAPH_FILE} {sizes[QUANTIZED_GRAPH_FILE]:.0f} MiB"
-    )
+    sizes = (f"{name} {(graphs / name).stat().st_size / 2**20:.0f} MiB" for name in (GRAPH_FILE, QUANTIZED_GRAPH_FILE))
+    print(f"export of ViT-L/14-336: {export_seconds:.0f} s; {', '.join(sizes)}")
 
     images = noise_photos(batch_size)
     pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
@@ -90,11 +72,11 @@ def measure_speed(workdir: Path, batch_size: int, rounds: int) -> None:
 def measure_agreement(workdir: Path) -> None:
     """First answers of the int8 graph against the float32 graph's, and the float32 graph's against PyTorch's, on
     held-out photos of the synthetic geo set, with the tiny model trained on it."""
-    model_dir = train_geo_model(workdir / "trained")
+    model_dir = testing_utils.train_geo_model(workdir / "trained")
     model = StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=True)
     processor = StreetCLIPProcessor.from_pretrained(model_dir)
     save_onnx_folder(model, processor, workdir / "trained-onnx")
-    folder = write_geo_imagefolder(workdir / "held-out", photos_per_city=17, seed=1)
+    folder = testing_utils.write_geo_imagefolder(workdir / "held-out", photos_per_city=17, seed=1)
     paths = sorted(folder.glob("*.png"))
     images = [Image.open(path).convert("RGB") for path in paths]
     answers = {
@@ -106,9 +88,8 @@ def measure_agreement(workdir: Path) -> None:
     accuracy = np.mean(
         [answer[0]["country"] == country for answer, country in zip(answers["ONNX float32"], truth, strict=True)]
     )
-    print(
-        f"first answers on {len(paths)} held-out photos of the trained tiny model (float32 country accuracy {accuracy:.3f}):"
-    )
+    scored = f"{len(paths)} held-out photos of the trained tiny model"
+    print(f"first answers on {scored} (float32 country accuracy {accuracy:.3f}):")
     for ours, theirs, target in (
         ("ONNX int8", "ONNX float32", " (target >= 0.98)"),
         ("ONNX float32", "PyTorch float32", ""),
@@ -121,22 +102,23 @@ def measure_agreement(workdir: Path) -> None:
 
 def measure_browser(workdir: Path, photos: int) -> None:
     """Photos per second of the page in headless Chromium at ViT-B/16 (after one photo of warm-up)."""
-    model_dir = save_small_streetclip(save_random_clip(workdir / "clip-b16", VIT_B_16), workdir / "streetclip-b16")
+    clip_dir = testing_utils.save_random_clip(workdir / "clip-b16", testing_utils.VIT_B_16)
+    model_dir = save_small_streetclip(clip_dir, workdir / "streetclip-b16")
     model = StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=True)
     save_onnx_folder(model, StreetCLIPProcessor.from_pretrained(model_dir), workdir / "web-model")
-    install_web_dependencies()
+    testing_utils.install_web_dependencies()
     paths = [workdir / f"photo-{seed}.png" for seed in range(photos + 1)]
     for seed, path in enumerate(paths):
-        random_photo(seed, size=(640, 480)).save(path)
+        testing_utils.random_photo(seed, size=(640, 480)).save(path)
     threads = os.cpu_count()
     print(f"headless Chromium, onnxruntime-web (WebAssembly, {threads} threads), ViT-B/16 at 224 px:")
-    with serve_folders({"/": WEB_DIR, "/model/": workdir / "web-model"}) as served:
-        driver = headless_chromium()
+    with testing_utils.serve_folders({"/": testing_utils.WEB_DIR, "/model/": workdir / "web-model"}) as served:
+        driver = testing_utils.headless_chromium()
         try:
             for graph in (GRAPH_FILE, QUANTIZED_GRAPH_FILE):
-                open_web_page(driver, f"{served.url}?threads={threads}&graph={ONNX_FOLDER}/{graph}")
-                drop_photos(driver, paths[:1])
-                drop_photos(driver, paths[1:])
+                testing_utils.open_web_page(driver, f"{served.url}?threads={threads}&graph={ONNX_FOLDER}/{graph}")
+                testing_utils.drop_photos(driver, paths[:1])
+                testing_utils.drop_photos(driver, paths[1:])
                 status = driver.execute_script("return document.getElementById('status').dataset")
                 rate = int(status["photos"]) / float(status["seconds"])
                 print(
