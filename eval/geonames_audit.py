@@ -228,10 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     contents = rejected_file_contents(audit_geonames_cities())
     args.output.write_text(json.dumps(contents, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    for finding in contents["rejected"]:
-        print(
-            f"rejected {finding['name']} ({finding['country_code']}, {finding['population']:,}): {finding['reason']}"
-        )
+    for row in contents["rejected"]:
+        print(f"rejected {row['name']} ({row['country_code']}, {row['population']:,}): {row['reason']}")
     print(f"{len(contents['rejected'])} rows rejected, {len(contents['kept'])} flagged and kept; wrote {args.output}")
 
 
