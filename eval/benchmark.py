@@ -120,8 +120,7 @@ def prepare_output_dir(output_dir: Path) -> None:
         raise UsageError(f"--output_dir {str(output_dir)!r} is a file; give a folder for {', '.join(OUTPUT_FILES)}.")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
+        tempfile.TemporaryFile(dir=output_dir).close()
         for path in (output_dir / name for name in OUTPUT_FILES if (output_dir / name).exists()):
             if not path.is_file():
                 raise UsageError(f"--output_dir holds {str(path)!r}, which is not a file; move it out of the way.")

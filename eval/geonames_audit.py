@@ -199,13 +199,12 @@ def _listed_twice(cities: Sequence[Mapping]) -> Iterator[Finding]:
             larger = max(a["population"], b["population"])
             if not larger or abs(a["population"] - b["population"]) > SAME_POPULATION * larger:
                 continue
-            a_names_b, b_names_a = _names_other(a, b), _names_other(b, a)
-            if not (a_names_b or b_names_a):
+            namers = [row for row, other in ((a, b), (b, a)) if _names_other(row, other)]
+            if not namers:
                 continue
-            if a_names_b and b_names_a:  # aliases of each other: keep the shorter name, then the older record
-                alias, city = sorted((a, b), key=lambda row: (len(row["name"]), int(row["geonameid"])))[::-1]
-            else:
-                alias, city = (a, b) if a_names_b else (b, a)
+            # Of two that name each other, the longer name, then the later record, is the alias.
+            alias = max(namers, key=lambda row: (len(row["name"]), int(row["geonameid"])))
+            city = b if alias is a else a
             distance = float(great_circle_km(a["latitude"], a["longitude"], b["latitude"], b["longitude"]))
             reason = (
                 f"another record of {city['name']!r} (GeoNames {city['geonameid']}, {distance:.1f} km away): it names "
