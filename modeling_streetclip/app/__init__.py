@@ -11,8 +11,7 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
 EXIT_BROKEN_PIPE = 141  # and for one whose reader went away, as in `| head` (128 + SIGPIPE)
 
-# Images per forward pass: on a GPU, 32 takes nearly all the speed of larger batches (README, "Speed"), and a killed
-# run loses at most one batch.
+# Images per forward pass: nearly the speed of larger batches on a GPU (README, "Speed"); a kill loses one batch.
 DEFAULT_BATCH_SIZE = 32
 # A few workers overlap decoding with the forward pass; more than the cores this process may use take time from it.
 DEFAULT_NUM_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

@@ -22,8 +22,7 @@ if TYPE_CHECKING:
     from ..modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
     from .benchmark_data import Benchmark
 
-# Equal-mass bins of the expected calibration error (ECE), each a tenth of the photos (Nixon et al., 2019): equal-width
-# bins would leave the sparse middle of a peaked confidence nearly empty.
+# ECE over equal-mass bins (Nixon et al., 2019): equal-width ones leave a peaked confidence's middle nearly empty.
 NUM_BINS = 10
 # With the default hold-out of 0.3, 30 photos to measure on (3 a bin) and 70 to fit three temperatures on.
 MIN_PHOTOS = 100

@@ -98,8 +98,7 @@ def export_onnx(model: StreetCLIPForGeolocation, onnx_dir: str | Path) -> OnnxGr
     module = _GraphModule(model).eval()
     size = model.config.vision_config.image_size
     example = torch.zeros(2, 3, size, size, dtype=torch.float32)  # two, so that the batch axis is not fixed to 1
-    # torch's dynamo exporter, not the TorchScript one (deprecated): half the nodes, no If nodes from Python shape
-    # checks, static head sizes, and the module path of every node, which picks the layers to quantize below.
+    # The dynamo exporter, not TorchScript's: half the nodes, static head sizes, module paths that pick what to quantize.
     program = torch.onnx.export(
         module,
         (example,),

@@ -24,15 +24,12 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger(__name__)
 
-# Column names recognised without being named, compared case-insensitively, first match wins (IM2GPS: IMG_ID;
-# a WebDataset: __key__).
+# Column names recognised without being named, case-insensitively, first match wins (IM2GPS: IMG_ID; WebDataset: __key__).
 ID_COLUMNS = ("img_id", "image_id", "id", "key", "__key__", "file_name", "filename")
 IMAGE_COLUMNS = ("image", "img", "photo", "jpg")
 # The record field of a dataset row whose ids do not come from a column (file names, row numbers).
 DEFAULT_ID_FIELD = "id"
-_DATASETS_EXTRAS = (
-    "the training or evaluation extra: `pip install 'streetclip[train]'` or `pip install 'streetclip[eval]'`"
-)
+_DATASETS_EXTRAS = "the training or evaluation extra, `pip install 'streetclip[train]'` or `'streetclip[eval]'`"
 
 
 def open_dataset(

@@ -318,8 +318,7 @@ def _locate(args: argparse.Namespace, accelerator: Accelerator, quantization: An
             plan, writer = _plan(args, countries, source, stack)
             return plan
 
-        # Planned (output opened, locked, checked, resumed) before the model loads, so that an output this run cannot
-        # use stops it at once.
+        # Planned before the model loads, so that an output this run cannot use stops it at once.
         plan = on_main_process(accelerator, plan_on_main)
 
         def blocks() -> Iterator[tuple[list[tuple[str, list]], Sequence]]:
