@@ -24,7 +24,6 @@ from modeling_streetclip.testing_utils import (
     PLACES,
     random_photo,
     run_as_hub_user,
-    train_geo_model,
     write_geo_imagefolder,
 )
 
@@ -121,9 +120,9 @@ def test_the_calibration_survives_every_save_path_and_vision_only_loading(capsys
 
 
 @pytest.mark.slow
-def test_calibration_lowers_the_held_out_error_on_the_synthetic_world(capsys, tmp_path):
+def test_calibration_lowers_the_held_out_error_on_the_synthetic_world(capsys, tmp_path, trained_geo_model):
     # The candidates are the world's own cities, so that a hit within 200 km is the right city.
-    trained = train_geo_model(tmp_path / "trained")
+    trained = trained_geo_model
     places = CandidatePlaces.from_records(
         [
             {"country": c, "city": n, "latitude": la, "longitude": lo}
