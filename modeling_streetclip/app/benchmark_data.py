@@ -82,7 +82,7 @@ def load_benchmark(
                 f"An image column ({columns.image!r}) is for datasets; the metadata CSV {data!r} names its images by "
                 "file name in its id column."
             )
-        return load_metadata_csv(data, image_dir, columns, limit, encoding, allow_outside_image_dir)
+        return load_metadata_csv(Path(data), Path(image_dir), columns, limit, encoding, allow_outside_image_dir)
     if image_dir is not None:
         raise ValueError(
             f"An image folder ({str(image_dir)!r}) goes with a metadata CSV only; the dataset {data!r} holds its "
@@ -92,16 +92,10 @@ def load_benchmark(
 
 
 def load_metadata_csv(
-    csv_path: str | Path,
-    image_dir: str | Path,
-    columns: ColumnNames = ColumnNames(),
-    limit: int | None = None,
-    encoding: str = DEFAULT_CSV_ENCODING,
-    allow_outside_image_dir: bool = False,
+    csv_path: Path, image_dir: Path, columns: ColumnNames, limit: int | None, encoding: str, allow_outside: bool
 ) -> Benchmark:
     """Rows of an IM2GPS-style metadata CSV: the id is the image's file name in `image_dir`, which ids may leave
-    (absolute paths, `..`) only with `allow_outside_image_dir`."""
-    csv_path, image_dir = Path(csv_path), Path(image_dir)
+    (absolute paths, `..`) only with `allow_outside`."""
     if not csv_path.is_file():
         raise FileNotFoundError(f"Metadata CSV not found: {str(csv_path)!r}.")
     if not image_dir.is_dir():
@@ -120,7 +114,7 @@ def load_metadata_csv(
         rows.append(checked_row(row_id, latitude, longitude, latitude_column, longitude_column) if row_id else missing)
     lines = [f"line {line}" for line, _ in records]
     refuse_repeated_ids(rows, lines, source)
-    if not allow_outside_image_dir:
+    if not allow_outside:
         refuse_ids_outside_image_dir(rows, lines, source, image_dir)
     warn_if_columns_look_swapped(rows, source, latitude_column, longitude_column)
     return Benchmark(name=csv_path.stem, rows=rows, images=[image_dir / row.id for row in rows])
@@ -174,9 +168,7 @@ def read_csv_records(
     return header, records
 
 
-def load_benchmark_dataset(
-    data: str, split: str = "test", columns: ColumnNames = ColumnNames(), limit: int | None = None
-) -> Benchmark:
+def load_benchmark_dataset(data: str, split: str, columns: ColumnNames, limit: int | None) -> Benchmark:
     """Rows of a `datasets` dataset with an `Image` column and latitude and longitude columns (ids: see `row_ids`)."""
     dataset, split = open_dataset(data, split)
     if limit is not None:
