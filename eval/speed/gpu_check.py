@@ -251,7 +251,7 @@ def main() -> int:
         f"{'PASS' if agrees else 'FAIL'}"
     )
     print(
-        f"TARGET bfloat16 pipeline / bare forward in steady state: {share:.2f} >= {MIN_PIPELINE_SHARE}: "
+        f"TARGET bfloat16 pipeline / bare forward in steady state: {share:.3f} >= {MIN_PIPELINE_SHARE}: "
         f"{'MET' if share >= MIN_PIPELINE_SHARE else 'NOT MET'} (one call over {len(timing_photos):,} photos, "
         f"its start included: {call_share:.2f})"
     )
