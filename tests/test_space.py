@@ -32,7 +32,7 @@ from packaging.version import Version
 from PIL import Image
 from transformers import AutoConfig, pipeline
 
-from modeling_streetclip import GeolocationPipeline, StreetCLIPForGeolocation
+from modeling_streetclip import GeolocationPipeline, StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.app import world_map
 from modeling_streetclip.app.batch import geolocate_images
 from modeling_streetclip.testing_utils import random_photo, run_as_hub_user
@@ -351,6 +351,19 @@ def test_the_region_holds_the_configured_share_of_the_posterior_the_heat_layer_d
     # The answers' own `within_km` agrees: the region is no wider than the first radius that reaches the level.
     if best["radius_km"] is not None:
         assert result.region_km <= best["radius_km"]
+
+
+def test_a_calibrated_model_s_words_are_its_answers_radius_km(small_streetclip_dir, photos, tmp_path):
+    # Maps that make every radius certain: the answers say 1 km, where the raw posterior of random weights is wide.
+    model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)
+    certain = {str(radius): {"x": [0.0, 1.0], "y": [1.0, 1.0]} for radius in (1, 25, 200, 750, 2500)}
+    model.config.calibration = {"temperatures": dict.fromkeys(model.config.levels, 1.0), "within_km": certain}
+    model.save_pretrained(tmp_path / "calibrated")
+    StreetCLIPProcessor.from_pretrained(small_streetclip_dir).save_pretrained(tmp_path / "calibrated")
+
+    (result,) = app.Geolocator(str(tmp_path / "calibrated")).locate([str(photos["street"])])
+    assert result.answers[0]["calibrated"] and result.answers[0]["radius_km"] == 1
+    assert result.confidence() == "90% within 1 km"
 
 
 def world_map_distances(answer: dict, heat: np.ndarray) -> np.ndarray:

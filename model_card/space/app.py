@@ -212,6 +212,9 @@ class Geolocator:
         result.level = model.config.confidence_level
         reached = np.flatnonzero(np.cumsum(mass[order]) >= result.level)
         result.region_km = float(distances[order][reached[0]] if len(reached) else distances.max())
+        if (model.config.calibration or {}).get("within_km"):
+            # Calibrated maps hold at the five radii only: say the answer's own `radius_km`, never a finer region.
+            result.region_km = float(best["radius_km"] or distances.max())
 
     def _candidate_names(self, countries: Sequence[str]) -> tuple[str, ...]:
         """The candidate names that `countries` (names or ISO codes) resolve to, sorted and each once, so that one

@@ -132,6 +132,7 @@ function confidence(table, row, posterior) {
 
 // The radius of the smallest circle around an answer that holds `config.confidence_level` of the posterior (the
 // farthest city's distance where none does), and the words the Space says it in, as the Space's `PhotoResult`.
+// Calibrated maps hold at the five radii only: then the answer's own `radius_km` is said.
 export function confidenceRegion(table, outputs, answer) {
   const posterior = confidencePosterior(table, outputs);
   const { latitude, longitude } = answer;
@@ -139,7 +140,8 @@ export function confidenceRegion(table, outputs, answer) {
   const order = [...distances.keys()].sort((a, b) => distances[a] - distances[b] || a - b);
   let mass = 0;
   const reached = order.find((row) => (mass += posterior[row]) >= table.confidenceLevel);
-  const radiusKm = reached === undefined ? Math.max(...distances) : distances[reached];
+  let radiusKm = reached === undefined ? Math.max(...distances) : distances[reached];
+  if (table.calibration?.within_km) radiusKm = answer.radius_km ?? Math.max(...distances);
   const share = `${(table.confidenceLevel * 100).toFixed(0)}%`;
   const radius = `${Math.max(radiusKm, 1).toLocaleString("en-US", { maximumFractionDigits: 0 })} km`;
   const words = radiusKm < CONFIDENT_RADIUS_KM ? `${share} within ${radius}` : `not confident: ${share} only within ${radius}`;
