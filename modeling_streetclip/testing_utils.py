@@ -1,13 +1,6 @@
-"""Tiny random CLIP checkpoints and photos for tests and speed scripts, built without any download.
-
-They mirror the published `geolocal/StreetCLIP` layout (a plain CLIP folder: config.json, weights, tokenizer and
-image-processor files) at hidden size 32, so the loading code a user runs is exercised in milliseconds; the speed
-scripts build the same layout at ViT-L/14-336 scale. The synthetic geo set (`PLACES`, `place_photo`,
-`write_geo_imagefolder`) is what a tiny model learns in tests that need answers that are not near-ties. transformers
-ships its own `testing_utils`; this is ours, importable by tests and by the scripts under `eval/speed/` alike. The
-in-browser page (`model_card/web/`) is served and driven in headless Chromium from here too, and a tiny model is
-trained with `training/pretrain.py`: those need the checkout.
-"""
+"""Tiny random CLIP checkpoints, photos and the synthetic geo set for tests and the `eval/speed/` scripts, built
+without any download in the layout of `geolocal/StreetCLIP`; also the in-browser page served and driven in headless
+Chromium, and a tiny model trained with `training/pretrain.py` (those two need the checkout)."""
 
 import colorsys
 import contextlib
@@ -27,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
@@ -37,32 +31,23 @@ from .modeling_streetclip import StreetCLIPForGeolocation
 # Six well-separated countries keep candidate tables small where a test does not need the paper's 193.
 SMALL_COUNTRIES = ["France", "Japan", "Brazil", "Kenya", "Australia", "Canada"]
 TINY_IMAGE_SIZE = 30
+
+
+def _clip_size(text: tuple, vision: tuple, image_size: int, patch_size: int, projection_dim: int) -> dict:
+    """CLIPConfig's sizes; `text` and `vision` give each tower's hidden size, intermediate size, layers and heads."""
+    names = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    return {
+        "text_config": dict(zip(names, text, strict=True)),
+        "vision_config": {**dict(zip(names, vision, strict=True)), "image_size": image_size, "patch_size": patch_size},
+        "projection_dim": projection_dim,
+    }
+
+
+TINY_CLIP = _clip_size((32, 37, 2, 4), (32, 37, 2, 4), TINY_IMAGE_SIZE, 2, 16)
 # openai/clip-vit-large-patch14-336, the base of geolocal/StreetCLIP: its real scale, for the speed scripts.
-VIT_L_14_336 = {
-    "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
-    "vision_config": {
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "image_size": 336,
-        "patch_size": 14,
-    },
-    "projection_dim": 768,
-}
+VIT_L_14_336 = _clip_size((768, 3072, 12, 12), (1024, 4096, 24, 16), 336, 14, 768)
 # OpenAI's CLIP ViT-B/16 at 224 px, the size below StreetCLIP's that speed figures also quote.
-VIT_B_16 = {
-    "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8},
-    "vision_config": {
-        "hidden_size": 768,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "image_size": 224,
-        "patch_size": 16,
-    },
-    "projection_dim": 512,
-}
+VIT_B_16 = _clip_size((512, 2048, 12, 8), (768, 3072, 12, 12), 224, 16, 512)
 # The synthetic geo set: two well-separated cities in each of six countries; in its photos colour encodes the
 # country, stripe direction the city, so a tiny model can learn it in a minute and then answers without near-ties.
 PLACES = {
@@ -76,77 +61,15 @@ PLACES = {
 
 
 def build_tiny_tokenizer() -> CLIPTokenizer:
-    """A CLIP-format byte-level BPE tokenizer with one token per byte and no merges.
-
-    Special tokens take the highest ids, as in OpenAI's vocabulary, so CLIP's end-of-text pooling finds them.
-    """
-    vocab = {}
-    for suffix in ("", "</w>"):
-        for char in sorted(ByteLevel.alphabet()):
-            vocab[char + suffix] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
+    """A CLIP-format byte-level BPE tokenizer with one token per byte and no merges; special tokens take the highest
+    ids, as in OpenAI's vocabulary, so CLIP's end-of-text pooling finds them."""
+    tokens = [char + suffix for suffix in ("", "</w>") for char in sorted(ByteLevel.alphabet())]
+    vocab = {token: index for index, token in enumerate([*tokens, "<|startoftext|>", "<|endoftext|>"])}
     return CLIPTokenizer(vocab=vocab, merges=[])
 
 
-def build_tiny_clip(tokenizer: CLIPTokenizer, seed: int = 0) -> CLIPModel:
-    torch.manual_seed(seed)
-    special = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            **special,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=TINY_IMAGE_SIZE,
-            patch_size=2,
-        ),
-        projection_dim=16,
-    )
-    return CLIPModel(config).eval()
-
-
-def save_tiny_clip_checkpoint(path: Path, seed: int = 0, pickle_weights: bool = False) -> Path:
-    """Save a plain CLIP checkpoint folder in the layout of `geolocal/StreetCLIP`; `pickle_weights` writes the
-    legacy `pytorch_model.bin` that older Hub repos hold instead of safetensors."""
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_clip(tokenizer, seed)
-    model.save_pretrained(path)
-    if pickle_weights:
-        torch.save(model.state_dict(), path / "pytorch_model.bin")
-        (path / "model.safetensors").unlink()
-    tokenizer.save_pretrained(path)
-    CLIPImageProcessorPil(
-        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
-    ).save_pretrained(path)
-    return path
-
-
-def save_random_vit_l(path: Path, tokenizer: CLIPTokenizer | None = None, seed: int = 0) -> Path:
-    """Save a plain CLIP checkpoint folder of ViT-L/14 at 336 px with random weights: the real cost, no download.
-
-    `tokenizer` defaults to the tiny byte-level one, whose longer prompts only slow the one-off head building.
-    """
-    return save_random_clip(path, VIT_L_14_336, tokenizer, seed)
-
-
-def save_random_clip(path: Path, preset: dict, tokenizer: CLIPTokenizer | None = None, seed: int = 0) -> Path:
-    """Save a plain CLIP checkpoint folder of the size `preset` gives (VIT_L_14_336, VIT_B_16) with random weights,
-    the tokenizer (by default the tiny one) and an image processor at the preset's image size."""
-    tokenizer = tokenizer or build_tiny_tokenizer()
+def build_tiny_clip(tokenizer: CLIPTokenizer, seed: int = 0, preset: dict = TINY_CLIP) -> CLIPModel:
+    """A CLIP model of the size `preset` gives, with random weights from `seed` and `tokenizer`'s vocabulary."""
     special = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     config = CLIPConfig(
         text_config={**preset["text_config"], "vocab_size": len(tokenizer), **special},
@@ -154,76 +77,40 @@ def save_random_clip(path: Path, preset: dict, tokenizer: CLIPTokenizer | None =
         projection_dim=preset["projection_dim"],
     )
     torch.manual_seed(seed)
-    CLIPModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    size = preset["vision_config"]["image_size"]
-    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
-        path
-    )
+    return CLIPModel(config).eval()
+
+
+def save_tiny_clip_checkpoint(path: Path, seed: int = 0, pickle_weights: bool = False) -> Path:
+    """Save a plain CLIP checkpoint folder in the layout of `geolocal/StreetCLIP`; `pickle_weights` writes the
+    legacy `pytorch_model.bin` that older Hub repos hold instead of safetensors."""
+    save_random_clip(path, TINY_CLIP, seed=seed)
+    if pickle_weights:
+        torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
+        (path / "model.safetensors").unlink()
     return path
 
 
-def place_in_hub_cache(
-    folder: Path, cache_dir: Path, repo_id: str, revision: str = "0" * 40, repo_type: str = "model"
-) -> Path:
-    """Lay `folder` out as the Hugging Face cache holds a downloaded repo (`models--ORG--NAME/snapshots/REV`, or
-    `datasets--...` for `repo_type="dataset"`)."""
-    repo_dir = cache_dir / f"{repo_type}s--{repo_id.replace('/', '--')}"
-    shutil.copytree(folder, repo_dir / "snapshots" / revision)
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(revision)
-    return repo_dir
+def save_random_vit_l(path: Path, tokenizer: CLIPTokenizer | None = None, seed: int = 0) -> Path:
+    """Save a plain CLIP checkpoint folder of ViT-L/14 at 336 px with random weights: the real cost, no download."""
+    return save_random_clip(path, VIT_L_14_336, tokenizer, seed)
 
 
-# Prepended to the scripts of `run_as_hub_user`: their `import modeling_streetclip` then raises ImportError.
-_WITHOUT_THIS_PACKAGE = 'import sys\nsys.modules["modeling_streetclip"] = None\n'
-
-
-def run_as_hub_user(
-    script: str, args: Sequence[str], repos: Mapping[str, Path], workdir: Path, cwd: Path | None = None
-) -> dict:
-    """Run the Python source `script` with `args` as someone who never installed this package: a fresh interpreter
-    that cannot import it, with the Hub offline and each folder of `repos` (Hub id -> folder) in its Hub cache, as
-    if downloaded (the cache is `workdir / "hub"`, for callers that load the same ids). Returns the JSON object the
-    script prints last; a failing script raises with its standard error.
-    """
-    cache = workdir / "hub"
-    for repo_id, folder in repos.items():
-        place_in_hub_cache(folder, cache, repo_id)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(workdir / "hf-home"),
-        "HF_HUB_CACHE": str(cache),
-        "PYTHONPATH": "",
-    }
-    child = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_THIS_PACKAGE + script, *args],
-        env=env,
-        cwd=cwd or workdir,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if child.returncode != 0:
-        raise RuntimeError(f"The script exited with status {child.returncode}:\n{child.stderr[-4000:]}")
-    return json.loads(child.stdout.strip().splitlines()[-1])
+def save_random_clip(path: Path, preset: dict, tokenizer: CLIPTokenizer | None = None, seed: int = 0) -> Path:
+    """Save a plain CLIP checkpoint folder of the size `preset` gives (TINY_CLIP, VIT_L_14_336, VIT_B_16) with random
+    weights, the tokenizer (by default the tiny one) and an image processor at the preset's image size."""
+    tokenizer = tokenizer or build_tiny_tokenizer()
+    build_tiny_clip(tokenizer, seed, preset).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    size = preset["vision_config"]["image_size"]
+    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor.save_pretrained(path)
+    return path
 
 
 def random_photo(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
     """A deterministic random RGB photo."""
     pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     return Image.fromarray(pixels)
-
-
-def save_random_photos(folder: Path, names: Sequence[str], size: tuple[int, int] = (48, 40)) -> list[Path]:
-    """Save `random_photo(i, size)` as `folder / names[i]` for each name (the format follows the extension), creating
-    the folder; returns the paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / name for name in names]
-    for seed, path in enumerate(paths):
-        random_photo(seed, size).save(path)
-    return paths
 
 
 def place_photo(country: int, city: int, rng: np.random.Generator) -> Image.Image:
@@ -284,9 +171,9 @@ def save_streetclip_folder(clip_dir: Path, path: Path, **from_pretrained_kwargs)
     return path
 
 
-# The in-browser page (model_card/web/): tests and eval/speed/bench_onnx.py serve it with a model beside it and open it
-# in headless Chromium.
-WEB_DIR = Path(__file__).resolve().parents[1] / "model_card" / "web"
+# The in-browser page, which tests and eval/speed/bench_onnx.py serve beside a model and open in headless Chromium.
+CHECKOUT = Path(__file__).resolve().parents[1]
+WEB_DIR = CHECKOUT / "model_card" / "web"
 # Headers under which the page is cross-origin isolated, as its Space serves it, so WebAssembly may use threads.
 CROSS_ORIGIN_ISOLATION = {
     "Cross-Origin-Opener-Policy": "same-origin",
@@ -307,11 +194,11 @@ def install_web_dependencies(folder: Path = WEB_DIR) -> Path:
     }
 
     def installed() -> bool:
-        for path, version in wanted.items():
-            manifest = folder / path / "package.json"
-            if not manifest.is_file() or json.loads(manifest.read_text(encoding="utf-8"))["version"] != version:
-                return False
-        return True
+        manifests = {folder / path / "package.json": version for path, version in wanted.items()}
+        return all(
+            path.is_file() and json.loads(path.read_text(encoding="utf-8"))["version"] == version
+            for path, version in manifests.items()
+        )
 
     if installed():
         return folder
@@ -373,8 +260,7 @@ def serve_folders(routes: Mapping[str, Path]) -> Iterator[ServedFolders]:
 
 def headless_chromium():
     """Headless Chromium and its driver from the system (Debian's `chromium` and `chromium-driver`), never a
-    downloaded browser, recording its network requests (see `requested_urls`). Raises FileNotFoundError without
-    them."""
+    downloaded browser, logging its network requests. Raises FileNotFoundError without them."""
     browser, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
     if not browser or not driver:
         raise FileNotFoundError(
@@ -392,17 +278,6 @@ def headless_chromium():
     chromium = webdriver.Chrome(service=Service(driver), options=options)
     chromium.set_page_load_timeout(WEB_PAGE_TIMEOUT_S)
     return chromium
-
-
-def requested_urls(chromium) -> list[str]:
-    """Every URL the browser requested since the last call (DevTools' network events), the page's own and any
-    other's."""
-    urls = []
-    for entry in chromium.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message["method"] == "Network.requestWillBeSent":
-            urls.append(message["params"]["request"]["url"])
-    return urls
 
 
 def _page_phase(chromium) -> str:
@@ -430,8 +305,8 @@ def drop_photos(chromium, paths: Sequence[Path], timeout: float = WEB_PAGE_TIMEO
 
 def train_geo_model(root: Path, clip_dir: Path | None = None) -> Path:
     """The tiny CLIP (`clip_dir`, by default a fresh one) after 40 steps of `training/pretrain.py` on the synthetic
-    geo set (about a minute): a model whose answers are learned, not the near-ties of random weights, so that the
-    agreement of two ways of running it means something. Needs the checkout; returns the trained model's folder."""
+    geo set: answers learned, not random weights' near-ties, so two ways of running it can be compared. Needs the
+    checkout; returns the trained model's folder."""
     root.mkdir(parents=True, exist_ok=True)
     clip_dir = clip_dir or save_tiny_clip_checkpoint(root / "clip")
     countries = root / "countries.txt"
@@ -449,14 +324,13 @@ def train_geo_model(root: Path, clip_dir: Path | None = None) -> Path:
         "dataloader_num_workers": 0,
         "report_to": "none",
     }
-    checkout = Path(__file__).resolve().parents[1]
-    command = [sys.executable, str(checkout / "training" / "pretrain.py")]
+    command = [sys.executable, str(CHECKOUT / "training" / "pretrain.py")]
     command += [item for name, value in arguments.items() for item in (f"--{name}", str(value))]
     # A tiny text tower cannot carry the fine caption over to the country prompt alone: mix in the coarse one.
     command += ["--caption_templates", StreetCLIPConfig().caption_template, "A Street View photo in {country}."]
     command += ["--caption_template_probabilities", "0.5", "0.5"]
     environment = {**os.environ, "HF_DATASETS_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, env=environment, cwd=checkout, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, env=environment, cwd=CHECKOUT, capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         raise RuntimeError(f"training/pretrain.py failed with status {result.returncode}:\n{result.stderr[-5000:]}")
     return root / "run"

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import publish
 import pytest
+from builders import run_as_hub_user
 from transformers import pipeline
 
 from modeling_streetclip import CandidatePlaces, StreetCLIPForGeolocation, StreetCLIPProcessor
@@ -23,7 +24,6 @@ from modeling_streetclip.decisions import rank_answers
 from modeling_streetclip.testing_utils import (
     PLACES,
     random_photo,
-    run_as_hub_user,
     write_geo_imagefolder,
 )
 

@@ -20,6 +20,7 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import save_random_photos
 from filelock import FileLock
 from transformers import AutoImageProcessor
 
@@ -28,7 +29,7 @@ from modeling_streetclip.answers import format_answers
 from modeling_streetclip.app.records import ANSWER_FIELDS, DECISION_FIELDS, REGION_FIELDS, lock_path, options_path
 from modeling_streetclip.cli import build_parser, main
 from modeling_streetclip.decisions import rank_places
-from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo, save_random_photos
+from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo
 
 
 PHOTO_SIZE = (32, 24)

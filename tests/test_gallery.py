@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from builders import place_in_hub_cache, run_as_hub_user
 from PIL import Image
 from transformers import CLIPModel, pipeline
 
@@ -47,9 +48,7 @@ from modeling_streetclip.geodesy import EARTH_RADIUS_KM, great_circle_km
 from modeling_streetclip.testing_utils import (
     PLACES,
     SMALL_COUNTRIES,
-    place_in_hub_cache,
     place_photo,
-    run_as_hub_user,
     save_tiny_clip_checkpoint,
     write_geo_imagefolder,
 )

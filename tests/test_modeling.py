@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import place_in_hub_cache, run_as_hub_user, save_random_photos
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPModel, pipeline
 from transformers.testing_utils import CaptureLogger
@@ -29,9 +30,6 @@ from modeling_streetclip.decisions import rank_places
 from modeling_streetclip.testing_utils import (
     SMALL_COUNTRIES,
     TINY_IMAGE_SIZE,
-    place_in_hub_cache,
-    run_as_hub_user,
-    save_random_photos,
     save_tiny_clip_checkpoint,
 )
 

@@ -12,6 +12,7 @@ import huggingface_hub.constants
 import publish
 import pytest
 import torch
+from builders import run_as_hub_user, save_random_photos
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from huggingface_hub.utils import hf_raise_for_status
 from PIL import Image
@@ -20,7 +21,7 @@ from transformers import pipeline
 
 import modeling_streetclip
 from modeling_streetclip import GeolocationPipeline, paper_countries
-from modeling_streetclip.testing_utils import SMALL_COUNTRIES, run_as_hub_user, save_random_photos
+from modeling_streetclip.testing_utils import SMALL_COUNTRIES
 
 
 REPO_ID = "streetclip-tests/tiny-geolocation"

@@ -13,6 +13,7 @@ import publish
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import run_as_hub_user, save_random_photos
 from safetensors import safe_open
 from transformers import AutoTokenizer, CLIPModel, pipeline
 
@@ -29,8 +30,6 @@ from modeling_streetclip.decisions import DECISIONS, ZERO_SHOT_DECISIONS, rank_p
 from modeling_streetclip.testing_utils import (
     SMALL_COUNTRIES,
     TINY_IMAGE_SIZE,
-    run_as_hub_user,
-    save_random_photos,
 )
 
 

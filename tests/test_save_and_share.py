@@ -18,6 +18,7 @@ import huggingface_hub.constants
 import publish
 import pytest
 import torch
+from builders import place_in_hub_cache, save_random_photos
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoProcessor, pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
@@ -31,7 +32,7 @@ from modeling_streetclip import (
 )
 from modeling_streetclip.cli import main as streetclip
 from modeling_streetclip.decisions import rank_places
-from modeling_streetclip.testing_utils import SMALL_COUNTRIES, place_in_hub_cache, random_photo, save_random_photos
+from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 import publish
 import pytest
+from builders import run_as_hub_user
 from card import build_model_card
 from huggingface_hub import HfApi, ModelCard, SpaceCard
 from packaging.requirements import Requirement
@@ -35,7 +36,7 @@ from transformers import AutoConfig, pipeline
 from modeling_streetclip import GeolocationPipeline, StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.app import world_map
 from modeling_streetclip.app.batch import geolocate_images
-from modeling_streetclip.testing_utils import random_photo, run_as_hub_user
+from modeling_streetclip.testing_utils import random_photo
 
 
 pytest.importorskip("gradio", reason="the demo needs the [demo] extra: pip install -e '.[demo]'")

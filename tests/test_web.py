@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import publish
 import pytest
+from builders import requested_urls
 from huggingface_hub import SpaceCard
 from PIL import Image
 from transformers import pipeline
@@ -33,7 +34,6 @@ from modeling_streetclip.testing_utils import (
     install_web_dependencies,
     open_web_page,
     random_photo,
-    requested_urls,
     serve_folders,
 )
 
