@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from .answers import CONFIDENCE_RADII_KM, format_answers
-from .gallery_vote import hybrid_scale, kernel_vote, nearest_city_rows, vote_weights
+from .gallery_vote import hybrid_scale, nearest_city_rows, neighbor_vote
 from .geodesy import EARTH_RADIUS_KM, great_circle_km, unit_vectors
 
 
@@ -263,10 +263,9 @@ def rank_gallery_places(
         if decision == "hybrid":
             countries = city_countries[neighbor_cities]
             scale = hybrid_scale(countries, country_probabilities[image], settings.hybrid_countries)
-        answers = kernel_vote(image_similarities, latitudes, longitudes, settings, top_k=top_k, scale=scale)
-        weights = vote_weights(image_similarities, settings, scale)
-        for position_rank, (position, score) in enumerate(answers):
-            distances = great_circle_km(latitudes[position], longitudes[position], latitudes, longitudes)
+        vote = neighbor_vote(image_similarities, latitudes, longitudes, settings, top_k=top_k, scale=scale)
+        for position_rank, (position, score) in enumerate(vote.answers):
+            distances, weights = vote.distances_km[position], vote.weights
             shares = [weights[distances <= radius].sum() / weights.sum() for radius in CONFIDENCE_RADII_KM]
             within[image, position_rank] = np.clip(shares, 0.0, 1.0)
             city_rows[image, position_rank] = neighbor_cities[position]

@@ -1,21 +1,17 @@
-"""How the nearest gallery photos vote: the rules of the decisions `"gallery"` and `"hybrid"` (see `decisions`), as
-pure numpy functions of the neighbours, and the settings a gallery stores as its defaults.
+"""How the nearest gallery photos vote under the decisions `"gallery"` and `"hybrid"`, as numpy functions.
 
-- `"gallery"`, a kernel vote on the sphere. Neighbour i, of cosine similarity s_i, weighs w_i = exp((s_i - s_1) /
-  temperature), s_1 being the best. Neighbour j gathers the support S_j = sum_i w_i K(d_ij), with d_ij the
-  great-circle distance and K(d) = max(0, 1 - (d / radius_km)^2) the Epanechnikov kernel. The answer is the neighbour
-  of most support (ties to the more similar), scored S_j / sum_i w_i, a share in [0, 1]: a lone best match is
-  outvoted by a group of nearly as good ones that agree on a place. Further answers are the next best neighbours at
-  least `radius_km` from every answer before them, so that answers are distinct places.
-- `"hybrid"`: only neighbours in the `hybrid_countries` most probable zero-shot countries vote, each weight times
-  its country's probability (all vote, so weighted, when none lies in those countries).
+`"gallery"`: neighbour i weighs w_i = exp((s_i - s_best) / temperature) (s: cosine similarity); neighbour j's support
+S_j = sum_i w_i K(d_ij), K(d) = max(0, 1 - (d / radius_km)^2) (Epanechnikov, d: great-circle km). The answer is the
+neighbour of most support (ties to the more similar) scored S_j / sum_i w_i; further answers are the next best at least
+radius_km from every earlier one. `"hybrid"`: only neighbours in the `hybrid_countries` most probable zero-shot
+countries vote, each weight times its country's probability (all vote so when none lies there).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -34,13 +30,11 @@ def is_count(value: Any, minimum: int = 1) -> bool:
 
 @dataclass(frozen=True)
 class VoteSettings:
-    """How the nearest gallery photos vote (see the module docstring). The defaults are reasoned, not tuned: tune them
-    on held-out photos of your gallery's kind."""
+    """How the nearest gallery photos vote (see the module docstring); the defaults are reasoned, not tuned."""
 
     # Enough neighbours for a group of agreeing matches to outvote one stray match.
     num_neighbors: int = 16
-    # Epanechnikov of radius 10 km has the spread (4.5 km) of the Gaussian kernel Vo et al. found best for kNN on
-    # IM2GPS ("Revisiting IM2GPS in the Deep Learning Era", ICCV 2017): one district pools, a city's far ends do not.
+    # The spread (4.5 km) of the Gaussian kernel Vo et al. found best for kNN on IM2GPS (ICCV 2017): a district pools.
     radius_km: float = 10.0
     # A neighbour 0.05 less similar weighs e times less; CLIP's own 0.01 would let the best match decide alone.
     temperature: float = 0.05
@@ -65,27 +59,37 @@ class VoteSettings:
         return cls(**values)
 
 
-def kernel_vote(
+class Vote(NamedTuple):
+    """A vote's answers `(position, score)`, best first, each neighbour's weight (0: not voting) and their pairwise km."""
+
+    answers: list[tuple[int, float]]
+    weights: np.ndarray
+    distances_km: np.ndarray
+
+
+def neighbor_vote(
     similarities: npt.ArrayLike,
     latitudes: npt.ArrayLike,
     longitudes: npt.ArrayLike,
     settings: VoteSettings,
     top_k: int = 1,
     scale: npt.ArrayLike | None = None,
-) -> list[tuple[int, float]]:
-    """The `"gallery"` vote among one image's neighbours: `(position, score)` of up to `top_k` answers, best first.
-
-    `scale` multiplies each neighbour's weight (the hybrid's country probabilities; 0 leaves one out); a -inf
-    similarity marks a neighbour the index did not return.
+) -> Vote:
+    """The `"gallery"` vote among one image's neighbours, up to `top_k` answers. `scale` multiplies each neighbour's
+    weight (the hybrid's country probabilities; 0 leaves one out); a -inf similarity marks one the index did not return.
     """
     similarities = np.asarray(similarities, dtype=np.float64)
     latitudes = np.asarray(latitudes, dtype=np.float64)
     longitudes = np.asarray(longitudes, dtype=np.float64)
-    weights = vote_weights(similarities, settings, scale)
+    weights = np.ones_like(similarities) if scale is None else np.asarray(scale, dtype=np.float64).copy()
+    voters = np.isfinite(similarities) & (weights > 0)
+    if voters.any():
+        weights[voters] *= np.exp((similarities[voters] - similarities[voters].max()) / settings.temperature)
+    weights[~voters] = 0.0
+    distances = great_circle_km(latitudes[:, None], longitudes[:, None], latitudes[None, :], longitudes[None, :])
     voters = weights > 0
     if not voters.any():
-        return []
-    distances = great_circle_km(latitudes[:, None], longitudes[:, None], latitudes[None, :], longitudes[None, :])
+        return Vote([], weights, distances)
     kernel = np.clip(1.0 - (distances / settings.radius_km) ** 2, 0.0, None)
     # Clipped against rounding: clients read the share as a probability.
     support = np.clip(kernel @ weights / weights.sum(), 0.0, 1.0)
@@ -95,21 +99,7 @@ def kernel_vote(
             answers.append(position)
             if len(answers) == top_k:
                 break
-    return [(int(position), float(support[position])) for position in answers]
-
-
-def vote_weights(
-    similarities: npt.ArrayLike, settings: VoteSettings, scale: npt.ArrayLike | None = None
-) -> np.ndarray:
-    """Each neighbour's weight in `kernel_vote` (0 for those that do not vote): the vote's mass, which `within_km`
-    sums under the gallery decisions."""
-    similarities = np.asarray(similarities, dtype=np.float64)
-    weights = np.ones_like(similarities) if scale is None else np.asarray(scale, dtype=np.float64).copy()
-    voters = np.isfinite(similarities) & (weights > 0)
-    if voters.any():
-        weights[voters] *= np.exp((similarities[voters] - similarities[voters].max()) / settings.temperature)
-    weights[~voters] = 0.0
-    return weights
+    return Vote([(int(position), float(support[position])) for position in answers], weights, distances)
 
 
 def hybrid_scale(
@@ -132,4 +122,4 @@ def nearest_city_rows(places: CandidatePlaces, latitudes: npt.ArrayLike, longitu
     return (unit_vectors(latitudes, longitudes) @ cities.T).argmax(axis=-1)
 
 
-__all__ = ["VoteSettings", "hybrid_scale", "is_count", "kernel_vote", "nearest_city_rows", "vote_weights"]
+__all__ = ["Vote", "VoteSettings", "hybrid_scale", "is_count", "nearest_city_rows", "neighbor_vote"]

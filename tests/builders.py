@@ -1,5 +1,5 @@
-"""Test-only builders: photo folders, a Hub cache laid out by hand, a fresh interpreter without this package, and
-the browser's request log."""
+"""Test-only helpers: photo folders, a Hub cache laid out by hand, a fresh interpreter without this package, the
+browser's request log, and the gallery vote's answers alone."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from modeling_streetclip.gallery_vote import neighbor_vote
 from modeling_streetclip.testing_utils import random_photo
 
 
@@ -78,3 +79,8 @@ def requested_urls(chromium) -> list[str]:
         if message["method"] == "Network.requestWillBeSent":
             urls.append(message["params"]["request"]["url"])
     return urls
+
+
+def kernel_vote(*args, **kwargs) -> list[tuple[int, float]]:
+    """`neighbor_vote`'s answers `(position, score)`, best first."""
+    return neighbor_vote(*args, **kwargs).answers

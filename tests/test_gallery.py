@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from builders import place_in_hub_cache, run_as_hub_user
+from builders import kernel_vote, place_in_hub_cache, run_as_hub_user
 from PIL import Image
 from transformers import CLIPModel, pipeline
 
@@ -43,7 +43,7 @@ from modeling_streetclip.gallery_store import (
     image_embeddings,
     model_fingerprint,
 )
-from modeling_streetclip.gallery_vote import VoteSettings, hybrid_scale, kernel_vote, nearest_city_rows
+from modeling_streetclip.gallery_vote import VoteSettings, hybrid_scale, nearest_city_rows
 from modeling_streetclip.geodesy import EARTH_RADIUS_KM, great_circle_km
 from modeling_streetclip.testing_utils import (
     PLACES,
