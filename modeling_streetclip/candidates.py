@@ -22,8 +22,7 @@ from .geodesy import coordinate_problem
 from .geonames import geonames_table
 
 
-# A table without a region level leaves these empty and out of `to_dict`: readers of config.json (the web page) tell
-# the levels by their presence.
+# Empty and out of `to_dict` without a region level: readers of config.json (the web page) tell levels by presence.
 _REGION_COLUMNS = ("region_names", "region_countries", "city_regions")
 
 
@@ -112,28 +111,25 @@ class CandidatePlaces:
 
     @property
     def has_regions(self) -> bool:
-        """Whether the table groups its cities into first-level regions (the optional middle level)."""
+        """Whether the table groups its cities into first-level regions."""
         return bool(self.region_names)
 
+    # The rows of each country or region, in table order.
     @cached_property
     def cities_by_country(self) -> list[list[int]]:
-        """City rows of each country, in table order."""
         return _rows_by_group(self.city_countries, self.num_countries)
 
     @cached_property
     def regions_by_country(self) -> list[list[int]]:
-        """Region rows of each country, in table order."""
         return _rows_by_group(self.region_countries, self.num_countries)
 
     @cached_property
     def cities_by_region(self) -> list[list[int]]:
-        """City rows of each region, in table order."""
         return _rows_by_group(self.city_regions, self.num_regions)
 
     @cached_property
     def city_labels(self) -> list[str]:
-        """Each city's label, as `config.id2label` and answers give it: `"Paris, France"` or `"Paris, Île-de-France,
-        France"`."""
+        """Each city's label in `config.id2label` and answers: `"Paris, France"` or `"Paris, Île-de-France, France"`."""
         parts = [self.city_names, [self.country_names[country] for country in self.city_countries]]
         if self.has_regions:
             parts.insert(1, [self.region_names[region] for region in self.city_regions])
@@ -148,8 +144,7 @@ class CandidatePlaces:
         return [len(countries_by_name[name.casefold()]) > 1 for name in self.city_names]
 
     def country_index(self, name: str) -> int:
-        """Row of a candidate country by name, ISO code or any spelling `resolve_country_name` knows; else close
-        matches."""
+        """Row of a candidate country by name, ISO code or any spelling `resolve_country_name` knows."""
         check_country_string(name)
         if name in self.country_names:
             return self.country_names.index(name)
@@ -201,7 +196,7 @@ class CandidatePlaces:
     @classmethod
     def from_records(cls, records: Iterable[Mapping]) -> "CandidatePlaces":
         """A custom table from rows of `country`, `city`, `latitude`, `longitude` and optionally `country_code` and
-        `region` (in every row or none); countries and regions in order of first mention."""
+        `region` (in every row or none), countries and regions in order of first mention."""
         country_rows: dict[str, int] = {}
         region_rows: dict[tuple[int, str], int] = {}
         codes: list[str] = []
@@ -242,8 +237,7 @@ class CandidatePlaces:
 
     @classmethod
     def from_geonames(cls, countries: Sequence[str] | None = None, *args, **settings) -> "CandidatePlaces":
-        """The GeoNames table of the given countries (names or ISO codes; `None`: the paper's 193), with
-        `geonames.geonames_table`'s settings."""
+        """The GeoNames table of the given countries (names or ISO codes; `None`: the paper's 193)."""
         countries = paper_countries() if countries is None else resolve_country_names(countries)
         return cls(**geonames_table(countries, [resolve_country_code(name) for name in countries], *args, **settings))
 
@@ -255,7 +249,6 @@ class CandidatePlaces:
 
 
 def _rows_by_group(groups: Sequence[int], num_groups: int) -> list[list[int]]:
-    """The rows of each of `num_groups` groups, in order, `groups` naming each row's."""
     rows = [[] for _ in range(num_groups)]
     for row, group in enumerate(groups):
         rows[group].append(row)

@@ -1,9 +1,5 @@
 """The FAISS index of a gallery: which index suits its size or a memory budget, checking a factory string before any
-photo is embedded, how many inverted lists a search probes, and training on a sample.
-
-faiss (and transformers, for `requires_backends`) are imported only where an index is made or read, so that
-`streetclip --help` shows these defaults at once.
-"""
+photo is embedded, how many inverted lists a search probes, and training on a sample. faiss is imported where used."""
 
 from __future__ import annotations
 
@@ -17,30 +13,26 @@ import numpy as np
 from .gallery_vote import is_count
 
 
-# `index="auto"`: the documented default for the gallery's size (`recommended_index`).
 AUTO_INDEX = "auto"
 # Exact search, the only index whose results are exact; fast enough up to EXACT_SEARCH_MAX_ROWS rows.
 DEFAULT_INDEX = "Flat"
 EXACT_SEARCH_MAX_ROWS = 100_000
 # Probing 1/64 of the lists reached recall@10 >= 0.9 on the clustered benchmark (eval/speed/bench_gallery_index.py).
 PROBED_LIST_FRACTION = 1 / 64
-# Search time grows with the rows the probed lists hold: beyond about a million rows, fewer lists are probed, so that a
-# query scans about this many rows whatever the gallery's size (eval/README.md, the 5M-row figures).
+# Beyond about a million rows, fewer lists are probed, so that a query scans about this many rows at any size.
 SCANNED_ROWS_PER_QUERY = 20_000
 # k-means wants >= 39 points per centroid (64 gives slack); PQ's 256-centroid sub-quantizers want 2**16 points.
 TRAIN_POINTS_PER_LIST = 64
 MIN_TRAIN_POINTS = 2**16
 TRAIN_SAMPLE_SEED = 0  # a rebuild gives the same index
-# An IVF index stores each row's 64-bit id beside its code.
-IVF_ID_BYTES = 8
+IVF_ID_BYTES = 8  # an IVF index stores each row's 64-bit id beside its code
 # PQ code sizes (bytes per row) `index_for_memory` tries, most accurate first; usable where they divide the dimension.
 PQ_CODE_SIZES = (384, 256, 192, 128, 96, 64, 48, 32, 16, 8)
 
 
 @dataclass(frozen=True)
 class IndexChoice:
-    """A FAISS factory string, the lists a search probes (None without lists), the rows that train it (None: no
-    training) and about how many bytes it takes in memory."""
+    """A FAISS factory string, the lists a search probes and the rows that train it (None: none), its bytes in memory."""
 
     factory: str
     nprobe: int | None
@@ -62,8 +54,7 @@ def training_rows(lists: int | None, num_rows: int) -> int:
 
 
 def _ivf_choice(num_rows: int, dim: int, codes: str, code_bytes: int) -> IndexChoice:
-    """`IVF{lists},{codes}` with the power of two nearest sqrt(rows) lists (short coarse and fine scans alike), at
-    most one per 39 rows."""
+    """`IVF{lists},{codes}` with the power of two nearest sqrt(rows) lists, at most one per 39 rows."""
     lists = max(1, min(2 ** round(math.log2(max(1.0, math.sqrt(num_rows)))), num_rows // 39))
     memory = num_rows * (code_bytes + IVF_ID_BYTES) + lists * dim * 4
     return IndexChoice(f"IVF{lists},{codes}", probed_lists(lists, num_rows), training_rows(lists, num_rows), memory)
@@ -79,8 +70,7 @@ def recommended_index(num_rows: int, dim: int) -> IndexChoice:
 # The choice autofaiss makes, written here: autofaiss 2.18 requires numpy<2, and this package needs numpy>=2.4.
 def index_for_memory(num_rows: int, dim: int, max_bytes: int) -> IndexChoice:
     """The most accurate index for `num_rows` rows of `dim` floats within `max_bytes`: exact search for small
-    galleries, else IVF with 8-bit scalar codes, 4-bit ones, then the largest PQ code that fits; a budget too small
-    for any is refused, naming the smallest."""
+    galleries, else IVF with 8-bit scalar codes, 4-bit ones, then the largest PQ code that fits."""
     if num_rows < 1 or dim < 1:
         raise ValueError(f"index_for_memory needs at least one row and one dimension, got {num_rows} x {dim}.")
     candidates = [recommended_index(num_rows, dim)] if num_rows <= EXACT_SEARCH_MAX_ROWS else []
@@ -111,8 +101,7 @@ def inverted_lists(faiss_index) -> int | None:
 
 
 def check_nprobe(nprobe: Any, lists: int | None, index: str, name: str = "nprobe") -> None:
-    """Refuse an `nprobe` (given as `name`) that cannot apply to the index `index` with `lists` inverted lists (None:
-    none): an integer from 1 to `lists`, for an index with lists only. None always passes."""
+    """Refuse an `nprobe` (named `name`) other than None or an integer from 1 to `lists` (None: the index has none)."""
     if nprobe is None:
         return
     if not is_count(nprobe):
@@ -134,8 +123,8 @@ def set_nprobe(faiss_index, nprobe: int) -> None:
 
 
 def check_factory(factory: str, dim: int) -> int | None:
-    """Refuse, naming it, a factory string FAISS cannot build for `dim`-d rows or whose index refuses rows added
-    without ids (as `datasets` adds them), before any photo is embedded; returns its inverted lists (None: none)."""
+    """Refuse a factory string FAISS cannot build for `dim`-d rows, or whose index refuses rows added without ids (as
+    `datasets` adds them), before any photo is embedded; returns its inverted lists (None: none)."""
     import faiss
 
     try:
@@ -145,8 +134,7 @@ def check_factory(factory: str, dim: int) -> int | None:
             f"index {factory!r} is not a FAISS factory string for {dim}-d embeddings ({faiss_reason(error)}); e.g. "
             f"'Flat', 'IVF1024,SQ8', 'IVF1024,PQ64' (PQ's code count must divide {dim}), or {AUTO_INDEX!r}."
         ) from None
-    # An IDMap fails only once every photo is embedded; any other refusal shows on one row added to an index ready
-    # as built.
+    # An IDMap fails only after embedding; other refusals show on a row added to an index trained as built.
     problem = None
     if isinstance(faiss.downcast_index(index), faiss.IndexIDMap):
         problem = "an IDMap takes rows only with ids of its own (add_with_ids), while a gallery numbers them itself"
@@ -171,9 +159,8 @@ def trained_index(
     nprobe: int | None = None,
     train_size: int | None = None,
 ) -> tuple[Any, int | None]:
-    """An empty index `factory` for `num_rows` rows of `dim` floats compared by inner product, trained where it needs
-    it on `train_size` rows (default `training_rows`) drawn at random and read by `read_rows(sorted positions)`, and
-    the lists it probes: `nprobe` (default `probed_lists`; None without lists)."""
+    """An empty inner-product index `factory` for `num_rows` rows of `dim` floats, trained where needed on `train_size`
+    random rows (default `training_rows`) read by `read_rows(sorted positions)`, and the lists it probes."""
     from transformers.utils import requires_backends
 
     requires_backends(trained_index, "faiss")
@@ -182,14 +169,12 @@ def trained_index(
     lists = check_factory(factory, dim)
     check_nprobe(nprobe, lists, factory)
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    # Polysemous training serves only polysemous search, which galleries never use: IVF16,PQ16 on 5,000 rows of
-    # 128-d trains in 1.9 s without it, 72 s with it (one core).
+    # Polysemous training serves only polysemous search, which galleries never use, and is slow.
     for part in map(faiss.downcast_index, [index] + ([faiss.extract_index_ivf(index)] if lists else [])):
         if hasattr(part, "do_polysemous_training"):
             part.do_polysemous_training = False
     if not index.is_trained:
-        # Not `add_faiss_index(train_size=)`, which trains on the first rows: on rows in place order that cut
-        # recall@10 from 0.88 to 0.54 (IVF64,SQ8, 50,000 rows of 500 places) against a random sample.
+        # Not `add_faiss_index(train_size=)`, which trains on the first rows: rows in place order cut recall.
         wanted = min(train_size or training_rows(lists, num_rows), num_rows)
         sample = np.sort(np.random.default_rng(TRAIN_SAMPLE_SEED).choice(num_rows, size=wanted, replace=False))
         try:

@@ -1,14 +1,7 @@
 """Geolocation by retrieval: a gallery of geo-tagged photo embeddings, searched with FAISS and checked against the
-model that searches it. A gallery is a folder (or a Hub dataset repo holding one):
-
-- `dataset/`: a `datasets.Dataset` (`save_to_disk`), one row per photo: `embedding` (L2-normalised, float32),
-  `latitude`, `longitude`, `source_row`, `image_path` and the source's other columns (labels, kept as they are);
-- `index.faiss`: the FAISS index over `embedding` (`add_faiss_index`), by inner product: cosine for unit vectors;
-- `gallery.json`: the model (its name, and its embeddings of fixed probe images, which users must reproduce: see
-  `check_model`), the index factory string, the counts and the default vote settings;
-- `bad_rows.jsonl`: the source rows skipped, each with the reason.
-
-Building belongs to the application (`app.gallery_build`), which a folder saved for `trust_remote_code` omits.
+model that searches it. A gallery folder (or Hub dataset repo) holds `dataset/` (`save_to_disk`: unit float32
+`embedding`, `latitude`, `longitude`, `source_row`, `image_path`, the source's columns), `index.faiss` (inner product),
+`gallery.json` (`GalleryInfo`) and `bad_rows.jsonl`. `app.gallery_build` builds one.
 """
 
 from __future__ import annotations
@@ -54,8 +47,7 @@ class GalleryFileError(ValueError):
 
 
 def image_embeddings(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """L2-normalised image embeddings in the model's dtype, as `StreetCLIPForGeolocation.forward` computes them
-    (any CLIP model with `get_image_features` gives them)."""
+    """L2-normalised image embeddings in the model's dtype, as `StreetCLIPForGeolocation.forward` computes them."""
     import torch
     import torch.nn.functional as F
 
@@ -65,16 +57,14 @@ def image_embeddings(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def stored_embeddings(image_embeds: torch.Tensor) -> np.ndarray:
-    """Image embeddings as galleries store them: float32 unit vectors, renormalised since a bfloat16 model's are
-    unit vectors only to its rounding."""
+    """Image embeddings as galleries store them: float32, renormalised (bfloat16 ones are unit only to rounding)."""
     import torch.nn.functional as F
 
     return F.normalize(image_embeds.float(), dim=-1).cpu().numpy()
 
 
 def model_fingerprint(model, image_processor) -> np.ndarray:
-    """The model's embeddings of the probe images, `(PROBE_IMAGES, dim)`: what a gallery records of its model, since
-    names change (a local copy of a Hub repo) while embeddings do not."""
+    """The model's embeddings of the probe images, `(PROBE_IMAGES, dim)`: a gallery records these, not a name."""
     from PIL import Image
 
     rng = np.random.default_rng(20230101)
@@ -103,8 +93,8 @@ def fingerprint_problem(fingerprint: Any, dim: int) -> str | None:
 
 
 def fingerprint_agreement(recorded: npt.ArrayLike, actual: npt.ArrayLike) -> float:
-    """The smallest cosine between two models' embeddings of the same probe image; -1 when either is not probe
-    embeddings of the same size (zeros or NaN would otherwise agree with anything)."""
+    """The smallest cosine between two models' embeddings of one probe image; -1 when either is not probe embeddings
+    of the same size."""
     dim = np.shape(actual)[-1]
     if fingerprint_problem(recorded, dim) or fingerprint_problem(actual, dim):
         return -1.0
@@ -179,8 +169,7 @@ class GalleryInfo:
 
 
 def names_a_missing_folder(source: str) -> bool:
-    """Whether `source` can only be a local path (absolute, `./`, `../`, `~`, or more parts than ORG/NAME) and
-    nothing is there: `datasets` would report it as a malformed Hub id."""
+    """Whether `source` can only be a local path (absolute, `.`, `~`, more parts than ORG/NAME) and nothing is there."""
     path = Path(source).expanduser()
     local = path.is_absolute() or source.startswith((".", "~")) or len(path.parts) > 2
     return local and not path.exists()
@@ -205,8 +194,7 @@ def _check_rows(folder: Path, dataset: datasets.Dataset, info: GalleryInfo) -> N
 
 
 class GeoGallery:
-    """A gallery of geo-tagged photo embeddings with its FAISS index (see the module docstring); README's "Retrieval
-    galleries" builds one and geolocates with it."""
+    """A gallery of geo-tagged photo embeddings with its FAISS index (see the module docstring)."""
 
     def __init__(self, folder: Path, dataset: datasets.Dataset, info: GalleryInfo, settings: VoteSettings):
         self.folder, self.dataset, self.info, self.settings = folder, dataset, info, settings
@@ -237,11 +225,8 @@ class GeoGallery:
         token: str | bool | None = None,
         **vote_settings,
     ) -> GeoGallery:
-        """A gallery from its folder, or from a Hub dataset repo (ORG/NAME) that `push_to_hub` wrote.
-
-        `nprobe` overrides how many inverted lists an IVF index probes (more: higher recall, slower search);
-        `vote_settings` override the gallery's `VoteSettings` (`num_neighbors=32`, `radius_km=5`, ...).
-        """
+        """A gallery from its folder or a Hub dataset repo (ORG/NAME). `nprobe` overrides the inverted lists an IVF
+        index probes; `vote_settings` override the gallery's `VoteSettings` (`num_neighbors=32`, `radius_km=5`)."""
         from transformers.utils import requires_backends
 
         requires_backends(cls, ["datasets", "faiss"])
@@ -287,8 +272,7 @@ class GeoGallery:
         return gallery
 
     def _check_coordinates(self) -> None:
-        """Refuse rows whose coordinates are not a point on Earth (a build records such rows as bad), naming the first
-        and the count: their answers would carry NaN or impossible places."""
+        """Refuse rows whose coordinates are not a point on Earth, naming the first and the count."""
         bad = np.flatnonzero(~valid_coordinates(self.latitudes, self.longitudes))
         if len(bad):
             row = int(bad[0])
@@ -316,7 +300,7 @@ class GeoGallery:
 
     def check_model(self, model, image_processor, model_name: str | None = None) -> None:
         """Refuse a model whose embeddings are not those this gallery was built with, naming both; the same weights in
-        another precision, or a copy under another name, pass."""
+        another precision or under another name pass."""
         actual = model_fingerprint(model, image_processor)
         agreement = fingerprint_agreement(self.info.model_fingerprint, actual)
         if agreement < FINGERPRINT_MIN_COSINE:
@@ -336,8 +320,7 @@ class GeoGallery:
     def push_to_hub(
         self, repo_id: str, private: bool | None = None, token: str | bool | None = None, revision: str | None = None
     ) -> str:
-        """Upload the gallery folder as a Hub dataset repo (created if needed), which `GeoGallery.load(repo_id)` and
-        `pipeline(..., gallery=repo_id)` read; returns the commit URL."""
+        """Upload the gallery folder as a Hub dataset repo (created if needed); returns the commit URL."""
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
