@@ -13,7 +13,7 @@ from typing import Any
 from .geonames import geonames_country_names
 
 
-# A country list is a few kilobytes; reading stops well above, rather than filling memory from a runaway file.
+# A country list is a few kilobytes; reading stops well above, rather than filling memory.
 MAX_COUNTRY_LIST_BYTES = 1 << 20
 
 
@@ -82,8 +82,7 @@ def resolve_country_names(names: Sequence[str], option: str = "candidate_countri
 
 
 def _resolve_entries(entries: Iterable[tuple[str, Any]]) -> list[str]:
-    """`resolve_country_name` of each `(where, entry)`; an entry not a string, unknown or repeated is refused by
-    `where`."""
+    """`resolve_country_name` of each `(where, entry)`; an entry not a string, unknown or repeated is refused."""
     first: dict[str, str] = {}
     for where, entry in entries:
         try:
@@ -110,7 +109,7 @@ def country_code_or_empty(name: str) -> str:
 
 def read_country_list(path: str | os.PathLike) -> list[str]:
     """The countries a text file lists, one name or ISO code per line (`#` comments skipped); `OSError` when it
-    cannot be read, `ValueError` naming the file and line for anything else wrong."""
+    cannot be read, `ValueError` naming the file and line otherwise."""
     path = Path(path)
     if not stat.S_ISREG(path.stat().st_mode):
         raise ValueError(f"{str(path)!r} is not a regular file; give a text file with one country per line.")

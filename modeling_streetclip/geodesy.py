@@ -1,6 +1,5 @@
 """Geometry on the Earth's sphere: great-circle distances, unit vectors, and which coordinate pairs are points on
-Earth, so that every reader of coordinates drops the same rows for the same reasons. The published
-`geodesic_accuracy` metric imports nothing from here and keeps its own copy (a test holds them equal)."""
+Earth, so that every reader of coordinates drops the same rows for the same reasons."""
 
 import math
 from enum import Enum
@@ -16,7 +15,7 @@ MAX_ABS_LONGITUDE = 180.0
 
 
 class CoordinateProblem(Enum):
-    """Why a pair is not a point on Earth; each value is a short reason that can be counted over many rows."""
+    """Why a pair is not a point on Earth; each value is a short reason to count over rows."""
 
     MISSING = "missing coordinates"
     LOOK_SWAPPED = "latitude out of range (latitude and longitude look swapped)"

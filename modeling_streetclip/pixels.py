@@ -1,6 +1,5 @@
-"""Pixel values in two halves: the image processor's resize and crop where photos are decoded (8-bit, a quarter of
-float32's bytes to carry to the device), its rescale and normalisation where the model runs, together bit for bit
-the processor's. Beyond `MAX_RESIZED_CROPS` crops' worth of pixels, a strip's kept centre is cut out first."""
+"""Pixel values in two halves, together bit for bit the image processor's: resize and crop where photos are decoded
+(8-bit, a quarter of float32's bytes to carry), rescale and normalisation where the model runs."""
 
 import numpy as np
 import torch
@@ -23,8 +22,7 @@ def resized_pixels(image_processor, images) -> torch.Tensor:
 
 def central_region(image_processor, image: Image.Image) -> Image.Image:
     """`image`, or where resizing it whole would exceed `MAX_RESIZED_CROPS` crops, the region the processor's crop
-    keeps, resized as the processor would (Pillow samples the box at the whole photo's scale: within 8-bit rounding).
-    """
+    keeps, resized as the processor would (within 8-bit rounding)."""
     # `.get` and `[]` read both the processor's SizeDict and a plain dict assigned to it.
     size, crop = image_processor.size, image_processor.crop_size
     shortest_edge = size.get("shortest_edge")
@@ -57,7 +55,7 @@ def central_region(image_processor, image: Image.Image) -> Image.Image:
 
 def normalized_pixels(image_processor, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Finish what `resized_pixels` left out, on `pixels`' device, in `dtype`; 8-bit pixels through an exact table of
-    each channel's 256 values (no float64 on the device, which MPS lacks)."""
+    each channel's 256 values (MPS lacks float64)."""
     if pixels.dtype == torch.uint8:
         table = _normalized(image_processor, torch.arange(256, dtype=torch.float64).expand(pixels.shape[-3], 1, 256))
         offsets = torch.arange(pixels.shape[-3], device=pixels.device).view(-1, 1, 1) * 256
