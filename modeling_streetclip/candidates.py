@@ -53,8 +53,7 @@ class CandidatePlaces:
             raise ValueError(
                 "CandidatePlaces city columns (names, countries, latitudes, longitudes) differ in length."
             )
-        duplicates = {name for name in self.country_names if self.country_names.count(name) > 1}
-        if duplicates:
+        if duplicates := {name for name in self.country_names if self.country_names.count(name) > 1}:
             raise ValueError(f"CandidatePlaces lists these countries more than once: {sorted(duplicates)}.")
         for row, (name, country, latitude, longitude) in enumerate(zip(*city_columns, strict=True)):
             if not 0 <= country < len(self.country_names):
@@ -93,8 +92,7 @@ class CandidatePlaces:
                     f"{self.region_names[region]!r}, which belongs to "
                     f"{self.country_names[self.region_countries[region]]!r}."
                 )
-        empty = [name for name, rows in zip(self.region_names, self.cities_by_region, strict=True) if not rows]
-        if empty:
+        if empty := [name for name, rows in zip(self.region_names, self.cities_by_region, strict=True) if not rows]:
             raise ValueError(f"These candidate regions have no candidate city: {empty}.")
 
     @property
@@ -211,8 +209,7 @@ class CandidatePlaces:
                 f"{'has one' if with_region[0] else 'does not'}; give every record a region, or none."
             )
         for position, record in enumerate(records):
-            missing = {"country", "city", "latitude", "longitude"} - set(record)
-            if missing:
+            if missing := {"country", "city", "latitude", "longitude"} - set(record):
                 raise ValueError(f"Candidate record {position} lacks {sorted(missing)}: {dict(record)!r}.")
             country = str(record["country"])
             if country not in country_rows:

@@ -140,8 +140,7 @@ class GalleryInfo:
             raise GalleryFileError(
                 f"{str(path)!r} has format_version {info.format_version!r}; this version reads {FORMAT_VERSION}."
             )
-        problems = info.problems()
-        if problems:
+        if problems := info.problems():
             raise damaged_file(path, "; ".join(problems))
         return info
 
@@ -157,10 +156,10 @@ class GalleryInfo:
                 problems.append(f"{name} must be an integer >= {minimum}, got {getattr(self, name)!r}")
         if self.nprobe is not None and not is_count(self.nprobe):
             problems.append(f"nprobe must be null or an integer >= 1, got {self.nprobe!r}")
-        if is_count(self.embedding_dim):
-            problem = fingerprint_problem(self.model_fingerprint, self.embedding_dim)
-            if problem is not None:
-                problems.append(f"model_fingerprint is not a model's embeddings of the probe images: {problem}")
+        if is_count(self.embedding_dim) and (
+            problem := fingerprint_problem(self.model_fingerprint, self.embedding_dim)
+        ):
+            problems.append(f"model_fingerprint is not a model's embeddings of the probe images: {problem}")
         try:
             VoteSettings.from_dict(self.vote)
         except (ValueError, TypeError, AttributeError) as error:

@@ -202,8 +202,7 @@ def install_web_dependencies(folder: Path = WEB_DIR) -> Path:
 
     if installed():
         return folder
-    npm = shutil.which("npm")
-    if npm is None:
+    if (npm := shutil.which("npm")) is None:
         raise FileNotFoundError(f"npm is not installed; the page's packages install with `npm ci --prefix {folder}`.")
     with FileLock(folder / "node_modules.lock"):
         if not installed():
