@@ -31,13 +31,13 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     temporary = path.with_name(path.name + TEMPORARY_SUFFIX)
-    _remove(temporary)
+    remove(temporary)
     try:
         yield temporary
         _sync_tree(temporary)
         if path.is_dir() and not path.is_symlink():
             replaced = path.with_name(path.name + REPLACED_SUFFIX)
-            _remove(replaced)
+            remove(replaced)
             os.replace(path, replaced)
             os.replace(temporary, path)
             shutil.rmtree(replaced)
@@ -45,7 +45,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(temporary, path)
         _sync(path.parent)
     except BaseException:
-        _remove(temporary)
+        remove(temporary)
         raise
 
 
@@ -80,11 +80,12 @@ def _sync(path: Path) -> None:
         os.close(fd)
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
+    """Delete a file or a folder, if there."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
 
 
-__all__ = ["atomic_write", "write_json"]
+__all__ = ["atomic_write", "remove", "write_json"]

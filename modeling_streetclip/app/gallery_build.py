@@ -1,15 +1,7 @@
 """Building a gallery: geo-tagged photos in; their embeddings, coordinates and labels out, resumable after a kill.
 
-Rows are read in source order, decoded in DataLoader workers (an unreadable image, or coordinates that are not a point
-on Earth, become that row's recorded error) and embedded by the batch engine's loop (`batch.embedded_batches`).
-Runs of consecutive rows go to shards, `shards/rows-{start}-{end}.arrow`, each written whole or not at all: the
-shards present are the record of progress, and a rerun embeds only the rows no shard holds. Under a launcher the rows
-are cut into chunks of `shard_size` and process r embeds chunks r, r + N, ... into shards of its own: no embedding
-crosses between processes, and since shards are keyed by rows, not by process, a rerun resumes with any number of
-processes. `build.json` records what shapes the rows (source, columns, model fingerprint), so that a rerun with others
-stops instead of mixing two builds. At the end the main process joins the shards into the gallery (a row repeating an
-earlier row's id or image file is recorded and skipped), indexes it with `datasets`' `add_faiss_index`, and
-`gallery.json`, written last, marks it complete.
+Rows are embedded by the batch engine's loop (`batch.embedded_batches`) into shards keyed by rows
+(`shards/rows-{start}-{end}.arrow`), which the main process joins into the gallery (README, "Several processes").
 """
 
 from __future__ import annotations
@@ -53,7 +45,7 @@ from ..images import ImageLoadError, load_rgb_image
 from ..pixels import resized_pixels
 from . import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE
 from .batch import PixelBatch, collate_pixels, embedded_batches
-from .files import atomic_write, write_json
+from .files import atomic_write, remove, write_json
 
 
 if TYPE_CHECKING:
@@ -65,13 +57,11 @@ if TYPE_CHECKING:
 logger = logging.get_logger(__name__)
 
 SHARDS_FOLDER, SHARD_NAME, BUILD_FILE = "shards", re.compile(r"rows-(\d+)-(\d+)\.arrow"), "build.json"
-# Columns every gallery row has; a source column of the same name (other than the coordinates read) is refused.
+# A source column of one of these names (other than the coordinates read) is refused.
 GALLERY_COLUMNS = ("source_row", EMBEDDING_COLUMN, "latitude", "longitude", "image_path")
-# The shard column of a skipped row's reason (null for rows embedded), dropped from the gallery.
 ERROR_COLUMN = "error"
 # Rows handed to `add_faiss_index` at a time: 64k x 768 float32 is 200 MB.
 ADD_BATCH_ROWS = 65_536
-# Errors that make one image unreadable, not the build.
 _IMAGE_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError, ImageLoadError, TypeError)
 # Errors of a build step on the main process that every process of a launch raises with it.
 BUILD_ERRORS = (OSError, ValueError, ImportError)
@@ -80,9 +70,7 @@ T = TypeVar("T")
 
 @dataclass
 class GalleryBuild:
-    """What `build_gallery` did: the gallery, the rows this call embedded, the rows an interrupted call had done, and
-    every skipped row (`source_row`, `image_path`, `error`); under a launcher, the gallery and skipped rows are the
-    main process's (None and [] elsewhere)."""
+    """What `build_gallery` did; under a launcher, `gallery` and `bad_rows` are the main process's (None and [])."""
 
     gallery: GeoGallery | None
     embedded_rows: int
@@ -92,8 +80,7 @@ class GalleryBuild:
 
 @dataclass(frozen=True)
 class _Columns:
-    """The source columns a build reads: image, coordinates, the labels kept as they are, the labels' declared types
-    (None: undeclared) and their id column (None: a row is known by its image file)."""
+    """The source columns a build reads; `features` None: undeclared; `id` None: a row is known by its image file."""
 
     image: str
     latitude: str
@@ -143,8 +130,8 @@ def build_gallery(
         settings: the vote settings stored as the gallery's defaults (default: `VoteSettings()`).
         overwrite: delete a gallery or an unfinished build in `output_dir` first.
         progress: show a tqdm bar on standard error.
-        accelerator: under a launcher, every process calls with the same arguments and embeds its own chunks of rows
-            (see the module docstring); the main process writes the gallery.
+        accelerator: under a launcher, every process calls with the same arguments and embeds its own chunks of
+            rows; the main process writes the gallery.
     """
     # Checked first: a missing faiss would otherwise stop the build once every photo is embedded.
     requires_backends(build_gallery, ["datasets", "faiss"])
@@ -189,8 +176,7 @@ def build_gallery(
 
     def embed(data) -> int:
         """Embed this process's rows into shards; the number of rows embedded (a process may own none)."""
-        pending = bool(numbers) if numbers is not None else bool(plan.chunks) or plan.tail_start is not None
-        if not pending:
+        if not (bool(numbers) if numbers is not None else bool(plan.chunks) or plan.tail_start is not None):
             return 0
         # Images reach the workers still encoded, where an unreadable one is its row's error.
         if data.features is not None:
@@ -203,9 +189,9 @@ def build_gallery(
         pin = model.device.type == "cuda"
         # Workers yield whole batches (batch_size=None), each of consecutive rows, in turn: source order is kept.
         loader = DataLoader(rows, batch_size=None, num_workers=num_workers, collate_fn=collate_pixels, pin_memory=pin)
-        writer = ShardWriter(folder / SHARDS_FOLDER, dim, columns.features)
-        own_total, embedded = None if numbers is None else len(numbers), 0
+        writer, embedded = ShardWriter(folder / SHARDS_FOLDER, dim, columns.features), 0
         show = progress and (accelerator is None or accelerator.is_main_process)
+        own_total = None if numbers is None else len(numbers)
         with tqdm(
             total=own_total, unit="img", desc="streetclip index build", file=sys.stderr, disable=not show
         ) as bar:
@@ -228,18 +214,15 @@ def build_gallery(
         # An error on one process stops every process, instead of leaving the others waiting in the gather.
         embedded = sum(gather_object([on_every_process(accelerator, lambda: embed(data), errors=BUILD_ERRORS)]))
     settings = settings or VoteSettings()
-    finished: dict[str, Any] = {"gallery": None, "bad_rows": []}
+    finished: list = [None, []]  # set on the main process only: the gallery is not sent to the others
 
     def finish() -> None:
-        finished["gallery"], finished["bad_rows"] = join_shards(
+        finished[:] = join_shards(
             folder, options, fingerprint, settings, index, nprobe, train_size, total, columns.id, columns.features
         )
 
     _on_main(accelerator, finish)
-    resumed = sum(end - start for start, end in covered)
-    return GalleryBuild(
-        finished["gallery"], embedded_rows=embedded, resumed_rows=resumed, bad_rows=finished["bad_rows"]
-    )
+    return GalleryBuild(finished[0], embedded, sum(end - start for start, end in covered), finished[1])
 
 
 def _on_main(accelerator: Accelerator | None, work: Callable[[], T]) -> T:
@@ -299,18 +282,14 @@ def _find_columns(
 
 
 def _start_or_resume(folder: Path, overwrite: bool, options: dict[str, Any], fingerprint: np.ndarray) -> None:
-    """Start a build in `folder` (new or empty; `overwrite` first deletes a gallery or build there, its own files
-    only) and record in `build.json` what shapes its rows, or resume the unfinished build there, refusing other options
-    or another model, naming what differs. A complete gallery, or a folder holding other files, is refused."""
+    """Start a build in `folder` (new or empty; `overwrite` deletes a gallery's or build's own files there), recording
+    its options in `build.json`, or resume the build there, refusing other options or another model, naming them."""
     path = folder / BUILD_FILE
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"The gallery output {str(folder)!r} is a file; give a folder.")
     if overwrite and folder.is_dir():
         for name in (GALLERY_FILE, DATASET_FOLDER, INDEX_FILE, BAD_ROWS_FILE, SHARDS_FOLDER, BUILD_FILE):
-            if (folder / name).is_dir():
-                shutil.rmtree(folder / name)
-            else:
-                (folder / name).unlink(missing_ok=True)
+            remove(folder / name)
     if (folder / GALLERY_FILE).exists():
         raise FileExistsError(
             f"{str(folder)!r} already holds a complete gallery; pass --overwrite (overwrite=True) to build it again, "
@@ -354,8 +333,8 @@ def _start_or_resume(folder: Path, overwrite: bool, options: dict[str, Any], fin
 
 
 def _shards(folder: Path) -> list[tuple[int, int, Path]]:
-    """The complete shards of the build in `folder` as `(first row, end row, path)`, in row order; a shard a kill
-    cut off while it was written (a temporary) is deleted, and its rows are embedded again."""
+    """The complete shards in `folder` as `(first row, end row, path)`, in row order; a killed write's temporary is
+    deleted."""
     found: list[tuple[int, int, Path]] = []
     for path in sorted((folder / SHARDS_FOLDER).iterdir()):  # zero-padded names: in row order
         match = SHARD_NAME.fullmatch(path.name)
@@ -376,8 +355,8 @@ def _shards(folder: Path) -> list[tuple[int, int, Path]]:
 def _pending_chunks(
     covered: list[tuple[int, int]], total: int | None, shard_size: int
 ) -> tuple[list[tuple[int, int]], int | None]:
-    """The rows no shard covers, as chunks of at most `shard_size` rows, and the first row of a stream's open end
-    (None when `total` is known); chunk boundaries follow `shard_size`, so that chunks line up across reruns."""
+    """The rows no shard covers, in chunks aligned to multiples of `shard_size` (alike across reruns), and the first
+    row of a stream's open end (None when `total` is known)."""
     chunks, end = [], 0
     for start, stop in [*covered, (total, total)] if total is not None else covered:
         while end < start:
@@ -390,7 +369,7 @@ def _pending_chunks(
 @dataclass(frozen=True)
 class _RowPlan:
     """The rows a process embeds: chunks `rank`, `rank + processes`, ... of the pending ones, then of a stream's open
-    end (cut from `tail_start` into chunks of `shard_size`)."""
+    end from `tail_start`."""
 
     chunks: list[tuple[int, int]]
     tail_start: int | None
@@ -403,7 +382,6 @@ class _RowPlan:
         return min([start for start, _ in self.chunks] + [self.tail_start] * (self.tail_start is not None))
 
     def own_rows(self) -> range | list[int]:
-        """The pending rows of this process, where the source's length is known."""
         mine = self.chunks[self.rank :: self.processes]
         if len(mine) == 1:
             return range(*mine[0])  # `Dataset.select` reads a range of consecutive rows without an indices mapping
@@ -429,14 +407,12 @@ def _read_shard(path: Path, mapped: bool = True) -> pa.Table:
 
 @dataclass
 class _SourceRows(IterableDataset):
-    """The rows of `plan` in batches, each prepared in a DataLoader worker as a list of the batch engine's items
-    `(row, pixels or None, error or None, (latitude, longitude, image path, labels))`, in source order.
+    """The rows of `plan` (`rows` from `plan.first_row` on, or exactly the rows `numbers` names) in batches of
+    consecutive rows, as the batch engine's items `(row, pixels, error, (latitude, longitude, image path, labels))`.
 
-    `rows` holds the source rows from `plan.first_row` on, or with `numbers` exactly the rows numbered there. A batch
-    holds at most `batch_size` consecutive rows. Each of W workers reads every row (`IterableDataset.iter`, which,
-    unlike iterating the dataset, does not hand a worker only some of its files) and prepares the batches b with
-    b % W equal to its id; the DataLoader takes a batch from each worker in turn, so batches come back in source order,
-    which resuming needs. Reading is cheap next to decoding, which each row gets once.
+    Each of W workers reads every row (`IterableDataset.iter` does not split files between workers) and prepares the
+    batches b with b % W equal to its id; the DataLoader takes them in turn, so source order, which resuming needs, is
+    kept.
     """
 
     rows: datasets.IterableDataset
@@ -489,8 +465,7 @@ class _SourceRows(IterableDataset):
 
 
 def _field(row: dict[str, Any], name: str) -> Any:
-    """The value of column `name`, or for `a.b` of field `b` of the struct column `a` (a WebDataset sample's `json`);
-    None where a row lacks the field."""
+    """The value of column `name`, or for `a.b` of field `b` of the struct column `a` (a WebDataset sample's `json`)."""
     if name in row:
         return row[name]
     value = row
@@ -563,13 +538,9 @@ def join_shards(
     id_column: str | None = None,
     label_features: datasets.Features | None = None,
 ) -> tuple[GeoGallery, list[dict[str, Any]]]:
-    """Join the shards of the build in `folder` into the gallery, index it, write `gallery.json`, then delete the
-    shards and `build.json`: a kill in here loses nothing, since the shards stay until `gallery.json` is written. The
-    build's last step, also for embeddings made elsewhere (`eval/speed/bench_gallery_index.py`).
-
-    Embeddings are read shard by shard, twice (a training sample, then the rows written and added to the index), and
-    never through a memory map, whose pages would all count as this process's memory: millions of rows fit.
-    """
+    """Join the shards in `folder` into the gallery, index it, write `gallery.json`, then delete the shards (kept
+    until then, so a kill loses nothing). Embeddings are read shard by shard, never memory-mapped, whose pages would
+    all count as this process's memory."""
     import datasets
     import faiss
     import pyarrow as pa
@@ -582,7 +553,6 @@ def join_shards(
         raise RuntimeError(f"The shards in {str(folder / SHARDS_FOLDER)!r} lack rows {missing[0]}; rerun to build.")
     shards = [path for _, _, path in found]
     mapped = [_read_shard(path) for path in shards]
-    # Of the memory-mapped shards, these columns alone are read: the embeddings' pages are never touched here.
     small = ["source_row", "image_path", *([id_column] if id_column else []), ERROR_COLUMN]
     kept = pa.concat_tables([table.select(small) for table in mapped], promote_options="permissive").combine_chunks()
     errors = _record_repeats(kept, id_column, options["source"])
@@ -621,8 +591,7 @@ def join_shards(
 
     faiss_index, nprobe = trained_index(factory, dim, num_rows, read_rows, nprobe, train_size)
     with atomic_write(folder / DATASET_FOLDER) as temporary:
-        # The folder `save_to_disk` writes, written here as the rows go: `save_to_disk` would read them all through
-        # a memory map.
+        # The folder `save_to_disk` writes, written as the rows go (`save_to_disk` would memory-map them all).
         temporary.mkdir()
         data_file = "data-00000-of-00001.arrow"
         with datasets.arrow_writer.ArrowWriter(features=features, path=str(temporary / data_file)) as writer:
@@ -666,10 +635,8 @@ def _embeddings(rows: pa.Table, dim: int) -> np.ndarray:
 
 
 def _record_repeats(table: pa.Table, id_column: str | None, source: str) -> list[str | None]:
-    """Each row's error: its own, or for an embedded row whose id, or without ids whose image file on disk, an
-    earlier embedded row has, that it repeats it (a photo listed twice would vote twice). A stored image's path is
-    only a name (two photos of a Parquet file may share `image.jpg`), so without ids a repeated path counts only where
-    it names a file on disk."""
+    """Each row's error: its own, or that it repeats an earlier row's id, or without ids its image file on disk (a
+    stored image's path is only a name: two photos of a Parquet file may share `image.jpg`)."""
     keys = table.column(id_column or "image_path").to_pylist()
     errors = table.column(ERROR_COLUMN).to_pylist()
     source_rows = table.column("source_row").to_pylist()
@@ -696,9 +663,8 @@ def _record_repeats(table: pa.Table, id_column: str | None, source: str) -> list
 def attach_index(
     rows: datasets.Dataset, dim: int, index: str, nprobe: int | None = None, train_size: int | None = None
 ) -> tuple[str, int | None]:
-    """Index `rows[EMBEDDING_COLUMN]` with `index` (a factory string, or `"auto"`) through `datasets`'
-    `add_faiss_index`, trained first by `gallery_index.trained_index`; returns the factory string and the lists it
-    probes (None: none). A training failure keeps the embeddings: a rerun with another index finishes the build."""
+    """Index `rows[EMBEDDING_COLUMN]` with `index` (a factory string, or `"auto"`) through `add_faiss_index`, trained
+    by `trained_index`; returns the factory string and the lists it probes (None: none)."""
     factory = recommended_index(len(rows), dim).factory if index == AUTO_INDEX else index
     numpy_rows = rows.with_format("numpy", columns=[EMBEDDING_COLUMN])
     faiss_index, nprobe = trained_index(
