@@ -1,9 +1,7 @@
 """Result files of `streetclip locate`: JSON Lines, CSV or Parquet, resumable after a kill at any moment.
 
 A record is its key (`path`; `group` and member `paths`; a dataset's id column), then `answers` (best first) or
-`error`. A JSON Lines or CSV record counts once its closing newline is written; a CSV row is a whole record, answers in
-rank-suffixed columns. `open_records` locks OUTPUT (OUTPUT.lock), checks the options recorded in OUTPUT.options.json,
-cuts off a partial last record and returns a writer that knows the keys already recorded.
+`error`; a JSON Lines or CSV record counts once its closing newline is written.
 """
 
 from __future__ import annotations
@@ -29,28 +27,13 @@ from . import import_optional
 from .files import atomic_write
 
 
+_TEXT_FIELDS = ("label", "country", "country_code", "region", "city")
+_SCORE_FIELDS = ("latitude", "longitude", "score", "country_score", "region_score", "joint_probability")
 # The answer fields of the pipeline contract (see `GeolocationPipeline`), in CSV column order.
-ANSWER_FIELDS = (
-    "label",
-    "country",
-    "country_code",
-    "region",
-    "city",
-    "latitude",
-    "longitude",
-    "score",
-    "country_score",
-    "region_score",
-    "joint_probability",
-    "within_km",
-    "radius_km",
-    "calibrated",
-    "expected_distance_km",
-)
+ANSWER_FIELDS = (*_TEXT_FIELDS, *_SCORE_FIELDS, "within_km", "radius_km", "calibrated", "expected_distance_km")
 # Answer fields only a model with a region level, or only the expected-distance decision, fills.
 REGION_FIELDS = ("region", "region_score")
 DECISION_FIELDS = ("expected_distance_km",)
-_TEXT_FIELDS = ("label", "country", "country_code", "region", "city")
 # fsync guards against a crashed machine, at a cost per call that a run cannot pay per record.
 FSYNC_INTERVAL_S = 10.0
 # A Parquet part is written every FSYNC_INTERVAL_S, or sooner after this many records (a row group fast to read).
@@ -72,8 +55,8 @@ class ResultFileError(ValueError):
 
 
 def spreadsheet_safe(value: Any) -> Any:
-    """A CSV cell that spreadsheets show as text instead of evaluating (OWASP's defence against CSV injection): a
-    leading apostrophe before a formula start or an apostrophe, dropped again on reading; numbers pass unchanged."""
+    """A CSV cell that spreadsheets show as text instead of evaluating (OWASP's defence against CSV injection): an
+    apostrophe before a formula start or an apostrophe, dropped again on reading."""
     if isinstance(value, str) and value.startswith((*_FORMULA_STARTS, _TEXT_MARK)):
         return _TEXT_MARK + value
     return value
@@ -83,11 +66,6 @@ def storable(text: str) -> str:
     """`text` as valid UTF-8, alike in every format: a file name's bytes that are not (surrogate escapes in Python)
     become backslash escapes (`\\xff`), the spelling resume finds an input by."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _cell(value: Any) -> Any:
-    """A CSV cell's value: a dict as a JSON object, anything else as it is."""
-    return json.dumps(value) if isinstance(value, dict) else value
 
 
 def _storable_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -113,10 +91,7 @@ class _Lines:
     the last one handed out, `exhausted` says that nothing complete follows it."""
 
     def __init__(self, stream: BinaryIO, path: Path):
-        self.stream = stream
-        self.path = path
-        self.end = 0
-        self.exhausted = False
+        self.stream, self.path, self.end, self.exhausted = stream, path, 0, False
 
     def __iter__(self) -> Iterator[str]:
         while line := self.stream.readline(MAX_RECORD_BYTES):
@@ -178,15 +153,14 @@ class _Csv:
     columns and `error`. Rows end in CRLF (RFC 4180), so the csv module quotes a field holding a CR or LF."""
 
     def __init__(self, key: str, top_k: int):
-        self.key = key
-        self.columns = [key] + (["paths"] if key == "group" else [])
-        self.columns += [f"{field}_{rank}" for rank in range(1, top_k + 1) for field in ANSWER_FIELDS]
-        self.columns.append("error")
-        self.top_k = top_k
+        self.key, self.top_k = key, top_k
+        answers = [f"{field}_{rank}" for rank in range(1, top_k + 1) for field in ANSWER_FIELDS]
+        self.columns = [key, *(["paths"] if key == "group" else []), *answers, "error"]
 
     def _row(self, values: list[Any]) -> str:
         line = io.StringIO()
-        csv.writer(line).writerow([spreadsheet_safe(value) for value in values])
+        # `within_km` is a dict keyed by radius: a JSON object in its cell.
+        csv.writer(line).writerow([spreadsheet_safe(json.dumps(v) if isinstance(v, dict) else v) for v in values])
         return line.getvalue()
 
     def header(self) -> str:
@@ -197,8 +171,7 @@ class _Csv:
         answers = record.get("answers", [])
         for rank in range(self.top_k):
             answer = answers[rank] if rank < len(answers) else {}
-            # `within_km` is a dict keyed by radius: a JSON object in its cell.
-            values += [_cell(answer.get(field, "")) for field in ANSWER_FIELDS]
+            values += [answer.get(field, "") for field in ANSWER_FIELDS]
         values.append(record.get("error", ""))
         return self._row(values)
 
@@ -301,8 +274,7 @@ class _Writer:
     """What both writers share: the keys recorded before, as {key: succeeded}, the lock, and `with`."""
 
     def __init__(self, path: Path | None, lock: FileLock | None = None):
-        self.path = path
-        self.lock = lock
+        self.path, self.lock = path, lock
         self.name = "standard output" if path is None else f"--output {str(path)!r}"
         self.recorded: dict[str, bool] = _StoredKeys()
         self.failed = False  # a write failed, or the file was refused: closing writes nothing more
@@ -325,8 +297,7 @@ class RecordWriter(_Writer):
 
     def __init__(self, file_format: _JsonLines | _Csv, path: Path | None = None, fd: int | None = None, lock=None):
         super().__init__(path, lock)
-        self.file_format = file_format
-        self.fd = fd
+        self.file_format, self.fd = file_format, fd
         self.size = os.fstat(fd).st_size if fd is not None else 0
         self.last_sync = time.monotonic()
         self.unsynced = False  # bytes written since the last fsync
@@ -414,12 +385,10 @@ def open_records(
     overwrite: bool = False,
     key: str | None = None,
 ) -> RecordWriter | ParquetRecordWriter:
-    """A writer that adds to `path`, resuming what a run with the same `options` wrote there (standard output when
-    `path` is None: JSON Lines, no resume); `overwrite` empties it instead. `key` names the records' key field.
-
-    Everything that could stop the run at the file is checked here, before a model loads. Options whose value is None
-    are not recorded, so that an option added later, None meaning the earlier behaviour, keeps older files resumable.
-    """
+    """A writer that adds to `path` (locked), resuming what a run with the same `options` wrote there (standard output
+    when `path` is None: JSON Lines, no resume); `overwrite` empties it instead. `key` names the records' key field.
+    Options that are None are not recorded: an option added later, None meaning the old behaviour, keeps files
+    resumable."""
     key = key or ("group" if grouped else "path")
     parquet = path is not None and path.suffix.lower() == ".parquet"
     file_format = None if parquet else _file_format(path, key, top_k)
@@ -484,19 +453,14 @@ def _lock(path: Path) -> FileLock:
 
 
 class ParquetRecordWriter(_Writer):
-    """Writes records to a Parquet file (whole only once its footer is) through part files, merged into it by `close`.
-
-    Records go to OUTPUT.parts/part-NNNNNN.parquet every FSYNC_INTERVAL_S or PARQUET_PART_ROWS records, so a kill
-    loses at most those. `close` merges OUTPUT and the parts into a new OUTPUT and removes the folder; a part a kill
-    left between the two holds only keys OUTPUT holds, and the next run deletes it.
-    """
+    """Writes records to OUTPUT.parts/part-NNNNNN.parquet every FSYNC_INTERVAL_S or PARQUET_PART_ROWS records (a kill
+    loses at most those), merged into OUTPUT by `close`; a part a kill left after the merge is deleted on resume."""
 
     def __init__(self, path: Path, key: str, grouped: bool, lock: FileLock):
         import pyarrow as pa
 
         super().__init__(path, lock)
-        self.key = key
-        self.grouped = grouped
+        self.key, self.grouped = key, grouped
         self.parts = path.with_name(path.name + ".parts")
         types = {"within_km": pa.struct([(str(radius), pa.float64()) for radius in CONFIDENCE_RADII_KM])}
         types |= {"calibrated": pa.bool_()} | dict.fromkeys(_TEXT_FIELDS, pa.string())
@@ -504,8 +468,7 @@ class ParquetRecordWriter(_Writer):
         paths = [("paths", pa.list_(pa.string()))] if grouped else []
         self.schema = pa.schema([(key, pa.string()), *paths, ("answers", pa.list_(answer)), ("error", pa.string())])
         self.rows: list[dict[str, Any]] = []
-        self.next_part = 0
-        self.last_flush = time.monotonic()
+        self.next_part, self.last_flush = 0, time.monotonic()
 
     def resume(self, options: dict[str, Any], overwrite: bool) -> None:
         if overwrite:
