@@ -1,5 +1,5 @@
-"""`streetclip index build`: a geo-tagged photo collection into a retrieval gallery for `--gallery`. Its arguments
-and outcome only: building lives in `app.gallery_build`, the gallery in `gallery_store`."""
+"""`streetclip index build`: a geo-tagged photo collection into a retrieval gallery for `--gallery` (arguments and
+outcome; building lives in `app.gallery_build`)."""
 
 from __future__ import annotations
 
@@ -102,30 +102,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     vote = build.add_argument_group(
         "vote settings stored as the gallery's defaults (README, 'Geolocation by retrieval')"
     )
-    vote.add_argument(
-        "--neighbors",
-        type=int_at_least(1),
-        default=defaults.num_neighbors,
-        help="photos retrieved (default: %(default)s)",
-    )
-    vote.add_argument(
-        "--radius_km",
-        type=_positive_float,
-        default=defaults.radius_km,
-        help="kernel radius: photos closer than this support each other (default: %(default)s)",
-    )
-    vote.add_argument(
-        "--temperature",
-        type=_positive_float,
-        default=defaults.temperature,
-        help="similarity weights exp((s - s_best) / T) (default: %(default)s)",
-    )
-    vote.add_argument(
-        "--hybrid_countries",
-        type=int_at_least(1),
-        default=defaults.hybrid_countries,
-        help="decision hybrid: photos of this many most probable countries vote (default: %(default)s)",
-    )
+    count, distance = int_at_least(1), _positive_float
+    hybrid = "decision hybrid: photos of this many most probable countries vote"
+    for flag, kind, default, text in (
+        ("--neighbors", count, defaults.num_neighbors, "photos retrieved"),
+        ("--radius_km", distance, defaults.radius_km, "kernel radius: photos closer than this support each other"),
+        ("--temperature", distance, defaults.temperature, "similarity weights exp((s - s_best) / T)"),
+        ("--hybrid_countries", count, defaults.hybrid_countries, hybrid),
+    ):
+        vote.add_argument(flag, type=kind, default=default, help=f"{text} (default: %(default)s)")
     build.set_defaults(run=build_command)
 
 
@@ -149,8 +134,8 @@ def _open_data(args: argparse.Namespace):
 
 
 def build_command(args: argparse.Namespace) -> int:
-    """`streetclip index build`: embed DATA into a gallery at --output, then report and set the status, on one process
-    or on every process a launcher started (each embeds its own rows; the main one writes the gallery)."""
+    """`streetclip index build`: embed DATA into a gallery at --output, report, and return the status, on one process
+    or on every process a launcher started."""
     from ..app.distributed import make_accelerator, quiet_unless_main
 
     accelerator = make_accelerator(args.device)
@@ -167,26 +152,18 @@ def _build(args: argparse.Namespace, accelerator) -> int:
     model, image_processor, _ = load_on_every_process(accelerator, args.model, args.dtype)
     settings = VoteSettings(args.neighbors, args.radius_km, args.temperature, args.hybrid_countries)
     try:
+        passed = ("index", "nprobe", "train_size", "split", "streaming", "latitude_column", "longitude_column")
+        passed += ("batch_size", "num_workers", "shard_size", "overwrite")
         result = build_gallery(
             model,
             image_processor,
             data,
             args.output,
             model_name=args.model,
-            index=args.index,
-            nprobe=args.nprobe,
-            train_size=args.train_size,
-            split=args.split,
-            streaming=args.streaming,
             image_column=None if Path(args.data).suffix.lower() == ".csv" else args.image_column,
-            latitude_column=args.latitude_column,
-            longitude_column=args.longitude_column,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            shard_size=args.shard_size,
             settings=settings,
-            overwrite=args.overwrite,
             accelerator=accelerator,
+            **{name: getattr(args, name) for name in passed},
         )
     except (OSError, ValueError, ImportError) as error:  # GalleryModelError is a ValueError
         raise UsageError(str(error)) from None
