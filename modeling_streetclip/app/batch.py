@@ -1,7 +1,5 @@
-"""The batch engine: photos decoded in DataLoader workers and embedded in batches on the model's device
-(`embedded_batches`, which gallery building shares), one result per input, on one process or many. A bad file becomes
-its input's error while the run goes on.
-"""
+"""The batch engine: photos decoded in DataLoader workers and embedded in batches (`embedded_batches`, which gallery
+building shares), one result per input, on one process or many; a bad file becomes its input's error."""
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -49,9 +47,8 @@ def collate_pixels(items: list[tuple[int, torch.Tensor | None, str | None, Any]]
 def embedded_batches(
     model, image_processor, loader: Iterable[PixelBatch], locate: bool = False
 ) -> Iterator[tuple[PixelBatch, Any]]:
-    """Each batch of `loader` with the image embeddings of its decoded items (None: none decoded), normalised on the
-    model's device as `forward` does, or with `locate` the model's outputs (`forward`, which an ONNX graph may run):
-    the one loop of locating and gallery building."""
+    """Each batch of `loader` with the normalised image embeddings of its decoded items (None: none decoded), or with
+    `locate` the model's outputs (`forward`, which an ONNX graph may run)."""
     for batch in loader:
         result = None
         if batch.pixel_values is not None:
@@ -76,8 +73,7 @@ class _PreprocessedImages(Dataset):
     """Loads and resizes one input per item; a bad input yields its error message instead of pixels."""
 
     def __init__(self, inputs: Sequence[ImageInput], image_processor):
-        self.inputs = inputs
-        self.image_processor = image_processor
+        self.inputs, self.image_processor = inputs, image_processor
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -108,10 +104,9 @@ def geolocate_images(
 ) -> Iterator[GeolocationRecord]:
     """Yield one `GeolocationRecord` per input, in input order, as soon as its batch is done.
 
-    Answers are ranked by `decisions.rank_answers` under `decision`. `num_workers=0` decodes in this process, as a
-    library call should unless asked. `return_embeddings` keeps each image's normalised embedding, to pool views.
-    With an `accelerator` of N processes, every process calls this with the same `inputs`, runs batch i when i mod N
-    is its rank, and yields the records of all inputs, gathered batch by batch: the answers of one process.
+    Answers are ranked by `decisions.rank_answers` under `decision`; `return_embeddings` keeps each image's normalised
+    embedding, to pool views. With an `accelerator` of N processes, every process calls this with the same `inputs`,
+    runs batch i when i mod N is its rank, and yields the records of all inputs, gathered batch by batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")

@@ -1,6 +1,5 @@
-"""One command on one process or many (`accelerate launch`, `torchrun`): every process runs the same command, and
-these helpers make every process learn the outcome of a step that runs on one or on all, so that an error stops all of
-them with one message from the main process instead of leaving the others waiting."""
+"""One command on one process or many (`accelerate launch`, `torchrun`): every process learns the outcome of a step
+that runs on one or on all, so that an error stops all of them with one message instead of leaving others waiting."""
 
 from __future__ import annotations
 
@@ -23,10 +22,7 @@ COMMAND_ERRORS = (UsageError, ResultFileError)
 
 def make_accelerator(device: str, cpu_only: bool = False) -> Accelerator:
     """The `Accelerator` of this process on `device` ("auto", "cpu" or "cuda"); `cpu_only` for an int8 model.
-
-    Without a GPU, "auto" asks for the CPU explicitly: that makes a launcher's processes one process group (gloo)
-    without `ACCELERATE_USE_CPU=1`, instead of N separate single-process runs.
-    """
+    Without a GPU, "auto" asks for the CPU explicitly, which makes a launcher's processes one process group (gloo)."""
     import torch
     from accelerate import Accelerator
 
@@ -85,10 +81,7 @@ def on_every_process(
 
 def quiet_unless_main(accelerator: Accelerator, command: Callable[[], int]) -> int:
     """Run `command` and return its status; a command error gives status 2, and its message on the main process only.
-
-    Every process then leaves the process group together (a barrier, then `end_training`): one that exits while a
-    peer still holds its connections can make the peer abort instead of returning its own status.
-    """
+    Every process then leaves the process group together: one that exits first can make a peer abort."""
     error = None
     try:
         status = command()
@@ -100,9 +93,7 @@ def quiet_unless_main(accelerator: Accelerator, command: Callable[[], int]) -> i
         try:
             raise error
         finally:
-            # As `except ... as` does: this frame must not keep the error, and through it the output file's lock,
-            # alive until a garbage collection.
-            error = None
+            error = None  # as `except ... as` does: the frame must not keep the error (and the output's lock) alive
     return status
 
 

@@ -1,8 +1,5 @@
-"""Writing a file or a folder whole or not at all, the one way the application replaces what it has written.
-
-Hand-written: no maintained library renames both files and folders into place with fsync (atomicwrites, now
-archived, did files only).
-"""
+"""Writing a file or a folder whole or not at all, the one way the application replaces what it has written
+(hand-written: no maintained library renames both files and folders into place with fsync)."""
 
 import json
 import os
@@ -21,13 +18,8 @@ REPLACED_SUFFIX = ".old"
 @contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path` (`path` + ".tmp") to write a file or a folder to; when the block ends
-    without an error, flush it to disk and rename it over `path`, so that readers and a kill at any moment see the old
-    `path` or the new one, never part of one. On an error (in the block or in the rename) the temporary is removed and
-    `path` is left as it was.
-
-    A temporary left by a killed writer is removed first, so writers of one `path` must take turns. A folder replaces
-    an existing folder in two renames (the old one goes to `path` + ".old", then is deleted); a kill between them
-    leaves the old folder there.
+    without an error, fsync it and rename it over `path` (readers and a kill see the old `path` or the new one); on an
+    error the temporary is removed. A killed writer's temporary is removed first, so writers of one `path` take turns.
     """
     path = Path(path)
     temporary = path.with_name(path.name + TEMPORARY_SUFFIX)
