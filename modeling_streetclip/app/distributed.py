@@ -39,10 +39,12 @@ def make_accelerator(device: str, cpu_only: bool = False) -> Accelerator:
 
 
 def on_main_process(
-    accelerator: Accelerator, work: Callable[[], T], errors: tuple[type[Exception], ...] = COMMAND_ERRORS
+    accelerator: Accelerator | None, work: Callable[[], T], errors: tuple[type[Exception], ...] = COMMAND_ERRORS
 ) -> T:
-    """Run `work` on the main process only and return its result on every process; an error of `errors` (by default
-    a command error) there is raised on every process."""
+    """Run `work` on the main process only (here without an `accelerator`) and return its result on every process;
+    an error of `errors` (by default a command error) there is raised on every process."""
+    if accelerator is None:
+        return work()
     from accelerate.utils import broadcast_object_list
 
     outcome: list = [None, None]

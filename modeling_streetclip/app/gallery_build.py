@@ -13,10 +13,10 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from ..images import ImageLoadError, load_rgb_image
 from ..pixels import resized_pixels
 from . import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE
 from .batch import PixelBatch, collate_pixels, embedded_batches
+from .distributed import on_every_process, on_main_process
 from .files import atomic_write, remove, write_json
 
 
@@ -65,7 +66,6 @@ ADD_BATCH_ROWS = 65_536
 _IMAGE_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError, ImageLoadError, TypeError)
 # Errors of a build step on the main process that every process of a launch raises with it.
 BUILD_ERRORS = (OSError, ValueError, ImportError)
-T = TypeVar("T")
 
 
 @dataclass
@@ -169,7 +169,7 @@ def build_gallery(
         _start_or_resume(folder, overwrite, options, fingerprint)
         return [(start, end) for start, end, _ in _shards(folder)]
 
-    covered = _on_main(accelerator, start)
+    covered = on_main_process(accelerator, start, errors=BUILD_ERRORS)
     rank, processes = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     plan = _RowPlan(*_pending_chunks(covered, total, shard_size), rank, processes, shard_size)
     numbers = plan.own_rows() if isinstance(data, datasets.Dataset) else None
@@ -209,8 +209,6 @@ def build_gallery(
     else:
         from accelerate.utils import gather_object
 
-        from .distributed import on_every_process
-
         # An error on one process stops every process, instead of leaving the others waiting in the gather.
         embedded = sum(gather_object([on_every_process(accelerator, lambda: embed(data), errors=BUILD_ERRORS)]))
     settings = settings or VoteSettings()
@@ -221,17 +219,8 @@ def build_gallery(
             folder, options, fingerprint, settings, index, nprobe, train_size, total, columns.id, columns.features
         )
 
-    _on_main(accelerator, finish)
+    on_main_process(accelerator, finish, errors=BUILD_ERRORS)
     return GalleryBuild(finished[0], embedded, sum(end - start for start, end in covered), finished[1])
-
-
-def _on_main(accelerator: Accelerator | None, work: Callable[[], T]) -> T:
-    """`work()` here, or on the main process of a launch, whose errors every process then raises."""
-    if accelerator is None:
-        return work()
-    from .distributed import on_main_process
-
-    return on_main_process(accelerator, work, errors=BUILD_ERRORS)
 
 
 def _describe(data) -> str:
@@ -333,8 +322,7 @@ def _start_or_resume(folder: Path, overwrite: bool, options: dict[str, Any], fin
 
 
 def _shards(folder: Path) -> list[tuple[int, int, Path]]:
-    """The complete shards in `folder` as `(first row, end row, path)`, in row order; a killed write's temporary is
-    deleted."""
+    """The complete shards in `folder` as `(first row, end row, path)`, in row order; a killed write's temporary goes."""
     found: list[tuple[int, int, Path]] = []
     for path in sorted((folder / SHARDS_FOLDER).iterdir()):  # zero-padded names: in row order
         match = SHARD_NAME.fullmatch(path.name)
