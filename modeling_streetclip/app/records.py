@@ -17,6 +17,7 @@ import stat
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -107,10 +108,7 @@ class _Lines:
         self.exhausted = True
 
     def _newline_follows(self) -> bool:
-        while block := self.stream.read(1024 * 1024):
-            if b"\n" in block:
-                return True
-        return False
+        return any(b"\n" in block for block in iter(lambda: self.stream.read(1024 * 1024), b""))
 
 
 class _JsonLines:
@@ -270,7 +268,7 @@ def _write_options(path: Path, options: dict[str, Any]) -> None:
         temporary.write_text(text + "\n", encoding="utf-8")
 
 
-class _Writer:
+class _Writer(AbstractContextManager):
     """What both writers share: the keys recorded before, as {key: succeeded}, the lock, and `with`."""
 
     def __init__(self, path: Path | None, lock: FileLock | None = None):
@@ -283,9 +281,6 @@ class _Writer:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
