@@ -176,7 +176,7 @@ def build_gallery(
 
     def embed(data) -> int:
         """Embed this process's rows into shards; the number of rows embedded (a process may own none)."""
-        if not (bool(numbers) if numbers is not None else bool(plan.chunks) or plan.tail_start is not None):
+        if not plan.has_rows:
             return 0
         # Images reach the workers still encoded, where an unreadable one is its row's error.
         if data.features is not None:
@@ -368,6 +368,11 @@ class _RowPlan:
     @property
     def first_row(self) -> int:
         return min([start for start, _ in self.chunks] + [self.tail_start] * (self.tail_start is not None))
+
+    @property
+    def has_rows(self) -> bool:
+        """Whether this process may own a row: a pending chunk of its own, or a stream's open end."""
+        return bool(self.chunks[self.rank :: self.processes]) or self.tail_start is not None
 
     def own_rows(self) -> range | list[int]:
         mine = self.chunks[self.rank :: self.processes]
