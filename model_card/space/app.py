@@ -208,13 +208,14 @@ class Geolocator:
         result.heat = np.column_stack([points, mass])
         best = result.answers[0]
         distances = self.geodesy.great_circle_km(best["latitude"], best["longitude"], points[:, 0], points[:, 1])
-        order = np.argsort(distances, kind="stable")
         result.level = model.config.confidence_level
-        reached = np.flatnonzero(np.cumsum(mass[order]) >= result.level)
-        result.region_km = float(distances[order][reached[0]] if len(reached) else distances.max())
         if (model.config.calibration or {}).get("within_km"):
             # Calibrated maps hold at the five radii only: say the answer's own `radius_km`, never a finer region.
             result.region_km = float(best["radius_km"] or distances.max())
+        else:
+            order = np.argsort(distances, kind="stable")
+            reached = np.flatnonzero(np.cumsum(mass[order]) >= result.level)
+            result.region_km = float(distances[order][reached[0]] if len(reached) else distances.max())
 
     def _candidate_names(self, countries: Sequence[str]) -> tuple[str, ...]:
         """The candidate names that `countries` (names or ISO codes) resolve to, sorted and each once, so that one

@@ -134,18 +134,23 @@ function confidence(table, row, posterior) {
 // farthest city's distance where none does), and the words the Space says it in, as the Space's `PhotoResult`.
 // Calibrated maps hold at the five radii only: then the answer's own `radius_km` is said.
 export function confidenceRegion(table, outputs, answer) {
-  const posterior = confidencePosterior(table, outputs);
   const { latitude, longitude } = answer;
   const distances = table.city_latitudes.map((other, row) => haversineKm(latitude, longitude, other, table.city_longitudes[row]));
-  const order = [...distances.keys()].sort((a, b) => distances[a] - distances[b] || a - b);
-  let mass = 0;
-  const reached = order.find((row) => (mass += posterior[row]) >= table.confidenceLevel);
-  let radiusKm = reached === undefined ? Math.max(...distances) : distances[reached];
-  if (table.calibration?.within_km) radiusKm = answer.radius_km ?? Math.max(...distances);
+  const radiusKm = table.calibration?.within_km
+    ? (answer.radius_km ?? Math.max(...distances))
+    : posteriorRadius(table, confidencePosterior(table, outputs), distances);
   const share = `${(table.confidenceLevel * 100).toFixed(0)}%`;
   const radius = `${Math.max(radiusKm, 1).toLocaleString("en-US", { maximumFractionDigits: 0 })} km`;
   const words = radiusKm < CONFIDENT_RADIUS_KM ? `${share} within ${radius}` : `not confident: ${share} only within ${radius}`;
   return { radiusKm, words };
+}
+
+// The distance within which the nearest cities hold `confidence_level` of the posterior (the farthest where none do).
+function posteriorRadius(table, posterior, distances) {
+  const order = [...distances.keys()].sort((a, b) => distances[a] - distances[b] || a - b);
+  let mass = 0;
+  const reached = order.find((row) => (mass += posterior[row]) >= table.confidenceLevel);
+  return reached === undefined ? Math.max(...distances) : distances[reached];
 }
 
 function haversineKm(lat1, lon1, lat2, lon2) {
