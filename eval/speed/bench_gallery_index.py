@@ -1,16 +1,10 @@
 """Gallery indexes at scale, on synthetic galleries of unit rows (dimension 768); eval/README.md has the figures.
 
-- default: 1,000,000 rows, clustered (10,000 random centres, each row 0.8 * centre + 0.6 * noise, renormalised: a
-  stand-in for photos of places) and uniform (the worst case for compression). Per index (exact `Flat`, the default
-  for the size from `gallery_index.recommended_index`, the lean `IVF,PQ{m}`): build time, serialised size, ms per
-  query at batch 64, recall@10 against `Flat` and, when clustered, "same centre@10" (what geolocation needs).
-- `--build`: no model; the clustered rows written as `streetclip index build`'s shards and joined by its own last
-  step (`gallery_build.join_shards`) in one process, the gallery loaded and searched in another: each step's time and
-  peak resident memory, the index's size, ms per query and recall@10 against brute force (`--rows 5000000` needs
-  about 16 GB of disk twice over in `--workdir`).
-- `--throughput`: images/s of `streetclip index build` over 640x480 JPEGs, the tiny model and ViT-B/16 (random
-  weights), on one process with every core, one with one thread and one process per core (torchrun); a run over a
-  batch per process is subtracted, which cancels start-up.
+- default: clustered and uniform galleries; per index (`Flat`, the size's default, lean `IVF,PQ{m}`): build time,
+  size, ms per query at batch 64, recall@10 against `Flat` and, when clustered, "same centre@10".
+- `--build`: no model; clustered rows written as `streetclip index build`'s shards and joined by its own last step,
+  then searched in a fresh process: each step's time and peak resident memory, index size, latency and recall@10.
+- `--throughput`: images/s of `streetclip index build` over JPEGs (tiny model and ViT-B/16), start-up subtracted.
 - `--pipeline`: at ViT-L/14-336 (random weights), the gallery decision's share of the pipeline's time per image.
 """
 
@@ -371,7 +365,6 @@ def main() -> None:
 
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
-
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads; torch {torch.get_num_threads()}")
     if args.build or args.throughput:
         if args.build:

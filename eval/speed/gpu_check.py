@@ -1,12 +1,9 @@
 """GPU check at StreetCLIP's real scale (ViT-L/14 at 336 px, random weights) in float32, bfloat16 and float16.
 
-Prints one process's preprocessing rate and how far on-device normalisation lies from the image processor's; per
-precision, images/s of the bare vision forward and of `pipeline("geolocation")` at batch 64, over one call and in
-steady state (a call over all photos less one over a quarter, which cancels starting workers), peak GPU memory, and
-agreement of first answers with float32's on held-out photos of a probe fitted in float32 on the synthetic geo set;
-last, `streetclip index build` in bfloat16 over as many 640x480 JPEGs, over one command and in steady state. Exits 1
-when bfloat16 countries disagree with float32's on more than 2%, 2 on a usage error. Run as `bash
-eval/speed/gpu_check.sh` (it adds a timeout); `--device cpu` is a dry run on the tiny test model.
+Prints preprocessing rates; per precision, images/s of the bare vision forward and of `pipeline("geolocation")` (one
+call and steady state), peak memory and agreement of first answers with float32's on a probe fitted on the synthetic
+geo set; then `streetclip index build` in bfloat16. Exits 1 when bfloat16 countries disagree with float32's on more
+than 2%, 2 on a usage error. Run as `bash eval/speed/gpu_check.sh`; `--device cpu` is a dry run on the tiny model.
 """
 
 import argparse
@@ -61,14 +58,10 @@ def parse_args() -> argparse.Namespace:
 def geo_photos(photos_per_city: int, seed: int) -> tuple[list[Image.Image], list[int], list[int]]:
     """Photos of the synthetic geo set with their country index and city row (in `probe_places` order)."""
     rng = np.random.default_rng(seed)
-    photos, countries, city_rows = [], [], []
-    for country, cities in enumerate(PLACES.values()):
-        for city in range(len(cities)):
-            for _ in range(photos_per_city):
-                photos.append(place_photo(country, city, rng))
-                countries.append(country)
-                city_rows.append(2 * country + city)
-    return photos, countries, city_rows
+    places = [(country, city) for country, cities in enumerate(PLACES.values()) for city in range(len(cities))]
+    labels = [place for place in places for _ in range(photos_per_city)]
+    photos = [place_photo(country, city, rng) for country, city in labels]
+    return photos, [country for country, _ in labels], [2 * country + city for country, city in labels]
 
 
 def probe_places() -> CandidatePlaces:
@@ -189,8 +182,8 @@ def main() -> int:
             Path(workdir), args.size, args.device, args.probe_photos_per_city, args.batch_size
         )
         processor = StreetCLIPProcessor.from_pretrained(model_dir)
-        batch = processor.image_processor(images=timing_photos[: args.batch_size], return_tensors="pt")
-        inputs = {"processor": processor, "batch": batch["pixel_values"], "timing_photos": timing_photos}
+        batch = processor.image_processor(images=timing_photos[: args.batch_size], return_tensors="pt")["pixel_values"]
+        inputs = {"processor": processor, "batch": batch, "timing_photos": timing_photos}
         inputs["agreement_photos"] = agreement_photos
         print(f"built and saved the probe model in {time.perf_counter() - start:.0f} s", flush=True)
         # What one CPU process preprocesses: the pipeline's ceiling is about the 8-bit rate times its workers.
