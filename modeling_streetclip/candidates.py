@@ -19,7 +19,7 @@ from .countries import (
     resolve_country_names,
 )
 from .geodesy import coordinate_problem
-from .geonames import geonames_table
+from .geonames import geonames_records
 
 
 # Empty and out of `to_dict` without a region level: readers of config.json (the web page) tell levels by presence.
@@ -55,37 +55,30 @@ class CandidatePlaces:
             )
         if duplicates := {name for name in self.country_names if self.country_names.count(name) > 1}:
             raise ValueError(f"CandidatePlaces lists these countries more than once: {sorted(duplicates)}.")
-        for row, (name, country, latitude, longitude) in enumerate(zip(*city_columns, strict=True)):
-            if not 0 <= country < len(self.country_names):
-                raise ValueError(f"City {row} ({name!r}) refers to country index {country}, which does not exist.")
+        _check_references("City", self.city_names, self.city_countries, "country", self.num_countries)
+        for row, (name, _, latitude, longitude) in enumerate(zip(*city_columns, strict=True)):
             if problem := coordinate_problem(latitude, longitude):
                 raise ValueError(
                     f"City {row} ({name!r}) has coordinates ({latitude}, {longitude}): "
                     f"{problem.describe(latitude, longitude)}."
                 )
-        cityless = [name for index, name in enumerate(self.country_names) if not self.cities_by_country[index]]
+        cityless = [name for name, rows in zip(self.country_names, self.cities_by_country, strict=True) if not rows]
         if self.city_names and cityless:
             raise ValueError(f"These candidate countries have no candidate city: {cityless}.")
-        self._check_regions()
+        if self.region_names or self.region_countries or self.city_regions:
+            self._check_regions()
 
     def _check_regions(self) -> None:
         """Refuse region columns that do not nest: every city in a region of its country, every region with a city."""
-        if not (self.region_names or self.region_countries or self.city_regions):
-            return
-        if len(self.region_countries) != len(self.region_names) or len(self.city_regions) != self.num_cities:
+        if len(self.region_countries) != self.num_regions or len(self.city_regions) != self.num_cities:
             raise ValueError(
-                f"CandidatePlaces has {len(self.region_names)} region names, {len(self.region_countries)} region "
+                f"CandidatePlaces has {self.num_regions} region names, {len(self.region_countries)} region "
                 f"countries and {len(self.city_regions)} city regions for {self.num_cities} cities; give one country "
                 "per region and one region per city."
             )
-        for region, (name, country) in enumerate(zip(self.region_names, self.region_countries, strict=True)):
-            if not 0 <= country < self.num_countries:
-                raise ValueError(
-                    f"Region {region} ({name!r}) refers to country index {country}, which does not exist."
-                )
+        _check_references("Region", self.region_names, self.region_countries, "country", self.num_countries)
+        _check_references("City", self.city_names, self.city_regions, "region", self.num_regions)
         for row, (name, region) in enumerate(zip(self.city_names, self.city_regions, strict=True)):
-            if not 0 <= region < len(self.region_names):
-                raise ValueError(f"City {row} ({name!r}) refers to region index {region}, which does not exist.")
             if self.region_countries[region] != self.city_countries[row]:
                 raise ValueError(
                     f"City {row} ({name!r}) of {self.country_names[self.city_countries[row]]!r} lies in region "
@@ -195,12 +188,9 @@ class CandidatePlaces:
     def from_records(cls, records: Iterable[Mapping]) -> "CandidatePlaces":
         """A custom table from rows of `country`, `city`, `latitude`, `longitude` and optionally `country_code` and
         `region` (in every row or none), countries and regions in order of first mention."""
-        country_rows: dict[str, int] = {}
-        region_rows: dict[tuple[int, str], int] = {}
-        codes: list[str] = []
-        city_columns = ("city_names", "city_countries", "city_latitudes", "city_longitudes", "city_regions")
-        columns = {name: [] for name in city_columns}
         records = list(records)
+        if not records:
+            raise ValueError("Custom candidate places need at least one record.")
         with_region = [bool(record.get("region")) for record in records]
         if any(with_region) and not all(with_region):
             raise ValueError(
@@ -208,41 +198,47 @@ class CandidatePlaces:
                 f"{'lacks' if with_region[0] else 'has'} a `region` where record 0 "
                 f"{'has one' if with_region[0] else 'does not'}; give every record a region, or none."
             )
+        codes: dict[str, str] = {}  # each country's code, in order of first mention
         for position, record in enumerate(records):
             if missing := {"country", "city", "latitude", "longitude"} - set(record):
                 raise ValueError(f"Candidate record {position} lacks {sorted(missing)}: {dict(record)!r}.")
-            country = str(record["country"])
-            if country not in country_rows:
-                country_rows[country] = len(country_rows)
-                codes.append(str(record.get("country_code") or "") or country_code_or_empty(country))
-            columns["city_names"].append(str(record["city"]))
-            columns["city_countries"].append(country_rows[country])
-            columns["city_latitudes"].append(float(record["latitude"]))
-            columns["city_longitudes"].append(float(record["longitude"]))
-            if with_region[position]:
-                region = (country_rows[country], str(record["region"]))
-                columns["city_regions"].append(region_rows.setdefault(region, len(region_rows)))
-        if not country_rows:
-            raise ValueError("Custom candidate places need at least one record.")
+            if (country := str(record["country"])) not in codes:
+                codes[country] = str(record.get("country_code") or "") or country_code_or_empty(country)
+        country_rows = {country: row for row, country in enumerate(codes)}
+        countries = [country_rows[str(record["country"])] for record in records]
+        # Regions are keyed by (country, name): two countries may each have a region of one name.
+        keys = [(row, str(record.get("region"))) for row, record in zip(countries, records, strict=True)]
+        region_rows = {key: row for row, key in enumerate(dict.fromkeys(keys if with_region[0] else []))}
         return cls(
-            country_names=list(country_rows),
-            country_codes=codes,
+            country_names=list(codes),
+            country_codes=list(codes.values()),
+            city_names=[str(record["city"]) for record in records],
+            city_countries=countries,
+            city_latitudes=[float(record["latitude"]) for record in records],
+            city_longitudes=[float(record["longitude"]) for record in records],
             region_names=[name for _, name in region_rows],
             region_countries=[country for country, _ in region_rows],
-            **columns,
+            city_regions=[region_rows[key] for key in keys] if region_rows else [],
         )
 
     @classmethod
     def from_geonames(cls, countries: Sequence[str] | None = None, *args, **settings) -> "CandidatePlaces":
         """The GeoNames table of the given countries (names or ISO codes; `None`: the paper's 193)."""
         countries = paper_countries() if countries is None else resolve_country_names(countries)
-        return cls(**geonames_table(countries, [resolve_country_code(name) for name in countries], *args, **settings))
+        codes = [resolve_country_code(name) for name in countries]
+        return cls.from_records(geonames_records(countries, codes, *args, **settings))
 
     @classmethod
     def from_config(cls, config: StreetCLIPConfig) -> "CandidatePlaces":
         """The GeoNames table that a configuration's candidate settings (and levels) describe."""
         settings = {name: getattr(config, name) for name in TABLE_SETTINGS}
         return cls.from_geonames(config.candidate_countries, regions=config.uses_regions, **settings)
+
+
+def _check_references(kind: str, names: list[str], references: list[int], target: str, count: int) -> None:
+    for row, (name, reference) in enumerate(zip(names, references, strict=True)):
+        if not 0 <= reference < count:
+            raise ValueError(f"{kind} {row} ({name!r}) refers to {target} index {reference}, which does not exist.")
 
 
 def _rows_by_group(groups: Sequence[int], num_groups: int) -> list[list[int]]:

