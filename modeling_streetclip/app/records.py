@@ -46,6 +46,7 @@ _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _TEXT_MARK = "'"
 # How a recorded option that is no command-line option of its own is named in messages.
 _OPTION_LABELS = {"model_weights": "the fingerprint of --model's weights"}
+_NEW_FILE = "Write to a new --output file."
 
 
 logger = logging.getLogger(__name__)
@@ -97,33 +98,30 @@ class _Lines:
     def __iter__(self) -> Iterator[str]:
         while line := self.stream.readline(MAX_RECORD_BYTES):
             if not line.endswith(b"\n"):
-                if len(line) == MAX_RECORD_BYTES and self._newline_follows():
+                blocks = iter(lambda: self.stream.read(1024 * 1024), b"")
+                if len(line) == MAX_RECORD_BYTES and any(b"\n" in block for block in blocks):
                     raise ResultFileError(
                         f"{str(self.path)!r} has a line of over {MAX_RECORD_BYTES:,} bytes after byte {self.end:,}; "
-                        "no record this command writes is that long. Write to a new --output file."
+                        f"no record this command writes is that long. {_NEW_FILE}"
                     )
                 break
             self.end += len(line)
             yield line.decode("utf-8", "surrogateescape")  # older files may hold a name's raw bytes
         self.exhausted = True
 
-    def _newline_follows(self) -> bool:
-        return any(b"\n" in block for block in iter(lambda: self.stream.read(1024 * 1024), b""))
-
 
 class _JsonLines:
     """One JSON object per line; `json.dumps` escapes newlines and non-ASCII, so a record never spans lines."""
 
+    header = ""
+
     def __init__(self, key: str):
         self.key = key
-
-    def header(self) -> str:
-        return ""
 
     def format(self, record: dict[str, Any]) -> str:
         return json.dumps(record) + "\n"
 
-    def read(self, lines: _Lines, path: Path) -> tuple[dict[str, bool], int]:
+    def read(self, lines: _Lines) -> tuple[dict[str, bool], int]:
         """The records of `lines` as {key: succeeded}, and the byte offset where the complete records end."""
         recorded = _StoredKeys()
         for number, line in enumerate(lines, start=1):
@@ -133,14 +131,14 @@ class _JsonLines:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ResultFileError(
-                    f"{str(path)!r} line {number} is not a JSON record ({error}); resume needs a file this command "
-                    "wrote. Write to a new --output file."
+                    f"{str(lines.path)!r} line {number} is not a JSON record ({error}); resume needs a file this "
+                    f"command wrote. {_NEW_FILE}"
                 ) from None
             if not isinstance(record, dict) or not isinstance(record.get(self.key), str):
                 raise ResultFileError(
-                    f"{str(path)!r} line {number} has no {self.key!r} field: it was written by another kind of run "
-                    "(with or without --group_by, from files or from a --dataset with another id column). Write to a "
-                    "new --output file."
+                    f"{str(lines.path)!r} line {number} has no {self.key!r} field: it was written by another kind of "
+                    "run (with or without --group_by, from files or from a --dataset with another id column). "
+                    + _NEW_FILE
                 )
             recorded[storable(record[self.key])] = "error" not in record
         return recorded, lines.end
@@ -154,6 +152,7 @@ class _Csv:
         self.key, self.top_k = key, top_k
         answers = [f"{field}_{rank}" for rank in range(1, top_k + 1) for field in ANSWER_FIELDS]
         self.columns = [key, *(["paths"] if key == "group" else []), *answers, "error"]
+        self.header = self._row(self.columns)
 
     def _row(self, values: list[Any]) -> str:
         line = io.StringIO()
@@ -161,20 +160,16 @@ class _Csv:
         csv.writer(line).writerow([spreadsheet_safe(json.dumps(v) if isinstance(v, dict) else v) for v in values])
         return line.getvalue()
 
-    def header(self) -> str:
-        return self._row(self.columns)
-
     def format(self, record: dict[str, Any]) -> str:
         values = [record[self.key]] + ([json.dumps(record["paths"])] if self.key == "group" else [])
         answers = record.get("answers", [])
         for rank in range(self.top_k):
             answer = answers[rank] if rank < len(answers) else {}
             values += [answer.get(field, "") for field in ANSWER_FIELDS]
-        values.append(record.get("error", ""))
-        return self._row(values)
+        return self._row([*values, record.get("error", "")])
 
-    def read(self, lines: _Lines, path: Path) -> tuple[dict[str, bool], int]:
-        reader = csv.reader(lines, strict=True)
+    def read(self, lines: _Lines) -> tuple[dict[str, bool], int]:
+        reader, path = csv.reader(lines, strict=True), str(lines.path)
         recorded, complete = _StoredKeys(), 0
         while True:
             try:
@@ -184,36 +179,23 @@ class _Csv:
             except csv.Error as error:
                 if lines.exhausted:
                     break  # a quoted field cut off by the kill: the partial record ends the file
-                raise ResultFileError(f"{str(path)!r} row {reader.line_num} is malformed CSV ({error}).") from None
+                raise ResultFileError(f"{path!r} row {reader.line_num} is malformed CSV ({error}).") from None
             if reader.line_num == 1 and row != self.columns:
                 raise ResultFileError(
-                    f"{str(path)!r} has the columns {row}, but this run writes {self.columns} (the options --top_k, "
+                    f"{path!r} has the columns {row}, but this run writes {self.columns} (the options --top_k, "
                     "--group_by and --dataset's id column decide them). Rerun with the options that wrote it, or write "
                     "to a new file."
                 )
             if len(row) != len(self.columns):
                 raise ResultFileError(
-                    f"{str(path)!r} row {reader.line_num} has {len(row)} fields where the header has "
-                    f"{len(self.columns)}; resume needs a file this command wrote. Write to a new --output file."
+                    f"{path!r} row {reader.line_num} has {len(row)} fields where the header has {len(self.columns)}; "
+                    f"resume needs a file this command wrote. {_NEW_FILE}"
                 )
             if reader.line_num > 1:
                 cell = row[0]
                 recorded[storable(cell[1:] if cell.startswith(_TEXT_MARK) else cell)] = row[-1] == ""
             complete = lines.end
         return recorded, complete
-
-
-def _file_format(path: Path | None, key: str, top_k: int) -> _JsonLines | _Csv:
-    """The line format of an output file by its extension; standard output (`path=None`) gets JSON Lines."""
-    suffix = ".jsonl" if path is None else path.suffix.lower()
-    if suffix == ".jsonl":
-        return _JsonLines(key)
-    if suffix == ".csv":
-        return _Csv(key, top_k)
-    raise ResultFileError(
-        f"Cannot tell the format of --output {str(path)!r} from its extension; use .jsonl (JSON Lines), .csv or "
-        ".parquet."
-    )
 
 
 def options_path(path: Path) -> Path:
@@ -241,25 +223,23 @@ def _check_options(path: Path, options: dict[str, Any]) -> None:
         raise ResultFileError(
             f"cannot read the options of {str(path)!r} from {str(sidecar)!r} ({error}); {advice}."
         ) from None
-    differing = [name for name in sorted(recorded.keys() | options.keys()) if recorded.get(name) != options.get(name)]
-    if differing:
-        changes = "; ".join(
-            f"{_OPTION_LABELS.get(name, '--' + name)} was {_shown(recorded.get(name), name)}, now "
-            f"{_shown(options.get(name), name)}"
-            for name in differing
-        )
+
+    def shown(value: Any, name: str) -> str:
+        if value is None:  # "not recorded": an option an earlier version did not record
+            return "not recorded" if name in _OPTION_LABELS else "not given"
+        return repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+
+    changes = "; ".join(
+        f"{_OPTION_LABELS.get(name, '--' + name)} was {shown(recorded.get(name), name)}, now "
+        f"{shown(options.get(name), name)}"
+        for name in sorted(recorded.keys() | options.keys())
+        if recorded.get(name) != options.get(name)
+    )
+    if changes:
         raise ResultFileError(
             f"{str(path)!r} was written with other options ({changes}). Rerun with the options that wrote it to "
             f"resume, {advice}."
         )
-
-
-def _shown(value: Any, name: str) -> str:
-    """An option's value for a message; "not recorded" for one an earlier version did not record."""
-    if value is None:
-        return "not recorded" if name in _OPTION_LABELS else "not given"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _write_options(path: Path, options: dict[str, Any]) -> None:
@@ -269,13 +249,17 @@ def _write_options(path: Path, options: dict[str, Any]) -> None:
 
 
 class _Writer(AbstractContextManager):
-    """What both writers share: the keys recorded before, as {key: succeeded}, the lock, and `with`."""
+    """What both writers share: the keys recorded before, as {key: succeeded}, the lock, `with`, and the message of a
+    failed write."""
 
     def __init__(self, path: Path | None, lock: FileLock | None = None):
         self.path, self.lock = path, lock
         self.name = "standard output" if path is None else f"--output {str(path)!r}"
         self.recorded: dict[str, bool] = _StoredKeys()
         self.failed = False  # a write failed, or the file was refused: closing writes nothing more
+
+    def _write_error(self, error: OSError, kept: str = "") -> ResultFileError:
+        return ResultFileError(f"cannot write to {self.name}: {error.strerror or error}{kept}.")
 
     def close(self) -> None:
         if self.lock is not None:
@@ -327,10 +311,8 @@ class RecordWriter(_Writer):
                 os.ftruncate(self.fd, self.size)  # cut off the part of the record that made it
             except OSError:
                 pass  # the next run's resume cuts the partial line off instead
-            raise ResultFileError(
-                f"cannot write to {self.name}: {error.strerror or error}; the {self.size:,} bytes of complete "
-                "records before it are kept. Rerun the same command to resume once the cause is fixed."
-            ) from None
+            kept = f"; the {self.size:,} bytes of complete records before it are kept. Rerun the same command to "
+            raise self._write_error(error, kept + "resume once the cause is fixed") from None
         self.size += len(data)
 
     def close(self) -> None:
@@ -342,22 +324,22 @@ class RecordWriter(_Writer):
             if self.unsynced:
                 os.fsync(fd)
         except OSError as error:
-            raise ResultFileError(f"cannot write to {self.name}: {error.strerror or error}.") from None
+            raise self._write_error(error) from None
         finally:
             os.close(fd)
             super().close()
 
     def resume(self, options: dict[str, Any], overwrite: bool) -> None:
         """Empty the file (`overwrite`) or check its options and read its keys, cutting off a partial last record."""
-        recorded_options = not overwrite and self.size > 0
         if overwrite:
             os.ftruncate(self.fd, 0)
             self.size = 0
-        elif recorded_options:
+        checked = self.size > 0
+        if checked:
             _check_options(self.path, options)
         with os.fdopen(os.dup(self.fd), "rb") as stream:  # a duplicate shares the offset, which appends ignore
             stream.seek(0)
-            self.recorded, complete = self.file_format.read(_Lines(stream, self.path), self.path)
+            self.recorded, complete = self.file_format.read(_Lines(stream, self.path))
         if complete < self.size:
             logger.warning(
                 f"streetclip locate: {str(self.path)!r} ends in an incomplete record ({self.size - complete:,} bytes "
@@ -367,9 +349,9 @@ class RecordWriter(_Writer):
             os.ftruncate(self.fd, complete)
             self.size = complete
         if complete == 0:
-            if not recorded_options:
+            if not checked:
                 _write_options(self.path, options)
-            self._write(self.file_format.header().encode("utf-8"))
+            self._write(self.file_format.header.encode("utf-8"))
 
 
 def open_records(
@@ -385,19 +367,39 @@ def open_records(
     Options that are None are not recorded: an option added later, None meaning the old behaviour, keeps files
     resumable."""
     key = key or ("group" if grouped else "path")
-    parquet = path is not None and path.suffix.lower() == ".parquet"
-    file_format = None if parquet else _file_format(path, key, top_k)
+    suffix = ".jsonl" if path is None else path.suffix.lower()
+    if suffix not in (".jsonl", ".csv", ".parquet"):
+        raise ResultFileError(
+            f"Cannot tell the format of --output {str(path)!r} from its extension; use .jsonl (JSON Lines), .csv or "
+            ".parquet."
+        )
+    file_format = _Csv(key, top_k) if suffix == ".csv" else _JsonLines(key)
     if path is None:
         return RecordWriter(file_format)
-    if parquet:
+    if suffix == ".parquet":
         install = "`pip install pyarrow` or `pip install 'streetclip[eval]'` (JSON Lines and CSV need nothing more)"
         import_optional("pyarrow.parquet", "Parquet output", install, ResultFileError)
     # As the sidecar records them: without the None values, as JSON gives them back (tuples as lists).
     options = json.loads(json.dumps({name: value for name, value in (options or {}).items() if value is not None}))
-    _check_output_path(path)
-    lock = _lock(path)
+    if not path.parent.is_dir():
+        raise ResultFileError(f"The folder of --output {str(path)!r} does not exist.")
+    mode = path.stat().st_mode if path.exists() else stat.S_IFREG
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a device, pipe or socket)"
+        raise ResultFileError(
+            f"--output {str(path)!r} is {kind}; results need a regular file, new or written by this command."
+        )
+    lock = FileLock(lock_path(path), timeout=0)  # the system drops the lock of a killed process
     try:
-        if parquet:
+        lock.acquire()
+    except Timeout:
+        raise ResultFileError(
+            f"another run is writing {str(path)!r}; wait for it to finish, or write to another --output file."
+        ) from None
+    except OSError as error:
+        raise ResultFileError(f"cannot lock --output {str(path)!r}: {error.strerror or error}.") from None
+    try:
+        if suffix == ".parquet":
             writer = ParquetRecordWriter(path, key, grouped, lock)
         else:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
@@ -407,44 +409,13 @@ def open_records(
         raise ResultFileError(f"cannot open --output {str(path)!r} for writing: {error.strerror or error}.") from None
     try:
         writer.resume(options, overwrite)
-    except OSError as error:
-        writer.failed = True
-        writer.close()
-        raise ResultFileError(f"cannot prepare --output {str(path)!r}: {error}.") from None
-    except BaseException:
+    except BaseException as error:
         writer.failed = True  # refused: release the file, write nothing
         writer.close()
+        if isinstance(error, OSError):
+            raise ResultFileError(f"cannot prepare --output {str(path)!r}: {error}.") from None
         raise
     return writer
-
-
-def _check_output_path(path: Path) -> None:
-    """Refuse an output whose folder is missing, or that exists and is not a regular file."""
-    if not path.parent.is_dir():
-        raise ResultFileError(f"The folder of --output {str(path)!r} does not exist.")
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISREG(mode):
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a device, pipe or socket)"
-        raise ResultFileError(
-            f"--output {str(path)!r} is {kind}; results need a regular file, new or written by this command."
-        )
-
-
-def _lock(path: Path) -> FileLock:
-    """Lock `path` for this run (through `lock_path`); the system drops the lock of a killed process."""
-    lock = FileLock(lock_path(path), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise ResultFileError(
-            f"another run is writing {str(path)!r}; wait for it to finish, or write to another --output file."
-        ) from None
-    except OSError as error:
-        raise ResultFileError(f"cannot lock --output {str(path)!r}: {error.strerror or error}.") from None
-    return lock
 
 
 class ParquetRecordWriter(_Writer):
@@ -455,8 +426,7 @@ class ParquetRecordWriter(_Writer):
         import pyarrow as pa
 
         super().__init__(path, lock)
-        self.key, self.grouped = key, grouped
-        self.parts = path.with_name(path.name + ".parts")
+        self.key, self.parts = key, path.with_name(path.name + ".parts")
         types = {"within_km": pa.struct([(str(radius), pa.float64()) for radius in CONFIDENCE_RADII_KM])}
         types |= {"calibrated": pa.bool_()} | dict.fromkeys(_TEXT_FIELDS, pa.string())
         answer = pa.struct([(field, types.get(field, pa.float64())) for field in ANSWER_FIELDS])
@@ -465,41 +435,18 @@ class ParquetRecordWriter(_Writer):
         self.rows: list[dict[str, Any]] = []
         self.next_part, self.last_flush = 0, time.monotonic()
 
-    def resume(self, options: dict[str, Any], overwrite: bool) -> None:
-        if overwrite:
-            self.path.unlink(missing_ok=True)
-            shutil.rmtree(self.parts, ignore_errors=True)
-        if self.path.exists() or self._parts():
-            _check_options(self.path, options)
-            self._read_recorded()
-        else:
-            _write_options(self.path, options)
-
     def _parts(self) -> list[Path]:
         return sorted(self.parts.glob("part-*.parquet"))
 
-    def _read_keys(self, file: Path) -> dict[str, bool]:
-        import pyarrow.parquet as pq
-
-        try:
-            schema = pq.read_schema(file)
-            if not schema.equals(self.schema, check_metadata=False):
-                raise ResultFileError(
-                    f"{str(file)!r} has the columns {schema.names}, but this run writes {self.schema.names} (the "
-                    "options --group_by and --dataset's id column decide them). Rerun with the options that wrote "
-                    "it, or write to a new file."
-                )
-            table = pq.read_table(file, columns=[self.key, "error"])
-        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
-            if isinstance(error, ResultFileError):
-                raise
-            raise ResultFileError(
-                f"{str(file)!r} is not a Parquet file this command wrote ({error}). Write to a new --output file."
-            ) from None
-        keys = table.column(self.key).to_pylist()
-        return dict(zip(keys, (error is None for error in table.column("error").to_pylist()), strict=True))
-
-    def _read_recorded(self) -> None:
+    def resume(self, options: dict[str, Any], overwrite: bool) -> None:
+        """Empty the file and its parts (`overwrite`), or check its options and read the keys of file and parts."""
+        if overwrite:
+            self.path.unlink(missing_ok=True)
+            shutil.rmtree(self.parts, ignore_errors=True)
+        if not (self.path.exists() or self._parts()):
+            _write_options(self.path, options)
+            return
+        _check_options(self.path, options)
         merged = self._read_keys(self.path) if self.path.exists() else {}
         self.recorded.update(merged)
         for part in self._parts():
@@ -515,6 +462,26 @@ class ParquetRecordWriter(_Writer):
                     f"(e.g. {repeated[0]!r}); it was not written by this command's runs. Move it away to resume."
                 )
             self.recorded.update(keys)
+
+    def _read_keys(self, file: Path) -> dict[str, bool]:
+        import pyarrow.parquet as pq
+
+        try:
+            schema = pq.read_schema(file)
+            same = schema.equals(self.schema, check_metadata=False)
+            table = pq.read_table(file, columns=[self.key, "error"]) if same else None
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
+            raise ResultFileError(
+                f"{str(file)!r} is not a Parquet file this command wrote ({error}). {_NEW_FILE}"
+            ) from None
+        if table is None:
+            raise ResultFileError(
+                f"{str(file)!r} has the columns {schema.names}, but this run writes {self.schema.names} (the options "
+                "--group_by and --dataset's id column decide them). Rerun with the options that wrote it, or write to "
+                "a new file."
+            )
+        keys = table.column(self.key).to_pylist()
+        return dict(zip(keys, (error is None for error in table.column("error").to_pylist()), strict=True))
 
     def write(self, record: dict[str, Any]) -> None:
         """Add one record; it reaches the disk with the next part (see the class)."""
@@ -538,40 +505,32 @@ class ParquetRecordWriter(_Writer):
                 pq.write_table(table, temporary)
         except OSError as error:
             self.failed = True
-            raise ResultFileError(
-                f"cannot write to {self.name}: {error.strerror or error}; the records written before are kept in "
-                f"{str(self.parts)!r}. Rerun the same command to resume once the cause is fixed."
-            ) from None
+            kept = f"; the records written before are kept in {str(self.parts)!r}. Rerun the same command to resume"
+            raise self._write_error(error, kept + " once the cause is fixed") from None
         self.next_part += 1
         self.rows = []
 
-    def _merge(self) -> None:
-        """Replace the file by one holding its row groups and then every part's, and remove the parts."""
+    def close(self) -> None:
+        """Write the last records, merge file and parts into the file and release the lock (only that after a
+        failure); the merged file holds the file's row groups and then every part's."""
         import pyarrow.parquet as pq
 
-        sources = ([self.path] if self.path.exists() else []) + self._parts()
-        if sources != [self.path]:
-            with atomic_write(self.path) as temporary, pq.ParquetWriter(temporary, self.schema) as merged:
-                for source in sources:
-                    file = pq.ParquetFile(source)
-                    for group in range(file.num_row_groups):
-                        merged.write_table(file.read_row_group(group))
-        shutil.rmtree(self.parts, ignore_errors=True)
-
-    def close(self) -> None:
-        """Write the last records, merge everything into the file and release the lock (only that after a failure)."""
         if self.lock is None:
             return
         try:
             if not self.failed:
                 self.flush()
+                sources = ([self.path] if self.path.exists() else []) + self._parts()
                 try:
-                    self._merge()
+                    if sources != [self.path]:
+                        with atomic_write(self.path) as temporary, pq.ParquetWriter(temporary, self.schema) as merged:
+                            for source in map(pq.ParquetFile, sources):
+                                for group in range(source.num_row_groups):
+                                    merged.write_table(source.read_row_group(group))
+                    shutil.rmtree(self.parts, ignore_errors=True)
                 except OSError as error:
-                    raise ResultFileError(
-                        f"cannot write to {self.name}: {error.strerror or error}; the records are kept in "
-                        f"{str(self.parts)!r}. Rerun the same command to merge them once the cause is fixed."
-                    ) from None
+                    kept = f"; the records are kept in {str(self.parts)!r}. Rerun the same command to merge them once "
+                    raise self._write_error(error, kept + "the cause is fixed") from None
         finally:
             super().close()
 
