@@ -27,36 +27,22 @@ DECISIONS = ZERO_SHOT_DECISIONS + GALLERY_DECISIONS
 
 
 class RankedPlaces(NamedTuple):
-    """Top-k candidate cities per image under a zero-shot rule (`rank_places`), each of shape `(batch_size, k)`."""
+    """Top-k answers per image, each field of shape `(batch_size, k)`: candidate cities (under a gallery rule the one
+    nearest each chosen photo, padded with -1), their probabilities and confidence, and a gallery rule's photos."""
 
     city_rows: torch.LongTensor  # rows of `model.candidate_places`
-    scores: torch.Tensor  # the rule's probability (see `GeolocationPipeline.__call__`)
+    scores: torch.Tensor  # the rule's probability (see `GeolocationPipeline.__call__`); a gallery rule's vote share
     country_scores: torch.Tensor  # p(country)
     joint_probabilities: torch.Tensor  # p(country) * p(region | country) * p(city | ...)
     region_scores: torch.Tensor  # p(region | country); 1 without a region level
     within_km: torch.Tensor | None = None  # (batch_size, k, len(CONFIDENCE_RADII_KM)): posterior mass within each
     radius_km: torch.Tensor | None = None  # the smallest radius holding `config.confidence_level`; inf for none
     calibrated: torch.Tensor | None = None  # whether `within_km` went through `config.calibration`
-    expected_distances_km: torch.Tensor | None = None  # what `"expected_distance"` orders by; None under the others
-
-
-class GalleryRankedPlaces(NamedTuple):
-    """Answers under a gallery rule, of shape `(batch_size, k)`, padded with `city_rows` -1: `RankedPlaces`' fields for
-    the candidate city nearest each chosen photo (`scores`: its share of the vote), and where and which that photo is.
-    """
-
-    city_rows: torch.LongTensor
-    scores: torch.Tensor
-    country_scores: torch.Tensor
-    joint_probabilities: torch.Tensor
-    region_scores: torch.Tensor
-    latitudes: torch.Tensor
-    longitudes: torch.Tensor
-    gallery_rows: torch.LongTensor
-    similarities: torch.Tensor
-    within_km: torch.Tensor  # the vote's share within each radius of the answer
-    radius_km: torch.Tensor
-    calibrated: torch.Tensor
+    expected_distances_km: torch.Tensor | None = None  # what `"expected_distance"` orders by
+    latitudes: torch.Tensor | None = None  # the chosen photo's, under a gallery rule; so the next three
+    longitudes: torch.Tensor | None = None
+    gallery_rows: torch.LongTensor | None = None
+    similarities: torch.Tensor | None = None
 
 
 def default_decision(gallery: GeoGallery | str | None) -> str:
@@ -139,31 +125,26 @@ def rank_places(
     places, country_rows = model.candidate_places, None if country_rows is None else list(country_rows)
     with torch.no_grad():
         levels = _log_probabilities(model, outputs, country_rows)
-        num_cities = places.num_cities
-        if country_rows is not None:
-            num_cities = sum(len(places.cities_by_country[row]) for row in country_rows)
+        num_cities = sum(len(places.cities_by_country[row]) for row in country_rows or range(places.num_countries))
         top_k = min(top_k, num_cities)
         posterior, calibrated = confidence_posterior(model, outputs, levels, country_rows)
-        expected, scores = None, None
+        criterion = None
         if decision == "greedy":
             order = _greedy_order(model, outputs, levels["country"])[:, :top_k]
+        elif decision == "joint":
+            order = levels["joint"].argsort(dim=-1, descending=True, stable=True)[:, :top_k]
         else:
-            order = levels["joint"].argsort(dim=-1, descending=True, stable=True)
-            if decision in ("expected_distance", "within_km"):
-                order, criterion = _by_criterion(model, order, levels["joint"], posterior, decision, top_k, num_cities)
-                criterion = criterion[:, :top_k]
-                expected, scores = (criterion, None) if decision == "expected_distance" else (None, criterion)
-            order = order[:, :top_k]
+            order, criterion = _by_criterion(model, levels["joint"], posterior, decision, top_k, num_cities)
         ranked = {name: values.gather(1, order).exp() for name, values in levels.items()}
         within = within_km(model, model.city_coordinates[order.cpu()].to(posterior.device), posterior)
     return RankedPlaces(
         city_rows=order,
-        scores=ranked["city"] if decision == "greedy" else ranked["joint"] if scores is None else scores,
+        scores=criterion if decision == "within_km" else ranked["city" if decision == "greedy" else "joint"],
         country_scores=ranked["country"],
         joint_probabilities=ranked["joint"],
         region_scores=ranked["region"],
         **_confidence(model, within, calibrated),
-        expected_distances_km=expected,
+        expected_distances_km=criterion if decision == "expected_distance" else None,
     )
 
 
@@ -206,8 +187,7 @@ def _confidence(model: StreetCLIPForGeolocation, within: torch.Tensor, calibrate
     maps = (model.config.calibration or {}).get("within_km") if calibrated else None
     if maps:
         # Each radius through its monotone map; the running maximum keeps the mass non-decreasing with the radius.
-        columns = [within[..., i].cpu().numpy() for i in range(len(CONFIDENCE_RADII_KM))]
-        knots = [maps.get(str(radius)) for radius in CONFIDENCE_RADII_KM]
+        columns, knots = np.moveaxis(within.cpu().numpy(), -1, 0), [maps.get(str(r)) for r in CONFIDENCE_RADII_KM]
         mapped = [c if k is None else np.interp(c, k["x"], k["y"]) for c, k in zip(columns, knots, strict=True)]
         within = torch.from_numpy(np.stack(mapped, axis=-1)).to(within.device).cummax(dim=-1).values
     reached = within >= model.config.confidence_level
@@ -227,33 +207,28 @@ def place_probabilities(
 
     with torch.no_grad():
         levels = _log_probabilities(model, outputs, None if country_rows is None else list(country_rows))
-        rows = city_rows.clamp(min=0)
-        return {
-            f"{name}_scores" if name != "joint" else "joint_probabilities": levels[name].gather(1, rows).exp()
-            for name in ("country", "region", "joint")
-        }
+        names = {"country": "country_scores", "region": "region_scores", "joint": "joint_probabilities"}
+        return {name: levels[level].gather(1, city_rows.clamp(min=0)).exp() for level, name in names.items()}
 
 
 def rank_gallery_places(
     model: StreetCLIPForGeolocation, outputs: GeolocationOutput, gallery: GeoGallery, decision: str, top_k: int = 1
-) -> GalleryRankedPlaces:
+) -> RankedPlaces:
     """Each image's `top_k` answers under `"gallery"` or `"hybrid"` (see `gallery_vote`), each named by the candidate
-    city nearest its photo, with that city's zero-shot probabilities."""
+    city nearest its photo, with that city's zero-shot probabilities; `scores` are vote shares."""
     import torch
 
     if decision not in GALLERY_DECISIONS:
         raise ValueError(f"rank_gallery_places decides {', '.join(GALLERY_DECISIONS)}, not {decision!r}.")
-    places = model.candidate_places
-    settings = gallery.settings
+    places, settings = model.candidate_places, gallery.settings
     # The vote's answers are distinct neighbours, so no more than num_neighbors can come back.
     top_k = min(top_k, settings.num_neighbors, len(gallery))
     similarities, rows = gallery.search(outputs.image_embeds.float().cpu().numpy(), settings.num_neighbors)
     country_probabilities = outputs.country_logits.float().softmax(dim=-1).cpu().numpy()
-    city_countries = np.asarray(places.city_countries)
-    columns = {name: np.zeros((len(rows), top_k)) for name in ("scores", "latitudes", "longitudes", "similarities")}
-    within = np.zeros((len(rows), top_k, len(CONFIDENCE_RADII_KM)))
-    city_rows = np.full((len(rows), top_k), -1)
-    gallery_rows = np.full((len(rows), top_k), -1)
+    shape = (len(rows), top_k)
+    columns = {name: np.zeros(shape) for name in ("scores", "latitudes", "longitudes", "similarities")}
+    columns |= {"city_rows": np.full(shape, -1), "gallery_rows": np.full(shape, -1)}
+    within = np.zeros((*shape, len(CONFIDENCE_RADII_KM)))
     for image, (image_similarities, image_rows) in enumerate(zip(similarities, rows, strict=True)):
         found = image_rows >= 0
         image_similarities, image_rows = image_similarities[found], image_rows[found]
@@ -261,25 +236,25 @@ def rank_gallery_places(
         neighbor_cities = nearest_city_rows(places, latitudes, longitudes)
         scale = None
         if decision == "hybrid":
-            countries = city_countries[neighbor_cities]
+            countries = np.asarray(places.city_countries)[neighbor_cities]
             scale = hybrid_scale(countries, country_probabilities[image], settings.hybrid_countries)
         vote = neighbor_vote(image_similarities, latitudes, longitudes, settings, top_k=top_k, scale=scale)
-        for position_rank, (position, score) in enumerate(vote.answers):
-            distances, weights = vote.distances_km[position], vote.weights
-            shares = [weights[distances <= radius].sum() / weights.sum() for radius in CONFIDENCE_RADII_KM]
-            within[image, position_rank] = np.clip(shares, 0.0, 1.0)
-            city_rows[image, position_rank] = neighbor_cities[position]
-            gallery_rows[image, position_rank] = image_rows[position]
-            columns["scores"][image, position_rank] = score
-            columns["latitudes"][image, position_rank] = latitudes[position]
-            columns["longitudes"][image, position_rank] = longitudes[position]
-            columns["similarities"][image, position_rank] = image_similarities[position]
+        chosen = np.asarray([position for position, _ in vote.answers], dtype=int)
+        columns["scores"][image, : len(chosen)] = [score for _, score in vote.answers]
+        for name, values in zip(
+            ("city_rows", "gallery_rows", "latitudes", "longitudes", "similarities"),
+            (neighbor_cities, image_rows, latitudes, longitudes, image_similarities),
+            strict=True,
+        ):
+            columns[name][image, : len(chosen)] = values[chosen]
+        for answer, distances in enumerate(vote.distances_km[chosen]):
+            shares = [vote.weights[distances <= radius].sum() / vote.weights.sum() for radius in CONFIDENCE_RADII_KM]
+            within[image, answer] = np.clip(shares, 0.0, 1.0)
     device = outputs.country_logits.device
-    city_rows = torch.as_tensor(city_rows, device=device)
-    return GalleryRankedPlaces(
-        city_rows=city_rows,
-        gallery_rows=torch.as_tensor(gallery_rows, device=device),
-        **place_probabilities(model, outputs, city_rows),
+    rows = {name: torch.as_tensor(columns.pop(name), device=device) for name in ("city_rows", "gallery_rows")}
+    return RankedPlaces(
+        **rows,
+        **place_probabilities(model, outputs, rows["city_rows"]),
         **{name: torch.as_tensor(values, dtype=torch.float64, device=device) for name, values in columns.items()},
         **_confidence(model, torch.as_tensor(within, device=device), calibrated=False),
     )
@@ -294,12 +269,9 @@ def expected_distances_km(
     """Each answer's expected great-circle distance in km to the true place, candidate j with probability
     `probabilities[..., j]` at `(latitudes, longitudes)[..., j]` (leading dimensions are batches); the answers are
     `(latitudes, longitudes)` of shape `(..., k)`, by default the candidates themselves."""
-    answer_latitudes, answer_longitudes = answers or (latitudes, longitudes)
+    answer_lats, answer_lons = answers or (latitudes, longitudes)
     distances = great_circle_km(
-        answer_latitudes[..., :, None],
-        answer_longitudes[..., :, None],
-        latitudes[..., None, :],
-        longitudes[..., None, :],
+        answer_lats[..., None], answer_lons[..., None], latitudes[..., None, :], longitudes[..., None, :]
     )
     return (distances @ probabilities[..., None])[..., 0]
 
@@ -340,31 +312,28 @@ def _greedy_order(
 
 def _by_criterion(
     model: StreetCLIPForGeolocation,
-    order: torch.LongTensor,
     joint_log_probs: torch.Tensor,
     posterior: torch.Tensor,
     decision: str,
     top_k: int,
     num_cities: int,
 ) -> tuple[torch.LongTensor, torch.Tensor]:
-    """The `config.expected_distance_candidates` most probable cities of `order` by the rule's criterion (the expected
-    distance under their renormalised joint, or the `posterior` mass within `config.decision_radius_km`), then the
-    next most probable up to `top_k`, so that no answer depends on `top_k`; rows and criterion `(batch_size, pool)`."""
+    """The `config.expected_distance_candidates` most probable cities by the rule's criterion (the expected distance
+    under their renormalised joint, or the `posterior` mass within `config.decision_radius_km`), then the next most
+    probable up to `top_k`, so that no answer depends on `top_k`; rows and criterion `(batch_size, top_k)`."""
     import torch
 
     candidates = min(model.config.expected_distance_candidates, num_cities)
-    pool = order[:, : max(top_k, candidates)]
-    points = model.city_coordinates[pool.cpu()].numpy()
+    pool = joint_log_probs.argsort(dim=-1, descending=True, stable=True)[:, : max(top_k, candidates)]
+    points = model.city_coordinates[pool.cpu()]
     if decision == "expected_distance":
-        weighed = order[:, :candidates]
-        weights = joint_log_probs.gather(1, weighed).softmax(dim=-1).double().cpu().numpy()
-        cities = model.city_coordinates[weighed.cpu()].numpy()
-        expected = expected_distances_km(weights, cities[..., 0], cities[..., 1], (points[..., 0], points[..., 1]))
+        weights = joint_log_probs.gather(1, pool[:, :candidates]).softmax(dim=-1).double().cpu().numpy()
+        cities, answers = points[:, :candidates].numpy(), points.numpy()
+        expected = expected_distances_km(weights, cities[..., 0], cities[..., 1], (answers[..., 0], answers[..., 1]))
         criterion = torch.from_numpy(expected).to(pool.device)
     else:
-        radius = (model.config.decision_radius_km,)
-        criterion = -within_km(model, torch.from_numpy(points), posterior, radius)[..., 0].to(pool.device)
+        criterion = -within_km(model, points, posterior, (model.config.decision_radius_km,))[..., 0].to(pool.device)
     reorder = torch.arange(pool.shape[1], device=pool.device).repeat(len(pool), 1)
     reorder[:, :candidates] = criterion[:, :candidates].argsort(dim=-1, stable=True)
-    criterion = criterion.gather(1, reorder)
-    return pool.gather(1, reorder), criterion if decision == "expected_distance" else -criterion
+    criterion = criterion.gather(1, reorder)[:, :top_k]
+    return pool.gather(1, reorder)[:, :top_k], criterion if decision == "expected_distance" else -criterion
