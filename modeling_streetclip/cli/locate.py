@@ -13,23 +13,13 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..app import EXIT_OK, EXIT_SOME_FAILED, UsageError
-from ..app.arguments import (
-    add_backend_arguments,
-    add_batch_arguments,
-    add_decision_arguments,
-    add_placement_arguments,
-    add_verbose_argument,
-    decision_from,
-    int_at_least,
-)
+from ..app import EXIT_OK, EXIT_SOME_FAILED, UsageError, arguments
 from ..app.loading import graph_file_for, load_on_every_process, model_fingerprint, quantization_config_for
 
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from ..app.batch import GeolocationRecord
     from ..app.records import ParquetRecordWriter, RecordWriter
     from ..app.sources import DatasetSource
 
@@ -66,63 +56,59 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "are kept), 130 interrupted, 141 standard output closed."
         ),
     )
-    locate.add_argument(
+    add = locate.add_argument
+    add(
         "inputs",
         nargs="*",
         metavar="INPUTS",
         help="image files, folders or glob patterns ('photos/*.jpg'); '-' reads paths from standard input. A named "
         "path that does not exist stops the run; a missing one read from standard input gets an error record",
     )
-    locate.add_argument(
+    add(
         "--dataset",
         metavar="NAME_OR_PATH",
         help="the images of a dataset instead: a Hub id, a save_to_disk or an image folder (needs streetclip[eval])",
     )
-    locate.add_argument("--split", default="train", help="the --dataset split (its only one if it has one)")
-    locate.add_argument("--image_column", help="the --dataset image column (default: image, img, photo or jpg)")
-    locate.add_argument(
+    add("--split", default="train", help="the --dataset split (its only one if it has one)")
+    add("--image_column", help="the --dataset image column (default: image, img, photo or jpg)")
+    add(
         "--id_column",
         help="the --dataset column naming records (default: img_id, image_id, id, key, file_name or filename; else "
         'file names, else row numbers, under "id"; row numbers with --streaming)',
     )
-    locate.add_argument("--streaming", action="store_true", help="read the --dataset as it goes, not downloaded first")
-    locate.add_argument(
+    add("--streaming", action="store_true", help="read the --dataset as it goes, not downloaded first")
+    add(
         "--model",
         default="geolocal/StreetCLIP",
         help="Hub repo or local folder, a CLIP or StreetCLIPForGeolocation checkpoint (default: %(default)s)",
     )
-    locate.add_argument("--top_k", type=int_at_least(1), default=1, help="answers per input (default: %(default)s)")
-    add_decision_arguments(locate)
-    add_batch_arguments(locate)
-    add_placement_arguments(locate)
-    add_backend_arguments(locate)
-    locate.add_argument(
+    add("--top_k", type=arguments.int_at_least(1), default=1, help="answers per input (default: %(default)s)")
+    arguments.add_decision_arguments(locate)
+    arguments.add_batch_arguments(locate)
+    arguments.add_placement_arguments(locate)
+    arguments.add_backend_arguments(locate)
+    add(
         "--output",
         type=Path,
         metavar="FILE",
         help="FILE.jsonl, FILE.csv or FILE.parquet, resumed when it exists (default: JSON Lines on standard output)",
     )
-    locate.add_argument("--overwrite", action="store_true", help="empty --output and start afresh instead of resuming")
-    locate.add_argument(
-        "--countries", type=Path, metavar="FILE", help="restrict answers to the countries a file lists, one per line"
-    )
-    locate.add_argument(
-        "--recursive", action="store_true", help="descend into subfolders; '**' in a glob pattern matches any depth"
-    )
-    locate.add_argument(
+    add("--overwrite", action="store_true", help="empty --output and start afresh instead of resuming")
+    add("--countries", type=Path, metavar="FILE", help="restrict answers to the countries a file lists, one per line")
+    add("--recursive", action="store_true", help="descend into subfolders; '**' in a glob pattern matches any depth")
+    add(
         "--group_by",
         metavar="REGEX",
         help="answer the views of one place once: paths with the same capture group 1 of REGEX (e.g. "
         r"'(pano_\d+)_heading') pool their embeddings; an unmatched path is a group of its own",
     )
-    add_verbose_argument(locate)
+    arguments.add_verbose_argument(locate)
     locate.set_defaults(run=locate_command)
 
 
 def answer_options(args: argparse.Namespace, countries: list[str] | None) -> dict[str, Any]:
-    """The options that shape the answers, recorded beside an --output file so that a rerun with others stops instead
-    of mixing answers (None: not recorded, as in files written before the option). A local model folder adds the
-    fingerprint of its files, so that other weights in the same folder are noticed."""
+    """The options that shape the answers, recorded beside --output so that a rerun with others stops instead of
+    mixing answers (None: not recorded, as in older files); a local model adds its files' fingerprint."""
     local_model = os.path.isdir(args.model)
     return {
         "model": os.path.abspath(args.model) if local_model else args.model,
@@ -138,34 +124,10 @@ def answer_options(args: argparse.Namespace, countries: list[str] | None) -> dic
     }
 
 
-def _record(
-    args: argparse.Namespace,
-    key_field: str,
-    key: str,
-    members: list,
-    views: list[GeolocationRecord],
-    model_and_processor: tuple,
-) -> dict[str, Any]:
-    """The output record of one input, or with --group_by of one place from all its views."""
-    record = {key_field: key} if args.group_by is None else {"group": key, "paths": members}
-    errors = [view.error for view in views if view.error is not None]
-    if errors:
-        return record | {"error": "; ".join(errors)}
-    if args.group_by is None:
-        return record | {"answers": views[0].answers}
-    import torch
-
-    from ..app.batch import pooled_answers
-
-    model, _, gallery = model_and_processor
-    embeds = torch.stack([view.image_embeds for view in views])
-    return record | {"answers": pooled_answers(model, embeds, args.top_k, args.decision, gallery)}
-
-
 @dataclass
 class _Plan:
-    """What the main process found to do, handed to every process: the field naming records, the pending (key,
-    members) pairs (member paths, or a dataset's row number), and the counts for the summary."""
+    """What the main process found to do, for every process: the field naming records, the pending (key, members)
+    pairs (member paths, or a dataset's row number), and the counts for the summary."""
 
     key_field: str
     pending: list[tuple[str, list]]
@@ -182,15 +144,13 @@ def _plan(
     from ..app.records import open_records
 
     grouped = args.group_by is not None
-    if source is None:
-        paths = expand_inputs(args.inputs, args.recursive, sys.stdin)
-        if not paths:
-            raise UsageError(f"no inputs: {args.inputs} name no image file.")
-        groups = group_views(paths, group_pattern(args.group_by)) if grouped else [(path, [path]) for path in paths]
-        key_field = "group" if grouped else "path"
-    else:
-        key_field = source.key_field
+    key_field = source.key_field if source is not None else "group" if grouped else "path"
+    if source is not None:
         groups = [] if args.streaming else [(key, [row]) for row, key in enumerate(source.keys())]
+    elif not (paths := expand_inputs(args.inputs, args.recursive, sys.stdin)):
+        raise UsageError(f"no inputs: {args.inputs} name no image file.")
+    else:
+        groups = group_views(paths, group_pattern(args.group_by)) if grouped else [(path, [path]) for path in paths]
     options = None
     if args.output is not None:  # (standard output resumes nothing: no options to record, no weights to hash)
         options = answer_options(args, countries)
@@ -202,63 +162,49 @@ def _plan(
     return _Plan(key_field, pending, len(groups), failed_before), writer
 
 
-def _stream_blocks(
-    source: DatasetSource, recorded: dict[str, bool], plan: _Plan, rows_per_block: int
-) -> Iterator[list[tuple[str, Any]]]:
-    """On the main process: the rows of a streamed dataset not yet recorded, in blocks of (key, encoded image);
-    counts every row in `plan`."""
+def _blocks(
+    args: argparse.Namespace, accelerator: Accelerator, plan: _Plan, source: DatasetSource | None, writer: Any
+) -> Iterator[tuple[list[tuple[str, list]], Sequence]]:
+    """The pending (groups, their views), on every process: a streamed dataset's in blocks of the rows its `writer`
+    has not recorded, read by the main process, which counts them in `plan`."""
+    from ..app.distributed import on_main_process
+
+    if not args.streaming:
+        if plan.pending and source is not None:
+            yield plan.pending, source.images([row for _, (row,) in plan.pending])
+        elif plan.pending:
+            yield plan.pending, [path for _, members in plan.pending for path in members]
+        return
 
     def unrecorded() -> Iterator[tuple[str, Any]]:
         for key, image in source.stream():
             plan.total += 1
-            plan.failed_before += key in recorded and not recorded[key]
-            if key not in recorded:
+            plan.failed_before += key in writer.recorded and not writer.recorded[key]
+            if key not in writer.recorded:
                 yield key, image
 
-    rows = unrecorded()
-    while block := list(islice(rows, rows_per_block)):
-        yield block
+    rows = unrecorded() if accelerator.is_main_process else None
+    block_size = args.batch_size * accelerator.num_processes * STREAM_BLOCK_BATCHES
+    while block := on_main_process(accelerator, lambda: list(islice(rows, block_size))):
+        yield [(key, [row]) for row, (key, _) in enumerate(block)], [image for _, image in block]
 
 
-def _geolocate(
-    args: argparse.Namespace,
-    accelerator: Accelerator,
-    model_and_processor: tuple,
-    key_field: str,
-    pending: list[tuple[str, list]],
-    views: Sequence,
-    writer: RecordWriter | ParquetRecordWriter | None,
-    progress: Any,
-) -> int:
-    """Geolocate the pending groups' views across the processes; the main process (which has the `writer`) writes
-    one record per group and advances `progress`. Returns how many records failed."""
-    from ..app.batch import geolocate_images
+def _record(
+    args: argparse.Namespace, key_field: str, key: str, members: list, views: list, loaded: tuple
+) -> dict[str, Any]:
+    """The output record of one input, or with --group_by of one place from all its views."""
+    record = {key_field: key} if args.group_by is None else {"group": key, "paths": members}
+    if errors := [view.error for view in views if view.error is not None]:
+        return record | {"error": "; ".join(errors)}
+    if args.group_by is None:
+        return record | {"answers": views[0].answers}
+    import torch
 
-    model, image_processor, gallery = model_and_processor
-    grouped = args.group_by is not None
-    records = geolocate_images(
-        model,
-        image_processor,
-        views,
-        top_k=1 if grouped else args.top_k,  # pooled groups are ranked from their embeddings instead
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        return_embeddings=grouped,
-        accelerator=accelerator,
-        decision=args.decision,
-        gallery=gallery,
-    )
-    failed = 0
-    with closing(records):  # on a failed write too, so that its DataLoader workers stop with the run
-        for key, members in pending:
-            group_records = [next(records) for _ in members]  # records come in input order
-            if writer is None:
-                continue  # another process: it ran its share of the batches, and the main process records them
-            record = _record(args, key_field, key, members, group_records, model_and_processor)
-            writer.write(record)
-            failed += "error" in record
-            progress.update(len(members))
-    return failed
+    from ..app.batch import pooled_answers
+
+    model, _, gallery = loaded
+    embeds = torch.stack([view.image_embeds for view in views])
+    return record | {"answers": pooled_answers(model, embeds, args.top_k, args.decision, gallery)}
 
 
 def _check_invocation(args: argparse.Namespace) -> None:
@@ -279,7 +225,7 @@ def _check_invocation(args: argparse.Namespace) -> None:
             "--group_by pools embeddings through the model's heads, which the ONNX graph holds inside; "
             "use --backend torch."
         )
-    args.decision = decision_from(args)
+    args.decision = arguments.decision_from(args)
 
 
 def locate_command(args: argparse.Namespace) -> int:
@@ -295,6 +241,7 @@ def locate_command(args: argparse.Namespace) -> int:
 def _locate(args: argparse.Namespace, accelerator: Accelerator, quantization: Any) -> int:
     from tqdm import tqdm
 
+    from ..app.batch import geolocate_images
     from ..app.distributed import on_every_process, on_main_process
     from ..app.inputs import read_countries
     from ..app.sources import DatasetSource
@@ -309,7 +256,10 @@ def _locate(args: argparse.Namespace, accelerator: Accelerator, quantization: An
             lambda: DatasetSource.open(args.dataset, args.split, args.streaming, args.image_column, args.id_column),
             main_process_first=True,
         )
-    main = accelerator.is_main_process
+    grouped = args.group_by is not None
+    settings = {name: getattr(args, name) for name in ("batch_size", "num_workers", "decision")}
+    # Pooled groups are ranked from their embeddings instead.
+    settings |= {"top_k": 1 if grouped else args.top_k, "return_embeddings": grouped, "accelerator": accelerator}
     with ExitStack() as stack:
         writer = None
 
@@ -320,50 +270,37 @@ def _locate(args: argparse.Namespace, accelerator: Accelerator, quantization: An
 
         # Planned before the model loads, so that an output this run cannot use stops it at once.
         plan = on_main_process(accelerator, plan_on_main)
-
-        def blocks() -> Iterator[tuple[list[tuple[str, list]], Sequence]]:
-            """The pending (groups, their views): a streamed dataset's in blocks, read by the main process."""
-            if args.streaming:
-                rows_per_block = args.batch_size * accelerator.num_processes * STREAM_BLOCK_BATCHES
-                stream = _stream_blocks(source, writer.recorded, plan, rows_per_block) if main else None
-                while block := on_main_process(accelerator, lambda: next(stream, None)):
-                    yield [(key, [row]) for row, (key, _) in enumerate(block)], [image for _, image in block]
-            elif plan.pending and source is not None:
-                yield plan.pending, source.images([row for _, (row,) in plan.pending])
-            elif plan.pending:
-                yield plan.pending, [path for _, members in plan.pending for path in members]
-
         failed = processed = 0
-        model_and_processor = progress = None
-        for pending, views in blocks():
-            if model_and_processor is None:  # (nothing pending: no model to load, no bar to show)
+        loaded = None
+        for pending, views in _blocks(args, accelerator, plan, source, writer):
+            if loaded is None:  # (nothing pending: no model to load, no bar to show)
                 graph = graph_file_for(args.backend, args.quantize)
-                model_and_processor = load_on_every_process(
+                loaded = load_on_every_process(
                     accelerator, args.model, args.dtype, args.gallery, countries, quantization, graph
                 )
                 total = None if args.streaming else len(views)  # a stream's length is unknown
-                bar = tqdm(total=total, unit="img", desc="streetclip locate", file=sys.stderr, disable=not main)
+                bar = tqdm(total=total, unit="img", desc="streetclip locate", file=sys.stderr, disable=writer is None)
                 progress = stack.enter_context(bar)
-            failed += _geolocate(
-                args, accelerator, model_and_processor, plan.key_field, pending, views, writer, progress
-            )
+            model, image_processor, gallery = loaded
+            records = geolocate_images(model, image_processor, views, gallery=gallery, **settings)
+            with closing(records):  # on a failed write too, so that its DataLoader workers stop with the run
+                for key, members in pending:
+                    views_done = [next(records) for _ in members]  # records come in input order
+                    if writer is not None:  # the main process records the batches of every process
+                        writer.write(record := _record(args, plan.key_field, key, members, views_done, loaded))
+                        failed += "error" in record
+                        progress.update(len(members))
             processed += len(pending)
 
         def finish() -> int:
             stack.close()  # the output's last records, and for Parquet the merge, before the summary counts them
-            return _summarize(args, plan, processed, failed)
+            failed_all, noun = plan.failed_before + failed, "groups" if grouped else "inputs"
+            summary = f"streetclip locate: {plan.total - failed_all} of {plan.total} {noun} geolocated"
+            if failed_all:
+                summary += f", {failed_all} failed (see the error field)"
+            if plan.total > processed:
+                summary += f"; {plan.total - processed} were recorded by an earlier run"
+            print(summary, file=sys.stderr)
+            return EXIT_SOME_FAILED if failed_all else EXIT_OK
 
         return on_main_process(accelerator, finish)
-
-
-def _summarize(args: argparse.Namespace, plan: _Plan, processed: int, failed_now: int) -> int:
-    """Print the summary of the whole run (with the inputs recorded before) and return the exit status."""
-    failed = plan.failed_before + failed_now
-    noun = "groups" if args.group_by is not None else "inputs"
-    summary = f"streetclip locate: {plan.total - failed} of {plan.total} {noun} geolocated"
-    if failed:
-        summary += f", {failed} failed (see the error field)"
-    if plan.total > processed:
-        summary += f"; {plan.total - processed} were recorded by an earlier run"
-    print(summary, file=sys.stderr)
-    return EXIT_SOME_FAILED if failed else EXIT_OK
