@@ -115,13 +115,6 @@ def check_nprobe(nprobe: Any, lists: int | None, index: str, name: str = "nprobe
         raise ValueError(f"{name} must be at most the {lists} inverted lists of the index {index!r}, got {nprobe}.")
 
 
-def set_nprobe(faiss_index, nprobe: int) -> None:
-    """Set how many inverted lists a search probes, wherever the index keeps them."""
-    import faiss
-
-    faiss.ParameterSpace().set_index_parameter(faiss_index, "nprobe", nprobe)
-
-
 def check_factory(factory: str, dim: int) -> int | None:
     """Refuse a factory string FAISS cannot build for `dim`-d rows, or whose index refuses rows added without ids (as
     `datasets` adds them), before any photo is embedded; returns its inverted lists (None: none)."""
@@ -184,9 +177,9 @@ def trained_index(
                 f"Cannot train the index {factory!r} on {wanted:,} of {num_rows:,} rows ({faiss_reason(error)}); "
                 "choose an index with fewer lists (IVF{n} needs at least 39 rows per list), or 'Flat'."
             ) from None
-    nprobe = (nprobe or probed_lists(lists, num_rows)) if lists is not None else None
-    if nprobe is not None:
-        set_nprobe(index, nprobe)
+    if lists is not None:  # else nprobe is None: check_nprobe refused any other
+        nprobe = nprobe or probed_lists(lists, num_rows)
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
     return index, nprobe
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from .gallery_index import check_nprobe, faiss_reason, inverted_lists, set_nprobe
+from .gallery_index import check_nprobe, faiss_reason, inverted_lists
 from .gallery_vote import VoteSettings, is_count
 from .geodesy import coordinate_problem, valid_coordinates
 
@@ -174,33 +174,38 @@ def names_a_missing_folder(source: str) -> bool:
     return local and not path.exists()
 
 
-def _check_rows(folder: Path, dataset: datasets.Dataset, info: GalleryInfo) -> None:
-    """Refuse a `dataset/` that contradicts `gallery.json`: its row count, its columns, its embeddings' size."""
-    path = folder / DATASET_FOLDER
-    if len(dataset) != info.num_rows:
-        raise damaged_file(
-            path, f"it holds {len(dataset)} rows while {GALLERY_FILE} counts {info.num_rows} (edited, or two builds)"
-        )
-    missing = [name for name in (EMBEDDING_COLUMN, "latitude", "longitude") if name not in dataset.column_names]
-    if missing:
-        raise damaged_file(path, f"it has no column {missing[0]!r}")
-    length = getattr(dataset.features[EMBEDDING_COLUMN], "length", None)
-    if length != info.embedding_dim:
-        raise damaged_file(
-            folder / GALLERY_FILE,
-            f"embedding_dim is {info.embedding_dim}, while the embeddings in {DATASET_FOLDER}/ have {length} numbers",
-        )
-
-
 class GeoGallery:
     """A gallery of geo-tagged photo embeddings with its FAISS index (see the module docstring)."""
 
     def __init__(self, folder: Path, dataset: datasets.Dataset, info: GalleryInfo, settings: VoteSettings):
+        """Refuses a `dataset` that contradicts `info` (row count, columns, embedding size) or a point off Earth."""
         self.folder, self.dataset, self.info, self.settings = folder, dataset, info, settings
+        path = folder / DATASET_FOLDER
+        if len(dataset) != info.num_rows:
+            raise damaged_file(
+                path,
+                f"it holds {len(dataset)} rows while {GALLERY_FILE} counts {info.num_rows} (edited, or two builds)",
+            )
+        if missing := [
+            name for name in (EMBEDDING_COLUMN, "latitude", "longitude") if name not in dataset.column_names
+        ]:
+            raise damaged_file(path, f"it has no column {missing[0]!r}")
+        if (length := getattr(dataset.features[EMBEDDING_COLUMN], "length", None)) != info.embedding_dim:
+            raise damaged_file(
+                folder / GALLERY_FILE,
+                f"embedding_dim is {info.embedding_dim}, while the embeddings in {DATASET_FOLDER}/ have {length} numbers",
+            )
         # Through Arrow: `datasets`' numpy format hands float64 columns over as float32 (metres off).
         coordinates = dataset.with_format("arrow", columns=["latitude", "longitude"])[:]
         self.latitudes = coordinates["latitude"].to_numpy().astype(np.float64)
         self.longitudes = coordinates["longitude"].to_numpy().astype(np.float64)
+        if len(bad := np.flatnonzero(~valid_coordinates(self.latitudes, self.longitudes))):
+            latitude, longitude = float(self.latitudes[bad[0]]), float(self.longitudes[bad[0]])
+            raise damaged_file(
+                path,
+                f"{len(bad):,} of its {len(self):,} rows have coordinates that are not a point on Earth (row {bad[0]}: "
+                f"{coordinate_problem(latitude, longitude).describe(latitude, longitude)})",
+            )
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -230,6 +235,7 @@ class GeoGallery:
 
         requires_backends(cls, ["datasets", "faiss"])
         import datasets
+        import faiss
 
         name = os.fspath(path_or_repo)
         folder = Path(name).expanduser()
@@ -241,10 +247,7 @@ class GeoGallery:
             folder = Path(snapshot_download(name, repo_type="dataset", revision=revision, token=token))
         info = GalleryInfo.read(folder)
         settings = replace(VoteSettings.from_dict(info.vote), **vote_settings)
-        dataset = datasets.load_from_disk(str(folder / DATASET_FOLDER))
-        _check_rows(folder, dataset, info)
-        gallery = cls(folder, dataset, info, settings)
-        gallery._check_coordinates()
+        gallery = cls(folder, datasets.load_from_disk(str(folder / DATASET_FOLDER)), info, settings)
         index_path = folder / INDEX_FILE
         if not index_path.is_file():
             raise damaged_file(index_path, "it is missing")
@@ -265,23 +268,9 @@ class GeoGallery:
         except ValueError as error:
             raise damaged_file(folder / GALLERY_FILE, str(error)) from None
         check_nprobe(nprobe, lists, info.index)
-        nprobe = nprobe if nprobe is not None else info.nprobe
-        if nprobe is not None:
-            set_nprobe(gallery.faiss_index, nprobe)
+        if nprobe := nprobe or info.nprobe:  # both are None or >= 1 here
+            faiss.ParameterSpace().set_index_parameter(gallery.faiss_index, "nprobe", nprobe)
         return gallery
-
-    def _check_coordinates(self) -> None:
-        """Refuse rows whose coordinates are not a point on Earth, naming the first and the count."""
-        bad = np.flatnonzero(~valid_coordinates(self.latitudes, self.longitudes))
-        if len(bad):
-            row = int(bad[0])
-            latitude, longitude = float(self.latitudes[row]), float(self.longitudes[row])
-            reason = coordinate_problem(latitude, longitude).describe(latitude, longitude)
-            raise damaged_file(
-                self.folder / DATASET_FOLDER,
-                f"{len(bad):,} of its {len(self):,} rows have coordinates that are not a point on Earth (row {row}: "
-                f"{reason})",
-            )
 
     def search(self, embeddings: npt.ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The `k` nearest rows of each L2-normalised embedding: `(similarities, rows)`, each `(num_queries,
