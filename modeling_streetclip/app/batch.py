@@ -69,6 +69,16 @@ class GeolocationRecord:
     image_embeds: torch.Tensor | None = None
 
 
+def load_pixels(image: ImageInput, image_processor) -> tuple[torch.Tensor | None, str | None]:
+    """The resized 8-bit pixels of `image` (as `collate_pixels` takes them), or why it cannot be read."""
+    try:
+        rgb = load_rgb_image(image)
+    # OSError: any failure to look up or read the file (missing, a folder, no permission, a name too long).
+    except (OSError, ImageLoadError, TypeError) as error:
+        return None, str(error)
+    return resized_pixels(image_processor, rgb)[0], None
+
+
 class _PreprocessedImages(Dataset):
     """Loads and resizes one input per item; a bad input yields its error message instead of pixels."""
 
@@ -81,12 +91,7 @@ class _PreprocessedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None, None]:
         if self.inputs[index] is None:  # a dataset row without an image
             return index, None, "no image: the row's image is empty (None).", None
-        try:
-            image = load_rgb_image(self.inputs[index])
-        # OSError: any failure to look up or read the file (missing, a folder, no permission, a name too long).
-        except (OSError, ImageLoadError, TypeError) as error:
-            return index, None, str(error), None
-        return index, resized_pixels(self.image_processor, image)[0], None, None
+        return index, *load_pixels(self.inputs[index], self.image_processor), None
 
 
 @torch.no_grad()
@@ -117,25 +122,22 @@ def geolocate_images(
         collate_fn=collate_pixels,
         pin_memory=model.device.type == "cuda",
     )
-    if accelerator is None:
-        for batch, outputs in embedded_batches(model, image_processor, loader, locate=True):
-            yield from _batch_records(model, inputs, batch, outputs, top_k, return_embeddings, decision, gallery)
-        return
-    # The model's own device decides where pixels go (a quantized model stays on the CPU beside a GPU).
-    loader = accelerator.prepare_data_loader(loader, device_placement=False)
+    if accelerator is not None:
+        # The model's own device decides where pixels go (a quantized model stays on the CPU beside a GPU).
+        loader = accelerator.prepare_data_loader(loader, device_placement=False)
     try:
         for batch, outputs in embedded_batches(model, image_processor, loader, locate=True):
+            records = _batch_records(model, inputs, batch, outputs, top_k, return_embeddings, decision, gallery)
+            if accelerator is None:
+                yield from records
+                continue
             # Inputs stay behind (a dataset's are encoded images): every process holds them already.
-            mine = [
-                replace(record, input=None)
-                for record in _batch_records(
-                    model, inputs, batch, outputs, top_k, return_embeddings, decision, gallery
-                )
-            ]
+            mine = [replace(record, input=None) for record in records]
             for record in accelerator.gather_for_metrics(mine, use_gather_object=True):
                 yield replace(record, input=inputs[record.index])
     finally:
-        loader.end()  # a run stopped early (a failed write) must not leave the loader in Accelerate's shared state
+        if accelerator is not None:
+            loader.end()  # a run stopped early (a failed write) must not leave the loader in Accelerate's shared state
 
 
 def _batch_records(
@@ -173,4 +175,11 @@ def pooled_answers(
     return rank_answers(model, outputs, top_k=top_k, decision=decision, gallery=gallery)[0]
 
 
-__all__ = ["GeolocationRecord", "collate_pixels", "embedded_batches", "geolocate_images", "pooled_answers"]
+__all__ = [
+    "GeolocationRecord",
+    "collate_pixels",
+    "embedded_batches",
+    "geolocate_images",
+    "load_pixels",
+    "pooled_answers",
+]

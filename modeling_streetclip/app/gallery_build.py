@@ -41,10 +41,8 @@ from ..gallery_store import (
 )
 from ..gallery_vote import VoteSettings
 from ..geodesy import coordinate_problem, coordinate_value
-from ..images import ImageLoadError, load_rgb_image
-from ..pixels import resized_pixels
 from . import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE
-from .batch import PixelBatch, collate_pixels, embedded_batches
+from .batch import PixelBatch, collate_pixels, embedded_batches, load_pixels
 from .distributed import on_every_process, on_main_process
 from .files import atomic_write, remove, write_json
 
@@ -63,9 +61,9 @@ GALLERY_COLUMNS = ("source_row", EMBEDDING_COLUMN, "latitude", "longitude", "ima
 ERROR_COLUMN = "error"
 # Rows handed to `add_faiss_index` at a time: 64k x 768 float32 is 200 MB.
 ADD_BATCH_ROWS = 65_536
-_IMAGE_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError, ImageLoadError, TypeError)
 # Errors of a build step on the main process that every process of a launch raises with it.
 BUILD_ERRORS = (OSError, ValueError, ImportError)
+_AFRESH = "pass --overwrite to start afresh"
 
 
 @dataclass
@@ -116,8 +114,8 @@ def build_gallery(
     resuming an unfinished build there.
 
     Args:
-        model: a `StreetCLIPForGeolocation` or any CLIP model with `get_image_features`, on its device.
-        processor: its processor, or an image processor.
+        model, processor: a `StreetCLIPForGeolocation` or any CLIP model with `get_image_features`, on its device,
+            and its processor or image processor.
         data: a `datasets` dataset (streamed or not), or a source `sources.open_dataset` opens (a `save_to_disk`
             folder, an image folder with `metadata.csv`, a folder of CSV or Parquet files, a Hub id).
         output_dir: new or empty, or holding an unfinished build of the same source and model.
@@ -125,8 +123,8 @@ def build_gallery(
         index, nprobe, train_size: a FAISS factory string (`"Flat"`: exact; `"IVF1024,SQ8"`: compressed) or `"auto"`
             (`recommended_index`), the lists an IVF index probes, the rows that train it (see `trained_index`).
         split, streaming, image_column, latitude_column, longitude_column: what to read of the source.
-        batch_size, num_workers: images per forward pass, and DataLoader processes decoding them (0: this one).
-        shard_size: source rows per shard; a kill loses at most one shard of work.
+        batch_size, num_workers, shard_size: images per forward pass, DataLoader processes decoding them (0: this
+            one), and source rows per shard (a kill loses at most one shard of work).
         settings: the vote settings stored as the gallery's defaults (default: `VoteSettings()`).
         overwrite: delete a gallery or an unfinished build in `output_dir` first.
         progress: show a tqdm bar on standard error.
@@ -148,12 +146,19 @@ def build_gallery(
     dim = fingerprint.shape[-1]
     if index != AUTO_INDEX:
         check_nprobe(nprobe, check_factory(index, dim), index)
-    source_name = os.fspath(data) if isinstance(data, (str, os.PathLike)) else _describe(data)
     if isinstance(data, (str, os.PathLike)):
         from .sources import open_dataset
 
+        source_name = os.fspath(data)
         data, split = open_dataset(data, split, streaming=streaming)
-    total = len(data) if isinstance(data, datasets.Dataset) else _known_rows(data)
+    else:
+        source_name = _describe(data)
+    if isinstance(data, datasets.Dataset):
+        total = len(data)
+    else:  # a streamed dataset's length, where its metadata records it
+        splits = getattr(getattr(data, "info", None), "splits", None) or {}
+        known = splits.get(str(getattr(data, "split", None)))
+        total = (known.num_examples or None) if known is not None else None
     if index == AUTO_INDEX and total is not None and recommended_index(total, dim).nprobe is None:
         # Bad rows only shrink a gallery: a source small enough for exact search gives an exact index.
         check_nprobe(nprobe, None, f"{AUTO_INDEX} ({recommended_index(total, dim).factory} for {total:,} rows)")
@@ -181,13 +186,10 @@ def build_gallery(
         # Images reach the workers still encoded, where an unreadable one is its row's error.
         if data.features is not None:
             data = data.cast_column(columns.image, datasets.Image(decode=False))
-        if numbers is not None:
-            data = data.select(numbers).to_iterable_dataset()
-        else:
-            data = data.skip(plan.first_row)
+        data = data.select(numbers).to_iterable_dataset() if numbers is not None else data.skip(plan.first_row)
         rows = _SourceRows(data, plan, numbers, batch_size, image_processor, columns)
-        pin = model.device.type == "cuda"
         # Workers yield whole batches (batch_size=None), each of consecutive rows, in turn: source order is kept.
+        pin = model.device.type == "cuda"
         loader = DataLoader(rows, batch_size=None, num_workers=num_workers, collate_fn=collate_pixels, pin_memory=pin)
         writer, embedded = ShardWriter(folder / SHARDS_FOLDER, dim, columns.features), 0
         show = progress and (accelerator is None or accelerator.is_main_process)
@@ -229,13 +231,6 @@ def _describe(data) -> str:
     if files:
         return str(Path(files[0]["filename"]).parent)
     return getattr(getattr(data, "info", None), "dataset_name", None) or type(data).__name__
-
-
-def _known_rows(data) -> int | None:
-    """The number of rows of a streamed dataset, where its metadata records it."""
-    splits = getattr(getattr(data, "info", None), "splits", None) or {}
-    split = str(getattr(data, "split", None))
-    return (splits[split].num_examples or None) if split in splits else None
 
 
 def _find_columns(
@@ -299,14 +294,12 @@ def _start_or_resume(folder: Path, overwrite: bool, options: dict[str, Any], fin
         recorded_options, recorded_fingerprint = recorded["options"], recorded["model_fingerprint"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(
-            f"cannot read the unfinished build's options from {str(path)!r} ({error}); pass --overwrite to start "
-            "afresh."
+            f"cannot read the unfinished build's options from {str(path)!r} ({error}); {_AFRESH}."
         ) from None
     if fingerprint_agreement(recorded_fingerprint, fingerprint) < FINGERPRINT_MIN_COSINE:
         raise GalleryModelError(
             f"{str(folder)!r} holds an unfinished build embedded by the model {recorded_options.get('model')!r}, "
-            f"whose embeddings differ from those of {options['model']!r}; resume with that model, or pass "
-            "--overwrite to start afresh."
+            f"whose embeddings differ from those of {options['model']!r}; resume with that model, or {_AFRESH}."
         )
     differing = [
         f"{name} was {recorded_options.get(name)!r}, now {options.get(name)!r}"
@@ -316,7 +309,7 @@ def _start_or_resume(folder: Path, overwrite: bool, options: dict[str, Any], fin
     if differing:
         raise ValueError(
             f"{str(folder)!r} holds an unfinished build of other data ({'; '.join(differing)}); rerun with the "
-            "options that started it to resume, or pass --overwrite to start afresh."
+            f"options that started it to resume, or {_AFRESH}."
         )
     (folder / SHARDS_FOLDER).mkdir(exist_ok=True)
 
@@ -333,7 +326,7 @@ def _shards(folder: Path) -> list[tuple[int, int, Path]]:
         elif found and int(match[1]) < found[-1][1]:
             raise ValueError(
                 f"The shards in {str(path.parent)!r} overlap ({path.name} starts at row {int(match[1])}, before the "
-                f"end of {found[-1][2].name}); pass --overwrite to start afresh."
+                f"end of {found[-1][2].name}); {_AFRESH}."
             )
         else:
             found.append((int(match[1]), int(match[2]), path))
@@ -386,27 +379,15 @@ class _RowPlan:
             return position % self.processes == self.rank
         if self.tail_start is None or row < self.tail_start:
             return False
-        chunk = len(self.chunks) + (row - self.tail_start) // self.shard_size
-        return chunk % self.processes == self.rank
-
-
-def _read_shard(path: Path, mapped: bool = True) -> pa.Table:
-    """A shard, memory-mapped (only the columns used are read), or read into memory freed with the table."""
-    import pyarrow as pa
-
-    with pa.memory_map(str(path)) if mapped else pa.OSFile(str(path)) as source:
-        return pa.ipc.open_stream(source).read_all()
+        return (len(self.chunks) + (row - self.tail_start) // self.shard_size) % self.processes == self.rank
 
 
 @dataclass
 class _SourceRows(IterableDataset):
     """The rows of `plan` (`rows` from `plan.first_row` on, or exactly the rows `numbers` names) in batches of
     consecutive rows, as the batch engine's items `(row, pixels, error, (latitude, longitude, image path, labels))`.
-
-    Each of W workers reads every row (`IterableDataset.iter` does not split files between workers) and prepares the
-    batches b with b % W equal to its id; the DataLoader takes them in turn, so source order, which resuming needs, is
-    kept.
-    """
+    Each of W workers reads every row (`IterableDataset.iter` does not split files) and prepares the batches b with
+    b % W equal to its id; the DataLoader takes them in turn, keeping source order, which resuming needs."""
 
     rows: datasets.IterableDataset
     plan: _RowPlan
@@ -448,13 +429,10 @@ class _SourceRows(IterableDataset):
         if problem is not None:
             names = f"latitude (column {columns.latitude!r})", f"longitude (column {columns.longitude!r})"
             return row_number, None, problem.describe(*given, *names), fields
-        try:
-            if value is None:
-                raise ImageLoadError(f"Row {row_number} has no image (column {columns.image!r} is empty).")
-            image = load_rgb_image(encoded_image(value) if isinstance(value, dict) else value)
-        except _IMAGE_ERRORS as error:
-            return row_number, None, str(error), fields
-        return row_number, resized_pixels(self.image_processor, image)[0], None, fields
+        if value is None:
+            return row_number, None, f"Row {row_number} has no image (column {columns.image!r} is empty).", fields
+        image = encoded_image(value) if isinstance(value, dict) else value
+        return row_number, *load_pixels(image, self.image_processor), fields
 
 
 def _field(row: dict[str, Any], name: str) -> Any:
@@ -497,7 +475,7 @@ class ShardWriter:
         latitudes, longitudes, paths, labels = zip(*fields, strict=True)
         if self.label_features is not None:
             labels = [self.label_features.encode_example(row) for row in labels]
-        # Undeclared label types are inferred per shard; `_finish` promotes them (null to text, int to float).
+        # Undeclared label types are inferred per shard; `join_shards` promotes them (null to text, int to float).
         schema = self.label_features.arrow_schema if self.label_features is not None else None
         labels = pa.Table.from_pylist(list(labels), schema=schema)
         vectors = np.concatenate(self.embeddings)
@@ -544,17 +522,20 @@ def join_shards(
     missing = _pending_chunks([(start, end) for start, end, _ in found], total, found[-1][1])[0]
     if missing:
         raise RuntimeError(f"The shards in {str(folder / SHARDS_FOLDER)!r} lack rows {missing[0]}; rerun to build.")
-    shards = [path for _, _, path in found]
-    mapped = [_read_shard(path) for path in shards]
+
+    def read(shard: int, mapped: bool = True) -> pa.Table:
+        """A shard, memory-mapped (only the columns used are read), or read into memory freed with the table."""
+        with pa.memory_map(str(found[shard][2])) if mapped else pa.OSFile(str(found[shard][2])) as source:
+            return pa.ipc.open_stream(source).read_all()
+
+    mapped = [read(shard) for shard in range(len(found))]
     small = ["source_row", "image_path", *([id_column] if id_column else []), ERROR_COLUMN]
     kept = pa.concat_tables([table.select(small) for table in mapped], promote_options="permissive").combine_chunks()
     errors = _record_repeats(kept, id_column, options["source"])
     failed = np.array([error is not None for error in errors])
     bad = np.flatnonzero(failed)
-    bad_rows = [
-        row | {ERROR_COLUMN: errors[position]}
-        for position, row in zip(bad, kept.select(small[:2]).take(bad).to_pylist(), strict=True)
-    ]
+    bad_sources = kept.select(small[:2]).take(bad).to_pylist()
+    bad_rows = [row | {ERROR_COLUMN: errors[at]} for at, row in zip(bad, bad_sources, strict=True)]
     if failed.all():
         raise ValueError(
             f"No row of {options['source']!r} could be embedded ({len(bad_rows)} skipped; first: "
@@ -564,7 +545,11 @@ def join_shards(
     keeps = np.split(~failed, [end for _, end, _ in found[:-1]])  # each shard's rows that go into the gallery
 
     def good_rows(shard: int) -> pa.Table:
-        return _read_shard(shards[shard], mapped=False).filter(pa.array(keeps[shard])).drop_columns([ERROR_COLUMN])
+        return read(shard, mapped=False).filter(pa.array(keeps[shard])).drop_columns([ERROR_COLUMN])
+
+    def embeddings(rows: pa.Table) -> np.ndarray:
+        values = rows.column(EMBEDDING_COLUMN).combine_chunks().flatten()
+        return values.to_numpy(zero_copy_only=False).reshape(-1, dim)
 
     schema = pa.unify_schemas([table.schema for table in mapped], promote_options="permissive")
     features = datasets.Features.from_arrow_schema(schema.remove(schema.get_field_index(ERROR_COLUMN)))
@@ -576,11 +561,8 @@ def join_shards(
     def read_rows(positions: np.ndarray) -> np.ndarray:
         """The embeddings of the gallery rows at sorted `positions`, from the shards that hold them."""
         shard_of = np.searchsorted(starts, positions, side="right") - 1
-        parts = [
-            _embeddings(good_rows(shard), dim)[positions[shard_of == shard] - starts[shard]]
-            for shard in np.unique(shard_of)
-        ]
-        return np.concatenate(parts)
+        shards = np.unique(shard_of)
+        return np.concatenate([embeddings(good_rows(s))[positions[shard_of == s] - starts[s]] for s in shards])
 
     faiss_index, nprobe = trained_index(factory, dim, num_rows, read_rows, nprobe, train_size)
     with atomic_write(folder / DATASET_FOLDER) as temporary:
@@ -588,10 +570,10 @@ def join_shards(
         temporary.mkdir()
         data_file = "data-00000-of-00001.arrow"
         with datasets.arrow_writer.ArrowWriter(features=features, path=str(temporary / data_file)) as writer:
-            for shard in range(len(shards)):
+            for shard in range(len(found)):
                 rows = good_rows(shard)
                 writer.write_table(rows)
-                faiss_index.add(_embeddings(rows, dim))
+                faiss_index.add(embeddings(rows))
             writer.finalize()
         datasets.DatasetInfo(features=features).write_to_directory(str(temporary))
         state = {"_data_files": [{"filename": data_file}], "_fingerprint": os.urandom(8).hex(), "_split": None}
@@ -603,28 +585,13 @@ def join_shards(
     with atomic_write(folder / BAD_ROWS_FILE) as temporary:
         lines = [json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in bad_rows]
         temporary.write_text("".join(lines), encoding="utf-8")
-    info = GalleryInfo(
-        model=options["model"],
-        model_fingerprint=fingerprint.tolist(),
-        embedding_dim=dim,
-        index=factory,
-        nprobe=nprobe,
-        num_rows=num_rows,
-        num_bad_rows=len(bad_rows),
-        source=options["source"],
-        vote=asdict(settings),
-    )
-    write_json(folder / GALLERY_FILE, asdict(info))  # last: its presence marks a complete gallery
+    info = dict(model=options["model"], model_fingerprint=fingerprint.tolist(), embedding_dim=dim, index=factory)
+    info |= dict(nprobe=nprobe, num_rows=num_rows, num_bad_rows=len(bad_rows), source=options["source"])
+    write_json(folder / GALLERY_FILE, asdict(GalleryInfo(**info, vote=asdict(settings))))  # last: marks it complete
     shutil.rmtree(folder / SHARDS_FOLDER)
     (folder / BUILD_FILE).unlink(missing_ok=True)
     # Loaded as a user loads it: `GeoGallery` copies its dataset, which must not hold the index yet.
     return GeoGallery.load(folder), bad_rows
-
-
-def _embeddings(rows: pa.Table, dim: int) -> np.ndarray:
-    """The embeddings of rows that all have one, as a float32 array."""
-    values = rows.column(EMBEDDING_COLUMN).combine_chunks().flatten()
-    return values.to_numpy(zero_copy_only=False).reshape(-1, dim)
 
 
 def _record_repeats(table: pa.Table, id_column: str | None, source: str) -> list[str | None]:
