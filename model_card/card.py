@@ -1,9 +1,7 @@
 """The model card of a published StreetCLIP: `template.md` filled from a training run and its benchmark results.
 
-Numbers reach the card only from files, the run's `training_args.json` and the `metrics.json` files of
-`eval/benchmark.py` (results both as the table and as `model-index` metadata); where a file is missing, the card says
-so. Every printed value is escaped as markdown text unless it is already [`Markdown`], so that a name from a file or
-command line can break no table and pass no HTML.
+Numbers come only from files (`training_args.json`, the `metrics.json` of `eval/benchmark.py`); every printed value is
+escaped as markdown text unless it is [`Markdown`], so that no name from a file can break a table or pass HTML.
 """
 
 import html
@@ -29,15 +27,13 @@ TRAINING_ARGS_NAME = "training_args.json"
 # The Hub has no geolocation task; image classification has this pipeline's interface (model_card/README.md).
 PIPELINE_TAG = "image-classification"
 TAGS = ["streetclip", "clip", "geolocation", "image-geolocation", "zero-shot"]
-# The model-index task of every benchmark row; the geolocation benchmarks (IM2GPS, IM2GPS3K, ...) all score this one.
+# The model-index task of every benchmark row (IM2GPS, IM2GPS3K, ...).
 TASK_TYPE, TASK_NAME = "image-geolocation", "Image geolocation"
 
 _ACCURACY_KEY = re.compile(r"^acc_(?P<km>\d+(?:\.\d+)?)km$")
-# The geodesic accuracy metric's other outputs, in table order, with their labels on the card.
+# The geodesic accuracy metric's other outputs, in table order, with their labels.
 _DISTANCE_METRICS = {"median_km": "Median error (km)", "mean_km": "Mean error (km)", "geoscore": "GeoScore"}
-# Training facts that get a line of their own on the card, in reading order; `steps` and `epochs` come from what the
-# run did (`completed_steps`, `updates_per_epoch`), not from `--max_steps` or `--num_train_epochs`, one of which a run
-# ignores.
+# Training facts with a line on the card, in order; `steps` and `epochs` are what the run did (README.md, "Training").
 _TRAINING_FIELDS = {
     "model_name_or_path": "Base model",
     "train_data": "Training data",
@@ -55,15 +51,13 @@ _TRAINING_FIELDS = {
 }
 # `training/pretrain.py` selects what it trains with these flags; a run may instead record a single `mode` string.
 _MODE_FLAGS = {"use_lora": "lora", "freeze_text_tower": "freeze_text", "freeze_vision_tower": "freeze_vision"}
-# Scoring settings of the metric that change its numbers (see eval/geodesic_accuracy), when a run records them.
+# Scoring settings of the metric that change its numbers (eval/geodesic_accuracy), when a run records them.
 _PROTOCOL_KEYS = ("radius_km", "inclusive")
-# File endings that mark a data or model spec as a local file, even where it would also parse as `namespace/name`.
+# File endings that mark a spec as a local file, even where it would also parse as `namespace/name`.
 _FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".arrow", ".txt", ".tar", ".zip", ".safetensors")
-_NOT_RECORDED = "not recorded"
 # Markdown syntax that a character starts anywhere in a line (`&`, `<` and `>` become HTML entities instead).
 _INLINE_SYNTAX = re.compile(r"([\\`*_\[\]|~$])")
-# Syntax that only the start of a line makes: a heading or bullet marker, a setext underline or thematic break, and an
-# ordered-list number (escaped after its digits).
+# Syntax only a line's start makes: heading or bullet marker, setext underline or break, ordered-list number.
 _LINE_START_MARKER = re.compile(r"^(?:#+|[-+])(?: |$)|^[=-]+$")
 _ORDERED_LIST_NUMBER = re.compile(r"^\d{1,9}(?=[.)](?: |$))")
 # Where `hub_link` points for each kind of Hub repository.
@@ -75,8 +69,7 @@ class Markdown(str):
 
 
 def markdown_text(value: Any) -> Markdown:
-    """`value` as markdown that renders as its literal text on one line, in a paragraph, a list or a table cell:
-    whitespace runs become one space, markdown syntax is backslash-escaped, and `&`, `<`, `>` become entities."""
+    """`value` as markdown that renders as its literal text on one line, in a paragraph, a list or a table cell."""
     text = html.escape(" ".join(str(value).split()), quote=False)
     text = _INLINE_SYNTAX.sub(r"\\\1", text)
     if _LINE_START_MARKER.match(text):
@@ -86,20 +79,14 @@ def markdown_text(value: Any) -> Markdown:
 
 
 def markdown_code(value: Any) -> Markdown:
-    """`value` as an inline code span on one line, verbatim whatever backticks or HTML it holds: the fence is one
-    backtick longer than the longest run inside, as CommonMark requires. `|` is not escaped: keep code out of tables."""
+    """`value` as an inline code span on one line, fenced past any backtick run inside (CommonMark); `|` is not escaped,
+    so keep code out of tables."""
     text = " ".join(line for line in str(value).splitlines() if line)
     if not text:
         return Markdown('`""`')
     fence = "`" * (_longest_backtick_run(text) + 1)
     pad = " " if text[0] in "` " or text[-1] in "` " else ""
     return Markdown(f"{fence}{pad}{text}{pad}{fence}")
-
-
-def markdown_fenced_block(text: str, language: str = "") -> Markdown:
-    """`text` as a fenced code block whose fence no line of `text` can close."""
-    fence = "`" * max(3, _longest_backtick_run(text) + 1)
-    return Markdown(f"{fence}{language}\n{text}\n{fence}")
 
 
 def hub_link(repo_id: str, kind: str = "model") -> Markdown:
@@ -127,8 +114,7 @@ class BenchmarkResult:
 
 
 def hub_repo_id(spec: Any) -> str | None:
-    """`spec` if it names a Hub repo (`namespace/name`), `None` for a local path or anything else: Hub metadata
-    (`base_model`, `datasets`) must hold repo ids."""
+    """`spec` if it names a Hub repo (`namespace/name`), `None` for a local path or anything else."""
     if not isinstance(spec, str) or spec.count("/") != 1 or Path(spec).exists() or spec.endswith(_FILE_SUFFIXES):
         return None
     try:
@@ -139,23 +125,16 @@ def hub_repo_id(spec: Any) -> str | None:
 
 
 def base_model_source(training_args: Mapping | None, converted_from: str | None) -> str | None:
-    """The checkpoint these weights come from, as recorded (the run's starting point, or the converted CLIP): every
-    part of the card that names the base model reads it here, so that no two parts disagree."""
+    """The recorded checkpoint these weights come from (the run's start, or the converted CLIP), which every part of
+    the card reads, so that no two parts disagree."""
     source = training_args.get("model_name_or_path") if training_args else converted_from
     return None if source is None else str(source)
-
-
-def base_model_of(training_args: Mapping | None, converted_from: str | None) -> str | None:
-    """The Hub id of the checkpoint these weights come from; `None` where it is a local path or unknown."""
-    return hub_repo_id(base_model_source(training_args, converted_from))
 
 
 def read_training_args(model_name_or_path: str | Path) -> dict | None:
     """The arguments `training/pretrain.py` saved next to the model, or `None` where there are none."""
     path = Path(model_name_or_path) / TRAINING_ARGS_NAME
-    if not path.is_file():
-        return None
-    return _read_json_object(path)
+    return _read_json_object(path) if path.is_file() else None
 
 
 def read_benchmark_result(path: str | Path, name: str | None = None) -> BenchmarkResult:
@@ -175,9 +154,15 @@ def read_benchmark_result(path: str | Path, name: str | None = None) -> Benchmar
         if _ACCURACY_KEY.match(key) and not 0.0 <= value <= 1.0:
             raise ValueError(f"{str(path)!r}: {key}={value!r} must be a fraction between 0 and 1, not a percentage.")
     data = record.get("data")
-    name = name or record.get("benchmark") or _data_name(data)
+    # A data spec labels the row by its Hub id, or a local file or folder by its name.
+    name = name or record.get("benchmark") or (data and (hub_repo_id(data) or Path(str(data).rstrip("/")).stem))
     if not name:
         raise ValueError(f"{str(path)!r} names no benchmark and no data; label it on the command line as NAME={path}.")
+    # How distances were scored (radius, inclusive hits): a `protocol` object over top-level keys.
+    protocol = record.get("protocol") or {}
+    if not isinstance(protocol, dict):
+        raise ValueError(f"{str(path)!r}: protocol must be a JSON object, got {protocol!r}.")
+    protocol = {**{key: record[key] for key in _PROTOCOL_KEYS if key in record}, **protocol}
     return BenchmarkResult(
         name=str(name),
         source=path,
@@ -187,28 +172,9 @@ def read_benchmark_result(path: str | Path, name: str | None = None) -> Benchmar
         model=record.get("model"),
         num_evaluated=record.get("num_evaluated", record.get("n")),
         num_failed=record.get("num_failed"),
-        protocol=_protocol(record, path),
+        protocol=protocol or None,
         calibration=record.get("calibration") if isinstance(record.get("calibration"), dict) else None,
     )
-
-
-def eval_results(benchmarks: Sequence[BenchmarkResult]) -> list[EvalResult]:
-    """One `EvalResult` per metric value of each benchmark, as the `model-index` metadata holds them."""
-    return [
-        EvalResult(
-            task_type=TASK_TYPE,
-            task_name=TASK_NAME,
-            dataset_type=hub_repo_id(benchmark.data) or benchmark.name,
-            dataset_name=benchmark.name,
-            dataset_split=benchmark.split,
-            metric_type=key,
-            metric_name=_metric_label(key),
-            metric_value=value,
-            metric_args=benchmark.protocol,
-        )
-        for benchmark in benchmarks
-        for key, value in benchmark.metrics.items()
-    ]
 
 
 def build_model_card(
@@ -246,6 +212,24 @@ def build_model_card(
     base_model = hub_repo_id(base_source)
     train_data = hub_repo_id((training_args or {}).get("train_data"))
     model_name = repo_id.split("/")[-1]
+    # One `EvalResult` per metric value of each benchmark, as `model-index` holds them.
+    results = [
+        EvalResult(
+            task_type=TASK_TYPE,
+            task_name=TASK_NAME,
+            dataset_type=hub_repo_id(benchmark.data) or benchmark.name,
+            dataset_name=benchmark.name,
+            dataset_split=benchmark.split,
+            metric_type=key,
+            metric_name=_metric_label(key),
+            metric_value=value,
+            metric_args=benchmark.protocol,
+        )
+        for benchmark in benchmarks
+        for key, value in benchmark.metrics.items()
+    ]
+    arguments = json.dumps(dict(training_args or {}), indent=2, default=str)
+    fence = "`" * max(3, _longest_backtick_run(arguments) + 1)  # no line of the arguments can close it
     card_data = ModelCardData(
         model_name=model_name,
         license=license or "other",
@@ -254,7 +238,7 @@ def build_model_card(
         tags=TAGS,
         base_model=base_model,
         datasets=[train_data] if train_data else None,
-        eval_results=eval_results(benchmarks) or None,
+        eval_results=results or None,
     )
     return render_model_card(
         card_data,
@@ -269,11 +253,7 @@ def build_model_card(
         places=places,
         max_cities_per_country=max(len(rows) for rows in places.cities_by_country),
         training=_training_lines(training_args),
-        training_args_json=(
-            markdown_fenced_block(json.dumps(dict(training_args), indent=2, default=str), "json")
-            if training_args
-            else None
-        ),
+        training_args_json=Markdown(f"{fence}json\n{arguments}\n{fence}") if training_args else None,
         evaluation=_evaluation_table(benchmarks),
         calibration=_calibration_table(benchmarks),
         benchmarks=benchmarks,
@@ -284,17 +264,15 @@ def build_model_card(
 
 
 def render_model_card(card_data: ModelCardData, template_path: Path = TEMPLATE_PATH, **values: Any) -> ModelCard:
-    """Fill the Jinja template at `template_path` with `values`, escaping every printed value that is not `Markdown`
-    (`ModelCard.from_template` prints values raw), with the filters `code` and `hub_link`; every name it uses must be
-    given."""
-    environment = jinja2.Environment(finalize=_escape_unless_markdown, undefined=jinja2.StrictUndefined)
+    """Fill the Jinja template at `template_path` with `values` (each name it uses must be given), escaping every
+    printed value that is not `Markdown`, as `ModelCard.from_template` would not; filters `code` and `hub_link`."""
+    environment = jinja2.Environment(
+        finalize=lambda value: value if isinstance(value, Markdown) else markdown_text(value),
+        undefined=jinja2.StrictUndefined,
+    )
     environment.filters.update(code=markdown_code, hub_link=hub_link)
     template = environment.from_string(Path(template_path).read_text(encoding="utf-8"))
     return ModelCard(template.render(card_data=Markdown(card_data.to_yaml()), **values))
-
-
-def _escape_unless_markdown(value: Any) -> Markdown:
-    return value if isinstance(value, Markdown) else markdown_text(value)
 
 
 def _validate_repo_id(repo_id: str) -> None:
@@ -326,22 +304,6 @@ def _read_json_object(path: Path) -> dict:
     return record
 
 
-def _data_name(data: Any) -> str | None:
-    """A benchmark label from a data spec: a Hub id as it is, a local file or folder by its name."""
-    if not data:
-        return None
-    return hub_repo_id(data) or Path(str(data).rstrip("/")).stem or None
-
-
-def _protocol(record: Mapping, path: Path) -> dict | None:
-    """How distances were scored (radius, inclusive hits), from a `protocol` object or top-level keys."""
-    protocol = record.get("protocol") or {}
-    if not isinstance(protocol, dict):
-        raise ValueError(f"{str(path)!r}: protocol must be a JSON object, got {protocol!r}.")
-    protocol = {**{key: record[key] for key in _PROTOCOL_KEYS if key in record}, **protocol}
-    return protocol or None
-
-
 def _metric_label(key: str) -> str:
     match = _ACCURACY_KEY.match(key)
     return f"Accuracy within {match['km']} km" if match else _DISTANCE_METRICS[key]
@@ -351,67 +313,41 @@ def _training_lines(training_args: Mapping | None) -> list[tuple[str, Markdown]]
     """(label, value) lines for the highlighted training facts, "not recorded" where the run did not save one."""
     if training_args is None:
         return None
-    mode = _training_mode(training_args)
-    values = {
-        key: markdown_code(value)
-        for key, value in training_args.items()
-        if key in _TRAINING_FIELDS and value is not None
-    }
+    if "mode" in training_args:
+        mode = str(training_args["mode"])
+    elif _MODE_FLAGS.keys() & training_args.keys():  # the flags that select a mode, "full" when none is set
+        mode = ", ".join(name for flag, name in _MODE_FLAGS.items() if training_args.get(flag)) or "full"
+    else:
+        mode = None
+    for key in ("completed_steps", "max_steps", "updates_per_epoch"):
+        value = training_args.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"training_args.json: {key} must be a whole number >= 0, got {value!r}.")
+    completed, planned = training_args.get("completed_steps"), training_args.get("max_steps")
+    per_epoch = training_args.get("updates_per_epoch")
+    steps = None if completed is None else markdown_code(completed)
+    if steps and planned not in (None, completed):  # the run stopped short of its plan
+        steps = Markdown(f"{steps} of {markdown_code(planned)} planned")
+    if training_args.get("streaming"):  # a streamed data set has no length, so its passes are not counted
+        epochs = markdown_text("not counted (streamed data)")
+    elif completed is not None and per_epoch:
+        epochs = markdown_code(f"{completed / per_epoch:.2f}".rstrip("0").rstrip("."))
+    else:
+        epochs = None
+    values = {key: markdown_code(value) for key, value in training_args.items() if value is not None}
     values.update(
         model_name_or_path=_repo_reference(training_args.get("model_name_or_path"), "model"),
         train_data=_repo_reference(training_args.get("train_data"), "dataset"),
         mode=None if mode is None else markdown_code(mode),
-        steps=_steps(training_args),
-        epochs=_epochs(training_args),
+        steps=steps,
+        epochs=epochs,
     )
     return [
-        (label, values.get(key) or markdown_text(_NOT_RECORDED))
+        (label, values.get(key) or markdown_text("not recorded"))
         for key, label in _TRAINING_FIELDS.items()
         # The LoRA rank is a saved default in every other mode, where it means nothing.
         if key != "lora_r" or "lora" in (mode or "")
     ]
-
-
-def _steps(training_args: Mapping) -> Markdown | None:
-    """The optimiser steps the run completed, and the planned number where it stopped short of it."""
-    completed = _recorded_count(training_args, "completed_steps")
-    if completed is None:
-        return None
-    planned = _recorded_count(training_args, "max_steps")
-    if planned is None or planned == completed:
-        return markdown_code(completed)
-    return Markdown(f"{markdown_code(completed)} of {markdown_code(planned)} planned")
-
-
-def _epochs(training_args: Mapping) -> Markdown | None:
-    """Passes over the training data: the completed steps over the optimiser steps one pass takes (a streamed data
-    set has no length, so its passes are not counted)."""
-    if training_args.get("streaming"):
-        return markdown_text("not counted (streamed data)")
-    completed = _recorded_count(training_args, "completed_steps")
-    per_epoch = _recorded_count(training_args, "updates_per_epoch")
-    if completed is None or not per_epoch:
-        return None
-    return markdown_code(f"{completed / per_epoch:.2f}".rstrip("0").rstrip("."))
-
-
-def _recorded_count(training_args: Mapping, key: str) -> int | None:
-    """A whole-number field of the run record; `None` where it was not recorded."""
-    value = training_args.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"training_args.json: {key} must be a whole number >= 0, got {value!r}.")
-    return value
-
-
-def _training_mode(training_args: Mapping) -> str | None:
-    """The recorded training mode: a `mode` argument, else the flags that select one ("full" when none is set)."""
-    if "mode" in training_args:
-        return str(training_args["mode"])
-    if not _MODE_FLAGS.keys() & training_args.keys():
-        return None
-    return ", ".join(mode for flag, mode in _MODE_FLAGS.items() if training_args.get(flag)) or "full"
 
 
 def _evaluation_table(benchmarks: Sequence[BenchmarkResult]) -> dict | None:
@@ -423,16 +359,15 @@ def _evaluation_table(benchmarks: Sequence[BenchmarkResult]) -> dict | None:
         key=lambda key: float(_ACCURACY_KEY.match(key)["km"]),
     )
     distances = [key for key in _DISTANCE_METRICS if any(key in benchmark.metrics for benchmark in benchmarks)]
-    header = ["Benchmark", "Split", "Images", "Failed"]
-    header += [f"{_ACCURACY_KEY.match(key)['km']} km (%)" for key in thresholds]
-    header += [_DISTANCE_METRICS[key] for key in distances]
-    rows = []
-    for benchmark in benchmarks:
-        cells = [benchmark.name, benchmark.split or "—", _count(benchmark.num_evaluated), _count(benchmark.num_failed)]
-        cells += [_number(benchmark.metrics.get(key), scale=100.0) for key in thresholds]
-        cells += [_number(benchmark.metrics.get(key)) for key in distances]
-        rows.append(cells)
-    return {"header": header, "rows": rows}
+    # (metric, header, scale) of each metric column: accuracies in percent, then distances.
+    columns = [(key, f"{_ACCURACY_KEY.match(key)['km']} km (%)", 100.0) for key in thresholds]
+    columns += [(key, _DISTANCE_METRICS[key], 1.0) for key in distances]
+    rows = [
+        [benchmark.name, benchmark.split or "—", _cell(benchmark.num_evaluated), _cell(benchmark.num_failed)]
+        + [_cell(benchmark.metrics.get(key), scale) for key, _, scale in columns]
+        for benchmark in benchmarks
+    ]
+    return {"header": ["Benchmark", "Split", "Images", "Failed", *(label for _, label, _ in columns)], "rows": rows}
 
 
 def _calibration_table(benchmarks: Sequence[BenchmarkResult]) -> dict | None:
@@ -444,15 +379,14 @@ def _calibration_table(benchmarks: Sequence[BenchmarkResult]) -> dict | None:
     header = ["Benchmark", "Split", "Calibrated", *(f"ECE {radius} km (pp)" for radius in radii)]
     rows = [
         [benchmark.name, benchmark.split or "—", "yes" if benchmark.calibration.get("calibrated") else "no"]
-        + [_number(benchmark.calibration["ece"].get(radius), scale=100.0) for radius in radii]
+        + [_cell(benchmark.calibration["ece"].get(radius), scale=100.0) for radius in radii]
         for benchmark in measured
     ]
     return {"header": header, "rows": rows}
 
 
-def _count(value: Any) -> str:
-    return "—" if value is None else str(value)
-
-
-def _number(value: float | None, scale: float = 1.0) -> str:
-    return "—" if value is None else f"{value * scale:.1f}"
+def _cell(value: Any, scale: float | None = None) -> str:
+    """A table cell: "—" where there is no value, a number times `scale` to one decimal, else the value as it is."""
+    if value is None:
+        return "—"
+    return str(value) if scale is None else f"{value * scale:.1f}"
