@@ -1,15 +1,9 @@
 """StreetCLIP geolocation demo: drop photos, see where the model places them on a world map and in a table.
 
-    python model_card/space/app.py --model DIR_OR_HUB_ID
+    python model_card/space/app.py --model DIR_OR_HUB_ID  # else $STREETCLIP_MODEL, else README.md's `models:`
 
-The model comes from `--model`, else the `STREETCLIP_MODEL` environment variable, else the first of the `models:`
-in the README.md beside this file (the Space metadata that `model_card/publish.py --space` writes). Gradio's
-`GRADIO_SERVER_NAME` and `GRADIO_SERVER_PORT` set where it listens.
-
-Where the `streetclip` package is installed, its code runs; on a Space it is not (it is not on PyPI), and the model
-repository's own code runs (`trust_remote_code=True`), with the map's module that `publish.py` copies beside this
-file. A public page must bound what one request costs: at most `MAX_PHOTOS` photos, decoded one at a time, uploads
-of at most `MAX_FILE_SIZE`, deleted once they are `CACHE_MAX_AGE_S` old.
+Without the `streetclip` package (on a Space) the model repository's own code runs, with the map module `publish.py`
+copies beside this file. A public page bounds what a request costs (README.md, "Limits").
 """
 
 import argparse
@@ -39,7 +33,7 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 try:
     from modeling_streetclip.app.world_map import OCEAN_COLOR, draw_world
-except ImportError:  # on a Space, without the package: publish.py copies world_map.py beside this file
+except ImportError:  # on a Space, without the package
     from world_map import OCEAN_COLOR, draw_world
 
 
@@ -59,23 +53,23 @@ MAX_FILE_SIZE = "20mb"
 # Gradio deletes the uploads and answers it stored once they are this old, checking this often (seconds).
 CACHE_MAX_AGE_S = 600
 CACHE_CHECK_EVERY_S = 300
-# The table's numbers: probabilities to four significant digits, coordinates to four decimals (about ten metres).
+# The table's probabilities to four significant digits, coordinates to four decimals (about ten metres).
 SIGNIFICANT_DIGITS = 4
 COORDINATE_DECIMALS = 4
 COORDINATE_FIELDS = ("latitude", "longitude")
 
-# The map fills the image, equirectangular, at 72 dpi so that a point (matplotlib's unit of marker size) is a pixel.
+# The map fills the image, equirectangular, at 72 dpi so that a point (matplotlib's marker unit) is a pixel.
 MAP_SIZE_PX = (1024, 512)
 MAP_DPI = 72
-# The best answer's colour is the benchmark maps' prediction colour; weaker answers fade toward the faint one, and
-# their area grows, with their joint probability: `score` is a distance or a conditional under some decision rules.
+# The best answer's colour is the benchmark maps' prediction colour; weaker answers fade toward the faint one and
+# shrink with their joint probability (`score` is a distance or a conditional under some decision rules).
 PIN_COLOR = (197, 27, 125)
 PIN_FAINT_COLOR = (246, 208, 230)
 PIN_OUTLINE_COLOR = (40, 40, 40)
 PIN_RADIUS_PX = (4.0, 11.0)
 LABEL_SIZE_PX = 13
-# The posterior's heat layer: each candidate city a dot, more opaque and redder with its share of the largest mass;
-# cities under this share are left out, so that the map is not a haze of every candidate.
+# The posterior's heat: a dot per candidate city, more opaque and redder with its share of the largest mass; cities
+# under HEAT_MIN_SHARE are left out, so that the map is not a haze of every candidate.
 HEAT_COLORMAP = "YlOrRd"
 HEAT_MIN_SHARE = 0.01
 HEAT_DOT_PX = 7.0
@@ -83,8 +77,6 @@ REGION_COLOR = "#08519c"
 # Beyond the metric's continent level (2500 km) an answer says little more than "somewhere on Earth".
 CONFIDENT_RADIUS_KM = 2500.0
 EARTH_RADIUS_KM = 6371.0088  # the package's `geodesy.EARTH_RADIUS_KM`, which a Space without it cannot import
-
-ANSWER_COLUMNS = ("photo", "file", "rank")
 
 
 @dataclass
@@ -96,7 +88,7 @@ class PhotoResult:
     answers: list[dict[str, Any]] | None = None
     error: str | None = None
     heat: np.ndarray | None = None  # (candidates, 3): latitude, longitude and posterior mass
-    region_km: float | None = None  # radius of the smallest circle around the best answer holding `level` of the mass
+    region_km: float | None = None  # the smallest circle around the best answer holding `level` of the mass
     level: float = 0.9
 
     def confidence(self) -> str:
@@ -104,19 +96,15 @@ class PhotoResult:
         if self.region_km is None:
             return ""
         share, radius = f"{self.level:.0%}", f"{max(self.region_km, 1.0):,.0f} km"
-        return (
-            f"{share} within {radius}"
-            if self.region_km < CONFIDENT_RADIUS_KM
-            else f"not confident: {share} only within {radius}"
-        )
+        if self.region_km < CONFIDENT_RADIUS_KM:
+            return f"{share} within {radius}"
+        return f"not confident: {share} only within {radius}"
 
 
 def resolve_model(argument: str | None, readme: Path = SPACE_README) -> str:
     """The model to serve: `--model`, else `STREETCLIP_MODEL`, else the first of `models:` in the Space README."""
-    if argument:
-        return argument
-    if os.environ.get(MODEL_ENV):
-        return os.environ[MODEL_ENV]
+    if argument or os.environ.get(MODEL_ENV):
+        return argument or os.environ[MODEL_ENV]
     models = (metadata_load(readme) or {}).get("models") if readme.is_file() else None
     if models:
         return models[0]
@@ -128,9 +116,9 @@ def resolve_model(argument: str | None, readme: Path = SPACE_README) -> str:
 
 def load_geolocation_code(model: str) -> tuple[Any, type, type, bool]:
     """The model's configuration, model and pipeline classes, and whether they are the repository's remote code
-    (where the package is not installed) rather than the package's."""
+    (without the package) rather than the package's."""
     try:
-        import modeling_streetclip
+        import modeling_streetclip as package
     except ImportError:
         config = AutoConfig.from_pretrained(model, trust_remote_code=True)
         auto_map = getattr(config, "auto_map", None) or {}
@@ -144,12 +132,7 @@ def load_geolocation_code(model: str) -> tuple[Any, type, type, bool]:
         model_class = get_class_from_dynamic_module(auto_map["AutoModel"], model)
         pipeline_class = get_class_from_dynamic_module(pipelines[TASK]["impl"], model)
         return config, model_class, pipeline_class, True
-    return (
-        AutoConfig.from_pretrained(model),
-        modeling_streetclip.StreetCLIPForGeolocation,
-        modeling_streetclip.GeolocationPipeline,
-        False,
-    )
+    return AutoConfig.from_pretrained(model), package.StreetCLIPForGeolocation, package.GeolocationPipeline, False
 
 
 class Geolocator:
@@ -161,8 +144,7 @@ class Geolocator:
         loaded = model_class.from_pretrained(model, config=config, vision_only="auto").eval()
         processor = AutoProcessor.from_pretrained(model, trust_remote_code=remote_code)
         self.pipeline = pipeline_class(model=loaded, processor=processor)
-        # The library's image loading, from the same code as the pipeline, so that a bad file gets the CLI's message;
-        # its decision rules and geometry, to draw the posterior the answers come from.
+        # The library's image loading, so that a bad file gets the CLI's message; its rules and geometry, for the map.
         package = pipeline_class.__module__.rpartition(".")[0]
         images, self.decisions, self.geodesy, self.pixels = (
             importlib.import_module(f"{package}.{name}") for name in ("images", "decisions", "geodesy", "pixels")
@@ -175,9 +157,8 @@ class Geolocator:
         self.level = loaded.config.confidence_level
 
     def locate(self, paths: Sequence[str], countries: Sequence[str] = (), **options: Any) -> list[PhotoResult]:
-        """Each file's answers among `countries` (all candidates when empty), with `options` passed to the pipeline;
-        a file that is not a readable image gets its error. Photos are decoded one at a time, each released before
-        the next. More than `MAX_PHOTOS` paths, or a country that is not a candidate, is a `ValueError`."""
+        """Each file's answers among `countries` (all candidates when empty), with `options` for the pipeline, or its
+        error; more than `MAX_PHOTOS` paths, or a country that is not a candidate, is a `ValueError`."""
         if len(paths) > MAX_PHOTOS:
             raise ValueError(f"{len(paths)} photos in one request; at most {MAX_PHOTOS} are located at a time.")
         pipeline = self._restricted(self._candidate_names(countries)) if countries else self.pipeline
@@ -196,8 +177,8 @@ class Geolocator:
 
     @torch.no_grad()
     def _answer(self, pipeline, image: Image.Image, result: PhotoResult, options: dict[str, Any]) -> None:
-        """The pipeline's answers (its own three steps, so that one forward pass gives them and the posterior), the
-        posterior over the candidates and the radius around the best answer that holds `confidence_level` of it."""
+        """The pipeline's answers (its own steps: one forward pass gives them and the posterior), the posterior over the
+        candidates, and the radius around the best answer that holds `confidence_level` of it."""
         model = pipeline.model
         pixels = pipeline.preprocess(image)["pixel_values"]
         outputs = model(pixel_values=self.pixels.normalized_pixels(pipeline.image_processor, pixels, model.dtype))
@@ -218,15 +199,13 @@ class Geolocator:
             result.region_km = float(distances[order][reached[0]] if len(reached) else distances.max())
 
     def _candidate_names(self, countries: Sequence[str]) -> tuple[str, ...]:
-        """The candidate names that `countries` (names or ISO codes) resolve to, sorted and each once, so that one
-        restriction is one cached copy."""
+        """The candidate names of `countries` (names or ISO codes), sorted and each once: one restriction, one copy."""
         places = self.pipeline.model.candidate_places
         return tuple(sorted({places.country_names[places.country_index(country)] for country in countries}))
 
     @lru_cache(maxsize=RESTRICTION_CACHE_SIZE)  # noqa: B019 -- one Geolocator lives as long as the app
     def _restricted(self, countries: tuple[str, ...]):
-        """A pipeline over a copy of the model restricted to `countries`, sharing its towers: a restriction costs its
-        heads, and the served model is never changed."""
+        """A pipeline over a copy of the model restricted to `countries`; it shares the towers, so it costs its heads."""
         model = self.pipeline.model
         towers = (model.vision_model, model.visual_projection, model.text_model, model.text_projection)
         restricted = copy.deepcopy(model, memo={id(tower): tower for tower in towers if tower is not None})
@@ -241,16 +220,15 @@ def answers_table(results: Sequence[PhotoResult]) -> pd.DataFrame:
         for result in results
         for rank, answer in enumerate(result.answers or [], start=1)
     ]
-    fields = list(dict.fromkeys(key for row in rows for key in row)) if rows else list(ANSWER_COLUMNS)
-    table = pd.DataFrame(rows, columns=fields)
+    columns = list(dict.fromkeys(key for row in rows for key in row)) or ["photo", "file", "rank"]
+    table = pd.DataFrame(rows, columns=columns)
     for field in table.columns[table.dtypes == np.float64]:
         table[field] = table[field].map(partial(shown_number, field))
     return table
 
 
 def shown_number(field: str, value: float) -> float:
-    """`value` of the answers' `field` as the table shows it: a coordinate to `COORDINATE_DECIMALS` decimals, any
-    other number to `SIGNIFICANT_DIGITS` significant digits."""
+    """`value` of the answers' `field` as the table shows it: a coordinate rounded, other numbers to a few digits."""
     if field in COORDINATE_FIELDS:
         return round(value, COORDINATE_DECIMALS)
     return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
@@ -258,88 +236,73 @@ def shown_number(field: str, value: float) -> float:
 
 def errors_html(results: Sequence[PhotoResult]) -> str:
     """The files that could not be read, each with its reason, as HTML (empty when every file was answered)."""
-    failed = [result for result in results if result.error is not None]
-    if not failed:
-        return ""
+    failed = [(result, result.error) for result in results if result.error is not None]
+    return _photos_html(f"{len(failed)} of {len(results)} files could not be read:", failed)
+
+
+def confidence_html(results: Sequence[PhotoResult]) -> str:
+    """Each answered photo's confidence in words, as HTML."""
+    sure = [(result, result.confidence()) for result in results if result.answers and result.region_km is not None]
+    return _photos_html("How sure, around each best answer:", sure)
+
+
+def _photos_html(title: str, photos: list[tuple[PhotoResult, str]]) -> str:
     items = "".join(
-        f"<li><b>{result.number}. {html.escape(result.name)}</b>: {html.escape(result.error)}</li>"
-        for result in failed
+        f"<li><b>{photo.number}. {html.escape(photo.name)}</b>: {html.escape(text)}</li>" for photo, text in photos
     )
-    return f"<p>{len(failed)} of {len(results)} files could not be read:</p><ul>{items}</ul>"
+    return f"<p>{title}</p><ul>{items}</ul>" if items else ""
 
 
 def draw_map(results: Sequence[PhotoResult]) -> Image.Image:
-    """The world map of the answers: for one photo a pin per answer, sized and shaded by its joint probability, with
-    the best one outlined and labelled; for several photos one outlined pin per photo's best answer, labelled with
-    the numbers of the photos it answers."""
+    """The world map of the answers over their posteriors: for one photo a pin per answer, sized and shaded by its
+    joint probability, the best one outlined and labelled, with its region circled; for several photos one outlined
+    pin per photo's best answer, labelled with the numbers of the photos it answers."""
     answered = [result for result in results if result.answers]
     # (answer, label): a labelled pin is a best answer, drawn in the full colour with a heavy outline.
     if len(answered) == 1:
-        pins = [(answer, "best" if rank == 0 else None) for rank, answer in enumerate(answered[0].answers)]
+        (result,) = answered
+        label = "best" if result.region_km is None else f"best: {result.confidence()}"
+        pins = [(answer, None if rank else label) for rank, answer in enumerate(result.answers)]
     else:
         # Photos answered with the same city share one pin, sized by the strongest of their probabilities.
         places: dict[tuple[float, float], tuple[dict[str, Any], list[str]]] = {}
         for result in answered:
             best = result.answers[0]
-            place = (best["latitude"], best["longitude"])
-            strongest, numbers = places.get(place, (best, []))
+            strongest, numbers = places.get((best["latitude"], best["longitude"]), (best, []))
             strongest = max(strongest, best, key=lambda answer: answer["joint_probability"])
-            places[place] = (strongest, [*numbers, str(result.number)])
+            places[best["latitude"], best["longitude"]] = (strongest, [*numbers, str(result.number)])
         pins = [(best, ", ".join(numbers)) for best, numbers in places.values()]
     figure = Figure(figsize=(MAP_SIZE_PX[0] / MAP_DPI, MAP_SIZE_PX[1] / MAP_DPI), dpi=MAP_DPI, facecolor=OCEAN_COLOR)
     FigureCanvasAgg(figure)
     axes = figure.add_axes((0.0, 0.0, 1.0, 1.0))
     axes.set_axis_off()
     draw_world(axes)
-    heat = [result.heat for result in answered if result.heat is not None]
-    if heat:
-        # Several photos: every photo's posterior, drawn over each other, shaded against the largest mass of all.
+    if heat := [result.heat for result in answered if result.heat is not None]:
+        # Every photo's posterior, weakest first, shaded against the largest mass of all.
         points = np.concatenate(heat)
-        shares = points[:, 2] / max(points[:, 2].max(), 1e-300)
-        shown = shares >= HEAT_MIN_SHARE
-        order = np.argsort(shares[shown])
-        axes.scatter(
-            points[shown, 1][order],
-            points[shown, 0][order],
-            s=HEAT_DOT_PX**2,
-            c=shares[shown][order],
-            cmap=HEAT_COLORMAP,
-            vmin=0.0,
-            vmax=1.0,
-            alpha=0.35 + 0.6 * shares[shown][order],
-            linewidths=0,
-            zorder=1,
-        )
+        points = points[np.argsort(points[:, 2], kind="stable")]
+        shares = points[:, 2] / max(points[-1, 2], 1e-300)
+        points, shares = points[shares >= HEAT_MIN_SHARE], shares[shares >= HEAT_MIN_SHARE]
+        style = {"cmap": HEAT_COLORMAP, "vmin": 0.0, "vmax": 1.0, "linewidths": 0, "zorder": 1}
+        axes.scatter(points[:, 1], points[:, 0], s=HEAT_DOT_PX**2, c=shares, alpha=0.35 + 0.6 * shares, **style)
     if len(answered) == 1 and answered[0].region_km is not None:
         best = answered[0].answers[0]
         latitudes, longitudes = circle_points(best["latitude"], best["longitude"], answered[0].region_km)
         axes.plot(longitudes, latitudes, color=REGION_COLOR, linewidth=2, linestyle="--", zorder=1.5)
-        pins[0] = (pins[0][0], f"best: {answered[0].confidence()}")
     top_score = max((answer["joint_probability"] for answer, _ in pins), default=0.0)
+    outline = np.divide(PIN_OUTLINE_COLOR, 255)
+    # Labels haloed in the ocean's colour, so that they read over land and pins.
+    text = {"textcoords": "offset points", "va": "center", "fontsize": LABEL_SIZE_PX, "color": outline}
+    text["path_effects"] = [withStroke(linewidth=2, foreground=OCEAN_COLOR)]
     # Weakest first, so that stronger pins and every label are drawn over them.
     for answer, label in sorted(pins, key=lambda pin: (pin[1] is not None, pin[0]["joint_probability"])):
         share = answer["joint_probability"] / top_score if top_score > 0 else 1.0
         radius = PIN_RADIUS_PX[0] + (PIN_RADIUS_PX[1] - PIN_RADIUS_PX[0]) * share**0.5
         color = PIN_COLOR if label is not None else _blend(PIN_FAINT_COLOR, PIN_COLOR, share)
-        point = (answer["longitude"], answer["latitude"])
-        axes.scatter(
-            *point,
-            s=(2 * radius) ** 2,
-            color=np.divide(color, 255),
-            edgecolors=np.divide(PIN_OUTLINE_COLOR, 255),
-            linewidths=2 if label is not None else 1,
-        )
+        point, width = (answer["longitude"], answer["latitude"]), 1 if label is None else 2
+        axes.scatter(*point, s=(2 * radius) ** 2, color=np.divide(color, 255), edgecolors=outline, linewidths=width)
         if label is not None:
-            axes.annotate(
-                label,
-                point,
-                xytext=(radius + 2, 0),
-                textcoords="offset points",
-                va="center",
-                fontsize=LABEL_SIZE_PX,
-                color=np.divide(PIN_OUTLINE_COLOR, 255),
-                path_effects=[withStroke(linewidth=2, foreground=OCEAN_COLOR)],
-            )
+            axes.annotate(label, point, xytext=(radius + 2, 0), **text)
     figure.canvas.draw()
     return Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert("RGB")
 
@@ -355,16 +318,6 @@ def circle_points(latitude: float, longitude: float, radius_km: float, steps: in
     lat, lon = np.degrees(lat), (np.degrees(lon) + 180) % 360 - 180
     lon[np.flatnonzero(np.abs(np.diff(lon)) > 180) + 1] = np.nan
     return lat, lon
-
-
-def confidence_html(results: Sequence[PhotoResult]) -> str:
-    """Each answered photo's confidence in words, as HTML."""
-    items = "".join(
-        f"<li><b>{result.number}. {html.escape(result.name)}</b>: {html.escape(result.confidence())}</li>"
-        for result in results
-        if result.answers and result.region_km is not None
-    )
-    return f"<p>How sure, around each best answer:</p><ul>{items}</ul>" if items else ""
 
 
 def _blend(low: tuple[int, int, int], high: tuple[int, int, int], share: float) -> tuple[int, int, int]:
@@ -430,18 +383,14 @@ def build_demo(geolocator: Geolocator) -> gr.Blocks:
     return demo
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model",
         help=f"a saved StreetCLIP folder or a Hub id (default: ${MODEL_ENV}, else the first `models:` entry of "
         f"{SPACE_README.name})",
     )
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         geolocator = Geolocator(resolve_model(args.model))
     except (OSError, ValueError) as error:
