@@ -77,29 +77,24 @@ class StreetCLIPConfig(CLIPConfig):
     hierarchical zero-shot geolocation (Haas & Alberti, 2023); a plain CLIP one converts with `from_clip_config`.
 
     Args:
-        country_prompt_template (`str` or `list[str]`, defaults to `"A Street View photo in {country}."`):
-            The paper's country prompt; a list is an ensemble (each head row the normalised mean), so for all levels.
-        region_prompt_template (`str` or `list[str]`, defaults to `"A Street View photo in {region}, {country}."`):
-            The region prompt, for `levels` with `"region"`.
-        city_prompt_template (`str` or `list[str]`, defaults to `"A Street View photo from {city}."`):
-            The paper's city prompt.
-        qualify_ambiguous_cities (`bool`, defaults to `False`):
-            Name a city with its country (`"London, Canada"`) when another candidate country has a namesake.
+        country_prompt_template, region_prompt_template, city_prompt_template (`str` or `list[str]`):
+            Each level's probe prompt (the region's for `levels` with `"region"`); a list is an ensemble, whose head
+            rows are the normalised means.
+        qualify_ambiguous_cities (`bool`): Name a city with its country (`"London, Canada"`) when another candidate
+            country has a namesake.
         caption_template (`str`): The paper's synthetic training caption over `{city}`, `{region}` and `{country}`.
-        levels (`list[str]`, defaults to `["country", "city"]`): The paper's, or `["country", "region", "city"]`.
+        levels (`list[str]`): The paper's `["country", "city"]`, or `["country", "region", "city"]`.
         candidate_countries (`list[str]`, *optional*): Candidate country names; `None` is the paper's 193.
-        city_allocation (`str`, defaults to `"per_country"`):
-            `"per_country"` (the paper's) or `"sqrt_population"` (`city_budget` shared by root urban population).
-        cities_per_country, city_budget (`int`, defaults to 30 and 6000): The slots of each allocation.
-        min_city_population (`int`, defaults to 15000): GeoNames population floor; capitals always count.
-        city_merge_radius_km (`float`, defaults to 0):
-            Merge a city within this radius of a more populous one of its country; 25 is recommended, 0 the paper's.
-        expected_distance_candidates (`int`, defaults to 50):
-            The most probable cities that `"expected_distance"` and `"within_km"` choose among.
-        decision_radius_km (`float`, defaults to 25): The radius whose accuracy `"within_km"` maximises (IM2GPS city).
-        confidence_level (`float`, defaults to 0.9): The probability that an answer's `radius_km` holds.
-        calibration (`dict`, *optional*):
-            Per-level `"temperatures"` and per-radius `"within_km"` monotone maps, written by `streetclip calibrate`.
+        city_allocation (`str`): `"per_country"` (the paper's: `cities_per_country` each) or `"sqrt_population"`
+            (`city_budget` shared by root urban population).
+        min_city_population (`int`): GeoNames population floor; capitals always count.
+        city_merge_radius_km (`float`): Merge a city within this radius of a more populous one of its country; 25
+            is recommended, 0 the paper's.
+        expected_distance_candidates (`int`): The most probable cities `"expected_distance"` and `"within_km"` rank.
+        decision_radius_km (`float`): The radius whose accuracy `"within_km"` maximises (IM2GPS's city level).
+        confidence_level (`float`): The probability that an answer's `radius_km` holds.
+        calibration (`dict`, *optional*): Per-level `"temperatures"` and per-radius `"within_km"` monotone maps,
+            written by `streetclip calibrate`.
         candidate_places (`dict`, *optional*): The candidate table ([`CandidatePlaces`]), written with the heads.
 
     Example:

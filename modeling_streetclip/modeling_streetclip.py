@@ -43,14 +43,11 @@ class GeolocationOutput(ModelOutput):
     """Output of [`StreetCLIPForGeolocation`]: every level's logits and the paper's greedy hierarchical decision.
 
     Args:
-        logits (`torch.FloatTensor` of shape `(batch_size, num_cities)`):
-            Log joint probability of every candidate city, which image-classification clients rank (`config.id2label`).
+        logits (`(batch_size, num_cities)`): Log joint probability of every city, as `config.id2label` names them.
         country_logits, city_logits, region_logits (`torch.FloatTensor`): CLIP logits against each level's prompts.
-        predicted_country, predicted_city, predicted_region (`torch.LongTensor` of shape `(batch_size,)`):
-            Rows in `model.candidate_places` of the best country, then of the best region and city within it.
-        predicted_coordinates (`torch.DoubleTensor` of shape `(batch_size, 2)`): The predicted city's, in degrees.
-        image_embeds (`torch.FloatTensor`): L2-normalised image embeddings, as the heads score them.
-        hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*): The vision tower's, when asked for.
+        predicted_country, predicted_city, predicted_region (`(batch_size,)`): Rows in `model.candidate_places` of
+            the best country, then of the best region and city within it; `predicted_coordinates` the city's degrees.
+        image_embeds, hidden_states, attentions: L2-normalised image embeddings, and the vision tower's when asked.
     """
 
     logits: torch.FloatTensor | None = None
@@ -155,7 +152,8 @@ class StreetCLIPForGeolocation(CLIPModel):
             kwargs:
                 [`StreetCLIPConfig`] settings and overrides, and what [`~PreTrainedModel.from_pretrained`] accepts.
         """
-        source = str(pretrained_model_name_or_path)
+        path = pretrained_model_name_or_path
+        source = str(path)
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
         settings = {key: kwargs.pop(key) for key in GEOLOCATION_SETTINGS & kwargs.keys()}
         if settings.get("candidate_countries") is not None:
@@ -167,11 +165,9 @@ class StreetCLIPForGeolocation(CLIPModel):
             # Configuration attributes among the keyword arguments override the checkpoint's, as for every
             # transformers model; loading instructions and Hub arguments go on to the weights.
             loading = {key: kwargs.pop(key) for key in _LOADING_INSTRUCTIONS if key in kwargs}
-            config, kwargs = AutoConfig.from_pretrained(
-                pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs
-            )
+            config, kwargs = AutoConfig.from_pretrained(path, return_unused_kwargs=True, **kwargs)
             kwargs |= hub_kwargs | loading
-        config = StreetCLIPConfig.from_checkpoint(pretrained_model_name_or_path, config)
+        config = StreetCLIPConfig.from_checkpoint(path, config)
         config, changed = config.with_geolocation_settings(**settings)
         if candidates is None and (config.candidate_places is None or changed & CANDIDATE_SETTINGS):
             candidates = CandidatePlaces.from_config(config)
@@ -185,25 +181,18 @@ class StreetCLIPForGeolocation(CLIPModel):
                 f"{source!r} has no prompt heads for the requested candidates, and vision_only=True leaves no text "
                 "tower to build them; load with vision_only=False (or 'auto')."
             )
-        load_processor = partial(
-            StreetCLIPProcessor.from_pretrained, pretrained_model_name_or_path, **config.text_settings(), **hub_kwargs
-        )
+        load_processor = partial(StreetCLIPProcessor.from_pretrained, path, **config.text_settings(), **hub_kwargs)
         if build_heads and processor is None:  # before the weights, so that a folder without one fails fast
             processor = load_processor()
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path,
-            *model_args,
-            config=config,
-            vision_only=vision_only,
-            output_loading_info=True,
-            **kwargs,
+            path, *model_args, config=config, vision_only=vision_only, output_loading_info=True, **kwargs
         )
         if build_heads:
             model.set_candidates(candidates or model.candidate_places, processor)
         elif model._lacks_saved_heads(loading_info, source):
             reason = "the weights came as a state_dict, with no folder to read a processor from."
-            if processor is None and pretrained_model_name_or_path is not None:
+            if processor is None and path is not None:
                 try:
                     processor = load_processor()
                 except OSError as error:
@@ -250,19 +239,16 @@ class StreetCLIPForGeolocation(CLIPModel):
 
     def to(self, *args, **kwargs):
         """`nn.Module.to`, refusing to cast a quantized model: its layers compute in the dtype they were loaded for."""
-        self._refuse_quantized_cast(kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None)))
-        return super().to(*args, **kwargs)
-
-    def bfloat16(self):
-        self._refuse_quantized_cast(torch.bfloat16)
-        return super().bfloat16()
-
-    def _refuse_quantized_cast(self, dtype: torch.dtype | None) -> None:
-        if getattr(self, "is_quantized", False) and dtype is not None and dtype != self.dtype:
+        dtype = kwargs.get("dtype", next((arg for arg in args if isinstance(arg, torch.dtype)), None))
+        if getattr(self, "is_quantized", False) and dtype not in (None, self.dtype):
             raise ValueError(
                 f"This model is quantized ({self.config.quantization_config.quant_method}) and computes in "
                 f"{self.dtype}; it cannot be cast to {dtype}. Load the unquantized model with dtype={dtype} instead."
             )
+        return super().to(*args, **kwargs)
+
+    def bfloat16(self):
+        return self.to(torch.bfloat16)
 
     def _require_text_tower(self, purpose: str) -> None:
         if self.text_model is None:
@@ -329,17 +315,15 @@ class StreetCLIPForGeolocation(CLIPModel):
         if not kept:
             raise ValueError("restrict_countries needs at least one country.")
         places, city_rows, region_rows = self.candidate_places.select(kept)
-        rows = {"country_head": kept, "city_head": city_rows} | (
-            {"region_head": region_rows} if self.uses_regions else {}
-        )
-        for name in rows:
-            if getattr(self, name).weight.device.type == "meta":
-                raise ValueError(
-                    f"restrict_countries cannot subset {name}: it is offloaded (device_map), so its weights are not "
-                    "in memory. Load without offloading the heads, or restrict each call with "
-                    "`decisions.rank_places(model, outputs, country_rows=...)`."
-                )
-        weights = {name: getattr(self, name).weight.data[head_rows] for name, head_rows in rows.items()}
+        rows = {"country_head": kept, "city_head": city_rows, "region_head": region_rows}
+        heads = {name: getattr(self, name).weight for name in rows if getattr(self, name) is not None}
+        if offloaded := [name for name, weight in heads.items() if weight.device.type == "meta"]:
+            raise ValueError(
+                f"restrict_countries cannot subset {offloaded[0]}: it is offloaded (device_map), so its weights are "
+                "not in memory. Load without offloading the heads, or restrict each call with "
+                "`decisions.rank_places(model, outputs, country_rows=...)`."
+            )
+        weights = {name: weight.data[rows[name]] for name, weight in heads.items()}
         self._install_candidates(places)
         for name, weight in weights.items():
             getattr(self, name).weight.data.copy_(weight)
@@ -403,8 +387,7 @@ class StreetCLIPForGeolocation(CLIPModel):
     ) -> dict[str, torch.Tensor]:
         """Each city's log-probabilities: `country` (over `country_rows`), `region` and `city` (each within its
         parent), and their sum `joint`."""
-        places = self.candidate_places
-        country_logits = country_logits.float()
+        places, country_logits = self.candidate_places, country_logits.float()
         if country_rows is not None:
             allowed = torch.zeros(places.num_countries, dtype=torch.bool, device=country_logits.device)
             allowed[list(country_rows)] = True

@@ -15,9 +15,6 @@ from .pixels import normalized_pixels, resized_pixels
 from .processing_streetclip import StreetCLIPProcessor
 
 
-TASK = "geolocation"
-
-
 class GeolocationPipeline(Pipeline):
     """Geolocate photos zero-shot with StreetCLIP's hierarchical probing (task `"geolocation"`). Each image gives
     `top_k` dicts, best first, with the place (`label`, `country`, `country_code`, `city`, `latitude`, `longitude`),
@@ -53,59 +50,50 @@ class GeolocationPipeline(Pipeline):
             )
 
     def __call__(self, inputs, **kwargs):
-        """Geolocate the image(s) given as inputs.
+        """Geolocate the image(s) given as inputs: for one image a list of `top_k` dicts, best first; for a list of
+        images, one such list per image.
 
         Args:
             inputs (`str`, `bytes`, `PIL.Image.Image` or a list of them):
                 An image file's path, an `http(s)://` URL, an encoded image's bytes, or a PIL image.
-            top_k (`int`, *optional*, defaults to 1):
-                The number of answers per image (at most the number of candidate cities).
+            top_k (`int`, *optional*, defaults to 1): Answers per image (at most the number of candidate cities).
             decision (`str`, *optional*, defaults to `"greedy"`, or `"gallery"` with a gallery):
                 The rule that chooses and orders the answers (README, "Quickstart"): `"greedy"` (the paper's: country,
                 region, then city), `"joint"` (joint probability), `"expected_distance"` (least expected distance
                 to the true place), `"within_km"` (most probability within `config.decision_radius_km`), or
                 `"gallery"` and `"hybrid"` (a kernel vote of the nearest `gallery` photos; `"hybrid"` weighs them by
                 p(country), and `gallery_row` and `similarity` name the photo).
-            candidate_countries (`list[str]`, *optional*):
-                Answer only among these countries (names or ISO codes), for this call; not with the gallery rules.
+            candidate_countries (`list[str]`, *optional*): Answer only among these countries (names or ISO codes),
+                for this call; not with the gallery rules.
             gallery (`str`, `os.PathLike` or `GeoGallery`, *optional*):
                 A folder or Hub dataset repo that `streetclip index build` wrote, or a loaded `GeoGallery`.
-            function_to_apply (`str`, *optional*, defaults to `"softmax"`):
-                The Hub's parameter; scores are probabilities from softmaxes, so `"sigmoid"` and `"none"` are refused.
+            function_to_apply (`str`, *optional*): The Hub's parameter; scores are probabilities from softmaxes, so
+                only `"softmax"` is accepted.
             timeout (`float`, *optional*): Seconds to wait for an image URL; None waits forever.
-
-        Return:
-            For one image, a list of `top_k` dicts, best first; for a list of images, one such list per image.
         """
         return super().__call__(inputs, **kwargs)
 
-    def _sanitize_parameters(
-        self,
-        top_k: int | None = None,
-        decision: str | None = None,
-        gallery: Any = None,
-        candidate_countries: Sequence[str] | None = None,
-        function_to_apply: str | None = None,
-        timeout: float | None = None,
-        **unknown,
-    ):
-        if unknown:  # as a Python function would: a misspelt option must not answer as if it had not been given
+    def _sanitize_parameters(self, function_to_apply: str | None = None, timeout: float | None = None, **options):
+        # The options `rank` takes, each with its check; `candidate_countries` become `country_rows`.
+        checks = {"top_k": check_top_k, "decision": validate_decision, "gallery": self._checked_gallery}
+        checks["candidate_countries"] = self._country_rows
+        if unknown := [name for name in options if name not in checks]:  # as a Python function would refuse it
             raise TypeError(
-                f"GeolocationPipeline got an unexpected keyword argument {next(iter(unknown))!r}; it accepts top_k, "
+                f"GeolocationPipeline got an unexpected keyword argument {unknown[0]!r}; it accepts top_k, "
                 "decision, candidate_countries, gallery, function_to_apply and timeout (and pipeline's batch_size, "
                 "num_workers, device and dtype)."
             )
         _check_function_to_apply(function_to_apply)
         if timeout is not None and (
-            not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
         ):
             raise ValueError(f"timeout must be a positive number of seconds (or None for none), got {timeout!r}.")
-        given = {"top_k": top_k, "decision": decision, "gallery": gallery, "country_rows": candidate_countries}
-        checks = {"top_k": check_top_k, "decision": validate_decision}
-        checks |= {"gallery": self._checked_gallery, "country_rows": self._country_rows}
-        forward_params = {name: checks[name](value) for name, value in given.items() if value is not None}
-        preprocess_params = {} if timeout is None else {"timeout": timeout}
-        return preprocess_params, forward_params, {}
+        forward_params = {
+            "country_rows" if name == "candidate_countries" else name: checks[name](value)
+            for name, value in options.items()
+            if value is not None
+        }
+        return ({} if timeout is None else {"timeout": timeout}), forward_params, {}
 
     def _country_rows(self, countries: Sequence[str]) -> list[int]:
         """Rows of the model's candidate countries named in `countries`, by name or ISO code."""
@@ -153,7 +141,7 @@ class GeolocationPipeline(Pipeline):
             )
         # Saved `custom_pipelines` name the model class, which a remote load looks up on the `transformers` module:
         # AutoModel is there, and follows `auto_map`. Set here, as a pipeline from remote code was never registered.
-        self._registered_impl = {TASK: {"impl": type(self), "pt": (AutoModel,), "type": "image"}}
+        self._registered_impl = {"geolocation": {"impl": type(self), "pt": (AutoModel,), "type": "image"}}
         super().save_pretrained(save_directory, **kwargs)
         # `Pipeline.save_pretrained` saves the tokenizer and image processor, but not a processor with its templates.
         self.processor.save_pretrained(save_directory, **kwargs)
@@ -180,9 +168,7 @@ def _load_image(image, timeout: float | None):
     if not (isinstance(image, str) and image.startswith(("http://", "https://"))):
         return load_rgb_image(image)
     try:
-        response = httpx.get(image, timeout=timeout, follow_redirects=True)
-        response.raise_for_status()
-        return load_rgb_image(response.content)
+        return load_rgb_image(httpx.get(image, timeout=timeout, follow_redirects=True).raise_for_status().content)
     except httpx.HTTPError as error:
         raise ImageLoadError(f"Could not fetch the image URL {image!r}: {error}") from error
     except ImageLoadError as error:
