@@ -38,6 +38,13 @@ def make_accelerator(device: str, cpu_only: bool = False) -> Accelerator:
     return accelerator
 
 
+def _outcome(work: Callable[[], T], errors: tuple[type[Exception], ...]) -> tuple[T | None, Exception | None]:
+    try:
+        return work(), None
+    except errors as error:
+        return None, error
+
+
 def on_main_process(
     accelerator: Accelerator | None, work: Callable[[], T], errors: tuple[type[Exception], ...] = COMMAND_ERRORS
 ) -> T:
@@ -47,12 +54,7 @@ def on_main_process(
         return work()
     from accelerate.utils import broadcast_object_list
 
-    outcome: list = [None, None]
-    if accelerator.is_main_process:
-        try:
-            outcome[0] = work()
-        except errors as error:
-            outcome[1] = error
+    outcome = list(_outcome(work, errors)) if accelerator.is_main_process else [None, None]
     broadcast_object_list(outcome)
     if outcome[1] is not None:
         raise outcome[1]
@@ -69,12 +71,8 @@ def on_every_process(
     return its result; an error of `errors` (by default a command error) on any process is raised on all."""
     from accelerate.utils import gather_object
 
-    error = result = None
     with accelerator.main_process_first() if main_process_first else nullcontext():
-        try:
-            result = work()
-        except errors as caught:
-            error = caught
+        result, error = _outcome(work, errors)
     raised = [caught for caught in gather_object([error]) if caught is not None]
     if raised:
         raise raised[0]
@@ -84,11 +82,7 @@ def on_every_process(
 def quiet_unless_main(accelerator: Accelerator, command: Callable[[], int]) -> int:
     """Run `command` and return its status; a command error gives status 2, and its message on the main process only.
     Every process then leaves the process group together: one that exits first can make a peer abort."""
-    error = None
-    try:
-        status = command()
-    except COMMAND_ERRORS as caught:
-        error, status = caught, EXIT_USAGE
+    status, error = _outcome(command, COMMAND_ERRORS)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if error is not None and accelerator.is_main_process:
@@ -96,7 +90,7 @@ def quiet_unless_main(accelerator: Accelerator, command: Callable[[], int]) -> i
             raise error
         finally:
             error = None  # as `except ... as` does: the frame must not keep the error (and the output's lock) alive
-    return status
+    return status if error is None else EXIT_USAGE
 
 
 __all__ = ["COMMAND_ERRORS", "make_accelerator", "on_every_process", "on_main_process", "quiet_unless_main"]

@@ -26,7 +26,12 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     remove(temporary)
     try:
         yield temporary
-        _sync_tree(temporary)
+        # Every file under a folder, then each folder (a folder's own entries last), or the one file.
+        walk = os.walk(temporary, topdown=False) if temporary.is_dir() else [(temporary, None, [])]
+        for root, _, names in walk:
+            for name in names:
+                _sync(Path(root, name))
+            _sync(Path(root))
         if path.is_dir() and not path.is_symlink():
             replaced = path.with_name(path.name + REPLACED_SUFFIX)
             remove(replaced)
@@ -48,24 +53,12 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
         temporary.write_text(text, encoding="utf-8")
 
 
-def _sync_tree(path: Path) -> None:
-    """fsync a file, or every file and folder under a folder."""
-    if path.is_dir():
-        for root, _, names in os.walk(path):
-            for name in names:
-                _sync(Path(root, name))
-            _sync(Path(root))
-    else:
-        _sync(path)
-
-
 def _sync(path: Path) -> None:
-    if path.is_dir():
-        if not hasattr(os, "O_DIRECTORY"):
-            return  # Windows: a folder cannot be opened to fsync, and its entries are written through
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    else:
-        fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows fsyncs only what it may write
+    if path.is_dir() and not hasattr(os, "O_DIRECTORY"):
+        return  # Windows: a folder cannot be opened to fsync, and its entries are written through
+    # Windows fsyncs only what it may write.
+    flags = os.O_RDONLY | os.O_DIRECTORY if path.is_dir() else os.O_RDWR if os.name == "nt" else os.O_RDONLY
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:

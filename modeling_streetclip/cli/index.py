@@ -63,19 +63,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--model", required=True, help="Hub repo or local folder, as for `streetclip locate`")
     build.add_argument("--output", required=True, type=Path, metavar="FOLDER", help="the gallery folder to write")
     build.add_argument(
-        "--index",
-        default=DEFAULT_INDEX,
-        metavar="FACTORY",
-        help="FAISS index factory, or 'auto' (default: %(default)s)",
+        "--index", default=DEFAULT_INDEX, metavar="FACTORY", help="FAISS factory, or 'auto' (default: %(default)s)"
     )
-    build.add_argument(
-        "--nprobe", type=int_at_least(1), help="lists an IVF index probes per search (default: 1/64 of them)"
-    )
-    build.add_argument(
-        "--train_size",
-        type=int_at_least(1),
-        help="rows that train an IVF or PQ index (default: 64 per list, >= 65,536)",
-    )
+    for flag, text in (
+        ("--nprobe", "lists an IVF index probes per search (default: 1/64 of them)"),
+        ("--train_size", "rows that train an IVF or PQ index (default: 64 per list, >= 65,536)"),
+    ):
+        build.add_argument(flag, type=int_at_least(1), help=text)
     build.add_argument("--image_dir", type=Path, help="folder of the images that a CSV DATA names (CSV only)")
     build.add_argument("--split", default="train", help="split of DATA to read (default: %(default)s)")
     build.add_argument("--streaming", action="store_true", help="stream DATA instead of loading it")
@@ -136,46 +130,39 @@ def _open_data(args: argparse.Namespace):
 def build_command(args: argparse.Namespace) -> int:
     """`streetclip index build`: embed DATA into a gallery at --output, report, and return the status, on one process
     or on every process a launcher started."""
-    from ..app.distributed import make_accelerator, quiet_unless_main
-
-    accelerator = make_accelerator(args.device)
-    return quiet_unless_main(accelerator, lambda: _build(args, accelerator))
-
-
-def _build(args: argparse.Namespace, accelerator) -> int:
-    from ..app.distributed import on_every_process
+    from ..app.distributed import make_accelerator, on_every_process, quiet_unless_main
     from ..app.gallery_build import build_gallery
     from ..app.loading import load_on_every_process
     from ..gallery_vote import VoteSettings
 
-    data = on_every_process(accelerator, lambda: _open_data(args))
-    model, image_processor, _ = load_on_every_process(accelerator, args.model, args.dtype)
-    settings = VoteSettings(args.neighbors, args.radius_km, args.temperature, args.hybrid_countries)
-    try:
+    accelerator = make_accelerator(args.device)
+
+    def build() -> int:
+        data = on_every_process(accelerator, lambda: _open_data(args))
+        model, image_processor, _ = load_on_every_process(accelerator, args.model, args.dtype)
         passed = ("index", "nprobe", "train_size", "split", "streaming", "latitude_column", "longitude_column")
         passed += ("batch_size", "num_workers", "shard_size", "overwrite")
-        result = build_gallery(
-            model,
-            image_processor,
-            data,
-            args.output,
-            model_name=args.model,
-            image_column=None if Path(args.data).suffix.lower() == ".csv" else args.image_column,
-            settings=settings,
-            accelerator=accelerator,
-            **{name: getattr(args, name) for name in passed},
-        )
-    except (OSError, ValueError, ImportError) as error:  # GalleryModelError is a ValueError
-        raise UsageError(str(error)) from None
-    if not accelerator.is_main_process:
-        return EXIT_OK  # the launcher reports the main process's status
-    summary = f"streetclip index build: {len(result.gallery):,} photos in the gallery {str(args.output)!r}"
-    if result.resumed_rows:
-        summary += f" ({result.resumed_rows:,} source rows done by an earlier run, {result.embedded_rows:,} now)"
-    if result.bad_rows:
-        summary += f"; {len(result.bad_rows):,} rows skipped (see {str(args.output / 'bad_rows.jsonl')!r})"
-    print(summary, file=sys.stderr)
-    return EXIT_SOME_FAILED if result.bad_rows else EXIT_OK
+        options = {name: getattr(args, name) for name in passed} | {
+            "model_name": args.model,
+            "accelerator": accelerator,
+        }
+        options["image_column"] = None if Path(args.data).suffix.lower() == ".csv" else args.image_column
+        options["settings"] = VoteSettings(args.neighbors, args.radius_km, args.temperature, args.hybrid_countries)
+        try:
+            result = build_gallery(model, image_processor, data, args.output, **options)
+        except (OSError, ValueError, ImportError) as error:  # GalleryModelError is a ValueError
+            raise UsageError(str(error)) from None
+        if not accelerator.is_main_process:
+            return EXIT_OK  # the launcher reports the main process's status
+        summary = f"streetclip index build: {len(result.gallery):,} photos in the gallery {str(args.output)!r}"
+        if result.resumed_rows:
+            summary += f" ({result.resumed_rows:,} source rows done by an earlier run, {result.embedded_rows:,} now)"
+        if result.bad_rows:
+            summary += f"; {len(result.bad_rows):,} rows skipped (see {str(args.output / 'bad_rows.jsonl')!r})"
+        print(summary, file=sys.stderr)
+        return EXIT_SOME_FAILED if result.bad_rows else EXIT_OK
+
+    return quiet_unless_main(accelerator, build)
 
 
 __all__ = ["add_parser", "build_command"]
