@@ -1,6 +1,5 @@
-"""Tiny random CLIP checkpoints, photos and the synthetic geo set for tests and the `eval/speed/` scripts, built
-without any download in the layout of `geolocal/StreetCLIP`; also the in-browser page served and driven in headless
-Chromium, and a tiny model trained with `training/pretrain.py` (those two need the checkout)."""
+"""Random CLIP checkpoints in the layout of `geolocal/StreetCLIP`, photos and a synthetic geo set for tests and
+`eval/speed/`, without downloads; with the checkout, the in-browser page in headless Chromium and a tiny trained model."""
 
 import colorsys
 import contextlib
@@ -71,18 +70,13 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
 def build_tiny_clip(tokenizer: CLIPTokenizer, seed: int = 0, preset: dict = TINY_CLIP) -> CLIPModel:
     """A CLIP model of the size `preset` gives, with random weights from `seed` and `tokenizer`'s vocabulary."""
     special = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    config = CLIPConfig(
-        text_config={**preset["text_config"], "vocab_size": len(tokenizer), **special},
-        vision_config=preset["vision_config"],
-        projection_dim=preset["projection_dim"],
-    )
+    text_config = {**preset["text_config"], "vocab_size": len(tokenizer), **special}
     torch.manual_seed(seed)
-    return CLIPModel(config).eval()
+    return CLIPModel(CLIPConfig(**{**preset, "text_config": text_config})).eval()
 
 
 def save_tiny_clip_checkpoint(path: Path, seed: int = 0, pickle_weights: bool = False) -> Path:
-    """Save a plain CLIP checkpoint folder in the layout of `geolocal/StreetCLIP`; `pickle_weights` writes the
-    legacy `pytorch_model.bin` that older Hub repos hold instead of safetensors."""
+    """Save a tiny CLIP folder; `pickle_weights` writes the legacy `pytorch_model.bin` instead of safetensors."""
     save_random_clip(path, TINY_CLIP, seed=seed)
     if pickle_weights:
         torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
@@ -91,26 +85,25 @@ def save_tiny_clip_checkpoint(path: Path, seed: int = 0, pickle_weights: bool = 
 
 
 def save_random_vit_l(path: Path, tokenizer: CLIPTokenizer | None = None, seed: int = 0) -> Path:
-    """Save a plain CLIP checkpoint folder of ViT-L/14 at 336 px with random weights: the real cost, no download."""
+    """Save a random ViT-L/14 CLIP at 336 px: the real cost, no download."""
     return save_random_clip(path, VIT_L_14_336, tokenizer, seed)
 
 
 def save_random_clip(path: Path, preset: dict, tokenizer: CLIPTokenizer | None = None, seed: int = 0) -> Path:
-    """Save a plain CLIP checkpoint folder of the size `preset` gives (TINY_CLIP, VIT_L_14_336, VIT_B_16) with random
-    weights, the tokenizer (by default the tiny one) and an image processor at the preset's image size."""
+    """Save a random CLIP of the size `preset` gives, with `tokenizer` (default: the tiny one) and image processor."""
     tokenizer = tokenizer or build_tiny_tokenizer()
     build_tiny_clip(tokenizer, seed, preset).save_pretrained(path)
     tokenizer.save_pretrained(path)
     size = preset["vision_config"]["image_size"]
-    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    processor.save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
+        path
+    )
     return path
 
 
 def random_photo(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
     """A deterministic random RGB photo."""
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
 def place_photo(country: int, city: int, rng: np.random.Generator) -> Image.Image:
@@ -129,36 +122,21 @@ def write_geo_imagefolder(folder: Path, photos_per_city: int, seed: int, bad_row
     coordinates and one with latitude and longitude swapped."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    rows = []
+    rows = [("file_name", "latitude", "longitude", "city", "region", "country")]
     for country_index, (country, cities) in enumerate(PLACES.items()):
         for city_index, (city, latitude, longitude) in enumerate(cities):
             for number in range(photos_per_city):
                 name = f"{country}-{city_index}-{number}.png"
                 place_photo(country_index, city_index, rng).save(folder / name)
-                labelled = rng.random() < 0.5
-                rows.append(
-                    {
-                        "file_name": name,
-                        "latitude": latitude + rng.normal(0, 0.05),
-                        "longitude": longitude + rng.normal(0, 0.05),
-                        "city": city if labelled else "",
-                        "region": "",
-                        "country": country if labelled else "",
-                    }
-                )
+                place = (city, "", country) if rng.random() < 0.5 else ("", "", "")
+                rows.append((name, latitude + rng.normal(0, 0.05), longitude + rng.normal(0, 0.05), *place))
     if bad_rows:
         (folder / "broken.png").write_bytes(b"not a png")
         place_photo(0, 0, rng).save(folder / "no-coordinates.png")
         place_photo(0, 0, rng).save(folder / "swapped.png")
-        rows += [
-            {"file_name": "broken.png", "latitude": 48.0, "longitude": 2.0},
-            {"file_name": "no-coordinates.png", "latitude": "", "longitude": ""},
-            {"file_name": "swapped.png", "latitude": 151.2, "longitude": -33.8},
-        ]
+        rows += [("broken.png", 48.0, 2.0), ("no-coordinates.png", "", ""), ("swapped.png", 151.2, -33.8)]
     with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as metadata:
-        writer = csv.DictWriter(metadata, fieldnames=list(rows[0]), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+        csv.writer(metadata).writerows(row + ("",) * (6 - len(row)) for row in rows)
     return folder
 
 
@@ -184,8 +162,8 @@ WEB_PAGE_TIMEOUT_S = 120
 
 
 def install_web_dependencies(folder: Path = WEB_DIR) -> Path:
-    """Install the page's npm packages from its lockfile (`npm ci`) unless `folder/node_modules` holds them already;
-    parallel test workers take turns (a file lock). Raises FileNotFoundError when npm is not installed."""
+    """`npm ci` the page's packages unless `folder/node_modules` holds them, under a file lock for parallel workers;
+    FileNotFoundError without npm."""
     from filelock import FileLock
 
     lock = json.loads((folder / "package-lock.json").read_text(encoding="utf-8"))
@@ -194,10 +172,9 @@ def install_web_dependencies(folder: Path = WEB_DIR) -> Path:
     }
 
     def installed() -> bool:
-        manifests = {folder / path / "package.json": version for path, version in wanted.items()}
+        manifests = ((folder / path / "package.json", version) for path, version in wanted.items())
         return all(
-            path.is_file() and json.loads(path.read_text(encoding="utf-8"))["version"] == version
-            for path, version in manifests.items()
+            path.is_file() and json.loads(path.read_bytes())["version"] == version for path, version in manifests
         )
 
     if installed():
@@ -245,16 +222,15 @@ def serve_folders(routes: Mapping[str, Path]) -> Iterator[ServedFolders]:
         def log_request(self, code="-", size="-") -> None:
             served.requests.append((self.command, urllib.parse.urlsplit(self.path).path))
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    served.url = f"http://127.0.0.1:{server.server_address[1]}/"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield served
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
+        served.url = f"http://127.0.0.1:{server.server_address[1]}/"
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield served
+        finally:
+            server.shutdown()
+            thread.join()
 
 
 def headless_chromium():
@@ -303,28 +279,20 @@ def drop_photos(chromium, paths: Sequence[Path], timeout: float = WEB_PAGE_TIMEO
 
 
 def train_geo_model(root: Path, clip_dir: Path | None = None) -> Path:
-    """The tiny CLIP (`clip_dir`, by default a fresh one) after 40 steps of `training/pretrain.py` on the synthetic
-    geo set: answers learned, not random weights' near-ties, so two ways of running it can be compared. Needs the
-    checkout; returns the trained model's folder."""
+    """The folder of the tiny CLIP (`clip_dir`, default a fresh one) after 40 steps of `training/pretrain.py` on the
+    synthetic geo set: learned answers, not random weights' near-ties, to compare two ways of running it."""
     root.mkdir(parents=True, exist_ok=True)
-    clip_dir = clip_dir or save_tiny_clip_checkpoint(root / "clip")
-    countries = root / "countries.txt"
-    countries.write_text("\n".join(PLACES) + "\n", encoding="utf-8")
+    (countries := root / "countries.txt").write_text("\n".join(PLACES) + "\n", encoding="utf-8")
     arguments = {
-        "model_name_or_path": clip_dir,
+        "model_name_or_path": clip_dir or save_tiny_clip_checkpoint(root / "clip"),
         "train_data": write_geo_imagefolder(root / "train", photos_per_city=8, seed=0),
         "countries": countries,
-        "cities_per_country": 2,
         "output_dir": root / "run",
-        "max_steps": 40,
-        "per_device_train_batch_size": 16,
-        "learning_rate": 1e-3,
-        "checkpointing_steps": 100,
-        "dataloader_num_workers": 0,
-        "report_to": "none",
     }
     command = [sys.executable, str(CHECKOUT / "training" / "pretrain.py")]
     command += [item for name, value in arguments.items() for item in (f"--{name}", str(value))]
+    command += "--cities_per_country 2 --max_steps 40 --per_device_train_batch_size 16 --learning_rate 1e-3".split()
+    command += "--checkpointing_steps 100 --dataloader_num_workers 0 --report_to none".split()
     # A tiny text tower cannot carry the fine caption over to the country prompt alone: mix in the coarse one.
     command += ["--caption_templates", StreetCLIPConfig().caption_template, "A Street View photo in {country}."]
     command += ["--caption_template_probabilities", "0.5", "0.5"]
