@@ -1,12 +1,8 @@
 """Publish a StreetCLIP model to the Hub as a repository that works for people who never install this package.
 
-    python model_card/publish.py MODEL REPO_ID [--metrics [NAME=]FILE ...] [--license L] [--private]
-        [--revision R] [--commit_message M] [--space SPACE_ID] [--onnx] [--web_space SPACE_ID] [--dry_run DIR]
-
 MODEL (a saved StreetCLIPForGeolocation, or a plain CLIP checkpoint, converted) becomes a repository with its weights,
-processor, remote code and card (model_card/README.md); `--space` and `--web_space` publish the Gradio demo and the
-in-browser page as Spaces serving it. `--dry_run DIR` writes the folders to DIR, DIR-space and DIR-web and uploads
-nothing. MODEL itself is only read, never written.
+processor, remote code and card; `--space` and `--web_space` add Spaces serving it, `--dry_run DIR` uploads nothing
+(model_card/README.md). MODEL itself is only read, never written.
 """
 
 import argparse
@@ -61,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--license", help="License of the weights (default: the one the base model's Hub card declares, inherited)."
     )
-    parser.add_argument("--private", action="store_true", default=None, help="Create the repository private.")
+    parser.add_argument("--private", action="store_true", default=None, help="Create it private (else Hub default).")
     parser.add_argument("--revision", help="Branch to upload to, created if missing (default: main).")
     parser.add_argument("--commit_message", default="Upload StreetCLIP geolocation model", help="The commit message.")
     parser.add_argument(
@@ -154,19 +150,9 @@ def write_space_folder(folder: Path, repo_id: str) -> None:
     shutil.copyfile(world_map.__file__, folder / "world_map.py")
 
 
-def check_web_runtime() -> None:
-    """Raise a FileNotFoundError that says how to install them when the page's runtime files are missing."""
-    missing = [name for name in WEB_RUNTIME_FILES if not (WEB_DIR / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"The page's runtime files are not installed ({', '.join(missing)}); run `npm ci --prefix {WEB_DIR}` first."
-        )
-
-
 def write_web_space_folder(folder: Path, repo_id: str, revision: str | None = None) -> None:
     """Write the in-browser page's static Space into `folder`, its settings.json pointing at the int8 graph of
     `repo_id` at `revision` (by default main)."""
-    check_web_runtime()
     _copy_space(WEB_DIR, (*WEB_FILES, *WEB_RUNTIME_FILES), folder, repo_id)
     model_url = f"https://huggingface.co/{repo_id}/resolve/{quote(revision or 'main', safe='')}/"
     (folder / "settings.json").write_text(json.dumps({"model": model_url, "graph": WEB_GRAPH}, indent=2) + "\n")
@@ -197,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.onnx:
             require_onnx()
-        if args.web_space is not None:
-            check_web_runtime()
+        if args.web_space and (missing := [name for name in WEB_RUNTIME_FILES if not (WEB_DIR / name).is_file()]):
+            raise FileNotFoundError(
+                f"The page's runtime files are not installed ({', '.join(missing)}); run `npm ci --prefix {WEB_DIR}` first."
+            )
     except (ImportError, FileNotFoundError) as error:
         print(f"publish.py: error: {error}", file=sys.stderr)
         return 2

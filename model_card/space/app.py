@@ -114,35 +114,31 @@ def resolve_model(argument: str | None, readme: Path = SPACE_README) -> str:
     )
 
 
-def load_geolocation_code(model: str) -> tuple[Any, type, type, bool]:
-    """The model's configuration, model and pipeline classes, and whether they are the repository's remote code
-    (without the package) rather than the package's."""
-    try:
-        import modeling_streetclip as package
-    except ImportError:
-        config = AutoConfig.from_pretrained(model, trust_remote_code=True)
-        auto_map = getattr(config, "auto_map", None) or {}
-        pipelines = getattr(config, "custom_pipelines", None) or {}
-        if "AutoModel" not in auto_map or TASK not in pipelines:
-            raise ValueError(
-                f"{model!r} carries no StreetCLIP code (`auto_map` and a {TASK!r} entry in `custom_pipelines`). "
-                "Without the streetclip package installed, serve a repository published by model_card/publish.py, "
-                "or install the package."
-            ) from None
-        model_class = get_class_from_dynamic_module(auto_map["AutoModel"], model)
-        pipeline_class = get_class_from_dynamic_module(pipelines[TASK]["impl"], model)
-        return config, model_class, pipeline_class, True
-    return AutoConfig.from_pretrained(model), package.StreetCLIPForGeolocation, package.GeolocationPipeline, False
-
-
 class Geolocator:
     """The model, loaded once, and the answers for a request's photos, options and country restriction."""
 
     def __init__(self, model: str):
-        config, model_class, pipeline_class, remote_code = load_geolocation_code(model)
+        try:
+            import modeling_streetclip as package
+        except ImportError:  # on a Space: the model repository's own code (`trust_remote_code=True`)
+            package = None
+            config = AutoConfig.from_pretrained(model, trust_remote_code=True)
+            auto_map = getattr(config, "auto_map", None) or {}
+            pipelines = getattr(config, "custom_pipelines", None) or {}
+            if "AutoModel" not in auto_map or TASK not in pipelines:
+                raise ValueError(
+                    f"{model!r} carries no StreetCLIP code (`auto_map` and a {TASK!r} entry in `custom_pipelines`). "
+                    "Without the streetclip package installed, serve a repository published by model_card/publish.py, "
+                    "or install the package."
+                ) from None
+            model_class = get_class_from_dynamic_module(auto_map["AutoModel"], model)
+            pipeline_class = get_class_from_dynamic_module(pipelines[TASK]["impl"], model)
+        else:
+            config = AutoConfig.from_pretrained(model)
+            model_class, pipeline_class = package.StreetCLIPForGeolocation, package.GeolocationPipeline
         # "auto": without the text tower (a quarter of CLIP's weights) where the folder's heads hold all it would add.
         loaded = model_class.from_pretrained(model, config=config, vision_only="auto").eval()
-        processor = AutoProcessor.from_pretrained(model, trust_remote_code=remote_code)
+        processor = AutoProcessor.from_pretrained(model, trust_remote_code=package is None)
         self.pipeline = pipeline_class(model=loaded, processor=processor)
         # The library's image loading, so that a bad file gets the CLI's message; its rules and geometry, for the map.
         package = pipeline_class.__module__.rpartition(".")[0]
@@ -362,13 +358,9 @@ def build_demo(geolocator: Geolocator) -> gr.Blocks:
                 errors = gr.HTML(elem_id="errors")
                 confidence = gr.HTML(elem_id="confidence")
             with gr.Column(scale=2):
+                # PNG, lossless: pins keep their colours.
                 world = gr.Image(
-                    value=draw_map([]),
-                    label="Answers on the map",
-                    type="pil",
-                    format="png",  # lossless: pins keep their colours
-                    interactive=False,
-                    elem_id="map",
+                    draw_map([]), label="Answers on the map", format="png", interactive=False, elem_id="map"
                 )
         table = gr.Dataframe(
             value=answers_table([]), label="Answers, best first", interactive=False, elem_id="answers"
