@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ast
 import copy
-import importlib
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,17 +52,8 @@ class OnnxGraphs:
 def require_onnx(packages: tuple[str, ...] = ONNX_PACKAGES, purpose: str = "The ONNX export") -> None:
     """Raise an `ImportError` naming the extra to install when one of `packages` (by default the export's) is
     missing. (Not `requires_backends`: it knows none of them, and names no extra.)"""
-    missing = []
-    for name in packages:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise ImportError(
-            f"{purpose} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed; "
-            f"install the extra: {ONNX_EXTRA}"
-        )
+    if missing := [name for name in packages if importlib.util.find_spec(name) is None]:
+        raise ImportError(f"{purpose} needs {', '.join(missing)} (not installed); install the extra: {ONNX_EXTRA}")
 
 
 def output_names(model: StreetCLIPForGeolocation) -> tuple[str, ...]:
@@ -72,13 +63,11 @@ def output_names(model: StreetCLIPForGeolocation) -> tuple[str, ...]:
 
 
 class _GraphModule(nn.Module):
-    """The forward that the graph records: pixels in, the outputs of `output_names` out (decisions and coordinates are
-    left to `decisions.rank_answers`)."""
+    """The forward the graph records: pixels in, the outputs of `output_names` out (decisions are `rank_answers`')."""
 
     def __init__(self, model: StreetCLIPForGeolocation):
         super().__init__()
-        self.model = model
-        self.names = output_names(model)
+        self.model, self.names = model, output_names(model)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.model(pixel_values=pixel_values)
@@ -112,7 +101,9 @@ def export_onnx(model: StreetCLIPForGeolocation, onnx_dir: str | Path) -> OnnxGr
     )
     graph = program.model_proto
     quantized_nodes = _encoder_linear_nodes(graph)
-    _strip_node_metadata(graph)
+    # The exporter's notes (stack traces with this machine's paths) are a third of a small graph's bytes.
+    for value in (*graph.graph.node, *graph.graph.input, *graph.graph.output, *graph.graph.value_info):
+        del value.metadata_props[:]
     if graph.ByteSize() >= MAX_GRAPH_BYTES:
         raise ValueError(
             f"The graph of this model takes {graph.ByteSize() / 2**30:.1f} GiB, more than one ONNX file can hold "
@@ -223,21 +214,12 @@ def _encoder_linear_nodes(graph: onnx.ModelProto) -> list[str]:
     initializers = {initializer.name for initializer in graph.graph.initializer}
     names = []
     for node in graph.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in initializers:
-            continue
-        metadata = {entry.key: entry.value for entry in node.metadata_props}
-        scopes = ast.literal_eval(metadata.get("pkg.torch.onnx.name_scopes", "[]"))
-        if any(scope.endswith(".vision_model.encoder") for scope in scopes):
-            names.append(node.name)
+        if node.op_type == "MatMul" and node.input[1] in initializers:
+            metadata = {entry.key: entry.value for entry in node.metadata_props}
+            scopes = ast.literal_eval(metadata.get("pkg.torch.onnx.name_scopes", "[]"))
+            if any(scope.endswith(".vision_model.encoder") for scope in scopes):
+                names.append(node.name)
     return names
-
-
-def _strip_node_metadata(graph: onnx.ModelProto) -> None:
-    """Drop the exporter's notes (stack traces with this machine's paths): a third of a small graph's bytes."""
-    for node in graph.graph.node:
-        del node.metadata_props[:]
-    for value in (*graph.graph.input, *graph.graph.output, *graph.graph.value_info):
-        del value.metadata_props[:]
 
 
 def _quantize(source: Path, target: Path, nodes: list[str]) -> None:
@@ -247,8 +229,7 @@ def _quantize(source: Path, target: Path, nodes: list[str]) -> None:
     if not nodes:
         raise ValueError(f"{source} has no vision encoder layers to quantize; it was not exported by `export_onnx`.")
 
-    def advice(record: logging.LogRecord) -> bool:
-        """Drop the advice to run `quant_pre_process`: it fails on these graphs, and MatMul weights need no shapes."""
+    def advice(record: logging.LogRecord) -> bool:  # `quant_pre_process` fails on these graphs; MatMuls need no shapes
         return "pre-processing before quantization" not in record.getMessage()
 
     logging.getLogger().addFilter(advice)
