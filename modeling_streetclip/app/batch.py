@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..decisions import rank_answers
 from ..gallery_store import GeoGallery, image_embeddings
 from ..images import ImageInput, ImageLoadError, load_rgb_image
-from ..modeling_streetclip import GeolocationOutput, StreetCLIPForGeolocation
+from ..modeling_streetclip import StreetCLIPForGeolocation
 from ..pixels import normalized_pixels, resized_pixels
 from . import DEFAULT_BATCH_SIZE
 
@@ -141,14 +141,7 @@ def geolocate_images(
 
 
 def _batch_records(
-    model: StreetCLIPForGeolocation,
-    inputs: Sequence[ImageInput],
-    batch: PixelBatch,
-    outputs: GeolocationOutput | None,
-    top_k: int,
-    return_embeddings: bool,
-    decision: str | None,
-    gallery: GeoGallery | None = None,
+    model, inputs, batch, outputs, top_k, return_embeddings, decision, gallery
 ) -> list[GeolocationRecord]:
     """The records of one batch, in its order: answers for the decoded images, errors for the others."""
     records = {index: GeolocationRecord(index, inputs[index], error=error) for index, error in batch.errors.items()}

@@ -151,8 +151,10 @@ def build_gallery(
 
         source_name = os.fspath(data)
         data, split = open_dataset(data, split, streaming=streaming)
-    else:
-        source_name = _describe(data)
+    else:  # a dataset passed as an object: named by the folder or Hub files it came from, else by its class
+        files = getattr(data, "cache_files", None) or []
+        info_name = getattr(getattr(data, "info", None), "dataset_name", None)
+        source_name = str(Path(files[0]["filename"]).parent) if files else info_name or type(data).__name__
     if isinstance(data, datasets.Dataset):
         total = len(data)
     else:  # a streamed dataset's length, where its metadata records it
@@ -223,14 +225,6 @@ def build_gallery(
 
     on_main_process(accelerator, finish, errors=BUILD_ERRORS)
     return GalleryBuild(finished[0], embedded, sum(end - start for start, end in covered), finished[1])
-
-
-def _describe(data) -> str:
-    """A name for a dataset passed as an object: the folder or Hub files it came from, else its class."""
-    files = getattr(data, "cache_files", None) or []
-    if files:
-        return str(Path(files[0]["filename"]).parent)
-    return getattr(getattr(data, "info", None), "dataset_name", None) or type(data).__name__
 
 
 def _find_columns(
