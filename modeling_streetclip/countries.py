@@ -36,10 +36,7 @@ def close_matches_hint(name: str, known: Iterable[str]) -> str:
 
 def resolve_country_code(name: str) -> str:
     """ISO 3166-1 alpha-2 code of a country name as GeoNames or the paper writes it, in any case (or of a code)."""
-    code = _codes_by_name().get(name.casefold())
-    if code is None and name.upper() in geonames_country_names():
-        code = name.upper()
-    if code is None:
+    if (code := _codes_by_name().get(name.casefold())) is None:
         known = [*geonames_country_names().values(), *_country_aliases()]
         raise ValueError(
             f"Unknown country {name!r}: not a GeoNames country name or ISO code.{close_matches_hint(name, known)}"
@@ -49,9 +46,12 @@ def resolve_country_code(name: str) -> str:
 
 @cache
 def _codes_by_name() -> dict[str, str]:
-    """ISO code of every GeoNames country name and alias, keyed case-folded; GeoNames' own names take precedence."""
+    """ISO code of every code, alias and GeoNames country name, keyed case-folded; later ones take precedence."""
+    names = geonames_country_names()
     aliases = {alias.casefold(): code for alias, code in _country_aliases().items()}
-    return aliases | {country.casefold(): code for code, country in geonames_country_names().items()}
+    return (
+        {code.casefold(): code for code in names} | aliases | {name.casefold(): code for code, name in names.items()}
+    )
 
 
 def resolve_country_name(name: str) -> str:

@@ -79,14 +79,13 @@ def neighbor_vote(
     weight (the hybrid's country probabilities; 0 leaves one out); a -inf similarity marks one the index did not return.
     """
     similarities = np.asarray(similarities, dtype=np.float64)
-    latitudes = np.asarray(latitudes, dtype=np.float64)
-    longitudes = np.asarray(longitudes, dtype=np.float64)
+    latitudes, longitudes = (np.asarray(values, dtype=np.float64)[:, None] for values in (latitudes, longitudes))
     weights = np.ones_like(similarities) if scale is None else np.asarray(scale, dtype=np.float64).copy()
     voters = np.isfinite(similarities) & (weights > 0)
     if voters.any():
         weights[voters] *= np.exp((similarities[voters] - similarities[voters].max()) / settings.temperature)
     weights[~voters] = 0.0
-    distances = great_circle_km(latitudes[:, None], longitudes[:, None], latitudes[None, :], longitudes[None, :])
+    distances = great_circle_km(latitudes, longitudes, latitudes.T, longitudes.T)
     voters = weights > 0
     if not voters.any():
         return Vote([], weights, distances)
@@ -116,8 +115,7 @@ def hybrid_scale(
 
 
 def nearest_city_rows(places: CandidatePlaces, latitudes: npt.ArrayLike, longitudes: npt.ArrayLike) -> np.ndarray:
-    """Row of the candidate city nearest to each point: answers get their city and country from coordinates, never
-    from a name."""
+    """Row of the candidate city nearest to each point: answers take city and country from coordinates, not names."""
     cities = unit_vectors(places.city_latitudes, places.city_longitudes)
     return (unit_vectors(latitudes, longitudes) @ cities.T).argmax(axis=-1)
 
