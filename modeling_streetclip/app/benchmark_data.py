@@ -106,17 +106,21 @@ def load_metadata_csv(
     latitude_column = find_column(header, columns.latitude, LATITUDE_COLUMNS, "latitude", source)
     longitude_column = find_column(header, columns.longitude, LONGITUDE_COLUMNS, "longitude", source)
     positions = [header.index(column) for column in (id_column, latitude_column, longitude_column)]
-    rows = []
-    for _, fields in records:
+    rows, outside = [], []
+    for line, fields in records:
         row_id, latitude, longitude = (fields[index] if index < len(fields) else None for index in positions)
         row_id = (row_id or "").strip()
         missing = BenchmarkRow(row_id, None, None, f"the image id (column {id_column!r}) is missing")
         rows.append(checked_row(row_id, latitude, longitude, latitude_column, longitude_column) if row_id else missing)
-    lines = [f"line {line}" for line, _ in records]
-    refuse_repeated_ids(rows, lines, source)
-    if not allow_outside:
-        refuse_ids_outside_image_dir(rows, lines, source, image_dir)
-    warn_if_columns_look_swapped(rows, source, latitude_column, longitude_column)
+        if PurePath(row_id).is_absolute() or ".." in PurePath(row_id).parts:
+            outside.append((row_id, line))
+    if outside and not allow_outside:
+        raise ValueError(
+            f"The {source} names {len(outside)} image(s) outside the image folder {str(image_dir)!r}, first "
+            f"{outside[0][0]!r} on line {outside[0][1]}; ids are file names inside that folder. If the file is "
+            "trusted and the paths are meant, allow them with --allow_outside_image_dir."
+        )
+    check_rows(rows, [f"line {line}" for line, _ in records], source, latitude_column, longitude_column)
     return Benchmark(name=csv_path.stem, rows=rows, images=[image_dir / row.id for row in rows])
 
 
@@ -177,13 +181,12 @@ def load_benchmark_dataset(data: str, split: str, columns: ColumnNames, limit: i
     images = EncodedImages(dataset, find_image_column(dataset, columns.image, source))
     latitude_column = find_column(dataset.column_names, columns.latitude, LATITUDE_COLUMNS, "latitude", source)
     longitude_column = find_column(dataset.column_names, columns.longitude, LONGITUDE_COLUMNS, "longitude", source)
-    ids, _ = row_ids(dataset, images, columns.id, data, source)
+    ids = row_ids(dataset, images, columns.id, data, source)
     rows = [
         checked_row(row_id, latitude, longitude, latitude_column, longitude_column)
         for row_id, latitude, longitude in zip(ids, dataset[latitude_column], dataset[longitude_column], strict=True)
     ]
-    refuse_repeated_ids(rows, [f"row {row}" for row in range(len(rows))], source)
-    warn_if_columns_look_swapped(rows, source, latitude_column, longitude_column)
+    check_rows(rows, [f"row {row}" for row in range(len(rows))], source, latitude_column, longitude_column)
     name = Path(data).name if Path(data).exists() else data
     return Benchmark(name=name, rows=rows, images=images, split=split)
 
@@ -210,9 +213,11 @@ def checked_row(
     return BenchmarkRow(row_id, lat, lon, None if problem is None else problem.describe(lat, lon, *names))
 
 
-def refuse_repeated_ids(rows: Sequence[BenchmarkRow], places: Sequence[str], source: str) -> None:
-    """Refuse an image id listed twice (it would count twice, and predictions.csv rows could not be told apart);
-    `places[i]` says where `rows[i]` is ("line 3", "row 2")."""
+def check_rows(
+    rows: Sequence[BenchmarkRow], places: Sequence[str], source: str, latitude_column: str, longitude_column: str
+) -> None:
+    """Refuse an image id listed twice (it would count twice, and predictions.csv rows could not be told apart;
+    `places[i]` says where `rows[i]` is: "line 3", "row 2"); warn once when rows look swapped."""
     first: dict[str, str] = {}
     pairs = zip(rows, places, strict=True)
     repeated = [(row.id, place) for row, place in pairs if row.id and first.setdefault(row.id, place) != place]
@@ -220,38 +225,14 @@ def refuse_repeated_ids(rows: Sequence[BenchmarkRow], places: Sequence[str], sou
         row_id, again = repeated[0]
         more = f" ({len(repeated) - 1} more rows repeat an earlier id)" if len(repeated) > 1 else ""
         raise ValueError(
-            f"The {source} lists the image id {row_id!r} twice, on {first[row_id]} and on {again}{more}. Each image is scored "
-            "once: remove the repeated rows."
+            f"The {source} lists the image id {row_id!r} twice, on {first[row_id]} and on {again}{more}. Each image is "
+            "scored once: remove the repeated rows."
         )
-
-
-def refuse_ids_outside_image_dir(
-    rows: Sequence[BenchmarkRow], places: Sequence[str], source: str, image_dir: Path
-) -> None:
-    """Refuse ids that are absolute paths or climb out with `..`: they name files outside `image_dir`."""
-    outside = [
-        (row.id, place)
-        for row, place in zip(rows, places, strict=True)
-        if PurePath(row.id).is_absolute() or ".." in PurePath(row.id).parts
-    ]
-    if outside:
-        row_id, place = outside[0]
-        raise ValueError(
-            f"The {source} names {len(outside)} image(s) outside the image folder {str(image_dir)!r}, first "
-            f"{row_id!r} on {place}; ids are file names inside that folder. If the file is trusted and the paths are "
-            "meant, allow them with --allow_outside_image_dir."
-        )
-
-
-def warn_if_columns_look_swapped(
-    rows: Sequence[BenchmarkRow], source: str, latitude_column: str, longitude_column: str
-) -> None:
-    """Warn once per file when rows look swapped: its rows whose swap stays in range would be scored wrongly."""
     swapped = sum(
         row.latitude is not None and coordinate_problem(row.latitude, row.longitude) is CoordinateProblem.LOOK_SWAPPED
         for row in rows
     )
-    if swapped:
+    if swapped:  # those of its rows whose swap stays in range would be scored wrongly
         logger.warning(
             f"{swapped} of {len(rows)} rows of the {source} have a latitude outside [-90, 90] and a longitude inside "
             f"it: the columns look swapped, as in the widely copied ISNs IM2GPS metadata. If the whole file is "

@@ -50,13 +50,10 @@ def open_dataset(
         loaded = datasets.load_dataset(source, streaming=streaming)
     chosen = None
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        if split in loaded:
-            chosen = split
-        elif len(loaded) == 1:
-            chosen = next(iter(loaded))
-            logger.info(f"{source!r} has no split {split!r}; reading its only split, {chosen!r}.")
-        else:
+        if split not in loaded and len(loaded) > 1:
             raise ValueError(f"{source!r} has no split {split!r}; its splits are {sorted(loaded)}.")
+        if (chosen := split if split in loaded else next(iter(loaded))) != split:
+            logger.info(f"{source!r} has no split {split!r}; reading its only split, {chosen!r}.")
         loaded = loaded[chosen]
     if streaming and isinstance(loaded, datasets.Dataset):
         loaded = loaded.to_iterable_dataset()
@@ -72,15 +69,13 @@ def find_column(
         if requested not in columns:
             raise ValueError(f"The {source} has no {role} column {requested!r}; its columns are {list(columns)}.")
         matches = [requested]
-    else:
-        matches = next(filter(None, ([c for c in columns if c.lower() == name] for name in usual)), [])
-        if not matches and not required:
-            return None
-        if not matches:
+    elif not (matches := next(filter(None, ([c for c in columns if c.lower() == name] for name in usual)), [])):
+        if required:
             raise ValueError(
                 f"The {source} has no {role} column under a usual name ({', '.join(usual)}); its columns are "
                 f"{list(columns)}. Name the {role} column."
             )
+        return None
     positions = [position for position, column in enumerate(columns, start=1) if column in matches]
     if len(positions) > 1:
         names = ", ".join(f"{columns[position - 1]!r} (column {position})" for position in positions)
@@ -126,12 +121,6 @@ class EncodedImages(Sequence):
         selected.encoded = self.encoded.select(rows)
         return selected
 
-    def paths(self) -> list[str | None]:
-        """The path or file name each image was stored under (None where none is), read without the bytes."""
-        import pyarrow.compute as pc
-
-        return pc.struct_field(self.encoded.with_format("arrow")[self.column], "path").to_pylist()
-
 
 def encoded_image(value: dict | None) -> ImageInput | None:
     """What `load_rgb_image` reads for one undecoded `Image` value: its bytes, else its path; None for a row without an
@@ -141,25 +130,24 @@ def encoded_image(value: dict | None) -> ImageInput | None:
 
 def row_ids(
     dataset: datasets.Dataset, images: EncodedImages, requested: str | None, data: str | Path, source: str
-) -> tuple[list[str], str | None]:
-    """An id per row, as text, and the column they come from (None if none): the `requested` column, else one of
-    ID_COLUMNS, else the images' file names (relative to an image folder `data`) when unique, else row numbers."""
+) -> list[str]:
+    """An id per row, as text: the `requested` column, else one of ID_COLUMNS, else the images' file names (relative
+    to an image folder `data`) when unique, else row numbers."""
+    import pyarrow.compute as pc
+
     column = find_column(dataset.column_names, requested, ID_COLUMNS, "id", source, required=False)
     if column is not None:
-        return [str(value) for value in dataset[column]], column
-    return _file_name_ids(images.paths(), Path(data)) or [str(row) for row in range(len(dataset))], None
-
-
-def _file_name_ids(paths: list[str | None], folder: Path) -> list[str] | None:
-    """Ids from the images' stored paths (relative to `folder`, else file names); None unless every row has its own."""
-    if not all(paths):
-        return None
-    root = folder.resolve() if folder.is_dir() else None
-    ids = []
-    for stored in map(Path, paths):
-        inside = root is not None and stored.is_absolute() and stored.resolve().is_relative_to(root)
-        ids.append(stored.resolve().relative_to(root).as_posix() if inside else stored.name)
-    return ids if len(set(ids)) == len(ids) else None
+        return [str(value) for value in dataset[column]]
+    # Else the path or file name each image was stored under (read without the bytes), when every row has its own.
+    if all(paths := pc.struct_field(images.encoded.with_format("arrow")[images.column], "path").to_pylist()):
+        root = Path(data).resolve() if Path(data).is_dir() else None
+        ids = []
+        for stored in map(Path, paths):
+            inside = root is not None and stored.is_absolute() and stored.resolve().is_relative_to(root)
+            ids.append(stored.resolve().relative_to(root).as_posix() if inside else stored.name)
+        if len(set(ids)) == len(ids):
+            return ids
+    return [str(row) for row in range(len(dataset))]
 
 
 def open_csv_with_images(
@@ -215,15 +203,12 @@ class DatasetSource:
 
     def keys(self) -> list[str]:
         """The id of every row of a map-style dataset (see `row_ids`), each unique."""
-        images = EncodedImages(self.dataset, self.image_column)
-        ids, _ = row_ids(self.dataset, images, self.id_column, self.data, self.name)
-        first_rows: dict[str, int] = {}
-        for row, key in enumerate(ids):
-            self._check_unique(first_rows, key, row)
-        return ids
+        ids, first_rows = row_ids(self.dataset, self.images(), self.id_column, self.data, self.name), {}
+        return [self._check_unique(first_rows, key, row) for row, key in enumerate(ids)]
 
-    def images(self, rows: Sequence[int]) -> EncodedImages:
-        return EncodedImages(self.dataset, self.image_column).select(rows)
+    def images(self, rows: Sequence[int] | None = None) -> EncodedImages:
+        images = EncodedImages(self.dataset, self.image_column)
+        return images if rows is None else images.select(rows)
 
     def stream(self) -> Iterator[tuple[str, ImageInput | None]]:
         """(id, encoded image) of every row of a streamed dataset; the ids are the id column's, else row numbers."""
@@ -232,13 +217,13 @@ class DatasetSource:
         first_rows: dict[str, int] = {}
         examples = self.dataset.cast_column(self.image_column, datasets.Image(decode=False))
         for row, example in enumerate(examples):
-            key = str(example[self.id_column]) if self.id_column else str(row)
-            self._check_unique(first_rows, key, row)
+            key = self._check_unique(first_rows, str(example[self.id_column]) if self.id_column else str(row), row)
             yield key, encoded_image(example[self.image_column])
 
-    def _check_unique(self, first_rows: dict[str, int], key: str, row: int) -> None:
+    def _check_unique(self, first_rows: dict[str, int], key: str, row: int) -> str:
         if first_rows.setdefault(key, row) != row:
             raise UsageError(
                 f"{self.name} has the id {key!r} on rows {first_rows[key]} and {row}; records are resumed by id, so "
                 "each must be unique. Name a unique column with --id_column."
             )
+        return key
