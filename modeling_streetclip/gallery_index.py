@@ -69,8 +69,7 @@ def recommended_index(num_rows: int, dim: int) -> IndexChoice:
 
 # The choice autofaiss makes, written here: autofaiss 2.18 requires numpy<2, and this package needs numpy>=2.4.
 def index_for_memory(num_rows: int, dim: int, max_bytes: int) -> IndexChoice:
-    """The most accurate index for `num_rows` rows of `dim` floats within `max_bytes`: exact search for small
-    galleries, else IVF with 8-bit scalar codes, 4-bit ones, then the largest PQ code that fits."""
+    """The most accurate index of `num_rows` x `dim` floats in `max_bytes`: Flat (small), IVF SQ8, SQ4, then PQ."""
     if num_rows < 1 or dim < 1:
         raise ValueError(f"index_for_memory needs at least one row and one dimension, got {num_rows} x {dim}.")
     candidates = [recommended_index(num_rows, dim)] if num_rows <= EXACT_SEARCH_MAX_ROWS else []

@@ -93,8 +93,7 @@ def fingerprint_problem(fingerprint: Any, dim: int) -> str | None:
 
 
 def fingerprint_agreement(recorded: npt.ArrayLike, actual: npt.ArrayLike) -> float:
-    """The smallest cosine between two models' embeddings of one probe image; -1 when either is not probe embeddings
-    of the same size."""
+    """The smallest cosine between two models' embeddings of one probe image; -1 unless both are sound and alike."""
     dim = np.shape(actual)[-1]
     if fingerprint_problem(recorded, dim) or fingerprint_problem(actual, dim):
         return -1.0
@@ -287,8 +286,7 @@ class GeoGallery:
         return np.where(rows >= 0, scores, -np.inf), rows
 
     def check_model(self, model, image_processor, model_name: str | None = None) -> None:
-        """Refuse a model whose embeddings are not those this gallery was built with, naming both; the same weights in
-        another precision or under another name pass."""
+        """Refuse a model whose embeddings differ from those the gallery holds (other precisions and names pass)."""
         actual = model_fingerprint(model, image_processor)
         agreement = fingerprint_agreement(self.info.model_fingerprint, actual)
         if agreement < FINGERPRINT_MIN_COSINE:

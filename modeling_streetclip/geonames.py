@@ -130,8 +130,8 @@ def merge_nearby_cities(cities: Sequence[Mapping], radius_km: float, keep: Mappi
 
 
 def allocate_city_slots(weights: Sequence[float], capacities: Sequence[int], budget: int) -> list[int]:
-    """Share `budget` slots in proportion to `weights`, each `clip(scale * weight, 1, capacity)` with the scale found by
-    bisection, floored, the rest to the largest remainders (ties to the first)."""
+    """Share `budget` slots as `clip(scale * weight, 1, capacity)` (scale by bisection), floored, the rest to the
+    largest remainders (ties to the first)."""
     if budget < len(weights):
         raise ValueError(
             f"A budget of {budget} city slots cannot give each of the {len(weights)} candidate countries one city; "
