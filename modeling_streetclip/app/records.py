@@ -17,7 +17,7 @@ import stat
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,7 +25,7 @@ from filelock import FileLock, Timeout
 
 from ..answers import CONFIDENCE_RADII_KM
 from . import import_optional
-from .files import atomic_write
+from .files import atomic_write, write_json
 
 
 _TEXT_FIELDS = ("label", "country", "country_code", "region", "city")
@@ -243,9 +243,7 @@ def _check_options(path: Path, options: dict[str, Any]) -> None:
 
 
 def _write_options(path: Path, options: dict[str, Any]) -> None:
-    with atomic_write(options_path(path)) as temporary:
-        text = json.dumps({"written_by": "streetclip locate", "options": options}, indent=2)
-        temporary.write_text(text + "\n", encoding="utf-8")
+    write_json(options_path(path), {"written_by": "streetclip locate", "options": options})
 
 
 class _Writer(AbstractContextManager):
@@ -307,10 +305,8 @@ class RecordWriter(_Writer):
                 os.fsync(self.fd)
                 self.last_sync, self.unsynced = time.monotonic(), False
         except OSError as error:
-            try:
+            with suppress(OSError):  # else the next run's resume cuts the partial line off
                 os.ftruncate(self.fd, self.size)  # cut off the part of the record that made it
-            except OSError:
-                pass  # the next run's resume cuts the partial line off instead
             kept = f"; the {self.size:,} bytes of complete records before it are kept. Rerun the same command to "
             raise self._write_error(error, kept + "resume once the cause is fixed") from None
         self.size += len(data)
