@@ -55,7 +55,6 @@ def __getattr__(name: str):
 
 def register_with_transformers() -> None:
     """Register the `"geolocation"` task and the Auto classes (idempotent; importing the package does it)."""
-    _registration.done = True
     if _registration in sys.meta_path:
         sys.meta_path.remove(_registration)
     from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoProcessor
@@ -77,14 +76,12 @@ def register_with_transformers() -> None:
 
 class _RegisterOnceImported(importlib.abc.MetaPathFinder):
     """Calls `register_with_transformers` once transformers is imported and no module of this package is halfway
-    through its import (registering imports them all), by wrapping their loaders."""
+    through its import (registering imports them all), by wrapping their loaders; registering removes it."""
 
-    def __init__(self):
-        self.done = False
-        self.running = 0  # modules of this package being executed
+    running = 0  # modules of this package being executed
 
     def find_spec(self, fullname, path, target=None):
-        if self.done or (fullname != "transformers" and not fullname.startswith(f"{__name__}.")):
+        if fullname != "transformers" and not fullname.startswith(f"{__name__}."):
             return None
         finders = (finder for finder in sys.meta_path if finder is not self and hasattr(finder, "find_spec"))
         spec = next(filter(None, (finder.find_spec(fullname, path, target) for finder in finders)), None)
@@ -93,21 +90,19 @@ class _RegisterOnceImported(importlib.abc.MetaPathFinder):
         return spec
 
     def module_executed(self) -> None:
-        if not self.done and not self.running and "transformers" in sys.modules:
+        if self in sys.meta_path and not self.running and "transformers" in sys.modules:
             register_with_transformers()
 
 
-class _NotifyingLoader(importlib.abc.Loader):
-    """A module's loader that tells the finder when the module has run; all else is the original's."""
+class _NotifyingLoader:
+    """A module's loader that tells the finder when the module has run; all else (`create_module`, `get_code`) is the
+    original's."""
 
     def __init__(self, loader: importlib.abc.Loader, finder: _RegisterOnceImported, counted: bool):
         self.loader, self.finder, self.counted = loader, finder, counted
 
     def __getattr__(self, name: str):
         return getattr(self.loader, name)
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
         module.__spec__.loader = module.__loader__ = self.loader

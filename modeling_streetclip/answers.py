@@ -8,6 +8,21 @@ from typing import TYPE_CHECKING, Any
 
 # The radii of `within_km`: the geodesic_accuracy metric's DEFAULT_THRESHOLDS_KM (a test holds them equal).
 CONFIDENCE_RADII_KM = (1, 25, 200, 750, 2500)
+# The fields an answer lists after its place's own, in order, each from its column of `decisions.RankedPlaces`.
+_ANSWER_COLUMNS = {
+    "score": "scores",
+    "country_score": "country_scores",
+    "region_score": "region_scores",
+    "joint_probability": "joint_probabilities",
+    "within_km": "within_km",
+    "radius_km": "radius_km",
+    "calibrated": "calibrated",
+    "expected_distance_km": "expected_distances_km",
+    "latitude": "latitudes",
+    "longitude": "longitudes",
+    "gallery_row": "gallery_rows",
+    "similarity": "similarities",
+}
 
 
 if TYPE_CHECKING:
@@ -17,39 +32,17 @@ if TYPE_CHECKING:
 
 
 def format_answers(
-    places: CandidatePlaces,
-    city_rows: torch.Tensor,
-    scores: torch.Tensor,
-    country_scores: torch.Tensor,
-    joint_probabilities: torch.Tensor,
-    region_scores: torch.Tensor,
-    within_km: torch.Tensor | None = None,
-    radius_km: torch.Tensor | None = None,
-    calibrated: torch.Tensor | None = None,
-    expected_distances_km: torch.Tensor | None = None,
-    latitudes: torch.Tensor | None = None,
-    longitudes: torch.Tensor | None = None,
-    gallery_rows: torch.Tensor | None = None,
-    similarities: torch.Tensor | None = None,
+    places: CandidatePlaces, city_rows: torch.Tensor, **columns: torch.Tensor | None
 ) -> list[dict[str, Any]]:
-    """One image's ranked rows (of `RankedPlaces` or `GalleryRankedPlaces`) as the pipeline's dicts, each place read
-    from the table; a gallery answer's coordinates are its photo's, and padding rows (-1) are left out."""
-    # In the order answers list them, after the place's own fields.
-    columns = {
-        "score": scores,
-        "country_score": country_scores,
-        "region_score": region_scores if places.has_regions else None,
-        "joint_probability": joint_probabilities,
-        "within_km": within_km,
-        "radius_km": radius_km,
-        "calibrated": calibrated,
-        "expected_distance_km": expected_distances_km,
-        "latitude": latitudes,
-        "longitude": longitudes,
-        "gallery_row": gallery_rows,
-        "similarity": similarities,
+    """One image's ranked rows (`RankedPlaces`' columns, `city_rows` the first) as the pipeline's dicts, each place
+    read from the table; a gallery answer's coordinates are its photo's, and padding rows (-1) are left out."""
+    if unknown := columns.keys() - _ANSWER_COLUMNS.values():
+        raise TypeError(f"format_answers got unknown columns {sorted(unknown)}; it takes RankedPlaces' fields.")
+    if not places.has_regions:
+        columns.pop("region_scores", None)
+    values = {
+        field: columns[name].tolist() for field, name in _ANSWER_COLUMNS.items() if columns.get(name) is not None
     }
-    values = {name: column.tolist() for name, column in columns.items() if column is not None}
     if "within_km" in values:
         values["within_km"] = [
             dict(zip(map(str, CONFIDENCE_RADII_KM), row, strict=True)) for row in values["within_km"]
@@ -60,17 +53,11 @@ def format_answers(
         if row < 0:
             continue
         country = places.city_countries[row]
-        answer = {
-            "label": places.city_labels[row],
-            "country": places.country_names[country],
-            "country_code": places.country_codes[country],
-        }
+        answer = {"label": places.city_labels[row], "country": places.country_names[country]}
+        answer["country_code"] = places.country_codes[country]
         if places.has_regions:
             answer["region"] = places.region_names[places.city_regions[row]]
-        answer |= {
-            "city": places.city_names[row],
-            "latitude": places.city_latitudes[row],
-            "longitude": places.city_longitudes[row],
-        }
+        answer["city"] = places.city_names[row]
+        answer |= {"latitude": places.city_latitudes[row], "longitude": places.city_longitudes[row]}
         answers.append(answer | {name: column[rank] for name, column in values.items()})
     return answers

@@ -295,19 +295,14 @@ class StreetCLIPForGeolocation(CLIPModel):
         features = torch.empty(len(input_ids), self.projection_dim, dtype=torch.float32, device=device)
         for batch in lengths.argsort(descending=True, stable=True).split(_PROMPTS_PER_BATCH):
             longest = int(lengths[batch].max())
-            encoded = self.get_text_features(
-                input_ids=input_ids[batch, :longest].to(device),
-                attention_mask=attention_mask[batch, :longest].to(device),
-                return_dict=True,
-            ).pooler_output
+            tokens = {"input_ids": input_ids[batch, :longest], "attention_mask": attention_mask[batch, :longest]}
+            encoded = self.get_text_features(**{k: v.to(device) for k, v in tokens.items()}, return_dict=True)
             # Under autocast (bf16 or fp16 evaluation in training) the text tower answers in the autocast dtype.
-            features[batch.to(device)] = F.normalize(encoded.float(), dim=-1)
-        rows = []
-        for block, (_, num_templates) in zip(features.split(sizes), groups, strict=True):
-            if num_templates > 1:
-                block = F.normalize(block.unflatten(0, (num_templates, -1)).mean(dim=0), dim=-1)
-            rows.append(block * self.logit_scale.exp().float())
-        return rows
+            features[batch.to(device)] = F.normalize(encoded.pooler_output.float(), dim=-1)
+        scale, ensembles = self.logit_scale.exp().float(), zip(features.split(sizes), groups, strict=True)
+        return [
+            scale * (F.normalize(b.unflatten(0, (n, -1)).mean(0), dim=-1) if n > 1 else b) for b, (_, n) in ensembles
+        ]
 
     def restrict_countries(self, countries: list[str]) -> None:
         """Keep only `countries` (names or ISO codes) subsetting the heads (per call: `country_rows`)."""
@@ -340,15 +335,12 @@ class StreetCLIPForGeolocation(CLIPModel):
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
                 Images as the model's image processor prepares them.
         """
-        for name in ("output_hidden_states", "output_attentions"):
-            # Set on this model's configuration, they must reach the vision tower, whose configuration is its own.
-            if getattr(self.config, name):
-                kwargs.setdefault(name, True)
-        vision_outputs = self.get_image_features(pixel_values=pixel_values, return_dict=True, **kwargs)
-        outputs = self.locate_embeddings(F.normalize(vision_outputs.pooler_output, dim=-1))
-        return GeolocationOutput(
-            **outputs, hidden_states=vision_outputs.hidden_states, attentions=vision_outputs.attentions
-        )
+        # Set on this model's configuration, they must reach the vision tower, whose configuration is its own.
+        asked = ("output_hidden_states", "output_attentions")
+        kwargs = {name: True for name in asked if getattr(self.config, name)} | kwargs
+        vision = self.get_image_features(pixel_values=pixel_values, return_dict=True, **kwargs)
+        outputs = self.locate_embeddings(F.normalize(vision.pooler_output, dim=-1))
+        return GeolocationOutput(**outputs, hidden_states=vision.hidden_states, attentions=vision.attentions)
 
     def locate_embeddings(self, image_embeds: torch.Tensor) -> GeolocationOutput:
         """`forward` from L2-normalised image embeddings (those of a panorama's views can be averaged first)."""

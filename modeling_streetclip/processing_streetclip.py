@@ -78,11 +78,9 @@ class StreetCLIPProcessor(ProcessorMixin):
         validate_prompt_templates(country_prompt_template, city_prompt_template, region_prompt_template)
         if not isinstance(qualify_ambiguous_cities, bool):
             raise ValueError(f"qualify_ambiguous_cities must be True or False, got {qualify_ambiguous_cities!r}.")
-        self.country_prompt_template = country_prompt_template
-        self.region_prompt_template = region_prompt_template
-        self.city_prompt_template = city_prompt_template
+        self.country_prompt_template, self.region_prompt_template = country_prompt_template, region_prompt_template
+        self.city_prompt_template, self.caption_template = city_prompt_template, caption_template
         self.qualify_ambiguous_cities = qualify_ambiguous_cities
-        self.caption_template = caption_template
         super().__init__(image_processor, tokenizer, **kwargs)
 
     @classmethod

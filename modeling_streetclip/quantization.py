@@ -63,6 +63,8 @@ def quantize_vision_tower(model: nn.Module) -> None:
 class Int8DynamicQuantizer(HfQuantizer):
     """Applies [`Int8DynamicConfig`] after the float32 weights are loaded (there is no int8 checkpoint format)."""
 
+    is_trainable = False
+
     def validate_environment(self, device_map=None, **kwargs):
         int8_engine()
         devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
@@ -89,10 +91,6 @@ class Int8DynamicQuantizer(HfQuantizer):
             "An int8 dynamically quantized StreetCLIP cannot be saved: its packed int8 weights have no safetensors "
             "form. Save the float32 model and pass `quantization_config=Int8DynamicConfig()` when loading it."
         )
-        return False
-
-    @property
-    def is_trainable(self) -> bool:
         return False
 
 
