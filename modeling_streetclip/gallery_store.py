@@ -29,8 +29,7 @@ if TYPE_CHECKING:
 GALLERY_FILE, DATASET_FOLDER, INDEX_FILE, BAD_ROWS_FILE = "gallery.json", "dataset", "index.faiss", "bad_rows.jsonl"
 EMBEDDING_COLUMN = "embedding"
 FORMAT_VERSION = 1
-# The same weights in bfloat16, float16 or int8 agree to better than this on every probe; another checkpoint, even a
-# short fine-tune of the same one, lands far below.
+# The same weights in bfloat16, float16 or int8 agree above this on every probe; another checkpoint lands far below.
 FINGERPRINT_MIN_COSINE = 0.99
 # Fixed probe images: seeded random blocks (8 x 8 scaled to 64 px), which any processor's resizing keeps recognisable.
 PROBE_IMAGES, PROBE_BLOCKS, PROBE_SIZE = 4, 8, 64

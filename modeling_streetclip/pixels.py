@@ -8,8 +8,7 @@ from transformers.image_transforms import get_resize_output_image_size
 from transformers.image_utils import ChannelDimension
 
 
-# Up to this many crops' worth of resized pixels (panoramas up to 20:1 at CLIP's square crop) the whole photo is
-# resized, exactly as the processor does.
+# Up to this many crops' worth of pixels (panoramas to 20:1) the whole photo is resized, as the processor does.
 MAX_RESIZED_CROPS = 20
 
 

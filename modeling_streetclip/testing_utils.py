@@ -47,8 +47,7 @@ TINY_CLIP = _clip_size((32, 37, 2, 4), (32, 37, 2, 4), TINY_IMAGE_SIZE, 2, 16)
 VIT_L_14_336 = _clip_size((768, 3072, 12, 12), (1024, 4096, 24, 16), 336, 14, 768)
 # OpenAI's CLIP ViT-B/16 at 224 px, the size below StreetCLIP's that speed figures also quote.
 VIT_B_16 = _clip_size((512, 2048, 12, 8), (768, 3072, 12, 12), 224, 16, 512)
-# The synthetic geo set: two well-separated cities in each of six countries; in its photos colour encodes the
-# country, stripe direction the city, so a tiny model can learn it in a minute and then answers without near-ties.
+# The synthetic geo set: colour encodes the country, stripes the city, so a tiny model learns it in a minute.
 PLACES = {
     "France": [("Paris", 48.8566, 2.3522), ("Lyon", 45.7640, 4.8357)],
     "Japan": [("Tokyo", 35.6762, 139.6503), ("Osaka", 34.6937, 135.5023)],
