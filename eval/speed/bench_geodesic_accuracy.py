@@ -1,16 +1,12 @@
-"""Time the geodesic_accuracy metric: `compute` on a million pairs, and its numpy core against a Python loop.
+"""Time the geodesic_accuracy metric: `compute` on a million pairs, and its numpy core against a Python loop."""
 
-python eval/speed/bench_geodesic_accuracy.py [--pairs 1000000] [--loop-pairs 100000]
-"""
-
-import argparse
 import math
 import sys
 from pathlib import Path
 
 import evaluate
 import numpy as np
-from timing import seconds, timed
+from timing import seconds, speed_parser, timed
 
 
 METRIC_DIR = Path(__file__).resolve().parents[1] / "geodesic_accuracy"
@@ -37,7 +33,7 @@ def best_of(repeat: int, function) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = speed_parser(__doc__)
     parser.add_argument("--pairs", type=int, default=1_000_000, help="pairs scored through evaluate's compute")
     parser.add_argument("--loop-pairs", type=int, default=100_000, help="pairs for the numpy vs Python loop ratio")
     parser.add_argument("--seed", type=int, default=0)
@@ -45,7 +41,6 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     metric = evaluate.load(str(METRIC_DIR))
     geodesic = sys.modules[type(metric).__module__]  # the module evaluate loaded, as the benchmark runner takes it
-
     predictions, references = random_points(rng, args.pairs), random_points(rng, args.pairs)
     lists = predictions.tolist(), references.tolist()
     lists_s = seconds(lambda: metric.compute(predictions=lists[0], references=lists[1]))
@@ -54,7 +49,6 @@ def main() -> None:
     print(f"compute on {args.pairs:,} pairs (numpy arrays): {arrays_s:8.3f} s")
     core_s = best_of(5, lambda: geodesic.haversine_km(*predictions.T, *references.T))
     print(f"  of which haversine_km on all pairs:      {core_s:8.3f} s (the rest is evaluate/datasets encoding)")
-
     n = args.loop_pairs
     small_a, small_b = predictions[:n], references[:n]
     vectorised = best_of(5, lambda: geodesic.haversine_km(*small_a.T, *small_b.T))

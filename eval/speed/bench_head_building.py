@@ -1,16 +1,12 @@
 """Building every prompt head of a plain CLIP checkpoint, the first save and the saved folder's load, for the tiny test
-model and at StreetCLIP's real scale (ViT-L/14 at 336 px, random weights). The tiny byte-level tokenizer makes prompts
-three to four times longer than CLIP's BPE, so the ViT-L head building is an upper bound.
+model and at ViT-L/14 336 px (random weights). The tiny byte-level tokenizer makes prompts three to four times longer
+than CLIP's BPE, so the ViT-L head building is an upper bound."""
 
-    python eval/speed/bench_head_building.py [--sizes tiny vit-l] [--workdir DIR]
-"""
-
-import argparse
 import tempfile
 from functools import partial
 from pathlib import Path
 
-from timing import machine_line, seconds, timed
+from timing import load_vision, machine_line, seconds, speed_parser, timed
 
 from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.testing_utils import save_random_vit_l, save_tiny_clip_checkpoint
@@ -33,12 +29,12 @@ def measure(size: str, workdir: Path) -> None:
     print(f"{size}: first save_pretrained: {seconds(partial(model.save_pretrained, saved)):.1f} s")
     del model  # one ViT-L in memory at a time
     reload_s = seconds(lambda: StreetCLIPForGeolocation.from_pretrained(saved))
-    vision_s = seconds(lambda: StreetCLIPForGeolocation.from_pretrained(saved, vision_only=True))
+    vision_s = seconds(lambda: load_vision(saved))
     print(f"{size}: saved folder load: {reload_s:.1f} s, vision only {vision_s:.1f} s")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = speed_parser(__doc__)
     parser.add_argument("--sizes", nargs="+", choices=list(BUILDERS), default=list(BUILDERS))
     parser.add_argument("--workdir", type=Path, help="where the checkpoints are written (default: a temporary one)")
     args = parser.parse_args()

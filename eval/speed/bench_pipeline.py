@@ -1,20 +1,14 @@
 """Speed, cold start and memory of `pipeline("geolocation")` at StreetCLIP's real scale (ViT-L/14 at 336 px, random
-weights, which cost what trained ones do), against the bare vision forward and the naive CLIP reference.
+weights, which cost what trained ones do), against the bare vision forward and the naive CLIP reference."""
 
-    python eval/speed/bench_pipeline.py [--rounds 3] [--batch_size 8] [--measure cold_start memory speed]
-        [--decisions greedy joint expected_distance] [--levels country region city] [--recommended]
-"""
-
-import argparse
 import json
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
+import timing
 import torch
 from PIL import Image
-from timing import interleaved_medians, machine_line, memory_after_one_batch, noise_photos, seconds, vision_forward
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer, pipeline
 
@@ -64,22 +58,20 @@ def save_folder(model: StreetCLIPForGeolocation, plain_dir: Path, saved_dir: Pat
 
 
 def measure_cold_start(plain_dir: Path, saved_dir: Path, image: Image.Image) -> None:
-    start = time.perf_counter()
-    model = StreetCLIPForGeolocation.from_pretrained(plain_dir)
-    load_s = time.perf_counter() - start
+    model, load_s = timing.timed(lambda: StreetCLIPForGeolocation.from_pretrained(plain_dir))
     geolocate = pipeline("geolocation", model=model, processor=StreetCLIPProcessor.from_pretrained(plain_dir))
-    first_s = seconds(lambda: geolocate(image))
+    first_s = timing.seconds(lambda: geolocate(image))
     heads = f"load + all {model.candidate_places.num_cities} city heads {load_s:.1f} s"
     print(f"cold start, plain CLIP checkpoint: {heads}, first answer {first_s:.1f} s")
     save_folder(model, plain_dir, saved_dir)
-    saved_s = seconds(lambda: StreetCLIPForGeolocation.from_pretrained(saved_dir, vision_only=True))
+    saved_s = timing.seconds(lambda: timing.load_vision(saved_dir))
     print(f"cold start, saved folder (heads stored, vision only): load {saved_s:.1f} s")
 
 
 def measure_memory(saved_dir: Path) -> None:
     for dtype in ("float32", "bfloat16"):
-        full = memory_after_one_batch(saved_dir, vision_only=False, dtype=dtype)
-        vision = memory_after_one_batch(saved_dir, vision_only=True, dtype=dtype)
+        full = timing.memory_after_one_batch(saved_dir, vision_only=False, variant=dtype)
+        vision = timing.memory_after_one_batch(saved_dir, vision_only=True, variant=dtype)
         print(
             f"memory after the first answer, {dtype}: weights {full['weights']:.0f} -> {vision['weights']:.0f} MiB "
             f"vision only; peak resident {full['peak']:.0f} -> {vision['peak']:.0f} MiB"
@@ -92,30 +84,25 @@ def measure_speed(plain_dir: Path, images: list[Image.Image], rounds: int, decis
     geolocate = pipeline("geolocation", model=model, processor=StreetCLIPProcessor.from_pretrained(plain_dir))
     clip, processor = CLIPModel.from_pretrained(plain_dir).eval(), CLIPProcessor.from_pretrained(plain_dir)
     pixel_values = geolocate.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    methods = {"floor": lambda: vision_forward(model, pixel_values)}
+    places = model.candidate_places
+    methods = {"floor": lambda: timing.vision_forward(model, pixel_values)}
+    ratios = {f"pipeline {decision}": ("floor", " (target <= 1.10)") for decision in decisions}
+    ratios["naive"] = (f"pipeline {decisions[0]}", " (target >= 2)")
     for decision in decisions:
         methods[f"pipeline {decision}"] = partial(geolocate, images, batch_size=len(images), decision=decision)
-    methods["naive"] = lambda: naive_reference(clip, processor, model.candidate_places, images)
-    per_image = {name: median / len(images) for name, median in interleaved_medians(methods, rounds).items()}
-    places = model.candidate_places
-    print(
-        f"{places.num_countries} countries, {places.num_regions} regions, {places.num_cities} cities; per image at "
-        f"batch {len(images)}: " + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in per_image.items())
-    )
-    for decision in decisions:
-        print(f"pipeline {decision} / floor = {per_image[f'pipeline {decision}'] / per_image['floor']:.3f} (<= 1.10)")
-    print(f"naive / pipeline {decisions[0]} = {per_image['naive'] / per_image[f'pipeline {decisions[0]}']:.2f} (>= 2)")
+    methods["naive"] = lambda: naive_reference(clip, processor, places, images)
+    print(f"{places.num_countries} countries, {places.num_regions} regions, {places.num_cities} cities")
+    timing.print_per_image(methods, rounds, len(images), ratios)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (medians are reported)")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser = timing.speed_parser(__doc__, rounds=3, batch_size=8)
+    measures = ["cold_start", "memory", "speed"]
     parser.add_argument(
         "--measure",
         nargs="+",
-        choices=["cold_start", "memory", "speed"],
-        default=["cold_start", "memory", "speed"],
+        choices=measures,
+        default=measures,
         help="what to measure; without cold_start, memory is measured on a folder of 10 countries (building every "
         "city head takes minutes and does not change memory)",
     )
@@ -128,11 +115,11 @@ def main() -> None:
         settings["levels"] = args.levels
     torch.manual_seed(0)
     places = CandidatePlaces.from_geonames()
-    images = noise_photos(args.batch_size)
+    images = timing.noise_photos(args.batch_size)
     with tempfile.TemporaryDirectory() as workdir:
         plain_dir, saved_dir = Path(workdir) / "plain-clip", Path(workdir) / "streetclip"
         save_random_vit_l(plain_dir, prompt_tokenizer(places))
-        print(f"{machine_line()}; ViT-L/14-336 random weights")
+        print(f"{timing.machine_line()}; ViT-L/14-336 random weights")
         if "cold_start" in args.measure:
             measure_cold_start(plain_dir, saved_dir, images[0])
         elif "memory" in args.measure:

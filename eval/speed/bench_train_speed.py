@@ -1,11 +1,7 @@
 """Samples per second of a training step and of the data pipeline alone (target >= 5x the step, so that the
 accelerator sets the pace), at tiny and ViT-B/16 scale with random weights; and the one-off caption map and reverse
-geocoding.
+geocoding. Run with PYTHONPATH=training."""
 
-    PYTHONPATH=training python eval/speed/bench_train_speed.py [--scales tiny vit-b-16] [--steps 5]
-"""
-
-import argparse
 import csv
 import os
 import tempfile
@@ -18,7 +14,7 @@ from contrastive import ContrastiveTowers, contrastive_loss
 from data import GeoCollator, PlaceCaptioner, caption_dataset, load_geo_dataset
 from geocoding import reverse_geocoder
 from PIL import Image
-from timing import seconds, timed
+from timing import seconds, speed_parser, timed
 from torch.utils.data import DataLoader
 from transformers import CLIPConfig, CLIPImageProcessorPil
 
@@ -60,24 +56,13 @@ def time_geocoding(points: int) -> float:
     return points / seconds(lambda: geocoder.lookup(latitudes, longitudes))
 
 
-def caption_folder(folder: Path, tokenizer) -> tuple:
-    """The captioned data set, and rows per second of the one-off caption map (geocoding, captions, tokens)."""
-    captioner = PlaceCaptioner(
-        CaptionMix((StreetCLIPConfig().caption_template,), (1.0,)), tokenizer, max_length=77, country_names={}
-    )
-    raw = load_geo_dataset(str(folder), "train", "image")
-    dataset, map_s = timed(lambda: caption_dataset(raw, captioner, "image"))
-    return dataset, len(dataset) / map_s
-
-
 def time_loader(dataset, tokenizer, image_size: int, batch_size: int, num_workers: int) -> float:
     """Samples per second of the DataLoader (decoding, preprocessing, collating) after its first batch."""
     square = {"height": image_size, "width": image_size}
     processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=square)
     collate = GeoCollator(processor, tokenizer, "image", [])
-    batches = iter(
-        DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=collate)
-    )
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=collate)
+    batches = iter(loader)
     next(batches)  # worker start-up is paid once per run, not per step
     samples, loop_s = timed(lambda: sum(batch["pixel_values"].shape[0] for batch in batches))
     return samples / loop_s
@@ -103,7 +88,7 @@ def time_training_step(clip_config: CLIPConfig, batch_size: int, steps: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = speed_parser(__doc__)
     parser.add_argument("--scales", nargs="+", default=list(SCALES), choices=list(SCALES))
     parser.add_argument("--steps", type=int, default=5, help="Timed training steps per scale.")
     parser.add_argument("--images", type=int, default=512, help="Photos in the generated image folder.")
@@ -115,14 +100,16 @@ def main() -> None:
     PartialState()  # the data module logs through accelerate
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-
     print(f"torch threads: {torch.get_num_threads()}, DataLoader workers: {args.num_workers}")
     print(f"reverse geocoding: {time_geocoding(args.geocoding_points):,.0f} points/s (uniform over the globe)")
     tokenizer = build_tiny_tokenizer()
     with tempfile.TemporaryDirectory() as folder:
         write_photos(Path(folder), args.images, tuple(args.photo_size))
-        dataset, map_rate = caption_folder(Path(folder), tokenizer)
-        print(f"caption map (geocoding, captions, tokens; once per data set): {map_rate:,.0f} rows/s")
+        mix = CaptionMix((StreetCLIPConfig().caption_template,), (1.0,))
+        captioner = PlaceCaptioner(mix, tokenizer, max_length=77, country_names={})
+        raw = load_geo_dataset(folder, "train", "image")
+        dataset, map_s = timed(lambda: caption_dataset(raw, captioner, "image"))
+        print(f"caption map (geocoding, captions, tokens; once per data set): {len(dataset) / map_s:,.0f} rows/s")
         for name in args.scales:
             build_config, batch_size = SCALES[name]
             clip_config = build_config()

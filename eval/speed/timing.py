@@ -1,6 +1,7 @@
-"""What the speed scripts share: photos, a small StreetCLIP folder, the bare vision forward, interleaved timing,
-`streetclip` commands in their own process, and a fresh process's memory."""
+"""What the speed scripts share: their command line, photos, a small StreetCLIP folder, the bare vision forward,
+interleaved timing, `streetclip` commands in their own process, and a fresh process's memory."""
 
+import argparse
 import json
 import os
 import statistics
@@ -17,11 +18,24 @@ import torch.nn.functional as F
 from PIL import Image
 
 from modeling_streetclip import StreetCLIPForGeolocation
+from modeling_streetclip.quantization import Int8DynamicConfig
 from modeling_streetclip.testing_utils import SMALL_COUNTRIES, random_photo, save_streetclip_folder
 
 
 PHOTO_SIZE = (640, 480)
 T = TypeVar("T")
+
+
+def speed_parser(doc: str, rounds: int = 0, batch_size: int = 0) -> argparse.ArgumentParser:
+    """A script's parser, described by its docstring's first line; --rounds and --batch_size when given defaults."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if rounds:
+        parser.add_argument(
+            "--rounds", type=int, default=rounds, help="interleaved timing rounds (medians are reported)"
+        )
+    if batch_size:
+        parser.add_argument("--batch_size", type=int, default=batch_size)
+    return parser
 
 
 def machine_line() -> str:
@@ -50,6 +64,12 @@ def save_small_streetclip(clip_dir: Path, path: Path) -> Path:
     """`clip_dir` as a StreetCLIP folder of six countries of five cities: heads that are quick to build and cost nothing
     beside the towers."""
     return save_streetclip_folder(clip_dir, path, candidate_countries=SMALL_COUNTRIES, cities_per_country=5)
+
+
+def load_vision(model_dir: Path, variant: str = "float32") -> StreetCLIPForGeolocation:
+    """The saved model without its text tower, in our int8 or in a torch dtype, by name."""
+    kwargs = {"quantization_config": Int8DynamicConfig()} if variant == "int8" else {"dtype": getattr(torch, variant)}
+    return StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=True, **kwargs)
 
 
 @torch.no_grad()
@@ -84,6 +104,19 @@ def interleaved_medians(methods: dict[str, Callable[[], object]], rounds: int) -
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def print_per_image(
+    methods: dict[str, Callable[[], object]], rounds: int, batch_size: int, ratios: dict[str, tuple[str, str]]
+) -> None:
+    """Print the interleaved median seconds per image of `methods`, each on a batch of `batch_size`, with the ratio of
+    each method in `ratios` to its (reference, target)."""
+    per_image = {name: median / batch_size for name, median in interleaved_medians(methods, rounds).items()}
+    print(f"per image at batch {batch_size}, median of {rounds} rounds:")
+    for name, time_s in per_image.items():
+        reference, target = ratios.get(name, ("", ""))
+        ratio = f"  {time_s / per_image[reference]:5.2f}x {reference}{target}" if reference else ""
+        print(f"  {name:<32} {time_s:7.3f} s{ratio}")
+
+
 def command_seconds(arguments: Sequence[object], processes: int = 1, threads: int = 0) -> float:
     """Wall seconds of one `streetclip` command in its own process, under torchrun for several `processes`;
     `threads` sets OMP_NUM_THREADS."""
@@ -116,8 +149,8 @@ import json, sys, torch
 from pathlib import Path
 from modeling_streetclip import StreetCLIPForGeolocation
 from modeling_streetclip.quantization import Int8DynamicConfig
-model_dir, vision_only, dtype, int8, batch_size = sys.argv[1:]
-kwargs = {"quantization_config": Int8DynamicConfig()} if int8 == "1" else {"dtype": getattr(torch, dtype)}
+model_dir, vision_only, variant, batch_size = sys.argv[1:]
+kwargs = {"quantization_config": Int8DynamicConfig()} if variant == "int8" else {"dtype": getattr(torch, variant)}
 model = StreetCLIPForGeolocation.from_pretrained(model_dir, vision_only=vision_only == "1", **kwargs)
 size = model.config.vision_config.image_size
 with torch.no_grad():
@@ -131,11 +164,12 @@ print(json.dumps({"weights": sum(t.numel() * t.element_size() for t in tensors) 
 
 
 def memory_after_one_batch(
-    model_dir: Path, batch_size: int = 1, vision_only: bool = True, dtype: str = "float32", int8: bool = False
+    model_dir: Path, batch_size: int = 1, vision_only: bool = True, variant: str = "float32"
 ) -> dict[str, float]:
-    """MiB of a fresh process that loads the model and answers one batch: weights and heads, peak resident memory
-    (VmHWM: unlike getrusage, not inherited across fork and exec), and its total, anonymous and file-backed parts."""
-    arguments = [str(model_dir), str(int(vision_only)), dtype, str(int(int8)), str(batch_size)]
+    """MiB of a fresh process that loads the model (in `variant`, as `load_vision` names it) and answers one batch:
+    weights and heads, peak resident memory (VmHWM: unlike getrusage, not inherited across fork and exec), and its
+    total, anonymous and file-backed parts."""
+    arguments = [str(model_dir), str(int(vision_only)), variant, str(batch_size)]
     result = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, *arguments], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"measuring the memory of {arguments} failed:\n{result.stderr[-3000:]}")
