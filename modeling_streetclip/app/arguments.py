@@ -4,8 +4,8 @@ once, without importing torch (so that `--help` answers at once)."""
 import argparse
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 
 from ..decisions import DECISIONS, check_decision, default_decision
 from . import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS, UsageError
@@ -14,15 +14,13 @@ from . import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS, UsageError
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
-def int_at_least(minimum: int):
+def int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= `minimum`, refused with a message that names the bad value."""
 
     def parse(text: str) -> int:
-        try:
+        with suppress(ValueError):
             if int(text) >= minimum:
                 return int(text)
-        except ValueError:
-            pass
         raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
 
     return parse

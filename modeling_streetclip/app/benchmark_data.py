@@ -94,8 +94,7 @@ def load_benchmark(
 def load_metadata_csv(
     csv_path: Path, image_dir: Path, columns: ColumnNames, limit: int | None, encoding: str, allow_outside: bool
 ) -> Benchmark:
-    """Rows of an IM2GPS-style metadata CSV: the id is the image's file name in `image_dir`, which ids may leave
-    (absolute paths, `..`) only with `allow_outside`."""
+    """Rows of an IM2GPS-style metadata CSV, whose ids are the images' file names in `image_dir`."""
     if not csv_path.is_file():
         raise FileNotFoundError(f"Metadata CSV not found: {str(csv_path)!r}.")
     if not image_dir.is_dir():
@@ -194,8 +193,7 @@ def load_benchmark_dataset(data: str, split: str, columns: ColumnNames, limit: i
 def checked_row(
     row_id: str, latitude: object, longitude: object, latitude_column: str, longitude_column: str
 ) -> BenchmarkRow:
-    """A row with its coordinates as floats, or with an error naming the value that is missing, not a finite number,
-    or out of range (`coordinate_problem`)."""
+    """A row with its coordinates as floats, or an error naming the value missing, not finite or out of range."""
     values = {}
     for role, column, value in (("latitude", latitude_column, latitude), ("longitude", longitude_column, longitude)):
         text = str(value).strip() if value is not None else ""

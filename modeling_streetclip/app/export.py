@@ -81,7 +81,19 @@ def export_onnx(model: StreetCLIPForGeolocation, onnx_dir: str | Path) -> OnnxGr
     require_onnx()
     import onnx
 
-    _check_exportable(model)
+    # Refuse a model the graph cannot be exported from, naming what to load instead.
+    if model.candidate_places is None:
+        raise ValueError("This model has no candidate places, so it has no heads to export; call `set_candidates`.")
+    if getattr(model, "is_quantized", False):
+        raise ValueError(
+            "This model is quantized with PyTorch's int8 layers, which ONNX cannot hold; export the float32 model "
+            "(the export writes an int8 graph of its own, model_quantized.onnx)."
+        )
+    if model.dtype != torch.float32:
+        raise ValueError(
+            f"This model computes in {model.dtype}; export it in float32 (load with dtype=torch.float32): the graph "
+            "is float32, and its int8 twin is quantized from it."
+        )
     onnx_dir = Path(onnx_dir)
     onnx_dir.mkdir(parents=True, exist_ok=True)
     module = _GraphModule(model).eval()
@@ -191,22 +203,6 @@ class OnnxRuntimeModel(StreetCLIPForGeolocation):
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         return BaseModelOutputWithPooling(pooler_output=self(pixel_values).image_embeds)
-
-
-def _check_exportable(model: StreetCLIPForGeolocation) -> None:
-    """Refuse a model the graph cannot be exported from, naming what to load instead."""
-    if model.candidate_places is None:
-        raise ValueError("This model has no candidate places, so it has no heads to export; call `set_candidates`.")
-    if getattr(model, "is_quantized", False):
-        raise ValueError(
-            "This model is quantized with PyTorch's int8 layers, which ONNX cannot hold; export the float32 model "
-            "(the export writes an int8 graph of its own, model_quantized.onnx)."
-        )
-    if model.dtype != torch.float32:
-        raise ValueError(
-            f"This model computes in {model.dtype}; export it in float32 (load with dtype=torch.float32): the graph "
-            "is float32, and its int8 twin is quantized from it."
-        )
 
 
 def _encoder_linear_nodes(graph: onnx.ModelProto) -> list[str]:

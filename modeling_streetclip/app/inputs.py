@@ -60,8 +60,16 @@ def expand_inputs(arguments: list[str], recursive: bool, stdin: TextIO) -> list[
             if not named:
                 logger.warning(f"streetclip locate: the pattern {argument!r} matches no file.")
         else:
-            if not looks_like_url(argument):
-                _check_named_path(argument)
+            try:  # a named path that does not exist stops the run; one that cannot be looked up stays an input
+                if not looks_like_url(argument):
+                    os.lstat(argument)
+            except FileNotFoundError:
+                raise UsageError(
+                    f"no such file or folder: {argument!r}; give image files, folders or glob patterns, or '-' to read "
+                    "paths from standard input."
+                ) from None
+            except OSError:
+                pass
             named = [argument]
         for name in named:
             if os.path.isdir(name):
@@ -75,19 +83,6 @@ def expand_inputs(arguments: list[str], recursive: bool, stdin: TextIO) -> list[
             else:
                 paths.setdefault(os.path.abspath(name), None)
     return list(paths)
-
-
-def _check_named_path(argument: str) -> None:
-    """Refuse a named path that does not exist; one that cannot be looked up for another reason stays an input."""
-    try:
-        os.lstat(argument)
-    except FileNotFoundError:
-        raise UsageError(
-            f"no such file or folder: {argument!r}; give image files, folders or glob patterns, or '-' to read paths "
-            "from standard input."
-        ) from None
-    except OSError:
-        pass
 
 
 def group_pattern(regex: str) -> re.Pattern:

@@ -1,5 +1,5 @@
-"""Loading what `streetclip locate`, `index build` and eval/benchmark.py run: the model and its image processor, a
-gallery checked against them, and a model folder's fingerprint; every problem is a `UsageError` naming the option."""
+"""Loading what the commands and eval/benchmark.py run: the model and its image processor, a gallery checked against
+them, and a model folder's fingerprint; every problem is a `UsageError` naming the option."""
 
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ FINGERPRINTED_SUFFIXES = (".json", ".safetensors", ".bin")
 
 
 def quantization_config_for(quantize: str | None, device: str, dtype: str, backend: str = "torch") -> Any:
-    """The quantization config `--quantize` names, if `--device` and `--dtype` allow it; None without it, and with ONNX
-    Runtime, whose int8 graph is quantized already."""
+    """The quantization config `--quantize` names, if `--device` and `--dtype` allow it (None for ONNX Runtime)."""
     if quantize is None and backend == "torch":
         return None
     option = f"--quantize {quantize}" if backend == "torch" else f"--backend {backend}"
@@ -35,11 +34,9 @@ def quantization_config_for(quantize: str | None, device: str, dtype: str, backe
         )
     if dtype != "float32":
         raise UsageError(f"{option} computes in float32; drop --dtype {dtype}.")
-    if backend != "torch":
-        return None
     from ..quantization import Int8DynamicConfig
 
-    return Int8DynamicConfig()
+    return Int8DynamicConfig() if backend == "torch" else None
 
 
 def graph_file_for(backend: str, quantize: str | None) -> str | None:
@@ -54,13 +51,14 @@ def graph_file_for(backend: str, quantize: str | None) -> str | None:
 def load_model(
     name: str,
     device: str,
-    dtype: torch.dtype,
+    dtype: torch.dtype | str,
     countries: list[str] | None,
     quantization_config: Any = None,
     graph: str | None = None,
+    vision_only: bool | str = "auto",
 ) -> tuple[StreetCLIPForGeolocation, Any]:
     """The model and its image processor on `device`, restricted to `countries` and quantized when asked; with a
-    `graph` file of `onnx/`, the model that runs it in ONNX Runtime."""
+    `graph` file of `onnx/`, the model that runs it in ONNX Runtime. `vision_only=False` keeps the text tower."""
     from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
@@ -78,9 +76,8 @@ def load_model(
 
             model = OnnxRuntimeModel.from_export(name, graph)
         else:
-            model = StreetCLIPForGeolocation.from_pretrained(
-                name, dtype=dtype, vision_only="auto", quantization_config=quantization_config
-            )
+            options = {"dtype": dtype, "vision_only": vision_only, "quantization_config": quantization_config}
+            model = StreetCLIPForGeolocation.from_pretrained(name, **options)
     except bad as error:
         raise UsageError(f"cannot load --model {name!r}: {error}") from None
     _check_image_processor(image_processor, model.config.vision_config.image_size, name)
@@ -93,8 +90,8 @@ def load_model(
 
 
 def _check_model_reachable(name: str) -> None:
-    """Stop at once when --model is neither a local folder nor cached and the Hub cannot be reached: the loaders
-    would retry file after file for minutes, then blame the files. What the Hub answers is left to the loaders."""
+    """Stop at once when --model is neither a folder nor cached and the Hub cannot be reached (the loaders would retry
+    file after file for minutes, then blame the files); what the Hub answers is left to the loaders."""
     if os.path.isdir(name):
         return
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
@@ -130,8 +127,7 @@ def _check_model_reachable(name: str) -> None:
 
 
 def _check_image_processor(image_processor, image_size: int, name: str) -> None:
-    """Refuse an image processor config that cannot give the model `image_size` x `image_size` pixels, naming the file
-    and the value, before any image is read."""
+    """Refuse an image processor config that cannot give the model `image_size` square pixels, naming file and value."""
     files = [os.path.join(name, file) for file in ("processor_config.json", "preprocessor_config.json")]
     source = next((repr(file) for file in files if os.path.isfile(file)), f"the image processor config of {name!r}")
     sizes = {"size": image_processor.size or {}}
@@ -139,8 +135,7 @@ def _check_image_processor(image_processor, image_size: int, name: str) -> None:
         sizes["crop_size"] = image_processor.crop_size or {}
     for field, size in sizes.items():
         for key in ("height", "width", "shortest_edge", "longest_edge"):
-            value = size.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if (value := size.get(key)) is not None and (type(value) is not int or value < 1):  # (True is no size)
                 raise UsageError(
                     f"cannot use --model {name!r}: {source} has {field}.{key} = {value!r}; image sizes are positive "
                     "integers of pixels."
@@ -148,8 +143,7 @@ def _check_image_processor(image_processor, image_size: int, name: str) -> None:
     final = (
         sizes.get("crop_size", sizes["size"]) if image_processor.do_resize or image_processor.do_center_crop else {}
     )
-    shape = (final.get("height"), final.get("width"))
-    if shape != (image_size, image_size):
+    if (shape := (final.get("height"), final.get("width"))) != (image_size, image_size):
         given = f"{shape[0]} x {shape[1]} pixels" if None not in shape else "images of varying shape"
         raise UsageError(
             f"cannot use --model {name!r}: {source} gives {given}, but the model takes {image_size} x {image_size} "

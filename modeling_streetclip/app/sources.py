@@ -123,8 +123,7 @@ class EncodedImages(Sequence):
 
 
 def encoded_image(value: dict | None) -> ImageInput | None:
-    """What `load_rgb_image` reads for one undecoded `Image` value: its bytes, else its path; None for a row without an
-    image (that row's error)."""
+    """What `load_rgb_image` reads for one undecoded `Image` value: its bytes, else its path (None: no image)."""
     return None if value is None else value["bytes"] if value["bytes"] is not None else value["path"]
 
 

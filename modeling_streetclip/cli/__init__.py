@@ -18,10 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="streetclip", description="StreetCLIP: zero-shot image geolocation with CLIP, from the shell."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    locate.add_parser(commands)
-    index.add_parser(commands)
-    export.add_parser(commands)
-    calibrate.add_parser(commands)
+    for command in (locate, index, export, calibrate):
+        command.add_parser(commands)
     return parser
 
 

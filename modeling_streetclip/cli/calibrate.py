@@ -53,23 +53,19 @@ def calibrate_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--output {str(args.output)!r} is a file; name a folder for the calibrated model.")
     from ..app.benchmark_data import load_benchmark
     from ..app.calibration import calibrate
-    from ..modeling_streetclip import StreetCLIPForGeolocation
+    from ..app.loading import load_model
     from ..processing_streetclip import StreetCLIPProcessor
 
     try:
         benchmark = load_benchmark(args.data, image_dir=args.image_dir, split=args.split)
     except (OSError, ValueError, ImportError) as error:
         raise UsageError(str(error)) from None
-    try:
-        # With its text tower, so that DIR is as complete as the model it copies.
-        model = StreetCLIPForGeolocation.from_pretrained(args.model)
-        processor = StreetCLIPProcessor.from_pretrained(args.model)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"cannot load --model {args.model!r}: {error}") from None
-    report = calibrate(model, processor.image_processor, benchmark, args.holdout, args.seed, args.batch_size)
+    # With its text tower and in its own dtype, so that DIR is as complete as the model it copies.
+    model, image_processor = load_model(args.model, "cpu", "auto", None, vision_only=False)
+    report = calibrate(model, image_processor, benchmark, args.holdout, args.seed, args.batch_size)
     try:
         model.save_pretrained(args.output)
-        processor.save_pretrained(args.output)
+        StreetCLIPProcessor.from_pretrained(args.model).save_pretrained(args.output)
         (args.output / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     except OSError as error:
         raise UsageError(f"cannot write --output {str(args.output)!r}: {error}") from None
@@ -77,9 +73,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
     print(f"temperatures: {temperatures} (fitted on {report['num_fitted']} photos)")
     print(f"held out: {report['num_held_out']} photos; ECE and Brier before, with the temperatures only, and after")
     print("radius_km\tECE before\tECE temps\tECE after\tBrier before\tBrier temps\tBrier after")
-    before, temperatures_only, after = (report[f"held_out_{key}"] for key in ("before", "temperatures_only", "after"))
-    for radius in before["ece"]:
-        values = [errors[name] for name in ("ece", "brier") for errors in (before, temperatures_only, after)]
-        print(radius + "".join(f"\t{value[radius]:.4f}" for value in values))
+    stages = [report[f"held_out_{stage}"] for stage in ("before", "temperatures_only", "after")]
+    for radius in stages[0]["ece"]:
+        print(radius + "".join(f"\t{errors[name][radius]:.4f}" for name in ("ece", "brier") for errors in stages))
     print(f"calibrated model and {REPORT_FILE} in {args.output}")
     return EXIT_OK

@@ -53,11 +53,10 @@ def export_command(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.output.is_dir():
         raise UsageError(f"--output {str(args.output)!r} is a file; name a folder (new, or one to add the graphs to).")
     graphs = [args.output / ONNX_FOLDER / name for name in (GRAPH_FILE, QUANTIZED_GRAPH_FILE)]
-    existing = [path for path in graphs if path.exists()]
-    if existing and not args.overwrite:
+    if (existing := [str(path) for path in graphs if path.exists()]) and not args.overwrite:
         raise UsageError(
-            f"--output {str(args.output)!r} already holds {', '.join(str(path) for path in existing)}; pass "
-            "--overwrite to replace them, or name another folder."
+            f"--output {str(args.output)!r} already holds {', '.join(existing)}; pass --overwrite to replace them, or "
+            "name another folder."
         )
     model, _ = load_model(args.model, "cpu", torch.float32, countries=None)
     processor = StreetCLIPProcessor.from_pretrained(args.model)

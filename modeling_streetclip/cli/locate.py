@@ -138,8 +138,7 @@ class _Plan:
 def _plan(
     args: argparse.Namespace, countries: list[str] | None, source: DatasetSource | None, stack: ExitStack
 ) -> tuple[_Plan, RecordWriter | ParquetRecordWriter]:
-    """On the main process: the inputs, the output opened (locked, checked, resumed; kept open by `stack`) and what
-    is left to do."""
+    """On the main process: the inputs, the output opened (locked, checked, resumed; kept by `stack`), what is left."""
     from ..app.inputs import expand_inputs, group_pattern, group_views
     from ..app.records import open_records
 
@@ -229,8 +228,7 @@ def _check_invocation(args: argparse.Namespace) -> None:
 
 
 def locate_command(args: argparse.Namespace) -> int:
-    """`streetclip locate`: geolocate every input not yet recorded in --output, then report and set the status, on
-    one process or on every process a launcher started."""
+    """`streetclip locate`: geolocate every input not yet recorded in --output, on one process or on all of a launch."""
     from ..app.distributed import make_accelerator, quiet_unless_main
 
     quantization = quantization_config_for(args.quantize, args.device, args.dtype, args.backend)
