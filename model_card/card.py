@@ -200,8 +200,7 @@ def build_model_card(
         onnx: Whether the repository holds the ONNX graphs (`publish.py --onnx`), which the card says how to run.
     """
     labels = [(benchmark.name, benchmark.split) for benchmark in benchmarks]
-    repeated = sorted({label for label in labels if labels.count(label) > 1}, key=str)
-    if repeated:
+    if repeated := sorted({label for label in labels if labels.count(label) > 1}, key=str):
         raise ValueError(
             f"Several metrics files give results for the same benchmark and split: {repeated}; label them apart "
             "as NAME=FILE."

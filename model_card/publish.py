@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     for space_id, name, sdk, suffix, write in spaces:
         with tempfile.TemporaryDirectory(prefix=f"streetclip-{suffix}-") as staging:
             write(Path(staging), args.repo_id)
-            message = f"{name} of {args.repo_id}"
+            message = f"{name} for {args.repo_id}"
             try:
                 commit_url = upload(Path(staging), space_id, args.private, message, repo_type="space", space_sdk=sdk)
             except OSError as error:
