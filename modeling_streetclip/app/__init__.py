@@ -1,6 +1,5 @@
-"""The application around the model's core: the batch engine, result files, distributed runs, data sources, gallery
-building and model loading. The core never imports it; this module holds the exit codes and defaults every entry point
-shares, without importing torch, so that `--help` answers at once."""
+"""The application around the model's core (batch engine, result files, distributed runs, data sources, galleries,
+loading), which the core never imports; here the exit codes and defaults all entry points share, without torch."""
 
 import importlib
 import os

@@ -1,6 +1,5 @@
-"""Benchmark rows for the runner: an id, the true coordinates and the image of each input, from a metadata CSV
-(IM2GPS style) or a `datasets` dataset. A row whose coordinates cannot be scored carries the reason; a file that cannot
-be read as one benchmark is refused, naming the line at fault, before any model runs."""
+"""Benchmark rows from a metadata CSV (IM2GPS style) or a `datasets` dataset: id, true coordinates (or why they cannot
+be scored) and image of each input; a file that is not one benchmark is refused, naming the line, before any model."""
 
 import codecs
 import csv
@@ -165,9 +164,7 @@ def read_csv_records(
             f"The {source} is not valid CSV in the record starting on line {start}: {error} (is a quote left open?)."
         ) from None
     if header is None:
-        raise ValueError(
-            f"The {source} is empty; expected a header line such as IMG_ID,LAT,LON and one row per image."
-        )
+        raise ValueError(f"The {source} is empty; expected a header such as IMG_ID,LAT,LON and a row per image.")
     return header, records
 
 

@@ -96,8 +96,7 @@ def calibrate(
     """Fit the temperatures, then a monotone map per radius, on all but a `holdout` share of `benchmark`'s photos and
     set them on `model.config`; return them with the held-out ECE and Brier per radius before, with the temperatures
     only, and after."""
-    bad = [row for row in benchmark.rows if row.error is not None]
-    if bad:
+    if bad := [row for row in benchmark.rows if row.error is not None]:
         named = "; ".join(f"{row.id!r}: {row.error}" for row in bad[:5])
         raise UsageError(
             f"{len(bad)} of the {len(benchmark.rows)} rows have no valid coordinates ({named}); fix them."
@@ -110,8 +109,7 @@ def calibrate(
     records = list(
         geolocate_images(model, image_processor, benchmark.images, batch_size=batch_size, return_embeddings=True)
     )
-    unreadable = [benchmark.rows[record.index].id for record in records if record.error is not None]
-    if unreadable:
+    if unreadable := [benchmark.rows[record.index].id for record in records if record.error is not None]:
         raise UsageError(f"{len(unreadable)} photos could not be read, among them {unreadable[:5]}; fix or drop them.")
     truths = np.array([[row.latitude, row.longitude] for row in benchmark.rows])
     embeds = torch.stack([record.image_embeds for record in records]).to(model.device, model.dtype)

@@ -1,6 +1,5 @@
-"""ONNX graphs of a geolocation model, in the layout transformers.js loads from a Hub repository (`save_onnx_folder`),
-and `OnnxRuntimeModel`, which runs one where the PyTorch model would (`--backend onnxruntime`). The graphs need
-neither the text tower nor PyTorch: onnxruntime, onnxruntime-web (`model_card/web/`) and transformers.js run them."""
+"""ONNX graphs of a geolocation model in transformers.js's Hub layout (`save_onnx_folder`), which onnxruntime(-web) and
+transformers.js run without PyTorch; `OnnxRuntimeModel` runs one where the PyTorch model would (`--backend`)."""
 
 from __future__ import annotations
 
@@ -194,9 +193,7 @@ class OnnxRuntimeModel(StreetCLIPForGeolocation):
         )
 
     def locate_embeddings(self, image_embeds: torch.Tensor) -> GeolocationOutput:
-        raise ValueError(
-            "the ONNX graph locates pixels, not embeddings (such as pooled views); use the PyTorch model."
-        )
+        raise ValueError("the ONNX graph takes pixels, not embeddings such as pooled views; use the PyTorch model.")
 
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> GeolocationOutput:
         return graph_outputs(self.session, pixel_values.detach().float().cpu().numpy())

@@ -99,16 +99,11 @@ def group_pattern(regex: str) -> re.Pattern:
 def group_views(paths: list[str], pattern: re.Pattern) -> list[tuple[str, list[str]]]:
     """`(key, member paths)` per place, in order of first appearance: the key is capture group 1 of `pattern`
     searched in the path; a path it does not match is a group of its own, keyed by the path."""
+    keys = [(match := pattern.search(path)) and match.group(1) for path in paths]
     groups: dict[str, list[str]] = {}
-    unmatched = []
-    for path in paths:
-        match = pattern.search(path)
-        key = match and match.group(1)
-        if key is None:
-            unmatched.append(path)
-            key = path
-        groups.setdefault(key, []).append(path)
-    if unmatched:
+    for path, key in zip(paths, keys, strict=True):
+        groups.setdefault(path if key is None else key, []).append(path)
+    if unmatched := [path for path, key in zip(paths, keys, strict=True) if key is None]:
         logger.warning(
             f"streetclip locate: --group_by {pattern.pattern!r} does not match {len(unmatched)} of {len(paths)} "
             f"inputs (e.g. {unmatched[0]!r}); each of them is a group of its own."

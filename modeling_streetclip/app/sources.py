@@ -1,6 +1,5 @@
 """Data sets by path (`save_to_disk`, image or data-file folders) or Hub id, read alike by training, the benchmark,
-gallery builds and `streetclip locate --dataset`: one split, columns found by the same names, images still encoded
-(decoded in the DataLoader worker that uses them)."""
+gallery builds and `locate --dataset`: one split, columns found by the same names, images encoded (for the workers)."""
 
 from __future__ import annotations
 
@@ -40,9 +39,7 @@ def open_dataset(
     datasets = import_optional("datasets", "Reading data sets", _DATASETS_EXTRAS)
     source = str(source)
     if names_a_missing_folder(source):
-        raise FileNotFoundError(
-            f"No data set folder at {source!r}; give an existing folder, or a Hub id such as ORG/NAME."
-        )
+        raise FileNotFoundError(f"No data set folder at {source!r}; give an existing folder or a Hub id (ORG/NAME).")
     saved_files = (datasets.config.DATASET_STATE_JSON_FILENAME, datasets.config.DATASETDICT_JSON_FILENAME)
     if any(Path(source, name).is_file() for name in saved_files):  # written by `save_to_disk`
         loaded = datasets.load_from_disk(source)
