@@ -184,9 +184,8 @@ class GeoGallery:
                 path,
                 f"it holds {len(dataset)} rows while {GALLERY_FILE} counts {info.num_rows} (edited, or two builds)",
             )
-        if missing := [
-            name for name in (EMBEDDING_COLUMN, "latitude", "longitude") if name not in dataset.column_names
-        ]:
+        missing = [name for name in (EMBEDDING_COLUMN, "latitude", "longitude") if name not in dataset.column_names]
+        if missing:
             raise damaged_file(path, f"it has no column {missing[0]!r}")
         if (length := getattr(dataset.features[EMBEDDING_COLUMN], "length", None)) != info.embedding_dim:
             raise damaged_file(
