@@ -1,13 +1,23 @@
 """Test-only helpers: photo folders, a Hub cache laid out by hand, a fresh interpreter without this package, the
-browser's request log, and the gallery vote's answers alone."""
+browser's request log, the gallery vote's answers alone, and training/pretrain.py run in this process."""
 
+import contextlib
 import json
+import logging
 import os
+import random
 import shutil
 import subprocess
 import sys
+import tempfile
+import traceback
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
 
 from modeling_streetclip.gallery_vote import neighbor_vote
 from modeling_streetclip.testing_utils import random_photo
@@ -84,3 +94,78 @@ def requested_urls(chromium) -> list[str]:
 def kernel_vote(*args, **kwargs) -> list[tuple[int, float]]:
     """`neighbor_vote`'s answers `(position, score)`, best first."""
     return neighbor_vote(*args, **kwargs).answers
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def run_pretrain_here(args: Sequence[str], datasets_cache: Path, **environment: str) -> subprocess.CompletedProcess:
+    """`python training/pretrain.py ARGS` from the checkout, run as `pretrain.main(args)` in this process: it spares
+    the 5 s a fresh interpreter takes to import torch, transformers and datasets. Its standard error (the log, the
+    warnings, `sys.exit`'s message or the traceback, and what its child processes write) and its exit status come
+    back as a subprocess's would. Tests of the launcher, of several processes or of a killed run start a process."""
+    import datasets
+    import pretrain
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    random_states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    had_state = PartialState._shared_state != {}
+    root = logging.getLogger()
+    root_level = root.level
+    returncode = 0
+    with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as patch:
+        log_path = Path(folder) / "stderr.txt"
+        patch.chdir(CHECKOUT)
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", Path(datasets_cache))
+        for name, value in {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **environment}.items():
+            patch.setenv(name, value)
+        with open(log_path, "a", encoding="utf-8", buffering=1) as log, _stderr_fd_to(log):
+            handler = logging.StreamHandler(log)
+            handler.setFormatter(logging.Formatter("%(levelname)s - %(name)s - %(message)s"))
+            root.addHandler(handler)
+            root.setLevel(logging.INFO)  # the script's basicConfig does nothing under pytest's log handlers
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("default")  # and what a fresh interpreter hides, hidden
+                    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                        warnings.simplefilter("ignore", category)
+                    try:
+                        pretrain.main([str(arg) for arg in args])
+                    except SystemExit as stopped:
+                        if isinstance(stopped.code, str):
+                            log.write(stopped.code + "\n")
+                        returncode = stopped.code if isinstance(stopped.code, int) else int(stopped.code is not None)
+                    except Exception:
+                        returncode = 1
+                        log.write(traceback.format_exc())
+                for warning in caught:
+                    log.write(
+                        warnings.formatwarning(warning.message, warning.category, warning.filename, warning.lineno)
+                    )
+            finally:
+                root.removeHandler(handler)
+                root.setLevel(root_level)
+                AcceleratorState._reset_state(reset_partial_state=True)
+                GradientState._reset_state()
+                if had_state:
+                    PartialState(cpu=True)
+                random.setstate(random_states[0])
+                np.random.set_state(random_states[1])
+                torch.set_rng_state(random_states[2])
+        stderr = log_path.read_text(encoding="utf-8")
+    return subprocess.CompletedProcess(["pretrain.py", *map(str, args)], returncode, "", stderr)
+
+
+@contextlib.contextmanager
+def _stderr_fd_to(stream):
+    """Point file descriptor 2, which child processes inherit, at `stream` for a while."""
+    saved = os.dup(2)
+    sys.stderr.flush()
+    os.dup2(stream.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from builders import kernel_vote, place_in_hub_cache, run_as_hub_user
+from builders import kernel_vote, place_in_hub_cache, run_as_hub_user, run_pretrain_here
 from PIL import Image
 from transformers import CLIPModel, pipeline
 
@@ -1061,10 +1060,8 @@ def test_a_briefly_trained_model_with_a_gallery_of_training_photos_beats_zero_sh
     run = tmp_path / "run"
     # as tests/test_training.py runs the script: two caption templates, so that the tiny text tower learns countries
     paper, country = modeling_streetclip.StreetCLIPConfig().caption_template, "A Street View photo in {country}."
-    result = subprocess.run(
+    result = run_pretrain_here(
         [
-            sys.executable,
-            str(REPO_ROOT / "training" / "pretrain.py"),
             "--model_name_or_path",
             str(tiny_clip_dir),
             "--train_data",
@@ -1094,11 +1091,7 @@ def test_a_briefly_trained_model_with_a_gallery_of_training_photos_beats_zero_sh
             "0.5",
             "0.5",
         ],
-        env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"},
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        tmp_path / "cache",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     model = StreetCLIPForGeolocation.from_pretrained(run, vision_only=True)
