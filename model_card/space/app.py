@@ -141,9 +141,9 @@ class Geolocator:
         processor = AutoProcessor.from_pretrained(model, trust_remote_code=package is None)
         self.pipeline = pipeline_class(model=loaded, processor=processor)
         # The library's image loading, so that a bad file gets the CLI's message; its rules and geometry, for the map.
-        package = pipeline_class.__module__.rpartition(".")[0]
+        code = pipeline_class.__module__.rpartition(".")[0]
         images, self.decisions, self.geodesy, self.pixels = (
-            importlib.import_module(f"{package}.{name}") for name in ("images", "decisions", "geodesy", "pixels")
+            importlib.import_module(f"{code}.{name}") for name in ("images", "decisions", "geodesy", "pixels")
         )
         self.load_rgb_image = images.load_rgb_image
         self.image_errors = (OSError, images.ImageLoadError)
