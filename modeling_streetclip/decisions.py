@@ -297,15 +297,13 @@ def _greedy_order(
 ) -> torch.LongTensor:
     """Every city row of each image in the greedy order of `forward`: by country logit (countries left out, with
     `country_log_probs` -inf, last), then region logit, then city logit, ties to the row listed first."""
-    import torch
-
     country_logits = outputs.country_logits.float()[:, model.city_countries]
     keys = [-outputs.city_logits.float()]  # least significant first: each stable sort keeps the order before it
     if model.uses_regions:
         keys += [model.city_regions.expand_as(keys[0]), -outputs.region_logits.float()[:, model.city_regions]]
     keys += [model.city_countries.expand_as(keys[0]), -country_logits, country_log_probs.isinf()]
-    order = torch.arange(keys[0].shape[1], device=keys[0].device).expand_as(keys[0])
-    for key in keys:
+    order = keys[0].argsort(dim=-1, stable=True)
+    for key in keys[1:]:
         order = order.gather(1, key.gather(1, order).argsort(dim=-1, stable=True))
     return order
 
