@@ -100,7 +100,5 @@ def to_rgb(image: Image.Image, name: str = "The image") -> Image.Image:
         scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
         return Image.fromarray(scaled.round().astype(np.uint8)).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
