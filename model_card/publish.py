@@ -57,23 +57,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--license", help="License of the weights (default: the one the base model's Hub card declares, inherited)."
     )
-    parser.add_argument("--private", action="store_true", default=None, help="Create it private (else Hub default).")
+    parser.add_argument(
+        "--private",
+        action="store_true",
+        default=None,
+        help="Create the repositories private (else the Hub's default).",
+    )
     parser.add_argument("--revision", help="Branch to upload to, created if missing (default: main).")
     parser.add_argument("--commit_message", default="Upload StreetCLIP geolocation model", help="The commit message.")
+    parser.add_argument("--space", metavar="SPACE_ID", help="Also publish the Gradio demo (space/) as this Space.")
     parser.add_argument(
-        "--space",
-        metavar="SPACE_ID",
-        help="Also publish the Gradio demo (model_card/space/) as this Space, serving it.",
-    )
-    parser.add_argument(
-        "--onnx",
-        action="store_true",
-        help='Also write the ONNX graphs of `streetclip export` (onnx/); needs pip install "streetclip[onnx]".',
+        "--onnx", action="store_true", help='Also write the ONNX graphs (onnx/); needs pip install "streetclip[onnx]".'
     )
     parser.add_argument(
         "--web_space",
         metavar="SPACE_ID",
-        help="Also publish the in-browser page (model_card/web/) as this static Space; needs --onnx.",
+        help="Also publish the in-browser page (web/) as a static Space (needs --onnx).",
     )
     parser.add_argument(
         "--dry_run", type=Path, metavar="DIR", help="Write the folders to DIR (DIR-space, DIR-web); upload nothing."
