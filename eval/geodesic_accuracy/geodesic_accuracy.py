@@ -145,10 +145,8 @@ def _point_problem(row: object, lat: float, lon: float) -> str | None:
     if not (np.isfinite(lat) and np.isfinite(lon)):
         return f"is {row!r}, with a missing or non-finite value; {_PAIR_HINT}"
     if abs(lat) > 90 and abs(lon) <= 90:  # the widely copied ISNs metadata files carry exactly this mistake
-        return (
-            f"has latitude {lat!r} outside [-90, 90]; its longitude {lon!r} would be a valid latitude"
-            " (columns may be swapped: [lat, lon] expected)"
-        )
+        swapped = "(columns may be swapped: [lat, lon] expected)"
+        return f"has latitude {lat!r} outside [-90, 90]; its longitude {lon!r} would be a valid latitude {swapped}"
     if abs(lat) > 90:
         return f"has latitude {lat!r} outside [-90, 90]; {_PAIR_HINT}"
     if abs(lon) > 180:

@@ -36,8 +36,7 @@ def write_photos(folder: Path, count: int, size: tuple[int, int]) -> None:
     """Noise JPEGs (hard to compress, so decoding costs what a photo's does) near random GeoNames places."""
     rng = np.random.default_rng(0)
     geocoder = reverse_geocoder()
-    places = rng.integers(0, len(geocoder), count)
-    points = geocoder._tree.data[places]
+    points = geocoder._tree.data[rng.integers(0, len(geocoder), count)]  # unit vectors of random places
     latitudes = np.degrees(np.arcsin(points[:, 2])) + rng.normal(0, 0.05, count)
     longitudes = np.degrees(np.arctan2(points[:, 1], points[:, 0]))
     with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as metadata:

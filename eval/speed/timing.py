@@ -27,12 +27,10 @@ T = TypeVar("T")
 
 
 def speed_parser(doc: str, rounds: int = 0, batch_size: int = 0) -> argparse.ArgumentParser:
-    """A script's parser, described by its docstring's first line; --rounds and --batch_size when given defaults."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    """A script's parser, described by its docstring's first paragraph; --rounds and --batch_size given defaults."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     if rounds:
-        parser.add_argument(
-            "--rounds", type=int, default=rounds, help="interleaved timing rounds (medians are reported)"
-        )
+        parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds (medians are reported)")
     if batch_size:
         parser.add_argument("--batch_size", type=int, default=batch_size)
     return parser
