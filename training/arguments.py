@@ -8,16 +8,17 @@ from modeling_streetclip.captions import CaptionMix
 from modeling_streetclip.countries import read_country_list
 
 
-def _check_at_least(arguments, names: tuple[str, ...], minimum: float) -> None:
-    """Refuse, naming the option, any of `names` below `minimum` (an unset optional one is fine)."""
+def _check_range(arguments, names: tuple[str, ...], minimum: float, below: float | None = None) -> None:
+    """Refuse, naming the option, any of `names` below `minimum` or not below `below` (an unset optional is fine)."""
     for name in names:
         value = getattr(arguments, name)
-        if value is not None and not value >= minimum:  # `not >=` also refuses NaN
-            raise ValueError(f"--{name} must be at least {minimum}, got {value}.")
+        # `not >=` also refuses NaN.
+        if value is not None and not (value >= minimum and (below is None or value < below)):
+            accepted = f"at least {minimum}" if below is None else f"in [{minimum}, {below})"
+            raise ValueError(f"--{name} must be {accepted}, got {value}.")
 
 
 def _help(text: str, **kwargs) -> Field:
-    """A field with its `--help` text."""
     return field(metadata={"help": text}, **kwargs)
 
 
@@ -48,19 +49,11 @@ class ModelArguments:
     )
     train_logit_scale: bool = _help("Learn CLIP's temperature, as CLIP's own pretraining does.", default=True)
     max_logit_scale: float = _help("CLIP clamps its logit scale at 100 to keep training stable.", default=100.0)
-    gradient_checkpointing: bool = _help(
-        "Recompute activations in the backward pass: less memory, more time.", default=False
-    )
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass: less memory.", default=False)
 
     def __post_init__(self):
-        _check_at_least(self, ("cities_per_country", "lora_r"), 1)
-        if not self.max_logit_scale >= 1:
-            raise ValueError(
-                f"--max_logit_scale must be at least 1 (the logit scale is clamped to [1, max]; CLIP uses 100), "
-                f"got {self.max_logit_scale}."
-            )
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        _check_range(self, ("cities_per_country", "lora_r", "max_logit_scale"), 1)
+        _check_range(self, ("lora_dropout",), 0, below=1)
         if self.use_lora and (self.freeze_text_tower or self.freeze_vision_tower):
             raise ValueError(
                 "--use_lora already freezes the base weights; drop --freeze_text_tower/--freeze_vision_tower."
@@ -69,8 +62,8 @@ class ModelArguments:
             raise ValueError("--freeze_text_tower and --freeze_vision_tower together leave nothing to train.")
 
     def read_countries(self) -> list[str] | None:
-        """The countries listed in `countries` (names or ISO codes, `#` comments), resolved to the paper's names; an
-        unknown one fails with close matches before any model loads."""
+        """The countries listed in `countries`, resolved to the paper's names; an unknown one fails with close
+        matches before any model loads."""
         return None if self.countries is None else read_country_list(self.countries)
 
 
@@ -96,8 +89,7 @@ class DataArguments:
         "Optional column with the country name or ISO code (OSV-5M: codes).", default="country"
     )
     caption_templates: list[str] | None = _help(
-        "Caption templates over {city}, {region} and {country}, finest first; default: the config's "
-        "`caption_template`, the paper's.",
+        "Caption templates over {city}, {region} and {country}, finest first; default: the config's, the paper's.",
         default=None,
     )
     caption_template_probabilities: list[float] | None = _help(
@@ -107,15 +99,14 @@ class DataArguments:
     max_eval_samples: int | None = _help("Evaluate on the first N rows only.", default=None)
     preprocessing_num_workers: int | None = _help("Processes for the caption map (datasets' num_proc).", default=None)
     dataloader_num_workers: int = _help(
-        "DataLoader workers per training process, decoding the images: 4, or the available cores if fewer.",
-        default=DEFAULT_NUM_WORKERS,
+        "DataLoader workers per process, decoding images: 4, or the cores if fewer.", default=DEFAULT_NUM_WORKERS
     )
 
     def __post_init__(self):
-        _check_at_least(
+        _check_range(
             self, ("shuffle_buffer_size", "max_train_samples", "max_eval_samples", "preprocessing_num_workers"), 1
         )
-        _check_at_least(self, ("dataloader_num_workers",), 0)
+        _check_range(self, ("dataloader_num_workers",), 0)
 
     def caption_mix(self, default_template: str, seed: int) -> CaptionMix:
         """The caption templates and their probabilities, validated; the model's caption template by default."""
@@ -130,13 +121,9 @@ class TrainingArguments:
 
     output_dir: str = _help("Where the final StreetCLIP folder, checkpoints/ and logs/ go.")
     seed: int = _help("Seed of initialisation, data order and caption draws.", default=42)
-    per_device_train_batch_size: int = _help(
-        "Images per process and step; the contrastive batch is this times processes.", default=32
-    )
+    per_device_train_batch_size: int = _help("Images per process and step (times processes: the batch).", default=32)
     per_device_eval_batch_size: int = _help("Images per process in evaluation.", default=64)
-    gradient_accumulation_steps: int = _help(
-        "Micro-batches per optimiser step (each micro-batch is its own contrastive batch).", default=1
-    )
+    gradient_accumulation_steps: int = _help("Micro-batches per step, each its own contrastive batch.", default=1)
     learning_rate: float = _help("Peak AdamW learning rate (full fine-tuning).", default=1e-5)
     weight_decay: float = _help("AdamW weight decay of matrices (CLIP's); none on gains and biases.", default=0.2)
     adam_beta1: float = _help("AdamW beta1 (CLIP's value).", default=0.9)
@@ -161,25 +148,20 @@ class TrainingArguments:
     eval_on_start: bool = _help("Also evaluate before the first step, for a baseline.", default=False)
     logging_steps: int = _help("Log the training loss every N steps.", default=10)
     report_to: str = _help("Accelerate trackers: tensorboard, wandb, all or none.", default="tensorboard")
-    record_sample_ids: bool = _help(
-        "Write each micro-batch's row ids per process to output_dir/sample_ids/, to audit order and sharding.",
-        default=False,
-    )
+    record_sample_ids: bool = _help("Write each batch's row ids to output_dir/sample_ids/ (audits).", default=False)
     push_to_hub: bool = _help("Publish the final folder with model_card/publish.py.", default=False)
     hub_model_id: str | None = _help("Hub repo NAMESPACE/NAME for --push_to_hub (required with it).", default=None)
 
     def __post_init__(self):
         batches = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
         steps = ("num_train_epochs", "max_steps", "checkpointing_steps", "eval_steps", "logging_steps")
-        _check_at_least(self, (*batches, *steps, "checkpoints_total_limit"), 1)
-        _check_at_least(self, ("warmup_steps", "weight_decay", "max_grad_norm"), 0)
+        _check_range(self, (*batches, *steps, "checkpoints_total_limit"), 1)
+        _check_range(self, ("warmup_steps", "weight_decay", "max_grad_norm"), 0)
+        _check_range(self, ("adam_beta1", "adam_beta2"), 0, below=1)
         if not self.learning_rate > 0:
             raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"--warmup_ratio is a share of the training steps, in [0, 1]; got {self.warmup_ratio}.")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
         if self.push_to_hub and not self.hub_model_id:

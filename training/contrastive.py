@@ -1,6 +1,6 @@
 """CLIP's contrastive objective for synthetic-caption pretraining: both towers behind one forward, the batch gathered
-across processes (a run on N processes computes the loss of one process with N times the batch), and the symmetric
-loss over de-duplicated captions."""
+across processes (N processes compute the loss of one with N times the batch), and the symmetric loss over
+de-duplicated captions."""
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +46,8 @@ def at_least_one_row(batch: torch.Tensor, fill: int = 0) -> torch.Tensor:
 
 def gather_across_processes(accelerator: Accelerator, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Each tensor's rows from all processes in rank order; gradients flow back to each process's own rows, summed
-    over processes (DDP's average then gives the one-process gradient of the global loss).
-
-    Processes may hold different numbers of rows (unreadable images are dropped), so rows are padded for the
-    collective and the padding is cut off again.
-    """
+    over processes (DDP's average then gives the one-process gradient of the global loss). Row counts may differ
+    (unreadable images are dropped), so rows are padded for the collective and cut again."""
     if accelerator.num_processes == 1:
         return tensors
     counts = accelerator.gather(torch.tensor([len(tensors[0])], device=accelerator.device)).tolist()
@@ -65,12 +62,9 @@ def gather_across_processes(accelerator: Accelerator, *tensors: torch.Tensor) ->
 def contrastive_loss(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, caption_keys: torch.Tensor
 ) -> torch.Tensor:
-    """CLIP's symmetric cross-entropy with identical captions de-duplicated: each distinct caption is one class.
-
-    Images of the same place share a caption. One-hot targets would ask an image to prefer its own copy over an
-    identical one (the loss could not fall below log k for k copies); so image to text classifies among the distinct
-    captions, and text to image spreads each caption's target evenly over the images that carry it.
-    """
+    """CLIP's symmetric cross-entropy with each distinct caption one class. Images of one place share a caption, and
+    one-hot targets would ask an image to prefer its own copy (a floor of log k for k copies): image to text
+    classifies among distinct captions, text to image spreads a caption's target over the images carrying it."""
     if caption_keys.numel() == 0:
         # No readable row in the global batch: a zero that still reaches every parameter, as DDP needs.
         return (image_embeds.sum() + text_embeds.sum()) * logit_scale * 0.0

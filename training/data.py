@@ -1,8 +1,7 @@
 """Training data: geo-tagged images in, captioned and tokenised rows out, images decoded in DataLoader workers.
 
-Missing place labels are filled from the coordinates by the nearest GeoNames place, and captions drawn, in a batched
-`datasets.map`. Bad rows never stop an epoch: rows without valid coordinates (or that no caption template fits) are
-dropped before training, and unreadable images are dropped from their batch; both are counted and logged.
+Missing place labels come from the coordinates (nearest GeoNames place). Bad rows never stop an epoch: rows without
+valid coordinates or a fitting caption template are dropped before training, unreadable images from their batch.
 """
 
 import hashlib
@@ -17,7 +16,6 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 from geocoding import reverse_geocoder
-from PIL import Image
 
 from modeling_streetclip.app.sources import encoded_image, open_dataset
 from modeling_streetclip.captions import CaptionMix
@@ -46,6 +44,8 @@ MAPPED_FEATURES = datasets.Features(
         "skip_reason": datasets.Value("string"),
     }
 )
+# Called per row; an unknown name (the coordinates decide then) costs a search for close matches.
+_country_code = cache(country_code_or_empty)
 
 
 def load_geo_dataset(
@@ -64,11 +64,9 @@ def load_geo_dataset(
 
 class PlaceCaptioner:
     """The batched `datasets.map` function: cleans coordinates, fills missing place labels from them, draws a
-    caption per row and tokenises it.
-
-    A country is named through its ISO code, by `country_names` (the candidate list's spelling) or else GeoNames, so
-    that captions and the country prompts agree and an OSV-5M code becomes a name.
-    """
+    caption per row and tokenises it. A country is named through its ISO code, by `country_names` (the candidate
+    list's spelling) or else GeoNames, so that captions and country prompts agree and an OSV-5M code becomes a name.
+    `columns` maps "latitude", "longitude" and the place fields to the data's column names, if others."""
 
     def __init__(
         self,
@@ -78,7 +76,6 @@ class PlaceCaptioner:
         country_names: Mapping[str, str],
         columns: Mapping[str, str] | None = None,
     ):
-        """`columns` maps "latitude", "longitude" and the place fields to the data's column names, if others."""
         self.caption_mix = caption_mix
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -98,30 +95,30 @@ class PlaceCaptioner:
             for field in ("latitude", "longitude")
         )
         valid = valid_coordinates(latitudes, longitudes)
+        # Missing labels (None, NaN from an empty CSV cell, blank text) are "".
         given = {
-            field: [_as_label(value) for value in batch.get(self.columns[field], [None] * size)]
+            field: [
+                value.strip() if isinstance(value, str) else ""
+                for value in batch.get(self.columns[field], [None] * size)
+            ]
             for field in PLACE_FIELDS
         }
         # Every valid row, labelled or not: it costs microseconds and gives a code where GeoNames lacks the name.
         geocoded = reverse_geocoder().lookup(latitudes[valid], longitudes[valid])
-        geocoded_rows = np.cumsum(valid) - 1
         places = {field: [""] * size for field in PLACE_FIELDS}
         codes = [""] * size
-        for row in np.flatnonzero(valid):
-            position = geocoded_rows[row]
+        for position, row in enumerate(np.flatnonzero(valid)):
             codes[row] = _country_code(given["country"][row]) or geocoded.country_code[position]
             places["city"][row] = given["city"][row] or geocoded.city[position]
             places["region"][row] = given["region"][row] or geocoded.region[position]
-            places["country"][row] = (
-                self.country_names.get(codes[row]) or given["country"][row] or geocoded.country[position]
-            )
+            country = given["country"][row] or geocoded.country[position]
+            places["country"][row] = self.country_names.get(codes[row]) or country
         captions = self.caption_mix.captions(places, row_ids)
         skip_reasons = [
-            _skip_reason(latitude, longitude, caption)
-            for latitude, longitude, caption in zip(latitudes, longitudes, captions, strict=True)
+            problem.value if problem else "" if caption is not None else "no caption template fits its place labels"
+            for problem, caption in zip(map(coordinate_problem, latitudes, longitudes), captions, strict=True)
         ]
         captions = [caption or "" for caption in captions]
-        tokens = self.tokenizer(captions, truncation=True, max_length=self.max_length)
         return {
             "latitude": latitudes.tolist(),
             "longitude": longitudes.tolist(),
@@ -129,7 +126,7 @@ class PlaceCaptioner:
             "country_code": codes,
             "caption": captions,
             "caption_key": [caption_key(caption) for caption in captions],
-            "input_ids": tokens["input_ids"],
+            "input_ids": self.tokenizer(captions, truncation=True, max_length=self.max_length)["input_ids"],
             "row_id": list(row_ids),
             "skip_reason": skip_reasons,
         }
@@ -179,15 +176,16 @@ class GeoCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         kept, images = [], []
-        for row in rows:
-            if row["skip_reason"]:
-                continue
+        for row in (row for row in rows if not row["skip_reason"]):
+            value = row[self.image_column]  # a `datasets` image value left encoded, a path or a PIL image
+            image = encoded_image(value) if isinstance(value, Mapping) else value
             try:
-                images.append(decode_image(row[self.image_column]))
+                if image is None:
+                    raise ImageLoadError("The row has no image (its image cell is empty).")
+                images.append(load_rgb_image(image))
+                kept.append(row)
             except (FileNotFoundError, ImageLoadError) as error:
                 worker_logger.warning(f"Skipping row {row['row_id']}: {error}")
-                continue
-            kept.append(row)
         if kept:
             pixel_values = normalized_pixels(self.image_processor, resized_pixels(self.image_processor, images))
             tokens = self.tokenizer.pad({"input_ids": [row["input_ids"] for row in kept]}, return_tensors="pt")
@@ -213,34 +211,7 @@ class GeoCollator:
         }
 
 
-def decode_image(value: Mapping | str | Image.Image | None) -> Image.Image:
-    """An RGB image from a `datasets` image value left encoded, a path or a PIL image; an empty cell is an
-    `ImageLoadError`, like an unreadable file."""
-    image = encoded_image(value) if isinstance(value, Mapping) else value
-    if image is None:
-        raise ImageLoadError("The row has no image (its image cell is empty).")
-    return load_rgb_image(image)
-
-
 def caption_key(caption: str) -> int:
     """A 64-bit id of a caption, equal in every process (unlike `hash`), to find identical captions in a batch
     gathered across processes."""
     return int.from_bytes(hashlib.blake2b(caption.encode(), digest_size=8).digest(), "little", signed=True)
-
-
-# Called per row; an unknown name (the coordinates decide then) costs a search for close matches.
-_country_code = cache(country_code_or_empty)
-
-
-def _as_label(value) -> str:
-    """A place name, or "" for a missing one (None, NaN from an empty CSV cell, blank text)."""
-    return value.strip() if isinstance(value, str) else ""
-
-
-def _skip_reason(latitude: float, longitude: float, caption: str | None) -> str:
-    problem = coordinate_problem(latitude, longitude)
-    if problem is not None:
-        return problem.value
-    if caption is None:
-        return "no caption template fits its place labels"
-    return ""

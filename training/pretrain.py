@@ -3,11 +3,10 @@
     accelerate launch training/pretrain.py --model_name_or_path openai/clip-vit-large-patch14-336 \\
         --train_data path/to/imagefolder --output_dir streetclip-run --max_steps 10000
 
-or `accelerate launch training/pretrain.py config.yaml` (training/README.md). The output folder holds a
-`StreetCLIPForGeolocation` and its processor, which `pipeline("geolocation", model=output_dir)` loads.
+or `accelerate launch training/pretrain.py config.yaml` (training/README.md); the output folder loads in
+`pipeline("geolocation", model=output_dir)`.
 """
 
-import dataclasses
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
-from modeling_streetclip import CandidatePlaces, CandidatePrompts, StreetCLIPForGeolocation, StreetCLIPProcessor
+from modeling_streetclip import CandidatePrompts, StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.app.files import atomic_write, write_json
 
 
@@ -91,25 +90,21 @@ def set_trainable_parameters(model: StreetCLIPForGeolocation, args: ModelArgumen
     """Choose what trains: everything, one tower, or LoRA adapters (then returns the peft model). The probe heads
     never train: they are rebuilt from the text tower for evaluation and saving."""
     model.requires_grad_(not args.use_lora)
-    for head in (model.country_head, model.city_head):
-        if head is not None:
-            head.requires_grad_(False)
+    frozen = [model.country_head, model.city_head]
     if args.freeze_text_tower:
-        model.text_model.requires_grad_(False)
-        model.text_projection.requires_grad_(False)
+        frozen += [model.text_model, model.text_projection]
     if args.freeze_vision_tower:
-        model.vision_model.requires_grad_(False)
-        model.visual_projection.requires_grad_(False)
+        frozen += [model.vision_model, model.visual_projection]
+    for module in frozen:
+        if module is not None:
+            module.requires_grad_(False)
     model.logit_scale.requires_grad_(args.train_logit_scale)
     if args.use_lora:
-        targets, dropout = args.lora_target_modules, args.lora_dropout
-        lora_config = LoraConfig(
-            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=dropout, target_modules=targets
-        )
         with warnings.catch_warnings():
             # peft reads `is_gradient_checkpointing`, which transformers 5 renamed `is_activation_checkpointing`.
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            model = get_peft_model(model, lora_config)
+            lora = {"lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout}
+            model = get_peft_model(model, LoraConfig(r=args.lora_r, target_modules=args.lora_target_modules, **lora))
         model.get_base_model().logit_scale.requires_grad_(args.train_logit_scale)  # peft froze it
     return model
 
@@ -125,8 +120,8 @@ def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
 
 def resume_candidates(resume_from_checkpoint: str | None, checkpoints_dir: Path) -> list[Path]:
-    """The checkpoints to resume from, in the order to try them, checked before anything loads: `latest` gives every
-    complete one, newest first (a damaged one falls back to the one before); a folder gives itself alone."""
+    """The checkpoints to try, in order, checked before anything loads: `latest` gives every complete one, newest
+    first (a damaged one falls back to the one before); a folder gives itself alone."""
     if resume_from_checkpoint is None:
         return []
     if resume_from_checkpoint == "latest":
@@ -155,17 +150,24 @@ def resume_candidates(resume_from_checkpoint: str | None, checkpoints_dir: Path)
 
 def resume_from(accelerator: Accelerator, candidates: list[Path], model: nn.Module) -> tuple[Path, dict]:
     """Load the first of `candidates` that loads into the prepared `model`, optimiser and scheduler, warning for each
-    damaged one passed over; returns it and its run state. A damaged checkpoint with nothing older to fall back to
-    stops the run, and so does one of a model of another size (its older siblings would not fit either)."""
+    damaged one passed over; returns it and its run state. A damaged last candidate stops the run, and so does a
+    checkpoint of a model of another size (its older siblings would not fit either)."""
+    shapes = {name: list(value.shape) for name, value in model.state_dict().items()}
     for position, checkpoint in enumerate(candidates):
-        mismatch = shape_mismatch(checkpoint, model)
-        if mismatch is not None:
-            raise ValueError(
-                f"Cannot resume from checkpoint {str(checkpoint)!r}: it holds the weights of a model of another size "
-                f"({mismatch}); its files are intact. Resume with the model and the settings it was trained with "
-                "(--model_name_or_path, --countries, --cities_per_country, --use_lora and --lora_*), or train this "
-                "model in another --output_dir."
-            )
+        try:  # the weights file's header alone; one that cannot be read is reported as damaged by the load
+            with safe_open(checkpoint / SAFE_WEIGHTS_NAME, framework="pt") as saved:
+                saved_shapes = {name: saved.get_slice(name).get_shape() for name in saved.keys()}
+        except (OSError, SafetensorError):
+            saved_shapes = {}
+        for name, shape in saved_shapes.items():
+            if name in shapes and shape != shapes[name]:
+                raise ValueError(
+                    f"Cannot resume from checkpoint {str(checkpoint)!r}: it holds the weights of a model of another "
+                    f"size (its parameter {name!r} has shape {shape} in {SAFE_WEIGHTS_NAME}, and {shapes[name]} in "
+                    "the model of this run); its files are intact. Resume with the model and the settings it was "
+                    "trained with (--model_name_or_path, --countries, --cities_per_country, --use_lora and --lora_*), "
+                    "or train this model in another --output_dir."
+                )
         try:
             run_state = json.loads((checkpoint / RUN_STATE_NAME).read_text(encoding="utf-8"))
             accelerator.load_state(str(checkpoint))
@@ -182,49 +184,26 @@ def resume_from(accelerator: Accelerator, candidates: list[Path], model: nn.Modu
                 f"{candidates[position + 1]}."
             )
             continue
-        warn_if_random_states_unreadable(checkpoint / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl")
-        return checkpoint, run_state
-    raise ValueError("resume_from needs at least one checkpoint to try.")
-
-
-def shape_mismatch(checkpoint: Path, model: nn.Module) -> str | None:
-    """A parameter whose shape in `checkpoint` differs from `model`'s, described, read from the weights file's header
-    alone; None if all fit, or if the header cannot be read (the load then reports the file as damaged)."""
-    path = checkpoint / SAFE_WEIGHTS_NAME
-    shapes = {name: list(value.shape) for name, value in model.state_dict().items()}
-    try:
-        with safe_open(path, framework="pt") as saved:
-            saved_shapes = {name: saved.get_slice(name).get_shape() for name in saved.keys()}
-    except (OSError, SafetensorError):
-        return None
-    for name, shape in saved_shapes.items():
-        if name in shapes and shape != shapes[name]:
-            return (
-                f"its parameter {name!r} has shape {shape} in {path.name}, and {shapes[name]} in the model of this run"
+        # accelerate skips random states it cannot read with an INFO line; the draws then differ from an
+        # uninterrupted run's. Its own loader tells whether its restore failed.
+        states = checkpoint / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
+        try:
+            missing = RANDOM_STATE_KEYS - set(load(states))
+            problem = f"it lacks {sorted(missing)}" if missing else None
+        except (*CHECKPOINT_READ_ERRORS, TypeError) as error:
+            problem = f"{type(error).__name__}: {error}"
+        if problem is not None:
+            logger.warning(
+                f"The random states in {states} cannot be restored ({problem}); the run goes on with fresh ones, so "
+                "its random draws differ from those of an uninterrupted run.",
+                main_process_only=False,
             )
-    return None
-
-
-def warn_if_random_states_unreadable(path: Path) -> None:
-    """accelerate skips random states it cannot read with an INFO line; the run's random draws then differ from an
-    uninterrupted run's, which deserves a warning."""
-    try:
-        missing = RANDOM_STATE_KEYS - set(load(path))  # accelerate's own loader, so this fails when its restore did
-        problem = f"it lacks {sorted(missing)}" if missing else None
-    except (*CHECKPOINT_READ_ERRORS, TypeError) as error:
-        problem = f"{type(error).__name__}: {error}"
-    if problem is not None:
-        logger.warning(
-            f"The random states in {path} cannot be restored ({problem}); the run goes on with fresh ones, so its "
-            "random draws differ from those of an uninterrupted run.",
-            main_process_only=False,
-        )
+        return checkpoint, run_state
 
 
 def follow_schedule(lr_scheduler: LRScheduler, learning_rate: float, step: int) -> None:
-    """Put a scheduler restored from a checkpoint at `step` of this run's schedule, peaking at `learning_rate`:
-    transformers' schedules are closures, which `LambdaLR` does not save, so a run resumed with a larger --max_steps
-    would otherwise go on from the shorter schedule's last rate (0 for a cosine)."""
+    """Put a restored scheduler at `step` of this run's schedule, peaking at `learning_rate`: `LambdaLR` does not save
+    transformers' schedule closures, so a resumed run with a larger --max_steps would keep the shorter one's end."""
     state = lr_scheduler.state_dict()
     state.update(base_lrs=[learning_rate] * len(state["base_lrs"]), last_epoch=step - 1)
     lr_scheduler.load_state_dict(state)
@@ -248,8 +227,7 @@ def drop_records_after(log_path: Path, step: int) -> None:
 
 def save_checkpoint(accelerator: Accelerator, step: int, run_state: dict) -> bool:
     """`accelerator.save_state` into checkpoints/checkpoint_<step>, then `run_state`, which marks it complete; returns
-    whether it was saved. A failed write (a full disk) removes the folder and lets training go on, to save again at
-    the next checkpoint step."""
+    whether it saved. A failed write (a full disk) removes the folder; training goes on to the next checkpoint."""
     checkpoint = Path(accelerator.project_dir, "checkpoints", f"checkpoint_{step}")
     if accelerator.is_main_process and checkpoint.exists():
         shutil.rmtree(checkpoint)  # left incomplete by a kill, or stale after resuming from an older checkpoint
@@ -285,12 +263,16 @@ def write_failure(error: Exception, folder: Path) -> str:
     return f"{type(error).__name__}: {error}; {shutil.disk_usage(folder).free / 2**20:.1f} MB are free on its disk"
 
 
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as log_file:
+        log_file.write(json.dumps(record) + "\n")
+
+
 def log_metrics(accelerator: Accelerator, metrics: dict[str, float], step: int, output_dir: Path) -> None:
     """To the Accelerate trackers, and to output_dir/log_history.jsonl for scripts that read results back."""
     accelerator.log(metrics, step=step)
     if accelerator.is_main_process:
-        with open(output_dir / "log_history.jsonl", "a", encoding="utf-8") as log_file:
-            log_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        append_record(output_dir / "log_history.jsonl", {"step": step, **metrics})
 
 
 @torch.no_grad()
@@ -298,13 +280,12 @@ def evaluate_geolocation(
     accelerator: Accelerator,
     model: StreetCLIPForGeolocation,
     dataloader: DataLoader,
-    places: CandidatePlaces,
     prompts: CandidatePrompts,
-    metric: evaluate.EvaluationModule,
+    metric,
 ) -> dict[str, float]:
     """Country accuracy and the geodesic metric on the held-out data, with heads rebuilt from the text tower."""
     model.eval()
-    model.set_candidates(places, prompts)
+    model.set_candidates(model.candidate_places, prompts)
     results = {"row_ids": [], "predicted": [], "true": [], "predicted_country": [], "true_country": []}
     for batch in tqdm(dataloader, desc="Evaluating", leave=False, disable=not accelerator.is_local_main_process):
         rows = len(batch["row_ids"])  # 0 when no image of the batch was readable; the gather still runs
@@ -329,8 +310,7 @@ def save_final_model(
     model: StreetCLIPForGeolocation, processor: StreetCLIPProcessor, run_record: dict[str, Any], output_dir: Path
 ) -> str | None:
     """Save `model`, `processor` and `run_record` (training_args.json, which the model card reads) into `output_dir`
-    all or nothing, so that a full disk never leaves a folder that loaders half-read. Returns None when saved, else
-    what went wrong."""
+    all or nothing, so that loaders never half-read a folder; returns None when saved, else what went wrong."""
     staged = output_dir / "final-model"
     try:
         with atomic_write(staged) as folder:
@@ -391,8 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     if model_args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     towers = ContrastiveTowers(set_trainable_parameters(model, model_args))
-    trainable = sum(parameter.numel() for parameter in towers.parameters() if parameter.requires_grad)
-    total = sum(parameter.numel() for parameter in towers.parameters())
+    trainable_parameters = [parameter for parameter in towers.parameters() if parameter.requires_grad]
+    trainable, total = (sum(p.numel() for p in group) for group in (trainable_parameters, towers.parameters()))
     logger.info(f"Training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%).")
 
     # Data: captions and tokens once, in the main process first so that the others reuse its cache.
@@ -407,25 +387,20 @@ def main(argv: list[str] | None = None) -> None:
         columns={field: getattr(data_args, f"{field}_column") for field in ("latitude", "longitude", *PLACE_FIELDS)},
     )
 
-    def captioned(
-        data: str, split: str, max_samples: int | None, streaming: bool = False, description: str = "eval data"
-    ):
-        dataset = load_geo_dataset(data, split, data_args.image_column, streaming)
-        dataset = dataset if max_samples is None else dataset.take(max_samples)
-        return caption_dataset(
-            dataset, captioner, data_args.image_column, data_args.preprocessing_num_workers, description
+    def captioned(kind: str, streaming: bool, description: str):
+        """The `kind` ("train" or "eval") data: --{kind}_data, --{kind}_split, --max_{kind}_samples."""
+        data, split, limit = (
+            getattr(data_args, name.format(kind)) for name in ("{}_data", "{}_split", "max_{}_samples")
         )
+        dataset = load_geo_dataset(data, split, data_args.image_column, streaming)
+        dataset = dataset if limit is None else dataset.take(limit)
+        num_proc = data_args.preprocessing_num_workers
+        return caption_dataset(dataset, captioner, data_args.image_column, num_proc, description)
 
     with accelerator.main_process_first():
-        train_dataset = captioned(
-            data_args.train_data,
-            data_args.train_split,
-            data_args.max_train_samples,
-            data_args.streaming,
-            "training data",
-        )
+        train_dataset = captioned("train", data_args.streaming, "training data")
         if data_args.eval_data is not None:
-            eval_dataset = captioned(data_args.eval_data, data_args.eval_split, data_args.max_eval_samples)
+            eval_dataset = captioned("eval", False, "eval data")
     if data_args.streaming:
         train_dataset = train_dataset.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
     collator = GeoCollator(
@@ -441,15 +416,8 @@ def main(argv: list[str] | None = None) -> None:
         persistent_workers=workers > 0,
         drop_last=training_args.dataloader_drop_last,
     )
-    eval_dataloader = None
-    if data_args.eval_data is not None:
-        eval_batch_size = training_args.per_device_eval_batch_size
-        eval_dataloader = DataLoader(
-            eval_dataset, batch_size=eval_batch_size, collate_fn=collator, num_workers=workers
-        )
 
     # AdamW without weight decay on gains, biases and the temperature (CLIP's choice).
-    trainable_parameters = [parameter for parameter in towers.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(
         [
             {"params": [p for p in trainable_parameters if p.ndim >= 2], "weight_decay": training_args.weight_decay},
@@ -460,8 +428,17 @@ def main(argv: list[str] | None = None) -> None:
         eps=training_args.adam_epsilon,
     )
     towers, optimizer, train_dataloader = accelerator.prepare(towers, optimizer, train_dataloader)
-    if eval_dataloader is not None:
-        eval_dataloader = accelerator.prepare(eval_dataloader)
+    eval_dataloader = metric = None
+    if data_args.eval_data is not None:
+        eval_dataloader = accelerator.prepare(
+            DataLoader(
+                eval_dataset,
+                batch_size=training_args.per_device_eval_batch_size,
+                collate_fn=collator,
+                num_workers=workers,
+            )
+        )
+        metric = evaluate.load(str(GEODESIC_METRIC))
     if not data_args.streaming and len(train_dataloader) == 0:
         raise ValueError(
             f"--train_data {data_args.train_data!r} leaves {len(train_dataset)} usable rows, fewer than one batch of "
@@ -476,23 +453,21 @@ def main(argv: list[str] | None = None) -> None:
         num_epochs = math.ceil(max_steps / updates_per_epoch)
     warmup_steps = training_args.warmup_steps or math.ceil(training_args.warmup_ratio * max_steps)
     # Accelerate steps a prepared scheduler once per process and optimiser step, hence the scaling.
-    lr_scheduler = get_scheduler(
-        training_args.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=warmup_steps * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
+    lr_scheduler = accelerator.prepare(
+        get_scheduler(
+            training_args.lr_scheduler_type,
+            optimizer=optimizer,
+            num_warmup_steps=warmup_steps * accelerator.num_processes,
+            num_training_steps=max_steps * accelerator.num_processes,
+        )
     )
-    lr_scheduler = accelerator.prepare(lr_scheduler)
-    # Trackers take numbers and text, not lists.
     hyperparameters = {**vars(model_args), **vars(data_args), **vars(training_args)}
-    accelerator.init_trackers(
-        "streetclip-pretrain",
-        config={
-            key: value if isinstance(value, (int, float, str, bool)) else str(value)
-            for key, value in hyperparameters.items()
-        },
-    )
-    metric = evaluate.load(str(GEODESIC_METRIC)) if eval_dataloader is not None else None
+    # Trackers take numbers and text, not lists.
+    tracked = {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value)
+        for key, value in hyperparameters.items()
+    }
+    accelerator.init_trackers("streetclip-pretrain", config=tracked)
 
     # Resume: the exact step, the data position within its epoch, and the logs and counts up to that step.
     global_step, first_epoch, skip_batches, run_state = 0, 0, 0, {}
@@ -525,8 +500,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{accelerator.num_processes}, {training_args.gradient_accumulation_steps} micro-batch(es) per step."
     )
     if eval_dataloader is not None and training_args.eval_on_start and global_step == 0:
-        metrics = evaluate_geolocation(accelerator, model, eval_dataloader, places, prompts, metric)
-        log_metrics(accelerator, metrics, 0, output_dir)
+        log_metrics(
+            accelerator, evaluate_geolocation(accelerator, model, eval_dataloader, prompts, metric), 0, output_dir
+        )
     if training_args.record_sample_ids:
         sample_log.parent.mkdir(parents=True, exist_ok=True)
 
@@ -552,10 +528,7 @@ def main(argv: list[str] | None = None) -> None:
         for batch in batches:
             skipped_rows += batch["skipped_rows"]
             if training_args.record_sample_ids:
-                with open(sample_log, "a", encoding="utf-8") as sample_file:
-                    sample_file.write(
-                        json.dumps({"step": global_step + 1, "row_ids": batch["row_ids"].tolist()}) + "\n"
-                    )
+                append_record(sample_log, {"step": global_step + 1, "row_ids": batch["row_ids"].tolist()})
             # Every process runs the same collectives whatever its batch holds (an empty one runs the towers on a
             # stand-in row), so that one process's unreadable images never leave the others waiting.
             with accelerator.accumulate(towers):
@@ -609,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
             if eval_dataloader is not None and (
                 global_step % training_args.eval_steps == 0 or global_step == max_steps
             ):
-                metrics = evaluate_geolocation(accelerator, model, eval_dataloader, places, prompts, metric)
+                metrics = evaluate_geolocation(accelerator, model, eval_dataloader, prompts, metric)
                 log_metrics(accelerator, metrics, global_step, output_dir)
             if global_step >= max_steps:
                 break
@@ -627,9 +600,7 @@ def main(argv: list[str] | None = None) -> None:
         model.set_candidates(places, prompts)
         # What the model card's training section reports (model_card/card.py reads these names).
         run_record = {
-            **dataclasses.asdict(model_args),
-            **dataclasses.asdict(data_args),
-            **dataclasses.asdict(training_args),
+            **hyperparameters,
             "max_steps": max_steps,
             "completed_steps": global_step,
             "updates_per_epoch": updates_per_epoch,  # for the card's epochs; None for a streamed data set
