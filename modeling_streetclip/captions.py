@@ -85,9 +85,7 @@ class CaptionMix:
                 f"Got {len(self.templates)} caption templates but {len(self.probabilities)} probabilities "
                 f"{list(self.probabilities)}; give one probability per template."
             )
-        if any(probability < 0 for probability in self.probabilities) or not math.isclose(
-            sum(self.probabilities), 1.0, abs_tol=1e-6
-        ):
+        if min(self.probabilities) < 0 or not math.isclose(sum(self.probabilities), 1.0, abs_tol=1e-6):
             raise ValueError(
                 f"Caption template probabilities {list(self.probabilities)} must be non-negative and sum to 1."
             )

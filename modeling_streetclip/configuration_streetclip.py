@@ -225,11 +225,7 @@ class StreetCLIPConfig(CLIPConfig):
 
 
 # The candidate table recommended over the paper's (README, "Protocols you can see and change").
-RECOMMENDED_CANDIDATE_SETTINGS = {
-    "city_allocation": "sqrt_population",
-    "city_budget": 6000,
-    "city_merge_radius_km": 25,
-}
+RECOMMENDED_CANDIDATE_SETTINGS = dict(city_allocation="sqrt_population", city_budget=6000, city_merge_radius_km=25)
 
 # `save_pretrained` writes `auto_map` and copies the code, for `trust_remote_code=True` without this package.
 StreetCLIPConfig.register_for_auto_class()

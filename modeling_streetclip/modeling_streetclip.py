@@ -143,14 +143,13 @@ class StreetCLIPForGeolocation(CLIPModel):
         r"""Load a plain CLIP checkpoint or a folder saved by this class.
 
         Args:
-            candidates ([`CandidatePlaces`], *optional*):
-                Replace the candidate places, rebuilding the heads; by default a saved folder's own, or GeoNames'.
-            processor ([`StreetCLIPProcessor`], *optional*):
-                Renders the prompts when heads are built; by default the checkpoint's, with the config's templates.
-            vision_only (`bool` or `"auto"`, *optional*, defaults to `False`):
-                Skip the text tower, which only builds heads; `"auto"` skips it when nothing needs building.
-            kwargs:
-                [`StreetCLIPConfig`] settings and overrides, and what [`~PreTrainedModel.from_pretrained`] accepts.
+            candidates ([`CandidatePlaces`], *optional*): Replace the candidate places, rebuilding the heads; by
+                default a saved folder's own, or GeoNames'.
+            processor ([`StreetCLIPProcessor`], *optional*): Renders the prompts when heads are built; by default the
+                checkpoint's, with the config's templates.
+            vision_only (`bool` or `"auto"`, defaults to `False`): Skip the text tower, which only builds heads;
+                `"auto"` skips it when nothing needs building.
+            kwargs: [`StreetCLIPConfig`] settings and overrides, and what [`~PreTrainedModel.from_pretrained`] takes.
         """
         path = pretrained_model_name_or_path
         source = str(path)

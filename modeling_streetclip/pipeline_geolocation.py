@@ -127,9 +127,7 @@ class GeolocationPipeline(Pipeline):
         return rank(self.model, self.model(pixel_values=pixel_values), **ranking)
 
     def postprocess(self, model_outputs: dict[str, Any]) -> list[dict[str, Any]]:
-        return format_answers(
-            self.model.candidate_places, **{name: column[0] for name, column in model_outputs.items()}
-        )
+        return format_answers(self.model.candidate_places, **{name: rows[0] for name, rows in model_outputs.items()})
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """Write a folder that loads with this package, or without it with `trust_remote_code=True` (no gallery)."""
