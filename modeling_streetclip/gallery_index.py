@@ -40,12 +40,9 @@ class IndexChoice:
     memory_bytes: int
 
 
-def probed_lists(lists: int, num_rows: int | None = None) -> int:
+def probed_lists(lists: int, num_rows: int) -> int:
     """PROBED_LIST_FRACTION of the lists, fewer where they hold more than SCANNED_ROWS_PER_QUERY of `num_rows`."""
-    probes = lists * PROBED_LIST_FRACTION
-    if num_rows:
-        probes = min(probes, lists * SCANNED_ROWS_PER_QUERY / num_rows)
-    return max(1, round(probes))
+    return max(1, round(min(lists * PROBED_LIST_FRACTION, lists * SCANNED_ROWS_PER_QUERY / max(num_rows, 1))))
 
 
 def training_rows(lists: int | None, num_rows: int) -> int:
