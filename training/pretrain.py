@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -277,32 +278,25 @@ def log_metrics(accelerator: Accelerator, metrics: dict[str, float], step: int, 
 
 @torch.no_grad()
 def evaluate_geolocation(
-    accelerator: Accelerator,
-    model: StreetCLIPForGeolocation,
-    dataloader: DataLoader,
-    prompts: CandidatePrompts,
-    metric,
+    accelerator: Accelerator, model: StreetCLIPForGeolocation, batches: DataLoader, prompts: CandidatePrompts, metric
 ) -> dict[str, float]:
     """Country accuracy and the geodesic metric on the held-out data, with heads rebuilt from the text tower."""
     model.eval()
     model.set_candidates(model.candidate_places, prompts)
-    results = {"row_ids": [], "predicted": [], "true": [], "predicted_country": [], "true_country": []}
-    for batch in tqdm(dataloader, desc="Evaluating", leave=False, disable=not accelerator.is_local_main_process):
+    gathered = []
+    for batch in tqdm(batches, desc="Evaluating", leave=False, disable=not accelerator.is_local_main_process):
         rows = len(batch["row_ids"])  # 0 when no image of the batch was readable; the gather still runs
         with accelerator.autocast():
             outputs = model(pixel_values=at_least_one_row(batch["pixel_values"]))
         predicted, predicted_country = outputs.predicted_coordinates[:rows], outputs.predicted_country[:rows]
-        gathered = gather_across_processes(
-            accelerator, batch["row_ids"], predicted, batch["coordinates"], predicted_country, batch["country_rows"]
-        )
-        for key, values in zip(results, gathered, strict=True):
-            results[key].append(values.cpu().numpy())
+        columns = (batch["row_ids"], predicted, batch["coordinates"], predicted_country, batch["country_rows"])
+        gathered.append([values.cpu().numpy() for values in gather_across_processes(accelerator, *columns)])
     model.train()
+    row_ids, predicted, true, predicted_country, true_country = map(np.concatenate, zip(*gathered, strict=True))
     # Accelerate repeats a few rows to even out the last batches across processes: count each row once.
-    _, first = np.unique(np.concatenate(results.pop("row_ids")), return_index=True)
-    results = {key: np.concatenate(values)[first] for key, values in results.items()}
-    metrics = metric.compute(predictions=results["predicted"].tolist(), references=results["true"].tolist())
-    metrics["country_accuracy"] = float(np.mean(results["predicted_country"] == results["true_country"]))
+    _, first = np.unique(row_ids, return_index=True)
+    metrics = metric.compute(predictions=predicted[first].tolist(), references=true[first].tolist())
+    metrics["country_accuracy"] = float(np.mean(predicted_country[first] == true_country[first]))
     return {f"eval/{key}": float(value) for key, value in metrics.items()}
 
 
@@ -350,21 +344,17 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)  # a line per file saved; the script logs one per checkpoint
     logger.info(accelerator.state, main_process_only=False)
     if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
-        logger.warning(
-            "fp16 mixed precision needs a GPU: on the CPU, accelerate computes in float32 (bf16 runs there)."
-        )
+        logger.warning("fp16 mixed precision needs a GPU; on a CPU accelerate computes in float32 (bf16 runs there).")
     set_seed(training_args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     # Model: heads for the requested candidates; all text (prompts, captions) goes through the processor.
-    countries = model_args.read_countries()
-    candidate_settings = {"candidate_countries": countries} if countries else {}
-    if model_args.cities_per_country is not None:
-        candidate_settings["cities_per_country"] = model_args.cities_per_country
+    countries, cities = model_args.read_countries(), model_args.cities_per_country
+    settings = {"candidate_countries": countries, "cities_per_country": cities}
     processor = StreetCLIPProcessor.from_pretrained(model_args.model_name_or_path)
     model = StreetCLIPForGeolocation.from_pretrained(
-        model_args.model_name_or_path, processor=processor, **candidate_settings
+        model_args.model_name_or_path, processor=processor, **{key: value for key, value in settings.items() if value}
     )
     places = model.candidate_places
     prompts = processor.candidate_prompts(places)  # tokenised once, encoded again at every evaluation
@@ -381,9 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         processor.tokenizer,
         max_length=model.config.text_config.max_position_embeddings,
         # The candidate list's spelling of each country, so that captions and the country prompts agree.
-        country_names={
-            code: name for code, name in zip(places.country_codes, places.country_names, strict=True) if code
-        },
+        country_names=dict(zip(places.country_codes, places.country_names, strict=True)),
         columns={field: getattr(data_args, f"{field}_column") for field in ("latitude", "longitude", *PLACE_FIELDS)},
     )
 
@@ -418,27 +406,23 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     # AdamW without weight decay on gains, biases and the temperature (CLIP's choice).
+    matrices = [p for p in trainable_parameters if p.ndim >= 2]
+    others = [p for p in trainable_parameters if p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in trainable_parameters if p.ndim >= 2], "weight_decay": training_args.weight_decay},
-            {"params": [p for p in trainable_parameters if p.ndim < 2], "weight_decay": 0.0},
-        ],
+        [{"params": matrices, "weight_decay": training_args.weight_decay}, {"params": others, "weight_decay": 0.0}],
         lr=training_args.learning_rate,
         betas=(training_args.adam_beta1, training_args.adam_beta2),
         eps=training_args.adam_epsilon,
     )
     towers, optimizer, train_dataloader = accelerator.prepare(towers, optimizer, train_dataloader)
-    eval_dataloader = metric = None
+    evaluate_now = None  # evaluates on --eval_data, if given
     if data_args.eval_data is not None:
+        batch_size = training_args.per_device_eval_batch_size
         eval_dataloader = accelerator.prepare(
-            DataLoader(
-                eval_dataset,
-                batch_size=training_args.per_device_eval_batch_size,
-                collate_fn=collator,
-                num_workers=workers,
-            )
+            DataLoader(eval_dataset, batch_size, collate_fn=collator, num_workers=workers)
         )
         metric = evaluate.load(str(GEODESIC_METRIC))
+        evaluate_now = partial(evaluate_geolocation, accelerator, model, eval_dataloader, prompts, metric)
     if not data_args.streaming and len(train_dataloader) == 0:
         raise ValueError(
             f"--train_data {data_args.train_data!r} leaves {len(train_dataset)} usable rows, fewer than one batch of "
@@ -452,21 +436,13 @@ def main(argv: list[str] | None = None) -> None:
         max_steps = training_args.max_steps or training_args.num_train_epochs * updates_per_epoch
         num_epochs = math.ceil(max_steps / updates_per_epoch)
     warmup_steps = training_args.warmup_steps or math.ceil(training_args.warmup_ratio * max_steps)
-    # Accelerate steps a prepared scheduler once per process and optimiser step, hence the scaling.
-    lr_scheduler = accelerator.prepare(
-        get_scheduler(
-            training_args.lr_scheduler_type,
-            optimizer=optimizer,
-            num_warmup_steps=warmup_steps * accelerator.num_processes,
-            num_training_steps=max_steps * accelerator.num_processes,
-        )
-    )
+    # Warmup and training steps, scaled: Accelerate steps a prepared scheduler once per process and optimiser step.
+    scale = accelerator.num_processes
+    lr_scheduler = get_scheduler(training_args.lr_scheduler_type, optimizer, warmup_steps * scale, max_steps * scale)
+    lr_scheduler = accelerator.prepare(lr_scheduler)
     hyperparameters = {**vars(model_args), **vars(data_args), **vars(training_args)}
     # Trackers take numbers and text, not lists.
-    tracked = {
-        key: value if isinstance(value, (int, float, str, bool)) else str(value)
-        for key, value in hyperparameters.items()
-    }
+    tracked = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hyperparameters.items()}
     accelerator.init_trackers("streetclip-pretrain", config=tracked)
 
     # Resume: the exact step, the data position within its epoch, and the logs and counts up to that step.
@@ -485,10 +461,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"that of {max_steps} steps, at {lr_scheduler.get_last_lr()[0]:.3g} for step {global_step + 1}."
             )
         completed_batches = global_step * training_args.gradient_accumulation_steps
-        if data_args.streaming:
-            skip_batches = completed_batches
-        else:
-            first_epoch, skip_batches = divmod(completed_batches, len(train_dataloader))
+        # A streamed data set is one endless epoch.
+        epoch_batches = sys.maxsize if data_args.streaming else len(train_dataloader)
+        first_epoch, skip_batches = divmod(completed_batches, epoch_batches)
         if accelerator.is_main_process:
             drop_records_after(output_dir / "log_history.jsonl", global_step)
         drop_records_after(sample_log, global_step)
@@ -499,10 +474,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Training for {max_steps} steps; contrastive batch {training_args.per_device_train_batch_size} per process x "
         f"{accelerator.num_processes}, {training_args.gradient_accumulation_steps} micro-batch(es) per step."
     )
-    if eval_dataloader is not None and training_args.eval_on_start and global_step == 0:
-        log_metrics(
-            accelerator, evaluate_geolocation(accelerator, model, eval_dataloader, prompts, metric), 0, output_dir
-        )
+    if evaluate_now is not None and training_args.eval_on_start and global_step == 0:
+        log_metrics(accelerator, evaluate_now(), 0, output_dir)
     if training_args.record_sample_ids:
         sample_log.parent.mkdir(parents=True, exist_ok=True)
 
@@ -574,17 +547,15 @@ def main(argv: list[str] | None = None) -> None:
                 metrics["train/loss"] = sum(step_losses) / len(step_losses)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
             step_rows, step_losses = 0, []
-            if global_step % training_args.logging_steps == 0 or global_step == max_steps:
+            last = global_step == max_steps
+            if global_step % training_args.logging_steps == 0 or last:
                 log_metrics(accelerator, {**metrics, "train/skipped_rows": skipped_so_far()}, global_step, output_dir)
             if global_step % training_args.checkpointing_steps == 0:
                 counts = {"skipped_rows": skipped_so_far(), "skipped_batches": skipped_batches}
                 save_checkpoint(accelerator, global_step, {**counts, "max_steps": max_steps})
-            if eval_dataloader is not None and (
-                global_step % training_args.eval_steps == 0 or global_step == max_steps
-            ):
-                metrics = evaluate_geolocation(accelerator, model, eval_dataloader, prompts, metric)
-                log_metrics(accelerator, metrics, global_step, output_dir)
-            if global_step >= max_steps:
+            if evaluate_now is not None and (global_step % training_args.eval_steps == 0 or last):
+                log_metrics(accelerator, evaluate_now(), global_step, output_dir)
+            if last:
                 break
     progress.close()
     logger.info(
