@@ -225,7 +225,7 @@ def rank_gallery_places(
     top_k = min(top_k, settings.num_neighbors, len(gallery))
     similarities, rows = gallery.search(outputs.image_embeds.float().cpu().numpy(), settings.num_neighbors)
     country_probabilities = outputs.country_logits.float().softmax(dim=-1).cpu().numpy()
-    shape = (len(rows), top_k)
+    city_countries, shape = np.asarray(places.city_countries), (len(rows), top_k)
     columns = {name: np.zeros(shape) for name in ("scores", "latitudes", "longitudes", "similarities")}
     columns |= {"city_rows": np.full(shape, -1), "gallery_rows": np.full(shape, -1)}
     within = np.zeros((*shape, len(CONFIDENCE_RADII_KM)))
@@ -236,7 +236,7 @@ def rank_gallery_places(
         neighbor_cities = nearest_city_rows(places, latitudes, longitudes)
         scale = None
         if decision == "hybrid":
-            countries = np.asarray(places.city_countries)[neighbor_cities]
+            countries = city_countries[neighbor_cities]
             scale = hybrid_scale(countries, country_probabilities[image], settings.hybrid_countries)
         vote = neighbor_vote(image_similarities, latitudes, longitudes, settings, top_k=top_k, scale=scale)
         chosen = np.asarray([position for position, _ in vote.answers], dtype=int)
