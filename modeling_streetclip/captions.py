@@ -7,7 +7,6 @@ import math
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 
 def render_template(template: str, **fields: str) -> str:
@@ -100,13 +99,10 @@ class CaptionMix:
         # min(): float rounding can leave the last cumulative probability a hair below 1.
         return [min(bisect.bisect_right(cumulative, uniform), len(self.templates) - 1) for uniform in uniforms]
 
-    @cached_property
-    def _template_fields(self) -> list[set[str]]:
-        return [template_fields(template) for template in self.templates]
-
     def captions(self, places: Mapping[str, Sequence[str | None]], row_ids: Sequence[int]) -> list[str | None]:
         """One caption per row from `places` (field name -> column aligned with `row_ids`); empty names are missing."""
-        needed = set().union(*self._template_fields)
+        fields = [template_fields(template) for template in self.templates]
+        needed = set().union(*fields)
         if unknown := needed - set(places):
             raise ValueError(
                 f"Caption templates use {sorted(unknown)}, but the place columns are only {sorted(places)}."
@@ -116,6 +112,6 @@ class CaptionMix:
             names = {field: places[field][row] for field in needed}
             present = {field for field, name in names.items() if name}
             fallbacks = (drawn, *range(len(self.templates)))
-            chosen = next((index for index in fallbacks if self._template_fields[index] <= present), None)
+            chosen = next((index for index in fallbacks if fields[index] <= present), None)
             captions.append(None if chosen is None else render_template(self.templates[chosen], **names))
         return captions

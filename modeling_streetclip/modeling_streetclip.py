@@ -88,9 +88,8 @@ class StreetCLIPForGeolocation(CLIPModel):
         """Size the heads for `places` (with regions, a region head too) and index its rows by parent."""
         self.candidate_places = places
         self.country_head = self.region_head = self.city_head = None
-        for name in _CANDIDATE_BUFFERS:
-            if hasattr(self, name):
-                delattr(self, name)
+        for name in [name for name in _CANDIDATE_BUFFERS if hasattr(self, name)]:
+            delattr(self, name)
         # Saved with the heads, whose rows follow the table: a table changed apart from them is refused on load.
         self.register_buffer("candidate_checksum", None)
         if places is None:  # a plain CLIP checkpoint, until `set_candidates`
