@@ -26,17 +26,13 @@ def _help(text: str, **kwargs) -> Field:
 class ModelArguments:
     """Which checkpoint to continue from, which of its parameters train, and which candidates its heads hold."""
 
-    model_name_or_path: str = _help(
-        "A CLIP checkpoint (e.g. openai/clip-vit-large-patch14-336) or a StreetCLIP folder."
-    )
+    model_name_or_path: str = _help("A CLIP checkpoint (openai/clip-vit-large-patch14-336) or a StreetCLIP folder.")
     countries: str | None = _help(
         "A text file with one candidate country per line (names or ISO codes): those that evaluation chooses among and "
         "the saved heads hold. Default: the model's own (the paper's 193 for a plain CLIP checkpoint).",
         default=None,
     )
-    cities_per_country: int | None = _help(
-        "Candidate cities per country in the heads; default: the config's.", default=None
-    )
+    cities_per_country: int | None = _help("Cities per country in the heads; default: the config's.", default=None)
     freeze_text_tower: bool = _help("Train without updating the text encoder and its projection.", default=False)
     freeze_vision_tower: bool = _help("Train without updating the image encoder and its projection.", default=False)
     use_lora: bool = _help("Train LoRA adapters (peft), merged before saving, instead of all weights.", default=False)
@@ -85,9 +81,7 @@ class DataArguments:
     longitude_column: str = _help("Column with the longitude in degrees.", default="longitude")
     city_column: str = _help("Optional column with the city (OSV-5M: city).", default="city")
     region_column: str = _help("Optional column with the first-level region (OSV-5M: region).", default="region")
-    country_column: str = _help(
-        "Optional column with the country name or ISO code (OSV-5M: codes).", default="country"
-    )
+    country_column: str = _help("Optional column with a country name or ISO code (OSV-5M: codes).", default="country")
     caption_templates: list[str] | None = _help(
         "Caption templates over {city}, {region} and {country}, finest first; default: the config's, the paper's.",
         default=None,
@@ -135,9 +129,7 @@ class TrainingArguments:
     warmup_ratio: float = _help("Warmup as a share of the steps: shields the pretrained weights.", default=0.05)
     num_train_epochs: int = _help("Epochs over the training data, unless --max_steps.", default=1)
     max_steps: int | None = _help("Optimiser steps; overrides --num_train_epochs.", default=None)
-    dataloader_drop_last: bool = _help(
-        "Drop the last incomplete batch: a tiny contrastive batch is weak.", default=True
-    )
+    dataloader_drop_last: bool = _help("Drop a short last batch: a tiny contrastive batch is weak.", default=True)
     mixed_precision: str | None = _help("no, fp16 or bf16; default: the `accelerate config` choice.", default=None)
     checkpointing_steps: int = _help("Save the full training state every N steps.", default=500)
     checkpoints_total_limit: int | None = _help("Keep only the newest N checkpoints; default: all.", default=None)

@@ -30,11 +30,8 @@ class ContrastiveTowers(nn.Module):
         text_embeds = self.clip.get_text_features(
             input_ids=at_least_one_row(input_ids), attention_mask=at_least_one_row(attention_mask, fill=1)
         ).pooler_output
-        return (
-            F.normalize(image_embeds[:rows], dim=-1),
-            F.normalize(text_embeds[:rows], dim=-1),
-            self.clip.logit_scale.exp(),
-        )
+        image_embeds, text_embeds = (F.normalize(embeds[:rows], dim=-1) for embeds in (image_embeds, text_embeds))
+        return image_embeds, text_embeds, self.clip.logit_scale.exp()
 
 
 def at_least_one_row(batch: torch.Tensor, fill: int = 0) -> torch.Tensor:

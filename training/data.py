@@ -93,14 +93,9 @@ class PlaceCaptioner:
             for field in ("latitude", "longitude")
         )
         valid = valid_coordinates(latitudes, longitudes)
+        labels = {field: batch.get(self.columns[field], [None] * size) for field in PLACE_FIELDS}
         # Missing labels (None, NaN from an empty CSV cell, blank text) are "".
-        given = {
-            field: [
-                value.strip() if isinstance(value, str) else ""
-                for value in batch.get(self.columns[field], [None] * size)
-            ]
-            for field in PLACE_FIELDS
-        }
+        given = {field: [v.strip() if isinstance(v, str) else "" for v in values] for field, values in labels.items()}
         # Every valid row, labelled or not: it costs microseconds and gives a code where GeoNames lacks the name.
         geocoded = reverse_geocoder().lookup(latitudes[valid], longitudes[valid])
         places = {field: [""] * size for field in PLACE_FIELDS}
@@ -174,11 +169,13 @@ class GeoCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         kept, images = [], []
-        for row in (row for row in rows if not row["skip_reason"]):
+        for row in rows:
+            if row["skip_reason"]:
+                continue
             value = row[self.image_column]  # a `datasets` image value left encoded, a path or a PIL image
             image = encoded_image(value) if isinstance(value, Mapping) else value
             try:
-                if image is None:
+                if image is None:  # an empty image cell fails as an unreadable file does
                     raise ImageLoadError("The row has no image (its image cell is empty).")
                 images.append(load_rgb_image(image))
                 kept.append(row)

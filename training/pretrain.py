@@ -112,12 +112,9 @@ def set_trainable_parameters(model: StreetCLIPForGeolocation, args: ModelArgumen
 
 def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
     """The complete checkpoints, oldest first: one that a kill or a full disk cut short lacks its run state."""
-    steps = {}
-    for path in checkpoints_dir.glob("checkpoint_*"):
-        match = CHECKPOINT_PATTERN.match(path.name)
-        if match and all((path / name).is_file() for name in CHECKPOINT_FILES):
-            steps[int(match.group(1))] = path
-    return [steps[step] for step in sorted(steps)]
+    paths = [path for path in checkpoints_dir.glob("checkpoint_*") if CHECKPOINT_PATTERN.match(path.name)]
+    complete = [path for path in paths if all((path / name).is_file() for name in CHECKPOINT_FILES)]
+    return sorted(complete, key=lambda path: int(path.name.removeprefix("checkpoint_")))
 
 
 def resume_candidates(resume_from_checkpoint: str | None, checkpoints_dir: Path) -> list[Path]:
@@ -278,7 +275,11 @@ def log_metrics(accelerator: Accelerator, metrics: dict[str, float], step: int, 
 
 @torch.no_grad()
 def evaluate_geolocation(
-    accelerator: Accelerator, model: StreetCLIPForGeolocation, batches: DataLoader, prompts: CandidatePrompts, metric
+    accelerator: Accelerator,
+    model: StreetCLIPForGeolocation,
+    batches: DataLoader,
+    prompts: CandidatePrompts,
+    metric: evaluate.EvaluationModule,
 ) -> dict[str, float]:
     """Country accuracy and the geodesic metric on the held-out data, with heads rebuilt from the text tower."""
     model.eval()
