@@ -73,13 +73,20 @@ class GeolocationPipeline(Pipeline):
         """
         return super().__call__(inputs, **kwargs)
 
-    def _sanitize_parameters(self, function_to_apply: str | None = None, timeout: float | None = None, **options):
-        # The options `rank` takes, each with its check; `candidate_countries` become `country_rows`.
-        checks = {"top_k": check_top_k, "decision": validate_decision, "gallery": self._checked_gallery}
-        checks["candidate_countries"] = self._country_rows
-        if unknown := [name for name in options if name not in checks]:  # as a Python function would refuse it
+    def _sanitize_parameters(
+        self,
+        top_k: int | None = None,
+        decision: str | None = None,
+        gallery: Any = None,
+        candidate_countries: Sequence[str] | None = None,
+        function_to_apply: str | None = None,
+        timeout: float | None = None,
+        **unknown,
+    ):
+        # Named parameters, not **options: Hub clients and transformers' checks read the accepted names from here.
+        if unknown:  # as a Python function would: a misspelt option must not answer as if it had not been given
             raise TypeError(
-                f"GeolocationPipeline got an unexpected keyword argument {unknown[0]!r}; it accepts top_k, "
+                f"GeolocationPipeline got an unexpected keyword argument {next(iter(unknown))!r}; it accepts top_k, "
                 "decision, candidate_countries, gallery, function_to_apply and timeout (and pipeline's batch_size, "
                 "num_workers, device and dtype)."
             )
@@ -88,11 +95,13 @@ class GeolocationPipeline(Pipeline):
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
         ):
             raise ValueError(f"timeout must be a positive number of seconds (or None for none), got {timeout!r}.")
-        forward_params = {
-            "country_rows" if name == "candidate_countries" else name: checks[name](value)
-            for name, value in options.items()
-            if value is not None
+        given = {
+            "top_k": (top_k, check_top_k),
+            "decision": (decision, validate_decision),
+            "gallery": (gallery, self._checked_gallery),
+            "country_rows": (candidate_countries, self._country_rows),
         }
+        forward_params = {name: check(value) for name, (value, check) in given.items() if value is not None}
         return ({} if timeout is None else {"timeout": timeout}), forward_params, {}
 
     def _country_rows(self, countries: Sequence[str]) -> list[int]:
