@@ -56,8 +56,7 @@ def expand_inputs(arguments: list[str], recursive: bool, stdin: TextIO) -> list[
         if argument == "-":
             named = [line.rstrip("\r\n") for line in stdin if line.strip()]
         elif not os.path.lexists(argument) and not looks_like_url(argument) and any(c in argument for c in "*?["):
-            named = sorted(glob.glob(argument, recursive=recursive))
-            if not named:
+            if not (named := sorted(glob.glob(argument, recursive=recursive))):
                 logger.warning(f"streetclip locate: the pattern {argument!r} matches no file.")
         else:
             try:  # a named path that does not exist stops the run; one that cannot be looked up stays an input
@@ -73,8 +72,7 @@ def expand_inputs(arguments: list[str], recursive: bool, stdin: TextIO) -> list[
             named = [argument]
         for name in named:
             if os.path.isdir(name):
-                images = _folder_images(name, recursive)
-                if not images:
+                if not (images := _folder_images(name, recursive)):
                     hint = "" if recursive else " (--recursive descends into subfolders)"
                     logger.warning(f"streetclip locate: the folder {name!r} holds no image file{hint}.")
                 paths.update(dict.fromkeys(map(os.path.abspath, images)))
