@@ -99,6 +99,33 @@ def kernel_vote(*args, **kwargs) -> list[tuple[int, float]]:
 CHECKOUT = Path(__file__).resolve().parents[1]
 
 
+def pretrain_args(clip_dir: Path, geo_data: Mapping[str, Path], output_dir: Path, **overrides) -> list[str]:
+    """training/pretrain.py's arguments for a small run of the tiny CLIP `clip_dir` on the synthetic geo set of the
+    `geo_data` fixture; `overrides` (option: value; True for a flag) add options or replace these."""
+    options = {
+        "model_name_or_path": clip_dir,
+        "train_data": geo_data["train"],
+        "countries": geo_data["countries"],
+        "cities_per_country": 2,
+        "output_dir": output_dir,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "dataloader_num_workers": 0,
+        "report_to": "none",
+        **overrides,
+    }
+    args = []
+    for name, value in options.items():
+        if value is True:
+            args.append(f"--{name}")
+        elif isinstance(value, (list, tuple)):
+            args += [f"--{name}", *map(str, value)]
+        else:
+            args += [f"--{name}", str(value)]
+    return args
+
+
 def run_pretrain_here(args: Sequence[str], datasets_cache: Path, **environment: str) -> subprocess.CompletedProcess:
     """`python training/pretrain.py ARGS` from the checkout, run as `pretrain.main(args)` in this process: it spares
     the 5 s a fresh interpreter takes to import torch, transformers and datasets. Its standard error (the log, the

@@ -8,14 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import pretrain_args, run_pretrain_here
 from filelock import FileLock
 from huggingface_hub import CommitInfo, HfApi, RepoUrl
 
+from modeling_streetclip import StreetCLIPConfig
 from modeling_streetclip.testing_utils import (
+    PLACES,
     SMALL_COUNTRIES,
     save_streetclip_folder,
     save_tiny_clip_checkpoint,
-    train_geo_model,
+    write_geo_imagefolder,
 )
 
 
@@ -84,14 +87,54 @@ def fake_hub(monkeypatch) -> list[tuple[str, dict]]:
 
 
 @pytest.fixture(scope="session")
-def trained_geo_model(tmp_path_factory) -> Path:
-    """The tiny CLIP after 40 steps on the synthetic geo set (`train_geo_model`): trained once per session, by
-    whichever pytest-xdist worker asks first (the others wait for it). Tests must not change it."""
+def geo_data(tmp_path_factory) -> dict[str, Path]:
+    """The synthetic geo set: a training folder (8 photos a city, and three bad rows), a held-out one (3 a city), the
+    countries file and a `datasets` cache."""
+    root = tmp_path_factory.mktemp("geo-data")
+    countries = root / "countries.txt"
+    countries.write_text("\n".join(PLACES) + "\n", encoding="utf-8")
+    return {
+        "train": write_geo_imagefolder(root / "train", photos_per_city=8, seed=0, bad_rows=True),
+        "eval": write_geo_imagefolder(root / "eval", photos_per_city=3, seed=1),
+        "countries": countries,
+        "cache": root / "datasets-cache",
+    }
+
+
+@pytest.fixture(scope="session")
+def trained_geo_run(tiny_clip_dir, geo_data, tmp_path_factory) -> tuple[Path, str]:
+    """The tiny CLIP after 40 steps of training/pretrain.py on `geo_data`, evaluated at steps 0, 20 and 40, with a
+    TensorBoard log: (output folder, standard error). Trained once per session, by whichever pytest-xdist worker asks
+    first (the others wait for it). Tests must not change it."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the session's folder, which every worker shares
-    done = root / "trained-geo.done"
+    output_dir, stderr = root / "trained-geo", root / "trained-geo.stderr"
     with FileLock(root / "trained-geo.lock"):
-        if not done.exists():
-            done.write_text(str(train_geo_model(root / "trained-geo")), encoding="utf-8")
-    return Path(done.read_text(encoding="utf-8"))
+        if not stderr.exists():
+            options = {
+                "eval_data": geo_data["eval"],
+                "max_steps": 40,
+                "per_device_train_batch_size": 16,
+                "eval_steps": 20,
+                "eval_on_start": True,
+                "checkpointing_steps": 100,
+                "logging_steps": 10,
+                "dataloader_num_workers": 1,
+                "report_to": "tensorboard",
+                # A tiny text tower cannot carry the fine caption over to the country prompt alone: add the coarse one.
+                "caption_templates": [StreetCLIPConfig().caption_template, "A Street View photo in {country}."],
+                "caption_template_probabilities": [0.5, 0.5],
+            }
+            result = run_pretrain_here(
+                pretrain_args(tiny_clip_dir, geo_data, output_dir, **options), geo_data["cache"]
+            )
+            assert result.returncode == 0, f"pretrain.py failed:\n{result.stderr[-5000:]}"
+            stderr.write_text(result.stderr, encoding="utf-8")
+    return output_dir, stderr.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def trained_geo_model(trained_geo_run) -> Path:
+    """The folder of `trained_geo_run`: learned answers, not random weights' near-ties. Tests must not change it."""
+    return trained_geo_run[0]

@@ -31,6 +31,7 @@ import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration
 from arguments import DataArguments, ModelArguments
+from builders import pretrain_args, run_pretrain_here
 from contrastive import ContrastiveTowers, contrastive_loss, gather_across_processes
 from data import GeoCollator, PlaceCaptioner, caption_dataset, caption_key, load_geo_dataset
 from filelock import FileLock
@@ -54,7 +55,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, get_scheduler, pipel
 import modeling_streetclip
 from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.captions import CaptionMix
-from modeling_streetclip.testing_utils import PLACES, place_photo, save_streetclip_folder, write_geo_imagefolder
+from modeling_streetclip.testing_utils import PLACES, place_photo, save_streetclip_folder
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +65,7 @@ TRAINING_DIR = REPO_ROOT / "training"
 PAPER_TEMPLATE = modeling_streetclip.StreetCLIPConfig().caption_template
 COUNTRY_TEMPLATE = "A Street View photo in {country}."
 IMAGE_SIZE = 30
+ONE_PROCESS = (sys.executable,)
 TWO_PROCESSES = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 # One process, 6 batches of 16 per epoch: 8 steps cross an epoch, checkpoints at 3 and 6. Seed 0 draws the unreadable
 # broken.png into step 2, before the first checkpoint.
@@ -79,19 +81,6 @@ LORA_RUN = {
 }
 
 
-@pytest.fixture(scope="session")
-def geo_data(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("geo-data")
-    countries = root / "countries.txt"
-    countries.write_text("\n".join(PLACES) + "\n", encoding="utf-8")
-    return {
-        "train": write_geo_imagefolder(root / "train", photos_per_city=8, seed=0, bad_rows=True),
-        "eval": write_geo_imagefolder(root / "eval", photos_per_city=3, seed=1),
-        "countries": countries,
-        "cache": root / "datasets-cache",
-    }
-
-
 def script_env(geo_data, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
@@ -102,51 +91,30 @@ def script_env(geo_data, **extra: str) -> dict[str, str]:
     }
 
 
-def pretrain_args(tiny_clip_dir, geo_data, output_dir, **overrides) -> list[str]:
-    options = {
-        "model_name_or_path": tiny_clip_dir,
-        "train_data": geo_data["train"],
-        "countries": geo_data["countries"],
-        "cities_per_country": 2,
-        "output_dir": output_dir,
-        "per_device_train_batch_size": 8,
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "dataloader_num_workers": 0,
-        "report_to": "none",
-        **overrides,
-    }
-    args = []
-    for name, value in options.items():
-        if value is True:
-            args.append(f"--{name}")
-        elif isinstance(value, (list, tuple)):
-            args += [f"--{name}", *map(str, value)]
-        else:
-            args += [f"--{name}", str(value)]
-    return args
-
-
 def run_pretrain(
     args: list[str],
     geo_data,
-    launcher: tuple[str, ...] = (sys.executable,),
+    launcher: tuple[str, ...] | None = None,
     succeeds: bool = True,
     **extra_env: str,
 ) -> subprocess.CompletedProcess:
-    """Run training/pretrain.py as users do; unless told it should fail, check that it succeeded."""
-    command = [*launcher, str(TRAINING_DIR / "pretrain.py"), *args]
-    env = script_env(geo_data, **extra_env)
-    # A session of its own, so that a hung run's workers die with their launcher.
-    with subprocess.Popen(
-        command, env=env, cwd=REPO_ROOT, stdout=PIPE, stderr=PIPE, text=True, start_new_session=True
-    ) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            pytest.fail(f"pretrain.py ran past 300 s; its log so far:\n{process.communicate()[1][-5000:]}")
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    """Run training/pretrain.py as users do, by `launcher` (by default `main(args)` in this process, as one process
+    runs it); unless told it should fail, check that it succeeded."""
+    if launcher is None:
+        result = run_pretrain_here(args, geo_data["cache"], **extra_env)
+    else:
+        command = [*launcher, str(TRAINING_DIR / "pretrain.py"), *args]
+        env = script_env(geo_data, **extra_env)
+        # A session of its own, so that a hung run's workers die with their launcher.
+        with subprocess.Popen(
+            command, env=env, cwd=REPO_ROOT, stdout=PIPE, stderr=PIPE, text=True, start_new_session=True
+        ) as process:
+            try:
+                stdout, stderr = process.communicate(timeout=300)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                pytest.fail(f"pretrain.py ran past 300 s; its log so far:\n{process.communicate()[1][-5000:]}")
+        result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if succeeds:
         assert result.returncode == 0, f"pretrain.py failed:\n{result.stderr[-5000:]}"
     else:
@@ -241,33 +209,16 @@ def answers_a_country(model_dir: Path, geo_data) -> bool:
 
 
 @pytest.mark.slow
-def test_short_cpu_run_raises_held_out_country_accuracy_from_chance_to_at_least_0_8(tiny_clip_dir, geo_data, tmp_path):
-    """The slowest check here (about a minute on two cores): 40 steps of the tiny model."""
+def test_short_cpu_run_raises_held_out_country_accuracy_from_chance_to_at_least_0_8(
+    tiny_clip_dir, geo_data, tmp_path, trained_geo_run
+):
+    """The slowest check here (about half a minute): `trained_geo_run`'s 40 steps of the tiny model, which the tests
+    of other files use as a trained model."""
     before_dir = save_streetclip_folder(
         tiny_clip_dir, tmp_path / "before", candidate_countries=list(PLACES), cities_per_country=2
     )
     before = country_accuracy(before_dir, geo_data["eval"])
-    output_dir = tmp_path / "run"
-    result = run_pretrain(
-        pretrain_args(
-            tiny_clip_dir,
-            geo_data,
-            output_dir,
-            eval_data=geo_data["eval"],
-            max_steps=40,
-            per_device_train_batch_size=16,
-            eval_steps=20,
-            eval_on_start=True,
-            checkpointing_steps=100,
-            logging_steps=10,
-            dataloader_num_workers=1,
-            report_to="tensorboard",
-            # A tiny text tower cannot carry the fine caption over to the country prompt alone: mix in the coarse one.
-            caption_templates=[PAPER_TEMPLATE, COUNTRY_TEMPLATE],
-            caption_template_probabilities=[0.5, 0.5],
-        ),
-        geo_data,
-    )
+    output_dir, stderr = trained_geo_run
     after = country_accuracy(output_dir, geo_data["eval"])
     evaluations = [entry for entry in read_log(output_dir) if "eval/country_accuracy" in entry]
     print(f"held-out country accuracy: before {before:.3f} (chance {1 / len(PLACES):.3f}), after {after:.3f}")
@@ -277,9 +228,9 @@ def test_short_cpu_run_raises_held_out_country_accuracy_from_chance_to_at_least_
     assert [entry["step"] for entry in evaluations] == [0, 20, 40]
     assert evaluations[-1]["eval/acc_2500km"] >= 0.8 and evaluations[-1]["eval/n"] == 3 * 2 * len(PLACES)
     assert "Skipping 2 of 99 rows of the training data: 1 with missing coordinates, 1 with latitude out of range" in (
-        result.stderr
+        stderr
     )
-    assert "broken.png' is not an image format Pillow can read" in result.stderr
+    assert "broken.png' is not an image format Pillow can read" in stderr
     assert [entry for entry in read_log(output_dir) if "train/loss" in entry][-1]["train/skipped_rows"] >= 1
     assert list((output_dir / "logs").rglob("events.out.tfevents.*"))
     recorded = json.loads((output_dir / "training_args.json").read_text())
@@ -527,7 +478,13 @@ def test_the_shipped_configs_run_as_printed_on_tiny_data(tiny_clip_dir, geo_data
     if "eval_data" in config:
         config["eval_data"] = str(geo_data["eval"])
     # Sizes for 97 tiny images on two cores; a setting the file leaves out keeps the script's default.
-    tiny = {"max_steps": 1, "checkpointing_steps": 1, "eval_steps": 1, "dataloader_num_workers": 0}
+    tiny = {
+        "max_steps": 1,
+        "num_train_epochs": 1,
+        "checkpointing_steps": 1,
+        "eval_steps": 1,
+        "dataloader_num_workers": 0,
+    }
     config.update({key: value for key, value in tiny.items() if key in config})
     config_path = tmp_path / config_name
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -1278,7 +1235,7 @@ def test_a_run_whose_final_save_fails_exits_naming_the_checkpoint_that_resumes_i
         "safetensors.torch.save_file = failing_save_file\n"
     )
     args = pretrain_args(tiny_clip_dir, geo_data, output_dir, max_steps=2, checkpointing_steps=2)
-    result = run_pretrain(args, geo_data, succeeds=False, PYTHONPATH=str(inject))
+    result = run_pretrain(args, geo_data, launcher=ONE_PROCESS, succeeds=False, PYTHONPATH=str(inject))
     assert f"Training finished (2 steps), but the final model could not be saved to {output_dir} (OSError: " in (
         result.stderr
     )
