@@ -9,10 +9,9 @@ from modeling_streetclip.countries import read_country_list
 
 
 def _check_range(arguments, names: tuple[str, ...], minimum: float, below: float | None = None) -> None:
-    """Refuse, naming the option, any of `names` below `minimum` or not below `below` (an unset optional is fine)."""
+    """Refuse, naming the option, any of `names` below `minimum` or not below `below`, or NaN (`None` is fine)."""
     for name in names:
         value = getattr(arguments, name)
-        # `not >=` also refuses NaN.
         if value is not None and not (value >= minimum and (below is None or value < below)):
             accepted = f"at least {minimum}" if below is None else f"in [{minimum}, {below})"
             raise ValueError(f"--{name} must be {accepted}, got {value}.")

@@ -32,23 +32,20 @@ PLACE_FIELDS = ("city", "region", "country")
 # The columns the caption map writes, typed: left to itself, `datasets` would keep a CSV's latitude column as text
 # when one cell is text, and the collator could not make a tensor of the cleaned coordinates.
 MAPPED_FEATURES = datasets.Features(
-    {
-        "latitude": datasets.Value("float64"),
-        "longitude": datasets.Value("float64"),
-        **{name: datasets.Value("string") for name in (*PLACE_FIELDS, "country_code", "caption")},
-        "caption_key": datasets.Value("int64"),
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "row_id": datasets.Value("int64"),
-        "skip_reason": datasets.Value("string"),
-    }
+    latitude=datasets.Value("float64"),
+    longitude=datasets.Value("float64"),
+    **{name: datasets.Value("string") for name in (*PLACE_FIELDS, "country_code", "caption")},
+    caption_key=datasets.Value("int64"),
+    input_ids=datasets.Sequence(datasets.Value("int32")),
+    row_id=datasets.Value("int64"),
+    skip_reason=datasets.Value("string"),
 )
+GeoDataset = datasets.Dataset | datasets.IterableDataset
 # Called per row; an unknown name (the coordinates decide then) costs a search for close matches.
 _country_code = cache(country_code_or_empty)
 
 
-def load_geo_dataset(
-    source: str, split: str, image_column: str, streaming: bool = False
-) -> datasets.Dataset | datasets.IterableDataset:
+def load_geo_dataset(source: str, split: str, image_column: str, streaming: bool = False) -> GeoDataset:
     """One split of a Hub or local data set, or of an image folder (a single split is used whatever `split` says),
     with its images left encoded for the DataLoader workers."""
     dataset, _ = open_dataset(source, split, streaming=streaming)
@@ -126,12 +123,12 @@ class PlaceCaptioner:
 
 
 def caption_dataset(
-    dataset: datasets.Dataset | datasets.IterableDataset,
+    dataset: GeoDataset,
     captioner: PlaceCaptioner,
     image_column: str,
     num_proc: int | None = None,
     description: str = "data",
-) -> datasets.Dataset | datasets.IterableDataset:
+) -> GeoDataset:
     """Apply the caption map; a map-style data set also loses its bad rows here, with their count logged. Row ids are
     positions in the source, so a row keeps its caption in every epoch."""
     remove = [column for column in dataset.column_names or [] if column != image_column]
