@@ -8,9 +8,6 @@ module from the tiny CLIP with the same small candidate table, so every consumer
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import benchmark
@@ -18,7 +15,7 @@ import huggingface_hub.constants
 import publish
 import pytest
 import torch
-from builders import place_in_hub_cache, save_random_photos
+from builders import place_in_hub_cache, run_pretrain_here, save_random_photos
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoProcessor, pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
@@ -96,16 +93,10 @@ def save_by_training(tiny_clip_dir: Path, root: Path) -> Path:
         "dataloader_num_workers": 0,
         "report_to": "none",
     }
-    command = [sys.executable, str(REPO_ROOT / "training" / "pretrain.py"), "--freeze_vision_tower"]
+    args = ["--freeze_vision_tower"]
     for name, value in arguments.items():
-        command += [f"--{name}", str(value)]
-    env = {
-        **os.environ,
-        "HF_DATASETS_CACHE": str(root / "datasets-cache"),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        args += [f"--{name}", str(value)]
+    result = run_pretrain_here(args, root / "datasets-cache")
     assert result.returncode == 0, result.stderr[-5000:]
     return output_dir
 
