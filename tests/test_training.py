@@ -7,6 +7,7 @@ tests only read are made once per session (`shared_run`).
 """
 
 import csv
+import errno
 import io
 import json
 import logging
@@ -27,6 +28,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+import transformers.modeling_utils
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration
@@ -65,7 +67,6 @@ TRAINING_DIR = REPO_ROOT / "training"
 PAPER_TEMPLATE = modeling_streetclip.StreetCLIPConfig().caption_template
 COUNTRY_TEMPLATE = "A Street View photo in {country}."
 IMAGE_SIZE = 30
-ONE_PROCESS = (sys.executable,)
 TWO_PROCESSES = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 # One process, 6 batches of 16 per epoch: 8 steps cross an epoch, checkpoints at 3 and 6. Seed 0 draws the unreadable
 # broken.png into step 2, before the first checkpoint.
@@ -1219,23 +1220,23 @@ def test_a_final_save_that_fails_leaves_nothing_half_written_and_says_why(small_
 
 
 @pytest.mark.slow
-def test_a_run_whose_final_save_fails_exits_naming_the_checkpoint_that_resumes_it(tiny_clip_dir, geo_data, tmp_path):
+def test_a_run_whose_final_save_fails_exits_naming_the_checkpoint_that_resumes_it(
+    tiny_clip_dir, geo_data, tmp_path, monkeypatch
+):
     """The final save fails (ENOSPC injected into its weights file only): the run exits non-zero naming the intact
     checkpoint, and the command it names, rerun, saves the trained model."""
     output_dir = tmp_path / "run"
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(
-        "import errno, os, safetensors.torch\n"
-        "save_file = safetensors.torch.save_file\n"
-        "def failing_save_file(tensors, filename, *args, **kwargs):\n"
-        "    if 'final-model' in str(filename):\n"
-        "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))\n"
-        "    return save_file(tensors, filename, *args, **kwargs)\n"
-        "safetensors.torch.save_file = failing_save_file\n"
-    )
+    save_file = transformers.modeling_utils.safe_save_file
+
+    def failing_save_file(tensors, filename, *args, **kwargs):
+        if "final-model" in str(filename):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+        return save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", failing_save_file)
     args = pretrain_args(tiny_clip_dir, geo_data, output_dir, max_steps=2, checkpointing_steps=2)
-    result = run_pretrain(args, geo_data, launcher=ONE_PROCESS, succeeds=False, PYTHONPATH=str(inject))
+    result = run_pretrain(args, geo_data, succeeds=False)
+    monkeypatch.undo()
     assert f"Training finished (2 steps), but the final model could not be saved to {output_dir} (OSError: " in (
         result.stderr
     )
