@@ -26,6 +26,15 @@ from modeling_streetclip.testing_utils import (
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with the most slow tests first, each module's order kept: under xdist the long process-starting tests
+    then overlap early and the last minute is short tests, which work stealing spreads over every worker."""
+    slow = {}
+    for item in items:
+        slow[item.module] = slow.get(item.module, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.module])
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     """A plain CLIP checkpoint folder (model_type "clip"), as `geolocal/StreetCLIP` is on the Hub."""
