@@ -150,22 +150,14 @@ def resume_from(accelerator: Accelerator, candidates: list[Path], model: nn.Modu
     """Load the first of `candidates` that loads into the prepared `model`, optimiser and scheduler, warning for each
     damaged one passed over; returns it and its run state. A damaged last candidate stops the run, and so does a
     checkpoint of a model of another size (its older siblings would not fit either)."""
-    shapes = {name: list(value.shape) for name, value in model.state_dict().items()}
     for position, checkpoint in enumerate(candidates):
-        try:  # the weights file's header alone; one that cannot be read is reported as damaged by the load
-            with safe_open(checkpoint / SAFE_WEIGHTS_NAME, framework="pt") as saved:
-                saved_shapes = {name: saved.get_slice(name).get_shape() for name in saved.keys()}
-        except (OSError, SafetensorError):
-            saved_shapes = {}
-        for name, shape in saved_shapes.items():
-            if name in shapes and shape != shapes[name]:
-                raise ValueError(
-                    f"Cannot resume from checkpoint {str(checkpoint)!r}: it holds the weights of a model of another "
-                    f"size (its parameter {name!r} has shape {shape} in {SAFE_WEIGHTS_NAME}, and {shapes[name]} in "
-                    "the model of this run); its files are intact. Resume with the model and the settings it was "
-                    "trained with (--model_name_or_path, --countries, --cities_per_country, --use_lora and --lora_*), "
-                    "or train this model in another --output_dir."
-                )
+        if (mismatch := shape_mismatch(checkpoint, model)) is not None:
+            raise ValueError(
+                f"Cannot resume from checkpoint {str(checkpoint)!r}: it holds the weights of a model of another size "
+                f"({mismatch}); its files are intact. Resume with the model and the settings it was trained with "
+                "(--model_name_or_path, --countries, --cities_per_country, --use_lora and --lora_*), or train this "
+                "model in another --output_dir."
+            )
         try:
             run_state = json.loads((checkpoint / RUN_STATE_NAME).read_text(encoding="utf-8"))
             accelerator.load_state(str(checkpoint))
@@ -182,21 +174,42 @@ def resume_from(accelerator: Accelerator, candidates: list[Path], model: nn.Modu
                 f"{candidates[position + 1]}."
             )
             continue
-        # accelerate skips random states it cannot read with an INFO line; the draws then differ from an
-        # uninterrupted run's. Its own loader tells whether its restore failed.
-        states = checkpoint / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
-        try:
-            missing = RANDOM_STATE_KEYS - set(load(states))
-            problem = f"it lacks {sorted(missing)}" if missing else None
-        except (*CHECKPOINT_READ_ERRORS, TypeError) as error:
-            problem = f"{type(error).__name__}: {error}"
-        if problem is not None:
-            logger.warning(
-                f"The random states in {states} cannot be restored ({problem}); the run goes on with fresh ones, so "
-                "its random draws differ from those of an uninterrupted run.",
-                main_process_only=False,
-            )
+        warn_if_random_states_unreadable(checkpoint / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl")
         return checkpoint, run_state
+
+
+def shape_mismatch(checkpoint: Path, model: nn.Module) -> str | None:
+    """A parameter whose shape in `checkpoint`'s weights header differs from `model`'s, described; None if all fit or
+    the header cannot be read (the load then reports the file as damaged)."""
+    shapes = {name: list(value.shape) for name, value in model.state_dict().items()}
+    try:
+        with safe_open(checkpoint / SAFE_WEIGHTS_NAME, framework="pt") as saved:
+            saved_shapes = {name: saved.get_slice(name).get_shape() for name in saved.keys()}
+    except (OSError, SafetensorError):
+        return None
+    for name, shape in saved_shapes.items():
+        if name in shapes and shape != shapes[name]:
+            return (
+                f"its parameter {name!r} has shape {shape} in {SAFE_WEIGHTS_NAME}, and {shapes[name]} in the model of "
+                "this run"
+            )
+    return None
+
+
+def warn_if_random_states_unreadable(path: Path) -> None:
+    """accelerate skips random states it cannot read with an INFO line; the draws then differ from an uninterrupted
+    run's, which deserves a warning. Its own loader tells whether its restore failed."""
+    try:
+        missing = RANDOM_STATE_KEYS - set(load(path))
+        problem = f"it lacks {sorted(missing)}" if missing else None
+    except (*CHECKPOINT_READ_ERRORS, TypeError) as error:
+        problem = f"{type(error).__name__}: {error}"
+    if problem is not None:
+        logger.warning(
+            f"The random states in {path} cannot be restored ({problem}); the run goes on with fresh ones, so its "
+            "random draws differ from those of an uninterrupted run.",
+            main_process_only=False,
+        )
 
 
 def follow_schedule(lr_scheduler: LRScheduler, learning_rate: float, step: int) -> None:
