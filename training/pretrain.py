@@ -579,9 +579,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # The final folder: merged weights, heads from the trained text tower, and the processor.
     accelerator.wait_for_everyone()
+    # The DDP wrapper goes while the process group lives: a reducer that outlives the group destroys it holding the
+    # GIL, which can deadlock against gloo's worker threads as the process exits.
+    towers = accelerator.unwrap_model(towers)
+    accelerator.free_memory()
     if accelerator.is_main_process:
         if model_args.use_lora:
-            accelerator.unwrap_model(towers).clip.merge_and_unload()  # into `model`, the base of the peft model
+            towers.clip.merge_and_unload()  # into `model`, the base of the peft model
         model.set_candidates(places, prompts)
         # What the model card's training section reports (model_card/card.py reads these names).
         run_record = {
