@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 from geocoding import reverse_geocoder
+from PIL import Image
 
 from modeling_streetclip.app.sources import encoded_image, open_dataset
 from modeling_streetclip.captions import CaptionMix
@@ -104,10 +105,7 @@ class PlaceCaptioner:
             country = given["country"][row] or geocoded.country[position]
             places["country"][row] = self.country_names.get(codes[row]) or country
         captions = self.caption_mix.captions(places, row_ids)
-        skip_reasons = [
-            problem.value if problem else "" if caption is not None else "no caption template fits its place labels"
-            for problem, caption in zip(map(coordinate_problem, latitudes, longitudes), captions, strict=True)
-        ]
+        skip_reasons = list(map(_skip_reason, latitudes, longitudes, captions))
         captions = [caption or "" for caption in captions]
         return {
             "latitude": latitudes.tolist(),
@@ -169,12 +167,8 @@ class GeoCollator:
         for row in rows:
             if row["skip_reason"]:
                 continue
-            value = row[self.image_column]  # a `datasets` image value left encoded, a path or a PIL image
-            image = encoded_image(value) if isinstance(value, Mapping) else value
             try:
-                if image is None:  # an empty image cell fails as an unreadable file does
-                    raise ImageLoadError("The row has no image (its image cell is empty).")
-                images.append(load_rgb_image(image))
+                images.append(decode_image(row[self.image_column]))
                 kept.append(row)
             except (FileNotFoundError, ImageLoadError) as error:
                 # A DataLoader worker may be spawned without accelerate's process state, which its logger needs.
@@ -208,3 +202,18 @@ def caption_key(caption: str) -> int:
     """A 64-bit id of a caption, equal in every process (unlike `hash`), to find identical captions in a batch
     gathered across processes."""
     return int.from_bytes(hashlib.blake2b(caption.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def decode_image(value: Mapping | str | Image.Image | None) -> Image.Image:
+    """An RGB image from a `datasets` image value left encoded, a path or a PIL image; an empty cell is an
+    `ImageLoadError`, like an unreadable file."""
+    image = encoded_image(value)
+    if image is None:
+        raise ImageLoadError("The row has no image (its image cell is empty).")
+    return load_rgb_image(image)
+
+
+def _skip_reason(latitude: float, longitude: float, caption: str | None) -> str:
+    if (problem := coordinate_problem(latitude, longitude)) is not None:
+        return problem.value
+    return "" if caption is not None else "no caption template fits its place labels"

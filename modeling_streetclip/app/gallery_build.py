@@ -425,8 +425,7 @@ class _SourceRows(IterableDataset):
             return row_number, None, problem.describe(*given, *names), fields
         if value is None:
             return row_number, None, f"Row {row_number} has no image (column {columns.image!r} is empty).", fields
-        image = encoded_image(value) if isinstance(value, dict) else value
-        return row_number, *load_pixels(image, self.image_processor), fields
+        return row_number, *load_pixels(encoded_image(value), self.image_processor), fields
 
 
 def _field(row: dict[str, Any], name: str) -> Any:

@@ -4,7 +4,7 @@ gallery builds and `locate --dataset`: one split, columns found by the same name
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,9 +119,12 @@ class EncodedImages(Sequence):
         return selected
 
 
-def encoded_image(value: dict | None) -> ImageInput | None:
-    """What `load_rgb_image` reads for one undecoded `Image` value: its bytes, else its path (None: no image)."""
-    return None if value is None else value["bytes"] if value["bytes"] is not None else value["path"]
+def encoded_image(value: Mapping | ImageInput | None) -> ImageInput | None:
+    """What `load_rgb_image` reads for one image cell: an undecoded `Image` value's bytes, else its path; a path or a
+    PIL image as it is (None: no image)."""
+    if not isinstance(value, Mapping):
+        return value
+    return value["bytes"] if value["bytes"] is not None else value["path"]
 
 
 def row_ids(
