@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ast
 import copy
-import importlib.util
+import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +51,13 @@ class OnnxGraphs:
 def require_onnx(packages: tuple[str, ...] = ONNX_PACKAGES, purpose: str = "The ONNX export") -> None:
     """Raise an `ImportError` naming the extra to install when one of `packages` (by default the export's) is
     missing. (Not `requires_backends`: it knows none of them, and names no extra.)"""
-    if missing := [name for name in packages if importlib.util.find_spec(name) is None]:
+    missing = []
+    for name in packages:
+        try:  # an import, not `find_spec`: a package that is installed but cannot load is missing too
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
         raise ImportError(f"{purpose} needs {', '.join(missing)} (not installed); install the extra: {ONNX_EXTRA}")
 
 

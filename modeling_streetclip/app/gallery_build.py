@@ -578,9 +578,18 @@ def join_shards(
     with atomic_write(folder / BAD_ROWS_FILE) as temporary:
         lines = [json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in bad_rows]
         temporary.write_text("".join(lines), encoding="utf-8")
-    info = dict(model=options["model"], model_fingerprint=fingerprint.tolist(), embedding_dim=dim, index=factory)
-    info |= dict(nprobe=nprobe, num_rows=num_rows, num_bad_rows=len(bad_rows), source=options["source"])
-    write_json(folder / GALLERY_FILE, asdict(GalleryInfo(**info, vote=asdict(settings))))  # last: marks it complete
+    info = GalleryInfo(
+        model=options["model"],
+        model_fingerprint=fingerprint.tolist(),
+        embedding_dim=dim,
+        index=factory,
+        nprobe=nprobe,
+        num_rows=num_rows,
+        num_bad_rows=len(bad_rows),
+        source=options["source"],
+        vote=asdict(settings),
+    )
+    write_json(folder / GALLERY_FILE, asdict(info))  # last: its presence marks a complete gallery
     shutil.rmtree(folder / SHARDS_FOLDER)
     (folder / BUILD_FILE).unlink(missing_ok=True)
     # Loaded as a user loads it: `GeoGallery` copies its dataset, which must not hold the index yet.

@@ -255,9 +255,6 @@ def _locate(args: argparse.Namespace, accelerator: Accelerator, quantization: An
             main_process_first=True,
         )
     grouped = args.group_by is not None
-    settings = {name: getattr(args, name) for name in ("batch_size", "num_workers", "decision")}
-    # Pooled groups are ranked from their embeddings instead.
-    settings |= {"top_k": 1 if grouped else args.top_k, "return_embeddings": grouped, "accelerator": accelerator}
     with ExitStack() as stack:
         writer = None
 
@@ -280,7 +277,18 @@ def _locate(args: argparse.Namespace, accelerator: Accelerator, quantization: An
                 bar = tqdm(total=total, unit="img", desc="streetclip locate", file=sys.stderr, disable=writer is None)
                 progress = stack.enter_context(bar)
             model, image_processor, gallery = loaded
-            records = geolocate_images(model, image_processor, views, gallery=gallery, **settings)
+            records = geolocate_images(
+                model,
+                image_processor,
+                views,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                decision=args.decision,
+                top_k=1 if grouped else args.top_k,  # pooled groups are ranked from their embeddings instead
+                gallery=gallery,
+                return_embeddings=grouped,
+                accelerator=accelerator,
+            )
             with closing(records):  # on a failed write too, so that its DataLoader workers stop with the run
                 for key, members in pending:
                     views_done = [next(records) for _ in members]  # records come in input order
