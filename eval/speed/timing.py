@@ -142,6 +142,7 @@ def locate_rate(photos: Sequence[Path], short: int, model_dir: Path, output: Pat
     return (len(photos) - short) / max(run(len(photos)) - run(short), 1e-9)
 
 
+# load_vision's arguments written out: importing this module would add its imports to the memory measured.
 _MEMORY_CHILD = """
 import json, sys, torch
 from pathlib import Path
