@@ -247,9 +247,9 @@ def rank_gallery_places(
             strict=True,
         ):
             columns[name][image, : len(chosen)] = values[chosen]
-        for answer, distances in enumerate(vote.distances_km[chosen]):
-            shares = [vote.weights[distances <= radius].sum() / vote.weights.sum() for radius in CONFIDENCE_RADII_KM]
-            within[image, answer] = np.clip(shares, 0.0, 1.0)
+        # Each answer's share of the vote within each radius of it: (answers, neighbours, radii) summed over neighbours.
+        near = vote.distances_km[chosen][..., None] <= np.asarray(CONFIDENCE_RADII_KM)
+        within[image, : len(chosen)] = np.clip(np.einsum("anr,n->ar", near, vote.weights) / vote.weights.sum(), 0, 1)
     device = outputs.country_logits.device
     rows = {name: torch.as_tensor(columns.pop(name), device=device) for name in ("city_rows", "gallery_rows")}
     return RankedPlaces(
