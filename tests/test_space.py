@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 import weakref
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import numpy as np
@@ -38,8 +39,6 @@ from modeling_streetclip.app import world_map
 from modeling_streetclip.app.batch import geolocate_images
 from modeling_streetclip.testing_utils import random_photo
 
-
-pytest.importorskip("gradio", reason="the demo needs the [demo] extra: pip install -e '.[demo]'")
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE_DIR = ROOT / "model_card" / "space"
@@ -63,11 +62,16 @@ def _load_app(path: Path = APP_PATH):
     return module
 
 
-app = _load_app()
+@pytest.fixture(scope="module", autouse=True)
+def app() -> ModuleType:
+    """The demo's module. Loaded here, not at collection: a pytest-xdist worker that runs no test of this module
+    then never imports gradio (~3 s); and every test here skips without gradio."""
+    pytest.importorskip("gradio", reason="the demo needs the [demo] extra: pip install -e '.[demo]'")
+    return _load_app()
 
 
 @pytest.fixture(scope="module")
-def geolocator(small_streetclip_dir):
+def geolocator(app, small_streetclip_dir):
     return app.Geolocator(str(small_streetclip_dir))
 
 
@@ -99,30 +103,31 @@ def cli_error(reference):
     return error_of
 
 
-def _assert_same_answers(shown: list[dict], expected: list[dict], as_table: bool = False) -> None:
-    """`shown` answers are the `expected` ones: as the pipeline gives them, or as the table rounds them."""
+def _assert_same_answers(shown: list[dict], expected: list[dict], table: ModuleType | None = None) -> None:
+    """`shown` answers are the `expected` ones: as the pipeline gives them, or as the `table` of the demo's module
+    `app` rounds them."""
     assert len(shown) == len(expected)
     for answer, reference_answer in zip(shown, expected, strict=True):
         assert {field: answer[field] for field in TEXT_FIELDS} == {
             field: reference_answer[field] for field in TEXT_FIELDS
         }
         for field in NUMBER_FIELDS:
-            if as_table:
-                assert float(answer[field]) == app.shown_number(field, reference_answer[field])
+            if table is not None:
+                assert float(answer[field]) == table.shown_number(field, reference_answer[field])
             else:
                 assert float(answer[field]) == pytest.approx(reference_answer[field], abs=1e-6)
 
 
-def _pin_pixels(image: Image.Image, tolerance: int = 12) -> int:
-    """How many pixels of `image` have the colour of a best-answer pin."""
+def _pin_pixels(image: Image.Image, pin_color: tuple[int, int, int], tolerance: int = 12) -> int:
+    """How many pixels of `image` have the colour `pin_color` of a best-answer pin."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
-    return int((np.abs(pixels - np.array(app.PIN_COLOR)).max(axis=-1) <= tolerance).sum())
+    return int((np.abs(pixels - np.array(pin_color)).max(axis=-1) <= tolerance).sum())
 
 
 # Choosing and loading the model
 
 
-def test_model_comes_from_argument_then_environment_then_space_readme(tmp_path, monkeypatch):
+def test_model_comes_from_argument_then_environment_then_space_readme(app, tmp_path, monkeypatch):
     readme = tmp_path / "README.md"
     readme.write_text("---\nsdk: gradio\nmodels:\n- org/from-readme\n---\n# demo\n")
     monkeypatch.setenv(app.MODEL_ENV, "org/from-environment")
@@ -132,7 +137,7 @@ def test_model_comes_from_argument_then_environment_then_space_readme(tmp_path, 
     assert app.resolve_model(None, readme) == "org/from-readme"
 
 
-def test_no_model_anywhere_names_every_way_to_give_one(tmp_path, monkeypatch):
+def test_no_model_anywhere_names_every_way_to_give_one(app, tmp_path, monkeypatch):
     monkeypatch.delenv(app.MODEL_ENV, raising=False)
     readme = tmp_path / "README.md"
     readme.write_text("---\nsdk: gradio\n---\n# demo\n")
@@ -143,14 +148,14 @@ def test_no_model_anywhere_names_every_way_to_give_one(tmp_path, monkeypatch):
         app.resolve_model(None)
 
 
-def test_saved_folder_is_served_without_its_text_tower_and_plain_clip_with_it(geolocator, tiny_clip_dir):
+def test_saved_folder_is_served_without_its_text_tower_and_plain_clip_with_it(app, geolocator, tiny_clip_dir):
     assert geolocator.pipeline.model.text_model is None
     plain = app.Geolocator(str(tiny_clip_dir))
     assert plain.pipeline.model.text_model is not None
     assert len(plain.country_names) == 193
 
 
-def test_command_with_an_unloadable_model_says_so_and_exits_2(tmp_path, capsys):
+def test_command_with_an_unloadable_model_says_so_and_exits_2(app, tmp_path, capsys):
     assert app.main(["--model", str(tmp_path / "missing")]) == 2
     assert "cannot load the model" in capsys.readouterr().err
 
@@ -159,7 +164,7 @@ def test_command_with_an_unloadable_model_says_so_and_exits_2(tmp_path, capsys):
 
 
 def test_answers_are_the_pipelines_and_a_bad_file_gets_the_cli_message_while_the_rest_are_answered(
-    geolocator, reference, photos, cli_error
+    app, geolocator, reference, photos, cli_error
 ):
     results = geolocator.locate([str(photos["street"]), str(photos["broken"]), str(photos["square"])], top_k=3)
     assert [(result.number, result.name) for result in results] == [
@@ -195,7 +200,7 @@ def test_country_restriction_answers_as_restrict_countries_and_leaves_the_served
     assert restricted_model.vision_model is geolocator.pipeline.model.vision_model
 
 
-def test_table_has_a_row_per_answer_with_the_pipelines_fields(geolocator, photos):
+def test_table_has_a_row_per_answer_with_the_pipelines_fields(app, geolocator, photos):
     results = geolocator.locate([str(photos["street"]), str(photos["square"])], top_k=2)
     table = app.answers_table(results)
     assert list(table.columns) == ["photo", "file", "rank", *results[0].answers[0]]
@@ -209,7 +214,9 @@ def test_table_has_a_row_per_answer_with_the_pipelines_fields(geolocator, photos
     assert list(app.answers_table([]).columns) == ["photo", "file", "rank"]
 
 
-def test_table_shows_probabilities_to_four_significant_digits_and_coordinates_to_four_decimals(geolocator, photos):
+def test_table_shows_probabilities_to_four_significant_digits_and_coordinates_to_four_decimals(
+    app, geolocator, photos
+):
     assert app.shown_number("score", 0.09364717453718185) == 0.09365
     assert app.shown_number("joint_probability", 0.000123456) == 0.0001235
     assert app.shown_number("latitude", 35.67623456) == 35.6762
@@ -240,7 +247,7 @@ def test_photos_are_decoded_one_at_a_time_each_released_before_the_next(geolocat
     assert alive_at_each_decode == [0, 0, 0] and all(result.answers for result in results)
 
 
-def test_more_photos_than_the_maximum_are_refused_naming_the_maximum(geolocator, photos):
+def test_more_photos_than_the_maximum_are_refused_naming_the_maximum(app, geolocator, photos):
     with pytest.raises(ValueError, match=rf"^{app.MAX_PHOTOS + 1} photos in one request; at most {app.MAX_PHOTOS} "):
         geolocator.locate([str(photos["street"])] * (app.MAX_PHOTOS + 1))
     assert len(geolocator.locate([str(photos["street"])] * app.MAX_PHOTOS, top_k=1)) == app.MAX_PHOTOS
@@ -258,7 +265,7 @@ def test_a_country_given_twice_or_by_code_and_name_is_one_restriction(geolocator
 
 
 @pytest.mark.slow
-def test_the_page_deletes_stored_uploads_once_they_are_old(geolocator, photos, tmp_path, monkeypatch):
+def test_the_page_deletes_stored_uploads_once_they_are_old(app, geolocator, photos, tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
     monkeypatch.setattr(app, "CACHE_CHECK_EVERY_S", 1)
     monkeypatch.setattr(app, "CACHE_MAX_AGE_S", 1)
@@ -297,10 +304,10 @@ def _color_at(image: Image.Image, latitude: float, longitude: float) -> tuple[in
     return image.getpixel((int(x), int(y)))
 
 
-def test_map_of_one_photo_pins_every_answer_shaded_by_score_with_the_best_in_full_colour():
+def test_map_of_one_photo_pins_every_answer_shaded_by_score_with_the_best_in_full_colour(app):
     answers = [_answer("Best", 10.0, 20.0, 0.6), _answer("Second", -30.0, -60.0, 0.3), _answer("Third", 50, 100, 0.1)]
     world = app.draw_map([app.PhotoResult(1, "photo.png", answers=answers)])
-    assert _pin_pixels(app.draw_map([])) == 0
+    assert _pin_pixels(app.draw_map([]), app.PIN_COLOR) == 0
     assert _color_at(world, 10.0, 20.0) == app.PIN_COLOR
     second, third = _color_at(world, -30.0, -60.0), _color_at(world, 50.0, 100.0)
     assert second == app._blend(app.PIN_FAINT_COLOR, app.PIN_COLOR, 0.5)
@@ -310,7 +317,7 @@ def test_map_of_one_photo_pins_every_answer_shaded_by_score_with_the_best_in_ful
     assert (pixels == second).all(axis=-1).sum() > (pixels == third).all(axis=-1).sum() > 0
 
 
-def test_pins_follow_the_joint_probability_not_the_rules_score():
+def test_pins_follow_the_joint_probability_not_the_rules_score(app):
     # Under expected_distance, `score` is a distance in km (smallest first): the best pin must not be the faint one.
     best = {**_answer("Best", 10.0, 20.0, 0.6), "score": 120.0}
     second = {**_answer("Second", -30.0, -60.0, 0.3), "score": 900.0}
@@ -318,7 +325,7 @@ def test_pins_follow_the_joint_probability_not_the_rules_score():
     assert _color_at(world, -30.0, -60.0) == app._blend(app.PIN_FAINT_COLOR, app.PIN_COLOR, 0.5)
 
 
-def test_map_of_several_photos_pins_each_photos_best_answer_only():
+def test_map_of_several_photos_pins_each_photos_best_answer_only(app):
     results = [
         app.PhotoResult(1, "a.png", answers=[_answer("A", 10.0, 20.0, 0.5), _answer("A2", -30.0, -60.0, 0.4)]),
         app.PhotoResult(2, "b.png", error="unreadable"),
@@ -332,7 +339,7 @@ def test_map_of_several_photos_pins_each_photos_best_answer_only():
         assert _color_at(world, latitude, longitude) == _color_at(base, latitude, longitude)
 
 
-def test_confidence_is_said_in_words_and_past_a_continent_is_not_confident():
+def test_confidence_is_said_in_words_and_past_a_continent_is_not_confident(app):
     assert app.PhotoResult(1, "a.png", answers=[{}], region_km=419.6).confidence() == "90% within 420 km"
     far = app.PhotoResult(1, "a.png", answers=[{}], region_km=2500.0, level=0.8)
     assert far.confidence() == "not confident: 80% only within 2,500 km"
@@ -354,7 +361,7 @@ def test_the_region_holds_the_configured_share_of_the_posterior_the_heat_layer_d
         assert result.region_km <= best["radius_km"]
 
 
-def test_a_calibrated_model_s_words_are_its_answers_radius_km(small_streetclip_dir, photos, tmp_path):
+def test_a_calibrated_model_s_words_are_its_answers_radius_km(app, small_streetclip_dir, photos, tmp_path):
     # Maps that make every radius certain: the answers say 1 km, where the raw posterior of random weights is wide.
     model = StreetCLIPForGeolocation.from_pretrained(small_streetclip_dir)
     certain = {str(radius): {"x": [0.0, 1.0], "y": [1.0, 1.0]} for radius in (1, 25, 200, 750, 2500)}
@@ -373,7 +380,7 @@ def world_map_distances(answer: dict, heat: np.ndarray) -> np.ndarray:
     return great_circle_km(answer["latitude"], answer["longitude"], heat[:, 0], heat[:, 1])
 
 
-def test_map_of_one_photo_shades_the_posterior_and_circles_its_region():
+def test_map_of_one_photo_shades_the_posterior_and_circles_its_region(app):
     answers = [_answer("Best", 10.0, 20.0, 0.6), _answer("Second", -30.0, -60.0, 0.3)]
     heat = np.array([[10.0, 20.0, 0.6], [-30.0, -60.0, 0.3], [45.0, -100.0, 0.1], [-60.0, 120.0, 1e-6]])
     result = app.PhotoResult(1, "photo.png", answers=answers, heat=heat, region_km=1500.0)
@@ -476,7 +483,7 @@ print(json.dumps({
 
 @pytest.mark.slow
 def test_published_space_runs_on_the_model_repos_code_without_the_package(
-    published, small_streetclip_dir, reference, photos, cli_error, tmp_path, monkeypatch
+    app, published, small_streetclip_dir, reference, photos, cli_error, tmp_path, monkeypatch
 ):
     repo, space = published
     monkeypatch.delenv(app.MODEL_ENV, raising=False)  # the Space must find its model in its README
@@ -616,7 +623,7 @@ def server(small_streetclip_dir, server_cache, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_api_answers_with_the_map_table_and_errors(server, reference, photos):
+def test_api_answers_with_the_map_table_and_errors(app, server, reference, photos):
     from gradio_client import Client, handle_file
 
     client = Client(server, verbose=False)
@@ -628,9 +635,9 @@ def test_api_answers_with_the_map_table_and_errors(server, reference, photos):
     )
     rows = [dict(zip(table["headers"], row, strict=True)) for row in table["data"]]
     assert [row["file"] for row in rows] == ["street.png"] * 3
-    _assert_same_answers(rows, reference(str(photos["street"]), top_k=3), as_table=True)
+    _assert_same_answers(rows, reference(str(photos["street"]), top_k=3), table=app)
     assert "broken.jpg" in errors and "is not an image format Pillow can read" in errors
-    assert _pin_pixels(Image.open(world)) > 0
+    assert _pin_pixels(Image.open(world), app.PIN_COLOR) > 0
     assert "<b>1. street.png</b>: " in confidence and " within " in confidence
 
     # A country restriction is one more input; a country given twice is that country.
@@ -640,7 +647,7 @@ def test_api_answers_with_the_map_table_and_errors(server, reference, photos):
 
 
 @pytest.mark.slow
-def test_api_errors_carry_their_message(server, photos):
+def test_api_errors_carry_their_message(app, server, photos):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
@@ -651,7 +658,7 @@ def test_api_errors_carry_their_message(server, photos):
 
 
 @pytest.mark.slow
-def test_an_upload_over_the_size_limit_is_refused_and_not_stored(server, server_cache, photos):
+def test_an_upload_over_the_size_limit_is_refused_and_not_stored(app, server, server_cache, photos):
     limit = 20 * 1024 * 1024
     assert app.MAX_FILE_SIZE == "20mb"
     refused = httpx.post(f"{server}gradio_api/upload", files={"files": ("big.jpg", os.urandom(limit + 1))}, timeout=60)
@@ -740,19 +747,21 @@ def _map_screenshot(browser) -> Image.Image:
 
 
 @pytest.mark.slow
-def test_page_answers_an_uploaded_photo_as_the_pipeline_and_pins_it(server, browser, reference, photos):
+def test_page_answers_an_uploaded_photo_as_the_pipeline_and_pins_it(app, server, browser, reference, photos):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     _open_page(browser, server)
-    assert _pin_pixels(_map_screenshot(browser)) == 0
+    assert _pin_pixels(_map_screenshot(browser), app.PIN_COLOR) == 0
     _upload(browser, photos["street"])
     expected = reference(str(photos["street"]), top_k=app.DEFAULT_TOP_K)
     rows = _wait_for_rows(browser, len(expected))
     assert [row["file"] for row in rows] == ["street.png"] * len(expected)
     assert [row["rank"] for row in rows] == [str(rank) for rank in range(1, len(expected) + 1)]
-    _assert_same_answers(rows, expected, as_table=True)
-    WebDriverWait(browser, PAGE_TIMEOUT_S).until(lambda driver: _pin_pixels(_map_screenshot(driver)) > 50)
+    _assert_same_answers(rows, expected, table=app)
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(
+        lambda driver: _pin_pixels(_map_screenshot(driver), app.PIN_COLOR) > 50
+    )
     # The confidence in words, and the region's circle on the map.
     words = browser.find_element(By.ID, "confidence").text
     assert re.search(r"street\.png: (not confident: )?90% (only )?within [\d,]+ km", words), words
@@ -770,11 +779,11 @@ def test_page_answers_an_uploaded_photo_as_the_pipeline_and_pins_it(server, brow
         page.quantize(128, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(
             SCREENSHOT_PATH, optimize=True
         )
-        assert _pin_pixels(Image.open(SCREENSHOT_PATH)) > 50
+        assert _pin_pixels(Image.open(SCREENSHOT_PATH), app.PIN_COLOR) > 50
 
 
 @pytest.mark.slow
-def test_page_shows_a_bad_files_error_and_answers_the_other_photo(server, browser, reference, photos, cli_error):
+def test_page_shows_a_bad_files_error_and_answers_the_other_photo(app, server, browser, reference, photos, cli_error):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -785,4 +794,4 @@ def test_page_shows_a_bad_files_error_and_answers_the_other_photo(server, browse
     assert "1. broken.jpg" in browser.find_element(By.ID, "errors").text
     rows = _wait_for_rows(browser, app.DEFAULT_TOP_K)
     assert {row["file"] for row in rows} == {"square.jpg"}
-    _assert_same_answers(rows, reference(str(photos["square"]), top_k=app.DEFAULT_TOP_K), as_table=True)
+    _assert_same_answers(rows, reference(str(photos["square"]), top_k=app.DEFAULT_TOP_K), table=app)
