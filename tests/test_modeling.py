@@ -2,13 +2,10 @@
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,23 +147,18 @@ def test_vision_only_refuses_a_checkpoint_without_heads(tiny_clip_dir):
         StreetCLIPForGeolocation.from_pretrained(tiny_clip_dir, vision_only=True)
 
 
-@pytest.mark.slow
-def test_loads_by_repo_id_from_the_hub_cache_offline(tmp_path, small_streetclip_dir, tiny_clip_dir):
+def test_loads_by_repo_id_from_the_hub_cache_offline(tmp_path, small_streetclip_dir, tiny_clip_dir, monkeypatch):
     place_in_hub_cache(tiny_clip_dir, tmp_path, "geolocal/StreetCLIP")
     place_in_hub_cache(small_streetclip_dir, tmp_path, "someone/streetclip-small")
-    script = textwrap.dedent(
-        """
-        import modeling_streetclip
-        from modeling_streetclip import StreetCLIPForGeolocation
-        plain = StreetCLIPForGeolocation.from_pretrained("geolocal/StreetCLIP", candidate_countries=["Kenya"])
-        saved = StreetCLIPForGeolocation.from_pretrained("someone/streetclip-small", vision_only=True)
-        print(plain.candidate_places.country_names, saved.candidate_places.num_countries)
-        """
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "HF_HOME": str(tmp_path / "home")}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == f"['Kenya'] {len(SMALL_COUNTRIES)}"
+    # HF_HUB_OFFLINE=1 and HF_HUB_CACHE as a user sets them: huggingface_hub reads them into its constants at import.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    plain = StreetCLIPForGeolocation.from_pretrained("geolocal/StreetCLIP", candidate_countries=["Kenya"])
+    saved = StreetCLIPForGeolocation.from_pretrained("someone/streetclip-small", vision_only=True)
+    assert plain.candidate_places.country_names == ["Kenya"]
+    assert saved.candidate_places.num_countries == len(SMALL_COUNTRIES)
 
 
 def test_auto_classes_resolve_to_streetclip(small_streetclip_dir):
