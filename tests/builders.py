@@ -130,13 +130,22 @@ def run_pretrain_here(args: Sequence[str], datasets_cache: Path, **environment: 
     """`python training/pretrain.py ARGS` from the checkout, run as `pretrain.main(args)` in this process: it spares
     the 5 s a fresh interpreter takes to import torch, transformers and datasets. Its standard error (the log, the
     warnings, `sys.exit`'s message or the traceback, and what its child processes write) and its exit status come
-    back as a subprocess's would. Tests of the launcher, of several processes or of a killed run start a process."""
+    back as a subprocess's would. Tests of the launcher, of several processes or of a killed run start a process.
+    What the run changes in this process (Accelerate's state, random states, log levels, torch's thread count) is put
+    back as it was."""
     import datasets
     import pretrain
+    import transformers
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     random_states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    had_state = PartialState._shared_state != {}
+    shared_states = {state: dict(state._shared_state) for state in (PartialState, AcceleratorState, GradientState)}
+    # Before the loggers' levels: the first get_verbosity sets its library's logger up at the default verbosity.
+    verbosity = transformers.utils.logging.get_verbosity(), datasets.utils.logging.get_verbosity()
+    levels = {
+        name: logger.level for name, logger in logging.root.manager.loggerDict.items() if hasattr(logger, "level")
+    }
+    num_threads = torch.get_num_threads()
     root = logging.getLogger()
     root_level = root.level
     returncode = 0
@@ -174,10 +183,14 @@ def run_pretrain_here(args: Sequence[str], datasets_cache: Path, **environment: 
             finally:
                 root.removeHandler(handler)
                 root.setLevel(root_level)
-                AcceleratorState._reset_state(reset_partial_state=True)
-                GradientState._reset_state()
-                if had_state:
-                    PartialState(cpu=True)
+                for name, level in levels.items():  # the script quiets two of Accelerate's loggers, for one
+                    logging.getLogger(name).setLevel(level)
+                transformers.utils.logging.set_verbosity(verbosity[0])
+                datasets.utils.logging.set_verbosity(verbosity[1])
+                for state, shared in shared_states.items():  # the very objects, not a new state made alike
+                    state._shared_state.clear()
+                    state._shared_state.update(shared)
+                torch.set_num_threads(num_threads)
                 random.setstate(random_states[0])
                 np.random.set_state(random_states[1])
                 torch.set_rng_state(random_states[2])
