@@ -155,7 +155,11 @@ def run_pretrain_here(args: Sequence[str], datasets_cache: Path, **environment: 
         patch.setattr(datasets.config, "HF_DATASETS_CACHE", Path(datasets_cache))
         for name, value in {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **environment}.items():
             patch.setenv(name, value)
-        with open(log_path, "a", encoding="utf-8", buffering=1) as log, _stderr_fd_to(log):
+        with (
+            open(log_path, "a", encoding="utf-8", buffering=1) as log,
+            _stderr_fd_to(log),
+            contextlib.redirect_stderr(log),
+        ):
             handler = logging.StreamHandler(log)
             handler.setFormatter(logging.Formatter("%(levelname)s - %(name)s - %(message)s"))
             root.addHandler(handler)

@@ -899,6 +899,26 @@ def test_a_bad_resume_folder_is_refused_before_the_model_loads(geo_data, tmp_pat
     assert "no-such-model" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (("--warmup_ratio", "5"), "--warmup_ratio is a share of the training steps, in [0, 1]; got 5.0."),
+        (("--countries", "no-such-list.txt"), "--countries 'no-such-list.txt' cannot be read: No such file"),
+        (("--resume_from_checkpoint", "no-such-checkpoint"), "--resume_from_checkpoint folder not found"),
+    ],
+)
+def test_a_bad_option_ends_in_one_line_naming_it_with_exit_status_2(geo_data, tmp_path, options, message):
+    """They ended in a traceback and exit status 1, where `streetclip` and `eval/benchmark.py` print one line."""
+    result = run_pretrain(
+        ["--model_name_or_path", "m", "--train_data", "d", "--output_dir", str(tmp_path / "run"), *options],
+        geo_data,
+        succeeds=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"pretrain.py: error: {message}"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_resumed_run_drops_the_log_records_it_is_about_to_write_again(tmp_path):
     log = tmp_path / "log_history.jsonl"
     records = [{"step": step, "train/loss": 1.0 / step} for step in (1, 2, 3, 4)]

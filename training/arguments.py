@@ -59,7 +59,12 @@ class ModelArguments:
     def read_countries(self) -> list[str] | None:
         """The countries listed in `countries`, resolved to the paper's names; an unknown one fails with close
         matches before any model loads."""
-        return None if self.countries is None else read_country_list(self.countries)
+        if self.countries is None:
+            return None
+        try:
+            return read_country_list(self.countries)
+        except OSError as error:  # its own message names the file, not the option
+            raise type(error)(f"--countries {self.countries!r} cannot be read: {error.strerror or error}.") from None
 
 
 @dataclass

@@ -334,9 +334,14 @@ def save_final_model(
 
 
 def main(argv: list[str] | None = None) -> None:
-    model_args, data_args, training_args = parse_args(argv)
-    output_dir = Path(training_args.output_dir)
-    checkpoints_to_try = resume_candidates(training_args.resume_from_checkpoint, output_dir / "checkpoints")
+    try:  # the options, checked before anything loads; a bad one ends in one line naming it, as argparse's errors do
+        model_args, data_args, training_args = parse_args(argv)
+        output_dir = Path(training_args.output_dir)
+        checkpoints_to_try = resume_candidates(training_args.resume_from_checkpoint, output_dir / "checkpoints")
+        countries = model_args.read_countries()
+    except (OSError, ValueError) as error:
+        print(f"pretrain.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
     accelerator = Accelerator(
         gradient_accumulation_steps=training_args.gradient_accumulation_steps,
         mixed_precision=training_args.mixed_precision,
@@ -364,8 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     # Model: heads for the requested candidates; all text (prompts, captions) goes through the processor.
-    countries, cities = model_args.read_countries(), model_args.cities_per_country
-    settings = {"candidate_countries": countries, "cities_per_country": cities}
+    settings = {"candidate_countries": countries, "cities_per_country": model_args.cities_per_country}
     processor = StreetCLIPProcessor.from_pretrained(model_args.model_name_or_path)
     model = StreetCLIPForGeolocation.from_pretrained(
         model_args.model_name_or_path, processor=processor, **{key: value for key, value in settings.items() if value}
