@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", required=True, type=Path, help="folder for the five output files")
     parser.add_argument("--image_dir", type=Path, help="folder of the images a metadata CSV names (CSV only)")
     parser.add_argument(
-        "--split", default="test", help="dataset split to read; a dataset with one split is read whatever this says"
+        "--split",
+        default="test",
+        help="dataset split to read (default: %(default)s); a dataset with one split is read whatever this says",
     )
     for name, help in (
         ("id", "column of image ids (default: IMG_ID, img_id, id, ... when present)"),
@@ -75,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="read CSV ids that are absolute paths or climb out of --image_dir with '..' (refused by default)",
     )
     parser.add_argument("--limit", type=arguments.int_at_least(1), help="score only the first N rows")
-    parser.add_argument("--top_k", type=arguments.int_at_least(1), default=1, help="answers per image, first scored")
+    parser.add_argument(
+        "--top_k",
+        type=arguments.int_at_least(1),
+        default=1,
+        help="answers per image, first scored (default: %(default)s)",
+    )
     arguments.add_decision_arguments(parser)
     arguments.add_batch_arguments(parser)
     arguments.add_placement_arguments(parser)

@@ -354,7 +354,7 @@ def main() -> None:
     parser.add_argument("--lean", nargs="*", default=["PQ64", "PQ96"], help="PQ code sizes tried as lean options")
     parser.add_argument("--pipeline", action="store_true", help="also measure the gallery's share at ViT-L/14-336")
     parser.add_argument("--build", action="store_true", help="the default index through the build's own path")
-    parser.add_argument("--throughput", action="store_true", help="images/s of `streetclip index build` (see above)")
+    parser.add_argument("--throughput", action="store_true", help="images/s of `streetclip index build` over JPEGs")
     parser.add_argument("--recall_queries", type=int, default=500, help="--build: queries searched exactly too")
     parser.add_argument("--workdir", help="folder for --build's gallery (default: the system's temporary folder)")
     parser.add_argument("--batch_size", type=int, default=8, help="images per call (--pipeline, --throughput)")

@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="Timed training steps per scale.")
     parser.add_argument("--images", type=int, default=512, help="Photos in the generated image folder.")
     parser.add_argument("--photo_size", type=int, nargs=2, default=(640, 480), help="Width and height of each photo.")
-    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (the script's default is 4).")
+    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (default: %(default)s)")
     parser.add_argument("--geocoding_points", type=int, default=1_000_000)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the training step.")
     args = parser.parse_args()

@@ -37,7 +37,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--split", default="test", help="dataset split to read (default: %(default)s)")
     calibrate.add_argument("--output", required=True, type=Path, metavar="DIR", help="the model folder to write")
     calibrate.add_argument(
-        "--holdout", type=float, default=0.3, help="share of photos kept out of the fit, to measure on (%(default)s)"
+        "--holdout",
+        type=float,
+        default=0.3,
+        help="share of photos kept out of the fit, to measure on (default: %(default)s)",
     )
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the held-out draw (default: %(default)s)")
     calibrate.add_argument("--batch_size", type=int_at_least(1), default=32, help="photos per forward pass")
