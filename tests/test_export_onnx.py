@@ -2,6 +2,7 @@
 PyTorch model's outputs without PyTorch, an int8 twin, and the errors of a command line that cannot run."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -231,6 +232,19 @@ def test_command_writes_the_folder_and_prints_each_graph(small_streetclip_dir, t
     before = (tmp_path / "web" / ONNX_FOLDER / GRAPH_FILE).stat().st_mtime_ns
     assert run_export(capsys, small_streetclip_dir, "--output", tmp_path / "web", "--overwrite")[0] == 0
     assert (tmp_path / "web" / ONNX_FOLDER / GRAPH_FILE).stat().st_mtime_ns != before
+
+
+@pytest.mark.slow
+def test_command_prints_only_the_graphs_without_the_exporters_notes(small_streetclip_dir, tmp_path):
+    """torch's exporter logged four "torchvision is not installed" lines and its pytree a FutureWarning at every
+    export: noise about a package this one does not use. A fresh process, since torch logs them once per process."""
+    command = [sys.executable, "-m", "modeling_streetclip.cli", "export", str(small_streetclip_dir)]
+    result = subprocess.run(
+        [*command, "--output", str(tmp_path / "web")], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2
+    assert "torchvision" not in result.stderr and "Warning" not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("package", ["onnx", "onnxruntime", "onnxscript"])

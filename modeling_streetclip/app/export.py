@@ -7,6 +7,7 @@ import ast
 import copy
 import importlib
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -104,18 +105,28 @@ def export_onnx(model: StreetCLIPForGeolocation, onnx_dir: str | Path) -> OnnxGr
     module = _GraphModule(model).eval()
     size = model.config.vision_config.image_size
     example = torch.zeros(2, 3, size, size, dtype=torch.float32)  # two, so that the batch axis is not fixed to 1
-    # The dynamo exporter, not TorchScript's: half the nodes, static head sizes, module paths that pick what to quantize.
-    program = torch.onnx.export(
-        module,
-        (example,),
-        dynamo=True,
-        opset_version=OPSET_VERSION,
-        input_names=[INPUT_NAME],
-        output_names=list(module.names),
-        dynamic_shapes=({0: torch.export.Dim("batch_size", min=1)},),
-        external_data=False,
-        verbose=False,
-    )
+    # Quiet: torchvision's ops are missing by design (not a dependency), and torch's pytree warns of its own API.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            # The dynamo exporter, not TorchScript's: half the nodes, static head sizes, module paths that pick what
+            # to quantize.
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                opset_version=OPSET_VERSION,
+                input_names=[INPUT_NAME],
+                output_names=list(module.names),
+                dynamic_shapes=({0: torch.export.Dim("batch_size", min=1)},),
+                external_data=False,
+                verbose=False,
+            )
+    finally:
+        registration.setLevel(level)
     graph = program.model_proto
     quantized_nodes = _encoder_linear_nodes(graph)
     # The exporter's notes (stack traces with this machine's paths) are a third of a small graph's bytes.
