@@ -23,7 +23,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from timing import command_seconds, interleaved_medians, machine_line, save_small_streetclip, write_jpegs
+from timing import command_seconds, interleaved_medians, machine_line, save_small_streetclip, steady_rate, write_jpegs
 
 from modeling_streetclip.gallery_index import recommended_index, trained_index
 
@@ -219,7 +219,7 @@ def measure_throughput(args: argparse.Namespace) -> None:
                     arguments = ["index", "build", folder, "--model", model, "--output", output]
                     arguments += ["--batch_size", args.batch_size, "--num_workers", 1, "--device", "cpu"]
                     seconds[count] = command_seconds(arguments, processes=processes, threads=threads)
-                rate = (images - short) / max(seconds[images] - seconds[short], 1e-9)
+                rate = steady_rate(images, short, seconds[images], seconds[short])
                 print(
                     f"  index build, {scale}, {processes} process(es) x {threads} thread(s), 1 worker each: "
                     f"{rate:.1f} img/s ({images} images, batch {args.batch_size})",

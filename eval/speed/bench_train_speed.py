@@ -96,6 +96,10 @@ def main() -> None:
     parser.add_argument("--geocoding_points", type=int, default=1_000_000)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the training step.")
     args = parser.parse_args()
+    if args.images < (needed := 2 * max(SCALES[name][1] for name in args.scales)):
+        parser.error(
+            f"--images must be at least {needed}: two batches, since the first (workers starting) is not timed"
+        )
     PartialState()  # the data module logs through accelerate
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import transformers
 from bench_gallery_index import write_photo_folder
 from PIL import Image
-from timing import command_seconds, noise_photos, seconds, vision_forward
+from timing import command_seconds, noise_photos, seconds, steady_rate, vision_forward
 from transformers import pipeline
 
 from modeling_streetclip import CandidatePlaces, StreetCLIPForGeolocation, StreetCLIPProcessor
@@ -103,11 +103,6 @@ def synchronized_seconds(run: Callable[[], object], device: str) -> float:
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     synchronize()
     return seconds(lambda: (run(), synchronize()))
-
-
-def steady_rate(images: int, part: int, images_s: float, part_s: float) -> float:
-    """Images/s once running: what a call over `images` adds to one over `part`; nan when they are one batch."""
-    return (images - part) / (images_s - part_s) if images > part and images_s > part_s else float("nan")
 
 
 def check_dtype(model_dir: Path, dtype: str, args: argparse.Namespace, inputs: dict) -> dict:

@@ -139,7 +139,13 @@ def locate_rate(photos: Sequence[Path], short: int, model_dir: Path, output: Pat
         arguments = ["locate", *photos[:count], "--model", model_dir, "--output", output, *options]
         return command_seconds(arguments, **placement)
 
-    return (len(photos) - short) / max(run(len(photos)) - run(short), 1e-9)
+    return steady_rate(len(photos), short, run(len(photos)), run(short))
+
+
+def steady_rate(images: int, part: int, images_s: float, part_s: float) -> float:
+    """Images/s once running: what a run over `images` adds to one over `part`; nan where that cannot be measured
+    (the same count, or the longer run not slower: too few images for the machine's noise)."""
+    return (images - part) / (images_s - part_s) if images > part and images_s > part_s else float("nan")
 
 
 # load_vision's arguments written out: importing this module would add its imports to the memory measured.
