@@ -42,7 +42,9 @@ class ModelArguments:
         "Modules that get adapters: CLIP's attention projections in both towers.",
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
     )
-    train_logit_scale: bool = _help("Learn CLIP's temperature, as CLIP's own pretraining does.", default=True)
+    train_logit_scale: bool = _help(
+        "Learn CLIP's temperature, as CLIP's own pretraining does (the --no_ form keeps it fixed).", default=True
+    )
     max_logit_scale: float = _help("CLIP clamps its logit scale at 100 to keep training stable.", default=100.0)
     gradient_checkpointing: bool = _help("Recompute activations in the backward pass: less memory.", default=False)
 
@@ -133,7 +135,9 @@ class TrainingArguments:
     warmup_ratio: float = _help("Warmup as a share of the steps: shields the pretrained weights.", default=0.05)
     num_train_epochs: int = _help("Epochs over the training data, unless --max_steps.", default=1)
     max_steps: int | None = _help("Optimiser steps; overrides --num_train_epochs.", default=None)
-    dataloader_drop_last: bool = _help("Drop a short last batch: a tiny contrastive batch is weak.", default=True)
+    dataloader_drop_last: bool = _help(
+        "Drop a short last batch, since a tiny contrastive batch is weak (the --no_ form keeps it).", default=True
+    )
     mixed_precision: str | None = _help("no, fp16 or bf16; default: the `accelerate config` choice.", default=None)
     checkpointing_steps: int = _help("Save the full training state every N steps.", default=500)
     checkpoints_total_limit: int | None = _help("Keep only the newest N checkpoints; default: all.", default=None)
