@@ -39,8 +39,8 @@ TITLE_THRESHOLDS_KM = (25, 200, 750, 2500)
 OUTPUT_FILES = ("predictions.csv", "metrics.json", "error_cdf.png", "world_map.png", "reliability.png")
 PREDICTION_COLUMNS = (
     "id true_latitude true_longitude predicted_latitude predicted_longitude distance_km predicted_country "
-    "predicted_country_code predicted_region predicted_city score country_score joint_probability within_km radius_km "
-    "calibrated runner_ups error"
+    "predicted_country_code predicted_region predicted_city score country_score joint_probability expected_distance_km "
+    "within_km radius_km calibrated runner_ups error"
 ).split()
 
 
@@ -103,6 +103,7 @@ def prediction_line(
         places = ("latitude", "longitude", "country", "country_code", "region", "city")
         line |= {f"predicted_{key}": best.get(key) for key in places}
         line |= {key: best[key] for key in ("score", "country_score", "joint_probability", "radius_km", "calibrated")}
+        line["expected_distance_km"] = best.get("expected_distance_km")  # only under the rule that orders by it
         line |= {"distance_km": distance_km, "within_km": json.dumps(best["within_km"])}
         line["runner_ups"] = json.dumps(runner_ups, ensure_ascii=False) if runner_ups else None
     return {column: spreadsheet_safe(value) for column, value in line.items()}

@@ -224,6 +224,22 @@ def test_limit_takes_the_first_rows_and_top_k_adds_runner_ups(
     assert (metrics["num_inputs"], metrics["num_evaluated"], metrics["top_k"]) == (4, 3, 3)
 
 
+def test_expected_distance_writes_the_distance_it_orders_by(
+    small_streetclip_dir, image_folder, metadata_csv, tmp_path, script_run
+):
+    """predictions.csv lacked expected_distance_km, so that rule's order could not be checked from the file."""
+    benchmark.main(
+        ["--model", str(small_streetclip_dir), "--data", str(metadata_csv), "--image_dir", str(image_folder)]
+        + ["--output_dir", str(tmp_path), "--limit", "4", "--top_k", "3", "--decision", "expected_distance"]
+        + ["--num_workers", "0", "--device", "cpu"]
+    )
+    for row in _read_predictions(tmp_path)[:3]:  # the fourth is the corrupt image
+        distances = [float(row["expected_distance_km"])]
+        distances += [answer["expected_distance_km"] for answer in json.loads(row["runner_ups"])]
+        assert distances == sorted(distances) and distances[0] > 0
+    assert {row["expected_distance_km"] for row in _read_predictions(script_run[0])} == {""}  # greedy: none
+
+
 def test_onnx_runtime_backend_scores_the_graph_as_the_pytorch_model(
     script_run, small_streetclip_dir, image_folder, metadata_csv, tmp_path
 ):
