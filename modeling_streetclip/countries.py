@@ -108,17 +108,22 @@ def country_code_or_empty(name: str) -> str:
 
 
 def read_country_list(path: str | os.PathLike) -> list[str]:
-    """The countries a text file lists, one name or ISO code per line (`#` comments skipped); `OSError` when it
-    cannot be read, `ValueError` naming the file and line otherwise."""
+    """The countries a small regular UTF-8 text file lists, one name or ISO code per line (`#` comments skipped);
+    `OSError` when it cannot be read, `ValueError` naming the file (and line) otherwise."""
     path = Path(path)
-    if not stat.S_ISREG(path.stat().st_mode):
-        raise ValueError(f"{str(path)!r} is not a regular file; give a text file with one country per line.")
-    with path.open("rb") as file:
-        data = file.read(MAX_COUNTRY_LIST_BYTES + 1)
-    if len(data) > MAX_COUNTRY_LIST_BYTES:
+    status = path.stat()  # before opening: a fifo would block, a device could yield any amount
+    if not stat.S_ISREG(status.st_mode):
+        kind = "a folder: it is not" if stat.S_ISDIR(status.st_mode) else "not"
+        raise ValueError(f"{str(path)!r} is {kind} a regular file; give a text file with one country per line.")
+    size = status.st_size
+    if size <= MAX_COUNTRY_LIST_BYTES:
+        with path.open("rb") as file:
+            data = file.read(MAX_COUNTRY_LIST_BYTES + 1)  # bounded: the file may have grown since `stat`
+        size = max(size, len(data))
+    if size > MAX_COUNTRY_LIST_BYTES:
         raise ValueError(
-            f"{str(path)!r} is larger than {MAX_COUNTRY_LIST_BYTES:,} bytes; a country list has one country name or "
-            "ISO code per line."
+            f"{str(path)!r} is larger than {MAX_COUNTRY_LIST_BYTES:,} bytes (it holds {size:,} bytes); a country "
+            "list has one country name or ISO code per line."
         )
     try:
         text = data.decode("utf-8")

@@ -5,7 +5,6 @@ import glob
 import logging
 import os
 import re
-import stat
 from functools import cache
 from pathlib import Path
 from typing import TextIO
@@ -14,9 +13,6 @@ from . import UsageError
 
 
 logger = logging.getLogger(__name__)
-
-# A --countries file lists at most a few hundred short lines; anything far larger is not one (and /dev/zero never ends).
-MAX_COUNTRIES_FILE_BYTES = 1024 * 1024
 
 
 @cache
@@ -110,22 +106,12 @@ def group_views(paths: list[str], pattern: re.Pattern) -> list[tuple[str, list[s
 
 
 def read_countries(path: Path) -> list[str]:
-    """The countries of a --countries file (`countries.read_country_list`): a regular file of at most
-    MAX_COUNTRIES_FILE_BYTES, since a device or a pipe could hold any amount of text."""
+    """The countries of a --countries file, read by `countries.read_country_list`, whose errors name the option."""
     from ..countries import read_country_list
 
     try:
-        status = os.stat(path)
-        if stat.S_ISREG(status.st_mode) and status.st_size <= MAX_COUNTRIES_FILE_BYTES:
-            return read_country_list(path)
+        return read_country_list(path)
     except OSError as error:
-        raise UsageError(f"cannot read --countries {str(path)!r}: {error}") from None
-    except ValueError as error:
-        raise UsageError(f"--countries: {error}") from None
-    if not stat.S_ISREG(status.st_mode):
-        kind = "a folder" if stat.S_ISDIR(status.st_mode) else "not a regular file (a device, pipe or socket)"
-        raise UsageError(f"--countries {str(path)!r} is {kind}; give a text file with one country per line.")
-    raise UsageError(
-        f"--countries {str(path)!r} holds {status.st_size:,} bytes, where a list of countries, one per line, takes a "
-        f"few kB (at most {MAX_COUNTRIES_FILE_BYTES:,} bytes are read); is it the right file?"
-    )
+        raise UsageError(f"cannot read --countries {str(path)!r}: {error.strerror or error}.") from None
+    except ValueError as error:  # its message begins with the quoted path
+        raise UsageError(f"--countries {error}") from None
