@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 
 import timing
-import torch
 from transformers import AutoImageProcessor
 
 from modeling_streetclip import load_rgb_image
@@ -30,10 +29,9 @@ def bare_rate(model_dir: Path, photos: list[Path], args: argparse.Namespace) -> 
     images = [load_rgb_image(path) for path in photos]
     pixels = AutoImageProcessor.from_pretrained(model_dir)(images=images, return_tensors="pt")["pixel_values"]
     batches = pixels.to(model.device, model.dtype).split(args.batch_size)
-    synchronize = torch.cuda.synchronize if args.device == "cuda" else lambda: None
     forward = timing.vision_forward
     forward(model, batches[0][:1])  # one-off kernel setup
-    return len(photos) / timing.seconds(lambda: ([forward(model, batch) for batch in batches], synchronize()))
+    return len(photos) / timing.synchronized_seconds(lambda: [forward(model, batch) for batch in batches], args.device)
 
 
 def main() -> None:

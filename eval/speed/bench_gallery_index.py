@@ -9,11 +9,9 @@
 """
 
 import argparse
-import csv
 import multiprocessing
 import os
 import resource
-import shutil
 import statistics
 import tempfile
 import time
@@ -23,7 +21,14 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from timing import command_seconds, interleaved_medians, machine_line, save_small_streetclip, steady_rate, write_jpegs
+from timing import (
+    build_rate,
+    interleaved_medians,
+    machine_line,
+    random_points,
+    save_small_streetclip,
+    write_photo_folder,
+)
 
 from modeling_streetclip.gallery_index import recommended_index, trained_index
 
@@ -183,17 +188,6 @@ def measure_build(args: argparse.Namespace) -> None:
     )
 
 
-def write_photo_folder(folder: Path, count: int) -> Path:
-    """`count` JPEGs with a metadata.csv of points on Earth: an image folder `index build` reads."""
-    photos = write_jpegs(folder, count)
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["file_name", "latitude", "longitude"])
-        writer.writerows([path.name, rng.uniform(-80, 80), rng.uniform(-180, 180)] for path in photos)
-    return folder
-
-
 def measure_throughput(args: argparse.Namespace) -> None:
     """`--throughput`: images/s of `streetclip index build` at each model size, on one process and on several."""
     from modeling_streetclip.testing_utils import VIT_B_16, save_random_clip, save_tiny_clip_checkpoint
@@ -210,16 +204,11 @@ def measure_throughput(args: argparse.Namespace) -> None:
         root = Path(workdir)
         for scale, (save_clip, images) in scales.items():
             model = save_small_streetclip(save_clip(root / scale / "clip"), root / scale / "streetclip")
-            folders = {count: write_photo_folder(root / scale / str(count), count) for count in (images, short)}
+            folders = {count: write_photo_folder(root / scale / str(count), count) for count in {images, short}}
+            options = ("--batch_size", args.batch_size, "--num_workers", 1, "--device", "cpu")
             for processes, threads in configs:
-                seconds = {}
-                for count, folder in folders.items():
-                    output = root / scale / "gallery"
-                    shutil.rmtree(output, ignore_errors=True)
-                    arguments = ["index", "build", folder, "--model", model, "--output", output]
-                    arguments += ["--batch_size", args.batch_size, "--num_workers", 1, "--device", "cpu"]
-                    seconds[count] = command_seconds(arguments, processes=processes, threads=threads)
-                rate = steady_rate(images, short, seconds[images], seconds[short])
+                run = (folders[images], folders[short], model, root / scale / "gallery", *options)
+                _, rate = build_rate(*run, processes=processes, threads=threads)
                 print(
                     f"  index build, {scale}, {processes} process(es) x {threads} thread(s), 1 worker each: "
                     f"{rate:.1f} img/s ({images} images, batch {args.batch_size})",
@@ -303,21 +292,21 @@ def measure_pipeline_share(args: argparse.Namespace) -> None:
     from transformers import pipeline
 
     from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
-    from modeling_streetclip.app.gallery_build import attach_index
     from modeling_streetclip.decisions import rank_gallery_places
-    from modeling_streetclip.gallery_store import GalleryInfo, GeoGallery
+    from modeling_streetclip.gallery_store import EMBEDDING_COLUMN, GalleryInfo, GeoGallery
     from modeling_streetclip.gallery_vote import VoteSettings
     from modeling_streetclip.testing_utils import random_photo, save_random_vit_l
 
     rng = np.random.default_rng(1)
     rows, _ = gallery_rows("clustered", args.rows, args.dim, rng, unit_rows(rng, CLUSTERS, args.dim))
-    latitudes = np.degrees(np.arcsin(rng.uniform(-1, 1, args.rows)))
-    longitudes = rng.uniform(-180, 180, args.rows)
+    latitudes, longitudes = random_points(rng, args.rows).T
     embeddings = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), args.dim)
     table = pa.table({"embedding": embeddings, "latitude": latitudes, "longitude": longitudes})
     dataset = datasets.Dataset(datasets.table.InMemoryTable(table))
     begin = time.perf_counter()
-    factory, nprobe = attach_index(dataset, args.dim, "auto")
+    factory = recommended_index(args.rows, args.dim).factory
+    index, nprobe = trained_index(factory, args.dim, args.rows, lambda positions: rows[positions])
+    dataset.add_faiss_index(EMBEDDING_COLUMN, custom_index=index, batch_size=CHUNK_ROWS)
     print(
         f"\npipeline share: gallery of {args.rows:,} clustered rows, {factory} (nprobe {nprobe}) built in "
         f"{time.perf_counter() - begin:.0f} s"

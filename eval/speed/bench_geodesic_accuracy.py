@@ -6,15 +6,10 @@ from pathlib import Path
 
 import evaluate
 import numpy as np
-from timing import seconds, speed_parser, timed
+from timing import random_points, seconds, speed_parser, timed
 
 
 METRIC_DIR = Path(__file__).resolve().parents[1] / "geodesic_accuracy"
-
-
-def random_points(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Points spread uniformly over the sphere, as (n, 2) [lat, lon] in degrees."""
-    return np.column_stack([np.degrees(np.arcsin(rng.uniform(-1.0, 1.0, n))), rng.uniform(-180.0, 180.0, n)])
 
 
 def haversine_km_loop(points_a: list, points_b: list, radius_km: float) -> list[float]:

@@ -14,7 +14,7 @@ from contrastive import ContrastiveTowers, contrastive_loss
 from data import GeoCollator, PlaceCaptioner, caption_dataset, load_geo_dataset
 from geocoding import reverse_geocoder
 from PIL import Image
-from timing import seconds, speed_parser, timed
+from timing import random_points, seconds, speed_parser, timed
 from torch.utils.data import DataLoader
 from transformers import CLIPConfig, CLIPImageProcessorPil
 
@@ -49,8 +49,7 @@ def write_photos(folder: Path, count: int, size: tuple[int, int]) -> None:
 
 
 def time_geocoding(points: int) -> float:
-    rng = np.random.default_rng(0)
-    latitudes, longitudes = np.degrees(np.arcsin(rng.uniform(-1, 1, points))), rng.uniform(-180, 180, points)
+    latitudes, longitudes = random_points(np.random.default_rng(0), points).T
     geocoder = reverse_geocoder()
     return points / seconds(lambda: geocoder.lookup(latitudes, longitudes))
 

@@ -12,16 +12,22 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
-from bench_gallery_index import write_photo_folder
 from PIL import Image
-from timing import command_seconds, noise_photos, seconds, steady_rate, vision_forward
+from timing import (
+    build_rate,
+    noise_photos,
+    seconds,
+    steady_rate,
+    synchronized_seconds,
+    vision_forward,
+    write_photo_folder,
+)
 from transformers import pipeline
 
 from modeling_streetclip import CandidatePlaces, StreetCLIPForGeolocation, StreetCLIPProcessor
@@ -98,13 +104,6 @@ def save_probe_model(workdir: Path, size: str, device: str, photos_per_city: int
     return workdir / "probe"
 
 
-def synchronized_seconds(run: Callable[[], object], device: str) -> float:
-    """Seconds of `run` with the device's queued work included."""
-    synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
-    synchronize()
-    return seconds(lambda: (run(), synchronize()))
-
-
 def check_dtype(model_dir: Path, dtype: str, args: argparse.Namespace, inputs: dict) -> dict:
     """Load `dtype` without the text tower on the device, time the bare forward and the pipeline, and answer the
     held-out photos; returns the figures."""
@@ -149,13 +148,10 @@ def build_rates(model_dir: Path, workdir: Path, args: argparse.Namespace) -> tup
     """Images/s of `streetclip index build` in bfloat16, over one command and in steady state (as the pipeline's)."""
     count = args.steps * args.batch_size
     quarter = max(args.batch_size, count // 4)
-    took = {}
-    for photos in dict.fromkeys([count, quarter]):
-        folder = write_photo_folder(workdir / f"photos-{photos}", photos)
-        arguments = ["index", "build", folder, "--model", model_dir, "--output", workdir / f"gallery-{photos}"]
-        arguments += ["--batch_size", args.batch_size, "--num_workers", args.num_workers, "--dtype", "bfloat16"]
-        took[photos] = command_seconds([*arguments, "--device", "cuda" if args.device.startswith("cuda") else "cpu"])
-    return count / took[count], steady_rate(count, quarter, took[count], took.get(quarter, took[count]))
+    folders = {photos: write_photo_folder(workdir / f"photos-{photos}", photos) for photos in {count, quarter}}
+    options = ["--batch_size", args.batch_size, "--num_workers", args.num_workers, "--dtype", "bfloat16"]
+    options += ["--device", "cuda" if args.device.startswith("cuda") else "cpu"]
+    return build_rate(folders[count], folders[quarter], model_dir, workdir / "gallery", *options)
 
 
 def main() -> int:

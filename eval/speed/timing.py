@@ -1,9 +1,12 @@
-"""What the speed scripts share: their command line, photos, a small StreetCLIP folder, the bare vision forward,
-interleaved timing, `streetclip` commands in their own process, and a fresh process's memory."""
+"""What the speed scripts share: their command line, photos and photo folders, points on Earth, a small StreetCLIP
+folder, the bare vision forward, interleaved and synchronized timing, `streetclip` commands in their own process, and
+a fresh process's memory."""
 
 import argparse
+import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,6 +61,22 @@ def write_jpegs(folder: Path, count: int) -> list[Path]:
     return paths
 
 
+def random_points(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Points spread uniformly over the sphere, as (n, 2) [lat, lon] in degrees."""
+    return np.column_stack([np.degrees(np.arcsin(rng.uniform(-1.0, 1.0, n))), rng.uniform(-180.0, 180.0, n)])
+
+
+def write_photo_folder(folder: Path, count: int) -> Path:
+    """`count` JPEGs with a metadata.csv of points on Earth: an image folder `index build` reads."""
+    photos = write_jpegs(folder, count)
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["file_name", "latitude", "longitude"])
+        writer.writerows([path.name, rng.uniform(-80, 80), rng.uniform(-180, 180)] for path in photos)
+    return folder
+
+
 def save_small_streetclip(clip_dir: Path, path: Path) -> Path:
     """`clip_dir` as a StreetCLIP folder of six countries of five cities: heads that are quick to build and cost nothing
     beside the towers."""
@@ -86,6 +105,13 @@ def timed(function: Callable[[], T]) -> tuple[T, float]:
 
 def seconds(function: Callable[[], object]) -> float:
     return timed(function)[1]
+
+
+def synchronized_seconds(run: Callable[[], object], device: str) -> float:
+    """Seconds of `run` with the device's queued work included."""
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    synchronize()
+    return seconds(lambda: (run(), synchronize()))
 
 
 def interleaved_medians(methods: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -140,6 +166,23 @@ def locate_rate(photos: Sequence[Path], short: int, model_dir: Path, output: Pat
         return command_seconds(arguments, **placement)
 
     return steady_rate(len(photos), short, run(len(photos)), run(short))
+
+
+def build_rate(photos: Path, short: Path, model_dir: Path, output: Path, *options, **placement) -> tuple[float, float]:
+    """Images/s of `streetclip index build` over the folder `photos` (`write_photo_folder`'s): over the whole command,
+    start-up included, and once started, what it adds to a run over the smaller folder `short` (nan when `short` is
+    `photos`); `placement` goes to `command_seconds`."""
+
+    def run(folder: Path) -> float:
+        shutil.rmtree(output, ignore_errors=True)
+        return command_seconds(
+            ["index", "build", folder, "--model", model_dir, "--output", output, *options], **placement
+        )
+
+    images, part = (sum(1 for _ in folder.glob("*.jpg")) for folder in (photos, short))
+    images_s = run(photos)
+    part_s = run(short) if short != photos else images_s
+    return images / images_s, steady_rate(images, part, images_s, part_s)
 
 
 def steady_rate(images: int, part: int, images_s: float, part_s: float) -> float:
