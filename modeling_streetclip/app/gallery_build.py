@@ -59,8 +59,6 @@ SHARDS_FOLDER, SHARD_NAME, BUILD_FILE = "shards", re.compile(r"rows-(\d+)-(\d+)\
 # A source column of one of these names (other than the coordinates read) is refused.
 GALLERY_COLUMNS = ("source_row", EMBEDDING_COLUMN, "latitude", "longitude", "image_path")
 ERROR_COLUMN = "error"
-# Rows handed to `add_faiss_index` at a time: 64k x 768 float32 is 200 MB.
-ADD_BATCH_ROWS = 65_536
 # Errors of a build step on the main process that every process of a launch raises with it.
 BUILD_ERRORS = (OSError, ValueError, ImportError)
 _AFRESH = "pass --overwrite to start afresh"
@@ -622,18 +620,4 @@ def _record_repeats(table: pa.Table, id_column: str | None, source: str) -> list
     return errors
 
 
-def attach_index(
-    rows: datasets.Dataset, dim: int, index: str, nprobe: int | None = None, train_size: int | None = None
-) -> tuple[str, int | None]:
-    """Index `rows[EMBEDDING_COLUMN]` with `index` (a factory string, or `"auto"`) through `add_faiss_index`, trained
-    by `trained_index`; returns the factory string and the lists it probes (None: none)."""
-    factory = recommended_index(len(rows), dim).factory if index == AUTO_INDEX else index
-    numpy_rows = rows.with_format("numpy", columns=[EMBEDDING_COLUMN])
-    faiss_index, nprobe = trained_index(
-        factory, dim, len(rows), lambda positions: numpy_rows[positions][EMBEDDING_COLUMN], nprobe, train_size
-    )
-    rows.add_faiss_index(EMBEDDING_COLUMN, custom_index=faiss_index, batch_size=ADD_BATCH_ROWS)
-    return factory, nprobe
-
-
-__all__ = ["GalleryBuild", "ShardWriter", "attach_index", "build_gallery", "join_shards"]
+__all__ = ["GalleryBuild", "ShardWriter", "build_gallery", "join_shards"]
