@@ -903,7 +903,7 @@ def test_a_bad_resume_folder_is_refused_before_the_model_loads(geo_data, tmp_pat
     ("options", "message"),
     [
         (("--warmup_ratio", "5"), "--warmup_ratio is a share of the training steps, in [0, 1]; got 5.0."),
-        (("--countries", "no-such-list.txt"), "--countries 'no-such-list.txt' cannot be read: No such file"),
+        (("--countries", "no-such-list.txt"), "cannot read --countries 'no-such-list.txt': No such file"),
         (("--resume_from_checkpoint", "no-such-checkpoint"), "--resume_from_checkpoint folder not found"),
     ],
 )

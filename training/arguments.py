@@ -66,7 +66,7 @@ class ModelArguments:
         try:
             return read_country_list(self.countries)
         except OSError as error:  # its own message names the file, not the option
-            raise type(error)(f"--countries {self.countries!r} cannot be read: {error.strerror or error}.") from None
+            raise type(error)(f"cannot read --countries {self.countries!r}: {error.strerror or error}.") from None
 
 
 @dataclass
