@@ -160,15 +160,16 @@ def run(args: argparse.Namespace, accelerator: Accelerator, quantization: object
     # As `streetclip locate` loads it: a saved folder with heads without its text tower, its processor checked.
     graph, dtype = graph_file_for(args.backend, args.quantize), getattr(torch, args.dtype)
     model, processor = on_each(lambda: load_model(args.model, accelerator.device, dtype, None, quantization, graph))
+    image_processor = processor.image_processor
     gallery = None
     if args.gallery is not None:
-        gallery = on_each(lambda: load_gallery(args.gallery, model, processor, args.model))
+        gallery = on_each(lambda: load_gallery(args.gallery, model, image_processor, args.model))
 
     start = time.perf_counter()
     positions, images = benchmark.scorable()
     answers, image_errors = {}, {}  # by the row's position: the answers, or why the image could not be read
     settings = {name: getattr(args, name) for name in ("top_k", "batch_size", "num_workers", "decision")}
-    records = geolocate_images(model, processor, images, accelerator=accelerator, gallery=gallery, **settings)
+    records = geolocate_images(model, image_processor, images, accelerator=accelerator, gallery=gallery, **settings)
     main = accelerator.is_main_process
     for record in tqdm(records, total=len(positions), desc=benchmark.name, unit="image", disable=not main):
         if record.error is None:

@@ -1,5 +1,6 @@
 """Test-only helpers: photo folders, a Hub cache laid out by hand, a fresh interpreter without this package, the
-browser's request log, the gallery vote's answers alone, and training/pretrain.py run in this process."""
+browser's request log, the gallery vote's answers alone, a count of processor loads, and training/pretrain.py run in
+this process."""
 
 import contextlib
 import json
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from modeling_streetclip import StreetCLIPProcessor
 from modeling_streetclip.gallery_vote import neighbor_vote
 from modeling_streetclip.testing_utils import random_photo
 
@@ -94,6 +96,18 @@ def requested_urls(chromium) -> list[str]:
 def kernel_vote(*args, **kwargs) -> list[tuple[int, float]]:
     """`neighbor_vote`'s answers `(position, score)`, best first."""
     return neighbor_vote(*args, **kwargs).answers
+
+
+def count_processor_loads(monkeypatch) -> list[str]:
+    """The names `StreetCLIPProcessor.from_pretrained` is called with from now on, in the order of the calls."""
+    loads, load = [], StreetCLIPProcessor.from_pretrained.__func__
+
+    def counted(cls, name, *args, **kwargs):
+        loads.append(str(name))
+        return load(cls, name, *args, **kwargs)
+
+    monkeypatch.setattr(StreetCLIPProcessor, "from_pretrained", classmethod(counted))
+    return loads
 
 
 CHECKOUT = Path(__file__).resolve().parents[1]

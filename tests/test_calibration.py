@@ -6,7 +6,7 @@ import json
 import numpy as np
 import publish
 import pytest
-from builders import run_as_hub_user
+from builders import count_processor_loads, run_as_hub_user
 from transformers import pipeline
 
 from modeling_streetclip import CandidatePlaces, StreetCLIPForGeolocation, StreetCLIPProcessor
@@ -83,10 +83,14 @@ print(json.dumps({"answers": geolocate(sys.argv[2], top_k=2)}))
 
 
 @pytest.mark.slow
-def test_the_calibration_survives_every_save_path_and_vision_only_loading(capsys, tmp_path, small_streetclip_dir):
+def test_the_calibration_survives_every_save_path_and_vision_only_loading(
+    capsys, tmp_path, small_streetclip_dir, monkeypatch
+):
     photos = write_geo_imagefolder(tmp_path / "photos", photos_per_city=9, seed=0)
+    loads = count_processor_loads(monkeypatch)
     status, out, _ = run(capsys, "--model", small_streetclip_dir, "--data", photos, "--output", tmp_path / "cal")
     assert status == 0 and "ECE before" in out
+    assert loads == [str(small_streetclip_dir)]  # the processor it checked is the one it saves
     report = json.loads((tmp_path / "cal" / "calibration.json").read_text())
     assert report["num_held_out"] == 32 and set(report["held_out_after"]["ece"]) == {"1", "25", "200", "750", "2500"}
     model = StreetCLIPForGeolocation.from_pretrained(tmp_path / "cal")

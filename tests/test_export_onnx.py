@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import count_processor_loads
 from transformers import AutoConfig, AutoProcessor, pipeline
 
 from modeling_streetclip import StreetCLIPConfig, StreetCLIPForGeolocation, StreetCLIPProcessor
@@ -216,9 +217,11 @@ def run_export(capsys, *argv) -> tuple[int, str, str]:
     return status, captured.out, captured.err
 
 
-def test_command_writes_the_folder_and_prints_each_graph(small_streetclip_dir, tmp_path, capsys):
+def test_command_writes_the_folder_and_prints_each_graph(small_streetclip_dir, tmp_path, capsys, monkeypatch):
+    loads = count_processor_loads(monkeypatch)
     status, out, err = run_export(capsys, small_streetclip_dir, "--output", tmp_path / "web")
     assert status == 0, err
+    assert loads == [str(small_streetclip_dir)]  # the processor it checked is the one it saves
     printed = [line.split("\t")[0] for line in out.splitlines()]
     assert printed == [str(tmp_path / "web" / ONNX_FOLDER / name) for name in (GRAPH_FILE, QUANTIZED_GRAPH_FILE)]
     outputs = run_graph(tmp_path / "web" / ONNX_FOLDER / GRAPH_FILE, pixels(2, seed=5))

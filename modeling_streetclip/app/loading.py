@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from ..gallery_store import GeoGallery
     from ..modeling_streetclip import StreetCLIPForGeolocation
+    from ..processing_streetclip import StreetCLIPProcessor
 
 
 # The files of a model folder that shape answers (configs, candidate tables, weights; see `model_fingerprint`).
@@ -56,9 +57,9 @@ def load_model(
     quantization_config: Any = None,
     graph: str | None = None,
     vision_only: bool | str = "auto",
-) -> tuple[StreetCLIPForGeolocation, Any]:
-    """The model and its image processor on `device`, restricted to `countries` and quantized when asked; with a
-    `graph` file of `onnx/`, the model that runs it in ONNX Runtime. `vision_only=False` keeps the text tower."""
+) -> tuple[StreetCLIPForGeolocation, StreetCLIPProcessor]:
+    """The model on `device` and its processor, restricted to `countries` and quantized when asked; with a `graph`
+    file of `onnx/`, the model that runs it in ONNX Runtime. `vision_only=False` keeps the text tower."""
     from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
@@ -70,7 +71,7 @@ def load_model(
     bad = (OSError, ValueError, ImportError, TypeError, KeyError, RuntimeError, SafetensorError, StrictDataclassError)
     _check_model_reachable(name)
     try:
-        image_processor = StreetCLIPProcessor.from_pretrained(name).image_processor
+        processor = StreetCLIPProcessor.from_pretrained(name)
         if graph is not None:
             from .export import OnnxRuntimeModel
 
@@ -80,13 +81,13 @@ def load_model(
             model = StreetCLIPForGeolocation.from_pretrained(name, **options)
     except bad as error:
         raise UsageError(f"cannot load --model {name!r}: {error}") from None
-    _check_image_processor(image_processor, model.config.vision_config.image_size, name)
+    _check_image_processor(processor.image_processor, model.config.vision_config.image_size, name)
     if countries is not None:
         try:
             model.restrict_countries(countries)
         except ValueError as error:
             raise UsageError(f"--countries: {error}") from None
-    return model.to(device), image_processor
+    return model.to(device), processor
 
 
 def _check_model_reachable(name: str) -> None:
@@ -184,7 +185,8 @@ def load_on_every_process(
     device = "cpu" if quantization_config is not None or graph is not None else accelerator.device
 
     def load() -> tuple[StreetCLIPForGeolocation, Any, GeoGallery | None]:
-        model, image_processor = load_model(name, device, getattr(torch, dtype), countries, quantization_config, graph)
+        model, processor = load_model(name, device, getattr(torch, dtype), countries, quantization_config, graph)
+        image_processor = processor.image_processor
         return model, image_processor, None if gallery is None else load_gallery(gallery, model, image_processor, name)
 
     return on_every_process(accelerator, load, main_process_first=True)

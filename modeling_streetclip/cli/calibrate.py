@@ -57,18 +57,17 @@ def calibrate_command(args: argparse.Namespace) -> int:
     from ..app.benchmark_data import load_benchmark
     from ..app.calibration import calibrate
     from ..app.loading import load_model
-    from ..processing_streetclip import StreetCLIPProcessor
 
     try:
         benchmark = load_benchmark(args.data, image_dir=args.image_dir, split=args.split)
     except (OSError, ValueError, ImportError) as error:
         raise UsageError(str(error)) from None
     # With its text tower and in its own dtype, so that DIR is as complete as the model it copies.
-    model, image_processor = load_model(args.model, "cpu", "auto", None, vision_only=False)
-    report = calibrate(model, image_processor, benchmark, args.holdout, args.seed, args.batch_size)
+    model, processor = load_model(args.model, "cpu", "auto", None, vision_only=False)
+    report = calibrate(model, processor.image_processor, benchmark, args.holdout, args.seed, args.batch_size)
     try:
         model.save_pretrained(args.output)
-        StreetCLIPProcessor.from_pretrained(args.model).save_pretrained(args.output)
+        processor.save_pretrained(args.output)
         (args.output / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     except OSError as error:
         raise UsageError(f"cannot write --output {str(args.output)!r}: {error}") from None

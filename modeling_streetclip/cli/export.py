@@ -44,7 +44,6 @@ def export_command(args: argparse.Namespace) -> int:
 
     from ..app.export import GRAPH_FILE, ONNX_FOLDER, QUANTIZED_GRAPH_FILE, require_onnx, save_onnx_folder
     from ..app.loading import load_model
-    from ..processing_streetclip import StreetCLIPProcessor
 
     try:
         require_onnx()
@@ -58,8 +57,7 @@ def export_command(args: argparse.Namespace) -> int:
             f"--output {str(args.output)!r} already holds {', '.join(existing)}; pass --overwrite to replace them, or "
             "name another folder."
         )
-    model, _ = load_model(args.model, "cpu", torch.float32, countries=None)
-    processor = StreetCLIPProcessor.from_pretrained(args.model)
+    model, processor = load_model(args.model, "cpu", torch.float32, countries=None)
     try:
         graphs = save_onnx_folder(model, processor, args.output)
     except OSError as error:
