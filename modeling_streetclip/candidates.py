@@ -152,6 +152,15 @@ class CandidatePlaces:
             f"{close_matches_hint(name, self.country_names)}"
         )
 
+    def country_rows(self, names: Sequence[str]) -> list[int]:
+        """`country_index` of each of `names`, refusing a country named twice (its cities would count twice)."""
+        rows: dict[int, str] = {}
+        for name in names:
+            if (row := self.country_index(name)) in rows:
+                raise ValueError(f"{rows[row]!r} and {name!r} both name {self.country_names[row]}; name it once.")
+            rows[row] = name
+        return list(rows)
+
     def select(self, country_rows: Sequence[int]) -> tuple["CandidatePlaces", list[int], list[int]]:
         """The sub-table of the given country rows, with the old rows of its cities and regions (for the heads)."""
         new_country = {old: new for new, old in enumerate(country_rows)}

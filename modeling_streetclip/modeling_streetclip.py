@@ -304,7 +304,7 @@ class StreetCLIPForGeolocation(CLIPModel):
 
     def restrict_countries(self, countries: list[str]) -> None:
         """Keep only `countries` (names or ISO codes) subsetting the heads (per call: `country_rows`)."""
-        kept = [self.candidate_places.country_index(name) for name in countries]
+        kept = self.candidate_places.country_rows(countries)
         if not kept:
             raise ValueError("restrict_countries needs at least one country.")
         places, city_rows, region_rows = self.candidate_places.select(kept)

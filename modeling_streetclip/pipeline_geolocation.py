@@ -113,7 +113,7 @@ class GeolocationPipeline(Pipeline):
             )
         if not countries:
             raise ValueError("candidate_countries is empty; give at least one of the model's candidate countries.")
-        return [self.model.candidate_places.country_index(name) for name in countries]
+        return self.model.candidate_places.country_rows(countries)
 
     def _checked_gallery(self, gallery: "str | os.PathLike | GeoGallery") -> GeoGallery:
         """The gallery `gallery` names, loaded and checked against this pipeline's model once."""

@@ -305,6 +305,7 @@ def test_candidate_countries_on_a_call_answer_as_a_model_restricted_to_them(
         (["JP", "Atlantis"], ValueError, "'Atlantis' is not one of the 6 candidate countries of this model"),
         (["Germany"], ValueError, "'Germany' is not one of the 6 candidate countries"),
         ([], ValueError, "candidate_countries is empty"),
+        (["JP", "Japan"], ValueError, "'JP' and 'Japan' both name Japan; name it once"),  # its cities counted twice
         ("JP", TypeError, "candidate_countries must be a list of country names or ISO codes"),
     ],
 )
