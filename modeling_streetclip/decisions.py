@@ -74,6 +74,17 @@ def check_decision(decision: str, gallery: GeoGallery | str | None) -> None:
         )
 
 
+def check_country_restriction(decision: str, option: str = "candidate_countries") -> None:
+    """Refuse fewer countries under a gallery rule: its photos vote wherever they are, and each answer would take the
+    name of the restricted table's nearest city, in another country."""
+    if decision in GALLERY_DECISIONS:
+        raise ValueError(
+            f"{option} does not apply to decision={decision!r}: the gallery's photos vote wherever they are. Use a "
+            f"zero-shot decision ({', '.join(ZERO_SHOT_DECISIONS)}) with {option}, or a gallery of those countries' "
+            "photos."
+        )
+
+
 def rank(
     model: StreetCLIPForGeolocation,
     outputs: GeolocationOutput,
@@ -85,12 +96,8 @@ def rank(
     """Each image's `top_k` answers under `decision`, as columns `(batch_size, k)` named as `format_answers`'
     parameters; `country_rows` restricts a zero-shot rule to those countries, and the gallery rules refuse it."""
     decision = default_decision(gallery) if decision is None else decision
-    if decision in GALLERY_DECISIONS and country_rows is not None:
-        raise ValueError(
-            f"candidate_countries does not apply to decision={decision!r}: the gallery's photos vote wherever they "
-            f"are. Use a zero-shot decision ({', '.join(ZERO_SHOT_DECISIONS)}) with candidate_countries, or a gallery of "
-            "those countries' photos."
-        )
+    if country_rows is not None:
+        check_country_restriction(decision)
     check_decision(decision, gallery)
     if decision in GALLERY_DECISIONS:
         ranked = rank_gallery_places(model, outputs, gallery, decision, top_k)

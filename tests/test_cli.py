@@ -335,6 +335,8 @@ def test_unknown_country_is_a_usage_error_that_lists_close_matches(capsys, tmp_p
         ("output without a record of its options", "record of the options that wrote it is missing"),
         ("overwrite without an output", "--overwrite needs --output"),
         ("group_by without a capture group", "has no capture group"),
+        # The gallery's photos vote wherever they are; answers would take the names of the few countries' cities.
+        ("countries with a gallery rule", "--countries does not apply to decision='gallery'"),
         pytest.param(
             "cuda without a CUDA device",
             "torch sees no CUDA device",
@@ -356,6 +358,12 @@ def test_usage_errors_exit_with_status_two_and_say_what_is_wrong(
         "output without a record of its options": ["--top_k", 3, "--output", tmp_path / "top3.csv"],
         "overwrite without an output": ["--overwrite"],
         "group_by without a capture group": ["--group_by", "pano_[0-9]+"],
+        "countries with a gallery rule": [
+            "--countries",
+            tmp_path / "countries.txt",
+            "--gallery",
+            tmp_path / "gallery",
+        ],
         "cuda without a CUDA device": ["--device", "cuda"],
     }[case]
     inputs = [] if case == "no inputs" else [tmp_path / "photos"]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..app import EXIT_OK, EXIT_SOME_FAILED, UsageError, arguments
 from ..app.loading import graph_file_for, load_on_every_process, model_fingerprint, quantization_config_for
+from ..decisions import check_country_restriction
 
 
 if TYPE_CHECKING:
@@ -225,6 +226,11 @@ def _check_invocation(args: argparse.Namespace) -> None:
             "use --backend torch."
         )
     args.decision = arguments.decision_from(args)
+    if args.countries is not None:
+        try:
+            check_country_restriction(args.decision, "--countries")
+        except ValueError as error:
+            raise UsageError(str(error)) from None
 
 
 def locate_command(args: argparse.Namespace) -> int:
