@@ -126,7 +126,7 @@ def read_country_list(path: str | os.PathLike) -> list[str]:
             "list has one country name or ISO code per line."
         )
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # Windows editors start UTF-8 with a byte-order mark
     except UnicodeDecodeError as error:
         raise ValueError(f"{str(path)!r} is not UTF-8 text: {error.reason} at byte {error.start}.") from None
     lines = ((number, line.split("#")[0].strip()) for number, line in enumerate(text.splitlines(), start=1))

@@ -295,6 +295,12 @@ def test_a_table_from_a_config_follows_its_candidate_settings():
     assert CandidatePlaces.from_config(config) == CandidatePlaces.from_geonames(["Kenya", "Japan"], 2)
 
 
+def test_a_country_list_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
+    path = tmp_path / "countries.txt"
+    path.write_text("France\nJP\n", encoding="utf-8-sig")
+    assert read_country_list(path) == ["France", "Japan"]
+
+
 def test_country_list_file_skips_comments_and_blanks_and_resolves_codes(tmp_path):
     path = tmp_path / "countries.txt"
     path.write_text("# where our photos come from\nJP\n\nFrance  # mainland\nczechia\n", encoding="utf-8")
