@@ -74,6 +74,23 @@ def test_calibrate_refuses_a_holdout_that_is_not_a_share(capsys, tmp_path, small
     assert status == 2 and "--holdout must be a share strictly between 0 and 1" in err
 
 
+@pytest.mark.parametrize(
+    ("holdout", "split"),
+    [
+        ("0.995", "holds out 107 of the 108 photos and fits on the other 1"),
+        ("0.05", "holds out 5 of the 108 photos and fits on the other 103"),
+    ],
+)
+def test_calibrate_refuses_a_holdout_that_leaves_too_few_photos_to_fit_or_measure_on(
+    capsys, tmp_path, small_streetclip_dir, holdout, split
+):
+    photos = write_geo_imagefolder(tmp_path / "photos", photos_per_city=9, seed=0)
+    arguments = ("--model", small_streetclip_dir, "--data", photos, "--output", tmp_path / "out", "--holdout", holdout)
+    status, _, err = run(capsys, *arguments)
+    assert status == 2 and f"--holdout {holdout} {split}; calibrating needs at least 30 to measure on and 70" in err
+    assert not (tmp_path / "out").exists()
+
+
 REMOTE_SCRIPT = """
 import json, sys
 from transformers import pipeline

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
 # ECE over equal-mass bins (Nixon et al., 2019): equal-width ones leave a peaked confidence's middle nearly empty.
 NUM_BINS = 10
-# With the default hold-out of 0.3, 30 photos to measure on (3 a bin) and 70 to fit three temperatures on.
-MIN_PHOTOS = 100
+# Photos to measure on (3 a bin) and to fit three temperatures on: 100 in all meet both at the default hold-out, 0.3.
+MIN_HELD_OUT, MIN_FITTED = 30, 70
+MIN_PHOTOS = MIN_HELD_OUT + MIN_FITTED
 # A confidence is stated to a hundredth of a percent: finer differences are noise that must not split ties.
 CONFIDENCE_DECIMALS = 4
 
@@ -106,6 +107,13 @@ def calibrate(
             f"{benchmark.name} has {len(benchmark.rows)} labelled photos; calibrating needs at least {MIN_PHOTOS}, part "
             f"held out to measure the calibration error on."
         )
+    cut = round(holdout * len(benchmark.rows))
+    if cut < MIN_HELD_OUT or len(benchmark.rows) - cut < MIN_FITTED:
+        raise UsageError(
+            f"--holdout {holdout} holds out {cut} of the {len(benchmark.rows)} photos and fits on the other "
+            f"{len(benchmark.rows) - cut}; calibrating needs at least {MIN_HELD_OUT} to measure on and {MIN_FITTED} to "
+            "fit on."
+        )
     records = list(
         geolocate_images(model, image_processor, benchmark.images, batch_size=batch_size, return_embeddings=True)
     )
@@ -117,10 +125,7 @@ def calibrate(
         outputs = model.locate_embeddings(embeds)
     positions = list(range(len(truths)))
     random.Random(seed).shuffle(positions)
-    cut = round(holdout * len(positions))
     held_out, fitting = positions[:cut], positions[cut:]
-    if not held_out or not fitting:
-        raise UsageError(f"--holdout {holdout} leaves no photos to {'measure' if not held_out else 'fit'} on.")
 
     def hits(rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
         return answer_hits([answers[0] for answers in rank_answers(model, _select(outputs, rows))], truths[rows])
