@@ -32,7 +32,7 @@ import transformers.modeling_utils
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration
-from arguments import DataArguments, ModelArguments
+from arguments import LR_SCHEDULERS, DataArguments, ModelArguments
 from builders import pretrain_args, run_pretrain_here
 from contrastive import ContrastiveTowers, contrastive_loss, gather_across_processes
 from data import GeoCollator, PlaceCaptioner, caption_dataset, caption_key, load_geo_dataset
@@ -52,7 +52,7 @@ from pretrain import (
 )
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
-from transformers import AutoImageProcessor, AutoTokenizer, get_scheduler, pipeline
+from transformers import AutoImageProcessor, AutoTokenizer, SchedulerType, get_scheduler, pipeline
 
 import modeling_streetclip
 from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
@@ -905,18 +905,44 @@ def test_a_bad_resume_folder_is_refused_before_the_model_loads(geo_data, tmp_pat
         (("--warmup_ratio", "5"), "--warmup_ratio is a share of the training steps, in [0, 1]; got 5.0."),
         (("--countries", "no-such-list.txt"), "cannot read --countries 'no-such-list.txt': No such file"),
         (("--resume_from_checkpoint", "no-such-checkpoint"), "--resume_from_checkpoint folder not found"),
+        (("--lr_scheduler_type", "bogus"), "--lr_scheduler_type must be one of linear, cosine,"),
+        (("--lr_scheduler_type", "reduce_lr_on_plateau"), "--lr_scheduler_type must be one of"),
+        (("--report_to", "bogus"), "--report_to 'bogus': Unsupported logging capability: bogus."),
+        (
+            ("--caption_template_probabilities", "0.3", "0.3"),
+            "bad --caption_templates or --caption_template_probabilities: Got 1 caption templates but 2",
+        ),
+        (
+            ("--caption_templates", "A photo in {continent}."),
+            "bad --caption_templates or --caption_template_probabilities: Caption templates use ['continent']",
+        ),
+        (("--caption_templates", "A photo in {country"), "bad --caption_templates or"),
     ],
 )
 def test_a_bad_option_ends_in_one_line_naming_it_with_exit_status_2(geo_data, tmp_path, options, message):
-    """They ended in a traceback and exit status 1, where `streetclip` and `eval/benchmark.py` print one line."""
+    """They ended in a traceback and exit status 1, where `streetclip` and `eval/benchmark.py` print one line; some
+    only after the model and the data had loaded (a Hub id such as `m` is left to the loaders, which fail offline)."""
     result = run_pretrain(
         ["--model_name_or_path", "m", "--train_data", "d", "--output_dir", str(tmp_path / "run"), *options],
         geo_data,
         succeeds=False,
     )
-    assert result.returncode == 2
+    assert_refused_at_start_up(result, message)
+
+
+def assert_refused_at_start_up(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"pretrain.py: error: {message}"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_accepted_lr_schedulers_build_from_the_steps_alone():
+    """The names --lr_scheduler_type accepts are transformers' and step as the script steps them."""
+    for name in LR_SCHEDULERS:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        scheduler = get_scheduler(SchedulerType(name), optimizer, 1, 10)
+        optimizer.step()
+        scheduler.step()
 
 
 def test_a_resumed_run_drops_the_log_records_it_is_about_to_write_again(tmp_path):

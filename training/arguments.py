@@ -3,9 +3,25 @@
 
 from dataclasses import Field, dataclass, field
 
+from accelerate.tracking import filter_trackers
+from data import PLACE_FIELDS
+
 from modeling_streetclip.app import DEFAULT_NUM_WORKERS
 from modeling_streetclip.captions import CaptionMix
 from modeling_streetclip.countries import read_country_list
+
+
+# transformers' schedulers that follow from the warmup and training steps alone: the others need arguments this script
+# does not pass (min_lr, num_decay_steps) or step on a metric.
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 
 
 def _check_range(arguments, names: tuple[str, ...], minimum: float, below: float | None = None) -> None:
@@ -107,6 +123,11 @@ class DataArguments:
             self, ("shuffle_buffer_size", "max_train_samples", "max_eval_samples", "preprocessing_num_workers"), 1
         )
         _check_range(self, ("dataloader_num_workers",), 0)
+        if self.caption_templates is not None or self.caption_template_probabilities is not None:
+            try:  # CaptionMix's own checks, and those of its fields on rows of no data; the model's template stands in
+                self.caption_mix("{country}", seed=0).captions({name: [] for name in PLACE_FIELDS}, [])
+            except ValueError as error:
+                raise ValueError(f"bad --caption_templates or --caption_template_probabilities: {error}") from None
 
     def caption_mix(self, default_template: str, seed: int) -> CaptionMix:
         """The caption templates and their probabilities, validated; the model's caption template by default."""
@@ -164,6 +185,15 @@ class TrainingArguments:
             raise ValueError(f"--warmup_ratio is a share of the training steps, in [0, 1]; got {self.warmup_ratio}.")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
+        if self.lr_scheduler_type not in LR_SCHEDULERS:
+            raise ValueError(
+                f"--lr_scheduler_type must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler_type!r}."
+            )
+        if self.report_to != "none":
+            try:  # accelerate's check of the names, before the Accelerator starts
+                filter_trackers(self.report_to, logging_dir=self.output_dir)
+            except ValueError as error:
+                raise ValueError(f"--report_to {self.report_to!r}: {error}") from None
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError(
                 "--push_to_hub needs --hub_model_id NAMESPACE/NAME, checked now rather than after training."
