@@ -936,6 +936,38 @@ def assert_refused_at_start_up(result: subprocess.CompletedProcess, message: str
     assert "Traceback" not in result.stderr
 
 
+CONFIG = "model_name_or_path: m\ntrain_data: d\noutput_dir: run\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("run.yaml", "train_data: [d\n", "not valid YAML: expected ',' or ']', but got '<stream end>' at line 2,"),
+        ("run.yaml", "- train_data\n", "holds a list, not option names with their values"),
+        ("run.yaml", "model_name_or_path: m\n", "the following arguments are required: --train_data/--train-data,"),
+        (
+            "run.yaml",
+            f"{CONFIG}learning_rate: abc\n",
+            "argument --learning_rate/--learning-rate: invalid float value: 'abc'",
+        ),
+        ("run.yaml", f"{CONFIG}max_steps: 1.5\n", "argument --max_steps/--max-steps: invalid int value: '1.5'"),
+        ("run.yaml", f"{CONFIG}no_such_option: 1\n", "Some specified arguments are not used by the HfArgumentParser"),
+        ("run.json", '{"learning_rate": ', "Expecting value: line 1 column 19"),
+        ("missing.yaml", None, "No such file or directory."),
+    ],
+)
+def test_a_bad_config_file_ends_in_one_line_naming_it(geo_data, tmp_path, name, text, message):
+    """A YAML or JSON file went to the dataclasses unchecked: malformed YAML, a missing option or a value of the wrong
+    type ended in a traceback (`learning_rate: abc` in a TypeError from a comparison)."""
+    config = tmp_path / name
+    if text is None:
+        message = f"cannot read {str(config)!r}: {message}"
+    else:
+        config.write_text(text, encoding="utf-8")
+        message = f"{config}: {message}"
+    assert_refused_at_start_up(run_pretrain_here([str(config)], geo_data["cache"]), message)
+
+
 def test_the_accepted_lr_schedulers_build_from_the_steps_alone():
     """The names --lr_scheduler_type accepts are transformers' and step as the script steps them."""
     for name in LR_SCHEDULERS:

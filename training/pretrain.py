@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
@@ -73,15 +74,48 @@ CHECKPOINT_READ_ERRORS = (*CHECKPOINT_WRITE_ERRORS, EOFError, KeyError, ValueErr
 RANDOM_STATE_KEYS = frozenset({"random_state", "numpy_random_seed", "torch_manual_seed"})
 
 
+class ConfigFileParser(HfArgumentParser):
+    """Raises argparse's complaints about a config file's options, for `main` to print in one line naming the file."""
+
+    def error(self, message: str):
+        raise ValueError(message)
+
+
+def config_file_options(path: str) -> list[str]:
+    """The options of a YAML or JSON file as command-line arguments (a list gives several values; null, the default),
+    so that argparse checks their names, types and presence as it does on the command line."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = json.load(file) if path.endswith(".json") else yaml.safe_load(file)
+    except OSError as error:
+        raise type(error)(f"cannot read {path!r}: {error.strerror or error}.") from None
+    except yaml.YAMLError as error:  # its message spans lines and repeats the path
+        mark = getattr(error, "problem_mark", None)
+        where = f"{error.problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else str(error)
+        raise ValueError(f"not valid YAML: {' '.join(where.split())}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"holds a {type(config).__name__}, not option names with their values")
+    options = []
+    for name, value in config.items():
+        if value is not None:
+            options += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
+    return options
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """Arguments from the command line, or from a single YAML or JSON file holding the same names."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    dataclass_types = (ModelArguments, DataArguments, TrainingArguments)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        parse_file = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        model_args, data_args, training_args = parse_file(os.path.abspath(argv[0]))
+        try:
+            options = config_file_options(argv[0])
+            model_args, data_args, training_args = ConfigFileParser(dataclass_types).parse_args_into_dataclasses(
+                args=options
+            )
+        except ValueError as error:
+            raise ValueError(f"{argv[0]}: {error}") from None
     else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        model_args, data_args, training_args = HfArgumentParser(dataclass_types).parse_args_into_dataclasses(args=argv)
     if data_args.streaming and training_args.max_steps is None:
         raise ValueError("A streamed data set has no length to count epochs in: give --max_steps with --streaming.")
     return model_args, data_args, training_args
