@@ -917,6 +917,9 @@ def test_a_bad_resume_folder_is_refused_before_the_model_loads(geo_data, tmp_pat
             "bad --caption_templates or --caption_template_probabilities: Caption templates use ['continent']",
         ),
         (("--caption_templates", "A photo in {country"), "bad --caption_templates or"),
+        (("--model_name_or_path", "./no-such-model"), "--model_name_or_path './no-such-model': nothing is at that"),
+        (("--train_data", "./no-such-data"), "--train_data './no-such-data': nothing is at that path, and it is not"),
+        (("--eval_data", "runs/a/no-such-data"), "--eval_data 'runs/a/no-such-data': nothing is at that path"),
     ],
 )
 def test_a_bad_option_ends_in_one_line_naming_it_with_exit_status_2(geo_data, tmp_path, options, message):
@@ -966,6 +969,15 @@ def test_a_bad_config_file_ends_in_one_line_naming_it(geo_data, tmp_path, name, 
         config.write_text(text, encoding="utf-8")
         message = f"{config}: {message}"
     assert_refused_at_start_up(run_pretrain_here([str(config)], geo_data["cache"]), message)
+
+
+def test_an_output_dir_that_is_or_lies_in_a_file_is_refused_at_start_up(geo_data, tmp_path):
+    (tmp_path / "notes.txt").write_text("")
+    for output_dir in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "run"):
+        result = run_pretrain_here(
+            ["--model_name_or_path", "m", "--train_data", "d", "--output_dir", str(output_dir)], geo_data["cache"]
+        )
+        assert_refused_at_start_up(result, f"--output_dir '{output_dir}': '{tmp_path / 'notes.txt'}' is a file")
 
 
 def test_the_accepted_lr_schedulers_build_from_the_steps_alone():

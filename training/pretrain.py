@@ -33,6 +33,7 @@ from transformers import HfArgumentParser, get_scheduler
 
 from modeling_streetclip import CandidatePrompts, StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.app.files import atomic_write, write_json
+from modeling_streetclip.gallery_store import names_a_missing_folder
 
 
 try:
@@ -119,6 +120,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     if data_args.streaming and training_args.max_steps is None:
         raise ValueError("A streamed data set has no length to count epochs in: give --max_steps with --streaming.")
     return model_args, data_args, training_args
+
+
+def check_paths(model_args: ModelArguments, data_args: DataArguments, output_dir: Path) -> None:
+    """Refuse, before anything loads, a model or data path with nothing there (a Hub id is left to the loaders, which
+    read it the same way) and an --output_dir that is, or lies in, a file."""
+    sources = {"model_name_or_path": model_args.model_name_or_path, "train_data": data_args.train_data}
+    for option, source in {**sources, "eval_data": data_args.eval_data}.items():
+        if source is not None and names_a_missing_folder(source):
+            raise FileNotFoundError(
+                f"--{option} {source!r}: nothing is at that path, and it is not a Hub id (ORG/NAME)."
+            )
+    existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"--output_dir {str(output_dir)!r}: {str(existing)!r} is a file, not a folder.")
 
 
 def set_trainable_parameters(model: StreetCLIPForGeolocation, args: ModelArguments) -> nn.Module:
@@ -373,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         output_dir = Path(training_args.output_dir)
         checkpoints_to_try = resume_candidates(training_args.resume_from_checkpoint, output_dir / "checkpoints")
         countries = model_args.read_countries()
+        check_paths(model_args, data_args, output_dir)
     except (OSError, ValueError) as error:
         print(f"pretrain.py: error: {error}", file=sys.stderr)
         sys.exit(2)
