@@ -21,7 +21,6 @@ from accelerate import Accelerator
 from plots import plot_error_cdf, plot_reliability, plot_world_map, run_title
 from tqdm.auto import tqdm
 
-from modeling_streetclip.answers import CONFIDENCE_RADII_KM
 from modeling_streetclip.app import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError, arguments
 from modeling_streetclip.app.batch import geolocate_images
 from modeling_streetclip.app.benchmark_data import DEFAULT_CSV_ENCODING, BenchmarkRow, ColumnNames, load_benchmark
@@ -29,6 +28,7 @@ from modeling_streetclip.app.calibration import answer_hits, radius_errors
 from modeling_streetclip.app.distributed import make_accelerator, on_every_process, on_main_process, quiet_unless_main
 from modeling_streetclip.app.loading import graph_file_for, load_gallery, load_model, quantization_config_for
 from modeling_streetclip.app.records import spreadsheet_safe
+from modeling_streetclip.geodesy import CONFIDENCE_RADII_KM
 
 
 METRIC_DIR = Path(__file__).resolve().parent / "geodesic_accuracy"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from .geodesy import CONFIDENCE_RADII_KM
 
-# The radii of `within_km`: the geodesic_accuracy metric's DEFAULT_THRESHOLDS_KM (a test holds them equal).
-CONFIDENCE_RADII_KM = (1, 25, 200, 750, 2500)
+
 # The fields an answer lists after its place's own, in order, each from its column of `decisions.RankedPlaces`.
 _ANSWER_COLUMNS = {
     "score": "scores",

@@ -1,13 +1,16 @@
 """Configuration of StreetCLIP: CLIP's configuration plus every geolocation setting."""
 
 import math
+import reprlib
 from collections.abc import Sequence
 from dataclasses import field
+from itertools import pairwise
 
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig, PretrainedConfig
 
 from .captions import render_template, template_list
+from .geodesy import CONFIDENCE_RADII_KM
 
 
 # Hub arguments that every file of a checkpoint (configuration, weights, processor) is resolved with.
@@ -162,15 +165,19 @@ class StreetCLIPConfig(CLIPConfig):
                     f"StreetCLIPConfig.calibration must hold 'temperatures' for the levels {list(self.levels)}, got "
                     f"{self.calibration!r}; write it with `streetclip calibrate`."
                 )
+            radii = [str(radius) for radius in CONFIDENCE_RADII_KM]
             maps = self.calibration.get("within_km") or {}
-            if not all(
-                isinstance(knots, dict) and len(knots.get("x", ())) == len(knots.get("y", ())) > 0
-                for knots in maps.values()
-            ):
-                raise ValueError(
-                    f"StreetCLIPConfig.calibration['within_km'] must map radii to knots {{'x': [...], 'y': [...]}} of "
-                    f"equal, non-zero length, got {maps!r}."
-                )
+            for radius, knots in maps.items() if isinstance(maps, dict) else [("", maps)]:
+                if radius not in radii or not (
+                    isinstance(knots, dict)
+                    and len(knots.get("x", ())) == len(knots.get("y", ())) > 0
+                    and all(_non_decreasing_shares(knots[axis]) for axis in ("x", "y"))
+                ):
+                    raise ValueError(
+                        f"StreetCLIPConfig.calibration['within_km'][{radius!r}] must be the knots {{'x': [...], 'y': "
+                        f"[...]}} of a radius of {radii} km: lists of equal, non-zero length of non-decreasing numbers "
+                        f"within [0, 1], got {reprlib.repr(knots)}; write it with `streetclip calibrate`."
+                    )
             if not all(isinstance(value, (int, float)) and 0 < value < math.inf for value in temperatures.values()):
                 raise ValueError(
                     f"StreetCLIPConfig.calibration temperatures must be > 0 and finite, got {temperatures}."
@@ -231,3 +238,11 @@ RECOMMENDED_CANDIDATE_SETTINGS = dict(city_allocation="sqrt_population", city_bu
 StreetCLIPConfig.register_for_auto_class()
 
 __all__ = ["RECOMMENDED_CANDIDATE_SETTINGS", "StreetCLIPConfig"]
+
+
+def _non_decreasing_shares(values) -> bool:
+    """Whether `values` is a list of numbers within [0, 1] that never falls (NaN is neither)."""
+    numbers = isinstance(values, list) and all(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1 for value in values
+    )
+    return numbers and all(low <= high for low, high in pairwise(values))

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from .answers import CONFIDENCE_RADII_KM, format_answers
+from .answers import format_answers
 from .gallery_vote import hybrid_scale, nearest_city_rows, neighbor_vote
-from .geodesy import EARTH_RADIUS_KM, great_circle_km, unit_vectors
+from .geodesy import CONFIDENCE_RADII_KM, EARTH_RADIUS_KM, great_circle_km, unit_vectors
 
 
 if TYPE_CHECKING:

@@ -10,6 +10,8 @@ import numpy.typing as npt
 
 # IUGG mean Earth radius, as the geodesic_accuracy metric measures with.
 EARTH_RADIUS_KM = 6371.0088
+# The radii of `within_km`: the geodesic_accuracy metric's DEFAULT_THRESHOLDS_KM (a test holds them equal).
+CONFIDENCE_RADII_KM = (1, 25, 200, 750, 2500)
 MAX_ABS_LATITUDE = 90.0
 MAX_ABS_LONGITUDE = 180.0
 

@@ -23,8 +23,8 @@ import torch
 from builders import save_random_photos
 from PIL import Image
 
-from modeling_streetclip.answers import CONFIDENCE_RADII_KM
 from modeling_streetclip.app import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS, benchmark_data
+from modeling_streetclip.geodesy import CONFIDENCE_RADII_KM
 from modeling_streetclip.testing_utils import SMALL_COUNTRIES
 
 

@@ -20,7 +20,6 @@ from modeling_streetclip import (
     StreetCLIPForGeolocation,
     StreetCLIPProcessor,
 )
-from modeling_streetclip.answers import CONFIDENCE_RADII_KM
 from modeling_streetclip.decisions import (
     ZERO_SHOT_DECISIONS,
     expected_distances_km,
@@ -28,6 +27,7 @@ from modeling_streetclip.decisions import (
     rank_places,
     within_km,
 )
+from modeling_streetclip.geodesy import CONFIDENCE_RADII_KM
 from modeling_streetclip.testing_utils import TINY_IMAGE_SIZE
 
 
@@ -540,7 +540,19 @@ def test_a_stored_monotone_map_takes_each_radius_mass_and_keeps_it_non_decreasin
     # 200 km maps below 25 km's mass: the running maximum lifts it back, so that the mass never falls with radius.
     torch.testing.assert_close(ranked.within_km[..., 2], raw.within_km[..., 1])
     torch.testing.assert_close(ranked.within_km[..., 3:], raw.within_km[..., 3:])
-    with pytest.raises(StrictDataclassClassValidationError, match="must map radii to knots"):
-        StreetCLIPForGeolocation.from_pretrained(
-            small_streetclip_dir, calibration={"temperatures": temperatures, "within_km": {"1": {"x": [0.0]}}}
-        )
+    # Unequal lengths, shares above 1, NaN (bare NaN in JSON Lines), words, a fall,
+    # and a radius the answers do not have.
+    for bad in (
+        {"1": {"x": [0.0]}},
+        {"25": {"x": [0.0, 1.0], "y": [3.0, 3.0]}},
+        {"25": {"x": [0.0, 1.0], "y": [0.0, math.nan]}},
+        {"25": {"x": ["a", "b"], "y": [0.0, 1.0]}},
+        {"25": {"x": [0.0, 1.0], "y": [0.5, 0.2]}},
+        {"30": {"x": [0.0, 1.0], "y": [0.0, 1.0]}},
+    ):
+        with pytest.raises(
+            StrictDataclassClassValidationError, match=r"calibration\['within_km'\]\['(1|25|30)'\] must be the knots"
+        ):
+            StreetCLIPForGeolocation.from_pretrained(
+                small_streetclip_dir, calibration={"temperatures": temperatures, "within_km": bad}
+            )

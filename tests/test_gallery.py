@@ -24,7 +24,6 @@ from transformers import CLIPModel, pipeline
 
 import modeling_streetclip
 from modeling_streetclip import StreetCLIPForGeolocation, StreetCLIPProcessor
-from modeling_streetclip.answers import CONFIDENCE_RADII_KM
 from modeling_streetclip.app import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, batch, gallery_build
 from modeling_streetclip.app.gallery_build import SHARDS_FOLDER, build_gallery
 from modeling_streetclip.candidates import CandidatePlaces
@@ -43,7 +42,7 @@ from modeling_streetclip.gallery_store import (
     model_fingerprint,
 )
 from modeling_streetclip.gallery_vote import VoteSettings, hybrid_scale, nearest_city_rows
-from modeling_streetclip.geodesy import EARTH_RADIUS_KM, great_circle_km
+from modeling_streetclip.geodesy import CONFIDENCE_RADII_KM, EARTH_RADIUS_KM, great_circle_km
 from modeling_streetclip.testing_utils import (
     PLACES,
     SMALL_COUNTRIES,

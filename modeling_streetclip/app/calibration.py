@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..answers import CONFIDENCE_RADII_KM
 from ..decisions import rank_answers
 from ..gallery_vote import nearest_city_rows
-from ..geodesy import great_circle_km
+from ..geodesy import CONFIDENCE_RADII_KM, great_circle_km
 from . import UsageError
 from .batch import geolocate_images
 

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 from filelock import FileLock, Timeout
 
-from ..answers import CONFIDENCE_RADII_KM
+from ..geodesy import CONFIDENCE_RADII_KM
 from . import import_optional
 from .files import atomic_write, write_json
 
