@@ -91,7 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.dry_run is not None:
         folders = [space_dry_run(args.dry_run, SPACES[option][2]) for option in SPACES if vars(args)[option]]
         for folder in [args.dry_run, *folders]:
-            if folder.exists() and any(folder.iterdir()):
+            existing = next(path for path in (folder, *folder.parents) if path.exists())
+            if not existing.is_dir():
+                parser.error(f"--dry_run writes the folder {str(folder)!r}, but {str(existing)!r} is a file.")
+            if existing == folder and any(folder.iterdir()):
                 parser.error(f"--dry_run writes {str(folder)!r}, which is not empty; name a new or empty folder.")
     return args
 
@@ -177,22 +180,22 @@ def upload(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    benchmarks = [read_benchmark_result(path, name) for name, path in map(split_metrics_argument, args.metrics)]
-    # What --onnx and --web_space need is checked before anything is loaded or uploaded.
+    # The --metrics files, and what --onnx and --web_space need, are checked before anything is loaded or uploaded.
     try:
+        benchmarks = [read_benchmark_result(path, name) for name, path in map(split_metrics_argument, args.metrics)]
         if args.onnx:
             require_onnx()
         if args.web_space and (missing := [name for name in WEB_RUNTIME_FILES if not (WEB_DIR / name).is_file()]):
             raise FileNotFoundError(
                 f"The page's runtime files are not installed ({', '.join(missing)}); run `npm ci --prefix {WEB_DIR}` first."
             )
-    except (ImportError, FileNotFoundError) as error:
+    except (ImportError, OSError, ValueError) as error:  # OSError and ValueError: a --metrics file missing or wrong
         print(f"publish.py: error: {error}", file=sys.stderr)
         return 2
 
-    config = AutoConfig.from_pretrained(args.model)
-    converted_from = None if isinstance(config, StreetCLIPConfig) else args.model
     try:
+        config = AutoConfig.from_pretrained(args.model)
+        converted_from = None if isinstance(config, StreetCLIPConfig) else args.model
         # The processor first: a model folder saved without one fails before the weights load. The text tower
         # stays, as a repository without it would reload with a random one.
         processor = StreetCLIPProcessor.from_pretrained(args.model)

@@ -361,6 +361,50 @@ def test_dry_run_into_a_non_empty_folder_is_refused(small_streetclip_dir, capsys
     assert "is not empty" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["missing", "empty"])
+def test_model_that_is_missing_or_an_empty_folder_is_an_error_line_and_writes_nothing(name, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert publish.main([str(tmp_path / name), REPO_ID, "--dry_run", str(tmp_path / "repo")]) == 2
+    assert capsys.readouterr().err.startswith(f"publish.py: error: cannot load MODEL {str(tmp_path / name)!r}: ")
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"), [(None, "No such file"), ("{", "is not valid JSON"), ("[1]", "must hold a JSON object")]
+)
+def test_metrics_file_missing_or_not_a_json_object_is_an_error_line_before_the_model_loads(
+    content, problem, tmp_path, monkeypatch, capsys
+):
+    metrics = tmp_path / "metrics.json"
+    if content is not None:
+        metrics.write_text(content)
+    monkeypatch.setattr(publish.AutoConfig, "from_pretrained", lambda *args: pytest.fail("loaded the model"))
+    argv = ["model", REPO_ID, "--metrics", str(metrics), "--dry_run", str(tmp_path / "repo")]
+    assert publish.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("publish.py: error: ") and problem in error and str(metrics) in error
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("dry_run", ["repo", "repo/inner", "out"])
+def test_dry_run_onto_a_file_is_refused(dry_run, small_streetclip_dir, tmp_path, capsys):
+    for name in ("repo", "out-space"):
+        (tmp_path / name).write_text("mine")
+    argv = [
+        str(small_streetclip_dir),
+        REPO_ID,
+        "--space",
+        "streetclip-tests/demo",
+        "--dry_run",
+        str(tmp_path / dry_run),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        publish.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("is a file.")
+    assert (tmp_path / "repo").read_text() == (tmp_path / "out-space").read_text() == "mine"
+
+
 def test_command_runs_from_the_checkout_as_documented():
     script = Path(publish.__file__)
     result = subprocess.run(
