@@ -139,8 +139,9 @@ def plot_reliability(
 
 def set_wrapped_suptitle(figure: Figure, title: str) -> None:
     """Head `figure` with `title`, each line wrapped to the figure's width (a name longer than a line is broken):
-    names can be of any length, and a line wider than the figure is cut off on both sides."""
-    text = figure.suptitle("")
+    names can be of any length, and a line wider than the figure is cut off on both sides. Drawn as plain text: a
+    name may hold `$`, which mathtext would read as maths and fail on."""
+    text = figure.suptitle("", parse_math=False)
     renderer = figure.canvas.get_renderer()
 
     def fits(lines: list[str]) -> bool:

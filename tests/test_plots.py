@@ -14,6 +14,8 @@ TITLES = {
     "80-character names": plots.run_title(
         "/data/benchmarks/" + "street-level-photos-" * 3 + "test", "W" * 80, 2997, ACCURACIES
     ),
+    # Names that mathtext would read as maths, and fail on.
+    "names with $": plots.run_title("bench/cost$_$.csv", "runs/$\\alpha$", 2997, ACCURACIES),
 }
 
 
