@@ -91,6 +91,19 @@ def test_calibrate_refuses_a_holdout_that_leaves_too_few_photos_to_fit_or_measur
     assert not (tmp_path / "out").exists()
 
 
+def test_calibrate_writes_into_a_folder_with_other_files_only_with_overwrite(capsys, tmp_path, small_streetclip_dir):
+    photos = write_geo_imagefolder(tmp_path / "photos", photos_per_city=9, seed=0)
+    other = tmp_path / "other-model"
+    other.mkdir()
+    (other / "config.json").write_text("{}", encoding="utf-8")
+    arguments = ("--model", small_streetclip_dir, "--data", photos, "--output", other)
+    status, _, err = run(capsys, *arguments)
+    assert status == 2 and f"--output {str(other)!r} already holds config.json; pass --overwrite" in err
+    assert (other / "config.json").read_text(encoding="utf-8") == "{}"
+    assert run(capsys, *arguments, "--overwrite")[0] == 0
+    assert StreetCLIPForGeolocation.from_pretrained(other).config.calibration is not None
+
+
 REMOTE_SCRIPT = """
 import json, sys
 from transformers import pipeline

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ..app import EXIT_OK, UsageError
@@ -44,6 +45,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the held-out draw (default: %(default)s)")
     calibrate.add_argument("--batch_size", type=int_at_least(1), default=32, help="photos per forward pass")
+    calibrate.add_argument(
+        "--overwrite", action="store_true", help="write into a DIR that holds other files (another model, say)"
+    )
     add_verbose_argument(calibrate)
     calibrate.set_defaults(run=calibrate_command)
 
@@ -54,6 +58,13 @@ def calibrate_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--holdout must be a share strictly between 0 and 1, got {args.holdout}.")
     if args.output.exists() and not args.output.is_dir():
         raise UsageError(f"--output {str(args.output)!r} is a file; name a folder for the calibrated model.")
+    in_place = os.path.isdir(args.model) and args.output.is_dir() and args.output.samefile(args.model)
+    if not (args.overwrite or in_place) and args.output.is_dir() and (held := sorted(args.output.iterdir())):
+        raise UsageError(
+            f"--output {str(args.output)!r} already holds {', '.join(path.name for path in held[:3])}"
+            f"{', ...' if len(held) > 3 else ''}; pass --overwrite to write the calibrated model there, or name a "
+            "new folder."
+        )
     from ..app.benchmark_data import load_benchmark
     from ..app.calibration import calibrate
     from ..app.loading import load_model
