@@ -71,6 +71,9 @@ class GeolocationPipeline(Pipeline):
                 only `"softmax"` is accepted.
             timeout (`float`, *optional*): Seconds to wait for an image URL; None waits forever.
         """
+        if isinstance(inputs, list) and not inputs:  # transformers' `Pipeline` looks at inputs[0] first
+            self._sanitize_parameters(**kwargs)  # bad options are still refused
+            return []
         return super().__call__(inputs, **kwargs)
 
     def _sanitize_parameters(

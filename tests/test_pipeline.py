@@ -314,6 +314,12 @@ def test_bad_candidate_countries_are_refused_naming_them(geolocator, countries, 
         geolocator(random_photo(0), candidate_countries=countries)
 
 
+def test_a_list_of_no_images_gets_no_answers(geolocator):
+    assert geolocator([]) == [] and geolocator([], top_k=3) == []
+    with pytest.raises(ValueError, match="top_k"):
+        geolocator([], top_k=0)
+
+
 @pytest.mark.parametrize("decision", ["gallery", "hybrid"])
 def test_candidate_countries_are_refused_with_the_gallery_decisions_saying_why(geolocator, decision):
     with pytest.raises(ValueError, match=f"candidate_countries does not apply to decision='{decision}'"):
