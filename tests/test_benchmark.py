@@ -535,6 +535,8 @@ def test_swapped_file_warns_once_and_reads_correctly_with_columns_named_the_othe
         ("", "2.35", "latitude (column 'LAT') is missing"),
         ("48.85", None, "longitude (column 'LON') is missing"),
         ("48.85 N", "2.35", "latitude (column 'LAT') '48.85 N' is not a number"),
+        # Python's float() reads digit grouping: 2_3 would be 23.
+        ("48.85", "2_3", "longitude (column 'LON') '2_3' is not a number"),
         ("nan", "2.35", "latitude (column 'LAT') 'nan' is not a finite number"),
         ("95.0", "120.0", "latitude (column 'LAT') 95.0 is outside [-90, 90]"),
         ("45.0", "-181.0", "longitude (column 'LON') -181.0 is outside [-180, 180]"),

@@ -197,6 +197,8 @@ def checked_row(
         if not text:
             return BenchmarkRow(row_id, None, None, f"{role} (column {column!r}) is missing")
         try:
+            if "_" in text:  # float() reads Python's digit grouping, 2_3 as 23, which no coordinate is written in
+                raise ValueError(text)
             values[role] = float(text)
         except ValueError:
             return BenchmarkRow(row_id, None, None, f"{role} (column {column!r}) {text!r} is not a number")
