@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
@@ -209,6 +210,14 @@ def test_a_second_writer_of_the_same_file_is_refused_while_the_first_holds_it(tm
         first.write({"path": "/b.jpg", "answers": [ANSWER]})
 
     assert resume(path) == {"/a.jpg": True, "/b.jpg": True}
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder that takes no new files")
+def test_a_lock_file_that_cannot_be_created_is_not_taken_for_another_run():
+    with pytest.raises(
+        ResultFileError, match="cannot create the lock file '/proc/results.jsonl.lock' beside --output"
+    ):
+        open_records(Path("/proc/results.jsonl"), grouped=False, top_k=1, options=OPTIONS)
 
 
 @pytest.mark.parametrize("extension", ["jsonl", "csv"])

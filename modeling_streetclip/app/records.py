@@ -389,6 +389,11 @@ def open_records(
     try:
         lock.acquire()
     except Timeout:
+        if not os.path.exists(lock.lock_file):  # filelock takes a lock file it cannot create for one held
+            raise ResultFileError(
+                f"cannot create the lock file {lock.lock_file!r} beside --output {str(path)!r}; write to a folder "
+                "that takes new files."
+            ) from None
         raise ResultFileError(
             f"another run is writing {str(path)!r}; wait for it to finish, or write to another --output file."
         ) from None
