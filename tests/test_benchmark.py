@@ -627,6 +627,15 @@ def test_csv_listing_an_image_twice_is_refused_naming_both_lines(image_folder, t
         benchmark_data.load_benchmark(str(data), image_dir=image_folder)
 
 
+@pytest.mark.parametrize("spelling", ["./paris.jpg", ".//paris.jpg", "absolute"])
+def test_csv_spelling_one_image_two_ways_is_refused_naming_both_lines(spelling, image_folder, tmp_path):
+    spelling = str(image_folder / "paris.jpg") if spelling == "absolute" else spelling
+    data = _write_metadata_csv(tmp_path / "meta.csv", [GOOD_ROWS[0], GOOD_ROWS[1], (spelling, "1.0", "2.0")])
+    message = f"lists the image id 'paris.jpg' twice, on line 2 and as {spelling!r} on line 4."
+    with pytest.raises(ValueError, match=re.escape(message)):
+        benchmark_data.load_benchmark(str(data), image_dir=image_folder, allow_outside_image_dir=True)
+
+
 def test_csv_with_a_column_given_twice_is_refused_naming_both(image_folder, tmp_path):
     data = _write_metadata_csv(tmp_path / "meta.csv", [(*GOOD_ROWS[0], "0.0")], header=("IMG_ID", "LAT", "LON", "LAT"))
     for columns in (benchmark_data.ColumnNames(), benchmark_data.ColumnNames(latitude="LAT")):

@@ -118,8 +118,10 @@ def load_metadata_csv(
             f"{outside[0][0]!r} on line {outside[0][1]}; ids are file names inside that folder. If the file is "
             "trusted and the paths are meant, allow them with --allow_outside_image_dir."
         )
-    check_rows(rows, [f"line {line}" for line, _ in records], source, latitude_column, longitude_column)
-    return Benchmark(name=csv_path.stem, rows=rows, images=[image_dir / row.id for row in rows])
+    # As opened: pathlib drops the "." parts and doubled slashes that would spell one image two ways.
+    images = [image_dir / row.id for row in rows]
+    check_rows(rows, [f"line {line}" for line, _ in records], source, latitude_column, longitude_column, images)
+    return Benchmark(name=csv_path.stem, rows=rows, images=images)
 
 
 def read_csv_records(
@@ -211,19 +213,30 @@ def checked_row(
 
 
 def check_rows(
-    rows: Sequence[BenchmarkRow], places: Sequence[str], source: str, latitude_column: str, longitude_column: str
+    rows: Sequence[BenchmarkRow],
+    places: Sequence[str],
+    source: str,
+    latitude_column: str,
+    longitude_column: str,
+    images: Sequence[object] | None = None,
 ) -> None:
-    """Refuse an image id listed twice (it would count twice, and predictions.csv rows could not be told apart;
-    `places[i]` says where `rows[i]` is: "line 3", "row 2"); warn once when rows look swapped."""
-    first: dict[str, str] = {}
-    pairs = zip(rows, places, strict=True)
-    repeated = [(row.id, place) for row, place in pairs if row.id and first.setdefault(row.id, place) != place]
+    """Refuse an image listed twice (it would count twice, and predictions.csv rows could not be told apart;
+    `places[i]` says where `rows[i]` is: "line 3", "row 2"; `images[i]`, by default its id, names its image, as a path
+    two ids may spell alike); warn once when rows look swapped."""
+    first: dict[object, tuple[str, str]] = {}  # each image's first row: its id and place
+    keys = [row.id for row in rows] if images is None else images
+    repeated = [
+        (first[key], row.id, place)
+        for row, place, key in zip(rows, places, keys, strict=True)
+        if row.id and first.setdefault(key, (row.id, place))[1] != place
+    ]
     if repeated:
-        row_id, again = repeated[0]
-        more = f" ({len(repeated) - 1} more rows repeat an earlier id)" if len(repeated) > 1 else ""
+        (first_id, first_place), row_id, again = repeated[0]
+        spelled = "" if row_id == first_id else f" as {row_id!r}"
+        more = f" ({len(repeated) - 1} more rows repeat an earlier image)" if len(repeated) > 1 else ""
         raise ValueError(
-            f"The {source} lists the image id {row_id!r} twice, on {first[row_id]} and on {again}{more}. Each image is "
-            "scored once: remove the repeated rows."
+            f"The {source} lists the image id {first_id!r} twice, on {first_place} and{spelled} on {again}{more}. "
+            "Each image is scored once: remove the repeated rows."
         )
     swapped = sum(
         row.latitude is not None and coordinate_problem(row.latitude, row.longitude) is CoordinateProblem.LOOK_SWAPPED
