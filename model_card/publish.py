@@ -22,6 +22,7 @@ from transformers.utils import logging
 from modeling_streetclip import GeolocationPipeline, StreetCLIPConfig, StreetCLIPForGeolocation, StreetCLIPProcessor
 from modeling_streetclip.app import world_map
 from modeling_streetclip.app.export import require_onnx, save_onnx_folder
+from modeling_streetclip.app.files import file_in_the_way
 
 
 logger = logging.get_logger(__name__)
@@ -91,10 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.dry_run is not None:
         folders = [space_dry_run(args.dry_run, SPACES[option][2]) for option in SPACES if vars(args)[option]]
         for folder in [args.dry_run, *folders]:
-            existing = next(path for path in (folder, *folder.parents) if path.exists())
-            if not existing.is_dir():
-                parser.error(f"--dry_run writes the folder {str(folder)!r}, but {str(existing)!r} is a file.")
-            if existing == folder and any(folder.iterdir()):
+            if (blocker := file_in_the_way(folder)) is not None:
+                parser.error(f"--dry_run writes the folder {str(folder)!r}, but {str(blocker)!r} is a file.")
+            if folder.is_dir() and any(folder.iterdir()):
                 parser.error(f"--dry_run writes {str(folder)!r}, which is not empty; name a new or empty folder.")
     return args
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
 from modeling_streetclip import CandidatePrompts, StreetCLIPForGeolocation, StreetCLIPProcessor
-from modeling_streetclip.app.files import atomic_write, write_json
+from modeling_streetclip.app.files import atomic_write, file_in_the_way, write_json
 from modeling_streetclip.gallery_store import names_a_missing_folder
 
 
@@ -131,9 +131,8 @@ def check_paths(model_args: ModelArguments, data_args: DataArguments, output_dir
             raise FileNotFoundError(
                 f"--{option} {source!r}: nothing is at that path, and it is not a Hub id (ORG/NAME)."
             )
-    existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
-    if not existing.is_dir():
-        raise NotADirectoryError(f"--output_dir {str(output_dir)!r}: {str(existing)!r} is a file, not a folder.")
+    if (blocker := file_in_the_way(output_dir)) is not None:
+        raise NotADirectoryError(f"--output_dir {str(output_dir)!r}: {str(blocker)!r} is a file, not a folder.")
 
 
 def set_trainable_parameters(model: StreetCLIPForGeolocation, args: ModelArguments) -> nn.Module:

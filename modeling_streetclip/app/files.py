@@ -1,5 +1,5 @@
 """Writing a file or a folder whole or not at all, the one way the application replaces what it has written
-(hand-written: no maintained library renames both files and folders into place with fsync)."""
+(hand-written: no maintained library renames both files and folders into place with fsync); where a folder can go."""
 
 import json
 import os
@@ -13,6 +13,12 @@ from typing import Any
 TEMPORARY_SUFFIX = ".tmp"
 # A folder cannot be renamed over a folder that holds files: the old one moves aside under this suffix first.
 REPLACED_SUFFIX = ".old"
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file at `folder`, or at a folder above it, that keeps `folder` from being a folder; None if none does."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    return None if existing.is_dir() else existing
 
 
 @contextmanager
