@@ -74,6 +74,14 @@ def validate_prompt_templates(
                 )
 
 
+def _non_decreasing_shares(values) -> bool:
+    """Whether `values` is a list of numbers within [0, 1] that never falls (NaN is neither)."""
+    numbers = isinstance(values, list) and all(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1 for value in values
+    )
+    return numbers and all(low <= high for low, high in pairwise(values))
+
+
 @strict
 class StreetCLIPConfig(CLIPConfig):
     r"""Configuration of [`StreetCLIPForGeolocation`]: a [`CLIPConfig`] plus the prompts and candidate places of
@@ -238,11 +246,3 @@ RECOMMENDED_CANDIDATE_SETTINGS = dict(city_allocation="sqrt_population", city_bu
 StreetCLIPConfig.register_for_auto_class()
 
 __all__ = ["RECOMMENDED_CANDIDATE_SETTINGS", "StreetCLIPConfig"]
-
-
-def _non_decreasing_shares(values) -> bool:
-    """Whether `values` is a list of numbers within [0, 1] that never falls (NaN is neither)."""
-    numbers = isinstance(values, list) and all(
-        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1 for value in values
-    )
-    return numbers and all(low <= high for low, high in pairwise(values))
